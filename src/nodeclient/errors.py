@@ -1,0 +1,79 @@
+"""The one exception tree of the project.
+
+Third-party errors (cryptography, coincurve, eth-account, SQLAlchemy, websockets) are
+translated into these once, where they enter, with ``raise ... from exc``::
+
+    NodeClientError                 base of everything we raise on purpose
+    ├── UsageError                  bad command-line input or configuration
+    ├── KeyFileError                a key file or the node home is unsafe or malformed
+    ├── KeystoreError               a v3 keystore is malformed, hostile, or the passphrase wrong
+    ├── ProtocolError               a message breaks the protocol
+    │   ├── LocalProtocolError      we were about to break it (a bug on our side)
+    │   └── RemoteProtocolError     the peer broke it (malformed, oversized, out of order)
+    ├── SignatureError              a signature is malformed or recovers to the wrong signer
+    ├── ManifestError               a manifest fails verification (the message names the check)
+    ├── EnvelopeError               an envelope cannot be opened (one message for every cause)
+    ├── StateError                  an illegal node state transition
+    └── HardwareProbeError          the hardware probe could not run at all
+
+The CLI prints ``str(exc)`` of any of these as one line and exits non-zero; anything else
+is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class NodeClientError(Exception):
+    """Base class of every error nodeclient raises on purpose."""
+
+    exit_code: int = 1
+
+
+class UsageError(NodeClientError):
+    """Bad command-line input or configuration."""
+
+    exit_code = 2
+
+
+class KeyFileError(NodeClientError):
+    """A key file or the node home is unsafe, missing or malformed."""
+
+
+class KeystoreError(NodeClientError):
+    """A Web3 Secret Storage v3 keystore is malformed, hostile, or the passphrase is wrong."""
+
+
+class ProtocolError(NodeClientError):
+    """A message breaks the protocol."""
+
+
+class LocalProtocolError(ProtocolError):
+    """We were about to break the protocol: a bug on our side."""
+
+
+class RemoteProtocolError(ProtocolError):
+    """The peer broke the protocol: malformed, oversized, replayed or out-of-order input."""
+
+
+class SignatureError(NodeClientError):
+    """A signature is malformed or does not recover to the expected signer."""
+
+
+class ManifestError(NodeClientError):
+    """A capability manifest fails verification; the message names the failed check."""
+
+
+class EnvelopeError(NodeClientError):
+    """A payload envelope cannot be opened.
+
+    Deliberately one type and one message for every cause (wrong key, padding, tag,
+    truncation, wrong task or node, expiry) so that callers cannot become an oracle.
+    """
+
+
+class StateError(NodeClientError):
+    """An illegal node state transition."""
+
+
+class HardwareProbeError(NodeClientError):
+    """The hardware probe could not run at all."""

@@ -1,0 +1,129 @@
+"""The operator's configuration file, ``config.toml`` in the node home.
+
+One frozen object per program (house style); only ``cli.py`` turns flags into it. The
+file is TOML because operators edit it by hand; unknown keys are refused rather than
+ignored, so a typo never silently changes behaviour.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Final
+
+from nodeclient.errors import SignatureError, UsageError
+from nodeclient.protocol.eip712 import DEVNET_CHAIN_ID
+from nodeclient.protocol.manifest import REGIONS
+from nodeclient.protocol.secp import parse_address, to_checksum_address
+
+CONFIG_FILE: Final = "config.toml"
+MAX_CONFIG_BYTES: Final = 64 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class NodeConfig:
+    """Everything the operator configures; defaults are safe for a first run."""
+
+    wallet_address: str
+    region: str = "local"
+    chain_id: int = DEVNET_CHAIN_ID
+    coordinator: str | None = None
+    max_parallel_subtasks: int | None = None  # may lower the computed bound, never raise it
+    heartbeat_interval: float = 30.0  # 2.3.3: every 30 s
+    allow_unsandboxed: bool = False
+
+    def __post_init__(self) -> None:
+        try:
+            wallet = to_checksum_address(parse_address(self.wallet_address, field="wallet"))
+        except SignatureError as exc:
+            raise UsageError(f"wallet_address: {exc}") from exc
+        object.__setattr__(self, "wallet_address", wallet)
+        if self.region not in REGIONS:
+            raise UsageError(f"region {self.region!r} is not one of: {', '.join(REGIONS)}")
+        if (
+            isinstance(self.chain_id, bool)
+            or not isinstance(self.chain_id, int)
+            or self.chain_id < 1
+        ):
+            raise UsageError("chain_id must be a positive integer")
+        if self.max_parallel_subtasks is not None and (
+            isinstance(self.max_parallel_subtasks, bool)
+            or not isinstance(self.max_parallel_subtasks, int)
+            or self.max_parallel_subtasks < 1
+        ):
+            raise UsageError("max_parallel_subtasks must be a positive integer")
+        if not isinstance(self.heartbeat_interval, int | float) or not (
+            0.05 <= self.heartbeat_interval <= 300
+        ):
+            raise UsageError("heartbeat_interval must be between 0.05 and 300 seconds")
+        if self.coordinator is not None and not self.coordinator.startswith(
+            ("http://", "https://")
+        ):
+            raise UsageError("coordinator must be an http:// or https:// URL")
+        if not isinstance(self.allow_unsandboxed, bool):
+            raise UsageError("allow_unsandboxed must be true or false")
+
+    def to_toml(self) -> str:
+        """The file as init writes it, with a comment per key."""
+        lines = [
+            "# nodeclient configuration (see docs/operator.md)",
+            f'wallet_address = "{self.wallet_address}"  # where earnings go',
+            f'region = "{self.region}"',
+            f"chain_id = {self.chain_id}  # EIP-712 domain; must match the coordinator",
+            f"heartbeat_interval = {self.heartbeat_interval}  # seconds (spec 2.3.3: 30)",
+            f"allow_unsandboxed = {'true' if self.allow_unsandboxed else 'false'}",
+        ]
+        lines.append(
+            f'coordinator = "{self.coordinator}"'
+            if self.coordinator
+            else '# coordinator = "https://coordinator.example.net"'
+        )
+        lines.append(
+            f"max_parallel_subtasks = {self.max_parallel_subtasks}"
+            if self.max_parallel_subtasks
+            else "# max_parallel_subtasks = 1  # may lower the hardware bound, never raise it"
+        )
+        return "\n".join(lines) + "\n"
+
+
+def load_config(home: Path) -> NodeConfig:
+    """Read and validate ``config.toml``; errors name the file and say what to fix."""
+    path = home / CONFIG_FILE
+    try:
+        with open(path, "rb") as fh:
+            raw = fh.read(MAX_CONFIG_BYTES + 1)
+    except FileNotFoundError:
+        raise UsageError(
+            f"{path} not found: run `nodeclient init --home {home} --wallet 0x...` first"
+        ) from None
+    except OSError as exc:
+        raise UsageError(f"cannot read {path}: {exc.strerror}") from exc
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise UsageError(f"{path} is larger than {MAX_CONFIG_BYTES} bytes")
+    try:
+        data: dict[str, Any] = tomllib.loads(raw.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise UsageError(f"{path} is not valid TOML: {exc}") from exc
+    known = {f.name for f in fields(NodeConfig)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise UsageError(f"{path}: unknown setting(s) {', '.join(unknown)}")
+    if "wallet_address" not in data:
+        raise UsageError(f"{path}: wallet_address is missing")
+    try:
+        return NodeConfig(**data)
+    except UsageError as exc:
+        raise UsageError(f"{path}: {exc}") from exc
+
+
+def write_config(home: Path, config: NodeConfig) -> Path:
+    """Write ``config.toml`` (0600, exclusive create: init never overwrites)."""
+    path = home / CONFIG_FILE
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(config.to_toml())
+        fh.flush()
+        os.fsync(fh.fileno())
+    return path

@@ -1,0 +1,305 @@
+"""The hardware probe behind the capability manifest (2.3.2 Capability Manifest).
+
+It produces the manifest's ``cpu`` and ``gpu`` objects, and from them (through the pure
+rules in :mod:`nodeclient.protocol.tier`, which the coordinator runs too)
+``hardware_tier`` and ``max_parallel_subtasks``.
+
+CPU (:func:`probe_cpu`):
+
+- ``model``: the first ``model name`` line of ``/proc/cpuinfo``; else
+  ``platform.processor()``; else ``"unknown"``.
+- ``cores``: the number of *logical* CPUs this process may run on,
+  ``len(os.sched_getaffinity(0))``, so a container pinned to 8 of a host's 128 CPUs says
+  8; where the call does not exist, ``os.cpu_count()``. CFS quotas (``cpu.max``) are not
+  counted: they limit time, not parallelism.
+- ``ram_gb``: total RAM in GiB, rounded down (``psutil.virtual_memory().total // 2**30``).
+  The kernel keeps some memory for itself, so a machine sold with 256 GB says about 251.
+
+GPUs (:func:`probe_gpus`): NVML is asked in a child process
+(:mod:`nodeclient.node.nvml_probe`) under a timeout, because a wedged or crashing driver
+must not take the node client down with it. On timeout the child's whole process group is
+killed. The answer is a :class:`GpuProbe` whose ``status`` says what happened:
+
+- ``"ok"``: NVML answered (possibly with zero devices);
+- ``"no-driver"``: no NVIDIA library or driver; a CPU-only node, not a fault;
+- ``"timeout"``: the child did not answer in time and was killed;
+- ``"error"``: NVML or the child failed; ``detail`` says how.
+
+In every status but ``"ok"`` the GPU list is empty, and nothing is logged: this module
+never writes to stdout (the CLI owns it); callers show ``detail`` where they see fit.
+
+Cards are grouped per ``(model, vram_gb)``, where ``vram_gb`` is NVML's
+``memory.total`` in GiB rounded to the nearest integer (halves up): an H100 80GB reports
+about 79.6 GiB and declares 80; an RTX 4090 reports 23.99 GiB and declares 24.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final, Literal
+
+import psutil
+
+import nodeclient
+from nodeclient.errors import HardwareProbeError
+from nodeclient.protocol import tier
+
+ProbeStatus = Literal["ok", "no-driver", "timeout", "error"]
+
+_GIB: Final = 1 << 30
+_CPUINFO: Final = Path("/proc/cpuinfo")
+_MAX_MODEL: Final = 256  # protocol.tier refuses longer model strings
+_MAX_ANSWER: Final = 1 << 20  # the child's one JSON line; far more than any real machine needs
+_DETAIL_TAIL: Final = 500
+
+
+@dataclass(frozen=True)
+class CpuInfo:
+    """The manifest's ``cpu`` object."""
+
+    model: str
+    cores: int
+    ram_gb: int
+
+    def to_manifest(self) -> dict[str, Any]:
+        return {"model": self.model, "cores": self.cores, "ram_gb": self.ram_gb}
+
+
+@dataclass(frozen=True)
+class GpuDevice:
+    """One card as NVML reported it (kept for the status console; not in the manifest)."""
+
+    index: int
+    name: str
+    uuid: str
+    vram_bytes: int
+    driver_version: str
+
+    @property
+    def vram_gb(self) -> int:
+        return vram_gib(self.vram_bytes)
+
+
+@dataclass(frozen=True)
+class GpuGroup:
+    """One entry of the manifest's ``gpu`` list: identical cards, counted."""
+
+    model: str
+    count: int
+    vram_gb: int
+
+    def to_manifest(self) -> dict[str, Any]:
+        return {"model": self.model, "count": self.count, "vram_gb": self.vram_gb}
+
+
+@dataclass(frozen=True)
+class GpuProbe:
+    """What the GPU probe found, and how it went."""
+
+    gpus: tuple[GpuGroup, ...]
+    per_device: tuple[GpuDevice, ...]
+    status: ProbeStatus
+    detail: str
+
+    def to_manifest(self) -> list[dict[str, Any]]:
+        return [group.to_manifest() for group in self.gpus]
+
+
+@dataclass(frozen=True)
+class HardwareInfo:
+    """The CPU and GPU probes together, and the tier rules applied to them."""
+
+    cpu: CpuInfo
+    gpu: GpuProbe
+
+    @property
+    def hardware_tier(self) -> int:
+        return tier.hardware_tier(self.cpu.to_manifest(), self.gpu.to_manifest())
+
+    @property
+    def max_parallel_subtasks(self) -> int:
+        return tier.max_parallel_subtasks(self.cpu.to_manifest(), self.gpu.to_manifest())
+
+    def to_manifest(self, *, configured_parallelism: int | None = None) -> dict[str, Any]:
+        """The manifest's hardware fields.
+
+        *configured_parallelism* (from the node's configuration) may lower
+        ``max_parallel_subtasks`` but never raise it; see
+        :func:`nodeclient.protocol.tier.effective_parallelism`.
+        """
+        cpu = self.cpu.to_manifest()
+        gpu = self.gpu.to_manifest()
+        computed = tier.max_parallel_subtasks(cpu, gpu)
+        return {
+            "cpu": cpu,
+            "gpu": gpu,
+            "hardware_tier": tier.hardware_tier(cpu, gpu),
+            "max_parallel_subtasks": tier.effective_parallelism(computed, configured_parallelism),
+        }
+
+
+def vram_gib(total_bytes: int) -> int:
+    """NVML's ``memory.total`` in GiB, rounded to the nearest integer, halves up."""
+    return (total_bytes + _GIB // 2) // _GIB
+
+
+def parse_cpuinfo_model(text: str) -> str | None:
+    """The first ``model name`` value of a ``/proc/cpuinfo`` text, whitespace collapsed."""
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if sep and key.strip() == "model name":
+            model = " ".join(value.split())
+            if model:
+                return model[:_MAX_MODEL]
+    return None
+
+
+def _cpu_model() -> str:
+    try:
+        model = parse_cpuinfo_model(_CPUINFO.read_text(encoding="utf-8", errors="replace"))
+    except OSError:
+        model = None
+    if model:
+        return model
+    fallback = " ".join(platform.processor().split())
+    return fallback[:_MAX_MODEL] if fallback else "unknown"
+
+
+def _logical_cores() -> int:
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return max(1, os.cpu_count() or 1)
+
+
+def probe_cpu() -> CpuInfo:
+    """Probe the CPU model, usable logical cores and total RAM (see the module docstring)."""
+    try:
+        total = int(psutil.virtual_memory().total)
+    except (OSError, RuntimeError) as exc:
+        raise HardwareProbeError(f"cannot read the machine's total memory: {exc}") from exc
+    return CpuInfo(model=_cpu_model(), cores=_logical_cores(), ram_gb=total // _GIB)
+
+
+def group_devices(devices: Iterable[GpuDevice]) -> tuple[GpuGroup, ...]:
+    """Count cards per ``(model, vram_gb)``; largest memory first, then by model name.
+
+    The order is fixed so that the same machine always signs the same manifest bytes.
+    """
+    counts: dict[tuple[str, int], int] = {}
+    for device in devices:
+        key = (device.name, device.vram_gb)
+        counts[key] = counts.get(key, 0) + 1
+    ordered = sorted(counts.items(), key=lambda item: (-item[0][1], item[0][0]))
+    return tuple(GpuGroup(model=m, count=n, vram_gb=v) for (m, v), n in ordered)
+
+
+def _failed(status: ProbeStatus, detail: str) -> GpuProbe:
+    return GpuProbe(gpus=(), per_device=(), status=status, detail=detail)
+
+
+def _child_env(env: Mapping[str, str] | None) -> dict[str, str]:
+    # The child must import this same nodeclient, installed or run from a source tree.
+    child = dict(os.environ if env is None else env)
+    root = str(Path(nodeclient.__file__).resolve().parent.parent)
+    existing = child.get("PYTHONPATH")
+    child["PYTHONPATH"] = root if not existing else root + os.pathsep + existing
+    return child
+
+
+def _kill_group(proc: subprocess.Popen[bytes]) -> None:
+    # start_new_session made the child a group leader: the group id is its pid. Killing
+    # the group also takes down anything the driver or the child started.
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    try:
+        proc.communicate(timeout=2.0)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def _tail(data: bytes) -> str:
+    return " ".join(data.decode("utf-8", "replace").split())[-_DETAIL_TAIL:]
+
+
+def _parse_answer(stdout: bytes) -> GpuProbe:
+    line = stdout[:_MAX_ANSWER].split(b"\n", 1)[0]
+    try:
+        answer = json.loads(line)
+        status = answer["status"]
+        detail = str(answer.get("detail", ""))
+        if status in ("no-driver", "error"):
+            return _failed(status, detail)
+        if status != "ok":
+            return _failed("error", f"NVML probe answered an unknown status {status!r}")
+        driver = str(answer["driver_version"])
+        devices = tuple(
+            GpuDevice(
+                index=int(d["index"]),
+                name=str(d["name"]),
+                uuid=str(d["uuid"]),
+                vram_bytes=int(d["vram_bytes"]),
+                driver_version=driver,
+            )
+            for d in answer["devices"]
+        )
+    except (ValueError, TypeError, KeyError) as exc:
+        return _failed("error", f"NVML probe answered something unreadable: {exc}")
+    if any(d.vram_bytes < 0 or not d.name for d in devices):
+        return _failed("error", "NVML probe reported a card with no name or negative memory")
+    return GpuProbe(gpus=group_devices(devices), per_device=devices, status="ok", detail="")
+
+
+def probe_gpus(*, timeout: float = 10.0, env: Mapping[str, str] | None = None) -> GpuProbe:
+    """Ask NVML for the GPUs in a child process, giving up after *timeout* seconds.
+
+    *env* is the child's environment (default: ours). Never raises for a driver problem:
+    the returned ``status`` and ``detail`` say what went wrong.
+    """
+    if timeout <= 0:
+        raise ValueError("timeout must be positive")
+    argv = [sys.executable, "-m", "nodeclient.node.nvml_probe"]
+    try:
+        proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=_child_env(env),
+            start_new_session=True,
+        )
+    except OSError as exc:
+        return _failed("error", f"cannot start the NVML probe: {exc}")
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _kill_group(proc)
+        return _failed("timeout", f"NVML probe gave no answer within {timeout:g} s and was killed")
+    except BaseException:
+        _kill_group(proc)  # e.g. KeyboardInterrupt: leave no orphan behind
+        raise
+    if proc.returncode != 0:
+        if proc.returncode < 0:
+            try:
+                cause = f"died of {signal.Signals(-proc.returncode).name}"
+            except ValueError:
+                cause = f"died of signal {-proc.returncode}"
+        else:
+            cause = f"exited with status {proc.returncode}"
+        stderr_tail = _tail(stderr)
+        return _failed("error", f"NVML probe {cause}" + (f": {stderr_tail}" if stderr_tail else ""))
+    return _parse_answer(stdout)
+
+
+def probe_hardware(*, gpu_timeout: float = 10.0) -> HardwareInfo:
+    """Probe the CPU and (in a child process) the GPUs."""
+    return HardwareInfo(cpu=probe_cpu(), gpu=probe_gpus(timeout=gpu_timeout))

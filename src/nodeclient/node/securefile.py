@@ -1,0 +1,419 @@
+"""The node home and the secret files in it (2.3.1 Key Management: "Mode 0600 enforced").
+
+Theory of operation
+-------------------
+Every secret the node holds lives in one directory, the *node home*, which must be a real
+directory (not a symlink) owned by the effective uid and not writable by group or other.
+
+Creating a secret never exposes it, whatever the umask: the bytes go into a temporary file
+opened with ``O_CREAT | O_EXCL | O_NOFOLLOW`` and mode 0600, whose mode and owner are then
+checked with ``fstat`` (the umask can only remove bits, but a filesystem that ignores modes
+would add them). The bytes are written, ``fsync``-ed, read back and compared, and only then
+does the file get its real name, after which the directory is ``fsync``-ed so that the name
+survives a crash. A mode is never changed after the fact: a file that was born readable by
+others has already leaked.
+
+Loading a secret opens it with ``O_NOFOLLOW`` and checks the *open descriptor* with
+``fstat`` (so the file checked is the file read): a regular file, owned by the effective
+uid, with no group/other bits, and small. A refusal names the file, what is wrong and the
+command that fixes it, and changes nothing on disk: fixing permissions is the operator's
+decision, because a key that was readable by others may have to be rotated, not re-chmodded.
+
+Everything else about keys (formats, the keystore) lives in :mod:`nodeclient.node.keys`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import secrets
+import stat
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Final
+
+from nodeclient.errors import KeyFileError
+
+HOME_ENV: Final = "NODECLIENT_HOME"
+DEFAULT_HOME_NAME: Final = ".nodeclient"
+DEFAULT_MAX_SIZE: Final = 65536
+_SECRET_MODE: Final = 0o600
+_HOME_MODE: Final = 0o700
+
+
+def resolve_home(cli_home: str | os.PathLike[str] | None, env: Mapping[str, str]) -> Path:
+    """Pick the node home: ``--home DIR``, else ``$NODECLIENT_HOME``, else ``~/.nodeclient``.
+
+    The environment is passed in (never read from ``os.environ`` here) so that the CLI is
+    the only place that looks at the process's inputs. A leading ``~`` is expanded with the
+    given environment's ``HOME``. Symlinks are deliberately not resolved: the home itself
+    must not be one, and :func:`ensure_home` is where that is checked.
+    """
+    raw: str | os.PathLike[str]
+    if cli_home is not None and os.fspath(cli_home) != "":
+        raw = cli_home
+    elif env.get(HOME_ENV):
+        raw = env[HOME_ENV]
+    else:
+        raw = os.path.join("~", DEFAULT_HOME_NAME)
+    text = os.fspath(raw)
+    if text == "~" or text.startswith("~/"):
+        user_home = env.get("HOME") or str(Path.home())
+        text = user_home + text[1:]
+    return Path(os.path.abspath(text))
+
+
+def ensure_home(home: Path, *, create: bool) -> Path:
+    """Validate the node home, creating it with mode 0700 first when ``create`` is true.
+
+    Missing parents are created 0700 as well. An existing home is never modified, only
+    checked: a symlink, a non-directory, another owner or group/other write is refused.
+    """
+    try:
+        st = os.lstat(home)
+    except FileNotFoundError:
+        if not create:
+            raise KeyFileError(
+                f"node home {home} does not exist; fix: run `nodeclient init` "
+                "(or pass --home / set NODECLIENT_HOME to the right directory)"
+            ) from None
+        _create_home(home)
+        st = os.lstat(home)
+    except OSError as exc:
+        raise KeyFileError(f"cannot inspect node home {home}: {exc.strerror}") from exc
+    problem = _home_problem(home, st)
+    if problem is not None:
+        raise KeyFileError(problem)
+    return home
+
+
+def _create_home(home: Path) -> None:
+    try:
+        # Missing parents get 0700 too: Path.mkdir(parents=True) would give them
+        # 0777 & ~umask, and a writable parent lets others rename the home away.
+        for ancestor in reversed(home.parents):
+            if not os.path.lexists(ancestor):
+                os.mkdir(ancestor, _HOME_MODE)
+        os.mkdir(home, _HOME_MODE)
+    except FileExistsError:
+        return  # someone created it meanwhile: validated like any existing home
+    except OSError as exc:
+        raise KeyFileError(f"cannot create node home {home}: {exc.strerror}") from exc
+    # A umask can only remove bits; a pathological one (e.g. 0o277) removes the owner's
+    # own. Restoring exactly 0700 on the directory we just made, still empty, widens
+    # nothing for anyone else, so it is not the forbidden "chmod after the fact".
+    try:
+        fd = os.open(home, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            if stat.S_IMODE(os.fstat(fd).st_mode) != _HOME_MODE:
+                os.fchmod(fd, _HOME_MODE)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise KeyFileError(f"cannot set up node home {home}: {exc.strerror}") from exc
+
+
+def _home_problem(home: Path, st: os.stat_result) -> str | None:
+    if stat.S_ISLNK(st.st_mode):
+        return (
+            f"refusing to use node home {home}: it is a symlink; "
+            "fix: pass the real directory with --home (or NODECLIENT_HOME)"
+        )
+    if not stat.S_ISDIR(st.st_mode):
+        return f"refusing to use node home {home}: it is not a directory"
+    euid = os.geteuid()
+    if st.st_uid != euid:
+        return (
+            f"refusing to use node home {home}: owned by uid {st.st_uid}, not by uid {euid} "
+            f"that runs nodeclient; fix: chown {euid} {home} (or run nodeclient as its owner)"
+        )
+    mode = stat.S_IMODE(st.st_mode)
+    if mode & 0o022:
+        return (
+            f"refusing to use node home {home}: mode {mode:04o} lets group/other write to it "
+            f"(they could swap the key files); fix: chmod 700 {home}"
+        )
+    return None
+
+
+def secret_problem(
+    path: Path, st: os.stat_result, *, max_size: int = DEFAULT_MAX_SIZE
+) -> str | None:
+    """Why a file with this ``stat`` must not be used as a secret, or None if it may.
+
+    Pure (no I/O) so that loading and :func:`describe_file` give the same verdict and
+    the same words.
+    """
+    mode = stat.S_IMODE(st.st_mode)
+    if stat.S_ISLNK(st.st_mode):
+        return (
+            f"refusing to use {path}: it is a symlink; "
+            "fix: replace it with the real file (mode 0600)"
+        )
+    if not stat.S_ISREG(st.st_mode):
+        return (
+            f"refusing to use {path}: it is a {_kind(st.st_mode)}, not a regular file; "
+            "fix: move it away and restore the key file from backup"
+        )
+    euid = os.geteuid()
+    if st.st_uid != euid:
+        return (
+            f"refusing to use {path}: owned by uid {st.st_uid}, not by uid {euid} that runs "
+            f"nodeclient; fix: chown {euid} {path} (or run nodeclient as its owner)"
+        )
+    if mode & 0o077:
+        return f"refusing to use {path}: mode {mode:04o} {_exposure(mode)}; fix: chmod 600 {path}"
+    if st.st_size > max_size:
+        return f"refusing to use {path}: {st.st_size} bytes is more than a key file's {max_size}"
+    return None
+
+
+def _exposure(mode: int) -> str:
+    who = {0o070: "group", 0o007: "other", 0o077: "group/other"}[
+        (0o070 if mode & 0o070 else 0) | (0o007 if mode & 0o007 else 0)
+    ]
+    verbs = [
+        v for bits, v in ((0o044, "read"), (0o022, "write"), (0o011, "execute")) if mode & bits
+    ]
+    return f"lets {who} {' and '.join(verbs)} it"
+
+
+def _kind(mode: int) -> str:
+    kinds = (
+        (stat.S_ISDIR, "directory"),
+        (stat.S_ISFIFO, "FIFO"),
+        (stat.S_ISSOCK, "socket"),
+        (stat.S_ISCHR, "character device"),
+        (stat.S_ISBLK, "block device"),
+        (stat.S_ISLNK, "symlink"),
+        (stat.S_ISREG, "regular file"),
+    )
+    return next((name for test, name in kinds if test(mode)), "special file")
+
+
+def read_secret(path: Path, *, max_size: int = DEFAULT_MAX_SIZE) -> bytes:
+    """Read a secret file after checking the open descriptor; never modifies the file.
+
+    ``O_NONBLOCK`` keeps a FIFO planted in place of a key from hanging the open; it has no
+    effect on the regular files we go on to read.
+    """
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        raise KeyFileError(
+            f"no key file at {path}; fix: run `nodeclient init` (or restore it from backup)"
+        ) from None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise KeyFileError(_symlink_problem(path, exc)) from exc
+        raise KeyFileError(f"cannot open {path}: {exc.strerror}") from exc
+    try:
+        problem = secret_problem(path, os.fstat(fd), max_size=max_size)
+        if problem is not None:
+            raise KeyFileError(problem)
+        chunks = list(_read_upto(fd, max_size + 1))
+    except OSError as exc:
+        raise KeyFileError(f"cannot read {path}: {exc.strerror}") from exc
+    finally:
+        os.close(fd)
+    data = b"".join(chunks)
+    if len(data) > max_size:  # grew between fstat and read
+        raise KeyFileError(f"refusing to use {path}: more than a key file's {max_size} bytes")
+    return data
+
+
+def _symlink_problem(path: Path, exc: OSError, *, home: bool = False) -> str:
+    """The refusal for an ``O_NOFOLLOW`` open that met a symlink (ELOOP)."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return f"cannot open {path}: {exc.strerror}"
+    problem = _home_problem(path, st) if home else secret_problem(path, st)
+    return problem or f"cannot open {path}: {exc.strerror}"
+
+
+def _read_upto(fd: int, limit: int) -> Iterator[bytes]:
+    while limit > 0:
+        chunk = os.read(fd, min(limit, 65536))
+        if not chunk:
+            return
+        limit -= len(chunk)
+        yield chunk
+
+
+def describe_file(path: Path) -> dict[str, object]:
+    """What ``keys show`` and ``doctor`` print about one secret file; never follows links.
+
+    Keys: ``path``, ``exists``, ``kind``, ``mode`` (four octal digits, e.g. ``"0600"``),
+    ``owner_uid``, ``size``, ``ok`` and ``problem`` (the refusal a load would give, or None).
+    """
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        missing: dict[str, object] = dict.fromkeys(("kind", "mode", "owner_uid", "size"))
+        missing.update(path=str(path), exists=False, ok=False, problem=f"{path} does not exist")
+        return missing
+    problem = secret_problem(path, st)
+    return {
+        "path": str(path),
+        "exists": True,
+        "kind": _kind(st.st_mode),
+        "mode": f"{stat.S_IMODE(st.st_mode):04o}",
+        "owner_uid": st.st_uid,
+        "size": st.st_size,
+        "ok": problem is None,
+        "problem": problem,
+    }
+
+
+def write_secret(path: Path, data: bytes) -> None:
+    """Create ``path`` holding ``data`` (mode 0600); refuse if anything exists at ``path``."""
+    write_secrets({path: data})
+
+
+def write_secrets(files: Mapping[Path, bytes]) -> None:
+    """Create several secret files in one directory, all or nothing.
+
+    Every file is first written in full to a temporary name; only then are they given
+    their real names, with ``link`` (which, unlike ``rename``, refuses to replace an
+    existing name, atomically). If any name is taken, the names already given are taken
+    back and every temporary file is removed, so the directory is left as it was.
+    """
+    if not files:
+        return
+    parents = {p.parent for p in files}
+    if len(parents) != 1:
+        raise ValueError("write_secrets writes into one directory")
+    directory = parents.pop()
+    with _open_dir(directory) as dfd:
+        staged: list[tuple[str, str, int]] = []  # (temporary name, final name, inode)
+        committed: list[tuple[str, int]] = []
+        try:
+            for path, data in files.items():
+                tmp, ino = _stage(dfd, path, data)
+                staged.append((tmp, path.name, ino))
+            for tmp, name, ino in staged:
+                _link_no_replace(dfd, tmp, directory / name)
+                committed.append((name, ino))
+        except BaseException:
+            for name, ino in committed:
+                _unlink_if_same(dfd, name, ino)
+            raise
+        finally:
+            for tmp, _, _ in staged:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp, dir_fd=dfd)
+        _fsync_dir(dfd, directory)
+
+
+def replace_secret(path: Path, data: bytes) -> None:
+    """Atomically replace (or create) ``path`` with ``data`` (mode 0600), e.g. to rotate a key.
+
+    ``rename`` replaces the name itself, never following a symlink found there.
+    """
+    with _open_dir(path.parent) as dfd:
+        tmp, _ = _stage(dfd, path, data)
+        try:
+            os.rename(tmp, path.name, src_dir_fd=dfd, dst_dir_fd=dfd)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp, dir_fd=dfd)
+            raise KeyFileError(f"cannot replace {path}: {exc.strerror}") from exc
+        _fsync_dir(dfd, path.parent)
+
+
+def _fsync_dir(dfd: int, directory: Path) -> None:
+    """Make the new names durable: without this a crash can lose a freshly renamed key."""
+    try:
+        os.fsync(dfd)
+    except OSError as exc:
+        raise KeyFileError(f"cannot sync directory {directory}: {exc.strerror}") from exc
+
+
+@contextlib.contextmanager
+def _open_dir(directory: Path) -> Iterator[int]:
+    """Open the directory secrets go into and check that it is a safe home for them."""
+    try:
+        dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise KeyFileError(_symlink_problem(directory, exc, home=True)) from exc
+        raise KeyFileError(f"cannot open directory {directory}: {exc.strerror}") from exc
+    try:
+        problem = _home_problem(directory, os.fstat(dfd))
+        if problem is not None:
+            raise KeyFileError(problem)
+        yield dfd
+    finally:
+        os.close(dfd)
+
+
+def _stage(dfd: int, path: Path, data: bytes) -> tuple[str, int]:
+    """Write ``data`` to a fresh 0600 temporary file beside ``path``; return name and inode."""
+    tmp = f".{path.name}.{secrets.token_hex(8)}.tmp"
+    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        fd = os.open(tmp, flags, _SECRET_MODE, dir_fd=dfd)
+    except OSError as exc:
+        raise KeyFileError(f"cannot create a temporary file for {path}: {exc.strerror}") from exc
+    try:
+        try:
+            st = os.fstat(fd)
+            mode = stat.S_IMODE(st.st_mode)
+            if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or mode != _SECRET_MODE:
+                raise KeyFileError(
+                    f"cannot create {path} safely: the new file got mode {mode:04o} and owner "
+                    f"uid {st.st_uid} instead of 0600 and uid {os.geteuid()} "
+                    "(check the umask and that the filesystem honours modes)"
+                )
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+            if os.pread(fd, len(data) + 1, 0) != data:
+                raise KeyFileError(f"cannot create {path}: read-back differs from what was written")
+        except OSError as exc:
+            raise KeyFileError(f"cannot write {path}: {exc.strerror}") from exc
+        finally:
+            os.close(fd)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp, dir_fd=dfd)
+        raise
+    return tmp, st.st_ino
+
+
+def _link_no_replace(dfd: int, tmp: str, target: Path) -> None:
+    name = target.name
+    try:
+        os.link(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd, follow_symlinks=False)
+    except FileExistsError:
+        raise KeyFileError(f"refusing to overwrite existing {target}") from None
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EMLINK, errno.ENOSYS):
+            raise KeyFileError(f"cannot create {target}: {exc.strerror}") from exc
+        # A filesystem without hard links: check, then rename. The window between the two
+        # is the price of such a filesystem; the home is 0700, so only we can race us.
+        if _exists(dfd, name):
+            raise KeyFileError(f"refusing to overwrite existing {target}") from None
+        try:
+            os.rename(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+        except OSError as exc2:
+            raise KeyFileError(f"cannot create {target}: {exc2.strerror}") from exc2
+
+
+def _exists(dfd: int, name: str) -> bool:
+    try:
+        os.stat(name, dir_fd=dfd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def _unlink_if_same(dfd: int, name: str, ino: int) -> None:
+    """Take back a name we gave, but only if it still points at our file."""
+    with contextlib.suppress(OSError):
+        if os.stat(name, dir_fd=dfd, follow_symlinks=False).st_ino == ino:
+            os.unlink(name, dir_fd=dfd)

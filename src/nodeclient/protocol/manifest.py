@@ -1,0 +1,230 @@
+"""2.3.2 Capability Manifest: build, sign and verify, on both sides.
+
+The manifest carries the seed's fields exactly, plus ``liveness_address``, ``issued_at``
+and ``node_signature``. Two signatures cover the same canonical bytes
+(RFC 8785 JCS of the manifest without ``signature`` and ``node_signature``):
+
+- ``signature``: RSA-PSS (SHA-256, MGF1-SHA-256, salt 32) by payload.key, proving the
+  registrant holds the private half of ``pubkey_rsa`` (the key payloads are sealed to);
+  it verifies with ``openssl dgst -sha256 -sigopt rsa_padding_mode:pss
+  -sigopt rsa_pss_saltlen:32 -verify``.
+- ``node_signature``: EIP-712 ``Registration`` by node.key over node_id, wallet_address,
+  liveness_address, SHA-256 of the canonical bytes and issued_at, proving the registrant
+  holds node.key and delegates the liveness key.
+
+``verify_manifest`` is the coordinator's complete check; each failure names its check.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from functools import cache
+from importlib import resources
+from typing import Any, Final
+
+import jsonschema
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
+
+from nodeclient.errors import ManifestError, NodeClientError, SignatureError
+from nodeclient.protocol import tier
+from nodeclient.protocol.canonical import canonical_json, sha256
+from nodeclient.protocol.eip712 import sign_typed, verify_typed
+from nodeclient.protocol.secp import (
+    Secp256k1Key,
+    parse_address,
+    parse_signature_hex,
+    to_checksum_address,
+)
+
+# Regions a node may declare. Coarse on purpose: a scheduling preference, not a location.
+REGIONS: Final = (
+    "local",  # devnets and tests
+    "us-east", "us-west", "us-central", "ca-central", "sa-east",
+    "eu-west", "eu-central", "eu-north", "eu-south",
+    "me-central", "af-south",
+    "ap-south", "ap-southeast", "ap-northeast", "ap-east", "oc-southeast",
+)  # fmt: skip
+WORKLOAD_CLASSES: Final = ("ai.inference", "ai.training", "media.render")
+MIN_RSA_BITS: Final = 3072
+UNSIGNED_FIELDS: Final = frozenset({"signature", "node_signature"})
+_PSS: Final = padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=32)
+
+
+@cache
+def manifest_schema() -> dict[str, Any]:
+    """The JSON Schema shipped in the package (protocol/schemas/manifest.schema.json)."""
+    text = resources.files("nodeclient.protocol").joinpath("schemas/manifest.schema.json")
+    schema: dict[str, Any] = json.loads(text.read_text(encoding="utf-8"))
+    return schema
+
+
+@cache
+def _validator() -> jsonschema.Draft202012Validator:
+    return jsonschema.Draft202012Validator(manifest_schema())
+
+
+def signed_bytes(manifest: Mapping[str, Any]) -> bytes:
+    """The canonical bytes both signatures cover: JCS of the manifest minus its signatures."""
+    return canonical_json({k: v for k, v in manifest.items() if k not in UNSIGNED_FIELDS})
+
+
+def registration_message(manifest: Mapping[str, Any], body: bytes) -> dict[str, Any]:
+    """The EIP-712 Registration struct that node_signature covers."""
+    return {
+        "node_id": manifest["node_id"],
+        "wallet_address": manifest["wallet_address"],
+        "liveness_address": manifest["liveness_address"],
+        "manifest_hash": sha256(body),
+        "issued_at": manifest["issued_at"],
+    }
+
+
+def public_key_pem(key: rsa.RSAPublicKey) -> str:
+    return key.public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    ).decode("ascii")
+
+
+def build_manifest(
+    *,
+    node_key: Secp256k1Key,
+    liveness_address: str,
+    payload_key: rsa.RSAPrivateKey,
+    wallet_address: str,
+    region: str,
+    cpu: Mapping[str, Any],
+    gpu: Sequence[Mapping[str, Any]],
+    workload_classes: Sequence[str],
+    max_parallel_subtasks: int,
+    client_version: str,
+    issued_at: int,
+    chain_id: int,
+) -> dict[str, Any]:
+    """Build and sign a manifest. The tier is computed here, never taken from the caller."""
+    manifest: dict[str, Any] = {
+        "node_id": node_key.address,
+        "wallet_address": to_checksum_address(parse_address(wallet_address, field="wallet")),
+        "pubkey_rsa": public_key_pem(payload_key.public_key()),
+        "hardware_tier": tier.hardware_tier(cpu, gpu),
+        "cpu": dict(cpu),
+        "gpu": [dict(g) for g in gpu],
+        "region": region,
+        "workload_classes": sorted(workload_classes),
+        "max_parallel_subtasks": max_parallel_subtasks,
+        "client_version": client_version,
+        "liveness_address": to_checksum_address(parse_address(liveness_address)),
+        "issued_at": issued_at,
+    }
+    body = signed_bytes(manifest)
+    manifest["signature"] = "0x" + payload_key.sign(body, _PSS, hashes.SHA256()).hex()
+    node_sig = sign_typed(
+        node_key, "Registration", registration_message(manifest, body), chain_id=chain_id
+    )
+    manifest["node_signature"] = "0x" + node_sig.hex()
+    return manifest
+
+
+@dataclass(frozen=True, slots=True)
+class VerifiedManifest:
+    """A manifest that passed every check, with the values the coordinator acts on."""
+
+    manifest: Mapping[str, Any]
+    node_id: str
+    wallet_address: str
+    liveness_address: str
+    public_key: rsa.RSAPublicKey
+    manifest_hash: bytes
+    issued_at: int
+
+
+def verify_manifest(  # noqa: PLR0912 - one flat list of checks reads best
+    manifest: object,
+    *,
+    chain_id: int,
+    now: int,
+    max_age: int = 24 * 3600,
+    max_skew: int = 300,
+) -> VerifiedManifest:
+    """Verify a manifest completely or raise ManifestError naming the failed check.
+
+    Checks, in order (cheap before expensive, fail closed): schema, region, addresses and
+    their checksums, issued_at freshness (not older than *max_age*, not more than
+    *max_skew* seconds in the future), RSA public key (RSA, >= 3072 bits), the recomputed
+    hardware tier and parallelism bound, the RSA-PSS ``signature``, then the EIP-712
+    ``node_signature`` recovering to node_id.
+    """
+    if not isinstance(manifest, Mapping):
+        raise ManifestError("schema: manifest must be a JSON object")
+    errors = sorted(_validator().iter_errors(manifest), key=lambda e: list(e.absolute_path))
+    if errors:
+        err = errors[0]
+        where = "/".join(str(p) for p in err.absolute_path) or "(root)"
+        raise ManifestError(f"schema: {where}: {err.message[:200]}")
+    m: Mapping[str, Any] = manifest
+    if m["region"] not in REGIONS:
+        raise ManifestError(f"region: {m['region']!r} is not one of {', '.join(REGIONS)}")
+    try:
+        node_id = to_checksum_address(parse_address(m["node_id"], field="node_id"))
+        wallet = to_checksum_address(parse_address(m["wallet_address"], field="wallet_address"))
+        liveness = to_checksum_address(
+            parse_address(m["liveness_address"], field="liveness_address")
+        )
+    except SignatureError as exc:
+        raise ManifestError(f"address: {exc}") from exc
+    if liveness == node_id:
+        raise ManifestError("liveness_address: must be a separate key from node.key")
+    issued_at = m["issued_at"]
+    if issued_at > now + max_skew:
+        raise ManifestError(f"issued_at: {issued_at - now} s in the future (clock skew?)")
+    if now - issued_at > max_age:
+        raise ManifestError(f"issued_at: manifest is {now - issued_at} s old (max {max_age})")
+    try:
+        public_key = serialization.load_pem_public_key(m["pubkey_rsa"].encode("ascii"))
+    except (ValueError, TypeError) as exc:
+        raise ManifestError("pubkey_rsa: not a PEM SubjectPublicKeyInfo public key") from exc
+    if not isinstance(public_key, rsa.RSAPublicKey) or public_key.key_size < MIN_RSA_BITS:
+        raise ManifestError(f"pubkey_rsa: must be an RSA key of at least {MIN_RSA_BITS} bits")
+    try:
+        expected_tier = tier.hardware_tier(m["cpu"], m["gpu"])
+        slots = tier.max_parallel_subtasks(m["cpu"], m["gpu"])
+    except NodeClientError as exc:
+        raise ManifestError(f"hardware: {exc}") from exc
+    if m["hardware_tier"] != expected_tier:
+        raise ManifestError(
+            f"hardware_tier: declared {m['hardware_tier']}, but cpu and gpu give {expected_tier}"
+        )
+    if m["max_parallel_subtasks"] > slots:
+        raise ManifestError(
+            f"max_parallel_subtasks: declared {m['max_parallel_subtasks']}, the rule allows {slots}"
+        )
+    body = signed_bytes(m)
+    try:
+        public_key.verify(bytes.fromhex(m["signature"][2:]), body, _PSS, hashes.SHA256())
+    except InvalidSignature:
+        raise ManifestError(
+            "signature: RSA-PSS signature does not verify against pubkey_rsa"
+        ) from None
+    try:
+        node_sig = parse_signature_hex(m["node_signature"], field="node_signature")
+        verify_typed(
+            "Registration",
+            registration_message(m, body),
+            node_sig,
+            signer=node_id,
+            chain_id=chain_id,
+        )
+    except SignatureError as exc:
+        raise ManifestError(f"node_signature: {exc}") from exc
+    return VerifiedManifest(
+        manifest=m,
+        node_id=node_id,
+        wallet_address=wallet,
+        liveness_address=liveness,
+        public_key=public_key,
+        manifest_hash=sha256(body),
+        issued_at=issued_at,
+    )

@@ -1,0 +1,526 @@
+"""The three node keys, the encrypted keystore and passphrase sourcing (2.3.1 Key Management).
+
+Real-parameter scrypt (n=2^18, 256 MiB, about a second) runs exactly three times in this
+module: once to encrypt (the module-scoped ``encrypted_home``), once for eth-account to
+decrypt our file, once for us to decrypt it. Every other keystore test uses a keystore that
+eth-account makes with tiny parameters, or one that must be refused before any KDF runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import stat
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, Literal
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from eth_account import Account
+
+from nodeclient.errors import KeyFileError, KeystoreError, UsageError
+from nodeclient.node import keys
+from nodeclient.node.keys import (
+    LIVENESS_KEY,
+    NODE_KEY,
+    PAYLOAD_KEY,
+    init_keys,
+    is_encrypted,
+    key_info,
+    load_liveness_key,
+    load_node_key,
+    load_payload_key,
+    node_id_of,
+    public_key_pem,
+    read_passphrase,
+    rotate_liveness,
+    rsa_fingerprint,
+    terminal_prompt,
+)
+
+PASSWORD = "correct horse battery staple"
+SECRET = bytes.fromhex("4c0883a69102937d6231471b5dbb6204fe5129617082792ae468d01a3f362318")
+ALL_KEYS = (NODE_KEY, LIVENESS_KEY, PAYLOAD_KEY)
+Kdf = Literal["scrypt", "pbkdf2"]
+
+
+def _no_passphrase() -> bytes:
+    raise AssertionError("the passphrase must not be asked for")
+
+
+LOADERS: dict[str, Callable[[Path], object]] = {
+    NODE_KEY: lambda home: load_node_key(home, passphrase=_no_passphrase),
+    LIVENESS_KEY: load_liveness_key,
+    PAYLOAD_KEY: load_payload_key,
+}
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(os.lstat(path).st_mode)
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One plaintext home, made once: RSA-3072 generation is too slow to repeat per test."""
+    home = tmp_path_factory.mktemp("template") / "home"
+    init_keys(home, passphrase=None)
+    return home
+
+
+@pytest.fixture
+def home(template: Path, tmp_path: Path) -> Path:
+    """A private copy of the template home for one test to change."""
+    copy = tmp_path / "home"
+    os.mkdir(copy, 0o700)
+    for name in ALL_KEYS:
+        _write(copy / name, (template / name).read_bytes())
+    return copy
+
+
+@pytest.fixture(scope="module")
+def encrypted_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A home whose node.key is a real-parameter keystore (one scrypt run). Read-only."""
+    home = tmp_path_factory.mktemp("encrypted") / "home"
+    init_keys(home, passphrase=PASSWORD.encode())
+    return home
+
+
+@pytest.fixture
+def umask0() -> Iterator[None]:
+    old = os.umask(0)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+def _write(path: Path, data: bytes) -> None:
+    """Replace a key file's bytes directly, keeping mode 0600."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.write(fd, data)
+    os.close(fd)
+
+
+def _cheap_keystore(kdf: Kdf = "scrypt", secret: bytes = SECRET) -> dict[str, Any]:
+    """A keystore made by eth-account itself, with parameters small enough to run often."""
+    return Account.encrypt(secret, PASSWORD, kdf=kdf, iterations=16 if kdf == "scrypt" else 10)
+
+
+def _write_keystore(home: Path, keystore: dict[str, Any]) -> None:
+    _write(home / NODE_KEY, json.dumps(keystore).encode())
+
+
+# --- init -----------------------------------------------------------------------------
+
+
+@pytest.mark.usefixtures("umask0")
+def test_init_creates_home_0700_and_keys_0600_with_umask_0(tmp_path: Path) -> None:
+    """Init makes the home 0700 and each of the three keys 0600 even with umask 0."""
+    home = tmp_path / "home"
+    init_keys(home, passphrase=None)
+    assert _mode(home) == 0o700
+    assert sorted(os.listdir(home)) == sorted(ALL_KEYS)
+    for name in ALL_KEYS:
+        assert _mode(home / name) == 0o600, name
+
+
+def test_node_key_is_hex_that_eth_account_imports(template: Path) -> None:
+    """node.key is 0x + 64 hex + newline, and eth-account derives the same node_id."""
+    text = (template / NODE_KEY).read_text()
+    assert text.startswith("0x")
+    assert len(text) == 67
+    assert text.endswith("\n")
+    assert Account.from_key(text.strip()).address == node_id_of(template)
+
+
+def test_liveness_key_is_a_separate_key(template: Path) -> None:
+    """The liveness key has its own address, distinct from node_id."""
+    assert load_liveness_key(template).address != node_id_of(template)
+
+
+def test_payload_key_is_pkcs8_rsa_3072(template: Path) -> None:
+    """payload.key is an unencrypted PKCS#8 PEM of an RSA-3072 key."""
+    data = (template / PAYLOAD_KEY).read_bytes()
+    assert data.startswith(b"-----BEGIN PRIVATE KEY-----")
+    assert load_payload_key(template).key_size == 3072
+
+
+def test_rsa_fingerprint_is_sha256_of_der_spki(template: Path) -> None:
+    """The fingerprint is SHA256: + hex SHA-256 of the DER SubjectPublicKeyInfo."""
+    public = load_payload_key(template).public_key()
+    der = public.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    assert rsa_fingerprint(public) == "SHA256:" + hashlib.sha256(der).hexdigest()
+
+
+def test_public_key_pem_is_spki_of_the_payload_key(template: Path) -> None:
+    """pubkey_rsa is a SubjectPublicKeyInfo PEM, the same from the private or public key."""
+    private = load_payload_key(template)
+    pem = public_key_pem(private)
+    assert pem.startswith("-----BEGIN PUBLIC KEY-----")
+    assert pem == public_key_pem(private.public_key())
+    loaded = serialization.load_pem_public_key(pem.encode())
+    assert isinstance(loaded, rsa.RSAPublicKey)
+    assert loaded.public_numbers() == private.public_key().public_numbers()
+
+
+@pytest.mark.parametrize("name", ALL_KEYS)
+def test_init_refuses_if_any_key_exists(tmp_path: Path, name: str) -> None:
+    """One existing key stops init; it keeps its bytes and no other key is created."""
+    home = tmp_path / "home"
+    os.mkdir(home, 0o700)
+    _write(home / name, b"precious\n")
+    with pytest.raises(KeyFileError, match=f"refusing to overwrite existing keys.*{name}"):
+        init_keys(home, passphrase=None)
+    assert os.listdir(home) == [name]
+    assert (home / name).read_bytes() == b"precious\n"
+
+
+def test_init_refuses_an_empty_passphrase_before_creating_anything(tmp_path: Path) -> None:
+    """An empty passphrase is refused and no home is created."""
+    with pytest.raises(UsageError, match="empty passphrase"):
+        init_keys(tmp_path / "home", passphrase=b"")
+    assert not (tmp_path / "home").exists()
+
+
+def test_key_info_reports_public_facts(template: Path) -> None:
+    """key_info gives node_id, liveness address, fingerprint and three ok files."""
+    info = key_info(template)
+    assert info.node_id == node_id_of(template)
+    assert info.liveness_address == load_liveness_key(template).address
+    assert info.rsa_fingerprint.startswith("SHA256:")
+    assert info.encrypted is False
+    assert [f["ok"] for f in info.files] == [True, True, True]
+
+
+# --- rotation -------------------------------------------------------------------------
+
+
+def test_rotate_liveness_keeps_node_id_and_changes_the_hot_key(home: Path) -> None:
+    """Rotation returns (old, new), keeps node_id, and the new file is 0600."""
+    node_id = node_id_of(home)
+    before = load_liveness_key(home).address
+    old, new = rotate_liveness(home)
+    assert old == before
+    assert new != old
+    assert load_liveness_key(home).address == new
+    assert node_id_of(home) == node_id
+    assert _mode(home / LIVENESS_KEY) == 0o600
+
+
+def test_rotate_liveness_refuses_an_unsafe_liveness_key(home: Path) -> None:
+    """Rotation loads the old key first, so a 0644 liveness.key is refused, unchanged."""
+    os.chmod(home / LIVENESS_KEY, 0o644)
+    before = (home / LIVENESS_KEY).read_bytes()
+    with pytest.raises(KeyFileError, match="chmod 600"):
+        rotate_liveness(home)
+    assert (home / LIVENESS_KEY).read_bytes() == before
+
+
+# --- loading and malformed files --------------------------------------------------------
+
+
+def test_plaintext_node_key_loads_without_a_passphrase(home: Path) -> None:
+    """A plaintext node.key never asks for a passphrase."""
+    assert load_node_key(home, passphrase=_no_passphrase).address == node_id_of(home)
+
+
+def test_load_refuses_a_readable_node_key_before_anything_else(home: Path) -> None:
+    """A 0644 node.key is refused through the key API too, naming the file."""
+    os.chmod(home / NODE_KEY, 0o644)
+    with pytest.raises(
+        KeyFileError, match=f"refusing to use {re.escape(str(home / NODE_KEY))}: mode 0644"
+    ):
+        load_node_key(home, passphrase=_no_passphrase)
+    assert _mode(home / NODE_KEY) == 0o644
+
+
+@pytest.mark.parametrize(
+    ("content", "detail"),
+    [
+        (b"0x" + b"zz" * 32 + b"\n", "64 hex digits"),
+        (b"0x" + b"ab" * 31 + b"\n", "found 62 hex digits"),
+        (b"0x" + b"00" * 32 + b"\n", "not a valid secp256k1"),
+        (b"\xff\xfe\n", "not ASCII"),
+    ],
+    ids=["bad-hex", "31-bytes", "zero-key", "binary"],
+)
+@pytest.mark.parametrize("name", [NODE_KEY, LIVENESS_KEY])
+def test_malformed_secp_key_names_the_file(
+    home: Path, name: str, content: bytes, detail: str
+) -> None:
+    """Bad hex, a short key, an invalid scalar or binary each name the file."""
+    _write(home / name, content)
+    load = LOADERS[name]
+    with pytest.raises(KeyFileError, match=f"malformed {re.escape(str(home / name))}.*{detail}"):
+        load(home)
+
+
+def test_liveness_key_must_not_be_a_keystore(home: Path) -> None:
+    """The hot key is plaintext by design; a keystore there is refused."""
+    _write(home / LIVENESS_KEY, json.dumps(_cheap_keystore()).encode())
+    with pytest.raises(KeyFileError, match="plaintext"):
+        load_liveness_key(home)
+
+
+def test_garbage_pem_payload_key_names_the_file(home: Path) -> None:
+    """A payload.key that is not PEM is refused by name."""
+    _write(
+        home / PAYLOAD_KEY, b"-----BEGIN PRIVATE KEY-----\nnot base64!\n-----END PRIVATE KEY-----\n"
+    )
+    with pytest.raises(KeyFileError, match=f"malformed {re.escape(str(home / PAYLOAD_KEY))}"):
+        load_payload_key(home)
+
+
+def test_rsa_2048_payload_key_is_refused(home: Path) -> None:
+    """Only RSA-3072 is accepted; a 2048-bit key is named as such."""
+    small = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = small.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    _write(home / PAYLOAD_KEY, pem)
+    with pytest.raises(
+        KeyFileError, match=f"malformed {re.escape(str(home / PAYLOAD_KEY))}: an RSA-2048 key"
+    ):
+        load_payload_key(home)
+
+
+# --- the encrypted keystore (real parameters) ---------------------------------------------
+
+
+def test_encrypted_node_key_is_a_v3_scrypt_keystore(encrypted_home: Path) -> None:
+    """node.key holds v3 JSON with scrypt n=2^18, r=8, p=1, dklen=32, mode 0600."""
+    doc = json.loads((encrypted_home / NODE_KEY).read_text())
+    assert doc["version"] == 3
+    assert doc["crypto"]["cipher"] == "aes-128-ctr"
+    assert doc["crypto"]["kdf"] == "scrypt"
+    params = doc["crypto"]["kdfparams"]
+    assert (params["n"], params["r"], params["p"], params["dklen"]) == (262144, 8, 1, 32)
+    assert _mode(encrypted_home / NODE_KEY) == 0o600
+    assert is_encrypted(encrypted_home)
+
+
+def test_node_id_of_keystore_needs_no_passphrase(encrypted_home: Path) -> None:
+    """node_id comes from the address field, checksummed, with no KDF run."""
+    doc = json.loads((encrypted_home / NODE_KEY).read_text())
+    node_id = node_id_of(encrypted_home)
+    assert node_id.lower() == "0x" + doc["address"].lower()
+    assert key_info(encrypted_home).node_id == node_id
+
+
+def test_eth_account_decrypts_our_keystore(encrypted_home: Path) -> None:
+    """eth-account's Account.decrypt reads our node.key to the key behind node_id."""
+    secret = Account.decrypt((encrypted_home / NODE_KEY).read_text(), PASSWORD)
+    assert Account.from_key(secret).address == node_id_of(encrypted_home)
+
+
+def test_we_decrypt_our_keystore(encrypted_home: Path) -> None:
+    """load_node_key asks for the passphrase once and yields the node_id key."""
+    asked: list[int] = []
+
+    def passphrase() -> bytes:
+        asked.append(1)
+        return PASSWORD.encode()
+
+    key = load_node_key(encrypted_home, passphrase=passphrase)
+    assert key.address == node_id_of(encrypted_home)
+    assert asked == [1]
+
+
+# --- keystores from elsewhere (cheap parameters) --------------------------------------------
+
+
+@pytest.mark.parametrize("kdf", ["scrypt", "pbkdf2"])
+def test_we_decrypt_an_eth_account_keystore(home: Path, kdf: Kdf) -> None:
+    """A keystore made by eth-account's Account.encrypt decrypts to the same secret."""
+    _write_keystore(home, _cheap_keystore(kdf))
+    key = load_node_key(home, passphrase=PASSWORD.encode)
+    assert key.secret == SECRET
+
+
+def test_wrong_passphrase_is_named(home: Path) -> None:
+    """A wrong passphrase gives exactly 'wrong passphrase for <file>'."""
+    _write_keystore(home, _cheap_keystore())
+    with pytest.raises(KeystoreError) as info:
+        load_node_key(home, passphrase=lambda: b"not it")
+    assert str(info.value) == f"wrong passphrase for {home / NODE_KEY}"
+
+
+def test_keystore_address_field_must_match_the_key(home: Path) -> None:
+    """An address field that lies about the key inside is caught after decrypting."""
+    keystore = _cheap_keystore()
+    keystore["address"] = Account.create().address[2:]
+    _write_keystore(home, keystore)
+    with pytest.raises(KeystoreError, match="does not match"):
+        load_node_key(home, passphrase=PASSWORD.encode)
+
+
+@pytest.mark.parametrize(
+    ("kdf", "field", "value", "message"),
+    [
+        ("scrypt", "n", 1 << 20, "kdfparams.n = 1048576 exceeds the cap 262144"),
+        ("scrypt", "r", 1024, "kdfparams.r = 1024 exceeds the cap 8"),
+        ("scrypt", "p", 16, "kdfparams.p = 16 exceeds the cap 8"),
+        ("scrypt", "n", 3000, "not a power of two"),
+        ("scrypt", "dklen", 64, "kdfparams.dklen = 64 exceeds the cap 32"),
+        ("pbkdf2", "c", 10**9, "kdfparams.c = 1000000000 exceeds the cap 1000000"),
+        ("pbkdf2", "prf", "hmac-sha512", "prf must be hmac-sha256"),
+    ],
+)
+def test_hostile_keystore_is_refused_before_the_kdf(
+    home: Path, kdf: Kdf, field: str, value: object, message: str
+) -> None:
+    """Oversized KDF parameters are refused by name, before the passphrase is even asked."""
+    keystore = _cheap_keystore(kdf)
+    crypto = keystore["crypto"]
+    crypto["kdfparams"][field] = value
+    if kdf == "scrypt" and field != "n":
+        crypto["kdfparams"]["n"] = 1 << 18  # real-size n, so a run of the KDF would show
+    _write_keystore(home, keystore)
+    with pytest.raises(KeystoreError, match=message):
+        load_node_key(home, passphrase=_no_passphrase)
+
+
+def test_scrypt_r_times_p_is_capped(home: Path) -> None:
+    """r and p each under their caps are still refused when r*p is over its cap."""
+    keystore = _cheap_keystore()
+    params = keystore["crypto"]["kdfparams"]
+    params.update(r=8, p=2)
+    _write_keystore(home, keystore)
+    with pytest.raises(KeystoreError, match=r"r\*p = 16 exceeds the cap 8"):
+        load_node_key(home, passphrase=_no_passphrase)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda d: d.update(version=4), "version must be 3"),
+        (lambda d: d["crypto"].update(cipher="aes-256-gcm"), "cipher must be aes-128-ctr"),
+        (lambda d: d["crypto"].update(kdf="argon2"), "kdf must be scrypt or pbkdf2"),
+        (lambda d: d["crypto"].update(ciphertext="00" * 31), "ciphertext must be 32..32 bytes"),
+        (lambda d: d["crypto"].update(mac="xyz"), "mac must be a hex string"),
+        (lambda d: d.update(address="0xnope"), "address"),
+    ],
+    ids=["version", "cipher", "kdf", "ciphertext", "mac", "address"],
+)
+def test_malformed_keystore_field_is_named(
+    home: Path, change: Callable[[dict[str, Any]], object], message: str
+) -> None:
+    """Each malformed field is refused by name without asking for the passphrase."""
+    keystore = _cheap_keystore()
+    change(keystore)
+    _write_keystore(home, keystore)
+    with pytest.raises(KeystoreError, match=message):
+        load_node_key(home, passphrase=_no_passphrase)
+
+
+def test_keystore_with_case_twin_fields_is_refused(home: Path) -> None:
+    """'Crypto' beside 'crypto' is ambiguous (eth-account folds case) and refused."""
+    keystore = _cheap_keystore()
+    text = json.dumps(keystore)[:-1] + ', "Crypto": ' + json.dumps(keystore["crypto"]) + "}"
+    _write(home / NODE_KEY, text.encode())
+    with pytest.raises(KeystoreError, match="duplicate field 'Crypto'"):
+        load_node_key(home, passphrase=_no_passphrase)
+
+
+def test_truncated_keystore_json_is_refused(home: Path) -> None:
+    """A keystore cut short is malformed JSON, named as such."""
+    _write(home / NODE_KEY, json.dumps(_cheap_keystore()).encode()[:100])
+    with pytest.raises(
+        KeystoreError, match=f"malformed keystore {re.escape(str(home / NODE_KEY))}"
+    ):
+        node_id_of(home)
+
+
+# --- passphrases ------------------------------------------------------------------------
+
+
+def _file(tmp_path: Path, data: bytes) -> Path:
+    path = tmp_path / "pass"
+    path.write_bytes(data)
+    return path
+
+
+def test_passphrase_file_loses_exactly_one_newline(tmp_path: Path) -> None:
+    """Only one trailing newline is stripped; a second one is part of the passphrase."""
+    path = _file(tmp_path, b"pw\n\n")
+    assert read_passphrase(passphrase_file=path, env={}, prompt=None) == b"pw\n"
+
+
+def test_passphrase_file_crlf_counts_as_one_line_ending(tmp_path: Path) -> None:
+    """A final CRLF is stripped whole; a lone trailing CR is kept."""
+    assert read_passphrase(passphrase_file=_file(tmp_path, b"pw\r\n"), env={}, prompt=None) == b"pw"
+    assert read_passphrase(passphrase_file=_file(tmp_path, b"pw\r"), env={}, prompt=None) == b"pw\r"
+
+
+def test_passphrase_file_flag_wins_over_environment(tmp_path: Path) -> None:
+    """--passphrase-file is used before NODECLIENT_PASSPHRASE_FILE."""
+    flag = _file(tmp_path, b"from-flag")
+    other = tmp_path / "other"
+    other.write_bytes(b"from-env")
+    env = {"NODECLIENT_PASSPHRASE_FILE": str(other)}
+    assert read_passphrase(passphrase_file=flag, env=env, prompt=None) == b"from-flag"
+
+
+def test_passphrase_environment_file_is_used_before_the_prompt(tmp_path: Path) -> None:
+    """NODECLIENT_PASSPHRASE_FILE is read and the prompt is not used."""
+    env = {"NODECLIENT_PASSPHRASE_FILE": str(_file(tmp_path, b"from-env\n"))}
+
+    def prompt(_: str) -> str:
+        raise AssertionError("must not prompt")
+
+    assert read_passphrase(passphrase_file=None, env=env, prompt=prompt) == b"from-env"
+
+
+def test_prompt_confirmation_must_match() -> None:
+    """With confirm=True two different answers are refused."""
+    answers = iter(["one", "two"])
+    with pytest.raises(UsageError, match="differ"):
+        read_passphrase(passphrase_file=None, env={}, prompt=lambda _: next(answers), confirm=True)
+
+
+def test_prompt_answer_is_returned_as_utf8() -> None:
+    """The prompted passphrase comes back as its UTF-8 bytes."""
+    assert read_passphrase(passphrase_file=None, env={}, prompt=lambda _: "pässword") == (
+        "pässword".encode()
+    )
+
+
+def test_no_passphrase_source_says_how_to_give_one() -> None:
+    """Without a file, variable or terminal the error names every way to give one."""
+    with pytest.raises(UsageError, match=r"--passphrase-file.*NODECLIENT_PASSPHRASE_FILE"):
+        read_passphrase(passphrase_file=None, env={}, prompt=None)
+
+
+def test_empty_passphrase_is_refused(tmp_path: Path) -> None:
+    """A file holding only a newline is an empty passphrase and refused."""
+    with pytest.raises(UsageError, match="empty passphrase"):
+        read_passphrase(passphrase_file=_file(tmp_path, b"\n"), env={}, prompt=None)
+
+
+def test_passphrase_file_must_be_a_regular_file(tmp_path: Path) -> None:
+    """A directory given as the passphrase file is refused by name."""
+    with pytest.raises(UsageError, match=f"{re.escape(str(tmp_path))} is not a regular file"):
+        read_passphrase(passphrase_file=tmp_path, env={}, prompt=None)
+
+
+def test_terminal_prompt_is_none_off_a_terminal() -> None:
+    """Piped stdin never gets a prompt."""
+    assert terminal_prompt(io.StringIO()) is None
+
+
+def test_module_exports_the_file_names() -> None:
+    """The three file names other modules rely on are stable."""
+    assert (keys.NODE_KEY, keys.LIVENESS_KEY, keys.PAYLOAD_KEY) == (
+        "node.key",
+        "liveness.key",
+        "payload.key",
+    )

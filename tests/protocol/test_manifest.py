@@ -1,0 +1,203 @@
+"""2.3.2 Capability Manifest: both signatures, the schema, and every verification check."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+from cryptography.hazmat.primitives.asymmetric import rsa
+from eth_account import Account
+from eth_account.messages import encode_typed_data
+
+from nodeclient.errors import ManifestError
+from nodeclient.protocol import eip712
+from nodeclient.protocol import manifest as mf
+from nodeclient.protocol.secp import Secp256k1Key
+
+CHAIN = eip712.DEVNET_CHAIN_ID
+NOW = 1_765_000_000
+SEED_CPU = {"model": "EPYC 7763", "cores": 128, "ram_gb": 512}
+SEED_GPU = [{"model": "NVIDIA H100", "count": 4, "vram_gb": 80}]
+
+
+@pytest.fixture(scope="module")
+def rsa_key() -> rsa.RSAPrivateKey:
+    return rsa.generate_private_key(public_exponent=65537, key_size=3072)
+
+
+@pytest.fixture(scope="module")
+def node_key() -> Secp256k1Key:
+    return Secp256k1Key.from_hex("0x" + "5a" * 32)
+
+
+@pytest.fixture(scope="module")
+def liveness() -> Secp256k1Key:
+    return Secp256k1Key.from_hex("0x" + "6b" * 32)
+
+
+WALLET = "0x1111111111111111111111111111111111111111"
+
+
+def build(rsa_key: rsa.RSAPrivateKey, node_key: Secp256k1Key, liveness: Secp256k1Key, **kw: Any):
+    args: dict[str, Any] = {
+        "node_key": node_key,
+        "liveness_address": liveness.address,
+        "payload_key": rsa_key,
+        "wallet_address": WALLET,
+        "region": "eu-west",
+        "cpu": SEED_CPU,
+        "gpu": SEED_GPU,
+        "workload_classes": ["ai.training", "ai.inference", "media.render"],
+        "max_parallel_subtasks": 4,
+        "client_version": "0.1.0",
+        "issued_at": NOW,
+        "chain_id": CHAIN,
+    }
+    args.update(kw)
+    return mf.build_manifest(**args)
+
+
+@pytest.fixture(scope="module")
+def seed_manifest(rsa_key, node_key, liveness) -> dict[str, Any]:
+    return build(rsa_key, node_key, liveness)
+
+
+def test_seed_example_verifies_as_tier_3(seed_manifest) -> None:
+    """The seed's example machine yields tier 3 and a manifest that verifies completely."""
+    assert seed_manifest["hardware_tier"] == 3
+    v = mf.verify_manifest(seed_manifest, chain_id=CHAIN, now=NOW + 10)
+    assert v.node_id == seed_manifest["node_id"]
+    assert v.liveness_address == seed_manifest["liveness_address"]
+
+
+def test_fields_exactly_as_seed_plus_three(seed_manifest) -> None:
+    """Field names are the seed's, plus liveness_address, issued_at and node_signature."""
+    seed_fields = {
+        "node_id", "wallet_address", "pubkey_rsa", "hardware_tier", "cpu", "gpu", "region",
+        "workload_classes", "max_parallel_subtasks", "client_version", "signature",
+    }  # fmt: skip
+    assert set(seed_manifest) == seed_fields | {"liveness_address", "issued_at", "node_signature"}
+    assert set(seed_manifest["cpu"]) == {"model", "cores", "ram_gb"}
+    assert set(seed_manifest["gpu"][0]) == {"model", "count", "vram_gb"}
+
+
+def test_shipped_schema_validates(seed_manifest) -> None:
+    """The JSON Schema shipped in the package accepts our manifest and is itself valid."""
+    schema = mf.manifest_schema()
+    jsonschema.Draft202012Validator.check_schema(schema)
+    jsonschema.validate(seed_manifest, schema)
+
+
+def test_signature_verifies_with_openssl(seed_manifest, tmp_path: Path) -> None:
+    """`signature` verifies with the openssl command line, exactly as the issue states."""
+    (tmp_path / "pub.pem").write_text(seed_manifest["pubkey_rsa"])
+    (tmp_path / "body.json").write_bytes(mf.signed_bytes(seed_manifest))
+    (tmp_path / "sig.bin").write_bytes(bytes.fromhex(seed_manifest["signature"][2:]))
+    cmd = [
+        "openssl", "dgst", "-sha256", "-sigopt", "rsa_padding_mode:pss",
+        "-sigopt", "rsa_pss_saltlen:32", "-verify", str(tmp_path / "pub.pem"),
+        "-signature", str(tmp_path / "sig.bin"), str(tmp_path / "body.json"),
+    ]  # fmt: skip
+    ok = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    assert ok.returncode == 0, ok.stderr
+    assert "Verified OK" in ok.stdout
+    (tmp_path / "body.json").write_bytes(mf.signed_bytes({**seed_manifest, "region": "us-east"}))
+    bad = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    assert bad.returncode != 0
+
+
+def test_node_signature_recovers_with_eth_account(seed_manifest) -> None:
+    """`node_signature` recovers to node_id through eth-account's EIP-712 implementation."""
+    body = mf.signed_bytes(seed_manifest)
+    typed = eip712.typed_data_json(
+        "Registration", mf.registration_message(seed_manifest, body), chain_id=CHAIN
+    )
+    signable = encode_typed_data(full_message=typed)
+    recovered = Account.recover_message(
+        signable, signature=bytes.fromhex(seed_manifest["node_signature"][2:])
+    )
+    assert recovered == seed_manifest["node_id"]
+
+
+def test_signed_bytes_ignore_key_order(seed_manifest) -> None:
+    """JCS: the same manifest in another key order has the same signed bytes."""
+    shuffled = dict(reversed(list(seed_manifest.items())))
+    assert mf.signed_bytes(shuffled) == mf.signed_bytes(seed_manifest)
+    mf.verify_manifest(shuffled, chain_id=CHAIN, now=NOW)
+
+
+@pytest.mark.parametrize(
+    ("mutate", "check"),
+    [
+        (lambda m: m.update(region="us-east"), "signature"),
+        (lambda m: m.update(region="mars-north"), "region"),
+        (lambda m: m["cpu"].update(cores=64), "signature"),
+        (lambda m: m.update(hardware_tier=4), "hardware_tier"),
+        (lambda m: m.update(max_parallel_subtasks=64), "max_parallel_subtasks"),
+        (lambda m: m.update(workload_classes=["ai.inference"]), "signature"),
+        (lambda m: m.update(signature="0x" + "00" * 384), "signature"),
+        (lambda m: m.update(node_signature="0x" + "00" * 65), "node_signature"),
+        (lambda m: m.pop("node_signature"), "schema"),
+        (lambda m: m.update(extra=1), "schema"),
+        (lambda m: m.update(node_id="0x1234"), "schema"),
+        (lambda m: m.update(issued_at=NOW - 2 * 86400), "issued_at"),
+        (lambda m: m.update(issued_at=NOW + 3600), "issued_at"),
+        (lambda m: m.update(pubkey_rsa="-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----\n"), "pubkey_rsa"),
+        (lambda m: m.update(wallet_address="0x2222222222222222222222222222222222222222"), "signature"),
+        (lambda m: m.update(node_id="0x" + m["node_id"][2:].swapcase()), "address"),
+    ],
+)  # fmt: skip
+def test_each_check_fails_closed(seed_manifest, mutate, check: str) -> None:
+    """Every tampered field is refused, and the error names the failed check."""
+    m = copy.deepcopy(seed_manifest)
+    mutate(m)
+    with pytest.raises(ManifestError, match=rf"^{check}"):
+        mf.verify_manifest(m, chain_id=CHAIN, now=NOW)
+
+
+def test_wrong_chain_id_rejected(seed_manifest) -> None:
+    """A manifest signed for another chain id does not verify."""
+    with pytest.raises(ManifestError, match="^node_signature"):
+        mf.verify_manifest(seed_manifest, chain_id=1, now=NOW)
+
+
+def test_node_signature_by_another_key_rejected(rsa_key, liveness) -> None:
+    """A manifest whose node_id is not the signer of node_signature is refused."""
+    impostor = Secp256k1Key.from_hex("0x" + "7c" * 32)
+    honest = build(rsa_key, Secp256k1Key.from_hex("0x" + "5a" * 32), liveness)
+    forged = build(rsa_key, impostor, liveness)
+    forged["node_id"] = honest["node_id"]
+    # Re-sign the RSA part so only node_signature is wrong.
+    from cryptography.hazmat.primitives import hashes
+
+    forged["signature"] = (
+        "0x" + rsa_key.sign(mf.signed_bytes(forged), mf._PSS, hashes.SHA256()).hex()
+    )
+    with pytest.raises(ManifestError, match="^node_signature: .*recovers to"):
+        mf.verify_manifest(forged, chain_id=CHAIN, now=NOW)
+
+
+def test_small_rsa_key_rejected(node_key, liveness) -> None:
+    """An RSA key under 3072 bits is refused even if everything is correctly signed."""
+    small = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    m = build(small, node_key, liveness)
+    with pytest.raises(ManifestError, match="^(schema|pubkey_rsa)"):
+        mf.verify_manifest(m, chain_id=CHAIN, now=NOW)
+
+
+def test_liveness_must_differ_from_node_key(rsa_key, node_key) -> None:
+    """Delegating the node key itself as liveness key defeats the split and is refused."""
+    m = build(rsa_key, node_key, node_key)
+    with pytest.raises(ManifestError, match="^liveness_address"):
+        mf.verify_manifest(m, chain_id=CHAIN, now=NOW)
+
+
+def test_non_object_rejected() -> None:
+    """Anything but a JSON object is a schema error."""
+    for bad in (None, [], "manifest", 3):
+        with pytest.raises(ManifestError, match="^schema"):
+            mf.verify_manifest(bad, chain_id=CHAIN, now=NOW)
