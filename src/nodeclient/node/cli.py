@@ -1,0 +1,420 @@
+"""``nodeclient``: the operator's command line. The only module that reads argv.
+
+Every command takes ``--home``. Errors we raise on purpose print as one line on stderr
+with a non-zero exit, never a traceback; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from nodeclient import __version__
+from nodeclient.errors import NodeClientError, UsageError
+from nodeclient.node import keys, securefile
+from nodeclient.node.config import NodeConfig, load_config, write_config
+from nodeclient.protocol.manifest import REGIONS
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _home(args: argparse.Namespace, *, create: bool = False) -> Path:
+    home = securefile.resolve_home(args.home, os.environ)
+    return securefile.ensure_home(home, create=create)
+
+
+def _passphrase_source(args: argparse.Namespace, *, confirm: bool = False) -> Callable[[], bytes]:
+    """Deferred: the passphrase is read only if node.key turns out to be encrypted."""
+    file = Path(args.passphrase_file) if getattr(args, "passphrase_file", None) else None
+
+    def read() -> bytes:
+        prompt = _tty_prompt if sys.stdin.isatty() else None
+        return keys.read_passphrase(
+            passphrase_file=file, env=os.environ, prompt=prompt, confirm=confirm
+        )
+
+    return read
+
+
+def _tty_prompt(text: str) -> str:
+    import getpass
+
+    return getpass.getpass(text)
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    home = _home(args, create=True)
+    config = NodeConfig(wallet_address=args.wallet, region=args.region, chain_id=args.chain_id)
+    if (home / "config.toml").exists():
+        raise UsageError(f"{home / 'config.toml'} already exists: this home is initialised")
+    passphrase = _passphrase_source(args, confirm=True)() if args.encrypt else None
+    info = keys.init_keys(home, passphrase=passphrase)
+    write_config(home, config)
+    print(f"initialised {home}")
+    print(f"  node_id           {info.node_id}")
+    print(f"  liveness address  {info.liveness_address}")
+    print(f"  payload key       {info.rsa_fingerprint}")
+    print(f"  node.key          {'encrypted keystore (scrypt)' if info.encrypted else 'plaintext'}")
+    print("next: `nodeclient manifest` shows the signed capability manifest")
+    return 0
+
+
+def cmd_keys_show(args: argparse.Namespace) -> int:
+    info = keys.key_info(_home(args))
+    if args.json:
+        print(json.dumps(_key_info_dict(info), indent=2))
+        return 0
+    print(f"node_id           {info.node_id}")
+    print(f"liveness address  {info.liveness_address}")
+    print(f"payload key       {info.rsa_fingerprint}")
+    print(f"node.key          {'encrypted keystore' if info.encrypted else 'plaintext'}")
+    for f in info.files:
+        status = "ok" if f.get("ok") else "UNSAFE"
+        print(f"  {f['path']}  mode {f.get('mode')}  {status}")
+    return 0
+
+
+def _key_info_dict(info: keys.KeyInfo) -> dict[str, Any]:
+    return {
+        "node_id": info.node_id,
+        "liveness_address": info.liveness_address,
+        "rsa_fingerprint": info.rsa_fingerprint,
+        "encrypted": info.encrypted,
+        "files": info.files,
+    }
+
+
+def cmd_keys_rotate(args: argparse.Namespace) -> int:
+    old, new = keys.rotate_liveness(_home(args))
+    print(f"liveness key rotated: {old} -> {new}")
+    print("re-register (restart `nodeclient run`) so the coordinator learns the new key")
+    return 0
+
+
+def build_local_manifest(
+    home: Path,
+    config: NodeConfig,
+    passphrase: Callable[[], bytes],
+    *,
+    now: int | None = None,
+    node_key: Any = None,
+) -> dict[str, Any]:
+    """Probe this machine and build the signed manifest (2.3.2)."""
+    from nodeclient.node import hardware
+    from nodeclient.node.runtimes import usable_workload_classes
+    from nodeclient.protocol import manifest as mf
+    from nodeclient.protocol import tier
+
+    hw = hardware.probe_hardware()
+    cpu, gpu = hw.cpu.to_manifest(), hw.gpu.to_manifest()
+    slots = tier.effective_parallelism(
+        tier.max_parallel_subtasks(cpu, gpu), config.max_parallel_subtasks
+    )
+    classes = [c for c, (ok, _why) in usable_workload_classes().items() if ok]
+    return mf.build_manifest(
+        node_key=node_key or keys.load_node_key(home, passphrase=passphrase),
+        liveness_address=keys.load_liveness_key(home).address,
+        payload_key=keys.load_payload_key(home),
+        wallet_address=config.wallet_address,
+        region=config.region,
+        cpu=cpu,
+        gpu=gpu,
+        workload_classes=classes,
+        max_parallel_subtasks=slots,
+        client_version=__version__,
+        issued_at=int(time.time()) if now is None else now,
+        chain_id=config.chain_id,
+    )
+
+
+def cmd_manifest(args: argparse.Namespace) -> int:
+    home = _home(args)
+    config = load_config(home)
+    manifest = build_local_manifest(home, config, _passphrase_source(args))
+    if args.json:
+        print(json.dumps(manifest, indent=2))
+        return 0
+    gpus = ", ".join(f"{g['count']}x {g['model']} ({g['vram_gb']} GB)" for g in manifest["gpu"])
+    print(f"node_id               {manifest['node_id']}")
+    print(f"wallet_address        {manifest['wallet_address']}")
+    print(f"liveness_address      {manifest['liveness_address']}")
+    print(f"region                {manifest['region']}")
+    print(f"hardware_tier         {manifest['hardware_tier']}")
+    cpu = manifest["cpu"]
+    print(f"cpu                   {cpu['model']}, {cpu['cores']} cores, {cpu['ram_gb']} GB RAM")
+    print(f"gpu                   {gpus or 'none'}")
+    print(f"workload_classes      {', '.join(manifest['workload_classes']) or 'none'}")
+    print(f"max_parallel_subtasks {manifest['max_parallel_subtasks']}")
+    print(f"client_version        {manifest['client_version']}")
+    print(f"issued_at             {manifest['issued_at']}")
+    print("signed                RSA-PSS by payload.key, EIP-712 Registration by node.key")
+    print("(--json prints the full signed manifest)")
+    return 0
+
+
+def cmd_proof(args: argparse.Namespace) -> int:
+    from nodeclient.protocol.proof import proof_of_stream
+    from nodeclient.protocol.secp import parse_address
+
+    try:
+        task_id = uuid.UUID(args.task_id)
+    except ValueError:
+        raise UsageError(f"--task-id {args.task_id!r} is not a UUID") from None
+    parse_address(args.node_id, field="--node-id")
+    try:
+        with open(args.file, "rb") as fh:
+            proof, _size = proof_of_stream(task_id=task_id, stream=fh, node_id=args.node_id)
+    except OSError as exc:
+        raise UsageError(f"cannot read {args.file}: {exc.strerror}") from exc
+    print("0x" + proof.hex())
+    return 0
+
+
+def _coordinator_url(args: argparse.Namespace, config: NodeConfig) -> str:
+    url = getattr(args, "coordinator", None) or config.coordinator
+    if not url:
+        raise UsageError("no coordinator: pass --coordinator URL or set coordinator in config.toml")
+    if not url.startswith(("http://", "https://")):
+        raise UsageError(f"--coordinator {url!r} must be an http:// or https:// URL")
+    return str(url).rstrip("/")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from nodeclient import logs
+    from nodeclient.clock import make_clock
+    from nodeclient.node.daemon import NodeDaemon
+    from nodeclient.node.executor import Executor, WorkerConfig
+    from nodeclient.node.outbox import Outbox
+
+    logs.configure(fmt=args.log_format)
+    home = _home(args)
+    config = load_config(home)
+    url = _coordinator_url(args, config)
+    passphrase = _passphrase_source(args)
+    node_key = keys.load_node_key(home, passphrase=passphrase)
+    manifest = build_local_manifest(home, config, lambda: b"", node_key=node_key)
+    slots = int(manifest["max_parallel_subtasks"])
+    cores = int(manifest["cpu"]["cores"])
+    executor = Executor(
+        slots=slots,
+        config=WorkerConfig(
+            cache_dir=home / "models",
+            coordinator_url=url,
+            intra_op_threads=max(1, cores // slots),
+        ),
+    )
+    daemon = NodeDaemon(
+        home=home,
+        coordinator_url=url,
+        chain_id=config.chain_id,
+        node_key=node_key,
+        liveness_key=keys.load_liveness_key(home),
+        payload_key=keys.load_payload_key(home),
+        manifest=manifest,
+        executor=executor,
+        outbox=Outbox(home / "outbox.db"),
+        clock=make_clock(args.clock_file),
+        heartbeat_interval=args.heartbeat_interval or config.heartbeat_interval,
+    )
+    return asyncio.run(daemon.run())
+
+
+def _ago(seconds: float | None) -> str:
+    if seconds is None:
+        return "never"
+    return f"{seconds:.0f}s ago" if seconds < 120 else f"{seconds / 60:.0f}m ago"
+
+
+def _duration(seconds: float) -> str:
+    s = int(seconds)
+    d, s = divmod(s, 86400)
+    h, s = divmod(s, 3600)
+    m, s = divmod(s, 60)
+    return (f"{d}d " if d else "") + f"{h:02d}:{m:02d}:{s:02d}"
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from nodeclient.node import control
+
+    home = _home(args)
+    st = control.request(home / control.SOCKET_NAME, {"cmd": "status"})
+    if args.json:
+        print(json.dumps(st, indent=2))
+        return 0
+    link = st["link"]
+    now = st["time"]
+    print(f"state        {st['state']} for {_duration(now - st['state_since'])}")
+    rtt = f", rtt {link['rtt_ms']} ms" if link.get("rtt_ms") is not None else ""
+    last = link.get("last_heartbeat_ack")
+    print(
+        f"link         {link['status']} to {link['coordinator']}{rtt}, "
+        f"last heartbeat ack {_ago(None if last is None else now - last)}"
+    )
+    print(f"node_id      {st['node_id']}")
+    print(f"tasks        {len(st['running'])} running of {st['slots']} slots")
+    for t in st["running"]:
+        print(f"  {t['task_id']}  {t['workload_class']}  {t['seconds']}s")
+    print(
+        f"totals       {st['completed']} completed, {st['failed']} failed, "
+        f"{st['rejected']} rejected, {st['outbox_backlog']} awaiting acknowledgement"
+    )
+    print(f"uptime       {_duration(st['uptime_s'])}")
+    if st.get("unstaking_until") is not None:
+        print(f"unstaking    cooldown ends in {_duration(st['unstake_remaining_s'])}")
+    if link.get("last_error") and link["status"] != "up":
+        print(f"last error   {link['last_error']}")
+    return 0
+
+
+def cmd_unstake(args: argparse.Namespace) -> int:
+    import httpx
+
+    from nodeclient.protocol import eip712
+
+    home = _home(args)
+    config = load_config(home)
+    url = _coordinator_url(args, config)
+    node_key = keys.load_node_key(home, passphrase=_passphrase_source(args))
+    message = {"node_id": node_key.address, "requested_at": int(time.time())}
+    sig = eip712.sign_typed(node_key, "Unstake", message, chain_id=config.chain_id)
+    try:
+        resp = httpx.post(
+            f"{url}/v1/nodes/{node_key.address}/unstake",
+            json={"message": message, "signature": "0x" + sig.hex()},
+            timeout=30.0,
+        )
+    except httpx.HTTPError as exc:
+        raise UsageError(f"cannot reach the coordinator at {url}: {exc}") from exc
+    body = resp.json() if resp.content else {}
+    if resp.status_code != 200:
+        raise UsageError(f"unstake refused ({resp.status_code}): {body.get('error', resp.text)}")
+    until = int(body["unstaking_until"])
+    ends = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(until))
+    print(f"unstaking: no new dispatches; the 7-day cooldown ends at {ends}")
+    print("work in flight finishes and is delivered; `nodeclient status` shows the countdown")
+    return 0
+
+
+def cmd_devnet(args: argparse.Namespace) -> int:
+    from nodeclient.devnet import run_devnet
+
+    if not 1 <= args.nodes <= 16:
+        raise UsageError("--nodes must be between 1 and 16")
+    return run_devnet(
+        nodes=args.nodes,
+        serve=args.serve,
+        jobs=args.jobs,
+        heartbeat=args.heartbeat_interval,
+        keep=args.keep,
+        out=lambda line: print(line, flush=True),
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--home",
+        default=argparse.SUPPRESS,
+        help="node home directory (default: $NODECLIENT_HOME, else ~/.nodeclient)",
+    )
+    passphrase = argparse.ArgumentParser(add_help=False)
+    passphrase.add_argument(
+        "--passphrase-file",
+        metavar="F",
+        help="file holding the node.key passphrase "
+        "(default: $NODECLIENT_PASSPHRASE_FILE, else a prompt)",
+    )
+
+    parser = argparse.ArgumentParser(
+        prog="nodeclient",
+        description="Node client: sell this machine's GPU/CPU time to a compute network.",
+        parents=[common],
+    )
+    parser.add_argument("--version", action="version", version=f"nodeclient {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser(
+        "init", parents=[common, passphrase], help="create the node's keys and config"
+    )
+    p.add_argument("--wallet", required=True, metavar="0x…", help="wallet address for earnings")
+    p.add_argument(
+        "--region", default="local", choices=REGIONS, metavar="R", help="region (see docs)"
+    )
+    p.add_argument(
+        "--chain-id", type=int, default=31337, help="EIP-712 chain id (default: devnet 31337)"
+    )
+    p.add_argument("--encrypt", action="store_true", help="store node.key as a scrypt keystore")
+    p.set_defaults(handler=cmd_init)
+
+    k = sub.add_parser("keys", parents=[common], help="show or rotate keys")
+    ksub = k.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
+    ks = ksub.add_parser("show", parents=[common], help="node_id, liveness address, key files")
+    ks.add_argument("--json", action="store_true")
+    ks.set_defaults(handler=cmd_keys_show)
+    kr = ksub.add_parser("rotate-liveness", parents=[common], help="replace the liveness key")
+    kr.set_defaults(handler=cmd_keys_rotate)
+
+    m = sub.add_parser("manifest", parents=[common, passphrase], help="print the signed manifest")
+    m.add_argument("--json", action="store_true", help="the full signed manifest as JSON")
+    m.set_defaults(handler=cmd_manifest)
+
+    r = sub.add_parser("run", parents=[common, passphrase], help="run the node daemon")
+    r.add_argument("--coordinator", metavar="URL", help="coordinator base URL (default: config)")
+    r.add_argument(
+        "--heartbeat-interval", type=float, help="seconds between heartbeats (default 30)"
+    )
+    r.add_argument("--log-format", choices=["json", "text"], default="json")
+    r.add_argument("--clock-file", help=argparse.SUPPRESS)  # testing aid: see nodeclient.clock
+    r.set_defaults(handler=cmd_run)
+
+    st = sub.add_parser("status", parents=[common], help="state of the running daemon")
+    st.add_argument("--json", action="store_true", help="one machine-readable snapshot")
+    st.set_defaults(handler=cmd_status)
+
+    u = sub.add_parser("unstake", parents=[common, passphrase], help="start the 7-day cooldown")
+    u.add_argument("--coordinator", metavar="URL", help="coordinator base URL (default: config)")
+    u.set_defaults(handler=cmd_unstake)
+
+    dv = sub.add_parser("devnet", parents=[common], help="run a whole network on this machine")
+    dv.add_argument("--nodes", type=int, default=2, help="number of node daemons (default 2)")
+    dv.add_argument("--jobs", type=int, default=4, help="demo inference jobs to submit")
+    dv.add_argument("--serve", action="store_true", help="keep running until interrupted")
+    dv.add_argument("--keep", action="store_true", help="keep the devnet's files afterwards")
+    dv.add_argument("--heartbeat-interval", type=float, default=2.0, help="seconds (default 2)")
+    dv.set_defaults(handler=cmd_devnet)
+
+    pr = sub.add_parser("proof", parents=[common], help="compute a proof of execution for a file")
+    pr.add_argument("--task-id", required=True, metavar="UUID")
+    pr.add_argument("--node-id", required=True, metavar="0x…")
+    pr.add_argument("file", metavar="FILE")
+    pr.set_defaults(handler=cmd_proof)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "home"):
+        args.home = None
+    handler: Handler = args.handler
+    try:
+        return handler(args)
+    except NodeClientError as exc:
+        print(f"nodeclient: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("nodeclient: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

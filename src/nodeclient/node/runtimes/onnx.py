@@ -1,0 +1,497 @@
+"""Run ``ai.inference`` requests on ONNX Runtime, with warm sessions and a model cache.
+
+2.3.5 Work Execution: "An AI inference request runs whole". :meth:`OnnxRuntime.run`
+takes the decrypted payload bytes (2.3.4) and returns the canonical result bytes that the
+proof of execution covers (2.3.6), so nothing here knows about envelopes or the link.
+
+Theory of operation:
+
+* the model is found by its SHA-256: a warm session first, then the on-disk cache, then
+  the inline bytes or ``fetch_model(url)``; fetched bytes are hashed before anything uses
+  or stores them, and are cached only once ONNX Runtime has loaded them;
+* inline models are never written to disk: they travelled sealed to this node, and a
+  plaintext copy on disk would outlive the task;
+* models that reference external data are refused before ONNX Runtime sees them: loaded
+  from bytes, ONNX Runtime resolves such paths against the working directory (even
+  ``../``), which would let a request read the operator's files back as outputs;
+* inputs are checked against the session's declared names, dtypes and fixed dimensions
+  so a requester gets a precise reason, and no implicit casts change the numbers;
+* sessions use deterministic compute, so the same request on the same node gives the
+  same result bytes.
+
+Faults the requester caused (a bad model, bad inputs, a hash mismatch, a non-tensor
+output) raise RemoteProtocolError. onnxruntime and onnx are imported on first use only,
+so building an OnnxRuntime is cheap and the CLI starts fast.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import os
+import re
+import tempfile
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Final
+
+import numpy as np
+import numpy.typing as npt
+
+from nodeclient.errors import RemoteProtocolError, UsageError
+from nodeclient.workloads.inference import CLASS, InferenceRequest, encode_result
+from nodeclient.workloads.tensors import DEFAULT_MAX_BYTES, dtype_code
+
+CPU_PROVIDER: Final = "CPUExecutionProvider"
+CUDA_PROVIDER: Final = "CUDAExecutionProvider"
+DEFAULT_MAX_MODEL_BYTES: Final = 256 * 1024 * 1024
+DEFAULT_MAX_CACHE_BYTES: Final = 4 * 1024 * 1024 * 1024
+_SHA256_RE: Final = re.compile(r"[0-9a-f]{64}")
+_MAX_ERROR_CHARS: Final = 400
+
+# ONNX Runtime's type strings for the tensor types the result container can carry.
+_ORT_DTYPES: Final[Mapping[str, np.dtype[Any]]] = {
+    "tensor(bool)": np.dtype(np.bool_),
+    "tensor(uint8)": np.dtype(np.uint8),
+    "tensor(int8)": np.dtype(np.int8),
+    "tensor(uint16)": np.dtype(np.uint16),
+    "tensor(int16)": np.dtype(np.int16),
+    "tensor(float16)": np.dtype(np.float16),
+    "tensor(uint32)": np.dtype(np.uint32),
+    "tensor(int32)": np.dtype(np.int32),
+    "tensor(float)": np.dtype(np.float32),
+    "tensor(uint64)": np.dtype(np.uint64),
+    "tensor(int64)": np.dtype(np.int64),
+    "tensor(double)": np.dtype(np.float64),
+}
+
+
+def usable() -> tuple[bool, str]:
+    """Whether this node can offer ``ai.inference`` (2.3.2 Capability Manifest), and why."""
+    try:
+        import onnx  # noqa: F401  # needed to vet models before loading them
+        import onnxruntime as ort
+    except ImportError as exc:
+        return False, f"onnxruntime or onnx is not installed: {exc}"
+    providers = default_providers(ort.get_available_providers())
+    return True, f"onnxruntime {ort.__version__} with {', '.join(providers)}"
+
+
+def default_providers(available: Sequence[str]) -> list[str]:
+    """CUDA first when this onnxruntime build offers it, CPU always as the fallback."""
+    return [CUDA_PROVIDER, CPU_PROVIDER] if CUDA_PROVIDER in available else [CPU_PROVIDER]
+
+
+def _short(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text if len(text) <= _MAX_ERROR_CHARS else text[:_MAX_ERROR_CHARS] + "..."
+
+
+class ModelCache:
+    """Content-addressed ONNX models on disk: one file per model, named by its SHA-256 hex.
+
+    Files are written atomically (temporary file, fsync, rename) with mode 0600, checked
+    against their name's hash on every read (a corrupt file is deleted and reported as a
+    miss), and evicted least recently used first, by modification time, which every read
+    refreshes from the injected clock, once the total passes *max_bytes*. The cache is an
+    optimisation: disk errors make it miss, never fail a task.
+    """
+
+    def __init__(
+        self, directory: Path, *, max_bytes: int, clock: Callable[[], float] = time.time
+    ) -> None:
+        self.directory = directory
+        self.max_bytes = max_bytes
+        self._clock = clock
+        self._lock = threading.Lock()  # one writer or evicter at a time
+
+    def path_for(self, sha256: str) -> Path:
+        if not _SHA256_RE.fullmatch(sha256):  # the name becomes a path: no traversal
+            raise ValueError(f"not a sha256 hex digest: {sha256!r}")
+        return self.directory / sha256
+
+    def _touch(self, path: Path) -> None:
+        now = self._clock()
+        os.utime(path, (now, now))
+
+    def get(self, sha256: str) -> bytes | None:
+        """The verified bytes of model *sha256*, or None."""
+        path = self.path_for(sha256)
+        with self._lock:
+            return self._read(path, sha256)
+
+    def _read(self, path: Path, sha256: str) -> bytes | None:
+        try:
+            if path.stat().st_size > self.max_bytes:
+                path.unlink()
+                return None
+            data = path.read_bytes()
+            if hashlib.sha256(data).hexdigest() != sha256:
+                path.unlink()
+                return None
+            self._touch(path)
+        except OSError:
+            return None
+        return data
+
+    def put(self, sha256: str, data: bytes) -> bool:
+        """Store *data* (whose hash the caller has checked); False if it was not stored."""
+        path = self.path_for(sha256)
+        if len(data) > self.max_bytes:
+            return False
+        with self._lock:
+            return self._write(path, sha256, data)
+
+    def _write(self, path: Path, sha256: str, data: bytes) -> bool:
+        tmp: str | None = None
+        try:
+            self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".partial-")
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
+            tmp = None
+            self._touch(path)
+            self._evict(keep=sha256)
+        except OSError:
+            return False
+        finally:
+            if tmp is not None:
+                Path(tmp).unlink(missing_ok=True)
+        return True
+
+    def entries(self) -> list[tuple[str, int, float]]:
+        """``(sha256, size, mtime)`` of every cached model, least recently used first."""
+        found: list[tuple[str, int, float]] = []
+        try:
+            children = list(self.directory.iterdir())
+        except OSError:
+            return []
+        for child in children:
+            if _SHA256_RE.fullmatch(child.name):
+                try:
+                    stat = child.stat()
+                except OSError:
+                    continue
+                found.append((child.name, stat.st_size, stat.st_mtime))
+        found.sort(key=lambda entry: (entry[2], entry[0]))
+        return found
+
+    def _evict(self, *, keep: str) -> None:
+        entries = self.entries()
+        total = sum(size for _, size, _ in entries)
+        for sha256, size, _ in entries:
+            if total <= self.max_bytes:
+                break
+            if sha256 != keep:
+                self.path_for(sha256).unlink(missing_ok=True)
+                total -= size
+
+
+@dataclass(frozen=True)
+class _Port:
+    """One declared input or output of a loaded model."""
+
+    name: str
+    type: str
+    shape: tuple[int | str | None, ...]
+
+    @property
+    def dtype(self) -> np.dtype[Any] | None:
+        return _ORT_DTYPES.get(self.type)
+
+
+@dataclass(frozen=True, eq=False)
+class _Warm:
+    session: Any  # onnxruntime.InferenceSession, untyped upstream
+    inputs: dict[str, _Port]
+    outputs: dict[str, _Port]
+
+
+def _external_data_tensors(model: Any) -> list[str]:
+    """Names of every TensorProto anywhere in *model* that points at external data."""
+    import onnx
+
+    found: list[str] = []
+    stack: list[Any] = [model]
+    while stack:
+        message = stack.pop()
+        if isinstance(message, onnx.TensorProto):
+            if message.data_location == onnx.TensorProto.EXTERNAL or len(message.external_data):
+                found.append(message.name or "<unnamed>")
+            continue
+        for field, value in message.ListFields():
+            if field.message_type is None:
+                continue
+            if hasattr(value, "ListFields"):  # a singular message, not a repeated container
+                stack.append(value)
+            else:
+                stack.extend(value)
+    return found
+
+
+def _vet_model(model: bytes) -> None:
+    """Refuse models that are not ONNX protobufs or that reference external data."""
+    import onnx
+
+    # Looked up, not imported: protobuf ships no type stubs, and this is its only use here.
+    decode_error = importlib.import_module("google.protobuf.message").DecodeError
+    try:
+        proto = onnx.load_model_from_string(model)
+    except (decode_error, ValueError) as exc:
+        raise RemoteProtocolError(f"model is not a valid ONNX protobuf: {_short(exc)}") from exc
+    external = _external_data_tensors(proto)
+    if external:
+        raise RemoteProtocolError(
+            f"model references external data (tensors {external[:5]}); "
+            "models must be self-contained"
+        )
+
+
+def _ort_errors() -> tuple[type[BaseException], ...]:
+    """The exception types ONNX Runtime raises, translated once at this boundary."""
+    from onnxruntime.capi import onnxruntime_pybind11_state as state
+
+    native = tuple(
+        value
+        for value in vars(state).values()
+        if isinstance(value, type) and issubclass(value, Exception)
+    )
+    return (*native, RuntimeError, ValueError, TypeError)
+
+
+class OnnxRuntime:
+    """Executes ``ai.inference`` payloads; thread-safe, sessions kept warm per model hash."""
+
+    workload_class: ClassVar[str] = CLASS
+
+    def __init__(
+        self,
+        *,
+        cache_dir: Path | None = None,
+        max_sessions: int = 8,
+        max_cache_bytes: int = DEFAULT_MAX_CACHE_BYTES,
+        max_model_bytes: int = DEFAULT_MAX_MODEL_BYTES,
+        max_payload_bytes: int = DEFAULT_MAX_BYTES,
+        providers: list[str] | None = None,
+        intra_op_threads: int | None = None,
+        fetch_model: Callable[[str], bytes] | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if max_sessions < 1:
+            raise UsageError("max_sessions must be at least 1")
+        self.cache = (
+            None
+            if cache_dir is None
+            else ModelCache(cache_dir, max_bytes=max_cache_bytes, clock=clock)
+        )
+        self._max_sessions = max_sessions
+        self._max_model_bytes = max_model_bytes
+        self._max_payload_bytes = max_payload_bytes
+        self._requested_providers = None if providers is None else list(providers)
+        self._providers: list[str] | None = None
+        self._intra_op_threads = intra_op_threads
+        self._fetch_model = fetch_model
+        self._sessions: OrderedDict[str, _Warm] = OrderedDict()
+        self._building: dict[str, threading.Lock] = {}
+        self._lock = threading.Lock()
+        self._sessions_created = 0
+        self._errors: tuple[type[BaseException], ...] | None = None
+
+    @property
+    def sessions_created(self) -> int:
+        """How many sessions this runtime has built and kept warm; warm hits do not count."""
+        return self._sessions_created
+
+    @property
+    def warm_models(self) -> list[str]:
+        """Hashes of the models with a warm session, least recently used first."""
+        with self._lock:
+            return list(self._sessions)
+
+    def providers(self) -> list[str]:
+        """The execution providers sessions use, resolved (and checked) on first call."""
+        if self._providers is None:
+            import onnxruntime as ort
+
+            available = ort.get_available_providers()
+            if self._requested_providers is None:
+                self._providers = default_providers(available)
+            else:
+                missing = [p for p in self._requested_providers if p not in available]
+                if missing or not self._requested_providers:
+                    raise UsageError(
+                        f"execution providers {missing} are not available; "
+                        f"this onnxruntime offers {available}"
+                    )
+                self._providers = list(self._requested_providers)
+        return self._providers
+
+    def run(self, payload: bytes) -> bytes:
+        """Run one whole inference request and return the canonical result bytes."""
+        request = InferenceRequest.decode(payload, max_bytes=self._max_payload_bytes)
+        warm = self._warm_session(request)
+        names = _select_outputs(warm, request.output_names)
+        feed = _feed(warm, request.inputs)
+        try:
+            values = warm.session.run(names, feed)
+        except self._ort_error_types() as exc:
+            raise RemoteProtocolError(f"inference failed: {_short(exc)}") from exc
+        outputs: dict[str, npt.NDArray[Any]] = {}
+        for name, value in zip(names, values, strict=True):
+            if not isinstance(value, np.ndarray) or dtype_code(value.dtype) is None:
+                kind = value.dtype if isinstance(value, np.ndarray) else type(value).__name__
+                raise RemoteProtocolError(f"output {name!r} is {kind}, which a result cannot carry")
+            outputs[name] = value
+        return encode_result(outputs, model_sha256=request.model_sha256)
+
+    def _ort_error_types(self) -> tuple[type[BaseException], ...]:
+        if self._errors is None:
+            self._errors = _ort_errors()
+        return self._errors
+
+    def _warm_session(self, request: InferenceRequest) -> _Warm:
+        # Fetching and loading a model can take long: they run under a lock of that model
+        # alone, so concurrent requests for one new model build one session, and requests
+        # for warm models never wait behind them. Runs happen outside every lock.
+        sha256 = request.model_sha256
+        with self._lock:
+            warm = self._hit(sha256)
+            if warm is not None:
+                return warm
+            building = self._building.setdefault(sha256, threading.Lock())
+        with building:
+            with self._lock:
+                warm = self._hit(sha256)
+            if warm is not None:
+                return warm
+            try:
+                model, fetched = self._model_bytes(request)
+                warm = self._create(model)
+                if fetched and self.cache is not None:
+                    self.cache.put(sha256, model)
+                with self._lock:  # published before the building lock is dropped
+                    self._sessions_created += 1
+                    self._sessions[sha256] = warm
+                    while len(self._sessions) > self._max_sessions:
+                        self._sessions.popitem(last=False)
+            finally:
+                with self._lock:
+                    self._building.pop(sha256, None)
+            return warm
+
+    def _hit(self, sha256: str) -> _Warm | None:
+        warm = self._sessions.get(sha256)
+        if warm is not None:
+            self._sessions.move_to_end(sha256)
+        return warm
+
+    def _model_bytes(self, request: InferenceRequest) -> tuple[bytes, bool]:
+        """The model's bytes and whether they were just fetched (and so may be cached)."""
+        if request.model is not None:  # its hash was checked when the request was decoded
+            model, fetched = request.model, False
+        else:
+            cached = None if self.cache is None else self.cache.get(request.model_sha256)
+            if cached is not None:
+                return cached, False
+            if self._fetch_model is None or request.model_url is None:
+                raise RemoteProtocolError(
+                    f"model {request.model_sha256} is not cached and this node cannot fetch models"
+                )
+            model, fetched = self._fetch_model(request.model_url), True
+        if len(model) > self._max_model_bytes:
+            raise RemoteProtocolError(
+                f"model is {len(model)} bytes, over this node's limit of {self._max_model_bytes}"
+            )
+        if fetched:
+            actual = hashlib.sha256(model).hexdigest()
+            if actual != request.model_sha256:
+                raise RemoteProtocolError(
+                    f"model fetched from {request.model_url} has sha256 {actual}, "
+                    f"but the request says {request.model_sha256}"
+                )
+        return model, fetched
+
+    def _create(self, model: bytes) -> _Warm:
+        import onnxruntime as ort
+
+        _vet_model(model)
+        options = ort.SessionOptions()
+        options.log_severity_level = 3  # errors only: warnings would go to stderr, not our log
+        options.use_deterministic_compute = True  # 2.3.6: same request, same result bytes
+        if self._intra_op_threads is not None:
+            options.intra_op_num_threads = self._intra_op_threads
+        try:
+            session = ort.InferenceSession(model, sess_options=options, providers=self.providers())
+        except self._ort_error_types() as exc:
+            raise RemoteProtocolError(f"model cannot be loaded: {_short(exc)}") from exc
+        inputs = {
+            arg.name: _Port(arg.name, arg.type, tuple(arg.shape)) for arg in session.get_inputs()
+        }
+        for port in inputs.values():
+            if port.dtype is None:
+                raise RemoteProtocolError(
+                    f"model input {port.name!r} has type {port.type}; only numeric and bool "
+                    "tensors are supported"
+                )
+        outputs = {
+            arg.name: _Port(arg.name, arg.type, tuple(arg.shape)) for arg in session.get_outputs()
+        }
+        return _Warm(session=session, inputs=inputs, outputs=outputs)
+
+
+def _select_outputs(warm: _Warm, requested: tuple[str, ...] | None) -> list[str]:
+    """The outputs to compute: the requested ones, or all; each must be a plain tensor."""
+    names = list(warm.outputs) if requested is None else list(requested)
+    for name in names:
+        port = warm.outputs.get(name)
+        if port is None:
+            raise RemoteProtocolError(
+                f"the model has no output {name!r}; its outputs are {sorted(warm.outputs)}"
+            )
+        if port.dtype is None:
+            raise RemoteProtocolError(
+                f"output {name!r} has type {port.type}, not a numeric or bool tensor; "
+                "request other outputs, or export the model without it (for scikit-learn "
+                "classifiers convert with skl2onnx options {'zipmap': False})"
+            )
+    return names
+
+
+def _feed(warm: _Warm, inputs: Mapping[str, npt.NDArray[Any]]) -> dict[str, npt.NDArray[Any]]:
+    """Check the request's inputs against the model's declared inputs, exactly."""
+    missing = sorted(set(warm.inputs) - set(inputs))
+    if missing:
+        raise RemoteProtocolError(
+            f"missing inputs {missing}; the model's inputs are {sorted(warm.inputs)}"
+        )
+    unknown = sorted(set(inputs) - set(warm.inputs))
+    if unknown:
+        raise RemoteProtocolError(
+            f"unknown inputs {unknown}; the model's inputs are {sorted(warm.inputs)}"
+        )
+    for name, array in inputs.items():
+        port = warm.inputs[name]
+        if array.dtype != port.dtype:
+            raise RemoteProtocolError(
+                f"input {name!r} is {dtype_code(array.dtype)}, the model expects {port.type}"
+            )
+        # onnxruntime reports an unknown rank as [], like a scalar: only check declared ranks.
+        if port.shape and (
+            array.ndim != len(port.shape)
+            or any(
+                isinstance(want, int) and want != got
+                for want, got in zip(port.shape, array.shape, strict=True)
+            )
+        ):
+            declared = [dim if isinstance(dim, int) else (dim or "?") for dim in port.shape]
+            raise RemoteProtocolError(
+                f"input {name!r} has shape {list(array.shape)}, the model expects {declared}"
+            )
+    return dict(inputs)

@@ -1,0 +1,393 @@
+"""Link messages (2.3.3 Coordinator Link), parsed and validated before anything acts on them.
+
+Every frame on the link is one JSON object with a ``type``. ``parse`` enforces the frame
+size limit, the JSON shape, every field's type and range, and returns a frozen dataclass;
+anything else raises RemoteProtocolError with a reason that names the field. Signed
+parts travel as ``{"message": <EIP-712 message JSON>, "signature": "0x..."}`` so a
+verifier can rebuild the exact typed data (see eip712.typed_data_json).
+
+Direction and purpose (docs/protocol.md has the full table):
+
+coordinator -> node: challenge, welcome, heartbeat_ack, dispatch, result_ack, cancel, error
+node -> coordinator: auth, heartbeat, result, reject
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Final
+
+from nodeclient.errors import RemoteProtocolError, SignatureError
+from nodeclient.protocol import eip712
+from nodeclient.protocol.secp import parse_address, parse_signature_hex
+
+MAX_CONTROL_FRAME: Final = 64 * 1024  # every frame but dispatch and result
+MAX_DATA_FRAME: Final = 48 * 1024 * 1024  # dispatch and result: base64 of <= 32 MiB
+MAX_REASON: Final = 512
+
+
+# --- field readers: each names the field it rejects ---------------------------------------
+
+
+def _get(d: Mapping[str, Any], key: str) -> Any:
+    try:
+        return d[key]
+    except KeyError:
+        raise RemoteProtocolError(f"missing field {key!r}") from None
+
+
+def _int(d: Mapping[str, Any], key: str, *, lo: int = 0, hi: int = (1 << 63) - 1) -> int:
+    v = _get(d, key)
+    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+        raise RemoteProtocolError(f"field {key!r} must be an integer in [{lo}, {hi}]")
+    return v
+
+
+def _num(d: Mapping[str, Any], key: str, *, lo: float, hi: float) -> float:
+    v = _get(d, key)
+    if isinstance(v, bool) or not isinstance(v, int | float) or not lo <= v <= hi:
+        raise RemoteProtocolError(f"field {key!r} must be a number in [{lo}, {hi}]")
+    return float(v)
+
+
+def _str(d: Mapping[str, Any], key: str, *, max_len: int = 256) -> str:
+    v = _get(d, key)
+    if not isinstance(v, str) or len(v) > max_len:
+        raise RemoteProtocolError(f"field {key!r} must be a string of at most {max_len} chars")
+    return v
+
+
+def _uuid(d: Mapping[str, Any], key: str) -> uuid.UUID:
+    v = _get(d, key)
+    try:
+        if not isinstance(v, str) or len(v) != 36:
+            raise ValueError
+        return uuid.UUID(v)
+    except ValueError:
+        raise RemoteProtocolError(f"field {key!r} must be a UUID string") from None
+
+
+def _hex(d: Mapping[str, Any], key: str, *, size: int) -> bytes:
+    v = _get(d, key)
+    if not isinstance(v, str) or len(v) != 2 + 2 * size or not v.startswith("0x"):
+        raise RemoteProtocolError(f"field {key!r} must be 0x followed by {2 * size} hex digits")
+    try:
+        return bytes.fromhex(v[2:])
+    except ValueError:
+        raise RemoteProtocolError(f"field {key!r} must be hex") from None
+
+
+def _b64(d: Mapping[str, Any], key: str, *, max_bytes: int) -> bytes:
+    v = _get(d, key)
+    if not isinstance(v, str) or len(v) > (max_bytes * 4) // 3 + 4:
+        raise RemoteProtocolError(f"field {key!r} must be base64 of at most {max_bytes} bytes")
+    try:
+        return base64.b64decode(v, validate=True)
+    except (binascii.Error, ValueError):
+        raise RemoteProtocolError(f"field {key!r} is not valid base64") from None
+
+
+def _obj(d: Mapping[str, Any], key: str) -> Mapping[str, Any]:
+    v = _get(d, key)
+    if not isinstance(v, dict):
+        raise RemoteProtocolError(f"field {key!r} must be an object")
+    return v
+
+
+def _signed(d: Mapping[str, Any], primary: str) -> tuple[dict[str, Any], bytes]:
+    """The EIP-712 message and signature of a signed frame, type-checked (not yet verified)."""
+    try:
+        message = eip712.message_from_json(primary, _obj(d, "message"))
+        eip712.hash_struct(primary, message)  # validates every field against its type
+        sig = parse_signature_hex(_get(d, "signature"))
+    except SignatureError as exc:
+        raise RemoteProtocolError(f"{primary}: {exc}") from exc
+    return message, sig
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+# --- messages ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Challenge:
+    """coordinator -> node, first frame: prove you hold the registered liveness key."""
+
+    TYPE: ClassVar[str] = "challenge"
+    coordinator_id: str
+    nonce: bytes
+    chain_id: int
+    heartbeat_interval: float
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "type": self.TYPE,
+            "coordinator_id": self.coordinator_id,
+            "nonce": "0x" + self.nonce.hex(),
+            "chain_id": self.chain_id,
+            "heartbeat_interval": self.heartbeat_interval,
+        }
+
+    @classmethod
+    def from_wire(cls, d: Mapping[str, Any]) -> Challenge:
+        return cls(
+            _str(d, "coordinator_id", max_len=128),
+            _hex(d, "nonce", size=32),
+            _int(d, "chain_id", lo=1),
+            _num(d, "heartbeat_interval", lo=0.05, hi=300),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class SignedFrame:
+    """A node -> coordinator frame carrying one EIP-712 struct and its signature."""
+
+    type: str
+    primary_type: str
+    message: dict[str, Any]
+    signature: bytes
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+
+SIGNED_TYPES: Final = {
+    "auth": "LinkAuth",
+    "heartbeat": "Heartbeat",
+    "result": "Result",
+    "reject": "Reject",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Welcome:
+    """coordinator -> node after a valid auth."""
+
+    TYPE: ClassVar[str] = "welcome"
+    node_id: str
+    last_seq: int  # the highest heartbeat seq the coordinator has seen from this node
+    unstaking_until: int | None
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "type": self.TYPE,
+            "node_id": self.node_id,
+            "last_seq": self.last_seq,
+            "unstaking_until": self.unstaking_until,
+        }
+
+    @classmethod
+    def from_wire(cls, d: Mapping[str, Any]) -> Welcome:
+        until = d.get("unstaking_until")
+        return cls(
+            _str(d, "node_id", max_len=42),
+            _int(d, "last_seq"),
+            None if until is None else _int(d, "unstaking_until"),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class HeartbeatAck:
+    TYPE: ClassVar[str] = "heartbeat_ack"
+    seq: int
+    server_time: float
+    unstaking_until: int | None
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "type": self.TYPE,
+            "seq": self.seq,
+            "server_time": self.server_time,
+            "unstaking_until": self.unstaking_until,
+        }
+
+    @classmethod
+    def from_wire(cls, d: Mapping[str, Any]) -> HeartbeatAck:
+        until = d.get("unstaking_until")
+        return cls(
+            _int(d, "seq"),
+            _num(d, "server_time", lo=0, hi=1e12),
+            None if until is None else _int(d, "unstaking_until"),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Dispatch:
+    """coordinator -> node: one sealed task (2.3.4 envelope) with its lease."""
+
+    TYPE: ClassVar[str] = "dispatch"
+    task_id: uuid.UUID
+    job_id: uuid.UUID
+    workload_class: str
+    lease_expires_at: int
+    envelope: bytes
+    slice_index: int | None = None
+    slice_count: int | None = None
+    resources: Mapping[str, int] = field(default_factory=dict)
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "type": self.TYPE,
+            "task_id": str(self.task_id),
+            "job_id": str(self.job_id),
+            "workload_class": self.workload_class,
+            "lease_expires_at": self.lease_expires_at,
+            "envelope": b64(self.envelope),
+            "slice_index": self.slice_index,
+            "slice_count": self.slice_count,
+            "resources": dict(self.resources),
+        }
+
+    @classmethod
+    def from_wire(cls, d: Mapping[str, Any]) -> Dispatch:
+        res = d.get("resources") or {}
+        if not isinstance(res, dict) or len(res) > 8:
+            raise RemoteProtocolError("field 'resources' must be a small object")
+        resources = {str(k): _int(res, k) for k in res}
+        si, sc = d.get("slice_index"), d.get("slice_count")
+        return cls(
+            _uuid(d, "task_id"),
+            _uuid(d, "job_id"),
+            _str(d, "workload_class", max_len=64),
+            _int(d, "lease_expires_at"),
+            _b64(d, "envelope", max_bytes=(MAX_DATA_FRAME * 3) // 4),
+            None if si is None else _int(d, "slice_index", hi=1 << 20),
+            None if sc is None else _int(d, "slice_count", lo=1, hi=1 << 20),
+            resources,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ResultAck:
+    TYPE: ClassVar[str] = "result_ack"
+    task_id: uuid.UUID
+    status: str  # accepted | duplicate | rejected
+    reason: str = ""
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "type": self.TYPE,
+            "task_id": str(self.task_id),
+            "status": self.status,
+            "reason": self.reason,
+        }
+
+    @classmethod
+    def from_wire(cls, d: Mapping[str, Any]) -> ResultAck:
+        status = _str(d, "status", max_len=16)
+        if status not in ("accepted", "duplicate", "rejected"):
+            raise RemoteProtocolError("field 'status' must be accepted, duplicate or rejected")
+        return cls(_uuid(d, "task_id"), status, _str(d, "reason", max_len=MAX_REASON))
+
+
+@dataclass(frozen=True, slots=True)
+class Cancel:
+    TYPE: ClassVar[str] = "cancel"
+    task_id: uuid.UUID
+    reason: str
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"type": self.TYPE, "task_id": str(self.task_id), "reason": self.reason}
+
+    @classmethod
+    def from_wire(cls, d: Mapping[str, Any]) -> Cancel:
+        return cls(_uuid(d, "task_id"), _str(d, "reason", max_len=MAX_REASON))
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorFrame:
+    """Either side: a message was refused; the link stays up unless a close follows."""
+
+    TYPE: ClassVar[str] = "error"
+    code: str
+    reason: str
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"type": self.TYPE, "code": self.code, "reason": self.reason}
+
+    @classmethod
+    def from_wire(cls, d: Mapping[str, Any]) -> ErrorFrame:
+        return cls(_str(d, "code", max_len=64), _str(d, "reason", max_len=MAX_REASON))
+
+
+_FROM_COORDINATOR: Final = {
+    c.TYPE: c for c in (Challenge, Welcome, HeartbeatAck, Dispatch, ResultAck, Cancel, ErrorFrame)
+}
+
+Message = (
+    Challenge | Welcome | HeartbeatAck | Dispatch | ResultAck | Cancel | ErrorFrame | SignedFrame
+)
+
+
+def _load(frame: str | bytes, *, max_size: int) -> dict[str, Any]:
+    if len(frame) > max_size:
+        raise RemoteProtocolError(f"frame of {len(frame)} bytes exceeds the {max_size}-byte limit")
+    try:
+        d = json.loads(frame)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise RemoteProtocolError(f"frame is not valid JSON: {exc}") from None
+    if not isinstance(d, dict) or not isinstance(d.get("type"), str):
+        raise RemoteProtocolError("frame must be a JSON object with a string 'type'")
+    return d
+
+
+def frame_limit(type_: str) -> int:
+    return MAX_DATA_FRAME if type_ in ("dispatch", "result") else MAX_CONTROL_FRAME
+
+
+def parse_from_coordinator(frame: str | bytes) -> Message:
+    """Parse a frame the node received; raises RemoteProtocolError."""
+    d = _load(frame, max_size=MAX_DATA_FRAME)
+    cls = _FROM_COORDINATOR.get(d["type"])
+    if cls is None:
+        raise RemoteProtocolError(f"unknown message type {d['type'][:32]!r}")
+    if d["type"] != "dispatch" and len(frame) > MAX_CONTROL_FRAME:
+        raise RemoteProtocolError(f"{d['type']} frame exceeds {MAX_CONTROL_FRAME} bytes")
+    return cls.from_wire(d)
+
+
+def parse_from_node(frame: str | bytes) -> SignedFrame:
+    """Parse a frame the coordinator received; raises RemoteProtocolError.
+
+    Signature *verification* needs the registry (which key?) and happens in the
+    coordinator; here the message is only shape- and type-checked.
+    """
+    d = _load(frame, max_size=MAX_DATA_FRAME)
+    primary = SIGNED_TYPES.get(d["type"])
+    if primary is None:
+        raise RemoteProtocolError(f"unknown message type {d['type'][:32]!r}")
+    if d["type"] != "result" and len(frame) > MAX_CONTROL_FRAME:
+        raise RemoteProtocolError(f"{d['type']} frame exceeds {MAX_CONTROL_FRAME} bytes")
+    message, sig = _signed(d, primary)
+    extra: dict[str, Any] = {}
+    if d["type"] == "result":
+        extra["result"] = _b64(d, "result", max_bytes=(MAX_DATA_FRAME * 3) // 4)
+    elif d["type"] == "heartbeat":
+        extra["running"] = _int(d, "running", hi=4096) if "running" in d else 0
+    if "node_id" in message:
+        try:
+            parse_address(message["node_id"], field="node_id")
+        except SignatureError as exc:
+            raise RemoteProtocolError(str(exc)) from exc
+    return SignedFrame(d["type"], primary, message, sig, extra)
+
+
+def signed_frame(
+    type_: str, message: Mapping[str, Any], signature: bytes, **extra: Any
+) -> dict[str, Any]:
+    """Build the wire form of a signed node -> coordinator frame."""
+    primary = SIGNED_TYPES[type_]
+    wire: dict[str, Any] = {
+        "type": type_,
+        "message": eip712.message_to_json(primary, message),
+        "signature": "0x" + signature.hex(),
+    }
+    for k, v in extra.items():
+        wire[k] = b64(v) if isinstance(v, bytes) else v
+    return wire

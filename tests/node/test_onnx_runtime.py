@@ -1,0 +1,470 @@
+"""OnnxRuntime: whole inference requests on ONNX Runtime (2.3.5 Work Execution)."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto
+
+from nodeclient.errors import RemoteProtocolError, UsageError
+from nodeclient.node.runtimes.onnx import (
+    CPU_PROVIDER,
+    CUDA_PROVIDER,
+    ModelCache,
+    OnnxRuntime,
+    default_providers,
+    usable,
+)
+from nodeclient.workloads.inference import decode_result, make_request
+from tests.models import (
+    MATMUL_WEIGHTS,
+    DigitsClassifier,
+    add_model,
+    external_data_model,
+    identity_model,
+    matmul_relu_model,
+    string_output_model,
+    train_digits_classifier,
+    unknown_op_model,
+)
+
+URL = "https://coordinator.example/blobs/model"
+
+
+@pytest.fixture(scope="module")
+def digits() -> DigitsClassifier:
+    """Trained once per module: fitting takes about a second."""
+    return train_digits_classifier()
+
+
+def _runtime(**kwargs: Any) -> OnnxRuntime:
+    kwargs.setdefault("intra_op_threads", 1)
+    return OnnxRuntime(providers=[CPU_PROVIDER], **kwargs)
+
+
+def _run(runtime: OnnxRuntime, model: bytes, **inputs: np.ndarray) -> dict[str, np.ndarray]:
+    outputs, _ = decode_result(runtime.run(make_request(model, inputs).encode()))
+    return outputs
+
+
+def _direct(model: bytes, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
+    session = ort.InferenceSession(model, providers=[CPU_PROVIDER])
+    return list(session.run(None, inputs))
+
+
+class CountingFetcher:
+    """Serves one model by URL and counts calls; an injected function, not a patch."""
+
+    def __init__(self, model: bytes) -> None:
+        self.model = model
+        self.calls: list[str] = []
+
+    def __call__(self, url: str) -> bytes:
+        self.calls.append(url)
+        return self.model
+
+
+# --- running models -------------------------------------------------------------------
+
+
+def test_identity_returns_input_bit_for_bit() -> None:
+    """Identity gives back exactly the input bits, NaN payloads and signed zeros included."""
+    x = np.array([1.5, -0.0, np.nan, np.inf], dtype=np.float32)
+    y = _run(_runtime(), identity_model(), x=x)["y"]
+    assert y.tobytes() == x.tobytes()
+
+
+def test_add_of_two_inputs() -> None:
+    """A model with two named inputs gets each from the tensor of the same name."""
+    a = np.arange(6, dtype=np.float32).reshape(2, 3)
+    b = np.full((2, 3), 0.5, dtype=np.float32)
+    assert np.array_equal(_run(_runtime(), add_model(), a=a, b=b)["sum"], a + b)
+
+
+def test_matmul_relu_matches_numpy_and_direct_session() -> None:
+    """relu(x @ W) agrees with numpy, and bit for bit with a direct InferenceSession."""
+    x = np.random.default_rng(1).standard_normal((5, 4)).astype(np.float32)
+    y = _run(_runtime(), matmul_relu_model(), x=x)["y"]
+    np.testing.assert_allclose(y, np.maximum(x @ MATMUL_WEIGHTS, 0), rtol=1e-6, atol=1e-6)
+    assert y.tobytes() == _direct(matmul_relu_model(), {"x": x})[0].tobytes()
+
+
+def test_digits_classifier_accuracy(digits: DigitsClassifier) -> None:
+    """A real classifier, run through the node, is accurate on held-out digits."""
+    labels = _run(_runtime(), digits.onnx_model, X=digits.x_test)["label"]
+    assert labels.shape == digits.y_test.shape
+    assert float(np.mean(labels == digits.y_test)) > 0.9
+
+
+def test_digits_classifier_agrees_with_sklearn(digits: DigitsClassifier) -> None:
+    """The ONNX run predicts what scikit-learn predicts on at least 99% of samples."""
+    labels = _run(_runtime(), digits.onnx_model, X=digits.x_test)["label"]
+    assert float(np.mean(labels == digits.estimator.predict(digits.x_test))) >= 0.99
+
+
+def test_digits_outputs_equal_direct_session(digits: DigitsClassifier) -> None:
+    """Labels and probabilities equal a direct onnxruntime run bit for bit."""
+    outputs = _run(_runtime(), digits.onnx_model, X=digits.x_test)
+    label, probabilities = _direct(digits.onnx_model, {"X": digits.x_test})
+    assert outputs["label"].tobytes() == label.tobytes()
+    assert outputs["probabilities"].tobytes() == probabilities.tobytes()
+
+
+def test_result_bytes_are_deterministic(digits: DigitsClassifier) -> None:
+    """The same request gives identical result bytes, on one runtime or on two (2.3.6)."""
+    payload = make_request(digits.onnx_model, {"X": digits.x_test}).encode()
+    runtime = _runtime()
+    first = runtime.run(payload)
+    assert runtime.run(payload) == first
+    assert _runtime().run(payload) == first
+
+
+def test_requested_outputs_only() -> None:
+    """With output names, the result holds those outputs only."""
+    request = make_request(
+        matmul_relu_model(), {"x": np.ones((2, 4), np.float32)}, output_names=["y"]
+    )
+    outputs, metadata = decode_result(_runtime().run(request.encode()))
+    assert list(outputs) == ["y"]
+    assert metadata["model_sha256"] == hashlib.sha256(matmul_relu_model()).hexdigest()
+
+
+# --- warm sessions --------------------------------------------------------------------
+
+
+def test_session_stays_warm() -> None:
+    """A second request for the same model reuses the session."""
+    runtime = _runtime()
+    _run(runtime, identity_model(), x=np.zeros(2, np.float32))
+    _run(runtime, identity_model(), x=np.ones(3, np.float32))
+    assert runtime.sessions_created == 1
+
+
+def test_sessions_are_bounded_lru() -> None:
+    """Past max_sessions the least recently used session is dropped and later rebuilt."""
+    runtime = _runtime(max_sessions=2)
+    identity, add, matmul = identity_model(), add_model(), matmul_relu_model()
+    pair = {"a": np.zeros((1, 3), np.float32), "b": np.zeros((1, 3), np.float32)}
+    _run(runtime, identity, x=np.zeros(1, np.float32))
+    _run(runtime, add, **pair)
+    _run(runtime, identity, x=np.zeros(1, np.float32))  # identity is now most recent
+    _run(runtime, matmul, x=np.zeros((1, 4), np.float32))  # evicts add
+    assert runtime.warm_models == [
+        hashlib.sha256(identity).hexdigest(),
+        hashlib.sha256(matmul).hexdigest(),
+    ]
+    assert runtime.sessions_created == 3
+    _run(runtime, add, **pair)
+    assert runtime.sessions_created == 4
+
+
+def test_concurrent_requests_for_a_new_model_build_one_session() -> None:
+    """Threads racing on one new model fetch it once and build one session."""
+    model = identity_model()
+    fetcher = CountingFetcher(model)
+    runtime = _runtime(fetch_model=fetcher)
+    payload = _url_payload(model, x=np.ones(2, np.float32))
+    barrier = threading.Barrier(8)
+
+    def worker() -> bytes:
+        barrier.wait()
+        return runtime.run(payload)
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        results = list(pool.map(lambda _: worker(), range(8)))
+    assert len(set(results)) == 1
+    assert fetcher.calls == [URL]
+    assert runtime.sessions_created == 1
+
+
+def test_warm_model_is_served_while_another_is_fetched() -> None:
+    """A slow fetch of one model does not hold up requests for a warm one."""
+    slow_model = add_model()
+    fetching, release = threading.Event(), threading.Event()
+    timed_out: list[bool] = []
+
+    def slow_fetch(url: str) -> bytes:
+        fetching.set()
+        timed_out.append(not release.wait(timeout=10))
+        return slow_model
+
+    runtime = _runtime(fetch_model=slow_fetch)
+    warm_payload = make_request(identity_model(), {"x": np.ones(2, np.float32)}).encode()
+    runtime.run(warm_payload)
+    pair = {"a": np.ones((1, 3), np.float32), "b": np.ones((1, 3), np.float32)}
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        slow = pool.submit(runtime.run, _url_payload(slow_model, **pair))
+        assert fetching.wait(timeout=10)
+        try:
+            runtime.run(warm_payload)  # must complete while the fetch is still blocked
+        finally:
+            release.set()
+        outputs, _ = decode_result(slow.result(timeout=10))
+    assert timed_out == [False]
+    assert outputs["sum"].tolist() == [[2.0, 2.0, 2.0]]
+
+
+# --- fetching and the on-disk cache ---------------------------------------------------
+
+
+def _url_payload(model: bytes, **inputs: np.ndarray) -> bytes:
+    return make_request(model, inputs, inline=False, model_url=URL).encode()
+
+
+def test_fetched_model_is_cached_and_reused(tmp_path: Path) -> None:
+    """A model fetched by URL is stored under its hash and a new runtime uses it unfetched."""
+    model = identity_model()
+    sha = hashlib.sha256(model).hexdigest()
+    payload = _url_payload(model, x=np.ones(2, np.float32))
+    fetcher = CountingFetcher(model)
+    first = _runtime(cache_dir=tmp_path, fetch_model=fetcher)
+    result = first.run(payload)
+    assert fetcher.calls == [URL]
+    assert (tmp_path / sha).read_bytes() == model
+    assert first.run(payload) == result
+    assert fetcher.calls == [URL]  # warm session: no second fetch
+
+    refetch = CountingFetcher(model)
+    second = _runtime(cache_dir=tmp_path, fetch_model=refetch)
+    assert second.run(payload) == result
+    assert refetch.calls == []  # served from disk
+
+
+def test_wrong_hash_fetch_is_rejected_and_not_cached(tmp_path: Path) -> None:
+    """Bytes whose SHA-256 differs from the request are refused and never stored."""
+    payload = _url_payload(identity_model(), x=np.ones(2, np.float32))
+    runtime = _runtime(cache_dir=tmp_path, fetch_model=CountingFetcher(add_model()))
+    with pytest.raises(RemoteProtocolError, match=r"has sha256 \w+, but the request says"):
+        runtime.run(payload)
+    assert list(tmp_path.iterdir()) == []
+    assert runtime.sessions_created == 0
+
+
+def test_url_model_without_fetcher_is_refused() -> None:
+    """A node with no fetcher and no cached copy cannot run a by-URL request."""
+    with pytest.raises(RemoteProtocolError, match="not cached and this node cannot fetch"):
+        _runtime().run(_url_payload(identity_model(), x=np.ones(2, np.float32)))
+
+
+def test_corrupt_cache_entry_is_dropped_and_refetched(tmp_path: Path) -> None:
+    """A cached file that no longer matches its hash is deleted and the model refetched."""
+    model = identity_model()
+    sha = hashlib.sha256(model).hexdigest()
+    (tmp_path / sha).write_bytes(b"tampered")
+    fetcher = CountingFetcher(model)
+    _runtime(cache_dir=tmp_path, fetch_model=fetcher).run(
+        _url_payload(model, x=np.ones(1, np.float32))
+    )
+    assert fetcher.calls == [URL]
+    assert (tmp_path / sha).read_bytes() == model
+
+
+def test_inline_models_are_not_written_to_disk(tmp_path: Path) -> None:
+    """Inline models travelled sealed; the node keeps no plaintext copy on disk."""
+    _run(_runtime(cache_dir=tmp_path), identity_model(), x=np.ones(2, np.float32))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unloadable_fetched_model_is_not_cached(tmp_path: Path) -> None:
+    """Only models that ONNX Runtime loaded are kept: a bad one with a right hash is not."""
+    model = unknown_op_model()
+    payload = _url_payload(model, x=np.ones(1, np.float32))
+    runtime = _runtime(cache_dir=tmp_path, fetch_model=CountingFetcher(model))
+    with pytest.raises(RemoteProtocolError, match="model cannot be loaded"):
+        runtime.run(payload)
+    assert list(tmp_path.iterdir()) == []
+
+
+class FakeClock:
+    """A settable clock for cache recency."""
+
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def test_cache_evicts_least_recently_used(tmp_path: Path) -> None:
+    """Past max_bytes, the entry read or written longest ago goes first."""
+    clock = FakeClock()
+    cache = ModelCache(tmp_path, max_bytes=20, clock=clock)
+    a, b, c = b"a" * 8, b"b" * 8, b"c" * 8
+    assert cache.put(_digest(a), a)
+    clock.now += 10
+    assert cache.put(_digest(b), b)
+    clock.now += 10
+    assert cache.get(_digest(a)) == a  # a is now more recent than b
+    clock.now += 10
+    assert cache.put(_digest(c), c)
+    assert [sha for sha, _, _ in cache.entries()] == [_digest(a), _digest(c)]
+
+
+def test_cache_refuses_entries_larger_than_itself(tmp_path: Path) -> None:
+    """A model larger than the whole cache is not stored (and evicts nothing)."""
+    cache = ModelCache(tmp_path, max_bytes=4)
+    assert not cache.put(_digest(b"too large"), b"too large")
+    assert cache.entries() == []
+
+
+def test_cache_files_are_private(tmp_path: Path) -> None:
+    """Cached models are readable by the node's user only."""
+    cache = ModelCache(tmp_path / "models", max_bytes=100)
+    cache.put(_digest(b"m"), b"m")
+    assert (tmp_path / "models").stat().st_mode & 0o777 == 0o700
+    assert cache.path_for(_digest(b"m")).stat().st_mode & 0o777 == 0o600
+
+
+def test_cache_paths_only_take_hashes(tmp_path: Path) -> None:
+    """A cache key is a hash, never a path."""
+    with pytest.raises(ValueError, match="sha256"):
+        ModelCache(tmp_path, max_bytes=1).path_for("../etc/passwd")
+
+
+# --- refusing what the requester got wrong --------------------------------------------
+
+
+def test_external_data_model_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A model pointing at a file beside the node is refused, so the file cannot leak."""
+    (tmp_path / "secret.txt").write_bytes(b"operator secret")
+    monkeypatch.chdir(tmp_path)
+    model = external_data_model("secret.txt", 15)
+    with pytest.raises(RemoteProtocolError, match="external data"):
+        _run(_runtime(), model)
+
+
+def test_zipmap_output_is_refused_with_advice(digits: DigitsClassifier) -> None:
+    """A sequence-of-maps output cannot be a result tensor; the error says how to export."""
+    with pytest.raises(RemoteProtocolError, match=r"seq\(map.*zipmap"):
+        _run(_runtime(), digits.zipmap_model, X=digits.x_test[:2])
+
+
+def test_zipmap_model_runs_when_only_tensor_outputs_are_requested(
+    digits: DigitsClassifier,
+) -> None:
+    """Asking for the tensor outputs of such a model still works."""
+    payload = make_request(
+        digits.zipmap_model, {"X": digits.x_test[:3]}, output_names=["output_label"]
+    )
+    outputs, _ = decode_result(_runtime().run(payload.encode()))
+    assert outputs["output_label"].tolist() == digits.estimator.predict(digits.x_test[:3]).tolist()
+
+
+def test_string_output_is_refused() -> None:
+    """String tensors are not in the result container's dtypes."""
+    with pytest.raises(RemoteProtocolError, match="'label' has type tensor\\(string\\)"):
+        _run(_runtime(), string_output_model(), x=np.array([1, 2], np.int64))
+
+
+def test_garbage_model_is_refused() -> None:
+    """Bytes that are not an ONNX model give a load error, not a crash."""
+    with pytest.raises(RemoteProtocolError, match="not a valid ONNX protobuf"):
+        _run(_runtime(), b"\xff\xff\xff not onnx")
+
+
+def test_model_onnxruntime_cannot_load_is_refused() -> None:
+    """A parseable model that ONNX Runtime rejects is the requester's fault, reported as such."""
+    with pytest.raises(RemoteProtocolError, match=r"model cannot be loaded: .*NoSuchOperator"):
+        _run(_runtime(), unknown_op_model(), x=np.ones(1, np.float32))
+
+
+def test_model_over_size_cap_is_refused() -> None:
+    """A node refuses models larger than its max_model_bytes."""
+    with pytest.raises(RemoteProtocolError, match="over this node's limit of 16"):
+        _run(_runtime(max_model_bytes=16), identity_model(), x=np.ones(1, np.float32))
+
+
+def test_payload_over_limit_is_refused() -> None:
+    """The payload limit applies before decoding."""
+    with pytest.raises(RemoteProtocolError, match="over the limit of 32"):
+        _run(_runtime(max_payload_bytes=32), identity_model(), x=np.ones(1, np.float32))
+
+
+@pytest.mark.parametrize(
+    ("inputs", "match"),
+    [
+        pytest.param({"a": np.zeros((1, 3), np.float32)}, "missing inputs \\['b'\\]", id="missing"),
+        pytest.param(
+            {
+                "a": np.zeros((1, 3), np.float32),
+                "b": np.zeros((1, 3), np.float32),
+                "c": np.zeros(1),
+            },
+            "unknown inputs \\['c'\\]",
+            id="unknown",
+        ),
+        pytest.param(
+            {"a": np.zeros((1, 3), np.float64), "b": np.zeros((1, 3), np.float32)},
+            "'a' is F64, the model expects tensor\\(float\\)",
+            id="dtype",
+        ),
+        pytest.param(
+            {"a": np.zeros((1, 4), np.float32), "b": np.zeros((1, 4), np.float32)},
+            "'a' has shape \\[1, 4\\], the model expects \\['N', 3\\]",
+            id="fixed-dim",
+        ),
+        pytest.param(
+            {"a": np.zeros(3, np.float32), "b": np.zeros(3, np.float32)},
+            "'a' has shape \\[3\\]",
+            id="rank",
+        ),
+        pytest.param(
+            {"a": np.zeros((2, 3), np.float32), "b": np.zeros((3, 3), np.float32)},
+            "inference failed: .*Add",
+            id="fails-at-run-time",
+        ),
+    ],
+)
+def test_bad_inputs_are_refused(inputs: dict[str, np.ndarray], match: str) -> None:
+    """Inputs that do not fit the model's declared inputs raise a precise reason."""
+    with pytest.raises(RemoteProtocolError, match=match):
+        _run(_runtime(), add_model(), **inputs)
+
+
+def test_unknown_requested_output_is_refused() -> None:
+    """Requesting an output the model lacks names the outputs it has."""
+    payload = make_request(identity_model(), {"x": np.ones(1, np.float32)}, output_names=["z"])
+    with pytest.raises(RemoteProtocolError, match="no output 'z'; its outputs are \\['y'\\]"):
+        _runtime().run(payload.encode())
+
+
+def test_undeclared_shape_accepts_any_rank() -> None:
+    """With no declared shape (reported like a scalar), every rank is passed through."""
+    model = identity_model(elem_type=TensorProto.INT32, shape=None)
+    x = np.arange(24, dtype=np.int32).reshape(2, 3, 4)
+    assert np.array_equal(_run(_runtime(), model, x=x)["y"], x)
+
+
+# --- providers and availability -------------------------------------------------------
+
+
+def test_usable_reports_onnxruntime_and_providers() -> None:
+    """usable() says yes here and names the providers sessions would use."""
+    ok, detail = usable()
+    assert ok
+    assert ort.__version__ in detail
+    assert CPU_PROVIDER in detail
+
+
+def test_default_providers_prefer_cuda() -> None:
+    """CUDA goes first when available, CPU is always the fallback."""
+    assert default_providers([CPU_PROVIDER, CUDA_PROVIDER]) == [CUDA_PROVIDER, CPU_PROVIDER]
+    assert default_providers([CPU_PROVIDER]) == [CPU_PROVIDER]
+
+
+def test_unavailable_provider_is_a_usage_error() -> None:
+    """Asking for a provider this onnxruntime lacks fails with a configuration error."""
+    runtime = OnnxRuntime(providers=["NoSuchExecutionProvider"])
+    with pytest.raises(UsageError, match="NoSuchExecutionProvider"):
+        _run(runtime, identity_model(), x=np.ones(1, np.float32))

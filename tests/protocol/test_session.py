@@ -1,0 +1,146 @@
+"""The node's sans-I/O link session, and the wire parsers, fed frames directly."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import uuid
+
+import pytest
+
+from nodeclient.clock import ManualClock
+from nodeclient.errors import RemoteProtocolError
+from nodeclient.protocol import eip712, messages
+from nodeclient.protocol.secp import Secp256k1Key
+from nodeclient.protocol.session import NodeSession, backoff
+from nodeclient.protocol.states import NodeState
+
+CHAIN = 31337
+
+
+@pytest.fixture
+def parts() -> tuple[NodeSession, Secp256k1Key, Secp256k1Key, ManualClock]:
+    node = Secp256k1Key.from_hex("0x" + "31" * 32)
+    live = Secp256k1Key.from_hex("0x" + "32" * 32)
+    clock = ManualClock()
+    session = NodeSession(node_id=node.address, liveness_key=live, chain_id=CHAIN, clock=clock.now)
+    return session, node, live, clock
+
+
+def challenge(chain: int = CHAIN) -> messages.Challenge:
+    return messages.Challenge("coord-1", b"\x09" * 32, chain, 30.0)
+
+
+def test_auth_frame_is_linkauth_by_liveness_key(parts) -> None:
+    """The answer to a challenge parses on the coordinator side and recovers to the liveness key."""
+    session, node, live, _ = parts
+    frame = session.on_challenge(challenge())
+    parsed = messages.parse_from_node(json.dumps(frame))
+    assert parsed.primary_type == "LinkAuth"
+    assert parsed.message["nonce"] == b"\x09" * 32
+    assert parsed.message["coordinator_id"] == "coord-1"
+    signer = eip712.recover_typed("LinkAuth", parsed.message, parsed.signature, chain_id=CHAIN)
+    assert signer == live.address != node.address
+
+
+def test_refuses_to_sign_for_another_chain(parts) -> None:
+    """A coordinator announcing a different chain id gets no signature (fail closed)."""
+    session, *_ = parts
+    with pytest.raises(RemoteProtocolError, match="chain_id"):
+        session.on_challenge(challenge(chain=1))
+
+
+def test_heartbeat_seq_continues_above_coordinator(parts) -> None:
+    """After welcome(last_seq=41) the next heartbeat is 42 and sequence numbers only grow."""
+    session, node, live, _ = parts
+    with pytest.raises(RemoteProtocolError):
+        session.heartbeat(state=NodeState.READY, running=[], load_permille=0)
+    session.on_challenge(challenge())
+    session.on_welcome(messages.Welcome(node.address, 41, None))
+    t = uuid.uuid4()
+    frame = session.heartbeat(state=NodeState.EXECUTING, running=[t], load_permille=250)
+    parsed = messages.parse_from_node(json.dumps(frame))
+    assert parsed.message["seq"] == 42
+    assert parsed.message["running_tasks"] == [t.bytes]
+    assert parsed.extra["running"] == 1
+    assert (
+        eip712.recover_typed("Heartbeat", parsed.message, parsed.signature, chain_id=CHAIN)
+        == live.address
+    )
+    seqs = [
+        messages.parse_from_node(
+            json.dumps(session.heartbeat(state=NodeState.IDLE, running=[], load_permille=0))
+        ).message["seq"]
+        for _ in range(3)
+    ]
+    assert seqs == [43, 44, 45]
+    session.connection_lost()
+    session.on_challenge(challenge())
+    session.on_welcome(messages.Welcome(node.address, 10, None))  # coordinator behind: keep ours
+    assert (
+        session.heartbeat(state=NodeState.IDLE, running=[], load_permille=0)["message"]["seq"] == 46
+    )
+
+
+def test_welcome_for_another_node_refused(parts) -> None:
+    """A welcome naming someone else is a protocol error."""
+    session, *_ = parts
+    session.on_challenge(challenge())
+    with pytest.raises(RemoteProtocolError):
+        session.on_welcome(messages.Welcome("0x" + "00" * 20, 0, None))
+
+
+def test_backoff_is_capped_full_jitter() -> None:
+    """Delays grow exponentially up to 60 s, each scaled by a random factor in [0, 1)."""
+    top = list(itertools.islice(backoff(rand=lambda: 1.0), 12))
+    assert top[:4] == [0.5, 1.0, 2.0, 4.0]
+    assert max(top) == 60.0
+    assert all(d == 0 for d in itertools.islice(backoff(rand=lambda: 0.0), 5))
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        b"not json",
+        b"[]",
+        b'{"type": 5}',
+        b'{"type": "bogus"}',
+        b'{"type": "dispatch", "task_id": "x"}',
+        b'{"type": "heartbeat_ack", "seq": -1, "server_time": 1}',
+        b'{"type": "result_ack", "task_id": "00000000-0000-0000-0000-000000000000", "status": "maybe", "reason": ""}',
+        b'{"type": "error", "code": "x", "reason": "' + b"r" * 70000 + b'"}',
+    ],
+)
+def test_malformed_coordinator_frames_rejected(frame: bytes) -> None:
+    """Every malformed frame raises RemoteProtocolError with a reason, never anything else."""
+    with pytest.raises(RemoteProtocolError):
+        messages.parse_from_coordinator(frame)
+
+
+def test_oversized_frame_rejected_before_parsing() -> None:
+    """A frame over the data limit is refused by size alone."""
+    with pytest.raises(RemoteProtocolError, match="exceeds"):
+        messages.parse_from_coordinator(b" " * (messages.MAX_DATA_FRAME + 1))
+
+
+def test_dispatch_round_trip() -> None:
+    """A dispatch survives the wire unchanged."""
+    d = messages.Dispatch(
+        uuid.uuid4(), uuid.uuid4(), "ai.inference", 123, b"\x00\x01envelope", 0, 1, {"ram_mb": 64}
+    )
+    assert messages.parse_from_coordinator(json.dumps(d.to_wire())) == d
+
+
+def test_node_frame_with_bad_field_types_rejected(parts) -> None:
+    """A heartbeat whose signed fields are out of type range is refused at parse time."""
+    session, node, _, _ = parts
+    session.on_challenge(challenge())
+    session.on_welcome(messages.Welcome(node.address, 0, None))
+    frame = session.heartbeat(state=NodeState.READY, running=[], load_permille=1)
+    frame["message"]["seq"] = -5
+    with pytest.raises(RemoteProtocolError):
+        messages.parse_from_node(json.dumps(frame))
+    frame["message"]["seq"] = 5
+    frame["signature"] = "0x1234"
+    with pytest.raises(RemoteProtocolError):
+        messages.parse_from_node(json.dumps(frame))
