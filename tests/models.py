@@ -149,3 +149,28 @@ def train_digits_classifier() -> DigitsClassifier:
         x_test=x_test,
         y_test=y_test.astype(np.int64),
     )
+
+
+def slow_model(depth: int = 24, width: int = 512) -> bytes:
+    """A chain of MatMul + Tanh sharing one weight: runtime scales with the batch size.
+
+    Used by end-to-end tests that need a task to be running long enough to kill a process
+    in the middle of it.
+    """
+    rng = np.random.default_rng(7)
+    w = (rng.standard_normal((width, width)) / np.sqrt(width)).astype(np.float32)
+    nodes = []
+    prev = "x"
+    for i in range(depth):
+        nodes.append(helper.make_node("MatMul", [prev, "w"], [f"m{i}"]))
+        nodes.append(helper.make_node("Tanh", [f"m{i}"], [f"t{i}"]))
+        prev = f"t{i}"
+    nodes.append(helper.make_node("Identity", [prev], ["y"]))
+    graph = helper.make_graph(
+        nodes,
+        "slow",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", width])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", width])],
+        initializer=[numpy_helper.from_array(w, "w")],
+    )
+    return _model(graph)

@@ -1,56 +1,78 @@
-"""Injected clocks. Logic never calls time.time() directly, so tests can cross the 7-day
-unstake cooldown without waiting.
-
-``OffsetFileClock`` is a testing aid for whole processes (``--clock-file``): the clock is
-the system time plus a float offset read from a file, re-read at most once a second, so
-an end-to-end test can move a running daemon and coordinator forward by days.
+"""Injected clocks. Logic never calls time.time() directly, so tests move time by
+assignment and end-to-end tests cross the 7-day unstake cooldown without waiting.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 from typing import Protocol
 
 
 class Clock(Protocol):
+    """Seconds since the Unix epoch, as a float."""
+
     def now(self) -> float: ...
 
 
 class SystemClock:
+    """The real wall clock."""
+
     def now(self) -> float:
         return time.time()
 
 
-class OffsetFileClock:
-    def __init__(self, path: Path) -> None:
-        self._path = path
-        self._offset = 0.0
-        self._read_at = -1.0
-
-    def now(self) -> float:
-        mono = time.monotonic()
-        if mono - self._read_at >= 1.0:
-            self._read_at = mono
-            try:
-                self._offset = float(self._path.read_text().strip() or 0)
-            except (OSError, ValueError):
-                self._offset = 0.0
-        return time.time() + self._offset
-
-
 class ManualClock:
-    """A clock tests move by hand."""
+    """A clock that only moves when told to: the tests' clock."""
 
     def __init__(self, start: float = 1_765_000_000.0) -> None:
-        self.t = start
+        self._now = start
+        self._lock = threading.Lock()
 
     def now(self) -> float:
-        return self.t
+        with self._lock:
+            return self._now
 
     def advance(self, seconds: float) -> None:
-        self.t += seconds
+        with self._lock:
+            self._now += seconds
+
+    def set(self, value: float) -> None:
+        with self._lock:
+            self._now = value
 
 
-def make_clock(clock_file: str | None) -> Clock:
+class OffsetFileClock:
+    """``time.time()`` plus a float offset read from a file: a test hook, not for production.
+
+    The end-to-end tests write e.g. ``604900`` into the file to jump a running
+    coordinator past the 7-day unstake cooldown. The file is re-read at most once a
+    second; a missing or unparsable file counts as offset 0.
+    """
+
+    def __init__(self, path: Path, *, wall: Clock | None = None) -> None:
+        self._path = path
+        self._wall = wall or SystemClock()
+        self._offset = 0.0
+        self._read_at = float("-inf")
+        self._lock = threading.Lock()
+
+    def now(self) -> float:
+        wall = self._wall.now()
+        with self._lock:
+            if wall - self._read_at >= 1.0:
+                self._read_at = wall
+                try:
+                    self._offset = float(self._path.read_text(encoding="utf-8").strip() or 0)
+                except (OSError, ValueError):
+                    self._offset = 0.0
+            return wall + self._offset
+
+
+def make_clock(clock_file: str | Path | None) -> Clock:
+    """The system clock, or the --clock-file test hook when a file is named."""
     return OffsetFileClock(Path(clock_file)) if clock_file else SystemClock()
+
+
+__all__ = ["Clock", "ManualClock", "OffsetFileClock", "SystemClock", "make_clock"]

@@ -15,6 +15,13 @@ from nodeclient.protocol import eip712
 from nodeclient.protocol.secp import Secp256k1Key, recover_address
 
 CHAIN = eip712.DEVNET_CHAIN_ID
+# Published in docs/protocol.md.
+DOMAIN_SEPARATOR = "57334a576245b03c45ae39bb69ca92f23d6c6ccf9223053cdc476afa8b249e0d"
+RESULT_DIGEST = "5347d4c3de6ef78603aec26d018a6b6046cd1f9b18f6ac25147fadad455ac51b"
+RESULT_SIGNATURE = (
+    "23dff07b9b5c8213246686bf25747cfdef48f70ff44ea393f0e1285adec45798"
+    "1a7c54558a544c18aa2fc87b78de6810d97f7dedc796fdac2bbff6970efaac741c"
+)
 
 
 @pytest.fixture(scope="module")
@@ -185,3 +192,20 @@ def test_secp_key_matches_eth_account() -> None:
         k = Secp256k1Key.generate()
         assert Account.from_key(k.secret).address == k.address
         assert Secp256k1Key.from_hex(k.to_hex()).address == k.address
+
+
+def test_published_result_vector() -> None:
+    """The Result vector in docs/protocol.md: digest and signature for a fixed key."""
+    k = Secp256k1Key.from_hex("0x" + "4c" * 32)
+    assert k.address == "0xdB00079cad3e665853Bf766eFe26F4C38cdbdCDA"
+    msg = {
+        "task_id": uuid.UUID("00112233-4455-6677-8899-aabbccddeeff").bytes,
+        "job_id": uuid.UUID("ffeeddcc-bbaa-9988-7766-554433221100").bytes,
+        "node_id": k.address,
+        "proof": bytes.fromhex("ff29a56129de021fd482e9111f56803e355963f23b395076fd01a23e325cf8f0"),
+        "result_size": 0,
+        "completed_at": 1765000000,
+    }
+    assert eip712.domain_separator(CHAIN).hex() == DOMAIN_SEPARATOR
+    assert eip712.signing_digest("Result", msg, chain_id=CHAIN).hex() == RESULT_DIGEST
+    assert eip712.sign_typed(k, "Result", msg, chain_id=CHAIN).hex() == RESULT_SIGNATURE

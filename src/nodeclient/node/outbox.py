@@ -1,15 +1,17 @@
 """The node's result outbox (2.3.7 Signed Return, crash-safe).
 
-SQLite in WAL mode with ``synchronous=FULL``: once ``record_signed`` returns, the signed
+SQLite in WAL mode with ``synchronous=FULL``: once ``commit_result`` returns, the signed
 result survives a kill -9 or a power cut. The rules that make "no lost result, no
 duplicate, never two different signed results for one task" hold:
 
-1. ``claim_signing`` is called *before* signing. It stores the result and its proof for
-   the task_id, or, if a row already exists, returns it: a task whose result differs
-   from what was recorded is never signed again (the stored one is re-sent instead).
-2. ``record_signed`` stores the signature; only then is the result sent.
-3. ``mark_acked`` on the coordinator's acknowledgement. Everything signed and not acked
-   is sent again after a reconnect or a restart (``pending``); the coordinator accepts
+1. ``commit_result`` writes the result row, signs it, and commits row and signature in
+   one transaction (one fsync) before anything is sent. If the task already has a row,
+   that row is returned instead: a result that differs from what was recorded is never
+   signed (the stored one is re-sent). A crash before the commit leaves no row and no
+   signature outside the process, so there is nothing to contradict later.
+2. The result is sent only after ``commit_result`` returns.
+3. ``mark_acked`` on the coordinator's acknowledgement. Everything not acknowledged is
+   sent again after a reconnect or a restart (``pending``); the coordinator accepts
    exactly once and answers a repeat with "duplicate".
 
 The table doubles as the node's task history (``history``).
@@ -21,7 +23,7 @@ import json
 import sqlite3
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -115,7 +117,7 @@ class Outbox:
             ).fetchone()
         return None if row is None else _entry(row)
 
-    def claim_signing(
+    def commit_result(
         self,
         *,
         task_id: uuid.UUID,
@@ -128,11 +130,15 @@ class Outbox:
         message: dict[str, Any],
         received_at: float,
         completed_at: float,
+        sign: Callable[[dict[str, Any]], bytes],
     ) -> OutboxEntry:
-        """Record what is about to be signed, or return what was recorded before.
+        """Record a result, sign it, and make both durable in one transaction.
 
-        The returned entry is authoritative: if it differs from the arguments, the node
-        already committed to another outcome for this task and must send that one.
+        The row is written inside the transaction before ``sign`` is called, and the
+        transaction commits (one fsync) before this returns, so nothing signed can leave
+        the process unrecorded. If the task already has a row, that row is returned (and
+        signed now if an older write left it unsigned): the node never signs two
+        different results for one task.
         """
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
@@ -141,31 +147,33 @@ class Outbox:
                     f"SELECT {_COLUMNS} FROM outbox WHERE task_id = ?", (str(task_id),)
                 ).fetchone()
                 if row is None:
+                    stored = json.dumps(message, sort_keys=True)
                     self._db.execute(
                         f"INSERT INTO outbox ({_COLUMNS}) VALUES "
                         "(?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, ?, ?, NULL, NULL, NULL)",
                         (
                             str(task_id), str(job_id), workload_class, slice_index, kind,
-                            result, len(result), proof, json.dumps(message, sort_keys=True),
-                            received_at, completed_at,
+                            result, len(result), proof, stored, received_at, completed_at,
                         ),
                     )  # fmt: skip
-                    row = self._db.execute(
-                        f"SELECT {_COLUMNS} FROM outbox WHERE task_id = ?", (str(task_id),)
-                    ).fetchone()
+                    row = (
+                        str(task_id), str(job_id), workload_class, slice_index, kind, result,
+                        len(result), proof, stored, None, received_at, completed_at,
+                        None, None, None,
+                    )  # fmt: skip
+                entry = _entry(row)
+                if entry.signature is None:
+                    signature = sign(entry.message)
+                    self._db.execute(
+                        "UPDATE outbox SET signature = ? WHERE task_id = ?",
+                        (signature, str(task_id)),
+                    )
+                    entry = _entry((*row[:9], signature, *row[10:]))
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
-        return _entry(row)
-
-    def record_signed(self, task_id: uuid.UUID, signature: bytes) -> None:
-        """Store the signature of the claimed entry (idempotent for the same signature)."""
-        with self._lock:
-            self._db.execute(
-                "UPDATE outbox SET signature = ? WHERE task_id = ? AND signature IS NULL",
-                (signature, str(task_id)),
-            )
+        return entry
 
     def mark_acked(self, task_id: uuid.UUID, *, status: str, reason: str, at: float) -> None:
         with self._lock:
@@ -176,7 +184,7 @@ class Outbox:
             )
 
     def pending(self) -> list[OutboxEntry]:
-        """Entries claimed but not acknowledged, oldest first (signed or still to sign)."""
+        """Committed entries not yet acknowledged, oldest first."""
         with self._lock:
             rows = self._db.execute(
                 f"SELECT {_COLUMNS} FROM outbox WHERE acked_at IS NULL ORDER BY completed_at"

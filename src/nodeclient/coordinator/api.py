@@ -1,0 +1,207 @@
+"""HTTP routes: registration, unstaking, blobs, jobs, results, health (docs: "HTTP API").
+
+Every error is JSON ``{"error": "..."}`` with a precise reason; validation failures of
+request bodies are 400, not FastAPI's default 422 shape.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import os
+import re
+import tempfile
+from typing import Any
+
+from fastapi import APIRouter, Body, Request
+from fastapi.responses import FileResponse, JSONResponse, Response
+from pydantic import BaseModel, Field
+from sqlalchemy.orm import Session
+
+from nodeclient.coordinator import classes, registry, store
+from nodeclient.coordinator import models as m
+from nodeclient.coordinator.service import Coordinator
+from nodeclient.errors import RemoteProtocolError, SignatureError
+from nodeclient.protocol.secp import parse_address, to_checksum_address
+
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+
+
+def error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+def _reply(r: registry.Reply) -> JSONResponse:
+    return JSONResponse(r.body, status_code=r.status)
+
+
+class JobRequest(BaseModel):
+    """POST /v1/jobs."""
+
+    workload_class: str = Field(max_length=64)
+    payload: str = Field(description="base64 of the workload payload bytes")
+    min_tier: int = Field(default=0, ge=0, le=4)
+    region: str | None = Field(default=None, max_length=32)
+    slices: int = Field(default=1, ge=1, le=4096)
+
+
+class UnstakeRequest(BaseModel):
+    """POST /v1/nodes/{node_id}/unstake: an EIP-712 Unstake signed by node.key."""
+
+    message: dict[str, Any]
+    signature: str
+
+
+def build_router(coord: Coordinator) -> APIRouter:  # noqa: PLR0915 (one route each)
+    router = APIRouter()
+    chain_id = coord.config.chain_id
+
+    @router.get("/healthz")
+    async def healthz() -> dict[str, Any]:
+        return {
+            "status": "ok",
+            "coordinator_id": coord.coordinator_id,
+            "chain_id": chain_id,
+            "links": len(coord.links),
+        }
+
+    # --- nodes ------------------------------------------------------------------------------
+
+    @router.post("/v1/nodes", status_code=201)
+    async def register_node(manifest: dict[str, Any] = Body(...)) -> JSONResponse:  # noqa: B008
+        return _reply(await registry.register(coord, manifest))
+
+    @router.get("/v1/nodes")
+    async def list_nodes() -> list[dict[str, Any]]:
+        rows = await coord.db.run(store.list_nodes)
+        return [store.node_row_json(r, online=coord.is_online(r.node_id)) for r in rows]
+
+    @router.get("/v1/nodes/{node_id}")
+    async def get_node(node_id: str) -> JSONResponse:
+        try:
+            nid = to_checksum_address(parse_address(node_id, field="node_id"))
+        except SignatureError as exc:
+            return error(400, str(exc))
+        row = await coord.db.run(lambda s: s.get(m.Node, nid))
+        if row is None:
+            return error(404, f"node {nid} is not registered")
+        return JSONResponse(store.node_row_json(row, online=coord.is_online(nid)))
+
+    @router.post("/v1/nodes/{node_id}/unstake")
+    async def unstake(node_id: str, body: UnstakeRequest) -> JSONResponse:
+        return _reply(await registry.unstake(coord, node_id, body.model_dump()))
+
+    # --- blobs ------------------------------------------------------------------------------
+
+    @router.post("/v1/blobs", status_code=201)
+    async def upload_blob(request: Request) -> JSONResponse:
+        limit = coord.config.max_blob_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            return error(413, f"blob of {declared} bytes exceeds the {limit}-byte limit")
+        blob_dir = coord.config.blob_dir
+        blob_dir.mkdir(parents=True, exist_ok=True)
+        digest, size = hashlib.sha256(), 0
+        fd, tmp = tempfile.mkstemp(dir=blob_dir, prefix=".upload-")
+        try:
+            with os.fdopen(fd, "wb") as out:
+                async for chunk in request.stream():
+                    size += len(chunk)
+                    if size > limit:
+                        return error(413, f"blob exceeds the {limit}-byte limit")
+                    digest.update(chunk)
+                    out.write(chunk)
+                out.flush()
+                os.fsync(out.fileno())
+            hexdigest = digest.hexdigest()
+            os.replace(tmp, blob_dir / hexdigest)  # atomic: readers see all or nothing
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        return JSONResponse(
+            {"sha256": hexdigest, "url": f"/v1/blobs/{hexdigest}", "size": size}, status_code=201
+        )
+
+    @router.get("/v1/blobs/{sha256}", response_model=None)
+    async def get_blob(sha256: str) -> FileResponse | JSONResponse:
+        if not _SHA256_RE.match(sha256):
+            return error(400, "blob id must be 64 lowercase hex digits (its SHA-256)")
+        path = coord.config.blob_dir / sha256
+        if not path.is_file():
+            return error(404, f"no blob {sha256}")
+        return FileResponse(path, media_type="application/octet-stream")
+
+    # --- jobs -------------------------------------------------------------------------------
+
+    @router.post("/v1/jobs", status_code=201)
+    async def submit_job(body: JobRequest) -> JSONResponse:
+        cfg = coord.config
+        try:
+            wclass = classes.lookup(body.workload_class)
+            try:
+                payload = base64.b64decode(body.payload, validate=True)
+            except (binascii.Error, ValueError):
+                raise RemoteProtocolError("payload is not valid base64") from None
+            if len(payload) > cfg.max_payload_bytes:
+                limit = cfg.max_payload_bytes
+                return error(413, f"payload of {len(payload)} bytes exceeds the {limit}-byte limit")
+            meta = dict(wclass.validate(payload, cfg.max_payload_bytes))
+            parts = wclass.split(payload, body.slices)
+        except RemoteProtocolError as exc:
+            return error(400, str(exc))
+        now = coord.now()
+
+        def tx(s: Session) -> dict[str, Any]:
+            job_id = store.insert_job(
+                s, workload_class=wclass.name, payloads=parts, min_tier=body.min_tier,
+                region=body.region, meta=meta, now=now,
+            )  # fmt: skip
+            return store.job_json(s, s.get_one(m.Job, job_id), chain_id=chain_id)
+
+        job = await coord.db.run(tx)
+        coord.wake()
+        return JSONResponse(job, status_code=201)
+
+    @router.get("/v1/jobs")
+    async def list_jobs() -> list[dict[str, Any]]:
+        return await coord.db.run(store.list_jobs)
+
+    @router.get("/v1/jobs/{job_id}")
+    async def get_job(job_id: str) -> JSONResponse:
+        def tx(s: Session) -> dict[str, Any] | None:
+            job = s.get(m.Job, job_id)
+            return None if job is None else store.job_json(s, job, chain_id=chain_id)
+
+        job = await coord.db.run(tx)
+        return error(404, f"no job {job_id}") if job is None else JSONResponse(job)
+
+    @router.get("/v1/jobs/{job_id}/result", response_model=None)
+    async def job_result(job_id: str) -> Response:
+        def tx(s: Session) -> tuple[str, bytes | None] | None:
+            job = s.get(m.Job, job_id)
+            return None if job is None else (job.status, job.result)
+
+        found = await coord.db.run(tx)
+        if found is None:
+            return error(404, f"no job {job_id}")
+        status, result = found
+        if status != m.SUCCEEDED or result is None:
+            return error(409, f"job {job_id} is {status}, not succeeded")
+        return Response(result, media_type="application/octet-stream")
+
+    @router.get("/v1/tasks/{task_id}/result", response_model=None)
+    async def task_result(task_id: str) -> Response:
+        def tx(s: Session) -> tuple[str, bytes | None] | None:
+            task = s.get(m.Task, task_id)
+            return None if task is None else (task.status, task.result)
+
+        found = await coord.db.run(tx)
+        if found is None:
+            return error(404, f"no task {task_id}")
+        status, result = found
+        if result is None:
+            return error(409, f"task {task_id} is {status} and has no result")
+        return Response(result, media_type="application/octet-stream")
+
+    return router

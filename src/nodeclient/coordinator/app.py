@@ -1,0 +1,76 @@
+"""The app factory: wire config, clock, SQL, routes, the link endpoint and the scheduler.
+
+``create_app`` is cheap and does no network I/O: it opens the database (creating the
+tables), loads the node cache and returns a FastAPI app. The scheduler starts with the
+app's lifespan, so the same factory serves ``nodeclient-coordinator serve``, the devnet
+and the tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI, Request, WebSocket
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from nodeclient import __version__
+from nodeclient.clock import Clock, SystemClock
+from nodeclient.coordinator.api import build_router, error
+from nodeclient.coordinator.config import CoordinatorConfig
+from nodeclient.coordinator.link import LinkSession
+from nodeclient.coordinator.scheduler import Scheduler
+from nodeclient.coordinator.service import Coordinator
+from nodeclient.coordinator.store import Database
+
+
+def create_app(config: CoordinatorConfig, *, clock: Clock | None = None) -> FastAPI:
+    """Build the coordinator app; its state is ``app.state.coordinator``."""
+    if config.db_url is None:
+        config.data_dir.mkdir(parents=True, exist_ok=True)
+    db = Database(config.database_url)
+    coord = Coordinator(config, clock=clock or SystemClock(), db=db)
+    scheduler = Scheduler(coord)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        task = asyncio.create_task(scheduler.run(), name="coordinator-scheduler")
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            for link in list(coord.links.values()):
+                await link.close(1001, "coordinator shutting down")
+            db.close()
+
+    app = FastAPI(
+        title="nodeclient reference coordinator",
+        version=__version__,
+        lifespan=lifespan,
+        description="Registration, node link, scheduling and results (spec 2.3.3-2.3.7).",
+    )
+    app.state.coordinator = coord
+    app.state.scheduler = scheduler
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or "body"
+        return error(400, f"invalid request: {where}: {first.get('msg', 'invalid')}")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return error(exc.status_code, str(exc.detail))
+
+    app.include_router(build_router(coord))
+
+    @app.websocket("/v1/link")
+    async def link(ws: WebSocket) -> None:
+        await LinkSession(coord, ws).run()
+
+    return app

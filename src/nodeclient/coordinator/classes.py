@@ -1,0 +1,88 @@
+"""Workload classes the coordinator accepts: validate, split into tasks, check, assemble.
+
+2.3.5 Work Execution: "An AI inference request runs whole; a parallelizable sub-task runs
+its slice." Each class is one :class:`WorkloadClass` in :data:`REGISTRY`; a sliceable
+class plugs in by adding an entry whose ``split`` returns one payload per slice and whose
+``assemble`` joins the slice results in slice order. Nothing else in the coordinator
+knows about payload formats.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from nodeclient.errors import ProtocolError, RemoteProtocolError
+from nodeclient.workloads import inference
+
+# validate(payload, max_bytes) -> metadata kept with the job (raises RemoteProtocolError)
+Validate = Callable[[bytes, int], Mapping[str, Any]]
+# split(payload, slices) -> one payload per task
+Split = Callable[[bytes, int], list[bytes]]
+# check_result(result, job metadata, max_bytes): raises RemoteProtocolError if unusable
+CheckResult = Callable[[bytes, Mapping[str, Any], int], None]
+# assemble(slice results in slice order, job metadata) -> the job's result bytes
+Assemble = Callable[[Sequence[bytes], Mapping[str, Any]], bytes]
+
+
+@dataclass(frozen=True, slots=True)
+class WorkloadClass:
+    name: str
+    sliceable: bool
+    validate: Validate
+    split: Split
+    check_result: CheckResult
+    assemble: Assemble
+
+
+def _inference_validate(payload: bytes, max_bytes: int) -> Mapping[str, Any]:
+    try:
+        request = inference.InferenceRequest.decode(payload, max_bytes=max_bytes)
+    except ProtocolError as exc:
+        raise RemoteProtocolError(f"ai.inference payload: {exc}") from exc
+    return {"model_sha256": request.model_sha256}
+
+
+def _whole(payload: bytes, slices: int) -> list[bytes]:
+    if slices != 1:
+        raise RemoteProtocolError("ai.inference runs whole (2.3.5): slices must be 1")
+    return [payload]
+
+
+def _inference_check(result: bytes, meta: Mapping[str, Any], max_bytes: int) -> None:
+    try:
+        inference.decode_result(
+            result, max_bytes=max_bytes, expected_model_sha256=meta.get("model_sha256")
+        )
+    except ProtocolError as exc:
+        raise RemoteProtocolError(f"ai.inference result: {exc}") from exc
+
+
+def _single(results: Sequence[bytes], _meta: Mapping[str, Any]) -> bytes:
+    if len(results) != 1:
+        raise RemoteProtocolError("ai.inference has exactly one task")
+    return results[0]
+
+
+REGISTRY: dict[str, WorkloadClass] = {
+    inference.CLASS: WorkloadClass(
+        name=inference.CLASS,
+        sliceable=False,
+        validate=_inference_validate,
+        split=_whole,
+        check_result=_inference_check,
+        assemble=_single,
+    ),
+}
+
+
+def lookup(name: str) -> WorkloadClass:
+    """The class called *name*, or RemoteProtocolError naming the known ones."""
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        known = ", ".join(sorted(REGISTRY))
+        raise RemoteProtocolError(
+            f"unknown workload class {name[:64]!r} (known: {known})"
+        ) from None

@@ -1,0 +1,206 @@
+"""``nodeclient-coordinator``: run the reference coordinator, or act as a requester.
+
+::
+
+    nodeclient-coordinator serve [--host 127.0.0.1] [--port N] [--db URL] ...
+    nodeclient-coordinator submit --class ai.inference --payload FILE [--wait]
+    nodeclient-coordinator jobs [--json]
+    nodeclient-coordinator job JOB_ID [--json]
+    nodeclient-coordinator result JOB_ID [-o FILE]
+
+Errors print one line and exit non-zero (``NodeClientError.exit_code``), never a traceback.
+This is the only module that reads the command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.exc import SQLAlchemyError
+
+from nodeclient import __version__, logs
+from nodeclient.clock import Clock, OffsetFileClock, SystemClock
+from nodeclient.coordinator.client import CoordinatorClient
+from nodeclient.coordinator.config import (
+    DEFAULT_HEARTBEAT_INTERVAL,
+    CoordinatorConfig,
+    SybilPolicy,
+)
+from nodeclient.errors import NodeClientError, UsageError
+from nodeclient.protocol.eip712 import DEVNET_CHAIN_ID
+
+DEFAULT_COORDINATOR = "http://127.0.0.1:8000"
+POLL_S = 0.5
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nodeclient-coordinator", description="Reference coordinator for nodeclient nodes."
+    )
+    parser.add_argument("--version", action="version", version=f"nodeclient {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the coordinator (HTTP API and node link)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000, help="0 lets the OS pick")
+    serve.add_argument("--db", default=None, help="SQLAlchemy URL (default: sqlite in data-dir)")
+    serve.add_argument("--data-dir", type=Path, default=Path("coordinator-data"))
+    serve.add_argument("--chain-id", type=int, default=DEVNET_CHAIN_ID)
+    serve.add_argument("--coordinator-id", default=None)
+    serve.add_argument("--heartbeat-interval", type=float, default=DEFAULT_HEARTBEAT_INTERVAL)
+    serve.add_argument("--max-nodes-per-wallet", type=int, default=8)
+    serve.add_argument("--lease-seconds", type=float, default=300.0)
+    serve.add_argument("--max-attempts", type=int, default=3)
+    serve.add_argument(
+        "--clock-file",
+        type=Path,
+        default=None,
+        help="TEST HOOK: add the float offset in this file to the clock (re-read each second)",
+    )
+    serve.add_argument("--log-format", choices=("json", "text"), default="json")
+
+    def requester(name: str, help_: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_)
+        p.add_argument(
+            "--coordinator",
+            default=os.environ.get("NODECLIENT_COORDINATOR", DEFAULT_COORDINATOR),
+            help="coordinator URL (default: $NODECLIENT_COORDINATOR or %(default)s)",
+        )
+        return p
+
+    submit = requester("submit", "submit a job")
+    submit.add_argument("--class", dest="workload_class", required=True)
+    submit.add_argument("--payload", type=Path, required=True, help="workload payload file")
+    submit.add_argument("--min-tier", type=int, default=0)
+    submit.add_argument("--region", default=None)
+    submit.add_argument("--slices", type=int, default=1)
+    submit.add_argument("--wait", action="store_true", help="wait for the job to end")
+    submit.add_argument("--timeout", type=float, default=None, help="give up waiting after S s")
+
+    jobs = requester("jobs", "list jobs")
+    jobs.add_argument("--json", action="store_true")
+
+    job = requester("job", "show one job")
+    job.add_argument("job_id")
+    job.add_argument("--json", action="store_true")
+
+    result = requester("result", "fetch a job's result bytes")
+    result.add_argument("job_id")
+    result.add_argument("-o", "--output", type=Path, default=None)
+    return parser
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from nodeclient.coordinator.app import create_app
+    from nodeclient.coordinator.server import listen, run
+
+    logs.configure(fmt=args.log_format)
+    config = CoordinatorConfig(
+        data_dir=args.data_dir,
+        db_url=args.db,
+        chain_id=args.chain_id,
+        coordinator_id=args.coordinator_id,
+        heartbeat_interval=args.heartbeat_interval,
+        sybil=SybilPolicy(max_nodes_per_wallet=args.max_nodes_per_wallet),
+        lease_seconds=args.lease_seconds,
+        max_attempts=args.max_attempts,
+    )
+    clock: Clock = OffsetFileClock(args.clock_file) if args.clock_file else SystemClock()
+    sock = listen(args.host, args.port)  # claim the port before touching the database
+    try:
+        app = create_app(config, clock=clock)
+    except (SQLAlchemyError, OSError) as exc:  # at start-up: one line, not a trace
+        sock.close()
+        raise UsageError(f"cannot open the coordinator database: {exc}") from exc
+    return run(app, sock=sock, host=args.host)
+
+
+def _print_job(job: dict[str, Any]) -> None:
+    reason = f" ({job['reason']})" if job.get("reason") else ""
+    print(f"{job['job_id']}  {job['workload_class']}  {job['status']}{reason}")
+    for t in job.get("tasks", []):
+        node = t.get("node_id") or "-"
+        extra = f"  {t['reason']}" if t.get("reason") else ""
+        print(
+            f"  task {t['task_id']} slice {t['slice_index']}: {t['status']} on {node}, "
+            f"attempts {t['attempts']}{extra}"
+        )
+        if t.get("proof"):
+            print(f"    proof {t['proof']}\n    signature {t['signature']}")
+
+
+def _wait(client: CoordinatorClient, job_id: str, timeout: float | None) -> dict[str, Any]:
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        job = client.job(job_id)
+        if job["status"] in ("succeeded", "failed"):
+            return job
+        if deadline is not None and time.monotonic() > deadline:
+            raise UsageError(f"job {job_id} still {job['status']} after {timeout} s")
+        time.sleep(POLL_S)
+
+
+def _requester(args: argparse.Namespace) -> int:
+    with CoordinatorClient(args.coordinator) as client:
+        if args.command == "submit":
+            try:
+                payload = args.payload.read_bytes()
+            except OSError as exc:
+                raise UsageError(f"cannot read payload {args.payload}: {exc.strerror}") from exc
+            job = client.submit_job(
+                args.workload_class, payload,
+                min_tier=args.min_tier, region=args.region, slices=args.slices,
+            )  # fmt: skip
+            print(job["job_id"], flush=True)
+            if not args.wait:
+                return 0
+            done = _wait(client, job["job_id"], args.timeout)
+            if done["status"] != "succeeded":
+                print(f"job {done['job_id']} failed: {done.get('reason')}", file=sys.stderr)
+                return 1
+            return 0
+        if args.command == "jobs":
+            listing = client.jobs()
+            if args.json:
+                print(json.dumps(listing, indent=2))
+            for j in [] if args.json else listing:
+                print(f"{j['job_id']}  {j['workload_class']}  {j['status']}")
+            return 0
+        if args.command == "job":
+            one = client.job(args.job_id)
+            if args.json:
+                print(json.dumps(one, indent=2))
+            else:
+                _print_job(one)
+            return 0
+        data = client.job_result(args.job_id)
+        if args.output is None:
+            sys.stdout.buffer.write(data)
+            sys.stdout.buffer.flush()
+        else:
+            args.output.write_bytes(data)
+        return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "serve":
+            return _serve(args)
+        return _requester(args)
+    except NodeClientError as exc:
+        print(f"nodeclient-coordinator: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

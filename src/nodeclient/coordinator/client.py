@@ -1,0 +1,140 @@
+"""A small synchronous HTTP client for the coordinator's API (requesters, nodes, devnets).
+
+Transport failures and error responses become :class:`~nodeclient.errors.RemoteProtocolError`
+with the coordinator's ``{"error": ...}`` reason (or
+:class:`~nodeclient.errors.UsageError` when the coordinator cannot be reached at all), so
+callers and the CLI print one line instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Mapping
+from typing import Any
+
+import httpx
+
+from nodeclient.errors import RemoteProtocolError, UsageError
+
+
+class CoordinatorClient:
+    """Sync httpx client for one coordinator base URL; usable as a context manager."""
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        timeout: float = 30.0,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._http = httpx.Client(base_url=self.base_url, timeout=timeout, transport=transport)
+
+    def __enter__(self) -> CoordinatorClient:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        try:
+            response = self._http.request(method, path, **kwargs)
+        except httpx.TransportError as exc:
+            raise UsageError(f"cannot reach the coordinator at {self.base_url}: {exc}") from exc
+        if response.status_code >= 400:
+            try:
+                reason = str(response.json().get("error") or response.text)
+            except ValueError:
+                reason = response.text[:200] or response.reason_phrase
+            raise RemoteProtocolError(
+                f"coordinator: {method} {path}: {response.status_code} {reason}"
+            )
+        return response
+
+    def _json(self, method: str, path: str, **kwargs: Any) -> Any:
+        response = self._request(method, path, **kwargs)
+        try:
+            return response.json()
+        except ValueError as exc:
+            raise RemoteProtocolError(f"coordinator: {path} did not answer JSON") from exc
+
+    # --- nodes --------------------------------------------------------------------------------
+
+    def register(self, manifest: Mapping[str, Any]) -> dict[str, Any]:
+        """POST /v1/nodes with a signed manifest (2.3.2)."""
+        result: dict[str, Any] = self._json("POST", "/v1/nodes", json=dict(manifest))
+        return result
+
+    def unstake(
+        self, node_id: str, message: Mapping[str, Any], signature: str | bytes
+    ) -> dict[str, Any]:
+        """POST /v1/nodes/{node_id}/unstake; *message* is the Unstake message JSON."""
+        sig = signature if isinstance(signature, str) else "0x" + signature.hex()
+        result: dict[str, Any] = self._json(
+            "POST",
+            f"/v1/nodes/{node_id}/unstake",
+            json={"message": dict(message), "signature": sig},
+        )
+        return result
+
+    def nodes(self) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = self._json("GET", "/v1/nodes")
+        return result
+
+    def node(self, node_id: str) -> dict[str, Any]:
+        result: dict[str, Any] = self._json("GET", f"/v1/nodes/{node_id}")
+        return result
+
+    def health(self) -> dict[str, Any]:
+        result: dict[str, Any] = self._json("GET", "/healthz")
+        return result
+
+    # --- blobs and jobs -------------------------------------------------------------------------
+
+    def upload_blob(self, data: bytes) -> dict[str, Any]:
+        """POST /v1/blobs; returns {"sha256", "url", "size"}."""
+        result: dict[str, Any] = self._json(
+            "POST", "/v1/blobs", content=data,
+            headers={"content-type": "application/octet-stream"},
+        )  # fmt: skip
+        return result
+
+    def blob(self, sha256: str) -> bytes:
+        return self._request("GET", f"/v1/blobs/{sha256}").content
+
+    def submit_job(
+        self,
+        workload_class: str,
+        payload: bytes,
+        *,
+        min_tier: int = 0,
+        region: str | None = None,
+        slices: int = 1,
+    ) -> dict[str, Any]:
+        """POST /v1/jobs; returns the new job (job_id, status, tasks)."""
+        body = {
+            "workload_class": workload_class,
+            "payload": base64.b64encode(payload).decode("ascii"),
+            "min_tier": min_tier,
+            "region": region,
+            "slices": slices,
+        }
+        result: dict[str, Any] = self._json("POST", "/v1/jobs", json=body)
+        return result
+
+    def job(self, job_id: str) -> dict[str, Any]:
+        result: dict[str, Any] = self._json("GET", f"/v1/jobs/{job_id}")
+        return result
+
+    def jobs(self) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = self._json("GET", "/v1/jobs")
+        return result
+
+    def job_result(self, job_id: str) -> bytes:
+        return self._request("GET", f"/v1/jobs/{job_id}/result").content
+
+    def task_result(self, task_id: str) -> bytes:
+        return self._request("GET", f"/v1/tasks/{task_id}/result").content

@@ -1,0 +1,83 @@
+"""The coordinator's one frozen configuration object (clocks live in nodeclient.clock).
+
+Every rule that depends on time (heartbeat timeouts, leases, the unstake cooldown,
+manifest freshness) reads an injected :class:`Clock`, never ``time.time()`` directly, so
+tests move time forward by assignment and end-to-end tests can cross the 7-day unstake
+cooldown through :class:`OffsetFileClock` without waiting.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Final
+
+from nodeclient.errors import UsageError
+from nodeclient.protocol.eip712 import DEVNET_CHAIN_ID
+
+DEFAULT_HEARTBEAT_INTERVAL: Final = 30.0  # 2.3.3 Coordinator Link: "Heartbeat every 30s"
+MISSED_HEARTBEATS_OFFLINE: Final = 3  # a node silent for 3 intervals is offline
+AUTH_TIMEOUT_S: Final = 10.0
+AUTH_MAX_SKEW_S: Final = 300
+UNSTAKE_MAX_SKEW_S: Final = 300
+MIB: Final = 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class SybilPolicy:
+    """The registration pre-screen (2.3.2: "checks the wallet for prior registrations")."""
+
+    max_nodes_per_wallet: int = 8
+
+    def to_json(self) -> dict[str, int]:
+        return {"max_nodes_per_wallet": self.max_nodes_per_wallet}
+
+
+@dataclass(frozen=True, slots=True)
+class CoordinatorConfig:
+    """Everything the coordinator is told at start-up; only ``cli.py`` builds it from argv.
+
+    ``db_url`` is a SQLAlchemy URL; None means ``sqlite:///<data_dir>/coordinator.db``.
+    ``coordinator_id`` None means: the one persisted in the database, or a fresh
+    ``coordinator-<8 hex>`` stored there on first start.
+    """
+
+    data_dir: Path = Path("coordinator-data")
+    db_url: str | None = None
+    chain_id: int = DEVNET_CHAIN_ID
+    coordinator_id: str | None = None
+    heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL
+    sybil: SybilPolicy = field(default_factory=SybilPolicy)
+    lease_seconds: float = 300.0
+    max_attempts: int = 3
+    auth_timeout: float = AUTH_TIMEOUT_S
+    schedule_interval: float = 0.5  # the scheduler runs at least this often (seconds)
+    max_blob_bytes: int = 256 * MIB
+    max_payload_bytes: int = 32 * MIB  # a task payload and a result travel in one frame
+    manifest_max_age: int = 24 * 3600
+
+    def __post_init__(self) -> None:
+        if self.heartbeat_interval <= 0:
+            raise UsageError("heartbeat interval must be positive")
+        if self.lease_seconds <= 0:
+            raise UsageError("lease seconds must be positive")
+        if self.max_attempts < 1:
+            raise UsageError("max attempts must be at least 1")
+        if self.sybil.max_nodes_per_wallet < 1:
+            raise UsageError("max nodes per wallet must be at least 1")
+        if self.chain_id < 1:
+            raise UsageError("chain id must be positive")
+
+    @property
+    def database_url(self) -> str:
+        if self.db_url:
+            return self.db_url
+        return f"sqlite:///{self.data_dir / 'coordinator.db'}"
+
+    @property
+    def blob_dir(self) -> Path:
+        return self.data_dir / "blobs"
+
+    @property
+    def offline_after(self) -> float:
+        return MISSED_HEARTBEATS_OFFLINE * self.heartbeat_interval

@@ -1,0 +1,289 @@
+"""One node link over WebSocket (2.3.3 Coordinator Link), coordinator side.
+
+Handshake: the coordinator sends ``challenge`` (coordinator_id, a fresh 32-byte nonce,
+chain_id, heartbeat_interval); the node answers within ``auth_timeout`` with ``auth``,
+an EIP-712 LinkAuth signed by its registered *liveness* key. Fail closed, with close
+codes:
+
+====  ===================================================================
+4000  the first frame is malformed or not ``auth``
+4001  coordinator_id / nonce mismatch, issued_at more than 300 s off, or the
+      signature does not recover to the registered liveness key
+4002  no auth within the timeout
+4003  node_id not registered
+4004  replaced by a newer link for the same node (one live link per node)
+4005  marked offline: no heartbeat for 3 intervals
+====  ===================================================================
+
+After ``welcome``, every frame is checked before it acts: malformed -> ``error``
+``malformed``; wrongly signed -> ``error`` ``bad_signature``; a heartbeat seq not above
+the last seen -> ``error`` ``replayed``. None of these changes state or closes the link.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import secrets
+from collections.abc import Mapping
+from typing import Any
+
+from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
+
+from nodeclient.coordinator import verifier
+from nodeclient.coordinator.config import AUTH_MAX_SKEW_S
+from nodeclient.coordinator.scheduler import cancel_leases
+from nodeclient.coordinator.service import Coordinator
+from nodeclient.errors import RemoteProtocolError, SignatureError
+from nodeclient.protocol import eip712, messages
+from nodeclient.protocol.secp import parse_address, to_checksum_address
+from nodeclient.protocol.states import NodeState
+
+log = logging.getLogger("nodeclient.coordinator.link")
+_STATES = frozenset(s.value for s in NodeState)
+MAX_SEQ = (1 << 63) - 1  # SQL BIGINT is signed; a uint64 seq above it could not be stored
+
+
+class _Closed(Exception):
+    """The peer went away; unwinds the session."""
+
+
+class LinkSession:
+    """One WebSocket connection: handshake, then the frame loop."""
+
+    def __init__(self, coord: Coordinator, ws: WebSocket) -> None:
+        self.coord = coord
+        self.ws = ws
+        self.node_id = ""
+        self._send_lock = asyncio.Lock()
+        self._closed = False
+
+    # --- LinkPort ---------------------------------------------------------------------------
+
+    async def send(self, frame: Mapping[str, Any]) -> bool:
+        if self._closed:
+            return False
+        text = json.dumps(frame, separators=(",", ":"))
+        try:
+            async with self._send_lock:
+                await self.ws.send_text(text)
+        except (WebSocketDisconnect, RuntimeError, OSError):
+            self._closed = True
+            return False
+        return True
+
+    async def close(self, code: int, reason: str) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            async with self._send_lock:
+                if self.ws.application_state == WebSocketState.CONNECTED:
+                    await self.ws.close(code=code, reason=reason)
+        except (RuntimeError, OSError):
+            pass
+
+    # --- session ----------------------------------------------------------------------------
+
+    async def _receive(self) -> str | bytes:
+        msg = await self.ws.receive()
+        if msg["type"] == "websocket.disconnect":
+            self._closed = True
+            raise _Closed
+        text: str | None = msg.get("text")
+        return text if text is not None else bytes(msg.get("bytes") or b"")
+
+    async def run(self) -> None:
+        await self.ws.accept()
+        try:
+            if await self._handshake():
+                await self._loop()
+        except (_Closed, WebSocketDisconnect):
+            pass
+        finally:
+            if self.node_id:
+                self.coord.detach(self.node_id, self)
+                log.info("link.closed", extra={"node_id": self.node_id})
+
+    async def _refuse(self, code: int, reason: str, **fields: Any) -> bool:
+        log.info("link.refused", extra={"code": code, "reason": reason, **fields})
+        await self.close(code, reason)
+        return False
+
+    async def _handshake(self) -> bool:  # noqa: PLR0911 (each check fails closed)
+        coord = self.coord
+        nonce = secrets.token_bytes(32)
+        challenge = messages.Challenge(
+            coord.coordinator_id, nonce, coord.config.chain_id, coord.config.heartbeat_interval
+        )
+        await self.send(challenge.to_wire())
+        try:
+            raw = await asyncio.wait_for(self._receive(), coord.config.auth_timeout)
+        except TimeoutError:
+            return await self._refuse(4002, "auth timeout")
+        try:
+            frame = messages.parse_from_node(raw)
+        except RemoteProtocolError as exc:
+            return await self._refuse(4000, f"malformed auth: {exc}"[:120])
+        if frame.type != "auth":
+            return await self._refuse(4000, f"malformed auth: expected auth, got {frame.type}")
+        msg = frame.message
+        node_id = to_checksum_address(parse_address(msg["node_id"]))
+        info = coord.nodes.get(node_id)
+        if info is None:
+            return await self._refuse(4003, "not registered", node_id=node_id)
+        if msg["coordinator_id"] != coord.coordinator_id or msg["nonce"] != nonce:
+            return await self._refuse(
+                4001, "auth failed: coordinator_id or nonce mismatch", node_id=node_id
+            )
+        skew = msg["issued_at"] - coord.now()
+        if abs(skew) > AUTH_MAX_SKEW_S:
+            return await self._refuse(
+                4001, f"auth failed: issued_at is {skew:+.0f} s off", node_id=node_id
+            )
+        try:
+            eip712.verify_typed(
+                "LinkAuth", msg, frame.signature,
+                signer=info.liveness_address, chain_id=coord.config.chain_id,
+            )  # fmt: skip
+        except SignatureError:
+            return await self._refuse(
+                4001,
+                "auth failed: signature does not match the registered liveness key",
+                node_id=node_id,
+            )
+        self.node_id = node_id
+        old = coord.attach(node_id, self)
+        if old is not None:
+            await old.close(4004, "replaced by a newer link")
+            log.info("link.replaced", extra={"node_id": node_id})
+        rt = coord.runtime[node_id]
+        await self.send(
+            messages.Welcome(node_id, rt.last_seq, coord.nodes[node_id].unstaking_until).to_wire()
+        )
+        log.info("link.authenticated", extra={"node_id": node_id})
+        coord.wake()
+        return True
+
+    async def _error(self, code: str, reason: str) -> None:
+        log.info(f"frame.{code}", extra={"node_id": self.node_id, "reason": reason})
+        await self.send(messages.ErrorFrame(code, reason[: messages.MAX_REASON]).to_wire())
+
+    async def _loop(self) -> None:
+        handlers = {"heartbeat": self._heartbeat, "result": self._result, "reject": self._reject}
+        while not self._closed:
+            raw = await self._receive()
+            try:
+                frame = messages.parse_from_node(raw)
+            except RemoteProtocolError as exc:
+                await self._error("malformed", str(exc))
+                continue
+            handler = handlers.get(frame.type)
+            if handler is None:
+                await self._error("malformed", f"unexpected {frame.type} frame after auth")
+                continue
+            await handler(frame)
+
+    async def _heartbeat(self, frame: messages.SignedFrame) -> None:
+        coord, msg = self.coord, frame.message
+        if to_checksum_address(parse_address(msg["node_id"])) != self.node_id:
+            await self._error(
+                "malformed", f"heartbeat for {msg['node_id']} on {self.node_id}'s link"
+            )
+            return
+        info = coord.nodes[self.node_id]
+        try:
+            eip712.verify_typed(
+                "Heartbeat", msg, frame.signature,
+                signer=info.liveness_address, chain_id=coord.config.chain_id,
+            )  # fmt: skip
+        except SignatureError as exc:
+            await self._error("bad_signature", f"heartbeat: {exc}")
+            return
+        rt = coord.runtime[self.node_id]
+        seq, state = msg["seq"], msg["state"]
+        if state not in _STATES or seq > MAX_SEQ:
+            await self._error("malformed", f"heartbeat: state must be one of {sorted(_STATES)} "
+                              f"and seq at most {MAX_SEQ}")  # fmt: skip
+            return
+        if seq <= rt.last_seq:
+            log.warning(
+                "heartbeat.replayed",
+                extra={"node_id": self.node_id, "seq": seq, "last_seq": rt.last_seq},
+            )
+            await self.send(
+                messages.ErrorFrame(
+                    "replayed", f"heartbeat seq {seq} is not above the last seen {rt.last_seq}"
+                ).to_wire()
+            )
+            return
+        now = coord.now()
+        was_online = rt.online
+        rt.last_seq, rt.state, rt.last_seen, rt.online = seq, state, now, True
+        await coord.heartbeats.persist(self.node_id, seq, rt.state, now)
+        await self.send(
+            messages.HeartbeatAck(seq, now, coord.nodes[self.node_id].unstaking_until).to_wire()
+        )
+        if not was_online:
+            coord.wake()
+
+    async def _result(self, frame: messages.SignedFrame) -> None:
+        coord = self.coord
+        cfg = coord.config
+        try:
+            claim = verifier.check_result_frame(frame, node_id=self.node_id, chain_id=cfg.chain_id)
+        except SignatureError as exc:
+            await self._error("bad_signature", f"result: {exc}")
+            return
+        fields = {"node_id": self.node_id, "task_id": str(claim.task_id)}
+        problem = await asyncio.to_thread(verifier.check_proof, claim)
+        if problem is not None:
+            decision = verifier.Decision("rejected", problem, event="result.rejected")
+        else:
+            now = coord.now()
+            decision = await coord.db.run(
+                lambda s: verifier.accept_result_tx(
+                    s, claim, now=now, max_payload=cfg.max_payload_bytes
+                )
+            )
+        level = logging.WARNING if decision.status == "rejected" else logging.INFO
+        log.log(
+            level,
+            decision.event or f"result.{decision.status}",
+            extra={**fields, "reason": decision.reason},
+        )
+        await self.send(
+            messages.ResultAck(claim.task_id, decision.status, decision.reason[:512]).to_wire()
+        )
+        await cancel_leases(coord, decision.cancel, "completed by another node")
+        if decision.job_done is not None:
+            log.info(f"job.{decision.job_done}", extra={"job_id": str(claim.job_id)})
+        if decision.status == "accepted":
+            coord.wake()
+
+    async def _reject(self, frame: messages.SignedFrame) -> None:
+        coord = self.coord
+        cfg = coord.config
+        try:
+            task_id = verifier.check_reject_frame(
+                frame, node_id=self.node_id, chain_id=cfg.chain_id
+            )
+        except SignatureError as exc:
+            await self._error("bad_signature", f"reject: {exc}")
+            return
+        now = coord.now()
+        reason = frame.message["reason"]
+        decision, lost = await coord.db.run(
+            lambda s: verifier.reject_tx(
+                s, task_id, self.node_id, reason, now=now, max_attempts=cfg.max_attempts
+            )
+        )
+        log.info(
+            decision.event or "task.reject_refused",
+            extra={"node_id": self.node_id, "task_id": str(task_id), "reason": reason},
+        )
+        await self.send(messages.ResultAck(task_id, decision.status, decision.reason).to_wire())
+        if lost is not None:
+            await cancel_leases(coord, lost.cancel, "job failed")
+            coord.wake()

@@ -1,0 +1,137 @@
+"""The coordinator's SQL tables (SQLAlchemy 2.x declarative models).
+
+All coordinator state lives here, so that a restart mid-run loses nothing: nodes and
+their last heartbeat sequence number, jobs, tasks with their leases, accepted results
+with the exact signed message, and recorded equivocations. Only portable column types
+are used (strings, integers, floats, text, binary) and JSON is stored as text, so the
+same schema runs on SQLite and PostgreSQL.
+
+Times are float Unix seconds from the coordinator's clock; protocol integers that are
+signed (issued_at, requested_at) are BigInteger.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+from sqlalchemy import BigInteger, Float, ForeignKey, Index, Integer, LargeBinary, String, Text
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+ADDRESS: Final = 42  # 0x + 40 hex digits
+UUID_LEN: Final = 36
+
+# Task statuses. A task is leased to at most one node at a time.
+QUEUED: Final = "queued"
+LEASED: Final = "leased"
+SUCCEEDED: Final = "succeeded"
+FAILED: Final = "failed"
+CANCELLED: Final = "cancelled"
+# Job statuses (the API's): queued, running, succeeded, failed.
+RUNNING: Final = "running"
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Meta(Base):
+    """Small key/value facts about this coordinator (its persisted coordinator_id)."""
+
+    __tablename__ = "meta"
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(Text)
+
+
+class Node(Base):
+    """A registered node: its latest verified manifest plus link and unstake state."""
+
+    __tablename__ = "nodes"
+    node_id: Mapped[str] = mapped_column(String(ADDRESS), primary_key=True)
+    wallet_address: Mapped[str] = mapped_column(String(ADDRESS), index=True)
+    liveness_address: Mapped[str] = mapped_column(String(ADDRESS))
+    pubkey_rsa: Mapped[str] = mapped_column(Text)
+    hardware_tier: Mapped[int] = mapped_column(Integer)
+    region: Mapped[str] = mapped_column(String(32))
+    workload_classes: Mapped[str] = mapped_column(Text)  # JSON array
+    max_parallel_subtasks: Mapped[int] = mapped_column(Integer)
+    manifest: Mapped[str] = mapped_column(Text)  # the manifest JSON as verified
+    manifest_hash: Mapped[str] = mapped_column(String(64))
+    issued_at: Mapped[int] = mapped_column(BigInteger)
+    registered_at: Mapped[float] = mapped_column(Float)
+    updated_at: Mapped[float] = mapped_column(Float)
+    last_seq: Mapped[int] = mapped_column(BigInteger, default=0)
+    state: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    last_seen: Mapped[float | None] = mapped_column(Float, nullable=True)
+    unstaking_until: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+
+
+class Job(Base):
+    """A requester's job; split into one task per slice (one task for a whole inference)."""
+
+    __tablename__ = "jobs"
+    job_id: Mapped[str] = mapped_column(String(UUID_LEN), primary_key=True)
+    workload_class: Mapped[str] = mapped_column(String(64))
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    min_tier: Mapped[int] = mapped_column(Integer)
+    region: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    slices: Mapped[int] = mapped_column(Integer)
+    meta: Mapped[str] = mapped_column(Text)  # JSON object from the workload's validator
+    created_at: Mapped[float] = mapped_column(Float)
+    finished_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    result: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True, deferred=True)
+    result_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
+
+
+class Task(Base):
+    """One unit of dispatch: a whole job, or one slice of it."""
+
+    __tablename__ = "tasks"
+    __table_args__ = (Index("ix_tasks_status_queued_at", "status", "queued_at"),)
+    task_id: Mapped[str] = mapped_column(String(UUID_LEN), primary_key=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.job_id"), index=True)
+    slice_index: Mapped[int] = mapped_column(Integer)
+    slice_count: Mapped[int] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(16))
+    node_id: Mapped[str | None] = mapped_column(String(ADDRESS), nullable=True, index=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    queued_at: Mapped[float] = mapped_column(Float)
+    leased_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    lease_deadline: Mapped[float | None] = mapped_column(Float, nullable=True)
+    payload: Mapped[bytes] = mapped_column(LargeBinary, deferred=True)
+    result: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True, deferred=True)
+    result_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    result_size: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    proof: Mapped[str | None] = mapped_column(String(66), nullable=True)
+    signature: Mapped[str | None] = mapped_column(String(132), nullable=True)
+    message: Mapped[str | None] = mapped_column(Text, nullable=True)  # Result message JSON
+    completed_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+
+class TaskAttempt(Base):
+    """One lease of a task to a node, and how it ended: the task's dispatch history."""
+
+    __tablename__ = "task_attempts"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    task_id: Mapped[str] = mapped_column(ForeignKey("tasks.task_id"), index=True)
+    attempt: Mapped[int] = mapped_column(Integer)
+    node_id: Mapped[str] = mapped_column(String(ADDRESS))
+    leased_at: Mapped[float] = mapped_column(Float)
+    deadline: Mapped[float] = mapped_column(Float)
+    ended_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    outcome: Mapped[str | None] = mapped_column(String(32), nullable=True)
+
+
+class Equivocation(Base):
+    """A node signed two different results for one task: kept as evidence."""
+
+    __tablename__ = "equivocations"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    task_id: Mapped[str] = mapped_column(String(UUID_LEN), index=True)
+    node_id: Mapped[str] = mapped_column(String(ADDRESS), index=True)
+    accepted_proof: Mapped[str] = mapped_column(String(66))
+    conflicting_proof: Mapped[str] = mapped_column(String(66))
+    conflicting_signature: Mapped[str] = mapped_column(String(132))
+    conflicting_message: Mapped[str] = mapped_column(Text)
+    recorded_at: Mapped[float] = mapped_column(Float)

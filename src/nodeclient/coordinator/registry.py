@@ -1,0 +1,195 @@
+"""Node registration with the sybil pre-screen, and unstaking (2.3.2, 2.3.8).
+
+2.3.2: "The coordinator verifies the signature against the declared public key and
+checks the wallet for prior registrations (sybil pre-screen)." The manifest check is
+``manifest.verify_manifest`` (schema, both signatures, recomputed tier, freshness). The
+pre-screen looks up every other node registered by the same wallet and applies the
+configured :class:`~nodeclient.coordinator.config.SybilPolicy`. A re-registration of a
+node_id already on record is an update (that is how a node rotates its liveness key),
+never a new node, but it must not be older than the manifest on record.
+
+Each outcome is a :class:`Reply` (HTTP status and JSON body), so the HTTP layer only
+serialises; the decisions are made here, each in one SQL transaction.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from nodeclient.coordinator import models as m
+from nodeclient.coordinator.config import UNSTAKE_MAX_SKEW_S, SybilPolicy
+from nodeclient.coordinator.service import Coordinator
+from nodeclient.coordinator.store import NodeInfo, node_info
+from nodeclient.errors import ManifestError, SignatureError
+from nodeclient.protocol import eip712
+from nodeclient.protocol.manifest import VerifiedManifest, verify_manifest
+from nodeclient.protocol.secp import parse_address, parse_signature_hex, to_checksum_address
+from nodeclient.protocol.states import UNSTAKE_COOLDOWN_S
+
+log = logging.getLogger("nodeclient.coordinator.registry")
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """An HTTP status and JSON body decided by the domain logic."""
+
+    status: int
+    body: dict[str, Any]
+    node: NodeInfo | None = None
+
+
+def _error(status: int, message: str) -> Reply:
+    return Reply(status, {"error": message})
+
+
+def _register_tx(
+    session: Session, v: VerifiedManifest, *, now: float, policy: SybilPolicy
+) -> Reply:
+    row = session.get(m.Node, v.node_id)
+    if row is not None and v.issued_at < row.issued_at:
+        return _error(
+            409,
+            f"stale manifest: issued_at {v.issued_at} is older than the registered "
+            f"manifest's issued_at {row.issued_at}",
+        )
+    others = list(
+        session.scalars(
+            select(m.Node)
+            .where(m.Node.wallet_address == v.wallet_address, m.Node.node_id != v.node_id)
+            .order_by(m.Node.registered_at, m.Node.node_id)
+        )
+    )
+    new_to_wallet = row is None or row.wallet_address != v.wallet_address
+    if new_to_wallet and len(others) >= policy.max_nodes_per_wallet:
+        return _error(
+            403,
+            f"sybil pre-screen: wallet {v.wallet_address} already has {len(others)} "
+            f"registered nodes (policy max_nodes_per_wallet={policy.max_nodes_per_wallet})",
+        )
+    man = v.manifest
+    fields: dict[str, Any] = {
+        "wallet_address": v.wallet_address,
+        "liveness_address": v.liveness_address,
+        "pubkey_rsa": man["pubkey_rsa"],
+        "hardware_tier": man["hardware_tier"],
+        "region": man["region"],
+        "workload_classes": json.dumps(sorted(man["workload_classes"])),
+        "max_parallel_subtasks": man["max_parallel_subtasks"],
+        "manifest": json.dumps(dict(man), sort_keys=True),
+        "manifest_hash": v.manifest_hash.hex(),
+        "issued_at": v.issued_at,
+        "updated_at": now,
+    }
+    if row is None:
+        row = m.Node(node_id=v.node_id, registered_at=now, last_seq=0, **fields)
+        session.add(row)
+        status, label = 201, "registered"
+    else:
+        for key, value in fields.items():
+            setattr(row, key, value)
+        status, label = 200, "updated"
+    session.flush()
+    body = {
+        "node_id": v.node_id,
+        "status": label,
+        "prior_registrations": [
+            {"node_id": o.node_id, "registered_at": o.registered_at} for o in others
+        ],
+        "policy": policy.to_json(),
+    }
+    return Reply(status, body, node_info(row))
+
+
+async def register(coord: Coordinator, manifest: object) -> Reply:
+    """POST /v1/nodes: verify, pre-screen, insert or update."""
+    now = coord.now()
+    try:
+        verified = verify_manifest(
+            manifest,
+            chain_id=coord.config.chain_id,
+            now=int(now),
+            max_age=coord.config.manifest_max_age,
+        )
+    except ManifestError as exc:
+        log.info("node.registration_refused", extra={"reason": str(exc)})
+        return _error(400, str(exc))
+    policy = coord.config.sybil
+    reply = await coord.db.run(lambda s: _register_tx(s, verified, now=now, policy=policy))
+    if reply.node is None:
+        log.info(
+            "node.registration_refused",
+            extra={"node_id": verified.node_id, "reason": reply.body["error"]},
+        )
+        return reply
+    coord.cache_node(reply.node)
+    body = {**reply.body, "coordinator_id": coord.coordinator_id, "chain_id": coord.config.chain_id}
+    log.info(
+        "node.registered" if reply.status == 201 else "node.updated",
+        extra={
+            "node_id": verified.node_id,
+            "wallet": verified.wallet_address,
+            "tier": reply.node.hardware_tier,
+            "prior_registrations": len(body["prior_registrations"]),
+        },
+    )
+    return Reply(reply.status, body, reply.node)
+
+
+def _unstake_tx(session: Session, node_id: str, until: int) -> int | None:
+    row = session.get(m.Node, node_id)
+    if row is None:
+        return None
+    if row.unstaking_until is None:  # idempotent: a second unstake keeps the first end
+        row.unstaking_until = until
+    return row.unstaking_until
+
+
+def _parse_unstake(path_node_id: str, body: object) -> tuple[str, dict[str, Any], bytes]:
+    if not isinstance(body, Mapping) or not isinstance(body.get("message"), Mapping):
+        raise SignatureError('body must be {"message": {...}, "signature": "0x.."}')
+    message = eip712.message_from_json("Unstake", body["message"])
+    eip712.hash_struct("Unstake", message)  # type-checks every field
+    signature = parse_signature_hex(body.get("signature"))
+    node_id = to_checksum_address(parse_address(message["node_id"], field="node_id"))
+    path = to_checksum_address(parse_address(path_node_id, field="node_id in the path"))
+    if node_id != path:
+        raise SignatureError(f"message node_id {node_id} does not match the path's {path}")
+    return node_id, message, signature
+
+
+async def unstake(coord: Coordinator, path_node_id: str, body: object) -> Reply:
+    """POST /v1/nodes/{node_id}/unstake: start the 7-day cooldown (2.3.8 UNSTAKING)."""
+    try:
+        node_id, message, signature = _parse_unstake(path_node_id, body)
+    except SignatureError as exc:
+        return _error(400, f"unstake: {exc}")
+    if node_id not in coord.nodes:
+        return _error(404, f"unstake: node {node_id} is not registered")
+    now = coord.now()
+    skew = message["requested_at"] - now
+    if abs(skew) > UNSTAKE_MAX_SKEW_S:
+        return _error(
+            400,
+            f"unstake: requested_at is {skew:+.0f} s from the coordinator's clock "
+            f"(allowed +/-{UNSTAKE_MAX_SKEW_S} s)",
+        )
+    try:
+        eip712.verify_typed(
+            "Unstake", message, signature, signer=node_id, chain_id=coord.config.chain_id
+        )
+    except SignatureError as exc:
+        return _error(403, f"unstake: {exc}")
+    until = int(now) + UNSTAKE_COOLDOWN_S
+    recorded = await coord.db.run(lambda s: _unstake_tx(s, node_id, until))
+    if recorded is None:
+        return _error(404, f"unstake: node {node_id} is not registered")
+    coord.set_unstaking(node_id, recorded)
+    log.info("node.unstaking", extra={"node_id": node_id, "unstaking_until": recorded})
+    return Reply(200, {"node_id": node_id, "unstaking_until": recorded})

@@ -1,0 +1,380 @@
+"""Scheduling and leases: match queued tasks to nodes, seal, dispatch, expire, re-queue.
+
+Rules (docs: "Scheduling and leases"):
+
+- A node is eligible when it is linked and online, not UNSTAKING (2.3.8: "no new
+  dispatches"), lists the job's workload class, has ``hardware_tier >= min_tier``, and
+  has free capacity (``max_parallel_subtasks`` minus tasks leased to it).
+- Among eligible nodes, prefer one that has not tried this task before, then one in
+  the job's region (falling back to any region), then the least loaded.
+- Each dispatch is a lease with a deadline (``lease_seconds``); the payload is sealed
+  to the node's ``pubkey_rsa`` with the deadline as envelope expiry (2.3.4).
+- A missed deadline, a node gone offline or a node's signed reject re-queues the task;
+  after ``max_attempts`` leases it fails, and so does its job, with the reason.
+
+Selection is a pure function (:func:`pick_node`); the database work is a few
+transactions; the loop around them is the adapter, woken on events and at least
+every ``schedule_interval`` seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from nodeclient.coordinator import models as m
+from nodeclient.coordinator.service import Coordinator
+from nodeclient.coordinator.store import leased_counts
+from nodeclient.protocol import envelope, messages
+
+log = logging.getLogger("nodeclient.coordinator.scheduler")
+BATCH = 256  # queued tasks considered per round
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    node_id: str
+    hardware_tier: int
+    region: str
+    workload_classes: frozenset[str]
+    capacity: int
+
+
+@dataclass(frozen=True, slots=True)
+class Assignment:
+    task_id: str
+    job_id: str
+    workload_class: str
+    node_id: str
+    payload: bytes
+    deadline: float
+    slice_index: int
+    slice_count: int
+    attempt: int
+
+
+@dataclass(frozen=True, slots=True)
+class Lost:
+    """A lease that ended without a result: who held it, and whether it gave up."""
+
+    task_id: str
+    node_id: str | None
+    failed: bool
+    cancel: tuple[tuple[str, str], ...] = ()  # (node_id, task_id) leases to withdraw
+
+
+def pick_node(
+    *,
+    workload_class: str,
+    min_tier: int,
+    region: str | None,
+    candidates: Iterable[Candidate],
+    free: Mapping[str, int],
+    tried: Iterable[str] = (),
+) -> str | None:
+    """The best eligible node for one task, or None; pure, so it is tested directly."""
+    tried_set = set(tried)
+    best: tuple[bool, bool, float, str] | None = None
+    for c in candidates:
+        slots = free.get(c.node_id, 0)
+        if slots <= 0 or workload_class not in c.workload_classes or c.hardware_tier < min_tier:
+            continue
+        key = (
+            c.node_id in tried_set,
+            region is not None and c.region != region,
+            1.0 - slots / max(c.capacity, 1),
+            c.node_id,
+        )
+        if best is None or key < best:
+            best = key
+    return None if best is None else best[3]
+
+
+# --- transactions -------------------------------------------------------------------------------
+
+
+def close_attempt(session: Session, task_id: str, node_id: str, outcome: str, now: float) -> None:
+    row = session.scalars(
+        select(m.TaskAttempt)
+        .where(
+            m.TaskAttempt.task_id == task_id,
+            m.TaskAttempt.node_id == node_id,
+            m.TaskAttempt.ended_at.is_(None),
+        )
+        .order_by(m.TaskAttempt.attempt.desc())
+    ).first()
+    if row is not None:
+        row.ended_at, row.outcome = now, outcome
+
+
+def fail_job(session: Session, job_id: str, reason: str, now: float) -> list[tuple[str, str]]:
+    """Fail a job and withdraw its other tasks; returns leases to cancel on the nodes."""
+    job = session.get(m.Job, job_id)
+    if job is None or job.status in (m.SUCCEEDED, m.FAILED):
+        return []
+    job.status, job.reason, job.finished_at = m.FAILED, reason, now
+    cancel: list[tuple[str, str]] = []
+    for task in session.scalars(
+        select(m.Task).where(m.Task.job_id == job_id, m.Task.status.in_((m.QUEUED, m.LEASED)))
+    ):
+        if task.status == m.LEASED and task.node_id is not None:
+            cancel.append((task.node_id, task.task_id))
+            close_attempt(session, task.task_id, task.node_id, "cancelled", now)
+        task.status, task.reason = m.CANCELLED, f"job failed: {reason}"
+    return cancel
+
+
+def requeue_or_fail(
+    session: Session, task: m.Task, *, outcome: str, detail: str, now: float, max_attempts: int
+) -> Lost:
+    """End the task's current lease; queue it again, or fail it after max_attempts."""
+    holder = task.node_id
+    if holder is not None:
+        close_attempt(session, task.task_id, holder, outcome, now)
+    task.node_id, task.lease_deadline = None, None
+    if task.attempts >= max_attempts:
+        task.status = m.FAILED
+        task.reason = f"{detail}; gave up after {task.attempts} of {max_attempts} attempts"
+        job_reason = f"task {task.task_id} (slice {task.slice_index}) failed: {task.reason}"
+        cancel = fail_job(session, task.job_id, job_reason, now)
+        return Lost(task.task_id, holder, failed=True, cancel=tuple(cancel))
+    task.status, task.reason = m.QUEUED, detail
+    return Lost(task.task_id, holder, failed=False)
+
+
+def expire_tx(session: Session, *, now: float, max_attempts: int) -> list[Lost]:
+    rows = session.scalars(
+        select(m.Task).where(m.Task.status == m.LEASED, m.Task.lease_deadline < now)
+    ).all()
+    return [
+        requeue_or_fail(
+            session,
+            t,
+            outcome="expired",
+            detail=f"lease expired on node {t.node_id} (attempt {t.attempts})",
+            now=now,
+            max_attempts=max_attempts,
+        )
+        for t in rows
+    ]
+
+
+def node_lost_tx(
+    session: Session, *, node_id: str, detail: str, now: float, max_attempts: int
+) -> list[Lost]:
+    rows = session.scalars(
+        select(m.Task).where(m.Task.status == m.LEASED, m.Task.node_id == node_id)
+    ).all()
+    return [
+        requeue_or_fail(
+            session, t, outcome="offline", detail=detail, now=now, max_attempts=max_attempts
+        )
+        for t in rows
+    ]
+
+
+def assign_tx(
+    session: Session, candidates: Sequence[Candidate], *, now: float, lease_seconds: float
+) -> list[Assignment]:
+    """Lease queued tasks to eligible nodes, oldest first; returns what to dispatch."""
+    counts = leased_counts(session)
+    free = {c.node_id: c.capacity - counts.get(c.node_id, 0) for c in candidates}
+    if not any(v > 0 for v in free.values()):
+        return []
+    queued = session.execute(
+        select(m.Task.task_id, m.Job.job_id, m.Job.workload_class, m.Job.min_tier, m.Job.region)
+        .join(m.Job, m.Job.job_id == m.Task.job_id)
+        .where(m.Task.status == m.QUEUED)
+        .order_by(m.Task.queued_at, m.Task.task_id)
+        .limit(BATCH)
+    ).all()
+    if not queued:
+        return []
+    tried: dict[str, list[str]] = {}
+    for task_id, node_id in session.execute(
+        select(m.TaskAttempt.task_id, m.TaskAttempt.node_id).where(
+            m.TaskAttempt.task_id.in_([q[0] for q in queued])
+        )
+    ):
+        tried.setdefault(task_id, []).append(node_id)
+    out: list[Assignment] = []
+    for task_id, job_id, wclass, min_tier, region in queued:
+        choice = pick_node(
+            workload_class=wclass,
+            min_tier=min_tier,
+            region=region,
+            candidates=candidates,
+            free=free,
+            tried=tried.get(task_id, ()),
+        )
+        if choice is None:
+            continue
+        free[choice] -= 1
+        task = session.get_one(m.Task, task_id)
+        deadline = now + lease_seconds
+        task.status, task.node_id, task.attempts = m.LEASED, choice, task.attempts + 1
+        task.leased_at, task.lease_deadline = now, deadline  # reason: why it was re-queued
+        session.add(
+            m.TaskAttempt(
+                task_id=task_id, attempt=task.attempts, node_id=choice,
+                leased_at=now, deadline=deadline,
+            )
+        )  # fmt: skip
+        job = session.get_one(m.Job, job_id)
+        if job.status == m.QUEUED:
+            job.status = m.RUNNING
+        out.append(
+            Assignment(
+                task_id, job_id, wclass, choice, task.payload, deadline,
+                task.slice_index, task.slice_count, task.attempts,
+            )
+        )  # fmt: skip
+    return out
+
+
+def undeliverable_tx(session: Session, task_id: str, node_id: str, now: float) -> None:
+    """A dispatch that never left: undo its lease without spending an attempt."""
+    task = session.get(m.Task, task_id)
+    if task is None or task.status != m.LEASED or task.node_id != node_id:
+        return
+    close_attempt(session, task_id, node_id, "undelivered", now)
+    task.status, task.node_id, task.lease_deadline = m.QUEUED, None, None
+    task.attempts -= 1
+
+
+# --- the loop -----------------------------------------------------------------------------------
+
+
+class Scheduler:
+    """The background adapter around the transactions above."""
+
+    def __init__(self, coord: Coordinator) -> None:
+        self.coord = coord
+        self._next_offline_check = 0.0
+
+    def candidates(self) -> list[Candidate]:
+        out = []
+        for node_id in list(self.coord.links):
+            info = self.coord.nodes.get(node_id)
+            if info is None or info.unstaking_until is not None:
+                continue
+            if not self.coord.is_online(node_id):
+                continue
+            out.append(
+                Candidate(
+                    node_id, info.hardware_tier, info.region,
+                    info.workload_classes, info.max_parallel_subtasks,
+                )
+            )  # fmt: skip
+        return out
+
+    async def run(self) -> None:
+        event = self.coord.wake_event()
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(event.wait(), self.coord.config.schedule_interval)
+            event.clear()
+            try:
+                await self.tick()
+            except Exception:  # the loop must survive; the failure is logged with its trace
+                log.exception("scheduler.error")
+
+    async def tick(self) -> None:
+        """One round: offline check, lease expiry, then assignment and dispatch."""
+        coord, cfg = self.coord, self.coord.config
+        now = coord.now()
+        if now >= self._next_offline_check:
+            self._next_offline_check = now + cfg.heartbeat_interval / 2
+            await self.check_offline(now)
+        lost = await coord.db.run(lambda s: expire_tx(s, now=now, max_attempts=cfg.max_attempts))
+        await self._report_lost(lost, "task.lease_expired")
+        cands = self.candidates()
+        if not cands:
+            return
+        assigned = await coord.db.run(
+            lambda s: assign_tx(s, cands, now=now, lease_seconds=cfg.lease_seconds)
+        )
+        for a in assigned:
+            await self.dispatch(a)
+
+    async def check_offline(self, now: float) -> None:
+        coord = self.coord
+        limit = coord.config.offline_after
+        for node_id, rt in list(coord.runtime.items()):
+            if not rt.online or rt.last_seen is None or now - rt.last_seen <= limit:
+                continue
+            rt.online = False
+            silent = now - rt.last_seen
+            log.warning("node.offline", extra={"node_id": node_id, "silent_s": round(silent, 1)})
+            link = coord.links.get(node_id)
+            if link is not None:
+                await link.close(4005, f"offline: no heartbeat for {silent:.0f} s")
+            detail = f"node {node_id} went offline (no heartbeat for {silent:.0f} s)"
+            max_attempts = coord.config.max_attempts
+            lost = await coord.db.run(
+                functools.partial(
+                    node_lost_tx, node_id=node_id, detail=detail, now=now, max_attempts=max_attempts
+                )
+            )
+            await self._report_lost(lost, "task.requeued")
+
+    async def _report_lost(self, lost: Sequence[Lost], event: str) -> None:
+        for item in lost:
+            log.info(
+                "task.failed" if item.failed else event,
+                extra={"task_id": item.task_id, "node_id": item.node_id},
+            )
+            if item.node_id is not None:
+                await self.coord.send_to(
+                    item.node_id,
+                    messages.Cancel(uuid.UUID(item.task_id), "lease ended").to_wire(),
+                )
+            await cancel_leases(self.coord, item.cancel, "job failed")
+        if lost:
+            self.coord.wake()
+
+    async def dispatch(self, a: Assignment) -> None:
+        coord = self.coord
+        info = coord.nodes[a.node_id]
+        task_uuid = uuid.UUID(a.task_id)
+        sealed = await asyncio.to_thread(
+            envelope.seal,
+            a.payload,
+            public_key=info.public_key,
+            task_id=task_uuid,
+            node_id=a.node_id,
+            expires_at=int(a.deadline),
+        )
+        frame = messages.Dispatch(
+            task_id=task_uuid,
+            job_id=uuid.UUID(a.job_id),
+            workload_class=a.workload_class,
+            lease_expires_at=int(a.deadline),
+            envelope=sealed,
+            slice_index=a.slice_index,
+            slice_count=a.slice_count,
+        ).to_wire()
+        if await coord.send_to(a.node_id, frame):
+            log.info(
+                "task.dispatched",
+                extra={"task_id": a.task_id, "node_id": a.node_id, "attempt": a.attempt},
+            )
+            return
+        now = coord.now()
+        await coord.db.run(lambda s: undeliverable_tx(s, a.task_id, a.node_id, now))
+        log.info("task.undeliverable", extra={"task_id": a.task_id, "node_id": a.node_id})
+        coord.wake()
+
+
+async def cancel_leases(coord: Coordinator, leases: Iterable[tuple[str, str]], reason: str) -> None:
+    """Tell nodes to drop tasks they no longer hold (best effort: the lease is gone anyway)."""
+    for node_id, task_id in leases:
+        await coord.send_to(node_id, messages.Cancel(uuid.UUID(task_id), reason).to_wire())

@@ -1,0 +1,108 @@
+"""Run the coordinator under uvicorn, programmatically (``nodeclient-coordinator serve``).
+
+As soon as the server listens it prints exactly one line, ``coordinator: http://HOST:PORT``
+with the port actually bound (``--port 0`` lets the OS pick), and flushes: devnets and
+end-to-end tests wait for that line. SIGTERM and SIGINT shut down cleanly with exit 0.
+The link's WebSocket message limit is the protocol's data-frame limit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import socket
+import sys
+import threading
+from collections.abc import Generator
+from types import FrameType
+from typing import TextIO
+
+import uvicorn
+from fastapi import FastAPI
+
+from nodeclient.errors import UsageError
+from nodeclient.protocol.messages import MAX_DATA_FRAME
+
+_WS_OVERHEAD = 4096  # frame headers around the largest allowed JSON frame
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, minus re-raising the caught signal after shutdown.
+
+    uvicorn re-raises SIGTERM once it has stopped, which would end the process with
+    status -15; a clean, requested shutdown is exit 0.
+    """
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield  # signals can only be handled on the main thread (tests run us in one)
+            return
+
+        def handle(sig: int, frame: FrameType | None) -> None:
+            self.handle_exit(sig, frame)
+
+        previous = {s: signal.signal(s, handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+
+
+def build_server(app: FastAPI, *, host: str, port: int) -> uvicorn.Server:
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_config=None,  # our JSON logs only (nodeclient.logs)
+        access_log=False,
+        ws_max_size=MAX_DATA_FRAME + _WS_OVERHEAD,
+        ws_ping_interval=20.0,
+        ws_ping_timeout=20.0,
+        lifespan="on",
+    )
+    return _Server(config)
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """Bind and listen ourselves, so a busy port is a clean error and the port is known."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        raise UsageError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
+    sock.set_inheritable(True)
+    return sock
+
+
+def url_of(sock: socket.socket, host: str) -> str:
+    """The http:// URL of a listening socket."""
+    port = sock.getsockname()[1]
+    shown = f"[{host}]" if ":" in host else host
+    return f"http://{shown}:{port}"
+
+
+async def serve(
+    app: FastAPI, *, sock: socket.socket, host: str, announce: TextIO | None = None
+) -> int:
+    """Serve on *sock* until a signal; print the URL line once listening. Returns the status."""
+    server = build_server(app, host=host, port=sock.getsockname()[1])
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    while not server.started and not task.done():
+        await asyncio.sleep(0.01)
+    if server.started:
+        out = announce or sys.stdout
+        out.write(f"coordinator: {url_of(sock, host)}\n")
+        out.flush()
+    await task
+    return 0 if server.started else 1
+
+
+def run(app: FastAPI, *, sock: socket.socket, host: str) -> int:
+    return asyncio.run(serve(app, sock=sock, host=host))

@@ -1,0 +1,159 @@
+"""The coordinator's shared state: node cache, live links, heartbeat writer, wake-ups.
+
+One :class:`Coordinator` is built per app. The HTTP routes, the link sessions and the
+scheduler all work through it; nothing here does network I/O itself. Registered nodes
+are cached in memory (:class:`~nodeclient.coordinator.store.NodeInfo`), because every
+heartbeat and every scheduling round consults them; the cache is loaded from SQL at
+start and updated after each committed registration or unstake.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from collections.abc import Mapping
+from dataclasses import replace
+from typing import Any, Protocol
+
+from nodeclient.clock import Clock
+from nodeclient.coordinator.config import CoordinatorConfig
+from nodeclient.coordinator.store import Database, NodeInfo, coordinator_id, load_nodes
+from nodeclient.coordinator.store import write_heartbeats as _write_heartbeats
+
+log = logging.getLogger("nodeclient.coordinator")
+
+
+class LinkPort(Protocol):
+    """What the rest of the coordinator may do with one live node link."""
+
+    node_id: str
+
+    async def send(self, frame: Mapping[str, Any]) -> bool:
+        """Send one frame; False if the link is gone (the caller re-queues)."""
+        ...
+
+    async def close(self, code: int, reason: str) -> None: ...
+
+
+class NodeRuntime:
+    """Per-node liveness in memory; the durable parts are written behind to SQL."""
+
+    __slots__ = ("last_seen", "last_seq", "online", "state")
+
+    def __init__(self, *, last_seq: int, last_seen: float | None, state: str | None) -> None:
+        self.last_seq = last_seq
+        self.last_seen = last_seen
+        self.state = state
+        # Only a node that authenticated in this process can be online: after a restart
+        # its leases wait for their deadline or for the node to come back (2.3.3).
+        self.online = False
+
+
+class HeartbeatWriter:
+    """Group commit for heartbeats: every ack waits for its seq to be durable.
+
+    Heartbeats that arrive while a commit runs are written together by the next one,
+    so 10,000 nodes cost a few commits a second, not 333, and a replayed seq is still
+    refused after a restart because nothing is acknowledged before it is stored.
+    """
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+        self._pending: dict[str, tuple[str, int, str, float]] = {}
+        self._waiters: list[asyncio.Future[None]] = []
+        self._flusher: asyncio.Task[None] | None = None
+
+    async def persist(self, node_id: str, seq: int, state: str, seen: float) -> None:
+        loop = asyncio.get_running_loop()
+        self._pending[node_id] = (node_id, seq, state, seen)
+        waiter: asyncio.Future[None] = loop.create_future()
+        self._waiters.append(waiter)
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush())
+        await waiter
+
+    async def _flush(self) -> None:
+        while self._pending:
+            batch = list(self._pending.values())
+            waiters, self._waiters = self._waiters, []
+            self._pending = {}
+            try:
+                await self._db.run_core(functools.partial(_write_heartbeats, batch=batch))
+            except Exception as exc:  # noqa: BLE001 (handed to every waiting heartbeat)
+                for w in waiters:
+                    if not w.done():
+                        w.set_exception(exc)
+                continue
+            for w in waiters:
+                if not w.done():
+                    w.set_result(None)
+
+
+class Coordinator:
+    """Shared state of one coordinator process (built by ``create_app``)."""
+
+    def __init__(self, config: CoordinatorConfig, *, clock: Clock, db: Database) -> None:
+        self.config = config
+        self.clock = clock
+        self.db = db
+        self.coordinator_id: str = db.run_sync(lambda s: coordinator_id(s, config.coordinator_id))
+        self.nodes: dict[str, NodeInfo] = {}
+        self.runtime: dict[str, NodeRuntime] = {}
+        for info in db.run_sync(load_nodes):
+            self.cache_node(info)
+        self.links: dict[str, LinkPort] = {}
+        self.heartbeats = HeartbeatWriter(db)
+        self._wake: asyncio.Event | None = None
+
+    def now(self) -> float:
+        return self.clock.now()
+
+    # --- node cache -------------------------------------------------------------------------
+
+    def cache_node(self, info: NodeInfo) -> None:
+        self.nodes[info.node_id] = info
+        if info.node_id not in self.runtime:
+            self.runtime[info.node_id] = NodeRuntime(
+                last_seq=info.last_seq, last_seen=info.last_seen, state=info.state
+            )
+
+    def set_unstaking(self, node_id: str, until: int) -> None:
+        info = self.nodes.get(node_id)
+        if info is not None:
+            self.nodes[node_id] = replace(info, unstaking_until=until)
+
+    def is_online(self, node_id: str) -> bool:
+        rt = self.runtime.get(node_id)
+        return bool(rt and rt.online and node_id in self.links)
+
+    # --- links ------------------------------------------------------------------------------
+
+    def attach(self, node_id: str, link: LinkPort) -> LinkPort | None:
+        """Make *link* the node's one live link; returns the one it replaces, if any."""
+        old = self.links.get(node_id)
+        self.links[node_id] = link
+        rt = self.runtime[node_id]
+        rt.online = True
+        rt.last_seen = self.now()
+        return old if old is not link else None
+
+    def detach(self, node_id: str, link: LinkPort) -> None:
+        """Forget *link* if it is still the node's live one (a replaced link is not)."""
+        if self.links.get(node_id) is link:
+            del self.links[node_id]
+
+    async def send_to(self, node_id: str, frame: Mapping[str, Any]) -> bool:
+        link = self.links.get(node_id)
+        return False if link is None else await link.send(frame)
+
+    # --- scheduler wake-ups -----------------------------------------------------------------
+
+    def wake_event(self) -> asyncio.Event:
+        if self._wake is None:
+            self._wake = asyncio.Event()
+        return self._wake
+
+    def wake(self) -> None:
+        """Ask the scheduler for a round now (new job, node linked, result, heartbeat)."""
+        self.wake_event().set()

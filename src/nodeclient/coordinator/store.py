@@ -1,0 +1,309 @@
+"""SQL access: one database worker thread, one transaction per call, and shared queries.
+
+Every database call runs on a single dedicated thread (:meth:`Database.run`), so the
+event loop that serves thousands of links never blocks on SQL, and transactions never
+race each other inside this process: each call is one ``BEGIN .. COMMIT`` that sees a
+consistent state (a result that arrives while its lease expires is decided by whichever
+transaction runs first, and the other sees its outcome). Functions that take a
+``Session`` are the transactions; the domain modules (registry, scheduler, verifier)
+write their own and pass them to ``run``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import uuid
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, TypeVar, cast
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
+from sqlalchemy import (
+    Connection,
+    Engine,
+    Table,
+    bindparam,
+    create_engine,
+    event,
+    func,
+    select,
+    update,
+)
+from sqlalchemy.engine.interfaces import DBAPIConnection
+from sqlalchemy.orm import Session
+from sqlalchemy.pool import ConnectionPoolEntry
+
+from nodeclient.coordinator import models as m
+from nodeclient.protocol import eip712
+
+T = TypeVar("T")
+
+
+def _sqlite_pragmas(dbapi_conn: DBAPIConnection, _record: ConnectionPoolEntry) -> None:
+    # Connection set-up only, not query features: WAL lets readers run beside the writer,
+    # and synchronous=NORMAL makes the heartbeat commits cheap without risking corruption.
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=NORMAL")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.execute("PRAGMA busy_timeout=5000")
+    cur.close()
+
+
+def make_engine(url: str) -> Engine:
+    engine = create_engine(url, future=True)
+    if engine.dialect.name == "sqlite":
+        event.listen(engine, "connect", _sqlite_pragmas)
+    return engine
+
+
+class Database:
+    """The SQL engine plus the one worker thread every transaction runs on."""
+
+    def __init__(self, url: str) -> None:
+        self.engine = make_engine(url)
+        m.Base.metadata.create_all(self.engine)
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="coordinator-db")
+
+    def run_sync(self, fn: Callable[[Session], T]) -> T:
+        """Run *fn* in one transaction on the calling thread (start-up only)."""
+        with Session(self.engine, expire_on_commit=False) as session, session.begin():
+            return fn(session)
+
+    async def run(self, fn: Callable[[Session], T]) -> T:
+        """Run *fn* in one transaction on the database thread."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self.run_sync, fn)
+
+    def _run_conn(self, fn: Callable[[Connection], T]) -> T:
+        with self.engine.begin() as conn:
+            return fn(conn)
+
+    async def run_core(self, fn: Callable[[Connection], T]) -> T:
+        """Run *fn* on a Core connection in one transaction on the database thread."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self._run_conn, fn)
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True)
+        self.engine.dispose()
+
+
+# --- coordinator identity ---------------------------------------------------------------------
+
+
+def coordinator_id(session: Session, configured: str | None) -> str:
+    """The persisted coordinator_id; the first start stores *configured* or a fresh one."""
+    row = session.get(m.Meta, "coordinator_id")
+    if row is not None and configured in (None, row.value):
+        return row.value
+    value = configured or f"coordinator-{secrets.token_hex(4)}"
+    if row is None:
+        session.add(m.Meta(key="coordinator_id", value=value))
+    else:
+        row.value = value
+    return value
+
+
+# --- nodes ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class NodeInfo:
+    """What scheduling and link checks need of a registered node, cached in memory."""
+
+    node_id: str
+    wallet_address: str
+    liveness_address: str
+    public_key: RSAPublicKey
+    hardware_tier: int
+    region: str
+    workload_classes: frozenset[str]
+    max_parallel_subtasks: int
+    registered_at: float
+    unstaking_until: int | None
+    last_seq: int
+    state: str | None
+    last_seen: float | None
+
+
+def node_info(row: m.Node) -> NodeInfo:
+    key = serialization.load_pem_public_key(row.pubkey_rsa.encode("ascii"))
+    if not isinstance(key, RSAPublicKey):  # verified at registration; a bug if not
+        raise TypeError("stored pubkey_rsa is not an RSA key")
+    return NodeInfo(
+        node_id=row.node_id,
+        wallet_address=row.wallet_address,
+        liveness_address=row.liveness_address,
+        public_key=key,
+        hardware_tier=row.hardware_tier,
+        region=row.region,
+        workload_classes=frozenset(json.loads(row.workload_classes)),
+        max_parallel_subtasks=row.max_parallel_subtasks,
+        registered_at=row.registered_at,
+        unstaking_until=row.unstaking_until,
+        last_seq=row.last_seq,
+        state=row.state,
+        last_seen=row.last_seen,
+    )
+
+
+def load_nodes(session: Session) -> list[NodeInfo]:
+    return [node_info(row) for row in session.scalars(select(m.Node))]
+
+
+_NODES = cast(Table, m.Node.__table__)
+_HEARTBEAT_UPDATE = (
+    update(_NODES)
+    .where(_NODES.c.node_id == bindparam("b_node_id"))
+    .values(last_seq=bindparam("b_seq"), state=bindparam("b_state"), last_seen=bindparam("b_seen"))
+)
+
+
+def write_heartbeats(conn: Connection, *, batch: Sequence[tuple[str, int, str, float]]) -> None:
+    """Persist (node_id, seq, state, seen_at) for a batch of heartbeats: one commit for all.
+
+    One executemany UPDATE in SQLAlchemy Core (this is the hot path: no ORM session).
+    The in-memory seq check runs first and the cache is loaded from this table at
+    start, so the stored seq only ever grows.
+    """
+    if batch:
+        conn.execute(
+            _HEARTBEAT_UPDATE,
+            [{"b_node_id": n, "b_seq": q, "b_state": st, "b_seen": t} for n, q, st, t in batch],
+        )
+
+
+def touch_node(session: Session, node_id: str, seen: float) -> None:
+    row = session.get(m.Node, node_id)
+    if row is not None:
+        row.last_seen = seen
+
+
+def node_row_json(row: m.Node, *, online: bool) -> dict[str, Any]:
+    return {
+        "node_id": row.node_id,
+        "wallet": row.wallet_address,
+        "tier": row.hardware_tier,
+        "region": row.region,
+        "online": online,
+        "state": row.state,
+        "last_seen": row.last_seen,
+        "unstaking_until": row.unstaking_until,
+        "workload_classes": json.loads(row.workload_classes),
+        "max_parallel_subtasks": row.max_parallel_subtasks,
+        "liveness_address": row.liveness_address,
+        "registered_at": row.registered_at,
+    }
+
+
+def list_nodes(session: Session) -> list[m.Node]:
+    return list(session.scalars(select(m.Node).order_by(m.Node.registered_at, m.Node.node_id)))
+
+
+# --- jobs and tasks ---------------------------------------------------------------------------
+
+
+def leased_counts(session: Session) -> dict[str, int]:
+    """Tasks leased per node: what is subtracted from each node's capacity."""
+    rows = session.execute(
+        select(m.Task.node_id, func.count())
+        .where(m.Task.status == m.LEASED)
+        .group_by(m.Task.node_id)
+    )
+    return {node_id: n for node_id, n in rows if node_id is not None}
+
+
+def task_json(task: m.Task, *, chain_id: int) -> dict[str, Any]:
+    typed: dict[str, Any] | None = None
+    if task.message is not None:
+        message = eip712.message_from_json("Result", json.loads(task.message))
+        typed = eip712.typed_data_json("Result", message, chain_id=chain_id)
+    return {
+        "task_id": task.task_id,
+        "slice_index": task.slice_index,
+        "slice_count": task.slice_count,
+        "node_id": task.node_id,
+        "status": task.status,
+        "attempts": task.attempts,
+        "lease_deadline": task.lease_deadline,
+        "proof": task.proof,
+        "signature": task.signature,
+        "result_sha256": task.result_sha256,
+        "result_size": task.result_size,
+        "typed_data": typed,
+        "reason": task.reason,
+    }
+
+
+def job_tasks(session: Session, job_id: str) -> list[m.Task]:
+    return list(
+        session.scalars(select(m.Task).where(m.Task.job_id == job_id).order_by(m.Task.slice_index))
+    )
+
+
+def job_json(session: Session, job: m.Job, *, chain_id: int) -> dict[str, Any]:
+    return {
+        "job_id": job.job_id,
+        "workload_class": job.workload_class,
+        "status": job.status,
+        "reason": job.reason,
+        "min_tier": job.min_tier,
+        "region": job.region,
+        "slices": job.slices,
+        "created_at": job.created_at,
+        "finished_at": job.finished_at,
+        "result_sha256": job.result_sha256,
+        "tasks": [task_json(t, chain_id=chain_id) for t in job_tasks(session, job.job_id)],
+    }
+
+
+def list_jobs(session: Session) -> list[dict[str, Any]]:
+    cols = (m.Job.job_id, m.Job.workload_class, m.Job.status, m.Job.created_at)
+    rows = session.execute(select(*cols).order_by(m.Job.created_at, m.Job.job_id))
+    return [{"job_id": j, "workload_class": c, "status": s, "created_at": t} for j, c, s, t in rows]
+
+
+def insert_job(
+    session: Session,
+    *,
+    workload_class: str,
+    payloads: Sequence[bytes],
+    min_tier: int,
+    region: str | None,
+    meta: dict[str, Any],
+    now: float,
+) -> str:
+    """Insert a job and one queued task per payload slice; returns the job_id."""
+    job_id = str(uuid.uuid4())
+    session.add(
+        m.Job(
+            job_id=job_id,
+            workload_class=workload_class,
+            status=m.QUEUED,
+            min_tier=min_tier,
+            region=region,
+            slices=len(payloads),
+            meta=json.dumps(meta),
+            created_at=now,
+        )
+    )
+    session.flush()
+    for index, payload in enumerate(payloads):
+        session.add(
+            m.Task(
+                task_id=str(uuid.uuid4()),
+                job_id=job_id,
+                slice_index=index,
+                slice_count=len(payloads),
+                status=m.QUEUED,
+                attempts=0,
+                queued_at=now,
+                payload=payload,
+            )
+        )
+    return job_id

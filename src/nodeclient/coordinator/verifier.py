@@ -1,0 +1,217 @@
+"""Result and reject verification (2.3.6 Proof-of-Execution, 2.3.7 Signed Return).
+
+A result is accepted only if all of these hold, checked in this order:
+
+1. the Result message names the link's node, and its EIP-712 signature recovers to
+   that node_id (node.key; not the liveness key) -- else an ``error`` frame
+   ``bad_signature`` and nothing changes;
+2. ``result_size`` is the length of the delivered bytes and ``proof`` equals
+   SHA-256(task_id || result || node_id), recomputed here;
+3. the task exists, belongs to ``job_id``, and is or was leased to this node;
+4. the bytes are a well-formed result of the job's workload class.
+
+Then, exactly once: the first valid result is stored with its proof, signature and the
+signed message, and acknowledged ``accepted``; the same result again is ``duplicate``;
+a *different* signed result for the same task from the same node is equivocation,
+recorded as evidence and ``rejected``. A result for a task that another node has
+completed meanwhile is ``rejected`` with that reason. When every task of a job has
+succeeded, the job's result is assembled and the job succeeds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from nodeclient.coordinator import classes
+from nodeclient.coordinator import models as m
+from nodeclient.coordinator.scheduler import Lost, close_attempt, requeue_or_fail
+from nodeclient.errors import ProtocolError, SignatureError
+from nodeclient.protocol import eip712
+from nodeclient.protocol.messages import SignedFrame
+from nodeclient.protocol.proof import proof_of_execution
+from nodeclient.protocol.secp import parse_address, to_checksum_address
+
+
+@dataclass(frozen=True, slots=True)
+class ResultClaim:
+    """A result frame whose signature is verified; its proof is not yet checked."""
+
+    task_id: uuid.UUID
+    job_id: uuid.UUID
+    node_id: str
+    proof: bytes
+    result_size: int
+    result: bytes
+    signature: bytes
+    message: Mapping[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """What to answer (ResultAck status and reason) and what else to do."""
+
+    status: str  # accepted | duplicate | rejected
+    reason: str = ""
+    event: str = ""
+    job_done: str | None = None  # the job's final status, when this ended it
+    cancel: tuple[tuple[str, str], ...] = ()
+
+
+def _signer_is(frame: SignedFrame, node_id: str, *, chain_id: int) -> None:
+    """Fail closed unless the message names *node_id* and is signed by it (node.key)."""
+    named = to_checksum_address(parse_address(frame.message["node_id"], field="node_id"))
+    if named != node_id:
+        raise SignatureError(f"{frame.primary_type} names node {named}, but this link is {node_id}")
+    eip712.verify_typed(
+        frame.primary_type, frame.message, frame.signature, signer=node_id, chain_id=chain_id
+    )
+
+
+def check_result_frame(frame: SignedFrame, *, node_id: str, chain_id: int) -> ResultClaim:
+    """Step 1: signature by the link's node. Raises SignatureError."""
+    _signer_is(frame, node_id, chain_id=chain_id)
+    msg = frame.message
+    return ResultClaim(
+        task_id=uuid.UUID(bytes=msg["task_id"]),
+        job_id=uuid.UUID(bytes=msg["job_id"]),
+        node_id=node_id,
+        proof=msg["proof"],
+        result_size=msg["result_size"],
+        result=frame.extra["result"],
+        signature=frame.signature,
+        message=msg,
+    )
+
+
+def check_reject_frame(frame: SignedFrame, *, node_id: str, chain_id: int) -> uuid.UUID:
+    """A Reject must be signed by the link's node (node.key). Raises SignatureError."""
+    _signer_is(frame, node_id, chain_id=chain_id)
+    return uuid.UUID(bytes=frame.message["task_id"])
+
+
+def check_proof(claim: ResultClaim) -> str | None:
+    """Step 2, CPU-bound (runs off the event loop): None, or why the proof fails."""
+    if claim.result_size != len(claim.result):
+        return f"result_size {claim.result_size} does not match the {len(claim.result)} bytes sent"
+    expected = proof_of_execution(task_id=claim.task_id, result=claim.result, node_id=claim.node_id)
+    if expected != claim.proof:
+        return (
+            f"proof mismatch: SHA-256(task_id || result || node_id) is 0x{expected.hex()}, "
+            f"the signed proof is 0x{claim.proof.hex()}"
+        )
+    return None
+
+
+def _was_leased_to(session: Session, task: m.Task, node_id: str) -> bool:
+    if task.status == m.LEASED and task.node_id == node_id:
+        return True
+    return (
+        session.scalars(
+            select(m.TaskAttempt.id).where(
+                m.TaskAttempt.task_id == task.task_id, m.TaskAttempt.node_id == node_id
+            )
+        ).first()
+        is not None
+    )
+
+
+def _finish_job(session: Session, job: m.Job, now: float) -> str | None:
+    tasks = session.scalars(
+        select(m.Task).where(m.Task.job_id == job.job_id).order_by(m.Task.slice_index)
+    ).all()
+    if any(t.status != m.SUCCEEDED for t in tasks):
+        return None
+    wclass = classes.lookup(job.workload_class)
+    try:
+        result = wclass.assemble([t.result or b"" for t in tasks], json.loads(job.meta))
+    except ProtocolError as exc:
+        job.status, job.reason, job.finished_at = m.FAILED, f"assembly failed: {exc}", now
+        return m.FAILED
+    job.result, job.result_sha256 = result, hashlib.sha256(result).hexdigest()
+    job.status, job.finished_at = m.SUCCEEDED, now
+    return m.SUCCEEDED
+
+
+def accept_result_tx(  # noqa: PLR0911 (one early answer per check)
+    session: Session, claim: ResultClaim, *, now: float, max_payload: int
+) -> Decision:
+    """Steps 3-4 and the exactly-once bookkeeping, in one transaction."""
+    tid = str(claim.task_id)
+    task = session.get(m.Task, tid)
+    if task is None:
+        return Decision("rejected", f"unknown task {tid}")
+    if task.job_id != str(claim.job_id):
+        return Decision("rejected", f"task {tid} does not belong to job {claim.job_id}")
+    proof_hex = "0x" + claim.proof.hex()
+    if task.status == m.SUCCEEDED:
+        if task.node_id != claim.node_id:
+            return Decision("rejected", f"task {tid} is no longer leased to this node: "
+                            f"it was re-queued and completed by {task.node_id}")  # fmt: skip
+        if task.proof == proof_hex:
+            return Decision("duplicate", "this result was already accepted")
+        session.add(
+            m.Equivocation(
+                task_id=tid,
+                node_id=claim.node_id,
+                accepted_proof=task.proof or "",
+                conflicting_proof=proof_hex,
+                conflicting_signature="0x" + claim.signature.hex(),
+                conflicting_message=json.dumps(eip712.message_to_json("Result", claim.message)),
+                recorded_at=now,
+            )
+        )
+        return Decision(
+            "rejected",
+            f"equivocation: a different result (proof {proof_hex}) for task {tid}, whose "
+            f"accepted result has proof {task.proof}",
+            event="result.equivocation",
+        )
+    if not _was_leased_to(session, task, claim.node_id):
+        return Decision("rejected", f"task {tid} was never leased to this node")
+    if task.status in (m.FAILED, m.CANCELLED):
+        return Decision("rejected", f"task {tid} is {task.status}: {task.reason}")
+    job = session.get_one(m.Job, task.job_id)
+    try:
+        classes.lookup(job.workload_class).check_result(
+            claim.result, json.loads(job.meta), max_payload
+        )
+    except ProtocolError as exc:
+        return Decision("rejected", str(exc))
+    cancel: tuple[tuple[str, str], ...] = ()
+    if task.status == m.LEASED and task.node_id not in (None, claim.node_id):
+        # A late result from an earlier lease wins; the current holder is told to stop.
+        close_attempt(session, tid, task.node_id, "superseded", now)
+        cancel = ((task.node_id, tid),)
+    close_attempt(session, tid, claim.node_id, "succeeded", now)
+    task.status, task.node_id, task.reason = m.SUCCEEDED, claim.node_id, None
+    task.result, task.result_size = claim.result, len(claim.result)
+    task.result_sha256 = hashlib.sha256(claim.result).hexdigest()
+    task.proof, task.signature = proof_hex, "0x" + claim.signature.hex()
+    task.message = json.dumps(eip712.message_to_json("Result", claim.message))
+    task.completed_at = now
+    return Decision(
+        "accepted", event="result.accepted", job_done=_finish_job(session, job, now), cancel=cancel
+    )
+
+
+def reject_tx(
+    session: Session, task_id: uuid.UUID, node_id: str, reason: str, *, now: float,
+    max_attempts: int,
+) -> tuple[Decision, Lost | None]:  # fmt: skip
+    """A node's signed refusal: re-queue the task elsewhere (the attempt counts)."""
+    task = session.get(m.Task, str(task_id))
+    if task is None or task.status != m.LEASED or task.node_id != node_id:
+        return Decision("rejected", f"task {task_id} is not leased to this node"), None
+    lost = requeue_or_fail(
+        session, task, outcome="rejected", detail=f"node {node_id} rejected it: {reason}",
+        now=now, max_attempts=max_attempts,
+    )  # fmt: skip
+    return Decision("accepted", event="task.rejected_by_node"), lost

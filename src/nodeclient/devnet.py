@@ -1,0 +1,243 @@
+"""``nodeclient devnet``: a whole network on one machine, with one command.
+
+Starts a reference coordinator on loopback (SQLite in a temporary directory) and N node
+daemons with their own homes and keys, as real processes. Submits demo jobs (a digits
+classifier on ONNX Runtime), shows progress, checks every result the way a stranger
+would (SHA-256 and eth-account alone), prints each node's state transitions and exits 0.
+``--serve`` keeps the network up until interrupted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+
+from nodeclient.errors import NodeClientError
+from nodeclient.node import control, keys, securefile
+from nodeclient.node.config import NodeConfig, write_config
+from nodeclient.protocol.secp import to_checksum_address
+
+Print = Callable[[str], None]
+
+
+class DevnetError(NodeClientError):
+    """The devnet could not start or a demo job did not verify."""
+
+
+@dataclass
+class Devnet:
+    workdir: Path
+    heartbeat: float
+    out: Print
+    coordinator: subprocess.Popen[bytes] | None = None
+    url: str = ""
+    nodes: list[tuple[Path, subprocess.Popen[bytes]]] = field(default_factory=list)
+
+    def start_coordinator(self, *, extra: list[str] | None = None) -> str:
+        data = self.workdir / "coordinator"
+        data.mkdir(parents=True, exist_ok=True)
+        cmd = [
+            sys.executable, "-m", "nodeclient.coordinator.cli", "serve",
+            "--host", "127.0.0.1", "--port", "0", "--data-dir", str(data),
+            "--db", f"sqlite:///{data / 'coordinator.db'}",
+            "--heartbeat-interval", str(self.heartbeat), *(extra or []),
+        ]  # fmt: skip
+        log = open(data / "coordinator.log", "ab")  # noqa: SIM115 - lives as long as the process
+        self.coordinator = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log)
+        self.url = _wait_for_line(self.coordinator, "coordinator: ", timeout=60.0)
+        return self.url
+
+    def add_node(self, index: int) -> Path:
+        home = securefile.ensure_home(self.workdir / f"node{index}", create=True)
+        keys.init_keys(home, passphrase=None)
+        wallet = to_checksum_address(secrets.token_bytes(20))
+        write_config(
+            home,
+            NodeConfig(
+                wallet_address=wallet, region="local", coordinator=self.url,
+                heartbeat_interval=self.heartbeat,
+            ),
+        )  # fmt: skip
+        log = open(home / "node.log", "ab")  # noqa: SIM115 - lives as long as the process
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "nodeclient.node.cli", "run", "--home", str(home)],
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+        )
+        self.nodes.append((home, proc))
+        return home
+
+    def stop(self) -> None:
+        procs = [p for _, p in self.nodes] + ([self.coordinator] if self.coordinator else [])
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+
+def _wait_for_line(proc: subprocess.Popen[bytes], prefix: str, *, timeout: float) -> str:
+    """Read the child's stdout until a line starts with *prefix*; return the rest."""
+    assert proc.stdout is not None
+    found: list[str] = []
+    stream: IO[bytes] = proc.stdout
+
+    def reader() -> None:
+        for raw in stream:
+            line = raw.decode(errors="replace").strip()
+            if line.startswith(prefix):
+                found.append(line[len(prefix) :])
+                return
+
+    t = threading.Thread(target=reader, daemon=True)
+    t.start()
+    t.join(timeout)
+    if not found:
+        proc.kill()
+        raise DevnetError(f"the coordinator did not report its address within {timeout:.0f} s")
+    return found[0]
+
+
+def verify_task(task: dict[str, Any], result: bytes) -> str:
+    """Check a task as a stranger would: hashlib for the proof, eth-account for the signature.
+
+    Returns the recovered signer; raises DevnetError on any mismatch.
+    """
+    from eth_account import Account
+    from eth_account.messages import encode_typed_data
+
+    node = task["node_id"]
+    expected = hashlib.sha256(
+        uuid.UUID(task["task_id"]).bytes + result + bytes.fromhex(node[2:])
+    ).hexdigest()
+    if task["proof"] != "0x" + expected:
+        raise DevnetError(f"task {task['task_id']}: proof does not match the result bytes")
+    if task["typed_data"]["message"]["proof"] != task["proof"]:
+        raise DevnetError(f"task {task['task_id']}: signed proof differs from the published one")
+    signer = Account.recover_message(
+        encode_typed_data(full_message=task["typed_data"]),
+        signature=bytes.fromhex(task["signature"][2:]),
+    )
+    if signer != node:
+        raise DevnetError(f"task {task['task_id']}: signature recovers to {signer}, not {node}")
+    return str(signer)
+
+
+def demo_jobs(count: int) -> list[tuple[bytes, np.ndarray]]:
+    """Digits-classifier inference jobs: (payload, expected labels) each."""
+    from nodeclient.workloads.inference import make_request
+
+    assets = resources.files("nodeclient.assets")
+    model = assets.joinpath("digits.onnx").read_bytes()
+    with assets.joinpath("digits_test.npz").open("rb") as fh:
+        data = np.load(fh)
+        x, y = data["x"], data["y"]
+    out = []
+    for part_x, part_y in zip(np.array_split(x, count), np.array_split(y, count), strict=True):
+        out.append((make_request(model, {"X": part_x}).encode(), part_y))
+    return out
+
+
+def run_devnet(
+    *, nodes: int, serve: bool, jobs: int, heartbeat: float, keep: bool, out: Print = print
+) -> int:
+    from nodeclient.coordinator.client import CoordinatorClient
+    from nodeclient.workloads.inference import decode_result
+
+    workdir = Path(tempfile.mkdtemp(prefix="nodeclient-devnet-"))
+    net = Devnet(workdir=workdir, heartbeat=heartbeat, out=out)
+    ok = False
+    try:
+        url = net.start_coordinator()
+        out(f"coordinator: {url}")
+        for i in range(nodes):
+            home = net.add_node(i)
+            out(f"node {i}: {keys.node_id_of(home)}  (home {home})")
+        client = CoordinatorClient(url)
+        _wait_online(client, nodes, out)
+        submitted = []
+        for payload, labels in demo_jobs(jobs):
+            job = client.submit_job(workload_class="ai.inference", payload=payload)
+            submitted.append((job["job_id"], labels))
+            out(f"job {job['job_id']}: submitted (digits classifier, {len(labels)} images)")
+        correct = total = 0
+        for job_id, labels in submitted:
+            job = _wait_job(client, job_id, out)
+            if job["status"] != "succeeded":
+                raise DevnetError(f"job {job_id} failed: {job.get('reason')}")
+            for task in job["tasks"]:
+                result = client.task_result(task["task_id"])
+                signer = verify_task(task, result)
+                out(
+                    f"  task {task['task_id']} on {signer}: "
+                    f"proof {task['proof'][:18]}… verified, signature verified"
+                )
+            outputs, _meta = decode_result(client.job_result(job_id))
+            correct += int((outputs["label"] == labels).sum())
+            total += len(labels)
+        share = correct / max(total, 1)
+        out(f"digits classified: {correct}/{total} correct ({share:.1%}), every result verified")
+        for i, (home, _proc) in enumerate(net.nodes):
+            st = control.request(home / control.SOCKET_NAME, {"cmd": "status"})
+            path = " -> ".join(["READY"] + [t["to"] for t in st["transitions"]])
+            out(f"node {i} states: {path}  (now {st['state']}, {st['completed']} completed)")
+        ok = True
+        if serve:
+            out("devnet is running; press Ctrl-C to stop")
+            with contextlib.suppress(KeyboardInterrupt):
+                signal.sigwait({signal.SIGINT, signal.SIGTERM})
+        return 0
+    finally:
+        net.stop()
+        if keep or not ok:
+            out(f"devnet files kept in {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _wait_online(client: Any, count: int, out: Print, timeout: float = 90.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        online = [n for n in client.nodes() if n.get("online")]
+        if len(online) >= count:
+            out(f"{len(online)} node(s) registered, linked and heartbeating")
+            return
+        time.sleep(0.2)
+    raise DevnetError(f"nodes did not come online within {timeout:.0f} s (see node*/node.log)")
+
+
+def _wait_job(client: Any, job_id: str, out: Print, timeout: float = 120.0) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    last = ""
+    while time.monotonic() < deadline:
+        job: dict[str, Any] = client.job(job_id)
+        line = f"job {job_id}: {job['status']}" + "".join(
+            f" [{t['status']} on {t.get('node_id') or '-'}]" for t in job["tasks"]
+        )
+        if line != last:
+            out(line)
+            last = line
+        if job["status"] in ("succeeded", "failed"):
+            return job
+        time.sleep(0.1)
+    raise DevnetError(f"job {job_id} did not finish within {timeout:.0f} s")

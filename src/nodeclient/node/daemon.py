@@ -1,0 +1,483 @@
+"""The node daemon: the asyncio adapter around the protocol core (2.3.3 to 2.3.8).
+
+Per task: receive -> decrypt (2.3.4, in this process) -> execute (2.3.5, in a worker
+process) -> proof (2.3.6) -> record in the outbox, then sign (2.3.7) -> send -> mark done
+on acknowledgement. The outbox makes delivery survive kill -9 and restarts; the
+coordinator accepts exactly once, so resending is always safe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import random
+import signal
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+import httpx
+from cryptography.hazmat.primitives.asymmetric import rsa
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
+
+from nodeclient import logs
+from nodeclient.clock import Clock
+from nodeclient.errors import EnvelopeError, NodeClientError, RemoteProtocolError
+from nodeclient.node import control
+from nodeclient.node.executor import Executor, TaskFailed
+from nodeclient.node.outbox import Outbox, OutboxEntry
+from nodeclient.protocol import eip712, envelope, messages
+from nodeclient.protocol.proof import proof_of_execution
+from nodeclient.protocol.secp import Secp256k1Key
+from nodeclient.protocol.session import NodeSession, backoff
+from nodeclient.protocol.states import NodeState, StateMachine
+
+log = logging.getLogger("nodeclient.node")
+
+CLOSE_NOT_REGISTERED: Final = 4003
+CLOSE_AUTH_FAILED: Final = 4001
+CLOSE_REPLACED: Final = 4004
+
+
+class RegistrationRefused(NodeClientError):
+    """The coordinator refused the manifest for a reason retrying will not fix."""
+
+
+@dataclass
+class RunningTask:
+    task_id: uuid.UUID
+    job_id: uuid.UUID
+    workload_class: str
+    slice_index: int | None
+    received_at: float
+    handle: asyncio.Task[None] | None = None
+
+
+@dataclass
+class LinkInfo:
+    status: str = "down"  # down | connecting | up
+    since: float = 0.0
+    last_heartbeat_ack: float | None = None
+    rtt_ms: float | None = None
+    reconnects: int = 0
+    last_error: str = ""
+    sent_at: dict[int, float] = field(default_factory=dict)
+
+
+class NodeDaemon:
+    def __init__(
+        self,
+        *,
+        home: Path,
+        coordinator_url: str,
+        chain_id: int,
+        node_key: Secp256k1Key,
+        liveness_key: Secp256k1Key,
+        payload_key: rsa.RSAPrivateKey,
+        manifest: dict[str, Any],
+        executor: Executor,
+        outbox: Outbox,
+        clock: Clock,
+        heartbeat_interval: float,
+        shutdown_grace: float = 60.0,
+    ) -> None:
+        self.home = home
+        self.url = coordinator_url.rstrip("/")
+        self.chain_id = chain_id
+        self.node_id = node_key.address
+        self._node_key = node_key
+        self._payload_key = payload_key
+        self.manifest = manifest
+        self.executor = executor
+        self.outbox = outbox
+        self.clock = clock
+        self.heartbeat_interval = heartbeat_interval
+        self.shutdown_grace = shutdown_grace
+        self.slots = int(manifest["max_parallel_subtasks"])
+        self.classes = frozenset(manifest["workload_classes"])
+        self.state = StateMachine(clock=clock.now, logger=log)
+        self.session = NodeSession(
+            node_id=self.node_id, liveness_key=liveness_key, chain_id=chain_id, clock=clock.now
+        )
+        self.link = LinkInfo()
+        self.running: dict[uuid.UUID, RunningTask] = {}
+        self.rejected = 0
+        self.started_at = clock.now()
+        self._ws: ClientConnection | None = None
+        self._stopping = asyncio.Event()
+        self._rand = random.SystemRandom()
+        self._fatal: RegistrationRefused | None = None
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    async def run(self) -> int:
+        logs.bind_global(node_id=self.node_id)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop)
+        server = await control.serve(self.home / control.SOCKET_NAME, self._control)
+        log.info("daemon.start", extra={"coordinator": self.url, "slots": self.slots})
+        try:
+            await self.executor.warm_up()
+            link = asyncio.create_task(self._link_loop())
+            await self._stopping.wait()
+            await self._drain()
+            link.cancel()
+            with contextlib.suppress(asyncio.CancelledError, RegistrationRefused):
+                await link
+            if self._fatal is not None:
+                raise self._fatal
+        finally:
+            server.close()
+            with contextlib.suppress(FileNotFoundError):
+                (self.home / control.SOCKET_NAME).unlink()
+            self.executor.shutdown()
+        log.info("daemon.stop", extra={"backlog": self.outbox.backlog()})
+        return 0
+
+    def request_stop(self) -> None:
+        """SIGTERM: take no new work, finish running tasks, flush the outbox, exit 0."""
+        if not self._stopping.is_set():
+            log.info("daemon.stopping", extra={"running": len(self.running)})
+            self._stopping.set()
+
+    async def _drain(self) -> None:
+        handles = [t.handle for t in self.running.values() if t.handle is not None]
+        if handles:
+            await asyncio.wait(handles, timeout=self.shutdown_grace)
+        deadline = time.monotonic() + 10.0
+        while self.outbox.backlog() and self._ws is not None and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+
+    # --- registration and link ----------------------------------------------------------------
+
+    async def register(self) -> dict[str, Any]:
+        async with httpx.AsyncClient(timeout=30.0) as client:
+            resp = await client.post(f"{self.url}/v1/nodes", json=self.manifest)
+        body: dict[str, Any] = resp.json() if resp.content else {}
+        if resp.status_code in (200, 201):
+            log.info(
+                "node.registered",
+                extra={
+                    "status": body.get("status"),
+                    "prior": len(body.get("prior_registrations", [])),
+                },
+            )
+            return body
+        reason = body.get("error") or resp.text[:300]
+        if 400 <= resp.status_code < 500:
+            raise RegistrationRefused(f"registration refused ({resp.status_code}): {reason}")
+        raise httpx.HTTPError(f"registration failed ({resp.status_code}): {reason}")
+
+    async def _link_loop(self) -> None:
+        delays = backoff(rand=self._rand.random)
+        registered = False
+        while not self._stopping.is_set():
+            try:
+                if not registered:
+                    await self.register()
+                    registered = True
+                await self._connect_once()
+                delays = backoff(rand=self._rand.random)  # a good session resets the backoff
+            except RegistrationRefused as exc:
+                log.error("node.registration_refused", extra={"reason": str(exc)})
+                self.link.last_error = str(exc)
+                self._fatal = exc
+                self._stopping.set()
+                raise
+            except ConnectionClosed as exc:
+                code = exc.rcvd.code if exc.rcvd else None
+                reason = exc.rcvd.reason if exc.rcvd else ""
+                self.link.last_error = f"closed {code}: {reason}"
+                log.warning("link.closed", extra={"code": code, "reason": reason})
+                if code in (CLOSE_NOT_REGISTERED, CLOSE_AUTH_FAILED):
+                    registered = False  # re-register (e.g. after a liveness key rotation)
+            except (OSError, httpx.HTTPError, InvalidHandshake, InvalidURI, TimeoutError) as exc:
+                self.link.last_error = f"{type(exc).__name__}: {exc}"[:300]
+                log.warning("link.error", extra={"error": self.link.last_error})
+            except RemoteProtocolError as exc:
+                self.link.last_error = str(exc)
+                log.error("link.protocol_error", extra={"error": str(exc)})
+            self._set_link("down")
+            if self._stopping.is_set():
+                break
+            self.link.reconnects += 1
+            delay = next(delays)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), timeout=delay)
+
+    def _set_link(self, status: str) -> None:
+        if self.link.status != status:
+            self.link.status = status
+            self.link.since = self.clock.now()
+            log.info("link.status", extra={"link": status})
+        if status != "up":
+            self._ws = None
+            self.session.connection_lost()
+
+    async def _connect_once(self) -> None:
+        ws_url = "ws" + self.url[len("http") :] + "/v1/link"
+        self._set_link("connecting")
+        async with connect(ws_url, max_size=messages.MAX_DATA_FRAME, open_timeout=10) as ws:
+            challenge = messages.parse_from_coordinator(await asyncio.wait_for(ws.recv(), 10))
+            if not isinstance(challenge, messages.Challenge):
+                raise RemoteProtocolError("expected a challenge as the first frame")
+            await ws.send(json.dumps(self.session.on_challenge(challenge)))
+            welcome = messages.parse_from_coordinator(await asyncio.wait_for(ws.recv(), 10))
+            if not isinstance(welcome, messages.Welcome):
+                raise RemoteProtocolError(f"expected welcome, got {type(welcome).__name__}")
+            self.session.on_welcome(welcome)
+            self._ws = ws
+            self._set_link("up")
+            self._apply_unstaking()
+            log.info("link.authenticated", extra={"coordinator_id": challenge.coordinator_id})
+            beat = asyncio.create_task(self._heartbeats(ws, challenge.heartbeat_interval))
+            try:
+                for entry in self.outbox.pending():  # unacknowledged results, after a restart too
+                    await self._deliver(entry)
+                async for frame in ws:
+                    await self._on_frame(frame)
+            finally:
+                beat.cancel()
+
+    async def _heartbeats(self, ws: ClientConnection, coordinator_interval: float) -> None:
+        interval = min(self.heartbeat_interval, coordinator_interval)
+        while True:
+            running = list(self.running)
+            load = int(os.getloadavg()[0] / max(1, os.cpu_count() or 1) * 1000)
+            frame = self.session.heartbeat(
+                state=self.state.state, running=running, load_permille=load
+            )
+            self.link.sent_at[self.session.seq] = time.monotonic()
+            await ws.send(json.dumps(frame))
+            await asyncio.sleep(interval)
+
+    async def _on_frame(self, frame: str | bytes) -> None:
+        try:
+            msg = messages.parse_from_coordinator(frame)
+        except RemoteProtocolError as exc:
+            log.warning("link.bad_frame", extra={"error": str(exc)})
+            return
+        if isinstance(msg, messages.HeartbeatAck):
+            sent = self.link.sent_at.pop(msg.seq, None)
+            self.link.sent_at = {s: t for s, t in self.link.sent_at.items() if s > msg.seq}
+            if sent is not None:
+                self.link.rtt_ms = round((time.monotonic() - sent) * 1000, 2)
+            self.link.last_heartbeat_ack = self.clock.now()
+            self.session.on_heartbeat_ack(msg)
+            self._apply_unstaking()
+        elif isinstance(msg, messages.Dispatch):
+            await self._on_dispatch(msg)
+        elif isinstance(msg, messages.ResultAck):
+            self.outbox.mark_acked(
+                msg.task_id, status=msg.status, reason=msg.reason, at=self.clock.now()
+            )
+            level = logging.INFO if msg.status != "rejected" else logging.WARNING
+            log.log(
+                level,
+                "result.ack",
+                extra={"task_id": str(msg.task_id), "status": msg.status, "reason": msg.reason},
+            )
+        elif isinstance(msg, messages.Cancel):
+            task = self.running.get(msg.task_id)
+            if task and task.handle:
+                task.handle.cancel()
+                log.info(
+                    "task.cancelled", extra={"task_id": str(msg.task_id), "reason": msg.reason}
+                )
+        elif isinstance(msg, messages.ErrorFrame):
+            log.warning("link.error_frame", extra={"code": msg.code, "reason": msg.reason})
+
+    def _apply_unstaking(self) -> None:
+        if self.session.unstaking_until is not None and self.state.state is not NodeState.UNSTAKING:
+            self.state.transition(NodeState.UNSTAKING, reason="unstake accepted by the coordinator")
+
+    # --- tasks -----------------------------------------------------------------------------
+
+    async def _on_dispatch(self, d: messages.Dispatch) -> None:
+        with logs.bind(task_id=str(d.task_id), job_id=str(d.job_id)):
+            log.info("task.received", extra={"workload_class": d.workload_class})
+            done = self.outbox.get(d.task_id)
+            if done is not None:  # already finished: re-send, never re-execute
+                await self._deliver(done)
+                return
+            if d.task_id in self.running:
+                return
+            reason = self._refusal(d)
+            if reason:
+                await self._reject(d.task_id, reason)
+                return
+            task = RunningTask(
+                d.task_id, d.job_id, d.workload_class, d.slice_index, self.clock.now()
+            )
+            self.running[d.task_id] = task
+            if self.state.state in (NodeState.READY, NodeState.IDLE):
+                self.state.transition(NodeState.EXECUTING, reason=f"task {d.task_id} started")
+            task.handle = asyncio.create_task(self._execute(task, d))
+
+    def _refusal(self, d: messages.Dispatch) -> str:
+        if self._stopping.is_set():
+            return "node is shutting down"
+        if not self.state.accepts_dispatch():
+            return "node is UNSTAKING: no new dispatches"
+        if d.workload_class not in self.classes:
+            return f"workload class {d.workload_class!r} is not served by this node"
+        if len(self.running) >= self.slots:
+            return f"over capacity: {len(self.running)} of {self.slots} slots busy"
+        if d.lease_expires_at < self.clock.now():
+            return "lease already expired"
+        return ""
+
+    async def _execute(self, task: RunningTask, d: messages.Dispatch) -> None:
+        with logs.bind(task_id=str(task.task_id), job_id=str(task.job_id)):
+            try:
+                try:
+                    payload = envelope.open_envelope(
+                        d.envelope,
+                        private_key=self._payload_key,
+                        task_id=d.task_id,
+                        node_id=self.node_id,
+                        now=int(self.clock.now()),
+                    )
+                except EnvelopeError as exc:
+                    await self._reject(task.task_id, f"payload decryption failed: {exc}")
+                    return
+                started = time.monotonic()
+                try:
+                    result = await self.executor.run(task.workload_class, payload)
+                except TaskFailed as exc:
+                    log.warning("task.failed", extra={"reason": exc.reason})
+                    await self._reject(task.task_id, exc.reason)
+                    return
+                log.info(
+                    "task.executed",
+                    extra={
+                        "seconds": round(time.monotonic() - started, 4),
+                        "result_size": len(result),
+                    },
+                )
+                await self._finish(task, result)
+            except asyncio.CancelledError:
+                log.info("task.cancelled")
+                raise
+            finally:
+                self.running.pop(task.task_id, None)
+                if not self.running and self.state.state is NodeState.EXECUTING:
+                    self.state.transition(NodeState.IDLE, reason="the last running task finished")
+
+    async def _finish(self, task: RunningTask, result: bytes) -> None:
+        proof = proof_of_execution(task_id=task.task_id, result=result, node_id=self.node_id)
+        completed_at = int(self.clock.now())
+        message = {
+            "task_id": task.task_id.bytes,
+            "job_id": task.job_id.bytes,
+            "node_id": self.node_id,
+            "proof": proof,
+            "result_size": len(result),
+            "completed_at": completed_at,
+        }
+        # Recorded, signed and made durable in one transaction before anything is sent.
+        entry = self.outbox.commit_result(
+            task_id=task.task_id,
+            job_id=task.job_id,
+            workload_class=task.workload_class,
+            slice_index=task.slice_index,
+            kind="result",
+            result=result,
+            proof=proof,
+            message=eip712.message_to_json("Result", message),
+            received_at=task.received_at,
+            completed_at=completed_at,
+            sign=self._sign_result,
+        )
+        await self._deliver(entry)
+
+    def _sign_result(self, message_json: dict[str, Any]) -> bytes:
+        message = eip712.message_from_json("Result", message_json)
+        return eip712.sign_typed(self._node_key, "Result", message, chain_id=self.chain_id)
+
+    async def _deliver(self, entry: OutboxEntry) -> None:
+        """Send a committed outbox entry; it stays queued until the coordinator acks it."""
+        if entry.signature is None:  # cannot happen for rows commit_result wrote
+            raise RuntimeError(f"outbox entry {entry.task_id} is not signed")
+        message = eip712.message_from_json("Result", entry.message)
+        frame = messages.signed_frame("result", message, entry.signature, result=entry.result)
+        await self._send(frame)
+        log.info(
+            "result.sent",
+            extra={"task_id": str(entry.task_id), "proof": "0x" + (entry.proof or b"").hex()},
+        )
+
+    async def _reject(self, task_id: uuid.UUID, reason: str) -> None:
+        self.rejected += 1
+        message = {
+            "task_id": task_id.bytes,
+            "node_id": self.node_id,
+            "reason": reason[: messages.MAX_REASON],
+            "rejected_at": int(self.clock.now()),
+        }
+        sig = eip712.sign_typed(self._node_key, "Reject", message, chain_id=self.chain_id)
+        log.warning("task.rejected", extra={"task_id": str(task_id), "reason": reason})
+        await self._send(messages.signed_frame("reject", message, sig))
+
+    async def _send(self, frame: dict[str, Any]) -> None:
+        ws = self._ws
+        if ws is None:
+            return  # results wait in the outbox; rejects are re-derived via lease expiry
+        with contextlib.suppress(ConnectionClosed):
+            await ws.send(json.dumps(frame))
+
+    # --- status ------------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        now = self.clock.now()
+        until = self.session.unstaking_until
+        counts = self.outbox.counts()
+        return {
+            "node_id": self.node_id,
+            "state": self.state.state.value,
+            "state_since": self.state.entered_at,
+            "link": {
+                "status": self.link.status,
+                "since": self.link.since,
+                "coordinator": self.url,
+                "rtt_ms": self.link.rtt_ms,
+                "last_heartbeat_ack": self.link.last_heartbeat_ack,
+                "reconnects": self.link.reconnects,
+                "last_error": self.link.last_error,
+                "heartbeat_seq": self.session.seq,
+            },
+            "slots": self.slots,
+            "running": [
+                {
+                    "task_id": str(t.task_id),
+                    "job_id": str(t.job_id),
+                    "workload_class": t.workload_class,
+                    "seconds": round(now - t.received_at, 1),
+                }
+                for t in self.running.values()
+            ],
+            "completed": counts["completed"],
+            "failed": counts["failed"],
+            "rejected": self.rejected,
+            "outbox_backlog": counts["unacknowledged"],
+            "uptime_s": round(now - self.started_at, 1),
+            "unstaking_until": until,
+            "unstake_remaining_s": None if until is None else max(0, round(until - now)),
+            "transitions": [
+                {"from": t.from_state.value, "to": t.to_state.value, "reason": t.reason, "at": t.at}
+                for t in self.state.history[-10:]
+            ],
+            "time": now,
+        }
+
+    async def _control(self, request: dict[str, Any]) -> dict[str, Any]:
+        if request.get("cmd", "status") == "status":
+            return self.status()
+        return {"error": f"unknown command {request.get('cmd')!r}"}

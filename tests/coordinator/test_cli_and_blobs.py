@@ -1,0 +1,147 @@
+"""The command line (serve and requester commands) and the blob store."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+import nodeclient
+from nodeclient.coordinator.cli import main
+from tests.coordinator.conftest import Running, inference_payload, inference_result, make_node
+
+VALUES = [3.0, 1.0]
+SRC = str(Path(nodeclient.__file__).resolve().parent.parent)
+
+
+def test_serve_prints_url_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
+    """serve --port 0 prints one "coordinator: http://HOST:PORT" line; SIGTERM exits 0."""
+    env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "nodeclient.coordinator.cli", "serve", "--port", "0",
+         "--data-dir", str(tmp_path), "--log-format", "text"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        match = re.fullmatch(r"coordinator: (http://127\.0\.0\.1:(\d+))\n", line)
+        assert match, line
+        assert int(match.group(2)) > 0
+        assert httpx.get(match.group(1) + "/healthz").json()["status"] == "ok"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert (tmp_path / "coordinator.db").is_file()
+
+
+@pytest.fixture
+def restore_logging() -> Iterator[None]:
+    """serve configures the nodeclient logger on the captured stderr: undo that after."""
+    root = logging.getLogger("nodeclient")
+    saved = (root.handlers[:], root.level, root.propagate)
+    yield
+    root.handlers[:], root.level, root.propagate = saved[0], saved[1], saved[2]
+
+
+@pytest.mark.usefixtures("restore_logging")
+def test_serve_on_busy_port_is_one_line_error(coordinator: Running, capsys) -> None:
+    """A port in use is a one-line error and a non-zero exit, not a traceback."""
+    port = coordinator.url.rsplit(":", 1)[1]
+    assert main(["serve", "--port", port, "--data-dir", str(coordinator.config.data_dir)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("nodeclient-coordinator: cannot listen on")
+    assert err.count("\n") == 1
+
+
+def test_submit_wait_jobs_job_and_result(coordinator: Running, rsa_keys, tmp_path, capsys) -> None:
+    """submit --wait returns 0 once a node delivers; jobs, job and result show the job."""
+    node = make_node(rsa_keys, 0)
+    coordinator.register(node)
+    coordinator.link(node)
+    payload = inference_payload(VALUES)
+    (tmp_path / "req.bin").write_bytes(payload)
+    rc: list[int] = []
+    waiter = threading.Thread(target=lambda: rc.append(main([
+        "submit", "--coordinator", coordinator.url, "--class", "ai.inference",
+        "--payload", str(tmp_path / "req.bin"), "--wait", "--timeout", "30",
+    ])))  # fmt: skip
+    waiter.start()
+    dispatch = node.recv()
+    result = inference_result(payload, VALUES)
+    assert node.call(node.result(dispatch, result))["status"] == "accepted"
+    waiter.join(timeout=30)
+    assert rc == [0]
+    job_id = capsys.readouterr().out.strip()
+    assert job_id == dispatch["job_id"]
+
+    assert main(["jobs", "--coordinator", coordinator.url]) == 0
+    assert f"{job_id}  ai.inference  succeeded" in capsys.readouterr().out
+    assert main(["job", job_id, "--coordinator", coordinator.url]) == 0
+    shown = capsys.readouterr().out
+    assert "proof 0x" in shown
+    assert "signature 0x" in shown
+    out = tmp_path / "result.bin"
+    assert main(["result", job_id, "--coordinator", coordinator.url, "-o", str(out)]) == 0
+    assert out.read_bytes() == result
+
+
+def test_requester_errors_are_one_line(coordinator: Running, capsys) -> None:
+    """An unknown job is one line on stderr and exit 1; no traceback."""
+    assert main(["job", "no-such-job", "--coordinator", coordinator.url]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert "404" in err
+    assert "no job no-such-job" in err
+
+
+def test_unreachable_coordinator_is_one_line(capsys) -> None:
+    """A coordinator that cannot be reached is a usage error (exit 2), one line."""
+    assert main(["jobs", "--coordinator", "http://127.0.0.1:9"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("nodeclient-coordinator: cannot reach the coordinator")
+
+
+def test_blob_upload_and_fetch(coordinator: Running) -> None:
+    """Blobs are content-addressed by SHA-256 and served back byte for byte."""
+    data = os.urandom(200_000)
+    meta = coordinator.client.upload_blob(data)
+    digest = hashlib.sha256(data).hexdigest()
+    assert meta == {"sha256": digest, "url": f"/v1/blobs/{digest}", "size": len(data)}
+    assert coordinator.client.blob(digest) == data
+    assert (coordinator.config.blob_dir / digest).read_bytes() == data
+    assert [p.name for p in coordinator.config.blob_dir.iterdir()] == [digest]  # no temp left
+
+
+def test_blob_limits_and_lookups(start_coordinator) -> None:
+    """Oversized uploads are 413; a malformed id is 400; an unknown one is 404."""
+    running = start_coordinator(max_blob_bytes=1000)
+    r = httpx.post(running.url + "/v1/blobs", content=b"x" * 1001)
+    assert r.status_code == 413
+    assert "1000-byte limit" in r.json()["error"]
+    assert httpx.get(running.url + "/v1/blobs/xyz").status_code == 400
+    assert httpx.get(running.url + "/v1/blobs/" + "0" * 64).status_code == 404
+
+
+@pytest.mark.parametrize("command", ["jobs", "job"])
+def test_json_output(coordinator: Running, capsys, command: str) -> None:
+    """--json prints the API's JSON."""
+    job = coordinator.client.submit_job("ai.inference", inference_payload(VALUES))
+    args = [command, "--json", "--coordinator", coordinator.url]
+    if command == "job":
+        args.insert(1, job["job_id"])
+    assert main(args) == 0
+    assert job["job_id"] in capsys.readouterr().out

@@ -1,0 +1,229 @@
+"""Jobs end to end: submit, seal and dispatch, signed return, verification (2.3.4-2.3.7)."""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+
+import httpx
+import pytest
+from eth_account import Account
+from eth_account.messages import encode_typed_data
+
+from nodeclient.coordinator import models as m
+from nodeclient.errors import RemoteProtocolError
+from nodeclient.protocol import eip712
+from tests.coordinator.conftest import (
+    Running,
+    SimNode,
+    inference_payload,
+    inference_result,
+    make_node,
+)
+
+VALUES = [1.0, 2.0, 3.0]
+
+
+def _ready(running: Running, node: SimNode) -> None:
+    running.register(node)
+    running.link(node)
+
+
+def _submit_and_dispatch(running: Running, node: SimNode) -> tuple[bytes, dict, dict]:
+    payload = inference_payload(VALUES)
+    job = running.client.submit_job("ai.inference", payload)
+    dispatch = node.recv()
+    assert dispatch["type"] == "dispatch"
+    return payload, job, dispatch
+
+
+def test_submit_returns_queued_job_with_one_task(coordinator: Running) -> None:
+    """An ai.inference job is one queued task with the whole payload."""
+    job = coordinator.client.submit_job("ai.inference", inference_payload(VALUES))
+    assert job["status"] == "queued"
+    assert [(t["slice_index"], t["status"], t["attempts"]) for t in job["tasks"]] == [
+        (0, "queued", 0)
+    ]
+    assert coordinator.client.jobs()[0]["job_id"] == job["job_id"]
+
+
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        ({"workload_class": "ai.dance", "payload": "AAAA"}, "unknown workload class"),
+        ({"workload_class": "ai.inference", "payload": "!!"}, "not valid base64"),
+        ({"workload_class": "ai.inference", "payload": "AAAA"}, "ai.inference payload"),
+        ({"workload_class": "ai.inference", "payload": "AAAA", "min_tier": 9}, "min_tier"),
+    ],
+)
+def test_submit_validates(coordinator: Running, body: dict, reason: str) -> None:
+    """Bad jobs are refused with 400 and a reason: class, base64, payload format, limits."""
+    r = httpx.post(coordinator.url + "/v1/jobs", json=body)
+    assert r.status_code == 400
+    assert reason in r.json()["error"]
+
+
+def test_inference_cannot_be_sliced(coordinator: Running) -> None:
+    """2.3.5: an inference request runs whole, so slices must be 1."""
+    with pytest.raises(RemoteProtocolError, match="runs whole"):
+        coordinator.client.submit_job("ai.inference", inference_payload(VALUES), slices=2)
+
+
+def test_dispatch_result_and_public_verification(coordinator: Running, rsa_keys) -> None:
+    """A linked node gets the sealed payload; its signed result completes the job, and the
+    exported proof and EIP-712 signature verify with hashlib and eth-account alone."""
+    node = make_node(rsa_keys, 0)
+    _ready(coordinator, node)
+    payload, job, dispatch = _submit_and_dispatch(coordinator, node)
+    assert dispatch["job_id"] == job["job_id"]
+    assert dispatch["workload_class"] == "ai.inference"
+    assert dispatch["lease_expires_at"] == int(coordinator.clock.now() + 300)
+    assert node.open(dispatch) == payload
+    result = inference_result(payload, VALUES)
+    ack = node.call(node.result(dispatch, result))
+    assert ack == {"type": "result_ack", "task_id": dispatch["task_id"], "status": "accepted",
+                   "reason": ""}  # fmt: skip
+
+    done = coordinator.wait_job(job["job_id"], "succeeded")
+    assert done["status"] == "succeeded"
+    task = done["tasks"][0]
+    assert task["node_id"] == node.node_id
+    assert task["attempts"] == 1
+    expected = hashlib.sha256(
+        uuid.UUID(task["task_id"]).bytes + result + bytes.fromhex(node.node_id[2:])
+    ).hexdigest()
+    assert task["proof"] == "0x" + expected
+    assert task["result_sha256"] == hashlib.sha256(result).hexdigest()
+    assert task["result_size"] == len(result)
+    signable = encode_typed_data(full_message=task["typed_data"])
+    assert Account.recover_message(signable, signature=task["signature"]) == node.node_id
+    assert task["typed_data"]["message"]["proof"] == task["proof"]
+    assert coordinator.client.job_result(job["job_id"]) == result
+    assert coordinator.client.task_result(task["task_id"]) == result
+
+
+def test_job_result_before_success_is_409(coordinator: Running) -> None:
+    """The result of a job that has not succeeded is 409 with its status."""
+    job = coordinator.client.submit_job("ai.inference", inference_payload(VALUES))
+    r = httpx.get(f"{coordinator.url}/v1/jobs/{job['job_id']}/result")
+    assert r.status_code == 409
+    assert "queued" in r.json()["error"]
+
+
+def test_duplicate_result_is_acknowledged_as_duplicate(coordinator: Running, rsa_keys) -> None:
+    """The same result again gets "duplicate" and changes nothing."""
+    node = make_node(rsa_keys, 0)
+    _ready(coordinator, node)
+    payload, job, dispatch = _submit_and_dispatch(coordinator, node)
+    frame = node.result(dispatch, inference_result(payload, VALUES))
+    assert node.call(frame)["status"] == "accepted"
+    again = node.call(frame)
+    assert again["status"] == "duplicate"
+    assert coordinator.wait_job(job["job_id"], "succeeded")["tasks"][0]["attempts"] == 1
+
+
+def test_different_result_is_equivocation(coordinator: Running, rsa_keys) -> None:
+    """A different signed result for an accepted task is recorded and rejected."""
+    node = make_node(rsa_keys, 0)
+    _ready(coordinator, node)
+    payload, job, dispatch = _submit_and_dispatch(coordinator, node)
+    first = inference_result(payload, VALUES)
+    assert node.call(node.result(dispatch, first))["status"] == "accepted"
+    ack = node.call(node.result(dispatch, inference_result(payload, [9.0, 9.0, 9.0])))
+    assert ack["status"] == "rejected"
+    assert ack["reason"].startswith("equivocation:")
+    rows = coordinator.coord.db.run_sync(lambda s: s.query(m.Equivocation).all())
+    assert [(r.task_id, r.node_id) for r in rows] == [(dispatch["task_id"], node.node_id)]
+    assert coordinator.client.job_result(job["job_id"]) == first
+
+
+def test_wrong_proof_is_rejected(coordinator: Running, rsa_keys) -> None:
+    """A signed result whose proof does not recompute is rejected; the task stays leased."""
+    node = make_node(rsa_keys, 0)
+    _ready(coordinator, node)
+    payload, job, dispatch = _submit_and_dispatch(coordinator, node)
+    ack = node.call(node.result(dispatch, inference_result(payload, VALUES), proof=b"\x00" * 32))
+    assert ack["status"] == "rejected"
+    assert ack["reason"].startswith("proof mismatch")
+    assert coordinator.client.job(job["job_id"])["tasks"][0]["status"] == "leased"
+
+
+def test_wrong_size_is_rejected(coordinator: Running, rsa_keys) -> None:
+    """result_size must equal the delivered byte count."""
+    node = make_node(rsa_keys, 0)
+    _ready(coordinator, node)
+    payload, _job, dispatch = _submit_and_dispatch(coordinator, node)
+    result = inference_result(payload, VALUES)
+    ack = node.call(node.result(dispatch, result, size=len(result) + 1))
+    assert ack["status"] == "rejected"
+    assert "result_size" in ack["reason"]
+
+
+def test_result_signed_by_liveness_key_is_bad_signature(coordinator: Running, rsa_keys) -> None:
+    """2.3.7: results are signed by node.key; any other signer gets error bad_signature."""
+    node = make_node(rsa_keys, 0)
+    _ready(coordinator, node)
+    payload, job, dispatch = _submit_and_dispatch(coordinator, node)
+    err = node.call(node.result(dispatch, inference_result(payload, VALUES), key=node.liveness))
+    assert err["type"] == "error"
+    assert err["code"] == "bad_signature"
+    assert coordinator.client.job(job["job_id"])["tasks"][0]["status"] == "leased"
+
+
+def test_malformed_inference_result_is_rejected(coordinator: Running, rsa_keys) -> None:
+    """Bytes that are not an ai.inference result are rejected even with a valid proof."""
+    node = make_node(rsa_keys, 0)
+    _ready(coordinator, node)
+    _payload, _job, dispatch = _submit_and_dispatch(coordinator, node)
+    ack = node.call(node.result(dispatch, b"not a tensor container"))
+    assert ack["status"] == "rejected"
+    assert "ai.inference result" in ack["reason"]
+
+
+def test_result_for_task_never_leased_is_rejected(coordinator: Running, rsa_keys) -> None:
+    """A node cannot deliver a result for a task it was never given."""
+    holder, other = make_node(rsa_keys, 0), make_node(rsa_keys, 1)
+    _ready(coordinator, holder)
+    payload, _job, dispatch = _submit_and_dispatch(coordinator, holder)
+    _ready(coordinator, other)
+    ack = other.call(other.result(dispatch, inference_result(payload, VALUES)))
+    assert ack["status"] == "rejected"
+    assert "never leased to this node" in ack["reason"]
+
+
+def test_result_for_wrong_job_is_rejected(coordinator: Running, rsa_keys) -> None:
+    """The signed job_id must be the task's job."""
+    node = make_node(rsa_keys, 0)
+    _ready(coordinator, node)
+    payload, _job, dispatch = _submit_and_dispatch(coordinator, node)
+    ack = node.call(node.result({**dispatch, "job_id": str(uuid.uuid4())},
+                                inference_result(payload, VALUES)))  # fmt: skip
+    assert ack["status"] == "rejected"
+    assert "does not belong to job" in ack["reason"]
+
+
+def test_signed_reject_requeues_elsewhere(coordinator: Running, rsa_keys) -> None:
+    """A node's signed reject re-queues the task to another node; the attempt counts."""
+    first, second = make_node(rsa_keys, 0), make_node(rsa_keys, 1)
+    _ready(coordinator, first)
+    _payload, job, dispatch = _submit_and_dispatch(coordinator, first)
+    _ready(coordinator, second)
+    assert first.call(first.reject(dispatch["task_id"]))["status"] == "accepted"
+    again = second.recv()
+    assert again["type"] == "dispatch"
+    assert again["task_id"] == dispatch["task_id"]
+    task = coordinator.client.job(job["job_id"])["tasks"][0]
+    assert task["node_id"] == second.node_id
+    assert task["attempts"] == 2
+
+
+def test_eip712_typed_data_matches_signed_struct(coordinator: Running, rsa_keys) -> None:
+    """The exported typed_data is exactly our Result struct on our domain."""
+    node = make_node(rsa_keys, 0)
+    _ready(coordinator, node)
+    payload, job, dispatch = _submit_and_dispatch(coordinator, node)
+    node.call(node.result(dispatch, inference_result(payload, VALUES)))
+    typed = coordinator.wait_job(job["job_id"], "succeeded")["tasks"][0]["typed_data"]
+    assert typed["primaryType"] == "Result"
+    assert typed["domain"] == {"name": "nodeclient", "version": "1", "chainId": 31337}
+    assert [f["name"] for f in typed["types"]["Result"]] == [n for n, _ in eip712.TYPES["Result"]]

@@ -1,0 +1,155 @@
+"""Leases and liveness: expiry, offline nodes, retries, max attempts, unstaking, late results.
+
+Time moves only through the coordinator's ManualClock; the scheduler notices on its next
+round (every 20 ms in tests).
+"""
+
+from __future__ import annotations
+
+from nodeclient.protocol import eip712
+from nodeclient.protocol.states import UNSTAKE_COOLDOWN_S
+from tests.coordinator.conftest import (
+    CHAIN,
+    START,
+    Running,
+    closed_code,
+    inference_payload,
+    inference_result,
+    make_node,
+)
+
+VALUES = [4.0, 5.0]
+
+
+def test_lease_expiry_requeues_to_another_node(start_coordinator, rsa_keys) -> None:
+    """A missed lease deadline re-queues the task, preferring a node that has not tried it;
+    the old holder is told to cancel."""
+    running = start_coordinator(heartbeat_interval=1000.0)  # nobody goes offline here
+    first, second = make_node(rsa_keys, 0), make_node(rsa_keys, 1)
+    running.register(first)
+    running.link(first)
+    job = running.client.submit_job("ai.inference", inference_payload(VALUES))
+    dispatch = first.recv()
+    running.register(second)
+    running.link(second)
+    running.clock.advance(301)  # the 300 s lease is now missed
+    cancel = first.recv()
+    assert cancel == {"type": "cancel", "task_id": dispatch["task_id"], "reason": "lease ended"}
+    again = second.recv()
+    assert again["type"] == "dispatch"
+    assert again["task_id"] == dispatch["task_id"]
+    task = running.client.job(job["job_id"])["tasks"][0]
+    assert (task["node_id"], task["attempts"], task["status"]) == (second.node_id, 2, "leased")
+    assert task["reason"].startswith("lease expired")
+
+
+def test_offline_node_tasks_are_requeued(coordinator: Running, rsa_keys) -> None:
+    """No heartbeat for 3 intervals: the node is offline (link closed 4005) and its leased
+    tasks go to another node."""
+    first, second = make_node(rsa_keys, 0), make_node(rsa_keys, 1)
+    coordinator.register(first)
+    coordinator.register(second)
+    coordinator.link(first)
+    job = coordinator.client.submit_job("ai.inference", inference_payload(VALUES))
+    dispatch = first.recv()
+    coordinator.clock.advance(91)
+    assert first.ws is not None
+    code, reason = closed_code(first.ws)
+    assert code == 4005
+    assert reason.startswith("offline")
+    assert coordinator.client.node(first.node_id)["online"] is False
+    coordinator.link(second)
+    again = second.recv()
+    assert again["type"] == "dispatch"
+    assert again["task_id"] == dispatch["task_id"]
+    task = coordinator.client.job(job["job_id"])["tasks"][0]
+    assert task["node_id"] == second.node_id
+    assert "went offline" in (task["reason"] or "")
+
+
+def test_max_attempts_fails_the_job_with_reason(start_coordinator, rsa_keys) -> None:
+    """After max_attempts missed leases the task and its job fail, naming why."""
+    running = start_coordinator(max_attempts=2, heartbeat_interval=1000.0)
+    node = make_node(rsa_keys, 0)
+    running.register(node)
+    running.link(node)
+    job = running.client.submit_job("ai.inference", inference_payload(VALUES))
+    assert node.recv()["type"] == "dispatch"
+    running.clock.advance(301)
+    assert node.recv()["type"] == "cancel"
+    retry = node.recv()
+    assert retry["type"] == "dispatch"  # the only node: tried again rather than starved
+    running.clock.advance(301)
+    failed = running.wait_job(job["job_id"], "failed")
+    assert failed["status"] == "failed"
+    assert "gave up after 2 of 2 attempts" in failed["reason"]
+    assert failed["tasks"][0]["status"] == "failed"
+    assert failed["finished_at"] is not None
+
+
+def test_unstaking_node_gets_no_new_work(coordinator: Running, rsa_keys) -> None:
+    """2.3.8 UNSTAKING: no new dispatches, even to the node the region rule prefers; the
+    node learns its cooldown end from heartbeat_ack."""
+    preferred = make_node(rsa_keys, 0, region="eu-west")
+    other = make_node(rsa_keys, 1, region="us-east")
+    for node in (preferred, other):
+        coordinator.register(node)
+        coordinator.link(node)
+    msg = {"node_id": preferred.node_id, "requested_at": int(START)}
+    sig = eip712.sign_typed(preferred.node_key, "Unstake", msg, chain_id=CHAIN)
+    coordinator.client.unstake(preferred.node_id, msg, sig)
+    ack = preferred.call(preferred.heartbeat())
+    assert ack["unstaking_until"] == int(START) + UNSTAKE_COOLDOWN_S
+    job = coordinator.client.submit_job("ai.inference", inference_payload(VALUES), region="eu-west")
+    assert other.recv()["type"] == "dispatch"
+    assert coordinator.client.job(job["job_id"])["tasks"][0]["node_id"] == other.node_id
+
+
+def test_region_preference(coordinator: Running, rsa_keys) -> None:
+    """With equal nodes, the one in the job's region gets the task."""
+    far = make_node(rsa_keys, 0, region="us-east")
+    near = make_node(rsa_keys, 1, region="ap-south")
+    for node in (far, near):
+        coordinator.register(node)
+        coordinator.link(node)
+    job = coordinator.client.submit_job(
+        "ai.inference", inference_payload(VALUES), region="ap-south"
+    )
+    assert near.recv()["type"] == "dispatch"
+    assert coordinator.client.job(job["job_id"])["tasks"][0]["node_id"] == near.node_id
+
+
+def test_min_tier_excludes_weaker_nodes(coordinator: Running, rsa_keys) -> None:
+    """A job above every linked node's tier stays queued."""
+    node = make_node(rsa_keys, 0)
+    coordinator.register(node)
+    coordinator.link(node)
+    job = coordinator.client.submit_job("ai.inference", inference_payload(VALUES), min_tier=1)
+    node.call(node.heartbeat())  # a scheduling round has run by the time this is answered
+    assert coordinator.client.job(job["job_id"])["tasks"][0]["status"] == "queued"
+
+
+def test_late_result_from_earlier_lease_wins(coordinator: Running, rsa_keys) -> None:
+    """A valid result from a node whose lease was lost is still accepted (it was leased to
+    it); the current holder is cancelled, and its result is then refused."""
+    first, second = make_node(rsa_keys, 0), make_node(rsa_keys, 1)
+    coordinator.register(first)
+    coordinator.register(second)
+    coordinator.link(first)
+    payload = inference_payload(VALUES)
+    job = coordinator.client.submit_job("ai.inference", payload)
+    dispatch = first.recv()
+    coordinator.clock.advance(91)
+    assert first.ws is not None
+    closed_code(first.ws)
+    coordinator.link(second)
+    second_dispatch = second.recv()
+    coordinator.link(first)
+    result = inference_result(payload, VALUES)
+    assert first.call(first.result(dispatch, result))["status"] == "accepted"
+    assert second.recv()["type"] == "cancel"
+    late = second.call(second.result(second_dispatch, result))
+    assert late["status"] == "rejected"
+    assert "completed by" in late["reason"]
+    done = coordinator.wait_job(job["job_id"], "succeeded")
+    assert done["tasks"][0]["node_id"] == first.node_id

@@ -1,0 +1,145 @@
+"""2.3.2 registration over HTTP: verification, updates, staleness, sybil pre-screen, unstake."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from nodeclient.errors import RemoteProtocolError
+from nodeclient.protocol import eip712
+from nodeclient.protocol.secp import Secp256k1Key
+from nodeclient.protocol.states import UNSTAKE_COOLDOWN_S
+from tests.coordinator.conftest import CHAIN, START, Running, make_node
+
+
+def _post(running: Running, body: object) -> httpx.Response:
+    return httpx.post(running.url + "/v1/nodes", json=body)
+
+
+def test_register_new_node(coordinator: Running, rsa_keys) -> None:
+    """A valid manifest registers: 201, status registered, coordinator identity and policy."""
+    node = make_node(rsa_keys, 0)
+    r = _post(coordinator, node.manifest(issued_at=int(START)))
+    assert r.status_code == 201
+    body = r.json()
+    assert body["node_id"] == node.node_id
+    assert body["status"] == "registered"
+    assert body["prior_registrations"] == []
+    assert body["policy"] == {"max_nodes_per_wallet": 2}
+    assert body["coordinator_id"] == "coordinator-test"
+    assert body["chain_id"] == CHAIN
+    listed = coordinator.client.nodes()
+    assert [n["node_id"] for n in listed] == [node.node_id]
+    assert listed[0]["tier"] == 0
+    assert listed[0]["online"] is False
+
+
+def test_reregistration_updates_liveness_key(coordinator: Running, rsa_keys) -> None:
+    """Re-registering the same node_id is an update (200), e.g. a liveness key rotation."""
+    node = make_node(rsa_keys, 0)
+    coordinator.register(node)
+    node.liveness = Secp256k1Key.generate()
+    r = _post(coordinator, node.manifest(issued_at=int(START) + 1))
+    assert r.status_code == 200
+    assert r.json()["status"] == "updated"
+    assert coordinator.client.node(node.node_id)["liveness_address"] == node.liveness.address
+
+
+def test_stale_manifest_is_refused(coordinator: Running, rsa_keys) -> None:
+    """A manifest older than the one on record is refused with 409 and changes nothing."""
+    node = make_node(rsa_keys, 0)
+    coordinator.register(node)
+    old_liveness = node.liveness.address
+    node.liveness = Secp256k1Key.generate()
+    r = _post(coordinator, node.manifest(issued_at=int(START) - 60))
+    assert r.status_code == 409
+    assert r.json()["error"].startswith("stale manifest:")
+    assert coordinator.client.node(node.node_id)["liveness_address"] == old_liveness
+
+
+def test_invalid_signature_is_refused(coordinator: Running, rsa_keys) -> None:
+    """A manifest altered after signing fails verification: 400 naming the check."""
+    node = make_node(rsa_keys, 0)
+    manifest = node.manifest(issued_at=int(START))
+    manifest["region"] = "us-east"
+    r = _post(coordinator, manifest)
+    assert r.status_code == 400
+    assert r.json()["error"].startswith("signature:")
+    assert coordinator.client.nodes() == []
+
+
+def test_sybil_prescreen_names_the_policy(coordinator: Running, rsa_keys) -> None:
+    """A wallet at max_nodes_per_wallet cannot add another node: 403 naming the policy."""
+    first, second, third = (make_node(rsa_keys, i) for i in range(3))
+    coordinator.register(first)
+    r2 = coordinator.register(second)
+    assert [p["node_id"] for p in r2["prior_registrations"]] == [first.node_id]
+    r = _post(coordinator, third.manifest(issued_at=int(START)))
+    assert r.status_code == 403
+    assert r.json()["error"] == (
+        f"sybil pre-screen: wallet {first.wallet} already has 2 registered nodes "
+        "(policy max_nodes_per_wallet=2)"
+    )
+
+
+def test_sybil_prescreen_allows_reregistration(coordinator: Running, rsa_keys) -> None:
+    """A node already registered by a full wallet may still update its own record."""
+    first, second = make_node(rsa_keys, 0), make_node(rsa_keys, 1)
+    coordinator.register(first)
+    coordinator.register(second)
+    r = _post(coordinator, first.manifest(issued_at=int(START) + 5))
+    assert r.status_code == 200
+
+
+def test_client_turns_errors_into_one_line(coordinator: Running, rsa_keys) -> None:
+    """CoordinatorClient raises RemoteProtocolError carrying the coordinator's reason."""
+    node = make_node(rsa_keys, 0)
+    manifest = node.manifest(issued_at=int(START) - 2 * 24 * 3600)
+    with pytest.raises(RemoteProtocolError, match="400 issued_at: manifest is"):
+        coordinator.client.register(manifest)
+
+
+def _unstake_body(node_key: Secp256k1Key, node_id: str, requested_at: int) -> tuple[dict, str]:
+    msg = {"node_id": node_id, "requested_at": requested_at}
+    sig = eip712.sign_typed(node_key, "Unstake", msg, chain_id=CHAIN)
+    return msg, "0x" + sig.hex()
+
+
+def test_unstake_sets_cooldown_idempotently(coordinator: Running, rsa_keys) -> None:
+    """A signed Unstake records now + 7 days; a second one keeps the first end time."""
+    node = make_node(rsa_keys, 0)
+    coordinator.register(node)
+    msg, sig = _unstake_body(node.node_key, node.node_id, int(START))
+    first = coordinator.client.unstake(node.node_id, msg, sig)
+    assert first == {"node_id": node.node_id, "unstaking_until": int(START) + UNSTAKE_COOLDOWN_S}
+    coordinator.clock.advance(100)
+    msg2, sig2 = _unstake_body(node.node_key, node.node_id, int(START) + 100)
+    assert coordinator.client.unstake(node.node_id, msg2, sig2) == first
+    assert coordinator.client.node(node.node_id)["unstaking_until"] == first["unstaking_until"]
+
+
+def test_unstake_signed_by_liveness_key_is_refused(coordinator: Running, rsa_keys) -> None:
+    """Only node.key may unstake: a liveness-key signature is 403 and records nothing."""
+    node = make_node(rsa_keys, 0)
+    coordinator.register(node)
+    msg, sig = _unstake_body(node.liveness, node.node_id, int(START))
+    with pytest.raises(RemoteProtocolError, match="403"):
+        coordinator.client.unstake(node.node_id, msg, sig)
+    assert coordinator.client.node(node.node_id)["unstaking_until"] is None
+
+
+def test_unstake_with_stale_requested_at_is_refused(coordinator: Running, rsa_keys) -> None:
+    """requested_at more than 300 s from the coordinator's clock is refused (replay guard)."""
+    node = make_node(rsa_keys, 0)
+    coordinator.register(node)
+    msg, sig = _unstake_body(node.node_key, node.node_id, int(START) - 301)
+    with pytest.raises(RemoteProtocolError, match="requested_at"):
+        coordinator.client.unstake(node.node_id, msg, sig)
+
+
+def test_healthz_and_openapi(coordinator: Running) -> None:
+    """/healthz answers and the OpenAPI document lists the job routes."""
+    assert coordinator.client.health()["status"] == "ok"
+    spec = httpx.get(coordinator.url + "/openapi.json").json()
+    assert "/v1/jobs" in spec["paths"]
+    assert "/v1/nodes/{node_id}/unstake" in spec["paths"]

@@ -1,0 +1,97 @@
+"""The pure parts: node selection, clocks, config checks and the workload registry."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from nodeclient.clock import ManualClock, OffsetFileClock
+from nodeclient.coordinator import classes
+from nodeclient.coordinator.config import CoordinatorConfig
+from nodeclient.coordinator.scheduler import Candidate, pick_node
+from nodeclient.errors import RemoteProtocolError, UsageError
+from tests.coordinator.conftest import inference_payload, inference_result
+
+INF = frozenset({"ai.inference"})
+
+
+def _cand(node_id: str, *, tier: int = 0, region: str = "eu-west", cap: int = 1,
+          classes_: frozenset[str] = INF) -> Candidate:  # fmt: skip
+    return Candidate(node_id, tier, region, classes_, cap)
+
+
+def _pick(cands: list[Candidate], *, free: dict[str, int] | None = None, **kw) -> str | None:
+    args = {"workload_class": "ai.inference", "min_tier": 0, "region": None}
+    args.update(kw)
+    return pick_node(candidates=cands, free=free or {c.node_id: c.capacity for c in cands}, **args)
+
+
+def test_pick_requires_class_tier_and_capacity() -> None:
+    """Only nodes with the class, enough tier and a free slot are eligible."""
+    cands = [
+        _cand("a", classes_=frozenset({"media.render"})),
+        _cand("b", tier=0),
+        _cand("c", tier=2),
+        _cand("d", tier=3),
+    ]
+    assert _pick(cands, min_tier=2, free={"a": 1, "b": 1, "c": 0, "d": 1}) == "d"
+    assert _pick(cands, min_tier=4) is None
+
+
+def test_pick_prefers_untried_then_region_then_load() -> None:
+    """A node that already tried the task comes last; then region; then lower load."""
+    cands = [_cand("a", region="eu-west"), _cand("b", region="us-east", cap=4)]
+    assert _pick(cands, region="eu-west") == "a"
+    assert _pick(cands, region="eu-west", tried=["a"]) == "b"
+    assert _pick([_cand("a")], tried=["a"]) == "a"  # fallback: the same node beats none
+    busy = {"a": 1, "b": 1}
+    assert _pick([_cand("a", cap=4), _cand("b", cap=1)], free=busy) == "b"
+
+
+def test_region_falls_back_to_other_regions() -> None:
+    """A region preference is not a requirement."""
+    assert _pick([_cand("a", region="us-east")], region="ap-south") == "a"
+
+
+def test_offset_file_clock_reads_offset_at_most_once_a_second(tmp_path: Path) -> None:
+    """The test-hook clock adds the file's offset, re-reading it at most once a second."""
+    wall = ManualClock(1000.0)
+    path = tmp_path / "offset"
+    clock = OffsetFileClock(path, wall=wall)
+    assert clock.now() == 1000.0  # missing file: offset 0
+    path.write_text("604800.5")
+    assert clock.now() == 1000.0  # not re-read within the second
+    wall.advance(1.0)
+    assert clock.now() == 1001.0 + 604800.5
+    path.write_text("garbage")
+    wall.advance(1.0)
+    assert clock.now() == 1002.0
+
+
+def test_config_rejects_nonsense() -> None:
+    """Configuration errors are UsageError (exit 2), not later crashes."""
+    with pytest.raises(UsageError):
+        CoordinatorConfig(max_attempts=0)
+    with pytest.raises(UsageError):
+        CoordinatorConfig(heartbeat_interval=0)
+
+
+def test_inference_class_round_trip() -> None:
+    """ai.inference: validate keeps the model hash; the result must be for that model."""
+    wc = classes.lookup("ai.inference")
+    payload = inference_payload([1.0])
+    meta = wc.validate(payload, 1 << 20)
+    assert wc.split(payload, 1) == [payload]
+    result = inference_result(payload, [1.0])
+    wc.check_result(result, meta, 1 << 20)
+    other = inference_result(inference_payload([1.0, 2.0]), [1.0, 2.0])
+    with pytest.raises(RemoteProtocolError, match="expected"):
+        wc.check_result(other, meta, 1 << 20)
+    assert wc.assemble([result], meta) == result
+
+
+def test_unknown_class_names_known_ones() -> None:
+    """An unknown workload class is refused with the list of known ones."""
+    with pytest.raises(RemoteProtocolError, match=r"known: ai\.inference"):
+        classes.lookup("ai.training")
