@@ -43,6 +43,7 @@ import numpy as np
 import numpy.typing as npt
 
 from nodeclient.errors import RemoteProtocolError, UsageError
+from nodeclient.node.runtimes.base import Progress, no_progress
 from nodeclient.workloads.inference import CLASS, InferenceRequest, encode_result
 from nodeclient.workloads.tensors import DEFAULT_MAX_BYTES, dtype_code
 
@@ -333,8 +334,18 @@ class OnnxRuntime:
                 self._providers = list(self._requested_providers)
         return self._providers
 
-    def run(self, payload: bytes) -> bytes:
-        """Run one whole inference request and return the canonical result bytes."""
+    def run(
+        self,
+        payload: bytes,
+        *,
+        workdir: Path | None = None,
+        progress: Progress = no_progress,
+    ) -> bytes:
+        """Run one whole inference request and return the canonical result bytes.
+
+        An inference request runs whole (2.3.5), in memory: *workdir* is unused and
+        progress is reported once, when the request is done.
+        """
         request = InferenceRequest.decode(payload, max_bytes=self._max_payload_bytes)
         warm = self._warm_session(request)
         names = _select_outputs(warm, request.output_names)
@@ -349,6 +360,7 @@ class OnnxRuntime:
                 kind = value.dtype if isinstance(value, np.ndarray) else type(value).__name__
                 raise RemoteProtocolError(f"output {name!r} is {kind}, which a result cannot carry")
             outputs[name] = value
+        progress(1, 1, "inference done")
         return encode_result(outputs, model_sha256=request.model_sha256)
 
     def _ort_error_types(self) -> tuple[type[BaseException], ...]:

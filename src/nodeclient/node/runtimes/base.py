@@ -1,0 +1,69 @@
+"""The one execution contract every runtime implements (2.3.5 Work Execution).
+
+A workload class is described once in ``nodeclient.workloads`` (payload and result
+formats, and for sliceable classes how a job splits and assembles), which both sides
+import. On the node, a *runtime* executes it behind :class:`Runtime`: it is built once per
+worker process (so models and sessions stay warm), runs one task or one slice from the
+decrypted payload bytes inside a private work directory, reports progress, and returns
+the result bytes the proof of execution will cover.
+
+:class:`RuntimeInfo` says what a runtime needs (binaries, GPU, memory) and whether it is
+usable on this machine; that feeds the manifest's ``workload_classes``.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar, Protocol
+
+# progress(done, total, note): e.g. (3, 10, "frame 4 saved") or (120, 500, "step 120")
+Progress = Callable[[float, float, str], None]
+
+
+def no_progress(_done: float, _total: float, _note: str) -> None:
+    """The progress callback used when nobody listens."""
+
+
+class Runtime(Protocol):
+    """Executes one workload class inside a worker process."""
+
+    workload_class: ClassVar[str]
+
+    def run(self, payload: bytes, *, workdir: Path, progress: Progress) -> bytes:
+        """Run one task or slice; raise RemoteProtocolError for a requester fault."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class Requirements:
+    """What a runtime needs from the machine."""
+
+    binaries: tuple[str, ...] = ()
+    python_modules: tuple[str, ...] = ()
+    gpu: bool = False  # True: cannot run without one; False: uses one when assigned
+    min_ram_mb: int = 256
+
+
+@dataclass(frozen=True, slots=True)
+class RuntimeInfo:
+    """A runtime as the node sees it before any worker exists."""
+
+    workload_class: str
+    requirements: Requirements
+    factory: Callable[[Path], Runtime]  # builds the runtime in a worker; arg: cache dir
+    extra_check: Callable[[], tuple[bool, str]] = field(default=lambda: (True, ""))
+
+    def usable(self) -> tuple[bool, str]:
+        """(usable here, why not): binaries on PATH, modules importable, extra check."""
+        import importlib.util
+
+        for binary in self.requirements.binaries:
+            if shutil.which(binary) is None:
+                return False, f"{binary} not found on PATH"
+        for module in self.requirements.python_modules:
+            if importlib.util.find_spec(module) is None:
+                return False, f"Python module {module} is not installed"
+        return self.extra_check()
