@@ -9,7 +9,6 @@ would (SHA-256 and eth-account alone), prints each node's state transitions and 
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import secrets
 import shutil
@@ -164,6 +163,8 @@ def run_devnet(
     from nodeclient.coordinator.client import CoordinatorClient
     from nodeclient.workloads.inference import decode_result
 
+    # SIGTERM unwinds like Ctrl-C, so the child processes are always stopped.
+    signal.signal(signal.SIGTERM, _raise_interrupt)
     workdir = Path(tempfile.mkdtemp(prefix="nodeclient-devnet-"))
     net = Devnet(workdir=workdir, heartbeat=heartbeat, out=out)
     ok = False
@@ -174,7 +175,7 @@ def run_devnet(
             home = net.add_node(i)
             out(f"node {i}: {keys.node_id_of(home)}  (home {home})")
         client = CoordinatorClient(url)
-        _wait_online(client, nodes, out)
+        _wait_online(client, net, out)
         submitted = []
         for payload, labels in demo_jobs(jobs):
             job = client.submit_job(workload_class="ai.inference", payload=payload)
@@ -204,8 +205,12 @@ def run_devnet(
         ok = True
         if serve:
             out("devnet is running; press Ctrl-C to stop")
-            with contextlib.suppress(KeyboardInterrupt):
-                signal.sigwait({signal.SIGINT, signal.SIGTERM})
+            stop = threading.Event()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, lambda *_: stop.set())
+            while not stop.wait(0.5):
+                pass
+            out("stopping the devnet")
         return 0
     finally:
         net.stop()
@@ -215,11 +220,21 @@ def run_devnet(
             shutil.rmtree(workdir, ignore_errors=True)
 
 
-def _wait_online(client: Any, count: int, out: Print, timeout: float = 90.0) -> None:
+def _raise_interrupt(_signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def _wait_online(client: Any, net: Devnet, out: Print, timeout: float = 90.0) -> None:
+    """Wait until every node is linked; fail fast, with its last log line, if one dies."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        for home, proc in net.nodes:
+            if proc.poll() is not None:
+                lines = (home / "node.log").read_text(errors="replace").strip().splitlines()
+                last = lines[-1] if lines else "(no output)"
+                raise DevnetError(f"node in {home} exited with {proc.returncode}: {last[-300:]}")
         online = [n for n in client.nodes() if n.get("online")]
-        if len(online) >= count:
+        if len(online) >= len(net.nodes):
             out(f"{len(online)} node(s) registered, linked and heartbeating")
             return
         time.sleep(0.2)
