@@ -40,6 +40,7 @@ from tests.models import identity_model, slow_model
 
 from nodeclient import logs
 from nodeclient.clock import SystemClock
+from nodeclient.node import sandbox
 from nodeclient.node.daemon import NodeDaemon
 from nodeclient.node.executor import Executor, WorkerConfig
 from nodeclient.node.outbox import Outbox
@@ -72,7 +73,8 @@ def make_daemon(home: Path, slots: int) -> tuple[NodeDaemon, rsa.RSAPrivateKey, 
     payload_key = rsa.generate_private_key(public_exponent=65537, key_size=3072)
     executor = Executor(
         slots=slots,
-        config=WorkerConfig(cache_dir=home / "models", coordinator_url=None, intra_op_threads=1),
+        config=WorkerConfig(cache_dir=home / "models", threads=1),
+        mode=sandbox.choose_mode(allow_unsandboxed=False),
     )
     daemon = NodeDaemon(
         home=home,

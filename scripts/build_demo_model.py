@@ -3,6 +3,10 @@
 Trains a logistic regression on scikit-learn's bundled digits data (no download),
 converts it with skl2onnx, and writes src/nodeclient/assets/{digits.onnx, digits_test.npz}.
 Deterministic: the same library versions give the same files.
+
+The demo render scene (assets/demo_scene.blend, 6 frames, packed) is the "cube" variant
+that tests/blender_scenes.py builds with Blender's own Python:
+``python -c "from tests.blender_scenes import build_scenes; ..."``.
 """
 
 from __future__ import annotations

@@ -47,6 +47,7 @@ class Devnet:
     coordinator: subprocess.Popen[bytes] | None = None
     url: str = ""
     nodes: list[tuple[Path, subprocess.Popen[bytes]]] = field(default_factory=list)
+    _sandbox: bool | None = None
 
     def start_coordinator(self, *, extra: list[str] | None = None) -> str:
         data = self.workdir / "coordinator"
@@ -62,6 +63,14 @@ class Devnet:
         self.url = _wait_for_line(self.coordinator, "coordinator: ", timeout=60.0)
         return self.url
 
+    def sandbox_available(self) -> bool:
+        """Whether bubblewrap works here; a devnet without it runs tasks unsandboxed."""
+        from nodeclient.node import sandbox
+
+        if self._sandbox is None:
+            self._sandbox = sandbox.probe()[0]
+        return self._sandbox
+
     def add_node(self, index: int) -> Path:
         home = securefile.ensure_home(self.workdir / f"node{index}", create=True)
         keys.init_keys(home, passphrase=None)
@@ -71,6 +80,8 @@ class Devnet:
             NodeConfig(
                 wallet_address=wallet, region="local", coordinator=self.url,
                 heartbeat_interval=self.heartbeat,
+                # A local demo still runs without bubblewrap; a real node never does by default.
+                allow_unsandboxed=not self.sandbox_available(),
             ),
         )  # fmt: skip
         log = open(home / "node.log", "ab")  # noqa: SIM115 - lives as long as the process
@@ -157,6 +168,57 @@ def demo_jobs(count: int) -> list[tuple[bytes, np.ndarray]]:
     return out
 
 
+DEMO_MLP = [
+    {"type": "Linear", "in": 64, "out": 32},
+    {"type": "ReLU"},
+    {"type": "Linear", "in": 32, "out": 10},
+]
+
+
+def demo_render(client: Any) -> bytes:
+    """A 6-frame animated scene, uploaded to the blob store and referenced by SHA-256."""
+    from nodeclient.workloads import render
+
+    scene = resources.files("nodeclient.assets").joinpath("demo_scene.blend").read_bytes()
+    blob = client.upload_blob(scene)
+    request = render.make_request(
+        scene, frames=(1, 6), width=64, height=48, samples=4, scene_url=blob["url"]
+    )
+    return request.encode()
+
+
+def demo_training() -> bytes:
+    """A small MLP on the bundled digits images: 2 slices a round, 3 rounds."""
+    from nodeclient.workloads import training as tr
+
+    with resources.files("nodeclient.assets").joinpath("digits_test.npz").open("rb") as fh:
+        data = np.load(fh)
+        x, y = data["x"].astype(np.float32), data["y"].astype(np.int64)
+    config = tr.TrainingConfig(
+        rounds=3, inner_steps=30, batch_size=32, inner=tr.InnerOptimizer(lr=3e-3)
+    )
+    return tr.JobRequest(tr.ModelSpec.parse(DEMO_MLP), config, x, y).encode()
+
+
+def describe_result(wclass: str, data: bytes, job: dict[str, Any]) -> str:
+    """One line saying what an assembled render or training result holds."""
+    if wclass == "media.render":
+        from nodeclient.workloads import render
+
+        frames = render.decode_result(data)
+        nodes = {t["node_id"] for t in job["tasks"] if t["status"] == "succeeded"}
+        return (
+            f"render assembled: {len(frames.frames)} frames of {frames.width}x{frames.height} "
+            f"from {len(nodes)} node(s)"
+        )
+    from nodeclient.workloads import training as tr
+
+    _weights, metrics = tr.decode_final(data)
+    losses = [m.get("last_loss") for m in metrics if isinstance(m, dict)]
+    shown = ", ".join(f"{v:.3f}" for v in losses if isinstance(v, int | float))
+    return f"training finished {len(metrics)} rounds; loss per round: {shown or 'n/a'}"
+
+
 def run_devnet(
     *, nodes: int, serve: bool, jobs: int, heartbeat: float, keep: bool, out: Print = print
 ) -> int:
@@ -171,31 +233,23 @@ def run_devnet(
     try:
         url = net.start_coordinator()
         out(f"coordinator: {url}")
+        if not net.sandbox_available():
+            out("bubblewrap is not usable here: the devnet's nodes run tasks UNSANDBOXED")
         for i in range(nodes):
             home = net.add_node(i)
             out(f"node {i}: {keys.node_id_of(home)}  (home {home})")
         client = CoordinatorClient(url)
         _wait_online(client, net, out)
-        submitted = []
-        for payload, labels in demo_jobs(jobs):
-            job = client.submit_job(workload_class="ai.inference", payload=payload)
-            submitted.append((job["job_id"], labels))
-            out(f"job {job['job_id']}: submitted (digits classifier, {len(labels)} images)")
+        submitted = _submit_demo_jobs(client, jobs, out)
         correct = total = 0
-        for job_id, labels in submitted:
-            job = _wait_job(client, job_id, out)
-            if job["status"] != "succeeded":
-                raise DevnetError(f"job {job_id} failed: {job.get('reason')}")
-            for task in job["tasks"]:
-                result = client.task_result(task["task_id"])
-                signer = verify_task(task, result)
-                out(
-                    f"  task {task['task_id']} on {signer}: "
-                    f"proof {task['proof'][:18]}… verified, signature verified"
-                )
-            outputs, _meta = decode_result(client.job_result(job_id))
-            correct += int((outputs["label"] == labels).sum())
-            total += len(labels)
+        for wclass, job_id, labels in submitted:
+            assembled = _verified_job(client, job_id, out, net)
+            if wclass == "ai.inference":
+                outputs, _meta = decode_result(assembled)
+                correct += int((outputs["label"] == labels).sum())
+                total += len(labels)
+            else:
+                out("  " + describe_result(wclass, assembled, client.job(job_id)))
         share = correct / max(total, 1)
         out(f"digits classified: {correct}/{total} correct ({share:.1%}), every result verified")
         for i, (home, _proc) in enumerate(net.nodes):
@@ -220,6 +274,47 @@ def run_devnet(
             shutil.rmtree(workdir, ignore_errors=True)
 
 
+def _submit_demo_jobs(client: Any, jobs: int, out: Print) -> list[tuple[str, str, Any]]:
+    """Inference jobs always; a render and a training job where their runtimes are usable."""
+    from nodeclient.node.runtimes import usable_workload_classes
+
+    usable = {c for c, (ok, _why) in usable_workload_classes().items() if ok}
+    submitted: list[tuple[str, str, Any]] = []
+    for payload, labels in demo_jobs(jobs):
+        job = client.submit_job(workload_class="ai.inference", payload=payload)
+        submitted.append(("ai.inference", job["job_id"], labels))
+        out(f"job {job['job_id']}: submitted (digits classifier, {len(labels)} images)")
+    if "media.render" in usable:
+        job = client.submit_job("media.render", demo_render(client), slices=2)
+        submitted.append(("media.render", job["job_id"], None))
+        out(f"job {job['job_id']}: submitted (Blender render, 6 frames in 2 slices)")
+    else:
+        out("media.render skipped: no usable Blender on this machine")
+    if "ai.training" in usable:
+        job = client.submit_job("ai.training", demo_training(), slices=2)
+        submitted.append(("ai.training", job["job_id"], None))
+        out(f"job {job['job_id']}: submitted (training, 2 slices x 3 rounds, DiLoCo)")
+    else:
+        out("ai.training skipped: PyTorch is not installed")
+    return submitted
+
+
+def _verified_job(client: Any, job_id: str, out: Print, net: Devnet) -> bytes:
+    """Wait for a job, check every task as a stranger would, return the assembled result."""
+    job = _wait_job(client, job_id, out, net)
+    if job["status"] != "succeeded":
+        raise DevnetError(f"job {job_id} failed: {job.get('reason')}")
+    for task in job["tasks"]:
+        if task["status"] != "succeeded":
+            continue  # a slice dropped from a training round: nothing to verify
+        signer = verify_task(task, client.task_result(task["task_id"]))
+        out(
+            f"  task {task['task_id']} on {signer}: "
+            f"proof {task['proof'][:18]}… verified, signature verified"
+        )
+    return bytes(client.job_result(job_id))
+
+
 def _raise_interrupt(_signum: int, _frame: object) -> None:
     raise KeyboardInterrupt
 
@@ -241,14 +336,22 @@ def _wait_online(client: Any, net: Devnet, out: Print, timeout: float = 90.0) ->
     raise DevnetError(f"nodes did not come online within {timeout:.0f} s (see node*/node.log)")
 
 
-def _wait_job(client: Any, job_id: str, out: Print, timeout: float = 120.0) -> dict[str, Any]:
+def _wait_job(
+    client: Any, job_id: str, out: Print, net: Devnet, timeout: float = 300.0
+) -> dict[str, Any]:
+    """Poll a job, printing each change: task states and the nodes' per-slice progress."""
     deadline = time.monotonic() + timeout
     last = ""
     while time.monotonic() < deadline:
         job: dict[str, Any] = client.job(job_id)
-        line = f"job {job_id}: {job['status']}" + "".join(
-            f" [{t['status']} on {t.get('node_id') or '-'}]" for t in job["tasks"]
-        )
+        progress = _progress(net)
+        parts = []
+        for t in job["tasks"]:
+            where = (t.get("node_id") or "-")[:10]
+            p = progress.get(t["task_id"])
+            extra = f" {p['done']:g}/{p['total']:g}" if p else ""
+            parts.append(f" [{t['status']} on {where}{extra}]")
+        line = f"job {job_id}: {job['status']}" + "".join(parts)
         if line != last:
             out(line)
             last = line
@@ -256,3 +359,17 @@ def _wait_job(client: Any, job_id: str, out: Print, timeout: float = 120.0) -> d
             return job
         time.sleep(0.1)
     raise DevnetError(f"job {job_id} did not finish within {timeout:.0f} s")
+
+
+def _progress(net: Devnet) -> dict[str, dict[str, float]]:
+    """task_id -> latest progress, read from every node's control socket."""
+    found: dict[str, dict[str, float]] = {}
+    for home, _proc in net.nodes:
+        try:
+            st = control.request(home / control.SOCKET_NAME, {"cmd": "status"}, timeout=1.0)
+        except (NodeClientError, OSError):
+            continue
+        for t in st.get("running", []):
+            if t.get("progress"):
+                found[t["task_id"]] = t["progress"]
+    return found

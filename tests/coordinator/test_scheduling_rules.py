@@ -94,4 +94,4 @@ def test_inference_class_round_trip() -> None:
 def test_unknown_class_names_known_ones() -> None:
     """An unknown workload class is refused with the list of known ones."""
     with pytest.raises(RemoteProtocolError, match=r"known: ai\.inference"):
-        classes.lookup("ai.training")
+        classes.lookup("ai.dance")

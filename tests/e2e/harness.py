@@ -20,6 +20,17 @@ from nodeclient.node.config import NodeConfig, write_config
 from nodeclient.protocol.secp import to_checksum_address
 
 HEARTBEAT = 0.5
+# Every process a test starts, so tests/e2e/conftest.py can kill what a failing test left.
+LIVE: list[subprocess.Popen[bytes]] = []
+
+
+def reap_all() -> None:
+    """Kill whatever is still running (a failed test never leaves daemons behind)."""
+    for proc in LIVE:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    LIVE.clear()
 
 
 def free_port() -> int:
@@ -64,6 +75,7 @@ class CoordinatorProc:
         ]  # fmt: skip
         log = open(self.data / "coordinator.log", "ab")  # noqa: SIM115
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log)
+        LIVE.append(self.proc)
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline().decode().strip()
         assert line == f"coordinator: {self.url}", line
@@ -121,6 +133,7 @@ class NodeProc:
              "--clock-file", str(self.clock_file)],
             stdout=subprocess.DEVNULL, stderr=log,
         )  # fmt: skip
+        LIVE.append(self.proc)
 
     def status(self) -> dict[str, Any]:
         return control.request(self.home / control.SOCKET_NAME, {"cmd": "status"})

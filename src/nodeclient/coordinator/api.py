@@ -19,7 +19,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from pydantic import BaseModel, Field
 from sqlalchemy.orm import Session
 
-from nodeclient.coordinator import classes, registry, store
+from nodeclient.coordinator import classes, metrics, registry, store
 from nodeclient.coordinator import models as m
 from nodeclient.coordinator.service import Coordinator
 from nodeclient.errors import RemoteProtocolError, SignatureError
@@ -64,7 +64,12 @@ def build_router(coord: Coordinator) -> APIRouter:  # noqa: PLR0915 (one route e
             "coordinator_id": coord.coordinator_id,
             "chain_id": chain_id,
             "links": len(coord.links),
+            "server_time": coord.now(),  # lets `nodeclient doctor` measure clock skew
         }
+
+    @router.get("/metrics", include_in_schema=False)
+    async def prometheus_metrics() -> Response:
+        return Response(await metrics.scrape(coord), media_type=metrics.CONTENT_TYPE)
 
     # --- nodes ------------------------------------------------------------------------------
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from nodeclient.errors import ProtocolError, RemoteProtocolError
-from nodeclient.workloads import inference
+from nodeclient.workloads import inference, render, training
 
 # validate(payload, max_bytes) -> metadata kept with the job (raises RemoteProtocolError)
 Validate = Callable[[bytes, int], Mapping[str, Any]]
@@ -75,6 +75,64 @@ REGISTRY: dict[str, WorkloadClass] = {
         assemble=_single,
     ),
 }
+
+
+def _render_validate(payload: bytes, max_bytes: int) -> Mapping[str, Any]:
+    try:
+        return render.job_meta(payload, max_bytes)
+    except ProtocolError as exc:
+        raise RemoteProtocolError(f"media.render payload: {exc}") from exc
+
+
+def _render_check(result: bytes, meta: Mapping[str, Any], max_bytes: int) -> None:
+    try:
+        render.check_result(result, meta, max_bytes)
+    except ProtocolError as exc:
+        raise RemoteProtocolError(f"media.render result: {exc}") from exc
+
+
+# media.render: split by frame range, frames joined in order (workloads/render.py).
+REGISTRY[render.CLASS] = WorkloadClass(
+    name=render.CLASS,
+    sliceable=True,
+    validate=_render_validate,
+    split=render.split,
+    check_result=_render_check,
+    assemble=render.assemble,
+)
+
+
+def _training_validate(payload: bytes, max_bytes: int) -> Mapping[str, Any]:
+    try:
+        return training.job_meta(payload, max_bytes)
+    except ProtocolError as exc:
+        raise RemoteProtocolError(f"ai.training payload: {exc}") from exc
+
+
+def _training_split(payload: bytes, slices: int) -> list[bytes]:
+    try:
+        return training.split(payload, slices)
+    except ProtocolError as exc:
+        raise RemoteProtocolError(f"ai.training payload: {exc}") from exc
+
+
+def _training_check(result: bytes, meta: Mapping[str, Any], max_bytes: int) -> None:
+    try:
+        training.check_result(result, meta, max_bytes)
+    except ProtocolError as exc:
+        raise RemoteProtocolError(f"ai.training result: {exc}") from exc
+
+
+# ai.training: one shard per slice, R rounds; finished rounds are aggregated by
+# coordinator/rounds.py (verifier._finish_job), so assemble is never reached.
+REGISTRY[training.CLASS] = WorkloadClass(
+    name=training.CLASS,
+    sliceable=True,
+    validate=_training_validate,
+    split=_training_split,
+    check_result=_training_check,
+    assemble=training.assemble,
+)
 
 
 def lookup(name: str) -> WorkloadClass:

@@ -234,6 +234,7 @@ class LinkSession:
         try:
             claim = verifier.check_result_frame(frame, node_id=self.node_id, chain_id=cfg.chain_id)
         except SignatureError as exc:
+            coord.metrics.verification_failed("signature")
             await self._error("bad_signature", f"result: {exc}")
             return
         fields = {"node_id": self.node_id, "task_id": str(claim.task_id)}
@@ -247,6 +248,8 @@ class LinkSession:
                     s, claim, now=now, max_payload=cfg.max_payload_bytes
                 )
             )
+        if decision.status == "rejected":
+            coord.metrics.verification_failed("proof" if problem is not None else "acceptance")
         level = logging.WARNING if decision.status == "rejected" else logging.INFO
         log.log(
             level,

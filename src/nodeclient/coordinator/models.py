@@ -81,6 +81,11 @@ class Job(Base):
     finished_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     result: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True, deferred=True)
     result_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    # Round-based classes (ai.training, coordinator/rounds.py): the current round, when its
+    # deadline passes, and the outer optimizer's state (weights, momentum, metrics).
+    round_index: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    round_deadline: Mapped[float | None] = mapped_column(Float, nullable=True)
+    train_state: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True, deferred=True)
 
 
 class Task(Base):
@@ -107,6 +112,7 @@ class Task(Base):
     message: Mapped[str | None] = mapped_column(Text, nullable=True)  # Result message JSON
     completed_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    round_index: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
 
 class TaskAttempt(Base):

@@ -11,6 +11,12 @@ Rules (docs: "Scheduling and leases"):
   to the node's ``pubkey_rsa`` with the deadline as envelope expiry (2.3.4).
 - A missed deadline, a node gone offline or a node's signed reject re-queues the task;
   after ``max_attempts`` leases it fails, and so does its job, with the reason.
+- Classes with a :class:`RetryPolicy` (``media.render``) retry strictly: a failed slice
+  goes only to a node that has not failed it; it fails hard once ``max_failed_nodes``
+  different nodes have failed it (``max_attempts`` does not apply); and a node that has
+  failed ``max_node_failures_per_job`` slices of one job gets no more slices of it. A
+  slice that no eligible node may take waits in the queue for a new node. The node's
+  reject reason (crash, out of memory, timeout) is kept in the task's reason.
 
 Selection is a pure function (:func:`pick_node`); the database work is a few
 transactions; the loop around them is the adapter, woken on events and at least
@@ -31,12 +37,27 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from nodeclient.coordinator import models as m
+from nodeclient.coordinator import rounds
 from nodeclient.coordinator.service import Coordinator
 from nodeclient.coordinator.store import leased_counts
 from nodeclient.protocol import envelope, messages
 
 log = logging.getLogger("nodeclient.coordinator.scheduler")
 BATCH = 256  # queued tasks considered per round
+# Lease outcomes that count as the node failing the task (not "cancelled", "superseded",
+# "undelivered": those are not the node's doing).
+FAILED_OUTCOMES = ("rejected", "expired", "offline")
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """Strict retries for a sliceable class: see the module docstring."""
+
+    max_failed_nodes: int = 3
+    max_node_failures_per_job: int = 3
+
+
+RETRY_POLICIES: dict[str, RetryPolicy] = {"media.render": RetryPolicy()}
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,13 +100,16 @@ def pick_node(
     candidates: Iterable[Candidate],
     free: Mapping[str, int],
     tried: Iterable[str] = (),
+    excluded: Iterable[str] = (),
 ) -> str | None:
     """The best eligible node for one task, or None; pure, so it is tested directly."""
-    tried_set = set(tried)
+    tried_set, excluded_set = set(tried), set(excluded)
     best: tuple[bool, bool, float, str] | None = None
     for c in candidates:
         slots = free.get(c.node_id, 0)
         if slots <= 0 or workload_class not in c.workload_classes or c.hardware_tier < min_tier:
+            continue
+        if c.node_id in excluded_set:
             continue
         key = (
             c.node_id in tried_set,
@@ -98,7 +122,41 @@ def pick_node(
     return None if best is None else best[3]
 
 
+def excluded_nodes(
+    policy: RetryPolicy, task_id: str, failures: Iterable[tuple[str, str]]
+) -> frozenset[str]:
+    """Nodes that may not take *task_id* under *policy*; pure, so it is tested directly.
+
+    *failures* are the ``(task_id, node_id)`` failed leases of the task's whole job: a
+    node is excluded if it failed this task, or failed enough of the job's tasks.
+    """
+    per_node: dict[str, set[str]] = {}
+    for failed_task, node_id in failures:
+        per_node.setdefault(node_id, set()).add(failed_task)
+    return frozenset(
+        node_id
+        for node_id, tasks in per_node.items()
+        if task_id in tasks or len(tasks) >= policy.max_node_failures_per_job
+    )
+
+
 # --- transactions -------------------------------------------------------------------------------
+
+
+def job_failures(session: Session, job_ids: Iterable[str]) -> dict[str, list[tuple[str, str]]]:
+    """job_id -> its failed leases as ``(task_id, node_id)``."""
+    out: dict[str, list[tuple[str, str]]] = {}
+    ids = list(job_ids)
+    if not ids:
+        return out
+    rows = session.execute(
+        select(m.Task.job_id, m.TaskAttempt.task_id, m.TaskAttempt.node_id)
+        .join(m.Task, m.Task.task_id == m.TaskAttempt.task_id)
+        .where(m.Task.job_id.in_(ids), m.TaskAttempt.outcome.in_(FAILED_OUTCOMES))
+    )
+    for job_id, task_id, node_id in rows:
+        out.setdefault(job_id, []).append((task_id, node_id))
+    return out
 
 
 def close_attempt(session: Session, task_id: str, node_id: str, outcome: str, now: float) -> None:
@@ -140,9 +198,18 @@ def requeue_or_fail(
     if holder is not None:
         close_attempt(session, task.task_id, holder, outcome, now)
     task.node_id, task.lease_deadline = None, None
-    if task.attempts >= max_attempts:
+    job = session.get_one(m.Job, task.job_id)
+    policy = RETRY_POLICIES.get(job.workload_class)
+    give_up = f"gave up after {task.attempts} of {max_attempts} attempts"
+    exhausted = task.attempts >= max_attempts
+    if policy is not None:  # strict retries count different failing nodes, not leases
+        failures = job_failures(session, [task.job_id]).get(task.job_id, [])
+        failed_on = {node for tid, node in failures if tid == task.task_id}
+        give_up = f"failed on {len(failed_on)} different nodes"
+        exhausted = len(failed_on) >= policy.max_failed_nodes
+    if exhausted:
         task.status = m.FAILED
-        task.reason = f"{detail}; gave up after {task.attempts} of {max_attempts} attempts"
+        task.reason = f"{detail}; {give_up}"
         job_reason = f"task {task.task_id} (slice {task.slice_index}) failed: {task.reason}"
         cancel = fail_job(session, task.job_id, job_reason, now)
         return Lost(task.task_id, holder, failed=True, cancel=tuple(cancel))
@@ -205,8 +272,10 @@ def assign_tx(
         )
     ):
         tried.setdefault(task_id, []).append(node_id)
+    failures = job_failures(session, {q[1] for q in queued if q[2] in RETRY_POLICIES})
     out: list[Assignment] = []
     for task_id, job_id, wclass, min_tier, region in queued:
+        policy = RETRY_POLICIES.get(wclass)
         choice = pick_node(
             workload_class=wclass,
             min_tier=min_tier,
@@ -214,6 +283,9 @@ def assign_tx(
             candidates=candidates,
             free=free,
             tried=tried.get(task_id, ()),
+            excluded=()
+            if policy is None
+            else excluded_nodes(policy, task_id, failures.get(job_id, ())),
         )
         if choice is None:
             continue
@@ -296,6 +368,7 @@ class Scheduler:
             await self.check_offline(now)
         lost = await coord.db.run(lambda s: expire_tx(s, now=now, max_attempts=cfg.max_attempts))
         await self._report_lost(lost, "task.lease_expired")
+        await rounds.enforce_deadlines(coord, now)  # ai.training: drop slices late for their round
         cands = self.candidates()
         if not cands:
             return

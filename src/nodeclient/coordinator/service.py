@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 from nodeclient.clock import Clock
 from nodeclient.coordinator.config import CoordinatorConfig
+from nodeclient.coordinator.metrics import CoordinatorMetrics
 from nodeclient.coordinator.store import Database, NodeInfo, coordinator_id, load_nodes
 from nodeclient.coordinator.store import write_heartbeats as _write_heartbeats
 
@@ -104,6 +105,7 @@ class Coordinator:
             self.cache_node(info)
         self.links: dict[str, LinkPort] = {}
         self.heartbeats = HeartbeatWriter(db)
+        self.metrics = CoordinatorMetrics()  # GET /metrics (2.3.8); per app, never global
         self._wake: asyncio.Event | None = None
 
     def now(self) -> float:

@@ -227,6 +227,7 @@ def task_json(task: m.Task, *, chain_id: int) -> dict[str, Any]:
         "task_id": task.task_id,
         "slice_index": task.slice_index,
         "slice_count": task.slice_count,
+        "round": task.round_index,
         "node_id": task.node_id,
         "status": task.status,
         "attempts": task.attempts,
@@ -242,7 +243,11 @@ def task_json(task: m.Task, *, chain_id: int) -> dict[str, Any]:
 
 def job_tasks(session: Session, job_id: str) -> list[m.Task]:
     return list(
-        session.scalars(select(m.Task).where(m.Task.job_id == job_id).order_by(m.Task.slice_index))
+        session.scalars(
+            select(m.Task)
+            .where(m.Task.job_id == job_id)
+            .order_by(m.Task.round_index, m.Task.slice_index)
+        )
     )
 
 
@@ -255,6 +260,7 @@ def job_json(session: Session, job: m.Job, *, chain_id: int) -> dict[str, Any]:
         "min_tier": job.min_tier,
         "region": job.region,
         "slices": job.slices,
+        "round": job.round_index,
         "created_at": job.created_at,
         "finished_at": job.finished_at,
         "result_sha256": job.result_sha256,

@@ -30,7 +30,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from nodeclient.coordinator import classes
+from nodeclient.coordinator import classes, rounds
 from nodeclient.coordinator import models as m
 from nodeclient.coordinator.scheduler import Lost, close_attempt, requeue_or_fail
 from nodeclient.errors import ProtocolError, SignatureError
@@ -124,6 +124,8 @@ def _was_leased_to(session: Session, task: m.Task, node_id: str) -> bool:
 
 
 def _finish_job(session: Session, job: m.Job, now: float) -> str | None:
+    if rounds.is_round_based(job.workload_class):  # ai.training: close the round, maybe more
+        return rounds.finish_round_tx(session, job, now)
     tasks = session.scalars(
         select(m.Task).where(m.Task.job_id == job.job_id).order_by(m.Task.slice_index)
     ).all()

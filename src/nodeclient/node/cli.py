@@ -191,25 +191,32 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from nodeclient import logs
     from nodeclient.clock import make_clock
+    from nodeclient.node import sandbox
     from nodeclient.node.daemon import NodeDaemon
-    from nodeclient.node.executor import Executor, WorkerConfig
+    from nodeclient.node.executor import Executor, WorkerConfig, gpus_from_manifest
+    from nodeclient.node.metrics import GpuSampler, NodeMetrics
     from nodeclient.node.outbox import Outbox
 
     logs.configure(fmt=args.log_format)
     home = _home(args)
     config = load_config(home)
+    metrics_address = args.metrics_address or config.metrics_address
     url = _coordinator_url(args, config)
     passphrase = _passphrase_source(args)
     node_key = keys.load_node_key(home, passphrase=passphrase)
     manifest = build_local_manifest(home, config, lambda: b"", node_key=node_key)
     slots = int(manifest["max_parallel_subtasks"])
     cores = int(manifest["cpu"]["cores"])
+    metrics = NodeMetrics()
+    # 2.3.5: no working bubblewrap and no allow_unsandboxed -> UsageError, one line, exit 2
+    mode = sandbox.choose_mode(allow_unsandboxed=config.allow_unsandboxed)
     executor = Executor(
         slots=slots,
+        mode=mode,
         config=WorkerConfig(
             cache_dir=home / "models",
-            coordinator_url=url,
-            intra_op_threads=max(1, cores // slots),
+            threads=max(1, cores // slots),
+            gpus=gpus_from_manifest(manifest),
         ),
     )
     daemon = NodeDaemon(
@@ -224,8 +231,18 @@ def cmd_run(args: argparse.Namespace) -> int:
         outbox=Outbox(home / "outbox.db"),
         clock=make_clock(args.clock_file),
         heartbeat_interval=args.heartbeat_interval or config.heartbeat_interval,
+        metrics=metrics,
     )
-    return asyncio.run(daemon.run())
+    server = metrics.serve(metrics_address) if metrics_address else None  # 2.3.8, opt-in
+    if server is not None and manifest["gpu"]:
+        metrics.gpu = GpuSampler(interval=5.0).start()  # NVML in a child process only
+    try:
+        return asyncio.run(daemon.run())
+    finally:
+        if server is not None:
+            server.close()
+        if metrics.gpu is not None:
+            metrics.gpu.close()
 
 
 def _ago(seconds: float | None) -> str:
@@ -246,6 +263,17 @@ def cmd_status(args: argparse.Namespace) -> int:
     from nodeclient.node import control
 
     home = _home(args)
+    if args.watch:
+        from nodeclient.node import console
+        from nodeclient.node.metrics import GpuSampler
+
+        if args.json:
+            raise UsageError("--watch and --json do not combine: --json prints one snapshot")
+        sock = home / control.SOCKET_NAME
+        return console.watch(
+            lambda: control.request(sock, {"cmd": "status"}, timeout=2.0),
+            gpu=GpuSampler().start(),
+        )
     st = control.request(home / control.SOCKET_NAME, {"cmd": "status"})
     if args.json:
         print(json.dumps(st, indent=2))
@@ -260,9 +288,12 @@ def cmd_status(args: argparse.Namespace) -> int:
         f"last heartbeat ack {_ago(None if last is None else now - last)}"
     )
     print(f"node_id      {st['node_id']}")
+    print(f"sandbox      {st.get('sandbox', 'unknown')}")
     print(f"tasks        {len(st['running'])} running of {st['slots']} slots")
     for t in st["running"]:
-        print(f"  {t['task_id']}  {t['workload_class']}  {t['seconds']}s")
+        p = t.get("progress")
+        done = f"  {p['done']:g}/{p['total']:g} {p['note']}" if p else ""
+        print(f"  {t['task_id']}  {t['workload_class']}  {t['seconds']}s{done}")
     print(
         f"totals       {st['completed']} completed, {st['failed']} failed, "
         f"{st['rejected']} rejected, {st['outbox_backlog']} awaiting acknowledgement"
@@ -319,7 +350,49 @@ def cmd_devnet(args: argparse.Namespace) -> int:
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
+def cmd_history(args: argparse.Namespace) -> int:
+    from nodeclient.node import console
+
+    home = _home(args)
+    since = console.parse_since(args.since, now=time.time()) if args.since else None
+    rows = console.read_history(home, since=since)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    elif not rows:
+        print("no tasks recorded" + (f" since {args.since}" if args.since else ""))
+    else:
+        print("\n".join(console.history_lines(rows)))
+    return 0
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from nodeclient.node import doctor
+
+    home = _home(args)
+    config = load_config(home)
+    checks = doctor.run_all(
+        home,
+        coordinator=getattr(args, "coordinator", None) or config.coordinator,
+        allow_unsandboxed=config.allow_unsandboxed,
+    )
+    if args.json:
+        print(json.dumps([c.to_json() for c in checks], indent=2))
+    else:
+        print("\n".join(doctor.report_lines(checks)))
+    return doctor.exit_status(checks)
+
+
+def cmd_service_install(args: argparse.Namespace) -> int:
+    from nodeclient.node import service
+
+    exe = Path(args.executable) if args.executable else service.find_executable()
+    opts = service.UnitOptions(executable=exe, user=args.user)
+    path = service.write_unit(Path(args.output), service.render_unit(opts))
+    print("\n".join(service.next_steps(path, opts)))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915 (one block per command)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "--home",
@@ -373,12 +446,34 @@ def build_parser() -> argparse.ArgumentParser:
         "--heartbeat-interval", type=float, help="seconds between heartbeats (default 30)"
     )
     r.add_argument("--log-format", choices=["json", "text"], default="json")
+    r.add_argument(
+        "--metrics-address", metavar="HOST:PORT", help="serve Prometheus metrics (default: off)"
+    )
     r.add_argument("--clock-file", help=argparse.SUPPRESS)  # testing aid: see nodeclient.clock
     r.set_defaults(handler=cmd_run)
 
     st = sub.add_parser("status", parents=[common], help="state of the running daemon")
     st.add_argument("--json", action="store_true", help="one machine-readable snapshot")
+    st.add_argument("--watch", action="store_true", help="live console; q or Ctrl-C quits")
     st.set_defaults(handler=cmd_status)
+
+    hi = sub.add_parser("history", parents=[common], help="every task this node has run")
+    hi.add_argument("--json", action="store_true", help="machine-readable, one object per task")
+    hi.add_argument("--since", metavar="WHEN", help="ISO date/time or a duration: 24h, 7d")
+    hi.set_defaults(handler=cmd_history)
+
+    dr = sub.add_parser("doctor", parents=[common], help="check this machine; exit 0/1/2")
+    dr.add_argument("--coordinator", metavar="URL", help="coordinator base URL (default: config)")
+    dr.add_argument("--json", action="store_true")
+    dr.set_defaults(handler=cmd_doctor)
+
+    sv = sub.add_parser("service", parents=[common], help="run the daemon under systemd")
+    svsub = sv.add_subparsers(dest="service_command", required=True, metavar="ACTION")
+    si = svsub.add_parser("install", parents=[common], help="write a hardened systemd unit")
+    si.add_argument("--user", default="nodeclient", help="system user (default nodeclient)")
+    si.add_argument("--output", default="/etc/systemd/system/nodeclient.service", metavar="PATH")
+    si.add_argument("--executable", metavar="PATH", help="nodeclient binary (default: PATH)")
+    si.set_defaults(handler=cmd_service_install)
 
     u = sub.add_parser("unstake", parents=[common, passphrase], help="start the 7-day cooldown")
     u.add_argument("--coordinator", metavar="URL", help="coordinator base URL (default: config)")

@@ -33,6 +33,7 @@ class NodeConfig:
     max_parallel_subtasks: int | None = None  # may lower the computed bound, never raise it
     heartbeat_interval: float = 30.0  # 2.3.3: every 30 s
     allow_unsandboxed: bool = False
+    metrics_address: str | None = None  # HOST:PORT for Prometheus (2.3.8); off by default
 
     def __post_init__(self) -> None:
         try:
@@ -64,6 +65,10 @@ class NodeConfig:
             raise UsageError("coordinator must be an http:// or https:// URL")
         if not isinstance(self.allow_unsandboxed, bool):
             raise UsageError("allow_unsandboxed must be true or false")
+        if self.metrics_address is not None:
+            from nodeclient.node.metrics import parse_metrics_address
+
+            parse_metrics_address(str(self.metrics_address))
 
     def to_toml(self) -> str:
         """The file as init writes it, with a comment per key."""
@@ -84,6 +89,11 @@ class NodeConfig:
             f"max_parallel_subtasks = {self.max_parallel_subtasks}"
             if self.max_parallel_subtasks
             else "# max_parallel_subtasks = 1  # may lower the hardware bound, never raise it"
+        )
+        lines.append(
+            f'metrics_address = "{self.metrics_address}"'
+            if self.metrics_address
+            else '# metrics_address = "127.0.0.1:9101"  # Prometheus metrics, off by default'
         )
         return "\n".join(lines) + "\n"
 

@@ -29,9 +29,11 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 from nodeclient import logs
 from nodeclient.clock import Clock
 from nodeclient.errors import EnvelopeError, NodeClientError, RemoteProtocolError
-from nodeclient.node import control
+from nodeclient.node import control, inputs, sandbox
 from nodeclient.node.executor import Executor, TaskFailed
+from nodeclient.node.metrics import NodeMetrics
 from nodeclient.node.outbox import Outbox, OutboxEntry
+from nodeclient.node.sandbox import describe_mode
 from nodeclient.protocol import eip712, envelope, messages
 from nodeclient.protocol.proof import proof_of_execution
 from nodeclient.protocol.secp import Secp256k1Key
@@ -86,6 +88,7 @@ class NodeDaemon:
         clock: Clock,
         heartbeat_interval: float,
         shutdown_grace: float = 60.0,
+        metrics: NodeMetrics | None = None,
     ) -> None:
         self.home = home
         self.url = coordinator_url.rstrip("/")
@@ -108,11 +111,14 @@ class NodeDaemon:
         self.link = LinkInfo()
         self.running: dict[uuid.UUID, RunningTask] = {}
         self.rejected = 0
+        self.timed_out = 0
+        self.metrics = metrics if metrics is not None else NodeMetrics()
         self.started_at = clock.now()
         self._ws: ClientConnection | None = None
         self._stopping = asyncio.Event()
         self._rand = random.SystemRandom()
         self._fatal: RegistrationRefused | None = None
+        self._fetch = inputs.http_fetcher(self.url)
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -126,9 +132,11 @@ class NodeDaemon:
         try:
             await self.executor.warm_up()
             link = asyncio.create_task(self._link_loop())
+            refresh = asyncio.create_task(self._refresh_metrics())
             await self._stopping.wait()
             await self._drain()
             link.cancel()
+            refresh.cancel()
             with contextlib.suppress(asyncio.CancelledError, RegistrationRefused):
                 await link
             if self._fatal is not None:
@@ -140,6 +148,15 @@ class NodeDaemon:
             self.executor.shutdown()
         log.info("daemon.stop", extra={"backlog": self.outbox.backlog()})
         return 0
+
+    async def _refresh_metrics(self) -> None:
+        """Keep the Prometheus gauges current (2.3.8); counters are bumped where tasks end."""
+        while True:
+            self.metrics.update_status(self.status())
+            await asyncio.sleep(1.0)
+
+    def _ended(self, workload_class: str, outcome: str, received_at: float) -> None:
+        self.metrics.task_ended(workload_class, outcome, self.clock.now() - received_at)
 
     def request_stop(self) -> None:
         """SIGTERM: take no new work, finish running tasks, flush the outbox, exit 0."""
@@ -288,6 +305,10 @@ class NodeDaemon:
             task = self.running.get(msg.task_id)
             if task and task.handle:
                 task.handle.cancel()
+                timed_out = msg.reason == "lease ended"  # the coordinator's lease expired
+                self.timed_out += int(timed_out)
+                outcome = "timed_out" if timed_out else "cancelled"
+                self._ended(task.workload_class, outcome, task.received_at)
                 log.info(
                     "task.cancelled", extra={"task_id": str(msg.task_id), "reason": msg.reason}
                 )
@@ -311,6 +332,7 @@ class NodeDaemon:
                 return
             reason = self._refusal(d)
             if reason:
+                self._ended(d.workload_class, "rejected", self.clock.now())
                 await self._reject(d.task_id, reason)
                 return
             task = RunningTask(
@@ -332,7 +354,7 @@ class NodeDaemon:
             return f"over capacity: {len(self.running)} of {self.slots} slots busy"
         if d.lease_expires_at < self.clock.now():
             return "lease already expired"
-        return ""
+        return self.executor.admission(d.resources)  # 2.3.5: never run out of memory
 
     async def _execute(self, task: RunningTask, d: messages.Dispatch) -> None:
         with logs.bind(task_id=str(task.task_id), job_id=str(task.job_id)):
@@ -346,13 +368,26 @@ class NodeDaemon:
                         now=int(self.clock.now()),
                     )
                 except EnvelopeError as exc:
+                    self._ended(task.workload_class, "rejected", task.received_at)
                     await self._reject(task.task_id, f"payload decryption failed: {exc}")
                     return
                 started = time.monotonic()
                 try:
-                    result = await self.executor.run(task.workload_class, payload)
+                    payload = await asyncio.to_thread(self._resolve_inputs, task, payload)
+                    lease_left = max(0.0, d.lease_expires_at - self.clock.now())
+                    result = await self.executor.run(
+                        task.workload_class,
+                        payload,
+                        task_id=task.task_id,
+                        deadline=time.monotonic() + lease_left,  # the executor's clock
+                        resources=d.resources,
+                    )
                 except TaskFailed as exc:
                     log.warning("task.failed", extra={"reason": exc.reason})
+                    timed_out = exc.reason.startswith("deadline exceeded")  # the lease's end
+                    self.timed_out += int(timed_out)
+                    outcome = "timed_out" if timed_out else "failed"
+                    self._ended(task.workload_class, outcome, task.received_at)
                     await self._reject(task.task_id, exc.reason)
                     return
                 log.info(
@@ -362,6 +397,7 @@ class NodeDaemon:
                         "result_size": len(result),
                     },
                 )
+                self._ended(task.workload_class, "completed", task.received_at)
                 await self._finish(task, result)
             except asyncio.CancelledError:
                 log.info("task.cancelled")
@@ -371,9 +407,23 @@ class NodeDaemon:
                 if not self.running and self.state.state is NodeState.EXECUTING:
                     self.state.transition(NodeState.IDLE, reason="the last running task finished")
 
+    def _resolve_inputs(self, task: RunningTask, payload: bytes) -> bytes:
+        """Fetch content-addressed inputs the offline worker needs (models, scenes)."""
+        try:
+            return inputs.resolve(
+                task.workload_class,
+                payload,
+                fetch=self._fetch,
+                cache_dir=self.executor.config.cache_dir,
+                sandbox_owner=self.executor.mode == sandbox.MODE_BWRAP and os.geteuid() == 0,
+            )
+        except RemoteProtocolError as exc:
+            raise TaskFailed(f"bad input: {exc}", requester_fault=True) from exc
+
     async def _finish(self, task: RunningTask, result: bytes) -> None:
         proof = proof_of_execution(task_id=task.task_id, result=result, node_id=self.node_id)
-        completed_at = int(self.clock.now())
+        finished = self.clock.now()  # the outbox keeps sub-second time for `history`
+        completed_at = int(finished)
         message = {
             "task_id": task.task_id.bytes,
             "job_id": task.job_id.bytes,
@@ -393,7 +443,7 @@ class NodeDaemon:
             proof=proof,
             message=eip712.message_to_json("Result", message),
             received_at=task.received_at,
-            completed_at=completed_at,
+            completed_at=finished,
             sign=self._sign_result,
         )
         await self._deliver(entry)
@@ -454,18 +504,21 @@ class NodeDaemon:
                 "heartbeat_seq": self.session.seq,
             },
             "slots": self.slots,
+            "sandbox": describe_mode(self.executor.mode),
             "running": [
                 {
                     "task_id": str(t.task_id),
                     "job_id": str(t.job_id),
                     "workload_class": t.workload_class,
                     "seconds": round(now - t.received_at, 1),
+                    "progress": self.executor.progress(t.task_id),
                 }
                 for t in self.running.values()
             ],
             "completed": counts["completed"],
             "failed": counts["failed"],
             "rejected": self.rejected,
+            "timed_out": self.timed_out,
             "outbox_backlog": counts["unacknowledged"],
             "uptime_s": round(now - self.started_at, 1),
             "unstaking_until": until,

@@ -1,35 +1,53 @@
-"""2.3.5 Work Execution: tasks run in separate worker processes.
+"""2.3.5 Work Execution: tasks run in persistent, sandboxed worker processes, one per slot.
 
 The daemon decrypts (2.3.4) in its own process, so the payload key never enters a
-worker; workers get only the plaintext payload and return the result bytes. Each worker
-keeps its runtimes warm across tasks (an ONNX session per model hash), and one worker
-per slot gives real parallelism up to max_parallel_subtasks. A worker that crashes
-fails only its task: the pool is rebuilt and the daemon keeps serving.
+worker; a worker gets the plaintext payload over a pipe and returns the result bytes
+(the framing is in :mod:`nodeclient.node.worker`, the isolation in
+:mod:`nodeclient.node.sandbox`). Workers start once and stay warm, so a warm inference
+pays one pipe round trip instead of a process start.
+
+Every way a task can go wrong ends in :class:`TaskFailed` with a reason the signed
+Reject carries, and never takes the node down: a worker that crashed, ran out of memory,
+printed too much, outlived its deadline, was cancelled, or left processes behind is
+killed (its whole process group, and with bubblewrap its PID namespace) and replaced by
+a fresh one before the slot takes the next task.
 """
 
 from __future__ import annotations
 
 import asyncio
-import multiprocessing
+import collections
+import contextlib
+import fcntl
+import itertools
+import json
+import logging
 import os
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass
+import shutil
+import signal
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from nodeclient.errors import NodeClientError, RemoteProtocolError
+from nodeclient.node import sandbox, worker
+from nodeclient.node.sandbox import MODE_BWRAP, Limits
 
-# Worker-process globals: built once per worker by _init_worker.
-_RUNTIMES: dict[str, Any] = {}
+log = logging.getLogger("nodeclient.node.executor")
 
+DEFAULT_MAX_PAYLOAD: Final = 256 * 1024 * 1024
+DEFAULT_MAX_RESULT: Final = 64 * 1024 * 1024
+DEFAULT_MAX_OUTPUT: Final = 1024 * 1024
+_TAIL: Final = 2048
+_F_SETPIPE_SZ: Final = 1031  # Linux fcntl; not exported by Python 3.11
+_PIPE_BYTES: Final = 1 << 20  # the default /proc/sys/fs/pipe-max-size
+_REPLACED: Final = "replaced after a failed or untidy task"
 
-@dataclass(frozen=True, slots=True)
-class WorkerConfig:
-    cache_dir: Path
-    coordinator_url: str | None
-    intra_op_threads: int
-    max_cache_bytes: int = 2 << 30
+# progress(done, total, note) as the executor reports it to the daemon
+OnProgress = Callable[[float, float, str], None]
 
 
 class TaskFailed(NodeClientError):
@@ -41,91 +59,491 @@ class TaskFailed(NodeClientError):
         self.requester_fault = requester_fault
 
 
-def _fetch_model(base_url: str | None, max_bytes: int) -> Any:
-    def fetch(url: str) -> bytes:
-        import httpx
+def default_runtimes() -> dict[str, str]:
+    """Every known runtime as ``class -> "module:factory"``, importable in a worker."""
+    from nodeclient.node.runtimes import RUNTIMES
 
-        if url.startswith("/"):
-            if base_url is None:
-                raise RemoteProtocolError("model_url is relative but no coordinator is known")
-            url = base_url.rstrip("/") + url
-        with httpx.stream("GET", url, timeout=60.0) as resp:
-            resp.raise_for_status()
-            data = bytearray()
-            for chunk in resp.iter_bytes():
-                data += chunk
-                if len(data) > max_bytes:
-                    raise RemoteProtocolError(f"model at {url} exceeds {max_bytes} bytes")
-        return bytes(data)
-
-    return fetch
+    return {
+        name: f"{info.factory.__module__}:{info.factory.__qualname__}"
+        for name, info in RUNTIMES.items()
+    }
 
 
-def _init_worker(cfg: WorkerConfig) -> None:
-    from nodeclient.node.runtimes.onnx import OnnxRuntime
+def default_preload() -> tuple[str, ...]:
+    """Modules of the runtimes usable here, imported when a worker starts."""
+    from nodeclient.node.runtimes import RUNTIMES
 
-    _RUNTIMES["ai.inference"] = OnnxRuntime(
-        cache_dir=cfg.cache_dir,
-        max_cache_bytes=cfg.max_cache_bytes,
-        intra_op_threads=cfg.intra_op_threads,
-        fetch_model=_fetch_model(cfg.coordinator_url, cfg.max_cache_bytes),
+    return tuple(
+        module
+        for info in RUNTIMES.values()
+        if info.usable()[0]
+        for module in info.requirements.python_modules
     )
 
 
-def _run_in_worker(workload_class: str, payload: bytes) -> bytes:
-    runtime = _RUNTIMES.get(workload_class)
-    if runtime is None:
-        raise RemoteProtocolError(f"workload class {workload_class!r} is not served by this node")
-    result: bytes = runtime.run(payload)
-    return result
+def gpus_from_manifest(manifest: Mapping[str, Any]) -> tuple[tuple[int, int], ...]:
+    """``(index, vram_mb)`` of every GPU the manifest declares, in device order."""
+    found: list[tuple[int, int]] = []
+    for group in manifest.get("gpu") or ():
+        for _ in range(int(group.get("count", 1))):
+            found.append((len(found), int(float(group.get("vram_gb", 0)) * 1024)))
+    return tuple(found)
 
 
-def _warm(_: int) -> int:
-    return os.getpid()
+@dataclass(frozen=True, slots=True)
+class WorkerConfig:
+    """How workers are built. ``runtimes`` is injectable (tests add hostile ones)."""
+
+    cache_dir: Path  # bound at /nodeclient/cache; the runtimes keep their model caches in it
+    limits: Limits | None = None  # default: an equal share of RAM per slot
+    runtimes: Mapping[str, str] | None = None  # default: default_runtimes()
+    preload: tuple[str, ...] | None = None  # modules imported at start; default: theirs
+    extra_python_path: tuple[Path, ...] = ()  # bound read-only, put on PYTHONPATH
+    gpus: tuple[tuple[int, int], ...] = ()  # (index, vram_mb); slot i gets gpus[i % n]
+    work_root: Path | None = None  # default: a fresh directory outside the node home
+    threads: int | None = None  # OMP_NUM_THREADS of each worker
+    max_payload_bytes: int = DEFAULT_MAX_PAYLOAD
+    max_result_bytes: int = DEFAULT_MAX_RESULT
+    max_output_bytes: int = DEFAULT_MAX_OUTPUT  # stdout + stderr per task
+    start_timeout: float = 120.0
+
+
+class _WorkerGone(Exception):
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass(eq=False)
+class _Slot:
+    """One worker process and the pipes to it."""
+
+    index: int
+    workdir: Path
+    argv: list[str]
+    env: dict[str, str]
+    mode: str
+    max_output: int
+    max_result: int
+    proc: asyncio.subprocess.Process | None = None
+    killed: str | None = None  # why we killed it; None when it died by itself
+    output: int = 0
+    busy: bool = False
+    tail: collections.deque[bytes] = field(default_factory=lambda: collections.deque(maxlen=16))
+    drain: asyncio.Task[None] | None = None
+    ids: itertools.count[int] = field(default_factory=itertools.count)
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.returncode is None and self.killed is None
+
+    async def start(self, timeout: float) -> float:
+        """Start the worker and wait until its runtimes are built; seconds it took."""
+        started = time.monotonic()
+        self.killed, self.output = None, 0
+        self.tail.clear()
+        self.proc = await asyncio.create_subprocess_exec(
+            *self.argv,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env=self.env,
+            cwd=self.workdir,
+            start_new_session=True,  # its own process group, killed as one
+        )
+        for pipe in (self.proc.stdin, self.proc.stdout):
+            _widen_pipe(pipe)
+        self.drain = asyncio.create_task(self._drain_stderr(self.proc))
+        try:
+            frame = await asyncio.wait_for(self._read(), timeout)
+        except TimeoutError:
+            self.kill("start-up timed out")
+            frame = None
+        if frame is None or frame.header.get("op") != "ready":
+            self.kill(self.killed or "no ready frame")
+            rc = await self.proc.wait()
+            raise _WorkerGone(f"worker failed to start (status {rc}): {self.stderr_tail()}")
+        if frame.header.get("broken"):
+            log.warning("worker.runtime_broken", extra={"broken": frame.header["broken"]})
+        return time.monotonic() - started
+
+    async def _drain_stderr(self, proc: asyncio.subprocess.Process) -> None:
+        """Count and keep the tail of what the task prints; over the cap, kill the worker."""
+        assert proc.stderr is not None
+        while chunk := await proc.stderr.read(65536):
+            self.tail.append(chunk[-_TAIL:])
+            if self.busy:
+                self.output += len(chunk)
+                if self.output > self.max_output:
+                    self.kill(f"output limit exceeded: more than {self.max_output} bytes printed")
+
+    def stderr_tail(self) -> str:
+        text = b"".join(self.tail)[-_TAIL:].decode("utf-8", "replace")
+        return " | ".join(text.strip().splitlines()[-4:])
+
+    async def _read(self) -> worker.Frame | None:
+        assert self.proc is not None
+        assert self.proc.stdout is not None
+        stdout = self.proc.stdout
+        try:
+            prefix = await stdout.readexactly(worker.PREFIX.size)
+            header_len, body_len = worker.parse_prefix(prefix, max_body=self.max_result)
+            header = worker.parse_header(await stdout.readexactly(header_len))
+            body = await stdout.readexactly(body_len) if body_len else b""
+        except asyncio.IncompleteReadError:
+            return None
+        return worker.Frame(header, body)
+
+    async def execute(
+        self, header: dict[str, Any], payload: bytes, on_progress: OnProgress
+    ) -> worker.Frame:
+        """Send one task and wait for its answer; _WorkerGone if the worker dies first."""
+        assert self.proc is not None
+        assert self.proc.stdin is not None
+        header["id"] = next(self.ids)
+        self.output = 0
+        try:
+            self.proc.stdin.write(worker.encode_header(header, len(payload)))
+            self.proc.stdin.write(payload)
+            await self.proc.stdin.drain()
+            while True:
+                frame = await self._read()
+                if frame is None:
+                    break
+                if frame.header.get("id") != header["id"]:
+                    raise RemoteProtocolError("worker answered another task")
+                if frame.header["op"] == "progress":
+                    h = frame.header
+                    on_progress(float(h["done"]), float(h["total"]), str(h.get("note", "")))
+                    continue
+                return frame
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        except RemoteProtocolError as exc:  # over the result cap, or garbage
+            self.kill(f"worker broke the pipe protocol: {exc}")
+        rc = await self.proc.wait()
+        raise _WorkerGone(self.killed or sandbox.describe_exit(rc, mode=self.mode))
+
+    def kill(self, reason: str) -> None:
+        """SIGKILL the worker's process group (with bwrap, its whole PID namespace)."""
+        if self.killed is None:
+            self.killed = reason
+        if self.proc is not None and self.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+
+    async def stop(self) -> None:
+        """Wait for a worker that announced its exit; kill it if it lingers."""
+        if self.proc is None:
+            return
+        try:
+            await asyncio.wait_for(self.proc.wait(), 5.0)
+        except TimeoutError:
+            self.kill("did not exit")
+            await self.proc.wait()
 
 
 class Executor:
-    """A pool of worker processes, one per slot."""
+    """Persistent sandboxed workers, one per slot; see the module docstring."""
 
-    def __init__(self, *, slots: int, config: WorkerConfig) -> None:
+    def __init__(
+        self,
+        *,
+        slots: int,
+        config: WorkerConfig,
+        mode: str = MODE_BWRAP,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if slots < 1:
+            raise ValueError("slots must be at least 1")
         self.slots = slots
-        self._config = config
-        self._pool = self._new_pool()
+        self.mode = mode
+        self.config = config
+        self.limits = config.limits or sandbox.default_limits(slots)
+        self._clock = clock
+        self._runtimes = dict(config.runtimes) if config.runtimes is not None else None
+        self._own_root = config.work_root is None
+        self._root: Path | None = config.work_root
+        self._slots: list[_Slot] = []
+        self._idle: asyncio.Queue[_Slot] | None = None
+        self._running: dict[str, _Slot] = {}
+        self._progress: dict[str, dict[str, Any]] = {}
+        self._restarts: set[asyncio.Task[None]] = set()
+        self._anon = itertools.count()
+        self.start_seconds: list[float] = []
 
-    def _new_pool(self) -> ProcessPoolExecutor:
-        # forkserver: workers never inherit the daemon's event loop, sockets or keys.
-        ctx = multiprocessing.get_context("forkserver")
-        return ProcessPoolExecutor(
-            max_workers=self.slots,
-            mp_context=ctx,
-            initializer=_init_worker,
-            initargs=(self._config,),
-        )
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    def _build_slots(self) -> None:
+        if self._root is None:
+            self._root = Path(tempfile.mkdtemp(prefix="nodeclient-work-"))
+        as_root = os.geteuid() == 0
+        sandboxed = self.mode == MODE_BWRAP
+        cache = self.config.cache_dir
+        cache.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if sandboxed and as_root:
+            _chown_tree(cache)
+        runtimes = self._runtimes if self._runtimes is not None else default_runtimes()
+        preload = self.config.preload if self.config.preload is not None else default_preload()
+        for i in range(self.slots):
+            workdir = self._root / f"slot-{i}"
+            gpus = (self.config.gpus[i % len(self.config.gpus)][0],) if self.config.gpus else ()
+            layout = sandbox.make_layout(
+                workdir=workdir,
+                cache_dir=cache,
+                extra_python_path=self.config.extra_python_path,
+                gpus=gpus,
+            )
+            inside = {
+                "workdir": str(sandbox.INSIDE_WORK if sandboxed else workdir),
+                "cache_dir": str(sandbox.INSIDE_CACHE if sandboxed else cache),
+                "sandboxed": sandboxed,
+                "drop_privileges": sandboxed and as_root,
+                "runtimes": runtimes,
+                "preload": list(preload),
+                "limits": self.limits.to_wire(),
+                "max_payload_bytes": self.config.max_payload_bytes,
+                "max_result_bytes": self.config.max_result_bytes,
+            }
+            command = [str(layout.python), "-m", "nodeclient.node.worker", "--config"]
+            command.append(json.dumps(inside, separators=(",", ":")))
+            env = sandbox.worker_env(layout, threads=self.config.threads)
+            if sandboxed:
+                argv = sandbox.bwrap_argv(layout, command, env=env, as_root=as_root)
+                env = {"PATH": env["PATH"]}
+            else:
+                argv = command
+            self._slots.append(
+                _Slot(
+                    index=i,
+                    workdir=workdir,
+                    argv=argv,
+                    env=env,
+                    mode=self.mode,
+                    max_output=self.config.max_output_bytes,
+                    max_result=self.config.max_result_bytes,
+                )
+            )
+
+    def _fresh_workdir(self, slot: _Slot) -> None:
+        shutil.rmtree(slot.workdir, ignore_errors=True)
+        slot.workdir.mkdir(mode=0o700, parents=True)
+        if self.mode == MODE_BWRAP and os.geteuid() == 0:
+            os.chown(slot.workdir, sandbox.SANDBOX_UID, sandbox.SANDBOX_GID)
+
+    async def _start(self, slot: _Slot) -> None:
+        self._fresh_workdir(slot)
+        seconds = await slot.start(self.config.start_timeout)
+        self.start_seconds.append(seconds)
+        log.info("worker.started", extra={"slot": slot.index, "seconds": round(seconds, 3)})
 
     async def warm_up(self) -> None:
-        """Start every worker now, so the first task does not pay for process start-up."""
-        loop = asyncio.get_running_loop()
-        await asyncio.gather(
-            *(loop.run_in_executor(self._pool, _warm, i) for i in range(self.slots))
+        """Start every worker now, so the first task does not pay for start-up."""
+        if self._idle is not None:
+            return
+        self._build_slots()
+        self._idle = asyncio.Queue()
+        results = await asyncio.gather(
+            *(self._start(s) for s in self._slots), return_exceptions=True
         )
+        for slot, outcome in zip(self._slots, results, strict=True):
+            if isinstance(outcome, _WorkerGone):
+                log.error("worker.start_failed", extra={"slot": slot.index, "reason": outcome})
+            elif isinstance(outcome, BaseException):
+                raise outcome
+            self._idle.put_nowait(slot)
 
-    async def run(self, workload_class: str, payload: bytes) -> bytes:
-        """Run one task in a worker; raise TaskFailed with a reason on any failure."""
-        loop = asyncio.get_running_loop()
-        try:
-            return await loop.run_in_executor(self._pool, _run_in_worker, workload_class, payload)
-        except RemoteProtocolError as exc:
-            raise TaskFailed(f"bad payload: {exc}", requester_fault=True) from exc
-        except BrokenProcessPool as exc:
-            self._pool.shutdown(wait=False, cancel_futures=True)
-            self._pool = self._new_pool()
-            raise TaskFailed(
-                "worker process crashed (killed or out of memory)", requester_fault=False
-            ) from exc
-        except Exception as exc:
-            raise TaskFailed(
-                f"execution failed: {type(exc).__name__}: {exc}"[:400], requester_fault=False
-            ) from exc
+    async def aclose(self) -> None:
+        """Like shutdown(), and wait until every worker process has been reaped."""
+        self.shutdown()
+        for slot in self._slots:
+            if slot.proc is not None:
+                await slot.proc.wait()
+            if slot.drain is not None:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await slot.drain
 
     def shutdown(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        """Kill every worker and remove the work directories."""
+        for task in self._restarts:
+            task.cancel()
+        for slot in self._slots:
+            slot.kill("shutdown")
+            if slot.drain is not None:
+                slot.drain.cancel()
+        if self._root is not None:
+            for slot in self._slots:
+                shutil.rmtree(slot.workdir, ignore_errors=True)
+            if self._own_root:
+                shutil.rmtree(self._root, ignore_errors=True)
+
+    # --- tasks ------------------------------------------------------------------------------
+
+    def admission(self, resources: Mapping[str, int]) -> str:
+        """Why a task that declares *resources* cannot run here, or "" when it can."""
+        ram_mb = int(resources.get("ram_mb", 0))
+        vram_mb = int(resources.get("vram_mb", 0))
+        per_slot = self.limits.memory_bytes >> 20
+        if ram_mb > per_slot:
+            return f"task needs {ram_mb} MB of RAM, over this node's {per_slot} MB per slot"
+        free = sandbox.available_memory_bytes() >> 20
+        if ram_mb > free:
+            return f"task needs {ram_mb} MB of RAM, only {free} MB is free"
+        if vram_mb > 0:
+            if not self.config.gpus:
+                return f"task needs {vram_mb} MB of GPU memory, this node has no GPU"
+            least = min(v for _, v in self.config.gpus)
+            if vram_mb > least:
+                return f"task needs {vram_mb} MB of GPU memory, a slot's GPU has {least} MB"
+        return ""
+
+    def progress(self, task_id: object) -> dict[str, Any] | None:
+        """The latest ``{"done", "total", "note"}`` a running task reported, if any."""
+        return self._progress.get(str(task_id))
+
+    async def cancel(self, task_id: object) -> bool:
+        """Kill the worker running *task_id*; its run() fails with "cancelled"."""
+        slot = self._running.get(str(task_id))
+        if slot is None:
+            return False
+        slot.kill("cancelled by the coordinator")
+        return True
+
+    async def run(
+        self,
+        workload_class: str,
+        payload: bytes,
+        *,
+        task_id: object = None,
+        deadline: float | None = None,
+        resources: Mapping[str, int] | None = None,
+        on_progress: OnProgress | None = None,
+    ) -> bytes:
+        """Run one task in a worker; raise TaskFailed with a reason on any failure.
+
+        *deadline* is a value of the executor's clock (``time.monotonic`` by default).
+        """
+        if len(payload) > self.config.max_payload_bytes:
+            raise TaskFailed(
+                f"payload of {len(payload)} bytes is over {self.config.max_payload_bytes}",
+                requester_fault=True,
+            )
+        refusal = self.admission(resources or {})
+        if refusal:
+            raise TaskFailed(refusal, requester_fault=True)
+        await self.warm_up()
+        assert self._idle is not None
+        key = str(task_id) if task_id is not None else f"anonymous-{next(self._anon)}"
+        slot = await self._idle.get()
+        try:
+            if not slot.alive:
+                try:
+                    await self._start(slot)
+                except _WorkerGone as exc:
+                    raise TaskFailed(exc.reason, requester_fault=False) from None
+            self._running[key] = slot
+            return await self._run_on(
+                slot,
+                key,
+                workload_class,
+                payload,
+                deadline=deadline,
+                resources=resources,
+                on_progress=on_progress,
+            )
+        finally:
+            self._running.pop(key, None)
+            self._progress.pop(key, None)
+            slot.busy = False
+            self._release(slot)
+
+    async def _run_on(
+        self,
+        slot: _Slot,
+        key: str,
+        workload_class: str,
+        payload: bytes,
+        *,
+        deadline: float | None,
+        resources: Mapping[str, int] | None,
+        on_progress: OnProgress | None,
+    ) -> bytes:
+        def progress(done: float, total: float, note: str) -> None:
+            self._progress[key] = {"done": done, "total": total, "note": note}
+            if on_progress is not None:
+                on_progress(done, total, note)
+
+        ram_mb = int((resources or {}).get("ram_mb", 0))
+        header: dict[str, Any] = {"op": "run", "class": workload_class}
+        header["memory_bytes"] = (ram_mb << 20) or None
+        timeout = None if deadline is None else deadline - self._clock()
+        if timeout is not None and timeout <= 0:
+            raise TaskFailed("deadline exceeded before the task started", requester_fault=False)
+        slot.busy = True
+        try:
+            frame = await asyncio.wait_for(slot.execute(header, payload, progress), timeout)
+        except TimeoutError:
+            slot.kill("deadline")
+            raise TaskFailed(
+                f"deadline exceeded: killed after {timeout:.1f} s", requester_fault=False
+            ) from None
+        except asyncio.CancelledError:
+            slot.kill("cancelled")
+            raise
+        except _WorkerGone as exc:
+            log.warning(
+                "worker.died",
+                extra={"slot": slot.index, "reason": exc.reason, "stderr": slot.stderr_tail()},
+            )
+            raise TaskFailed(exc.reason, requester_fault=False) from None
+        if frame.header.get("restart"):
+            slot.killed = _REPLACED
+        if frame.header["op"] == "result":
+            return frame.body
+        kind = frame.header.get("kind")
+        raise TaskFailed(
+            str(frame.header.get("reason", "failed")), requester_fault=kind == "requester"
+        )
+
+    def _release(self, slot: _Slot) -> None:
+        assert self._idle is not None
+        if slot.alive:
+            self._idle.put_nowait(slot)
+            return
+
+        async def replace() -> None:
+            try:
+                if slot.proc is not None and slot.proc.returncode is None:
+                    if slot.killed == _REPLACED:
+                        await slot.stop()  # it announced its exit: let it go cleanly
+                    else:
+                        slot.kill(slot.killed or "replaced")
+                        await slot.proc.wait()
+                await self._start(slot)
+            except _WorkerGone as exc:  # the next task on this slot retries and reports it
+                log.error("worker.restart_failed", extra={"slot": slot.index, "reason": exc.reason})
+            finally:
+                assert self._idle is not None
+                self._idle.put_nowait(slot)
+
+        task = asyncio.create_task(replace())
+        self._restarts.add(task)
+        task.add_done_callback(self._restarts.discard)
+
+
+def _widen_pipe(stream: object) -> None:
+    """Grow a pipe to 1 MiB so a payload or result crosses in a few wake-ups, not dozens."""
+    transport = getattr(stream, "transport", None) or getattr(stream, "_transport", None)
+    pipe = None if transport is None else transport.get_extra_info("pipe")
+    if pipe is not None:
+        with contextlib.suppress(OSError):
+            fcntl.fcntl(pipe.fileno(), _F_SETPIPE_SZ, _PIPE_BYTES)
+
+
+def _chown_tree(path: Path) -> None:
+    """Give the model cache to the sandbox uid, so workers can fill and evict it."""
+    for root, dirs, files in os.walk(path):
+        for name in (*dirs, *files):
+            with contextlib.suppress(OSError):
+                os.lchown(os.path.join(root, name), sandbox.SANDBOX_UID, sandbox.SANDBOX_GID)
+    os.chown(path, sandbox.SANDBOX_UID, sandbox.SANDBOX_GID)

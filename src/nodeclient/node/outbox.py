@@ -222,3 +222,25 @@ class Outbox:
                 (since or 0.0, limit),
             ).fetchall()
         return iter([_entry(r) for r in rows])
+
+
+def read_history(
+    path: Path, *, since: float | None = None, limit: int = 100_000
+) -> list[OutboxEntry]:
+    """The task history for ``nodeclient history``, newest first, read-only.
+
+    Opens the file with ``mode=ro`` so it works beside a running daemon and without one,
+    and never creates or alters the database.
+    """
+    if not path.is_file():
+        return []
+    db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+    try:
+        rows = db.execute(
+            f"SELECT {_COLUMNS} FROM outbox WHERE completed_at >= ? "
+            "ORDER BY completed_at DESC LIMIT ?",
+            (since or 0.0, limit),
+        ).fetchall()
+    finally:
+        db.close()
+    return [_entry(r) for r in rows]

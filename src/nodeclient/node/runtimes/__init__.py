@@ -7,15 +7,29 @@ advertised only when its runtime can actually run here.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from nodeclient.node.runtimes.base import Requirements, Runtime, RuntimeInfo
 
 
+def slot_threads() -> int | None:
+    """The worker's share of the cores: the executor sets OMP_NUM_THREADS per slot.
+
+    onnxruntime and torch do not all read that variable themselves, so runtimes pass it
+    on explicitly; without it each slot would use every core and slots would fight.
+    """
+    try:
+        n = int(os.environ.get("OMP_NUM_THREADS", ""))
+    except ValueError:
+        return None
+    return n if n > 0 else None
+
+
 def _onnx(cache_dir: Path) -> Runtime:
     from nodeclient.node.runtimes.onnx import OnnxRuntime
 
-    return OnnxRuntime(cache_dir=cache_dir / "models")
+    return OnnxRuntime(cache_dir=cache_dir / "models", intra_op_threads=slot_threads())
 
 
 def _onnx_check() -> tuple[bool, str]:
@@ -24,12 +38,45 @@ def _onnx_check() -> tuple[bool, str]:
     return onnx.usable()
 
 
+def _blender(cache_dir: Path) -> Runtime:
+    from nodeclient.node.runtimes.blender import BlenderRuntime
+
+    return BlenderRuntime(cache_dir=cache_dir / "scenes", threads=slot_threads())
+
+
+def _blender_check() -> tuple[bool, str]:
+    from nodeclient.node.runtimes import blender
+
+    return blender.usable()
+
+
+def _torch_train(_cache_dir: Path) -> Runtime:
+    from nodeclient.node.runtimes.torch_train import TorchTrainRuntime
+
+    return TorchTrainRuntime(threads=slot_threads() or 1)
+
+
+def _torch_check() -> tuple[bool, str]:
+    from nodeclient.node.runtimes import torch_train
+
+    return torch_train.usable()
+
+
 RUNTIMES: dict[str, RuntimeInfo] = {
     "ai.inference": RuntimeInfo(
         "ai.inference",
         Requirements(python_modules=("onnxruntime", "onnx")),
         _onnx,
         _onnx_check,
+    ),
+    "media.render": RuntimeInfo(
+        "media.render", Requirements(binaries=("blender",)), _blender, _blender_check
+    ),
+    "ai.training": RuntimeInfo(
+        "ai.training",
+        Requirements(python_modules=("torch",), min_ram_mb=1024),
+        _torch_train,
+        _torch_check,
     ),
 }
 

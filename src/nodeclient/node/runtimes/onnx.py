@@ -439,6 +439,8 @@ class OnnxRuntime:
         options.use_deterministic_compute = True  # 2.3.6: same request, same result bytes
         if self._intra_op_threads is not None:
             options.intra_op_num_threads = self._intra_op_threads
+        # Idle intra-op threads would spin and compete with the daemon and other slots.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             session = ort.InferenceSession(model, sess_options=options, providers=self.providers())
         except self._ort_error_types() as exc:

@@ -1,0 +1,375 @@
+"""Training rounds on the coordinator: check, aggregate, outer step, next round (DiLoCo).
+
+2.3.5 Work Execution: an ``ai.training`` job (:mod:`nodeclient.workloads.training`) runs R
+rounds of one task per slice. A round closes when every slice task of it is finished, or
+when its deadline passes (the unfinished ones are then cancelled and dropped, never waited
+for). Closing a round is one transaction:
+
+1. every returned pseudo-gradient is checked: well-formed, computed from this round's base
+   weights (hash) on this slice's shard (hash) for K steps, finite losses and values, norm
+   at most ``max_norm``, and, with two slices or more, norm at most ``reject_ratio`` times
+   the median norm of the *other* slices. A slice that fails is dropped with its reason;
+2. the survivors are clipped against their median norm ``m``: a pseudo-gradient with norm
+   ``n > clip_ratio * m`` is scaled by ``clip_ratio * m / n``; then they are averaged;
+3. the outer optimizer (SGD with Nesterov momentum, as ``torch.optim.SGD``) updates the
+   fp32 global weights; its momentum is kept in SQL with them (``jobs.train_state``), so a
+   coordinator restart continues where it was;
+4. the next round's tasks are queued (new task rows, ``round_index`` + 1), or, after the
+   last round, the job succeeds with the final weights and per-round metrics. A round with
+   no valid slice fails the job with every slice's reason.
+
+A round's deadline starts when its first slice is leased (a job waiting for nodes does not
+burn it) and is stored in ``jobs.round_deadline``. The math (:func:`aggregate`,
+:func:`outer_step`) is pure and tested on its own; the rest are transactions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Final
+
+import numpy as np
+import numpy.typing as npt
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from nodeclient.coordinator import models as m
+from nodeclient.errors import ProtocolError, RemoteProtocolError
+from nodeclient.protocol import messages
+from nodeclient.workloads import training as tr
+from nodeclient.workloads.tensors import decode_tensors, encode_tensors
+
+if TYPE_CHECKING:
+    from nodeclient.coordinator.service import Coordinator
+
+log = logging.getLogger("nodeclient.coordinator.rounds")
+Arrays = dict[str, npt.NDArray[Any]]
+_W: Final = "weights/"
+_M: Final = "momentum/"
+
+
+def is_round_based(workload_class: str) -> bool:
+    """Whether finished tasks of this class close a round rather than assemble a result."""
+    return workload_class == tr.CLASS
+
+
+# --- the math --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Submission:
+    """One slice's outcome in a round: its result bytes, or why there are none."""
+
+    slice_index: int
+    shard_sha256: str
+    result: bytes | None
+    reason: str = ""
+
+
+@dataclass(frozen=True, eq=False)
+class RoundOutcome:
+    """What a round produced: the averaged pseudo-gradient and which slices made it."""
+
+    delta: Arrays | None  # None: no valid slice
+    used: tuple[int, ...]
+    dropped: tuple[tuple[int, str], ...]
+    clipped: tuple[int, ...] = ()
+    norms: Mapping[int, float] = field(default_factory=dict)
+    first_loss: float | None = None  # means over the used slices
+    last_loss: float | None = None
+
+    def metrics(self, round_index: int, base_sha256: str) -> dict[str, Any]:
+        return {
+            "round": round_index,
+            "base_sha256": base_sha256,
+            "used": list(self.used),
+            "dropped": [{"slice": s, "reason": r} for s, r in self.dropped],
+            "clipped": list(self.clipped),
+            "norms": {str(k): v for k, v in sorted(self.norms.items())},
+            "first_loss": self.first_loss,
+            "last_loss": self.last_loss,
+        }
+
+
+def _norm(deltas: Mapping[str, npt.NDArray[Any]]) -> float:
+    return math.sqrt(sum(float(np.square(a, dtype=np.float64).sum()) for a in deltas.values()))
+
+
+def _check(
+    sub: Submission, *, shapes: Mapping[str, tuple[int, ...]], base_sha256: str,
+    config: tr.TrainingConfig,
+) -> tuple[Arrays, float, tr.PseudoGradient]:  # fmt: skip
+    """One slice's checks in the documented order; RemoteProtocolError names the first failure."""
+    if sub.result is None:
+        raise RemoteProtocolError(sub.reason or "no result")
+    pg = tr.PseudoGradient.decode(sub.result, shapes=shapes, grad_dtype=config.grad_dtype)
+    if pg.base_sha256 != base_sha256:
+        raise RemoteProtocolError(
+            f"computed from weights {pg.base_sha256}, but this round's are {base_sha256}"
+        )
+    if pg.shard_sha256 != sub.shard_sha256:
+        raise RemoteProtocolError(
+            f"computed on shard {pg.shard_sha256}, but this slice's is {sub.shard_sha256}"
+        )
+    if pg.steps != config.inner_steps:
+        raise RemoteProtocolError(f"ran {pg.steps} steps, the job asks for {config.inner_steps}")
+    if not (math.isfinite(pg.first_loss) and math.isfinite(pg.last_loss)):
+        raise RemoteProtocolError(f"loss is not finite ({pg.first_loss}, {pg.last_loss})")
+    deltas = {name: np.asarray(a, dtype=np.float32) for name, a in pg.deltas.items()}
+    for name, array in deltas.items():
+        if not np.isfinite(array).all():
+            raise RemoteProtocolError(f"pseudo-gradient {name!r} holds NaN or infinity")
+    norm = _norm(deltas)
+    if norm > config.max_norm:
+        raise RemoteProtocolError(f"norm {norm:.6g} exceeds max_norm {config.max_norm:.6g}")
+    return deltas, norm, pg
+
+
+def aggregate(
+    submissions: Sequence[Submission], *, shapes: Mapping[str, tuple[int, ...]],
+    base_sha256: str, config: tr.TrainingConfig,
+) -> RoundOutcome:  # fmt: skip
+    """Check, reject outliers, clip against the median, and average (see the module doc)."""
+    dropped: list[tuple[int, str]] = []
+    valid: list[tuple[int, Arrays, float, tr.PseudoGradient]] = []
+    for sub in sorted(submissions, key=lambda s: s.slice_index):
+        try:
+            deltas, norm, pg = _check(sub, shapes=shapes, base_sha256=base_sha256, config=config)
+        except ProtocolError as exc:
+            dropped.append((sub.slice_index, str(exc)))
+            continue
+        valid.append((sub.slice_index, deltas, norm, pg))
+    if len(valid) >= 2:  # leave-one-out medians, all taken over the same set
+        norms = [v[2] for v in valid]
+        kept = []
+        for i, item in enumerate(valid):
+            others = float(np.median(norms[:i] + norms[i + 1 :]))
+            if item[2] > config.reject_ratio * others:
+                why = (
+                    f"norm {item[2]:.6g} is over {config.reject_ratio:g} times "
+                    f"the median {others:.6g} of the other slices"
+                )
+                dropped.append((item[0], why))
+            else:
+                kept.append(item)
+        valid = kept
+    dropped.sort()
+    if not valid:
+        return RoundOutcome(None, (), tuple(dropped))
+    limit = config.clip_ratio * float(np.median([v[2] for v in valid]))
+    total = {name: np.zeros(shape, dtype=np.float64) for name, shape in shapes.items()}
+    clipped: list[int] = []
+    for index, deltas, norm, _ in valid:
+        scale = 1.0
+        if norm > limit:
+            scale = limit / norm
+            clipped.append(index)
+        for name, array in deltas.items():
+            total[name] += array.astype(np.float64) * scale
+    mean = {name: (t / len(valid)).astype(np.float32) for name, t in total.items()}
+    return RoundOutcome(
+        delta=mean,
+        used=tuple(v[0] for v in valid),
+        dropped=tuple(dropped),
+        clipped=tuple(clipped),
+        norms={v[0]: v[2] for v in valid},
+        first_loss=float(np.mean([v[3].first_loss for v in valid])),
+        last_loss=float(np.mean([v[3].last_loss for v in valid])),
+    )
+
+
+def outer_step(
+    weights: Mapping[str, npt.NDArray[Any]], momentum: Mapping[str, npt.NDArray[Any]],
+    delta: Mapping[str, npt.NDArray[Any]], outer: tr.OuterOptimizer,
+) -> tuple[Arrays, Arrays]:  # fmt: skip
+    """SGD with (Nesterov) momentum on the pseudo-gradient, in fp32, as torch.optim.SGD does.
+
+    ``buf = mu * buf + g``; ``update = g + mu * buf`` (Nesterov) or ``buf``; ``w -= lr * update``.
+    """
+    mu, lr = np.float32(outer.momentum), np.float32(outer.lr)
+    new_w: Arrays = {}
+    new_m: Arrays = {}
+    for name, w in weights.items():
+        g = np.asarray(delta[name], np.float32)
+        buf = mu * np.asarray(momentum[name], np.float32) + g
+        update = g + mu * buf if outer.nesterov else buf
+        new_w[name] = (np.asarray(w, np.float32) - lr * update).astype(np.float32)
+        new_m[name] = buf.astype(np.float32)
+    return new_w, new_m
+
+
+# --- state kept in SQL -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class TrainState:
+    """The global fp32 weights, the outer momentum and the metrics of closed rounds."""
+
+    weights: Arrays
+    momentum: Arrays
+    metrics: list[dict[str, Any]]
+
+    def encode(self) -> bytes:
+        tensors = {_W + k: v for k, v in self.weights.items()}
+        tensors.update({_M + k: v for k, v in self.momentum.items()})
+        meta = {"class": tr.CLASS, "kind": "state", "metrics": tr.dump_json(self.metrics)}
+        return encode_tensors(tensors, metadata=meta)
+
+    @classmethod
+    def decode(cls, data: bytes) -> TrainState:
+        tensors, meta = decode_tensors(data, max_bytes=len(data))
+        weights = {k[len(_W) :]: np.array(v) for k, v in tensors.items() if k.startswith(_W)}
+        momentum = {k[len(_M) :]: np.array(v) for k, v in tensors.items() if k.startswith(_M)}
+        return cls(weights, momentum, json.loads(meta["metrics"]))
+
+
+@dataclass(frozen=True, slots=True)
+class RoundClose:
+    """What closing a round did: the job's end status if it ended, leases to withdraw."""
+
+    job_status: str | None
+    cancel: tuple[tuple[str, str], ...] = ()
+
+
+def _round_tasks(session: Session, job: m.Job) -> list[m.Task]:
+    return list(
+        session.scalars(
+            select(m.Task)
+            .where(m.Task.job_id == job.job_id, m.Task.round_index == job.round_index)
+            .order_by(m.Task.slice_index)
+        )
+    )
+
+
+def _withdraw(session: Session, task: m.Task, reason: str, now: float) -> tuple[str, str] | None:
+    """Cancel an unfinished task; the lease to withdraw on its node, if it had one."""
+    lease = None
+    if task.status == m.LEASED and task.node_id is not None:
+        lease = (task.node_id, task.task_id)
+        attempt = session.scalars(
+            select(m.TaskAttempt)
+            .where(m.TaskAttempt.task_id == task.task_id, m.TaskAttempt.ended_at.is_(None))
+            .order_by(m.TaskAttempt.attempt.desc())
+        ).first()
+        if attempt is not None:
+            attempt.ended_at, attempt.outcome = now, "round_deadline"
+    task.status, task.reason, task.lease_deadline = m.CANCELLED, reason, None
+    return lease
+
+
+def close_round(
+    session: Session, job: m.Job, now: float, *, deadline_passed: bool
+) -> RoundClose | None:
+    """Close the job's current round if it is complete (or its deadline passed)."""
+    if job.status not in (m.QUEUED, m.RUNNING):
+        return None
+    tasks = _round_tasks(session, job)
+    open_tasks = [t for t in tasks if t.status in (m.QUEUED, m.LEASED)]
+    if open_tasks and not deadline_passed:
+        return None
+    r = job.round_index
+    meta = json.loads(job.meta)
+    model = tr.ModelSpec.from_json(meta["model"])
+    config = tr.TrainingConfig.from_dict(meta["config"])
+    reason = f"missed the deadline of round {r}"
+    cancel = tuple(c for t in open_tasks if (c := _withdraw(session, t, reason, now)) is not None)
+    requests = {t.slice_index: tr.SliceRequest.decode(t.payload, max_bytes=len(t.payload))
+                for t in tasks}  # fmt: skip
+    base = requests[tasks[0].slice_index]
+    state = (
+        TrainState.decode(job.train_state)
+        if job.train_state is not None
+        else TrainState(
+            weights={k: np.array(v) for k, v in tr.decode_weights(base.weights, model).items()},
+            momentum={k: np.zeros(s, np.float32) for k, s in model.parameter_shapes().items()},
+            metrics=[],
+        )
+    )
+    subs = [
+        Submission(t.slice_index, requests[t.slice_index].shard_sha256,
+                   t.result if t.status == m.SUCCEEDED else None, t.reason or t.status)
+        for t in tasks
+    ]  # fmt: skip
+    outcome = aggregate(
+        subs, shapes=model.parameter_shapes(), base_sha256=base.weights_sha256, config=config
+    )
+    metrics = [*state.metrics, outcome.metrics(r, base.weights_sha256)]
+    log.info(
+        "training.round_closed",
+        extra={"job_id": job.job_id, "round": r, "used": list(outcome.used),
+               "dropped": [s for s, _ in outcome.dropped]},
+    )  # fmt: skip
+    job.round_deadline = None
+    if outcome.delta is None:
+        why = "; ".join(f"slice {s}: {reason}" for s, reason in outcome.dropped)
+        job.train_state = TrainState(state.weights, state.momentum, metrics).encode()
+        job.status, job.finished_at = m.FAILED, now
+        job.reason = f"round {r} has no valid pseudo-gradient: {why}"[:4000]
+        return RoundClose(m.FAILED, cancel)
+    weights, momentum = outer_step(state.weights, state.momentum, outcome.delta, config.outer)
+    job.train_state = TrainState(weights, momentum, metrics).encode()
+    if r + 1 >= config.rounds:
+        job.result = tr.encode_final(model, weights, metrics)
+        job.result_sha256 = hashlib.sha256(job.result).hexdigest()
+        job.status, job.finished_at = m.SUCCEEDED, now
+        return RoundClose(m.SUCCEEDED, cancel)
+    job.round_index = r + 1
+    container = tr.weights_container(weights)
+    for index, request in sorted(requests.items()):
+        plan = tr.plan_for(config, r + 1, index)
+        session.add(
+            m.Task(
+                task_id=str(uuid.uuid4()), job_id=job.job_id, slice_index=index,
+                slice_count=job.slices, status=m.QUEUED, attempts=0, queued_at=now,
+                round_index=r + 1,
+                payload=tr.SliceRequest(model, container, request.shard, plan).encode(),
+            )
+        )  # fmt: skip
+    return RoundClose(None, cancel)
+
+
+def finish_round_tx(session: Session, job: m.Job, now: float) -> str | None:
+    """After an accepted result: close the round if complete; the job's end status, if any."""
+    closed = close_round(session, job, now, deadline_passed=False)
+    return None if closed is None else closed.job_status
+
+
+def deadline_tx(session: Session, *, now: float) -> list[RoundClose]:
+    """Start round clocks at first lease; close the rounds past their deadline."""
+    closes: list[RoundClose] = []
+    jobs = session.scalars(
+        select(m.Job).where(m.Job.workload_class == tr.CLASS, m.Job.status == m.RUNNING)
+    ).all()
+    for job in jobs:
+        if job.round_deadline is None:
+            first = session.scalar(
+                select(func.min(m.Task.leased_at)).where(
+                    m.Task.job_id == job.job_id, m.Task.round_index == job.round_index
+                )
+            )
+            if first is None:
+                continue
+            config = tr.TrainingConfig.from_dict(json.loads(job.meta)["config"])
+            job.round_deadline = first + config.round_deadline_s
+        if now >= job.round_deadline:
+            closed = close_round(session, job, now, deadline_passed=True)
+            if closed is not None:
+                closes.append(closed)
+                log.info("training.round_deadline", extra={"job_id": job.job_id})
+    return closes
+
+
+async def enforce_deadlines(coord: Coordinator, now: float) -> None:
+    """The scheduler's hook: close overdue rounds and tell nodes to drop their slices."""
+    closes = await coord.db.run(lambda s: deadline_tx(s, now=now))
+    for node_id, task_id in (lease for close in closes for lease in close.cancel):
+        frame = messages.Cancel(uuid.UUID(task_id), "round deadline passed").to_wire()
+        await coord.send_to(node_id, frame)
+    if closes:  # a next round may be queued
+        coord.wake()

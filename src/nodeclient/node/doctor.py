@@ -1,0 +1,301 @@
+"""``nodeclient doctor``: check that this machine can serve as a node, and say how to fix it.
+
+Each check returns one :class:`Check` (OK, WARN or FAIL, a one-line summary, and for
+anything not OK the fix). The checks look at the real machine, the same way the daemon
+will: key file modes (2.3.1), the bubblewrap sandbox (2.3.5), GPU and driver visibility
+through the NVML child probe (2.3.2), each runtime's binaries and libraries, free disk
+for the model cache, and the coordinator's reachability and clock (2.3.3; heartbeats and
+leases are timestamped, so a skewed clock looks like replayed or expired messages).
+
+Exit status: 0 when every check is OK, 1 when the worst is WARN, 2 when any check FAILs.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
+from pathlib import Path
+from typing import Any, Final
+
+from nodeclient.node import keys, securefile
+
+_GIB: Final = 1 << 30
+DISK_WARN_BYTES: Final = 5 * _GIB
+DISK_FAIL_BYTES: Final = 1 * _GIB
+SKEW_WARN_S: Final = 2.0
+SKEW_FAIL_S: Final = 30.0
+BWRAP_TEST: Final = ("--ro-bind", "/", "/", "--unshare-all", "true")
+
+
+class Level(enum.IntEnum):
+    """Ordered, so the worst result is ``max``; the value is the exit status."""
+
+    OK = 0
+    WARN = 1
+    FAIL = 2
+
+
+@dataclass(frozen=True, slots=True)
+class Check:
+    """One line of the doctor's report."""
+
+    name: str
+    level: Level
+    summary: str
+    fix: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "check": self.name,
+            "level": self.level.name,
+            "summary": self.summary,
+            "fix": self.fix,
+        }
+
+
+def check_key_files(home: Path) -> Check:
+    """2.3.1: every key file exists, is a regular file we own, mode 0600."""
+    problems, fixes, seen = [], [], []
+    for name in (keys.NODE_KEY, keys.LIVENESS_KEY, keys.PAYLOAD_KEY):
+        info = securefile.describe_file(home / name)
+        if info["ok"]:
+            seen.append(f"{name} {info['mode']}")
+            continue
+        text, sep, fix = str(info["problem"]).partition("; fix: ")  # securefile's own fix
+        problems.append(f"{name}: {text}")
+        path = home / name
+        if sep:
+            fixes.append(fix)
+        elif not info["exists"]:
+            fixes.append(f"run `nodeclient init --home {home} --wallet 0x…` (or restore {path})")
+        elif info["kind"] == "regular file" and info["owner_uid"] == os.geteuid():
+            fixes.append(f"chmod 600 {path}")
+        else:
+            fixes.append(f"replace {path} with a regular file owned by you, mode 0600")
+    if problems:
+        return Check("keys", Level.FAIL, "; ".join(problems), "; ".join(dict.fromkeys(fixes)))
+    return Check("keys", Level.OK, ", ".join(seen))
+
+
+def check_sandbox(
+    *, path: str | None = None, allow_unsandboxed: bool = False, timeout: float = 10.0
+) -> Check:
+    """2.3.5: bubblewrap is installed and can actually create its namespaces here."""
+    bad = Level.WARN if allow_unsandboxed else Level.FAIL
+    note = " (allow_unsandboxed = true: tasks run without isolation)" if allow_unsandboxed else ""
+    bwrap = shutil.which("bwrap", path=path)
+    if bwrap is None:
+        return Check(
+            "sandbox",
+            bad,
+            "bubblewrap (bwrap) is not installed" + note,
+            "install it: `apt-get install bubblewrap` (Fedora/RHEL: `dnf install bubblewrap`)",
+        )
+    try:
+        proc = subprocess.run(
+            [bwrap, *BWRAP_TEST], capture_output=True, timeout=timeout, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return Check("sandbox", bad, f"{bwrap} could not run: {exc}" + note, "reinstall bubblewrap")
+    if proc.returncode != 0:
+        why = proc.stderr.decode(errors="replace").strip().splitlines()
+        return Check(
+            "sandbox",
+            bad,
+            f"bwrap cannot create namespaces: {why[-1] if why else proc.returncode}" + note,
+            "allow unprivileged user namespaces: `sysctl -w kernel.unprivileged_userns_clone=1`"
+            " and, on Ubuntu 24.04+, `sysctl -w kernel.apparmor_restrict_unprivileged_userns=0`"
+            "; in a container, run it with user namespaces allowed",
+        )
+    return Check("sandbox", Level.OK, f"bubblewrap works ({bwrap})")
+
+
+def check_gpus(*, probe: Callable[[], Any] | None = None, dev: Path = Path("/dev")) -> Check:
+    """2.3.2: the NVML probe sees the cards the device files say are there."""
+    from nodeclient.node import hardware
+
+    result = (probe or (lambda: hardware.probe_gpus(timeout=10.0)))()
+    device_files = sorted(p.name for p in dev.glob("nvidia[0-9]*"))
+    if result.status == "ok" and result.per_device:
+        names = ", ".join(f"{g.count}x {g.model}" for g in result.gpus)
+        driver = result.per_device[0].driver_version
+        return Check("gpu", Level.OK, f"{names}, driver {driver}")
+    if result.status == "no-driver" and not device_files:
+        return Check("gpu", Level.OK, "no GPU: a CPU-only node (ai.inference runs on CPU)")
+    if result.status == "no-driver":
+        return Check(
+            "gpu",
+            Level.FAIL,
+            f"{len(device_files)} NVIDIA device file(s) in {dev} but NVML finds no driver: "
+            f"{result.detail}",
+            "install or repair the NVIDIA driver so that `nvidia-smi` works for this user",
+        )
+    return Check(
+        "gpu",
+        Level.FAIL,
+        f"the GPU probe failed ({result.status}): {result.detail}",
+        "check `nvidia-smi`; a hung or crashing driver needs a driver reinstall or a reboot",
+    )
+
+
+def check_runtimes(usable: Mapping[str, tuple[bool, str]] | None = None) -> list[Check]:
+    """Each workload class's runtime: binaries on PATH, libraries importable."""
+    if usable is None:
+        from nodeclient.node.runtimes import RUNTIMES
+
+        usable = {name: info.usable() for name, info in RUNTIMES.items()}
+    checks = []
+    for name, (ok, why) in sorted(usable.items()):
+        if ok:
+            checks.append(Check(f"runtime {name}", Level.OK, "binaries and libraries present"))
+        else:
+            checks.append(
+                Check(
+                    f"runtime {name}",
+                    Level.WARN,
+                    f"not served: {why}",
+                    f"install what is missing ({why}), then restart the daemon",
+                )
+            )
+    if usable and not any(ok for ok, _ in usable.values()):
+        checks.append(
+            Check(
+                "runtimes",
+                Level.FAIL,
+                "no workload class can run on this machine",
+                "install at least one runtime; `pip install onnxruntime` serves ai.inference",
+            )
+        )
+    return checks
+
+
+def check_disk(
+    home: Path, *, warn_below: int = DISK_WARN_BYTES, fail_below: int = DISK_FAIL_BYTES
+) -> Check:
+    """The model cache lives in the home: WARN under 5 GiB free, FAIL under 1 GiB."""
+    free = shutil.disk_usage(home).free
+    summary = f"{free / _GIB:.1f} GiB free for the model cache in {home}"
+    fix = f"free space on the file system of {home}, or move the node home (--home)"
+    if free < fail_below:
+        return Check("disk", Level.FAIL, summary, fix)
+    if free < warn_below:
+        return Check("disk", Level.WARN, summary, fix)
+    return Check("disk", Level.OK, summary)
+
+
+def server_time(headers: Mapping[str, str], body: Any) -> float | None:
+    """The coordinator's clock: a ``server_time`` field if it sends one, else ``Date``."""
+    if isinstance(body, dict) and isinstance(body.get("server_time"), int | float):
+        return float(body["server_time"])
+    date = headers.get("date")
+    if not date:
+        return None
+    try:
+        # Date is truncated to the second: its middle is the best estimate (error <= 0.5 s).
+        return parsedate_to_datetime(date).timestamp() + 0.5
+    except (TypeError, ValueError):
+        return None
+
+
+def check_coordinator(
+    url: str | None, *, timeout: float = 5.0, clock: Callable[[], float] = time.time
+) -> list[Check]:
+    """Reachability (GET /healthz) and clock skew against the coordinator's clock."""
+    import httpx
+
+    if not url:
+        return [
+            Check(
+                "coordinator",
+                Level.WARN,
+                "no coordinator configured",
+                'set coordinator = "https://…" in config.toml or pass --coordinator',
+            )
+        ]
+    health = f"{url.rstrip('/')}/healthz"
+    sent = clock()
+    try:
+        resp = httpx.get(health, timeout=timeout)
+    except httpx.HTTPError as exc:
+        return [
+            Check(
+                "coordinator",
+                Level.FAIL,
+                f"cannot reach {health}: {type(exc).__name__}: {exc}",
+                "check the coordinator URL in config.toml, DNS, and that outbound HTTPS is allowed",
+            )
+        ]
+    received = clock()
+    try:
+        body = resp.json()
+    except ValueError:
+        body = None
+    if resp.status_code != 200:
+        return [
+            Check(
+                "coordinator",
+                Level.FAIL,
+                f"{health} answered HTTP {resp.status_code}",
+                "check the coordinator URL (it must be the coordinator's base URL)",
+            )
+        ]
+    out = [Check("coordinator", Level.OK, f"{url} answers in {1000 * (received - sent):.0f} ms")]
+    theirs = server_time(resp.headers, body)
+    if theirs is None:
+        out.append(
+            Check(
+                "clock",
+                Level.WARN,
+                "the coordinator sent no time to compare with",
+                "compare by hand: `date -u` here and on the coordinator",
+            )
+        )
+        return out
+    # The server read its clock somewhere in the round trip: compare with the middle.
+    skew = (sent + received) / 2 - theirs
+    summary = (
+        f"local clock is {abs(skew):.1f} s {'ahead of' if skew > 0 else 'behind'} the coordinator"
+    )
+    fix = "enable time synchronisation: `timedatectl set-ntp true` (systemd-timesyncd or chrony)"
+    level = (
+        Level.FAIL
+        if abs(skew) > SKEW_FAIL_S
+        else Level.WARN
+        if abs(skew) > SKEW_WARN_S
+        else Level.OK
+    )
+    out.append(Check("clock", level, summary, fix if level else ""))
+    return out
+
+
+def run_all(home: Path, *, coordinator: str | None, allow_unsandboxed: bool) -> list[Check]:
+    """Every check, in the order an operator would fix them."""
+    checks = [check_key_files(home), check_sandbox(allow_unsandboxed=allow_unsandboxed)]
+    checks.append(check_gpus())
+    checks.extend(check_runtimes())
+    checks.append(check_disk(home))
+    checks.extend(check_coordinator(coordinator))
+    return checks
+
+
+def exit_status(checks: Sequence[Check]) -> int:
+    return int(max((c.level for c in checks), default=Level.OK))
+
+
+def report_lines(checks: Sequence[Check]) -> list[str]:
+    """``OK    name         summary`` per check, and ``      fix: …`` under each non-OK one."""
+    width = max((len(c.name) for c in checks), default=0)
+    out = []
+    for c in checks:
+        out.append(f"{c.level.name:5} {c.name:{width}}  {c.summary}")
+        if c.level is not Level.OK and c.fix:
+            out.append(f"{'':5} {'':{width}}  fix: {c.fix}")
+    worst = Level(exit_status(checks))
+    out.append(f"result: {worst.name} (exit status {int(worst)})")
+    return out

@@ -1,0 +1,98 @@
+"""Content-addressed task inputs, fetched by the daemon before a task reaches a worker.
+
+Workers run without network (the sandbox), so anything a payload references by URL and
+SHA-256 is resolved here: an ONNX model goes into the shared model cache that the worker
+reads (verified against its hash, written atomically), a Blender scene is inlined into
+the payload. Relative URLs are the coordinator's blob store (``/v1/blobs/<sha256>``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Final
+
+import httpx
+
+from nodeclient.errors import ProtocolError, RemoteProtocolError
+from nodeclient.node import sandbox
+
+MAX_FETCH_BYTES: Final = 256 * 1024 * 1024
+
+Fetch = Callable[[str], bytes]
+
+
+def http_fetcher(
+    base_url: str, *, max_bytes: int = MAX_FETCH_BYTES, timeout: float = 60.0
+) -> Fetch:
+    """GET a blob (relative URLs against *base_url*), refusing more than *max_bytes*."""
+
+    def fetch(url: str) -> bytes:
+        if url.startswith("/"):
+            url = base_url.rstrip("/") + url
+        if not url.startswith(("http://", "https://")):
+            raise RemoteProtocolError(f"blob URL must be http(s) or /v1/blobs/…: {url[:80]}")
+        data = bytearray()
+        with httpx.stream("GET", url, timeout=timeout) as resp:
+            if resp.status_code != 200:
+                raise RemoteProtocolError(f"GET {url[:80]} answered {resp.status_code}")
+            for chunk in resp.iter_bytes():
+                data += chunk
+                if len(data) > max_bytes:
+                    raise RemoteProtocolError(f"blob at {url[:80]} exceeds {max_bytes} bytes")
+        return bytes(data)
+
+    return fetch
+
+
+def resolve(
+    workload_class: str,
+    payload: bytes,
+    *,
+    fetch: Fetch,
+    cache_dir: Path,
+    sandbox_owner: bool,
+) -> bytes:
+    """The payload a worker can run offline; raises RemoteProtocolError on a bad reference.
+
+    *cache_dir* is the executor's cache directory (bound into the sandbox); with
+    *sandbox_owner* the cached file is handed to the sandbox uid so the worker can read it.
+    """
+    try:
+        if workload_class == "ai.inference":
+            return _resolve_model(payload, fetch, cache_dir / "models", sandbox_owner)
+        if workload_class == "media.render":
+            from nodeclient.workloads import render
+
+            return render.resolve_blobs(payload, fetch)
+    except httpx.HTTPError as exc:
+        raise RemoteProtocolError(f"input could not be fetched: {exc}") from exc
+    return payload
+
+
+def _resolve_model(payload: bytes, fetch: Fetch, models: Path, sandbox_owner: bool) -> bytes:
+    from nodeclient.node.runtimes.onnx import ModelCache
+    from nodeclient.workloads.inference import InferenceRequest
+
+    try:
+        request = InferenceRequest.decode(payload)
+    except ProtocolError:
+        return payload  # the worker reports the precise decoding error
+    if request.model is not None or request.model_url is None:
+        return payload
+    cache = ModelCache(models, max_bytes=MAX_FETCH_BYTES)
+    if cache.path_for(request.model_sha256).is_file():
+        return payload  # the worker verifies the hash when it reads the file
+    data = fetch(request.model_url)
+    actual = hashlib.sha256(data).hexdigest()
+    if actual != request.model_sha256:
+        raise RemoteProtocolError(
+            f"model at {request.model_url[:80]} has sha256 {actual}, "
+            f"expected {request.model_sha256}"
+        )
+    if cache.put(request.model_sha256, data) and sandbox_owner:
+        for path in (models, cache.path_for(request.model_sha256)):
+            os.chown(path, sandbox.SANDBOX_UID, sandbox.SANDBOX_GID)
+    return payload

@@ -1,0 +1,410 @@
+"""Run ``media.render`` slices with Blender (Cycles on the CPU), headless and pinned.
+
+2.3.5 Work Execution: "a parallelizable sub-task runs its slice". :meth:`BlenderRuntime.run`
+takes one decrypted slice payload (:mod:`nodeclient.workloads.render`), renders exactly
+its frames and returns the canonical result bytes that the proof of execution covers.
+
+Theory of operation:
+
+* the scene is found by its SHA-256: inline bytes, else the on-disk cache, else
+  ``fetch_scene(url)``; fetched bytes are hashed before use and only then cached. The
+  scene is written to a private directory that is removed when the slice ends;
+* Blender runs as ``blender -b --factory-startup -Y -noaudio scene.blend
+  --python-exit-code 1 -P <override> -- <settings>``: no user preferences, no scripts
+  from the .blend (``-Y``), and *our* override script (:data:`OVERRIDE_SCRIPT`, never
+  the requester's) pins everything that must not vary or must not run, refuses scenes
+  that reference files outside themselves, then renders the frames one by one;
+* each frame is written under a temporary name and renamed when complete, so a frame
+  file that exists is a finished frame. The runtime watches that directory: every new
+  frame reports progress, and Blender is killed when no frame appears within the
+  no-progress timeout or the slice passes its hard cap;
+* frames are written as uncompressed 32-bit TGA and decoded here with numpy, so the
+  node needs no image library, and the result carries pixels, not files.
+
+Faults the requester caused (a bad payload, a hash mismatch, external file references, a
+scene without a camera) raise RemoteProtocolError. Failures of this node (a crash, out of
+memory, a timeout) raise NodeClientError with a reason that tells them apart, which the
+signed Reject carries to the coordinator.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import ClassVar, Final
+
+import numpy as np
+import numpy.typing as npt
+
+from nodeclient.errors import NodeClientError, RemoteProtocolError
+from nodeclient.node.runtimes.base import Progress, no_progress
+from nodeclient.node.runtimes.onnx import ModelCache
+from nodeclient.workloads.render import CHANNELS, CLASS, RenderRequest, encode_result
+from nodeclient.workloads.tensors import DEFAULT_MAX_BYTES
+
+DEFAULT_MAX_SCENE_BYTES: Final = 256 * 1024 * 1024
+DEFAULT_MAX_CACHE_BYTES: Final = 4 * 1024 * 1024 * 1024
+DEFAULT_MAX_SECONDS: Final = 3600
+DEFAULT_MAX_SECONDS_PER_FRAME: Final = 600
+REJECT_MARKER: Final = "NODECLIENT-REJECT:"
+REJECT_EXIT: Final = 3
+_LOG_TAIL: Final = 4096
+_FRAME_SUFFIX: Final = ".tga"
+# Lines Blender or its allocator print when memory runs out.
+_OOM_SIGNS: Final = (
+    "malloc returns null",  # Blender's guarded allocator
+    "calloc returns null",
+    "bad_alloc",  # C++ code (Cycles, OpenVDB)
+    "cannot allocate memory",  # ENOMEM
+    "failed to map segment",  # the dynamic linker, under an address-space limit
+    "out of memory",
+)
+
+# Our override script: runs inside Blender after the scene is loaded. Everything that
+# decides the pixels is pinned here, for every scene in the file (a compositor can render
+# other scenes), and everything that could run code or write files is switched off.
+OVERRIDE_SCRIPT: Final = r"""
+import json
+import os
+import sys
+
+import bpy
+
+cfg = json.loads(sys.argv[sys.argv.index("--") + 1])
+
+
+def reject(reason):
+    print("NODECLIENT-REJECT: " + reason, flush=True)
+    sys.exit(3)
+
+
+# Self-contained scenes only: an unpacked image, library, font or cache path would make
+# Blender read files on this node (and a missing one silently renders differently).
+external = bpy.utils.blend_paths(absolute=True, packed=False, local=False)
+if external:
+    reject("scene references external files (pack them): " + ", ".join(external[:5]))
+
+for scene in bpy.data.scenes:
+    r = scene.render
+    r.engine = "CYCLES"
+    c = scene.cycles
+    c.device = "CPU"  # GPU kernels differ from one card and driver to the next
+    c.samples = cfg["samples"]
+    c.seed = cfg["seed"]
+    c.use_animated_seed = False
+    c.use_adaptive_sampling = False  # exactly `samples` samples per pixel
+    c.time_limit = 0
+    c.use_denoising = False  # Debian's Blender has no OpenImageDenoise anyway
+    c.use_preview_denoising = False
+    c.shading_system = False  # OSL runs shader scripts
+    for layer in scene.view_layers:
+        layer.cycles.use_denoising = False
+    r.use_freestyle = False  # Freestyle style modules are Python, even with -Y
+    r.use_sequencer = False  # strips can pull in other scenes and movie files
+    r.resolution_x = cfg["width"]
+    r.resolution_y = cfg["height"]
+    r.resolution_percentage = 100
+    r.pixel_aspect_x = r.pixel_aspect_y = 1.0
+    r.use_border = False
+    r.threads_mode = "FIXED"
+    r.threads = cfg["threads"]
+    r.dither_intensity = 0.0  # no noise added when converting to 8 bits
+    r.use_stamp = False  # no burnt-in text
+    r.use_file_extension = False
+    r.use_overwrite = True
+    r.use_placeholder = False
+    settings = r.image_settings
+    settings.file_format = "TARGA_RAW"
+    settings.color_mode = "RGBA"
+    if scene.node_tree is not None:
+        for node in scene.node_tree.nodes:
+            if node.type == "OUTPUT_FILE":
+                node.mute = True  # it would write files wherever the scene says
+for group in bpy.data.node_groups:
+    for node in group.nodes:
+        if node.type == "OUTPUT_FILE":
+            node.mute = True
+
+scene = bpy.context.scene
+if scene.camera is None:
+    reject("the scene has no active camera")
+for frame in range(cfg["frame_start"], cfg["frame_end"] + 1):
+    scene.frame_set(frame)
+    final = os.path.join(cfg["out"], "frame_%06d.tga" % frame)
+    scene.render.filepath = final + ".part"
+    bpy.ops.render.render(write_still=True)
+    os.replace(final + ".part", final)  # a frame file that exists is complete
+"""
+
+
+def usable(blender: str = "blender") -> tuple[bool, str]:
+    """Whether this node can offer ``media.render`` (2.3.2), and why: Blender with Cycles."""
+    path = shutil.which(blender)
+    if path is None:
+        return False, f"{blender} not found on PATH"
+    try:
+        out = subprocess.run(
+            [path, "-b", "--factory-startup", "-noaudio", "--version"],
+            capture_output=True,
+            timeout=60,
+            check=False,
+            env=_clean_env(Path(tempfile.gettempdir())),
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return False, f"{blender} does not start: {exc}"
+    first = out.stdout.decode(errors="replace").strip().splitlines()[:1]
+    if out.returncode != 0 or not first or not first[0].startswith("Blender "):
+        return False, f"{blender} --version failed (exit {out.returncode})"
+    return True, f"{first[0]} (Cycles on the CPU)"
+
+
+def slot_threads() -> int:
+    """The CPUs this worker may run on: an executor that pins a slot gets its cores."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def _clean_env(home: Path) -> dict[str, str]:
+    # Nothing from the operator's environment reaches Blender: no PYTHONPATH, no
+    # BLENDER_USER_SCRIPTS, no display; its home and temporary files are the slice's.
+    return {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": str(home),
+        "TMPDIR": str(home),
+        "LANG": "C.UTF-8",
+    }
+
+
+def decode_tga(data: bytes, *, width: int, height: int) -> npt.NDArray[np.uint8]:
+    """Uncompressed 32-bit true-colour TGA (as Blender writes it) -> RGBA, top row first."""
+    if len(data) < 18:
+        raise NodeClientError("frame file is truncated (no TGA header)")
+    id_len, cmap_type, image_type = data[0], data[1], data[2]
+    w, h = int.from_bytes(data[12:14], "little"), int.from_bytes(data[14:16], "little")
+    depth, descriptor = data[16], data[17]
+    if cmap_type != 0 or image_type != 2 or depth != 32:
+        raise NodeClientError(f"frame file is not 32-bit raw TGA (type {image_type}, {depth} bpp)")
+    if (w, h) != (width, height):
+        raise NodeClientError(f"frame file is {w}x{h}, expected {width}x{height}")
+    start = 18 + id_len
+    size = w * h * CHANNELS
+    if len(data) < start + size:
+        raise NodeClientError("frame file is truncated")
+    bgra = np.frombuffer(data, dtype=np.uint8, count=size, offset=start).reshape(h, w, CHANNELS)
+    rgba = bgra[:, :, [2, 1, 0, 3]]
+    if not descriptor & 0x20:  # origin bottom-left: the first row stored is the bottom one
+        rgba = rgba[::-1]
+    if descriptor & 0x10:  # origin on the right
+        rgba = rgba[:, ::-1]
+    return np.ascontiguousarray(rgba)
+
+
+def _tail(path: Path) -> str:
+    try:
+        with path.open("rb") as handle:
+            handle.seek(max(0, path.stat().st_size - _LOG_TAIL))
+            return handle.read().decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _memory_limit() -> int | None:
+    """This process's address-space limit (the sandbox sets one), inherited by Blender."""
+    soft, _hard = resource.getrlimit(resource.RLIMIT_AS)
+    return None if soft == resource.RLIM_INFINITY else soft
+
+
+def _failure(returncode: int, log: str) -> NodeClientError | RemoteProtocolError:
+    """Why Blender failed, with crashes, out-of-memory and requester faults told apart."""
+    for line in reversed(log.splitlines()):
+        if line.startswith(REJECT_MARKER) and returncode == REJECT_EXIT:
+            return RemoteProtocolError(line[len(REJECT_MARKER) :].strip()[:400])
+    last = " | ".join(line for line in log.strip().splitlines()[-3:] if line)[-300:]
+    if returncode == -signal.SIGKILL:
+        return NodeClientError("out of memory: blender was killed (SIGKILL, the OOM killer)")
+    if any(sign in log.lower() for sign in _OOM_SIGNS):
+        return NodeClientError(f"out of memory: blender could not allocate ({last})")
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = str(-returncode)
+        limit = _memory_limit()
+        hint = "" if limit is None else f"; a {limit >> 20} MiB memory limit was in force"
+        return NodeClientError(f"crash: blender died of signal {name} ({last}){hint}")
+    return NodeClientError(f"crash: blender exited with code {returncode} ({last})")
+
+
+class BlenderRuntime:
+    """Executes ``media.render`` slices; one Blender process per slice."""
+
+    workload_class: ClassVar[str] = CLASS
+
+    def __init__(
+        self,
+        *,
+        cache_dir: Path | None = None,
+        blender: str = "blender",
+        threads: int | None = None,
+        max_seconds: int = DEFAULT_MAX_SECONDS,
+        max_seconds_per_frame: int = DEFAULT_MAX_SECONDS_PER_FRAME,
+        max_scene_bytes: int = DEFAULT_MAX_SCENE_BYTES,
+        max_cache_bytes: int = DEFAULT_MAX_CACHE_BYTES,
+        max_payload_bytes: int = DEFAULT_MAX_BYTES,
+        fetch_scene: Callable[[str], bytes] | None = None,
+        poll_interval: float = 0.05,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.cache = None if cache_dir is None else ModelCache(cache_dir, max_bytes=max_cache_bytes)
+        self.blender = blender
+        self.threads = threads or slot_threads()
+        self.max_seconds = max_seconds
+        self.max_seconds_per_frame = max_seconds_per_frame
+        self._max_scene_bytes = max_scene_bytes
+        self._max_payload_bytes = max_payload_bytes
+        self._fetch_scene = fetch_scene
+        self._poll = poll_interval
+        self._clock = clock
+
+    def run(self, payload: bytes, *, workdir: Path, progress: Progress = no_progress) -> bytes:
+        """Render the slice's frames and return the canonical result bytes."""
+        request = RenderRequest.decode(payload, max_bytes=self._max_payload_bytes)
+        scene = self._scene(request)
+        run_dir = Path(tempfile.mkdtemp(prefix="render-", dir=workdir))
+        try:
+            return self._render(request, scene, run_dir, progress)
+        finally:
+            shutil.rmtree(run_dir, ignore_errors=True)  # the scene must not outlive the slice
+
+    def _scene(self, request: RenderRequest) -> bytes:
+        if request.scene is not None:
+            return request.scene  # hashed when the payload was decoded
+        sha = request.scene_sha256
+        cached = None if self.cache is None else self.cache.get(sha)
+        if cached is not None:
+            return cached
+        if self._fetch_scene is None or request.scene_url is None:
+            raise RemoteProtocolError(f"scene {sha} is not inline, cached, or fetchable here")
+        scene = self._fetch_scene(request.scene_url)
+        if len(scene) > self._max_scene_bytes:
+            raise RemoteProtocolError(f"scene is over the limit of {self._max_scene_bytes} bytes")
+        actual = hashlib.sha256(scene).hexdigest()
+        if actual != sha:
+            raise RemoteProtocolError(f"fetched scene has sha256 {actual}, expected {sha}")
+        if self.cache is not None:
+            self.cache.put(sha, scene)
+        return scene
+
+    def command(
+        self, scene_path: Path, script_path: Path, settings: dict[str, object]
+    ) -> list[str]:
+        """The exact Blender command line (argument order matters: see ``blender --help``)."""
+        return [
+            self.blender, "-b", "--factory-startup", "-Y", "-noaudio", str(scene_path),
+            "--python-exit-code", "1", "-P", str(script_path),
+            "--", json.dumps(settings, separators=(",", ":")),
+        ]  # fmt: skip
+
+    def _render(
+        self, request: RenderRequest, scene: bytes, run_dir: Path, progress: Progress
+    ) -> bytes:
+        out_dir = run_dir / "frames"
+        out_dir.mkdir(mode=0o700)
+        scene_path, script_path = run_dir / "scene.blend", run_dir / "override.py"
+        scene_path.write_bytes(scene)
+        script_path.write_text(OVERRIDE_SCRIPT)
+        settings: dict[str, object] = {
+            "frame_start": request.frame_start,
+            "frame_end": request.frame_end,
+            "width": request.width,
+            "height": request.height,
+            "samples": request.samples,
+            "seed": request.seed,
+            "threads": self.threads,
+            "out": str(out_dir),
+        }
+        log_path = run_dir / "blender.log"
+        with log_path.open("wb") as log:
+            proc = subprocess.Popen(
+                self.command(scene_path, script_path, settings),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=run_dir,
+                env=_clean_env(run_dir),
+                start_new_session=True,  # its own process group, killed as one
+            )
+            try:
+                self._watch(proc, request, out_dir, progress)
+            finally:
+                if proc.poll() is None:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+        if proc.returncode != 0:
+            raise _failure(proc.returncode, _tail(log_path))
+        frames = {}
+        for frame in request.frames:
+            path = out_dir / f"frame_{frame:06d}{_FRAME_SUFFIX}"
+            if not path.is_file():
+                raise NodeClientError(f"crash: blender exited without writing frame {frame}")
+            data = path.read_bytes()
+            frames[frame] = decode_tga(data, width=request.width, height=request.height)
+        return encode_result(
+            frames, scene_sha256=request.scene_sha256, width=request.width, height=request.height
+        )
+
+    def _watch(
+        self,
+        proc: subprocess.Popen[bytes],
+        request: RenderRequest,
+        out_dir: Path,
+        progress: Progress,
+    ) -> None:
+        """Wait for Blender, reporting each saved frame; enforce both timeouts."""
+        hard = min(request.max_seconds or self.max_seconds, self.max_seconds)
+        stall = min(
+            request.max_seconds_per_frame or self.max_seconds_per_frame,
+            self.max_seconds_per_frame,
+        )
+        total = len(request.frames)
+        started = last = self._clock()
+        seen: set[str] = set()
+        while True:
+            finished = proc.poll() is not None
+            now = self._clock()
+            new = sorted(
+                p.name
+                for p in out_dir.iterdir()
+                if p.suffix == _FRAME_SUFFIX and p.name not in seen
+            )
+            for name in new:
+                seen.add(name)
+                progress(len(seen), total, f"frame {int(name[6:12])} saved")
+                last = now
+            if finished:
+                return
+            if now - started > hard:
+                raise NodeClientError(
+                    f"timeout: the slice passed its hard cap of {hard} s "
+                    f"({len(seen)} of {total} frames saved)"
+                )
+            if now - last > stall:
+                raise NodeClientError(
+                    f"timeout: no progress, no frame saved for {stall} s "
+                    f"({len(seen)} of {total} frames saved)"
+                )
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=self._poll)

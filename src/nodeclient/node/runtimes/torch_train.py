@@ -1,0 +1,251 @@
+"""Run ``ai.training`` slices on PyTorch: K inner steps, then the pseudo-gradient.
+
+2.3.5 Work Execution: "a parallelizable sub-task runs its slice". :meth:`TorchTrainRuntime.run`
+takes the decrypted slice payload (2.3.4) and returns the canonical result bytes the proof
+of execution covers (2.3.6).
+
+Theory of operation:
+
+* nothing from the requester is executed as code: the model is rebuilt from the allowlisted
+  layer list of :class:`~nodeclient.workloads.training.ModelSpec`, weights are loaded into
+  it with ``load_state_dict`` from plain arrays (never ``torch.load``, never TorchScript),
+  and the weights and shard containers are hashed before anything uses them;
+* a slice is deterministic: ``torch.use_deterministic_algorithms(True)``, a fixed thread
+  count, Dropout only with p=0, and minibatches drawn from a ``torch.Generator`` seeded with
+  the slice's seed. The batch rule: ``randperm(n)`` from that generator, consecutive chunks
+  of ``min(batch_size, n)`` samples, and a fresh permutation when fewer remain. Same payload
+  on the same kind of device, same result bytes;
+* the device is CUDA when PyTorch sees one (it honours ``CUDA_VISIBLE_DEVICES``), else
+  CPU; on CUDA, ``CUBLAS_WORKSPACE_CONFIG`` is set so cuBLAS can be deterministic too.
+  CPU and GPU results differ in the last bits, so a slice's bytes are reproducible per
+  device kind, not across kinds.
+
+torch is imported on first use, so building the runtime is cheap and the CLI starts fast.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Final
+
+import numpy as np
+import numpy.typing as npt
+
+from nodeclient.node.runtimes.base import Progress, no_progress
+from nodeclient.workloads.tensors import DEFAULT_MAX_BYTES
+from nodeclient.workloads.training import (
+    CLASS,
+    ModelSpec,
+    PseudoGradient,
+    SlicePlan,
+    SliceRequest,
+    decode_shard,
+    decode_weights,
+)
+
+if TYPE_CHECKING:
+    import torch
+
+PROGRESS_REPORTS: Final = 10  # progress is reported about this many times per slice
+CUBLAS_DETERMINISTIC: Final = ":4096:8"
+
+
+def usable() -> tuple[bool, str]:
+    """Whether this node can offer ``ai.training`` (2.3.2 Capability Manifest), and why.
+
+    Read from the package metadata, not by importing torch: the import takes seconds and
+    the CLI asks on every start. The device (CUDA or CPU) is chosen when a slice runs.
+    """
+    from importlib import metadata
+
+    try:
+        version = metadata.version("torch")
+    except metadata.PackageNotFoundError:
+        return False, "torch is not installed"
+    return True, f"torch {version} (CUDA when visible, else CPU)"
+
+
+def build_model(spec: ModelSpec) -> torch.nn.Sequential:
+    """A ``torch.nn.Sequential`` from the allowlisted layers; parameter names match the spec."""
+    from torch import nn
+
+    def build(layers: Sequence[Mapping[str, Any]]) -> nn.Sequential:
+        modules: list[nn.Module] = []
+        for layer in layers:
+            kind = layer["type"]
+            if kind == "Linear":
+                modules.append(nn.Linear(layer["in"], layer["out"], bias=layer["bias"]))
+            elif kind == "LayerNorm":
+                modules.append(nn.LayerNorm(layer["dim"], eps=layer["eps"]))
+            elif kind == "Sequential":
+                modules.append(build(layer["layers"]))
+            elif kind == "Flatten":
+                modules.append(nn.Flatten())
+            elif kind == "Dropout":
+                modules.append(nn.Dropout(0.0))
+            else:  # the activations; ModelSpec.parse admitted nothing else
+                modules.append({"ReLU": nn.ReLU, "GELU": nn.GELU, "Tanh": nn.Tanh,
+                                "Sigmoid": nn.Sigmoid}[kind]())  # fmt: skip
+        return nn.Sequential(*modules)
+
+    return build(spec.layers)
+
+
+def load_weights(model: torch.nn.Module, weights: Mapping[str, npt.NDArray[Any]]) -> None:
+    """Copy plain arrays into the model's parameters (strict: every name, exact shapes)."""
+    import torch
+
+    state = {
+        name: torch.from_numpy(np.array(array, dtype=np.float32)) for name, array in weights.items()
+    }
+    model.load_state_dict(state, strict=True)
+
+
+def predict(
+    spec: ModelSpec, weights: Mapping[str, npt.NDArray[Any]], x: npt.NDArray[Any]
+) -> npt.NDArray[Any]:
+    """The model's outputs for *x* on CPU: e.g. to score final weights on held-out data."""
+    import torch
+
+    model = build_model(spec)
+    load_weights(model, weights)
+    model.eval()
+    with torch.no_grad():
+        out: npt.NDArray[Any] = model(torch.from_numpy(np.array(x, dtype=np.float32))).numpy()
+    return out
+
+
+@contextlib.contextmanager
+def _deterministic(threads: int) -> Iterator[None]:
+    """Deterministic kernels and a fixed thread count for one slice, restored afterwards."""
+    import torch
+
+    previous = (torch.are_deterministic_algorithms_enabled(), torch.get_num_threads())
+    torch.use_deterministic_algorithms(True)
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous[0])
+        torch.set_num_threads(previous[1])
+
+
+def _optimizer(params: Any, plan: SlicePlan) -> torch.optim.Optimizer:
+    import torch
+
+    inner = plan.inner
+    if inner.name == "sgd":
+        return torch.optim.SGD(
+            params, lr=inner.lr, momentum=inner.momentum, weight_decay=inner.weight_decay
+        )
+    return torch.optim.AdamW(
+        params, lr=inner.lr, betas=inner.betas, eps=inner.eps, weight_decay=inner.weight_decay
+    )
+
+
+class TorchTrainRuntime:
+    """Executes ``ai.training`` slices; one slice at a time per worker process."""
+
+    workload_class: ClassVar[str] = CLASS
+
+    def __init__(
+        self,
+        *,
+        device: str | None = None,
+        threads: int = 1,
+        max_payload_bytes: int = DEFAULT_MAX_BYTES,
+    ) -> None:
+        if threads < 1:
+            raise ValueError("threads must be at least 1")
+        self._requested_device = device
+        self._device: torch.device | None = None
+        self._threads = threads
+        self._max_payload_bytes = max_payload_bytes
+
+    def device(self) -> torch.device:
+        """The device slices run on, resolved on first use: CUDA when visible, else CPU."""
+        if self._device is None:
+            import torch
+
+            name = self._requested_device or ("cuda" if torch.cuda.is_available() else "cpu")
+            if name.startswith("cuda"):
+                # Must be set before cuBLAS initialises, or deterministic mode refuses matmuls.
+                os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_DETERMINISTIC)
+            self._device = torch.device(name)
+        return self._device
+
+    def run(
+        self,
+        payload: bytes,
+        *,
+        workdir: Path | None = None,
+        progress: Progress = no_progress,
+    ) -> bytes:
+        """Run one slice and return its canonical pseudo-gradient container.
+
+        Training happens in memory: *workdir* is unused. RemoteProtocolError for a payload
+        that fails its hashes or checks; a diverging run is not an error here (its
+        non-finite pseudo-gradient is the coordinator's to reject).
+        """
+        request = SliceRequest.decode(payload, max_bytes=self._max_payload_bytes)
+        weights = decode_weights(request.weights, request.model, max_bytes=self._max_payload_bytes)
+        x, y = decode_shard(request.shard, request.model, max_bytes=self._max_payload_bytes)
+        with _deterministic(self._threads):
+            deltas, first, last = self._train(request, weights, x, y, progress)
+        return PseudoGradient(
+            deltas=deltas,
+            base_sha256=request.weights_sha256,
+            shard_sha256=request.shard_sha256,
+            steps=request.plan.steps,
+            first_loss=first,
+            last_loss=last,
+        ).encode()
+
+    def _train(
+        self,
+        request: SliceRequest,
+        weights: Mapping[str, npt.NDArray[Any]],
+        x: npt.NDArray[Any],
+        y: npt.NDArray[Any],
+        progress: Progress,
+    ) -> tuple[dict[str, npt.NDArray[Any]], float, float]:
+        import torch
+        import torch.nn.functional as F
+
+        plan, device = request.plan, self.device()
+        torch.manual_seed(plan.seed)
+        model = build_model(request.model)
+        load_weights(model, weights)
+        model.to(device).train()
+        optimizer = _optimizer(model.parameters(), plan)
+        inputs = torch.from_numpy(np.array(x, dtype=np.float32)).to(device)
+        labels = torch.from_numpy(np.array(y, dtype=np.int64)).to(device)
+        generator = torch.Generator().manual_seed(plan.seed)
+        count, batch = len(labels), min(plan.batch_size, len(labels))
+        order, position = torch.randperm(count, generator=generator), 0
+        every = max(1, plan.steps // PROGRESS_REPORTS)
+        first = last = float("nan")
+        for step in range(1, plan.steps + 1):
+            if position + batch > count:
+                order, position = torch.randperm(count, generator=generator), 0
+            index = order[position : position + batch].to(device)
+            position += batch
+            optimizer.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(model(inputs[index]), labels[index])
+            loss.backward()  # type: ignore[no-untyped-call]  # torch leaves it unannotated
+            optimizer.step()
+            last = float(loss.detach().cpu())
+            if step == 1:
+                first = last
+            if step % every == 0 or step == plan.steps:
+                progress(step, plan.steps, f"step {step} loss {last:.4f}")
+        dtype = np.float16 if plan.grad_dtype == "F16" else np.float32
+        end = {name: t.detach().cpu().numpy() for name, t in model.state_dict().items()}
+        deltas = {
+            name: (np.asarray(start, np.float32) - end[name]).astype(dtype)
+            for name, start in weights.items()
+        }
+        return deltas, first, last

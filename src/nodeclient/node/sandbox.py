@@ -1,0 +1,353 @@
+"""The isolation a task runs in (2.3.5 Work Execution): bubblewrap, rlimits, failure reasons.
+
+A dispatched task is code and data from a stranger. The daemon decrypts it (2.3.4) in its
+own process, so no key ever enters a worker; the worker that runs it lives in a sandbox
+built here:
+
+* bubblewrap (``bwrap``) gives it new IPC, PID, network and UTS namespaces, so it has no
+  network at all (only a loopback device that nothing listens on), sees only its own
+  processes, and dies with the daemon (``--die-with-parent``); ``--new-session`` keeps it
+  off the operator's terminal;
+* the file system is an empty tmpfs root with ``/usr``, the library directories, a few
+  files of ``/etc`` (the dynamic linker's cache, the time zone), the Python installation and
+  the nodeclient package bound **read-only**; ``/tmp`` is a private tmpfs; the only writable
+  host directories are the slot's work directory (``/nodeclient/work``) and the model
+  cache (``/nodeclient/cache``, content-addressed and hash-checked on every read, so a
+  task cannot poison it); nothing else of the node home, and so no key file, is inside;
+* it runs as an unprivileged uid (65534). Started by root, bwrap keeps only CAP_SETUID and
+  CAP_SETGID, and the worker drops to 65534 as its first act, so the kernel counts its
+  processes against RLIMIT_NPROC (the kernel exempts uid 0 from that limit, even inside a
+  user namespace). Started by anyone else, bwrap maps the caller to 65534 in a new user
+  namespace;
+* GPU device nodes are bound only for the GPUs assigned to the slot, and
+  ``CUDA_VISIBLE_DEVICES`` names them.
+
+The worker applies the resource limits itself (:func:`apply_limits`), before it imports
+any runtime. Without a working bwrap the node refuses to run work unless the operator set
+``allow_unsandboxed = true``; then workers are plain subprocesses with the same limits.
+
+This module builds argument vectors and interprets exit statuses; it starts nothing
+except in :func:`probe`.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import sysconfig
+import tempfile
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Final
+
+from nodeclient.errors import UsageError
+
+MODE_BWRAP: Final = "bubblewrap"
+MODE_UNSANDBOXED: Final = "unsandboxed"
+SANDBOX_UID: Final = 65534  # "nobody": owns nothing on the host
+SANDBOX_GID: Final = 65534
+# Where the two writable directories appear inside; a name no installation lives under, so
+# neither can hide a read-only bind (an editable install often sits under /work or /home).
+INSIDE_WORK: Final = Path("/nodeclient/work")
+INSIDE_CACHE: Final = Path("/nodeclient/cache")
+_LIB_DIRS: Final = ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
+# What the dynamic linker and Python need from /etc; no passwd, hosts, resolv.conf or ssl.
+_ETC_FILES: Final = (
+    "/etc/ld.so.cache",
+    "/etc/ld.so.conf",
+    "/etc/ld.so.conf.d",
+    "/etc/localtime",
+    "/etc/alternatives",
+)
+_GPU_SHARED_NODES: Final = ("/dev/nvidiactl", "/dev/nvidia-uvm", "/dev/nvidia-uvm-tools")
+REFUSAL: Final = (
+    "no working sandbox: install bubblewrap (`apt-get install bubblewrap`) "
+    "or set allow_unsandboxed = true in config.toml"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Per-worker resource limits; the worker sets them on itself before any task runs.
+
+    ``memory_bytes`` becomes the hard RLIMIT_AS of the worker; a task that declares its
+    RAM gets a lower soft limit for its duration. ``nproc`` counts threads too (onnxruntime
+    runs a pool per session), and in bubblewrap mode all slots share the sandbox uid.
+    """
+
+    memory_bytes: int
+    nproc: int = 512
+    nofile: int = 256
+    fsize_bytes: int = 1 << 30
+    cpu_seconds: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.memory_bytes < 64 << 20:
+            raise UsageError("the per-slot memory limit must be at least 64 MiB")
+        if self.nproc < 16 or self.nofile < 32 or self.fsize_bytes < 1 << 20:
+            raise UsageError("nproc >= 16, nofile >= 32 and fsize >= 1 MiB are required")
+
+    def to_wire(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_wire(cls, data: Mapping[str, Any]) -> Limits:
+        cpu = data.get("cpu_seconds")
+        return cls(
+            memory_bytes=int(data["memory_bytes"]),
+            nproc=int(data["nproc"]),
+            nofile=int(data["nofile"]),
+            fsize_bytes=int(data["fsize_bytes"]),
+            cpu_seconds=None if cpu is None else int(cpu),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Layout:
+    """What one slot's worker sees: host paths to bind, and how to start Python."""
+
+    workdir: Path  # host directory of this slot, writable, bound at /work
+    cache_dir: Path  # host model cache, bound at /cache
+    read_only: tuple[Path, ...]  # Python installation, package source, extra import paths
+    python_path: tuple[Path, ...]  # PYTHONPATH inside (package source first)
+    python: Path = Path(sys.executable)
+    gpus: tuple[int, ...] = ()
+
+
+def total_memory_bytes() -> int:
+    """Physical RAM of this machine."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def available_memory_bytes() -> int:
+    """MemAvailable from /proc/meminfo (what can be allocated without swapping)."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return total_memory_bytes()
+
+
+def default_limits(slots: int) -> Limits:
+    """Each slot may use an equal share of the machine's RAM."""
+    return Limits(memory_bytes=max(256 << 20, total_memory_bytes() // max(1, slots)))
+
+
+def package_root() -> Path:
+    """The directory holding the ``nodeclient`` package (a source tree when editable)."""
+    return Path(__file__).resolve().parents[2]
+
+
+def python_roots() -> tuple[Path, ...]:
+    """The Python installation and site-packages, outermost paths only, /usr excluded."""
+    candidates = {Path(sys.prefix), Path(sys.base_prefix), Path(sys.exec_prefix)}
+    candidates.add(Path(sys.executable).resolve().parent.parent)
+    for key in ("stdlib", "platstdlib", "purelib", "platlib"):
+        candidates.add(Path(sysconfig.get_paths()[key]))
+    return _outermost(p.resolve() for p in candidates if p.exists())
+
+
+def _outermost(paths: Iterable[Path]) -> tuple[Path, ...]:
+    kept: list[Path] = []
+    for path in sorted(set(paths), key=lambda p: len(p.parts)):
+        if path == Path("/") or path.is_relative_to("/usr"):
+            continue
+        if not any(path.is_relative_to(k) for k in kept):
+            kept.append(path)
+    return tuple(kept)
+
+
+def make_layout(
+    *,
+    workdir: Path,
+    cache_dir: Path,
+    extra_python_path: Sequence[Path] = (),
+    gpus: Sequence[int] = (),
+) -> Layout:
+    """The layout of one slot: this interpreter, this package, plus *extra_python_path*."""
+    pkg = package_root()
+    extra = tuple(p.resolve() for p in extra_python_path)
+    read_only = _outermost([*python_roots(), pkg, *extra])
+    for path in read_only:
+        if path.is_relative_to(INSIDE_WORK.parent):
+            raise UsageError(f"{path} collides with the sandbox's {INSIDE_WORK.parent}")
+    return Layout(
+        workdir=workdir,
+        cache_dir=cache_dir,
+        read_only=read_only,
+        python_path=(pkg, *extra),
+        gpus=tuple(gpus),
+    )
+
+
+def worker_env(layout: Layout, *, threads: int | None = None) -> dict[str, str]:
+    """The whole environment of a worker: nothing of the daemon's leaks in."""
+    env = {
+        "PATH": "/usr/local/bin:/usr/bin:/bin",
+        "HOME": "/tmp",  # noqa: S108 (the sandbox's own private tmpfs)
+        "LANG": "C.UTF-8",
+        "PYTHONPATH": os.pathsep.join(str(p) for p in layout.python_path),
+        "PYTHONNOUSERSITE": "1",
+        "PYTHONDONTWRITEBYTECODE": "1",
+    }
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
+    if layout.gpus:
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in layout.gpus)
+    return env
+
+
+def gpu_nodes(gpus: Sequence[int]) -> list[str]:
+    """Device nodes a slot with *gpus* needs; empty without a GPU (nothing is bound)."""
+    if not gpus:
+        return []
+    nodes = [n for n in _GPU_SHARED_NODES if os.path.exists(n)]
+    return nodes + [f"/dev/nvidia{g}" for g in gpus if os.path.exists(f"/dev/nvidia{g}")]
+
+
+def bwrap_argv(
+    layout: Layout,
+    command: Sequence[str],
+    *,
+    env: Mapping[str, str],
+    as_root: bool,
+    bwrap: str = "bwrap",
+) -> list[str]:
+    """The bubblewrap command line that runs *command* in *layout*'s sandbox."""
+    argv = [bwrap, "--unshare-ipc", "--unshare-pid", "--unshare-net", "--unshare-uts"]
+    argv += ["--unshare-cgroup-try", "--die-with-parent", "--new-session"]
+    if as_root:  # the worker drops to SANDBOX_UID itself; then NPROC applies
+        argv += ["--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
+    else:
+        argv += ["--unshare-user", "--uid", str(SANDBOX_UID), "--gid", str(SANDBOX_GID)]
+    argv += ["--clearenv"]
+    for key, value in sorted(env.items()):
+        argv += ["--setenv", key, value]
+    argv += ["--ro-bind", "/usr", "/usr"]
+    for name in _LIB_DIRS:
+        if os.path.islink(name):
+            argv += ["--symlink", os.readlink(name), name]
+        elif os.path.isdir(name):
+            argv += ["--ro-bind", name, name]
+    # bwrap would create /etc 0700 root; the sandbox uid must traverse it (Debian's
+    # /etc/alternatives links lead to shared libraries Blender needs, for one).
+    argv += ["--perms", "0755", "--dir", "/etc"]
+    for name in _ETC_FILES:
+        argv += ["--ro-bind-try", name, name]
+    argv += ["--proc", "/proc", "--dev", "/dev"]
+    argv += ["--perms", "1777", "--tmpfs", "/tmp"]  # noqa: S108 (a private, empty tmpfs)
+    for node in gpu_nodes(layout.gpus):
+        argv += ["--dev-bind", node, node]
+    # bwrap makes missing mount points 0700 root; the sandbox uid must traverse them.
+    targets = [*layout.read_only, INSIDE_WORK, INSIDE_CACHE]
+    for parent in sorted({p for t in targets for p in t.parents}, key=lambda p: len(p.parts)):
+        if parent != Path("/"):
+            argv += ["--perms", "0755", "--dir", str(parent)]
+    for path in layout.read_only:
+        argv += ["--ro-bind", str(path), str(path)]
+    argv += ["--bind", str(layout.workdir), str(INSIDE_WORK)]
+    argv += ["--bind", str(layout.cache_dir), str(INSIDE_CACHE)]
+    argv += ["--chdir", str(INSIDE_WORK), "--", *command]
+    return argv
+
+
+def probe(bwrap: str | None = None, *, timeout: float = 10.0) -> tuple[bool, str]:
+    """Whether bubblewrap works here: run ``true`` in the sandbox the workers would get."""
+    found = bwrap or shutil.which("bwrap")
+    if found is None:
+        return False, "bwrap is not on PATH"
+    with tempfile.TemporaryDirectory(prefix="nodeclient-probe-") as scratch:
+        layout = Layout(
+            workdir=Path(scratch), cache_dir=Path(scratch), read_only=(), python_path=()
+        )
+        argv = bwrap_argv(
+            layout, ["true"], env={"PATH": "/usr/bin:/bin"}, as_root=os.geteuid() == 0, bwrap=found
+        )
+        try:
+            done = subprocess.run(argv, capture_output=True, timeout=timeout, check=False)
+        except (OSError, subprocess.SubprocessError) as exc:
+            return False, f"bwrap failed to start: {exc}"
+    if done.returncode != 0:
+        err = done.stderr.decode("utf-8", "replace").strip().splitlines()
+        return False, f"bwrap does not work here: {err[-1] if err else done.returncode}"
+    return True, found
+
+
+def choose_mode(*, allow_unsandboxed: bool, probed: tuple[bool, str] | None = None) -> str:
+    """The sandbox mode to run in, or UsageError (the daemon refuses to run work)."""
+    ok, why = probe() if probed is None else probed
+    if ok:
+        return MODE_BWRAP
+    if allow_unsandboxed:
+        return MODE_UNSANDBOXED
+    raise UsageError(f"{REFUSAL} ({why})")
+
+
+def describe_mode(mode: str) -> str:
+    """The line ``nodeclient status`` shows."""
+    return mode if mode == MODE_BWRAP else "UNSANDBOXED (allowed by config)"
+
+
+# --- inside the worker --------------------------------------------------------------------
+
+
+def drop_privileges(uid: int = SANDBOX_UID, gid: int = SANDBOX_GID) -> None:
+    """Become *uid* for good: supplementary groups, gid, then uid (clears capabilities)."""
+    os.setgroups([])
+    os.setresgid(gid, gid, gid)
+    os.setresuid(uid, uid, uid)
+    if os.getuid() != uid or os.geteuid() != uid:
+        raise PermissionError("could not drop privileges")
+
+
+def apply_limits(limits: Limits) -> None:
+    """Set this process's rlimits; soft and hard alike, so a task cannot raise them."""
+    pairs = [
+        (resource.RLIMIT_AS, limits.memory_bytes),
+        (resource.RLIMIT_NPROC, limits.nproc),
+        (resource.RLIMIT_NOFILE, limits.nofile),
+        (resource.RLIMIT_FSIZE, limits.fsize_bytes),
+        (resource.RLIMIT_CORE, 0),
+    ]
+    if limits.cpu_seconds is not None:
+        pairs.append((resource.RLIMIT_CPU, limits.cpu_seconds))
+    for which, value in pairs:
+        resource.setrlimit(which, (value, value))
+
+
+# --- after the worker ---------------------------------------------------------------------
+
+
+def exit_signal(returncode: int, *, mode: str) -> int | None:
+    """The signal that ended a worker, if one did (bwrap reports it as 128 + N)."""
+    if returncode < 0:
+        return -returncode
+    if mode == MODE_BWRAP and returncode > 128:
+        return returncode - 128
+    return None
+
+
+def describe_exit(returncode: int, *, mode: str) -> str:
+    """Why a worker died under a task, as a Reject reason.
+
+    A SIGKILL nobody in the daemon sent is the kernel's OOM killer (RLIMIT_AS makes most
+    overruns a MemoryError, reported before the worker exits); any other signal is a crash.
+    """
+    sig = exit_signal(returncode, mode=mode)
+    if sig == signal.SIGKILL:
+        return "out of memory (worker killed by SIGKILL)"
+    if sig is not None:
+        try:
+            name = signal.Signals(sig).name
+        except ValueError:
+            name = "unknown"
+        return f"crashed (signal {sig}, {name})"
+    return f"crashed (worker exited with status {returncode})"

@@ -1,0 +1,174 @@
+"""``nodeclient service install``: a hardened systemd unit for the node daemon.
+
+The unit runs ``nodeclient run`` as an unprivileged user with the node home as its
+systemd state directory (``/var/lib/nodeclient``, created 0700 and owned by that user),
+a read-only view of the rest of the system, and device access limited to the standard
+pseudo-devices plus the NVIDIA character devices, so CUDA still works. It keeps what
+the daemon needs and nothing else:
+
+- bubblewrap (the task sandbox, 2.3.5) creates user namespaces, so the unit must not set
+  ``RestrictNamespaces=``, ``PrivateUsers=`` or a ``SystemCallFilter=`` that drops them;
+  ``NoNewPrivileges=yes`` is fine because bwrap is not used set-uid;
+- SIGTERM makes the daemon stop taking work, finish running tasks and flush its outbox,
+  so ``TimeoutStopSec=`` is longer than the daemon's drain (60 s of tasks plus 10 s of
+  outbox) before systemd resorts to SIGKILL;
+- ``Restart=on-failure``: a daemon that exits 0 was stopped on purpose (or refused
+  registration, which restarting will not fix).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Final
+
+from nodeclient.errors import UsageError
+
+DEFAULT_UNIT_PATH: Final = Path("/etc/systemd/system/nodeclient.service")
+DEFAULT_HOME: Final = Path("/var/lib/nodeclient")
+DEFAULT_USER: Final = "nodeclient"
+STOP_TIMEOUT_S: Final = 120  # > the daemon's drain: 60 s for running tasks + 10 s of outbox
+_USER_RE: Final = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
+# /dev/nvidia0..N and /dev/nvidiactl share the "nvidia-frontend" major; UVM and the
+# capability devices have majors of their own. Names as in /proc/devices.
+NVIDIA_DEVICE_GROUPS: Final = ("char-nvidia-frontend", "char-nvidia-uvm", "char-nvidia-caps")
+NVIDIA_DEVICE_NODES: Final = ("/dev/nvidiactl", "/dev/nvidia-uvm", "/dev/nvidia-uvm-tools")
+
+
+_HOME_ROOTS: Final = (Path("/home"), Path("/root"), Path("/run/user"))
+
+
+def _code_paths() -> tuple[Path, ...]:
+    import nodeclient
+
+    return (Path(sys.prefix).resolve(), Path(nodeclient.__file__).resolve().parent)
+
+
+def protect_home(paths: tuple[Path, ...]) -> str:
+    """``yes`` (hide home directories) unless the daemon's own code lives in one."""
+    inside = any(p.is_relative_to(root) for p in paths for root in _HOME_ROOTS)
+    return "read-only" if inside else "yes"
+
+
+@dataclass(frozen=True, slots=True)
+class UnitOptions:
+    """What the unit is built from; validated so the file never carries a stray newline."""
+
+    executable: Path
+    user: str = DEFAULT_USER
+    home: Path = DEFAULT_HOME
+    # Where the interpreter and the package live: if under /home or /root, ProtectHome=
+    # can only make home directories read-only, not hide them, or the daemon cannot start.
+    code_paths: tuple[Path, ...] = field(default_factory=_code_paths)
+
+    def __post_init__(self) -> None:
+        if not _USER_RE.match(self.user):
+            raise UsageError(f"--user {self.user!r} is not a valid system user name")
+        if not self.executable.is_absolute() or not self.home.is_absolute():
+            raise UsageError("the executable and the node home must be absolute paths")
+        for value in (str(self.executable), str(self.home)):
+            if any(c in value for c in "\n\r \t\"'\\%$;"):
+                raise UsageError(f"{value!r}: paths in the unit may not contain spaces or quotes")
+        if self.home.parent != Path("/var/lib"):
+            raise UsageError("the node home must be directly under /var/lib (StateDirectory=)")
+
+
+def find_executable() -> Path:
+    """The absolute path of the installed ``nodeclient`` command."""
+    found = shutil.which("nodeclient")
+    if found:
+        return Path(found).resolve()
+    beside = Path(sys.executable).parent / "nodeclient"
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return beside
+    raise UsageError("cannot find the nodeclient executable on PATH; pass --executable")
+
+
+def render_unit(opts: UnitOptions) -> str:
+    """The unit file text."""
+    state = opts.home.name
+    devices = [f"DeviceAllow={d} rw" for d in (*NVIDIA_DEVICE_GROUPS, *NVIDIA_DEVICE_NODES)]
+    lines = [
+        "# nodeclient node daemon (written by `nodeclient service install`)",
+        "[Unit]",
+        "Description=nodeclient compute node daemon",
+        "Wants=network-online.target",
+        "After=network-online.target",
+        "",
+        "[Service]",
+        "Type=exec",
+        f"User={opts.user}",
+        f"Group={opts.user}",
+        f"ExecStart={opts.executable} run --home {opts.home} --log-format json",
+        f"Environment=NODECLIENT_HOME={opts.home}",
+        "# The node home: created by systemd, owned by the user, mode 0700.",
+        f"StateDirectory={state}",
+        "StateDirectoryMode=0700",
+        "UMask=0077",
+        "# Stop: SIGTERM drains running tasks and the outbox, then the daemon exits 0.",
+        "# KillMode=mixed: SIGTERM to the daemon only, so its workers finish their tasks.",
+        "KillSignal=SIGTERM",
+        "KillMode=mixed",
+        f"TimeoutStopSec={STOP_TIMEOUT_S}",
+        "Restart=on-failure",
+        "RestartSec=10",
+        "# Hardening. No RestrictNamespaces=/PrivateUsers=: the bubblewrap sandbox needs them.",
+        "NoNewPrivileges=yes",
+        "ProtectSystem=strict",
+        f"ProtectHome={protect_home((opts.executable, *opts.code_paths))}",
+        "PrivateTmp=yes",
+        "ProtectKernelTunables=yes",
+        "ProtectKernelModules=yes",
+        "ProtectKernelLogs=yes",
+        "ProtectControlGroups=yes",
+        "ProtectClock=yes",
+        "ProtectHostname=yes",
+        "RestrictSUIDSGID=yes",
+        "RestrictRealtime=yes",
+        "LockPersonality=yes",
+        "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6 AF_NETLINK",
+        "# Devices: the standard pseudo-devices plus the NVIDIA cards (CUDA, NVML).",
+        "DevicePolicy=closed",
+        *devices,
+        "",
+        "[Install]",
+        "WantedBy=multi-user.target",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def write_unit(path: Path, text: str) -> Path:
+    """Write the unit (0644, as systemd expects), replacing an older one atomically."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)  # a unit file is public: undo a restrictive umask
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise UsageError(f"cannot write {path}: {exc.strerror} (run as root?)") from exc
+    return path
+
+
+def next_steps(path: Path, opts: UnitOptions) -> list[str]:
+    """What the operator runs after the unit is written (as root)."""
+    u, home = opts.user, opts.home
+    return [
+        f"wrote {path}",
+        "next, as root:",
+        f"  id {u} || useradd --system --home-dir {home} --shell /usr/sbin/nologin {u}",
+        f"  install -d -m 0700 -o {u} -g {u} {home}",
+        f"  sudo -u {u} {opts.executable} init --home {home} --wallet 0x...   # once",
+        "  systemctl daemon-reload",
+        f"  systemctl enable --now {path.name}",
+        f"  journalctl -u {path.name} -f   # the daemon's JSON logs",
+        f"  sudo -u {u} {opts.executable} status --watch --home {home}",
+    ]

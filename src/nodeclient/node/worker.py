@@ -1,0 +1,291 @@
+"""A persistent, sandboxed worker process: one per slot (2.3.5 Work Execution).
+
+Started once per slot as ``python -m nodeclient.node.worker --config JSON`` (inside
+bubblewrap, see :mod:`nodeclient.node.sandbox`), the worker drops privileges, sets its
+rlimits, builds every runtime once (so ONNX sessions stay warm) and then serves tasks one
+at a time over its stdin and stdout. Each task starts in an empty work directory, which is
+emptied again afterwards (or, if that fails, the worker is replaced with a fresh one).
+
+Pipe protocol, both directions: frames of ::
+
+    u32 header_len (big-endian) | u32 body_len (big-endian) | header | body
+
+where *header* is a UTF-8 JSON object with an ``op`` and *body* raw bytes. The daemon sends
+``{"op": "run", "id": N, "class": C, "memory_bytes": M|null}`` + payload. The worker sends
+``{"op": "ready", "pid", "classes", "broken"}`` once, then per task any number of
+``{"op": "progress", "id", "done", "total", "note"}`` and exactly one of
+``{"op": "result", "id"}`` + result bytes or
+``{"op": "error", "id", "kind": "requester"|"oom"|"failed", "reason"}``.
+EOF on stdin means stop.
+
+The worker's original stdout is kept as the protocol channel; file descriptor 1 is pointed
+at stderr, so whatever a task prints lands on stderr, which the daemon caps and logs.
+
+Trust: a task that fails for any reason other than the requester's own fault (a crash,
+out of memory, a limit, processes or threads left behind) may have changed the worker, so
+the worker answers and then exits; the daemon starts a fresh one for the next task.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import json
+import os
+import resource
+import shutil
+import struct
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any, Final
+
+from nodeclient.errors import RemoteProtocolError
+
+PREFIX: Final = struct.Struct(">II")
+MAX_HEADER: Final = 64 * 1024
+EXIT_TAINTED: Final = 3
+_PROGRESS_INTERVAL: Final = 0.05  # at most 20 progress frames a second
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    header: dict[str, Any]
+    body: bytes
+
+
+def encode_header(header: Mapping[str, Any], body_len: int) -> bytes:
+    """The prefix and header of a frame; the body follows as is (no copy of large payloads)."""
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    if len(raw) > MAX_HEADER:
+        raise ValueError(f"frame header of {len(raw)} bytes is over {MAX_HEADER}")
+    return PREFIX.pack(len(raw), body_len) + raw
+
+
+def encode_frame(header: Mapping[str, Any], body: bytes = b"") -> bytes:
+    return encode_header(header, len(body)) + body
+
+
+def parse_prefix(prefix: bytes, *, max_body: int) -> tuple[int, int]:
+    """Header and body lengths, checked before anything is read or allocated."""
+    header_len, body_len = PREFIX.unpack(prefix)
+    if header_len > MAX_HEADER or body_len > max_body:
+        raise RemoteProtocolError(f"frame of {header_len}+{body_len} bytes is over the limit")
+    return header_len, body_len
+
+
+def parse_header(raw: bytes) -> dict[str, Any]:
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise RemoteProtocolError(f"frame header is not JSON: {exc}") from exc
+    if not isinstance(header, dict) or not isinstance(header.get("op"), str):
+        raise RemoteProtocolError("frame header must be an object with an 'op'")
+    return header
+
+
+def read_frame(stream: IO[bytes], *, max_body: int) -> Frame | None:
+    """One frame from a blocking stream, or None at a clean EOF."""
+    prefix = stream.read(PREFIX.size)
+    if not prefix:
+        return None
+    if len(prefix) != PREFIX.size:
+        raise RemoteProtocolError("truncated frame")
+    header_len, body_len = parse_prefix(prefix, max_body=max_body)
+    header = stream.read(header_len)
+    body = stream.read(body_len) if body_len else b""
+    if len(header) != header_len or len(body) != body_len:
+        raise RemoteProtocolError("truncated frame")
+    return Frame(parse_header(header), body)
+
+
+def write_frame(fd: int, header: Mapping[str, Any], body: bytes = b"") -> None:
+    """Write a whole frame to *fd* (a pipe), without joining a large body to its header."""
+    parts = [memoryview(encode_header(header, len(body))), memoryview(body)]
+    while parts:
+        sent = os.writev(fd, parts)
+        while parts and sent >= len(parts[0]):
+            sent -= len(parts[0])
+            parts.pop(0)
+        if parts and sent:
+            parts[0] = parts[0][sent:]
+
+
+def _load_factory(spec: str) -> Callable[[Path], Any]:
+    module_name, _, attr = spec.partition(":")
+    factory = getattr(importlib.import_module(module_name), attr)
+    if not callable(factory):
+        raise TypeError(f"{spec} is not callable")
+    return factory  # type: ignore[no-any-return]
+
+
+class Worker:
+    """The task loop; I/O is on the two file descriptors it is given."""
+
+    def __init__(self, config: Mapping[str, Any], *, out_fd: int) -> None:
+        self.out_fd = out_fd
+        self.work_root = Path(config["workdir"])
+        self.sandboxed = bool(config["sandboxed"])
+        self.max_result = int(config["max_result_bytes"])
+        self.task_dir = self.work_root / "task"  # emptied after every task
+        self.task_dir.mkdir(mode=0o700, exist_ok=True)
+        self.runtimes: dict[str, Any] = {}
+        self.broken: dict[str, str] = {}
+        cache = Path(config["cache_dir"])
+        for workload_class, spec in sorted(config["runtimes"].items()):
+            try:
+                self.runtimes[workload_class] = _load_factory(spec)(cache)
+            except Exception as exc:  # noqa: BLE001 (reported per task; other classes serve on)
+                self.broken[workload_class] = f"{type(exc).__name__}: {exc}"[:300]
+        for module in config.get("preload", ()):  # e.g. onnxruntime: the first task is warm
+            with contextlib.suppress(ImportError):  # the runtime reports it when a task needs it
+                importlib.import_module(module)
+        self._threads = threading.active_count()
+
+    def serve(self, stream: IO[bytes], *, max_payload: int) -> int:
+        write_frame(
+            self.out_fd,
+            {
+                "op": "ready",
+                "pid": os.getpid(),
+                "classes": sorted(self.runtimes),
+                "broken": self.broken,
+            },
+        )
+        while True:
+            frame = read_frame(stream, max_body=max_payload)
+            if frame is None:
+                return 0
+            if frame.header["op"] != "run":
+                raise RemoteProtocolError(f"unknown op {frame.header['op']!r}")
+            if not self.run_task(frame.header, frame.body):
+                return EXIT_TAINTED
+
+    def run_task(self, header: Mapping[str, Any], payload: bytes) -> bool:
+        """Run one task and answer it; False when the worker must not be reused."""
+        task_id = int(header["id"])
+        reply, body, clean = self._execute(task_id, header, payload)
+        emptied = self._empty_task_dir()
+        tainted = not clean or not emptied or self._left_behind()
+        write_frame(self.out_fd, {**reply, "id": task_id, "restart": tainted}, body)
+        return not tainted
+
+    def _execute(
+        self, task_id: int, header: Mapping[str, Any], payload: bytes
+    ) -> tuple[dict[str, Any], bytes, bool]:
+        """(reply header, reply body, whether the task left the worker clean)."""
+        workload_class = str(header["class"])
+        runtime = self.runtimes.get(workload_class)
+        if runtime is None:
+            why = self.broken.get(workload_class, "is not served by this node")
+            reason = f"workload class {workload_class!r} {why}"
+            return {"op": "error", "kind": "requester", "reason": reason}, b"", True
+        last = [0.0]
+
+        def progress(done: float, total: float, note: str) -> None:
+            now = time.monotonic()
+            if done < total and now - last[0] >= _PROGRESS_INTERVAL:  # the answer means done
+                last[0] = now
+                msg = {"op": "progress", "id": task_id, "done": done, "total": total}
+                write_frame(self.out_fd, {**msg, "note": str(note)[:200]})
+
+        workdir = self.task_dir
+        _, hard = resource.getrlimit(resource.RLIMIT_AS)
+        try:
+            os.chdir(workdir)
+            _limit_memory(header.get("memory_bytes"), hard)
+            result = runtime.run(payload, workdir=workdir, progress=progress)
+            if not isinstance(result, bytes):
+                raise TypeError(f"runtime returned {type(result).__name__}, not bytes")
+            if len(result) > self.max_result:
+                raise OverflowError(f"result of {len(result)} bytes is over {self.max_result}")
+        except RemoteProtocolError as exc:
+            reason = f"bad payload: {exc}"[:400]
+            return {"op": "error", "kind": "requester", "reason": reason}, b"", True
+        except MemoryError:
+            return (
+                {"op": "error", "kind": "oom", "reason": "out of memory (MemoryError)"},
+                b"",
+                False,
+            )
+        except BaseException as exc:  # noqa: BLE001 (a task's SystemExit too: it fails, we answer)
+            reason = f"execution failed: {type(exc).__name__}: {exc}"[:400]
+            return {"op": "error", "kind": "failed", "reason": reason}, b"", False
+        finally:
+            resource.setrlimit(resource.RLIMIT_AS, (hard, hard))
+            os.chdir(self.work_root)
+        return {"op": "result"}, result, True
+
+    def _empty_task_dir(self) -> bool:
+        """Empty the task directory for the next task (cheaper than a new one); False if not."""
+        try:
+            os.chmod(self.task_dir, 0o700)
+            with os.scandir(self.task_dir) as entries:
+                leftovers = [Path(e.path) for e in entries]
+            for path in leftovers:
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink()
+            return not any(self.task_dir.iterdir())
+        except OSError:
+            return False
+
+    def _left_behind(self) -> bool:
+        """Threads or processes the task started and did not end."""
+        if threading.active_count() > self._threads:
+            return True
+        while True:  # reap our own finished children first
+            try:
+                pid, _ = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid == 0:
+                return True  # a child still runs
+        if not self.sandboxed:
+            return False
+        # In the sandbox's PID namespace: pid 1 is bubblewrap's init, the rest is the task's.
+        mine = {1, os.getpid()}
+        return any(name.isdigit() and int(name) not in mine for name in os.listdir("/proc"))
+
+
+def _limit_memory(memory_bytes: object, hard: int) -> None:
+    """Lower the soft RLIMIT_AS to what the task declared, above what the worker holds."""
+    if not isinstance(memory_bytes, int) or memory_bytes <= 0:
+        return
+    held = _virtual_memory()
+    soft = hard if hard == resource.RLIM_INFINITY else min(hard, held + memory_bytes)
+    resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
+def _virtual_memory() -> int:
+    try:
+        with open("/proc/self/statm", encoding="ascii") as fh:
+            return int(fh.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from nodeclient.node import sandbox
+
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 2 or args[0] != "--config":
+        print("usage: python -m nodeclient.node.worker --config JSON", file=sys.stderr)
+        return 2
+    config = json.loads(args[1])
+    out_fd = os.dup(1)  # the protocol channel
+    os.dup2(2, 1)  # a task's prints go to stderr, which the daemon caps
+    if config.get("drop_privileges") and os.getuid() == 0:
+        sandbox.drop_privileges()
+    sandbox.apply_limits(sandbox.Limits.from_wire(config["limits"]))
+    worker = Worker(config, out_fd=out_fd)
+    with open(0, "rb", buffering=1 << 16, closefd=False) as stream:
+        return worker.serve(stream, max_payload=int(config["max_payload_bytes"]))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

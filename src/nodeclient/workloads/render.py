@@ -1,0 +1,506 @@
+"""The ``media.render`` workload: Blender jobs split by frame range, shared by both sides.
+
+2.3.5 Work Execution: "a parallelizable sub-task runs its slice". A render job names one
+packed ``.blend`` scene by its SHA-256 and a frame range; the coordinator splits the range
+into contiguous slices, each node renders only its slice's frames, and the coordinator
+joins the frames back in order. Payloads and results use the tensor container of
+:mod:`nodeclient.workloads.tensors`.
+
+Request (the job payload, and each slice's payload with its narrowed range)::
+
+    tensors:   "__scene__"  U8, shape [len(scene)]  the packed .blend, when sent inline
+    metadata:  "class"                  "media.render"
+               "scene_sha256"           64 lowercase hex digits, SHA-256 of the .blend bytes
+               "scene_url"              where the scene is fetched, when not inline
+               "frame_start"            first frame, inclusive      (decimal, 0..999999)
+               "frame_end"              last frame, inclusive       (decimal, >= frame_start)
+               "width", "height"        output size in pixels       (decimal, 1..16384)
+               "samples"                Cycles samples per pixel    (decimal, 1..65536)
+               "seed"                   Cycles seed                 (decimal, 0..2147483647)
+               optional "frames_per_slice"       how the job splits (decimal, >= 1)
+               optional "max_seconds"            hard cap for one slice (decimal seconds)
+               optional "max_seconds_per_frame"  no-progress timeout (decimal seconds)
+               optional "allow_blank"            "1": frames of one colour are acceptable
+
+Exactly one of ``__scene__`` and ``scene_url`` is present. Numbers are canonical
+decimals (no sign, no leading zeros), so one request has one encoding. ``scene_url`` is
+either ``/v1/blobs/<scene_sha256>`` on the coordinator or an ``http(s)://`` URL: local
+paths and other schemes are refused, because a node must never read its own files on a
+requester's behalf.
+
+Result (the bytes the proof of execution covers, 2.3.6)::
+
+    tensors:   "frame_NNNNNN"  U8, shape [height, width, 4]: RGBA, top row first,
+               one per frame, NNNNNN the frame number in 6 digits (so names sort in order)
+    metadata:  "class" "media.render", "scene_sha256", "width", "height",
+               "frame_start", "frame_end" (the range the result covers)
+
+A slice result and the assembled job result have the same format. Decoded pixels rather
+than PNG files are carried because the proof is over exact bytes (2.3.6): PNG files carry
+timestamps and encoder choices, pixels from the same pinned render do not.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, Final
+
+import numpy as np
+import numpy.typing as npt
+
+from nodeclient.errors import LocalProtocolError, ProtocolError, RemoteProtocolError
+from nodeclient.workloads.tensors import DEFAULT_MAX_BYTES, decode_tensors, encode_tensors
+
+CLASS: Final = "media.render"
+SCENE_TENSOR: Final = "__scene__"
+CHANNELS: Final = 4  # RGBA
+MAX_FRAME: Final = 999_999  # six digits in tensor names; Blender allows up to 1048574
+MAX_SIDE: Final = 16_384
+MAX_SAMPLES: Final = 65_536
+MAX_SEED: Final = 2**31 - 1
+MAX_SECONDS: Final = 7 * 24 * 3600
+MAX_URL_CHARS: Final = 2048
+HEADER_ALLOWANCE: Final = 64 * 1024  # container header bytes allowed for in size checks
+
+META_CLASS: Final = "class"
+META_SCENE_SHA256: Final = "scene_sha256"
+META_SCENE_URL: Final = "scene_url"
+META_FRAME_START: Final = "frame_start"
+META_FRAME_END: Final = "frame_end"
+META_WIDTH: Final = "width"
+META_HEIGHT: Final = "height"
+META_SAMPLES: Final = "samples"
+META_SEED: Final = "seed"
+META_FRAMES_PER_SLICE: Final = "frames_per_slice"
+META_MAX_SECONDS: Final = "max_seconds"
+META_MAX_SECONDS_PER_FRAME: Final = "max_seconds_per_frame"
+META_ALLOW_BLANK: Final = "allow_blank"
+
+_REQUEST_KEYS: Final = frozenset(
+    {
+        META_CLASS, META_SCENE_SHA256, META_SCENE_URL, META_FRAME_START, META_FRAME_END,
+        META_WIDTH, META_HEIGHT, META_SAMPLES, META_SEED, META_FRAMES_PER_SLICE,
+        META_MAX_SECONDS, META_MAX_SECONDS_PER_FRAME, META_ALLOW_BLANK,
+    }
+)  # fmt: skip
+_RESULT_KEYS: Final = frozenset(
+    {META_CLASS, META_SCENE_SHA256, META_WIDTH, META_HEIGHT, META_FRAME_START, META_FRAME_END}
+)
+_SHA256_RE: Final = re.compile(r"[0-9a-f]{64}")
+_DECIMAL_RE: Final = re.compile(r"0|[1-9][0-9]{0,9}")
+_FRAME_RE: Final = re.compile(r"frame_([0-9]{6})")
+_HTTP_RE: Final = re.compile(r"https?://[^/\s]+(/\S*)?")
+
+
+def frame_name(frame: int) -> str:
+    """The tensor name of *frame*: zero-padded so that name order is frame order."""
+    return f"frame_{frame:06d}"
+
+
+def _int(name: str, value: object, low: int, high: int, error: type[ProtocolError]) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise error(f"{name} must be an integer in {low}..{high}, got {value!r}")
+    return value
+
+
+def _parse_int(metadata: Mapping[str, str], key: str) -> int | None:
+    raw = metadata.get(key)
+    if raw is None:
+        return None
+    if not _DECIMAL_RE.fullmatch(raw):
+        raise RemoteProtocolError(f"metadata {key!r} must be a canonical decimal, got {raw[:20]!r}")
+    return int(raw)
+
+
+def _required(metadata: Mapping[str, str], key: str) -> int:
+    value = _parse_int(metadata, key)
+    if value is None:
+        raise RemoteProtocolError(f"missing metadata key {key!r}")
+    return value
+
+
+def _check_url(url: str, sha256: str, error: type[ProtocolError]) -> None:
+    if not isinstance(url, str) or not url or len(url) > MAX_URL_CHARS:
+        raise error(f"scene_url must be a string of 1..{MAX_URL_CHARS} characters")
+    if url == f"/v1/blobs/{sha256}" or _HTTP_RE.fullmatch(url):
+        return
+    raise error(
+        f"scene_url {url[:80]!r} must be /v1/blobs/<scene_sha256> or an http(s) URL; "
+        "local paths and other schemes are refused"
+    )
+
+
+@dataclass(frozen=True)
+class RenderRequest:
+    """One render job or slice. Building one validates it (LocalProtocolError)."""
+
+    scene_sha256: str
+    frame_start: int
+    frame_end: int
+    width: int
+    height: int
+    samples: int
+    seed: int = 0
+    scene: bytes | None = None
+    scene_url: str | None = None
+    frames_per_slice: int | None = None
+    max_seconds: int | None = None
+    max_seconds_per_frame: int | None = None
+    allow_blank: bool = False
+
+    def __post_init__(self) -> None:
+        self.check(LocalProtocolError)
+
+    def check(self, error: type[ProtocolError]) -> None:
+        """Every rule of the format; *error* says whose fault a violation is."""
+        if not isinstance(self.scene_sha256, str) or not _SHA256_RE.fullmatch(self.scene_sha256):
+            raise error(f"scene_sha256 must be 64 lowercase hex digits, got {self.scene_sha256!r}")
+        _int("frame_start", self.frame_start, 0, MAX_FRAME, error)
+        _int("frame_end", self.frame_end, self.frame_start, MAX_FRAME, error)
+        _int("width", self.width, 1, MAX_SIDE, error)
+        _int("height", self.height, 1, MAX_SIDE, error)
+        _int("samples", self.samples, 1, MAX_SAMPLES, error)
+        _int("seed", self.seed, 0, MAX_SEED, error)
+        for name, value, high in (
+            ("frames_per_slice", self.frames_per_slice, MAX_FRAME),
+            ("max_seconds", self.max_seconds, MAX_SECONDS),
+            ("max_seconds_per_frame", self.max_seconds_per_frame, MAX_SECONDS),
+        ):
+            if value is not None:
+                _int(name, value, 1, high, error)
+        if (self.scene is None) == (self.scene_url is None):
+            raise error("a request carries exactly one of an inline scene and a scene_url")
+        if self.scene is not None:
+            actual = hashlib.sha256(self.scene).hexdigest()
+            if actual != self.scene_sha256:
+                raise error(f"inline scene has sha256 {actual}, but scene_sha256 says "
+                            f"{self.scene_sha256}")  # fmt: skip
+        if self.scene_url is not None:
+            _check_url(self.scene_url, self.scene_sha256, error)
+
+    @property
+    def frames(self) -> range:
+        return range(self.frame_start, self.frame_end + 1)
+
+    @property
+    def frame_bytes(self) -> int:
+        return self.width * self.height * CHANNELS
+
+    def encode(self) -> bytes:
+        """The canonical payload, ready to be sealed to a node."""
+        meta = {
+            META_CLASS: CLASS,
+            META_SCENE_SHA256: self.scene_sha256,
+            META_FRAME_START: str(self.frame_start),
+            META_FRAME_END: str(self.frame_end),
+            META_WIDTH: str(self.width),
+            META_HEIGHT: str(self.height),
+            META_SAMPLES: str(self.samples),
+            META_SEED: str(self.seed),
+        }
+        for key, value in (
+            (META_FRAMES_PER_SLICE, self.frames_per_slice),
+            (META_MAX_SECONDS, self.max_seconds),
+            (META_MAX_SECONDS_PER_FRAME, self.max_seconds_per_frame),
+        ):
+            if value is not None:
+                meta[key] = str(value)
+        if self.allow_blank:
+            meta[META_ALLOW_BLANK] = "1"
+        tensors: dict[str, npt.NDArray[Any]] = {}
+        if self.scene is not None:
+            tensors[SCENE_TENSOR] = np.frombuffer(self.scene, dtype=np.uint8)
+        else:
+            meta[META_SCENE_URL] = str(self.scene_url)
+        return encode_tensors(tensors, metadata=meta)
+
+    @classmethod
+    def decode(cls, data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES) -> RenderRequest:
+        """Parse and validate a payload; every fault raises RemoteProtocolError."""
+        tensors, meta = decode_tensors(data, max_bytes=max_bytes)
+        unknown = sorted(set(meta) - _REQUEST_KEYS)
+        if unknown:
+            raise RemoteProtocolError(f"unknown metadata keys: {unknown}")
+        if meta.get(META_CLASS) != CLASS:
+            raise RemoteProtocolError(f"workload class is {meta.get(META_CLASS)!r}, not {CLASS!r}")
+        extra = sorted(set(tensors) - {SCENE_TENSOR})
+        if extra:
+            raise RemoteProtocolError(f"unexpected tensors {extra[:5]}; only {SCENE_TENSOR}")
+        scene: bytes | None = None
+        if SCENE_TENSOR in tensors:
+            array = tensors[SCENE_TENSOR]
+            if array.dtype != np.uint8 or array.ndim != 1:
+                raise RemoteProtocolError(f"{SCENE_TENSOR} must be a one-dimensional U8 tensor")
+            scene = array.tobytes()
+        allow = meta.get(META_ALLOW_BLANK)
+        if allow not in (None, "1"):
+            raise RemoteProtocolError(f"metadata {META_ALLOW_BLANK!r} must be '1' when present")
+        try:
+            return cls(
+                scene_sha256=meta.get(META_SCENE_SHA256, ""),
+                frame_start=_required(meta, META_FRAME_START),
+                frame_end=_required(meta, META_FRAME_END),
+                width=_required(meta, META_WIDTH),
+                height=_required(meta, META_HEIGHT),
+                samples=_required(meta, META_SAMPLES),
+                seed=_required(meta, META_SEED),
+                scene=scene,
+                scene_url=meta.get(META_SCENE_URL),
+                frames_per_slice=_parse_int(meta, META_FRAMES_PER_SLICE),
+                max_seconds=_parse_int(meta, META_MAX_SECONDS),
+                max_seconds_per_frame=_parse_int(meta, META_MAX_SECONDS_PER_FRAME),
+                allow_blank=allow == "1",
+            )
+        except LocalProtocolError as exc:  # the same checks, but now the peer broke them
+            raise RemoteProtocolError(str(exc)) from None
+
+    def narrowed(self, frame_start: int, frame_end: int) -> RenderRequest:
+        """The same request for a sub-range: one slice's payload."""
+        return replace(self, frame_start=frame_start, frame_end=frame_end)
+
+    def inlined(self, scene: bytes) -> RenderRequest:
+        """The same request with the scene carried inline instead of by URL."""
+        return replace(self, scene=scene, scene_url=None)
+
+
+def make_request(
+    scene: bytes,
+    *,
+    frames: tuple[int, int],
+    width: int,
+    height: int,
+    samples: int,
+    seed: int = 0,
+    scene_url: str | None = None,
+    **options: Any,
+) -> RenderRequest:
+    """A request for *scene* (hashed here): inline, or by *scene_url* when one is given."""
+    return RenderRequest(
+        scene_sha256=hashlib.sha256(scene).hexdigest(),
+        frame_start=frames[0],
+        frame_end=frames[1],
+        width=width,
+        height=height,
+        samples=samples,
+        seed=seed,
+        scene=None if scene_url is not None else scene,
+        scene_url=scene_url,
+        **options,
+    )
+
+
+def resolve_blobs(
+    payload: bytes, fetch: Callable[[str], bytes], *, max_bytes: int = DEFAULT_MAX_BYTES
+) -> bytes:
+    """Inline a URL-referenced scene, so a worker without network can run the payload.
+
+    The daemon calls this before dispatching to a worker; *fetch* maps ``scene_url`` to
+    bytes. The bytes are checked against ``scene_sha256`` before they are used. A payload
+    that is already inline comes back unchanged.
+    """
+    request = RenderRequest.decode(payload, max_bytes=max_bytes)
+    if request.scene_url is None:
+        return payload
+    scene = fetch(request.scene_url)
+    actual = hashlib.sha256(scene).hexdigest()
+    if actual != request.scene_sha256:
+        raise RemoteProtocolError(
+            f"scene at {request.scene_url[:80]} has sha256 {actual}, "
+            f"expected {request.scene_sha256}"
+        )
+    return request.inlined(scene).encode()
+
+
+# --- splitting ----------------------------------------------------------------------------------
+
+
+def slice_ranges(
+    frame_start: int, frame_end: int, *, slices: int = 1, frames_per_slice: int | None = None
+) -> list[tuple[int, int]]:
+    """Contiguous inclusive ranges covering the frames, in order.
+
+    With *frames_per_slice* every slice but the last has exactly that many frames, and
+    *slices* must be 1 (the API's default) or agree. Otherwise the frames are shared as
+    evenly as possible among *slices*, earlier slices taking the remainder.
+    """
+    total = frame_end - frame_start + 1
+    if frames_per_slice is not None:
+        count = -(-total // frames_per_slice)
+        if slices not in (1, count):
+            raise RemoteProtocolError(
+                f"frames_per_slice {frames_per_slice} gives {count} slices, but {slices} were asked"
+            )
+        sizes = [min(frames_per_slice, total - i * frames_per_slice) for i in range(count)]
+    else:
+        if not 1 <= slices <= total:
+            raise RemoteProtocolError(f"slices must be in 1..{total} (one frame at least each)")
+        base, extra = divmod(total, slices)
+        sizes = [base + (1 if i < extra else 0) for i in range(slices)]
+    ranges, start = [], frame_start
+    for size in sizes:
+        ranges.append((start, start + size - 1))
+        start += size
+    return ranges
+
+
+def split(payload: bytes, slices: int) -> list[bytes]:
+    """One payload per slice, in frame order (the coordinator's split)."""
+    request = RenderRequest.decode(payload)
+    ranges = slice_ranges(
+        request.frame_start,
+        request.frame_end,
+        slices=slices,
+        frames_per_slice=request.frames_per_slice,
+    )
+    return [request.narrowed(start, end).encode() for start, end in ranges]
+
+
+# --- results ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class RenderResult:
+    """Decoded frames (read-only RGBA arrays) and what they claim to be."""
+
+    scene_sha256: str
+    width: int
+    height: int
+    frames: dict[int, npt.NDArray[np.uint8]]
+
+    @property
+    def frame_start(self) -> int:
+        return min(self.frames)
+
+    @property
+    def frame_end(self) -> int:
+        return max(self.frames)
+
+
+def encode_result(
+    frames: Mapping[int, npt.NDArray[np.uint8]], *, scene_sha256: str, width: int, height: int
+) -> bytes:
+    """The canonical result bytes for consecutive *frames* (2.3.6 covers exactly these)."""
+    numbers = sorted(frames)
+    if not numbers or numbers != list(range(numbers[0], numbers[-1] + 1)):
+        raise LocalProtocolError(f"a result holds consecutive frames, got {numbers[:10]}")
+    shape = (height, width, CHANNELS)
+    tensors: dict[str, npt.NDArray[Any]] = {}
+    for number in numbers:
+        array = frames[number]
+        if array.dtype != np.uint8 or array.shape != shape:
+            raise LocalProtocolError(
+                f"frame {number} is {array.dtype} {array.shape}, not u8 {shape}"
+            )
+        tensors[frame_name(number)] = array
+    meta = {
+        META_CLASS: CLASS,
+        META_SCENE_SHA256: scene_sha256,
+        META_WIDTH: str(width),
+        META_HEIGHT: str(height),
+        META_FRAME_START: str(numbers[0]),
+        META_FRAME_END: str(numbers[-1]),
+    }
+    return encode_tensors(tensors, metadata=meta)
+
+
+def decode_result(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES) -> RenderResult:
+    """Parse a result; faults in its structure raise RemoteProtocolError."""
+    tensors, meta = decode_tensors(data, max_bytes=max_bytes, max_tensors=MAX_FRAME + 1)
+    if set(meta) != _RESULT_KEYS or meta[META_CLASS] != CLASS:
+        raise RemoteProtocolError(
+            f"result metadata keys must be {sorted(_RESULT_KEYS)} for {CLASS}"
+        )
+    sha = meta[META_SCENE_SHA256]
+    if not _SHA256_RE.fullmatch(sha):
+        raise RemoteProtocolError("result scene_sha256 is not 64 lowercase hex digits")
+    width, height = _required(meta, META_WIDTH), _required(meta, META_HEIGHT)
+    start, end = _required(meta, META_FRAME_START), _required(meta, META_FRAME_END)
+    frames: dict[int, npt.NDArray[np.uint8]] = {}
+    for name, array in tensors.items():
+        match = _FRAME_RE.fullmatch(name)
+        if match is None:
+            raise RemoteProtocolError(f"unexpected tensor {name!r} in a render result")
+        frames[int(match[1])] = array
+    if sorted(frames) != list(range(start, end + 1)):
+        raise RemoteProtocolError(f"result must hold frames {start}..{end}, each exactly once")
+    return RenderResult(sha, width, height, frames)
+
+
+def check_frames(result: RenderResult, *, width: int, height: int, allow_blank: bool) -> None:
+    """Refuse frames of the wrong size or format, and blank ones (all one colour).
+
+    A blank frame is what a broken render looks like (no camera in view, missing
+    textures, a crashed shader): accepting it would pay for nothing.
+    """
+    shape = (height, width, CHANNELS)
+    if (result.width, result.height) != (width, height):
+        raise RemoteProtocolError(f"result is {result.width}x{result.height}, not {width}x{height}")
+    for number, array in result.frames.items():
+        if array.dtype != np.uint8 or array.shape != shape:
+            raise RemoteProtocolError(
+                f"frame {number} is {array.dtype} {list(array.shape)}, expected uint8 {list(shape)}"
+            )
+        if not allow_blank:
+            pixels = array.reshape(-1, CHANNELS)
+            if bool((pixels == pixels[0]).all()):
+                raise RemoteProtocolError(f"frame {number} is blank: every pixel is {pixels[0]}")
+
+
+def job_meta(payload: bytes, max_bytes: int) -> dict[str, Any]:
+    """Validate a job payload; the metadata the coordinator keeps to check and assemble."""
+    request = RenderRequest.decode(payload, max_bytes=max_bytes)
+    per_slice = request.frames_per_slice or 1
+    if per_slice * request.frame_bytes + HEADER_ALLOWANCE > max_bytes:
+        raise RemoteProtocolError(
+            f"{per_slice} frame(s) of {request.width}x{request.height} RGBA do not fit a "
+            f"{max_bytes}-byte result; use fewer frames per slice or a smaller size"
+        )
+    return {
+        "scene_sha256": request.scene_sha256,
+        "frame_start": request.frame_start,
+        "frame_end": request.frame_end,
+        "width": request.width,
+        "height": request.height,
+        "frames_per_slice": request.frames_per_slice,
+        "allow_blank": request.allow_blank,
+    }
+
+
+def check_result(data: bytes, meta: Mapping[str, Any], max_bytes: int) -> RenderResult:
+    """A slice result for the job *meta* describes: its scene, size, a sub-range, no blanks."""
+    result = decode_result(data, max_bytes=max_bytes)
+    if result.scene_sha256 != meta["scene_sha256"]:
+        raise RemoteProtocolError(
+            f"result is for scene {result.scene_sha256}, expected {meta['scene_sha256']}"
+        )
+    if result.frame_start < meta["frame_start"] or result.frame_end > meta["frame_end"]:
+        raise RemoteProtocolError(
+            f"result frames {result.frame_start}..{result.frame_end} are outside the job's "
+            f"{meta['frame_start']}..{meta['frame_end']}"
+        )
+    check_frames(
+        result, width=meta["width"], height=meta["height"], allow_blank=bool(meta["allow_blank"])
+    )
+    return result
+
+
+def assemble(results: Sequence[bytes], meta: Mapping[str, Any]) -> bytes:
+    """Join slice results (in slice order) into the job's result: every frame, once, in order."""
+    frames: dict[int, npt.NDArray[np.uint8]] = {}
+    expected = meta["frame_start"]
+    for index, data in enumerate(results):
+        part = decode_result(data, max_bytes=len(data))
+        if part.frame_start != expected:
+            raise RemoteProtocolError(
+                f"slice {index} starts at frame {part.frame_start}, expected {expected}"
+            )
+        frames.update(part.frames)
+        expected = part.frame_end + 1
+    if expected != meta["frame_end"] + 1:
+        raise RemoteProtocolError(f"slices end at frame {expected - 1}, not {meta['frame_end']}")
+    return encode_result(
+        frames, scene_sha256=meta["scene_sha256"], width=meta["width"], height=meta["height"]
+    )

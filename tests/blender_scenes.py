@@ -1,0 +1,100 @@
+"""Small test scenes built with Blender's own Python, saved as packed .blend files.
+
+Scenes are built rather than checked in, so the tests use the Blender that is installed
+and no binary fixture can drift from it. Each scene is tiny: a 64x48 render at a few
+samples takes milliseconds per frame.
+
+Variants:
+
+* ``cube``: a red cube that moves and turns over frames 1..6, a sun, a camera, a world;
+* ``empty``: the camera and a uniform world only, so every pixel has one colour;
+* ``external``: the cube scene plus an image that is *not* packed (a file next to the
+  .blend), which the runtime must refuse;
+* ``autoexec``: the cube scene plus a text block registered to run on load, which would
+  write ``<path>.autorun-marker`` if Blender ran scripts from the file.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+BLENDER = shutil.which("blender") or "blender"
+WIDTH, HEIGHT, FRAMES = 64, 48, 6
+
+_BUILD = r"""
+import math
+import sys
+
+import bmesh
+import bpy
+
+
+def build(out, variant):
+    bpy.ops.wm.read_factory_settings(use_empty=True)
+    scene = bpy.context.scene
+    scene.render.engine = "CYCLES"
+    scene.frame_start, scene.frame_end = 1, 6
+    world = bpy.data.worlds.new("world")
+    world.color = (0.05, 0.05, 0.08)
+    scene.world = world
+    cam = bpy.data.objects.new("camera", bpy.data.cameras.new("camera"))
+    cam.location = (0, -5, 2.5)
+    cam.rotation_euler = (math.radians(65), 0, 0)
+    scene.collection.objects.link(cam)
+    scene.camera = cam
+    if variant != "empty":
+        mesh = bpy.data.meshes.new("cube")
+        bm = bmesh.new()
+        bmesh.ops.create_cube(bm, size=1.0)
+        bm.to_mesh(mesh)
+        bm.free()
+        cube = bpy.data.objects.new("cube", mesh)
+        scene.collection.objects.link(cube)
+        mat = bpy.data.materials.new("red")
+        mat.use_nodes = True
+        bsdf = mat.node_tree.nodes["Principled BSDF"]
+        bsdf.inputs["Base Color"].default_value = (0.8, 0.1, 0.1, 1)
+        mesh.materials.append(mat)
+        for f in range(1, 7):
+            cube.location = (0.3 * (f - 3), 0, 0)
+            cube.rotation_euler = (0, 0, 0.4 * f)
+            cube.keyframe_insert("location", frame=f)
+            cube.keyframe_insert("rotation_euler", frame=f)
+        sun = bpy.data.objects.new("sun", bpy.data.lights.new("sun", "SUN"))
+        sun.data.energy = 3
+        sun.rotation_euler = (0.6, 0.2, 0.3)
+        scene.collection.objects.link(sun)
+        bpy.ops.file.pack_all()
+    if variant == "external":
+        image = bpy.data.images.new("texture", 4, 4)
+        image.filepath_raw = out + ".texture.png"
+        image.file_format = "PNG"
+        image.save()
+        image.use_fake_user = True  # kept in the file, and left unpacked on purpose
+    if variant == "autoexec":
+        # Registered as a module, this text runs when the file loads, unless -Y stops it.
+        text = bpy.data.texts.new("autorun.py")
+        text.use_module = True
+        text.write("open(%r, 'w').write('ran')\n" % (out + ".autorun-marker"))
+    bpy.ops.wm.save_as_mainfile(filepath=out, compress=True)
+
+
+args = sys.argv[sys.argv.index("--") + 1 :]
+for out, variant in zip(args[::2], args[1::2]):
+    build(out, variant)
+"""
+
+
+def build_scenes(directory: Path, variants: tuple[str, ...]) -> dict[str, bytes]:
+    """Build each variant as ``<directory>/<variant>.blend`` in one Blender run."""
+    script = directory / "build_scenes.py"
+    script.write_text(_BUILD)
+    args = [item for v in variants for item in (str(directory / f"{v}.blend"), v)]
+    subprocess.run(
+        [BLENDER, "-b", "--factory-startup", "-Y", "-noaudio", "--python-exit-code", "1",
+         "-P", str(script), "--", *args],
+        check=True, capture_output=True, timeout=120,
+    )  # fmt: skip
+    return {v: (directory / f"{v}.blend").read_bytes() for v in variants}

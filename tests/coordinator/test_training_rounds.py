@@ -1,0 +1,363 @@
+"""ai.training rounds: checks, aggregation, outer step, SQL state, deadlines (2.3.5, DiLoCo).
+
+The slices run on the real PyTorch runtime; aggregation is the real coordinator/rounds.py.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
+from sqlalchemy import select
+
+from nodeclient.coordinator import models as m
+from nodeclient.coordinator import rounds, store
+from nodeclient.coordinator.store import Database
+from nodeclient.node.runtimes.torch_train import TorchTrainRuntime, predict
+from nodeclient.workloads import training as tr
+from tests.coordinator.conftest import Running, make_node
+from tests.node.test_torch_runtime import _reference
+
+MLP = [
+    {"type": "Linear", "in": 64, "out": 32},
+    {"type": "ReLU"},
+    {"type": "Linear", "in": 32, "out": 10},
+]
+NOW = 1_765_000_000.0
+Arrays = dict[str, np.ndarray]
+
+
+@pytest.fixture(scope="module")
+def digits() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """scikit-learn's bundled 8x8 digits, scaled to [0, 1]; 25% held out, stratified."""
+    data = load_digits()
+    x, y = (data.data / 16.0).astype(np.float32), data.target.astype(np.int64)
+    return tuple(train_test_split(x, y, test_size=0.25, random_state=0, stratify=y))  # type: ignore[return-value]
+
+
+@pytest.fixture(scope="module")
+def runtime() -> TorchTrainRuntime:
+    return TorchTrainRuntime()
+
+
+def _job(digits: tuple, **config: object) -> tr.JobRequest:
+    config.setdefault("inner", tr.InnerOptimizer(lr=3e-3))
+    return tr.JobRequest(tr.ModelSpec.parse(MLP), tr.TrainingConfig(**config), digits[0], digits[2])  # type: ignore[arg-type]
+
+
+def _subs(payloads: list[bytes], results: list[bytes | None]) -> list[rounds.Submission]:
+    return [
+        rounds.Submission(i, tr.SliceRequest.decode(p).shard_sha256, r)
+        for i, (p, r) in enumerate(zip(payloads, results, strict=True))
+    ]
+
+
+def _train_in_process(
+    job: tr.JobRequest, runtime: TorchTrainRuntime, slices: int
+) -> tuple[Arrays, list]:
+    """R rounds without a network: run each slice, aggregate, outer step, next payloads."""
+    cfg, shapes = job.config, job.model.parameter_shapes()
+    payloads = job.round_zero(slices)
+    weights = tr.decode_weights(job.initial_weights(), job.model)
+    momentum = {k: np.zeros(s, np.float32) for k, s in shapes.items()}
+    metrics = []
+    for r in range(cfg.rounds):
+        results: list[bytes | None] = [runtime.run(p) for p in payloads]
+        base = tr.sha256_hex(tr.weights_container(weights))
+        outcome = rounds.aggregate(
+            _subs(payloads, results), shapes=shapes, base_sha256=base, config=cfg
+        )
+        assert outcome.delta is not None, outcome.dropped
+        metrics.append(outcome.metrics(r, base))
+        weights, momentum = rounds.outer_step(weights, momentum, outcome.delta, cfg.outer)
+        container = tr.weights_container(weights)
+        payloads = [
+            tr.SliceRequest(
+                job.model, container, tr.SliceRequest.decode(p).shard, tr.plan_for(cfg, r + 1, i)
+            ).encode()
+            for i, p in enumerate(payloads)
+        ]
+    return weights, metrics
+
+
+def _accuracy(weights: Arrays, x: np.ndarray, y: np.ndarray) -> float:
+    return float((predict(tr.ModelSpec.parse(MLP), weights, x).argmax(axis=1) == y).mean())
+
+
+def test_digits_mlp_reaches_accuracy_over_rounds(digits: tuple, runtime: TorchTrainRuntime) -> None:
+    """MLP 64-32-10, 2 slices x 4 rounds x 50 AdamW steps, DiLoCo outer step: held-out
+    accuracy goes from chance to above 0.85, and the mean slice loss falls round by round."""
+    job = _job(digits, rounds=4, inner_steps=50)
+    before = _accuracy(tr.decode_weights(job.initial_weights(), job.model), digits[1], digits[3])
+    weights, metrics = _train_in_process(job, runtime, slices=2)
+    after = _accuracy(weights, digits[1], digits[3])
+    assert before < 0.3
+    assert after > 0.85, after
+    assert [mt["used"] for mt in metrics] == [[0, 1]] * 4
+    assert metrics[-1]["last_loss"] < metrics[0]["first_loss"] / 4
+
+
+def test_round_matches_a_one_process_reference(digits: tuple, runtime: TorchTrainRuntime) -> None:
+    """Two rounds of runtime + rounds.aggregate + outer_step equal, within 1e-6, plain torch in
+    one process: each slice's AdamW loop, the mean, and torch.optim.SGD(nesterov=True)."""
+    job = _job(digits, rounds=2, inner_steps=10)
+    ours, _ = _train_in_process(job, runtime, slices=2)
+    ref = {
+        k: torch.tensor(np.array(v))
+        for k, v in tr.decode_weights(job.initial_weights(), job.model).items()
+    }
+    params = {k: torch.nn.Parameter(v.clone()) for k, v in ref.items()}
+    outer = torch.optim.SGD(params.values(), lr=0.7, momentum=0.9, nesterov=True)
+    payloads = job.round_zero(2)
+    for r in range(2):
+        deltas = [_reference(p)[0] for p in payloads]
+        for name, p in params.items():
+            p.grad = torch.tensor(
+                np.mean([d[name] for d in deltas], axis=0, dtype=np.float64).astype(np.float32)
+            )
+        outer.step()
+        container = tr.weights_container({k: v.detach().numpy() for k, v in params.items()})
+        payloads = [
+            tr.SliceRequest(
+                job.model,
+                container,
+                tr.SliceRequest.decode(p).shard,
+                tr.plan_for(job.config, r + 1, i),
+            ).encode()
+            for i, p in enumerate(payloads)
+        ]
+    for name, p in params.items():
+        np.testing.assert_allclose(ours[name], p.detach().numpy(), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("spoil", "reason"),
+    [
+        (
+            lambda d: {**d, "0.bias": np.full_like(d["0.bias"], np.nan)},
+            "'0.bias' holds NaN or infinity",
+        ),
+        (lambda d: {k: v * 1e4 for k, v in d.items()}, "times the median"),
+    ],
+)
+def test_nan_or_huge_slice_is_rejected_and_the_round_completes(
+    digits: tuple, runtime: TorchTrainRuntime, spoil: Callable[[Arrays], Arrays], reason: str
+) -> None:
+    """A NaN or outsized pseudo-gradient is dropped with a reason; the other slice is the mean."""
+    job = _job(digits, inner_steps=5)
+    payloads = job.round_zero(2)
+    good, bad = (tr.PseudoGradient.decode(runtime.run(p), shapes=job.model.parameter_shapes(),
+                                          grad_dtype="F32") for p in payloads)  # fmt: skip
+    spoiled = tr.PseudoGradient(spoil(bad.deltas), bad.base_sha256, bad.shard_sha256, bad.steps,
+                                bad.first_loss, bad.last_loss).encode()  # fmt: skip
+    outcome = rounds.aggregate(
+        _subs(payloads, [good.encode(), spoiled]), shapes=job.model.parameter_shapes(),
+        base_sha256=good.base_sha256, config=job.config,
+    )  # fmt: skip
+    assert outcome.used == (0,)
+    assert outcome.dropped[0][0] == 1
+    assert reason in outcome.dropped[0][1]
+    assert outcome.delta is not None
+    for name, value in good.deltas.items():
+        np.testing.assert_array_equal(outcome.delta[name], value)
+
+
+def _synthetic(
+    scale: float, *, base: str = "a" * 64, shard: str = "b" * 64, steps: int = 100
+) -> bytes:
+    shapes = tr.ModelSpec.parse(MLP).parameter_shapes()
+    deltas = {k: np.full(s, scale, np.float32) for k, s in shapes.items()}
+    return tr.PseudoGradient(deltas, base, shard, steps, 2.0, 1.0).encode()
+
+
+def test_clipping_scales_down_to_clip_ratio_times_the_median() -> None:
+    """Norms n=(1x, 1x, 3x): median 1x, clip_ratio 2 scales the third to norm 2x; then the mean."""
+    shapes = tr.ModelSpec.parse(MLP).parameter_shapes()
+    subs = [rounds.Submission(i, "b" * 64, _synthetic(s)) for i, s in enumerate([0.01, 0.01, 0.03])]
+    outcome = rounds.aggregate(
+        subs, shapes=shapes, base_sha256="a" * 64, config=tr.TrainingConfig()
+    )
+    assert (outcome.used, outcome.clipped, outcome.dropped) == ((0, 1, 2), (2,), ())
+    assert outcome.delta is not None
+    np.testing.assert_allclose(outcome.delta["0.weight"], (0.01 + 0.01 + 0.02) / 3, rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("result", "reason"),
+    [
+        (_synthetic(0.01, base="c" * 64), "computed from weights " + "c" * 64),
+        (_synthetic(0.01, shard="c" * 64), "computed on shard " + "c" * 64),
+        (_synthetic(0.01, steps=99), "ran 99 steps"),
+        (_synthetic(1e6), "exceeds max_norm"),
+        (b"short", "truncated"),
+        (None, "missed the deadline"),
+    ],
+)
+def test_each_check_drops_the_slice_with_its_reason(result: bytes | None, reason: str) -> None:
+    """Base hash, shard hash, step count, absolute norm, format, missing result: each is named."""
+    shapes = tr.ModelSpec.parse(MLP).parameter_shapes()
+    subs = [
+        rounds.Submission(0, "b" * 64, _synthetic(0.01)),
+        rounds.Submission(1, "b" * 64, result, "missed the deadline of round 0"),
+    ]
+    outcome = rounds.aggregate(
+        subs, shapes=shapes, base_sha256="a" * 64, config=tr.TrainingConfig()
+    )
+    assert outcome.used == (0,)
+    assert reason in dict(outcome.dropped)[1]
+
+
+@pytest.mark.parametrize("nesterov", [True, False])
+def test_outer_step_is_torch_sgd_with_momentum(nesterov: bool) -> None:
+    """Three outer steps equal torch.optim.SGD(lr 0.7, momentum 0.9) within 1e-6."""
+    rng = np.random.default_rng(1)
+    w = {"a": rng.normal(size=(3, 4)).astype(np.float32)}
+    mom = {"a": np.zeros((3, 4), np.float32)}
+    param = torch.nn.Parameter(torch.tensor(w["a"]))
+    sgd = torch.optim.SGD([param], lr=0.7, momentum=0.9, nesterov=nesterov)
+    for _ in range(3):
+        g = rng.normal(size=(3, 4)).astype(np.float32)
+        w, mom = rounds.outer_step(w, mom, {"a": g}, tr.OuterOptimizer(nesterov=nesterov))
+        param.grad = torch.tensor(g)
+        sgd.step()
+    np.testing.assert_allclose(w["a"], param.detach().numpy(), atol=1e-6, rtol=0)
+
+
+# --- rounds in SQL ---------------------------------------------------------------------------
+
+
+def _insert(db: Database, job: tr.JobRequest, slices: int) -> str:
+    payload = job.encode()
+    meta, parts = tr.job_meta(payload, len(payload)), tr.split(payload, slices)
+    return db.run_sync(lambda s: store.insert_job(
+        s, workload_class=tr.CLASS, payloads=parts, min_tier=0, region=None, meta=meta, now=NOW))  # fmt: skip
+
+
+def _complete_round(
+    db: Database, job_id: str, runtime: TorchTrainRuntime, *, spoil: bool = False
+) -> str | None:
+    """Every slice of the current round succeeds with the runtime's result; close the round."""
+
+    def tx(s: m.Session) -> str | None:  # type: ignore[name-defined]
+        job = s.get_one(m.Job, job_id)
+        for t in s.scalars(
+            select(m.Task).where(m.Task.job_id == job_id, m.Task.round_index == job.round_index)
+        ):
+            t.status, t.result = m.SUCCEEDED, b"garbage" if spoil else runtime.run(t.payload)
+        return rounds.finish_round_tx(s, job, NOW)
+
+    return db.run_sync(tx)
+
+
+def test_outer_momentum_survives_a_coordinator_restart(
+    digits: tuple, runtime: TorchTrainRuntime, tmp_path: Path
+) -> None:
+    """Round 0 closes, the database is closed and reopened, round 1 closes: the final weights
+    are those of an uninterrupted run, which needs the momentum kept in SQL."""
+    job = _job(digits, rounds=2, inner_steps=10)
+    url = f"sqlite:///{tmp_path / 'c.db'}"
+    db = Database(url)
+    job_id = _insert(db, job, 2)
+    assert _complete_round(db, job_id, runtime) is None
+    db.close()
+    db = Database(url)
+    assert db.run_sync(lambda s: s.get_one(m.Job, job_id).round_index) == 1
+    assert _complete_round(db, job_id, runtime) == m.SUCCEEDED
+    result = db.run_sync(lambda s: s.get_one(m.Job, job_id).result)
+    db.close()
+    weights, metrics = tr.decode_final(result)
+    expected, _ = _train_in_process(job, runtime, slices=2)
+    assert tr.weights_container(weights) == tr.weights_container(expected)
+    assert [mt["round"] for mt in metrics] == [0, 1]
+    no_momentum = _job(digits, rounds=2, inner_steps=10, outer=tr.OuterOptimizer(momentum=0.0))
+    assert tr.weights_container(
+        _train_in_process(no_momentum, runtime, 2)[0]
+    ) != tr.weights_container(weights)
+
+
+def test_a_round_without_a_valid_slice_fails_the_job(
+    digits: tuple, runtime: TorchTrainRuntime, tmp_path: Path
+) -> None:
+    """When every slice is rejected the job fails, and the reason names each slice's fault."""
+    db = Database(f"sqlite:///{tmp_path / 'c.db'}")
+    job_id = _insert(db, _job(digits, inner_steps=5), 2)
+    assert _complete_round(db, job_id, runtime, spoil=True) == m.FAILED
+    status, reason = db.run_sync(
+        lambda s: (s.get_one(m.Job, job_id).status, s.get_one(m.Job, job_id).reason)
+    )
+    db.close()
+    assert status == m.FAILED
+    assert reason.startswith("round 0 has no valid pseudo-gradient: slice 0: ")
+    assert "slice 1: " in reason
+
+
+# --- through the coordinator -----------------------------------------------------------------
+
+
+def _training_nodes(running: Running, rsa_keys: list) -> list:
+    nodes = [make_node(rsa_keys, i, classes=("ai.training",)) for i in range(2)]
+    for node in nodes:
+        running.register(node)
+        running.link(node)
+    return nodes
+
+
+def test_training_job_runs_two_rounds_through_the_coordinator(
+    coordinator: Running, rsa_keys: list, digits: tuple, runtime: TorchTrainRuntime
+) -> None:
+    """POST /v1/jobs with 2 slices and 2 rounds: each round dispatches one slice per node, the
+    signed results close the round, and the job ends with the in-process final weights."""
+    nodes = _training_nodes(coordinator, rsa_keys)
+    job = _job(digits, rounds=2, inner_steps=10)
+    job_id = coordinator.client.submit_job(tr.CLASS, job.encode(), slices=2)["job_id"]
+    for r in range(2):
+        for node in nodes:
+            dispatch = node.recv()
+            assert (dispatch["type"], dispatch["workload_class"]) == ("dispatch", tr.CLASS)
+            assert tr.SliceRequest.decode(node.open(dispatch)).plan.round == r
+            ack = node.call(node.result(dispatch, runtime.run(node.open(dispatch))))
+            assert ack["status"] == "accepted", ack
+    final = coordinator.wait_job(job_id, "succeeded")
+    assert final["status"] == "succeeded", final
+    assert [(t["round"], t["slice_index"], t["status"]) for t in final["tasks"]] == [
+        (0, 0, "succeeded"), (0, 1, "succeeded"), (1, 0, "succeeded"), (1, 1, "succeeded"),
+    ]  # fmt: skip
+    weights, metrics = tr.decode_final(coordinator.client.job_result(job_id))
+    expected, _ = _train_in_process(job, runtime, slices=2)
+    assert tr.weights_container(weights) == tr.weights_container(expected)
+    assert [mt["used"] for mt in metrics] == [[0, 1], [0, 1]]
+
+
+def test_round_deadline_drops_the_late_slice(
+    coordinator: Running, rsa_keys: list, digits: tuple, runtime: TorchTrainRuntime
+) -> None:
+    """One node answers, the other is silent: past the deadline its task is cancelled (the
+    node told so), the round closes with the one slice, and a late result is refused."""
+    nodes = _training_nodes(coordinator, rsa_keys)
+    job = _job(digits, rounds=1, inner_steps=5, round_deadline_s=60.0)
+    job_id = coordinator.client.submit_job(tr.CLASS, job.encode(), slices=2)["job_id"]
+    dispatches = [node.recv() for node in nodes]
+    on_time = dispatches[0]
+    assert (
+        nodes[0].call(nodes[0].result(on_time, runtime.run(nodes[0].open(on_time))))["status"]
+        == "accepted"
+    )
+    assert coordinator.client.job(job_id)["status"] == "running"
+    coordinator.clock.advance(61)
+    final = coordinator.wait_job(job_id, "succeeded")
+    assert final["status"] == "succeeded", final
+    late = next(t for t in final["tasks"] if t["task_id"] == dispatches[1]["task_id"])
+    assert (late["status"], late["reason"]) == ("cancelled", "missed the deadline of round 0")
+    assert nodes[1].recv()["type"] == "cancel"
+    ack = nodes[1].call(nodes[1].result(dispatches[1], runtime.run(nodes[1].open(dispatches[1]))))
+    assert ack["status"] == "rejected"
+    _, metrics = tr.decode_final(coordinator.client.job_result(job_id))
+    assert metrics[0]["used"] == [dispatches[0]["slice_index"]]
+    assert metrics[0]["dropped"] == [
+        {"slice": late["slice_index"], "reason": "missed the deadline of round 0"}
+    ]

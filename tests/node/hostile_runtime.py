@@ -1,0 +1,115 @@
+"""A runtime that misbehaves on request, to prove the sandbox holds (tests only).
+
+The executor's tests inject it as workload class ``test.hostile`` (import path
+``hostile_runtime:factory``, with this directory on the worker's PYTHONPATH). The payload
+is a JSON object whose ``do`` says what to attempt; the result is JSON of what happened,
+so a test can see both a refusal the task caught and a failure the executor reports.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, ClassVar
+
+CLASS = "test.hostile"
+
+
+class HostileRuntime:
+    workload_class: ClassVar[str] = CLASS
+
+    def __init__(self, cache_dir: Path) -> None:
+        self.cache_dir = cache_dir
+
+    def run(
+        self, payload: bytes, *, workdir: Path, progress: Callable[[float, float, str], None]
+    ) -> bytes:
+        order: dict[str, Any] = json.loads(payload)
+        action = getattr(self, "do_" + str(order["do"]))
+        out: Any = action(order, workdir, progress)
+        return out if isinstance(out, bytes) else json.dumps(out).encode()
+
+    def do_echo(self, order: dict[str, Any], workdir: Path, progress: Any) -> bytes:
+        return str(order.get("data", "")).encode()
+
+    def do_whoami(self, order: dict[str, Any], workdir: Path, progress: Any) -> dict[str, Any]:
+        return {
+            "uid": os.getuid(),
+            "euid": os.geteuid(),
+            "cwd": os.getcwd(),
+            "workdir": str(workdir),
+            "env": dict(os.environ),
+            "root": sorted(os.listdir("/")),
+            "cache_dir": str(self.cache_dir),
+        }
+
+    def do_connect(self, order: dict[str, Any], workdir: Path, progress: Any) -> str:
+        with socket.create_connection((order["host"], int(order["port"])), timeout=5):
+            return "connected"
+
+    def do_write(self, order: dict[str, Any], workdir: Path, progress: Any) -> str:
+        Path(order["path"]).write_text("written by a task")
+        return "written"
+
+    def do_read(self, order: dict[str, Any], workdir: Path, progress: Any) -> str:
+        return Path(order["path"]).read_text()
+
+    def do_listdir(self, order: dict[str, Any], workdir: Path, progress: Any) -> list[str]:
+        return sorted(os.listdir(order["path"]))
+
+    def do_fork_bomb(self, order: dict[str, Any], workdir: Path, progress: Any) -> str:
+        children = 0
+        while children < int(order.get("max", 100_000)):
+            if os.fork() == 0:
+                time.sleep(60)
+                os._exit(0)
+            children += 1
+        return f"forked {children} children"
+
+    def do_alloc(self, order: dict[str, Any], workdir: Path, progress: Any) -> str:
+        block = bytearray(int(order["bytes"]))
+        return f"allocated {len(block)} bytes"
+
+    def do_print_forever(self, order: dict[str, Any], workdir: Path, progress: Any) -> str:
+        line = "x" * 1000
+        while True:
+            print(line)
+
+    def do_big_file(self, order: dict[str, Any], workdir: Path, progress: Any) -> str:
+        chunk = b"\0" * (1 << 20)
+        with open(workdir / "big", "wb") as fh:
+            while True:
+                fh.write(chunk)
+                fh.flush()
+
+    def do_sleep(self, order: dict[str, Any], workdir: Path, progress: Any) -> str:
+        progress(1, 2, "sleeping")
+        time.sleep(float(order["seconds"]))
+        return "slept"
+
+    def do_crash(self, order: dict[str, Any], workdir: Path, progress: Any) -> str:
+        sys.stdout.flush()
+        os.kill(os.getpid(), signal.SIGSEGV)
+        return "unreachable"
+
+    def do_progress(self, order: dict[str, Any], workdir: Path, progress: Any) -> str:
+        for step in range(3):
+            progress(step, 3, f"step {step}")
+        progress(3, 3, "done")
+        return "progressed"
+
+    def do_leave_child(self, order: dict[str, Any], workdir: Path, progress: Any) -> str:
+        if os.fork() == 0:
+            time.sleep(60)
+            os._exit(0)
+        return "left a child"
+
+
+def factory(cache_dir: Path) -> HostileRuntime:
+    return HostileRuntime(cache_dir)

@@ -1,0 +1,255 @@
+"""BlenderRuntime: media.render slices rendered by the real Blender (2.3.5 Work Execution).
+
+Every test here runs the installed ``blender`` on tiny scenes (64x48, 4 samples), so a
+render takes milliseconds per frame and most of each test is Blender's start-up.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from nodeclient.coordinator.classes import REGISTRY
+from nodeclient.errors import NodeClientError, RemoteProtocolError
+from nodeclient.node.runtimes import RUNTIMES
+from nodeclient.node.runtimes.blender import OVERRIDE_SCRIPT, BlenderRuntime, decode_tga, usable
+from nodeclient.workloads.render import CLASS, decode_result, make_request
+from tests.blender_scenes import BLENDER, FRAMES, HEIGHT, WIDTH, build_scenes
+
+SAMPLES = 4
+SEED = 7
+
+
+@pytest.fixture(scope="module")
+def scene_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The test scenes, built once for this module in one Blender run."""
+    directory = tmp_path_factory.mktemp("scenes")
+    build_scenes(directory, ("cube", "empty", "external", "autoexec"))
+    return directory
+
+
+@pytest.fixture(scope="module")
+def scenes(scene_dir: Path) -> dict[str, bytes]:
+    return {p.stem: p.read_bytes() for p in scene_dir.glob("*.blend")}
+
+
+def _payload(scene: bytes, frames: tuple[int, int] = (1, FRAMES), **kw: object) -> bytes:
+    kw.setdefault("width", WIDTH)
+    kw.setdefault("height", HEIGHT)
+    kw.setdefault("samples", SAMPLES)
+    return make_request(scene, frames=frames, seed=SEED, **kw).encode()  # type: ignore[arg-type]
+
+
+def _runtime(**kw: object) -> BlenderRuntime:
+    return BlenderRuntime(threads=2, **kw)  # type: ignore[arg-type]
+
+
+def _direct_render(scene: bytes, tmp_path: Path) -> dict[int, np.ndarray]:
+    """All frames in one plain ``blender -b`` run with the same override, read by Pillow."""
+    (tmp_path / "direct").mkdir()
+    blend, script = tmp_path / "direct" / "scene.blend", tmp_path / "direct" / "override.py"
+    blend.write_bytes(scene)
+    script.write_text(OVERRIDE_SCRIPT)
+    out = tmp_path / "direct" / "frames"
+    out.mkdir()
+    settings = (
+        f'{{"frame_start":1,"frame_end":{FRAMES},"width":{WIDTH},"height":{HEIGHT},'
+        f'"samples":{SAMPLES},"seed":{SEED},"threads":1,"out":"{out}"}}'
+    )
+    subprocess.run(
+        [BLENDER, "-b", "--factory-startup", "-Y", "-noaudio", str(blend),
+         "--python-exit-code", "1", "-P", str(script), "--", settings],
+        check=True, capture_output=True, timeout=120,
+    )  # fmt: skip
+    return {
+        f: np.asarray(Image.open(out / f"frame_{f:06d}.tga", formats=["TGA"]).convert("RGBA"))
+        for f in range(1, FRAMES + 1)
+    }
+
+
+def test_sliced_render_matches_one_direct_render(scenes, tmp_path: Path) -> None:
+    """Split into 3 slices by the registry, rendered by the runtime and assembled, the job
+    has exactly the pixels of one direct Blender render of all frames."""
+    wclass = REGISTRY[CLASS]
+    payload = _payload(scenes["cube"])
+    meta = wclass.validate(payload, 32 << 20)
+    slices = wclass.split(payload, 3)
+    assert len(slices) == 3
+    runtime = _runtime()
+    results = []
+    for part in slices:
+        result = runtime.run(part, workdir=tmp_path)
+        wclass.check_result(result, meta, 32 << 20)
+        results.append(result)
+    assembled = decode_result(wclass.assemble(results, meta))
+    direct = _direct_render(scenes["cube"], tmp_path)
+    assert sorted(assembled.frames) == list(range(1, FRAMES + 1))
+    for frame, pixels in direct.items():
+        assert pixels.shape == (HEIGHT, WIDTH, 4)
+        np.testing.assert_array_equal(assembled.frames[frame], pixels, err_msg=f"frame {frame}")
+    assert not np.array_equal(direct[1], direct[FRAMES])  # the cube does move
+    assert list(tmp_path.glob("render-*")) == []  # the private directory is gone
+
+
+def test_same_slice_gives_the_same_result_bytes(scenes, tmp_path: Path) -> None:
+    """Pinned seed and samples: two runs, with different thread counts, give equal bytes,
+    so proofs of execution from two nodes can be compared (2.3.6)."""
+    payload = _payload(scenes["cube"], frames=(2, 3))
+    one = BlenderRuntime(threads=1).run(payload, workdir=tmp_path)
+    two = BlenderRuntime(threads=2).run(payload, workdir=tmp_path)
+    assert hashlib.sha256(one).digest() == hashlib.sha256(two).digest()
+
+
+def test_progress_is_reported_per_saved_frame(scenes, tmp_path: Path) -> None:
+    """Each frame saved reports (done, total, "frame N saved"), in order."""
+    calls: list[tuple[float, float, str]] = []
+    _runtime().run(
+        _payload(scenes["cube"], frames=(4, 6)),
+        workdir=tmp_path,
+        progress=lambda d, t, n: calls.append((d, t, n)),
+    )
+    assert calls == [(1, 3, "frame 4 saved"), (2, 3, "frame 5 saved"), (3, 3, "frame 6 saved")]
+
+
+def test_external_file_reference_is_refused(scenes, tmp_path: Path) -> None:
+    """A scene that points at a file outside itself is the requester's fault."""
+    with pytest.raises(RemoteProtocolError, match="external files"):
+        _runtime().run(_payload(scenes["external"], frames=(1, 1)), workdir=tmp_path)
+
+
+def test_scripts_inside_the_blend_do_not_run(scenes, scene_dir: Path, tmp_path: Path) -> None:
+    """-Y: a text block registered to run on load stays inert; with -y it would run."""
+    marker = scene_dir / "autoexec.blend.autorun-marker"
+    _runtime().run(_payload(scenes["autoexec"], frames=(1, 1)), workdir=tmp_path)
+    assert not marker.exists()
+    subprocess.run(
+        [BLENDER, "-b", "--factory-startup", "-y", "-noaudio", str(scene_dir / "autoexec.blend")],
+        check=True, capture_output=True, timeout=120,
+    )  # fmt: skip
+    assert marker.read_text() == "ran"
+    marker.unlink()
+
+
+def test_blank_render_is_rejected_by_the_coordinator(scenes, tmp_path: Path) -> None:
+    """A render with one colour everywhere fails the coordinator's result check."""
+    payload = _payload(scenes["empty"], frames=(1, 1))
+    result = _runtime().run(payload, workdir=tmp_path)
+    wclass = REGISTRY[CLASS]
+    with pytest.raises(RemoteProtocolError, match="blank"):
+        wclass.check_result(result, wclass.validate(payload, 32 << 20), 32 << 20)
+
+
+def test_wrong_size_render_is_rejected_by_the_coordinator(scenes, tmp_path: Path) -> None:
+    """A result rendered at another size than the job asked for is refused."""
+    wclass = REGISTRY[CLASS]
+    meta = wclass.validate(_payload(scenes["cube"]), 32 << 20)
+    small = _runtime().run(
+        _payload(scenes["cube"], frames=(1, 1), width=32, height=24), workdir=tmp_path
+    )
+    with pytest.raises(RemoteProtocolError, match="32x24, not 64x48"):
+        wclass.check_result(small, meta, 32 << 20)
+
+
+def test_fetched_scene_with_wrong_hash_is_refused(scenes, tmp_path: Path) -> None:
+    """Bytes fetched for scene_url must hash to scene_sha256 before anything uses them."""
+    payload = make_request(
+        scenes["cube"], frames=(1, 1), width=WIDTH, height=HEIGHT, samples=SAMPLES,
+        scene_url="https://blobs.example/scene",
+    ).encode()  # fmt: skip
+    runtime = _runtime(cache_dir=tmp_path / "cache", fetch_scene=lambda _url: scenes["empty"])
+    with pytest.raises(RemoteProtocolError, match="fetched scene has sha256"):
+        runtime.run(payload, workdir=tmp_path)
+    assert runtime.cache is not None
+    assert runtime.cache.entries() == []
+
+
+def test_fetched_scene_is_cached_by_hash(scenes, tmp_path: Path) -> None:
+    """A scene fetched once is served from the cache the next time."""
+    fetched: list[str] = []
+
+    def fetch(url: str) -> bytes:
+        fetched.append(url)
+        return scenes["cube"]
+
+    payload = make_request(
+        scenes["cube"], frames=(1, 1), width=WIDTH, height=HEIGHT, samples=SAMPLES,
+        scene_url="https://blobs.example/scene",
+    ).encode()  # fmt: skip
+    runtime = _runtime(cache_dir=tmp_path / "cache", fetch_scene=fetch)
+    first = runtime.run(payload, workdir=tmp_path)
+    assert runtime.run(payload, workdir=tmp_path) == first
+    assert fetched == ["https://blobs.example/scene"]
+
+
+def test_no_progress_timeout_kills_blender(scenes, tmp_path: Path) -> None:
+    """No frame saved within max_seconds_per_frame: Blender is killed and the reason says so."""
+    slow = _payload(scenes["cube"], frames=(1, 2), width=640, height=480, samples=65536,
+                    max_seconds_per_frame=1)  # fmt: skip
+    started = time.monotonic()
+    with pytest.raises(NodeClientError, match="no progress, no frame saved for 1 s"):
+        _runtime().run(slow, workdir=tmp_path)
+    assert time.monotonic() - started < 10
+    assert list(tmp_path.glob("render-*")) == []
+
+
+def test_hard_cap_kills_blender(scenes, tmp_path: Path) -> None:
+    """The slice's hard cap holds even while the no-progress timeout has not run out."""
+    slow = _payload(scenes["cube"], frames=(1, 2), width=640, height=480, samples=65536,
+                    max_seconds=1)  # fmt: skip
+    with pytest.raises(NodeClientError, match="hard cap of 1 s"):
+        _runtime().run(slow, workdir=tmp_path)
+
+
+# What Blender 3.4 prints when Cycles cannot allocate under an address-space limit (captured
+# from a real 8000x8000 render under RLIMIT_AS; reproducing it takes a minute of rendering).
+ALLOC_FAILURE = (
+    "Malloc returns null: len=1280000000 in Cycles Aligned Alloc, total 9146112\n"
+    "terminate called after throwing an instance of 'std::bad_alloc'\n"
+)
+
+
+@pytest.mark.parametrize(
+    ("script", "reason"),
+    [
+        ("kill -SEGV $$", "crash: blender died of signal SIGSEGV"),
+        ("kill -KILL $$", "out of memory: blender was killed"),
+        (f"printf '{ALLOC_FAILURE}'; kill -ABRT $$", "out of memory: blender could not allocate"),
+        ("echo 'Error: Cannot read file'; exit 1", "crash: blender exited with code 1"),
+    ],
+)
+def test_crash_and_oom_are_told_apart(tmp_path: Path, script: str, reason: str) -> None:
+    """Crashes, the OOM killer and failed allocations each give their own reason."""
+    fake = tmp_path / "blender"
+    fake.write_text(f"#!/bin/sh\n{script}\n")
+    fake.chmod(0o700)
+    runtime = _runtime(blender=str(fake))
+    payload = _payload(b"not a real scene", frames=(1, 1))
+    with pytest.raises(NodeClientError, match=reason):
+        runtime.run(payload, workdir=tmp_path)
+
+
+def test_decode_tga_reads_bottom_up_bgra() -> None:
+    """Blender's raw TGA: BGRA rows stored bottom row first; decoded RGBA is top row first."""
+    header = bytes([0, 0, 2] + [0] * 9) + (2).to_bytes(2, "little") + (2).to_bytes(2, "little")
+    rows = bytes([3, 2, 1, 255, 7, 6, 5, 255]) + bytes([13, 12, 11, 255, 17, 16, 15, 255])
+    pixels = decode_tga(header + bytes([32, 8]) + rows, width=2, height=2)
+    assert pixels.tolist() == [
+        [[11, 12, 13, 255], [15, 16, 17, 255]],
+        [[1, 2, 3, 255], [5, 6, 7, 255]],
+    ]
+
+
+def test_runtime_is_registered_and_usable() -> None:
+    """media.render is offered when blender is on PATH, with its version in the reason."""
+    info = RUNTIMES[CLASS]
+    assert info.requirements.binaries == ("blender",)
+    ok, why = usable()
+    assert ok
+    assert why.startswith(("Blender 3.", "Blender 4."))
+    assert info.usable()[0]

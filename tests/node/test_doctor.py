@@ -1,0 +1,263 @@
+"""``nodeclient doctor``: each check fails for real, and says how to fix it.
+
+The failures are made on the real machine: a key file chmod-ed too wide, a PATH without
+bubblewrap, a port where nothing listens, a local HTTP server whose clock is off, a disk
+threshold above the free space there actually is.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+import time
+from collections.abc import Iterator
+from email.utils import formatdate
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
+
+import pytest
+
+from nodeclient.node import doctor, keys, securefile
+from nodeclient.node.cli import main
+from nodeclient.node.config import NodeConfig, write_config
+from nodeclient.node.hardware import GpuProbe
+from tests.e2e.harness import CoordinatorProc, free_port
+
+Level = doctor.Level
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> Path:
+    h = securefile.ensure_home(tmp_path / "node", create=True)
+    keys.init_keys(h, passphrase=None)
+    write_config(h, NodeConfig(wallet_address="0x" + "11" * 20))
+    return h
+
+
+# --- keys -------------------------------------------------------------------------------------
+
+
+def test_keys_ok_when_0600(home: Path) -> None:
+    """Freshly initialised keys are all 0600."""
+    check = doctor.check_key_files(home)
+    assert check.level is Level.OK and "node.key 0600" in check.summary
+
+
+def test_keys_fail_on_wrong_mode_with_chmod_fix(home: Path) -> None:
+    """A group-readable node.key fails, and the fix is the exact chmod."""
+    os.chmod(home / "node.key", 0o640)
+    check = doctor.check_key_files(home)
+    assert check.level is Level.FAIL and "node.key" in check.summary
+    assert f"chmod 600 {home / 'node.key'}" in check.fix
+
+
+def test_keys_fail_when_missing(home: Path) -> None:
+    """A missing key file fails with the init command as the fix."""
+    (home / "liveness.key").unlink()
+    check = doctor.check_key_files(home)
+    assert check.level is Level.FAIL and "nodeclient init" in check.fix
+
+
+# --- sandbox ----------------------------------------------------------------------------------
+
+
+def test_sandbox_ok_with_working_bwrap() -> None:
+    """bubblewrap is installed here and creates its namespaces."""
+    check = doctor.check_sandbox()
+    assert check.level is Level.OK, check
+
+
+def test_sandbox_fails_without_bubblewrap(tmp_path: Path) -> None:
+    """A PATH without bwrap fails with the install command; allow_unsandboxed makes it a WARN."""
+    empty = tmp_path / "bin"
+    empty.mkdir()
+    check = doctor.check_sandbox(path=str(empty))
+    assert check.level is Level.FAIL and "not installed" in check.summary
+    assert "apt-get install bubblewrap" in check.fix
+    assert doctor.check_sandbox(path=str(empty), allow_unsandboxed=True).level is Level.WARN
+
+
+def test_sandbox_fails_when_bwrap_cannot_unshare(tmp_path: Path) -> None:
+    """A bwrap that exits non-zero (as when user namespaces are off) fails with the sysctl fix."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    script = fake / "bwrap"
+    script.write_text(
+        "#!/bin/sh\necho 'bwrap: No permissions to creating new namespace' >&2\nexit 1\n"
+    )
+    script.chmod(0o755)
+    check = doctor.check_sandbox(path=str(fake))
+    assert check.level is Level.FAIL and "No permissions" in check.summary
+    assert "unprivileged_userns_clone" in check.fix
+
+
+# --- GPUs -------------------------------------------------------------------------------------
+
+
+def test_gpu_cpu_only_machine_is_ok() -> None:
+    """No NVIDIA driver and no device files: a CPU-only node, which is fine (the real probe)."""
+    check = doctor.check_gpus()
+    assert check.level is Level.OK and "no GPU" in check.summary
+
+
+def test_gpu_device_files_without_driver_fail(tmp_path: Path) -> None:
+    """/dev/nvidia0 present but NVML finds no driver: FAIL with the driver fix."""
+    dev = tmp_path / "dev"
+    dev.mkdir()
+    (dev / "nvidia0").touch()
+    probe = GpuProbe(
+        gpus=(), per_device=(), status="no-driver", detail="NVML_ERROR_LIBRARY_NOT_FOUND"
+    )
+    check = doctor.check_gpus(probe=lambda: probe, dev=dev)
+    assert check.level is Level.FAIL and "nvidia-smi" in check.fix
+
+
+def test_gpu_probe_timeout_fails(monkeypatch, tmp_path: Path) -> None:
+    """A hung driver (the recorded-NVML hang) makes the real child probe time out: FAIL."""
+    from nodeclient.node import hardware
+
+    rec = tmp_path / "hang.json"
+    rec.write_text('{"hang": true}')
+    env = {**os.environ, "NODECLIENT_NVML_REPLAY": str(rec)}
+    check = doctor.check_gpus(probe=lambda: hardware.probe_gpus(timeout=2.0, env=env))
+    assert check.level is Level.FAIL and "timeout" in check.summary
+    assert "reboot" in check.fix
+
+
+# --- runtimes ---------------------------------------------------------------------------------
+
+
+def test_runtimes_report_each_class() -> None:
+    """The real runtime table: ai.inference is served here (onnxruntime is installed)."""
+    checks = {c.name: c for c in doctor.check_runtimes()}
+    assert checks["runtime ai.inference"].level is Level.OK
+
+
+def test_runtime_missing_binary_warns_and_none_fails() -> None:
+    """A runtime whose binary is missing warns with what is missing; none usable at all fails."""
+    checks = doctor.check_runtimes({"media.render": (False, "blender not found on PATH")})
+    assert checks[0].level is Level.WARN and "blender not found" in checks[0].fix
+    assert checks[-1].level is Level.FAIL and "no workload class" in checks[-1].summary
+
+
+# --- disk -------------------------------------------------------------------------------------
+
+
+def test_disk_thresholds(tmp_path: Path) -> None:
+    """Free space below the FAIL threshold fails, below the WARN threshold warns, else OK."""
+    free = shutil.disk_usage(tmp_path).free
+    assert doctor.check_disk(tmp_path, warn_below=0, fail_below=0).level is Level.OK
+    warn = doctor.check_disk(tmp_path, warn_below=free + 1 << 30, fail_below=0)
+    assert warn.level is Level.WARN and "GiB free" in warn.summary
+    fail = doctor.check_disk(tmp_path, warn_below=free + 2 << 30, fail_below=free + 1 << 30)
+    assert fail.level is Level.FAIL and "free space" in fail.fix
+    assert doctor.DISK_WARN_BYTES == 5 << 30 and doctor.DISK_FAIL_BYTES == 1 << 30
+
+
+# --- coordinator and clock --------------------------------------------------------------------
+
+
+def serve_healthz(offset: float, *, status: int = 200) -> Iterator[str]:
+    """A real HTTP server whose Date header is *offset* seconds off."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = b'{"status": "ok"}'
+            self.send_response_only(status)
+            self.send_header("Date", formatdate(time.time() + offset, usegmt=True))
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture
+def skewed(request) -> Iterator[str]:
+    yield from serve_healthz(request.param)
+
+
+@pytest.mark.parametrize("skewed", [0.0], indirect=True)
+def test_coordinator_reachable_and_clock_ok(skewed: str) -> None:
+    """A coordinator with the same time: both checks OK."""
+    reach, clock = doctor.check_coordinator(skewed)
+    assert reach.level is Level.OK and clock.level is Level.OK
+
+
+@pytest.mark.parametrize("skewed", [10.0], indirect=True)
+def test_clock_skew_warns(skewed: str) -> None:
+    """10 s of skew warns (> 2 s) and names time synchronisation as the fix."""
+    _, clock = doctor.check_coordinator(skewed)
+    assert clock.level is Level.WARN and "behind" in clock.summary
+    assert "timedatectl set-ntp true" in clock.fix
+
+
+@pytest.mark.parametrize("skewed", [-120.0], indirect=True)
+def test_clock_skew_fails(skewed: str) -> None:
+    """Two minutes of skew fails (> 30 s)."""
+    _, clock = doctor.check_coordinator(skewed)
+    assert clock.level is Level.FAIL and "ahead of" in clock.summary
+
+
+def test_reference_coordinator_server_time_skew(tmp_path: Path) -> None:
+    """Against the real coordinator (its clock moved 100 s ahead): server_time gives a FAIL."""
+    clock = tmp_path / "clock"
+    clock.write_text("100")
+    coord = CoordinatorProc(tmp_path, clock_file=clock)
+    coord.start()
+    try:
+        reach, skew = doctor.check_coordinator(coord.url)
+    finally:
+        coord.stop()
+    assert reach.level is Level.OK
+    assert skew.level is Level.FAIL and "behind the coordinator" in skew.summary
+    assert skew.summary.startswith("local clock is 100.") or skew.summary.startswith(
+        "local clock is 99."
+    )
+
+
+def test_unreachable_coordinator_fails() -> None:
+    """Nothing listens on the port: FAIL, with the URL and network as the fix."""
+    (check,) = doctor.check_coordinator(f"http://127.0.0.1:{free_port()}", timeout=2.0)
+    assert check.level is Level.FAIL and "cannot reach" in check.summary
+    assert "coordinator URL in config.toml" in check.fix
+
+
+def test_no_coordinator_configured_warns() -> None:
+    """No coordinator anywhere: a WARN telling where to set it."""
+    (check,) = doctor.check_coordinator(None)
+    assert check.level is Level.WARN and "config.toml" in check.fix
+
+
+# --- the command ------------------------------------------------------------------------------
+
+
+def test_report_lines_and_exit_status() -> None:
+    """One line per check, a fix line under each failure, and exit status = the worst level."""
+    checks = [doctor.Check("a", Level.OK, "fine"), doctor.Check("b", Level.FAIL, "bad", "do x")]
+    lines = doctor.report_lines(checks)
+    assert lines[0].startswith("OK    a") and lines[1].startswith("FAIL  b")
+    assert lines[2].strip() == "fix: do x" and lines[-1] == "result: FAIL (exit status 2)"
+    assert doctor.exit_status(checks) == 2 and doctor.exit_status(checks[:1]) == 0
+    assert doctor.exit_status([doctor.Check("c", Level.WARN, "meh")]) == 1
+
+
+def test_doctor_command_fails_on_bad_key_mode(home: Path, capsys) -> None:
+    """`nodeclient doctor` on a home with a 0644 key exits 2 and prints the chmod fix."""
+    os.chmod(home / "payload.key", 0o644)
+    rc = main(["doctor", "--home", str(home), "--coordinator", f"http://127.0.0.1:{free_port()}"])
+    out = capsys.readouterr().out
+    assert rc == 2
+    assert f"fix: chmod 600 {home / 'payload.key'}" in out
+    assert "FAIL  coordinator" in out and "OK    sandbox" in out

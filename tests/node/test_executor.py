@@ -1,0 +1,271 @@
+"""The executor: persistent sandboxed workers, their pipe protocol and failure reasons (2.3.5)."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from nodeclient.errors import RemoteProtocolError
+from nodeclient.node import sandbox, worker
+from nodeclient.node.executor import TaskFailed
+from nodeclient.node.runtimes.onnx import OnnxRuntime
+from nodeclient.workloads.inference import make_request
+from tests.models import add_model, matmul_relu_model
+from tests.node.sandbox_harness import HOSTILE, INFERENCE, Node, make_executor, warm_node
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
+    yield from warm_node(tmp_path_factory)
+
+
+# --- the pipe protocol -------------------------------------------------------------------------
+
+
+def test_frame_round_trip() -> None:
+    """A frame read back gives the same header and the body bytes untouched."""
+    body = bytes(range(256)) * 3
+    stream = io.BytesIO(worker.encode_frame({"op": "run", "id": 7}, body))
+    frame = worker.read_frame(stream, max_body=len(body))
+    assert frame == worker.Frame({"op": "run", "id": 7}, body)
+    assert worker.read_frame(stream, max_body=1) is None  # clean EOF
+
+
+def test_oversized_body_is_refused_before_reading() -> None:
+    """The length prefix is checked against the limit before the body is read."""
+    stream = io.BytesIO(worker.encode_frame({"op": "result"}, b"x" * 100))
+    with pytest.raises(RemoteProtocolError):
+        worker.read_frame(stream, max_body=99)
+
+
+def test_truncated_frame_is_an_error() -> None:
+    """A frame cut short is a protocol error, not a silent EOF."""
+    raw = worker.encode_frame({"op": "result"}, b"abcdef")
+    with pytest.raises(RemoteProtocolError):
+        worker.read_frame(io.BytesIO(raw[:-2]), max_body=100)
+
+
+def test_header_must_name_an_op() -> None:
+    """Headers are JSON objects with an 'op'."""
+    with pytest.raises(RemoteProtocolError):
+        worker.parse_header(b'{"id": 1}')
+
+
+# --- exit statuses ---------------------------------------------------------------------------
+
+
+def test_sigkill_reads_as_out_of_memory() -> None:
+    """A SIGKILL nobody in the daemon sent is the kernel's OOM killer."""
+    assert sandbox.describe_exit(128 + signal.SIGKILL, mode=sandbox.MODE_BWRAP).startswith(
+        "out of memory"
+    )
+    assert sandbox.describe_exit(-signal.SIGKILL, mode=sandbox.MODE_UNSANDBOXED).startswith(
+        "out of memory"
+    )
+
+
+def test_other_signals_read_as_crashes() -> None:
+    """bwrap reports a signal as 128 + N; a plain subprocess as -N."""
+    assert sandbox.describe_exit(139, mode=sandbox.MODE_BWRAP) == "crashed (signal 11, SIGSEGV)"
+    assert sandbox.describe_exit(-6, mode=sandbox.MODE_UNSANDBOXED) == "crashed (signal 6, SIGABRT)"
+    assert sandbox.describe_exit(139, mode=sandbox.MODE_UNSANDBOXED).startswith("crashed (worker")
+
+
+# --- the sandbox command line -----------------------------------------------------------------
+
+
+def _layout(tmp_path: Path, gpus: tuple[int, ...] = ()) -> sandbox.Layout:
+    return sandbox.make_layout(workdir=tmp_path / "w", cache_dir=tmp_path / "c", gpus=gpus)
+
+
+def test_command_line_isolates(tmp_path: Path) -> None:
+    """No network, a cleared environment, dies with the daemon, work and cache at fixed paths."""
+    layout = _layout(tmp_path)
+    argv = sandbox.bwrap_argv(layout, ["true"], env={"PATH": "/usr/bin"}, as_root=False)
+    for flag in ("--unshare-net", "--unshare-pid", "--clearenv", "--die-with-parent"):
+        assert flag in argv
+    assert argv[argv.index("--unshare-user") :][:3] == ["--unshare-user", "--uid", "65534"]
+    assert ["--bind", str(tmp_path / "w"), str(sandbox.INSIDE_WORK)] == argv[
+        argv.index(str(tmp_path / "w")) - 1 :
+    ][:3]
+    assert not any("nvidia" in a for a in argv)
+
+
+def test_gpu_slot_is_named_in_cuda_visible_devices(tmp_path: Path) -> None:
+    """A slot with GPU 1 sees CUDA_VISIBLE_DEVICES=1; one without sees no variable."""
+    assert sandbox.worker_env(_layout(tmp_path, (1,)))["CUDA_VISIBLE_DEVICES"] == "1"
+    assert "CUDA_VISIBLE_DEVICES" not in sandbox.worker_env(_layout(tmp_path))
+
+
+def test_root_keeps_only_the_capabilities_to_drop_to_nobody(tmp_path: Path) -> None:
+    """Started by root, bwrap keeps CAP_SETUID/CAP_SETGID so the worker can drop to 65534."""
+    argv = sandbox.bwrap_argv(_layout(tmp_path), ["true"], env={}, as_root=True)
+    assert "--unshare-user" not in argv
+    assert argv.count("--cap-add") == 2
+
+
+# --- running tasks ---------------------------------------------------------------------------
+
+
+def _inference_payload(x: np.ndarray) -> bytes:
+    return make_request(matmul_relu_model(), {"x": x}).encode()
+
+
+def test_inference_matches_in_process_run(node: Node) -> None:
+    """The sandboxed worker returns exactly the bytes OnnxRuntime.run gives in-process."""
+    payload = _inference_payload(np.linspace(-1, 1, 12, dtype=np.float32).reshape(3, 4))
+    assert node.wait(node.executor.run(INFERENCE, payload)) == OnnxRuntime().run(payload)
+
+
+def test_workers_stay_warm(node: Node) -> None:
+    """Successful tasks reuse the same worker: no start-up per task."""
+    node.inference_still_works()
+    starts = len(node.executor.start_seconds)
+    for _ in range(5):
+        node.inference_still_works()
+    assert len(node.executor.start_seconds) == starts
+
+
+def test_requester_fault_keeps_the_worker(node: Node) -> None:
+    """A bad payload is the requester's fault; the warm worker keeps serving."""
+    starts = len(node.executor.start_seconds)
+    bad = make_request(add_model(), {"x": np.ones((2, 4), np.float32)}).encode()
+    with pytest.raises(TaskFailed) as info:
+        node.wait(node.executor.run(INFERENCE, bad))
+    assert info.value.requester_fault
+    assert "bad payload" in info.value.reason
+    node.inference_still_works()
+    assert len(node.executor.start_seconds) == starts
+
+
+def test_unknown_class_is_a_requester_fault(node: Node) -> None:
+    """A class no runtime serves fails with a reason that names it."""
+    with pytest.raises(TaskFailed) as info:
+        node.wait(node.executor.run("media.nonexistent", b"x"))
+    assert info.value.requester_fault
+    assert "media.nonexistent" in info.value.reason
+
+
+def test_crash_restarts_the_worker(node: Node) -> None:
+    """A worker killed by SIGSEGV fails its task as a crash; the next task runs in a new one."""
+    starts = len(node.executor.start_seconds)
+    with pytest.raises(TaskFailed) as info:
+        node.hostile({"do": "crash"})
+    assert info.value.reason == "crashed (signal 11, SIGSEGV)"
+    node.inference_still_works()
+    assert len(node.executor.start_seconds) == starts + 1
+
+
+def test_deadline_kills_the_task(node: Node) -> None:
+    """A task still running at its deadline is killed with reason "deadline"."""
+    began = time.monotonic()
+    with pytest.raises(TaskFailed) as info:
+        node.hostile({"do": "sleep", "seconds": 60}, deadline=time.monotonic() + 0.5)
+    assert info.value.reason.startswith("deadline exceeded")
+    assert time.monotonic() - began < 10
+    node.inference_still_works()
+
+
+def test_expired_deadline_fails_before_running(node: Node) -> None:
+    """A deadline already passed (by the injected clock) never reaches a worker."""
+    with pytest.raises(TaskFailed) as info:
+        node.hostile({"do": "echo"}, deadline=time.monotonic() - 1)
+    assert "deadline" in info.value.reason
+
+
+def test_cancel_kills_and_reports_progress(node: Node) -> None:
+    """Progress of a running task is visible; cancel kills its worker with a reason."""
+    executor = node.executor
+    seen: list[tuple[float, float, str]] = []
+    reported = asyncio.Event()
+
+    def on_progress(done: float, total: float, note: str) -> None:
+        seen.append((done, total, note))
+        reported.set()
+
+    async def scenario() -> str:
+        payload = json.dumps({"do": "sleep", "seconds": 60}).encode()
+        task = asyncio.create_task(
+            executor.run(HOSTILE, payload, task_id="t-cancel", on_progress=on_progress)
+        )
+        await asyncio.wait_for(reported.wait(), 30)
+        assert executor.progress("t-cancel") == {"done": 1, "total": 2, "note": "sleeping"}
+        assert await executor.cancel("t-cancel")
+        with pytest.raises(TaskFailed) as info:
+            await task
+        return info.value.reason
+
+    assert node.wait(scenario()) == "cancelled by the coordinator"
+    assert seen == [(1, 2, "sleeping")]
+    assert executor.progress("t-cancel") is None
+    node.inference_still_works()
+
+
+def test_cancelling_the_caller_kills_the_worker(node: Node) -> None:
+    """When the daemon cancels the asyncio task, the worker is killed and replaced."""
+    starts = len(node.executor.start_seconds)
+
+    async def scenario() -> None:
+        payload = json.dumps({"do": "sleep", "seconds": 60}).encode()
+        task = asyncio.create_task(node.executor.run(HOSTILE, payload, task_id="t-x"))
+        while node.executor.progress("t-x") is None:
+            await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    node.wait(scenario())
+    node.inference_still_works()
+    assert len(node.executor.start_seconds) == starts + 1
+
+
+def test_admission_refuses_what_a_slot_cannot_hold(node: Node) -> None:
+    """RAM over the per-slot budget, or VRAM on a node without GPUs, is refused up front."""
+    executor = node.executor
+    assert executor.admission({"ram_mb": 100}) == ""
+    assert "per slot" in executor.admission({"ram_mb": 4096})
+    assert "no GPU" in executor.admission({"vram_mb": 1000})
+    with pytest.raises(TaskFailed) as info:
+        node.hostile({"do": "echo"}, resources={"ram_mb": 4096})
+    assert info.value.requester_fault
+
+
+def test_declared_memory_lowers_the_limit(node: Node) -> None:
+    """A task that declares 64 MB cannot allocate 512 MB, though the slot allows 2 GiB."""
+    with pytest.raises(TaskFailed) as info:
+        node.hostile({"do": "alloc", "bytes": 512 << 20}, resources={"ram_mb": 64})
+    assert info.value.reason.startswith("out of memory")
+    assert node.hostile({"do": "alloc", "bytes": 512 << 20}) == b'"allocated 536870912 bytes"'
+
+
+def test_oversized_payload_is_refused(node: Node) -> None:
+    """Payloads over the limit never reach a worker."""
+    limit = node.executor.config.max_payload_bytes
+    with pytest.raises(TaskFailed) as info:
+        node.wait(node.executor.run(HOSTILE, b"x" * (limit + 1)))
+    assert info.value.requester_fault
+
+
+def test_unsandboxed_mode_runs_plain_workers(tmp_path: Path) -> None:
+    """With allow_unsandboxed, workers are plain subprocesses that still answer tasks."""
+    home = tmp_path / "home"
+    home.mkdir()
+    executor = make_executor(home, mode=sandbox.MODE_UNSANDBOXED, preload=())
+
+    async def scenario() -> bytes:
+        try:
+            payload = json.dumps({"do": "echo", "data": "plain"}).encode()
+            return await executor.run(HOSTILE, payload)
+        finally:
+            await executor.aclose()
+
+    assert asyncio.run(scenario()) == b"plain"
+    assert executor.mode == sandbox.MODE_UNSANDBOXED

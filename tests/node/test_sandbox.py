@@ -1,0 +1,181 @@
+"""The sandbox holds (2.3.5 Work Execution): hostile tasks fail with a reason, the node serves on.
+
+Each hostile task runs in the real bubblewrap sandbox through the real executor; after it,
+a normal inference must still give OnnxRuntime's exact bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from nodeclient.errors import UsageError
+from nodeclient.node import sandbox
+from nodeclient.node.executor import TaskFailed
+from tests.node.sandbox_harness import Node, warm_node
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
+    yield from warm_node(tmp_path_factory)
+
+
+def _fails(node: Node, order: dict[str, object]) -> str:
+    with pytest.raises(TaskFailed) as info:
+        node.hostile(order)
+    assert not info.value.requester_fault
+    return info.value.reason
+
+
+# --- the probe and the mode ---------------------------------------------------------------
+
+
+def test_bubblewrap_works_on_this_machine() -> None:
+    """The probe runs a command in the sandbox the workers get; here it must succeed."""
+    ok, why = sandbox.probe()
+    assert ok, why
+
+
+def test_missing_bubblewrap_refuses_with_install_hint() -> None:
+    """Without a sandbox and without allow_unsandboxed, the daemon refuses to run work."""
+    with pytest.raises(UsageError) as info:
+        sandbox.choose_mode(allow_unsandboxed=False, probed=(False, "bwrap is not on PATH"))
+    assert "apt-get install bubblewrap" in str(info.value)
+    assert "allow_unsandboxed" in str(info.value)
+
+
+def test_allow_unsandboxed_falls_back_to_plain_workers() -> None:
+    """The operator's explicit opt-in is the only way to run without bubblewrap."""
+    mode = sandbox.choose_mode(allow_unsandboxed=True, probed=(False, "bwrap is not on PATH"))
+    assert mode == sandbox.MODE_UNSANDBOXED
+    assert sandbox.describe_mode(mode) == "UNSANDBOXED (allowed by config)"
+
+
+def test_probe_reports_a_missing_binary(tmp_path: Path) -> None:
+    """A bwrap that cannot run is reported, not trusted."""
+    ok, why = sandbox.probe(str(tmp_path / "no-such-bwrap"))
+    assert not ok
+    assert "bwrap" in why
+
+
+# --- what the sandbox looks like from inside -----------------------------------------------
+
+
+def test_task_runs_unprivileged_with_a_minimal_environment(node: Node) -> None:
+    """uid 65534, a cleared environment, and a root with only the expected directories."""
+    seen = json.loads(node.hostile({"do": "whoami"}))
+    assert seen["uid"] == seen["euid"] == sandbox.SANDBOX_UID
+    assert set(seen["env"]) <= {
+        "PATH",
+        "HOME",
+        "LANG",
+        "PYTHONPATH",
+        "PYTHONNOUSERSITE",
+        "PYTHONDONTWRITEBYTECODE",
+        "OMP_NUM_THREADS",
+        "PWD",
+    }
+    assert "CUDA_VISIBLE_DEVICES" not in seen["env"]  # no GPU assigned
+    assert seen["cwd"] == seen["workdir"] == str(sandbox.INSIDE_WORK / "task")
+    layout = sandbox.make_layout(
+        workdir=node.home,
+        cache_dir=node.home,
+        extra_python_path=node.executor.config.extra_python_path,
+    )
+    bound = {path.parts[1] for path in layout.read_only}
+    system = {"usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32", "etc", "proc", "dev", "tmp"}
+    assert set(seen["root"]) <= system | bound | {sandbox.INSIDE_WORK.parts[1]}
+
+
+def test_task_directory_is_empty_at_every_start(node: Node) -> None:
+    """Files a task leaves behind are gone before the next task starts."""
+    node.hostile({"do": "write", "path": "leftover.txt"})
+    listed = json.loads(node.hostile({"do": "listdir", "path": "."}))
+    assert listed == []
+
+
+# --- hostile tasks ---------------------------------------------------------------------------
+
+
+def test_network_is_unreachable(node: Node) -> None:
+    """A task cannot connect to a server listening on the host's loopback."""
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        server.setblocking(False)
+        port = server.getsockname()[1]
+        reason = _fails(node, {"do": "connect", "host": "127.0.0.1", "port": port})
+        with pytest.raises(BlockingIOError):
+            server.accept()  # nothing ever arrived
+    assert "Connection" in reason or "unreachable" in reason
+    node.inference_still_works()
+
+
+def test_system_directories_are_read_only(node: Node) -> None:
+    """Writing into /usr fails."""
+    reason = _fails(node, {"do": "write", "path": "/usr/lib/planted"})
+    assert "Read-only file system" in reason or "Permission denied" in reason
+    assert not Path("/usr/lib/planted").exists()
+    node.inference_still_works()
+
+
+def test_node_home_is_invisible(node: Node) -> None:
+    """The node home does not exist inside: writing there fails."""
+    reason = _fails(node, {"do": "write", "path": str(node.home / "planted")})
+    assert "No such file or directory" in reason
+    assert not (node.home / "planted").exists()
+
+
+def test_key_files_cannot_be_read(node: Node) -> None:
+    """Reading the node's key file by its real path fails: it is not there."""
+    reason = _fails(node, {"do": "read", "path": str(node.home / "node.key")})
+    assert "No such file or directory" in reason or "Permission denied" in reason
+    node.inference_still_works()
+
+
+def test_tmp_is_private(node: Node) -> None:
+    """What a task writes to /tmp never reaches the host's /tmp."""
+    name = f"/tmp/nodeclient-sandbox-test-{uuid.uuid4().hex}"
+    assert node.hostile({"do": "write", "path": name}) == b'"written"'
+    assert not Path(name).exists()
+
+
+def test_fork_bomb_is_bounded(node: Node) -> None:
+    """Forking without end hits RLIMIT_NPROC; the node and the next task are fine."""
+    reason = _fails(node, {"do": "fork_bomb"})
+    assert "Resource temporarily unavailable" in reason or "BlockingIOError" in reason
+    node.inference_still_works()
+
+
+def test_memory_hog_is_out_of_memory(node: Node) -> None:
+    """Allocating 10 GB under a 2 GiB limit fails as "out of memory"."""
+    reason = _fails(node, {"do": "alloc", "bytes": 10 * 10**9})
+    assert reason.startswith("out of memory")
+    node.inference_still_works()
+
+
+def test_endless_printing_hits_the_output_limit(node: Node) -> None:
+    """A task that prints forever is killed once it passes the output cap."""
+    reason = _fails(node, {"do": "print_forever"})
+    assert reason.startswith("output limit exceeded")
+    node.inference_still_works()
+
+
+def test_huge_file_hits_the_file_size_limit(node: Node) -> None:
+    """A file past RLIMIT_FSIZE fails the write (EFBIG) instead of filling the disk."""
+    reason = _fails(node, {"do": "big_file"})
+    assert "File too large" in reason
+    node.inference_still_works()
+
+
+def test_processes_left_behind_get_a_fresh_worker(node: Node) -> None:
+    """A task that leaves a child running still returns, and its worker is replaced."""
+    starts = len(node.executor.start_seconds)
+    assert node.hostile({"do": "leave_child"}) == b'"left a child"'
+    node.inference_still_works()
+    assert len(node.executor.start_seconds) == starts + 1

@@ -1,0 +1,154 @@
+"""``nodeclient service install``: the systemd unit, checked directive by directive and by systemd.
+
+``systemd-analyze verify`` (Debian package ``systemd``) parses the unit with systemd's
+own parser and reports unknown keys, bad values and a non-executable ExecStart=.
+"""
+
+from __future__ import annotations
+
+import configparser
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from nodeclient.errors import UsageError
+from nodeclient.node import service
+from nodeclient.node.cli import main
+
+
+def exe() -> Path:
+    return service.find_executable()
+
+
+def parse(text: str) -> dict[str, dict[str, list[str]]]:
+    """Sections -> key -> every value (systemd allows repeated keys)."""
+    out: dict[str, dict[str, list[str]]] = {}
+    section = ""
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("["):
+            section = line.strip("[]")
+            out[section] = {}
+            continue
+        key, _, value = line.partition("=")
+        out[section].setdefault(key, []).append(value)
+    return out
+
+
+def install(tmp_path: Path, *extra: str) -> tuple[int, Path]:
+    path = tmp_path / "nodeclient.service"
+    rc = main(["service", "install", "--output", str(path), *extra])
+    return rc, path
+
+
+def test_unit_hardening_directives(tmp_path: Path, capsys) -> None:
+    """Every directive the operator relies on is present with the right value."""
+    rc, path = install(tmp_path)
+    assert rc == 0
+    svc = parse(path.read_text())["Service"]
+    one = {k: v[0] for k, v in svc.items()}
+    assert one["ExecStart"] == f"{exe()} run --home /var/lib/nodeclient --log-format json"
+    assert one["User"] == one["Group"] == "nodeclient"
+    assert one["StateDirectory"] == "nodeclient" and one["StateDirectoryMode"] == "0700"
+    assert one["UMask"] == "0077"
+    assert one["NoNewPrivileges"] == "yes" and one["ProtectSystem"] == "strict"
+    assert one["PrivateTmp"] == "yes" and one["Restart"] == "on-failure"
+    assert one["KillSignal"] == "SIGTERM" and one["KillMode"] == "mixed"
+    assert int(one["TimeoutStopSec"]) > 70  # the daemon drains 60 s of tasks + 10 s of outbox
+    assert one["DevicePolicy"] == "closed"
+    assert "char-nvidia-frontend rw" in svc["DeviceAllow"]  # /dev/nvidia0.. and nvidiactl
+    assert "char-nvidia-uvm rw" in svc["DeviceAllow"] and "/dev/nvidiactl rw" in svc["DeviceAllow"]
+    for forbidden in ("RestrictNamespaces", "PrivateUsers", "PrivateDevices", "SystemCallFilter"):
+        assert forbidden not in svc  # bubblewrap and CUDA need what these would take away
+    unit = parse(path.read_text())
+    assert unit["Install"]["WantedBy"] == ["multi-user.target"]
+    assert unit["Unit"]["After"] == ["network-online.target"]
+
+
+def test_unit_is_public_and_prints_next_steps(tmp_path: Path, capsys) -> None:
+    """The unit is written 0644 and the command says what to run next."""
+    rc, path = install(tmp_path, "--user", "gpu-seller")
+    out = capsys.readouterr().out
+    assert rc == 0 and path.stat().st_mode & 0o777 == 0o644
+    assert "User=gpu-seller" in path.read_text()
+    assert "systemctl daemon-reload" in out and "systemctl enable --now nodeclient.service" in out
+    assert "install -d -m 0700 -o gpu-seller -g gpu-seller /var/lib/nodeclient" in out
+
+
+def test_unit_replaces_an_older_one(tmp_path: Path) -> None:
+    """Installing again overwrites the unit (an upgrade), atomically, leaving no temp file."""
+    path = tmp_path / "nodeclient.service"
+    path.write_text("old")
+    assert install(tmp_path)[0] == 0
+    assert path.read_text().startswith("# nodeclient node daemon")
+    assert [p.name for p in tmp_path.iterdir()] == ["nodeclient.service"]
+
+
+def test_bad_user_name_refused(tmp_path: Path, capsys) -> None:
+    """A user name that could inject a line into the unit is refused, and nothing is written."""
+    rc, path = install(tmp_path, "--user", "root\nExecStartPre=/bin/sh")
+    assert rc == 2 and not path.exists()
+    assert "not a valid system user name" in capsys.readouterr().err
+
+
+def test_paths_with_spaces_refused() -> None:
+    """Paths are written unquoted, so a space would split ExecStart=: refused."""
+    with pytest.raises(UsageError, match="spaces or quotes"):
+        service.UnitOptions(executable=Path("/opt/my tools/nodeclient"))
+
+
+def test_unwritable_output_is_one_line_error(tmp_path: Path, capsys) -> None:
+    """Writing where one cannot (a file in the way of the directory) is a one-line error."""
+    (tmp_path / "blocker").write_text("")
+    rc = main(["service", "install", "--output", str(tmp_path / "blocker" / "x.service")])
+    assert rc == 2 and "cannot write" in capsys.readouterr().err
+
+
+def test_systemd_accepts_the_unit(tmp_path: Path) -> None:
+    """systemd-analyze verify parses every directive without a complaint about our unit."""
+    analyze = shutil.which("systemd-analyze")
+    assert analyze is not None, "install the systemd package for systemd-analyze"
+    rc, path = install(tmp_path)
+    assert rc == 0
+    proc = subprocess.run(
+        [analyze, "verify", str(path)], capture_output=True, text=True, timeout=60, check=False
+    )
+    complaints = [line for line in (proc.stdout + proc.stderr).splitlines() if path.name in line]
+    assert proc.returncode == 0, proc.stderr
+    assert complaints == []
+
+
+def test_systemd_verify_catches_a_broken_unit(tmp_path: Path) -> None:
+    """The verify step can fail: an unknown key in a copy of our unit is reported."""
+    analyze = shutil.which("systemd-analyze")
+    assert analyze is not None
+    _, path = install(tmp_path)
+    path.write_text(path.read_text().replace("UMask=0077", "UMask=0077\nProtectEverything=yes"))
+    proc = subprocess.run(
+        [analyze, "verify", str(path)], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert "ProtectEverything" in proc.stderr
+
+
+def test_configparser_reads_it_too(tmp_path: Path) -> None:
+    """The unit is plain INI as tools other than systemd expect (no duplicate sections)."""
+    _, path = install(tmp_path)
+    cp = configparser.ConfigParser(strict=False, interpolation=None)
+    cp.read_string(path.read_text())
+    assert cp.sections() == ["Unit", "Service", "Install"]
+
+
+def test_protect_home_hides_homes_unless_the_code_lives_there() -> None:
+    """ProtectHome=yes for a system-wide install; read-only when Python lives under /home."""
+    system = service.UnitOptions(
+        executable=Path("/usr/bin/nodeclient"), code_paths=(Path("/opt/venv"),)
+    )
+    assert "ProtectHome=yes\n" in service.render_unit(system)
+    user = service.UnitOptions(
+        executable=Path("/usr/bin/nodeclient"), code_paths=(Path("/home/op/.venv"),)
+    )
+    assert "ProtectHome=read-only\n" in service.render_unit(user)

@@ -1,0 +1,178 @@
+"""The PyTorch ai.training runtime: allowlisted models, deterministic slices (2.3.5, 2.3.6)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from sklearn.datasets import load_digits
+from torch import nn
+
+from nodeclient.errors import RemoteProtocolError
+from nodeclient.node.runtimes import RUNTIMES
+from nodeclient.node.runtimes.torch_train import TorchTrainRuntime, build_model
+from nodeclient.workloads import training as tr
+from nodeclient.workloads.tensors import decode_tensors, encode_tensors
+
+MLP = [
+    {"type": "Linear", "in": 64, "out": 32},
+    {"type": "ReLU"},
+    {"type": "Linear", "in": 32, "out": 10},
+]
+
+
+@pytest.fixture(scope="module")
+def job() -> tr.JobRequest:
+    """Digits (bundled with scikit-learn, no download), 2 slices, 20 AdamW steps each."""
+    digits = load_digits()
+    x, y = (digits.data / 16.0).astype(np.float32), digits.target.astype(np.int64)
+    config = tr.TrainingConfig(
+        inner_steps=20, batch_size=32, seed=5, inner=tr.InnerOptimizer(lr=3e-3)
+    )
+    return tr.JobRequest(tr.ModelSpec.parse(MLP), config, x[:600], y[:600])
+
+
+@pytest.fixture(scope="module")
+def runtime() -> TorchTrainRuntime:
+    return TorchTrainRuntime()
+
+
+def _reference(payload: bytes) -> tuple[dict[str, np.ndarray], float, float]:
+    """The documented slice semantics, written out with plain torch in this test."""
+    request = tr.SliceRequest.decode(payload)
+    weights, _ = decode_tensors(request.weights)
+    shard, _ = decode_tensors(request.shard)
+    plan = request.plan
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+    model.load_state_dict({k: torch.tensor(np.array(v)) for k, v in weights.items()})
+    opt = torch.optim.AdamW(
+        model.parameters(), lr=plan.inner.lr, betas=plan.inner.betas, eps=plan.inner.eps,
+        weight_decay=plan.inner.weight_decay,
+    )  # fmt: skip
+    x, y = torch.tensor(np.array(shard["x"])), torch.tensor(np.array(shard["y"]))
+    gen = torch.Generator().manual_seed(plan.seed)
+    batch = min(plan.batch_size, len(y))
+    order, pos, losses = torch.randperm(len(y), generator=gen), 0, []
+    for _ in range(plan.steps):
+        if pos + batch > len(y):
+            order, pos = torch.randperm(len(y), generator=gen), 0
+        idx = order[pos : pos + batch]
+        pos += batch
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    end = model.state_dict()
+    return {k: np.array(v) - end[k].numpy() for k, v in weights.items()}, losses[0], losses[-1]
+
+
+def test_model_is_built_from_the_spec_with_matching_parameter_names() -> None:
+    """The torch module's state-dict names and shapes are exactly the spec's."""
+    spec = tr.ModelSpec.parse(
+        [
+            {"type": "Flatten"},
+            {
+                "type": "Sequential",
+                "layers": [{"type": "Linear", "in": 6, "out": 4}, {"type": "Tanh"}],
+            },
+            {"type": "LayerNorm", "dim": 4, "eps": 1e-6},
+            {"type": "Dropout", "p": 0},
+            {"type": "Linear", "in": 4, "out": 3, "bias": False},
+            {"type": "Sigmoid"},
+        ]
+    )
+    model = build_model(spec)
+    assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == spec.parameter_shapes()
+    assert model(torch.zeros(2, 2, 3)).shape == (2, 3)
+
+
+def test_slice_equals_the_reference_loop(job: tr.JobRequest, runtime: TorchTrainRuntime) -> None:
+    """The pseudo-gradient is start - end of K AdamW steps under the documented batch rule."""
+    payload = job.round_zero(2)[0]
+    pg = tr.PseudoGradient.decode(
+        runtime.run(payload), shapes=job.model.parameter_shapes(), grad_dtype="F32"
+    )
+    deltas, first, last = _reference(payload)
+    for name, expected in deltas.items():
+        np.testing.assert_allclose(pg.deltas[name], expected, atol=1e-6, rtol=0)
+    assert pg.first_loss == pytest.approx(first, abs=1e-6)
+    assert pg.last_loss == pytest.approx(last, abs=1e-6)
+    assert pg.last_loss < pg.first_loss
+    request = tr.SliceRequest.decode(payload)
+    assert (pg.base_sha256, pg.shard_sha256, pg.steps) == (
+        request.weights_sha256, request.shard_sha256, 20,
+    )  # fmt: skip
+
+
+def test_same_payload_gives_the_same_bytes(job: tr.JobRequest, runtime: TorchTrainRuntime) -> None:
+    """Determinism (2.3.6): one payload, one result; another slice seed, another result."""
+    payload = job.round_zero(2)[1]
+    assert runtime.run(payload) == TorchTrainRuntime().run(payload)
+    reseeded = tr.JobRequest(job.model, tr.TrainingConfig(inner_steps=20, seed=6), job.x, job.y)
+    assert runtime.run(reseeded.round_zero(2)[1]) != runtime.run(payload)
+
+
+def test_a_shard_that_fails_its_hash_is_refused(
+    job: tr.JobRequest, runtime: TorchTrainRuntime
+) -> None:
+    """The runtime trains on nothing whose SHA-256 differs from what the payload names."""
+    tensors, meta = decode_tensors(job.round_zero(2)[0])
+    shard = bytearray(tensors["shard"].tobytes())
+    shard[-1] ^= 1
+    forged = encode_tensors({"weights": tensors["weights"], "shard": np.frombuffer(bytes(shard), np.uint8)},
+                            metadata=meta)  # fmt: skip
+    with pytest.raises(RemoteProtocolError, match="shard has sha256"):
+        runtime.run(forged)
+
+
+def test_fp16_pseudo_gradient_when_asked(job: tr.JobRequest, runtime: TorchTrainRuntime) -> None:
+    """grad_dtype F16 halves the result; the values are the F32 ones rounded."""
+    half = tr.JobRequest(job.model, tr.TrainingConfig(inner_steps=20, seed=5, grad_dtype="F16",
+                                                      inner=job.config.inner), job.x, job.y)  # fmt: skip
+    shapes = job.model.parameter_shapes()
+    pg16 = tr.PseudoGradient.decode(
+        runtime.run(half.round_zero(2)[0]), shapes=shapes, grad_dtype="F16"
+    )
+    pg32 = tr.PseudoGradient.decode(
+        runtime.run(job.round_zero(2)[0]), shapes=shapes, grad_dtype="F32"
+    )
+    assert pg16.deltas["0.weight"].dtype == np.float16
+    np.testing.assert_array_equal(
+        pg16.deltas["0.weight"], pg32.deltas["0.weight"].astype(np.float16)
+    )
+
+
+def test_progress_is_reported_with_step_and_loss(
+    job: tr.JobRequest, runtime: TorchTrainRuntime
+) -> None:
+    """progress(step, K, "step i loss x") about ten times, ending at K of K."""
+    calls: list[tuple[float, float, str]] = []
+    runtime.run(job.round_zero(2)[0], progress=lambda d, t, n: calls.append((d, t, n)))
+    assert [c[0] for c in calls] == [2, 4, 6, 8, 10, 12, 14, 16, 18, 20]
+    assert calls[-1][1] == 20
+    assert calls[-1][2].startswith("step 20 loss ")
+
+
+def test_deterministic_mode_is_restored_after_a_slice(
+    job: tr.JobRequest, runtime: TorchTrainRuntime
+) -> None:
+    """A slice turns on deterministic algorithms and a fixed thread count only while it runs."""
+    before = (torch.are_deterministic_algorithms_enabled(), torch.get_num_threads())
+    seen: list[Any] = []
+    runtime.run(job.round_zero(2)[0], progress=lambda *_: seen.append(
+        (torch.are_deterministic_algorithms_enabled(), torch.get_num_threads())))  # fmt: skip
+    assert seen[0] == (True, 1)
+    assert (torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()) == before
+
+
+def test_runtime_is_registered_for_ai_training(tmp_path: Path) -> None:
+    """The node advertises ai.training when torch imports, and the factory builds the runtime."""
+    info = RUNTIMES["ai.training"]
+    usable, why = info.usable()
+    assert usable, why
+    assert why.startswith("torch ")
+    assert isinstance(info.factory(tmp_path), TorchTrainRuntime)

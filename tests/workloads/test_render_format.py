@@ -1,0 +1,279 @@
+"""The media.render request/result formats, split and assembly (2.3.5, 2.3.6). No Blender."""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pytest
+
+from nodeclient.errors import LocalProtocolError, RemoteProtocolError
+from nodeclient.workloads import render
+from nodeclient.workloads.render import (
+    RenderRequest,
+    assemble,
+    check_result,
+    decode_result,
+    encode_result,
+    job_meta,
+    make_request,
+    resolve_blobs,
+    slice_ranges,
+    split,
+)
+from nodeclient.workloads.tensors import decode_tensors, encode_tensors
+
+SCENE = b"BLENDER-v304 a tiny stand-in for a packed scene"
+SHA = hashlib.sha256(SCENE).hexdigest()
+W, H = 4, 3
+
+# The vector published in docs/_parts/render.md: frame 7 of a 1x1 render, one red pixel,
+# for the scene whose SHA-256 is that of no bytes at all.
+EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
+VECTOR_RESULT_1X1 = bytes.fromhex(
+    "00010000000000007b225f5f6d657461646174615f5f223a7b22636c61737322"
+    "3a226d656469612e72656e646572222c226672616d655f656e64223a2237222c"
+    "226672616d655f7374617274223a2237222c22686569676874223a2231222c22"
+    "7363656e655f736861323536223a226533623063343432393866633163313439"
+    "6166626634633839393666623932343237616534316534363439623933346361"
+    "343935393931623738353262383535222c227769647468223a2231227d2c2266"
+    "72616d655f303030303037223a7b226474797065223a225538222c2273686170"
+    "65223a5b312c312c345d2c22646174615f6f666673657473223a5b302c345d7d"
+    "7d20202020202020ff0000ff"
+)
+
+
+def _request(**kw: object) -> RenderRequest:
+    args: dict[str, object] = {"frames": (1, 6), "width": W, "height": H, "samples": 4}
+    args.update(kw)
+    return make_request(SCENE, **args)  # type: ignore[arg-type]
+
+
+def _meta(payload: bytes) -> dict:
+    return job_meta(payload, 1 << 20)
+
+
+def _frames(start: int, end: int) -> dict[int, np.ndarray]:
+    return {
+        f: np.random.default_rng(f).integers(0, 256, (H, W, 4), dtype=np.uint8)
+        for f in range(start, end + 1)
+    }
+
+
+def _result(start: int, end: int, **kw: object) -> bytes:
+    args: dict[str, object] = {"scene_sha256": SHA, "width": W, "height": H}
+    args.update(kw)
+    return encode_result(_frames(start, end), **args)  # type: ignore[arg-type]
+
+
+# --- requests -----------------------------------------------------------------------------------
+
+
+def test_request_round_trips_and_is_canonical() -> None:
+    """Encoding is deterministic and decoding gives back every field."""
+    request = _request(seed=9, frames_per_slice=2, max_seconds=60, allow_blank=True)
+    data = request.encode()
+    assert data == _request(seed=9, frames_per_slice=2, max_seconds=60, allow_blank=True).encode()
+    back = RenderRequest.decode(data)
+    assert back == request
+    assert back.scene == SCENE
+    _, meta = decode_tensors(data)
+    assert meta["frame_start"] == "1"
+    assert meta["allow_blank"] == "1"
+
+
+def test_request_by_url_carries_no_scene() -> None:
+    """A scene_url request carries the hash and the URL, no scene bytes."""
+    request = _request(scene_url=f"/v1/blobs/{SHA}")
+    tensors, meta = decode_tensors(request.encode())
+    assert tensors == {}
+    assert meta["scene_url"] == f"/v1/blobs/{SHA}"
+    assert RenderRequest.decode(request.encode()).scene is None
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "/etc/passwd",
+        "file:///etc/passwd",
+        "../scene.blend",
+        "scene.blend",
+        "/v1/blobs/" + "0" * 64,  # another blob than the scene's hash
+        "ftp://host/scene.blend",
+    ],
+)
+def test_local_paths_and_other_schemes_are_refused(url: str) -> None:
+    """A node never reads its own files for a requester: only blob refs or http(s)."""
+    with pytest.raises(LocalProtocolError, match="scene_url"):
+        _request(scene_url=url)
+
+
+def test_inline_scene_with_wrong_hash_is_refused() -> None:
+    """The inline scene must hash to scene_sha256."""
+    _, meta = decode_tensors(_request().encode())
+    forged = encode_tensors(
+        {"__scene__": np.frombuffer(b"another scene", dtype=np.uint8)}, metadata=meta
+    )
+    with pytest.raises(RemoteProtocolError, match="inline scene has sha256"):
+        RenderRequest.decode(forged)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "match"),
+    [
+        ("frame_start", "01", "canonical decimal"),
+        ("samples", "+4", "canonical decimal"),
+        ("frame_end", "0", "frame_end"),
+        ("width", "0", "width"),
+        ("seed", "2147483648", "seed"),
+        ("allow_blank", "yes", "allow_blank"),
+        ("tile", "1", "unknown metadata"),
+        ("class", "ai.inference", "workload class"),
+    ],
+)
+def test_bad_metadata_is_refused(key: str, value: str, match: str) -> None:
+    """Each field is checked when a payload is decoded, as the peer's fault."""
+    tensors, meta = decode_tensors(_request(frames=(3, 6)).encode())
+    meta = {**meta, key: value}
+    with pytest.raises(RemoteProtocolError, match=match):
+        RenderRequest.decode(encode_tensors(dict(tensors), metadata=meta))
+
+
+def test_resolve_blobs_inlines_a_fetched_scene() -> None:
+    """The daemon's hook: a URL payload comes back inline, once the hash checks out."""
+    payload = _request(scene_url="https://blobs.example/s").encode()
+    resolved = RenderRequest.decode(resolve_blobs(payload, lambda _url: SCENE))
+    assert resolved.scene == SCENE
+    assert resolved.scene_url is None
+    inline = _request().encode()
+    assert resolve_blobs(inline, lambda _url: b"never fetched") == inline
+
+
+def test_resolve_blobs_refuses_wrong_bytes() -> None:
+    """Fetched bytes that do not hash to scene_sha256 are refused before use."""
+    payload = _request(scene_url="https://blobs.example/s").encode()
+    with pytest.raises(RemoteProtocolError, match="expected " + SHA):
+        resolve_blobs(payload, lambda _url: b"tampered")
+
+
+# --- split --------------------------------------------------------------------------------------
+
+
+def test_slice_ranges_share_frames_evenly_in_order() -> None:
+    """Earlier slices take the remainder; ranges are contiguous and cover every frame."""
+    assert slice_ranges(1, 7, slices=3) == [(1, 3), (4, 5), (6, 7)]
+    assert slice_ranges(10, 10, slices=1) == [(10, 10)]
+    assert slice_ranges(1, 5, frames_per_slice=2) == [(1, 2), (3, 4), (5, 5)]
+    assert slice_ranges(1, 5, slices=3, frames_per_slice=2) == [(1, 2), (3, 4), (5, 5)]
+
+
+def test_more_slices_than_frames_is_refused() -> None:
+    """Every slice renders at least one frame."""
+    with pytest.raises(RemoteProtocolError, match="slices must be in 1..2"):
+        slice_ranges(1, 2, slices=3)
+
+
+def test_split_narrows_only_the_frame_range() -> None:
+    """Each slice payload is the job's request with its own frames."""
+    parts = [RenderRequest.decode(p) for p in split(_request(seed=5).encode(), 2)]
+    assert [(p.frame_start, p.frame_end) for p in parts] == [(1, 3), (4, 6)]
+    assert all(p.scene == SCENE and p.seed == 5 and p.width == W for p in parts)
+
+
+def test_job_that_cannot_fit_a_result_is_refused() -> None:
+    """frames_per_slice frames of RGBA must fit the coordinator's payload limit."""
+    payload = _request(width=1024, height=1024, frames_per_slice=8).encode()
+    with pytest.raises(RemoteProtocolError, match="do not fit"):
+        job_meta(payload, 32 << 20)
+
+
+# --- results ------------------------------------------------------------------------------------
+
+
+def test_result_vector_is_stable() -> None:
+    """The published 1x1 example, byte for byte, and it decodes back to its one pixel."""
+    pixel = np.array([[[255, 0, 0, 255]]], dtype=np.uint8)
+    data = encode_result({7: pixel}, scene_sha256=EMPTY_SHA256, width=1, height=1)
+    assert data == VECTOR_RESULT_1X1
+    assert decode_result(data).frames[7].tolist() == pixel.tolist()
+
+
+def test_good_slice_result_passes_the_check() -> None:
+    """Right scene, size, format and range, not blank: accepted."""
+    meta = _meta(_request().encode())
+    checked = check_result(_result(3, 4), meta, 1 << 20)
+    assert (checked.frame_start, checked.frame_end) == (3, 4)
+
+
+def test_wrong_size_is_rejected() -> None:
+    """Frames of another size than the job's are refused."""
+    meta = _meta(_request().encode())
+    data = encode_result(
+        {1: np.ones((2, 2, 4), dtype=np.uint8) * np.arange(4, dtype=np.uint8)},
+        scene_sha256=SHA,
+        width=2,
+        height=2,
+    )
+    with pytest.raises(RemoteProtocolError, match="2x2, not 4x3"):
+        check_result(data, meta, 1 << 20)
+
+
+def test_wrong_format_is_rejected() -> None:
+    """A frame tensor that is not U8 RGBA is refused, even if the metadata claims the size."""
+    meta = _meta(_request().encode())
+    _, result_meta = decode_tensors(_result(1, 1))
+    floats = encode_tensors(
+        {"frame_000001": np.random.default_rng(0).random((H, W, 4), dtype=np.float32)},
+        metadata=result_meta,
+    )
+    with pytest.raises(RemoteProtocolError, match="expected uint8"):
+        check_result(floats, meta, 1 << 20)
+
+
+def test_blank_frame_is_rejected_unless_allowed() -> None:
+    """A frame of one colour is refused; allow_blank accepts it (a fade to black)."""
+    blank = {1: np.full((H, W, 4), 7, dtype=np.uint8), 2: _frames(2, 2)[2]}
+    data = encode_result(blank, scene_sha256=SHA, width=W, height=H)
+    with pytest.raises(RemoteProtocolError, match="frame 1 is blank"):
+        check_result(data, _meta(_request().encode()), 1 << 20)
+    check_result(data, _meta(_request(allow_blank=True).encode()), 1 << 20)
+
+
+def test_other_scene_or_frames_outside_the_job_are_rejected() -> None:
+    """A result for another scene, or for frames the job does not have, is refused."""
+    meta = _meta(_request(frames=(2, 5)).encode())
+    with pytest.raises(RemoteProtocolError, match="for scene"):
+        check_result(_result(2, 2, scene_sha256="ab" * 32), meta, 1 << 20)
+    with pytest.raises(RemoteProtocolError, match="outside the job"):
+        check_result(_result(5, 6), meta, 1 << 20)
+
+
+def test_result_with_missing_frame_is_rejected() -> None:
+    """The metadata's range must match the frame tensors exactly."""
+    tensors, meta = decode_tensors(_result(1, 3))
+    del tensors["frame_000002"]
+    with pytest.raises(RemoteProtocolError, match="frames 1..3"):
+        decode_result(encode_tensors(dict(tensors), metadata=meta))
+
+
+def test_assemble_joins_slices_in_frame_order() -> None:
+    """The job result equals one result of all frames, byte for byte."""
+    meta = _meta(_request().encode())
+    joined = assemble([_result(1, 3), _result(4, 6)], meta)
+    assert joined == _result(1, 6)
+
+
+def test_assemble_refuses_gaps_and_disorder() -> None:
+    """Slices out of order, overlapping or missing frames fail the assembly."""
+    meta = _meta(_request().encode())
+    with pytest.raises(RemoteProtocolError, match="slice 0 starts at frame 4"):
+        assemble([_result(4, 6), _result(1, 3)], meta)
+    with pytest.raises(RemoteProtocolError, match="slices end at frame 5"):
+        assemble([_result(1, 3), _result(4, 5)], meta)
+    with pytest.raises(RemoteProtocolError, match="slice 1 starts at frame 3"):
+        assemble([_result(1, 3), _result(3, 6)], meta)
+
+
+def test_class_name() -> None:
+    """The workload class string matches the manifest's (2.3.2)."""
+    assert render.CLASS == "media.render"

@@ -1,0 +1,201 @@
+"""The ai.training formats: model spec allowlist, config, job, slice, pseudo-gradient (2.3.5)."""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pytest
+from safetensors.numpy import load as st_load
+
+from nodeclient.errors import LocalProtocolError, RemoteProtocolError
+from nodeclient.workloads import training as tr
+from nodeclient.workloads.tensors import decode_tensors, encode_tensors
+
+MLP = [
+    {"type": "Linear", "in": 4, "out": 3},
+    {"type": "ReLU"},
+    {"type": "Linear", "in": 3, "out": 2},
+]
+
+
+def _job(**config: object) -> tr.JobRequest:
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(10, 4)).astype(np.float32)
+    y = (np.arange(10) % 2).astype(np.int64)
+    return tr.JobRequest(tr.ModelSpec.parse(MLP), tr.TrainingConfig(**config), x, y)  # type: ignore[arg-type]
+
+
+def test_parameter_names_follow_torch_sequential_naming() -> None:
+    """Names are nn.Sequential's state-dict keys, nested Sequentials included, with shapes."""
+    spec = tr.ModelSpec.parse(
+        [
+            {"type": "Flatten"},
+            {
+                "type": "Sequential",
+                "layers": [{"type": "Linear", "in": 6, "out": 4}, {"type": "GELU"}],
+            },
+            {"type": "LayerNorm", "dim": 4},
+            {"type": "Dropout", "p": 0},
+            {"type": "Linear", "in": 4, "out": 3, "bias": False},
+        ]
+    )
+    assert spec.parameter_shapes() == {
+        "1.0.weight": (4, 6),
+        "1.0.bias": (4,),
+        "2.weight": (4,),
+        "2.bias": (4,),
+        "4.weight": (3, 4),
+    }
+    assert spec.output_shape((2, 3)) == (3,)
+
+
+def _nested(depth: int) -> list:
+    layers: list = [{"type": "ReLU"}]
+    for _ in range(depth - 1):
+        layers = [{"type": "Sequential", "layers": layers}]
+    return layers
+
+
+@pytest.mark.parametrize(
+    ("layers", "reason"),
+    [
+        ([{"type": "Lambda", "code": "import os"}], "not allowed"),
+        ([{"type": "Conv2d"}], "not allowed"),
+        ([{"type": "Linear", "in": 4, "out": 2, "init": "x"}], "unknown keys"),
+        ([{"type": "Dropout", "p": 0.5}], "p=0"),
+        ([{"type": "Linear", "in": True, "out": 2}], "integer"),
+        ([], "non-empty"),
+        (_nested(5), "deeper"),
+    ],
+)
+def test_model_spec_allowlist_refuses_anything_else(layers: list, reason: str) -> None:
+    """Only allowlisted layer types with known keys are accepted: a spec is data, not code."""
+    with pytest.raises(LocalProtocolError, match=reason):
+        tr.ModelSpec.parse(layers)
+
+
+def test_output_shape_names_the_mismatched_layer() -> None:
+    """A dataset whose features do not fit the first Linear is refused with the layer's path."""
+    with pytest.raises(LocalProtocolError, match=r"layer 0 \(Linear\) expects last dimension 4"):
+        tr.ModelSpec.parse(MLP).output_shape((5,))
+
+
+def test_init_weights_are_deterministic_and_within_torch_bounds() -> None:
+    """The same seed gives the same weights; Linear values lie within 1/sqrt(fan_in)."""
+    spec = tr.ModelSpec.parse(MLP)
+    a, b, c = spec.init_weights(7), spec.init_weights(7), spec.init_weights(8)
+    assert tr.weights_container(a) == tr.weights_container(b) != tr.weights_container(c)
+    assert np.abs(a["0.weight"]).max() <= 0.5
+    assert a["0.weight"].dtype == np.float32
+
+
+def test_config_defaults_are_diloco() -> None:
+    """Defaults: AdamW inside, SGD with Nesterov momentum 0.9 and lr 0.7 outside."""
+    config = tr.TrainingConfig()
+    assert (config.inner.name, config.outer.lr, config.outer.momentum, config.outer.nesterov) == (
+        "adamw", 0.7, 0.9, True,
+    )  # fmt: skip
+    assert tr.TrainingConfig.from_dict(config.to_dict()) == config
+
+
+@pytest.mark.parametrize(
+    ("raw", "reason"),
+    [
+        ({"rounds": 0}, "rounds"),
+        ({"rounds": True}, "int"),
+        ({"inner_steps": "5"}, "int"),
+        ({"shuffle": True}, "unknown keys"),
+        ({"inner": {"name": "lbfgs"}}, "adamw"),
+        ({"outer": {"nesterov": 1}}, "bool"),
+        ({"grad_dtype": "BF16"}, "grad_dtype"),
+        ({"inner": {"betas": [0.9]}}, "array of 2"),
+    ],
+)
+def test_config_refuses_bad_values(raw: dict, reason: str) -> None:
+    """Unknown keys, wrong JSON types and out-of-range values are refused by name."""
+    with pytest.raises(LocalProtocolError, match=reason):
+        tr.TrainingConfig.from_dict(raw)
+
+
+def test_job_round_trip_and_refusals() -> None:
+    """A job encodes and decodes; labels outside the model's outputs are refused."""
+    job = _job(rounds=3)
+    again = tr.JobRequest.decode(job.encode())
+    assert again.config.rounds == 3
+    assert again.model.to_json() == job.model.to_json()
+    bad = tr.JobRequest(job.model, job.config, job.x, job.y + 5)
+    with pytest.raises(RemoteProtocolError, match="labels must lie in"):
+        tr.JobRequest.decode(bad.encode())
+
+
+def test_shards_partition_the_data_deterministically() -> None:
+    """Shards are disjoint, cover every row once, differ by at most one row, and repeat."""
+    job = _job(data_seed=3)
+    shards = job.shards(3)
+    assert shards == job.shards(3)
+    rows = [decode_tensors(s)[0] for s in shards]
+    assert sorted(len(r["y"]) for r in rows) == [3, 3, 4]
+    joined = np.concatenate([r["x"] for r in rows])
+    assert sorted(map(tuple, joined.tolist())) == sorted(map(tuple, job.x.tolist()))
+    with pytest.raises(RemoteProtocolError, match="slices must be in"):
+        job.shards(11)
+
+
+def test_weights_container_is_plain_safetensors() -> None:
+    """Weights travel as safetensors: the reference reader opens them."""
+    weights = tr.ModelSpec.parse(MLP).init_weights(0)
+    loaded = st_load(tr.weights_container(weights))
+    assert sorted(loaded) == sorted(weights)
+    assert np.array_equal(loaded["2.bias"], weights["2.bias"])
+
+
+def test_slice_payload_carries_and_checks_both_hashes() -> None:
+    """Round 0 payloads name weights and shard by SHA-256, and decode verifies them."""
+    payload = _job(inner_steps=7).round_zero(2)[1]
+    request = tr.SliceRequest.decode(payload)
+    assert request.weights_sha256 == hashlib.sha256(request.weights).hexdigest()
+    assert (request.plan.round, request.plan.slice, request.plan.steps) == (0, 1, 7)
+    assert request.plan.seed == tr.slice_seed(0, 0, 1)
+    tensors, meta = decode_tensors(payload)
+    other_shard = tr.shard_container(np.zeros((1, 4), np.float32), np.zeros(1, np.int64))
+    forged = encode_tensors(
+        {"weights": tensors["weights"], "shard": np.frombuffer(other_shard, np.uint8)},
+        metadata=meta,
+    )
+    with pytest.raises(RemoteProtocolError, match="shard has sha256"):
+        tr.SliceRequest.decode(forged)
+
+
+def test_pseudo_gradient_round_trip_and_structure_checks() -> None:
+    """Results decode to what was encoded, bytes are canonical, and shapes and dtype are enforced."""
+    shapes = tr.ModelSpec.parse(MLP).parameter_shapes()
+    deltas = {k: np.full(s, 0.5, np.float32) for k, s in shapes.items()}
+    pg = tr.PseudoGradient(deltas, "a" * 64, "b" * 64, 5, 2.25, 0.125)
+    data = pg.encode()
+    assert (
+        data
+        == tr.PseudoGradient(
+            dict(reversed(deltas.items())), "a" * 64, "b" * 64, 5, 2.25, 0.125
+        ).encode()
+    )
+    back = tr.PseudoGradient.decode(data, shapes=shapes, grad_dtype="F32")
+    assert (back.steps, back.first_loss, back.last_loss) == (5, 2.25, 0.125)
+    with pytest.raises(RemoteProtocolError, match="expected"):
+        tr.PseudoGradient.decode(data, shapes=shapes, grad_dtype="F16")
+    wrong = {**deltas, "0.weight": np.zeros((3, 5), np.float32)}
+    with pytest.raises(RemoteProtocolError, match="has shape"):
+        tr.PseudoGradient.decode(
+            tr.PseudoGradient(wrong, "a" * 64, "b" * 64, 5, 1.0, 1.0).encode(),
+            shapes=shapes,
+            grad_dtype="F32",
+        )
+
+
+def test_final_result_round_trip() -> None:
+    """The job result carries the final weights and the per-round metrics."""
+    weights = tr.ModelSpec.parse(MLP).init_weights(1)
+    final = tr.encode_final(tr.ModelSpec.parse(MLP), weights, [{"round": 0, "used": [0, 1]}])
+    back, metrics = tr.decode_final(final)
+    assert metrics == [{"round": 0, "used": [0, 1]}]
+    assert np.array_equal(back["0.weight"], weights["0.weight"])
