@@ -144,7 +144,7 @@ async def overhead(home: Path, n: int = 200) -> dict[str, float]:
     for _ in range(n):
         frame, task_id = dispatch_frame(daemon, key, payload)
         samples.append(await one_task(daemon, link, frame, task_id))
-    daemon.executor.shutdown()
+    await daemon.executor.aclose()
     floor = crypto_floor(key, n)
     ours = statistics.median(samples)
     return {
@@ -176,7 +176,7 @@ async def throughput(home: Path, slots: int, n: int = 40) -> float:
             await daemon._on_frame(pending.pop(0)[0])
         await asyncio.sleep(0.0005)  # a slot frees when the task's result is sent
     elapsed = time.perf_counter() - t0
-    daemon.executor.shutdown()
+    await daemon.executor.aclose()
     return n / elapsed
 
 

@@ -61,6 +61,9 @@ def build_server(app: FastAPI, *, host: str, port: int) -> uvicorn.Server:
         ws_max_size=MAX_DATA_FRAME + _WS_OVERHEAD,
         ws_ping_interval=20.0,
         ws_ping_timeout=20.0,
+        # Link frames are small JSON or already-encrypted payloads: compressing them costs
+        # coordinator CPU on every heartbeat and saves almost nothing.
+        ws_per_message_deflate=False,
         lifespan="on",
     )
     return _Server(config)
