@@ -11,10 +11,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 from nodeclient.errors import ProtocolError, RemoteProtocolError
 from nodeclient.workloads import inference, render, training
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 # validate(payload, max_bytes) -> metadata kept with the job (raises RemoteProtocolError)
 Validate = Callable[[bytes, int], Mapping[str, Any]]
@@ -77,60 +80,40 @@ REGISTRY: dict[str, WorkloadClass] = {
 }
 
 
-def _render_validate(payload: bytes, max_bytes: int) -> Mapping[str, Any]:
-    try:
-        return render.job_meta(payload, max_bytes)
-    except ProtocolError as exc:
-        raise RemoteProtocolError(f"media.render payload: {exc}") from exc
+def _blamed(what: str, fn: Callable[P, R]) -> Callable[P, R]:
+    """*fn* with any ProtocolError re-raised as the requester's or node's fault, prefixed."""
+
+    def wrapped(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return fn(*args, **kwargs)
+        except ProtocolError as exc:
+            raise RemoteProtocolError(f"{what}: {exc}") from exc
+
+    return wrapped
 
 
 def _render_check(result: bytes, meta: Mapping[str, Any], max_bytes: int) -> None:
-    try:
-        render.check_result(result, meta, max_bytes)
-    except ProtocolError as exc:
-        raise RemoteProtocolError(f"media.render result: {exc}") from exc
+    render.check_result(result, meta, max_bytes)  # the decoded frames are not needed here
 
 
 # media.render: split by frame range, frames joined in order (workloads/render.py).
 REGISTRY[render.CLASS] = WorkloadClass(
     name=render.CLASS,
     sliceable=True,
-    validate=_render_validate,
+    validate=_blamed("media.render payload", render.job_meta),
     split=render.split,
-    check_result=_render_check,
+    check_result=_blamed("media.render result", _render_check),
     assemble=render.assemble,
 )
-
-
-def _training_validate(payload: bytes, max_bytes: int) -> Mapping[str, Any]:
-    try:
-        return training.job_meta(payload, max_bytes)
-    except ProtocolError as exc:
-        raise RemoteProtocolError(f"ai.training payload: {exc}") from exc
-
-
-def _training_split(payload: bytes, slices: int) -> list[bytes]:
-    try:
-        return training.split(payload, slices)
-    except ProtocolError as exc:
-        raise RemoteProtocolError(f"ai.training payload: {exc}") from exc
-
-
-def _training_check(result: bytes, meta: Mapping[str, Any], max_bytes: int) -> None:
-    try:
-        training.check_result(result, meta, max_bytes)
-    except ProtocolError as exc:
-        raise RemoteProtocolError(f"ai.training result: {exc}") from exc
-
 
 # ai.training: one shard per slice, R rounds; finished rounds are aggregated by
 # coordinator/rounds.py (verifier._finish_job), so assemble is never reached.
 REGISTRY[training.CLASS] = WorkloadClass(
     name=training.CLASS,
     sliceable=True,
-    validate=_training_validate,
-    split=_training_split,
-    check_result=_training_check,
+    validate=_blamed("ai.training payload", training.job_meta),
+    split=_blamed("ai.training payload", training.split),
+    check_result=_blamed("ai.training result", training.check_result),
     assemble=training.assemble,
 )
 
