@@ -227,3 +227,24 @@ def test_eip712_typed_data_matches_signed_struct(coordinator: Running, rsa_keys)
     assert typed["primaryType"] == "Result"
     assert typed["domain"] == {"name": "nodeclient", "version": "1", "chainId": 31337}
     assert [f["name"] for f in typed["types"]["Result"]] == [n for n, _ in eip712.TYPES["Result"]]
+
+
+def test_progress_of_a_leased_task_shows_in_the_jobs_api(coordinator: Running, rsa_keys) -> None:
+    """A node's progress frames appear on its leased task, are refused when malformed,
+    and disappear once the task has its result."""
+    node = make_node(rsa_keys, 0)
+    _ready(coordinator, node)
+    payload, job, dispatch = _submit_and_dispatch(coordinator, node)
+    assert coordinator.client.job(job["job_id"])["tasks"][0]["progress"] is None
+    node.send({"type": "progress", "task_id": dispatch["task_id"], "done": 2, "total": 6,
+               "note": "frame 3 saved"})  # fmt: skip
+    node.send({"type": "progress", "task_id": dispatch["task_id"], "done": 9, "total": 6,
+               "note": ""})  # fmt: skip
+    err = node.recv(skip=("heartbeat_ack",))
+    assert err["type"] == "error" and err["code"] == "malformed"
+    task = coordinator.client.job(job["job_id"])["tasks"][0]
+    assert task["progress"] == {"done": 2.0, "total": 6.0, "note": "frame 3 saved"}
+    ack = node.call(node.result(dispatch, inference_result(payload, VALUES)))
+    assert ack["status"] == "accepted"
+    done = coordinator.wait_job(job["job_id"], "succeeded")
+    assert done["tasks"][0]["progress"] is None

@@ -144,3 +144,14 @@ def test_node_frame_with_bad_field_types_rejected(parts) -> None:
     frame["signature"] = "0x1234"
     with pytest.raises(RemoteProtocolError):
         messages.parse_from_node(json.dumps(frame))
+
+
+def test_progress_frame_round_trip_and_limits() -> None:
+    """The advisory progress frame parses on the coordinator side; done > total is refused."""
+    t = uuid.uuid4()
+    frame = messages.ProgressFrame(t, 3, 10, "step 3")
+    parsed = messages.parse_from_node(json.dumps(frame.to_wire()))
+    assert parsed == frame
+    bad = {**frame.to_wire(), "done": 11}
+    with pytest.raises(RemoteProtocolError):
+        messages.parse_from_node(json.dumps(bad))

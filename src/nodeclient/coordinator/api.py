@@ -179,7 +179,19 @@ def build_router(coord: Coordinator) -> APIRouter:  # noqa: PLR0915 (one route e
             return None if job is None else store.job_json(s, job, chain_id=chain_id)
 
         job = await coord.db.run(tx)
-        return error(404, f"no job {job_id}") if job is None else JSONResponse(job)
+        if job is None:
+            return error(404, f"no job {job_id}")
+        for task in job["tasks"]:
+            p = coord.progress.get(task["task_id"])
+            leased_here = (
+                p is not None and task["status"] == "leased" and p["node_id"] == task["node_id"]
+            )
+            task["progress"] = (
+                {"done": p["done"], "total": p["total"], "note": p["note"]}
+                if leased_here and p
+                else None
+            )
+        return JSONResponse(job)
 
     @router.get("/v1/jobs/{job_id}/result", response_model=None)
     async def job_result(job_id: str) -> Response:

@@ -126,7 +126,7 @@ class LinkSession:
             frame = messages.parse_from_node(raw)
         except RemoteProtocolError as exc:
             return await self._refuse(4000, f"malformed auth: {exc}"[:120])
-        if frame.type != "auth":
+        if not isinstance(frame, messages.SignedFrame) or frame.type != "auth":
             return await self._refuse(4000, f"malformed auth: expected auth, got {frame.type}")
         msg = frame.message
         node_id = to_checksum_address(parse_address(msg["node_id"]))
@@ -179,11 +179,24 @@ class LinkSession:
             except RemoteProtocolError as exc:
                 await self._error("malformed", str(exc))
                 continue
+            if isinstance(frame, messages.ProgressFrame):
+                self._progress(frame)
+                continue
             handler = handlers.get(frame.type)
             if handler is None:
                 await self._error("malformed", f"unexpected {frame.type} frame after auth")
                 continue
             await handler(frame)
+
+    def _progress(self, frame: messages.ProgressFrame) -> None:
+        """Remember a running task's progress; the jobs API shows it while it is leased."""
+        self.coord.progress[str(frame.task_id)] = {
+            "node_id": self.node_id,
+            "done": frame.done,
+            "total": frame.total,
+            "note": frame.note,
+            "at": self.coord.now(),
+        }
 
     async def _heartbeat(self, frame: messages.SignedFrame) -> None:
         coord, msg = self.coord, frame.message

@@ -104,6 +104,8 @@ class Coordinator:
         for info in db.run_sync(load_nodes):
             self.cache_node(info)
         self.links: dict[str, LinkPort] = {}
+        # task_id -> latest advisory progress from the node it is leased to (memory only)
+        self.progress: dict[str, dict[str, Any]] = {}
         self.heartbeats = HeartbeatWriter(db)
         self.metrics = CoordinatorMetrics()  # GET /metrics (2.3.8); per app, never global
         self._wake: asyncio.Event | None = None

@@ -17,6 +17,7 @@ import random
 import signal
 import time
 import uuid
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -119,6 +120,7 @@ class NodeDaemon:
         self._rand = random.SystemRandom()
         self._fatal: RegistrationRefused | None = None
         self._fetch = inputs.http_fetcher(self.url)
+        self._pending_sends: set[asyncio.Future[None]] = set()
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -381,6 +383,7 @@ class NodeDaemon:
                         task_id=task.task_id,
                         deadline=time.monotonic() + lease_left,  # the executor's clock
                         resources=d.resources,
+                        on_progress=self._progress_reporter(task.task_id),
                     )
                 except TaskFailed as exc:
                     log.warning("task.failed", extra={"reason": exc.reason})
@@ -406,6 +409,25 @@ class NodeDaemon:
                 self.running.pop(task.task_id, None)
                 if not self.running and self.state.state is NodeState.EXECUTING:
                     self.state.transition(NodeState.IDLE, reason="the last running task finished")
+
+    def _progress_reporter(self, task_id: uuid.UUID) -> Callable[[float, float, str], None]:
+        """Forward a task's progress to the coordinator, at most twice a second (and the end)."""
+        last = [-1.0]
+
+        def report(done: float, total: float, note: str) -> None:
+            now = time.monotonic()
+            if now - last[0] < 0.5 and done < total:
+                return
+            last[0] = now
+            frame = messages.ProgressFrame(task_id, min(done, total), total, note[:200])
+            self._background(self._send(frame.to_wire()))
+
+        return report
+
+    def _background(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._pending_sends.add(task)
+        task.add_done_callback(self._pending_sends.discard)
 
     def _resolve_inputs(self, task: RunningTask, payload: bytes) -> bytes:
         """Fetch content-addressed inputs the offline worker needs (models, scenes)."""

@@ -9,7 +9,7 @@ verifier can rebuild the exact typed data (see eip712.typed_data_json).
 Direction and purpose (docs/protocol.md has the full table):
 
 coordinator -> node: challenge, welcome, heartbeat_ack, dispatch, result_ack, cancel, error
-node -> coordinator: auth, heartbeat, result, reject
+node -> coordinator: auth, heartbeat, result, reject (signed), progress (advisory)
 """
 
 from __future__ import annotations
@@ -352,13 +352,52 @@ def parse_from_coordinator(frame: str | bytes) -> Message:
     return cls.from_wire(d)
 
 
-def parse_from_node(frame: str | bytes) -> SignedFrame:
+@dataclass(frozen=True, slots=True)
+class ProgressFrame:
+    """node -> coordinator: how far a running task is (frames saved, steps run).
+
+    Advisory and unsigned: it arrives on a link already authenticated by LinkAuth, and the
+    coordinator only records it for a task leased to that link's node. Nothing is paid or
+    verified on the strength of it.
+    """
+
+    TYPE: ClassVar[str] = "progress"
+    task_id: uuid.UUID
+    done: float
+    total: float
+    note: str = ""
+
+    @property
+    def type(self) -> str:
+        return self.TYPE
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "type": self.TYPE,
+            "task_id": str(self.task_id),
+            "done": self.done,
+            "total": self.total,
+            "note": self.note,
+        }
+
+    @classmethod
+    def from_wire(cls, d: Mapping[str, Any]) -> ProgressFrame:
+        total = _num(d, "total", lo=0, hi=1e12)
+        done = _num(d, "done", lo=0, hi=total)
+        return cls(_uuid(d, "task_id"), done, total, _str(d, "note", max_len=200))
+
+
+def parse_from_node(frame: str | bytes) -> SignedFrame | ProgressFrame:
     """Parse a frame the coordinator received; raises RemoteProtocolError.
 
     Signature *verification* needs the registry (which key?) and happens in the
     coordinator; here the message is only shape- and type-checked.
     """
     d = _load(frame, max_size=MAX_DATA_FRAME)
+    if d["type"] == ProgressFrame.TYPE:
+        if len(frame) > MAX_CONTROL_FRAME:
+            raise RemoteProtocolError(f"progress frame exceeds {MAX_CONTROL_FRAME} bytes")
+        return ProgressFrame.from_wire(d)
     primary = SIGNED_TYPES.get(d["type"])
     if primary is None:
         raise RemoteProtocolError(f"unknown message type {d['type'][:32]!r}")
