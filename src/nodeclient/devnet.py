@@ -348,7 +348,8 @@ def _wait_job(
         parts = []
         for t in job["tasks"]:
             where = (t.get("node_id") or "-")[:10]
-            p = t.get("progress") or progress.get(t["task_id"])  # the coordinator's, else the node's
+            # the coordinator's view of progress, else the node's own
+            p = t.get("progress") or progress.get(t["task_id"])
             extra = f" {p['done']:g}/{p['total']:g}" if p else ""
             parts.append(f" [{t['status']} on {where}{extra}]")
         line = f"job {job_id}: {job['status']}" + "".join(parts)
