@@ -41,6 +41,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
+from nodeclient.node.daemon import LINK_OPTIONS
 from nodeclient.protocol import manifest, messages, tier
 from nodeclient.protocol.secp import Secp256k1Key, to_checksum_address
 from nodeclient.protocol.session import NodeSession
@@ -195,7 +196,7 @@ class Worker:
         try:
             async with gate:
                 # The same client options as the node daemon (node/daemon.py).
-                ws = await connect(url, max_size=messages.MAX_DATA_FRAME, open_timeout=60)
+                ws = await connect(url, **{**LINK_OPTIONS, "open_timeout": 60})
                 challenge = messages.parse_from_coordinator(await asyncio.wait_for(ws.recv(), 60))
                 assert isinstance(challenge, messages.Challenge)
                 await ws.send(json.dumps(node.session.on_challenge(challenge)))

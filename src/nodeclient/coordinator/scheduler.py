@@ -312,6 +312,12 @@ def assign_tx(
     return out
 
 
+def _any_queued(session: Session) -> bool:
+    return (
+        session.scalar(select(m.Task.task_id).where(m.Task.status == m.QUEUED).limit(1)) is not None
+    )
+
+
 def undeliverable_tx(session: Session, task_id: str, node_id: str, now: float) -> None:
     """A dispatch that never left: undo its lease without spending an attempt."""
     task = session.get(m.Task, task_id)
@@ -369,6 +375,8 @@ class Scheduler:
         lost = await coord.db.run(lambda s: expire_tx(s, now=now, max_attempts=cfg.max_attempts))
         await self._report_lost(lost, "task.lease_expired")
         await rounds.enforce_deadlines(coord, now)  # ai.training: drop slices late for their round
+        if not await coord.db.run(_any_queued):
+            return  # nothing to place: skip building a candidate per link (10,000 of them)
         cands = self.candidates()
         if not cands:
             return

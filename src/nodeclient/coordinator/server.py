@@ -59,8 +59,9 @@ def build_server(app: FastAPI, *, host: str, port: int) -> uvicorn.Server:
         log_config=None,  # our JSON logs only (nodeclient.logs)
         access_log=False,
         ws_max_size=MAX_DATA_FRAME + _WS_OVERHEAD,
-        ws_ping_interval=20.0,
-        ws_ping_timeout=20.0,
+        # Nodes heartbeat every interval and a silent node is closed as offline (4005);
+        # server pings to 10,000 links every 20 s would cost more frames than heartbeats.
+        ws_ping_interval=None,
         # Link frames are small JSON or already-encrypted payloads: compressing them costs
         # coordinator CPU on every heartbeat and saves almost nothing.
         ws_per_message_deflate=False,

@@ -43,6 +43,16 @@ from nodeclient.protocol.states import NodeState, StateMachine
 
 log = logging.getLogger("nodeclient.node")
 
+# The node's link client options (the scale benchmark's simulated nodes use them too).
+# Signed heartbeats already prove liveness both ways; a slow WebSocket ping only catches
+# a half-open connection, so it need not add frames at the heartbeat's rate.
+LINK_OPTIONS: Final[dict[str, Any]] = {
+    "max_size": messages.MAX_DATA_FRAME,
+    "open_timeout": 10,
+    "ping_interval": 60,
+    "ping_timeout": 30,
+    "compression": None,  # small JSON or encrypted bytes: nothing to gain, CPU to lose
+}
 CLOSE_NOT_REGISTERED: Final = 4003
 CLOSE_AUTH_FAILED: Final = 4001
 CLOSE_REPLACED: Final = 4004
@@ -243,7 +253,7 @@ class NodeDaemon:
     async def _connect_once(self) -> None:
         ws_url = "ws" + self.url[len("http") :] + "/v1/link"
         self._set_link("connecting")
-        async with connect(ws_url, max_size=messages.MAX_DATA_FRAME, open_timeout=10) as ws:
+        async with connect(ws_url, **LINK_OPTIONS) as ws:
             challenge = messages.parse_from_coordinator(await asyncio.wait_for(ws.recv(), 10))
             if not isinstance(challenge, messages.Challenge):
                 raise RemoteProtocolError("expected a challenge as the first frame")
