@@ -385,7 +385,8 @@ class NodeDaemon:
                     return
                 started = time.monotonic()
                 try:
-                    payload = await asyncio.to_thread(self._resolve_inputs, task, payload)
+                    if inputs.references_url(task.workload_class, payload):
+                        payload = await asyncio.to_thread(self._resolve_inputs, task, payload)
                     lease_left = max(0.0, d.lease_expires_at - self.clock.now())
                     result = await self.executor.run(
                         task.workload_class,

@@ -18,6 +18,7 @@ import httpx
 
 from nodeclient.errors import ProtocolError, RemoteProtocolError
 from nodeclient.node import sandbox
+from nodeclient.workloads.tensors import read_metadata
 
 MAX_FETCH_BYTES: Final = 256 * 1024 * 1024
 
@@ -45,6 +46,25 @@ def http_fetcher(
         return bytes(data)
 
     return fetch
+
+
+# The metadata key through which each class references an input by URL.
+_URL_KEYS: Final = {"ai.inference": "model_url", "media.render": "scene_url"}
+
+
+def references_url(workload_class: str, payload: bytes) -> bool:
+    """Whether the payload names an input by URL: a header-only check, cheap per task.
+
+    A payload whose header cannot be read is handed on unchanged; the worker reports the
+    precise decoding error.
+    """
+    key = _URL_KEYS.get(workload_class)
+    if key is None:
+        return False
+    try:
+        return key in read_metadata(payload)
+    except ProtocolError:
+        return False
 
 
 def resolve(

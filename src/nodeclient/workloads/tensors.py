@@ -280,6 +280,30 @@ def _view(data: bytes, start: int, entry: _Entry) -> npt.NDArray[Any]:
     return array
 
 
+def _metadata(header: dict[str, Any]) -> dict[str, str]:
+    raw_metadata = header.pop(METADATA_KEY, {})
+    if not isinstance(raw_metadata, dict):
+        raise RemoteProtocolError(f"{METADATA_KEY} must be an object of strings")
+    for key, value in raw_metadata.items():
+        _check_metadata_pair(key, value, error=RemoteProtocolError)
+    return raw_metadata
+
+
+def read_metadata(
+    data: bytes,
+    *,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
+) -> dict[str, str]:
+    """Only the container's ``__metadata__``, from the header: no tensor is looked at.
+
+    For routing decisions on a hot path (is a model referenced by URL?); whoever acts on
+    the payload still decodes it in full with ``decode_tensors``.
+    """
+    header, _start = _split(data, max_bytes=max_bytes, max_header_bytes=max_header_bytes)
+    return _metadata(header)
+
+
 def decode_tensors(
     data: bytes,
     *,
@@ -294,11 +318,7 @@ def decode_tensors(
     read-only views into *data*.
     """
     header, start = _split(data, max_bytes=max_bytes, max_header_bytes=max_header_bytes)
-    raw_metadata = header.pop(METADATA_KEY, {})
-    if not isinstance(raw_metadata, dict):
-        raise RemoteProtocolError(f"{METADATA_KEY} must be an object of strings")
-    for key, value in raw_metadata.items():
-        _check_metadata_pair(key, value, error=RemoteProtocolError)
+    raw_metadata = _metadata(header)
     if len(header) > max_tensors:
         raise RemoteProtocolError(
             f"container holds {len(header)} tensors, over the limit of {max_tensors}"

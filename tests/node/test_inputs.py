@@ -1,0 +1,35 @@
+"""Which payloads make the daemon fetch an input before the (offline) worker runs them."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from nodeclient.node.inputs import references_url
+from nodeclient.workloads.inference import make_request
+from nodeclient.workloads.tensors import encode_tensors, read_metadata
+from tests.models import identity_model
+
+X = {"x": np.ones(3, np.float32)}
+
+
+def test_inline_model_needs_no_fetch() -> None:
+    """An inline model is run as sent: no thread hop, no network."""
+    assert not references_url("ai.inference", make_request(identity_model(), X).encode())
+
+
+def test_model_by_url_is_fetched() -> None:
+    """A model named by SHA-256 and URL is resolved by the daemon first."""
+    payload = make_request(identity_model(), X, inline=False, model_url="/v1/blobs/ab").encode()
+    assert references_url("ai.inference", payload)
+
+
+def test_unreadable_or_unknown_payloads_are_left_to_the_worker() -> None:
+    """Garbage, or a class without URL inputs, is passed on for the worker to judge."""
+    assert not references_url("ai.inference", b"\xff" * 5)
+    assert not references_url("ai.training", encode_tensors(X, metadata={"model_url": "x"}))
+
+
+def test_read_metadata_matches_the_full_decode() -> None:
+    """The header-only reader returns what decode_tensors would, without the tensors."""
+    payload = encode_tensors(X, metadata={"b": "2", "a": "1"})
+    assert read_metadata(payload) == {"a": "1", "b": "2"}
