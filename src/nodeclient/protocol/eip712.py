@@ -27,9 +27,7 @@ structs), which keeps the encoder small and auditable.
 from __future__ import annotations
 
 import re
-import uuid
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any, Final
 
 from nodeclient.errors import LocalProtocolError, SignatureError
@@ -310,35 +308,9 @@ def _from_json(kind: str, value: Any, field: str) -> Any:
     return value
 
 
-def uuid_bytes(value: uuid.UUID | str) -> bytes:
-    """The 16 raw bytes of a UUID, as bytes16 fields and the proof carry it."""
-    if isinstance(value, str):
-        try:
-            value = uuid.UUID(value)
-        except ValueError as exc:
-            raise SignatureError(f"not a UUID: {value!r}") from exc
-    return value.bytes
-
-
-@dataclass(frozen=True, slots=True)
-class SignedMessage:
-    """A struct with its signature, as it travels and as the jobs API exports it."""
-
-    primary_type: str
-    message: Mapping[str, Any]
-    signature: bytes
-
-    def typed_data(self, *, chain_id: int) -> dict[str, Any]:
-        return typed_data_json(self.primary_type, self.message, chain_id=chain_id)
-
-    def signer(self, *, chain_id: int) -> str:
-        return recover_typed(self.primary_type, self.message, self.signature, chain_id=chain_id)
-
-
 __all__: Sequence[str] = (
     "DEVNET_CHAIN_ID",
     "TYPES",
-    "SignedMessage",
     "domain_separator",
     "hash_struct",
     "message_from_json",
@@ -347,6 +319,5 @@ __all__: Sequence[str] = (
     "sign_typed",
     "signing_digest",
     "typed_data_json",
-    "uuid_bytes",
     "verify_typed",
 )

@@ -337,10 +337,6 @@ def _load(frame: str | bytes, *, max_size: int) -> dict[str, Any]:
     return d
 
 
-def frame_limit(type_: str) -> int:
-    return MAX_DATA_FRAME if type_ in ("dispatch", "result") else MAX_CONTROL_FRAME
-
-
 def parse_from_coordinator(frame: str | bytes) -> Message:
     """Parse a frame the node received; raises RemoteProtocolError."""
     d = _load(frame, max_size=MAX_DATA_FRAME)
