@@ -78,6 +78,33 @@ COORDINATOR = (
     "from nodeclient.coordinator.cli import main\n"
     "raise SystemExit(main(sys.argv[1:]))\n"
 )
+# The window, inside the coordinator: SIGUSR1 opens it, SIGUSR2 closes it. Meanwhile the
+# coordinator records its garbage collections (generation, pause), written as JSON to
+# $COORDINATOR_SCALE_GC, and with --profile runs cProfile on its event-loop thread.
+WINDOW_HOOKS = (
+    "import cProfile, gc, json, os, signal, time\n"
+    "_prof = cProfile.Profile() if os.environ.get('COORDINATOR_SCALE_PROFILE') else None\n"
+    "_gc = {'on': False, 't0': 0.0, 'pauses': []}\n"
+    "def _gc_cb(phase, info):\n"
+    "    if phase == 'start':\n"
+    "        _gc['t0'] = time.perf_counter()\n"
+    "    elif _gc['on']:\n"
+    "        _gc['pauses'].append((info['generation'], time.perf_counter() - _gc['t0']))\n"
+    "gc.callbacks.append(_gc_cb)\n"
+    "def _open(*_):\n"
+    "    _gc['on'] = True\n"
+    "    if _prof is not None:\n"
+    "        _prof.enable()\n"
+    "def _close(*_):\n"
+    "    _gc['on'] = False\n"
+    "    if _prof is not None:\n"
+    "        _prof.disable()\n"
+    "        _prof.dump_stats(os.environ['COORDINATOR_SCALE_PROFILE'])\n"
+    "    with open(os.environ['COORDINATOR_SCALE_GC'], 'w') as f:\n"
+    "        json.dump(_gc['pauses'], f)\n"
+    "signal.signal(signal.SIGUSR1, _open)\n"
+    "signal.signal(signal.SIGUSR2, _close)\n"
+)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -92,20 +119,34 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--dispatch-timeout", type=float, default=60.0, help="submit + dispatch deadline, s"
     )
     p.add_argument("--phase-timeout", type=float, default=180.0, help="deadline of each phase")
+    p.add_argument(
+        "--profile",
+        type=Path,
+        default=None,
+        help="write a cProfile of the coordinator's event loop during the window to this file",
+    )
     return p.parse_args(argv)
 
 
 # --- processes ------------------------------------------------------------------------------
 
 
-def start_coordinator(data_dir: Path, interval: float) -> tuple[subprocess.Popen[bytes], str]:
+def start_coordinator(
+    data_dir: Path, interval: float, profile: Path | None = None
+) -> tuple[subprocess.Popen[bytes], str]:
+    env = dict(os.environ, COORDINATOR_SCALE_GC=str(data_dir / "gc.json"))
+    if profile is not None:
+        env["COORDINATOR_SCALE_PROFILE"] = str(profile.resolve())
+    code = WINDOW_HOOKS + COORDINATOR
     cmd = [
-        sys.executable, "-c", COORDINATOR, "serve", "--host", "127.0.0.1", "--port", "0",
+        sys.executable, "-c", code, "serve", "--host", "127.0.0.1", "--port", "0",
         "--data-dir", str(data_dir), "--heartbeat-interval", str(interval),
     ]  # fmt: skip
     log = open(data_dir / "coordinator.log", "wb")  # noqa: SIM115 (the child holds it)
     # Its own session: Ctrl-C reaches only this script, which then stops it in order.
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=log, start_new_session=True, env=env
+    )
     log.close()
     assert proc.stdout is not None
     with selectors.DefaultSelector() as sel:
@@ -239,6 +280,24 @@ def log_summary(path: Path) -> str:
     return ", ".join(f"{k}: {v}" for k, v in counts.most_common(6)) or "none"
 
 
+def gc_summary(path: Path) -> str:
+    """Collections per generation and their longest pause, from the coordinator's record."""
+    try:
+        pauses = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return "not recorded"
+    by_gen: dict[int, list[float]] = {}
+    for gen, seconds in pauses:
+        by_gen.setdefault(int(gen), []).append(float(seconds))
+    return (
+        "; ".join(
+            f"gen{g}: {len(v)}, total {sum(v) * 1e3:.0f} ms, max {max(v) * 1e3:.1f} ms"
+            for g, v in sorted(by_gen.items())
+        )
+        or "none"
+    )
+
+
 def run(args: argparse.Namespace) -> int:
     interval, n = args.interval, args.nodes
     settle = interval if args.settle is None else args.settle
@@ -250,7 +309,7 @@ def run(args: argparse.Namespace) -> int:
     )
     with tempfile.TemporaryDirectory(prefix="coordinator-scale-") as tmp:
         data = Path(tmp)
-        coordinator, url = start_coordinator(data, interval)
+        coordinator, url = start_coordinator(data, interval, args.profile)
         clients: Clients | None = None
         try:
             cproc = psutil.Process(coordinator.pid)
@@ -290,9 +349,11 @@ def run(args: argparse.Namespace) -> int:
             )
 
             time.sleep(settle)  # every node has sent a heartbeat; phases are random
+            coordinator.send_signal(signal.SIGUSR1)
             cpu0, w0 = cproc.cpu_times(), time.monotonic()
             time.sleep(args.window)
             cpu1, w1 = cproc.cpu_times(), time.monotonic()
+            coordinator.send_signal(signal.SIGUSR2)
             rss_mb = cproc.memory_info().rss / 2**20
 
             d0 = d1 = t_submit0 = t_submit1 = 0.0
@@ -314,6 +375,7 @@ def run(args: argparse.Namespace) -> int:
                 clients.stop()
             stop_coordinator(coordinator)
         coord_log = log_summary(data / "coordinator.log")
+        gc_pauses = gc_summary(data / "gc.json")
 
     samples = [s for r in reports for s in r["samples"]]
     window = [rtt for sent, rtt in samples if w0 <= sent < w1]
@@ -350,6 +412,7 @@ def run(args: argparse.Namespace) -> int:
         f"{pct(lags, 0.5) * 1e3:.1f} ms p99 {pct(lags, 0.99) * 1e3:.1f} ms in the window "
         f"(inside the round trip)"
     )
+    print(f"  coordinator garbage collections in the window: {gc_pauses}")
     if args.jobs:
         span = (times[-1] - t_submit0) if times else float("nan")
         print(
