@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+from nodeclient.coordinator.link import heartbeat_ack_text
+from nodeclient.protocol.messages import HeartbeatAck
 from nodeclient.protocol.secp import Secp256k1Key
 from tests.coordinator.conftest import CHAIN, START, Running, closed_code, make_node
 
@@ -185,3 +187,15 @@ def test_heartbeat_with_unknown_state_is_malformed(coordinator: Running, rsa_key
     err = node.call(node.heartbeat(seq=1, state="DANCING"))
     assert (err["type"], err["code"]) == ("error", "malformed")
     assert coordinator.client.node(node.node_id)["state"] is None
+
+
+def test_heartbeat_ack_text_is_the_ack_frame_as_json() -> None:
+    """The hand-built ack is byte for byte the JSON of messages.HeartbeatAck."""
+    for seq, now, until in [
+        (1, 1764117000.123456, None),
+        ((1 << 63) - 1, 1e-7, 1764721800),
+        (42, 1764117000.0, 0),
+        (7, 1764117000, None),  # a clock may hand back an int
+    ]:
+        expected = json.dumps(HeartbeatAck(seq, now, until).to_wire(), separators=(",", ":"))
+        assert heartbeat_ack_text(seq, now, until) == expected

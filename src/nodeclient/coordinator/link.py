@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import secrets
 from collections.abc import Mapping
 from typing import Any
@@ -35,6 +36,7 @@ from nodeclient.coordinator import verifier
 from nodeclient.coordinator.config import AUTH_MAX_SKEW_S
 from nodeclient.coordinator.scheduler import cancel_leases
 from nodeclient.coordinator.service import Coordinator
+from nodeclient.coordinator.store import NodeInfo
 from nodeclient.errors import RemoteProtocolError, SignatureError
 from nodeclient.protocol import eip712, messages
 from nodeclient.protocol.secp import parse_address, to_checksum_address
@@ -43,6 +45,22 @@ from nodeclient.protocol.states import NodeState
 log = logging.getLogger("nodeclient.coordinator.link")
 _STATES = frozenset(s.value for s in NodeState)
 MAX_SEQ = (1 << 63) - 1  # SQL BIGINT is signed; a uint64 seq above it could not be stored
+
+
+def heartbeat_ack_text(seq: int, server_time: float, unstaking_until: int | None) -> str:
+    """The JSON text of ``messages.HeartbeatAck(...).to_wire()``, without building a dict.
+
+    Byte for byte what ``json.dumps(..., separators=(",", ":"))`` gives (a test checks it):
+    the ack is sent once per heartbeat, so it skips the generic encoder.
+    """
+    until = "null" if unstaking_until is None else str(int(unstaking_until))
+    if type(server_time) is float and math.isfinite(server_time):
+        now = float.__repr__(server_time)  # what json.dumps writes for a finite float
+    else:
+        now = json.dumps(server_time)
+    return (
+        f'{{"type":"heartbeat_ack","seq":{int(seq)},"server_time":{now},"unstaking_until":{until}}}'
+    )
 
 
 class _Closed(Exception):
@@ -56,15 +74,21 @@ class LinkSession:
         self.coord = coord
         self.ws = ws
         self.node_id = ""
+        self._node_raw = b""
+        self._liveness_info: NodeInfo | None = None
+        self._liveness = ""
         self._send_lock = asyncio.Lock()
         self._closed = False
 
     # --- LinkPort ---------------------------------------------------------------------------
 
     async def send(self, frame: Mapping[str, Any]) -> bool:
+        return await self.send_text(json.dumps(frame, separators=(",", ":")))
+
+    async def send_text(self, text: str) -> bool:
+        """Send one frame already encoded as JSON text; False if the link is gone."""
         if self._closed:
             return False
-        text = json.dumps(frame, separators=(",", ":"))
         try:
             async with self._send_lock:
                 await self.ws.send_text(text)
@@ -154,6 +178,7 @@ class LinkSession:
                 node_id=node_id,
             )
         self.node_id = node_id
+        self._node_raw = parse_address(node_id)
         old = coord.attach(node_id, self)
         if old is not None:
             await old.close(4004, "replaced by a newer link")
@@ -200,17 +225,22 @@ class LinkSession:
 
     async def _heartbeat(self, frame: messages.SignedFrame) -> None:
         coord, msg = self.coord, frame.message
-        if to_checksum_address(parse_address(msg["node_id"])) != self.node_id:
+        # parse_from_node has already checked node_id is a well-formed address; compare raw
+        # bytes (parse_address is cached) instead of re-checksumming it on every heartbeat.
+        if parse_address(msg["node_id"]) != self._node_raw:
             await self._error(
                 "malformed", f"heartbeat for {msg['node_id']} on {self.node_id}'s link"
             )
             return
         info = coord.nodes[self.node_id]
         try:
-            eip712.verify_typed(
-                "Heartbeat", msg, frame.signature,
-                signer=info.liveness_address, chain_id=coord.config.chain_id,
-            )  # fmt: skip
+            recovered = eip712.recover_typed(
+                "Heartbeat", msg, frame.signature, chain_id=coord.config.chain_id
+            )
+            if recovered != self._liveness_of(info):
+                raise SignatureError(
+                    f"Heartbeat signature recovers to {recovered}, expected {info.liveness_address}"
+                )
         except SignatureError as exc:
             await self._error("bad_signature", f"heartbeat: {exc}")
             return
@@ -234,12 +264,20 @@ class LinkSession:
         now = coord.now()
         was_online = rt.online
         rt.last_seq, rt.state, rt.last_seen, rt.online = seq, state, now, True
-        await coord.heartbeats.persist(self.node_id, seq, rt.state, now)
-        await self.send(
-            messages.HeartbeatAck(seq, now, coord.nodes[self.node_id].unstaking_until).to_wire()
-        )
+        await coord.heartbeats.persist(self.node_id, seq, state, now)
+        until = coord.nodes[self.node_id].unstaking_until
+        await self.send_text(heartbeat_ack_text(seq, now, until))
         if not was_online:
             coord.wake()
+
+    def _liveness_of(self, info: NodeInfo) -> str:
+        """The checksummed liveness address of *info*, computed once per cached NodeInfo."""
+        if info is not self._liveness_info:
+            self._liveness = to_checksum_address(
+                parse_address(info.liveness_address, field="signer")
+            )
+            self._liveness_info = info
+        return self._liveness
 
     async def _result(self, frame: messages.SignedFrame) -> None:
         coord = self.coord

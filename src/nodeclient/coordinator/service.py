@@ -80,7 +80,7 @@ class HeartbeatWriter:
             waiters, self._waiters = self._waiters, []
             self._pending = {}
             try:
-                await self._db.run_core(functools.partial(_write_heartbeats, batch=batch))
+                await self._db.run_heartbeats(functools.partial(_write_heartbeats, batch=batch))
             except Exception as exc:  # noqa: BLE001 (handed to every waiting heartbeat)
                 for w in waiters:
                     if not w.done():

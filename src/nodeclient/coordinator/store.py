@@ -7,6 +7,14 @@ consistent state (a result that arrives while its lease expires is decided by wh
 transaction runs first, and the other sees its outcome). Functions that take a
 ``Session`` are the transactions; the domain modules (registry, scheduler, verifier)
 write their own and pass them to ``run``.
+
+The one exception is the heartbeat group commit (:meth:`Database.run_heartbeats`): it
+only updates the liveness columns of ``nodes``, so it gets its own thread and its own
+long-lived connection and never queues behind job inserts or scheduling rounds. SQLite
+in WAL mode lets it commit beside the main thread's readers, and waits (``busy_timeout``)
+for the write lock only while another transaction is committing; PostgreSQL takes row
+locks. An in-memory SQLite database exists once per connection, so there the heartbeat
+commit stays on the main database thread.
 """
 
 from __future__ import annotations
@@ -61,6 +69,10 @@ def make_engine(url: str) -> Engine:
     return engine
 
 
+def _in_memory(engine: Engine) -> bool:
+    return engine.dialect.name == "sqlite" and engine.url.database in (None, "", ":memory:")
+
+
 class Database:
     """The SQL engine plus the one worker thread every transaction runs on."""
 
@@ -68,6 +80,12 @@ class Database:
         self.engine = make_engine(url)
         m.Base.metadata.create_all(self.engine)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="coordinator-db")
+        self._hb_executor: ThreadPoolExecutor | None = None
+        if not _in_memory(self.engine):
+            self._hb_executor = ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix="coordinator-db-heartbeats"
+            )
+        self._hb_conn: Connection | None = None  # used only on the heartbeat thread
 
     def run_sync(self, fn: Callable[[Session], T]) -> T:
         """Run *fn* in one transaction on the calling thread (start-up only)."""
@@ -88,7 +106,36 @@ class Database:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, self._run_conn, fn)
 
+    def _run_heartbeat_conn(self, fn: Callable[[Connection], T]) -> T:
+        conn = self._hb_conn
+        if conn is None:
+            conn = self._hb_conn = self.engine.connect()
+        try:
+            with conn.begin():
+                return fn(conn)
+        except BaseException:
+            # A connection that failed mid-transaction is not trusted again: the next
+            # commit opens a fresh one.
+            self._hb_conn = None
+            conn.close()
+            raise
+
+    async def run_heartbeats(self, fn: Callable[[Connection], T]) -> T:
+        """Run *fn* on a Core connection in one transaction on the heartbeat thread."""
+        if self._hb_executor is None:
+            return await self.run_core(fn)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._hb_executor, self._run_heartbeat_conn, fn)
+
+    def _close_heartbeat_conn(self) -> None:
+        if self._hb_conn is not None:
+            self._hb_conn.close()
+            self._hb_conn = None
+
     def close(self) -> None:
+        if self._hb_executor is not None:
+            self._hb_executor.submit(self._close_heartbeat_conn).result()
+            self._hb_executor.shutdown(wait=True)
         self._executor.shutdown(wait=True)
         self.engine.dispose()
 
