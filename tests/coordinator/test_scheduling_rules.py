@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 import pytest
@@ -9,7 +10,7 @@ import pytest
 from nodeclient.clock import ManualClock, OffsetFileClock
 from nodeclient.coordinator import classes
 from nodeclient.coordinator.config import CoordinatorConfig
-from nodeclient.coordinator.scheduler import Candidate, pick_node
+from nodeclient.coordinator.scheduler import Candidate, Picker, pick_node
 from nodeclient.errors import RemoteProtocolError, UsageError
 from tests.coordinator.conftest import inference_payload, inference_result
 
@@ -52,6 +53,40 @@ def test_pick_prefers_untried_then_region_then_load() -> None:
 def test_region_falls_back_to_other_regions() -> None:
     """A region preference is not a requirement."""
     assert _pick([_cand("a", region="us-east")], region="ap-south") == "a"
+
+
+def test_picker_chooses_as_pick_node_does() -> None:
+    """A round of picks from the grouped heaps equals pick_node called task by task."""
+    rng = random.Random(7)
+    classes_ = ["ai.inference", "media.render"]
+    regions = ["eu-west", "us-east", "ap-south"]
+    for _round in range(60):
+        cands = [
+            _cand(
+                f"n{i:03d}",
+                tier=rng.randint(0, 3),
+                region=rng.choice(regions),
+                cap=rng.randint(1, 4),
+                classes_=frozenset(rng.sample(classes_, rng.randint(1, 2))),
+            )
+            for i in range(rng.randint(1, 40))
+        ]
+        free = {c.node_id: c.capacity - rng.randint(0, c.capacity) for c in cands}
+        ids = [c.node_id for c in cands]
+        picker = Picker(cands, dict(free))
+        for _task in range(rng.randint(1, 80)):
+            ask = {
+                "workload_class": rng.choice(classes_),
+                "min_tier": rng.randint(0, 3),
+                "region": rng.choice([None, *regions]),
+                "tried": rng.sample(ids, min(len(ids), rng.choice([0, 0, 1, 2, 5]))),
+                "excluded": rng.sample(ids, min(len(ids), rng.choice([0, 0, 1, 3]))),
+            }
+            expected = pick_node(candidates=cands, free=free, **ask)
+            assert picker.pick(**ask) == expected
+            if expected is not None:
+                free[expected] -= 1
+            assert picker.free == free
 
 
 def test_offset_file_clock_reads_offset_at_most_once_a_second(tmp_path: Path) -> None:

@@ -52,6 +52,10 @@ class CoordinatorConfig:
     max_attempts: int = 3
     auth_timeout: float = AUTH_TIMEOUT_S
     schedule_interval: float = 0.5  # the scheduler runs at least this often (seconds)
+    # ... and at most this often (capped at schedule_interval): a burst of wake-ups (job
+    # submissions, links, results) is placed by one round, so the per-round cost of
+    # walking every link is shared.
+    round_gap: float = 0.05
     max_blob_bytes: int = 256 * MIB
     max_payload_bytes: int = 32 * MIB  # a task payload and a result travel in one frame
     manifest_max_age: int = 24 * 3600
@@ -59,6 +63,8 @@ class CoordinatorConfig:
     def __post_init__(self) -> None:
         if self.heartbeat_interval <= 0:
             raise UsageError("heartbeat interval must be positive")
+        if self.round_gap < 0:
+            raise UsageError("the round gap must not be negative")
         if self.lease_seconds <= 0:
             raise UsageError("lease seconds must be positive")
         if self.max_attempts < 1:

@@ -20,7 +20,9 @@ Rules (docs: "Scheduling and leases"):
 
 Selection is a pure function (:func:`pick_node`); the database work is a few
 transactions; the loop around them is the adapter, woken on events and at least
-every ``schedule_interval`` seconds.
+every ``schedule_interval`` seconds. A round places up to ``BATCH`` tasks with
+:class:`Picker`, which makes the same choice as :func:`pick_node` from one heap per
+(workload class, min tier, region) instead of a scan of every node per task.
 """
 
 from __future__ import annotations
@@ -28,18 +30,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import heapq
 import logging
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
+from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from nodeclient.coordinator import models as m
 from nodeclient.coordinator import rounds
 from nodeclient.coordinator.service import Coordinator
-from nodeclient.coordinator.store import leased_counts
+from nodeclient.coordinator.store import NodeInfo, leased_counts
 from nodeclient.protocol import envelope, messages
 
 log = logging.getLogger("nodeclient.coordinator.scheduler")
@@ -120,6 +124,114 @@ def pick_node(
         if best is None or key < best:
             best = key
     return None if best is None else best[3]
+
+
+# A heap entry: (region mismatch, load, node_id, free slots when pushed). The first three
+# are pick_node's preference after "not tried before"; the last detects entries made stale
+# by a pick from another group's heap.
+_Entry = tuple[bool, float, str, int]
+
+
+class Picker:
+    """:func:`pick_node` for many tasks in one round, O(log nodes) per task.
+
+    Candidates are grouped by what a task asks of them (workload class, min tier,
+    region); each group keeps a heap keyed by (region mismatch, load, node_id). Free
+    slots only go down during a round, so an entry whose slot count is out of date is
+    ahead of its true place: it is popped early and pushed back with its current load.
+    Nodes that already tried the task, or may not take it, are set aside during a pick
+    and put back after it. When every eligible node has tried the task, the best of the
+    (few) nodes that tried it is chosen, as pick_node does.
+    """
+
+    def __init__(self, candidates: Iterable[Candidate], free: dict[str, int]) -> None:
+        self.free = free  # node_id -> free slots; decremented by pick()
+        self._cands = {c.node_id: c for c in candidates}
+        self._heaps: dict[tuple[str, int, str | None], list[_Entry]] = {}
+
+    @staticmethod
+    def _load(c: Candidate, slots: int) -> float:
+        return 1.0 - slots / max(c.capacity, 1)
+
+    def _eligible(self, c: Candidate, workload_class: str, min_tier: int) -> bool:
+        return workload_class in c.workload_classes and c.hardware_tier >= min_tier
+
+    def _heap(self, workload_class: str, min_tier: int, region: str | None) -> list[_Entry]:
+        group = (workload_class, min_tier, region)
+        heap = self._heaps.get(group)
+        if heap is None:
+            heap = []
+            for c in self._cands.values():
+                slots = self.free.get(c.node_id, 0)
+                if slots > 0 and self._eligible(c, workload_class, min_tier):
+                    mismatch = region is not None and c.region != region
+                    heap.append((mismatch, self._load(c, slots), c.node_id, slots))
+            heapq.heapify(heap)
+            self._heaps[group] = heap
+        return heap
+
+    def pick(
+        self,
+        *,
+        workload_class: str,
+        min_tier: int,
+        region: str | None,
+        tried: Iterable[str] = (),
+        excluded: Iterable[str] = (),
+    ) -> str | None:
+        """The node pick_node would choose; its free slots go down by one."""
+        tried_set, excluded_set = set(tried), set(excluded)
+        heap = self._heap(workload_class, min_tier, region)
+        aside: list[_Entry] = []
+        choice: str | None = None
+        while heap:
+            entry = heapq.heappop(heap)
+            mismatch, _, node_id, pushed_slots = entry
+            slots = self.free.get(node_id, 0)
+            if slots <= 0:
+                continue  # full: gone from this group for the rest of the round
+            if slots != pushed_slots:
+                c = self._cands[node_id]
+                heapq.heappush(heap, (mismatch, self._load(c, slots), node_id, slots))
+                continue
+            if node_id in excluded_set or node_id in tried_set:
+                aside.append(entry)
+                continue
+            choice = node_id
+            break
+        for entry in aside:
+            heapq.heappush(heap, entry)
+        if choice is None:  # every eligible node tried it (or none is eligible)
+            choice = self._best_tried(workload_class, min_tier, region, tried_set, excluded_set)
+            if choice is not None:
+                self.free[choice] -= 1  # its entry, set aside above, is now out of date
+            return choice
+        slots = self.free[choice] - 1
+        self.free[choice] = slots
+        if slots > 0:
+            c = self._cands[choice]
+            mismatch = region is not None and c.region != region
+            heapq.heappush(heap, (mismatch, self._load(c, slots), choice, slots))
+        return choice
+
+    def _best_tried(
+        self,
+        workload_class: str,
+        min_tier: int,
+        region: str | None,
+        tried: set[str],
+        excluded: set[str],
+    ) -> str | None:
+        best: tuple[bool, float, str] | None = None
+        for node_id in tried - excluded:
+            c = self._cands.get(node_id)
+            slots = self.free.get(node_id, 0)
+            if c is None or slots <= 0 or not self._eligible(c, workload_class, min_tier):
+                continue
+            key = (region is not None and c.region != region, self._load(c, slots), node_id)
+            if best is None or key < best:
+                best = key
+        return None if best is None else best[2]
 
 
 def excluded_nodes(
@@ -273,15 +385,14 @@ def assign_tx(
     ):
         tried.setdefault(task_id, []).append(node_id)
     failures = job_failures(session, {q[1] for q in queued if q[2] in RETRY_POLICIES})
+    picker = Picker(candidates, free)
     out: list[Assignment] = []
     for task_id, job_id, wclass, min_tier, region in queued:
         policy = RETRY_POLICIES.get(wclass)
-        choice = pick_node(
+        choice = picker.pick(
             workload_class=wclass,
             min_tier=min_tier,
             region=region,
-            candidates=candidates,
-            free=free,
             tried=tried.get(task_id, ()),
             excluded=()
             if policy is None
@@ -289,7 +400,6 @@ def assign_tx(
         )
         if choice is None:
             continue
-        free[choice] -= 1
         task = session.get_one(m.Task, task_id)
         deadline = now + lease_seconds
         task.status, task.node_id, task.attempts = m.LEASED, choice, task.attempts + 1
@@ -337,33 +447,47 @@ class Scheduler:
     def __init__(self, coord: Coordinator) -> None:
         self.coord = coord
         self._next_offline_check = 0.0
+        # node_id -> (the NodeInfo it was built from, its Candidate): a round with 10,000
+        # links rebuilds only the candidates whose registration changed.
+        self._cands: dict[str, tuple[NodeInfo, Candidate]] = {}
 
     def candidates(self) -> list[Candidate]:
+        coord = self.coord
+        nodes, runtime, cache = coord.nodes, coord.runtime, self._cands
         out = []
-        for node_id in list(self.coord.links):
-            info = self.coord.nodes.get(node_id)
+        for node_id in list(coord.links):
+            info = nodes.get(node_id)
             if info is None or info.unstaking_until is not None:
                 continue
-            if not self.coord.is_online(node_id):
+            rt = runtime.get(node_id)
+            if rt is None or not rt.online:  # is_online, inlined: the link is there
                 continue
-            out.append(
-                Candidate(
+            cached = cache.get(node_id)
+            if cached is None or cached[0] is not info:
+                cand = Candidate(
                     node_id, info.hardware_tier, info.region,
                     info.workload_classes, info.max_parallel_subtasks,
-                )
-            )  # fmt: skip
+                )  # fmt: skip
+                cache[node_id] = cached = (info, cand)
+            out.append(cached[1])
         return out
 
     async def run(self) -> None:
         event = self.coord.wake_event()
+        cfg = self.coord.config
+        gap = min(cfg.round_gap, cfg.schedule_interval)
+        loop = asyncio.get_running_loop()
         while True:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(event.wait(), self.coord.config.schedule_interval)
+                await asyncio.wait_for(event.wait(), cfg.schedule_interval)
             event.clear()
+            started = loop.time()
             try:
                 await self.tick()
             except Exception:  # the loop must survive; the failure is logged with its trace
                 log.exception("scheduler.error")
+            # Wake-ups during the gap are served together by the next round.
+            await asyncio.sleep(max(0.0, started + gap - loop.time()))
 
     async def tick(self) -> None:
         """One round: offline check, lease expiry, then assignment and dispatch."""
@@ -372,10 +496,18 @@ class Scheduler:
         if now >= self._next_offline_check:
             self._next_offline_check = now + cfg.heartbeat_interval / 2
             await self.check_offline(now)
-        lost = await coord.db.run(lambda s: expire_tx(s, now=now, max_attempts=cfg.max_attempts))
+        # One transaction for the round's housekeeping: expired leases, ai.training rounds
+        # past their deadline, and whether anything is queued at all.
+        lost, closes, queued = await coord.db.run(
+            lambda s: (
+                expire_tx(s, now=now, max_attempts=cfg.max_attempts),
+                rounds.deadline_tx(s, now=now),
+                _any_queued(s),
+            )
+        )
         await self._report_lost(lost, "task.lease_expired")
-        await rounds.enforce_deadlines(coord, now)  # ai.training: drop slices late for their round
-        if not await coord.db.run(_any_queued):
+        await rounds.report_closes(coord, closes)  # ai.training: drop slices late for their round
+        if not queued:
             return  # nothing to place: skip building a candidate per link (10,000 of them)
         cands = self.candidates()
         if not cands:
@@ -383,8 +515,8 @@ class Scheduler:
         assigned = await coord.db.run(
             lambda s: assign_tx(s, cands, now=now, lease_seconds=cfg.lease_seconds)
         )
-        for a in assigned:
-            await self.dispatch(a)
+        if assigned:
+            await self.dispatch_all(assigned)
 
     async def check_offline(self, now: float) -> None:
         coord = self.coord
@@ -423,36 +555,63 @@ class Scheduler:
             self.coord.wake()
 
     async def dispatch(self, a: Assignment) -> None:
+        await self.dispatch_all([a])
+
+    async def dispatch_all(self, assigned: Sequence[Assignment]) -> None:
+        """Seal a round's payloads in one worker-thread call, then send them concurrently."""
         coord = self.coord
-        info = coord.nodes[a.node_id]
-        task_uuid = uuid.UUID(a.task_id)
-        sealed = await asyncio.to_thread(
-            envelope.seal,
+        jobs = [(a, coord.nodes[a.node_id].public_key) for a in assigned]
+        sealed = await asyncio.to_thread(_seal_all, jobs)
+        frames = [
+            messages.Dispatch(
+                task_id=uuid.UUID(a.task_id),
+                job_id=uuid.UUID(a.job_id),
+                workload_class=a.workload_class,
+                lease_expires_at=int(a.deadline),
+                envelope=env,
+                slice_index=a.slice_index,
+                slice_count=a.slice_count,
+            ).to_wire()
+            for a, env in zip(assigned, sealed, strict=True)
+        ]
+        sent = await asyncio.gather(
+            *(coord.send_to(a.node_id, f) for a, f in zip(assigned, frames, strict=True))
+        )
+        undelivered: list[Assignment] = []
+        for a, ok in zip(assigned, sent, strict=True):
+            if ok:
+                log.info(
+                    "task.dispatched",
+                    extra={"task_id": a.task_id, "node_id": a.node_id, "attempt": a.attempt},
+                )
+            else:
+                undelivered.append(a)
+        if not undelivered:
+            return
+        now = coord.now()
+
+        def undo(s: Session) -> None:
+            for a in undelivered:
+                undeliverable_tx(s, a.task_id, a.node_id, now)
+
+        await coord.db.run(undo)
+        for a in undelivered:
+            log.info("task.undeliverable", extra={"task_id": a.task_id, "node_id": a.node_id})
+        coord.wake()
+
+
+def _seal_all(jobs: Sequence[tuple[Assignment, RSAPublicKey]]) -> list[bytes]:
+    """Seal each assignment's payload to its node (2.3.4), the lease deadline as expiry."""
+    return [
+        envelope.seal(
             a.payload,
-            public_key=info.public_key,
-            task_id=task_uuid,
+            public_key=key,
+            task_id=uuid.UUID(a.task_id),
             node_id=a.node_id,
             expires_at=int(a.deadline),
         )
-        frame = messages.Dispatch(
-            task_id=task_uuid,
-            job_id=uuid.UUID(a.job_id),
-            workload_class=a.workload_class,
-            lease_expires_at=int(a.deadline),
-            envelope=sealed,
-            slice_index=a.slice_index,
-            slice_count=a.slice_count,
-        ).to_wire()
-        if await coord.send_to(a.node_id, frame):
-            log.info(
-                "task.dispatched",
-                extra={"task_id": a.task_id, "node_id": a.node_id, "attempt": a.attempt},
-            )
-            return
-        now = coord.now()
-        await coord.db.run(lambda s: undeliverable_tx(s, a.task_id, a.node_id, now))
-        log.info("task.undeliverable", extra={"task_id": a.task_id, "node_id": a.node_id})
-        coord.wake()
+        for a, key in jobs
+    ]
 
 
 async def cancel_leases(coord: Coordinator, leases: Iterable[tuple[str, str]], reason: str) -> None:
