@@ -71,3 +71,7 @@ def test_wal_and_full_sync(tmp_path) -> None:
     box = Outbox(tmp_path / "o.db")
     assert box._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert box._db.execute("PRAGMA synchronous").fetchone()[0] == 2
+    t = uuid.uuid4()
+    commit(box, t, b"res")
+    box.mark_acked(t, status="accepted", reason="", at=3.0)  # acks skip their own fsync...
+    assert box._db.execute("PRAGMA synchronous").fetchone()[0] == 2  # ...results never do

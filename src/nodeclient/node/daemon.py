@@ -304,8 +304,12 @@ class NodeDaemon:
         elif isinstance(msg, messages.Dispatch):
             await self._on_dispatch(msg)
         elif isinstance(msg, messages.ResultAck):
-            self.outbox.mark_acked(
-                msg.task_id, status=msg.status, reason=msg.reason, at=self.clock.now()
+            await asyncio.to_thread(
+                self.outbox.mark_acked,
+                msg.task_id,
+                status=msg.status,
+                reason=msg.reason,
+                at=self.clock.now(),
             )
             level = logging.INFO if msg.status != "rejected" else logging.WARNING
             log.log(
@@ -371,8 +375,9 @@ class NodeDaemon:
     async def _execute(self, task: RunningTask, d: messages.Dispatch) -> None:
         with logs.bind(task_id=str(task.task_id), job_id=str(task.job_id)):
             try:
-                try:
-                    payload = envelope.open_envelope(
+                try:  # the RSA unwrap (~2.5 ms) releases the GIL: other slots go on
+                    payload = await asyncio.to_thread(
+                        envelope.open_envelope,
                         d.envelope,
                         private_key=self._payload_key,
                         task_id=d.task_id,
@@ -454,6 +459,12 @@ class NodeDaemon:
             raise TaskFailed(f"bad input: {exc}", requester_fault=True) from exc
 
     async def _finish(self, task: RunningTask, result: bytes) -> None:
+        # Hashing, signing and the fsync run off the event loop, so other slots' work
+        # (and heartbeats) go on meanwhile.
+        entry = await asyncio.to_thread(self._commit, task, result)
+        await self._deliver(entry)
+
+    def _commit(self, task: RunningTask, result: bytes) -> OutboxEntry:
         proof = proof_of_execution(task_id=task.task_id, result=result, node_id=self.node_id)
         finished = self.clock.now()  # the outbox keeps sub-second time for `history`
         completed_at = int(finished)
@@ -466,7 +477,7 @@ class NodeDaemon:
             "completed_at": completed_at,
         }
         # Recorded, signed and made durable in one transaction before anything is sent.
-        entry = self.outbox.commit_result(
+        return self.outbox.commit_result(
             task_id=task.task_id,
             job_id=task.job_id,
             workload_class=task.workload_class,
@@ -479,7 +490,6 @@ class NodeDaemon:
             completed_at=finished,
             sign=self._sign_result,
         )
-        await self._deliver(entry)
 
     def _sign_result(self, message_json: dict[str, Any]) -> bytes:
         message = eip712.message_from_json("Result", message_json)

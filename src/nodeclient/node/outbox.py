@@ -10,7 +10,8 @@ duplicate, never two different signed results for one task" hold:
    signed (the stored one is re-sent). A crash before the commit leaves no row and no
    signature outside the process, so there is nothing to contradict later.
 2. The result is sent only after ``commit_result`` returns.
-3. ``mark_acked`` on the coordinator's acknowledgement. Everything not acknowledged is
+3. ``mark_acked`` on the coordinator's acknowledgement (no fsync of its own: a lost ack
+   costs one re-send answered "duplicate"). Everything not acknowledged is
    sent again after a reconnect or a restart (``pending``); the coordinator accepts
    exactly once and answers a repeat with "duplicate".
 
@@ -176,12 +177,22 @@ class Outbox:
         return entry
 
     def mark_acked(self, task_id: uuid.UUID, *, status: str, reason: str, at: float) -> None:
+        """Record the coordinator's acknowledgement, without an fsync of its own.
+
+        An acknowledgement lost to a power cut only means the result is sent once more
+        and answered "duplicate"; the next result's commit makes it durable anyway (same
+        WAL). A kill -9 loses nothing: the write is in the WAL either way.
+        """
         with self._lock:
-            self._db.execute(
-                "UPDATE outbox SET acked_at = ?, ack_status = ?, ack_reason = ? "
-                "WHERE task_id = ? AND acked_at IS NULL",
-                (at, status, reason, str(task_id)),
-            )
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            try:
+                self._db.execute(
+                    "UPDATE outbox SET acked_at = ?, ack_status = ?, ack_reason = ? "
+                    "WHERE task_id = ? AND acked_at IS NULL",
+                    (at, status, reason, str(task_id)),
+                )
+            finally:
+                self._db.execute("PRAGMA synchronous=FULL")
 
     def pending(self) -> list[OutboxEntry]:
         """Committed entries not yet acknowledged, oldest first."""
