@@ -72,6 +72,12 @@ class TextFormatter(logging.Formatter):
 
 def configure(*, fmt: str = "json", level: str = "info") -> None:
     """Route the nodeclient loggers to stderr in the chosen format."""
+    # Events carry no source location, thread or process name: skip computing them for
+    # every record (the logging HOWTO's "Optimization" section); it halves a log call.
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root = logging.getLogger("nodeclient")

@@ -386,9 +386,10 @@ class Executor:
         per_slot = self.limits.memory_bytes >> 20
         if ram_mb > per_slot:
             return f"task needs {ram_mb} MB of RAM, over this node's {per_slot} MB per slot"
-        free = sandbox.available_memory_bytes() >> 20
-        if ram_mb > free:
-            return f"task needs {ram_mb} MB of RAM, only {free} MB is free"
+        if ram_mb > 0:  # a task that declares nothing is held by the slot's rlimit alone
+            free = sandbox.available_memory_bytes() >> 20
+            if ram_mb > free:
+                return f"task needs {ram_mb} MB of RAM, only {free} MB is free"
         if vram_mb > 0:
             if not self.config.gpus:
                 return f"task needs {vram_mb} MB of GPU memory, this node has no GPU"
@@ -481,7 +482,8 @@ class Executor:
             raise TaskFailed("deadline exceeded before the task started", requester_fault=False)
         slot.busy = True
         try:
-            frame = await asyncio.wait_for(slot.execute(header, payload, progress), timeout)
+            async with asyncio.timeout(timeout):  # no extra task per run, unlike wait_for
+                frame = await slot.execute(header, payload, progress)
         except TimeoutError:
             slot.kill("deadline")
             raise TaskFailed(

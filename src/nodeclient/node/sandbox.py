@@ -127,13 +127,15 @@ def total_memory_bytes() -> int:
 def available_memory_bytes() -> int:
     """MemAvailable from /proc/meminfo (what can be allocated without swapping)."""
     try:
-        with open("/proc/meminfo", encoding="ascii") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return total_memory_bytes()
+        fd = os.open("/proc/meminfo", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            text = os.read(fd, 16384)
+        finally:
+            os.close(fd)
+        start = text.index(b"MemAvailable:") + len(b"MemAvailable:")
+        return int(text[start : text.index(b"kB", start)]) * 1024
+    except (OSError, ValueError):
+        return total_memory_bytes()
 
 
 def default_limits(slots: int) -> Limits:
