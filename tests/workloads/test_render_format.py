@@ -274,6 +274,95 @@ def test_assemble_refuses_gaps_and_disorder() -> None:
         assemble([_result(1, 3), _result(3, 6)], meta)
 
 
+# --- tiles: one frame split into bands of rows ----------------------------------------------------
+
+
+def _frame_request(**kw: object) -> RenderRequest:
+    return _request(frames=(2, 2), **kw)
+
+
+def _band(rows: tuple[int, int], pixels: np.ndarray, frame: int = 2) -> bytes:
+    band = pixels[rows[0] : rows[1] + 1]
+    return encode_result({frame: band}, scene_sha256=SHA, width=W, height=H, rows=rows)
+
+
+def test_tiles_split_one_frame_into_bands_top_first() -> None:
+    """tiles=3 gives 3 band payloads covering every row once, the larger bands first."""
+    parts = split(_frame_request(tiles=3).encode(), 1)
+    requests = [RenderRequest.decode(p) for p in parts]
+    assert [r.rows for r in requests] == render.band_ranges(H, 3)
+    assert requests[0].rows == (0, -(-H // 3) - 1) and requests[-1].rows[1] == H - 1
+    assert all(r.tiles is None and (r.frame_start, r.frame_end) == (2, 2) for r in requests)
+    assert split(_frame_request(tiles=3).encode(), 3) == parts  # slices may repeat the count
+
+
+@pytest.mark.parametrize(
+    ("kw", "match"),
+    [
+        ({"frames": (1, 2), "tiles": 2}, "single frame"),
+        ({"frames": (2, 2), "tiles": 1}, "tiles must be an integer in 2"),
+        ({"frames": (2, 2), "tiles": H + 1}, "tiles must be an integer in 2"),
+        ({"frames": (2, 2), "tiles": 2, "frames_per_slice": 1}, "not both"),
+        ({"frames": (2, 2), "row_start": 0}, "both row_start and row_end"),
+        ({"frames": (2, 2), "row_start": 1, "row_end": 0}, "row_end must be"),
+        ({"frames": (2, 2), "row_start": 0, "row_end": H}, "row_end must be"),
+    ],
+)
+def test_bad_tiles_are_refused(kw: dict, match: str) -> None:
+    with pytest.raises(LocalProtocolError, match=match):
+        _request(**kw)
+
+
+def test_tile_job_split_into_a_different_count_is_refused() -> None:
+    with pytest.raises(RemoteProtocolError, match="tiles 3 gives 3 slices, but 2"):
+        split(_frame_request(tiles=3).encode(), 2)
+    band = _frame_request().band(0, 1).encode()
+    with pytest.raises(RemoteProtocolError, match="must not carry row_start"):
+        split(band, 1)
+    with pytest.raises(RemoteProtocolError, match="must not carry row_start"):
+        _meta(band)
+
+
+def test_bands_stitch_into_the_whole_frame() -> None:
+    """Stitched bands equal one whole-frame result, byte for byte; every band is checked."""
+    meta = _meta(_frame_request(tiles=3).encode())
+    pixels = np.random.default_rng(5).integers(0, 256, (H, W, 4), dtype=np.uint8)
+    bands = [_band(rows, pixels) for rows in render.band_ranges(H, 3)]
+    for band in bands:
+        assert check_result(band, meta, 1 << 20).rows is not None
+    whole = encode_result({2: pixels}, scene_sha256=SHA, width=W, height=H)
+    assert assemble(bands, meta) == whole
+    with pytest.raises(RemoteProtocolError, match="band of rows; the result is not"):
+        check_result(whole, meta, 1 << 20)  # a whole frame where a band was asked
+    with pytest.raises(RemoteProtocolError, match="whole frames; the result is not"):
+        check_result(bands[0], _meta(_frame_request().encode()), 1 << 20)
+
+
+def test_stitch_refuses_gaps_disorder_and_a_blank_frame() -> None:
+    meta = _meta(_frame_request(tiles=2).encode())
+    pixels = np.random.default_rng(6).integers(0, 256, (H, W, 4), dtype=np.uint8)
+    top, bottom = (_band(rows, pixels) for rows in render.band_ranges(H, 2))
+    with pytest.raises(RemoteProtocolError, match="slice 0 is not frame 2's band"):
+        assemble([bottom, top], meta)
+    with pytest.raises(RemoteProtocolError, match="bands end at row 1"):
+        assemble([top], meta)
+    with pytest.raises(RemoteProtocolError, match="slice 1 is not frame 2's band"):
+        assemble([top, _band(render.band_ranges(H, 2)[1], pixels, frame=3)], meta)
+    flat = np.zeros((H, W, 4), dtype=np.uint8)
+    flat_bands = [_band(rows, flat) for rows in render.band_ranges(H, 2)]
+    for band in flat_bands:  # a band of one colour alone is fine (clear sky)...
+        check_result(band, meta, 1 << 20)
+    with pytest.raises(RemoteProtocolError, match="frame 2 is blank"):  # ...a whole frame not
+        assemble(flat_bands, meta)
+
+
+def test_band_result_with_rows_outside_the_frame_is_rejected() -> None:
+    tensors, meta = decode_tensors(_band((0, 1), np.zeros((H, W, 4), np.uint8)))
+    meta = {**meta, "row_end": str(H)}
+    with pytest.raises(RemoteProtocolError, match="not a band"):
+        decode_result(encode_tensors(dict(tensors), metadata=meta))
+
+
 def test_class_name() -> None:
     """The workload class string matches the manifest's (2.3.2)."""
     assert render.CLASS == "media.render"

@@ -1,10 +1,14 @@
-"""The ``media.render`` workload: Blender jobs split by frame range, shared by both sides.
+"""The ``media.render`` workload: Blender jobs split by frame range or into tiles.
 
 2.3.5 Work Execution: "a parallelizable sub-task runs its slice". A render job names one
 packed ``.blend`` scene by its SHA-256 and a frame range; the coordinator splits the range
 into contiguous slices, each node renders only its slice's frames, and the coordinator
-joins the frames back in order. Payloads and results use the tensor container of
-:mod:`nodeclient.workloads.tensors`.
+joins the frames back in order. A job of a single frame may instead be split into
+``tiles`` horizontal bands: each node renders one band (a border render, cropped, with
+compositing off), and the coordinator stitches the bands top to bottom. Cycles samples
+each pixel from its own position and the seed, so a stitched frame has the same pixels as
+one render of the whole frame with compositing off. Payloads and results use the tensor
+container of :mod:`nodeclient.workloads.tensors`.
 
 Request (the job payload, and each slice's payload with its narrowed range)::
 
@@ -21,8 +25,14 @@ Request (the job payload, and each slice's payload with its narrowed range)::
                optional "max_seconds"            hard cap for one slice (decimal seconds)
                optional "max_seconds_per_frame"  no-progress timeout (decimal seconds)
                optional "allow_blank"            "1": frames of one colour are acceptable
+               optional "tiles"                  split the (single) frame into this many
+                                                 bands of rows (decimal, 2..height)
+               optional "row_start", "row_end"   a band slice: render only these rows,
+                                                 0 = top row, inclusive (set by the split)
 
-Exactly one of ``__scene__`` and ``scene_url`` is present. Numbers are canonical
+Exactly one of ``__scene__`` and ``scene_url`` is present; ``tiles`` excludes
+``frames_per_slice`` and needs ``frame_start == frame_end``; a band slice carries both
+row keys and no ``tiles``. Numbers are canonical
 decimals (no sign, no leading zeros), so one request has one encoding. ``scene_url`` is
 either ``/v1/blobs/<scene_sha256>`` on the coordinator or an ``http(s)://`` URL: local
 paths and other schemes are refused, because a node must never read its own files on a
@@ -35,7 +45,9 @@ Result (the bytes the proof of execution covers, 2.3.6)::
     metadata:  "class" "media.render", "scene_sha256", "width", "height",
                "frame_start", "frame_end" (the range the result covers)
 
-A slice result and the assembled job result have the same format. Decoded pixels rather
+A band slice's result adds ``row_start`` and ``row_end`` to the metadata, and its frame
+tensor holds only those rows: shape [row_end - row_start + 1, width, 4]. Otherwise a
+slice result and the assembled job result have the same format. Decoded pixels rather
 than PNG files are carried because the proof is over exact bytes (2.3.6): PNG files carry
 timestamps and encoder choices, pixels from the same pinned render do not.
 """
@@ -78,17 +90,22 @@ META_FRAMES_PER_SLICE: Final = "frames_per_slice"
 META_MAX_SECONDS: Final = "max_seconds"
 META_MAX_SECONDS_PER_FRAME: Final = "max_seconds_per_frame"
 META_ALLOW_BLANK: Final = "allow_blank"
+META_TILES: Final = "tiles"
+META_ROW_START: Final = "row_start"
+META_ROW_END: Final = "row_end"
 
 _REQUEST_KEYS: Final = frozenset(
     {
         META_CLASS, META_SCENE_SHA256, META_SCENE_URL, META_FRAME_START, META_FRAME_END,
         META_WIDTH, META_HEIGHT, META_SAMPLES, META_SEED, META_FRAMES_PER_SLICE,
-        META_MAX_SECONDS, META_MAX_SECONDS_PER_FRAME, META_ALLOW_BLANK,
+        META_MAX_SECONDS, META_MAX_SECONDS_PER_FRAME, META_ALLOW_BLANK, META_TILES,
+        META_ROW_START, META_ROW_END,
     }
 )  # fmt: skip
 _RESULT_KEYS: Final = frozenset(
     {META_CLASS, META_SCENE_SHA256, META_WIDTH, META_HEIGHT, META_FRAME_START, META_FRAME_END}
 )
+_BAND_KEYS: Final = frozenset({META_ROW_START, META_ROW_END})
 _SHA256_RE: Final = re.compile(r"[0-9a-f]{64}")
 _DECIMAL_RE: Final = re.compile(r"0|[1-9][0-9]{0,9}")
 _FRAME_RE: Final = re.compile(r"frame_([0-9]{6})")
@@ -150,6 +167,9 @@ class RenderRequest:
     max_seconds: int | None = None
     max_seconds_per_frame: int | None = None
     allow_blank: bool = False
+    tiles: int | None = None
+    row_start: int | None = None
+    row_end: int | None = None
 
     def __post_init__(self) -> None:
         self.check(LocalProtocolError)
@@ -171,6 +191,7 @@ class RenderRequest:
         ):
             if value is not None:
                 _int(name, value, 1, high, error)
+        self._check_tiles(error)
         if (self.scene is None) == (self.scene_url is None):
             raise error("a request carries exactly one of an inline scene and a scene_url")
         if self.scene is not None:
@@ -181,13 +202,41 @@ class RenderRequest:
         if self.scene_url is not None:
             _check_url(self.scene_url, self.scene_sha256, error)
 
+    def _check_tiles(self, error: type[ProtocolError]) -> None:
+        if self.tiles is not None:
+            _int("tiles", self.tiles, 2, self.height, error)
+            if self.frame_start != self.frame_end:
+                raise error("tiles split a single frame: frame_start must equal frame_end")
+            if self.frames_per_slice is not None:
+                raise error("a request has tiles or frames_per_slice, not both")
+        if (self.row_start is None) != (self.row_end is None):
+            raise error("a band slice carries both row_start and row_end")
+        if self.row_start is not None:
+            if self.tiles is not None:
+                raise error("a band slice carries row_start/row_end and no tiles")
+            _int("row_start", self.row_start, 0, self.height - 1, error)
+            _int("row_end", self.row_end, self.row_start, self.height - 1, error)
+
     @property
     def frames(self) -> range:
         return range(self.frame_start, self.frame_end + 1)
 
     @property
+    def rows(self) -> tuple[int, int] | None:
+        """The band (first row, last row; 0 = top) a band slice renders, else None."""
+        if self.row_start is None or self.row_end is None:
+            return None
+        return self.row_start, self.row_end
+
+    @property
+    def out_height(self) -> int:
+        """Rows in each rendered frame: the band's, or the whole frame's."""
+        rows = self.rows
+        return self.height if rows is None else rows[1] - rows[0] + 1
+
+    @property
     def frame_bytes(self) -> int:
-        return self.width * self.height * CHANNELS
+        return self.width * self.out_height * CHANNELS
 
     def encode(self) -> bytes:
         """The canonical payload, ready to be sealed to a node."""
@@ -205,6 +254,9 @@ class RenderRequest:
             (META_FRAMES_PER_SLICE, self.frames_per_slice),
             (META_MAX_SECONDS, self.max_seconds),
             (META_MAX_SECONDS_PER_FRAME, self.max_seconds_per_frame),
+            (META_TILES, self.tiles),
+            (META_ROW_START, self.row_start),
+            (META_ROW_END, self.row_end),
         ):
             if value is not None:
                 meta[key] = str(value)
@@ -253,6 +305,9 @@ class RenderRequest:
                 max_seconds=_parse_int(meta, META_MAX_SECONDS),
                 max_seconds_per_frame=_parse_int(meta, META_MAX_SECONDS_PER_FRAME),
                 allow_blank=allow == "1",
+                tiles=_parse_int(meta, META_TILES),
+                row_start=_parse_int(meta, META_ROW_START),
+                row_end=_parse_int(meta, META_ROW_END),
             )
         except LocalProtocolError as exc:  # the same checks, but now the peer broke them
             raise RemoteProtocolError(str(exc)) from None
@@ -260,6 +315,10 @@ class RenderRequest:
     def narrowed(self, frame_start: int, frame_end: int) -> RenderRequest:
         """The same request for a sub-range: one slice's payload."""
         return replace(self, frame_start=frame_start, frame_end=frame_end)
+
+    def band(self, row_start: int, row_end: int) -> RenderRequest:
+        """The same frame, rows *row_start*..*row_end* only: one tile slice's payload."""
+        return replace(self, tiles=None, row_start=row_start, row_end=row_end)
 
     def inlined(self, scene: bytes) -> RenderRequest:
         """The same request with the scene carried inline instead of by URL."""
@@ -346,9 +405,31 @@ def slice_ranges(
     return ranges
 
 
+def band_ranges(height: int, tiles: int) -> list[tuple[int, int]]:
+    """*tiles* bands of rows (inclusive, top first) covering *height*; earlier ones larger."""
+    if not 1 <= tiles <= height:
+        raise RemoteProtocolError(f"tiles must be in 1..{height} (one row at least each)")
+    base, extra = divmod(height, tiles)
+    ranges, start = [], 0
+    for i in range(tiles):
+        size = base + (1 if i < extra else 0)
+        ranges.append((start, start + size - 1))
+        start += size
+    return ranges
+
+
 def split(payload: bytes, slices: int) -> list[bytes]:
-    """One payload per slice, in frame order (the coordinator's split)."""
+    """One payload per slice, in frame order, or band order for tiles (the coordinator's)."""
     request = RenderRequest.decode(payload)
+    if request.rows is not None:
+        raise RemoteProtocolError("a job payload must not carry row_start/row_end")
+    if request.tiles is not None:
+        if slices not in (1, request.tiles):
+            raise RemoteProtocolError(
+                f"tiles {request.tiles} gives {request.tiles} slices, but {slices} were asked"
+            )
+        bands = band_ranges(request.height, request.tiles)
+        return [request.band(start, end).encode() for start, end in bands]
     ranges = slice_ranges(
         request.frame_start,
         request.frame_end,
@@ -369,6 +450,7 @@ class RenderResult:
     width: int
     height: int
     frames: dict[int, npt.NDArray[np.uint8]]
+    rows: tuple[int, int] | None = None  # a band slice's rows (0 = top), else whole frames
 
     @property
     def frame_start(self) -> int:
@@ -380,13 +462,24 @@ class RenderResult:
 
 
 def encode_result(
-    frames: Mapping[int, npt.NDArray[np.uint8]], *, scene_sha256: str, width: int, height: int
+    frames: Mapping[int, npt.NDArray[np.uint8]],
+    *,
+    scene_sha256: str,
+    width: int,
+    height: int,
+    rows: tuple[int, int] | None = None,
 ) -> bytes:
-    """The canonical result bytes for consecutive *frames* (2.3.6 covers exactly these)."""
+    """The canonical result bytes for consecutive *frames* (2.3.6 covers exactly these).
+
+    With *rows* the frames are one band of a *height*-row frame: only those rows.
+    """
     numbers = sorted(frames)
     if not numbers or numbers != list(range(numbers[0], numbers[-1] + 1)):
         raise LocalProtocolError(f"a result holds consecutive frames, got {numbers[:10]}")
-    shape = (height, width, CHANNELS)
+    band_height = height if rows is None else rows[1] - rows[0] + 1
+    if rows is not None and not 0 <= rows[0] <= rows[1] < height:
+        raise LocalProtocolError(f"rows {rows} are not a band of a {height}-row frame")
+    shape = (band_height, width, CHANNELS)
     tensors: dict[str, npt.NDArray[Any]] = {}
     for number in numbers:
         array = frames[number]
@@ -403,15 +496,19 @@ def encode_result(
         META_FRAME_START: str(numbers[0]),
         META_FRAME_END: str(numbers[-1]),
     }
+    if rows is not None:
+        meta[META_ROW_START], meta[META_ROW_END] = str(rows[0]), str(rows[1])
     return encode_tensors(tensors, metadata=meta)
 
 
 def decode_result(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES) -> RenderResult:
     """Parse a result; faults in its structure raise RemoteProtocolError."""
     tensors, meta = decode_tensors(data, max_bytes=max_bytes, max_tensors=MAX_FRAME + 1)
-    if set(meta) != _RESULT_KEYS or meta[META_CLASS] != CLASS:
+    keys = set(meta)
+    if keys not in (_RESULT_KEYS, _RESULT_KEYS | _BAND_KEYS) or meta[META_CLASS] != CLASS:
         raise RemoteProtocolError(
-            f"result metadata keys must be {sorted(_RESULT_KEYS)} for {CLASS}"
+            f"result metadata keys must be {sorted(_RESULT_KEYS)} for {CLASS}, plus "
+            f"{sorted(_BAND_KEYS)} for a band"
         )
     sha = meta[META_SCENE_SHA256]
     if not _SHA256_RE.fullmatch(sha):
@@ -426,16 +523,25 @@ def decode_result(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES) -> RenderR
         frames[int(match[1])] = array
     if sorted(frames) != list(range(start, end + 1)):
         raise RemoteProtocolError(f"result must hold frames {start}..{end}, each exactly once")
-    return RenderResult(sha, width, height, frames)
+    rows = None
+    if META_ROW_START in meta:
+        rows = (_required(meta, META_ROW_START), _required(meta, META_ROW_END))
+        if not 0 <= rows[0] <= rows[1] < height:
+            raise RemoteProtocolError(f"result rows {rows} are not a band of {height} rows")
+    return RenderResult(sha, width, height, frames, rows)
 
 
 def check_frames(result: RenderResult, *, width: int, height: int, allow_blank: bool) -> None:
     """Refuse frames of the wrong size or format, and blank ones (all one colour).
 
     A blank frame is what a broken render looks like (no camera in view, missing
-    textures, a crashed shader): accepting it would pay for nothing.
+    textures, a crashed shader): accepting it would pay for nothing. A band is not
+    checked for blankness on its own (a band of clear sky is one colour); the stitched
+    frame is, in :func:`assemble`.
     """
-    shape = (height, width, CHANNELS)
+    rows = result.rows
+    band_height = height if rows is None else rows[1] - rows[0] + 1
+    shape = (band_height, width, CHANNELS)
     if (result.width, result.height) != (width, height):
         raise RemoteProtocolError(f"result is {result.width}x{result.height}, not {width}x{height}")
     for number, array in result.frames.items():
@@ -443,15 +549,21 @@ def check_frames(result: RenderResult, *, width: int, height: int, allow_blank: 
             raise RemoteProtocolError(
                 f"frame {number} is {array.dtype} {list(array.shape)}, expected uint8 {list(shape)}"
             )
-        if not allow_blank:
-            pixels = array.reshape(-1, CHANNELS)
-            if bool((pixels == pixels[0]).all()):
-                raise RemoteProtocolError(f"frame {number} is blank: every pixel is {pixels[0]}")
+        if not allow_blank and rows is None:
+            _refuse_blank(number, array)
+
+
+def _refuse_blank(number: int, array: npt.NDArray[np.uint8]) -> None:
+    pixels = array.reshape(-1, CHANNELS)
+    if bool((pixels == pixels[0]).all()):
+        raise RemoteProtocolError(f"frame {number} is blank: every pixel is {pixels[0]}")
 
 
 def job_meta(payload: bytes, max_bytes: int) -> dict[str, Any]:
     """Validate a job payload; the metadata the coordinator keeps to check and assemble."""
     request = RenderRequest.decode(payload, max_bytes=max_bytes)
+    if request.rows is not None:
+        raise RemoteProtocolError("a job payload must not carry row_start/row_end")
     per_slice = request.frames_per_slice or 1
     if per_slice * request.frame_bytes + HEADER_ALLOWANCE > max_bytes:
         raise RemoteProtocolError(
@@ -466,6 +578,7 @@ def job_meta(payload: bytes, max_bytes: int) -> dict[str, Any]:
         "height": request.height,
         "frames_per_slice": request.frames_per_slice,
         "allow_blank": request.allow_blank,
+        "tiles": request.tiles,
     }
 
 
@@ -481,6 +594,9 @@ def check_result(data: bytes, meta: Mapping[str, Any], max_bytes: int) -> Render
             f"result frames {result.frame_start}..{result.frame_end} are outside the job's "
             f"{meta['frame_start']}..{meta['frame_end']}"
         )
+    if bool(meta.get("tiles")) != (result.rows is not None):
+        what = "a band of rows" if meta.get("tiles") else "whole frames"
+        raise RemoteProtocolError(f"the job is split into {what}; the result is not")
     check_frames(
         result, width=meta["width"], height=meta["height"], allow_blank=bool(meta["allow_blank"])
     )
@@ -489,6 +605,8 @@ def check_result(data: bytes, meta: Mapping[str, Any], max_bytes: int) -> Render
 
 def assemble(results: Sequence[bytes], meta: Mapping[str, Any]) -> bytes:
     """Join slice results (in slice order) into the job's result: every frame, once, in order."""
+    if meta.get("tiles"):
+        return _stitch(results, meta)
     frames: dict[int, npt.NDArray[np.uint8]] = {}
     expected = meta["frame_start"]
     for index, data in enumerate(results):
@@ -503,4 +621,28 @@ def assemble(results: Sequence[bytes], meta: Mapping[str, Any]) -> bytes:
         raise RemoteProtocolError(f"slices end at frame {expected - 1}, not {meta['frame_end']}")
     return encode_result(
         frames, scene_sha256=meta["scene_sha256"], width=meta["width"], height=meta["height"]
+    )
+
+
+def _stitch(results: Sequence[bytes], meta: Mapping[str, Any]) -> bytes:
+    """Bands (in slice order, top first) -> the one frame, checked whole for blankness."""
+    frame, height = meta["frame_start"], meta["height"]
+    bands: list[npt.NDArray[np.uint8]] = []
+    expected = 0
+    for index, data in enumerate(results):
+        part = decode_result(data, max_bytes=len(data))
+        if part.rows is None or part.rows[0] != expected or list(part.frames) != [frame]:
+            raise RemoteProtocolError(
+                f"slice {index} is not frame {frame}'s band starting at row {expected}"
+            )
+        check_frames(part, width=meta["width"], height=height, allow_blank=True)  # shapes
+        bands.append(part.frames[frame])
+        expected = part.rows[1] + 1
+    if expected != height:
+        raise RemoteProtocolError(f"bands end at row {expected - 1}, not {height - 1}")
+    whole = np.ascontiguousarray(np.concatenate(bands, axis=0))
+    if not meta["allow_blank"]:
+        _refuse_blank(frame, whole)
+    return encode_result(
+        {frame: whole}, scene_sha256=meta["scene_sha256"], width=meta["width"], height=height
     )

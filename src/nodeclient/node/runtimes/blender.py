@@ -18,6 +18,8 @@ Theory of operation:
   file that exists is a finished frame. The runtime watches that directory: every new
   frame reports progress, and Blender is killed when no frame appears within the
   no-progress timeout or the slice passes its hard cap;
+* a tile slice renders one band of rows of its frame: a border render cropped to the
+  band, with compositing off (:mod:`nodeclient.workloads.render` stitches the bands);
 * frames are written as uncompressed 32-bit TGA and decoded here with numpy, so the
   node needs no image library, and the result carries pixels, not files.
 
@@ -115,7 +117,17 @@ for scene in bpy.data.scenes:
     r.resolution_y = cfg["height"]
     r.resolution_percentage = 100
     r.pixel_aspect_x = r.pixel_aspect_y = 1.0
-    r.use_border = False
+    band = cfg.get("band")  # a tile slice: rows [top, bottom] (0 = top row), inclusive
+    r.use_border = band is not None
+    if band is not None:
+        # Border edges are fractions from the bottom-left; Blender truncates edge * size
+        # to whole pixels, so each edge sits half a pixel inside its row.
+        top, bottom, h = band[0], band[1], cfg["height"]
+        r.border_min_x, r.border_max_x = 0.0, 1.0
+        r.border_min_y = (h - 1 - bottom + 0.5) / h
+        r.border_max_y = (h - top + 0.5) / h
+        r.use_crop_to_border = True
+        r.use_compositing = False  # a compositor sees the whole frame, a band is not one
     r.threads_mode = "FIXED"
     r.threads = cfg["threads"]
     r.dither_intensity = 0.0  # no noise added when converting to 8 bits
@@ -335,6 +347,8 @@ class BlenderRuntime:
             "threads": self.threads,
             "out": str(out_dir),
         }
+        if request.rows is not None:
+            settings["band"] = list(request.rows)
         log_path = run_dir / "blender.log"
         with log_path.open("wb") as log:
             proc = subprocess.Popen(
@@ -361,9 +375,13 @@ class BlenderRuntime:
             if not path.is_file():
                 raise NodeClientError(f"crash: blender exited without writing frame {frame}")
             data = path.read_bytes()
-            frames[frame] = decode_tga(data, width=request.width, height=request.height)
+            frames[frame] = decode_tga(data, width=request.width, height=request.out_height)
         return encode_result(
-            frames, scene_sha256=request.scene_sha256, width=request.width, height=request.height
+            frames,
+            scene_sha256=request.scene_sha256,
+            width=request.width,
+            height=request.height,
+            rows=request.rows,
         )
 
     def _watch(
