@@ -10,6 +10,10 @@ Variants:
 * ``empty``: the camera and a uniform world only, so every pixel has one colour;
 * ``external``: the cube scene plus an image that is *not* packed (a file next to the
   .blend), which the runtime must refuse;
+* ``textured``: the cube scene whose material takes its colour from an image that is
+  *not* packed but referenced relatively as ``//textures/checker.png`` (written next to
+  the .blend at build time): the runtime renders it only when the request's asset
+  manifest supplies that file;
 * ``autoexec``: the cube scene plus a text block registered to run on load, which would
   write ``<path>.autorun-marker`` if Blender ran scripts from the file.
 """
@@ -73,12 +77,32 @@ def build(out, variant):
         image.file_format = "PNG"
         image.save()
         image.use_fake_user = True  # kept in the file, and left unpacked on purpose
+    if variant == "textured":
+        import os
+
+        folder = os.path.join(os.path.dirname(out), "textures")
+        os.makedirs(folder, exist_ok=True)
+        image = bpy.data.images.new("checker", 8, 8)
+        image.generated_type = "COLOR_GRID"
+        image.filepath_raw = os.path.join(folder, "checker.png")
+        image.file_format = "PNG"
+        image.save()
+        image.source = "FILE"
+        mat = bpy.data.materials["red"]
+        tex = mat.node_tree.nodes.new("ShaderNodeTexImage")
+        tex.image = image
+        tex.interpolation = "Closest"
+        bsdf = mat.node_tree.nodes["Principled BSDF"]
+        mat.node_tree.links.new(tex.outputs["Color"], bsdf.inputs["Base Color"])
     if variant == "autoexec":
         # Registered as a module, this text runs when the file loads, unless -Y stops it.
         text = bpy.data.texts.new("autorun.py")
         text.use_module = True
         text.write("open(%r, 'w').write('ran')\n" % (out + ".autorun-marker"))
     bpy.ops.wm.save_as_mainfile(filepath=out, compress=True)
+    if variant == "textured":  # now that the file has a folder, "//" means that folder
+        bpy.data.images["checker"].filepath = "//textures/checker.png"
+        bpy.ops.wm.save_mainfile(compress=True)
 
 
 args = sys.argv[sys.argv.index("--") + 1 :]

@@ -7,6 +7,7 @@ render takes milliseconds per frame and most of each test is Blender's start-up.
 from __future__ import annotations
 
 import hashlib
+import io
 import subprocess
 import time
 from pathlib import Path
@@ -30,7 +31,7 @@ SEED = 7
 def scene_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The test scenes, built once for this module in one Blender run."""
     directory = tmp_path_factory.mktemp("scenes")
-    build_scenes(directory, ("cube", "empty", "external", "autoexec"))
+    build_scenes(directory, ("cube", "empty", "external", "textured", "autoexec"))
     return directory
 
 
@@ -146,6 +147,43 @@ def test_external_file_reference_is_refused(scenes, tmp_path: Path) -> None:
     """A scene that points at a file outside itself is the requester's fault."""
     with pytest.raises(RemoteProtocolError, match="external files"):
         _runtime().run(_payload(scenes["external"], frames=(1, 1)), workdir=tmp_path)
+
+
+def _png(pixels: np.ndarray) -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(pixels, "RGBA").save(out, format="PNG")
+    return out.getvalue()
+
+
+def _with_texture(scene: bytes, path: str, texture: bytes) -> bytes:
+    sha = hashlib.sha256(texture).hexdigest()
+    return _payload(scene, frames=(3, 3), assets=((path, sha),), asset_data=((sha, texture),))
+
+
+def test_asset_manifest_supplies_a_relative_texture(scenes, tmp_path: Path) -> None:
+    """A scene that uses //textures/checker.png renders with the file the manifest
+    supplies, and a different file there gives different pixels."""
+    grid = np.indices((8, 8)).sum(axis=0) % 2 * 255
+    checker = np.stack([grid, 255 - grid, grid, np.full_like(grid, 255)], -1).astype(np.uint8)
+    green = np.zeros((8, 8, 4), np.uint8)
+    green[..., 1] = green[..., 3] = 255
+    runtime = _runtime()
+    frames = []
+    for texture in (checker, green):
+        payload = _with_texture(scenes["textured"], "textures/checker.png", _png(texture))
+        frames.append(decode_result(runtime.run(payload, workdir=tmp_path)).frames[3])
+    first, second = frames
+    assert not np.array_equal(first, second)  # the texture really comes from the manifest
+    assert list(tmp_path.glob("render-*")) == []  # assets are gone with the slice
+
+
+def test_scene_file_outside_the_manifest_is_refused(scenes, tmp_path: Path) -> None:
+    """No manifest, or a manifest naming another path: the relative texture is refused."""
+    with pytest.raises(RemoteProtocolError, match="outside its asset manifest"):
+        _runtime().run(_payload(scenes["textured"], frames=(1, 1)), workdir=tmp_path)
+    other = _with_texture(scenes["textured"], "textures/other.png", b"\x89PNG not used")
+    with pytest.raises(RemoteProtocolError, match="textures/checker.png"):
+        _runtime().run(other, workdir=tmp_path)
 
 
 def test_scripts_inside_the_blend_do_not_run(scenes, scene_dir: Path, tmp_path: Path) -> None:

@@ -23,6 +23,24 @@ def test_model_by_url_is_fetched() -> None:
     assert references_url("ai.inference", payload)
 
 
+def test_render_scene_url_or_asset_manifest_is_resolved() -> None:
+    """A render payload with a scene URL or an asset manifest goes through the daemon."""
+    from nodeclient.workloads import render
+
+    scene = b"scene"
+    sha = "0" * 64
+    assert not references_url(render.CLASS, render.make_request(
+        scene, frames=(1, 1), width=2, height=2, samples=1).encode())  # fmt: skip
+    by_url = render.make_request(
+        scene, frames=(1, 1), width=2, height=2, samples=1, scene_url="https://b.example/s"
+    )
+    assert references_url(render.CLASS, by_url.encode())
+    with_assets = render.make_request(
+        scene, frames=(1, 1), width=2, height=2, samples=1, assets=(("t.png", sha),)
+    )
+    assert references_url(render.CLASS, with_assets.encode())
+
+
 def test_unreadable_or_unknown_payloads_are_left_to_the_worker() -> None:
     """Garbage, or a class without URL inputs, is passed on for the worker to judge."""
     assert not references_url("ai.inference", b"\xff" * 5)

@@ -156,6 +156,83 @@ def test_resolve_blobs_refuses_wrong_bytes() -> None:
         resolve_blobs(payload, lambda _url: b"tampered")
 
 
+# --- asset manifest -----------------------------------------------------------------------------
+
+TEX = b"texture bytes"
+TEX_SHA = hashlib.sha256(TEX).hexdigest()
+
+
+def test_asset_manifest_round_trips_canonically() -> None:
+    """The manifest travels as compact JSON sorted by path; inline assets as U8 tensors."""
+    other = hashlib.sha256(b"b").hexdigest()
+    request = _request(
+        assets=(("a/wood-1.png", TEX_SHA), ("b.exr", other)), asset_data=((TEX_SHA, TEX),)
+    )
+    payload = request.encode()
+    _, meta = decode_tensors(payload)
+    assert meta["assets"] == f'[["a/wood-1.png","{TEX_SHA}"],["b.exr","{other}"]]'
+    back = RenderRequest.decode(payload)
+    assert back.assets == request.assets and back.asset_data == ((TEX_SHA, TEX),)
+    assert back.missing_assets() == [other]
+    assert back.encode() == payload
+    with pytest.raises(RemoteProtocolError, match="not carried inline"):
+        back.asset_files()
+    assert back.with_assets({other: b"b"}).asset_files() == [("a/wood-1.png", TEX), ("b.exr", b"b")]
+
+
+@pytest.mark.parametrize(
+    "path", ["/etc/passwd", "../x.png", "a/../../x.png", "./x.png", "a//b.png", "a b.png",
+             "a\\b.png", "", "x" * 300]
+)  # fmt: skip
+def test_asset_paths_must_stay_inside_the_scene_folder(path: str) -> None:
+    with pytest.raises(LocalProtocolError, match="asset path"):
+        _request(assets=((path, TEX_SHA),))
+
+
+def test_bad_asset_manifests_are_refused() -> None:
+    with pytest.raises(LocalProtocolError, match="unique and sorted"):
+        _request(assets=(("b.png", TEX_SHA), ("a.png", TEX_SHA)))
+    with pytest.raises(LocalProtocolError, match="sha256 of 64"):
+        _request(assets=(("a.png", "00"),))
+    with pytest.raises(LocalProtocolError, match="not in the asset manifest"):
+        _request(asset_data=((TEX_SHA, TEX),))
+    with pytest.raises(LocalProtocolError, match="inline asset has sha256"):
+        _request(assets=(("a.png", TEX_SHA),), asset_data=((TEX_SHA, b"tampered"),))
+    tensors, meta = decode_tensors(_request().encode())
+    for raw, match in (
+        (f'[ ["a.png","{TEX_SHA}"]]', "canonical"),
+        ('{"a.png": 1}', "list of"),
+        ("[[", "not JSON"),
+        (f'[["../a.png","{TEX_SHA}"]]', "asset path"),
+    ):
+        with pytest.raises(RemoteProtocolError, match=match):
+            RenderRequest.decode(encode_tensors(dict(tensors), metadata={**meta, "assets": raw}))
+    extra = {**tensors, render.asset_tensor(TEX_SHA): np.frombuffer(TEX, np.uint8)}
+    with pytest.raises(RemoteProtocolError, match="unexpected tensors"):
+        RenderRequest.decode(encode_tensors(extra, metadata=meta))  # not in a manifest
+
+
+def test_resolve_blobs_fetches_each_asset_from_the_blob_store() -> None:
+    """Missing assets come from /v1/blobs/<sha256>, hash-checked; inline ones are kept."""
+    asked: list[str] = []
+
+    def fetch(url: str) -> bytes:
+        asked.append(url)
+        return {"/v1/blobs/" + TEX_SHA: TEX, "https://blobs.example/s": SCENE}[url]
+
+    payload = _request(scene_url="https://blobs.example/s", assets=(("t.png", TEX_SHA),))
+    resolved = RenderRequest.decode(resolve_blobs(payload.encode(), fetch))
+    assert resolved.scene == SCENE and resolved.asset_files() == [("t.png", TEX)]
+    assert sorted(asked) == sorted(["https://blobs.example/s", "/v1/blobs/" + TEX_SHA])
+    asked.clear()
+    done = resolved.encode()
+    assert resolve_blobs(done, fetch) == done and asked == []
+    with pytest.raises(RemoteProtocolError, match="asset at /v1/blobs/.* expected " + TEX_SHA):
+        resolve_blobs(_request(assets=(("t.png", TEX_SHA),)).encode(), lambda _u: b"evil")
+    parts = split(_request(assets=(("t.png", TEX_SHA),)).encode(), 2)
+    assert all(RenderRequest.decode(p).assets == (("t.png", TEX_SHA),) for p in parts)
+
+
 # --- split --------------------------------------------------------------------------------------
 
 

@@ -3,7 +3,8 @@
 Workers run without network (the sandbox), so anything a payload references by URL and
 SHA-256 is resolved here: an ONNX model goes into the shared model cache that the worker
 reads (verified against its hash, written atomically), a Blender scene is inlined into
-the payload. Relative URLs are the coordinator's blob store (``/v1/blobs/<sha256>``).
+the payload, and so are the assets its manifest lists. Relative URLs are the
+coordinator's blob store (``/v1/blobs/<sha256>``).
 """
 
 from __future__ import annotations
@@ -48,8 +49,8 @@ def http_fetcher(
     return fetch
 
 
-# The metadata key through which each class references an input by URL.
-_URL_KEYS: Final = {"ai.inference": "model_url", "media.render": "scene_url"}
+# The metadata keys through which each class references inputs by URL or by hash.
+_URL_KEYS: Final = {"ai.inference": ("model_url",), "media.render": ("scene_url", "assets")}
 
 
 def references_url(workload_class: str, payload: bytes) -> bool:
@@ -58,13 +59,14 @@ def references_url(workload_class: str, payload: bytes) -> bool:
     A payload whose header cannot be read is handed on unchanged; the worker reports the
     precise decoding error.
     """
-    key = _URL_KEYS.get(workload_class)
-    if key is None:
+    keys = _URL_KEYS.get(workload_class, ())
+    if not keys:
         return False
     try:
-        return key in read_metadata(payload)
+        metadata = read_metadata(payload)
     except ProtocolError:
         return False
+    return any(key in metadata for key in keys)
 
 
 def resolve(

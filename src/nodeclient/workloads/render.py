@@ -13,6 +13,7 @@ container of :mod:`nodeclient.workloads.tensors`.
 Request (the job payload, and each slice's payload with its narrowed range)::
 
     tensors:   "__scene__"  U8, shape [len(scene)]  the packed .blend, when sent inline
+               "__asset_<sha256>__"  U8              an asset's bytes, when sent inline
     metadata:  "class"                  "media.render"
                "scene_sha256"           64 lowercase hex digits, SHA-256 of the .blend bytes
                "scene_url"              where the scene is fetched, when not inline
@@ -29,10 +30,18 @@ Request (the job payload, and each slice's payload with its narrowed range)::
                                                  bands of rows (decimal, 2..height)
                optional "row_start", "row_end"   a band slice: render only these rows,
                                                  0 = top row, inclusive (set by the split)
+               optional "assets"                 the asset manifest: files the .blend uses
+                                                 by relative path, each by SHA-256, as JSON
+                                                 [["textures/wood.png", "<sha256>"], ...]
+                                                 sorted by path, no spaces
 
 Exactly one of ``__scene__`` and ``scene_url`` is present; ``tiles`` excludes
 ``frames_per_slice`` and needs ``frame_start == frame_end``; a band slice carries both
-row keys and no ``tiles``. Numbers are canonical
+row keys and no ``tiles``. An asset's path is relative to the .blend (Blender's ``//``):
+``/``-separated names of letters, digits, ``.``, ``_`` and ``-``, none of them ``.`` or
+``..``; assets come from the coordinator's blob store (``/v1/blobs/<sha256>``), and the
+daemon inlines them (and a ``scene_url`` scene) before a worker, which has no network,
+sees the payload. Numbers are canonical
 decimals (no sign, no leading zeros), so one request has one encoding. ``scene_url`` is
 either ``/v1/blobs/<scene_sha256>`` on the coordinator or an ``http(s)://`` URL: local
 paths and other schemes are refused, because a node must never read its own files on a
@@ -55,6 +64,7 @@ timestamps and encoder choices, pixels from the same pinned render do not.
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -93,13 +103,17 @@ META_ALLOW_BLANK: Final = "allow_blank"
 META_TILES: Final = "tiles"
 META_ROW_START: Final = "row_start"
 META_ROW_END: Final = "row_end"
+META_ASSETS: Final = "assets"
+ASSET_PREFIX: Final = "__asset_"
+MAX_ASSETS: Final = 256
+MAX_ASSET_PATH: Final = 240
 
 _REQUEST_KEYS: Final = frozenset(
     {
         META_CLASS, META_SCENE_SHA256, META_SCENE_URL, META_FRAME_START, META_FRAME_END,
         META_WIDTH, META_HEIGHT, META_SAMPLES, META_SEED, META_FRAMES_PER_SLICE,
         META_MAX_SECONDS, META_MAX_SECONDS_PER_FRAME, META_ALLOW_BLANK, META_TILES,
-        META_ROW_START, META_ROW_END,
+        META_ROW_START, META_ROW_END, META_ASSETS,
     }
 )  # fmt: skip
 _RESULT_KEYS: Final = frozenset(
@@ -110,6 +124,7 @@ _SHA256_RE: Final = re.compile(r"[0-9a-f]{64}")
 _DECIMAL_RE: Final = re.compile(r"0|[1-9][0-9]{0,9}")
 _FRAME_RE: Final = re.compile(r"frame_([0-9]{6})")
 _HTTP_RE: Final = re.compile(r"https?://[^/\s]+(/\S*)?")
+_ASSET_PART_RE: Final = re.compile(r"[A-Za-z0-9._-]+")
 
 
 def frame_name(frame: int) -> str:
@@ -150,6 +165,65 @@ def _check_url(url: str, sha256: str, error: type[ProtocolError]) -> None:
     )
 
 
+def asset_tensor(sha256: str) -> str:
+    """The tensor name that carries the asset whose SHA-256 is *sha256*, inline."""
+    return f"{ASSET_PREFIX}{sha256}__"
+
+
+def blob_url(sha256: str) -> str:
+    """Where the coordinator's blob store serves the bytes whose SHA-256 is *sha256*."""
+    return f"/v1/blobs/{sha256}"
+
+
+def encode_assets(assets: Sequence[tuple[str, str]]) -> str:
+    """The canonical ``assets`` metadata value: sorted by path, compact JSON."""
+    return json.dumps(sorted([path, sha] for path, sha in assets), separators=(",", ":"))
+
+
+def _check_asset_path(path: object, error: type[ProtocolError]) -> str:
+    if not isinstance(path, str) or not 0 < len(path) <= MAX_ASSET_PATH:
+        raise error(f"asset path must be a string of 1..{MAX_ASSET_PATH} characters")
+    for part in path.split("/"):
+        if part in (".", "..") or not _ASSET_PART_RE.fullmatch(part):
+            raise error(
+                f"asset path {path[:80]!r} must be relative: '/'-separated names of letters, "
+                "digits, '.', '_' and '-', none of them '.' or '..'"
+            )
+    return path
+
+
+def _check_assets(assets: object, error: type[ProtocolError]) -> None:
+    if not isinstance(assets, tuple) or len(assets) > MAX_ASSETS:
+        raise error(f"assets must be at most {MAX_ASSETS} (path, sha256) pairs")
+    paths = []
+    for entry in assets:
+        if not isinstance(entry, tuple) or len(entry) != 2:
+            raise error("each asset is a (path, sha256) pair")
+        paths.append(_check_asset_path(entry[0], error))
+        if not isinstance(entry[1], str) or not _SHA256_RE.fullmatch(entry[1]):
+            raise error(f"asset {entry[0][:80]!r} needs a sha256 of 64 lowercase hex digits")
+    if paths != sorted(set(paths)):
+        raise error("asset paths must be unique and sorted")
+
+
+def _parse_assets(raw: str | None) -> tuple[tuple[str, str], ...]:
+    if raw is None:
+        return ()
+    try:
+        value = json.loads(raw)
+    except ValueError as exc:
+        raise RemoteProtocolError(f"metadata 'assets' is not JSON: {exc}") from None
+    if not isinstance(value, list) or not all(
+        isinstance(e, list) and len(e) == 2 and all(isinstance(x, str) for x in e) for e in value
+    ):
+        raise RemoteProtocolError("metadata 'assets' must be a list of [path, sha256] pairs")
+    assets = tuple((e[0], e[1]) for e in value)
+    _check_assets(assets, RemoteProtocolError)
+    if encode_assets(assets) != raw:
+        raise RemoteProtocolError("metadata 'assets' is not in canonical form (compact, sorted)")
+    return assets
+
+
 @dataclass(frozen=True)
 class RenderRequest:
     """One render job or slice. Building one validates it (LocalProtocolError)."""
@@ -170,6 +244,8 @@ class RenderRequest:
     tiles: int | None = None
     row_start: int | None = None
     row_end: int | None = None
+    assets: tuple[tuple[str, str], ...] = ()  # (path relative to the .blend, sha256)
+    asset_data: tuple[tuple[str, bytes], ...] = ()  # (sha256, bytes) carried inline
 
     def __post_init__(self) -> None:
         self.check(LocalProtocolError)
@@ -201,6 +277,14 @@ class RenderRequest:
                             f"{self.scene_sha256}")  # fmt: skip
         if self.scene_url is not None:
             _check_url(self.scene_url, self.scene_sha256, error)
+        _check_assets(self.assets, error)
+        wanted = {sha for _, sha in self.assets}
+        for sha, data in self.asset_data:
+            if sha not in wanted:
+                raise error(f"inline asset {sha} is not in the asset manifest")
+            actual = hashlib.sha256(data).hexdigest()
+            if actual != sha:
+                raise error(f"inline asset has sha256 {actual}, but the manifest says {sha}")
 
     def _check_tiles(self, error: type[ProtocolError]) -> None:
         if self.tiles is not None:
@@ -262,7 +346,11 @@ class RenderRequest:
                 meta[key] = str(value)
         if self.allow_blank:
             meta[META_ALLOW_BLANK] = "1"
-        tensors: dict[str, npt.NDArray[Any]] = {}
+        if self.assets:
+            meta[META_ASSETS] = encode_assets(self.assets)
+        tensors: dict[str, npt.NDArray[Any]] = {
+            asset_tensor(sha): np.frombuffer(data, dtype=np.uint8) for sha, data in self.asset_data
+        }
         if self.scene is not None:
             tensors[SCENE_TENSOR] = np.frombuffer(self.scene, dtype=np.uint8)
         else:
@@ -278,15 +366,20 @@ class RenderRequest:
             raise RemoteProtocolError(f"unknown metadata keys: {unknown}")
         if meta.get(META_CLASS) != CLASS:
             raise RemoteProtocolError(f"workload class is {meta.get(META_CLASS)!r}, not {CLASS!r}")
-        extra = sorted(set(tensors) - {SCENE_TENSOR})
+        assets = _parse_assets(meta.get(META_ASSETS))
+        inline = {asset_tensor(sha): sha for _, sha in assets}
+        extra = sorted(set(tensors) - {SCENE_TENSOR} - set(inline))
         if extra:
-            raise RemoteProtocolError(f"unexpected tensors {extra[:5]}; only {SCENE_TENSOR}")
-        scene: bytes | None = None
-        if SCENE_TENSOR in tensors:
-            array = tensors[SCENE_TENSOR]
+            raise RemoteProtocolError(
+                f"unexpected tensors {extra[:5]}; only {SCENE_TENSOR} and listed assets"
+            )
+        for name, array in tensors.items():
             if array.dtype != np.uint8 or array.ndim != 1:
-                raise RemoteProtocolError(f"{SCENE_TENSOR} must be a one-dimensional U8 tensor")
-            scene = array.tobytes()
+                raise RemoteProtocolError(f"{name} must be a one-dimensional U8 tensor")
+        scene = tensors[SCENE_TENSOR].tobytes() if SCENE_TENSOR in tensors else None
+        asset_data = tuple(
+            (inline[name], tensors[name].tobytes()) for name in sorted(tensors) if name in inline
+        )
         allow = meta.get(META_ALLOW_BLANK)
         if allow not in (None, "1"):
             raise RemoteProtocolError(f"metadata {META_ALLOW_BLANK!r} must be '1' when present")
@@ -308,6 +401,8 @@ class RenderRequest:
                 tiles=_parse_int(meta, META_TILES),
                 row_start=_parse_int(meta, META_ROW_START),
                 row_end=_parse_int(meta, META_ROW_END),
+                assets=assets,
+                asset_data=asset_data,
             )
         except LocalProtocolError as exc:  # the same checks, but now the peer broke them
             raise RemoteProtocolError(str(exc)) from None
@@ -323,6 +418,25 @@ class RenderRequest:
     def inlined(self, scene: bytes) -> RenderRequest:
         """The same request with the scene carried inline instead of by URL."""
         return replace(self, scene=scene, scene_url=None)
+
+    def missing_assets(self) -> list[str]:
+        """The SHA-256s of manifest assets not carried inline (each fetched once)."""
+        carried = {sha for sha, _ in self.asset_data}
+        return sorted({sha for _, sha in self.assets} - carried)
+
+    def with_assets(self, blobs: Mapping[str, bytes]) -> RenderRequest:
+        """The same request with these assets (sha256 -> bytes) carried inline too."""
+        merged = dict(self.asset_data)
+        merged.update(blobs)
+        return replace(self, asset_data=tuple(sorted(merged.items())))
+
+    def asset_files(self) -> list[tuple[str, bytes]]:
+        """(path, bytes) of every manifest asset; RemoteProtocolError if one is not inline."""
+        data = dict(self.asset_data)
+        missing = self.missing_assets()
+        if missing:
+            raise RemoteProtocolError(f"assets not carried inline: {missing[:3]}")
+        return [(path, data[sha]) for path, sha in self.assets]
 
 
 def make_request(
@@ -354,23 +468,29 @@ def make_request(
 def resolve_blobs(
     payload: bytes, fetch: Callable[[str], bytes], *, max_bytes: int = DEFAULT_MAX_BYTES
 ) -> bytes:
-    """Inline a URL-referenced scene, so a worker without network can run the payload.
+    """Inline a URL-referenced scene and the manifest's assets, so an offline worker can run.
 
-    The daemon calls this before dispatching to a worker; *fetch* maps ``scene_url`` to
-    bytes. The bytes are checked against ``scene_sha256`` before they are used. A payload
-    that is already inline comes back unchanged.
+    The daemon calls this before dispatching to a worker; *fetch* maps a URL to bytes
+    (assets come from ``/v1/blobs/<sha256>``). Every fetched blob is checked against its
+    SHA-256 before it is used. A payload that is already self-contained comes back unchanged.
     """
     request = RenderRequest.decode(payload, max_bytes=max_bytes)
-    if request.scene_url is None:
+    missing = request.missing_assets()
+    if request.scene_url is None and not missing:
         return payload
-    scene = fetch(request.scene_url)
-    actual = hashlib.sha256(scene).hexdigest()
-    if actual != request.scene_sha256:
-        raise RemoteProtocolError(
-            f"scene at {request.scene_url[:80]} has sha256 {actual}, "
-            f"expected {request.scene_sha256}"
-        )
-    return request.inlined(scene).encode()
+    if request.scene_url is not None:
+        scene = _fetch_checked(fetch, request.scene_url, request.scene_sha256, "scene")
+        request = request.inlined(scene)
+    blobs = {sha: _fetch_checked(fetch, blob_url(sha), sha, "asset") for sha in missing}
+    return request.with_assets(blobs).encode()
+
+
+def _fetch_checked(fetch: Callable[[str], bytes], url: str, sha256: str, what: str) -> bytes:
+    data = fetch(url)
+    actual = hashlib.sha256(data).hexdigest()
+    if actual != sha256:
+        raise RemoteProtocolError(f"{what} at {url[:80]} has sha256 {actual}, expected {sha256}")
+    return data
 
 
 # --- splitting ----------------------------------------------------------------------------------

@@ -8,12 +8,15 @@ Theory of operation:
 
 * the scene is found by its SHA-256: inline bytes, else the on-disk cache, else
   ``fetch_scene(url)``; fetched bytes are hashed before use and only then cached. The
-  scene is written to a private directory that is removed when the slice ends;
+  scene, and the files of its asset manifest (inlined by the daemon, each checked
+  against its SHA-256) at their relative paths next to it, are written to a private
+  directory that is removed when the slice ends;
 * Blender runs as ``blender -b --factory-startup -Y -noaudio scene.blend
   --python-exit-code 1 -P <override> -- <settings>``: no user preferences, no scripts
   from the .blend (``-Y``), and *our* override script (:data:`OVERRIDE_SCRIPT`, never
   the requester's) pins everything that must not vary or must not run, refuses scenes
-  that reference files outside themselves, then renders the frames one by one;
+  that reference files outside themselves and their asset manifest, then renders the
+  frames one by one;
 * each frame is written under a temporary name and renamed when complete, so a frame
   file that exists is a finished frame. The runtime watches that directory: every new
   frame reports progress, and Blender is killed when no frame appears within the
@@ -91,10 +94,21 @@ def reject(reason):
 
 
 # Self-contained scenes only: an unpacked image, library, font or cache path would make
-# Blender read files on this node (and a missing one silently renders differently).
-external = bpy.utils.blend_paths(absolute=True, packed=False, local=False)
+# Blender read files on this node (and a missing one silently renders differently). The
+# one exception is a file of the request's asset manifest, which the runtime wrote next
+# to the scene: a path that resolves to anything else is refused.
+base = os.path.dirname(os.path.realpath(bpy.data.filepath))
+allowed = {os.path.realpath(os.path.join(base, path)) for path in cfg.get("assets", [])}
+external = [
+    path
+    for path in bpy.utils.blend_paths(absolute=True, packed=False, local=False)
+    if os.path.realpath(path) not in allowed
+]
 if external:
-    reject("scene references external files (pack them): " + ", ".join(external[:5]))
+    reject(
+        "scene references external files outside its asset manifest (pack them or list "
+        "them as assets): " + ", ".join(external[:5])
+    )
 
 for scene in bpy.data.scenes:
     r = scene.render
@@ -334,9 +348,15 @@ class BlenderRuntime:
     ) -> bytes:
         out_dir = run_dir / "frames"
         out_dir.mkdir(mode=0o700)
-        scene_path, script_path = run_dir / "scene.blend", run_dir / "override.py"
+        scene_dir = run_dir / "scene"  # Blender's "//": the scene and its assets only
+        scene_dir.mkdir(mode=0o700)
+        scene_path, script_path = scene_dir / "scene.blend", run_dir / "override.py"
         scene_path.write_bytes(scene)
         script_path.write_text(OVERRIDE_SCRIPT)
+        for relative, data in request.asset_files():  # checked: relative, no ".."
+            target = scene_dir / relative
+            target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            target.write_bytes(data)
         settings: dict[str, object] = {
             "frame_start": request.frame_start,
             "frame_end": request.frame_end,
@@ -349,6 +369,8 @@ class BlenderRuntime:
         }
         if request.rows is not None:
             settings["band"] = list(request.rows)
+        if request.assets:
+            settings["assets"] = [path for path, _ in request.assets]
         log_path = run_dir / "blender.log"
         with log_path.open("wb") as log:
             proc = subprocess.Popen(
