@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import struct
 from collections.abc import Mapping
 from typing import Any, Final
@@ -78,6 +79,10 @@ def dtype_code(dtype: np.dtype[Any]) -> str | None:
     return _CODE_BY_KIND.get((dtype.kind, dtype.itemsize))
 
 
+_NAME_CONTROL: Final = re.compile("[\x00-\x1f\x7f]")  # one C scan, not a loop per character
+_KEY_CONTROL: Final = re.compile("[\x00-\x1f]")
+
+
 def check_name(name: object, *, error: type[Exception] = LocalProtocolError) -> str:
     """Validate a tensor name: a non-empty string without control characters.
 
@@ -88,7 +93,7 @@ def check_name(name: object, *, error: type[Exception] = LocalProtocolError) -> 
         raise error(f"tensor name must be a non-empty string, got {name!r}")
     if len(name) > MAX_NAME_CHARS:
         raise error(f"tensor name is {len(name)} characters, over the limit of {MAX_NAME_CHARS}")
-    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in name):
+    if _NAME_CONTROL.search(name):
         raise error(f"tensor name {name!r} contains a control character")
     if name == METADATA_KEY:
         raise error(f"{METADATA_KEY!r} is reserved for the header's metadata")
@@ -96,7 +101,7 @@ def check_name(name: object, *, error: type[Exception] = LocalProtocolError) -> 
 
 
 def _check_metadata_pair(key: object, value: object, *, error: type[Exception]) -> None:
-    if not isinstance(key, str) or not key or any(ord(c) < 0x20 for c in key):
+    if not isinstance(key, str) or not key or _KEY_CONTROL.search(key):
         raise error(f"metadata key must be a non-empty string without control characters: {key!r}")
     if not isinstance(value, str):
         raise error(f"metadata value for {key!r} must be a string, got {type(value).__name__}")
