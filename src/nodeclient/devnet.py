@@ -10,6 +10,7 @@ would (SHA-256 and eth-account alone), prints each node's state transitions and 
 from __future__ import annotations
 
 import hashlib
+import os
 import secrets
 import shutil
 import signal
@@ -71,7 +72,8 @@ class Devnet:
             self._sandbox = sandbox.probe()[0]
         return self._sandbox
 
-    def add_node(self, index: int) -> Path:
+    def add_node(self, index: int, cpus: set[int] | None = None) -> Path:
+        """Start node *index*; with *cpus* it runs (and sells) only those CPUs."""
         home = securefile.ensure_home(self.workdir / f"node{index}", create=True)
         keys.init_keys(home, passphrase=None)
         wallet = to_checksum_address(secrets.token_bytes(20))
@@ -90,6 +92,8 @@ class Devnet:
             stdout=subprocess.DEVNULL,
             stderr=log,
         )
+        if cpus:  # set long before the node probes its hardware (interpreter start, imports)
+            os.sched_setaffinity(proc.pid, cpus)
         self.nodes.append((home, proc))
         return home
 
@@ -219,6 +223,22 @@ def describe_result(wclass: str, data: bytes, job: dict[str, Any]) -> str:
     return f"training finished {len(metrics)} rounds; loss per round: {shown or 'n/a'}"
 
 
+def cpu_shares(nodes: int) -> list[set[int]]:
+    """Each node's CPUs: the machine split into equal, disjoint shares, as separate machines
+    would be (shared round-robin when there are more nodes than CPUs). A node advertises
+    and uses only its share, so a job split over two nodes really runs on twice the CPUs."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if nodes >= len(cpus):
+        return [{cpus[i % len(cpus)]} for i in range(nodes)]
+    base, extra = divmod(len(cpus), nodes)
+    shares, start = [], 0
+    for i in range(nodes):
+        size = base + (1 if i < extra else 0)
+        shares.append(set(cpus[start : start + size]))
+        start += size
+    return shares
+
+
 def run_devnet(
     *, nodes: int, serve: bool, jobs: int, heartbeat: float, keep: bool, out: Print = print
 ) -> int:
@@ -235,9 +255,11 @@ def run_devnet(
         out(f"coordinator: {url}")
         if not net.sandbox_available():
             out("bubblewrap is not usable here: the devnet's nodes run tasks UNSANDBOXED")
+        shares = cpu_shares(nodes)
         for i in range(nodes):
-            home = net.add_node(i)
-            out(f"node {i}: {keys.node_id_of(home)}  (home {home})")
+            home = net.add_node(i, shares[i])
+            cpus = ",".join(map(str, sorted(shares[i])))
+            out(f"node {i}: {keys.node_id_of(home)}  (CPUs {cpus}, home {home})")
         client = CoordinatorClient(url)
         _wait_online(client, net, out)
         submitted = _submit_demo_jobs(client, jobs, out)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -32,3 +33,20 @@ def test_devnet_runs_jobs_verifies_and_exits_zero() -> None:
     assert len(re.findall(r"node \d states: READY", out.stdout)) == 2
     assert "EXECUTING -> IDLE" in out.stdout
     assert "Traceback" not in out.stderr
+    # Each node runs on its own share of the CPUs, as separate machines would.
+    shares = re.findall(r"node \d: 0x[0-9a-fA-F]{40}  \(CPUs ([\d,]+), home ", out.stdout)
+    assert len(shares) == 2
+    if len(os.sched_getaffinity(0)) >= 2:
+        assert not set(shares[0].split(",")) & set(shares[1].split(","))
+
+
+def test_cpu_shares_split_the_machine_into_disjoint_equal_parts(monkeypatch) -> None:
+    """Earlier nodes take the remainder; more nodes than CPUs share them round-robin."""
+    from nodeclient import devnet
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: {0, 1, 2, 3, 4, 5, 6, 7})
+    assert devnet.cpu_shares(3) == [{0, 1, 2}, {3, 4, 5}, {6, 7}]
+    assert devnet.cpu_shares(1) == [set(range(8))]
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: {2, 5})
+    assert devnet.cpu_shares(2) == [{2}, {5}]
+    assert devnet.cpu_shares(3) == [{2}, {5}, {2}]
