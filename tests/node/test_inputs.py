@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from nodeclient.node.inputs import references_url
+from nodeclient.node.inputs import needs_fetch, references_url
 from nodeclient.workloads.inference import make_request
 from nodeclient.workloads.tensors import encode_tensors, read_metadata
 from tests.models import identity_model
@@ -21,6 +21,21 @@ def test_model_by_url_is_fetched() -> None:
     """A model named by SHA-256 and URL is resolved by the daemon first."""
     payload = make_request(identity_model(), X, inline=False, model_url="/v1/blobs/ab").encode()
     assert references_url("ai.inference", payload)
+
+
+def test_a_cached_model_needs_no_fetch(tmp_path) -> None:
+    """A model named by URL is fetched only until it sits in the model cache."""
+    import hashlib
+
+    model = identity_model()
+    sha = hashlib.sha256(model).hexdigest()
+    payload = make_request(model, X, inline=False, model_url="/v1/blobs/" + sha).encode()
+    assert needs_fetch("ai.inference", payload, cache_dir=tmp_path)
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / sha).write_bytes(model)
+    assert not needs_fetch("ai.inference", payload, cache_dir=tmp_path)
+    inline = make_request(model, X).encode()
+    assert not needs_fetch("ai.inference", inline, cache_dir=tmp_path / "empty")
 
 
 def test_render_scene_url_or_asset_manifest_is_resolved() -> None:

@@ -390,7 +390,8 @@ class NodeDaemon:
                     return
                 started = time.monotonic()
                 try:
-                    if inputs.references_url(task.workload_class, payload):
+                    cache_dir = self.executor.config.cache_dir
+                    if inputs.needs_fetch(task.workload_class, payload, cache_dir=cache_dir):
                         payload = await asyncio.to_thread(self._resolve_inputs, task, payload)
                     lease_left = max(0.0, d.lease_expires_at - self.clock.now())
                     result = await self.executor.run(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Final
@@ -22,6 +23,7 @@ from nodeclient.node import sandbox
 from nodeclient.workloads.tensors import read_metadata
 
 MAX_FETCH_BYTES: Final = 256 * 1024 * 1024
+_SHA256_RE: Final = re.compile(r"[0-9a-f]{64}")
 
 Fetch = Callable[[str], bytes]
 
@@ -59,14 +61,34 @@ def references_url(workload_class: str, payload: bytes) -> bool:
     A payload whose header cannot be read is handed on unchanged; the worker reports the
     precise decoding error.
     """
+    return _references(workload_class, payload) is not None
+
+
+def needs_fetch(workload_class: str, payload: bytes, *, cache_dir: Path) -> bool:
+    """Whether :func:`resolve` has work to do: a URL input that is not in the model cache.
+
+    Header-only, so a task whose model is warm pays one ``stat`` and no full decode.
+    """
+    metadata = _references(workload_class, payload)
+    if metadata is None:
+        return False
+    if workload_class == "ai.inference":
+        sha = metadata.get("model_sha256", "")
+        if _SHA256_RE.fullmatch(sha) and (cache_dir / "models" / sha).is_file():
+            return False  # the worker verifies the file's hash when it reads it
+    return True
+
+
+def _references(workload_class: str, payload: bytes) -> dict[str, str] | None:
+    """The payload's metadata when it references an input by URL, else None."""
     keys = _URL_KEYS.get(workload_class, ())
     if not keys:
-        return False
+        return None
     try:
         metadata = read_metadata(payload)
     except ProtocolError:
-        return False
-    return any(key in metadata for key in keys)
+        return None
+    return metadata if any(key in metadata for key in keys) else None
 
 
 def resolve(
