@@ -268,6 +268,7 @@ class LinkSession:
         until = coord.nodes[self.node_id].unstaking_until
         await self.send_text(heartbeat_ack_text(seq, now, until))
         if not was_online:
+            coord.roster_changed()
             coord.wake()
 
     def _liveness_of(self, info: NodeInfo) -> str:

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 from sqlalchemy import select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, undefer
 
 from nodeclient.coordinator import models as m
 from nodeclient.coordinator import rounds
@@ -48,6 +48,7 @@ from nodeclient.protocol import envelope, messages
 
 log = logging.getLogger("nodeclient.coordinator.scheduler")
 BATCH = 256  # queued tasks considered per round
+ROUND_REST = 3.0  # a round that took d seconds is followed by at least this many d of rest
 # Lease outcomes that count as the node failing the task (not "cancelled", "superseded",
 # "undelivered": those are not the node's doing).
 FAILED_OUTCOMES = ("rejected", "expired", "offline")
@@ -385,6 +386,18 @@ def assign_tx(
     ):
         tried.setdefault(task_id, []).append(node_id)
     failures = job_failures(session, {q[1] for q in queued if q[2] in RETRY_POLICIES})
+    # The round's tasks and jobs in two queries, not two per task: each lookup by primary
+    # key would also flush the previous task's lease first.
+    task_rows = session.scalars(
+        select(m.Task)
+        .where(m.Task.task_id.in_([q[0] for q in queued]))
+        .options(undefer(m.Task.payload))  # every placed task is sealed right after
+    )
+    tasks = {t.task_id: t for t in task_rows}
+    jobs = {
+        j.job_id: j
+        for j in session.scalars(select(m.Job).where(m.Job.job_id.in_({q[1] for q in queued})))
+    }
     picker = Picker(candidates, free)
     out: list[Assignment] = []
     for task_id, job_id, wclass, min_tier, region in queued:
@@ -400,7 +413,7 @@ def assign_tx(
         )
         if choice is None:
             continue
-        task = session.get_one(m.Task, task_id)
+        task = tasks[task_id]
         deadline = now + lease_seconds
         task.status, task.node_id, task.attempts = m.LEASED, choice, task.attempts + 1
         task.leased_at, task.lease_deadline = now, deadline  # reason: why it was re-queued
@@ -410,7 +423,7 @@ def assign_tx(
                 leased_at=now, deadline=deadline,
             )
         )  # fmt: skip
-        job = session.get_one(m.Job, job_id)
+        job = jobs[job_id]
         if job.status == m.QUEUED:
             job.status = m.RUNNING
         out.append(
@@ -450,8 +463,17 @@ class Scheduler:
         # node_id -> (the NodeInfo it was built from, its Candidate): a round with 10,000
         # links rebuilds only the candidates whose registration changed.
         self._cands: dict[str, tuple[NodeInfo, Candidate]] = {}
+        # The last candidate list and the coordinator's roster_version it was built at.
+        self._roster: tuple[int, list[Candidate]] = (-1, [])
 
     def candidates(self) -> list[Candidate]:
+        """Linked, online, not unstaking nodes; rebuilt only when the roster changed."""
+        version = self.coord.roster_version
+        if self._roster[0] != version:
+            self._roster = (version, self._build_candidates())
+        return self._roster[1]
+
+    def _build_candidates(self) -> list[Candidate]:
         coord = self.coord
         nodes, runtime, cache = coord.nodes, coord.runtime, self._cands
         out = []
@@ -486,8 +508,13 @@ class Scheduler:
                 await self.tick()
             except Exception:  # the loop must survive; the failure is logged with its trace
                 log.exception("scheduler.error")
-            # Wake-ups during the gap are served together by the next round.
-            await asyncio.sleep(max(0.0, started + gap - loop.time()))
+            # Wake-ups during the rest are served together by the next round. A round that
+            # took d seconds (10,000 candidates to weigh) rests ROUND_REST * d (at most
+            # schedule_interval), so rounds take a bounded share of the event loop and
+            # of the database thread.
+            took = loop.time() - started
+            rest = min(ROUND_REST * took, cfg.schedule_interval)
+            await asyncio.sleep(max(gap - took, rest, 0.0))
 
     async def tick(self) -> None:
         """One round: offline check, lease expiry, then assignment and dispatch."""
@@ -525,6 +552,7 @@ class Scheduler:
             if not rt.online or rt.last_seen is None or now - rt.last_seen <= limit:
                 continue
             rt.online = False
+            coord.roster_changed()
             silent = now - rt.last_seen
             log.warning("node.offline", extra={"node_id": node_id, "silent_s": round(silent, 1)})
             link = coord.links.get(node_id)

@@ -99,6 +99,10 @@ class Coordinator:
         self.clock = clock
         self.db = db
         self.coordinator_id: str = db.run_sync(lambda s: coordinator_id(s, config.coordinator_id))
+        # Bumped whenever what makes a node a scheduling candidate may have changed: its
+        # registration (node cache), its link, or its online flag (roster_changed()). The
+        # scheduler rebuilds its candidate list only when this moves.
+        self.roster_version = 0
         self.nodes: dict[str, NodeInfo] = {}
         self.runtime: dict[str, NodeRuntime] = {}
         for info in db.run_sync(load_nodes):
@@ -115,7 +119,12 @@ class Coordinator:
 
     # --- node cache -------------------------------------------------------------------------
 
+    def roster_changed(self) -> None:
+        """A node's registration, link or online flag changed (see ``roster_version``)."""
+        self.roster_version += 1
+
     def cache_node(self, info: NodeInfo) -> None:
+        self.roster_changed()
         self.nodes[info.node_id] = info
         if info.node_id not in self.runtime:
             self.runtime[info.node_id] = NodeRuntime(
@@ -125,6 +134,7 @@ class Coordinator:
     def set_unstaking(self, node_id: str, until: int) -> None:
         info = self.nodes.get(node_id)
         if info is not None:
+            self.roster_changed()
             self.nodes[node_id] = replace(info, unstaking_until=until)
 
     def is_online(self, node_id: str) -> bool:
@@ -135,6 +145,7 @@ class Coordinator:
 
     def attach(self, node_id: str, link: LinkPort) -> LinkPort | None:
         """Make *link* the node's one live link; returns the one it replaces, if any."""
+        self.roster_changed()
         old = self.links.get(node_id)
         self.links[node_id] = link
         rt = self.runtime[node_id]
@@ -145,6 +156,7 @@ class Coordinator:
     def detach(self, node_id: str, link: LinkPort) -> None:
         """Forget *link* if it is still the node's live one (a replaced link is not)."""
         if self.links.get(node_id) is link:
+            self.roster_changed()
             del self.links[node_id]
 
     async def send_to(self, node_id: str, frame: Mapping[str, Any]) -> bool:
