@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import signal
 import socket
 import sys
@@ -29,6 +30,20 @@ from nodeclient.errors import UsageError
 from nodeclient.protocol.messages import MAX_DATA_FRAME
 
 _WS_OVERHEAD = 4096  # frame headers around the largest allowed JSON frame
+# Garbage collection with 10,000 links: a link holds about 130 objects the collector
+# tracks (protocol, parser, ASGI task, coroutine frames, queues), so a full collection
+# walks more than a million objects and stops the event loop for a second or more. The
+# thresholds make collections rarer: a young collection every 10,000 net allocations
+# (not 700), a middle one every 50 of those, and a full one only after 100 middle ones
+# (and CPython's own rule that a quarter of the old objects must be new). What the
+# process holds once it serves (modules, app, node cache) is frozen out of every
+# collection; objects of links closed later are still collected.
+GC_THRESHOLDS = (10_000, 50, 100)
+# The database threads run pure-Python ORM work (job inserts, scheduling rounds) beside
+# the event loop. With CPython's default 5 ms switch interval the loop, which gives the
+# GIL up at every socket call, can wait up to 5 ms to get it back each time; 0.5 ms
+# keeps heartbeat acks moving while a transaction runs.
+SWITCH_INTERVAL_S = 0.0005
 
 
 class _Server(uvicorn.Server):
@@ -105,6 +120,8 @@ async def serve(
     while not server.started and not task.done():
         await asyncio.sleep(0.01)
     if server.started:
+        gc.collect()
+        gc.freeze()
         out = announce or sys.stdout
         out.write(f"coordinator: {url_of(sock, host)}\n")
         out.flush()
@@ -122,5 +139,7 @@ def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
 
 
 def run(app: FastAPI, *, sock: socket.socket, host: str) -> int:
+    gc.set_threshold(*GC_THRESHOLDS)
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
     with asyncio.Runner(loop_factory=loop_factory()) as runner:
         return runner.run(serve(app, sock=sock, host=host))
