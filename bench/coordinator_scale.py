@@ -78,9 +78,10 @@ COORDINATOR = (
     "from nodeclient.coordinator.cli import main\n"
     "raise SystemExit(main(sys.argv[1:]))\n"
 )
-# The window, inside the coordinator: SIGUSR1 opens it, SIGUSR2 closes it. Meanwhile the
-# coordinator records its garbage collections (generation, pause), written as JSON to
-# $COORDINATOR_SCALE_GC, and with --profile runs cProfile on its event-loop thread.
+# A measured phase, inside the coordinator: SIGUSR1 opens it, SIGUSR2 closes it. Meanwhile
+# the coordinator records its garbage collections (generation, pause), written as JSON to
+# $COORDINATOR_SCALE_GC, and with --profile runs cProfile on its event-loop thread during
+# the phase numbered $COORDINATOR_SCALE_PROFILE_AT (1: the window, 2: dispatch).
 WINDOW_HOOKS = (
     "import cProfile, gc, json, os, signal, time\n"
     "_prof = cProfile.Profile() if os.environ.get('COORDINATOR_SCALE_PROFILE') else None\n"
@@ -91,17 +92,21 @@ WINDOW_HOOKS = (
     "    elif _gc['on']:\n"
     "        _gc['pauses'].append((info['generation'], time.perf_counter() - _gc['t0']))\n"
     "gc.callbacks.append(_gc_cb)\n"
+    "_opened = [0]\n"
+    "_prof_at = int(os.environ.get('COORDINATOR_SCALE_PROFILE_AT', '1'))\n"
     "def _open(*_):\n"
-    "    _gc['on'] = True\n"
-    "    if _prof is not None:\n"
+    "    _opened[0] += 1\n"
+    "    _gc['on'], _gc['pauses'] = True, []\n"
+    "    if _prof is not None and _opened[0] == _prof_at:\n"
     "        _prof.enable()\n"
     "def _close(*_):\n"
     "    _gc['on'] = False\n"
-    "    if _prof is not None:\n"
+    "    if _prof is not None and _opened[0] == _prof_at:\n"
     "        _prof.disable()\n"
     "        _prof.dump_stats(os.environ['COORDINATOR_SCALE_PROFILE'])\n"
     "    with open(os.environ['COORDINATOR_SCALE_GC'], 'w') as f:\n"
-    "        json.dump(_gc['pauses'], f)\n"
+    "        json.dump({'pauses': _gc['pauses'], 'tracked': len(gc.get_objects()),\n"
+    "                   'frozen': gc.get_freeze_count()}, f)\n"
     "signal.signal(signal.SIGUSR1, _open)\n"
     "signal.signal(signal.SIGUSR2, _close)\n"
 )
@@ -123,7 +128,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--profile",
         type=Path,
         default=None,
-        help="write a cProfile of the coordinator's event loop during the window to this file",
+        help="write a cProfile of the coordinator's event loop to this file",
+    )
+    p.add_argument(
+        "--profile-phase",
+        choices=("window", "dispatch"),
+        default="window",
+        help="what --profile covers: the heartbeat window (default) or the dispatch phase",
     )
     return p.parse_args(argv)
 
@@ -132,11 +143,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def start_coordinator(
-    data_dir: Path, interval: float, profile: Path | None = None
+    data_dir: Path, interval: float, profile: Path | None = None, profile_at: int = 1
 ) -> tuple[subprocess.Popen[bytes], str]:
     env = dict(os.environ, COORDINATOR_SCALE_GC=str(data_dir / "gc.json"))
     if profile is not None:
         env["COORDINATOR_SCALE_PROFILE"] = str(profile.resolve())
+        env["COORDINATOR_SCALE_PROFILE_AT"] = str(profile_at)
     code = WINDOW_HOOKS + COORDINATOR
     cmd = [
         sys.executable, "-c", code, "serve", "--host", "127.0.0.1", "--port", "0",
@@ -283,18 +295,19 @@ def log_summary(path: Path) -> str:
 def gc_summary(path: Path) -> str:
     """Collections per generation and their longest pause, from the coordinator's record."""
     try:
-        pauses = json.loads(path.read_text())
+        record = json.loads(path.read_text())
     except (OSError, ValueError):
         return "not recorded"
     by_gen: dict[int, list[float]] = {}
-    for gen, seconds in pauses:
+    for gen, seconds in record["pauses"]:
         by_gen.setdefault(int(gen), []).append(float(seconds))
+    pauses = "; ".join(
+        f"gen{g}: {len(v)}, total {sum(v) * 1e3:.0f} ms, max {max(v) * 1e3:.1f} ms"
+        for g, v in sorted(by_gen.items())
+    )
     return (
-        "; ".join(
-            f"gen{g}: {len(v)}, total {sum(v) * 1e3:.0f} ms, max {max(v) * 1e3:.1f} ms"
-            for g, v in sorted(by_gen.items())
-        )
-        or "none"
+        f"{pauses or 'none'} ({record['tracked']} objects tracked at the end, "
+        f"{record['frozen']} frozen)"
     )
 
 
@@ -309,7 +322,9 @@ def run(args: argparse.Namespace) -> int:
     )
     with tempfile.TemporaryDirectory(prefix="coordinator-scale-") as tmp:
         data = Path(tmp)
-        coordinator, url = start_coordinator(data, interval, args.profile)
+        coordinator, url = start_coordinator(
+            data, interval, args.profile, 2 if args.profile_phase == "dispatch" else 1
+        )
         clients: Clients | None = None
         try:
             cproc = psutil.Process(coordinator.pid)
@@ -355,11 +370,16 @@ def run(args: argparse.Namespace) -> int:
             cpu1, w1 = cproc.cpu_times(), time.monotonic()
             coordinator.send_signal(signal.SIGUSR2)
             rss_mb = cproc.memory_info().rss / 2**20
+            time.sleep(0.5)  # the coordinator writes its record of the window
+            gc_pauses = gc_summary(data / "gc.json")
+            profile_dispatch = args.profile is not None and args.profile_phase == "dispatch"
 
             d0 = d1 = t_submit0 = t_submit1 = 0.0
             submitted, dispatched, submit_error = 0, 0, ""
             if args.jobs:
                 print(f"submitting {args.jobs} ai.inference jobs", flush=True)
+                if profile_dispatch:
+                    coordinator.send_signal(signal.SIGUSR1)
                 d0 = time.monotonic()
                 deadline = d0 + args.dispatch_timeout
                 t_submit0, t_submit1, submitted, submit_error = asyncio.run(
@@ -368,6 +388,9 @@ def run(args: argparse.Namespace) -> int:
                 grace = max(5.0, deadline - time.monotonic())  # dispatches still in flight
                 dispatched = wait_dispatched(clients, submitted, grace)
                 d1 = time.monotonic()
+                if profile_dispatch:
+                    coordinator.send_signal(signal.SIGUSR2)
+                    time.sleep(1.0)  # the profile is written
 
             reports = clients.command("stop", args.phase_timeout)
         finally:
@@ -375,7 +398,6 @@ def run(args: argparse.Namespace) -> int:
                 clients.stop()
             stop_coordinator(coordinator)
         coord_log = log_summary(data / "coordinator.log")
-        gc_pauses = gc_summary(data / "gc.json")
 
     samples = [s for r in reports for s in r["samples"]]
     window = [rtt for sent, rtt in samples if w0 <= sent < w1]
