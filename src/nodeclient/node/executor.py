@@ -44,6 +44,7 @@ DEFAULT_MAX_OUTPUT: Final = 1024 * 1024
 _TAIL: Final = 2048
 _F_SETPIPE_SZ: Final = 1031  # Linux fcntl; not exported by Python 3.11
 _PIPE_BYTES: Final = 1 << 20  # the default /proc/sys/fs/pipe-max-size
+_JOIN_BYTES: Final = 256 * 1024  # payloads up to this size go down the pipe in one write
 _REPLACED: Final = "replaced after a failed or untidy task"
 
 # progress(done, total, note) as the executor reports it to the daemon
@@ -203,8 +204,12 @@ class _Slot:
         header["id"] = next(self.ids)
         self.output = 0
         try:
-            self.proc.stdin.write(worker.encode_header(header, len(payload)))
-            self.proc.stdin.write(payload)
+            head = worker.encode_header(header, len(payload))
+            if len(payload) <= _JOIN_BYTES:  # one write, so the worker wakes up once
+                self.proc.stdin.write(head + payload)
+            else:  # not worth a copy of a large payload
+                self.proc.stdin.write(head)
+                self.proc.stdin.write(payload)
             await self.proc.stdin.drain()
             while True:
                 frame = await self._read()
