@@ -8,23 +8,24 @@ transaction runs first, and the other sees its outcome). Functions that take a
 ``Session`` are the transactions; the domain modules (registry, scheduler, verifier)
 write their own and pass them to ``run``.
 
-The one exception is the heartbeat group commit (:meth:`Database.run_heartbeats`): it
-only updates the liveness columns of ``nodes``, so it gets its own thread and its own
-long-lived connection and never queues behind job inserts or scheduling rounds. SQLite
-in WAL mode lets it commit beside the main thread's readers, and waits (``busy_timeout``)
-for the write lock only while another transaction is committing; PostgreSQL takes row
-locks. An in-memory SQLite database exists once per connection, so there the heartbeat
-commit stays on the main database thread.
+The heartbeat group commit (:meth:`Database.run_heartbeats`) only updates the liveness
+columns of ``nodes`` and runs on a long-lived connection. It never queues behind job
+inserts or scheduling rounds: on SQLite (one writer at a time) it jumps the database
+thread's queue and waits only for the transaction in progress; on other databases
+(PostgreSQL: row locks) it has a thread of its own.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import secrets
+import threading
 import uuid
+from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
@@ -73,18 +74,70 @@ def _in_memory(engine: Engine) -> bool:
     return engine.dialect.name == "sqlite" and engine.url.database in (None, "", ":memory:")
 
 
+class _DbThread:
+    """One worker thread running calls in order, except that urgent calls go first.
+
+    The heartbeat group commit is urgent: it waits for the transaction in progress, never
+    for the job inserts and scheduling rounds queued behind it.
+    """
+
+    def __init__(self, name: str) -> None:
+        self._cv = threading.Condition()
+        self._urgent: deque[tuple[Callable[[], Any], Future[Any]]] = deque()
+        self._normal: deque[tuple[Callable[[], Any], Future[Any]]] = deque()
+        self._closed = False
+        self._thread = threading.Thread(target=self._main, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, fn: Callable[[], T], *, urgent: bool = False) -> Future[T]:
+        fut: Future[T] = Future()
+        with self._cv:
+            if self._closed:
+                raise RuntimeError("the database is closed")
+            (self._urgent if urgent else self._normal).append((fn, fut))
+            self._cv.notify()
+        return fut
+
+    def _main(self) -> None:
+        while True:
+            with self._cv:
+                while not (self._urgent or self._normal or self._closed):
+                    self._cv.wait()
+                if self._urgent:
+                    fn, fut = self._urgent.popleft()
+                elif self._normal:
+                    fn, fut = self._normal.popleft()
+                else:
+                    return  # closed, and everything queued has run
+            if not fut.set_running_or_notify_cancel():
+                continue
+            try:
+                result = fn()
+            except BaseException as exc:  # noqa: BLE001 (handed to the caller, like an executor)
+                fut.set_exception(exc)
+            else:
+                fut.set_result(result)
+
+    def shutdown(self) -> None:
+        with self._cv:
+            self._closed = True
+            self._cv.notify()
+        self._thread.join()
+
+
 class Database:
     """The SQL engine plus the one worker thread every transaction runs on."""
 
     def __init__(self, url: str) -> None:
         self.engine = make_engine(url)
         m.Base.metadata.create_all(self.engine)
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="coordinator-db")
-        self._hb_executor: ThreadPoolExecutor | None = None
-        if not _in_memory(self.engine):
-            self._hb_executor = ThreadPoolExecutor(
-                max_workers=1, thread_name_prefix="coordinator-db-heartbeats"
-            )
+        self._thread = _DbThread("coordinator-db")
+        # Heartbeat commits: SQLite has one writer at a time, so they stay on the one
+        # database thread and jump its queue (waiting on SQLite's lock from a second thread
+        # would sleep in its busy handler); other databases give them their own thread.
+        self._hb_thread = self._thread
+        if self.engine.dialect.name != "sqlite":
+            self._hb_thread = _DbThread("coordinator-db-heartbeats")
         self._hb_conn: Connection | None = None  # used only on the heartbeat thread
 
     def run_sync(self, fn: Callable[[Session], T]) -> T:
@@ -94,8 +147,7 @@ class Database:
 
     async def run(self, fn: Callable[[Session], T]) -> T:
         """Run *fn* in one transaction on the database thread."""
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self.run_sync, fn)
+        return await asyncio.wrap_future(self._thread.submit(functools.partial(self.run_sync, fn)))
 
     def _run_conn(self, fn: Callable[[Connection], T]) -> T:
         with self.engine.begin() as conn:
@@ -103,10 +155,11 @@ class Database:
 
     async def run_core(self, fn: Callable[[Connection], T]) -> T:
         """Run *fn* on a Core connection in one transaction on the database thread."""
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self._run_conn, fn)
+        return await asyncio.wrap_future(self._thread.submit(functools.partial(self._run_conn, fn)))
 
     def _run_heartbeat_conn(self, fn: Callable[[Connection], T]) -> T:
+        if _in_memory(self.engine):  # one database per connection: use the pool's own
+            return self._run_conn(fn)
         conn = self._hb_conn
         if conn is None:
             conn = self._hb_conn = self.engine.connect()
@@ -121,11 +174,9 @@ class Database:
             raise
 
     async def run_heartbeats(self, fn: Callable[[Connection], T]) -> T:
-        """Run *fn* on a Core connection in one transaction on the heartbeat thread."""
-        if self._hb_executor is None:
-            return await self.run_core(fn)
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._hb_executor, self._run_heartbeat_conn, fn)
+        """Run *fn* in one transaction on a long-lived Core connection, ahead of the queue."""
+        call = functools.partial(self._run_heartbeat_conn, fn)
+        return await asyncio.wrap_future(self._hb_thread.submit(call, urgent=True))
 
     def _close_heartbeat_conn(self) -> None:
         if self._hb_conn is not None:
@@ -133,10 +184,10 @@ class Database:
             self._hb_conn = None
 
     def close(self) -> None:
-        if self._hb_executor is not None:
-            self._hb_executor.submit(self._close_heartbeat_conn).result()
-            self._hb_executor.shutdown(wait=True)
-        self._executor.shutdown(wait=True)
+        self._hb_thread.submit(self._close_heartbeat_conn).result()
+        if self._hb_thread is not self._thread:
+            self._hb_thread.shutdown()
+        self._thread.shutdown()
         self.engine.dispose()
 
 
