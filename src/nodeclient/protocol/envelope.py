@@ -440,7 +440,9 @@ def _open(
     chunk_size = header.chunk_size
     full_ct_len = chunk_size + TAG_LEN
     ct_buf = None if source.in_memory else bytearray(full_ct_len)
-    pt_buf = bytearray(chunk_size)
+    # No bigger than the input can fill: a 1 KiB payload must not pay for zeroing (and,
+    # with a fresh mapping, faulting in) a whole 1 MiB chunk buffer.
+    pt_buf = bytearray(min(chunk_size, source.remaining() if source.in_memory else chunk_size))
     total = 0
     index = 0
     nonce = source.exact(NONCE_LEN)
@@ -568,6 +570,11 @@ class _Source:
     def in_memory(self) -> bool:
         """True where reads are views of the input and need no buffer of their own."""
         return self._mem is not None
+
+    def remaining(self) -> int:
+        """Bytes left in an in-memory input (its plaintext is no longer than that)."""
+        assert self._mem is not None
+        return len(self._mem) - self._pos
 
     def read(self, size: int, buf: bytearray | None = None) -> memoryview:
         """Up to *size* bytes, fewer only at end of input, as a view.
