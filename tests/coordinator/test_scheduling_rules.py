@@ -10,7 +10,7 @@ import pytest
 from nodeclient.clock import ManualClock, OffsetFileClock
 from nodeclient.coordinator import classes
 from nodeclient.coordinator.config import CoordinatorConfig
-from nodeclient.coordinator.scheduler import Candidate, Picker, pick_node
+from nodeclient.coordinator.scheduler import Candidate, Picker, Roster, pick_node
 from nodeclient.errors import RemoteProtocolError, UsageError
 from tests.coordinator.conftest import inference_payload, inference_result
 
@@ -71,9 +71,15 @@ def test_picker_chooses_as_pick_node_does() -> None:
             )
             for i in range(rng.randint(1, 40))
         ]
-        free = {c.node_id: c.capacity - rng.randint(0, c.capacity) for c in cands}
+        busy = rng.choice([0.05, 0.5, 1.0])  # few leases (idle heap copied) or many
+        used = {c.node_id: rng.randint(0, c.capacity) if rng.random() < busy else 0 for c in cands}
+        free = {c.node_id: c.capacity - used[c.node_id] for c in cands}
         ids = [c.node_id for c in cands]
-        picker = Picker(cands, dict(free))
+        roster = Roster(cands)
+        if rng.random() < 0.5:  # idle heaps already built by an earlier round
+            roster.idle_heap(("ai.inference", 0, None))
+        picker = Picker(roster, used)
+        assert roster.any_free(used) == any(v > 0 for v in free.values())
         for _task in range(rng.randint(1, 80)):
             ask = {
                 "workload_class": rng.choice(classes_),
@@ -86,7 +92,7 @@ def test_picker_chooses_as_pick_node_does() -> None:
             assert picker.pick(**ask) == expected
             if expected is not None:
                 free[expected] -= 1
-            assert picker.free == free
+            assert {n: picker.slots(n) for n in ids} == free
 
 
 def test_offset_file_clock_reads_offset_at_most_once_a_second(tmp_path: Path) -> None:

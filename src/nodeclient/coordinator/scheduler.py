@@ -129,47 +129,81 @@ def pick_node(
 
 # A heap entry: (region mismatch, load, node_id, free slots when pushed). The first three
 # are pick_node's preference after "not tried before"; the last detects entries made stale
-# by a pick from another group's heap.
+# by a pick, or by leases the entry did not know of.
 _Entry = tuple[bool, float, str, int]
+_Group = tuple[str, int, str | None]  # what a task asks: workload class, min tier, region
+
+
+def _load(c: Candidate, slots: int) -> float:
+    return 1.0 - slots / max(c.capacity, 1)  # exactly pick_node's load term
+
+
+def _eligible(c: Candidate, workload_class: str, min_tier: int) -> bool:
+    return workload_class in c.workload_classes and c.hardware_tier >= min_tier
+
+
+class Roster:
+    """The scheduling candidates, plus what rounds reuse until the candidates change.
+
+    For each group of tasks it keeps a heap of its eligible nodes keyed as if none had a
+    lease (load 0). A round copies it (a C-level list copy) instead of weighing every
+    node again: an entry of a node with leases is then ahead of its true place, which
+    :class:`Picker` corrects when it pops it.
+    """
+
+    def __init__(self, candidates: Iterable[Candidate]) -> None:
+        self.candidates = list(candidates)
+        self.by_id = {c.node_id: c for c in self.candidates}
+        self.capacity = sum(max(c.capacity, 0) for c in self.candidates)
+        self._idle_heaps: dict[_Group, list[_Entry]] = {}
+
+    def idle_heap(self, group: _Group) -> list[_Entry]:
+        """A fresh copy of the group's heap with every node idle."""
+        heap = self._idle_heaps.get(group)
+        if heap is None:
+            workload_class, min_tier, region = group
+            heap = [
+                (region is not None and c.region != region, _load(c, c.capacity), c.node_id,
+                 c.capacity)
+                for c in self.candidates
+                if c.capacity > 0 and _eligible(c, workload_class, min_tier)
+            ]  # fmt: skip
+            heapq.heapify(heap)
+            self._idle_heaps[group] = heap
+        return list(heap)
+
+    def any_free(self, used: Mapping[str, int]) -> bool:
+        """Whether some candidate has a free slot, given tasks leased per node (O(leased))."""
+        free = self.capacity
+        for node_id, n in used.items():
+            c = self.by_id.get(node_id)
+            if c is not None:
+                cap = max(c.capacity, 0)
+                free -= cap - max(0, cap - n)
+        return free > 0
 
 
 class Picker:
     """:func:`pick_node` for many tasks in one round, O(log nodes) per task.
 
     Candidates are grouped by what a task asks of them (workload class, min tier,
-    region); each group keeps a heap keyed by (region mismatch, load, node_id). Free
-    slots only go down during a round, so an entry whose slot count is out of date is
-    ahead of its true place: it is popped early and pushed back with its current load.
-    Nodes that already tried the task, or may not take it, are set aside during a pick
-    and put back after it. When every eligible node has tried the task, the best of the
+    region); each group keeps a heap keyed by (region mismatch, load, node_id). Load
+    only goes up during a round, so an entry whose slot count is out of date is ahead
+    of its true place: it is popped early and pushed back with its current load. Nodes
+    that already tried the task, or may not take it, are set aside during a pick and
+    put back after it. When every eligible node has tried the task, the best of the
     (few) nodes that tried it is chosen, as pick_node does.
     """
 
-    def __init__(self, candidates: Iterable[Candidate], free: dict[str, int]) -> None:
-        self.free = free  # node_id -> free slots; decremented by pick()
-        self._cands = {c.node_id: c for c in candidates}
-        self._heaps: dict[tuple[str, int, str | None], list[_Entry]] = {}
+    def __init__(self, roster: Roster, used: Mapping[str, int]) -> None:
+        self._roster = roster
+        self._cands = roster.by_id
+        self._used = dict(used)  # node_id -> tasks leased to it; pick() adds one
+        self._heaps: dict[_Group, list[_Entry]] = {}
 
-    @staticmethod
-    def _load(c: Candidate, slots: int) -> float:
-        return 1.0 - slots / max(c.capacity, 1)
-
-    def _eligible(self, c: Candidate, workload_class: str, min_tier: int) -> bool:
-        return workload_class in c.workload_classes and c.hardware_tier >= min_tier
-
-    def _heap(self, workload_class: str, min_tier: int, region: str | None) -> list[_Entry]:
-        group = (workload_class, min_tier, region)
-        heap = self._heaps.get(group)
-        if heap is None:
-            heap = []
-            for c in self._cands.values():
-                slots = self.free.get(c.node_id, 0)
-                if slots > 0 and self._eligible(c, workload_class, min_tier):
-                    mismatch = region is not None and c.region != region
-                    heap.append((mismatch, self._load(c, slots), c.node_id, slots))
-            heapq.heapify(heap)
-            self._heaps[group] = heap
-        return heap
+    def slots(self, node_id: str) -> int:
+        """Free slots of a candidate now (capacity minus leases, this round's included)."""
+        return self._cands[node_id].capacity - self._used.get(node_id, 0)
 
     def pick(
         self,
@@ -182,18 +216,21 @@ class Picker:
     ) -> str | None:
         """The node pick_node would choose; its free slots go down by one."""
         tried_set, excluded_set = set(tried), set(excluded)
-        heap = self._heap(workload_class, min_tier, region)
+        group = (workload_class, min_tier, region)
+        heap = self._heaps.get(group)
+        if heap is None:
+            heap = self._heaps[group] = self._start_heap(group)
         aside: list[_Entry] = []
         choice: str | None = None
         while heap:
             entry = heapq.heappop(heap)
             mismatch, _, node_id, pushed_slots = entry
-            slots = self.free.get(node_id, 0)
+            slots = self.slots(node_id)
             if slots <= 0:
                 continue  # full: gone from this group for the rest of the round
             if slots != pushed_slots:
                 c = self._cands[node_id]
-                heapq.heappush(heap, (mismatch, self._load(c, slots), node_id, slots))
+                heapq.heappush(heap, (mismatch, _load(c, slots), node_id, slots))
                 continue
             if node_id in excluded_set or node_id in tried_set:
                 aside.append(entry)
@@ -205,15 +242,33 @@ class Picker:
         if choice is None:  # every eligible node tried it (or none is eligible)
             choice = self._best_tried(workload_class, min_tier, region, tried_set, excluded_set)
             if choice is not None:
-                self.free[choice] -= 1  # its entry, set aside above, is now out of date
+                self._used[choice] = self._used.get(choice, 0) + 1  # its entry is now stale
             return choice
-        slots = self.free[choice] - 1
-        self.free[choice] = slots
+        self._used[choice] = self._used.get(choice, 0) + 1
+        slots = self.slots(choice)
         if slots > 0:
             c = self._cands[choice]
             mismatch = region is not None and c.region != region
-            heapq.heappush(heap, (mismatch, self._load(c, slots), choice, slots))
+            heapq.heappush(heap, (mismatch, _load(c, slots), choice, slots))
         return choice
+
+    def _start_heap(self, group: _Group) -> list[_Entry]:
+        """The group's heap at the start of the round.
+
+        Few nodes with leases: a copy of the idle heap (their entries get corrected as
+        they come up). Many: weigh every node now, rather than correct most entries.
+        """
+        if len(self._used) * 8 < len(self._cands):
+            return self._roster.idle_heap(group)
+        workload_class, min_tier, region = group
+        heap: list[_Entry] = []
+        for c in self._roster.candidates:
+            slots = self.slots(c.node_id)
+            if slots > 0 and _eligible(c, workload_class, min_tier):
+                mismatch = region is not None and c.region != region
+                heap.append((mismatch, _load(c, slots), c.node_id, slots))
+        heapq.heapify(heap)
+        return heap
 
     def _best_tried(
         self,
@@ -226,10 +281,12 @@ class Picker:
         best: tuple[bool, float, str] | None = None
         for node_id in tried - excluded:
             c = self._cands.get(node_id)
-            slots = self.free.get(node_id, 0)
-            if c is None or slots <= 0 or not self._eligible(c, workload_class, min_tier):
+            if c is None:
                 continue
-            key = (region is not None and c.region != region, self._load(c, slots), node_id)
+            slots = self.slots(node_id)
+            if slots <= 0 or not _eligible(c, workload_class, min_tier):
+                continue
+            key = (region is not None and c.region != region, _load(c, slots), node_id)
             if best is None or key < best:
                 best = key
         return None if best is None else best[2]
@@ -362,12 +419,16 @@ def node_lost_tx(
 
 
 def assign_tx(
-    session: Session, candidates: Sequence[Candidate], *, now: float, lease_seconds: float
+    session: Session,
+    candidates: Sequence[Candidate] | Roster,
+    *,
+    now: float,
+    lease_seconds: float,
 ) -> list[Assignment]:
     """Lease queued tasks to eligible nodes, oldest first; returns what to dispatch."""
+    roster = candidates if isinstance(candidates, Roster) else Roster(candidates)
     counts = leased_counts(session)
-    free = {c.node_id: c.capacity - counts.get(c.node_id, 0) for c in candidates}
-    if not any(v > 0 for v in free.values()):
+    if not roster.any_free(counts):
         return []
     queued = session.execute(
         select(m.Task.task_id, m.Job.job_id, m.Job.workload_class, m.Job.min_tier, m.Job.region)
@@ -398,7 +459,7 @@ def assign_tx(
         j.job_id: j
         for j in session.scalars(select(m.Job).where(m.Job.job_id.in_({q[1] for q in queued})))
     }
-    picker = Picker(candidates, free)
+    picker = Picker(roster, counts)
     out: list[Assignment] = []
     for task_id, job_id, wclass, min_tier, region in queued:
         policy = RETRY_POLICIES.get(wclass)
@@ -464,14 +525,17 @@ class Scheduler:
         # links rebuilds only the candidates whose registration changed.
         self._cands: dict[str, tuple[NodeInfo, Candidate]] = {}
         # The last candidate list and the coordinator's roster_version it was built at.
-        self._roster: tuple[int, list[Candidate]] = (-1, [])
+        self._roster: tuple[int, Roster] = (-1, Roster(()))
 
-    def candidates(self) -> list[Candidate]:
+    def roster(self) -> Roster:
         """Linked, online, not unstaking nodes; rebuilt only when the roster changed."""
         version = self.coord.roster_version
         if self._roster[0] != version:
-            self._roster = (version, self._build_candidates())
+            self._roster = (version, Roster(self._build_candidates()))
         return self._roster[1]
+
+    def candidates(self) -> list[Candidate]:
+        return self.roster().candidates
 
     def _build_candidates(self) -> list[Candidate]:
         coord = self.coord
@@ -536,11 +600,11 @@ class Scheduler:
         await rounds.report_closes(coord, closes)  # ai.training: drop slices late for their round
         if not queued:
             return  # nothing to place: skip building a candidate per link (10,000 of them)
-        cands = self.candidates()
-        if not cands:
+        roster = self.roster()
+        if not roster.candidates:
             return
         assigned = await coord.db.run(
-            lambda s: assign_tx(s, cands, now=now, lease_seconds=cfg.lease_seconds)
+            lambda s: assign_tx(s, roster, now=now, lease_seconds=cfg.lease_seconds)
         )
         if assigned:
             await self.dispatch_all(assigned)
