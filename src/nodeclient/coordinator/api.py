@@ -6,7 +6,6 @@ request bodies are 400, not FastAPI's default 422 shape.
 
 from __future__ import annotations
 
-import base64
 import binascii
 import hashlib
 import os
@@ -14,6 +13,7 @@ import re
 import tempfile
 from typing import Any
 
+import pybase64
 from fastapi import APIRouter, Body, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
 from pydantic import BaseModel, Field
@@ -145,7 +145,7 @@ def build_router(coord: Coordinator) -> APIRouter:  # noqa: PLR0915 (one route e
         try:
             wclass = classes.lookup(body.workload_class)
             try:
-                payload = base64.b64decode(body.payload, validate=True)
+                payload = pybase64.b64decode(body.payload, validate=True)
             except (binascii.Error, ValueError):
                 raise RemoteProtocolError("payload is not valid base64") from None
             if len(payload) > cfg.max_payload_bytes:

@@ -8,11 +8,11 @@ callers and the CLI print one line instead of a traceback.
 
 from __future__ import annotations
 
-import base64
 from collections.abc import Mapping
 from typing import Any
 
 import httpx
+import pybase64
 
 from nodeclient.errors import RemoteProtocolError, UsageError
 
@@ -117,7 +117,7 @@ class CoordinatorClient:
         """POST /v1/jobs; returns the new job (job_id, status, tasks)."""
         body = {
             "workload_class": workload_class,
-            "payload": base64.b64encode(payload).decode("ascii"),
+            "payload": pybase64.b64encode_as_string(payload),
             "min_tier": min_tier,
             "region": region,
             "slices": slices,

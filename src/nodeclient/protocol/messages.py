@@ -14,13 +14,14 @@ node -> coordinator: auth, heartbeat, result, reject (signed), progress (advisor
 
 from __future__ import annotations
 
-import base64
 import binascii
 import json
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Final
+
+import pybase64
 
 from nodeclient.errors import RemoteProtocolError, SignatureError
 from nodeclient.protocol import eip712
@@ -87,7 +88,7 @@ def _b64(d: Mapping[str, Any], key: str, *, max_bytes: int) -> bytes:
     if not isinstance(v, str) or len(v) > (max_bytes * 4) // 3 + 4:
         raise RemoteProtocolError(f"field {key!r} must be base64 of at most {max_bytes} bytes")
     try:
-        return base64.b64decode(v, validate=True)
+        return pybase64.b64decode(v, validate=True)  # strict, as base64's validate=True
     except (binascii.Error, ValueError):
         raise RemoteProtocolError(f"field {key!r} is not valid base64") from None
 
@@ -111,7 +112,7 @@ def _signed(d: Mapping[str, Any], primary: str) -> tuple[dict[str, Any], bytes]:
 
 
 def b64(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
+    return pybase64.b64encode_as_string(data)
 
 
 # --- messages ---------------------------------------------------------------------------------
