@@ -364,6 +364,8 @@ class Executor:
         for slot in self._slots:
             if slot.proc is not None:
                 await slot.proc.wait()
+                if slot.proc.stdin is not None:  # the transport closes now, on this loop,
+                    slot.proc.stdin.close()  # not when collected after the loop is closed
             if slot.drain is not None:
                 with contextlib.suppress(asyncio.CancelledError):
                     await slot.drain
