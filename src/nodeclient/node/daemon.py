@@ -532,7 +532,7 @@ class NodeDaemon:
         if ws is None:
             return  # results wait in the outbox; rejects are re-derived via lease expiry
         with contextlib.suppress(ConnectionClosed):
-            await ws.send(json.dumps(frame))
+            await ws.send(messages.dumps_frame(frame))
 
     # --- status ------------------------------------------------------------------------------
 
