@@ -2,25 +2,29 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
-from nodeclient.node.inputs import needs_fetch, references_url
+from nodeclient.node.inputs import needs_fetch
 from nodeclient.workloads.inference import make_request
 from nodeclient.workloads.tensors import encode_tensors, read_metadata
 from tests.models import identity_model
 
 X = {"x": np.ones(3, np.float32)}
+EMPTY = Path("/nonexistent/model-cache")  # a cache that holds nothing
 
 
 def test_inline_model_needs_no_fetch() -> None:
     """An inline model is run as sent: no thread hop, no network."""
-    assert not references_url("ai.inference", make_request(identity_model(), X).encode())
+    inline = make_request(identity_model(), X).encode()
+    assert not needs_fetch("ai.inference", inline, cache_dir=EMPTY)
 
 
 def test_model_by_url_is_fetched() -> None:
     """A model named by SHA-256 and URL is resolved by the daemon first."""
     payload = make_request(identity_model(), X, inline=False, model_url="/v1/blobs/ab").encode()
-    assert references_url("ai.inference", payload)
+    assert needs_fetch("ai.inference", payload, cache_dir=EMPTY)
 
 
 def test_a_cached_model_needs_no_fetch(tmp_path) -> None:
@@ -44,22 +48,24 @@ def test_render_scene_url_or_asset_manifest_is_resolved() -> None:
 
     scene = b"scene"
     sha = "0" * 64
-    assert not references_url(render.CLASS, render.make_request(
-        scene, frames=(1, 1), width=2, height=2, samples=1).encode())  # fmt: skip
+    inline = render.make_request(scene, frames=(1, 1), width=2, height=2, samples=1)
+    assert not needs_fetch(render.CLASS, inline.encode(), cache_dir=EMPTY)
     by_url = render.make_request(
         scene, frames=(1, 1), width=2, height=2, samples=1, scene_url="https://b.example/s"
     )
-    assert references_url(render.CLASS, by_url.encode())
+    assert needs_fetch(render.CLASS, by_url.encode(), cache_dir=EMPTY)
     with_assets = render.make_request(
         scene, frames=(1, 1), width=2, height=2, samples=1, assets=(("t.png", sha),)
     )
-    assert references_url(render.CLASS, with_assets.encode())
+    assert needs_fetch(render.CLASS, with_assets.encode(), cache_dir=EMPTY)
 
 
 def test_unreadable_or_unknown_payloads_are_left_to_the_worker() -> None:
     """Garbage, or a class without URL inputs, is passed on for the worker to judge."""
-    assert not references_url("ai.inference", b"\xff" * 5)
-    assert not references_url("ai.training", encode_tensors(X, metadata={"model_url": "x"}))
+    assert not needs_fetch("ai.inference", b"\xff" * 5, cache_dir=EMPTY)
+    assert not needs_fetch(
+        "ai.training", encode_tensors(X, metadata={"model_url": "x"}), cache_dir=EMPTY
+    )
 
 
 def test_read_metadata_matches_the_full_decode() -> None:

@@ -367,7 +367,7 @@ def test_tiles_split_one_frame_into_bands_top_first() -> None:
     """tiles=3 gives 3 band payloads covering every row once, the larger bands first."""
     parts = split(_frame_request(tiles=3).encode(), 1)
     requests = [RenderRequest.decode(p) for p in parts]
-    assert [r.rows for r in requests] == render.band_ranges(H, 3)
+    assert [r.rows for r in requests] == slice_ranges(0, H - 1, slices=3)
     assert requests[0].rows == (0, -(-H // 3) - 1) and requests[-1].rows[1] == H - 1
     assert all(r.tiles is None and (r.frame_start, r.frame_end) == (2, 2) for r in requests)
     assert split(_frame_request(tiles=3).encode(), 3) == parts  # slices may repeat the count
@@ -404,7 +404,7 @@ def test_bands_stitch_into_the_whole_frame() -> None:
     """Stitched bands equal one whole-frame result, byte for byte; every band is checked."""
     meta = _meta(_frame_request(tiles=3).encode())
     pixels = np.random.default_rng(5).integers(0, 256, (H, W, 4), dtype=np.uint8)
-    bands = [_band(rows, pixels) for rows in render.band_ranges(H, 3)]
+    bands = [_band(rows, pixels) for rows in slice_ranges(0, H - 1, slices=3)]
     for band in bands:
         assert check_result(band, meta, 1 << 20).rows is not None
     whole = encode_result({2: pixels}, scene_sha256=SHA, width=W, height=H)
@@ -418,15 +418,15 @@ def test_bands_stitch_into_the_whole_frame() -> None:
 def test_stitch_refuses_gaps_disorder_and_a_blank_frame() -> None:
     meta = _meta(_frame_request(tiles=2).encode())
     pixels = np.random.default_rng(6).integers(0, 256, (H, W, 4), dtype=np.uint8)
-    top, bottom = (_band(rows, pixels) for rows in render.band_ranges(H, 2))
+    top, bottom = (_band(rows, pixels) for rows in slice_ranges(0, H - 1, slices=2))
     with pytest.raises(RemoteProtocolError, match="slice 0 is not frame 2's band"):
         assemble([bottom, top], meta)
     with pytest.raises(RemoteProtocolError, match="bands end at row 1"):
         assemble([top], meta)
     with pytest.raises(RemoteProtocolError, match="slice 1 is not frame 2's band"):
-        assemble([top, _band(render.band_ranges(H, 2)[1], pixels, frame=3)], meta)
+        assemble([top, _band(slice_ranges(0, H - 1, slices=2)[1], pixels, frame=3)], meta)
     flat = np.zeros((H, W, 4), dtype=np.uint8)
-    flat_bands = [_band(rows, flat) for rows in render.band_ranges(H, 2)]
+    flat_bands = [_band(rows, flat) for rows in slice_ranges(0, H - 1, slices=2)]
     for band in flat_bands:  # a band of one colour alone is fine (clear sky)...
         check_result(band, meta, 1 << 20)
     with pytest.raises(RemoteProtocolError, match="frame 2 is blank"):  # ...a whole frame not

@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 from collections.abc import Callable
 from pathlib import Path
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 import httpx
 
@@ -22,8 +21,10 @@ from nodeclient.errors import ProtocolError, RemoteProtocolError
 from nodeclient.node import sandbox
 from nodeclient.workloads.tensors import read_metadata
 
+if TYPE_CHECKING:  # imported lazily: the daemon needs it only for models by URL
+    from nodeclient.node.runtimes.onnx import ModelCache
+
 MAX_FETCH_BYTES: Final = 256 * 1024 * 1024
-_SHA256_RE: Final = re.compile(r"[0-9a-f]{64}")
 
 Fetch = Callable[[str], bytes]
 
@@ -55,32 +56,28 @@ def http_fetcher(
 _URL_KEYS: Final = {"ai.inference": ("model_url",), "media.render": ("scene_url", "assets")}
 
 
-def references_url(workload_class: str, payload: bytes) -> bool:
-    """Whether the payload names an input by URL: a header-only check, cheap per task.
-
-    A payload whose header cannot be read is handed on unchanged; the worker reports the
-    precise decoding error.
-    """
-    return _references(workload_class, payload) is not None
-
-
 def needs_fetch(workload_class: str, payload: bytes, *, cache_dir: Path) -> bool:
-    """Whether :func:`resolve` has work to do: a URL input that is not in the model cache.
+    """Whether :func:`resolve` has work to do: an input named by URL (or, for a render, an
+    asset manifest) that is not already in the model cache.
 
-    Header-only, so a task whose model is warm pays one ``stat`` and no full decode.
+    Header-only, so a task whose model is warm pays one ``stat`` and no full decode. A
+    payload whose header cannot be read is handed on unchanged; the worker reports the
+    precise decoding error.
     """
     metadata = _references(workload_class, payload)
     if metadata is None:
         return False
     if workload_class == "ai.inference":
-        sha = metadata.get("model_sha256", "")
-        if _SHA256_RE.fullmatch(sha) and (cache_dir / "models" / sha).is_file():
-            return False  # the worker verifies the file's hash when it reads it
+        try:
+            path = _model_cache(cache_dir).path_for(metadata.get("model_sha256", ""))
+        except ValueError:
+            return True  # resolve decodes it and reports the bad hash
+        return not path.is_file()  # the worker verifies the file's hash when it reads it
     return True
 
 
 def _references(workload_class: str, payload: bytes) -> dict[str, str] | None:
-    """The payload's metadata when it references an input by URL, else None."""
+    """The payload's metadata when it references an input to fetch, else None."""
     keys = _URL_KEYS.get(workload_class, ())
     if not keys:
         return None
@@ -106,7 +103,7 @@ def resolve(
     """
     try:
         if workload_class == "ai.inference":
-            return _resolve_model(payload, fetch, cache_dir / "models", sandbox_owner)
+            return _resolve_model(payload, fetch, _model_cache(cache_dir), sandbox_owner)
         if workload_class == "media.render":
             from nodeclient.workloads import render
 
@@ -116,8 +113,14 @@ def resolve(
     return payload
 
 
-def _resolve_model(payload: bytes, fetch: Fetch, models: Path, sandbox_owner: bool) -> bytes:
+def _model_cache(cache_dir: Path) -> ModelCache:
+    """The executor's model cache (``<cache_dir>/models``, as the worker's runtime sees it)."""
     from nodeclient.node.runtimes.onnx import ModelCache
+
+    return ModelCache(cache_dir / "models", max_bytes=MAX_FETCH_BYTES)
+
+
+def _resolve_model(payload: bytes, fetch: Fetch, cache: ModelCache, sandbox_owner: bool) -> bytes:
     from nodeclient.workloads.inference import InferenceRequest
 
     try:
@@ -126,7 +129,6 @@ def _resolve_model(payload: bytes, fetch: Fetch, models: Path, sandbox_owner: bo
         return payload  # the worker reports the precise decoding error
     if request.model is not None or request.model_url is None:
         return payload
-    cache = ModelCache(models, max_bytes=MAX_FETCH_BYTES)
     if cache.path_for(request.model_sha256).is_file():
         return payload  # the worker verifies the hash when it reads the file
     data = fetch(request.model_url)
@@ -137,6 +139,6 @@ def _resolve_model(payload: bytes, fetch: Fetch, models: Path, sandbox_owner: bo
             f"expected {request.model_sha256}"
         )
     if cache.put(request.model_sha256, data) and sandbox_owner:
-        for path in (models, cache.path_for(request.model_sha256)):
+        for path in (cache.directory, cache.path_for(request.model_sha256)):
             os.chown(path, sandbox.SANDBOX_UID, sandbox.SANDBOX_GID)
     return payload

@@ -525,19 +525,6 @@ def slice_ranges(
     return ranges
 
 
-def band_ranges(height: int, tiles: int) -> list[tuple[int, int]]:
-    """*tiles* bands of rows (inclusive, top first) covering *height*; earlier ones larger."""
-    if not 1 <= tiles <= height:
-        raise RemoteProtocolError(f"tiles must be in 1..{height} (one row at least each)")
-    base, extra = divmod(height, tiles)
-    ranges, start = [], 0
-    for i in range(tiles):
-        size = base + (1 if i < extra else 0)
-        ranges.append((start, start + size - 1))
-        start += size
-    return ranges
-
-
 def split(payload: bytes, slices: int) -> list[bytes]:
     """One payload per slice, in frame order, or band order for tiles (the coordinator's)."""
     request = RenderRequest.decode(payload)
@@ -548,7 +535,7 @@ def split(payload: bytes, slices: int) -> list[bytes]:
             raise RemoteProtocolError(
                 f"tiles {request.tiles} gives {request.tiles} slices, but {slices} were asked"
             )
-        bands = band_ranges(request.height, request.tiles)
+        bands = slice_ranges(0, request.height - 1, slices=request.tiles)  # rows, top first
         return [request.band(start, end).encode() for start, end in bands]
     ranges = slice_ranges(
         request.frame_start,
