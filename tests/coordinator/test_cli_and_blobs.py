@@ -14,11 +14,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 
 import nodeclient
 from nodeclient.coordinator.cli import main
+from nodeclient.errors import RemoteProtocolError
+from nodeclient.workloads import inference
 from tests.coordinator.conftest import Running, inference_payload, inference_result, make_node
+from tests.models import identity_model
 
 VALUES = [3.0, 1.0]
 SRC = str(Path(nodeclient.__file__).resolve().parent.parent)
@@ -134,6 +138,52 @@ def test_blob_limits_and_lookups(start_coordinator) -> None:
     assert "1000-byte limit" in r.json()["error"]
     assert httpx.get(running.url + "/v1/blobs/xyz").status_code == 400
     assert httpx.get(running.url + "/v1/blobs/" + "0" * 64).status_code == 404
+
+
+def _model_by_url(url: str | None = None) -> tuple[bytes, str, bytes]:
+    """(model, its sha256, an ai.inference payload fetching it from *url*, default its blob)."""
+    model = identity_model(shape=[2])
+    sha = hashlib.sha256(model).hexdigest()
+    request = inference.make_request(
+        model, {"x": np.asarray(VALUES, dtype=np.float32)}, inline=False,
+        model_url=f"/v1/blobs/{sha}" if url is None else url,
+    )  # fmt: skip
+    return model, sha, request.encode()
+
+
+def test_inference_model_must_be_in_the_blob_store(coordinator: Running) -> None:
+    """A model_url of /v1/blobs/<sha256> that the store does not hold refuses the job (400,
+    naming the sha256, nothing stored); once the model is uploaded it is accepted."""
+    model, sha, payload = _model_by_url()
+    with pytest.raises(RemoteProtocolError, match=rf"400 .*model \(sha256 {sha}\)"):
+        coordinator.client.submit_job("ai.inference", payload)
+    assert coordinator.client.jobs() == []
+    assert coordinator.client.upload_blob(model)["sha256"] == sha
+    job = coordinator.client.submit_job("ai.inference", payload)
+    assert [j["job_id"] for j in coordinator.client.jobs()] == [job["job_id"]]
+
+
+def test_inference_model_at_an_external_url_is_not_looked_up(coordinator: Running) -> None:
+    """A model the requester serves elsewhere is not the coordinator's to hold."""
+    _model, _sha, payload = _model_by_url("https://models.example/identity.onnx")
+    assert coordinator.client.submit_job("ai.inference", payload)["status"] == "queued"
+
+
+def test_submit_of_a_job_with_a_missing_blob_is_one_line(
+    coordinator: Running, tmp_path: Path, capsys
+) -> None:
+    """The CLI shows the refusal as one line on stderr, exit 1, and prints no job id."""
+    _model, sha, payload = _model_by_url()
+    (tmp_path / "req.bin").write_bytes(payload)
+    rc = main(["submit", "--coordinator", coordinator.url, "--class", "ai.inference",
+               "--payload", str(tmp_path / "req.bin")])  # fmt: skip
+    assert rc == 1
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.count("\n") == 1
+    assert err.startswith("nodeclient-coordinator: coordinator: POST /v1/jobs: 400 ")
+    assert f"model (sha256 {sha})" in err
+    assert coordinator.client.jobs() == []
 
 
 @pytest.mark.parametrize("command", ["jobs", "job"])

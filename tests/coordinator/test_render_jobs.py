@@ -7,11 +7,16 @@ runtime's results are checked against the same registry in tests/node.
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
+import httpx
 import numpy as np
+import pybase64
 import pytest
 
+from nodeclient.coordinator import classes
+from nodeclient.coordinator import models as m
 from nodeclient.coordinator.config import SybilPolicy
 from nodeclient.coordinator.scheduler import RetryPolicy, excluded_nodes
 from nodeclient.errors import RemoteProtocolError
@@ -19,6 +24,9 @@ from nodeclient.workloads import render
 from tests.coordinator.conftest import Running, SimNode, make_node
 
 SCENE = b"a packed .blend, as far as the coordinator cares"
+SCENE_SHA = hashlib.sha256(SCENE).hexdigest()
+TEXTURE = b"wood grain, as far as the coordinator cares"
+TEXTURE_SHA = hashlib.sha256(TEXTURE).hexdigest()
 W, H = 8, 6
 
 
@@ -184,3 +192,81 @@ def test_excluded_nodes_rule() -> None:
     assert excluded_nodes(policy, "t1", failures) == {"a", "b"}
     assert excluded_nodes(policy, "t4", failures) == {"a"}
     assert excluded_nodes(policy, "t4", failures[:3]) == frozenset()
+
+
+# --- blobs a job references -----------------------------------------------------------------------
+
+
+def _refused(running: Running, payload: bytes, **body: Any) -> str:
+    """POST the render job; it must be refused as the requester's fault. Returns the reason."""
+    r = httpx.post(running.url + "/v1/jobs", json={
+        "workload_class": "media.render", "payload": pybase64.b64encode_as_string(payload), **body,
+    })  # fmt: skip
+    assert r.status_code == 400, r.text
+    reason: str = r.json()["error"]
+    return reason
+
+
+def _stored(running: Running) -> tuple[int, int]:
+    """(jobs, tasks) in the coordinator's database."""
+    return running.coord.db.run_sync(lambda s: (s.query(m.Job).count(), s.query(m.Task).count()))
+
+
+def test_job_whose_asset_blob_is_missing_is_refused_until_it_is_uploaded(running: Running) -> None:
+    """An asset the blob store does not hold would fail every slice on its node: the job is
+    refused at submission, naming the asset's path and sha256, and nothing is stored. Once
+    the asset is uploaded, the same submission is accepted."""
+    payload = _payload((1, 4), assets=(("textures/wood.png", TEXTURE_SHA),))
+    reason = _refused(running, payload, slices=2)
+    assert f"asset textures/wood.png (sha256 {TEXTURE_SHA})" in reason
+    assert "POST /v1/blobs" in reason
+    assert running.client.jobs() == []
+    assert _stored(running) == (0, 0)
+
+    assert running.client.upload_blob(TEXTURE)["sha256"] == TEXTURE_SHA
+    job = running.client.submit_job("media.render", payload, slices=2)
+    assert job["status"] == "queued" and len(job["tasks"]) == 2
+    assert [j["job_id"] for j in running.client.jobs()] == [job["job_id"]]
+    assert _stored(running) == (1, 2)
+
+
+def test_scene_by_blob_url_must_be_in_the_blob_store(running: Running) -> None:
+    """A scene_url of /v1/blobs/<scene_sha256> is checked like an asset, and every missing
+    blob is named at once; a scene at an http(s) URL is the requester's to serve."""
+    payload = _payload((1, 1), scene_url=render.blob_url(SCENE_SHA),
+                       assets=(("wood.png", TEXTURE_SHA),))  # fmt: skip
+    reason = _refused(running, payload)
+    assert "2 blob(s)" in reason
+    assert f"scene (sha256 {SCENE_SHA})" in reason
+    assert f"asset wood.png (sha256 {TEXTURE_SHA})" in reason
+    running.client.upload_blob(TEXTURE)
+    reason = _refused(running, payload)
+    assert f"scene (sha256 {SCENE_SHA})" in reason and TEXTURE_SHA not in reason
+    assert _stored(running) == (0, 0)
+    running.client.upload_blob(SCENE)
+    assert running.client.submit_job("media.render", payload)["status"] == "queued"
+    external = _payload((1, 1), scene_url="https://blobs.example/scene.blend")
+    assert running.client.submit_job("media.render", external)["status"] == "queued"
+
+
+def test_inline_assets_need_no_blob(running: Running) -> None:
+    """An asset carried inline in the payload is not looked for in the blob store."""
+    payload = _payload((1, 1), assets=(("wood.png", TEXTURE_SHA),),
+                       asset_data=((TEXTURE_SHA, TEXTURE),))  # fmt: skip
+    assert running.client.submit_job("media.render", payload)["status"] == "queued"
+
+
+def test_a_refusal_names_the_first_missing_blobs_and_counts_the_rest() -> None:
+    """Pure rule: up to MAX_LISTED_BLOBS missing blobs are named, the rest counted; a held
+    blob is never named."""
+    shas = [hashlib.sha256(str(i).encode()).hexdigest() for i in range(12)]
+    assets = tuple(sorted((f"t/{i:02d}.png", sha) for i, sha in enumerate(shas)))
+    payload = _payload((1, 1), assets=assets)
+    wclass = classes.lookup(render.CLASS)
+    with pytest.raises(RemoteProtocolError) as info:
+        wclass.require_blobs(payload, 1 << 20, held=lambda sha: sha == shas[0])
+    reason = str(info.value)
+    assert "11 blob(s)" in reason and reason.endswith(" and 3 more")
+    assert shas[0] not in reason
+    assert [sha for sha in shas if sha in reason] == shas[1 : 1 + classes.MAX_LISTED_BLOBS]
+    wclass.require_blobs(payload, 1 << 20, held=lambda _sha: True)  # all held: no error

@@ -19,6 +19,7 @@ from nodeclient.workloads.inference import (
     CLASS,
     MODEL_TENSOR,
     InferenceRequest,
+    blob_refs,
     decode_result,
     encode_result,
     make_request,
@@ -328,6 +329,21 @@ def test_url_request_round_trips_without_model_bytes() -> None:
     decoded = InferenceRequest.decode(request.encode())
     assert decoded.model is None
     assert decoded.model_url == "https://c.example/m"
+
+
+def test_blob_refs_name_only_a_model_in_the_coordinators_blob_store() -> None:
+    """A model_url of /v1/blobs/<sha256> is the coordinator's to hold; an inline model, an
+    external URL, or a relative URL that is no blob id is not listed."""
+    model = identity_model()
+    sha = hashlib.sha256(model).hexdigest()
+
+    def refs(**kw: Any) -> list[tuple[str, str]]:
+        return blob_refs(make_request(model, _inputs(), **kw).encode())
+
+    assert refs(inline=False, model_url=f"/v1/blobs/{sha}") == [("model", sha)]
+    assert refs() == []
+    assert refs(inline=False, model_url=f"https://c.example/v1/blobs/{sha}") == []
+    assert refs(inline=False, model_url=f"/v1/blobs/{sha.upper()}") == []
 
 
 def test_request_encoding_is_deterministic() -> None:

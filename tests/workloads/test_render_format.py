@@ -233,6 +233,22 @@ def test_resolve_blobs_fetches_each_asset_from_the_blob_store() -> None:
     assert all(RenderRequest.decode(p).assets == (("t.png", TEX_SHA),) for p in parts)
 
 
+def test_blob_refs_name_what_a_node_fetches_from_the_blob_store() -> None:
+    """The scene at /v1/blobs/<scene_sha256> and each asset not carried inline, by path;
+    a scene at an http(s) URL, an inline scene and inline assets are not listed."""
+    other = hashlib.sha256(b"b").hexdigest()
+    by_blob = _request(
+        scene_url=render.blob_url(SHA),
+        assets=(("a/wood.png", TEX_SHA), ("b.exr", other)),
+        asset_data=((TEX_SHA, TEX),),
+    ).encode()
+    assert render.blob_refs(by_blob) == [("scene", SHA), ("asset b.exr", other)]
+    external = _request(scene_url="https://blobs.example/s", assets=(("t.png", TEX_SHA),))
+    assert render.blob_refs(external.encode()) == [("asset t.png", TEX_SHA)]
+    assert render.blob_refs(_request().encode()) == []
+    assert render.blob_refs(_request(scene_url="https://blobs.example/s").encode()) == []
+
+
 # --- split --------------------------------------------------------------------------------------
 
 

@@ -137,6 +137,11 @@ def build_router(coord: Coordinator) -> APIRouter:  # noqa: PLR0915 (one route e
             return error(404, f"no blob {sha256}")
         return FileResponse(path, media_type="application/octet-stream")
 
+    def blob_held(sha256: str) -> bool:
+        """Whether the blob store holds *sha256* (a job may reference only what it holds)."""
+        path = coord.config.blob_dir / sha256
+        return _SHA256_RE.fullmatch(sha256) is not None and path.is_file()
+
     # --- jobs -------------------------------------------------------------------------------
 
     @router.post("/v1/jobs", status_code=201)
@@ -152,6 +157,7 @@ def build_router(coord: Coordinator) -> APIRouter:  # noqa: PLR0915 (one route e
                 limit = cfg.max_payload_bytes
                 return error(413, f"payload of {len(payload)} bytes exceeds the {limit}-byte limit")
             meta = dict(wclass.validate(payload, cfg.max_payload_bytes))
+            wclass.require_blobs(payload, cfg.max_payload_bytes, held=blob_held)
             parts = wclass.split(payload, body.slices)
         except RemoteProtocolError as exc:
             return error(400, str(exc))

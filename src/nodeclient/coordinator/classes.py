@@ -3,8 +3,10 @@
 2.3.5 Work Execution: "An AI inference request runs whole; a parallelizable sub-task runs
 its slice." Each class is one :class:`WorkloadClass` in :data:`REGISTRY`; a sliceable
 class plugs in by adding an entry whose ``split`` returns one payload per slice and whose
-``assemble`` joins the slice results in slice order. Nothing else in the coordinator
-knows about payload formats.
+``assemble`` joins the slice results in slice order. ``blobs`` lists what a payload
+references in the coordinator's blob store, so that a job whose inputs a node could not
+fetch is refused when it is submitted (:meth:`WorkloadClass.require_blobs`). Nothing else
+in the coordinator knows about payload formats.
 """
 
 from __future__ import annotations
@@ -27,6 +29,11 @@ Split = Callable[[bytes, int], list[bytes]]
 CheckResult = Callable[[bytes, Mapping[str, Any], int], None]
 # assemble(slice results in slice order, job metadata) -> the job's result bytes
 Assemble = Callable[[Sequence[bytes], Mapping[str, Any]], bytes]
+# blobs(validated payload, max_bytes) -> (what, sha256) of each input a node fetches from
+# this coordinator's blob store (/v1/blobs/<sha256>)
+Blobs = Callable[[bytes, int], Sequence[tuple[str, str]]]
+
+MAX_LISTED_BLOBS = 8  # a refusal names this many missing blobs, then counts the rest
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +44,37 @@ class WorkloadClass:
     split: Split
     check_result: CheckResult
     assemble: Assemble
+    blobs: Blobs
+
+    def require_blobs(self, payload: bytes, max_bytes: int, held: Callable[[str], bool]) -> None:
+        """Refuse a validated payload that references a blob the store does not hold.
+
+        A node fetches such an input from ``/v1/blobs/<sha256>`` before a worker sees the
+        task (node/inputs.py); were it missing, the task would fail there, after a
+        dispatch, as the requester's fault. *held* says whether the store holds a SHA-256.
+        """
+        missing = [(what, sha) for what, sha in self.blobs(payload, max_bytes) if not held(sha)]
+        if not missing:
+            return
+        listed = ", ".join(f"{what} (sha256 {sha})" for what, sha in missing[:MAX_LISTED_BLOBS])
+        more = len(missing) - MAX_LISTED_BLOBS
+        raise RemoteProtocolError(
+            f"{self.name} payload references {len(missing)} blob(s) this coordinator does not "
+            f"hold; upload each with POST /v1/blobs first: {listed}"
+            + (f" and {more} more" if more > 0 else "")
+        )
+
+
+def _blamed(what: str, fn: Callable[P, R]) -> Callable[P, R]:
+    """*fn* with any ProtocolError re-raised as the requester's or node's fault, prefixed."""
+
+    def wrapped(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return fn(*args, **kwargs)
+        except ProtocolError as exc:
+            raise RemoteProtocolError(f"{what}: {exc}") from exc
+
+    return wrapped
 
 
 def _inference_validate(payload: bytes, max_bytes: int) -> Mapping[str, Any]:
@@ -62,6 +100,10 @@ def _inference_check(result: bytes, meta: Mapping[str, Any], max_bytes: int) -> 
         raise RemoteProtocolError(f"ai.inference result: {exc}") from exc
 
 
+def _no_blobs(_payload: bytes, _max_bytes: int) -> list[tuple[str, str]]:
+    return []
+
+
 def _single(results: Sequence[bytes], _meta: Mapping[str, Any]) -> bytes:
     if len(results) != 1:
         raise RemoteProtocolError("ai.inference has exactly one task")
@@ -76,20 +118,9 @@ REGISTRY: dict[str, WorkloadClass] = {
         split=_whole,
         check_result=_inference_check,
         assemble=_single,
+        blobs=_blamed("ai.inference payload", inference.blob_refs),
     ),
 }
-
-
-def _blamed(what: str, fn: Callable[P, R]) -> Callable[P, R]:
-    """*fn* with any ProtocolError re-raised as the requester's or node's fault, prefixed."""
-
-    def wrapped(*args: P.args, **kwargs: P.kwargs) -> R:
-        try:
-            return fn(*args, **kwargs)
-        except ProtocolError as exc:
-            raise RemoteProtocolError(f"{what}: {exc}") from exc
-
-    return wrapped
 
 
 def _render_check(result: bytes, meta: Mapping[str, Any], max_bytes: int) -> None:
@@ -104,6 +135,7 @@ REGISTRY[render.CLASS] = WorkloadClass(
     split=render.split,
     check_result=_blamed("media.render result", _render_check),
     assemble=render.assemble,
+    blobs=_blamed("media.render payload", render.blob_refs),
 )
 
 # ai.training: one shard per slice, R rounds; finished rounds are aggregated by
@@ -115,6 +147,7 @@ REGISTRY[training.CLASS] = WorkloadClass(
     split=_blamed("ai.training payload", training.split),
     check_result=_blamed("ai.training result", training.check_result),
     assemble=training.assemble,
+    blobs=_no_blobs,  # its model spec, weights and data travel in the payload itself
 )
 
 

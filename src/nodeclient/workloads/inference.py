@@ -43,6 +43,7 @@ from nodeclient.workloads.tensors import (
     check_name,
     decode_tensors,
     encode_tensors,
+    read_metadata,
 )
 
 CLASS: Final = "ai.inference"
@@ -58,6 +59,7 @@ MAX_OUTPUT_NAMES: Final = 1024
 _REQUEST_KEYS: Final = frozenset({META_CLASS, META_MODEL_SHA256, META_MODEL_URL, META_OUTPUTS})
 _RESULT_KEYS: Final = frozenset({META_CLASS, META_MODEL_SHA256})
 _SHA256_RE: Final = re.compile(r"[0-9a-f]{64}")
+_BLOB_URL_RE: Final = re.compile(r"/v1/blobs/([0-9a-f]{64})")  # the coordinator's blob store
 
 
 def check_sha256(value: object, *, error: type[ProtocolError] = LocalProtocolError) -> str:
@@ -187,6 +189,18 @@ def _parse_output_names(raw: str | None) -> tuple[str, ...] | None:
     if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
         raise RemoteProtocolError("metadata 'outputs' must be a JSON array of strings")
     return tuple(names)
+
+
+def blob_refs(payload: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> list[tuple[str, str]]:
+    """``[("model", sha256)]`` when ``model_url`` is ``/v1/blobs/<sha256>``, else ``[]``.
+
+    What a node would fetch from the coordinator's own blob store; an inline model, or
+    one at any other URL, is not the coordinator's to hold. Header only: the coordinator
+    asks this after the payload has been decoded in full.
+    """
+    url = read_metadata(payload, max_bytes=max_bytes).get(META_MODEL_URL)
+    match = None if url is None else _BLOB_URL_RE.fullmatch(url)
+    return [] if match is None else [("model", match[1])]
 
 
 def make_request(

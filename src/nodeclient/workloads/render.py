@@ -74,7 +74,12 @@ import numpy as np
 import numpy.typing as npt
 
 from nodeclient.errors import LocalProtocolError, ProtocolError, RemoteProtocolError
-from nodeclient.workloads.tensors import DEFAULT_MAX_BYTES, decode_tensors, encode_tensors
+from nodeclient.workloads.tensors import (
+    DEFAULT_MAX_BYTES,
+    decode_tensors,
+    encode_tensors,
+    read_metadata,
+)
 
 CLASS: Final = "media.render"
 SCENE_TENSOR: Final = "__scene__"
@@ -424,6 +429,20 @@ class RenderRequest:
         carried = {sha for sha, _ in self.asset_data}
         return sorted({sha for _, sha in self.assets} - carried)
 
+    def blob_refs(self) -> list[tuple[str, str]]:
+        """(what, sha256) of each input a node fetches from the coordinator's blob store.
+
+        The scene when ``scene_url`` is ``/v1/blobs/<scene_sha256>``, and every manifest
+        asset not carried inline, by its path. A scene at an ``http(s)`` URL is not listed:
+        the requester serves it, not the coordinator.
+        """
+        refs = []
+        if self.scene_url == blob_url(self.scene_sha256):
+            refs.append(("scene", self.scene_sha256))
+        carried = {sha for sha, _ in self.asset_data}
+        refs += [(f"asset {path}", sha) for path, sha in self.assets if sha not in carried]
+        return refs
+
     def with_assets(self, blobs: Mapping[str, bytes]) -> RenderRequest:
         """The same request with these assets (sha256 -> bytes) carried inline too."""
         merged = dict(self.asset_data)
@@ -483,6 +502,19 @@ def resolve_blobs(
         request = request.inlined(scene)
     blobs = {sha: _fetch_checked(fetch, blob_url(sha), sha, "asset") for sha in missing}
     return request.with_assets(blobs).encode()
+
+
+def blob_refs(payload: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> list[tuple[str, str]]:
+    """:meth:`RenderRequest.blob_refs` of a payload: what must be in the blob store.
+
+    The coordinator asks this when a job is submitted. A payload whose header names
+    neither a ``scene_url`` nor an asset manifest references nothing, and is not decoded
+    again (an inline scene can be tens of MiB).
+    """
+    metadata = read_metadata(payload, max_bytes=max_bytes)
+    if META_SCENE_URL not in metadata and META_ASSETS not in metadata:
+        return []
+    return RenderRequest.decode(payload, max_bytes=max_bytes).blob_refs()
 
 
 def _fetch_checked(fetch: Callable[[str], bytes], url: str, sha256: str, what: str) -> bytes:
