@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
+import sqlite3
+import stat
 import uuid
 
 import pytest
 
-from nodeclient.node.outbox import Outbox
+from nodeclient.node.outbox import INLINE_MAX, Outbox, OutboxCorrupt, read_history
 
 
 def commit(box: Outbox, task: uuid.UUID, result: bytes, sign=lambda m: b"s" * 65):
@@ -75,3 +78,185 @@ def test_wal_and_full_sync(tmp_path) -> None:
     commit(box, t, b"res")
     box.mark_acked(t, status="accepted", reason="", at=3.0)  # acks skip their own fsync...
     assert box._db.execute("PRAGMA synchronous").fetchone()[0] == 2  # ...results never do
+
+
+# --- large results as files ---------------------------------------------------------------
+
+
+def big(seed: int, size: int = INLINE_MAX + 1) -> bytes:
+    return bytes([seed]) * size
+
+
+def files_of(box: Outbox) -> list[str]:
+    return sorted(p.name for p in box.files.iterdir())
+
+
+def test_large_result_is_a_private_file_and_round_trips(tmp_path) -> None:
+    """Over INLINE_MAX the bytes go to a 0600 file, not the row; get/pending read them back."""
+    box = Outbox(tmp_path / "o.db")
+    small, large = uuid.uuid4(), uuid.uuid4()
+    commit(box, small, b"x" * INLINE_MAX)  # at the limit: stays in the row
+    commit(box, large, big(7))
+    assert files_of(box) == [f"{large}.result"]
+    path = box.files / f"{large}.result"
+    assert path.read_bytes() == big(7)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert stat.S_IMODE(box.files.stat().st_mode) == 0o700
+    (row_bytes,) = box._db.execute(
+        "SELECT result FROM outbox WHERE task_id = ?", (str(large),)
+    ).fetchone()
+    assert row_bytes is None
+    box.close()
+    box = Outbox(tmp_path / "o.db")
+    assert {e.task_id: e.result for e in box.pending()} == {
+        small: b"x" * INLINE_MAX,
+        large: big(7),
+    }
+    assert box.get(large).result == big(7)
+
+
+def test_large_result_first_wins_and_leaves_one_file(tmp_path) -> None:
+    """A second, different large result for a task is dropped: one file, the first bytes."""
+    box = Outbox(tmp_path / "o.db")
+    t = uuid.uuid4()
+    commit(box, t, big(1))
+    again = commit(box, t, big(2))
+    assert again.result == big(1)
+    assert files_of(box) == [f"{t}.result"]
+
+
+def test_large_result_failed_signing_leaves_no_file(tmp_path) -> None:
+    """A rolled-back commit removes the file it placed: no row, no file, nothing pending."""
+    box = Outbox(tmp_path / "o.db")
+    t = uuid.uuid4()
+
+    def broken(_message: dict) -> bytes:
+        raise RuntimeError("key unavailable")
+
+    with pytest.raises(RuntimeError):
+        commit(box, t, big(3), broken)
+    assert files_of(box) == []
+    assert box.get(t) is None and box.pending() == []
+
+
+def test_orphan_files_are_removed_on_open(tmp_path) -> None:
+    """Files no row names (a crash between file and commit) go when the outbox opens."""
+    box = Outbox(tmp_path / "o.db")
+    kept = uuid.uuid4()
+    commit(box, kept, big(4))
+    box.close()
+    (box.files / f"{uuid.uuid4()}.result").write_bytes(b"orphan")
+    (box.files / ".stray.tmp").write_bytes(b"half-written")
+    box = Outbox(tmp_path / "o.db")
+    assert files_of(box) == [f"{kept}.result"]
+    assert box.get(kept).result == big(4)
+
+
+def test_missing_result_file_is_reported_not_sent(tmp_path) -> None:
+    """A result file lost from disk: get raises OutboxCorrupt, pending skips it and logs."""
+    box = Outbox(tmp_path / "o.db")
+    lost, fine = uuid.uuid4(), uuid.uuid4()
+    commit(box, lost, big(5))
+    commit(box, fine, b"ok")
+    (box.files / f"{lost}.result").unlink()
+    with pytest.raises(OutboxCorrupt, match="No such file"):
+        box.get(lost)
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.ERROR)
+    handler.emit = records.append  # type: ignore[method-assign]
+    logger = logging.getLogger("nodeclient.node.outbox")
+    logger.addHandler(handler)  # the project's logging may not propagate to pytest's
+    try:
+        assert [e.task_id for e in box.pending()] == [fine]
+    finally:
+        logger.removeHandler(handler)
+    assert [r.getMessage() for r in records] == ["outbox.result_missing"]
+    (box.files / f"{lost}.result").write_bytes(big(5)[:-1])  # truncated
+    with pytest.raises(OutboxCorrupt, match="not 65537"):
+        box.get(lost)
+
+
+# --- retention ----------------------------------------------------------------------------
+
+
+def test_prune_by_age_and_budget_never_touches_unacknowledged(tmp_path) -> None:
+    """Old acknowledged results and the oldest beyond the budget lose their bytes; rows stay."""
+    box = Outbox(tmp_path / "o.db")
+    old, mid, new, unacked = (uuid.uuid4() for _ in range(4))
+    for t, seed in ((old, 1), (mid, 2), (new, 3), (unacked, 4)):
+        commit(box, t, big(seed))
+    box.mark_acked(old, status="accepted", reason="", at=100.0)
+    box.mark_acked(mid, status="accepted", reason="", at=200.0)
+    box.mark_acked(new, status="duplicate", reason="", at=300.0)
+    # nothing is old enough and everything fits: nothing to do
+    assert box.prune(acked_before=50.0, keep_bytes=10 * len(big(0))) == 0
+    # age: acknowledged before 150 goes
+    assert box.prune(acked_before=150.0, keep_bytes=10 * len(big(0))) == 1
+    # budget: room for one acknowledged result, the newest stays
+    assert box.prune(acked_before=0.0, keep_bytes=len(big(0))) == 1
+    assert files_of(box) == sorted([f"{new}.result", f"{unacked}.result"])
+    assert [box.get(t).held for t in (old, mid, new, unacked)] == [False, False, True, True]
+    assert box.get(old).result == b"" and box.get(new).result == big(3)
+    # even a budget of zero leaves the unacknowledged result alone
+    assert box.prune(acked_before=1e12, keep_bytes=0) == 1
+    assert files_of(box) == [f"{unacked}.result"]
+    assert [e.task_id for e in box.pending()] == [unacked]
+    history = {e.task_id: e for e in box.history()}
+    assert len(history) == 4 and history[old].result_size == len(big(1))
+    assert history[old].signature == b"s" * 65 and not history[old].held
+
+
+def test_prune_drops_inline_results_too(tmp_path) -> None:
+    box = Outbox(tmp_path / "o.db")
+    t = uuid.uuid4()
+    commit(box, t, b"small result")
+    box.mark_acked(t, status="accepted", reason="", at=10.0)
+    assert box.prune(acked_before=20.0, keep_bytes=1 << 30) == 1
+    (row_bytes,) = box._db.execute("SELECT result FROM outbox").fetchone()
+    assert row_bytes is None and not box.get(t).held
+
+
+def test_history_reads_no_result_bytes(tmp_path) -> None:
+    """history and read_history return sizes, not bytes: a months-long history stays cheap."""
+    box = Outbox(tmp_path / "o.db")
+    t, u = uuid.uuid4(), uuid.uuid4()
+    commit(box, t, big(6))
+    commit(box, u, b"inline")
+    for entries in (list(box.history()), read_history(tmp_path / "o.db")):
+        assert {e.task_id: (e.result, e.result_size) for e in entries} == {
+            t: (b"", len(big(6))),
+            u: (b"", 6),
+        }
+
+
+OLD_SCHEMA = """
+CREATE TABLE outbox (
+    task_id TEXT PRIMARY KEY, job_id TEXT NOT NULL, workload_class TEXT NOT NULL,
+    slice_index INTEGER, kind TEXT NOT NULL, result BLOB, result_size INTEGER NOT NULL DEFAULT 0,
+    proof BLOB, message TEXT NOT NULL, signature BLOB, received_at REAL NOT NULL,
+    completed_at REAL NOT NULL, acked_at REAL, ack_status TEXT, ack_reason TEXT
+);
+CREATE INDEX outbox_pending ON outbox (acked_at);
+"""
+
+
+def test_outbox_from_an_earlier_release_is_upgraded_in_place(tmp_path) -> None:
+    """A database without result_file/held reads (history too) and gains them on open."""
+    path = tmp_path / "o.db"
+    t = uuid.uuid4()
+    db = sqlite3.connect(path)
+    db.executescript(OLD_SCHEMA)
+    db.execute(
+        "INSERT INTO outbox VALUES (?, ?, 'ai.inference', NULL, 'result', ?, 3, ?, '{}', ?, "
+        "1.0, 2.0, NULL, NULL, NULL)",
+        (str(t), str(uuid.UUID(int=9)), b"old", b"p" * 32, b"s" * 65),
+    )
+    db.commit()
+    db.close()
+    (entry,) = read_history(path)  # read-only: works before any upgrade
+    assert entry.task_id == t and entry.held
+    box = Outbox(path)
+    (entry,) = box.pending()
+    assert entry.result == b"old" and entry.held and entry.signature == b"s" * 65
+    columns = {row[1] for row in box._db.execute("PRAGMA table_info(outbox)")}
+    assert {"result_file", "held"} <= columns

@@ -192,7 +192,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from nodeclient import logs
     from nodeclient.clock import make_clock
     from nodeclient.node import sandbox
-    from nodeclient.node.daemon import NodeDaemon
+    from nodeclient.node.daemon import NodeDaemon, Retention
     from nodeclient.node.executor import Executor, WorkerConfig, gpus_from_manifest
     from nodeclient.node.metrics import GpuSampler, NodeMetrics
     from nodeclient.node.outbox import Outbox
@@ -232,6 +232,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         clock=make_clock(args.clock_file),
         heartbeat_interval=args.heartbeat_interval or config.heartbeat_interval,
         metrics=metrics,
+        retention=Retention(
+            seconds=config.result_retention_hours * 3600.0,
+            bytes=config.result_retention_mb << 20,
+        ),
     )
     server = metrics.serve(metrics_address) if metrics_address else None  # 2.3.8, opt-in
     if server is not None and manifest["gpu"]:

@@ -34,6 +34,8 @@ class NodeConfig:
     heartbeat_interval: float = 30.0  # 2.3.3: every 30 s
     allow_unsandboxed: bool = False
     metrics_address: str | None = None  # HOST:PORT for Prometheus (2.3.8); off by default
+    result_retention_hours: float = 72.0  # acknowledged results' bytes, then history only
+    result_retention_mb: int = 4096  # and at most this much of them, oldest dropped first
 
     def __post_init__(self) -> None:
         try:
@@ -65,6 +67,18 @@ class NodeConfig:
             raise UsageError("coordinator must be an http:// or https:// URL")
         if not isinstance(self.allow_unsandboxed, bool):
             raise UsageError("allow_unsandboxed must be true or false")
+        if (
+            isinstance(self.result_retention_hours, bool)
+            or not isinstance(self.result_retention_hours, int | float)
+            or not (0 <= self.result_retention_hours <= 24 * 365)
+        ):
+            raise UsageError("result_retention_hours must be between 0 and 8760")
+        if (
+            isinstance(self.result_retention_mb, bool)
+            or not isinstance(self.result_retention_mb, int)
+            or self.result_retention_mb < 0
+        ):
+            raise UsageError("result_retention_mb must be a whole number >= 0")
         if self.metrics_address is not None:
             from nodeclient.node.metrics import parse_metrics_address
 
@@ -90,6 +104,10 @@ class NodeConfig:
             if self.max_parallel_subtasks
             else "# max_parallel_subtasks = 1  # may lower the hardware bound, never raise it"
         )
+        lines.append(
+            f"result_retention_hours = {self.result_retention_hours}  # acknowledged results"
+        )
+        lines.append(f"result_retention_mb = {self.result_retention_mb}  # at most, oldest first")
         lines.append(
             f'metrics_address = "{self.metrics_address}"'
             if self.metrics_address

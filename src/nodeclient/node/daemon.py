@@ -15,6 +15,7 @@ import logging
 import os
 import random
 import signal
+import sqlite3
 import time
 import uuid
 from collections.abc import Callable, Coroutine
@@ -33,7 +34,7 @@ from nodeclient.errors import EnvelopeError, NodeClientError, RemoteProtocolErro
 from nodeclient.node import control, inputs, sandbox
 from nodeclient.node.executor import Executor, TaskFailed
 from nodeclient.node.metrics import NodeMetrics
-from nodeclient.node.outbox import Outbox, OutboxEntry
+from nodeclient.node.outbox import Outbox, OutboxCorrupt, OutboxEntry
 from nodeclient.node.sandbox import describe_mode
 from nodeclient.protocol import eip712, envelope, messages
 from nodeclient.protocol.proof import proof_of_execution
@@ -57,6 +58,22 @@ LINK_OPTIONS: Final[dict[str, Any]] = {
 CLOSE_NOT_REGISTERED: Final = 4003
 CLOSE_AUTH_FAILED: Final = 4001
 CLOSE_REPLACED: Final = 4004
+
+
+@dataclass(frozen=True, slots=True)
+class Retention:
+    """How long acknowledged results' bytes are kept (``result_retention_*`` in config)."""
+
+    seconds: float = 72 * 3600.0
+    bytes: int = 4096 << 20
+    every: float = 3600.0  # how often prune runs (and once at start)
+
+
+def _pruned_reason(entry: OutboxEntry) -> str:
+    return (
+        f"already completed and acknowledged ({entry.ack_status}); its result is past this "
+        "node's retention and no longer held, so the task is not run again"
+    )
 
 
 class RegistrationRefused(NodeClientError):
@@ -101,6 +118,7 @@ class NodeDaemon:
         heartbeat_interval: float,
         shutdown_grace: float = 60.0,
         metrics: NodeMetrics | None = None,
+        retention: Retention | None = None,
     ) -> None:
         self.home = home
         self.url = coordinator_url.rstrip("/")
@@ -114,6 +132,7 @@ class NodeDaemon:
         self.clock = clock
         self.heartbeat_interval = heartbeat_interval
         self.shutdown_grace = shutdown_grace
+        self.retention = retention if retention is not None else Retention()
         self.slots = int(manifest["max_parallel_subtasks"])
         self.classes = frozenset(manifest["workload_classes"])
         self.state = StateMachine(clock=clock.now, logger=log)
@@ -146,10 +165,12 @@ class NodeDaemon:
             await self.executor.warm_up()
             link = asyncio.create_task(self._link_loop())
             refresh = asyncio.create_task(self._refresh_metrics())
+            prune = asyncio.create_task(self._prune_results())
             await self._stopping.wait()
             await self._drain()
             link.cancel()
             refresh.cancel()
+            prune.cancel()
             with contextlib.suppress(asyncio.CancelledError, RegistrationRefused):
                 await link
             if self._fatal is not None:
@@ -167,6 +188,22 @@ class NodeDaemon:
         while True:
             self.metrics.update_status(self.status())
             await asyncio.sleep(1.0)
+
+    async def _prune_results(self) -> None:
+        """Drop acknowledged results past the retention window or byte budget, hourly."""
+        while True:
+            try:
+                dropped = await asyncio.to_thread(
+                    self.outbox.prune,
+                    acked_before=self.clock.now() - self.retention.seconds,
+                    keep_bytes=self.retention.bytes,
+                )
+            except (OSError, sqlite3.Error) as exc:  # a full or failing disk: try again later
+                log.error("outbox.prune_failed", extra={"error": str(exc)})
+            else:
+                if dropped:
+                    log.info("outbox.pruned", extra={"results": dropped})
+            await asyncio.sleep(self.retention.every)
 
     def _ended(self, workload_class: str, outcome: str, received_at: float) -> None:
         self.metrics.task_ended(workload_class, outcome, self.clock.now() - received_at)
@@ -341,8 +378,16 @@ class NodeDaemon:
     async def _on_dispatch(self, d: messages.Dispatch) -> None:
         with logs.bind(task_id=str(d.task_id), job_id=str(d.job_id)):
             log.info("task.received", extra={"workload_class": d.workload_class})
-            done = self.outbox.get(d.task_id)
+            try:
+                done = self.outbox.get(d.task_id)
+            except OutboxCorrupt as exc:  # signed once already: never run it again
+                log.error("outbox.result_missing", extra={"error": str(exc)})
+                await self._reject(d.task_id, "this node's stored result for the task is damaged")
+                return
             if done is not None:  # already finished: re-send, never re-execute
+                if not done.held:
+                    await self._reject(d.task_id, _pruned_reason(done))
+                    return
                 await self._deliver(done)
                 return
             if d.task_id in self.running:

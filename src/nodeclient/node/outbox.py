@@ -15,12 +15,30 @@ duplicate, never two different signed results for one task" hold:
    sent again after a reconnect or a restart (``pending``); the coordinator accepts
    exactly once and answers a repeat with "duplicate".
 
-The table doubles as the node's task history (``history``).
+The table doubles as the node's task history (``history``), which never reads result
+bytes.
+
+Storage: a result of up to :data:`INLINE_MAX` bytes is a column of its row; a larger one
+is a file in ``<database>.results/`` (0600, in a 0700 directory), written and fsynced
+before the row that names it commits. SQLite's WAL would otherwise write a large result
+twice (WAL, then checkpoint) and fsync it twice; as in SQLite's own "Internal Versus
+External BLOBs" measurements, files win above ~100 KiB. A crash between the file and the
+commit leaves an orphan file, removed when the outbox next opens.
+
+Retention: the result bytes of an acknowledged task are needed only if the coordinator
+asks for the task again. ``prune`` drops them once acknowledged more than a retention
+period ago, or oldest first beyond a byte budget; the row (proof, signature, sizes, times)
+stays as history. Unacknowledged results are never pruned. A later dispatch of a pruned
+task is refused with a signed reason rather than run again (``OutboxEntry.held``).
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
+import logging
+import os
 import sqlite3
 import threading
 import uuid
@@ -28,6 +46,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
+
+log = logging.getLogger("nodeclient.node.outbox")
+
+INLINE_MAX: Final = 64 * 1024  # larger results are files beside the database
+_FILE_SUFFIX: Final = ".result"
 
 SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS outbox (
@@ -45,10 +68,18 @@ CREATE TABLE IF NOT EXISTS outbox (
     completed_at   REAL NOT NULL,
     acked_at       REAL,
     ack_status     TEXT,
-    ack_reason     TEXT
+    ack_reason     TEXT,
+    result_file    TEXT,                   -- file name in the results directory, or NULL
+    held           INTEGER NOT NULL DEFAULT 1  -- 0 once prune dropped the result bytes
 );
 CREATE INDEX IF NOT EXISTS outbox_pending ON outbox (acked_at);
 """
+# Added after the first release: older databases get them by ALTER TABLE.
+_ADDED_COLUMNS: Final = (
+    ("result_file", "TEXT"),
+    ("held", "INTEGER NOT NULL DEFAULT 1"),
+)
+_HELD_INDEX: Final = "CREATE INDEX IF NOT EXISTS outbox_held ON outbox (acked_at) WHERE held = 1"
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,22 +99,25 @@ class OutboxEntry:
     acked_at: float | None
     ack_status: str | None
     ack_reason: str | None
+    held: bool = True  # False once prune dropped the result bytes (result is then b"")
 
 
 _COLUMNS: Final = (
     "task_id, job_id, workload_class, slice_index, kind, result, result_size, proof, message, "
-    "signature, received_at, completed_at, acked_at, ack_status, ack_reason"
+    "signature, received_at, completed_at, acked_at, ack_status, ack_reason, held"
 )
+# History never needs result bytes: a column of NULL takes the result's place.
+_HISTORY_COLUMNS: Final = _COLUMNS.replace(" result,", " NULL,", 1)
 
 
-def _entry(row: tuple[Any, ...]) -> OutboxEntry:
+def _entry(row: tuple[Any, ...], result: bytes | None = None) -> OutboxEntry:
     return OutboxEntry(
         uuid.UUID(row[0]),
         uuid.UUID(row[1]),
         row[2],
         row[3],
         row[4],
-        bytes(row[5] or b""),
+        bytes(row[5] or b"") if result is None else result,
         row[6],
         None if row[7] is None else bytes(row[7]),
         json.loads(row[8]),
@@ -93,7 +127,12 @@ def _entry(row: tuple[Any, ...]) -> OutboxEntry:
         row[12],
         row[13],
         row[14],
+        bool(row[15]),
     )
+
+
+class OutboxCorrupt(Exception):
+    """A row names a result file that is missing or the wrong size."""
 
 
 class Outbox:
@@ -101,22 +140,31 @@ class Outbox:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self.files = path.with_name(path.name + ".results")
+        self.files.mkdir(mode=0o700, exist_ok=True)
         self._lock = threading.Lock()
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(SCHEMA)
+        have = {row[1] for row in self._db.execute("PRAGMA table_info(outbox)")}
+        for name, decl in _ADDED_COLUMNS:
+            if name not in have:
+                self._db.execute(f"ALTER TABLE outbox ADD COLUMN {name} {decl}")
+        self._db.execute(_HELD_INDEX)
+        self._remove_orphans()
 
     def close(self) -> None:
         with self._lock:
             self._db.close()
 
     def get(self, task_id: uuid.UUID) -> OutboxEntry | None:
+        """The task's entry with its result bytes (b"" once pruned, see ``held``)."""
         with self._lock:
             row = self._db.execute(
-                f"SELECT {_COLUMNS} FROM outbox WHERE task_id = ?", (str(task_id),)
+                f"SELECT {_COLUMNS}, result_file FROM outbox WHERE task_id = ?", (str(task_id),)
             ).fetchone()
-        return None if row is None else _entry(row)
+        return None if row is None else self._load(row)
 
     def commit_result(
         self,
@@ -139,42 +187,98 @@ class Outbox:
         transaction commits (one fsync) before this returns, so nothing signed can leave
         the process unrecorded. If the task already has a row, that row is returned (and
         signed now if an older write left it unsigned): the node never signs two
-        different results for one task.
+        different results for one task. A large result's file is written and fsynced
+        before the transaction, outside the lock, so two slots' writes overlap.
         """
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                row = self._db.execute(
-                    f"SELECT {_COLUMNS} FROM outbox WHERE task_id = ?", (str(task_id),)
-                ).fetchone()
-                if row is None:
-                    stored = json.dumps(message, sort_keys=True)
-                    self._db.execute(
-                        f"INSERT INTO outbox ({_COLUMNS}) VALUES "
-                        "(?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, ?, ?, NULL, NULL, NULL)",
-                        (
-                            str(task_id), str(job_id), workload_class, slice_index, kind,
-                            result, len(result), proof, stored, received_at, completed_at,
-                        ),
-                    )  # fmt: skip
-                    row = (
-                        str(task_id), str(job_id), workload_class, slice_index, kind, result,
-                        len(result), proof, stored, None, received_at, completed_at,
-                        None, None, None,
-                    )  # fmt: skip
-                entry = _entry(row)
-                if entry.signature is None:
-                    signature = sign(entry.message)
-                    self._db.execute(
-                        "UPDATE outbox SET signature = ? WHERE task_id = ?",
-                        (signature, str(task_id)),
-                    )
-                    entry = _entry((*row[:9], signature, *row[10:]))
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+        staged = self._stage(task_id, result) if len(result) > INLINE_MAX else None
+        # a row in _COLUMNS order: unsigned, unacknowledged, held
+        fresh = (
+            str(task_id), str(job_id), workload_class, slice_index, kind,
+            None if staged else result, len(result), proof, json.dumps(message, sort_keys=True),
+            None, received_at, completed_at, None, None, None, 1,
+        )  # fmt: skip
+        try:
+            with self._lock:
+                return self._commit_locked(staged, fresh, result, sign)
+        finally:
+            if staged is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    staged.unlink()  # still there: the row already existed, or no commit
+
+    def _commit_locked(
+        self,
+        staged: Path | None,
+        fresh: tuple[Any, ...],
+        result: bytes,
+        sign: Callable[[dict[str, Any]], bytes],
+    ) -> OutboxEntry:
+        task_id = fresh[0]
+        final = self.files / (task_id + _FILE_SUFFIX)
+        self._db.execute("BEGIN IMMEDIATE")
+        placed = False
+        try:
+            row = self._db.execute(
+                f"SELECT {_COLUMNS}, result_file FROM outbox WHERE task_id = ?", (task_id,)
+            ).fetchone()
+            if row is None:
+                if staged is not None:
+                    os.replace(staged, final)  # the data is already durable
+                    placed = True
+                    _fsync_dir(self.files)  # and now its name
+                self._db.execute(
+                    f"INSERT INTO outbox ({_COLUMNS}, result_file) VALUES ({', '.join('?' * 17)})",
+                    (*fresh, final.name if placed else None),
+                )
+                entry = _entry(fresh, result)
+            else:
+                entry = self._load(row)
+            if entry.signature is None:
+                signature = sign(entry.message)
+                self._db.execute(
+                    "UPDATE outbox SET signature = ? WHERE task_id = ?", (signature, task_id)
+                )
+                entry = _replace_signature(entry, signature)
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            if placed:
+                with contextlib.suppress(FileNotFoundError):
+                    final.unlink()
+            raise
         return entry
+
+    def _stage(self, task_id: uuid.UUID, result: bytes) -> Path:
+        """Write *result* to a new temporary file in the results directory, fsynced."""
+        staged = self.files / f".{task_id}.{os.urandom(4).hex()}.tmp"
+        fd = os.open(
+            staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
+        )
+        try:
+            view = memoryview(result)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            staged.unlink()
+            raise
+        os.close(fd)
+        return staged
+
+    def _load(self, row: tuple[Any, ...]) -> OutboxEntry:
+        """An entry from a ``{_COLUMNS}, result_file`` row, reading its file if it has one."""
+        name = row[-1]
+        if name is None:
+            return _entry(row[:-1])
+        path = self.files / name
+        try:
+            with open(path, "rb") as fh:
+                data = fh.read()
+        except OSError as exc:
+            raise OutboxCorrupt(f"result file {path} of task {row[0]}: {exc}") from None
+        if len(data) != row[6]:
+            raise OutboxCorrupt(f"result file {path} holds {len(data)} bytes, not {row[6]}")
+        return _entry(row[:-1], data)
 
     def mark_acked(self, task_id: uuid.UUID, *, status: str, reason: str, at: float) -> None:
         """Record the coordinator's acknowledgement, without an fsync of its own.
@@ -195,12 +299,72 @@ class Outbox:
                 self._db.execute("PRAGMA synchronous=FULL")
 
     def pending(self) -> list[OutboxEntry]:
-        """Committed entries not yet acknowledged, oldest first."""
+        """Committed entries not yet acknowledged, oldest first.
+
+        An entry whose result file is gone (a damaged disk) is logged and left out: the
+        coordinator's lease on it runs out and the task is given to another node.
+        """
         with self._lock:
             rows = self._db.execute(
-                f"SELECT {_COLUMNS} FROM outbox WHERE acked_at IS NULL ORDER BY completed_at"
+                f"SELECT {_COLUMNS}, result_file FROM outbox WHERE acked_at IS NULL "
+                "ORDER BY completed_at"
             ).fetchall()
-        return [_entry(r) for r in rows]
+        out = []
+        for row in rows:
+            try:
+                out.append(self._load(row))
+            except OutboxCorrupt as exc:
+                log.error("outbox.result_missing", extra={"task_id": row[0], "error": str(exc)})
+        return out
+
+    def prune(self, *, acked_before: float, keep_bytes: int) -> int:
+        """Drop the result bytes of acknowledged tasks that are not needed any more.
+
+        Dropped: every result acknowledged before *acked_before*, then the oldest
+        acknowledged ones until the rest hold at most *keep_bytes*. Unacknowledged results
+        are never touched. Rows stay (history); their ``held`` turns 0. Returns how many.
+        """
+        with self._lock:
+            kept, drop = 0, []
+            for task_id, size, acked_at, name in self._db.execute(
+                "SELECT task_id, result_size, acked_at, result_file FROM outbox "
+                "WHERE held = 1 AND acked_at IS NOT NULL ORDER BY acked_at DESC"
+            ):  # newest first, through the partial index on held rows
+                kept += size
+                if acked_at < acked_before or kept > keep_bytes:
+                    drop.append((task_id, name))
+            if not drop:
+                return 0
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.executemany(
+                    "UPDATE outbox SET result = NULL, result_file = NULL, held = 0 "
+                    "WHERE task_id = ?",
+                    [(task_id,) for task_id, _ in drop],
+                )
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        for _, name in drop:  # after the commit: a crash before it keeps every file
+            if name is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    (self.files / name).unlink()
+        return len(drop)
+
+    def _remove_orphans(self) -> None:
+        """Delete result files no row names: a crash came between a file and its commit."""
+        named = {
+            name
+            for (name,) in self._db.execute(
+                "SELECT result_file FROM outbox WHERE result_file IS NOT NULL"
+            )
+        }
+        for entry in os.scandir(self.files):
+            if entry.name not in named:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry.path)
+                log.info("outbox.orphan_removed", extra={"file": entry.name})
 
     def backlog(self) -> int:
         with self._lock:
@@ -226,13 +390,26 @@ class Outbox:
         return out
 
     def history(self, *, since: float | None = None, limit: int = 1000) -> Iterator[OutboxEntry]:
+        """Newest first, without result bytes (``result`` is b"")."""
         with self._lock:
             rows = self._db.execute(
-                f"SELECT {_COLUMNS} FROM outbox WHERE completed_at >= ? "
+                f"SELECT {_HISTORY_COLUMNS} FROM outbox WHERE completed_at >= ? "
                 "ORDER BY completed_at DESC LIMIT ?",
                 (since or 0.0, limit),
             ).fetchall()
         return iter([_entry(r) for r in rows])
+
+
+def _replace_signature(entry: OutboxEntry, signature: bytes) -> OutboxEntry:
+    return dataclasses.replace(entry, signature=signature)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def read_history(
@@ -247,8 +424,11 @@ def read_history(
         return []
     db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
     try:
+        columns = {row[1] for row in db.execute("PRAGMA table_info(outbox)")}
+        # an outbox written before pruning existed holds every result: held = 1
+        select = _HISTORY_COLUMNS if "held" in columns else _HISTORY_COLUMNS[: -len("held")] + "1"
         rows = db.execute(
-            f"SELECT {_COLUMNS} FROM outbox WHERE completed_at >= ? "
+            f"SELECT {select} FROM outbox WHERE completed_at >= ? "
             "ORDER BY completed_at DESC LIMIT ?",
             (since or 0.0, limit),
         ).fetchall()

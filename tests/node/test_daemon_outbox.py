@@ -1,0 +1,130 @@
+"""The daemon and its outbox: a finished task is never run again, even once its result is
+gone, and the retention settings are validated."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric import rsa
+from eth_account import Account
+from eth_account.messages import encode_typed_data
+
+from nodeclient.clock import SystemClock
+from nodeclient.errors import UsageError
+from nodeclient.node import sandbox
+from nodeclient.node.config import load_config
+from nodeclient.node.daemon import NodeDaemon, Retention, RunningTask
+from nodeclient.node.executor import Executor, WorkerConfig
+from nodeclient.node.outbox import Outbox
+from nodeclient.protocol import eip712, envelope, messages
+from nodeclient.protocol.secp import Secp256k1Key
+
+WALLET = 'wallet_address = "0x1111111111111111111111111111111111111111"\n'
+
+
+class Capture:
+    """Stands in for the link: keeps every frame the daemon sends."""
+
+    def __init__(self) -> None:
+        self.frames: list[dict] = []
+
+    async def send(self, data: str) -> None:
+        self.frames.append(json.loads(data))
+
+
+class NeverRun(Executor):
+    async def run(self, *args: object, **kwargs: object) -> bytes:
+        raise AssertionError("a finished task was executed again")
+
+
+def make_daemon(home: Path) -> tuple[NodeDaemon, rsa.RSAPrivateKey, Capture]:
+    payload_key = rsa.generate_private_key(public_exponent=65537, key_size=3072)
+    daemon = NodeDaemon(
+        home=home,
+        coordinator_url="http://127.0.0.1:9",
+        chain_id=31337,
+        node_key=Secp256k1Key.generate(),
+        liveness_key=Secp256k1Key.generate(),
+        payload_key=payload_key,
+        manifest={"max_parallel_subtasks": 1, "workload_classes": ["ai.inference"]},
+        executor=NeverRun(
+            slots=1, config=WorkerConfig(cache_dir=home / "models"), mode=sandbox.MODE_UNSANDBOXED
+        ),
+        outbox=Outbox(home / "outbox.db"),
+        clock=SystemClock(),
+        heartbeat_interval=30.0,
+        retention=Retention(seconds=60.0, bytes=1 << 20),
+    )
+    link = Capture()
+    daemon._ws = link  # type: ignore[assignment]
+    return daemon, payload_key, link
+
+
+def dispatch(daemon: NodeDaemon, key: rsa.RSAPrivateKey, task_id: uuid.UUID) -> str:
+    env = envelope.seal(
+        b"payload",
+        public_key=key.public_key(),
+        task_id=task_id,
+        node_id=daemon.node_id,
+        expires_at=int(time.time()) + 600,
+    )
+    d = messages.Dispatch(task_id, uuid.uuid4(), "ai.inference", int(time.time()) + 600, env)
+    return json.dumps(d.to_wire())
+
+
+def recover(frame: dict) -> str:
+    """The signer of a reject frame, by eth-account alone."""
+    message = eip712.message_from_json("Reject", frame["message"])
+    typed = eip712.typed_data_json("Reject", message, chain_id=31337)
+    return Account.recover_message(
+        encode_typed_data(full_message=typed), signature=frame["signature"]
+    )
+
+
+def test_redispatch_of_a_pruned_task_is_refused_signed_not_run(tmp_path: Path) -> None:
+    """Stored result: re-sent. Result pruned after its ack: a signed reject saying why."""
+    daemon, key, link = make_daemon(tmp_path)
+    kept, pruned = uuid.uuid4(), uuid.uuid4()
+    for task_id in (kept, pruned):
+        task = RunningTask(task_id, uuid.uuid4(), "ai.inference", None, time.time())
+        daemon._commit(task, b"result of " + task_id.bytes)
+    daemon.outbox.mark_acked(pruned, status="accepted", reason="", at=time.time() - 3600)
+    cutoff = time.time() - daemon.retention.seconds
+    assert daemon.outbox.prune(acked_before=cutoff, keep_bytes=daemon.retention.bytes) == 1
+
+    asyncio.run(daemon._on_frame(dispatch(daemon, key, kept)))
+    asyncio.run(daemon._on_frame(dispatch(daemon, key, pruned)))
+    resent, refused = link.frames
+    assert resent["type"] == "result" and resent["message"]["task_id"] == "0x" + kept.hex
+    assert refused["type"] == "reject" and refused["message"]["task_id"] == "0x" + pruned.hex
+    assert "no longer held" in refused["message"]["reason"]
+    assert recover(refused) == daemon.node_id
+    assert daemon.running == {}
+
+
+@pytest.mark.parametrize(
+    ("line", "error"),
+    [
+        ("result_retention_hours = -1\n", "result_retention_hours"),
+        ("result_retention_hours = true\n", "result_retention_hours"),
+        ("result_retention_mb = 1.5\n", "result_retention_mb"),
+        ("result_retention_mb = -3\n", "result_retention_mb"),
+    ],
+)
+def test_retention_settings_are_validated(tmp_path: Path, line: str, error: str) -> None:
+    (tmp_path / "config.toml").write_text(WALLET + line)
+    with pytest.raises(UsageError, match=error):
+        load_config(tmp_path)
+
+
+def test_retention_settings_are_read(tmp_path: Path) -> None:
+    (tmp_path / "config.toml").write_text(
+        WALLET + "result_retention_hours = 0.5\nresult_retention_mb = 0\n"
+    )
+    config = load_config(tmp_path)
+    assert (config.result_retention_hours, config.result_retention_mb) == (0.5, 0)
