@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import os
 import signal
 import time
 from collections.abc import Iterator
@@ -57,6 +58,41 @@ def test_header_must_name_an_op() -> None:
     """Headers are JSON objects with an 'op'."""
     with pytest.raises(RemoteProtocolError):
         worker.parse_header(b'{"id": 1}')
+
+
+def test_worker_answers_first_and_reports_its_clean_up_after(tmp_path: Path) -> None:
+    """The result frame is written before the task directory is emptied; a clean frame
+    follows once it is, and a task that leaves a child gets a restarting clean frame."""
+    config = {
+        "workdir": str(tmp_path),
+        "sandboxed": False,
+        "max_result_bytes": 1 << 20,
+        "cache_dir": str(tmp_path / "cache"),
+        "runtimes": {"test.hostile": "tests.node.hostile_runtime:factory"},
+    }
+    read_fd, write_fd = os.pipe()
+    w = worker.Worker(config, out_fd=write_fd)
+    seen_at_answer: list[list[str]] = []
+    real_write = worker.write_frame
+
+    def spying_write(fd: int, header: dict, body: bytes = b"") -> None:
+        seen_at_answer.append(sorted(os.listdir(w.task_dir)))
+        real_write(fd, header, body)
+
+    order = json.dumps({"do": "write", "path": "leftover.txt"}).encode()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(worker, "write_frame", spying_write)
+        mp.chdir(tmp_path)  # the worker changes directory per task; the context restores it
+        assert w.run_task({"id": 1, "class": "test.hostile"}, order) is True
+    os.close(write_fd)
+    with os.fdopen(read_fd, "rb") as stream:
+        answer = worker.read_frame(stream, max_body=1 << 20)
+        clean = worker.read_frame(stream, max_body=0)
+        assert worker.read_frame(stream, max_body=0) is None
+    assert answer is not None and clean is not None
+    assert answer.header == {"op": "result", "id": 1, "restart": False}
+    assert clean.header == {"op": "clean", "id": 1, "restart": False}
+    assert seen_at_answer == [["leftover.txt"], []]  # answered before the clean-up
 
 
 # --- exit statuses ---------------------------------------------------------------------------

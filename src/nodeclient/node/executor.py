@@ -46,6 +46,7 @@ _F_SETPIPE_SZ: Final = 1031  # Linux fcntl; not exported by Python 3.11
 _PIPE_BYTES: Final = 1 << 20  # the default /proc/sys/fs/pipe-max-size
 _JOIN_BYTES: Final = 256 * 1024  # payloads up to this size go down the pipe in one write
 _REPLACED: Final = "replaced after a failed or untidy task"
+_SETTLE_TIMEOUT: Final = 300.0  # emptying a work directory of rendered frames takes a while
 
 # progress(done, total, note) as the executor reports it to the daemon
 OnProgress = Callable[[float, float, str], None]
@@ -130,6 +131,7 @@ class _Slot:
     killed: str | None = None  # why we killed it; None when it died by itself
     output: int = 0
     busy: bool = False
+    settling: bool = False  # answered; its clean-up frame is still to come
     tail: collections.deque[bytes] = field(default_factory=lambda: collections.deque(maxlen=16))
     drain: asyncio.Task[None] | None = None
     ids: itertools.count[int] = field(default_factory=itertools.count)
@@ -507,6 +509,8 @@ class Executor:
             raise TaskFailed(exc.reason, requester_fault=False) from None
         if frame.header.get("restart"):
             slot.killed = _REPLACED
+        else:
+            slot.settling = True  # reusable once its "clean" frame arrives (_settle)
         if frame.header["op"] == "result":
             return frame.body
         kind = frame.header.get("kind")
@@ -516,28 +520,49 @@ class Executor:
 
     def _release(self, slot: _Slot) -> None:
         assert self._idle is not None
-        if slot.alive:
+        if slot.alive and not slot.settling:
             self._idle.put_nowait(slot)
             return
-
-        async def replace() -> None:
-            try:
-                if slot.proc is not None and slot.proc.returncode is None:
-                    if slot.killed == _REPLACED:
-                        await slot.stop()  # it announced its exit: let it go cleanly
-                    else:
-                        slot.kill(slot.killed or "replaced")
-                        await slot.proc.wait()
-                await self._start(slot)
-            except _WorkerGone as exc:  # the next task on this slot retries and reports it
-                log.error("worker.restart_failed", extra={"slot": slot.index, "reason": exc.reason})
-            finally:
-                assert self._idle is not None
-                self._idle.put_nowait(slot)
-
-        task = asyncio.create_task(replace())
+        task = asyncio.create_task(self._settle(slot) if slot.alive else self._replace(slot))
         self._restarts.add(task)
         task.add_done_callback(self._restarts.discard)
+
+    async def _settle(self, slot: _Slot) -> None:
+        """Wait for the worker's clean-up after an answered task, then reuse or replace it."""
+        try:
+            async with asyncio.timeout(_SETTLE_TIMEOUT):
+                frame = await slot._read()
+        except TimeoutError:
+            slot.kill(f"no clean-up report within {_SETTLE_TIMEOUT:.0f} s of a task")
+        except RemoteProtocolError as exc:
+            slot.kill(f"worker broke the pipe protocol: {exc}")
+        else:
+            if frame is None or frame.header.get("op") != "clean":
+                slot.kill("worker broke the pipe protocol: no clean-up report after a task")
+            elif frame.header.get("restart"):
+                slot.killed = _REPLACED  # it left something behind and exits by itself
+        slot.settling = False
+        if slot.alive:
+            assert self._idle is not None
+            self._idle.put_nowait(slot)
+        else:
+            await self._replace(slot)
+
+    async def _replace(self, slot: _Slot) -> None:
+        """Stop a worker that may not be reused and start a fresh one in its slot."""
+        try:
+            if slot.proc is not None and slot.proc.returncode is None:
+                if slot.killed == _REPLACED:
+                    await slot.stop()  # it announced its exit: let it go cleanly
+                else:
+                    slot.kill(slot.killed or "replaced")
+                    await slot.proc.wait()
+            await self._start(slot)
+        except _WorkerGone as exc:  # the next task on this slot retries and reports it
+            log.error("worker.restart_failed", extra={"slot": slot.index, "reason": exc.reason})
+        finally:
+            assert self._idle is not None
+            self._idle.put_nowait(slot)
 
 
 def _widen_pipe(stream: object) -> None:

@@ -14,9 +14,12 @@ where *header* is a UTF-8 JSON object with an ``op`` and *body* raw bytes. The d
 ``{"op": "run", "id": N, "class": C, "memory_bytes": M|null}`` + payload. The worker sends
 ``{"op": "ready", "pid", "classes", "broken"}`` once, then per task any number of
 ``{"op": "progress", "id", "done", "total", "note"}`` and exactly one of
-``{"op": "result", "id"}`` + result bytes or
-``{"op": "error", "id", "kind": "requester"|"oom"|"failed", "reason"}``.
-EOF on stdin means stop.
+``{"op": "result", "id", "restart"}`` + result bytes or
+``{"op": "error", "id", "kind": "requester"|"oom"|"failed", "reason", "restart"}``. Then,
+unless that answer said ``"restart": true`` (the worker exits), one
+``{"op": "clean", "id", "restart"}`` once the work directory is empty again and nothing
+the task started is left running; ``"restart": true`` there means it was not, and the
+worker exits. EOF on stdin means stop.
 
 The worker's original stdout is kept as the protocol channel; file descriptor 1 is pointed
 at stderr, so whatever a task prints lands on stderr, which the daemon caps and logs.
@@ -165,12 +168,19 @@ class Worker:
                 return EXIT_TAINTED
 
     def run_task(self, header: Mapping[str, Any], payload: bytes) -> bool:
-        """Run one task and answer it; False when the worker must not be reused."""
+        """Run one task and answer it; False when the worker must not be reused.
+
+        The answer goes out first and the clean-up after it, so a task's latency does not
+        include emptying its directory; the daemon waits for the ``clean`` frame before
+        it gives this worker another task.
+        """
         task_id = int(header["id"])
         reply, body, clean = self._execute(task_id, header, payload)
-        emptied = self._empty_task_dir()
-        tainted = not clean or not emptied or self._left_behind()
-        write_frame(self.out_fd, {**reply, "id": task_id, "restart": tainted}, body)
+        write_frame(self.out_fd, {**reply, "id": task_id, "restart": not clean}, body)
+        if not clean:
+            return False
+        tainted = not self._empty_task_dir() or self._left_behind()
+        write_frame(self.out_fd, {"op": "clean", "id": task_id, "restart": tainted})
         return not tainted
 
     def _execute(
