@@ -76,7 +76,6 @@ from nodeclient.protocol.secp import Secp256k1Key
 from nodeclient.workloads import inference, render
 
 MODEL_DEPTH, MODEL_WIDTH, MODEL_BATCH = 24, 512, 48  # ~10 ms single-threaded on a laptop core
-MODEL_URL = "/v1/blobs/model"  # never fetched over the network: the daemon's fetch is replaced
 # The scene's own 6 frames; large enough that rendering, not Blender's ~1.3 s start, dominates.
 RENDER = {"frames": (1, 6), "width": 480, "height": 360, "samples": 32}
 SWEEP_DEPTHS = (15, 48, 96, 192)  # ~5 ms to ~65 ms single-threaded here
@@ -84,6 +83,11 @@ TARGET_INFERENCE = 1.10
 TARGET_SPLIT = 1.6
 
 Results = dict[str, float]
+
+
+def blob_url(model: bytes) -> str:
+    """The model's blob store path; never fetched over the network (the fetch is replaced)."""
+    return f"/v1/blobs/{hashlib.sha256(model).hexdigest()}"
 
 
 def median_ms(samples: list[float]) -> float:
@@ -160,7 +164,9 @@ async def bench_inference(home: Path, mode: str, n: int) -> Results:
     """Raw session, OnnxRuntime and the node, interleaved so load drift hits all three."""
     model = slow_model(depth=MODEL_DEPTH, width=MODEL_WIDTH)
     x = np.random.default_rng(1).standard_normal((MODEL_BATCH, MODEL_WIDTH)).astype(np.float32)
-    by_url = inference.make_request(model, {"x": x}, inline=False, model_url=MODEL_URL).encode()
+    by_url = inference.make_request(
+        model, {"x": x}, inline=False, model_url=blob_url(model)
+    ).encode()
     inline = inference.make_request(model, {"x": x}).encode()
 
     options = ort.SessionOptions()
@@ -218,7 +224,7 @@ async def sweep_inference(home: Path, mode: str, n: int) -> Sweep:
     x = np.random.default_rng(1).standard_normal((MODEL_BATCH, MODEL_WIDTH)).astype(np.float32)
     for depth in SWEEP_DEPTHS:
         model = slow_model(depth=depth, width=MODEL_WIDTH)
-        by_url = inference.make_request(model, {"x": x}, inline=False, model_url=MODEL_URL)
+        by_url = inference.make_request(model, {"x": x}, inline=False, model_url=blob_url(model))
         payload = by_url.encode()
         options = ort.SessionOptions()
         options.intra_op_num_threads = 1

@@ -343,7 +343,24 @@ def test_blob_refs_name_only_a_model_in_the_coordinators_blob_store() -> None:
     assert refs(inline=False, model_url=f"/v1/blobs/{sha}") == [("model", sha)]
     assert refs() == []
     assert refs(inline=False, model_url=f"https://c.example/v1/blobs/{sha}") == []
-    assert refs(inline=False, model_url=f"/v1/blobs/{sha.upper()}") == []
+
+
+def test_blob_store_url_must_name_the_models_own_hash() -> None:
+    """A /v1/blobs/ model_url for another blob (or another spelling) is refused, both when a
+    requester builds it and when a payload arrives, so the store check and the node's fetch
+    look at the same blob."""
+    model = identity_model()
+    sha = hashlib.sha256(model).hexdigest()
+    other = hashlib.sha256(b"another model").hexdigest()
+    for url in (f"/v1/blobs/{other}", f"/v1/blobs/{sha.upper()}", f"/v1/blobs/{sha}/x"):
+        with pytest.raises(LocalProtocolError, match="blob store path other than"):
+            make_request(model, _inputs(), inline=False, model_url=url)
+        tensors, metadata = decode_tensors(
+            make_request(model, _inputs(), inline=False, model_url=f"/v1/blobs/{sha}").encode()
+        )
+        forged = encode_tensors(tensors, metadata={**metadata, "model_url": url})
+        with pytest.raises(RemoteProtocolError, match="blob store path other than"):
+            InferenceRequest.decode(forged)
 
 
 def test_request_encoding_is_deterministic() -> None:
