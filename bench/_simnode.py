@@ -223,6 +223,9 @@ class Worker:
 
     def _on_frame(self, node: SimNode, raw: str | bytes) -> None:
         now = time.monotonic()
+        if isinstance(raw, bytes):  # only data frames travel binary: here, a dispatch
+            self.dispatches.append(now)
+            return
         frame = json.loads(raw)
         kind = frame.get("type")
         if kind == "heartbeat_ack":

@@ -143,6 +143,7 @@ def make_daemon(home: Path, mode: str, model: bytes) -> tuple[NodeDaemon, rsa.RS
         heartbeat_interval=30.0,
     )
     daemon._ws = node_overhead.CaptureLink()  # type: ignore[assignment]
+    daemon.session.binary = True  # binary data frames, as with this project's coordinator
     daemon._fetch = lambda _url: model
     return daemon, payload_key
 

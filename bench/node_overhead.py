@@ -65,17 +65,23 @@ class CaptureLink:
         self.sent: dict[str, float] = {}
         self.event = asyncio.Event()
 
-    async def send(self, data: str) -> None:
+    async def send(self, data: str | bytes) -> None:
         handed_over = time.perf_counter()  # before this stand-in looks at the frame
-        # Only the head is read: a coordinator runs elsewhere, so parsing a 700 KB result
+        # Only the head is read: a coordinator runs elsewhere, so parsing a large result
         # frame here would bill its work to the node (on the node's own two cores).
-        head = _FRAME_HEAD.match(data)
-        if head is None:
-            raise SystemExit(f"unexpected frame: {data[:200]}")
-        if head["type"] in ("result", "reject"):
-            self.sent[str(uuid.UUID(head["task"]))] = handed_over
+        if isinstance(data, bytes):  # a binary data frame: a result
+            size = int.from_bytes(data[:4], "big")
+            frame = json.loads(data[4 : 4 + size])
+            kind, task = frame["type"], frame["message"]["task_id"][2:]
+        else:
+            head = _FRAME_HEAD.match(data)
+            if head is None:
+                raise SystemExit(f"unexpected frame: {data[:200]}")
+            kind, task = head["type"], head["task"]
+        if kind in ("result", "reject"):
+            self.sent[str(uuid.UUID(task))] = handed_over
             self.event.set()
-            if head["type"] == "reject":
+            if kind == "reject":
                 raise SystemExit(f"task rejected: {json.loads(data)['message']['reason']}")
 
 
@@ -102,10 +108,13 @@ def make_daemon(home: Path, slots: int) -> tuple[NodeDaemon, rsa.RSAPrivateKey, 
     )
     link = CaptureLink()
     daemon._ws = link  # type: ignore[assignment]
+    daemon.session.binary = True  # as linked to this project's coordinator: binary data frames
     return daemon, payload_key, link
 
 
-def dispatch_frame(daemon: NodeDaemon, key: rsa.RSAPrivateKey, payload: bytes) -> tuple[str, str]:
+def dispatch_frame(
+    daemon: NodeDaemon, key: rsa.RSAPrivateKey, payload: bytes
+) -> tuple[str | bytes, str]:
     task_id = uuid.uuid4()
     env = envelope.seal(
         payload,
@@ -115,10 +124,12 @@ def dispatch_frame(daemon: NodeDaemon, key: rsa.RSAPrivateKey, payload: bytes) -
         expires_at=int(time.time()) + 600,
     )
     d = messages.Dispatch(task_id, uuid.uuid4(), "ai.inference", int(time.time()) + 600, env)
-    return json.dumps(d.to_wire()), str(task_id)
+    return messages.encode_frame(d.to_wire(raw=True), binary=daemon.session.binary), str(task_id)
 
 
-async def one_task(daemon: NodeDaemon, link: CaptureLink, frame: str, task_id: str) -> float:
+async def one_task(
+    daemon: NodeDaemon, link: CaptureLink, frame: str | bytes, task_id: str
+) -> float:
     t0 = time.perf_counter()
     await daemon._on_frame(frame)
     while task_id not in link.sent:

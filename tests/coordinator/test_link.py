@@ -24,6 +24,7 @@ def test_handshake_challenge_then_welcome(coordinator: Running, rsa_keys) -> Non
     welcome = node.call(node.auth(challenge))
     assert welcome == {
         "type": "welcome", "node_id": node.node_id, "last_seq": 0, "unstaking_until": None,
+        "features": ["binary-data"],
     }  # fmt: skip
     assert coordinator.client.node(node.node_id)["online"] is True
 

@@ -23,7 +23,9 @@ def test_inline_model_needs_no_fetch() -> None:
 
 def test_model_by_url_is_fetched() -> None:
     """A model named by SHA-256 and URL is resolved by the daemon first."""
-    payload = make_request(identity_model(), X, inline=False, model_url="https://c.example/m").encode()
+    payload = make_request(
+        identity_model(), X, inline=False, model_url="https://c.example/m"
+    ).encode()
     assert needs_fetch("ai.inference", payload, cache_dir=EMPTY)
 
 

@@ -170,3 +170,103 @@ def test_dumps_frame_splices_a_large_result_and_parses_the_same() -> None:
     assert messages._b64(parsed, "result", max_bytes=1 << 20) == result
     plain = {**frame, "result": 'not "base64"'}
     assert messages.dumps_frame(plain) == json.dumps(plain)
+
+
+# --- binary data frames ------------------------------------------------------------------------
+
+DISPATCH_VECTOR = messages.Dispatch(
+    uuid.UUID("00000000-0000-4000-8000-000000000001"),
+    uuid.UUID("00000000-0000-4000-8000-000000000002"),
+    "ai.inference",
+    1700000000,
+    b"\x01\x02\x03",
+)
+# docs/protocol.md shows this frame byte for byte
+DISPATCH_VECTOR_HEX = (
+    "000000f6"
+    + json.dumps({k: v for k, v in DISPATCH_VECTOR.to_wire().items() if k != "envelope"})
+    .encode()
+    .hex()
+    + "010203"
+)
+
+
+def test_binary_dispatch_matches_the_documented_vector_and_the_text_form() -> None:
+    """The binary frame is prefix | JSON header without the envelope | envelope bytes, and
+    parses to the same Dispatch as the base64 text frame."""
+    wire = messages.encode_frame(DISPATCH_VECTOR.to_wire(raw=True), binary=True)
+    assert isinstance(wire, bytes)
+    assert wire.hex() == DISPATCH_VECTOR_HEX
+    assert int.from_bytes(wire[:4], "big") == len(wire) - 4 - 3
+    text = messages.encode_frame(DISPATCH_VECTOR.to_wire(raw=True), binary=False)
+    assert isinstance(text, str) and json.loads(text)["envelope"] == "AQID"
+    assert messages.parse_from_coordinator(wire) == DISPATCH_VECTOR
+    assert messages.parse_from_coordinator(text) == DISPATCH_VECTOR
+    assert messages.parse_from_coordinator(text.encode()) == DISPATCH_VECTOR  # JSON as bytes
+
+
+def test_binary_result_parses_like_the_text_result(parts) -> None:
+    """A signed result sent binary or as base64 text gives the same SignedFrame."""
+    _, node, _, _ = parts
+    message = {
+        "task_id": b"\x01" * 16, "job_id": b"\x02" * 16, "node_id": node.address,
+        "proof": b"\x03" * 32, "result_size": 5, "completed_at": 1700000000,
+    }  # fmt: skip
+    sig = eip712.sign_typed(node, "Result", message, chain_id=CHAIN)
+    raw = messages.signed_frame("result", message, sig, raw=True, result=b"bytes")
+    assert raw["result"] == b"bytes"
+    binary = messages.encode_frame(raw, binary=True)
+    text = messages.encode_frame(raw, binary=False)
+    assert isinstance(binary, bytes) and isinstance(text, str)
+    from_binary = messages.parse_from_node(binary)
+    assert from_binary == messages.parse_from_node(text)
+    assert isinstance(from_binary, messages.SignedFrame)
+    assert from_binary.extra["result"] == b"bytes"
+
+
+@pytest.mark.parametrize(
+    ("frame", "why"),
+    [
+        (b"\x00\x00", "shorter than its length prefix"),
+        (b"\x00\x00\x00\x09{}", "out of bounds"),
+        (b"\x00\x01\x00\x01" + b" " * 65537, "out of bounds"),  # header over the control limit
+        (b"\x00\x00\x00\x03abc", "not valid JSON"),
+        (b"\x00\x00\x00\x02[]", "JSON object"),
+        (b'\x00\x00\x00\x13{"type": "welcome"}', "cannot be binary"),
+        (b'\x00\x00\x00\x28{"type": "dispatch", "envelope": "AQID"}' + b"x", "repeats"),
+    ],
+)
+def test_malformed_binary_frames_rejected(frame: bytes, why: str) -> None:
+    """Each malformed binary frame names what is wrong, on either side's parser."""
+    with pytest.raises(RemoteProtocolError, match=why):
+        messages.parse_from_coordinator(frame)
+    with pytest.raises(RemoteProtocolError):
+        messages.parse_from_node(frame)
+
+
+def test_binary_frame_over_the_data_limit_is_refused_by_size() -> None:
+    header = json.dumps({"type": "result"}).encode()
+    frame = len(header).to_bytes(4, "big") + header
+    frame += b"\x00" * (messages.MAX_DATA_FRAME + 1 - len(frame))
+    with pytest.raises(RemoteProtocolError, match="exceeds"):
+        messages.parse_from_node(frame)
+
+
+def test_features_are_announced_and_checked(parts) -> None:
+    """The node announces binary-data in auth; welcome's features switch results to binary;
+    a malformed features field is refused."""
+    session, node, _, _ = parts
+    auth = session.on_challenge(challenge())
+    assert auth["features"] == ["binary-data"]
+    parsed = messages.parse_from_node(json.dumps(auth))
+    assert isinstance(parsed, messages.SignedFrame)
+    assert parsed.extra["features"] == {"binary-data"}
+    session.on_welcome(messages.Welcome(node.address, 0, None))
+    assert session.binary is False  # an older coordinator: base64 text
+    session.on_welcome(messages.Welcome(node.address, 0, None, frozenset({"binary-data"})))
+    assert session.binary is True
+    session.connection_lost()
+    assert session.binary is False
+    bad = {**messages.Welcome(node.address, 0, None).to_wire(), "features": "binary-data"}
+    with pytest.raises(RemoteProtocolError, match="features"):
+        messages.parse_from_coordinator(json.dumps(bad))

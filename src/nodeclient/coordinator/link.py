@@ -79,11 +79,29 @@ class LinkSession:
         self._liveness = ""
         self._send_lock = asyncio.Lock()
         self._closed = False
+        self.binary = False  # the node announced BINARY_DATA in its auth
 
     # --- LinkPort ---------------------------------------------------------------------------
 
     async def send(self, frame: Mapping[str, Any]) -> bool:
+        """Send one frame; a data field of raw bytes goes binary when the node takes it."""
+        if messages.DATA_FIELDS.get(frame["type"]) in frame:
+            wire = messages.encode_frame(frame, binary=self.binary)
+            if isinstance(wire, bytes):
+                return await self._send_bytes(wire)
+            return await self.send_text(wire)
         return await self.send_text(json.dumps(frame, separators=(",", ":")))
+
+    async def _send_bytes(self, data: bytes) -> bool:
+        if self._closed:
+            return False
+        try:
+            async with self._send_lock:
+                await self.ws.send_bytes(data)
+        except (WebSocketDisconnect, RuntimeError, OSError):
+            self._closed = True
+            return False
+        return True
 
     async def send_text(self, text: str) -> bool:
         """Send one frame already encoded as JSON text; False if the link is gone."""
@@ -183,10 +201,11 @@ class LinkSession:
         if old is not None:
             await old.close(4004, "replaced by a newer link")
             log.info("link.replaced", extra={"node_id": node_id})
+        self.binary = messages.BINARY_DATA in frame.extra.get("features", ())
         rt = coord.runtime[node_id]
-        await self.send(
-            messages.Welcome(node_id, rt.last_seq, coord.nodes[node_id].unstaking_until).to_wire()
-        )
+        until = coord.nodes[node_id].unstaking_until
+        features = frozenset(messages.FEATURES)
+        await self.send(messages.Welcome(node_id, rt.last_seq, until, features).to_wire())
         log.info("link.authenticated", extra={"node_id": node_id})
         coord.wake()
         return True

@@ -670,7 +670,7 @@ class Scheduler:
                 envelope=env,
                 slice_index=a.slice_index,
                 slice_count=a.slice_count,
-            ).to_wire()
+            ).to_wire(raw=True)  # the link encodes the envelope: binary, or base64 for old nodes
             for a, env in zip(assigned, sealed, strict=True)
         ]
         sent = await asyncio.gather(

@@ -553,7 +553,9 @@ class NodeDaemon:
         if entry.signature is None:  # cannot happen for rows commit_result wrote
             raise RuntimeError(f"outbox entry {entry.task_id} is not signed")
         message = eip712.message_from_json("Result", entry.message)
-        frame = messages.signed_frame("result", message, entry.signature, result=entry.result)
+        frame = messages.signed_frame(
+            "result", message, entry.signature, raw=True, result=entry.result
+        )
         await self._send(frame)
         log.info(
             "result.sent",
@@ -577,7 +579,7 @@ class NodeDaemon:
         if ws is None:
             return  # results wait in the outbox; rejects are re-derived via lease expiry
         with contextlib.suppress(ConnectionClosed):
-            await ws.send(messages.dumps_frame(frame))
+            await ws.send(messages.encode_frame(frame, binary=self.session.binary))
 
     # --- status ------------------------------------------------------------------------------
 

@@ -6,6 +6,16 @@ anything else raises RemoteProtocolError with a reason that names the field. Sig
 parts travel as ``{"message": <EIP-712 message JSON>, "signature": "0x..."}`` so a
 verifier can rebuild the exact typed data (see eip712.typed_data_json).
 
+Data frames. ``dispatch`` (its ``envelope``) and ``result`` (its ``result``) carry up to
+32 MiB. Between peers that both announced :data:`BINARY_DATA` (the node in ``auth``, the
+coordinator in ``welcome``) they travel as binary WebSocket frames::
+
+    u32 header_len (big-endian) | header: the frame's JSON object without the data field | data
+
+so neither side base64-encodes, JSON-scans or decodes hundreds of KiB per task. With a
+peer that did not announce it, the data field is base64 in the JSON text frame, as before.
+Both forms parse to the same message, and the signed part is the same JSON either way.
+
 Direction and purpose (docs/protocol.md has the full table):
 
 coordinator -> node: challenge, welcome, heartbeat_ack, dispatch, result_ack, cancel, error
@@ -16,6 +26,7 @@ from __future__ import annotations
 
 import binascii
 import json
+import struct
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -30,6 +41,11 @@ from nodeclient.protocol.secp import parse_address, parse_signature_hex
 MAX_CONTROL_FRAME: Final = 64 * 1024  # every frame but dispatch and result
 MAX_DATA_FRAME: Final = 48 * 1024 * 1024  # dispatch and result: base64 of <= 32 MiB
 MAX_REASON: Final = 512
+MAX_DATA_BYTES: Final = (MAX_DATA_FRAME * 3) // 4  # the data of one dispatch or result
+BINARY_DATA: Final = "binary-data"  # the feature: data frames as binary WebSocket frames
+FEATURES: Final = (BINARY_DATA,)  # what this implementation announces
+DATA_FIELDS: Final = {"dispatch": "envelope", "result": "result"}  # type -> its data field
+_BINARY_PREFIX: Final = struct.Struct(">I")
 
 
 # --- field readers: each names the field it rejects ---------------------------------------
@@ -132,6 +148,31 @@ def b64(data: bytes) -> Base64Text:
     return Base64Text(pybase64.b64encode_as_string(data))
 
 
+def encode_frame(frame: Mapping[str, Any], *, binary: bool) -> str | bytes:
+    """The wire form of *frame*, whose data field (if any) holds raw bytes.
+
+    With *binary* (the peer announced :data:`BINARY_DATA`) a data frame becomes a binary
+    frame: length-prefixed JSON header, then the bytes as they are. Otherwise the bytes are
+    base64 in a JSON text frame. Frames without data are JSON text either way.
+    """
+    name = DATA_FIELDS.get(frame["type"], "")
+    data = frame.get(name)
+    if not isinstance(data, bytes):
+        return dumps_frame(frame)
+    if not binary:
+        return dumps_frame({**frame, name: b64(data)})
+    header = json.dumps({k: v for k, v in frame.items() if k != name}).encode()
+    return b"".join((_BINARY_PREFIX.pack(len(header)), header, data))
+
+
+def features_of(d: Mapping[str, Any]) -> frozenset[str]:
+    """The optional ``features`` list of an auth or welcome frame (unknown ones ignored)."""
+    v = d.get("features", [])
+    if not isinstance(v, list) or len(v) > 32 or not all(isinstance(f, str) for f in v):
+        raise RemoteProtocolError("field 'features' must be a list of at most 32 strings")
+    return frozenset(v)
+
+
 # --- messages ---------------------------------------------------------------------------------
 
 
@@ -191,6 +232,7 @@ class Welcome:
     node_id: str
     last_seq: int  # the highest heartbeat seq the coordinator has seen from this node
     unstaking_until: int | None
+    features: frozenset[str] = frozenset()  # what the coordinator takes (BINARY_DATA)
 
     def to_wire(self) -> dict[str, Any]:
         return {
@@ -198,6 +240,7 @@ class Welcome:
             "node_id": self.node_id,
             "last_seq": self.last_seq,
             "unstaking_until": self.unstaking_until,
+            "features": sorted(self.features),
         }
 
     @classmethod
@@ -207,6 +250,7 @@ class Welcome:
             _str(d, "node_id", max_len=42),
             _int(d, "last_seq"),
             None if until is None else _int(d, "unstaking_until"),
+            features_of(d),
         )
 
 
@@ -249,21 +293,23 @@ class Dispatch:
     slice_count: int | None = None
     resources: Mapping[str, int] = field(default_factory=dict)
 
-    def to_wire(self) -> dict[str, Any]:
+    def to_wire(self, *, raw: bool = False) -> dict[str, Any]:
+        """The frame; with *raw* the envelope stays bytes, for :func:`encode_frame`."""
         return {
             "type": self.TYPE,
             "task_id": str(self.task_id),
             "job_id": str(self.job_id),
             "workload_class": self.workload_class,
             "lease_expires_at": self.lease_expires_at,
-            "envelope": b64(self.envelope),
+            "envelope": self.envelope if raw else b64(self.envelope),
             "slice_index": self.slice_index,
             "slice_count": self.slice_count,
             "resources": dict(self.resources),
         }
 
     @classmethod
-    def from_wire(cls, d: Mapping[str, Any]) -> Dispatch:
+    def from_wire(cls, d: Mapping[str, Any], data: bytes | None = None) -> Dispatch:
+        """From the JSON frame; *data* is the envelope when it came as a binary frame."""
         res = d.get("resources") or {}
         if not isinstance(res, dict) or len(res) > 8:
             raise RemoteProtocolError("field 'resources' must be a small object")
@@ -274,7 +320,7 @@ class Dispatch:
             _uuid(d, "job_id"),
             _str(d, "workload_class", max_len=64),
             _int(d, "lease_expires_at"),
-            _b64(d, "envelope", max_bytes=(MAX_DATA_FRAME * 3) // 4),
+            _b64(d, "envelope", max_bytes=MAX_DATA_BYTES) if data is None else data,
             None if si is None else _int(d, "slice_index", hi=1 << 20),
             None if sc is None else _int(d, "slice_count", lo=1, hi=1 << 20),
             resources,
@@ -355,14 +401,44 @@ def _load(frame: str | bytes, *, max_size: int) -> dict[str, Any]:
     return d
 
 
+def _load_any(frame: str | bytes) -> tuple[dict[str, Any], bytes | None]:
+    """A frame's JSON object, and its data when it came as a binary data frame.
+
+    A binary frame must be a dispatch or result whose header leaves out the data field;
+    the header is held to the control-frame limit. (A JSON text frame sent as binary,
+    starting with ``{``, is still read as JSON: a header length never starts with 0x7b.)
+    """
+    if isinstance(frame, str) or frame[:1] == b"{":
+        return _load(frame, max_size=MAX_DATA_FRAME), None
+    if len(frame) > MAX_DATA_FRAME:
+        raise RemoteProtocolError(
+            f"frame of {len(frame)} bytes exceeds the {MAX_DATA_FRAME}-byte limit"
+        )
+    if len(frame) < _BINARY_PREFIX.size:
+        raise RemoteProtocolError("binary frame is shorter than its length prefix")
+    (header_len,) = _BINARY_PREFIX.unpack_from(frame)
+    end = _BINARY_PREFIX.size + header_len
+    if header_len > MAX_CONTROL_FRAME or end > len(frame):
+        raise RemoteProtocolError(f"binary frame header of {header_len} bytes is out of bounds")
+    d = _load(frame[_BINARY_PREFIX.size : end], max_size=MAX_CONTROL_FRAME)
+    name = DATA_FIELDS.get(d["type"])
+    if name is None:
+        raise RemoteProtocolError(f"a {d['type'][:32]!r} frame cannot be binary")
+    if name in d:
+        raise RemoteProtocolError(f"binary {d['type']} frame repeats {name!r} in its header")
+    return d, frame[end:]
+
+
 def parse_from_coordinator(frame: str | bytes) -> Message:
     """Parse a frame the node received; raises RemoteProtocolError."""
-    d = _load(frame, max_size=MAX_DATA_FRAME)
+    d, data = _load_any(frame)
     cls = _FROM_COORDINATOR.get(d["type"])
     if cls is None:
         raise RemoteProtocolError(f"unknown message type {d['type'][:32]!r}")
     if d["type"] != "dispatch" and len(frame) > MAX_CONTROL_FRAME:
         raise RemoteProtocolError(f"{d['type']} frame exceeds {MAX_CONTROL_FRAME} bytes")
+    if cls is Dispatch:
+        return Dispatch.from_wire(d, data)
     return cls.from_wire(d)
 
 
@@ -407,7 +483,7 @@ def parse_from_node(frame: str | bytes) -> SignedFrame | ProgressFrame:
     Signature *verification* needs the registry (which key?) and happens in the
     coordinator; here the message is only shape- and type-checked.
     """
-    d = _load(frame, max_size=MAX_DATA_FRAME)
+    d, data = _load_any(frame)
     if d["type"] == ProgressFrame.TYPE:
         if len(frame) > MAX_CONTROL_FRAME:
             raise RemoteProtocolError(f"progress frame exceeds {MAX_CONTROL_FRAME} bytes")
@@ -420,9 +496,11 @@ def parse_from_node(frame: str | bytes) -> SignedFrame | ProgressFrame:
     message, sig = _signed(d, primary)
     extra: dict[str, Any] = {}
     if d["type"] == "result":
-        extra["result"] = _b64(d, "result", max_bytes=(MAX_DATA_FRAME * 3) // 4)
+        extra["result"] = _b64(d, "result", max_bytes=MAX_DATA_BYTES) if data is None else data
     elif d["type"] == "heartbeat":
         extra["running"] = _int(d, "running", hi=4096) if "running" in d else 0
+    elif d["type"] == "auth":
+        extra["features"] = features_of(d)
     if "node_id" in message:
         try:
             parse_address(message["node_id"], field="node_id")
@@ -432,9 +510,10 @@ def parse_from_node(frame: str | bytes) -> SignedFrame | ProgressFrame:
 
 
 def signed_frame(
-    type_: str, message: Mapping[str, Any], signature: bytes, **extra: Any
+    type_: str, message: Mapping[str, Any], signature: bytes, *, raw: bool = False, **extra: Any
 ) -> dict[str, Any]:
-    """Build the wire form of a signed node -> coordinator frame."""
+    """Build the wire form of a signed node -> coordinator frame; bytes become base64,
+    except the data field when *raw* (then encode the frame with :func:`encode_frame`)."""
     primary = SIGNED_TYPES[type_]
     wire: dict[str, Any] = {
         "type": type_,
@@ -442,5 +521,6 @@ def signed_frame(
         "signature": "0x" + signature.hex(),
     }
     for k, v in extra.items():
-        wire[k] = b64(v) if isinstance(v, bytes) else v
+        keep = raw and k == DATA_FIELDS.get(type_)
+        wire[k] = b64(v) if isinstance(v, bytes) and not keep else v
     return wire

@@ -38,9 +38,11 @@ class NodeSession:
         self.coordinator_id: str | None = None
         self.heartbeat_interval: float | None = None
         self.unstaking_until: int | None = None
+        self.binary = False  # the coordinator takes data frames as binary (welcome)
 
     def connection_lost(self) -> None:
         self.authenticated = False
+        self.binary = False
 
     def on_challenge(self, challenge: messages.Challenge) -> dict[str, Any]:
         """Answer the coordinator's nonce with a LinkAuth signed by the liveness key."""
@@ -60,7 +62,7 @@ class NodeSession:
             "issued_at": int(self._clock()),
         }
         sig = eip712.sign_typed(self._liveness, "LinkAuth", msg, chain_id=self.chain_id)
-        return messages.signed_frame("auth", msg, sig)
+        return {**messages.signed_frame("auth", msg, sig), "features": list(messages.FEATURES)}
 
     def on_welcome(self, welcome: messages.Welcome) -> None:
         if welcome.node_id.lower() != self.node_id.lower():
@@ -69,6 +71,7 @@ class NodeSession:
         # Continue above whatever the coordinator saw, so a restarted node is never "replayed".
         self.seq = max(self.seq, welcome.last_seq)
         self.unstaking_until = welcome.unstaking_until
+        self.binary = messages.BINARY_DATA in welcome.features  # results as binary frames
 
     def on_heartbeat_ack(self, ack: messages.HeartbeatAck) -> None:
         if ack.unstaking_until is not None:
