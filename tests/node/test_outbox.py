@@ -9,7 +9,7 @@ import uuid
 
 import pytest
 
-from nodeclient.node.outbox import INLINE_MAX, Outbox, OutboxCorrupt, read_history
+from nodeclient.node.outbox import INLINE_MAX, Outbox, OutboxBusy, OutboxCorrupt, read_history
 
 
 def commit(box: Outbox, task: uuid.UUID, result: bytes, sign=lambda m: b"s" * 65):
@@ -135,8 +135,11 @@ def test_large_result_failed_signing_leaves_no_file(tmp_path) -> None:
 
     with pytest.raises(RuntimeError):
         commit(box, t, big(3), broken)
-    assert files_of(box) == []
     assert box.get(t) is None and box.pending() == []
+    box.close()  # a file the failed commit placed is an orphan, gone at the next open
+    box = Outbox(tmp_path / "o.db")
+    assert files_of(box) == []
+    assert commit(box, t, big(3)).result == big(3)  # and the task can still be recorded
 
 
 def test_orphan_files_are_removed_on_open(tmp_path) -> None:
@@ -146,14 +149,16 @@ def test_orphan_files_are_removed_on_open(tmp_path) -> None:
     commit(box, kept, big(4))
     box.close()
     (box.files / f"{uuid.uuid4()}.result").write_bytes(b"orphan")
-    (box.files / ".stray.tmp").write_bytes(b"half-written")
+    (box.files / f".{uuid.uuid4()}.0badcafe.tmp").write_bytes(b"half-written")
+    (box.files / "operator-notes.txt").write_bytes(b"not ours")
     box = Outbox(tmp_path / "o.db")
-    assert files_of(box) == [f"{kept}.result"]
+    assert files_of(box) == sorted([f"{kept}.result", "operator-notes.txt"])
     assert box.get(kept).result == big(4)
 
 
 def test_missing_result_file_is_reported_not_sent(tmp_path) -> None:
-    """A result file lost from disk: get raises OutboxCorrupt, pending skips it and logs."""
+    """A result file lost from disk: get raises OutboxCorrupt; pending logs it once and
+    closes it as lost (a failed task, no longer in the backlog), and sends the rest."""
     box = Outbox(tmp_path / "o.db")
     lost, fine = uuid.uuid4(), uuid.uuid4()
     commit(box, lost, big(5))
@@ -170,10 +175,15 @@ def test_missing_result_file_is_reported_not_sent(tmp_path) -> None:
         assert [e.task_id for e in box.pending()] == [fine]
     finally:
         logger.removeHandler(handler)
-    assert [r.getMessage() for r in records] == ["outbox.result_missing"]
-    (box.files / f"{lost}.result").write_bytes(big(5)[:-1])  # truncated
+    assert [r.getMessage() for r in records] == ["outbox.result_lost"]
+    assert box.backlog() == 1 and box.counts()["failed"] == 1
+    assert [e.task_id for e in box.pending()] == [fine]  # once: it is closed now
+    assert box.get(lost).ack_status == "lost" and not box.get(lost).held
+    truncated = uuid.uuid4()
+    commit(box, truncated, big(6))
+    (box.files / f"{truncated}.result").write_bytes(big(6)[:-1])
     with pytest.raises(OutboxCorrupt, match="not 65537"):
-        box.get(lost)
+        box.get(truncated)
 
 
 # --- retention ----------------------------------------------------------------------------
@@ -260,3 +270,56 @@ def test_outbox_from_an_earlier_release_is_upgraded_in_place(tmp_path) -> None:
     assert entry.result == b"old" and entry.held and entry.signature == b"s" * 65
     columns = {row[1] for row in box._db.execute("PRAGMA table_info(outbox)")}
     assert {"result_file", "held"} <= columns
+
+
+def test_a_second_process_cannot_open_the_outbox(tmp_path) -> None:
+    """Two daemons on one home would sweep each other's files: the second is refused."""
+    box = Outbox(tmp_path / "o.db")
+    with pytest.raises(OutboxBusy, match="another process"):
+        Outbox(tmp_path / "o.db")
+    box.close()
+    Outbox(tmp_path / "o.db").close()
+
+
+def test_small_results_live_apart_from_the_rows(tmp_path) -> None:
+    """Inline results are rows of outbox_results, not a column before the history fields;
+    prune deletes them."""
+    box = Outbox(tmp_path / "o.db")
+    t = uuid.uuid4()
+    commit(box, t, b"small")
+    assert box._db.execute("SELECT result FROM outbox").fetchall() == [(None,)]
+    assert box._db.execute("SELECT data FROM outbox_results").fetchall() == [(b"small",)]
+    box.mark_acked(t, status="accepted", reason="", at=1.0)
+    assert box.prune(acked_before=2.0, keep_bytes=1 << 30) == 1
+    assert box._db.execute("SELECT COUNT(*) FROM outbox_results").fetchone() == (0,)
+
+
+def test_counts_kept_in_memory_match_a_fresh_count(tmp_path) -> None:
+    """The status counters, updated per commit and ack, equal a recount after reopening."""
+    box = Outbox(tmp_path / "o.db")
+    tasks = [uuid.uuid4() for _ in range(5)]
+    for t in tasks:
+        commit(box, t, b"r")
+    box.mark_acked(tasks[0], status="accepted", reason="", at=1.0)
+    box.mark_acked(tasks[1], status="duplicate", reason="", at=1.0)
+    box.mark_acked(tasks[2], status="rejected", reason="bad proof", at=1.0)
+    box.mark_acked(tasks[2], status="accepted", reason="", at=2.0)  # ignored: acked already
+    live = box.counts()
+    assert live == {"completed": 2, "failed": 1, "rejected": 0, "unacknowledged": 2}
+    assert box.backlog() == 2
+    box.close()
+    assert Outbox(tmp_path / "o.db").counts() == live
+
+
+def test_prune_works_through_many_batches(tmp_path) -> None:
+    """More rows than one batch: every old acknowledged result goes, in several commits."""
+    box = Outbox(tmp_path / "o.db")
+    tasks = [uuid.uuid4() for _ in range(450)]
+    for i, t in enumerate(tasks):
+        commit(box, t, b"r%d" % i)
+        box.mark_acked(t, status="accepted", reason="", at=float(i))
+    assert box.prune(acked_before=400.0, keep_bytes=1 << 30) == 400
+    held = [box.get(t).held for t in tasks]
+    assert held == [False] * 400 + [True] * 50
+    assert box.prune(acked_before=0.0, keep_bytes=10 * 4) == 40  # budget: 10 of 4 bytes each
+    assert sum(box.get(t).held for t in tasks) == 10

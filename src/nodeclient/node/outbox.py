@@ -18,17 +18,20 @@ duplicate, never two different signed results for one task" hold:
 The table doubles as the node's task history (``history``), which never reads result
 bytes.
 
-Storage: a result of up to :data:`INLINE_MAX` bytes is a column of its row; a larger one
-is a file in ``<database>.results/`` (0600, in a 0700 directory), written and fsynced
-before the row that names it commits. SQLite's WAL would otherwise write a large result
-twice (WAL, then checkpoint) and fsync it twice; as in SQLite's own "Internal Versus
-External BLOBs" measurements, files win above ~100 KiB. A crash between the file and the
-commit leaves an orphan file, removed when the outbox next opens.
+Storage: a result of up to :data:`INLINE_MAX` bytes is a row of ``outbox_results``, kept
+apart so that reading history, counts or the prune index never walks result bytes; a
+larger one is a file in ``<database>.results/`` (0600, in a 0700 directory), written and
+fsynced before the row that names it commits. SQLite's WAL would otherwise write a large
+result twice (WAL, then checkpoint) and fsync it twice; as in SQLite's own "Internal
+Versus External BLOBs" measurements, files win above ~100 KiB. A crash between the file
+and the commit leaves an orphan file, removed when the outbox next opens. One process at
+a time: the outbox holds an exclusive lock on ``<database>.lock`` while open.
 
 Retention: the result bytes of an acknowledged task are needed only if the coordinator
 asks for the task again. ``prune`` drops them once acknowledged more than a retention
 period ago, or oldest first beyond a byte budget; the row (proof, signature, sizes, times)
-stays as history. Unacknowledged results are never pruned. A later dispatch of a pruned
+stays as history. Unacknowledged results are never pruned. Pruning goes in small
+batches, so the event loop never waits long for the lock. A later dispatch of a pruned
 task is refused with a signed reason rather than run again (``OutboxEntry.held``).
 """
 
@@ -36,21 +39,28 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import json
 import logging
 import os
+import re
 import sqlite3
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
+from nodeclient.errors import UsageError
+
 log = logging.getLogger("nodeclient.node.outbox")
 
 INLINE_MAX: Final = 64 * 1024  # larger results are files beside the database
 _FILE_SUFFIX: Final = ".result"
+_OURS: Final = re.compile(r"(\.[0-9a-f-]{36}\.[0-9a-f]{8}\.tmp|[0-9a-f-]{36}\.result)")
+_PRUNE_BATCH: Final = 200  # rows per prune transaction
 
 SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS outbox (
@@ -59,7 +69,7 @@ CREATE TABLE IF NOT EXISTS outbox (
     workload_class TEXT NOT NULL,
     slice_index    INTEGER,
     kind           TEXT NOT NULL,          -- result | reject
-    result         BLOB,
+    result         BLOB,                   -- written by releases before outbox_results
     result_size    INTEGER NOT NULL DEFAULT 0,
     proof          BLOB,
     message        TEXT NOT NULL,          -- the EIP-712 message JSON that is (to be) signed
@@ -73,13 +83,23 @@ CREATE TABLE IF NOT EXISTS outbox (
     held           INTEGER NOT NULL DEFAULT 1  -- 0 once prune dropped the result bytes
 );
 CREATE INDEX IF NOT EXISTS outbox_pending ON outbox (acked_at);
+CREATE TABLE IF NOT EXISTS outbox_results (  -- results up to INLINE_MAX, by task
+    task_id        TEXT PRIMARY KEY,
+    data           BLOB NOT NULL
+);
 """
 # Added after the first release: older databases get them by ALTER TABLE.
 _ADDED_COLUMNS: Final = (
     ("result_file", "TEXT"),
     ("held", "INTEGER NOT NULL DEFAULT 1"),
 )
-_HELD_INDEX: Final = "CREATE INDEX IF NOT EXISTS outbox_held ON outbox (acked_at) WHERE held = 1"
+_INDEXES: Final = (
+    # history, newest first
+    "CREATE INDEX IF NOT EXISTS outbox_completed ON outbox (completed_at)",
+    # prune: acknowledged results still held, oldest first, without reading the table
+    "CREATE INDEX IF NOT EXISTS outbox_prune ON outbox "
+    "(acked_at, result_size, result_file, task_id) WHERE held = 1",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +128,14 @@ _COLUMNS: Final = (
 )
 # History never needs result bytes: a column of NULL takes the result's place.
 _HISTORY_COLUMNS: Final = _COLUMNS.replace(" result,", " NULL,", 1)
+# An entry with its result: from outbox_results, or the legacy column; then result_file.
+_LOAD: Final = (
+    "SELECT "
+    + ", ".join(
+        "COALESCE(d.data, o.result)" if c == "result" else f"o.{c}" for c in _COLUMNS.split(", ")
+    )
+    + ", o.result_file FROM outbox o LEFT JOIN outbox_results d ON d.task_id = o.task_id"
+)
 
 
 def _entry(row: tuple[Any, ...], result: bytes | None = None) -> OutboxEntry:
@@ -135,36 +163,53 @@ class OutboxCorrupt(Exception):
     """A row names a result file that is missing or the wrong size."""
 
 
+class OutboxBusy(UsageError):
+    """Another process has this outbox open (a second daemon on the same home)."""
+
+
 class Outbox:
     """A durable queue of signed results; safe to call from the event loop and threads."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.files = path.with_name(path.name + ".results")
-        self.files.mkdir(mode=0o700, exist_ok=True)
-        self._lock = threading.Lock()
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(SCHEMA)
-        have = {row[1] for row in self._db.execute("PRAGMA table_info(outbox)")}
-        for name, decl in _ADDED_COLUMNS:
-            if name not in have:
-                self._db.execute(f"ALTER TABLE outbox ADD COLUMN {name} {decl}")
-        self._db.execute(_HELD_INDEX)
-        self._remove_orphans()
+        self._lock_fd = _lock_exclusively(path.with_name(path.name + ".lock"))
+        try:
+            if not self.files.is_dir():
+                self.files.mkdir(mode=0o700)
+                _fsync_dir(self.files.parent)  # the directory itself survives a power cut
+            self._lock = threading.Lock()
+            self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.executescript(SCHEMA)
+            have = {row[1] for row in self._db.execute("PRAGMA table_info(outbox)")}
+            for name, decl in _ADDED_COLUMNS:
+                if name not in have:
+                    self._db.execute(f"ALTER TABLE outbox ADD COLUMN {name} {decl}")
+            for index in _INDEXES:
+                self._db.execute(index)
+            self._remove_orphans()
+            self._counts = self._count_all()
+            (held,) = self._db.execute(
+                "SELECT COALESCE(SUM(result_size), 0) FROM outbox "
+                "WHERE held = 1 AND acked_at IS NOT NULL"
+            ).fetchone()
+            self._held_bytes = int(held)  # acknowledged results still held: prune's budget
+        except BaseException:
+            os.close(self._lock_fd)
+            raise
 
     def close(self) -> None:
         with self._lock:
             self._db.close()
+        os.close(self._lock_fd)
 
     def get(self, task_id: uuid.UUID) -> OutboxEntry | None:
         """The task's entry with its result bytes (b"" once pruned, see ``held``)."""
-        with self._lock:
-            row = self._db.execute(
-                f"SELECT {_COLUMNS}, result_file FROM outbox WHERE task_id = ?", (str(task_id),)
-            ).fetchone()
-        return None if row is None else self._load(row)
+        with self._lock:  # the file is read under the lock too: prune cannot remove it midway
+            row = self._db.execute(f"{_LOAD} WHERE o.task_id = ?", (str(task_id),)).fetchone()
+            return None if row is None else self._load(row)
 
     def commit_result(
         self,
@@ -190,13 +235,13 @@ class Outbox:
         different results for one task. A large result's file is written and fsynced
         before the transaction, outside the lock, so two slots' writes overlap.
         """
-        staged = self._stage(task_id, result) if len(result) > INLINE_MAX else None
-        # a row in _COLUMNS order: unsigned, unacknowledged, held
+        # a row in _COLUMNS order: unsigned, unacknowledged, held (the result lives apart)
         fresh = (
-            str(task_id), str(job_id), workload_class, slice_index, kind,
-            None if staged else result, len(result), proof, json.dumps(message, sort_keys=True),
-            None, received_at, completed_at, None, None, None, 1,
+            str(task_id), str(job_id), workload_class, slice_index, kind, None, len(result),
+            proof, json.dumps(message, sort_keys=True), None, received_at, completed_at,
+            None, None, None, 1,
         )  # fmt: skip
+        staged = self._stage(task_id, result) if len(result) > INLINE_MAX else None
         try:
             with self._lock:
                 return self._commit_locked(staged, fresh, result, sign)
@@ -215,19 +260,20 @@ class Outbox:
         task_id = fresh[0]
         final = self.files / (task_id + _FILE_SUFFIX)
         self._db.execute("BEGIN IMMEDIATE")
-        placed = False
         try:
-            row = self._db.execute(
-                f"SELECT {_COLUMNS}, result_file FROM outbox WHERE task_id = ?", (task_id,)
-            ).fetchone()
+            row = self._db.execute(f"{_LOAD} WHERE o.task_id = ?", (task_id,)).fetchone()
             if row is None:
                 if staged is not None:
                     os.replace(staged, final)  # the data is already durable
-                    placed = True
                     _fsync_dir(self.files)  # and now its name
+                else:
+                    self._db.execute(
+                        "INSERT INTO outbox_results (task_id, data) VALUES (?, ?)",
+                        (task_id, result),
+                    )
                 self._db.execute(
                     f"INSERT INTO outbox ({_COLUMNS}, result_file) VALUES ({', '.join('?' * 17)})",
-                    (*fresh, final.name if placed else None),
+                    (*fresh, final.name if staged is not None else None),
                 )
                 entry = _entry(fresh, result)
             else:
@@ -237,14 +283,16 @@ class Outbox:
                 self._db.execute(
                     "UPDATE outbox SET signature = ? WHERE task_id = ?", (signature, task_id)
                 )
-                entry = _replace_signature(entry, signature)
+                entry = dataclasses.replace(entry, signature=signature)
             self._db.execute("COMMIT")
         except BaseException:
-            self._db.execute("ROLLBACK")
-            if placed:
-                with contextlib.suppress(FileNotFoundError):
-                    final.unlink()
+            # A file already renamed stays: if the commit reached the disk after all (a
+            # failed fsync), its row needs it; if not, the next open removes it.
+            with contextlib.suppress(sqlite3.Error):
+                self._db.execute("ROLLBACK")
             raise
+        if row is None:
+            self._counts["unacknowledged"] += 1
         return entry
 
     def _stage(self, task_id: uuid.UUID, result: bytes) -> Path:
@@ -266,7 +314,7 @@ class Outbox:
         return staged
 
     def _load(self, row: tuple[Any, ...]) -> OutboxEntry:
-        """An entry from a ``{_COLUMNS}, result_file`` row, reading its file if it has one."""
+        """An entry from a ``_LOAD`` row, reading its result file if it has one."""
         name = row[-1]
         if name is None:
             return _entry(row[:-1])
@@ -290,31 +338,43 @@ class Outbox:
         with self._lock:
             self._db.execute("PRAGMA synchronous=NORMAL")
             try:
-                self._db.execute(
+                done = self._db.execute(
                     "UPDATE outbox SET acked_at = ?, ack_status = ?, ack_reason = ? "
-                    "WHERE task_id = ? AND acked_at IS NULL",
+                    "WHERE task_id = ? AND acked_at IS NULL RETURNING kind, result_size, held",
                     (at, status, reason, str(task_id)),
-                )
+                ).fetchone()
             finally:
                 self._db.execute("PRAGMA synchronous=FULL")
+            if done is not None:
+                kind, size, held = done
+                self._counts["unacknowledged"] -= 1
+                self._counts[_bucket(kind, status)] += 1
+                self._held_bytes += size if held else 0
 
     def pending(self) -> list[OutboxEntry]:
         """Committed entries not yet acknowledged, oldest first.
 
-        An entry whose result file is gone (a damaged disk) is logged and left out: the
-        coordinator's lease on it runs out and the task is given to another node.
+        An entry whose result file is gone (a damaged disk) cannot be sent: it is logged
+        and closed as ``lost``, and the coordinator's lease on it runs out, so the task
+        goes to another node.
         """
+        out = []
         with self._lock:
             rows = self._db.execute(
-                f"SELECT {_COLUMNS}, result_file FROM outbox WHERE acked_at IS NULL "
-                "ORDER BY completed_at"
+                f"{_LOAD} WHERE o.acked_at IS NULL ORDER BY o.completed_at"
             ).fetchall()
-        out = []
-        for row in rows:
-            try:
-                out.append(self._load(row))
-            except OutboxCorrupt as exc:
-                log.error("outbox.result_missing", extra={"task_id": row[0], "error": str(exc)})
+            for row in rows:
+                try:
+                    out.append(self._load(row))
+                except OutboxCorrupt as exc:
+                    log.error("outbox.result_lost", extra={"task_id": row[0], "error": str(exc)})
+                    self._db.execute(
+                        "UPDATE outbox SET acked_at = ?, ack_status = 'lost', ack_reason = ?, "
+                        "held = 0, result_file = NULL WHERE task_id = ?",
+                        (time.time(), str(exc)[:300], row[0]),
+                    )
+                    self._counts["unacknowledged"] -= 1
+                    self._counts["failed"] += 1
         return out
 
     def prune(self, *, acked_before: float, keep_bytes: int) -> int:
@@ -322,35 +382,48 @@ class Outbox:
 
         Dropped: every result acknowledged before *acked_before*, then the oldest
         acknowledged ones until the rest hold at most *keep_bytes*. Unacknowledged results
-        are never touched. Rows stay (history); their ``held`` turns 0. Returns how many.
+        are never touched. Rows stay (history); their ``held`` turns 0. Runs in batches of
+        a few hundred rows, each its own transaction. Returns how many were dropped.
         """
-        with self._lock:
-            kept, drop = 0, []
-            for task_id, size, acked_at, name in self._db.execute(
-                "SELECT task_id, result_size, acked_at, result_file FROM outbox "
-                "WHERE held = 1 AND acked_at IS NOT NULL ORDER BY acked_at DESC"
-            ):  # newest first, through the partial index on held rows
-                kept += size
-                if acked_at < acked_before or kept > keep_bytes:
-                    drop.append((task_id, name))
-            if not drop:
-                return 0
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                self._db.executemany(
-                    "UPDATE outbox SET result = NULL, result_file = NULL, held = 0 "
-                    "WHERE task_id = ?",
-                    [(task_id,) for task_id, _ in drop],
-                )
-                self._db.execute("COMMIT")
-            except BaseException:
+        dropped = 0
+        while True:
+            with self._lock:
+                batch = self._db.execute(
+                    "SELECT task_id, result_size, result_file, acked_at FROM outbox "
+                    "INDEXED BY outbox_prune WHERE held = 1 AND acked_at IS NOT NULL "
+                    "ORDER BY acked_at LIMIT ?",
+                    (_PRUNE_BATCH,),
+                ).fetchall()
+                drop, excess = [], self._held_bytes - keep_bytes
+                for task_id, size, name, acked_at in batch:  # oldest first
+                    if acked_at >= acked_before and excess <= 0:
+                        break
+                    drop.append((task_id, size, name))
+                    excess -= size
+                if not drop:
+                    return dropped
+                self._drop(drop)
+            for _, _, name in drop:  # after the commit: a crash before it keeps every file
+                if name is not None:
+                    with contextlib.suppress(FileNotFoundError):
+                        (self.files / name).unlink()
+            dropped += len(drop)
+
+    def _drop(self, drop: list[tuple[str, int, str | None]]) -> None:
+        ids = [(task_id,) for task_id, _, _ in drop]
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            self._db.executemany("DELETE FROM outbox_results WHERE task_id = ?", ids)
+            self._db.executemany(
+                "UPDATE outbox SET result = NULL, result_file = NULL, held = 0 WHERE task_id = ?",
+                ids,
+            )
+            self._db.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
                 self._db.execute("ROLLBACK")
-                raise
-        for _, name in drop:  # after the commit: a crash before it keeps every file
-            if name is not None:
-                with contextlib.suppress(FileNotFoundError):
-                    (self.files / name).unlink()
-        return len(drop)
+            raise
+        self._held_bytes -= sum(size for _, size, _ in drop)
 
     def _remove_orphans(self) -> None:
         """Delete result files no row names: a crash came between a file and its commit."""
@@ -361,33 +434,25 @@ class Outbox:
             )
         }
         for entry in os.scandir(self.files):
-            if entry.name not in named:
+            if entry.name not in named and _OURS.fullmatch(entry.name):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(entry.path)
                 log.info("outbox.orphan_removed", extra={"file": entry.name})
 
+    def _count_all(self) -> dict[str, int]:
+        out = {"completed": 0, "failed": 0, "rejected": 0, "unacknowledged": 0}
+        for kind, status, n in self._db.execute(
+            "SELECT kind, ack_status, COUNT(*) FROM outbox GROUP BY kind, ack_status"
+        ):
+            out["unacknowledged" if status is None else _bucket(kind, status)] += n
+        return out
+
     def backlog(self) -> int:
-        with self._lock:
-            (n,) = self._db.execute("SELECT COUNT(*) FROM outbox WHERE acked_at IS NULL").fetchone()
-        return int(n)
+        return self._counts["unacknowledged"]
 
     def counts(self) -> dict[str, int]:
-        """Completed / failed / rejected totals for the status console."""
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT kind, ack_status, COUNT(*) FROM outbox GROUP BY kind, ack_status"
-            ).fetchall()
-        out = {"completed": 0, "failed": 0, "rejected": 0, "unacknowledged": 0}
-        for kind, status, n in rows:
-            if status is None:
-                out["unacknowledged"] += n
-            elif kind == "reject":
-                out["rejected"] += n
-            elif status in ("accepted", "duplicate"):
-                out["completed"] += n
-            else:
-                out["failed"] += n
-        return out
+        """Completed / failed / rejected totals for the status console (kept in memory)."""
+        return dict(self._counts)
 
     def history(self, *, since: float | None = None, limit: int = 1000) -> Iterator[OutboxEntry]:
         """Newest first, without result bytes (``result`` is b"")."""
@@ -400,8 +465,24 @@ class Outbox:
         return iter([_entry(r) for r in rows])
 
 
-def _replace_signature(entry: OutboxEntry, signature: bytes) -> OutboxEntry:
-    return dataclasses.replace(entry, signature=signature)
+def _bucket(kind: str, status: str) -> str:
+    """Which status-console counter an acknowledged row counts in."""
+    if kind == "reject":
+        return "rejected"
+    return "completed" if status in ("accepted", "duplicate") else "failed"
+
+
+def _lock_exclusively(path: Path) -> int:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise OutboxBusy(
+            f"{path.with_suffix('')} is in use by another process: is a nodeclient daemon "
+            "already running with this home? Stop it first."
+        ) from None
+    return fd
 
 
 def _fsync_dir(path: Path) -> None:
