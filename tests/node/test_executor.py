@@ -305,3 +305,73 @@ def test_unsandboxed_mode_runs_plain_workers(tmp_path: Path) -> None:
 
     assert asyncio.run(scenario()) == b"plain"
     assert executor.mode == sandbox.MODE_UNSANDBOXED
+
+
+# --- after the answer: the clean-up report -------------------------------------------------
+
+
+class _FakeSlot:
+    """What Executor._settle touches of a slot, with a scripted clean-up report."""
+
+    def __init__(self, read: object) -> None:
+        self._script = read
+        self.killed: str | None = None
+        self.settling = True
+        self.answered = 7
+
+    @property
+    def alive(self) -> bool:
+        return self.killed is None
+
+    def kill(self, reason: str) -> None:
+        self.killed = self.killed or reason
+
+    async def _read(self) -> worker.Frame | None:
+        if isinstance(self._script, BaseException):
+            raise self._script
+        if self._script == "hang":
+            await asyncio.sleep(3600)
+        return self._script  # type: ignore[return-value]
+
+
+@pytest.mark.parametrize(
+    ("report", "reused", "why"),
+    [
+        (worker.Frame({"op": "clean", "id": 7, "restart": False}, b""), True, None),
+        (worker.Frame({"op": "clean", "id": 7, "restart": True}, b""), False, "replaced after"),
+        (worker.Frame({"op": "clean", "id": 8, "restart": False}, b""), False, "another task"),
+        (worker.Frame({"op": "result", "id": 7}, b"x"), False, "no clean-up report"),
+        (None, False, "no clean-up report"),
+        (ConnectionResetError("pipe"), False, "ConnectionResetError"),
+        ("hang", False, "within 0 s"),
+    ],
+)
+def test_settle_reuses_only_a_clean_worker(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, report: object, reused: bool, why: str | None
+) -> None:
+    """The slot always returns to the idle queue: as it is after a clean report, through a
+    fresh worker after anything else (restart asked, wrong id or op, EOF, error, silence)."""
+    from nodeclient.node import executor as executor_module
+
+    monkeypatch.setattr(executor_module, "_SETTLE_TIMEOUT", 0.05)
+    ex = make_executor(tmp_path)
+    replaced: list[object] = []
+
+    async def fake_replace(slot: object) -> None:
+        replaced.append(slot)
+        assert ex._idle is not None
+        ex._idle.put_nowait(slot)
+
+    monkeypatch.setattr(ex, "_replace", fake_replace)
+    slot = _FakeSlot(report)
+
+    async def go() -> object:
+        ex._idle = asyncio.Queue()
+        await ex._settle(slot)  # type: ignore[arg-type]
+        return ex._idle.get_nowait()
+
+    assert asyncio.run(go()) is slot
+    assert slot.settling is False
+    assert (replaced == []) is reused
+    if why is not None:
+        assert slot.killed is not None and why in slot.killed

@@ -245,11 +245,15 @@ def test_malformed_binary_frames_rejected(frame: bytes, why: str) -> None:
 
 
 def test_binary_frame_over_the_data_limit_is_refused_by_size() -> None:
+    """Over the frame limit, or data over what the text form could carry: refused."""
     header = json.dumps({"type": "result"}).encode()
     frame = len(header).to_bytes(4, "big") + header
-    frame += b"\x00" * (messages.MAX_DATA_FRAME + 1 - len(frame))
+    whole = frame + b"\x00" * (messages.MAX_DATA_FRAME + 1 - len(frame))
     with pytest.raises(RemoteProtocolError, match="exceeds"):
-        messages.parse_from_node(frame)
+        messages.parse_from_node(whole)
+    data = frame + b"\x00" * (messages.MAX_DATA_BYTES + 1)
+    with pytest.raises(RemoteProtocolError, match=f"exceeds {messages.MAX_DATA_BYTES}"):
+        messages.parse_from_node(data)
 
 
 def test_features_are_announced_and_checked(parts) -> None:

@@ -197,15 +197,16 @@ class LinkSession:
             )
         self.node_id = node_id
         self._node_raw = parse_address(node_id)
-        old = coord.attach(node_id, self)
-        if old is not None:
-            await old.close(4004, "replaced by a newer link")
-            log.info("link.replaced", extra={"node_id": node_id})
         self.binary = messages.BINARY_DATA in frame.extra.get("features", ())
         rt = coord.runtime[node_id]
         until = coord.nodes[node_id].unstaking_until
         features = frozenset(messages.FEATURES)
+        # welcome first: attached, the link may get a dispatch, which must not come before it
         await self.send(messages.Welcome(node_id, rt.last_seq, until, features).to_wire())
+        old = coord.attach(node_id, self)
+        if old is not None:
+            await old.close(4004, "replaced by a newer link")
+            log.info("link.replaced", extra={"node_id": node_id})
         log.info("link.authenticated", extra={"node_id": node_id})
         coord.wake()
         return True

@@ -39,7 +39,7 @@ from nodeclient.node.sandbox import MODE_BWRAP, Limits
 log = logging.getLogger("nodeclient.node.executor")
 
 DEFAULT_MAX_PAYLOAD: Final = 256 * 1024 * 1024
-DEFAULT_MAX_RESULT: Final = 64 * 1024 * 1024
+DEFAULT_MAX_RESULT: Final = 32 * 1024 * 1024  # within what one link frame carries
 DEFAULT_MAX_OUTPUT: Final = 1024 * 1024
 _TAIL: Final = 2048
 _F_SETPIPE_SZ: Final = 1031  # Linux fcntl; not exported by Python 3.11
@@ -132,6 +132,7 @@ class _Slot:
     output: int = 0
     busy: bool = False
     settling: bool = False  # answered; its clean-up frame is still to come
+    answered: object = None  # the id of the task whose clean-up frame is awaited
     tail: collections.deque[bytes] = field(default_factory=lambda: collections.deque(maxlen=16))
     drain: asyncio.Task[None] | None = None
     ids: itertools.count[int] = field(default_factory=itertools.count)
@@ -143,7 +144,7 @@ class _Slot:
     async def start(self, timeout: float) -> float:
         """Start the worker and wait until its runtimes are built; seconds it took."""
         started = time.monotonic()
-        self.killed, self.output = None, 0
+        self.killed, self.output, self.settling = None, 0, False
         self.tail.clear()
         self.proc = await asyncio.create_subprocess_exec(
             *self.argv,
@@ -507,10 +508,13 @@ class Executor:
                 extra={"slot": slot.index, "reason": exc.reason, "stderr": slot.stderr_tail()},
             )
             raise TaskFailed(exc.reason, requester_fault=False) from None
+        if slot.killed is not None:  # e.g. the output limit, with the answer already read
+            raise TaskFailed(slot.killed, requester_fault=False)
         if frame.header.get("restart"):
             slot.killed = _REPLACED
         else:
             slot.settling = True  # reusable once its "clean" frame arrives (_settle)
+            slot.answered = frame.header.get("id")
         if frame.header["op"] == "result":
             return frame.body
         kind = frame.header.get("kind")
@@ -528,20 +532,30 @@ class Executor:
         task.add_done_callback(self._restarts.discard)
 
     async def _settle(self, slot: _Slot) -> None:
-        """Wait for the worker's clean-up after an answered task, then reuse or replace it."""
+        """Wait for the worker's clean-up after an answered task, then reuse or replace it.
+
+        Whatever happens here, the slot ends up back in the idle queue: reused, or (any
+        doubt about the worker) with a fresh worker.
+        """
+        answered = slot.answered
         try:
             async with asyncio.timeout(_SETTLE_TIMEOUT):
                 frame = await slot._read()
-        except TimeoutError:
-            slot.kill(f"no clean-up report within {_SETTLE_TIMEOUT:.0f} s of a task")
-        except RemoteProtocolError as exc:
-            slot.kill(f"worker broke the pipe protocol: {exc}")
-        else:
             if frame is None or frame.header.get("op") != "clean":
                 slot.kill("worker broke the pipe protocol: no clean-up report after a task")
+            elif frame.header.get("id") != answered:
+                slot.kill("worker broke the pipe protocol: clean-up report for another task")
             elif frame.header.get("restart"):
                 slot.killed = _REPLACED  # it left something behind and exits by itself
-        slot.settling = False
+        except TimeoutError:
+            slot.kill(f"no clean-up report within {_SETTLE_TIMEOUT:.0f} s of a task")
+        except asyncio.CancelledError:
+            slot.kill("shutdown")
+            raise
+        except Exception as exc:  # noqa: BLE001 (a pipe error, garbage: never lose the slot)
+            slot.kill(f"worker broke the pipe protocol: {type(exc).__name__}: {exc}"[:300])
+        finally:
+            slot.settling = False
         if slot.alive:
             assert self._idle is not None
             self._idle.put_nowait(slot)

@@ -426,6 +426,10 @@ def _load_any(frame: str | bytes) -> tuple[dict[str, Any], bytes | None]:
         raise RemoteProtocolError(f"a {d['type'][:32]!r} frame cannot be binary")
     if name in d:
         raise RemoteProtocolError(f"binary {d['type']} frame repeats {name!r} in its header")
+    if len(frame) - end > MAX_DATA_BYTES:
+        raise RemoteProtocolError(
+            f"binary {d['type']} data of {len(frame) - end} bytes exceeds {MAX_DATA_BYTES}"
+        )
     return d, frame[end:]
 
 

@@ -93,10 +93,10 @@ def _check_request(request: InferenceRequest, error: type[ProtocolError]) -> Non
     if request.model_url is not None:
         _check_url(request.model_url, error)
         blob = f"/v1/blobs/{request.model_sha256}"
-        if request.model_url.startswith("/v1/blobs/") and request.model_url != blob:
+        if request.model_url.startswith("/") and request.model_url != blob:
             raise error(
-                f"model_url {request.model_url[:80]!r} is a blob store path other than {blob}: "
-                "a model in the coordinator's blob store is named by its model_sha256"
+                f"model_url {request.model_url[:80]!r} is a path other than {blob}: a path "
+                "is the coordinator's blob store, where the model is named by its model_sha256"
             )
     for name, array in request.inputs.items():
         check_name(name, error=error)
