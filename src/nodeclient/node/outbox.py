@@ -97,8 +97,9 @@ _INDEXES: Final = (
     # history, newest first
     "CREATE INDEX IF NOT EXISTS outbox_completed ON outbox (completed_at)",
     # prune: acknowledged results still held, oldest first, without reading the table
+    # (a row enters it when acknowledged, so a result's commit writes one index fewer)
     "CREATE INDEX IF NOT EXISTS outbox_prune ON outbox "
-    "(acked_at, result_size, result_file, task_id) WHERE held = 1",
+    "(acked_at, result_size, result_file, task_id) WHERE held = 1 AND acked_at IS NOT NULL",
 )
 
 
