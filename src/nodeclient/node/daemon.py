@@ -179,7 +179,7 @@ class NodeDaemon:
             server.close()
             with contextlib.suppress(FileNotFoundError):
                 (self.home / control.SOCKET_NAME).unlink()
-            self.executor.shutdown()
+            await self.executor.aclose()
         log.info("daemon.stop", extra={"backlog": self.outbox.backlog()})
         return 0
 

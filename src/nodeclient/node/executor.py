@@ -362,16 +362,29 @@ class Executor:
             self._idle.put_nowait(slot)
 
     async def aclose(self) -> None:
-        """Like shutdown(), and wait until every worker process has been reaped."""
-        self.shutdown()
+        """Like shutdown(), and wait until every worker process and its pipes are closed.
+
+        The pipes are read to their end on this loop: a transport left open would be
+        closed by the garbage collector after the loop has gone, with a traceback.
+        """
+        for task in self._restarts:
+            task.cancel()
         for slot in self._slots:
-            if slot.proc is not None:
-                await slot.proc.wait()
-                if slot.proc.stdin is not None:  # the transport closes now, on this loop,
-                    slot.proc.stdin.close()  # not when collected after the loop is closed
-            if slot.drain is not None:
-                with contextlib.suppress(asyncio.CancelledError):
-                    await slot.drain
+            slot.kill("shutdown")
+        for slot in self._slots:
+            proc = slot.proc
+            if proc is None:
+                continue
+            await proc.wait()
+            with contextlib.suppress(Exception):  # best effort: a pipe that will not end
+                async with asyncio.timeout(5.0):
+                    if proc.stdout is not None:
+                        await proc.stdout.read()  # to EOF (a cancelled reader left it)
+                    if slot.drain is not None:
+                        await slot.drain  # stderr, to EOF
+            if proc.stdin is not None:
+                proc.stdin.close()
+        self.shutdown()
 
     def shutdown(self) -> None:
         """Kill every worker and remove the work directories."""
