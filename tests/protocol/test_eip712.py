@@ -82,6 +82,19 @@ def test_signature_recovers_with_eth_account(primary: str, key: Secp256k1Key) ->
 
 
 @pytest.mark.parametrize("primary", sorted(eip712.TYPES))
+def test_recovery_from_the_struct_hash_matches(primary: str, key: Secp256k1Key) -> None:
+    """Recovering from hashStruct (what parsing a frame computes) gives the signer; a hash
+    of another message gives someone else."""
+    msg = sample(primary, key)
+    sig = eip712.sign_typed(key, primary, msg, chain_id=CHAIN)
+    struct_hash = eip712.hash_struct(primary, msg)
+    assert eip712.recover_struct_hash(struct_hash, sig, chain_id=CHAIN) == key.address
+    assert eip712.recover_struct_hash(struct_hash, sig, chain_id=CHAIN + 1) != key.address
+    other = bytes(32) if struct_hash != bytes(32) else b"\x01" * 32
+    assert eip712.recover_struct_hash(other, sig, chain_id=CHAIN) != key.address
+
+
+@pytest.mark.parametrize("primary", sorted(eip712.TYPES))
 def test_identical_to_eth_account_signature(primary: str, key: Secp256k1Key) -> None:
     """RFC 6979 makes signatures deterministic: ours equals eth-account's byte for byte."""
     msg = sample(primary, key)

@@ -222,6 +222,7 @@ def test_binary_result_parses_like_the_text_result(parts) -> None:
     assert from_binary == messages.parse_from_node(text)
     assert isinstance(from_binary, messages.SignedFrame)
     assert from_binary.extra["result"] == b"bytes"
+    assert from_binary.struct_hash == eip712.hash_struct("Result", message)
 
 
 @pytest.mark.parametrize(

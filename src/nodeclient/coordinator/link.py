@@ -254,8 +254,8 @@ class LinkSession:
             return
         info = coord.nodes[self.node_id]
         try:
-            recovered = eip712.recover_typed(
-                "Heartbeat", msg, frame.signature, chain_id=coord.config.chain_id
+            recovered = eip712.recover_struct_hash(  # the message was hashed while parsed
+                frame.struct_hash, frame.signature, chain_id=coord.config.chain_id
             )
             if recovered != self._liveness_of(info):
                 raise SignatureError(

@@ -230,6 +230,11 @@ def recover_typed(
     return recover_address(signing_digest(primary_type, message, chain_id=chain_id), signature)
 
 
+def recover_struct_hash(struct_hash: bytes, signature: bytes, *, chain_id: int) -> str:
+    """:func:`recover_typed` from an already computed ``hash_struct`` of the message."""
+    return recover_address(keccak256(b"\x19\x01" + _domain(chain_id) + struct_hash), signature)
+
+
 def verify_typed(
     primary_type: str,
     message: Mapping[str, Any],

@@ -116,15 +116,16 @@ def _obj(d: Mapping[str, Any], key: str) -> Mapping[str, Any]:
     return v
 
 
-def _signed(d: Mapping[str, Any], primary: str) -> tuple[dict[str, Any], bytes]:
-    """The EIP-712 message and signature of a signed frame, type-checked (not yet verified)."""
+def _signed(d: Mapping[str, Any], primary: str) -> tuple[dict[str, Any], bytes, bytes]:
+    """The EIP-712 message, signature and hashStruct of a signed frame, type-checked (not
+    yet verified: the hash lets the verifier recover the signer without hashing again)."""
     try:
         message = eip712.message_from_json(primary, _obj(d, "message"))
-        eip712.hash_struct(primary, message)  # validates every field against its type
+        struct_hash = eip712.hash_struct(primary, message)  # validates every field's type
         sig = parse_signature_hex(_get(d, "signature"))
     except SignatureError as exc:
         raise RemoteProtocolError(f"{primary}: {exc}") from exc
-    return message, sig
+    return message, sig, struct_hash
 
 
 class Base64Text(str):
@@ -214,6 +215,7 @@ class SignedFrame:
     message: dict[str, Any]
     signature: bytes
     extra: Mapping[str, Any] = field(default_factory=dict)
+    struct_hash: bytes = b""  # eip712.hash_struct(primary_type, message), from parsing
 
 
 SIGNED_TYPES: Final = {
@@ -497,7 +499,7 @@ def parse_from_node(frame: str | bytes) -> SignedFrame | ProgressFrame:
         raise RemoteProtocolError(f"unknown message type {d['type'][:32]!r}")
     if d["type"] != "result" and len(frame) > MAX_CONTROL_FRAME:
         raise RemoteProtocolError(f"{d['type']} frame exceeds {MAX_CONTROL_FRAME} bytes")
-    message, sig = _signed(d, primary)
+    message, sig, struct_hash = _signed(d, primary)
     extra: dict[str, Any] = {}
     if d["type"] == "result":
         extra["result"] = _b64(d, "result", max_bytes=MAX_DATA_BYTES) if data is None else data
@@ -510,7 +512,7 @@ def parse_from_node(frame: str | bytes) -> SignedFrame | ProgressFrame:
             parse_address(message["node_id"], field="node_id")
         except SignatureError as exc:
             raise RemoteProtocolError(str(exc)) from exc
-    return SignedFrame(d["type"], primary, message, sig, extra)
+    return SignedFrame(d["type"], primary, message, sig, extra, struct_hash)
 
 
 def signed_frame(
