@@ -59,6 +59,7 @@ def status(state: str = "EXECUTING", link: str = "up", rtt: float | None = 12.5)
         "state": state,
         "link": {"status": link, "rtt_ms": rtt},
         "outbox_backlog": 3,
+        "results_held_bytes": 4096,
         "running": [{"task_id": "t"}],
     }
 
@@ -76,6 +77,7 @@ def test_state_is_one_hot_and_link_gauges_follow_status() -> None:
     ] == [0, 1, 0, 0]
     assert value(s, "link_up") == 1 and value(s, "heartbeat_rtt_seconds") == 0.0125
     assert value(s, "outbox_backlog") == 3 and value(s, "tasks_running") == 1
+    assert value(s, "outbox_results_held_bytes") == 4096
     m.update_status(status(state="IDLE", link="down", rtt=None))
     s = samples(m.exposition())
     assert (

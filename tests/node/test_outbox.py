@@ -198,6 +198,7 @@ def test_prune_by_age_and_budget_never_touches_unacknowledged(tmp_path) -> None:
     box.mark_acked(old, status="accepted", reason="", at=100.0)
     box.mark_acked(mid, status="accepted", reason="", at=200.0)
     box.mark_acked(new, status="duplicate", reason="", at=300.0)
+    assert box.held_bytes() == 3 * len(big(0))  # acknowledged and held; unacked not counted
     # nothing is old enough and everything fits: nothing to do
     assert box.prune(acked_before=50.0, keep_bytes=10 * len(big(0))) == 0
     # age: acknowledged before 150 goes
@@ -207,8 +208,10 @@ def test_prune_by_age_and_budget_never_touches_unacknowledged(tmp_path) -> None:
     assert files_of(box) == sorted([f"{new}.result", f"{unacked}.result"])
     assert [box.get(t).held for t in (old, mid, new, unacked)] == [False, False, True, True]
     assert box.get(old).result == b"" and box.get(new).result == big(3)
+    assert box.held_bytes() == len(big(0))
     # even a budget of zero leaves the unacknowledged result alone
     assert box.prune(acked_before=1e12, keep_bytes=0) == 1
+    assert box.held_bytes() == 0
     assert files_of(box) == [f"{unacked}.result"]
     assert [e.task_id for e in box.pending()] == [unacked]
     history = {e.task_id: e for e in box.history()}
@@ -306,9 +309,10 @@ def test_counts_kept_in_memory_match_a_fresh_count(tmp_path) -> None:
     box.mark_acked(tasks[2], status="accepted", reason="", at=2.0)  # ignored: acked already
     live = box.counts()
     assert live == {"completed": 2, "failed": 1, "rejected": 0, "unacknowledged": 2}
-    assert box.backlog() == 2
+    assert box.backlog() == 2 and box.held_bytes() == 3
     box.close()
-    assert Outbox(tmp_path / "o.db").counts() == live
+    again = Outbox(tmp_path / "o.db")
+    assert again.counts() == live and again.held_bytes() == 3
 
 
 def test_prune_works_through_many_batches(tmp_path) -> None:

@@ -618,6 +618,7 @@ class NodeDaemon:
             "rejected": self.rejected,
             "timed_out": self.timed_out,
             "outbox_backlog": counts["unacknowledged"],
+            "results_held_bytes": self.outbox.held_bytes(),
             "uptime_s": round(now - self.started_at, 1),
             "unstaking_until": until,
             "unstake_remaining_s": None if until is None else max(0, round(until - now)),

@@ -124,6 +124,11 @@ class NodeMetrics:
         self.outbox_backlog = Gauge(
             "outbox_backlog", "signed results not yet acknowledged by the coordinator", registry=r
         )
+        self.results_held = Gauge(
+            "outbox_results_held_bytes",
+            "bytes of acknowledged results still kept on disk (dropped by retention)",
+            registry=r,
+        )
         self.running = Gauge("tasks_running", "tasks executing now", registry=r)
         self.gpu_util = Gauge(
             "gpu_utilization_percent", "NVML GPU utilisation", ["gpu", "model"], registry=r
@@ -143,6 +148,7 @@ class NodeMetrics:
         if link.get("rtt_ms") is not None:
             self.heartbeat_rtt.set(float(link["rtt_ms"]) / 1000)
         self.outbox_backlog.set(int(status["outbox_backlog"]))
+        self.results_held.set(int(status.get("results_held_bytes", 0)))
         self.running.set(len(status["running"]))
         if self.gpu is not None:
             self.update_gpus(self.gpu.latest())

@@ -451,6 +451,10 @@ class Outbox:
     def backlog(self) -> int:
         return self._counts["unacknowledged"]
 
+    def held_bytes(self) -> int:
+        """Bytes of acknowledged results still kept, which retention will drop."""
+        return self._held_bytes
+
     def counts(self) -> dict[str, int]:
         """Completed / failed / rejected totals for the status console (kept in memory)."""
         return dict(self._counts)
