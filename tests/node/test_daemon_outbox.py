@@ -42,7 +42,16 @@ class NeverRun(Executor):
         raise AssertionError("a finished task was executed again")
 
 
-def make_daemon(home: Path) -> tuple[NodeDaemon, rsa.RSAPrivateKey, Capture]:
+class Answers(Executor):
+    """Runs nothing: every task's result is the same bytes."""
+
+    async def run(self, *args: object, **kwargs: object) -> bytes:
+        return b"a result"
+
+
+def make_daemon(
+    home: Path, executor: type[Executor] = NeverRun
+) -> tuple[NodeDaemon, rsa.RSAPrivateKey, Capture]:
     payload_key = rsa.generate_private_key(public_exponent=65537, key_size=3072)
     daemon = NodeDaemon(
         home=home,
@@ -52,7 +61,7 @@ def make_daemon(home: Path) -> tuple[NodeDaemon, rsa.RSAPrivateKey, Capture]:
         liveness_key=Secp256k1Key.generate(),
         payload_key=payload_key,
         manifest={"max_parallel_subtasks": 1, "workload_classes": ["ai.inference"]},
-        executor=NeverRun(
+        executor=executor(
             slots=1, config=WorkerConfig(cache_dir=home / "models"), mode=sandbox.MODE_UNSANDBOXED
         ),
         outbox=Outbox(home / "outbox.db"),
@@ -128,3 +137,36 @@ def test_retention_settings_are_read(tmp_path: Path) -> None:
     )
     config = load_config(tmp_path)
     assert (config.result_retention_hours, config.result_retention_mb) == (0.5, 0)
+
+
+def test_a_full_disk_at_commit_is_refused_signed_and_the_daemon_goes_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The outbox cannot store a result (disk full): nothing is recorded or sent as a result,
+    the coordinator gets a signed reject naming the cause, and the next task works."""
+    daemon, key, link = make_daemon(tmp_path, Answers)
+    real = daemon.outbox.commit_result
+    full = [True]
+
+    def commit(**kwargs: object) -> object:
+        if full[0]:
+            raise OSError(28, "No space left on device")
+        return real(**kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(daemon.outbox, "commit_result", commit)
+    first, second = uuid.uuid4(), uuid.uuid4()
+
+    async def run(task_id: uuid.UUID) -> None:
+        await daemon._on_frame(dispatch(daemon, key, task_id))
+        while daemon.running:
+            await asyncio.sleep(0.01)
+
+    asyncio.run(run(first))
+    (refused,) = link.frames
+    assert refused["type"] == "reject" and "No space left" in refused["message"]["reason"]
+    assert recover(refused) == daemon.node_id
+    assert daemon.outbox.get(first) is None and daemon.running == {}
+    full[0] = False
+    asyncio.run(run(second))
+    assert link.frames[-1]["type"] == "result"
+    assert link.frames[-1]["message"]["task_id"] == "0x" + second.hex

@@ -463,8 +463,20 @@ class NodeDaemon:
                         "result_size": len(result),
                     },
                 )
+                try:
+                    entry = await self._off_loop(self._commit, task, result)
+                except (OSError, sqlite3.Error) as exc:  # a full or failing disk
+                    # Nothing was recorded, signed or sent: refuse, so the task goes elsewhere
+                    # now rather than when its lease runs out.
+                    log.error("outbox.commit_failed", extra={"error": str(exc)})
+                    self._ended(task.workload_class, "failed", task.received_at)
+                    await self._reject(
+                        task.task_id,
+                        f"node could not store the result durably: {exc}"[: messages.MAX_REASON],
+                    )
+                    return
                 self._ended(task.workload_class, "completed", task.received_at)
-                await self._finish(task, result)
+                await self._deliver(entry)
             except asyncio.CancelledError:
                 log.info("task.cancelled")
                 raise
@@ -504,10 +516,6 @@ class NodeDaemon:
             )
         except RemoteProtocolError as exc:
             raise TaskFailed(f"bad input: {exc}", requester_fault=True) from exc
-
-    async def _finish(self, task: RunningTask, result: bytes) -> None:
-        entry = await self._off_loop(self._commit, task, result)
-        await self._deliver(entry)
 
     async def _off_loop(self, fn: Callable[..., _T], /, *args: Any, **kwargs: Any) -> _T:
         """Run blocking per-task work (the RSA unwrap, hashing, the outbox fsync) in a thread

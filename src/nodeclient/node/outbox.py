@@ -248,7 +248,7 @@ class Outbox:
                 return self._commit_locked(staged, fresh, result, sign)
         finally:
             if staged is not None:
-                with contextlib.suppress(FileNotFoundError):
+                with contextlib.suppress(OSError):  # clean-up only: the next open sweeps it
                     staged.unlink()  # still there: the row already existed, or no commit
 
     def _commit_locked(
