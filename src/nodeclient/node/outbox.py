@@ -61,6 +61,7 @@ INLINE_MAX: Final = 64 * 1024  # larger results are files beside the database
 _FILE_SUFFIX: Final = ".result"
 _OURS: Final = re.compile(r"(\.[0-9a-f-]{36}\.[0-9a-f]{8}\.tmp|[0-9a-f-]{36}\.result)")
 _PRUNE_BATCH: Final = 200  # rows per prune transaction
+_PRUNE_PAUSE: Final = 0.005  # seconds between batches, for the others waiting on the lock
 
 SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS outbox (
@@ -409,6 +410,9 @@ class Outbox:
                     with contextlib.suppress(FileNotFoundError):
                         (self.files / name).unlink()
             dropped += len(drop)
+            # A released lock is not handed to a waiter: without a pause this loop takes it
+            # straight back and the event loop waits for the whole prune, not one batch.
+            time.sleep(_PRUNE_PAUSE)
 
     def _drop(self, drop: list[tuple[str, int, str | None]]) -> None:
         ids = [(task_id,) for task_id, _, _ in drop]
