@@ -157,19 +157,19 @@ def test_progress_frame_round_trip_and_limits() -> None:
         messages.parse_from_node(json.dumps(bad))
 
 
-def test_dumps_frame_splices_a_large_result_and_parses_the_same() -> None:
-    """A result frame encodes to text that parses to the same object as json.dumps gives,
-    with escapes elsewhere intact; a result that b64() did not produce is encoded as usual."""
+def test_text_data_frame_splices_base64_and_parses_the_same() -> None:
+    """A data frame's text form parses to exactly what json.dumps gives with the data as
+    base64, escapes elsewhere intact; a frame without raw data is plain json.dumps."""
     import os
 
     result = os.urandom(300_000)
     frame = {"type": "result", "message": {"note": 'quote " back \\ \n'}, "signature": "0x01"}
-    spliced = messages.dumps_frame({**frame, "result": messages.b64(result)})
-    assert json.loads(spliced) == {**frame, "result": messages.b64(result)}
-    parsed = json.loads(spliced)
-    assert messages._b64(parsed, "result", max_bytes=1 << 20) == result
+    spliced = messages.encode_frame({**frame, "result": result}, binary=False)
+    assert isinstance(spliced, str)
+    assert json.loads(spliced) == json.loads(json.dumps({**frame, "result": messages.b64(result)}))
+    assert messages._b64(json.loads(spliced), "result", max_bytes=1 << 20) == result
     plain = {**frame, "result": 'not "base64"'}
-    assert messages.dumps_frame(plain) == json.dumps(plain)
+    assert messages.encode_frame(plain, binary=True) == json.dumps(plain)
 
 
 # --- binary data frames ------------------------------------------------------------------------

@@ -85,31 +85,18 @@ class LinkSession:
 
     async def send(self, frame: Mapping[str, Any]) -> bool:
         """Send one frame; a data field of raw bytes goes binary when the node takes it."""
-        if messages.DATA_FIELDS.get(frame["type"]) in frame:
-            wire = messages.encode_frame(frame, binary=self.binary)
-            if isinstance(wire, bytes):
-                return await self._send_bytes(wire)
-            return await self.send_text(wire)
-        return await self.send_text(json.dumps(frame, separators=(",", ":")))
+        return await self.send_wire(messages.encode_frame(frame, binary=self.binary))
 
-    async def _send_bytes(self, data: bytes) -> bool:
+    async def send_wire(self, wire: str | bytes) -> bool:
+        """Send one frame already encoded (text or binary); False if the link is gone."""
         if self._closed:
             return False
         try:
             async with self._send_lock:
-                await self.ws.send_bytes(data)
-        except (WebSocketDisconnect, RuntimeError, OSError):
-            self._closed = True
-            return False
-        return True
-
-    async def send_text(self, text: str) -> bool:
-        """Send one frame already encoded as JSON text; False if the link is gone."""
-        if self._closed:
-            return False
-        try:
-            async with self._send_lock:
-                await self.ws.send_text(text)
+                if isinstance(wire, bytes):
+                    await self.ws.send_bytes(wire)
+                else:
+                    await self.ws.send_text(wire)
         except (WebSocketDisconnect, RuntimeError, OSError):
             self._closed = True
             return False
@@ -286,7 +273,7 @@ class LinkSession:
         rt.last_seq, rt.state, rt.last_seen, rt.online = seq, state, now, True
         await coord.heartbeats.persist(self.node_id, seq, state, now)
         until = coord.nodes[self.node_id].unstaking_until
-        await self.send_text(heartbeat_ack_text(seq, now, until))
+        await self.send_wire(heartbeat_ack_text(seq, now, until))
         if not was_online:
             coord.roster_changed()
             coord.wake()

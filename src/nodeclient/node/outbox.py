@@ -261,8 +261,9 @@ class Outbox:
     ) -> OutboxEntry:
         task_id = fresh[0]
         final = self.files / (task_id + _FILE_SUFFIX)
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
+        # A file already renamed stays if the transaction fails: if the commit reached the
+        # disk after all (a failed fsync), its row needs it; if not, the next open removes it.
+        with self._transaction():
             row = self._db.execute(f"{_LOAD} WHERE o.task_id = ?", (task_id,)).fetchone()
             if row is None:
                 if staged is not None:
@@ -286,16 +287,22 @@ class Outbox:
                     "UPDATE outbox SET signature = ? WHERE task_id = ?", (signature, task_id)
                 )
                 entry = dataclasses.replace(entry, signature=signature)
-            self._db.execute("COMMIT")
-        except BaseException:
-            # A file already renamed stays: if the commit reached the disk after all (a
-            # failed fsync), its row needs it; if not, the next open removes it.
-            with contextlib.suppress(sqlite3.Error):
-                self._db.execute("ROLLBACK")
-            raise
         if row is None:
             self._counts["unacknowledged"] += 1
         return entry
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """One write transaction (call with the lock held): committed, or rolled back on any
+        error without a failing ROLLBACK hiding the original one."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+            self._db.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                self._db.execute("ROLLBACK")
+            raise
 
     def _stage(self, task_id: uuid.UUID, result: bytes) -> Path:
         """Write *result* to a new temporary file in the results directory, fsynced."""
@@ -416,18 +423,12 @@ class Outbox:
 
     def _drop(self, drop: list[tuple[str, int, str | None]]) -> None:
         ids = [(task_id,) for task_id, _, _ in drop]
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
+        with self._transaction():
             self._db.executemany("DELETE FROM outbox_results WHERE task_id = ?", ids)
             self._db.executemany(
                 "UPDATE outbox SET result = NULL, result_file = NULL, held = 0 WHERE task_id = ?",
                 ids,
             )
-            self._db.execute("COMMIT")
-        except BaseException:
-            with contextlib.suppress(sqlite3.Error):
-                self._db.execute("ROLLBACK")
-            raise
         self._held_bytes -= sum(size for _, size, _ in drop)
 
     def _remove_orphans(self) -> None:

@@ -128,25 +128,8 @@ def _signed(d: Mapping[str, Any], primary: str) -> tuple[dict[str, Any], bytes, 
     return message, sig, struct_hash
 
 
-class Base64Text(str):
-    """Text that :func:`b64` produced: only base64's alphabet, nothing JSON must escape."""
-
-    __slots__ = ()
-
-
-def dumps_frame(frame: Mapping[str, Any]) -> str:
-    """``json.dumps(frame)``, without the encoder scanning a base64 ``result`` (hundreds of
-    KiB) that :func:`b64` produced: it needs no escaping, so it is spliced in as is, and the
-    text parses to exactly the same object."""
-    big = frame.get("result")
-    if type(big) is not Base64Text:
-        return json.dumps(frame)
-    head = json.dumps({k: v for k, v in frame.items() if k != "result"})
-    return "".join((head[:-1], ', "result": "', big, '"}'))  # (an f-string copies slowly)
-
-
-def b64(data: bytes) -> Base64Text:
-    return Base64Text(pybase64.b64encode_as_string(data))
+def b64(data: bytes) -> str:
+    return pybase64.b64encode_as_string(data)
 
 
 def encode_frame(frame: Mapping[str, Any], *, binary: bool) -> str | bytes:
@@ -159,11 +142,14 @@ def encode_frame(frame: Mapping[str, Any], *, binary: bool) -> str | bytes:
     name = DATA_FIELDS.get(frame["type"], "")
     data = frame.get(name)
     if not isinstance(data, bytes):
-        return dumps_frame(frame)
-    if not binary:
-        return dumps_frame({**frame, name: b64(data)})
-    header = json.dumps({k: v for k, v in frame.items() if k != name}).encode()
-    return b"".join((_BINARY_PREFIX.pack(len(header)), header, data))
+        return json.dumps(frame)
+    header = json.dumps({k: v for k, v in frame.items() if k != name})
+    if binary:
+        head = header.encode()
+        return b"".join((_BINARY_PREFIX.pack(len(head)), head, data))
+    # Base64 needs no JSON escaping, so it is spliced in rather than scanned by the encoder
+    # (hundreds of KiB); the text parses to the same object as json.dumps would give.
+    return "".join((header[:-1], f', "{name}": "', b64(data), '"}'))
 
 
 def features_of(d: Mapping[str, Any]) -> frozenset[str]:
