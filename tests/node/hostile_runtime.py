@@ -8,6 +8,7 @@ so a test can see both a refusal the task caught and a failure the executor repo
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -103,6 +104,25 @@ class HostileRuntime:
             progress(step, 3, f"step {step}")
         progress(3, 3, "done")
         return "progressed"
+
+    def do_resize_memfds(
+        self, order: dict[str, Any], workdir: Path, progress: Any
+    ) -> dict[str, str]:
+        """Try to shrink and grow every memfd the worker holds; what each attempt gave."""
+        outcome = {}
+        for name in sorted(os.listdir("/proc/self/fd")):
+            try:
+                target = os.readlink(f"/proc/self/fd/{name}")
+            except OSError:  # the directory's own descriptor, closed by now
+                continue
+            if target.startswith("/memfd:"):
+                for size in (0, 1 << 30):
+                    try:
+                        os.ftruncate(int(name), size)
+                        outcome[f"{name}:{size}"] = "resized"
+                    except OSError as exc:  # EPERM from the seals (or EFBIG from the rlimit)
+                        outcome[f"{name}:{size}"] = errno.errorcode.get(exc.errno or 0, "?")
+        return outcome
 
     def do_leave_child(self, order: dict[str, Any], workdir: Path, progress: Any) -> str:
         if os.fork() == 0:

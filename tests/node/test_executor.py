@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import os
@@ -75,9 +76,9 @@ def test_worker_answers_first_and_reports_its_clean_up_after(tmp_path: Path) -> 
     seen_at_answer: list[list[str]] = []
     real_write = worker.write_frame
 
-    def spying_write(fd: int, header: dict, body: bytes = b"") -> None:
+    def spying_write(fd: int, header: dict, body: bytes = b"", shared: object = None) -> None:
         seen_at_answer.append(sorted(os.listdir(w.task_dir)))
-        real_write(fd, header, body)
+        real_write(fd, header, body, shared)  # type: ignore[arg-type]
 
     order = json.dumps({"do": "write", "path": "leftover.txt"}).encode()
     with pytest.MonkeyPatch.context() as mp:
@@ -93,6 +94,147 @@ def test_worker_answers_first_and_reports_its_clean_up_after(tmp_path: Path) -> 
     assert answer.header == {"op": "result", "id": 1, "restart": False}
     assert clean.header == {"op": "clean", "id": 1, "restart": False}
     assert seen_at_answer == [["leftover.txt"], []]  # answered before the clean-up
+
+
+# --- bodies in shared memory ------------------------------------------------------------------
+
+
+@pytest.fixture
+def shared_pair() -> Iterator[tuple[worker.SharedBodies, worker.SharedBodies, int]]:
+    """The daemon's and the worker's view of one sealed region of 2 x 4 KiB."""
+    fd = worker.SharedBodies.create_fd(4096)
+    daemon = worker.SharedBodies(fd, 4096, daemon_side=True)
+    inside = worker.SharedBodies(fd, 4096, daemon_side=False)
+    try:
+        yield daemon, inside, fd
+    finally:
+        daemon.close()
+        inside.close()
+        os.close(fd)
+
+
+def test_shared_bodies_cross_in_both_directions(shared_pair: tuple) -> None:
+    """A payload goes down and a result comes up through the region, not the pipe; a
+    body over the region's size, and an empty one, stay in the pipe."""
+    daemon, inside, _ = shared_pair
+    down = io.BytesIO()
+    read_fd, write_fd = os.pipe()
+    try:
+        header, body = daemon.put({"op": "run", "id": 1}, b"payload" * 100)
+        assert header == {"op": "run", "id": 1, "shm": 700} and body == b""
+        down.write(worker.encode_frame(header, body))
+        down.seek(0)
+        frame = worker.read_frame(down, max_body=1 << 20, shared=inside)
+        assert frame == worker.Frame({"op": "run", "id": 1, "shm": 700}, b"payload" * 100)
+
+        worker.write_frame(write_fd, {"op": "result", "id": 1}, b"result" * 10, inside)
+        worker.write_frame(write_fd, {"op": "result", "id": 2}, b"r" * 4097, inside)
+        worker.write_frame(write_fd, {"op": "clean", "id": 2}, b"", inside)
+        os.close(write_fd)
+        with os.fdopen(read_fd, "rb") as up:
+            raw = up.read()
+    finally:
+        with contextlib.suppress(OSError):
+            os.close(write_fd)
+    assert len(raw) < 4097 + 200  # only the large body crossed the pipe
+    stream = io.BytesIO(raw)
+    first = worker.read_frame(stream, max_body=1 << 20, shared=daemon)
+    assert first == worker.Frame({"op": "result", "id": 1, "shm": 60}, b"result" * 10)
+    second = worker.read_frame(stream, max_body=1 << 20, shared=daemon)
+    assert second == worker.Frame({"op": "result", "id": 2}, b"r" * 4097)
+    third = worker.read_frame(stream, max_body=1 << 20, shared=daemon)
+    assert third == worker.Frame({"op": "clean", "id": 2}, b"")
+
+
+def test_a_body_read_from_shared_memory_is_a_copy(shared_pair: tuple) -> None:
+    """What the writer puts there afterwards does not change a body already read."""
+    daemon, inside, _ = shared_pair
+    inside.put({"op": "result"}, b"A" * 64)
+    got = daemon.take(64)
+    inside.put({"op": "result"}, b"B" * 64)
+    assert got == b"A" * 64
+
+
+def test_the_shared_region_cannot_be_resized(shared_pair: tuple) -> None:
+    """Sealed: a worker that shrank the region would make the daemon's next read a SIGBUS."""
+    _, _, fd = shared_pair
+    for size in (0, 4096, 1 << 20):
+        with pytest.raises(PermissionError):
+            os.ftruncate(fd, size)
+    assert os.fstat(fd).st_size == 2 * 4096
+
+
+@pytest.mark.parametrize(
+    ("value", "body"),
+    [
+        (0, b""),
+        (-1, b""),
+        (4097, b""),
+        ("12", b""),
+        (True, b""),
+        (1.0, b""),
+        (None, b""),
+        (8, b"x"),
+    ],
+)
+def test_bad_shared_lengths_are_protocol_errors(
+    shared_pair: tuple, value: object, body: bytes
+) -> None:
+    """Out of the region, not an integer, or a body in the pipe as well: refused."""
+    daemon, _, _ = shared_pair
+    raw = worker.encode_frame({"op": "result", "id": 1, "shm": value}, body)
+    with pytest.raises(RemoteProtocolError, match="bad shared body"):
+        worker.read_frame(io.BytesIO(raw), max_body=1 << 20, shared=daemon)
+
+
+def test_a_shared_body_without_a_region_is_refused() -> None:
+    """A peer may not name shared memory that was never set up."""
+    raw = worker.encode_frame({"op": "result", "id": 1, "shm": 8})
+    with pytest.raises(RemoteProtocolError, match="bad shared body"):
+        worker.read_frame(io.BytesIO(raw), max_body=1 << 20)
+
+
+def test_a_shared_body_over_the_frame_limit_is_refused(shared_pair: tuple) -> None:
+    """The reader's own body limit holds for a body in shared memory too."""
+    daemon, _, _ = shared_pair
+    raw = worker.encode_frame({"op": "result", "id": 1, "shm": 100})
+    with pytest.raises(RemoteProtocolError, match="bad shared body"):
+        worker.read_frame(io.BytesIO(raw), max_body=99, shared=daemon)
+
+
+def test_executor_moves_bodies_through_shared_memory(node: Node) -> None:
+    """Through the real sandboxed worker: payload and result are in the slot's region, and a
+    task inside cannot resize it (the daemon's next read would be a SIGBUS)."""
+    order = {"do": "echo", "data": "through shared memory"}
+    assert node.hostile(order) == b"through shared memory"
+    (slot,) = node.executor._slots
+    assert slot.shared is not None
+    payload = json.dumps(order).encode()
+    assert slot.shared.map[: len(payload)] == payload
+    assert slot.shared.take(21) == b"through shared memory"
+    attempts = json.loads(node.hostile({"do": "resize_memfds"}))
+    assert attempts and "resized" not in attempts.values()
+    assert {attempts[k] for k in attempts if k.endswith(":0")} == {"EPERM"}  # sealed
+    assert slot.shared.map.size() == 2 * slot.shared.size
+    assert node.hostile(order) == b"through shared memory"  # and the next task is served
+
+
+def test_bodies_over_the_shared_size_still_cross_the_pipe(tmp_path: Path) -> None:
+    """With a tiny region, a large payload and result go through the pipe and arrive whole;
+    with shared memory turned off, everything does."""
+    data = "y" * 50_000
+    payload = json.dumps({"do": "echo", "data": data}).encode()
+
+    async def scenario(shared_bytes: int) -> tuple[bytes, bytes]:
+        executor = make_executor(tmp_path / str(shared_bytes), shared_bytes=shared_bytes)
+        try:
+            small = await executor.run(HOSTILE, json.dumps({"do": "echo", "data": "s"}).encode())
+            return small, await executor.run(HOSTILE, payload)
+        finally:
+            await executor.aclose()
+
+    for shared_bytes in (1024, 0):
+        assert asyncio.run(scenario(shared_bytes)) == (b"s", data.encode())
 
 
 # --- exit statuses ---------------------------------------------------------------------------

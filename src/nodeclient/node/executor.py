@@ -107,6 +107,7 @@ class WorkerConfig:
     max_payload_bytes: int = DEFAULT_MAX_PAYLOAD
     max_result_bytes: int = DEFAULT_MAX_RESULT
     max_output_bytes: int = DEFAULT_MAX_OUTPUT  # stdout + stderr per task
+    shared_bytes: int = worker.SHARED_BYTES  # bodies up to this skip the pipe; 0: never
     start_timeout: float = 120.0
 
 
@@ -127,7 +128,9 @@ class _Slot:
     mode: str
     max_output: int
     max_result: int
+    shared_bytes: int
     proc: asyncio.subprocess.Process | None = None
+    shared: worker.SharedBodies | None = None  # this worker's memory for bodies
     killed: str | None = None  # why we killed it; None when it died by itself
     output: int = 0
     busy: bool = False
@@ -146,15 +149,27 @@ class _Slot:
         started = time.monotonic()
         self.killed, self.output, self.settling = None, 0, False
         self.tail.clear()
-        self.proc = await asyncio.create_subprocess_exec(
-            *self.argv,
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            env=self.env,
-            cwd=self.workdir,
-            start_new_session=True,  # its own process group, killed as one
-        )
+        self.close_shared()  # a fresh region per worker: nothing of the last one carries over
+        argv = self.argv
+        fds: tuple[int, ...] = ()
+        if self.shared_bytes:
+            fd = worker.SharedBodies.create_fd(self.shared_bytes)
+            self.shared = worker.SharedBodies(fd, self.shared_bytes, daemon_side=True)
+            argv, fds = [*argv, "--shm-fd", str(fd)], (fd,)  # the worker's command is last
+        try:
+            self.proc = await asyncio.create_subprocess_exec(
+                *argv,
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                env=self.env,
+                cwd=self.workdir,
+                start_new_session=True,  # its own process group, killed as one
+                pass_fds=fds,
+            )
+        finally:
+            for fd in fds:
+                os.close(fd)  # the mapping stays
         for pipe in (self.proc.stdin, self.proc.stdout):
             _widen_pipe(pipe)
         self.drain = asyncio.create_task(self._drain_stderr(self.proc))
@@ -181,6 +196,11 @@ class _Slot:
                 if self.output > self.max_output:
                     self.kill(f"output limit exceeded: more than {self.max_output} bytes printed")
 
+    def close_shared(self) -> None:
+        if self.shared is not None:
+            self.shared.close()
+            self.shared = None
+
     def stderr_tail(self) -> str:
         text = b"".join(self.tail)[-_TAIL:].decode("utf-8", "replace")
         return " | ".join(text.strip().splitlines()[-4:])
@@ -196,6 +216,12 @@ class _Slot:
             body = await stdout.readexactly(body_len) if body_len else b""
         except asyncio.IncompleteReadError:
             return None
+        shared = self.shared
+        limit = 0 if shared is None else min(shared.size, self.max_result)
+        length = worker.shared_length(header, body_len, limit)
+        if length is not None:
+            assert shared is not None  # a limit of 0 refused it otherwise
+            body = shared.take(length)  # a copy: the worker cannot change it after this
         return worker.Frame(header, body)
 
     async def execute(
@@ -206,8 +232,11 @@ class _Slot:
         assert self.proc.stdin is not None
         header["id"] = next(self.ids)
         self.output = 0
+        wire: Mapping[str, Any] = header
+        if self.shared is not None:  # the worker is idle: it reads no body meanwhile
+            wire, payload = self.shared.put(header, payload)
         try:
-            head = worker.encode_header(header, len(payload))
+            head = worker.encode_header(wire, len(payload))
             if len(payload) <= _JOIN_BYTES:  # one write, so the worker wakes up once
                 self.proc.stdin.write(head + payload)
             else:  # not worth a copy of a large payload
@@ -312,6 +341,7 @@ class Executor:
                 "limits": self.limits.to_wire(),
                 "max_payload_bytes": self.config.max_payload_bytes,
                 "max_result_bytes": self.config.max_result_bytes,
+                "shared_bytes": self.config.shared_bytes,
             }
             command = [str(layout.python), "-m", "nodeclient.node.worker", "--config"]
             command.append(json.dumps(inside, separators=(",", ":")))
@@ -330,6 +360,7 @@ class Executor:
                     mode=self.mode,
                     max_output=self.config.max_output_bytes,
                     max_result=self.config.max_result_bytes,
+                    shared_bytes=self.config.shared_bytes,
                 )
             )
 
@@ -392,6 +423,7 @@ class Executor:
             task.cancel()
         for slot in self._slots:
             slot.kill("shutdown")
+            slot.close_shared()
             if slot.drain is not None:
                 slot.drain.cancel()
         if self._root is not None:

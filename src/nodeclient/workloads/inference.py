@@ -60,6 +60,7 @@ _REQUEST_KEYS: Final = frozenset({META_CLASS, META_MODEL_SHA256, META_MODEL_URL,
 _RESULT_KEYS: Final = frozenset({META_CLASS, META_MODEL_SHA256})
 _SHA256_RE: Final = re.compile(r"[0-9a-f]{64}")
 _BLOB_URL_RE: Final = re.compile(r"/v1/blobs/([0-9a-f]{64})")  # the coordinator's blob store
+_URL_BAD_CHAR_RE: Final = re.compile(r"[\s\x00-\x1f\x7f]")  # whitespace (Unicode too), controls
 
 
 def check_sha256(value: object, *, error: type[ProtocolError] = LocalProtocolError) -> str:
@@ -74,7 +75,7 @@ def _check_url(url: str, error: type[ProtocolError]) -> None:
         raise error("model_url must be a non-empty string")
     if len(url) > MAX_URL_CHARS:
         raise error(f"model_url is {len(url)} characters, over the limit of {MAX_URL_CHARS}")
-    if any(c.isspace() or ord(c) < 0x20 or ord(c) == 0x7F for c in url):
+    if _URL_BAD_CHAR_RE.search(url):
         raise error("model_url contains whitespace or a control character")
 
 
