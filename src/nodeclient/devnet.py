@@ -369,11 +369,12 @@ def _wait_job(
         progress = _progress(net)
         parts = []
         for t in job["tasks"]:
-            where = (t.get("node_id") or "-")[:10]
+            node = t.get("node_id")
+            where = f" on {node[:10]}" if node else ""  # a queued task has no node yet
             # the coordinator's view of progress, else the node's own
             p = t.get("progress") or progress.get(t["task_id"])
             extra = f" {p['done']:g}/{p['total']:g}" if p else ""
-            parts.append(f" [{t['status']} on {where}{extra}]")
+            parts.append(f" [{t['status']}{where}{extra}]")
         line = f"job {job_id}: {job['status']}" + "".join(parts)
         if line != last:
             out(line)

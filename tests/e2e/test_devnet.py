@@ -50,3 +50,42 @@ def test_cpu_shares_split_the_machine_into_disjoint_equal_parts(monkeypatch) -> 
     monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: {2, 5})
     assert devnet.cpu_shares(2) == [{2}, {5}]
     assert devnet.cpu_shares(3) == [{2}, {5}, {2}]
+
+
+def test_job_lines_name_a_node_only_once_a_task_has_one(tmp_path) -> None:
+    """A queued task shows as [queued], a leased one with its node and progress; the line
+    is printed when it changes, and the job is returned once it ends."""
+    from nodeclient import devnet
+
+    node = "0x5AC20D91669eB190243eA549D979Ad1421E1Fef9"
+    states = iter(
+        [
+            [{"task_id": "a", "status": "queued", "node_id": None}],
+            [{"task_id": "a", "status": "queued", "node_id": None}],
+            [
+                {
+                    "task_id": "a",
+                    "status": "leased",
+                    "node_id": node,
+                    "progress": {"done": 1, "total": 3},
+                }
+            ],
+            [{"task_id": "a", "status": "succeeded", "node_id": node}],
+        ]
+    )
+
+    class Client:
+        def job(self, job_id: str) -> dict:
+            tasks = next(states)
+            done = tasks[0]["status"] == "succeeded"
+            return {"status": "succeeded" if done else "running", "tasks": tasks}
+
+    printed: list[str] = []
+    net = devnet.Devnet(workdir=tmp_path, heartbeat=1.0, out=printed.append)
+    job = devnet._wait_job(Client(), "j1", printed.append, net)
+    assert job["status"] == "succeeded"
+    assert printed == [
+        "job j1: running [queued]",
+        "job j1: running [leased on 0x5AC20D91 1/3]",
+        "job j1: succeeded [succeeded on 0x5AC20D91]",
+    ]
