@@ -170,3 +170,35 @@ def test_a_full_disk_at_commit_is_refused_signed_and_the_daemon_goes_on(
     asyncio.run(run(second))
     assert link.frames[-1]["type"] == "result"
     assert link.frames[-1]["message"]["task_id"] == "0x" + second.hex
+
+
+# --- registration: which answers are final ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("status", "final"),
+    [(400, True), (403, True), (409, True), (408, False), (429, False), (500, False), (503, False)],
+)
+def test_only_a_definite_no_to_registration_is_final(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, status: int, final: bool
+) -> None:
+    """A 4xx about the manifest ends the daemon with exit status 78, which the systemd
+    unit does not restart on; a proxy's 408 or 429 and any 5xx are retried with backoff."""
+    import httpx
+
+    from nodeclient.node import service
+    from nodeclient.node.daemon import RegistrationRefused
+
+    real_client = httpx.AsyncClient
+    transport = httpx.MockTransport(lambda _request: httpx.Response(status, json={"error": "no"}))
+    monkeypatch.setattr(httpx, "AsyncClient", lambda **kw: real_client(transport=transport, **kw))
+    daemon, _, _ = make_daemon(tmp_path)
+    try:
+        with pytest.raises(RegistrationRefused if final else httpx.HTTPError) as caught:
+            asyncio.run(daemon.register())
+    finally:
+        daemon.outbox.close()
+    assert f"({status}): no" in str(caught.value)
+    if final:
+        assert caught.value.exit_code == 78  # type: ignore[union-attr]
+        assert caught.value.exit_code in service.NO_RESTART_STATUSES  # type: ignore[union-attr]

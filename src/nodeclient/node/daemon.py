@@ -77,7 +77,13 @@ def _pruned_reason(entry: OutboxEntry) -> str:
 
 
 class RegistrationRefused(NodeClientError):
-    """The coordinator refused the manifest for a reason retrying will not fix."""
+    """The coordinator refused the manifest for a reason retrying will not fix.
+
+    Its exit status, 78 (``EX_CONFIG``), is one the systemd unit does not restart on
+    (``RestartPreventExitStatus=``): the operator has to act first.
+    """
+
+    exit_code = 78
 
 
 @dataclass
@@ -238,7 +244,8 @@ class NodeDaemon:
             )
             return body
         reason = body.get("error") or resp.text[:300]
-        if 400 <= resp.status_code < 500:
+        # 408 and 429 (a proxy's timeout or rate limit) pass; other 4xx are the manifest's.
+        if 400 <= resp.status_code < 500 and resp.status_code not in (408, 429):
             raise RegistrationRefused(f"registration refused ({resp.status_code}): {reason}")
         raise httpx.HTTPError(f"registration failed ({resp.status_code}): {reason}")
 

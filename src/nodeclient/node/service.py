@@ -12,8 +12,10 @@ the daemon needs and nothing else:
 - SIGTERM makes the daemon stop taking work, finish running tasks and flush its outbox,
   so ``TimeoutStopSec=`` is longer than the daemon's drain (60 s of tasks plus 10 s of
   outbox) before systemd resorts to SIGKILL;
-- ``Restart=on-failure``: a daemon that exits 0 was stopped on purpose (or refused
-  registration, which restarting will not fix).
+- ``Restart=on-failure`` with ``RestartPreventExitStatus=2 78``: a crash or a lost
+  coordinator restarts; a daemon that exits 0 was stopped on purpose, and one that exits
+  2 (bad configuration) or 78 (registration refused by the coordinator) would fail the
+  same way again, so it stays down with its one-line reason in the journal.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from pathlib import Path
 from typing import Final
 
 from nodeclient.errors import UsageError
+
+NO_RESTART_STATUSES: Final = (UsageError.exit_code, 78)  # 78: RegistrationRefused (EX_CONFIG)
 
 DEFAULT_UNIT_PATH: Final = Path("/etc/systemd/system/nodeclient.service")
 DEFAULT_HOME: Final = Path("/var/lib/nodeclient")
@@ -114,8 +118,11 @@ def render_unit(opts: UnitOptions) -> str:
         "KillSignal=SIGTERM",
         "KillMode=mixed",
         f"TimeoutStopSec={STOP_TIMEOUT_S}",
+        "# A crash restarts; bad configuration (2) or a refused registration (78) would not",
+        "# go better the next time: the unit stays failed until the operator acts.",
         "Restart=on-failure",
         "RestartSec=10",
+        f"RestartPreventExitStatus={' '.join(map(str, NO_RESTART_STATUSES))}",
         "# Hardening. No RestrictNamespaces=/PrivateUsers=: the bubblewrap sandbox needs them.",
         "NoNewPrivileges=yes",
         "ProtectSystem=strict",
