@@ -37,8 +37,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
-from sqlalchemy import select
-from sqlalchemy.orm import Session, undefer
+from sqlalchemy import and_, or_, select
+from sqlalchemy.orm import Session
 
 from nodeclient.coordinator import models as m
 from nodeclient.coordinator import rounds
@@ -47,7 +47,8 @@ from nodeclient.coordinator.store import NodeInfo, leased_counts
 from nodeclient.protocol import envelope, messages
 
 log = logging.getLogger("nodeclient.coordinator.scheduler")
-BATCH = 256  # queued tasks considered per round
+BATCH = 256  # queued tasks looked at per page of a round
+MAX_PAGES = 8  # pages a round may go through while nothing it saw could be placed
 ROUND_REST = 3.0  # a round that took d seconds is followed by at least this many d of rest
 # Lease outcomes that count as the node failing the task (not "cancelled", "superseded",
 # "undelivered": those are not the node's doing).
@@ -155,6 +156,9 @@ class Roster:
         self.candidates = list(candidates)
         self.by_id = {c.node_id: c for c in self.candidates}
         self.capacity = sum(max(c.capacity, 0) for c in self.candidates)
+        # What any candidate serves at all: queued tasks outside it are not even read.
+        self.classes = frozenset(w for c in self.candidates for w in c.workload_classes)
+        self.max_tier = max((c.hardware_tier for c in self.candidates), default=-1)
         self._idle_heaps: dict[_Group, list[_Entry]] = {}
 
     def idle_heap(self, group: _Group) -> list[_Entry]:
@@ -401,6 +405,8 @@ def expire_tx(session: Session, *, now: float, max_attempts: int) -> list[Lost]:
             max_attempts=max_attempts,
         )
         for t in rows
+        # An earlier task's last failure may have failed the job and withdrawn this one.
+        if t.status == m.LEASED
     ]
 
 
@@ -415,6 +421,7 @@ def node_lost_tx(
             session, t, outcome="offline", detail=detail, now=now, max_attempts=max_attempts
         )
         for t in rows
+        if t.status == m.LEASED  # as in expire_tx: not one its job's failure withdrew
     ]
 
 
@@ -425,43 +432,108 @@ def assign_tx(
     now: float,
     lease_seconds: float,
 ) -> list[Assignment]:
-    """Lease queued tasks to eligible nodes, oldest first; returns what to dispatch."""
+    """Lease queued tasks to eligible nodes, oldest first; returns what to dispatch.
+
+    Only tasks of a class some candidate serves, at a tier some candidate reaches, are
+    read, a page of BATCH at a time. A round goes on to the next page only while it has
+    placed nothing yet and slots are free, up to MAX_PAGES: so tasks that no node can
+    take now (every eligible node excluded by the retry rules, say) cannot keep the
+    tasks queued behind them waiting.
+    """
     roster = candidates if isinstance(candidates, Roster) else Roster(candidates)
     counts = leased_counts(session)
-    if not roster.any_free(counts):
+    if not roster.any_free(counts) or not roster.classes:
         return []
-    queued = session.execute(
-        select(m.Task.task_id, m.Job.job_id, m.Job.workload_class, m.Job.min_tier, m.Job.region)
+    picker = Picker(roster, counts)
+    placed: list[tuple[m.Task, m.Job, str, str]] = []
+    after: tuple[float, str] | None = None
+    for _ in range(MAX_PAGES):
+        page = _queued_page(session, roster, after)
+        placed += _place(session, picker, page)
+        if placed or len(page) < BATCH:
+            break
+        after = (page[-1][5], page[-1][0])
+    if not placed:
+        return []
+    # Payloads (up to tens of MiB each) are read only for the tasks placed.
+    ids = [t.task_id for t, _, _, _ in placed]
+    rows = session.execute(select(m.Task.task_id, m.Task.payload).where(m.Task.task_id.in_(ids)))
+    payloads: dict[str, bytes] = dict(rows.all())
+    out: list[Assignment] = []
+    for task, job, wclass, choice in placed:
+        deadline = now + lease_seconds
+        task.status, task.node_id, task.attempts = m.LEASED, choice, task.attempts + 1
+        task.leased_at, task.lease_deadline = now, deadline  # reason: why it was re-queued
+        session.add(
+            m.TaskAttempt(
+                task_id=task.task_id, attempt=task.attempts, node_id=choice,
+                leased_at=now, deadline=deadline,
+            )
+        )  # fmt: skip
+        if job.status == m.QUEUED:
+            job.status = m.RUNNING
+        out.append(
+            Assignment(
+                task.task_id, job.job_id, wclass, choice, payloads[task.task_id], deadline,
+                task.slice_index, task.slice_count, task.attempts,
+            )
+        )  # fmt: skip
+    return out
+
+
+_QueuedRow = tuple[str, str, str, int, str | None, float]
+
+
+def _queued_page(
+    session: Session, roster: Roster, after: tuple[float, str] | None
+) -> list[_QueuedRow]:
+    """The next BATCH queued tasks (oldest first) that some candidate could serve."""
+    query = (
+        select(
+            m.Task.task_id, m.Job.job_id, m.Job.workload_class, m.Job.min_tier, m.Job.region,
+            m.Task.queued_at,
+        )
         .join(m.Job, m.Job.job_id == m.Task.job_id)
-        .where(m.Task.status == m.QUEUED)
-        .order_by(m.Task.queued_at, m.Task.task_id)
-        .limit(BATCH)
-    ).all()
+        .where(
+            m.Task.status == m.QUEUED,
+            m.Job.workload_class.in_(sorted(roster.classes)),
+            m.Job.min_tier <= roster.max_tier,
+        )
+    )  # fmt: skip
+    if after is not None:  # keyset paging, in the order below (portable: no row values)
+        queued_at, task_id = after
+        query = query.where(
+            or_(
+                m.Task.queued_at > queued_at,
+                and_(m.Task.queued_at == queued_at, m.Task.task_id > task_id),
+            )
+        )
+    rows = session.execute(query.order_by(m.Task.queued_at, m.Task.task_id).limit(BATCH))
+    return [tuple(r) for r in rows]  # type: ignore[misc]
+
+
+def _place(
+    session: Session, picker: Picker, queued: Sequence[_QueuedRow]
+) -> list[tuple[m.Task, m.Job, str, str]]:
+    """Choose a node for each task of *queued* that one can take: (task, job, class, node)."""
     if not queued:
         return []
+    ids = [q[0] for q in queued]
     tried: dict[str, list[str]] = {}
     for task_id, node_id in session.execute(
-        select(m.TaskAttempt.task_id, m.TaskAttempt.node_id).where(
-            m.TaskAttempt.task_id.in_([q[0] for q in queued])
-        )
+        select(m.TaskAttempt.task_id, m.TaskAttempt.node_id).where(m.TaskAttempt.task_id.in_(ids))
     ):
         tried.setdefault(task_id, []).append(node_id)
     failures = job_failures(session, {q[1] for q in queued if q[2] in RETRY_POLICIES})
-    # The round's tasks and jobs in two queries, not two per task: each lookup by primary
+    # The page's tasks and jobs in two queries, not two per task: each lookup by primary
     # key would also flush the previous task's lease first.
-    task_rows = session.scalars(
-        select(m.Task)
-        .where(m.Task.task_id.in_([q[0] for q in queued]))
-        .options(undefer(m.Task.payload))  # every placed task is sealed right after
-    )
-    tasks = {t.task_id: t for t in task_rows}
+    tasks = {t.task_id: t for t in session.scalars(select(m.Task).where(m.Task.task_id.in_(ids)))}
     jobs = {
         j.job_id: j
         for j in session.scalars(select(m.Job).where(m.Job.job_id.in_({q[1] for q in queued})))
     }
-    picker = Picker(roster, counts)
-    out: list[Assignment] = []
-    for task_id, job_id, wclass, min_tier, region in queued:
+    out: list[tuple[m.Task, m.Job, str, str]] = []
+    for task_id, job_id, wclass, min_tier, region, _ in queued:
         policy = RETRY_POLICIES.get(wclass)
         choice = picker.pick(
             workload_class=wclass,
@@ -472,27 +544,8 @@ def assign_tx(
             if policy is None
             else excluded_nodes(policy, task_id, failures.get(job_id, ())),
         )
-        if choice is None:
-            continue
-        task = tasks[task_id]
-        deadline = now + lease_seconds
-        task.status, task.node_id, task.attempts = m.LEASED, choice, task.attempts + 1
-        task.leased_at, task.lease_deadline = now, deadline  # reason: why it was re-queued
-        session.add(
-            m.TaskAttempt(
-                task_id=task_id, attempt=task.attempts, node_id=choice,
-                leased_at=now, deadline=deadline,
-            )
-        )  # fmt: skip
-        job = jobs[job_id]
-        if job.status == m.QUEUED:
-            job.status = m.RUNNING
-        out.append(
-            Assignment(
-                task_id, job_id, wclass, choice, task.payload, deadline,
-                task.slice_index, task.slice_count, task.attempts,
-            )
-        )  # fmt: skip
+        if choice is not None:
+            out.append((tasks[task_id], jobs[job_id], wclass, choice))
     return out
 
 

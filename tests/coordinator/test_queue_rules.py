@@ -1,0 +1,141 @@
+"""The scheduler's transactions on a real SQL database: what a round reads and places, and
+what a failed job leaves behind (no sockets: the transactions are called directly)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from nodeclient.coordinator import models as m
+from nodeclient.coordinator import scheduler
+from nodeclient.coordinator.scheduler import Candidate, assign_tx, node_lost_tx
+from nodeclient.coordinator.store import Database
+
+NOW = 1_800_000_000.0
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Iterator[Database]:
+    database = Database(f"sqlite:///{tmp_path / 'c.db'}")
+    try:
+        yield database
+    finally:
+        database.close()
+
+
+def add_job(
+    session: Session,
+    *,
+    tasks: int,
+    workload_class: str = "ai.inference",
+    min_tier: int = 0,
+    queued_at: float = NOW,
+    status: str = m.QUEUED,
+    node_id: str | None = None,
+    attempts: int = 0,
+) -> tuple[str, list[str]]:
+    job_id = str(uuid.uuid4())
+    session.add(
+        m.Job(
+            job_id=job_id, workload_class=workload_class, status=m.RUNNING, min_tier=min_tier,
+            region=None, slices=tasks, meta="{}", created_at=queued_at,
+        )
+    )  # fmt: skip
+    ids = []
+    for i in range(tasks):
+        task_id = str(uuid.uuid4())
+        ids.append(task_id)
+        session.add(
+            m.Task(
+                task_id=task_id, job_id=job_id, slice_index=i, slice_count=tasks, status=status,
+                node_id=node_id, attempts=attempts, queued_at=queued_at + i * 1e-3,
+                payload=f"payload {i}".encode(),
+                lease_deadline=NOW + 300 if status == m.LEASED else None,
+            )
+        )  # fmt: skip
+        if status == m.LEASED and node_id is not None:
+            session.add(
+                m.TaskAttempt(
+                    task_id=task_id, attempt=attempts, node_id=node_id, leased_at=NOW,
+                    deadline=NOW + 300,
+                )
+            )  # fmt: skip
+    return job_id, ids
+
+
+def node(node_id: str = "0xA", *, tier: int = 1, capacity: int = 2) -> Candidate:
+    return Candidate(node_id, tier, "eu-west", frozenset({"ai.inference"}), capacity)
+
+
+def test_tasks_no_node_can_take_do_not_block_the_ones_behind(db: Database) -> None:
+    """More than a page of queued tasks that need a tier (or a class) no linked node has,
+    submitted first: a task behind them that a node can take is still placed."""
+    db.run_sync(lambda s: add_job(s, tasks=scheduler.BATCH + 10, min_tier=4))
+    db.run_sync(lambda s: add_job(s, tasks=scheduler.BATCH + 10, workload_class="media.render"))
+    later, (task_id,) = db.run_sync(lambda s: add_job(s, tasks=1, queued_at=NOW + 60))
+    placed = db.run_sync(lambda s: assign_tx(s, [node()], now=NOW, lease_seconds=300))
+    assert [(a.task_id, a.job_id, a.node_id) for a in placed] == [(task_id, later, "0xA")]
+    assert placed[0].payload == b"payload 0"
+
+
+def test_a_round_pages_past_tasks_every_eligible_node_is_excluded_from(
+    db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Tasks the node may serve but may not take (excluded by the retry rules) fill the
+    first pages: the round reads on, up to MAX_PAGES, and places the task behind them."""
+    blocked_job, _ = db.run_sync(lambda s: add_job(s, tasks=2 * scheduler.BATCH))
+    _, (task_id,) = db.run_sync(lambda s: add_job(s, tasks=1, queued_at=NOW + 60))
+    real_pick = scheduler.Picker.pick
+    job_of = db.run_sync(lambda s: {t.task_id: t.job_id for t in s.scalars(select(m.Task))})
+    seen: list[str] = []
+
+    def pick(self: scheduler.Picker, **kw: object) -> str | None:
+        seen.append("x")
+        return None if len(seen) <= 2 * scheduler.BATCH else real_pick(self, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(scheduler.Picker, "pick", pick)
+    placed = db.run_sync(lambda s: assign_tx(s, [node()], now=NOW, lease_seconds=300))
+    assert [a.task_id for a in placed] == [task_id]
+    assert job_of[task_id] != blocked_job
+    assert len(seen) == 2 * scheduler.BATCH + 1
+
+
+def test_pages_stop_at_the_limit(db: Database, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A round reads at most MAX_PAGES pages when nothing can be placed."""
+    db.run_sync(lambda s: add_job(s, tasks=3 * scheduler.BATCH))
+    monkeypatch.setattr(scheduler, "MAX_PAGES", 2)
+    calls: list[int] = []
+
+    def pick(self: scheduler.Picker, **kw: object) -> None:
+        calls.append(1)
+
+    monkeypatch.setattr(scheduler.Picker, "pick", pick)
+    assert db.run_sync(lambda s: assign_tx(s, [node()], now=NOW, lease_seconds=300)) == []
+    assert len(calls) == 2 * scheduler.BATCH
+
+
+def test_a_failed_jobs_other_tasks_stay_withdrawn(db: Database) -> None:
+    """A node holding two slices of one job goes offline; the first slice has used its
+    last attempt, so the job fails: the second slice is withdrawn, not queued again."""
+    job_id, (first, second) = db.run_sync(
+        lambda s: add_job(s, tasks=2, status=m.LEASED, node_id="0xA", attempts=1)
+    )
+    db.run_sync(lambda s: s.get_one(m.Task, second).__setattr__("attempts", 0))
+    lost = db.run_sync(
+        lambda s: node_lost_tx(s, node_id="0xA", detail="gone", now=NOW, max_attempts=1)
+    )
+    assert [(x.task_id, x.failed) for x in lost] == [(first, True)]
+    assert set(lost[0].cancel) == {("0xA", second)}
+    statuses = db.run_sync(
+        lambda s: (
+            {t.task_id: t.status for t in s.scalars(select(m.Task))}
+            | {"job": s.get_one(m.Job, job_id).status}
+        )
+    )
+    assert statuses == {first: m.FAILED, second: m.CANCELLED, "job": m.FAILED}
+    assert db.run_sync(lambda s: assign_tx(s, [node()], now=NOW, lease_seconds=300)) == []
