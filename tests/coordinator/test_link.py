@@ -200,3 +200,82 @@ def test_heartbeat_ack_text_is_the_ack_frame_as_json() -> None:
     ]:
         expected = json.dumps(HeartbeatAck(seq, now, until).to_wire(), separators=(",", ":"))
         assert heartbeat_ack_text(seq, now, until) == expected
+
+
+class RawLink:
+    """A node link on a bare socket (websockets' sans-I/O protocol): it reads only when
+    told to, so a test can stop reading and let the coordinator's sends back up."""
+
+    def __init__(self, ws_url: str) -> None:
+        import socket
+
+        from websockets.client import ClientProtocol
+        from websockets.uri import parse_uri
+
+        uri = parse_uri(ws_url)
+        self.sock = socket.create_connection((uri.host, uri.port), timeout=10)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        self.proto = ClientProtocol(uri, max_size=None)
+        self.proto.send_request(self.proto.connect())
+        self._flush()
+
+    def _flush(self) -> None:
+        for chunk in self.proto.data_to_send():
+            self.sock.sendall(chunk)
+
+    def recv(self) -> dict:
+        while True:
+            for event in self.proto.events_received():
+                if hasattr(event, "data"):
+                    return json.loads(event.data)
+            self.proto.receive_data(self.sock.recv(65536))
+            self._flush()
+
+    def send(self, frame: dict) -> None:
+        self.proto.send_text(json.dumps(frame).encode())
+        self._flush()
+
+
+def test_a_node_that_stops_reading_is_dropped_and_holds_up_nobody(
+    start_coordinator, rsa_keys, monkeypatch
+) -> None:
+    """A node links and then never reads: once the socket buffers are full, a send to it
+    runs out of time, the link is dropped (detached, connection aborted), and the
+    scheduler keeps serving other nodes; its leases go elsewhere when they run out."""
+    import time
+
+    import numpy as np
+
+    from nodeclient.coordinator import link as link_module
+    from tests.coordinator.conftest import inference_payload
+
+    monkeypatch.setattr(link_module, "SEND_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(link_module, "MIN_SEND_RATE", 1 << 40)  # the size adds nothing
+    running = start_coordinator(heartbeat_interval=1000.0)  # nobody goes offline by silence
+    stuck, healthy = make_node(rsa_keys, 0), make_node(rsa_keys, 1)
+    running.register(stuck, max_parallel_subtasks=4)
+    raw = RawLink(running.ws_url)
+    raw.send(stuck.auth(raw.recv(), issued_at=int(running.clock.now())))
+    assert raw.recv()["type"] == "welcome"  # ... and from now on it never reads
+    big = inference_payload(np.full(2 << 20, 0.5).tolist())  # 8 MiB a dispatch
+    jobs = [running.client.submit_job("ai.inference", big)["job_id"] for _ in range(4)]
+    end = time.monotonic() + 30
+    while stuck.node_id in running.coord.links:
+        assert time.monotonic() < end, "the stalled link was never dropped"
+        time.sleep(0.05)
+    running.register(healthy)
+    running.link(healthy)
+    small = running.client.submit_job("ai.inference", inference_payload([1.0]))["job_id"]
+    dispatch = healthy.recv()
+    assert dispatch["type"] == "dispatch" and dispatch["job_id"] in (small, *jobs)
+    # The stuck node's leases run out and are dispatched to the healthy node.
+    running.clock.advance(301)
+    seen = {dispatch["job_id"]}
+    healthy.send(healthy.reject(dispatch["task_id"]))
+    while len(seen) < 5:
+        frame = healthy.recv(skip=("cancel", "result_ack"))
+        assert frame["type"] == "dispatch"
+        seen.add(frame["job_id"])
+        healthy.send(healthy.reject(frame["task_id"]))  # frees the slot for the next one
+    assert seen == {small, *jobs}
+    raw.sock.close()

@@ -18,6 +18,12 @@ codes:
 After ``welcome``, every frame is checked before it acts: malformed -> ``error``
 ``malformed``; wrongly signed -> ``error`` ``bad_signature``; a heartbeat seq not above
 the last seen -> ``error`` ``replayed``. None of these changes state or closes the link.
+
+A node that stops reading its socket must not hold up anyone else: every send waits at
+most :func:`send_limit` seconds (10 s, plus one second per MiB of the frame). A send
+that runs out of time drops the link (``link.stalled``): the node is detached at once,
+so it gets no more work, its connection is aborted, and its leases go elsewhere when it
+misses its heartbeats or its lease deadlines, as with any lost node.
 """
 
 from __future__ import annotations
@@ -44,6 +50,16 @@ from nodeclient.protocol.states import NodeState
 
 log = logging.getLogger("nodeclient.coordinator.link")
 _STATES = frozenset(s.value for s in NodeState)
+SEND_TIMEOUT_S = 10.0  # what any send may wait for the node to read, whatever its size
+MIN_SEND_RATE = 1 << 20  # bytes per second a node must read at least; slower is stalled
+CLOSE_TIMEOUT_S = 5.0
+
+
+def send_limit(size: int) -> float:
+    """Seconds a send of *size* bytes may take before the link counts as stalled."""
+    return SEND_TIMEOUT_S + size / MIN_SEND_RATE
+
+
 MAX_SEQ = (1 << 63) - 1  # SQL BIGINT is signed; a uint64 seq above it could not be stored
 
 
@@ -79,6 +95,7 @@ class LinkSession:
         self._liveness = ""
         self._send_lock = asyncio.Lock()
         self._closed = False
+        self._task: asyncio.Task[Any] | None = None  # the task running this session
         self.binary = False  # the node announced BINARY_DATA in its auth
 
     # --- LinkPort ---------------------------------------------------------------------------
@@ -91,12 +108,16 @@ class LinkSession:
         """Send one frame already encoded (text or binary); False if the link is gone."""
         if self._closed:
             return False
+        limit = send_limit(len(wire))
         try:
-            async with self._send_lock:
+            async with asyncio.timeout(limit), self._send_lock:
                 if isinstance(wire, bytes):
                     await self.ws.send_bytes(wire)
                 else:
                     await self.ws.send_text(wire)
+        except TimeoutError:
+            self._stalled(f"a {len(wire)}-byte frame was not read within {limit:.0f} s")
+            return False
         except (WebSocketDisconnect, RuntimeError, OSError):
             self._closed = True
             return False
@@ -107,11 +128,28 @@ class LinkSession:
             return
         self._closed = True
         try:
-            async with self._send_lock:
+            async with asyncio.timeout(CLOSE_TIMEOUT_S), self._send_lock:
                 if self.ws.application_state == WebSocketState.CONNECTED:
                     await self.ws.close(code=code, reason=reason)
+        except TimeoutError:
+            self._stalled(f"the close frame ({code}) was not read within {CLOSE_TIMEOUT_S:.0f} s")
         except (RuntimeError, OSError):
             pass
+
+    def _stalled(self, why: str) -> None:
+        """Drop a link whose node does not read: detach it now and abort the connection."""
+        self._closed = True
+        log.warning("link.stalled", extra={"node_id": self.node_id, "reason": why})
+        if self.node_id:
+            self.coord.detach(self.node_id, self)
+        # The ASGI API has no abort, and a close would wait on the same full buffer: reach
+        # the server's transport through the bound send callable (uvicorn's protocol).
+        protocol = getattr(getattr(self.ws, "_send", None), "__self__", None)
+        transport = getattr(protocol, "transport", None)
+        if transport is not None and hasattr(transport, "abort"):
+            transport.abort()  # the receive loop then sees a disconnect and ends
+        elif self._task is not None and self._task is not asyncio.current_task():
+            self._task.cancel()
 
     # --- session ----------------------------------------------------------------------------
 
@@ -124,6 +162,7 @@ class LinkSession:
         return text if text is not None else bytes(msg.get("bytes") or b"")
 
     async def run(self) -> None:
+        self._task = asyncio.current_task()
         await self.ws.accept()
         try:
             if await self._handshake():

@@ -659,8 +659,8 @@ class Scheduler:
         assigned = await coord.db.run(
             lambda s: assign_tx(s, roster, now=now, lease_seconds=cfg.lease_seconds)
         )
-        if assigned:
-            await self.dispatch_all(assigned)
+        if assigned:  # sealed and sent in the background: a slow node holds up no round
+            coord.spawn(self.dispatch_all(assigned), "dispatch")
 
     async def check_offline(self, now: float) -> None:
         coord = self.coord
@@ -681,7 +681,7 @@ class Scheduler:
             log.warning("node.offline", extra={"node_id": node_id, "silent_s": round(silent, 1)})
             link = coord.links.get(node_id)
             if link is not None:
-                await link.close(4005, f"offline: no heartbeat for {silent:.0f} s")
+                coord.spawn(link.close(4005, f"offline: no heartbeat for {silent:.0f} s"), "close")
             detail = f"node {node_id} went offline (no heartbeat for {silent:.0f} s)"
             max_attempts = coord.config.max_attempts
             lost = await coord.db.run(
@@ -698,10 +698,8 @@ class Scheduler:
                 extra={"task_id": item.task_id, "node_id": item.node_id},
             )
             if item.node_id is not None:
-                await self.coord.send_to(
-                    item.node_id,
-                    messages.Cancel(uuid.UUID(item.task_id), "lease ended").to_wire(),
-                )
+                cancel = messages.Cancel(uuid.UUID(item.task_id), "lease ended").to_wire()
+                self.coord.spawn(self.coord.send_to(item.node_id, cancel), "cancel")
             await cancel_leases(self.coord, item.cancel, "job failed")
         if lost:
             self.coord.wake()
@@ -767,6 +765,10 @@ def _seal_all(jobs: Sequence[tuple[Assignment, RSAPublicKey]]) -> list[bytes]:
 
 
 async def cancel_leases(coord: Coordinator, leases: Iterable[tuple[str, str]], reason: str) -> None:
-    """Tell nodes to drop tasks they no longer hold (best effort: the lease is gone anyway)."""
+    """Tell nodes to drop tasks they no longer hold (best effort: the lease is gone anyway).
+
+    Sent in the background, so that a node that does not read holds up nobody else.
+    """
     for node_id, task_id in leases:
-        await coord.send_to(node_id, messages.Cancel(uuid.UUID(task_id), reason).to_wire())
+        frame = messages.Cancel(uuid.UUID(task_id), reason).to_wire()
+        coord.spawn(coord.send_to(node_id, frame), "cancel")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-from collections.abc import Mapping
+from collections.abc import Coroutine, Mapping
 from dataclasses import replace
 from typing import Any, Protocol
 
@@ -113,6 +113,7 @@ class Coordinator:
         self.heartbeats = HeartbeatWriter(db)
         self.metrics = CoordinatorMetrics()  # GET /metrics (2.3.8); per app, never global
         self._wake: asyncio.Event | None = None
+        self._background: set[asyncio.Task[Any]] = set()
 
     def now(self) -> float:
         return self.clock.now()
@@ -162,6 +163,19 @@ class Coordinator:
     async def send_to(self, node_id: str, frame: Mapping[str, Any]) -> bool:
         link = self.links.get(node_id)
         return False if link is None else await link.send(frame)
+
+    def spawn(self, coro: Coroutine[Any, Any, Any], what: str) -> None:
+        """Run *coro* in the background (sends to nodes: a slow node must not hold up the
+        caller); kept referenced until done, and a failure is logged, never lost."""
+        task = asyncio.create_task(coro)
+        self._background.add(task)
+
+        def done(t: asyncio.Task[Any]) -> None:
+            self._background.discard(t)
+            if not t.cancelled() and t.exception() is not None:
+                log.error("background.failed", extra={"what": what}, exc_info=t.exception())
+
+        task.add_done_callback(done)
 
     # --- scheduler wake-ups -----------------------------------------------------------------
 
