@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
+import os
+import re
 import sqlite3
 import stat
 import uuid
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
+from nodeclient.errors import UsageError
+from nodeclient.node import outbox
 from nodeclient.node.outbox import INLINE_MAX, Outbox, OutboxBusy, OutboxCorrupt, read_history
 
 
@@ -156,6 +164,20 @@ def test_orphan_files_are_removed_on_open(tmp_path) -> None:
     assert box.get(kept).result == big(4)
 
 
+@contextlib.contextmanager
+def logged(level: int) -> Iterator[list[logging.LogRecord]]:
+    """The outbox's log records at *level* and above, while the block runs."""
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(level)
+    handler.emit = records.append  # type: ignore[method-assign]
+    logger = logging.getLogger("nodeclient.node.outbox")
+    logger.addHandler(handler)  # the project's logging may not propagate to pytest's
+    try:
+        yield records
+    finally:
+        logger.removeHandler(handler)
+
+
 def test_missing_result_file_is_reported_not_sent(tmp_path) -> None:
     """A result file lost from disk: get raises OutboxCorrupt; pending logs it once and
     closes it as lost (a failed task, no longer in the backlog), and sends the rest."""
@@ -166,15 +188,8 @@ def test_missing_result_file_is_reported_not_sent(tmp_path) -> None:
     (box.files / f"{lost}.result").unlink()
     with pytest.raises(OutboxCorrupt, match="No such file"):
         box.get(lost)
-    records: list[logging.LogRecord] = []
-    handler = logging.Handler(logging.ERROR)
-    handler.emit = records.append  # type: ignore[method-assign]
-    logger = logging.getLogger("nodeclient.node.outbox")
-    logger.addHandler(handler)  # the project's logging may not propagate to pytest's
-    try:
+    with logged(logging.ERROR) as records:
         assert [e.task_id for e in box.pending()] == [fine]
-    finally:
-        logger.removeHandler(handler)
     assert [r.getMessage() for r in records] == ["outbox.result_lost"]
     assert box.backlog() == 1 and box.counts()["failed"] == 1
     assert [e.task_id for e in box.pending()] == [fine]  # once: it is closed now
@@ -184,6 +199,71 @@ def test_missing_result_file_is_reported_not_sent(tmp_path) -> None:
     (box.files / f"{truncated}.result").write_bytes(big(6)[:-1])
     with pytest.raises(OutboxCorrupt, match="not 65537"):
         box.get(truncated)
+
+
+def test_a_lost_entry_keeps_its_file_name_and_the_sweep_keeps_the_file(tmp_path) -> None:
+    """Closed as lost (gone, or the wrong size), a row still names its file: a short file
+    stays for inspection and a file that turns up again is not swept as an orphan; get,
+    history, counts and prune treat the row as closed and holding nothing."""
+    box = Outbox(tmp_path / "o.db")
+    gone, short, acked = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    for t, seed in ((gone, 1), (short, 2), (acked, 3)):
+        commit(box, t, big(seed))
+    box.mark_acked(acked, status="accepted", reason="", at=5.0)
+    (box.files / f"{gone}.result").unlink()
+    (box.files / f"{short}.result").write_bytes(b"torn")
+    with logged(logging.ERROR) as records:
+        assert box.pending() == []
+    assert [r.getMessage() for r in records] == ["outbox.result_lost"] * 2
+    names = dict(box._db.execute("SELECT task_id, result_file FROM outbox").fetchall())
+    assert names == {str(t): f"{t}.result" for t in (gone, short, acked)}
+    (box.files / f"{gone}.result").write_bytes(big(1))  # the disk comes back, say
+    box.close()
+    box = Outbox(tmp_path / "o.db")
+    assert files_of(box) == sorted(f"{t}.result" for t in (gone, short, acked))
+    assert box.pending() == []  # closed once, for good
+    for t in (gone, short):
+        entry = box.get(t)  # no read of the file: a lost entry holds no bytes
+        assert entry.ack_status == "lost" and not entry.held and entry.result == b""
+    assert box.counts() == {"completed": 1, "failed": 2, "rejected": 0, "unacknowledged": 0}
+    assert box.held_bytes() == len(big(0))  # only the acknowledged result
+    history = {e.task_id: e.ack_status for e in box.history()}
+    assert history == {gone: "lost", short: "lost", acked: "accepted"}
+    assert box.prune(acked_before=1e12, keep_bytes=0) == 1  # the acknowledged one only
+    assert files_of(box) == sorted(f"{t}.result" for t in (gone, short))
+    assert box.held_bytes() == 0
+
+
+@pytest.mark.parametrize("code", [errno.EMFILE, errno.EIO, errno.ENOMEM, errno.EACCES])
+def test_an_unreadable_result_file_stays_pending(tmp_path, monkeypatch, code: int) -> None:
+    """Too many open files, EIO, ENOMEM, EACCES say nothing about the file: pending logs it
+    and leaves the entry out this time only; row, file and backlog stay, across a reopen."""
+    box = Outbox(tmp_path / "o.db")
+    stuck, fine = uuid.uuid4(), uuid.uuid4()
+    commit(box, stuck, big(8))
+    commit(box, fine, b"ok")
+    real_open = open
+
+    def failing_open(file, *args, **kwargs):
+        if Path(file).parent == box.files:
+            raise OSError(code, os.strerror(code), str(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(outbox, "open", failing_open, raising=False)
+    with logged(logging.WARNING) as records:
+        assert [e.task_id for e in box.pending()] == [fine]
+        assert [e.task_id for e in box.pending()] == [fine]  # the next reconnect tries again
+    assert [r.getMessage() for r in records] == ["outbox.result_unreadable"] * 2
+    with pytest.raises(OSError) as raised:  # not OutboxCorrupt: the daemon must not reject it
+        box.get(stuck)
+    assert raised.value.errno == code
+    assert box.backlog() == 2 and box.counts()["failed"] == 0
+    monkeypatch.undo()
+    box.close()
+    box = Outbox(tmp_path / "o.db")
+    assert files_of(box) == [f"{stuck}.result"]
+    assert {e.task_id: e.result for e in box.pending()} == {stuck: big(8), fine: b"ok"}
+    assert box.get(stuck).ack_status is None
 
 
 # --- retention ----------------------------------------------------------------------------
@@ -327,3 +407,119 @@ def test_prune_works_through_many_batches(tmp_path) -> None:
     assert held == [False] * 400 + [True] * 50
     assert box.prune(acked_before=0.0, keep_bytes=10 * 4) == 40  # budget: 10 of 4 bytes each
     assert sum(box.get(t).held for t in tasks) == 10
+
+
+# --- file modes ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def loose_umask() -> Iterator[None]:
+    """The umask of a shell (022), under which SQLite would make a new database 0644."""
+    old = os.umask(0o022)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+def modes(directory: Path) -> dict[str, int]:
+    return {
+        p.name: stat.S_IMODE(p.stat().st_mode)
+        for p in directory.iterdir()
+        if p.name.startswith("o.db") and p.is_file()
+    }
+
+
+@pytest.mark.usefixtures("loose_umask")
+def test_the_database_and_its_wal_are_private_under_a_loose_umask(tmp_path) -> None:
+    """Small results are rows: o.db, -wal and -shm are 0600 like the result files, also
+    the -shm and -wal that a read-only history reader makes once the daemon is gone."""
+    box = Outbox(tmp_path / "o.db")
+    commit(box, uuid.uuid4(), b"small result")  # in the WAL first
+    assert modes(tmp_path) == dict.fromkeys(["o.db", "o.db-wal", "o.db-shm", "o.db.lock"], 0o600)
+    box.close()
+    assert len(read_history(tmp_path / "o.db")) == 1
+    assert "o.db-shm" in modes(tmp_path)
+    assert set(modes(tmp_path).values()) == {0o600}
+
+
+@pytest.mark.usefixtures("loose_umask")
+def test_a_loose_database_from_an_older_release_is_tightened_at_open(tmp_path) -> None:
+    """A database SQLite made 0644, with a 0644 -wal and -shm, is 0600 once the outbox
+    opens it, and keeps its rows."""
+    path = tmp_path / "o.db"
+    older = sqlite3.connect(path, isolation_level=None)
+    older.execute("PRAGMA journal_mode=WAL")
+    older.executescript(OLD_SCHEMA)
+    try:
+        assert modes(tmp_path) == dict.fromkeys(["o.db", "o.db-wal", "o.db-shm"], 0o644)
+        box = Outbox(path)
+        assert set(modes(tmp_path).values()) == {0o600}
+        assert box.pending() == []
+        box.close()
+    finally:
+        older.close()
+
+
+def test_a_symlinked_database_is_refused(tmp_path) -> None:
+    """The outbox is a file of the node home, never something a link points at."""
+    (tmp_path / "elsewhere.db").write_bytes(b"")
+    (tmp_path / "o.db").symlink_to(tmp_path / "elsewhere.db")
+    with pytest.raises(UsageError, match="symbolic link"):
+        Outbox(tmp_path / "o.db")
+
+
+# --- SQLite version -----------------------------------------------------------------------
+
+
+def test_an_sqlite_older_than_the_minimum_is_refused_in_one_line(tmp_path, monkeypatch) -> None:
+    """Below 3.8.0 (partial indexes) the outbox refuses to open, naming both versions,
+    before it creates anything."""
+    monkeypatch.setattr(sqlite3, "sqlite_version_info", (3, 7, 17))
+    monkeypatch.setattr(sqlite3, "sqlite_version", "3.7.17")
+    with pytest.raises(UsageError, match=r"needs SQLite 3\.8\.0 or newer.* uses SQLite 3\.7\.17"):
+        Outbox(tmp_path / "o.db")
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.undo()
+    Outbox(tmp_path / "o.db").close()
+    monkeypatch.setattr(sqlite3, "sqlite_version_info", (3, 7, 17))
+    with pytest.raises(UsageError, match=r"needs SQLite 3\.8\.0"):
+        read_history(tmp_path / "o.db")
+
+
+# Constructs newer than outbox.SQLITE_MIN: RETURNING 3.35, upsert 3.24, window functions 3.25,
+# FILTER 3.30, NULLS FIRST/LAST 3.30, RENAME COLUMN 3.25, DROP COLUMN 3.35, STRICT 3.37,
+# -> and ->> 3.38.
+NEWER_SQL = re.compile(
+    r"\bRETURNING\b|\bON\s+CONFLICT\b|\bOVER\s*\(|\bFILTER\s*\(|\bNULLS\s+(FIRST|LAST)\b"
+    r"|\bRENAME\s+COLUMN\b|\bDROP\s+COLUMN\b|\bSTRICT\b|->",
+    re.IGNORECASE,
+)
+
+
+def test_no_statement_needs_an_sqlite_newer_than_the_minimum(tmp_path, monkeypatch) -> None:
+    """Every statement of a whole life (open, commit, ack, resend, prune, history) runs on
+    the system SQLite of Debian 11 (3.34) and Ubuntu 20.04 (3.31): none uses RETURNING."""
+    statements: list[str] = []
+    real_connect = sqlite3.connect
+
+    def tracing(*args, **kwargs):
+        db = real_connect(*args, **kwargs)
+        db.set_trace_callback(statements.append)
+        return db
+
+    monkeypatch.setattr(sqlite3, "connect", tracing)
+    box = Outbox(tmp_path / "o.db")
+    small, large = uuid.uuid4(), uuid.uuid4()
+    commit(box, small, b"small")
+    commit(box, large, big(9))
+    box.mark_acked(small, status="accepted", reason="", at=1.0)
+    box.mark_acked(small, status="rejected", reason="late", at=2.0)  # the first ack stands
+    assert [e.task_id for e in box.pending()] == [large]
+    box.mark_acked(large, status="duplicate", reason="", at=3.0)
+    assert box.prune(acked_before=10.0, keep_bytes=0) == 2
+    assert len(list(box.history())) == 2
+    box.close()
+    assert len(read_history(tmp_path / "o.db")) == 2
+    assert any("UPDATE outbox SET acked_at" in s for s in statements)
+    assert [s for s in statements if NEWER_SQL.search(s)] == []

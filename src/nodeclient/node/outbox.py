@@ -24,8 +24,15 @@ larger one is a file in ``<database>.results/`` (0600, in a 0700 directory), wri
 fsynced before the row that names it commits. SQLite's WAL would otherwise write a large
 result twice (WAL, then checkpoint) and fsync it twice; as in SQLite's own "Internal
 Versus External BLOBs" measurements, files win above ~100 KiB. A crash between the file
-and the commit leaves an orphan file, removed when the outbox next opens. One process at
-a time: the outbox holds an exclusive lock on ``<database>.lock`` while open.
+and the commit leaves an orphan file, removed when the outbox next opens. The database
+holds result bytes too, so it and its ``-wal`` and ``-shm`` are 0600 whatever the umask
+(looser ones are tightened at open). One process at a time: the outbox holds an
+exclusive lock on ``<database>.lock`` while open.
+
+A result file that cannot be read: only a file that is gone or the wrong size closes its
+entry as ``lost`` (``pending``), and the row keeps the file's name, so the orphan sweep
+never removes a file that a row names. Any other error (EMFILE, EIO, ENOMEM, EACCES...)
+says nothing about the file: the entry stays pending and is sent after a later reconnect.
 
 Retention: the result bytes of an acknowledged task are needed only if the coordinator
 asks for the task again. ``prune`` drops them once acknowledged more than a retention
@@ -33,18 +40,25 @@ period ago, or oldest first beyond a byte budget; the row (proof, signature, siz
 stays as history. Unacknowledged results are never pruned. Pruning goes in small
 batches, so the event loop never waits long for the lock. A later dispatch of a pruned
 task is refused with a signed reason rather than run again (``OutboxEntry.held``).
+
+SQLite 3.8.0 or newer (:data:`SQLITE_MIN`, checked at open): the prune index is a partial
+index. Nothing newer is used (no ``RETURNING``, 3.35; no upsert, 3.24; no window
+functions, 3.25), so a Python linked to the system SQLite of Debian 11 (3.34) or Ubuntu
+20.04 (3.31) runs it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import fcntl
 import json
 import logging
 import os
 import re
 import sqlite3
+import stat
 import threading
 import time
 import uuid
@@ -58,6 +72,7 @@ from nodeclient.errors import UsageError
 log = logging.getLogger("nodeclient.node.outbox")
 
 INLINE_MAX: Final = 64 * 1024  # larger results are files beside the database
+SQLITE_MIN: Final = (3, 8, 0)  # partial indexes (outbox_prune)
 _FILE_SUFFIX: Final = ".result"
 _OURS: Final = re.compile(r"(\.[0-9a-f-]{36}\.[0-9a-f]{8}\.tmp|[0-9a-f-]{36}\.result)")
 _PRUNE_BATCH: Final = 200  # rows per prune transaction
@@ -173,10 +188,12 @@ class Outbox:
     """A durable queue of signed results; safe to call from the event loop and threads."""
 
     def __init__(self, path: Path) -> None:
+        _require_sqlite()
         self.path = path
         self.files = path.with_name(path.name + ".results")
         self._lock_fd = _lock_exclusively(path.with_name(path.name + ".lock"))
         try:
+            _make_private(path)  # before SQLite creates it (or its -wal, -shm) with the umask
             if not self.files.is_dir():
                 self.files.mkdir(mode=0o700)
                 _fsync_dir(self.files.parent)  # the directory itself survives a power cut
@@ -208,7 +225,11 @@ class Outbox:
         os.close(self._lock_fd)
 
     def get(self, task_id: uuid.UUID) -> OutboxEntry | None:
-        """The task's entry with its result bytes (b"" once pruned, see ``held``)."""
+        """The task's entry with its result bytes (b"" once pruned or lost, see ``held``).
+
+        Raises OutboxCorrupt if its result file is gone or the wrong size, and OSError if
+        the file could not be read just now (EMFILE, EIO...): nothing is changed.
+        """
         with self._lock:  # the file is read under the lock too: prune cannot remove it midway
             row = self._db.execute(f"{_LOAD} WHERE o.task_id = ?", (str(task_id),)).fetchone()
             return None if row is None else self._load(row)
@@ -323,15 +344,19 @@ class Outbox:
         return staged
 
     def _load(self, row: tuple[Any, ...]) -> OutboxEntry:
-        """An entry from a ``_LOAD`` row, reading its result file if it has one."""
+        """An entry from a ``_LOAD`` row, reading its result file if it has one and holds it.
+
+        OutboxCorrupt only for a file that is gone or the wrong size; any other OSError is
+        raised as it is, since it says nothing about the file (too many open files, EIO).
+        """
         name = row[-1]
-        if name is None:
+        if name is None or not row[15]:  # no file, or a lost entry that keeps its file's name
             return _entry(row[:-1])
         path = self.files / name
         try:
             with open(path, "rb") as fh:
                 data = fh.read()
-        except OSError as exc:
+        except FileNotFoundError as exc:
             raise OutboxCorrupt(f"result file {path} of task {row[0]}: {exc}") from None
         if len(data) != row[6]:
             raise OutboxCorrupt(f"result file {path} holds {len(data)} bytes, not {row[6]}")
@@ -347,11 +372,19 @@ class Outbox:
         with self._lock:
             self._db.execute("PRAGMA synchronous=NORMAL")
             try:
-                done = self._db.execute(
-                    "UPDATE outbox SET acked_at = ?, ack_status = ?, ack_reason = ? "
-                    "WHERE task_id = ? AND acked_at IS NULL RETURNING kind, result_size, held",
-                    (at, status, reason, str(task_id)),
-                ).fetchone()
+                # SELECT, then UPDATE in the same transaction: RETURNING needs SQLite 3.35
+                with self._transaction():
+                    done = self._db.execute(
+                        "SELECT kind, result_size, held FROM outbox "
+                        "WHERE task_id = ? AND acked_at IS NULL",
+                        (str(task_id),),
+                    ).fetchone()
+                    if done is not None:
+                        self._db.execute(
+                            "UPDATE outbox SET acked_at = ?, ack_status = ?, ack_reason = ? "
+                            "WHERE task_id = ?",
+                            (at, status, reason, str(task_id)),
+                        )
             finally:
                 self._db.execute("PRAGMA synchronous=FULL")
             if done is not None:
@@ -363,9 +396,12 @@ class Outbox:
     def pending(self) -> list[OutboxEntry]:
         """Committed entries not yet acknowledged, oldest first.
 
-        An entry whose result file is gone (a damaged disk) cannot be sent: it is logged
-        and closed as ``lost``, and the coordinator's lease on it runs out, so the task
-        goes to another node.
+        An entry whose result file is gone or the wrong size (a damaged disk) cannot be
+        sent: it is logged and closed as ``lost``, and the coordinator's lease on it runs
+        out, so the task goes to another node. The row keeps the file's name, so the orphan
+        sweep leaves a file that turns up again. A file that cannot be read for another
+        reason (EMFILE, EIO...) is logged and left out this time only: the entry stays
+        pending and is tried again at the next reconnect.
         """
         out = []
         with self._lock:
@@ -379,11 +415,15 @@ class Outbox:
                     log.error("outbox.result_lost", extra={"task_id": row[0], "error": str(exc)})
                     self._db.execute(
                         "UPDATE outbox SET acked_at = ?, ack_status = 'lost', ack_reason = ?, "
-                        "held = 0, result_file = NULL WHERE task_id = ?",
+                        "held = 0 WHERE task_id = ?",
                         (time.time(), str(exc)[:300], row[0]),
                     )
                     self._counts["unacknowledged"] -= 1
                     self._counts["failed"] += 1
+                except OSError as exc:  # not the file's fault: it stays, and so does the entry
+                    log.warning(
+                        "outbox.result_unreadable", extra={"task_id": row[0], "error": str(exc)}
+                    )
         return out
 
     def prune(self, *, acked_before: float, keep_bytes: int) -> int:
@@ -482,6 +522,40 @@ def _bucket(kind: str, status: str) -> str:
     return "completed" if status in ("accepted", "duplicate") else "failed"
 
 
+def _require_sqlite() -> None:
+    if sqlite3.sqlite_version_info < SQLITE_MIN:
+        raise UsageError(
+            f"the outbox needs SQLite {'.'.join(map(str, SQLITE_MIN))} or newer, and this "
+            f"Python uses SQLite {sqlite3.sqlite_version}: run nodeclient with a newer Python"
+        )
+
+
+def _make_private(path: Path) -> None:
+    """Create the database 0600, or take group and other access off it and its -wal, -shm.
+
+    SQLite creates a new database with the umask (0644 under umask 022), and a new -wal or
+    -shm with the database's own mode (its unix VFS copies it, whatever the umask), so a
+    0600 database keeps them 0600; looser ones left by an older release are tightened here.
+    """
+    for name, create in ((path.name, os.O_CREAT), (path.name + "-wal", 0), (path.name + "-shm", 0)):
+        file = path.with_name(name)
+        try:
+            fd = os.open(file, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | create, 0o600)
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise UsageError(f"{file} is a symbolic link: the outbox must be a file") from None
+            raise
+        try:
+            mode = stat.S_IMODE(os.fstat(fd).st_mode)
+            if mode & 0o077:
+                os.fchmod(fd, mode & 0o700)
+                log.info("outbox.mode_tightened", extra={"file": name, "mode": oct(mode)})
+        finally:
+            os.close(fd)
+
+
 def _lock_exclusively(path: Path) -> int:
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
     try:
@@ -513,6 +587,7 @@ def read_history(
     """
     if not path.is_file():
         return []
+    _require_sqlite()
     db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
     try:
         columns = {row[1] for row in db.execute("PRAGMA table_info(outbox)")}
