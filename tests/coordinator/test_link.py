@@ -279,3 +279,48 @@ def test_a_node_that_stops_reading_is_dropped_and_holds_up_nobody(
         healthy.send(healthy.reject(frame["task_id"]))  # frees the slot for the next one
     assert seen == {small, *jobs}
     raw.sock.close()
+
+
+def test_a_large_frame_before_auth_is_refused_unparsed(coordinator: Running, rsa_keys) -> None:
+    """Before auth nothing may be large: 100 KB of JSON closes the link with 4000 by its
+    size alone (a stranger's 48 MB frames would otherwise be parsed on the event loop)."""
+    node = make_node(rsa_keys, 0)
+    coordinator.register(node)
+    node.ws = coordinator.connect()
+    assert node.recv()["type"] == "challenge"
+    node.send({"type": "auth", "pad": "x" * 100_000})
+    code, reason = closed_code(node.ws)
+    assert code == 4000 and "exceeds the 65536-byte limit" in reason
+
+
+def test_a_binary_node_may_not_send_large_json(coordinator: Running, rsa_keys) -> None:
+    """A node that announced binary data frames sends results binary: a JSON frame over
+    64 KiB from it is malformed (refused unparsed), and the link stays up."""
+    node = make_node(rsa_keys, 0)
+    coordinator.register(node)
+    node.ws = coordinator.connect()
+    auth = node.auth(node.recv())
+    auth["features"] = ["binary-data"]
+    assert node.call(auth)["type"] == "welcome"
+    error = node.call({"type": "result", "pad": "x" * 100_000})
+    assert error["type"] == "error" and error["code"] == "malformed"
+    assert "exceeds the 65536-byte limit" in error["reason"]
+    assert node.call(node.heartbeat())["type"] == "heartbeat_ack"
+
+
+def test_progress_is_kept_per_node_and_bounded() -> None:
+    """One node can neither overwrite another's report nor grow the board without bound;
+    a node's reports go with its link."""
+    from nodeclient.coordinator.service import ProgressBoard
+
+    board = ProgressBoard()
+    board.record("0xA", "t1", {"done": 1, "total": 4, "note": "", "at": 1.0}, cap=2)
+    board.record("0xB", "t1", {"done": 0, "total": 4, "note": "spoof", "at": 2.0}, cap=2)
+    assert board.get("t1") == {"done": 0, "total": 4, "note": "spoof", "at": 2.0, "node_id": "0xB"}
+    board.forget("0xB")
+    assert board.get("t1") == {"done": 1, "total": 4, "note": "", "at": 1.0, "node_id": "0xA"}
+    for i in range(1000):  # random task ids from one node: only its newest `cap` are kept
+        board.record("0xB", f"r{i}", {"done": 0, "total": 1, "note": "", "at": 3.0 + i}, cap=2)
+    assert len(board) == 3 and board.get("r999") is not None and board.get("r0") is None
+    board.forget("0xA", "t1")
+    assert board.get("t1") is None and len(board) == 2

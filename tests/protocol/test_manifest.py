@@ -66,6 +66,14 @@ def seed_manifest(rsa_key, node_key, liveness) -> dict[str, Any]:
     return build(rsa_key, node_key, liveness)
 
 
+def test_a_lone_surrogate_fails_verification_with_a_reason(seed_manifest) -> None:
+    """A string with no UTF-8 form (JSON's \\ud800) has no canonical bytes to check a
+    signature over: a ManifestError naming that, not another exception."""
+    bad = {**seed_manifest, "cpu": {**seed_manifest["cpu"], "model": "\ud800"}}
+    with pytest.raises(mf.ManifestError, match="canonical form"):
+        mf.verify_manifest(bad, chain_id=CHAIN, now=NOW + 10)
+
+
 def test_seed_example_verifies_as_tier_3(seed_manifest) -> None:
     """The seed's example machine yields tier 3 and a manifest that verifies completely."""
     assert seed_manifest["hardware_tier"] == 3

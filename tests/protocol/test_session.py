@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import itertools
 import json
+import subprocess
+import sys
 import uuid
 
 import pytest
@@ -121,6 +123,58 @@ def test_oversized_frame_rejected_before_parsing() -> None:
     """A frame over the data limit is refused by size alone."""
     with pytest.raises(RemoteProtocolError, match="exceeds"):
         messages.parse_from_coordinator(b" " * (messages.MAX_DATA_FRAME + 1))
+
+
+def test_deeply_nested_json_is_malformed_not_a_crash() -> None:
+    """'[[[[...' deeper than the interpreter's stack is a protocol error on both sides, in
+    a process that loaded the node's CLI, key store and devnet, as `nodeclient run` does:
+    eth-account's py_ecc raises the recursion limit to 100,000 as it is imported, and at
+    that depth json.loads overflows the C stack (SIGSEGV) instead of raising. (Checked in a
+    fresh interpreter: this test process has imported eth-account directly.)"""
+    code = """
+import sys
+from nodeclient.node import cli, keys
+from nodeclient import devnet
+from nodeclient.errors import RemoteProtocolError
+from nodeclient.protocol import messages
+deep = "[" * 200_000 + "]" * 200_000
+for parse in (messages.parse_from_coordinator, messages.parse_from_node):
+    try:
+        parse(deep)
+    except RemoteProtocolError as exc:
+        assert "nested too deeply" in str(exc), exc
+print(sys.getrecursionlimit())
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert int(done.stdout) <= 1000
+
+
+def test_a_large_json_frame_is_refused_unparsed_where_none_may_come() -> None:
+    """With max_text, a JSON frame over the limit is refused before json.loads runs."""
+    big = json.dumps({"type": "result", "pad": "x" * 70_000})
+    with pytest.raises(RemoteProtocolError, match="exceeds the 65536-byte limit"):
+        messages.parse_from_node(big, max_text=messages.MAX_CONTROL_FRAME)
+    with pytest.raises(RemoteProtocolError) as caught:  # without it: parsed, then refused
+        messages.parse_from_node(big)
+    assert "exceeds the 65536-byte limit" not in str(caught.value)
+
+
+def test_lone_surrogates_are_refused_with_a_reason(parts) -> None:
+    """JSON may escape a lone surrogate (\\ud800), which no database or log can encode: a
+    signed message or an advisory note carrying one is malformed, not a crash."""
+    session, node, _, _ = parts
+    session.on_challenge(challenge())
+    session.on_welcome(messages.Welcome(node.address, 0, None))
+    frame = session.heartbeat(state=NodeState.READY, running=[], load_permille=1)
+    text = json.dumps(frame).replace('"READY"', '"\\ud800"')
+    with pytest.raises(RemoteProtocolError, match="heartbeat|Heartbeat|state"):
+        messages.parse_from_node(text)
+    progress = messages.ProgressFrame(uuid.uuid4(), 1, 2, "x").to_wire()
+    with pytest.raises(RemoteProtocolError, match="not valid Unicode"):
+        messages.parse_from_node(json.dumps(progress).replace('"x"', '"\\ud800"'))
 
 
 def test_dispatch_round_trip() -> None:

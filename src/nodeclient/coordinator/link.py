@@ -190,8 +190,8 @@ class LinkSession:
             raw = await asyncio.wait_for(self._receive(), coord.config.auth_timeout)
         except TimeoutError:
             return await self._refuse(4002, "auth timeout")
-        try:
-            frame = messages.parse_from_node(raw)
+        try:  # nothing before auth may be large: a stranger's 48 MB of JSON is not parsed
+            frame = messages.parse_from_node(raw, max_text=messages.MAX_CONTROL_FRAME)
         except RemoteProtocolError as exc:
             return await self._refuse(4000, f"malformed auth: {exc}"[:120])
         if not isinstance(frame, messages.SignedFrame) or frame.type != "auth":
@@ -243,10 +243,12 @@ class LinkSession:
 
     async def _loop(self) -> None:
         handlers = {"heartbeat": self._heartbeat, "result": self._result, "reject": self._reject}
+        # A node that sends its results as binary frames never needs a large JSON frame.
+        max_text = messages.MAX_CONTROL_FRAME if self.binary else messages.MAX_DATA_FRAME
         while not self._closed:
             raw = await self._receive()
             try:
-                frame = messages.parse_from_node(raw)
+                frame = messages.parse_from_node(raw, max_text=max_text)
             except RemoteProtocolError as exc:
                 await self._error("malformed", str(exc))
                 continue
@@ -261,13 +263,11 @@ class LinkSession:
 
     def _progress(self, frame: messages.ProgressFrame) -> None:
         """Remember a running task's progress; the jobs API shows it while it is leased."""
-        self.coord.progress[str(frame.task_id)] = {
-            "node_id": self.node_id,
-            "done": frame.done,
-            "total": frame.total,
-            "note": frame.note,
-            "at": self.coord.now(),
-        }
+        info = self.coord.nodes.get(self.node_id)
+        slots = info.max_parallel_subtasks if info is not None else 1
+        entry = {"done": frame.done, "total": frame.total, "note": frame.note}
+        entry["at"] = self.coord.now()
+        self.coord.progress.record(self.node_id, str(frame.task_id), entry, cap=2 * slots)
 
     async def _heartbeat(self, frame: messages.SignedFrame) -> None:
         coord, msg = self.coord, frame.message
@@ -336,6 +336,7 @@ class LinkSession:
             await self._error("bad_signature", f"result: {exc}")
             return
         fields = {"node_id": self.node_id, "task_id": str(claim.task_id)}
+        coord.progress.forget(self.node_id, str(claim.task_id))  # its task is over
         problem = await asyncio.to_thread(verifier.check_proof, claim)
         if problem is not None:
             decision = verifier.Decision("rejected", problem, event="result.rejected")
@@ -375,6 +376,7 @@ class LinkSession:
             return
         now = coord.now()
         reason = frame.message["reason"]
+        coord.progress.forget(self.node_id, str(task_id))
         decision, lost = await coord.db.run(
             lambda s: verifier.reject_tx(
                 s, task_id, self.node_id, reason, now=now, max_attempts=cfg.max_attempts

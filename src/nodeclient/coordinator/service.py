@@ -91,6 +91,53 @@ class HeartbeatWriter:
                     w.set_result(None)
 
 
+class ProgressBoard:
+    """Advisory progress of running tasks, as their nodes report it (memory only).
+
+    Kept per node, so that one node can neither overwrite another's report nor grow
+    memory without bound: a node holds at most ``2 x max_parallel_subtasks`` entries
+    (its oldest go first), and all of them go when its link does. :meth:`get` gives the
+    latest report for a task; the jobs API shows it only while the task is leased to
+    the node that sent it.
+    """
+
+    def __init__(self) -> None:
+        self._by_node: dict[str, dict[str, dict[str, Any]]] = {}  # oldest first
+        self._nodes_of: dict[str, set[str]] = {}  # task_id -> nodes that reported on it
+
+    def record(self, node_id: str, task_id: str, entry: dict[str, Any], *, cap: int) -> None:
+        mine = self._by_node.setdefault(node_id, {})
+        mine.pop(task_id, None)
+        mine[task_id] = {**entry, "node_id": node_id}
+        self._nodes_of.setdefault(task_id, set()).add(node_id)
+        while len(mine) > max(cap, 1):
+            self._drop(node_id, next(iter(mine)))
+
+    def get(self, task_id: str) -> dict[str, Any] | None:
+        reports = [self._by_node[n][task_id] for n in self._nodes_of.get(task_id, ())]
+        return max(reports, key=lambda r: r["at"], default=None)
+
+    def forget(self, node_id: str, task_id: str | None = None) -> None:
+        """Drop one task's report from *node_id*, or all of its reports."""
+        mine = self._by_node.get(node_id, {})
+        for t in [task_id] if task_id is not None else list(mine):
+            if t in mine:
+                self._drop(node_id, t)
+
+    def _drop(self, node_id: str, task_id: str) -> None:
+        mine = self._by_node[node_id]
+        del mine[task_id]
+        if not mine:
+            del self._by_node[node_id]
+        nodes = self._nodes_of[task_id]
+        nodes.discard(node_id)
+        if not nodes:
+            del self._nodes_of[task_id]
+
+    def __len__(self) -> int:
+        return sum(len(v) for v in self._by_node.values())
+
+
 class Coordinator:
     """Shared state of one coordinator process (built by ``create_app``)."""
 
@@ -108,8 +155,7 @@ class Coordinator:
         for info in db.run_sync(load_nodes):
             self.cache_node(info)
         self.links: dict[str, LinkPort] = {}
-        # task_id -> latest advisory progress from the node it is leased to (memory only)
-        self.progress: dict[str, dict[str, Any]] = {}
+        self.progress = ProgressBoard()  # advisory, per node and task, bounded
         self.heartbeats = HeartbeatWriter(db)
         self.metrics = CoordinatorMetrics()  # GET /metrics (2.3.8); per app, never global
         self._wake: asyncio.Event | None = None
@@ -159,6 +205,7 @@ class Coordinator:
         if self.links.get(node_id) is link:
             self.roster_changed()
             del self.links[node_id]
+            self.progress.forget(node_id)
 
     async def send_to(self, node_id: str, frame: Mapping[str, Any]) -> bool:
         link = self.links.get(node_id)

@@ -29,7 +29,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
-from nodeclient.errors import ManifestError, NodeClientError, SignatureError
+from nodeclient.errors import ManifestError, NodeClientError, RemoteProtocolError, SignatureError
 from nodeclient.protocol import tier
 from nodeclient.protocol.canonical import canonical_json, sha256
 from nodeclient.protocol.eip712 import sign_typed, verify_typed
@@ -141,7 +141,7 @@ class VerifiedManifest:
     issued_at: int
 
 
-def verify_manifest(  # noqa: PLR0912 - one flat list of checks reads best
+def verify_manifest(  # noqa: PLR0912, PLR0915 - one flat list of checks reads best
     manifest: object,
     *,
     chain_id: int,
@@ -201,7 +201,10 @@ def verify_manifest(  # noqa: PLR0912 - one flat list of checks reads best
         raise ManifestError(
             f"max_parallel_subtasks: declared {m['max_parallel_subtasks']}, the rule allows {slots}"
         )
-    body = signed_bytes(m)
+    try:
+        body = signed_bytes(m)
+    except RemoteProtocolError as exc:  # e.g. a lone surrogate in a string: no UTF-8 form
+        raise ManifestError(f"canonical form: {exc}") from exc
     try:
         public_key.verify(bytes.fromhex(m["signature"][2:]), body, _PSS, hashes.SHA256())
     except InvalidSignature:

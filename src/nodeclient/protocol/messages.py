@@ -76,6 +76,11 @@ def _str(d: Mapping[str, Any], key: str, *, max_len: int = 256) -> str:
     v = _get(d, key)
     if not isinstance(v, str) or len(v) > max_len:
         raise RemoteProtocolError(f"field {key!r} must be a string of at most {max_len} chars")
+    if not v.isascii():  # JSON's \ud800 escapes decode to lone surrogates, which no
+        try:  # database, log or response can encode: refused here, once
+            v.encode("utf-8")
+        except UnicodeEncodeError:
+            raise RemoteProtocolError(f"field {key!r} is not valid Unicode") from None
     return v
 
 
@@ -123,8 +128,8 @@ def _signed(d: Mapping[str, Any], primary: str) -> tuple[dict[str, Any], bytes, 
         message = eip712.message_from_json(primary, _obj(d, "message"))
         struct_hash = eip712.hash_struct(primary, message)  # validates every field's type
         sig = parse_signature_hex(_get(d, "signature"))
-    except SignatureError as exc:
-        raise RemoteProtocolError(f"{primary}: {exc}") from exc
+    except (SignatureError, ValueError) as exc:  # ValueError: a lone surrogate has no UTF-8
+        raise RemoteProtocolError(f"{primary}: {exc}"[:300]) from exc
     return message, sig, struct_hash
 
 
@@ -384,20 +389,25 @@ def _load(frame: str | bytes, *, max_size: int) -> dict[str, Any]:
         d = json.loads(frame)
     except (ValueError, UnicodeDecodeError) as exc:
         raise RemoteProtocolError(f"frame is not valid JSON: {exc}") from None
+    except RecursionError:  # "[[[[..." deeper than the interpreter's stack
+        raise RemoteProtocolError("frame is not valid JSON: nested too deeply") from None
     if not isinstance(d, dict) or not isinstance(d.get("type"), str):
         raise RemoteProtocolError("frame must be a JSON object with a string 'type'")
     return d
 
 
-def _load_any(frame: str | bytes) -> tuple[dict[str, Any], bytes | None]:
+def _load_any(
+    frame: str | bytes, max_text: int = MAX_DATA_FRAME
+) -> tuple[dict[str, Any], bytes | None]:
     """A frame's JSON object, and its data when it came as a binary data frame.
 
     A binary frame must be a dispatch or result whose header leaves out the data field;
     the header is held to the control-frame limit. (A JSON text frame sent as binary,
     starting with ``{``, is still read as JSON: a header length never starts with 0x7b.)
+    A JSON frame over *max_text* bytes is refused before it is parsed.
     """
     if isinstance(frame, str) or frame[:1] == b"{":
-        return _load(frame, max_size=MAX_DATA_FRAME), None
+        return _load(frame, max_size=max_text), None
     if len(frame) > MAX_DATA_FRAME:
         raise RemoteProtocolError(
             f"frame of {len(frame)} bytes exceeds the {MAX_DATA_FRAME}-byte limit"
@@ -469,13 +479,17 @@ class ProgressFrame:
         return cls(_uuid(d, "task_id"), done, total, _str(d, "note", max_len=200))
 
 
-def parse_from_node(frame: str | bytes) -> SignedFrame | ProgressFrame:
+def parse_from_node(
+    frame: str | bytes, *, max_text: int = MAX_DATA_FRAME
+) -> SignedFrame | ProgressFrame:
     """Parse a frame the coordinator received; raises RemoteProtocolError.
 
     Signature *verification* needs the registry (which key?) and happens in the
-    coordinator; here the message is only shape- and type-checked.
+    coordinator; here the message is only shape- and type-checked. *max_text* bounds a
+    JSON frame before it is parsed: the coordinator passes MAX_CONTROL_FRAME where no
+    large JSON frame may come (before auth, and from a node that sends data binary).
     """
-    d, data = _load_any(frame)
+    d, data = _load_any(frame, max_text)
     if d["type"] == ProgressFrame.TYPE:
         if len(frame) > MAX_CONTROL_FRAME:
             raise RemoteProtocolError(f"progress frame exceeds {MAX_CONTROL_FRAME} bytes")
