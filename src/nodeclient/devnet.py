@@ -137,8 +137,11 @@ def verify_task(task: dict[str, Any], result: bytes) -> str:
 
     Returns the recovered signer; raises DevnetError on any mismatch.
     """
+    limit = sys.getrecursionlimit()
     from eth_account import Account
     from eth_account.messages import encode_typed_data
+
+    sys.setrecursionlimit(limit)  # py_ecc raised it: see nodeclient.node.keys
 
     node = task["node_id"]
     expected = hashlib.sha256(

@@ -29,6 +29,7 @@ import json
 import os
 import re
 import stat
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +39,6 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey, RSAPublicKey
-from eth_account import Account
 
 from nodeclient.errors import KeyFileError, KeystoreError, SignatureError, UsageError
 from nodeclient.node.securefile import (
@@ -49,6 +49,15 @@ from nodeclient.node.securefile import (
     write_secrets,
 )
 from nodeclient.protocol.secp import Secp256k1Key, parse_address, to_checksum_address
+
+_RECURSION_LIMIT = sys.getrecursionlimit()
+from eth_account import Account  # noqa: E402
+
+# eth-account imports py_ecc, which raises the interpreter's recursion limit to 100,000 as
+# it is imported. At that depth a deeply nested JSON document ("[[[[...", from a peer)
+# overflows the C stack inside json.loads and kills the process with SIGSEGV instead of
+# raising RecursionError, which the frame parsers turn into a protocol error. Put it back.
+sys.setrecursionlimit(_RECURSION_LIMIT)
 
 NODE_KEY: Final = "node.key"
 LIVENESS_KEY: Final = "liveness.key"
