@@ -58,6 +58,9 @@ LINK_OPTIONS: Final[dict[str, Any]] = {
 CLOSE_NOT_REGISTERED: Final = 4003
 CLOSE_AUTH_FAILED: Final = 4001
 CLOSE_REPLACED: Final = 4004
+# An authenticated session that lasted this long resets the reconnect backoff, however it
+# ended; one that ends sooner (even with a clean close) backs off further.
+STABLE_LINK_S: Final = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +70,13 @@ class Retention:
     seconds: float = 72 * 3600.0
     bytes: int = 4096 << 20
     every: float = 3600.0  # how often prune runs (and once at start)
+
+
+_REPLACED_FIX: Final = (
+    "another connection with this node's key replaced this link: two daemons are running "
+    "with the same node key (a copied node home?). Stop one of them; each node needs its "
+    "own home, made with `nodeclient init`"
+)
 
 
 def _pruned_reason(entry: OutboxEntry) -> str:
@@ -172,13 +182,20 @@ class NodeDaemon:
             link = asyncio.create_task(self._link_loop())
             refresh = asyncio.create_task(self._refresh_metrics())
             prune = asyncio.create_task(self._prune_results())
-            await self._stopping.wait()
+            # The link loop retries every error, and ends by itself only after setting
+            # _stopping (a refused registration). Ending any other way is a bug that would
+            # leave the process alive to systemd but never again in touch with the
+            # coordinator: stop as for SIGTERM, and exit 1, so that the unit's
+            # Restart=on-failure starts a fresh process.
+            stop = asyncio.create_task(self._stopping.wait())
+            await asyncio.wait((link, stop), return_when=asyncio.FIRST_COMPLETED)
+            status = 0 if self._stopping.is_set() else self._link_ended(link)
             await self._drain()
             link.cancel()
             refresh.cancel()
             prune.cancel()
-            with contextlib.suppress(asyncio.CancelledError, RegistrationRefused):
-                await link
+            # Its exception, if any, is logged (_link_ended) or kept in self._fatal.
+            await asyncio.gather(link, return_exceptions=True)
             if self._fatal is not None:
                 raise self._fatal
         finally:
@@ -186,8 +203,21 @@ class NodeDaemon:
             with contextlib.suppress(FileNotFoundError):
                 (self.home / control.SOCKET_NAME).unlink()
             await self.executor.aclose()
-        log.info("daemon.stop", extra={"backlog": self.outbox.backlog()})
-        return 0
+        log.info("daemon.stop", extra={"backlog": self.outbox.backlog(), "exit_status": status})
+        return status
+
+    def _link_ended(self, link: asyncio.Task[None]) -> int:
+        """The link task ended without a stop request: log why, stop, and return 1."""
+        exc = None if link.cancelled() else link.exception()
+        if exc is not None:
+            error = f"{type(exc).__name__}: {exc}"
+        else:
+            error = "cancelled" if link.cancelled() else "returned"
+        log.error("link.task_ended", extra={"error": error[:300]}, exc_info=exc)
+        self.link.last_error = error[:300]
+        self._set_link("down")
+        self.request_stop()
+        return 1
 
     async def _refresh_metrics(self) -> None:
         """Keep the Prometheus gauges current (2.3.8); counters are bumped where tasks end."""
@@ -233,7 +263,18 @@ class NodeDaemon:
     async def register(self) -> dict[str, Any]:
         async with httpx.AsyncClient(timeout=30.0) as client:
             resp = await client.post(f"{self.url}/v1/nodes", json=self.manifest)
-        body: dict[str, Any] = resp.json() if resp.content else {}
+        try:
+            body = resp.json() if resp.content else {}
+        except ValueError:  # json.JSONDecodeError, UnicodeDecodeError
+            body = None
+        if not isinstance(body, dict):
+            # Not the coordinator's answer (a reverse proxy's HTML error page, a redirect):
+            # retried with backoff, whatever the status code.
+            kind = resp.headers.get("content-type", "no content type")
+            raise httpx.HTTPError(
+                f"registration failed ({resp.status_code}): the answer is not a JSON object "
+                f"({kind}): {resp.text[:200]!r}"
+            )
         if resp.status_code in (200, 201):
             log.info(
                 "node.registered",
@@ -258,7 +299,6 @@ class NodeDaemon:
                     await self.register()
                     registered = True
                 await self._connect_once()
-                delays = backoff(rand=self._rand.random)  # a good session resets the backoff
             except RegistrationRefused as exc:
                 log.error("node.registration_refused", extra={"reason": str(exc)})
                 self.link.last_error = str(exc)
@@ -269,7 +309,13 @@ class NodeDaemon:
                 code = exc.rcvd.code if exc.rcvd else None
                 reason = exc.rcvd.reason if exc.rcvd else ""
                 self.link.last_error = f"closed {code}: {reason}"
-                log.warning("link.closed", extra={"code": code, "reason": reason})
+                if code == CLOSE_REPLACED:
+                    log.error(
+                        "link.replaced",
+                        extra={"code": code, "reason": reason, "fix": _REPLACED_FIX},
+                    )
+                else:
+                    log.warning("link.closed", extra={"code": code, "reason": reason})
                 if code in (CLOSE_NOT_REGISTERED, CLOSE_AUTH_FAILED):
                     registered = False  # re-register (e.g. after a liveness key rotation)
             except (OSError, httpx.HTTPError, InvalidHandshake, InvalidURI, TimeoutError) as exc:
@@ -278,6 +324,14 @@ class NodeDaemon:
             except RemoteProtocolError as exc:
                 self.link.last_error = str(exc)
                 log.error("link.protocol_error", extra={"error": str(exc)})
+            except Exception as exc:  # a bug: say so, and reconnect like after any other error
+                self.link.last_error = f"{type(exc).__name__}: {exc}"[:300]
+                log.error("link.error", extra={"error": self.link.last_error}, exc_info=exc)
+            # Reset after a session that was authenticated and stayed up, however it ended:
+            # drops spread over months must not add up to the cap, and a coordinator that
+            # closes every link at once (even cleanly) must not be hammered.
+            if self.link.status == "up" and self.clock.now() - self.link.since >= STABLE_LINK_S:
+                delays = backoff(rand=self._rand.random)
             self._set_link("down")
             if self._stopping.is_set():
                 break
@@ -349,13 +403,19 @@ class NodeDaemon:
         elif isinstance(msg, messages.Dispatch):
             await self._on_dispatch(msg)
         elif isinstance(msg, messages.ResultAck):
-            await asyncio.to_thread(
-                self.outbox.mark_acked,
-                msg.task_id,
-                status=msg.status,
-                reason=msg.reason,
-                at=self.clock.now(),
-            )
+            try:
+                await asyncio.to_thread(
+                    self.outbox.mark_acked,
+                    msg.task_id,
+                    status=msg.status,
+                    reason=msg.reason,
+                    at=self.clock.now(),
+                )
+            except Exception:  # e.g. a failing disk: keep the link
+                # The result stays unacknowledged and is sent again on the next reconnect,
+                # which is safe: the coordinator answers a duplicate with the same ack.
+                log.exception("result.ack_failed", extra={"task_id": str(msg.task_id)})
+                return
             level = logging.INFO if msg.status != "rejected" else logging.WARNING
             log.log(
                 level,
@@ -437,12 +497,7 @@ class NodeDaemon:
                         node_id=self.node_id,
                         now=int(self.clock.now()),
                     )
-                except EnvelopeError as exc:
-                    self._ended(task.workload_class, "rejected", task.received_at)
-                    await self._reject(task.task_id, f"payload decryption failed: {exc}")
-                    return
-                started = time.monotonic()
-                try:
+                    started = time.monotonic()
                     cache_dir = self.executor.config.cache_dir
                     if inputs.needs_fetch(task.workload_class, payload, cache_dir=cache_dir):
                         payload = await asyncio.to_thread(self._resolve_inputs, task, payload)
@@ -455,6 +510,10 @@ class NodeDaemon:
                         resources=d.resources,
                         on_progress=self._progress_reporter(task.task_id),
                     )
+                except EnvelopeError as exc:  # only open_envelope raises it
+                    self._ended(task.workload_class, "rejected", task.received_at)
+                    await self._reject(task.task_id, f"payload decryption failed: {exc}")
+                    return
                 except TaskFailed as exc:
                     log.warning("task.failed", extra={"reason": exc.reason})
                     timed_out = exc.reason.startswith("deadline exceeded")  # the lease's end
@@ -462,6 +521,14 @@ class NodeDaemon:
                     outcome = "timed_out" if timed_out else "failed"
                     self._ended(task.workload_class, outcome, task.received_at)
                     await self._reject(task.task_id, exc.reason)
+                    return
+                except Exception as exc:  # a bug, or garbage from a worker
+                    # Nothing is committed yet, so a signed reject contradicts nothing, and
+                    # the task goes elsewhere now rather than when its lease runs out. The
+                    # reason names only the type: the traceback stays in this node's log.
+                    log.exception("task.internal_error")
+                    self._ended(task.workload_class, "failed", task.received_at)
+                    await self._reject(task.task_id, f"internal error: {type(exc).__name__}")
                     return
                 log.info(
                     "task.executed",
