@@ -517,3 +517,16 @@ def test_settle_reuses_only_a_clean_worker(
     assert (replaced == []) is reused
     if why is not None:
         assert slot.killed is not None and why in slot.killed
+
+
+def test_executor_refuses_a_layout_that_shows_the_node_home(tmp_path: Path) -> None:
+    """Given the node home, the executor checks every bind before it starts a worker: a
+    model cache that contains the home (and so its key files) is refused."""
+    from nodeclient.errors import UsageError
+
+    home = tmp_path / "cache" / "home"
+    home.mkdir(parents=True)
+    executor = make_executor(tmp_path / "x", cache_dir=tmp_path / "cache", node_home=home)
+    with pytest.raises(UsageError, match="contains the node home"):
+        asyncio.run(executor.warm_up())
+    executor.shutdown()

@@ -1,12 +1,19 @@
-"""Which payloads make the daemon fetch an input before the (offline) worker runs them."""
+"""Which payloads make the daemon fetch an input before the (offline) worker runs them,
+and how it fetches them into a model cache that sandboxed workers can write."""
 
 from __future__ import annotations
 
+import hashlib
+import os
 from pathlib import Path
 
+import httpx
 import numpy as np
+import pytest
 
-from nodeclient.node.inputs import needs_fetch
+from nodeclient.errors import RemoteProtocolError
+from nodeclient.node import sandbox
+from nodeclient.node.inputs import http_fetcher, needs_fetch, resolve
 from nodeclient.workloads.inference import make_request
 from nodeclient.workloads.tensors import encode_tensors, read_metadata
 from tests.models import identity_model
@@ -74,3 +81,120 @@ def test_read_metadata_matches_the_full_decode() -> None:
     """The header-only reader returns what decode_tensors would, without the tensors."""
     payload = encode_tensors(X, metadata={"b": "2", "a": "1"})
     assert read_metadata(payload) == {"a": "1", "b": "2"}
+
+
+# --- a model cache that workers can write (they can plant symlinks in it) ---------------
+
+
+def _by_url(model: bytes, url: str = "https://c.example/m") -> bytes:
+    return make_request(model, X, inline=False, model_url=url).encode()
+
+
+def _snapshot(directory: Path) -> dict[str, tuple[int, int, int, float, bytes]]:
+    """Everything a write, an eviction or a chown through a link would change."""
+    seen = {}
+    for path in [directory, *sorted(directory.iterdir())]:
+        st = path.lstat()
+        data = path.read_bytes() if path.is_file() else b""
+        seen[path.name] = (st.st_uid, st.st_gid, st.st_mode, st.st_mtime, data)
+    return seen
+
+
+def _stand_in_for_etc(tmp_path: Path) -> Path:
+    """A scratch directory playing /etc: a root-owned 0600 file, and one named like a model
+    (so an eviction or a cache write through a link would have something to hit)."""
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    (etc / "shadow").write_bytes(b"root:secret")
+    (etc / "shadow").chmod(0o600)
+    (etc / hashlib.sha256(b"old").hexdigest()).write_bytes(b"old")
+    return etc
+
+
+def test_symlinked_models_directory_is_refused(tmp_path: Path) -> None:
+    """A worker that replaced models/ with a link to /etc gets a Reject reason; the daemon
+    fetches nothing and writes, evicts or chowns nothing in the link's target."""
+    etc = _stand_in_for_etc(tmp_path)
+    before = _snapshot(etc)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "models").symlink_to(etc)
+    model = identity_model()
+    payload = _by_url(model)
+    fetched: list[str] = []
+
+    def fetch(url: str) -> bytes:
+        fetched.append(url)
+        return model
+
+    assert needs_fetch("ai.inference", payload, cache_dir=cache)  # handed on to resolve
+    with pytest.raises(RemoteProtocolError, match=r"models is a symlink.*refusing to follow"):
+        resolve("ai.inference", payload, fetch=fetch, cache_dir=cache, sandbox_owner=True)
+    assert fetched == []
+    assert _snapshot(etc) == before
+    assert (cache / "models").is_symlink()
+
+
+def test_symlinked_cache_file_is_not_followed(tmp_path: Path) -> None:
+    """A cache file replaced by a link is not a cached model: the daemon fetches the model
+    and stores it in place of the link; the link's target is neither written nor chowned."""
+    etc = _stand_in_for_etc(tmp_path)
+    before = _snapshot(etc)
+    model = identity_model()
+    sha = hashlib.sha256(model).hexdigest()
+    cache = tmp_path / "cache"
+    (cache / "models").mkdir(parents=True)
+    (cache / "models" / sha).symlink_to(etc / "shadow")
+    payload = _by_url(model)
+    assert needs_fetch("ai.inference", payload, cache_dir=cache)
+
+    as_root = os.geteuid() == 0  # only root can hand files to the sandbox uid
+    out = resolve(
+        "ai.inference", payload, fetch=lambda _: model, cache_dir=cache, sandbox_owner=as_root
+    )
+    assert out == payload
+    stored = cache / "models" / sha
+    assert not stored.is_symlink()
+    assert stored.read_bytes() == model
+    if as_root:
+        assert (stored.stat().st_uid, stored.stat().st_gid) == (
+            sandbox.SANDBOX_UID,
+            sandbox.SANDBOX_GID,
+        )
+        assert (cache / "models").stat().st_uid == sandbox.SANDBOX_UID
+    assert _snapshot(etc) == before
+    assert not needs_fetch("ai.inference", payload, cache_dir=cache)
+
+
+# --- URLs that the prefix check lets through but httpx cannot use --------------------------
+
+
+def test_invalid_url_becomes_a_reason_naming_it() -> None:
+    """httpx.InvalidURL is no httpx.HTTPError; it still ends as RemoteProtocolError."""
+    fetch = http_fetcher("https://coordinator.example")
+    with pytest.raises(RemoteProtocolError, match=r"GET 'http://\[::1/x' failed: Invalid port"):
+        fetch("http://[::1/x")
+
+
+def test_unusable_urls_are_reasons_with_the_url_truncated(tmp_path: Path) -> None:
+    """An unparseable URL, or a host the IDNA codec refuses, ends in resolve's
+    RemoteProtocolError with the URL cut to 80 characters, not a raw exception."""
+    fetch = http_fetcher("https://coordinator.example")
+    for url in ("http://[::1/" + "x" * 200, "http://" + "a" * 300 + "/model"):
+        payload = _by_url(identity_model(), url)
+        with pytest.raises(RemoteProtocolError) as info:
+            resolve("ai.inference", payload, fetch=fetch, cache_dir=tmp_path, sandbox_owner=False)
+        assert repr(url[:80]) in str(info.value)
+        assert url not in str(info.value)
+    assert not (tmp_path / "models").exists()  # nothing was fetched, so nothing stored
+
+
+def test_httpx_errors_from_an_injected_fetcher_are_reasons(tmp_path: Path) -> None:
+    """resolve translates httpx errors that a fetcher let through, InvalidURL included."""
+    payload = _by_url(identity_model())
+
+    def fetch(url: str) -> bytes:
+        raise httpx.InvalidURL("Invalid port: ':1'")
+
+    with pytest.raises(RemoteProtocolError, match="input could not be fetched: Invalid port"):
+        resolve("ai.inference", payload, fetch=fetch, cache_dir=tmp_path, sandbox_owner=False)

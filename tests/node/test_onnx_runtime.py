@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -19,6 +20,7 @@ from nodeclient.node.runtimes.onnx import (
     CUDA_PROVIDER,
     ModelCache,
     OnnxRuntime,
+    UnsafeCacheError,
     default_providers,
     usable,
 )
@@ -330,6 +332,89 @@ def test_cache_paths_only_take_hashes(tmp_path: Path) -> None:
     """A cache key is a hash, never a path."""
     with pytest.raises(ValueError, match="sha256"):
         ModelCache(tmp_path, max_bytes=1).path_for("../etc/passwd")
+
+
+def _tree(directory: Path) -> dict[str, tuple[int, int, int, float, bytes]]:
+    """Owner, mode, mtime and bytes of *directory* and its files, links not followed."""
+    seen = {}
+    for path in [directory, *sorted(directory.iterdir())]:
+        st = path.lstat()
+        data = path.read_bytes() if path.is_file() and not path.is_symlink() else b""
+        seen[path.name] = (st.st_uid, st.st_gid, st.st_mode, st.st_mtime, data)
+    return seen
+
+
+def test_cache_never_follows_a_symlinked_directory(tmp_path: Path) -> None:
+    """A cache directory a worker replaced with a link (to /etc, say) is refused: nothing is
+    written, read, evicted or chowned in the target, and contains() says why."""
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    old = b"o" * 16
+    (etc / _digest(old)).write_bytes(old)  # evictable, were the link followed
+    (etc / "passwd").write_bytes(b"root:x:0:0")
+    before = _tree(etc)
+    (tmp_path / "models").symlink_to(etc)
+    cache = ModelCache(tmp_path / "models", max_bytes=20)
+    new = b"n" * 16
+    owner = (os.geteuid(), os.getegid()) if os.geteuid() else (65534, 65534)
+    with pytest.raises(UnsafeCacheError, match="is a symlink or not a directory"):
+        cache.contains(_digest(new))
+    assert not cache.put(_digest(new), new, owner=owner)
+    assert cache.get(_digest(old)) is None
+    assert cache.entries() == []
+    assert _tree(etc) == before
+
+
+def test_cache_refuses_a_directory_that_is_a_file(tmp_path: Path) -> None:
+    """A file planted where the cache directory belongs is refused the same way."""
+    (tmp_path / "models").write_bytes(b"not a directory")
+    cache = ModelCache(tmp_path / "models", max_bytes=20)
+    with pytest.raises(UnsafeCacheError):
+        cache.contains(_digest(b"m"))
+    assert not cache.put(_digest(b"m"), b"m")
+    assert (tmp_path / "models").read_bytes() == b"not a directory"
+
+
+def test_cache_never_follows_a_symlinked_entry(tmp_path: Path) -> None:
+    """A cache file replaced by a link is a miss, is never read, is skipped by eviction, and
+    a put replaces the link itself; the target keeps its bytes, owner and mode."""
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    model = b"m" * 8
+    (etc / "shadow").write_bytes(model)  # even bytes that match the hash are not trusted
+    (etc / "shadow").chmod(0o600)
+    before = _tree(etc)
+    clock = FakeClock()
+    cache = ModelCache(tmp_path / "models", max_bytes=20, clock=clock)
+    cache.directory.mkdir()
+    (cache.directory / _digest(model)).symlink_to(etc / "shadow")
+    linked = cache.directory / _digest(b"l")
+    linked.symlink_to(etc / "shadow")
+    assert not cache.contains(_digest(model))
+    assert cache.get(_digest(model)) is None
+    assert cache.entries() == []
+    owner = (os.geteuid(), os.getegid()) if os.geteuid() else (65534, 65534)
+    assert cache.put(_digest(model), model, owner=owner)
+    stored = cache.path_for(_digest(model))
+    assert not stored.is_symlink()
+    assert (stored.stat().st_uid, stored.stat().st_gid) == owner
+    assert cache.get(_digest(model)) == model
+    clock.now += 10
+    big = b"b" * 16
+    assert cache.put(_digest(big), big)  # 24 bytes: the older model is evicted, the link not
+    assert [sha for sha, _, _ in cache.entries()] == [_digest(big)]
+    assert linked.is_symlink()
+    assert _tree(etc) == before
+
+
+def test_cache_does_not_hang_on_a_planted_fifo(tmp_path: Path) -> None:
+    """A FIFO named like a model is a miss at once, not a read that waits for a writer."""
+    cache = ModelCache(tmp_path, max_bytes=20)
+    os.mkfifo(tmp_path / _digest(b"m"))
+    assert not cache.contains(_digest(b"m"))
+    assert cache.get(_digest(b"m")) is None
+    assert cache.put(_digest(b"m"), b"m")
+    assert cache.get(_digest(b"m")) == b"m"
 
 
 # --- refusing what the requester got wrong --------------------------------------------

@@ -7,16 +7,19 @@ a normal inference must still give OnnxRuntime's exact bytes.
 from __future__ import annotations
 
 import json
+import os
 import socket
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from nodeclient.errors import UsageError
+from nodeclient.errors import NodeClientError, UsageError
 from nodeclient.node import sandbox
-from nodeclient.node.executor import TaskFailed
+from nodeclient.node.executor import TaskFailed, _chown_tree
 from tests.node.sandbox_harness import Node, warm_node
 
 
@@ -61,6 +64,134 @@ def test_probe_reports_a_missing_binary(tmp_path: Path) -> None:
     ok, why = sandbox.probe(str(tmp_path / "no-such-bwrap"))
     assert not ok
     assert "bwrap" in why
+
+
+# --- the node home stays outside ----------------------------------------------------------
+
+
+def _home(tmp_path: Path) -> Path:
+    home = tmp_path.resolve() / "home" / ".nodeclient"
+    home.mkdir(parents=True)
+    (home / "node.key").write_bytes(b"secret")
+    return home
+
+
+def test_layout_with_the_home_kept_out(tmp_path: Path) -> None:
+    """The usual layout passes: the cache in its own directory of the home, work outside."""
+    home = _home(tmp_path)
+    layout = sandbox.make_layout(
+        workdir=tmp_path / "work" / "slot-0", cache_dir=home / "models", node_home=home
+    )
+    assert layout.read_only
+    for path in (*layout.read_only, layout.workdir):
+        assert not home.is_relative_to(path)
+        assert not path.is_relative_to(home)
+
+
+def test_python_installed_around_the_home_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Python under $HOME (pyenv, ~/bin/python3) whose tree holds the node home is refused:
+    bound read-only, it would show the key files to every task."""
+    home = _home(tmp_path)
+    monkeypatch.setattr(sys, "base_prefix", str(tmp_path / "home"))
+    with pytest.raises(UsageError) as info:
+        sandbox.make_layout(workdir=tmp_path / "work", cache_dir=home / "models", node_home=home)
+    message = str(info.value)
+    assert f"Python installation {(tmp_path / 'home').resolve()}" in message
+    assert "contains the node home" in message
+    assert "move the node home" in message
+    assert "or use a Python installed outside it" in message
+
+
+@pytest.mark.parametrize(
+    ("where", "match"),
+    [
+        ("extra=ancestor", "extra_python_path entry .* contains the node home"),
+        ("extra=home", "extra_python_path entry .* contains the node home"),
+        ("extra=inside", "extra_python_path entry .* lies inside the node home"),
+        ("workdir=home", "work directory .* contains the node home"),
+        ("cache=ancestor", "model cache .* contains the node home"),
+    ],
+)
+def test_binds_that_show_the_home_are_refused(tmp_path: Path, where: str, match: str) -> None:
+    """No bind may be the home or one of its ancestors, and no read-only bind inside it."""
+    home = _home(tmp_path)
+    paths = {"ancestor": tmp_path / "home", "home": home, "inside": home / "plugins"}
+    paths["inside"].mkdir()
+    kind, _, which = where.partition("=")
+    kwargs: dict[str, Any] = {"workdir": tmp_path / "work", "cache_dir": home / "models"}
+    if kind == "extra":
+        kwargs["extra_python_path"] = [paths[which]]
+    else:
+        kwargs["workdir" if kind == "workdir" else "cache_dir"] = paths[which]
+    with pytest.raises(UsageError, match=match):
+        sandbox.make_layout(node_home=home, **kwargs)
+    sandbox.make_layout(**kwargs)  # without a home nothing is checked: existing callers work
+
+
+def test_home_under_usr_is_refused(tmp_path: Path) -> None:
+    """Every sandbox sees /usr, so a node home there would be visible too."""
+    with pytest.raises(UsageError, match="system directory /usr .* contains the node home"):
+        sandbox.make_layout(
+            workdir=tmp_path / "work",
+            cache_dir=tmp_path / "models",
+            node_home=Path("/usr/local/var/nodeclient"),
+        )
+
+
+# --- handing the model cache to the sandbox uid --------------------------------------------
+
+
+def _sandbox_ids(monkeypatch: pytest.MonkeyPatch) -> tuple[int, int]:
+    """65534 as root (as CI runs); otherwise our own ids, the only ones we may chown to."""
+    if os.geteuid() == 0:
+        return sandbox.SANDBOX_UID, sandbox.SANDBOX_GID
+    monkeypatch.setattr(sandbox, "SANDBOX_UID", os.geteuid())
+    monkeypatch.setattr(sandbox, "SANDBOX_GID", os.getegid())
+    return os.geteuid(), os.getegid()
+
+
+def _owners(directory: Path) -> dict[str, tuple[int, int]]:
+    return {
+        str(p.relative_to(directory.parent)): (p.lstat().st_uid, p.lstat().st_gid)
+        for p in [directory, *directory.rglob("*")]
+    }
+
+
+def test_chown_tree_never_follows_a_planted_symlink(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Links a worker left in the cache are chowned themselves; what they point at is not."""
+    ids = _sandbox_ids(monkeypatch)
+    etc = tmp_path / "etc"
+    (etc / "sub").mkdir(parents=True)
+    (etc / "shadow").write_bytes(b"root:secret")
+    (etc / "sub" / "file").write_bytes(b"x")
+    before = _owners(etc)
+    cache = tmp_path / "cache"
+    (cache / "scenes").mkdir(parents=True)
+    (cache / "scenes" / "a").write_bytes(b"a")
+    (cache / "models").symlink_to(etc)
+    (cache / "scenes" / "b").symlink_to(etc / "shadow")
+    _chown_tree(cache)
+    assert _owners(etc) == before
+    assert set(_owners(cache).values()) == {ids}  # the links included, via lchown
+
+
+def test_chown_tree_refuses_a_symlinked_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cache directory that is itself a link is refused, and its target left alone."""
+    _sandbox_ids(monkeypatch)
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    (etc / "shadow").write_bytes(b"root:secret")
+    before = _owners(etc)
+    (tmp_path / "models").symlink_to(etc)
+    with pytest.raises(NodeClientError, match="is a symlink or not a directory"):
+        _chown_tree(tmp_path / "models")
+    assert _owners(etc) == before
 
 
 # --- what the sandbox looks like from inside -----------------------------------------------

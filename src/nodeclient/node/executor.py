@@ -103,6 +103,7 @@ class WorkerConfig:
     extra_python_path: tuple[Path, ...] = ()  # bound read-only, put on PYTHONPATH
     gpus: tuple[tuple[int, int], ...] = ()  # (index, vram_mb); slot i gets gpus[i % n]
     work_root: Path | None = None  # default: a fresh directory outside the node home
+    node_home: Path | None = None  # checked against every bind (sandbox.make_layout)
     threads: int | None = None  # OMP_NUM_THREADS of each worker
     max_payload_bytes: int = DEFAULT_MAX_PAYLOAD
     max_result_bytes: int = DEFAULT_MAX_RESULT
@@ -330,6 +331,7 @@ class Executor:
                 cache_dir=cache,
                 extra_python_path=self.config.extra_python_path,
                 gpus=gpus,
+                node_home=self.config.node_home,
             )
             inside = {
                 "workdir": str(sandbox.INSIDE_WORK if sandboxed else workdir),
@@ -634,9 +636,26 @@ def _widen_pipe(stream: object) -> None:
 
 
 def _chown_tree(path: Path) -> None:
-    """Give the model cache to the sandbox uid, so workers can fill and evict it."""
-    for root, dirs, files in os.walk(path):
-        for name in (*dirs, *files):
-            with contextlib.suppress(OSError):
-                os.lchown(os.path.join(root, name), sandbox.SANDBOX_UID, sandbox.SANDBOX_GID)
-    os.chown(path, sandbox.SANDBOX_UID, sandbox.SANDBOX_GID)
+    """Give the model cache to the sandbox uid, so workers can fill and evict it.
+
+    Earlier workers could plant symlinks in it, so nothing here follows one: the cache is
+    opened with O_NOFOLLOW (refused if it is a symlink), ``os.fwalk`` descends only into
+    real directories, and every chown is relative to an open directory and does not
+    follow a link.
+    """
+    uid, gid = sandbox.SANDBOX_UID, sandbox.SANDBOX_GID
+    try:
+        top = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        raise NodeClientError(
+            f"model cache {path} is a symlink or not a directory ({exc.strerror}); "
+            "the daemon will not hand it to the sandbox uid: make it a plain directory"
+        ) from exc
+    try:
+        for _, dirs, files, dir_fd in os.fwalk(".", dir_fd=top, follow_symlinks=False):
+            for name in (*dirs, *files):
+                with contextlib.suppress(OSError):
+                    os.chown(name, uid, gid, dir_fd=dir_fd, follow_symlinks=False)
+        os.fchown(top, uid, gid)
+    finally:
+        os.close(top)

@@ -10,7 +10,6 @@ coordinator's blob store (``/v1/blobs/<sha256>``).
 from __future__ import annotations
 
 import hashlib
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
@@ -25,6 +24,11 @@ if TYPE_CHECKING:  # imported lazily: the daemon needs it only for models by URL
     from nodeclient.node.runtimes.onnx import ModelCache
 
 MAX_FETCH_BYTES: Final = 256 * 1024 * 1024
+_MAX_ERROR_CHARS: Final = 200
+# What building and sending a request can raise for a URL the prefix check let through:
+# httpx.InvalidURL (e.g. ``http://[::1/x``) is no HTTPError, and a host name the IDNA codec
+# refuses (a label over 63 characters) surfaces as a UnicodeError.
+_FETCH_ERRORS: Final = (httpx.HTTPError, httpx.InvalidURL, UnicodeError)
 
 Fetch = Callable[[str], bytes]
 
@@ -40,16 +44,24 @@ def http_fetcher(
         if not url.startswith(("http://", "https://")):
             raise RemoteProtocolError(f"blob URL must be http(s) or /v1/blobs/…: {url[:80]}")
         data = bytearray()
-        with httpx.stream("GET", url, timeout=timeout) as resp:
-            if resp.status_code != 200:
-                raise RemoteProtocolError(f"GET {url[:80]} answered {resp.status_code}")
-            for chunk in resp.iter_bytes():
-                data += chunk
-                if len(data) > max_bytes:
-                    raise RemoteProtocolError(f"blob at {url[:80]} exceeds {max_bytes} bytes")
+        try:
+            with httpx.stream("GET", url, timeout=timeout) as resp:
+                if resp.status_code != 200:
+                    raise RemoteProtocolError(f"GET {url[:80]} answered {resp.status_code}")
+                for chunk in resp.iter_bytes():
+                    data += chunk
+                    if len(data) > max_bytes:
+                        raise RemoteProtocolError(f"blob at {url[:80]} exceeds {max_bytes} bytes")
+        except _FETCH_ERRORS as exc:
+            raise RemoteProtocolError(f"GET {url[:80]!r} failed: {_short(exc)}") from exc
         return bytes(data)
 
     return fetch
+
+
+def _short(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text if len(text) <= _MAX_ERROR_CHARS else text[:_MAX_ERROR_CHARS] + "..."
 
 
 # The metadata keys through which each class references inputs by URL or by hash.
@@ -68,11 +80,10 @@ def needs_fetch(workload_class: str, payload: bytes, *, cache_dir: Path) -> bool
     if metadata is None:
         return False
     if workload_class == "ai.inference":
-        try:
-            path = _model_cache(cache_dir).path_for(metadata.get("model_sha256", ""))
-        except ValueError:
-            return True  # resolve decodes it and reports the bad hash
-        return not path.is_file()  # the worker verifies the file's hash when it reads it
+        try:  # the worker verifies the file's hash when it reads it
+            return not _model_cache(cache_dir).contains(metadata.get("model_sha256", ""))
+        except (ValueError, OSError):
+            return True  # resolve reports the bad hash, or refuses the planted cache
     return True
 
 
@@ -108,8 +119,8 @@ def resolve(
             from nodeclient.workloads import render
 
             return render.resolve_blobs(payload, fetch)
-    except httpx.HTTPError as exc:
-        raise RemoteProtocolError(f"input could not be fetched: {exc}") from exc
+    except (httpx.HTTPError, httpx.InvalidURL) as exc:  # a fetcher that did not translate
+        raise RemoteProtocolError(f"input could not be fetched: {_short(exc)}") from exc
     return payload
 
 
@@ -121,6 +132,7 @@ def _model_cache(cache_dir: Path) -> ModelCache:
 
 
 def _resolve_model(payload: bytes, fetch: Fetch, cache: ModelCache, sandbox_owner: bool) -> bytes:
+    from nodeclient.node.runtimes.onnx import UnsafeCacheError
     from nodeclient.workloads.inference import InferenceRequest
 
     try:
@@ -129,8 +141,13 @@ def _resolve_model(payload: bytes, fetch: Fetch, cache: ModelCache, sandbox_owne
         return payload  # the worker reports the precise decoding error
     if request.model is not None or request.model_url is None:
         return payload
-    if cache.path_for(request.model_sha256).is_file():
-        return payload  # the worker verifies the hash when it reads the file
+    # Workers can write the cache: a planted symlink is refused here, before anything is
+    # fetched, and put() never follows one, even one planted meanwhile.
+    try:
+        if cache.contains(request.model_sha256):
+            return payload  # the worker verifies the hash when it reads the file
+    except UnsafeCacheError as exc:
+        raise RemoteProtocolError(str(exc)) from exc
     data = fetch(request.model_url)
     actual = hashlib.sha256(data).hexdigest()
     if actual != request.model_sha256:
@@ -138,7 +155,6 @@ def _resolve_model(payload: bytes, fetch: Fetch, cache: ModelCache, sandbox_owne
             f"model at {request.model_url[:80]} has sha256 {actual}, "
             f"expected {request.model_sha256}"
         )
-    if cache.put(request.model_sha256, data) and sandbox_owner:
-        for path in (cache.directory, cache.path_for(request.model_sha256)):
-            os.chown(path, sandbox.SANDBOX_UID, sandbox.SANDBOX_GID)
+    owner = (sandbox.SANDBOX_UID, sandbox.SANDBOX_GID) if sandbox_owner else None
+    cache.put(request.model_sha256, data, owner=owner)
     return payload

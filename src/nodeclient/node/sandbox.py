@@ -13,7 +13,8 @@ built here:
   the nodeclient package bound **read-only**; ``/tmp`` is a private tmpfs; the only writable
   host directories are the slot's work directory (``/nodeclient/work``) and the model
   cache (``/nodeclient/cache``, content-addressed and hash-checked on every read, so a
-  task cannot poison it); nothing else of the node home, and so no key file, is inside;
+  task cannot poison it); nothing else of the node home, and so no key file, is inside
+  (given the node home, :func:`make_layout` refuses any bind that would show it);
 * it runs as an unprivileged uid (65534). Started by root, bwrap keeps only CAP_SETUID and
   CAP_SETGID, and the worker drops to 65534 as its first act, so the kernel counts its
   processes against RLIMIT_NPROC (the kernel exempts uid 0 from that limit, even inside a
@@ -64,6 +65,8 @@ _ETC_FILES: Final = (
     "/etc/localtime",
     "/etc/alternatives",
 )
+# Bound into every sandbox whatever the layout; the node home must not be among them.
+_SYSTEM_BINDS: Final = ("/usr", *_LIB_DIRS, *_ETC_FILES)
 _GPU_SHARED_NODES: Final = ("/dev/nvidiactl", "/dev/nvidia-uvm", "/dev/nvidia-uvm-tools")
 REFUSAL: Final = (
     "no working sandbox: install bubblewrap (`apt-get install bubblewrap`) "
@@ -111,8 +114,8 @@ class Limits:
 class Layout:
     """What one slot's worker sees: host paths to bind, and how to start Python."""
 
-    workdir: Path  # host directory of this slot, writable, bound at /work
-    cache_dir: Path  # host model cache, bound at /cache
+    workdir: Path  # host directory of this slot, writable, bound at INSIDE_WORK
+    cache_dir: Path  # host model cache, writable, bound at INSIDE_CACHE
     read_only: tuple[Path, ...]  # Python installation, package source, extra import paths
     python_path: tuple[Path, ...]  # PYTHONPATH inside (package source first)
     python: Path = Path(sys.executable)
@@ -173,14 +176,29 @@ def make_layout(
     cache_dir: Path,
     extra_python_path: Sequence[Path] = (),
     gpus: Sequence[int] = (),
+    node_home: Path | None = None,
 ) -> Layout:
-    """The layout of one slot: this interpreter, this package, plus *extra_python_path*."""
+    """The layout of one slot: this interpreter, this package, plus *extra_python_path*.
+
+    With *node_home*, a layout that would put the home's key files inside the sandbox is
+    refused (UsageError): see :func:`_check_home_hidden`.
+    """
     pkg = package_root()
     extra = tuple(p.resolve() for p in extra_python_path)
-    read_only = _outermost([*python_roots(), pkg, *extra])
+    python = python_roots()
+    read_only = _outermost([*python, pkg, *extra])
     for path in read_only:
         if path.is_relative_to(INSIDE_WORK.parent):
             raise UsageError(f"{path} collides with the sandbox's {INSIDE_WORK.parent}")
+    if node_home is not None:
+        kinds = dict.fromkeys(extra, "extra_python_path entry")
+        kinds[pkg] = "nodeclient package"
+        kinds.update(dict.fromkeys(python, "Python installation"))
+        _check_home_hidden(
+            node_home.resolve(),
+            read_only=[(p, kinds[p]) for p in read_only],
+            writable=[(workdir.resolve(), "work directory"), (cache_dir.resolve(), "model cache")],
+        )
     return Layout(
         workdir=workdir,
         cache_dir=cache_dir,
@@ -188,6 +206,47 @@ def make_layout(
         python_path=(pkg, *extra),
         gpus=tuple(gpus),
     )
+
+
+# The other way out of a refusal, by what the offending bind is.
+_ELSE_MOVE: Final = {
+    "Python installation": ", or use a Python installed outside it (not in the home's tree)",
+    "nodeclient package": ", or install nodeclient outside it",
+    "extra_python_path entry": ", or take the entry out of extra_python_path",
+}
+
+
+def _check_home_hidden(
+    home: Path, *, read_only: Sequence[tuple[Path, str]], writable: Sequence[tuple[Path, str]]
+) -> None:
+    """Refuse a bind that would show the node home inside the sandbox.
+
+    Without root, bwrap maps the daemon's uid to the worker's, so the home's 0600 key files
+    are readable by any task that can see them. A read-only bind may be neither the home,
+    nor inside it, nor one of its ancestors; nor may the system directories every sandbox
+    gets. The writable work directory and model cache may sit in their own directory
+    inside the home (the model cache does by default), but may not be it or contain it.
+    """
+    system = [(Path(p).resolve(), "system directory") for p in _SYSTEM_BINDS if os.path.exists(p)]
+    for path, kind in [*read_only, *system]:
+        if home.is_relative_to(path):
+            raise UsageError(
+                f"the {kind} {path} is bound read-only into the sandbox and contains the node "
+                f"home {home}, so tasks could read its key files; move the node home "
+                f"(--home or NODECLIENT_HOME) out of {path}{_ELSE_MOVE.get(kind, '')}"
+            )
+        if path.is_relative_to(home):
+            raise UsageError(
+                f"the {kind} {path} is bound read-only into the sandbox and lies inside the "
+                f"node home {home}, so tasks could see part of the home; move the node home "
+                f"(--home or NODECLIENT_HOME) or the {kind} so that neither contains the other"
+            )
+    for path, kind in writable:
+        if home.is_relative_to(path):
+            raise UsageError(
+                f"the {kind} {path} is bound into the sandbox and contains the node home "
+                f"{home}, so tasks could read its key files; use a directory outside it"
+            )
 
 
 def worker_env(layout: Layout, *, threads: int | None = None) -> dict[str, str]:

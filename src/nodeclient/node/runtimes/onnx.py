@@ -26,11 +26,14 @@ so building an OnnxRuntime is cheap and the CLI starts fast.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import importlib
 import os
 import re
-import tempfile
+import secrets
+import stat
 import threading
 import time
 from collections import OrderedDict
@@ -53,6 +56,7 @@ DEFAULT_MAX_MODEL_BYTES: Final = 256 * 1024 * 1024
 DEFAULT_MAX_CACHE_BYTES: Final = 4 * 1024 * 1024 * 1024
 _SHA256_RE: Final = re.compile(r"[0-9a-f]{64}")
 _MAX_ERROR_CHARS: Final = 400
+_DIRECTORY_FLAGS: Final = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 # ONNX Runtime's type strings for the tensor types the result container can carry.
 _ORT_DTYPES: Final[Mapping[str, np.dtype[Any]]] = {
@@ -92,6 +96,14 @@ def _short(exc: BaseException) -> str:
     return text if len(text) <= _MAX_ERROR_CHARS else text[:_MAX_ERROR_CHARS] + "..."
 
 
+class UnsafeCacheError(OSError):
+    """A cache path is a symlink or not a directory: planted there, not a disk fault.
+
+    Workers write the model cache from inside the sandbox, so anything they leave in it is
+    untrusted; the daemon, which writes it from outside, must not follow what they plant.
+    """
+
+
 class ModelCache:
     """Content-addressed ONNX models on disk: one file per model, named by its SHA-256 hex.
 
@@ -100,6 +112,13 @@ class ModelCache:
     miss), and evicted least recently used first, by modification time, which every read
     refreshes from the injected clock, once the total passes *max_bytes*. The cache is an
     optimisation: disk errors make it miss, never fail a task.
+
+    Sandboxed workers can write the directory, and the daemon writes it from outside the
+    sandbox, so nothing here follows a symlink: the directory is opened with
+    ``O_NOFOLLOW`` and every file is created, read, renamed, chowned and unlinked relative
+    to that open directory, never by path. A directory that is a symlink (or not a
+    directory) is refused: :meth:`contains` raises :class:`UnsafeCacheError`, and the other
+    methods miss. Entries that are not regular files are skipped, never opened.
     """
 
     def __init__(
@@ -115,83 +134,173 @@ class ModelCache:
             raise ValueError(f"not a sha256 hex digest: {sha256!r}")
         return self.directory / sha256
 
-    def _touch(self, path: Path) -> None:
-        now = self._clock()
-        os.utime(path, (now, now))
+    def _open_directory(self, *, create: bool) -> int:
+        """The cache directory, opened without following a symlink at its last component.
+
+        Raises UnsafeCacheError when it is a symlink or not a directory, FileNotFoundError
+        when it is missing (and not *create*), OSError otherwise. Its parents are the
+        operator's, not the sandbox's, and are followed.
+        """
+        if create:
+            self.directory.parent.mkdir(parents=True, exist_ok=True)
+            with contextlib.suppress(FileExistsError):  # mkdir never follows a planted link
+                os.mkdir(self.directory, 0o700)
+        try:
+            return os.open(self.directory, _DIRECTORY_FLAGS)
+        except OSError as exc:
+            if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                raise UnsafeCacheError(
+                    f"model cache {self.directory} is a symlink or not a directory; "
+                    "refusing to follow it (a task may have planted it: remove it)",
+                ) from exc
+            raise
+
+    def contains(self, sha256: str) -> bool:
+        """Whether model *sha256* is stored as a regular file (readers check its hash).
+
+        Raises UnsafeCacheError if the cache directory is a symlink or not a directory;
+        any other disk error is a miss.
+        """
+        name = self.path_for(sha256).name
+        try:
+            dir_fd = self._open_directory(create=False)
+        except UnsafeCacheError:
+            raise
+        except OSError:
+            return False
+        try:
+            mode = os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode
+        except OSError:
+            return False
+        finally:
+            os.close(dir_fd)
+        return stat.S_ISREG(mode)
 
     def get(self, sha256: str) -> bytes | None:
         """The verified bytes of model *sha256*, or None."""
-        path = self.path_for(sha256)
+        name = self.path_for(sha256).name
         with self._lock:
-            return self._read(path, sha256)
+            try:
+                dir_fd = self._open_directory(create=False)
+            except OSError:
+                return None
+            try:
+                return self._read(dir_fd, name)
+            finally:
+                os.close(dir_fd)
 
-    def _read(self, path: Path, sha256: str) -> bytes | None:
+    def _read(self, dir_fd: int, sha256: str) -> bytes | None:
         try:
-            if path.stat().st_size > self.max_bytes:
-                path.unlink()
-                return None
-            data = path.read_bytes()
-            if hashlib.sha256(data).hexdigest() != sha256:
-                path.unlink()
-                return None
-            self._touch(path)
+            # O_NONBLOCK: a planted FIFO must not hang the reader; a symlink fails (ELOOP).
+            fd = os.open(
+                sha256, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd
+            )
+        except OSError:
+            return None
+        try:
+            with os.fdopen(fd, "rb") as handle:
+                info = os.fstat(handle.fileno())
+                if not stat.S_ISREG(info.st_mode):
+                    return None
+                if info.st_size > self.max_bytes:
+                    os.unlink(sha256, dir_fd=dir_fd)
+                    return None
+                data = handle.read(self.max_bytes + 1)
+                if hashlib.sha256(data).hexdigest() != sha256:
+                    os.unlink(sha256, dir_fd=dir_fd)
+                    return None
+                now = self._clock()
+                os.utime(handle.fileno(), (now, now))
         except OSError:
             return None
         return data
 
-    def put(self, sha256: str, data: bytes) -> bool:
-        """Store *data* (whose hash the caller has checked); False if it was not stored."""
-        path = self.path_for(sha256)
+    def put(self, sha256: str, data: bytes, *, owner: tuple[int, int] | None = None) -> bool:
+        """Store *data* (whose hash the caller has checked); False if it was not stored.
+
+        With *owner* ``(uid, gid)``, the directory and the file are handed to that user
+        (the sandbox's, so workers can read and evict what the daemon stored).
+        """
+        name = self.path_for(sha256).name
         if len(data) > self.max_bytes:
             return False
         with self._lock:
-            return self._write(path, sha256, data)
+            try:
+                dir_fd = self._open_directory(create=True)
+            except OSError:
+                return False
+            try:
+                return self._write(dir_fd, name, data, owner)
+            finally:
+                os.close(dir_fd)
 
-    def _write(self, path: Path, sha256: str, data: bytes) -> bool:
-        tmp: str | None = None
+    def _write(self, dir_fd: int, sha256: str, data: bytes, owner: tuple[int, int] | None) -> bool:
+        tmp = f".partial-{secrets.token_hex(8)}"
+        written = False
         try:
-            self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".partial-")
+            if owner is not None:
+                os.fchown(dir_fd, *owner)
+            # O_EXCL: a name planted in the meantime, symlink or not, fails the create.
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+            fd = os.open(tmp, flags, 0o600, dir_fd=dir_fd)
             with os.fdopen(fd, "wb") as handle:
                 handle.write(data)
                 handle.flush()
+                if owner is not None:  # the open file, not a path a worker could swap
+                    os.fchown(handle.fileno(), *owner)
+                now = self._clock()
+                os.utime(handle.fileno(), (now, now))
                 os.fsync(handle.fileno())
-            os.replace(tmp, path)
-            tmp = None
-            self._touch(path)
-            self._evict(keep=sha256)
+            # rename replaces a planted link at the name instead of writing through it
+            os.replace(tmp, sha256, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+            written = True
+            self._evict(dir_fd, keep=sha256)
         except OSError:
             return False
         finally:
-            if tmp is not None:
-                Path(tmp).unlink(missing_ok=True)
+            if not written:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp, dir_fd=dir_fd)
         return True
 
     def entries(self) -> list[tuple[str, int, float]]:
         """``(sha256, size, mtime)`` of every cached model, least recently used first."""
-        found: list[tuple[str, int, float]] = []
         try:
-            children = list(self.directory.iterdir())
+            dir_fd = self._open_directory(create=False)
         except OSError:
             return []
-        for child in children:
-            if _SHA256_RE.fullmatch(child.name):
-                try:
-                    stat = child.stat()
-                except OSError:
-                    continue
-                found.append((child.name, stat.st_size, stat.st_mtime))
+        try:
+            return self._entries(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+    def _entries(self, dir_fd: int) -> list[tuple[str, int, float]]:
+        found: list[tuple[str, int, float]] = []
+        try:
+            with os.scandir(dir_fd) as children:
+                for child in children:
+                    if not _SHA256_RE.fullmatch(child.name):
+                        continue
+                    try:
+                        info = child.stat(follow_symlinks=False)
+                    except OSError:
+                        continue
+                    if stat.S_ISREG(info.st_mode):
+                        found.append((child.name, info.st_size, info.st_mtime))
+        except OSError:
+            return []
         found.sort(key=lambda entry: (entry[2], entry[0]))
         return found
 
-    def _evict(self, *, keep: str) -> None:
-        entries = self.entries()
+    def _evict(self, dir_fd: int, *, keep: str) -> None:
+        entries = self._entries(dir_fd)
         total = sum(size for _, size, _ in entries)
         for sha256, size, _ in entries:
             if total <= self.max_bytes:
                 break
             if sha256 != keep:
-                self.path_for(sha256).unlink(missing_ok=True)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(sha256, dir_fd=dir_fd)
                 total -= size
 
 
