@@ -5,6 +5,7 @@ The slices run on the real PyTorch runtime; aggregation is the real coordinator/
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import torch
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from nodeclient.coordinator import models as m
 from nodeclient.coordinator import rounds, store
@@ -148,23 +150,26 @@ def test_round_matches_a_one_process_reference(digits: tuple, runtime: TorchTrai
 def test_nan_or_huge_slice_is_rejected_and_the_round_completes(
     digits: tuple, runtime: TorchTrainRuntime, spoil: Callable[[Arrays], Arrays], reason: str
 ) -> None:
-    """A NaN or outsized pseudo-gradient is dropped with a reason; the other slice is the mean."""
+    """Of three slices, a NaN or outsized pseudo-gradient is dropped with a reason; the mean is
+    that of the other two."""
     job = _job(digits, inner_steps=5)
-    payloads = job.round_zero(2)
-    good, bad = (tr.PseudoGradient.decode(runtime.run(p), shapes=job.model.parameter_shapes(),
-                                          grad_dtype="F32") for p in payloads)  # fmt: skip
+    payloads = job.round_zero(3)
+    good0, good1, bad = (tr.PseudoGradient.decode(runtime.run(p),
+                                                  shapes=job.model.parameter_shapes(),
+                                                  grad_dtype="F32") for p in payloads)  # fmt: skip
     spoiled = tr.PseudoGradient(spoil(bad.deltas), bad.base_sha256, bad.shard_sha256, bad.steps,
                                 bad.first_loss, bad.last_loss).encode()  # fmt: skip
     outcome = rounds.aggregate(
-        _subs(payloads, [good.encode(), spoiled]), shapes=job.model.parameter_shapes(),
-        base_sha256=good.base_sha256, config=job.config,
+        _subs(payloads, [good0.encode(), good1.encode(), spoiled]),
+        shapes=job.model.parameter_shapes(), base_sha256=good0.base_sha256, config=job.config,
     )  # fmt: skip
-    assert outcome.used == (0,)
-    assert outcome.dropped[0][0] == 1
+    assert outcome.used == (0, 1)
+    assert outcome.dropped[0][0] == 2
     assert reason in outcome.dropped[0][1]
     assert outcome.delta is not None
-    for name, value in good.deltas.items():
-        np.testing.assert_array_equal(outcome.delta[name], value)
+    for name, value in good0.deltas.items():
+        both = value.astype(np.float64) + good1.deltas[name].astype(np.float64)
+        np.testing.assert_array_equal(outcome.delta[name], (both / 2).astype(np.float32))
 
 
 def _synthetic(
@@ -190,16 +195,19 @@ def test_clipping_scales_down_to_clip_ratio_times_the_median() -> None:
 @pytest.mark.parametrize(
     ("result", "reason"),
     [
-        (_synthetic(0.01, base="c" * 64), "computed from weights " + "c" * 64),
-        (_synthetic(0.01, shard="c" * 64), "computed on shard " + "c" * 64),
+        (_synthetic(0.01, base="c" * 64), f"computed from weights '{'c' * 64}'"),
+        (_synthetic(0.01, shard="c" * 64), f"computed on shard '{'c' * 64}'"),
         (_synthetic(0.01, steps=99), "ran 99 steps"),
         (_synthetic(1e6), "exceeds max_norm"),
+        (_synthetic(0.0), "all zeros"),
         (b"short", "truncated"),
         (None, "missed the deadline"),
     ],
+    ids=["base", "shard", "steps", "max_norm", "zeros", "format", "missing"],
 )
 def test_each_check_drops_the_slice_with_its_reason(result: bytes | None, reason: str) -> None:
-    """Base hash, shard hash, step count, absolute norm, format, missing result: each is named."""
+    """Base hash, shard hash, step count, absolute norm, zeros, format, missing result: each is
+    named."""
     shapes = tr.ModelSpec.parse(MLP).parameter_shapes()
     subs = [
         rounds.Submission(0, "b" * 64, _synthetic(0.01)),
@@ -210,6 +218,69 @@ def test_each_check_drops_the_slice_with_its_reason(result: bytes | None, reason
     )
     assert outcome.used == (0,)
     assert reason in dict(outcome.dropped)[1]
+
+
+def _two_slices(scales: tuple[float, float], **config: object) -> rounds.RoundOutcome:
+    shapes = tr.ModelSpec.parse(MLP).parameter_shapes()
+    subs = [rounds.Submission(i, "b" * 64, _synthetic(s)) for i, s in enumerate(scales)]
+    return rounds.aggregate(
+        subs,
+        shapes=shapes,
+        base_sha256="a" * 64,
+        config=tr.TrainingConfig(**config),  # type: ignore[arg-type]
+    )
+
+
+@pytest.mark.parametrize("scales", [(0.0, 0.01), (0.01, 0.0)])
+def test_two_slices_an_all_zero_pseudo_gradient_is_refused_and_the_other_used(
+    scales: tuple[float, float],
+) -> None:
+    """With two slices, a node returning zeros cannot veto the honest slice as the smaller
+    update: the zeros are refused with a reason and the honest one is the round's update."""
+    outcome = _two_slices(scales)
+    zero, honest = scales.index(0.0), scales.index(0.01)
+    assert outcome.used == (honest,)
+    assert [s for s, _ in outcome.dropped] == [zero]
+    assert "all zeros" in outcome.dropped[0][1]
+    assert outcome.delta is not None
+    np.testing.assert_array_equal(outcome.delta["0.weight"], np.float32(0.01))
+
+
+@pytest.mark.parametrize(
+    ("scales", "config"),
+    [
+        ((0.01, 0.5), {}),  # 50x apart: over reject_ratio 10 and clip_ratio 2 of the other
+        ((1e-20, 0.01), {}),  # a tiny update no longer vetoes the other
+        ((0.01, 0.03), {"clip_ratio": 1.0}),  # no clipping against a two-slice median either
+    ],
+)
+def test_two_slices_of_different_norms_are_both_used(
+    scales: tuple[float, float], config: dict
+) -> None:
+    """With two valid slices nothing is measured against the median (the other slice): both
+    are used unclipped and averaged; max_norm is the only bound."""
+    outcome = _two_slices(scales, **config)
+    assert (outcome.used, outcome.dropped, outcome.clipped) == ((0, 1), (), ())
+    assert outcome.delta is not None
+    mean = (np.float64(np.float32(scales[0])) + np.float64(np.float32(scales[1]))) / 2
+    np.testing.assert_array_equal(outcome.delta["0.weight"], np.float32(mean))
+
+
+@pytest.mark.parametrize("count", [3, 5])
+def test_with_three_slices_or_more_the_outlier_is_dropped(count: int) -> None:
+    """From three valid slices on, a norm over reject_ratio times the median of the others is
+    dropped with its reason and the rest are averaged."""
+    shapes = tr.ModelSpec.parse(MLP).parameter_shapes()
+    scales = [0.01] * (count - 1) + [0.5]
+    subs = [rounds.Submission(i, "b" * 64, _synthetic(s)) for i, s in enumerate(scales)]
+    outcome = rounds.aggregate(
+        subs, shapes=shapes, base_sha256="a" * 64, config=tr.TrainingConfig()
+    )
+    assert outcome.used == tuple(range(count - 1))
+    assert [s for s, _ in outcome.dropped] == [count - 1]
+    assert "over 10 times the median" in outcome.dropped[0][1]
+    assert outcome.delta is not None
+    np.testing.assert_allclose(outcome.delta["0.weight"], 0.01, rtol=1e-6)
 
 
 @pytest.mark.parametrize("nesterov", [True, False])
@@ -294,6 +365,134 @@ def test_a_round_without_a_valid_slice_fails_the_job(
     assert status == m.FAILED
     assert reason.startswith("round 0 has no valid pseudo-gradient: slice 0: ")
     assert "slice 1: " in reason
+
+
+def _overdue_round(db: Database, job: tr.JobRequest, *, result: bytes | None = None) -> str:
+    """A 2-slice job whose slice 0 returned *result* (by default a valid pseudo-gradient) and
+    whose slice 1 is still leased to a node, both since NOW."""
+    job_id = _insert(db, job, 2)
+
+    def tx(s: Session) -> None:
+        s.get_one(m.Job, job_id).status = m.RUNNING
+        for t in s.scalars(select(m.Task).where(m.Task.job_id == job_id)):
+            request = tr.SliceRequest.decode(t.payload)
+            t.status, t.node_id, t.leased_at, t.attempts = m.LEASED, "node-1", NOW, 1
+            if t.slice_index == 0:
+                t.status = m.SUCCEEDED
+                t.result = result or _synthetic(
+                    0.01, base=request.weights_sha256, shard=request.shard_sha256,
+                    steps=job.config.inner_steps,
+                )  # fmt: skip
+
+    db.run_sync(tx)
+    return job_id
+
+
+def _job_row(db: Database, job_id: str) -> tuple[str, str | None, list[tuple[str, str | None]]]:
+    def tx(s: Session) -> tuple[str, str | None, list[tuple[str, str | None]]]:
+        job = s.get_one(m.Job, job_id)
+        return job.status, job.reason, [(t.status, t.reason) for t in store.job_tasks(s, job_id)]
+
+    return db.run_sync(tx)
+
+
+def test_a_stored_result_with_a_lone_surrogate_hash_cannot_poison_the_deadline(
+    digits: tuple, tmp_path: Path
+) -> None:
+    """A result whose base_sha256 is a lone surrogate, already stored (accepted before results
+    were checked for it): at the deadline the round closes, the slice is dropped with an
+    ASCII reason, and the transaction commits instead of failing on every tick."""
+    db = Database(f"sqlite:///{tmp_path / 'c.db'}")
+    shard = tr.SliceRequest.decode(_job(digits).round_zero(2)[0]).shard_sha256
+    poisoned = _synthetic(0.01, base="QQQQQQ", shard=shard, steps=5)
+    poisoned = poisoned.replace(b'"QQQQQQ"', b'"\\ud800"')
+    job_id = _overdue_round(db, _job(digits, inner_steps=5), result=poisoned)
+    closes = db.run_sync(lambda s: rounds.deadline_tx(s, now=NOW + 601))
+    status, reason, tasks = _job_row(db, job_id)
+    db.close()
+    assert [c.job_status for c in closes] == [m.FAILED]
+    assert status == m.FAILED
+    assert reason == (
+        "round 0 has no valid pseudo-gradient: slice 0: base_sha256 '\\ud800' is not 64 "
+        "lowercase hex digits; slice 1: missed the deadline of round 0"
+    )
+    assert tasks[1] == (m.CANCELLED, "missed the deadline of round 0")
+
+
+@pytest.mark.parametrize("fault", ["raises", "unwritable reason"])
+def test_a_round_that_cannot_close_fails_only_its_own_job(
+    digits: tuple, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+    fault: str,
+) -> None:  # fmt: skip
+    """Two jobs past their round deadline; closing the first one's round raises, or writes a
+    reason SQL cannot store (a lone surrogate). That job alone is rolled back and failed with
+    a generic reason, its open slice withdrawn, the error logged; the other job's round
+    closes in the same deadline_tx call, and the call commits."""
+    db = Database(f"sqlite:///{tmp_path / 'c.db'}")
+    broken_job = _job(digits, inner_steps=5, init_seed=1)
+    broken = _overdue_round(db, broken_job)
+    healthy = _overdue_round(db, _job(digits, inner_steps=5))
+    broken_base = tr.sha256_hex(broken_job.initial_weights())
+    real = rounds.aggregate
+
+    def aggregate(subs: list, *, base_sha256: str, **kw: object) -> rounds.RoundOutcome:
+        if base_sha256 != broken_base:
+            return real(subs, base_sha256=base_sha256, **kw)  # type: ignore[arg-type]
+        if fault == "raises":
+            raise RuntimeError("a bug while closing")
+        return rounds.RoundOutcome(None, (), ((0, "\ud800"),))
+
+    monkeypatch.setattr(rounds, "aggregate", aggregate)
+    with caplog.at_level(logging.ERROR, logger="nodeclient.coordinator.rounds"):
+        closes = db.run_sync(lambda s: rounds.deadline_tx(s, now=NOW + 601))
+    status, reason, tasks = _job_row(db, broken)
+    train_state = db.run_sync(lambda s: s.get_one(m.Job, broken).train_state)
+    other = _job_row(db, healthy)
+    result = db.run_sync(lambda s: s.get_one(m.Job, healthy).result)
+    again = db.run_sync(lambda s: rounds.deadline_tx(s, now=NOW + 602))
+    db.close()
+    assert sorted(c.job_status or "" for c in closes) == [m.FAILED, m.SUCCEEDED]
+    assert all(c.cancel for c in closes)  # both withdrew slice 1 from its node
+    assert (status, reason) == (m.FAILED, "round 0 could not be closed: internal error")
+    assert tasks == [
+        (m.SUCCEEDED, None),
+        (m.CANCELLED, "job failed: round 0 could not be closed: internal error"),
+    ]
+    assert train_state is None  # the failed closing's writes were rolled back
+    assert other[0] == m.SUCCEEDED
+    assert other[2][1] == (m.CANCELLED, "missed the deadline of round 0")
+    _, metrics = tr.decode_final(result)
+    assert metrics[0]["used"] == [0]
+    [record] = [r for r in caplog.records if r.getMessage() == "training.round_close_failed"]
+    assert record.exc_info is not None
+    assert record.job_id == broken  # type: ignore[attr-defined]
+    assert again == []
+
+
+def test_a_result_whose_round_cannot_close_is_kept_and_fails_its_job(
+    digits: tuple, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same isolation on the verifier's path: when the last result completes a round that
+    raises while closing, the results stay accepted and the job fails with the generic reason."""
+    db = Database(f"sqlite:///{tmp_path / 'c.db'}")
+    job_id = _overdue_round(db, _job(digits, inner_steps=5))
+
+    def boom(*_args: object, **_kw: object) -> rounds.RoundOutcome:
+        raise RuntimeError("a bug while closing")
+
+    monkeypatch.setattr(rounds, "aggregate", boom)
+
+    def last_result(s: Session) -> str | None:
+        job = s.get_one(m.Job, job_id)
+        task = store.job_tasks(s, job_id)[1]
+        task.status, task.result = m.SUCCEEDED, b"accepted"
+        return rounds.finish_round_tx(s, job, NOW + 1)
+
+    assert db.run_sync(last_result) == m.FAILED
+    status, reason, tasks = _job_row(db, job_id)
+    db.close()
+    assert (status, reason) == (m.FAILED, "round 0 could not be closed: internal error")
+    assert [t[0] for t in tasks] == [m.SUCCEEDED, m.SUCCEEDED]
 
 
 # --- through the coordinator -----------------------------------------------------------------

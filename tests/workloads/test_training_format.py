@@ -199,3 +199,42 @@ def test_final_result_round_trip() -> None:
     back, metrics = tr.decode_final(final)
     assert metrics == [{"round": 0, "used": [0, 1]}]
     assert np.array_equal(back["0.weight"], weights["0.weight"])
+
+
+def _with_metadata(key: str, json_value: bytes) -> bytes:
+    """A pseudo-gradient whose metadata *key* holds *json_value* (raw JSON, any escape).
+
+    encode_tensors refuses strings that are not valid Unicode, so a 6-character
+    placeholder is written and its bytes swapped for a 6-byte JSON escape, which keeps
+    the header length and every offset as they were.
+    """
+    assert len(json_value) == 6
+    shapes = tr.ModelSpec.parse(MLP).parameter_shapes()
+    deltas = {k: np.full(s, 0.5, np.float32) for k, s in shapes.items()}
+    values = {"base_sha256": "a" * 64, "shard_sha256": "b" * 64, key: "QQQQQQ"}
+    data = tr.PseudoGradient(deltas, values["base_sha256"], values["shard_sha256"], 5, 2.0,
+                             1.0).encode()  # fmt: skip
+    assert data.count(b'"QQQQQQ"') == 1
+    return data.replace(b'"QQQQQQ"', b'"' + json_value + b'"')
+
+
+@pytest.mark.parametrize("key", ["base_sha256", "shard_sha256"])
+@pytest.mark.parametrize("json_value", [rb"\ud800", rb"\u0000", b"abcdef"])
+def test_pseudo_gradient_hashes_must_be_hexdigests(key: str, json_value: bytes) -> None:
+    """A lone surrogate, a NUL or any non-hexdigest in a hash is refused when the result is
+    checked, with a reason that stays ASCII (it is stored in SQL text columns)."""
+    data = _with_metadata(key, json_value)
+    meta = {"model": tr.ModelSpec.parse(MLP).to_json(), "config": tr.TrainingConfig().to_dict()}
+    with pytest.raises(RemoteProtocolError, match=f"{key} .* is not 64 lowercase hex") as info:
+        tr.check_result(data, meta, len(data))
+    assert str(info.value).isascii()
+
+
+@pytest.mark.parametrize("value", ["A" * 64, "a" * 63, "a" * 65, "g" * 64, "a" * 63 + "\n"])
+def test_pseudo_gradient_hashes_are_exactly_64_lowercase_hex(value: str) -> None:
+    """Upper case, a digit short or over, a non-hex letter, a trailing newline: all refused."""
+    shapes = tr.ModelSpec.parse(MLP).parameter_shapes()
+    deltas = {k: np.full(s, 0.5, np.float32) for k, s in shapes.items()}
+    data = tr.PseudoGradient(deltas, "a" * 64, value, 5, 2.0, 1.0).encode()
+    with pytest.raises(RemoteProtocolError, match="shard_sha256 .* is not 64 lowercase hex"):
+        tr.PseudoGradient.decode(data, shapes=shapes, grad_dtype="F32")

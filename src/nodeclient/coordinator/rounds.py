@@ -6,17 +6,31 @@ when its deadline passes (the unfinished ones are then cancelled and dropped, ne
 for). Closing a round is one transaction:
 
 1. every returned pseudo-gradient is checked: well-formed, computed from this round's base
-   weights (hash) on this slice's shard (hash) for K steps, finite losses and values, norm
-   at most ``max_norm``, and, with two slices or more, norm at most ``reject_ratio`` times
-   the median norm of the *other* slices. A slice that fails is dropped with its reason;
-2. the survivors are clipped against their median norm ``m``: a pseudo-gradient with norm
-   ``n > clip_ratio * m`` is scaled by ``clip_ratio * m / n``; then they are averaged;
+   weights (hash) on this slice's shard (hash) for K steps, finite losses and values, not
+   all zeros, norm at most ``max_norm``, and, with three valid slices or more, norm at most
+   ``reject_ratio`` times the median norm of the *other* slices. A slice that fails is
+   dropped with its reason;
+2. with three survivors or more, they are clipped against their median norm ``m``: a
+   pseudo-gradient with norm ``n > clip_ratio * m`` is scaled by ``clip_ratio * m / n``;
+   then the survivors are averaged;
 3. the outer optimizer (SGD with Nesterov momentum, as ``torch.optim.SGD``) updates the
    fp32 global weights; its momentum is kept in SQL with them (``jobs.train_state``), so a
    coordinator restart continues where it was;
 4. the next round's tasks are queued (new task rows, ``round_index`` + 1), or, after the
    last round, the job succeeds with the final weights and per-round metrics. A round with
    no valid slice fails the job with every slice's reason.
+
+Why three (``MEDIAN_MIN_SLICES``): the median of one other slice is that slice, so with two
+the smaller update would always veto the larger one, and a node that returns zeros or a
+tiny update would have the honest slice dropped and its own used alone. Two slices cannot
+say which of them is the outlier, so below three only the absolute bound ``max_norm``
+applies; an all-zero update, the cheapest thing to return without training, is refused
+whatever the count.
+
+Closing one job's round never stops another's: each runs inside a SAVEPOINT
+(:func:`_close_isolated`), and one that raises is rolled back and fails its own job with a
+generic reason (the error goes to the log). Node-supplied strings enter reasons only quoted
+by ``repr``/``ascii``, so a reason always fits a SQL text column.
 
 A round's deadline starts when its first slice is leased (a job waiting for nodes does not
 burn it) and is stored in ``jobs.round_deadline``. The math (:func:`aggregate`,
@@ -25,18 +39,20 @@ burn it) and is stored in ``jobs.round_deadline``. The math (:func:`aggregate`,
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
 import math
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
 import numpy as np
 import numpy.typing as npt
 from sqlalchemy import func, select
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from nodeclient.coordinator import models as m
@@ -52,6 +68,7 @@ log = logging.getLogger("nodeclient.coordinator.rounds")
 Arrays = dict[str, npt.NDArray[Any]]
 _W: Final = "weights/"
 _M: Final = "momentum/"
+MEDIAN_MIN_SLICES: Final = 3  # fewer: no rejection or clipping against the median (module doc)
 
 
 def is_round_based(workload_class: str) -> bool:
@@ -109,13 +126,13 @@ def _check(
     if sub.result is None:
         raise RemoteProtocolError(sub.reason or "no result")
     pg = tr.PseudoGradient.decode(sub.result, shapes=shapes, grad_dtype=config.grad_dtype)
-    if pg.base_sha256 != base_sha256:
+    if pg.base_sha256 != base_sha256:  # node-supplied strings are quoted (module doc)
         raise RemoteProtocolError(
-            f"computed from weights {pg.base_sha256}, but this round's are {base_sha256}"
+            f"computed from weights {pg.base_sha256!a}, but this round's are {base_sha256}"
         )
     if pg.shard_sha256 != sub.shard_sha256:
         raise RemoteProtocolError(
-            f"computed on shard {pg.shard_sha256}, but this slice's is {sub.shard_sha256}"
+            f"computed on shard {pg.shard_sha256!a}, but this slice's is {sub.shard_sha256}"
         )
     if pg.steps != config.inner_steps:
         raise RemoteProtocolError(f"ran {pg.steps} steps, the job asks for {config.inner_steps}")
@@ -126,6 +143,8 @@ def _check(
         if not np.isfinite(array).all():
             raise RemoteProtocolError(f"pseudo-gradient {name!r} holds NaN or infinity")
     norm = _norm(deltas)
+    if norm == 0.0:
+        raise RemoteProtocolError("pseudo-gradient is all zeros: no training was done")
     if norm > config.max_norm:
         raise RemoteProtocolError(f"norm {norm:.6g} exceeds max_norm {config.max_norm:.6g}")
     return deltas, norm, pg
@@ -135,7 +154,11 @@ def aggregate(
     submissions: Sequence[Submission], *, shapes: Mapping[str, tuple[int, ...]],
     base_sha256: str, config: tr.TrainingConfig,
 ) -> RoundOutcome:  # fmt: skip
-    """Check, reject outliers, clip against the median, and average (see the module doc)."""
+    """Check, reject outliers, clip against the median, and average (see the module doc).
+
+    Rejection and clipping against the median need ``MEDIAN_MIN_SLICES`` (3) valid slices;
+    with one or two, each is bounded only by ``max_norm`` and all are averaged as they are.
+    """
     dropped: list[tuple[int, str]] = []
     valid: list[tuple[int, Arrays, float, tr.PseudoGradient]] = []
     for sub in sorted(submissions, key=lambda s: s.slice_index):
@@ -145,7 +168,7 @@ def aggregate(
             dropped.append((sub.slice_index, str(exc)))
             continue
         valid.append((sub.slice_index, deltas, norm, pg))
-    if len(valid) >= 2:  # leave-one-out medians, all taken over the same set
+    if len(valid) >= MEDIAN_MIN_SLICES:  # leave-one-out medians, all over the same set
         norms = [v[2] for v in valid]
         kept = []
         for i, item in enumerate(valid):
@@ -162,7 +185,9 @@ def aggregate(
     dropped.sort()
     if not valid:
         return RoundOutcome(None, (), tuple(dropped))
-    limit = config.clip_ratio * float(np.median([v[2] for v in valid]))
+    limit = math.inf
+    if len(valid) >= MEDIAN_MIN_SLICES:
+        limit = config.clip_ratio * float(np.median([v[2] for v in valid]))
     total = {name: np.zeros(shape, dtype=np.float64) for name, shape in shapes.items()}
     clipped: list[int] = []
     for index, deltas, norm, _ in valid:
@@ -247,7 +272,9 @@ def _round_tasks(session: Session, job: m.Job) -> list[m.Task]:
     )
 
 
-def _withdraw(session: Session, task: m.Task, reason: str, now: float) -> tuple[str, str] | None:
+def _withdraw(
+    session: Session, task: m.Task, reason: str, now: float, *, outcome: str = "round_deadline"
+) -> tuple[str, str] | None:
     """Cancel an unfinished task; the lease to withdraw on its node, if it had one."""
     lease = None
     if task.status == m.LEASED and task.node_id is not None:
@@ -258,7 +285,7 @@ def _withdraw(session: Session, task: m.Task, reason: str, now: float) -> tuple[
             .order_by(m.TaskAttempt.attempt.desc())
         ).first()
         if attempt is not None:
-            attempt.ended_at, attempt.outcome = now, "round_deadline"
+            attempt.ended_at, attempt.outcome = now, outcome
     task.status, task.reason, task.lease_deadline = m.CANCELLED, reason, None
     return lease
 
@@ -334,34 +361,87 @@ def close_round(
     return RoundClose(None, cancel)
 
 
+def _fail_job(session: Session, job: m.Job, reason: str, now: float) -> RoundClose:
+    """Fail the job and cancel its unfinished tasks, as scheduler.fail_job does."""
+    open_tasks = session.scalars(
+        select(m.Task).where(m.Task.job_id == job.job_id, m.Task.status.in_((m.QUEUED, m.LEASED)))
+    ).all()
+    why = f"job failed: {reason}"
+    cancel = tuple(
+        c
+        for t in open_tasks
+        if (c := _withdraw(session, t, why, now, outcome="cancelled")) is not None
+    )
+    job.status, job.reason, job.finished_at, job.round_deadline = m.FAILED, reason, now, None
+    return RoundClose(m.FAILED, cancel)
+
+
+def _close_isolated(
+    session: Session, job: m.Job, now: float, step: Callable[[], RoundClose | None]
+) -> RoundClose | None:
+    """Run one job's round *step* in a SAVEPOINT; if it raises, fail this job alone.
+
+    The caller's transaction may carry other jobs' rounds and the scheduler's whole tick,
+    so a fault in one job's data (or a bug it reaches) is rolled back to the savepoint
+    and ends that job with a generic reason, never the transaction. The database being
+    unable to serve (OperationalError: connection lost, lock timeout) is not the job's
+    fault: that still fails the caller's transaction, which is retried.
+    """
+    job_id, r = job.job_id, job.round_index
+    session.flush()  # the caller's own pending writes fail the caller, not this job
+    try:
+        with session.begin_nested():  # released (and flushed) on the way out: errors land here
+            closed = step()
+    except OperationalError:
+        raise
+    except Exception:
+        log.exception("training.round_close_failed", extra={"job_id": job_id, "round": r})
+    else:
+        return closed
+    with session.begin_nested():
+        return _fail_job(session, job, f"round {r} could not be closed: internal error", now)
+
+
 def finish_round_tx(session: Session, job: m.Job, now: float) -> str | None:
     """After an accepted result: close the round if complete; the job's end status, if any."""
-    closed = close_round(session, job, now, deadline_passed=False)
+    step = functools.partial(close_round, session, job, now, deadline_passed=False)
+    closed = _close_isolated(session, job, now, step)
     return None if closed is None else closed.job_status
 
 
+def _deadline_step(session: Session, job: m.Job, now: float) -> RoundClose | None:
+    """Start the round's clock at its first lease; close the round once it has run out."""
+    if job.round_deadline is None:
+        first = session.scalar(
+            select(func.min(m.Task.leased_at)).where(
+                m.Task.job_id == job.job_id, m.Task.round_index == job.round_index
+            )
+        )
+        if first is None:
+            return None
+        config = tr.TrainingConfig.from_dict(json.loads(job.meta)["config"])
+        job.round_deadline = first + config.round_deadline_s
+    if now < job.round_deadline:
+        return None
+    closed = close_round(session, job, now, deadline_passed=True)
+    if closed is not None:
+        log.info("training.round_deadline", extra={"job_id": job.job_id})
+    return closed
+
+
 def deadline_tx(session: Session, *, now: float) -> list[RoundClose]:
-    """Start round clocks at first lease; close the rounds past their deadline."""
+    """Start round clocks at first lease; close the rounds past their deadline, each alone."""
     closes: list[RoundClose] = []
     jobs = session.scalars(
         select(m.Job).where(m.Job.workload_class == tr.CLASS, m.Job.status == m.RUNNING)
     ).all()
     for job in jobs:
-        if job.round_deadline is None:
-            first = session.scalar(
-                select(func.min(m.Task.leased_at)).where(
-                    m.Task.job_id == job.job_id, m.Task.round_index == job.round_index
-                )
-            )
-            if first is None:
-                continue
-            config = tr.TrainingConfig.from_dict(json.loads(job.meta)["config"])
-            job.round_deadline = first + config.round_deadline_s
-        if now >= job.round_deadline:
-            closed = close_round(session, job, now, deadline_passed=True)
-            if closed is not None:
-                closes.append(closed)
-                log.info("training.round_deadline", extra={"job_id": job.job_id})
+        if job.round_deadline is not None and now < job.round_deadline:
+            continue  # a round under way (most jobs, most ticks): no savepoint needed
+        step = functools.partial(_deadline_step, session, job, now)
+        closed = _close_isolated(session, job, now, step)
+        if closed is not None:
+            closes.append(closed)
     return closes
 
 

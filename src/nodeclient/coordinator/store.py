@@ -61,12 +61,22 @@ def _sqlite_pragmas(dbapi_conn: DBAPIConnection, _record: ConnectionPoolEntry) -
     cur.execute("PRAGMA foreign_keys=ON")
     cur.execute("PRAGMA busy_timeout=5000")
     cur.close()
+    # The driver's own transaction handling sends BEGIN only before a write, so a SAVEPOINT
+    # that came first would open (and its RELEASE commit) a transaction of its own: part of
+    # a scheduler round could commit early. SQLAlchemy's documented pysqlite recipe: the
+    # driver stays out of it, and every transaction begins with an explicit BEGIN.
+    dbapi_conn.isolation_level = None
+
+
+def _sqlite_begin(conn: Connection) -> None:
+    conn.exec_driver_sql("BEGIN")
 
 
 def make_engine(url: str) -> Engine:
     engine = create_engine(url, future=True)
     if engine.dialect.name == "sqlite":
         event.listen(engine, "connect", _sqlite_pragmas)
+        event.listen(engine, "begin", _sqlite_begin)
     return engine
 
 

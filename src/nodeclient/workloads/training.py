@@ -28,6 +28,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -46,6 +47,7 @@ MAX_PARAMETERS: Final = 1 << 26
 MAX_JSON_CHARS: Final = 64 * 1024
 MAX_SEED: Final = 2**63 - 1
 GRAD_DTYPES: Final = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2")}
+SHA256_HEX: Final = re.compile(r"[0-9a-f]{64}")  # how hashes are written: hexdigest()
 ACTIVATIONS: Final = frozenset({"ReLU", "GELU", "Tanh", "Sigmoid"})
 # type -> allowed keys besides "type"; Dropout exists only as p=0 (no randomness).
 LAYER_KEYS: Final[Mapping[str, frozenset[str]]] = {
@@ -682,6 +684,13 @@ class PseudoGradient:
         keys = frozenset({"base_sha256", "shard_sha256", "steps", "first_loss", "last_loss"})
         _meta(metadata, "pseudo_gradient", keys)
         check_parameters(tensors, shapes, dtypes=(grad_dtype,), what="pseudo-gradient")
+        # The hashes end up in reasons stored in SQL: anything but a hexdigest (a lone
+        # surrogate, a NUL) is refused here, and quoted with ascii() so the reason is too.
+        for key in ("base_sha256", "shard_sha256"):
+            if SHA256_HEX.fullmatch(metadata[key]) is None:
+                raise RemoteProtocolError(
+                    f"{key} {metadata[key][:80]!a} is not 64 lowercase hex digits"
+                )
         steps = metadata["steps"]
         if not steps.isascii() or not steps.isdigit() or len(steps) > 9:
             raise RemoteProtocolError(f"steps {steps[:20]!r} is not a count")
