@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import json
+import threading
 import uuid
 
 import httpx
+import pybase64
 import pytest
 from eth_account import Account
 from eth_account.messages import encode_typed_data
 
+from nodeclient.coordinator import classes
 from nodeclient.coordinator import models as m
-from nodeclient.errors import RemoteProtocolError
+from nodeclient.errors import LocalProtocolError, RemoteProtocolError
 from nodeclient.protocol import eip712
 from tests.coordinator.conftest import (
+    RECV_TIMEOUT,
     Running,
     SimNode,
     inference_payload,
@@ -61,6 +67,88 @@ def test_submit_validates(coordinator: Running, body: dict, reason: str) -> None
     r = httpx.post(coordinator.url + "/v1/jobs", json=body)
     assert r.status_code == 400
     assert reason in r.json()["error"]
+
+
+@pytest.mark.parametrize("field", ["workload_class", "payload", "region"])
+def test_lone_surrogate_in_the_body_is_a_400(coordinator: Running, field: str) -> None:
+    """A JSON body may carry "\\ud800", a string UTF-8 cannot encode: wherever it is, the
+    job is refused with a 400 and a reason that can itself be sent, never a 500."""
+    body = {"workload_class": "ai.inference",
+            "payload": pybase64.b64encode_as_string(inference_payload(VALUES))}  # fmt: skip
+    body[field] = body.get(field, "") + "\ud800"
+    raw = json.dumps(body)  # ASCII: the surrogate travels as the escape \\ud800
+    assert "\\ud800" in raw
+    r = httpx.post(coordinator.url + "/v1/jobs", content=raw,
+                   headers={"content-type": "application/json"})  # fmt: skip
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]
+    assert coordinator.client.jobs() == []
+
+
+def _with_split(monkeypatch: pytest.MonkeyPatch, split: classes.Split) -> None:
+    """ai.inference, but with this split: class code the API runs on a submission."""
+    wclass = classes.REGISTRY["ai.inference"]
+    monkeypatch.setitem(classes.REGISTRY, "ai.inference", dataclasses.replace(wclass, split=split))
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        LocalProtocolError("a name or metadata string is not valid Unicode: \ud800"),
+        ValueError("a value the class could not take"),
+        UnicodeEncodeError("utf-8", "http://\ud800", 7, 8, "surrogates not allowed"),
+    ],
+)
+def test_class_code_errors_are_a_400_with_the_reason(
+    coordinator: Running, monkeypatch: pytest.MonkeyPatch, exc: Exception
+) -> None:
+    """Whatever ProtocolError or ValueError a class's code raises on a submission is a 400
+    whose reason is the error's (a surrogate in it escaped), not a 500."""
+
+    def split(_payload: bytes, _slices: int) -> list[bytes]:
+        raise exc
+
+    _with_split(monkeypatch, split)
+    r = httpx.post(coordinator.url + "/v1/jobs", json={
+        "workload_class": "ai.inference",
+        "payload": pybase64.b64encode_as_string(inference_payload(VALUES)),
+    })  # fmt: skip
+    assert r.status_code == 400, r.text
+    expected = str(exc).encode("utf-8", "backslashreplace").decode()
+    assert r.json() == {"error": expected}
+    assert coordinator.client.jobs() == []
+
+
+def test_validate_and_split_run_off_the_event_loop(
+    coordinator: Running, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While one submission's split is still working (a large render job's can take
+    seconds), the coordinator keeps answering: /healthz replies before the split ends."""
+    started, release = threading.Event(), threading.Event()
+
+    def slow_split(payload: bytes, slices: int) -> list[bytes]:
+        started.set()
+        release.wait(timeout=RECV_TIMEOUT)
+        return [payload] * slices
+
+    _with_split(monkeypatch, slow_split)
+    replies: list[httpx.Response] = []
+    body = {"workload_class": "ai.inference",
+            "payload": pybase64.b64encode_as_string(inference_payload(VALUES))}  # fmt: skip
+    url = coordinator.url + "/v1/jobs"
+    submit = threading.Thread(
+        target=lambda: replies.append(httpx.post(url, json=body, timeout=2 * RECV_TIMEOUT))
+    )
+    submit.start()
+    try:
+        assert started.wait(timeout=RECV_TIMEOUT)
+        health = httpx.get(coordinator.url + "/healthz", timeout=RECV_TIMEOUT / 2)
+        assert health.status_code == 200
+        assert not replies  # the submission is still waiting for its split
+    finally:
+        release.set()
+        submit.join(timeout=2 * RECV_TIMEOUT)
+    assert replies[0].status_code == 201, replies[0].text
 
 
 def test_inference_cannot_be_sliced(coordinator: Running) -> None:

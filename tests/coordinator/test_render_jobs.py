@@ -8,6 +8,8 @@ runtime's results are checked against the same registry in tests/node.
 from __future__ import annotations
 
 import hashlib
+import json
+import struct
 from typing import Any
 
 import httpx
@@ -21,6 +23,7 @@ from nodeclient.coordinator.config import SybilPolicy
 from nodeclient.coordinator.scheduler import RetryPolicy, excluded_nodes
 from nodeclient.errors import RemoteProtocolError
 from nodeclient.workloads import render
+from nodeclient.workloads.tensors import decode_tensors, encode_tensors
 from tests.coordinator.conftest import Running, SimNode, make_node
 
 SCENE = b"a packed .blend, as far as the coordinator cares"
@@ -128,6 +131,66 @@ def test_blank_slice_result_is_rejected(running: Running, rsa_keys) -> None:
     assert running.client.job(job["job_id"])["tasks"][0]["status"] == "leased"
 
 
+def _ack(node: SimNode, dispatch: dict[str, Any], result: bytes) -> dict[str, Any]:
+    ack = node.call(node.result(dispatch, result))
+    assert ack["type"] == "result_ack"
+    return ack
+
+
+def test_result_for_another_slice_is_rejected_and_the_task_stays_open(
+    running: Running, rsa_keys
+) -> None:
+    """Frames 1-20 in two slices: a valid, non-blank frame 1 returned for slice 1 (frames
+    11-20) is rejected with a reason and the task stays leased, where before it was
+    accepted and failed the whole job at assembly. The slice's own frames complete it."""
+    node = _render_node(running, rsa_keys, 0, "0x" + "11" * 20)
+    job = running.client.submit_job("media.render", _payload((1, 20)), slices=2)
+    for _ in range(2):
+        dispatch = node.recv()
+        if dispatch["slice_index"] == 1:
+            wrong = render.encode_result({1: _frame(1)}, scene_sha256=SCENE_SHA, width=W, height=H)
+            ack = _ack(node, dispatch, wrong)
+            assert ack["status"] == "rejected"
+            assert "result holds frames 1..1, but its task asked for frames 11..20" in ack["reason"]
+            task = running.client.job(job["job_id"])["tasks"][1]
+            assert (task["status"], task["node_id"]) == ("leased", node.node_id)
+        _complete(node, dispatch)
+    done = running.wait_job(job["job_id"], "succeeded")
+    assert done["status"] == "succeeded", done["reason"]
+    assert sorted(render.decode_result(running.client.job_result(job["job_id"])).frames) == list(
+        range(1, 21)
+    )
+
+
+def test_band_result_for_other_rows_is_rejected(running: Running, rsa_keys) -> None:
+    """A tiled frame: a band of rows 0..0 returned for the band of rows 2..3 is rejected,
+    and so is the whole frame; each task's own band completes the job, stitched whole."""
+    node = _render_node(running, rsa_keys, 0, "0x" + "11" * 20)
+    job = running.client.submit_job("media.render", _payload((3, 3), tiles=3))
+    pixels = _frame(3)
+
+    def band(r: tuple[int, int]) -> bytes:
+        return render.encode_result({3: pixels[r[0] : r[1] + 1]}, scene_sha256=SCENE_SHA,
+                                    width=W, height=H, rows=r)  # fmt: skip
+
+    for _ in range(3):
+        dispatch = node.recv()
+        rows = render.RenderRequest.decode(node.open(dispatch)).rows
+        assert rows is not None
+        if dispatch["slice_index"] == 1:
+            assert rows == (2, 3)
+            ack = _ack(node, dispatch, band((0, 0)))
+            assert ack["status"] == "rejected"
+            assert "result holds rows 0..0, but its task asked for rows 2..3" in ack["reason"]
+            whole = render.encode_result({3: pixels}, scene_sha256=SCENE_SHA, width=W, height=H)
+            assert _ack(node, dispatch, whole)["status"] == "rejected"
+        assert _ack(node, dispatch, band(rows))["status"] == "accepted"
+    done = running.wait_job(job["job_id"], "succeeded")
+    assert done["status"] == "succeeded", done["reason"]
+    stitched = render.decode_result(running.client.job_result(job["job_id"]))
+    assert stitched.frames[3].tolist() == pixels.tolist()
+
+
 def test_failed_slice_is_retried_on_a_different_node(running: Running, rsa_keys) -> None:
     """A node's reject sends the slice to another node, never back to the one that failed
     it (were it offered back, node A would take it and B would wait in vain); the task's
@@ -210,6 +273,39 @@ def _refused(running: Running, payload: bytes, **body: Any) -> str:
 def _stored(running: Running) -> tuple[int, int]:
     """(jobs, tasks) in the coordinator's database."""
     return running.coord.db.run_sync(lambda s: (s.query(m.Job).count(), s.query(m.Task).count()))
+
+
+def test_split_over_the_byte_limit_is_refused(running: Running) -> None:
+    """Every slice carries the inline scene: 4096 slices of a 1 MiB scene would be 4 GiB,
+    and 16384 bands of a 16384-row frame one per row. Both are refused with a 400 naming
+    the limit, and nothing is stored; the scene by blob URL splits 4096 ways."""
+    scene = bytes(range(256)) * 4096  # 1 MiB
+    many = render.make_request(scene, frames=(0, 4095), width=W, height=H, samples=1).encode()
+    reason = _refused(running, many, slices=4096)
+    assert f"over the limit of {render.MAX_SPLIT_BYTES} (MAX_SPLIT_BYTES)" in reason
+    bands = render.make_request(scene, frames=(0, 0), width=1, height=16384, samples=1,
+                                tiles=2).encode()  # fmt: skip
+    tensors, meta = decode_tensors(bands)
+    tall = encode_tensors(tensors, metadata={**meta, "tiles": "16384"})
+    assert "tiles must be an integer in 2..256" in _refused(running, tall)
+    assert _stored(running) == (0, 0)
+    sha = running.client.upload_blob(scene)["sha256"]
+    by_url = render.make_request(scene, frames=(0, 4095), width=W, height=H, samples=1,
+                                 scene_url=render.blob_url(sha))  # fmt: skip
+    job = running.client.submit_job("media.render", by_url.encode(), slices=4096)
+    assert len(job["tasks"]) == 4096
+
+
+def test_scene_url_with_a_lone_surrogate_is_a_400(running: Running) -> None:
+    """A payload whose scene_url holds "\\ud800" (JSON allows it; UTF-8 has no encoding
+    for it) is refused as the requester's fault, not a 500 when its slices are encoded."""
+    _, meta = decode_tensors(_payload((1, 2), scene_url="https://host/scene.blend"))
+    meta["scene_url"] = "http://\ud800"
+    header = json.dumps({"__metadata__": meta}, separators=(",", ":")).encode("ascii")
+    header += b" " * (-len(header) % 8)
+    reason = _refused(running, struct.pack("<Q", len(header)) + header, slices=2)
+    assert "scene_url 'http://\\ud800' is not valid Unicode" in reason
+    assert _stored(running) == (0, 0)
 
 
 def test_job_whose_asset_blob_is_missing_is_refused_until_it_is_uploaded(running: Running) -> None:

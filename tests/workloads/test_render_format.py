@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import json
+import struct
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -13,6 +16,7 @@ from nodeclient.workloads.render import (
     RenderRequest,
     assemble,
     check_result,
+    check_slice,
     decode_result,
     encode_result,
     job_meta,
@@ -137,6 +141,27 @@ def test_bad_metadata_is_refused(key: str, value: str, match: str) -> None:
     meta = {**meta, key: value}
     with pytest.raises(RemoteProtocolError, match=match):
         RenderRequest.decode(encode_tensors(dict(tensors), metadata=meta))
+
+
+def _container(metadata: dict[str, str]) -> bytes:
+    """A tensor container with no tensors, its header written with JSON's \\u escapes (so
+    a lone surrogate, which encode_tensors cannot write, gets in)."""
+    header = json.dumps({"__metadata__": metadata}, separators=(",", ":")).encode("ascii")
+    header += b" " * (-len(header) % 8)
+    return struct.pack("<Q", len(header)) + header
+
+
+def test_scene_url_with_a_lone_surrogate_is_refused() -> None:
+    """JSON lets "\\ud800" through, and the URL pattern matches it; a payload carrying it
+    has no UTF-8 encoding, so it is refused when decoded, naming the field."""
+    _, meta = decode_tensors(_request(scene_url=f"/v1/blobs/{SHA}").encode())
+    payload = _container({**meta, "scene_url": "http://\ud800/scene.blend"})
+    with pytest.raises(RemoteProtocolError, match=r"scene_url 'http://\\ud800/scene.blend' is "
+                       "not valid Unicode"):  # fmt: skip
+        RenderRequest.decode(payload)
+    with pytest.raises(LocalProtocolError, match="not valid Unicode"):
+        _request(scene_url="https://host/\ud800")
+    assert RenderRequest.decode(_container(meta)).scene_url == f"/v1/blobs/{SHA}"
 
 
 def test_resolve_blobs_inlines_a_fetched_scene() -> None:
@@ -273,6 +298,61 @@ def test_split_narrows_only_the_frame_range() -> None:
     assert all(p.scene == SCENE and p.seed == 5 and p.width == W for p in parts)
 
 
+def test_split_hashes_the_scene_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The scene is hashed when the job payload is decoded, not again for each of its
+    slices; a slice is still checked (a range the job cannot have is refused)."""
+    hashed: list[int] = []
+    real = hashlib.sha256
+
+    def counting(data: bytes = b"", **kw: bool) -> hashlib._Hash:
+        hashed.append(len(data))
+        return real(data, **kw)
+
+    payload = _request().encode()
+    monkeypatch.setattr(hashlib, "sha256", counting)
+    parts = split(payload, 6)
+    assert len(parts) == 6 and hashed.count(len(SCENE)) == 1
+    monkeypatch.undo()
+    assert [RenderRequest.decode(p).frames for p in parts] == [range(f, f + 1) for f in range(1, 7)]
+    with pytest.raises(LocalProtocolError, match="frame_end"):
+        _request().narrowed(4, 3)
+    with pytest.raises(LocalProtocolError, match="row_end"):
+        _frame_request().band(1, H)
+
+
+def test_split_over_the_byte_limit_is_refused_before_a_slice_is_built(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every slice carries the inline scene: 4096 slices of a 1 MiB scene (4 GiB) are
+    refused, naming the limit, with no more memory taken than a few copies of the payload.
+    The limit counts slices times the payload's size: as many as fit are split."""
+    scene = bytes(range(256)) * 4096  # 1 MiB
+    payload = make_request(scene, frames=(0, 4095), width=W, height=H, samples=1).encode()
+    tracemalloc.start()
+    try:
+        with pytest.raises(RemoteProtocolError, match="MAX_SPLIT_BYTES") as info:
+            split(payload, 4096)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert f"limit of {render.MAX_SPLIT_BYTES}" in str(info.value)
+    assert peak < 16 * len(payload)
+    monkeypatch.setattr(render, "MAX_SPLIT_BYTES", 8 * len(payload))
+    assert len(split(payload, 8)) == 8
+    with pytest.raises(RemoteProtocolError, match="9 slices of a"):
+        split(payload, 9)
+
+
+def test_frames_per_slice_cannot_get_round_the_slice_limit() -> None:
+    """A job splits into at most MAX_SLICES slices, however the count is asked for."""
+    last = render.MAX_SLICES
+    with pytest.raises(RemoteProtocolError, match="4097 slices, over the limit of 4096"):
+        split(_request(frames=(0, last), frames_per_slice=1, scene_url=f"/v1/blobs/{SHA}")
+              .encode(), 1)  # fmt: skip
+    parts = split(_request(frames=(1, last), frames_per_slice=1).encode(), 1)
+    assert len(parts) == last
+
+
 def test_job_that_cannot_fit_a_result_is_refused() -> None:
     """frames_per_slice frames of RGBA must fit the coordinator's payload limit."""
     payload = _request(width=1024, height=1024, frames_per_slice=8).encode()
@@ -395,6 +475,8 @@ def test_tiles_split_one_frame_into_bands_top_first() -> None:
         ({"frames": (1, 2), "tiles": 2}, "single frame"),
         ({"frames": (2, 2), "tiles": 1}, "tiles must be an integer in 2"),
         ({"frames": (2, 2), "tiles": H + 1}, "tiles must be an integer in 2"),
+        ({"frames": (2, 2), "height": 16384, "tiles": 16384}, r"tiles must be .* in 2\.\.256,"),
+        ({"frames": (2, 2), "height": 300, "tiles": 257}, r"tiles must be .* in 2\.\.256,"),
         ({"frames": (2, 2), "tiles": 2, "frames_per_slice": 1}, "not both"),
         ({"frames": (2, 2), "row_start": 0}, "both row_start and row_end"),
         ({"frames": (2, 2), "row_start": 1, "row_end": 0}, "row_end must be"),
@@ -404,6 +486,18 @@ def test_tiles_split_one_frame_into_bands_top_first() -> None:
 def test_bad_tiles_are_refused(kw: dict, match: str) -> None:
     with pytest.raises(LocalProtocolError, match=match):
         _request(**kw)
+
+
+def test_tiles_are_at_most_256_and_each_band_has_a_row() -> None:
+    """256 bands is the most; a frame of fewer rows has at most one band per row."""
+    parts = split(_request(frames=(2, 2), height=300, tiles=render.MAX_TILES).encode(), 1)
+    rows = [RenderRequest.decode(p).rows for p in parts]
+    assert len(rows) == 256 and all(r is not None and r[0] <= r[1] for r in rows)
+    assert len(split(_frame_request(tiles=H).encode(), 1)) == H
+    _, meta = decode_tensors(_frame_request(tiles=2).encode())
+    payload = {**meta, "height": "16384", "tiles": "16384"}
+    with pytest.raises(RemoteProtocolError, match="tiles must be"):
+        split(encode_tensors({}, metadata=payload), 1)
 
 
 def test_tile_job_split_into_a_different_count_is_refused() -> None:
@@ -447,6 +541,42 @@ def test_stitch_refuses_gaps_disorder_and_a_blank_frame() -> None:
         check_result(band, meta, 1 << 20)
     with pytest.raises(RemoteProtocolError, match="frame 2 is blank"):  # ...a whole frame not
         assemble(flat_bands, meta)
+
+
+def test_slice_result_must_be_its_own_tasks_frames() -> None:
+    """Frames 1..20 in 2 slices: slice 1's task asked for frames 11..20. One good frame 1
+    (inside the job, not blank: check_result passes it) is refused, as are 11..19 and
+    12..20; exactly 11..20 is accepted."""
+    meta = _meta(_request(frames=(1, 20)).encode())
+    parts = split(_request(frames=(1, 20)).encode(), 2)
+    check_result(_result(1, 1), meta, 1 << 20)  # the job alone cannot tell
+    for start, end in ((1, 1), (11, 19), (12, 20), (1, 10)):
+        with pytest.raises(RemoteProtocolError, match=f"result holds frames {start}..{end}, "
+                           "but its task asked for frames 11..20"):  # fmt: skip
+            check_slice(_result(start, end), parts[1], 1 << 20)
+    check_slice(_result(11, 20), parts[1], 1 << 20)
+    check_slice(_result(1, 10), parts[0], 1 << 20)
+
+
+def test_band_result_must_be_its_own_tasks_rows() -> None:
+    """A band slice's result holds that band's rows of the job's frame, nothing else."""
+    parts = split(_frame_request(tiles=3).encode(), 1)
+    pixels = np.random.default_rng(7).integers(0, 256, (H, W, 4), dtype=np.uint8)
+    rows = slice_ranges(0, H - 1, slices=3)
+    check_slice(_band(rows[1], pixels), parts[1], 1 << 20)
+    with pytest.raises(RemoteProtocolError, match=f"result holds rows 0..0, but its task "
+                       f"asked for rows {rows[1][0]}..{rows[1][1]}"):  # fmt: skip
+        check_slice(_band((0, 0), pixels), parts[1], 1 << 20)
+    with pytest.raises(RemoteProtocolError, match=f"rows {rows[0][0]}..{rows[0][1]}, but"):
+        check_slice(_band(rows[0], pixels), parts[1], 1 << 20)
+    with pytest.raises(RemoteProtocolError, match="asked for frames 2..2"):
+        check_slice(_band(rows[1], pixels, frame=3), parts[1], 1 << 20)
+    whole = encode_result({2: pixels}, scene_sha256=SHA, width=W, height=H)
+    with pytest.raises(RemoteProtocolError, match="result holds whole frames, but its task"):
+        check_slice(whole, parts[1], 1 << 20)
+    with pytest.raises(RemoteProtocolError, match="holds rows 0..1, but its task asked for "
+                       "whole frames"):  # fmt: skip
+        check_slice(_band((0, 1), pixels), _frame_request().encode(), 1 << 20)
 
 
 def test_band_result_with_rows_outside_the_frame_is_rejected() -> None:

@@ -6,6 +6,7 @@ request bodies are 400, not FastAPI's default 422 shape.
 
 from __future__ import annotations
 
+import asyncio
 import binascii
 import hashlib
 import os
@@ -22,14 +23,17 @@ from sqlalchemy.orm import Session
 from nodeclient.coordinator import classes, metrics, registry, store
 from nodeclient.coordinator import models as m
 from nodeclient.coordinator.service import Coordinator
-from nodeclient.errors import RemoteProtocolError, SignatureError
+from nodeclient.errors import ProtocolError, RemoteProtocolError, SignatureError
 from nodeclient.protocol.secp import parse_address, to_checksum_address
 
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 
 
 def error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status)
+    # A reason may quote the request; a lone surrogate in it would make the reply itself
+    # fail (no UTF-8 encoding), so it is escaped instead.
+    text = message.encode("utf-8", "backslashreplace").decode("utf-8")
+    return JSONResponse({"error": text}, status_code=status)
 
 
 def _reply(r: registry.Reply) -> JSONResponse:
@@ -142,6 +146,16 @@ def build_router(coord: Coordinator) -> APIRouter:  # noqa: PLR0915 (one route e
         path = coord.config.blob_dir / sha256
         return _SHA256_RE.fullmatch(sha256) is not None and path.is_file()
 
+    def prepare(
+        wclass: classes.WorkloadClass, payload: bytes, slices: int
+    ) -> tuple[dict[str, Any], list[bytes]]:
+        """Validate, check the blobs and split: CPU-bound (a media.render split hashes and
+        copies an inline scene of up to max_payload_bytes), so it runs off the event loop."""
+        max_bytes = coord.config.max_payload_bytes
+        meta = dict(wclass.validate(payload, max_bytes))
+        wclass.require_blobs(payload, max_bytes, held=blob_held)
+        return meta, wclass.split(payload, slices)
+
     # --- jobs -------------------------------------------------------------------------------
 
     @router.post("/v1/jobs", status_code=201)
@@ -156,10 +170,8 @@ def build_router(coord: Coordinator) -> APIRouter:  # noqa: PLR0915 (one route e
             if len(payload) > cfg.max_payload_bytes:
                 limit = cfg.max_payload_bytes
                 return error(413, f"payload of {len(payload)} bytes exceeds the {limit}-byte limit")
-            meta = dict(wclass.validate(payload, cfg.max_payload_bytes))
-            wclass.require_blobs(payload, cfg.max_payload_bytes, held=blob_held)
-            parts = wclass.split(payload, body.slices)
-        except RemoteProtocolError as exc:
+            meta, parts = await asyncio.to_thread(prepare, wclass, payload, body.slices)
+        except (ProtocolError, ValueError) as exc:  # a class's ValueError too (UnicodeError)
             return error(400, str(exc))
         now = coord.now()
 

@@ -3,7 +3,8 @@
 2.3.5 Work Execution: "An AI inference request runs whole; a parallelizable sub-task runs
 its slice." Each class is one :class:`WorkloadClass` in :data:`REGISTRY`; a sliceable
 class plugs in by adding an entry whose ``split`` returns one payload per slice and whose
-``assemble`` joins the slice results in slice order. ``blobs`` lists what a payload
+``assemble`` joins the slice results in slice order; its ``check_slice`` holds a result
+to the one task it answers (:meth:`WorkloadClass.check`). ``blobs`` lists what a payload
 references in the coordinator's blob store, so that a job whose inputs a node could not
 fetch is refused when it is submitted (:meth:`WorkloadClass.require_blobs`). Nothing else
 in the coordinator knows about payload formats.
@@ -27,6 +28,10 @@ Validate = Callable[[bytes, int], Mapping[str, Any]]
 Split = Callable[[bytes, int], list[bytes]]
 # check_result(result, job metadata, max_bytes): raises RemoteProtocolError if unusable
 CheckResult = Callable[[bytes, Mapping[str, Any], int], None]
+# check_slice(result, the task's own payload, max_bytes): raises RemoteProtocolError unless
+# the result is what that one task asked for (a render slice's frames and rows), not just
+# some part of the job
+CheckSlice = Callable[[bytes, bytes, int], None]
 # assemble(slice results in slice order, job metadata) -> the job's result bytes
 Assemble = Callable[[Sequence[bytes], Mapping[str, Any]], bytes]
 # blobs(validated payload, max_bytes) -> (what, sha256) of each input a node fetches from
@@ -45,6 +50,19 @@ class WorkloadClass:
     check_result: CheckResult
     assemble: Assemble
     blobs: Blobs
+    check_slice: CheckSlice | None = None  # None: every task's result is checked as the job's
+
+    def check(
+        self, result: bytes, meta: Mapping[str, Any], max_bytes: int, *, task: Callable[[], bytes]
+    ) -> None:
+        """A result for one task: usable for the job, and the very slice the task asked for.
+
+        *task* gives the task's payload; it is called only by a class with ``check_slice``
+        (a sliced payload is read back from the database for it, a whole one is not).
+        """
+        self.check_result(result, meta, max_bytes)
+        if self.check_slice is not None:
+            self.check_slice(result, task(), max_bytes)
 
     def require_blobs(self, payload: bytes, max_bytes: int, held: Callable[[str], bool]) -> None:
         """Refuse a validated payload that references a blob the store does not hold.
@@ -132,10 +150,11 @@ REGISTRY[render.CLASS] = WorkloadClass(
     name=render.CLASS,
     sliceable=True,
     validate=_blamed("media.render payload", render.job_meta),
-    split=render.split,
+    split=_blamed("media.render payload", render.split),
     check_result=_blamed("media.render result", _render_check),
     assemble=render.assemble,
     blobs=_blamed("media.render payload", render.blob_refs),
+    check_slice=_blamed("media.render result", render.check_slice),
 )
 
 # ai.training: one shard per slice, R rounds; finished rounds are aggregated by

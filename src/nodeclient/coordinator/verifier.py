@@ -8,7 +8,8 @@ A result is accepted only if all of these hold, checked in this order:
 2. ``result_size`` is the length of the delivered bytes and ``proof`` equals
    SHA-256(task_id || result || node_id), recomputed here;
 3. the task exists, belongs to ``job_id``, and is or was leased to this node;
-4. the bytes are a well-formed result of the job's workload class.
+4. the bytes are a well-formed result of the job's workload class, and for a sliced
+   class the very slice that the task asked for (its frames, its rows).
 
 Then, exactly once: the first valid result is stored with its proof, signature and the
 signed message, and acknowledged ``accepted``; the same result again is ``duplicate``;
@@ -182,8 +183,8 @@ def accept_result_tx(  # noqa: PLR0911 (one early answer per check)
         return Decision("rejected", f"task {tid} is {task.status}: {task.reason}")
     job = session.get_one(m.Job, task.job_id)
     try:
-        classes.lookup(job.workload_class).check_result(
-            claim.result, json.loads(job.meta), max_payload
+        classes.lookup(job.workload_class).check(
+            claim.result, json.loads(job.meta), max_payload, task=lambda: task.payload
         )
     except ProtocolError as exc:
         return Decision("rejected", str(exc))

@@ -27,7 +27,8 @@ Request (the job payload, and each slice's payload with its narrowed range)::
                optional "max_seconds_per_frame"  no-progress timeout (decimal seconds)
                optional "allow_blank"            "1": frames of one colour are acceptable
                optional "tiles"                  split the (single) frame into this many
-                                                 bands of rows (decimal, 2..height)
+                                                 bands of rows (decimal, 2..height, at
+                                                 most 256)
                optional "row_start", "row_end"   a band slice: render only these rows,
                                                  0 = top row, inclusive (set by the split)
                optional "assets"                 the asset manifest: files the .blend uses
@@ -45,7 +46,12 @@ sees the payload. Numbers are canonical
 decimals (no sign, no leading zeros), so one request has one encoding. ``scene_url`` is
 either ``/v1/blobs/<scene_sha256>`` on the coordinator or an ``http(s)://`` URL: local
 paths and other schemes are refused, because a node must never read its own files on a
-requester's behalf.
+requester's behalf. Every string is valid Unicode: one with a lone surrogate (JSON allows
+``"\\ud800"``) has no UTF-8 encoding, so no slice payload could carry it, and is refused.
+
+A job splits into at most 4096 slices, and every slice carries the job's inline scene and
+assets (a node needs them, and has no other way to get them), so the slices together may
+hold at most 1 GiB: a large scene split many ways is sent by ``scene_url`` instead.
 
 Result (the bytes the proof of execution covers, 2.3.6)::
 
@@ -63,11 +69,12 @@ timestamps and encoder choices, pixels from the same pinned render do not.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from typing import Any, Final
 
 import numpy as np
@@ -91,6 +98,9 @@ MAX_SEED: Final = 2**31 - 1
 MAX_SECONDS: Final = 7 * 24 * 3600
 MAX_URL_CHARS: Final = 2048
 HEADER_ALLOWANCE: Final = 64 * 1024  # container header bytes allowed for in size checks
+MAX_TILES: Final = 256  # bands of one frame: the most slices a tiled job becomes
+MAX_SLICES: Final = 4096  # slices of one job, however asked for (the API's slices limit too)
+MAX_SPLIT_BYTES: Final = 1 << 30  # all of a job's slice payloads together (each copies the scene)
 
 META_CLASS: Final = "class"
 META_SCENE_SHA256: Final = "scene_sha256"
@@ -159,9 +169,18 @@ def _required(metadata: Mapping[str, str], key: str) -> int:
     return value
 
 
+def _check_text(name: str, value: str, error: type[ProtocolError]) -> None:
+    """Refuse a string with no UTF-8 encoding: a lone surrogate, which JSON lets through."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise error(f"{name} {value[:80]!a} is not valid Unicode (a lone surrogate)") from None
+
+
 def _check_url(url: str, sha256: str, error: type[ProtocolError]) -> None:
     if not isinstance(url, str) or not url or len(url) > MAX_URL_CHARS:
         raise error(f"scene_url must be a string of 1..{MAX_URL_CHARS} characters")
+    _check_text("scene_url", url, error)  # _HTTP_RE's [^/\s] matches a surrogate too
     if url == f"/v1/blobs/{sha256}" or _HTTP_RE.fullmatch(url):
         return
     raise error(
@@ -257,6 +276,12 @@ class RenderRequest:
 
     def check(self, error: type[ProtocolError]) -> None:
         """Every rule of the format; *error* says whose fault a violation is."""
+        self._check_fields(error)
+        self._check_hashes(error)
+
+    def _check_fields(self, error: type[ProtocolError]) -> None:
+        """Every rule but the SHA-256s of the inline bytes. Strings other than scene_url
+        are held to ASCII patterns, so only scene_url needs the Unicode check."""
         if not isinstance(self.scene_sha256, str) or not _SHA256_RE.fullmatch(self.scene_sha256):
             raise error(f"scene_sha256 must be 64 lowercase hex digits, got {self.scene_sha256!r}")
         _int("frame_start", self.frame_start, 0, MAX_FRAME, error)
@@ -275,25 +300,29 @@ class RenderRequest:
         self._check_tiles(error)
         if (self.scene is None) == (self.scene_url is None):
             raise error("a request carries exactly one of an inline scene and a scene_url")
+        if self.scene_url is not None:
+            _check_url(self.scene_url, self.scene_sha256, error)
+        _check_assets(self.assets, error)
+        wanted = {sha for _, sha in self.assets}
+        for sha, _data in self.asset_data:
+            if sha not in wanted:
+                raise error(f"inline asset {sha} is not in the asset manifest")
+
+    def _check_hashes(self, error: type[ProtocolError]) -> None:
+        """The inline scene and assets are the bytes their SHA-256s name."""
         if self.scene is not None:
             actual = hashlib.sha256(self.scene).hexdigest()
             if actual != self.scene_sha256:
                 raise error(f"inline scene has sha256 {actual}, but scene_sha256 says "
                             f"{self.scene_sha256}")  # fmt: skip
-        if self.scene_url is not None:
-            _check_url(self.scene_url, self.scene_sha256, error)
-        _check_assets(self.assets, error)
-        wanted = {sha for _, sha in self.assets}
         for sha, data in self.asset_data:
-            if sha not in wanted:
-                raise error(f"inline asset {sha} is not in the asset manifest")
             actual = hashlib.sha256(data).hexdigest()
             if actual != sha:
                 raise error(f"inline asset has sha256 {actual}, but the manifest says {sha}")
 
     def _check_tiles(self, error: type[ProtocolError]) -> None:
-        if self.tiles is not None:
-            _int("tiles", self.tiles, 2, self.height, error)
+        if self.tiles is not None:  # each band at least one row, and at most MAX_TILES bands
+            _int("tiles", self.tiles, 2, min(self.height, MAX_TILES), error)
             if self.frame_start != self.frame_end:
                 raise error("tiles split a single frame: frame_start must equal frame_end")
             if self.frames_per_slice is not None:
@@ -414,11 +443,26 @@ class RenderRequest:
 
     def narrowed(self, frame_start: int, frame_end: int) -> RenderRequest:
         """The same request for a sub-range: one slice's payload."""
-        return replace(self, frame_start=frame_start, frame_end=frame_end)
+        return self._derived(frame_start=frame_start, frame_end=frame_end)
 
     def band(self, row_start: int, row_end: int) -> RenderRequest:
         """The same frame, rows *row_start*..*row_end* only: one tile slice's payload."""
-        return replace(self, tiles=None, row_start=row_start, row_end=row_end)
+        return self._derived(tiles=None, row_start=row_start, row_end=row_end)
+
+    def _derived(self, **changes: int | None) -> RenderRequest:
+        """:func:`dataclasses.replace` for changes that keep the inline bytes as they are.
+
+        The changed request is checked again, except for the SHA-256s of its scene and
+        assets: they are this request's bytes, already hashed when it was built, and a
+        split would otherwise hash a scene of tens of MiB once per slice.
+        """
+        if not set(changes) <= {f.name for f in fields(self)}:
+            raise LocalProtocolError(f"not all of {sorted(changes)} are RenderRequest fields")
+        derived = copy.copy(self)  # no __init__, so no __post_init__ hashing
+        for name, value in changes.items():
+            object.__setattr__(derived, name, value)  # frozen: the way dataclasses set it
+        derived._check_fields(LocalProtocolError)
+        return derived
 
     def inlined(self, scene: bytes) -> RenderRequest:
         """The same request with the scene carried inline instead of by URL."""
@@ -528,6 +572,23 @@ def _fetch_checked(fetch: Callable[[str], bytes], url: str, sha256: str, what: s
 # --- splitting ----------------------------------------------------------------------------------
 
 
+def slice_count(
+    frame_start: int, frame_end: int, *, slices: int = 1, frames_per_slice: int | None = None
+) -> int:
+    """How many slices :func:`slice_ranges` gives, without building them."""
+    total = frame_end - frame_start + 1
+    if frames_per_slice is not None:
+        count = -(-total // frames_per_slice)
+        if slices not in (1, count):
+            raise RemoteProtocolError(
+                f"frames_per_slice {frames_per_slice} gives {count} slices, but {slices} were asked"
+            )
+        return count
+    if not 1 <= slices <= total:
+        raise RemoteProtocolError(f"slices must be in 1..{total} (one frame at least each)")
+    return slices
+
+
 def slice_ranges(
     frame_start: int, frame_end: int, *, slices: int = 1, frames_per_slice: int | None = None
 ) -> list[tuple[int, int]]:
@@ -538,18 +599,12 @@ def slice_ranges(
     evenly as possible among *slices*, earlier slices taking the remainder.
     """
     total = frame_end - frame_start + 1
+    count = slice_count(frame_start, frame_end, slices=slices, frames_per_slice=frames_per_slice)
     if frames_per_slice is not None:
-        count = -(-total // frames_per_slice)
-        if slices not in (1, count):
-            raise RemoteProtocolError(
-                f"frames_per_slice {frames_per_slice} gives {count} slices, but {slices} were asked"
-            )
         sizes = [min(frames_per_slice, total - i * frames_per_slice) for i in range(count)]
     else:
-        if not 1 <= slices <= total:
-            raise RemoteProtocolError(f"slices must be in 1..{total} (one frame at least each)")
-        base, extra = divmod(total, slices)
-        sizes = [base + (1 if i < extra else 0) for i in range(slices)]
+        base, extra = divmod(total, count)
+        sizes = [base + (1 if i < extra else 0) for i in range(count)]
     ranges, start = [], frame_start
     for size in sizes:
         ranges.append((start, start + size - 1))
@@ -558,7 +613,12 @@ def slice_ranges(
 
 
 def split(payload: bytes, slices: int) -> list[bytes]:
-    """One payload per slice, in frame order, or band order for tiles (the coordinator's)."""
+    """One payload per slice, in frame order, or band order for tiles (the coordinator's).
+
+    Each slice payload is self-contained: it carries the job's inline scene and assets,
+    so a split costs about its slice count times the job payload's size. That product is
+    bounded by MAX_SPLIT_BYTES, and the count by MAX_SLICES, before any slice is built.
+    """
     request = RenderRequest.decode(payload)
     if request.rows is not None:
         raise RemoteProtocolError("a job payload must not carry row_start/row_end")
@@ -567,8 +627,16 @@ def split(payload: bytes, slices: int) -> list[bytes]:
             raise RemoteProtocolError(
                 f"tiles {request.tiles} gives {request.tiles} slices, but {slices} were asked"
             )
+        _check_split(request.tiles, len(payload))
         bands = slice_ranges(0, request.height - 1, slices=request.tiles)  # rows, top first
         return [request.band(start, end).encode() for start, end in bands]
+    count = slice_count(
+        request.frame_start,
+        request.frame_end,
+        slices=slices,
+        frames_per_slice=request.frames_per_slice,
+    )
+    _check_split(count, len(payload))
     ranges = slice_ranges(
         request.frame_start,
         request.frame_end,
@@ -576,6 +644,22 @@ def split(payload: bytes, slices: int) -> list[bytes]:
         frames_per_slice=request.frames_per_slice,
     )
     return [request.narrowed(start, end).encode() for start, end in ranges]
+
+
+def _check_split(count: int, payload_bytes: int) -> None:
+    """Refuse a split of more than MAX_SLICES slices, or of more than MAX_SPLIT_BYTES."""
+    if count > MAX_SLICES:
+        raise RemoteProtocolError(
+            f"the job would split into {count} slices, over the limit of {MAX_SLICES}"
+        )
+    total = count * payload_bytes  # a slice payload is the job's, bar a few metadata bytes
+    if total > MAX_SPLIT_BYTES:
+        raise RemoteProtocolError(
+            f"{count} slices of a {payload_bytes}-byte payload would take {total} bytes, over "
+            f"the limit of {MAX_SPLIT_BYTES} (MAX_SPLIT_BYTES) on one job's slices: every "
+            "slice carries the inline scene and assets; use fewer slices, or upload the scene "
+            "with POST /v1/blobs and send scene_url"
+        )
 
 
 # --- results ------------------------------------------------------------------------------------
@@ -740,6 +824,34 @@ def check_result(data: bytes, meta: Mapping[str, Any], max_bytes: int) -> Render
         result, width=meta["width"], height=meta["height"], allow_blank=bool(meta["allow_blank"])
     )
     return result
+
+
+def check_slice(data: bytes, payload: bytes, max_bytes: int) -> None:
+    """A result that is exactly the slice its own task *payload* asked for: frames and rows.
+
+    :func:`check_result` holds a result to the job only; a node that returned other frames
+    of the job, or another band, would pass it, and the job would then fail at assembly
+    with no retry. Refused here, the task stays open, and goes to another node when its
+    lease runs out. Only the payload's header is read: its scene is not hashed again.
+    """
+    result = decode_result(data, max_bytes=max_bytes)
+    asked = read_metadata(payload, max_bytes=len(payload))  # our own stored payload
+    frames = (_required(asked, META_FRAME_START), _required(asked, META_FRAME_END))
+    row_start, row_end = _parse_int(asked, META_ROW_START), _parse_int(asked, META_ROW_END)
+    rows = None if row_start is None or row_end is None else (row_start, row_end)
+    if (result.frame_start, result.frame_end) != frames:
+        raise RemoteProtocolError(
+            f"result holds frames {result.frame_start}..{result.frame_end}, but its task "
+            f"asked for frames {frames[0]}..{frames[1]}"
+        )
+    if result.rows != rows:
+        raise RemoteProtocolError(
+            f"result holds {_rows_text(result.rows)}, but its task asked for {_rows_text(rows)}"
+        )
+
+
+def _rows_text(rows: tuple[int, int] | None) -> str:
+    return "whole frames" if rows is None else f"rows {rows[0]}..{rows[1]}"
 
 
 def assemble(results: Sequence[bytes], meta: Mapping[str, Any]) -> bytes:
