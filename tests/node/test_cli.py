@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import socket
 import subprocess
 import sys
+import threading
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -160,3 +165,287 @@ def test_config_cannot_raise_parallelism(home: Path) -> None:
     cfg.write_text(cfg.read_text() + "max_parallel_subtasks = 100000\n")
     out = run_cli("manifest", "--home", str(home))
     assert out.returncode != 0 and "max_parallel_subtasks" in out.stderr
+
+
+def one_error_line(err: str) -> str:
+    """stderr holds exactly one line, the error, and no traceback."""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("nodeclient: error: "), err
+    return lines[0]
+
+
+# --- unstake: whatever the coordinator (or a proxy in front of it) answers -------------------
+
+
+class _Answer(BaseHTTPRequestHandler):
+    answer: tuple[int, str, bytes] = (200, "application/json", b"{}")
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("content-length", 0)))
+        status, kind, body = self.answer
+        self.send_response(status)
+        self.send_header("content-type", kind)
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def coordinator(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[int, str, bytes], str]]:
+    """A local HTTP server; calling the fixture sets its next answer and returns its URL."""
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Answer)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+
+    def answer(status: int, kind: str, body: bytes) -> str:
+        _Answer.answer = (status, kind, body)
+        return f"http://127.0.0.1:{server.server_address[1]}"
+
+    yield answer
+    server.shutdown()
+    server.server_close()
+
+
+HTML_502 = b"<html>\n<head><title>502 Bad Gateway</title></head>\n<body>nginx</body>\n</html>\n"
+
+
+@pytest.mark.parametrize(
+    ("status", "kind", "body", "needles"),
+    [
+        (502, "text/html", HTML_502, ["HTTP 502", "non-JSON (text/html)", "--coordinator"]),
+        (200, "text/html", HTML_502, ["HTTP 200", "non-JSON", "--coordinator"]),
+        (200, "application/json", b"[1, 2]", ["HTTP 200", "not an object"]),
+        (200, "application/json", b'{"node_id": "0x"}', ["unstaking_until", "nodeclient status"]),
+        (200, "application/json", b'{"unstaking_until": "soon"}', ["unstaking_until", "soon"]),
+        (200, "application/json", b'{"unstaking_until": 1e300}', ["unstaking_until"]),
+        (409, "application/json", b'{"error": "not\\nregistered"}', ["(409)", "not registered"]),
+    ],
+    ids=["proxy-502-html", "200-html", "not-object", "no-field", "str-field", "huge", "409"],
+)
+def test_unstake_bad_answer_is_one_line(
+    home: Path,
+    coordinator: Callable[[int, str, bytes], str],
+    capsys: pytest.CaptureFixture[str],
+    status: int,
+    kind: str,
+    body: bytes,
+    needles: list[str],
+) -> None:
+    """An HTML error page, a non-object or a missing/odd unstaking_until: one line, exit 2."""
+    url = coordinator(status, kind, body)
+    capsys.readouterr()
+    assert main(["unstake", "--home", str(home), "--coordinator", url]) == 2
+    out = capsys.readouterr()
+    line = one_error_line(out.err)
+    assert "<html>" not in line
+    for needle in needles:
+        assert needle in line
+    assert out.out == ""
+
+
+def test_unstake_accepted_prints_cooldown_end(
+    home: Path, coordinator: Callable[[int, str, bytes], str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The coordinator's 200 with unstaking_until is shown as a UTC date."""
+    url = coordinator(200, "application/json", b'{"node_id": "x", "unstaking_until": 0}')
+    assert main(["unstake", "--home", str(home), "--coordinator", url]) == 0
+    assert "1970-01-01 00:00:00 UTC" in capsys.readouterr().out
+
+
+# --- run: an outbox that cannot be opened ------------------------------------------------------
+
+
+@pytest.fixture
+def runnable(home: Path) -> Path:
+    """A home whose `run` gets as far as the outbox without bubblewrap (it fails there)."""
+    cfg = home / "config.toml"
+    cfg.write_text(cfg.read_text().replace("allow_unsandboxed = false", "allow_unsandboxed = true"))
+    return home
+
+
+def run_node(home: Path, *, inject: str = "") -> subprocess.CompletedProcess[str]:
+    """`nodeclient run` in a child process; *inject* is code run first (fault injection)."""
+    code = (
+        f"import sys\n{inject}\nfrom nodeclient.node.cli import main\n"
+        f"sys.exit(main(['run', '--home', {str(home)!r}, '--coordinator', 'http://127.0.0.1:9']))"
+    )
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
+    )
+
+
+def error_lines(err: str) -> list[str]:
+    """The CLI's own lines on stderr (the daemon's JSON log events aside), no traceback."""
+    assert "Traceback" not in err, err
+    return [ln for ln in err.splitlines() if ln.startswith("nodeclient: ")]
+
+
+def test_run_damaged_outbox_is_one_line_and_kept(runnable: Path) -> None:
+    """A corrupt outbox.db: one line saying to move it aside (never delete), exit 2, file kept."""
+    garbage = b"not a database, but maybe someone's signed results " * 200
+    (runnable / "outbox.db").write_bytes(garbage)
+    out = run_node(runnable)
+    assert out.returncode == 2  # the systemd unit does not restart on 2
+    (line,) = error_lines(out.stderr)
+    assert "outbox.db is damaged" in line and "mv " in line and "never delete" in line
+    assert (runnable / "outbox.db").read_bytes() == garbage
+
+
+def test_run_outbox_unopenable_is_one_line(runnable: Path) -> None:
+    """SQLite cannot open outbox.db (here: it is a directory): one line naming it, exit 1."""
+    (runnable / "outbox.db").mkdir()
+    out = run_node(runnable)
+    assert out.returncode == 1
+    (line,) = error_lines(out.stderr)
+    assert f"cannot open {runnable / 'outbox.db'}" in line and "writable" in line
+
+
+def test_run_outbox_disk_full_is_one_line(runnable: Path) -> None:
+    """ENOSPC while the outbox opens: one line saying to free space, exit 1 (systemd retries)."""
+    inject = (
+        "import errno, os\n"
+        "real_open = os.open\n"
+        "def full(path, *a, **k):\n"
+        "    if str(path).endswith('outbox.db.lock'):\n"
+        "        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))\n"
+        "    return real_open(path, *a, **k)\n"
+        "os.open = full\n"
+    )
+    out = run_node(runnable, inject=inject)
+    assert out.returncode == 1
+    (line,) = error_lines(out.stderr)
+    assert "outbox.db" in line and "No space left on device" in line and "free some space" in line
+
+
+# --- status: a daemon that is busy, or gone --------------------------------------------------
+
+
+def test_status_busy_daemon_times_out_in_one_line(
+    home: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A daemon that accepts but does not answer within the timeout: one line, exit 1."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(home / "control.sock"))
+    listener.listen(1)  # never accepted: connect succeeds, the answer never comes
+    try:
+        capsys.readouterr()
+        assert main(["status", "--home", str(home)]) == 1
+    finally:
+        listener.close()
+    line = one_error_line(capsys.readouterr().err)
+    assert "did not answer within 5 s" in line and "busy" in line and "logs" in line
+
+
+def test_status_stale_socket_says_no_daemon(home: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A socket file left by a killed daemon (nothing listens): the usual 'no daemon' line."""
+    dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    dead.bind(str(home / "control.sock"))
+    dead.listen(1)
+    dead.close()  # the file stays, as after kill -9
+    assert (home / "control.sock").is_socket()
+    capsys.readouterr()
+    assert main(["status", "--home", str(home)]) == 1
+    line = one_error_line(capsys.readouterr().err)
+    assert "no node daemon is running" in line and "nodeclient run" in line
+
+
+# --- config.toml: a value of the wrong type --------------------------------------------------
+
+
+def set_config(home: Path, key: str, line: str) -> None:
+    """Replace *key*'s line in config.toml (or add it) with *line*."""
+    cfg = home / "config.toml"
+    kept = [ln for ln in cfg.read_text().splitlines() if not ln.startswith(f"{key} =")]
+    cfg.write_text("\n".join([*kept, line]) + "\n")
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "expected", "got"),
+    [
+        ("coordinator", "5", "a quoted string", "an integer"),
+        ("region", "[]", "a quoted string", "an array"),
+        ("wallet_address", "0x1111111111111111111111111111111111111111", "a quoted", "an integer"),
+        ("chain_id", '"31337"', "an integer", "a string"),
+        ("heartbeat_interval", '"30"', "a number", "a string"),
+        ("heartbeat_interval", "true", "a number", "a boolean"),
+        ("allow_unsandboxed", '"yes"', "true or false", "a string"),
+        ("max_parallel_subtasks", "1.5", "an integer", "a float"),
+        ("metrics_address", "9101", "a quoted string", "an integer"),
+        ("result_retention_hours", "{ h = 1 }", "a number", "a table"),
+        ("result_retention_mb", "1979-05-27", "an integer", "a date/time"),
+    ],
+)
+def test_config_wrong_type_is_one_line(
+    home: Path, capsys: pytest.CaptureFixture[str], key: str, value: str, expected: str, got: str
+) -> None:
+    """A value of the wrong TOML type names the file, the key and the type it must be; exit 2."""
+    set_config(home, key, f"{key} = {value}")
+    capsys.readouterr()
+    assert main(["manifest", "--home", str(home)]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert str(home / "config.toml") in line
+    assert f"{key} must be {expected}" in line and f"not {got}" in line
+
+
+# --- init: atomic config, and an interrupted init can be finished ----------------------------
+
+
+def test_init_finishes_after_keys_without_config(
+    home: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Keys but no config.toml (init killed between them): init again keeps the keys, writes it."""
+    capsys.readouterr()
+    assert main(["keys", "show", "--home", str(home), "--json"]) == 0
+    node_id = json.loads(capsys.readouterr().out)["node_id"]
+    (home / "config.toml").unlink()
+    keys_before = {n: b for n, b in snapshot(home).items() if n.endswith(".key")}
+    assert main(["init", "--home", str(home), "--wallet", WALLET, "--region", "us-east"]) == 0
+    out = capsys.readouterr().out
+    assert "kept its keys" in out and node_id in out
+    assert {n: b for n, b in snapshot(home).items() if n.endswith(".key")} == keys_before
+    cfg = home / "config.toml"
+    assert (cfg.stat().st_mode & 0o777) == 0o600
+    assert 'region = "us-east"' in cfg.read_text()
+    assert main(["manifest", "--home", str(home), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["node_id"] == node_id
+
+
+def test_init_resume_refuses_encrypt_over_plaintext_key(
+    home: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Finishing an init with --encrypt over a plaintext node.key is refused, nothing written."""
+    (home / "config.toml").unlink()
+    before = snapshot(home)
+    capsys.readouterr()
+    assert main(["init", "--home", str(home), "--wallet", WALLET, "--encrypt"]) == 2
+    assert "without --encrypt" in one_error_line(capsys.readouterr().err)
+    assert snapshot(home) == before
+
+
+def test_init_disk_full_at_config_leaves_no_partial_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """ENOSPC while config.toml is written: one line, no config.toml at all; init again works."""
+    h = tmp_path / "home"
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        if "config.toml" in os.readlink(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    assert main(["init", "--home", str(h), "--wallet", WALLET]) != 0
+    line = one_error_line(capsys.readouterr().err)
+    assert "No space left on device" in line and "run the same `nodeclient init` again" in line
+    assert sorted(p.name for p in h.iterdir()) == ["liveness.key", "node.key", "payload.key"]
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    assert main(["init", "--home", str(h), "--wallet", WALLET]) == 0
+    assert "kept its keys" in capsys.readouterr().out
+    assert (h / "config.toml").stat().st_mode & 0o777 == 0o600

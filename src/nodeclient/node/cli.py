@@ -7,20 +7,29 @@ with a non-zero exit, never a traceback; anything else is a bug and keeps its tr
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import json
 import os
+import shlex
+import sqlite3
 import sys
 import time
 import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from nodeclient import __version__
-from nodeclient.errors import NodeClientError, UsageError
+from nodeclient.errors import KeyFileError, NodeClientError, UsageError
 from nodeclient.node import keys, securefile
 from nodeclient.node.config import NodeConfig, load_config, write_config
 from nodeclient.protocol.manifest import REGIONS
+
+if TYPE_CHECKING:
+    import httpx
+
+    from nodeclient.node.outbox import Outbox
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -50,14 +59,40 @@ def _tty_prompt(text: str) -> str:
 
 
 def cmd_init(args: argparse.Namespace) -> int:
+    """Create the node's keys, then ``config.toml``; each step is atomic.
+
+    An init cut short between the two (killed, or the disk full) leaves the keys and no
+    config.toml. Running the same init again finishes it: it keeps those keys and writes
+    only config.toml, from the flags given now (the keys hold no wallet or region). It
+    never replaces a key or an existing config.toml.
+    """
     home = _home(args, create=True)
     config = NodeConfig(wallet_address=args.wallet, region=args.region, chain_id=args.chain_id)
     if (home / "config.toml").exists():
         raise UsageError(f"{home / 'config.toml'} already exists: this home is initialised")
-    passphrase = _passphrase_source(args, confirm=True)() if args.encrypt else None
-    info = keys.init_keys(home, passphrase=passphrase)
-    write_config(home, config)
-    print(f"initialised {home}")
+    key_names = (keys.NODE_KEY, keys.LIVENESS_KEY, keys.PAYLOAD_KEY)
+    resumed = all(os.path.lexists(home / n) for n in key_names)
+    if resumed:
+        info = keys.key_info(home)  # loads, and so checks, all three before anything is written
+        if args.encrypt and not info.encrypted:
+            raise UsageError(
+                f"{home} holds the keys of an unfinished init, with node.key in plaintext: run "
+                "init again without --encrypt to finish it, or move the keys away to start over"
+            )
+    else:  # init_keys refuses, changing nothing, if only some of the keys exist
+        passphrase = _passphrase_source(args, confirm=True)() if args.encrypt else None
+        info = keys.init_keys(home, passphrase=passphrase)
+    try:
+        write_config(home, config)
+    except KeyFileError as exc:
+        raise KeyFileError(
+            f"{exc}; the keys were kept and no config.toml was written: fix that and run the "
+            "same `nodeclient init` again to finish"
+        ) from exc
+    if resumed:
+        print(f"finished the interrupted init of {home}: kept its keys, wrote config.toml")
+    else:
+        print(f"initialised {home}")
     print(f"  node_id           {info.node_id}")
     print(f"  liveness address  {info.liveness_address}")
     print(f"  payload key       {info.rsa_fingerprint}")
@@ -195,7 +230,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     from nodeclient.node.daemon import NodeDaemon, Retention
     from nodeclient.node.executor import Executor, WorkerConfig, gpus_from_manifest
     from nodeclient.node.metrics import GpuSampler, NodeMetrics
-    from nodeclient.node.outbox import Outbox
 
     logs.configure(fmt=args.log_format)
     home = _home(args)
@@ -217,6 +251,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             cache_dir=home / "models",
             threads=max(1, cores // slots),
             gpus=gpus_from_manifest(manifest),
+            node_home=home,  # no bind into the sandbox may show the home's key files
         ),
     )
     daemon = NodeDaemon(
@@ -228,7 +263,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         payload_key=keys.load_payload_key(home),
         manifest=manifest,
         executor=executor,
-        outbox=Outbox(home / "outbox.db"),
+        outbox=_open_outbox(home / "outbox.db"),
         clock=make_clock(args.clock_file),
         heartbeat_interval=args.heartbeat_interval or config.heartbeat_interval,
         metrics=metrics,
@@ -247,6 +282,46 @@ def cmd_run(args: argparse.Namespace) -> int:
             server.close()
         if metrics.gpu is not None:
             metrics.gpu.close()
+
+
+def _open_outbox(path: Path) -> Outbox:
+    """Open the outbox; a damaged file or a full disk is one line, not a traceback.
+
+    A damaged outbox exits 2, which the systemd unit does not restart on: starting again
+    cannot help, and the operator must keep the file (it holds signed results the
+    coordinator has not acknowledged). Anything else exits 1 and is retried.
+    """
+    from nodeclient.node.outbox import Outbox
+
+    try:
+        return Outbox(path)
+    except sqlite3.Error as exc:
+        code = exc.sqlite_errorcode & 0xFF  # the primary result code
+        if code in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB):
+            aside = shlex.quote(str(path.with_name("outbox.damaged")))
+            raise UsageError(
+                f"{path} is damaged ({exc}): move it and its companions aside, e.g. "
+                f"`mkdir {aside} && mv {shlex.quote(str(path))}* {aside}/`, and never delete "
+                "them (they hold signed results not yet acknowledged); `nodeclient run` then "
+                "starts a new outbox"
+            ) from exc
+        full = code == sqlite3.SQLITE_FULL
+        raise NodeClientError(_outbox_problem(path, str(exc), full=full)) from exc
+    except OSError as exc:
+        full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+        raise NodeClientError(_outbox_problem(path, exc.strerror or str(exc), full=full)) from exc
+
+
+def _outbox_problem(path: Path, reason: str, *, full: bool) -> str:
+    if full:
+        return (
+            f"cannot open {path}: {reason}; the disk is full: free some space on it, "
+            "then start the node again (the outbox is kept)"
+        )
+    return (
+        f"cannot open {path}: {reason}; check free disk space and that {path.parent} is "
+        "writable by this user, then start the node again"
+    )
 
 
 def _ago(seconds: float | None) -> str:
@@ -282,6 +357,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(st, indent=2))
         return 0
+    if "state" not in st:  # an error answer, e.g. from a daemon of another version
+        raise NodeClientError(
+            f"the daemon answered: {st.get('error', 'no state')}; "
+            "check that it runs the same nodeclient version as this command"
+        )
     link = st["link"]
     now = st["time"]
     print(f"state        {st['state']} for {_duration(now - st['state_since'])}")
@@ -329,14 +409,46 @@ def cmd_unstake(args: argparse.Namespace) -> int:
         )
     except httpx.HTTPError as exc:
         raise UsageError(f"cannot reach the coordinator at {url}: {exc}") from exc
-    body = resp.json() if resp.content else {}
-    if resp.status_code != 200:
-        raise UsageError(f"unstake refused ({resp.status_code}): {body.get('error', resp.text)}")
-    until = int(body["unstaking_until"])
-    ends = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(until))
+    ends = _unstake_answer(resp, url)
     print(f"unstaking: no new dispatches; the 7-day cooldown ends at {ends}")
     print("work in flight finishes and is delivered; `nodeclient status` shows the countdown")
     return 0
+
+
+def _unstake_answer(resp: httpx.Response, url: str) -> str:
+    """When the cooldown ends, from the coordinator's answer; anything else is one line.
+
+    A proxy in front of the coordinator may answer with an HTML page, and a wrong URL
+    with anything at all: neither is shown (it can be pages long), only what it was.
+    """
+    status = resp.status_code
+    try:
+        body = resp.json() if resp.content else {}
+    except ValueError:  # JSONDecodeError, or bytes that are not text
+        body = None
+    if not isinstance(body, dict):
+        kind = resp.headers.get("content-type", "no content type").split(";")[0]
+        what = "a JSON value that is not an object" if body is not None else f"non-JSON ({kind})"
+        raise UsageError(
+            f"unstake failed: {url} answered HTTP {status} with {what}, not the "
+            "coordinator's JSON; check the --coordinator URL (or config.toml) and any proxy "
+            "in front of it, then try again"
+        )
+    if status != 200:
+        error = " ".join(str(body.get("error", "no reason given")).split())[:300]
+        raise UsageError(f"unstake refused ({status}): {error}")
+    until = body.get("unstaking_until")
+    ends = None
+    if isinstance(until, int | float) and not isinstance(until, bool):
+        with contextlib.suppress(ValueError, OverflowError, OSError):  # nan, out of range
+            ends = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(until))
+    if ends is None:
+        raise UsageError(
+            f"the coordinator at {url} answered HTTP {status} without a valid "
+            f"unstaking_until ({until!r:.40}); the request may have been accepted: run "
+            "`nodeclient status` to see the cooldown, and check the coordinator's version"
+        )
+    return ends
 
 
 def cmd_devnet(args: argparse.Namespace) -> int:
@@ -420,7 +532,12 @@ def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915 (one block per c
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser(
-        "init", parents=[common, passphrase], help="create the node's keys and config"
+        "init",
+        parents=[common, passphrase],
+        help="create the node's keys and config",
+        description="Create the node's keys, then config.toml. If an earlier init was cut "
+        "short after the keys (killed, disk full), running it again keeps those keys and "
+        "writes only config.toml, from the flags given now. Nothing is ever overwritten.",
     )
     p.add_argument("--wallet", required=True, metavar="0x…", help="wallet address for earnings")
     p.add_argument(

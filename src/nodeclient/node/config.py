@@ -7,19 +7,38 @@ ignored, so a typo never silently changes behaviour.
 
 from __future__ import annotations
 
-import os
 import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Final
 
 from nodeclient.errors import SignatureError, UsageError
+from nodeclient.node import securefile
 from nodeclient.protocol.eip712 import DEVNET_CHAIN_ID
 from nodeclient.protocol.manifest import REGIONS
 from nodeclient.protocol.secp import parse_address, to_checksum_address
 
 CONFIG_FILE: Final = "config.toml"
 MAX_CONFIG_BYTES: Final = 64 * 1024
+
+# The TOML type each key must have, checked before any value is used: a hand-edited
+# `coordinator = 5` is a one-line UsageError, never an AttributeError. bool is refused
+# wherever a number is expected (in Python it is an int, in TOML it is not). Every field
+# of NodeConfig needs an entry here.
+_NUMBER: Final = (int, float)
+_EXPECTED: Final[dict[str, tuple[tuple[type, ...], str]]] = {
+    "wallet_address": ((str,), 'a quoted string, e.g. "0x…"'),
+    "region": ((str,), 'a quoted string, e.g. "eu-west"'),
+    "chain_id": ((int,), "an integer"),
+    "coordinator": ((str,), 'a quoted string, e.g. "https://…"'),
+    "max_parallel_subtasks": ((int,), "an integer"),
+    "heartbeat_interval": (_NUMBER, "a number (seconds)"),
+    "allow_unsandboxed": ((bool,), "true or false"),
+    "metrics_address": ((str,), 'a quoted string, e.g. "127.0.0.1:9101"'),
+    "result_retention_hours": (_NUMBER, "a number (hours)"),
+    "result_retention_mb": ((int,), "an integer"),
+}
+_OPTIONAL: Final = frozenset({"coordinator", "max_parallel_subtasks", "metrics_address"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +57,7 @@ class NodeConfig:
     result_retention_mb: int = 4096  # and at most this much of them, oldest dropped first
 
     def __post_init__(self) -> None:
+        _check_types(self)
         try:
             wallet = to_checksum_address(parse_address(self.wallet_address, field="wallet"))
         except SignatureError as exc:
@@ -116,6 +136,33 @@ class NodeConfig:
         return "\n".join(lines) + "\n"
 
 
+def _toml_type(value: object) -> str:
+    """What the operator wrote, in TOML's words."""
+    for kind, name in (
+        (bool, "a boolean"),
+        (int, "an integer"),
+        (float, "a float"),
+        (str, "a string"),
+        (list, "an array"),
+        (dict, "a table"),
+    ):
+        if isinstance(value, kind):
+            return name
+    return "a date/time" if hasattr(value, "isoformat") else type(value).__name__
+
+
+def _check_types(config: NodeConfig) -> None:
+    for f in fields(config):
+        value = getattr(config, f.name)
+        if value is None and f.name in _OPTIONAL:
+            continue
+        types, expected = _EXPECTED[f.name]
+        if isinstance(value, types) and (bool in types or not isinstance(value, bool)):
+            continue
+        shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+        raise UsageError(f"{f.name} must be {expected}, not {_toml_type(value)} ({shown})")
+
+
 def load_config(home: Path) -> NodeConfig:
     """Read and validate ``config.toml``; errors name the file and say what to fix."""
     path = home / CONFIG_FILE
@@ -147,11 +194,12 @@ def load_config(home: Path) -> NodeConfig:
 
 
 def write_config(home: Path, config: NodeConfig) -> Path:
-    """Write ``config.toml`` (0600, exclusive create: init never overwrites)."""
+    """Write ``config.toml`` atomically: all of it or nothing, mode 0600, never overwriting.
+
+    The text goes to a temporary file beside it, is ``fsync``-ed and only then linked to
+    its real name (:func:`securefile.write_secrets`), so a full disk or a kill never
+    leaves a partial file. Refuses (KeyFileError, one line) if the name is taken.
+    """
     path = home / CONFIG_FILE
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.write(config.to_toml())
-        fh.flush()
-        os.fsync(fh.fileno())
+    securefile.write_secrets({path: config.to_toml().encode("utf-8")})
     return path

@@ -27,6 +27,14 @@ class DaemonNotRunning(NodeClientError):
     """No daemon answers on the control socket."""
 
 
+class DaemonBusy(DaemonNotRunning):
+    """The daemon accepted the request but did not answer in time.
+
+    A kind of :class:`DaemonNotRunning` (no answer either way) so that callers that retry
+    a missing daemon, such as the status console, retry a busy one too.
+    """
+
+
 async def serve(path: Path, handler: Handler) -> asyncio.AbstractServer:
     """Listen on *path* (replacing a stale socket left by a killed daemon)."""
     with contextlib.suppress(FileNotFoundError):
@@ -58,17 +66,22 @@ async def serve(path: Path, handler: Handler) -> asyncio.AbstractServer:
 
 
 def request(path: Path, payload: dict[str, Any], *, timeout: float = 5.0) -> dict[str, Any]:
-    """One request to the daemon; DaemonNotRunning if nothing listens."""
+    """One request to the daemon.
+
+    DaemonNotRunning if nothing listens (no socket, or a stale one a killed daemon left),
+    DaemonBusy if it does not answer within *timeout* seconds; any other socket error is
+    one NodeClientError too, so that ``nodeclient status`` prints one line.
+    """
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(timeout)
     try:
-        sock.connect(str(path))
-    except (FileNotFoundError, ConnectionRefusedError):
-        raise DaemonNotRunning(
-            f"no node daemon is running for this home ({path} does not answer); "
-            "start it with `nodeclient run`"
-        ) from None
-    try:
+        try:
+            sock.connect(str(path))
+        except (FileNotFoundError, ConnectionRefusedError):
+            raise DaemonNotRunning(
+                f"no node daemon is running for this home ({path} does not answer); "
+                "start it with `nodeclient run`"
+            ) from None
         sock.sendall(json.dumps(payload).encode() + b"\n")
         buf = b""
         while not buf.endswith(b"\n"):
@@ -76,10 +89,22 @@ def request(path: Path, payload: dict[str, Any], *, timeout: float = 5.0) -> dic
             if not chunk:
                 break
             buf += chunk
+    except TimeoutError:  # socket.timeout is TimeoutError since 3.10
+        raise DaemonBusy(
+            f"the daemon did not answer within {timeout:g} s; it may be busy — try again, "
+            "or check its logs (`journalctl -u nodeclient` under systemd)"
+        ) from None
+    except OSError as exc:  # e.g. EACCES on the socket, or the daemon died mid-answer
+        raise DaemonNotRunning(
+            f"cannot talk to the node daemon at {path}: {exc.strerror or exc}; "
+            "check that `nodeclient run` is running for this home as this user"
+        ) from exc
     finally:
         sock.close()
     try:
-        out: dict[str, Any] = json.loads(buf)
+        out = json.loads(buf)
     except ValueError:
         raise DaemonNotRunning(f"the daemon at {path} sent an unreadable answer") from None
+    if not isinstance(out, dict):
+        raise DaemonNotRunning(f"the daemon at {path} sent an unreadable answer")
     return out
