@@ -454,6 +454,6 @@ async def report_closes(coord: Coordinator, closes: Sequence[RoundClose]) -> Non
     """After :func:`deadline_tx`: tell nodes to drop their slices, wake the scheduler."""
     for node_id, task_id in (lease for close in closes for lease in close.cancel):
         frame = messages.Cancel(uuid.UUID(task_id), "round deadline passed").to_wire()
-        await coord.send_to(node_id, frame)
+        coord.spawn(coord.send_to(node_id, frame), "cancel")  # a slow node holds up no round
     if closes:  # a next round may be queued
         coord.wake()
