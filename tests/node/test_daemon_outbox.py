@@ -202,3 +202,23 @@ def test_only_a_definite_no_to_registration_is_final(
     if final:
         assert caught.value.exit_code == 78  # type: ignore[union-attr]
         assert caught.value.exit_code in service.NO_RESTART_STATUSES  # type: ignore[union-attr]
+
+
+def test_a_dispatch_whose_outbox_lookup_fails_is_neither_run_nor_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The outbox cannot say (EIO) whether the task is done: the daemon does not run it
+    (it may be) nor refuse it (its result may be intact), and the link stays up."""
+    import errno
+
+    daemon, key, link = make_daemon(tmp_path)  # NeverRun: running it fails the test
+
+    def failing_get(task_id: uuid.UUID) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(daemon.outbox, "get", failing_get)
+    try:
+        asyncio.run(daemon._on_frame(dispatch(daemon, key, uuid.uuid4())))
+    finally:
+        daemon.outbox.close()
+    assert link.frames == [] and daemon.running == {}

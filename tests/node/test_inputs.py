@@ -198,3 +198,14 @@ def test_httpx_errors_from_an_injected_fetcher_are_reasons(tmp_path: Path) -> No
 
     with pytest.raises(RemoteProtocolError, match="input could not be fetched: Invalid port"):
         resolve("ai.inference", payload, fetch=fetch, cache_dir=tmp_path, sandbox_owner=False)
+
+
+def test_the_daemon_fills_the_cache_within_the_workers_bound(tmp_path: Path) -> None:
+    """The daemon stores fetched models in the workers' cache under the same size bound,
+    so it never evicts the shared cache down to a smaller one of its own."""
+    from nodeclient.node import inputs
+    from nodeclient.node.runtimes.onnx import OnnxRuntime
+
+    worker_side = OnnxRuntime(cache_dir=tmp_path / "models")
+    assert worker_side.cache is not None
+    assert inputs._model_cache(tmp_path).max_bytes == worker_side.cache.max_bytes

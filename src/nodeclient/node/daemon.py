@@ -451,6 +451,11 @@ class NodeDaemon:
                 log.error("outbox.result_missing", extra={"error": str(exc)})
                 await self._reject(d.task_id, "this node's stored result for the task is damaged")
                 return
+            except OSError as exc:  # could not read it just now (EIO, EMFILE): nothing is known
+                # Neither run it (it may be done) nor refuse it (the result may be intact):
+                # the coordinator's lease runs out, or it dispatches the task again later.
+                log.error("outbox.lookup_failed", extra={"error": str(exc)})
+                return
             if done is not None:  # already finished: re-send, never re-execute
                 if not done.held:
                     await self._reject(d.task_id, _pruned_reason(done))

@@ -125,10 +125,14 @@ def resolve(
 
 
 def _model_cache(cache_dir: Path) -> ModelCache:
-    """The executor's model cache (``<cache_dir>/models``, as the worker's runtime sees it)."""
-    from nodeclient.node.runtimes.onnx import ModelCache
+    """The executor's model cache (``<cache_dir>/models``, as the worker's runtime sees it).
 
-    return ModelCache(cache_dir / "models", max_bytes=MAX_FETCH_BYTES)
+    With the workers' own bound: a smaller one here would evict the shared cache down to it
+    on every model the daemon stores, and large models would keep pushing each other out.
+    """
+    from nodeclient.node.runtimes.onnx import DEFAULT_MAX_CACHE_BYTES, ModelCache
+
+    return ModelCache(cache_dir / "models", max_bytes=DEFAULT_MAX_CACHE_BYTES)
 
 
 def _resolve_model(payload: bytes, fetch: Fetch, cache: ModelCache, sandbox_owner: bool) -> bytes:
