@@ -14,7 +14,8 @@ translated into these once, where they enter, with ``raise ... from exc``::
     ├── ManifestError               a manifest fails verification (the message names the check)
     ├── EnvelopeError               an envelope cannot be opened (one message for every cause)
     ├── StateError                  an illegal node state transition
-    └── HardwareProbeError          the hardware probe could not run at all
+    ├── HardwareProbeError          the hardware probe could not run at all
+    └── NeedsOperator               stopped until the operator acts (exit 78, not restarted)
 
 The CLI prints ``str(exc)`` of any of these as one line and exits non-zero; anything else
 is a bug and keeps its traceback.
@@ -77,3 +78,14 @@ class StateError(NodeClientError):
 
 class HardwareProbeError(NodeClientError):
     """The hardware probe could not run at all."""
+
+
+class NeedsOperator(NodeClientError):
+    """Stopped for a reason that starting again cannot fix: the operator has to act first.
+
+    Exit status 78 (``EX_CONFIG`` in sysexits.h), the one status the systemd unit does not
+    restart on (``RestartPreventExitStatus=78``). Every other failure is restarted, since
+    its cause may pass (a slow boot, a mount not there yet, a full disk freed).
+    """
+
+    exit_code = 78

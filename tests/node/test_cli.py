@@ -287,11 +287,11 @@ def error_lines(err: str) -> list[str]:
 
 
 def test_run_damaged_outbox_is_one_line_and_kept(runnable: Path) -> None:
-    """A corrupt outbox.db: one line saying to move it aside (never delete), exit 2, file kept."""
+    """A corrupt outbox.db: one line saying to move it aside (never delete), exit 78, file kept."""
     garbage = b"not a database, but maybe someone's signed results " * 200
     (runnable / "outbox.db").write_bytes(garbage)
     out = run_node(runnable)
-    assert out.returncode == 2  # the systemd unit does not restart on 2
+    assert out.returncode == 78  # NeedsOperator: the systemd unit does not restart on 78
     (line,) = error_lines(out.stderr)
     assert "outbox.db is damaged" in line and "mv " in line and "never delete" in line
     assert (runnable / "outbox.db").read_bytes() == garbage

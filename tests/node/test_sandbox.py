@@ -179,19 +179,34 @@ def test_chown_tree_never_follows_a_planted_symlink(
     assert set(_owners(cache).values()) == {ids}  # the links included, via lchown
 
 
-def test_chown_tree_refuses_a_symlinked_cache(
+def test_chown_tree_follows_the_operators_link_to_the_cache(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A cache directory that is itself a link is refused, and its target left alone."""
-    _sandbox_ids(monkeypatch)
+    """The cache directory itself may be a link the operator made (to a larger disk): it
+    is followed to that directory, and links inside it still are not."""
+    ids = _sandbox_ids(monkeypatch)
+    big = tmp_path / "big" / "models"
+    big.mkdir(parents=True)
+    (big / "m").write_bytes(b"m")
     etc = tmp_path / "etc"
     etc.mkdir()
     (etc / "shadow").write_bytes(b"root:secret")
     before = _owners(etc)
-    (tmp_path / "models").symlink_to(etc)
-    with pytest.raises(NodeClientError, match="is a symlink or not a directory"):
-        _chown_tree(tmp_path / "models")
+    (big / "planted").symlink_to(etc / "shadow")
+    (tmp_path / "models").symlink_to(big)
+    _chown_tree(tmp_path / "models")
+    assert set(_owners(big).values()) == {ids}
     assert _owners(etc) == before
+
+
+def test_chown_tree_refuses_a_cache_that_is_not_a_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file where the cache should be is refused with a one-line reason."""
+    _sandbox_ids(monkeypatch)
+    (tmp_path / "models").write_bytes(b"not a directory")
+    with pytest.raises(NodeClientError, match="is not a directory"):
+        _chown_tree(tmp_path / "models")
 
 
 # --- what the sandbox looks like from inside -----------------------------------------------

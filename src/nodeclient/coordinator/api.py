@@ -158,8 +158,16 @@ def build_router(coord: Coordinator) -> APIRouter:  # noqa: PLR0915 (one route e
 
     # --- jobs -------------------------------------------------------------------------------
 
+    # A split may hold up to 1 GiB of slice payloads until they are stored: prepare and store
+    # two submissions at a time, so concurrent large jobs cannot add up.
+    preparing = asyncio.Semaphore(2)
+
     @router.post("/v1/jobs", status_code=201)
     async def submit_job(body: JobRequest) -> JSONResponse:
+        async with preparing:
+            return await _submit_job(body)
+
+    async def _submit_job(body: JobRequest) -> JSONResponse:
         cfg = coord.config
         try:
             wclass = classes.lookup(body.workload_class)

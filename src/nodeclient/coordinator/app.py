@@ -21,7 +21,7 @@ from nodeclient import __version__
 from nodeclient.clock import Clock, SystemClock
 from nodeclient.coordinator.api import build_router, error
 from nodeclient.coordinator.config import CoordinatorConfig
-from nodeclient.coordinator.link import LinkSession
+from nodeclient.coordinator.link import LinkSession, TransportAbort
 from nodeclient.coordinator.scheduler import Scheduler
 from nodeclient.coordinator.service import Coordinator
 from nodeclient.coordinator.store import Database
@@ -44,6 +44,7 @@ def create_app(config: CoordinatorConfig, *, clock: Clock | None = None) -> Fast
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+            await coord.stop_background()  # dispatches and cancels in flight, before the db
             for link in list(coord.links.values()):
                 await link.close(1001, "coordinator shutting down")
             db.close()
@@ -56,6 +57,7 @@ def create_app(config: CoordinatorConfig, *, clock: Clock | None = None) -> Fast
     )
     app.state.coordinator = coord
     app.state.scheduler = scheduler
+    app.add_middleware(TransportAbort)  # outermost but for errors: sees the server's send
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:

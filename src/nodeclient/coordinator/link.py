@@ -29,10 +29,14 @@ misses its heartbeats or its lease deadlines, as with any lost node.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import json
 import logging
 import math
 import secrets
+import socket
+import struct
 from collections.abc import Mapping
 from typing import Any
 
@@ -53,6 +57,42 @@ _STATES = frozenset(s.value for s in NodeState)
 SEND_TIMEOUT_S = 10.0  # what any send may wait for the node to read, whatever its size
 MIN_SEND_RATE = 1 << 20  # bytes per second a node must read at least; slower is stalled
 CLOSE_TIMEOUT_S = 5.0
+
+
+ABORT_KEY = "nodeclient.abort"  # scope key: the server transport's abort (TransportAbort)
+
+
+class TransportAbort:
+    """ASGI middleware: put the WebSocket connection's transport abort into its scope.
+
+    Starlette wraps ``send`` before the endpoint sees it, so only the outermost layer
+    holds the server's own callable (uvicorn's protocol method, whose ``transport`` can
+    be aborted). A link whose node stopped reading is dropped this way: a close would
+    wait forever on the full buffer. Servers that expose no transport get none.
+    """
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "websocket":
+            transport = getattr(getattr(send, "__self__", None), "transport", None)
+            if callable(getattr(transport, "abort", None)):
+                scope[ABORT_KEY] = functools.partial(_reset, transport)
+        await self.app(scope, receive, send)
+
+
+def _reset(transport: Any) -> None:
+    """Reset the connection: RST now, what the kernel still buffers for the node dropped.
+
+    A plain close (or asyncio's abort) would leave the kernel sending the buffered frames
+    for as long as the node keeps reading slowly, or not at all.
+    """
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    transport.abort()
 
 
 def send_limit(size: int) -> float:
@@ -110,11 +150,14 @@ class LinkSession:
             return False
         limit = send_limit(len(wire))
         try:
-            async with asyncio.timeout(limit), self._send_lock:
-                if isinstance(wire, bytes):
-                    await self.ws.send_bytes(wire)
-                else:
-                    await self.ws.send_text(wire)
+            async with self._send_lock:  # the clock starts when this frame is written
+                if self._closed:  # dropped while this frame waited for its turn
+                    return False
+                async with asyncio.timeout(limit):
+                    if isinstance(wire, bytes):
+                        await self.ws.send_bytes(wire)
+                    else:
+                        await self.ws.send_text(wire)
         except TimeoutError:
             self._stalled(f"a {len(wire)}-byte frame was not read within {limit:.0f} s")
             return False
@@ -128,7 +171,7 @@ class LinkSession:
             return
         self._closed = True
         try:
-            async with asyncio.timeout(CLOSE_TIMEOUT_S), self._send_lock:
+            async with self._send_lock, asyncio.timeout(CLOSE_TIMEOUT_S):
                 if self.ws.application_state == WebSocketState.CONNECTED:
                     await self.ws.close(code=code, reason=reason)
         except TimeoutError:
@@ -142,12 +185,11 @@ class LinkSession:
         log.warning("link.stalled", extra={"node_id": self.node_id, "reason": why})
         if self.node_id:
             self.coord.detach(self.node_id, self)
-        # The ASGI API has no abort, and a close would wait on the same full buffer: reach
-        # the server's transport through the bound send callable (uvicorn's protocol).
-        protocol = getattr(getattr(self.ws, "_send", None), "__self__", None)
-        transport = getattr(protocol, "transport", None)
-        if transport is not None and hasattr(transport, "abort"):
-            transport.abort()  # the receive loop then sees a disconnect and ends
+        # The ASGI API has no abort, and a close would wait on the same full buffer: the
+        # server's own abort, captured by TransportAbort when the connection came in.
+        abort = self.ws.scope.get(ABORT_KEY)
+        if callable(abort):
+            abort()  # the receive loop then sees a disconnect and ends
         elif self._task is not None and self._task is not asyncio.current_task():
             self._task.cancel()
 

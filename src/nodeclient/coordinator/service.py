@@ -224,6 +224,13 @@ class Coordinator:
 
         task.add_done_callback(done)
 
+    async def stop_background(self) -> None:
+        """Cancel what spawn() started and wait for it (at shutdown, before the database)."""
+        tasks = list(self._background)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
     # --- scheduler wake-ups -----------------------------------------------------------------
 
     def wake_event(self) -> asyncio.Event:

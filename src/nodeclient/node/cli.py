@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from nodeclient import __version__
-from nodeclient.errors import KeyFileError, NodeClientError, UsageError
+from nodeclient.errors import KeyFileError, NeedsOperator, NodeClientError, UsageError
 from nodeclient.node import keys, securefile
 from nodeclient.node.config import NodeConfig, load_config, write_config
 from nodeclient.protocol.manifest import REGIONS
@@ -287,9 +287,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 def _open_outbox(path: Path) -> Outbox:
     """Open the outbox; a damaged file or a full disk is one line, not a traceback.
 
-    A damaged outbox exits 2, which the systemd unit does not restart on: starting again
-    cannot help, and the operator must keep the file (it holds signed results the
-    coordinator has not acknowledged). Anything else exits 1 and is retried.
+    A damaged outbox exits 78 (NeedsOperator), which the systemd unit does not restart
+    on: starting again cannot help, and the operator must keep the file (it holds signed
+    results the coordinator has not acknowledged). Anything else exits 1 and is retried.
     """
     from nodeclient.node.outbox import Outbox
 
@@ -299,7 +299,7 @@ def _open_outbox(path: Path) -> Outbox:
         code = exc.sqlite_errorcode & 0xFF  # the primary result code
         if code in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB):
             aside = shlex.quote(str(path.with_name("outbox.damaged")))
-            raise UsageError(
+            raise NeedsOperator(
                 f"{path} is damaged ({exc}): move it and its companions aside, e.g. "
                 f"`mkdir {aside} && mv {shlex.quote(str(path))}* {aside}/`, and never delete "
                 "them (they hold signed results not yet acknowledged); `nodeclient run` then "

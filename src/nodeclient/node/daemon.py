@@ -30,7 +30,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
 from nodeclient import logs
 from nodeclient.clock import Clock
-from nodeclient.errors import EnvelopeError, NodeClientError, RemoteProtocolError
+from nodeclient.errors import EnvelopeError, NeedsOperator, RemoteProtocolError
 from nodeclient.node import control, inputs, sandbox
 from nodeclient.node.executor import Executor, TaskFailed
 from nodeclient.node.metrics import NodeMetrics
@@ -86,14 +86,9 @@ def _pruned_reason(entry: OutboxEntry) -> str:
     )
 
 
-class RegistrationRefused(NodeClientError):
-    """The coordinator refused the manifest for a reason retrying will not fix.
-
-    Its exit status, 78 (``EX_CONFIG``), is one the systemd unit does not restart on
-    (``RestartPreventExitStatus=``): the operator has to act first.
-    """
-
-    exit_code = 78
+class RegistrationRefused(NeedsOperator):
+    """The coordinator refused the manifest for a reason retrying will not fix (exit 78:
+    the systemd unit does not restart it; the operator has to act first)."""
 
 
 @dataclass

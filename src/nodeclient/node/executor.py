@@ -638,17 +638,19 @@ def _widen_pipe(stream: object) -> None:
 def _chown_tree(path: Path) -> None:
     """Give the model cache to the sandbox uid, so workers can fill and evict it.
 
-    Earlier workers could plant symlinks in it, so nothing here follows one: the cache is
-    opened with O_NOFOLLOW (refused if it is a symlink), ``os.fwalk`` descends only into
-    real directories, and every chown is relative to an open directory and does not
-    follow a link.
+    Earlier workers could plant symlinks in it, so nothing inside it is followed:
+    ``os.fwalk`` descends only into real directories, and every chown is relative to an
+    open directory and does not follow a link. The cache directory itself is the
+    operator's (the root of the sandbox's bind, which no task can replace), so a link
+    there, say to a larger disk, is followed to the directory it names.
     """
     uid, gid = sandbox.SANDBOX_UID, sandbox.SANDBOX_GID
     try:
-        top = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        real = os.path.realpath(path)
+        top = os.open(real, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError as exc:
         raise NodeClientError(
-            f"model cache {path} is a symlink or not a directory ({exc.strerror}); "
+            f"model cache {path} is not a directory ({exc.strerror}); "
             "the daemon will not hand it to the sandbox uid: make it a plain directory"
         ) from exc
     try:

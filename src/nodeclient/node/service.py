@@ -12,10 +12,12 @@ the daemon needs and nothing else:
 - SIGTERM makes the daemon stop taking work, finish running tasks and flush its outbox,
   so ``TimeoutStopSec=`` is longer than the daemon's drain (60 s of tasks plus 10 s of
   outbox) before systemd resorts to SIGKILL;
-- ``Restart=on-failure`` with ``RestartPreventExitStatus=2 78``: a crash or a lost
-  coordinator restarts; a daemon that exits 0 was stopped on purpose, and one that exits
-  2 (bad configuration) or 78 (registration refused by the coordinator) would fail the
-  same way again, so it stays down with its one-line reason in the journal.
+- ``Restart=on-failure`` with ``RestartPreventExitStatus=78``: a daemon that exits 0 was
+  stopped on purpose, and one that exits 78 (NeedsOperator: registration refused by the
+  coordinator, a damaged outbox) would fail the same way again, so it stays down with its
+  one-line reason in the journal. Anything else restarts after 10 s, bad configuration
+  included: some causes pass by themselves (a sandbox probe that timed out at a loaded
+  boot, a mount not there yet).
 """
 
 from __future__ import annotations
@@ -28,9 +30,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
-from nodeclient.errors import UsageError
+from nodeclient.errors import NeedsOperator, UsageError
 
-NO_RESTART_STATUSES: Final = (UsageError.exit_code, 78)  # 78: RegistrationRefused (EX_CONFIG)
+NO_RESTART_STATUSES: Final = (NeedsOperator.exit_code,)  # 78: see nodeclient.errors
 
 DEFAULT_UNIT_PATH: Final = Path("/etc/systemd/system/nodeclient.service")
 DEFAULT_HOME: Final = Path("/var/lib/nodeclient")
@@ -118,8 +120,8 @@ def render_unit(opts: UnitOptions) -> str:
         "KillSignal=SIGTERM",
         "KillMode=mixed",
         f"TimeoutStopSec={STOP_TIMEOUT_S}",
-        "# A crash restarts; bad configuration (2) or a refused registration (78) would not",
-        "# go better the next time: the unit stays failed until the operator acts.",
+        "# Anything but 78 restarts (some causes pass by themselves); 78 (a refused",
+        "# registration, a damaged outbox) would not go better: it waits for the operator.",
         "Restart=on-failure",
         "RestartSec=10",
         f"RestartPreventExitStatus={' '.join(map(str, NO_RESTART_STATUSES))}",
