@@ -158,13 +158,18 @@ def build_router(coord: Coordinator) -> APIRouter:  # noqa: PLR0915 (one route e
 
     # --- jobs -------------------------------------------------------------------------------
 
-    # A split may hold up to 1 GiB of slice payloads until they are stored: prepare and store
-    # two submissions at a time, so concurrent large jobs cannot add up.
-    preparing = asyncio.Semaphore(2)
+    # A sliceable job's split may hold up to 1 GiB of slice payloads until they are stored:
+    # two such submissions at a time, so concurrent large jobs cannot add up. A whole job
+    # (one task) holds only its own payload, bounded by the request size, and is not held
+    # up behind them.
+    splitting = asyncio.Semaphore(2)
 
     @router.post("/v1/jobs", status_code=201)
     async def submit_job(body: JobRequest) -> JSONResponse:
-        async with preparing:
+        wclass = classes.REGISTRY.get(body.workload_class)
+        if wclass is None or not wclass.sliceable:
+            return await _submit_job(body)
+        async with splitting:
             return await _submit_job(body)
 
     async def _submit_job(body: JobRequest) -> JSONResponse:
