@@ -266,6 +266,36 @@ def test_an_unreadable_result_file_stays_pending(tmp_path, monkeypatch, code: in
     assert box.get(stuck).ack_status is None
 
 
+def test_a_result_file_unreadable_at_every_reconnect_is_closed_as_lost(
+    tmp_path, monkeypatch
+) -> None:
+    """A file that fails to read UNREADABLE_TRIES times in a row (a permanent EACCES) is
+    closed as lost, its file kept; one that reads again before that stays pending."""
+    box = Outbox(tmp_path / "o.db")
+    stuck, recovers = uuid.uuid4(), uuid.uuid4()
+    commit(box, stuck, big(8))
+    commit(box, recovers, big(9))
+    real_open = open
+    failing = {f"{stuck}.result", f"{recovers}.result"}
+
+    def failing_open(file, *args, **kwargs):
+        if Path(file).parent == box.files and Path(file).name in failing:
+            raise OSError(errno.EACCES, os.strerror(errno.EACCES), str(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(outbox, "open", failing_open, raising=False)
+    for _ in range(outbox.UNREADABLE_TRIES - 1):
+        assert box.pending() == []
+    failing.discard(f"{recovers}.result")  # this one reads again: its count starts over
+    assert [e.task_id for e in box.pending()] == [recovers]
+    assert box.get(stuck).ack_status == "lost"  # the fifth failure in a row
+    assert box.backlog() == 1 and box.counts()["failed"] == 1
+    monkeypatch.undo()
+    box.close()
+    box = Outbox(tmp_path / "o.db")
+    assert sorted(files_of(box)) == sorted([f"{stuck}.result", f"{recovers}.result"])
+
+
 # --- retention ----------------------------------------------------------------------------
 
 

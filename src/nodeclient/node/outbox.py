@@ -72,6 +72,7 @@ from nodeclient.errors import UsageError
 log = logging.getLogger("nodeclient.node.outbox")
 
 INLINE_MAX: Final = 64 * 1024  # larger results are files beside the database
+UNREADABLE_TRIES: Final = 5  # reconnects a result file may fail to read before it is lost
 SQLITE_MIN: Final = (3, 8, 0)  # partial indexes (outbox_prune)
 _FILE_SUFFIX: Final = ".result"
 _OURS: Final = re.compile(r"(\.[0-9a-f-]{36}\.[0-9a-f]{8}\.tmp|[0-9a-f-]{36}\.result)")
@@ -210,6 +211,7 @@ class Outbox:
                 self._db.execute(index)
             self._remove_orphans()
             self._counts = self._count_all()
+            self._unreadable: dict[str, int] = {}  # task_id -> failed reads in pending()
             (held,) = self._db.execute(
                 "SELECT COALESCE(SUM(result_size), 0) FROM outbox "
                 "WHERE held = 1 AND acked_at IS NOT NULL"
@@ -401,7 +403,9 @@ class Outbox:
         out, so the task goes to another node. The row keeps the file's name, so the orphan
         sweep leaves a file that turns up again. A file that cannot be read for another
         reason (EMFILE, EIO...) is logged and left out this time only: the entry stays
-        pending and is tried again at the next reconnect.
+        pending and is tried again at the next reconnect, up to UNREADABLE_TRIES times in
+        this process; then it is closed as ``lost`` too (a permanent EACCES would otherwise
+        keep it pending for good, and every stop would wait for it), the file kept.
         """
         out = []
         with self._lock:
@@ -411,20 +415,30 @@ class Outbox:
             for row in rows:
                 try:
                     out.append(self._load(row))
+                    self._unreadable.pop(row[0], None)
                 except OutboxCorrupt as exc:
-                    log.error("outbox.result_lost", extra={"task_id": row[0], "error": str(exc)})
-                    self._db.execute(
-                        "UPDATE outbox SET acked_at = ?, ack_status = 'lost', ack_reason = ?, "
-                        "held = 0 WHERE task_id = ?",
-                        (time.time(), str(exc)[:300], row[0]),
-                    )
-                    self._counts["unacknowledged"] -= 1
-                    self._counts["failed"] += 1
-                except OSError as exc:  # not the file's fault: it stays, and so does the entry
+                    self._close_lost(row[0], str(exc))
+                except OSError as exc:  # not the file's fault, maybe: it stays, and the entry
+                    tries = self._unreadable[row[0]] = self._unreadable.get(row[0], 0) + 1
                     log.warning(
-                        "outbox.result_unreadable", extra={"task_id": row[0], "error": str(exc)}
+                        "outbox.result_unreadable",
+                        extra={"task_id": row[0], "error": str(exc), "tries": tries},
                     )
+                    if tries >= UNREADABLE_TRIES:
+                        del self._unreadable[row[0]]
+                        self._close_lost(row[0], f"unreadable {tries} times: {exc}")
         return out
+
+    def _close_lost(self, task_id: str, why: str) -> None:
+        """Close an entry whose result cannot be sent (under the lock); its file stays."""
+        log.error("outbox.result_lost", extra={"task_id": task_id, "error": why})
+        self._db.execute(
+            "UPDATE outbox SET acked_at = ?, ack_status = 'lost', ack_reason = ?, "
+            "held = 0 WHERE task_id = ?",
+            (time.time(), why[:300], task_id),
+        )
+        self._counts["unacknowledged"] -= 1
+        self._counts["failed"] += 1
 
     def prune(self, *, acked_before: float, keep_bytes: int) -> int:
         """Drop the result bytes of acknowledged tasks that are not needed any more.
