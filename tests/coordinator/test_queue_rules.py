@@ -139,3 +139,36 @@ def test_a_failed_jobs_other_tasks_stay_withdrawn(db: Database) -> None:
     )
     assert statuses == {first: m.FAILED, second: m.CANCELLED, "job": m.FAILED}
     assert db.run_sync(lambda s: assign_tx(s, [node()], now=NOW, lease_seconds=300)) == []
+
+
+def test_a_lease_withdrawn_while_its_payload_was_sealed_is_not_dispatched(db: Database) -> None:
+    """dispatch_all seals in a thread, and meanwhile the job may fail and its cancel go
+    out: only leases that still stand are sent, so a withdrawn task never reaches a node."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    from nodeclient.coordinator.scheduler import Scheduler, fail_job
+    from nodeclient.protocol.secp import Secp256k1Key
+
+    address = Secp256k1Key.generate().address
+    public_key = rsa.generate_private_key(public_exponent=65537, key_size=3072).public_key()
+    withdrawn, _ = db.run_sync(lambda s: add_job(s, tasks=1))
+    placed = db.run_sync(lambda s: assign_tx(s, [node(address)], now=NOW, lease_seconds=300))
+    _, (standing,) = db.run_sync(lambda s: add_job(s, tasks=1, queued_at=NOW + 1))
+    placed += db.run_sync(lambda s: assign_tx(s, [node(address)], now=NOW, lease_seconds=300))
+    assert len(placed) == 2
+    db.run_sync(lambda s: fail_job(s, withdrawn, "withdrawn while sealing", NOW))
+    sent: list[dict] = []
+
+    async def send_to(node_id: str, frame: dict) -> bool:
+        sent.append(frame)
+        return True
+
+    coord = SimpleNamespace(
+        db=db, nodes={address: SimpleNamespace(public_key=public_key)}, send_to=send_to,
+        now=lambda: NOW, wake=lambda: None,
+    )  # fmt: skip
+    asyncio.run(Scheduler.dispatch_all(SimpleNamespace(coord=coord), placed))  # type: ignore[arg-type]
+    assert [f["task_id"] for f in sent] == [standing]

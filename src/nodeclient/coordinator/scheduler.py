@@ -712,6 +712,11 @@ class Scheduler:
         coord = self.coord
         jobs = [(a, coord.nodes[a.node_id].public_key) for a in assigned]
         sealed = await asyncio.to_thread(_seal_all, jobs)
+        # While sealing ran, a lease may have ended (its job failed, say) and its cancel gone
+        # out: a dispatch sent after it would run a withdrawn task. Send only live leases.
+        live = await coord.db.run(functools.partial(_live_leases, assigned=assigned))
+        keep = [i for i, a in enumerate(assigned) if (a.task_id, a.node_id, a.attempt) in live]
+        assigned, sealed = [assigned[i] for i in keep], [sealed[i] for i in keep]
         frames = [
             messages.Dispatch(
                 task_id=uuid.UUID(a.task_id),
@@ -748,6 +753,16 @@ class Scheduler:
         for a in undelivered:
             log.info("task.undeliverable", extra={"task_id": a.task_id, "node_id": a.node_id})
         coord.wake()
+
+
+def _live_leases(session: Session, assigned: Sequence[Assignment]) -> set[tuple[str, str, int]]:
+    """(task_id, node_id, attempt) of the assignments whose lease still stands."""
+    rows = session.execute(
+        select(m.Task.task_id, m.Task.node_id, m.Task.attempts).where(
+            m.Task.task_id.in_([a.task_id for a in assigned]), m.Task.status == m.LEASED
+        )
+    )
+    return {(t, n, k) for t, n, k in rows if n is not None}
 
 
 def _seal_all(jobs: Sequence[tuple[Assignment, RSAPublicKey]]) -> list[bytes]:
