@@ -368,6 +368,9 @@ class NodeDaemon:
                     await self._on_frame(frame)
             finally:
                 beat.cancel()
+                # Its own end (a send on the closed link, usually) is the link's: retrieve it,
+                # so that asyncio does not log it later as an exception never retrieved.
+                await asyncio.gather(beat, return_exceptions=True)
 
     async def _heartbeats(self, ws: ClientConnection, coordinator_interval: float) -> None:
         interval = min(self.heartbeat_interval, coordinator_interval)
