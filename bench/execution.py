@@ -9,7 +9,9 @@
    worker (1 slot, 1 thread), request decoding, the model-cache lookup, ONNX Runtime,
    result encoding and the result back up the pipe. It is compared with a raw
    ``onnxruntime.InferenceSession.run`` on a session of its own (``intra_op_num_threads=1``).
-   Target: execution path <= 1.10x the raw run for a model of >= 5 ms.
+   Target: execution path <= 1.10x the raw run for a model of >= 5 ms. Next to it, the
+   machine's floor for any worker process: a bare 16-byte hand-over to a plain child
+   process and back, the child busy for the model's time (two wake-ups of an idle CPU).
    Also printed, without a target: ``OnnxRuntime.run`` in this process (no sandbox, no
    pipe), and the whole node path, a dispatch frame handed to an in-process NodeDaemon
    until its signed result frame reaches the link, which adds what 2.3.4, 2.3.6 and 2.3.7
@@ -47,6 +49,7 @@ import hashlib
 import logging
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -203,7 +206,9 @@ async def bench_inference(home: Path, mode: str, n: int) -> Results:
         await daemon.executor.aclose()
         daemon.outbox.close()
     floor = node_overhead.crypto_floor(key, max(20, n // 2))
+    handoff = handoff_floor(statistics.median(raw), max(30, n // 2))
     return {
+        "handoff_ms": handoff * 1e3,
         "raw_ms": median_ms(raw),
         "direct_ms": median_ms(direct),
         "executor_ms": median_ms(piped),
@@ -250,6 +255,49 @@ async def sweep_inference(home: Path, mode: str, n: int) -> Sweep:
             daemon.outbox.close()
         out.append((depth, median_ms(raw), median_ms(piped), median_ms(node)))
     return out
+
+
+_HANDOFF_CHILD = """
+import os, sys, time
+busy = float(sys.argv[1])
+while True:
+    order = os.read(0, 16)
+    if not order:
+        break
+    t = time.perf_counter()
+    while time.perf_counter() - t < busy:
+        pass
+    os.write(1, order)
+"""
+
+
+def handoff_floor(busy_s: float, n: int) -> float:
+    """What handing work to another process and back costs here, beyond the work: the
+    median extra of a 16-byte pipe round trip to a plain child that is busy *busy_s*
+    before it answers (both sides block in read meanwhile, as a worker and a daemon do).
+    No sandbox, framing, asyncio or data: the floor of any worker process on this machine.
+    """
+    child = subprocess.Popen(
+        [sys.executable, "-c", _HANDOFF_CHILD, str(busy_s)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0,
+    )  # fmt: skip
+    assert child.stdin is not None
+    assert child.stdout is not None
+    extra = []
+    try:
+        for i in range(n + 5):
+            t0 = time.perf_counter()
+            os.write(child.stdin.fileno(), b"x" * 16)
+            got = b""
+            while len(got) < 16:
+                got += os.read(child.stdout.fileno(), 16 - len(got))
+            if i >= 5:  # the first few warm the child up
+                extra.append(time.perf_counter() - t0 - busy_s)
+            time.sleep(0.002)  # both sides idle between tasks, as in the interleaved bench
+    finally:
+        child.stdin.close()
+        child.wait(timeout=10)
+    return statistics.median(extra)
 
 
 # --- 2. render split -----------------------------------------------------------------------------
@@ -398,6 +446,12 @@ def report(
         f"{inf['node_ms'] - inf['executor_ms']:.2f} ms, of which {inf['crypto_ms']:.2f} ms is the "
         "cryptography alone\n   (RSA-3072 unwrap, AES-GCM, SHA-256, secp256k1 sign)"
     )
+    floor = inf["handoff_ms"]
+    print(
+        f"   bare hand-over to a plain process and back, it busy {inf['raw_ms']:.2f} ms: "
+        f"+{floor:.3f} ms = {1 + floor / inf['raw_ms']:.2f}x,\n"
+        "   the machine's floor for any worker process (two wake-ups of an idle CPU)"
+    )
     print("   by model size (medians)      raw run    execution path       whole node path")
     for depth, raw_ms, piped_ms, node_ms in sweep:
         print(
@@ -437,6 +491,12 @@ def report(
             verdict(vs_raw <= TARGET_INFERENCE),
         ),
         ("inference whole node / raw", f"{node_vs_raw:.2f}x", "-", "(see node_overhead.py)"),
+        (
+            "process hand-over floor",
+            f"{1 + inf['handoff_ms'] / inf['raw_ms']:.2f}x",
+            "-",
+            "(the machine, no node code)",
+        ),
         ("raw run of the model", f"{inf['raw_ms']:.2f} ms", ">= 5 ms", verdict(inf["raw_ms"] >= 5)),
         (
             "render 2 nodes vs 1 node",
