@@ -76,7 +76,7 @@ from nodeclient.node.executor import Executor, WorkerConfig
 from nodeclient.node.outbox import Outbox
 from nodeclient.node.runtimes.onnx import ModelCache, OnnxRuntime
 from nodeclient.protocol.secp import Secp256k1Key
-from nodeclient.workloads import inference, render
+from nodeclient.workloads import inference, render, render_slices
 
 MODEL_DEPTH, MODEL_WIDTH, MODEL_BATCH = 24, 512, 48  # ~10 ms single-threaded on a laptop core
 # The scene's own 6 frames; large enough that rendering, not Blender's ~1.3 s start, dominates.
@@ -356,7 +356,7 @@ async def bench_render(home: Path, mode: str, repeats: int) -> Results:
     finally:
         for ex in (one_node, one_core, *pair):
             await ex.aclose()
-    whole = render.decode_result(outputs[0])
+    whole = render_slices.decode_result(outputs[0])
     same = all(out == outputs[0] for out in outputs)  # canonical bytes: equal pixels
     one, two, core = min(times["one"]), min(times["two"]), min(times["core"])
     return {

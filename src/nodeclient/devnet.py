@@ -210,9 +210,9 @@ def demo_training() -> bytes:
 def describe_result(wclass: str, data: bytes, job: dict[str, Any]) -> str:
     """One line saying what an assembled render or training result holds."""
     if wclass == "media.render":
-        from nodeclient.workloads import render
+        from nodeclient.workloads import render_slices
 
-        frames = render.decode_result(data)
+        frames = render_slices.decode_result(data)
         nodes = {t["node_id"] for t in job["tasks"] if t["status"] == "succeeded"}
         return (
             f"render assembled: {len(frames.frames)} frames of {frames.width}x{frames.height} "

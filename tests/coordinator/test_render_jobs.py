@@ -22,7 +22,7 @@ from nodeclient.coordinator import models as m
 from nodeclient.coordinator.config import SybilPolicy
 from nodeclient.coordinator.scheduler import RetryPolicy, excluded_nodes
 from nodeclient.errors import RemoteProtocolError
-from nodeclient.workloads import render
+from nodeclient.workloads import render, render_slices
 from nodeclient.workloads.tensors import decode_tensors, encode_tensors
 from tests.coordinator.conftest import Running, SimNode, make_node
 
@@ -45,7 +45,7 @@ def _frame(number: int) -> np.ndarray:
 
 def _result_for(node: SimNode, dispatch: dict[str, Any]) -> bytes:
     request = render.RenderRequest.decode(node.open(dispatch))
-    return render.encode_result(
+    return render_slices.encode_result(
         {f: _frame(f) for f in request.frames},
         scene_sha256=request.scene_sha256,
         width=W,
@@ -94,7 +94,7 @@ def test_two_slices_are_two_tasks_and_assemble_in_order(running: Running, rsa_ke
     assert sorted(seen) == [(0, 1, 3), (1, 4, 5)]
     done = running.wait_job(job["job_id"], "succeeded")
     assert done["status"] == "succeeded", done["reason"]
-    expected = render.encode_result(
+    expected = render_slices.encode_result(
         {f: _frame(f) for f in range(1, 6)},
         scene_sha256=render.make_request(
             SCENE, frames=(1, 1), width=W, height=H, samples=4
@@ -119,7 +119,7 @@ def test_blank_slice_result_is_rejected(running: Running, rsa_keys) -> None:
     job = running.client.submit_job("media.render", _payload((1, 1)))
     dispatch = node.recv()
     request = render.RenderRequest.decode(node.open(dispatch))
-    blank = render.encode_result(
+    blank = render_slices.encode_result(
         {1: np.zeros((H, W, 4), dtype=np.uint8)},
         scene_sha256=request.scene_sha256,
         width=W,
@@ -148,7 +148,9 @@ def test_result_for_another_slice_is_rejected_and_the_task_stays_open(
     for _ in range(2):
         dispatch = node.recv()
         if dispatch["slice_index"] == 1:
-            wrong = render.encode_result({1: _frame(1)}, scene_sha256=SCENE_SHA, width=W, height=H)
+            wrong = render_slices.encode_result(
+                {1: _frame(1)}, scene_sha256=SCENE_SHA, width=W, height=H
+            )
             ack = _ack(node, dispatch, wrong)
             assert ack["status"] == "rejected"
             assert "result holds frames 1..1, but its task asked for frames 11..20" in ack["reason"]
@@ -157,9 +159,9 @@ def test_result_for_another_slice_is_rejected_and_the_task_stays_open(
         _complete(node, dispatch)
     done = running.wait_job(job["job_id"], "succeeded")
     assert done["status"] == "succeeded", done["reason"]
-    assert sorted(render.decode_result(running.client.job_result(job["job_id"])).frames) == list(
-        range(1, 21)
-    )
+    assert sorted(
+        render_slices.decode_result(running.client.job_result(job["job_id"])).frames
+    ) == list(range(1, 21))
 
 
 def test_band_result_for_other_rows_is_rejected(running: Running, rsa_keys) -> None:
@@ -170,7 +172,7 @@ def test_band_result_for_other_rows_is_rejected(running: Running, rsa_keys) -> N
     pixels = _frame(3)
 
     def band(r: tuple[int, int]) -> bytes:
-        return render.encode_result({3: pixels[r[0] : r[1] + 1]}, scene_sha256=SCENE_SHA,
+        return render_slices.encode_result({3: pixels[r[0] : r[1] + 1]}, scene_sha256=SCENE_SHA,
                                     width=W, height=H, rows=r)  # fmt: skip
 
     for _ in range(3):
@@ -182,12 +184,14 @@ def test_band_result_for_other_rows_is_rejected(running: Running, rsa_keys) -> N
             ack = _ack(node, dispatch, band((0, 0)))
             assert ack["status"] == "rejected"
             assert "result holds rows 0..0, but its task asked for rows 2..3" in ack["reason"]
-            whole = render.encode_result({3: pixels}, scene_sha256=SCENE_SHA, width=W, height=H)
+            whole = render_slices.encode_result(
+                {3: pixels}, scene_sha256=SCENE_SHA, width=W, height=H
+            )
             assert _ack(node, dispatch, whole)["status"] == "rejected"
         assert _ack(node, dispatch, band(rows))["status"] == "accepted"
     done = running.wait_job(job["job_id"], "succeeded")
     assert done["status"] == "succeeded", done["reason"]
-    stitched = render.decode_result(running.client.job_result(job["job_id"]))
+    stitched = render_slices.decode_result(running.client.job_result(job["job_id"]))
     assert stitched.frames[3].tolist() == pixels.tolist()
 
 

@@ -20,7 +20,8 @@ from nodeclient.coordinator.classes import REGISTRY
 from nodeclient.errors import NodeClientError, RemoteProtocolError
 from nodeclient.node.runtimes import RUNTIMES
 from nodeclient.node.runtimes.blender import OVERRIDE_SCRIPT, BlenderRuntime, decode_tga, usable
-from nodeclient.workloads.render import CLASS, decode_result, make_request
+from nodeclient.workloads.render import CLASS, make_request
+from nodeclient.workloads.render_slices import decode_result
 from tests.blender_scenes import BLENDER, FRAMES, HEIGHT, WIDTH, build_scenes
 
 SAMPLES = 4

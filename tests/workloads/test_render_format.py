@@ -11,17 +11,15 @@ import numpy as np
 import pytest
 
 from nodeclient.errors import LocalProtocolError, RemoteProtocolError
-from nodeclient.workloads import render
-from nodeclient.workloads.render import (
-    RenderRequest,
+from nodeclient.workloads import render, render_slices
+from nodeclient.workloads.render import RenderRequest, make_request, resolve_blobs
+from nodeclient.workloads.render_slices import (
     assemble,
     check_result,
     check_slice,
     decode_result,
     encode_result,
     job_meta,
-    make_request,
-    resolve_blobs,
     slice_ranges,
     split,
 )
@@ -337,7 +335,7 @@ def test_split_over_the_byte_limit_is_refused_before_a_slice_is_built(
         tracemalloc.stop()
     assert f"limit of {render.MAX_SPLIT_BYTES}" in str(info.value)
     assert peak < 16 * len(payload)
-    monkeypatch.setattr(render, "MAX_SPLIT_BYTES", 8 * len(payload))
+    monkeypatch.setattr(render_slices, "MAX_SPLIT_BYTES", 8 * len(payload))
     assert len(split(payload, 8)) == 8
     with pytest.raises(RemoteProtocolError, match="9 slices of a"):
         split(payload, 9)

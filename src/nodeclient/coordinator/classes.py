@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any, ParamSpec, TypeVar
 
 from nodeclient.errors import ProtocolError, RemoteProtocolError
-from nodeclient.workloads import inference, render, training
+from nodeclient.workloads import inference, render, render_slices, training
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -142,19 +142,19 @@ REGISTRY: dict[str, WorkloadClass] = {
 
 
 def _render_check(result: bytes, meta: Mapping[str, Any], max_bytes: int) -> None:
-    render.check_result(result, meta, max_bytes)  # the decoded frames are not needed here
+    render_slices.check_result(result, meta, max_bytes)  # the decoded frames are not needed here
 
 
-# media.render: split by frame range, frames joined in order (workloads/render.py).
+# media.render: split by frame range, frames joined in order (workloads/render_slices.py).
 REGISTRY[render.CLASS] = WorkloadClass(
     name=render.CLASS,
     sliceable=True,
-    validate=_blamed("media.render payload", render.job_meta),
-    split=_blamed("media.render payload", render.split),
+    validate=_blamed("media.render payload", render_slices.job_meta),
+    split=_blamed("media.render payload", render_slices.split),
     check_result=_blamed("media.render result", _render_check),
-    assemble=render.assemble,
+    assemble=render_slices.assemble,
     blobs=_blamed("media.render payload", render.blob_refs),
-    check_slice=_blamed("media.render result", render.check_slice),
+    check_slice=_blamed("media.render result", render_slices.check_slice),
 )
 
 # ai.training: one shard per slice, R rounds; finished rounds are aggregated by

@@ -53,18 +53,7 @@ A job splits into at most 4096 slices, and every slice carries the job's inline 
 assets (a node needs them, and has no other way to get them), so the slices together may
 hold at most 1 GiB: a large scene split many ways is sent by ``scene_url`` instead.
 
-Result (the bytes the proof of execution covers, 2.3.6)::
-
-    tensors:   "frame_NNNNNN"  U8, shape [height, width, 4]: RGBA, top row first,
-               one per frame, NNNNNN the frame number in 6 digits (so names sort in order)
-    metadata:  "class" "media.render", "scene_sha256", "width", "height",
-               "frame_start", "frame_end" (the range the result covers)
-
-A band slice's result adds ``row_start`` and ``row_end`` to the metadata, and its frame
-tensor holds only those rows: shape [row_end - row_start + 1, width, 4]. Otherwise a
-slice result and the assembled job result have the same format. Decoded pixels rather
-than PNG files are carried because the proof is over exact bytes (2.3.6): PNG files carry
-timestamps and encoder choices, pixels from the same pinned render do not.
+Results, splitting and assembly are in :mod:`nodeclient.workloads.render_slices`.
 """
 
 from __future__ import annotations
@@ -131,13 +120,8 @@ _REQUEST_KEYS: Final = frozenset(
         META_ROW_START, META_ROW_END, META_ASSETS,
     }
 )  # fmt: skip
-_RESULT_KEYS: Final = frozenset(
-    {META_CLASS, META_SCENE_SHA256, META_WIDTH, META_HEIGHT, META_FRAME_START, META_FRAME_END}
-)
-_BAND_KEYS: Final = frozenset({META_ROW_START, META_ROW_END})
-_SHA256_RE: Final = re.compile(r"[0-9a-f]{64}")
+SHA256_RE: Final = re.compile(r"[0-9a-f]{64}")
 _DECIMAL_RE: Final = re.compile(r"0|[1-9][0-9]{0,9}")
-_FRAME_RE: Final = re.compile(r"frame_([0-9]{6})")
 _HTTP_RE: Final = re.compile(r"https?://[^/\s]+(/\S*)?")
 _ASSET_PART_RE: Final = re.compile(r"[A-Za-z0-9._-]+")
 
@@ -153,7 +137,7 @@ def _int(name: str, value: object, low: int, high: int, error: type[ProtocolErro
     return value
 
 
-def _parse_int(metadata: Mapping[str, str], key: str) -> int | None:
+def parse_int(metadata: Mapping[str, str], key: str) -> int | None:
     raw = metadata.get(key)
     if raw is None:
         return None
@@ -162,8 +146,8 @@ def _parse_int(metadata: Mapping[str, str], key: str) -> int | None:
     return int(raw)
 
 
-def _required(metadata: Mapping[str, str], key: str) -> int:
-    value = _parse_int(metadata, key)
+def required_int(metadata: Mapping[str, str], key: str) -> int:
+    value = parse_int(metadata, key)
     if value is None:
         raise RemoteProtocolError(f"missing metadata key {key!r}")
     return value
@@ -224,7 +208,7 @@ def _check_assets(assets: object, error: type[ProtocolError]) -> None:
         if not isinstance(entry, tuple) or len(entry) != 2:
             raise error("each asset is a (path, sha256) pair")
         paths.append(_check_asset_path(entry[0], error))
-        if not isinstance(entry[1], str) or not _SHA256_RE.fullmatch(entry[1]):
+        if not isinstance(entry[1], str) or not SHA256_RE.fullmatch(entry[1]):
             raise error(f"asset {entry[0][:80]!r} needs a sha256 of 64 lowercase hex digits")
     if paths != sorted(set(paths)):
         raise error("asset paths must be unique and sorted")
@@ -282,7 +266,7 @@ class RenderRequest:
     def _check_fields(self, error: type[ProtocolError]) -> None:
         """Every rule but the SHA-256s of the inline bytes. Strings other than scene_url
         are held to ASCII patterns, so only scene_url needs the Unicode check."""
-        if not isinstance(self.scene_sha256, str) or not _SHA256_RE.fullmatch(self.scene_sha256):
+        if not isinstance(self.scene_sha256, str) or not SHA256_RE.fullmatch(self.scene_sha256):
             raise error(f"scene_sha256 must be 64 lowercase hex digits, got {self.scene_sha256!r}")
         _int("frame_start", self.frame_start, 0, MAX_FRAME, error)
         _int("frame_end", self.frame_end, self.frame_start, MAX_FRAME, error)
@@ -420,21 +404,21 @@ class RenderRequest:
         try:
             return cls(
                 scene_sha256=meta.get(META_SCENE_SHA256, ""),
-                frame_start=_required(meta, META_FRAME_START),
-                frame_end=_required(meta, META_FRAME_END),
-                width=_required(meta, META_WIDTH),
-                height=_required(meta, META_HEIGHT),
-                samples=_required(meta, META_SAMPLES),
-                seed=_required(meta, META_SEED),
+                frame_start=required_int(meta, META_FRAME_START),
+                frame_end=required_int(meta, META_FRAME_END),
+                width=required_int(meta, META_WIDTH),
+                height=required_int(meta, META_HEIGHT),
+                samples=required_int(meta, META_SAMPLES),
+                seed=required_int(meta, META_SEED),
                 scene=scene,
                 scene_url=meta.get(META_SCENE_URL),
-                frames_per_slice=_parse_int(meta, META_FRAMES_PER_SLICE),
-                max_seconds=_parse_int(meta, META_MAX_SECONDS),
-                max_seconds_per_frame=_parse_int(meta, META_MAX_SECONDS_PER_FRAME),
+                frames_per_slice=parse_int(meta, META_FRAMES_PER_SLICE),
+                max_seconds=parse_int(meta, META_MAX_SECONDS),
+                max_seconds_per_frame=parse_int(meta, META_MAX_SECONDS_PER_FRAME),
                 allow_blank=allow == "1",
-                tiles=_parse_int(meta, META_TILES),
-                row_start=_parse_int(meta, META_ROW_START),
-                row_end=_parse_int(meta, META_ROW_END),
+                tiles=parse_int(meta, META_TILES),
+                row_start=parse_int(meta, META_ROW_START),
+                row_end=parse_int(meta, META_ROW_END),
                 assets=assets,
                 asset_data=asset_data,
             )
@@ -567,333 +551,3 @@ def _fetch_checked(fetch: Callable[[str], bytes], url: str, sha256: str, what: s
     if actual != sha256:
         raise RemoteProtocolError(f"{what} at {url[:80]} has sha256 {actual}, expected {sha256}")
     return data
-
-
-# --- splitting ----------------------------------------------------------------------------------
-
-
-def slice_count(
-    frame_start: int, frame_end: int, *, slices: int = 1, frames_per_slice: int | None = None
-) -> int:
-    """How many slices :func:`slice_ranges` gives, without building them."""
-    total = frame_end - frame_start + 1
-    if frames_per_slice is not None:
-        count = -(-total // frames_per_slice)
-        if slices not in (1, count):
-            raise RemoteProtocolError(
-                f"frames_per_slice {frames_per_slice} gives {count} slices, but {slices} were asked"
-            )
-        return count
-    if not 1 <= slices <= total:
-        raise RemoteProtocolError(f"slices must be in 1..{total} (one frame at least each)")
-    return slices
-
-
-def slice_ranges(
-    frame_start: int, frame_end: int, *, slices: int = 1, frames_per_slice: int | None = None
-) -> list[tuple[int, int]]:
-    """Contiguous inclusive ranges covering the frames, in order.
-
-    With *frames_per_slice* every slice but the last has exactly that many frames, and
-    *slices* must be 1 (the API's default) or agree. Otherwise the frames are shared as
-    evenly as possible among *slices*, earlier slices taking the remainder.
-    """
-    total = frame_end - frame_start + 1
-    count = slice_count(frame_start, frame_end, slices=slices, frames_per_slice=frames_per_slice)
-    if frames_per_slice is not None:
-        sizes = [min(frames_per_slice, total - i * frames_per_slice) for i in range(count)]
-    else:
-        base, extra = divmod(total, count)
-        sizes = [base + (1 if i < extra else 0) for i in range(count)]
-    ranges, start = [], frame_start
-    for size in sizes:
-        ranges.append((start, start + size - 1))
-        start += size
-    return ranges
-
-
-def split(payload: bytes, slices: int) -> list[bytes]:
-    """One payload per slice, in frame order, or band order for tiles (the coordinator's).
-
-    Each slice payload is self-contained: it carries the job's inline scene and assets,
-    so a split costs about its slice count times the job payload's size. That product is
-    bounded by MAX_SPLIT_BYTES, and the count by MAX_SLICES, before any slice is built.
-    """
-    request = RenderRequest.decode(payload)
-    if request.rows is not None:
-        raise RemoteProtocolError("a job payload must not carry row_start/row_end")
-    if request.tiles is not None:
-        if slices not in (1, request.tiles):
-            raise RemoteProtocolError(
-                f"tiles {request.tiles} gives {request.tiles} slices, but {slices} were asked"
-            )
-        _check_split(request.tiles, len(payload))
-        bands = slice_ranges(0, request.height - 1, slices=request.tiles)  # rows, top first
-        return [request.band(start, end).encode() for start, end in bands]
-    count = slice_count(
-        request.frame_start,
-        request.frame_end,
-        slices=slices,
-        frames_per_slice=request.frames_per_slice,
-    )
-    _check_split(count, len(payload))
-    ranges = slice_ranges(
-        request.frame_start,
-        request.frame_end,
-        slices=slices,
-        frames_per_slice=request.frames_per_slice,
-    )
-    return [request.narrowed(start, end).encode() for start, end in ranges]
-
-
-def _check_split(count: int, payload_bytes: int) -> None:
-    """Refuse a split of more than MAX_SLICES slices, or of more than MAX_SPLIT_BYTES."""
-    if count > MAX_SLICES:
-        raise RemoteProtocolError(
-            f"the job would split into {count} slices, over the limit of {MAX_SLICES}"
-        )
-    total = count * payload_bytes  # a slice payload is the job's, bar a few metadata bytes
-    if total > MAX_SPLIT_BYTES:
-        raise RemoteProtocolError(
-            f"{count} slices of a {payload_bytes}-byte payload would take {total} bytes, over "
-            f"the limit of {MAX_SPLIT_BYTES} (MAX_SPLIT_BYTES) on one job's slices: every "
-            "slice carries the inline scene and assets; use fewer slices, or upload the scene "
-            "with POST /v1/blobs and send scene_url"
-        )
-
-
-# --- results ------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, eq=False)
-class RenderResult:
-    """Decoded frames (read-only RGBA arrays) and what they claim to be."""
-
-    scene_sha256: str
-    width: int
-    height: int
-    frames: dict[int, npt.NDArray[np.uint8]]
-    rows: tuple[int, int] | None = None  # a band slice's rows (0 = top), else whole frames
-
-    @property
-    def frame_start(self) -> int:
-        return min(self.frames)
-
-    @property
-    def frame_end(self) -> int:
-        return max(self.frames)
-
-
-def encode_result(
-    frames: Mapping[int, npt.NDArray[np.uint8]],
-    *,
-    scene_sha256: str,
-    width: int,
-    height: int,
-    rows: tuple[int, int] | None = None,
-) -> bytes:
-    """The canonical result bytes for consecutive *frames* (2.3.6 covers exactly these).
-
-    With *rows* the frames are one band of a *height*-row frame: only those rows.
-    """
-    numbers = sorted(frames)
-    if not numbers or numbers != list(range(numbers[0], numbers[-1] + 1)):
-        raise LocalProtocolError(f"a result holds consecutive frames, got {numbers[:10]}")
-    band_height = height if rows is None else rows[1] - rows[0] + 1
-    if rows is not None and not 0 <= rows[0] <= rows[1] < height:
-        raise LocalProtocolError(f"rows {rows} are not a band of a {height}-row frame")
-    shape = (band_height, width, CHANNELS)
-    tensors: dict[str, npt.NDArray[Any]] = {}
-    for number in numbers:
-        array = frames[number]
-        if array.dtype != np.uint8 or array.shape != shape:
-            raise LocalProtocolError(
-                f"frame {number} is {array.dtype} {array.shape}, not u8 {shape}"
-            )
-        tensors[frame_name(number)] = array
-    meta = {
-        META_CLASS: CLASS,
-        META_SCENE_SHA256: scene_sha256,
-        META_WIDTH: str(width),
-        META_HEIGHT: str(height),
-        META_FRAME_START: str(numbers[0]),
-        META_FRAME_END: str(numbers[-1]),
-    }
-    if rows is not None:
-        meta[META_ROW_START], meta[META_ROW_END] = str(rows[0]), str(rows[1])
-    return encode_tensors(tensors, metadata=meta)
-
-
-def decode_result(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES) -> RenderResult:
-    """Parse a result; faults in its structure raise RemoteProtocolError."""
-    tensors, meta = decode_tensors(data, max_bytes=max_bytes, max_tensors=MAX_FRAME + 1)
-    keys = set(meta)
-    if keys not in (_RESULT_KEYS, _RESULT_KEYS | _BAND_KEYS) or meta[META_CLASS] != CLASS:
-        raise RemoteProtocolError(
-            f"result metadata keys must be {sorted(_RESULT_KEYS)} for {CLASS}, plus "
-            f"{sorted(_BAND_KEYS)} for a band"
-        )
-    sha = meta[META_SCENE_SHA256]
-    if not _SHA256_RE.fullmatch(sha):
-        raise RemoteProtocolError("result scene_sha256 is not 64 lowercase hex digits")
-    width, height = _required(meta, META_WIDTH), _required(meta, META_HEIGHT)
-    start, end = _required(meta, META_FRAME_START), _required(meta, META_FRAME_END)
-    frames: dict[int, npt.NDArray[np.uint8]] = {}
-    for name, array in tensors.items():
-        match = _FRAME_RE.fullmatch(name)
-        if match is None:
-            raise RemoteProtocolError(f"unexpected tensor {name!r} in a render result")
-        frames[int(match[1])] = array
-    if sorted(frames) != list(range(start, end + 1)):
-        raise RemoteProtocolError(f"result must hold frames {start}..{end}, each exactly once")
-    rows = None
-    if META_ROW_START in meta:
-        rows = (_required(meta, META_ROW_START), _required(meta, META_ROW_END))
-        if not 0 <= rows[0] <= rows[1] < height:
-            raise RemoteProtocolError(f"result rows {rows} are not a band of {height} rows")
-    return RenderResult(sha, width, height, frames, rows)
-
-
-def check_frames(result: RenderResult, *, width: int, height: int, allow_blank: bool) -> None:
-    """Refuse frames of the wrong size or format, and blank ones (all one colour).
-
-    A blank frame is what a broken render looks like (no camera in view, missing
-    textures, a crashed shader): accepting it would pay for nothing. A band is not
-    checked for blankness on its own (a band of clear sky is one colour); the stitched
-    frame is, in :func:`assemble`.
-    """
-    rows = result.rows
-    band_height = height if rows is None else rows[1] - rows[0] + 1
-    shape = (band_height, width, CHANNELS)
-    if (result.width, result.height) != (width, height):
-        raise RemoteProtocolError(f"result is {result.width}x{result.height}, not {width}x{height}")
-    for number, array in result.frames.items():
-        if array.dtype != np.uint8 or array.shape != shape:
-            raise RemoteProtocolError(
-                f"frame {number} is {array.dtype} {list(array.shape)}, expected uint8 {list(shape)}"
-            )
-        if not allow_blank and rows is None:
-            _refuse_blank(number, array)
-
-
-def _refuse_blank(number: int, array: npt.NDArray[np.uint8]) -> None:
-    pixels = array.reshape(-1, CHANNELS)
-    if bool((pixels == pixels[0]).all()):
-        raise RemoteProtocolError(f"frame {number} is blank: every pixel is {pixels[0]}")
-
-
-def job_meta(payload: bytes, max_bytes: int) -> dict[str, Any]:
-    """Validate a job payload; the metadata the coordinator keeps to check and assemble."""
-    request = RenderRequest.decode(payload, max_bytes=max_bytes)
-    if request.rows is not None:
-        raise RemoteProtocolError("a job payload must not carry row_start/row_end")
-    per_slice = request.frames_per_slice or 1
-    if per_slice * request.frame_bytes + HEADER_ALLOWANCE > max_bytes:
-        raise RemoteProtocolError(
-            f"{per_slice} frame(s) of {request.width}x{request.height} RGBA do not fit a "
-            f"{max_bytes}-byte result; use fewer frames per slice or a smaller size"
-        )
-    return {
-        "scene_sha256": request.scene_sha256,
-        "frame_start": request.frame_start,
-        "frame_end": request.frame_end,
-        "width": request.width,
-        "height": request.height,
-        "frames_per_slice": request.frames_per_slice,
-        "allow_blank": request.allow_blank,
-        "tiles": request.tiles,
-    }
-
-
-def check_result(data: bytes, meta: Mapping[str, Any], max_bytes: int) -> RenderResult:
-    """A slice result for the job *meta* describes: its scene, size, a sub-range, no blanks."""
-    result = decode_result(data, max_bytes=max_bytes)
-    if result.scene_sha256 != meta["scene_sha256"]:
-        raise RemoteProtocolError(
-            f"result is for scene {result.scene_sha256}, expected {meta['scene_sha256']}"
-        )
-    if result.frame_start < meta["frame_start"] or result.frame_end > meta["frame_end"]:
-        raise RemoteProtocolError(
-            f"result frames {result.frame_start}..{result.frame_end} are outside the job's "
-            f"{meta['frame_start']}..{meta['frame_end']}"
-        )
-    if bool(meta.get("tiles")) != (result.rows is not None):
-        what = "a band of rows" if meta.get("tiles") else "whole frames"
-        raise RemoteProtocolError(f"the job is split into {what}; the result is not")
-    check_frames(
-        result, width=meta["width"], height=meta["height"], allow_blank=bool(meta["allow_blank"])
-    )
-    return result
-
-
-def check_slice(data: bytes, payload: bytes, max_bytes: int) -> None:
-    """A result that is exactly the slice its own task *payload* asked for: frames and rows.
-
-    :func:`check_result` holds a result to the job only; a node that returned other frames
-    of the job, or another band, would pass it, and the job would then fail at assembly
-    with no retry. Refused here, the task stays open, and goes to another node when its
-    lease runs out. Only the payload's header is read: its scene is not hashed again.
-    """
-    result = decode_result(data, max_bytes=max_bytes)
-    asked = read_metadata(payload, max_bytes=len(payload))  # our own stored payload
-    frames = (_required(asked, META_FRAME_START), _required(asked, META_FRAME_END))
-    row_start, row_end = _parse_int(asked, META_ROW_START), _parse_int(asked, META_ROW_END)
-    rows = None if row_start is None or row_end is None else (row_start, row_end)
-    if (result.frame_start, result.frame_end) != frames:
-        raise RemoteProtocolError(
-            f"result holds frames {result.frame_start}..{result.frame_end}, but its task "
-            f"asked for frames {frames[0]}..{frames[1]}"
-        )
-    if result.rows != rows:
-        raise RemoteProtocolError(
-            f"result holds {_rows_text(result.rows)}, but its task asked for {_rows_text(rows)}"
-        )
-
-
-def _rows_text(rows: tuple[int, int] | None) -> str:
-    return "whole frames" if rows is None else f"rows {rows[0]}..{rows[1]}"
-
-
-def assemble(results: Sequence[bytes], meta: Mapping[str, Any]) -> bytes:
-    """Join slice results (in slice order) into the job's result: every frame, once, in order."""
-    if meta.get("tiles"):
-        return _stitch(results, meta)
-    frames: dict[int, npt.NDArray[np.uint8]] = {}
-    expected = meta["frame_start"]
-    for index, data in enumerate(results):
-        part = decode_result(data, max_bytes=len(data))
-        if part.frame_start != expected:
-            raise RemoteProtocolError(
-                f"slice {index} starts at frame {part.frame_start}, expected {expected}"
-            )
-        frames.update(part.frames)
-        expected = part.frame_end + 1
-    if expected != meta["frame_end"] + 1:
-        raise RemoteProtocolError(f"slices end at frame {expected - 1}, not {meta['frame_end']}")
-    return encode_result(
-        frames, scene_sha256=meta["scene_sha256"], width=meta["width"], height=meta["height"]
-    )
-
-
-def _stitch(results: Sequence[bytes], meta: Mapping[str, Any]) -> bytes:
-    """Bands (in slice order, top first) -> the one frame, checked whole for blankness."""
-    frame, height = meta["frame_start"], meta["height"]
-    bands: list[npt.NDArray[np.uint8]] = []
-    expected = 0
-    for index, data in enumerate(results):
-        part = decode_result(data, max_bytes=len(data))
-        if part.rows is None or part.rows[0] != expected or list(part.frames) != [frame]:
-            raise RemoteProtocolError(
-                f"slice {index} is not frame {frame}'s band starting at row {expected}"
-            )
-        check_frames(part, width=meta["width"], height=height, allow_blank=True)  # shapes
-        bands.append(part.frames[frame])
-        expected = part.rows[1] + 1
-    if expected != height:
-        raise RemoteProtocolError(f"bands end at row {expected - 1}, not {height - 1}")
-    whole = np.ascontiguousarray(np.concatenate(bands, axis=0))
-    if not meta["allow_blank"]:
-        _refuse_blank(frame, whole)
-    return encode_result(
-        {frame: whole}, scene_sha256=meta["scene_sha256"], width=meta["width"], height=height
-    )

@@ -54,7 +54,8 @@ import numpy.typing as npt
 from nodeclient.errors import NodeClientError, RemoteProtocolError
 from nodeclient.node.runtimes.base import Progress, no_progress
 from nodeclient.node.runtimes.onnx import ModelCache
-from nodeclient.workloads.render import CHANNELS, CLASS, RenderRequest, encode_result
+from nodeclient.workloads.render import CHANNELS, CLASS, RenderRequest
+from nodeclient.workloads.render_slices import encode_result
 from nodeclient.workloads.tensors import DEFAULT_MAX_BYTES
 
 DEFAULT_MAX_SCENE_BYTES: Final = 256 * 1024 * 1024
