@@ -400,7 +400,7 @@ class LinkSession:
         await self.send(
             messages.ResultAck(claim.task_id, decision.status, decision.reason[:512]).to_wire()
         )
-        await cancel_leases(coord, decision.cancel, "completed by another node")
+        cancel_leases(coord, decision.cancel, "completed by another node")
         if decision.job_done is not None:
             log.info(f"job.{decision.job_done}", extra={"job_id": str(claim.job_id)})
         if decision.status == "accepted":
@@ -430,5 +430,5 @@ class LinkSession:
         )
         await self.send(messages.ResultAck(task_id, decision.status, decision.reason).to_wire())
         if lost is not None:
-            await cancel_leases(coord, lost.cancel, "job failed")
+            cancel_leases(coord, lost.cancel, "job failed")
             coord.wake()

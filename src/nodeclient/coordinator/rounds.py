@@ -447,10 +447,10 @@ def deadline_tx(session: Session, *, now: float) -> list[RoundClose]:
 
 async def enforce_deadlines(coord: Coordinator, now: float) -> None:
     """The scheduler's hook: close overdue rounds and tell nodes to drop their slices."""
-    await report_closes(coord, await coord.db.run(lambda s: deadline_tx(s, now=now)))
+    report_closes(coord, await coord.db.run(lambda s: deadline_tx(s, now=now)))
 
 
-async def report_closes(coord: Coordinator, closes: Sequence[RoundClose]) -> None:
+def report_closes(coord: Coordinator, closes: Sequence[RoundClose]) -> None:
     """After :func:`deadline_tx`: tell nodes to drop their slices, wake the scheduler."""
     for node_id, task_id in (lease for close in closes for lease in close.cancel):
         frame = messages.Cancel(uuid.UUID(task_id), "round deadline passed").to_wire()

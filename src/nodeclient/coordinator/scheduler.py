@@ -649,8 +649,8 @@ class Scheduler:
                 _any_queued(s),
             )
         )
-        await self._report_lost(lost, "task.lease_expired")
-        await rounds.report_closes(coord, closes)  # ai.training: drop slices late for their round
+        self._report_lost(lost, "task.lease_expired")
+        rounds.report_closes(coord, closes)  # ai.training: drop slices late for their round
         if not queued:
             return  # nothing to place: skip building a candidate per link (10,000 of them)
         roster = self.roster()
@@ -689,9 +689,9 @@ class Scheduler:
                     node_lost_tx, node_id=node_id, detail=detail, now=now, max_attempts=max_attempts
                 )
             )
-            await self._report_lost(lost, "task.requeued")
+            self._report_lost(lost, "task.requeued")
 
-    async def _report_lost(self, lost: Sequence[Lost], event: str) -> None:
+    def _report_lost(self, lost: Sequence[Lost], event: str) -> None:
         for item in lost:
             log.info(
                 "task.failed" if item.failed else event,
@@ -700,7 +700,7 @@ class Scheduler:
             if item.node_id is not None:
                 cancel = messages.Cancel(uuid.UUID(item.task_id), "lease ended").to_wire()
                 self.coord.spawn(self.coord.send_to(item.node_id, cancel), "cancel")
-            await cancel_leases(self.coord, item.cancel, "job failed")
+            cancel_leases(self.coord, item.cancel, "job failed")
         if lost:
             self.coord.wake()
 
@@ -779,7 +779,7 @@ def _seal_all(jobs: Sequence[tuple[Assignment, RSAPublicKey]]) -> list[bytes]:
     ]
 
 
-async def cancel_leases(coord: Coordinator, leases: Iterable[tuple[str, str]], reason: str) -> None:
+def cancel_leases(coord: Coordinator, leases: Iterable[tuple[str, str]], reason: str) -> None:
     """Tell nodes to drop tasks they no longer hold (best effort: the lease is gone anyway).
 
     Sent in the background, so that a node that does not read holds up nobody else.
