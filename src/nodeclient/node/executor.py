@@ -217,13 +217,8 @@ class _Slot:
             body = await stdout.readexactly(body_len) if body_len else b""
         except asyncio.IncompleteReadError:
             return None
-        shared = self.shared
-        limit = 0 if shared is None else min(shared.size, self.max_result)
-        length = worker.shared_length(header, body_len, limit)
-        if length is not None:
-            assert shared is not None  # a limit of 0 refused it otherwise
-            body = shared.take(length)  # a copy: the worker cannot change it after this
-        return worker.Frame(header, body)
+        # A body in shared memory is copied out: the worker cannot change it after this.
+        return worker.Frame(header, worker.frame_body(header, body, self.shared, self.max_result))
 
     async def execute(
         self, header: dict[str, Any], payload: bytes, on_progress: OnProgress

@@ -114,14 +114,19 @@ class SharedBodies:
         self.map.close()
 
 
-def shared_length(header: Mapping[str, Any], body_len: int, limit: int) -> int | None:
-    """The length of a body in shared memory, checked; None when the body is in the pipe."""
+def frame_body(
+    header: Mapping[str, Any], body: bytes, shared: SharedBodies | None, max_body: int
+) -> bytes:
+    """A frame's body: *body* as read from the pipe, or a copy of the one in shared memory
+    when the header says so (checked against the region and *max_body*)."""
     if SHM_KEY not in header:
-        return None
+        return body
     length = header[SHM_KEY]
-    if type(length) is not int or not 0 < length <= limit or body_len:
-        raise RemoteProtocolError(f"bad shared body: {SHM_KEY}={length!r} with {body_len} bytes")
-    return length
+    limit = 0 if shared is None else min(shared.size, max_body)
+    if type(length) is not int or not 0 < length <= limit or body:
+        raise RemoteProtocolError(f"bad shared body: {SHM_KEY}={length!r} with {len(body)} bytes")
+    assert shared is not None  # a limit of 0 refused it
+    return shared.take(length)
 
 
 def encode_header(header: Mapping[str, Any], body_len: int) -> bytes:
@@ -169,12 +174,7 @@ def read_frame(
     if len(raw) != header_len or len(body) != body_len:
         raise RemoteProtocolError("truncated frame")
     header = parse_header(raw)
-    limit = 0 if shared is None else min(shared.size, max_body)
-    length = shared_length(header, body_len, limit)
-    if length is not None:
-        assert shared is not None  # a limit of 0 refused it otherwise
-        body = shared.take(length)
-    return Frame(header, body)
+    return Frame(header, frame_body(header, body, shared, max_body))
 
 
 def write_frame(
