@@ -337,6 +337,14 @@ def test_a_stop_request_still_exits_zero(tmp_path: Path) -> None:
 # --- a task that fails in an unexpected way is still refused, signed ----------------------------
 
 
+async def dispatched(daemon: NodeDaemon, task_id: uuid.UUID) -> asyncio.Task[None]:
+    """Hand the daemon a dispatch of *task_id*; the task that runs it."""
+    await daemon._on_frame(dispatch(daemon, payload_key(), task_id))
+    handle = daemon.running[task_id].handle
+    assert handle is not None
+    return handle
+
+
 @pytest.mark.parametrize(
     "error",
     [
@@ -360,10 +368,7 @@ def test_an_unexpected_task_error_is_refused_signed_and_counted(
     task_id = uuid.uuid4()
 
     async def run() -> None:
-        await daemon._on_frame(dispatch(daemon, payload_key(), task_id))
-        handle = daemon.running[task_id].handle
-        assert handle is not None
-        await asyncio.wait_for(handle, timeout=10)  # ends without an exception
+        await asyncio.wait_for(await dispatched(daemon, task_id), timeout=10)  # no exception
 
     asyncio.run(run())
     (refused,) = link.frames
@@ -396,9 +401,7 @@ def test_an_error_after_the_result_is_committed_is_never_answered_with_a_reject(
     task_id = uuid.uuid4()
 
     async def run() -> None:
-        await daemon._on_frame(dispatch(daemon, payload_key(), task_id))
-        handle = daemon.running[task_id].handle
-        assert handle is not None
+        handle = await dispatched(daemon, task_id)
         await asyncio.wait((handle,), timeout=10)
         assert handle.done()
         handle.exception()  # retrieved: what escapes after the commit is not this test's subject
