@@ -45,7 +45,7 @@ from tests.models import identity_model, slow_model
 from nodeclient import logs
 from nodeclient.clock import SystemClock
 from nodeclient.node import sandbox
-from nodeclient.node.daemon import NodeDaemon, thread_pool
+from nodeclient.node.daemon import NodeDaemon
 from nodeclient.node.executor import Executor, WorkerConfig
 from nodeclient.node.outbox import Outbox
 from nodeclient.protocol import envelope, messages
@@ -109,7 +109,6 @@ def make_daemon(home: Path, slots: int) -> tuple[NodeDaemon, rsa.RSAPrivateKey, 
         clock=SystemClock(),
         heartbeat_interval=30.0,
     )
-    asyncio.get_running_loop().set_default_executor(thread_pool())  # as NodeDaemon.run does
     link = CaptureLink()
     daemon._ws = link  # type: ignore[assignment]
     daemon.session.binary = True  # as linked to this project's coordinator: binary data frames

@@ -94,11 +94,6 @@ class HostileRuntime:
         time.sleep(float(order["seconds"]))
         return "slept"
 
-    def do_cpus(self, order: dict[str, Any], workdir: Path, progress: Any) -> list[int]:
-        """The CPUs this worker may run on, after sleeping *seconds* (0 by default)."""
-        time.sleep(float(order.get("seconds", 0)))
-        return sorted(os.sched_getaffinity(0))
-
     def do_crash(self, order: dict[str, Any], workdir: Path, progress: Any) -> str:
         sys.stdout.flush()
         os.kill(os.getpid(), signal.SIGSEGV)

@@ -54,9 +54,7 @@ class Node:
         assert got == OnnxRuntime().run(payload)
 
 
-def make_executor(
-    home: Path, *, mode: str = MODE_BWRAP, slots: int = 1, **overrides: Any
-) -> Executor:
+def make_executor(home: Path, *, mode: str = MODE_BWRAP, **overrides: Any) -> Executor:
     settings: dict[str, Any] = {
         "cache_dir": home / "models",
         "limits": Limits(memory_bytes=2 << 30, nproc=96, nofile=128, fsize_bytes=8 << 20),
@@ -68,7 +66,7 @@ def make_executor(
         "threads": 1,
     }
     settings.update(overrides)
-    return Executor(slots=slots, mode=mode, config=WorkerConfig(**settings))
+    return Executor(slots=1, mode=mode, config=WorkerConfig(**settings))
 
 
 def warm_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:

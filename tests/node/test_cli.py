@@ -375,7 +375,6 @@ def set_config(home: Path, key: str, line: str) -> None:
         ("heartbeat_interval", '"30"', "a number", "a string"),
         ("heartbeat_interval", "true", "a number", "a boolean"),
         ("allow_unsandboxed", '"yes"', "true or false", "a string"),
-        ("pin_cpus", "1", "true or false", "an integer"),
         ("max_parallel_subtasks", "1.5", "an integer", "a float"),
         ("metrics_address", "9101", "a quoted string", "an integer"),
         ("result_retention_hours", "{ h = 1 }", "a number", "a table"),

@@ -17,8 +17,7 @@ import pytest
 
 from nodeclient.errors import RemoteProtocolError
 from nodeclient.node import sandbox, worker
-from nodeclient.node.daemon import thread_pool
-from nodeclient.node.executor import TaskFailed, cpu_plan
+from nodeclient.node.executor import TaskFailed
 from nodeclient.node.runtimes.onnx import OnnxRuntime
 from nodeclient.workloads.inference import make_request
 from tests.models import add_model, matmul_relu_model
@@ -531,102 +530,3 @@ def test_executor_refuses_a_layout_that_shows_the_node_home(tmp_path: Path) -> N
     with pytest.raises(UsageError, match="contains the node home"):
         asyncio.run(executor.warm_up())
     executor.shutdown()
-
-
-# --- CPU placement -----------------------------------------------------------------------------
-
-
-def test_cpu_plan_pins_only_one_thread_slots_that_each_get_a_cpu() -> None:
-    """A one-thread slot gets a CPU of its own; anything else runs on every CPU."""
-    four = frozenset({2, 3, 5, 7})
-    assert cpu_plan(2, threads=1, cpus=four) == [2, 3]
-    assert cpu_plan(4, threads=1, cpus=four) == [2, 3, 5, 7]
-    assert cpu_plan(5, threads=1, cpus=four) == [None] * 5  # two slots would share a CPU
-    assert cpu_plan(2, threads=2, cpus=four) == [None, None]  # a slot needs several CPUs
-    assert cpu_plan(2, threads=None, cpus=four) == [None, None]
-    assert cpu_plan(2, threads=1, cpus=four, pin=False) == [None, None]
-
-
-def _cpus_order(seconds: float = 0.0) -> bytes:
-    return json.dumps({"do": "cpus", "seconds": seconds}).encode()
-
-
-def test_a_lone_task_is_followed_onto_its_slots_cpu(tmp_path: Path) -> None:
-    """The worker of a one-thread slot runs on one CPU. While its task is the only one,
-    the calling thread runs on that CPU too (so no idle CPU is woken to hand the task
-    over), and afterwards it has all its CPUs back, as do threads started meanwhile."""
-    home = tmp_path / "home"
-    home.mkdir(mode=0o700)
-    before = os.sched_getaffinity(0)
-    first = min(before)
-
-    async def main() -> tuple[list[int], set[int], set[int]]:
-        executor = make_executor(home)
-        try:
-            await executor.warm_up()
-            run = asyncio.create_task(executor.run(HOSTILE, _cpus_order(0.5)))
-            await asyncio.sleep(0.25)  # the task sleeps in the worker meanwhile
-            during = os.sched_getaffinity(0)
-            pool = thread_pool()
-            started = await asyncio.get_running_loop().run_in_executor(
-                pool, os.sched_getaffinity, 0
-            )
-            pool.shutdown()
-            return json.loads(await run), during, started
-        finally:
-            await executor.aclose()
-
-    worker_cpus, during, started = asyncio.run(main())
-    assert worker_cpus == [first]
-    assert during == {first}
-    assert started == before  # a pool thread started while the caller followed the task
-    assert os.sched_getaffinity(0) == before
-
-
-def test_concurrent_tasks_leave_the_calling_thread_on_every_cpu(tmp_path: Path) -> None:
-    """With two tasks running the calling thread follows neither; each one-thread slot's
-    worker has a CPU of its own when there are CPUs enough."""
-    home = tmp_path / "home"
-    home.mkdir(mode=0o700)
-    before = os.sched_getaffinity(0)
-    plan = cpu_plan(2, threads=1, cpus=frozenset(before))
-
-    async def main() -> tuple[list[list[int]], set[int]]:
-        executor = make_executor(home, slots=2)
-        try:
-            await executor.warm_up()
-            runs = [asyncio.create_task(executor.run(HOSTILE, _cpus_order(0.6))) for _ in "ab"]
-            await asyncio.sleep(0.3)
-            during = os.sched_getaffinity(0)
-            return [json.loads(r) for r in await asyncio.gather(*runs)], during
-        finally:
-            await executor.aclose()
-
-    answers, during = asyncio.run(main())
-    assert during == before
-    expected = [sorted(before) if cpu is None else [cpu] for cpu in plan]
-    assert sorted(answers) == sorted(expected)
-    if len(before) >= 2:  # this project's reference machine and CI have 2 CPUs
-        assert sorted(answers) == [[c] for c in sorted(before)[:2]]
-    assert os.sched_getaffinity(0) == before
-
-
-def test_pinning_can_be_turned_off(tmp_path: Path) -> None:
-    """pin_cpus=False: the worker runs on every CPU and the caller is never moved."""
-    home = tmp_path / "home"
-    home.mkdir(mode=0o700)
-    before = os.sched_getaffinity(0)
-
-    async def main() -> tuple[list[int], set[int]]:
-        executor = make_executor(home, pin_cpus=False)
-        try:
-            await executor.warm_up()
-            run = asyncio.create_task(executor.run(HOSTILE, _cpus_order(0.5)))
-            await asyncio.sleep(0.25)
-            return json.loads(await run), os.sched_getaffinity(0)
-        finally:
-            await executor.aclose()
-
-    worker_cpus, during = asyncio.run(main())
-    assert worker_cpus == sorted(before)
-    assert during == before

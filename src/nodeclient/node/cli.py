@@ -252,7 +252,6 @@ def cmd_run(args: argparse.Namespace) -> int:
             threads=max(1, cores // slots),
             gpus=gpus_from_manifest(manifest),
             node_home=home,  # no bind into the sandbox may show the home's key files
-            pin_cpus=config.pin_cpus,
         ),
     )
     daemon = NodeDaemon(

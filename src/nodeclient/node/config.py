@@ -34,7 +34,6 @@ _EXPECTED: Final[dict[str, tuple[tuple[type, ...], str]]] = {
     "max_parallel_subtasks": ((int,), "an integer"),
     "heartbeat_interval": (_NUMBER, "a number (seconds)"),
     "allow_unsandboxed": ((bool,), "true or false"),
-    "pin_cpus": ((bool,), "true or false"),
     "metrics_address": ((str,), 'a quoted string, e.g. "127.0.0.1:9101"'),
     "result_retention_hours": (_NUMBER, "a number (hours)"),
     "result_retention_mb": ((int,), "an integer"),
@@ -53,7 +52,6 @@ class NodeConfig:
     max_parallel_subtasks: int | None = None  # may lower the computed bound, never raise it
     heartbeat_interval: float = 30.0  # 2.3.3: every 30 s
     allow_unsandboxed: bool = False
-    pin_cpus: bool = True  # a one-thread slot's worker on a CPU of its own (operator.md)
     metrics_address: str | None = None  # HOST:PORT for Prometheus (2.3.8); off by default
     result_retention_hours: float = 72.0  # acknowledged results' bytes, then history only
     result_retention_mb: int = 4096  # and at most this much of them, oldest dropped first
@@ -89,8 +87,6 @@ class NodeConfig:
             raise UsageError("coordinator must be an http:// or https:// URL")
         if not isinstance(self.allow_unsandboxed, bool):
             raise UsageError("allow_unsandboxed must be true or false")
-        if not isinstance(self.pin_cpus, bool):
-            raise UsageError("pin_cpus must be true or false")
         if (
             isinstance(self.result_retention_hours, bool)
             or not isinstance(self.result_retention_hours, int | float)
@@ -117,8 +113,6 @@ class NodeConfig:
             f"chain_id = {self.chain_id}  # EIP-712 domain; must match the coordinator",
             f"heartbeat_interval = {self.heartbeat_interval}  # seconds (spec 2.3.3: 30)",
             f"allow_unsandboxed = {'true' if self.allow_unsandboxed else 'false'}",
-            f"pin_cpus = {'true' if self.pin_cpus else 'false'}"
-            "  # one-thread slots each on a CPU of their own",
         ]
         lines.append(
             f'coordinator = "{self.coordinator}"'

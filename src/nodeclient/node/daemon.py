@@ -9,7 +9,6 @@ coordinator accepts exactly once, so resending is always safe.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import json
 import logging
@@ -33,7 +32,7 @@ from nodeclient import logs
 from nodeclient.clock import Clock
 from nodeclient.errors import EnvelopeError, NeedsOperator, RemoteProtocolError
 from nodeclient.node import control, inputs, sandbox
-from nodeclient.node.executor import Executor, TaskFailed, free_thread
+from nodeclient.node.executor import Executor, TaskFailed
 from nodeclient.node.metrics import NodeMetrics
 from nodeclient.node.outbox import Outbox, OutboxCorrupt, OutboxEntry
 from nodeclient.node.sandbox import describe_mode
@@ -78,14 +77,6 @@ _REPLACED_FIX: Final = (
     "with the same node key (a copied node home?). Stop one of them; each node needs its "
     "own home, made with `nodeclient init`"
 )
-
-
-def thread_pool() -> concurrent.futures.ThreadPoolExecutor:
-    """The daemon's event loop's default executor. Its threads start on every CPU of the
-    process, even when the loop's thread is following a task onto its slot's CPU."""
-    return concurrent.futures.ThreadPoolExecutor(
-        thread_name_prefix="nodeclient", initializer=free_thread
-    )
 
 
 def _pruned_reason(entry: OutboxEntry) -> str:
@@ -177,7 +168,6 @@ class NodeDaemon:
     async def run(self) -> int:
         logs.bind_global(node_id=self.node_id)
         loop = asyncio.get_running_loop()
-        loop.set_default_executor(thread_pool())
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
         server = await control.serve(self.home / control.SOCKET_NAME, self._control)

@@ -109,7 +109,6 @@ class WorkerConfig:
     max_result_bytes: int = DEFAULT_MAX_RESULT
     max_output_bytes: int = DEFAULT_MAX_OUTPUT  # stdout + stderr per task
     shared_bytes: int = worker.SHARED_BYTES  # bodies up to this skip the pipe; 0: never
-    pin_cpus: bool = True  # one-thread slots each on a CPU of their own (see cpu_plan)
     start_timeout: float = 120.0
 
 
@@ -131,7 +130,6 @@ class _Slot:
     max_output: int
     max_result: int
     shared_bytes: int
-    cpu: int | None = None  # the one CPU this slot's worker runs on, if pinned
     proc: asyncio.subprocess.Process | None = None
     shared: worker.SharedBodies | None = None  # this worker's memory for bodies
     killed: str | None = None  # why we killed it; None when it died by itself
@@ -320,10 +318,6 @@ class Executor:
             _chown_tree(cache)
         runtimes = self._runtimes if self._runtimes is not None else default_runtimes()
         preload = self.config.preload if self.config.preload is not None else default_preload()
-        cpus = _HANDOFF.free_cpus()  # what this process may use, whatever follows a slot now
-        plan = cpu_plan(
-            self.slots, threads=self.config.threads, cpus=cpus, pin=self.config.pin_cpus
-        )
         for i in range(self.slots):
             workdir = self._root / f"slot-{i}"
             gpus = (self.config.gpus[i % len(self.config.gpus)][0],) if self.config.gpus else ()
@@ -345,7 +339,6 @@ class Executor:
                 "max_payload_bytes": self.config.max_payload_bytes,
                 "max_result_bytes": self.config.max_result_bytes,
                 "shared_bytes": self.config.shared_bytes,
-                "cpus": sorted(cpus) if plan[i] is None else [plan[i]],
             }
             command = [str(layout.python), "-m", "nodeclient.node.worker", "--config"]
             command.append(json.dumps(inside, separators=(",", ":")))
@@ -365,7 +358,6 @@ class Executor:
                     max_output=self.config.max_output_bytes,
                     max_result=self.config.max_result_bytes,
                     shared_bytes=self.config.shared_bytes,
-                    cpu=plan[i],
                 )
             )
 
@@ -541,7 +533,6 @@ class Executor:
         if timeout is not None and timeout <= 0:
             raise TaskFailed("deadline exceeded before the task started", requester_fault=False)
         slot.busy = True
-        _HANDOFF.follow(slot, alone=not any(s.busy for s in self._slots if s is not slot))
         try:
             async with asyncio.timeout(timeout):  # no extra task per run, unlike wait_for
                 frame = await slot.execute(header, payload, progress)
@@ -559,8 +550,6 @@ class Executor:
                 extra={"slot": slot.index, "reason": exc.reason, "stderr": slot.stderr_tail()},
             )
             raise TaskFailed(exc.reason, requester_fault=False) from None
-        finally:
-            _HANDOFF.release(slot)
         if slot.killed is not None:  # e.g. the output limit, with the answer already read
             raise TaskFailed(slot.killed, requester_fault=False)
         if frame.header.get("restart"):
@@ -630,81 +619,6 @@ class Executor:
         finally:
             assert self._idle is not None
             self._idle.put_nowait(slot)
-
-
-def cpu_plan(
-    slots: int, *, threads: int | None, cpus: frozenset[int], pin: bool = True
-) -> list[int | None]:
-    """The CPU each slot's worker is pinned to, or None where it may run on all *cpus*.
-
-    Only one-thread slots are pinned, each to a CPU of its own, and only when there are
-    CPUs enough: a worker with several threads needs several CPUs, and two slots on one
-    CPU would wait for each other while another CPU idled.
-    """
-    if not pin or threads != 1 or slots > len(cpus):
-        return [None] * slots
-    return list(sorted(cpus)[:slots])
-
-
-class _HandOff:
-    """The calling thread follows a task onto its slot's CPU while the task is alone.
-
-    A worker pinned to a CPU is woken by the daemon's request, and the daemon by the
-    worker's answer. When the other side is asleep on another CPU that CPU must be woken
-    first, which on a virtual machine costs 0.1-0.3 ms each way (the hypervisor has to
-    schedule the idle virtual CPU again). With the daemon's thread on the worker's CPU,
-    each side runs as soon as the other blocks, and no idle CPU is woken. The reference
-    machine's execution bench gained ~0.3-0.5 ms a task this way; see docs/performance.md.
-
-    Only one task at a time is followed, process-wide: while several run, the thread
-    floats as before. Threads started meanwhile would inherit the pin, so the daemon's
-    thread pool resets its threads with :func:`free_thread`.
-    """
-
-    def __init__(self) -> None:
-        self.owner: object | None = None
-        self.saved: frozenset[int] | None = None  # the thread's CPUs before it followed
-
-    def free_cpus(self) -> frozenset[int]:
-        """The CPUs of the calling thread when it follows no slot."""
-        if self.saved is not None:
-            return self.saved
-        return (
-            frozenset(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else frozenset()
-        )
-
-    def follow(self, slot: _Slot, *, alone: bool) -> None:
-        if self.owner is not None or not alone or slot.cpu is None:
-            self.release(self.owner)  # several tasks at once: the thread floats
-            return
-        saved = self.free_cpus()
-        if saved and _set_thread_cpus({slot.cpu}):
-            self.owner, self.saved = slot, saved
-
-    def release(self, slot: object | None) -> None:
-        if slot is None or self.owner is not slot:
-            return
-        saved, self.owner, self.saved = self.saved, None, None
-        if saved:
-            _set_thread_cpus(saved)
-
-
-_HANDOFF: Final = _HandOff()
-
-
-def free_thread() -> None:
-    """Give a new thread every CPU of the process, not the slot CPU its creator follows
-    (a ``ThreadPoolExecutor`` initializer for the daemon's event loop)."""
-    _set_thread_cpus(_HANDOFF.free_cpus())
-
-
-def _set_thread_cpus(cpus: set[int] | frozenset[int]) -> bool:
-    """Set the calling thread's CPUs (on Linux pid 0 is the thread); False if it cannot."""
-    try:
-        os.sched_setaffinity(0, cpus)
-    except (OSError, AttributeError):  # a CPU taken away meanwhile (cpuset), or not Linux
-        return False
-    return True
 
 
 def _widen_pipe(stream: object) -> None:

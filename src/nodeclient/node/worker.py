@@ -257,9 +257,6 @@ class Worker:
         reply, body, clean = self._execute(task_id, header, payload)
         answer = {**reply, "id": task_id, "restart": not clean}
         write_frame(self.out_fd, answer, body, self.shared)
-        # A daemon on this worker's CPU (see executor._HandOff) takes the answer before the
-        # clean-up below runs, rather than after it: the CPU goes to it now.
-        os.sched_yield()
         if not clean:
             return False
         tainted = not self._empty_task_dir() or self._left_behind()
@@ -375,9 +372,6 @@ def main(argv: list[str] | None = None) -> int:
     if config.get("drop_privileges") and os.getuid() == 0:
         sandbox.drop_privileges()
     sandbox.apply_limits(sandbox.Limits.from_wire(config["limits"]))
-    if config.get("cpus"):  # before any runtime starts a thread: they all inherit it
-        with contextlib.suppress(OSError):  # a CPU gone meanwhile: run where allowed
-            os.sched_setaffinity(0, config["cpus"])
     shared = None
     if len(args) == 4:
         fd = int(args[3])
