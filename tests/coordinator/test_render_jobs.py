@@ -279,25 +279,45 @@ def _stored(running: Running) -> tuple[int, int]:
     return running.coord.db.run_sync(lambda s: (s.query(m.Job).count(), s.query(m.Task).count()))
 
 
-def test_split_over_the_byte_limit_is_refused(running: Running) -> None:
-    """Every slice carries the inline scene: 4096 slices of a 1 MiB scene would be 4 GiB,
-    and 16384 bands of a 16384-row frame one per row. Both are refused with a 400 naming
-    the limit, and nothing is stored; the scene by blob URL splits 4096 ways."""
+def test_an_inline_scene_split_many_ways_is_stored_once(running: Running) -> None:
+    """A 1 MiB inline scene split 4096 ways would be 4 GiB of slice payloads: the scene
+    goes to the blob store once, and every slice references it by /v1/blobs/<sha256>,
+    as a job sent by URL does. A job of one slice keeps its scene inline."""
     scene = bytes(range(256)) * 4096  # 1 MiB
+    sha = hashlib.sha256(scene).hexdigest()
     many = render.make_request(scene, frames=(0, 4095), width=W, height=H, samples=1).encode()
-    reason = _refused(running, many, slices=4096)
-    assert f"over the limit of {render.MAX_SPLIT_BYTES} (MAX_SPLIT_BYTES)" in reason
+    job = running.client.submit_job("media.render", many, slices=4096)
+    assert len(job["tasks"]) == 4096
+    assert (running.coord.config.blob_dir / sha).read_bytes() == scene
+    assert [p.name for p in running.coord.config.blob_dir.iterdir()] == [sha]  # no temp left
+
+    def payloads(s: Any) -> list[bytes]:
+        return [p for (p,) in s.query(m.Task.payload).filter(m.Task.job_id == job["job_id"])]
+
+    stored = running.coord.db.run_sync(payloads)
+    assert len(stored) == 4096 and sum(map(len, stored)) < 4096 * 2048  # no scene in any
+    first = render.RenderRequest.decode(stored[0])
+    assert first.scene is None and first.scene_url == render.blob_url(sha)
+    assert first.scene_sha256 == sha
+
+    whole = render.make_request(scene, frames=(0, 0), width=W, height=H, samples=1).encode()
+    one = running.client.submit_job("media.render", whole, slices=1)
+    (kept,) = running.coord.db.run_sync(
+        lambda s: [p for (p,) in s.query(m.Task.payload).filter(m.Task.job_id == one["job_id"])]
+    )
+    assert render.RenderRequest.decode(kept).scene == scene
+
+
+def test_a_split_over_the_band_limit_is_refused(running: Running) -> None:
+    """16384 bands of a 16384-row frame, one per row, are refused with a 400 naming the
+    limit, and nothing is stored."""
+    scene = bytes(range(256)) * 4096
     bands = render.make_request(scene, frames=(0, 0), width=1, height=16384, samples=1,
                                 tiles=2).encode()  # fmt: skip
     tensors, meta = decode_tensors(bands)
     tall = encode_tensors(tensors, metadata={**meta, "tiles": "16384"})
     assert "tiles must be an integer in 2..256" in _refused(running, tall)
     assert _stored(running) == (0, 0)
-    sha = running.client.upload_blob(scene)["sha256"]
-    by_url = render.make_request(scene, frames=(0, 4095), width=W, height=H, samples=1,
-                                 scene_url=render.blob_url(sha))  # fmt: skip
-    job = running.client.submit_job("media.render", by_url.encode(), slices=4096)
-    assert len(job["tasks"]) == 4096
 
 
 def test_scene_url_with_a_lone_surrogate_is_a_400(running: Running) -> None:

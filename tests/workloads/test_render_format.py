@@ -587,3 +587,42 @@ def test_band_result_with_rows_outside_the_frame_is_rejected() -> None:
 def test_class_name() -> None:
     """The workload class string matches the manifest's (2.3.2)."""
     assert render.CLASS == "media.render"
+
+
+# --- hoisting inline inputs to the blob store -----------------------------------------------------
+
+
+def test_hoist_moves_an_inline_scene_and_assets_out_of_a_split_job() -> None:
+    """Split in several slices, a job's inline scene and assets become blob references,
+    and hoist returns exactly the bytes the blob store must hold; the slices of the hoisted
+    job, once a node inlines the blobs, are the slices of the original job."""
+    job = _request(assets=(("tex.png", TEX_SHA),), asset_data=((TEX_SHA, TEX),))
+    moved = render_slices.hoist(job.encode(), 3)
+    assert moved is not None
+    payload, blobs = moved
+    assert blobs == [(SHA, SCENE), (TEX_SHA, TEX)]
+    light = RenderRequest.decode(payload)
+    assert light.scene is None and light.scene_url == render.blob_url(SHA)
+    assert light.asset_data == () and light.assets == job.assets
+    assert light.blob_refs() == [("scene", SHA), ("asset tex.png", TEX_SHA)]
+    store = {render.blob_url(sha): data for sha, data in blobs}
+    resolved = [resolve_blobs(p, store.__getitem__) for p in split(payload, 3)]
+    assert resolved == split(job.encode(), 3)
+    assert len(payload) < len(job.encode()) - len(SCENE)
+
+
+def test_hoist_leaves_what_needs_no_move() -> None:
+    """One slice, or nothing inline: None (the job is split as it came). A slice count the
+    split would refuse is refused the same way."""
+    assert render_slices.hoist(_request().encode(), 1) is None
+    assert render_slices.hoist(_request(frames=(1, 1)).encode(), 1) is None
+    one_frame = _request(frames=(1, 1)).encode()
+    with pytest.raises(RemoteProtocolError, match="slices must be in 1..1"):
+        render_slices.hoist(one_frame, 4)
+    with pytest.raises(RemoteProtocolError, match="slices must be in 1..1"):
+        split(one_frame, 4)
+    by_url = _request(scene_url=render.blob_url(SHA)).encode()
+    assert render_slices.hoist(by_url, 3) is None
+    tiled = _request(frames=(1, 1), tiles=2).encode()
+    moved = render_slices.hoist(tiled, 2)
+    assert moved is not None and moved[1] == [(SHA, SCENE)]

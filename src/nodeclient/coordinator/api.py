@@ -12,6 +12,7 @@ import hashlib
 import os
 import re
 import tempfile
+from pathlib import Path
 from typing import Any
 
 import pybase64
@@ -55,6 +56,33 @@ class UnstakeRequest(BaseModel):
 
     message: dict[str, Any]
     signature: str
+
+
+def store_blob(blob_dir: Path, sha256: str, data: bytes) -> None:
+    """Put *data*, whose SHA-256 the caller checked, in the blob store as ``sha256``: written
+    to a temporary file, fsynced, renamed, and the directory fsynced, so a job committed
+    after this never references a blob a crash could lose. A blob already held stays."""
+    if not _SHA256_RE.match(sha256):
+        raise ValueError(f"not a SHA-256: {sha256!r}")
+    final = blob_dir / sha256
+    if final.is_file() and final.stat().st_size == len(data):
+        return
+    blob_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=blob_dir, prefix=".hoist-")
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, final)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    dir_fd = os.open(blob_dir, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
 
 
 def build_router(coord: Coordinator) -> APIRouter:  # noqa: PLR0915 (one route each)
@@ -149,10 +177,16 @@ def build_router(coord: Coordinator) -> APIRouter:  # noqa: PLR0915 (one route e
     def prepare(
         wclass: classes.WorkloadClass, payload: bytes, slices: int
     ) -> tuple[dict[str, Any], list[bytes]]:
-        """Validate, check the blobs and split: CPU-bound (a media.render split hashes and
-        copies an inline scene of up to max_payload_bytes), so it runs off the event loop."""
+        """Validate, move inline inputs to the blob store, check the blobs and split:
+        CPU-bound and disk-bound (a media.render job hashes and stores an inline scene of up
+        to max_payload_bytes), so it runs off the event loop."""
         max_bytes = coord.config.max_payload_bytes
         meta = dict(wclass.validate(payload, max_bytes))
+        moved = None if wclass.hoist is None else wclass.hoist(payload, slices)
+        if moved is not None:
+            payload, blobs = moved
+            for sha256, data in blobs:
+                store_blob(coord.config.blob_dir, sha256, data)
         wclass.require_blobs(payload, max_bytes, held=blob_held)
         return meta, wclass.split(payload, slices)
 

@@ -6,8 +6,10 @@ class plugs in by adding an entry whose ``split`` returns one payload per slice 
 ``assemble`` joins the slice results in slice order; its ``check_slice`` holds a result
 to the one task it answers (:meth:`WorkloadClass.check`). ``blobs`` lists what a payload
 references in the coordinator's blob store, so that a job whose inputs a node could not
-fetch is refused when it is submitted (:meth:`WorkloadClass.require_blobs`). Nothing else
-in the coordinator knows about payload formats.
+fetch is refused when it is submitted (:meth:`WorkloadClass.require_blobs`), and ``hoist``
+moves large inline inputs of a job split many ways into the blob store, so that they are
+stored once rather than once per slice. Nothing else in the coordinator knows about
+payload formats.
 """
 
 from __future__ import annotations
@@ -37,6 +39,9 @@ Assemble = Callable[[Sequence[bytes], Mapping[str, Any]], bytes]
 # blobs(validated payload, max_bytes) -> (what, sha256) of each input a node fetches from
 # this coordinator's blob store (/v1/blobs/<sha256>)
 Blobs = Callable[[bytes, int], Sequence[tuple[str, str]]]
+# hoist(validated payload, slices) -> the payload with its inline inputs by blob reference,
+# and the (sha256, bytes) the blob store must hold for it; None when nothing moves
+Hoist = Callable[[bytes, int], tuple[bytes, list[tuple[str, bytes]]] | None]
 
 MAX_LISTED_BLOBS = 8  # a refusal names this many missing blobs, then counts the rest
 
@@ -51,6 +56,7 @@ class WorkloadClass:
     assemble: Assemble
     blobs: Blobs
     check_slice: CheckSlice | None = None  # None: every task's result is checked as the job's
+    hoist: Hoist | None = None  # None: a split copies the payload's inline inputs per slice
 
     def check(
         self, result: bytes, meta: Mapping[str, Any], max_bytes: int, *, task: Callable[[], bytes]
@@ -155,6 +161,7 @@ REGISTRY[render.CLASS] = WorkloadClass(
     assemble=render_slices.assemble,
     blobs=_blamed("media.render payload", render.blob_refs),
     check_slice=_blamed("media.render result", render_slices.check_slice),
+    hoist=_blamed("media.render payload", render_slices.hoist),
 )
 
 # ai.training: one shard per slice, R rounds; finished rounds are aggregated by

@@ -49,9 +49,10 @@ paths and other schemes are refused, because a node must never read its own file
 requester's behalf. Every string is valid Unicode: one with a lone surrogate (JSON allows
 ``"\\ud800"``) has no UTF-8 encoding, so no slice payload could carry it, and is refused.
 
-A job splits into at most 4096 slices, and every slice carries the job's inline scene and
-assets (a node needs them, and has no other way to get them), so the slices together may
-hold at most 1 GiB: a large scene split many ways is sent by ``scene_url`` instead.
+A job splits into at most 4096 slices. A slice carries whatever inline scene and assets it
+is split from, so the slices together may hold at most 1 GiB; the coordinator therefore
+moves a split job's inline scene and assets to its blob store before it splits
+(``render_slices.hoist``), and each slice references them by ``/v1/blobs/<sha256>``.
 
 Results, splitting and assembly are in :mod:`nodeclient.workloads.render_slices`.
 """

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Final
 
 import numpy as np
@@ -47,6 +47,7 @@ from nodeclient.workloads.render import (
     META_WIDTH,
     SHA256_RE,
     RenderRequest,
+    blob_url,
     frame_name,
     parse_int,
     required_int,
@@ -114,6 +115,8 @@ def split(payload: bytes, slices: int) -> list[bytes]:
     Each slice payload is self-contained: it carries the job's inline scene and assets,
     so a split costs about its slice count times the job payload's size. That product is
     bounded by MAX_SPLIT_BYTES, and the count by MAX_SLICES, before any slice is built.
+    The coordinator first moves an inline scene and assets to its blob store (:func:`hoist`),
+    so what it splits is small.
     """
     request = RenderRequest.decode(payload)
     if request.rows is not None:
@@ -140,6 +143,37 @@ def split(payload: bytes, slices: int) -> list[bytes]:
         frames_per_slice=request.frames_per_slice,
     )
     return [request.narrowed(start, end).encode() for start, end in ranges]
+
+
+def hoist(payload: bytes, slices: int) -> tuple[bytes, list[tuple[str, bytes]]] | None:
+    """A job that splits into several slices with its scene or assets inline: the same job
+    with them by reference instead (``scene_url`` ``/v1/blobs/<scene_sha256>``, assets by
+    their manifest), and the ``(sha256, bytes)`` the blob store must then hold.
+
+    The coordinator calls it before :func:`split`, so each slice carries a few hundred
+    bytes instead of a copy of the scene, and nodes fetch the scene from the blob store as
+    for a job sent by URL. None when nothing would move: a job of one slice, or nothing
+    inline. Call it on a payload that validated, which checked the inline bytes' hashes.
+    """
+    request = RenderRequest.decode(payload)
+    if request.scene is None and not request.asset_data:
+        return None
+    if request.tiles is not None:
+        count = request.tiles if slices in (1, request.tiles) else 0  # split refuses it
+    else:
+        count = slice_count(
+            request.frame_start,
+            request.frame_end,
+            slices=slices,
+            frames_per_slice=request.frames_per_slice,
+        )
+    if count <= 1:
+        return None
+    blobs = list(request.asset_data)
+    if request.scene is not None:
+        blobs.insert(0, (request.scene_sha256, request.scene))
+        request = replace(request, scene=None, scene_url=blob_url(request.scene_sha256))
+    return replace(request, asset_data=()).encode(), blobs
 
 
 def _check_split(count: int, payload_bytes: int) -> None:
