@@ -209,3 +209,45 @@ def test_the_daemon_fills_the_cache_within_the_workers_bound(tmp_path: Path) -> 
     worker_side = OnnxRuntime(cache_dir=tmp_path / "models")
     assert worker_side.cache is not None
     assert inputs._model_cache(tmp_path).max_bytes == worker_side.cache.max_bytes
+
+
+def test_render_blobs_are_fetched_once_per_node(tmp_path: Path) -> None:
+    """The slices of one job name the same scene and assets in the blob store: the daemon
+    fetches each once and answers later slices from its own cache, which re-hashes what it
+    reads (a file changed on disk is fetched again) and never keeps bytes of the wrong hash."""
+    from nodeclient.node.inputs import blob_cache
+    from nodeclient.workloads import render
+
+    scene, tex = b"a packed scene" * 100, b"a texture"
+    sha, tex_sha = hashlib.sha256(scene).hexdigest(), hashlib.sha256(tex).hexdigest()
+    store = {render.blob_url(sha): scene, render.blob_url(tex_sha): tex}
+    fetched: list[str] = []
+
+    def fetch(url: str) -> bytes:
+        fetched.append(url)
+        return store[url]
+
+    def slice_payload(frame: int) -> bytes:
+        return render.make_request(
+            scene, frames=(frame, frame), width=2, height=2, samples=1,
+            scene_url=render.blob_url(sha), assets=(("t.png", tex_sha),),
+        ).encode()  # fmt: skip
+
+    cache = blob_cache(tmp_path / "blobs")
+    args = {"fetch": fetch, "cache_dir": EMPTY, "sandbox_owner": False, "blobs": cache}
+    first = resolve(render.CLASS, slice_payload(1), **args)
+    second = resolve(render.CLASS, slice_payload(2), **args)
+    assert sorted(fetched) == sorted(store)  # each once
+    assert render.RenderRequest.decode(first).scene == scene
+    assert second == render.resolve_blobs(slice_payload(2), store.__getitem__)
+    assert (tmp_path / "blobs" / sha).stat().st_mode & 0o777 == 0o600
+
+    (tmp_path / "blobs" / sha).write_bytes(b"changed on disk")
+    resolve(render.CLASS, slice_payload(3), **args)
+    assert fetched.count(render.blob_url(sha)) == 2
+
+    store[render.blob_url(sha)] = b"not the scene"  # a coordinator serving the wrong bytes
+    (tmp_path / "blobs" / sha).unlink()
+    with pytest.raises(RemoteProtocolError, match="scene at /v1/blobs/.* has sha256"):
+        resolve(render.CLASS, slice_payload(4), **args)
+    assert not (tmp_path / "blobs" / sha).exists()

@@ -161,6 +161,7 @@ class NodeDaemon:
         self._rand = random.SystemRandom()
         self._fatal: RegistrationRefused | None = None
         self._fetch = inputs.http_fetcher(self.url)
+        self._blobs = inputs.blob_cache(home / "blobs")  # render scenes, fetched once
         self._pending_sends: set[asyncio.Future[None]] = set()
 
     # --- lifecycle -------------------------------------------------------------------------
@@ -590,6 +591,7 @@ class NodeDaemon:
                 fetch=self._fetch,
                 cache_dir=self.executor.config.cache_dir,
                 sandbox_owner=self.executor.mode == sandbox.MODE_BWRAP and os.geteuid() == 0,
+                blobs=self._blobs,
             )
         except RemoteProtocolError as exc:
             raise TaskFailed(f"bad input: {exc}", requester_fault=True) from exc

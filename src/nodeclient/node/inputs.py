@@ -10,6 +10,7 @@ coordinator's blob store (``/v1/blobs/<sha256>``).
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
@@ -24,6 +25,8 @@ if TYPE_CHECKING:  # imported lazily: the daemon needs it only for models by URL
     from nodeclient.node.runtimes.onnx import ModelCache
 
 MAX_FETCH_BYTES: Final = 256 * 1024 * 1024
+DEFAULT_BLOB_CACHE_BYTES: Final = 2 * 1024 * 1024 * 1024
+_BLOB_URL_RE: Final = re.compile(r"/v1/blobs/([0-9a-f]{64})")
 _MAX_ERROR_CHARS: Final = 200
 # What building and sending a request can raise for a URL the prefix check let through:
 # httpx.InvalidURL (e.g. ``http://[::1/x``) is no HTTPError, and a host name the IDNA codec
@@ -106,11 +109,14 @@ def resolve(
     fetch: Fetch,
     cache_dir: Path,
     sandbox_owner: bool,
+    blobs: ModelCache | None = None,
 ) -> bytes:
     """The payload a worker can run offline; raises RemoteProtocolError on a bad reference.
 
     *cache_dir* is the executor's cache directory (bound into the sandbox); with
     *sandbox_owner* the cached file is handed to the sandbox uid so the worker can read it.
+    *blobs* (see :func:`blob_cache`) keeps what a render fetches from the coordinator's
+    blob store, so the slices of one job fetch their scene once per node.
     """
     try:
         if workload_class == "ai.inference":
@@ -118,10 +124,41 @@ def resolve(
         if workload_class == "media.render":
             from nodeclient.workloads import render
 
-            return render.resolve_blobs(payload, fetch)
+            return render.resolve_blobs(payload, _cached(fetch, blobs))
     except (httpx.HTTPError, httpx.InvalidURL) as exc:  # a fetcher that did not translate
         raise RemoteProtocolError(f"input could not be fetched: {_short(exc)}") from exc
     return payload
+
+
+def blob_cache(directory: Path, *, max_bytes: int = DEFAULT_BLOB_CACHE_BYTES) -> ModelCache:
+    """The daemon's own cache of blobs (``/v1/blobs/<sha256>``) that it inlines into render
+    payloads: in the node home, which no sandbox sees, so one requester's scene is never
+    readable by another's task. Least recently used first out past *max_bytes*."""
+    from nodeclient.node.runtimes.onnx import ModelCache
+
+    return ModelCache(directory, max_bytes=max_bytes)
+
+
+def _cached(fetch: Fetch, cache: ModelCache | None) -> Fetch:
+    """*fetch*, answering ``/v1/blobs/<sha256>`` from *cache* when it holds the blob (every
+    read re-hashes the file) and storing what it fetches there when the bytes are the blob
+    the URL names. Other URLs, and any cache error, go to *fetch*."""
+    if cache is None:
+        return fetch
+
+    def get(url: str) -> bytes:
+        found = _BLOB_URL_RE.fullmatch(url)
+        if found is None:
+            return fetch(url)
+        sha256 = found.group(1)
+        data = cache.get(sha256)
+        if data is None:
+            data = fetch(url)
+            if hashlib.sha256(data).hexdigest() == sha256:  # else the caller refuses it
+                cache.put(sha256, data)
+        return data
+
+    return get
 
 
 def _model_cache(cache_dir: Path) -> ModelCache:

@@ -105,7 +105,8 @@ class UnsafeCacheError(OSError):
 
 
 class ModelCache:
-    """Content-addressed ONNX models on disk: one file per model, named by its SHA-256 hex.
+    """Content-addressed files on disk (ONNX models; the daemon's render blobs, see
+    ``inputs.blob_cache``): one file per model, named by its SHA-256 hex.
 
     Files are written atomically (temporary file, fsync, rename) with mode 0600, checked
     against their name's hash on every read (a corrupt file is deleted and reported as a
