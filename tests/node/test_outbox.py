@@ -204,7 +204,8 @@ def test_missing_result_file_is_reported_not_sent(tmp_path) -> None:
 def test_a_lost_entry_keeps_its_file_name_and_the_sweep_keeps_the_file(tmp_path) -> None:
     """Closed as lost (gone, or the wrong size), a row still names its file: a short file
     stays for inspection and a file that turns up again is not swept as an orphan; get,
-    history, counts and prune treat the row as closed and holding nothing."""
+    history, counts and prune treat the row as closed and holding nothing, and prune
+    removes the file once the entry is older than the retention period."""
     box = Outbox(tmp_path / "o.db")
     gone, short, acked = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
     for t, seed in ((gone, 1), (short, 2), (acked, 3)):
@@ -229,9 +230,16 @@ def test_a_lost_entry_keeps_its_file_name_and_the_sweep_keeps_the_file(tmp_path)
     assert box.held_bytes() == len(big(0))  # only the acknowledged result
     history = {e.task_id: e.ack_status for e in box.history()}
     assert history == {gone: "lost", short: "lost", acked: "accepted"}
-    assert box.prune(acked_before=1e12, keep_bytes=0) == 1  # the acknowledged one only
+    assert box.prune(acked_before=10.0, keep_bytes=0) == 1  # the acknowledged one only
     assert files_of(box) == sorted(f"{t}.result" for t in (gone, short))
     assert box.held_bytes() == 0
+    # Past the retention period the lost entries' files go too; the rows stay, closed.
+    assert box.prune(acked_before=1e12, keep_bytes=0) == 2
+    assert files_of(box) == []
+    box.close()
+    box = Outbox(tmp_path / "o.db")
+    assert {e.task_id: e.ack_status for e in box.history()} == history
+    assert box.get(gone).ack_status == "lost" and box.prune(acked_before=1e12, keep_bytes=0) == 0
 
 
 @pytest.mark.parametrize("code", [errno.EMFILE, errno.EIO, errno.ENOMEM, errno.EACCES])

@@ -31,7 +31,8 @@ exclusive lock on ``<database>.lock`` while open.
 
 A result file that cannot be read: only a file that is gone or the wrong size closes its
 entry as ``lost`` (``pending``), and the row keeps the file's name, so the orphan sweep
-never removes a file that a row names. Any other error (EMFILE, EIO, ENOMEM, EACCES...)
+never removes a file that a row names; ``prune`` removes it once the entry was closed
+longer ago than the retention period. Any other error (EMFILE, EIO, ENOMEM, EACCES...)
 says nothing about the file: the entry stays pending and is sent after a later reconnect.
 
 Retention: the result bytes of an acknowledged task are needed only if the coordinator
@@ -117,6 +118,9 @@ _INDEXES: Final = (
     # (a row enters it when acknowledged, so a result's commit writes one index fewer)
     "CREATE INDEX IF NOT EXISTS outbox_prune ON outbox "
     "(acked_at, result_size, result_file, task_id) WHERE held = 1 AND acked_at IS NOT NULL",
+    # prune: the files of lost entries, kept for inspection for the retention period
+    "CREATE INDEX IF NOT EXISTS outbox_lost ON outbox (acked_at, result_file, task_id) "
+    "WHERE ack_status = 'lost' AND result_file IS NOT NULL",
 )
 
 
@@ -444,7 +448,8 @@ class Outbox:
         """Drop the result bytes of acknowledged tasks that are not needed any more.
 
         Dropped: every result acknowledged before *acked_before*, then the oldest
-        acknowledged ones until the rest hold at most *keep_bytes*. Unacknowledged results
+        acknowledged ones until the rest hold at most *keep_bytes*; and the files that
+        entries closed as lost before *acked_before* still name. Unacknowledged results
         are never touched. Rows stay (history); their ``held`` turns 0. Runs in batches of
         a few hundred rows, each its own transaction. Returns how many were dropped.
         """
@@ -464,7 +469,7 @@ class Outbox:
                     drop.append((task_id, size, name))
                     excess -= size
                 if not drop:
-                    return dropped
+                    break
                 self._drop(drop)
             for _, _, name in drop:  # after the commit: a crash before it keeps every file
                 if name is not None:
@@ -473,6 +478,32 @@ class Outbox:
             dropped += len(drop)
             # A released lock is not handed to a waiter: without a pause this loop takes it
             # straight back and the event loop waits for the whole prune, not one batch.
+            time.sleep(_PRUNE_PAUSE)
+        return dropped + self._prune_lost(acked_before)
+
+    def _prune_lost(self, acked_before: float) -> int:
+        """Remove the files of entries closed as lost before *acked_before* (kept until then
+        for the operator to inspect); the rows stay, naming no file. Returns how many."""
+        removed = 0
+        while True:
+            with self._lock:
+                batch = self._db.execute(
+                    "SELECT task_id, result_file FROM outbox INDEXED BY outbox_lost "
+                    "WHERE ack_status = 'lost' AND result_file IS NOT NULL AND acked_at < ? "
+                    "ORDER BY acked_at LIMIT ?",
+                    (acked_before, _PRUNE_BATCH),
+                ).fetchall()
+                if not batch:
+                    return removed
+                with self._transaction():
+                    self._db.executemany(
+                        "UPDATE outbox SET result_file = NULL WHERE task_id = ?",
+                        [(task_id,) for task_id, _ in batch],
+                    )
+            for _, name in batch:  # after the commit, as in prune
+                with contextlib.suppress(FileNotFoundError):
+                    (self.files / name).unlink()
+            removed += len(batch)
             time.sleep(_PRUNE_PAUSE)
 
     def _drop(self, drop: list[tuple[str, int, str | None]]) -> None:
