@@ -168,7 +168,64 @@ def test_a_lease_withdrawn_while_its_payload_was_sealed_is_not_dispatched(db: Da
 
     coord = SimpleNamespace(
         db=db, nodes={address: SimpleNamespace(public_key=public_key)}, send_to=send_to,
-        now=lambda: NOW, wake=lambda: None,
+        now=lambda: NOW, wake=lambda: None, withdrawn={},
     )  # fmt: skip
     asyncio.run(Scheduler.dispatch_all(SimpleNamespace(coord=coord), placed))  # type: ignore[arg-type]
     assert [f["task_id"] for f in sent] == [standing]
+
+
+def test_a_cancel_on_its_way_is_not_overtaken_by_its_dispatch(db: Database) -> None:
+    """A lease may end just after dispatch_all read which leases stand, with its cancel
+    on its way before the dispatch's send starts: that dispatch is not sent at all (it
+    would reach the node after the cancel and run a withdrawn task); the others are, and a
+    new lease of the same task on that node is dispatched again."""
+    import asyncio
+    import collections
+    from types import SimpleNamespace
+
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    from nodeclient.coordinator.scheduler import Scheduler
+    from nodeclient.coordinator.service import Coordinator
+    from nodeclient.protocol.secp import Secp256k1Key
+
+    address = Secp256k1Key.generate().address
+    public_key = rsa.generate_private_key(public_exponent=65537, key_size=3072).public_key()
+    _, (ending,) = db.run_sync(lambda s: add_job(s, tasks=1))
+    _, (standing,) = db.run_sync(lambda s: add_job(s, tasks=1, queued_at=NOW + 1))
+    placed = db.run_sync(lambda s: assign_tx(s, [node(address)], now=NOW, lease_seconds=300))
+    placed += db.run_sync(lambda s: assign_tx(s, [node(address)], now=NOW, lease_seconds=300))
+    assert sorted(a.task_id for a in placed) == sorted([ending, standing])
+    sent: list[tuple[str, str]] = []
+    background: list[asyncio.Future[object]] = []
+
+    async def send_to(node_id: str, frame: dict) -> bool:
+        sent.append((frame["type"], frame["task_id"]))
+        return True
+
+    class RacingDb:
+        """The lease read is the last db call before the sends: the cancel of *ending*
+        goes out as it returns, as when its job failed on another thread meanwhile."""
+
+        async def run(self, fn: object) -> object:
+            result = await db.run(fn)  # type: ignore[arg-type]
+            if getattr(fn, "func", None) is not None:  # functools.partial(_live_leases, ...)
+                Coordinator.send_cancel(coord, address, ending, "job failed")  # type: ignore[arg-type]
+            return result
+
+    coord = SimpleNamespace(
+        db=RacingDb(), nodes={address: SimpleNamespace(public_key=public_key)},
+        send_to=send_to, now=lambda: NOW, wake=lambda: None,
+        withdrawn=collections.OrderedDict(),
+        spawn=lambda coro, what: background.append(asyncio.ensure_future(coro)),
+    )  # fmt: skip
+    scheduler = SimpleNamespace(coord=coord)
+
+    async def main() -> None:
+        await Scheduler.dispatch_all(scheduler, placed)  # type: ignore[arg-type]
+        await asyncio.gather(*background)
+
+    asyncio.run(main())
+    assert sorted(sent) == sorted([("cancel", ending), ("dispatch", standing)])
+    Coordinator.granted(coord, [(address, ending)])  # type: ignore[arg-type]
+    assert (address, ending) not in coord.withdrawn  # a new lease is dispatched again

@@ -57,7 +57,6 @@ from sqlalchemy.orm import Session
 
 from nodeclient.coordinator import models as m
 from nodeclient.errors import ProtocolError, RemoteProtocolError
-from nodeclient.protocol import messages
 from nodeclient.workloads import training as tr
 from nodeclient.workloads.tensors import decode_tensors, encode_tensors
 
@@ -453,7 +452,6 @@ async def enforce_deadlines(coord: Coordinator, now: float) -> None:
 def report_closes(coord: Coordinator, closes: Sequence[RoundClose]) -> None:
     """After :func:`deadline_tx`: tell nodes to drop their slices, wake the scheduler."""
     for node_id, task_id in (lease for close in closes for lease in close.cancel):
-        frame = messages.Cancel(uuid.UUID(task_id), "round deadline passed").to_wire()
-        coord.spawn(coord.send_to(node_id, frame), "cancel")  # a slow node holds up no round
+        coord.send_cancel(node_id, task_id, "round deadline passed")  # in the background
     if closes:  # a next round may be queued
         coord.wake()

@@ -660,6 +660,7 @@ class Scheduler:
             lambda s: assign_tx(s, roster, now=now, lease_seconds=cfg.lease_seconds)
         )
         if assigned:  # sealed and sent in the background: a slow node holds up no round
+            coord.granted((a.node_id, a.task_id) for a in assigned)
             coord.spawn(self.dispatch_all(assigned), "dispatch")
 
     async def check_offline(self, now: float) -> None:
@@ -698,8 +699,7 @@ class Scheduler:
                 extra={"task_id": item.task_id, "node_id": item.node_id},
             )
             if item.node_id is not None:
-                cancel = messages.Cancel(uuid.UUID(item.task_id), "lease ended").to_wire()
-                self.coord.spawn(self.coord.send_to(item.node_id, cancel), "cancel")
+                self.coord.send_cancel(item.node_id, item.task_id, "lease ended")
             cancel_leases(self.coord, item.cancel, "job failed")
         if lost:
             self.coord.wake()
@@ -713,9 +713,17 @@ class Scheduler:
         jobs = [(a, coord.nodes[a.node_id].public_key) for a in assigned]
         sealed = await asyncio.to_thread(_seal_all, jobs)
         # While sealing ran, a lease may have ended (its job failed, say) and its cancel gone
-        # out: a dispatch sent after it would run a withdrawn task. Send only live leases.
+        # out: a dispatch sent after it would run a withdrawn task. Send only live leases,
+        # and start their sends before this step ends, so a later cancel follows them.
         live = await coord.db.run(functools.partial(_live_leases, assigned=assigned))
-        keep = [i for i, a in enumerate(assigned) if (a.task_id, a.node_id, a.attempt) in live]
+        # A lease that ended after that read, with its cancel already on its way (its send
+        # started before the ones below would), is not sent either: it would overtake it.
+        keep = [
+            i
+            for i, a in enumerate(assigned)
+            if (a.task_id, a.node_id, a.attempt) in live
+            and (a.node_id, a.task_id) not in coord.withdrawn
+        ]
         assigned, sealed = [assigned[i] for i in keep], [sealed[i] for i in keep]
         frames = [
             messages.Dispatch(
@@ -785,5 +793,4 @@ def cancel_leases(coord: Coordinator, leases: Iterable[tuple[str, str]], reason:
     Sent in the background, so that a node that does not read holds up nobody else.
     """
     for node_id, task_id in leases:
-        frame = messages.Cancel(uuid.UUID(task_id), reason).to_wire()
-        coord.spawn(coord.send_to(node_id, frame), "cancel")
+        coord.send_cancel(node_id, task_id, reason)

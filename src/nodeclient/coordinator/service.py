@@ -10,19 +10,23 @@ start and updated after each committed registration or unstake.
 from __future__ import annotations
 
 import asyncio
+import collections
 import functools
 import logging
-from collections.abc import Coroutine, Mapping
+import uuid
+from collections.abc import Coroutine, Iterable, Mapping
 from dataclasses import replace
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 from nodeclient.clock import Clock
 from nodeclient.coordinator.config import CoordinatorConfig
 from nodeclient.coordinator.metrics import CoordinatorMetrics
 from nodeclient.coordinator.store import Database, NodeInfo, coordinator_id, load_nodes
 from nodeclient.coordinator.store import write_heartbeats as _write_heartbeats
+from nodeclient.protocol import messages
 
 log = logging.getLogger("nodeclient.coordinator")
+MAX_WITHDRAWN: Final = 65536  # cancels remembered; a dispatch is sent within seconds of its lease
 
 
 class LinkPort(Protocol):
@@ -160,6 +164,8 @@ class Coordinator:
         self.metrics = CoordinatorMetrics()  # GET /metrics (2.3.8); per app, never global
         self._wake: asyncio.Event | None = None
         self._background: set[asyncio.Task[Any]] = set()
+        # (node_id, task_id) of leases a cancel went out for, newest last (see send_cancel)
+        self.withdrawn: collections.OrderedDict[tuple[str, str], None] = collections.OrderedDict()
 
     def now(self) -> float:
         return self.clock.now()
@@ -210,6 +216,24 @@ class Coordinator:
     async def send_to(self, node_id: str, frame: Mapping[str, Any]) -> bool:
         link = self.links.get(node_id)
         return False if link is None else await link.send(frame)
+
+    def send_cancel(self, node_id: str, task_id: str, reason: str) -> None:
+        """Tell *node_id* to drop *task_id*, in the background (a node that does not read
+        holds up nobody), and remember it, so a dispatch of that lease not yet sent is not
+        sent after all (Scheduler.dispatch_all): frames to a node go out in the order their
+        sends start, and a dispatch whose send started first reaches the node first."""
+        self.withdrawn[(node_id, task_id)] = None
+        self.withdrawn.move_to_end((node_id, task_id))
+        while len(self.withdrawn) > MAX_WITHDRAWN:
+            self.withdrawn.popitem(last=False)
+        frame = messages.Cancel(uuid.UUID(task_id), reason).to_wire()
+        self.spawn(self.send_to(node_id, frame), "cancel")
+
+    def granted(self, leases: Iterable[tuple[str, str]]) -> None:
+        """New leases of (node_id, task_id): a cancel remembered for an earlier lease of the
+        same task on the same node says nothing about these."""
+        for lease in leases:
+            self.withdrawn.pop(lease, None)
 
     def spawn(self, coro: Coroutine[Any, Any, Any], what: str) -> None:
         """Run *coro* in the background (sends to nodes: a slow node must not hold up the
