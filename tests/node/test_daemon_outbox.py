@@ -9,6 +9,7 @@ import time
 import uuid
 from pathlib import Path
 
+import httpx
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 from eth_account import Account
@@ -202,6 +203,35 @@ def test_only_a_definite_no_to_registration_is_final(
     if final:
         assert caught.value.exit_code == 78  # type: ignore[union-attr]
         assert caught.value.exit_code in service.NO_RESTART_STATUSES  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        httpx.Response(404),  # empty: a proxy with no route yet, mid-deploy
+        httpx.Response(403, json={}),
+        httpx.Response(401, json={"detail": "Not authenticated"}),  # an auth proxy's JSON
+        httpx.Response(400, json={"error": ""}),
+    ],
+)
+def test_a_4xx_without_the_coordinators_refusal_is_retried(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, answer: httpx.Response
+) -> None:
+    """Only the coordinator's own refusal, a 4xx carrying {"error": "..."}, ends the daemon
+    for good; any other 4xx is retried with backoff, its status in the message."""
+    from nodeclient.node.daemon import RegistrationRefused
+
+    real_client = httpx.AsyncClient
+    transport = httpx.MockTransport(lambda _request: answer)
+    monkeypatch.setattr(httpx, "AsyncClient", lambda **kw: real_client(transport=transport, **kw))
+    daemon, _, _ = make_daemon(tmp_path)
+    try:
+        with pytest.raises(httpx.HTTPError) as caught:
+            asyncio.run(daemon.register())
+    finally:
+        daemon.outbox.close()
+    assert not isinstance(caught.value, RegistrationRefused)
+    assert f"registration failed ({answer.status_code})" in str(caught.value)
 
 
 def test_a_dispatch_whose_outbox_lookup_fails_is_neither_run_nor_refused(

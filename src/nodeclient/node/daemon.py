@@ -280,9 +280,14 @@ class NodeDaemon:
                 },
             )
             return body
-        reason = body.get("error") or resp.text[:300]
-        # 408 and 429 (a proxy's timeout or rate limit) pass; other 4xx are the manifest's.
-        if 400 <= resp.status_code < 500 and resp.status_code not in (408, 429):
+        error = body.get("error")
+        reason = error if isinstance(error, str) and error else resp.text[:300] or "no reason"
+        # Final (exit 78, no restart) only for the coordinator's own refusal: a 4xx with its
+        # {"error": ...}. 408 and 429 (a proxy's timeout or rate limit) pass, and so does a
+        # 4xx without the coordinator's error (an empty 404 or 403 from a proxy in front of
+        # it, mid-deploy): retried with backoff, and shown in status meanwhile.
+        refusal = isinstance(error, str) and bool(error)
+        if 400 <= resp.status_code < 500 and resp.status_code not in (408, 429) and refusal:
             raise RegistrationRefused(f"registration refused ({resp.status_code}): {reason}")
         raise httpx.HTTPError(f"registration failed ({resp.status_code}): {reason}")
 
