@@ -10,7 +10,6 @@ import asyncio
 import binascii
 import hashlib
 import os
-import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -25,9 +24,8 @@ from nodeclient.coordinator import classes, metrics, registry, store
 from nodeclient.coordinator import models as m
 from nodeclient.coordinator.service import Coordinator
 from nodeclient.errors import ProtocolError, RemoteProtocolError, SignatureError
+from nodeclient.protocol.blobs import SHA256_HEX
 from nodeclient.protocol.secp import parse_address, to_checksum_address
-
-_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 
 
 def error(status: int, message: str) -> JSONResponse:
@@ -62,7 +60,7 @@ def store_blob(blob_dir: Path, sha256: str, data: bytes) -> None:
     """Put *data*, whose SHA-256 the caller checked, in the blob store as ``sha256``: written
     to a temporary file, fsynced, renamed, and the directory fsynced, so a job committed
     after this never references a blob a crash could lose. A blob already held stays."""
-    if not _SHA256_RE.match(sha256):
+    if not SHA256_HEX.fullmatch(sha256):
         raise ValueError(f"not a SHA-256: {sha256!r}")
     final = blob_dir / sha256
     if final.is_file() and final.stat().st_size == len(data):
@@ -162,7 +160,7 @@ def build_router(coord: Coordinator) -> APIRouter:  # noqa: PLR0915 (one route e
 
     @router.get("/v1/blobs/{sha256}", response_model=None)
     async def get_blob(sha256: str) -> FileResponse | JSONResponse:
-        if not _SHA256_RE.match(sha256):
+        if not SHA256_HEX.fullmatch(sha256):
             return error(400, "blob id must be 64 lowercase hex digits (its SHA-256)")
         path = coord.config.blob_dir / sha256
         if not path.is_file():
@@ -172,7 +170,7 @@ def build_router(coord: Coordinator) -> APIRouter:  # noqa: PLR0915 (one route e
     def blob_held(sha256: str) -> bool:
         """Whether the blob store holds *sha256* (a job may reference only what it holds)."""
         path = coord.config.blob_dir / sha256
-        return _SHA256_RE.fullmatch(sha256) is not None and path.is_file()
+        return SHA256_HEX.fullmatch(sha256) is not None and path.is_file()
 
     def prepare(
         wclass: classes.WorkloadClass, payload: bytes, slices: int

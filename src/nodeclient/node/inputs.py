@@ -10,7 +10,6 @@ coordinator's blob store (``/v1/blobs/<sha256>``).
 from __future__ import annotations
 
 import hashlib
-import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
@@ -19,6 +18,7 @@ import httpx
 
 from nodeclient.errors import ProtocolError, RemoteProtocolError
 from nodeclient.node import sandbox
+from nodeclient.protocol.blobs import BLOB_URL
 from nodeclient.workloads.tensors import read_metadata
 
 if TYPE_CHECKING:  # imported lazily: the daemon needs it only for models by URL
@@ -26,7 +26,6 @@ if TYPE_CHECKING:  # imported lazily: the daemon needs it only for models by URL
 
 MAX_FETCH_BYTES: Final = 256 * 1024 * 1024
 DEFAULT_BLOB_CACHE_BYTES: Final = 2 * 1024 * 1024 * 1024
-_BLOB_URL_RE: Final = re.compile(r"/v1/blobs/([0-9a-f]{64})")
 _MAX_ERROR_CHARS: Final = 200
 # What building and sending a request can raise for a URL the prefix check let through:
 # httpx.InvalidURL (e.g. ``http://[::1/x``) is no HTTPError, and a host name the IDNA codec
@@ -147,7 +146,7 @@ def _cached(fetch: Fetch, cache: ModelCache | None) -> Fetch:
         return fetch
 
     def get(url: str) -> bytes:
-        found = _BLOB_URL_RE.fullmatch(url)
+        found = BLOB_URL.fullmatch(url)
         if found is None:
             return fetch(url)
         sha256 = found.group(1)

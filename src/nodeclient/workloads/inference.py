@@ -38,6 +38,7 @@ import numpy as np
 import numpy.typing as npt
 
 from nodeclient.errors import LocalProtocolError, ProtocolError, RemoteProtocolError
+from nodeclient.protocol.blobs import BLOB_URL, SHA256_HEX
 from nodeclient.workloads.tensors import (
     DEFAULT_MAX_BYTES,
     check_name,
@@ -58,14 +59,12 @@ MAX_OUTPUT_NAMES: Final = 1024
 
 _REQUEST_KEYS: Final = frozenset({META_CLASS, META_MODEL_SHA256, META_MODEL_URL, META_OUTPUTS})
 _RESULT_KEYS: Final = frozenset({META_CLASS, META_MODEL_SHA256})
-_SHA256_RE: Final = re.compile(r"[0-9a-f]{64}")
-_BLOB_URL_RE: Final = re.compile(r"/v1/blobs/([0-9a-f]{64})")  # the coordinator's blob store
 _URL_BAD_CHAR_RE: Final = re.compile(r"[\s\x00-\x1f\x7f]")  # whitespace (Unicode too), controls
 
 
 def check_sha256(value: object, *, error: type[ProtocolError] = LocalProtocolError) -> str:
     """A model hash is exactly 64 lowercase hex digits; one spelling keeps cache keys unique."""
-    if not isinstance(value, str) or not _SHA256_RE.fullmatch(value):
+    if not isinstance(value, str) or not SHA256_HEX.fullmatch(value):
         raise error(f"model_sha256 must be 64 lowercase hex digits, got {value!r}")
     return value
 
@@ -206,7 +205,7 @@ def blob_refs(payload: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> list[tuple[
     asks this after the payload has been decoded in full.
     """
     url = read_metadata(payload, max_bytes=max_bytes).get(META_MODEL_URL)
-    match = None if url is None else _BLOB_URL_RE.fullmatch(url)
+    match = None if url is None else BLOB_URL.fullmatch(url)
     return [] if match is None else [("model", match[1])]
 
 

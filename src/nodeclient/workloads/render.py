@@ -71,6 +71,7 @@ import numpy as np
 import numpy.typing as npt
 
 from nodeclient.errors import LocalProtocolError, ProtocolError, RemoteProtocolError
+from nodeclient.protocol.blobs import SHA256_HEX, blob_url
 from nodeclient.workloads.tensors import (
     DEFAULT_MAX_BYTES,
     decode_tensors,
@@ -121,7 +122,6 @@ _REQUEST_KEYS: Final = frozenset(
         META_ROW_START, META_ROW_END, META_ASSETS,
     }
 )  # fmt: skip
-SHA256_RE: Final = re.compile(r"[0-9a-f]{64}")
 _DECIMAL_RE: Final = re.compile(r"0|[1-9][0-9]{0,9}")
 _HTTP_RE: Final = re.compile(r"https?://[^/\s]+(/\S*)?")
 _ASSET_PART_RE: Final = re.compile(r"[A-Za-z0-9._-]+")
@@ -179,11 +179,6 @@ def asset_tensor(sha256: str) -> str:
     return f"{ASSET_PREFIX}{sha256}__"
 
 
-def blob_url(sha256: str) -> str:
-    """Where the coordinator's blob store serves the bytes whose SHA-256 is *sha256*."""
-    return f"/v1/blobs/{sha256}"
-
-
 def encode_assets(assets: Sequence[tuple[str, str]]) -> str:
     """The canonical ``assets`` metadata value: sorted by path, compact JSON."""
     return json.dumps(sorted([path, sha] for path, sha in assets), separators=(",", ":"))
@@ -209,7 +204,7 @@ def _check_assets(assets: object, error: type[ProtocolError]) -> None:
         if not isinstance(entry, tuple) or len(entry) != 2:
             raise error("each asset is a (path, sha256) pair")
         paths.append(_check_asset_path(entry[0], error))
-        if not isinstance(entry[1], str) or not SHA256_RE.fullmatch(entry[1]):
+        if not isinstance(entry[1], str) or not SHA256_HEX.fullmatch(entry[1]):
             raise error(f"asset {entry[0][:80]!r} needs a sha256 of 64 lowercase hex digits")
     if paths != sorted(set(paths)):
         raise error("asset paths must be unique and sorted")
@@ -267,7 +262,7 @@ class RenderRequest:
     def _check_fields(self, error: type[ProtocolError]) -> None:
         """Every rule but the SHA-256s of the inline bytes. Strings other than scene_url
         are held to ASCII patterns, so only scene_url needs the Unicode check."""
-        if not isinstance(self.scene_sha256, str) or not SHA256_RE.fullmatch(self.scene_sha256):
+        if not isinstance(self.scene_sha256, str) or not SHA256_HEX.fullmatch(self.scene_sha256):
             raise error(f"scene_sha256 must be 64 lowercase hex digits, got {self.scene_sha256!r}")
         _int("frame_start", self.frame_start, 0, MAX_FRAME, error)
         _int("frame_end", self.frame_end, self.frame_start, MAX_FRAME, error)

@@ -30,6 +30,7 @@ import numpy as np
 import numpy.typing as npt
 
 from nodeclient.errors import LocalProtocolError, RemoteProtocolError
+from nodeclient.protocol.blobs import SHA256_HEX, blob_url
 from nodeclient.workloads.render import (
     CHANNELS,
     CLASS,
@@ -45,9 +46,7 @@ from nodeclient.workloads.render import (
     META_ROW_START,
     META_SCENE_SHA256,
     META_WIDTH,
-    SHA256_RE,
     RenderRequest,
-    blob_url,
     frame_name,
     parse_int,
     required_int,
@@ -264,7 +263,7 @@ def decode_result(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES) -> RenderR
             f"{sorted(_BAND_KEYS)} for a band"
         )
     sha = meta[META_SCENE_SHA256]
-    if not SHA256_RE.fullmatch(sha):
+    if not SHA256_HEX.fullmatch(sha):
         raise RemoteProtocolError("result scene_sha256 is not 64 lowercase hex digits")
     width, height = required_int(meta, META_WIDTH), required_int(meta, META_HEIGHT)
     start, end = required_int(meta, META_FRAME_START), required_int(meta, META_FRAME_END)

@@ -28,7 +28,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -37,6 +36,7 @@ import numpy as np
 import numpy.typing as npt
 
 from nodeclient.errors import LocalProtocolError, RemoteProtocolError
+from nodeclient.protocol.blobs import SHA256_HEX
 from nodeclient.workloads.tensors import DEFAULT_MAX_BYTES, decode_tensors, encode_tensors
 
 CLASS: Final = "ai.training"
@@ -47,7 +47,6 @@ MAX_PARAMETERS: Final = 1 << 26
 MAX_JSON_CHARS: Final = 64 * 1024
 MAX_SEED: Final = 2**63 - 1
 GRAD_DTYPES: Final = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2")}
-SHA256_HEX: Final = re.compile(r"[0-9a-f]{64}")  # how hashes are written: hexdigest()
 ACTIVATIONS: Final = frozenset({"ReLU", "GELU", "Tanh", "Sigmoid"})
 # type -> allowed keys besides "type"; Dropout exists only as p=0 (no randomness).
 LAYER_KEYS: Final[Mapping[str, frozenset[str]]] = {

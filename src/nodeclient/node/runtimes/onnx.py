@@ -31,7 +31,6 @@ import errno
 import hashlib
 import importlib
 import os
-import re
 import secrets
 import stat
 import threading
@@ -47,6 +46,7 @@ import numpy.typing as npt
 
 from nodeclient.errors import RemoteProtocolError, UsageError
 from nodeclient.node.runtimes.base import Progress, no_progress
+from nodeclient.protocol.blobs import SHA256_HEX
 from nodeclient.workloads.inference import CLASS, InferenceRequest, encode_result
 from nodeclient.workloads.tensors import DEFAULT_MAX_BYTES, dtype_code
 
@@ -54,7 +54,6 @@ CPU_PROVIDER: Final = "CPUExecutionProvider"
 CUDA_PROVIDER: Final = "CUDAExecutionProvider"
 DEFAULT_MAX_MODEL_BYTES: Final = 256 * 1024 * 1024
 DEFAULT_MAX_CACHE_BYTES: Final = 4 * 1024 * 1024 * 1024
-_SHA256_RE: Final = re.compile(r"[0-9a-f]{64}")
 _MAX_ERROR_CHARS: Final = 400
 _DIRECTORY_FLAGS: Final = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -131,7 +130,7 @@ class ModelCache:
         self._lock = threading.Lock()  # one writer or evicter at a time
 
     def path_for(self, sha256: str) -> Path:
-        if not _SHA256_RE.fullmatch(sha256):  # the name becomes a path: no traversal
+        if not SHA256_HEX.fullmatch(sha256):  # the name becomes a path: no traversal
             raise ValueError(f"not a sha256 hex digest: {sha256!r}")
         return self.directory / sha256
 
@@ -280,7 +279,7 @@ class ModelCache:
         try:
             with os.scandir(dir_fd) as children:
                 for child in children:
-                    if not _SHA256_RE.fullmatch(child.name):
+                    if not SHA256_HEX.fullmatch(child.name):
                         continue
                     try:
                         info = child.stat(follow_symlinks=False)
