@@ -105,6 +105,44 @@ def test_a_round_pages_past_tasks_every_eligible_node_is_excluded_from(
     assert len(seen) == 2 * scheduler.BATCH + 1
 
 
+def test_a_round_that_placed_a_few_pages_on_while_slots_are_free(
+    db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A first page where only one task can be placed (the rest excluded for the node) does
+    not end the round while the node has a free slot: the task on the next page is placed
+    too, not one round later per task."""
+    _, first_page = db.run_sync(lambda s: add_job(s, tasks=scheduler.BATCH))
+    _, (behind,) = db.run_sync(lambda s: add_job(s, tasks=1, queued_at=NOW + 60))
+    real_pick = scheduler.Picker.pick
+    seen: list[str] = []
+
+    def pick(self: scheduler.Picker, **kw: object) -> str | None:
+        seen.append("x")
+        blocked = 1 < len(seen) <= scheduler.BATCH  # all but the first of the first page
+        return None if blocked else real_pick(self, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(scheduler.Picker, "pick", pick)
+    placed = db.run_sync(lambda s: assign_tx(s, [node(capacity=2)], now=NOW, lease_seconds=300))
+    assert [a.task_id for a in placed] == [first_page[0], behind]
+
+
+def test_a_round_stops_paging_once_the_slots_are_full(
+    db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With no free slot left after the first page, the next page is not read."""
+    db.run_sync(lambda s: add_job(s, tasks=2 * scheduler.BATCH))
+    pages: list[object] = []
+    real_page = scheduler._queued_page
+
+    def counted(*args: object) -> object:
+        pages.append(1)
+        return real_page(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(scheduler, "_queued_page", counted)
+    placed = db.run_sync(lambda s: assign_tx(s, [node(capacity=2)], now=NOW, lease_seconds=300))
+    assert len(placed) == 2 and len(pages) == 1
+
+
 def test_pages_stop_at_the_limit(db: Database, monkeypatch: pytest.MonkeyPatch) -> None:
     """A round reads at most MAX_PAGES pages when nothing can be placed."""
     db.run_sync(lambda s: add_job(s, tasks=3 * scheduler.BATCH))

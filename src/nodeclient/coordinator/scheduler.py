@@ -48,7 +48,7 @@ from nodeclient.protocol import envelope, messages
 
 log = logging.getLogger("nodeclient.coordinator.scheduler")
 BATCH = 256  # queued tasks looked at per page of a round
-MAX_PAGES = 8  # pages a round may go through while nothing it saw could be placed
+MAX_PAGES = 8  # pages a round may read while it has placed less than a page
 ROUND_REST = 3.0  # a round that took d seconds is followed by at least this many d of rest
 # Lease outcomes that count as the node failing the task (not "cancelled", "superseded",
 # "undelivered": those are not the node's doing).
@@ -204,6 +204,10 @@ class Picker:
         self._cands = roster.by_id
         self._used = dict(used)  # node_id -> tasks leased to it; pick() adds one
         self._heaps: dict[_Group, list[_Entry]] = {}
+
+    def any_free(self) -> bool:
+        """Whether some candidate still has a free slot, this round's picks included."""
+        return self._roster.any_free(self._used)
 
     def slots(self, node_id: str) -> int:
         """Free slots of a candidate now (capacity minus leases, this round's included)."""
@@ -435,10 +439,11 @@ def assign_tx(
     """Lease queued tasks to eligible nodes, oldest first; returns what to dispatch.
 
     Only tasks of a class some candidate serves, at a tier some candidate reaches, are
-    read, a page of BATCH at a time. A round goes on to the next page only while it has
-    placed nothing yet and slots are free, up to MAX_PAGES: so tasks that no node can
-    take now (every eligible node excluded by the retry rules, say) cannot keep the
-    tasks queued behind them waiting.
+    read, a page of BATCH at a time. A round goes on to the next page while it has placed
+    fewer than BATCH tasks and slots are still free, up to MAX_PAGES: so tasks that no node
+    can take now (every eligible node excluded by the retry rules, say) cannot keep the
+    tasks queued behind them waiting, nor hold a round to the few placeable tasks among
+    them, while a round still places at most about a page.
     """
     roster = candidates if isinstance(candidates, Roster) else Roster(candidates)
     counts = leased_counts(session)
@@ -450,7 +455,7 @@ def assign_tx(
     for _ in range(MAX_PAGES):
         page = _queued_page(session, roster, after)
         placed += _place(session, picker, page)
-        if placed or len(page) < BATCH:
+        if len(page) < BATCH or len(placed) >= BATCH or not picker.any_free():
             break
         after = (page[-1][5], page[-1][0])
     if not placed:
