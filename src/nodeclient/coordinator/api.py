@@ -72,11 +72,17 @@ def store_blob(blob_dir: Path, sha256: str, data: bytes) -> None:
             out.write(data)
             out.flush()
             os.fsync(out.fileno())
-        os.replace(tmp, final)
+        _publish_blob(tmp, final)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    dir_fd = os.open(blob_dir, os.O_RDONLY | os.O_DIRECTORY)
+
+
+def _publish_blob(tmp: str, final: Path) -> None:
+    """Rename a written and fsynced blob to its name (atomic: readers see all or nothing),
+    then fsync the directory, so the name survives a crash as well as the bytes."""
+    os.replace(tmp, final)
+    dir_fd = os.open(final.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         os.fsync(dir_fd)
     finally:
@@ -150,7 +156,7 @@ def build_router(coord: Coordinator) -> APIRouter:  # noqa: PLR0915 (one route e
                 out.flush()
                 os.fsync(out.fileno())
             hexdigest = digest.hexdigest()
-            os.replace(tmp, blob_dir / hexdigest)  # atomic: readers see all or nothing
+            _publish_blob(tmp, blob_dir / hexdigest)
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)

@@ -41,10 +41,12 @@ from nodeclient.workloads.render import (
     META_CLASS,
     META_FRAME_END,
     META_FRAME_START,
+    META_FRAMES_PER_SLICE,
     META_HEIGHT,
     META_ROW_END,
     META_ROW_START,
     META_SCENE_SHA256,
+    META_TILES,
     META_WIDTH,
     RenderRequest,
     frame_name,
@@ -120,21 +122,13 @@ def split(payload: bytes, slices: int) -> list[bytes]:
     request = RenderRequest.decode(payload)
     if request.rows is not None:
         raise RemoteProtocolError("a job payload must not carry row_start/row_end")
-    if request.tiles is not None:
-        if slices not in (1, request.tiles):
-            raise RemoteProtocolError(
-                f"tiles {request.tiles} gives {request.tiles} slices, but {slices} were asked"
-            )
-        _check_split(request.tiles, len(payload))
-        bands = slice_ranges(0, request.height - 1, slices=request.tiles)  # rows, top first
-        return [request.band(start, end).encode() for start, end in bands]
-    count = slice_count(
-        request.frame_start,
-        request.frame_end,
-        slices=slices,
-        frames_per_slice=request.frames_per_slice,
+    count = _job_slices(
+        request.frame_start, request.frame_end, request.frames_per_slice, request.tiles, slices
     )
     _check_split(count, len(payload))
+    if request.tiles is not None:
+        bands = slice_ranges(0, request.height - 1, slices=request.tiles)  # rows, top first
+        return [request.band(start, end).encode() for start, end in bands]
     ranges = slice_ranges(
         request.frame_start,
         request.frame_end,
@@ -154,25 +148,37 @@ def hoist(payload: bytes, slices: int) -> tuple[bytes, list[tuple[str, bytes]]] 
     for a job sent by URL. None when nothing would move: a job of one slice, or nothing
     inline. Call it on a payload that validated, which checked the inline bytes' hashes.
     """
+    meta = read_metadata(payload)  # the header alone: a one-slice job is not decoded again
+    count = _job_slices(
+        required_int(meta, META_FRAME_START),
+        required_int(meta, META_FRAME_END),
+        parse_int(meta, META_FRAMES_PER_SLICE),
+        parse_int(meta, META_TILES),
+        slices,
+    )
+    if count <= 1:
+        return None
     request = RenderRequest.decode(payload)
     if request.scene is None and not request.asset_data:
-        return None
-    if request.tiles is not None:
-        count = request.tiles if slices in (1, request.tiles) else 0  # split refuses it
-    else:
-        count = slice_count(
-            request.frame_start,
-            request.frame_end,
-            slices=slices,
-            frames_per_slice=request.frames_per_slice,
-        )
-    if count <= 1:
         return None
     blobs = list(request.asset_data)
     if request.scene is not None:
         blobs.insert(0, (request.scene_sha256, request.scene))
         request = replace(request, scene=None, scene_url=blob_url(request.scene_sha256))
     return replace(request, asset_data=()).encode(), blobs
+
+
+def _job_slices(
+    frame_start: int, frame_end: int, frames_per_slice: int | None, tiles: int | None, slices: int
+) -> int:
+    """How many slices a job splits into when *slices* are asked (the split's own rule)."""
+    if tiles is not None:
+        if slices not in (1, tiles):
+            raise RemoteProtocolError(
+                f"tiles {tiles} gives {tiles} slices, but {slices} were asked"
+            )
+        return tiles
+    return slice_count(frame_start, frame_end, slices=slices, frames_per_slice=frames_per_slice)
 
 
 def _check_split(count: int, payload_bytes: int) -> None:
