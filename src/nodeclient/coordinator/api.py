@@ -10,8 +10,6 @@ import asyncio
 import binascii
 import hashlib
 import os
-import tempfile
-from pathlib import Path
 from typing import Any
 
 import pybase64
@@ -54,39 +52,6 @@ class UnstakeRequest(BaseModel):
 
     message: dict[str, Any]
     signature: str
-
-
-def store_blob(blob_dir: Path, sha256: str, data: bytes) -> None:
-    """Put *data*, whose SHA-256 the caller checked, in the blob store as ``sha256``: written
-    to a temporary file, fsynced, renamed, and the directory fsynced, so a job committed
-    after this never references a blob a crash could lose. A blob already held stays."""
-    if not SHA256_HEX.fullmatch(sha256):
-        raise ValueError(f"not a SHA-256: {sha256!r}")
-    final = blob_dir / sha256
-    if final.is_file() and final.stat().st_size == len(data):
-        return
-    blob_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=blob_dir, prefix=".hoist-")
-    try:
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
-        _publish_blob(tmp, final)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def _publish_blob(tmp: str, final: Path) -> None:
-    """Rename a written and fsynced blob to its name (atomic: readers see all or nothing),
-    then fsync the directory, so the name survives a crash as well as the bytes."""
-    os.replace(tmp, final)
-    dir_fd = os.open(final.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def build_router(coord: Coordinator) -> APIRouter:  # noqa: PLR0915 (one route each)
@@ -141,10 +106,8 @@ def build_router(coord: Coordinator) -> APIRouter:  # noqa: PLR0915 (one route e
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
             return error(413, f"blob of {declared} bytes exceeds the {limit}-byte limit")
-        blob_dir = coord.config.blob_dir
-        blob_dir.mkdir(parents=True, exist_ok=True)
         digest, size = hashlib.sha256(), 0
-        fd, tmp = tempfile.mkstemp(dir=blob_dir, prefix=".upload-")
+        fd, tmp = coord.blobs.temporary(".upload-")
         try:
             with os.fdopen(fd, "wb") as out:
                 async for chunk in request.stream():
@@ -156,7 +119,7 @@ def build_router(coord: Coordinator) -> APIRouter:  # noqa: PLR0915 (one route e
                 out.flush()
                 os.fsync(out.fileno())
             hexdigest = digest.hexdigest()
-            _publish_blob(tmp, blob_dir / hexdigest)
+            coord.blobs.publish(tmp, hexdigest)
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
@@ -168,31 +131,28 @@ def build_router(coord: Coordinator) -> APIRouter:  # noqa: PLR0915 (one route e
     async def get_blob(sha256: str) -> FileResponse | JSONResponse:
         if not SHA256_HEX.fullmatch(sha256):
             return error(400, "blob id must be 64 lowercase hex digits (its SHA-256)")
-        path = coord.config.blob_dir / sha256
-        if not path.is_file():
+        # A node's fetch dates the blob as used: a job still running keeps it anyway.
+        if not await asyncio.to_thread(coord.blobs.use, sha256):
             return error(404, f"no blob {sha256}")
-        return FileResponse(path, media_type="application/octet-stream")
-
-    def blob_held(sha256: str) -> bool:
-        """Whether the blob store holds *sha256* (a job may reference only what it holds)."""
-        path = coord.config.blob_dir / sha256
-        return SHA256_HEX.fullmatch(sha256) is not None and path.is_file()
+        return FileResponse(coord.blobs.path(sha256), media_type="application/octet-stream")
 
     def prepare(
         wclass: classes.WorkloadClass, payload: bytes, slices: int
-    ) -> tuple[dict[str, Any], list[bytes]]:
+    ) -> tuple[dict[str, Any], list[bytes], set[str]]:
         """Validate, move inline inputs to the blob store, check the blobs and split:
         CPU-bound and disk-bound (a media.render job hashes and stores an inline scene of up
-        to max_payload_bytes), so it runs off the event loop."""
+        to max_payload_bytes), so it runs off the event loop. Also returns the blobs the
+        job references, each dated as used by the check (the sweep keeps them)."""
         max_bytes = coord.config.max_payload_bytes
         meta = dict(wclass.validate(payload, max_bytes))
         moved = None if wclass.hoist is None else wclass.hoist(payload, slices)
         if moved is not None:
             payload, blobs = moved
             for sha256, data in blobs:
-                store_blob(coord.config.blob_dir, sha256, data)
-        wclass.require_blobs(payload, max_bytes, held=blob_held)
-        return meta, wclass.split(payload, slices)
+                coord.blobs.store(sha256, data)
+        wclass.require_blobs(payload, max_bytes, held=coord.blobs.use)
+        referenced = {sha for _, sha in wclass.blobs(payload, max_bytes)}
+        return meta, wclass.split(payload, slices), referenced
 
     # --- jobs -------------------------------------------------------------------------------
 
@@ -221,7 +181,7 @@ def build_router(coord: Coordinator) -> APIRouter:  # noqa: PLR0915 (one route e
             if len(payload) > cfg.max_payload_bytes:
                 limit = cfg.max_payload_bytes
                 return error(413, f"payload of {len(payload)} bytes exceeds the {limit}-byte limit")
-            meta, parts = await asyncio.to_thread(prepare, wclass, payload, body.slices)
+            meta, parts, blobs = await asyncio.to_thread(prepare, wclass, payload, body.slices)
         except (ProtocolError, ValueError) as exc:  # a class's ValueError too (UnicodeError)
             return error(400, str(exc))
         now = coord.now()
@@ -229,7 +189,7 @@ def build_router(coord: Coordinator) -> APIRouter:  # noqa: PLR0915 (one route e
         def tx(s: Session) -> dict[str, Any]:
             job_id = store.insert_job(
                 s, workload_class=wclass.name, payloads=parts, min_tier=body.min_tier,
-                region=body.region, meta=meta, now=now,
+                region=body.region, meta=meta, now=now, blobs=blobs,
             )  # fmt: skip
             return store.job_json(s, s.get_one(m.Job, job_id), chain_id=chain_id)
 

@@ -20,6 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from nodeclient import __version__
 from nodeclient.clock import Clock, SystemClock
 from nodeclient.coordinator.api import build_router, error
+from nodeclient.coordinator.blobstore import sweep_blobs
 from nodeclient.coordinator.config import CoordinatorConfig
 from nodeclient.coordinator.link import LinkSession, TransportAbort
 from nodeclient.coordinator.scheduler import Scheduler
@@ -38,12 +39,14 @@ def create_app(config: CoordinatorConfig, *, clock: Clock | None = None) -> Fast
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         task = asyncio.create_task(scheduler.run(), name="coordinator-scheduler")
+        sweeper = asyncio.create_task(sweep_blobs(coord), name="coordinator-blob-sweep")
         try:
             yield
         finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            for background in (task, sweeper):
+                background.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await background
             await coord.stop_background()  # dispatches and cancels in flight, before the db
             for link in list(coord.links.values()):
                 await link.close(1001, "coordinator shutting down")

@@ -56,6 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--coordinator-id", default=None)
     serve.add_argument("--heartbeat-interval", type=float, default=DEFAULT_HEARTBEAT_INTERVAL)
     serve.add_argument("--max-nodes-per-wallet", type=int, default=8)
+    serve.add_argument(
+        "--blob-retention-hours",
+        type=float,
+        default=7 * 24,
+        help="remove a blob no unfinished job references after this long unused (0: never)",
+    )
     serve.add_argument("--lease-seconds", type=float, default=300.0)
     serve.add_argument("--max-attempts", type=int, default=3)
     serve.add_argument(
@@ -111,6 +117,7 @@ def _serve(args: argparse.Namespace) -> int:
         sybil=SybilPolicy(max_nodes_per_wallet=args.max_nodes_per_wallet),
         lease_seconds=args.lease_seconds,
         max_attempts=args.max_attempts,
+        blob_retention=args.blob_retention_hours * 3600,
     )
     clock: Clock = OffsetFileClock(args.clock_file) if args.clock_file else SystemClock()
     sock = listen(args.host, args.port)  # claim the port before touching the database

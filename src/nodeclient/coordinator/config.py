@@ -57,6 +57,10 @@ class CoordinatorConfig:
     # walking every link is shared.
     round_gap: float = 0.05
     max_blob_bytes: int = 256 * MIB
+    # A blob no unfinished job references goes after this long unused (0: kept forever);
+    # the store is swept this often (coordinator/blobstore.py).
+    blob_retention: float = 7 * 24 * 3600.0
+    blob_sweep_interval: float = 3600.0
     max_payload_bytes: int = 32 * MIB  # a task payload and a result travel in one frame
     manifest_max_age: int = 24 * 3600
 
@@ -73,6 +77,10 @@ class CoordinatorConfig:
             raise UsageError("max nodes per wallet must be at least 1")
         if self.chain_id < 1:
             raise UsageError("chain id must be positive")
+        if self.blob_retention < 0:
+            raise UsageError("blob retention must not be negative (0 keeps every blob)")
+        if self.blob_sweep_interval <= 0:
+            raise UsageError("the blob sweep interval must be positive")
 
     @property
     def database_url(self) -> str:

@@ -88,6 +88,15 @@ class Job(Base):
     train_state: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True, deferred=True)
 
 
+class JobBlob(Base):
+    """A blob of the coordinator's store that a job's tasks reference: the blob store's
+    sweep keeps every blob an unfinished job references (coordinator/blobstore.py)."""
+
+    __tablename__ = "job_blobs"
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.job_id"), primary_key=True)
+    sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+
+
 class Task(Base):
     """One unit of dispatch: a whole job, or one slice of it."""
 

@@ -19,6 +19,7 @@ from dataclasses import replace
 from typing import Any, Final, Protocol
 
 from nodeclient.clock import Clock
+from nodeclient.coordinator.blobstore import BlobStore
 from nodeclient.coordinator.config import CoordinatorConfig
 from nodeclient.coordinator.metrics import CoordinatorMetrics
 from nodeclient.coordinator.store import Database, NodeInfo, coordinator_id, load_nodes
@@ -149,6 +150,7 @@ class Coordinator:
         self.config = config
         self.clock = clock
         self.db = db
+        self.blobs = BlobStore(config.blob_dir, clock=clock.now)
         self.coordinator_id: str = db.run_sync(lambda s: coordinator_id(s, config.coordinator_id))
         # Bumped whenever what makes a node a scheduling candidate may have changed: its
         # registration (node cache), its link, or its online flag (roster_changed()). The

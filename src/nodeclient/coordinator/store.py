@@ -24,7 +24,7 @@ import secrets
 import threading
 import uuid
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
@@ -391,8 +391,10 @@ def insert_job(
     region: str | None,
     meta: dict[str, Any],
     now: float,
+    blobs: Collection[str] = (),
 ) -> str:
-    """Insert a job and one queued task per payload slice; returns the job_id."""
+    """Insert a job and one queued task per payload slice; returns the job_id. *blobs*:
+    the SHA-256 of each blob-store blob its tasks reference (kept while it runs)."""
     job_id = str(uuid.uuid4())
     session.add(
         m.Job(
@@ -420,4 +422,16 @@ def insert_job(
                 payload=payload,
             )
         )
+    session.add_all(m.JobBlob(job_id=job_id, sha256=sha) for sha in sorted(set(blobs)))
     return job_id
+
+
+def blobs_in_use(session: Session) -> set[str]:
+    """The blobs that some job not yet finished references (the blob store keeps them)."""
+    rows = session.execute(
+        select(m.JobBlob.sha256)
+        .join(m.Job, m.Job.job_id == m.JobBlob.job_id)
+        .where(m.Job.status.not_in((m.SUCCEEDED, m.FAILED)))
+        .distinct()
+    )
+    return {sha for (sha,) in rows}

@@ -1,0 +1,183 @@
+"""The coordinator's blob store: content-addressed inputs (models, scenes, assets) that
+nodes fetch from ``/v1/blobs/<sha256>``, one file per blob in ``<data-dir>/blobs/``.
+
+Every write is atomic and durable (a temporary file, fsynced, renamed, the directory
+fsynced), so a job committed after a write never references a blob that a crash could
+lose. A blob's modification time is set, on the coordinator's clock, whenever it is
+used: uploaded, stored for a job, referenced by a submitted job, or fetched by a node.
+
+Retention: :meth:`BlobStore.sweep` removes a blob that no unfinished job references and
+that nobody has used for the retention period (``--blob-retention-hours``, 7 days by
+default; 0 keeps every blob), and temporary files that an interrupted upload left
+behind. Checking a blob for a job and removing one are serialised by one lock, so a
+job can never be accepted for a blob that the sweep is removing: either the job's check
+marks it used first and the sweep keeps it, or the blob is gone first and the job is
+refused with "upload it first".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Collection
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Final
+
+from nodeclient.coordinator import store
+from nodeclient.protocol.blobs import SHA256_HEX
+
+if TYPE_CHECKING:
+    from nodeclient.coordinator.service import Coordinator
+
+log = logging.getLogger("nodeclient.coordinator.blobs")
+
+TEMP_PREFIXES: Final = (".upload-", ".hoist-")
+STALE_TEMP_S: Final = 24 * 3600.0  # an upload still unfinished after a day is abandoned
+
+
+@dataclass(frozen=True, slots=True)
+class Swept:
+    """What one sweep did."""
+
+    removed: int  # blobs removed
+    freed_bytes: int  # their size together
+    kept: int  # blobs that stay (in use, or used within the retention period)
+    temporaries: int  # abandoned temporary files removed
+
+
+class BlobStore:
+    """The files of the blob store, with the clock that dates their use."""
+
+    def __init__(self, directory: Path, *, clock: Callable[[], float]) -> None:
+        self.directory = directory
+        self._now = clock
+        self._lock = threading.Lock()  # held by use() and by each removal of a sweep
+
+    def path(self, sha256: str) -> Path:
+        if not SHA256_HEX.fullmatch(sha256):
+            raise ValueError(f"not a SHA-256: {sha256!r}")
+        return self.directory / sha256
+
+    def temporary(self, prefix: str) -> tuple[int, str]:
+        """A new temporary file in the store's directory, for :meth:`publish`: (fd, path)."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        return tempfile.mkstemp(dir=self.directory, prefix=prefix)
+
+    def publish(self, tmp: str, sha256: str) -> None:
+        """Rename a written and fsynced temporary file to the blob's name (atomic: readers
+        see all or nothing), fsync the directory so the name survives a crash as well as
+        the bytes, and date the blob's use."""
+        final = self.path(sha256)
+        with self._lock:
+            os.replace(tmp, final)
+            dir_fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+            self._date(final)
+
+    def store(self, sha256: str, data: bytes) -> None:
+        """Hold *data*, whose SHA-256 the caller checked, as ``sha256``; a blob already
+        held stays (and is dated as used)."""
+        final = self.path(sha256)
+        with contextlib.suppress(FileNotFoundError):  # swept meanwhile: write it again
+            if self.use(sha256) and final.stat().st_size == len(data):
+                return
+        fd, tmp = self.temporary(".hoist-")
+        try:
+            with os.fdopen(fd, "wb") as out:
+                out.write(data)
+                out.flush()
+                os.fsync(out.fileno())
+            self.publish(tmp, sha256)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+    def use(self, sha256: str) -> bool:
+        """Whether the store holds *sha256*; if it does, the blob is dated as used now, so
+        the next sweep keeps it for another retention period."""
+        if not SHA256_HEX.fullmatch(sha256):
+            return False
+        with self._lock:
+            try:
+                self._date(self.directory / sha256)
+            except FileNotFoundError:
+                return False
+            return True
+
+    def _date(self, path: Path) -> None:
+        now = self._now()
+        os.utime(path, (now, now), follow_symlinks=False)
+
+    def sweep(self, *, in_use: Collection[str], retention: float) -> Swept:
+        """Remove every blob not in *in_use* whose last use is more than *retention*
+        seconds ago, and temporary files older than a day; *retention* 0 removes no blob.
+
+        Blobs are dated on the coordinator's clock; temporary files by the system's, since
+        their age is how long ago an upload stopped writing."""
+        now, wall = self._now(), time.time()
+        removed = freed = kept = temporaries = 0
+        try:
+            names = os.listdir(self.directory)
+        except FileNotFoundError:
+            return Swept(0, 0, 0, 0)
+        for name in names:
+            path = self.directory / name
+            if name.startswith(TEMP_PREFIXES):
+                with contextlib.suppress(FileNotFoundError):
+                    if wall - path.stat().st_mtime > STALE_TEMP_S:
+                        path.unlink()
+                        temporaries += 1
+                continue
+            if not SHA256_HEX.fullmatch(name):
+                continue  # not ours: left alone
+            with self._lock:
+                try:
+                    st = path.stat()
+                    if retention <= 0 or name in in_use or now - st.st_mtime <= retention:
+                        kept += 1
+                        continue
+                    path.unlink()
+                except FileNotFoundError:
+                    continue
+            removed += 1
+            freed += st.st_size
+        return Swept(removed, freed, kept, temporaries)
+
+
+async def sweep_once(coord: Coordinator) -> Swept:
+    """One sweep of *coord*'s blob store, keeping what its unfinished jobs reference."""
+    in_use = await coord.db.run(store.blobs_in_use)
+    swept = await asyncio.to_thread(
+        coord.blobs.sweep, in_use=in_use, retention=coord.config.blob_retention
+    )
+    if swept.removed or swept.temporaries:
+        log.info(
+            "blobs.swept",
+            extra={
+                "removed": swept.removed,
+                "freed_bytes": swept.freed_bytes,
+                "kept": swept.kept,
+                "temporaries": swept.temporaries,
+                "retention_hours": round(coord.config.blob_retention / 3600, 2),
+            },
+        )
+    return swept
+
+
+async def sweep_blobs(coord: Coordinator) -> None:
+    """Sweep the blob store every ``blob_sweep_interval`` seconds, for as long as it runs."""
+    while True:
+        await asyncio.sleep(coord.config.blob_sweep_interval)
+        try:
+            await sweep_once(coord)
+        except Exception:  # a full disk, a database hiccup: try again next time
+            log.exception("blobs.sweep_failed")
