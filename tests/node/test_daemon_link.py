@@ -20,7 +20,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import httpx
 import pytest
@@ -417,7 +417,7 @@ def test_an_error_after_the_result_is_committed_is_never_answered_with_a_reject(
 def test_backoff_resets_only_after_an_authenticated_session_that_stayed_up(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, waits: Waits, events: Events
 ) -> None:
-    """However a session ends (a drop, 4005, 4004, a clean 1000), the backoff resets only if
+    """However a session ends (a drop, 4005, 1001, a clean 1000), the backoff resets only if
     it was authenticated and lasted STABLE_LINK_S; short sessions, even clean, back off."""
     daemon, clock, registrations = linked_daemon(tmp_path, monkeypatch)
     short, long = 1.0, daemon_module.STABLE_LINK_S
@@ -425,7 +425,7 @@ def test_backoff_resets_only_after_an_authenticated_session_that_stayed_up(
         Session(up_for=short, close=None),  # network drop (1006)
         Session(up_for=short, close=4005),  # "offline": missed heartbeats
         Session(up_for=long, close=None),  # a drop after a good session: reset
-        Session(up_for=3 * long, close=4004),  # replaced after a good session: reset
+        Session(up_for=3 * long, close=1001),  # a restart after a good session: reset
         Session(up_for=0.0, close=1000),  # authenticated, then closed cleanly at once
         Session(up_for=0.0, close=1000),
         Session(authenticate=False, close=4001),  # auth failed: register again
@@ -435,7 +435,58 @@ def test_backoff_resets_only_after_an_authenticated_session_that_stayed_up(
     assert waits.attempts == [0, 1, 0, 0, 1, 2, 3]
     assert daemon.link.reconnects == 7 and daemon.link.status == "down"
     assert len(registrations) == 2
+    assert all(r.levelno == logging.WARNING for r in events.named("link.closed"))
+
+
+class RunsUntilCancelled(Executor):
+    """Every task runs until it is cancelled."""
+
+    started: ClassVar[asyncio.Event] = asyncio.Event()
+    cancelled: ClassVar[list[object]] = []
+
+    async def warm_up(self) -> None:
+        return None
+
+    async def run(self, *args: object, **kwargs: object) -> bytes:
+        self.started.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            self.cancelled.append(kwargs["task_id"])
+            raise
+        raise AssertionError("unreachable")
+
+
+def test_a_replaced_link_stops_the_daemon_and_its_running_task(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, events: Events
+) -> None:
+    """4004 on the live link: another process linked with this node's keys. Linking again
+    would replace that one in turn, for ever, both running tasks the coordinator may give
+    out twice. So the daemon does not link again: it cancels its running task (nothing is
+    committed or signed) and stops with LinkReplaced, exit 78, which systemd does not
+    restart, and says what to do."""
+    answer_registration(monkeypatch, lambda _r: httpx.Response(201, json={"status": "registered"}))
+    clock = ManualClock()
+    daemon = make_daemon(
+        tmp_path, url=f"http://127.0.0.1:{free_port()}", clock=clock, executor=RunsUntilCancelled
+    )
+    RunsUntilCancelled.started, RunsUntilCancelled.cancelled = asyncio.Event(), []
+    task_id = uuid.uuid4()
+
+    async def dispatch_then_replace(ws: ServerConnection) -> None:
+        await ws.send(dispatch(daemon, payload_key(), task_id))
+        await asyncio.wait_for(RunsUntilCancelled.started.wait(), 10)
+
+    sessions = [Session(up_for=1.0, close=4004, then=dispatch_then_replace)]
+    with pytest.raises(daemon_module.LinkReplaced) as caught:
+        asyncio.run(run_link(daemon, clock, sessions))
+
+    assert caught.value.exit_code == 78
+    assert RunsUntilCancelled.cancelled == [task_id]
+    assert daemon.running == {} and daemon.outbox.get(task_id) is None  # nothing signed
+    assert daemon.link.reconnects == 0 and daemon.link.status == "down"
+    assert daemon._stopping.is_set()
     (replaced,) = events.named("link.replaced")
     assert replaced.levelno == logging.ERROR
     assert "same node key" in replaced.__dict__["fix"]
-    assert all(r.levelno == logging.WARNING for r in events.named("link.closed"))
+    assert "rotate-liveness" in replaced.__dict__["fix"]

@@ -74,8 +74,10 @@ class Retention:
 
 _REPLACED_FIX: Final = (
     "another connection with this node's key replaced this link: two daemons are running "
-    "with the same node key (a copied node home?). Stop one of them; each node needs its "
-    "own home, made with `nodeclient init`"
+    "with the same node key (a copied node home?), and this one, the older, has stopped so "
+    "that the two never run and sign the same task. Each node needs its own home, made "
+    "with `nodeclient init`. If no other daemon of yours runs, someone has this node's "
+    "liveness key: run `nodeclient keys rotate-liveness`, then start this one again"
 )
 
 
@@ -89,6 +91,14 @@ def _pruned_reason(entry: OutboxEntry) -> str:
 class RegistrationRefused(NeedsOperator):
     """The coordinator refused the manifest for a reason retrying will not fix (exit 78:
     the systemd unit does not restart it; the operator has to act first)."""
+
+
+class LinkReplaced(NeedsOperator):
+    """Another process linked with this node's keys, and the coordinator closed this
+    daemon's live link for it (4004). Linking again would close the other one in turn,
+    and the two would take turns for ever, each running tasks the other may be given
+    again after a lease ends: this one stops instead (exit 78), and its running tasks
+    with it, so that it signs nothing more."""
 
 
 @dataclass
@@ -159,7 +169,7 @@ class NodeDaemon:
         self._ws: ClientConnection | None = None
         self._stopping = asyncio.Event()
         self._rand = random.SystemRandom()
-        self._fatal: RegistrationRefused | None = None
+        self._fatal: NeedsOperator | None = None
         self._fetch = inputs.http_fetcher(self.url)
         self._blobs = inputs.blob_cache(home / "blobs")  # render scenes, fetched once
         self._pending_sends: set[asyncio.Future[None]] = set()
@@ -240,6 +250,14 @@ class NodeDaemon:
     def _ended(self, workload_class: str, outcome: str, received_at: float) -> None:
         self.metrics.task_ended(workload_class, outcome, self.clock.now() - received_at)
 
+    def _abandon_running(self) -> None:
+        """Cancel every running task: its worker is killed, nothing is committed or signed,
+        and the coordinator gives it out again when its lease ends."""
+        for task in self.running.values():
+            if task.handle is not None:
+                task.handle.cancel()
+                self._ended(task.workload_class, "cancelled", task.received_at)
+
     def request_stop(self) -> None:
         """SIGTERM: take no new work, finish running tasks, flush the outbox, exit 0."""
         if not self._stopping.is_set():
@@ -307,17 +325,7 @@ class NodeDaemon:
                 self._stopping.set()
                 raise
             except ConnectionClosed as exc:
-                code = exc.rcvd.code if exc.rcvd else None
-                reason = exc.rcvd.reason if exc.rcvd else ""
-                self.link.last_error = f"closed {code}: {reason}"
-                if code == CLOSE_REPLACED:
-                    log.error(
-                        "link.replaced",
-                        extra={"code": code, "reason": reason, "fix": _REPLACED_FIX},
-                    )
-                else:
-                    log.warning("link.closed", extra={"code": code, "reason": reason})
-                if code in (CLOSE_NOT_REGISTERED, CLOSE_AUTH_FAILED):
+                if self._link_closed(exc):
                     registered = False  # re-register (e.g. after a liveness key rotation)
             except (OSError, httpx.HTTPError, InvalidHandshake, InvalidURI, TimeoutError) as exc:
                 self.link.last_error = f"{type(exc).__name__}: {exc}"[:300]
@@ -340,6 +348,27 @@ class NodeDaemon:
             delay = next(delays)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), timeout=delay)
+
+    def _link_closed(self, exc: ConnectionClosed) -> bool:
+        """Log how the coordinator closed the link; True when the node must register again.
+
+        4004 on the live link means another process linked with this node's keys: stop
+        (LinkReplaced) rather than replace that link in turn.
+        """
+        code = exc.rcvd.code if exc.rcvd else None
+        reason = exc.rcvd.reason if exc.rcvd else ""
+        self.link.last_error = f"closed {code}: {reason}"
+        if code != CLOSE_REPLACED:
+            log.warning("link.closed", extra={"code": code, "reason": reason})
+            return code in (CLOSE_NOT_REGISTERED, CLOSE_AUTH_FAILED)
+        log.error("link.replaced", extra={"code": code, "reason": reason, "fix": _REPLACED_FIX})
+        if self._stopping.is_set():  # stopping anyway: nothing more to do
+            return False
+        self._fatal = LinkReplaced(_REPLACED_FIX)
+        self._abandon_running()
+        self._set_link("down")
+        self._stopping.set()
+        raise self._fatal from None
 
     def _set_link(self, status: str) -> None:
         if self.link.status != status:
