@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import time
 from pathlib import Path
@@ -10,12 +11,13 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from sqlalchemy import update
+from sqlalchemy import delete, update
+from sqlalchemy.orm import Session
 
 from nodeclient.clock import ManualClock
 from nodeclient.coordinator import models as m
 from nodeclient.coordinator import store
-from nodeclient.coordinator.blobstore import STALE_TEMP_S, BlobStore, Swept
+from nodeclient.coordinator.blobstore import STALE_TEMP_S, BlobStore, Swept, payload_blobs
 from nodeclient.coordinator.cli import build_parser
 from nodeclient.coordinator.config import CoordinatorConfig
 from nodeclient.errors import RemoteProtocolError, UsageError
@@ -201,11 +203,86 @@ def test_the_coordinator_sweeps_by_itself(start_coordinator) -> None:
         time.sleep(0.02)
 
 
-def test_retention_settings_are_checked_and_reach_the_config() -> None:
-    with pytest.raises(UsageError, match="blob retention"):
-        CoordinatorConfig(blob_retention=-1)
+@pytest.mark.parametrize("hours", [-1.0, 0.5])
+def test_a_retention_under_an_hour_is_refused(hours: float) -> None:
+    """A blob checked for a job is dated then; an hour at least leaves the job ample time
+    to be recorded before any sweep could remove what it references."""
+    with pytest.raises(UsageError, match="0 \\(keep every blob\\) or at least 1 hour"):
+        CoordinatorConfig(blob_retention=hours * HOUR)
+
+
+def test_retention_settings_reach_the_config() -> None:
+    assert CoordinatorConfig(blob_retention=0).blob_retention == 0
     with pytest.raises(UsageError, match="sweep interval"):
         CoordinatorConfig(blob_sweep_interval=0)
-    args = build_parser().parse_args(["serve", "--blob-retention-hours", "0.5"])
-    assert args.blob_retention_hours == 0.5
+    args = build_parser().parse_args(["serve", "--blob-retention-hours", "2.5"])
+    assert args.blob_retention_hours == 2.5
     assert build_parser().parse_args(["serve"]).blob_retention_hours == 7 * 24
+
+
+def test_links_and_directories_are_never_held_nor_swept(
+    blobs: BlobStore, clock: ManualClock
+) -> None:
+    target = _blob(blobs, b"a real blob")
+    link = hashlib.sha256(b"link").hexdigest()
+    (blobs.directory / link).symlink_to(blobs.directory / target)
+    folder = hashlib.sha256(b"folder").hexdigest()
+    (blobs.directory / folder).mkdir()
+    assert not blobs.use(link) and not blobs.use(folder) and blobs.use(target)
+    clock.advance(2 * HOUR)
+    assert blobs.sweep(in_use=set(), retention=HOUR) == Swept(1, 11, 0, 0)
+    assert (blobs.directory / link).is_symlink() and (blobs.directory / folder).is_dir()
+
+
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.events: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.events.append(record.getMessage())
+
+
+def test_a_blob_this_process_may_not_date_or_remove_is_still_served(
+    blobs: BlobStore, clock: ManualClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another owner, a read-only mount: serving goes on, and the sweep says what it could
+    not do instead of failing."""
+    sha = _blob(blobs, b"owned by someone else")
+
+    def refuse(*_args: object, **_kw: object) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "utime", refuse)
+    monkeypatch.setattr(Path, "unlink", refuse)
+    records = _Records()
+    logger = logging.getLogger("nodeclient.coordinator.blobs")
+    logger.addHandler(records)  # whatever logs.configure did to propagation
+    try:
+        assert blobs.use(sha) and blobs.use(sha)
+        clock.advance(2 * HOUR)
+        assert blobs.sweep(in_use=set(), retention=HOUR) == Swept(0, 0, 1, 0)
+    finally:
+        logger.removeHandler(records)
+    assert records.events == ["blobs.undatable", "blobs.sweep_incomplete"]  # once each
+
+
+def test_jobs_from_before_job_blobs_are_filled_once(running: Running) -> None:
+    """A database from before jobs recorded their blobs: at start, the coordinator reads
+    the blobs of every unfinished job from its task payloads, once."""
+    job_id, sha = _model_job(running)
+    finished, _ = _model_job(running)
+    _finish(running, finished, m.SUCCEEDED)
+
+    def as_before(s: Session) -> None:
+        s.execute(delete(m.JobBlob))
+        s.execute(delete(m.Meta).where(m.Meta.key == "job_blobs_filled"))
+
+    running.coord.db.run_sync(as_before)
+    assert running.coord.db.run_sync(store.blobs_in_use) == set()
+    refs = payload_blobs(running.config.max_payload_bytes)
+    assert running.coord.db.run_sync(lambda s: store.fill_job_blobs(s, refs)) == 1
+    assert running.coord.db.run_sync(store.blobs_in_use) == {sha}
+    rows = running.coord.db.run_sync(lambda s: s.query(m.JobBlob.job_id).all())
+    assert [r for (r,) in rows] == [job_id]  # the finished job needs none
+    assert running.coord.db.run_sync(lambda s: store.fill_job_blobs(s, refs)) == 0

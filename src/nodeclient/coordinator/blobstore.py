@@ -8,11 +8,12 @@ used: uploaded, stored for a job, referenced by a submitted job, or fetched by a
 
 Retention: :meth:`BlobStore.sweep` removes a blob that no unfinished job references and
 that nobody has used for the retention period (``--blob-retention-hours``, 7 days by
-default; 0 keeps every blob), and temporary files that an interrupted upload left
-behind. Checking a blob for a job and removing one are serialised by one lock, so a
-job can never be accepted for a blob that the sweep is removing: either the job's check
-marks it used first and the sweep keeps it, or the blob is gone first and the job is
-refused with "upload it first".
+default, at least an hour; 0 keeps every blob), and temporary files that an
+interrupted upload left behind. Checking a blob for a job and removing one are
+serialised by one lock, so a job can never be accepted for a blob that the sweep
+removes: either the job's check dates it first, and no retention removes a blob used
+within the hour (the job is recorded long before), or the blob is gone first and the
+job is refused with "upload it first".
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import stat
 import tempfile
 import threading
 import time
@@ -29,7 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
-from nodeclient.coordinator import store
+from nodeclient.coordinator import classes, store
+from nodeclient.errors import ProtocolError
 from nodeclient.protocol.blobs import SHA256_HEX
 
 if TYPE_CHECKING:
@@ -58,6 +61,7 @@ class BlobStore:
         self.directory = directory
         self._now = clock
         self._lock = threading.Lock()  # held by use() and by each removal of a sweep
+        self._undatable_said = False
 
     def path(self, sha256: str) -> Path:
         if not SHA256_HEX.fullmatch(sha256):
@@ -74,14 +78,14 @@ class BlobStore:
         see all or nothing), fsync the directory so the name survives a crash as well as
         the bytes, and date the blob's use."""
         final = self.path(sha256)
-        with self._lock:
+        with self._lock:  # a sweep never sees the new name undated
             os.replace(tmp, final)
-            dir_fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
             self._date(final)
+        dir_fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
 
     def store(self, sha256: str, data: bytes) -> None:
         """Hold *data*, whose SHA-256 the caller checked, as ``sha256``; a blob already
@@ -102,20 +106,39 @@ class BlobStore:
                 os.unlink(tmp)
 
     def use(self, sha256: str) -> bool:
-        """Whether the store holds *sha256*; if it does, the blob is dated as used now, so
-        the next sweep keeps it for another retention period."""
+        """Whether the store holds *sha256* (as a regular file); if it does, the blob is
+        dated as used now, so the next sweep keeps it for another retention period."""
         if not SHA256_HEX.fullmatch(sha256):
             return False
+        path = self.directory / sha256
         with self._lock:
             try:
-                self._date(self.directory / sha256)
+                if not stat.S_ISREG(path.lstat().st_mode):
+                    return False
             except FileNotFoundError:
                 return False
+            self._date(path)
             return True
 
     def _date(self, path: Path) -> None:
+        """Set the blob's times to now; a blob this process may not date (another owner, a
+        read-only mount) is still served, and goes by its old date (said once)."""
         now = self._now()
-        os.utime(path, (now, now), follow_symlinks=False)
+        try:
+            os.utime(path, (now, now), follow_symlinks=False)
+        except FileNotFoundError:
+            raise
+        except OSError as exc:
+            if not self._undatable_said:
+                self._undatable_said = True
+                log.warning(
+                    "blobs.undatable",
+                    extra={
+                        "blob": path.name,
+                        "error": str(exc),
+                        "fix": "give the coordinator's user ownership of its blob directory",
+                    },
+                )
 
     def sweep(self, *, in_use: Collection[str], retention: float) -> Swept:
         """Remove every blob not in *in_use* whose last use is more than *retention*
@@ -129,27 +152,35 @@ class BlobStore:
             names = os.listdir(self.directory)
         except FileNotFoundError:
             return Swept(0, 0, 0, 0)
+        failed: OSError | None = None
         for name in names:
             path = self.directory / name
-            if name.startswith(TEMP_PREFIXES):
-                with contextlib.suppress(FileNotFoundError):
-                    if wall - path.stat().st_mtime > STALE_TEMP_S:
+            try:
+                if name.startswith(TEMP_PREFIXES):
+                    st = path.lstat()
+                    if stat.S_ISREG(st.st_mode) and wall - st.st_mtime > STALE_TEMP_S:
                         path.unlink()
                         temporaries += 1
-                continue
-            if not SHA256_HEX.fullmatch(name):
-                continue  # not ours: left alone
-            with self._lock:
-                try:
-                    st = path.stat()
+                    continue
+                if not SHA256_HEX.fullmatch(name):
+                    continue  # not the store's: left alone
+                with self._lock:
+                    st = path.lstat()
+                    if not stat.S_ISREG(st.st_mode):
+                        continue  # nor is anything but a regular file (never served)
                     if retention <= 0 or name in in_use or now - st.st_mtime <= retention:
                         kept += 1
                         continue
                     path.unlink()
-                except FileNotFoundError:
-                    continue
-            removed += 1
-            freed += st.st_size
+                removed += 1
+                freed += st.st_size
+            except FileNotFoundError:
+                continue
+            except OSError as exc:  # a read-only mount, another owner: it stays
+                failed = failed or exc
+                kept += not name.startswith(TEMP_PREFIXES)
+        if failed is not None:
+            log.warning("blobs.sweep_incomplete", extra={"error": str(failed)})
         return Swept(removed, freed, kept, temporaries)
 
 
@@ -181,3 +212,18 @@ async def sweep_blobs(coord: Coordinator) -> None:
             await sweep_once(coord)
         except Exception:  # a full disk, a database hiccup: try again next time
             log.exception("blobs.sweep_failed")
+
+
+def payload_blobs(max_bytes: int) -> Callable[[str, bytes], list[str]]:
+    """``refs(workload_class, payload)``: the blobs a stored task payload references."""
+
+    def refs(workload_class: str, payload: bytes) -> list[str]:
+        wclass = classes.REGISTRY.get(workload_class)
+        if wclass is None:
+            return []
+        try:
+            return [sha for _, sha in wclass.blobs(payload, max_bytes)]
+        except (ProtocolError, ValueError):  # validated when submitted: cannot happen
+            return []
+
+    return refs

@@ -21,6 +21,9 @@ AUTH_TIMEOUT_S: Final = 10.0
 AUTH_MAX_SKEW_S: Final = 300
 UNSTAKE_MAX_SKEW_S: Final = 300
 MIB: Final = 1024 * 1024
+# A blob checked for a job is dated then: kept at least this long, the job is recorded
+# long before a sweep could remove it (coordinator/blobstore.py).
+MIN_BLOB_RETENTION: Final = 3600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,8 +80,8 @@ class CoordinatorConfig:
             raise UsageError("max nodes per wallet must be at least 1")
         if self.chain_id < 1:
             raise UsageError("chain id must be positive")
-        if self.blob_retention < 0:
-            raise UsageError("blob retention must not be negative (0 keeps every blob)")
+        if self.blob_retention != 0 and self.blob_retention < MIN_BLOB_RETENTION:
+            raise UsageError("blob retention must be 0 (keep every blob) or at least 1 hour")
         if self.blob_sweep_interval <= 0:
             raise UsageError("the blob sweep interval must be positive")
 

@@ -19,10 +19,16 @@ from dataclasses import replace
 from typing import Any, Final, Protocol
 
 from nodeclient.clock import Clock
-from nodeclient.coordinator.blobstore import BlobStore
+from nodeclient.coordinator.blobstore import BlobStore, payload_blobs
 from nodeclient.coordinator.config import CoordinatorConfig
 from nodeclient.coordinator.metrics import CoordinatorMetrics
-from nodeclient.coordinator.store import Database, NodeInfo, coordinator_id, load_nodes
+from nodeclient.coordinator.store import (
+    Database,
+    NodeInfo,
+    coordinator_id,
+    fill_job_blobs,
+    load_nodes,
+)
 from nodeclient.coordinator.store import write_heartbeats as _write_heartbeats
 from nodeclient.protocol import messages
 
@@ -152,6 +158,9 @@ class Coordinator:
         self.db = db
         self.blobs = BlobStore(config.blob_dir, clock=clock.now)
         self.coordinator_id: str = db.run_sync(lambda s: coordinator_id(s, config.coordinator_id))
+        # Jobs submitted before jobs recorded their blobs: recorded once, before any sweep.
+        refs = payload_blobs(config.max_payload_bytes)
+        db.run_sync(lambda s: fill_job_blobs(s, refs))
         # Bumped whenever what makes a node a scheduling candidate may have changed: its
         # registration (node cache), its link, or its online flag (roster_changed()). The
         # scheduler rebuilds its candidate list only when this moves.

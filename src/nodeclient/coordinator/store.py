@@ -24,10 +24,10 @@ import secrets
 import threading
 import uuid
 from collections import deque
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any, TypeVar, cast
+from typing import Any, Final, TypeVar, cast
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
@@ -424,6 +424,29 @@ def insert_job(
         )
     session.add_all(m.JobBlob(job_id=job_id, sha256=sha) for sha in sorted(set(blobs)))
     return job_id
+
+
+_JOB_BLOBS_FILLED: Final = "job_blobs_filled"
+
+
+def fill_job_blobs(session: Session, refs: Callable[[str, bytes], Iterable[str]]) -> int:
+    """Once per database: record the blobs of the unfinished jobs submitted before jobs
+    recorded them (``job_blobs``), so that the blob store's sweep keeps them too.
+    *refs(workload_class, payload)* lists a task payload's blobs. Returns the jobs filled.
+    """
+    if session.get(m.Meta, _JOB_BLOBS_FILLED) is not None:
+        return 0
+    filled = 0
+    unfinished = select(m.Job.job_id, m.Job.workload_class).where(
+        m.Job.status.not_in((m.SUCCEEDED, m.FAILED))
+    )
+    for job_id, workload_class in session.execute(unfinished).all():
+        payloads = session.execute(select(m.Task.payload).where(m.Task.job_id == job_id))
+        shas = {sha for (payload,) in payloads for sha in refs(workload_class, payload)}
+        session.add_all(m.JobBlob(job_id=job_id, sha256=sha) for sha in sorted(shas))
+        filled += bool(shas)
+    session.add(m.Meta(key=_JOB_BLOBS_FILLED, value="1"))
+    return filled
 
 
 def blobs_in_use(session: Session) -> set[str]:
