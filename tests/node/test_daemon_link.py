@@ -457,15 +457,16 @@ class RunsUntilCancelled(Executor):
         raise AssertionError("unreachable")
 
 
-def test_a_replaced_link_stops_the_daemon_and_its_running_task(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, events: Events
+def test_a_link_replaced_twice_stops_the_daemon(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, waits: Waits, events: Events
 ) -> None:
-    """4004 on the live link: another process linked with this node's keys. Linking again
-    would replace that one in turn, for ever, both running tasks the coordinator may give
-    out twice. So the daemon does not link again: it cancels its running task (nothing is
-    committed or signed) and stops with LinkReplaced, exit 78, which systemd does not
-    restart, and says what to do."""
+    """4004 on the live link: another process linked with this node's keys. The daemon
+    cancels its running task (nothing is committed or signed) and links again only after
+    a pause; replaced again within REPLACED_WINDOW_S, it does not link again (the two
+    would take turns for ever, both running tasks the coordinator may give out twice) and
+    stops with LinkReplaced, exit 78, which systemd does not restart."""
     answer_registration(monkeypatch, lambda _r: httpx.Response(201, json={"status": "registered"}))
+    monkeypatch.setattr(daemon_module, "REPLACED_PAUSE_S", 0.3)
     clock = ManualClock()
     daemon = make_daemon(
         tmp_path, url=f"http://127.0.0.1:{free_port()}", clock=clock, executor=RunsUntilCancelled
@@ -477,16 +478,39 @@ def test_a_replaced_link_stops_the_daemon_and_its_running_task(
         await ws.send(dispatch(daemon, payload_key(), task_id))
         await asyncio.wait_for(RunsUntilCancelled.started.wait(), 10)
 
-    sessions = [Session(up_for=1.0, close=4004, then=dispatch_then_replace)]
+    window = daemon_module.REPLACED_WINDOW_S
+    sessions = [
+        Session(up_for=1.0, close=4004, then=dispatch_then_replace),
+        Session(up_for=window - 1.0, close=4004),  # again, within the window
+    ]
+    started = time.monotonic()
     with pytest.raises(daemon_module.LinkReplaced) as caught:
         asyncio.run(run_link(daemon, clock, sessions))
 
     assert caught.value.exit_code == 78
+    assert time.monotonic() - started >= 0.3  # the pause before linking again
     assert RunsUntilCancelled.cancelled == [task_id]
     assert daemon.running == {} and daemon.outbox.get(task_id) is None  # nothing signed
-    assert daemon.link.reconnects == 0 and daemon.link.status == "down"
+    assert daemon.link.reconnects == 1 and daemon.link.status == "down"
     assert daemon._stopping.is_set()
-    (replaced,) = events.named("link.replaced")
-    assert replaced.levelno == logging.ERROR
-    assert "same node key" in replaced.__dict__["fix"]
-    assert "rotate-liveness" in replaced.__dict__["fix"]
+    first, second = events.named("link.replaced")
+    assert first.levelno == second.levelno == logging.ERROR
+    assert first.__dict__["action"] == "linking again in 0 s"
+    assert second.__dict__["action"] == "stopping"
+    assert "same node key" in first.__dict__["fix"]
+    assert "rotate-liveness" in first.__dict__["fix"]
+
+
+def test_links_replaced_far_apart_do_not_stop_the_daemon(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, waits: Waits, events: Events
+) -> None:
+    """A 4004 now and then (a proxy's, say) costs a pause each, not the node."""
+    monkeypatch.setattr(daemon_module, "REPLACED_PAUSE_S", 0.0)
+    daemon, clock, _ = linked_daemon(tmp_path, monkeypatch)
+    window = daemon_module.REPLACED_WINDOW_S
+    sessions = [Session(up_for=window + 1.0, close=4004) for _ in range(3)]
+    asyncio.run(run_link(daemon, clock, sessions))  # ends as the test asks: no LinkReplaced
+    assert daemon.link.reconnects == 3 and daemon._fatal is None
+    assert [e.__dict__["action"] for e in events.named("link.replaced")] == [
+        "linking again in 0 s"
+    ] * 3

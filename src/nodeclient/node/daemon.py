@@ -61,6 +61,10 @@ CLOSE_REPLACED: Final = 4004
 # An authenticated session that lasted this long resets the reconnect backoff, however it
 # ended; one that ends sooner (even with a clean close) backs off further.
 STABLE_LINK_S: Final = 10.0
+# A link replaced (4004) by another process with this node's keys: the daemon links
+# again after this pause; replaced again within the window, it stops (LinkReplaced).
+REPLACED_PAUSE_S: Final = 60.0
+REPLACED_WINDOW_S: Final = 900.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,10 +78,11 @@ class Retention:
 
 _REPLACED_FIX: Final = (
     "another connection with this node's key replaced this link: two daemons are running "
-    "with the same node key (a copied node home?), and this one, the older, has stopped so "
-    "that the two never run and sign the same task. Each node needs its own home, made "
-    "with `nodeclient init`. If no other daemon of yours runs, someone has this node's "
-    "liveness key: run `nodeclient keys rotate-liveness`, then start this one again"
+    "with the same node key (a copied node home?). This one cancelled its running tasks, "
+    "and stops if it is replaced again, so that the two do not both run and sign the same "
+    "tasks. Each node needs its own home, made with `nodeclient init`. If no other daemon "
+    "of yours runs, someone has this node's liveness key: run `nodeclient keys "
+    "rotate-liveness`, then start this one again"
 )
 
 
@@ -95,10 +100,10 @@ class RegistrationRefused(NeedsOperator):
 
 class LinkReplaced(NeedsOperator):
     """Another process linked with this node's keys, and the coordinator closed this
-    daemon's live link for it (4004). Linking again would close the other one in turn,
-    and the two would take turns for ever, each running tasks the other may be given
-    again after a lease ends: this one stops instead (exit 78), and its running tasks
-    with it, so that it signs nothing more."""
+    daemon's live link for it (4004), twice within REPLACED_WINDOW_S. Linking again
+    would close the other one in turn, and the two would take turns for ever, each
+    running tasks the other may be given again after a lease ends: this one stops
+    instead (exit 78)."""
 
 
 @dataclass
@@ -109,6 +114,7 @@ class RunningTask:
     slice_index: int | None
     received_at: float
     handle: asyncio.Task[None] | None = None
+    outcome: str | None = None  # how it ended, once counted (_task_ended)
 
 
 @dataclass
@@ -170,6 +176,8 @@ class NodeDaemon:
         self._stopping = asyncio.Event()
         self._rand = random.SystemRandom()
         self._fatal: NeedsOperator | None = None
+        self._replaced_at: float | None = None  # when another process last took the link
+        self._pause = 0.0  # the next reconnect waits at least this long
         self._fetch = inputs.http_fetcher(self.url)
         self._blobs = inputs.blob_cache(home / "blobs")  # render scenes, fetched once
         self._pending_sends: set[asyncio.Future[None]] = set()
@@ -250,13 +258,20 @@ class NodeDaemon:
     def _ended(self, workload_class: str, outcome: str, received_at: float) -> None:
         self.metrics.task_ended(workload_class, outcome, self.clock.now() - received_at)
 
+    def _task_ended(self, task: RunningTask, outcome: str) -> None:
+        """Count how a running task ended, once (a cancel may follow its commit)."""
+        if task.outcome is None:
+            task.outcome = outcome
+            self._ended(task.workload_class, outcome, task.received_at)
+
     def _abandon_running(self) -> None:
-        """Cancel every running task: its worker is killed, nothing is committed or signed,
-        and the coordinator gives it out again when its lease ends."""
+        """Cancel every running task: a task still executing has its worker killed and is
+        never signed (the coordinator gives it out again when its lease ends); a result
+        already being committed stays in the outbox and is sent on the next link."""
         for task in self.running.values():
-            if task.handle is not None:
+            if task.handle is not None and not task.handle.done():
                 task.handle.cancel()
-                self._ended(task.workload_class, "cancelled", task.received_at)
+                self._task_ended(task, "cancelled")
 
     def request_stop(self) -> None:
         """SIGTERM: take no new work, finish running tasks, flush the outbox, exit 0."""
@@ -345,15 +360,16 @@ class NodeDaemon:
             if self._stopping.is_set():
                 break
             self.link.reconnects += 1
-            delay = next(delays)
+            delay, self._pause = max(next(delays), self._pause), 0.0
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), timeout=delay)
 
     def _link_closed(self, exc: ConnectionClosed) -> bool:
         """Log how the coordinator closed the link; True when the node must register again.
 
-        4004 on the live link means another process linked with this node's keys: stop
-        (LinkReplaced) rather than replace that link in turn.
+        4004 on the live link means another process linked with this node's keys: cancel
+        the running tasks and link again after REPLACED_PAUSE_S; the second time within
+        REPLACED_WINDOW_S, stop (LinkReplaced) rather than replace that link in turn.
         """
         code = exc.rcvd.code if exc.rcvd else None
         reason = exc.rcvd.reason if exc.rcvd else ""
@@ -361,11 +377,27 @@ class NodeDaemon:
         if code != CLOSE_REPLACED:
             log.warning("link.closed", extra={"code": code, "reason": reason})
             return code in (CLOSE_NOT_REGISTERED, CLOSE_AUTH_FAILED)
-        log.error("link.replaced", extra={"code": code, "reason": reason, "fix": _REPLACED_FIX})
         if self._stopping.is_set():  # stopping anyway: nothing more to do
+            log.error("link.replaced", extra={"code": code, "reason": reason})
+            return False
+        # The running tasks go either way: the other process holds the link now.
+        self._abandon_running()
+        now = self.clock.now()
+        again = self._replaced_at is not None and now - self._replaced_at <= REPLACED_WINDOW_S
+        self._replaced_at = now
+        log.error(
+            "link.replaced",
+            extra={
+                "code": code,
+                "reason": reason,
+                "action": "stopping" if again else f"linking again in {REPLACED_PAUSE_S:.0f} s",
+                "fix": _REPLACED_FIX,
+            },
+        )
+        if not again:  # once may be a fluke (a proxy's): link again, after a pause
+            self._pause = REPLACED_PAUSE_S
             return False
         self._fatal = LinkReplaced(_REPLACED_FIX)
-        self._abandon_running()
         self._set_link("down")
         self._stopping.set()
         raise self._fatal from None
@@ -462,7 +494,7 @@ class NodeDaemon:
                 timed_out = msg.reason == "lease ended"  # the coordinator's lease expired
                 self.timed_out += int(timed_out)
                 outcome = "timed_out" if timed_out else "cancelled"
-                self._ended(task.workload_class, outcome, task.received_at)
+                self._task_ended(task, outcome)
                 log.info(
                     "task.cancelled", extra={"task_id": str(msg.task_id), "reason": msg.reason}
                 )
@@ -549,7 +581,7 @@ class NodeDaemon:
                         on_progress=self._progress_reporter(task.task_id),
                     )
                 except EnvelopeError as exc:  # only open_envelope raises it
-                    self._ended(task.workload_class, "rejected", task.received_at)
+                    self._task_ended(task, "rejected")
                     await self._reject(task.task_id, f"payload decryption failed: {exc}")
                     return
                 except TaskFailed as exc:
@@ -557,7 +589,7 @@ class NodeDaemon:
                     timed_out = exc.reason.startswith("deadline exceeded")  # the lease's end
                     self.timed_out += int(timed_out)
                     outcome = "timed_out" if timed_out else "failed"
-                    self._ended(task.workload_class, outcome, task.received_at)
+                    self._task_ended(task, outcome)
                     await self._reject(task.task_id, exc.reason)
                     return
                 except Exception as exc:  # a bug, or garbage from a worker
@@ -565,7 +597,7 @@ class NodeDaemon:
                     # the task goes elsewhere now rather than when its lease runs out. The
                     # reason names only the type: the traceback stays in this node's log.
                     log.exception("task.internal_error")
-                    self._ended(task.workload_class, "failed", task.received_at)
+                    self._task_ended(task, "failed")
                     await self._reject(task.task_id, f"internal error: {type(exc).__name__}")
                     return
                 log.info(
@@ -581,13 +613,13 @@ class NodeDaemon:
                     # Nothing was recorded, signed or sent: refuse, so the task goes elsewhere
                     # now rather than when its lease runs out.
                     log.error("outbox.commit_failed", extra={"error": str(exc)})
-                    self._ended(task.workload_class, "failed", task.received_at)
+                    self._task_ended(task, "failed")
                     await self._reject(
                         task.task_id,
                         f"node could not store the result durably: {exc}"[: messages.MAX_REASON],
                     )
                     return
-                self._ended(task.workload_class, "completed", task.received_at)
+                self._task_ended(task, "completed")
                 await self._deliver(entry)
             except asyncio.CancelledError:
                 log.info("task.cancelled")
