@@ -13,8 +13,15 @@ from sqlalchemy.orm import Session
 
 from nodeclient.coordinator import models as m
 from nodeclient.coordinator import scheduler
-from nodeclient.coordinator.scheduler import Candidate, assign_tx, node_lost_tx
+from nodeclient.coordinator.scheduler import (
+    Candidate,
+    assign_tx,
+    node_lost_tx,
+    undeliverable_tx,
+)
 from nodeclient.coordinator.store import Database
+from nodeclient.coordinator.verifier import reject_tx
+from tests.coordinator.conftest import DB_URL
 
 NOW = 1_800_000_000.0
 
@@ -143,6 +150,40 @@ def test_a_round_stops_paging_once_the_slots_are_full(
     assert len(placed) == 2 and len(pages) == 1
 
 
+def test_a_long_queue_for_busy_nodes_does_not_hide_work_from_idle_ones(db: Database) -> None:
+    """Far more than MAX_PAGES pages of tier-3 render slices, which only a busy node can
+    take, queued first: an inference task behind them is placed on an idle tier-0 node in
+    the same round (later pages ask only for what a free node can take)."""
+    db.run_sync(
+        lambda s: add_job(
+            s, tasks=scheduler.MAX_PAGES * scheduler.BATCH + 50,
+            workload_class="media.render", min_tier=3,
+        )
+    )  # fmt: skip
+    _, (inference,) = db.run_sync(lambda s: add_job(s, tasks=1, queued_at=NOW + 60))
+    renderer = Candidate("0xR", 3, "eu-west", frozenset({"media.render"}), 1)
+    idle = Candidate("0xI", 0, "eu-west", frozenset({"ai.inference"}), 4)
+    placed = db.run_sync(lambda s: assign_tx(s, [renderer, idle], now=NOW, lease_seconds=300))
+    assert sorted((a.workload_class, a.node_id) for a in placed) == [
+        ("ai.inference", "0xI"), ("media.render", "0xR"),
+    ]  # fmt: skip
+    assert next(a for a in placed if a.node_id == "0xI").task_id == inference
+
+
+def test_a_round_places_payloads_up_to_its_byte_budget(
+    db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A round reads, seals and frames every payload it places in memory: it stops at
+    ROUND_BYTES (always placing one, however large), and the rest wait for the next."""
+    monkeypatch.setattr(scheduler, "ROUND_BYTES", 18)  # each test payload is 9 bytes
+    db.run_sync(lambda s: add_job(s, tasks=5))
+    first = db.run_sync(lambda s: assign_tx(s, [node(capacity=8)], now=NOW, lease_seconds=300))
+    assert len(first) == 2
+    monkeypatch.setattr(scheduler, "ROUND_BYTES", 1)
+    second = db.run_sync(lambda s: assign_tx(s, [node(capacity=8)], now=NOW, lease_seconds=300))
+    assert len(second) == 1
+
+
 def test_pages_stop_at_the_limit(db: Database, monkeypatch: pytest.MonkeyPatch) -> None:
     """A round reads at most MAX_PAGES pages when nothing can be placed."""
     db.run_sync(lambda s: add_job(s, tasks=3 * scheduler.BATCH))
@@ -267,3 +308,45 @@ def test_a_cancel_on_its_way_is_not_overtaken_by_its_dispatch(db: Database) -> N
     assert sorted(sent) == sorted([("cancel", ending), ("dispatch", standing)])
     Coordinator.granted(coord, [(address, ending)])  # type: ignore[arg-type]
     assert (address, ending) not in coord.withdrawn  # a new lease is dispatched again
+
+
+@pytest.fixture
+def any_db(tmp_path: Path) -> Iterator[Database]:
+    """The suite's database: PostgreSQL with NODECLIENT_TEST_DB_URL, else SQLite."""
+    database = Database(DB_URL or f"sqlite:///{tmp_path / 'c.db'}")
+    try:
+        yield database
+    finally:
+        database.close()
+
+
+def test_a_failed_send_undoes_only_its_own_lease(any_db: Database) -> None:
+    """A slow send of attempt 1 that fails after the task went back to the queue and out
+    again to the same node (attempt 2) leaves the newer lease alone."""
+    _, (task_id,) = any_db.run_sync(
+        lambda s: add_job(s, tasks=1, status=m.LEASED, node_id="0xA", attempts=2)
+    )
+    any_db.run_sync(lambda s: undeliverable_tx(s, task_id, "0xA", NOW, attempt=1))
+    task = any_db.run_sync(lambda s: s.get_one(m.Task, task_id))
+    assert (task.status, task.node_id, task.attempts) == (m.LEASED, "0xA", 2)
+    any_db.run_sync(lambda s: undeliverable_tx(s, task_id, "0xA", NOW, attempt=2))
+    task = any_db.run_sync(lambda s: s.get_one(m.Task, task_id))
+    assert (task.status, task.node_id, task.attempts) == (m.QUEUED, None, 1)
+
+
+def test_a_reject_reason_with_control_characters_is_stored_escaped(any_db: Database) -> None:
+    """A node's reason is free text: a NUL (which PostgreSQL cannot store as text) or an
+    escape sequence is kept as \\xNN, so it neither breaks the link nor a terminal."""
+    _, (task_id,) = any_db.run_sync(
+        lambda s: add_job(s, tasks=1, status=m.LEASED, node_id="0xA", attempts=1)
+    )
+    decision, _ = any_db.run_sync(
+        lambda s: reject_tx(
+            s, uuid.UUID(task_id), "0xA", "out of\x00 memory \x1b[31m\tand\nmore",
+            now=NOW, max_attempts=3,
+        )
+    )  # fmt: skip
+    assert decision.status == "accepted"
+    task = any_db.run_sync(lambda s: s.get_one(m.Task, task_id))
+    assert task.status == m.QUEUED
+    assert task.reason.endswith("out of\\x00 memory \\x1b[31m\tand\nmore")

@@ -37,7 +37,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
-from sqlalchemy import and_, or_, select
+from sqlalchemy import and_, func, or_, select
 from sqlalchemy.orm import Session
 
 from nodeclient.coordinator import models as m
@@ -49,6 +49,9 @@ from nodeclient.protocol import envelope, messages
 log = logging.getLogger("nodeclient.coordinator.scheduler")
 BATCH = 256  # queued tasks looked at per page of a round
 MAX_PAGES = 8  # pages a round may read while it has placed less than a page
+# A round stops placing once the payloads it has placed reach this many bytes (it always
+# places one): each is read, sealed and framed in memory before it is sent.
+ROUND_BYTES = 256 * 1024 * 1024
 ROUND_REST = 3.0  # a round that took d seconds is followed by at least this many d of rest
 # Lease outcomes that count as the node failing the task (not "cancelled", "superseded",
 # "undelivered": those are not the node's doing).
@@ -160,6 +163,25 @@ class Roster:
         self.classes = frozenset(w for c in self.candidates for w in c.workload_classes)
         self.max_tier = max((c.hardware_tier for c in self.candidates), default=-1)
         self._idle_heaps: dict[_Group, list[_Entry]] = {}
+        # Per class, the nodes that serve it, highest tier first (free_tiers walks them).
+        self._by_tier = {
+            w: sorted(
+                (c for c in self.candidates if w in c.workload_classes and c.capacity > 0),
+                key=lambda c: -c.hardware_tier,
+            )
+            for w in self.classes
+        }
+
+    def free_tiers(self, used: Mapping[str, int]) -> dict[str, int]:
+        """Per class, the highest tier among the nodes serving it that have a free slot
+        (classes with none are left out): what a queued task may ask for and be placed."""
+        out: dict[str, int] = {}
+        for workload_class, nodes in self._by_tier.items():
+            for c in nodes:
+                if used.get(c.node_id, 0) < c.capacity:
+                    out[workload_class] = c.hardware_tier
+                    break
+        return out
 
     def idle_heap(self, group: _Group) -> list[_Entry]:
         """A fresh copy of the group's heap with every node idle."""
@@ -208,6 +230,10 @@ class Picker:
     def any_free(self) -> bool:
         """Whether some candidate still has a free slot, this round's picks included."""
         return self._roster.any_free(self._used)
+
+    def free_tiers(self) -> dict[str, int]:
+        """Roster.free_tiers, this round's picks included."""
+        return self._roster.free_tiers(self._used)
 
     def slots(self, node_id: str) -> int:
         """Free slots of a candidate now (capacity minus leases, this round's included)."""
@@ -452,10 +478,18 @@ def assign_tx(
     picker = Picker(roster, counts)
     placed: list[tuple[m.Task, m.Job, str, str]] = []
     after: tuple[float, str] | None = None
+    budget = [ROUND_BYTES]
+    # The first page asks only what some candidate serves at some tier; the next ones,
+    # only what a node with a free slot now can take: so a long queue of tasks that only
+    # busy nodes serve cannot hide the tasks behind it from idle nodes.
+    tiers: dict[str, int] | None = None
     for _ in range(MAX_PAGES):
-        page = _queued_page(session, roster, after)
-        placed += _place(session, picker, page)
-        if len(page) < BATCH or len(placed) >= BATCH or not picker.any_free():
+        page = _queued_page(session, roster, after, tiers)
+        placed += _place(session, picker, page, budget)
+        if len(page) < BATCH or len(placed) >= BATCH or budget[0] <= 0:
+            break
+        tiers = picker.free_tiers()
+        if not tiers:  # no slot free any more
             break
         after = (page[-1][5], page[-1][0])
     if not placed:
@@ -486,24 +520,35 @@ def assign_tx(
     return out
 
 
-_QueuedRow = tuple[str, str, str, int, str | None, float]
+_QueuedRow = tuple[str, str, str, int, str | None, float, int]
 
 
 def _queued_page(
-    session: Session, roster: Roster, after: tuple[float, str] | None
+    session: Session,
+    roster: Roster,
+    after: tuple[float, str] | None,
+    tiers: Mapping[str, int] | None = None,
 ) -> list[_QueuedRow]:
-    """The next BATCH queued tasks (oldest first) that some candidate could serve."""
+    """The next BATCH queued tasks (oldest first) that some candidate could serve, or with
+    *tiers* (class -> highest tier on offer), only those tasks, with their payload sizes."""
+    if tiers is None:
+        servable = and_(
+            m.Job.workload_class.in_(sorted(roster.classes)), m.Job.min_tier <= roster.max_tier
+        )
+    else:
+        servable = or_(
+            *(
+                and_(m.Job.workload_class == w, m.Job.min_tier <= tier)
+                for w, tier in sorted(tiers.items())
+            )
+        )
     query = (
         select(
             m.Task.task_id, m.Job.job_id, m.Job.workload_class, m.Job.min_tier, m.Job.region,
-            m.Task.queued_at,
+            m.Task.queued_at, func.length(m.Task.payload),
         )
         .join(m.Job, m.Job.job_id == m.Task.job_id)
-        .where(
-            m.Task.status == m.QUEUED,
-            m.Job.workload_class.in_(sorted(roster.classes)),
-            m.Job.min_tier <= roster.max_tier,
-        )
+        .where(m.Task.status == m.QUEUED, servable)
     )  # fmt: skip
     if after is not None:  # keyset paging, in the order below (portable: no row values)
         queued_at, task_id = after
@@ -514,13 +559,14 @@ def _queued_page(
             )
         )
     rows = session.execute(query.order_by(m.Task.queued_at, m.Task.task_id).limit(BATCH))
-    return [tuple(r) for r in rows]  # type: ignore[misc]
+    return [tuple(r) for r in rows]
 
 
 def _place(
-    session: Session, picker: Picker, queued: Sequence[_QueuedRow]
+    session: Session, picker: Picker, queued: Sequence[_QueuedRow], budget: list[int]
 ) -> list[tuple[m.Task, m.Job, str, str]]:
-    """Choose a node for each task of *queued* that one can take: (task, job, class, node)."""
+    """Choose a node for each task of *queued* that one can take: (task, job, class, node),
+    until the payload bytes placed use up *budget* (``[bytes left]``, updated)."""
     if not queued:
         return []
     ids = [q[0] for q in queued]
@@ -538,7 +584,9 @@ def _place(
         for j in session.scalars(select(m.Job).where(m.Job.job_id.in_({q[1] for q in queued})))
     }
     out: list[tuple[m.Task, m.Job, str, str]] = []
-    for task_id, job_id, wclass, min_tier, region, _ in queued:
+    for task_id, job_id, wclass, min_tier, region, _, size in queued:
+        if budget[0] <= 0:
+            break
         policy = RETRY_POLICIES.get(wclass)
         choice = picker.pick(
             workload_class=wclass,
@@ -551,6 +599,7 @@ def _place(
         )
         if choice is not None:
             out.append((tasks[task_id], jobs[job_id], wclass, choice))
+            budget[0] -= size or 0
     return out
 
 
@@ -560,10 +609,19 @@ def _any_queued(session: Session) -> bool:
     )
 
 
-def undeliverable_tx(session: Session, task_id: str, node_id: str, now: float) -> None:
-    """A dispatch that never left: undo its lease without spending an attempt."""
+def undeliverable_tx(
+    session: Session, task_id: str, node_id: str, now: float, *, attempt: int
+) -> None:
+    """A dispatch that never left: undo its lease without spending an attempt, if that
+    lease (*attempt*) still stands: a slow send that fails after the task went back to
+    the queue and out again, even to the same node, must not undo the newer lease."""
     task = session.get(m.Task, task_id)
-    if task is None or task.status != m.LEASED or task.node_id != node_id:
+    if (
+        task is None
+        or task.status != m.LEASED
+        or task.node_id != node_id
+        or task.attempts != attempt
+    ):
         return
     close_attempt(session, task_id, node_id, "undelivered", now)
     task.status, task.node_id, task.lease_deadline = m.QUEUED, None, None
@@ -760,7 +818,7 @@ class Scheduler:
 
         def undo(s: Session) -> None:
             for a in undelivered:
-                undeliverable_tx(s, a.task_id, a.node_id, now)
+                undeliverable_tx(s, a.task_id, a.node_id, now, attempt=a.attempt)
 
         await coord.db.run(undo)
         for a in undelivered:

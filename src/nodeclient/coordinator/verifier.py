@@ -205,11 +205,16 @@ def accept_result_tx(  # noqa: PLR0911 (one early answer per check)
     )
 
 
+# C0 controls (but tab and newline) and DEL, as \xNN: a node's free text, stored and shown
+_CONTROL = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F) if c not in (0x09, 0x0A)}
+
+
 def reject_tx(
     session: Session, task_id: uuid.UUID, node_id: str, reason: str, *, now: float,
     max_attempts: int,
 ) -> tuple[Decision, Lost | None]:  # fmt: skip
     """A node's signed refusal: re-queue the task elsewhere (the attempt counts)."""
+    reason = reason.translate(_CONTROL)  # stored as text: PostgreSQL refuses a NUL
     task = session.get(m.Task, str(task_id))
     if task is None or task.status != m.LEASED or task.node_id != node_id:
         return Decision("rejected", f"task {task_id} is not leased to this node"), None
