@@ -24,6 +24,7 @@ from nodeclient.node.executor import Executor, WorkerConfig
 from nodeclient.node.outbox import Outbox
 from nodeclient.protocol import eip712, envelope, messages
 from nodeclient.protocol.secp import Secp256k1Key
+from nodeclient.protocol.states import NodeState
 
 WALLET = 'wallet_address = "0x1111111111111111111111111111111111111111"\n'
 
@@ -115,6 +116,70 @@ def test_redispatch_of_a_pruned_task_is_refused_signed_not_run(tmp_path: Path) -
     assert "no longer held" in refused["message"]["reason"]
     assert recover(refused) == daemon.node_id
     assert daemon.running == {}
+
+
+def test_a_task_cancelled_before_it_started_frees_its_slot(tmp_path: Path) -> None:
+    """A cancel read in the same turn as its dispatch (both frames in one socket read)
+    cancels a task before its first step: its slot is free again and the node IDLE, so
+    the next dispatch runs instead of being refused as over capacity."""
+    daemon, key, link = make_daemon(tmp_path, executor=Answers)
+    first, second = uuid.uuid4(), uuid.uuid4()
+
+    async def scenario() -> None:
+        await daemon._on_frame(dispatch(daemon, key, first))
+        await daemon._on_frame(json.dumps(messages.Cancel(first, "withdrawn").to_wire()))
+        for _ in range(3):
+            await asyncio.sleep(0)
+        assert daemon.running == {}
+        assert daemon.state.state is NodeState.IDLE
+        await daemon._on_frame(dispatch(daemon, key, second))
+        while daemon.running:
+            await asyncio.sleep(0.01)
+
+    asyncio.run(scenario())
+    (frame,) = link.frames
+    assert frame["type"] == "result" and frame["message"]["task_id"] == "0x" + second.hex
+    assert daemon.outbox.get(first) is None
+
+
+class HeldLink(Capture):
+    """A link whose sends wait until released, as over a slow connection."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sending = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def send(self, data: str) -> None:
+        self.sending.set()
+        await self.release.wait()
+        await super().send(data)
+
+
+def test_a_cancel_after_the_work_is_done_does_not_stop_its_result(tmp_path: Path) -> None:
+    """Once the task has run, its result is committed, signed and sent even if a cancel
+    (a lease that just ended) arrives meanwhile: the coordinator takes a late result,
+    and a signed result must not wait in the outbox until the next reconnect."""
+    daemon, key, _ = make_daemon(tmp_path, executor=Answers)
+    task_id = uuid.uuid4()
+
+    async def scenario() -> HeldLink:
+        link = HeldLink()
+        daemon._ws = link  # type: ignore[assignment]
+        await daemon._on_frame(dispatch(daemon, key, task_id))
+        await asyncio.wait_for(link.sending.wait(), 10)  # committed; the send has begun
+        await daemon._on_frame(json.dumps(messages.Cancel(task_id, "lease ended").to_wire()))
+        await asyncio.sleep(0)
+        link.release.set()
+        while daemon._pending_sends or daemon.running:
+            await asyncio.sleep(0.01)
+        return link
+
+    link = asyncio.run(scenario())
+    (frame,) = link.frames
+    assert frame["type"] == "result" and frame["message"]["task_id"] == "0x" + task_id.hex
+    assert daemon.outbox.get(task_id) is not None
+    assert daemon.timed_out == 0  # it completed: counted once, as completed
 
 
 @pytest.mark.parametrize(

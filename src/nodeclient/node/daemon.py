@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -87,6 +88,11 @@ _REPLACED_FIX: Final = (
 
 
 def _pruned_reason(entry: OutboxEntry) -> str:
+    if entry.ack_status == "lost":
+        return (
+            "already completed, but this node's stored result could not be read and was "
+            "given up as lost; the task is not run again"
+        )
     return (
         f"already completed and acknowledged ({entry.ack_status}); its result is past this "
         "node's retention and no longer held, so the task is not run again"
@@ -492,7 +498,8 @@ class NodeDaemon:
             if task and task.handle:
                 task.handle.cancel()
                 timed_out = msg.reason == "lease ended"  # the coordinator's lease expired
-                self.timed_out += int(timed_out)
+                if task.outcome is None:  # not already counted (completed, failed)
+                    self.timed_out += int(timed_out)
                 outcome = "timed_out" if timed_out else "cancelled"
                 self._task_ended(task, outcome)
                 log.info(
@@ -541,6 +548,19 @@ class NodeDaemon:
             if self.state.state in (NodeState.READY, NodeState.IDLE):
                 self.state.transition(NodeState.EXECUTING, reason=f"task {d.task_id} started")
             task.handle = asyncio.create_task(self._execute(task, d))
+            task.handle.add_done_callback(functools.partial(self._task_gone, task))
+
+    def _task_gone(self, task: RunningTask, handle: asyncio.Task[None]) -> None:
+        """A task's coroutine has ended, however: even cancelled before its first step
+        (a cancel read in the same turn as its dispatch), when no ``finally`` of it runs."""
+        if self.running.get(task.task_id) is task:
+            del self.running[task.task_id]
+        if not self.running and self.state.state is NodeState.EXECUTING:
+            self.state.transition(NodeState.IDLE, reason="the last running task finished")
+        if not handle.cancelled() and handle.exception() is not None:  # a bug: say so
+            log.error(
+                "task.crashed", extra={"task_id": str(task.task_id)}, exc_info=handle.exception()
+            )
 
     def _refusal(self, d: messages.Dispatch) -> str:
         if self._stopping.is_set():
@@ -607,27 +627,34 @@ class NodeDaemon:
                         "result_size": len(result),
                     },
                 )
-                try:
-                    entry = await self._off_loop(self._commit, task, result)
-                except (OSError, sqlite3.Error) as exc:  # a full or failing disk
-                    # Nothing was recorded, signed or sent: refuse, so the task goes elsewhere
-                    # now rather than when its lease runs out.
-                    log.error("outbox.commit_failed", extra={"error": str(exc)})
-                    self._task_ended(task, "failed")
-                    await self._reject(
-                        task.task_id,
-                        f"node could not store the result durably: {exc}"[: messages.MAX_REASON],
-                    )
-                    return
-                self._task_ended(task, "completed")
-                await self._deliver(entry)
+                # The work is done: a cancel from here on (a lease that just ended, say)
+                # no longer stops the commit, whose thread would go on anyway, nor the
+                # sending of what it signed (the coordinator takes a late result).
+                finish = asyncio.ensure_future(self._finish(task, result))
+                self._pending_sends.add(finish)
+                finish.add_done_callback(self._pending_sends.discard)
+                await asyncio.shield(finish)
             except asyncio.CancelledError:
                 log.info("task.cancelled")
                 raise
-            finally:
-                self.running.pop(task.task_id, None)
-                if not self.running and self.state.state is NodeState.EXECUTING:
-                    self.state.transition(NodeState.IDLE, reason="the last running task finished")
+
+    async def _finish(self, task: RunningTask, result: bytes) -> None:
+        """Record, sign and send a finished task's result (2.3.6, 2.3.7)."""
+        with logs.bind(task_id=str(task.task_id), job_id=str(task.job_id)):
+            try:
+                entry = await self._off_loop(self._commit, task, result)
+            except (OSError, sqlite3.Error) as exc:  # a full or failing disk
+                # Nothing was recorded, signed or sent: refuse, so the task goes elsewhere
+                # now rather than when its lease runs out.
+                log.error("outbox.commit_failed", extra={"error": str(exc)})
+                self._task_ended(task, "failed")
+                await self._reject(
+                    task.task_id,
+                    f"node could not store the result durably: {exc}"[: messages.MAX_REASON],
+                )
+                return
+            self._task_ended(task, "completed")
+            await self._deliver(entry)
 
     def _progress_reporter(self, task_id: uuid.UUID) -> Callable[[float, float, str], None]:
         """Forward a task's progress to the coordinator, at most twice a second (and the end)."""
