@@ -124,6 +124,30 @@ class HostileRuntime:
                         outcome[f"{name}:{size}"] = errno.errorcode.get(exc.errno or 0, "?")
         return outcome
 
+    def do_forge_progress(self, order: dict[str, Any], workdir: Path, progress: Any) -> str:
+        """Write a progress frame of garbage for this task straight to the worker's answer
+        pipe (a task can: the descriptor and the task's id are in its own process), then
+        take a while."""
+        frame = sys._getframe()
+        while frame.f_code.co_name != "run_task":
+            assert frame.f_back is not None
+            frame = frame.f_back
+        fd, task_id = frame.f_locals["self"].out_fd, frame.f_locals["task_id"]
+        header = json.dumps({"op": "progress", "id": task_id, "done": order["done"]}).encode()
+        os.write(fd, len(header).to_bytes(4, "big") + (0).to_bytes(4, "big") + header)
+        time.sleep(2)
+        return "forged"
+
+    def do_readonly_tree(self, order: dict[str, Any], workdir: Path, progress: Any) -> str:
+        """Leave a directory whose entries cannot be unlinked, and one that cannot be read."""
+        (workdir / "ro").mkdir()
+        (workdir / "ro" / "f").write_text("x")
+        (workdir / "ro").chmod(0o555)
+        (workdir / "none" / "deep").mkdir(parents=True)
+        (workdir / "none" / "deep" / "g").write_text("y")
+        (workdir / "none").chmod(0)
+        return "left a read-only tree"
+
     def do_leave_child(self, order: dict[str, Any], workdir: Path, progress: Any) -> str:
         if os.fork() == 0:
             time.sleep(60)

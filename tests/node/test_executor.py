@@ -8,6 +8,8 @@ import io
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -350,6 +352,62 @@ def test_deadline_kills_the_task(node: Node) -> None:
     assert info.value.reason.startswith("deadline exceeded")
     assert time.monotonic() - began < 10
     node.inference_still_works()
+
+
+@pytest.mark.parametrize("done", ["x", None, "Infinity"])
+def test_a_forged_progress_frame_kills_the_worker_not_the_next_task(
+    node: Node, done: object
+) -> None:
+    """A task that writes a progress frame of garbage to the worker's pipe fails with a
+    protocol reason, and its worker is replaced: it is not put back while still busy,
+    where the next task would read the old task's frames."""
+    starts = len(node.executor.start_seconds)
+    with pytest.raises(TaskFailed) as info:
+        node.hostile({"do": "forge_progress", "done": done})
+    assert "broke the pipe protocol" in info.value.reason
+    assert "bad progress frame" in info.value.reason
+    node.inference_still_works()
+    assert len(node.executor.start_seconds) == starts + 1
+
+
+def test_a_read_only_tree_left_by_a_task_does_not_end_its_slot(node: Node) -> None:
+    """A task leaves a directory of mode 0555 with a file in it and one of mode 0000: the
+    worker cannot empty its directory, so it is replaced, and the fresh worker's
+    directory is emptied all the same (as root, or as the operator's own user)."""
+    assert json.loads(node.hostile({"do": "readonly_tree"})) == "left a read-only tree"
+    node.inference_still_works()
+    node.inference_still_works()
+
+
+def test_remove_tree_removes_what_a_task_made_read_only(tmp_path: Path) -> None:
+    """The same, for the removal itself, where permissions hold: a root test process
+    gives up the capabilities that let root ignore them."""
+    script = """
+import os, shutil, sys
+from pathlib import Path
+from nodeclient.node.executor import _remove_tree
+root = Path(sys.argv[1]) / "slot"
+(root / "ro").mkdir(parents=True)
+(root / "ro" / "f").write_text("x")
+os.chmod(root / "ro", 0o555)
+(root / "none" / "deep").mkdir(parents=True)
+(root / "none" / "deep" / "g").write_text("y")
+os.chmod(root / "none", 0)
+try:
+    shutil.rmtree(root)
+    sys.exit("a plain rmtree worked: permissions are not enforced here")
+except PermissionError:
+    pass
+_remove_tree(root)
+print("gone" if not root.exists() else "left")
+"""
+    prefix = ["setpriv", "--bounding-set=-dac_override,-fowner,-dac_read_search"]
+    command = [*(prefix if os.geteuid() == 0 else []), sys.executable, "-c", script]
+    done = subprocess.run(
+        [*command, str(tmp_path)], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "gone"
 
 
 def test_expired_deadline_fails_before_running(node: Node) -> None:

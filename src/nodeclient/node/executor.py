@@ -22,9 +22,12 @@ import fcntl
 import itertools
 import json
 import logging
+import math
 import os
 import shutil
 import signal
+import stat
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Mapping
@@ -179,6 +182,9 @@ class _Slot:
         except TimeoutError:
             self.kill("start-up timed out")
             frame = None
+        except RemoteProtocolError as exc:  # garbage before its ready frame
+            self.kill(f"worker broke the pipe protocol at start: {exc}")
+            frame = None
         if frame is None or frame.header.get("op") != "ready":
             self.kill(self.killed or "no ready frame")
             rc = await self.proc.wait()
@@ -246,8 +252,7 @@ class _Slot:
                 if frame.header.get("id") != header["id"]:
                     raise RemoteProtocolError("worker answered another task")
                 if frame.header["op"] == "progress":
-                    h = frame.header
-                    on_progress(float(h["done"]), float(h["total"]), str(h.get("note", "")))
+                    on_progress(*_progress(frame.header))
                     continue
                 return frame
         except (BrokenPipeError, ConnectionResetError):
@@ -362,10 +367,15 @@ class Executor:
             )
 
     def _fresh_workdir(self, slot: _Slot) -> None:
-        shutil.rmtree(slot.workdir, ignore_errors=True)
-        slot.workdir.mkdir(mode=0o700, parents=True)
-        if self.mode == MODE_BWRAP and os.geteuid() == 0:
-            os.chown(slot.workdir, sandbox.SANDBOX_UID, sandbox.SANDBOX_GID)
+        """An empty work directory for the slot's next worker, or _WorkerGone saying why
+        not (nothing of a task may be left for the next one to see)."""
+        try:
+            _remove_tree(slot.workdir)
+            slot.workdir.mkdir(mode=0o700, parents=True)
+            if self.mode == MODE_BWRAP and os.geteuid() == 0:
+                os.chown(slot.workdir, sandbox.SANDBOX_UID, sandbox.SANDBOX_GID)
+        except OSError as exc:
+            raise _WorkerGone(f"could not empty the slot's work directory: {exc}") from None
 
     async def _start(self, slot: _Slot) -> None:
         self._fresh_workdir(slot)
@@ -616,9 +626,49 @@ class Executor:
             await self._start(slot)
         except _WorkerGone as exc:  # the next task on this slot retries and reports it
             log.error("worker.restart_failed", extra={"slot": slot.index, "reason": exc.reason})
+        except Exception:  # a bug: the slot must not be lost with it
+            log.exception("worker.restart_failed", extra={"slot": slot.index})
         finally:
             assert self._idle is not None
             self._idle.put_nowait(slot)
+
+
+def _progress(header: Mapping[str, Any]) -> tuple[float, float, str]:
+    """(done, total, note) of a progress frame; RemoteProtocolError for garbage (what a
+    task prints through its runtime's progress callback is the task's to choose)."""
+    try:
+        done, total = float(header["done"]), float(header["total"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise RemoteProtocolError(f"bad progress frame: {exc!r}"[:200]) from None
+    if not (math.isfinite(done) and math.isfinite(total)):
+        raise RemoteProtocolError(f"bad progress frame: done {done}, total {total}")
+    total = max(total, 0.0)
+    return min(max(done, 0.0), total), total, str(header.get("note", ""))[:200]
+
+
+def _remove_tree(path: Path) -> None:
+    """Remove a work directory and everything in it, including what a task made read-only
+    (a directory of mode 0555 keeps its entries from an unlink): such a parent is made
+    writable and the removal tried again."""
+
+    def retry(func: Callable[[str], object], name: str, _exc: object) -> None:
+        parent = os.path.dirname(name)
+        with contextlib.suppress(FileNotFoundError):  # already gone, by a retry below
+            os.chmod(parent, stat.S_IMODE(os.lstat(parent).st_mode) | stat.S_IRWXU)
+            if os.path.isdir(name) and not os.path.islink(name):
+                os.chmod(name, stat.S_IRWXU)
+                remove(name)  # with its entries now reachable
+            else:
+                func(name)
+
+    def remove(name: str | Path) -> None:
+        if sys.version_info >= (3, 12):
+            shutil.rmtree(name, onexc=retry)
+        else:
+            shutil.rmtree(name, onerror=retry)
+
+    if path.exists() or path.is_symlink():
+        remove(path)
 
 
 def _widen_pipe(stream: object) -> None:
