@@ -10,6 +10,7 @@ import uuid
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 from eth_account import Account
@@ -21,10 +22,13 @@ from nodeclient.node import sandbox
 from nodeclient.node.config import load_config
 from nodeclient.node.daemon import NodeDaemon, Retention, RunningTask
 from nodeclient.node.executor import Executor, WorkerConfig
+from nodeclient.node.inputs import http_fetcher
 from nodeclient.node.outbox import Outbox
 from nodeclient.protocol import eip712, envelope, messages
 from nodeclient.protocol.secp import Secp256k1Key
 from nodeclient.protocol.states import NodeState
+from nodeclient.workloads.inference import make_request
+from tests.models import identity_model
 
 WALLET = 'wallet_address = "0x1111111111111111111111111111111111111111"\n'
 
@@ -317,3 +321,35 @@ def test_a_dispatch_whose_outbox_lookup_fails_is_neither_run_nor_refused(
     finally:
         daemon.outbox.close()
     assert link.frames == [] and daemon.running == {}
+
+
+def test_an_input_download_stops_at_the_lease_and_the_task_is_refused(
+    tmp_path: Path, drip: str
+) -> None:
+    """A model URL that drips a byte now and then: the download stops when the lease
+    ends, in the daemon's own fetch threads, and the task is refused with that reason."""
+    daemon, key, link = make_daemon(tmp_path, executor=Answers)
+    daemon._fetch = http_fetcher(drip)
+    task_id = uuid.uuid4()
+    request = make_request(
+        identity_model(), {"x": np.zeros(4, np.float32)}, inline=False, model_url=drip + "/m"
+    )
+    env = envelope.seal(
+        request.encode(), public_key=key.public_key(), task_id=task_id,
+        node_id=daemon.node_id, expires_at=int(time.time()) + 600,
+    )  # fmt: skip
+    lease_end = int(time.time()) + 2
+    frame = messages.Dispatch(task_id, uuid.uuid4(), "ai.inference", lease_end, env)
+
+    async def scenario() -> None:
+        await daemon._on_frame(json.dumps(frame.to_wire()))
+        while daemon.running:
+            await asyncio.sleep(0.05)
+
+    began = time.monotonic()
+    asyncio.run(asyncio.wait_for(scenario(), 15))  # unbounded, it would drip for hours
+    assert time.monotonic() - began < 6
+    (refused,) = link.frames
+    assert refused["type"] == "reject"
+    assert "did not finish before the task's deadline" in refused["message"]["reason"]
+    daemon._fetch_pool.shutdown(wait=True)

@@ -410,6 +410,47 @@ print("gone" if not root.exists() else "left")
     assert done.stdout.strip() == "gone"
 
 
+def test_a_run_cancelled_while_its_worker_starts_leaves_no_half_started_worker(
+    node: Node, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The run that must restart a dead worker is cancelled while the worker starts: the
+    half-started worker is killed, so the next task gets a fresh one instead of reading
+    the old one's late ready frame as its answer."""
+    executor = node.executor
+    (slot,) = executor._slots
+    node.inference_still_works()
+    node.wait(_stop_idle_worker(executor, slot))
+    starting = asyncio.Event()
+    real_start = type(slot).start
+
+    async def start(self: object, timeout: float) -> float:
+        starting.set()
+        return await real_start(self, timeout)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(type(slot), "start", start)
+
+    async def scenario() -> None:
+        run = asyncio.create_task(executor.run(HOSTILE, b'{"do": "echo", "data": "late"}'))
+        await asyncio.wait_for(starting.wait(), 30)
+        await asyncio.sleep(0.05)  # inside the start: bubblewrap and Python take longer
+        run.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await run
+
+    node.wait(scenario())
+    assert node.hostile({"do": "echo", "data": "next"}) == b"next"
+    node.inference_still_works()
+
+
+async def _stop_idle_worker(executor: object, slot: object) -> None:
+    """Once the slot is idle (its clean-up report read, no restart under way), kill its
+    worker: the next run has to start one."""
+    while executor._idle.qsize() == 0:  # type: ignore[attr-defined]
+        await asyncio.sleep(0.01)
+    slot.kill("stopped by the test")  # type: ignore[attr-defined]
+    await slot.proc.wait()  # type: ignore[attr-defined]
+
+
 def test_expired_deadline_fails_before_running(node: Node) -> None:
     """A deadline already passed (by the injected clock) never reaches a worker."""
     with pytest.raises(TaskFailed) as info:

@@ -3,8 +3,11 @@ and how it fetches them into a model cache that sandboxed workers can write."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
+import threading
+import time
 from pathlib import Path
 
 import httpx
@@ -13,7 +16,13 @@ import pytest
 
 from nodeclient.errors import RemoteProtocolError
 from nodeclient.node import sandbox
-from nodeclient.node.inputs import http_fetcher, needs_fetch, resolve
+from nodeclient.node.inputs import (
+    FetchLimits,
+    fetch_limits,
+    http_fetcher,
+    needs_fetch,
+    resolve,
+)
 from nodeclient.workloads.inference import make_request
 from nodeclient.workloads.tensors import encode_tensors, read_metadata
 from tests.models import identity_model
@@ -251,3 +260,40 @@ def test_render_blobs_are_fetched_once_per_node(tmp_path: Path) -> None:
     with pytest.raises(RemoteProtocolError, match="scene at /v1/blobs/.* has sha256"):
         resolve(render.CLASS, slice_payload(4), **args)
     assert not (tmp_path / "blobs" / sha).exists()
+
+
+# --- a download's limits: the task's deadline and its cancellation --------------------------
+
+
+@pytest.mark.parametrize("path", ["/drip", "/stall"])
+def test_a_download_stops_at_the_tasks_deadline(drip: str, path: str) -> None:
+    """A source that sends a byte now and then (every read well within the read timeout)
+    or nothing at all cannot hold a fetch past the task's deadline."""
+    limits = FetchLimits(deadline=time.monotonic() + 0.5, cancelled=threading.Event())
+    began = time.monotonic()
+    with fetch_limits(limits), pytest.raises(RemoteProtocolError, match="deadline"):
+        http_fetcher(drip)(path)
+    assert time.monotonic() - began < 3
+
+
+def test_a_cancelled_tasks_download_stops(drip: str) -> None:
+    """The daemon sets the flag when it cancels the task; the fetching thread stops at its
+    next chunk instead of holding a thread for the whole download."""
+    limits = FetchLimits(deadline=time.monotonic() + 60, cancelled=threading.Event())
+    threading.Timer(0.3, limits.cancelled.set).start()
+    began = time.monotonic()
+    with fetch_limits(limits), pytest.raises(RemoteProtocolError, match="cancelled"):
+        http_fetcher(drip)("/drip")
+    assert time.monotonic() - began < 3
+
+
+def test_limits_follow_a_thread_started_in_their_context(drip: str) -> None:
+    """asyncio.to_thread (and the daemon's copied context) carry the limits along."""
+    limits = FetchLimits(deadline=time.monotonic() + 0.3, cancelled=threading.Event())
+
+    async def fetch_in_a_thread() -> bytes:
+        with fetch_limits(limits):
+            return await asyncio.to_thread(http_fetcher(drip), "/drip")
+
+    with pytest.raises(RemoteProtocolError, match="deadline"):
+        asyncio.run(fetch_in_a_thread())

@@ -9,7 +9,9 @@ coordinator accepts exactly once, so resending is always safe.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
+import contextvars
 import functools
 import json
 import logging
@@ -17,6 +19,7 @@ import os
 import random
 import signal
 import sqlite3
+import threading
 import time
 import uuid
 from collections.abc import Callable, Coroutine
@@ -185,6 +188,11 @@ class NodeDaemon:
         self._replaced_at: float | None = None  # when another process last took the link
         self._pause = 0.0  # the next reconnect waits at least this long
         self._fetch = inputs.http_fetcher(self.url)
+        # Downloads of task inputs run here, so that a slow source can hold at most one
+        # thread per slot, never the default pool's threads that commit and ack results.
+        self._fetch_pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=self.slots, thread_name_prefix="nodeclient-fetch"
+        )
         self._blobs = inputs.blob_cache(home / "blobs")  # render scenes, fetched once
         self._pending_sends: set[asyncio.Future[None]] = set()
 
@@ -222,6 +230,7 @@ class NodeDaemon:
             server.close()
             with contextlib.suppress(FileNotFoundError):
                 (self.home / control.SOCKET_NAME).unlink()
+            self._fetch_pool.shutdown(wait=False, cancel_futures=True)
             await self.executor.aclose()
         log.info("daemon.stop", extra={"backlog": self.outbox.backlog(), "exit_status": status})
         return status
@@ -590,7 +599,7 @@ class NodeDaemon:
                     started = time.monotonic()
                     cache_dir = self.executor.config.cache_dir
                     if inputs.needs_fetch(task.workload_class, payload, cache_dir=cache_dir):
-                        payload = await asyncio.to_thread(self._resolve_inputs, task, payload)
+                        payload = await self._fetch_inputs(task, payload, d.lease_expires_at)
                     lease_left = max(0.0, d.lease_expires_at - self.clock.now())
                     result = await self.executor.run(
                         task.workload_class,
@@ -674,6 +683,23 @@ class NodeDaemon:
         task = asyncio.ensure_future(coro)
         self._pending_sends.add(task)
         task.add_done_callback(self._pending_sends.discard)
+
+    async def _fetch_inputs(self, task: RunningTask, payload: bytes, lease_end: float) -> bytes:
+        """_resolve_inputs in the fetch threads (one per slot, apart from the threads that
+        commit and acknowledge results), stopped at the lease's end or a cancel."""
+        limits = inputs.FetchLimits(
+            deadline=time.monotonic() + max(0.0, lease_end - self.clock.now()),
+            cancelled=threading.Event(),
+        )
+        with inputs.fetch_limits(limits):
+            context = contextvars.copy_context()
+        loop = asyncio.get_running_loop()
+        try:
+            call = functools.partial(context.run, self._resolve_inputs, task, payload)
+            return await loop.run_in_executor(self._fetch_pool, call)
+        except asyncio.CancelledError:
+            limits.cancelled.set()  # the thread stops at its next chunk
+            raise
 
     def _resolve_inputs(self, task: RunningTask, payload: bytes) -> bytes:
         """Fetch content-addressed inputs the offline worker needs (models, scenes)."""

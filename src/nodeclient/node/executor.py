@@ -504,6 +504,9 @@ class Executor:
                     await self._start(slot)
                 except _WorkerGone as exc:
                     raise TaskFailed(exc.reason, requester_fault=False) from None
+                except BaseException:  # cancelled half-way: a worker not known to be ready
+                    slot.kill("start interrupted")
+                    raise
             self._running[key] = slot
             return await self._run_on(
                 slot,

@@ -9,8 +9,13 @@ coordinator's blob store (``/v1/blobs/<sha256>``).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import hashlib
-from collections.abc import Callable
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
@@ -35,30 +40,73 @@ _FETCH_ERRORS: Final = (httpx.HTTPError, httpx.InvalidURL, UnicodeError)
 Fetch = Callable[[str], bytes]
 
 
+@dataclass(frozen=True, slots=True)
+class FetchLimits:
+    """What bounds the downloads of one task: its lease's end (``time.monotonic``) and its
+    cancellation. A thread cannot be cancelled: the download checks both between chunks,
+    and no read waits past the deadline."""
+
+    deadline: float
+    cancelled: threading.Event
+
+
+_LIMITS: contextvars.ContextVar[FetchLimits | None] = contextvars.ContextVar(
+    "nodeclient_fetch_limits", default=None
+)
+
+
+@contextlib.contextmanager
+def fetch_limits(limits: FetchLimits) -> Iterator[None]:
+    """Apply *limits* to every :func:`http_fetcher` download in this context (a thread
+    started from it, by ``asyncio.to_thread`` or a copied context, included)."""
+    token = _LIMITS.set(limits)
+    try:
+        yield
+    finally:
+        _LIMITS.reset(token)
+
+
 def http_fetcher(
     base_url: str, *, max_bytes: int = MAX_FETCH_BYTES, timeout: float = 60.0
 ) -> Fetch:
-    """GET a blob (relative URLs against *base_url*), refusing more than *max_bytes*."""
+    """GET a blob (relative URLs against *base_url*), refusing more than *max_bytes*, and
+    stopping at the limits of the task it is for (:func:`fetch_limits`)."""
 
     def fetch(url: str) -> bytes:
         if url.startswith("/"):
             url = base_url.rstrip("/") + url
         if not url.startswith(("http://", "https://")):
             raise RemoteProtocolError(f"blob URL must be http(s) or /v1/blobs/…: {url[:80]}")
+        limits = _LIMITS.get()
+        wait = timeout if limits is None else min(timeout, _left(limits, url))
         data = bytearray()
         try:
-            with httpx.stream("GET", url, timeout=timeout) as resp:
+            with httpx.stream("GET", url, timeout=wait) as resp:
                 if resp.status_code != 200:
                     raise RemoteProtocolError(f"GET {url[:80]} answered {resp.status_code}")
                 for chunk in resp.iter_bytes():
                     data += chunk
                     if len(data) > max_bytes:
                         raise RemoteProtocolError(f"blob at {url[:80]} exceeds {max_bytes} bytes")
+                    if limits is not None:
+                        _left(limits, url)
         except _FETCH_ERRORS as exc:
+            if limits is not None:
+                _left(limits, url)  # a read timed out at the deadline: say so
             raise RemoteProtocolError(f"GET {url[:80]!r} failed: {_short(exc)}") from exc
         return bytes(data)
 
     return fetch
+
+
+def _left(limits: FetchLimits, url: str) -> float:
+    """Seconds left to download *url*; RemoteProtocolError once there are none."""
+    if limits.cancelled.is_set():
+        raise RemoteProtocolError(f"GET {url[:80]!r} stopped: the task was cancelled")
+    left = limits.deadline - time.monotonic()
+    if left <= 0:
+        raise RemoteProtocolError(f"GET {url[:80]!r} did not finish before the task's deadline")
+    return left
 
 
 def _short(exc: BaseException) -> str:
