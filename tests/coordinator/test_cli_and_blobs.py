@@ -19,7 +19,9 @@ import pytest
 
 import nodeclient
 from nodeclient.coordinator.cli import main
-from nodeclient.errors import RemoteProtocolError
+from nodeclient.coordinator.client import CoordinatorClient
+from nodeclient.coordinator.config import CoordinatorConfig
+from nodeclient.errors import RemoteProtocolError, UsageError
 from nodeclient.workloads import inference
 from tests.coordinator.conftest import Running, inference_payload, inference_result, make_node
 from tests.models import identity_model
@@ -101,6 +103,37 @@ def test_submit_wait_jobs_job_and_result(coordinator: Running, rsa_keys, tmp_pat
     out = tmp_path / "result.bin"
     assert main(["result", job_id, "--coordinator", coordinator.url, "-o", str(out)]) == 0
     assert out.read_bytes() == result
+    capsys.readouterr()
+    missing = tmp_path / "no" / "such" / "dir" / "result.bin"
+    assert main(["result", job_id, "--coordinator", coordinator.url, "-o", str(missing)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot write the result to" in err
+
+
+def _answers(status: int, body: bytes, content_type: str = "application/json") -> CoordinatorClient:
+    """A client whose every request gets *status* and *body* (a proxy, a broken server)."""
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("/result"):
+            return httpx.Response(status, content=body, headers={"content-type": content_type})
+        return httpx.Response(200, json={"job_id": "j", "result_sha256": "0" * 64})
+
+    return CoordinatorClient("http://c.example", transport=httpx.MockTransport(answer))
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "says"),
+    [
+        (301, b"<html>moved</html>", "301 <html>moved</html>"),
+        (400, b'["no"]', '400 ["no"]'),
+        (200, b"bytes that are not the job's result", "has SHA-256"),
+    ],
+)
+def test_a_result_that_is_not_the_jobs_is_never_saved(status: int, body: bytes, says: str) -> None:
+    """A proxy's redirect page, an error whose JSON is not an object, or bytes that do not
+    match the job's published result_sha256: an error naming it, never a saved file."""
+    with pytest.raises(RemoteProtocolError, match=re.escape(says)):
+        _answers(status, body).job_result("j")
 
 
 def test_requester_errors_are_one_line(coordinator: Running, capsys) -> None:
@@ -195,3 +228,11 @@ def test_json_output(coordinator: Running, capsys, command: str) -> None:
         args.insert(1, job["job_id"])
     assert main(args) == 0
     assert job["job_id"] in capsys.readouterr().out
+
+
+def test_a_chain_id_past_a_signed_64_bit_integer_is_refused() -> None:
+    """EIP-712 takes a uint256, but the link's Challenge and SQL take 63 bits: refused at
+    configuration instead of an OverflowError at the first signature."""
+    with pytest.raises(UsageError, match="below 2\\*\\*63"):
+        CoordinatorConfig(chain_id=2**63)
+    assert CoordinatorConfig(chain_id=2**63 - 1).chain_id == 2**63 - 1

@@ -393,6 +393,20 @@ def test_config_wrong_type_is_one_line(
     assert f"{key} must be {expected}" in line and f"not {got}" in line
 
 
+@pytest.mark.parametrize("value", ["0", str(2**63), str(2**256)])
+def test_a_chain_id_out_of_range_is_one_line(
+    home: Path, capsys: pytest.CaptureFixture[str], value: str
+) -> None:
+    """A chain id of 0 or past 63 bits (the link's Challenge and SQL) is refused when the
+    config is read, not met as an OverflowError at the first signature."""
+    set_config(home, "chain_id", f"chain_id = {value}")
+    capsys.readouterr()
+    assert main(["manifest", "--home", str(home)]) == 2
+    assert "chain_id must be a positive integer below 2**63" in one_error_line(
+        capsys.readouterr().err
+    )
+
+
 # --- init: atomic config, and an interrupted init can be finished ----------------------------
 
 

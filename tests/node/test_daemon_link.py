@@ -33,6 +33,7 @@ from nodeclient.node import daemon as daemon_module
 from nodeclient.node.daemon import NodeDaemon, Retention, RunningTask
 from nodeclient.node.executor import Executor, WorkerConfig
 from nodeclient.node.outbox import Outbox
+from nodeclient.protocol import manifest as manifest_mod
 from nodeclient.protocol import messages
 from nodeclient.protocol.secp import Secp256k1Key
 from nodeclient.protocol.states import NodeState
@@ -514,3 +515,39 @@ def test_links_replaced_far_apart_do_not_stop_the_daemon(
     assert [e.__dict__["action"] for e in events.named("link.replaced")] == [
         "linking again in 0 s"
     ] * 3
+
+
+def test_registering_again_days_later_reissues_the_manifest(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The coordinator lost the node's record (4003) three days after the daemon started:
+    the manifest built at start is past the 24 h freshness limit, which would be a refusal
+    (exit 78, no restart). The daemon issues and signs it again at each registration."""
+    posted: list[dict[str, Any]] = []
+
+    def register(request: httpx.Request) -> httpx.Response:
+        posted.append(json.loads(request.content))
+        return httpx.Response(201, json={"status": "registered", "prior_registrations": []})
+
+    answer_registration(monkeypatch, register)
+    clock = ManualClock()
+    daemon = make_daemon(tmp_path, clock=clock)
+    liveness = daemon.session._liveness
+    daemon.manifest = manifest_mod.build_manifest(
+        node_key=daemon._node_key, liveness_address=liveness.address,
+        payload_key=daemon._payload_key, wallet_address="0x" + "11" * 20, region="eu-west",
+        cpu={"model": "EPYC", "cores": 2, "ram_gb": 24}, gpu=[],
+        workload_classes=["ai.inference"], max_parallel_subtasks=1, client_version="0.1.0",
+        issued_at=int(clock.now()), chain_id=31337,
+    )  # fmt: skip
+    clock.advance(3 * 24 * 3600)
+    asyncio.run(daemon.register())
+
+    (sent,) = posted
+    assert sent["issued_at"] == int(clock.now())
+    checked = manifest_mod.verify_manifest(sent, chain_id=31337, now=int(clock.now()))
+    assert checked.node_id == daemon.node_id
+    unchanged = {"issued_at", "signature", "node_signature"}
+    assert {k: v for k, v in sent.items() if k not in unchanged} == {
+        k: v for k, v in daemon.manifest.items() if k not in unchanged
+    }

@@ -222,3 +222,35 @@ def test_published_result_vector() -> None:
     assert eip712.domain_separator(CHAIN).hex() == DOMAIN_SEPARATOR
     assert eip712.signing_digest("Result", msg, chain_id=CHAIN).hex() == RESULT_DIGEST
     assert eip712.sign_typed(k, "Result", msg, chain_id=CHAIN).hex() == RESULT_SIGNATURE
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["00 " * 20 + "0000", "00\n" * 32, "0" * 63, "0g" * 32],
+)
+def test_hex_has_one_form(text: str) -> None:
+    """bytes.fromhex skips whitespace, so one value had many spellings: every hex field
+    is an even number of hex digits and nothing else."""
+    from nodeclient.protocol import messages
+    from nodeclient.protocol.secp import parse_signature_hex, strict_fromhex
+
+    with pytest.raises(ValueError, match="hex digits"):
+        strict_fromhex(text)
+    with pytest.raises(SignatureError):
+        eip712._from_json("bytes32", "0x" + text, "nonce")
+    if text.strip("0") and not text.isalnum():  # 130 characters, not 65 bytes of hex
+        with pytest.raises(SignatureError):
+            parse_signature_hex("0x" + (text * 9)[:130])
+    frame = {"type": "challenge", "coordinator_id": "c", "nonce": "0x" + text, "chain_id": 1}
+    frame["heartbeat_interval"] = 30
+    with pytest.raises(messages.RemoteProtocolError):
+        messages.Challenge.from_wire(frame)
+    assert strict_fromhex("00aAfF") == b"\x00\xaa\xff"
+
+
+def test_an_address_with_a_trailing_newline_is_refused() -> None:
+    from nodeclient.protocol.secp import parse_address
+
+    with pytest.raises(SignatureError):
+        parse_address("0x" + "ab" * 20 + "\n")
+    assert parse_address("0x" + "ab" * 20) == bytes.fromhex("ab" * 20)

@@ -187,13 +187,19 @@ def _requester(args: argparse.Namespace) -> int:
             else:
                 _print_job(one)
             return 0
-        data = client.job_result(args.job_id)
-        if args.output is None:
-            sys.stdout.buffer.write(data)
-            sys.stdout.buffer.flush()
-        else:
-            args.output.write_bytes(data)
+        _write_result(client.job_result(args.job_id), args.output)
         return 0
+
+
+def _write_result(data: bytes, output: Path | None) -> None:
+    if output is None:
+        sys.stdout.buffer.write(data)
+        sys.stdout.buffer.flush()
+        return
+    try:
+        output.write_bytes(data)
+    except OSError as exc:
+        raise UsageError(f"cannot write the result to {output}: {exc}") from exc
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -8,6 +8,7 @@ callers and the CLI print one line instead of a traceback.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -44,11 +45,13 @@ class CoordinatorClient:
             response = self._http.request(method, path, **kwargs)
         except httpx.TransportError as exc:
             raise UsageError(f"cannot reach the coordinator at {self.base_url}: {exc}") from exc
-        if response.status_code >= 400:
+        if not 200 <= response.status_code < 300:  # a redirect is a proxy's, not an answer
             try:
-                reason = str(response.json().get("error") or response.text)
+                body = response.json()
             except ValueError:
-                reason = response.text[:200] or response.reason_phrase
+                body = None
+            error = body.get("error") if isinstance(body, dict) else None
+            reason = str(error or response.text[:200] or response.reason_phrase)
             raise RemoteProtocolError(
                 f"coordinator: {method} {path}: {response.status_code} {reason}"
             )
@@ -134,7 +137,16 @@ class CoordinatorClient:
         return result
 
     def job_result(self, job_id: str) -> bytes:
-        return self._request("GET", f"/v1/jobs/{job_id}/result").content
+        """The job's result bytes, checked against the result_sha256 the job publishes."""
+        data = self._request("GET", f"/v1/jobs/{job_id}/result").content
+        expected = self.job(job_id).get("result_sha256")
+        actual = hashlib.sha256(data).hexdigest()
+        if actual != expected:
+            raise RemoteProtocolError(
+                f"coordinator: the result of job {job_id} has SHA-256 {actual}, but the job "
+                f"says {expected}: not saved"
+            )
+        return data
 
     def task_result(self, task_id: str) -> bytes:
         return self._request("GET", f"/v1/tasks/{task_id}/result").content

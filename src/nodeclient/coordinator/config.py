@@ -78,8 +78,8 @@ class CoordinatorConfig:
             raise UsageError("max attempts must be at least 1")
         if self.sybil.max_nodes_per_wallet < 1:
             raise UsageError("max nodes per wallet must be at least 1")
-        if self.chain_id < 1:
-            raise UsageError("chain id must be positive")
+        if not 1 <= self.chain_id < 2**63:
+            raise UsageError("chain id must be positive and below 2**63")
         if self.blob_retention != 0 and self.blob_retention < MIN_BLOB_RETENTION:
             raise UsageError("blob retention must be 0 (keep every blob) or at least 1 hour")
         if self.blob_sweep_interval <= 0:

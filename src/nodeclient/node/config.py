@@ -68,9 +68,9 @@ class NodeConfig:
         if (
             isinstance(self.chain_id, bool)
             or not isinstance(self.chain_id, int)
-            or self.chain_id < 1
+            or not 1 <= self.chain_id < 2**63
         ):
-            raise UsageError("chain_id must be a positive integer")
+            raise UsageError("chain_id must be a positive integer below 2**63")
         if self.max_parallel_subtasks is not None and (
             isinstance(self.max_parallel_subtasks, bool)
             or not isinstance(self.max_parallel_subtasks, int)

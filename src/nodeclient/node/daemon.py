@@ -41,6 +41,7 @@ from nodeclient.node.metrics import NodeMetrics
 from nodeclient.node.outbox import Outbox, OutboxCorrupt, OutboxEntry
 from nodeclient.node.sandbox import describe_mode
 from nodeclient.protocol import eip712, envelope, messages
+from nodeclient.protocol import manifest as manifest_mod
 from nodeclient.protocol.proof import proof_of_execution
 from nodeclient.protocol.secp import Secp256k1Key
 from nodeclient.protocol.session import NodeSession, backoff
@@ -305,6 +306,14 @@ class NodeDaemon:
     # --- registration and link ----------------------------------------------------------------
 
     async def register(self) -> dict[str, Any]:
+        if "issued_at" in self.manifest:  # a real one (tests pass bare ones): issue it now
+            self.manifest = manifest_mod.reissue_manifest(
+                self.manifest,
+                node_key=self._node_key,
+                payload_key=self._payload_key,
+                issued_at=int(self.clock.now()),
+                chain_id=self.chain_id,
+            )
         async with httpx.AsyncClient(timeout=30.0) as client:
             resp = await client.post(f"{self.url}/v1/nodes", json=self.manifest)
         try:
@@ -356,7 +365,9 @@ class NodeDaemon:
                 raise
             except ConnectionClosed as exc:
                 if self._link_closed(exc):
-                    registered = False  # re-register (e.g. after a liveness key rotation)
+                    # The coordinator lost the node's record (a restored database), or
+                    # refused its auth (a clock that jumped): register again, freshly issued.
+                    registered = False
             except (OSError, httpx.HTTPError, InvalidHandshake, InvalidURI, TimeoutError) as exc:
                 self.link.last_error = f"{type(exc).__name__}: {exc}"[:300]
                 log.warning("link.error", extra={"error": self.link.last_error})

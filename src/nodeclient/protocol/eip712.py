@@ -36,6 +36,7 @@ from nodeclient.protocol.secp import (
     keccak256,
     parse_address,
     recover_address,
+    strict_fromhex,
     to_checksum_address,
 )
 
@@ -307,7 +308,7 @@ def _from_json(kind: str, value: Any, field: str) -> Any:
         if not isinstance(value, str) or not value.startswith("0x"):
             raise SignatureError(f"{field} must be 0x-prefixed hex")
         try:
-            return bytes.fromhex(value[2:])
+            return strict_fromhex(value[2:])
         except ValueError as exc:
             raise SignatureError(f"{field} must be 0x-prefixed hex") from exc
     return value

@@ -119,6 +119,32 @@ def build_manifest(
         "liveness_address": to_checksum_address(parse_address(liveness_address)),
         "issued_at": issued_at,
     }
+    return _signed(manifest, node_key=node_key, payload_key=payload_key, chain_id=chain_id)
+
+
+def reissue_manifest(
+    manifest: Mapping[str, Any],
+    *,
+    node_key: Secp256k1Key,
+    payload_key: rsa.RSAPrivateKey,
+    issued_at: int,
+    chain_id: int,
+) -> dict[str, Any]:
+    """The same manifest, issued at *issued_at* and signed again: a daemon registers again
+    (after the coordinator lost its record, say) long after the one it built at start
+    has passed the coordinator's freshness limit."""
+    fresh = {k: v for k, v in manifest.items() if k not in UNSIGNED_FIELDS}
+    fresh["issued_at"] = issued_at
+    return _signed(fresh, node_key=node_key, payload_key=payload_key, chain_id=chain_id)
+
+
+def _signed(
+    manifest: dict[str, Any],
+    *,
+    node_key: Secp256k1Key,
+    payload_key: rsa.RSAPrivateKey,
+    chain_id: int,
+) -> dict[str, Any]:
     body = signed_bytes(manifest)
     manifest["signature"] = "0x" + payload_key.sign(body, _PSS, hashes.SHA256()).hex()
     node_sig = sign_typed(

@@ -36,7 +36,7 @@ import pybase64
 
 from nodeclient.errors import RemoteProtocolError, SignatureError
 from nodeclient.protocol import eip712
-from nodeclient.protocol.secp import parse_address, parse_signature_hex
+from nodeclient.protocol.secp import parse_address, parse_signature_hex, strict_fromhex
 
 MAX_CONTROL_FRAME: Final = 64 * 1024  # every frame but dispatch and result
 MAX_DATA_FRAME: Final = 48 * 1024 * 1024  # dispatch and result: base64 of <= 32 MiB
@@ -99,7 +99,7 @@ def _hex(d: Mapping[str, Any], key: str, *, size: int) -> bytes:
     if not isinstance(v, str) or len(v) != 2 + 2 * size or not v.startswith("0x"):
         raise RemoteProtocolError(f"field {key!r} must be 0x followed by {2 * size} hex digits")
     try:
-        return bytes.fromhex(v[2:])
+        return strict_fromhex(v[2:])
     except ValueError:
         raise RemoteProtocolError(f"field {key!r} must be hex") from None
 

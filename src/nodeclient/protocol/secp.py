@@ -19,7 +19,16 @@ from nodeclient.errors import KeyFileError, SignatureError
 # Half the curve order: signatures with s above it are malleable twins and are refused.
 _SECP256K1_N: Final = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
 _HALF_N: Final = _SECP256K1_N // 2
-_ADDRESS_RE: Final = re.compile(r"^0x[0-9a-fA-F]{40}$")
+_ADDRESS_RE: Final = re.compile(r"0x[0-9a-fA-F]{40}")  # fullmatch: "$" allows a final "\n"
+_HEX_RE: Final = re.compile(r"(?:[0-9a-fA-F]{2})*")
+
+
+def strict_fromhex(digits: str) -> bytes:
+    """``bytes.fromhex`` without its leniency (it skips whitespace): ValueError unless
+    *digits* is an even number of hex digits and nothing else, so one value has one form."""
+    if not _HEX_RE.fullmatch(digits):
+        raise ValueError("not an even number of hex digits")
+    return bytes.fromhex(digits)
 
 
 def keccak256(data: bytes) -> bytes:
@@ -44,7 +53,7 @@ def parse_address(value: object, *, field: str = "address") -> bytes:
     All-lowercase and all-uppercase forms are accepted as carrying no checksum; a
     mixed-case form must carry a valid EIP-55 checksum.
     """
-    if not isinstance(value, str) or not _ADDRESS_RE.match(value):
+    if not isinstance(value, str) or not _ADDRESS_RE.fullmatch(value):
         raise SignatureError(f"{field} is not a 0x-prefixed 20-byte hex address: {value!r}")
     raw = _checked_address(value)
     if raw is None:
@@ -152,6 +161,6 @@ def parse_signature_hex(value: object, *, field: str = "signature") -> bytes:
     if not isinstance(value, str) or not value.startswith("0x") or len(value) != 132:
         raise SignatureError(f"{field} must be 0x followed by 130 hex digits")
     try:
-        return bytes.fromhex(value[2:])
+        return strict_fromhex(value[2:])
     except ValueError as exc:
         raise SignatureError(f"{field} must be 0x followed by 130 hex digits") from exc
