@@ -9,6 +9,7 @@ import threading
 import uuid
 
 import httpx
+import numpy as np
 import pybase64
 import pytest
 from eth_account import Account
@@ -18,6 +19,8 @@ from nodeclient.coordinator import classes
 from nodeclient.coordinator import models as m
 from nodeclient.errors import LocalProtocolError, RemoteProtocolError
 from nodeclient.protocol import eip712
+from nodeclient.workloads.inference import make_request
+from nodeclient.workloads.tensors import decode_tensors, encode_tensors
 from tests.coordinator.conftest import (
     RECV_TIMEOUT,
     Running,
@@ -26,6 +29,7 @@ from tests.coordinator.conftest import (
     inference_result,
     make_node,
 )
+from tests.models import identity_model
 
 VALUES = [1.0, 2.0, 3.0]
 
@@ -336,3 +340,39 @@ def test_progress_of_a_leased_task_shows_in_the_jobs_api(coordinator: Running, r
     assert ack["status"] == "accepted"
     done = coordinator.wait_job(job["job_id"], "succeeded")
     assert done["tasks"][0]["progress"] is None
+
+
+def test_a_result_check_that_breaks_rejects_the_result_and_keeps_the_link(
+    coordinator: Running, rsa_keys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A class's result check that raises something unforeseen (RecursionError on deep
+    JSON, an OverflowError) fails closed: the result is rejected with the error's type, and
+    the node's link stays up instead of dropping with the task still leased."""
+    node = make_node(rsa_keys, 0)
+    _ready(coordinator, node)
+    payload, job, dispatch = _submit_and_dispatch(coordinator, node)
+    wclass = classes.REGISTRY["ai.inference"]
+
+    def check(*_args: object, **_kw: object) -> None:
+        raise RecursionError("maximum recursion depth exceeded")
+
+    broken = dataclasses.replace(wclass, check_result=check)
+    monkeypatch.setitem(classes.REGISTRY, "ai.inference", broken)
+    ack = node.call(node.result(dispatch, inference_result(payload, VALUES)))
+    assert ack["status"] == "rejected"
+    assert ack["reason"] == "the result could not be checked (RecursionError)"
+    assert node.call(node.heartbeat())["type"] == "heartbeat_ack"  # the same link
+    assert coordinator.client.job(job["job_id"])["status"] == "running"
+
+
+@pytest.mark.parametrize("field", ["model_url", "outputs"])
+def test_a_payload_nested_too_deeply_is_a_400(
+    coordinator: Running, field: str, stock_recursion_limit: None
+) -> None:
+    body = {"workload_class": "ai.inference", "payload": "", "slices": 1}
+    request = make_request(identity_model(shape=[2]), {"x": np.zeros(2, np.float32)})
+    tensors, meta = decode_tensors(request.encode())
+    meta = {**meta, field: "[" * 50_000}
+    body["payload"] = pybase64.b64encode_as_string(encode_tensors(tensors, metadata=meta))
+    r = httpx.post(coordinator.url + "/v1/jobs", json=body)
+    assert r.status_code == 400, r.text

@@ -555,3 +555,35 @@ def test_result_with_extra_metadata_is_refused() -> None:
     data = encode_tensors({}, metadata={"class": CLASS, "model_sha256": EMPTY_SHA256, "x": "1"})
     with pytest.raises(RemoteProtocolError, match="unknown metadata keys"):
         decode_result(data)
+
+
+def test_a_result_must_hold_the_outputs_asked_for() -> None:
+    """No output at all, or other outputs than the request named: a node is not paid for
+    a result that answers nothing the requester asked."""
+    sha = "ab" * 32
+    empty = encode_tensors({}, metadata={"class": CLASS, "model_sha256": sha})
+    with pytest.raises(RemoteProtocolError, match="no output tensor"):
+        decode_result(empty, expected_model_sha256=sha)
+    other = encode_result({"noise": np.zeros(2, np.float32)}, model_sha256=sha)
+    with pytest.raises(RemoteProtocolError, match="asked for"):
+        decode_result(other, expected_model_sha256=sha, expected_outputs=["label"])
+    right = encode_result({"label": np.zeros(2, np.float32)}, model_sha256=sha)
+    outputs, _ = decode_result(right, expected_model_sha256=sha, expected_outputs=["label"])
+    assert list(outputs) == ["label"]
+
+
+def test_a_container_header_nested_too_deeply_is_a_protocol_error(
+    stock_recursion_limit: None,
+) -> None:
+    header = b"[" * 100_000
+    data = struct.pack("<Q", len(header)) + header
+    with pytest.raises(RemoteProtocolError, match="nests too deeply"):
+        decode_tensors(data)
+
+
+def test_an_empty_tensor_with_huge_dimensions_is_a_protocol_error() -> None:
+    """Zero elements, so no data to bound it, but numpy refuses the shape itself."""
+    header = json.dumps({"t": {"dtype": "F32", "shape": [0, 2**62, 2**62], "data_offsets": [0, 0]}})
+    raw = header.encode()
+    with pytest.raises(RemoteProtocolError, match="too large"):
+        decode_tensors(struct.pack("<Q", len(raw)) + raw)

@@ -626,3 +626,12 @@ def test_hoist_leaves_what_needs_no_move() -> None:
     tiled = _request(frames=(1, 1), tiles=2).encode()
     moved = render_slices.hoist(tiled, 2)
     assert moved is not None and moved[1] == [(SHA, SCENE)]
+
+
+def test_a_result_with_no_frames_is_refused() -> None:
+    """frame_start above frame_end and no tensors: refused when decoded, not an empty
+    set of frames that a check then takes the min() of."""
+    _, meta = decode_tensors(_result(1, 1))
+    meta = {**meta, "frame_start": "5", "frame_end": "4"}
+    with pytest.raises(RemoteProtocolError, match="one frame at least"):
+        decode_result(encode_tensors({}, metadata=meta))

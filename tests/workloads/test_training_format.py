@@ -238,3 +238,42 @@ def test_pseudo_gradient_hashes_are_exactly_64_lowercase_hex(value: str) -> None
     data = tr.PseudoGradient(deltas, "a" * 64, value, 5, 2.0, 1.0).encode()
     with pytest.raises(RemoteProtocolError, match="shard_sha256 .* is not 64 lowercase hex"):
         tr.PseudoGradient.decode(data, shapes=shapes, grad_dtype="F32")
+
+
+def test_a_split_whose_slices_would_not_fit_is_refused_before_it_is_built() -> None:
+    """Every slice carries the whole model's weights: a 65M-parameter model (248 MiB of
+    F32) split 4096 ways would be about 1 TB of slice payloads. Refused at once, by
+    arithmetic, without building the weights."""
+    spec = tr.ModelSpec.parse(
+        [{"type": "Linear", "in": 1, "out": 1 << 20}, {"type": "Linear", "in": 1 << 20, "out": 60}]
+    )
+    x = np.zeros((4096, 1), np.float32)
+    y = (np.arange(4096) % 60).astype(np.int64)
+    job = tr.JobRequest(spec, tr.TrainingConfig(), x, y)
+    with pytest.raises(RemoteProtocolError, match="over 33554432"):
+        tr.split(job.encode(), 4096)
+    small = _job()
+    with pytest.raises(RemoteProtocolError, match="per round together"):
+        _with_limits(small, slice_bytes=1 << 20, split_bytes=100)
+    assert len(_with_limits(small, slice_bytes=1 << 20, split_bytes=1 << 20)) == 2
+
+
+def _with_limits(job: tr.JobRequest, *, slice_bytes: int, split_bytes: int) -> list[bytes]:
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(tr, "MAX_SLICE_BYTES", slice_bytes)
+        mp.setattr(tr, "MAX_SPLIT_BYTES", split_bytes)
+        return job.round_zero(2)
+
+
+def test_numbers_and_json_that_break_a_parser_are_protocol_errors(
+    stock_recursion_limit: None,
+) -> None:
+    with pytest.raises(RemoteProtocolError, match="nests too deeply"):
+        tr.load_json("[" * 60_000, what="metrics")
+    with pytest.raises(RemoteProtocolError, match="not a number"):
+        tr._parse_loss("[" * 100_000, "first_loss")
+    with pytest.raises(RemoteProtocolError, match="beyond a float32 loss"):
+        tr._parse_loss("1.7e308", "first_loss")
+    assert tr._parse_loss("nan", "first_loss") != tr._parse_loss("nan", "first_loss")
+    with pytest.raises(LocalProtocolError, match="lr"):
+        tr._float(10**400, "lr", 0.0, 10.0)

@@ -184,6 +184,8 @@ def build_router(coord: Coordinator) -> APIRouter:  # noqa: PLR0915 (one route e
             meta, parts, blobs = await asyncio.to_thread(prepare, wclass, payload, body.slices)
         except (ProtocolError, ValueError) as exc:  # a class's ValueError too (UnicodeError)
             return error(400, str(exc))
+        except (RecursionError, ArithmeticError) as exc:  # deep nesting, huge numbers
+            return error(400, f"payload could not be read: {type(exc).__name__}")
         now = coord.now()
 
         def tx(s: Session) -> dict[str, Any]:

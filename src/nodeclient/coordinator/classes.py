@@ -106,7 +106,10 @@ def _inference_validate(payload: bytes, max_bytes: int) -> Mapping[str, Any]:
         request = inference.InferenceRequest.decode(payload, max_bytes=max_bytes)
     except ProtocolError as exc:
         raise RemoteProtocolError(f"ai.inference payload: {exc}") from exc
-    return {"model_sha256": request.model_sha256}
+    meta: dict[str, Any] = {"model_sha256": request.model_sha256}
+    if request.output_names is not None:
+        meta["outputs"] = list(request.output_names)
+    return meta
 
 
 def _whole(payload: bytes, slices: int) -> list[bytes]:
@@ -118,7 +121,10 @@ def _whole(payload: bytes, slices: int) -> list[bytes]:
 def _inference_check(result: bytes, meta: Mapping[str, Any], max_bytes: int) -> None:
     try:
         inference.decode_result(
-            result, max_bytes=max_bytes, expected_model_sha256=meta.get("model_sha256")
+            result,
+            max_bytes=max_bytes,
+            expected_model_sha256=meta.get("model_sha256"),
+            expected_outputs=meta.get("outputs"),
         )
     except ProtocolError as exc:
         raise RemoteProtocolError(f"ai.inference result: {exc}") from exc

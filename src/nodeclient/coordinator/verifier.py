@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -39,6 +40,8 @@ from nodeclient.protocol import eip712
 from nodeclient.protocol.messages import SignedFrame
 from nodeclient.protocol.proof import proof_of_execution
 from nodeclient.protocol.secp import parse_address, to_checksum_address
+
+log = logging.getLogger("nodeclient.coordinator.verifier")
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,6 +191,9 @@ def accept_result_tx(  # noqa: PLR0911 (one early answer per check)
         )
     except ProtocolError as exc:
         return Decision("rejected", str(exc))
+    except Exception as exc:  # a check that broke on it: fail closed, keep the link
+        log.exception("result.check_failed", extra={"task_id": tid})
+        return Decision("rejected", f"the result could not be checked ({type(exc).__name__})")
     cancel: tuple[tuple[str, str], ...] = ()
     if task.status == m.LEASED and task.node_id not in (None, claim.node_id):
         # A late result from an earlier lease wins; the current holder is told to stop.

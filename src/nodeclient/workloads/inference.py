@@ -246,16 +246,25 @@ def decode_result(
     *,
     max_bytes: int = DEFAULT_MAX_BYTES,
     expected_model_sha256: str | None = None,
+    expected_outputs: Sequence[str] | None = None,
 ) -> tuple[dict[str, npt.NDArray[Any]], dict[str, str]]:
     """Parse a node's result into ``(outputs, metadata)``; faults raise RemoteProtocolError.
 
-    With *expected_model_sha256* the coordinator also checks that the node ran the model
-    it was sent, not some other one.
+    A result holds one output at least. With *expected_model_sha256* the coordinator also
+    checks that the node ran the model it was sent, not some other one, and with
+    *expected_outputs* (the names the request asked for) that it holds exactly those.
     """
     outputs, metadata = decode_tensors(data, max_bytes=max_bytes)
     _check_metadata(metadata, allowed=_RESULT_KEYS)
     if expected_model_sha256 is not None and metadata[META_MODEL_SHA256] != expected_model_sha256:
         raise RemoteProtocolError(
             f"result is for model {metadata[META_MODEL_SHA256]}, expected {expected_model_sha256}"
+        )
+    if not outputs:
+        raise RemoteProtocolError("result holds no output tensor")
+    if expected_outputs is not None and sorted(outputs) != sorted(expected_outputs):
+        raise RemoteProtocolError(
+            f"result holds outputs {sorted(outputs)[:8]}, the request asked for "
+            f"{sorted(expected_outputs)[:8]}"
         )
     return outputs, metadata

@@ -273,6 +273,8 @@ def decode_result(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES) -> RenderR
         raise RemoteProtocolError("result scene_sha256 is not 64 lowercase hex digits")
     width, height = required_int(meta, META_WIDTH), required_int(meta, META_HEIGHT)
     start, end = required_int(meta, META_FRAME_START), required_int(meta, META_FRAME_END)
+    if start > end:
+        raise RemoteProtocolError(f"result frames {start}..{end}: one frame at least")
     frames: dict[int, npt.NDArray[np.uint8]] = {}
     for name, array in tensors.items():
         match = _FRAME_RE.fullmatch(name)

@@ -72,6 +72,7 @@ _CODE_BY_KIND: Final = {(dt.kind, dt.itemsize): code for code, dt in DTYPES.item
 _U64: Final = struct.Struct("<Q")
 _ENTRY_KEYS: Final = frozenset({"dtype", "shape", "data_offsets"})
 _MAX_DIM: Final = 2**63 - 1
+_MAX_EMPTY_DIMS: Final = 2**31  # the product of an empty tensor's non-zero dimensions
 
 
 def dtype_code(dtype: np.dtype[Any]) -> str | None:
@@ -182,6 +183,8 @@ def _parse_header(raw: bytes) -> dict[str, Any]:
         raise RemoteProtocolError(f"header is not valid UTF-8: {exc}") from exc
     except ValueError as exc:  # json.JSONDecodeError, and integers beyond Python's digit cap
         raise RemoteProtocolError(f"header is not valid JSON: {exc}") from exc
+    except RecursionError:
+        raise RemoteProtocolError("header nests too deeply") from None
     if not isinstance(header, dict):
         raise RemoteProtocolError("header is not a JSON object")
     return header
@@ -273,7 +276,9 @@ def _view(data: bytes, start: int, entry: _Entry) -> npt.NDArray[Any]:
     begin, _, name, code, shape = entry
     dtype = DTYPES[code]
     count = math.prod(shape)
-    if count == 0:
+    if count == 0:  # no data: the other dimensions could be anything numpy refuses
+        if math.prod(d for d in shape if d) > _MAX_EMPTY_DIMS:
+            raise RemoteProtocolError(f"tensor {name!r}: shape {list(shape)[:8]} is too large")
         array = np.empty(shape, dtype=dtype)
     else:
         array = np.frombuffer(data, dtype=dtype, count=count, offset=start + begin)

@@ -44,6 +44,11 @@ MAX_LAYERS: Final = 256
 MAX_DEPTH: Final = 4
 MAX_FEATURES: Final = 1 << 20
 MAX_PARAMETERS: Final = 1 << 26
+# Every slice of every round carries the whole model's weights (F32) and its shard: one
+# slice's payload is bounded by what a task payload may be (the coordinator's default
+# max_payload_bytes), all of a round's together by what the coordinator holds at once.
+MAX_SLICE_BYTES: Final = 32 * 1024 * 1024
+MAX_SPLIT_BYTES: Final = 1 << 30
 MAX_JSON_CHARS: Final = 64 * 1024
 MAX_SEED: Final = 2**63 - 1
 GRAD_DTYPES: Final = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2")}
@@ -86,6 +91,8 @@ def load_json(text: str, *, what: str) -> Any:
         return json.loads(text, object_pairs_hook=_unique, parse_constant=_refuse_constant)
     except ValueError as exc:
         raise RemoteProtocolError(f"{what} is not valid JSON: {exc}") from exc
+    except RecursionError:
+        raise RemoteProtocolError(f"{what} nests too deeply") from None
 
 
 def dump_json(value: Any) -> str:
@@ -101,7 +108,10 @@ def _int(value: object, what: str, lo: int, hi: int) -> int:
 
 def _float(value: object, what: str, lo: float, hi: float, *, open_lo: bool = False) -> float:
     ok = isinstance(value, int | float) and not isinstance(value, bool)
-    number = float(value) if ok else math.nan  # type: ignore[arg-type]
+    try:
+        number = float(value) if ok else math.nan  # type: ignore[arg-type]
+    except OverflowError:  # an integer past a float's range
+        number = math.inf
     if (
         not ok
         or not math.isfinite(number)
@@ -543,11 +553,28 @@ class JobRequest:
         ]
 
     def round_zero(self, slices: int) -> list[bytes]:
-        """The task payloads of round 0, one per slice."""
+        """The task payloads of round 0, one per slice (refused, before any is built, when
+        they would be over MAX_SLICE_BYTES each or MAX_SPLIT_BYTES together)."""
+        shards = self.shards(slices)
+        weight_bytes = 4 * sum(math.prod(s) for s in self.model.parameter_shapes().values())
+        largest = weight_bytes + max(map(len, shards))
+        if largest > MAX_SLICE_BYTES:
+            raise RemoteProtocolError(
+                f"a slice would carry {largest} bytes (the model's {weight_bytes} bytes of "
+                f"weights and its shard), over {MAX_SLICE_BYTES}: every slice carries the "
+                "whole model; use a smaller model or more slices"
+            )
+        total = slices * weight_bytes + sum(map(len, shards))
+        if total > MAX_SPLIT_BYTES:
+            raise RemoteProtocolError(
+                f"{slices} slices would carry {total} bytes per round together, over "
+                f"{MAX_SPLIT_BYTES}: every slice carries the whole model's "
+                f"{weight_bytes} bytes of weights; use fewer slices or a smaller model"
+            )
         weights = self.initial_weights()
         return [
             SliceRequest(self.model, weights, shard, plan_for(self.config, 0, index)).encode()
-            for index, shard in enumerate(self.shards(slices))
+            for index, shard in enumerate(shards)
         ]
 
 
@@ -642,16 +669,22 @@ def _loss_text(value: float) -> str:
     return repr(float(value))  # shortest round-trip form: deterministic bytes
 
 
+_MAX_LOSS: Final = float(np.finfo(np.float32).max)  # what a float32 loss can be
+
+
 def _parse_loss(text: str, what: str) -> float:
     if text not in ("nan", "inf", "-inf"):
         try:
             json.loads(text)
-        except ValueError:
+        except (ValueError, RecursionError):
             raise RemoteProtocolError(f"{what} {text[:40]!r} is not a number") from None
     try:
-        return float(text)
+        loss = float(text)
     except ValueError:
         raise RemoteProtocolError(f"{what} {text[:40]!r} is not a number") from None
+    if math.isfinite(loss) and abs(loss) > _MAX_LOSS:  # two such would average to inf
+        raise RemoteProtocolError(f"{what} {text[:40]!r} is beyond a float32 loss")
+    return loss
 
 
 @dataclass(frozen=True, eq=False)
