@@ -125,6 +125,7 @@ class RunningTask:
     received_at: float
     handle: asyncio.Task[None] | None = None
     outcome: str | None = None  # how it ended, once counted (_task_ended)
+    finishing: bool = False  # executed: its result is committed and sent, cancel or not
 
 
 @dataclass
@@ -285,7 +286,7 @@ class NodeDaemon:
         never signed (the coordinator gives it out again when its lease ends); a result
         already being committed stays in the outbox and is sent on the next link."""
         for task in self.running.values():
-            if task.handle is not None and not task.handle.done():
+            if task.handle is not None and not task.handle.done() and not task.finishing:
                 task.handle.cancel()
                 self._task_ended(task, "cancelled")
 
@@ -515,7 +516,9 @@ class NodeDaemon:
             )
         elif isinstance(msg, messages.Cancel):
             task = self.running.get(msg.task_id)
-            if task and task.handle:
+            if task and task.finishing:  # executed: its result is committed and sent anyway
+                log.info("task.cancel_too_late", extra={"task_id": str(msg.task_id)})
+            elif task and task.handle:
                 task.handle.cancel()
                 timed_out = msg.reason == "lease ended"  # the coordinator's lease expired
                 if task.outcome is None:  # not already counted (completed, failed)
@@ -650,31 +653,28 @@ class NodeDaemon:
                 # The work is done: a cancel from here on (a lease that just ended, say)
                 # no longer stops the commit, whose thread would go on anyway, nor the
                 # sending of what it signed (the coordinator takes a late result).
-                finish = asyncio.ensure_future(self._finish(task, result))
-                self._pending_sends.add(finish)
-                finish.add_done_callback(self._pending_sends.discard)
-                await asyncio.shield(finish)
+                task.finishing = True
+                await self._finish(task, result)
             except asyncio.CancelledError:
                 log.info("task.cancelled")
                 raise
 
     async def _finish(self, task: RunningTask, result: bytes) -> None:
         """Record, sign and send a finished task's result (2.3.6, 2.3.7)."""
-        with logs.bind(task_id=str(task.task_id), job_id=str(task.job_id)):
-            try:
-                entry = await self._off_loop(self._commit, task, result)
-            except (OSError, sqlite3.Error) as exc:  # a full or failing disk
-                # Nothing was recorded, signed or sent: refuse, so the task goes elsewhere
-                # now rather than when its lease runs out.
-                log.error("outbox.commit_failed", extra={"error": str(exc)})
-                self._task_ended(task, "failed")
-                await self._reject(
-                    task.task_id,
-                    f"node could not store the result durably: {exc}"[: messages.MAX_REASON],
-                )
-                return
-            self._task_ended(task, "completed")
-            await self._deliver(entry)
+        try:
+            entry = await self._off_loop(self._commit, task, result)
+        except (OSError, sqlite3.Error) as exc:  # a full or failing disk
+            # Nothing was recorded, signed or sent: refuse, so the task goes elsewhere
+            # now rather than when its lease runs out.
+            log.error("outbox.commit_failed", extra={"error": str(exc)})
+            self._task_ended(task, "failed")
+            await self._reject(
+                task.task_id,
+                f"node could not store the result durably: {exc}"[: messages.MAX_REASON],
+            )
+            return
+        self._task_ended(task, "completed")
+        await self._deliver(entry)
 
     def _progress_reporter(self, task_id: uuid.UUID) -> Callable[[float, float, str], None]:
         """Forward a task's progress to the coordinator, at most twice a second (and the end)."""
