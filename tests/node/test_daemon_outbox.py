@@ -353,3 +353,38 @@ def test_an_input_download_stops_at_the_lease_and_the_task_is_refused(
     assert refused["type"] == "reject"
     assert "did not finish before the task's deadline" in refused["message"]["reason"]
     daemon._fetch_pool.shutdown(wait=True)
+
+
+class NotifyingLink(Capture):
+    """A link that says when a frame has gone out."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sent = asyncio.Event()
+
+    async def send(self, data: str) -> None:
+        await super().send(data)
+        self.sent.set()
+
+
+def test_a_dispatch_right_after_a_result_finds_the_slot_free(tmp_path: Path) -> None:
+    """The coordinator may lease the slot again as soon as it has the result: the next
+    dispatch, handled the moment the result has gone out, is run, not refused as over
+    capacity."""
+    daemon, key, _ = make_daemon(tmp_path, executor=Answers)
+    first, second = uuid.uuid4(), uuid.uuid4()
+
+    async def scenario() -> NotifyingLink:
+        link = NotifyingLink()
+        daemon._ws = link  # type: ignore[assignment]
+        await daemon._on_frame(dispatch(daemon, key, first))
+        await link.sent.wait()  # resumed in the turn after the send, as a frame handler is
+        await daemon._on_frame(dispatch(daemon, key, second))
+        while daemon.running:
+            await asyncio.sleep(0.01)
+        return link
+
+    link = asyncio.run(scenario())
+    assert [(f["type"], f["message"]["task_id"]) for f in link.frames] == [
+        ("result", "0x" + first.hex), ("result", "0x" + second.hex),
+    ]  # fmt: skip

@@ -573,13 +573,17 @@ class NodeDaemon:
             task.handle = asyncio.create_task(self._execute(task, d))
             task.handle.add_done_callback(functools.partial(self._task_gone, task))
 
-    def _task_gone(self, task: RunningTask, handle: asyncio.Task[None]) -> None:
-        """A task's coroutine has ended, however: even cancelled before its first step
-        (a cancel read in the same turn as its dispatch), when no ``finally`` of it runs."""
+    def _free_slot(self, task: RunningTask) -> None:
+        """The task no longer holds its slot (once: both ends of a task call this)."""
         if self.running.get(task.task_id) is task:
             del self.running[task.task_id]
-        if not self.running and self.state.state is NodeState.EXECUTING:
-            self.state.transition(NodeState.IDLE, reason="the last running task finished")
+            if not self.running and self.state.state is NodeState.EXECUTING:
+                self.state.transition(NodeState.IDLE, reason="the last running task finished")
+
+    def _task_gone(self, task: RunningTask, handle: asyncio.Task[None]) -> None:
+        """A task's coroutine has ended, however: even cancelled before its first step
+        (a cancel read in the same turn as its dispatch), when its ``finally`` never ran."""
+        self._free_slot(task)
         if not handle.cancelled() and handle.exception() is not None:  # a bug: say so
             log.error(
                 "task.crashed", extra={"task_id": str(task.task_id)}, exc_info=handle.exception()
@@ -658,6 +662,8 @@ class NodeDaemon:
             except asyncio.CancelledError:
                 log.info("task.cancelled")
                 raise
+            finally:  # at once: a dispatch right after the result finds the slot free
+                self._free_slot(task)
 
     async def _finish(self, task: RunningTask, result: bytes) -> None:
         """Record, sign and send a finished task's result (2.3.6, 2.3.7)."""
