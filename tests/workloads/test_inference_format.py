@@ -587,3 +587,10 @@ def test_an_empty_tensor_with_huge_dimensions_is_a_protocol_error() -> None:
     raw = header.encode()
     with pytest.raises(RemoteProtocolError, match="too large"):
         decode_tensors(struct.pack("<Q", len(raw)) + raw)
+
+
+@pytest.mark.parametrize("url", ["file:///etc/passwd", "ftp://c.example/m", "m.onnx"])
+def test_a_model_url_must_be_http_or_the_blob_store(url: str) -> None:
+    """Refused when the job is submitted, instead of on a node after a dispatch."""
+    with pytest.raises(LocalProtocolError, match="model_url must be an http"):
+        make_request(identity_model(), {"x": np.zeros(4, np.float32)}, inline=False, model_url=url)

@@ -635,3 +635,21 @@ def test_a_result_with_no_frames_is_refused() -> None:
     meta = {**meta, "frame_start": "5", "frame_end": "4"}
     with pytest.raises(RemoteProtocolError, match="one frame at least"):
         decode_result(encode_tensors({}, metadata=meta))
+
+
+@pytest.mark.parametrize(
+    ("paths", "says"),
+    [
+        (["a", "a/b"], "also a folder"),
+        (["a", "a-x", "a/b/c"], "also a folder"),
+        (["scene.blend"], "scene's own file"),
+    ],
+)
+def test_asset_paths_that_would_collide_on_the_node_are_refused(
+    paths: list[str], says: str
+) -> None:
+    """A file that is also another asset's folder, or an asset named as the scene's file,
+    cannot be laid out beside the scene: refused at submission, not failed on a node."""
+    assets = tuple((p, "ab" * 32) for p in sorted(paths))
+    with pytest.raises(LocalProtocolError, match=says):
+        make_request(SCENE, frames=(1, 1), width=W, height=H, samples=1, assets=assets)

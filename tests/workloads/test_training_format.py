@@ -277,3 +277,10 @@ def test_numbers_and_json_that_break_a_parser_are_protocol_errors(
     assert tr._parse_loss("nan", "first_loss") != tr._parse_loss("nan", "first_loss")
     with pytest.raises(LocalProtocolError, match="lr"):
         tr._float(10**400, "lr", 0.0, 10.0)
+
+
+def test_a_model_with_no_parameters_is_refused() -> None:
+    """Nothing to train: the inner optimizer would refuse it on every node, each time
+    counted against the node."""
+    with pytest.raises(LocalProtocolError, match="no parameters"):
+        tr.ModelSpec.parse([{"type": "ReLU"}])

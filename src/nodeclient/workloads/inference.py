@@ -76,6 +76,8 @@ def _check_url(url: str, error: type[ProtocolError]) -> None:
         raise error(f"model_url is {len(url)} characters, over the limit of {MAX_URL_CHARS}")
     if _URL_BAD_CHAR_RE.search(url):
         raise error("model_url contains whitespace or a control character")
+    if not url.startswith(("http://", "https://", "/")):
+        raise error("model_url must be an http:// or https:// URL, or /v1/blobs/<sha256>")
 
 
 def _check_request(request: InferenceRequest, error: type[ProtocolError]) -> None:

@@ -92,6 +92,7 @@ HEADER_ALLOWANCE: Final = 64 * 1024  # container header bytes allowed for in siz
 MAX_TILES: Final = 256  # bands of one frame: the most slices a tiled job becomes
 MAX_SLICES: Final = 4096  # slices of one job, however asked for (the API's slices limit too)
 MAX_SPLIT_BYTES: Final = 1 << 30  # all of a job's slice payloads together (each copies the scene)
+SCENE_FILE: Final = "scene.blend"  # the scene's name beside its assets on a node
 
 META_CLASS: Final = "class"
 META_SCENE_SHA256: Final = "scene_sha256"
@@ -208,6 +209,15 @@ def _check_assets(assets: object, error: type[ProtocolError]) -> None:
             raise error(f"asset {entry[0][:80]!r} needs a sha256 of 64 lowercase hex digits")
     if paths != sorted(set(paths)):
         raise error("asset paths must be unique and sorted")
+    files = set(paths)
+    for path in paths:  # a file may not also be a folder of another asset
+        parts = path.split("/")
+        for depth in range(1, len(parts)):
+            folder = "/".join(parts[:depth])
+            if folder in files:
+                raise error(f"asset {folder[:80]!r} is also a folder of asset {path[:80]!r}")
+    if SCENE_FILE in paths:
+        raise error(f"an asset may not be named {SCENE_FILE!r}: that is the scene's own file")
 
 
 def _parse_assets(raw: str | None) -> tuple[tuple[str, str], ...]:

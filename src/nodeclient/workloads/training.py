@@ -199,6 +199,8 @@ class ModelSpec:
         total = sum(math.prod(shape) for shape in spec.parameter_shapes().values())
         if total > MAX_PARAMETERS:
             raise LocalProtocolError(f"the model has {total} parameters, over {MAX_PARAMETERS}")
+        if total == 0:  # the inner optimizer would refuse it on every node
+            raise LocalProtocolError("the model has no parameters to train")
         return spec
 
     @classmethod
