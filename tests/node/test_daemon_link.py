@@ -38,7 +38,7 @@ from nodeclient.protocol import messages
 from nodeclient.protocol.secp import Secp256k1Key
 from nodeclient.protocol.states import NodeState
 from tests.e2e.harness import free_port
-from tests.node.test_daemon_outbox import Answers, Capture, dispatch, recover
+from tests.node.test_daemon_outbox import Answers, Capture, dispatch, recover, signed_manifest
 
 # --- helpers ---------------------------------------------------------------------------------
 
@@ -65,19 +65,21 @@ def make_daemon(
     clock: Clock | None = None,
     executor: type[Executor] = NoWorkers,
 ) -> NodeDaemon:
+    node_key, liveness_key = Secp256k1Key.generate(), Secp256k1Key.generate()
+    clock = clock if clock is not None else SystemClock()
     return NodeDaemon(
         home=home,
         coordinator_url=url,
         chain_id=31337,
-        node_key=Secp256k1Key.generate(),
-        liveness_key=Secp256k1Key.generate(),
+        node_key=node_key,
+        liveness_key=liveness_key,
         payload_key=payload_key(),
-        manifest={"max_parallel_subtasks": 1, "workload_classes": ["ai.inference"]},
+        manifest=signed_manifest(node_key, liveness_key, payload_key(), issued_at=clock.now()),
         executor=executor(
             slots=1, config=WorkerConfig(cache_dir=home / "models"), mode=sandbox.MODE_UNSANDBOXED
         ),
         outbox=Outbox(home / "outbox.db"),
-        clock=clock if clock is not None else SystemClock(),
+        clock=clock,
         heartbeat_interval=30.0,
         retention=Retention(seconds=60.0, bytes=1 << 20),
     )
@@ -532,14 +534,7 @@ def test_registering_again_days_later_reissues_the_manifest(
     answer_registration(monkeypatch, register)
     clock = ManualClock()
     daemon = make_daemon(tmp_path, clock=clock)
-    liveness = daemon.session._liveness
-    daemon.manifest = manifest_mod.build_manifest(
-        node_key=daemon._node_key, liveness_address=liveness.address,
-        payload_key=daemon._payload_key, wallet_address="0x" + "11" * 20, region="eu-west",
-        cpu={"model": "EPYC", "cores": 2, "ram_gb": 24}, gpu=[],
-        workload_classes=["ai.inference"], max_parallel_subtasks=1, client_version="0.1.0",
-        issued_at=int(clock.now()), chain_id=31337,
-    )  # fmt: skip
+    built = dict(daemon.manifest)  # at start
     clock.advance(3 * 24 * 3600)
     asyncio.run(daemon.register())
 
@@ -549,5 +544,6 @@ def test_registering_again_days_later_reissues_the_manifest(
     assert checked.node_id == daemon.node_id
     unchanged = {"issued_at", "signature", "node_signature"}
     assert {k: v for k, v in sent.items() if k not in unchanged} == {
-        k: v for k, v in daemon.manifest.items() if k not in unchanged
+        k: v for k, v in built.items() if k not in unchanged
     }
+    assert sent["issued_at"] > built["issued_at"]

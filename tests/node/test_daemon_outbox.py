@@ -8,6 +8,7 @@ import json
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -25,6 +26,7 @@ from nodeclient.node.executor import Executor, WorkerConfig
 from nodeclient.node.inputs import http_fetcher
 from nodeclient.node.outbox import Outbox
 from nodeclient.protocol import eip712, envelope, messages
+from nodeclient.protocol import manifest as manifest_mod
 from nodeclient.protocol.secp import Secp256k1Key
 from nodeclient.protocol.states import NodeState
 from nodeclient.workloads.inference import make_request
@@ -55,18 +57,36 @@ class Answers(Executor):
         return b"a result"
 
 
+def signed_manifest(
+    node_key: Secp256k1Key,
+    liveness_key: Secp256k1Key,
+    payload_key: rsa.RSAPrivateKey,
+    *,
+    issued_at: float,
+) -> dict[str, Any]:
+    """A real one-slot ai.inference manifest, as `nodeclient run` builds at start."""
+    return manifest_mod.build_manifest(
+        node_key=node_key, liveness_address=liveness_key.address, payload_key=payload_key,
+        wallet_address="0x" + "11" * 20, region="eu-west",
+        cpu={"model": "EPYC", "cores": 2, "ram_gb": 24}, gpu=[],
+        workload_classes=["ai.inference"], max_parallel_subtasks=1, client_version="0.1.0",
+        issued_at=int(issued_at), chain_id=31337,
+    )  # fmt: skip
+
+
 def make_daemon(
     home: Path, executor: type[Executor] = NeverRun
 ) -> tuple[NodeDaemon, rsa.RSAPrivateKey, Capture]:
     payload_key = rsa.generate_private_key(public_exponent=65537, key_size=3072)
+    node_key, liveness_key = Secp256k1Key.generate(), Secp256k1Key.generate()
     daemon = NodeDaemon(
         home=home,
         coordinator_url="http://127.0.0.1:9",
         chain_id=31337,
-        node_key=Secp256k1Key.generate(),
-        liveness_key=Secp256k1Key.generate(),
+        node_key=node_key,
+        liveness_key=liveness_key,
         payload_key=payload_key,
-        manifest={"max_parallel_subtasks": 1, "workload_classes": ["ai.inference"]},
+        manifest=signed_manifest(node_key, liveness_key, payload_key, issued_at=time.time()),
         executor=executor(
             slots=1, config=WorkerConfig(cache_dir=home / "models"), mode=sandbox.MODE_UNSANDBOXED
         ),

@@ -150,8 +150,7 @@ def build_router(coord: Coordinator) -> APIRouter:  # noqa: PLR0915 (one route e
             payload, blobs = moved
             for sha256, data in blobs:
                 coord.blobs.store(sha256, data)
-        wclass.require_blobs(payload, max_bytes, held=coord.blobs.use)
-        referenced = {sha for _, sha in wclass.blobs(payload, max_bytes)}
+        referenced = wclass.require_blobs(payload, max_bytes, held=coord.blobs.use)
         return meta, wclass.split(payload, slices), referenced
 
     # --- jobs -------------------------------------------------------------------------------

@@ -70,16 +70,20 @@ class WorkloadClass:
         if self.check_slice is not None:
             self.check_slice(result, task(), max_bytes)
 
-    def require_blobs(self, payload: bytes, max_bytes: int, held: Callable[[str], bool]) -> None:
-        """Refuse a validated payload that references a blob the store does not hold.
+    def require_blobs(
+        self, payload: bytes, max_bytes: int, held: Callable[[str], bool]
+    ) -> set[str]:
+        """Refuse a validated payload that references a blob the store does not hold;
+        return the SHA-256 of every blob it references.
 
         A node fetches such an input from ``/v1/blobs/<sha256>`` before a worker sees the
         task (node/inputs.py); were it missing, the task would fail there, after a
         dispatch, as the requester's fault. *held* says whether the store holds a SHA-256.
         """
-        missing = [(what, sha) for what, sha in self.blobs(payload, max_bytes) if not held(sha)]
+        refs = self.blobs(payload, max_bytes)
+        missing = [(what, sha) for what, sha in refs if not held(sha)]
         if not missing:
-            return
+            return {sha for _, sha in refs}
         listed = ", ".join(f"{what} (sha256 {sha})" for what, sha in missing[:MAX_LISTED_BLOBS])
         more = len(missing) - MAX_LISTED_BLOBS
         raise RemoteProtocolError(

@@ -478,15 +478,17 @@ def assign_tx(
     picker = Picker(roster, counts)
     placed: list[tuple[m.Task, m.Job, str, str]] = []
     after: tuple[float, str] | None = None
-    budget = [ROUND_BYTES]
+    budget = ROUND_BYTES
     # The first page asks only what some candidate serves at some tier; the next ones,
     # only what a node with a free slot now can take: so a long queue of tasks that only
     # busy nodes serve cannot hide the tasks behind it from idle nodes.
     tiers: dict[str, int] | None = None
     for _ in range(MAX_PAGES):
         page = _queued_page(session, roster, after, tiers)
-        placed += _place(session, picker, page, budget)
-        if len(page) < BATCH or len(placed) >= BATCH or budget[0] <= 0:
+        more, size = _place(session, picker, page, budget)
+        placed += more
+        budget -= size
+        if len(page) < BATCH or len(placed) >= BATCH or budget <= 0:
             break
         tiers = picker.free_tiers()
         if not tiers:  # no slot free any more
@@ -563,12 +565,12 @@ def _queued_page(
 
 
 def _place(
-    session: Session, picker: Picker, queued: Sequence[_QueuedRow], budget: list[int]
-) -> list[tuple[m.Task, m.Job, str, str]]:
+    session: Session, picker: Picker, queued: Sequence[_QueuedRow], budget: int
+) -> tuple[list[tuple[m.Task, m.Job, str, str]], int]:
     """Choose a node for each task of *queued* that one can take: (task, job, class, node),
-    until the payload bytes placed use up *budget* (``[bytes left]``, updated)."""
+    until the payload bytes placed reach *budget*; also returns those bytes."""
     if not queued:
-        return []
+        return [], 0
     ids = [q[0] for q in queued]
     tried: dict[str, list[str]] = {}
     for task_id, node_id in session.execute(
@@ -584,8 +586,9 @@ def _place(
         for j in session.scalars(select(m.Job).where(m.Job.job_id.in_({q[1] for q in queued})))
     }
     out: list[tuple[m.Task, m.Job, str, str]] = []
+    placed_bytes = 0
     for task_id, job_id, wclass, min_tier, region, _, size in queued:
-        if budget[0] <= 0:
+        if placed_bytes >= budget:
             break
         policy = RETRY_POLICIES.get(wclass)
         choice = picker.pick(
@@ -599,8 +602,8 @@ def _place(
         )
         if choice is not None:
             out.append((tasks[task_id], jobs[job_id], wclass, choice))
-            budget[0] -= size or 0
-    return out
+            placed_bytes += size or 0
+    return out, placed_bytes
 
 
 def _any_queued(session: Session) -> bool:

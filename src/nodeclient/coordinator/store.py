@@ -427,6 +427,7 @@ def insert_job(
 
 
 _JOB_BLOBS_FILLED: Final = "job_blobs_filled"
+_UNFINISHED: Final = m.Job.status.not_in((m.SUCCEEDED, m.FAILED))
 
 
 def fill_job_blobs(session: Session, refs: Callable[[str, bytes], Iterable[str]]) -> int:
@@ -437,9 +438,7 @@ def fill_job_blobs(session: Session, refs: Callable[[str, bytes], Iterable[str]]
     if session.get(m.Meta, _JOB_BLOBS_FILLED) is not None:
         return 0
     filled = 0
-    unfinished = select(m.Job.job_id, m.Job.workload_class).where(
-        m.Job.status.not_in((m.SUCCEEDED, m.FAILED))
-    )
+    unfinished = select(m.Job.job_id, m.Job.workload_class).where(_UNFINISHED)
     for job_id, workload_class in session.execute(unfinished).all():
         payloads = session.execute(select(m.Task.payload).where(m.Task.job_id == job_id))
         shas = {sha for (payload,) in payloads for sha in refs(workload_class, payload)}
@@ -454,7 +453,7 @@ def blobs_in_use(session: Session) -> set[str]:
     rows = session.execute(
         select(m.JobBlob.sha256)
         .join(m.Job, m.Job.job_id == m.JobBlob.job_id)
-        .where(m.Job.status.not_in((m.SUCCEEDED, m.FAILED)))
+        .where(_UNFINISHED)
         .distinct()
     )
     return {sha for (sha,) in rows}

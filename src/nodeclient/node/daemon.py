@@ -279,6 +279,7 @@ class NodeDaemon:
         """Count how a running task ended, once (a cancel may follow its commit)."""
         if task.outcome is None:
             task.outcome = outcome
+            self.timed_out += int(outcome == "timed_out")
             self._ended(task.workload_class, outcome, task.received_at)
 
     def _abandon_running(self) -> None:
@@ -307,14 +308,13 @@ class NodeDaemon:
     # --- registration and link ----------------------------------------------------------------
 
     async def register(self) -> dict[str, Any]:
-        if "issued_at" in self.manifest:  # a real one (tests pass bare ones): issue it now
-            self.manifest = manifest_mod.reissue_manifest(
-                self.manifest,
-                node_key=self._node_key,
-                payload_key=self._payload_key,
-                issued_at=int(self.clock.now()),
-                chain_id=self.chain_id,
-            )
+        self.manifest = manifest_mod.reissue_manifest(
+            self.manifest,
+            node_key=self._node_key,
+            payload_key=self._payload_key,
+            issued_at=int(self.clock.now()),
+            chain_id=self.chain_id,
+        )
         async with httpx.AsyncClient(timeout=30.0) as client:
             resp = await client.post(f"{self.url}/v1/nodes", json=self.manifest)
         try:
@@ -521,10 +521,7 @@ class NodeDaemon:
             elif task and task.handle:
                 task.handle.cancel()
                 timed_out = msg.reason == "lease ended"  # the coordinator's lease expired
-                if task.outcome is None:  # not already counted (completed, failed)
-                    self.timed_out += int(timed_out)
-                outcome = "timed_out" if timed_out else "cancelled"
-                self._task_ended(task, outcome)
+                self._task_ended(task, "timed_out" if timed_out else "cancelled")
                 log.info(
                     "task.cancelled", extra={"task_id": str(msg.task_id), "reason": msg.reason}
                 )
@@ -634,9 +631,7 @@ class NodeDaemon:
                 except TaskFailed as exc:
                     log.warning("task.failed", extra={"reason": exc.reason})
                     timed_out = exc.reason.startswith("deadline exceeded")  # the lease's end
-                    self.timed_out += int(timed_out)
-                    outcome = "timed_out" if timed_out else "failed"
-                    self._task_ended(task, outcome)
+                    self._task_ended(task, "timed_out" if timed_out else "failed")
                     await self._reject(task.task_id, exc.reason)
                     return
                 except Exception as exc:  # a bug, or garbage from a worker

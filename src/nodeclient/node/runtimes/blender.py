@@ -54,7 +54,7 @@ import numpy.typing as npt
 from nodeclient.errors import NodeClientError, RemoteProtocolError
 from nodeclient.node.runtimes.base import Progress, no_progress
 from nodeclient.node.runtimes.onnx import ModelCache
-from nodeclient.workloads.render import CHANNELS, CLASS, RenderRequest
+from nodeclient.workloads.render import CHANNELS, CLASS, SCENE_FILE, RenderRequest
 from nodeclient.workloads.render_slices import encode_result
 from nodeclient.workloads.tensors import DEFAULT_MAX_BYTES
 
@@ -351,7 +351,7 @@ class BlenderRuntime:
         out_dir.mkdir(mode=0o700)
         scene_dir = run_dir / "scene"  # Blender's "//": the scene and its assets only
         scene_dir.mkdir(mode=0o700)
-        scene_path, script_path = scene_dir / "scene.blend", run_dir / "override.py"
+        scene_path, script_path = scene_dir / SCENE_FILE, run_dir / "override.py"
         scene_path.write_bytes(scene)
         script_path.write_text(OVERRIDE_SCRIPT)
         for relative, data in request.asset_files():  # checked: relative, no ".."
