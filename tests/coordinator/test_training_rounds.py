@@ -5,6 +5,7 @@ The slices run on the real PyTorch runtime; aggregation is the real coordinator/
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -22,6 +23,7 @@ from nodeclient.coordinator import rounds, store
 from nodeclient.coordinator.store import Database
 from nodeclient.node.runtimes.torch_train import TorchTrainRuntime, predict
 from nodeclient.workloads import training as tr
+from nodeclient.workloads.tensors import encode_tensors
 from tests.coordinator.conftest import Running, make_node
 from tests.node.test_torch_runtime import _reference
 
@@ -349,6 +351,60 @@ def test_outer_momentum_survives_a_coordinator_restart(
     assert tr.weights_container(
         _train_in_process(no_momentum, runtime, 2)[0]
     ) != tr.weights_container(weights)
+
+
+def test_each_round_writes_only_its_own_metrics_row(
+    digits: tuple, runtime: TorchTrainRuntime, tmp_path: Path
+) -> None:
+    """A round's close adds one train_rounds row; the state holds weights and momentum only,
+    so its size does not grow with the rounds, and the final result lists every row."""
+    db = Database(f"sqlite:///{tmp_path / 'c.db'}")
+    job_id = _insert(db, _job(digits, rounds=3, inner_steps=5), 2)
+    sizes = []
+    for _ in range(3):
+        _complete_round(db, job_id, runtime)
+        sizes.append(db.run_sync(lambda s: len(s.get_one(m.Job, job_id).train_state)))
+    rows = db.run_sync(lambda s: s.execute(select(m.TrainRound.round_index, m.TrainRound.metrics)
+                                           .where(m.TrainRound.job_id == job_id)).all())  # fmt: skip
+    result = db.run_sync(lambda s: s.get_one(m.Job, job_id).result)
+    db.close()
+    assert len(set(sizes)) == 1  # the same bytes of weights and momentum every round
+    assert sorted(r for r, _ in rows) == [0, 1, 2]
+    _, metrics = tr.decode_final(result)
+    assert metrics == [json.loads(text) for _, text in sorted(rows)]
+    assert [mt["used"] for mt in metrics] == [[0, 1]] * 3
+
+
+def test_a_state_that_still_carries_its_metrics_is_moved_into_rows(
+    digits: tuple, runtime: TorchTrainRuntime, tmp_path: Path
+) -> None:
+    """A job under way from before train_rounds: its state carries thousands of rounds of
+    metrics in its metadata, over the default header limit. The next close moves them into
+    rows, and the final result carries them all, in order, with the new round after them."""
+    db = Database(f"sqlite:///{tmp_path / 'c.db'}")
+    job_id = _insert(db, _job(digits, rounds=2, inner_steps=5), 2)
+    _complete_round(db, job_id, runtime)
+    old = [{"round": -i, "note": "x" * 300} for i in range(5000, 0, -1)]  # 1.6 MB of JSON
+
+    def legacy(s: Session) -> None:
+        for row in s.scalars(select(m.TrainRound).where(m.TrainRound.job_id == job_id)):
+            old.append(json.loads(row.metrics))  # round 0, as the old state would hold it
+            s.delete(row)
+        job = s.get_one(m.Job, job_id)
+        state = rounds.TrainState.decode(job.train_state)
+        tensors = {"weights/" + k: v for k, v in state.weights.items()}
+        tensors |= {"momentum/" + k: v for k, v in state.momentum.items()}
+        meta = {"class": tr.CLASS, "kind": "state", "metrics": tr.dump_json(old)}
+        job.train_state = encode_tensors(tensors, metadata=meta)
+
+    db.run_sync(legacy)
+    assert _complete_round(db, job_id, runtime) == m.SUCCEEDED
+    result = db.run_sync(lambda s: s.get_one(m.Job, job_id).result)
+    db.close()
+    _, metrics = tr.decode_final(result)
+    assert len(metrics) == 5002
+    assert metrics[:5001] == old
+    assert metrics[-1]["round"] == 1
 
 
 def test_a_round_without_a_valid_slice_fails_the_job(

@@ -201,6 +201,34 @@ def test_final_result_round_trip() -> None:
     assert np.array_equal(back["0.weight"], weights["0.weight"])
 
 
+def test_final_result_of_a_long_job_decodes() -> None:
+    """10,000 rounds of 10 slices: the metrics are megabytes, over the 64 KiB bound for a
+    requester's own JSON and the 1 MiB default header limit; the final still decodes."""
+    weights = tr.ModelSpec.parse(MLP).init_weights(1)
+    norms = {str(i): 1.0 + i / 7 for i in range(10)}
+    metrics = [
+        {"round": r, "used": list(range(10)), "norms": norms, "first_loss": 2.3, "last_loss": 1.1}
+        for r in range(10_000)
+    ]
+    final = tr.encode_final(tr.ModelSpec.parse(MLP), weights, metrics)
+    assert len(final) > 2 << 20
+    back, decoded = tr.decode_final(final)
+    assert np.array_equal(back["0.weight"], weights["0.weight"])
+    assert decoded == metrics
+    with pytest.raises(RemoteProtocolError, match="over the limit of 1048576"):
+        tr.decode_final(final, max_bytes=1 << 20)  # the caller's bound still holds
+
+
+def test_rounds_times_slices_is_bounded_at_submission() -> None:
+    """The result keeps a metrics entry per slice and round: a job past MAX_SLICE_ROUNDS is
+    refused before anything is built, saying what to change."""
+    x, y = np.zeros((20, 4), np.float32), (np.arange(20) % 2).astype(np.int64)
+    job = tr.JobRequest(tr.ModelSpec.parse(MLP), tr.TrainingConfig(rounds=10_000), x, y)
+    assert len(job.round_zero(10)) == 10  # 100,000: at the bound
+    with pytest.raises(RemoteProtocolError, match="110000 slice-rounds, over 100000.*fewer"):
+        tr.split(job.encode(), 11)
+
+
 def _with_metadata(key: str, json_value: bytes) -> bytes:
     """A pseudo-gradient whose metadata *key* holds *json_value* (raw JSON, any escape).
 

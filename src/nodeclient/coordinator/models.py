@@ -82,7 +82,8 @@ class Job(Base):
     result: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True, deferred=True)
     result_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
     # Round-based classes (ai.training, coordinator/rounds.py): the current round, when its
-    # deadline passes, and the outer optimizer's state (weights, momentum, metrics).
+    # deadline passes, and the outer optimizer's state (weights, momentum); the metrics of
+    # closed rounds are rows of train_rounds.
     round_index: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     round_deadline: Mapped[float | None] = mapped_column(Float, nullable=True)
     train_state: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True, deferred=True)
@@ -95,6 +96,17 @@ class JobBlob(Base):
     __tablename__ = "job_blobs"
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.job_id"), primary_key=True)
     sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+
+
+class TrainRound(Base):
+    """A closed round of a training job and its metrics (coordinator/rounds.py): one row
+    a round, so closing a round writes its own metrics, never all of the earlier ones."""
+
+    __tablename__ = "train_rounds"
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.job_id"), primary_key=True)
+    round_index: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    metrics: Mapped[str] = mapped_column(Text)  # JSON object, as in the job's final result
+    closed_at: Mapped[float] = mapped_column(Float)
 
 
 class Task(Base):

@@ -15,7 +15,8 @@ for). Closing a round is one transaction:
    then the survivors are averaged;
 3. the outer optimizer (SGD with Nesterov momentum, as ``torch.optim.SGD``) updates the
    fp32 global weights; its momentum is kept in SQL with them (``jobs.train_state``), so a
-   coordinator restart continues where it was;
+   coordinator restart continues where it was, and the round's metrics are a row of
+   ``train_rounds``;
 4. the next round's tasks are queued (new task rows, ``round_index`` + 1), or, after the
    last round, the job succeeds with the final weights and per-round metrics. A round with
    no valid slice fails the job with every slice's reason.
@@ -105,7 +106,7 @@ class RoundOutcome:
             "round": round_index,
             "base_sha256": base_sha256,
             "used": list(self.used),
-            "dropped": [{"slice": s, "reason": r} for s, r in self.dropped],
+            "dropped": [{"slice": s, "reason": r[: tr.MAX_REASON_CHARS]} for s, r in self.dropped],
             "clipped": list(self.clipped),
             "norms": {str(k): v for k, v in sorted(self.norms.items())},
             "first_loss": self.first_loss,
@@ -233,24 +234,56 @@ def outer_step(
 
 @dataclass(frozen=True, eq=False)
 class TrainState:
-    """The global fp32 weights, the outer momentum and the metrics of closed rounds."""
+    """The global fp32 weights and the outer momentum (``jobs.train_state``).
+
+    The metrics of closed rounds are rows of ``train_rounds``, one a round, so a round's
+    close writes only its own. A state from before that table carries them in its metadata
+    (``legacy_metrics``); :func:`close_round` moves them into rows at its next close.
+    """
 
     weights: Arrays
     momentum: Arrays
-    metrics: list[dict[str, Any]]
+    legacy_metrics: list[dict[str, Any]] = field(default_factory=list)
 
     def encode(self) -> bytes:
         tensors = {_W + k: v for k, v in self.weights.items()}
         tensors.update({_M + k: v for k, v in self.momentum.items()})
-        meta = {"class": tr.CLASS, "kind": "state", "metrics": tr.dump_json(self.metrics)}
-        return encode_tensors(tensors, metadata=meta)
+        return encode_tensors(tensors, metadata={"class": tr.CLASS, "kind": "state"})
 
     @classmethod
     def decode(cls, data: bytes) -> TrainState:
-        tensors, meta = decode_tensors(data, max_bytes=len(data))
+        # Our own bytes from our own database: bounded by their size alone (an old state's
+        # metadata held every round's metrics, over the default header limit for long jobs).
+        tensors, meta = decode_tensors(data, max_bytes=len(data), max_header_bytes=len(data))
         weights = {k[len(_W) :]: np.array(v) for k, v in tensors.items() if k.startswith(_W)}
         momentum = {k[len(_M) :]: np.array(v) for k, v in tensors.items() if k.startswith(_M)}
-        return cls(weights, momentum, json.loads(meta["metrics"]))
+        legacy = json.loads(meta["metrics"]) if "metrics" in meta else []
+        return cls(weights, momentum, legacy)
+
+
+def _record_round(session: Session, job: m.Job, state: TrainState, row: dict[str, Any],
+                  now: float) -> None:  # fmt: skip
+    """Store a closed round's metrics (and, once, those an old state still carried)."""
+    known = set(
+        session.scalars(select(m.TrainRound.round_index).where(m.TrainRound.job_id == job.job_id))
+    )
+    for old in state.legacy_metrics:
+        if old["round"] not in known:
+            session.add(m.TrainRound(job_id=job.job_id, round_index=old["round"],
+                                     metrics=tr.dump_json(old), closed_at=now))  # fmt: skip
+    session.add(m.TrainRound(job_id=job.job_id, round_index=row["round"],
+                             metrics=tr.dump_json(row), closed_at=now))  # fmt: skip
+    session.flush()
+
+
+def round_metrics(session: Session, job_id: str) -> list[dict[str, Any]]:
+    """The metrics of a job's closed rounds, in order."""
+    rows = session.scalars(
+        select(m.TrainRound.metrics)
+        .where(m.TrainRound.job_id == job_id)
+        .order_by(m.TrainRound.round_index)
+    )
+    return [json.loads(text) for text in rows]
 
 
 @dataclass(frozen=True, slots=True)
@@ -314,7 +347,6 @@ def close_round(
         else TrainState(
             weights={k: np.array(v) for k, v in tr.decode_weights(base.weights, model).items()},
             momentum={k: np.zeros(s, np.float32) for k, s in model.parameter_shapes().items()},
-            metrics=[],
         )
     )
     subs = [
@@ -325,7 +357,7 @@ def close_round(
     outcome = aggregate(
         subs, shapes=model.parameter_shapes(), base_sha256=base.weights_sha256, config=config
     )
-    metrics = [*state.metrics, outcome.metrics(r, base.weights_sha256)]
+    _record_round(session, job, state, outcome.metrics(r, base.weights_sha256), now)
     log.info(
         "training.round_closed",
         extra={"job_id": job.job_id, "round": r, "used": list(outcome.used),
@@ -334,14 +366,14 @@ def close_round(
     job.round_deadline = None
     if outcome.delta is None:
         why = "; ".join(f"slice {s}: {reason}" for s, reason in outcome.dropped)
-        job.train_state = TrainState(state.weights, state.momentum, metrics).encode()
+        job.train_state = TrainState(state.weights, state.momentum).encode()
         job.status, job.finished_at = m.FAILED, now
         job.reason = f"round {r} has no valid pseudo-gradient: {why}"[:4000]
         return RoundClose(m.FAILED, cancel)
     weights, momentum = outer_step(state.weights, state.momentum, outcome.delta, config.outer)
-    job.train_state = TrainState(weights, momentum, metrics).encode()
+    job.train_state = TrainState(weights, momentum).encode()
     if r + 1 >= config.rounds:
-        job.result = tr.encode_final(model, weights, metrics)
+        job.result = tr.encode_final(model, weights, round_metrics(session, job.job_id))
         job.result_sha256 = hashlib.sha256(job.result).hexdigest()
         job.status, job.finished_at = m.SUCCEEDED, now
         return RoundClose(m.SUCCEEDED, cancel)

@@ -50,6 +50,10 @@ MAX_PARAMETERS: Final = 1 << 26
 MAX_SLICE_BYTES: Final = 32 * 1024 * 1024
 MAX_SPLIT_BYTES: Final = 1 << 30
 MAX_JSON_CHARS: Final = 64 * 1024
+# Rounds x slices of one job: the final result carries a metrics entry per slice and round
+# (a few hundred bytes at most), in its header, so this keeps that header within tens of MiB.
+MAX_SLICE_ROUNDS: Final = 100_000
+MAX_REASON_CHARS: Final = 300  # a dropped slice's reason, as kept in the round's metrics
 MAX_SEED: Final = 2**63 - 1
 GRAD_DTYPES: Final = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2")}
 ACTIVATIONS: Final = frozenset({"ReLU", "GELU", "Tanh", "Sigmoid"})
@@ -83,10 +87,10 @@ def _unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def load_json(text: str, *, what: str) -> Any:
+def load_json(text: str, *, what: str, max_chars: int = MAX_JSON_CHARS) -> Any:
     """Strict JSON: size-limited, no duplicate keys, no NaN/Infinity."""
-    if len(text) > MAX_JSON_CHARS:
-        raise RemoteProtocolError(f"{what} is {len(text)} characters, over {MAX_JSON_CHARS}")
+    if len(text) > max_chars:
+        raise RemoteProtocolError(f"{what} is {len(text)} characters, over {max_chars}")
     try:
         return json.loads(text, object_pairs_hook=_unique, parse_constant=_refuse_constant)
     except ValueError as exc:
@@ -556,7 +560,14 @@ class JobRequest:
 
     def round_zero(self, slices: int) -> list[bytes]:
         """The task payloads of round 0, one per slice (refused, before any is built, when
-        they would be over MAX_SLICE_BYTES each or MAX_SPLIT_BYTES together)."""
+        they would be over MAX_SLICE_BYTES each or MAX_SPLIT_BYTES together, or when the
+        job's rounds times slices is over MAX_SLICE_ROUNDS)."""
+        if slices * self.config.rounds > MAX_SLICE_ROUNDS:
+            raise RemoteProtocolError(
+                f"{self.config.rounds} rounds of {slices} slices make "
+                f"{slices * self.config.rounds} slice-rounds, over {MAX_SLICE_ROUNDS}: the "
+                "result keeps metrics for each; use fewer rounds or fewer slices"
+            )
         shards = self.shards(slices)
         weight_bytes = 4 * sum(math.prod(s) for s in self.model.parameter_shapes().values())
         largest = weight_bytes + max(map(len, shards))
@@ -752,14 +763,18 @@ def encode_final(
 
 
 def decode_final(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES) -> tuple[Arrays, list[Any]]:
-    """(final weights, per-round metrics) of a finished job."""
-    tensors, metadata = decode_tensors(data, max_bytes=max_bytes)
+    """(final weights, per-round metrics) of a finished job.
+
+    The header holds every round's metrics, so it is bounded by *max_bytes* alone rather
+    than by the default header limit (MAX_SLICE_ROUNDS keeps it to tens of MiB).
+    """
+    tensors, metadata = decode_tensors(data, max_bytes=max_bytes, max_header_bytes=max_bytes)
     _meta(metadata, "weights", frozenset({"model", "weights_sha256", "rounds", "metrics"}))
     model = ModelSpec.from_json(metadata["model"])
     check_parameters(tensors, model.parameter_shapes(), dtypes=("F32",), what="weights")
     if sha256_hex(weights_container(tensors)) != metadata["weights_sha256"]:
         raise RemoteProtocolError("final weights do not match their weights_sha256")
-    metrics = load_json(metadata["metrics"], what="metrics")
+    metrics = load_json(metadata["metrics"], what="metrics", max_chars=max_bytes)
     if not isinstance(metrics, list):
         raise RemoteProtocolError("metrics must be a JSON array")
     return tensors, metrics
