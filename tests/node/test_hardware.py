@@ -200,6 +200,37 @@ def test_hang_kills_the_whole_process_group(private_hang: Path) -> None:
     assert processes_replaying(private_hang) == []
 
 
+def test_a_child_that_outlives_its_sigkill_is_not_waited_for() -> None:
+    """A wedged driver can hold the probe in uninterruptible sleep after SIGKILL: the probe
+    gives up on it (a thread reaps it later) instead of hanging `run`, `manifest`, `doctor`."""
+    import threading
+
+    from nodeclient.node import hardware
+
+    child = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    released = threading.Event()
+    real_wait = child.wait
+
+    def stuck_communicate(timeout: float | None = None) -> tuple[bytes, bytes]:
+        raise subprocess.TimeoutExpired(["sleep"], timeout or 0.0)
+
+    def stuck_wait(timeout: float | None = None) -> int:
+        if threading.current_thread() is threading.main_thread():
+            raise AssertionError("the caller waited on a child it could not kill")
+        released.wait()  # the reaper: until the driver lets go
+        return real_wait(timeout)
+
+    child.communicate = stuck_communicate  # type: ignore[method-assign]
+    child.wait = stuck_wait  # type: ignore[method-assign]
+    started = time.monotonic()
+    try:
+        hardware._kill_group(child)
+        assert time.monotonic() - started < 2.0
+    finally:
+        released.set()
+    assert real_wait(10) == -9
+
+
 def test_unreadable_replay_file_is_an_error(tmp_path: Path) -> None:
     """A broken recording is reported as an error, not as a machine without GPUs."""
     path = tmp_path / "broken.json"

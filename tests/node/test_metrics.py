@@ -8,6 +8,8 @@ that the numbers move as jobs execute.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sys
 import uuid
 from pathlib import Path
@@ -185,6 +187,64 @@ def test_gpu_sampler_reports_utilisation(tmp_path: Path) -> None:
     m.update_gpus(snap)
     s = samples(m.exposition())
     assert value(s, "gpu_utilization_percent", gpu="0", model="NVIDIA H100 80GB HBM3") == 37
+
+
+def test_gpu_sampler_restarts_after_an_error_and_drops_stale_figures(tmp_path: Path) -> None:
+    """The child dies: the gauges drop the last figures instead of showing them for ever,
+    and a fresh child, started after the retry delay, reports again."""
+    env = recording(tmp_path, {"devices": [{"name": "B", "memory_total": 10, "utilization": 80}]})
+    sampler = nm.GpuSampler(interval=0.2, env=env, retry_after=0.3).start()
+    m = nm.NodeMetrics(gpu=sampler)
+    try:
+        wait_for(lambda: sampler.latest().status == "ok", timeout=30, what="a GPU sample")
+        m.update_status(status())
+        assert value(samples(m.exposition()), "gpu_utilization_percent", gpu="0", model="B") == 80
+        child = sampler._proc
+        assert child is not None
+        os.killpg(child.pid, signal.SIGKILL)  # the child dies (a driver fault, say)
+        error = wait_for(
+            lambda: (s := sampler.latest()).status == "error" and s, timeout=30, what="the error"
+        )
+        assert error.detail == "the NVML sampler exited"
+        m.update_status(status())
+        assert not [k for k in samples(m.exposition()) if k[0].startswith("gpu_")]
+        wait_for(lambda: sampler.latest().status == "ok", timeout=30, what="a sample again")
+        assert sampler._proc is not child
+        m.update_status(status())
+    finally:
+        sampler.close()
+    assert value(samples(m.exposition()), "gpu_utilization_percent", gpu="0", model="B") == 80
+
+
+def test_gpu_sampler_never_waits_on_a_child_it_killed(tmp_path: Path) -> None:
+    """A child that stays after SIGKILL (a wedged driver keeps it in uninterruptible sleep)
+    is reaped in the background: latest() and close() return at once."""
+    import subprocess
+    import threading
+    import time
+
+    child = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    released = threading.Event()
+    real_wait = child.wait
+
+    def stuck_wait(timeout: float | None = None) -> int:
+        if threading.current_thread() is threading.main_thread():
+            raise AssertionError("the caller waited on a child it could not kill")
+        released.wait()  # the reaper: until the driver lets go
+        return real_wait(timeout)
+
+    child.wait = stuck_wait  # type: ignore[method-assign]
+    sampler = nm.GpuSampler(interval=0.01)
+    sampler._proc = child  # a child that has gone quiet
+    sampler._last_line -= 60
+    started = time.monotonic()
+    try:
+        assert sampler.latest().status == "error"
+        sampler.close()
+        assert time.monotonic() - started < 2.0
+    finally:
+        released.set()
+    assert real_wait(10) == -9  # it was killed, and reaped
 
 
 def test_gpu_sampler_without_driver_says_no_gpu(tmp_path: Path) -> None:

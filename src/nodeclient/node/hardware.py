@@ -42,6 +42,7 @@ import platform
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -223,8 +224,9 @@ def _kill_group(proc: subprocess.Popen[bytes]) -> None:
     try:
         proc.communicate(timeout=2.0)
     except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+        # Still there after SIGKILL: held in uninterruptible sleep by a wedged driver. Do
+        # not wait on it (that could be for ever): a thread reaps it whenever it ends.
+        threading.Thread(target=proc.wait, name="nvml-probe-reaper", daemon=True).start()
 
 
 def _tail(data: bytes) -> str:

@@ -43,6 +43,7 @@ OUTCOMES: Final = ("completed", "failed", "rejected", "timed_out", "cancelled")
 DURATION_BUCKETS: Final = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900, 3600)
 _REPLAY_ENV: Final = "NODECLIENT_NVML_REPLAY"
 _STALE_AFTER: Final = 3.0  # intervals without a line before a sample counts as stale
+_MAX_RETRY_DELAY: Final = 600.0  # seconds between two starts of a failing sampler, at most
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,6 +162,12 @@ class NodeMetrics:
         self.duration.labels(workload_class=workload_class).observe(max(0.0, seconds))
 
     def update_gpus(self, snapshot: GpuSnapshot) -> None:
+        """Set the GPU gauges from *snapshot*; without a good one, drop them rather than
+        go on showing the last figures of a sampler that has failed."""
+        if snapshot.status != "ok":
+            self.gpu_util.clear()
+            self.gpu_mem.clear()
+            return
         for d in snapshot.devices:
             self.gpu_util.labels(gpu=str(d.index), model=d.name).set(d.util_percent)
             self.gpu_mem.labels(gpu=str(d.index), model=d.name).set(d.mem_used_bytes)
@@ -203,10 +210,20 @@ class GpuSampler:
 
     ``latest()`` never blocks: it returns ``pending`` until the first line, the last
     snapshot afterwards, and ``error`` when the child has gone quiet (a wedged driver),
-    in which case its process group is killed.
+    in which case its process group is killed. After an error (a transient NVML fault, a
+    child that exited or hung) a fresh child is started, first after *retry_after*
+    seconds, then after twice as long each time, up to 10 minutes; a ``no-gpu`` answer is
+    final. A child that a wedged driver keeps in uninterruptible sleep after its SIGKILL is
+    reaped by a background thread, so nothing here waits on it.
     """
 
-    def __init__(self, *, interval: float = 1.0, env: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        interval: float = 1.0,
+        env: Mapping[str, str] | None = None,
+        retry_after: float = 30.0,
+    ) -> None:
         self.interval = interval
         self._env = dict(os.environ if env is None else env)
         self._lock = threading.Lock()
@@ -214,6 +231,10 @@ class GpuSampler:
         self._last_line = time.monotonic()
         self._proc: subprocess.Popen[bytes] | None = None
         self._done = False
+        self._closed = False
+        self._first_retry = retry_after
+        self._retry_delay = retry_after
+        self._retry_at: float | None = None  # when a child that failed is started again
 
     def start(self) -> GpuSampler:
         argv = [
@@ -242,7 +263,17 @@ class GpuSampler:
         with self._lock:
             self._latest = snapshot
             self._last_line = time.monotonic()
-            self._done = self._done or done
+            if snapshot.status == "ok":
+                self._retry_delay = self._first_retry  # healthy again: the next retry is soon
+            self._finish(done)
+
+    def _finish(self, done: bool) -> None:
+        """With the lock held: the child has answered for good; plan a retry after an error."""
+        if done and not self._done:
+            self._done = True
+            if self._latest.status == "error" and not self._closed:
+                self._retry_at = time.monotonic() + self._retry_delay
+                self._retry_delay = min(self._retry_delay * 2, _MAX_RETRY_DELAY)
 
     def _read(self, proc: subprocess.Popen[bytes]) -> None:
         assert proc.stdout is not None
@@ -251,31 +282,46 @@ class GpuSampler:
                 snapshot = GpuSnapshot.from_json(json.loads(raw))
             except (ValueError, KeyError, TypeError):
                 snapshot = GpuSnapshot("error", "the NVML sampler answered something unreadable")
+            if proc is not self._proc:  # a child given up on: a newer one answers now
+                return
             self._set(snapshot, done=snapshot.status != "ok")
         with self._lock:
-            if not self._done:
+            if proc is self._proc and not self._done:
                 self._latest = GpuSnapshot("error", "the NVML sampler exited")
-            self._done = True
+                self._finish(True)
 
     def latest(self) -> GpuSnapshot:
+        restart = False
         with self._lock:
-            quiet = time.monotonic() - self._last_line
+            now = time.monotonic()
+            quiet = now - self._last_line
             if not self._done and quiet > max(10.0, _STALE_AFTER * self.interval):
                 self._latest = GpuSnapshot("error", f"NVML gave no answer for {quiet:.0f} s")
-                self._done = True
+                self._finish(True)
                 self._kill()
-            return self._latest
+            elif self._retry_at is not None and now >= self._retry_at and not self._closed:
+                self._kill()
+                # The old child's reader sees it is no longer the child and stays silent;
+                # the error stays on show until the new one answers.
+                self._proc, self._retry_at = None, None
+                self._done, self._last_line, restart = False, now, True
+            latest = self._latest
+        if restart:
+            self.start()
+        return latest
 
     def _kill(self) -> None:
+        """SIGKILL the child's group without waiting: a thread reaps it whenever it ends."""
         proc = self._proc
         if proc is not None and proc.poll() is None:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=5)
+            threading.Thread(target=proc.wait, name="gpu-sampler-reaper", daemon=True).start()
 
     def close(self) -> None:
         with self._lock:
-            self._done = True
+            self._closed = self._done = True
+            self._retry_at = None
             self._kill()
 
 
