@@ -790,6 +790,11 @@ class Scheduler:
             if (a.task_id, a.node_id, a.attempt) in live
             and (a.node_id, a.task_id) not in coord.withdrawn
         ]
+        # A node that unstaked meanwhile (its cooldown recorded after this round read the
+        # roster) would refuse the dispatch, and its signed refusal would spend an attempt:
+        # undo its leases here instead, for free, checked in the same step as the sends start.
+        unstaked = [assigned[i] for i in keep if _unstaking(coord.nodes.get(assigned[i].node_id))]
+        keep = [i for i in keep if not _unstaking(coord.nodes.get(assigned[i].node_id))]
         assigned, sealed = [assigned[i] for i in keep], [sealed[i] for i in keep]
         frames = [
             messages.Dispatch(
@@ -806,7 +811,7 @@ class Scheduler:
         sent = await asyncio.gather(
             *(coord.send_to(a.node_id, f) for a, f in zip(assigned, frames, strict=True))
         )
-        undelivered: list[Assignment] = []
+        undelivered: list[Assignment] = list(unstaked)
         for a, ok in zip(assigned, sent, strict=True):
             if ok:
                 log.info(
@@ -827,6 +832,10 @@ class Scheduler:
         for a in undelivered:
             log.info("task.undeliverable", extra={"task_id": a.task_id, "node_id": a.node_id})
         coord.wake()
+
+
+def _unstaking(info: object) -> bool:
+    return getattr(info, "unstaking_until", None) is not None
 
 
 def _live_leases(session: Session, assigned: Sequence[Assignment]) -> set[tuple[str, str, int]]:

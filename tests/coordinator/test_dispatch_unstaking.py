@@ -1,0 +1,57 @@
+"""A node that unstakes while a scheduling round is under way gets no dispatch from it."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from nodeclient.coordinator import models as m
+from nodeclient.coordinator.scheduler import Scheduler, assign_tx
+from nodeclient.coordinator.store import Database
+from nodeclient.protocol.secp import Secp256k1Key
+from tests.coordinator.test_queue_rules import NOW, add_job, node
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Iterator[Database]:
+    database = Database(f"sqlite:///{tmp_path / 'c.db'}")
+    try:
+        yield database
+    finally:
+        database.close()
+
+
+def test_a_node_that_unstaked_during_the_round_gets_no_dispatch(db: Database) -> None:
+    """The round read the roster before the node's unstake was recorded: its lease is
+    undone without spending an attempt (the node would refuse it, signed, and the refusal
+    would count), and the task is queued for another node; the other node's is sent."""
+    leaving, staying = Secp256k1Key.generate().address, Secp256k1Key.generate().address
+    public_key = rsa.generate_private_key(public_exponent=65537, key_size=3072).public_key()
+    _, (first,) = db.run_sync(lambda s: add_job(s, tasks=1))
+    placed = db.run_sync(lambda s: assign_tx(s, [node(leaving)], now=NOW, lease_seconds=300))
+    _, (second,) = db.run_sync(lambda s: add_job(s, tasks=1, queued_at=NOW + 1))
+    placed += db.run_sync(lambda s: assign_tx(s, [node(staying)], now=NOW, lease_seconds=300))
+    assert [(a.task_id, a.node_id) for a in placed] == [(first, leaving), (second, staying)]
+    sent: list[tuple[str, str]] = []
+
+    async def send_to(node_id: str, frame: dict) -> bool:
+        sent.append((node_id, frame["task_id"]))
+        return True
+
+    nodes = {
+        leaving: SimpleNamespace(public_key=public_key, unstaking_until=int(NOW) + 7 * 86400),
+        staying: SimpleNamespace(public_key=public_key, unstaking_until=None),
+    }
+    coord = SimpleNamespace(
+        db=db, nodes=nodes, send_to=send_to, now=lambda: NOW, wake=lambda: None, withdrawn={}
+    )
+    asyncio.run(Scheduler.dispatch_all(SimpleNamespace(coord=coord), placed))  # type: ignore[arg-type]
+    assert sent == [(staying, second)]
+    task = db.run_sync(lambda s: s.get_one(m.Task, first))
+    assert (task.status, task.node_id, task.attempts) == (m.QUEUED, None, 0)
+    assert db.run_sync(lambda s: s.get_one(m.Task, second).status) == m.LEASED
