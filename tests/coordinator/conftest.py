@@ -130,11 +130,15 @@ class SimNode:
         sig = eip712.sign_typed(key or self.node_key, "Result", msg, chain_id=CHAIN)
         return messages.signed_frame("result", msg, sig, result=result)
 
-    def reject(self, task_id: str, reason: str = "out of memory") -> dict[str, Any]:
+    def reject(self, task_id: str, reason: str = "out of memory", *,
+               lease_expires_at: int | None = None) -> dict[str, Any]:  # fmt: skip
+        """A signed reject; with *lease_expires_at*, echoing that dispatch's lease."""
         msg = {"node_id": self.node_id, "task_id": uuid.UUID(task_id).bytes, "reason": reason,
                "rejected_at": int(START)}  # fmt: skip
         sig = eip712.sign_typed(self.node_key, "Reject", msg, chain_id=CHAIN)
-        return messages.signed_frame("reject", msg, sig)
+        if lease_expires_at is None:  # as a node from before the echo sends it
+            return messages.signed_frame("reject", msg, sig)
+        return messages.signed_frame("reject", msg, sig, lease_expires_at=lease_expires_at)
 
     # --- link I/O ---------------------------------------------------------------------------
 

@@ -6,12 +6,15 @@ round (every 20 ms in tests).
 
 from __future__ import annotations
 
+from typing import Any
+
 from nodeclient.protocol import eip712
 from nodeclient.protocol.states import UNSTAKE_COOLDOWN_S
 from tests.coordinator.conftest import (
     CHAIN,
     START,
     Running,
+    SimNode,
     closed_code,
     inference_payload,
     inference_result,
@@ -153,3 +156,66 @@ def test_late_result_from_earlier_lease_wins(coordinator: Running, rsa_keys) -> 
     assert "completed by" in late["reason"]
     done = coordinator.wait_job(job["job_id"], "succeeded")
     assert done["tasks"][0]["node_id"] == first.node_id
+
+
+def _ack_and_dispatch(node: SimNode) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The result_ack of a reject that re-queued the task, and the task's next dispatch
+    (the scheduler may send it before the ack)."""
+    frames = {f["type"]: f for f in (node.recv(), node.recv())}
+    return frames["result_ack"], frames["dispatch"]
+
+
+def test_a_late_reject_of_an_earlier_lease_leaves_the_current_one(
+    start_coordinator, rsa_keys
+) -> None:
+    """A task leased to the same node again after its lease ended: a reject echoing the
+    earlier lease's lease_expires_at (sent late, or again) changes nothing, and the result
+    of the current lease is accepted; one echoing the current lease, or none (an older
+    node), ends the lease as before."""
+    running = start_coordinator(max_attempts=5, heartbeat_interval=1000.0)
+    node = make_node(rsa_keys, 0)
+    running.register(node)
+    running.link(node)
+    payload = inference_payload(VALUES)
+    job = running.client.submit_job("ai.inference", payload)
+    first = node.recv()
+    running.clock.advance(301)  # the lease ends as the node gives up on it
+    assert node.recv()["type"] == "cancel"
+    second = node.recv()  # the only node: leased to it again
+    task_id = first["task_id"]
+    lease1, lease2 = first["lease_expires_at"], second["lease_expires_at"]
+    assert (second["type"], second["task_id"]) == ("dispatch", task_id) and lease2 > lease1
+
+    def task() -> dict[str, Any]:
+        return running.client.job(job["job_id"])["tasks"][0]
+
+    stale = node.call(node.reject(task_id, "deadline exceeded", lease_expires_at=lease1))
+    assert (stale["type"], stale["status"]) == ("result_ack", "rejected")
+    assert stale["reason"] == (
+        f"reject for an earlier lease of task {task_id} (lease_expires_at {lease1}, "
+        f"current {lease2}): ignored"
+    )
+    now = task()
+    assert (now["status"], now["node_id"], now["attempts"]) == ("leased", node.node_id, 2)
+    assert now["reason"].startswith("lease expired")  # nothing recorded against it
+
+    running.clock.advance(5)  # the next lease ends at another second
+    node.send(node.reject(task_id, "out of memory", lease_expires_at=lease2))
+    ack, third = _ack_and_dispatch(node)
+    assert ack["status"] == "accepted" and third["lease_expires_at"] == lease2 + 5
+    now = task()
+    assert (now["status"], now["attempts"]) == ("leased", 3)
+    assert now["reason"] == f"node {node.node_id} rejected it: out of memory"
+
+    running.clock.advance(5)
+    node.send(node.reject(task_id, "out of memory"))  # no echo: ends the current lease
+    ack, fourth = _ack_and_dispatch(node)
+    assert ack["status"] == "accepted" and task()["attempts"] == 4
+
+    # The earlier reject again (resent after a reconnect, say): still only the old lease's.
+    replayed = node.call(node.reject(task_id, "out of memory", lease_expires_at=lease2))
+    assert replayed["status"] == "rejected" and replayed["reason"].endswith(": ignored")
+    assert (task()["status"], task()["attempts"]) == ("leased", 4)
+    result = node.call(node.result(fourth, inference_result(payload, VALUES)))
+    assert result == {"type": "result_ack", "task_id": task_id, "status": "accepted", "reason": ""}
+    assert running.wait_job(job["job_id"], "succeeded")["status"] == "succeeded"

@@ -350,3 +350,38 @@ def test_a_reject_reason_with_control_characters_is_stored_escaped(any_db: Datab
     task = any_db.run_sync(lambda s: s.get_one(m.Task, task_id))
     assert task.status == m.QUEUED
     assert task.reason.endswith("out of\\x00 memory \\x1b[31m\tand\nmore")
+
+
+def test_a_reject_for_another_lease_changes_nothing(any_db: Database) -> None:
+    """A reject whose echoed lease_expires_at is not the current lease's (an earlier lease
+    of the task to the same node) leaves the lease and its attempt count alone; the
+    current one's, or none, re-queues the task."""
+    _, (task_id,) = any_db.run_sync(
+        lambda s: add_job(s, tasks=1, status=m.LEASED, node_id="0xA", attempts=2)
+    )
+    current = int(NOW + 300)  # add_job's lease_deadline, as the dispatch carried it
+    for echo, which in ((current - 301, "an earlier"), (current + 1, "another")):
+        decision, lost = any_db.run_sync(
+            lambda s, echo=echo: reject_tx(
+                s, uuid.UUID(task_id), "0xA", "deadline exceeded", now=NOW, max_attempts=3,
+                lease_expires_at=echo,
+            )
+        )  # fmt: skip
+        assert (decision.status, lost) == ("rejected", None)
+        assert decision.reason == (
+            f"reject for {which} lease of task {task_id} (lease_expires_at {echo}, "
+            f"current {current}): ignored"
+        )
+        task = any_db.run_sync(lambda s: s.get_one(m.Task, task_id))
+        assert (task.status, task.node_id, task.attempts, task.reason) == (
+            m.LEASED, "0xA", 2, None,
+        )  # fmt: skip
+    decision, lost = any_db.run_sync(
+        lambda s: reject_tx(
+            s, uuid.UUID(task_id), "0xA", "out of memory", now=NOW, max_attempts=3,
+            lease_expires_at=current,
+        )
+    )  # fmt: skip
+    assert decision.status == "accepted" and lost is not None and not lost.failed
+    task = any_db.run_sync(lambda s: s.get_one(m.Task, task_id))
+    assert (task.status, task.node_id, task.attempts) == (m.QUEUED, None, 2)

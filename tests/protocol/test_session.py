@@ -329,3 +329,23 @@ def test_features_are_announced_and_checked(parts) -> None:
     bad = {**messages.Welcome(node.address, 0, None).to_wire(), "features": "binary-data"}
     with pytest.raises(RemoteProtocolError, match="features"):
         messages.parse_from_coordinator(json.dumps(bad))
+
+
+def test_a_reject_echoes_its_lease_beside_the_signed_message(parts) -> None:
+    """A reject's lease_expires_at is a frame field outside the signed Reject: parsed as an
+    integer when present, refused when it is not one, and absent from an older node."""
+    _, node, _, _ = parts
+    msg = {"task_id": uuid.uuid4().bytes, "node_id": node.address, "reason": "over capacity",
+           "rejected_at": 1_700_000_000}  # fmt: skip
+    sig = eip712.sign_typed(node, "Reject", msg, chain_id=CHAIN)
+    plain = messages.signed_frame("reject", msg, sig)
+    echoed = messages.signed_frame("reject", msg, sig, lease_expires_at=1_700_000_300)
+    assert echoed["message"] == plain["message"] and echoed["signature"] == plain["signature"]
+    parsed = messages.parse_from_node(json.dumps(echoed))
+    assert isinstance(parsed, messages.SignedFrame)
+    assert parsed.extra == {"lease_expires_at": 1_700_000_300}
+    old = messages.parse_from_node(json.dumps(plain))
+    assert isinstance(old, messages.SignedFrame) and old.extra == {}
+    for bad in ("1700000300", -1, 1.5, True):
+        with pytest.raises(RemoteProtocolError, match="lease_expires_at"):
+            messages.parse_from_node(json.dumps({**plain, "lease_expires_at": bad}))

@@ -419,14 +419,27 @@ class LinkSession:
         now = coord.now()
         reason = frame.message["reason"]
         coord.progress.forget(self.node_id, str(task_id))
+        lease = frame.extra.get("lease_expires_at")  # None from a node that does not echo it
         decision, lost = await coord.db.run(
             lambda s: verifier.reject_tx(
-                s, task_id, self.node_id, reason, now=now, max_attempts=cfg.max_attempts
+                s,
+                task_id,
+                self.node_id,
+                reason,
+                now=now,
+                max_attempts=cfg.max_attempts,
+                lease_expires_at=lease,
             )
         )
         log.info(
             decision.event or "task.reject_refused",
-            extra={"node_id": self.node_id, "task_id": str(task_id), "reason": reason},
+            extra={
+                "node_id": self.node_id,
+                "task_id": str(task_id),
+                "reason": reason,
+                "lease_expires_at": lease,
+                "refusal": decision.reason,
+            },
         )
         await self.send(messages.ResultAck(task_id, decision.status, decision.reason).to_wire())
         if lost is not None:

@@ -217,13 +217,28 @@ _CONTROL = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F) if c not in (0x09, 0x
 
 def reject_tx(
     session: Session, task_id: uuid.UUID, node_id: str, reason: str, *, now: float,
-    max_attempts: int,
+    max_attempts: int, lease_expires_at: int | None = None,
 ) -> tuple[Decision, Lost | None]:  # fmt: skip
-    """A node's signed refusal: re-queue the task elsewhere (the attempt counts)."""
+    """A node's signed refusal: re-queue the task elsewhere (the attempt counts).
+
+    *lease_expires_at* is the refused dispatch's, echoed by the node (None from an older
+    node). A task can be leased to the same node again once a lease ends; a reject of the
+    earlier lease that arrives late (or is sent again) must not end the new one, so one
+    whose echo is not the current lease's leaves the task alone and changes nothing.
+    """
     reason = reason.translate(_CONTROL)  # stored as text: PostgreSQL refuses a NUL
     task = session.get(m.Task, str(task_id))
     if task is None or task.status != m.LEASED or task.node_id != node_id:
         return Decision("rejected", f"task {task_id} is not leased to this node"), None
+    # The dispatch's lease_expires_at is int(lease_deadline) (Scheduler.dispatch_all).
+    current = None if task.lease_deadline is None else int(task.lease_deadline)
+    if lease_expires_at is not None and lease_expires_at != current:
+        which = "an earlier" if current is not None and lease_expires_at < current else "another"
+        return Decision(
+            "rejected",
+            f"reject for {which} lease of task {task_id} (lease_expires_at {lease_expires_at}, "
+            f"current {current}): ignored",
+        ), None
     lost = requeue_or_fail(
         session, task, outcome="rejected", detail=f"node {node_id} rejected it: {reason}",
         now=now, max_attempts=max_attempts,

@@ -126,6 +126,7 @@ class RunningTask:
     handle: asyncio.Task[None] | None = None
     outcome: str | None = None  # how it ended, once counted (_task_ended)
     finishing: bool = False  # executed: its result is committed and sent, cancel or not
+    lease_expires_at: int | None = None  # its dispatch's, echoed in a reject of it
 
 
 @dataclass
@@ -541,7 +542,11 @@ class NodeDaemon:
                 done = self.outbox.get(d.task_id)
             except OutboxCorrupt as exc:  # signed once already: never run it again
                 log.error("outbox.result_missing", extra={"error": str(exc)})
-                await self._reject(d.task_id, "this node's stored result for the task is damaged")
+                await self._reject(
+                    d.task_id,
+                    "this node's stored result for the task is damaged",
+                    lease_expires_at=d.lease_expires_at,
+                )
                 return
             except OSError as exc:  # could not read it just now (EIO, EMFILE): nothing is known
                 # Neither run it (it may be done) nor refuse it (the result may be intact):
@@ -550,7 +555,9 @@ class NodeDaemon:
                 return
             if done is not None:  # already finished: re-send, never re-execute
                 if not done.held:
-                    await self._reject(d.task_id, _pruned_reason(done))
+                    await self._reject(
+                        d.task_id, _pruned_reason(done), lease_expires_at=d.lease_expires_at
+                    )
                     return
                 await self._deliver(done)
                 return
@@ -559,10 +566,15 @@ class NodeDaemon:
             reason = self._refusal(d)
             if reason:
                 self._ended(d.workload_class, "rejected", self.clock.now())
-                await self._reject(d.task_id, reason)
+                await self._reject(d.task_id, reason, lease_expires_at=d.lease_expires_at)
                 return
             task = RunningTask(
-                d.task_id, d.job_id, d.workload_class, d.slice_index, self.clock.now()
+                d.task_id,
+                d.job_id,
+                d.workload_class,
+                d.slice_index,
+                self.clock.now(),
+                lease_expires_at=d.lease_expires_at,
             )
             self.running[d.task_id] = task
             if self.state.state in (NodeState.READY, NodeState.IDLE):
@@ -626,13 +638,19 @@ class NodeDaemon:
                     )
                 except EnvelopeError as exc:  # only open_envelope raises it
                     self._task_ended(task, "rejected")
-                    await self._reject(task.task_id, f"payload decryption failed: {exc}")
+                    await self._reject(
+                        task.task_id,
+                        f"payload decryption failed: {exc}",
+                        lease_expires_at=d.lease_expires_at,
+                    )
                     return
                 except TaskFailed as exc:
                     log.warning("task.failed", extra={"reason": exc.reason})
                     timed_out = exc.reason.startswith("deadline exceeded")  # the lease's end
                     self._task_ended(task, "timed_out" if timed_out else "failed")
-                    await self._reject(task.task_id, exc.reason)
+                    await self._reject(
+                        task.task_id, exc.reason, lease_expires_at=d.lease_expires_at
+                    )
                     return
                 except Exception as exc:  # a bug, or garbage from a worker
                     # Nothing is committed yet, so a signed reject contradicts nothing, and
@@ -640,7 +658,11 @@ class NodeDaemon:
                     # reason names only the type: the traceback stays in this node's log.
                     log.exception("task.internal_error")
                     self._task_ended(task, "failed")
-                    await self._reject(task.task_id, f"internal error: {type(exc).__name__}")
+                    await self._reject(
+                        task.task_id,
+                        f"internal error: {type(exc).__name__}",
+                        lease_expires_at=d.lease_expires_at,
+                    )
                     return
                 log.info(
                     "task.executed",
@@ -672,6 +694,7 @@ class NodeDaemon:
             await self._reject(
                 task.task_id,
                 f"node could not store the result durably: {exc}"[: messages.MAX_REASON],
+                lease_expires_at=task.lease_expires_at,
             )
             return
         self._task_ended(task, "completed")
@@ -780,7 +803,13 @@ class NodeDaemon:
             extra={"task_id": str(entry.task_id), "proof": "0x" + (entry.proof or b"").hex()},
         )
 
-    async def _reject(self, task_id: uuid.UUID, reason: str) -> None:
+    async def _reject(
+        self, task_id: uuid.UUID, reason: str, *, lease_expires_at: int | None
+    ) -> None:
+        """Refuse a dispatch, signed (2.3.7). *lease_expires_at* is that dispatch's: sent
+        beside the signed Reject, it tells the coordinator which lease of the task this
+        refuses, so that a late reject cannot end a newer lease of the same task to this
+        node (None: not known, and not sent)."""
         self.rejected += 1
         message = {
             "task_id": task_id.bytes,
@@ -790,7 +819,10 @@ class NodeDaemon:
         }
         sig = eip712.sign_typed(self._node_key, "Reject", message, chain_id=self.chain_id)
         log.warning("task.rejected", extra={"task_id": str(task_id), "reason": reason})
-        await self._send(messages.signed_frame("reject", message, sig))
+        frame = messages.signed_frame("reject", message, sig)
+        if lease_expires_at is not None:  # unsigned, beside the message: the Reject type is fixed
+            frame["lease_expires_at"] = lease_expires_at
+        await self._send(frame)
 
     async def _send(self, frame: dict[str, Any]) -> None:
         ws = self._ws

@@ -507,6 +507,12 @@ def parse_from_node(
         extra["running"] = _int(d, "running", hi=4096) if "running" in d else 0
     elif d["type"] == "auth":
         extra["features"] = features_of(d)
+    elif d["type"] == "reject" and d.get("lease_expires_at") is not None:
+        # The refused dispatch's lease_expires_at, echoed unsigned beside the Reject (whose
+        # EIP-712 type stays as it is): it names the lease the reject is for. The link is
+        # authenticated (LinkAuth), so only this node can have sent it, and a wrong value
+        # can only make the coordinator ignore this node's own reject.
+        extra["lease_expires_at"] = _int(d, "lease_expires_at")
     if "node_id" in message:
         try:
             parse_address(message["node_id"], field="node_id")

@@ -1,0 +1,153 @@
+"""Every reject the daemon sends names the lease it refuses: the dispatch's
+``lease_expires_at``, beside the signed Reject, so that the coordinator can tell a late
+reject of an earlier lease from one of the task's current lease (docs/protocol.md,
+Rejects). Refused at once, refused from the outbox's record, or failed while running."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from nodeclient.node.daemon import NodeDaemon, RunningTask
+from nodeclient.node.executor import Executor, TaskFailed
+from nodeclient.node.outbox import INLINE_MAX
+from nodeclient.protocol import envelope, messages
+from nodeclient.protocol.states import NodeState
+from tests.node.test_daemon_outbox import Answers, make_daemon, recover
+
+
+def dispatch(
+    daemon: NodeDaemon,
+    task_id: uuid.UUID,
+    lease_expires_at: int,
+    *,
+    workload_class: str = "ai.inference",
+    sealed_for: uuid.UUID | None = None,
+) -> str:
+    """A dispatch frame of *task_id*, its envelope sealed to the daemon (for the task
+    *sealed_for*, when given: one the daemon cannot open as this task's)."""
+    env = envelope.seal(
+        b"payload",
+        public_key=daemon._payload_key.public_key(),
+        task_id=sealed_for or task_id,
+        node_id=daemon.node_id,
+        expires_at=max(lease_expires_at, int(time.time()) + 60),
+    )
+    d = messages.Dispatch(task_id, uuid.uuid4(), workload_class, lease_expires_at, env)
+    return json.dumps(d.to_wire())
+
+
+def assert_refuses(frame: dict[str, Any], daemon: NodeDaemon, task_id: uuid.UUID,
+                   lease: int, reason: str) -> None:  # fmt: skip
+    """*frame* is the daemon's signed reject of *task_id* for the lease *lease*, and the
+    coordinator's parser reads that lease from it."""
+    assert frame["type"] == "reject" and frame["message"]["task_id"] == "0x" + task_id.hex
+    assert reason in frame["message"]["reason"]
+    assert frame["lease_expires_at"] == lease
+    assert recover(frame) == daemon.node_id  # the signed part is the Reject, unchanged
+    parsed = messages.parse_from_node(json.dumps(frame))
+    assert isinstance(parsed, messages.SignedFrame)
+    assert parsed.extra == {"lease_expires_at": lease}
+
+
+def later() -> int:
+    return int(time.time()) + 600
+
+
+@pytest.mark.parametrize(
+    "case", ["expired lease", "over capacity", "unstaking", "class not served"]
+)
+def test_a_dispatch_refused_at_once_is_rejected_with_its_lease(tmp_path: Path, case: str) -> None:
+    """A dispatch the node will not run (its lease already over, no free slot, UNSTAKING,
+    a class it does not serve) is refused, never run, naming that dispatch's lease."""
+    daemon, _, link = make_daemon(tmp_path)  # NeverRun: running it fails the test
+    task_id, lease, wclass = uuid.uuid4(), later(), "ai.inference"
+    reason = {
+        "expired lease": "lease already expired",
+        "over capacity": "over capacity",
+        "unstaking": "UNSTAKING",
+        "class not served": "is not served by this node",
+    }[case]
+    if case == "expired lease":
+        lease = int(time.time()) - 5
+    elif case == "over capacity":
+        busy = RunningTask(uuid.uuid4(), uuid.uuid4(), "ai.inference", None, time.time())
+        daemon.running[busy.task_id] = busy
+    elif case == "unstaking":
+        daemon.state.transition(NodeState.UNSTAKING, reason="unstake accepted by the coordinator")
+    else:
+        wclass = "render.blender"
+    asyncio.run(daemon._on_frame(dispatch(daemon, task_id, lease, workload_class=wclass)))
+    (refused,) = link.frames
+    assert_refuses(refused, daemon, task_id, lease, reason)
+
+
+@pytest.mark.parametrize("case", ["pruned", "damaged"])
+def test_a_dispatch_of_a_task_done_before_is_rejected_with_its_lease(
+    tmp_path: Path, case: str
+) -> None:
+    """A dispatch of a task whose result this node no longer holds, or holds damaged, is
+    refused, never run: the reject names the lease of that dispatch."""
+    daemon, _, link = make_daemon(tmp_path)
+    task_id = uuid.uuid4()
+    size = 16 if case == "pruned" else INLINE_MAX + 1  # damaged: a result file, then gone
+    daemon._commit(
+        RunningTask(task_id, uuid.uuid4(), "ai.inference", None, time.time()), b"r" * size
+    )
+    daemon.outbox.mark_acked(task_id, status="accepted", reason="", at=time.time() - 3600)
+    if case == "pruned":
+        cutoff = time.time() - daemon.retention.seconds
+        assert daemon.outbox.prune(acked_before=cutoff, keep_bytes=daemon.retention.bytes) == 1
+    else:
+        (daemon.outbox.files / f"{task_id}.result").unlink()
+    lease = later()
+    asyncio.run(daemon._on_frame(dispatch(daemon, task_id, lease)))
+    (refused,) = link.frames
+    why = "no longer held" if case == "pruned" else "stored result for the task is damaged"
+    assert_refuses(refused, daemon, task_id, lease, why)
+
+
+class DeadlineExceeded(Executor):
+    """Every task runs past its lease, as the executor reports it."""
+
+    async def run(self, *args: object, **kwargs: object) -> bytes:
+        raise TaskFailed("deadline exceeded: killed at the lease's end", requester_fault=False)
+
+
+@pytest.mark.parametrize("case", ["deadline exceeded", "undecryptable", "commit failed"])
+def test_a_task_that_fails_is_rejected_with_its_lease(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, case: str
+) -> None:
+    """A task that ends without a result (past its lease, a payload it cannot open, a
+    result it cannot store) is refused naming the lease it ran under: a reject that
+    arrives after the task was leased to this node again cannot end the new lease."""
+    executor = DeadlineExceeded if case == "deadline exceeded" else Answers
+    daemon, _, link = make_daemon(tmp_path, executor)
+    if case == "commit failed":
+
+        def full(**kwargs: object) -> object:
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr(daemon.outbox, "commit_result", full)
+    task_id, lease = uuid.uuid4(), later()
+    sealed_for = uuid.uuid4() if case == "undecryptable" else None
+
+    async def run() -> None:
+        await daemon._on_frame(dispatch(daemon, task_id, lease, sealed_for=sealed_for))
+        while daemon.running:
+            await asyncio.sleep(0.01)
+
+    asyncio.run(asyncio.wait_for(run(), 10))
+    (refused,) = link.frames
+    reason = {
+        "deadline exceeded": "deadline exceeded",
+        "undecryptable": "payload decryption failed",
+        "commit failed": "No space left on device",
+    }[case]
+    assert_refuses(refused, daemon, task_id, lease, reason)
