@@ -56,6 +56,7 @@ def test_binary_dispatch_and_result_round_trip(coordinator: Running, rsa_keys) -
     ack = node.recv()
     assert ack == {
         "type": "result_ack", "task_id": str(dispatch.task_id), "status": "accepted", "reason": "",
+        "of": "result",
     }  # fmt: skip
     done = coordinator.wait_job(job["job_id"], "succeeded")
     assert coordinator.client.task_result(done["tasks"][0]["task_id"]) == result

@@ -174,7 +174,7 @@ def test_dispatch_result_and_public_verification(coordinator: Running, rsa_keys)
     result = inference_result(payload, VALUES)
     ack = node.call(node.result(dispatch, result))
     assert ack == {"type": "result_ack", "task_id": dispatch["task_id"], "status": "accepted",
-                   "reason": ""}  # fmt: skip
+                   "reason": "", "of": "result"}  # fmt: skip
 
     done = coordinator.wait_job(job["job_id"], "succeeded")
     assert done["status"] == "succeeded"

@@ -190,7 +190,7 @@ def test_a_late_reject_of_an_earlier_lease_leaves_the_current_one(
         return running.client.job(job["job_id"])["tasks"][0]
 
     stale = node.call(node.reject(task_id, "deadline exceeded", lease_expires_at=lease1))
-    assert (stale["type"], stale["status"]) == ("result_ack", "rejected")
+    assert (stale["type"], stale["status"], stale["of"]) == ("result_ack", "rejected", "reject")
     assert stale["reason"] == (
         f"reject for an earlier lease of task {task_id} (lease_expires_at {lease1}, "
         f"current {lease2}): ignored"
@@ -217,5 +217,7 @@ def test_a_late_reject_of_an_earlier_lease_leaves_the_current_one(
     assert replayed["status"] == "rejected" and replayed["reason"].endswith(": ignored")
     assert (task()["status"], task()["attempts"]) == ("leased", 4)
     result = node.call(node.result(fourth, inference_result(payload, VALUES)))
-    assert result == {"type": "result_ack", "task_id": task_id, "status": "accepted", "reason": ""}
+    assert result == {
+        "type": "result_ack", "task_id": task_id, "status": "accepted", "reason": "", "of": "result"
+    }  # fmt: skip
     assert running.wait_job(job["job_id"], "succeeded")["status"] == "succeeded"

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from nodeclient.errors import RemoteProtocolError
 from nodeclient.node.daemon import NodeDaemon, RunningTask
 from nodeclient.node.executor import Executor, TaskFailed
 from nodeclient.node.outbox import INLINE_MAX
@@ -151,3 +152,29 @@ def test_a_task_that_fails_is_rejected_with_its_lease(
         "commit failed": "No space left on device",
     }[case]
     assert_refuses(refused, daemon, task_id, lease, reason)
+
+
+def test_the_answer_to_a_reject_never_settles_a_result_of_the_same_task(tmp_path: Path) -> None:
+    """The node rejected an earlier lease of a task, then ran a newer lease and committed
+    its result. The coordinator's answer to that reject ("ignored: an earlier lease") must
+    leave the result unacknowledged (it is resent after a reconnect); the result's own
+    answer settles it."""
+    daemon, _, _ = make_daemon(tmp_path)
+    task_id = uuid.uuid4()
+    daemon._commit(RunningTask(task_id, uuid.uuid4(), "ai.inference", None, time.time()), b"r")
+    stale = messages.ResultAck(task_id, "rejected", "reject for an earlier lease: ignored",
+                               of="reject")  # fmt: skip
+    asyncio.run(daemon._on_frame(json.dumps(stale.to_wire())))
+    entry = daemon.outbox.get(task_id)
+    assert entry is not None and entry.acked_at is None
+    own = messages.ResultAck(task_id, "accepted")
+    asyncio.run(daemon._on_frame(json.dumps(own.to_wire())))
+    entry = daemon.outbox.get(task_id)
+    assert entry is not None and (entry.acked_at is not None, entry.ack_status) == (
+        True,
+        "accepted",
+    )
+    old_coordinator = {k: v for k, v in own.to_wire().items() if k != "of"}
+    assert messages.ResultAck.from_wire(old_coordinator).of == "result"
+    with pytest.raises(RemoteProtocolError, match="'of'"):
+        messages.ResultAck.from_wire({**own.to_wire(), "of": "other"})

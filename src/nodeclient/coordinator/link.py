@@ -441,7 +441,8 @@ class LinkSession:
                 "refusal": decision.reason,
             },
         )
-        await self.send(messages.ResultAck(task_id, decision.status, decision.reason).to_wire())
+        ack = messages.ResultAck(task_id, decision.status, decision.reason, of="reject")
+        await self.send(ack.to_wire())
         if lost is not None:
             cancel_leases(coord, lost.cancel, "job failed")
             coord.wake()

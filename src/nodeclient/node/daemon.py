@@ -495,6 +495,15 @@ class NodeDaemon:
             self._apply_unstaking()
         elif isinstance(msg, messages.Dispatch):
             await self._on_dispatch(msg)
+        elif isinstance(msg, messages.ResultAck) and msg.of == "reject":
+            # Rejects are not kept in the outbox: the answer settles nothing there (a result
+            # of the same task, committed for a newer lease, waits for its own answer).
+            level = logging.INFO if msg.status == "accepted" else logging.WARNING
+            log.log(
+                level,
+                "reject.ack",
+                extra={"task_id": str(msg.task_id), "status": msg.status, "reason": msg.reason},
+            )
         elif isinstance(msg, messages.ResultAck):
             try:
                 await asyncio.to_thread(

@@ -322,10 +322,19 @@ class Dispatch:
 
 @dataclass(frozen=True, slots=True)
 class ResultAck:
+    """coordinator -> node: the answer to a ``result``, or (``of`` "reject") to a ``reject``.
+
+    ``of`` tells the two apart: a node keeps its results in its outbox by task_id, and the
+    answer to a reject must never settle a result of the same task (a reject of an earlier
+    lease, answered after the node committed the result of a newer one). A coordinator
+    that does not send it answers results only as far as the node can tell.
+    """
+
     TYPE: ClassVar[str] = "result_ack"
     task_id: uuid.UUID
     status: str  # accepted | duplicate | rejected
     reason: str = ""
+    of: str = "result"  # result | reject
 
     def to_wire(self) -> dict[str, Any]:
         return {
@@ -333,6 +342,7 @@ class ResultAck:
             "task_id": str(self.task_id),
             "status": self.status,
             "reason": self.reason,
+            "of": self.of,
         }
 
     @classmethod
@@ -340,7 +350,10 @@ class ResultAck:
         status = _str(d, "status", max_len=16)
         if status not in ("accepted", "duplicate", "rejected"):
             raise RemoteProtocolError("field 'status' must be accepted, duplicate or rejected")
-        return cls(_uuid(d, "task_id"), status, _str(d, "reason", max_len=MAX_REASON))
+        of = _str(d, "of", max_len=8) if d.get("of") is not None else "result"
+        if of not in ("result", "reject"):
+            raise RemoteProtocolError("field 'of' must be result or reject")
+        return cls(_uuid(d, "task_id"), status, _str(d, "reason", max_len=MAX_REASON), of)
 
 
 @dataclass(frozen=True, slots=True)
