@@ -5,6 +5,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
+from nodeclient.coordinator.config import SybilPolicy
 from nodeclient.errors import RemoteProtocolError
 from nodeclient.protocol import eip712
 from nodeclient.protocol.secp import Secp256k1Key
@@ -89,6 +90,31 @@ def test_sybil_prescreen_allows_reregistration(coordinator: Running, rsa_keys) -
     coordinator.register(second)
     r = _post(coordinator, first.manifest(issued_at=int(START) + 5))
     assert r.status_code == 200
+
+
+def test_a_node_past_its_unstake_cooldown_leaves_the_wallet_quota(
+    start_coordinator, rsa_keys
+) -> None:
+    """With one node per wallet, a node that unstaked still holds the wallet's place
+    during its cooldown; once the cooldown has ended another node may register."""
+    running = start_coordinator(sybil=SybilPolicy(max_nodes_per_wallet=1))
+    first, second = make_node(rsa_keys, 0), make_node(rsa_keys, 1)
+    running.register(first)
+    msg, sig = _unstake_body(first.node_key, first.node_id, int(START))
+    until = running.client.unstake(first.node_id, msg, sig)["unstaking_until"]
+    running.clock.set(until)  # the last second of the cooldown: still counted
+    r = _post(running, second.manifest(issued_at=until))
+    assert r.status_code == 403
+    assert "already has 1 registered nodes" in r.json()["error"]
+    running.clock.set(until + 1)
+    reply = running.register(second)
+    assert reply["status"] == "registered"
+    assert [p["node_id"] for p in reply["prior_registrations"]] == [first.node_id]
+    # ... and the retired node is not what it was: a third is refused again.
+    third = make_node(rsa_keys, 2)
+    r = _post(running, third.manifest(issued_at=until + 1))
+    assert r.status_code == 403
+    assert "already has 1 registered nodes" in r.json()["error"]
 
 
 def test_client_turns_errors_into_one_line(coordinator: Running, rsa_keys) -> None:

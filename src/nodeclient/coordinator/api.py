@@ -1,25 +1,34 @@
 """HTTP routes: registration, unstaking, blobs, jobs, results, health (docs: "HTTP API").
 
 Every error is JSON ``{"error": "..."}`` with a precise reason; validation failures of
-request bodies are 400, not FastAPI's default 422 shape.
+request bodies are 400, not FastAPI's default 422 shape. Request bodies are bounded
+before anything reads them (:class:`BodyLimit`): a job's by the payload limit, a blob's
+by the blob limit (the upload route streams it to disk), every other body by 64 KiB.
 """
 
 from __future__ import annotations
 
 import asyncio
 import binascii
+import contextlib
+import errno
 import hashlib
+import io
+import logging
 import os
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Final
 
 import pybase64
 from fastapi import APIRouter, Body, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
 from pydantic import BaseModel, Field
 from sqlalchemy.orm import Session
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from nodeclient.coordinator import classes, metrics, registry, store
 from nodeclient.coordinator import models as m
+from nodeclient.coordinator.config import CoordinatorConfig
 from nodeclient.coordinator.service import Coordinator
 from nodeclient.errors import ProtocolError, RemoteProtocolError, SignatureError
 from nodeclient.protocol.blobs import SHA256_HEX
@@ -35,6 +44,117 @@ def error(status: int, message: str) -> JSONResponse:
 
 def _reply(r: registry.Reply) -> JSONResponse:
     return JSONResponse(r.body, status_code=r.status)
+
+
+log = logging.getLogger("nodeclient.coordinator.api")
+
+JSON_BODY_LIMIT: Final = 64 * 1024  # a manifest or an unstake is a few KiB
+UPLOAD_WRITE_BYTES: Final = 1024 * 1024  # an upload is written to disk in batches of this
+
+
+def disk_full() -> JSONResponse:
+    """507: what a write that found no space (ENOSPC) answers."""
+    return error(507, "the coordinator's disk is full: nothing was stored; try again later")
+
+
+def base64_size(n: int) -> int:
+    """The length of the padded base64 text of *n* bytes."""
+    return 4 * -(-n // 3)
+
+
+def body_limit(config: CoordinatorConfig, path: str) -> int | None:
+    """The most bytes a request body to *path* may have; None: the route bounds it."""
+    if path == "/v1/blobs":
+        return None  # streamed to disk, counted against max_blob_bytes by the route
+    if path == "/v1/jobs":
+        # The base64 payload, a sixteenth more for JSON encoders that escape "/" as
+        # "\/", and room for the other fields.
+        encoded = base64_size(config.max_payload_bytes)
+        return encoded + encoded // 16 + JSON_BODY_LIMIT
+    return JSON_BODY_LIMIT
+
+
+class _TooLarge(Exception):
+    """Raised into the app by a bounded receive once the body passes its limit."""
+
+
+class BodyLimit:
+    """ASGI middleware: refuse a request body over its route's bound with 413 before any
+    route reads or parses it.
+
+    A declared Content-Length over the bound is refused at once, without reading a byte;
+    a chunked body is counted as it arrives and refused as soon as it passes the bound.
+    The reply closes the connection, so the rest of the body is never read.
+    """
+
+    def __init__(self, app: ASGIApp, *, limit: Callable[[str], int | None]) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        limit = self.limit(scope["path"]) if scope["type"] == "http" else None
+        if limit is None:
+            await self.app(scope, receive, send)
+            return
+        for name, value in scope["headers"]:
+            if name == b"content-length" and value.isdigit() and int(value) > limit:
+                await self._refuse(scope, receive, send, limit)
+                return
+        received = 0
+        exceeded = started = False
+
+        async def bounded_receive() -> Message:
+            nonlocal received, exceeded
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    exceeded = True
+                    raise _TooLarge
+            return message
+
+        async def guarded_send(message: Message) -> None:
+            nonlocal started
+            if exceeded:
+                return  # the route's answer to a body it never had whole: 413 instead
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, bounded_receive, guarded_send)
+        except Exception:
+            if not exceeded or started:
+                raise
+        if exceeded and not started:
+            await self._refuse(scope, receive, send, limit)
+
+    @staticmethod
+    async def _refuse(scope: Scope, receive: Receive, send: Send, limit: int) -> None:
+        log.info("http.body_too_large", extra={"path": scope["path"], "limit": limit})
+        response = error(413, f"request body exceeds the {limit}-byte limit of {scope['path']}")
+        response.headers["connection"] = "close"  # the rest of the body is not read
+        await response(scope, receive, send)
+
+
+def _b64decode(text: str) -> bytes:
+    try:
+        return pybase64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise RemoteProtocolError("payload is not valid base64") from None
+
+
+def _write(out: io.BufferedWriter, digest: Any, chunks: list[bytes]) -> None:
+    for chunk in chunks:
+        digest.update(chunk)
+        out.write(chunk)
+
+
+def _discard(out: io.BufferedWriter, tmp: str) -> None:
+    """Close and remove an upload's temporary file (gone already once published)."""
+    with contextlib.suppress(OSError):  # a full disk refusing buffered bytes: dropped
+        out.close()
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp)
 
 
 class JobRequest(BaseModel):
@@ -100,29 +220,53 @@ def build_router(coord: Coordinator) -> APIRouter:  # noqa: PLR0915 (one route e
 
     # --- blobs ------------------------------------------------------------------------------
 
+    def finish_upload(out: io.BufferedWriter, digest: Any, rest: list[bytes], tmp: str) -> str:
+        """Write the last bytes, make them durable, then publish (blobstore.py: the file is
+        fsynced before its rename, the directory after)."""
+        _write(out, digest, rest)
+        out.flush()
+        os.fsync(out.fileno())
+        out.close()
+        hexdigest: str = digest.hexdigest()
+        coord.blobs.publish(tmp, hexdigest)
+        return hexdigest
+
     @router.post("/v1/blobs", status_code=201)
     async def upload_blob(request: Request) -> JSONResponse:
         limit = coord.config.max_blob_bytes
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
             return error(413, f"blob of {declared} bytes exceeds the {limit}-byte limit")
+        # The disk work (writes, fsyncs, the rename) runs in a thread, a batch at a time,
+        # so a slow or full disk never stops the event loop, links' heartbeats included.
         digest, size = hashlib.sha256(), 0
-        fd, tmp = coord.blobs.temporary(".upload-")
         try:
-            with os.fdopen(fd, "wb") as out:
-                async for chunk in request.stream():
-                    size += len(chunk)
-                    if size > limit:
-                        return error(413, f"blob exceeds the {limit}-byte limit")
-                    digest.update(chunk)
-                    out.write(chunk)
-                out.flush()
-                os.fsync(out.fileno())
-            hexdigest = digest.hexdigest()
-            coord.blobs.publish(tmp, hexdigest)
+            fd, tmp = await asyncio.to_thread(coord.blobs.temporary, ".upload-")
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                return disk_full()
+            raise
+        out = os.fdopen(fd, "wb")
+        try:
+            pending: list[bytes] = []
+            held = 0
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    return error(413, f"blob exceeds the {limit}-byte limit")
+                pending.append(chunk)
+                held += len(chunk)
+                if held >= UPLOAD_WRITE_BYTES:
+                    await asyncio.to_thread(_write, out, digest, pending)
+                    pending, held = [], 0
+            hexdigest = await asyncio.to_thread(finish_upload, out, digest, pending, tmp)
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                log.warning("blobs.disk_full", extra={"error": str(exc)})
+                return disk_full()
+            raise
         finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+            await asyncio.to_thread(_discard, out, tmp)
         return JSONResponse(
             {"sha256": hexdigest, "url": f"/v1/blobs/{hexdigest}", "size": size}, status_code=201
         )
@@ -173,10 +317,10 @@ def build_router(coord: Coordinator) -> APIRouter:  # noqa: PLR0915 (one route e
         cfg = coord.config
         try:
             wclass = classes.lookup(body.workload_class)
-            try:
-                payload = pybase64.b64decode(body.payload, validate=True)
-            except (binascii.Error, ValueError):
-                raise RemoteProtocolError("payload is not valid base64") from None
+            if len(body.payload) > base64_size(cfg.max_payload_bytes):  # not worth decoding
+                limit = cfg.max_payload_bytes
+                return error(413, f"payload exceeds the {limit}-byte limit")
+            payload = await asyncio.to_thread(_b64decode, body.payload)
             if len(payload) > cfg.max_payload_bytes:
                 limit = cfg.max_payload_bytes
                 return error(413, f"payload of {len(payload)} bytes exceeds the {limit}-byte limit")

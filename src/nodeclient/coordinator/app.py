@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import functools
+import logging
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Request, WebSocket
@@ -19,13 +22,15 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from nodeclient import __version__
 from nodeclient.clock import Clock, SystemClock
-from nodeclient.coordinator.api import build_router, error
+from nodeclient.coordinator.api import BodyLimit, body_limit, build_router, disk_full, error
 from nodeclient.coordinator.blobstore import sweep_blobs
 from nodeclient.coordinator.config import CoordinatorConfig
 from nodeclient.coordinator.link import LinkSession, TransportAbort
 from nodeclient.coordinator.scheduler import Scheduler
 from nodeclient.coordinator.service import Coordinator
 from nodeclient.coordinator.store import Database
+
+log = logging.getLogger("nodeclient.coordinator.http")
 
 
 def create_app(config: CoordinatorConfig, *, clock: Clock | None = None) -> FastAPI:
@@ -60,6 +65,8 @@ def create_app(config: CoordinatorConfig, *, clock: Clock | None = None) -> Fast
     )
     app.state.coordinator = coord
     app.state.scheduler = scheduler
+    # Bodies are bounded before any route reads them (api.py: BodyLimit).
+    app.add_middleware(BodyLimit, limit=functools.partial(body_limit, config))
     app.add_middleware(TransportAbort)  # outermost but for errors: sees the server's send
 
     @app.exception_handler(RequestValidationError)
@@ -71,6 +78,21 @@ def create_app(config: CoordinatorConfig, *, clock: Clock | None = None) -> Fast
     @app.exception_handler(StarletteHTTPException)
     async def _http(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
         return error(exc.status_code, str(exc.detail))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        # Anything a route did not answer itself: still the documented JSON error, and
+        # one structured event to find it by (a bug, or a disk that filled up).
+        where = {"method": request.method, "path": request.url.path}
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+            log.error("http.disk_full", extra={**where, "error": str(exc)})
+            return disk_full()
+        log.error(
+            "http.unexpected_error",
+            extra={**where, "error": f"{type(exc).__name__}: {exc}"},
+            exc_info=exc,
+        )
+        return error(500, "internal error in the coordinator: logged as http.unexpected_error")
 
     app.include_router(build_router(coord))
 

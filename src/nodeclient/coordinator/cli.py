@@ -27,7 +27,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from nodeclient import __version__, logs
 from nodeclient.clock import Clock, OffsetFileClock, SystemClock
-from nodeclient.coordinator.client import CoordinatorClient
+from nodeclient.coordinator.client import CoordinatorClient, NoAnswer, Unreachable
 from nodeclient.coordinator.config import (
     DEFAULT_HEARTBEAT_INTERVAL,
     CoordinatorConfig,
@@ -38,6 +38,19 @@ from nodeclient.protocol.eip712 import DEVNET_CHAIN_ID
 
 DEFAULT_COORDINATOR = "http://127.0.0.1:8000"
 POLL_S = 0.5
+# `submit --wait` rides out this many failed polls in a row (a coordinator restarting, a
+# slow answer), waiting a little longer after each, before it gives up.
+POLL_RETRIES = 5
+
+
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"the port must be 0 to 65535, not {port}")
+    return port
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="run the coordinator (HTTP API and node link)")
     serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000, help="0 lets the OS pick")
+    serve.add_argument("--port", type=_port, default=8000, help="0 lets the OS pick")
     serve.add_argument("--db", default=None, help="SQLAlchemy URL (default: sqlite in data-dir)")
     serve.add_argument("--data-dir", type=Path, default=Path("coordinator-data"))
     serve.add_argument("--chain-id", type=int, default=DEVNET_CHAIN_ID)
@@ -145,13 +158,24 @@ def _print_job(job: dict[str, Any]) -> None:
 
 def _wait(client: CoordinatorClient, job_id: str, timeout: float | None) -> dict[str, Any]:
     deadline = None if timeout is None else time.monotonic() + timeout
+    failures = 0
+    status = "not finished"
     while True:
-        job = client.job(job_id)
-        if job["status"] in ("succeeded", "failed"):
-            return job
+        try:
+            job = client.job(job_id)
+        except (Unreachable, NoAnswer) as exc:  # a poll only reads: safe to ask again
+            failures += 1
+            if failures > POLL_RETRIES:
+                gave_up = f"job {job_id}: gave up after {failures} failed polls in a row"
+                raise type(exc)(f"{exc} ({gave_up})") from exc
+        else:
+            failures = 0
+            status = job["status"]
+            if status in ("succeeded", "failed"):
+                return job
         if deadline is not None and time.monotonic() > deadline:
-            raise UsageError(f"job {job_id} still {job['status']} after {timeout} s")
-        time.sleep(POLL_S)
+            raise UsageError(f"job {job_id} still {status} after {timeout} s")
+        time.sleep(POLL_S * (1 + failures))
 
 
 def _requester(args: argparse.Namespace) -> int:

@@ -1,9 +1,14 @@
 """A small synchronous HTTP client for the coordinator's API (requesters, nodes, devnets).
 
-Transport failures and error responses become :class:`~nodeclient.errors.RemoteProtocolError`
-with the coordinator's ``{"error": ...}`` reason (or
-:class:`~nodeclient.errors.UsageError` when the coordinator cannot be reached at all), so
-callers and the CLI print one line instead of a traceback.
+Error responses become :class:`~nodeclient.errors.RemoteProtocolError` with the
+coordinator's ``{"error": ...}`` reason, so callers and the CLI print one line instead of
+a traceback. Transport failures are told apart by whether the request got out::
+
+    UsageError
+    └── Unreachable     no connection: nothing was sent, nothing happened
+    NodeClientError
+    └── NoAnswer        sent, but no complete answer (a timeout, a dropped connection):
+                        a POST may have been applied all the same
 """
 
 from __future__ import annotations
@@ -15,7 +20,20 @@ from typing import Any
 import httpx
 import pybase64
 
-from nodeclient.errors import RemoteProtocolError, UsageError
+from nodeclient.errors import NodeClientError, RemoteProtocolError, UsageError
+
+# What fails before a request leaves: no connection, a bad URL, no free pooled connection.
+_NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout, httpx.ProxyError,
+             httpx.UnsupportedProtocol)  # fmt: skip
+
+
+class Unreachable(UsageError):
+    """The coordinator could not be reached: the request was never sent."""
+
+
+class NoAnswer(NodeClientError):
+    """The request was sent but no complete answer came back (a timeout, a connection
+    dropped mid-response): the coordinator may have applied it."""
 
 
 class CoordinatorClient:
@@ -40,11 +58,23 @@ class CoordinatorClient:
     def close(self) -> None:
         self._http.close()
 
-    def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+    def _request(
+        self, method: str, path: str, *, unanswered: str | None = None, **kwargs: Any
+    ) -> httpx.Response:
+        """Send one request; *unanswered* says what to check when a change may have been
+        applied without an answer (default: a general warning for anything but a GET)."""
         try:
             response = self._http.request(method, path, **kwargs)
+        except _NOT_SENT as exc:
+            raise Unreachable(f"cannot reach the coordinator at {self.base_url}: {exc}") from exc
         except httpx.TransportError as exc:
-            raise UsageError(f"cannot reach the coordinator at {self.base_url}: {exc}") from exc
+            what = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            if unanswered is None and method != "GET":
+                unanswered = "it may have been applied: check before sending it again"
+            raise NoAnswer(
+                f"no answer from the coordinator at {self.base_url} to {method} {path} "
+                f"({what})" + (f"; {unanswered}" if unanswered else "")
+            ) from exc
         if not 200 <= response.status_code < 300:  # a redirect is a proxy's, not an answer
             try:
                 body = response.json()
@@ -125,7 +155,11 @@ class CoordinatorClient:
             "region": region,
             "slices": slices,
         }
-        result: dict[str, Any] = self._json("POST", "/v1/jobs", json=body)
+        result: dict[str, Any] = self._json(
+            "POST", "/v1/jobs", json=body,
+            unanswered="the job may have been created all the same: list the jobs "
+            "(`nodeclient-coordinator jobs`) before submitting it again",
+        )  # fmt: skip
         return result
 
     def job(self, job_id: str) -> dict[str, Any]:

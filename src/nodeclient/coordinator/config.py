@@ -8,7 +8,8 @@ cooldown through :class:`OffsetFileClock` without waiting.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Final
 
@@ -28,7 +29,12 @@ MIN_BLOB_RETENTION: Final = 3600.0
 
 @dataclass(frozen=True, slots=True)
 class SybilPolicy:
-    """The registration pre-screen (2.3.2: "checks the wallet for prior registrations")."""
+    """The registration pre-screen (2.3.2: "checks the wallet for prior registrations").
+
+    A wallet may hold at most ``max_nodes_per_wallet`` nodes; a node whose unstake
+    cooldown has ended (``unstaking_until`` in the past) no longer counts, so a wallet
+    that retired a node may register another.
+    """
 
     max_nodes_per_wallet: int = 8
 
@@ -68,6 +74,17 @@ class CoordinatorConfig:
     manifest_max_age: int = 24 * 3600
 
     def __post_init__(self) -> None:
+        # NaN compares false with everything, so it would pass every range check below
+        # (a NaN retention would then remove every unreferenced blob at each sweep).
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                label = f.name.replace("_", " ")
+                raise UsageError(f"{label} must be a finite number, not {value}")
+        if self.coordinator_id is not None and not self.coordinator_id.strip():
+            raise UsageError(
+                "coordinator id must not be empty: leave it out to keep the stored one"
+            )
         if self.heartbeat_interval <= 0:
             raise UsageError("heartbeat interval must be positive")
         if self.round_gap < 0:

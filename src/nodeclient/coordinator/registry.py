@@ -4,7 +4,8 @@
 checks the wallet for prior registrations (sybil pre-screen)." The manifest check is
 ``manifest.verify_manifest`` (schema, both signatures, recomputed tier, freshness). The
 pre-screen looks up every other node registered by the same wallet and applies the
-configured :class:`~nodeclient.coordinator.config.SybilPolicy`. A re-registration of a
+configured :class:`~nodeclient.coordinator.config.SybilPolicy`; a node whose unstake
+cooldown has ended does not count toward the wallet's limit. A re-registration of a
 node_id already on record is an update (that is how a node rotates its liveness key),
 never a new node, but it must not be older than the manifest on record.
 
@@ -66,11 +67,14 @@ def _register_tx(
             .order_by(m.Node.registered_at, m.Node.node_id)
         )
     )
+    # A node whose unstake cooldown has ended is retired: it no longer holds one of the
+    # wallet's places (it is still listed among the prior registrations).
+    counted = [o for o in others if o.unstaking_until is None or o.unstaking_until >= now]
     new_to_wallet = row is None or row.wallet_address != v.wallet_address
-    if new_to_wallet and len(others) >= policy.max_nodes_per_wallet:
+    if new_to_wallet and len(counted) >= policy.max_nodes_per_wallet:
         return _error(
             403,
-            f"sybil pre-screen: wallet {v.wallet_address} already has {len(others)} "
+            f"sybil pre-screen: wallet {v.wallet_address} already has {len(counted)} "
             f"registered nodes (policy max_nodes_per_wallet={policy.max_nodes_per_wallet})",
         )
     man = v.manifest

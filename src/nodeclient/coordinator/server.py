@@ -29,6 +29,7 @@ from fastapi import FastAPI
 from nodeclient.errors import UsageError
 from nodeclient.protocol.messages import MAX_DATA_FRAME
 
+MAX_PORT = 65535
 _WS_OVERHEAD = 4096  # frame headers around the largest allowed JSON frame
 # Garbage collection with 10,000 links: a link holds about 130 objects the collector
 # tracks (protocol, parser, ASGI task, coroutine frames, queues), so a full collection
@@ -91,6 +92,8 @@ def build_server(app: FastAPI, *, host: str, port: int) -> uvicorn.Server:
 
 def listen(host: str, port: int) -> socket.socket:
     """Bind and listen ourselves, so a busy port is a clean error and the port is known."""
+    if not 0 <= port <= MAX_PORT:  # bind() would raise OverflowError, not OSError
+        raise UsageError(f"cannot listen on {host}:{port}: the port must be 0 to {MAX_PORT}")
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:

@@ -205,7 +205,10 @@ class Database:
 
 
 def coordinator_id(session: Session, configured: str | None) -> str:
-    """The persisted coordinator_id; the first start stores *configured* or a fresh one."""
+    """The persisted coordinator_id; the first start stores *configured* or a fresh one.
+
+    An empty *configured* counts as not given: it must never replace the stored id."""
+    configured = configured or None
     row = session.get(m.Meta, "coordinator_id")
     if row is not None and configured in (None, row.value):
         return row.value

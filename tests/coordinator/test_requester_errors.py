@@ -1,0 +1,132 @@
+"""Transport failures as the requester sees them: unreachable (nothing sent) apart from no
+answer (sent, maybe applied), and `submit --wait` riding out a brief poll failure."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import pytest
+
+from nodeclient.coordinator import cli
+from nodeclient.coordinator.cli import main
+from nodeclient.coordinator.client import CoordinatorClient, NoAnswer, Unreachable
+from nodeclient.errors import UsageError
+
+JOB = {"job_id": "j1", "workload_class": "ai.inference", "status": "queued", "tasks": []}
+Handler = Callable[[httpx.Request], httpx.Response]
+
+
+def _client(handler: Handler) -> CoordinatorClient:
+    return CoordinatorClient("http://c.example", transport=httpx.MockTransport(handler))
+
+
+def _raise(exc: type[httpx.TransportError]) -> Handler:
+    def handler(request: httpx.Request) -> httpx.Response:
+        raise exc("boom", request=request)
+
+    return handler
+
+
+@pytest.mark.parametrize("exc", [httpx.ConnectError, httpx.ConnectTimeout])
+def test_a_connection_that_never_opened_is_unreachable(exc: type[httpx.TransportError]) -> None:
+    """Nothing was sent: "cannot reach", a usage error as before."""
+    with pytest.raises(Unreachable, match="^cannot reach the coordinator at http://c.example"):
+        _client(_raise(exc)).submit_job("ai.inference", b"x")
+    assert issubclass(Unreachable, UsageError)
+
+
+@pytest.mark.parametrize("exc", [httpx.ReadTimeout, httpx.ReadError, httpx.RemoteProtocolError])
+def test_a_submission_without_an_answer_may_have_created_the_job(
+    exc: type[httpx.TransportError],
+) -> None:
+    """A slow or dropped answer to POST /v1/jobs is not "cannot reach": the job may exist,
+    and the message says how to look."""
+    with pytest.raises(NoAnswer) as caught:
+        _client(_raise(exc)).submit_job("ai.inference", b"x")
+    text = str(caught.value)
+    assert text.startswith("no answer from the coordinator at http://c.example to POST /v1/jobs")
+    assert exc.__name__ in text
+    assert "may have been created" in text
+    assert "nodeclient-coordinator jobs" in text
+    assert "cannot reach" not in text
+
+
+def test_a_read_without_an_answer_has_no_warning() -> None:
+    """A GET changes nothing: no answer is just that."""
+    with pytest.raises(NoAnswer) as caught:
+        _client(_raise(httpx.ReadTimeout)).jobs()
+    assert str(caught.value) == (
+        "no answer from the coordinator at http://c.example to GET /v1/jobs (ReadTimeout: boom)"
+    )
+
+
+@pytest.fixture
+def serve_with(monkeypatch: pytest.MonkeyPatch) -> Callable[[Handler], None]:
+    """Point the CLI's client at a handler instead of the network; polls do not sleep."""
+    monkeypatch.setattr(cli, "POLL_S", 0.0)
+
+    def use(handler: Handler) -> None:
+        def client(url: str) -> CoordinatorClient:
+            return CoordinatorClient(url, transport=httpx.MockTransport(handler))
+
+        monkeypatch.setattr(cli, "CoordinatorClient", client)
+
+    return use
+
+
+def _submit(tmp_path: Path, *extra: str) -> int:
+    (tmp_path / "p.bin").write_bytes(b"payload")
+    return main(["submit", "--class", "ai.inference", "--payload", str(tmp_path / "p.bin"),
+                 *extra])  # fmt: skip
+
+
+def test_submit_without_an_answer_says_how_to_check(serve_with, tmp_path: Path, capsys) -> None:
+    """The CLI prints one line naming the `jobs` check, exit 1, and no job id."""
+    serve_with(_raise(httpx.ReadTimeout))
+    assert _submit(tmp_path) == 1
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.count("\n") == 1
+    assert "may have been created" in err and "nodeclient-coordinator jobs" in err
+
+
+def test_wait_rides_out_a_few_failed_polls(serve_with, tmp_path: Path, capsys) -> None:
+    """A poll that times out, cannot connect or loses its answer is tried again."""
+    failures = [httpx.ReadTimeout, httpx.ConnectError, httpx.RemoteProtocolError]
+    polls = 0
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        nonlocal polls
+        if request.method == "POST":
+            return httpx.Response(201, json=JOB)
+        polls += 1
+        if failures:
+            raise failures.pop(0)("brief", request=request)
+        return httpx.Response(200, json={**JOB, "status": "succeeded"})
+
+    serve_with(handler)
+    assert _submit(tmp_path, "--wait") == 0
+    assert polls == 4
+    assert capsys.readouterr().out == "j1\n"
+
+
+def test_wait_gives_up_after_failed_polls_in_a_row(serve_with, tmp_path: Path, capsys) -> None:
+    """A coordinator that stays away ends the wait with one line."""
+    polls = 0
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        nonlocal polls
+        if request.method == "POST":
+            return httpx.Response(201, json=JOB)
+        polls += 1
+        raise httpx.ConnectError("refused", request=request)
+
+    serve_with(handler)
+    assert _submit(tmp_path, "--wait") == 2
+    assert polls == cli.POLL_RETRIES + 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert "cannot reach the coordinator" in err
+    assert f"gave up after {polls} failed polls in a row" in err

@@ -1,0 +1,117 @@
+"""`serve` options that must be refused up front: non-finite numbers, an empty
+coordinator id, a port out of range; and the stored coordinator id they must not touch."""
+
+from __future__ import annotations
+
+import logging
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine
+from sqlalchemy.orm import Session
+
+from nodeclient.coordinator import store
+from nodeclient.coordinator.cli import main
+from nodeclient.coordinator.config import CoordinatorConfig
+from nodeclient.coordinator.server import listen
+from nodeclient.errors import UsageError
+from tests.coordinator.conftest import START, ManualClock, config_for, start, stop
+
+
+@pytest.fixture
+def restore_logging() -> Iterator[None]:
+    """serve configures the nodeclient logger on the captured stderr: undo that after."""
+    root = logging.getLogger("nodeclient")
+    saved = (root.handlers[:], root.level, root.propagate)
+    yield
+    root.handlers[:], root.level, root.propagate = saved[0], saved[1], saved[2]
+
+
+@pytest.fixture
+def busy_port() -> Iterator[str]:
+    """A port something else listens on: a serve that got past its options would stop
+    there, with "cannot listen", instead of serving for ever."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        yield str(sock.getsockname()[1])
+
+
+@pytest.mark.parametrize(
+    "field",
+    ["heartbeat_interval", "lease_seconds", "blob_retention", "blob_sweep_interval",
+     "auth_timeout", "schedule_interval", "round_gap"],
+)  # fmt: skip
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_a_non_finite_setting_is_refused(field: str, value: float) -> None:
+    """NaN passes every comparison, so it would pass the range checks: refused by name."""
+    label = field.replace("_", " ")
+    with pytest.raises(UsageError, match=f"^{label} must be a finite number, not {value}$"):
+        CoordinatorConfig(**{field: value})
+
+
+@pytest.mark.usefixtures("restore_logging")
+@pytest.mark.parametrize(
+    ("option", "says"),
+    [
+        ("--blob-retention-hours", "blob retention must be a finite number, not nan"),
+        ("--heartbeat-interval", "heartbeat interval must be a finite number, not nan"),
+        ("--lease-seconds", "lease seconds must be a finite number, not nan"),
+    ],
+)
+def test_serve_refuses_nan_in_one_line(
+    option: str, says: str, busy_port: str, tmp_path: Path, capsys
+) -> None:
+    """`serve --blob-retention-hours nan` (which would remove every unreferenced blob at
+    each sweep) and its kin exit 2 with one line, before anything starts."""
+    argv = ["serve", option, "nan", "--port", busy_port, "--data-dir", str(tmp_path)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err == f"nodeclient-coordinator: {says}\n"
+
+
+@pytest.mark.usefixtures("restore_logging")
+def test_serve_refuses_an_empty_coordinator_id(busy_port: str, tmp_path: Path, capsys) -> None:
+    """--coordinator-id "" would have replaced the stored id with a new random one."""
+    argv = ["serve", "--coordinator-id", "", "--port", busy_port, "--data-dir", str(tmp_path)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("nodeclient-coordinator: coordinator id must not be empty")
+    assert err.count("\n") == 1
+    with pytest.raises(UsageError, match="must not be empty"):
+        CoordinatorConfig(coordinator_id="  ")
+
+
+def test_an_empty_configured_id_keeps_the_stored_one(tmp_path: Path) -> None:
+    """At the store, an empty id counts as not given: the stored id stays."""
+    config = config_for(data_dir=tmp_path, coordinator_id=None)
+    first, server, thread = start(config, ManualClock(START))
+    ident = first.client.health()["coordinator_id"]
+    stop(first, server, thread)
+    engine = create_engine(config.database_url)
+    try:
+        with Session(engine) as session, session.begin():
+            assert store.coordinator_id(session, "") == ident
+        with Session(engine) as session:
+            assert store.coordinator_id(session, None) == ident
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.parametrize("port", ["70000", "65536", "-1"])
+def test_serve_refuses_a_port_out_of_range(port: str, capsys) -> None:
+    """A port outside 0..65535 is a usage error (exit 2) naming the range, no traceback."""
+    with pytest.raises(SystemExit) as exited:
+        main(["serve", "--port", port])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert f"the port must be 0 to 65535, not {int(port)}" in err
+    assert "Traceback" not in err
+
+
+def test_listen_refuses_a_port_out_of_range() -> None:
+    """Callers that skip the command line get a UsageError, not an OverflowError."""
+    with pytest.raises(UsageError, match="the port must be 0 to 65535"):
+        listen("127.0.0.1", 70000)
