@@ -463,3 +463,127 @@ def test_init_disk_full_at_config_leaves_no_partial_file(
     assert main(["init", "--home", str(h), "--wallet", WALLET]) == 0
     assert "kept its keys" in capsys.readouterr().out
     assert (h / "config.toml").stat().st_mode & 0o777 == 0o600
+
+
+# --- the coordinator URL: checked once, where it is read -------------------------------------
+
+
+MALFORMED_URL = "http://[::1"  # httpx.InvalidURL, which is not an httpx.HTTPError
+
+
+@pytest.mark.parametrize("command", ["unstake", "doctor", "run"])
+def test_malformed_coordinator_flag_is_one_line(
+    home: Path, capsys: pytest.CaptureFixture[str], command: str
+) -> None:
+    """--coordinator 'http://[::1' is a one-line usage error naming the flag, exit 2."""
+    capsys.readouterr()
+    assert main([command, "--home", str(home), "--coordinator", MALFORMED_URL]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert f"--coordinator {MALFORMED_URL!r} is not a valid URL" in line
+
+
+@pytest.mark.parametrize(
+    ("url", "needle"),
+    [
+        (MALFORMED_URL, "is not a valid URL"),
+        ("ftp://coordinator.example.net", "must be an http:// or https:// URL"),
+        ("ws://coordinator.example.net", "must be an http:// or https:// URL"),
+        ("http://", "has no host name"),
+        ("https://coordinator.example.net:99999", "port 99999"),
+    ],
+)
+def test_malformed_coordinator_in_config_is_one_line(
+    home: Path, capsys: pytest.CaptureFixture[str], url: str, needle: str
+) -> None:
+    """A bad `coordinator =` in config.toml is refused when the file is read, naming it."""
+    set_config(home, "coordinator", f'coordinator = "{url}"')
+    capsys.readouterr()
+    assert main(["doctor", "--home", str(home)]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert str(home / "config.toml") in line and f"coordinator {url!r}" in line and needle in line
+
+
+def test_coordinator_flag_replaces_a_good_config_value(home: Path) -> None:
+    """A valid --coordinator is used as given (trailing slash dropped), else config.toml's."""
+    from nodeclient.node.cli import _coordinator_option, build_parser
+    from nodeclient.node.config import NodeConfig
+
+    config = NodeConfig(wallet_address=WALLET, coordinator="https://a.example.net/")
+    flag = build_parser().parse_args(["unstake", "--coordinator", "http://[::1]:8000/"])
+    assert _coordinator_option(flag, config) == "http://[::1]:8000"
+    plain = build_parser().parse_args(["unstake"])
+    assert _coordinator_option(plain, config) == "https://a.example.net"
+
+
+# --- run --heartbeat-interval: the config file's range, 0 included ----------------------------
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "0.001", "nan", "inf", "301"])
+def test_run_heartbeat_interval_out_of_range_is_refused(
+    home: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], value: str
+) -> None:
+    """--heartbeat-interval outside 0.05..300 s (0 too: not 'unset') is refused before start."""
+    from nodeclient.node import daemon
+
+    def must_not_start(**_: object) -> None:
+        raise AssertionError("the daemon started with a bad --heartbeat-interval")
+
+    monkeypatch.setattr(daemon, "NodeDaemon", must_not_start)
+    capsys.readouterr()
+    args = ["run", "--home", str(home), "--coordinator", "http://127.0.0.1:9"]
+    assert main([*args, "--heartbeat-interval", value]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert "--heartbeat-interval must be between 0.05 and 300 seconds" in line
+
+
+def test_run_heartbeat_interval_flag_or_config() -> None:
+    """The flag wins when given, checked as config.toml's is; absent, config.toml's is used."""
+    from nodeclient.node.cli import _heartbeat_interval, build_parser
+    from nodeclient.node.config import NodeConfig
+
+    config = NodeConfig(wallet_address=WALLET, heartbeat_interval=12.5)
+    given = build_parser().parse_args(["run", "--heartbeat-interval", "0.05"])
+    assert _heartbeat_interval(given, config) == 0.05
+    assert _heartbeat_interval(build_parser().parse_args(["run"]), config) == 12.5
+
+
+# --- init --encrypt: Ctrl-D at the passphrase prompt ------------------------------------------
+
+
+def test_init_encrypt_end_of_input_at_prompt_is_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Ctrl-D at the terminal prompt (getpass raises EOFError): one line, exit 2, no keys."""
+    import getpass
+    import io
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    def ctrl_d(prompt: str = "") -> str:
+        raise EOFError
+
+    monkeypatch.setattr(sys, "stdin", Terminal())
+    monkeypatch.setattr(getpass, "getpass", ctrl_d)
+    h = tmp_path / "enc"
+    assert main(["init", "--home", str(h), "--wallet", WALLET, "--encrypt"]) == 2
+    assert one_error_line(capsys.readouterr().err) == "nodeclient: error: no passphrase entered"
+    assert not any(h.iterdir())
+
+
+# --- keys show: mode and owner of each file ---------------------------------------------------
+
+
+def test_keys_show_prints_each_files_mode_and_owner(
+    home: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The text output names each key file with its mode and its owner (name and uid)."""
+    import pwd
+
+    me = f"{pwd.getpwuid(os.geteuid()).pw_name} (uid {os.geteuid()})"
+    capsys.readouterr()
+    assert main(["keys", "show", "--home", str(home)]) == 0
+    out = capsys.readouterr().out
+    for name in ("node.key", "liveness.key", "payload.key"):
+        assert f"{home / name}  mode 0600  owner {me}" in out

@@ -11,7 +11,9 @@ import io
 import json
 import logging
 import sqlite3
+import time
 import uuid
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -267,6 +269,34 @@ def test_parse_since_durations_and_dates() -> None:
     assert con.parse_since("2025-01-31T12:00:00+00:00", now=NOW) == 1738324800.0
     with pytest.raises(UsageError, match="neither a duration"):
         con.parse_since("yesterday", now=NOW)
+
+
+@pytest.fixture
+def tokyo(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Local time is Asia/Tokyo (UTC+9), as on an operator's machine there."""
+    monkeypatch.setenv("TZ", "Asia/Tokyo")
+    time.tzset()
+    yield
+    monkeypatch.undo()
+    time.tzset()
+
+
+@pytest.mark.usefixtures("tokyo")
+@pytest.mark.parametrize("text", ["0001-01-01", "0001-01-01T05:00:00"])
+def test_parse_since_out_of_range_local_date_is_a_usage_error(text: str) -> None:
+    """0001-01-01 local time east of UTC is before year 1 in UTC: refused, naming the value."""
+    with pytest.raises(UsageError, match=f"--since '{text}' is out of the range"):
+        con.parse_since(text, now=NOW)
+
+
+@pytest.mark.usefixtures("tokyo")
+def test_history_since_out_of_range_is_one_line(tmp_path: Path, capsys) -> None:
+    """`history --since 0001-01-01` in Tokyo: one line, exit 2, no traceback."""
+    home = tmp_path / "h"
+    home.mkdir(mode=0o700)
+    assert main(["history", "--home", str(home), "--since", "0001-01-01"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("nodeclient: error: --since '0001-01-01'") and err.count("\n") == 1
 
 
 def test_history_json_lists_every_task_with_outcome(tmp_path: Path, capsys) -> None:

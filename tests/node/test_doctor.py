@@ -113,6 +113,43 @@ def test_gpu_device_files_without_driver_fail(tmp_path: Path) -> None:
     assert check.level is Level.FAIL and "nvidia-smi" in check.fix
 
 
+def test_gpu_driver_without_cards_is_ok(tmp_path: Path) -> None:
+    """NVML answers ok with zero cards and there are no device files: OK, not a failed probe."""
+    dev = tmp_path / "dev"
+    dev.mkdir()
+    (dev / "nvidiactl").touch()  # the control device alone is not a card
+    probe = GpuProbe(gpus=(), per_device=(), status="ok", detail="")
+    check = doctor.check_gpus(probe=lambda: probe, dev=dev)
+    assert check.level is Level.OK, check
+    assert "driver present, no GPU visible" in check.summary
+
+
+def test_gpu_driver_without_cards_but_device_files_warns(tmp_path: Path) -> None:
+    """NVML answers ok with zero cards while /dev/nvidia0 exists: WARN, naming the file."""
+    dev = tmp_path / "dev"
+    dev.mkdir()
+    (dev / "nvidia0").touch()
+    probe = GpuProbe(gpus=(), per_device=(), status="ok", detail="")
+    check = doctor.check_gpus(probe=lambda: probe, dev=dev)
+    assert check.level is Level.WARN, check
+    assert "nvidia0" in check.summary and "nvidia-smi" in check.fix
+    assert "probe failed" not in check.summary
+
+
+def test_gpu_driver_without_cards_from_a_recording(tmp_path: Path) -> None:
+    """The real child probe, replaying a driver with no devices: OK on a machine without
+    /dev/nvidia*."""
+    from nodeclient.node import hardware
+
+    rec = tmp_path / "none.json"
+    rec.write_text('{"driver_version": "550.54.15", "devices": []}')
+    env = {**os.environ, "NODECLIENT_NVML_REPLAY": str(rec)}
+    empty = tmp_path / "dev"
+    empty.mkdir()
+    check = doctor.check_gpus(probe=lambda: hardware.probe_gpus(timeout=10.0, env=env), dev=empty)
+    assert check.level is Level.OK, check
+
+
 def test_gpu_probe_timeout_fails(monkeypatch, tmp_path: Path) -> None:
     """A hung driver (the recorded-NVML hang) makes the real child probe time out: FAIL."""
     from nodeclient.node import hardware
@@ -232,6 +269,13 @@ def test_unreachable_coordinator_fails() -> None:
     (check,) = doctor.check_coordinator(f"http://127.0.0.1:{free_port()}", timeout=2.0)
     assert check.level is Level.FAIL and "cannot reach" in check.summary
     assert "coordinator URL in config.toml" in check.fix
+
+
+def test_malformed_coordinator_url_fails_without_traceback() -> None:
+    """A URL httpx cannot parse (InvalidURL, not an HTTPError) is a FAIL line, not a crash."""
+    (check,) = doctor.check_coordinator("http://[::1")
+    assert check.level is Level.FAIL and "cannot reach" in check.summary
+    assert "InvalidURL" in check.summary
 
 
 def test_no_coordinator_configured_warns() -> None:

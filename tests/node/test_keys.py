@@ -440,6 +440,19 @@ def test_truncated_keystore_json_is_refused(home: Path) -> None:
         node_id_of(home)
 
 
+@pytest.mark.usefixtures("stock_recursion_limit")
+def test_deeply_nested_keystore_json_is_malformed(home: Path, capsys) -> None:
+    """A node.key of '{' and 30,000 '[' is a malformed keystore, not a RecursionError."""
+    _write(home / NODE_KEY, b'{"crypto": ' + b"[" * 30_000)
+    with pytest.raises(KeystoreError, match="not valid JSON"):
+        node_id_of(home)
+    from nodeclient.node.cli import main
+
+    assert main(["keys", "show", "--home", str(home)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("nodeclient: error: malformed keystore") and err.count("\n") == 1
+
+
 # --- passphrases ------------------------------------------------------------------------
 
 
@@ -485,6 +498,20 @@ def test_prompt_confirmation_must_match() -> None:
     answers = iter(["one", "two"])
     with pytest.raises(UsageError, match="differ"):
         read_passphrase(passphrase_file=None, env={}, prompt=lambda _: next(answers), confirm=True)
+
+
+def test_end_of_input_at_the_prompt_is_no_passphrase() -> None:
+    """Ctrl-D (getpass raises EOFError) at either prompt of init is a one-line UsageError."""
+
+    def ctrl_d(_: str) -> str:
+        raise EOFError
+
+    def ctrl_d_at_repeat(text: str) -> str:
+        return ctrl_d(text) if text.startswith("Repeat") else "first"
+
+    for prompt in (ctrl_d, ctrl_d_at_repeat):
+        with pytest.raises(UsageError, match="no passphrase entered"):
+            read_passphrase(passphrase_file=None, env={}, prompt=prompt, confirm=True)
 
 
 def test_prompt_answer_is_returned_as_utf8() -> None:

@@ -90,6 +90,36 @@ def test_unit_replaces_an_older_one(tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == ["nodeclient.service"]
 
 
+def test_home_flag_sets_the_units_home(tmp_path: Path, capsys) -> None:
+    """--home /var/lib/other: the unit runs with that home, and the next steps use it."""
+    rc, path = install(tmp_path, "--home", "/var/lib/other")
+    out = capsys.readouterr().out
+    assert rc == 0
+    text = path.read_text()
+    assert "/var/lib/nodeclient" not in text and "/var/lib/nodeclient" not in out
+    one = {k: v[0] for k, v in parse(text)["Service"].items()}
+    assert one["ExecStart"] == f"{exe()} run --home /var/lib/other --log-format json"
+    assert one["Environment"] == "NODECLIENT_HOME=/var/lib/other"
+    assert one["StateDirectory"] == "other"
+    assert "install -d -m 0700 -o nodeclient -g nodeclient /var/lib/other" in out
+
+
+def test_home_flag_outside_var_lib_is_refused(tmp_path: Path, capsys) -> None:
+    """A --home that cannot be a StateDirectory= is refused, and no unit is written."""
+    rc, path = install(tmp_path, "--home", "/srv/nodeclient")
+    assert rc == 2 and not path.exists()
+    assert "directly under /var/lib" in capsys.readouterr().err
+
+
+def test_home_environment_does_not_move_the_units_home(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """$NODECLIENT_HOME (this shell's home) is not the unit's: only --home changes it."""
+    monkeypatch.setenv("NODECLIENT_HOME", str(tmp_path / "mine"))
+    rc, path = install(tmp_path)
+    assert rc == 0 and "run --home /var/lib/nodeclient " in path.read_text()
+
+
 def test_bad_user_name_refused(tmp_path: Path, capsys) -> None:
     """A user name that could inject a line into the unit is refused, and nothing is written."""
     rc, path = install(tmp_path, "--user", "root\nExecStartPre=/bin/sh")

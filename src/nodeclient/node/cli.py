@@ -23,7 +23,13 @@ from typing import TYPE_CHECKING, Any
 from nodeclient import __version__
 from nodeclient.errors import KeyFileError, NeedsOperator, NodeClientError, UsageError
 from nodeclient.node import keys, securefile
-from nodeclient.node.config import NodeConfig, load_config, write_config
+from nodeclient.node.config import (
+    NodeConfig,
+    check_coordinator_url,
+    check_heartbeat_interval,
+    load_config,
+    write_config,
+)
 from nodeclient.protocol.manifest import REGIONS
 
 if TYPE_CHECKING:
@@ -112,8 +118,20 @@ def cmd_keys_show(args: argparse.Namespace) -> int:
     print(f"node.key          {'encrypted keystore' if info.encrypted else 'plaintext'}")
     for f in info.files:
         status = "ok" if f.get("ok") else "UNSAFE"
-        print(f"  {f['path']}  mode {f.get('mode')}  {status}")
+        print(f"  {f['path']}  mode {f.get('mode')}  owner {_owner(f.get('owner_uid'))}  {status}")
     return 0
+
+
+def _owner(uid: object) -> str:
+    """``name (uid N)``, or just the uid where it has no name in the user database."""
+    import pwd
+
+    if not isinstance(uid, int):
+        return "unknown"
+    try:
+        return f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
+    except KeyError:
+        return f"uid {uid}"
 
 
 def _key_info_dict(info: keys.KeyInfo) -> dict[str, Any]:
@@ -212,13 +230,26 @@ def cmd_proof(args: argparse.Namespace) -> int:
     return 0
 
 
+def _coordinator_option(args: argparse.Namespace, config: NodeConfig) -> str | None:
+    """``--coordinator`` if given (checked here), else config.toml's (checked on load)."""
+    flag = getattr(args, "coordinator", None)
+    if flag:
+        return check_coordinator_url(flag, name="--coordinator").rstrip("/")
+    return config.coordinator.rstrip("/") if config.coordinator else None
+
+
 def _coordinator_url(args: argparse.Namespace, config: NodeConfig) -> str:
-    url = getattr(args, "coordinator", None) or config.coordinator
+    url = _coordinator_option(args, config)
     if not url:
         raise UsageError("no coordinator: pass --coordinator URL or set coordinator in config.toml")
-    if not url.startswith(("http://", "https://")):
-        raise UsageError(f"--coordinator {url!r} must be an http:// or https:// URL")
-    return str(url).rstrip("/")
+    return url
+
+
+def _heartbeat_interval(args: argparse.Namespace, config: NodeConfig) -> float:
+    """``--heartbeat-interval`` if given (0 included), checked as config.toml's is."""
+    if args.heartbeat_interval is None:
+        return config.heartbeat_interval
+    return check_heartbeat_interval(args.heartbeat_interval, name="--heartbeat-interval")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -236,6 +267,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     config = load_config(home)
     metrics_address = args.metrics_address or config.metrics_address
     url = _coordinator_url(args, config)
+    heartbeat_interval = _heartbeat_interval(args, config)
     passphrase = _passphrase_source(args)
     node_key = keys.load_node_key(home, passphrase=passphrase)
     manifest = build_local_manifest(home, config, lambda: b"", node_key=node_key)
@@ -265,7 +297,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         executor=executor,
         outbox=_open_outbox(home / "outbox.db"),
         clock=make_clock(args.clock_file),
-        heartbeat_interval=args.heartbeat_interval or config.heartbeat_interval,
+        heartbeat_interval=heartbeat_interval,
         metrics=metrics,
         retention=Retention(
             seconds=config.result_retention_hours * 3600.0,
@@ -407,7 +439,7 @@ def cmd_unstake(args: argparse.Namespace) -> int:
             json={"message": message, "signature": "0x" + sig.hex()},
             timeout=30.0,
         )
-    except httpx.HTTPError as exc:
+    except (httpx.HTTPError, httpx.InvalidURL) as exc:  # InvalidURL is not an HTTPError
         raise UsageError(f"cannot reach the coordinator at {url}: {exc}") from exc
     ends = _unstake_answer(resp, url)
     print(f"unstaking: no new dispatches; the 7-day cooldown ends at {ends}")
@@ -488,7 +520,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     config = load_config(home)
     checks = doctor.run_all(
         home,
-        coordinator=getattr(args, "coordinator", None) or config.coordinator,
+        coordinator=_coordinator_option(args, config),
         allow_unsandboxed=config.allow_unsandboxed,
     )
     if args.json:
@@ -502,7 +534,10 @@ def cmd_service_install(args: argparse.Namespace) -> int:
     from nodeclient.node import service
 
     exe = Path(args.executable) if args.executable else service.find_executable()
-    opts = service.UnitOptions(executable=exe, user=args.user)
+    # Only the --home flag, not $NODECLIENT_HOME: that names this shell's home, while the
+    # unit's must be a state directory under /var/lib.
+    home = Path(args.home) if args.home else service.DEFAULT_HOME
+    opts = service.UnitOptions(executable=exe, user=args.user, home=home)
     path = service.write_unit(Path(args.output), service.render_unit(opts))
     print("\n".join(service.next_steps(path, opts)))
     return 0

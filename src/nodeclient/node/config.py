@@ -20,6 +20,8 @@ from nodeclient.protocol.secp import parse_address, to_checksum_address
 
 CONFIG_FILE: Final = "config.toml"
 MAX_CONFIG_BYTES: Final = 64 * 1024
+HEARTBEAT_MIN_S: Final = 0.05
+HEARTBEAT_MAX_S: Final = 300.0
 
 # The TOML type each key must have, checked before any value is used: a hand-edited
 # `coordinator = 5` is a one-line UsageError, never an AttributeError. bool is refused
@@ -77,14 +79,9 @@ class NodeConfig:
             or self.max_parallel_subtasks < 1
         ):
             raise UsageError("max_parallel_subtasks must be a positive integer")
-        if not isinstance(self.heartbeat_interval, int | float) or not (
-            0.05 <= self.heartbeat_interval <= 300
-        ):
-            raise UsageError("heartbeat_interval must be between 0.05 and 300 seconds")
-        if self.coordinator is not None and not self.coordinator.startswith(
-            ("http://", "https://")
-        ):
-            raise UsageError("coordinator must be an http:// or https:// URL")
+        check_heartbeat_interval(self.heartbeat_interval)
+        if self.coordinator is not None:
+            check_coordinator_url(self.coordinator)
         if not isinstance(self.allow_unsandboxed, bool):
             raise UsageError("allow_unsandboxed must be true or false")
         if (
@@ -134,6 +131,48 @@ class NodeConfig:
             else '# metrics_address = "127.0.0.1:9101"  # Prometheus metrics, off by default'
         )
         return "\n".join(lines) + "\n"
+
+
+def check_heartbeat_interval(value: object, *, name: str = "heartbeat_interval") -> float:
+    """A heartbeat interval in seconds, 0.05..300 (2.3.3 asks for 30); nan is refused.
+
+    The one check for both ``config.toml`` and ``nodeclient run --heartbeat-interval``.
+    """
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not HEARTBEAT_MIN_S <= value <= HEARTBEAT_MAX_S  # False for nan
+    ):
+        raise UsageError(
+            f"{name} must be between {HEARTBEAT_MIN_S:g} and {HEARTBEAT_MAX_S:g} seconds, "
+            f"not {value!r}"
+        )
+    return float(value)
+
+
+def check_coordinator_url(url: str, *, name: str = "coordinator") -> str:
+    """A coordinator base URL: ``http://`` or ``https://`` with a host; returned unchanged.
+
+    Only those two schemes: the daemon derives the link's ``ws://`` / ``wss://`` URL from
+    it. Parsed here, once, so that a malformed URL (``http://[::1``) is one line, never a
+    traceback from httpx where it is first used.
+    """
+    import httpx
+
+    shown = url if len(url) <= 60 else url[:57] + "..."
+    try:
+        parsed = httpx.URL(url)
+    except httpx.InvalidURL as exc:
+        raise UsageError(f"{name} {shown!r} is not a valid URL: {exc}") from None
+    if parsed.scheme not in ("http", "https") or not url.lower().startswith(
+        ("http://", "https://")
+    ):
+        raise UsageError(f"{name} {shown!r} must be an http:// or https:// URL")
+    if not parsed.host:
+        raise UsageError(f"{name} {shown!r} has no host name")
+    if parsed.port is not None and not 1 <= parsed.port <= 65535:
+        raise UsageError(f"{name} {shown!r} has port {parsed.port}, not 1..65535")
+    return url
 
 
 def _toml_type(value: object) -> str:

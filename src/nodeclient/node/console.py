@@ -397,7 +397,14 @@ def parse_since(text: str, *, now: float) -> float:
             f"--since {text!r} is neither a duration (30m, 24h, 7d) nor an ISO date/time "
             "(2025-01-31 or 2025-01-31T12:00:00)"
         ) from None
-    return when.timestamp()
+    try:
+        # A naive date is local time: near the ends of datetime's range the zone offset
+        # takes it out of range (0001-01-01 east of UTC is year 0), or the C library refuses.
+        return when.timestamp()
+    except (ValueError, OverflowError, OSError):
+        raise UsageError(
+            f"--since {text!r} is out of the range of dates this machine can handle"
+        ) from None
 
 
 def _iso(ts: float | None) -> str | None:

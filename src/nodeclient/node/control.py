@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import socket
 from collections.abc import Awaitable, Callable
@@ -21,6 +22,8 @@ SOCKET_NAME: Final = "control.sock"
 MAX_REQUEST: Final = 4096
 
 Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
+
+log = logging.getLogger("nodeclient.node")
 
 
 class DaemonNotRunning(NodeClientError):
@@ -42,20 +45,24 @@ async def serve(path: Path, handler: Handler) -> asyncio.AbstractServer:
             path.unlink()
 
     async def on_client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # Every client gets an answer and a closed connection, whatever happens: an
+        # unanswered one would wait out its timeout and report a busy daemon.
         try:
-            line = await asyncio.wait_for(reader.readline(), timeout=5)
-            if len(line) > MAX_REQUEST:
-                raise ValueError("request too large")
-            request = json.loads(line or b"{}")
-            if not isinstance(request, dict):
-                raise ValueError("request must be an object")  # noqa: TRY004 - answered, not raised on
-            response = await handler(request)
-        except (ValueError, TimeoutError) as exc:
-            response = {"error": str(exc)}
-        writer.write(json.dumps(response, default=str).encode() + b"\n")
-        with contextlib.suppress(ConnectionError):
-            await writer.drain()
-        writer.close()
+            try:
+                response = await _answer(reader, handler)
+                data = json.dumps(response, default=str).encode() + b"\n"
+            except ConnectionError:  # the client went away: nobody to answer
+                return
+            except Exception as exc:  # a bug: answer, log it, and keep serving
+                error = f"{type(exc).__name__}: {exc}"[:300]
+                log.exception("control.error", extra={"error": error})
+                response = {"error": f"internal error: {type(exc).__name__}"}
+                data = json.dumps(response).encode() + b"\n"
+            writer.write(data)
+            with contextlib.suppress(ConnectionError):
+                await writer.drain()
+        finally:
+            writer.close()
 
     old = os.umask(0o177)  # the socket is created 0600
     try:
@@ -63,6 +70,25 @@ async def serve(path: Path, handler: Handler) -> asyncio.AbstractServer:
     finally:
         os.umask(old)
     return server
+
+
+async def _answer(reader: asyncio.StreamReader, handler: Handler) -> dict[str, Any]:
+    """The response to one request line; a bad request is answered ``{"error": ...}``."""
+    try:
+        line = await asyncio.wait_for(reader.readline(), timeout=5)
+        if len(line) > MAX_REQUEST:
+            raise ValueError("request too large")
+        request = json.loads(line or b"{}")
+        if not isinstance(request, dict):
+            raise ValueError("request must be an object")  # noqa: TRY004 - answered, not raised on
+    except RecursionError:  # "[[[[...": nested deeper than any request
+        return {"error": "request nested too deeply"}
+    except (ValueError, TimeoutError) as exc:
+        return {"error": str(exc)}
+    try:
+        return await handler(request)
+    except (ValueError, TimeoutError) as exc:
+        return {"error": str(exc)}
 
 
 def request(path: Path, payload: dict[str, Any], *, timeout: float = 5.0) -> dict[str, Any]:

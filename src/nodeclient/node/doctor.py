@@ -126,6 +126,18 @@ def check_gpus(*, probe: Callable[[], Any] | None = None, dev: Path = Path("/dev
         names = ", ".join(f"{g.count}x {g.model}" for g in result.gpus)
         driver = result.per_device[0].driver_version
         return Check("gpu", Level.OK, f"{names}, driver {driver}")
+    if result.status == "ok" and device_files:  # NVML answered "ok" with zero cards
+        return Check(
+            "gpu",
+            Level.WARN,
+            f"the NVIDIA driver answers but sees no GPU, though {dev} has "
+            f"{len(device_files)} device file(s) ({', '.join(device_files)}); "
+            "the node declares no GPU",
+            "check `nvidia-smi` as this user: a card may be disabled, in a bad state, or its "
+            "device file not accessible to this user",
+        )
+    if result.status == "ok":
+        return Check("gpu", Level.OK, "NVIDIA driver present, no GPU visible: a CPU-only node")
     if result.status == "no-driver" and not device_files:
         return Check("gpu", Level.OK, "no GPU: a CPU-only node (ai.inference runs on CPU)")
     if result.status == "no-driver":
@@ -222,7 +234,7 @@ def check_coordinator(
     sent = clock()
     try:
         resp = httpx.get(health, timeout=timeout)
-    except httpx.HTTPError as exc:
+    except (httpx.HTTPError, httpx.InvalidURL) as exc:  # InvalidURL is not an HTTPError
         return [
             Check(
                 "coordinator",

@@ -265,9 +265,12 @@ def read_passphrase(
     if file is not None:
         raw, origin = _read_passphrase_file(file), f"passphrase file {file}"
     elif prompt is not None:
-        first = prompt("Passphrase for node.key: ")
-        if confirm and prompt("Repeat the passphrase: ") != first:
-            raise UsageError("the two passphrases differ; nothing was changed")
+        try:
+            first = prompt("Passphrase for node.key: ")
+            if confirm and prompt("Repeat the passphrase: ") != first:
+                raise UsageError("the two passphrases differ; nothing was changed")
+        except EOFError:  # Ctrl-D at the prompt
+            raise UsageError("no passphrase entered") from None
         try:
             raw, origin = first.encode("utf-8"), "the prompt"
         except UnicodeEncodeError as exc:
@@ -419,7 +422,9 @@ def _parse_keystore(data: bytes, path: Path) -> _Keystore:
         )
     except KeystoreError as exc:
         raise KeystoreError(f"malformed keystore {path}: {exc}") from exc
-    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, int digit limit
+    # JSONDecodeError, UnicodeDecodeError, the int digit limit; RecursionError: nested too
+    # deep ("[[[[..."), which no keystore is
+    except (ValueError, RecursionError) as exc:
         raise KeystoreError(f"malformed keystore {path}: not valid JSON") from exc
     check = _Checker(path)
     if not isinstance(doc, dict):

@@ -1,0 +1,113 @@
+"""The control socket: every client gets one answer line and a closed connection.
+
+A real Unix socket in a temporary home, served on an event loop in this process; the
+client is the same ``control.request`` that ``nodeclient status`` uses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import socket
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from nodeclient.node import control
+
+
+async def _status(request: dict[str, Any]) -> dict[str, Any]:
+    if request.get("cmd") == "crash":
+        raise RuntimeError("a bug in the handler")
+    return {"state": "READY", "echo": request.get("cmd")}
+
+
+def _raw(path: Path, line: bytes) -> bytes:
+    """Send one raw line; read until the daemon closes the connection."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(5.0)
+        sock.connect(str(path))
+        sock.sendall(line)
+        out = b""
+        while chunk := sock.recv(65536):
+            out += chunk
+    return out
+
+
+async def _serving(path: Path, *calls: Callable[[], Any]) -> list[Any]:
+    """Serve on *path* while each call runs in a thread, in turn (as clients do)."""
+    server = await control.serve(path, _status)
+    try:
+        return [await asyncio.to_thread(call) for call in calls]
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+def test_request_is_answered(tmp_path: Path) -> None:
+    """A status request gets the handler's answer."""
+    sock = tmp_path / control.SOCKET_NAME
+    (answer,) = asyncio.run(_serving(sock, lambda: control.request(sock, {"cmd": "status"})))
+    assert answer == {"state": "READY", "echo": "status"}
+
+
+class Events(logging.Handler):
+    """Every record logged under nodeclient.node (whose logs may not propagate to pytest's)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@pytest.fixture
+def events() -> Iterator[Events]:
+    logger = logging.getLogger("nodeclient.node")
+    handler = Events()
+    logger.addHandler(handler)
+    try:
+        yield handler
+    finally:
+        logger.removeHandler(handler)
+
+
+def test_handler_error_is_answered_logged_and_serving_goes_on(
+    tmp_path: Path, events: Events
+) -> None:
+    """An unexpected exception in the handler: an {"error": ...} answer at once (not a
+    timeout), a control.error log event with the traceback, and the next client is served."""
+    sock = tmp_path / control.SOCKET_NAME
+    crashed, after = asyncio.run(
+        _serving(
+            sock,
+            lambda: control.request(sock, {"cmd": "crash"}, timeout=3.0),
+            lambda: control.request(sock, {"cmd": "status"}, timeout=3.0),
+        )
+    )
+    assert crashed == {"error": "internal error: RuntimeError"}
+    assert after["state"] == "READY"
+    (record,) = [r for r in events.records if r.getMessage() == "control.error"]
+    assert record.levelno == logging.ERROR
+    assert record.exc_info is not None and "a bug in the handler" in record.__dict__["error"]
+
+
+@pytest.mark.usefixtures("stock_recursion_limit")
+def test_deeply_nested_request_is_answered_and_closed(tmp_path: Path) -> None:
+    """A request nested deeper than the recursion limit ('[' x 4000, under the 4 KiB cap)
+    is answered with an error and the connection closed; the daemon keeps serving."""
+    sock = tmp_path / control.SOCKET_NAME
+    nested, after = asyncio.run(
+        _serving(
+            sock,
+            lambda: _raw(sock, b"[" * 4000 + b"\n"),
+            lambda: control.request(sock, {"cmd": "status"}, timeout=3.0),
+        )
+    )
+    assert nested.endswith(b"\n") and nested.count(b"\n") == 1
+    assert json.loads(nested) == {"error": "request nested too deeply"}
+    assert after["state"] == "READY"
