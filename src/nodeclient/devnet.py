@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import secrets
 import shutil
 import signal
 import subprocess
@@ -29,9 +28,9 @@ from typing import IO, Any
 import numpy as np
 
 from nodeclient.errors import NodeClientError
-from nodeclient.node import control, keys, securefile
+from nodeclient.node import control, keys, securefile, wallet
 from nodeclient.node.config import NodeConfig, write_config
-from nodeclient.protocol.secp import to_checksum_address
+from nodeclient.protocol.secp import Secp256k1Key
 
 Print = Callable[[str], None]
 
@@ -75,17 +74,23 @@ class Devnet:
     def add_node(self, index: int, cpus: set[int] | None = None) -> Path:
         """Start node *index*; with *cpus* it runs (and sells) only those CPUs."""
         home = securefile.ensure_home(self.workdir / f"node{index}", create=True)
-        keys.init_keys(home, passphrase=None)
-        wallet = to_checksum_address(secrets.token_bytes(20))
-        write_config(
-            home,
-            NodeConfig(
-                wallet_address=wallet, region="local", coordinator=self.url,
-                heartbeat_interval=self.heartbeat,
-                # A local demo still runs without bubblewrap; a real node never does by default.
-                allow_unsandboxed=not self.sandbox_available(),
-            ),
+        info = keys.init_keys(home, passphrase=None)
+        # Each node's operator has a wallet of its own, which signs the node's binding
+        # (the wallet proof the devnet's coordinator requires). A real wallet's key never
+        # needs to be on the node: `nodeclient wallet-proof` takes a wallet app's signature.
+        owner = Secp256k1Key.generate()
+        config = NodeConfig(
+            wallet_address=owner.address, region="local", coordinator=self.url,
+            heartbeat_interval=self.heartbeat,
+            # A local demo still runs without bubblewrap; a real node never does by default.
+            allow_unsandboxed=not self.sandbox_available(),
         )  # fmt: skip
+        write_config(home, config)
+        proof = wallet.sign_proof(
+            owner, wallet_address=owner.address, node_id=info.node_id,
+            issued_at=int(time.time()), chain_id=config.chain_id,
+        )  # fmt: skip
+        wallet.save_proof(home, proof)
         log = open(home / "node.log", "ab")  # noqa: SIM115 - lives as long as the process
         proc = subprocess.Popen(
             [sys.executable, "-m", "nodeclient.node.cli", "run", "--home", str(home)],
@@ -254,7 +259,7 @@ def run_devnet(
     net = Devnet(workdir=workdir, heartbeat=heartbeat, out=out)
     ok = False
     try:
-        url = net.start_coordinator()
+        url = net.start_coordinator(extra=["--require-wallet-proof"])
         out(f"coordinator: {url}")
         if not net.sandbox_available():
             out("bubblewrap is not usable here: the devnet's nodes run tasks UNSANDBOXED")

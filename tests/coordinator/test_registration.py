@@ -8,6 +8,7 @@ import pytest
 from nodeclient.coordinator.config import SybilPolicy
 from nodeclient.errors import RemoteProtocolError
 from nodeclient.protocol import eip712
+from nodeclient.protocol import manifest as mf
 from nodeclient.protocol.secp import Secp256k1Key
 from nodeclient.protocol.states import UNSTAKE_COOLDOWN_S
 from tests.coordinator.conftest import CHAIN, START, Running, make_node
@@ -26,7 +27,8 @@ def test_register_new_node(coordinator: Running, rsa_keys) -> None:
     assert body["node_id"] == node.node_id
     assert body["status"] == "registered"
     assert body["prior_registrations"] == []
-    assert body["policy"] == {"max_nodes_per_wallet": 2}
+    assert body["policy"] == {"max_nodes_per_wallet": 2, "require_wallet_proof": False}
+    assert body["wallet_proven"] is False
     assert body["coordinator_id"] == "coordinator-test"
     assert body["chain_id"] == CHAIN
     listed = coordinator.client.nodes()
@@ -78,8 +80,9 @@ def test_sybil_prescreen_names_the_policy(coordinator: Running, rsa_keys) -> Non
     r = _post(coordinator, third.manifest(issued_at=int(START)))
     assert r.status_code == 403
     assert r.json()["error"] == (
-        f"sybil pre-screen: wallet {first.wallet} already has 2 registered nodes "
-        "(policy max_nodes_per_wallet=2)"
+        f"sybil pre-screen: wallet {first.wallet} already has 2 registered nodes (a node "
+        "with a wallet_proof counts only the wallet's proven nodes: `nodeclient "
+        "wallet-proof`) (policy max_nodes_per_wallet=2)"
     )
 
 
@@ -115,6 +118,67 @@ def test_a_node_past_its_unstake_cooldown_leaves_the_wallet_quota(
     r = _post(running, third.manifest(issued_at=until + 1))
     assert r.status_code == 403
     assert "already has 1 registered nodes" in r.json()["error"]
+
+
+def _proven(node, wallet_key: Secp256k1Key, issued_at: int) -> dict:
+    """*node*'s manifest for *wallet_key*'s wallet, with the wallet's own proof."""
+    node.wallet = wallet_key.address
+    proof = mf.sign_wallet_proof(wallet_key, node.node_id, issued_at=issued_at, chain_id=CHAIN)
+    return node.manifest(issued_at=issued_at, wallet_proof=proof)
+
+
+def test_a_mere_claim_on_a_wallet_cannot_use_up_its_owners_places(
+    coordinator: Running, rsa_keys
+) -> None:
+    """Two nodes that only name a wallet fill its two places for other such claims; the
+    owner's nodes, which prove the wallet, count only each other and still register."""
+    owner = Secp256k1Key.generate()
+    squatters = [make_node(rsa_keys, i, wallet=owner.address) for i in range(2)]
+    for node in squatters:
+        coordinator.register(node)
+    r = _post(coordinator, make_node(rsa_keys, 2, wallet=owner.address).manifest(
+        issued_at=int(START)))  # fmt: skip
+    assert r.status_code == 403
+    assert "a node with a wallet_proof counts only the wallet's proven nodes" in r.json()["error"]
+    first, second, third = (make_node(rsa_keys, i) for i in range(3))
+    r = _post(coordinator, _proven(first, owner, int(START)))
+    assert r.status_code == 201, r.text
+    body = r.json()
+    assert body["wallet_proven"] is True
+    assert sorted((p["node_id"], p["wallet_proven"]) for p in body["prior_registrations"]) == (
+        sorted((n.node_id, False) for n in squatters)
+    )
+    assert _post(coordinator, _proven(second, owner, int(START))).status_code == 201
+    r = _post(coordinator, _proven(third, owner, int(START)))
+    assert r.status_code == 403
+    assert r.json()["error"] == (
+        f"sybil pre-screen: wallet {owner.address} already has 2 nodes proven by its owner "
+        "(policy max_nodes_per_wallet=2)"
+    )
+    # A proven node that registers again without its proof is a mere claim from then on.
+    r = _post(coordinator, first.manifest(issued_at=int(START) + 1))
+    assert (r.status_code, r.json()["wallet_proven"]) == (200, False)
+    assert _post(coordinator, _proven(third, owner, int(START) + 1)).status_code == 201
+
+
+def test_require_wallet_proof_refuses_a_claim(start_coordinator, rsa_keys) -> None:
+    """With require_wallet_proof, a node without the wallet's signature is refused, naming
+    the policy and the fix; a proof for another wallet or node fails verification (400)."""
+    running = start_coordinator(sybil=SybilPolicy(max_nodes_per_wallet=2,
+                                                  require_wallet_proof=True))  # fmt: skip
+    owner, stranger = Secp256k1Key.generate(), Secp256k1Key.generate()
+    claim = make_node(rsa_keys, 0, wallet=owner.address)
+    r = _post(running, claim.manifest(issued_at=int(START)))
+    assert r.status_code == 403
+    assert "require_wallet_proof=true" in r.json()["error"]
+    assert "nodeclient wallet-proof" in r.json()["error"]
+    forged = mf.sign_wallet_proof(stranger, claim.node_id, issued_at=int(START), chain_id=CHAIN)
+    r = _post(running, claim.manifest(issued_at=int(START), wallet_proof=forged))
+    assert r.status_code == 400
+    assert r.json()["error"].startswith("wallet_proof: WalletBinding signature recovers to")
+    r = _post(running, _proven(claim, owner, int(START)))
+    assert r.status_code == 201
+    assert r.json()["policy"] == {"max_nodes_per_wallet": 2, "require_wallet_proof": True}
 
 
 def test_client_turns_errors_into_one_line(coordinator: Running, rsa_keys) -> None:

@@ -68,6 +68,11 @@ def sample(primary: str, key: Secp256k1Key) -> dict[str, Any]:
             "rejected_at": 1_760_000_004,
         },
         "Unstake": {"node_id": key.address, "requested_at": 1_760_000_005},
+        "WalletBinding": {
+            "wallet_address": "0x1111111111111111111111111111111111111111",
+            "node_id": key.address,
+            "issued_at": 1_760_000_006,
+        },
     }
     return samples[primary]
 

@@ -209,3 +209,59 @@ def test_non_object_rejected() -> None:
     for bad in (None, [], "manifest", 3):
         with pytest.raises(ManifestError, match="^schema"):
             mf.verify_manifest(bad, chain_id=CHAIN, now=NOW)
+
+
+# --- wallet_proof: the wallet names the node as its own --------------------------------------
+
+WALLET_KEY = Secp256k1Key.from_hex("0x" + "7c" * 32)
+
+
+def test_wallet_proof_signed_by_eth_account_verifies(rsa_key, node_key, liveness) -> None:
+    """A wallet signs the WalletBinding with a stock Ethereum library (eth_signTypedData_v4
+    JSON, as any wallet app would be given it): the manifest carrying it verifies as proven."""
+    message = mf.wallet_binding_message(WALLET_KEY.address, node_key.address, NOW - 60)
+    typed = eip712.typed_data_json("WalletBinding", message, chain_id=CHAIN)
+    signed = Account.sign_typed_data(WALLET_KEY.to_hex(), full_message=typed)
+    proof = {"issued_at": NOW - 60, "signature": "0x" + bytes(signed.signature).hex()}
+    assert proof == mf.sign_wallet_proof(
+        WALLET_KEY, node_key.address, issued_at=NOW - 60, chain_id=CHAIN
+    )
+    manifest = build(rsa_key, node_key, liveness, wallet_address=WALLET_KEY.address,
+                     wallet_proof=proof)  # fmt: skip
+    verified = mf.verify_manifest(manifest, chain_id=CHAIN, now=NOW)
+    assert verified.wallet_proven
+    assert not mf.verify_manifest(build(rsa_key, node_key, liveness), chain_id=CHAIN, now=NOW)\
+        .wallet_proven  # fmt: skip
+
+
+def test_a_wallet_proof_proves_nothing_else(rsa_key, node_key, liveness) -> None:
+    """A proof by another key, one made for another node, one issued in the future, or one
+    taken off a signed manifest: each fails verification and names wallet_proof (or the
+    node signature that covered it)."""
+    other_node = Secp256k1Key.from_hex("0x" + "8d" * 32)
+    cases = {
+        "recovers to": mf.sign_wallet_proof(
+            Secp256k1Key.from_hex("0x" + "9e" * 32), node_key.address, issued_at=NOW,
+            chain_id=CHAIN,
+        ),
+        "expected": mf.sign_wallet_proof(
+            WALLET_KEY, other_node.address, issued_at=NOW, chain_id=CHAIN
+        ),
+        "in the future": mf.sign_wallet_proof(
+            WALLET_KEY, node_key.address, issued_at=NOW + 3600, chain_id=CHAIN
+        ),
+    }  # fmt: skip
+    for why, proof in cases.items():
+        manifest = build(rsa_key, node_key, liveness, wallet_address=WALLET_KEY.address,
+                         wallet_proof=proof)  # fmt: skip
+        with pytest.raises(ManifestError, match=f"^wallet_proof: .*{why}"):
+            mf.verify_manifest(manifest, chain_id=CHAIN, now=NOW)
+    good = mf.sign_wallet_proof(WALLET_KEY, node_key.address, issued_at=NOW, chain_id=CHAIN)
+    manifest = build(rsa_key, node_key, liveness, wallet_address=WALLET_KEY.address,
+                     wallet_proof=good)  # fmt: skip
+    stripped = {k: v for k, v in manifest.items() if k != "wallet_proof"}
+    with pytest.raises(ManifestError, match="^signature: "):
+        mf.verify_manifest(stripped, chain_id=CHAIN, now=NOW)
+    with pytest.raises(ManifestError, match="^schema: wallet_proof"):
+        mf.verify_manifest({**manifest, "wallet_proof": {"issued_at": NOW}}, chain_id=CHAIN,
+                           now=NOW)  # fmt: skip

@@ -70,6 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--heartbeat-interval", type=float, default=DEFAULT_HEARTBEAT_INTERVAL)
     serve.add_argument("--max-nodes-per-wallet", type=int, default=8)
     serve.add_argument(
+        "--require-wallet-proof",
+        action="store_true",
+        help="refuse nodes whose manifest does not carry the wallet's own signature",
+    )
+    serve.add_argument(
         "--blob-retention-hours",
         type=float,
         default=7 * 24,
@@ -127,7 +132,10 @@ def _serve(args: argparse.Namespace) -> int:
         chain_id=args.chain_id,
         coordinator_id=args.coordinator_id,
         heartbeat_interval=args.heartbeat_interval,
-        sybil=SybilPolicy(max_nodes_per_wallet=args.max_nodes_per_wallet),
+        sybil=SybilPolicy(
+            max_nodes_per_wallet=args.max_nodes_per_wallet,
+            require_wallet_proof=args.require_wallet_proof,
+        ),
         lease_seconds=args.lease_seconds,
         max_attempts=args.max_attempts,
         blob_retention=args.blob_retention_hours * 3600,

@@ -34,12 +34,21 @@ class SybilPolicy:
     A wallet may hold at most ``max_nodes_per_wallet`` nodes; a node whose unstake
     cooldown has ended (``unstaking_until`` in the past) no longer counts, so a wallet
     that retired a node may register another.
+
+    A manifest's ``wallet_address`` is only a claim unless it carries a ``wallet_proof``
+    (the wallet's own signature naming the node), so a node that proves its wallet counts
+    only the wallet's other *proven* nodes: nodes that merely name a wallet cannot use up
+    its owner's places. ``require_wallet_proof`` refuses every node without a proof.
     """
 
     max_nodes_per_wallet: int = 8
+    require_wallet_proof: bool = False
 
-    def to_json(self) -> dict[str, int]:
-        return {"max_nodes_per_wallet": self.max_nodes_per_wallet}
+    def to_json(self) -> dict[str, int | bool]:
+        return {
+            "max_nodes_per_wallet": self.max_nodes_per_wallet,
+            "require_wallet_proof": self.require_wallet_proof,
+        }
 
 
 @dataclass(frozen=True, slots=True)

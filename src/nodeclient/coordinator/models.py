@@ -98,6 +98,17 @@ class JobBlob(Base):
     sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
 
 
+class WalletProof(Base):
+    """A node's proof that its wallet's owner names it (the manifest's ``wallet_proof``):
+    the sybil pre-screen counts proven nodes apart (coordinator/registry.py)."""
+
+    __tablename__ = "wallet_proofs"
+    node_id: Mapped[str] = mapped_column(ForeignKey("nodes.node_id"), primary_key=True)
+    wallet_address: Mapped[str] = mapped_column(String(ADDRESS), index=True)
+    issued_at: Mapped[int] = mapped_column(BigInteger)
+    signature: Mapped[str] = mapped_column(String(132))
+
+
 class TrainRound(Base):
     """A closed round of a training job and its metrics (coordinator/rounds.py): one row
     a round, so closing a round writes its own metrics, never all of the earlier ones."""

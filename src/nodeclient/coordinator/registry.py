@@ -5,7 +5,9 @@ checks the wallet for prior registrations (sybil pre-screen)." The manifest chec
 ``manifest.verify_manifest`` (schema, both signatures, recomputed tier, freshness). The
 pre-screen looks up every other node registered by the same wallet and applies the
 configured :class:`~nodeclient.coordinator.config.SybilPolicy`; a node whose unstake
-cooldown has ended does not count toward the wallet's limit. A re-registration of a
+cooldown has ended does not count toward the wallet's limit, and a node that proves its
+wallet (the manifest's ``wallet_proof``, kept in ``wallet_proofs``) counts only the
+wallet's other proven nodes. A re-registration of a
 node_id already on record is an update (that is how a node rotates its liveness key),
 never a new node, but it must not be older than the manifest on record.
 
@@ -67,15 +69,37 @@ def _register_tx(
             .order_by(m.Node.registered_at, m.Node.node_id)
         )
     )
+    if policy.require_wallet_proof and not v.wallet_proven:
+        return _error(
+            403,
+            f"sybil pre-screen: the manifest carries no wallet_proof for wallet "
+            f"{v.wallet_address} (policy require_wallet_proof=true); have the wallet sign "
+            "this node's binding with `nodeclient wallet-proof`, then register again",
+        )
+    proven = set(
+        session.scalars(
+            select(m.WalletProof.node_id).where(m.WalletProof.wallet_address == v.wallet_address)
+        )
+    )
     # A node whose unstake cooldown has ended is retired: it no longer holds one of the
-    # wallet's places (it is still listed among the prior registrations).
+    # wallet's places (it is still listed among the prior registrations). A node that
+    # proves its wallet counts only the wallet's proven nodes: a mere claim on a wallet
+    # cannot use up its owner's places.
     counted = [o for o in others if o.unstaking_until is None or o.unstaking_until >= now]
+    if v.wallet_proven:
+        counted = [o for o in counted if o.node_id in proven]
     new_to_wallet = row is None or row.wallet_address != v.wallet_address
     if new_to_wallet and len(counted) >= policy.max_nodes_per_wallet:
+        which = (
+            "nodes proven by its owner"
+            if v.wallet_proven
+            else "registered nodes (a node with a wallet_proof counts only the wallet's "
+            "proven nodes: `nodeclient wallet-proof`)"
+        )
         return _error(
             403,
             f"sybil pre-screen: wallet {v.wallet_address} already has {len(counted)} "
-            f"registered nodes (policy max_nodes_per_wallet={policy.max_nodes_per_wallet})",
+            f"{which} (policy max_nodes_per_wallet={policy.max_nodes_per_wallet})",
         )
     man = v.manifest
     fields: dict[str, Any] = {
@@ -100,15 +124,42 @@ def _register_tx(
             setattr(row, key, value)
         status, label = 200, "updated"
     session.flush()
+    _record_wallet_proof(session, v)
     body = {
         "node_id": v.node_id,
         "status": label,
+        "wallet_proven": v.wallet_proven,
         "prior_registrations": [
-            {"node_id": o.node_id, "registered_at": o.registered_at} for o in others
+            {
+                "node_id": o.node_id,
+                "registered_at": o.registered_at,
+                "wallet_proven": o.node_id in proven,
+            }
+            for o in others
         ],
         "policy": policy.to_json(),
     }
     return Reply(status, body, node_info(row))
+
+
+def _record_wallet_proof(session: Session, v: VerifiedManifest) -> None:
+    """Keep the node's latest wallet_proof, or none when its latest manifest has none."""
+    row = session.get(m.WalletProof, v.node_id)
+    proof = v.manifest.get("wallet_proof") if v.wallet_proven else None
+    if proof is None:
+        if row is not None:
+            session.delete(row)
+        return
+    fields = {
+        "wallet_address": v.wallet_address,
+        "issued_at": proof["issued_at"],
+        "signature": proof["signature"],
+    }
+    if row is None:
+        session.add(m.WalletProof(node_id=v.node_id, **fields))
+    else:
+        for key, value in fields.items():
+            setattr(row, key, value)
 
 
 async def register(coord: Coordinator, manifest: object) -> Reply:
@@ -141,6 +192,7 @@ async def register(coord: Coordinator, manifest: object) -> Reply:
             "wallet": verified.wallet_address,
             "tier": reply.node.hardware_tier,
             "prior_registrations": len(body["prior_registrations"]),
+            "wallet_proven": verified.wallet_proven,
         },
     )
     return Reply(reply.status, body, reply.node)

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from nodeclient import __version__
 from nodeclient.errors import KeyFileError, NeedsOperator, NodeClientError, UsageError
-from nodeclient.node import keys, securefile
+from nodeclient.node import keys, securefile, wallet
 from nodeclient.node.config import (
     NodeConfig,
     check_coordinator_url,
@@ -31,6 +31,7 @@ from nodeclient.node.config import (
     write_config,
 )
 from nodeclient.protocol.manifest import REGIONS
+from nodeclient.protocol.secp import Secp256k1Key
 
 if TYPE_CHECKING:
     import httpx
@@ -171,8 +172,15 @@ def build_local_manifest(
         tier.max_parallel_subtasks(cpu, gpu), config.max_parallel_subtasks
     )
     classes = [c for c, (ok, _why) in usable_workload_classes().items() if ok]
+    node_key = node_key or keys.load_node_key(home, passphrase=passphrase)
+    proof = wallet.load_proof(
+        home,
+        wallet_address=config.wallet_address,
+        node_id=node_key.address,
+        chain_id=config.chain_id,
+    )
     return mf.build_manifest(
-        node_key=node_key or keys.load_node_key(home, passphrase=passphrase),
+        node_key=node_key,
         liveness_address=keys.load_liveness_key(home).address,
         payload_key=keys.load_payload_key(home),
         wallet_address=config.wallet_address,
@@ -184,7 +192,50 @@ def build_local_manifest(
         client_version=__version__,
         issued_at=int(time.time()) if now is None else now,
         chain_id=config.chain_id,
+        wallet_proof=proof,
     )
+
+
+def cmd_wallet_proof(args: argparse.Namespace) -> int:
+    """Bind this node to the configured wallet: print what the wallet signs, or store its
+    signature (node/wallet.py)."""
+    home = _home(args)
+    config = load_config(home)
+    node_id = keys.node_id_of(home)
+    if args.signature is not None or args.wallet_key is not None:
+        issued_at = int(time.time()) if args.issued_at is None else args.issued_at
+        if args.wallet_key is not None:
+            wallet_key = Secp256k1Key.from_hex(
+                securefile.read_secret(Path(args.wallet_key)).decode("ascii", "replace").strip()
+            )
+            proof = wallet.sign_proof(
+                wallet_key, wallet_address=config.wallet_address, node_id=node_id,
+                issued_at=issued_at, chain_id=config.chain_id,
+            )  # fmt: skip
+        else:
+            if args.issued_at is None:
+                raise UsageError("--signature needs the --issued-at that was signed")
+            proof = wallet.make_proof(
+                args.signature, wallet_address=config.wallet_address, node_id=node_id,
+                issued_at=issued_at, chain_id=config.chain_id,
+            )  # fmt: skip
+        path = wallet.save_proof(home, proof)
+        print(f"wallet proof stored in {path}: wallet {config.wallet_address} names node {node_id}")
+        print("it goes into the manifest from the next start of `nodeclient run`")
+        return 0
+    issued_at = int(time.time()) if args.issued_at is None else args.issued_at
+    typed = wallet.typed_data(
+        config.wallet_address, node_id, issued_at=issued_at, chain_id=config.chain_id
+    )
+    if args.json:
+        print(json.dumps(typed, indent=2))
+        return 0
+    print(f"Sign this with the wallet {config.wallet_address} (eth_signTypedData_v4):\n")
+    print(json.dumps(typed, indent=2))
+    print("\nthen store the signature it gives you:")
+    home_flag = f" --home {shlex.quote(str(home))}" if "home" in args else ""
+    print(f"  nodeclient wallet-proof{home_flag} --issued-at {issued_at} --signature 0x…")
+    return 0
 
 
 def cmd_manifest(args: argparse.Namespace) -> int:
@@ -197,6 +248,8 @@ def cmd_manifest(args: argparse.Namespace) -> int:
     gpus = ", ".join(f"{g['count']}x {g['model']} ({g['vram_gb']} GB)" for g in manifest["gpu"])
     print(f"node_id               {manifest['node_id']}")
     print(f"wallet_address        {manifest['wallet_address']}")
+    proven = "yes, signed by the wallet" if "wallet_proof" in manifest else "no (`wallet-proof`)"
+    print(f"wallet_proof          {proven}")
     print(f"liveness_address      {manifest['liveness_address']}")
     print(f"region                {manifest['region']}")
     print(f"hardware_tier         {manifest['hardware_tier']}")
@@ -642,6 +695,22 @@ def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915 (one block per c
     dv.add_argument("--keep", action="store_true", help="keep the devnet's files afterwards")
     dv.add_argument("--heartbeat-interval", type=float, default=2.0, help="seconds (default 2)")
     dv.set_defaults(handler=cmd_devnet)
+
+    wp = sub.add_parser(
+        "wallet-proof",
+        parents=[common],
+        help="prove that the configured wallet owns this node",
+        description="Without options: print the EIP-712 WalletBinding (eth_signTypedData_v4 "
+        "JSON) for the configured wallet to sign in any wallet app. With --signature and "
+        "--issued-at: check that signature and store it (wallet_proof.json, mode 0600); "
+        "every manifest carries it from then on. --wallet-key signs here with the wallet's "
+        "own key file (devnets, automation: a real wallet's key does not belong on a node).",
+    )
+    wp.add_argument("--signature", metavar="0x…", help="the wallet's signature to store")
+    wp.add_argument("--issued-at", type=int, metavar="T", help="the issued_at that was signed")
+    wp.add_argument("--wallet-key", metavar="FILE", help="sign with this key file (hex, 0600)")
+    wp.add_argument("--json", action="store_true", help="print only the typed data")
+    wp.set_defaults(handler=cmd_wallet_proof)
 
     pr = sub.add_parser("proof", parents=[common], help="compute a proof of execution for a file")
     pr.add_argument("--task-id", required=True, metavar="UUID")

@@ -18,6 +18,7 @@ Heartbeat     liveness.key    every 30 s: sequence number, state, tasks, load
 Result        node.key        2.3.7 signed return: task, node, proof, size
 Reject        node.key        a dispatched task that will not run, with reason
 Unstake       node.key        starts the 7-day cooldown
+WalletBinding the wallet      the wallet owner names a node as theirs (optional)
 ============  ==============  ==================================================
 
 Only atomic field types and one-dimensional arrays of them are used (no nested
@@ -84,6 +85,11 @@ TYPES: Final[Mapping[str, tuple[tuple[str, str], ...]]] = {
     "Unstake": (
         ("node_id", "address"),
         ("requested_at", "uint64"),
+    ),
+    "WalletBinding": (
+        ("wallet_address", "address"),
+        ("node_id", "address"),
+        ("issued_at", "uint64"),
     ),
 }
 

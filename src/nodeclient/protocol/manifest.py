@@ -12,6 +12,12 @@ and ``node_signature``. Two signatures cover the same canonical bytes
   liveness_address, SHA-256 of the canonical bytes and issued_at, proving the registrant
   holds node.key and delegates the liveness key.
 
+Optionally, ``wallet_proof`` (``{"issued_at", "signature"}``, covered by both signatures
+above): the wallet's own EIP-712 ``WalletBinding`` over wallet_address, node_id and
+issued_at, proving that the owner of ``wallet_address`` names this node as theirs. Without
+it, ``wallet_address`` is only a claim, which anyone may make about any wallet; the
+coordinator's sybil pre-screen counts proven nodes apart (``coordinator/registry.py``).
+
 ``verify_manifest`` is the coordinator's complete check; each failure names its check.
 """
 
@@ -83,6 +89,29 @@ def registration_message(manifest: Mapping[str, Any], body: bytes) -> dict[str, 
     }
 
 
+def wallet_binding_message(wallet_address: str, node_id: str, issued_at: int) -> dict[str, Any]:
+    """The EIP-712 WalletBinding struct a wallet signs to name *node_id* as its node."""
+    return {"wallet_address": wallet_address, "node_id": node_id, "issued_at": issued_at}
+
+
+def sign_wallet_proof(
+    wallet_key: Secp256k1Key, node_id: str, *, issued_at: int, chain_id: int
+) -> dict[str, Any]:
+    """A manifest's ``wallet_proof``, signed with the wallet's own key."""
+    message = wallet_binding_message(wallet_key.address, node_id, issued_at)
+    signature = sign_typed(wallet_key, "WalletBinding", message, chain_id=chain_id)
+    return {"issued_at": issued_at, "signature": "0x" + signature.hex()}
+
+
+def check_wallet_proof(
+    proof: Mapping[str, Any], *, wallet_address: str, node_id: str, chain_id: int
+) -> None:
+    """Raise SignatureError unless *proof* is *wallet_address*'s binding of *node_id*."""
+    signature = parse_signature_hex(proof["signature"], field="wallet_proof signature")
+    message = wallet_binding_message(wallet_address, node_id, proof["issued_at"])
+    verify_typed("WalletBinding", message, signature, signer=wallet_address, chain_id=chain_id)
+
+
 def public_key_pem(key: rsa.RSAPublicKey) -> str:
     return key.public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
@@ -103,6 +132,7 @@ def build_manifest(
     client_version: str,
     issued_at: int,
     chain_id: int,
+    wallet_proof: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Build and sign a manifest. The tier is computed here, never taken from the caller."""
     manifest: dict[str, Any] = {
@@ -119,6 +149,11 @@ def build_manifest(
         "liveness_address": to_checksum_address(parse_address(liveness_address)),
         "issued_at": issued_at,
     }
+    if wallet_proof is not None:
+        manifest["wallet_proof"] = {
+            "issued_at": int(wallet_proof["issued_at"]),
+            "signature": str(wallet_proof["signature"]),
+        }
     return _signed(manifest, node_key=node_key, payload_key=payload_key, chain_id=chain_id)
 
 
@@ -165,6 +200,7 @@ class VerifiedManifest:
     public_key: rsa.RSAPublicKey
     manifest_hash: bytes
     issued_at: int
+    wallet_proven: bool = False  # a valid wallet_proof came with it
 
 
 def verify_manifest(  # noqa: PLR0912, PLR0915 - one flat list of checks reads best
@@ -180,8 +216,9 @@ def verify_manifest(  # noqa: PLR0912, PLR0915 - one flat list of checks reads b
     Checks, in order (cheap before expensive, fail closed): schema, region, addresses and
     their checksums, issued_at freshness (not older than *max_age*, not more than
     *max_skew* seconds in the future), RSA public key (RSA, >= 3072 bits), the recomputed
-    hardware tier and parallelism bound, the RSA-PSS ``signature``, then the EIP-712
-    ``node_signature`` recovering to node_id.
+    hardware tier and parallelism bound, the RSA-PSS ``signature``, the EIP-712
+    ``node_signature`` recovering to node_id, then, when present, the ``wallet_proof``
+    recovering to wallet_address (not issued in the future).
     """
     if not isinstance(manifest, Mapping):
         raise ManifestError("schema: manifest must be a JSON object")
@@ -248,6 +285,16 @@ def verify_manifest(  # noqa: PLR0912, PLR0915 - one flat list of checks reads b
         )
     except SignatureError as exc:
         raise ManifestError(f"node_signature: {exc}") from exc
+    proof = m.get("wallet_proof")
+    if proof is not None:
+        if proof["issued_at"] > now + max_skew:
+            raise ManifestError(
+                f"wallet_proof: issued_at is {proof['issued_at'] - now} s in the future"
+            )
+        try:
+            check_wallet_proof(proof, wallet_address=wallet, node_id=node_id, chain_id=chain_id)
+        except SignatureError as exc:
+            raise ManifestError(f"wallet_proof: {exc}") from exc
     return VerifiedManifest(
         manifest=m,
         node_id=node_id,
@@ -256,4 +303,5 @@ def verify_manifest(  # noqa: PLR0912, PLR0915 - one flat list of checks reads b
         public_key=public_key,
         manifest_hash=sha256(body),
         issued_at=issued_at,
+        wallet_proven=proof is not None,
     )
