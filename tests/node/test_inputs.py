@@ -297,3 +297,88 @@ def test_limits_follow_a_thread_started_in_their_context(drip: str) -> None:
 
     with pytest.raises(RemoteProtocolError, match="deadline"):
         asyncio.run(fetch_in_a_thread())
+
+
+# --- a requester's URL is fetched only from the coordinator or a public address -------------
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.0.0.1:8080/admin",
+        "http://localhost/m",  # a name that resolves to loopback
+        "http://169.254.169.254/latest/meta-data/",  # a cloud's metadata service
+        "http://10.0.0.1/m",
+        "http://100.64.0.1/m",  # shared address space (carrier-grade NAT)
+        "http://0.0.0.0:22/",
+        "http://[::1]/m",
+        "http://[::ffff:127.0.0.1]/m",
+        "http://[fe80::1]/m",
+        "https://224.0.0.1/m",
+    ],
+)
+def test_a_url_on_the_operators_network_is_refused_before_any_request(url: str) -> None:
+    """The daemon runs on the operator's network: a requester's URL that is not the
+    coordinator's and leads to a loopback, private, link-local, shared, multicast or
+    unspecified address is refused without a request, saying why."""
+    fetch = http_fetcher("https://coordinator.example")
+    began = time.monotonic()
+    with pytest.raises(RemoteProtocolError, match="not a public address"):
+        fetch(url)
+    assert time.monotonic() - began < 2.0  # refused, not tried and timed out
+
+
+def test_the_coordinators_own_origin_may_be_local(drip: str) -> None:
+    """A devnet's coordinator on 127.0.0.1: its URLs, relative or absolute, are fetched."""
+    fetch = http_fetcher(drip, max_bytes=10)
+    for url in ("/m", drip + "/m", drip.replace("127.0.0.1", "127.0.0.1") + "/m"):
+        with pytest.raises(RemoteProtocolError, match="exceeds 10 bytes"):  # it was fetched
+            fetch(url)
+
+
+def test_a_public_host_is_fetched_at_the_address_that_was_checked(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The host is resolved once, checked, and the request sent to that address with the
+    URL's Host header: a second lookup (DNS rebinding) cannot send it elsewhere."""
+    import http.server
+
+    from nodeclient.node import inputs
+
+    seen: list[str] = []
+
+    class Echo(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            seen.append(str(self.headers["Host"]))
+            self.send_response(200)
+            self.send_header("Content-Length", "5")
+            self.end_headers()
+            self.wfile.write(b"model")
+
+        def log_message(self, *_args: object) -> None:
+            return None
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Echo)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    port = server.server_address[1]
+    lookups: list[str] = []
+    real = inputs.socket.getaddrinfo
+
+    def getaddrinfo(host: str, *args: object, **kwargs: object) -> list:
+        if host != "models.example":  # the connection to the address itself
+            return real(host, *args, **kwargs)  # type: ignore[arg-type]
+        lookups.append(host)  # the first answer is "public"; a second would be the trap
+        address = "127.0.0.1" if len(lookups) == 1 else "10.9.9.9"
+        return [(2, 1, 6, "", (address, port))]
+
+    monkeypatch.setattr(inputs.socket, "getaddrinfo", getaddrinfo)
+    monkeypatch.setattr(inputs, "_public", lambda a: str(a) == "127.0.0.1")
+    try:
+        assert (
+            http_fetcher("https://coordinator.example")(f"http://models.example:{port}/m")
+            == b"model"
+        )
+    finally:
+        server.shutdown()
+    assert lookups == ["models.example"]
+    assert seen == [f"models.example:{port}"]

@@ -5,6 +5,15 @@ SHA-256 is resolved here: an ONNX model goes into the shared model cache that th
 reads (verified against its hash, written atomically), a Blender scene is inlined into
 the payload, and so are the assets its manifest lists. Relative URLs are the
 coordinator's blob store (``/v1/blobs/<sha256>``).
+
+The daemon runs outside the sandbox, on the operator's network, and a URL comes from a
+requester. So a URL that is not the coordinator's own is fetched only from a public
+address: its host is resolved once, every address must be global unicast (not loopback,
+private, link-local, shared, multicast or reserved), and the request goes to the address
+that was checked (Host header and TLS server name stay the URL's), so a second lookup
+cannot send it elsewhere (DNS rebinding). Redirects are not followed. Without this a
+requester could make nodes probe their operators' networks (a cloud metadata service at
+169.254.169.254, a router, a local admin port) and read the answers off the refusals.
 """
 
 from __future__ import annotations
@@ -12,6 +21,8 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import hashlib
+import ipaddress
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -72,6 +83,8 @@ def http_fetcher(
     """GET a blob (relative URLs against *base_url*), refusing more than *max_bytes*, and
     stopping at the limits of the task it is for (:func:`fetch_limits`)."""
 
+    home = _origin(httpx.URL(base_url))
+
     def fetch(url: str) -> bytes:
         if url.startswith("/"):
             url = base_url.rstrip("/") + url
@@ -81,15 +94,22 @@ def http_fetcher(
         wait = timeout if limits is None else min(timeout, _left(limits, url))
         data = bytearray()
         try:
-            with httpx.stream("GET", url, timeout=wait) as resp:
-                if resp.status_code != 200:
-                    raise RemoteProtocolError(f"GET {url[:80]} answered {resp.status_code}")
-                for chunk in resp.iter_bytes():
-                    data += chunk
-                    if len(data) > max_bytes:
-                        raise RemoteProtocolError(f"blob at {url[:80]} exceeds {max_bytes} bytes")
-                    if limits is not None:
-                        _left(limits, url)
+            target, headers, extensions = _pinned(url, home)
+            with httpx.Client(timeout=wait) as client:
+                request = client.build_request(
+                    "GET", target, headers=headers, extensions=extensions
+                )
+                with contextlib.closing(client.send(request, stream=True)) as resp:
+                    if resp.status_code != 200:
+                        raise RemoteProtocolError(f"GET {url[:80]} answered {resp.status_code}")
+                    for chunk in resp.iter_bytes():
+                        data += chunk
+                        if len(data) > max_bytes:
+                            raise RemoteProtocolError(
+                                f"blob at {url[:80]} exceeds {max_bytes} bytes"
+                            )
+                        if limits is not None:
+                            _left(limits, url)
         except _FETCH_ERRORS as exc:
             if limits is not None:
                 _left(limits, url)  # a read timed out at the deadline: say so
@@ -97,6 +117,51 @@ def http_fetcher(
         return bytes(data)
 
     return fetch
+
+
+def _origin(url: httpx.URL) -> tuple[str, str, int | None]:
+    default = {"http": 80, "https": 443}.get(url.scheme)
+    return url.scheme, url.host.lower(), url.port or default
+
+
+def _pinned(
+    raw: str, home: tuple[str, str, int | None]
+) -> tuple[httpx.URL, dict[str, str], dict[str, str]]:
+    """The request for the URL *raw*: as it is on the coordinator's origin; elsewhere, sent
+    to the public address its host resolved to (module docstring), or RemoteProtocolError."""
+    url = httpx.URL(raw)
+    origin = _origin(url)
+    if origin == home:
+        return url, {}, {}
+    scheme, host, port = origin
+    try:
+        addresses = [ipaddress.ip_address(host)]
+    except ValueError:
+        try:
+            infos = socket.getaddrinfo(host, port or 0, type=socket.SOCK_STREAM)
+        except (OSError, UnicodeError) as exc:
+            raise RemoteProtocolError(
+                f"GET {raw[:80]!r} failed: cannot resolve its host: {_short(exc)}"
+            ) from None
+        # In resolver order, once each; an IPv6 scope id is not part of the address.
+        found = dict.fromkeys(str(info[4][0]).split("%")[0] for info in infos)
+        addresses = [ipaddress.ip_address(a) for a in found]
+    bad = [a for a in addresses if not _public(a)]
+    if bad or not addresses:
+        what = f"resolves to {bad[0]}, which is" if bad and str(bad[0]) != host else "is"
+        raise RemoteProtocolError(
+            f"refusing to fetch {raw[:80]!r}: its host {what} not a public address, and a "
+            "node fetches a requester's URL only from its coordinator or the public internet"
+        )
+    pinned = url.copy_with(host=str(addresses[0]))
+    headers = {"Host": url.netloc.decode("ascii")}
+    return pinned, headers, ({"sni_hostname": host} if scheme == "https" else {})
+
+
+def _public(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.is_global and not address.is_multicast and not address.is_reserved
 
 
 def _left(limits: FetchLimits, url: str) -> float:
