@@ -213,6 +213,10 @@ def test_a_cancel_after_the_work_is_done_does_not_stop_its_result(tmp_path: Path
         ("result_retention_hours = true\n", "result_retention_hours"),
         ("result_retention_mb = 1.5\n", "result_retention_mb"),
         ("result_retention_mb = -3\n", "result_retention_mb"),
+        ("history_retention_days = -1\n", "history_retention_days"),
+        ("history_retention_days = nan\n", "history_retention_days"),
+        ("history_retention_days = 1\n", "history_retention_days"),  # < 72 h of results
+        ("history_retention_days = 36501\n", "history_retention_days"),
     ],
 )
 def test_retention_settings_are_validated(tmp_path: Path, line: str, error: str) -> None:
@@ -227,6 +231,9 @@ def test_retention_settings_are_read(tmp_path: Path) -> None:
     )
     config = load_config(tmp_path)
     assert (config.result_retention_hours, config.result_retention_mb) == (0.5, 0)
+    assert config.history_retention_days == 180.0
+    (tmp_path / "config.toml").write_text(WALLET + "history_retention_days = 0\n")
+    assert load_config(tmp_path).history_retention_days == 0  # kept for ever
 
 
 def test_a_full_disk_at_commit_is_refused_signed_and_the_daemon_goes_on(

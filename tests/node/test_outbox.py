@@ -561,3 +561,33 @@ def test_no_statement_needs_an_sqlite_newer_than_the_minimum(tmp_path, monkeypat
     assert len(read_history(tmp_path / "o.db")) == 2
     assert any("UPDATE outbox SET acked_at" in s for s in statements)
     assert [s for s in statements if NEWER_SQL.search(s)] == []
+
+
+def test_forget_deletes_old_history_rows_and_keeps_the_totals(tmp_path) -> None:
+    """Months of tasks must not grow the outbox for ever: rows answered before the history
+    period whose result bytes are gone are deleted, in batches; rows still holding their
+    result, unanswered ones and newer ones stay; the status totals still count them all,
+    after reopening too."""
+    box = Outbox(tmp_path / "o.db")
+    old = [uuid.uuid4() for _ in range(450)]  # more than two batches
+    held, recent, unacked = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    for t in (*old, held, recent, unacked):
+        commit(box, t, b"r")
+    for i, t in enumerate(old):
+        box.mark_acked(t, status="rejected" if i % 3 == 0 else "accepted", reason="", at=10.0)
+    box.mark_acked(held, status="accepted", reason="", at=10.0)
+    box.mark_acked(recent, status="accepted", reason="", at=1000.0)
+    box.prune(acked_before=20.0, keep_bytes=1 << 30)  # the old ones lose their bytes
+    box._db.execute(  # as if it were held still (a large budget, say)
+        "UPDATE outbox SET held = 1 WHERE task_id = ?", (str(held),)
+    )
+    before = box.counts()
+    assert box.forget(acked_before=500.0) == 450
+    assert box.forget(acked_before=500.0) == 0
+    remaining = {e.task_id for e in box.history()}
+    assert remaining == {held, recent, unacked}
+    assert box.counts() == before == {
+        "completed": 302, "failed": 150, "rejected": 0, "unacknowledged": 1
+    }  # fmt: skip
+    box.close()
+    assert Outbox(tmp_path / "o.db").counts() == before  # the forgotten are still counted

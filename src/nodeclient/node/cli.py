@@ -355,6 +355,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         retention=Retention(
             seconds=config.result_retention_hours * 3600.0,
             bytes=config.result_retention_mb << 20,
+            history_seconds=config.history_retention_days * 86400.0,
         ),
     )
     server = metrics.serve(metrics_address) if metrics_address else None  # 2.3.8, opt-in

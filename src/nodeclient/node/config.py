@@ -39,6 +39,7 @@ _EXPECTED: Final[dict[str, tuple[tuple[type, ...], str]]] = {
     "metrics_address": ((str,), 'a quoted string, e.g. "127.0.0.1:9101"'),
     "result_retention_hours": (_NUMBER, "a number (hours)"),
     "result_retention_mb": ((int,), "an integer"),
+    "history_retention_days": (_NUMBER, "a number (days)"),
 }
 _OPTIONAL: Final = frozenset({"coordinator", "max_parallel_subtasks", "metrics_address"})
 
@@ -57,6 +58,7 @@ class NodeConfig:
     metrics_address: str | None = None  # HOST:PORT for Prometheus (2.3.8); off by default
     result_retention_hours: float = 72.0  # acknowledged results' bytes, then history only
     result_retention_mb: int = 4096  # and at most this much of them, oldest dropped first
+    history_retention_days: float = 180.0  # then their history rows too (0: kept for ever)
 
     def __post_init__(self) -> None:
         _check_types(self)
@@ -96,6 +98,18 @@ class NodeConfig:
             or self.result_retention_mb < 0
         ):
             raise UsageError("result_retention_mb must be a whole number >= 0")
+        if (
+            isinstance(self.history_retention_days, bool)
+            or not isinstance(self.history_retention_days, int | float)
+            or not (
+                self.history_retention_days == 0
+                or self.result_retention_hours / 24 <= self.history_retention_days <= 36500
+            )
+        ):
+            raise UsageError(
+                "history_retention_days must be 0 (keep for ever) or between "
+                "result_retention_hours / 24 and 36500"
+            )
         if self.metrics_address is not None:
             from nodeclient.node.metrics import parse_metrics_address
 
@@ -125,6 +139,9 @@ class NodeConfig:
             f"result_retention_hours = {self.result_retention_hours}  # acknowledged results"
         )
         lines.append(f"result_retention_mb = {self.result_retention_mb}  # at most, oldest first")
+        lines.append(
+            f"history_retention_days = {self.history_retention_days}  # then the rows (0: never)"
+        )
         lines.append(
             f'metrics_address = "{self.metrics_address}"'
             if self.metrics_address

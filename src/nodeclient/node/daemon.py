@@ -74,11 +74,13 @@ REPLACED_WINDOW_S: Final = 900.0
 
 @dataclass(frozen=True, slots=True)
 class Retention:
-    """How long acknowledged results' bytes are kept (``result_retention_*`` in config)."""
+    """How long acknowledged results' bytes are kept (``result_retention_*`` in config),
+    and their history rows (``history_retention_days``; 0 keeps them for ever)."""
 
     seconds: float = 72 * 3600.0
     bytes: int = 4096 << 20
     every: float = 3600.0  # how often prune runs (and once at start)
+    history_seconds: float = 180 * 86400.0
 
 
 _REPLACED_FIX: Final = (
@@ -266,11 +268,17 @@ class NodeDaemon:
                     acked_before=self.clock.now() - self.retention.seconds,
                     keep_bytes=self.retention.bytes,
                 )
+                forgotten = 0
+                if self.retention.history_seconds > 0:
+                    forgotten = await asyncio.to_thread(
+                        self.outbox.forget,
+                        acked_before=self.clock.now() - self.retention.history_seconds,
+                    )
             except (OSError, sqlite3.Error) as exc:  # a full or failing disk: try again later
                 log.error("outbox.prune_failed", extra={"error": str(exc)})
             else:
-                if dropped:
-                    log.info("outbox.pruned", extra={"results": dropped})
+                if dropped or forgotten:
+                    log.info("outbox.pruned", extra={"results": dropped, "rows": forgotten})
             await asyncio.sleep(self.retention.every)
 
     def _ended(self, workload_class: str, outcome: str, received_at: float) -> None:

@@ -105,6 +105,10 @@ CREATE TABLE IF NOT EXISTS outbox_results (  -- results up to INLINE_MAX, by tas
     task_id        TEXT PRIMARY KEY,
     data           BLOB NOT NULL
 );
+CREATE TABLE IF NOT EXISTS outbox_forgotten (  -- rows deleted by forget(), per counter
+    bucket         TEXT PRIMARY KEY,           -- completed | failed | rejected
+    count          INTEGER NOT NULL
+);
 """
 # Added after the first release: older databases get them by ALTER TABLE.
 _ADDED_COLUMNS: Final = (
@@ -481,6 +485,45 @@ class Outbox:
             time.sleep(_PRUNE_PAUSE)
         return dropped + self._prune_lost(acked_before)
 
+    def forget(self, *, acked_before: float) -> int:
+        """Delete the history rows of entries answered before *acked_before* whose result
+        bytes are already gone (pruned, or a lost entry's file removed), in batches.
+
+        The status totals keep counting them (``outbox_forgotten``). A forgotten task that
+        a coordinator dispatched again would be run again: that is why the history period
+        is long (180 days by default) and never shorter than the results'. Returns how many.
+        """
+        forgotten = 0
+        while True:
+            with self._lock:
+                batch = self._db.execute(
+                    "SELECT task_id, kind, ack_status FROM outbox INDEXED BY outbox_pending "
+                    "WHERE acked_at < ? AND held = 0 AND result_file IS NULL "
+                    "ORDER BY acked_at LIMIT ?",
+                    (acked_before, _PRUNE_BATCH),
+                ).fetchall()
+                if not batch:
+                    return forgotten
+                per_bucket: dict[str, int] = {}
+                for _, kind, status in batch:
+                    bucket = _bucket(kind, status)
+                    per_bucket[bucket] = per_bucket.get(bucket, 0) + 1
+                ids = [(task_id,) for task_id, _, _ in batch]
+                with self._transaction():
+                    self._db.executemany("DELETE FROM outbox_results WHERE task_id = ?", ids)
+                    self._db.executemany("DELETE FROM outbox WHERE task_id = ?", ids)
+                    counts = sorted(per_bucket.items())
+                    self._db.executemany(  # no upsert: SQLite before 3.24 has none
+                        "INSERT OR IGNORE INTO outbox_forgotten (bucket, count) VALUES (?, 0)",
+                        [(bucket,) for bucket, _ in counts],
+                    )
+                    self._db.executemany(
+                        "UPDATE outbox_forgotten SET count = count + ? WHERE bucket = ?",
+                        [(n, bucket) for bucket, n in counts],
+                    )
+            forgotten += len(batch)
+            time.sleep(_PRUNE_PAUSE)
+
     def _prune_lost(self, acked_before: float) -> int:
         """Remove the files of entries closed as lost before *acked_before* (kept until then
         for the operator to inspect); the rows stay, naming no file. Returns how many."""
@@ -536,6 +579,8 @@ class Outbox:
             "SELECT kind, ack_status, COUNT(*) FROM outbox GROUP BY kind, ack_status"
         ):
             out["unacknowledged" if status is None else _bucket(kind, status)] += n
+        for bucket, n in self._db.execute("SELECT bucket, count FROM outbox_forgotten"):
+            out[bucket] += n
         return out
 
     def backlog(self) -> int:
