@@ -390,3 +390,32 @@ def test_a_refusal_names_the_first_missing_blobs_and_counts_the_rest() -> None:
     assert shas[0] not in reason
     assert [sha for sha in shas if sha in reason] == shas[1 : 1 + classes.MAX_LISTED_BLOBS]
     wclass.require_blobs(payload, 1 << 20, held=lambda _sha: True)  # all held: no error
+
+
+def test_a_job_whose_slice_result_cannot_fit_is_a_400(running: Running) -> None:
+    """Twenty frames of 1024x1024 in one slice (80 MiB of result), or ten in each of two,
+    would be rendered and then refused by every node's worker in turn: refused at
+    submission instead, with what to change, and nothing is stored, not even the inline
+    scene that a split job has moved to the blob store. Four slices of five frames fit."""
+    payload = render.make_request(
+        SCENE, frames=(0, 19), width=1024, height=1024, samples=1
+    ).encode()
+    for slices in (1, 2):
+        reason = _refused(running, payload, slices=slices)
+        assert "MAX_SLICE_RESULT_BYTES" in reason and "ask for more slices" in reason
+    assert _stored(running) == (0, 0)
+    blob_dir = running.coord.config.blob_dir
+    assert not blob_dir.exists() or list(blob_dir.iterdir()) == []
+    job = running.client.submit_job("media.render", payload, slices=4)
+    assert len(job["tasks"]) == 4
+
+
+def test_a_job_whose_assembled_result_is_too_large_is_a_400(running: Running) -> None:
+    """4096 frames of 2048x2048, one per slice, would assemble into 64 GiB in the
+    coordinator's memory: refused at submission, naming the limit."""
+    payload = render.make_request(
+        SCENE, frames=(0, 4095), width=2048, height=2048, samples=1, frames_per_slice=1
+    ).encode()
+    reason = _refused(running, payload)
+    assert "MAX_JOB_RESULT_BYTES" in reason and "several jobs" in reason
+    assert _stored(running) == (0, 0)

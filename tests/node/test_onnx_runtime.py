@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 import pytest
-from onnx import TensorProto
+from onnx import TensorProto, helper
 
 from nodeclient.errors import RemoteProtocolError, UsageError
 from nodeclient.node.runtimes.onnx import (
@@ -450,6 +450,36 @@ def test_string_output_is_refused() -> None:
     """String tensors are not in the result container's dtypes."""
     with pytest.raises(RemoteProtocolError, match="'label' has type tensor\\(string\\)"):
         _run(_runtime(), string_output_model(), x=np.array([1, 2], np.int64))
+
+
+def _two_outputs_model(odd: str) -> bytes:
+    """x -> two copies, one output named *odd*, the other "y"."""
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], [odd]), helper.make_node("Identity", ["x"], ["y"])],
+        "odd_output",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+        [
+            helper.make_tensor_value_info(odd, TensorProto.FLOAT, [2]),
+            helper.make_tensor_value_info("y", TensorProto.FLOAT, [2]),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return bytes(model.SerializeToString())
+
+
+@pytest.mark.parametrize("odd", ["__metadata__", "a\x01b"])
+def test_an_output_name_no_result_can_carry_is_the_requesters_fault(odd: str) -> None:
+    """An output named as the container's reserved key, or with a control character, cannot
+    be written to a result: that is the model's fault, so a RemoteProtocolError (a bad
+    payload, not a node failure that every node would retry). Other outputs still run."""
+    model = _two_outputs_model(odd)
+    x = np.array([1.0, 2.0], np.float32)
+    with pytest.raises(RemoteProtocolError, match="output name cannot be carried in a result"):
+        _run(_runtime(), model, x=x)
+    request = make_request(model, {"x": x}, output_names=["y"])
+    outputs, _ = decode_result(_runtime().run(request.encode()))
+    assert list(outputs) == ["y"]
 
 
 def test_garbage_model_is_refused() -> None:

@@ -581,6 +581,18 @@ def test_a_container_header_nested_too_deeply_is_a_protocol_error(
         decode_tensors(data)
 
 
+def test_output_names_nested_too_deeply_are_a_protocol_error(
+    stock_recursion_limit: None,
+) -> None:
+    """JSON nested past the recursion limit in 'outputs' is the requester's bad payload,
+    refused like any other malformed metadata, not an unhandled RecursionError."""
+    request = make_request(identity_model(), {"x": np.zeros(4, np.float32)})
+    tensors, metadata = decode_tensors(request.encode())
+    payload = encode_tensors(dict(tensors), metadata={**metadata, "outputs": "[" * 200_000})
+    with pytest.raises(RemoteProtocolError, match="'outputs' nests too deeply"):
+        InferenceRequest.decode(payload)
+
+
 def test_an_empty_tensor_with_huge_dimensions_is_a_protocol_error() -> None:
     """Zero elements, so no data to bound it, but numpy refuses the shape itself."""
     header = json.dumps({"t": {"dtype": "F32", "shape": [0, 2**62, 2**62], "data_offsets": [0, 0]}})

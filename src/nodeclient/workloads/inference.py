@@ -194,6 +194,8 @@ def _parse_output_names(raw: str | None) -> tuple[str, ...] | None:
         names = json.loads(raw)
     except ValueError as exc:
         raise RemoteProtocolError(f"metadata 'outputs' is not valid JSON: {exc}") from exc
+    except RecursionError:
+        raise RemoteProtocolError("metadata 'outputs' nests too deeply") from None
     if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
         raise RemoteProtocolError("metadata 'outputs' must be a JSON array of strings")
     return tuple(names)

@@ -53,6 +53,8 @@ A job splits into at most 4096 slices. A slice carries whatever inline scene and
 is split from, so the slices together may hold at most 1 GiB; the coordinator therefore
 moves a split job's inline scene and assets to its blob store before it splits
 (``render_slices.hoist``), and each slice references them by ``/v1/blobs/<sha256>``.
+A slice's result must fit 32 MiB (MAX_SLICE_RESULT_BYTES) and the assembled job result
+256 MiB (MAX_JOB_RESULT_BYTES); a job that could not is refused when it is submitted.
 
 Results, splitting and assembly are in :mod:`nodeclient.workloads.render_slices`.
 """
@@ -92,6 +94,12 @@ HEADER_ALLOWANCE: Final = 64 * 1024  # container header bytes allowed for in siz
 MAX_TILES: Final = 256  # bands of one frame: the most slices a tiled job becomes
 MAX_SLICES: Final = 4096  # slices of one job, however asked for (the API's slices limit too)
 MAX_SPLIT_BYTES: Final = 1 << 30  # all of a job's slice payloads together (each copies the scene)
+# One slice's result travels in one result frame, and a node's worker refuses a larger one
+# (the node's default result limit): a job whose slices could not fit it is refused.
+MAX_SLICE_RESULT_BYTES: Final = 32 * 1024 * 1024
+# The assembled job result is built in the coordinator's memory and kept in its database.
+MAX_JOB_RESULT_BYTES: Final = 256 * 1024 * 1024
+FRAME_ENTRY_BYTES: Final = 128  # the most one frame's entry takes in a result's header
 SCENE_FILE: Final = "scene.blend"  # the scene's name beside its assets on a node
 
 META_CLASS: Final = "class"
@@ -227,6 +235,8 @@ def _parse_assets(raw: str | None) -> tuple[tuple[str, str], ...]:
         value = json.loads(raw)
     except ValueError as exc:
         raise RemoteProtocolError(f"metadata 'assets' is not JSON: {exc}") from None
+    except RecursionError:
+        raise RemoteProtocolError("metadata 'assets' nests too deeply") from None
     if not isinstance(value, list) or not all(
         isinstance(e, list) and len(e) == 2 and all(isinstance(x, str) for x in e) for e in value
     ):
@@ -526,15 +536,33 @@ def resolve_blobs(
     The daemon calls this before dispatching to a worker; *fetch* maps a URL to bytes
     (assets come from ``/v1/blobs/<sha256>``). Every fetched blob is checked against its
     SHA-256 before it is used. A payload that is already self-contained comes back unchanged.
+
+    The inlined payload must still fit *max_bytes* (the worker's payload limit, 256 MiB by
+    default, the same as the container's): a running total of the fetched bytes stops the
+    fetching once it passes, so a manifest of many large assets is refused as the
+    requester's fault after at most one blob past the limit, not held in memory in full.
     """
     request = RenderRequest.decode(payload, max_bytes=max_bytes)
     missing = request.missing_assets()
     if request.scene_url is None and not missing:
         return payload
+    total = len(payload)
+
+    def fetched(url: str, sha256: str, what: str) -> bytes:
+        nonlocal total
+        data = _fetch_checked(fetch, url, sha256, what)
+        total += len(data)
+        if total > max_bytes:
+            raise RemoteProtocolError(
+                f"inlining the scene and assets takes the payload to {total} bytes or more, "
+                f"over the worker's payload limit of {max_bytes}; use a smaller scene, or "
+                "fewer or smaller assets"
+            )
+        return data
+
     if request.scene_url is not None:
-        scene = _fetch_checked(fetch, request.scene_url, request.scene_sha256, "scene")
-        request = request.inlined(scene)
-    blobs = {sha: _fetch_checked(fetch, blob_url(sha), sha, "asset") for sha in missing}
+        request = request.inlined(fetched(request.scene_url, request.scene_sha256, "scene"))
+    blobs = {sha: fetched(blob_url(sha), sha, "asset") for sha in missing}
     return request.with_assets(blobs).encode()
 
 

@@ -34,8 +34,11 @@ from nodeclient.protocol.blobs import SHA256_HEX, blob_url
 from nodeclient.workloads.render import (
     CHANNELS,
     CLASS,
+    FRAME_ENTRY_BYTES,
     HEADER_ALLOWANCE,
     MAX_FRAME,
+    MAX_JOB_RESULT_BYTES,
+    MAX_SLICE_RESULT_BYTES,
     MAX_SLICES,
     MAX_SPLIT_BYTES,
     META_CLASS,
@@ -55,6 +58,7 @@ from nodeclient.workloads.render import (
 )
 from nodeclient.workloads.tensors import (
     DEFAULT_MAX_BYTES,
+    DEFAULT_MAX_HEADER_BYTES,
     decode_tensors,
     encode_tensors,
     read_metadata,
@@ -115,7 +119,8 @@ def split(payload: bytes, slices: int) -> list[bytes]:
 
     Each slice payload is self-contained: it carries the job's inline scene and assets,
     so a split costs about its slice count times the job payload's size. That product is
-    bounded by MAX_SPLIT_BYTES, and the count by MAX_SLICES, before any slice is built.
+    bounded by MAX_SPLIT_BYTES, and the count by MAX_SLICES, before any slice is built; and
+    the largest slice's result must fit MAX_SLICE_RESULT_BYTES (:func:`_job_slices`).
     The coordinator first moves an inline scene and assets to its blob store (:func:`hoist`),
     so what it splits is small.
     """
@@ -123,7 +128,12 @@ def split(payload: bytes, slices: int) -> list[bytes]:
     if request.rows is not None:
         raise RemoteProtocolError("a job payload must not carry row_start/row_end")
     count = _job_slices(
-        request.frame_start, request.frame_end, request.frames_per_slice, request.tiles, slices
+        request.frame_start,
+        request.frame_end,
+        request.frames_per_slice,
+        request.tiles,
+        slices,
+        size=(request.width, request.height),
     )
     _check_split(count, len(payload))
     if request.tiles is not None:
@@ -149,12 +159,13 @@ def hoist(payload: bytes, slices: int) -> tuple[bytes, list[tuple[str, bytes]]] 
     inline. Call it on a payload that validated, which checked the inline bytes' hashes.
     """
     meta = read_metadata(payload)  # the header alone: a one-slice job is not decoded again
-    count = _job_slices(
+    count = _job_slices(  # refused here, before anything moves, if the split would refuse it
         required_int(meta, META_FRAME_START),
         required_int(meta, META_FRAME_END),
         parse_int(meta, META_FRAMES_PER_SLICE),
         parse_int(meta, META_TILES),
         slices,
+        size=(required_int(meta, META_WIDTH), required_int(meta, META_HEIGHT)),
     )
     if count <= 1:
         return None
@@ -169,16 +180,59 @@ def hoist(payload: bytes, slices: int) -> tuple[bytes, list[tuple[str, bytes]]] 
 
 
 def _job_slices(
-    frame_start: int, frame_end: int, frames_per_slice: int | None, tiles: int | None, slices: int
+    frame_start: int,
+    frame_end: int,
+    frames_per_slice: int | None,
+    tiles: int | None,
+    slices: int,
+    *,
+    size: tuple[int, int],
 ) -> int:
-    """How many slices a job splits into when *slices* are asked (the split's own rule)."""
+    """How many slices a job splits into when *slices* are asked (the split's own rule).
+
+    Refuses a split whose largest slice result could not be carried: a node would render
+    it, then its worker would refuse the result as too large, and the task would fail on
+    every node in turn. *size* is the job's (width, height).
+    """
+    width, height = size
     if tiles is not None:
         if slices not in (1, tiles):
             raise RemoteProtocolError(
                 f"tiles {tiles} gives {tiles} slices, but {slices} were asked"
             )
+        band = -(-height // tiles)  # the first bands take the remainder
+        _check_slice_result(1, width, band, advice="use more tiles or a smaller size")
         return tiles
-    return slice_count(frame_start, frame_end, slices=slices, frames_per_slice=frames_per_slice)
+    count = slice_count(frame_start, frame_end, slices=slices, frames_per_slice=frames_per_slice)
+    total = frame_end - frame_start + 1
+    if frames_per_slice is not None:
+        largest, advice = min(frames_per_slice, total), "use a smaller frames_per_slice"
+    else:
+        largest, advice = -(-total // count), "ask for more slices, or set frames_per_slice"
+    _check_slice_result(largest, width, height, advice=f"{advice}, or a smaller size")
+    return count
+
+
+def result_bytes(frames: int, frame_bytes: int) -> int:
+    """An upper bound on the size of a result of *frames* frames of *frame_bytes* each."""
+    return frames * (frame_bytes + FRAME_ENTRY_BYTES) + HEADER_ALLOWANCE
+
+
+def _check_slice_result(frames: int, width: int, rows: int, *, advice: str) -> None:
+    """Refuse a slice of *frames* frames of *width* x *rows* RGBA whose result would be over
+    MAX_SLICE_RESULT_BYTES, or whose header would be over the container's header limit."""
+    frame_bytes = width * rows * CHANNELS
+    fit = min(
+        (MAX_SLICE_RESULT_BYTES - HEADER_ALLOWANCE) // (frame_bytes + FRAME_ENTRY_BYTES),
+        (DEFAULT_MAX_HEADER_BYTES - HEADER_ALLOWANCE) // FRAME_ENTRY_BYTES,
+    )
+    if frames > fit:
+        raise RemoteProtocolError(
+            f"a slice of {frames} frame(s) of {width}x{rows} RGBA would give a result of up "
+            f"to {result_bytes(frames, frame_bytes)} bytes; a slice result holds at most "
+            f"{fit} such frames (MAX_SLICE_RESULT_BYTES, {MAX_SLICE_RESULT_BYTES} bytes): "
+            f"{advice}"
+        )
 
 
 def _check_split(count: int, payload_bytes: int) -> None:
@@ -329,6 +383,15 @@ def job_meta(payload: bytes, max_bytes: int) -> dict[str, Any]:
         raise RemoteProtocolError(
             f"{per_slice} frame(s) of {request.width}x{request.height} RGBA do not fit a "
             f"{max_bytes}-byte result; use fewer frames per slice or a smaller size"
+        )
+    frames = len(request.frames)
+    size = result_bytes(frames, request.frame_bytes)
+    if size > MAX_JOB_RESULT_BYTES:  # assemble builds it in memory, and it is stored whole
+        raise RemoteProtocolError(
+            f"the job's result of {frames} frame(s) of {request.width}x{request.height} RGBA "
+            f"would be up to {size} bytes, over the limit of {MAX_JOB_RESULT_BYTES} "
+            "(MAX_JOB_RESULT_BYTES) on an assembled result; render fewer frames per job "
+            "(split the range into several jobs) or a smaller size"
         )
     return {
         "scene_sha256": request.scene_sha256,

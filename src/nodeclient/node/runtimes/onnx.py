@@ -48,7 +48,7 @@ from nodeclient.errors import RemoteProtocolError, UsageError
 from nodeclient.node.runtimes.base import Progress, no_progress
 from nodeclient.protocol.blobs import SHA256_HEX
 from nodeclient.workloads.inference import CLASS, InferenceRequest, encode_result
-from nodeclient.workloads.tensors import DEFAULT_MAX_BYTES, dtype_code
+from nodeclient.workloads.tensors import DEFAULT_MAX_BYTES, check_name, dtype_code
 
 CPU_PROVIDER: Final = "CPUExecutionProvider"
 CUDA_PROVIDER: Final = "CUDAExecutionProvider"
@@ -570,7 +570,8 @@ class OnnxRuntime:
 
 
 def _select_outputs(warm: _Warm, requested: tuple[str, ...] | None) -> list[str]:
-    """The outputs to compute: the requested ones, or all; each must be a plain tensor."""
+    """The outputs to compute: the requested ones, or all; each must be a plain tensor
+    whose name the result container can carry (the model's fault, so the requester's)."""
     names = list(warm.outputs) if requested is None else list(requested)
     for name in names:
         port = warm.outputs.get(name)
@@ -578,6 +579,13 @@ def _select_outputs(warm: _Warm, requested: tuple[str, ...] | None) -> list[str]
             raise RemoteProtocolError(
                 f"the model has no output {name!r}; its outputs are {sorted(warm.outputs)}"
             )
+        try:
+            check_name(name, error=RemoteProtocolError)
+        except RemoteProtocolError as exc:
+            raise RemoteProtocolError(
+                f"model output name cannot be carried in a result: {exc}; request other "
+                "outputs, or rename it in the model"
+            ) from None
         if port.dtype is None:
             raise RemoteProtocolError(
                 f"output {name!r} has type {port.type}, not a numeric or bool tensor; "
