@@ -18,6 +18,7 @@ CHAIN = eip712.DEVNET_CHAIN_ID
 # Published in docs/protocol.md.
 DOMAIN_SEPARATOR = "57334a576245b03c45ae39bb69ca92f23d6c6ccf9223053cdc476afa8b249e0d"
 RESULT_DIGEST = "5347d4c3de6ef78603aec26d018a6b6046cd1f9b18f6ac25147fadad455ac51b"
+RESULT_HASH_STRUCT = "e57ae7defed2630cadf51d3f8e74ade1c316ba32bc60d1b70b920b56b910b615"
 RESULT_SIGNATURE = (
     "23dff07b9b5c8213246686bf25747cfdef48f70ff44ea393f0e1285adec45798"
     "1a7c54558a544c18aa2fc87b78de6810d97f7dedc796fdac2bbff6970efaac741c"
@@ -225,8 +226,25 @@ def test_published_result_vector() -> None:
         "completed_at": 1765000000,
     }
     assert eip712.domain_separator(CHAIN).hex() == DOMAIN_SEPARATOR
+    assert eip712.hash_struct("Result", msg).hex() == RESULT_HASH_STRUCT
     assert eip712.signing_digest("Result", msg, chain_id=CHAIN).hex() == RESULT_DIGEST
     assert eip712.sign_typed(k, "Result", msg, chain_id=CHAIN).hex() == RESULT_SIGNATURE
+
+
+def test_the_struct_table_in_the_docs_is_the_code() -> None:
+    """Every row of docs/protocol.md's struct table: its type string and type hash are the
+    code's (keccak-256 by eth-utils, independently of our own), and every struct is in it."""
+    import re
+    from pathlib import Path
+
+    from eth_utils import keccak
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "protocol.md").read_text()
+    rows = re.findall(r"^\| `(\w+)` \| `([^`]+)` \| `(0x[0-9a-f]{64})` \|", doc, re.MULTILINE)
+    assert sorted(name for name, _, _ in rows) == sorted(eip712.TYPES)
+    for name, type_string, type_hash in rows:
+        assert eip712._encode_type(name).decode() == type_string
+        assert "0x" + keccak(text=type_string).hex() == type_hash
 
 
 @pytest.mark.parametrize(

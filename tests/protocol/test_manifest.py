@@ -157,6 +157,11 @@ def test_signed_bytes_ignore_key_order(seed_manifest) -> None:
         (lambda m: m.update(pubkey_rsa="-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----\n"), "pubkey_rsa"),
         (lambda m: m.update(wallet_address="0x2222222222222222222222222222222222222222"), "signature"),
         (lambda m: m.update(node_id="0x" + m["node_id"][2:].swapcase()), "address"),
+        (lambda m: m.update(hardware_tier=float(m["hardware_tier"])), "schema: hardware_tier"),
+        (lambda m: m.update(max_parallel_subtasks=4.0), "schema: max_parallel_subtasks"),
+        (lambda m: m.update(issued_at=float(NOW)), "schema: issued_at"),
+        (lambda m: m.update(wallet_proof={"issued_at": 1.0, "signature": "0x" + "00" * 65}),
+         "schema: wallet_proof/issued_at"),
     ],
 )  # fmt: skip
 def test_each_check_fails_closed(seed_manifest, mutate, check: str) -> None:
@@ -265,3 +270,15 @@ def test_a_wallet_proof_proves_nothing_else(rsa_key, node_key, liveness) -> None
     with pytest.raises(ManifestError, match="^schema: wallet_proof"):
         mf.verify_manifest({**manifest, "wallet_proof": {"issued_at": NOW}}, chain_id=CHAIN,
                            now=NOW)  # fmt: skip
+
+
+def test_the_longest_cpu_name_the_probe_keeps_is_one_the_check_takes(
+    rsa_key, node_key, liveness
+) -> None:
+    """The hardware probe keeps CPU and GPU names up to 256 characters and Linux counts up
+    to 8192 CPUs: a manifest of such a machine verifies (the schema once stopped at 128
+    characters and 4096 cores, so such a node could never register)."""
+    cpu = {"model": "x" * 256, "cores": 8192, "ram_gb": 512}
+    gpu = [{"model": "y" * 256, "count": 1, "vram_gb": 80}]
+    manifest = build(rsa_key, node_key, liveness, cpu=cpu, gpu=gpu, max_parallel_subtasks=1)
+    assert mf.verify_manifest(manifest, chain_id=CHAIN, now=NOW).manifest["cpu"] == cpu

@@ -228,6 +228,16 @@ def verify_manifest(  # noqa: PLR0912, PLR0915 - one flat list of checks reads b
         where = "/".join(str(p) for p in err.absolute_path) or "(root)"
         raise ManifestError(f"schema: {where}: {err.message[:200]}")
     m: Mapping[str, Any] = manifest
+    # JSON Schema's "integer" takes 4.0 too; the protocol's integers are JSON integers.
+    proof_issued = (m.get("wallet_proof") or {}).get("issued_at", 0)
+    for name, value in (
+        ("hardware_tier", m["hardware_tier"]),
+        ("max_parallel_subtasks", m["max_parallel_subtasks"]),
+        ("issued_at", m["issued_at"]),
+        ("wallet_proof/issued_at", proof_issued),
+    ):
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ManifestError(f"schema: {name}: {value!r} is not a JSON integer")
     if m["region"] not in REGIONS:
         raise ManifestError(f"region: {m['region']!r} is not one of {', '.join(REGIONS)}")
     try:
