@@ -285,6 +285,70 @@ def test_with_three_slices_or_more_the_outlier_is_dropped(count: int) -> None:
     np.testing.assert_allclose(outcome.delta["0.weight"], 0.01, rtol=1e-6)
 
 
+def _near_zero() -> bytes:
+    """The cheapest forgery that is not all zeros: zeros but one element of 1e-30."""
+    shapes = tr.ModelSpec.parse(MLP).parameter_shapes()
+    deltas = {k: np.zeros(s, np.float32) for k, s in shapes.items()}
+    deltas["0.weight"][0, 0] = 1e-30
+    return tr.PseudoGradient(deltas, "a" * 64, "b" * 64, 100, 2.0, 1.0).encode()
+
+
+def _round_of(results: list[bytes]) -> rounds.RoundOutcome:
+    shapes = tr.ModelSpec.parse(MLP).parameter_shapes()
+    subs = [rounds.Submission(i, "b" * 64, r) for i, r in enumerate(results)]
+    return rounds.aggregate(subs, shapes=shapes, base_sha256="a" * 64, config=tr.TrainingConfig())
+
+
+@pytest.mark.parametrize(("count", "forged"), [(3, 0), (3, 1), (3, 2), (4, 3), (5, 0)])
+def test_a_near_zero_forgery_is_dropped_as_too_small(count: int, forged: int) -> None:
+    """From three valid slices on, a norm under 1/reject_ratio of the (lower) median of the
+    others is dropped with its reason: a near-zero forgery no longer dilutes the mean of the
+    honest slices, which is theirs alone."""
+    results = [_synthetic(0.01)] * count
+    results[forged] = _near_zero()
+    outcome = _round_of(results)
+    assert outcome.used == tuple(i for i in range(count) if i != forged)
+    assert [s for s, _ in outcome.dropped] == [forged]
+    assert outcome.dropped[0][1].startswith("norm 1e-30 is under 1/10 of the lower median ")
+    assert outcome.delta is not None
+    np.testing.assert_allclose(outcome.delta["0.weight"], 0.01, rtol=1e-6)
+
+
+def test_two_near_zero_forgeries_of_three_still_outvote_the_honest_slice() -> None:
+    """What two colluding nodes of three can still do: norms (t, t, h) are (h, h, H) scaled,
+    so the pair is used and the honest slice dropped as too large. The round's update is
+    then negligible (no progress), never a diluted honest one, and neither forgery is
+    dropped as too small, each having the other as its lower median."""
+    outcome = _round_of([_near_zero(), _synthetic(0.01), _near_zero()])
+    assert outcome.used == (0, 2)
+    assert [s for s, _ in outcome.dropped] == [1]
+    assert "over 10 times the median" in outcome.dropped[0][1]
+    assert outcome.delta is not None
+    assert float(np.abs(outcome.delta["0.weight"]).max()) < 1e-29
+
+
+def test_with_no_majority_every_slice_can_be_dropped() -> None:
+    """Two near-zero forgeries and two honest slices: each pair is an outlier against the
+    other, so the round has no valid slice (the job fails) rather than a forged update."""
+    outcome = _round_of([_near_zero(), _synthetic(0.01), _near_zero(), _synthetic(0.01)])
+    assert (outcome.delta, outcome.used) == (None, ())
+    assert [s for s, _ in outcome.dropped] == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("scales", [[0.01, 0.5, 0.01], [0.01, 0.5, 0.01, 0.5, 0.01]])
+def test_a_large_minority_cannot_have_the_honest_slices_dropped_as_too_small(
+    scales: list[float],
+) -> None:
+    """The lower bound uses the lower median of the others: their plain median (with three
+    slices, the mean of two) is raised by a large forged norm, until every honest slice is
+    under a tenth of it and the whole round is dropped. Here only the large ones are."""
+    outcome = _round_of([_synthetic(s) for s in scales])
+    assert outcome.used == tuple(i for i, s in enumerate(scales) if s == 0.01)
+    assert all("over 10 times the median" in why for _, why in outcome.dropped)
+    assert outcome.delta is not None
+    np.testing.assert_allclose(outcome.delta["0.weight"], 0.01, rtol=1e-6)
+
+
 @pytest.mark.parametrize("nesterov", [True, False])
 def test_outer_step_is_torch_sgd_with_momentum(nesterov: bool) -> None:
     """Three outer steps equal torch.optim.SGD(lr 0.7, momentum 0.9) within 1e-6."""
@@ -616,3 +680,46 @@ def test_round_deadline_drops_the_late_slice(
     assert metrics[0]["dropped"] == [
         {"slice": late["slice_index"], "reason": "missed the deadline of round 0"}
     ]
+
+
+def test_a_forged_result_is_refused_on_arrival_and_its_slice_retried_elsewhere(
+    start_coordinator: Callable[..., Running], rsa_keys: list, digits: tuple,
+    runtime: TorchTrainRuntime,
+) -> None:  # fmt: skip
+    """A node answers its slice with all zeros, other weights and shard hashes and 999 steps.
+    The result is rejected with the reason and nothing of it is stored: the task stays
+    leased, and when its lease ends the slice goes to the honest node, whose result the
+    round uses; before, it was accepted and the slice dropped only when the round closed."""
+    running = start_coordinator(heartbeat_interval=1000.0)  # nobody goes offline here
+    forger, honest = _training_nodes(running, rsa_keys)
+    job = _job(digits, rounds=1, inner_steps=5)
+    job_id = running.client.submit_job(tr.CLASS, job.encode(), slices=2)["job_id"]
+    mine, theirs = forger.recv(), honest.recv()
+    zeros = {k: np.zeros(s, np.float32) for k, s in job.model.parameter_shapes().items()}
+    forged = tr.PseudoGradient(zeros, "c" * 64, "d" * 64, 999, 2.0, 1.0).encode()
+    ack = forger.call(forger.result(mine, forged))
+    assert ack["status"] == "rejected"
+    assert ack["reason"].startswith(f"ai.training result: computed from weights '{'c' * 64}'")
+    tasks = {t["task_id"]: t for t in running.client.job(job_id)["tasks"]}
+    assert (tasks[mine["task_id"]]["status"], tasks[mine["task_id"]]["node_id"]) == (
+        "leased", forger.node_id,
+    )  # fmt: skip
+    ack = honest.call(honest.result(theirs, runtime.run(honest.open(theirs))))
+    assert ack["status"] == "accepted"
+    assert running.client.job(job_id)["status"] == "running"  # the round waits for the slice
+    running.clock.advance(301)  # the 300 s lease ends; the round's 600 s deadline has not
+    assert forger.recv()["type"] == "cancel"
+    again = honest.recv()
+    assert (again["type"], again["task_id"]) == ("dispatch", mine["task_id"])
+    now = int(running.clock.now())
+    ack = honest.call(honest.result(again, runtime.run(honest.open(again, now=now))))
+    assert ack["status"] == "accepted"
+    final = running.wait_job(job_id, "succeeded")
+    assert final["status"] == "succeeded", final
+    assert [(t["status"], t["node_id"]) for t in final["tasks"]] == [
+        ("succeeded", honest.node_id)
+    ] * 2
+    weights, metrics = tr.decode_final(running.client.job_result(job_id))
+    assert (metrics[0]["used"], metrics[0]["dropped"]) == ([0, 1], [])
+    expected, _ = _train_in_process(job, runtime, slices=2)
+    assert tr.weights_container(weights) == tr.weights_container(expected)

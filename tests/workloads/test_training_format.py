@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 
 import numpy as np
 import pytest
@@ -312,3 +313,100 @@ def test_a_model_with_no_parameters_is_refused() -> None:
     counted against the node."""
     with pytest.raises(LocalProtocolError, match="no parameters"):
         tr.ModelSpec.parse([{"type": "ReLU"}])
+
+
+def _answer(payload: bytes, **change: object) -> bytes:
+    """A well-formed result for the slice *payload*, with the fields in *change* replaced."""
+    request = tr.SliceRequest.decode(payload)
+    shapes = request.model.parameter_shapes()
+    fields: dict[str, object] = {
+        "deltas": {k: np.full(s, 0.01, np.float32) for k, s in shapes.items()},
+        "base_sha256": request.weights_sha256, "shard_sha256": request.shard_sha256,
+        "steps": request.plan.steps, "first_loss": 0.75, "last_loss": 0.5,
+    }  # fmt: skip
+    fields.update(change)
+    return tr.PseudoGradient(**fields).encode()  # type: ignore[arg-type]
+
+
+def _zeros(value: float = 0.0) -> dict[str, np.ndarray]:
+    shapes = tr.ModelSpec.parse(MLP).parameter_shapes()
+    deltas = {k: np.zeros(s, np.float32) for k, s in shapes.items()}
+    deltas["0.weight"][0, 0] = value
+    return deltas
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        (
+            {"deltas": _zeros(), "base_sha256": "c" * 64, "shard_sha256": "d" * 64, "steps": 999},
+            f"computed from weights '{'c' * 64}', but the slice's are ",
+        ),
+        ({"base_sha256": "c" * 64}, f"computed from weights '{'c' * 64}'"),
+        ({"shard_sha256": "d" * 64}, f"computed on shard '{'d' * 64}'"),
+        ({"steps": 999}, "ran 999 steps, the slice asks for 7"),
+        ({"deltas": _zeros()}, "all zeros"),
+    ],
+    ids=["forged", "base", "shard", "steps", "zeros"],
+)
+def test_a_result_is_held_to_its_own_task(change: dict, reason: str) -> None:
+    """check_slice, run when a result arrives: a pseudo-gradient must name its own task's
+    weights and shard, have run its steps, and not be all zeros; the forgery of all zeros
+    with wrong hashes and 999 steps is refused at its first fault."""
+    payload = _job(inner_steps=7).round_zero(2)[1]
+    tr.check_slice(_answer(payload), payload, 1 << 20)
+    with pytest.raises(RemoteProtocolError, match=re.escape(reason)):
+        tr.check_slice(_answer(payload, **change), payload, 1 << 20)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [{"last_loss": float("nan")}, {"deltas": _zeros(np.inf)}, {"deltas": _zeros(np.nan)}],
+    ids=["loss", "inf", "nan"],
+)
+def test_a_diverged_training_is_taken_on_arrival_and_judged_at_the_round(change: dict) -> None:
+    """NaN or infinity is what every node computes for a slice whose training diverges
+    (training is deterministic): refused on arrival, the slice would be retried until the
+    job failed. It is taken, and the round's own check drops it, naming why."""
+    payload = _job(inner_steps=7).round_zero(2)[1]
+    result = _answer(payload, **change)
+    tr.check_slice(result, payload, 1 << 20)
+    request = tr.SliceRequest.decode(payload)
+    pg = tr.PseudoGradient.decode(
+        result, shapes=request.model.parameter_shapes(), grad_dtype=request.plan.grad_dtype
+    )
+    with pytest.raises(RemoteProtocolError, match="not finite|NaN or infinity"):
+        tr.check_pseudo_gradient(
+            pg, base_sha256=request.weights_sha256, shard_sha256=request.shard_sha256,
+            steps=request.plan.steps,
+        )  # fmt: skip
+
+
+def test_a_result_for_the_other_slice_is_refused() -> None:
+    """A valid result of slice 0 does not answer slice 1 (another shard), nor does a result
+    of round 0 answer round 1 (other weights): each names what it was computed on."""
+    job = _job(inner_steps=7)
+    first, second = job.round_zero(2)
+    with pytest.raises(RemoteProtocolError, match="computed on shard"):
+        tr.check_slice(_answer(first), second, 1 << 20)
+    request = tr.SliceRequest.decode(second)
+    weights = {k: v + 1 for k, v in tr.decode_weights(request.weights, request.model).items()}
+    next_round = tr.SliceRequest(
+        request.model, tr.weights_container(weights), request.shard,
+        tr.plan_for(job.config, 1, 1),
+    ).encode()  # fmt: skip
+    with pytest.raises(RemoteProtocolError, match="computed from weights"):
+        tr.check_slice(_answer(second), next_round, 1 << 20)
+    tr.check_slice(_answer(next_round), next_round, 1 << 20)
+
+
+def test_an_f16_result_is_checked_after_widening() -> None:
+    """With grad_dtype F16 the values are checked as the round's close reads them: a value
+    too small for F16, which rounds to zero everywhere, is an all-zero forgery on arrival."""
+    payload = _job(inner_steps=7, grad_dtype="F16").round_zero(2)[0]
+    shapes = tr.ModelSpec.parse(MLP).parameter_shapes()
+    good = {k: np.full(s, 0.01, np.float16) for k, s in shapes.items()}
+    tr.check_slice(_answer(payload, deltas=good), payload, 1 << 20)
+    zero = {k: np.full(s, 1e-9, np.float32).astype(np.float16) for k, s in shapes.items()}
+    with pytest.raises(RemoteProtocolError, match="all zeros"):
+        tr.check_slice(_answer(payload, deltas=zero), payload, 1 << 20)

@@ -175,7 +175,10 @@ REGISTRY[render.CLASS] = WorkloadClass(
 )
 
 # ai.training: one shard per slice, R rounds; finished rounds are aggregated by
-# coordinator/rounds.py (verifier._finish_job), so assemble is never reached.
+# coordinator/rounds.py (verifier._finish_job), so assemble is never reached. check_slice
+# holds a pseudo-gradient to its own task (base weights, shard, steps) and refuses
+# non-finite or all-zero values when it arrives, so that its task goes to another node;
+# the round's close checks them all again, with the checks that need the whole round.
 REGISTRY[training.CLASS] = WorkloadClass(
     name=training.CLASS,
     sliceable=True,
@@ -184,6 +187,7 @@ REGISTRY[training.CLASS] = WorkloadClass(
     check_result=_blamed("ai.training result", training.check_result),
     assemble=training.assemble,
     blobs=_no_blobs,  # its model spec, weights and data travel in the payload itself
+    check_slice=_blamed("ai.training result", training.check_slice),
 )
 
 

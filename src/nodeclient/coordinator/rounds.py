@@ -8,8 +8,13 @@ for). Closing a round is one transaction:
 1. every returned pseudo-gradient is checked: well-formed, computed from this round's base
    weights (hash) on this slice's shard (hash) for K steps, finite losses and values, not
    all zeros, norm at most ``max_norm``, and, with three valid slices or more, norm at most
-   ``reject_ratio`` times the median norm of the *other* slices. A slice that fails is
-   dropped with its reason;
+   ``reject_ratio`` times the median norm of the *other* slices and at least their lower
+   median over ``reject_ratio``. A slice that fails is dropped with its reason. The
+   hashes, the step count and the all-zero check already ran when the result arrived
+   (training.check_slice, through the verifier), so a forgery was refused there and its
+   task went to another node; they run again here as a second line. A diverged training
+   (NaN or infinity) was accepted on arrival, since every node would return the same, and
+   is dropped here;
 2. with three survivors or more, they are clipped against their median norm ``m``: a
    pseudo-gradient with norm ``n > clip_ratio * m`` is scaled by ``clip_ratio * m / n``;
    then the survivors are averaged;
@@ -27,6 +32,17 @@ tiny update would have the honest slice dropped and its own used alone. Two slic
 say which of them is the outlier, so below three only the absolute bound ``max_norm``
 applies; an all-zero update, the cheapest thing to return without training, is refused
 whatever the count.
+
+Why both sides: with only the upper bound, a near-zero forgery (all zeros but one tiny
+value) passed, diluted the mean, and two of them out of three slices had the honest one
+dropped as too large. The lower bound uses the *lower* median of the others: with three
+slices the others are two, whose plain median is their mean, and one large forged norm
+could raise that mean until both honest norms fell under it, so that every slice of the
+round was dropped. The rule looks at norms only, and a round's norms scaled by any factor
+are judged alike: two near-zero forgeries and one honest slice look like two honest slices
+and one large forgery, and the pair is used. Two forgers out of three can therefore still
+replace a round's update by a negligible one (the round makes no progress), but no longer
+dilute an honest majority's mean.
 
 Closing one job's round never stops another's: each runs inside a SAVEPOINT
 (:func:`_close_isolated`), and one that raises is rolled back and fails its own job with a
@@ -114,40 +130,51 @@ class RoundOutcome:
         }
 
 
-def _norm(deltas: Mapping[str, npt.NDArray[Any]]) -> float:
-    return math.sqrt(sum(float(np.square(a, dtype=np.float64).sum()) for a in deltas.values()))
-
-
 def _check(
     sub: Submission, *, shapes: Mapping[str, tuple[int, ...]], base_sha256: str,
     config: tr.TrainingConfig,
 ) -> tuple[Arrays, float, tr.PseudoGradient]:  # fmt: skip
-    """One slice's checks in the documented order; RemoteProtocolError names the first failure."""
+    """One slice's checks in the documented order; RemoteProtocolError names the first failure.
+
+    The verifier ran the hash, step and all-zero checks when the result arrived
+    (training.check_slice); they run again here over what is stored, which may predate it.
+    """
     if sub.result is None:
         raise RemoteProtocolError(sub.reason or "no result")
     pg = tr.PseudoGradient.decode(sub.result, shapes=shapes, grad_dtype=config.grad_dtype)
-    if pg.base_sha256 != base_sha256:  # node-supplied strings are quoted (module doc)
-        raise RemoteProtocolError(
-            f"computed from weights {pg.base_sha256!a}, but this round's are {base_sha256}"
-        )
-    if pg.shard_sha256 != sub.shard_sha256:
-        raise RemoteProtocolError(
-            f"computed on shard {pg.shard_sha256!a}, but this slice's is {sub.shard_sha256}"
-        )
-    if pg.steps != config.inner_steps:
-        raise RemoteProtocolError(f"ran {pg.steps} steps, the job asks for {config.inner_steps}")
-    if not (math.isfinite(pg.first_loss) and math.isfinite(pg.last_loss)):
-        raise RemoteProtocolError(f"loss is not finite ({pg.first_loss}, {pg.last_loss})")
-    deltas = {name: np.asarray(a, dtype=np.float32) for name, a in pg.deltas.items()}
-    for name, array in deltas.items():
-        if not np.isfinite(array).all():
-            raise RemoteProtocolError(f"pseudo-gradient {name!r} holds NaN or infinity")
-    norm = _norm(deltas)
-    if norm == 0.0:
-        raise RemoteProtocolError("pseudo-gradient is all zeros: no training was done")
+    deltas, norm = tr.check_pseudo_gradient(
+        pg, base_sha256=base_sha256, shard_sha256=sub.shard_sha256, steps=config.inner_steps
+    )
     if norm > config.max_norm:
         raise RemoteProtocolError(f"norm {norm:.6g} exceeds max_norm {config.max_norm:.6g}")
     return deltas, norm, pg
+
+
+def _lower_median(values: Sequence[float]) -> float:
+    """The median of an odd count; of an even count, the lower of the two middle values."""
+    return sorted(values)[(len(values) - 1) // 2]
+
+
+def _outlier(norm: float, others: Sequence[float], ratio: float) -> str | None:
+    """Why *norm* is an outlier against the *others* (module doc), or None.
+
+    Too large: over *ratio* times their median. Too small: under their lower median over
+    *ratio*; the lower median, because the plain median of an even count (two others,
+    with three slices) is a mean that one large forged norm could raise until the honest
+    norms all fell below it.
+    """
+    median = float(np.median(others))
+    if norm > ratio * median:
+        return (
+            f"norm {norm:.6g} is over {ratio:g} times the median {median:.6g} of the other slices"
+        )
+    low = _lower_median(others)
+    if norm < low / ratio:
+        return (
+            f"norm {norm:.6g} is under 1/{ratio:g} of the lower median {low:.6g} "
+            "of the other slices"
+        )
+    return None
 
 
 def aggregate(
@@ -156,8 +183,9 @@ def aggregate(
 ) -> RoundOutcome:  # fmt: skip
     """Check, reject outliers, clip against the median, and average (see the module doc).
 
-    Rejection and clipping against the median need ``MEDIAN_MIN_SLICES`` (3) valid slices;
-    with one or two, each is bounded only by ``max_norm`` and all are averaged as they are.
+    Rejection (too large or too small) and clipping against the median need
+    ``MEDIAN_MIN_SLICES`` (3) valid slices; with one or two, each is bounded only by
+    ``max_norm`` and all are averaged as they are.
     """
     dropped: list[tuple[int, str]] = []
     valid: list[tuple[int, Arrays, float, tr.PseudoGradient]] = []
@@ -172,15 +200,11 @@ def aggregate(
         norms = [v[2] for v in valid]
         kept = []
         for i, item in enumerate(valid):
-            others = float(np.median(norms[:i] + norms[i + 1 :]))
-            if item[2] > config.reject_ratio * others:
-                why = (
-                    f"norm {item[2]:.6g} is over {config.reject_ratio:g} times "
-                    f"the median {others:.6g} of the other slices"
-                )
-                dropped.append((item[0], why))
-            else:
+            why = _outlier(item[2], norms[:i] + norms[i + 1 :], config.reject_ratio)
+            if why is None:
                 kept.append(item)
+            else:
+                dropped.append((item[0], why))
         valid = kept
     dropped.sort()
     if not valid:

@@ -37,7 +37,12 @@ import numpy.typing as npt
 
 from nodeclient.errors import LocalProtocolError, RemoteProtocolError
 from nodeclient.protocol.blobs import SHA256_HEX
-from nodeclient.workloads.tensors import DEFAULT_MAX_BYTES, decode_tensors, encode_tensors
+from nodeclient.workloads.tensors import (
+    DEFAULT_MAX_BYTES,
+    decode_tensors,
+    encode_tensors,
+    read_metadata,
+)
 
 CLASS: Final = "ai.training"
 MAX_LAYERS: Final = 256
@@ -747,6 +752,48 @@ class PseudoGradient:
         )  # fmt: skip
 
 
+def check_pseudo_gradient(
+    pg: PseudoGradient, *, base_sha256: str, shard_sha256: str, steps: int
+) -> tuple[Arrays, float]:
+    """The checks a pseudo-gradient passes on its own, in the documented order (docs,
+    "Rounds, checks and aggregation", 3-6): computed from *base_sha256* on *shard_sha256*
+    for *steps* steps, finite losses and values, not all zeros. Returns its values as F32
+    and its L2 norm (float64); RemoteProtocolError names the first failure.
+
+    The round's close runs it; the verifier, on arrival, runs all but the finite checks
+    (:func:`check_slice`).
+    """
+    _check_identity(pg, base_sha256=base_sha256, shard_sha256=shard_sha256, steps=steps)
+    if not (math.isfinite(pg.first_loss) and math.isfinite(pg.last_loss)):
+        raise RemoteProtocolError(f"loss is not finite ({pg.first_loss}, {pg.last_loss})")
+    deltas = {name: np.asarray(a, dtype=np.float32) for name, a in pg.deltas.items()}
+    for name, array in deltas.items():
+        if not np.isfinite(array).all():
+            raise RemoteProtocolError(f"pseudo-gradient {name!r} holds NaN or infinity")
+    norm = math.sqrt(sum(float(np.square(a, dtype=np.float64).sum()) for a in deltas.values()))
+    if norm == 0.0:
+        raise RemoteProtocolError(_ALL_ZEROS)
+    return deltas, norm
+
+
+_ALL_ZEROS: Final = "pseudo-gradient is all zeros: no training was done"
+
+
+def _check_identity(pg: PseudoGradient, *, base_sha256: str, shard_sha256: str,
+                    steps: int) -> None:  # fmt: skip
+    """What the slice was computed from: its weights, its shard, its step count."""
+    if pg.base_sha256 != base_sha256:  # node-supplied strings are quoted with ascii()
+        raise RemoteProtocolError(
+            f"computed from weights {pg.base_sha256!a}, but the slice's are {base_sha256}"
+        )
+    if pg.shard_sha256 != shard_sha256:
+        raise RemoteProtocolError(
+            f"computed on shard {pg.shard_sha256!a}, but the slice's is {shard_sha256}"
+        )
+    if pg.steps != steps:
+        raise RemoteProtocolError(f"ran {pg.steps} steps, the slice asks for {steps}")
+
+
 # --- the job's result ------------------------------------------------------------------------
 
 
@@ -795,12 +842,43 @@ def split(payload: bytes, slices: int) -> list[bytes]:
 
 
 def check_result(result: bytes, meta: Mapping[str, Any], max_bytes: int) -> None:
-    """A result is accepted only if well-formed for the job's model and grad_dtype."""
+    """A result well-formed for the job's model and grad_dtype (its values: check_slice)."""
     model = ModelSpec.from_json(meta["model"])
     grad_dtype = TrainingConfig.from_dict(meta["config"]).grad_dtype
     PseudoGradient.decode(
         result, shapes=model.parameter_shapes(), grad_dtype=grad_dtype, max_bytes=max_bytes
     )
+
+
+def check_slice(result: bytes, payload: bytes, max_bytes: int) -> None:
+    """A result that answers its own task *payload*: computed from the slice's weights, on
+    its shard, for its steps, and not all zeros.
+
+    Run when the result arrives, so that a forgery is refused there and its task stays
+    open for another node; were it accepted, it would only be dropped when the round
+    closes, and its slice lost for the round. A training that diverged (a loss or a value
+    that is NaN or infinite) is accepted here: training is deterministic, so every node
+    would return the same, and retrying it would only fail the job; the round's close drops
+    it and the round completes without it. Only the payload's header is read: it is our
+    own stored payload, whose hashes were computed when it was built, so the weights and
+    shard are not hashed again.
+    """
+    asked = read_metadata(payload, max_bytes=len(payload))
+    _meta(asked, "slice", frozenset({"model", "weights_sha256", "shard_sha256", "plan"}))
+    model = ModelSpec.from_json(asked["model"])
+    try:
+        plan: SlicePlan = _from_dict(SlicePlan, load_json(asked["plan"], what="plan"), "plan")
+    except LocalProtocolError as exc:
+        raise _remote(exc, "plan") from None
+    pg = PseudoGradient.decode(
+        result, shapes=model.parameter_shapes(), grad_dtype=plan.grad_dtype, max_bytes=max_bytes
+    )
+    _check_identity(
+        pg, base_sha256=asked["weights_sha256"], shard_sha256=asked["shard_sha256"],
+        steps=plan.steps,
+    )  # fmt: skip
+    if not any(np.any(a) for a in pg.deltas.values()):  # NaN counts as non-zero here
+        raise RemoteProtocolError(_ALL_ZEROS)
 
 
 def assemble(_results: Sequence[bytes], _meta: Mapping[str, Any]) -> bytes:
