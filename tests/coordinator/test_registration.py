@@ -155,10 +155,16 @@ def test_a_mere_claim_on_a_wallet_cannot_use_up_its_owners_places(
         f"sybil pre-screen: wallet {owner.address} already has 2 nodes proven by its owner "
         "(policy max_nodes_per_wallet=2)"
     )
-    # A proven node that registers again without its proof is a mere claim from then on.
+    # A proven node that registers again without its proof stays proven (the wallet's
+    # signature still stands), so it cannot step out of the count to make room.
     r = _post(coordinator, first.manifest(issued_at=int(START) + 1))
+    assert (r.status_code, r.json()["wallet_proven"]) == (200, True)
+    assert _post(coordinator, _proven(third, owner, int(START) + 1)).status_code == 403
+    # Moved to another wallet, it is a mere claim there, and its place here is free.
+    first.wallet = Secp256k1Key.generate().address
+    r = _post(coordinator, first.manifest(issued_at=int(START) + 2))
     assert (r.status_code, r.json()["wallet_proven"]) == (200, False)
-    assert _post(coordinator, _proven(third, owner, int(START) + 1)).status_code == 201
+    assert _post(coordinator, _proven(third, owner, int(START) + 2)).status_code == 201
 
 
 def test_require_wallet_proof_refuses_a_claim(start_coordinator, rsa_keys) -> None:

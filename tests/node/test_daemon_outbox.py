@@ -215,7 +215,6 @@ def test_a_cancel_after_the_work_is_done_does_not_stop_its_result(tmp_path: Path
         ("result_retention_mb = -3\n", "result_retention_mb"),
         ("history_retention_days = -1\n", "history_retention_days"),
         ("history_retention_days = nan\n", "history_retention_days"),
-        ("history_retention_days = 1\n", "history_retention_days"),  # < 72 h of results
         ("history_retention_days = 36501\n", "history_retention_days"),
     ],
 )
@@ -234,6 +233,12 @@ def test_retention_settings_are_read(tmp_path: Path) -> None:
     assert config.history_retention_days == 180.0
     (tmp_path / "config.toml").write_text(WALLET + "history_retention_days = 0\n")
     assert load_config(tmp_path).history_retention_days == 0  # kept for ever
+    # Never shorter than the results' period (a config from before the key had up to a
+    # year of results: it still loads, and its rows stay as long as the results).
+    (tmp_path / "config.toml").write_text(WALLET + "result_retention_hours = 8760\n")
+    assert load_config(tmp_path).history_retention_days == 365
+    (tmp_path / "config.toml").write_text(WALLET + "history_retention_days = 1\n")
+    assert load_config(tmp_path).history_retention_days == 3  # 72 h of results
 
 
 def test_a_full_disk_at_commit_is_refused_signed_and_the_daemon_goes_on(

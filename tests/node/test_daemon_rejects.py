@@ -178,3 +178,38 @@ def test_the_answer_to_a_reject_never_settles_a_result_of_the_same_task(tmp_path
     assert messages.ResultAck.from_wire(old_coordinator).of == "result"
     with pytest.raises(RemoteProtocolError, match="'of'"):
         messages.ResultAck.from_wire({**own.to_wire(), "of": "other"})
+
+
+class FailsWhenTold(Executor):
+    """Runs until told, then fails as a task killed at its lease's end."""
+
+    go: asyncio.Event
+
+    async def run(self, *args: object, **kwargs: object) -> bytes:
+        FailsWhenTold.go = asyncio.Event()
+        await FailsWhenTold.go.wait()
+        raise TaskFailed("deadline exceeded: killed at the lease's end", requester_fault=False)
+
+
+def test_a_task_leased_again_while_it_runs_is_refused_under_the_new_lease(
+    tmp_path: Path,
+) -> None:
+    """The coordinator leased the task again to this node while it still ran here (the
+    first lease ended, no other node could take it): the second dispatch is not run twice,
+    and a reject of the task names the new lease, which the coordinator holds now."""
+    daemon, _, link = make_daemon(tmp_path, FailsWhenTold)
+    task_id, first, second = uuid.uuid4(), later(), later() + 300
+
+    async def run() -> None:
+        await daemon._on_frame(dispatch(daemon, task_id, first))
+        while not hasattr(FailsWhenTold, "go"):
+            await asyncio.sleep(0.01)
+        await daemon._on_frame(dispatch(daemon, task_id, second))
+        assert list(daemon.running) == [task_id] and link.frames == []
+        FailsWhenTold.go.set()
+        while daemon.running:
+            await asyncio.sleep(0.01)
+
+    asyncio.run(asyncio.wait_for(run(), 10))
+    (refused,) = link.frames
+    assert_refuses(refused, daemon, task_id, second, "deadline exceeded")

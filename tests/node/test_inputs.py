@@ -315,6 +315,9 @@ def test_limits_follow_a_thread_started_in_their_context(drip: str) -> None:
         "http://[::ffff:127.0.0.1]/m",
         "http://[fe80::1]/m",
         "https://224.0.0.1/m",
+        "http://[2002:a9fe:a9fe::]/m",  # 6to4 of 169.254.169.254
+        "http://[fec0::1]/m",  # site-local
+        "http://[2001:0:4136:e378:8000:63bf:3fff:fdd2]/m",  # Teredo
     ],
 )
 def test_a_url_on_the_operators_network_is_refused_before_any_request(url: str) -> None:
@@ -368,11 +371,13 @@ def test_a_public_host_is_fetched_at_the_address_that_was_checked(
         if host != "models.example":  # the connection to the address itself
             return real(host, *args, **kwargs)  # type: ignore[arg-type]
         lookups.append(host)  # the first answer is "public"; a second would be the trap
-        address = "127.0.0.1" if len(lookups) == 1 else "10.9.9.9"
-        return [(2, 1, 6, "", (address, port))]
+        if len(lookups) > 1:
+            return [(2, 1, 6, "", ("10.9.9.9", port))]
+        # Two addresses: nothing listens on the first, so the second is tried.
+        return [(2, 1, 6, "", ("127.0.0.2", port)), (2, 1, 6, "", ("127.0.0.1", port))]
 
     monkeypatch.setattr(inputs.socket, "getaddrinfo", getaddrinfo)
-    monkeypatch.setattr(inputs, "_public", lambda a: str(a) == "127.0.0.1")
+    monkeypatch.setattr(inputs, "_public", lambda a: str(a) in ("127.0.0.1", "127.0.0.2"))
     try:
         assert (
             http_fetcher("https://coordinator.example")(f"http://models.example:{port}/m")
@@ -382,3 +387,20 @@ def test_a_public_host_is_fetched_at_the_address_that_was_checked(
         server.shutdown()
     assert lookups == ["models.example"]
     assert seen == [f"models.example:{port}"]
+
+
+def test_a_non_ascii_host_is_resolved_as_it_is_sent(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The name looked up is the one the request names (IDNA 2008, as httpx encodes it),
+    not Python's IDNA 2003 reading of it ("faß.de" is not "fass.de")."""
+    from nodeclient.node import inputs
+
+    asked: list[str] = []
+
+    def getaddrinfo(host: str, *args: object, **kwargs: object) -> list:
+        asked.append(host)
+        return [(2, 1, 6, "", ("10.0.0.1", 443))]  # refused: nothing is fetched
+
+    monkeypatch.setattr(inputs.socket, "getaddrinfo", getaddrinfo)
+    with pytest.raises(RemoteProtocolError, match="not a public address"):
+        http_fetcher("https://coordinator.example")("https://faß.de/model")
+    assert asked == ["xn--fa-hia.de"]

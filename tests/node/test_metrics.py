@@ -233,13 +233,21 @@ def test_gpu_sampler_never_waits_on_a_child_it_killed(tmp_path: Path) -> None:
         released.wait()  # the reaper: until the driver lets go
         return real_wait(timeout)
 
+    real_poll = child.poll
     child.wait = stuck_wait  # type: ignore[method-assign]
-    sampler = nm.GpuSampler(interval=0.01)
+    child.poll = lambda: real_poll() if released.is_set() else None  # type: ignore[method-assign]
+    sampler = nm.GpuSampler(interval=0.01, retry_after=0.0)
     sampler._proc = child  # a child that has gone quiet
     sampler._last_line -= 60
     started = time.monotonic()
     try:
         assert sampler.latest().status == "error"
+        # Retries come, but no new child is started while the stuck one is there (it would
+        # hang the same way: they would pile up), and it gets one reaper only.
+        for _ in range(3):
+            assert sampler.latest().status == "error"
+            assert sampler._proc is child
+        assert sampler._reaping == {child.pid}
         sampler.close()
         assert time.monotonic() - started < 2.0
     finally:

@@ -84,7 +84,9 @@ def _register_tx(
     # A node whose unstake cooldown has ended is retired: it no longer holds one of the
     # wallet's places (it is still listed among the prior registrations). A node that
     # proves its wallet counts only the wallet's proven nodes: a mere claim on a wallet
-    # cannot use up its owner's places.
+    # cannot use up its owner's places. (So a wallet holds at most the limit of proven
+    # nodes, and claims only while all its nodes together are under it: at most twice the
+    # limit in all. --require-wallet-proof makes it the limit exactly.)
     counted = [o for o in others if o.unstaking_until is None or o.unstaking_until >= now]
     if v.wallet_proven:
         counted = [o for o in counted if o.node_id in proven]
@@ -124,11 +126,11 @@ def _register_tx(
             setattr(row, key, value)
         status, label = 200, "updated"
     session.flush()
-    _record_wallet_proof(session, v)
+    node_proven = _record_wallet_proof(session, v)
     body = {
         "node_id": v.node_id,
         "status": label,
-        "wallet_proven": v.wallet_proven,
+        "wallet_proven": node_proven,
         "prior_registrations": [
             {
                 "node_id": o.node_id,
@@ -142,14 +144,21 @@ def _register_tx(
     return Reply(status, body, node_info(row))
 
 
-def _record_wallet_proof(session: Session, v: VerifiedManifest) -> None:
-    """Keep the node's latest wallet_proof, or none when its latest manifest has none."""
+def _record_wallet_proof(session: Session, v: VerifiedManifest) -> bool:
+    """Keep the node's latest wallet_proof; whether the node is proven for its wallet now.
+
+    A re-registration without a proof keeps the one on record while the wallet is the
+    same (the wallet's signature of this node still stands): were it dropped, a proven
+    node could step out of the proven count by registering once without it, and make
+    room for one more proven node, again and again. A new wallet drops it.
+    """
     row = session.get(m.WalletProof, v.node_id)
     proof = v.manifest.get("wallet_proof") if v.wallet_proven else None
     if proof is None:
-        if row is not None:
+        if row is not None and row.wallet_address != v.wallet_address:
             session.delete(row)
-        return
+            return False
+        return row is not None
     fields = {
         "wallet_address": v.wallet_address,
         "issued_at": proof["issued_at"],
@@ -160,6 +169,7 @@ def _record_wallet_proof(session: Session, v: VerifiedManifest) -> None:
     else:
         for key, value in fields.items():
             setattr(row, key, value)
+    return True
 
 
 async def register(coord: Coordinator, manifest: object) -> Reply:
@@ -192,7 +202,7 @@ async def register(coord: Coordinator, manifest: object) -> Reply:
             "wallet": verified.wallet_address,
             "tier": reply.node.hardware_tier,
             "prior_registrations": len(body["prior_registrations"]),
-            "wallet_proven": verified.wallet_proven,
+            "wallet_proven": body["wallet_proven"],
         },
     )
     return Reply(reply.status, body, reply.node)

@@ -101,15 +101,12 @@ class NodeConfig:
         if (
             isinstance(self.history_retention_days, bool)
             or not isinstance(self.history_retention_days, int | float)
-            or not (
-                self.history_retention_days == 0
-                or self.result_retention_hours / 24 <= self.history_retention_days <= 36500
-            )
+            or not 0 <= self.history_retention_days <= 36500
         ):
-            raise UsageError(
-                "history_retention_days must be 0 (keep for ever) or between "
-                "result_retention_hours / 24 and 36500"
-            )
+            raise UsageError("history_retention_days must be between 0 (keep for ever) and 36500")
+        results_days = self.result_retention_hours / 24
+        if 0 < self.history_retention_days < results_days:  # a row outlives its result bytes
+            object.__setattr__(self, "history_retention_days", results_days)
         if self.metrics_address is not None:
             from nodeclient.node.metrics import parse_metrics_address
 

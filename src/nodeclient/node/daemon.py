@@ -578,7 +578,13 @@ class NodeDaemon:
                     return
                 await self._deliver(done)
                 return
-            if d.task_id in self.running:
+            running = self.running.get(d.task_id)
+            if running is not None:
+                # Leased again while it still runs here (the last lease ended, and no other
+                # node could take it): it runs on, under the new lease, which a reject of
+                # it must name, or the coordinator would take it for the old one's.
+                running.lease_expires_at = d.lease_expires_at
+                log.info("task.lease_renewed", extra={"task_id": str(d.task_id)})
                 return
             reason = self._refusal(d)
             if reason:
@@ -658,7 +664,7 @@ class NodeDaemon:
                     await self._reject(
                         task.task_id,
                         f"payload decryption failed: {exc}",
-                        lease_expires_at=d.lease_expires_at,
+                        lease_expires_at=task.lease_expires_at,
                     )
                     return
                 except TaskFailed as exc:
@@ -666,7 +672,7 @@ class NodeDaemon:
                     timed_out = exc.reason.startswith("deadline exceeded")  # the lease's end
                     self._task_ended(task, "timed_out" if timed_out else "failed")
                     await self._reject(
-                        task.task_id, exc.reason, lease_expires_at=d.lease_expires_at
+                        task.task_id, exc.reason, lease_expires_at=task.lease_expires_at
                     )
                     return
                 except Exception as exc:  # a bug, or garbage from a worker
@@ -678,7 +684,7 @@ class NodeDaemon:
                     await self._reject(
                         task.task_id,
                         f"internal error: {type(exc).__name__}",
-                        lease_expires_at=d.lease_expires_at,
+                        lease_expires_at=task.lease_expires_at,
                     )
                     return
                 log.info(

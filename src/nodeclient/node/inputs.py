@@ -94,22 +94,30 @@ def http_fetcher(
         wait = timeout if limits is None else min(timeout, _left(limits, url))
         data = bytearray()
         try:
-            target, headers, extensions = _pinned(url, home)
+            targets, headers, extensions = _pinned(url, home)
             with httpx.Client(timeout=wait) as client:
-                request = client.build_request(
-                    "GET", target, headers=headers, extensions=extensions
-                )
-                with contextlib.closing(client.send(request, stream=True)) as resp:
-                    if resp.status_code != 200:
-                        raise RemoteProtocolError(f"GET {url[:80]} answered {resp.status_code}")
-                    for chunk in resp.iter_bytes():
-                        data += chunk
-                        if len(data) > max_bytes:
-                            raise RemoteProtocolError(
-                                f"blob at {url[:80]} exceeds {max_bytes} bytes"
-                            )
-                        if limits is not None:
-                            _left(limits, url)
+                for i, target in enumerate(targets):  # each checked address, in order
+                    request = client.build_request(
+                        "GET", target, headers=headers, extensions=extensions
+                    )
+                    try:
+                        resp = client.send(request, stream=True)
+                    except httpx.ConnectError:
+                        if i + 1 == len(targets):
+                            raise
+                        continue
+                    with contextlib.closing(resp):
+                        if resp.status_code != 200:
+                            raise RemoteProtocolError(f"GET {url[:80]} answered {resp.status_code}")
+                        for chunk in resp.iter_bytes():
+                            data += chunk
+                            if len(data) > max_bytes:
+                                raise RemoteProtocolError(
+                                    f"blob at {url[:80]} exceeds {max_bytes} bytes"
+                                )
+                            if limits is not None:
+                                _left(limits, url)
+                    break
         except _FETCH_ERRORS as exc:
             if limits is not None:
                 _left(limits, url)  # a read timed out at the deadline: say so
@@ -126,14 +134,16 @@ def _origin(url: httpx.URL) -> tuple[str, str, int | None]:
 
 def _pinned(
     raw: str, home: tuple[str, str, int | None]
-) -> tuple[httpx.URL, dict[str, str], dict[str, str]]:
-    """The request for the URL *raw*: as it is on the coordinator's origin; elsewhere, sent
-    to the public address its host resolved to (module docstring), or RemoteProtocolError."""
+) -> tuple[list[httpx.URL], dict[str, str], dict[str, str]]:
+    """The requests to try for the URL *raw*: itself on the coordinator's origin; elsewhere,
+    one per public address its host resolved to, in the resolver's order (module
+    docstring), or RemoteProtocolError when any address is not public."""
     url = httpx.URL(raw)
     origin = _origin(url)
     if origin == home:
-        return url, {}, {}
-    scheme, host, port = origin
+        return [url], {}, {}
+    scheme, _, port = origin
+    host = url.raw_host.decode("ascii")  # IDNA-encoded as httpx sends it: the same name
     try:
         addresses = [ipaddress.ip_address(host)]
     except ValueError:
@@ -153,14 +163,25 @@ def _pinned(
             f"refusing to fetch {raw[:80]!r}: its host {what} not a public address, and a "
             "node fetches a requester's URL only from its coordinator or the public internet"
         )
-    pinned = url.copy_with(host=str(addresses[0]))
     headers = {"Host": url.netloc.decode("ascii")}
-    return pinned, headers, ({"sni_hostname": host} if scheme == "https" else {})
+    extensions = {"sni_hostname": host} if scheme == "https" else {}
+    return [url.copy_with(host=str(a)) for a in addresses], headers, extensions
+
+
+_NOT_PUBLIC_V6: Final = (
+    ipaddress.IPv6Network("fec0::/10"),  # site-local (deprecated, still routed in places)
+)
 
 
 def _public(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
+    """Global unicast: not loopback, private, link-local, shared, multicast, reserved or
+    unspecified. IPv6 forms that carry an IPv4 address (mapped, 6to4) are judged by it."""
+    if isinstance(address, ipaddress.IPv6Address):
+        inner = address.ipv4_mapped or address.sixtofour
+        if inner is not None:
+            return _public(inner)
+        if any(address in net for net in _NOT_PUBLIC_V6) or address.teredo is not None:
+            return False
     return address.is_global and not address.is_multicast and not address.is_reserved
 
 

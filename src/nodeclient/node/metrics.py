@@ -235,8 +235,11 @@ class GpuSampler:
         self._first_retry = retry_after
         self._retry_delay = retry_after
         self._retry_at: float | None = None  # when a child that failed is started again
+        self._reaping: set[int] = set()  # children a reaper thread waits for
 
     def start(self) -> GpuSampler:
+        if self._closed:  # close() came between a retry's decision and this start
+            return self
         argv = [
             sys.executable,
             "-m",
@@ -301,10 +304,15 @@ class GpuSampler:
                 self._kill()
             elif self._retry_at is not None and now >= self._retry_at and not self._closed:
                 self._kill()
-                # The old child's reader sees it is no longer the child and stays silent;
-                # the error stays on show until the new one answers.
-                self._proc, self._retry_at = None, None
-                self._done, self._last_line, restart = False, now, True
+                if self._proc is not None and self._proc.poll() is None:
+                    # Still there after SIGKILL: a wedged driver holds it. Another child
+                    # would hang the same way and pile up; wait until this one is gone.
+                    self._retry_at = now + self._retry_delay
+                else:
+                    # The old child's reader sees it is no longer the child and stays
+                    # silent; the error stays on show until the new one answers.
+                    self._proc, self._retry_at = None, None
+                    self._done, self._last_line, restart = False, now, True
             latest = self._latest
         if restart:
             self.start()
@@ -316,7 +324,9 @@ class GpuSampler:
         if proc is not None and proc.poll() is None:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(proc.pid, signal.SIGKILL)
-            threading.Thread(target=proc.wait, name="gpu-sampler-reaper", daemon=True).start()
+            if proc.pid not in self._reaping:  # one reaper per child
+                self._reaping.add(proc.pid)
+                threading.Thread(target=proc.wait, name="gpu-sampler-reaper", daemon=True).start()
 
     def close(self) -> None:
         with self._lock:
