@@ -76,10 +76,16 @@ def _register_tx(
             f"{v.wallet_address} (policy require_wallet_proof=true); have the wallet sign "
             "this node's binding with `nodeclient wallet-proof`, then register again",
         )
-    proven = set(
-        session.scalars(
-            select(m.WalletProof.node_id).where(m.WalletProof.wallet_address == v.wallet_address)
+    proven = (
+        set(
+            session.scalars(
+                select(m.WalletProof.node_id).where(
+                    m.WalletProof.wallet_address == v.wallet_address
+                )
+            )
         )
+        if others  # the usual first node of a wallet: nothing to count, no query
+        else set()
     )
     # A node whose unstake cooldown has ended is retired: it no longer holds one of the
     # wallet's places (it is still listed among the prior registrations). A node that
@@ -117,6 +123,7 @@ def _register_tx(
         "issued_at": v.issued_at,
         "updated_at": now,
     }
+    new_node = row is None
     if row is None:
         row = m.Node(node_id=v.node_id, registered_at=now, last_seq=0, **fields)
         session.add(row)
@@ -126,7 +133,7 @@ def _register_tx(
             setattr(row, key, value)
         status, label = 200, "updated"
     session.flush()
-    node_proven = _record_wallet_proof(session, v)
+    node_proven = _record_wallet_proof(session, v, new_node=new_node)
     body = {
         "node_id": v.node_id,
         "status": label,
@@ -144,7 +151,7 @@ def _register_tx(
     return Reply(status, body, node_info(row))
 
 
-def _record_wallet_proof(session: Session, v: VerifiedManifest) -> bool:
+def _record_wallet_proof(session: Session, v: VerifiedManifest, *, new_node: bool) -> bool:
     """Keep the node's latest wallet_proof; whether the node is proven for its wallet now.
 
     A re-registration without a proof keeps the one on record while the wallet is the
@@ -152,8 +159,10 @@ def _record_wallet_proof(session: Session, v: VerifiedManifest) -> bool:
     node could step out of the proven count by registering once without it, and make
     room for one more proven node, again and again. A new wallet drops it.
     """
-    row = session.get(m.WalletProof, v.node_id)
     proof = v.manifest.get("wallet_proof") if v.wallet_proven else None
+    if new_node and proof is None:
+        return False  # a node registered just now has no proof on record
+    row = session.get(m.WalletProof, v.node_id)
     if proof is None:
         if row is not None and row.wallet_address != v.wallet_address:
             session.delete(row)
