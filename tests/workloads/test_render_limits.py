@@ -148,3 +148,13 @@ def test_an_asset_manifest_nested_too_deeply_is_a_protocol_error(
     payload = encode_tensors(dict(tensors), metadata={**meta, "assets": "[" * 200_000})
     with pytest.raises(RemoteProtocolError, match="'assets' nests too deeply"):
         RenderRequest.decode(payload)
+
+
+def test_an_assembled_result_of_many_small_frames_decodes() -> None:
+    """20,000 frames of 2x2: a header of ~2 MB, over the default 1 MiB header limit, in a
+    result the job-result limit allows; the requester's decode_result reads it."""
+    frames = {n: np.full((2, 2, 4), n % 251, np.uint8) for n in range(20_000)}
+    data = render_slices.encode_result(frames, scene_sha256="a" * 64, width=2, height=2)
+    assert int.from_bytes(data[:8], "little") > 1 << 20
+    result = render_slices.decode_result(data)
+    assert len(result.frames) == 20_000 and result.frames[19_999][0, 0, 0] == 19_999 % 251

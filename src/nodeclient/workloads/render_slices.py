@@ -314,8 +314,15 @@ def encode_result(
 
 
 def decode_result(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES) -> RenderResult:
-    """Parse a result; faults in its structure raise RemoteProtocolError."""
-    tensors, meta = decode_tensors(data, max_bytes=max_bytes, max_tensors=MAX_FRAME + 1)
+    """Parse a result; faults in its structure raise RemoteProtocolError.
+
+    The header lists every frame (~100 bytes each), so a job's assembled result of more
+    than ~10,000 small frames has a header over the default 1 MiB: it is bounded by
+    *max_bytes*, as the whole result is.
+    """
+    tensors, meta = decode_tensors(
+        data, max_bytes=max_bytes, max_tensors=MAX_FRAME + 1, max_header_bytes=max_bytes
+    )
     keys = set(meta)
     if keys not in (_RESULT_KEYS, _RESULT_KEYS | _BAND_KEYS) or meta[META_CLASS] != CLASS:
         raise RemoteProtocolError(
