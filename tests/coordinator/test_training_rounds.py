@@ -723,3 +723,38 @@ def test_a_forged_result_is_refused_on_arrival_and_its_slice_retried_elsewhere(
     assert (metrics[0]["used"], metrics[0]["dropped"]) == ([0, 1], [])
     expected, _ = _train_in_process(job, runtime, slices=2)
     assert tr.weights_container(weights) == tr.weights_container(expected)
+
+
+def test_a_slice_that_fails_everywhere_is_dropped_not_the_job(
+    digits: tuple, runtime: TorchTrainRuntime, tmp_path: Path
+) -> None:
+    """Slice 1 completes; slice 0 is refused by node after node until its attempts run out.
+    The job does not fail: slice 0 is dropped from the round, as a late slice is, and the
+    round closes at once with slice 1 alone; the next round asks for both again."""
+    from nodeclient.coordinator.scheduler import requeue_or_fail
+
+    db = Database(f"sqlite:///{tmp_path / 'c.db'}")
+    job_id = _insert(db, _job(digits, rounds=2, inner_steps=5), 2)
+
+    def tx(s: Session) -> tuple[str | None, int]:
+        job = s.get_one(m.Job, job_id)
+        tasks = {t.slice_index: t for t in s.scalars(select(m.Task).where(m.Task.job_id == job_id))}
+        tasks[1].status, tasks[1].result = m.SUCCEEDED, runtime.run(tasks[1].payload)
+        assert rounds.finish_round_tx(s, job, NOW) is None  # slice 0 still open
+        failing = tasks[0]
+        failing.status, failing.node_id, failing.attempts = m.LEASED, "0x" + "ab" * 20, 3
+        lost = requeue_or_fail(
+            s, failing, outcome="rejected", detail="node 0xab.. rejected it: out of memory",
+            now=NOW, max_attempts=3,
+        )  # fmt: skip
+        assert lost.failed and failing.status == m.FAILED
+        return job.status, job.round_index
+
+    status, round_index = db.run_sync(tx)
+    metrics = db.run_sync(lambda s: rounds.round_metrics(s, job_id))
+    db.close()
+    assert status in (m.QUEUED, m.RUNNING) and round_index == 1  # not failed: round 1 next
+    (first,) = metrics
+    assert first["used"] == [1]
+    assert [d["slice"] for d in first["dropped"]] == [0]
+    assert "out of memory; gave up after 3 of 3 attempts" in first["dropped"][0]["reason"]

@@ -457,10 +457,16 @@ def _close_isolated(
         return _fail_job(session, job, f"round {r} could not be closed: internal error", now)
 
 
+def close_if_complete(session: Session, job: m.Job, now: float) -> RoundClose | None:
+    """Close the job's round if none of its slices is open any more (isolated: a fault
+    fails this job alone); None while one is."""
+    step = functools.partial(close_round, session, job, now, deadline_passed=False)
+    return _close_isolated(session, job, now, step)
+
+
 def finish_round_tx(session: Session, job: m.Job, now: float) -> str | None:
     """After an accepted result: close the round if complete; the job's end status, if any."""
-    step = functools.partial(close_round, session, job, now, deadline_passed=False)
-    closed = _close_isolated(session, job, now, step)
+    closed = close_if_complete(session, job, now)
     return None if closed is None else closed.job_status
 
 

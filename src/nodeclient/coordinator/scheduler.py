@@ -414,6 +414,12 @@ def requeue_or_fail(
     if exhausted:
         task.status = m.FAILED
         task.reason = f"{detail}; {give_up}"
+        if rounds.is_round_based(job.workload_class):
+            # A training slice that fails everywhere is dropped from its round, as one that
+            # misses the round's deadline is; the round closes now if it was the last open
+            # slice (a round with no valid slice fails the job there, with every reason).
+            closed = rounds.close_if_complete(session, job, now)
+            return Lost(task.task_id, holder, failed=True, cancel=closed.cancel if closed else ())
         job_reason = f"task {task.task_id} (slice {task.slice_index}) failed: {task.reason}"
         cancel = fail_job(session, task.job_id, job_reason, now)
         return Lost(task.task_id, holder, failed=True, cancel=tuple(cancel))
