@@ -338,3 +338,33 @@ def test_progress_is_kept_per_node_and_bounded() -> None:
     assert len(board) == 3 and board.get("r999") is not None and board.get("r0") is None
     board.forget("0xA", "t1")
     assert board.get("t1") is None and len(board) == 2
+
+
+def test_a_database_failure_closes_the_link_1011_and_serving_goes_on(
+    coordinator: Running, rsa_keys, monkeypatch: pytest.MonkeyPatch, caplog
+) -> None:
+    """The database fails under a frame (locked, its server gone): the link closes with
+    1011 and a reason (the node links again with backoff and resends what is
+    unacknowledged), one structured event is logged, and the coordinator serves on."""
+    import logging
+    import uuid
+
+    from sqlalchemy.exc import OperationalError
+
+    from nodeclient.coordinator import verifier
+
+    def locked(*args: object, **kwargs: object) -> None:
+        raise OperationalError("UPDATE tasks", {}, Exception("database is locked"))
+
+    node = make_node(rsa_keys, 0)
+    coordinator.register(node)
+    coordinator.link(node)
+    monkeypatch.setattr(verifier, "reject_tx", locked)
+    with caplog.at_level(logging.ERROR, logger="nodeclient.coordinator.link"):
+        node.send(node.reject(str(uuid.uuid4())))
+        assert closed_code(node.ws) == (1011, "coordinator database unavailable; link again later")
+    (event,) = [r for r in caplog.records if r.getMessage() == "link.database_error"]
+    assert "database is locked" in event.error  # type: ignore[attr-defined]
+    monkeypatch.undo()
+    coordinator.link(node)  # links again, and is served
+    assert node.call(node.heartbeat(state="IDLE"))["type"] == "heartbeat_ack"

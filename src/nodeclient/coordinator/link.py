@@ -40,6 +40,7 @@ import struct
 from collections.abc import Mapping
 from typing import Any
 
+from sqlalchemy.exc import SQLAlchemyError
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from nodeclient.coordinator import verifier
@@ -211,6 +212,15 @@ class LinkSession:
                 await self._loop()
         except (_Closed, WebSocketDisconnect):
             pass
+        except SQLAlchemyError as exc:
+            # The database failed under this frame (locked past the timeout, the server
+            # gone). Nothing of it was committed; the node links again with backoff and
+            # resends what is unacknowledged, which the database may serve by then.
+            log.error(
+                "link.database_error",
+                extra={"node_id": self.node_id, "error": f"{type(exc).__name__}: {exc}"[:300]},
+            )
+            await self.close(1011, "coordinator database unavailable; link again later")
         finally:
             if self.node_id:
                 self.coord.detach(self.node_id, self)
