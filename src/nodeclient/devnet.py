@@ -217,7 +217,7 @@ def describe_result(wclass: str, data: bytes, job: dict[str, Any]) -> str:
     if wclass == "media.render":
         from nodeclient.workloads import render_slices
 
-        frames = render_slices.decode_result(data)
+        frames = render_slices.decode_result(data, max_header_bytes=len(data))
         nodes = {t["node_id"] for t in job["tasks"] if t["status"] == "succeeded"}
         return (
             f"render assembled: {len(frames.frames)} frames of {frames.width}x{frames.height} "

@@ -368,3 +368,16 @@ def test_a_database_failure_closes_the_link_1011_and_serving_goes_on(
     monkeypatch.undo()
     coordinator.link(node)  # links again, and is served
     assert node.call(node.heartbeat(state="IDLE"))["type"] == "heartbeat_ack"
+
+    # Any other database error is a bug, not an outage: said so, with its traceback.
+    from sqlalchemy.exc import IntegrityError
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise IntegrityError("INSERT INTO tasks", {}, Exception("UNIQUE constraint failed"))
+
+    monkeypatch.setattr(verifier, "reject_tx", broken)
+    with caplog.at_level(logging.ERROR, logger="nodeclient.coordinator.link"):
+        node.send(node.reject(str(uuid.uuid4())))
+        assert closed_code(node.ws) == (1011, "coordinator internal error; reported in its log")
+    (bug,) = [r for r in caplog.records if r.getMessage() == "link.internal_error"]
+    assert bug.exc_info is not None

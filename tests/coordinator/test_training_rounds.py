@@ -725,16 +725,18 @@ def test_a_forged_result_is_refused_on_arrival_and_its_slice_retried_elsewhere(
     assert tr.weights_container(weights) == tr.weights_container(expected)
 
 
+@pytest.mark.parametrize("total_rounds", [2, 1])
 def test_a_slice_that_fails_everywhere_is_dropped_not_the_job(
-    digits: tuple, runtime: TorchTrainRuntime, tmp_path: Path
+    digits: tuple, runtime: TorchTrainRuntime, tmp_path: Path, total_rounds: int
 ) -> None:
     """Slice 1 completes; slice 0 is refused by node after node until its attempts run out.
     The job does not fail: slice 0 is dropped from the round, as a late slice is, and the
-    round closes at once with slice 1 alone; the next round asks for both again."""
+    round closes at once with slice 1 alone; the next round asks for both again, or, after
+    the last round, the job succeeds, and the lost lease says so (job.succeeded is logged)."""
     from nodeclient.coordinator.scheduler import requeue_or_fail
 
     db = Database(f"sqlite:///{tmp_path / 'c.db'}")
-    job_id = _insert(db, _job(digits, rounds=2, inner_steps=5), 2)
+    job_id = _insert(db, _job(digits, rounds=total_rounds, inner_steps=5), 2)
 
     def tx(s: Session) -> tuple[str | None, int]:
         job = s.get_one(m.Job, job_id)
@@ -748,12 +750,16 @@ def test_a_slice_that_fails_everywhere_is_dropped_not_the_job(
             now=NOW, max_attempts=3,
         )  # fmt: skip
         assert lost.failed and failing.status == m.FAILED
+        assert lost.job == (None if total_rounds == 2 else (job_id, m.SUCCEEDED))
         return job.status, job.round_index
 
     status, round_index = db.run_sync(tx)
     metrics = db.run_sync(lambda s: rounds.round_metrics(s, job_id))
     db.close()
-    assert status in (m.QUEUED, m.RUNNING) and round_index == 1  # not failed: round 1 next
+    if total_rounds == 2:
+        assert status in (m.QUEUED, m.RUNNING) and round_index == 1  # not failed: round 1
+    else:
+        assert status == m.SUCCEEDED
     (first,) = metrics
     assert first["used"] == [1]
     assert [d["slice"] for d in first["dropped"]] == [0]

@@ -213,3 +213,17 @@ def test_a_task_leased_again_while_it_runs_is_refused_under_the_new_lease(
     asyncio.run(asyncio.wait_for(run(), 10))
     (refused,) = link.frames
     assert_refuses(refused, daemon, task_id, second, "deadline exceeded")
+
+
+def test_a_task_leased_again_while_its_cancel_unwinds_is_refused(tmp_path: Path) -> None:
+    """A cancel ("lease ended") came and the task is still stopping when the coordinator
+    leases it here again: the new lease is refused at once, naming it, rather than taken
+    for a renewal of a task that is about to end without a result."""
+    daemon, _, link = make_daemon(tmp_path)  # NeverRun: running it fails the test
+    task_id, lease = uuid.uuid4(), later()
+    stopping = RunningTask(task_id, uuid.uuid4(), "ai.inference", None, time.time())
+    stopping.outcome = "cancelled"
+    daemon.running[task_id] = stopping
+    asyncio.run(daemon._on_frame(dispatch(daemon, task_id, lease)))
+    (refused,) = link.frames
+    assert_refuses(refused, daemon, task_id, lease, "cancelled here and is still stopping")

@@ -451,6 +451,29 @@ async def _stop_idle_worker(executor: object, slot: object) -> None:
     await slot.proc.wait()  # type: ignore[attr-defined]
 
 
+def test_an_extended_deadline_lets_the_task_finish(node: Node) -> None:
+    """A lease renewed while its task runs: extend() moves the deadline later, and the task
+    that would have been killed at the first one finishes; an earlier one changes nothing,
+    and a task that does not run here is not extended."""
+
+    async def scenario() -> bytes:
+        task = asyncio.ensure_future(
+            node.executor.run(
+                HOSTILE,
+                json.dumps({"do": "sleep", "seconds": 1.5}).encode(),
+                task_id="renewed",
+                deadline=time.monotonic() + 0.5,
+            )
+        )
+        while not node.executor.extend("renewed", time.monotonic() + 10):
+            await asyncio.sleep(0.01)
+        assert node.executor.extend("renewed", time.monotonic() + 0.1)  # earlier: kept at 10 s
+        assert not node.executor.extend("elsewhere", time.monotonic() + 10)
+        return await task
+
+    assert node.wait(scenario())  # slept 1.5 s, past the first deadline of 0.5 s
+
+
 def test_expired_deadline_fails_before_running(node: Node) -> None:
     """A deadline already passed (by the injected clock) never reaches a worker."""
     with pytest.raises(TaskFailed) as info:

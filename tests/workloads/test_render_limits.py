@@ -152,9 +152,12 @@ def test_an_asset_manifest_nested_too_deeply_is_a_protocol_error(
 
 def test_an_assembled_result_of_many_small_frames_decodes() -> None:
     """20,000 frames of 2x2: a header of ~2 MB, over the default 1 MiB header limit, in a
-    result the job-result limit allows; the requester's decode_result reads it."""
+    result the job-result limit allows; a requester reads it with a header bound as large
+    as the result, while the default (a node's slice result) stays 1 MiB."""
     frames = {n: np.full((2, 2, 4), n % 251, np.uint8) for n in range(20_000)}
     data = render_slices.encode_result(frames, scene_sha256="a" * 64, width=2, height=2)
     assert int.from_bytes(data[:8], "little") > 1 << 20
-    result = render_slices.decode_result(data)
+    with pytest.raises(RemoteProtocolError, match="header length"):
+        render_slices.decode_result(data)  # as the coordinator reads a node's slice result
+    result = render_slices.decode_result(data, max_header_bytes=len(data))
     assert len(result.frames) == 20_000 and result.frames[19_999][0, 0, 0] == 19_999 % 251

@@ -40,12 +40,12 @@ import struct
 from collections.abc import Mapping
 from typing import Any
 
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from nodeclient.coordinator import verifier
 from nodeclient.coordinator.config import AUTH_MAX_SKEW_S
-from nodeclient.coordinator.scheduler import cancel_leases
+from nodeclient.coordinator.scheduler import cancel_leases, report_job_end
 from nodeclient.coordinator.service import Coordinator
 from nodeclient.coordinator.store import NodeInfo
 from nodeclient.errors import RemoteProtocolError, SignatureError
@@ -213,14 +213,20 @@ class LinkSession:
         except (_Closed, WebSocketDisconnect):
             pass
         except SQLAlchemyError as exc:
-            # The database failed under this frame (locked past the timeout, the server
-            # gone). Nothing of it was committed; the node links again with backoff and
-            # resends what is unacknowledged, which the database may serve by then.
-            log.error(
-                "link.database_error",
-                extra={"node_id": self.node_id, "error": f"{type(exc).__name__}: {exc}"[:300]},
-            )
-            await self.close(1011, "coordinator database unavailable; link again later")
+            error = f"{type(exc).__name__}: {exc}"[:300]
+            if isinstance(exc, OperationalError) or getattr(exc, "connection_invalidated", False):
+                # The database failed under this frame (locked past the timeout, the server
+                # gone). Nothing of it was committed; the node links again with backoff and
+                # resends what is unacknowledged, which the database may serve by then.
+                log.error("link.database_error", extra={"node_id": self.node_id, "error": error})
+                await self.close(1011, "coordinator database unavailable; link again later")
+            else:  # a bug (an integrity or data error a frame should never cause): the trace
+                log.error(
+                    "link.internal_error",
+                    extra={"node_id": self.node_id, "error": error},
+                    exc_info=exc,
+                )
+                await self.close(1011, "coordinator internal error; reported in its log")
         finally:
             if self.node_id:
                 self.coord.detach(self.node_id, self)
@@ -455,4 +461,5 @@ class LinkSession:
         await self.send(ack.to_wire())
         if lost is not None:
             cancel_leases(coord, lost.cancel, "job failed")
+            report_job_end(lost)
             coord.wake()

@@ -99,6 +99,14 @@ class Lost:
     node_id: str | None
     failed: bool
     cancel: tuple[tuple[str, str], ...] = ()  # (node_id, task_id) leases to withdraw
+    job: tuple[str, str] | None = None  # (job_id, status) when this ended its job
+
+
+def report_job_end(lost: Lost) -> None:
+    """Log the end of the job a lost lease ended (``job.failed``, or ``job.succeeded``
+    when a training round closed without the slice and was the last)."""
+    if lost.job is not None:
+        log.info(f"job.{lost.job[1]}", extra={"job_id": lost.job[0]})
 
 
 def pick_node(
@@ -419,10 +427,16 @@ def requeue_or_fail(
             # misses the round's deadline is; the round closes now if it was the last open
             # slice (a round with no valid slice fails the job there, with every reason).
             closed = rounds.close_if_complete(session, job, now)
-            return Lost(task.task_id, holder, failed=True, cancel=closed.cancel if closed else ())
+            ended = None if closed is None else closed.job_status
+            return Lost(
+                task.task_id, holder, failed=True, cancel=closed.cancel if closed else (),
+                job=None if ended is None else (job.job_id, ended),
+            )  # fmt: skip
         job_reason = f"task {task.task_id} (slice {task.slice_index}) failed: {task.reason}"
         cancel = fail_job(session, task.job_id, job_reason, now)
-        return Lost(task.task_id, holder, failed=True, cancel=tuple(cancel))
+        return Lost(
+            task.task_id, holder, failed=True, cancel=tuple(cancel), job=(job.job_id, m.FAILED)
+        )
     task.status, task.reason = m.QUEUED, detail
     return Lost(task.task_id, holder, failed=False)
 
@@ -773,6 +787,7 @@ class Scheduler:
             if item.node_id is not None:
                 self.coord.send_cancel(item.node_id, item.task_id, "lease ended")
             cancel_leases(self.coord, item.cancel, "job failed")
+            report_job_end(item)
         if lost:
             self.coord.wake()
 

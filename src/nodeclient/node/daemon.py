@@ -580,11 +580,7 @@ class NodeDaemon:
                 return
             running = self.running.get(d.task_id)
             if running is not None:
-                # Leased again while it still runs here (the last lease ended, and no other
-                # node could take it): it runs on, under the new lease, which a reject of
-                # it must name, or the coordinator would take it for the old one's.
-                running.lease_expires_at = d.lease_expires_at
-                log.info("task.lease_renewed", extra={"task_id": str(d.task_id)})
+                await self._on_redispatch(running, d)
                 return
             reason = self._refusal(d)
             if reason:
@@ -604,6 +600,23 @@ class NodeDaemon:
                 self.state.transition(NodeState.EXECUTING, reason=f"task {d.task_id} started")
             task.handle = asyncio.create_task(self._execute(task, d))
             task.handle.add_done_callback(functools.partial(self._task_gone, task))
+
+    async def _on_redispatch(self, running: RunningTask, d: messages.Dispatch) -> None:
+        """The coordinator leased a task again while it still runs here (its last lease
+        ended, and no other node could take it)."""
+        if running.outcome is not None:  # cancelled, still unwinding: refuse the new lease
+            await self._reject(
+                d.task_id,
+                "the task was cancelled here and is still stopping; lease it again later",
+                lease_expires_at=d.lease_expires_at,
+            )
+            return
+        # It runs on, to the new lease's end, and a reject of it names the new lease, or
+        # the coordinator would take it for the old one's and ignore it.
+        running.lease_expires_at = d.lease_expires_at
+        left = max(0.0, d.lease_expires_at - self.clock.now())
+        self.executor.extend(d.task_id, time.monotonic() + left)
+        log.info("task.lease_renewed", extra={"task_id": str(d.task_id)})
 
     def _free_slot(self, task: RunningTask) -> None:
         """The task no longer holds its slot (once: both ends of a task call this)."""

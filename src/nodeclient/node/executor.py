@@ -305,6 +305,7 @@ class Executor:
         self._slots: list[_Slot] = []
         self._idle: asyncio.Queue[_Slot] | None = None
         self._running: dict[str, _Slot] = {}
+        self._deadlines: dict[str, asyncio.Timeout] = {}  # a running task's, to extend
         self._progress: dict[str, dict[str, Any]] = {}
         self._restarts: set[asyncio.Task[None]] = set()
         self._anon = itertools.count()
@@ -464,6 +465,18 @@ class Executor:
         """The latest ``{"done", "total", "note"}`` a running task reported, if any."""
         return self._progress.get(str(task_id))
 
+    def extend(self, task_id: object, deadline: float) -> bool:
+        """Move a running task's deadline (a value of the executor's clock) to *deadline*,
+        if that is later: its lease was renewed. False when it does not run here."""
+        timer = self._deadlines.get(str(task_id))
+        if timer is None:
+            return False
+        when = asyncio.get_running_loop().time() + (deadline - self._clock())
+        current = timer.when()
+        if current is not None and when > current:
+            timer.reschedule(when)
+        return True
+
     async def cancel(self, task_id: object) -> bool:
         """Kill the worker running *task_id*; its run() fails with "cancelled"."""
         slot = self._running.get(str(task_id))
@@ -547,8 +560,12 @@ class Executor:
             raise TaskFailed("deadline exceeded before the task started", requester_fault=False)
         slot.busy = True
         try:
-            async with asyncio.timeout(timeout):  # no extra task per run, unlike wait_for
-                frame = await slot.execute(header, payload, progress)
+            async with asyncio.timeout(timeout) as timer:  # no extra task, unlike wait_for
+                self._deadlines[key] = timer
+                try:
+                    frame = await slot.execute(header, payload, progress)
+                finally:
+                    self._deadlines.pop(key, None)
         except TimeoutError:
             slot.kill("deadline")
             raise TaskFailed(

@@ -102,9 +102,11 @@ def http_fetcher(
                     )
                     try:
                         resp = client.send(request, stream=True)
-                    except httpx.ConnectError:
+                    except (httpx.ConnectError, httpx.ConnectTimeout):
                         if i + 1 == len(targets):
                             raise
+                        if limits is not None:
+                            _left(limits, url)  # the next address only while time is left
                         continue
                     with contextlib.closing(resp):
                         if resp.status_code != 200:

@@ -313,15 +313,22 @@ def encode_result(
     return encode_tensors(tensors, metadata=meta)
 
 
-def decode_result(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES) -> RenderResult:
+def decode_result(
+    data: bytes,
+    *,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
+) -> RenderResult:
     """Parse a result; faults in its structure raise RemoteProtocolError.
 
-    The header lists every frame (~100 bytes each), so a job's assembled result of more
-    than ~10,000 small frames has a header over the default 1 MiB: it is bounded by
-    *max_bytes*, as the whole result is.
+    The header lists every frame (~100 bytes each). A slice's result (a node's, checked
+    on arrival) must fit the default 1 MiB header (at most 7,680 frames a slice, checked
+    at submission), so an untrusted node cannot make the coordinator parse more. A job's
+    assembled result may list far more small frames: a requester decodes it with
+    ``max_header_bytes=max_bytes``.
     """
     tensors, meta = decode_tensors(
-        data, max_bytes=max_bytes, max_tensors=MAX_FRAME + 1, max_header_bytes=max_bytes
+        data, max_bytes=max_bytes, max_tensors=MAX_FRAME + 1, max_header_bytes=max_header_bytes
     )
     keys = set(meta)
     if keys not in (_RESULT_KEYS, _RESULT_KEYS | _BAND_KEYS) or meta[META_CLASS] != CLASS:
