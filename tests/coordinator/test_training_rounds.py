@@ -15,7 +15,7 @@ import pytest
 import torch
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from nodeclient.coordinator import models as m
@@ -764,3 +764,27 @@ def test_a_slice_that_fails_everywhere_is_dropped_not_the_job(
     assert first["used"] == [1]
     assert [d["slice"] for d in first["dropped"]] == [0]
     assert "out of memory; gave up after 3 of 3 attempts" in first["dropped"][0]["reason"]
+
+
+def test_a_closed_rounds_payloads_are_emptied_and_its_results_kept(
+    digits: tuple, runtime: TorchTrainRuntime, tmp_path: Path
+) -> None:
+    """Each round's payloads carry the weights and a shard; once the round has closed and
+    the next is built from them, nothing reads them: they are emptied, so a long job does
+    not keep every round's copy. The results, which the proofs cover, stay."""
+    db = Database(f"sqlite:///{tmp_path / 'c.db'}")
+    job_id = _insert(db, _job(digits, rounds=3, inner_steps=5), 2)
+    _complete_round(db, job_id, runtime)
+    _complete_round(db, job_id, runtime)
+    rows = db.run_sync(
+        lambda s: s.execute(
+            select(m.Task.round_index, func.length(m.Task.payload), func.length(m.Task.result))
+            .where(m.Task.job_id == job_id)
+            .order_by(m.Task.round_index, m.Task.slice_index)
+        ).all()
+    )
+    db.close()
+    assert [(r, size == 0) for r, size, _ in rows] == [
+        (0, True), (0, True), (1, True), (1, True), (2, False), (2, False)
+    ]  # fmt: skip
+    assert all(result for r, _, result in rows if r < 2)  # the results stay

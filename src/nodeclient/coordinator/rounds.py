@@ -364,6 +364,8 @@ def close_round(
     cancel = tuple(c for t in open_tasks if (c := _withdraw(session, t, reason, now)) is not None)
     requests = {t.slice_index: tr.SliceRequest.decode(t.payload, max_bytes=len(t.payload))
                 for t in tasks}  # fmt: skip
+    for t in tasks:  # read for the last time: the next round's payloads are built from them
+        t.payload = b""  # the round's results, which proofs cover, stay
     base = requests[tasks[0].slice_index]
     state = (
         TrainState.decode(job.train_state)
