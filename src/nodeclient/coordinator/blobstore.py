@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import stat
@@ -204,11 +205,32 @@ async def sweep_once(coord: Coordinator) -> Swept:
     return swept
 
 
+async def forget_jobs(coord: Coordinator) -> int:
+    """Delete the jobs finished longer than ``job_retention`` ago, in batches; how many."""
+    if not coord.config.job_retention:
+        return 0
+    before = coord.now() - coord.config.job_retention
+    forgotten = 0
+    while n := await coord.db.run(functools.partial(store.forget_jobs_tx, finished_before=before)):
+        forgotten += n
+    if forgotten:
+        log.info(
+            "jobs.forgotten",
+            extra={
+                "jobs": forgotten,
+                "retention_days": round(coord.config.job_retention / 86400, 2),
+            },
+        )
+    return forgotten
+
+
 async def sweep_blobs(coord: Coordinator) -> None:
-    """Sweep the blob store every ``blob_sweep_interval`` seconds, for as long as it runs."""
+    """Every ``blob_sweep_interval`` seconds, for as long as it runs: delete the finished
+    jobs past their retention, then sweep the blob store."""
     while True:
         await asyncio.sleep(coord.config.blob_sweep_interval)
         try:
+            await forget_jobs(coord)
             await sweep_once(coord)
         except Exception:  # a full disk, a database hiccup: try again next time
             log.exception("blobs.sweep_failed")

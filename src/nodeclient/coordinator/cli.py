@@ -80,6 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=7 * 24,
         help="remove a blob no unfinished job references after this long unused (0: never)",
     )
+    serve.add_argument(
+        "--job-retention-days",
+        type=float,
+        default=0.0,
+        help="delete a finished job, its tasks and results this long after it ended (0: never)",
+    )
     serve.add_argument("--lease-seconds", type=float, default=300.0)
     serve.add_argument("--max-attempts", type=int, default=3)
     serve.add_argument(
@@ -139,6 +145,7 @@ def _serve(args: argparse.Namespace) -> int:
         lease_seconds=args.lease_seconds,
         max_attempts=args.max_attempts,
         blob_retention=args.blob_retention_hours * 3600,
+        job_retention=args.job_retention_days * 86400,
     )
     clock: Clock = OffsetFileClock(args.clock_file) if args.clock_file else SystemClock()
     sock = listen(args.host, args.port)  # claim the port before touching the database

@@ -79,6 +79,9 @@ class CoordinatorConfig:
     # the store is swept this often (coordinator/blobstore.py).
     blob_retention: float = 7 * 24 * 3600.0
     blob_sweep_interval: float = 3600.0
+    # A finished job (its tasks, results, proofs, attempts) is deleted this long after it
+    # finished, at the same sweep (0: kept forever; store.forget_jobs_tx).
+    job_retention: float = 0.0
     max_payload_bytes: int = 32 * MIB  # a task payload and a result travel in one frame
     manifest_max_age: int = 24 * 3600
 
@@ -110,6 +113,8 @@ class CoordinatorConfig:
             raise UsageError("blob retention must be 0 (keep every blob) or at least 1 hour")
         if self.blob_sweep_interval <= 0:
             raise UsageError("the blob sweep interval must be positive")
+        if self.job_retention != 0 and self.job_retention < MIN_BLOB_RETENTION:
+            raise UsageError("job retention must be 0 (keep every job) or at least 1 hour")
 
     @property
     def database_url(self) -> str:

@@ -37,6 +37,7 @@ from sqlalchemy import (
     Table,
     bindparam,
     create_engine,
+    delete,
     event,
     func,
     select,
@@ -449,6 +450,28 @@ def fill_job_blobs(session: Session, refs: Callable[[str, bytes], Iterable[str]]
         filled += bool(shas)
     session.add(m.Meta(key=_JOB_BLOBS_FILLED, value="1"))
     return filled
+
+
+def forget_jobs_tx(session: Session, *, finished_before: float, limit: int = 100) -> int:
+    """Delete up to *limit* jobs that finished before *finished_before*, with their tasks,
+    attempts, round metrics and blob references; how many. Equivocation evidence stays."""
+    ids = list(
+        session.scalars(
+            select(m.Job.job_id)
+            .where(m.Job.status.in_((m.SUCCEEDED, m.FAILED)), m.Job.finished_at < finished_before)
+            .order_by(m.Job.finished_at)
+            .limit(limit)
+        )
+    )
+    if not ids:
+        return 0
+    tasks = select(m.Task.task_id).where(m.Task.job_id.in_(ids))
+    session.execute(delete(m.TaskAttempt).where(m.TaskAttempt.task_id.in_(tasks)))
+    session.execute(delete(m.Task).where(m.Task.job_id.in_(ids)))
+    for table in (m.TrainRound, m.JobBlob):
+        session.execute(delete(table).where(table.job_id.in_(ids)))
+    session.execute(delete(m.Job).where(m.Job.job_id.in_(ids)))
+    return len(ids)
 
 
 def blobs_in_use(session: Session) -> set[str]:

@@ -1,0 +1,133 @@
+"""Finished jobs are deleted after --job-retention-days (0: kept for ever), with all that
+hangs off them; unfinished and recent jobs, and equivocation evidence, stay."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from nodeclient.coordinator import models as m
+from nodeclient.coordinator import store
+from nodeclient.coordinator.blobstore import forget_jobs
+from nodeclient.coordinator.cli import build_parser
+from nodeclient.coordinator.config import CoordinatorConfig
+from nodeclient.coordinator.store import Database
+from nodeclient.errors import UsageError
+from tests.coordinator.conftest import DB_URL
+from tests.coordinator.test_queue_rules import NOW, add_job
+
+DAY = 86400.0
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Iterator[Database]:
+    database = Database(f"sqlite:///{tmp_path / 'c.db'}")
+    try:
+        yield database
+    finally:
+        database.close()
+
+
+@pytest.fixture
+def any_db(tmp_path: Path) -> Iterator[Database]:
+    """The suite's database: PostgreSQL with NODECLIENT_TEST_DB_URL, else SQLite."""
+    database = Database(DB_URL or f"sqlite:///{tmp_path / 'c.db'}")
+    try:
+        yield database
+    finally:
+        database.close()
+
+
+def _finish(session: Session, job_id: str, status: str, at: float) -> None:
+    job = session.get_one(m.Job, job_id)
+    job.status, job.finished_at = status, at
+    for task in session.scalars(select(m.Task).where(m.Task.job_id == job_id)):
+        task.status = m.SUCCEEDED if status == m.SUCCEEDED else m.FAILED
+        session.add(m.TaskAttempt(task_id=task.task_id, attempt=1, node_id="0x" + "ab" * 20,
+                                  leased_at=at - 10, deadline=at + 290, ended_at=at,
+                                  outcome="succeeded"))  # fmt: skip
+    session.add(m.TrainRound(job_id=job_id, round_index=0, metrics="{}", closed_at=at))
+    session.add(m.JobBlob(job_id=job_id, sha256="c" * 64))
+
+
+def _count(session: Session, table: type, job_id: str) -> int:
+    return session.scalar(select(func.count()).select_from(table).where(table.job_id == job_id))
+
+
+def test_finished_jobs_past_retention_go_with_all_that_hangs_off_them(any_db: Database) -> None:
+    """On the suite's database (PostgreSQL too): the old jobs go, whatever their status,
+    a batch at a time; the recent and the unfinished stay whole."""
+    db = any_db
+    old_ok, _ = db.run_sync(lambda s: add_job(s, tasks=2))
+    old_failed, _ = db.run_sync(lambda s: add_job(s, tasks=1))
+    recent, _ = db.run_sync(lambda s: add_job(s, tasks=1))
+    running, _ = db.run_sync(lambda s: add_job(s, tasks=1))  # never finished: always kept
+    db.run_sync(lambda s: _finish(s, old_ok, m.SUCCEEDED, NOW - 40 * DAY))
+    db.run_sync(lambda s: _finish(s, old_failed, m.FAILED, NOW - 31 * DAY))
+    db.run_sync(lambda s: _finish(s, recent, m.SUCCEEDED, NOW - 1 * DAY))
+    marker = str(uuid.uuid4())  # a task id of no job: evidence outlives jobs
+    evidence = m.Equivocation(task_id=marker, node_id="0x" + "ab" * 20, accepted_proof="0x1",
+                              conflicting_proof="0x2", conflicting_signature="0x3",
+                              conflicting_message="{}", recorded_at=NOW)  # fmt: skip
+    db.run_sync(lambda s: s.add(evidence))
+
+    assert db.run_sync(lambda s: store.forget_jobs_tx(s, finished_before=NOW - 30 * DAY,
+                                                      limit=1)) == 1  # fmt: skip
+    while db.run_sync(lambda s: store.forget_jobs_tx(s, finished_before=NOW - 30 * DAY)):
+        pass  # on a shared database, other tests' old jobs go too
+
+    def left(s: Session) -> dict[str, tuple[int, ...]]:
+        out = {}
+        for name, job_id in (("old_ok", old_ok), ("old_failed", old_failed),
+                             ("recent", recent), ("running", running)):  # fmt: skip
+            tasks = select(m.Task.task_id).where(m.Task.job_id == job_id)
+            attempts = s.scalar(
+                select(func.count()).select_from(m.TaskAttempt)
+                .where(m.TaskAttempt.task_id.in_(tasks))
+            )  # fmt: skip
+            out[name] = (
+                int(s.get(m.Job, job_id) is not None), _count(s, m.Task, job_id), attempts,
+                _count(s, m.TrainRound, job_id), _count(s, m.JobBlob, job_id),
+            )  # fmt: skip
+        return out
+
+    assert db.run_sync(left) == {
+        "old_ok": (0, 0, 0, 0, 0), "old_failed": (0, 0, 0, 0, 0),
+        "recent": (1, 1, 1, 1, 1), "running": (1, 1, 0, 0, 0),
+    }  # fmt: skip
+    kept = select(func.count()).select_from(m.Equivocation).where(m.Equivocation.task_id == marker)
+    assert db.run_sync(lambda s: s.scalar(kept)) == 1
+
+
+def test_the_sweep_forgets_in_batches_only_when_asked(db: Database) -> None:
+    """0 (the default) keeps every job; a retention deletes every job past it, batch after
+    batch, at the blob sweep."""
+    ids = [db.run_sync(lambda s: add_job(s, tasks=1))[0] for _ in range(3)]
+    for job_id in ids:
+        db.run_sync(lambda s, j=job_id: _finish(s, j, m.SUCCEEDED, NOW - 10 * DAY))
+
+    def coord(retention: float) -> SimpleNamespace:
+        return SimpleNamespace(db=db, now=lambda: NOW,
+                               config=SimpleNamespace(job_retention=retention))  # fmt: skip
+
+    assert asyncio.run(forget_jobs(coord(0.0))) == 0  # type: ignore[arg-type]
+    assert asyncio.run(forget_jobs(coord(30 * DAY))) == 0  # type: ignore[arg-type]
+    assert asyncio.run(forget_jobs(coord(7 * DAY))) == 3  # type: ignore[arg-type]
+    assert db.run_sync(lambda s: s.scalar(select(func.count()).select_from(m.Job))) == 0
+
+
+def test_job_retention_is_validated(tmp_path: Path) -> None:
+    args = build_parser().parse_args(["serve", "--job-retention-days", "30"])
+    assert args.job_retention_days == 30
+    assert CoordinatorConfig(data_dir=tmp_path, job_retention=30 * DAY).job_retention == 30 * DAY
+    with pytest.raises(UsageError, match="job retention must be 0"):
+        CoordinatorConfig(data_dir=tmp_path, job_retention=60.0)
+    with pytest.raises(UsageError, match="finite"):
+        CoordinatorConfig(data_dir=tmp_path, job_retention=float("nan"))
