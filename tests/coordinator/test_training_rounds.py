@@ -788,3 +788,17 @@ def test_a_closed_rounds_payloads_are_emptied_and_its_results_kept(
         (0, True), (0, True), (1, True), (1, True), (2, False), (2, False)
     ]  # fmt: skip
     assert all(result for r, _, result in rows if r < 2)  # the results stay
+
+
+def test_a_job_ended_by_a_round_deadline_is_logged(caplog: pytest.LogCaptureFixture) -> None:
+    """A round closed at its deadline may end its job (the last round, or no valid slice):
+    job.succeeded / job.failed is logged with the job's id, as when a result ends it."""
+    from types import SimpleNamespace
+
+    woken: list[bool] = []
+    coord = SimpleNamespace(send_cancel=lambda *a: None, wake=lambda: woken.append(True))
+    closes = [rounds.RoundClose(m.SUCCEEDED, (), "job-1"), rounds.RoundClose(None, ())]
+    with caplog.at_level(logging.INFO, logger="nodeclient.coordinator.rounds"):
+        rounds.report_closes(coord, closes)  # type: ignore[arg-type]
+    ended = [(r.getMessage(), r.job_id) for r in caplog.records]  # type: ignore[attr-defined]
+    assert ended == [("job.succeeded", "job-1")] and woken == [True]

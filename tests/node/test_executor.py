@@ -453,25 +453,27 @@ async def _stop_idle_worker(executor: object, slot: object) -> None:
 
 def test_an_extended_deadline_lets_the_task_finish(node: Node) -> None:
     """A lease renewed while its task runs: extend() moves the deadline later, and the task
-    that would have been killed at the first one finishes; an earlier one changes nothing,
-    and a task that does not run here is not extended."""
+    that would have been killed at the first one finishes; an earlier one changes nothing.
+    A renewal that comes before the task reaches its worker applies when it starts."""
+    sleep = json.dumps({"do": "sleep", "seconds": 1.5}).encode()
 
-    async def scenario() -> bytes:
+    async def scenario() -> tuple[bytes, bytes]:
         task = asyncio.ensure_future(
-            node.executor.run(
-                HOSTILE,
-                json.dumps({"do": "sleep", "seconds": 1.5}).encode(),
-                task_id="renewed",
-                deadline=time.monotonic() + 0.5,
-            )
+            node.executor.run(HOSTILE, sleep, task_id="renewed", deadline=time.monotonic() + 0.5)
         )
-        while not node.executor.extend("renewed", time.monotonic() + 10):
+        while "renewed" not in node.executor._deadlines:
             await asyncio.sleep(0.01)
+        assert node.executor.extend("renewed", time.monotonic() + 10)
         assert node.executor.extend("renewed", time.monotonic() + 0.1)  # earlier: kept at 10 s
-        assert not node.executor.extend("elsewhere", time.monotonic() + 10)
-        return await task
+        first = await task
+        assert node.executor.extend("early", time.monotonic() + 10)  # before it starts
+        second = await node.executor.run(
+            HOSTILE, sleep, task_id="early", deadline=time.monotonic() + 0.5
+        )
+        return first, second
 
-    assert node.wait(scenario())  # slept 1.5 s, past the first deadline of 0.5 s
+    assert all(node.wait(scenario()))  # each slept 1.5 s, past its first deadline of 0.5 s
+    assert node.executor._extended == {}
 
 
 def test_expired_deadline_fails_before_running(node: Node) -> None:

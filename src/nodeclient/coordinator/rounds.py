@@ -316,6 +316,7 @@ class RoundClose:
 
     job_status: str | None
     cancel: tuple[tuple[str, str], ...] = ()
+    job_id: str | None = None  # the job, when it ended (job_status set)
 
 
 def _round_tasks(session: Session, job: m.Job) -> list[m.Task]:
@@ -395,14 +396,14 @@ def close_round(
         job.train_state = TrainState(state.weights, state.momentum).encode()
         job.status, job.finished_at = m.FAILED, now
         job.reason = f"round {r} has no valid pseudo-gradient: {why}"[:4000]
-        return RoundClose(m.FAILED, cancel)
+        return RoundClose(m.FAILED, cancel, job.job_id)
     weights, momentum = outer_step(state.weights, state.momentum, outcome.delta, config.outer)
     job.train_state = TrainState(weights, momentum).encode()
     if r + 1 >= config.rounds:
         job.result = tr.encode_final(model, weights, round_metrics(session, job.job_id))
         job.result_sha256 = hashlib.sha256(job.result).hexdigest()
         job.status, job.finished_at = m.SUCCEEDED, now
-        return RoundClose(m.SUCCEEDED, cancel)
+        return RoundClose(m.SUCCEEDED, cancel, job.job_id)
     job.round_index = r + 1
     container = tr.weights_container(weights)
     for index, request in sorted(requests.items()):
@@ -430,7 +431,7 @@ def _fail_job(session: Session, job: m.Job, reason: str, now: float) -> RoundClo
         if (c := _withdraw(session, t, why, now, outcome="cancelled")) is not None
     )
     job.status, job.reason, job.finished_at, job.round_deadline = m.FAILED, reason, now, None
-    return RoundClose(m.FAILED, cancel)
+    return RoundClose(m.FAILED, cancel, job.job_id)
 
 
 def _close_isolated(
@@ -517,5 +518,8 @@ def report_closes(coord: Coordinator, closes: Sequence[RoundClose]) -> None:
     """After :func:`deadline_tx`: tell nodes to drop their slices, wake the scheduler."""
     for node_id, task_id in (lease for close in closes for lease in close.cancel):
         coord.send_cancel(node_id, task_id, "round deadline passed")  # in the background
+    for close in closes:
+        if close.job_status is not None:
+            log.info(f"job.{close.job_status}", extra={"job_id": close.job_id})
     if closes:  # a next round may be queued
         coord.wake()

@@ -663,7 +663,9 @@ class NodeDaemon:
                     cache_dir = self.executor.config.cache_dir
                     if inputs.needs_fetch(task.workload_class, payload, cache_dir=cache_dir):
                         payload = await self._fetch_inputs(task, payload, d.lease_expires_at)
-                    lease_left = max(0.0, d.lease_expires_at - self.clock.now())
+                    # The task's lease, renewed if it was leased here again meanwhile.
+                    lease_end = task.lease_expires_at or d.lease_expires_at
+                    lease_left = max(0.0, lease_end - self.clock.now())
                     result = await self.executor.run(
                         task.workload_class,
                         payload,

@@ -55,6 +55,9 @@ _SETTLE_TIMEOUT: Final = 300.0  # emptying a work directory of rendered frames t
 OnProgress = Callable[[float, float, str], None]
 
 
+_MAX_PENDING_EXTENSIONS: Final = 1024  # renewals of tasks whose timer has not started
+
+
 class TaskFailed(NodeClientError):
     """The task did not produce a result; ``reason`` is what the signed Reject says."""
 
@@ -306,6 +309,7 @@ class Executor:
         self._idle: asyncio.Queue[_Slot] | None = None
         self._running: dict[str, _Slot] = {}
         self._deadlines: dict[str, asyncio.Timeout] = {}  # a running task's, to extend
+        self._extended: dict[str, float] = {}  # renewed before the task's timer started
         self._progress: dict[str, dict[str, Any]] = {}
         self._restarts: set[asyncio.Task[None]] = set()
         self._anon = itertools.count()
@@ -466,15 +470,25 @@ class Executor:
         return self._progress.get(str(task_id))
 
     def extend(self, task_id: object, deadline: float) -> bool:
-        """Move a running task's deadline (a value of the executor's clock) to *deadline*,
-        if that is later: its lease was renewed. False when it does not run here."""
-        timer = self._deadlines.get(str(task_id))
-        if timer is None:
+        """Move a task's deadline (a value of the executor's clock) to *deadline*, if that
+        is later: its lease was renewed. A task still waiting for its slot or its worker
+        gets it when it starts. False when its deadline has already struck."""
+        key = str(task_id)
+        timer = self._deadlines.get(key)
+        if timer is None:  # not started yet: applied when it starts (bounded, in case not)
+            self._extended[key] = max(deadline, self._extended.get(key, deadline))
+            if len(self._extended) > _MAX_PENDING_EXTENSIONS:
+                del self._extended[next(iter(self._extended))]
+            return True
+        if timer.expired():
             return False
         when = asyncio.get_running_loop().time() + (deadline - self._clock())
         current = timer.when()
         if current is not None and when > current:
-            timer.reschedule(when)
+            try:
+                timer.reschedule(when)
+            except RuntimeError:  # expiring in this very turn of the loop
+                return False
         return True
 
     async def cancel(self, task_id: object) -> bool:
@@ -533,6 +547,7 @@ class Executor:
         finally:
             self._running.pop(key, None)
             self._progress.pop(key, None)
+            self._extended.pop(key, None)
             slot.busy = False
             self._release(slot)
 
@@ -555,6 +570,9 @@ class Executor:
         ram_mb = int((resources or {}).get("ram_mb", 0))
         header: dict[str, Any] = {"op": "run", "class": workload_class}
         header["memory_bytes"] = (ram_mb << 20) or None
+        extended = self._extended.pop(key, None)
+        if extended is not None and deadline is not None:
+            deadline = max(deadline, extended)
         timeout = None if deadline is None else deadline - self._clock()
         if timeout is not None and timeout <= 0:
             raise TaskFailed("deadline exceeded before the task started", requester_fault=False)

@@ -97,17 +97,16 @@ def http_fetcher(
             targets, headers, extensions = _pinned(url, home)
             with httpx.Client(timeout=wait) as client:
                 for i, target in enumerate(targets):  # each checked address, in order
+                    left = wait if limits is None or i == 0 else min(timeout, _left(limits, url))
                     request = client.build_request(
-                        "GET", target, headers=headers, extensions=extensions
+                        "GET", target, headers=headers, extensions=extensions, timeout=left
                     )
                     try:
                         resp = client.send(request, stream=True)
                     except (httpx.ConnectError, httpx.ConnectTimeout):
                         if i + 1 == len(targets):
                             raise
-                        if limits is not None:
-                            _left(limits, url)  # the next address only while time is left
-                        continue
+                        continue  # the next address, with what is left of the time
                     with contextlib.closing(resp):
                         if resp.status_code != 200:
                             raise RemoteProtocolError(f"GET {url[:80]} answered {resp.status_code}")
