@@ -276,6 +276,21 @@ def test_a_download_stops_at_the_tasks_deadline(drip: str, path: str) -> None:
     assert time.monotonic() - began < 3
 
 
+def test_a_renewed_lease_lets_a_download_go_on(drip: str) -> None:
+    """The task was leased here again while its inputs were downloading: the download goes
+    on past the first lease's end, to the new one's."""
+    limits = FetchLimits(deadline=time.monotonic() + 0.5, cancelled=threading.Event())
+    began = time.monotonic()
+    renew = threading.Timer(0.2, limits.extend, args=(time.monotonic() + 1.5,))
+    renew.start()
+    with fetch_limits(limits), pytest.raises(RemoteProtocolError, match="deadline"):
+        http_fetcher(drip)("/drip")
+    renew.join()
+    assert 1.3 < time.monotonic() - began < 4  # stopped at the new end, not the first
+    limits.extend(time.monotonic() - 60)  # an earlier end changes nothing
+    assert limits.deadline > time.monotonic() - 1
+
+
 def test_a_cancelled_tasks_download_stops(drip: str) -> None:
     """The daemon sets the flag when it cancels the task; the fetching thread stops at its
     next chunk instead of holding a thread for the whole download."""

@@ -129,6 +129,7 @@ class RunningTask:
     outcome: str | None = None  # how it ended, once counted (_task_ended)
     finishing: bool = False  # executed: its result is committed and sent, cancel or not
     lease_expires_at: int | None = None  # its dispatch's, echoed in a reject of it
+    fetch_limits: inputs.FetchLimits | None = None  # while its inputs download
 
 
 @dataclass
@@ -614,8 +615,10 @@ class NodeDaemon:
         # It runs on, to the new lease's end, and a reject of it names the new lease, or
         # the coordinator would take it for the old one's and ignore it.
         running.lease_expires_at = d.lease_expires_at
-        left = max(0.0, d.lease_expires_at - self.clock.now())
-        self.executor.extend(d.task_id, time.monotonic() + left)
+        until = time.monotonic() + max(0.0, d.lease_expires_at - self.clock.now())
+        if running.fetch_limits is not None:  # its inputs may still be downloading
+            running.fetch_limits.extend(until)
+        self.executor.extend(d.task_id, until)
         log.info("task.lease_renewed", extra={"task_id": str(d.task_id)})
 
     def _free_slot(self, task: RunningTask) -> None:
@@ -662,7 +665,9 @@ class NodeDaemon:
                     started = time.monotonic()
                     cache_dir = self.executor.config.cache_dir
                     if inputs.needs_fetch(task.workload_class, payload, cache_dir=cache_dir):
-                        payload = await self._fetch_inputs(task, payload, d.lease_expires_at)
+                        payload = await self._fetch_inputs(
+                            task, payload, task.lease_expires_at or d.lease_expires_at
+                        )
                     # The task's lease, renewed if it was leased here again meanwhile.
                     lease_end = task.lease_expires_at or d.lease_expires_at
                     lease_left = max(0.0, lease_end - self.clock.now())
@@ -760,7 +765,7 @@ class NodeDaemon:
     async def _fetch_inputs(self, task: RunningTask, payload: bytes, lease_end: float) -> bytes:
         """_resolve_inputs in the fetch threads (one per slot, apart from the threads that
         commit and acknowledge results), stopped at the lease's end or a cancel."""
-        limits = inputs.FetchLimits(
+        limits = task.fetch_limits = inputs.FetchLimits(
             deadline=time.monotonic() + max(0.0, lease_end - self.clock.now()),
             cancelled=threading.Event(),
         )

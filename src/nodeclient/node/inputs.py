@@ -51,14 +51,19 @@ _FETCH_ERRORS: Final = (httpx.HTTPError, httpx.InvalidURL, UnicodeError)
 Fetch = Callable[[str], bytes]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class FetchLimits:
     """What bounds the downloads of one task: its lease's end (``time.monotonic``) and its
     cancellation. A thread cannot be cancelled: the download checks both between chunks,
-    and no read waits past the deadline."""
+    and no read waits past the deadline (as it stood when the read began)."""
 
     deadline: float
     cancelled: threading.Event
+
+    def extend(self, deadline: float) -> None:
+        """A renewed lease: later chunks may come until *deadline*, if that is later (one
+        float store, which the downloading thread reads between chunks)."""
+        self.deadline = max(self.deadline, deadline)
 
 
 _LIMITS: contextvars.ContextVar[FetchLimits | None] = contextvars.ContextVar(
