@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import threading
 import time
@@ -32,6 +33,7 @@ from nodeclient.coordinator.client import CoordinatorClient
 from nodeclient.coordinator.config import CoordinatorConfig, SybilPolicy
 from nodeclient.coordinator.server import build_server, listen, url_of
 from nodeclient.coordinator.service import Coordinator
+from nodeclient.coordinator.store import Database
 from nodeclient.protocol import eip712, envelope, manifest, messages
 from nodeclient.protocol.proof import proof_of_execution
 from nodeclient.protocol.secp import Secp256k1Key
@@ -306,3 +308,32 @@ def closed_code(ws: ClientConnection) -> tuple[int, str]:
     rcvd = info.value.rcvd
     assert rcvd is not None
     return rcvd.code, rcvd.reason
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Iterator[Database]:
+    """A database of the test's own: SQLite in its temporary directory."""
+    database = Database(f"sqlite:///{tmp_path / 'c.db'}")
+    try:
+        yield database
+    finally:
+        database.close()
+
+
+@pytest.fixture
+def any_db(tmp_path: Path) -> Iterator[Database]:
+    """The suite's database: PostgreSQL with NODECLIENT_TEST_DB_URL, else SQLite."""
+    database = Database(DB_URL or f"sqlite:///{tmp_path / 'c.db'}")
+    try:
+        yield database
+    finally:
+        database.close()
+
+
+@pytest.fixture
+def restore_logging() -> Iterator[None]:
+    """serve configures the nodeclient logger on the captured stderr: undo that after."""
+    root = logging.getLogger("nodeclient")
+    saved = (root.handlers[:], root.level, root.propagate)
+    yield
+    root.handlers[:], root.level, root.propagate = saved[0], saved[1], saved[2]

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import hashlib
-import logging
 import os
 import re
 import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -52,15 +50,6 @@ def test_serve_prints_url_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
             proc.kill()
             proc.wait()
     assert (tmp_path / "coordinator.db").is_file()
-
-
-@pytest.fixture
-def restore_logging() -> Iterator[None]:
-    """serve configures the nodeclient logger on the captured stderr: undo that after."""
-    root = logging.getLogger("nodeclient")
-    saved = (root.handlers[:], root.level, root.propagate)
-    yield
-    root.handlers[:], root.level, root.propagate = saved[0], saved[1], saved[2]
 
 
 @pytest.mark.usefixtures("restore_logging")

@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
-from pathlib import Path
 from types import SimpleNamespace
 
-import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from nodeclient.coordinator import models as m
@@ -15,15 +12,6 @@ from nodeclient.coordinator.scheduler import Scheduler, assign_tx
 from nodeclient.coordinator.store import Database
 from nodeclient.protocol.secp import Secp256k1Key
 from tests.coordinator.test_queue_rules import NOW, add_job, node
-
-
-@pytest.fixture
-def db(tmp_path: Path) -> Iterator[Database]:
-    database = Database(f"sqlite:///{tmp_path / 'c.db'}")
-    try:
-        yield database
-    finally:
-        database.close()
 
 
 def test_a_node_that_unstaked_during_the_round_gets_no_dispatch(db: Database) -> None:

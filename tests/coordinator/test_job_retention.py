@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -20,29 +19,9 @@ from nodeclient.coordinator.cli import build_parser
 from nodeclient.coordinator.config import CoordinatorConfig
 from nodeclient.coordinator.store import Database
 from nodeclient.errors import UsageError
-from tests.coordinator.conftest import DB_URL
 from tests.coordinator.test_queue_rules import NOW, add_job
 
 DAY = 86400.0
-
-
-@pytest.fixture
-def db(tmp_path: Path) -> Iterator[Database]:
-    database = Database(f"sqlite:///{tmp_path / 'c.db'}")
-    try:
-        yield database
-    finally:
-        database.close()
-
-
-@pytest.fixture
-def any_db(tmp_path: Path) -> Iterator[Database]:
-    """The suite's database: PostgreSQL with NODECLIENT_TEST_DB_URL, else SQLite."""
-    database = Database(DB_URL or f"sqlite:///{tmp_path / 'c.db'}")
-    try:
-        yield database
-    finally:
-        database.close()
 
 
 def _finish(session: Session, job_id: str, status: str, at: float) -> None:

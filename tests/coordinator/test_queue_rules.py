@@ -4,8 +4,6 @@ what a failed job leaves behind (no sockets: the transactions are called directl
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from sqlalchemy import select
@@ -21,18 +19,8 @@ from nodeclient.coordinator.scheduler import (
 )
 from nodeclient.coordinator.store import Database
 from nodeclient.coordinator.verifier import reject_tx
-from tests.coordinator.conftest import DB_URL
 
 NOW = 1_800_000_000.0
-
-
-@pytest.fixture
-def db(tmp_path: Path) -> Iterator[Database]:
-    database = Database(f"sqlite:///{tmp_path / 'c.db'}")
-    try:
-        yield database
-    finally:
-        database.close()
 
 
 def add_job(
@@ -246,7 +234,7 @@ def test_a_lease_withdrawn_while_its_payload_was_sealed_is_not_dispatched(db: Da
         return True
 
     coord = SimpleNamespace(
-        db=db, nodes={address: SimpleNamespace(public_key=public_key)}, send_to=send_to,
+        db=db, nodes={address: SimpleNamespace(public_key=public_key, unstaking_until=None)}, send_to=send_to,
         now=lambda: NOW, wake=lambda: None, withdrawn={},
     )  # fmt: skip
     asyncio.run(Scheduler.dispatch_all(SimpleNamespace(coord=coord), placed))  # type: ignore[arg-type]
@@ -293,7 +281,7 @@ def test_a_cancel_on_its_way_is_not_overtaken_by_its_dispatch(db: Database) -> N
             return result
 
     coord = SimpleNamespace(
-        db=RacingDb(), nodes={address: SimpleNamespace(public_key=public_key)},
+        db=RacingDb(), nodes={address: SimpleNamespace(public_key=public_key, unstaking_until=None)},
         send_to=send_to, now=lambda: NOW, wake=lambda: None,
         withdrawn=collections.OrderedDict(),
         spawn=lambda coro, what: background.append(asyncio.ensure_future(coro)),
@@ -308,16 +296,6 @@ def test_a_cancel_on_its_way_is_not_overtaken_by_its_dispatch(db: Database) -> N
     assert sorted(sent) == sorted([("cancel", ending), ("dispatch", standing)])
     Coordinator.granted(coord, [(address, ending)])  # type: ignore[arg-type]
     assert (address, ending) not in coord.withdrawn  # a new lease is dispatched again
-
-
-@pytest.fixture
-def any_db(tmp_path: Path) -> Iterator[Database]:
-    """The suite's database: PostgreSQL with NODECLIENT_TEST_DB_URL, else SQLite."""
-    database = Database(DB_URL or f"sqlite:///{tmp_path / 'c.db'}")
-    try:
-        yield database
-    finally:
-        database.close()
 
 
 def test_a_failed_send_undoes_only_its_own_lease(any_db: Database) -> None:

@@ -3,7 +3,6 @@ coordinator id, a port out of range; and the stored coordinator id they must not
 
 from __future__ import annotations
 
-import logging
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,15 +17,6 @@ from nodeclient.coordinator.config import CoordinatorConfig
 from nodeclient.coordinator.server import listen
 from nodeclient.errors import UsageError
 from tests.coordinator.conftest import START, ManualClock, config_for, start, stop
-
-
-@pytest.fixture
-def restore_logging() -> Iterator[None]:
-    """serve configures the nodeclient logger on the captured stderr: undo that after."""
-    root = logging.getLogger("nodeclient")
-    saved = (root.handlers[:], root.level, root.propagate)
-    yield
-    root.handlers[:], root.level, root.propagate = saved[0], saved[1], saved[2]
 
 
 @pytest.fixture

@@ -287,16 +287,11 @@ class TrainState:
 
 def _record_round(session: Session, job: m.Job, state: TrainState, row: dict[str, Any],
                   now: float) -> None:  # fmt: skip
-    """Store a closed round's metrics (and, once, those an old state still carried)."""
-    known = set(
-        session.scalars(select(m.TrainRound.round_index).where(m.TrainRound.job_id == job.job_id))
-    )
-    for old in state.legacy_metrics:
-        if old["round"] not in known:
-            session.add(m.TrainRound(job_id=job.job_id, round_index=old["round"],
-                                     metrics=tr.dump_json(old), closed_at=now))  # fmt: skip
-    session.add(m.TrainRound(job_id=job.job_id, round_index=row["round"],
-                             metrics=tr.dump_json(row), closed_at=now))  # fmt: skip
+    """Store a closed round's metrics (and, once, those an old state still carried: written
+    before train_rounds, it has no rows yet, and the state is written back without them)."""
+    for metrics in (*state.legacy_metrics, row):
+        session.add(m.TrainRound(job_id=job.job_id, round_index=metrics["round"],
+                                 metrics=tr.dump_json(metrics), closed_at=now))  # fmt: skip
     session.flush()
 
 

@@ -814,9 +814,15 @@ class Scheduler:
         # A node that unstaked meanwhile (its cooldown recorded after this round read the
         # roster) would refuse the dispatch, and its signed refusal would spend an attempt:
         # undo its leases here instead, for free, checked in the same step as the sends start.
-        unstaked = [assigned[i] for i in keep if _unstaking(coord.nodes.get(assigned[i].node_id))]
-        keep = [i for i in keep if not _unstaking(coord.nodes.get(assigned[i].node_id))]
-        assigned, sealed = [assigned[i] for i in keep], [sealed[i] for i in keep]
+        unstaked: list[Assignment] = []
+        staying: list[int] = []
+        for i in keep:
+            a = assigned[i]
+            if coord.nodes[a.node_id].unstaking_until is None:
+                staying.append(i)
+            else:
+                unstaked.append(a)
+        assigned, sealed = [assigned[i] for i in staying], [sealed[i] for i in staying]
         frames = [
             messages.Dispatch(
                 task_id=uuid.UUID(a.task_id),
@@ -853,10 +859,6 @@ class Scheduler:
         for a in undelivered:
             log.info("task.undeliverable", extra={"task_id": a.task_id, "node_id": a.node_id})
         coord.wake()
-
-
-def _unstaking(info: object) -> bool:
-    return getattr(info, "unstaking_until", None) is not None
 
 
 def _live_leases(session: Session, assigned: Sequence[Assignment]) -> set[tuple[str, str, int]]:
