@@ -48,6 +48,7 @@ from sqlalchemy.orm import Session
 from sqlalchemy.pool import ConnectionPoolEntry
 
 from nodeclient.coordinator import models as m
+from nodeclient.coordinator import schema
 from nodeclient.protocol import eip712
 
 T = TypeVar("T")
@@ -141,7 +142,11 @@ class Database:
 
     def __init__(self, url: str) -> None:
         self.engine = make_engine(url)
-        m.Base.metadata.create_all(self.engine)
+        try:
+            schema.prepare(self.engine)  # create, upgrade, or refuse a newer database
+        except BaseException:
+            self.engine.dispose()
+            raise
         self._thread = _DbThread("coordinator-db")
         # Heartbeat commits: SQLite has one writer at a time, so they stay on the one
         # database thread and jump its queue (waiting on SQLite's lock from a second thread

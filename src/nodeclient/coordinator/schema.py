@@ -1,0 +1,129 @@
+"""The coordinator database's schema version, and bringing an older database up to date.
+
+``meta.schema_version`` records the layout a database has. At start the coordinator:
+
+- gives a new database every table and records :data:`SCHEMA_VERSION`;
+- brings an older database up to date (one written before the version was recorded
+  counts as version 0): missing tables are created, then the columns and indexes added
+  since are added, then the steps of each later version in :data:`_STEPS` run (data
+  changes), and the new version is recorded. It is one transaction: SQLite's and
+  PostgreSQL's DDL is transactional, so a failed upgrade leaves the database as it was;
+- refuses a database written by a newer coordinator, which this one would misread.
+
+Every column added after the first release is nullable or has a server default, so
+``ALTER TABLE .. ADD COLUMN`` fills the rows already there; a test checks it against the
+first release's layout. A column that is neither cannot be added this way and stops the
+upgrade with a clear error rather than a half-done one.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Final
+
+from sqlalchemy import Column, Connection, Engine, Table, insert, inspect, select, update
+from sqlalchemy.schema import CreateColumn
+
+from nodeclient.coordinator import models as m
+from nodeclient.errors import UsageError
+
+log = logging.getLogger("nodeclient.coordinator.schema")
+
+SCHEMA_VERSION: Final = 1
+SCHEMA_KEY: Final = "schema_version"
+
+# version -> the data changes that take a database from version - 1 to it, run after the
+# additive DDL (new tables, columns, indexes). Version 1 needs none: it is the first
+# release's layout plus nullable or defaulted columns and new tables.
+_STEPS: Final[dict[int, Callable[[Connection], None]]] = {}
+
+
+class SchemaError(UsageError):
+    """The database cannot be used by this coordinator as it is."""
+
+
+def prepare(engine: Engine) -> int:
+    """Create or bring up to date the coordinator's tables; the version found (0: none,
+    or a database from before versions were recorded). Raises SchemaError for a database
+    from a newer coordinator, or one this version cannot upgrade."""
+    with engine.begin() as conn:
+        found = _version(conn)
+        if found > SCHEMA_VERSION:
+            raise SchemaError(
+                f"the database {engine.url.render_as_string(hide_password=True)} has schema "
+                f"version {found}, written by a newer nodeclient-coordinator; this one knows "
+                f"versions up to {SCHEMA_VERSION}. Upgrade nodeclient, or give --db another "
+                "database"
+            )
+        existing = set(inspect(conn).get_table_names())
+        m.Base.metadata.create_all(conn)  # the tables that are missing, with their indexes
+        if found < SCHEMA_VERSION:
+            for table in m.Base.metadata.sorted_tables:
+                if table.name in existing:
+                    _add_missing(conn, table)
+            for version in range(found + 1, SCHEMA_VERSION + 1):
+                step = _STEPS.get(version)
+                if step is not None:
+                    step(conn)
+            _record(conn, SCHEMA_VERSION, existing=found > 0)
+            if existing:
+                log.info(
+                    "database.upgraded", extra={"from_version": found, "to_version": SCHEMA_VERSION}
+                )
+        return found
+
+
+def _version(conn: Connection) -> int:
+    if "meta" not in inspect(conn).get_table_names():
+        return 0
+    value = conn.scalar(select(m.Meta.value).where(m.Meta.key == SCHEMA_KEY))
+    if value is None:
+        return 0
+    try:
+        version = int(value)
+    except ValueError:
+        version = -1
+    if version < 1:
+        raise SchemaError(
+            f"the database's {SCHEMA_KEY} is {value!r}, not a version number: it was not "
+            "written by nodeclient-coordinator, or it was damaged"
+        )
+    return version
+
+
+def _record(conn: Connection, version: int, *, existing: bool) -> None:
+    if existing:
+        conn.execute(update(m.Meta).where(m.Meta.key == SCHEMA_KEY).values(value=str(version)))
+    else:
+        conn.execute(insert(m.Meta).values(key=SCHEMA_KEY, value=str(version)))
+
+
+def _add_missing(conn: Connection, table: Table) -> None:
+    """Add the columns and indexes of *table* that the database's copy lacks."""
+    insp = inspect(conn)
+    have = {c["name"] for c in insp.get_columns(table.name)}
+    for column in table.columns:
+        if column.name not in have:
+            _add_column(conn, table, column)
+    indexes = {ix["name"] for ix in insp.get_indexes(table.name)}
+    for index in table.indexes:
+        if index.name not in indexes:
+            index.create(conn)
+
+
+def _add_column(conn: Connection, table: Table, column: Column[object]) -> None:
+    if (
+        column.primary_key
+        or column.foreign_keys
+        or (not column.nullable and column.server_default is None)
+    ):
+        raise SchemaError(
+            f"cannot upgrade the database: column {table.name}.{column.name} is missing, "
+            "and it can only be added to an empty table (not nullable, no default, or a "
+            "key). Restore the database this coordinator version was meant to open"
+        )
+    spec = CreateColumn(column).compile(dialect=conn.dialect)
+    name = conn.dialect.identifier_preparer.format_table(table)
+    conn.exec_driver_sql(f"ALTER TABLE {name} ADD COLUMN {spec}")
+    log.info("database.column_added", extra={"table": table.name, "column": column.name})

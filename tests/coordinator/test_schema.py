@@ -1,0 +1,277 @@
+"""The database's schema version: an older database is brought up to date with its rows,
+a newer one is refused, and a failed upgrade changes nothing."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import Column, Integer, MetaData, Table, create_engine, inspect, text
+
+from nodeclient.coordinator import cli, schema
+from nodeclient.coordinator import models as m
+from nodeclient.coordinator.store import Database
+from tests.coordinator.conftest import (
+    DB_URL,
+    START,
+    ManualClock,
+    config_for,
+    inference_payload,
+    inference_result,
+    make_node,
+    start,
+    stop,
+)
+
+# The tables of the first release (commit b5a6c21), exactly as it created them on SQLite:
+# no schema_version yet, and none of the columns and tables added since.
+FIRST_RELEASE = """
+CREATE TABLE meta ("key" VARCHAR(64) NOT NULL, value TEXT NOT NULL, PRIMARY KEY ("key"));
+CREATE TABLE nodes (
+    node_id VARCHAR(42) NOT NULL, wallet_address VARCHAR(42) NOT NULL,
+    liveness_address VARCHAR(42) NOT NULL, pubkey_rsa TEXT NOT NULL,
+    hardware_tier INTEGER NOT NULL, region VARCHAR(32) NOT NULL, workload_classes TEXT NOT NULL,
+    max_parallel_subtasks INTEGER NOT NULL, manifest TEXT NOT NULL,
+    manifest_hash VARCHAR(64) NOT NULL, issued_at BIGINT NOT NULL, registered_at FLOAT NOT NULL,
+    updated_at FLOAT NOT NULL, last_seq BIGINT NOT NULL, state VARCHAR(16), last_seen FLOAT,
+    unstaking_until BIGINT, PRIMARY KEY (node_id)
+);
+CREATE INDEX ix_nodes_wallet_address ON nodes (wallet_address);
+CREATE TABLE jobs (
+    job_id VARCHAR(36) NOT NULL, workload_class VARCHAR(64) NOT NULL,
+    status VARCHAR(16) NOT NULL, reason TEXT, min_tier INTEGER NOT NULL, region VARCHAR(32),
+    slices INTEGER NOT NULL, meta TEXT NOT NULL, created_at FLOAT NOT NULL, finished_at FLOAT,
+    result BLOB, result_sha256 VARCHAR(64), PRIMARY KEY (job_id)
+);
+CREATE INDEX ix_jobs_status ON jobs (status);
+CREATE TABLE equivocations (
+    id INTEGER NOT NULL, task_id VARCHAR(36) NOT NULL, node_id VARCHAR(42) NOT NULL,
+    accepted_proof VARCHAR(66) NOT NULL, conflicting_proof VARCHAR(66) NOT NULL,
+    conflicting_signature VARCHAR(132) NOT NULL, conflicting_message TEXT NOT NULL,
+    recorded_at FLOAT NOT NULL, PRIMARY KEY (id)
+);
+CREATE INDEX ix_equivocations_task_id ON equivocations (task_id);
+CREATE INDEX ix_equivocations_node_id ON equivocations (node_id);
+CREATE TABLE tasks (
+    task_id VARCHAR(36) NOT NULL, job_id VARCHAR(36) NOT NULL, slice_index INTEGER NOT NULL,
+    slice_count INTEGER NOT NULL, status VARCHAR(16) NOT NULL, node_id VARCHAR(42),
+    attempts INTEGER NOT NULL, queued_at FLOAT NOT NULL, leased_at FLOAT, lease_deadline FLOAT,
+    payload BLOB NOT NULL, result BLOB, result_sha256 VARCHAR(64), result_size BIGINT,
+    proof VARCHAR(66), signature VARCHAR(132), message TEXT, completed_at FLOAT, reason TEXT,
+    PRIMARY KEY (task_id), FOREIGN KEY(job_id) REFERENCES jobs (job_id)
+);
+CREATE INDEX ix_tasks_job_id ON tasks (job_id);
+CREATE INDEX ix_tasks_node_id ON tasks (node_id);
+CREATE INDEX ix_tasks_status_queued_at ON tasks (status, queued_at);
+CREATE TABLE task_attempts (
+    id INTEGER NOT NULL, task_id VARCHAR(36) NOT NULL, attempt INTEGER NOT NULL,
+    node_id VARCHAR(42) NOT NULL, leased_at FLOAT NOT NULL, deadline FLOAT NOT NULL,
+    ended_at FLOAT, outcome VARCHAR(32), PRIMARY KEY (id),
+    FOREIGN KEY(task_id) REFERENCES tasks (task_id)
+);
+CREATE INDEX ix_task_attempts_task_id ON task_attempts (task_id);
+"""
+VALUES = [3.0, 4.0]
+
+
+def _columns(url: str) -> dict[str, set[str]]:
+    engine = create_engine(url)
+    try:
+        insp = inspect(engine)
+        return {t: {c["name"] for c in insp.get_columns(t)} for t in insp.get_table_names()}
+    finally:
+        engine.dispose()
+
+
+def _version(url: str) -> str | None:
+    engine = create_engine(url)
+    try:
+        with engine.connect() as conn:
+            return conn.scalar(
+                text("SELECT value FROM meta WHERE key = :k"), {"k": schema.SCHEMA_KEY}
+            )
+    finally:
+        engine.dispose()
+
+
+def _first_release_copy(current: Path, old: Path) -> None:
+    """*old*: the first release's tables holding the rows of *current* (a database this
+    version wrote), without schema_version: what an operator upgrading from it has."""
+    con = sqlite3.connect(old)
+    try:
+        con.executescript(FIRST_RELEASE)
+        con.execute("ATTACH DATABASE ? AS cur", (str(current),))
+        for (table,) in con.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite%'"
+        ).fetchall():
+            cols = ", ".join(
+                f'"{row[1]}"' for row in con.execute(f"PRAGMA main.table_info({table})")
+            )
+            con.execute(f"INSERT INTO main.{table} ({cols}) SELECT {cols} FROM cur.{table}")
+        con.execute("DELETE FROM main.meta WHERE key = ?", (schema.SCHEMA_KEY,))
+        con.commit()
+    finally:
+        con.close()
+
+
+def test_a_first_release_database_is_upgraded_and_its_queued_job_runs(
+    tmp_path: Path, rsa_keys
+) -> None:
+    """(SQLite, whose DDL the first release's layout is recorded in.) A database in the
+    first release's layout (which made this version's scheduler fail
+    on every round: no such column tasks.round_index) gets the columns and tables added
+    since, keeps its node, job and coordinator_id, and its queued job is dispatched,
+    verified and finished."""
+    clock = ManualClock(START)
+    node = make_node(rsa_keys, 0)
+    payload = inference_payload(VALUES)
+    first, server, thread = start(config_for(data_dir=tmp_path / "now", db_url=None), clock)
+    try:
+        first.register(node)
+        job = first.client.submit_job("ai.inference", payload)
+    finally:
+        stop(first, server, thread)
+    (tmp_path / "old").mkdir()
+    old = tmp_path / "old" / "coordinator.db"
+    _first_release_copy(tmp_path / "now" / "coordinator.db", old)
+    url = f"sqlite:///{old}"
+    assert "round_index" not in _columns(url)["tasks"]
+    assert _version(url) is None
+
+    again, server2, thread2 = start(config_for(data_dir=tmp_path / "old", db_url=None), clock)
+    try:
+        assert _version(url) == str(schema.SCHEMA_VERSION)
+        cols = _columns(url)
+        for table in m.Base.metadata.sorted_tables:
+            assert cols[table.name] == {c.name for c in table.columns}, table.name
+        assert [n["node_id"] for n in again.client.nodes()] == [node.node_id]
+        again.link(node)
+        dispatch = node.recv()
+        assert dispatch["type"] == "dispatch"
+        assert dispatch["job_id"] == job["job_id"]
+        ack = node.call(node.result(dispatch, inference_result(payload, VALUES)))
+        assert ack["status"] == "accepted"
+        assert again.wait_job(job["job_id"], "succeeded")["status"] == "succeeded"
+    finally:
+        stop(again, server2, thread2)
+
+
+def test_a_database_of_a_newer_coordinator_is_refused_untouched(tmp_path: Path) -> None:
+    url = DB_URL or f"sqlite:///{tmp_path / 'c.db'}"
+    Database(url).close()
+    assert _version(url) == str(schema.SCHEMA_VERSION)  # recorded at creation
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(
+            text("UPDATE meta SET value = :v WHERE key = :k"),
+            {"v": str(schema.SCHEMA_VERSION + 1), "k": schema.SCHEMA_KEY},
+        )
+        conn.execute(text("DROP TABLE train_rounds"))  # "newer" layouts may differ
+    engine.dispose()
+    with pytest.raises(schema.SchemaError, match="newer nodeclient-coordinator"):
+        Database(url)
+    assert "train_rounds" not in _columns(url)  # nothing created in a database it refuses
+    assert _version(url) == str(schema.SCHEMA_VERSION + 1)
+
+
+def test_serve_refuses_a_newer_database_in_one_line(
+    tmp_path: Path, capsys, restore_logging
+) -> None:
+    path = tmp_path / "c.db"
+    Database(f"sqlite:///{path}").close()
+    con = sqlite3.connect(path)
+    con.execute("UPDATE meta SET value = '99' WHERE key = ?", (schema.SCHEMA_KEY,))
+    con.commit()
+    con.close()
+    code = cli.main(["serve", "--port", "0", "--db", f"sqlite:///{path}"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.count("\n") == 1
+    assert "schema version 99" in err and "Upgrade nodeclient" in err
+
+
+@pytest.mark.parametrize("value", ["x", "0", "-3"])
+def test_a_schema_version_that_is_not_one_is_refused(tmp_path: Path, value: str) -> None:
+    path = tmp_path / "c.db"
+    Database(f"sqlite:///{path}").close()
+    con = sqlite3.connect(path)
+    con.execute("UPDATE meta SET value = ? WHERE key = ?", (value, schema.SCHEMA_KEY))
+    con.commit()
+    con.close()
+    with pytest.raises(schema.SchemaError, match="not a version number"):
+        Database(f"sqlite:///{path}")
+
+
+def test_a_failed_upgrade_leaves_the_database_as_it_was(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The upgrade is one transaction: a step that fails after the columns were added
+    takes them back, and the version stays unrecorded."""
+    path = tmp_path / "c.db"
+    con = sqlite3.connect(path)
+    con.executescript(FIRST_RELEASE)
+    con.close()
+    before = _columns(f"sqlite:///{path}")
+
+    def broken(_conn: Any) -> None:
+        raise RuntimeError("step failed")
+
+    monkeypatch.setitem(schema._STEPS, schema.SCHEMA_VERSION, broken)
+    with pytest.raises(RuntimeError, match="step failed"):
+        Database(f"sqlite:///{path}")
+    assert _columns(f"sqlite:///{path}") == before
+    assert _version(f"sqlite:///{path}") is None
+    monkeypatch.delitem(schema._STEPS, schema.SCHEMA_VERSION)
+    Database(f"sqlite:///{path}").close()  # and it upgrades once the step works
+    assert "round_index" in _columns(f"sqlite:///{path}")["tasks"]
+
+
+def test_a_column_that_cannot_be_added_stops_the_upgrade(tmp_path: Path) -> None:
+    engine = create_engine(f"sqlite:///{tmp_path / 'c.db'}")
+    table = Table("t", MetaData(), Column("a", Integer), Column("b", Integer, nullable=False))
+    with engine.begin() as conn:
+        conn.execute(text("CREATE TABLE t (a INTEGER)"))
+        with pytest.raises(schema.SchemaError, match=r"column t\.b is missing"):
+            schema._add_missing(conn, table)
+    engine.dispose()
+
+
+def test_every_column_added_since_the_first_release_can_be_added() -> None:
+    """Columns that the first release's tables lack must be nullable or have a server
+    default (ALTER TABLE .. ADD COLUMN fills the rows already there), and no key."""
+    engine = create_engine("sqlite://")
+    with engine.begin() as conn:
+        for statement in FIRST_RELEASE.split(";"):
+            if statement.strip():
+                conn.execute(text(statement))
+        old = {t: {c["name"] for c in inspect(conn).get_columns(t)} for t in
+               inspect(conn).get_table_names()}  # fmt: skip
+    for table in m.Base.metadata.sorted_tables:
+        for column in table.columns:
+            if table.name in old and column.name not in old[table.name]:
+                assert not column.primary_key and not column.foreign_keys
+                assert column.nullable or column.server_default is not None, column
+
+
+def test_an_unversioned_database_gets_the_missing_columns_on_any_database(tmp_path: Path) -> None:
+    """The same upgrade through the suite's database (PostgreSQL's ALTER TABLE too)."""
+    url = DB_URL or f"sqlite:///{tmp_path / 'c.db'}"
+    Database(url).close()
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(text("ALTER TABLE tasks DROP COLUMN round_index"))
+        conn.execute(text("ALTER TABLE jobs DROP COLUMN train_state"))
+        conn.execute(text("DROP INDEX ix_tasks_node_id"))
+        conn.execute(text("DELETE FROM meta WHERE key = :k"), {"k": schema.SCHEMA_KEY})
+    engine.dispose()
+    Database(url).close()
+    cols = _columns(url)
+    assert "round_index" in cols["tasks"] and "train_state" in cols["jobs"]
+    engine = create_engine(url)
+    try:
+        assert "ix_tasks_node_id" in {ix["name"] for ix in inspect(engine).get_indexes("tasks")}
+    finally:
+        engine.dispose()
+    assert _version(url) == str(schema.SCHEMA_VERSION)
