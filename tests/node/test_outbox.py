@@ -591,3 +591,29 @@ def test_forget_deletes_old_history_rows_and_keeps_the_totals(tmp_path) -> None:
     }  # fmt: skip
     box.close()
     assert Outbox(tmp_path / "o.db").counts() == before  # the forgotten are still counted
+
+
+def test_an_outbox_of_a_newer_release_is_refused_untouched(tmp_path) -> None:
+    """The outbox records its format version; one from a newer release (whose layout this
+    one could misread, sending a result as empty) is refused in one line, by the daemon's
+    open and by history alike, and left as it was."""
+    path = tmp_path / "o.db"
+    box = Outbox(path)
+    t = uuid.uuid4()
+    commit(box, t, b"kept")
+    assert box._db.execute("PRAGMA user_version").fetchone() == (outbox.FORMAT_VERSION,)
+    box._db.execute(f"PRAGMA user_version = {outbox.FORMAT_VERSION + 1}")
+    box.close()
+    before = path.read_bytes()
+    for open_it in (Outbox, read_history):
+        with pytest.raises(UsageError, match="written by a newer nodeclient") as info:
+            open_it(path)
+        assert "\n" not in str(info.value)
+    assert path.read_bytes() == before
+    db = sqlite3.connect(path)
+    db.execute("PRAGMA user_version = 0")  # (a release before the version was recorded)
+    db.close()
+    box = Outbox(path)  # reopened by this release: recorded again, the row intact
+    assert box._db.execute("PRAGMA user_version").fetchone() == (outbox.FORMAT_VERSION,)
+    assert [e.result for e in box.pending()] == [b"kept"]
+    box.close()

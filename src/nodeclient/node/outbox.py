@@ -75,6 +75,9 @@ log = logging.getLogger("nodeclient.node.outbox")
 INLINE_MAX: Final = 64 * 1024  # larger results are files beside the database
 UNREADABLE_TRIES: Final = 5  # reconnects a result file may fail to read before it is lost
 SQLITE_MIN: Final = (3, 8, 0)  # partial indexes (outbox_prune)
+# The layout's version, in SQLite's user_version (0: a release before it was recorded, which
+# the columns and indexes below bring up to date). A newer one is refused at open.
+FORMAT_VERSION: Final = 1
 _FILE_SUFFIX: Final = ".result"
 _OURS: Final = re.compile(r"(\.[0-9a-f-]{36}\.[0-9a-f]{8}\.tmp|[0-9a-f-]{36}\.result)")
 _PRUNE_BATCH: Final = 200  # rows per prune transaction
@@ -210,6 +213,7 @@ class Outbox:
             self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
+            version = _format_version(self._db, path)
             self._db.executescript(SCHEMA)
             have = {row[1] for row in self._db.execute("PRAGMA table_info(outbox)")}
             for name, decl in _ADDED_COLUMNS:
@@ -217,6 +221,8 @@ class Outbox:
                     self._db.execute(f"ALTER TABLE outbox ADD COLUMN {name} {decl}")
             for index in _INDEXES:
                 self._db.execute(index)
+            if version < FORMAT_VERSION:
+                self._db.execute(f"PRAGMA user_version = {FORMAT_VERSION}")
             self._remove_orphans()
             self._counts = self._count_all()
             self._unreadable: dict[str, int] = {}  # task_id -> failed reads in pending()
@@ -667,6 +673,19 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _format_version(db: sqlite3.Connection, path: Path) -> int:
+    """The outbox's format version; UsageError for a newer release's (misreading its layout
+    could send a result as empty, or lose one)."""
+    (version,) = db.execute("PRAGMA user_version").fetchone()
+    if version > FORMAT_VERSION:
+        raise UsageError(
+            f"{path} has format version {version}, written by a newer nodeclient; this one "
+            f"reads versions up to {FORMAT_VERSION}. Upgrade nodeclient: the outbox may hold "
+            "results not yet acknowledged"
+        )
+    return int(version)
+
+
 def read_history(
     path: Path, *, since: float | None = None, limit: int = 100_000
 ) -> list[OutboxEntry]:
@@ -680,6 +699,7 @@ def read_history(
     _require_sqlite()
     db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
     try:
+        _format_version(db, path)
         columns = {row[1] for row in db.execute("PRAGMA table_info(outbox)")}
         # an outbox written before pruning existed holds every result: held = 1
         select = _HISTORY_COLUMNS if "held" in columns else _HISTORY_COLUMNS[: -len("held")] + "1"
