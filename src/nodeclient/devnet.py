@@ -9,7 +9,6 @@ would (SHA-256 and eth-account alone), prints each node's state transitions and 
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import signal
@@ -18,7 +17,6 @@ import sys
 import tempfile
 import threading
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
@@ -27,6 +25,7 @@ from typing import IO, Any
 
 import numpy as np
 
+from nodeclient.coordinator import audit
 from nodeclient.errors import NodeClientError
 from nodeclient.node import control, keys, securefile, wallet
 from nodeclient.node.config import NodeConfig, write_config
@@ -137,34 +136,6 @@ def _wait_for_line(proc: subprocess.Popen[bytes], prefix: str, *, timeout: float
     return found[0]
 
 
-def verify_task(task: dict[str, Any], result: bytes) -> str:
-    """Check a task as a stranger would: hashlib for the proof, eth-account for the signature.
-
-    Returns the recovered signer; raises DevnetError on any mismatch.
-    """
-    limit = sys.getrecursionlimit()
-    from eth_account import Account
-    from eth_account.messages import encode_typed_data
-
-    sys.setrecursionlimit(limit)  # py_ecc raised it: see nodeclient.node.keys
-
-    node = task["node_id"]
-    expected = hashlib.sha256(
-        uuid.UUID(task["task_id"]).bytes + result + bytes.fromhex(node[2:])
-    ).hexdigest()
-    if task["proof"] != "0x" + expected:
-        raise DevnetError(f"task {task['task_id']}: proof does not match the result bytes")
-    if task["typed_data"]["message"]["proof"] != task["proof"]:
-        raise DevnetError(f"task {task['task_id']}: signed proof differs from the published one")
-    signer = Account.recover_message(
-        encode_typed_data(full_message=task["typed_data"]),
-        signature=bytes.fromhex(task["signature"][2:]),
-    )
-    if signer != node:
-        raise DevnetError(f"task {task['task_id']}: signature recovers to {signer}, not {node}")
-    return str(signer)
-
-
 def demo_jobs(count: int) -> list[tuple[bytes, np.ndarray]]:
     """Digits-classifier inference jobs: (payload, expected labels) each."""
     from nodeclient.workloads.inference import make_request
@@ -273,7 +244,9 @@ def run_devnet(
         submitted = _submit_demo_jobs(client, jobs, out)
         correct = total = 0
         for wclass, job_id, labels in submitted:
-            assembled = _verified_job(client, job_id, out, net)
+            # a render job is assembled again from its verified slices, given its payload
+            payload = labels if wclass == "media.render" else None
+            assembled = _verified_job(client, job_id, out, net, payload=payload)
             if wclass == "ai.inference":
                 outputs, _meta = decode_result(assembled)
                 correct += int((outputs["label"] == labels).sum())
@@ -315,8 +288,9 @@ def _submit_demo_jobs(client: Any, jobs: int, out: Print) -> list[tuple[str, str
         submitted.append(("ai.inference", job["job_id"], labels))
         out(f"job {job['job_id']}: submitted (digits classifier, {len(labels)} images)")
     if "media.render" in usable:
-        job = client.submit_job("media.render", demo_render(client), slices=2)
-        submitted.append(("media.render", job["job_id"], None))
+        render_payload = demo_render(client)
+        job = client.submit_job("media.render", render_payload, slices=2)
+        submitted.append(("media.render", job["job_id"], render_payload))
         out(f"job {job['job_id']}: submitted (Blender render, 6 frames in 2 slices)")
     else:
         out("media.render skipped: no usable Blender on this machine")
@@ -329,20 +303,32 @@ def _submit_demo_jobs(client: Any, jobs: int, out: Print) -> list[tuple[str, str
     return submitted
 
 
-def _verified_job(client: Any, job_id: str, out: Print, net: Devnet) -> bytes:
-    """Wait for a job, check every task as a stranger would, return the assembled result."""
+def _verified_job(
+    client: Any, job_id: str, out: Print, net: Devnet, *, payload: bytes | None = None
+) -> bytes:
+    """Wait for a job, check every task and the result as a stranger would
+    (``nodeclient-coordinator verify``), return the assembled result."""
     job = _wait_job(client, job_id, out, net)
     if job["status"] != "succeeded":
         raise DevnetError(f"job {job_id} failed: {job.get('reason')}")
-    for task in job["tasks"]:
-        if task["status"] != "succeeded":
+    result: list[bytes] = []
+
+    def fetch_result() -> bytes:
+        result.append(client.raw_job_result(job_id))
+        return result[0]
+
+    report = audit.audit_job(job, client.task_result, fetch_result, payload=payload)
+    for t in report.tasks:
+        if t.ok is None:
             continue  # a slice dropped from a training round: nothing to verify
-        signer = verify_task(task, client.task_result(task["task_id"]))
-        out(
-            f"  task {task['task_id']} on {signer}: "
-            f"proof {task['proof'][:18]}… verified, signature verified"
-        )
-    return bytes(client.job_result(job_id))
+        if not t.ok:
+            raise DevnetError(t.detail)
+        proof = (t.proof or "")[:18]
+        out(f"  task {t.task_id} on {t.node_id}: proof {proof}… verified, signature verified")
+    if not report.result_ok:
+        raise DevnetError(f"job {job_id}: {report.result}")
+    out(f"  job result: {report.result}")
+    return result[0]
 
 
 def _raise_interrupt(_signum: int, _frame: object) -> None:

@@ -24,6 +24,9 @@ def test_devnet_runs_jobs_verifies_and_exits_zero() -> None:
     assert re.fullmatch(r"coordinator: http://127\.0\.0\.1:\d+", lines[0])
     # 3 inference tasks + 2 render slices + 2 slices x 3 training rounds, all verified.
     assert sum("verified, signature verified" in line for line in lines) == 3 + 2 + 6
+    # Each job's result is checked as a requester would (nodeclient-coordinator verify).
+    assert out.stdout.count("job result: equal to its one task's verified result") == 3
+    assert "job result: equal to its 2 verified slices assembled in order" in out.stdout
     assert "render assembled: 6 frames of 64x48 from 2 node(s)" in out.stdout
     assert re.search(
         r"training finished 3 rounds; loss per round: [\d.]+, [\d.]+, [\d.]+", out.stdout

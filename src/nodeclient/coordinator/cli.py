@@ -27,6 +27,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from nodeclient import __version__, logs
 from nodeclient.clock import Clock, OffsetFileClock, SystemClock
+from nodeclient.coordinator import audit
 from nodeclient.coordinator.client import CoordinatorClient, NoAnswer, Unreachable
 from nodeclient.coordinator.config import (
     DEFAULT_HEARTBEAT_INTERVAL,
@@ -121,6 +122,19 @@ def build_parser() -> argparse.ArgumentParser:
     job.add_argument("job_id")
     job.add_argument("--json", action="store_true")
 
+    verify = requester(
+        "verify", "check a job's every task and its result yourself (hashlib, eth-account)"
+    )
+    verify.add_argument("job_id")
+    verify.add_argument(
+        "--payload", type=Path, default=None,
+        help="the payload you submitted: a sliced job's result is then assembled again",
+    )  # fmt: skip
+    verify.add_argument(
+        "--chain-id", type=int, default=None, help="require the signatures' EIP-712 chain id"
+    )
+    verify.add_argument("--json", action="store_true")
+
     result = requester("result", "fetch a job's result bytes")
     result.add_argument("job_id")
     result.add_argument("-o", "--output", type=Path, default=None)
@@ -193,7 +207,7 @@ def _wait(client: CoordinatorClient, job_id: str, timeout: float | None) -> dict
         time.sleep(POLL_S * (1 + failures))
 
 
-def _requester(args: argparse.Namespace) -> int:
+def _requester(args: argparse.Namespace) -> int:  # noqa: PLR0911 (one return a command)
     with CoordinatorClient(args.coordinator) as client:
         if args.command == "submit":
             try:
@@ -226,8 +240,41 @@ def _requester(args: argparse.Namespace) -> int:
             else:
                 _print_job(one)
             return 0
+        if args.command == "verify":
+            return _verify(client, args)
         _write_result(client.job_result(args.job_id), args.output)
         return 0
+
+
+def _verify(client: CoordinatorClient, args: argparse.Namespace) -> int:
+    """nodeclient-coordinator verify: 0 when everything verifies, 1 when anything does not."""
+    payload = None
+    if args.payload is not None:
+        try:
+            payload = args.payload.read_bytes()
+        except OSError as exc:
+            raise UsageError(f"cannot read payload {args.payload}: {exc.strerror}") from exc
+    job = client.job(args.job_id)
+    report = audit.audit_job(
+        job,
+        client.task_result,
+        lambda: client.raw_job_result(args.job_id),
+        payload=payload,
+        chain_id=args.chain_id,
+    )
+    if args.json:
+        print(json.dumps(report.as_json(), indent=2))
+        return 0 if report.ok else 1
+    verdict = "verified" if report.ok else "NOT VERIFIED"
+    print(f"job {report.job_id} ({report.workload_class}, {report.status}): {verdict}")
+    for t in report.tasks:
+        mark = {True: "ok", False: "FAILED", None: "-"}[t.ok]
+        node = t.node_id or "-"
+        print(f"  {mark:6} task {t.task_id} round {t.round} slice {t.slice_index} on {node}: "
+              f"{t.status}; {t.detail}")  # fmt: skip
+    mark = {True: "ok", False: "FAILED", None: "-"}[report.result_ok]
+    print(f"  {mark:6} job result: {report.result}")
+    return 0 if report.ok else 1
 
 
 def _write_result(data: bytes, output: Path | None) -> None:

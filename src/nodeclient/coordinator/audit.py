@@ -1,0 +1,234 @@
+"""A requester's own check of a job, through the public jobs API only
+(``nodeclient-coordinator verify``; the devnet runs it on every demo job).
+
+Nothing the coordinator says is taken on trust. For every task that has a result, its
+raw bytes are fetched (``GET /v1/tasks/{id}/result``) and:
+
+- the proof is recomputed with hashlib: SHA-256(task_id || result || node_id) (2.3.6);
+- the EIP-712 ``Result`` message the node signed (the task's ``typed_data``) must name
+  this task, this job, this node, that proof and the result's size, in this protocol's
+  domain (and chain, when one is required);
+- the signature must recover to the task's node_id with eth-account, an implementation
+  independent of this project's own (2.3.7).
+
+Then the job: a succeeded job's result bytes must hash to its ``result_sha256``, and where
+the job's result is a function of its tasks' results it is derived again here and must be
+equal: a whole job's result is its one task's; a sliced render's is its slices assembled
+in order by the same code the coordinator runs (``workloads/``), which needs the job's
+parameters, so only when the requester gives the payload it submitted. A training job's
+weights come out of the coordinator's outer optimizer over every round; they are not
+derived again here (each pseudo-gradient that went into them is checked as above).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from nodeclient.coordinator import classes
+from nodeclient.errors import NodeClientError
+from nodeclient.protocol import eip712
+
+# A job's result is derived again from its tasks for these classes (see the module doc).
+_WHOLE = frozenset({"ai.inference"})
+_ASSEMBLED = frozenset({"media.render"})
+_ASSEMBLE_LIMIT = 1 << 40  # the requester's own payload: no size limit worth enforcing
+
+
+class AuditError(NodeClientError):
+    """A task or job does not verify."""
+
+
+def _hex(value: object) -> str:
+    return str(value).lower()
+
+
+def check_task(task: Mapping[str, Any], result: bytes, *, chain_id: int | None = None) -> str:
+    """Check one task's result as a stranger would; the signer eth-account recovers.
+
+    Raises AuditError naming the first check that fails.
+    """
+    tid = task.get("task_id")
+    node = task.get("node_id")
+    typed = task.get("typed_data")
+    if not isinstance(node, str) or not isinstance(typed, Mapping) or not task.get("proof"):
+        raise AuditError(f"task {tid}: no node, proof or signed message is published")
+    try:
+        task_bytes = uuid.UUID(str(tid)).bytes
+        node_bytes = bytes.fromhex(node[2:])
+        signature = bytes.fromhex(str(task.get("signature", ""))[2:])
+    except ValueError as exc:
+        raise AuditError(f"task {tid}: malformed task_id, node_id or signature") from exc
+    proof = "0x" + hashlib.sha256(task_bytes + result + node_bytes).hexdigest()
+    if _hex(task["proof"]) != proof:
+        raise AuditError(f"task {tid}: the published proof is not SHA-256 of the result bytes")
+    message = typed.get("message")
+    if not isinstance(message, Mapping):
+        raise AuditError(f"task {tid}: the signed message is missing")
+    domain = typed.get("domain")
+    if not isinstance(domain, Mapping):
+        domain = {}
+    expected: dict[str, tuple[object, object]] = {
+        "primaryType": ("Result", typed.get("primaryType")),
+        "domain name": (eip712.DOMAIN_NAME, domain.get("name")),
+        "domain version": (eip712.DOMAIN_VERSION, domain.get("version")),
+        "task_id": ("0x" + task_bytes.hex(), _hex(message.get("task_id"))),
+        "node_id": (node.lower(), _hex(message.get("node_id"))),
+        "proof": (proof, _hex(message.get("proof"))),
+        "result_size": (len(result), message.get("result_size")),
+    }
+    job_id = task.get("job_id")
+    if job_id is not None:
+        job_hex = "0x" + uuid.UUID(str(job_id)).bytes.hex()
+        expected["job_id"] = (job_hex, _hex(message.get("job_id")))
+    if chain_id is not None:
+        expected["chainId"] = (chain_id, domain.get("chainId"))
+    for name, (want, got) in expected.items():
+        if want != got:
+            raise AuditError(f"task {tid}: the signed message's {name} is {got!r}, not {want!r}")
+    signer = _recover(typed, signature)
+    if signer.lower() != node.lower():
+        raise AuditError(f"task {tid}: the signature recovers to {signer}, not {node}")
+    return signer
+
+
+def _recover(typed: Mapping[str, Any], signature: bytes) -> str:
+    limit = sys.getrecursionlimit()
+    from eth_account import Account
+    from eth_account.messages import encode_typed_data
+
+    sys.setrecursionlimit(limit)  # py_ecc raises it on import: see nodeclient.node.keys
+    try:
+        signable = encode_typed_data(full_message=dict(typed))
+        return str(Account.recover_message(signable, signature=signature))
+    except Exception as exc:  # malformed typed data or signature: eth-account's own errors
+        raise AuditError(f"the signature does not recover: {exc}") from exc
+
+
+@dataclass
+class TaskLine:
+    task_id: str
+    slice_index: int
+    round: int
+    status: str
+    node_id: str | None
+    ok: bool | None  # None: the task has no result to check
+    detail: str
+    proof: str | None = None
+
+
+@dataclass
+class JobReport:
+    job_id: str
+    workload_class: str
+    status: str
+    tasks: list[TaskLine] = field(default_factory=list)
+    result: str = ""  # what was checked of the job's own result
+    result_ok: bool | None = None  # None: not checked (not succeeded, or not derivable)
+
+    @property
+    def ok(self) -> bool:
+        return all(t.ok is not False for t in self.tasks) and self.result_ok is not False
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "job_id": self.job_id,
+            "workload_class": self.workload_class,
+            "status": self.status,
+            "verified": self.ok,
+            "tasks": [t.__dict__ for t in self.tasks],
+            "result": {"ok": self.result_ok, "detail": self.result},
+        }
+
+
+def audit_job(
+    job: Mapping[str, Any],
+    fetch_task_result: Callable[[str], bytes],
+    fetch_job_result: Callable[[], bytes],
+    *,
+    payload: bytes | None = None,
+    chain_id: int | None = None,
+) -> JobReport:
+    """Check every task of *job* (GET /v1/jobs/{id}) that has a result, then the job's result."""
+    report = JobReport(str(job["job_id"]), str(job["workload_class"]), str(job["status"]))
+    results: dict[str, bytes] = {}
+    for task in job.get("tasks", []):
+        line = TaskLine(
+            str(task["task_id"]), int(task["slice_index"]), int(task.get("round") or 0),
+            str(task["status"]), task.get("node_id"), None, "no result", task.get("proof"),
+        )  # fmt: skip
+        report.tasks.append(line)
+        if not task.get("proof"):
+            continue
+        try:
+            data = fetch_task_result(line.task_id)
+            check_task({**task, "job_id": job["job_id"]}, data, chain_id=chain_id)
+        except AuditError as exc:
+            line.ok, line.detail = False, str(exc)
+            continue
+        line.ok, line.detail = True, "proof and signature verified"
+        if task["status"] == "succeeded":
+            results[line.task_id] = data
+    if report.status == "succeeded":
+        _check_job_result(report, job, results, fetch_job_result, payload)
+    else:
+        report.result = f"job is {report.status}: no result"
+    return report
+
+
+def _check_job_result(
+    report: JobReport,
+    job: Mapping[str, Any],
+    results: Mapping[str, bytes],
+    fetch: Callable[[], bytes],
+    payload: bytes | None,
+) -> None:
+    data = fetch()
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != job.get("result_sha256"):
+        report.result_ok = False
+        report.result = f"result bytes hash to {digest}, not the published result_sha256"
+        return
+    done = [t for t in job["tasks"] if t["status"] == "succeeded"]
+    done.sort(key=lambda t: (t.get("round") or 0, t["slice_index"]))
+    wclass = report.workload_class
+    if any(t["task_id"] not in results for t in done):
+        report.result_ok = False
+        report.result = "result_sha256 matches, but not every succeeded task verified"
+        return
+    if wclass in _WHOLE:
+        same = len(done) == 1 and results[done[0]["task_id"]] == data
+        report.result_ok = same
+        report.result = (
+            "equal to its one task's verified result"
+            if same
+            else "not equal to its one task's verified result"
+        )
+    elif wclass in _ASSEMBLED and payload is None:
+        report.result_ok = True
+        report.result = "result_sha256 matches (give --payload to assemble it from its slices)"
+    elif wclass in _ASSEMBLED:
+        assert payload is not None
+        try:
+            meta = classes.lookup(wclass).validate(payload, _ASSEMBLE_LIMIT)
+            again = classes.lookup(wclass).assemble([results[t["task_id"]] for t in done], meta)
+        except NodeClientError as exc:
+            report.result_ok = False
+            report.result = f"cannot assemble the slices with that payload: {exc}"
+            return
+        report.result_ok = again == data
+        report.result = (
+            f"equal to its {len(done)} verified slices assembled in order"
+            if report.result_ok
+            else f"not equal to its {len(done)} verified slices assembled in order "
+            "(or the payload is not the one submitted)"
+        )
+    else:
+        report.result_ok = True
+        report.result = (
+            "result_sha256 matches; the aggregate is the coordinator's, not derived again here"
+        )

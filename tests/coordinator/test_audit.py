@@ -1,0 +1,168 @@
+"""A requester's own check of a job (coordinator/audit.py, `nodeclient-coordinator verify`):
+it passes on what a real coordinator publishes, and catches a coordinator that lies."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from typing import Any
+
+import pytest
+from sqlalchemy import update
+
+from nodeclient.coordinator import audit, cli
+from nodeclient.coordinator import models as m
+from nodeclient.coordinator.config import SybilPolicy
+from nodeclient.protocol import eip712
+from nodeclient.protocol.secp import Secp256k1Key
+from nodeclient.workloads import render
+from tests.coordinator.conftest import (
+    Running,
+    inference_payload,
+    inference_result,
+    make_node,
+)
+from tests.coordinator.test_render_jobs import SCENE, H, W, _complete, _render_node
+
+VALUES = [1.5, -2.0]
+
+
+@pytest.fixture
+def running(start_coordinator) -> Running:
+    return start_coordinator(heartbeat_interval=1000.0, sybil=SybilPolicy(max_nodes_per_wallet=8))
+
+
+def _inference_job(running: Running, rsa_keys) -> dict[str, Any]:
+    node = make_node(rsa_keys, 0)
+    running.register(node)
+    running.link(node)
+    payload = inference_payload(VALUES)
+    job = running.client.submit_job("ai.inference", payload)
+    dispatch = node.recv()
+    ack = node.call(node.result(dispatch, inference_result(payload, VALUES)))
+    assert ack["status"] == "accepted"
+    done = running.wait_job(job["job_id"], "succeeded")
+    assert done["status"] == "succeeded"
+    return done
+
+
+def _audit(running: Running, job: dict[str, Any], **kw: Any) -> audit.JobReport:
+    client = running.client
+    return audit.audit_job(
+        job, client.task_result, lambda: client.raw_job_result(job["job_id"]), **kw
+    )
+
+
+def test_a_real_inference_job_verifies(running: Running, rsa_keys) -> None:
+    job = _inference_job(running, rsa_keys)
+    report = _audit(running, job, chain_id=eip712.DEVNET_CHAIN_ID)
+    assert report.ok, report.as_json()
+    (task,) = report.tasks
+    assert task.ok and task.detail == "proof and signature verified"
+    assert report.result_ok and report.result == "equal to its one task's verified result"
+
+
+def _lie(running: Running, job: dict[str, Any], how: str) -> audit.JobReport:
+    """What a coordinator that lies in one way publishes, and the audit of it."""
+    job = copy.deepcopy(job)
+    task = job["tasks"][0]
+    real = running.client.task_result(task["task_id"])
+    fetch_task = running.client.task_result
+    fetch_job = lambda: running.client.raw_job_result(job["job_id"])  # noqa: E731
+    other = Secp256k1Key.generate()
+    if how == "result bytes":  # served bytes that the node never signed
+        fetch_task = lambda _tid: real[:-1] + bytes([real[-1] ^ 1])  # noqa: E731
+    elif how == "node":  # credit another node with the work
+        task["node_id"] = other.address
+    elif how == "proof":  # a proof for other bytes, in the published message too
+        fake = "0x" + hashlib.sha256(b"other").hexdigest()
+        task["proof"] = fake
+        task["typed_data"]["message"]["proof"] = fake
+    elif how == "signed message":  # the message says another result size
+        task["typed_data"]["message"]["result_size"] += 1
+    elif how == "signature":  # a signature by someone else over the same message
+        message = eip712.message_from_json("Result", task["typed_data"]["message"])
+        sig = eip712.sign_typed(other, "Result", message, chain_id=eip712.DEVNET_CHAIN_ID)
+        task["signature"] = "0x" + sig.hex()
+    elif how == "job result":  # a job result other than its task's, with a matching hash
+        forged = real + b"\x00"
+        job["result_sha256"] = hashlib.sha256(forged).hexdigest()
+        fetch_job = lambda: forged  # noqa: E731
+    elif how == "job hash":  # the result served does not match the published hash
+        fetch_job = lambda: real + b"\x00"  # noqa: E731
+    return audit.audit_job(job, fetch_task, fetch_job)
+
+
+@pytest.mark.parametrize(
+    ("how", "says"),
+    [
+        ("result bytes", "published proof is not SHA-256 of the result bytes"),
+        ("node", "published proof is not SHA-256 of the result bytes"),
+        ("proof", "published proof is not SHA-256 of the result bytes"),
+        ("signed message", "signed message's result_size"),
+        ("signature", "the signature recovers to"),
+        ("job result", "not equal to its one task's verified result"),
+        ("job hash", "not the published result_sha256"),
+    ],
+)
+def test_a_coordinator_that_lies_is_caught(running: Running, rsa_keys, how: str, says: str) -> None:
+    job = _inference_job(running, rsa_keys)
+    report = _lie(running, job, how)
+    assert not report.ok
+    found = [t.detail for t in report.tasks if t.ok is False] + [report.result]
+    assert any(says in text for text in found), found
+
+
+def test_a_wrong_chain_is_caught(running: Running, rsa_keys) -> None:
+    job = _inference_job(running, rsa_keys)
+    report = _audit(running, job, chain_id=1)
+    assert not report.ok
+    assert "chainId" in report.tasks[0].detail
+
+
+def test_a_render_job_is_assembled_again_from_its_verified_slices(
+    running: Running, rsa_keys
+) -> None:
+    node = _render_node(running, rsa_keys, 0, "0x" + "11" * 20)
+    payload = render.make_request(SCENE, frames=(1, 5), width=W, height=H, samples=4).encode()
+    job = running.client.submit_job("media.render", payload, slices=2)
+    for _ in range(2):
+        _complete(node, node.recv())
+    done = running.wait_job(job["job_id"], "succeeded")
+    report = _audit(running, done, payload=payload)
+    assert report.ok, report.as_json()
+    assert report.result == "equal to its 2 verified slices assembled in order"
+    assert [t.ok for t in report.tasks] == [True, True]
+    without = _audit(running, done)  # no payload: the hash only, and it says so
+    assert without.ok and "give --payload" in without.result
+    other = render.make_request(SCENE, frames=(2, 6), width=W, height=H, samples=4).encode()
+    wrong = _audit(running, done, payload=other)
+    assert not wrong.ok and "cannot assemble" in wrong.result
+
+
+def test_verify_command_exit_status_and_output(running: Running, rsa_keys, capsys) -> None:
+    job = _inference_job(running, rsa_keys)
+    argv = ["verify", job["job_id"], "--coordinator", running.url]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert f"job {job['job_id']} (ai.inference, succeeded): verified" in out
+    assert cli.main([*argv, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["verified"] is True
+
+    # The coordinator's stored result changes under it (a bug, or a lie): exit 1.
+    task_id = job["tasks"][0]["task_id"]
+
+    def tamper(s: Any) -> None:
+        s.execute(update(m.Task).where(m.Task.task_id == task_id).values(result=b"forged"))
+
+    running.coord.db.run_sync(tamper)
+    assert cli.main(argv) == 1
+    out = capsys.readouterr().out
+    assert "NOT VERIFIED" in out and "FAILED" in out
+
+
+def test_verify_command_for_an_unknown_job_is_one_line(running: Running, capsys) -> None:
+    code = cli.main(["verify", "0" * 8, "--coordinator", running.url])
+    err = capsys.readouterr().err
+    assert code != 0 and err.count("\n") == 1 and "no job" in err
