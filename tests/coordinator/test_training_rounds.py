@@ -802,3 +802,47 @@ def test_a_job_ended_by_a_round_deadline_is_logged(caplog: pytest.LogCaptureFixt
         rounds.report_closes(coord, closes)  # type: ignore[arg-type]
     ended = [(r.getMessage(), r.job_id) for r in caplog.records]  # type: ignore[attr-defined]
     assert ended == [("job.succeeded", "job-1")] and woken == [True]
+
+
+@pytest.mark.parametrize("clock_read_first", [False, True])
+def test_a_dispatch_that_never_left_does_not_start_the_round_clock(
+    db: Database, digits: tuple, clock_read_first: bool
+) -> None:
+    """Every lease of a round is undone because its node's link was gone (no attempt
+    spent): the round's deadline does not run while its slices wait in the queue, even
+    when a tick read the round's first lease before the undo committed. Before, the
+    round closed at the deadline with every slice "missed" and the job failed."""
+    from nodeclient.coordinator.scheduler import Candidate, assign_tx, undeliverable_tx
+
+    job = _job(digits, rounds=1, inner_steps=2, round_deadline_s=60.0)
+    payload = job.encode()
+    meta, parts = tr.job_meta(payload, len(payload)), tr.split(payload, 2)
+    job_id = db.run_sync(
+        lambda s: store.insert_job(
+            s, workload_class=tr.CLASS, payloads=parts, min_tier=0, region=None, meta=meta,
+            now=NOW,
+        )
+    )  # fmt: skip
+    node = Candidate("0x" + "ab" * 20, 4, "eu-west", frozenset({tr.CLASS}), 2)
+    assigned = db.run_sync(lambda s: assign_tx(s, [node], now=NOW, lease_seconds=300))
+    assert len(assigned) == 2
+    if clock_read_first:
+        db.run_sync(lambda s: rounds.deadline_tx(s, now=NOW))
+        assert db.run_sync(lambda s: s.get_one(m.Job, job_id).round_deadline) == NOW + 60
+
+    def undo(s: Session) -> None:
+        for a in assigned:
+            undeliverable_tx(s, a.task_id, a.node_id, NOW, attempt=a.attempt)
+
+    db.run_sync(undo)
+    tasks = db.run_sync(lambda s: list(s.scalars(select(m.Task))))
+    assert [(t.status, t.leased_at, t.attempts) for t in tasks] == [(m.QUEUED, None, 0)] * 2
+    for later in (1, 61, 3600):
+        assert db.run_sync(lambda s, t=later: rounds.deadline_tx(s, now=NOW + t)) == []
+    job_row = db.run_sync(lambda s: s.get_one(m.Job, job_id))
+    assert (job_row.status, job_row.round_deadline) == (m.RUNNING, None)
+    # Leased again and delivered at +4000: the clock starts there.
+    again = db.run_sync(lambda s: assign_tx(s, [node], now=NOW + 4000, lease_seconds=300))
+    assert len(again) == 2
+    db.run_sync(lambda s: rounds.deadline_tx(s, now=NOW + 4000))
+    assert db.run_sync(lambda s: s.get_one(m.Job, job_id).round_deadline) == NOW + 4060

@@ -647,8 +647,29 @@ def undeliverable_tx(
     ):
         return
     close_attempt(session, task_id, node_id, "undelivered", now)
+    # The task's last delivered lease, if any: a lease that never left starts nothing (a
+    # training round's clock starts at the round's first delivered lease).
+    previous = session.scalar(
+        select(m.TaskAttempt.leased_at)
+        .where(
+            m.TaskAttempt.task_id == task_id,
+            m.TaskAttempt.attempt < attempt,
+            m.TaskAttempt.outcome != "undelivered",
+        )
+        .order_by(m.TaskAttempt.attempt.desc())
+        .limit(1)
+    )
     task.status, task.node_id, task.lease_deadline = m.QUEUED, None, None
+    task.leased_at = previous
     task.attempts -= 1
+    job = session.get(m.Job, task.job_id)
+    if (
+        job is not None
+        and job.round_deadline is not None
+        and job.round_index == task.round_index
+        and rounds.is_round_based(job.workload_class)
+    ):
+        job.round_deadline = None  # set again from the round's delivered leases, if any
 
 
 # --- the loop -----------------------------------------------------------------------------------
