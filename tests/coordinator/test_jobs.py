@@ -224,6 +224,11 @@ def test_different_result_is_equivocation(coordinator: Running, rsa_keys) -> Non
     ack = node.call(node.result(dispatch, inference_result(payload, [9.0, 9.0, 9.0])))
     assert ack["status"] == "rejected"
     assert ack["reason"].startswith("equivocation:")
+    # More contradictions are answered the same way but not stored: one is the evidence,
+    # and a node could sign any number of them (rows that job retention never deletes).
+    for k in range(3):
+        again = node.call(node.result(dispatch, inference_result(payload, [k, k, k])))
+        assert again["status"] == "rejected" and again["reason"].startswith("equivocation:")
     rows = coordinator.coord.db.run_sync(lambda s: s.query(m.Equivocation).all())
     assert [(r.task_id, r.node_id) for r in rows] == [(dispatch["task_id"], node.node_id)]
     assert coordinator.client.job_result(job["job_id"]) == first
@@ -376,3 +381,30 @@ def test_a_payload_nested_too_deeply_is_a_400(
     body["payload"] = pybase64.b64encode_as_string(encode_tensors(tensors, metadata=meta))
     r = httpx.post(coordinator.url + "/v1/jobs", json=body)
     assert r.status_code == 400, r.text
+
+
+def test_an_unexpected_error_in_assembly_fails_the_job_and_keeps_the_link(
+    coordinator: Running, rsa_keys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Assembly that breaks in an unforeseen way (a bug, MemoryError) fails the job with
+    a reason and acknowledges the result; before, the acceptance rolled back and the link
+    dropped, and the node's re-sent result met the same end until attempts ran out."""
+
+    def broken(_results: object, _meta: object) -> bytes:
+        raise ValueError("a bug in assembly")
+
+    wclass = classes.REGISTRY["ai.inference"]
+    monkeypatch.setitem(
+        classes.REGISTRY, "ai.inference", dataclasses.replace(wclass, assemble=broken)
+    )
+    node = make_node(rsa_keys, 0)
+    _ready(coordinator, node)
+    payload, job, dispatch = _submit_and_dispatch(coordinator, node)
+    ack = node.call(node.result(dispatch, inference_result(payload, VALUES)))
+    assert ack["status"] == "accepted"
+    done = coordinator.wait_job(job["job_id"], "failed")
+    assert (done["status"], done["reason"]) == (
+        "failed",
+        "assembly failed: internal error (ValueError)",
+    )
+    assert node.call(node.heartbeat())["type"] == "heartbeat_ack"  # the link stayed up

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from nodeclient.coordinator import models as m
 from nodeclient.protocol import eip712
 from nodeclient.protocol.states import UNSTAKE_COOLDOWN_S
 from tests.coordinator.conftest import (
@@ -156,6 +157,14 @@ def test_late_result_from_earlier_lease_wins(coordinator: Running, rsa_keys) -> 
     assert "completed by" in late["reason"]
     done = coordinator.wait_job(job["job_id"], "succeeded")
     assert done["tasks"][0]["node_id"] == first.node_id
+    # The first node delivered: its lease, closed as "offline" when it went silent, is
+    # a success now (a failure counts against a node: 3 shut it out of a render job).
+    outcomes = coordinator.coord.db.run_sync(
+        lambda s: [
+            (a.node_id, a.outcome) for a in s.query(m.TaskAttempt).order_by(m.TaskAttempt.attempt)
+        ]
+    )
+    assert outcomes == [(first.node_id, "succeeded"), (second.node_id, "superseded")]
 
 
 def _ack_and_dispatch(node: SimNode) -> tuple[dict[str, Any], dict[str, Any]]:

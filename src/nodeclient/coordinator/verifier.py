@@ -127,6 +127,36 @@ def _was_leased_to(session: Session, task: m.Task, node_id: str) -> bool:
     )
 
 
+def _equivocation_recorded(session: Session, task_id: str, node_id: str) -> bool:
+    found = session.scalar(
+        select(m.Equivocation.id)
+        .where(m.Equivocation.task_id == task_id, m.Equivocation.node_id == node_id)
+        .limit(1)
+    )
+    return found is not None
+
+
+def _settle_attempt(session: Session, task_id: str, node_id: str, now: float) -> None:
+    """The node's lease of the task ends in success: its open attempt, or, for a late
+    result, its last one, which its lease's end closed as a failure (expired, offline).
+    Left a failure, it would count against the node (a render job shuts out a node after
+    three failed slices) although the node delivered."""
+    mine = select(m.TaskAttempt).where(
+        m.TaskAttempt.task_id == task_id, m.TaskAttempt.node_id == node_id
+    )
+    latest = (m.TaskAttempt.attempt.desc(), m.TaskAttempt.id.desc())
+    row = session.scalars(mine.where(m.TaskAttempt.ended_at.is_(None)).order_by(*latest)).first()
+    if row is None:  # a late result: its lease (not one that never left) ended before it
+        row = session.scalars(
+            mine.where(m.TaskAttempt.outcome != "undelivered").order_by(*latest)
+        ).first()
+    if row is None:
+        return
+    if row.ended_at is None:
+        row.ended_at = now
+    row.outcome = "succeeded"
+
+
 def _finish_job(session: Session, job: m.Job, now: float) -> str | None:
     if rounds.is_round_based(job.workload_class):  # ai.training: close the round, maybe more
         return rounds.finish_round_tx(session, job, now)
@@ -140,6 +170,13 @@ def _finish_job(session: Session, job: m.Job, now: float) -> str | None:
         result = wclass.assemble([t.result or b"" for t in tasks], json.loads(job.meta))
     except ProtocolError as exc:
         job.status, job.reason, job.finished_at = m.FAILED, f"assembly failed: {exc}", now
+        return m.FAILED
+    except Exception as exc:  # a bug, or MemoryError: the job fails, the link and result stay
+        # Raised, it would roll the acceptance back and drop the link, and the node's
+        # re-sent result would meet the same end until the task ran out of attempts.
+        log.exception("job.assembly_error", extra={"job_id": job.job_id})
+        job.status, job.finished_at = m.FAILED, now
+        job.reason = f"assembly failed: internal error ({type(exc).__name__})"
         return m.FAILED
     job.result, job.result_sha256 = result, hashlib.sha256(result).hexdigest()
     job.status, job.finished_at = m.SUCCEEDED, now
@@ -163,6 +200,14 @@ def accept_result_tx(  # noqa: PLR0911 (one early answer per check)
                             f"it was re-queued and completed by {task.node_id}")  # fmt: skip
         if task.proof == proof_hex:
             return Decision("duplicate", "this result was already accepted")
+        reason = (
+            f"equivocation: a different result (proof {proof_hex}) for task {tid}, whose "
+            f"accepted result has proof {task.proof}"
+        )
+        if _equivocation_recorded(session, tid, claim.node_id):
+            # One signed contradiction is the evidence; more add rows without end (a
+            # node may sign any number of them), so they are answered, not stored.
+            return Decision("rejected", reason)
         session.add(
             m.Equivocation(
                 task_id=tid,
@@ -174,12 +219,7 @@ def accept_result_tx(  # noqa: PLR0911 (one early answer per check)
                 recorded_at=now,
             )
         )
-        return Decision(
-            "rejected",
-            f"equivocation: a different result (proof {proof_hex}) for task {tid}, whose "
-            f"accepted result has proof {task.proof}",
-            event="result.equivocation",
-        )
+        return Decision("rejected", reason, event="result.equivocation")
     if not _was_leased_to(session, task, claim.node_id):
         return Decision("rejected", f"task {tid} was never leased to this node")
     if task.status in (m.FAILED, m.CANCELLED):
@@ -199,7 +239,7 @@ def accept_result_tx(  # noqa: PLR0911 (one early answer per check)
         # A late result from an earlier lease wins; the current holder is told to stop.
         close_attempt(session, tid, task.node_id, "superseded", now)
         cancel = ((task.node_id, tid),)
-    close_attempt(session, tid, claim.node_id, "succeeded", now)
+    _settle_attempt(session, tid, claim.node_id, now)
     task.status, task.node_id, task.reason = m.SUCCEEDED, claim.node_id, None
     task.result, task.result_size = claim.result, len(claim.result)
     task.result_sha256 = hashlib.sha256(claim.result).hexdigest()
