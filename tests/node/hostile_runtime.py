@@ -138,6 +138,26 @@ class HostileRuntime:
         time.sleep(2)
         return "forged"
 
+    def do_junk_thread(self, order: dict[str, Any], workdir: Path, progress: Any) -> str:
+        """Answer at once, leaving a thread that fills the worker's answer pipe with junk
+        after the clean-up report and keeps the worker from exiting."""
+        import threading
+
+        frame = sys._getframe()
+        while frame.f_code.co_name != "run_task":
+            assert frame.f_back is not None
+            frame = frame.f_back
+        fd = frame.f_locals["self"].out_fd
+
+        def junk() -> None:
+            time.sleep(0.5)
+            for _ in range(int(order.get("chunks", 64))):
+                os.write(fd, b"j" * 65536)
+            time.sleep(600)
+
+        threading.Thread(target=junk).start()
+        return "answered"
+
     def do_readonly_tree(self, order: dict[str, Any], workdir: Path, progress: Any) -> str:
         """Leave a directory whose entries cannot be unlinked, and one that cannot be read."""
         (workdir / "ro").mkdir()

@@ -23,6 +23,7 @@ from nodeclient.node.executor import TaskFailed
 from nodeclient.node.runtimes.onnx import OnnxRuntime
 from nodeclient.workloads.inference import make_request
 from tests.models import add_model, matmul_relu_model
+from tests.node import sandbox_harness
 from tests.node.sandbox_harness import HOSTILE, INFERENCE, Node, make_executor, warm_node
 
 
@@ -654,3 +655,33 @@ def test_executor_refuses_a_layout_that_shows_the_node_home(tmp_path: Path) -> N
     with pytest.raises(UsageError, match="contains the node home"):
         asyncio.run(executor.warm_up())
     executor.shutdown()
+
+
+def test_a_worker_killed_with_unread_answers_still_frees_its_slot(node: Node) -> None:
+    """A task answers, then its thread writes 4 MiB of junk to the worker's answer pipe
+    and keeps the worker from exiting. The worker is replaced (killed after 5 s), and
+    the slot comes back: before, waiting for the killed worker never ended (its unread
+    pipe was never seen to end) and every later task waited for a slot for ever."""
+    assert node.hostile({"do": "junk_thread"}) == b'"answered"'
+    payload = json.dumps({"do": "echo", "data": "next"}).encode()
+    began = time.monotonic()
+    late = node.wait(asyncio.wait_for(node.executor.run(sandbox_harness.HOSTILE, payload), 60))
+    assert late == b"next"
+    assert time.monotonic() - began < 45
+    node.inference_still_works()
+
+
+def test_a_task_waiting_for_a_slot_fails_at_its_deadline(node: Node) -> None:
+    """With the only slot busy, a task waits for it no longer than its deadline."""
+    sleeper = node.loop.create_task(
+        node.executor.run(
+            sandbox_harness.HOSTILE,
+            json.dumps({"do": "sleep", "seconds": 3}).encode(),
+            deadline=time.monotonic() + 30,
+        )
+    )
+    node.wait(asyncio.sleep(0.2))
+    with pytest.raises(TaskFailed, match="deadline exceeded while waiting for a free worker"):
+        node.hostile({"do": "echo"}, deadline=time.monotonic() + 0.5)
+    node.wait(sleeper)
+    node.inference_still_works()

@@ -50,6 +50,7 @@ _PIPE_BYTES: Final = 1 << 20  # the default /proc/sys/fs/pipe-max-size
 _JOIN_BYTES: Final = 256 * 1024  # payloads up to this size go down the pipe in one write
 _REPLACED: Final = "replaced after a failed or untidy task"
 _SETTLE_TIMEOUT: Final = 300.0  # emptying a work directory of rendered frames takes a while
+_REAP_TIMEOUT: Final = 30.0  # a killed worker's exit and the end of its pipes
 
 # progress(done, total, note) as the executor reports it to the daemon
 OnProgress = Callable[[float, float, str], None]
@@ -190,7 +191,7 @@ class _Slot:
             frame = None
         if frame is None or frame.header.get("op") != "ready":
             self.kill(self.killed or "no ready frame")
-            rc = await self.proc.wait()
+            rc = await self.reap()
             raise _WorkerGone(f"worker failed to start (status {rc}): {self.stderr_tail()}")
         if frame.header.get("broken"):
             log.warning("worker.runtime_broken", extra={"broken": frame.header["broken"]})
@@ -200,6 +201,8 @@ class _Slot:
         """Count and keep the tail of what the task prints; over the cap, kill the worker."""
         assert proc.stderr is not None
         while chunk := await proc.stderr.read(65536):
+            if proc is not self.proc:  # an earlier worker's pipe, held open by what it left
+                continue
             self.tail.append(chunk[-_TAIL:])
             if self.busy:
                 self.output += len(chunk)
@@ -262,7 +265,10 @@ class _Slot:
             pass
         except RemoteProtocolError as exc:  # over the result cap, or garbage
             self.kill(f"worker broke the pipe protocol: {exc}")
-        rc = await self.proc.wait()
+        rc = await self.reap()
+        if rc is None:  # cannot happen to a killed worker, short of a stuck kernel
+            self.kill("did not exit")
+            raise _WorkerGone(self.killed or "worker did not exit")
         raise _WorkerGone(self.killed or sandbox.describe_exit(rc, mode=self.mode))
 
     def kill(self, reason: str) -> None:
@@ -277,11 +283,38 @@ class _Slot:
         """Wait for a worker that announced its exit; kill it if it lingers."""
         if self.proc is None:
             return
-        try:
-            await asyncio.wait_for(self.proc.wait(), 5.0)
-        except TimeoutError:
+        if await self.reap(5.0) is None:
             self.kill("did not exit")
-            await self.proc.wait()
+            await self.reap()
+
+    async def reap(self, timeout: float = _REAP_TIMEOUT) -> int | None:
+        """Wait for the worker to exit (killed, or exiting by itself); its exit status, or
+        None if it has not exited within *timeout*.
+
+        ``Process.wait()`` returns once the worker has exited and its pipes have ended.
+        What the worker wrote to its answer pipe that nobody will read (a killed task's
+        half-sent result, junk a task's thread wrote after its answer) would, past the
+        reader's limit, pause that pipe, so its end would never be seen, wait() never
+        return and the slot be lost: it is read and dropped meanwhile. If the worker has
+        exited but something else holds its pipes (unsandboxed, a process that left its
+        group), its exit status is taken without waiting for them.
+        """
+        proc = self.proc
+        assert proc is not None
+        drop = None if proc.stdout is None else asyncio.create_task(_discard(proc.stdout))
+        try:
+            async with asyncio.timeout(timeout):
+                return await proc.wait()
+        except TimeoutError:
+            if proc.returncode is not None:
+                log.warning(
+                    "worker.pipes_held",
+                    extra={"slot": self.index, "pid": proc.pid, "status": proc.returncode},
+                )
+            return proc.returncode
+        finally:
+            if drop is not None:
+                drop.cancel()
 
 
 class Executor:
@@ -418,7 +451,9 @@ class Executor:
             proc = slot.proc
             if proc is None:
                 continue
-            await proc.wait()
+            if await slot.reap() is None:
+                log.error("worker.did_not_exit", extra={"slot": slot.index, "pid": proc.pid})
+                continue
             with contextlib.suppress(Exception):  # best effort: a pipe that will not end
                 async with asyncio.timeout(5.0):
                     if proc.stdout is not None:
@@ -524,7 +559,7 @@ class Executor:
         await self.warm_up()
         assert self._idle is not None
         key = str(task_id) if task_id is not None else f"anonymous-{next(self._anon)}"
-        slot = await self._idle.get()
+        slot = await self._free_slot(key, deadline)
         try:
             if not slot.alive:
                 try:
@@ -550,6 +585,21 @@ class Executor:
             self._extended.pop(key, None)
             slot.busy = False
             self._release(slot)
+
+    async def _free_slot(self, key: str, deadline: float | None) -> _Slot:
+        """An idle slot, waited for at most until the task's deadline (all slots may be
+        restarting a worker)."""
+        assert self._idle is not None
+        if deadline is None:
+            return await self._idle.get()
+        left = max(deadline, self._extended.get(key, deadline)) - self._clock()
+        try:
+            async with asyncio.timeout(max(0.0, left)):
+                return await self._idle.get()
+        except TimeoutError:
+            raise TaskFailed(
+                "deadline exceeded while waiting for a free worker", requester_fault=False
+            ) from None
 
     async def _run_on(
         self,
@@ -660,7 +710,10 @@ class Executor:
                     await slot.stop()  # it announced its exit: let it go cleanly
                 else:
                     slot.kill(slot.killed or "replaced")
-                    await slot.proc.wait()
+                    if await slot.reap() is None:
+                        log.error(
+                            "worker.did_not_exit", extra={"slot": slot.index, "pid": slot.proc.pid}
+                        )
             await self._start(slot)
         except _WorkerGone as exc:  # the next task on this slot retries and reports it
             log.error("worker.restart_failed", extra={"slot": slot.index, "reason": exc.reason})
@@ -669,6 +722,13 @@ class Executor:
         finally:
             assert self._idle is not None
             self._idle.put_nowait(slot)
+
+
+async def _discard(stream: asyncio.StreamReader) -> None:
+    """Read *stream* to its end, dropping what it holds."""
+    with contextlib.suppress(Exception):
+        while await stream.read(1 << 20):
+            pass
 
 
 def _progress(header: Mapping[str, Any]) -> tuple[float, float, str]:
