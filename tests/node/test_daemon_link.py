@@ -254,12 +254,13 @@ def test_a_registration_answer_that_is_not_a_json_object_is_retried(
 def test_an_unexpected_error_on_the_link_is_logged_and_the_link_reconnects(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, waits: Waits, events: Events
 ) -> None:
-    """A sqlite error while handling a dispatch escapes the frame handler: the link is
-    marked down with the error, logged with its traceback, and reconnects after a backoff."""
+    """An error nothing foresaw (a bug) while handling a dispatch escapes the frame
+    handler: the link is marked down with the error, logged with its traceback, and
+    reconnects after a backoff."""
     daemon, clock, _ = linked_daemon(tmp_path, monkeypatch)
 
     def broken_get(task_id: uuid.UUID) -> None:
-        raise sqlite3.DatabaseError("database disk image is malformed")
+        raise RuntimeError("a bug in the lookup")
 
     monkeypatch.setattr(daemon.outbox, "get", broken_get)
 
@@ -270,10 +271,32 @@ def test_an_unexpected_error_on_the_link_is_logged_and_the_link_reconnects(
     last_errors = asyncio.run(run_link(daemon, clock, [Session(then=send_dispatch)]))
     changes = [r.__dict__["link"] for r in events.named("link.status")]
     assert changes == ["connecting", "up", "down", "connecting", "down"]
-    assert last_errors == ["", "DatabaseError: database disk image is malformed"]
+    assert last_errors == ["", "RuntimeError: a bug in the lookup"]
     assert daemon.link.reconnects == 1 and waits.attempts == [0]
     (record,) = events.named("link.error")
     assert record.levelno == logging.ERROR and record.exc_info is not None
+
+
+def test_a_backlog_that_cannot_be_read_keeps_the_link(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, waits: Waits, events: Events
+) -> None:
+    """The outbox cannot list its unacknowledged results when the link comes up (a
+    failing disk): the link stays up; they are sent after a later reconnect. Before, the error ended every link before its first frame was read."""
+    daemon, clock, _ = linked_daemon(tmp_path, monkeypatch)
+
+    def broken_pending() -> None:
+        raise sqlite3.OperationalError("disk I/O error")
+
+    monkeypatch.setattr(daemon.outbox, "pending", broken_pending)
+
+    async def a_while(ws: ServerConnection) -> None:
+        await asyncio.sleep(0.3)
+        assert daemon.link.status == "up"
+
+    last_errors = asyncio.run(run_link(daemon, clock, [Session(then=a_while)]))
+    assert last_errors == ["", ""]  # the session ended by the test's close, not an error
+    (record,) = events.named("outbox.pending_failed")
+    assert record.levelno == logging.ERROR and "disk I/O error" in record.__dict__["error"]
 
 
 def test_a_failed_ack_write_keeps_the_link_and_the_result_is_sent_again(
@@ -547,3 +570,31 @@ def test_registering_again_days_later_reissues_the_manifest(
         k: v for k, v in built.items() if k not in unchanged
     }
     assert sent["issued_at"] > built["issued_at"]
+
+
+def test_heartbeat_send_times_stay_bounded_without_acks(tmp_path: Path) -> None:
+    """A coordinator that never acknowledges heartbeats does not grow the daemon's table
+    of send times (kept to time each ack's round trip) without end."""
+    daemon = make_daemon(tmp_path)
+    daemon.heartbeat_interval = 0.0
+    challenge = messages.Challenge("coordinator-test", os.urandom(32), 31337, 30.0)
+    daemon.session.on_challenge(challenge)
+    daemon.session.on_welcome(messages.Welcome(daemon.node_id, 0, None))
+    sent: list[str] = []
+
+    class Silent:
+        async def send(self, frame: str) -> None:
+            sent.append(frame)
+
+    async def beat_a_while() -> None:
+        beats = asyncio.create_task(daemon._heartbeats(Silent(), 0.0))  # type: ignore[arg-type]
+        while len(sent) < 200 and not beats.done():
+            await asyncio.sleep(0)
+        beats.cancel()
+        (ended,) = await asyncio.gather(beats, return_exceptions=True)
+        assert isinstance(ended, asyncio.CancelledError), ended
+
+    asyncio.run(beat_a_while())
+    assert len(daemon.link.sent_at) == daemon_module._UNANSWERED_HEARTBEATS
+    assert max(daemon.link.sent_at) == daemon.session.seq  # the newest are kept
+    daemon.outbox.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sqlite3
 import time
 import uuid
 from pathlib import Path
@@ -335,17 +336,21 @@ def test_a_4xx_without_the_coordinators_refusal_is_retried(
     assert f"registration failed ({answer.status_code})" in str(caught.value)
 
 
+@pytest.mark.parametrize(
+    "error",
+    [OSError(5, "Input/output error"), sqlite3.OperationalError("disk I/O error")],
+    ids=["EIO", "sqlite"],
+)
 def test_a_dispatch_whose_outbox_lookup_fails_is_neither_run_nor_refused(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, error: Exception
 ) -> None:
-    """The outbox cannot say (EIO) whether the task is done: the daemon does not run it
-    (it may be) nor refuse it (its result may be intact), and the link stays up."""
-    import errno
-
+    """The outbox cannot say (EIO, SQLite's own I/O error) whether the task is done: the
+    daemon does not run it (it may be) nor refuse it (its result may be intact), and the
+    link stays up (a SQLite error escaped and dropped the link, on every re-dispatch)."""
     daemon, key, link = make_daemon(tmp_path)  # NeverRun: running it fails the test
 
     def failing_get(task_id: uuid.UUID) -> None:
-        raise OSError(errno.EIO, "Input/output error")
+        raise error
 
     monkeypatch.setattr(daemon.outbox, "get", failing_get)
     try:

@@ -66,6 +66,7 @@ CLOSE_REPLACED: Final = 4004
 # An authenticated session that lasted this long resets the reconnect backoff, however it
 # ended; one that ends sooner (even with a clean close) backs off further.
 STABLE_LINK_S: Final = 10.0
+_UNANSWERED_HEARTBEATS: Final = 64  # send times kept for the round trip of their acks
 # A link replaced (4004) by another process with this node's keys: the daemon links
 # again after this pause; replaced again within the window, it stops (LinkReplaced).
 REPLACED_PAUSE_S: Final = 60.0
@@ -466,7 +467,13 @@ class NodeDaemon:
             log.info("link.authenticated", extra={"coordinator_id": challenge.coordinator_id})
             beat = asyncio.create_task(self._heartbeats(ws, challenge.heartbeat_interval))
             try:
-                for entry in self.outbox.pending():  # unacknowledged results, after a restart too
+                try:  # unacknowledged results, after a restart too
+                    backlog = self.outbox.pending()
+                except (OSError, sqlite3.Error) as exc:  # a failing disk: keep the link
+                    # They stay in the outbox and are sent after the next reconnect.
+                    log.error("outbox.pending_failed", extra={"error": str(exc)})
+                    backlog = []
+                for entry in backlog:
                     await self._deliver(entry)
                 async for frame in ws:
                     await self._on_frame(frame)
@@ -485,6 +492,8 @@ class NodeDaemon:
                 state=self.state.state, running=running, load_permille=load
             )
             self.link.sent_at[self.session.seq] = time.monotonic()
+            if len(self.link.sent_at) > _UNANSWERED_HEARTBEATS:  # a coordinator that never acks
+                del self.link.sent_at[min(self.link.sent_at)]
             await ws.send(json.dumps(frame))
             await asyncio.sleep(interval)
 
@@ -566,7 +575,8 @@ class NodeDaemon:
                     lease_expires_at=d.lease_expires_at,
                 )
                 return
-            except OSError as exc:  # could not read it just now (EIO, EMFILE): nothing is known
+            except (OSError, sqlite3.Error) as exc:  # not read just now (EIO, a locked or
+                # damaged database, EMFILE): nothing is known
                 # Neither run it (it may be done) nor refuse it (the result may be intact):
                 # the coordinator's lease runs out, or it dispatches the task again later.
                 log.error("outbox.lookup_failed", extra={"error": str(exc)})

@@ -346,7 +346,8 @@ class Executor:
         self._progress: dict[str, dict[str, Any]] = {}
         self._restarts: set[asyncio.Task[None]] = set()
         self._anon = itertools.count()
-        self.start_seconds: list[float] = []
+        # seconds each of the last workers took to start (bench/execution.py reads them)
+        self.start_seconds: collections.deque[float] = collections.deque(maxlen=1000)
 
     # --- lifecycle ---------------------------------------------------------------------------
 
