@@ -423,3 +423,38 @@ def test_status_refresh_takes_the_gpu_sample(tmp_path: Path) -> None:
     finally:
         sampler.close()
     assert value(samples(m.exposition()), "gpu_utilization_percent", gpu="0", model="B") == 80
+
+
+def test_a_restarted_coordinator_counts_only_its_own_leases(tmp_path: Path) -> None:
+    """The lease-wait histogram is per process, as Prometheus counters are: a restart does
+    not count the history again (its first scrape read every attempt ever, on the one
+    database thread results and heartbeats wait for), and a scrape reads a bounded batch."""
+    from nodeclient.coordinator import models as m
+    from nodeclient.coordinator.metrics import read_facts
+
+    config = config_for(data_dir=tmp_path)
+    running, server, thread = start(config, ManualClock(START))
+    try:
+
+        def history(s) -> None:
+            s.add(m.Job(job_id="j", workload_class="ai.inference", status="succeeded",
+                        min_tier=0, slices=1, meta="{}", created_at=START))  # fmt: skip
+            s.flush()
+            for i in range(25):
+                s.add(m.Task(task_id=f"t{i}", job_id="j", slice_index=0, slice_count=1,
+                             status="succeeded", attempts=1, queued_at=START, payload=b""))  # fmt: skip
+                s.flush()
+                s.add(m.TaskAttempt(task_id=f"t{i}", attempt=1, node_id="0xA",
+                                    leased_at=START + 1, deadline=START + 9))  # fmt: skip
+
+        running.coord.db.run_sync(history)
+        batch = running.coord.db.run_sync(lambda s: read_facts(s, after_attempt=0, limit=10))
+        assert len(batch.waits) == 10 and batch.last_attempt_id == 10
+    finally:
+        stop(running, server, thread)
+    again, server, thread = start(config, ManualClock(START))
+    try:
+        text = httpx.get(f"{again.url}/metrics", timeout=10).text
+        assert value(samples(text), "dispatch_latency_seconds_count") == 0
+    finally:
+        stop(again, server, thread)

@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
 LATENCY_BUCKETS: Final = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800)
 CHECKS: Final = ("signature", "proof", "acceptance")
+MAX_WAITS_PER_SCRAPE: Final = 10_000  # lease waits read per scrape; the rest the next time
 STATES: Final = ("READY", "EXECUTING", "IDLE", "UNSTAKING")
 
 
@@ -52,8 +53,18 @@ class SqlFacts:
     last_attempt_id: int = 0
 
 
-def read_facts(session: Session, *, after_attempt: int) -> SqlFacts:
-    """One transaction: counts by status and the lease waits of attempts past *after_attempt*."""
+def last_attempt(session: Session) -> int:
+    """The newest task attempt's id (0: none): a process counts lease waits from there,
+    since the ones before it were an earlier process's to count."""
+    return int(session.scalar(select(func.max(m.TaskAttempt.id))) or 0)
+
+
+def read_facts(
+    session: Session, *, after_attempt: int, limit: int = MAX_WAITS_PER_SCRAPE
+) -> SqlFacts:
+    """One transaction: counts by status and the lease waits of up to *limit* attempts
+    past *after_attempt* (the rest at the next scrape: one scrape never holds the
+    database thread for a long history)."""
     facts = SqlFacts(last_attempt_id=after_attempt)
     facts.registered = int(session.scalar(select(func.count()).select_from(m.Node)) or 0)
     for status, n in session.execute(select(m.Task.status, func.count()).group_by(m.Task.status)):
@@ -71,6 +82,7 @@ def read_facts(session: Session, *, after_attempt: int) -> SqlFacts:
         .join(m.Task, m.Task.task_id == m.TaskAttempt.task_id)
         .where(m.TaskAttempt.id > after_attempt)
         .order_by(m.TaskAttempt.id)
+        .limit(limit)
     ).all()
     for attempt_id, leased_at, queued_at, ended in rows:
         since = ended if ended is not None else queued_at
@@ -110,9 +122,9 @@ class _Snapshot(Collector):
 class CoordinatorMetrics:
     """One coordinator's metrics: a registry, the link's counter, and scrape-time gauges."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, after_attempt: int = 0) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
-        self.facts = SqlFacts()
+        self.facts = SqlFacts(last_attempt_id=after_attempt)  # leases before it: not ours
         self.online: dict[str, int] = {}
         self._lock = threading.Lock()
         self.verification_failures = Counter(

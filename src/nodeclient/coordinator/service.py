@@ -21,7 +21,7 @@ from typing import Any, Final, Protocol
 from nodeclient.clock import Clock
 from nodeclient.coordinator.blobstore import BlobStore, payload_blobs
 from nodeclient.coordinator.config import CoordinatorConfig
-from nodeclient.coordinator.metrics import CoordinatorMetrics
+from nodeclient.coordinator.metrics import CoordinatorMetrics, last_attempt
 from nodeclient.coordinator.store import (
     Database,
     NodeInfo,
@@ -172,7 +172,8 @@ class Coordinator:
         self.links: dict[str, LinkPort] = {}
         self.progress = ProgressBoard()  # advisory, per node and task, bounded
         self.heartbeats = HeartbeatWriter(db)
-        self.metrics = CoordinatorMetrics()  # GET /metrics (2.3.8); per app, never global
+        # GET /metrics (2.3.8); per app, never global; lease waits from this start on
+        self.metrics = CoordinatorMetrics(after_attempt=db.run_sync(last_attempt))
         self._wake: asyncio.Event | None = None
         self._background: set[asyncio.Task[Any]] = set()
         # (node_id, task_id) of leases a cancel went out for, newest last (see send_cancel)
