@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from types import SimpleNamespace
 
+import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from nodeclient.coordinator import models as m
@@ -43,3 +45,70 @@ def test_a_node_that_unstaked_during_the_round_gets_no_dispatch(db: Database) ->
     task = db.run_sync(lambda s: s.get_one(m.Task, first))
     assert (task.status, task.node_id, task.attempts) == (m.QUEUED, None, 0)
     assert db.run_sync(lambda s: s.get_one(m.Task, second).status) == m.LEASED
+
+
+def test_a_round_whose_sealing_fails_is_undone_not_left_leased(
+    db: Database, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Sealing breaks (a bug, a key the library refuses): nothing is sent, and the round's
+    leases are undone for free. Before, they stayed leased until their leases ended and
+    then counted as the nodes' failures, spending attempts."""
+    from nodeclient.coordinator import scheduler as scheduler_mod
+
+    address = Secp256k1Key.generate().address
+    _, (task_id,) = db.run_sync(lambda s: add_job(s, tasks=1))
+    placed = db.run_sync(lambda s: assign_tx(s, [node(address)], now=NOW, lease_seconds=300))
+    assert len(placed) == 1
+
+    def broken(_jobs: object) -> list[bytes]:
+        raise ValueError("a key the library refuses")
+
+    monkeypatch.setattr(scheduler_mod, "_seal_all", broken)
+    sent: list[str] = []
+
+    async def send_to(node_id: str, frame: dict) -> bool:
+        sent.append(node_id)
+        return True
+
+    nodes = {address: SimpleNamespace(public_key=None, unstaking_until=None)}
+    coord = SimpleNamespace(
+        db=db, nodes=nodes, send_to=send_to, now=lambda: NOW, wake=lambda: None, withdrawn={}
+    )
+    with caplog.at_level(logging.ERROR, logger="nodeclient.coordinator.scheduler"):
+        asyncio.run(Scheduler.dispatch_all(SimpleNamespace(coord=coord), placed))  # type: ignore[arg-type]
+    assert sent == []
+    task = db.run_sync(lambda s: s.get_one(m.Task, task_id))
+    assert (task.status, task.node_id, task.attempts) == (m.QUEUED, None, 0)
+    assert [r.getMessage() for r in caplog.records] == ["dispatch.failed"]
+
+
+def test_a_node_whose_loss_could_not_be_recorded_is_checked_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Re-queuing a silent node's leases fails (the database): the node is not left
+    marked offline with its leases held, but found silent again at the next tick."""
+    from nodeclient.coordinator import scheduler as scheduler_mod
+
+    calls: list[str] = []
+
+    async def run(fn: object) -> list[object]:
+        calls.append("run")
+        if len(calls) == 1:
+            raise RuntimeError("database is locked")
+        return []
+
+    rt = SimpleNamespace(online=True, last_seen=NOW - 1000)
+    coord = SimpleNamespace(
+        config=SimpleNamespace(offline_after=90.0, max_attempts=3),
+        runtime={"0xA": rt},
+        links={},
+        db=SimpleNamespace(run=run),
+        roster_changed=lambda: None,
+        wake=lambda: None,
+    )
+    scheduler = SimpleNamespace(coord=coord, _report_lost=lambda lost, event: None)
+    with pytest.raises(RuntimeError, match="database is locked"):
+        asyncio.run(scheduler_mod.Scheduler.check_offline(scheduler, NOW))  # type: ignore[arg-type]
+    assert rt.online is True
+    asyncio.run(scheduler_mod.Scheduler.check_offline(scheduler, NOW))  # type: ignore[arg-type]
+    assert rt.online is False and calls == ["run", "run"]

@@ -792,11 +792,21 @@ class Scheduler:
                 coord.spawn(link.close(4005, f"offline: no heartbeat for {silent:.0f} s"), "close")
             detail = f"node {node_id} went offline (no heartbeat for {silent:.0f} s)"
             max_attempts = coord.config.max_attempts
-            lost = await coord.db.run(
-                functools.partial(
-                    node_lost_tx, node_id=node_id, detail=detail, now=now, max_attempts=max_attempts
+            try:
+                lost = await coord.db.run(
+                    functools.partial(
+                        node_lost_tx,
+                        node_id=node_id,
+                        detail=detail,
+                        now=now,
+                        max_attempts=max_attempts,
+                    )
                 )
-            )
+            except BaseException:
+                # Its leases were not re-queued: online again, it is found silent (and its
+                # leases re-queued) at a later tick, instead of never.
+                rt.online = True
+                raise
             self._report_lost(lost, "task.requeued")
 
     def _report_lost(self, lost: Sequence[Lost], event: str) -> None:
@@ -818,12 +828,19 @@ class Scheduler:
     async def dispatch_all(self, assigned: Sequence[Assignment]) -> None:
         """Seal a round's payloads in one worker-thread call, then send them concurrently."""
         coord = self.coord
-        jobs = [(a, coord.nodes[a.node_id].public_key) for a in assigned]
-        sealed = await asyncio.to_thread(_seal_all, jobs)
-        # While sealing ran, a lease may have ended (its job failed, say) and its cancel gone
-        # out: a dispatch sent after it would run a withdrawn task. Send only live leases,
-        # and start their sends before this step ends, so a later cancel follows them.
-        live = await coord.db.run(functools.partial(_live_leases, assigned=assigned))
+        try:
+            jobs = [(a, coord.nodes[a.node_id].public_key) for a in assigned]
+            sealed = await asyncio.to_thread(_seal_all, jobs)
+            # While sealing ran, a lease may have ended (its job failed, say) and its cancel
+            # gone out: a dispatch sent after it would run a withdrawn task. Send only live
+            # leases, and start their sends before this step ends, so a later cancel follows.
+            live = await coord.db.run(functools.partial(_live_leases, assigned=assigned))
+        except Exception:  # a bug, or the database: nothing was sent
+            # Left leased, the round's tasks would wait for their leases to end and count
+            # as the nodes' failures (an expired lease spends an attempt).
+            log.exception("dispatch.failed", extra={"tasks": len(assigned)})
+            await _undo(coord, list(assigned))
+            return
         # A lease that ended after that read, with its cancel already on its way (its send
         # started before the ones below would), is not sent either: it would overtake it.
         keep = [
@@ -868,18 +885,22 @@ class Scheduler:
                 )
             else:
                 undelivered.append(a)
-        if not undelivered:
-            return
-        now = coord.now()
+        if undelivered:
+            await _undo(coord, undelivered)
 
-        def undo(s: Session) -> None:
-            for a in undelivered:
-                undeliverable_tx(s, a.task_id, a.node_id, now, attempt=a.attempt)
 
-        await coord.db.run(undo)
+async def _undo(coord: Coordinator, undelivered: Sequence[Assignment]) -> None:
+    """Undo leases whose dispatch never left, without spending their attempts."""
+    now = coord.now()
+
+    def undo(s: Session) -> None:
         for a in undelivered:
-            log.info("task.undeliverable", extra={"task_id": a.task_id, "node_id": a.node_id})
-        coord.wake()
+            undeliverable_tx(s, a.task_id, a.node_id, now, attempt=a.attempt)
+
+    await coord.db.run(undo)
+    for a in undelivered:
+        log.info("task.undeliverable", extra={"task_id": a.task_id, "node_id": a.node_id})
+    coord.wake()
 
 
 def _live_leases(session: Session, assigned: Sequence[Assignment]) -> set[tuple[str, str, int]]:
