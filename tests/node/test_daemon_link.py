@@ -287,7 +287,7 @@ def test_a_backlog_that_cannot_be_read_keeps_the_link(
     def broken_pending() -> None:
         raise sqlite3.OperationalError("disk I/O error")
 
-    monkeypatch.setattr(daemon.outbox, "pending", broken_pending)
+    monkeypatch.setattr(daemon.outbox, "iter_pending", broken_pending)
 
     async def a_while(ws: ServerConnection) -> None:
         await asyncio.sleep(0.3)

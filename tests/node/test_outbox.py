@@ -617,3 +617,19 @@ def test_an_outbox_of_a_newer_release_is_refused_untouched(tmp_path) -> None:
     assert box._db.execute("PRAGMA user_version").fetchone() == (outbox.FORMAT_VERSION,)
     assert [e.result for e in box.pending()] == [b"kept"]
     box.close()
+
+
+def test_pending_results_are_read_one_at_a_time(tmp_path) -> None:
+    """The backlog sent on a reconnect is read an entry at a time, each result when its
+    turn comes (a backlog of 32 MiB results was all read into memory at once); an entry
+    acknowledged meanwhile is skipped."""
+    box = Outbox(tmp_path / "o.db")
+    tasks = [uuid.uuid4() for _ in range(3)]
+    for i, t in enumerate(tasks):
+        commit(box, t, bytes([i]) * (INLINE_MAX + 1))  # files, read when loaded
+    backlog = box.iter_pending()
+    first = next(backlog)
+    assert first.task_id == tasks[0] and first.result == b"\x00" * (INLINE_MAX + 1)
+    box.mark_acked(tasks[1], status="accepted", reason="", at=1.0)
+    assert [(e.task_id, e.result[:1]) for e in backlog] == [(tasks[2], b"\x02")]
+    box.close()

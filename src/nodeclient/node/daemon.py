@@ -467,14 +467,12 @@ class NodeDaemon:
             log.info("link.authenticated", extra={"coordinator_id": challenge.coordinator_id})
             beat = asyncio.create_task(self._heartbeats(ws, challenge.heartbeat_interval))
             try:
-                try:  # unacknowledged results, after a restart too
-                    backlog = self.outbox.pending()
+                try:  # unacknowledged results, after a restart too, one at a time
+                    for entry in self.outbox.iter_pending():
+                        await self._deliver(entry)
                 except (OSError, sqlite3.Error) as exc:  # a failing disk: keep the link
-                    # They stay in the outbox and are sent after the next reconnect.
+                    # The rest stay in the outbox and are sent after the next reconnect.
                     log.error("outbox.pending_failed", extra={"error": str(exc)})
-                    backlog = []
-                for entry in backlog:
-                    await self._deliver(entry)
                 async for frame in ws:
                     await self._on_frame(frame)
             finally:

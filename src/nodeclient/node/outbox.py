@@ -421,27 +421,43 @@ class Outbox:
         this process; then it is closed as ``lost`` too (a permanent EACCES would otherwise
         keep it pending for good, and every stop would wait for it), the file kept.
         """
-        out = []
+        return list(self.iter_pending())
+
+    def iter_pending(self) -> Iterator[OutboxEntry]:
+        """``pending``, one entry at a time: the daemon sends each before the next one's
+        result is read, so a backlog of large results is never in memory all at once.
+        Which entries are pending is read when the iteration starts."""
         with self._lock:
-            rows = self._db.execute(
-                f"{_LOAD} WHERE o.acked_at IS NULL ORDER BY o.completed_at"
-            ).fetchall()
-            for row in rows:
+            ids = [
+                r[0]
+                for r in self._db.execute(
+                    "SELECT task_id FROM outbox WHERE acked_at IS NULL ORDER BY completed_at"
+                )
+            ]
+        for task_id in ids:
+            with self._lock:
+                row = self._db.execute(
+                    f"{_LOAD} WHERE o.task_id = ? AND o.acked_at IS NULL", (task_id,)
+                ).fetchone()
+                if row is None:  # acknowledged meanwhile
+                    continue
                 try:
-                    out.append(self._load(row))
-                    self._unreadable.pop(row[0], None)
+                    entry = self._load(row)
+                    self._unreadable.pop(task_id, None)
                 except OutboxCorrupt as exc:
-                    self._close_lost(row[0], str(exc))
+                    self._close_lost(task_id, str(exc))
+                    continue
                 except OSError as exc:  # not the file's fault, maybe: it stays, and the entry
-                    tries = self._unreadable[row[0]] = self._unreadable.get(row[0], 0) + 1
+                    tries = self._unreadable[task_id] = self._unreadable.get(task_id, 0) + 1
                     log.warning(
                         "outbox.result_unreadable",
-                        extra={"task_id": row[0], "error": str(exc), "tries": tries},
+                        extra={"task_id": task_id, "error": str(exc), "tries": tries},
                     )
                     if tries >= UNREADABLE_TRIES:
-                        del self._unreadable[row[0]]
-                        self._close_lost(row[0], f"unreadable {tries} times: {exc}")
-        return out
+                        del self._unreadable[task_id]
+                        self._close_lost(task_id, f"unreadable {tries} times: {exc}")
+                    continue
+            yield entry
 
     def _close_lost(self, task_id: str, why: str) -> None:
         """Close an entry whose result cannot be sent (under the lock); its file stays."""
