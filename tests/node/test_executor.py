@@ -685,3 +685,32 @@ def test_a_task_waiting_for_a_slot_fails_at_its_deadline(node: Node) -> None:
         node.hostile({"do": "echo"}, deadline=time.monotonic() + 0.5)
     node.wait(sleeper)
     node.inference_still_works()
+
+
+def test_work_roots_left_by_a_dead_daemon_are_swept(tmp_path: Path) -> None:
+    """A root whose lock no live process holds (its daemon was killed) is removed with
+    the task files in it; a live daemon's root, one without a lock file (an older
+    release's) and a link are left alone."""
+    from nodeclient.node import executor as executor_mod
+
+    def root(name: str, *, lock: bool) -> Path:
+        path = tmp_path / f"nodeclient-work-{name}"
+        (path / "slot-0" / "task").mkdir(parents=True)
+        (path / "slot-0" / "task" / "frame.png").write_bytes(b"a requester's frame")
+        (path / "slot-0" / "task").chmod(0o555)  # what a task may leave
+        if lock:
+            (path / ".lock").write_bytes(b"")
+        return path
+
+    dead, old = root("dead", lock=True), root("old", lock=False)
+    live = root("live", lock=True)
+    held = executor_mod._hold_root(live)
+    (tmp_path / "nodeclient-work-link").symlink_to(live)
+    try:
+        executor_mod._sweep_stale_roots(tmp_path)
+        assert not dead.exists()
+        assert live.exists() and old.exists() and (tmp_path / "nodeclient-work-link").exists()
+    finally:
+        os.close(held)
+    executor_mod._sweep_stale_roots(tmp_path)  # its daemon gone now: removed too
+    assert not live.exists() and old.exists()

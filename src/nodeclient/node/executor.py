@@ -50,6 +50,8 @@ _PIPE_BYTES: Final = 1 << 20  # the default /proc/sys/fs/pipe-max-size
 _JOIN_BYTES: Final = 256 * 1024  # payloads up to this size go down the pipe in one write
 _REPLACED: Final = "replaced after a failed or untidy task"
 _SETTLE_TIMEOUT: Final = 300.0  # emptying a work directory of rendered frames takes a while
+_ROOT_PREFIX: Final = "nodeclient-work-"  # work roots in the temporary directory
+_ROOT_LOCK: Final = ".lock"
 _REAP_TIMEOUT: Final = 30.0  # a killed worker's exit and the end of its pipes
 
 # progress(done, total, note) as the executor reports it to the daemon
@@ -337,6 +339,7 @@ class Executor:
         self._clock = clock
         self._runtimes = dict(config.runtimes) if config.runtimes is not None else None
         self._own_root = config.work_root is None
+        self._root_lock: int | None = None  # flock on our own root's lock file while it lives
         self._root: Path | None = config.work_root
         self._slots: list[_Slot] = []
         self._idle: asyncio.Queue[_Slot] | None = None
@@ -353,7 +356,9 @@ class Executor:
 
     def _build_slots(self) -> None:
         if self._root is None:
-            self._root = Path(tempfile.mkdtemp(prefix="nodeclient-work-"))
+            _sweep_stale_roots(Path(tempfile.gettempdir()))
+            self._root = Path(tempfile.mkdtemp(prefix=_ROOT_PREFIX))
+            self._root_lock = _hold_root(self._root)
         as_root = os.geteuid() == 0
         sandboxed = self.mode == MODE_BWRAP
         cache = self.config.cache_dir
@@ -479,6 +484,9 @@ class Executor:
                 shutil.rmtree(slot.workdir, ignore_errors=True)
             if self._own_root:
                 shutil.rmtree(self._root, ignore_errors=True)
+        if self._root_lock is not None:
+            os.close(self._root_lock)
+            self._root_lock = None
 
     # --- tasks ------------------------------------------------------------------------------
 
@@ -777,6 +785,43 @@ def _widen_pipe(stream: object) -> None:
     if pipe is not None:
         with contextlib.suppress(OSError):
             fcntl.fcntl(pipe.fileno(), _F_SETPIPE_SZ, _PIPE_BYTES)
+
+
+def _hold_root(root: Path) -> int:
+    """Lock *root*'s lock file for as long as this process lives: a root whose lock nobody
+    holds was left by a process that died without its clean-up (kill -9, a crash)."""
+    fd = os.open(root / _ROOT_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    return fd
+
+
+def _sweep_stale_roots(tmp: Path) -> None:
+    """Remove the work roots in *tmp* that daemons of this user left when they died: the
+    files of their last tasks stay there otherwise (under systemd, PrivateTmp empties
+    /tmp anyway). A root is ours to remove only if it is a real directory owned by this
+    user whose lock file exists and no live process holds; another daemon's, or one from
+    a release before the lock, is left alone."""
+    uid = os.geteuid()
+    try:
+        candidates = [p for p in tmp.iterdir() if p.name.startswith(_ROOT_PREFIX)]
+    except OSError:
+        return
+    for root in candidates:
+        try:
+            st = os.lstat(root)
+            if not stat.S_ISDIR(st.st_mode) or st.st_uid != uid:
+                continue
+            fd = os.open(root / _ROOT_LOCK, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+        except OSError:
+            continue  # gone, no lock file, or not ours to open
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            continue  # a live daemon's
+        finally:
+            os.close(fd)
+        log.info("worker.stale_root_removed", extra={"path": str(root)})
+        _remove_tree(root)
 
 
 def _chown_tree(path: Path) -> None:
