@@ -87,6 +87,12 @@ def test_a_dispatch_refused_at_once_is_rejected_with_its_lease(tmp_path: Path, c
     asyncio.run(daemon._on_frame(dispatch(daemon, task_id, lease, workload_class=wclass)))
     (refused,) = link.frames
     assert_refuses(refused, daemon, task_id, lease, reason)
+    # Counted under its class when served, else "other": the class is the coordinator's word.
+    label = "other" if case == "class not served" else wclass
+    counted = daemon.metrics.tasks.labels(workload_class=label, outcome="rejected")
+    assert counted._value.get() == 1
+    if case == "class not served":
+        assert f'workload_class="{wclass}"' not in daemon.metrics.exposition().decode()
 
 
 @pytest.mark.parametrize("case", ["pruned", "damaged"])

@@ -284,7 +284,10 @@ class NodeDaemon:
             await asyncio.sleep(self.retention.every)
 
     def _ended(self, workload_class: str, outcome: str, received_at: float) -> None:
-        self.metrics.task_ended(workload_class, outcome, self.clock.now() - received_at)
+        # The class is the coordinator's word: one this node does not serve is "other", so
+        # that made-up names cannot add metric series without end.
+        label = workload_class if workload_class in self.classes else "other"
+        self.metrics.task_ended(label, outcome, self.clock.now() - received_at)
 
     def _task_ended(self, task: RunningTask, outcome: str) -> None:
         """Count how a running task ended, once (a cancel may follow its commit)."""
