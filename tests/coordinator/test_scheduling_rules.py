@@ -84,7 +84,7 @@ def test_picker_chooses_as_pick_node_does() -> None:
             ask = {
                 "workload_class": rng.choice(classes_),
                 "min_tier": rng.randint(0, 3),
-                "region": rng.choice([None, *regions]),
+                "region": rng.choice([None, *regions, "mars-1", "nowhere"]),
                 "tried": rng.sample(ids, min(len(ids), rng.choice([0, 0, 1, 2, 5]))),
                 "excluded": rng.sample(ids, min(len(ids), rng.choice([0, 0, 1, 3]))),
             }
@@ -93,6 +93,20 @@ def test_picker_chooses_as_pick_node_does() -> None:
             if expected is not None:
                 free[expected] -= 1
             assert {n: picker.slots(n) for n in ids} == free
+
+
+def test_regions_no_node_is_in_share_one_heap() -> None:
+    """Job regions are free text: a region no candidate is in is ordered as no preference
+    (every node misses it alike), from one cached heap, not a heap of every node per name."""
+    cands = [_cand(f"n{i}", region="eu-west", cap=2) for i in range(5)]
+    roster = Roster(cands)
+    picker, plain = Picker(roster, {}), Picker(Roster(cands), {})
+    for i in range(12):
+        ask = {"workload_class": "ai.inference", "min_tier": 0}
+        assert picker.pick(**ask, region=f"made-up-{i}") == plain.pick(**ask, region=None)
+    assert len(picker._heaps) == 1
+    roster.idle_heap(("ai.inference", 0, None))
+    assert len(roster._idle_heaps) == 1
 
 
 def test_offset_file_clock_reads_offset_at_most_once_a_second(tmp_path: Path) -> None:

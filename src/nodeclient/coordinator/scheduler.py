@@ -170,6 +170,7 @@ class Roster:
         # What any candidate serves at all: queued tasks outside it are not even read.
         self.classes = frozenset(w for c in self.candidates for w in c.workload_classes)
         self.max_tier = max((c.hardware_tier for c in self.candidates), default=-1)
+        self.regions = frozenset(c.region for c in self.candidates)
         self._idle_heaps: dict[_Group, list[_Entry]] = {}
         # Per class, the nodes that serve it, highest tier first (free_tiers walks them).
         self._by_tier = {
@@ -258,6 +259,11 @@ class Picker:
     ) -> str | None:
         """The node pick_node would choose; its free slots go down by one."""
         tried_set, excluded_set = set(tried), set(excluded)
+        if region not in self._roster.regions:
+            # No candidate is there: every node misses it alike, which orders them as no
+            # preference does. One group for all such regions, not one cached heap of every
+            # node per name a requester made up.
+            region = None
         group = (workload_class, min_tier, region)
         heap = self._heaps.get(group)
         if heap is None:
