@@ -244,8 +244,9 @@ def run_devnet(
         submitted = _submit_demo_jobs(client, jobs, out)
         correct = total = 0
         for wclass, job_id, labels in submitted:
-            # a render job is assembled again from its verified slices, given its payload
-            payload = labels if wclass == "media.render" else None
+            # a render job is assembled again from its verified slices, a training job's
+            # rounds replayed from its verified pseudo-gradients, given its payload
+            payload = labels if wclass in ("media.render", "ai.training") else None
             assembled = _verified_job(client, job_id, out, net, payload=payload)
             if wclass == "ai.inference":
                 outputs, _meta = decode_result(assembled)
@@ -295,8 +296,9 @@ def _submit_demo_jobs(client: Any, jobs: int, out: Print) -> list[tuple[str, str
     else:
         out("media.render skipped: no usable Blender on this machine")
     if "ai.training" in usable:
-        job = client.submit_job("ai.training", demo_training(), slices=2)
-        submitted.append(("ai.training", job["job_id"], None))
+        training_payload = demo_training()
+        job = client.submit_job("ai.training", training_payload, slices=2)
+        submitted.append(("ai.training", job["job_id"], training_payload))
         out(f"job {job['job_id']}: submitted (training, 2 slices x 3 rounds, DiLoCo)")
     else:
         out("ai.training skipped: PyTorch is not installed")

@@ -5,6 +5,7 @@ The slices run on the real PyTorch runtime; aggregation is the real coordinator/
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from collections.abc import Callable
@@ -18,8 +19,8 @@ from sklearn.model_selection import train_test_split
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from nodeclient.coordinator import audit, rounds, store
 from nodeclient.coordinator import models as m
-from nodeclient.coordinator import rounds, store
 from nodeclient.coordinator.store import Database
 from nodeclient.node.runtimes.torch_train import TorchTrainRuntime, predict
 from nodeclient.workloads import training as tr
@@ -650,6 +651,18 @@ def test_training_job_runs_two_rounds_through_the_coordinator(
     expected, _ = _train_in_process(job, runtime, slices=2)
     assert tr.weights_container(weights) == tr.weights_container(expected)
     assert [mt["used"] for mt in metrics] == [[0, 1], [0, 1]]
+    # A requester replays the rounds from the verified pseudo-gradients (verify --payload).
+    client = coordinator.client
+    report = audit.audit_job(
+        final, client.task_result, lambda: client.raw_job_result(job_id), payload=job.encode()
+    )
+    assert report.ok, report.as_json()
+    assert report.result.startswith("equal to its 2 rounds replayed")
+    # Weights the rounds do not give, published with a matching hash, are caught.
+    forged = tr.encode_final(job.model, {k: v + 0.01 for k, v in weights.items()}, metrics)
+    lied = {**final, "result_sha256": hashlib.sha256(forged).hexdigest()}
+    report = audit.audit_job(lied, client.task_result, lambda: forged, payload=job.encode())
+    assert not report.ok and "not the weights its 2 rounds replay to" in report.result
 
 
 def test_round_deadline_drops_the_late_slice(
@@ -680,6 +693,11 @@ def test_round_deadline_drops_the_late_slice(
     assert metrics[0]["dropped"] == [
         {"slice": late["slice_index"], "reason": "missed the deadline of round 0"}
     ]
+    client = coordinator.client
+    report = audit.audit_job(
+        final, client.task_result, lambda: client.raw_job_result(job_id), payload=job.encode()
+    )
+    assert report.ok, report.as_json()  # the replay drops the late slice too
 
 
 def test_a_forged_result_is_refused_on_arrival_and_its_slice_retried_elsewhere(

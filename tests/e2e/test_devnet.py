@@ -27,6 +27,7 @@ def test_devnet_runs_jobs_verifies_and_exits_zero() -> None:
     # Each job's result is checked as a requester would (nodeclient-coordinator verify).
     assert out.stdout.count("job result: equal to its one task's verified result") == 3
     assert "job result: equal to its 2 verified slices assembled in order" in out.stdout
+    assert "job result: equal to its 3 rounds replayed from the verified" in out.stdout
     assert "render assembled: 6 frames of 64x48 from 2 node(s)" in out.stdout
     assert re.search(
         r"training finished 3 rounds; loss per round: [\d.]+, [\d.]+, [\d.]+", out.stdout

@@ -16,8 +16,9 @@ the job's result is a function of its tasks' results it is derived again here an
 equal: a whole job's result is its one task's; a sliced render's is its slices assembled
 in order by the same code the coordinator runs (``workloads/``), which needs the job's
 parameters, so only when the requester gives the payload it submitted. A training job's
-weights come out of the coordinator's outer optimizer over every round; they are not
-derived again here (each pseudo-gradient that went into them is checked as above).
+weights are replayed, given the payload: the coordinator's own round arithmetic
+(``coordinator/rounds.py``) over the verified pseudo-gradients of every round, from the
+job's initial weights, must give them.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from nodeclient.protocol import eip712
 # A job's result is derived again from its tasks for these classes (see the module doc).
 _WHOLE = frozenset({"ai.inference"})
 _ASSEMBLED = frozenset({"media.render"})
+_ROUNDS = frozenset({"ai.training"})
 _ASSEMBLE_LIMIT = 1 << 40  # the requester's own payload: no size limit worth enforcing
 
 
@@ -227,8 +229,69 @@ def _check_job_result(
             else f"not equal to its {len(done)} verified slices assembled in order "
             "(or the payload is not the one submitted)"
         )
+    elif wclass in _ROUNDS and payload is None:
+        report.result_ok = True
+        report.result = "result_sha256 matches (give --payload to replay its rounds)"
+    elif wclass in _ROUNDS:
+        assert payload is not None
+        try:
+            report.result_ok, report.result = _replay_training(payload, job, results, data)
+        except NodeClientError as exc:
+            report.result_ok = False
+            report.result = f"cannot replay the rounds with that payload: {exc}"
     else:
         report.result_ok = True
-        report.result = (
-            "result_sha256 matches; the aggregate is the coordinator's, not derived again here"
+        report.result = "result_sha256 matches; no rule here derives it from its tasks"
+
+
+def _replay_training(
+    payload: bytes, job: Mapping[str, Any], results: Mapping[str, bytes], data: bytes
+) -> tuple[bool, str]:
+    """Run the coordinator's own round arithmetic (coordinator/rounds.py: checks, outlier
+    rejection, clipping, mean, outer step) over the verified pseudo-gradients, from the
+    job's initial weights; the job's final weights must come out (within float32 noise)."""
+    import numpy as np
+
+    from nodeclient.coordinator import rounds
+    from nodeclient.workloads import training as tr
+
+    request = tr.JobRequest.decode(payload, max_bytes=_ASSEMBLE_LIMIT)
+    model, config = request.model, request.config
+    slices = int(job["slices"])
+    shards = [
+        tr.SliceRequest.decode(p, max_bytes=_ASSEMBLE_LIMIT).shard_sha256
+        for p in request.round_zero(slices)
+    ]
+    container = request.initial_weights()
+    weights = dict(tr.decode_weights(container, model, max_bytes=_ASSEMBLE_LIMIT))
+    momentum = {k: np.zeros(s, np.float32) for k, s in model.parameter_shapes().items()}
+    base = tr.sha256_hex(container)
+    for r in range(config.rounds):
+        tasks = [t for t in job["tasks"] if (t.get("round") or 0) == r]
+        if sorted(int(t["slice_index"]) for t in tasks) != list(range(slices)):
+            return False, f"round {r} does not list each of its {slices} slices once"
+        subs = [
+            rounds.Submission(
+                int(t["slice_index"]), shards[int(t["slice_index"])],
+                results.get(str(t["task_id"])) if t["status"] == "succeeded" else None,
+                str(t.get("reason") or t["status"]),
+            )
+            for t in tasks
+        ]  # fmt: skip
+        outcome = rounds.aggregate(
+            subs, shapes=model.parameter_shapes(), base_sha256=base, config=config
         )
+        if outcome.delta is None:
+            return False, f"round {r} has no valid pseudo-gradient when replayed"
+        weights, momentum = rounds.outer_step(weights, momentum, outcome.delta, config.outer)
+        base = tr.sha256_hex(tr.weights_container(weights))
+    final, _metrics = tr.decode_final(data, max_bytes=len(data))
+    if set(final) != set(weights):
+        return False, "its weights are not the model's parameters"
+    worst = max(float(np.max(np.abs(final[k] - weights[k]), initial=0.0)) for k in weights)
+    if not all(np.allclose(final[k], weights[k], rtol=1e-5, atol=1e-6) for k in weights):
+        return False, f"not the weights its {config.rounds} rounds replay to (off by {worst:.3g})"
+    return True, (
+        f"equal to its {config.rounds} rounds replayed from the verified pseudo-gradients"
+        f" (largest difference {worst:.3g})"
+    )

@@ -128,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("job_id")
     verify.add_argument(
         "--payload", type=Path, default=None,
-        help="the payload you submitted: a sliced job's result is then assembled again",
+        help="the payload you submitted: a render is then assembled again, training replayed",
     )  # fmt: skip
     verify.add_argument(
         "--chain-id", type=int, default=None, help="require the signatures' EIP-712 chain id"
