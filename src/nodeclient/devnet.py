@@ -319,7 +319,7 @@ def _verified_job(
         result.append(client.raw_job_result(job_id))
         return result[0]
 
-    report = audit.audit_job(job, client.task_result, fetch_result, payload=payload)
+    report = audit.audit_job(job, client.task_result, fetch_result, job_id=job_id, payload=payload)
     for t in report.tasks:
         if t.ok is None:
             continue  # a slice dropped from a training round: nothing to verify
@@ -327,7 +327,7 @@ def _verified_job(
             raise DevnetError(t.detail)
         proof = (t.proof or "")[:18]
         out(f"  task {t.task_id} on {t.node_id}: proof {proof}… verified, signature verified")
-    if not report.result_ok:
+    if not report.ok:
         raise DevnetError(f"job {job_id}: {report.result}")
     out(f"  job result: {report.result}")
     return result[0]

@@ -114,6 +114,17 @@ def test_a_coordinator_that_lies_is_caught(running: Running, rsa_keys, how: str,
     assert any(says in text for text in found), found
 
 
+def test_with_the_payload_an_inference_result_must_name_its_model(
+    running: Running, rsa_keys
+) -> None:
+    job = _inference_job(running, rsa_keys)
+    report = _audit(running, job, payload=inference_payload(VALUES))
+    assert report.ok and report.result.endswith(", from your model")
+    other = inference_payload([1.0, 2.0, 3.0])  # another model (its input shape differs)
+    report = _audit(running, job, payload=other)
+    assert not report.ok and "model" in report.result
+
+
 def test_a_wrong_chain_is_caught(running: Running, rsa_keys) -> None:
     job = _inference_job(running, rsa_keys)
     report = _audit(running, job, chain_id=1)
@@ -135,10 +146,57 @@ def test_a_render_job_is_assembled_again_from_its_verified_slices(
     assert report.result == "equal to its 2 verified slices assembled in order"
     assert [t.ok for t in report.tasks] == [True, True]
     without = _audit(running, done)  # no payload: the hash only, and it says so
-    assert without.ok and "give --payload" in without.result
+    assert not without.ok and without.result_ok is None and "give --payload" in without.result
+    assert without.verdict == "tasks verified; the result only by its hash"
     other = render.make_request(SCENE, frames=(2, 6), width=W, height=H, samples=4).encode()
     wrong = _audit(running, done, payload=other)
-    assert not wrong.ok and "cannot assemble" in wrong.result
+    assert not wrong.ok and wrong.result_ok is False
+
+
+def test_another_genuine_job_in_the_answer_is_caught(running: Running, rsa_keys) -> None:
+    """Asked for job A, the coordinator answers with job B, every signature of which is
+    genuine: the answer is not the job asked for."""
+    job = _inference_job(running, rsa_keys)
+    asked = "11111111-2222-3333-4444-555555555555"
+    report = _audit(running, job, job_id=asked)
+    assert not report.ok and f"not {asked}" in report.result
+    assert _audit(running, job, job_id=job["job_id"].upper()).ok  # the same id, any case
+
+
+@pytest.mark.parametrize("how", ["relabelled", "made up", "no tasks", "failed"])
+def test_a_result_no_task_gives_is_not_verified(running: Running, rsa_keys, how: str) -> None:
+    """Forged result bytes with a matching hash, under another class (render, or one this
+    check does not know), with no tasks listed, or a job said failed: never verified."""
+    job = copy.deepcopy(_inference_job(running, rsa_keys))
+    forged = b"forged result"
+    job["result_sha256"] = hashlib.sha256(forged).hexdigest()
+    if how == "relabelled":
+        job["workload_class"] = "ai.training"
+    elif how == "made up":
+        job["workload_class"] = "made.up"
+    elif how == "no tasks":
+        job["tasks"] = []
+    else:
+        job["status"], job["tasks"] = "failed", []
+    report = audit.audit_job(job, running.client.task_result, lambda: forged)
+    assert not report.ok and report.verdict != "verified"
+    payload = inference_payload(VALUES)  # and with the payload, a relabel is refused outright
+    with_payload = audit.audit_job(job, running.client.task_result, lambda: forged, payload=payload)
+    assert not with_payload.ok and with_payload.result_ok is not True
+
+
+def test_malformed_answers_are_failures_not_tracebacks(running: Running, rsa_keys) -> None:
+    real = _inference_job(running, rsa_keys)
+    job = copy.deepcopy(real)
+    job["tasks"][0]["slice_index"] = "x"
+    job["tasks"].append({"task_id": "t"})
+    report = _audit(running, job)
+    assert not report.ok
+    assert [t.ok for t in report.tasks] == [False, False]
+    assert all("malformed task" in t.detail for t in report.tasks)
+    bad_id = copy.deepcopy(real)
+    bad_id["job_id"] = "not-a-uuid"
+    assert not audit.audit_job(bad_id, running.client.task_result, lambda: b"").ok
 
 
 def test_verify_command_exit_status_and_output(running: Running, rsa_keys, capsys) -> None:

@@ -31,7 +31,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from nodeclient.coordinator import classes
-from nodeclient.errors import NodeClientError
+from nodeclient.coordinator.client import NoAnswer, Unreachable
+from nodeclient.errors import NodeClientError, ProtocolError
 from nodeclient.protocol import eip712
 
 # A job's result is derived again from its tasks for these classes (see the module doc).
@@ -130,11 +131,22 @@ class JobReport:
     status: str
     tasks: list[TaskLine] = field(default_factory=list)
     result: str = ""  # what was checked of the job's own result
-    result_ok: bool | None = None  # None: not checked (not succeeded, or not derivable)
+    # True: derived again from the verified tasks; None: its hash only (a sliced job
+    # without the payload); False: a check failed, or the job has no result
+    result_ok: bool | None = None
 
     @property
     def ok(self) -> bool:
-        return all(t.ok is not False for t in self.tasks) and self.result_ok is not False
+        """Every task with a result verified, and the job's result derived from them."""
+        return all(t.ok is not False for t in self.tasks) and self.result_ok is True
+
+    @property
+    def verdict(self) -> str:
+        if self.ok:
+            return "verified"
+        if self.result_ok is None and all(t.ok is not False for t in self.tasks):
+            return "tasks verified; the result only by its hash"
+        return "NOT VERIFIED"
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -142,6 +154,7 @@ class JobReport:
             "workload_class": self.workload_class,
             "status": self.status,
             "verified": self.ok,
+            "verdict": self.verdict,
             "tasks": [t.__dict__ for t in self.tasks],
             "result": {"ok": self.result_ok, "detail": self.result},
         }
@@ -152,34 +165,78 @@ def audit_job(
     fetch_task_result: Callable[[str], bytes],
     fetch_job_result: Callable[[], bytes],
     *,
+    job_id: str | None = None,
     payload: bytes | None = None,
     chain_id: int | None = None,
 ) -> JobReport:
-    """Check every task of *job* (GET /v1/jobs/{id}) that has a result, then the job's result."""
-    report = JobReport(str(job["job_id"]), str(job["workload_class"]), str(job["status"]))
+    """Check every task of *job* (GET /v1/jobs/{id}) that has a result, then the job's
+    result. *job_id*: the job asked for, which the answer must be (a coordinator could
+    answer with another, genuine job)."""
+    report = JobReport(
+        str(job.get("job_id")), str(job.get("workload_class")), str(job.get("status"))
+    )
+    try:
+        asked = None if job_id is None else uuid.UUID(job_id)
+        if asked is not None and uuid.UUID(report.job_id) != asked:
+            report.result_ok = False
+            report.result = f"the coordinator answered with job {report.job_id}, not {job_id}"
+            return report
+    except ValueError:
+        report.result_ok = False
+        report.result = f"malformed job_id {report.job_id!r}"
+        return report
     results: dict[str, bytes] = {}
-    for task in job.get("tasks", []):
+    for task in job.get("tasks") or []:
+        line, data = _audit_task(task, report.job_id, fetch_task_result, chain_id)
+        report.tasks.append(line)
+        if line.ok and line.status == "succeeded" and data is not None:
+            results[line.task_id] = data
+    if report.status == "succeeded":
+        try:
+            _check_job_result(report, job, results, fetch_job_result, payload)
+        except (Unreachable, NoAnswer):
+            raise  # the coordinator could not be asked: nothing is known
+        except Exception as exc:  # noqa: BLE001 (whatever the answer made the checks raise)
+            report.result_ok = False
+            report.result = f"the result could not be checked: {type(exc).__name__}: {exc}"[:300]
+    else:
+        report.result_ok = False
+        report.result = f"the job is {report.status}: there is no result to verify"
+    return report
+
+
+def _audit_task(
+    task: Mapping[str, Any],
+    job_id: str,
+    fetch: Callable[[str], bytes],
+    chain_id: int | None,
+) -> tuple[TaskLine, bytes | None]:
+    """One task's line, and its result bytes when they verified."""
+    try:
         line = TaskLine(
             str(task["task_id"]), int(task["slice_index"]), int(task.get("round") or 0),
             str(task["status"]), task.get("node_id"), None, "no result", task.get("proof"),
         )  # fmt: skip
-        report.tasks.append(line)
-        if not task.get("proof"):
-            continue
-        try:
-            data = fetch_task_result(line.task_id)
-            check_task({**task, "job_id": job["job_id"]}, data, chain_id=chain_id)
-        except AuditError as exc:
-            line.ok, line.detail = False, str(exc)
-            continue
-        line.ok, line.detail = True, "proof and signature verified"
-        if task["status"] == "succeeded":
-            results[line.task_id] = data
-    if report.status == "succeeded":
-        _check_job_result(report, job, results, fetch_job_result, payload)
-    else:
-        report.result = f"job is {report.status}: no result"
-    return report
+    except (KeyError, TypeError, ValueError) as exc:
+        return TaskLine(str(task)[:60], -1, -1, "?", None, False, f"malformed task: {exc!r}"), None
+    if not task.get("proof"):
+        return line, None
+    try:
+        data = fetch(line.task_id)
+        check_task({**task, "job_id": job_id}, data, chain_id=chain_id)
+    except AuditError as exc:
+        line.ok, line.detail = False, str(exc)
+        return line, None
+    except (Unreachable, NoAnswer):
+        raise  # the coordinator could not be asked: nothing is known
+    except ProtocolError as exc:  # e.g. a task said done whose result is refused
+        line.ok, line.detail = False, f"its result could not be fetched: {exc}"
+        return line, None
+    except (KeyError, TypeError, ValueError) as exc:  # malformed fields of the answer
+        line.ok, line.detail = False, f"malformed task: {exc!r}"
+        return line, None
+    line.ok, line.detail = True, "proof and signature verified"
+    return line, data
 
 
 def _check_job_result(
@@ -198,10 +255,20 @@ def _check_job_result(
     done = [t for t in job["tasks"] if t["status"] == "succeeded"]
     done.sort(key=lambda t: (t.get("round") or 0, t["slice_index"]))
     wclass = report.workload_class
+    if not done:
+        report.result_ok = False
+        report.result = "the job lists no succeeded task to derive its result from"
+        return
     if any(t["task_id"] not in results for t in done):
         report.result_ok = False
         report.result = "result_sha256 matches, but not every succeeded task verified"
         return
+    if wclass not in _WHOLE | _ASSEMBLED | _ROUNDS:
+        report.result_ok = False
+        report.result = f"workload class {wclass!r} is not one whose result this check derives"
+        return
+    if payload is not None:  # the class the coordinator names must be the payload's
+        classes.lookup(wclass).validate(payload, _ASSEMBLE_LIMIT)
     if wclass in _WHOLE:
         same = len(done) == 1 and results[done[0]["task_id"]] == data
         report.result_ok = same
@@ -210,18 +277,23 @@ def _check_job_result(
             if same
             else "not equal to its one task's verified result"
         )
-    elif wclass in _ASSEMBLED and payload is None:
-        report.result_ok = True
-        report.result = "result_sha256 matches (give --payload to assemble it from its slices)"
+        if same and payload is not None:  # and produced by the model you sent
+            from nodeclient.workloads import inference
+
+            model = inference.InferenceRequest.decode(payload).model_sha256
+            inference.decode_result(data, max_bytes=len(data), expected_model_sha256=model)
+            report.result += ", from your model"
+    elif payload is None:
+        report.result = "result_sha256 matches; give --payload to " + (
+            "assemble it from its slices" if wclass in _ASSEMBLED else "replay its rounds"
+        )
     elif wclass in _ASSEMBLED:
-        assert payload is not None
-        try:
-            meta = classes.lookup(wclass).validate(payload, _ASSEMBLE_LIMIT)
-            again = classes.lookup(wclass).assemble([results[t["task_id"]] for t in done], meta)
-        except NodeClientError as exc:
+        if [t["slice_index"] for t in done] != list(range(int(job["slices"]))):
             report.result_ok = False
-            report.result = f"cannot assemble the slices with that payload: {exc}"
+            report.result = f"the job does not list each of its {job['slices']} slices once"
             return
+        meta = classes.lookup(wclass).validate(payload, _ASSEMBLE_LIMIT)
+        again = classes.lookup(wclass).assemble([results[t["task_id"]] for t in done], meta)
         report.result_ok = again == data
         report.result = (
             f"equal to its {len(done)} verified slices assembled in order"
@@ -229,19 +301,8 @@ def _check_job_result(
             else f"not equal to its {len(done)} verified slices assembled in order "
             "(or the payload is not the one submitted)"
         )
-    elif wclass in _ROUNDS and payload is None:
-        report.result_ok = True
-        report.result = "result_sha256 matches (give --payload to replay its rounds)"
-    elif wclass in _ROUNDS:
-        assert payload is not None
-        try:
-            report.result_ok, report.result = _replay_training(payload, job, results, data)
-        except NodeClientError as exc:
-            report.result_ok = False
-            report.result = f"cannot replay the rounds with that payload: {exc}"
     else:
-        report.result_ok = True
-        report.result = "result_sha256 matches; no rule here derives it from its tasks"
+        report.result_ok, report.result = _replay_training(payload, job, results, data)
 
 
 def _replay_training(

@@ -247,7 +247,8 @@ def _requester(args: argparse.Namespace) -> int:  # noqa: PLR0911 (one return a 
 
 
 def _verify(client: CoordinatorClient, args: argparse.Namespace) -> int:
-    """nodeclient-coordinator verify: 0 when everything verifies, 1 when anything does not."""
+    """nodeclient-coordinator verify: 0 when everything verifies, 1 when anything does not,
+    3 when the tasks verify but the job's result could be checked only by its hash."""
     payload = None
     if args.payload is not None:
         try:
@@ -259,22 +260,23 @@ def _verify(client: CoordinatorClient, args: argparse.Namespace) -> int:
         job,
         client.task_result,
         lambda: client.raw_job_result(args.job_id),
+        job_id=args.job_id,
         payload=payload,
         chain_id=args.chain_id,
     )
+    code = 0 if report.ok else (3 if report.verdict.startswith("tasks verified") else 1)
     if args.json:
         print(json.dumps(report.as_json(), indent=2))
-        return 0 if report.ok else 1
-    verdict = "verified" if report.ok else "NOT VERIFIED"
-    print(f"job {report.job_id} ({report.workload_class}, {report.status}): {verdict}")
+        return code
+    print(f"job {report.job_id} ({report.workload_class}, {report.status}): {report.verdict}")
     for t in report.tasks:
         mark = {True: "ok", False: "FAILED", None: "-"}[t.ok]
         node = t.node_id or "-"
         print(f"  {mark:6} task {t.task_id} round {t.round} slice {t.slice_index} on {node}: "
               f"{t.status}; {t.detail}")  # fmt: skip
-    mark = {True: "ok", False: "FAILED", None: "-"}[report.result_ok]
+    mark = {True: "ok", False: "FAILED", None: "hash"}[report.result_ok]
     print(f"  {mark:6} job result: {report.result}")
-    return 0 if report.ok else 1
+    return code
 
 
 def _write_result(data: bytes, output: Path | None) -> None:
