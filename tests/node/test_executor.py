@@ -671,6 +671,31 @@ def test_a_worker_killed_with_unread_answers_still_frees_its_slot(node: Node) ->
     node.inference_still_works()
 
 
+def test_a_lease_renewed_while_the_task_waits_for_a_slot_counts(node: Node) -> None:
+    """The task waits for the only slot past its first deadline, its lease renewed
+    meanwhile: it runs, instead of failing at the deadline it was given first."""
+    sleeper = node.loop.create_task(
+        node.executor.run(
+            sandbox_harness.HOSTILE,
+            json.dumps({"do": "sleep", "seconds": 1.5}).encode(),
+            deadline=time.monotonic() + 30,
+        )
+    )
+    node.wait(asyncio.sleep(0.2))
+    waiting = node.loop.create_task(
+        node.executor.run(
+            sandbox_harness.HOSTILE,
+            json.dumps({"do": "echo", "data": "renewed"}).encode(),
+            task_id="renewed-task",
+            deadline=time.monotonic() + 0.5,
+        )
+    )
+    node.wait(asyncio.sleep(0.1))
+    assert node.executor.extend("renewed-task", time.monotonic() + 30)
+    assert node.wait(waiting) == b"renewed"
+    node.wait(sleeper)
+
+
 def test_a_task_waiting_for_a_slot_fails_at_its_deadline(node: Node) -> None:
     """With the only slot busy, a task waits for it no longer than its deadline."""
     sleeper = node.loop.create_task(
@@ -705,12 +730,37 @@ def test_work_roots_left_by_a_dead_daemon_are_swept(tmp_path: Path) -> None:
     dead, old = root("dead", lock=True), root("old", lock=False)
     live = root("live", lock=True)
     held = executor_mod._hold_root(live)
-    (tmp_path / "nodeclient-work-link").symlink_to(live)
+    elsewhere = tmp_path / "elsewhere"  # unlocked, with a lock file: only a link names it
+    elsewhere.mkdir()
+    (elsewhere / ".lock").write_bytes(b"")
+    (elsewhere / "keep").write_bytes(b"not the sweep's")
+    (tmp_path / "nodeclient-work-link").symlink_to(elsewhere)
+    fresh, fresh_lock = executor_mod._new_root(tmp_path)  # made and locked before it shows
     try:
+        assert fresh.name.startswith("nodeclient-work-")
         executor_mod._sweep_stale_roots(tmp_path)
         assert not dead.exists()
-        assert live.exists() and old.exists() and (tmp_path / "nodeclient-work-link").exists()
+        assert live.exists() and old.exists() and fresh.exists()
+        assert (elsewhere / "keep").exists() and (tmp_path / "nodeclient-work-link").is_symlink()
     finally:
         os.close(held)
-    executor_mod._sweep_stale_roots(tmp_path)  # its daemon gone now: removed too
-    assert not live.exists() and old.exists()
+        os.close(fresh_lock)
+    executor_mod._sweep_stale_roots(tmp_path)  # their daemons gone now: removed too
+    assert not live.exists() and not fresh.exists() and old.exists()
+
+
+def test_a_stale_root_that_cannot_be_removed_does_not_stop_the_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from nodeclient.node import executor as executor_mod
+
+    stale = tmp_path / "nodeclient-work-stuck"
+    stale.mkdir()
+    (stale / ".lock").write_bytes(b"")
+
+    def busy(path: Path) -> None:
+        raise OSError(16, "Device or resource busy")
+
+    monkeypatch.setattr(executor_mod, "_remove_tree", busy)
+    executor_mod._sweep_stale_roots(tmp_path)  # logged and left, not raised
+    assert stale.exists()

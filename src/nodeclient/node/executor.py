@@ -52,6 +52,7 @@ _REPLACED: Final = "replaced after a failed or untidy task"
 _SETTLE_TIMEOUT: Final = 300.0  # emptying a work directory of rendered frames takes a while
 _ROOT_PREFIX: Final = "nodeclient-work-"  # work roots in the temporary directory
 _ROOT_LOCK: Final = ".lock"
+_STAGING_PREFIX: Final = ".nodeclient-staging-"  # a root while it is made: never swept
 _REAP_TIMEOUT: Final = 30.0  # a killed worker's exit and the end of its pipes
 
 # progress(done, total, note) as the executor reports it to the daemon
@@ -356,9 +357,9 @@ class Executor:
 
     def _build_slots(self) -> None:
         if self._root is None:
-            _sweep_stale_roots(Path(tempfile.gettempdir()))
-            self._root = Path(tempfile.mkdtemp(prefix=_ROOT_PREFIX))
-            self._root_lock = _hold_root(self._root)
+            tmp = Path(tempfile.gettempdir())
+            _sweep_stale_roots(tmp)
+            self._root, self._root_lock = _new_root(tmp)
         as_root = os.geteuid() == 0
         sandboxed = self.mode == MODE_BWRAP
         cache = self.config.cache_dir
@@ -601,14 +602,17 @@ class Executor:
         assert self._idle is not None
         if deadline is None:
             return await self._idle.get()
-        left = max(deadline, self._extended.get(key, deadline)) - self._clock()
-        try:
-            async with asyncio.timeout(max(0.0, left)):
-                return await self._idle.get()
-        except TimeoutError:
-            raise TaskFailed(
-                "deadline exceeded while waiting for a free worker", requester_fault=False
-            ) from None
+        while True:
+            deadline = max(deadline, self._extended.get(key, deadline))  # a renewed lease
+            try:
+                async with asyncio.timeout(max(0.0, deadline - self._clock())):
+                    return await self._idle.get()
+            except TimeoutError:
+                if self._extended.get(key, deadline) > deadline:
+                    continue  # renewed while it waited: wait on to the new end
+                raise TaskFailed(
+                    "deadline exceeded while waiting for a free worker", requester_fault=False
+                ) from None
 
     async def _run_on(
         self,
@@ -787,6 +791,20 @@ def _widen_pipe(stream: object) -> None:
             fcntl.fcntl(pipe.fileno(), _F_SETPIPE_SZ, _PIPE_BYTES)
 
 
+def _new_root(tmp: Path) -> tuple[Path, int]:
+    """A fresh work root in *tmp*, and the held lock that marks it live. It is made and
+    locked under a name the sweep ignores, then renamed into view, so that another
+    daemon's sweep can never see it unlocked."""
+    staging = Path(tempfile.mkdtemp(prefix=_STAGING_PREFIX, dir=tmp))
+    fd = _hold_root(staging)
+    root = tmp / (_ROOT_PREFIX + staging.name[len(_STAGING_PREFIX) :])
+    try:
+        os.rename(staging, root)  # fails if the name is taken: the root keeps its own
+    except OSError:
+        return staging, fd
+    return root, fd
+
+
 def _hold_root(root: Path) -> int:
     """Lock *root*'s lock file for as long as this process lives: a root whose lock nobody
     holds was left by a process that died without its clean-up (kill -9, a crash)."""
@@ -820,8 +838,12 @@ def _sweep_stale_roots(tmp: Path) -> None:
             continue  # a live daemon's
         finally:
             os.close(fd)
+        try:
+            _remove_tree(root)
+        except OSError as exc:  # a mount left in it, a read-only disk: start all the same
+            log.warning("worker.stale_root_kept", extra={"path": str(root), "error": str(exc)})
+            continue
         log.info("worker.stale_root_removed", extra={"path": str(root)})
-        _remove_tree(root)
 
 
 def _chown_tree(path: Path) -> None:

@@ -232,6 +232,9 @@ class Outbox:
             ).fetchone()
             self._held_bytes = int(held)  # acknowledged results still held: prune's budget
         except BaseException:
+            db = getattr(self, "_db", None)
+            if db is not None:
+                db.close()
             os.close(self._lock_fd)
             raise
 
