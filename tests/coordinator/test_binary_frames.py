@@ -11,6 +11,7 @@ from tests.coordinator.conftest import (
     START,
     Running,
     SimNode,
+    closed_code,
     inference_payload,
     inference_result,
     make_node,
@@ -96,3 +97,39 @@ def test_malformed_binary_result_gets_an_error_and_the_link_stays(
         assert error["type"] == "error" and why in error["reason"], (bad, error)
     ack = node.call(node.heartbeat())
     assert ack["type"] == "heartbeat_ack"
+
+
+def test_a_large_text_frame_of_many_small_values_is_refused_unparsed(
+    coordinator: Running, rsa_keys
+) -> None:
+    """A node without binary frames may send up to 48 MB of JSON text (its results as
+    base64), but a large frame of many small values, which would take some twenty times
+    its size once parsed, is refused before it is; a large result frame as base64 text,
+    from such a node, still goes through."""
+    node = make_node(rsa_keys, 0)
+    coordinator.register(node)
+    coordinator.link(node)
+    assert node.ws is not None
+    bomb = '{"type":"progress","x":[' + "[]," * 100_000 + "[]]}"
+    node.ws.send(bomb)
+    error = node.recv()
+    assert error["type"] == "error" and "JSON values" in error["reason"], error
+    payload = inference_payload(VALUES)
+    coordinator.client.submit_job("ai.inference", payload)
+    dispatch = node.recv()
+    frame = node.result(dispatch, inference_result(payload, VALUES))
+    frame["padding"] = "A" * 200_000  # over the control limit, few values: parsed
+    ack = node.call(frame)
+    assert ack["type"] == "result_ack", ack
+
+
+def test_nothing_binary_or_large_is_parsed_before_auth(coordinator: Running) -> None:
+    """Before auth the link takes only a small text frame: a binary frame or a large one
+    from a stranger is refused with 4000, unparsed (a binary data frame's data would be
+    copied)."""
+    for first in (b"\x00\x00\x00\x0f" + b'{"type":"result"}' + b"\x00" * 1000, "x" * 70_000):
+        ws = coordinator.connect()
+        assert json.loads(ws.recv(timeout=RECV_TIMEOUT))["type"] == "challenge"
+        ws.send(first)
+        code, reason = closed_code(ws)
+        assert code == 4000 and "before auth" in reason, (code, reason)

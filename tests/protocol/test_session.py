@@ -137,7 +137,7 @@ from nodeclient.node import cli, keys
 from nodeclient import devnet
 from nodeclient.errors import RemoteProtocolError
 from nodeclient.protocol import messages
-deep = "[" * 200_000 + "]" * 200_000
+deep = "[" * 32_000 + "]" * 32_000  # within the control limit (larger: refused unparsed)
 for parse in (messages.parse_from_coordinator, messages.parse_from_node):
     try:
         parse(deep)
@@ -349,3 +349,15 @@ def test_a_reject_echoes_its_lease_beside_the_signed_message(parts) -> None:
     for bad in ("1700000300", -1, 1.5, True):
         with pytest.raises(RemoteProtocolError, match="lease_expires_at"):
             messages.parse_from_node(json.dumps({**plain, "lease_expires_at": bad}))
+
+
+def test_a_large_frame_of_many_small_values_is_refused_before_parsing() -> None:
+    """On the node too: a coordinator's 48 MB frame of "[],[],..." would take some twenty
+    times its size once parsed; a frame over the control limit holds few JSON values."""
+    from nodeclient.protocol import messages
+
+    bomb = '{"type":"cancel","x":[' + "[]," * 50_000 + "[]]}"
+    with pytest.raises(RemoteProtocolError, match="JSON values"):
+        messages.parse_from_coordinator(bomb)
+    with pytest.raises(RemoteProtocolError, match="JSON values"):
+        messages.parse_from_coordinator(bomb.encode())

@@ -248,7 +248,12 @@ class LinkSession:
             raw = await asyncio.wait_for(self._receive(), coord.config.auth_timeout)
         except TimeoutError:
             return await self._refuse(4002, "auth timeout")
-        try:  # nothing before auth may be large: a stranger's 48 MB of JSON is not parsed
+        # Nothing before auth may be large or binary: a stranger's 48 MB is neither parsed
+        # nor copied (a binary data frame's data would be).
+        if not isinstance(raw, str) or len(raw) > messages.MAX_CONTROL_FRAME:
+            kind = "binary" if isinstance(raw, bytes) else f"{len(raw)}-byte"
+            return await self._refuse(4000, f"malformed auth: a {kind} frame before auth")
+        try:
             frame = messages.parse_from_node(raw, max_text=messages.MAX_CONTROL_FRAME)
         except RemoteProtocolError as exc:
             return await self._refuse(4000, f"malformed auth: {exc}"[:120])

@@ -41,6 +41,7 @@ from nodeclient.protocol.secp import parse_address, parse_signature_hex, strict_
 MAX_CONTROL_FRAME: Final = 64 * 1024  # every frame but dispatch and result
 MAX_DATA_FRAME: Final = 48 * 1024 * 1024  # dispatch and result: base64 of <= 32 MiB
 MAX_REASON: Final = 512
+MAX_LARGE_FRAME_VALUES: Final = 256  # separators (, : [ {) a frame over MAX_CONTROL_FRAME may hold
 MAX_DATA_BYTES: Final = (MAX_DATA_FRAME * 3) // 4  # the data of one dispatch or result
 BINARY_DATA: Final = "binary-data"  # the feature: data frames as binary WebSocket frames
 FEATURES: Final = (BINARY_DATA,)  # what this implementation announces
@@ -398,6 +399,19 @@ Message = (
 def _load(frame: str | bytes, *, max_size: int) -> dict[str, Any]:
     if len(frame) > max_size:
         raise RemoteProtocolError(f"frame of {len(frame)} bytes exceeds the {max_size}-byte limit")
+    if len(frame) > MAX_CONTROL_FRAME:  # a dispatch or result with its data as base64 text
+        # Its bulk is one base64 string; JSON of many small values ("[[],[],..." or
+        # "1,1,1,...") would take some twenty times its size in memory once parsed, so
+        # such a frame is refused before it is.
+        if isinstance(frame, str):
+            values = sum(frame.count(m) for m in ",:[{")
+        else:
+            values = sum(frame.count(m) for m in (b",", b":", b"[", b"{"))
+        if values > MAX_LARGE_FRAME_VALUES:
+            raise RemoteProtocolError(
+                f"frame of {len(frame)} bytes holds more than {MAX_LARGE_FRAME_VALUES} JSON "
+                "values: a large frame carries one data field and a few others"
+            )
     try:
         d = json.loads(frame)
     except (ValueError, UnicodeDecodeError) as exc:
