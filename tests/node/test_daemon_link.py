@@ -598,3 +598,44 @@ def test_heartbeat_send_times_stay_bounded_without_acks(tmp_path: Path) -> None:
     assert len(daemon.link.sent_at) == daemon_module._UNANSWERED_HEARTBEATS
     assert max(daemon.link.sent_at) == daemon.session.seq  # the newest are kept
     daemon.outbox.close()
+
+
+def test_a_challenge_from_another_coordinator_is_not_signed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, waits: Waits, events: Events
+) -> None:
+    """The node registered with coordinator-A; a link whose challenge names coordinator-B
+    (A relaying B's challenge, to pass the node off as linked to B) gets no LinkAuth. The
+    node registers again (a coordinator whose id changed answers with the new one) and
+    still refuses while the two differ."""
+    registrations: list[httpx.Request] = []
+
+    def register(request: httpx.Request) -> httpx.Response:
+        registrations.append(request)
+        body = {"status": "registered", "prior_registrations": [], "coordinator_id": "coord-A"}
+        return httpx.Response(201, json=body)
+
+    answer_registration(monkeypatch, register)
+    daemon = make_daemon(tmp_path, url=f"http://127.0.0.1:{free_port()}", clock=ManualClock())
+    got: list[str] = []
+
+    async def handler(ws: ServerConnection) -> None:
+        if len(got) >= 2:
+            daemon.request_stop()
+            await ws.close(1001, "going away")
+            return
+        challenge = messages.Challenge("coord-B", os.urandom(32), 31337, 30.0)
+        await ws.send(json.dumps(challenge.to_wire()))
+        try:
+            got.append(json.loads(await ws.recv())["type"])
+        except Exception:
+            got.append("closed")
+
+    async def main() -> None:
+        port = int(daemon.url.rsplit(":", 1)[1])
+        async with serve(handler, "127.0.0.1", port):
+            await asyncio.wait_for(daemon._link_loop(), timeout=30)
+
+    asyncio.run(main())
+    assert got == ["closed", "closed"]  # never an auth frame
+    assert len(registrations) == 3  # asked again before each link after a mismatch
+    assert "coord-B" in events.named("link.coordinator_mismatch")[0].__dict__["error"]

@@ -44,7 +44,7 @@ from nodeclient.protocol import eip712, envelope, messages
 from nodeclient.protocol import manifest as manifest_mod
 from nodeclient.protocol.proof import proof_of_execution
 from nodeclient.protocol.secp import Secp256k1Key
-from nodeclient.protocol.session import NodeSession, backoff
+from nodeclient.protocol.session import CoordinatorMismatch, NodeSession, backoff
 from nodeclient.protocol.states import NodeState, StateMachine
 
 log = logging.getLogger("nodeclient.node")
@@ -344,11 +344,14 @@ class NodeDaemon:
                 f"({kind}): {resp.text[:200]!r}"
             )
         if resp.status_code in (200, 201):
+            coordinator = body.get("coordinator_id")
+            self.session.registered_with = coordinator if isinstance(coordinator, str) else None
             log.info(
                 "node.registered",
                 extra={
                     "status": body.get("status"),
                     "prior": len(body.get("prior_registrations", [])),
+                    "coordinator_id": self.session.registered_with,
                 },
             )
             return body
@@ -386,6 +389,10 @@ class NodeDaemon:
             except (OSError, httpx.HTTPError, InvalidHandshake, InvalidURI, TimeoutError) as exc:
                 self.link.last_error = f"{type(exc).__name__}: {exc}"[:300]
                 log.warning("link.error", extra={"error": self.link.last_error})
+            except CoordinatorMismatch as exc:  # its id changed, or a relay: ask it again
+                self.link.last_error = str(exc)
+                log.error("link.coordinator_mismatch", extra={"error": str(exc)})
+                registered = False
             except RemoteProtocolError as exc:
                 self.link.last_error = str(exc)
                 log.error("link.protocol_error", extra={"error": str(exc)})

@@ -17,6 +17,10 @@ from nodeclient.protocol.secp import Secp256k1Key
 from nodeclient.protocol.states import NodeState
 
 
+class CoordinatorMismatch(RemoteProtocolError):
+    """The link's challenge names a coordinator other than the one registered with."""
+
+
 class NodeSession:
     """Handshake and heartbeat state of one node across reconnects."""
 
@@ -39,6 +43,8 @@ class NodeSession:
         self.heartbeat_interval: float | None = None
         self.unstaking_until: int | None = None
         self.binary = False  # the coordinator takes data frames as binary (welcome)
+        # The coordinator_id the registration answer named: a challenge must name it too.
+        self.registered_with: str | None = None
 
     def connection_lost(self) -> None:
         self.authenticated = False
@@ -52,6 +58,13 @@ class NodeSession:
             # Fail closed: never sign for a domain other than the configured one.
             raise RemoteProtocolError(
                 f"coordinator chain_id {challenge.chain_id} != configured {self.chain_id}"
+            )
+        if self.registered_with is not None and challenge.coordinator_id != self.registered_with:
+            # A LinkAuth names the coordinator it is for: signing one for another would let
+            # the coordinator this node registered with relay it there (and the node's work).
+            raise CoordinatorMismatch(
+                f"the link's challenge comes from coordinator {challenge.coordinator_id!r}, "
+                f"but this node registered with {self.registered_with!r}"
             )
         self.coordinator_id = challenge.coordinator_id
         self.heartbeat_interval = challenge.heartbeat_interval
