@@ -91,6 +91,10 @@ def test_malformed_binary_result_gets_an_error_and_the_link_stays(
         (b"\x00\x01\x00\x00" + b"{}", "out of bounds"),
         (len(header).to_bytes(4, "big") + header, "cannot be binary"),
         (b"\x00\x00\x00\x03abc", "not valid JSON"),
+        (  # a header in UTF-16 (json.loads would guess it from bytes): UTF-8 only
+            len(h16 := '{"type":"result"}'.encode("utf-16-le")).to_bytes(4, "big") + h16 + b"d",
+            "not valid JSON",
+        ),
     ]:
         node.ws.send(bad)
         error = node.recv()

@@ -312,6 +312,18 @@ def test_a_failed_send_undoes_only_its_own_lease(any_db: Database) -> None:
     assert (task.status, task.node_id, task.attempts) == (m.QUEUED, None, 1)
 
 
+def test_a_long_reject_reason_is_stored_cut_to_the_protocol_limit(any_db: Database) -> None:
+    """The node's reason is held to MAX_REASON (512) characters, whatever a node sends."""
+    _, (task_id,) = any_db.run_sync(
+        lambda s: add_job(s, tasks=1, status=m.LEASED, node_id="0xA", attempts=1)
+    )
+    any_db.run_sync(
+        lambda s: reject_tx(s, uuid.UUID(task_id), "0xA", "x" * 60_000, now=NOW, max_attempts=3)
+    )
+    task = any_db.run_sync(lambda s: s.get_one(m.Task, task_id))
+    assert task.reason.endswith("x" * 512) and "x" * 513 not in task.reason
+
+
 def test_a_reject_reason_with_control_characters_is_stored_escaped(any_db: Database) -> None:
     """A node's reason is free text: a NUL (which PostgreSQL cannot store as text) or an
     escape sequence is kept as \\xNN, so it neither breaks the link nor a terminal."""

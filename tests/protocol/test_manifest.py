@@ -138,6 +138,18 @@ def test_signed_bytes_ignore_key_order(seed_manifest) -> None:
     mf.verify_manifest(shuffled, chain_id=CHAIN, now=NOW)
 
 
+def _pem(exponent: int, m: dict[str, Any]) -> str:
+    """The manifest's own RSA modulus with another public exponent, as PEM."""
+    from cryptography.hazmat.primitives import serialization
+
+    key = serialization.load_pem_public_key(m["pubkey_rsa"].encode())
+    assert isinstance(key, rsa.RSAPublicKey)
+    other = rsa.RSAPublicNumbers(exponent, key.public_numbers().n).public_key()
+    return other.public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    ).decode()
+
+
 @pytest.mark.parametrize(
     ("mutate", "check"),
     [
@@ -162,6 +174,10 @@ def test_signed_bytes_ignore_key_order(seed_manifest) -> None:
         (lambda m: m.update(issued_at=float(NOW)), "schema: issued_at"),
         (lambda m: m.update(wallet_proof={"issued_at": 1.0, "signature": "0x" + "00" * 65}),
          "schema: wallet_proof/issued_at"),
+        (lambda m: m.update(client_version=m["client_version"] + "\n"), "schema: client_version"),
+        (lambda m: m.update(signature=m["signature"] + "\n"), "signature"),
+        (lambda m: m.update(pubkey_rsa=_pem(3, m)), "pubkey_rsa"),
+        (lambda m: m.update(pubkey_rsa=_pem((1 << 3000) + 1, m)), "pubkey_rsa"),
     ],
 )  # fmt: skip
 def test_each_check_fails_closed(seed_manifest, mutate, check: str) -> None:

@@ -37,7 +37,7 @@ from nodeclient.coordinator import models as m
 from nodeclient.coordinator.scheduler import Lost, close_attempt, requeue_or_fail
 from nodeclient.errors import ProtocolError, SignatureError
 from nodeclient.protocol import eip712
-from nodeclient.protocol.messages import SignedFrame
+from nodeclient.protocol.messages import MAX_REASON, SignedFrame
 from nodeclient.protocol.proof import proof_of_execution
 from nodeclient.protocol.secp import parse_address, to_checksum_address
 
@@ -266,7 +266,9 @@ def reject_tx(
     earlier lease that arrives late (or is sent again) must not end the new one, so one
     whose echo is not the current lease's leaves the task alone and changes nothing.
     """
-    reason = reason.translate(_CONTROL)  # stored as text: PostgreSQL refuses a NUL
+    # Held to the protocol's limit (the node's own is the same), then stored as text:
+    # PostgreSQL refuses a NUL.
+    reason = reason[:MAX_REASON].translate(_CONTROL)
     task = session.get(m.Task, str(task_id))
     if task is None or task.status != m.LEASED or task.node_id != node_id:
         return Decision("rejected", f"task {task_id} is not leased to this node"), None

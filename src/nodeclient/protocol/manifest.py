@@ -43,6 +43,7 @@ from nodeclient.protocol.secp import (
     Secp256k1Key,
     parse_address,
     parse_signature_hex,
+    strict_fromhex,
     to_checksum_address,
 )
 
@@ -56,6 +57,8 @@ REGIONS: Final = (
 )  # fmt: skip
 WORKLOAD_CLASSES: Final = ("ai.inference", "ai.training", "media.render")
 MIN_RSA_BITS: Final = 3072
+MAX_RSA_BITS: Final = 8192
+RSA_EXPONENT: Final = 65537
 UNSIGNED_FIELDS: Final = frozenset({"signature", "node_signature"})
 _PSS: Final = padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=32)
 
@@ -238,6 +241,11 @@ def verify_manifest(  # noqa: PLR0912, PLR0915 - one flat list of checks reads b
     ):
         if not isinstance(value, int) or isinstance(value, bool):
             raise ManifestError(f"schema: {name}: {value!r} is not a JSON integer")
+    # The schema's patterns end in "$", which Python's re also matches before a final
+    # newline; the other patterned fields are parsed strictly below (addresses, hex).
+    version = m.get("client_version")
+    if isinstance(version, str) and version.endswith("\n"):
+        raise ManifestError("schema: client_version: ends with a newline")
     if m["region"] not in REGIONS:
         raise ManifestError(f"region: {m['region']!r} is not one of {', '.join(REGIONS)}")
     try:
@@ -259,8 +267,17 @@ def verify_manifest(  # noqa: PLR0912, PLR0915 - one flat list of checks reads b
         public_key = serialization.load_pem_public_key(m["pubkey_rsa"].encode("ascii"))
     except (ValueError, TypeError) as exc:
         raise ManifestError("pubkey_rsa: not a PEM SubjectPublicKeyInfo public key") from exc
-    if not isinstance(public_key, rsa.RSAPublicKey) or public_key.key_size < MIN_RSA_BITS:
-        raise ManifestError(f"pubkey_rsa: must be an RSA key of at least {MIN_RSA_BITS} bits")
+    if (
+        not isinstance(public_key, rsa.RSAPublicKey)
+        or not MIN_RSA_BITS <= public_key.key_size <= MAX_RSA_BITS
+        or public_key.public_numbers().e != RSA_EXPONENT
+    ):
+        # A huge modulus or exponent would make every check and seal slow (a 3070-bit
+        # exponent: ~120 times the CPU of e = 65537), on the coordinator's event loop.
+        raise ManifestError(
+            f"pubkey_rsa: must be an RSA key of {MIN_RSA_BITS} to {MAX_RSA_BITS} bits with "
+            f"public exponent {RSA_EXPONENT}"
+        )
     try:
         expected_tier = tier.hardware_tier(m["cpu"], m["gpu"])
         slots = tier.max_parallel_subtasks(m["cpu"], m["gpu"])
@@ -279,8 +296,8 @@ def verify_manifest(  # noqa: PLR0912, PLR0915 - one flat list of checks reads b
     except RemoteProtocolError as exc:  # e.g. a lone surrogate in a string: no UTF-8 form
         raise ManifestError(f"canonical form: {exc}") from exc
     try:
-        public_key.verify(bytes.fromhex(m["signature"][2:]), body, _PSS, hashes.SHA256())
-    except InvalidSignature:
+        public_key.verify(strict_fromhex(m["signature"][2:]), body, _PSS, hashes.SHA256())
+    except (InvalidSignature, ValueError):  # ValueError: not hex digits alone
         raise ManifestError(
             "signature: RSA-PSS signature does not verify against pubkey_rsa"
         ) from None

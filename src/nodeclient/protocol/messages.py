@@ -412,8 +412,8 @@ def _load(frame: str | bytes, *, max_size: int) -> dict[str, Any]:
                 f"frame of {len(frame)} bytes holds more than {MAX_LARGE_FRAME_VALUES} JSON "
                 "values: a large frame carries one data field and a few others"
             )
-    try:
-        d = json.loads(frame)
+    try:  # UTF-8 only (json.loads would guess UTF-16 or UTF-32 from bytes)
+        d = json.loads(frame.decode("utf-8") if isinstance(frame, bytes) else frame)
     except (ValueError, UnicodeDecodeError) as exc:
         raise RemoteProtocolError(f"frame is not valid JSON: {exc}") from None
     except RecursionError:  # "[[[[..." deeper than the interpreter's stack
