@@ -40,6 +40,18 @@ def test_a_wallet_apps_signature_becomes_a_proof_the_manifest_check_takes(tmp_pa
     mf.check_wallet_proof(proof, wallet_address=WALLET.address, node_id=NODE, chain_id=CHAIN)
 
 
+def test_a_wallet_that_gives_v_as_0_or_1_is_stored_in_the_protocols_form() -> None:
+    """Some wallets give the recovery id as 0/1; the proof stores it as 27/28, the one
+    form the protocol accepts."""
+    typed = wallet.typed_data(WALLET.address, NODE, issued_at=1_765_000_000, chain_id=CHAIN)
+    signature = wallet_app_signs(typed)
+    low_v = signature[:-2] + f"{int(signature[-2:], 16) - 27:02x}"
+    proof = wallet.make_proof(low_v, wallet_address=WALLET.address, node_id=NODE,
+                              issued_at=1_765_000_000, chain_id=CHAIN)  # fmt: skip
+    assert proof["signature"] == signature
+    mf.check_wallet_proof(proof, wallet_address=WALLET.address, node_id=NODE, chain_id=CHAIN)
+
+
 def test_a_signature_that_is_not_the_wallets_binding_is_refused() -> None:
     """Another key's signature, or one over another issued_at: refused, saying what to sign."""
     typed = wallet.typed_data(WALLET.address, NODE, issued_at=1_765_000_000, chain_id=CHAIN)

@@ -189,6 +189,8 @@ def test_high_s_and_bad_v_refused(key: Secp256k1Key) -> None:
         recover_address(digest, twin)
     with pytest.raises(SignatureError):
         recover_address(digest, sig[:64] + b"\x05")
+    with pytest.raises(SignatureError, match="27 or 28"):  # the same signature, other form
+        recover_address(digest, sig[:64] + bytes([sig[64] - 27]))
     with pytest.raises(SignatureError):
         recover_address(digest, sig[:64])
     with pytest.raises(SignatureError):

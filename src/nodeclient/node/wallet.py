@@ -42,7 +42,10 @@ def make_proof(
 ) -> dict[str, Any]:
     """A proof from a wallet's signature; UsageError, saying why, unless it is the wallet's
     binding of this node at *issued_at* on this chain."""
-    proof = {"issued_at": issued_at, "signature": signature.strip().lower()}
+    text = signature.strip().lower()
+    if len(text) == 132 and text[-2:] in ("00", "01"):  # some wallets give v as 0 or 1
+        text = text[:-2] + f"{int(text[-2:], 16) + 27:02x}"  # the protocol's form: 27 or 28
+    proof = {"issued_at": issued_at, "signature": text}
     try:
         mf.check_wallet_proof(
             proof, wallet_address=_checksum(wallet_address), node_id=node_id, chain_id=chain_id

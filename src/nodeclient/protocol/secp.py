@@ -131,18 +131,17 @@ class Secp256k1Key:
 def recover_address(digest: bytes, signature: bytes) -> str:
     """Recover the checksummed signer address of a 65-byte r || s || v signature.
 
-    Fails closed: malformed lengths, v outside {27, 28, 0, 1}, s = 0 or high-s and
-    unrecoverable signatures all raise SignatureError.
+    Fails closed: malformed lengths, v outside {27, 28}, s = 0 or high-s and
+    unrecoverable signatures all raise SignatureError. (v in {0, 1} is the same signature
+    in another form: refused, so that one signature has one encoding.)
     """
     if len(digest) != 32:
         raise SignatureError("digest must be 32 bytes")
     if len(signature) != 65:
         raise SignatureError(f"signature must be 65 bytes, got {len(signature)}")
-    v = signature[64]
-    if v >= 27:
-        v -= 27
-    if v not in (0, 1):
+    if signature[64] not in (27, 28):
         raise SignatureError("signature recovery id v must be 27 or 28")
+    v = signature[64] - 27
     s = int.from_bytes(signature[32:64], "big")
     r = int.from_bytes(signature[:32], "big")
     if not (0 < r < _SECP256K1_N) or not (0 < s <= _HALF_N):
