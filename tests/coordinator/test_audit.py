@@ -185,6 +185,12 @@ def test_a_result_no_task_gives_is_not_verified(running: Running, rsa_keys, how:
     assert not with_payload.ok and with_payload.result_ok is not True
 
 
+@pytest.mark.parametrize("answer", [["not", "a", "job"], {"job_id": "x", "tasks": 5}])
+def test_an_answer_that_is_not_a_job_is_not_verified(answer: object) -> None:
+    report = audit.audit_job(answer, lambda _t: b"", lambda: b"")  # type: ignore[arg-type]
+    assert not report.ok and "not a job" in report.result
+
+
 def test_malformed_answers_are_failures_not_tracebacks(running: Running, rsa_keys) -> None:
     real = _inference_job(running, rsa_keys)
     job = copy.deepcopy(real)

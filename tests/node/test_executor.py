@@ -764,3 +764,28 @@ def test_a_stale_root_that_cannot_be_removed_does_not_stop_the_start(
     monkeypatch.setattr(executor_mod, "_remove_tree", busy)
     executor_mod._sweep_stale_roots(tmp_path)  # logged and left, not raised
     assert stale.exists()
+
+
+def test_only_old_unlocked_staging_roots_are_swept(tmp_path: Path) -> None:
+    """A root is made under a staging name: a daemon killed while making it leaves one. An
+    old one, without a lock file or with one nobody holds, is removed; a fresh one (a
+    daemon making it right now) and an old one whose lock is held are left."""
+    from nodeclient.node import executor as executor_mod
+
+    def staging(name: str, *, age: float, lock: bool) -> Path:
+        path = tmp_path / f".nodeclient-staging-{name}"
+        path.mkdir()
+        if lock:
+            (path / ".lock").write_bytes(b"")
+        os.utime(path, (time.time() - age, time.time() - age))
+        return path
+
+    old_bare, old_lock = staging("a", age=7200, lock=False), staging("b", age=7200, lock=True)
+    fresh, held_root = staging("c", age=10, lock=False), staging("d", age=7200, lock=True)
+    held = executor_mod._hold_root(held_root)
+    try:
+        executor_mod._sweep_stale_roots(tmp_path)
+    finally:
+        os.close(held)
+    assert not old_bare.exists() and not old_lock.exists()
+    assert fresh.exists() and held_root.exists()

@@ -50,6 +50,10 @@ def test_a_wallet_that_gives_v_as_0_or_1_is_stored_in_the_protocols_form() -> No
                               issued_at=1_765_000_000, chain_id=CHAIN)  # fmt: skip
     assert proof["signature"] == signature
     mf.check_wallet_proof(proof, wallet_address=WALLET.address, node_id=NODE, chain_id=CHAIN)
+    # A proof an earlier release stored as the wallet gave it still checks (the node's
+    # load at start, and a coordinator's registration check, both go through it).
+    stored = {"issued_at": 1_765_000_000, "signature": low_v}
+    mf.check_wallet_proof(stored, wallet_address=WALLET.address, node_id=NODE, chain_id=CHAIN)
 
 
 def test_a_signature_that_is_not_the_wallets_binding_is_refused() -> None:

@@ -172,6 +172,10 @@ def audit_job(
     """Check every task of *job* (GET /v1/jobs/{id}) that has a result, then the job's
     result. *job_id*: the job asked for, which the answer must be (a coordinator could
     answer with another, genuine job)."""
+    if not isinstance(job, Mapping) or not isinstance(job.get("tasks", []), list):
+        report = JobReport("?", "?", "?", result_ok=False)
+        report.result = "the coordinator's answer is not a job with a list of tasks"
+        return report
     report = JobReport(
         str(job.get("job_id")), str(job.get("workload_class")), str(job.get("status"))
     )
@@ -319,10 +323,8 @@ def _replay_training(
     request = tr.JobRequest.decode(payload, max_bytes=_ASSEMBLE_LIMIT)
     model, config = request.model, request.config
     slices = int(job["slices"])
-    shards = [
-        tr.SliceRequest.decode(p, max_bytes=_ASSEMBLE_LIMIT).shard_sha256
-        for p in request.round_zero(slices)
-    ]
+    request.round_zero(slices)  # the split's own checks, as at submission
+    shards = [tr.sha256_hex(shard) for shard in request.shards(slices)]
     container = request.initial_weights()
     weights = dict(tr.decode_weights(container, model, max_bytes=_ASSEMBLE_LIMIT))
     momentum = {k: np.zeros(s, np.float32) for k, s in model.parameter_shapes().items()}
@@ -347,10 +349,12 @@ def _replay_training(
         weights, momentum = rounds.outer_step(weights, momentum, outcome.delta, config.outer)
         base = tr.sha256_hex(tr.weights_container(weights))
     final, _metrics = tr.decode_final(data, max_bytes=len(data))
-    if set(final) != set(weights):
-        return False, "its weights are not the model's parameters"
+    if set(final) != set(weights) or any(final[k].shape != weights[k].shape for k in weights):
+        return False, "its weights are not the payload's model's parameters"
     worst = max(float(np.max(np.abs(final[k] - weights[k]), initial=0.0)) for k in weights)
-    if not all(np.allclose(final[k], weights[k], rtol=1e-5, atol=1e-6) for k in weights):
+    # The same arithmetic as the coordinator's: equal but for the last bits a machine's
+    # other summation order may give.
+    if not all(np.allclose(final[k], weights[k], rtol=1e-6, atol=1e-9) for k in weights):
         return False, f"not the weights its {config.rounds} rounds replay to (off by {worst:.3g})"
     return True, (
         f"equal to its {config.rounds} rounds replayed from the verified pseudo-gradients"

@@ -52,7 +52,8 @@ _REPLACED: Final = "replaced after a failed or untidy task"
 _SETTLE_TIMEOUT: Final = 300.0  # emptying a work directory of rendered frames takes a while
 _ROOT_PREFIX: Final = "nodeclient-work-"  # work roots in the temporary directory
 _ROOT_LOCK: Final = ".lock"
-_STAGING_PREFIX: Final = ".nodeclient-staging-"  # a root while it is made: never swept
+_STAGING_PREFIX: Final = ".nodeclient-staging-"  # a root while it is made
+_STAGING_STALE_S: Final = 3600.0  # a staging root this old was left by a killed daemon
 _REAP_TIMEOUT: Final = 30.0  # a killed worker's exit and the end of its pipes
 
 # progress(done, total, note) as the executor reports it to the daemon
@@ -798,9 +799,9 @@ def _new_root(tmp: Path) -> tuple[Path, int]:
     staging = Path(tempfile.mkdtemp(prefix=_STAGING_PREFIX, dir=tmp))
     fd = _hold_root(staging)
     root = tmp / (_ROOT_PREFIX + staging.name[len(_STAGING_PREFIX) :])
-    try:
-        os.rename(staging, root)  # fails if the name is taken: the root keeps its own
-    except OSError:
+    try:  # mkdtemp's random name is new; at worst it replaces an empty directory
+        os.rename(staging, root)
+    except OSError:  # the root keeps its staging name (swept like one, once stale)
         return staging, fd
     return root, fd
 
@@ -822,22 +823,35 @@ def _sweep_stale_roots(tmp: Path) -> None:
     uid = os.geteuid()
     try:
         candidates = [p for p in tmp.iterdir() if p.name.startswith(_ROOT_PREFIX)]
+        # A staging root is a live daemon's for a moment before it is locked: only an
+        # old one (its daemon killed while making it) is stale.
+        staged = [p for p in tmp.iterdir() if p.name.startswith(_STAGING_PREFIX)]
     except OSError:
         return
-    for root in candidates:
+    for root in candidates + staged:
         try:
             st = os.lstat(root)
-            if not stat.S_ISDIR(st.st_mode) or st.st_uid != uid:
-                continue
-            fd = os.open(root / _ROOT_LOCK, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
         except OSError:
-            continue  # gone, no lock file, or not ours to open
+            continue  # gone meanwhile
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != uid:
+            continue
+        if root in staged and time.time() - st.st_mtime < _STAGING_STALE_S:
+            continue
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fd: int | None = os.open(root / _ROOT_LOCK, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+        except FileNotFoundError:
+            if root not in staged:
+                continue  # a root from a release before the lock: not known to be stale
+            fd = None  # an old staging root killed before its lock file was made
         except OSError:
-            continue  # a live daemon's
-        finally:
-            os.close(fd)
+            continue  # gone, or not ours to open
+        if fd is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                continue  # a live daemon's
+            finally:
+                os.close(fd)
         try:
             _remove_tree(root)
         except OSError as exc:  # a mount left in it, a read-only disk: start all the same

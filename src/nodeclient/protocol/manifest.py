@@ -109,8 +109,13 @@ def sign_wallet_proof(
 def check_wallet_proof(
     proof: Mapping[str, Any], *, wallet_address: str, node_id: str, chain_id: int
 ) -> None:
-    """Raise SignatureError unless *proof* is *wallet_address*'s binding of *node_id*."""
+    """Raise SignatureError unless *proof* is *wallet_address*'s binding of *node_id*.
+
+    The wallet's signature comes from a wallet app, and some give the recovery id as 0 or
+    1: taken as 27 or 28 here (earlier releases stored such proofs as given)."""
     signature = parse_signature_hex(proof["signature"], field="wallet_proof signature")
+    if signature[64] in (0, 1):
+        signature = signature[:64] + bytes((signature[64] + 27,))
     message = wallet_binding_message(wallet_address, node_id, proof["issued_at"])
     verify_typed("WalletBinding", message, signature, signer=wallet_address, chain_id=chain_id)
 

@@ -429,7 +429,8 @@ def _load_any(
     """A frame's JSON object, and its data when it came as a binary data frame.
 
     A binary frame must be a dispatch or result whose header leaves out the data field;
-    the header is held to the control-frame limit. (A JSON text frame sent as binary,
+    the header is held to the control-frame limit. (Before auth the coordinator takes
+    only a text frame.) (A JSON text frame sent as binary,
     starting with ``{``, is still read as JSON: a header length never starts with 0x7b.)
     A JSON frame over *max_text* bytes is refused before it is parsed.
     """
