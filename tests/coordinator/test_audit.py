@@ -11,12 +11,12 @@ from typing import Any
 import pytest
 from sqlalchemy import update
 
-from nodeclient.coordinator import audit, cli
+from nodeclient.coordinator import audit, classes, cli
 from nodeclient.coordinator import models as m
 from nodeclient.coordinator.config import SybilPolicy
 from nodeclient.protocol import eip712
 from nodeclient.protocol.secp import Secp256k1Key
-from nodeclient.workloads import render
+from nodeclient.workloads import render, render_slices
 from tests.coordinator.conftest import (
     Running,
     inference_payload,
@@ -151,6 +151,17 @@ def test_a_render_job_is_assembled_again_from_its_verified_slices(
     other = render.make_request(SCENE, frames=(2, 6), width=W, height=H, samples=4).encode()
     wrong = _audit(running, done, payload=other)
     assert not wrong.ok and wrong.result_ok is False
+    # A coordinator that had another scene rendered, and published the frames as the
+    # requester's scene's: each slice's own signed header names the scene it rendered.
+    mine = render.make_request(b"my scene", frames=(1, 5), width=W, height=H, samples=4)
+    meta = classes.lookup("media.render").validate(mine.encode(), 1 << 30)
+    parts = [running.client.task_result(t["task_id"]) for t in done["tasks"]]
+    forged = render_slices.assemble(parts, meta)
+    lied = {**done, "result_sha256": hashlib.sha256(forged).hexdigest()}
+    report = audit.audit_job(
+        lied, running.client.task_result, lambda: forged, payload=mine.encode()
+    )
+    assert not report.ok and "scene" in report.result
 
 
 def test_another_genuine_job_in_the_answer_is_caught(running: Running, rsa_keys) -> None:

@@ -296,8 +296,12 @@ def _check_job_result(
             report.result_ok = False
             report.result = f"the job does not list each of its {job['slices']} slices once"
             return
-        meta = classes.lookup(wclass).validate(payload, _ASSEMBLE_LIMIT)
-        again = classes.lookup(wclass).assemble([results[t["task_id"]] for t in done], meta)
+        wc = classes.lookup(wclass)
+        meta = wc.validate(payload, _ASSEMBLE_LIMIT)
+        parts = [results[t["task_id"]] for t in done]
+        for part in parts:  # each slice's own signed header: your scene, size and frames
+            wc.check_result(part, meta, _ASSEMBLE_LIMIT)
+        again = wc.assemble(parts, meta)
         report.result_ok = again == data
         report.result = (
             f"equal to its {len(done)} verified slices assembled in order"
