@@ -297,6 +297,24 @@ def test_run_damaged_outbox_is_one_line_and_kept(runnable: Path) -> None:
     assert (runnable / "outbox.db").read_bytes() == garbage
 
 
+def test_run_with_an_outbox_of_a_newer_release_is_exit_78_and_kept(runnable: Path) -> None:
+    """An outbox a newer release wrote: one line saying to upgrade, exit 78 (not restarted:
+    starting again cannot help), the file untouched."""
+    import sqlite3
+
+    from nodeclient.node.outbox import FORMAT_VERSION
+
+    db = sqlite3.connect(runnable / "outbox.db")
+    db.execute(f"PRAGMA user_version = {FORMAT_VERSION + 1}")
+    db.close()
+    before = (runnable / "outbox.db").read_bytes()
+    out = run_node(runnable)
+    assert out.returncode == 78
+    (line,) = error_lines(out.stderr)
+    assert "written by a newer nodeclient" in line and "Upgrade nodeclient" in line
+    assert (runnable / "outbox.db").read_bytes() == before
+
+
 def test_run_outbox_unopenable_is_one_line(runnable: Path) -> None:
     """SQLite cannot open outbox.db (here: it is a directory): one line naming it, exit 1."""
     (runnable / "outbox.db").mkdir()

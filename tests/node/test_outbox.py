@@ -606,7 +606,7 @@ def test_an_outbox_of_a_newer_release_is_refused_untouched(tmp_path) -> None:
     box.close()
     before = path.read_bytes()
     for open_it in (Outbox, read_history):
-        with pytest.raises(UsageError, match="written by a newer nodeclient") as info:
+        with pytest.raises(outbox.OutboxTooNew, match="written by a newer nodeclient") as info:
             open_it(path)
         assert "\n" not in str(info.value)
     assert path.read_bytes() == before

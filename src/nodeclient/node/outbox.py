@@ -68,7 +68,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
-from nodeclient.errors import UsageError
+from nodeclient.errors import NeedsOperator, UsageError
 
 log = logging.getLogger("nodeclient.node.outbox")
 
@@ -192,6 +192,10 @@ class OutboxCorrupt(Exception):
     """A row names a result file that is missing or the wrong size."""
 
 
+class OutboxTooNew(NeedsOperator):
+    """The outbox was written by a newer release (exit 78: restarting cannot help)."""
+
+
 class OutboxBusy(UsageError):
     """Another process has this outbox open (a second daemon on the same home)."""
 
@@ -211,9 +215,9 @@ class Outbox:
                 _fsync_dir(self.files.parent)  # the directory itself survives a power cut
             self._lock = threading.Lock()
             self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+            version = _format_version(self._db, path)  # before anything writes to it
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
-            version = _format_version(self._db, path)
             self._db.executescript(SCHEMA)
             have = {row[1] for row in self._db.execute("PRAGMA table_info(outbox)")}
             for name, decl in _ADDED_COLUMNS:
@@ -697,7 +701,7 @@ def _format_version(db: sqlite3.Connection, path: Path) -> int:
     could send a result as empty, or lose one)."""
     (version,) = db.execute("PRAGMA user_version").fetchone()
     if version > FORMAT_VERSION:
-        raise UsageError(
+        raise OutboxTooNew(
             f"{path} has format version {version}, written by a newer nodeclient; this one "
             f"reads versions up to {FORMAT_VERSION}. Upgrade nodeclient: the outbox may hold "
             "results not yet acknowledged"
