@@ -313,13 +313,10 @@ def _verified_job(
     job = _wait_job(client, job_id, out, net)
     if job["status"] != "succeeded":
         raise DevnetError(f"job {job_id} failed: {job.get('reason')}")
-    result: list[bytes] = []
-
-    def fetch_result() -> bytes:
-        result.append(client.raw_job_result(job_id))
-        return result[0]
-
-    report = audit.audit_job(job, client.task_result, fetch_result, job_id=job_id, payload=payload)
+    result = bytes(client.raw_job_result(job_id))
+    report = audit.audit_job(
+        job, client.task_result, lambda: result, job_id=job_id, payload=payload
+    )
     for t in report.tasks:
         if t.ok is None:
             continue  # a slice dropped from a training round: nothing to verify
@@ -330,7 +327,7 @@ def _verified_job(
     if not report.ok:
         raise DevnetError(f"job {job_id}: {report.result}")
     out(f"  job result: {report.result}")
-    return result[0]
+    return result
 
 
 def _raise_interrupt(_signum: int, _frame: object) -> None:

@@ -128,11 +128,8 @@ class HostileRuntime:
         """Write a progress frame of garbage for this task straight to the worker's answer
         pipe (a task can: the descriptor and the task's id are in its own process), then
         take a while."""
-        frame = sys._getframe()
-        while frame.f_code.co_name != "run_task":
-            assert frame.f_back is not None
-            frame = frame.f_back
-        fd, task_id = frame.f_locals["self"].out_fd, frame.f_locals["task_id"]
+        worker = _run_task_locals()
+        fd, task_id = worker["self"].out_fd, worker["task_id"]
         header = json.dumps({"op": "progress", "id": task_id, "done": order["done"]}).encode()
         os.write(fd, len(header).to_bytes(4, "big") + (0).to_bytes(4, "big") + header)
         time.sleep(2)
@@ -143,11 +140,7 @@ class HostileRuntime:
         after the clean-up report and keeps the worker from exiting."""
         import threading
 
-        frame = sys._getframe()
-        while frame.f_code.co_name != "run_task":
-            assert frame.f_back is not None
-            frame = frame.f_back
-        fd = frame.f_locals["self"].out_fd
+        fd = _run_task_locals()["self"].out_fd
 
         def junk() -> None:
             time.sleep(0.5)
@@ -173,6 +166,16 @@ class HostileRuntime:
             time.sleep(60)
             os._exit(0)
         return "left a child"
+
+
+def _run_task_locals() -> dict[str, Any]:
+    """The worker's ``run_task`` frame's locals (its answer pipe, the task's id): a task can
+    reach them, being in the same process."""
+    frame = sys._getframe()
+    while frame.f_code.co_name != "run_task":
+        assert frame.f_back is not None
+        frame = frame.f_back
+    return frame.f_locals
 
 
 def factory(cache_dir: Path) -> HostileRuntime:

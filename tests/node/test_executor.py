@@ -671,17 +671,23 @@ def test_a_worker_killed_with_unread_answers_still_frees_its_slot(node: Node) ->
     node.inference_still_works()
 
 
-def test_a_lease_renewed_while_the_task_waits_for_a_slot_counts(node: Node) -> None:
-    """The task waits for the only slot past its first deadline, its lease renewed
-    meanwhile: it runs, instead of failing at the deadline it was given first."""
+def _occupy_the_slot(node: Node, *, seconds: float) -> asyncio.Task[bytes]:
+    """A task that keeps the executor's only slot busy for *seconds*, started."""
     sleeper = node.loop.create_task(
         node.executor.run(
             sandbox_harness.HOSTILE,
-            json.dumps({"do": "sleep", "seconds": 1.5}).encode(),
+            json.dumps({"do": "sleep", "seconds": seconds}).encode(),
             deadline=time.monotonic() + 30,
         )
     )
     node.wait(asyncio.sleep(0.2))
+    return sleeper
+
+
+def test_a_lease_renewed_while_the_task_waits_for_a_slot_counts(node: Node) -> None:
+    """The task waits for the only slot past its first deadline, its lease renewed
+    meanwhile: it runs, instead of failing at the deadline it was given first."""
+    sleeper = _occupy_the_slot(node, seconds=1.5)
     waiting = node.loop.create_task(
         node.executor.run(
             sandbox_harness.HOSTILE,
@@ -698,14 +704,7 @@ def test_a_lease_renewed_while_the_task_waits_for_a_slot_counts(node: Node) -> N
 
 def test_a_task_waiting_for_a_slot_fails_at_its_deadline(node: Node) -> None:
     """With the only slot busy, a task waits for it no longer than its deadline."""
-    sleeper = node.loop.create_task(
-        node.executor.run(
-            sandbox_harness.HOSTILE,
-            json.dumps({"do": "sleep", "seconds": 3}).encode(),
-            deadline=time.monotonic() + 30,
-        )
-    )
-    node.wait(asyncio.sleep(0.2))
+    sleeper = _occupy_the_slot(node, seconds=3)
     with pytest.raises(TaskFailed, match="deadline exceeded while waiting for a free worker"):
         node.hostile({"do": "echo"}, deadline=time.monotonic() + 0.5)
     node.wait(sleeper)

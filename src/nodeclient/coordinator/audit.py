@@ -271,8 +271,9 @@ def _check_job_result(
         report.result_ok = False
         report.result = f"workload class {wclass!r} is not one whose result this check derives"
         return
-    if payload is not None:  # the class the coordinator names must be the payload's
-        classes.lookup(wclass).validate(payload, _ASSEMBLE_LIMIT)
+    wc = classes.lookup(wclass)
+    # The class the coordinator names must be the payload's.
+    meta = None if payload is None else wc.validate(payload, _ASSEMBLE_LIMIT)
     if wclass in _WHOLE:
         same = len(done) == 1 and results[done[0]["task_id"]] == data
         report.result_ok = same
@@ -287,7 +288,7 @@ def _check_job_result(
             model = inference.InferenceRequest.decode(payload).model_sha256
             inference.decode_result(data, max_bytes=len(data), expected_model_sha256=model)
             report.result += ", from your model"
-    elif payload is None:
+    elif payload is None or meta is None:
         report.result = "result_sha256 matches; give --payload to " + (
             "assemble it from its slices" if wclass in _ASSEMBLED else "replay its rounds"
         )
@@ -296,8 +297,6 @@ def _check_job_result(
             report.result_ok = False
             report.result = f"the job does not list each of its {job['slices']} slices once"
             return
-        wc = classes.lookup(wclass)
-        meta = wc.validate(payload, _ASSEMBLE_LIMIT)
         parts = [results[t["task_id"]] for t in done]
         for part in parts:  # each slice's own signed header: your scene, size and frames
             wc.check_result(part, meta, _ASSEMBLE_LIMIT)

@@ -210,10 +210,7 @@ def _wait(client: CoordinatorClient, job_id: str, timeout: float | None) -> dict
 def _requester(args: argparse.Namespace) -> int:  # noqa: PLR0911 (one return a command)
     with CoordinatorClient(args.coordinator) as client:
         if args.command == "submit":
-            try:
-                payload = args.payload.read_bytes()
-            except OSError as exc:
-                raise UsageError(f"cannot read payload {args.payload}: {exc.strerror}") from exc
+            payload = _read_payload(args.payload)
             job = client.submit_job(
                 args.workload_class, payload,
                 min_tier=args.min_tier, region=args.region, slices=args.slices,
@@ -246,15 +243,17 @@ def _requester(args: argparse.Namespace) -> int:  # noqa: PLR0911 (one return a 
         return 0
 
 
+def _read_payload(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise UsageError(f"cannot read payload {path}: {exc.strerror}") from exc
+
+
 def _verify(client: CoordinatorClient, args: argparse.Namespace) -> int:
     """nodeclient-coordinator verify: 0 when everything verifies, 1 when anything does not,
     3 when the tasks verify but the job's result could be checked only by its hash."""
-    payload = None
-    if args.payload is not None:
-        try:
-            payload = args.payload.read_bytes()
-        except OSError as exc:
-            raise UsageError(f"cannot read payload {args.payload}: {exc.strerror}") from exc
+    payload = None if args.payload is None else _read_payload(args.payload)
     job = client.job(args.job_id)
     report = audit.audit_job(
         job,

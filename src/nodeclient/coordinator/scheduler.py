@@ -377,7 +377,8 @@ def job_failures(session: Session, job_ids: Iterable[str]) -> dict[str, list[tup
     return out
 
 
-def close_attempt(session: Session, task_id: str, node_id: str, outcome: str, now: float) -> None:
+def close_attempt(session: Session, task_id: str, node_id: str, outcome: str, now: float) -> bool:
+    """End the node's open attempt at the task with *outcome*; whether it had one."""
     row = session.scalars(
         select(m.TaskAttempt)
         .where(
@@ -387,8 +388,10 @@ def close_attempt(session: Session, task_id: str, node_id: str, outcome: str, no
         )
         .order_by(m.TaskAttempt.attempt.desc())
     ).first()
-    if row is not None:
-        row.ended_at, row.outcome = now, outcome
+    if row is None:
+        return False
+    row.ended_at, row.outcome = now, outcome
+    return True
 
 
 def fail_job(session: Session, job_id: str, reason: str, now: float) -> list[tuple[str, str]]:

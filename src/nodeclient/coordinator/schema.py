@@ -48,7 +48,8 @@ def prepare(engine: Engine) -> int:
     or a database from before versions were recorded). Raises SchemaError for a database
     from a newer coordinator, or one this version cannot upgrade."""
     with engine.begin() as conn:
-        found = _version(conn)
+        existing = set(inspect(conn).get_table_names())
+        found = _version(conn) if "meta" in existing else 0
         if found > SCHEMA_VERSION:
             raise SchemaError(
                 f"the database {engine.url.render_as_string(hide_password=True)} has schema "
@@ -56,7 +57,6 @@ def prepare(engine: Engine) -> int:
                 f"versions up to {SCHEMA_VERSION}. Upgrade nodeclient, or give --db another "
                 "database"
             )
-        existing = set(inspect(conn).get_table_names())
         m.Base.metadata.create_all(conn)  # the tables that are missing, with their indexes
         if found < SCHEMA_VERSION:
             for table in m.Base.metadata.sorted_tables:
@@ -75,8 +75,7 @@ def prepare(engine: Engine) -> int:
 
 
 def _version(conn: Connection) -> int:
-    if "meta" not in inspect(conn).get_table_names():
-        return 0
+    """The version a database with a ``meta`` table records (0: none recorded)."""
     value = conn.scalar(select(m.Meta.value).where(m.Meta.key == SCHEMA_KEY))
     if value is None:
         return 0

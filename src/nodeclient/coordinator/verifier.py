@@ -141,20 +141,19 @@ def _settle_attempt(session: Session, task_id: str, node_id: str, now: float) ->
     result, its last one, which its lease's end closed as a failure (expired, offline).
     Left a failure, it would count against the node (a render job shuts out a node after
     three failed slices) although the node delivered."""
-    mine = select(m.TaskAttempt).where(
-        m.TaskAttempt.task_id == task_id, m.TaskAttempt.node_id == node_id
-    )
-    latest = (m.TaskAttempt.attempt.desc(), m.TaskAttempt.id.desc())
-    row = session.scalars(mine.where(m.TaskAttempt.ended_at.is_(None)).order_by(*latest)).first()
-    if row is None:  # a late result: its lease (not one that never left) ended before it
-        row = session.scalars(
-            mine.where(m.TaskAttempt.outcome != "undelivered").order_by(*latest)
-        ).first()
-    if row is None:
+    if close_attempt(session, task_id, node_id, "succeeded", now):
         return
-    if row.ended_at is None:
-        row.ended_at = now
-    row.outcome = "succeeded"
+    row = session.scalars(  # a late result: its lease (not one that never left) ended before it
+        select(m.TaskAttempt)
+        .where(
+            m.TaskAttempt.task_id == task_id,
+            m.TaskAttempt.node_id == node_id,
+            m.TaskAttempt.outcome != "undelivered",
+        )
+        .order_by(m.TaskAttempt.attempt.desc(), m.TaskAttempt.id.desc())
+    ).first()
+    if row is not None:
+        row.outcome = "succeeded"
 
 
 def _finish_job(session: Session, job: m.Job, now: float) -> str | None:
