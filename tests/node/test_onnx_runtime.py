@@ -542,16 +542,24 @@ def test_payload_over_limit_is_refused() -> None:
     ],
 )
 def test_bad_inputs_are_refused(inputs: dict[str, np.ndarray], match: str) -> None:
-    """Inputs that do not fit the model's declared inputs raise a precise reason."""
-    with pytest.raises(RemoteProtocolError, match=match):
-        _run(_runtime(), add_model(), **inputs)
+    """Inputs that do not fit the model's declared inputs raise a precise reason, also on
+    a session that has run good requests (whose checks it remembers) and does again."""
+    fresh, warm = _runtime(), _runtime()
+    good = {"a": np.ones((2, 3), np.float32), "b": np.ones((2, 3), np.float32)}
+    np.testing.assert_array_equal(_run(warm, add_model(), **good)["sum"], np.full((2, 3), 2.0))
+    for runtime in (fresh, warm):
+        with pytest.raises(RemoteProtocolError, match=match):
+            _run(runtime, add_model(), **inputs)
+    np.testing.assert_array_equal(_run(warm, add_model(), **good)["sum"], np.full((2, 3), 2.0))
 
 
 def test_unknown_requested_output_is_refused() -> None:
     """Requesting an output the model lacks names the outputs it has."""
+    runtime = _runtime()
+    _run(runtime, identity_model(), x=np.ones(1, np.float32))  # the same inputs, all outputs
     payload = make_request(identity_model(), {"x": np.ones(1, np.float32)}, output_names=["z"])
     with pytest.raises(RemoteProtocolError, match="no output 'z'; its outputs are \\['y'\\]"):
-        _runtime().run(payload.encode())
+        runtime.run(payload.encode())
 
 
 def test_undeclared_shape_accepts_any_rank() -> None:

@@ -298,6 +298,43 @@ def test_decoder_enforces_max_tensors() -> None:
         decode_tensors(data, max_tensors=4)
 
 
+def test_a_header_seen_before_is_still_held_to_its_data() -> None:
+    """Headers are parsed once and remembered; what depends on the data is checked again
+    on every decode: the data's length, BOOL bytes, and a copy of the metadata each time."""
+    data = encode_tensors({"x": np.ones(2, np.float32)}, metadata={"k": "v"})
+    tensors, metadata = decode_tensors(data)
+    metadata["k"] = "changed"
+    assert decode_tensors(data)[1] == {"k": "v"}
+    np.testing.assert_array_equal(decode_tensors(data)[0]["x"], tensors["x"])
+    with pytest.raises(RemoteProtocolError, match="spans 8 bytes but 9 bytes follow"):
+        decode_tensors(data + b"\0")
+    with pytest.raises(RemoteProtocolError, match="spans 8 bytes but 7 bytes follow"):
+        decode_tensors(data[:-1])
+    flags = encode_tensors({"b": np.array([True, False])})
+    decode_tensors(flags)
+    with pytest.raises(RemoteProtocolError, match="BOOL bytes must be 0 or 1"):
+        decode_tensors(flags[:-1] + b"\x02")
+
+
+def test_encoder_checks_every_call_and_keys_its_header_on_everything() -> None:
+    """A remembered header is reused only for the same names, dtypes, shapes and metadata;
+    bad input is refused every time, also after a good encode of the same layout."""
+    x = np.ones(2, np.float32)
+    plain = encode_tensors({"x": x}, metadata={"k": "v"})
+    assert encode_tensors({"x": x}, metadata={"k": "w"}) != plain
+    assert encode_tensors({"x": x.astype(np.float64)}, metadata={"k": "v"}) != plain
+    assert encode_tensors({"x": np.ones(3, np.float32)}, metadata={"k": "v"}) != plain
+    assert encode_tensors({"y": x}, metadata={"k": "v"}) != plain
+    for _ in range(2):
+        with pytest.raises(LocalProtocolError, match="must be a string"):
+            encode_tensors({"x": x}, metadata={"k": 1})  # type: ignore[dict-item]
+        with pytest.raises(LocalProtocolError, match="not valid Unicode"):
+            encode_tensors({"x": x}, metadata={"k": "\ud800"})
+    decoded, metadata = decode_tensors(plain)
+    assert metadata == {"k": "v"}
+    np.testing.assert_array_equal(decoded["x"], x)
+
+
 # --- ai.inference requests ------------------------------------------------------------
 
 

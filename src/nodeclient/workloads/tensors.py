@@ -33,6 +33,7 @@ Arrays come back as read-only views into the input, without copying.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -73,6 +74,13 @@ _U64: Final = struct.Struct("<Q")
 _ENTRY_KEYS: Final = frozenset({"dtype", "shape", "data_offsets"})
 _MAX_DIM: Final = 2**63 - 1
 _MAX_EMPTY_DIMS: Final = 2**31  # the product of an empty tensor's non-zero dimensions
+# Headers seen again (the same model's requests and results, task after task) are parsed
+# and checked once: a worker then spends its time on the model, not on JSON. Only small
+# headers are kept (at most 16 tensors, 4096 characters of names and metadata), so each
+# cache stays within a few MB even with the longest names and highest ranks.
+_CACHED_HEADER_BYTES: Final = 4096
+_CACHED_TENSORS: Final = 16
+_CACHE_ENTRIES: Final = 64
 
 
 def dtype_code(dtype: np.dtype[Any]) -> str | None:
@@ -133,28 +141,43 @@ def encode_tensors(
         little = np.asarray(array, dtype=DTYPES[code], order="C")  # keeps 0-d shapes
         prepared.append((little.itemsize, name, code, little))
     prepared.sort(key=lambda item: (-item[0], item[1]))
-
-    header: dict[str, Any] = {}
     if metadata:
         for key, value in metadata.items():
             _check_metadata_pair(key, value, error=LocalProtocolError)
-        header[METADATA_KEY] = {key: metadata[key] for key in sorted(metadata)}
-    chunks: list[memoryview] = []
+    layout = tuple((name, code, little.shape) for _, name, code, little in prepared)
+    pairs = tuple(sorted(metadata.items())) if metadata else ()
+    small = len(layout) <= _CACHED_TENSORS and (
+        sum(len(name) for name, _, _ in layout) + sum(len(k) + len(v) for k, v in pairs)
+        <= _CACHED_HEADER_BYTES
+    )
+    header_bytes = _encoded_header(layout, pairs) if small else _encode_header(layout, pairs)
+    chunks = [little.reshape(-1).view(np.uint8).data for *_, little in prepared]
+    return b"".join([_U64.pack(len(header_bytes)), header_bytes, *chunks])
+
+
+_Layout = tuple[tuple[str, str, tuple[int, ...]], ...]  # (name, dtype code, shape) in order
+
+
+def _encode_header(layout: _Layout, pairs: tuple[tuple[str, str], ...]) -> bytes:
+    """The padded JSON header of tensors laid out as *layout*, with checked metadata."""
+    header: dict[str, Any] = {METADATA_KEY: dict(pairs)} if pairs else {}
     offset = 0
-    for _, name, code, little in prepared:
+    for name, code, shape in layout:
+        nbytes = math.prod(shape) * DTYPES[code].itemsize
         header[name] = {
             "dtype": code,
-            "shape": list(little.shape),
-            "data_offsets": [offset, offset + little.nbytes],
+            "shape": list(shape),
+            "data_offsets": [offset, offset + nbytes],
         }
-        offset += little.nbytes
-        chunks.append(little.reshape(-1).view(np.uint8).data)
+        offset += nbytes
     try:
         header_bytes = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
     except UnicodeEncodeError as exc:
         raise LocalProtocolError(f"a name or metadata string is not valid Unicode: {exc}") from exc
-    header_bytes += b" " * (-len(header_bytes) % 8)
-    return b"".join([_U64.pack(len(header_bytes)), header_bytes, *chunks])
+    return header_bytes + b" " * (-len(header_bytes) % 8)
+
+
+_encoded_header = functools.lru_cache(maxsize=_CACHE_ENTRIES)(_encode_header)
 
 
 def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -224,8 +247,8 @@ def _parse_entry(name: str, entry: object) -> tuple[str, tuple[int, ...], int, i
     return code, tuple(shape), offsets[0], offsets[1]
 
 
-def _split(data: bytes, *, max_bytes: int, max_header_bytes: int) -> tuple[dict[str, Any], int]:
-    """Check the sizes, then parse the header; return it and the offset of the tensor data."""
+def _split(data: bytes, *, max_bytes: int, max_header_bytes: int) -> tuple[bytes, int]:
+    """Check the sizes; return the raw header and the offset of the tensor data."""
     size = len(data)
     if size > max_bytes:
         raise RemoteProtocolError(f"container is {size} bytes, over the limit of {max_bytes}")
@@ -243,15 +266,15 @@ def _split(data: bytes, *, max_bytes: int, max_header_bytes: int) -> tuple[dict[
             f"container is truncated: header claims {header_len} bytes "
             f"but only {size - _U64.size} follow"
         )
-    header = _parse_header(bytes(data[_U64.size : _U64.size + header_len]))
-    return header, _U64.size + header_len
+    return bytes(data[_U64.size : _U64.size + header_len]), _U64.size + header_len
 
 
 _Entry = tuple[int, int, str, str, tuple[int, ...]]  # begin, end, name, dtype code, shape
 
 
-def _check_layout(entries: list[_Entry], data_len: int) -> None:
-    """Offsets must tile the data section exactly, and each shape must match its bytes."""
+def _check_layout(entries: list[_Entry]) -> int:
+    """Offsets must tile the data section from 0, and each shape must match its bytes;
+    the length of the data section they describe."""
     expected = 0
     for begin, end, name, code, shape in entries:
         if begin != expected:
@@ -266,10 +289,7 @@ def _check_layout(entries: list[_Entry], data_len: int) -> None:
                 f"tensor {name!r}: shape {list(shape)} of {code} needs {needed} "
                 f"bytes but data_offsets span {end - begin}"
             )
-    if expected != data_len:
-        raise RemoteProtocolError(
-            f"tensor data spans {expected} bytes but {data_len} bytes follow the header"
-        )
+    return expected
 
 
 def _view(data: bytes, start: int, entry: _Entry) -> npt.NDArray[Any]:
@@ -299,6 +319,36 @@ def _metadata(header: dict[str, Any]) -> dict[str, str]:
     return raw_metadata
 
 
+_Pairs = tuple[tuple[str, str], ...]
+
+
+def _parse_metadata(raw: bytes) -> _Pairs:
+    """The checked ``__metadata__`` of a raw header, sorted by key."""
+    return tuple(sorted(_metadata(_parse_header(raw)).items()))
+
+
+def _parse_layout(raw: bytes, max_tensors: int) -> tuple[tuple[_Entry, ...], _Pairs, int]:
+    """A raw header, checked in full: (entries in data order, metadata by key, data length)."""
+    header = _parse_header(raw)
+    metadata = _metadata(header)
+    if len(header) > max_tensors:
+        raise RemoteProtocolError(
+            f"container holds {len(header)} tensors, over the limit of {max_tensors}"
+        )
+    entries: list[_Entry] = []
+    for name, entry in header.items():
+        code, shape, begin, end = _parse_entry(name, entry)
+        entries.append((begin, end, name, code, shape))
+    entries.sort()
+    data_len = _check_layout(entries)
+    return tuple(entries), tuple(sorted(metadata.items())), data_len
+
+
+# Failures raise, so only headers that passed every check are kept.
+_parsed_metadata = functools.lru_cache(maxsize=_CACHE_ENTRIES)(_parse_metadata)
+_parsed_layout = functools.lru_cache(maxsize=_CACHE_ENTRIES)(_parse_layout)
+
+
 def read_metadata(
     data: bytes,
     *,
@@ -310,8 +360,9 @@ def read_metadata(
     For routing decisions on a hot path (is a model referenced by URL?); whoever acts on
     the payload still decodes it in full with ``decode_tensors``.
     """
-    header, _start = _split(data, max_bytes=max_bytes, max_header_bytes=max_header_bytes)
-    return _metadata(header)
+    raw, _start = _split(data, max_bytes=max_bytes, max_header_bytes=max_header_bytes)
+    parse = _parsed_metadata if len(raw) <= _CACHED_HEADER_BYTES else _parse_metadata
+    return dict(parse(raw))
 
 
 def decode_tensors(
@@ -327,18 +378,12 @@ def decode_tensors(
     any violation raises RemoteProtocolError naming the offending field. The arrays are
     read-only views into *data*.
     """
-    header, start = _split(data, max_bytes=max_bytes, max_header_bytes=max_header_bytes)
-    raw_metadata = _metadata(header)
-    if len(header) > max_tensors:
+    raw, start = _split(data, max_bytes=max_bytes, max_header_bytes=max_header_bytes)
+    parse = _parsed_layout if len(raw) <= _CACHED_HEADER_BYTES else _parse_layout
+    entries, metadata, data_len = parse(raw, max_tensors)
+    if data_len != len(data) - start:
         raise RemoteProtocolError(
-            f"container holds {len(header)} tensors, over the limit of {max_tensors}"
+            f"tensor data spans {data_len} bytes but {len(data) - start} bytes follow the header"
         )
-    entries: list[_Entry] = []
-    for name, entry in header.items():
-        code, shape, begin, end = _parse_entry(name, entry)
-        entries.append((begin, end, name, code, shape))
-    entries.sort()
-    _check_layout(entries, len(data) - start)
-    tensors = {entry[2]: _view(data, start, entry) for entry in entries}
-    metadata = {key: raw_metadata[key] for key in sorted(raw_metadata)}
-    return {name: tensors[name] for name in sorted(tensors)}, metadata
+    tensors = {entry[2]: _view(data, start, entry) for entry in entries}  # in data order
+    return {name: tensors[name] for name in sorted(tensors)}, dict(metadata)

@@ -27,6 +27,7 @@ so building an OnnxRuntime is cheap and the CLI starts fast.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import hashlib
 import importlib
@@ -317,11 +318,32 @@ class _Port:
         return _ORT_DTYPES.get(self.type)
 
 
+_Shapes = tuple[tuple[str, np.dtype[Any], tuple[int, ...]], ...]
+_PlanKey = tuple[tuple[str, ...] | None, _Shapes]
+_MAX_PLANS: Final = 16  # request shapes remembered per model
+
+
 @dataclass(frozen=True, eq=False)
 class _Warm:
     session: Any  # onnxruntime.InferenceSession, untyped upstream
     inputs: dict[str, _Port]
     outputs: dict[str, _Port]
+    # (requested outputs, input names/dtypes/shapes) -> outputs to run, once checked: a
+    # stream of like requests skips the checks, which cost more than a small model's run.
+    plans: dict[_PlanKey, list[str]] = dataclasses.field(default_factory=dict)
+
+    def plan(
+        self, requested: tuple[str, ...] | None, inputs: Mapping[str, npt.NDArray[Any]]
+    ) -> list[str]:
+        """The outputs to compute for a request; RemoteProtocolError when it does not fit."""
+        key = (requested, tuple((name, a.dtype, a.shape) for name, a in inputs.items()))
+        names = self.plans.get(key)
+        if names is None:
+            names = _select_outputs(self, requested)
+            _check_feed(self, inputs)
+            if len(self.plans) < _MAX_PLANS:
+                self.plans[key] = names
+        return names
 
 
 def _external_data_tensors(model: Any) -> list[str]:
@@ -457,10 +479,9 @@ class OnnxRuntime:
         """
         request = InferenceRequest.decode(payload, max_bytes=self._max_payload_bytes)
         warm = self._warm_session(request)
-        names = _select_outputs(warm, request.output_names)
-        feed = _feed(warm, request.inputs)
+        names = warm.plan(request.output_names, request.inputs)
         try:
-            values = warm.session.run(names, feed)
+            values = warm.session.run(names, request.inputs)
         except self._ort_error_types() as exc:
             raise RemoteProtocolError(f"inference failed: {_short(exc)}") from exc
         outputs: dict[str, npt.NDArray[Any]] = {}
@@ -595,7 +616,7 @@ def _select_outputs(warm: _Warm, requested: tuple[str, ...] | None) -> list[str]
     return names
 
 
-def _feed(warm: _Warm, inputs: Mapping[str, npt.NDArray[Any]]) -> dict[str, npt.NDArray[Any]]:
+def _check_feed(warm: _Warm, inputs: Mapping[str, npt.NDArray[Any]]) -> None:
     """Check the request's inputs against the model's declared inputs, exactly."""
     missing = sorted(set(warm.inputs) - set(inputs))
     if missing:
@@ -625,4 +646,3 @@ def _feed(warm: _Warm, inputs: Mapping[str, npt.NDArray[Any]]) -> dict[str, npt.
             raise RemoteProtocolError(
                 f"input {name!r} has shape {list(array.shape)}, the model expects {declared}"
             )
-    return dict(inputs)
