@@ -419,3 +419,36 @@ def test_a_non_ascii_host_is_resolved_as_it_is_sent(monkeypatch: pytest.MonkeyPa
     with pytest.raises(RemoteProtocolError, match="not a public address"):
         http_fetcher("https://coordinator.example")("https://faß.de/model")
     assert asked == ["xn--fa-hia.de"]
+
+
+def test_a_compressed_answer_is_refused_undecoded() -> None:
+    """Blobs are fetched as stored (``Accept-Encoding: identity``) and never decoded: a
+    source that compresses anyway is refused, so a few hundred bytes of nested gzip cannot
+    expand into gigabytes in the daemon before the size limit is checked."""
+    import gzip
+    import http.server
+
+    bomb = gzip.compress(gzip.compress(bytes(64 << 20)))
+    asked: list[str | None] = []
+
+    class Bomb(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            asked.append(self.headers["Accept-Encoding"])
+            self.send_response(200)
+            self.send_header("Content-Encoding", "gzip, gzip")
+            self.send_header("Content-Length", str(len(bomb)))
+            self.end_headers()
+            self.wfile.write(bomb)
+
+        def log_message(self, *_args: object) -> None:
+            return None
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Bomb)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    origin = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        with pytest.raises(RemoteProtocolError, match="Content-Encoding 'gzip, gzip'"):
+            http_fetcher(origin, max_bytes=1 << 20)("/v1/blobs/" + "0" * 64)
+    finally:
+        server.shutdown()
+    assert asked == ["identity"]
