@@ -643,6 +643,7 @@ def test_a_result_with_no_frames_is_refused() -> None:
         (["a", "a/b"], "also a folder"),
         (["a", "a-x", "a/b/c"], "also a folder"),
         (["scene.blend"], "scene's own file"),
+        (["scene.blend/tex.png"], "scene's own file"),
     ],
 )
 def test_asset_paths_that_would_collide_on_the_node_are_refused(

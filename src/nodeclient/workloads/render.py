@@ -224,8 +224,11 @@ def _check_assets(assets: object, error: type[ProtocolError]) -> None:
             folder = "/".join(parts[:depth])
             if folder in files:
                 raise error(f"asset {folder[:80]!r} is also a folder of asset {path[:80]!r}")
-    if SCENE_FILE in paths:
-        raise error(f"an asset may not be named {SCENE_FILE!r}: that is the scene's own file")
+    if any(path.split("/")[0] == SCENE_FILE for path in paths):
+        raise error(
+            f"an asset may not be named {SCENE_FILE!r} or lie under it: that is the scene's "
+            "own file"
+        )
 
 
 def _parse_assets(raw: str | None) -> tuple[tuple[str, str], ...]:
