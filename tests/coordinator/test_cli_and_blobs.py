@@ -73,9 +73,11 @@ def test_submit_wait_jobs_job_and_result(coordinator: Running, rsa_keys, tmp_pat
     waiter = threading.Thread(target=lambda: rc.append(main([
         "submit", "--coordinator", coordinator.url, "--class", "ai.inference",
         "--payload", str(tmp_path / "req.bin"), "--wait", "--timeout", "30",
+        "--ram-mb", "512",
     ])))  # fmt: skip
     waiter.start()
     dispatch = node.recv()
+    assert dispatch["resources"] == {"ram_mb": 512}
     result = inference_result(payload, VALUES)
     assert node.call(node.result(dispatch, result))["status"] == "accepted"
     waiter.join(timeout=30)
@@ -87,6 +89,7 @@ def test_submit_wait_jobs_job_and_result(coordinator: Running, rsa_keys, tmp_pat
     assert f"{job_id}  ai.inference  succeeded" in capsys.readouterr().out
     assert main(["job", job_id, "--coordinator", coordinator.url]) == 0
     shown = capsys.readouterr().out
+    assert "each task needs ram_mb 512" in shown
     assert "proof 0x" in shown
     assert "signature 0x" in shown
     out = tmp_path / "result.bin"

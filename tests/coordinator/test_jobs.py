@@ -64,6 +64,18 @@ def test_submit_returns_queued_job_with_one_task(coordinator: Running) -> None:
         ({"workload_class": "ai.inference", "payload": "!!"}, "not valid base64"),
         ({"workload_class": "ai.inference", "payload": "AAAA"}, "ai.inference payload"),
         ({"workload_class": "ai.inference", "payload": "AAAA", "min_tier": 9}, "min_tier"),
+        (
+            {"workload_class": "ai.inference", "payload": "AAAA", "resources": {"ram_mb": -1}},
+            "ram_mb",
+        ),
+        (
+            {"workload_class": "ai.inference", "payload": "AAAA", "resources": {"gpus": 2}},
+            "gpus",
+        ),
+        (
+            {"workload_class": "ai.inference", "payload": "AAAA", "resources": {"vram_mb": "8"}},
+            "vram_mb",
+        ),
     ],
 )
 def test_submit_validates(coordinator: Running, body: dict, reason: str) -> None:
@@ -192,6 +204,30 @@ def test_dispatch_result_and_public_verification(coordinator: Running, rsa_keys)
     assert task["typed_data"]["message"]["proof"] == task["proof"]
     assert coordinator.client.job_result(job["job_id"]) == result
     assert coordinator.client.task_result(task["task_id"]) == result
+
+
+def test_declared_resources_go_to_a_node_that_holds_them(coordinator: Running, rsa_keys) -> None:
+    """A job's declared RAM and GPU memory are shown, sent with each dispatch, and only a
+    node whose slot holds them (by its manifest) is offered the task; a job declaring
+    nothing is dispatched without resources."""
+    small, big = make_node(rsa_keys, 0), make_node(rsa_keys, 1)
+    _ready(coordinator, small)  # 8 GiB, one slot: 8192 MB a slot
+    payload = inference_payload(VALUES)
+    job = coordinator.client.submit_job("ai.inference", payload, ram_mb=16_384)
+    assert job["resources"] == {"ram_mb": 16_384}
+    coordinator.register(big, cpu={"model": "test", "cores": 4, "ram_gb": 64})
+    coordinator.link(big)
+    dispatch = big.recv()
+    assert dispatch["type"] == "dispatch" and dispatch["job_id"] == job["job_id"]
+    assert dispatch["resources"] == {"ram_mb": 16_384}
+    assert coordinator.client.job(job["job_id"])["tasks"][0]["node_id"] == big.node_id
+    plain = coordinator.client.submit_job("ai.inference", payload)
+    assert plain["resources"] == {}
+    again = small.recv()
+    assert again["job_id"] == plain["job_id"] and again["resources"] == {}
+    gpu_job = coordinator.client.submit_job("ai.inference", payload, vram_mb=1)
+    assert gpu_job["resources"] == {"vram_mb": 1}
+    assert coordinator.client.job(gpu_job["job_id"])["tasks"][0]["status"] == "queued"
 
 
 def test_job_result_before_success_is_409(coordinator: Running) -> None:

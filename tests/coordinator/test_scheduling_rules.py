@@ -18,8 +18,8 @@ INF = frozenset({"ai.inference"})
 
 
 def _cand(node_id: str, *, tier: int = 0, region: str = "eu-west", cap: int = 1,
-          classes_: frozenset[str] = INF) -> Candidate:  # fmt: skip
-    return Candidate(node_id, tier, region, classes_, cap)
+          classes_: frozenset[str] = INF, ram_mb: int = 0, vram_mb: int = 0) -> Candidate:  # fmt: skip
+    return Candidate(node_id, tier, region, classes_, cap, ram_mb, vram_mb)
 
 
 def _pick(cands: list[Candidate], *, free: dict[str, int] | None = None, **kw) -> str | None:
@@ -38,6 +38,23 @@ def test_pick_requires_class_tier_and_capacity() -> None:
     ]
     assert _pick(cands, min_tier=2, free={"a": 1, "b": 1, "c": 0, "d": 1}) == "d"
     assert _pick(cands, min_tier=4) is None
+
+
+def test_pick_requires_the_declared_resources() -> None:
+    """A task that declares RAM or GPU memory goes only to a node whose slot holds it;
+    one that declares nothing goes anywhere."""
+    cands = [
+        _cand("cpu", ram_mb=8192, cap=4),
+        _cand("gpu", ram_mb=4096, vram_mb=23_552),
+        _cand("big", ram_mb=65_536, vram_mb=7680),
+    ]
+    assert _pick(cands, ram_mb=8192, free={"cpu": 4, "gpu": 1, "big": 0}) == "cpu"
+    assert _pick(cands, ram_mb=8192, free={"cpu": 0, "gpu": 1, "big": 0}) is None
+    assert _pick(cands, ram_mb=8193) == "big"
+    assert _pick(cands, vram_mb=8000) == "gpu"
+    assert _pick(cands, ram_mb=8192, vram_mb=8000) is None  # no node has both
+    assert _pick(cands, vram_mb=1) in ("gpu", "big")
+    assert _pick(cands, free={"cpu": 0, "gpu": 1, "big": 0}) == "gpu"
 
 
 def test_pick_prefers_untried_then_region_then_load() -> None:
@@ -68,6 +85,8 @@ def test_picker_chooses_as_pick_node_does() -> None:
                 region=rng.choice(regions),
                 cap=rng.randint(1, 4),
                 classes_=frozenset(rng.sample(classes_, rng.randint(1, 2))),
+                ram_mb=rng.choice([0, 2048, 8192]),
+                vram_mb=rng.choice([0, 0, 7680, 23_552]),
             )
             for i in range(rng.randint(1, 40))
         ]
@@ -77,7 +96,7 @@ def test_picker_chooses_as_pick_node_does() -> None:
         ids = [c.node_id for c in cands]
         roster = Roster(cands)
         if rng.random() < 0.5:  # idle heaps already built by an earlier round
-            roster.idle_heap(("ai.inference", 0, None))
+            roster.idle_heap((("ai.inference", 0, 0, 0), None))
         picker = Picker(roster, used)
         assert roster.any_free(used) == any(v > 0 for v in free.values())
         for _task in range(rng.randint(1, 80)):
@@ -87,6 +106,8 @@ def test_picker_chooses_as_pick_node_does() -> None:
                 "region": rng.choice([None, *regions, "mars-1", "nowhere"]),
                 "tried": rng.sample(ids, min(len(ids), rng.choice([0, 0, 1, 2, 5]))),
                 "excluded": rng.sample(ids, min(len(ids), rng.choice([0, 0, 1, 3]))),
+                "ram_mb": rng.choice([0, 0, 1024, 8192, 9000]),
+                "vram_mb": rng.choice([0, 0, 0, 4096, 20_000]),
             }
             expected = pick_node(candidates=cands, free=free, **ask)
             assert picker.pick(**ask) == expected
@@ -105,7 +126,7 @@ def test_regions_no_node_is_in_share_one_heap() -> None:
         ask = {"workload_class": "ai.inference", "min_tier": 0}
         assert picker.pick(**ask, region=f"made-up-{i}") == plain.pick(**ask, region=None)
     assert len(picker._heaps) == 1
-    roster.idle_heap(("ai.inference", 0, None))
+    roster.idle_heap((("ai.inference", 0, 0, 0), None))
     assert len(roster._idle_heaps) == 1
 
 

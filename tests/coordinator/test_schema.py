@@ -158,6 +158,40 @@ def test_a_first_release_database_is_upgraded_and_its_queued_job_runs(
         stop(again, server2, thread2)
 
 
+def test_a_version_1_database_gets_the_declared_resources_columns(tmp_path: Path, rsa_keys) -> None:
+    """(SQLite.) Version 2 added jobs.ram_mb and jobs.vram_mb: a version 1 database gets
+    them, its jobs declaring nothing (0), and its queued job is still dispatched."""
+    clock = ManualClock(START)
+    node = make_node(rsa_keys, 0)
+    first, server, thread = start(config_for(data_dir=tmp_path, db_url=None), clock)
+    try:
+        first.register(node)
+        job = first.client.submit_job("ai.inference", inference_payload(VALUES))
+    finally:
+        stop(first, server, thread)
+    url = f"sqlite:///{tmp_path / 'coordinator.db'}"
+    con = sqlite3.connect(tmp_path / "coordinator.db")
+    try:  # what version 1 wrote
+        con.execute("ALTER TABLE jobs DROP COLUMN ram_mb")
+        con.execute("ALTER TABLE jobs DROP COLUMN vram_mb")
+        con.execute("UPDATE meta SET value = '1' WHERE key = ?", (schema.SCHEMA_KEY,))
+        con.commit()
+    finally:
+        con.close()
+    assert "ram_mb" not in _columns(url)["jobs"]
+    again, server2, thread2 = start(config_for(data_dir=tmp_path, db_url=None), clock)
+    try:
+        assert schema.SCHEMA_VERSION == 2
+        assert _version(url) == "2"
+        assert {"ram_mb", "vram_mb"} <= _columns(url)["jobs"]
+        assert again.client.job(job["job_id"])["resources"] == {}
+        again.link(node)
+        dispatch = node.recv()
+        assert dispatch["job_id"] == job["job_id"] and dispatch["resources"] == {}
+    finally:
+        stop(again, server2, thread2)
+
+
 def test_a_database_of_a_newer_coordinator_is_refused_untouched(tmp_path: Path) -> None:
     url = DB_URL or f"sqlite:///{tmp_path / 'c.db'}"
     Database(url).close()

@@ -14,6 +14,7 @@ from nodeclient.protocol.tier import (
     effective_parallelism,
     hardware_tier,
     max_parallel_subtasks,
+    slot_memory_mb,
     validate_hardware,
 )
 
@@ -239,3 +240,15 @@ def test_check_declared_refuses_inflated_parallelism(declared: object) -> None:
     """Declaring more slots than the hardware allows, or none, is refused."""
     with pytest.raises(ManifestError, match="max_parallel_subtasks"):
         check_declared(SPEC_CPU, SPEC_GPU, hardware_tier=3, max_parallel_subtasks=declared)
+
+
+def test_slot_memory_is_a_share_of_ram_and_the_smallest_card() -> None:
+    """What a coordinator may promise a task in one slot: RAM split evenly over the slots,
+    and the smallest card's memory less the half GiB its rounding may have added."""
+    assert slot_memory_mb(SPEC_CPU, SPEC_GPU, 4) == (512 * 1024 // 4, 80 * 1024 - 512)
+    mixed = [gpu(T4, 1, 15), gpu(RTX4090, 1, 24)]
+    assert slot_memory_mb(cpu(16, 64), mixed, 2) == (32 * 1024, 15 * 1024 - 512)
+    assert slot_memory_mb(LAPTOP_CPU, [], 3) == (16 * 1024 // 3, 0)
+    assert slot_memory_mb(cpu(4, 0), [gpu(T4, 1, 0)], 1) == (0, 0)
+    with pytest.raises(ManifestError):
+        slot_memory_mb({"cores": 4}, [], 1)

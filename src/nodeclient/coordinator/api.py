@@ -22,7 +22,7 @@ from typing import Any, Final
 import pybase64
 from fastapi import APIRouter, Body, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.orm import Session
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -157,6 +157,20 @@ def _discard(out: io.BufferedWriter, tmp: str) -> None:
         os.unlink(tmp)
 
 
+MAX_RAM_MB: Final = 16 << 20  # 16 TiB
+MAX_VRAM_MB: Final = 1 << 20  # 1 TiB
+
+
+class Resources(BaseModel):
+    """What each task of a job needs in its slot; a node without it is not offered the
+    task, and a node refuses a task it cannot hold (2.3.5 admission control)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    ram_mb: int = Field(default=0, ge=0, le=MAX_RAM_MB, description="RAM in MB")
+    vram_mb: int = Field(default=0, ge=0, le=MAX_VRAM_MB, description="GPU memory in MB")
+
+
 class JobRequest(BaseModel):
     """POST /v1/jobs."""
 
@@ -165,6 +179,7 @@ class JobRequest(BaseModel):
     min_tier: int = Field(default=0, ge=0, le=4)
     region: str | None = Field(default=None, max_length=32)
     slices: int = Field(default=1, ge=1, le=4096)
+    resources: Resources = Field(default_factory=Resources)
 
 
 class UnstakeRequest(BaseModel):
@@ -335,6 +350,7 @@ def build_router(coord: Coordinator) -> APIRouter:  # noqa: PLR0915 (one route e
             job_id = store.insert_job(
                 s, workload_class=wclass.name, payloads=parts, min_tier=body.min_tier,
                 region=body.region, meta=meta, now=now, blobs=blobs,
+                ram_mb=body.resources.ram_mb, vram_mb=body.resources.vram_mb,
             )  # fmt: skip
             return store.job_json(s, s.get_one(m.Job, job_id), chain_id=chain_id)
 

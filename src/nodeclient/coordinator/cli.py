@@ -112,6 +112,12 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--min-tier", type=int, default=0)
     submit.add_argument("--region", default=None)
     submit.add_argument("--slices", type=int, default=1)
+    submit.add_argument(
+        "--ram-mb", type=int, default=0, help="RAM each task needs in its slot (MB)"
+    )
+    submit.add_argument(
+        "--vram-mb", type=int, default=0, help="GPU memory each task needs in its slot (MB)"
+    )
     submit.add_argument("--wait", action="store_true", help="wait for the job to end")
     submit.add_argument("--timeout", type=float, default=None, help="give up waiting after S s")
 
@@ -174,6 +180,9 @@ def _serve(args: argparse.Namespace) -> int:
 def _print_job(job: dict[str, Any]) -> None:
     reason = f" ({job['reason']})" if job.get("reason") else ""
     print(f"{job['job_id']}  {job['workload_class']}  {job['status']}{reason}")
+    if job.get("resources"):
+        needs = ", ".join(f"{key} {value}" for key, value in sorted(job["resources"].items()))
+        print(f"  each task needs {needs}")
     for t in job.get("tasks", []):
         node = t.get("node_id") or "-"
         extra = f"  {t['reason']}" if t.get("reason") else ""
@@ -214,6 +223,7 @@ def _requester(args: argparse.Namespace) -> int:  # noqa: PLR0911 (one return a 
             job = client.submit_job(
                 args.workload_class, payload,
                 min_tier=args.min_tier, region=args.region, slices=args.slices,
+                ram_mb=args.ram_mb, vram_mb=args.vram_mb,
             )  # fmt: skip
             print(job["job_id"], flush=True)
             if not args.wait:

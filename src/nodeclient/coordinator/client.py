@@ -146,15 +146,21 @@ class CoordinatorClient:
         min_tier: int = 0,
         region: str | None = None,
         slices: int = 1,
+        ram_mb: int = 0,
+        vram_mb: int = 0,
     ) -> dict[str, Any]:
-        """POST /v1/jobs; returns the new job (job_id, status, tasks)."""
-        body = {
+        """POST /v1/jobs; returns the new job (job_id, status, tasks). *ram_mb* and
+        *vram_mb*: what each task needs in its slot (0: nothing declared)."""
+        body: dict[str, Any] = {
             "workload_class": workload_class,
             "payload": pybase64.b64encode_as_string(payload),
             "min_tier": min_tier,
             "region": region,
             "slices": slices,
         }
+        resources = {"ram_mb": ram_mb, "vram_mb": vram_mb}
+        if any(resources.values()):
+            body["resources"] = {key: value for key, value in resources.items() if value}
         result: dict[str, Any] = self._json(
             "POST", "/v1/jobs", json=body,
             unanswered="the job may have been created all the same: list the jobs "

@@ -75,6 +75,9 @@ class Job(Base):
     reason: Mapped[str | None] = mapped_column(Text, nullable=True)
     min_tier: Mapped[int] = mapped_column(Integer)
     region: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    # What each task declares it needs in its slot (the dispatch's resources; 0: nothing).
+    ram_mb: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    vram_mb: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     slices: Mapped[int] = mapped_column(Integer)
     meta: Mapped[str] = mapped_column(Text)  # JSON object from the workload's validator
     created_at: Mapped[float] = mapped_column(Float)

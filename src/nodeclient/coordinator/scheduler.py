@@ -3,8 +3,10 @@
 Rules (docs: "Scheduling and leases"):
 
 - A node is eligible when it is linked and online, not UNSTAKING (2.3.8: "no new
-  dispatches"), lists the job's workload class, has ``hardware_tier >= min_tier``, and
-  has free capacity (``max_parallel_subtasks`` minus tasks leased to it).
+  dispatches"), lists the job's workload class, has ``hardware_tier >= min_tier``, can
+  hold the job's declared ``resources`` in a slot (RAM and GPU memory, from its manifest:
+  ``tier.slot_memory_mb``), and has free capacity (``max_parallel_subtasks`` minus tasks
+  leased to it). The dispatch carries the resources, and the node checks them itself.
 - Among eligible nodes, prefer one that has not tried this task before, then one in
   the job's region (falling back to any region), then the least loaded.
 - Each dispatch is a lease with a deadline (``lease_seconds``); the payload is sealed
@@ -22,13 +24,14 @@ Selection is a pure function (:func:`pick_node`); the database work is a few
 transactions; the loop around them is the adapter, woken on events and at least
 every ``schedule_interval`` seconds. A round places up to ``BATCH`` tasks with
 :class:`Picker`, which makes the same choice as :func:`pick_node` from one heap per
-(workload class, min tier, region) instead of a scan of every node per task.
+(workload class, min tier, region, resources) instead of a scan of every node per task.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import heapq
 import logging
@@ -43,7 +46,7 @@ from sqlalchemy.orm import Session
 from nodeclient.coordinator import models as m
 from nodeclient.coordinator import rounds
 from nodeclient.coordinator.service import Coordinator
-from nodeclient.coordinator.store import NodeInfo, leased_counts
+from nodeclient.coordinator.store import NodeInfo, job_resources, leased_counts
 from nodeclient.protocol import envelope, messages
 
 log = logging.getLogger("nodeclient.coordinator.scheduler")
@@ -76,6 +79,8 @@ class Candidate:
     region: str
     workload_classes: frozenset[str]
     capacity: int
+    ram_mb: int = 0  # what a task may count on in one slot
+    vram_mb: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +94,7 @@ class Assignment:
     slice_index: int
     slice_count: int
     attempt: int
+    resources: Mapping[str, int] = dataclasses.field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,13 +124,16 @@ def pick_node(
     free: Mapping[str, int],
     tried: Iterable[str] = (),
     excluded: Iterable[str] = (),
+    ram_mb: int = 0,
+    vram_mb: int = 0,
 ) -> str | None:
     """The best eligible node for one task, or None; pure, so it is tested directly."""
     tried_set, excluded_set = set(tried), set(excluded)
     best: tuple[bool, bool, float, str] | None = None
+    need = (workload_class, min_tier, ram_mb, vram_mb)
     for c in candidates:
         slots = free.get(c.node_id, 0)
-        if slots <= 0 or workload_class not in c.workload_classes or c.hardware_tier < min_tier:
+        if slots <= 0 or not _eligible(c, need):
             continue
         if c.node_id in excluded_set:
             continue
@@ -143,15 +152,22 @@ def pick_node(
 # are pick_node's preference after "not tried before"; the last detects entries made stale
 # by a pick, or by leases the entry did not know of.
 _Entry = tuple[bool, float, str, int]
-_Group = tuple[str, int, str | None]  # what a task asks: workload class, min tier, region
+_Need = tuple[str, int, int, int]  # what a task asks: workload class, min tier, RAM, VRAM
+_Group = tuple[_Need, str | None]  # and its region preference
 
 
 def _load(c: Candidate, slots: int) -> float:
     return 1.0 - slots / max(c.capacity, 1)  # exactly pick_node's load term
 
 
-def _eligible(c: Candidate, workload_class: str, min_tier: int) -> bool:
-    return workload_class in c.workload_classes and c.hardware_tier >= min_tier
+def _eligible(c: Candidate, need: _Need) -> bool:
+    workload_class, min_tier, ram_mb, vram_mb = need
+    return (
+        workload_class in c.workload_classes
+        and c.hardware_tier >= min_tier
+        and c.ram_mb >= ram_mb
+        and c.vram_mb >= vram_mb
+    )
 
 
 class Roster:
@@ -196,12 +212,12 @@ class Roster:
         """A fresh copy of the group's heap with every node idle."""
         heap = self._idle_heaps.get(group)
         if heap is None:
-            workload_class, min_tier, region = group
+            need, region = group
             heap = [
                 (region is not None and c.region != region, _load(c, c.capacity), c.node_id,
                  c.capacity)
                 for c in self.candidates
-                if c.capacity > 0 and _eligible(c, workload_class, min_tier)
+                if c.capacity > 0 and _eligible(c, need)
             ]  # fmt: skip
             heapq.heapify(heap)
             self._idle_heaps[group] = heap
@@ -222,7 +238,7 @@ class Picker:
     """:func:`pick_node` for many tasks in one round, O(log nodes) per task.
 
     Candidates are grouped by what a task asks of them (workload class, min tier,
-    region); each group keeps a heap keyed by (region mismatch, load, node_id). Load
+    resources, region); each group keeps a heap keyed by (region mismatch, load, node_id). Load
     only goes up during a round, so an entry whose slot count is out of date is ahead
     of its true place: it is popped early and pushed back with its current load. Nodes
     that already tried the task, or may not take it, are set aside during a pick and
@@ -256,15 +272,18 @@ class Picker:
         region: str | None,
         tried: Iterable[str] = (),
         excluded: Iterable[str] = (),
+        ram_mb: int = 0,
+        vram_mb: int = 0,
     ) -> str | None:
         """The node pick_node would choose; its free slots go down by one."""
         tried_set, excluded_set = set(tried), set(excluded)
+        need = (workload_class, min_tier, ram_mb, vram_mb)
         if region not in self._roster.regions:
             # No candidate is there: every node misses it alike, which orders them as no
             # preference does. One group for all such regions, not one cached heap of every
             # node per name a requester made up.
             region = None
-        group = (workload_class, min_tier, region)
+        group = (need, region)
         heap = self._heaps.get(group)
         if heap is None:
             heap = self._heaps[group] = self._start_heap(group)
@@ -288,7 +307,7 @@ class Picker:
         for entry in aside:
             heapq.heappush(heap, entry)
         if choice is None:  # every eligible node tried it (or none is eligible)
-            choice = self._best_tried(workload_class, min_tier, region, tried_set, excluded_set)
+            choice = self._best_tried(need, region, tried_set, excluded_set)
             if choice is not None:
                 self._used[choice] = self._used.get(choice, 0) + 1  # its entry is now stale
             return choice
@@ -308,23 +327,18 @@ class Picker:
         """
         if len(self._used) * 8 < len(self._cands):
             return self._roster.idle_heap(group)
-        workload_class, min_tier, region = group
+        need, region = group
         heap: list[_Entry] = []
         for c in self._roster.candidates:
             slots = self.slots(c.node_id)
-            if slots > 0 and _eligible(c, workload_class, min_tier):
+            if slots > 0 and _eligible(c, need):
                 mismatch = region is not None and c.region != region
                 heap.append((mismatch, _load(c, slots), c.node_id, slots))
         heapq.heapify(heap)
         return heap
 
     def _best_tried(
-        self,
-        workload_class: str,
-        min_tier: int,
-        region: str | None,
-        tried: set[str],
-        excluded: set[str],
+        self, need: _Need, region: str | None, tried: set[str], excluded: set[str]
     ) -> str | None:
         best: tuple[bool, float, str] | None = None
         for node_id in tried - excluded:
@@ -332,7 +346,7 @@ class Picker:
             if c is None:
                 continue
             slots = self.slots(node_id)
-            if slots <= 0 or not _eligible(c, workload_class, min_tier):
+            if slots <= 0 or not _eligible(c, need):
                 continue
             key = (region is not None and c.region != region, _load(c, slots), node_id)
             if best is None or key < best:
@@ -545,13 +559,14 @@ def assign_tx(
         out.append(
             Assignment(
                 task.task_id, job.job_id, wclass, choice, payloads[task.task_id], deadline,
-                task.slice_index, task.slice_count, task.attempts,
+                task.slice_index, task.slice_count, task.attempts, job_resources(job),
             )
         )  # fmt: skip
     return out
 
 
-_QueuedRow = tuple[str, str, str, int, str | None, float, int]
+# task_id, job_id, class, min_tier, region, queued_at, payload size, RAM MB, VRAM MB
+_QueuedRow = tuple[str, str, str, int, str | None, float, int, int, int]
 
 
 def _queued_page(
@@ -576,7 +591,7 @@ def _queued_page(
     query = (
         select(
             m.Task.task_id, m.Job.job_id, m.Job.workload_class, m.Job.min_tier, m.Job.region,
-            m.Task.queued_at, func.length(m.Task.payload),
+            m.Task.queued_at, func.length(m.Task.payload), m.Job.ram_mb, m.Job.vram_mb,
         )
         .join(m.Job, m.Job.job_id == m.Task.job_id)
         .where(m.Task.status == m.QUEUED, servable)
@@ -616,7 +631,7 @@ def _place(
     }
     out: list[tuple[m.Task, m.Job, str, str]] = []
     placed_bytes = 0
-    for task_id, job_id, wclass, min_tier, region, _, size in queued:
+    for task_id, job_id, wclass, min_tier, region, _, size, ram_mb, vram_mb in queued:
         if placed_bytes >= budget:
             break
         policy = RETRY_POLICIES.get(wclass)
@@ -624,6 +639,8 @@ def _place(
             workload_class=wclass,
             min_tier=min_tier,
             region=region,
+            ram_mb=ram_mb or 0,
+            vram_mb=vram_mb or 0,
             tried=tried.get(task_id, ()),
             excluded=()
             if policy is None
@@ -720,8 +737,8 @@ class Scheduler:
             cached = cache.get(node_id)
             if cached is None or cached[0] is not info:
                 cand = Candidate(
-                    node_id, info.hardware_tier, info.region,
-                    info.workload_classes, info.max_parallel_subtasks,
+                    node_id, info.hardware_tier, info.region, info.workload_classes,
+                    info.max_parallel_subtasks, info.slot_ram_mb, info.slot_vram_mb,
                 )  # fmt: skip
                 cache[node_id] = cached = (info, cand)
             out.append(cached[1])
@@ -879,6 +896,7 @@ class Scheduler:
                 envelope=env,
                 slice_index=a.slice_index,
                 slice_count=a.slice_count,
+                resources=a.resources,
             ).to_wire(raw=True)  # the link encodes the envelope: binary, or base64 for old nodes
             for a, env in zip(assigned, sealed, strict=True)
         ]

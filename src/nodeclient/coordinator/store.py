@@ -49,7 +49,8 @@ from sqlalchemy.pool import ConnectionPoolEntry
 
 from nodeclient.coordinator import models as m
 from nodeclient.coordinator import schema
-from nodeclient.protocol import eip712
+from nodeclient.errors import ManifestError
+from nodeclient.protocol import eip712, tier
 
 T = TypeVar("T")
 
@@ -246,12 +247,21 @@ class NodeInfo:
     last_seq: int
     state: str | None
     last_seen: float | None
+    slot_ram_mb: int = 0  # what a task may count on in one slot (tier.slot_memory_mb)
+    slot_vram_mb: int = 0
 
 
 def node_info(row: m.Node) -> NodeInfo:
     key = serialization.load_pem_public_key(row.pubkey_rsa.encode("ascii"))
     if not isinstance(key, RSAPublicKey):  # verified at registration; a bug if not
         raise TypeError("stored pubkey_rsa is not an RSA key")
+    try:  # verified at registration; a row changed since offers no declared resources
+        manifest = json.loads(row.manifest)
+        ram_mb, vram_mb = tier.slot_memory_mb(
+            manifest["cpu"], manifest["gpu"], row.max_parallel_subtasks
+        )
+    except (ValueError, TypeError, KeyError, ManifestError):
+        ram_mb = vram_mb = 0
     return NodeInfo(
         node_id=row.node_id,
         wallet_address=row.wallet_address,
@@ -266,6 +276,8 @@ def node_info(row: m.Node) -> NodeInfo:
         last_seq=row.last_seq,
         state=row.state,
         last_seen=row.last_seen,
+        slot_ram_mb=ram_mb,
+        slot_vram_mb=vram_mb,
     )
 
 
@@ -376,6 +388,7 @@ def job_json(session: Session, job: m.Job, *, chain_id: int) -> dict[str, Any]:
         "reason": job.reason,
         "min_tier": job.min_tier,
         "region": job.region,
+        "resources": job_resources(job),
         "slices": job.slices,
         "round": job.round_index,
         "created_at": job.created_at,
@@ -383,6 +396,12 @@ def job_json(session: Session, job: m.Job, *, chain_id: int) -> dict[str, Any]:
         "result_sha256": job.result_sha256,
         "tasks": [task_json(t, chain_id=chain_id) for t in job_tasks(session, job.job_id)],
     }
+
+
+def job_resources(job: m.Job) -> dict[str, int]:
+    """What each of the job's tasks declares it needs (the dispatch's ``resources``)."""
+    declared = {"ram_mb": job.ram_mb or 0, "vram_mb": job.vram_mb or 0}
+    return {key: value for key, value in declared.items() if value}
 
 
 def list_jobs(session: Session) -> list[dict[str, Any]]:
@@ -401,6 +420,8 @@ def insert_job(
     meta: dict[str, Any],
     now: float,
     blobs: Collection[str] = (),
+    ram_mb: int = 0,
+    vram_mb: int = 0,
 ) -> str:
     """Insert a job and one queued task per payload slice; returns the job_id. *blobs*:
     the SHA-256 of each blob-store blob its tasks reference (kept while it runs)."""
@@ -412,6 +433,8 @@ def insert_job(
             status=m.QUEUED,
             min_tier=min_tier,
             region=region,
+            ram_mb=ram_mb,
+            vram_mb=vram_mb,
             slices=len(payloads),
             meta=json.dumps(meta),
             created_at=now,

@@ -164,6 +164,20 @@ def max_parallel_subtasks(cpu: Mapping[str, Any], gpu: Sequence[Mapping[str, Any
     return _slots_of(_parse(cpu, gpu))
 
 
+def slot_memory_mb(
+    cpu: Mapping[str, Any], gpu: Sequence[Mapping[str, Any]], slots: int
+) -> tuple[int, int]:
+    """(RAM, VRAM) in MB that a task may count on in any one of *slots* slots: an equal
+    share of ``ram_gb`` (rounded down, as the node's own per-slot budget is at least), and
+    the smallest card's ``vram_gb`` less 512 MB (it was rounded to the nearest GiB), 0
+    without a GPU. A coordinator matches a job's declared resources against these; the
+    node, which knows its exact figures, has the last word (a signed Reject)."""
+    hw = _parse(cpu, gpu)
+    ram_mb = hw.ram_gb * 1024 // max(1, slots)
+    vram_mb = max(0, min(hw.cards) * 1024 - 512) if hw.cards else 0
+    return ram_mb, vram_mb
+
+
 def effective_parallelism(computed: int, configured: int | None) -> int:
     """The ``max_parallel_subtasks`` to declare: *configured* may lower *computed*, not raise it.
 
