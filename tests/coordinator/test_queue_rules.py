@@ -33,12 +33,15 @@ def add_job(
     status: str = m.QUEUED,
     node_id: str | None = None,
     attempts: int = 0,
+    ram_mb: int = 0,
+    vram_mb: int = 0,
 ) -> tuple[str, list[str]]:
     job_id = str(uuid.uuid4())
     session.add(
         m.Job(
             job_id=job_id, workload_class=workload_class, status=m.RUNNING, min_tier=min_tier,
-            region=None, slices=tasks, meta="{}", created_at=queued_at,
+            region=None, slices=tasks, meta="{}", created_at=queued_at, ram_mb=ram_mb,
+            vram_mb=vram_mb,
         )
     )  # fmt: skip
     ids = []
@@ -63,8 +66,12 @@ def add_job(
     return job_id, ids
 
 
-def node(node_id: str = "0xA", *, tier: int = 1, capacity: int = 2) -> Candidate:
-    return Candidate(node_id, tier, "eu-west", frozenset({"ai.inference"}), capacity)
+def node(
+    node_id: str = "0xA", *, tier: int = 1, capacity: int = 2, ram_mb: int = 0, vram_mb: int = 0
+) -> Candidate:
+    return Candidate(
+        node_id, tier, "eu-west", frozenset({"ai.inference"}), capacity, ram_mb, vram_mb
+    )
 
 
 def test_tasks_no_node_can_take_do_not_block_the_ones_behind(db: Database) -> None:
@@ -76,6 +83,22 @@ def test_tasks_no_node_can_take_do_not_block_the_ones_behind(db: Database) -> No
     placed = db.run_sync(lambda s: assign_tx(s, [node()], now=NOW, lease_seconds=300))
     assert [(a.task_id, a.job_id, a.node_id) for a in placed] == [(task_id, later, "0xA")]
     assert placed[0].payload == b"payload 0"
+
+
+def test_tasks_no_node_can_hold_do_not_block_the_ones_behind(db: Database) -> None:
+    """More than MAX_PAGES pages of tasks declaring more RAM, or GPU memory, than any
+    linked node's slot holds, submitted first: the tasks behind them are still placed (the
+    query asks only for what some node offers, each figure and their combinations)."""
+    pages = scheduler.MAX_PAGES * scheduler.BATCH + 10
+    db.run_sync(lambda s: add_job(s, tasks=pages, ram_mb=1_000_000))
+    db.run_sync(lambda s: add_job(s, tasks=pages, vram_mb=30_000))
+    db.run_sync(lambda s: add_job(s, tasks=pages, ram_mb=8192, vram_mb=8000))  # no node has both
+    later, (task_id,) = db.run_sync(lambda s: add_job(s, tasks=1, queued_at=NOW + 60, ram_mb=512))
+    nodes = [node("0xA", ram_mb=8192), node("0xB", ram_mb=1024, vram_mb=23_552)]
+    placed = db.run_sync(lambda s: assign_tx(s, nodes, now=NOW, lease_seconds=300))
+    assert [(a.task_id, a.job_id, a.resources) for a in placed] == [
+        (task_id, later, {"ram_mb": 512})
+    ]
 
 
 def test_a_round_pages_past_tasks_every_eligible_node_is_excluded_from(

@@ -97,7 +97,7 @@ def test_picker_chooses_as_pick_node_does() -> None:
         roster = Roster(cands)
         if rng.random() < 0.5:  # idle heaps already built by an earlier round
             roster.idle_heap((("ai.inference", 0, 0, 0), None))
-        picker = Picker(roster, used)
+        picker = Picker(roster, used, max_groups=10_000)
         assert roster.any_free(used) == any(v > 0 for v in free.values())
         for _task in range(rng.randint(1, 80)):
             ask = {
@@ -114,6 +114,25 @@ def test_picker_chooses_as_pick_node_does() -> None:
             if expected is not None:
                 free[expected] -= 1
             assert {n: picker.slots(n) for n in ids} == free
+
+
+def test_declared_sizes_share_the_heap_of_the_slot_size_that_holds_them() -> None:
+    """Tasks declaring many different sizes use one heap per slot size on offer (the same
+    nodes hold them), and a round keeps at most max_groups heaps: a task of a further
+    group waits for the next round."""
+    cands = [_cand(f"n{i}", ram_mb=8192 if i % 2 else 4096, cap=100) for i in range(6)]
+    roster = Roster(cands)
+    picker = Picker(roster, {}, max_groups=2)
+    ask = {"workload_class": "ai.inference", "min_tier": 0, "region": None}
+    for ram in range(1, 4097, 97):
+        assert picker.pick(**ask, ram_mb=ram) is not None
+    assert len(picker._heaps) == 1
+    assert picker.pick(**ask, ram_mb=5000) in ("n1", "n3", "n5")
+    assert picker.pick(**ask, ram_mb=1, vram_mb=0) is not None  # a group it keeps
+    assert picker.pick(**ask, ram_mb=9000) is None  # no slot that large
+    assert picker.pick(**{**ask, "region": "eu-west"}) is None  # a third group: next round
+    assert Picker(roster, {}, max_groups=2).pick(**{**ask, "region": "eu-west"}) is not None
+    assert len(roster._idle_heaps) <= 3
 
 
 def test_regions_no_node_is_in_share_one_heap() -> None:

@@ -243,12 +243,13 @@ def test_check_declared_refuses_inflated_parallelism(declared: object) -> None:
 
 
 def test_slot_memory_is_a_share_of_ram_and_the_smallest_card() -> None:
-    """What a coordinator may promise a task in one slot: RAM split evenly over the slots,
-    and the smallest card's memory less the half GiB its rounding may have added."""
-    assert slot_memory_mb(SPEC_CPU, SPEC_GPU, 4) == (512 * 1024 // 4, 80 * 1024 - 512)
+    """What a coordinator may promise a task in one slot: seven eighths of the RAM split
+    evenly over the slots, and the smallest card's memory less the half GiB its rounding
+    may have added."""
+    assert slot_memory_mb(SPEC_CPU, SPEC_GPU, 4) == (448 * 1024 // 4, 80 * 1024 - 512)
     mixed = [gpu(T4, 1, 15), gpu(RTX4090, 1, 24)]
-    assert slot_memory_mb(cpu(16, 64), mixed, 2) == (32 * 1024, 15 * 1024 - 512)
-    assert slot_memory_mb(LAPTOP_CPU, [], 3) == (16 * 1024 // 3, 0)
+    assert slot_memory_mb(cpu(16, 64), mixed, 2) == (28 * 1024, 15 * 1024 - 512)
+    assert slot_memory_mb(LAPTOP_CPU, [], 3) == (14 * 1024 // 3, 0)
     assert slot_memory_mb(cpu(4, 0), [gpu(T4, 1, 0)], 1) == (0, 0)
     with pytest.raises(ManifestError):
         slot_memory_mb({"cores": 4}, [], 1)

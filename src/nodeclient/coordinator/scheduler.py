@@ -30,6 +30,7 @@ every ``schedule_interval`` seconds. A round places up to ``BATCH`` tasks with
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import dataclasses
 import functools
@@ -154,6 +155,27 @@ def pick_node(
 _Entry = tuple[bool, float, str, int]
 _Need = tuple[str, int, int, int]  # what a task asks: workload class, min tier, RAM, VRAM
 _Group = tuple[_Need, str | None]  # and its region preference
+_Offer = tuple[int, int, int]  # what a node offers a task: hardware tier, slot RAM, slot VRAM
+# Groups a round keeps a heap for (each may hold every node): a task of a further group
+# waits for a later round, which starts with the oldest tasks' groups.
+MAX_GROUPS = 64
+MAX_OFFERS = 32  # per class in a queued-task query; more are merged into one upper bound
+
+
+def _frontier(offers: Iterable[_Offer]) -> list[_Offer]:
+    """The offers no other offer matches or beats in every figure: a task some node can
+    take fits one of them. Past MAX_OFFERS, their upper bound alone (a looser filter)."""
+    out: list[_Offer] = []
+    for offer in sorted(set(offers), reverse=True):  # a dominating offer sorts first
+        if not any(o[0] >= offer[0] and o[1] >= offer[1] and o[2] >= offer[2] for o in out):
+            out.append(offer)
+    if len(out) > MAX_OFFERS:
+        out = [(max(o[0] for o in out), max(o[1] for o in out), max(o[2] for o in out))]
+    return out
+
+
+def _offer(c: Candidate) -> _Offer:
+    return c.hardware_tier, c.ram_mb, c.vram_mb
 
 
 def _load(c: Candidate, slots: int) -> float:
@@ -185,28 +207,43 @@ class Roster:
         self.capacity = sum(max(c.capacity, 0) for c in self.candidates)
         # What any candidate serves at all: queued tasks outside it are not even read.
         self.classes = frozenset(w for c in self.candidates for w in c.workload_classes)
-        self.max_tier = max((c.hardware_tier for c in self.candidates), default=-1)
         self.regions = frozenset(c.region for c in self.candidates)
         self._idle_heaps: dict[_Group, list[_Entry]] = {}
-        # Per class, the nodes that serve it, highest tier first (free_tiers walks them).
-        self._by_tier = {
-            w: sorted(
-                (c for c in self.candidates if w in c.workload_classes and c.capacity > 0),
-                key=lambda c: -c.hardware_tier,
-            )
-            for w in self.classes
-        }
+        # Per class and offer, the nodes that serve the class with that offer.
+        self._by_offer: dict[str, dict[_Offer, list[Candidate]]] = {}
+        for c in self.candidates:
+            if c.capacity > 0:
+                for w in c.workload_classes:
+                    self._by_offer.setdefault(w, {}).setdefault(_offer(c), []).append(c)
+        # What some candidate offers per class: queued tasks beyond it are not even read.
+        self.offers = {w: _frontier(groups) for w, groups in self._by_offer.items()}
+        # Slot sizes on offer, ascending: a task's need is rounded up to one (same nodes).
+        self._ram = sorted({c.ram_mb for c in self.candidates})
+        self._vram = sorted({c.vram_mb for c in self.candidates})
 
-    def free_tiers(self, used: Mapping[str, int]) -> dict[str, int]:
-        """Per class, the highest tier among the nodes serving it that have a free slot
-        (classes with none are left out): what a queued task may ask for and be placed."""
-        out: dict[str, int] = {}
-        for workload_class, nodes in self._by_tier.items():
-            for c in nodes:
-                if used.get(c.node_id, 0) < c.capacity:
-                    out[workload_class] = c.hardware_tier
-                    break
+    def free_offers(self, used: Mapping[str, int]) -> dict[str, list[_Offer]]:
+        """Per class, :attr:`offers` among the nodes with a free slot (classes with none
+        are left out): what a queued task may ask for and be placed now."""
+        out: dict[str, list[_Offer]] = {}
+        for workload_class, groups in self._by_offer.items():
+            free = [
+                offer
+                for offer, nodes in groups.items()
+                if any(used.get(c.node_id, 0) < c.capacity for c in nodes)
+            ]
+            if free:
+                out[workload_class] = _frontier(free)
         return out
+
+    def normal(self, need: _Need) -> _Need | None:
+        """*need* with its RAM and VRAM rounded up to a slot size some candidate has: the
+        same nodes hold it, and tasks of many sizes share a few groups. None when no
+        candidate's slot is that large."""
+        workload_class, min_tier, ram_mb, vram_mb = need
+        i, j = bisect.bisect_left(self._ram, ram_mb), bisect.bisect_left(self._vram, vram_mb)
+        if i == len(self._ram) or j == len(self._vram):
+            return None
+        return workload_class, min_tier, self._ram[i], self._vram[j]
 
     def idle_heap(self, group: _Group) -> list[_Entry]:
         """A fresh copy of the group's heap with every node idle."""
@@ -220,7 +257,8 @@ class Roster:
                 if c.capacity > 0 and _eligible(c, need)
             ]  # fmt: skip
             heapq.heapify(heap)
-            self._idle_heaps[group] = heap
+            if len(self._idle_heaps) < MAX_GROUPS:
+                self._idle_heaps[group] = heap
         return list(heap)
 
     def any_free(self, used: Mapping[str, int]) -> bool:
@@ -246,19 +284,22 @@ class Picker:
     (few) nodes that tried it is chosen, as pick_node does.
     """
 
-    def __init__(self, roster: Roster, used: Mapping[str, int]) -> None:
+    def __init__(
+        self, roster: Roster, used: Mapping[str, int], *, max_groups: int = MAX_GROUPS
+    ) -> None:
         self._roster = roster
         self._cands = roster.by_id
         self._used = dict(used)  # node_id -> tasks leased to it; pick() adds one
         self._heaps: dict[_Group, list[_Entry]] = {}
+        self._max_groups = max_groups
 
     def any_free(self) -> bool:
         """Whether some candidate still has a free slot, this round's picks included."""
         return self._roster.any_free(self._used)
 
-    def free_tiers(self) -> dict[str, int]:
-        """Roster.free_tiers, this round's picks included."""
-        return self._roster.free_tiers(self._used)
+    def free_offers(self) -> dict[str, list[_Offer]]:
+        """Roster.free_offers, this round's picks included."""
+        return self._roster.free_offers(self._used)
 
     def slots(self, node_id: str) -> int:
         """Free slots of a candidate now (capacity minus leases, this round's included)."""
@@ -275,9 +316,13 @@ class Picker:
         ram_mb: int = 0,
         vram_mb: int = 0,
     ) -> str | None:
-        """The node pick_node would choose; its free slots go down by one."""
+        """The node pick_node would choose; its free slots go down by one. None also for a
+        task of a new group once this round keeps ``max_groups`` heaps: it waits for a
+        later round."""
         tried_set, excluded_set = set(tried), set(excluded)
-        need = (workload_class, min_tier, ram_mb, vram_mb)
+        need = self._roster.normal((workload_class, min_tier, ram_mb, vram_mb))
+        if need is None:
+            return None  # no slot of any candidate is that large
         if region not in self._roster.regions:
             # No candidate is there: every node misses it alike, which orders them as no
             # preference does. One group for all such regions, not one cached heap of every
@@ -286,6 +331,8 @@ class Picker:
         group = (need, region)
         heap = self._heaps.get(group)
         if heap is None:
+            if len(self._heaps) >= self._max_groups:
+                return None
             heap = self._heaps[group] = self._start_heap(group)
         aside: list[_Entry] = []
         choice: str | None = None
@@ -507,12 +554,13 @@ def assign_tx(
 ) -> list[Assignment]:
     """Lease queued tasks to eligible nodes, oldest first; returns what to dispatch.
 
-    Only tasks of a class some candidate serves, at a tier some candidate reaches, are
-    read, a page of BATCH at a time. A round goes on to the next page while it has placed
-    fewer than BATCH tasks and slots are still free, up to MAX_PAGES: so tasks that no node
-    can take now (every eligible node excluded by the retry rules, say) cannot keep the
-    tasks queued behind them waiting, nor hold a round to the few placeable tasks among
-    them, while a round still places at most about a page.
+    Only tasks that some candidate can take (its class, tier and slot sizes: the
+    candidates' :attr:`Roster.offers`) are read, a page of BATCH at a time. A round goes
+    on to the next page while it has placed fewer than BATCH tasks and slots are still
+    free, up to MAX_PAGES: so tasks that no node can take now (every eligible node
+    excluded by the retry rules, say) cannot keep the tasks queued behind them waiting,
+    nor hold a round to the few placeable tasks among them, while a round still places
+    at most about a page.
     """
     roster = candidates if isinstance(candidates, Roster) else Roster(candidates)
     counts = leased_counts(session)
@@ -522,19 +570,19 @@ def assign_tx(
     placed: list[tuple[m.Task, m.Job, str, str]] = []
     after: tuple[float, str] | None = None
     budget = ROUND_BYTES
-    # The first page asks only what some candidate serves at some tier; the next ones,
-    # only what a node with a free slot now can take: so a long queue of tasks that only
-    # busy nodes serve cannot hide the tasks behind it from idle nodes.
-    tiers: dict[str, int] | None = None
+    # The first page asks only what some candidate offers (class, tier, slot sizes); the
+    # next ones, only what a node with a free slot now can take: so a long queue of tasks
+    # that only busy nodes serve cannot hide the tasks behind it from idle nodes.
+    offers = roster.offers
     for _ in range(MAX_PAGES):
-        page = _queued_page(session, roster, after, tiers)
+        page = _queued_page(session, offers, after)
         more, size = _place(session, picker, page, budget)
         placed += more
         budget -= size
         if len(page) < BATCH or len(placed) >= BATCH or budget <= 0:
             break
-        tiers = picker.free_tiers()
-        if not tiers:  # no slot free any more
+        offers = picker.free_offers()
+        if not offers:  # no slot free any more
             break
         after = (page[-1][5], page[-1][0])
     if not placed:
@@ -570,24 +618,22 @@ _QueuedRow = tuple[str, str, str, int, str | None, float, int, int, int]
 
 
 def _queued_page(
-    session: Session,
-    roster: Roster,
-    after: tuple[float, str] | None,
-    tiers: Mapping[str, int] | None = None,
+    session: Session, offers: Mapping[str, Sequence[_Offer]], after: tuple[float, str] | None
 ) -> list[_QueuedRow]:
-    """The next BATCH queued tasks (oldest first) that some candidate could serve, or with
-    *tiers* (class -> highest tier on offer), only those tasks, with their payload sizes."""
-    if tiers is None:
-        servable = and_(
-            m.Job.workload_class.in_(sorted(roster.classes)), m.Job.min_tier <= roster.max_tier
-        )
-    else:
-        servable = or_(
-            *(
-                and_(m.Job.workload_class == w, m.Job.min_tier <= tier)
-                for w, tier in sorted(tiers.items())
+    """The next BATCH queued tasks (oldest first) that one of *offers* (class -> what
+    nodes offer: tier, slot RAM, slot VRAM) can take, with their payload sizes."""
+    servable = or_(
+        *(
+            and_(
+                m.Job.workload_class == w,
+                m.Job.min_tier <= tier,
+                m.Job.ram_mb <= ram_mb,
+                m.Job.vram_mb <= vram_mb,
             )
+            for w, points in sorted(offers.items())
+            for tier, ram_mb, vram_mb in points
         )
+    )
     query = (
         select(
             m.Task.task_id, m.Job.job_id, m.Job.workload_class, m.Job.min_tier, m.Job.region,

@@ -168,12 +168,13 @@ def slot_memory_mb(
     cpu: Mapping[str, Any], gpu: Sequence[Mapping[str, Any]], slots: int
 ) -> tuple[int, int]:
     """(RAM, VRAM) in MB that a task may count on in any one of *slots* slots: an equal
-    share of ``ram_gb`` (rounded down, as the node's own per-slot budget is at least), and
-    the smallest card's ``vram_gb`` less 512 MB (it was rounded to the nearest GiB), 0
-    without a GPU. A coordinator matches a job's declared resources against these; the
-    node, which knows its exact figures, has the last word (a signed Reject)."""
+    share of seven eighths of ``ram_gb`` (the rest is the system's: the node refuses a
+    task that declares more than the memory available when it arrives), and the smallest
+    card's ``vram_gb`` less 512 MB (it was rounded to the nearest GiB), 0 without a GPU.
+    A coordinator matches a job's declared resources against these; the node, which knows
+    its exact figures, has the last word (a signed Reject)."""
     hw = _parse(cpu, gpu)
-    ram_mb = hw.ram_gb * 1024 // max(1, slots)
+    ram_mb = hw.ram_gb * 1024 * 7 // 8 // max(1, slots)
     vram_mb = max(0, min(hw.cards) * 1024 - 512) if hw.cards else 0
     return ram_mb, vram_mb
 
