@@ -151,6 +151,8 @@ def demo_jobs(count: int) -> list[tuple[bytes, np.ndarray]]:
     return out
 
 
+RENDER_RAM_MB = 256  # what the demo render declares each slice needs (Blender, tiny scene)
+
 DEMO_MLP = [
     {"type": "Linear", "in": 64, "out": 32},
     {"type": "ReLU"},
@@ -290,9 +292,13 @@ def _submit_demo_jobs(client: Any, jobs: int, out: Print) -> list[tuple[str, str
         out(f"job {job['job_id']}: submitted (digits classifier, {len(labels)} images)")
     if "media.render" in usable:
         render_payload = demo_render(client)
-        job = client.submit_job("media.render", render_payload, slices=2)
+        # Declared, as a requester would: each slice goes only where a slot has the RAM.
+        job = client.submit_job("media.render", render_payload, slices=2, ram_mb=RENDER_RAM_MB)
         submitted.append(("media.render", job["job_id"], render_payload))
-        out(f"job {job['job_id']}: submitted (Blender render, 6 frames in 2 slices)")
+        out(
+            f"job {job['job_id']}: submitted (Blender render, 6 frames in 2 slices, "
+            f"{RENDER_RAM_MB} MB of RAM each)"
+        )
     else:
         out("media.render skipped: no usable Blender on this machine")
     if "ai.training" in usable:
