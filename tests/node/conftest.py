@@ -6,8 +6,9 @@ import contextlib
 import http.server
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 
+import httpx
 import pytest
 
 
@@ -39,3 +40,23 @@ def drip() -> Iterator[str]:
         yield f"http://127.0.0.1:{server.server_address[1]}"
     finally:
         server.shutdown()
+
+
+def as_sent(
+    handler: Callable[[httpx.Request], httpx.Response],
+) -> Callable[[httpx.Request], httpx.Response]:
+    """*handler* for an ``httpx.MockTransport``, its answers' bodies streamed as a network
+    answer's are: httpx reads a Response made from bytes at once, and a client that
+    streams the answer (as the daemon does, to bound it) could not read it again."""
+
+    async def chunks(raw: bytes) -> AsyncIterator[bytes]:
+        yield raw
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        made = handler(request)
+        if not isinstance(made.stream, httpx.ByteStream):
+            return made  # streamed already
+        raw = b"".join(made.stream)  # as it would be sent, before any content decoding
+        return httpx.Response(made.status_code, headers=made.headers, content=chunks(raw))
+
+    return answer

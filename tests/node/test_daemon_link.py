@@ -17,7 +17,7 @@ import os
 import sqlite3
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -38,6 +38,7 @@ from nodeclient.protocol import messages
 from nodeclient.protocol.secp import Secp256k1Key
 from nodeclient.protocol.states import NodeState
 from tests.e2e.harness import free_port
+from tests.node.conftest import as_sent
 from tests.node.test_daemon_outbox import Answers, Capture, dispatch, recover, signed_manifest
 
 # --- helpers ---------------------------------------------------------------------------------
@@ -142,7 +143,7 @@ def answer_registration(
 ) -> None:
     """Every ``httpx.AsyncClient`` the daemon makes talks to *handler* instead."""
     real_client = httpx.AsyncClient
-    transport = httpx.MockTransport(handler)
+    transport = httpx.MockTransport(as_sent(handler))
     monkeypatch.setattr(httpx, "AsyncClient", lambda **kw: real_client(transport=transport, **kw))
 
 
@@ -210,6 +211,44 @@ def linked_daemon(
 
 
 # --- registration: an answer that is not the coordinator's is retried ----------------------------
+
+
+def test_a_registration_answer_is_read_as_sent_and_bounded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The answer is asked for and read without content coding, and at most 1 MiB of it:
+    a compressed answer is not inflated (a small one could expand to gigabytes) and an
+    endless one is not read to its end; both are retried like any failed registration."""
+    import gzip
+
+    asked: list[str | None] = []
+    bomb = gzip.compress(gzip.compress(b"[" * (64 << 20)))
+
+    async def endless_chunks() -> AsyncIterator[bytes]:
+        for _ in range(10_000):  # 640 MiB, if it were all read
+            yield b" " * 65536
+
+    def compressed(request: httpx.Request) -> httpx.Response:
+        asked.append(request.headers.get("accept-encoding"))
+        headers = {"content-type": "application/json", "content-encoding": "gzip, gzip"}
+        return httpx.Response(201, content=bomb, headers=headers)
+
+    def endless(_request: httpx.Request) -> httpx.Response:
+        headers = {"content-type": "application/json"}
+        return httpx.Response(201, content=endless_chunks(), headers=headers)
+
+    answers = [compressed, endless]
+    answer_registration(monkeypatch, lambda request: answers[0](request))  # noqa: PLW0108 (the list changes)
+    daemon = make_daemon(tmp_path)
+    try:
+        with pytest.raises(httpx.HTTPError, match="not a JSON object"):
+            asyncio.run(daemon.register())
+        assert asked == ["identity"]
+        answers.pop(0)
+        with pytest.raises(httpx.HTTPError, match="answer is over 1048576 bytes"):
+            asyncio.run(daemon.register())
+    finally:
+        daemon.outbox.close()
 
 
 @pytest.mark.parametrize(

@@ -32,6 +32,7 @@ from nodeclient.protocol.secp import Secp256k1Key
 from nodeclient.protocol.states import NodeState
 from nodeclient.workloads.inference import make_request
 from tests.models import identity_model
+from tests.node.conftest import as_sent
 
 WALLET = 'wallet_address = "0x1111111111111111111111111111111111111111"\n'
 
@@ -293,7 +294,9 @@ def test_only_a_definite_no_to_registration_is_final(
     from nodeclient.node.daemon import RegistrationRefused
 
     real_client = httpx.AsyncClient
-    transport = httpx.MockTransport(lambda _request: httpx.Response(status, json={"error": "no"}))
+    transport = httpx.MockTransport(
+        as_sent(lambda _request: httpx.Response(status, json={"error": "no"}))
+    )
     monkeypatch.setattr(httpx, "AsyncClient", lambda **kw: real_client(transport=transport, **kw))
     daemon, _, _ = make_daemon(tmp_path)
     try:
@@ -324,7 +327,7 @@ def test_a_4xx_without_the_coordinators_refusal_is_retried(
     from nodeclient.node.daemon import RegistrationRefused
 
     real_client = httpx.AsyncClient
-    transport = httpx.MockTransport(lambda _request: answer)
+    transport = httpx.MockTransport(as_sent(lambda _request: answer))
     monkeypatch.setattr(httpx, "AsyncClient", lambda **kw: real_client(transport=transport, **kw))
     daemon, _, _ = make_daemon(tmp_path)
     try:

@@ -71,6 +71,20 @@ _UNANSWERED_HEARTBEATS: Final = 64  # send times kept for the round trip of thei
 # again after this pause; replaced again within the window, it stops (LinkReplaced).
 REPLACED_PAUSE_S: Final = 60.0
 REPLACED_WINDOW_S: Final = 900.0
+MAX_ANSWER_BYTES: Final = 1 << 20  # a registration answer is a few hundred bytes
+
+
+async def _capped_body(resp: httpx.Response, limit: int) -> bytes:
+    """An answer's body as sent, refused (httpx.HTTPError, retried) once over *limit*."""
+    body = bytearray()
+    async for chunk in resp.aiter_raw():
+        body += chunk
+        if len(body) > limit:
+            raise httpx.HTTPError(
+                f"registration failed ({resp.status_code}): the answer is over {limit} "
+                "bytes, which no coordinator sends: check --coordinator"
+            )
+    return bytes(body)
 
 
 @dataclass(frozen=True, slots=True)
@@ -330,10 +344,21 @@ class NodeDaemon:
             chain_id=self.chain_id,
         )
         async with httpx.AsyncClient(timeout=30.0) as client:
-            resp = await client.post(f"{self.url}/v1/nodes", json=self.manifest)
+            request = client.build_request(
+                "POST",
+                f"{self.url}/v1/nodes",
+                json=self.manifest,
+                headers={"Accept-Encoding": "identity"},  # read as sent, never inflated
+            )
+            resp = await client.send(request, stream=True)
+            try:
+                content = await _capped_body(resp, MAX_ANSWER_BYTES)
+            finally:
+                await resp.aclose()
+        text = content.decode("utf-8", "replace")
         try:
-            body = resp.json() if resp.content else {}
-        except ValueError:  # json.JSONDecodeError, UnicodeDecodeError
+            body = json.loads(content) if content else {}
+        except (ValueError, RecursionError):  # not JSON, not UTF-8, nested without end
             body = None
         if not isinstance(body, dict):
             # Not the coordinator's answer (a reverse proxy's HTML error page, a redirect):
@@ -341,7 +366,7 @@ class NodeDaemon:
             kind = resp.headers.get("content-type", "no content type")
             raise httpx.HTTPError(
                 f"registration failed ({resp.status_code}): the answer is not a JSON object "
-                f"({kind}): {resp.text[:200]!r}"
+                f"({kind}): {text[:200]!r}"
             )
         if resp.status_code in (200, 201):
             coordinator = body.get("coordinator_id")
@@ -356,7 +381,7 @@ class NodeDaemon:
             )
             return body
         error = body.get("error")
-        reason = error if isinstance(error, str) and error else resp.text[:300] or "no reason"
+        reason = error if isinstance(error, str) and error else text[:300] or "no reason"
         # Final (exit 78, no restart) only for the coordinator's own refusal: a 4xx with its
         # {"error": ...}. 408 and 429 (a proxy's timeout or rate limit) pass, and so does a
         # 4xx without the coordinator's error (an empty 404 or 403 from a proxy in front of
