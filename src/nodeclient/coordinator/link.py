@@ -37,6 +37,7 @@ import math
 import secrets
 import socket
 import struct
+import uuid
 from collections.abc import Mapping
 from typing import Any
 
@@ -395,8 +396,17 @@ class LinkSession:
         try:
             claim = verifier.check_result_frame(frame, node_id=self.node_id, chain_id=cfg.chain_id)
         except SignatureError as exc:
+            # Answered as a rejection of its task: no valid signature ever comes for a
+            # result this node signed wrongly (it signs once), so the node settles it in
+            # its outbox rather than sending it again after every reconnect.
             coord.metrics.verification_failed("signature")
-            await self._error("bad_signature", f"result: {exc}")
+            task_id = uuid.UUID(bytes=frame.message["task_id"])
+            reason = f"bad signature: {exc}"[: messages.MAX_REASON]
+            log.warning(
+                "result.rejected",
+                extra={"node_id": self.node_id, "task_id": str(task_id), "reason": reason},
+            )
+            await self.send(messages.ResultAck(task_id, "rejected", reason).to_wire())
             return
         fields = {"node_id": self.node_id, "task_id": str(claim.task_id)}
         coord.progress.forget(self.node_id, str(claim.task_id))  # its task is over
