@@ -194,8 +194,13 @@ def test_a_hoisted_scene_is_referenced_by_its_job(running: Running) -> None:
 
 
 def test_the_coordinator_sweeps_by_itself(start_coordinator) -> None:
+    """The background sweep keeps an unused blob while it is within its retention and
+    removes it, unasked, once it is past."""
     running = start_coordinator(blob_retention=HOUR, blob_sweep_interval=0.05)
     sha = running.client.upload_blob(b"nobody needs this")["sha256"]
+    assert (running.config.blob_dir / sha).exists()
+    time.sleep(0.5)  # ten sweeps while it is within its retention
+    assert (running.config.blob_dir / sha).exists()
     running.clock.advance(2 * HOUR)
     end = time.monotonic() + 10
     while (running.config.blob_dir / sha).exists():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import signal
@@ -142,6 +143,7 @@ def test_unreachable_coordinator_is_one_line(capsys) -> None:
     assert main(["jobs", "--coordinator", "http://127.0.0.1:9"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("nodeclient-coordinator: cannot reach the coordinator")
+    assert err.count("\n") == 1
 
 
 def test_blob_upload_and_fetch(coordinator: Running) -> None:
@@ -219,7 +221,11 @@ def test_json_output(coordinator: Running, capsys, command: str) -> None:
     if command == "job":
         args.insert(1, job["job_id"])
     assert main(args) == 0
-    assert job["job_id"] in capsys.readouterr().out
+    shown = json.loads(capsys.readouterr().out)
+    expected = (
+        coordinator.client.jobs() if command == "jobs" else coordinator.client.job(job["job_id"])
+    )
+    assert shown == expected
 
 
 def test_a_chain_id_past_a_signed_64_bit_integer_is_refused() -> None:

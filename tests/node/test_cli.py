@@ -97,6 +97,9 @@ def test_bad_input_one_line_no_traceback_no_change(
     assert out.returncode != 0
     assert "Traceback" not in out.stderr
     assert needle in out.stderr
+    # One line (argparse puts its usage, perhaps wrapped, above its own).
+    said = [line for line in out.stderr.splitlines() if not line.startswith(("usage:", " "))]
+    assert len(said) == 1 and needle in said[0], out.stderr
     assert snapshot(home) == before
 
 

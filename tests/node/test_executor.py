@@ -375,8 +375,11 @@ def test_a_read_only_tree_left_by_a_task_does_not_end_its_slot(node: Node) -> No
     """A task leaves a directory of mode 0555 with a file in it and one of mode 0000: the
     worker cannot empty its directory, so it is replaced, and the fresh worker's
     directory is emptied all the same (as root, or as the operator's own user)."""
+    starts = len(node.executor.start_seconds)
     assert json.loads(node.hostile({"do": "readonly_tree"})) == "left a read-only tree"
     node.inference_still_works()
+    assert len(node.executor.start_seconds) == starts + 1  # replaced, once
+    assert json.loads(node.hostile({"do": "listdir", "path": "."})) == []
     node.inference_still_works()
 
 

@@ -280,7 +280,7 @@ def test_node_home_is_invisible(node: Node) -> None:
 def test_key_files_cannot_be_read(node: Node) -> None:
     """Reading the node's key file by its real path fails: it is not there."""
     reason = _fails(node, {"do": "read", "path": str(node.home / "node.key")})
-    assert "No such file or directory" in reason or "Permission denied" in reason
+    assert "No such file or directory" in reason  # not there at all: not merely unreadable
     node.inference_still_works()
 
 

@@ -134,12 +134,10 @@ def test_fp16_pseudo_gradient_when_asked(job: tr.JobRequest, runtime: TorchTrain
     half = tr.JobRequest(job.model, tr.TrainingConfig(inner_steps=20, seed=5, grad_dtype="F16",
                                                       inner=job.config.inner), job.x, job.y)  # fmt: skip
     shapes = job.model.parameter_shapes()
-    pg16 = tr.PseudoGradient.decode(
-        runtime.run(half.round_zero(2)[0]), shapes=shapes, grad_dtype="F16"
-    )
-    pg32 = tr.PseudoGradient.decode(
-        runtime.run(job.round_zero(2)[0]), shapes=shapes, grad_dtype="F32"
-    )
+    raw16, raw32 = runtime.run(half.round_zero(2)[0]), runtime.run(job.round_zero(2)[0])
+    assert len(raw16) < 0.6 * len(raw32)  # the deltas, which are most of it, halve
+    pg16 = tr.PseudoGradient.decode(raw16, shapes=shapes, grad_dtype="F16")
+    pg32 = tr.PseudoGradient.decode(raw32, shapes=shapes, grad_dtype="F32")
     assert pg16.deltas["0.weight"].dtype == np.float16
     np.testing.assert_array_equal(
         pg16.deltas["0.weight"], pg32.deltas["0.weight"].astype(np.float16)

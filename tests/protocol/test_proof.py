@@ -54,12 +54,19 @@ def test_stream_equals_in_memory_for_multi_mib() -> None:
 
 
 def test_incremental_updates_are_order_sensitive() -> None:
-    """Feeding chunks in order equals the whole; a different split of the same bytes too."""
-    h = ProofHasher(task_id=TASK, node_id=NODE)
-    for part in (b"ab", b"", b"cde"):
-        h.update(part)
-    assert h.finish() == reference(TASK, b"abcde", NODE)
-    assert h.size == 5
+    """Feeding chunks in order equals the whole; a different split of the same bytes too;
+    the same chunks in another order do not."""
+
+    def fed(*parts: bytes) -> bytes:
+        h = ProofHasher(task_id=TASK, node_id=NODE)
+        for part in parts:
+            h.update(part)
+        assert h.size == sum(map(len, parts))
+        return h.finish()
+
+    assert fed(b"ab", b"", b"cde") == reference(TASK, b"abcde", NODE)
+    assert fed(b"a", b"bcd", b"e") == fed(b"abcde") == reference(TASK, b"abcde", NODE)
+    assert fed(b"cde", b"ab") == reference(TASK, b"cdeab", NODE) != fed(b"ab", b"cde")
 
 
 def test_binds_task_and_node() -> None:
