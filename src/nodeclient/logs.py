@@ -17,6 +17,8 @@ import time
 from collections.abc import Iterator
 from typing import Any, Final
 
+from nodeclient.text import printable
+
 _CONTEXT: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar("log_context", default={})  # noqa: B039
 _STANDARD: Final = frozenset(
     logging.LogRecord("", 0, "", 0, "", (), None).__dict__.keys() | {"message", "asctime"}
@@ -63,8 +65,12 @@ class JsonFormatter(logging.Formatter):
 class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         when = time.strftime("%H:%M:%S", time.localtime(record.created))
-        extras = " ".join(f"{k}={v}" for k, v in _fields(record).items() if k != "event")
-        line = f"{when} {record.levelname.lower():7} {record.getMessage()} {extras}".rstrip()
+        # One event, one line, whatever a field holds (a coordinator's error text).
+        extras = " ".join(
+            f"{k}={printable(str(v))}" for k, v in _fields(record).items() if k != "event"
+        )
+        message = printable(record.getMessage())
+        line = f"{when} {record.levelname.lower():7} {message} {extras}".rstrip()
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
         return line

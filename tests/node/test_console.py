@@ -145,7 +145,7 @@ def test_transitions_newest_first() -> None:
     ]
     out = text(con.render(status(state="IDLE", transitions=trans), NO_GPU, now=NOW))
     assert out.index("EXECUTING → IDLE") < out.index("READY → EXECUTING")
-    assert datetime.fromtimestamp(NOW - 10).strftime("%H:%M:%S") in out
+    assert datetime.fromtimestamp(NOW - 10, UTC).strftime("%H:%M:%S") in out
 
 
 def test_unstake_countdown_only_when_unstaking() -> None:

@@ -36,6 +36,7 @@ from nodeclient.coordinator.config import (
 )
 from nodeclient.errors import NodeClientError, UsageError
 from nodeclient.protocol.eip712 import DEVNET_CHAIN_ID
+from nodeclient.text import printable, printable_tree, reader_gone
 
 DEFAULT_COORDINATOR = "http://127.0.0.1:8000"
 POLL_S = 0.5
@@ -178,6 +179,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _print_job(job: dict[str, Any]) -> None:
+    job = printable_tree(job)  # reasons came from nodes: never a terminal's commands
     reason = f" ({job['reason']})" if job.get("reason") else ""
     print(f"{job['job_id']}  {job['workload_class']}  {job['status']}{reason}")
     if job.get("resources"):
@@ -237,7 +239,7 @@ def _requester(args: argparse.Namespace) -> int:  # noqa: PLR0911 (one return a 
             listing = client.jobs()
             if args.json:
                 print(json.dumps(listing, indent=2))
-            for j in [] if args.json else listing:
+            for j in [] if args.json else printable_tree(listing):
                 print(f"{j['job_id']}  {j['workload_class']}  {j['status']}")
             return 0
         if args.command == "job":
@@ -306,10 +308,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _serve(args)
         return _requester(args)
     except NodeClientError as exc:
-        print(f"nodeclient-coordinator: {exc}", file=sys.stderr)
+        print(f"nodeclient-coordinator: {printable(str(exc))}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # the reader of our output stopped early (| head)
+        return reader_gone()
 
 
 if __name__ == "__main__":

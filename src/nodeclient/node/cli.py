@@ -32,6 +32,7 @@ from nodeclient.node.config import (
 )
 from nodeclient.protocol.manifest import REGIONS
 from nodeclient.protocol.secp import Secp256k1Key
+from nodeclient.text import printable, printable_tree, reader_gone
 
 if TYPE_CHECKING:
     import httpx
@@ -413,11 +414,12 @@ def _outbox_problem(path: Path, reason: str, *, full: bool) -> str:
 def _ago(seconds: float | None) -> str:
     if seconds is None:
         return "never"
+    seconds = max(0.0, seconds)  # the wall clock stepped back since
     return f"{seconds:.0f}s ago" if seconds < 120 else f"{seconds / 60:.0f}m ago"
 
 
 def _duration(seconds: float) -> str:
-    s = int(seconds)
+    s = max(0, int(seconds))  # the wall clock stepped back since
     d, s = divmod(s, 86400)
     h, s = divmod(s, 3600)
     m, s = divmod(s, 60)
@@ -434,6 +436,11 @@ def cmd_status(args: argparse.Namespace) -> int:
 
         if args.json:
             raise UsageError("--watch and --json do not combine: --json prints one snapshot")
+        if not sys.stdout.isatty():
+            raise UsageError(
+                "--watch draws on a terminal, and standard output is not one: use "
+                "`nodeclient status` or `nodeclient status --json` in scripts and pipes"
+            )
         sock = home / control.SOCKET_NAME
         return console.watch(
             lambda: control.request(sock, {"cmd": "status"}, timeout=2.0),
@@ -443,37 +450,51 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(st, indent=2))
         return 0
+    st = printable_tree(st)  # text from the network must not reach the terminal as commands
     if "state" not in st:  # an error answer, e.g. from a daemon of another version
         raise NodeClientError(
             f"the daemon answered: {st.get('error', 'no state')}; "
             "check that it runs the same nodeclient version as this command"
         )
+    try:
+        lines = _status_lines(st)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise NodeClientError(
+            f"the daemon's answer lacks or mangles a field ({type(exc).__name__}: {exc}); "
+            "check that it runs the same nodeclient version as this command"
+        ) from None
+    print("\n".join(lines))
+    return 0
+
+
+def _status_lines(st: dict[str, Any]) -> list[str]:
+    out: list[str] = []
     link = st["link"]
     now = st["time"]
-    print(f"state        {st['state']} for {_duration(now - st['state_since'])}")
+    out.append(f"state        {st['state']} for {_duration(now - st['state_since'])}")
     rtt = f", rtt {link['rtt_ms']} ms" if link.get("rtt_ms") is not None else ""
     last = link.get("last_heartbeat_ack")
-    print(
+    out.append(
         f"link         {link['status']} to {link['coordinator']}{rtt}, "
         f"last heartbeat ack {_ago(None if last is None else now - last)}"
     )
-    print(f"node_id      {st['node_id']}")
-    print(f"sandbox      {st.get('sandbox', 'unknown')}")
-    print(f"tasks        {len(st['running'])} running of {st['slots']} slots")
+    out.append(f"node_id      {st['node_id']}")
+    out.append(f"sandbox      {st.get('sandbox', 'unknown')}")
+    out.append(f"tasks        {len(st['running'])} running of {st['slots']} slots")
     for t in st["running"]:
         p = t.get("progress")
         done = f"  {p['done']:g}/{p['total']:g} {p['note']}" if p else ""
-        print(f"  {t['task_id']}  {t['workload_class']}  {t['seconds']}s{done}")
-    print(
+        out.append(f"  {t['task_id']}  {t['workload_class']}  {t['seconds']}s{done}")
+    out.append(
         f"totals       {st['completed']} completed, {st['failed']} failed, "
         f"{st['rejected']} rejected, {st['outbox_backlog']} awaiting acknowledgement"
     )
-    print(f"uptime       {_duration(st['uptime_s'])}")
+    out.append(f"uptime       {_duration(st['uptime_s'])}")
     if st.get("unstaking_until") is not None:
-        print(f"unstaking    cooldown ends in {_duration(st['unstake_remaining_s'])}")
+        out.append(f"unstaking    cooldown ends in {_duration(st['unstake_remaining_s'])}")
     if link.get("last_error") and link["status"] != "up":
-        print(f"last error   {link['last_error']}")
-    return 0
+        out.append(f"last error   {link['last_error']}")
+    return out
 
 
 def cmd_unstake(args: argparse.Namespace) -> int:
@@ -510,7 +531,7 @@ def _unstake_answer(resp: httpx.Response, url: str) -> str:
     status = resp.status_code
     try:
         body = resp.json() if resp.content else {}
-    except ValueError:  # JSONDecodeError, or bytes that are not text
+    except (ValueError, RecursionError):  # not JSON, not text, or nested without end
         body = None
     if not isinstance(body, dict):
         kind = resp.headers.get("content-type", "no content type").split(";")[0]
@@ -542,11 +563,14 @@ def cmd_devnet(args: argparse.Namespace) -> int:
 
     if not 1 <= args.nodes <= 16:
         raise UsageError("--nodes must be between 1 and 16")
+    if not 1 <= args.jobs <= 64:  # checked before anything starts
+        raise UsageError("--jobs must be between 1 and 64")
+    heartbeat = check_heartbeat_interval(args.heartbeat_interval, name="--heartbeat-interval")
     return run_devnet(
         nodes=args.nodes,
         serve=args.serve,
         jobs=args.jobs,
-        heartbeat=args.heartbeat_interval,
+        heartbeat=heartbeat,
         keep=args.keep,
         out=lambda line: print(line, flush=True),
     )
@@ -557,13 +581,21 @@ def cmd_history(args: argparse.Namespace) -> int:
 
     home = _home(args)
     since = console.parse_since(args.since, now=time.time()) if args.since else None
-    rows = console.read_history(home, since=since)
+    damaged: list[str] = []
+    rows = console.read_history(home, since=since, damaged=damaged)
     if args.json:
         print(json.dumps(rows, indent=2))
     elif not rows:
         print("no tasks recorded" + (f" since {args.since}" if args.since else ""))
     else:
         print("\n".join(console.history_lines(rows)))
+    if damaged:  # shown, but the history is incomplete: say so, and exit 1
+        print(
+            f"nodeclient: warning: {len(damaged)} damaged row(s) in outbox.db left out, "
+            f"first {printable(damaged[0])}; copy outbox.db aside before anything else",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 
@@ -730,11 +762,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return handler(args)
     except NodeClientError as exc:
-        print(f"nodeclient: error: {exc}", file=sys.stderr)
+        print(f"nodeclient: error: {printable(str(exc))}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("nodeclient: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader of our output stopped early (| head)
+        return reader_gone()
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ from rich.text import Text
 from nodeclient.errors import UsageError
 from nodeclient.node.metrics import GpuSampler, GpuSnapshot
 from nodeclient.node.outbox import OutboxEntry
+from nodeclient.text import printable, printable_tree
 
 STATE_STYLE: Final = {
     "READY": "bold green",
@@ -92,7 +93,8 @@ def ago(seconds: float | None) -> str:
 
 
 def clock_time(ts: float) -> str:
-    return datetime.fromtimestamp(ts).strftime("%H:%M:%S")
+    """A time of day in UTC, as the console's title shows the time."""
+    return datetime.fromtimestamp(ts, UTC).strftime("%H:%M:%S")
 
 
 def _gib(n: int) -> str:
@@ -251,6 +253,7 @@ def render(
     interval: float = 1.0,
 ) -> RenderableType:
     """The whole console for one status snapshot (None: the daemon is not answering)."""
+    status, error = printable_tree(status), printable(error)  # never a terminal's commands
     footer = Text(f"q quit · updates every {interval:g} s", style="dim")
     stamp = datetime.fromtimestamp(now, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
     if status is None:
@@ -356,14 +359,19 @@ def watch(
                 if status is not None and "state" not in status:
                     error = f"the daemon answered: {status.get('error', 'no state')}"
                     status = None
-                picture = render(
-                    status,
-                    sample_system(gpu),
-                    now=clock(),
-                    error=error,
-                    height=console.height,
-                    interval=interval,
-                )
+                system = sample_system(gpu)
+                try:
+                    picture = render(
+                        status, system, now=clock(), error=error, height=console.height,
+                        interval=interval,
+                    )  # fmt: skip
+                except (KeyError, TypeError, ValueError, AttributeError) as exc:
+                    # A daemon of another version, or not ours: say so, and keep asking.
+                    bad = f"the daemon's answer could not be shown ({type(exc).__name__}: {exc})"
+                    picture = render(
+                        None, system, now=clock(), error=bad[:300], height=console.height,
+                        interval=interval,
+                    )  # fmt: skip
                 live.update(picture, refresh=True)
                 # The next frame starts *interval* after this one did: at least 1 Hz.
                 typed = key_source.read(max(0.05, interval - (time.monotonic() - frame_started)))
@@ -445,7 +453,7 @@ def history_lines(rows: Sequence[Mapping[str, Any]]) -> list[str]:
         f"{'PROOF':15}  ACKNOWLEDGED"
     )
     out = [head]
-    for r in rows:
+    for r in map(printable_tree, rows):  # a class name came from the coordinator
         proof = r["proof"] or "-"
         short = f"{proof[:8]}…{proof[-6:]}" if len(proof) > 15 else proof
         slice_ = "-" if r["slice_index"] is None else str(r["slice_index"])
@@ -457,14 +465,17 @@ def history_lines(rows: Sequence[Mapping[str, Any]]) -> list[str]:
     return out
 
 
-def read_history(home: Path, *, since: float | None = None) -> list[dict[str, Any]]:
-    """Every task the node recorded, from ``outbox.db`` opened read-only (no daemon needed)."""
+def read_history(
+    home: Path, *, since: float | None = None, damaged: list[str] | None = None
+) -> list[dict[str, Any]]:
+    """Every task the node recorded, from ``outbox.db`` opened read-only (no daemon needed);
+    rows that cannot be read are described in *damaged* instead."""
     import sqlite3
 
     from nodeclient.node import outbox
 
     try:
-        entries = outbox.read_history(home / "outbox.db", since=since)
+        entries = outbox.read_history(home / "outbox.db", since=since, damaged=damaged)
     except sqlite3.Error as exc:
         raise UsageError(f"cannot read {home / 'outbox.db'}: {exc}") from exc
     return history_rows(entries)

@@ -12,14 +12,16 @@ import json
 import logging
 import os
 import socket
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, Final
 
-from nodeclient.errors import NodeClientError
+from nodeclient.errors import NodeClientError, UsageError
 
 SOCKET_NAME: Final = "control.sock"
 MAX_REQUEST: Final = 4096
+MAX_ANSWER: Final = 1 << 20  # a status is a few KiB; a history of transitions, tens
 
 Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 
@@ -67,6 +69,16 @@ async def serve(path: Path, handler: Handler) -> asyncio.AbstractServer:
     old = os.umask(0o177)  # the socket is created 0600
     try:
         server = await asyncio.start_unix_server(on_client, path=str(path))
+    except OSError as exc:  # a path over the 107 bytes a socket name may have, a file there
+        raise UsageError(
+            f"cannot create the control socket {path}: {exc.strerror or exc}"
+            + (
+                f"; its path is {len(os.fsencode(path))} bytes, over the 107 a Unix socket "
+                "allows: use a shorter --home"
+                if len(os.fsencode(path)) > 107
+                else "; remove what is there if no daemon runs for this home"
+            )
+        ) from exc
     finally:
         os.umask(old)
     return server
@@ -99,6 +111,7 @@ def request(path: Path, payload: dict[str, Any], *, timeout: float = 5.0) -> dic
     one NodeClientError too, so that ``nodeclient status`` prints one line.
     """
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    deadline = time.monotonic() + timeout  # for the whole exchange, not each read
     sock.settimeout(timeout)
     try:
         try:
@@ -109,12 +122,21 @@ def request(path: Path, payload: dict[str, Any], *, timeout: float = 5.0) -> dic
                 "start it with `nodeclient run`"
             ) from None
         sock.sendall(json.dumps(payload).encode() + b"\n")
-        buf = b""
+        buf = bytearray()
         while not buf.endswith(b"\n"):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError
+            sock.settimeout(left)
             chunk = sock.recv(65536)
             if not chunk:
                 break
             buf += chunk
+            if len(buf) > MAX_ANSWER:
+                raise DaemonNotRunning(
+                    f"the daemon at {path} sent an answer over {MAX_ANSWER} bytes: not a "
+                    "nodeclient daemon, or a broken one"
+                )
     except TimeoutError:  # socket.timeout is TimeoutError since 3.10
         raise DaemonBusy(
             f"the daemon did not answer within {timeout:g} s; it may be busy — try again, "
@@ -129,7 +151,7 @@ def request(path: Path, payload: dict[str, Any], *, timeout: float = 5.0) -> dic
         sock.close()
     try:
         out = json.loads(buf)
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON, not UTF-8, nested without end
         raise DaemonNotRunning(f"the daemon at {path} sent an unreadable answer") from None
     if not isinstance(out, dict):
         raise DaemonNotRunning(f"the daemon at {path} sent an unreadable answer")

@@ -202,6 +202,7 @@ class NodeDaemon:
         self.timed_out = 0
         self.metrics = metrics if metrics is not None else NodeMetrics()
         self.started_at = clock.now()
+        self._started_mono = time.monotonic()  # uptime: immune to the wall clock's steps
         self._ws: ClientConnection | None = None
         self._stopping = asyncio.Event()
         self._rand = random.SystemRandom()
@@ -955,7 +956,7 @@ class NodeDaemon:
             "timed_out": self.timed_out,
             "outbox_backlog": counts["unacknowledged"],
             "results_held_bytes": self.outbox.held_bytes(),
-            "uptime_s": round(now - self.started_at, 1),
+            "uptime_s": round(time.monotonic() - self._started_mono, 1),
             "unstaking_until": until,
             "unstake_remaining_s": None if until is None else max(0, round(until - now)),
             "transitions": [

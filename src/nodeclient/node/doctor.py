@@ -13,6 +13,7 @@ Exit status: 0 when every check is OK, 1 when the worst is WARN, 2 when any chec
 from __future__ import annotations
 
 import enum
+import math
 import os
 import shutil
 import subprocess
@@ -204,7 +205,8 @@ def check_disk(
 def server_time(headers: Mapping[str, str], body: Any) -> float | None:
     """The coordinator's clock: a ``server_time`` field if it sends one, else ``Date``."""
     if isinstance(body, dict) and isinstance(body.get("server_time"), int | float):
-        return float(body["server_time"])
+        value = float(body["server_time"])
+        return value if math.isfinite(value) else None  # NaN would pass every comparison
     date = headers.get("date")
     if not date:
         return None
@@ -246,7 +248,7 @@ def check_coordinator(
     received = clock()
     try:
         body = resp.json()
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON, or nested without end
         body = None
     if resp.status_code != 200:
         return [

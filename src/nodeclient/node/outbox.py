@@ -710,12 +710,17 @@ def _format_version(db: sqlite3.Connection, path: Path) -> int:
 
 
 def read_history(
-    path: Path, *, since: float | None = None, limit: int = 100_000
+    path: Path,
+    *,
+    since: float | None = None,
+    limit: int = 100_000,
+    damaged: list[str] | None = None,
 ) -> list[OutboxEntry]:
     """The task history for ``nodeclient history``, newest first, read-only.
 
     Opens the file with ``mode=ro`` so it works beside a running daemon and without one,
-    and never creates or alters the database.
+    and never creates or alters the database. A row that cannot be read (damaged on disk,
+    or edited by hand) is left out and described in *damaged*, when given; else it raises.
     """
     if not path.is_file():
         return []
@@ -733,4 +738,12 @@ def read_history(
         ).fetchall()
     finally:
         db.close()
-    return [_entry(r) for r in rows]
+    if damaged is None:
+        return [_entry(r) for r in rows]
+    entries = []
+    for row in rows:
+        try:
+            entries.append(_entry(row))
+        except (ValueError, TypeError) as exc:  # a bad UUID, JSON or value in the row
+            damaged.append(f"the row of task {str(row[0])[:40]!r} ({type(exc).__name__}: {exc})")
+    return entries

@@ -22,6 +22,7 @@ the daemon needs and nothing else:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -79,8 +80,10 @@ class UnitOptions:
         for value in (str(self.executable), str(self.home)):
             if any(c in value for c in "\n\r \t\"'\\%$;"):
                 raise UsageError(f"{value!r}: paths in the unit may not contain spaces or quotes")
-        if self.home.parent != Path("/var/lib"):
-            raise UsageError("the node home must be directly under /var/lib (StateDirectory=)")
+        if self.home.parent != Path("/var/lib") or self.home.name in ("", ".", ".."):
+            raise UsageError(
+                "the node home must be a directory directly under /var/lib (StateDirectory=)"
+            )
 
 
 def find_executable() -> Path:
@@ -152,9 +155,11 @@ def render_unit(opts: UnitOptions) -> str:
 
 def write_unit(path: Path, text: str) -> Path:
     """Write the unit (0644, as systemd expects), replacing an older one atomically."""
+    if not path.name or path.name in (".", "..") or path.is_dir():
+        raise UsageError(f"--output {str(path)!r} must name a file, such as nodeclient.service")
+    tmp = path.with_name(f".{path.name}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
@@ -163,6 +168,8 @@ def write_unit(path: Path, text: str) -> Path:
         os.chmod(tmp, 0o644)  # a unit file is public: undo a restrictive umask
         os.replace(tmp, path)
     except OSError as exc:
+        with contextlib.suppress(OSError):  # a full disk: leave no half-written file behind
+            os.unlink(tmp)
         raise UsageError(f"cannot write {path}: {exc.strerror} (run as root?)") from exc
     return path
 

@@ -1,0 +1,214 @@
+"""What the operator's commands show, whatever the daemon, the coordinator or the disk
+hold: never a terminal's commands, never a traceback, never a hang."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import socket
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from nodeclient import logs
+from nodeclient.errors import UsageError
+from nodeclient.node import console as con
+from nodeclient.node import control, doctor, service
+from nodeclient.node.cli import main
+from nodeclient.node.control import DaemonBusy, DaemonNotRunning
+from nodeclient.node.outbox import Outbox
+from tests.node.test_console import NO_GPU, NOW, ScriptedKeys, record, status, text
+
+HOSTILE = "\x1b[2J\x1b[H\x1b]0;owned\x1b\\\x1b[32mstate        READY\nlink         up\x1b[0m"
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> Path:
+    home = tmp_path / "h"
+    home.mkdir(mode=0o700)
+    return home
+
+
+@pytest.fixture
+def fake_daemon(home: Path) -> Iterator[Callable[[Callable[[socket.socket], None]], None]]:
+    """A stand-in daemon on the home's control socket; each client gets *answer*."""
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(home / control.SOCKET_NAME))
+    server.listen()
+    answers: list[Callable[[socket.socket], None]] = []
+
+    def loop() -> None:
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            with conn:
+                conn.recv(4096)
+                with contextlib.suppress(OSError):  # the client gave up: the point
+                    answers[0](conn)
+
+    threading.Thread(target=loop, daemon=True).start()
+    try:
+        yield answers.append
+    finally:
+        server.close()
+
+
+def _send(doc: object) -> Callable[[socket.socket], None]:
+    return lambda conn: conn.sendall(json.dumps(doc).encode() + b"\n")
+
+
+def test_status_shows_network_text_as_escapes(home: Path, fake_daemon, capsys) -> None:
+    """A coordinator's error with escape sequences and a newline is shown on one line,
+    written out: the terminal gets no command (clear screen, title, colours)."""
+    answer = status()
+    answer["link"] = {**answer["link"], "status": "down", "last_error": HOSTILE}
+    fake_daemon(_send(answer))
+    assert main(["status", "--home", str(home)]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out
+    (line,) = [li for li in out.splitlines() if li.startswith("last error")]
+    assert "\\x1b[2J" in line and "\\x0alink" in line
+    assert main(["status", "--home", str(home), "--json"]) == 0  # JSON escapes by itself
+    assert json.loads(capsys.readouterr().out)["link"]["last_error"] == HOSTILE
+
+
+def test_console_shows_network_text_as_escapes() -> None:
+    answer = status()
+    answer["link"] = {**answer["link"], "status": "down", "last_error": HOSTILE}
+    answer["transitions"] = [{"from": "READY", "to": "IDLE", "reason": HOSTILE, "at": NOW}]
+    shown = text(con.render(answer, NO_GPU, now=NOW))
+    assert "\x1b" not in shown and "\\x1b[2J" in shown
+
+
+def test_a_malformed_status_answer_is_one_line(home: Path, fake_daemon, capsys) -> None:
+    """A daemon of another version (or not ours) answering without the fields status shows:
+    one line and exit 1 from `status`; the console shows it and goes on asking."""
+    fake_daemon(_send({"state": "READY", "node_id": "0x1"}))
+    assert main(["status", "--home", str(home)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "lacks or mangles a field" in err and "KeyError" in err
+    out = Console(record=True, width=80, height=24, file=io.StringIO(), force_terminal=True)
+    fetch = lambda: {"state": "READY", "node_id": "0x1"}  # noqa: E731
+    assert con.watch(fetch, console=out, keys=ScriptedKeys([None, "q"]), clock=lambda: NOW) == 0
+    assert "could not be shown" in out.export_text()
+
+
+@pytest.mark.parametrize(
+    ("answer", "error", "match"),
+    [
+        (lambda c: c.sendall(b"[" * 200_000 + b"\n"), DaemonNotRunning, "unreadable answer"),
+        (lambda c: [c.sendall(b" " * 65536) for _ in range(64)], DaemonNotRunning, "over 1048576"),
+    ],
+    ids=["nested", "endless"],
+)
+def test_a_hostile_answer_is_refused(
+    home: Path, fake_daemon, answer, error: type[Exception], match: str
+) -> None:
+    fake_daemon(answer)
+    with pytest.raises(error, match=match):
+        control.request(home / control.SOCKET_NAME, {"cmd": "status"}, timeout=5.0)
+
+
+def test_a_trickled_answer_ends_at_the_timeout(home: Path, fake_daemon) -> None:
+    """A byte now and then: the timeout is for the whole answer, not for each read."""
+
+    def trickle(conn: socket.socket) -> None:
+        for _ in range(50):
+            conn.sendall(b" ")
+            time.sleep(0.1)
+
+    fake_daemon(trickle)
+    began = time.monotonic()
+    with pytest.raises(DaemonBusy):
+        control.request(home / control.SOCKET_NAME, {"cmd": "status"}, timeout=1.0)
+    assert time.monotonic() - began < 2.5
+
+
+def test_text_logs_keep_one_event_on_one_line(capsys) -> None:
+    logs.configure(fmt="text")
+    try:
+        logging.getLogger("nodeclient.node").warning("link.error", extra={"error": HOSTILE})
+    finally:
+        logs.configure(fmt="json")
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "\x1b" not in err and "\\x1b]0;owned" in err
+
+
+def test_history_leaves_a_damaged_row_out_and_says_so(home: Path, capsys) -> None:
+    box = Outbox(home / "outbox.db")
+    try:
+        good = record(box, completed_at=NOW)
+        bad = record(box, completed_at=NOW - 10)
+    finally:
+        box.close()
+    db = sqlite3.connect(home / "outbox.db")
+    db.execute("UPDATE outbox SET message = 'not json' WHERE task_id = ?", (str(bad),))
+    db.commit()
+    db.close()
+    assert main(["history", "--home", str(home)]) == 1
+    captured = capsys.readouterr()
+    assert str(good) in captured.out and str(bad) not in captured.out
+    assert captured.err.count("\n") == 1 and "1 damaged row(s)" in captured.err
+
+
+def test_output_piped_to_a_reader_that_stops_is_no_traceback(home: Path) -> None:
+    """`nodeclient history | head -1` on a long history: exit 141, nothing on stderr."""
+    code = (
+        "import sys\n"
+        "from nodeclient.node import cli\n"
+        "def flood(args):\n"
+        "    for i in range(200000):\n"
+        "        print('line', i)\n"
+        "    return 0\n"
+        "cli.cmd_history = flood\n"
+        "sys.exit(cli.main(sys.argv[1:]))\n"
+    )
+    done = subprocess.run(
+        ["bash", "-c", f'"{sys.executable}" -c "$0" history --home "$1" | head -1; '
+         'echo "rc=${PIPESTATUS[0]}" >&2', code, str(home)],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.stdout == "line 0\n"
+    assert done.stderr == "rc=141\n"
+
+
+def test_a_control_socket_path_too_long_is_one_line(tmp_path: Path) -> None:
+    import asyncio
+
+    deep = tmp_path / ("d" * 120)
+    deep.mkdir()
+
+    async def handler(_request: dict) -> dict:
+        return {}
+
+    with pytest.raises(UsageError, match="over the 107 a Unix socket allows"):
+        asyncio.run(control.serve(deep / control.SOCKET_NAME, handler))
+
+
+def test_doctor_takes_no_nan_for_the_coordinators_time() -> None:
+    assert doctor.server_time({}, {"server_time": float("nan")}) is None
+    assert doctor.server_time({}, {"server_time": 1.5}) == 1.5
+
+
+def test_operator_mistakes_are_refused_before_anything_starts(home: Path, capsys) -> None:
+    assert main(["devnet", "--jobs", "0"]) == 2
+    assert "--jobs must be between 1 and 64" in capsys.readouterr().err
+    assert main(["status", "--home", str(home), "--watch"]) == 2  # stdout is no terminal here
+    assert "standard output is not one" in capsys.readouterr().err
+    for output in (home, Path("")):
+        with pytest.raises(UsageError, match="must name a file"):
+            service.write_unit(output, "[Unit]\n")
+    with pytest.raises(UsageError, match="directly under /var/lib"):
+        service.UnitOptions(home=Path("/var/lib/.."), executable=Path("/usr/bin/nodeclient"))
+    assert [p.name for p in home.iterdir()] == []  # nothing half-written left
