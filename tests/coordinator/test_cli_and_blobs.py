@@ -213,6 +213,35 @@ def test_submit_of_a_job_with_a_missing_blob_is_one_line(
     assert coordinator.client.jobs() == []
 
 
+def test_jobs_are_listed_page_by_page(coordinator: Running) -> None:
+    """GET /v1/jobs pages through the jobs oldest first: a full page carries a Link to
+    the next; the client follows them; status filters; a bad cursor or status is a 400."""
+    ids = [
+        coordinator.client.submit_job("ai.inference", inference_payload(VALUES))["job_id"]
+        for _ in range(5)
+    ]
+    every = coordinator.client.jobs()
+    assert sorted(j["job_id"] for j in every) == sorted(ids)
+    assert [(j["created_at"], j["job_id"]) for j in every] == sorted(
+        (j["created_at"], j["job_id"]) for j in every
+    )
+    first = httpx.get(coordinator.url + "/v1/jobs", params={"limit": 2})
+    assert [j["job_id"] for j in first.json()] == [j["job_id"] for j in every[:2]]
+    after = first.links["next"]["url"]
+    assert after.startswith("/v1/jobs?limit=2&after=")
+    second = httpx.get(coordinator.url + after)
+    assert [j["job_id"] for j in second.json()] == [j["job_id"] for j in every[2:4]]
+    assert coordinator.client.jobs(page=2) == every
+    assert coordinator.client.jobs(page=5) == every  # a full last page: one empty page more
+    last = httpx.get(coordinator.url + "/v1/jobs", params={"limit": 10})
+    assert "link" not in last.headers and len(last.json()) == 5
+    assert coordinator.client.jobs(status="queued", page=2) == every
+    assert coordinator.client.jobs(status="failed") == []
+    for params in ({"after": "soon"}, {"after": "nan,x"}, {"status": "lost"}, {"limit": 0}):
+        bad = httpx.get(coordinator.url + "/v1/jobs", params=params)
+        assert bad.status_code == 400, params
+
+
 @pytest.mark.parametrize("command", ["jobs", "job"])
 def test_json_output(coordinator: Running, capsys, command: str) -> None:
     """--json prints the API's JSON."""

@@ -122,7 +122,7 @@ def test_an_upload_publishes_off_the_event_loop(
     assert [p.name for p in coordinator.config.blob_dir.iterdir()] == [replies[0].json()["sha256"]]
 
 
-def _no_space(*_args: Any) -> None:
+def _no_space(*_args: Any, **_kwargs: Any) -> None:
     raise OSError(errno.ENOSPC, "No space left on device")
 
 
@@ -144,7 +144,7 @@ def test_an_unexpected_error_is_a_logged_json_500(
     """A bug in a route answers the documented {"error": ...} with 500, and is logged as
     one structured event naming the request."""
 
-    def broken(_session: Any) -> list[dict[str, Any]]:
+    def broken(_session: Any, **_query: Any) -> list[dict[str, Any]]:
         raise RuntimeError("a bug")
 
     monkeypatch.setattr(store, "list_jobs", broken)

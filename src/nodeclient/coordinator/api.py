@@ -15,12 +15,14 @@ import errno
 import hashlib
 import io
 import logging
+import math
 import os
 from collections.abc import Callable
 from typing import Any, Final
+from urllib.parse import urlencode
 
 import pybase64
-from fastapi import APIRouter, Body, Request
+from fastapi import APIRouter, Body, Query, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.orm import Session
@@ -157,8 +159,22 @@ def _discard(out: io.BufferedWriter, tmp: str) -> None:
         os.unlink(tmp)
 
 
+JOBS_PAGE: Final = 1000  # GET /v1/jobs: jobs per page unless ?limit= says otherwise
+MAX_JOBS_PAGE: Final = 10_000
 MAX_RAM_MB: Final = 16 << 20  # 16 TiB
 MAX_VRAM_MB: Final = 1 << 20  # 1 TiB
+
+
+def _job_cursor(text: str) -> tuple[float, str] | None:
+    """(created_at, job_id) from a GET /v1/jobs cursor, or None if it is not one."""
+    created, _, job_id = text.partition(",")
+    try:
+        value = float(created)
+    except ValueError:
+        return None
+    if not math.isfinite(value) or not job_id or len(job_id) > m.UUID_LEN:
+        return None
+    return value, job_id
 
 
 class Resources(BaseModel):
@@ -359,8 +375,30 @@ def build_router(coord: Coordinator) -> APIRouter:  # noqa: PLR0915 (one route e
         return JSONResponse(job, status_code=201)
 
     @router.get("/v1/jobs")
-    async def list_jobs() -> list[dict[str, Any]]:
-        return await coord.db.run(store.list_jobs)
+    async def list_jobs(
+        request: Request,
+        limit: int = Query(default=JOBS_PAGE, ge=1, le=MAX_JOBS_PAGE),
+        after: str | None = Query(default=None, max_length=100),
+        status: str | None = Query(default=None, max_length=16),
+    ) -> Response:
+        if status is not None and status not in m.JOB_STATUSES:
+            return error(400, f"status must be one of {sorted(m.JOB_STATUSES)}")
+        cursor = None
+        if after is not None:
+            cursor = _job_cursor(after)
+            if cursor is None:
+                return error(400, "after must be the cursor a Link header gave")
+        page = await coord.db.run(
+            lambda s: store.list_jobs(s, limit=limit, after=cursor, status=status)
+        )
+        headers = {}
+        if len(page) == limit:  # perhaps more: where the next page starts
+            last = page[-1]
+            query = {"limit": limit, "after": f"{last['created_at']!r},{last['job_id']}"}
+            if status is not None:
+                query["status"] = status
+            headers["Link"] = f'<{request.url.path}?{urlencode(query)}>; rel="next"'
+        return JSONResponse(page, headers=headers)
 
     @router.get("/v1/jobs/{job_id}")
     async def get_job(job_id: str) -> JSONResponse:

@@ -122,8 +122,12 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--wait", action="store_true", help="wait for the job to end")
     submit.add_argument("--timeout", type=float, default=None, help="give up waiting after S s")
 
-    jobs = requester("jobs", "list jobs")
+    jobs = requester("jobs", "list jobs, oldest first")
     jobs.add_argument("--json", action="store_true")
+    jobs.add_argument(
+        "--status", choices=("queued", "running", "succeeded", "failed"), default=None,
+        help="only the jobs in this state",
+    )  # fmt: skip
 
     job = requester("job", "show one job")
     job.add_argument("job_id")
@@ -236,7 +240,7 @@ def _requester(args: argparse.Namespace) -> int:  # noqa: PLR0911 (one return a 
                 return 1
             return 0
         if args.command == "jobs":
-            listing = client.jobs()
+            listing = client.jobs(status=args.status)
             if args.json:
                 print(json.dumps(listing, indent=2))
             for j in [] if args.json else printable_tree(listing):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping
 from typing import Any
+from urllib.parse import urlencode
 
 import httpx
 import pybase64
@@ -172,9 +173,26 @@ class CoordinatorClient:
         result: dict[str, Any] = self._json("GET", f"/v1/jobs/{job_id}")
         return result
 
-    def jobs(self) -> list[dict[str, Any]]:
-        result: list[dict[str, Any]] = self._json("GET", "/v1/jobs")
-        return result
+    def jobs(self, *, status: str | None = None, page: int | None = None) -> list[dict[str, Any]]:
+        """Every job (of *status*, if given), oldest first: GET /v1/jobs, page after page
+        (of *page* jobs; the coordinator's default otherwise) as its ``Link: <...>;
+        rel="next"`` headers lead."""
+        out: list[dict[str, Any]] = []
+        query = {k: v for k, v in (("status", status), ("limit", page)) if v is not None}
+        path: str | None = "/v1/jobs" + (f"?{urlencode(query)}" if query else "")
+        while path is not None:
+            response = self._request("GET", path)
+            try:
+                page = response.json()
+            except ValueError as exc:
+                raise RemoteProtocolError(f"coordinator: {path} did not answer JSON") from exc
+            if not isinstance(page, list):
+                raise RemoteProtocolError(f"coordinator: {path} did not answer a list")
+            out += page
+            nxt = response.links.get("next", {}).get("url")
+            # Only a path of this coordinator's: a Link elsewhere is not followed.
+            path = nxt if page and isinstance(nxt, str) and nxt.startswith("/v1/jobs?") else None
+        return out
 
     def raw_job_result(self, job_id: str) -> bytes:
         """The job's result bytes as served, unchecked (``audit`` checks them itself)."""

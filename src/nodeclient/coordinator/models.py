@@ -28,6 +28,7 @@ FAILED: Final = "failed"
 CANCELLED: Final = "cancelled"
 # Job statuses (the API's): queued, running, succeeded, failed.
 RUNNING: Final = "running"
+JOB_STATUSES: Final = frozenset({QUEUED, RUNNING, SUCCEEDED, FAILED})
 
 
 class Base(DeclarativeBase):
@@ -90,6 +91,8 @@ class Job(Base):
     round_index: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     round_deadline: Mapped[float | None] = mapped_column(Float, nullable=True)
     train_state: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True, deferred=True)
+    # GET /v1/jobs pages through jobs in this order.
+    __table_args__ = (Index("ix_jobs_created_at_job_id", "created_at", "job_id"),)
 
 
 class JobBlob(Base):

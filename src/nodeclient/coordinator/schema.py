@@ -36,7 +36,8 @@ SCHEMA_KEY: Final = "schema_version"
 # version -> the data changes that take a database from version - 1 to it, run after the
 # additive DDL (new tables, columns, indexes). Version 1 needs none: it is the first
 # release's layout plus nullable or defaulted columns and new tables. Neither does 2
-# (jobs.ram_mb and jobs.vram_mb, defaulted to 0: nothing declared).
+# (jobs.ram_mb and jobs.vram_mb, defaulted to 0: nothing declared; the index that pages
+# GET /v1/jobs).
 _STEPS: Final[dict[int, Callable[[Connection], None]]] = {}
 
 

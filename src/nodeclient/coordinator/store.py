@@ -35,11 +35,13 @@ from sqlalchemy import (
     Connection,
     Engine,
     Table,
+    and_,
     bindparam,
     create_engine,
     delete,
     event,
     func,
+    or_,
     select,
     update,
 )
@@ -404,9 +406,28 @@ def job_resources(job: m.Job) -> dict[str, int]:
     return {key: value for key, value in declared.items() if value}
 
 
-def list_jobs(session: Session) -> list[dict[str, Any]]:
+def list_jobs(
+    session: Session,
+    *,
+    limit: int | None = None,
+    after: tuple[float, str] | None = None,
+    status: str | None = None,
+) -> list[dict[str, Any]]:
+    """Jobs in the order they were created (then by id), from just after the job
+    *after* names (its created_at and job_id), at most *limit*, of *status* if given."""
     cols = (m.Job.job_id, m.Job.workload_class, m.Job.status, m.Job.created_at)
-    rows = session.execute(select(*cols).order_by(m.Job.created_at, m.Job.job_id))
+    query = select(*cols)
+    if status is not None:
+        query = query.where(m.Job.status == status)
+    if after is not None:  # keyset paging (portable: no row values)
+        created, job_id = after
+        query = query.where(
+            or_(
+                m.Job.created_at > created,
+                and_(m.Job.created_at == created, m.Job.job_id > job_id),
+            )
+        )
+    rows = session.execute(query.order_by(m.Job.created_at, m.Job.job_id).limit(limit))
     return [{"job_id": j, "workload_class": c, "status": s, "created_at": t} for j, c, s, t in rows]
 
 
