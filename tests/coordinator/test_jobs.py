@@ -211,7 +211,7 @@ def test_declared_resources_go_to_a_node_that_holds_them(coordinator: Running, r
     node whose slot holds them (by its manifest) is offered the task; a job declaring
     nothing is dispatched without resources."""
     small, big = make_node(rsa_keys, 0), make_node(rsa_keys, 1)
-    _ready(coordinator, small)  # 8 GiB, one slot: 8192 MB a slot
+    _ready(coordinator, small)  # 8 GiB, one slot: 7168 MB a slot (7/8 of it)
     payload = inference_payload(VALUES)
     job = coordinator.client.submit_job("ai.inference", payload, ram_mb=16_384)
     assert job["resources"] == {"ram_mb": 16_384}

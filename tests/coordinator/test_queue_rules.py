@@ -101,6 +101,32 @@ def test_tasks_no_node_can_hold_do_not_block_the_ones_behind(db: Database) -> No
     ]
 
 
+def test_many_groups_of_tasks_for_busy_nodes_do_not_keep_an_idle_node_idle(
+    db: Database,
+) -> None:
+    """More kinds of task (tier x region) queued first than a round keeps heaps for, all
+    for busy nodes: the task behind them is still placed on the idle node in the round."""
+    regions = [f"r{i}" for i in range(17)]
+    busy = [
+        Candidate(f"0xB{i}", 4, region, frozenset({"ai.inference"}), 1)
+        for i, region in enumerate(regions)
+    ]
+    for c in busy:  # each busy node's one slot is taken
+        db.run_sync(lambda s, c=c: add_job(s, tasks=1, status=m.LEASED, node_id=c.node_id))
+
+    def queue_for_busy(s: Session) -> None:
+        for tier in range(1, 5):
+            for region in regions:
+                job_id, _ = add_job(s, tasks=1, min_tier=tier)
+                s.get_one(m.Job, job_id).region = region
+
+    db.run_sync(queue_for_busy)
+    _, (task_id,) = db.run_sync(lambda s: add_job(s, tasks=1, queued_at=NOW + 60))
+    idle = Candidate("0xI", 0, "r0", frozenset({"ai.inference"}), 4)
+    placed = db.run_sync(lambda s: assign_tx(s, [*busy, idle], now=NOW, lease_seconds=300))
+    assert [(a.task_id, a.node_id) for a in placed] == [(task_id, "0xI")]
+
+
 def test_a_round_pages_past_tasks_every_eligible_node_is_excluded_from(
     db: Database, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -97,7 +97,7 @@ def test_picker_chooses_as_pick_node_does() -> None:
         roster = Roster(cands)
         if rng.random() < 0.5:  # idle heaps already built by an earlier round
             roster.idle_heap((("ai.inference", 0, 0, 0), None))
-        picker = Picker(roster, used, max_groups=10_000)
+        picker = Picker(roster, used, max_groups=rng.choice([1, 3, 10_000]))  # heaps or scans
         assert roster.any_free(used) == any(v > 0 for v in free.values())
         for _task in range(rng.randint(1, 80)):
             ask = {
@@ -119,7 +119,7 @@ def test_picker_chooses_as_pick_node_does() -> None:
 def test_declared_sizes_share_the_heap_of_the_slot_size_that_holds_them() -> None:
     """Tasks declaring many different sizes use one heap per slot size on offer (the same
     nodes hold them), and a round keeps at most max_groups heaps: a task of a further
-    group waits for the next round."""
+    group is placed by a scan, as pick_node would."""
     cands = [_cand(f"n{i}", ram_mb=8192 if i % 2 else 4096, cap=100) for i in range(6)]
     roster = Roster(cands)
     picker = Picker(roster, {}, max_groups=2)
@@ -130,8 +130,11 @@ def test_declared_sizes_share_the_heap_of_the_slot_size_that_holds_them() -> Non
     assert picker.pick(**ask, ram_mb=5000) in ("n1", "n3", "n5")
     assert picker.pick(**ask, ram_mb=1, vram_mb=0) is not None  # a group it keeps
     assert picker.pick(**ask, ram_mb=9000) is None  # no slot that large
-    assert picker.pick(**{**ask, "region": "eu-west"}) is None  # a third group: next round
-    assert Picker(roster, {}, max_groups=2).pick(**{**ask, "region": "eu-west"}) is not None
+    # A third group: no heap is kept for it, and its tasks are placed all the same.
+    free = {c.node_id: picker.slots(c.node_id) for c in cands}
+    expected = pick_node(candidates=cands, free=free, **{**ask, "region": "eu-west"})
+    assert picker.pick(**{**ask, "region": "eu-west"}) == expected is not None
+    assert len(picker._heaps) == 2 and picker.slots(expected) == free[expected] - 1
     assert len(roster._idle_heaps) <= 3
 
 

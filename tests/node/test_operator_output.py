@@ -112,6 +112,7 @@ def test_a_malformed_status_answer_is_one_line(home: Path, fake_daemon, capsys) 
     ],
     ids=["nested", "endless"],
 )
+@pytest.mark.usefixtures("stock_recursion_limit")  # as the status command keeps it
 def test_a_hostile_answer_is_refused(
     home: Path, fake_daemon, answer, error: type[Exception], match: str
 ) -> None:
@@ -150,16 +151,19 @@ def test_history_leaves_a_damaged_row_out_and_says_so(home: Path, capsys) -> Non
     try:
         good = record(box, completed_at=NOW)
         bad = record(box, completed_at=NOW - 10)
+        odd = record(box, completed_at=NOW - 20)
     finally:
         box.close()
     db = sqlite3.connect(home / "outbox.db")
     db.execute("UPDATE outbox SET message = 'not json' WHERE task_id = ?", (str(bad),))
+    db.execute("UPDATE outbox SET received_at = 'garbled' WHERE task_id = ?", (str(odd),))
     db.commit()
     db.close()
     assert main(["history", "--home", str(home)]) == 1
     captured = capsys.readouterr()
-    assert str(good) in captured.out and str(bad) not in captured.out
-    assert captured.err.count("\n") == 1 and "1 damaged row(s)" in captured.err
+    assert str(good) in captured.out
+    assert str(bad) not in captured.out and str(odd) not in captured.out
+    assert captured.err.count("\n") == 1 and "2 damaged row(s)" in captured.err
 
 
 def test_output_piped_to_a_reader_that_stops_is_no_traceback(home: Path) -> None:

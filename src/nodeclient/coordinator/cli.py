@@ -236,7 +236,8 @@ def _requester(args: argparse.Namespace) -> int:  # noqa: PLR0911 (one return a 
                 return 0
             done = _wait(client, job["job_id"], args.timeout)
             if done["status"] != "succeeded":
-                print(f"job {done['job_id']} failed: {done.get('reason')}", file=sys.stderr)
+                said = printable(f"job {done['job_id']} failed: {done.get('reason')}")
+                print(said, file=sys.stderr)
                 return 1
             return 0
         if args.command == "jobs":
@@ -283,14 +284,19 @@ def _verify(client: CoordinatorClient, args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report.as_json(), indent=2))
         return code
-    print(f"job {report.job_id} ({report.workload_class}, {report.status}): {report.verdict}")
+    # Every field came from the coordinator: shown with its control characters written out.
+
+    def say(line: str) -> None:
+        print(printable(line))
+
+    say(f"job {report.job_id} ({report.workload_class}, {report.status}): {report.verdict}")
     for t in report.tasks:
         mark = {True: "ok", False: "FAILED", None: "-"}[t.ok]
         node = t.node_id or "-"
-        print(f"  {mark:6} task {t.task_id} round {t.round} slice {t.slice_index} on {node}: "
-              f"{t.status}; {t.detail}")  # fmt: skip
+        say(f"  {mark:6} task {t.task_id} round {t.round} slice {t.slice_index} on {node}: "
+            f"{t.status}; {t.detail}")  # fmt: skip
     mark = {True: "ok", False: "FAILED", None: "hash"}[report.result_ok]
-    print(f"  {mark:6} job result: {report.result}")
+    say(f"  {mark:6} job result: {report.result}")
     return code
 
 
@@ -310,7 +316,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "serve":
             return _serve(args)
-        return _requester(args)
+        code = _requester(args)
+        sys.stdout.flush()  # a closed pipe fails here, where it is caught, not at exit
     except NodeClientError as exc:
         print(f"nodeclient-coordinator: {printable(str(exc))}", file=sys.stderr)
         return exc.exit_code
@@ -318,6 +325,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except BrokenPipeError:  # the reader of our output stopped early (| head)
         return reader_gone()
+    return code
 
 
 if __name__ == "__main__":

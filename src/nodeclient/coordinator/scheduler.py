@@ -316,9 +316,9 @@ class Picker:
         ram_mb: int = 0,
         vram_mb: int = 0,
     ) -> str | None:
-        """The node pick_node would choose; its free slots go down by one. None also for a
-        task of a new group once this round keeps ``max_groups`` heaps: it waits for a
-        later round."""
+        """The node pick_node would choose; its free slots go down by one. A task of a new
+        group, once this round keeps ``max_groups`` heaps, is placed by a scan of every
+        candidate instead (the same choice, without a heap kept for it)."""
         tried_set, excluded_set = set(tried), set(excluded)
         need = self._roster.normal((workload_class, min_tier, ram_mb, vram_mb))
         if need is None:
@@ -332,7 +332,7 @@ class Picker:
         heap = self._heaps.get(group)
         if heap is None:
             if len(self._heaps) >= self._max_groups:
-                return None
+                return self._scan(need, region, tried_set, excluded_set)
             heap = self._heaps[group] = self._start_heap(group)
         aside: list[_Entry] = []
         choice: str | None = None
@@ -364,6 +364,26 @@ class Picker:
             c = self._cands[choice]
             mismatch = region is not None and c.region != region
             heapq.heappush(heap, (mismatch, _load(c, slots), choice, slots))
+        return choice
+
+    def _scan(
+        self, need: _Need, region: str | None, tried: set[str], excluded: set[str]
+    ) -> str | None:
+        """pick_node over every candidate, with this round's picks; its slots go down."""
+        workload_class, min_tier, ram_mb, vram_mb = need
+        choice = pick_node(
+            workload_class=workload_class,
+            min_tier=min_tier,
+            region=region,
+            candidates=self._roster.candidates,
+            free={c.node_id: self.slots(c.node_id) for c in self._roster.candidates},
+            tried=tried,
+            excluded=excluded,
+            ram_mb=ram_mb,
+            vram_mb=vram_mb,
+        )
+        if choice is not None:
+            self._used[choice] = self._used.get(choice, 0) + 1  # its heap entries are now stale
         return choice
 
     def _start_heap(self, group: _Group) -> list[_Entry]:

@@ -760,7 +760,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.home = None
     handler: Handler = args.handler
     try:
-        return handler(args)
+        code = handler(args)
+        sys.stdout.flush()  # a closed pipe fails here, where it is caught, not at exit
     except NodeClientError as exc:
         print(f"nodeclient: error: {printable(str(exc))}", file=sys.stderr)
         return exc.exit_code
@@ -769,6 +770,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except BrokenPipeError:  # the reader of our output stopped early (| head)
         return reader_gone()
+    return code
 
 
 if __name__ == "__main__":
