@@ -241,11 +241,11 @@ def test_a_registration_answer_is_read_as_sent_and_bounded(
     answer_registration(monkeypatch, lambda request: answers[0](request))  # noqa: PLW0108 (the list changes)
     daemon = make_daemon(tmp_path)
     try:
-        with pytest.raises(httpx.HTTPError, match="not a JSON object"):
+        with pytest.raises(httpx.HTTPError, match="registration failed: .*Content-Encoding"):
             asyncio.run(daemon.register())
         assert asked == ["identity"]
         answers.pop(0)
-        with pytest.raises(httpx.HTTPError, match="answer is over 1048576 bytes"):
+        with pytest.raises(httpx.HTTPError, match="registration failed: .*over 1048576 bytes"):
             asyncio.run(daemon.register())
     finally:
         daemon.outbox.close()

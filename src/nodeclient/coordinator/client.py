@@ -15,17 +15,26 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Final
 from urllib.parse import urlencode
 
 import httpx
 import pybase64
 
+from nodeclient import httpbody
 from nodeclient.errors import NodeClientError, RemoteProtocolError, UsageError
 
 # What fails before a request leaves: no connection, a bad URL, no free pooled connection.
 _NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout, httpx.ProxyError,
              httpx.UnsupportedProtocol)  # fmt: skip
+
+
+# What an answer may hold at most, read as sent: a JSON document (a job of 4,096 tasks
+# with their signed messages is a few MB), a blob or a task's result (both far under the
+# blob store's 256 MiB), and a job's assembled result (a long render: many GiB at most).
+MAX_JSON_ANSWER: Final = 64 << 20
+MAX_BLOB_ANSWER: Final = 256 << 20
+MAX_JOB_RESULT: Final = 16 << 30
 
 
 class Unreachable(UsageError):
@@ -48,7 +57,9 @@ class CoordinatorClient:
         transport: httpx.BaseTransport | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
-        self._http = httpx.Client(base_url=self.base_url, timeout=timeout, transport=transport)
+        self._http = httpx.Client(
+            base_url=self.base_url, timeout=timeout, transport=transport, headers=httpbody.IDENTITY
+        )
 
     def __enter__(self) -> CoordinatorClient:
         return self
@@ -60,12 +71,29 @@ class CoordinatorClient:
         self._http.close()
 
     def _request(
-        self, method: str, path: str, *, unanswered: str | None = None, **kwargs: Any
+        self,
+        method: str,
+        path: str,
+        *,
+        unanswered: str | None = None,
+        limit: int = MAX_JSON_ANSWER,
+        **kwargs: Any,
     ) -> httpx.Response:
         """Send one request; *unanswered* says what to check when a change may have been
-        applied without an answer (default: a general warning for anything but a GET)."""
+        applied without an answer (default: a general warning for anything but a GET).
+        The answer is read as sent and at most *limit* bytes of it (``httpbody``)."""
         try:
-            response = self._http.request(method, path, **kwargs)
+            request = self._http.build_request(method, path, **kwargs)
+            streamed = self._http.send(request, stream=True)
+            try:
+                content = httpbody.read(streamed, limit=limit)
+            finally:
+                streamed.close()
+            response = httpx.Response(
+                streamed.status_code, headers=streamed.headers, content=content, request=request
+            )
+        except httpbody.AnswerRefused as exc:
+            raise RemoteProtocolError(f"coordinator: {method} {path}: {exc}") from exc
         except _NOT_SENT as exc:
             raise Unreachable(f"cannot reach the coordinator at {self.base_url}: {exc}") from exc
         except httpx.TransportError as exc:
@@ -79,7 +107,7 @@ class CoordinatorClient:
         if not 200 <= response.status_code < 300:  # a redirect is a proxy's, not an answer
             try:
                 body = response.json()
-            except ValueError:
+            except (ValueError, RecursionError):  # not JSON, or nested without end
                 body = None
             error = body.get("error") if isinstance(body, dict) else None
             reason = str(error or response.text[:200] or response.reason_phrase)
@@ -92,7 +120,7 @@ class CoordinatorClient:
         response = self._request(method, path, **kwargs)
         try:
             return response.json()
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:
             raise RemoteProtocolError(f"coordinator: {path} did not answer JSON") from exc
 
     # --- nodes --------------------------------------------------------------------------------
@@ -137,7 +165,7 @@ class CoordinatorClient:
         return result
 
     def blob(self, sha256: str) -> bytes:
-        return self._request("GET", f"/v1/blobs/{sha256}").content
+        return self._request("GET", f"/v1/blobs/{sha256}", limit=MAX_BLOB_ANSWER).content
 
     def submit_job(
         self,
@@ -196,7 +224,7 @@ class CoordinatorClient:
 
     def raw_job_result(self, job_id: str) -> bytes:
         """The job's result bytes as served, unchecked (``audit`` checks them itself)."""
-        return self._request("GET", f"/v1/jobs/{job_id}/result").content
+        return self._request("GET", f"/v1/jobs/{job_id}/result", limit=MAX_JOB_RESULT).content
 
     def job_result(self, job_id: str) -> bytes:
         """The job's result bytes, checked against the result_sha256 the job publishes."""
@@ -211,4 +239,4 @@ class CoordinatorClient:
         return data
 
     def task_result(self, task_id: str) -> bytes:
-        return self._request("GET", f"/v1/tasks/{task_id}/result").content
+        return self._request("GET", f"/v1/tasks/{task_id}/result", limit=MAX_BLOB_ANSWER).content

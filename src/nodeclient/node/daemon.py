@@ -32,7 +32,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
-from nodeclient import logs
+from nodeclient import httpbody, logs
 from nodeclient.clock import Clock
 from nodeclient.errors import EnvelopeError, NeedsOperator, RemoteProtocolError
 from nodeclient.node import control, inputs, sandbox
@@ -72,19 +72,6 @@ _UNANSWERED_HEARTBEATS: Final = 64  # send times kept for the round trip of thei
 REPLACED_PAUSE_S: Final = 60.0
 REPLACED_WINDOW_S: Final = 900.0
 MAX_ANSWER_BYTES: Final = 1 << 20  # a registration answer is a few hundred bytes
-
-
-async def _capped_body(resp: httpx.Response, limit: int) -> bytes:
-    """An answer's body as sent, refused (httpx.HTTPError, retried) once over *limit*."""
-    body = bytearray()
-    async for chunk in resp.aiter_raw():
-        body += chunk
-        if len(body) > limit:
-            raise httpx.HTTPError(
-                f"registration failed ({resp.status_code}): the answer is over {limit} "
-                "bytes, which no coordinator sends: check --coordinator"
-            )
-    return bytes(body)
 
 
 @dataclass(frozen=True, slots=True)
@@ -346,14 +333,13 @@ class NodeDaemon:
         )
         async with httpx.AsyncClient(timeout=30.0) as client:
             request = client.build_request(
-                "POST",
-                f"{self.url}/v1/nodes",
-                json=self.manifest,
-                headers={"Accept-Encoding": "identity"},  # read as sent, never inflated
+                "POST", f"{self.url}/v1/nodes", json=self.manifest, headers=httpbody.IDENTITY
             )
             resp = await client.send(request, stream=True)
-            try:
-                content = await _capped_body(resp, MAX_ANSWER_BYTES)
+            try:  # read as sent, never inflated, and no more than an answer could hold
+                content = await httpbody.aread(resp, limit=MAX_ANSWER_BYTES)
+            except httpbody.AnswerRefused as exc:  # retried, as any failed registration
+                raise httpx.HTTPError(f"registration failed: {exc}: check --coordinator") from exc
             finally:
                 await resp.aclose()
         text = content.decode("utf-8", "replace")

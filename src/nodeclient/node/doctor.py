@@ -13,6 +13,7 @@ Exit status: 0 when every check is OK, 1 when the worst is WARN, 2 when any chec
 from __future__ import annotations
 
 import enum
+import json
 import math
 import os
 import shutil
@@ -24,6 +25,7 @@ from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any, Final
 
+from nodeclient import httpbody
 from nodeclient.node import keys, securefile
 
 _GIB: Final = 1 << 30
@@ -235,7 +237,8 @@ def check_coordinator(
     health = f"{url.rstrip('/')}/healthz"
     sent = clock()
     try:
-        resp = httpx.get(health, timeout=timeout)
+        with httpx.stream("GET", health, timeout=timeout, headers=httpbody.IDENTITY) as resp:
+            content = httpbody.read(resp, limit=1 << 20)  # as sent: a few hundred bytes
     except (httpx.HTTPError, httpx.InvalidURL) as exc:  # InvalidURL is not an HTTPError
         return [
             Check(
@@ -247,7 +250,7 @@ def check_coordinator(
         ]
     received = clock()
     try:
-        body = resp.json()
+        body = json.loads(content)
     except (ValueError, RecursionError):  # not JSON, or nested without end
         body = None
     if resp.status_code != 200:

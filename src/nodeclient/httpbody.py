@@ -1,0 +1,72 @@
+"""HTTP answers read as they were sent, and no more of them than could be meant.
+
+httpx decodes a ``Content-Encoding`` (stacked ones too) while it reads, before any size
+check sees the bytes: a few hundred bytes of gzip inside gzip, from a hostile or a
+misconfigured server, become gigabytes in the reading process. Answers this project
+reads from a server (the coordinator's, for the daemon's registration, ``doctor``,
+``unstake`` and the requester client) are asked for with :data:`IDENTITY`, read raw by
+:func:`read` or :func:`aread`, and refused (:class:`AnswerRefused`) with any other
+encoding or past a limit fitting what they hold. Blobs from requesters' URLs have their
+own, stricter path (``node.inputs``).
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+import httpx
+
+IDENTITY: Final = {"Accept-Encoding": "identity"}
+
+
+class AnswerRefused(httpx.HTTPError):
+    """An answer with a content coding, or longer than its limit: not read further."""
+
+
+def _check(resp: httpx.Response) -> None:
+    encoding = resp.headers.get("Content-Encoding", "identity")
+    if encoding.strip().lower() != "identity":
+        raise AnswerRefused(
+            f"the answer ({resp.status_code}) came with Content-Encoding {encoding[:40]!r}, "
+            "though none was asked for: it is not read"
+        )
+
+
+def _over(resp: httpx.Response, limit: int) -> AnswerRefused:
+    return AnswerRefused(
+        f"the answer ({resp.status_code}) is over {limit} bytes, more than it could hold: "
+        "not read further"
+    )
+
+
+def read(resp: httpx.Response, *, limit: int) -> bytes:
+    """The body of a streamed answer, as sent (see the module docstring)."""
+    _check(resp)
+    if _in_memory(resp):
+        if len(resp.content) > limit:  # without a content coding (checked): as given
+            raise _over(resp, limit)
+        return resp.content
+    body = bytearray()
+    for chunk in resp.iter_raw():
+        body += chunk
+        if len(body) > limit:
+            raise _over(resp, limit)
+    return bytes(body)
+
+
+async def aread(resp: httpx.Response, *, limit: int) -> bytes:
+    """:func:`read` for an ``httpx.AsyncClient``'s streamed answer."""
+    if _in_memory(resp):
+        return read(resp, limit=limit)
+    _check(resp)
+    body = bytearray()
+    async for chunk in resp.aiter_raw():
+        body += chunk
+        if len(body) > limit:
+            raise _over(resp, limit)
+    return bytes(body)
+
+
+def _in_memory(resp: httpx.Response) -> bool:
+    """An answer an in-process transport made from bytes, which httpx read at once."""
+    return resp.is_stream_consumed

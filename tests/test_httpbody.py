@@ -1,0 +1,98 @@
+"""HTTP answers read as sent: no content coding is ever undone, no body read past its
+limit. A real server on loopback sends them, as a hostile or misconfigured one would."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import http.server
+import threading
+from collections.abc import Iterator
+from typing import ClassVar
+
+import httpx
+import pytest
+
+from nodeclient import httpbody
+from nodeclient.coordinator.client import CoordinatorClient
+from nodeclient.errors import RemoteProtocolError
+from nodeclient.node import doctor
+
+BOMB = gzip.compress(gzip.compress(bytes(64 << 20)))  # ~70 KB, 64 MiB once undone
+
+
+class _Answers(http.server.BaseHTTPRequestHandler):
+    asked: ClassVar[list[str | None]] = []
+
+    def _answer(self) -> None:
+        type(self).asked.append(self.headers["Accept-Encoding"])
+        if self.path.startswith("/gzip") or self.path == "/healthz":
+            body, coding = BOMB, "gzip, gzip"
+        elif self.path.startswith("/long"):
+            body, coding = b"x" * (3 << 20), None
+        else:
+            body, coding = b'{"ok": true}', None
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        if coding:
+            self.send_header("Content-Encoding", coding)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_GET = do_POST = _answer
+
+    def log_message(self, *_args: object) -> None:
+        return None
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[str]:
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Answers)
+    httpd.daemon_threads = True
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    finally:
+        httpd.shutdown()
+
+
+def _sync(url: str, limit: int) -> bytes:
+    with httpx.stream("GET", url, headers=httpbody.IDENTITY) as resp:
+        return httpbody.read(resp, limit=limit)
+
+
+async def _async(url: str, limit: int) -> bytes:
+    async with (
+        httpx.AsyncClient() as client,
+        client.stream("GET", url, headers=httpbody.IDENTITY) as resp,
+    ):
+        return await httpbody.aread(resp, limit=limit)
+
+
+def test_an_answer_is_read_as_sent_within_its_limit(server: str) -> None:
+    assert _sync(server + "/plain", 100) == b'{"ok": true}'
+    assert asyncio.run(_async(server + "/plain", 100)) == b'{"ok": true}'
+    for read in (_sync, lambda url, limit: asyncio.run(_async(url, limit))):
+        with pytest.raises(httpbody.AnswerRefused, match="Content-Encoding 'gzip, gzip'"):
+            read(server + "/gzip", 1 << 30)  # never undone, however large the limit
+        with pytest.raises(httpbody.AnswerRefused, match="over 1048576 bytes"):
+            read(server + "/long", 1 << 20)
+    made = httpx.Response(200, content=b"12345", request=httpx.Request("GET", server))
+    assert httpbody.read(made, limit=5) == b"12345"  # made in memory, read already
+    with pytest.raises(httpbody.AnswerRefused, match="over 4 bytes"):
+        httpbody.read(made, limit=4)
+
+
+def test_the_requester_client_and_doctor_refuse_a_coded_answer(server: str) -> None:
+    """A coordinator (or whatever answers at its URL) that compresses anyway: the client
+    and `doctor` say so, asking with Accept-Encoding identity, never undoing it."""
+    _Answers.asked.clear()
+    with (
+        CoordinatorClient(server + "/gzip") as client,
+        pytest.raises(RemoteProtocolError, match="Content-Encoding 'gzip, gzip'"),
+    ):
+        client.raw_job_result("j")
+    (check,) = doctor.check_coordinator(server)
+    assert check.level is doctor.Level.FAIL and "Content-Encoding" in check.summary
+    assert set(_Answers.asked) == {"identity"}
