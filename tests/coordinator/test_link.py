@@ -183,6 +183,23 @@ def test_rotated_liveness_key_takes_effect(coordinator: Running, rsa_keys) -> No
     assert coordinator.link(node)["type"] == "welcome"
 
 
+def test_a_link_of_the_replaced_liveness_key_is_closed(coordinator: Running, rsa_keys) -> None:
+    """A link authenticated with the liveness key a re-registration just replaced (a
+    stolen key, say) is closed with 4001 and gets no more work; the new key links."""
+    node = make_node(rsa_keys, 0)
+    coordinator.register(node)
+    coordinator.link(node)
+    stale = node.ws
+    assert stale is not None
+    node.liveness = Secp256k1Key.generate()
+    coordinator.client.register(node.manifest(issued_at=int(START) + 1))
+    assert closed_code(stale) == (4001, "liveness key rotated: authenticate again with the new key")
+    assert node.node_id not in coordinator.coord.links
+    assert coordinator.link(node)["type"] == "welcome"
+    coordinator.client.register(node.manifest(issued_at=int(START) + 2))  # the same key
+    assert node.call(node.heartbeat())["type"] == "heartbeat_ack"  # still linked
+
+
 def test_heartbeat_with_unknown_state_is_malformed(coordinator: Running, rsa_keys) -> None:
     """A heartbeat state outside READY/EXECUTING/IDLE/UNSTAKING is refused as malformed."""
     node = make_node(rsa_keys, 0)

@@ -167,6 +167,26 @@ def test_a_mere_claim_on_a_wallet_cannot_use_up_its_owners_places(
     assert _post(coordinator, _proven(third, owner, int(START) + 2)).status_code == 201
 
 
+def test_a_claim_proven_later_counts_like_a_new_proven_node(start_coordinator, rsa_keys) -> None:
+    """A node registered as a mere claim on a wallet, which proves the wallet later, joins
+    the wallet's proven nodes only where a new proven node could: else claims registered
+    first and proven afterwards would hold twice the limit of proven nodes."""
+    running = start_coordinator(sybil=SybilPolicy(max_nodes_per_wallet=1))
+    owner = Secp256k1Key.generate()
+    claim, proven = make_node(rsa_keys, 0, wallet=owner.address), make_node(rsa_keys, 1)
+    assert _post(running, claim.manifest(issued_at=int(START))).status_code == 201
+    assert _post(running, _proven(proven, owner, int(START))).status_code == 201
+    r = _post(running, _proven(claim, owner, int(START) + 1))
+    assert r.status_code == 403
+    assert r.json()["error"] == (
+        f"sybil pre-screen: wallet {owner.address} already has 1 nodes proven by its owner "
+        "(policy max_nodes_per_wallet=1)"
+    )
+    # Proven already, it registers again with its proof as before.
+    r = _post(running, _proven(proven, owner, int(START) + 1))
+    assert (r.status_code, r.json()["wallet_proven"]) == (200, True)
+
+
 def test_require_wallet_proof_refuses_a_claim(start_coordinator, rsa_keys) -> None:
     """With require_wallet_proof, a node without the wallet's signature is refused, naming
     the policy and the fix; a proof for another wallet or node fails verification (400)."""

@@ -8,7 +8,8 @@ codes:
 ====  ===================================================================
 4000  the first frame is malformed or not ``auth``
 4001  coordinator_id / nonce mismatch, issued_at more than 300 s off, or the
-      signature does not recover to the registered liveness key
+      signature does not recover to the registered liveness key; and, on a live link,
+      a re-registration replaced the liveness key it authenticated with
 4002  no auth within the timeout
 4003  node_id not registered
 4004  replaced by a newer link for the same node (one live link per node)

@@ -97,7 +97,15 @@ def _register_tx(
     if v.wallet_proven:
         counted = [o for o in counted if o.node_id in proven]
     new_to_wallet = row is None or row.wallet_address != v.wallet_address
-    if new_to_wallet and len(counted) >= policy.max_nodes_per_wallet:
+    # A node of the wallet that proves it now, unproven until now, joins the proven count
+    # as much as a new node does: else a wallet's claims, registered first and proven
+    # later, would hold twice the limit of proven nodes.
+    if v.wallet_proven and not new_to_wallet:
+        was = session.get(m.WalletProof, v.node_id)
+        newly_proven = was is None or was.wallet_address != v.wallet_address
+    else:
+        newly_proven = False
+    if (new_to_wallet or newly_proven) and len(counted) >= policy.max_nodes_per_wallet:
         which = (
             "nodes proven by its owner"
             if v.wallet_proven
@@ -202,7 +210,20 @@ async def register(coord: Coordinator, manifest: object) -> Reply:
             extra={"node_id": verified.node_id, "reason": reply.body["error"]},
         )
         return reply
+    before = coord.nodes.get(verified.node_id)
     coord.cache_node(reply.node)
+    link = coord.links.get(verified.node_id)
+    if (
+        link is not None
+        and before is not None
+        and before.liveness_address != reply.node.liveness_address
+    ):
+        # Authenticated with the key just replaced (perhaps a stolen one): it gets no more
+        # work from now, and must authenticate again, with the new key.
+        coord.detach(verified.node_id, link)
+        reason = "liveness key rotated: authenticate again with the new key"
+        coord.spawn(link.close(4001, reason), "link.close")
+        log.info("link.closed", extra={"node_id": verified.node_id, "reason": reason})
     body = {**reply.body, "coordinator_id": coord.coordinator_id, "chain_id": coord.config.chain_id}
     log.info(
         "node.registered" if reply.status == 201 else "node.updated",
