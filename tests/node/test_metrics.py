@@ -341,6 +341,33 @@ def test_coordinator_counts_latency_verification_and_queue(coordinator) -> None:
     assert value(after, "verification_failures_total", check="proof") == 1
 
 
+def test_concurrent_scrapes_share_one_read(coordinator, monkeypatch: pytest.MonkeyPatch) -> None:
+    """GET /metrics needs no authentication: requests that come while a scrape runs share
+    its one database read instead of queueing one each; a later request reads afresh."""
+    import time as _time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from nodeclient.coordinator import metrics as cm
+
+    reads: list[int] = []
+    real = cm.read_facts
+
+    def slow(*args, **kwargs):  # type: ignore[no-untyped-def]
+        reads.append(1)
+        _time.sleep(0.5)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cm, "read_facts", slow)
+    url = f"{coordinator.url}/metrics"
+    with ThreadPoolExecutor(max_workers=12) as pool:
+        answers = list(pool.map(lambda _i: httpx.get(url, timeout=10), range(12)))
+    assert all(a.status_code == 200 and "queue_depth" in a.text for a in answers)
+    assert len(reads) <= 2  # twelve at once: one read (two if some came just after it)
+    before = len(reads)
+    assert httpx.get(url, timeout=10).status_code == 200
+    assert len(reads) == before + 1
+
+
 def test_coordinator_metrics_refuse_unknown_check() -> None:
     """Only the named verification checks are counted."""
     with pytest.raises(ValueError, match="unknown verification check"):

@@ -17,6 +17,7 @@ can never drift from the truth:
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import threading
 from collections import Counter as Tally
@@ -127,6 +128,7 @@ class CoordinatorMetrics:
         self.facts = SqlFacts(last_attempt_id=after_attempt)  # leases before it: not ours
         self.online: dict[str, int] = {}
         self._lock = threading.Lock()
+        self.inflight: asyncio.Future[bytes] | None = None  # the scrape under way (scrape)
         self.verification_failures = Counter(
             "verification_failures",
             "results that failed verification, by the check",
@@ -170,7 +172,20 @@ class CoordinatorMetrics:
 
 
 async def scrape(coord: Coordinator) -> bytes:
-    """``GET /metrics``: read SQL on the database thread, then render the registry."""
+    """``GET /metrics``: read SQL on the database thread, then render the registry.
+
+    Requests that come while a scrape is under way share it: the route needs no
+    authentication, and one transaction per concurrent request would fill the database
+    thread's queue, in which registrations, results and scheduling rounds wait too.
+    """
+    metrics: CoordinatorMetrics = coord.metrics
+    if metrics.inflight is None:
+        task = metrics.inflight = asyncio.ensure_future(_scrape(coord))
+        task.add_done_callback(lambda _t: setattr(metrics, "inflight", None))
+    return await asyncio.shield(metrics.inflight)  # a request that goes away stops no other
+
+
+async def _scrape(coord: Coordinator) -> bytes:
     metrics: CoordinatorMetrics = coord.metrics
     facts = await coord.db.run(functools.partial(read_facts, after_attempt=metrics.last_attempt_id))
     online = Tally(
