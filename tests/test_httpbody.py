@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import gzip
 import http.server
-import threading
 from collections.abc import Iterator
 from typing import ClassVar
 
@@ -17,6 +16,7 @@ from nodeclient import httpbody
 from nodeclient.coordinator.client import CoordinatorClient
 from nodeclient.errors import RemoteProtocolError
 from nodeclient.node import doctor
+from tests.http_server import serving
 
 BOMB = gzip.compress(gzip.compress(bytes(64 << 20)))  # ~70 KB, 64 MiB once undone
 
@@ -48,13 +48,8 @@ class _Answers(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[str]:
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Answers)
-    httpd.daemon_threads = True
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    finally:
-        httpd.shutdown()
+    with serving(_Answers) as url:
+        yield url
 
 
 def _sync(url: str, limit: int) -> bytes:

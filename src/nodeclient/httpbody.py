@@ -7,7 +7,7 @@ reads from a server (the coordinator's, for the daemon's registration, ``doctor`
 ``unstake`` and the requester client) are asked for with :data:`IDENTITY`, read raw by
 :func:`read` or :func:`aread`, and refused (:class:`AnswerRefused`) with any other
 encoding or past a limit fitting what they hold. Blobs from requesters' URLs have their
-own, stricter path (``node.inputs``).
+own loop (``node.inputs``: the task's deadline and cancellation), with the same check.
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ class AnswerRefused(httpx.HTTPError):
     """An answer with a content coding, or longer than its limit: not read further."""
 
 
-def _check(resp: httpx.Response) -> None:
+def check_identity(resp: httpx.Response) -> None:
+    """AnswerRefused unless *resp* is sent without a content coding."""
     encoding = resp.headers.get("Content-Encoding", "identity")
     if encoding.strip().lower() != "identity":
         raise AnswerRefused(
@@ -41,7 +42,7 @@ def _over(resp: httpx.Response, limit: int) -> AnswerRefused:
 
 def read(resp: httpx.Response, *, limit: int) -> bytes:
     """The body of a streamed answer, as sent (see the module docstring)."""
-    _check(resp)
+    check_identity(resp)
     if _in_memory(resp):
         if len(resp.content) > limit:  # without a content coding (checked): as given
             raise _over(resp, limit)
@@ -58,7 +59,7 @@ async def aread(resp: httpx.Response, *, limit: int) -> bytes:
     """:func:`read` for an ``httpx.AsyncClient``'s streamed answer."""
     if _in_memory(resp):
         return read(resp, limit=limit)
-    _check(resp)
+    check_identity(resp)
     body = bytearray()
     async for chunk in resp.aiter_raw():
         body += chunk

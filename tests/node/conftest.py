@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import http.server
-import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 
 import httpx
 import pytest
+
+from tests.http_server import serving
 
 
 class _Drip(http.server.BaseHTTPRequestHandler):
@@ -33,13 +34,8 @@ class _Drip(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture(scope="module")
 def drip() -> Iterator[str]:
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Drip)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
+    with serving(_Drip) as url:
+        yield url
 
 
 def as_sent(

@@ -25,6 +25,7 @@ from nodeclient.node.inputs import (
 )
 from nodeclient.workloads.inference import make_request
 from nodeclient.workloads.tensors import encode_tensors, read_metadata
+from tests.http_server import serving
 from tests.models import identity_model
 
 X = {"x": np.ones(3, np.float32)}
@@ -443,12 +444,9 @@ def test_a_compressed_answer_is_refused_undecoded() -> None:
         def log_message(self, *_args: object) -> None:
             return None
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Bomb)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    origin = f"http://127.0.0.1:{server.server_address[1]}"
-    try:
-        with pytest.raises(RemoteProtocolError, match="Content-Encoding 'gzip, gzip'"):
-            http_fetcher(origin, max_bytes=1 << 20)("/v1/blobs/" + "0" * 64)
-    finally:
-        server.shutdown()
+    with (
+        serving(Bomb) as origin,
+        pytest.raises(RemoteProtocolError, match="Content-Encoding 'gzip, gzip'"),
+    ):
+        http_fetcher(origin, max_bytes=1 << 20)("/v1/blobs/" + "0" * 64)
     assert asked == ["identity"]

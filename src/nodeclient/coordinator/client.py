@@ -117,11 +117,7 @@ class CoordinatorClient:
         return response
 
     def _json(self, method: str, path: str, **kwargs: Any) -> Any:
-        response = self._request(method, path, **kwargs)
-        try:
-            return response.json()
-        except (ValueError, RecursionError) as exc:
-            raise RemoteProtocolError(f"coordinator: {path} did not answer JSON") from exc
+        return _decoded(self._request(method, path, **kwargs), path)
 
     # --- nodes --------------------------------------------------------------------------------
 
@@ -210,10 +206,7 @@ class CoordinatorClient:
         path: str | None = "/v1/jobs" + (f"?{urlencode(query)}" if query else "")
         while path is not None:
             response = self._request("GET", path)
-            try:
-                page = response.json()
-            except ValueError as exc:
-                raise RemoteProtocolError(f"coordinator: {path} did not answer JSON") from exc
+            page = _decoded(response, path)
             if not isinstance(page, list):
                 raise RemoteProtocolError(f"coordinator: {path} did not answer a list")
             out += page
@@ -240,3 +233,10 @@ class CoordinatorClient:
 
     def task_result(self, task_id: str) -> bytes:
         return self._request("GET", f"/v1/tasks/{task_id}/result", limit=MAX_BLOB_ANSWER).content
+
+
+def _decoded(response: httpx.Response, path: str) -> Any:
+    try:
+        return response.json()
+    except (ValueError, RecursionError) as exc:  # not JSON, or nested without end
+        raise RemoteProtocolError(f"coordinator: {path} did not answer JSON") from exc

@@ -47,7 +47,7 @@ from sqlalchemy.orm import Session
 from nodeclient.coordinator import models as m
 from nodeclient.coordinator import rounds
 from nodeclient.coordinator.service import Coordinator
-from nodeclient.coordinator.store import NodeInfo, job_resources, leased_counts
+from nodeclient.coordinator.store import NodeInfo, after_key, job_resources, leased_counts
 from nodeclient.protocol import envelope, messages
 
 log = logging.getLogger("nodeclient.coordinator.scheduler")
@@ -662,14 +662,8 @@ def _queued_page(
         .join(m.Job, m.Job.job_id == m.Task.job_id)
         .where(m.Task.status == m.QUEUED, servable)
     )  # fmt: skip
-    if after is not None:  # keyset paging, in the order below (portable: no row values)
-        queued_at, task_id = after
-        query = query.where(
-            or_(
-                m.Task.queued_at > queued_at,
-                and_(m.Task.queued_at == queued_at, m.Task.task_id > task_id),
-            )
-        )
+    if after is not None:  # keyset paging, in the order below
+        query = query.where(after_key(m.Task.queued_at, m.Task.task_id, after))
     rows = session.execute(query.order_by(m.Task.queued_at, m.Task.task_id).limit(BATCH))
     return [tuple(r) for r in rows]
 

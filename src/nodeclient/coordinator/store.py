@@ -32,6 +32,7 @@ from typing import Any, Final, TypeVar, cast
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 from sqlalchemy import (
+    ColumnElement,
     Connection,
     Engine,
     Table,
@@ -46,7 +47,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.engine.interfaces import DBAPIConnection
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import InstrumentedAttribute, Session
 from sqlalchemy.pool import ConnectionPoolEntry
 
 from nodeclient.coordinator import models as m
@@ -406,6 +407,14 @@ def job_resources(job: m.Job) -> dict[str, int]:
     return {key: value for key, value in declared.items() if value}
 
 
+def after_key(
+    first: InstrumentedAttribute[Any], second: InstrumentedAttribute[Any], after: tuple[Any, Any]
+) -> ColumnElement[bool]:
+    """Rows after *after* in the order (*first*, *second*): keyset paging, written out
+    (portable: no row-value comparison)."""
+    return or_(first > after[0], and_(first == after[0], second > after[1]))
+
+
 def list_jobs(
     session: Session,
     *,
@@ -419,14 +428,8 @@ def list_jobs(
     query = select(*cols)
     if status is not None:
         query = query.where(m.Job.status == status)
-    if after is not None:  # keyset paging (portable: no row values)
-        created, job_id = after
-        query = query.where(
-            or_(
-                m.Job.created_at > created,
-                and_(m.Job.created_at == created, m.Job.job_id > job_id),
-            )
-        )
+    if after is not None:
+        query = query.where(after_key(m.Job.created_at, m.Job.job_id, after))
     rows = session.execute(query.order_by(m.Job.created_at, m.Job.job_id).limit(limit))
     return [{"job_id": j, "workload_class": c, "status": s, "created_at": t} for j, c, s, t in rows]
 

@@ -478,12 +478,12 @@ def read_history(
         entries = outbox.read_history(home / "outbox.db", since=since, damaged=damaged)
     except sqlite3.Error as exc:
         raise UsageError(f"cannot read {home / 'outbox.db'}: {exc}") from exc
-    if damaged is None:
-        return history_rows(entries)
     rows: list[dict[str, Any]] = []
     for entry in entries:  # a row whose values are of the wrong kind (text for a time)
         try:
             rows += history_rows([entry])
         except (TypeError, ValueError, OverflowError, OSError) as exc:
+            if damaged is None:
+                raise
             damaged.append(f"the row of task {entry.task_id} ({type(exc).__name__}: {exc})")
     return rows

@@ -188,7 +188,6 @@ class NodeDaemon:
         self.rejected = 0
         self.timed_out = 0
         self.metrics = metrics if metrics is not None else NodeMetrics()
-        self.started_at = clock.now()
         self._started_mono = time.monotonic()  # uptime: immune to the wall clock's steps
         self._ws: ClientConnection | None = None
         self._stopping = asyncio.Event()

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Final
 
 import httpx
 
+from nodeclient import httpbody
 from nodeclient.errors import ProtocolError, RemoteProtocolError
 from nodeclient.node import sandbox
 from nodeclient.protocol.blobs import BLOB_URL
@@ -100,7 +101,7 @@ def http_fetcher(
         data = bytearray()
         try:
             targets, headers, extensions = _pinned(url, home)
-            headers = {**headers, "Accept-Encoding": "identity"}  # the bytes as stored
+            headers = {**headers, **httpbody.IDENTITY}  # the bytes as stored
             with httpx.Client(timeout=wait) as client:
                 for i, target in enumerate(targets):  # each checked address, in order
                     left = wait if limits is None or i == 0 else min(timeout, _left(limits, url))
@@ -116,14 +117,7 @@ def http_fetcher(
                     with contextlib.closing(resp):
                         if resp.status_code != 200:
                             raise RemoteProtocolError(f"GET {url[:80]} answered {resp.status_code}")
-                        encoding = resp.headers.get("Content-Encoding", "identity")
-                        if encoding.strip().lower() != "identity":
-                            # Never decoded: a few hundred bytes of nested gzip would
-                            # expand to gigabytes here before the size check saw them.
-                            raise RemoteProtocolError(
-                                f"blob at {url[:80]} came with Content-Encoding "
-                                f"{encoding[:40]!r}; blobs are fetched as stored (identity)"
-                            )
+                        httpbody.check_identity(resp)  # never undone (httpbody)
                         for chunk in resp.iter_raw():
                             data += chunk
                             if len(data) > max_bytes:

@@ -738,12 +738,12 @@ def read_history(
         ).fetchall()
     finally:
         db.close()
-    if damaged is None:
-        return [_entry(r) for r in rows]
     entries = []
     for row in rows:
         try:
             entries.append(_entry(row))
         except (ValueError, TypeError) as exc:  # a bad UUID, JSON or value in the row
+            if damaged is None:
+                raise
             damaged.append(f"the row of task {str(row[0])[:40]!r} ({type(exc).__name__}: {exc})")
     return entries
