@@ -253,6 +253,8 @@ def test_gpu_sampler_never_waits_on_a_child_it_killed(tmp_path: Path) -> None:
     finally:
         released.set()
     assert real_wait(10) == -9  # it was killed, and reaped
+    # and its pid forgotten, so a later child that is given the same pid gets a reaper
+    wait_for(lambda: not sampler._reaping, timeout=10, what="the reaper to finish")
 
 
 def test_gpu_sampler_without_driver_says_no_gpu(tmp_path: Path) -> None:

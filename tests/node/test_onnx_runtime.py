@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from nodeclient.errors import RemoteProtocolError, UsageError
 from nodeclient.node.runtimes.onnx import (
     CPU_PROVIDER,
     CUDA_PROVIDER,
+    PARTIAL_MAX_AGE_S,
     ModelCache,
     OnnxRuntime,
     UnsafeCacheError,
@@ -311,6 +313,22 @@ def test_cache_evicts_least_recently_used(tmp_path: Path) -> None:
     clock.now += 10
     assert cache.put(_digest(c), c)
     assert [sha for sha, _, _ in cache.entries()] == [_digest(a), _digest(c)]
+
+
+def test_cache_removes_writes_a_kill_cut_short(tmp_path: Path) -> None:
+    """A temporary file left by a killed write goes at the next write once an hour old;
+    a younger one (another process may be writing it) stays, and so does any other name."""
+    now = time.time()
+    cache = ModelCache(tmp_path, max_bytes=1 << 20, clock=lambda: now)
+    stale, fresh, other = tmp_path / ".partial-0a1b", tmp_path / ".partial-2c3d", tmp_path / "x"
+    for path in (stale, fresh, other):
+        path.write_bytes(b"z" * 1000)
+    os.utime(stale, (now - PARTIAL_MAX_AGE_S - 1, now - PARTIAL_MAX_AGE_S - 1))
+    os.utime(fresh, (now - PARTIAL_MAX_AGE_S + 60, now - PARTIAL_MAX_AGE_S + 60))
+    assert cache.put(_digest(b"model"), b"model")
+    assert not stale.exists()
+    assert fresh.exists() and other.exists()
+    assert cache.get(_digest(b"model")) == b"model"
 
 
 def test_cache_refuses_entries_larger_than_itself(tmp_path: Path) -> None:

@@ -326,7 +326,14 @@ class GpuSampler:
                 os.killpg(proc.pid, signal.SIGKILL)
             if proc.pid not in self._reaping:  # one reaper per child
                 self._reaping.add(proc.pid)
-                threading.Thread(target=proc.wait, name="gpu-sampler-reaper", daemon=True).start()
+                threading.Thread(
+                    target=self._reap, args=(proc,), name="gpu-sampler-reaper", daemon=True
+                ).start()
+
+    def _reap(self, proc: subprocess.Popen[bytes]) -> None:
+        """Wait for a killed child, then forget its pid: a later child may be given it."""
+        proc.wait()
+        self._reaping.discard(proc.pid)
 
     def close(self) -> None:
         with self._lock:

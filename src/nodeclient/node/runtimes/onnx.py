@@ -56,6 +56,8 @@ CUDA_PROVIDER: Final = "CUDAExecutionProvider"
 DEFAULT_MAX_MODEL_BYTES: Final = 256 * 1024 * 1024
 DEFAULT_MAX_CACHE_BYTES: Final = 4 * 1024 * 1024 * 1024
 _MAX_ERROR_CHARS: Final = 400
+_PARTIAL_PREFIX: Final = ".partial-"  # a cache write under way, renamed when complete
+PARTIAL_MAX_AGE_S: Final = 3600.0  # one older than this was cut short by a kill
 _DIRECTORY_FLAGS: Final = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 # ONNX Runtime's type strings for the tensor types the result container can carry.
@@ -236,7 +238,7 @@ class ModelCache:
                 os.close(dir_fd)
 
     def _write(self, dir_fd: int, sha256: str, data: bytes, owner: tuple[int, int] | None) -> bool:
-        tmp = f".partial-{secrets.token_hex(8)}"
+        tmp = f"{_PARTIAL_PREFIX}{secrets.token_hex(8)}"
         written = False
         try:
             if owner is not None:
@@ -293,7 +295,26 @@ class ModelCache:
         found.sort(key=lambda entry: (entry[2], entry[0]))
         return found
 
+    def _sweep_partials(self, dir_fd: int) -> None:
+        """Remove the temporary files of writes that a kill cut short (SIGKILL of the
+        daemon, or of a worker stopped at its deadline while it cached a scene).
+
+        They are not entries, so eviction would never count or remove them. Only files
+        untouched for PARTIAL_MAX_AGE_S go: another process may be writing a fresh one.
+        """
+        cutoff = self._clock() - PARTIAL_MAX_AGE_S
+        try:
+            with os.scandir(dir_fd) as children:
+                partials = [c for c in children if c.name.startswith(_PARTIAL_PREFIX)]
+        except OSError:
+            return
+        for child in partials:
+            with contextlib.suppress(OSError):  # gone meanwhile: renamed, or swept
+                if child.stat(follow_symlinks=False).st_mtime < cutoff:
+                    os.unlink(child.name, dir_fd=dir_fd)
+
     def _evict(self, dir_fd: int, *, keep: str) -> None:
+        self._sweep_partials(dir_fd)
         entries = self._entries(dir_fd)
         total = sum(size for _, size, _ in entries)
         for sha256, size, _ in entries:
