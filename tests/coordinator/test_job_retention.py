@@ -1,5 +1,6 @@
-"""Finished jobs are deleted after --job-retention-days (0: kept for ever), with all that
-hangs off them; unfinished and recent jobs, and equivocation evidence, stay."""
+"""Finished jobs are deleted after --job-retention-days (default 30; 0: kept for ever),
+with all that hangs off them; unfinished and recent jobs, and equivocation evidence, stay.
+An ended job's task payloads go at once."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from nodeclient.coordinator import store
 from nodeclient.coordinator.blobstore import forget_jobs
 from nodeclient.coordinator.cli import build_parser
 from nodeclient.coordinator.config import CoordinatorConfig
+from nodeclient.coordinator.scheduler import fail_job
 from nodeclient.coordinator.store import Database
 from nodeclient.errors import UsageError
 from tests.coordinator.test_queue_rules import NOW, add_job
@@ -86,7 +88,7 @@ def test_finished_jobs_past_retention_go_with_all_that_hangs_off_them(any_db: Da
 
 
 def test_the_sweep_forgets_in_batches_only_when_asked(db: Database) -> None:
-    """0 (the default) keeps every job; a retention deletes every job past it, batch after
+    """0 keeps every job; a retention deletes every job past it, batch after
     batch, at the blob sweep."""
     ids = [db.run_sync(lambda s: add_job(s, tasks=1))[0] for _ in range(3)]
     for job_id in ids:
@@ -102,9 +104,30 @@ def test_the_sweep_forgets_in_batches_only_when_asked(db: Database) -> None:
     assert db.run_sync(lambda s: s.scalar(select(func.count()).select_from(m.Job))) == 0
 
 
+def test_a_failed_job_keeps_no_payload(any_db: Database) -> None:
+    """A job that fails drops its tasks' payloads (nothing reads them again); another
+    job's stay."""
+    db = any_db
+    failing, _ = db.run_sync(lambda s: add_job(s, tasks=2))
+    other, _ = db.run_sync(lambda s: add_job(s, tasks=1))
+    db.run_sync(lambda s: fail_job(s, failing, "no node could run it", NOW))
+
+    def payloads(s: Session, job_id: str) -> list[int]:
+        lengths = select(func.length(m.Task.payload)).where(m.Task.job_id == job_id)
+        return sorted(s.scalars(lengths))
+
+    assert db.run_sync(lambda s: payloads(s, failing)) == [0, 0]
+    assert db.run_sync(lambda s: payloads(s, other)) == [len(b"payload 0")]
+    job = db.run_sync(lambda s: s.get_one(m.Job, failing))
+    assert (job.status, job.reason, job.finished_at) == (m.FAILED, "no node could run it", NOW)
+
+
 def test_job_retention_is_validated(tmp_path: Path) -> None:
-    args = build_parser().parse_args(["serve", "--job-retention-days", "30"])
-    assert args.job_retention_days == 30
+    """30 days unless told otherwise: a coordinator's database must not grow for ever."""
+    assert build_parser().parse_args(["serve"]).job_retention_days == 30
+    assert CoordinatorConfig(data_dir=tmp_path).job_retention == 30 * DAY
+    args = build_parser().parse_args(["serve", "--job-retention-days", "0"])
+    assert args.job_retention_days == 0
     assert CoordinatorConfig(data_dir=tmp_path, job_retention=30 * DAY).job_retention == 30 * DAY
     with pytest.raises(UsageError, match="job retention must be 0"):
         CoordinatorConfig(data_dir=tmp_path, job_retention=60.0)

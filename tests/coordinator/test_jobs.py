@@ -14,6 +14,7 @@ import pybase64
 import pytest
 from eth_account import Account
 from eth_account.messages import encode_typed_data
+from sqlalchemy import func, select
 
 from nodeclient.coordinator import classes
 from nodeclient.coordinator import models as m
@@ -204,6 +205,9 @@ def test_dispatch_result_and_public_verification(coordinator: Running, rsa_keys)
     assert task["typed_data"]["message"]["proof"] == task["proof"]
     assert coordinator.client.job_result(job["job_id"]) == result
     assert coordinator.client.task_result(task["task_id"]) == result
+    # The payload is no longer kept: nothing reads it once the job has ended.
+    stored = select(func.length(m.Task.payload)).where(m.Task.task_id == task["task_id"])
+    assert coordinator.coord.db.run_sync(lambda s: s.scalar(stored)) == 0
 
 
 def test_declared_resources_go_to_a_node_that_holds_them(coordinator: Running, rsa_keys) -> None:

@@ -3,7 +3,10 @@ what a failed job leaves behind (no sockets: the transactions are called directl
 
 from __future__ import annotations
 
+import asyncio
 import uuid
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from sqlalchemy import select
@@ -11,6 +14,8 @@ from sqlalchemy.orm import Session
 
 from nodeclient.coordinator import models as m
 from nodeclient.coordinator import scheduler
+from nodeclient.coordinator.cli import build_parser
+from nodeclient.coordinator.config import CoordinatorConfig
 from nodeclient.coordinator.scheduler import (
     Candidate,
     assign_tx,
@@ -19,6 +24,7 @@ from nodeclient.coordinator.scheduler import (
 )
 from nodeclient.coordinator.store import Database
 from nodeclient.coordinator.verifier import reject_tx
+from nodeclient.errors import UsageError
 
 NOW = 1_800_000_000.0
 
@@ -424,3 +430,79 @@ def test_a_reject_for_another_lease_changes_nothing(any_db: Database) -> None:
     assert decision.status == "accepted" and lost is not None and not lost.failed
     task = any_db.run_sync(lambda s: s.get_one(m.Task, task_id))
     assert (task.status, task.node_id, task.attempts) == (m.QUEUED, None, 2)
+
+
+HOUR = 3600.0
+
+
+def _attempt(session: Session, task_id: str, leased_at: float, ended_at: float) -> None:
+    session.add(m.TaskAttempt(task_id=task_id, attempt=1, node_id="0x" + "ab" * 20,
+                              leased_at=leased_at, deadline=leased_at + 300, ended_at=ended_at,
+                              outcome="expired"))  # fmt: skip
+
+
+def test_a_job_no_node_takes_fails_after_the_queue_timeout(any_db: Database) -> None:
+    """On the suite's database (PostgreSQL too): a job whose tasks sat queued, none leased,
+    for the timeout since anything last happened to it fails, saying what no node offered;
+    a job that moved within the timeout, one under way, a young one and an ended one stay."""
+    db, timeout = any_db, 24 * HOUR
+    old = NOW - 48 * HOUR
+    stalled, _ = db.run_sync(lambda s: add_job(s, tasks=2, min_tier=3, queued_at=old,
+                                               ram_mb=16_384))  # fmt: skip
+    retried, (retried_task,) = db.run_sync(lambda s: add_job(s, tasks=1, queued_at=old))
+    db.run_sync(lambda s: _attempt(s, retried_task, NOW - 3 * HOUR, NOW - 2 * HOUR))
+    once, (once_task,) = db.run_sync(lambda s: add_job(s, tasks=1, queued_at=old))
+    db.run_sync(lambda s: _attempt(s, once_task, old + HOUR, old + 2 * HOUR))
+    busy, (_, busy_leased) = db.run_sync(lambda s: add_job(s, tasks=2, queued_at=old))
+
+    def lease(s: Session) -> None:
+        task = s.get_one(m.Task, busy_leased)
+        task.status, task.node_id, task.lease_deadline = m.LEASED, "0x" + "cd" * 20, NOW + 60
+
+    db.run_sync(lease)
+    young, _ = db.run_sync(lambda s: add_job(s, tasks=1, queued_at=NOW - HOUR))
+    ended, _ = db.run_sync(lambda s: add_job(s, tasks=1, queued_at=old))
+    db.run_sync(lambda s: scheduler.fail_job(s, ended, "earlier", old + 1))
+
+    failed = dict(db.run_sync(lambda s: scheduler.fail_stalled_tx(s, now=NOW, timeout=timeout)))
+    mine = {stalled, retried, once, busy, young, ended}
+    assert sorted(j for j in failed if j in mine) == sorted([stalled, once])
+    assert failed[stalled] == (
+        "no node took its tasks for 24 h: no online node offered ai.inference at tier 3 or "
+        "above with 16384 MB of RAM a slot; submit it again once one does"
+    )
+
+    def state(s: Session, job_id: str) -> tuple[str, list[str]]:
+        tasks = s.scalars(select(m.Task.status).where(m.Task.job_id == job_id))
+        return s.get_one(m.Job, job_id).status, sorted(tasks)
+
+    assert db.run_sync(lambda s: state(s, stalled)) == (m.FAILED, [m.CANCELLED] * 2)
+    assert db.run_sync(lambda s: state(s, retried))[0] == m.RUNNING
+    assert db.run_sync(lambda s: state(s, busy)) == (m.RUNNING, [m.LEASED, m.QUEUED])
+    assert db.run_sync(lambda s: state(s, young))[0] == m.RUNNING
+    assert db.run_sync(lambda s: s.get_one(m.Job, ended).reason) == "earlier"
+    # Run again: nothing more to fail among these.
+    again = db.run_sync(lambda s: scheduler.fail_stalled_tx(s, now=NOW, timeout=timeout))
+    assert not {j for j, _ in again} & mine
+
+
+def test_the_queue_timeout_is_an_option(tmp_path: Path) -> None:
+    """24 hours unless told otherwise; 0 waits for ever; the hourly sweep applies it."""
+    assert build_parser().parse_args(["serve"]).queue_timeout_hours == 24
+    assert CoordinatorConfig(data_dir=tmp_path).queue_timeout == 24 * HOUR
+    with pytest.raises(UsageError, match="queue timeout must be 0"):
+        CoordinatorConfig(data_dir=tmp_path, queue_timeout=30.0)
+    db = Database(f"sqlite:///{tmp_path / 'c.db'}")
+    try:
+        stalled, _ = db.run_sync(lambda s: add_job(s, tasks=1, queued_at=NOW - 48 * HOUR))
+
+        def coord(timeout: float) -> SimpleNamespace:
+            return SimpleNamespace(db=db, now=lambda: NOW,
+                                   config=SimpleNamespace(queue_timeout=timeout))  # fmt: skip
+
+        assert asyncio.run(scheduler.fail_stalled_jobs(coord(0.0))) == 0  # type: ignore[arg-type]
+        assert asyncio.run(scheduler.fail_stalled_jobs(coord(72 * HOUR))) == 0  # type: ignore[arg-type]
+        assert asyncio.run(scheduler.fail_stalled_jobs(coord(24 * HOUR))) == 1  # type: ignore[arg-type]
+        assert db.run_sync(lambda s: s.get_one(m.Job, stalled).status) == m.FAILED
+    finally:
+        db.close()

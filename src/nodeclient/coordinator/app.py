@@ -23,14 +23,28 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from nodeclient import __version__
 from nodeclient.clock import Clock, SystemClock
 from nodeclient.coordinator.api import BodyLimit, body_limit, build_router, disk_full, error
-from nodeclient.coordinator.blobstore import sweep_blobs
+from nodeclient.coordinator.blobstore import forget_jobs, sweep_once
 from nodeclient.coordinator.config import CoordinatorConfig
 from nodeclient.coordinator.link import LinkSession, TransportAbort
-from nodeclient.coordinator.scheduler import Scheduler
+from nodeclient.coordinator.scheduler import Scheduler, fail_stalled_jobs
 from nodeclient.coordinator.service import Coordinator
 from nodeclient.coordinator.store import Database
 
 log = logging.getLogger("nodeclient.coordinator.http")
+
+
+async def housekeeping(coord: Coordinator) -> None:
+    """Every ``blob_sweep_interval`` seconds (an hour), for as long as it runs: fail the
+    jobs that waited past the queue timeout, delete the finished jobs past their
+    retention, then sweep the blob store."""
+    while True:
+        await asyncio.sleep(coord.config.blob_sweep_interval)
+        try:
+            await fail_stalled_jobs(coord)
+            await forget_jobs(coord)
+            await sweep_once(coord)
+        except Exception:  # a full disk, a database hiccup: try again next time
+            logging.getLogger("nodeclient.coordinator.blobs").exception("blobs.sweep_failed")
 
 
 def create_app(config: CoordinatorConfig, *, clock: Clock | None = None) -> FastAPI:
@@ -44,7 +58,7 @@ def create_app(config: CoordinatorConfig, *, clock: Clock | None = None) -> Fast
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         task = asyncio.create_task(scheduler.run(), name="coordinator-scheduler")
-        sweeper = asyncio.create_task(sweep_blobs(coord), name="coordinator-blob-sweep")
+        sweeper = asyncio.create_task(housekeeping(coord), name="coordinator-housekeeping")
         try:
             yield
         finally:

@@ -224,18 +224,6 @@ async def forget_jobs(coord: Coordinator) -> int:
     return forgotten
 
 
-async def sweep_blobs(coord: Coordinator) -> None:
-    """Every ``blob_sweep_interval`` seconds, for as long as it runs: delete the finished
-    jobs past their retention, then sweep the blob store."""
-    while True:
-        await asyncio.sleep(coord.config.blob_sweep_interval)
-        try:
-            await forget_jobs(coord)
-            await sweep_once(coord)
-        except Exception:  # a full disk, a database hiccup: try again next time
-            log.exception("blobs.sweep_failed")
-
-
 def payload_blobs(max_bytes: int) -> Callable[[str, bytes], list[str]]:
     """``refs(workload_class, payload)``: the blobs a stored task payload references."""
 

@@ -85,8 +85,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--job-retention-days",
         type=float,
-        default=0.0,
+        default=30.0,
         help="delete a finished job, its tasks and results this long after it ended (0: never)",
+    )
+    serve.add_argument(
+        "--queue-timeout-hours",
+        type=float,
+        default=24.0,
+        help="fail a job whose tasks no node has taken for this long (0: wait for ever)",
     )
     serve.add_argument("--lease-seconds", type=float, default=300.0)
     serve.add_argument("--max-attempts", type=int, default=3)
@@ -171,6 +177,7 @@ def _serve(args: argparse.Namespace) -> int:
         max_attempts=args.max_attempts,
         blob_retention=args.blob_retention_hours * 3600,
         job_retention=args.job_retention_days * 86400,
+        queue_timeout=args.queue_timeout_hours * 3600,
     )
     clock: Clock = OffsetFileClock(args.clock_file) if args.clock_file else SystemClock()
     sock = listen(args.host, args.port)  # claim the port before touching the database

@@ -25,6 +25,7 @@ MIB: Final = 1024 * 1024
 # A blob checked for a job is dated then: kept at least this long, the job is recorded
 # long before a sweep could remove it (coordinator/blobstore.py).
 MIN_BLOB_RETENTION: Final = 3600.0
+MIN_QUEUE_TIMEOUT: Final = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,7 +82,10 @@ class CoordinatorConfig:
     blob_sweep_interval: float = 3600.0
     # A finished job (its tasks, results, proofs, attempts) is deleted this long after it
     # finished, at the same sweep (0: kept forever; store.forget_jobs_tx).
-    job_retention: float = 0.0
+    job_retention: float = 30 * 86400.0
+    # A job with tasks queued and none leased for this long, since anything last happened
+    # to it, fails at the same sweep (0: waits for ever; scheduler.fail_stalled_tx).
+    queue_timeout: float = 24 * 3600.0
     max_payload_bytes: int = 32 * MIB  # a task payload and a result travel in one frame
     manifest_max_age: int = 24 * 3600
 
@@ -109,12 +113,18 @@ class CoordinatorConfig:
             raise UsageError("max nodes per wallet must be at least 1")
         if not 1 <= self.chain_id < 2**63:
             raise UsageError("chain id must be positive and below 2**63")
-        if self.blob_retention != 0 and self.blob_retention < MIN_BLOB_RETENTION:
-            raise UsageError("blob retention must be 0 (keep every blob) or at least 1 hour")
         if self.blob_sweep_interval <= 0:
             raise UsageError("the blob sweep interval must be positive")
-        if self.job_retention != 0 and self.job_retention < MIN_BLOB_RETENTION:
-            raise UsageError("job retention must be 0 (keep every job) or at least 1 hour")
+        for value, least, message in (
+            (self.blob_retention, MIN_BLOB_RETENTION, "blob retention must be 0 (keep every "
+             "blob) or at least 1 hour"),
+            (self.job_retention, MIN_BLOB_RETENTION, "job retention must be 0 (keep every "
+             "job) or at least 1 hour"),
+            (self.queue_timeout, MIN_QUEUE_TIMEOUT, "the queue timeout must be 0 (wait for "
+             "ever) or at least 1 minute"),
+        ):  # fmt: skip
+            if value != 0 and value < least:
+                raise UsageError(message)
 
     @property
     def database_url(self) -> str:

@@ -73,6 +73,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from nodeclient.coordinator import models as m
+from nodeclient.coordinator import store
 from nodeclient.errors import ProtocolError, RemoteProtocolError
 from nodeclient.workloads import training as tr
 from nodeclient.workloads.tensors import decode_tensors, encode_tensors
@@ -389,15 +390,15 @@ def close_round(
     if outcome.delta is None:
         why = "; ".join(f"slice {s}: {reason}" for s, reason in outcome.dropped)
         job.train_state = TrainState(state.weights, state.momentum).encode()
-        job.status, job.finished_at = m.FAILED, now
-        job.reason = f"round {r} has no valid pseudo-gradient: {why}"[:4000]
+        reason = f"round {r} has no valid pseudo-gradient: {why}"[:4000]
+        store.end_job(session, job, m.FAILED, now, reason)
         return RoundClose(m.FAILED, cancel, job.job_id)
     weights, momentum = outer_step(state.weights, state.momentum, outcome.delta, config.outer)
     job.train_state = TrainState(weights, momentum).encode()
     if r + 1 >= config.rounds:
         job.result = tr.encode_final(model, weights, round_metrics(session, job.job_id))
         job.result_sha256 = hashlib.sha256(job.result).hexdigest()
-        job.status, job.finished_at = m.SUCCEEDED, now
+        store.end_job(session, job, m.SUCCEEDED, now, None)
         return RoundClose(m.SUCCEEDED, cancel, job.job_id)
     job.round_index = r + 1
     container = tr.weights_container(weights)
@@ -425,7 +426,7 @@ def _fail_job(session: Session, job: m.Job, reason: str, now: float) -> RoundClo
         for t in open_tasks
         if (c := _withdraw(session, t, why, now, outcome="cancelled")) is not None
     )
-    job.status, job.reason, job.finished_at, job.round_deadline = m.FAILED, reason, now, None
+    store.end_job(session, job, m.FAILED, now, reason)
     return RoundClose(m.FAILED, cancel, job.job_id)
 
 

@@ -45,7 +45,7 @@ from sqlalchemy import and_, func, or_, select
 from sqlalchemy.orm import Session
 
 from nodeclient.coordinator import models as m
-from nodeclient.coordinator import rounds
+from nodeclient.coordinator import rounds, store
 from nodeclient.coordinator.service import Coordinator
 from nodeclient.coordinator.store import NodeInfo, after_key, job_resources, leased_counts
 from nodeclient.protocol import envelope, messages
@@ -480,7 +480,6 @@ def fail_job(session: Session, job_id: str, reason: str, now: float) -> list[tup
     job = session.get(m.Job, job_id)
     if job is None or job.status in (m.SUCCEEDED, m.FAILED):
         return []
-    job.status, job.reason, job.finished_at = m.FAILED, reason, now
     cancel: list[tuple[str, str]] = []
     for task in session.scalars(
         select(m.Task).where(m.Task.job_id == job_id, m.Task.status.in_((m.QUEUED, m.LEASED)))
@@ -489,7 +488,67 @@ def fail_job(session: Session, job_id: str, reason: str, now: float) -> list[tup
             cancel.append((task.node_id, task.task_id))
             close_attempt(session, task.task_id, task.node_id, "cancelled", now)
         task.status, task.reason = m.CANCELLED, f"job failed: {reason}"
+    store.end_job(session, job, m.FAILED, now, reason)
     return cancel
+
+
+def _needs(workload_class: str, min_tier: int, ram_mb: int, vram_mb: int) -> str:
+    """What a node must offer to take a job's tasks, in words."""
+    need = f"{workload_class} at tier {min_tier} or above"
+    sizes = [f"{mb} MB of {what}" for what, mb in (("RAM", ram_mb), ("GPU memory", vram_mb)) if mb]
+    return need + (f" with {' and '.join(sizes)} a slot" if sizes else "")
+
+
+def fail_stalled_tx(session: Session, *, now: float, timeout: float) -> list[tuple[str, str]]:
+    """Fail every unfinished job that has had tasks queued, and none leased, for *timeout*
+    seconds since anything last happened to it (its submission, a task queued, a lease
+    begun or ended): no node that could take them has been online meanwhile. Without
+    this, a job that asks for what no node offers would stay queued, and keep its blobs,
+    for ever. Returns ``(job_id, reason)`` of each job failed.
+    """
+    cutoff = now - timeout
+    leased = select(m.Task.job_id).where(m.Task.status == m.LEASED)
+    queued = select(m.Task.job_id).where(m.Task.status == m.QUEUED)
+    rows = session.execute(
+        select(
+            m.Job.job_id, m.Job.workload_class, m.Job.min_tier, m.Job.ram_mb, m.Job.vram_mb,
+            func.max(m.Task.queued_at), func.max(m.TaskAttempt.leased_at),
+            func.max(m.TaskAttempt.ended_at),
+        )
+        .join(m.Task, m.Task.job_id == m.Job.job_id)
+        .outerjoin(m.TaskAttempt, m.TaskAttempt.task_id == m.Task.task_id)
+        .where(
+            m.Job.status.in_((m.QUEUED, m.RUNNING)),
+            m.Job.created_at < cutoff,  # a younger job cannot have waited that long
+            m.Job.job_id.in_(queued),
+            m.Job.job_id.not_in(leased),
+        )
+        .group_by(m.Job.job_id, m.Job.workload_class, m.Job.min_tier, m.Job.ram_mb, m.Job.vram_mb)
+    ).all()  # fmt: skip
+    failed = []
+    for job_id, workload_class, min_tier, ram_mb, vram_mb, *moments in rows:
+        if max((t for t in moments if t is not None), default=0.0) >= cutoff:
+            continue
+        reason = (
+            f"no node took its tasks for {timeout / 3600:g} h: no online node offered "
+            f"{_needs(workload_class, min_tier, ram_mb, vram_mb)}; submit it again once one does"
+        )
+        fail_job(session, job_id, reason, now)
+        failed.append((job_id, reason))
+    return failed
+
+
+async def fail_stalled_jobs(coord: Coordinator) -> int:
+    """``fail_stalled_tx`` with the coordinator's ``queue_timeout`` (0: never); how many."""
+    timeout = coord.config.queue_timeout
+    if not timeout:
+        return 0
+    failed = await coord.db.run(
+        functools.partial(fail_stalled_tx, now=coord.now(), timeout=timeout)
+    )
+    for job_id, reason in failed:
+        log.info("job.failed", extra={"job_id": job_id, "reason": reason})
+    return len(failed)
 
 
 def requeue_or_fail(

@@ -482,6 +482,23 @@ def insert_job(
     return job_id
 
 
+def end_job(session: Session, job: m.Job, status: str, now: float, reason: str | None) -> None:
+    """Mark *job* ended (succeeded or failed) and empty its tasks' payloads.
+
+    Nothing reads a payload once its job has ended: a late result of a task meets its
+    status first. Proofs cover results, which stay until the job's retention ends; a
+    payload (up to ``max_payload_bytes`` a task) would only fill the database meanwhile.
+    """
+    job.status, job.reason, job.finished_at = status, reason, now
+    job.round_deadline = None
+    session.execute(
+        update(m.Task)
+        .where(m.Task.job_id == job.job_id, func.length(m.Task.payload) > 0)
+        .values(payload=b"")
+        .execution_options(synchronize_session=False)
+    )
+
+
 _JOB_BLOBS_FILLED: Final = "job_blobs_filled"
 _UNFINISHED: Final = m.Job.status.not_in((m.SUCCEEDED, m.FAILED))
 

@@ -32,7 +32,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from nodeclient.coordinator import classes, rounds
+from nodeclient.coordinator import classes, rounds, store
 from nodeclient.coordinator import models as m
 from nodeclient.coordinator.scheduler import Lost, close_attempt, requeue_or_fail
 from nodeclient.errors import ProtocolError, SignatureError
@@ -168,17 +168,17 @@ def _finish_job(session: Session, job: m.Job, now: float) -> str | None:
     try:
         result = wclass.assemble([t.result or b"" for t in tasks], json.loads(job.meta))
     except ProtocolError as exc:
-        job.status, job.reason, job.finished_at = m.FAILED, f"assembly failed: {exc}", now
+        store.end_job(session, job, m.FAILED, now, f"assembly failed: {exc}")
         return m.FAILED
     except Exception as exc:  # a bug, or MemoryError: the job fails, the link and result stay
         # Raised, it would roll the acceptance back and drop the link, and the node's
         # re-sent result would meet the same end until the task ran out of attempts.
         log.exception("job.assembly_error", extra={"job_id": job.job_id})
-        job.status, job.finished_at = m.FAILED, now
-        job.reason = f"assembly failed: internal error ({type(exc).__name__})"
+        why = f"assembly failed: internal error ({type(exc).__name__})"
+        store.end_job(session, job, m.FAILED, now, why)
         return m.FAILED
     job.result, job.result_sha256 = result, hashlib.sha256(result).hexdigest()
-    job.status, job.finished_at = m.SUCCEEDED, now
+    store.end_job(session, job, m.SUCCEEDED, now, None)
     return m.SUCCEEDED
 
 
