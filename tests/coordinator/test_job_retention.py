@@ -18,7 +18,8 @@ from nodeclient.coordinator import store
 from nodeclient.coordinator.blobstore import forget_jobs
 from nodeclient.coordinator.cli import build_parser
 from nodeclient.coordinator.config import CoordinatorConfig
-from nodeclient.coordinator.scheduler import fail_job
+from nodeclient.coordinator.scheduler import Scheduler, fail_job
+from nodeclient.coordinator.service import Coordinator
 from nodeclient.coordinator.store import Database
 from nodeclient.errors import UsageError
 from tests.coordinator.test_queue_rules import NOW, add_job
@@ -133,3 +134,101 @@ def test_job_retention_is_validated(tmp_path: Path) -> None:
         CoordinatorConfig(data_dir=tmp_path, job_retention=60.0)
     with pytest.raises(UsageError, match="finite"):
         CoordinatorConfig(data_dir=tmp_path, job_retention=float("nan"))
+
+
+def _node(session: Session, *, seen: float | None, updated: float, proof: bool = False) -> str:
+    """A node row (and its wallet proof) as registration leaves one; its id."""
+    node_id = "0x" + uuid.uuid4().hex + "00000000"
+    session.add(m.Node(
+        node_id=node_id, wallet_address="0x" + "11" * 20, liveness_address="0x" + "22" * 20,
+        pubkey_rsa="pem", hardware_tier=0, region="eu-west", workload_classes="[]",
+        max_parallel_subtasks=1, manifest="{}", manifest_hash="0" * 64, issued_at=int(updated),
+        registered_at=updated, updated_at=updated, last_seq=0, last_seen=seen,
+    ))  # fmt: skip
+    if proof:
+        session.flush()
+        session.add(m.WalletProof(node_id=node_id, wallet_address="0x" + "11" * 20,
+                                  issued_at=int(updated), signature="0x00"))  # fmt: skip
+    return node_id
+
+
+def test_nodes_not_seen_past_retention_go_with_their_wallet_proofs(any_db: Database) -> None:
+    """On the suite's database (PostgreSQL too): a node last seen (or, never linked,
+    registered) before the cut goes, with its wallet proof; one seen since, one linked
+    now, and one holding a lease stay, however old their rows."""
+    db = any_db
+    cut = NOW - 30 * DAY
+    gone = db.run_sync(lambda s: _node(s, seen=cut - DAY, updated=cut - 40 * DAY, proof=True))
+    never_linked = db.run_sync(lambda s: _node(s, seen=None, updated=cut - 1))
+    recent = db.run_sync(lambda s: _node(s, seen=cut + 1, updated=cut - 40 * DAY))
+    linked = db.run_sync(lambda s: _node(s, seen=cut - DAY, updated=cut - DAY))
+    leasing = db.run_sync(lambda s: _node(s, seen=cut - DAY, updated=cut - DAY))
+    db.run_sync(lambda s: add_job(s, tasks=1, status=m.LEASED, node_id=leasing))
+
+    forgotten: list[str] = []
+    after: str | None = ""
+    while after is not None:  # one at a time; a shared database's other old nodes go too
+        batch, after = db.run_sync(
+            lambda s, a=after: store.forget_nodes_tx(
+                s, seen_before=cut, keep={linked}, limit=1, after=a
+            )
+        )
+        forgotten += batch
+    mine = {gone, never_linked, recent, linked, leasing}
+    assert sorted(n for n in forgotten if n in mine) == sorted([gone, never_linked])
+    left = db.run_sync(lambda s: set(s.scalars(select(m.Node.node_id))))
+    assert left & mine == {recent, linked, leasing}
+    proofs = select(func.count()).select_from(m.WalletProof).where(m.WalletProof.node_id == gone)
+    assert db.run_sync(lambda s: s.scalar(proofs)) == 0
+
+
+def test_node_retention_is_an_option(tmp_path: Path) -> None:
+    """30 days unless told otherwise; 0 keeps every node."""
+    assert build_parser().parse_args(["serve"]).node_retention_days == 30
+    assert CoordinatorConfig(data_dir=tmp_path).node_retention == 30 * DAY
+    with pytest.raises(UsageError, match="node retention must be 0"):
+        CoordinatorConfig(data_dir=tmp_path, node_retention=60.0)
+
+
+def test_a_forgotten_node_leaves_nothing_in_memory_unless_it_linked_meanwhile() -> None:
+    """forget_node drops the node's cache entries; a node that linked while its row was
+    deleted keeps them (its link relies on them) and is told 4003 to register again."""
+    closed: list[tuple[int, str]] = []
+
+    class Port:
+        async def close(self, code: int, reason: str) -> None:
+            closed.append((code, reason))
+
+    async def scenario() -> SimpleNamespace:
+        spawned: list[asyncio.Task[None]] = []
+        coord = SimpleNamespace(
+            links={"linked": Port()}, nodes={"linked": 1, "gone": 2},
+            runtime={"linked": 1, "gone": 2}, roster_changed=lambda: None,
+            spawn=lambda coro, what: spawned.append(asyncio.ensure_future(coro)),
+        )  # fmt: skip
+        Coordinator.forget_node(coord, "gone")  # type: ignore[arg-type]
+        Coordinator.forget_node(coord, "linked")  # type: ignore[arg-type]
+        await asyncio.gather(*spawned)
+        return coord
+
+    coord = asyncio.run(scenario())
+    assert coord.nodes == {"linked": 1} and coord.runtime == {"linked": 1}
+    assert closed == [(4003, "not registered: register again")]
+
+
+def test_the_candidate_cache_keeps_no_node_that_is_gone() -> None:
+    """The scheduler's per-node candidate cache is rebuilt from the linked nodes once it
+    holds far more than them: nodes that left for good leave no entry behind."""
+    info = SimpleNamespace(unstaking_until=None, hardware_tier=0, region="eu-west",
+                           workload_classes=frozenset({"ai.inference"}),
+                           max_parallel_subtasks=1, slot_ram_mb=0, slot_vram_mb=0)  # fmt: skip
+    ids = [f"node-{i}" for i in range(3000)]
+    coord = SimpleNamespace(nodes=dict.fromkeys(ids, info),
+                            runtime={i: SimpleNamespace(online=True) for i in ids},
+                            links=dict.fromkeys(ids))  # fmt: skip
+    sched = SimpleNamespace(coord=coord, _cands={})
+    assert len(Scheduler._build_candidates(sched)) == 3000  # type: ignore[arg-type]
+    assert len(sched._cands) == 3000
+    coord.links = {"node-7": None}  # the others left
+    assert [c.node_id for c in Scheduler._build_candidates(sched)] == ["node-7"]  # type: ignore[arg-type]
+    assert list(sched._cands) == ["node-7"]

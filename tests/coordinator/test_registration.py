@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import httpx
 import pytest
 
@@ -259,3 +261,25 @@ def test_healthz_and_openapi(coordinator: Running) -> None:
     spec = httpx.get(coordinator.url + "/openapi.json").json()
     assert "/v1/jobs" in spec["paths"]
     assert "/v1/nodes/{node_id}/unstake" in spec["paths"]
+
+
+def test_a_node_gone_past_the_retention_is_forgotten_and_can_register_again(
+    start_coordinator, rsa_keys
+) -> None:
+    """At the hourly sweep (here every 50 ms), a node not seen for --node-retention-days
+    is deleted: GET answers 404, its wallet's place is free. Back, it registers anew."""
+    running = start_coordinator(blob_sweep_interval=0.05, node_retention=30 * 86400.0)
+    node, other = make_node(rsa_keys, 0), make_node(rsa_keys, 1)  # one wallet
+    running.register(node)
+    running.clock.advance(31 * 86400)
+    end = time.monotonic() + 10
+    while node.node_id in running.coord.nodes:
+        assert time.monotonic() < end, "the node was not forgotten"
+        time.sleep(0.02)
+    assert node.node_id not in running.coord.runtime
+    assert httpx.get(f"{running.url}/v1/nodes/{node.node_id}").status_code == 404
+    assert running.register(other)["prior_registrations"] == []
+    again = running.register(node)
+    assert again["status"] == "registered"
+    assert [p["node_id"] for p in again["prior_registrations"]] == [other.node_id]
+    assert running.link(node)["type"] == "welcome"

@@ -26,6 +26,7 @@ from nodeclient.coordinator.api import BodyLimit, body_limit, build_router, disk
 from nodeclient.coordinator.blobstore import forget_jobs, sweep_once
 from nodeclient.coordinator.config import CoordinatorConfig
 from nodeclient.coordinator.link import LinkSession, TransportAbort
+from nodeclient.coordinator.registry import forget_nodes
 from nodeclient.coordinator.scheduler import Scheduler, fail_stalled_jobs
 from nodeclient.coordinator.service import Coordinator
 from nodeclient.coordinator.store import Database
@@ -35,13 +36,14 @@ log = logging.getLogger("nodeclient.coordinator.http")
 
 async def housekeeping(coord: Coordinator) -> None:
     """Every ``blob_sweep_interval`` seconds (an hour), for as long as it runs: fail the
-    jobs that waited past the queue timeout, delete the finished jobs past their
-    retention, then sweep the blob store."""
+    jobs that waited past the queue timeout, delete the finished jobs and the nodes past
+    their retention, then sweep the blob store."""
     while True:
         await asyncio.sleep(coord.config.blob_sweep_interval)
         try:
             await fail_stalled_jobs(coord)
             await forget_jobs(coord)
+            await forget_nodes(coord)
             await sweep_once(coord)
         except Exception:  # a full disk, a database hiccup: try again next time
             logging.getLogger("nodeclient.coordinator.blobs").exception("blobs.sweep_failed")

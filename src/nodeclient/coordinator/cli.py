@@ -89,6 +89,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="delete a finished job, its tasks and results this long after it ended (0: never)",
     )
     serve.add_argument(
+        "--node-retention-days",
+        type=float,
+        default=30.0,
+        help="delete a node not seen for this long and holding no lease (0: never); "
+        "it registers again if it comes back",
+    )
+    serve.add_argument(
         "--queue-timeout-hours",
         type=float,
         default=24.0,
@@ -178,6 +185,7 @@ def _serve(args: argparse.Namespace) -> int:
         blob_retention=args.blob_retention_hours * 3600,
         job_retention=args.job_retention_days * 86400,
         queue_timeout=args.queue_timeout_hours * 3600,
+        node_retention=args.node_retention_days * 86400,
     )
     clock: Clock = OffsetFileClock(args.clock_file) if args.clock_file else SystemClock()
     sock = listen(args.host, args.port)  # claim the port before touching the database

@@ -86,6 +86,9 @@ class CoordinatorConfig:
     # A job with tasks queued and none leased for this long, since anything last happened
     # to it, fails at the same sweep (0: waits for ever; scheduler.fail_stalled_tx).
     queue_timeout: float = 24 * 3600.0
+    # A node not seen for this long, holding no lease, is deleted at the same sweep (0:
+    # kept forever; registry.forget_nodes). It registers again if it comes back.
+    node_retention: float = 30 * 86400.0
     max_payload_bytes: int = 32 * MIB  # a task payload and a result travel in one frame
     manifest_max_age: int = 24 * 3600
 
@@ -122,6 +125,8 @@ class CoordinatorConfig:
              "job) or at least 1 hour"),
             (self.queue_timeout, MIN_QUEUE_TIMEOUT, "the queue timeout must be 0 (wait for "
              "ever) or at least 1 minute"),
+            (self.node_retention, MIN_BLOB_RETENTION, "node retention must be 0 (keep every "
+             "node) or at least 1 hour"),
         ):  # fmt: skip
             if value != 0 and value < least:
                 raise UsageError(message)

@@ -17,6 +17,7 @@ serialises; the decisions are made here, each in one SQL transaction.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from collections.abc import Mapping
@@ -27,6 +28,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from nodeclient.coordinator import models as m
+from nodeclient.coordinator import store
 from nodeclient.coordinator.config import UNSTAKE_MAX_SKEW_S, SybilPolicy
 from nodeclient.coordinator.service import Coordinator
 from nodeclient.coordinator.store import NodeInfo, node_info
@@ -37,6 +39,7 @@ from nodeclient.protocol.secp import parse_address, parse_signature_hex, to_chec
 from nodeclient.protocol.states import UNSTAKE_COOLDOWN_S
 
 log = logging.getLogger("nodeclient.coordinator.registry")
+_FORGET_BATCH = 500  # nodes deleted a transaction (store.forget_nodes_tx)
 
 
 @dataclass(frozen=True, slots=True)
@@ -236,6 +239,40 @@ async def register(coord: Coordinator, manifest: object) -> Reply:
         },
     )
     return Reply(reply.status, body, reply.node)
+
+
+async def forget_nodes(coord: Coordinator) -> int:
+    """Delete the nodes not seen for ``node_retention`` (0: never) that hold no lease, in
+    batches; how many. A node that comes back registers again (its link is refused 4003,
+    and the daemon registers on that), under the sybil policy of the day."""
+    retention = coord.config.node_retention
+    if not retention:
+        return 0
+    cutoff = coord.now() - retention
+    forgotten, after = 0, ""
+    while True:
+        # Linked nodes, and those seen since (the database learns of heartbeats in
+        # batches), stay whatever their row says.
+        keep = set(coord.links)
+        keep.update(n for n, rt in coord.runtime.items() if (rt.last_seen or 0) >= cutoff)
+        ids, more = await coord.db.run(
+            functools.partial(
+                store.forget_nodes_tx,
+                seen_before=cutoff, keep=keep, limit=_FORGET_BATCH, after=after,
+            )
+        )  # fmt: skip
+        for node_id in ids:
+            coord.forget_node(node_id)
+        forgotten += len(ids)
+        if more is None:
+            break
+        after = more
+    if forgotten:
+        log.info(
+            "nodes.forgotten",
+            extra={"nodes": forgotten, "retention_days": round(retention / 86400, 2)},
+        )
+    return forgotten
 
 
 def _unstake_tx(session: Session, node_id: str, until: int) -> int | None:

@@ -861,6 +861,8 @@ class Scheduler:
                 )  # fmt: skip
                 cache[node_id] = cached = (info, cand)
             out.append(cached[1])
+        if len(cache) > 2 * len(out) + 1024:  # nodes gone for good leave no entry behind
+            self._cands = {c.node_id: cache[c.node_id] for c in out}
         return out
 
     async def run(self) -> None:

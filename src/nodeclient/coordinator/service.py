@@ -196,6 +196,20 @@ class Coordinator:
                 last_seq=info.last_seq, last_seen=info.last_seen, state=info.state
             )
 
+    def forget_node(self, node_id: str) -> None:
+        """Drop a node whose record was deleted (``store.forget_nodes_tx``) from the cache.
+
+        One that linked while its record was being deleted keeps its place here, since its
+        link relies on it, and its link is closed 4003: it registers again, and so has a
+        record again."""
+        link = self.links.get(node_id)
+        if link is not None:
+            self.spawn(link.close(4003, "not registered: register again"), "close")
+            return
+        self.roster_changed()
+        self.nodes.pop(node_id, None)
+        self.runtime.pop(node_id, None)
+
     def set_unstaking(self, node_id: str, until: int) -> None:
         info = self.nodes.get(node_id)
         if info is not None:

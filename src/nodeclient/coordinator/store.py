@@ -333,6 +333,31 @@ def node_row_json(row: m.Node, *, online: bool) -> dict[str, Any]:
     }
 
 
+def forget_nodes_tx(
+    session: Session, *, seen_before: float, keep: Collection[str], limit: int, after: str = ""
+) -> tuple[list[str], str | None]:
+    """Delete the nodes last seen (or, never linked, registered or updated) before
+    *seen_before*, with their wallet proofs: of the first *limit* such nodes by node_id
+    after *after*, those not in *keep* (linked now) and holding no lease. Returns the ids
+    deleted and the key to go on from (None: no more). Tasks and equivocations keep
+    naming a deleted node: its signatures are checked by its address, not by this row."""
+    seen = func.coalesce(m.Node.last_seen, m.Node.updated_at)
+    leased = select(m.Task.node_id).where(m.Task.status == m.LEASED, m.Task.node_id.is_not(None))
+    found = list(
+        session.scalars(
+            select(m.Node.node_id)
+            .where(seen < seen_before, m.Node.node_id > after, m.Node.node_id.not_in(leased))
+            .order_by(m.Node.node_id)
+            .limit(limit)
+        )
+    )
+    ids = [node_id for node_id in found if node_id not in keep]
+    if ids:
+        session.execute(delete(m.WalletProof).where(m.WalletProof.node_id.in_(ids)))
+        session.execute(delete(m.Node).where(m.Node.node_id.in_(ids)))
+    return ids, (found[-1] if len(found) == limit else None)
+
+
 def list_nodes(session: Session) -> list[m.Node]:
     return list(session.scalars(select(m.Node).order_by(m.Node.registered_at, m.Node.node_id)))
 
