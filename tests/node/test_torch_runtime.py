@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import psutil
 import pytest
 import torch
 from sklearn.datasets import load_digits
 from torch import nn
 
 from nodeclient.errors import RemoteProtocolError
+from nodeclient.node import sandbox
+from nodeclient.node.executor import Executor, WorkerConfig
 from nodeclient.node.runtimes import RUNTIMES
 from nodeclient.node.runtimes.torch_train import TorchTrainRuntime, build_model
 from nodeclient.workloads import training as tr
@@ -174,3 +178,37 @@ def test_runtime_is_registered_for_ai_training(tmp_path: Path) -> None:
     assert usable, why
     assert why.startswith("torch ")
     assert isinstance(info.factory(tmp_path), TorchTrainRuntime)
+
+
+def _torch_mapped(pid: int) -> bool:
+    with open(f"/proc/{pid}/maps", encoding="ascii", errors="replace") as fh:
+        return "libtorch" in fh.read()
+
+
+def test_a_worker_imports_torch_at_its_first_slice_outside_the_slices_memory_limit(
+    tmp_path: Path, job: tr.JobRequest, runtime: TorchTrainRuntime
+) -> None:
+    """Workers do not hold torch (~190 MiB each) until a slice comes. Imported then, it
+    counts against the worker, not against the slice's declared memory: a slice that
+    declares 128 MB runs, in the sandbox, and gives the same bytes as in this process."""
+    executor = Executor(
+        slots=1, config=WorkerConfig(cache_dir=tmp_path / "cache", threads=1),
+        mode=sandbox.choose_mode(allow_unsandboxed=False),
+    )  # fmt: skip
+    payload = job.round_zero(2)[0]
+
+    async def scenario() -> tuple[bool, bytes, bool]:
+        try:
+            await executor.warm_up()
+            (worker,) = [p for p in psutil.Process().children(recursive=True)  # not bwrap
+                         if p.cmdline()[1:3] == ["-m", "nodeclient.node.worker"]]  # fmt: skip
+            before = _torch_mapped(worker.pid)
+            result = await executor.run("ai.training", payload, resources={"ram_mb": 128})
+            return before, result, _torch_mapped(worker.pid)
+        finally:
+            await executor.aclose()
+
+    before, result, after = asyncio.run(scenario())
+    assert not before, "torch was loaded before any slice"
+    assert result == runtime.run(payload)
+    assert after

@@ -83,15 +83,28 @@ def default_runtimes() -> dict[str, str]:
 
 
 def default_preload() -> tuple[str, ...]:
-    """Modules of the runtimes usable here, imported when a worker starts."""
+    """Modules of the runtimes usable here, imported when a worker starts (those whose
+    requirements say ``preload``)."""
     from nodeclient.node.runtimes import RUNTIMES
 
     return tuple(
         module
         for info in RUNTIMES.values()
-        if info.usable()[0]
+        if info.requirements.preload and info.usable()[0]
         for module in info.requirements.python_modules
     )
+
+
+def first_use_modules(runtimes: Mapping[str, str]) -> dict[str, list[str]]:
+    """Per workload class of *runtimes*, the modules a worker imports before its first
+    task of that class, outside the task's memory limit (runtimes not preloaded)."""
+    from nodeclient.node.runtimes import RUNTIMES
+
+    return {
+        name: list(RUNTIMES[name].requirements.python_modules)
+        for name in runtimes
+        if name in RUNTIMES and not RUNTIMES[name].requirements.preload
+    }
 
 
 def gpus_from_manifest(manifest: Mapping[str, Any]) -> tuple[tuple[int, int], ...]:
@@ -386,6 +399,7 @@ class Executor:
                 "drop_privileges": sandboxed and as_root,
                 "runtimes": runtimes,
                 "preload": list(preload),
+                "first_use": first_use_modules(runtimes),
                 "limits": self.limits.to_wire(),
                 "max_payload_bytes": self.config.max_payload_bytes,
                 "max_result_bytes": self.config.max_result_bytes,

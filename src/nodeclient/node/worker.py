@@ -225,6 +225,8 @@ class Worker:
         for module in config.get("preload", ()):  # e.g. onnxruntime: the first task is warm
             with contextlib.suppress(ImportError):  # the runtime reports it when a task needs it
                 importlib.import_module(module)
+        # class -> modules imported before its first task here (e.g. torch), then dropped
+        self.first_use: dict[str, list[str]] = dict(config.get("first_use", {}))
         self._threads = threading.active_count()
 
     def serve(self, stream: IO[bytes], *, max_payload: int) -> int:
@@ -286,6 +288,10 @@ class Worker:
         _, hard = resource.getrlimit(resource.RLIMIT_AS)
         try:
             os.chdir(workdir)
+            # Before the task's own limit: the library is the worker's, not the task's.
+            for module in self.first_use.pop(workload_class, ()):
+                with contextlib.suppress(ImportError):  # the runtime says what is missing
+                    importlib.import_module(module)
             _limit_memory(header.get("memory_bytes"), hard)
             result = runtime.run(payload, workdir=workdir, progress=progress)
             if not isinstance(result, bytes):

@@ -45,6 +45,10 @@ class Requirements:
     python_modules: tuple[str, ...] = ()
     gpu: bool = False  # True: cannot run without one; False: uses one when assigned
     min_ram_mb: int = 256
+    # True: python_modules are imported when a worker starts, so the first task is warm.
+    # False: on the worker's first task of the class, before the task's memory limit (a
+    # large library, such as torch's ~190 MiB a worker, is paid only where it is used).
+    preload: bool = True
 
 
 @dataclass(frozen=True, slots=True)
