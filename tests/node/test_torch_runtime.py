@@ -188,7 +188,7 @@ def _torch_mapped(pid: int) -> bool:
 def test_a_worker_imports_torch_at_its_first_slice_outside_the_slices_memory_limit(
     tmp_path: Path, job: tr.JobRequest, runtime: TorchTrainRuntime
 ) -> None:
-    """Workers do not hold torch (~190 MiB each) until a slice comes. Imported then, it
+    """Workers do not hold torch (~125 MiB each) until a slice comes. Imported then, it
     counts against the worker, not against the slice's declared memory: a slice that
     declares 128 MB runs, in the sandbox, and gives the same bytes as in this process."""
     executor = Executor(

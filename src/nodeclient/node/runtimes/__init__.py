@@ -75,7 +75,7 @@ RUNTIMES: dict[str, RuntimeInfo] = {
     "ai.training": RuntimeInfo(
         "ai.training",
         # Slices run for seconds to minutes: a first one may import torch (~2 s) rather
-        # than every worker holding it (~190 MiB each) on nodes that never train.
+        # than every worker holding it (~125 MiB each) on nodes that never train.
         Requirements(python_modules=("torch",), min_ram_mb=1024, preload=False),
         _torch_train,
         _torch_check,

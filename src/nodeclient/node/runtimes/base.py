@@ -47,7 +47,7 @@ class Requirements:
     min_ram_mb: int = 256
     # True: python_modules are imported when a worker starts, so the first task is warm.
     # False: on the worker's first task of the class, before the task's memory limit (a
-    # large library, such as torch's ~190 MiB a worker, is paid only where it is used).
+    # large library, such as torch, ~125 MiB a worker, is paid only where it is used).
     preload: bool = True
 
 
