@@ -317,3 +317,27 @@ def test_runtime_is_registered_and_usable() -> None:
     assert ok
     assert why.startswith(("Blender 3.", "Blender 4."))
     assert info.usable()[0]
+
+
+def test_a_slice_declaring_little_memory_renders_in_the_sandbox(scenes, tmp_path: Path) -> None:
+    """Blender maps ~0.75 GiB before it renders anything (it touches far less): a slice
+    that declares 256 MB of RAM renders in a sandboxed worker, with the same bytes as in
+    this process. Blender's own mapping is not counted against the declaration."""
+    import asyncio
+
+    from nodeclient.node import sandbox
+    from nodeclient.node.executor import Executor, WorkerConfig
+
+    payload = _payload(scenes["cube"], frames=(2, 3))
+    executor = Executor(
+        slots=1, config=WorkerConfig(cache_dir=tmp_path / "cache", threads=1),
+        mode=sandbox.choose_mode(allow_unsandboxed=False),
+    )  # fmt: skip
+
+    async def render() -> bytes:
+        try:
+            return await executor.run(CLASS, payload, resources={"ram_mb": 256})
+        finally:
+            await executor.aclose()
+
+    assert asyncio.run(render()) == BlenderRuntime(threads=1).run(payload, workdir=tmp_path)

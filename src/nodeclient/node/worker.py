@@ -292,7 +292,8 @@ class Worker:
             for module in self.first_use.pop(workload_class, ()):
                 with contextlib.suppress(ImportError):  # the runtime says what is missing
                     importlib.import_module(module)
-            _limit_memory(header.get("memory_bytes"), hard)
+            overhead = getattr(runtime, "address_space_overhead", 0)
+            _limit_memory(header.get("memory_bytes"), hard, overhead=overhead)
             result = runtime.run(payload, workdir=workdir, progress=progress)
             if not isinstance(result, bytes):
                 raise TypeError(f"runtime returned {type(result).__name__}, not bytes")
@@ -348,11 +349,15 @@ class Worker:
         return any(name.isdigit() and int(name) not in mine for name in os.listdir("/proc"))
 
 
-def _limit_memory(memory_bytes: object, hard: int) -> None:
-    """Lower the soft RLIMIT_AS to what the task declared, above what the worker holds."""
+def _limit_memory(memory_bytes: object, hard: int, *, overhead: int = 0) -> None:
+    """Lower the soft RLIMIT_AS to what the task declared, above what the worker holds.
+
+    *overhead*: address space a runtime's own program maps before it does the task's work
+    (a Blender process: shared libraries and allocator arenas, inherited with this limit),
+    which is the runtime's, not the task's."""
     if not isinstance(memory_bytes, int) or memory_bytes <= 0:
         return
-    held = _virtual_memory()
+    held = _virtual_memory() + max(0, overhead)
     soft = hard if hard == resource.RLIM_INFINITY else min(hard, held + memory_bytes)
     resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
 

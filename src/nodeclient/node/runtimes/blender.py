@@ -278,6 +278,10 @@ class BlenderRuntime:
     """Executes ``media.render`` slices; one Blender process per slice."""
 
     workload_class: ClassVar[str] = CLASS
+    # Blender inherits the worker's address-space limit, and an idle `blender -b` maps
+    # about 0.75 GiB (shared libraries, allocator arenas) of which it touches ~0.2: the
+    # worker allows that on top of what a slice declares (worker._limit_memory).
+    address_space_overhead: ClassVar[int] = 1 << 30
 
     def __init__(
         self,
