@@ -5,6 +5,7 @@ An ended job's task payloads go at once."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import uuid
 from pathlib import Path
 from types import SimpleNamespace
@@ -15,7 +16,7 @@ from sqlalchemy.orm import Session
 
 from nodeclient.coordinator import models as m
 from nodeclient.coordinator import store
-from nodeclient.coordinator.blobstore import forget_jobs
+from nodeclient.coordinator.blobstore import forget_jobs, warn_job_retention
 from nodeclient.coordinator.cli import build_parser
 from nodeclient.coordinator.config import CoordinatorConfig
 from nodeclient.coordinator.scheduler import Scheduler, fail_job
@@ -123,6 +124,28 @@ def test_a_failed_job_keeps_no_payload(any_db: Database) -> None:
     assert (job.status, job.reason, job.finished_at) == (m.FAILED, "no node could run it", NOW)
 
 
+def test_a_start_that_will_forget_jobs_says_so(
+    db: Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    """At start, jobs past the retention (an upgrade from a release that kept them all)
+    are counted in a warning that says how to keep them; none, no warning."""
+    old = [db.run_sync(lambda s: add_job(s, tasks=1))[0] for _ in range(2)]
+    for job_id in old:
+        db.run_sync(lambda s, j=job_id: _finish(s, j, m.SUCCEEDED, NOW - 40 * DAY))
+
+    def coord(retention: float) -> SimpleNamespace:
+        return SimpleNamespace(db=db, now=lambda: NOW, config=SimpleNamespace(
+            job_retention=retention, blob_sweep_interval=3600.0))  # fmt: skip
+
+    with caplog.at_level(logging.WARNING, logger="nodeclient.coordinator.blobs"):
+        assert asyncio.run(warn_job_retention(coord(30 * DAY))) == 2  # type: ignore[arg-type]
+        assert asyncio.run(warn_job_retention(coord(60 * DAY))) == 0  # type: ignore[arg-type]
+        assert asyncio.run(warn_job_retention(coord(0.0))) == 0  # type: ignore[arg-type]
+    (record,) = [r for r in caplog.records if r.getMessage() == "jobs.retention_due"]
+    assert record.jobs == 2  # type: ignore[attr-defined]
+    assert "--job-retention-days 0" in record.fix  # type: ignore[attr-defined]
+
+
 def test_job_retention_is_validated(tmp_path: Path) -> None:
     """30 days unless told otherwise: a coordinator's database must not grow for ever."""
     assert build_parser().parse_args(["serve"]).job_retention_days == 30
@@ -154,13 +177,15 @@ def _node(session: Session, *, seen: float | None, updated: float, proof: bool =
 
 def test_nodes_not_seen_past_retention_go_with_their_wallet_proofs(any_db: Database) -> None:
     """On the suite's database (PostgreSQL too): a node last seen (or, never linked,
-    registered) before the cut goes, with its wallet proof; one seen since, one linked
-    now, and one holding a lease stay, however old their rows."""
+    registered) before the cut goes, with its wallet proof; one seen since, one registered
+    again since, one linked now, and one holding a lease stay."""
     db = any_db
     cut = NOW - 30 * DAY
     gone = db.run_sync(lambda s: _node(s, seen=cut - DAY, updated=cut - 40 * DAY, proof=True))
     never_linked = db.run_sync(lambda s: _node(s, seen=None, updated=cut - 1))
     recent = db.run_sync(lambda s: _node(s, seen=cut + 1, updated=cut - 40 * DAY))
+    # linked long ago, registered again since, not linked yet
+    came_back = db.run_sync(lambda s: _node(s, seen=cut - 10 * DAY, updated=cut + 1))
     linked = db.run_sync(lambda s: _node(s, seen=cut - DAY, updated=cut - DAY))
     leasing = db.run_sync(lambda s: _node(s, seen=cut - DAY, updated=cut - DAY))
     db.run_sync(lambda s: add_job(s, tasks=1, status=m.LEASED, node_id=leasing))
@@ -174,10 +199,10 @@ def test_nodes_not_seen_past_retention_go_with_their_wallet_proofs(any_db: Datab
             )
         )
         forgotten += batch
-    mine = {gone, never_linked, recent, linked, leasing}
+    mine = {gone, never_linked, recent, came_back, linked, leasing}
     assert sorted(n for n in forgotten if n in mine) == sorted([gone, never_linked])
     left = db.run_sync(lambda s: set(s.scalars(select(m.Node.node_id))))
-    assert left & mine == {recent, linked, leasing}
+    assert left & mine == {recent, came_back, linked, leasing}
     proofs = select(func.count()).select_from(m.WalletProof).where(m.WalletProof.node_id == gone)
     assert db.run_sync(lambda s: s.scalar(proofs)) == 0
 

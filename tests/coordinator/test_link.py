@@ -7,7 +7,7 @@ import socket
 
 import pytest
 
-from nodeclient.coordinator.link import heartbeat_ack_text
+from nodeclient.coordinator.link import LinkSession, heartbeat_ack_text
 from nodeclient.protocol.messages import HeartbeatAck
 from nodeclient.protocol.secp import Secp256k1Key
 from tests.coordinator.conftest import CHAIN, START, Running, closed_code, make_node
@@ -49,6 +49,30 @@ def test_unregistered_node_closes_4003(coordinator: Running, rsa_keys) -> None:
     node.ws = coordinator.connect()
     node.send(node.auth(node.recv()))
     assert closed_code(node.ws) == (4003, "not registered")
+
+
+def test_a_node_forgotten_while_its_welcome_is_sent_closes_4003(
+    coordinator: Running, rsa_keys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The node retention deletes a node while its handshake awaits the welcome's send:
+    the link is refused 4003 (the node registers again) instead of failing on the cache
+    entry that went with the record, and the node is not attached."""
+    node = make_node(rsa_keys, 0)
+    coordinator.register(node)
+    real_send = LinkSession.send
+
+    async def send(self: LinkSession, frame: dict) -> bool:
+        sent = await real_send(self, frame)
+        if frame.get("type") == "welcome":
+            coordinator.coord.forget_node(node.node_id)  # as registry.forget_nodes would
+        return sent
+
+    monkeypatch.setattr(LinkSession, "send", send)
+    node.ws = coordinator.connect()
+    node.send(node.auth(node.recv()))
+    assert node.recv()["type"] == "welcome"
+    assert closed_code(node.ws) == (4003, "not registered")
+    assert node.node_id not in coordinator.coord.links
 
 
 def test_nonce_mismatch_closes_4001(coordinator: Running, rsa_keys) -> None:

@@ -464,11 +464,14 @@ def test_a_job_no_node_takes_fails_after_the_queue_timeout(any_db: Database) -> 
     ended, _ = db.run_sync(lambda s: add_job(s, tasks=1, queued_at=old))
     db.run_sync(lambda s: scheduler.fail_job(s, ended, "earlier", old + 1))
 
-    failed = dict(db.run_sync(lambda s: scheduler.fail_stalled_tx(s, now=NOW, timeout=timeout)))
+    # No node online at all.
+    failed = dict(db.run_sync(
+        lambda s: scheduler.fail_stalled_tx(s, now=NOW, timeout=timeout, candidates=[])
+    ))  # fmt: skip
     mine = {stalled, retried, once, busy, young, ended}
     assert sorted(j for j in failed if j in mine) == sorted([stalled, once])
     assert failed[stalled] == (
-        "no node took its tasks for 24 h: no online node offered ai.inference at tier 3 or "
+        "no node took its tasks for 24 h: no online node offers ai.inference at tier 3 or "
         "above with 16384 MB of RAM a slot; submit it again once one does"
     )
 
@@ -482,8 +485,58 @@ def test_a_job_no_node_takes_fails_after_the_queue_timeout(any_db: Database) -> 
     assert db.run_sync(lambda s: state(s, young))[0] == m.RUNNING
     assert db.run_sync(lambda s: s.get_one(m.Job, ended).reason) == "earlier"
     # Run again: nothing more to fail among these.
-    again = db.run_sync(lambda s: scheduler.fail_stalled_tx(s, now=NOW, timeout=timeout))
+    again = db.run_sync(
+        lambda s: scheduler.fail_stalled_tx(s, now=NOW, timeout=timeout, candidates=[])
+    )
     assert not {j for j, _ in again} & mine
+
+
+def test_a_job_waiting_its_turn_is_not_failed_by_the_queue_timeout(any_db: Database) -> None:
+    """A job that waited past the timeout while a node that can take it is online (busy
+    with the jobs ahead) waits on; one that only a smaller node is online for fails."""
+    db, timeout, old = any_db, 24 * HOUR, NOW - 48 * HOUR
+    backlog, _ = db.run_sync(lambda s: add_job(s, tasks=1, min_tier=1, queued_at=old))
+    too_big, _ = db.run_sync(lambda s: add_job(s, tasks=1, min_tier=1, queued_at=old,
+                                               ram_mb=16_384))  # fmt: skip
+    online = [node("0xA", tier=1, ram_mb=8192)]
+    failed = dict(db.run_sync(
+        lambda s: scheduler.fail_stalled_tx(s, now=NOW, timeout=timeout, candidates=online)
+    ))  # fmt: skip
+    assert backlog not in failed
+    assert too_big in failed
+    assert db.run_sync(lambda s: s.get_one(m.Job, backlog).status) == m.RUNNING
+
+
+def test_a_render_no_online_node_may_take_fails_after_the_queue_timeout(
+    any_db: Database,
+) -> None:
+    """The retry rules keep a node that failed 3 of a render's slices from the job: when
+    every online node that renders is kept from it, the job fails at the timeout, saying
+    so; while another may take a slice, it waits."""
+    db, timeout, old = any_db, 24 * HOUR, NOW - 48 * HOUR
+    job_id, tasks = db.run_sync(lambda s: add_job(s, tasks=4, workload_class="media.render",
+                                                  queued_at=old))  # fmt: skip
+
+    def failed_on(s: Session, node_id: str) -> None:
+        for task_id in tasks[:3]:  # three slices failed on it, then queued again
+            s.add(m.TaskAttempt(task_id=task_id, attempt=1, node_id=node_id, leased_at=old,
+                                deadline=old + 300, ended_at=old + 1, outcome="rejected"))  # fmt: skip
+
+    db.run_sync(lambda s: failed_on(s, "0xA"))
+    render = frozenset({"media.render"})
+    a = Candidate("0xA", 1, "eu-west", render, 2)
+    b = Candidate("0xB", 1, "eu-west", render, 2)
+
+    def stall(candidates: list[Candidate]) -> dict[str, str]:
+        return dict(db.run_sync(lambda s: scheduler.fail_stalled_tx(
+            s, now=NOW, timeout=timeout, candidates=candidates)))  # fmt: skip
+
+    assert job_id not in stall([a, b])  # b may take them
+    assert stall([a])[job_id] == (
+        "no node took its tasks for 24 h: every online node that offers media.render at "
+        "tier 0 or above has failed this job's tasks, and the retry rules keep them from "
+        "it; submit it again"
+    )
 
 
 def test_the_queue_timeout_is_an_option(tmp_path: Path) -> None:
@@ -500,9 +553,9 @@ def test_the_queue_timeout_is_an_option(tmp_path: Path) -> None:
             return SimpleNamespace(db=db, now=lambda: NOW,
                                    config=SimpleNamespace(queue_timeout=timeout))  # fmt: skip
 
-        assert asyncio.run(scheduler.fail_stalled_jobs(coord(0.0))) == 0  # type: ignore[arg-type]
-        assert asyncio.run(scheduler.fail_stalled_jobs(coord(72 * HOUR))) == 0  # type: ignore[arg-type]
-        assert asyncio.run(scheduler.fail_stalled_jobs(coord(24 * HOUR))) == 1  # type: ignore[arg-type]
+        for timeout, failed in ((0.0, 0), (72 * HOUR, 0), (24 * HOUR, 1)):
+            count = scheduler.fail_stalled_jobs(coord(timeout), [])  # type: ignore[arg-type]
+            assert asyncio.run(count) == failed
         assert db.run_sync(lambda s: s.get_one(m.Job, stalled).status) == m.FAILED
     finally:
         db.close()

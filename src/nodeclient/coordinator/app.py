@@ -13,7 +13,7 @@ import contextlib
 import errno
 import functools
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from fastapi import FastAPI, Request, WebSocket
 from fastapi.exceptions import RequestValidationError
@@ -23,7 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from nodeclient import __version__
 from nodeclient.clock import Clock, SystemClock
 from nodeclient.coordinator.api import BodyLimit, body_limit, build_router, disk_full, error
-from nodeclient.coordinator.blobstore import forget_jobs, sweep_once
+from nodeclient.coordinator.blobstore import forget_jobs, sweep_once, warn_job_retention
 from nodeclient.coordinator.config import CoordinatorConfig
 from nodeclient.coordinator.link import LinkSession, TransportAbort
 from nodeclient.coordinator.registry import forget_nodes
@@ -34,19 +34,28 @@ from nodeclient.coordinator.store import Database
 log = logging.getLogger("nodeclient.coordinator.http")
 
 
-async def housekeeping(coord: Coordinator) -> None:
+async def housekeeping(coord: Coordinator, scheduler: Scheduler) -> None:
     """Every ``blob_sweep_interval`` seconds (an hour), for as long as it runs: fail the
     jobs that waited past the queue timeout, delete the finished jobs and the nodes past
-    their retention, then sweep the blob store."""
+    their retention, then sweep the blob store. A step that fails is logged and tried
+    again next time; the others run regardless."""
+    steps: tuple[tuple[str, Callable[[], Awaitable[object]]], ...] = (
+        ("jobs.stall_check_failed", lambda: fail_stalled_jobs(coord, scheduler.candidates())),
+        ("jobs.forget_failed", lambda: forget_jobs(coord)),
+        ("nodes.forget_failed", lambda: forget_nodes(coord)),
+        ("blobs.sweep_failed", lambda: sweep_once(coord)),
+    )
+    try:
+        await warn_job_retention(coord)
+    except Exception:  # only a warning: the sweeps go on
+        logging.getLogger("nodeclient.coordinator.housekeeping").exception("jobs.count_failed")
     while True:
         await asyncio.sleep(coord.config.blob_sweep_interval)
-        try:
-            await fail_stalled_jobs(coord)
-            await forget_jobs(coord)
-            await forget_nodes(coord)
-            await sweep_once(coord)
-        except Exception:  # a full disk, a database hiccup: try again next time
-            logging.getLogger("nodeclient.coordinator.blobs").exception("blobs.sweep_failed")
+        for event, step in steps:
+            try:
+                await step()
+            except Exception:  # a full disk, a database hiccup: try again next time
+                logging.getLogger("nodeclient.coordinator.housekeeping").exception(event)
 
 
 def create_app(config: CoordinatorConfig, *, clock: Clock | None = None) -> FastAPI:
@@ -60,7 +69,9 @@ def create_app(config: CoordinatorConfig, *, clock: Clock | None = None) -> Fast
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         task = asyncio.create_task(scheduler.run(), name="coordinator-scheduler")
-        sweeper = asyncio.create_task(housekeeping(coord), name="coordinator-housekeeping")
+        sweeper = asyncio.create_task(
+            housekeeping(coord, scheduler), name="coordinator-housekeeping"
+        )
         try:
             yield
         finally:

@@ -205,6 +205,28 @@ async def sweep_once(coord: Coordinator) -> Swept:
     return swept
 
 
+async def warn_job_retention(coord: Coordinator) -> int:
+    """At start: say how many finished jobs the first sweep will delete, an hour from now
+    (an upgrade from a release that kept every job by default finds them all at once)."""
+    retention = coord.config.job_retention
+    if not retention:
+        return 0
+    due = await coord.db.run(
+        functools.partial(store.count_finished_before, finished_before=coord.now() - retention)
+    )
+    if due:
+        log.warning(
+            "jobs.retention_due",
+            extra={
+                "jobs": due,
+                "retention_days": round(retention / 86400, 2),
+                "in_seconds": coord.config.blob_sweep_interval,
+                "fix": "to keep them, restart with --job-retention-days 0 (or a longer one)",
+            },
+        )
+    return due
+
+
 async def forget_jobs(coord: Coordinator) -> int:
     """Delete the jobs finished longer than ``job_retention`` ago, in batches; how many."""
     if not coord.config.job_retention:

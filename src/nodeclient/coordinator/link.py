@@ -294,6 +294,8 @@ class LinkSession:
         features = frozenset(messages.FEATURES)
         # welcome first: attached, the link may get a dispatch, which must not come before it
         await self.send(messages.Welcome(node_id, rt.last_seq, until, features).to_wire())
+        if node_id not in coord.runtime:  # its record was deleted meanwhile (retention)
+            return await self._refuse(4003, "not registered", node_id=node_id)
         old = coord.attach(node_id, self)
         if old is not None:
             await old.close(4004, "replaced by a newer link")

@@ -499,12 +499,16 @@ def _needs(workload_class: str, min_tier: int, ram_mb: int, vram_mb: int) -> str
     return need + (f" with {' and '.join(sizes)} a slot" if sizes else "")
 
 
-def fail_stalled_tx(session: Session, *, now: float, timeout: float) -> list[tuple[str, str]]:
+def fail_stalled_tx(
+    session: Session, *, now: float, timeout: float, candidates: Sequence[Candidate]
+) -> list[tuple[str, str]]:
     """Fail every unfinished job that has had tasks queued, and none leased, for *timeout*
     seconds since anything last happened to it (its submission, a task queued, a lease
-    begun or ended): no node that could take them has been online meanwhile. Without
-    this, a job that asks for what no node offers would stay queued, and keep its blobs,
-    for ever. Returns ``(job_id, reason)`` of each job failed.
+    begun or ended), and whose queued tasks no node of *candidates* (the online ones)
+    may take: none offers what they need, or the retry rules keep every one that does
+    from this job. A job waiting behind others for a node that can take it is never
+    failed. Without this, a job that asks for what no node offers would stay queued,
+    and keep its blobs, for ever. Returns ``(job_id, reason)`` of each job failed.
     """
     cutoff = now - timeout
     leased = select(m.Task.job_id).where(m.Task.status == m.LEASED)
@@ -529,22 +533,39 @@ def fail_stalled_tx(session: Session, *, now: float, timeout: float) -> list[tup
     for job_id, workload_class, min_tier, ram_mb, vram_mb, *moments in rows:
         if max((t for t in moments if t is not None), default=0.0) >= cutoff:
             continue
-        reason = (
-            f"no node took its tasks for {timeout / 3600:g} h: no online node offered "
-            f"{_needs(workload_class, min_tier, ram_mb, vram_mb)}; submit it again once one does"
-        )
+        need = (workload_class, min_tier, ram_mb, vram_mb)
+        able = {c.node_id for c in candidates if c.capacity > 0 and _eligible(c, need)}
+        needs = _needs(*need)
+        waited = f"no node took its tasks for {timeout / 3600:g} h"
+        if not able:
+            reason = f"{waited}: no online node offers {needs}; submit it again once one does"
+        else:
+            policy = RETRY_POLICIES.get(workload_class)
+            if policy is None:
+                continue  # it waits its turn
+            failures = job_failures(session, [job_id]).get(job_id, [])
+            waiting = session.scalars(
+                select(m.Task.task_id).where(m.Task.job_id == job_id, m.Task.status == m.QUEUED)
+            )
+            if any(able - excluded_nodes(policy, t, failures) for t in waiting):
+                continue  # some task may go to one of them: it waits its turn
+            reason = (
+                f"{waited}: every online node that offers {needs} has failed this job's "
+                "tasks, and the retry rules keep them from it; submit it again"
+            )
         fail_job(session, job_id, reason, now)
         failed.append((job_id, reason))
     return failed
 
 
-async def fail_stalled_jobs(coord: Coordinator) -> int:
-    """``fail_stalled_tx`` with the coordinator's ``queue_timeout`` (0: never); how many."""
+async def fail_stalled_jobs(coord: Coordinator, candidates: Sequence[Candidate]) -> int:
+    """``fail_stalled_tx`` with the coordinator's ``queue_timeout`` (0: never) and the
+    online nodes *candidates*; how many."""
     timeout = coord.config.queue_timeout
     if not timeout:
         return 0
     failed = await coord.db.run(
-        functools.partial(fail_stalled_tx, now=coord.now(), timeout=timeout)
+        functools.partial(fail_stalled_tx, now=coord.now(), timeout=timeout, candidates=candidates)
     )
     for job_id, reason in failed:
         log.info("job.failed", extra={"job_id": job_id, "reason": reason})

@@ -336,17 +336,21 @@ def node_row_json(row: m.Node, *, online: bool) -> dict[str, Any]:
 def forget_nodes_tx(
     session: Session, *, seen_before: float, keep: Collection[str], limit: int, after: str = ""
 ) -> tuple[list[str], str | None]:
-    """Delete the nodes last seen (or, never linked, registered or updated) before
-    *seen_before*, with their wallet proofs: of the first *limit* such nodes by node_id
+    """Delete the nodes neither seen nor registered (or updated) since *seen_before*,
+    with their wallet proofs: of the first *limit* such nodes by node_id
     after *after*, those not in *keep* (linked now) and holding no lease. Returns the ids
     deleted and the key to go on from (None: no more). Tasks and equivocations keep
     naming a deleted node: its signatures are checked by its address, not by this row."""
-    seen = func.coalesce(m.Node.last_seen, m.Node.updated_at)
     leased = select(m.Task.node_id).where(m.Task.status == m.LEASED, m.Task.node_id.is_not(None))
     found = list(
         session.scalars(
             select(m.Node.node_id)
-            .where(seen < seen_before, m.Node.node_id > after, m.Node.node_id.not_in(leased))
+            .where(
+                func.coalesce(m.Node.last_seen, 0.0) < seen_before,  # neither linked
+                m.Node.updated_at < seen_before,  # nor registered since
+                m.Node.node_id > after,
+                m.Node.node_id.not_in(leased),
+            )
             .order_by(m.Node.node_id)
             .limit(limit)
         )
@@ -544,6 +548,12 @@ def fill_job_blobs(session: Session, refs: Callable[[str, bytes], Iterable[str]]
         filled += bool(shas)
     session.add(m.Meta(key=_JOB_BLOBS_FILLED, value="1"))
     return filled
+
+
+def count_finished_before(session: Session, *, finished_before: float) -> int:
+    """How many jobs finished before *finished_before* (what ``forget_jobs_tx`` deletes)."""
+    ended = m.Job.status.in_((m.SUCCEEDED, m.FAILED)), m.Job.finished_at < finished_before
+    return int(session.scalar(select(func.count()).select_from(m.Job).where(*ended)) or 0)
 
 
 def forget_jobs_tx(session: Session, *, finished_before: float, limit: int = 100) -> int:
