@@ -17,10 +17,10 @@ import asyncio
 import collections
 import gc
 import json
-import os
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -140,16 +140,34 @@ class Mix:
 
     async def cancelled(self) -> None:
         """A task cancelled while it runs: its worker is killed, and a fresh one started."""
+        executor = self.daemon.executor
         task_id = uuid.uuid4()
         frame = dispatch(self.daemon, self.key.public_key(), self.slow_bytes, task_id)
+        workers = worker_pids()
         await self.daemon._on_frame(frame)
-        await asyncio.sleep(0.05)  # running in its worker now
-        assert task_id in self.daemon.running
+        await until(lambda: str(task_id) in executor._running, "the task to reach a worker")
         await self.daemon._on_frame(json.dumps(messages.Cancel(task_id, "test").to_wire()))
-        deadline = time.monotonic() + 30
-        while task_id in self.daemon.running:
-            assert time.monotonic() < deadline, "the cancelled task did not end"
-            await asyncio.sleep(0.01)
+        await until(lambda: task_id not in self.daemon.running, "the cancelled task to end")
+        await settled(executor)
+        assert len(worker_pids() - workers) == 1, "its worker was not replaced"
+
+
+async def until(done: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + 30
+    while not done():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.005)
+
+
+async def settled(executor: Executor) -> None:
+    """Until no worker is being replaced and every clean-up report is in."""
+    await until(lambda: not executor._restarts, "the workers' replacement")
+    await asyncio.sleep(0.2)
+
+
+def worker_pids() -> set[int]:
+    me = psutil.Process()
+    return {p.pid for p in me.children(recursive=True) if p.name().startswith("python")}
 
 
 def held(daemon: NodeDaemon, work_root: Path) -> dict[str, Any]:
@@ -163,8 +181,8 @@ def held(daemon: NodeDaemon, work_root: Path) -> dict[str, Any]:
         for o in gc.get_objects()
         if str(vars(type(o)).get("__module__", "")).startswith("nodeclient.")
     )
-    # The loop's default executor starts threads as calls overlap, up to its bound: those
-    # are checked against the bound, every other thread exactly.
+    # The loop's default executor starts threads as calls overlap, up to its bound (which
+    # it never passes): every other thread is counted exactly.
     pool = sum(t.name.startswith("asyncio_") for t in threading.enumerate())
     return {
         "fds": me.num_fds(),
@@ -210,7 +228,7 @@ def test_hundreds_of_tasks_leave_the_daemon_and_its_workers_holding_the_same(
     link = Link()
     daemon._ws = link  # type: ignore[assignment]
 
-    async def scenario() -> tuple[dict[str, Any], dict[str, Any], int, int]:
+    async def scenario() -> tuple[dict[str, Any], dict[str, Any], int]:
         await executor.warm_up()
         mix = Mix(daemon, payload_key, link)
         try:
@@ -218,22 +236,20 @@ def test_hundreds_of_tasks_leave_the_daemon_and_its_workers_holding_the_same(
                 await mix.round()
                 if i % 10 == 9:
                     await mix.cancelled()
-            await asyncio.sleep(0.5)  # the workers' clean-up reports, a restart's end
+            await settled(executor)
             before = held(daemon, work_root)
             sent_before = len(link.sent)
             for i in range(60):
                 await mix.round()
                 if i % 10 == 9:
                     await mix.cancelled()
-            await asyncio.sleep(0.5)
-            pool = sum(t.name.startswith("asyncio_") for t in threading.enumerate())
-            return before, held(daemon, work_root), len(link.sent) - sent_before, pool
+            await settled(executor)
+            return before, held(daemon, work_root), len(link.sent) - sent_before
         finally:
             await executor.aclose()
 
-    before, after, frames, pool_threads = asyncio.run(scenario())
+    before, after, frames = asyncio.run(scenario())
     assert frames == 60 * 8  # every task of the measured rounds was answered
     assert daemon.outbox.backlog() == 0, "every result was acknowledged"
     assert before["workers"], "the sandboxed workers are child processes of this one"
     assert after == before
-    assert pool_threads <= min(32, (os.cpu_count() or 1) + 4)  # the default executor's bound
