@@ -18,6 +18,7 @@ from nodeclient.coordinator.cli import build_parser
 from nodeclient.coordinator.config import CoordinatorConfig
 from nodeclient.coordinator.scheduler import (
     Candidate,
+    Scheduler,
     assign_tx,
     node_lost_tx,
     undeliverable_tx,
@@ -507,6 +508,27 @@ def test_a_job_waiting_its_turn_is_not_failed_by_the_queue_timeout(any_db: Datab
     assert db.run_sync(lambda s: s.get_one(m.Job, backlog).status) == m.RUNNING
 
 
+def test_a_node_seen_within_the_queue_timeout_counts_as_able() -> None:
+    """The stall check counts, beside the linked nodes, every node seen within the
+    timeout that is not unstaking: one reconnecting at the sweep's moment still counts."""
+    info = SimpleNamespace(unstaking_until=None, hardware_tier=2, region="eu-west",
+                           workload_classes=frozenset({"ai.inference"}),
+                           max_parallel_subtasks=1, slot_ram_mb=4096, slot_vram_mb=0)  # fmt: skip
+    leaving = SimpleNamespace(**{**vars(info), "unstaking_until": int(NOW) + 86400})
+    coord = SimpleNamespace(
+        nodes={"recent": info, "long_gone": info, "leaving": leaving},
+        runtime={"recent": SimpleNamespace(last_seen=NOW - HOUR),
+                 "long_gone": SimpleNamespace(last_seen=NOW - 48 * HOUR),
+                 "leaving": SimpleNamespace(last_seen=NOW)},
+    )  # fmt: skip
+    linked = node("0xA")
+    sched = SimpleNamespace(coord=coord, candidates=lambda: [linked])
+    seen = Scheduler.seen_since(sched, NOW - 24 * HOUR)  # type: ignore[arg-type]
+    assert sorted(c.node_id for c in seen) == ["0xA", "recent"]
+    (recent,) = [c for c in seen if c.node_id == "recent"]
+    assert (recent.hardware_tier, recent.capacity, recent.ram_mb) == (2, 1, 4096)
+
+
 def test_a_render_no_online_node_may_take_fails_after_the_queue_timeout(
     any_db: Database,
 ) -> None:
@@ -553,8 +575,9 @@ def test_the_queue_timeout_is_an_option(tmp_path: Path) -> None:
             return SimpleNamespace(db=db, now=lambda: NOW,
                                    config=SimpleNamespace(queue_timeout=timeout))  # fmt: skip
 
+        nobody = SimpleNamespace(seen_since=lambda since: [])
         for timeout, failed in ((0.0, 0), (72 * HOUR, 0), (24 * HOUR, 1)):
-            count = scheduler.fail_stalled_jobs(coord(timeout), [])  # type: ignore[arg-type]
+            count = scheduler.fail_stalled_jobs(coord(timeout), nobody)  # type: ignore[arg-type]
             assert asyncio.run(count) == failed
         assert db.run_sync(lambda s: s.get_one(m.Job, stalled).status) == m.FAILED
     finally:

@@ -40,7 +40,7 @@ async def housekeeping(coord: Coordinator, scheduler: Scheduler) -> None:
     their retention, then sweep the blob store. A step that fails is logged and tried
     again next time; the others run regardless."""
     steps: tuple[tuple[str, Callable[[], Awaitable[object]]], ...] = (
-        ("jobs.stall_check_failed", lambda: fail_stalled_jobs(coord, scheduler.candidates())),
+        ("jobs.stall_check_failed", lambda: fail_stalled_jobs(coord, scheduler)),
         ("jobs.forget_failed", lambda: forget_jobs(coord)),
         ("nodes.forget_failed", lambda: forget_nodes(coord)),
         ("blobs.sweep_failed", lambda: sweep_once(coord)),

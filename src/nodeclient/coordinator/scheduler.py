@@ -504,11 +504,12 @@ def fail_stalled_tx(
 ) -> list[tuple[str, str]]:
     """Fail every unfinished job that has had tasks queued, and none leased, for *timeout*
     seconds since anything last happened to it (its submission, a task queued, a lease
-    begun or ended), and whose queued tasks no node of *candidates* (the online ones)
-    may take: none offers what they need, or the retry rules keep every one that does
-    from this job. A job waiting behind others for a node that can take it is never
-    failed. Without this, a job that asks for what no node offers would stay queued,
-    and keep its blobs, for ever. Returns ``(job_id, reason)`` of each job failed.
+    begun or ended), and whose queued tasks no node of *candidates* (those online, or
+    seen within the timeout) may take: none offers what they need, or the retry rules
+    keep every one that does from this job. A job waiting behind others for a node that
+    can take it is never failed. Without this, a job that asks for what no node offers
+    would stay queued, and keep its blobs, for ever. Returns ``(job_id, reason)`` of
+    each job failed.
     """
     cutoff = now - timeout
     leased = select(m.Task.job_id).where(m.Task.status == m.LEASED)
@@ -558,15 +559,17 @@ def fail_stalled_tx(
     return failed
 
 
-async def fail_stalled_jobs(coord: Coordinator, candidates: Sequence[Candidate]) -> int:
-    """``fail_stalled_tx`` with the coordinator's ``queue_timeout`` (0: never) and the
-    online nodes *candidates*; how many."""
+async def fail_stalled_jobs(coord: Coordinator, scheduler: Scheduler) -> int:
+    """``fail_stalled_tx`` with the coordinator's ``queue_timeout`` (0: never), over the
+    nodes online or seen within it; how many."""
     timeout = coord.config.queue_timeout
     if not timeout:
         return 0
-    failed = await coord.db.run(
-        functools.partial(fail_stalled_tx, now=coord.now(), timeout=timeout, candidates=candidates)
+    now = coord.now()
+    stalled = functools.partial(
+        fail_stalled_tx, now=now, timeout=timeout, candidates=scheduler.seen_since(now - timeout)
     )
+    failed = await coord.db.run(stalled)
     for job_id, reason in failed:
         log.info("job.failed", extra={"job_id": job_id, "reason": reason})
     return len(failed)
@@ -862,6 +865,25 @@ class Scheduler:
 
     def candidates(self) -> list[Candidate]:
         return self.roster().candidates
+
+    def seen_since(self, since: float) -> list[Candidate]:
+        """The candidates, and the registered nodes not unstaking that were seen since
+        *since* (a node reconnecting right now is not online, yet may take work soon)."""
+        coord = self.coord
+        out = {c.node_id: c for c in self.candidates()}
+        for node_id, rt in coord.runtime.items():
+            info = coord.nodes.get(node_id)
+            if (
+                node_id not in out
+                and info is not None
+                and info.unstaking_until is None
+                and (rt.last_seen or 0.0) >= since
+            ):
+                out[node_id] = Candidate(
+                    node_id, info.hardware_tier, info.region, info.workload_classes,
+                    info.max_parallel_subtasks, info.slot_ram_mb, info.slot_vram_mb,
+                )  # fmt: skip
+        return list(out.values())
 
     def _build_candidates(self) -> list[Candidate]:
         coord = self.coord
