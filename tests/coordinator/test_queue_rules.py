@@ -472,8 +472,8 @@ def test_a_job_no_node_takes_fails_after_the_queue_timeout(any_db: Database) -> 
     mine = {stalled, retried, once, busy, young, ended}
     assert sorted(j for j in failed if j in mine) == sorted([stalled, once])
     assert failed[stalled] == (
-        "no node took its tasks for 24 h: no online node offers ai.inference at tier 3 or "
-        "above with 16384 MB of RAM a slot; submit it again once one does"
+        "no node took its tasks for 24 h: no node seen in that time offers ai.inference at "
+        "tier 3 or above with 16384 MB of RAM a slot; submit it again once one does"
     )
 
     def state(s: Session, job_id: str) -> tuple[str, list[str]]:
@@ -555,9 +555,9 @@ def test_a_render_no_online_node_may_take_fails_after_the_queue_timeout(
 
     assert job_id not in stall([a, b])  # b may take them
     assert stall([a])[job_id] == (
-        "no node took its tasks for 24 h: every online node that offers media.render at "
-        "tier 0 or above has failed this job's tasks, and the retry rules keep them from "
-        "it; submit it again"
+        "no node took its tasks for 24 h: every node seen in that time that offers "
+        "media.render at tier 0 or above has failed this job's tasks, and the retry rules "
+        "keep them from it; submit it again"
     )
 
 

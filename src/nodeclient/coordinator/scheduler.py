@@ -539,7 +539,9 @@ def fail_stalled_tx(
         needs = _needs(*need)
         waited = f"no node took its tasks for {timeout / 3600:g} h"
         if not able:
-            reason = f"{waited}: no online node offers {needs}; submit it again once one does"
+            reason = (
+                f"{waited}: no node seen in that time offers {needs}; submit it again once one does"
+            )
         else:
             policy = RETRY_POLICIES.get(workload_class)
             if policy is None:
@@ -551,8 +553,8 @@ def fail_stalled_tx(
             if any(able - excluded_nodes(policy, t, failures) for t in waiting):
                 continue  # some task may go to one of them: it waits its turn
             reason = (
-                f"{waited}: every online node that offers {needs} has failed this job's "
-                "tasks, and the retry rules keep them from it; submit it again"
+                f"{waited}: every node seen in that time that offers {needs} has failed this "
+                "job's tasks, and the retry rules keep them from it; submit it again"
             )
         fail_job(session, job_id, reason, now)
         failed.append((job_id, reason))
