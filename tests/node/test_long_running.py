@@ -92,14 +92,15 @@ def ack(task_id: uuid.UUID, of: str) -> str:
 
 
 class Mix:
-    """One round of every outcome a task can have, through the daemon's own frame handler."""
+    """Rounds of the outcomes in the module's docstring, through the daemon's own frame
+    handler."""
 
     def __init__(self, daemon: NodeDaemon, key: rsa.RSAPrivateKey, link: Link) -> None:
         self.daemon, self.key, self.link = daemon, key, link
         self.other_key = rsa.generate_private_key(public_exponent=65537, key_size=3072)
         self.good = make_request(identity_model(), {"x": np.arange(256, dtype=np.float32)})
         self.good_bytes = self.good.encode()
-        x = np.ones((256, 512), np.float32)  # ~1 s a run: still running when cancelled
+        x = np.ones((256, 512), np.float32)  # long enough to be cancelled while it runs
         self.slow_bytes = make_request(slow_model(depth=400), {"x": x}).encode()
 
     async def result(self) -> uuid.UUID:
@@ -120,7 +121,7 @@ class Mix:
         await self.daemon._on_frame(frame)
         await self.link.wait_for("result", task_id, times=2)
         await self.daemon._on_frame(ack(task_id, "result"))
-        # Refused: fails in the worker, sealed to another key, a class not served here.
+        # Refused: a bad payload (by the worker), sealed to another key, a class not served.
         cases = [
             (b"not an inference request", self.key.public_key(), "ai.inference"),
             (self.good_bytes, self.other_key.public_key(), "ai.inference"),
