@@ -12,7 +12,7 @@ own loop (``node.inputs``: the task's deadline and cancellation), with the same 
 
 from __future__ import annotations
 
-from typing import Final
+from typing import Any, Final
 
 import httpx
 
@@ -53,6 +53,22 @@ def read(resp: httpx.Response, *, limit: int) -> bytes:
         if len(body) > limit:
             raise _over(resp, limit)
     return bytes(body)
+
+
+def request(
+    client: httpx.Client, method: str, url: str, *, limit: int, **kwargs: Any
+) -> httpx.Response:
+    """Send a request with *client* and return its answer, read by :func:`read` (as
+    sent, at most *limit* bytes), as an ``httpx.Response`` with its content."""
+    sent = client.build_request(method, url, **kwargs)
+    streamed = client.send(sent, stream=True)
+    try:
+        content = read(streamed, limit=limit)
+    finally:
+        streamed.close()
+    return httpx.Response(
+        streamed.status_code, headers=streamed.headers, content=content, request=sent
+    )
 
 
 async def aread(resp: httpx.Response, *, limit: int) -> bytes:

@@ -32,6 +32,7 @@ from nodeclient.coordinator.service import Coordinator
 from nodeclient.coordinator.store import Database
 
 log = logging.getLogger("nodeclient.coordinator.http")
+housekeeping_logger = logging.getLogger("nodeclient.coordinator.housekeeping")
 
 
 async def housekeeping(coord: Coordinator, scheduler: Scheduler) -> None:
@@ -48,14 +49,14 @@ async def housekeeping(coord: Coordinator, scheduler: Scheduler) -> None:
     try:
         await warn_job_retention(coord)
     except Exception:  # only a warning: the sweeps go on
-        logging.getLogger("nodeclient.coordinator.housekeeping").exception("jobs.count_failed")
+        housekeeping_logger.exception("jobs.count_failed")
     while True:
         await asyncio.sleep(coord.config.blob_sweep_interval)
         for event, step in steps:
             try:
                 await step()
             except Exception:  # a full disk, a database hiccup: try again next time
-                logging.getLogger("nodeclient.coordinator.housekeeping").exception(event)
+                housekeeping_logger.exception(event)
 
 
 def create_app(config: CoordinatorConfig, *, clock: Clock | None = None) -> FastAPI:

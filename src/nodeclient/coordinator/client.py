@@ -83,15 +83,7 @@ class CoordinatorClient:
         applied without an answer (default: a general warning for anything but a GET).
         The answer is read as sent and at most *limit* bytes of it (``httpbody``)."""
         try:
-            request = self._http.build_request(method, path, **kwargs)
-            streamed = self._http.send(request, stream=True)
-            try:
-                content = httpbody.read(streamed, limit=limit)
-            finally:
-                streamed.close()
-            response = httpx.Response(
-                streamed.status_code, headers=streamed.headers, content=content, request=request
-            )
+            response = httpbody.request(self._http, method, path, limit=limit, **kwargs)
         except httpbody.AnswerRefused as exc:
             raise RemoteProtocolError(f"coordinator: {method} {path}: {exc}") from exc
         except _NOT_SENT as exc:
@@ -206,13 +198,13 @@ class CoordinatorClient:
         path: str | None = "/v1/jobs" + (f"?{urlencode(query)}" if query else "")
         while path is not None:
             response = self._request("GET", path)
-            page = _decoded(response, path)
-            if not isinstance(page, list):
+            batch = _decoded(response, path)
+            if not isinstance(batch, list):
                 raise RemoteProtocolError(f"coordinator: {path} did not answer a list")
-            out += page
+            out += batch
             nxt = response.links.get("next", {}).get("url")
             # Only a path of this coordinator's: a Link elsewhere is not followed.
-            path = nxt if page and isinstance(nxt, str) and nxt.startswith("/v1/jobs?") else None
+            path = nxt if batch and isinstance(nxt, str) and nxt.startswith("/v1/jobs?") else None
         return out
 
     def raw_job_result(self, job_id: str) -> bytes:

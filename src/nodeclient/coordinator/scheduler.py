@@ -182,6 +182,14 @@ def _load(c: Candidate, slots: int) -> float:
     return 1.0 - slots / max(c.capacity, 1)  # exactly pick_node's load term
 
 
+def _candidate(node_id: str, info: NodeInfo) -> Candidate:
+    """Registered node *node_id* as the scheduler weighs it."""
+    return Candidate(
+        node_id, info.hardware_tier, info.region, info.workload_classes,
+        info.max_parallel_subtasks, info.slot_ram_mb, info.slot_vram_mb,
+    )  # fmt: skip
+
+
 def _eligible(c: Candidate, need: _Need) -> bool:
     workload_class, min_tier, ram_mb, vram_mb = need
     return (
@@ -881,10 +889,7 @@ class Scheduler:
                 and info.unstaking_until is None
                 and (rt.last_seen or 0.0) >= since
             ):
-                out[node_id] = Candidate(
-                    node_id, info.hardware_tier, info.region, info.workload_classes,
-                    info.max_parallel_subtasks, info.slot_ram_mb, info.slot_vram_mb,
-                )  # fmt: skip
+                out[node_id] = _candidate(node_id, info)
         return list(out.values())
 
     def _build_candidates(self) -> list[Candidate]:
@@ -900,11 +905,7 @@ class Scheduler:
                 continue
             cached = cache.get(node_id)
             if cached is None or cached[0] is not info:
-                cand = Candidate(
-                    node_id, info.hardware_tier, info.region, info.workload_classes,
-                    info.max_parallel_subtasks, info.slot_ram_mb, info.slot_vram_mb,
-                )  # fmt: skip
-                cache[node_id] = cached = (info, cand)
+                cache[node_id] = cached = (info, _candidate(node_id, info))
             out.append(cached[1])
         if len(cache) > 2 * len(out) + 1024:  # nodes gone for good leave no entry behind
             self._cands = {c.node_id: cache[c.node_id] for c in out}

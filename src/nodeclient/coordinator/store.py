@@ -550,10 +550,15 @@ def fill_job_blobs(session: Session, refs: Callable[[str, bytes], Iterable[str]]
     return filled
 
 
+def _finished_before(when: float) -> ColumnElement[bool]:
+    """Jobs that ended (succeeded or failed) before *when*."""
+    return and_(m.Job.status.in_((m.SUCCEEDED, m.FAILED)), m.Job.finished_at < when)
+
+
 def count_finished_before(session: Session, *, finished_before: float) -> int:
     """How many jobs finished before *finished_before* (what ``forget_jobs_tx`` deletes)."""
-    ended = m.Job.status.in_((m.SUCCEEDED, m.FAILED)), m.Job.finished_at < finished_before
-    return int(session.scalar(select(func.count()).select_from(m.Job).where(*ended)) or 0)
+    count = select(func.count()).select_from(m.Job).where(_finished_before(finished_before))
+    return int(session.scalar(count) or 0)
 
 
 def forget_jobs_tx(session: Session, *, finished_before: float, limit: int = 100) -> int:
@@ -562,7 +567,7 @@ def forget_jobs_tx(session: Session, *, finished_before: float, limit: int = 100
     ids = list(
         session.scalars(
             select(m.Job.job_id)
-            .where(m.Job.status.in_((m.SUCCEEDED, m.FAILED)), m.Job.finished_at < finished_before)
+            .where(_finished_before(finished_before))
             .order_by(m.Job.finished_at)
             .limit(limit)
         )

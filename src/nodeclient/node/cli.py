@@ -509,14 +509,12 @@ def cmd_unstake(args: argparse.Namespace) -> int:
     message = {"node_id": node_key.address, "requested_at": int(time.time())}
     sig = eip712.sign_typed(node_key, "Unstake", message, chain_id=config.chain_id)
     try:
-        with httpx.stream(
-            "POST",
-            f"{url}/v1/nodes/{node_key.address}/unstake",
-            json={"message": message, "signature": "0x" + sig.hex()},
-            timeout=30.0,
-            headers=httpbody.IDENTITY,
-        ) as streamed:
-            content = httpbody.read(streamed, limit=1 << 20)  # as sent: a short JSON object
+        with httpx.Client(timeout=30.0, headers=httpbody.IDENTITY) as client:
+            resp = httpbody.request(
+                client, "POST", f"{url}/v1/nodes/{node_key.address}/unstake",
+                json={"message": message, "signature": "0x" + sig.hex()},
+                limit=1 << 20,  # as sent: a short JSON object
+            )  # fmt: skip
     except httpbody.AnswerRefused as exc:
         raise UsageError(
             f"unstake: {url} {exc}; the request may have been accepted: run `nodeclient "
@@ -524,7 +522,6 @@ def cmd_unstake(args: argparse.Namespace) -> int:
         ) from exc
     except (httpx.HTTPError, httpx.InvalidURL) as exc:  # InvalidURL is not an HTTPError
         raise UsageError(f"cannot reach the coordinator at {url}: {exc}") from exc
-    resp = httpx.Response(streamed.status_code, headers=streamed.headers, content=content)
     ends = _unstake_answer(resp, url)
     print(f"unstaking: no new dispatches; the 7-day cooldown ends at {ends}")
     print("work in flight finishes and is delivered; `nodeclient status` shows the countdown")

@@ -54,7 +54,7 @@ import struct
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Final
@@ -222,9 +222,7 @@ class Worker:
                 self.runtimes[workload_class] = _load_factory(spec)(cache)
             except Exception as exc:  # noqa: BLE001 (reported per task; other classes serve on)
                 self.broken[workload_class] = f"{type(exc).__name__}: {exc}"[:300]
-        for module in config.get("preload", ()):  # e.g. onnxruntime: the first task is warm
-            with contextlib.suppress(ImportError):  # the runtime reports it when a task needs it
-                importlib.import_module(module)
+        _import_all(config.get("preload", ()))  # e.g. onnxruntime: the first task is warm
         # class -> modules imported before its first task here (e.g. torch), then dropped
         self.first_use: dict[str, list[str]] = dict(config.get("first_use", {}))
         self._threads = threading.active_count()
@@ -289,9 +287,7 @@ class Worker:
         try:
             os.chdir(workdir)
             # Before the task's own limit: the library is the worker's, not the task's.
-            for module in self.first_use.pop(workload_class, ()):
-                with contextlib.suppress(ImportError):  # the runtime says what is missing
-                    importlib.import_module(module)
+            _import_all(self.first_use.pop(workload_class, ()))
             overhead = getattr(runtime, "address_space_overhead", 0)
             _limit_memory(header.get("memory_bytes"), hard, overhead=overhead)
             result = runtime.run(payload, workdir=workdir, progress=progress)
@@ -347,6 +343,13 @@ class Worker:
         # In the sandbox's PID namespace: pid 1 is bubblewrap's init, the rest is the task's.
         mine = {1, os.getpid()}
         return any(name.isdigit() and int(name) not in mine for name in os.listdir("/proc"))
+
+
+def _import_all(modules: Iterable[str]) -> None:
+    """Import *modules*; one that is missing is left to its runtime to report, per task."""
+    for module in modules:
+        with contextlib.suppress(ImportError):
+            importlib.import_module(module)
 
 
 def _limit_memory(memory_bytes: object, hard: int, *, overhead: int = 0) -> None:
