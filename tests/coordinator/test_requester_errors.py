@@ -68,8 +68,8 @@ def serve_with(monkeypatch: pytest.MonkeyPatch) -> Callable[[Handler], None]:
     monkeypatch.setattr(cli, "POLL_S", 0.0)
 
     def use(handler: Handler) -> None:
-        def client(url: str) -> CoordinatorClient:
-            return CoordinatorClient(url, transport=httpx.MockTransport(handler))
+        def client(url: str, token: str | None = None) -> CoordinatorClient:
+            return CoordinatorClient(url, token=token, transport=httpx.MockTransport(handler))
 
         monkeypatch.setattr(cli, "CoordinatorClient", client)
 

@@ -30,6 +30,7 @@ from nodeclient.coordinator.registry import forget_nodes
 from nodeclient.coordinator.scheduler import Scheduler, fail_stalled_jobs
 from nodeclient.coordinator.service import Coordinator
 from nodeclient.coordinator.store import Database
+from nodeclient.coordinator.tokens import METRICS, REQUESTER, TokenAuth, TokenSet
 
 log = logging.getLogger("nodeclient.coordinator.http")
 housekeeping_logger = logging.getLogger("nodeclient.coordinator.housekeeping")
@@ -61,6 +62,12 @@ async def housekeeping(coord: Coordinator, scheduler: Scheduler) -> None:
 
 def create_app(config: CoordinatorConfig, *, clock: Clock | None = None) -> FastAPI:
     """Build the coordinator app; its state is ``app.state.coordinator``."""
+    guards = {  # read first: a token file that cannot be used stops the start
+        kind: TokenSet(path)
+        for kind, path in ((REQUESTER, config.requester_token_file),
+                           (METRICS, config.metrics_token_file))
+        if path is not None
+    }  # fmt: skip
     if config.db_url is None:
         config.data_dir.mkdir(parents=True, exist_ok=True)
     db = Database(config.database_url)
@@ -95,6 +102,8 @@ def create_app(config: CoordinatorConfig, *, clock: Clock | None = None) -> Fast
     app.state.scheduler = scheduler
     # Bodies are bounded before any route reads them (api.py: BodyLimit).
     app.add_middleware(BodyLimit, limit=functools.partial(body_limit, config))
+    # ... and a guarded route's caller is checked before that (coordinator/tokens.py).
+    app.add_middleware(TokenAuth, guards=guards)
     app.add_middleware(TransportAbort)  # outermost but for errors: sees the server's send
 
     @app.exception_handler(RequestValidationError)

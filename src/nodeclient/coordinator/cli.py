@@ -7,6 +7,8 @@
     nodeclient-coordinator jobs [--json]
     nodeclient-coordinator job JOB_ID [--json]
     nodeclient-coordinator result JOB_ID [-o FILE]
+    nodeclient-coordinator verify JOB_ID [--payload FILE]
+    nodeclient-coordinator token new --file FILE [--label TEXT]
 
 Errors print one line and exit non-zero (``NodeClientError.exit_code``), never a traceback.
 This is the only module that reads the command line.
@@ -15,7 +17,9 @@ This is the only module that reads the command line.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
+import logging
 import os
 import sys
 import time
@@ -27,7 +31,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from nodeclient import __version__, logs
 from nodeclient.clock import Clock, OffsetFileClock, SystemClock
-from nodeclient.coordinator import audit
+from nodeclient.coordinator import audit, tokens
 from nodeclient.coordinator.client import CoordinatorClient, NoAnswer, Unreachable
 from nodeclient.coordinator.config import (
     DEFAULT_HEARTBEAT_INTERVAL,
@@ -39,6 +43,7 @@ from nodeclient.protocol.eip712 import DEVNET_CHAIN_ID
 from nodeclient.text import printable, printable_tree, reader_gone
 
 DEFAULT_COORDINATOR = "http://127.0.0.1:8000"
+TOKEN_ENV = "NODECLIENT_COORDINATOR_TOKEN"  # noqa: S105 (the variable's name)
 POLL_S = 0.5
 # `submit --wait` rides out this many failed polls in a row (a coordinator restarting, a
 # slow answer), waiting a little longer after each, before it gives up.
@@ -61,8 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"nodeclient {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_serve(sub.add_parser("serve", help="run the coordinator (HTTP API and node link)"))
+    _requester_parsers(sub)
+    return parser
 
-    serve = sub.add_parser("serve", help="run the coordinator (HTTP API and node link)")
+
+def _add_serve(serve: argparse.ArgumentParser) -> None:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=_port, default=8000, help="0 lets the OS pick")
     serve.add_argument("--db", default=None, help="SQLAlchemy URL (default: sqlite in data-dir)")
@@ -109,7 +118,26 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="TEST HOOK: add the float offset in this file to the clock (re-read each second)",
     )
+    serve.add_argument(
+        "--requester-token-file", type=Path, default=None,
+        help="require a bearer token from this file (mode 0600, one a line) for jobs, "
+        "results and blob uploads (default: open; re-read when it changes)",
+    )  # fmt: skip
+    serve.add_argument(
+        "--metrics-token-file", type=Path, default=None,
+        help="require a bearer token from this file for /metrics (default: open)",
+    )  # fmt: skip
     serve.add_argument("--log-format", choices=("json", "text"), default="json")
+
+
+def _requester_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    token = sub.add_parser("token", help="make bearer tokens for the requester API or /metrics")
+    token_sub = token.add_subparsers(dest="token_command", required=True)
+    token_new = token_sub.add_parser(
+        "new", help="append a fresh token to a token file (created mode 0600) and print it"
+    )
+    token_new.add_argument("--file", type=Path, required=True, help="the token file")
+    token_new.add_argument("--label", default=None, help="a comment saying whose token it is")
 
     def requester(name: str, help_: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_)
@@ -118,6 +146,11 @@ def build_parser() -> argparse.ArgumentParser:
             default=os.environ.get("NODECLIENT_COORDINATOR", DEFAULT_COORDINATOR),
             help="coordinator URL (default: $NODECLIENT_COORDINATOR or %(default)s)",
         )
+        p.add_argument(
+            "--token-file", type=Path, default=None,
+            help="send the first token in this file (mode 0600) as the bearer token "
+            "(default: $NODECLIENT_COORDINATOR_TOKEN, if set)",
+        )  # fmt: skip
         return p
 
     submit = requester("submit", "submit a job")
@@ -162,7 +195,6 @@ def build_parser() -> argparse.ArgumentParser:
     result = requester("result", "fetch a job's result bytes")
     result.add_argument("job_id")
     result.add_argument("-o", "--output", type=Path, default=None)
-    return parser
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -186,7 +218,15 @@ def _serve(args: argparse.Namespace) -> int:
         job_retention=args.job_retention_days * 86400,
         queue_timeout=args.queue_timeout_hours * 3600,
         node_retention=args.node_retention_days * 86400,
+        requester_token_file=args.requester_token_file,
+        metrics_token_file=args.metrics_token_file,
     )
+    if config.requester_token_file is None and not _loopback(args.host):
+        logging.getLogger("nodeclient.coordinator.http").warning(
+            "auth.requester_routes_open",
+            extra={"host": args.host, "action": "anyone who reaches this address can submit "
+                   "jobs and read results: pass --requester-token-file"},
+        )  # fmt: skip
     clock: Clock = OffsetFileClock(args.clock_file) if args.clock_file else SystemClock()
     sock = listen(args.host, args.port)  # claim the port before touching the database
     try:
@@ -237,8 +277,33 @@ def _wait(client: CoordinatorClient, job_id: str, timeout: float | None) -> dict
         time.sleep(POLL_S * (1 + failures))
 
 
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def _token(args: argparse.Namespace) -> str | None:
+    """The requester's bearer token: --token-file's first, else $NODECLIENT_COORDINATOR_TOKEN."""
+    if args.token_file is None:
+        found = tokens.parse_tokens(os.environ.get(TOKEN_ENV, ""), Path(f"${TOKEN_ENV}"))
+        return found[0] if found else None
+    found, _ = tokens.read_token_file(args.token_file)
+    if not found:
+        raise UsageError(f"{args.token_file} holds no token")
+    return found[0]
+
+
+def _new_token(args: argparse.Namespace) -> int:
+    fresh = tokens.new_token()
+    tokens.append_token(args.file, fresh, label=args.label)
+    print(fresh)
+    return 0
+
+
 def _requester(args: argparse.Namespace) -> int:  # noqa: PLR0911 (one return a command)
-    with CoordinatorClient(args.coordinator) as client:
+    with CoordinatorClient(args.coordinator, token=_token(args)) as client:
         if args.command == "submit":
             payload = _read_payload(args.payload)
             job = client.submit_job(
@@ -331,6 +396,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "serve":
             return _serve(args)
+        if args.command == "token":
+            return _new_token(args)
         code = _requester(args)
         sys.stdout.flush()  # a closed pipe fails here, where it is caught, not at exit
     except NodeClientError as exc:

@@ -55,10 +55,15 @@ class CoordinatorClient:
         *,
         timeout: float = 30.0,
         transport: httpx.BaseTransport | None = None,
+        token: str | None = None,
     ) -> None:
+        """*token*: the bearer token a coordinator with requester tokens asks for."""
         self.base_url = base_url.rstrip("/")
+        headers = dict(httpbody.IDENTITY)
+        if token is not None:
+            headers["Authorization"] = f"Bearer {token}"
         self._http = httpx.Client(
-            base_url=self.base_url, timeout=timeout, transport=transport, headers=httpbody.IDENTITY
+            base_url=self.base_url, timeout=timeout, transport=transport, headers=headers
         )
 
     def __enter__(self) -> CoordinatorClient:

@@ -91,6 +91,10 @@ class CoordinatorConfig:
     node_retention: float = 30 * 86400.0
     max_payload_bytes: int = 32 * MIB  # a task payload and a result travel in one frame
     manifest_max_age: int = 24 * 3600
+    # Bearer-token files guarding the requester routes and /metrics (None: open;
+    # coordinator/tokens.py).
+    requester_token_file: Path | None = None
+    metrics_token_file: Path | None = None
 
     def __post_init__(self) -> None:
         # NaN compares false with everything, so it would pass every range check below

@@ -1,0 +1,226 @@
+"""Bearer tokens on the requester routes and /metrics (coordinator/tokens.py)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from nodeclient.coordinator import tokens
+from nodeclient.coordinator.cli import main
+from nodeclient.coordinator.client import CoordinatorClient
+from nodeclient.coordinator.tokens import TokenFileError, TokenSet
+from nodeclient.errors import RemoteProtocolError
+from tests.coordinator.conftest import Running, inference_payload
+
+ALICE = "alice-token-0123456789abcdef"
+BOB = "bob-token-0123456789abcdefgh"
+
+
+def token_file(path: Path, text: str, mode: int = 0o600) -> Path:
+    path.write_text(text)
+    path.chmod(mode)
+    return path
+
+
+def test_a_token_file_holds_one_token_a_line_with_comments(tmp_path: Path) -> None:
+    path = token_file(tmp_path / "t", f"# requesters\n\n{ALICE}  # alice\n  {BOB}\n")
+    assert tokens.read_token_file(path)[0] == [ALICE, BOB]
+
+
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [
+        ("short-token\n", "line 1: a token has 16 to 512 characters"),
+        (f"{ALICE} {BOB}\n", "line 1: a token is one word"),
+        (f"# x\n{ALICE}\u00e9\n", "line 2: a token is one word of printable ASCII"),
+        ("x" * 513, "a token has 16 to 512 characters"),
+    ],
+)
+def test_a_malformed_token_line_is_refused_with_its_number(
+    tmp_path: Path, text: str, says: str
+) -> None:
+    with pytest.raises(TokenFileError, match=says):
+        tokens.read_token_file(token_file(tmp_path / "t", text))
+
+
+def test_a_token_file_others_may_read_is_refused(tmp_path: Path) -> None:
+    path = token_file(tmp_path / "t", ALICE, mode=0o640)
+    with pytest.raises(TokenFileError, match=r"mode 0640: others may read .* chmod 600"):
+        tokens.read_token_file(path)
+    (tmp_path / "link").symlink_to(token_file(tmp_path / "u", ALICE))
+    with pytest.raises(TokenFileError, match="it is a symlink"):
+        tokens.read_token_file(tmp_path / "link")
+    with pytest.raises(TokenFileError, match="token new --file"):
+        tokens.read_token_file(tmp_path / "missing")
+
+
+def test_token_new_creates_the_file_0600_and_appends(tmp_path: Path, capsys) -> None:
+    path = tmp_path / "requesters.tok"
+    assert main(["token", "new", "--file", str(path), "--label", "alice"]) == 0
+    first = capsys.readouterr().out.strip()
+    assert os.stat(path).st_mode & 0o777 == 0o600
+    path.write_text(path.read_text() + f"{BOB}")  # a last line written without its newline
+    assert main(["token", "new", "--file", str(path)]) == 0
+    second = capsys.readouterr().out.strip()
+    assert len(first) == len(second) == 43 and first != second
+    assert path.read_text() == f"{first}  # alice\n{BOB}\n{second}\n"
+    assert tokens.read_token_file(path)[0] == [first, BOB, second]
+
+
+def test_token_new_refuses_an_unsafe_file_or_label(tmp_path: Path, capsys) -> None:
+    path = token_file(tmp_path / "t", f"{ALICE}\n", mode=0o644)
+    assert main(["token", "new", "--file", str(path)]) == 2
+    assert "mode 0644" in capsys.readouterr().err
+    assert path.read_text() == f"{ALICE}\n"
+    path.chmod(0o600)
+    for label in ("a\nb", "x # y"):
+        assert main(["token", "new", "--file", str(path), "--label", label]) == 2
+    assert path.read_text() == f"{ALICE}\n"
+
+
+def test_a_token_set_follows_its_file_and_fails_closed(tmp_path: Path) -> None:
+    now = [0.0]
+    path = token_file(tmp_path / "t", f"{ALICE}\n")
+    guard = TokenSet(path, clock=lambda: now[0])
+    assert guard.check(ALICE.encode()) is None
+    assert guard.check(BOB.encode()) == "wrong"
+    assert guard.check(None) == "missing"
+    token_file(path, f"{BOB}\n")  # Alice revoked, Bob added
+    assert guard.check(ALICE.encode()) is None  # not looked at again within a second
+    now[0] = 1.5
+    assert guard.check(ALICE.encode()) == "wrong"
+    assert guard.check(BOB.encode()) is None
+    path.chmod(0o644)  # the file turned unsafe: nothing is accepted
+    path.touch()
+    now[0] = 3.0
+    assert guard.check(BOB.encode()) == "unusable"
+    path.chmod(0o600)
+    now[0] = 4.5
+    assert guard.check(BOB.encode()) is None
+    path.unlink()
+    now[0] = 6.0
+    assert guard.check(BOB.encode()) == "unusable"
+
+
+def test_only_digests_of_the_tokens_are_kept(tmp_path: Path) -> None:
+    guard = TokenSet(token_file(tmp_path / "t", f"{ALICE}\n"))
+    assert guard._digests == frozenset({hashlib.sha256(ALICE.encode()).digest()})
+
+
+@pytest.fixture
+def guarded(start_coordinator, tmp_path: Path) -> Running:
+    requesters = token_file(tmp_path / "requesters", f"{ALICE}\n")
+    scrapers = token_file(tmp_path / "metrics", f"{BOB}\n")
+    return start_coordinator(requester_token_file=requesters, metrics_token_file=scrapers)
+
+
+def with_token(running: Running, token: str | None) -> CoordinatorClient:
+    return CoordinatorClient(running.url, token=token)
+
+
+REQUESTER_ROUTES = [
+    ("POST", "/v1/jobs"),
+    ("GET", "/v1/jobs"),
+    ("GET", "/v1/jobs/00000000-0000-0000-0000-000000000000"),
+    ("GET", "/v1/jobs/00000000-0000-0000-0000-000000000000/result"),
+    ("GET", "/v1/tasks/00000000-0000-0000-0000-000000000000/result"),
+    ("POST", "/v1/blobs"),
+]
+
+
+@pytest.mark.parametrize(("method", "path"), REQUESTER_ROUTES)
+def test_requester_routes_need_a_requester_token(guarded: Running, method, path) -> None:
+    for headers in ({}, {"Authorization": f"Bearer {BOB}"}, {"Authorization": f"Basic {ALICE}"}):
+        answer = httpx.request(method, guarded.url + path, headers=headers, content=b"{}")
+        assert answer.status_code == 401, (headers, answer.text)
+        assert answer.headers["www-authenticate"].startswith("Bearer")
+        assert "Authorization: Bearer <token>" in answer.json()["error"]
+    answer = httpx.request(
+        method, guarded.url + path, headers={"Authorization": f"Bearer {ALICE}"}, content=b"{}"
+    )
+    assert answer.status_code != 401
+
+
+def test_an_upload_without_a_token_is_refused_before_its_body_is_read(guarded: Running) -> None:
+    sent, total = 0, 50 * 1024 * 1024
+
+    def chunks() -> Iterator[bytes]:
+        nonlocal sent
+        while sent < total:
+            sent += 65536
+            yield b"x" * 65536
+
+    answer = httpx.post(guarded.url + "/v1/blobs", content=chunks())
+    assert answer.status_code == 401
+    assert answer.headers["connection"] == "close"
+    assert sent < total // 2
+
+
+def test_metrics_need_a_metrics_token(guarded: Running) -> None:
+    assert httpx.get(guarded.url + "/metrics").status_code == 401
+    requester = httpx.get(guarded.url + "/metrics", headers={"Authorization": f"Bearer {ALICE}"})
+    assert requester.status_code == 401  # a requester's token does not open /metrics
+    scraper = httpx.get(guarded.url + "/metrics", headers={"Authorization": f"Bearer {BOB}"})
+    assert scraper.status_code == 200 and 'jobs{status="queued"}' in scraper.text
+
+
+def test_what_nodes_use_stays_open(guarded: Running, rsa_keys) -> None:
+    from tests.coordinator.conftest import make_node
+
+    assert httpx.get(guarded.url + "/healthz").status_code == 200
+    node = make_node(rsa_keys, 0)
+    assert guarded.register(node)["node_id"] == node.node_id  # POST /v1/nodes
+    assert guarded.link(node)["type"] == "welcome"
+    assert httpx.get(guarded.url + "/v1/nodes").status_code == 200
+    digest = with_token(guarded, ALICE).upload_blob(b"model bytes")["sha256"]
+    fetched = httpx.get(guarded.url + f"/v1/blobs/{digest}")
+    assert fetched.status_code == 200 and fetched.content == b"model bytes"
+
+
+def test_a_job_round_trip_with_a_token(guarded: Running) -> None:
+    client = with_token(guarded, ALICE)
+    job = client.submit_job("ai.inference", inference_payload([1.0, 2.0]))
+    assert client.job(job["job_id"])["status"] in ("queued", "running")
+    assert [j["job_id"] for j in client.jobs()] == [job["job_id"]]
+    with pytest.raises(RemoteProtocolError, match="401 no bearer token"):
+        with_token(guarded, None).jobs()
+
+
+def test_the_requester_cli_sends_the_token(guarded: Running, tmp_path: Path, capsys,
+                                           monkeypatch) -> None:  # fmt: skip
+    mine = token_file(tmp_path / "mine", f"# mine\n{ALICE}\n")
+    assert main(["jobs", "--coordinator", guarded.url, "--token-file", str(mine)]) == 0
+    monkeypatch.setenv("NODECLIENT_COORDINATOR_TOKEN", ALICE)
+    assert main(["jobs", "--coordinator", guarded.url]) == 0
+    monkeypatch.setenv("NODECLIENT_COORDINATOR_TOKEN", BOB)
+    assert main(["jobs", "--coordinator", guarded.url]) == 1
+    assert "401 the token is not accepted" in capsys.readouterr().err
+    mine.chmod(0o644)
+    assert main(["jobs", "--coordinator", guarded.url, "--token-file", str(mine)]) == 2
+    assert "chmod 600" in capsys.readouterr().err
+
+
+@pytest.mark.usefixtures("restore_logging")  # serve configures logging before it stops
+def test_a_coordinator_does_not_start_with_an_unusable_token_file(tmp_path: Path, capsys) -> None:
+    bad = token_file(tmp_path / "t", f"{ALICE}\n", mode=0o644)
+    argv = ["serve", "--port", "0", "--data-dir", str(tmp_path / "d")]
+    assert main([*argv, "--requester-token-file", str(bad)]) == 2
+    assert "refusing the token file" in capsys.readouterr().err
+    assert main([*argv, "--metrics-token-file", str(tmp_path / "missing")]) == 2
+    assert "no token file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("host", "loopback"),
+    [("127.0.0.1", True), ("::1", True), ("[::1]", True), ("localhost", True),
+     ("0.0.0.0", False), ("::", False), ("192.0.2.7", False), ("coord.example", False)],
+)  # fmt: skip
+def test_serving_beyond_loopback_without_requester_tokens_is_warned(host, loopback) -> None:
+    from nodeclient.coordinator.cli import _loopback
+
+    assert _loopback(host) is loopback
