@@ -864,3 +864,52 @@ def test_a_dispatch_that_never_left_does_not_start_the_round_clock(
     assert len(again) == 2
     db.run_sync(lambda s: rounds.deadline_tx(s, now=NOW + 4000))
     assert db.run_sync(lambda s: s.get_one(m.Job, job_id).round_deadline) == NOW + 4060
+
+
+def test_a_re_lease_does_not_move_the_round_clock_back(db: Database, digits: tuple) -> None:
+    """The round's deadline runs from its first delivered lease. A slice leased again
+    (its lease expired), then a dispatch that never left: the deadline, recomputed after
+    the undo, still counts from the first lease, not from the re-lease. Before, it moved
+    to the latest lease's time plus the round's deadline."""
+    from nodeclient.coordinator.scheduler import (
+        Candidate,
+        assign_tx,
+        expire_tx,
+        undeliverable_tx,
+    )
+
+    job = _job(digits, rounds=1, inner_steps=2, round_deadline_s=600.0)
+    payload = job.encode()
+    meta, parts = tr.job_meta(payload, len(payload)), tr.split(payload, 2)
+    job_id = db.run_sync(
+        lambda s: store.insert_job(
+            s, workload_class=tr.CLASS, payloads=parts, min_tier=0, region=None, meta=meta,
+            now=NOW,
+        )
+    )  # fmt: skip
+    node = Candidate("0x" + "ab" * 20, 4, "eu-west", frozenset({tr.CLASS}), 2)
+    assert len(db.run_sync(lambda s: assign_tx(s, [node], now=NOW, lease_seconds=300))) == 2
+    db.run_sync(lambda s: rounds.deadline_tx(s, now=NOW + 1))
+    assert db.run_sync(lambda s: s.get_one(m.Job, job_id).round_deadline) == NOW + 600
+    db.run_sync(lambda s: expire_tx(s, now=NOW + 301, max_attempts=3))  # both lost
+    again = db.run_sync(lambda s: assign_tx(s, [node], now=NOW + 302, lease_seconds=300))
+    assert len(again) == 2
+
+    def lose_slice_one(s: Session) -> None:  # its node went away: the lease runs out early
+        task = s.scalars(select(m.Task).where(m.Task.slice_index == 1)).one()
+        task.lease_deadline = NOW + 400
+
+    db.run_sync(lose_slice_one)
+    db.run_sync(lambda s: expire_tx(s, now=NOW + 401, max_attempts=3))
+    third = db.run_sync(lambda s: assign_tx(s, [node], now=NOW + 402, lease_seconds=300))
+    assert [a.attempt for a in third] == [3]
+
+    def undo(s: Session) -> None:
+        for a in third:
+            undeliverable_tx(s, a.task_id, a.node_id, NOW + 402, attempt=a.attempt)
+
+    db.run_sync(undo)
+    assert db.run_sync(lambda s: rounds.deadline_tx(s, now=NOW + 450)) == []
+    assert db.run_sync(lambda s: s.get_one(m.Job, job_id).round_deadline) == NOW + 600
+    assert len(db.run_sync(lambda s: rounds.deadline_tx(s, now=NOW + 601))) == 1
+    assert db.run_sync(lambda s: s.get_one(m.Job, job_id).status) != m.RUNNING

@@ -68,7 +68,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import numpy as np
 import numpy.typing as npt
-from sqlalchemy import func, select
+from sqlalchemy import func, or_, select
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
@@ -472,13 +472,23 @@ def finish_round_tx(session: Session, job: m.Job, now: float) -> str | None:
 def _deadline_step(session: Session, job: m.Job, now: float) -> RoundClose | None:
     """Start the round's clock at its first lease; close the round once it has run out."""
     if job.round_deadline is None:
-        first = session.scalar(
-            select(func.min(m.Task.leased_at)).where(
-                m.Task.job_id == job.job_id, m.Task.round_index == job.round_index
+        # The round's first lease that left (or may yet). A task's own leased_at holds
+        # only its latest delivered lease, which a re-lease moves later, so its attempts
+        # are asked too; a dispatch that never left (undelivered) starts nothing.
+        in_round = (m.Task.job_id == job.job_id, m.Task.round_index == job.round_index)
+        delivered = session.scalar(
+            select(func.min(m.TaskAttempt.leased_at))
+            .join(m.Task, m.Task.task_id == m.TaskAttempt.task_id)
+            .where(
+                *in_round,
+                or_(m.TaskAttempt.outcome.is_(None), m.TaskAttempt.outcome != "undelivered"),
             )
         )
-        if first is None:
+        latest = session.scalar(select(func.min(m.Task.leased_at)).where(*in_round))
+        known = [t for t in (delivered, latest) if t is not None]
+        if not known:
             return None
+        first = min(known)
         config = tr.TrainingConfig.from_dict(json.loads(job.meta)["config"])
         job.round_deadline = first + config.round_deadline_s
     if now < job.round_deadline:
