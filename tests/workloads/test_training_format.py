@@ -364,13 +364,14 @@ def test_a_result_is_held_to_its_own_task(change: dict, reason: str) -> None:
     [{"last_loss": float("nan")}, {"deltas": _zeros(np.inf)}, {"deltas": _zeros(np.nan)}],
     ids=["loss", "inf", "nan"],
 )
-def test_a_diverged_training_is_taken_on_arrival_and_judged_at_the_round(change: dict) -> None:
-    """NaN or infinity is what every node computes for a slice whose training diverges
-    (training is deterministic): refused on arrival, the slice would be retried until the
-    job failed. It is taken, and the round's own check drops it, naming why."""
+def test_a_non_finite_result_is_refused_on_arrival(change: dict) -> None:
+    """NaN or infinity, in a loss or a value, costs a node nothing to send: refused when it
+    arrives (check_slice), as all zeros is, so that its node holds no accepted result for
+    it and the slice goes to another node; the round's close would refuse it too."""
     payload = _job(inner_steps=7).round_zero(2)[1]
     result = _answer(payload, **change)
-    tr.check_slice(result, payload, 1 << 20)
+    with pytest.raises(RemoteProtocolError, match="not finite|NaN or infinity"):
+        tr.check_slice(result, payload, 1 << 20)
     request = tr.SliceRequest.decode(payload)
     pg = tr.PseudoGradient.decode(
         result, shapes=request.model.parameter_shapes(), grad_dtype=request.plan.grad_dtype

@@ -177,8 +177,9 @@ REGISTRY[render.CLASS] = WorkloadClass(
 # ai.training: one shard per slice, R rounds; finished rounds are aggregated by
 # coordinator/rounds.py (verifier._finish_job), so assemble is never reached. check_slice
 # holds a pseudo-gradient to its own task (base weights, shard, steps) and refuses
-# non-finite or all-zero values when it arrives, so that its task goes to another node;
-# the round's close checks them all again, with the checks that need the whole round.
+# non-finite or all-zero values and losses when it arrives, so that its task goes to
+# another node; the round's close checks them all again, with the checks that need the
+# whole round.
 REGISTRY[training.CLASS] = WorkloadClass(
     name=training.CLASS,
     sliceable=True,

@@ -9,12 +9,11 @@ for). Closing a round is one transaction:
    weights (hash) on this slice's shard (hash) for K steps, finite losses and values, not
    all zeros, norm at most ``max_norm``, and, with three valid slices or more, norm at most
    ``reject_ratio`` times the median norm of the *other* slices and at least their lower
-   median over ``reject_ratio``. A slice that fails is dropped with its reason. The
-   hashes, the step count and the all-zero check already ran when the result arrived
-   (training.check_slice, through the verifier), so a forgery was refused there and its
-   task went to another node; they run again here as a second line. A diverged training
-   (NaN or infinity) was accepted on arrival, since every node would return the same, and
-   is dropped here;
+   median over ``reject_ratio``. A slice that fails is dropped with its reason. Every
+   check but the norms already ran when the result arrived (training.check_slice,
+   through the verifier), so a forgery (or a diverged training: NaN or infinity) was
+   refused there and its task went to another node; they run again here as a second
+   line;
 2. with three survivors or more, they are clipped against their median norm ``m``: a
    pseudo-gradient with norm ``n > clip_ratio * m`` is scaled by ``clip_ratio * m / n``;
    then the survivors are averaged;

@@ -760,8 +760,8 @@ def check_pseudo_gradient(
     for *steps* steps, finite losses and values, not all zeros. Returns its values as F32
     and its L2 norm (float64); RemoteProtocolError names the first failure.
 
-    The round's close runs it; the verifier, on arrival, runs all but the finite checks
-    (:func:`check_slice`).
+    The verifier runs it when a result arrives (:func:`check_slice`), and the round's
+    close again, beside the checks that need the whole round.
     """
     _check_identity(pg, base_sha256=base_sha256, shard_sha256=shard_sha256, steps=steps)
     if not (math.isfinite(pg.first_loss) and math.isfinite(pg.last_loss)):
@@ -852,16 +852,17 @@ def check_result(result: bytes, meta: Mapping[str, Any], max_bytes: int) -> None
 
 def check_slice(result: bytes, payload: bytes, max_bytes: int) -> None:
     """A result that answers its own task *payload*: computed from the slice's weights, on
-    its shard, for its steps, and not all zeros.
+    its shard, for its steps, with finite losses and values, and not all zeros
+    (:func:`check_pseudo_gradient`, all of it).
 
     Run when the result arrives, so that a forgery is refused there and its task stays
-    open for another node; were it accepted, it would only be dropped when the round
-    closes, and its slice lost for the round. A training that diverged (a loss or a value
-    that is NaN or infinite) is accepted here: training is deterministic, so every node
-    would return the same, and retrying it would only fail the job; the round's close drops
-    it and the round completes without it. Only the payload's header is read: it is our
-    own stored payload, whose hashes were computed when it was built, so the weights and
-    shard are not hashed again.
+    open for another node; were it accepted, its node would hold an accepted result for
+    no work (NaN or all zeros cost nothing to send), and the slice would only be dropped
+    when the round closes. A training that truly diverged is refused the same way: its
+    slice is tried on other nodes until it has failed on enough of them or the round's
+    deadline passes, and the round then completes without it. Only the payload's header is
+    read: it is our own stored payload, whose hashes were computed when it was built, so
+    the weights and shard are not hashed again.
     """
     asked = read_metadata(payload, max_bytes=len(payload))
     _meta(asked, "slice", frozenset({"model", "weights_sha256", "shard_sha256", "plan"}))
@@ -873,12 +874,10 @@ def check_slice(result: bytes, payload: bytes, max_bytes: int) -> None:
     pg = PseudoGradient.decode(
         result, shapes=model.parameter_shapes(), grad_dtype=plan.grad_dtype, max_bytes=max_bytes
     )
-    _check_identity(
+    check_pseudo_gradient(
         pg, base_sha256=asked["weights_sha256"], shard_sha256=asked["shard_sha256"],
         steps=plan.steps,
     )  # fmt: skip
-    if not any(np.any(a) for a in pg.deltas.values()):  # NaN counts as non-zero here
-        raise RemoteProtocolError(_ALL_ZEROS)
 
 
 def assemble(_results: Sequence[bytes], _meta: Mapping[str, Any]) -> bytes:
