@@ -279,12 +279,38 @@ def test_a_split_whose_slices_would_not_fit_is_refused_before_it_is_built() -> N
     x = np.zeros((4096, 1), np.float32)
     y = (np.arange(4096) % 60).astype(np.int64)
     job = tr.JobRequest(spec, tr.TrainingConfig(), x, y)
-    with pytest.raises(RemoteProtocolError, match="over 33554432"):
+    with pytest.raises(RemoteProtocolError, match=r"\(33554432 less room for headers\)"):
         tr.split(job.encode(), 4096)
     small = _job()
     with pytest.raises(RemoteProtocolError, match="per round together"):
         _with_limits(small, slice_bytes=1 << 20, split_bytes=100)
     assert len(_with_limits(small, slice_bytes=1 << 20, split_bytes=1 << 20)) == 2
+
+
+@pytest.mark.parametrize(("out", "fits"), [(8149, True), (8214, False)])
+def test_a_slice_and_its_result_fit_a_task_payload_with_their_headers(out: int, fits: bool) -> None:
+    """A model whose weights and shard come within a few hundred KiB of MAX_SLICE_BYTES:
+    its slice payload and an honest result would each be over the limit, once their
+    headers are added, so every node's result would be refused after the work was done.
+    Refused at submission instead; one that is accepted fits, headers included."""
+    spec = tr.ModelSpec.parse(
+        [{"type": "Linear", "in": 1, "out": 1020}, {"type": "ReLU"},
+         {"type": "Linear", "in": 1020, "out": out}]
+    )  # fmt: skip
+    job = tr.JobRequest(spec, tr.TrainingConfig(inner_steps=1), np.zeros((2, 1), np.float32),
+                        np.array([0, 1], np.int64))  # fmt: skip
+    if not fits:
+        with pytest.raises(RemoteProtocolError, match="less room for headers"):
+            job.round_zero(1)
+        return
+    [payload] = job.round_zero(1)
+    assert len(payload) <= tr.MAX_SLICE_BYTES
+    request = tr.SliceRequest.decode(payload, max_bytes=len(payload))
+    deltas = {k: np.full(s, 1e-3, np.float32) for k, s in spec.parameter_shapes().items()}
+    result = tr.PseudoGradient(deltas, request.weights_sha256, request.shard_sha256, 1, 0.7,
+                               0.6).encode()  # fmt: skip
+    assert len(result) <= tr.MAX_SLICE_BYTES
+    tr.check_slice(result, payload, tr.MAX_SLICE_BYTES)
 
 
 def _with_limits(job: tr.JobRequest, *, slice_bytes: int, split_bytes: int) -> list[bytes]:

@@ -53,6 +53,10 @@ MAX_PARAMETERS: Final = 1 << 26
 # slice's payload is bounded by what a task payload may be (the coordinator's default
 # max_payload_bytes), all of a round's together by what the coordinator holds at once.
 MAX_SLICE_BYTES: Final = 32 * 1024 * 1024
+# What a slice's containers add to its weights and shard (the model's JSON, at most 64 KiB,
+# the plan, a tensor entry per parameter), and its result's to the weights it sends back:
+# held back from MAX_SLICE_BYTES, so that neither is refused at a task payload's limit.
+SLICE_HEADER_ROOM: Final = 256 * 1024
 MAX_SPLIT_BYTES: Final = 1 << 30
 MAX_JSON_CHARS: Final = 64 * 1024
 # Rounds x slices of one job: the final result carries a metrics entry per slice and round
@@ -565,8 +569,8 @@ class JobRequest:
 
     def round_zero(self, slices: int) -> list[bytes]:
         """The task payloads of round 0, one per slice (refused, before any is built, when
-        they would be over MAX_SLICE_BYTES each or MAX_SPLIT_BYTES together, or when the
-        job's rounds times slices is over MAX_SLICE_ROUNDS)."""
+        they would be over MAX_SLICE_BYTES each, headers included, or MAX_SPLIT_BYTES
+        together, or when the job's rounds times slices is over MAX_SLICE_ROUNDS)."""
         if slices * self.config.rounds > MAX_SLICE_ROUNDS:
             raise RemoteProtocolError(
                 f"{self.config.rounds} rounds of {slices} slices make "
@@ -576,11 +580,12 @@ class JobRequest:
         shards = self.shards(slices)
         weight_bytes = 4 * sum(math.prod(s) for s in self.model.parameter_shapes().values())
         largest = weight_bytes + max(map(len, shards))
-        if largest > MAX_SLICE_BYTES:
+        if largest > MAX_SLICE_BYTES - SLICE_HEADER_ROOM:
             raise RemoteProtocolError(
                 f"a slice would carry {largest} bytes (the model's {weight_bytes} bytes of "
-                f"weights and its shard), over {MAX_SLICE_BYTES}: every slice carries the "
-                "whole model; use a smaller model or more slices"
+                f"weights and its shard), over {MAX_SLICE_BYTES - SLICE_HEADER_ROOM} "
+                f"({MAX_SLICE_BYTES} less room for headers): every slice carries the whole "
+                "model, and its result as many bytes again; use a smaller model or more slices"
             )
         total = slices * weight_bytes + sum(map(len, shards))
         if total > MAX_SPLIT_BYTES:
