@@ -9,6 +9,9 @@ from __future__ import annotations
 import configparser
 import shutil
 import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,6 +19,30 @@ import pytest
 from nodeclient.errors import UsageError
 from nodeclient.node import service
 from nodeclient.node.cli import main
+
+_CODE_PATHS = service._code_paths  # before the fixture below replaces it
+
+
+@pytest.fixture
+def open_dir() -> Iterator[Path]:
+    """A directory every user may enter (pytest's own temporary directories are 0700)."""
+    path = Path(tempfile.mkdtemp(prefix="nodeclient-service-"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path)
+
+
+@pytest.fixture(autouse=True)
+def _system_install(open_dir: Path, monkeypatch) -> None:
+    """The unit's tests run as if nodeclient were a system-wide install: a console script
+    in a directory every user may enter, run by /usr/bin/python3. (This test process's
+    own interpreter may live under /root, mode 0700, which `service install` refuses:
+    tested at the end.)"""
+    script = open_dir / "nodeclient"
+    script.write_text("#!/usr/bin/python3\n")
+    script.chmod(0o755)
+    monkeypatch.setattr(service, "find_executable", lambda: script)
+    monkeypatch.setattr(service, "_code_paths", lambda: (Path("/usr/lib"),))
 
 
 def exe() -> Path:
@@ -184,3 +211,56 @@ def test_protect_home_hides_homes_unless_the_code_lives_there() -> None:
         executable=Path("/usr/bin/nodeclient"), code_paths=(Path("/home/op/.venv"),)
     )
     assert "ProtectHome=read-only\n" in service.render_unit(user)
+
+
+def _private(base: Path) -> tuple[Path, Path]:
+    """A script whose interpreter lives in a directory only its owner may enter."""
+    private = base / "private"
+    (private / "bin").mkdir(parents=True)
+    real = private / "bin" / "python3.11"
+    real.write_text("")
+    private.chmod(0o700)
+    venv = base / "venv" / "bin"
+    venv.mkdir(parents=True)
+    (venv / "python3").symlink_to(real)  # a virtual environment's interpreter is a link
+    script = venv / "nodeclient"
+    script.write_text(f"#!{venv / 'python3'}\n# a console script\n")
+    script.chmod(0o755)
+    return private, script
+
+
+def test_an_interpreter_the_units_user_cannot_reach_is_refused(
+    open_dir: Path, tmp_path: Path, capsys
+) -> None:
+    """The interpreter behind --executable (a venv's, linked to one under a private
+    directory, as /root is 0700): the unit's user could not start it, so no unit is
+    written and the error says where to install instead."""
+    private, script = _private(open_dir)
+    assert service.code_paths_for(script, ours=False) == (private / "bin",)
+    rc, path = install(tmp_path, "--executable", str(script))
+    err = capsys.readouterr().err
+    assert rc == 2 and not path.exists()
+    assert f"{private} (mode 0700, uid 0) keeps nodeclient from {private / 'bin'}" in err
+    assert "203/EXEC" in err and "/usr/bin/python3 -m venv /opt/nodeclient" in err
+    private.chmod(0o711)  # others may pass through: the unit can start
+    assert install(tmp_path, "--executable", str(script))[0] == 0
+
+
+def test_who_may_reach_a_path(open_dir: Path) -> None:
+    """root reaches everything; a user that does not exist yet is judged by the other
+    bits, an existing one by the owner's, the group's or the other bits as they apply."""
+    private, _ = _private(open_dir)
+    inside = private / "bin"
+    assert service.unreachable("root", (inside,)) is None
+    assert service.unreachable("no-such-user-x", (inside,)) is not None
+    assert service.unreachable("nobody", (inside,)) is not None
+    assert service.unreachable("nobody", (Path("/usr/bin"),)) is None
+    private.chmod(0o701)
+    assert service.unreachable("nobody", (inside,)) is None
+
+
+def test_this_installs_code_paths_include_the_base_interpreter() -> None:
+    """In a virtual environment sys.prefix is the venv: the interpreter it links to, and
+    its standard library, live under sys.base_prefix, which must be reachable too."""
+    assert Path(sys.base_prefix).resolve() in _CODE_PATHS()
+    assert Path(sys.executable).resolve().parent in _CODE_PATHS()

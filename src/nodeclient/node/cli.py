@@ -629,7 +629,17 @@ def cmd_service_install(args: argparse.Namespace) -> int:
     # Only the --home flag, not $NODECLIENT_HOME: that names this shell's home, while the
     # unit's must be a state directory under /var/lib.
     home = Path(args.home) if args.home else service.DEFAULT_HOME
-    opts = service.UnitOptions(executable=exe, user=args.user, home=home)
+    code = service.code_paths_for(exe, ours=args.executable is None)
+    opts = service.UnitOptions(executable=exe, user=args.user, home=home, code_paths=code)
+    blocked = service.unreachable(opts.user, (exe, *code))
+    if blocked is not None:
+        raise UsageError(
+            f"the unit could not start: {blocked} (its interpreter or code), and systemd "
+            "would fail with status 203/EXEC; install nodeclient where every user can read "
+            "it, e.g. with the system's Python: /usr/bin/python3 -m venv /opt/nodeclient && "
+            "/opt/nodeclient/bin/pip install <nodeclient checkout>, then pass --executable "
+            "/opt/nodeclient/bin/nodeclient"
+        )
     path = service.write_unit(Path(args.output), service.render_unit(opts))
     print("\n".join(service.next_steps(path, opts)))
     return 0
@@ -715,9 +725,14 @@ def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915 (one block per c
     dr.add_argument("--json", action="store_true")
     dr.set_defaults(handler=cmd_doctor)
 
-    sv = sub.add_parser("service", parents=[common], help="run the daemon under systemd")
+    sv = sub.add_parser("service", help="run the daemon under systemd")
     svsub = sv.add_subparsers(dest="service_command", required=True, metavar="ACTION")
-    si = svsub.add_parser("install", parents=[common], help="write a hardened systemd unit")
+    si = svsub.add_parser("install", help="write a hardened systemd unit")
+    si.add_argument(
+        "--home", default=None, metavar="DIR",
+        help="the unit's node home, directly under /var/lib (default /var/lib/nodeclient; "
+        "$NODECLIENT_HOME is not used)",
+    )  # fmt: skip
     si.add_argument("--user", default="nodeclient", help="system user (default nodeclient)")
     si.add_argument("--output", default="/etc/systemd/system/nodeclient.service", metavar="PATH")
     si.add_argument("--executable", metavar="PATH", help="nodeclient binary (default: PATH)")
@@ -727,7 +742,7 @@ def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915 (one block per c
     u.add_argument("--coordinator", metavar="URL", help="coordinator base URL (default: config)")
     u.set_defaults(handler=cmd_unstake)
 
-    dv = sub.add_parser("devnet", parents=[common], help="run a whole network on this machine")
+    dv = sub.add_parser("devnet", help="run a whole network on this machine (its own homes)")
     dv.add_argument("--nodes", type=int, default=2, help="number of node daemons (default 2)")
     dv.add_argument("--jobs", type=int, default=4, help="demo inference jobs to submit")
     dv.add_argument("--serve", action="store_true", help="keep running until interrupted")
@@ -751,6 +766,7 @@ def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915 (one block per c
     wp.add_argument("--json", action="store_true", help="print only the typed data")
     wp.set_defaults(handler=cmd_wallet_proof)
 
+    # --home is accepted (and unused) as on every other command, for scripts that pass it.
     pr = sub.add_parser("proof", parents=[common], help="compute a proof of execution for a file")
     pr.add_argument("--task-id", required=True, metavar="UUID")
     pr.add_argument("--node-id", required=True, metavar="0x…")

@@ -24,8 +24,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pwd
 import re
 import shutil
+import stat
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,9 +52,76 @@ _HOME_ROOTS: Final = (Path("/home"), Path("/root"), Path("/run/user"))
 
 
 def _code_paths() -> tuple[Path, ...]:
+    """Where this process's interpreter, its standard library and nodeclient live (a
+    virtual environment's prefix is not its interpreter's: both count)."""
     import nodeclient
 
-    return (Path(sys.prefix).resolve(), Path(nodeclient.__file__).resolve().parent)
+    found = (
+        Path(sys.prefix).resolve(),
+        Path(sys.base_prefix).resolve(),
+        Path(sys.executable).resolve().parent,
+        Path(nodeclient.__file__).resolve().parent,
+    )
+    return tuple(dict.fromkeys(found))
+
+
+def interpreter_of(executable: Path) -> Path | None:
+    """The interpreter named by *executable*'s ``#!`` line (a console script's), resolved,
+    or None (a binary, an ``env`` lookup, an unreadable file)."""
+    try:
+        with executable.open("rb") as fh:
+            first = fh.readline(4096)
+    except OSError:
+        return None
+    if not first.startswith(b"#!"):
+        return None
+    words = first[2:].split()
+    if not words or not words[0].startswith(b"/") or words[0].endswith(b"/env"):
+        return None
+    return Path(os.fsdecode(words[0])).resolve()
+
+
+def code_paths_for(executable: Path, *, ours: bool) -> tuple[Path, ...]:
+    """What the unit's daemon loads: the directory of the interpreter *executable* names,
+    and, when *executable* is this very install (*ours*), this process's code paths."""
+    interpreter = interpreter_of(executable)
+    found = [interpreter.parent] if interpreter is not None else []
+    return tuple(dict.fromkeys([*found, *(_code_paths() if ours else ())]))
+
+
+def _ids(user: str) -> tuple[int, set[int]] | None:
+    """(uid, gids) of *user*, or None if it does not exist yet (useradd comes later)."""
+    try:
+        entry = pwd.getpwnam(user)
+    except KeyError:
+        return None
+    return entry.pw_uid, set(os.getgrouplist(user, entry.pw_gid))
+
+
+def unreachable(user: str, paths: tuple[Path, ...]) -> str | None:
+    """Why *user* could not reach one of *paths* (a directory on the way it may not
+    enter), or None. A user that does not exist yet is judged by the "other" bits."""
+    ids = _ids(user)
+    if ids is not None and ids[0] == 0:
+        return None
+    for path in paths:
+        for directory in [*reversed(path.parents), path]:
+            try:
+                st = directory.stat()
+            except OSError:
+                break  # not there: nothing to judge by
+            if not stat.S_ISDIR(st.st_mode):
+                break
+            if ids is not None and st.st_uid == ids[0]:
+                bit = 0o100
+            elif ids is not None and st.st_gid in ids[1]:
+                bit = 0o010
+            else:
+                bit = 0o001
+            if not st.st_mode & bit:
+                mode = stat.S_IMODE(st.st_mode)
+                return f"{directory} (mode {mode:04o}, uid {st.st_uid}) keeps {user} from {path}"
+    return None
 
 
 def protect_home(paths: tuple[Path, ...]) -> str:
