@@ -12,16 +12,17 @@ from eth_account.messages import encode_typed_data
 
 from nodeclient.errors import SignatureError
 from nodeclient.protocol import eip712
+from nodeclient.protocol.proof import proof_of_execution
 from nodeclient.protocol.secp import Secp256k1Key, recover_address
 
 CHAIN = eip712.DEVNET_CHAIN_ID
 # Published in docs/protocol.md.
 DOMAIN_SEPARATOR = "57334a576245b03c45ae39bb69ca92f23d6c6ccf9223053cdc476afa8b249e0d"
-RESULT_DIGEST = "5347d4c3de6ef78603aec26d018a6b6046cd1f9b18f6ac25147fadad455ac51b"
-RESULT_HASH_STRUCT = "e57ae7defed2630cadf51d3f8e74ade1c316ba32bc60d1b70b920b56b910b615"
+RESULT_DIGEST = "e9bc895f288832f94ff2ad9422a186b476897cb935117a2d41efffd800796ca2"
+RESULT_HASH_STRUCT = "507b740a10d5fd78ebdfd69f381312790b2196426e7774152aece2f74c65f21d"
 RESULT_SIGNATURE = (
-    "23dff07b9b5c8213246686bf25747cfdef48f70ff44ea393f0e1285adec45798"
-    "1a7c54558a544c18aa2fc87b78de6810d97f7dedc796fdac2bbff6970efaac741c"
+    "f261305d5dc39cbbd0294572eb73b7b1f8ebea71976e169047fef19b951b782b"
+    "1e417a81c5ecf6e368eb5db3029cf6b862b2f7b78dfde4a9e2f6751b214d50941b"
 )
 
 
@@ -215,15 +216,19 @@ def test_secp_key_matches_eth_account() -> None:
         assert Secp256k1Key.from_hex(k.to_hex()).address == k.address
 
 
+TASK = uuid.UUID("00112233-4455-6677-8899-aabbccddeeff")
+
+
 def test_published_result_vector() -> None:
     """The Result vector in docs/protocol.md: digest and signature for a fixed key."""
     k = Secp256k1Key.from_hex("0x" + "4c" * 32)
     assert k.address == "0xdB00079cad3e665853Bf766eFe26F4C38cdbdCDA"
     msg = {
-        "task_id": uuid.UUID("00112233-4455-6677-8899-aabbccddeeff").bytes,
+        "task_id": TASK.bytes,
         "job_id": uuid.UUID("ffeeddcc-bbaa-9988-7766-554433221100").bytes,
         "node_id": k.address,
-        "proof": bytes.fromhex("ff29a56129de021fd482e9111f56803e355963f23b395076fd01a23e325cf8f0"),
+        # The empty result's proof for this very node (docs: "Proof of execution").
+        "proof": proof_of_execution(task_id=TASK, result=b"", node_id=k.address),
         "result_size": 0,
         "completed_at": 1765000000,
     }
