@@ -11,9 +11,14 @@ from typing import Protocol
 
 
 class Clock(Protocol):
-    """Seconds since the Unix epoch, as a float."""
+    """Seconds since the Unix epoch, as a float; and a monotonic clock for intervals."""
 
     def now(self) -> float: ...
+
+    def monotonic(self) -> float:
+        """Seconds on a clock that never jumps (an NTP step, the test hook's offset):
+        what liveness is measured by, so a wall clock set forward marks nobody silent."""
+        ...
 
 
 class SystemClock:
@@ -21,6 +26,9 @@ class SystemClock:
 
     def now(self) -> float:
         return time.time()
+
+    def monotonic(self) -> float:
+        return time.monotonic()
 
 
 class ManualClock:
@@ -33,6 +41,9 @@ class ManualClock:
     def now(self) -> float:
         with self._lock:
             return self._now
+
+    def monotonic(self) -> float:  # moved by the tests, with the wall clock
+        return self.now()
 
     def advance(self, seconds: float) -> None:
         with self._lock:
@@ -68,6 +79,9 @@ class OffsetFileClock:
                 except (OSError, ValueError):
                     self._offset = 0.0
             return wall + self._offset
+
+    def monotonic(self) -> float:  # the offset is a jump of the wall clock only
+        return self._wall.monotonic()
 
 
 def make_clock(clock_file: str | Path | None) -> Clock:

@@ -97,8 +97,9 @@ def test_a_node_whose_loss_could_not_be_recorded_is_checked_again(
             raise RuntimeError("database is locked")
         return []
 
-    rt = SimpleNamespace(online=True, last_seen=NOW - 1000)
+    rt = SimpleNamespace(online=True, last_seen=NOW - 1000, beat=NOW - 1000)
     coord = SimpleNamespace(
+        monotonic=lambda: NOW,
         config=SimpleNamespace(offline_after=90.0, max_attempts=3),
         runtime={"0xA": rt},
         links={},

@@ -6,8 +6,10 @@ round (every 20 ms in tests).
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
+from nodeclient.clock import ManualClock
 from nodeclient.coordinator import models as m
 from nodeclient.protocol import eip712
 from nodeclient.protocol.states import UNSTAKE_COOLDOWN_S
@@ -69,6 +71,37 @@ def test_offline_node_tasks_are_requeued(coordinator: Running, rsa_keys) -> None
     task = coordinator.client.job(job["job_id"])["tasks"][0]
     assert task["node_id"] == second.node_id
     assert "went offline" in (task["reason"] or "")
+
+
+class SteppedClock(ManualClock):
+    """A wall clock that can be stepped (an NTP correction) apart from the monotonic one."""
+
+    def __init__(self) -> None:
+        super().__init__(START)
+        self.mono = 0.0
+
+    def monotonic(self) -> float:
+        return self.mono
+
+
+def test_a_wall_clock_step_marks_no_node_offline(start_coordinator, rsa_keys) -> None:
+    """The coordinator's wall clock jumps 6 days forward between two heartbeats: silence is
+    measured on the monotonic clock, so the linked node stays online (before, it was
+    closed 4005 "no heartbeat for 518400 s" and its leases re-queued). Silence on the
+    monotonic clock still marks it offline. (Lease deadlines are wall-clock times: stored,
+    and sent to the node.)"""
+    clock = SteppedClock()
+    running = start_coordinator(clock=clock)
+    node = make_node(rsa_keys, 0)
+    running.register(node)
+    running.link(node)
+    clock.advance(6 * 86400)
+    time.sleep(0.3)  # the scheduler's rounds (every 20 ms) run their offline check
+    assert running.client.node(node.node_id)["online"] is True
+    assert node.call(node.heartbeat())["type"] == "heartbeat_ack"
+    clock.mono += 91
+    assert node.ws is not None
+    assert closed_code(node.ws)[0] == 4005
 
 
 def test_max_attempts_fails_the_job_with_reason(start_coordinator, rsa_keys) -> None:

@@ -165,6 +165,10 @@ def test_offset_file_clock_reads_offset_at_most_once_a_second(tmp_path: Path) ->
     path.write_text("garbage")
     wall.advance(1.0)
     assert clock.now() == 1002.0
+    path.write_text("604800")
+    wall.advance(1.0)
+    assert clock.now() == 1003.0 + 604800
+    assert clock.monotonic() == 1003.0  # the offset jumps the wall clock only
 
 
 def test_config_rejects_nonsense() -> None:

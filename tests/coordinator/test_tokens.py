@@ -220,7 +220,7 @@ def test_a_coordinator_does_not_start_with_an_unusable_token_file(tmp_path: Path
     [("127.0.0.1", True), ("::1", True), ("[::1]", True), ("localhost", True),
      ("0.0.0.0", False), ("::", False), ("192.0.2.7", False), ("coord.example", False)],
 )  # fmt: skip
-def test_serving_beyond_loopback_without_requester_tokens_is_warned(host, loopback) -> None:
+def test_which_hosts_count_as_loopback_for_the_open_routes_warning(host, loopback) -> None:
     from nodeclient.coordinator.cli import _loopback
 
     assert _loopback(host) is loopback

@@ -377,6 +377,7 @@ class LinkSession:
         now = coord.now()
         was_online = rt.online
         rt.last_seq, rt.state, rt.last_seen, rt.online = seq, state, now, True
+        rt.beat = coord.monotonic()
         await coord.heartbeats.persist(self.node_id, seq, state, now)
         until = coord.nodes[self.node_id].unstaking_until
         await self.send_wire(heartbeat_ack_text(seq, now, until))

@@ -859,7 +859,7 @@ class Scheduler:
 
     def __init__(self, coord: Coordinator) -> None:
         self.coord = coord
-        self._next_offline_check = 0.0
+        self._next_offline_check = float("-inf")
         # node_id -> (the NodeInfo it was built from, its Candidate): a round with 10,000
         # links rebuilds only the candidates whose registration changed.
         self._cands: dict[str, tuple[NodeInfo, Candidate]] = {}
@@ -936,9 +936,9 @@ class Scheduler:
     async def tick(self) -> None:
         """One round: offline check, lease expiry, then assignment and dispatch."""
         coord, cfg = self.coord, self.coord.config
-        now = coord.now()
-        if now >= self._next_offline_check:
-            self._next_offline_check = now + cfg.heartbeat_interval / 2
+        now, mono = coord.now(), coord.monotonic()
+        if mono >= self._next_offline_check:
+            self._next_offline_check = mono + cfg.heartbeat_interval / 2
             await self.check_offline(now)
         # One transaction for the round's housekeeping: expired leases, ai.training rounds
         # past their deadline, and whether anything is queued at all.
@@ -966,19 +966,20 @@ class Scheduler:
     async def check_offline(self, now: float) -> None:
         coord = self.coord
         limit = coord.config.offline_after
+        mono = coord.monotonic()  # silence is measured on the clock that never jumps
         # One pass over every registered node (10,000 of them) in a comprehension; the
         # loop below sees only the few that went silent.
         silent_nodes = [
             (node_id, rt)
             for node_id, rt in coord.runtime.items()
-            if rt.online and rt.last_seen is not None and now - rt.last_seen > limit
+            if rt.online and rt.beat is not None and mono - rt.beat > limit
         ]
         for node_id, rt in silent_nodes:
-            if not rt.online or rt.last_seen is None or now - rt.last_seen <= limit:
+            if not rt.online or rt.beat is None or mono - rt.beat <= limit:
                 continue  # it came back while an earlier one was being handled
             rt.online = False
             coord.roster_changed()
-            silent = now - rt.last_seen
+            silent = mono - rt.beat
             log.warning("node.offline", extra={"node_id": node_id, "silent_s": round(silent, 1)})
             link = coord.links.get(node_id)
             if link is not None:

@@ -51,11 +51,15 @@ class LinkPort(Protocol):
 class NodeRuntime:
     """Per-node liveness in memory; the durable parts are written behind to SQL."""
 
-    __slots__ = ("last_seen", "last_seq", "online", "state")
+    __slots__ = ("beat", "last_seen", "last_seq", "online", "state")
 
     def __init__(self, *, last_seq: int, last_seen: float | None, state: str | None) -> None:
         self.last_seq = last_seq
-        self.last_seen = last_seen
+        self.last_seen = last_seen  # wall clock: stored, shown, and compared over days
+        # The monotonic clock at the last heartbeat (or link) in this process: what
+        # "offline after 3 missed intervals" is measured by, so that a wall clock set
+        # forward (an NTP step) does not mark every linked node silent.
+        self.beat: float | None = None
         self.state = state
         # Only a node that authenticated in this process can be online: after a restart
         # its leases wait for their deadline or for the node to come back (2.3.3).
@@ -182,6 +186,9 @@ class Coordinator:
     def now(self) -> float:
         return self.clock.now()
 
+    def monotonic(self) -> float:
+        return self.clock.monotonic()
+
     # --- node cache -------------------------------------------------------------------------
 
     def roster_changed(self) -> None:
@@ -229,7 +236,7 @@ class Coordinator:
         self.links[node_id] = link
         rt = self.runtime[node_id]
         rt.online = True
-        rt.last_seen = self.now()
+        rt.last_seen, rt.beat = self.now(), self.clock.monotonic()
         return old if old is not link else None
 
     def detach(self, node_id: str, link: LinkPort) -> None:
