@@ -224,3 +224,27 @@ def test_which_hosts_count_as_loopback_for_the_open_routes_warning(host, loopbac
     from nodeclient.coordinator.cli import _loopback
 
     assert _loopback(host) is loopback
+
+
+def test_token_new_on_a_full_disk_leaves_the_file_as_it_was(
+    tmp_path: Path, capsys, monkeypatch
+) -> None:
+    """The disk fills after part of the line is written: the file is cut back to what it
+    held (a cut-off token would make it unusable, or accept a prefix of the one printed),
+    nothing is printed, and the exit status says it failed."""
+    path = token_file(tmp_path / "t", f"{ALICE}\n")
+    real_write = os.write
+    calls: list[int] = []
+
+    def full_disk(fd: int, data: bytes) -> int:
+        calls.append(len(data))
+        if len(calls) == 1:
+            return real_write(fd, bytes(data[:10]))  # a short write
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(tokens.os, "write", full_disk)
+    assert main(["token", "new", "--file", str(path)]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and "No space left on device; it is as it was" in err
+    assert path.read_text() == f"{ALICE}\n"
+    assert len(calls) == 2

@@ -245,9 +245,25 @@ def append_token(path: Path, token: str, *, label: str | None = None) -> None:
         # A last line without its newline (written by hand) is ended first.
         lead = "\n" if st.st_size and os.pread(fd, 1, st.st_size - 1) != b"\n" else ""
         comment = f"  # {label}" if label else ""
-        os.write(fd, f"{lead}{token}{comment}\n".encode())
-        os.fsync(fd)
+        _append_whole(fd, f"{lead}{token}{comment}\n".encode(), st.st_size)
     except OSError as exc:
-        raise TokenFileError(f"cannot write the token file {path}: {exc.strerror}") from exc
+        raise TokenFileError(
+            f"cannot write the token file {path}: {exc.strerror}; it is as it was"
+        ) from exc
     finally:
         os.close(fd)
+
+
+def _append_whole(fd: int, data: bytes, size: int) -> None:
+    """Append *data* and make it durable, or cut the file back to *size* and raise: a
+    token cut short by a full disk would make the file unusable (refusing every
+    requester), or worse, accept a prefix of the token it printed."""
+    view = memoryview(data)
+    try:
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    except OSError:
+        os.ftruncate(fd, size)
+        os.fsync(fd)
+        raise
