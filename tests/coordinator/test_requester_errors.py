@@ -3,6 +3,7 @@ answer (sent, maybe applied), and `submit --wait` riding out a brief poll failur
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -130,3 +131,56 @@ def test_wait_gives_up_after_failed_polls_in_a_row(serve_with, tmp_path: Path, c
     assert err.count("\n") == 1
     assert "cannot reach the coordinator" in err
     assert f"gave up after {polls} failed polls in a row" in err
+
+
+def _answering(body: object) -> Handler:
+    text = body if isinstance(body, bytes) else json.dumps(body).encode()
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        status = 201 if request.method == "POST" else 200
+        return httpx.Response(status, content=text, headers={"content-type": "application/json"})
+
+    return handler
+
+
+def _deep(depth: int) -> bytes:
+    """A job whose one task nests *depth* jobs deep (json.dumps would overflow first)."""
+    head = b'{"job_id": "j1", "workload_class": "x", "status": "queued", "tasks": [{"x": '
+    return head + b"[" * depth + b"]" * depth + b"}]}"
+
+
+NOT_A_JOB = [[1, 2, 3], {}, {"job_id": 7, "workload_class": "x", "status": "queued"}, "text"]
+PARTS_WRONG = [{**JOB, "tasks": [1]}, {**JOB, "tasks": [{"task_id": "t"}]}, [JOB, 5], _deep(900)]
+
+
+@pytest.mark.usefixtures("stock_recursion_limit")
+@pytest.mark.parametrize(
+    "body", NOT_A_JOB + PARTS_WRONG,
+    ids=["list", "empty", "id-not-str", "string", "task-not-object", "task-missing-fields",
+         "listing-with-a-number", "deep"],
+)  # fmt: skip
+@pytest.mark.parametrize("command", ["jobs", "job", "submit", "result"])
+def test_an_answer_of_another_shape_is_one_line(
+    serve_with, tmp_path: Path, capsys, body: object, command: str
+) -> None:
+    """Valid JSON that is not what the API documents (a proxy's, another service's): one
+    line and exit 1, never a traceback; a submission says the job may exist."""
+    serve_with(_answering(body))
+    args = {
+        "jobs": ["jobs"], "job": ["job", "j1"], "result": ["result", "j1", "-o",
+        str(tmp_path / "out")],
+        "submit": ["submit", "--class", "ai.inference", "--payload", str(tmp_path / "p.bin")],
+    }[command]  # fmt: skip
+    (tmp_path / "p.bin").write_bytes(b"payload")
+    rc = main([*args, "--coordinator", "http://c.example"])
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    # Not a job object at all: every command refuses it. The others fail where the
+    # command reads the part that is wrong (`submit` prints only the job's id).
+    assert rc == 1 or body not in NOT_A_JOB, err
+    if rc == 0:
+        return
+    assert rc == 1, err
+    assert err.startswith("nodeclient-coordinator: coordinator: ") and err.count("\n") == 1
+    if command == "submit":
+        assert "may have been created" in err

@@ -17,13 +17,14 @@ This is the only module that reads the command line.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ipaddress
 import json
 import logging
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +39,7 @@ from nodeclient.coordinator.config import (
     CoordinatorConfig,
     SybilPolicy,
 )
-from nodeclient.errors import NodeClientError, UsageError
+from nodeclient.errors import NodeClientError, RemoteProtocolError, UsageError
 from nodeclient.protocol.eip712 import DEVNET_CHAIN_ID
 from nodeclient.text import printable, printable_tree, reader_gone
 
@@ -237,6 +238,20 @@ def _serve(args: argparse.Namespace) -> int:
     return run(app, sock=sock, host=args.host)
 
 
+@contextlib.contextmanager
+def _shape(what: str) -> Iterator[None]:
+    """Show an answer whose parts are not what the API documents (a field missing or of
+    another type, nesting without end) as one line, not a traceback."""
+    try:
+        yield
+    except (KeyError, TypeError, AttributeError, ValueError, RecursionError) as exc:
+        raise RemoteProtocolError(
+            f"coordinator: the answer to {what} is not what this client reads "
+            f"({type(exc).__name__}: {str(exc)[:100]}): is --coordinator a nodeclient "
+            "coordinator of this release?"
+        ) from exc
+
+
 def _print_job(job: dict[str, Any]) -> None:
     job = printable_tree(job)  # reasons came from nodes: never a terminal's commands
     reason = f" ({job['reason']})" if job.get("reason") else ""
@@ -322,17 +337,19 @@ def _requester(args: argparse.Namespace) -> int:  # noqa: PLR0911 (one return a 
             return 0
         if args.command == "jobs":
             listing = client.jobs(status=args.status)
-            if args.json:
-                print(json.dumps(listing, indent=2))
-            for j in [] if args.json else printable_tree(listing):
-                print(f"{j['job_id']}  {j['workload_class']}  {j['status']}")
+            with _shape("GET /v1/jobs"):
+                if args.json:
+                    print(json.dumps(listing, indent=2))
+                for j in [] if args.json else printable_tree(listing):
+                    print(f"{j['job_id']}  {j['workload_class']}  {j['status']}")
             return 0
         if args.command == "job":
             one = client.job(args.job_id)
-            if args.json:
-                print(json.dumps(one, indent=2))
-            else:
-                _print_job(one)
+            with _shape(f"GET /v1/jobs/{args.job_id}"):
+                if args.json:
+                    print(json.dumps(one, indent=2))
+                else:
+                    _print_job(one)
             return 0
         if args.command == "verify":
             return _verify(client, args)

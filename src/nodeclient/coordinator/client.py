@@ -183,16 +183,13 @@ class CoordinatorClient:
         resources = {"ram_mb": ram_mb, "vram_mb": vram_mb}
         if any(resources.values()):
             body["resources"] = {key: value for key, value in resources.items() if value}
-        result: dict[str, Any] = self._json(
-            "POST", "/v1/jobs", json=body,
-            unanswered="the job may have been created all the same: list the jobs "
-            "(`nodeclient-coordinator jobs`) before submitting it again",
-        )  # fmt: skip
-        return result
+        check = "the job may have been created all the same: list the jobs " \
+            "(`nodeclient-coordinator jobs`) before submitting it again"  # fmt: skip
+        answer = self._json("POST", "/v1/jobs", json=body, unanswered=check)
+        return _job_object(answer, "POST /v1/jobs", then=check)
 
     def job(self, job_id: str) -> dict[str, Any]:
-        result: dict[str, Any] = self._json("GET", f"/v1/jobs/{job_id}")
-        return result
+        return _job_object(self._json("GET", f"/v1/jobs/{job_id}"), f"GET /v1/jobs/{job_id}")
 
     def jobs(self, *, status: str | None = None, page: int | None = None) -> list[dict[str, Any]]:
         """Every job (of *status*, if given), oldest first: GET /v1/jobs, page after page
@@ -206,7 +203,7 @@ class CoordinatorClient:
             batch = _decoded(response, path)
             if not isinstance(batch, list):
                 raise RemoteProtocolError(f"coordinator: {path} did not answer a list")
-            out += batch
+            out += [_job_object(item, f"GET {path}", tasks=False) for item in batch]
             nxt = response.links.get("next", {}).get("url")
             # Only a path of this coordinator's: a Link elsewhere is not followed.
             path = nxt if batch and isinstance(nxt, str) and nxt.startswith("/v1/jobs?") else None
@@ -230,6 +227,27 @@ class CoordinatorClient:
 
     def task_result(self, task_id: str) -> bytes:
         return self._request("GET", f"/v1/tasks/{task_id}/result", limit=MAX_BLOB_ANSWER).content
+
+
+_JOB_FIELDS: Final = ("job_id", "workload_class", "status")
+
+
+def _job_object(value: Any, what: str, *, tasks: bool = True, then: str = "") -> dict[str, Any]:
+    """*value* if it is a job object as the API documents it (its job_id, workload_class
+    and status strings, and, with *tasks*, a list of task objects), else a one-line
+    RemoteProtocolError: an answer of another shape (a proxy's, another service's)."""
+    fields_ok = isinstance(value, dict) and all(isinstance(value.get(k), str) for k in _JOB_FIELDS)
+    listed = value.get("tasks", []) if fields_ok else None
+    if not fields_ok or (
+        tasks and not (isinstance(listed, list) and all(isinstance(t, dict) for t in listed))
+    ):
+        raise RemoteProtocolError(
+            f"coordinator: {what} did not answer a job object (job_id, workload_class, "
+            "status, tasks): is --coordinator a nodeclient coordinator?"
+            + (f" {then}" if then else "")
+        )
+    job: dict[str, Any] = value
+    return job
 
 
 def _decoded(response: httpx.Response, path: str) -> Any:
