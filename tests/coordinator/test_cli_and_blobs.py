@@ -109,7 +109,8 @@ def _answers(status: int, body: bytes, content_type: str = "application/json") -
     def answer(request: httpx.Request) -> httpx.Response:
         if request.url.path.endswith("/result"):
             return httpx.Response(status, content=body, headers={"content-type": content_type})
-        return httpx.Response(200, json={"job_id": "j", "result_sha256": "0" * 64})
+        job = {"job_id": "j", "workload_class": "ai.inference", "status": "succeeded"}
+        return httpx.Response(200, json={**job, "tasks": [], "result_sha256": "0" * 64})
 
     return CoordinatorClient("http://c.example", transport=httpx.MockTransport(answer))
 
