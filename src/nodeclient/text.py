@@ -12,8 +12,10 @@ means what it shows. JSON output needs none of this: ``json.dumps`` escapes them
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+from collections.abc import Iterator
 from typing import Any, Final
 
 _BIDI: Final = (*range(0x202A, 0x202F), *range(0x2066, 0x206A))
@@ -50,3 +52,77 @@ def reader_gone() -> int:
     with open(os.devnull, "wb") as devnull:
         os.dup2(devnull.fileno(), sys.stdout.fileno())
     return STOPPED_READING
+
+
+class _Watched:
+    """sys.stdout that remembers whether writing to it failed (a full disk behind ``>``,
+    ``/dev/full``), so that the command's error can be told from its output's."""
+
+    def __init__(self, stream: Any, parent: _Watched | None = None) -> None:
+        self._stream = stream
+        self._parent = parent
+        self.failed = False
+
+    def _fail(self) -> None:
+        self.failed = True
+        if self._parent is not None:
+            self._parent.failed = True
+
+    def write(self, data: Any) -> int:
+        try:
+            written: int = self._stream.write(data)
+        except OSError:
+            self._fail()
+            raise
+        return written
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except OSError:
+            self._fail()
+            raise
+
+    @property
+    def buffer(self) -> _Watched:  # bytes written to stdout (a job's result) count too
+        return _Watched(self._stream.buffer, self)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+@contextlib.contextmanager
+def watched_stdout() -> Iterator[None]:
+    """Within: sys.stdout is watched (:func:`stdout_failed`); restored afterwards."""
+    original = sys.stdout
+    if original is not None:
+        sys.stdout = _Watched(original)
+    try:
+        yield
+    finally:
+        if isinstance(sys.stdout, _Watched):
+            sys.stdout = original
+
+
+def output_lost(prog: str, exc: OSError | AttributeError) -> int:
+    """After stdout failed otherwise than by a closed pipe (a full disk behind ``>``,
+    ``/dev/full``, stdout closed with ``>&-``): one line on stderr, stdout pointed at
+    /dev/null so that the flush at exit does not fail again with a traceback, status 1.
+    Whatever the command did is done; only what it printed is lost."""
+    why = exc.strerror if isinstance(exc, OSError) and exc.strerror else "stdout is closed"
+    print(f"{prog}: error: cannot write the output: {why}", file=sys.stderr)
+    if sys.stdout is not None:
+        try:
+            with open(os.devnull, "wb") as devnull:
+                os.dup2(devnull.fileno(), sys.stdout.fileno())
+        except (OSError, ValueError):  # no descriptor behind it
+            sys.stdout = None
+    return 1
+
+
+def stdout_failed(exc: OSError | AttributeError) -> bool:
+    """Whether *exc* came from writing stdout (within :func:`watched_stdout`), or, for an
+    AttributeError, from stdout closed before the start (``>&-``: ``sys.stdout`` is None)."""
+    if isinstance(exc, AttributeError):
+        return sys.stdout is None
+    return bool(getattr(sys.stdout, "failed", False))

@@ -608,3 +608,35 @@ def test_keys_show_prints_each_files_mode_and_owner(
     out = capsys.readouterr().out
     for name in ("node.key", "liveness.key", "payload.key"):
         assert f"{home / name}  mode 0600  owner {me}" in out
+
+
+@pytest.mark.parametrize(
+    ("module", "args", "where"),
+    [
+        ("nodeclient.node.cli", ["keys", "show"], "/dev/full"),
+        ("nodeclient.node.cli", ["manifest", "--json"], "/dev/full"),
+        ("nodeclient.node.cli", ["keys", "show"], "closed"),
+        ("nodeclient.coordinator.cli", ["token", "new", "--file", "{tmp}/t.tok"], "/dev/full"),
+    ],
+)
+def test_output_that_cannot_be_written_is_one_line(
+    home: Path, tmp_path: Path, module: str, args: list[str], where: str
+) -> None:
+    """stdout on a full disk (/dev/full) or closed (>&-): one line saying the output could
+    not be written, exit 1, no traceback; what the command did stays done (the token is
+    in its file)."""
+    argv = [sys.executable, "-m", module, *(a.replace("{tmp}", str(tmp_path)) for a in args)]
+    env = {**os.environ, "NODECLIENT_HOME": str(home)}
+    if where == "closed":
+        out = subprocess.run(["bash", "-c", '"$@" >&-', "-", *argv], capture_output=True,
+                             text=True, timeout=120, check=False, env=env)  # fmt: skip
+    else:
+        with open(where, "w") as full:
+            out = subprocess.run(argv, stdout=full, stderr=subprocess.PIPE, text=True,
+                                 timeout=120, check=False, env=env)  # fmt: skip
+    why = "stdout is closed" if where == "closed" else "No space left on device"
+    assert out.returncode == 1, out.stderr
+    assert out.stderr.endswith(f"error: cannot write the output: {why}\n"), out.stderr
+    assert out.stderr.count("\n") == 1
+    if module.endswith("coordinator.cli"):
+        assert len((tmp_path / "t.tok").read_text().split()) == 1

@@ -41,7 +41,14 @@ from nodeclient.coordinator.config import (
 )
 from nodeclient.errors import NodeClientError, RemoteProtocolError, UsageError
 from nodeclient.protocol.eip712 import DEVNET_CHAIN_ID
-from nodeclient.text import printable, printable_tree, reader_gone
+from nodeclient.text import (
+    output_lost,
+    printable,
+    printable_tree,
+    reader_gone,
+    stdout_failed,
+    watched_stdout,
+)
 
 DEFAULT_COORDINATOR = "http://127.0.0.1:8000"
 TOKEN_ENV = "NODECLIENT_COORDINATOR_TOKEN"  # noqa: S105 (the variable's name)
@@ -408,23 +415,30 @@ def _write_result(data: bytes, output: Path | None) -> None:
         raise UsageError(f"cannot write the result to {output}: {exc}") from exc
 
 
+def _command(args: argparse.Namespace) -> int:
+    if args.command == "serve":
+        return _serve(args)
+    code = _new_token(args) if args.command == "token" else _requester(args)
+    sys.stdout.flush()  # a closed pipe fails here, where it is caught, not at exit
+    return code
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        if args.command == "serve":
-            return _serve(args)
-        if args.command == "token":
-            return _new_token(args)
-        code = _requester(args)
-        sys.stdout.flush()  # a closed pipe fails here, where it is caught, not at exit
-    except NodeClientError as exc:
-        print(f"nodeclient-coordinator: {printable(str(exc))}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        return 130
-    except BrokenPipeError:  # the reader of our output stopped early (| head)
-        return reader_gone()
-    return code
+    with watched_stdout():
+        try:
+            return _command(args)
+        except NodeClientError as exc:
+            print(f"nodeclient-coordinator: {printable(str(exc))}", file=sys.stderr)
+            return exc.exit_code
+        except KeyboardInterrupt:
+            return 130
+        except BrokenPipeError:  # the reader of our output stopped early (| head)
+            return reader_gone()
+        except (OSError, AttributeError) as exc:  # a full disk behind >, /dev/full, >&-
+            if not stdout_failed(exc):
+                raise
+            return output_lost("nodeclient-coordinator", exc)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,14 @@ from nodeclient.node.config import (
 )
 from nodeclient.protocol.manifest import REGIONS
 from nodeclient.protocol.secp import Secp256k1Key
-from nodeclient.text import printable, printable_tree, reader_gone
+from nodeclient.text import (
+    output_lost,
+    printable,
+    printable_tree,
+    reader_gone,
+    stdout_failed,
+    watched_stdout,
+)
 
 if TYPE_CHECKING:
     import httpx
@@ -781,17 +788,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not hasattr(args, "home"):
         args.home = None
     handler: Handler = args.handler
-    try:
-        code = handler(args)
-        sys.stdout.flush()  # a closed pipe fails here, where it is caught, not at exit
-    except NodeClientError as exc:
-        print(f"nodeclient: error: {printable(str(exc))}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        print("nodeclient: interrupted", file=sys.stderr)
-        return 130
-    except BrokenPipeError:  # the reader of our output stopped early (| head)
-        return reader_gone()
+    with watched_stdout():
+        try:
+            code = handler(args)
+            sys.stdout.flush()  # a closed pipe fails here, where it is caught, not at exit
+        except NodeClientError as exc:
+            print(f"nodeclient: error: {printable(str(exc))}", file=sys.stderr)
+            return exc.exit_code
+        except KeyboardInterrupt:
+            print("nodeclient: interrupted", file=sys.stderr)
+            return 130
+        except BrokenPipeError:  # the reader of our output stopped early (| head)
+            return reader_gone()
+        except (OSError, AttributeError) as exc:  # a full disk behind >, /dev/full, >&-
+            if not stdout_failed(exc):
+                raise
+            return output_lost("nodeclient", exc)
     return code
 
 
