@@ -104,13 +104,44 @@ def test_a_malformed_status_answer_is_one_line(home: Path, fake_daemon, capsys) 
     assert "could not be shown" in out.export_text()
 
 
+@pytest.mark.usefixtures("stock_recursion_limit")
+def test_a_status_answer_nested_without_end_is_one_line(home: Path, fake_daemon, capsys) -> None:
+    """An answer JSON can parse but the status lines cannot walk (a field nested 800
+    deep): one line from `status`, and the console shows it and goes on asking."""
+    deep = b'{"state": "READY", "x": ' + b"[" * 800 + b"]" * 800 + b"}\n"
+    fake_daemon(lambda c: c.sendall(deep))
+    assert main(["status", "--home", str(home)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "RecursionError" in err
+    nested: object = []
+    for _ in range(5000):
+        nested = [nested]
+    broken = {**status(), "uptime_s": 10.0**300 * 10.0**10}  # inf: timedelta overflows
+    for answer in ({**status(), "x": nested}, broken):
+        out = Console(record=True, width=80, height=24, file=io.StringIO(), force_terminal=True)
+        fetch = lambda a=answer: a  # noqa: E731
+        keys = ScriptedKeys([None, "q"])
+        assert con.watch(fetch, console=out, keys=keys, clock=lambda: NOW) == 0
+        assert "could not be shown" in out.export_text()
+
+
 @pytest.mark.parametrize(
     ("answer", "error", "match"),
     [
         (lambda c: c.sendall(b"[" * 200_000 + b"\n"), DaemonNotRunning, "unreadable answer"),
         (lambda c: [c.sendall(b" " * 65536) for _ in range(64)], DaemonNotRunning, "over 1048576"),
+        (
+            lambda c: c.sendall(b'{"state": "READY", "uptime_s": Infinity}\n'),
+            DaemonNotRunning,
+            "unreadable answer",
+        ),
+        (
+            lambda c: c.sendall(b'{"state": "READY", "uptime_s": 1e309}\n'),
+            DaemonNotRunning,
+            "unreadable answer",
+        ),
     ],
-    ids=["nested", "endless"],
+    ids=["nested", "endless", "infinity", "overflowing-float"],
 )
 @pytest.mark.usefixtures("stock_recursion_limit")  # as the status command keeps it
 def test_a_hostile_answer_is_refused(

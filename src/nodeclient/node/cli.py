@@ -457,15 +457,16 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(st, indent=2))
         return 0
-    st = printable_tree(st)  # text from the network must not reach the terminal as commands
     if "state" not in st:  # an error answer, e.g. from a daemon of another version
         raise NodeClientError(
-            f"the daemon answered: {st.get('error', 'no state')}; "
+            f"the daemon answered: {printable(str(st.get('error', 'no state')))}; "
             "check that it runs the same nodeclient version as this command"
         )
     try:
-        lines = _status_lines(st)
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        # Text from the network must not reach the terminal as commands.
+        lines = _status_lines(printable_tree(st))
+    except (KeyError, TypeError, ValueError, AttributeError, OverflowError,
+            RecursionError) as exc:  # fmt: skip
         raise NodeClientError(
             f"the daemon's answer lacks or mangles a field ({type(exc).__name__}: {exc}); "
             "check that it runs the same nodeclient version as this command"

@@ -365,7 +365,8 @@ def watch(
                         status, system, now=clock(), error=error, height=console.height,
                         interval=interval,
                     )  # fmt: skip
-                except (KeyError, TypeError, ValueError, AttributeError) as exc:
+                except (KeyError, TypeError, ValueError, AttributeError, OverflowError,
+                        RecursionError) as exc:  # fmt: skip
                     # A daemon of another version, or not ours: say so, and keep asking.
                     bad = f"the daemon's answer could not be shown ({type(exc).__name__}: {exc})"
                     picture = render(

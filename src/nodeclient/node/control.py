@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import os
 import socket
 import time
@@ -103,6 +104,17 @@ async def _answer(reader: asyncio.StreamReader, handler: Handler) -> dict[str, A
         return {"error": str(exc)}
 
 
+def _not_finite(text: str) -> float:
+    raise ValueError(f"{text} is not a number an answer may hold")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} is too large for a float")
+    return value
+
+
 def request(path: Path, payload: dict[str, Any], *, timeout: float = 5.0) -> dict[str, Any]:
     """One request to the daemon.
 
@@ -149,8 +161,8 @@ def request(path: Path, payload: dict[str, Any], *, timeout: float = 5.0) -> dic
         ) from exc
     finally:
         sock.close()
-    try:
-        out = json.loads(buf)
+    try:  # a number without a finite float (NaN, Infinity, 1e309) is unreadable too
+        out = json.loads(buf, parse_constant=_not_finite, parse_float=_finite)
     except (ValueError, RecursionError):  # not JSON, not UTF-8, nested without end
         raise DaemonNotRunning(f"the daemon at {path} sent an unreadable answer") from None
     if not isinstance(out, dict):
