@@ -640,3 +640,26 @@ def test_output_that_cannot_be_written_is_one_line(
     assert out.stderr.count("\n") == 1
     if module.endswith("coordinator.cli"):
         assert len((tmp_path / "t.tok").read_text().split()) == 1
+
+
+def test_a_config_others_may_change_is_refused(home: Path) -> None:
+    """config.toml names the wallet that is paid, the coordinator and whether work may run
+    unsandboxed: group- or world-writable, a symlink, or a FIFO in its place is refused
+    in one line that says what to fix, and changes nothing."""
+    config = home / "config.toml"
+    text = config.read_bytes()
+    config.chmod(0o666)
+    out = run_cli("manifest", "--home", str(home))
+    assert out.returncode == 2 and "mode 0666 lets others change the wallet" in out.stderr
+    assert "chmod 600" in out.stderr and config.read_bytes() == text
+    config.chmod(0o644)  # readable by others is fine: it holds no secret
+    assert run_cli("manifest", "--home", str(home)).returncode == 0
+    moved = home.parent / "config-elsewhere.toml"
+    config.rename(moved)
+    config.symlink_to(moved)
+    out = run_cli("manifest", "--home", str(home))
+    assert out.returncode == 2 and "it is a symlink" in out.stderr
+    config.unlink()
+    os.mkfifo(config)
+    out = run_cli("manifest", "--home", str(home))  # a FIFO does not hang the command
+    assert out.returncode == 2 and "not a regular file" in out.stderr

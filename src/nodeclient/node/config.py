@@ -7,6 +7,9 @@ ignored, so a typo never silently changes behaviour.
 
 from __future__ import annotations
 
+import errno
+import os
+import stat
 import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -216,18 +219,50 @@ def _check_types(config: NodeConfig) -> None:
         raise UsageError(f"{f.name} must be {expected}, not {_toml_type(value)} ({shown})")
 
 
+def _config_problem(path: Path, st: os.stat_result) -> str | None:
+    """Why config.toml with this stat must not be used, or None."""
+    if not stat.S_ISREG(st.st_mode):
+        return f"refusing {path}: it is not a regular file"
+    if st.st_uid != os.geteuid():
+        return (
+            f"refusing {path}: owned by uid {st.st_uid}, not by uid {os.geteuid()} that runs "
+            f"nodeclient; fix: chown {os.geteuid()} {path}"
+        )
+    mode = stat.S_IMODE(st.st_mode)
+    if mode & 0o022:
+        return (
+            f"refusing {path}: mode {mode:04o} lets others change the wallet that is paid "
+            f"and the coordinator; fix: chmod 600 {path}, and check what it says"
+        )
+    return None
+
+
 def load_config(home: Path) -> NodeConfig:
     """Read and validate ``config.toml``; errors name the file and say what to fix."""
     path = home / CONFIG_FILE
+    # It names the wallet that is paid, the coordinator, and whether work may run
+    # unsandboxed: only its owner may change it. O_NOFOLLOW and O_NONBLOCK: a symlink is
+    # refused, a FIFO put in its place does not hang the open.
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
     try:
-        with open(path, "rb") as fh:
-            raw = fh.read(MAX_CONFIG_BYTES + 1)
+        fd = os.open(path, flags)
     except FileNotFoundError:
         raise UsageError(
             f"{path} not found: run `nodeclient init --home {home} --wallet 0x...` first"
         ) from None
     except OSError as exc:
+        what = "it is a symlink; replace it with the file" if exc.errno == errno.ELOOP else (
+            exc.strerror)  # fmt: skip
+        raise UsageError(f"cannot read {path}: {what}") from exc
+    try:
+        problem = _config_problem(path, os.fstat(fd))
+        if problem is not None:
+            raise UsageError(problem)
+        raw = os.read(fd, MAX_CONFIG_BYTES + 1)
+    except OSError as exc:
         raise UsageError(f"cannot read {path}: {exc.strerror}") from exc
+    finally:
+        os.close(fd)
     if len(raw) > MAX_CONFIG_BYTES:
         raise UsageError(f"{path} is larger than {MAX_CONFIG_BYTES} bytes")
     try:
