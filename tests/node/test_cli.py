@@ -663,3 +663,29 @@ def test_a_config_others_may_change_is_refused(home: Path) -> None:
     os.mkfifo(config)
     out = run_cli("manifest", "--home", str(home))  # a FIFO does not hang the command
     assert out.returncode == 2 and "not a regular file" in out.stderr
+
+
+def test_unstake_sent_without_an_answer_may_have_been_accepted(
+    home: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The coordinator took the request and closed the connection without answering: the
+    unstake may be recorded, so the message is not "cannot reach" but says how to check;
+    a port where nothing listens is "cannot reach"."""
+    server = socket.create_server(("127.0.0.1", 0))
+
+    def take_and_close() -> None:
+        conn, _ = server.accept()
+        conn.recv(65536)
+        conn.close()
+
+    threading.Thread(target=take_and_close, daemon=True).start()
+    url = f"http://127.0.0.1:{server.getsockname()[1]}"
+    try:
+        assert main(["unstake", "--home", str(home), "--coordinator", url]) == 2
+    finally:
+        server.close()
+    line = one_error_line(capsys.readouterr().err)
+    assert "no answer from the coordinator" in line and "may have been accepted" in line
+    assert "cannot reach" not in line
+    assert main(["unstake", "--home", str(home), "--coordinator", "http://127.0.0.1:9"]) == 2
+    assert "cannot reach the coordinator" in one_error_line(capsys.readouterr().err)

@@ -528,8 +528,16 @@ def cmd_unstake(args: argparse.Namespace) -> int:
             f"unstake: {url} {exc}; the request may have been accepted: run `nodeclient "
             "status` to see the cooldown"
         ) from exc
-    except (httpx.HTTPError, httpx.InvalidURL) as exc:  # InvalidURL is not an HTTPError
+    except (httpx.ConnectError, httpx.ConnectTimeout, httpx.UnsupportedProtocol,
+            httpx.InvalidURL) as exc:  # fmt: skip
         raise UsageError(f"cannot reach the coordinator at {url}: {exc}") from exc
+    except httpx.HTTPError as exc:  # sent, but no whole answer came back
+        what = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        raise UsageError(
+            f"unstake: no answer from the coordinator at {url} ({what}); the request may "
+            "have been accepted: run `nodeclient status` to see the cooldown before sending "
+            "it again"
+        ) from exc
     ends = _unstake_answer(resp, url)
     print(f"unstaking: no new dispatches; the 7-day cooldown ends at {ends}")
     print("work in flight finishes and is delivered; `nodeclient status` shows the countdown")
