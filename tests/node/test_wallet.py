@@ -143,3 +143,23 @@ def test_wallet_proof_with_the_wallets_own_key_file(tmp_path: Path, capsys) -> N
     capsys.readouterr()
     assert main(["wallet-proof", "--home", str(home), "--wallet-key", str(other)]) != 0
     assert "not the configured wallet_address" in capsys.readouterr().err
+
+
+def test_a_wallet_key_file_that_cannot_be_used_is_named(tmp_path: Path, capsys) -> None:
+    """A missing or garbled --wallet-key: the error names that file and what it must be,
+    not `nodeclient init` (which makes no wallet key)."""
+    from nodeclient.node.cli import main
+
+    home = tmp_path / "home"
+    assert main(["init", "--home", str(home), "--wallet", WALLET.address]) == 0
+    capsys.readouterr()
+    missing = tmp_path / "nope.key"
+    assert main(["wallet-proof", "--home", str(home), "--wallet-key", str(missing)]) == 2
+    err = capsys.readouterr().err
+    assert f"--wallet-key {missing}: no such file" in err and "nodeclient init" not in err
+    garbled = tmp_path / "garbled.key"
+    garbled.write_text("not a key\n")
+    garbled.chmod(0o600)
+    assert main(["wallet-proof", "--home", str(home), "--wallet-key", str(garbled)]) == 2
+    assert f"--wallet-key {garbled}: expected 0x followed by 64 hex" in capsys.readouterr().err
+    assert not (home / wallet.PROOF_FILE).exists()

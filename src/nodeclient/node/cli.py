@@ -204,6 +204,17 @@ def build_local_manifest(
     )
 
 
+def _wallet_key(path: Path) -> Secp256k1Key:
+    """The wallet's own key from --wallet-key (hex, mode 0600); errors name that file."""
+    if not path.exists() and not path.is_symlink():
+        raise UsageError(f"--wallet-key {path}: no such file (the wallet's key, hex, mode 0600)")
+    try:
+        text = securefile.read_secret(path).decode("ascii", "replace").strip()
+        return Secp256k1Key.from_hex(text)
+    except (KeyFileError, ValueError) as exc:
+        raise UsageError(f"--wallet-key {path}: {exc}") from exc
+
+
 def cmd_wallet_proof(args: argparse.Namespace) -> int:
     """Bind this node to the configured wallet: print what the wallet signs, or store its
     signature (node/wallet.py)."""
@@ -213,9 +224,7 @@ def cmd_wallet_proof(args: argparse.Namespace) -> int:
     if args.signature is not None or args.wallet_key is not None:
         issued_at = int(time.time()) if args.issued_at is None else args.issued_at
         if args.wallet_key is not None:
-            wallet_key = Secp256k1Key.from_hex(
-                securefile.read_secret(Path(args.wallet_key)).decode("ascii", "replace").strip()
-            )
+            wallet_key = _wallet_key(Path(args.wallet_key))
             proof = wallet.sign_proof(
                 wallet_key, wallet_address=config.wallet_address, node_id=node_id,
                 issued_at=issued_at, chain_id=config.chain_id,
