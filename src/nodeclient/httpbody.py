@@ -12,6 +12,7 @@ own loop (``node.inputs``: the task's deadline and cancellation), with the same 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Final
 
 import httpx
@@ -55,15 +56,45 @@ def read(resp: httpx.Response, *, limit: int) -> bytes:
     return bytes(body)
 
 
+def read_into(resp: httpx.Response, sink: Callable[[bytes], object], *, limit: int) -> int:
+    """:func:`read`, each chunk handed to *sink* as it comes instead of kept: the body's
+    size, which is at most *limit*."""
+    check_identity(resp)
+    if _in_memory(resp):
+        if len(resp.content) > limit:
+            raise _over(resp, limit)
+        sink(resp.content)
+        return len(resp.content)
+    size = 0
+    for chunk in resp.iter_raw():
+        size += len(chunk)
+        if size > limit:
+            raise _over(resp, limit)
+        sink(chunk)
+    return size
+
+
 def request(
-    client: httpx.Client, method: str, url: str, *, limit: int, **kwargs: Any
+    client: httpx.Client,
+    method: str,
+    url: str,
+    *,
+    limit: int,
+    sink: Callable[[bytes], object] | None = None,
+    **kwargs: Any,
 ) -> httpx.Response:
     """Send a request with *client* and return its answer, read by :func:`read` (as
-    sent, at most *limit* bytes), as an ``httpx.Response`` with its content."""
+    sent, at most *limit* bytes), as an ``httpx.Response`` with its content. With *sink*,
+    a successful (2xx) answer's body goes to *sink* chunk by chunk (:func:`read_into`)
+    and the response returned has none: a body of gigabytes is never held in memory."""
     sent = client.build_request(method, url, **kwargs)
     streamed = client.send(sent, stream=True)
     try:
-        content = read(streamed, limit=limit)
+        if sink is not None and streamed.is_success:
+            read_into(streamed, sink, limit=limit)
+            content = b""
+        else:
+            content = read(streamed, limit=limit)
     finally:
         streamed.close()
     return httpx.Response(

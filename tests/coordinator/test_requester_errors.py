@@ -3,6 +3,8 @@ answer (sent, maybe applied), and `submit --wait` riding out a brief poll failur
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -184,3 +186,54 @@ def test_an_answer_of_another_shape_is_one_line(
     assert err.startswith("nodeclient-coordinator: coordinator: ") and err.count("\n") == 1
     if command == "submit":
         assert "may have been created" in err
+
+
+RESULT = b"the job's result bytes " * 1000
+DONE = {**JOB, "status": "succeeded", "result_sha256": hashlib.sha256(RESULT).hexdigest()}
+
+
+def _results(body: bytes) -> Handler:
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("/result"):
+            return httpx.Response(200, content=body)
+        return httpx.Response(200, json=DONE)
+
+    return handler
+
+
+def test_result_is_checked_before_it_replaces_the_output(serve_with, tmp_path: Path,
+                                                         capsys) -> None:  # fmt: skip
+    """`result -o FILE`: the checked result replaces FILE whole; bytes that do not match
+    the job's result_sha256 leave FILE as it was, and no temporary file behind."""
+    out = tmp_path / "out.bin"
+    out.write_bytes(b"an earlier good result")
+    serve_with(_results(RESULT[:-1] + b"!"))
+    assert main(["result", "j1", "-o", str(out), "--coordinator", "http://c.example"]) == 1
+    assert "not saved" in capsys.readouterr().err
+    assert out.read_bytes() == b"an earlier good result"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.bin"]
+    serve_with(_results(RESULT))
+    assert main(["result", "j1", "-o", str(out), "--coordinator", "http://c.example"]) == 0
+    assert out.read_bytes() == RESULT
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.bin"]
+
+
+def test_result_on_a_full_disk_leaves_the_output_as_it_was(
+    serve_with, tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The disk fills while the result streams in: one line saying the output was not
+    changed, exit 2, the earlier file intact and the partial one removed."""
+    out = tmp_path / "out.bin"
+    out.write_bytes(b"an earlier good result")
+    serve_with(_results(RESULT))
+
+    def fills_up(self: CoordinatorClient, job_id: str, write: Callable[[bytes], object]) -> int:
+        write(RESULT[:100])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(CoordinatorClient, "save_job_result", fills_up)
+    assert main(["result", "j1", "-o", str(out), "--coordinator", "http://c.example"]) == 2
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and f"{out} was not changed" in err
+    assert out.read_bytes() == b"an earlier good result"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.bin"]

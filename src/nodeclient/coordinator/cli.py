@@ -22,7 +22,9 @@ import ipaddress
 import json
 import logging
 import os
+import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -360,7 +362,7 @@ def _requester(args: argparse.Namespace) -> int:  # noqa: PLR0911 (one return a 
             return 0
         if args.command == "verify":
             return _verify(client, args)
-        _write_result(client.job_result(args.job_id), args.output)
+        _save_result(client, args.job_id, args.output)
         return 0
 
 
@@ -404,15 +406,43 @@ def _verify(client: CoordinatorClient, args: argparse.Namespace) -> int:
     return code
 
 
-def _write_result(data: bytes, output: Path | None) -> None:
-    if output is None:
-        sys.stdout.buffer.write(data)
-        sys.stdout.buffer.flush()
-        return
+def _save_result(client: CoordinatorClient, job_id: str, output: Path | None) -> None:
+    """Stream the job's result into a temporary file (beside *output*, or in $TMPDIR for
+    stdout), check it against the job's result_sha256, and only then rename it into
+    place or copy it to stdout: memory stays bounded, and *output* is either the whole,
+    checked result or untouched (a full disk, a mismatch, a dropped answer)."""
+    where = output.parent if output is not None else None
     try:
-        output.write_bytes(data)
+        tmp = tempfile.NamedTemporaryFile(  # noqa: SIM115 (renamed or removed below)
+            dir=where, prefix=f".{output.name}." if output else "nodeclient-result-",
+            suffix=".partial", delete=False,
+        )  # fmt: skip
     except OSError as exc:
-        raise UsageError(f"cannot write the result to {output}: {exc}") from exc
+        raise UsageError(f"cannot write the result to {output or 'a temporary file'}: "
+                         f"{exc.strerror}") from exc  # fmt: skip
+    try:
+        try:
+            with tmp:
+                client.save_job_result(job_id, tmp.write)
+                tmp.flush()
+                os.fsync(tmp.fileno())
+        except OSError as exc:
+            raise UsageError(
+                f"cannot write the result to {output or 'a temporary file'}: {exc.strerror}; "
+                + (f"{output} was not changed" if output else "nothing was printed")
+            ) from exc
+        if output is not None:
+            try:
+                os.replace(tmp.name, output)
+            except OSError as exc:
+                raise UsageError(f"cannot write the result to {output}: {exc.strerror}") from exc
+            return
+        with open(tmp.name, "rb") as checked:
+            shutil.copyfileobj(checked, sys.stdout.buffer, 1 << 20)
+        sys.stdout.buffer.flush()
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp.name)
 
 
 def _command(args: argparse.Namespace) -> int:

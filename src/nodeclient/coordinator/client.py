@@ -14,7 +14,8 @@ a traceback. Transport failures are told apart by whether the request got out::
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+import io
+from collections.abc import Callable, Mapping
 from typing import Any, Final
 from urllib.parse import urlencode
 
@@ -215,15 +216,33 @@ class CoordinatorClient:
 
     def job_result(self, job_id: str) -> bytes:
         """The job's result bytes, checked against the result_sha256 the job publishes."""
-        data = self.raw_job_result(job_id)
+        out = io.BytesIO()
+        self.save_job_result(job_id, out.write)
+        return out.getvalue()
+
+    def save_job_result(self, job_id: str, write: Callable[[bytes], object]) -> int:
+        """Stream the job's result to *write*, chunk by chunk (a render's result can be
+        gigabytes), and check it against the result_sha256 the job publishes; its size.
+        RemoteProtocolError when it does not match: what *write* got must then be
+        discarded (the requester CLI writes into a temporary file, renamed only after)."""
+        digest = hashlib.sha256()
+        size = 0
+
+        def sink(chunk: bytes) -> None:
+            nonlocal size
+            size += len(chunk)
+            digest.update(chunk)
+            write(chunk)
+
+        self._request("GET", f"/v1/jobs/{job_id}/result", limit=MAX_JOB_RESULT, sink=sink)
         expected = self.job(job_id).get("result_sha256")
-        actual = hashlib.sha256(data).hexdigest()
+        actual = digest.hexdigest()
         if actual != expected:
             raise RemoteProtocolError(
                 f"coordinator: the result of job {job_id} has SHA-256 {actual}, but the job "
                 f"says {expected}: not saved"
             )
-        return data
+        return size
 
     def task_result(self, task_id: str) -> bytes:
         return self._request("GET", f"/v1/tasks/{task_id}/result", limit=MAX_BLOB_ANSWER).content
