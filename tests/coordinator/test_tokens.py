@@ -95,15 +95,20 @@ def test_a_token_set_follows_its_file_and_fails_closed(tmp_path: Path) -> None:
     now[0] = 1.5
     assert guard.check(ALICE.encode()) == "wrong"
     assert guard.check(BOB.encode()) is None
-    path.chmod(0o644)  # the file turned unsafe: nothing is accepted
-    path.touch()
+    path.chmod(0o644)  # the file turned unsafe (only its ctime changes): nothing is accepted
     now[0] = 3.0
     assert guard.check(BOB.encode()) == "unusable"
     path.chmod(0o600)
     now[0] = 4.5
     assert guard.check(BOB.encode()) is None
-    path.unlink()
+    os.chown(path, 12345, -1)  # another owner
     now[0] = 6.0
+    assert guard.check(BOB.encode()) == "unusable"
+    os.chown(path, os.geteuid(), -1)
+    now[0] = 7.5
+    assert guard.check(BOB.encode()) is None
+    path.unlink()
+    now[0] = 9.0
     assert guard.check(BOB.encode()) == "unusable"
 
 

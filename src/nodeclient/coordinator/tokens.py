@@ -12,9 +12,10 @@ payload sealed to it), and ``/healthz`` and ``GET /v1/nodes`` hold nothing secre
 A token file holds one token per line (``#`` starts a comment); it is a secret, so it
 must be a regular file owned by the coordinator's user with no group or other bits, like
 a node's key files. The coordinator keeps only the SHA-256 of each token and compares
-digests, re-reads the file at most once a second when its size, time or inode changed
-(adding or revoking a requester needs no restart), and fails closed: a file that turned
-unreadable or unsafe refuses every request to its routes until it is fixed.
+digests, re-reads the file at most once a second when it changed (its contents, inode,
+mode or owner: adding or revoking a requester needs no restart), and fails closed: a
+file that turned unreadable or unsafe refuses every request to its routes until it is
+fixed.
 ``nodeclient-coordinator token new --file PATH`` appends a fresh token.
 """
 
@@ -80,8 +81,14 @@ def parse_tokens(text: str, path: Path) -> list[str]:
     return tokens
 
 
-def read_token_file(path: Path) -> tuple[list[str], tuple[int, int, int]]:
-    """The tokens of *path* and the (inode, size, mtime_ns) they were read at."""
+def _identity(st: os.stat_result) -> tuple[int, ...]:
+    """What changes when the file is replaced, written, or has its mode or owner changed
+    (chmod and chown touch only the ctime)."""
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def read_token_file(path: Path) -> tuple[list[str], tuple[int, ...]]:
+    """The tokens of *path* and the identity of the file they were read from."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
     except FileNotFoundError:
@@ -105,7 +112,7 @@ def read_token_file(path: Path) -> tuple[list[str], tuple[int, int, int]]:
         text = data[:MAX_FILE_BYTES].decode("utf-8")
     except UnicodeDecodeError as exc:
         raise TokenFileError(f"{path} is not UTF-8 text: {exc}") from exc
-    return parse_tokens(text, path), (st.st_ino, st.st_size, st.st_mtime_ns)
+    return parse_tokens(text, path), _identity(st)
 
 
 def _digest(token: str | bytes) -> bytes:
@@ -137,8 +144,7 @@ class TokenSet:
         self._checked = now
         try:
             st = os.stat(self.path)
-            seen = (st.st_ino, st.st_size, st.st_mtime_ns)
-            if seen == self._seen and self._digests is not None:
+            if _identity(st) == self._seen and self._digests is not None:
                 return
             tokens, self._seen = read_token_file(self.path)
         except (OSError, TokenFileError) as exc:
@@ -146,7 +152,7 @@ class TokenSet:
                 log.error("auth.token_file_unusable", extra={"path": str(self.path),
                           "error": str(exc), "action": "every request to its routes is "
                           "refused until the file is fixed"})  # fmt: skip
-            self._digests, self._seen = None, (0, 0, 0)
+            self._digests, self._seen = None, ()
             return
         self._digests = frozenset(map(_digest, tokens))
         log.info("auth.tokens_loaded", extra={"path": str(self.path), "tokens": len(tokens)})
