@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Iterator
 
@@ -20,3 +21,13 @@ def stock_recursion_limit() -> Iterator[None]:
         yield
     finally:
         sys.setrecursionlimit(before)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _umask_022() -> Iterator[None]:
+    """Files the tests write by hand get mode 0644 whatever the shell's umask: under
+    Ubuntu's 002 they would be group-writable, which config.toml (rightly) refuses. What
+    the code itself writes does not depend on it (init makes its files 0600 regardless)."""
+    old = os.umask(0o022)
+    yield
+    os.umask(old)

@@ -6,6 +6,9 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import os
+import stat
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -237,3 +240,41 @@ def test_result_on_a_full_disk_leaves_the_output_as_it_was(
     assert "No space left on device" in err and f"{out} was not changed" in err
     assert out.read_bytes() == b"an earlier good result"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.bin"]
+
+
+def test_result_goes_where_o_points_without_replacing_what_is_there(
+    serve_with, tmp_path: Path
+) -> None:
+    """-o through a symlink writes its target (the link stays); -o to a device such as
+    /dev/null leaves the device (a rename would have put a file in its place, as root);
+    an existing file keeps its mode, a new one gets the umask's."""
+    serve_with(_results(RESULT))
+    url = ["--coordinator", "http://c.example"]
+    real = tmp_path / "real.bin"
+    real.write_bytes(b"old")
+    real.chmod(0o644)
+    link = tmp_path / "link.bin"
+    link.symlink_to(real)
+    assert main(["result", "j1", "-o", str(link), *url]) == 0
+    assert link.is_symlink() and real.read_bytes() == RESULT
+    assert stat.S_IMODE(real.stat().st_mode) == 0o644
+    device = tmp_path / "null"  # a /dev/null of our own: a regression must not take the real one
+    drained: list[bytes] = []
+    try:
+        os.mknod(device, stat.S_IFCHR | 0o666, os.makedev(1, 3))
+    except PermissionError:  # not root: a FIFO with a reader is no regular file either
+        os.mkfifo(device)
+        reader = threading.Thread(target=lambda: drained.append(device.read_bytes()))
+        reader.start()
+    assert main(["result", "j1", "-o", str(device), *url]) == 0
+    kind = os.lstat(device).st_mode
+    assert stat.S_ISCHR(kind) or (stat.S_ISFIFO(kind) and drained in ([], [RESULT]))
+    fresh = tmp_path / "fresh.bin"
+    mask = os.umask(0o027)
+    try:
+        assert main(["result", "j1", "-o", str(fresh), *url]) == 0
+    finally:
+        os.umask(mask)
+    assert fresh.read_bytes() == RESULT and stat.S_IMODE(fresh.stat().st_mode) == 0o640
+    names = ["fresh.bin", "link.bin", "null", "real.bin"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == names

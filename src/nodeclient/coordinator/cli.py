@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import shutil
+import stat
 import sys
 import tempfile
 import time
@@ -407,19 +408,37 @@ def _verify(client: CoordinatorClient, args: argparse.Namespace) -> int:
 
 
 def _save_result(client: CoordinatorClient, job_id: str, output: Path | None) -> None:
-    """Stream the job's result into a temporary file (beside *output*, or in $TMPDIR for
-    stdout), check it against the job's result_sha256, and only then rename it into
-    place or copy it to stdout: memory stays bounded, and *output* is either the whole,
-    checked result or untouched (a full disk, a mismatch, a dropped answer)."""
-    where = output.parent if output is not None else None
+    """Stream the job's result into a temporary file, check it against the job's
+    result_sha256, and only then put it in place: memory stays bounded, and nothing is
+    written where it goes unless it is the whole, checked result.
+
+    A regular file (or none yet; through a symlink, its target) in a directory we may
+    write is replaced whole by a rename of the temporary file made beside it, keeping
+    its mode (a new one gets the umask's). Anything else (stdout, ``/dev/null``, a FIFO,
+    ``>(sha256sum)``, a file in a directory we may not write) gets the checked bytes
+    copied into it from a temporary file in $TMPDIR.
+    """
+    target = output.resolve() if output is not None and output.is_symlink() else output
+    try:
+        st: os.stat_result | None = os.stat(target) if target is not None else None
+    except FileNotFoundError:
+        st = None
+    except OSError as exc:
+        raise UsageError(f"cannot write the result to {output}: {exc.strerror}") from exc
+    atomic = (
+        target is not None
+        and (st is None or stat.S_ISREG(st.st_mode))
+        and os.access(target.parent, os.W_OK | os.X_OK)
+    )
+    where = output or "stdout"
     try:
         tmp = tempfile.NamedTemporaryFile(  # noqa: SIM115 (renamed or removed below)
-            dir=where, prefix=f".{output.name}." if output else "nodeclient-result-",
+            dir=target.parent if atomic and target else None,
+            prefix=f".{target.name}." if atomic and target else "nodeclient-result-",
             suffix=".partial", delete=False,
         )  # fmt: skip
     except OSError as exc:
-        raise UsageError(f"cannot write the result to {output or 'a temporary file'}: "
-                         f"{exc.strerror}") from exc  # fmt: skip
+        raise UsageError(f"cannot write the result to {where}: {exc.strerror}") from exc
     try:
         try:
             with tmp:
@@ -428,21 +447,42 @@ def _save_result(client: CoordinatorClient, job_id: str, output: Path | None) ->
                 os.fsync(tmp.fileno())
         except OSError as exc:
             raise UsageError(
-                f"cannot write the result to {output or 'a temporary file'}: {exc.strerror}; "
+                f"cannot write the result to {where}: {exc.strerror}; "
                 + (f"{output} was not changed" if output else "nothing was printed")
             ) from exc
-        if output is not None:
+        if atomic and target is not None:
+            mode = stat.S_IMODE(st.st_mode) if st is not None else 0o666 & ~_umask()
             try:
-                os.replace(tmp.name, output)
+                os.chmod(tmp.name, mode)
+                os.replace(tmp.name, target)
             except OSError as exc:
                 raise UsageError(f"cannot write the result to {output}: {exc.strerror}") from exc
             return
-        with open(tmp.name, "rb") as checked:
-            shutil.copyfileobj(checked, sys.stdout.buffer, 1 << 20)
-        sys.stdout.buffer.flush()
+        _copy_checked(tmp.name, output)
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp.name)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _copy_checked(checked: str, output: Path | None) -> None:
+    """Copy the checked result at *checked* to stdout, or into *output* as it is (a
+    device, a FIFO, a pipe's /dev/fd, a file whose directory we may not write)."""
+    with open(checked, "rb") as source:
+        if output is None:
+            shutil.copyfileobj(source, sys.stdout.buffer, 1 << 20)
+            sys.stdout.buffer.flush()
+            return
+        try:
+            with open(output, "wb") as sink:
+                shutil.copyfileobj(source, sink, 1 << 20)
+        except OSError as exc:
+            raise UsageError(f"cannot write the result to {output}: {exc.strerror}") from exc
 
 
 def _command(args: argparse.Namespace) -> int:
