@@ -278,3 +278,43 @@ def test_result_goes_where_o_points_without_replacing_what_is_there(
     assert fresh.read_bytes() == RESULT and stat.S_IMODE(fresh.stat().st_mode) == 0o640
     names = ["fresh.bin", "link.bin", "null", "real.bin"]
     assert sorted(p.name for p in tmp_path.iterdir()) == names
+
+
+def test_a_wait_that_runs_out_has_its_own_status(serve_with, tmp_path: Path, capsys) -> None:
+    """`submit --wait --timeout S` whose job is still queued: exit 124 (as timeout(1)), not
+    2, which a script would read as bad arguments; the line says how to follow the job."""
+    serve_with(_answering(JOB))
+    assert _submit(tmp_path, "--wait", "--timeout", "0", "--coordinator", "http://c.example") == 124
+    err = capsys.readouterr().err
+    assert "job j1 still queued after 0.0 s" in err and "nodeclient-coordinator job j1" in err
+
+
+def test_a_ctrl_c_while_waiting_says_the_job_goes_on(
+    serve_with, tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    serve_with(_answering(JOB))
+
+    def interrupted(*_args: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_wait", interrupted)
+    assert _submit(tmp_path, "--wait", "--coordinator", "http://c.example") == 130
+    assert "job j1 goes on: follow it with `nodeclient-coordinator job j1`" in (
+        capsys.readouterr().err
+    )
+
+
+def test_a_requester_token_file_that_is_missing_says_where_tokens_come_from(
+    tmp_path: Path, capsys
+) -> None:
+    """Not `token new` (which makes a token the coordinator does not know): the operator
+    gives one."""
+    missing = tmp_path / "mine.tok"
+    assert main(["jobs", "--token-file", str(missing), "--coordinator", "http://c.example"]) == 2
+    err = capsys.readouterr().err
+    assert "the coordinator's operator gave you" in err and "token new" not in err
+    missing.symlink_to(tmp_path / "elsewhere")
+    (tmp_path / "elsewhere").write_text("x" * 20)
+    (tmp_path / "elsewhere").chmod(0o600)
+    assert main(["jobs", "--token-file", str(missing), "--coordinator", "http://c.example"]) == 2
+    assert "it is a symlink; fix: name the file itself" in capsys.readouterr().err

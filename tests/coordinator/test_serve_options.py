@@ -4,6 +4,7 @@ coordinator id, a port out of range; and the stored coordinator id they must not
 from __future__ import annotations
 
 import socket
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -105,3 +106,19 @@ def test_listen_refuses_a_port_out_of_range() -> None:
     """Callers that skip the command line get a UsageError, not an OverflowError."""
     with pytest.raises(UsageError, match="the port must be 0 to 65535"):
         listen("127.0.0.1", 70000)
+
+
+def test_the_data_directory_is_private(tmp_path: Path) -> None:
+    """It holds requesters' payloads and results (the database) and blobs: created 0700,
+    and an existing one others could enter is made 0700 (logged), so no local user reads
+    the database behind the API's tokens."""
+    from nodeclient.coordinator.app import create_app
+
+    fresh = tmp_path / "fresh" / "data"
+    create_app(config_for(data_dir=fresh)).state.coordinator.db.close()
+    assert stat.S_IMODE(fresh.stat().st_mode) == 0o700
+    old = tmp_path / "old"
+    old.mkdir(mode=0o755)
+    old.chmod(0o755)
+    create_app(config_for(data_dir=old)).state.coordinator.db.close()
+    assert stat.S_IMODE(old.stat().st_mode) == 0o700

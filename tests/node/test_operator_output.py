@@ -247,3 +247,22 @@ def test_operator_mistakes_are_refused_before_anything_starts(home: Path, capsys
     with pytest.raises(UsageError, match="directly under /var/lib"):
         service.UnitOptions(home=Path("/var/lib/.."), executable=Path("/usr/bin/nodeclient"))
     assert [p.name for p in home.iterdir()] == []  # nothing half-written left
+
+
+def test_unstake_and_doctor_ask_the_running_daemon_for_its_coordinator(
+    home: Path, fake_daemon, capsys
+) -> None:
+    """The README's tour starts the daemon with `run --coordinator URL` and config.toml
+    names none: `unstake` and `doctor` then use the coordinator the daemon runs with,
+    instead of refusing for want of one."""
+    assert main(["init", "--home", str(home), "--wallet", "0x" + "11" * 20]) == 0
+    capsys.readouterr()
+    answer = status()
+    answer["link"] = {**answer["link"], "coordinator": "http://127.0.0.1:9"}  # nobody there
+    fake_daemon(_send(answer))
+    assert main(["doctor", "--home", str(home), "--json"]) != 0
+    checks = {c["check"]: c for c in json.loads(capsys.readouterr().out)}
+    said = checks["coordinator"]["summary"] + checks["coordinator"]["fix"]
+    assert "http://127.0.0.1:9" in said, said
+    assert main(["unstake", "--home", str(home)]) == 2
+    assert "cannot reach the coordinator at http://127.0.0.1:9" in capsys.readouterr().err

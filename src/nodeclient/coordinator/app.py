@@ -13,7 +13,10 @@ import contextlib
 import errno
 import functools
 import logging
+import os
+import stat
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 
 from fastapi import FastAPI, Request, WebSocket
 from fastapi.exceptions import RequestValidationError
@@ -60,6 +63,20 @@ async def housekeeping(coord: Coordinator, scheduler: Scheduler) -> None:
                 housekeeping_logger.exception(event)
 
 
+def private_dir(path: Path) -> None:
+    """Create the data directory mode 0700, or make an existing one of ours 0700: it holds
+    the SQLite database (requesters' payloads and results, which the API keeps behind
+    tokens) and the blob store, whose files are created under the umask."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    st = path.stat()
+    if st.st_uid == os.geteuid() and st.st_mode & 0o077:
+        path.chmod(0o700)
+        log.warning(
+            "data_dir.mode_tightened",
+            extra={"path": str(path), "was": f"{stat.S_IMODE(st.st_mode):04o}", "now": "0700"},
+        )
+
+
 def create_app(config: CoordinatorConfig, *, clock: Clock | None = None) -> FastAPI:
     """Build the coordinator app; its state is ``app.state.coordinator``."""
     guards = {  # read first: a token file that cannot be used stops the start
@@ -68,8 +85,7 @@ def create_app(config: CoordinatorConfig, *, clock: Clock | None = None) -> Fast
                            (METRICS, config.metrics_token_file))
         if path is not None
     }  # fmt: skip
-    if config.db_url is None:
-        config.data_dir.mkdir(parents=True, exist_ok=True)
+    private_dir(config.data_dir)
     db = Database(config.database_url)
     coord = Coordinator(config, clock=clock or SystemClock(), db=db)
     scheduler = Scheduler(coord)

@@ -298,8 +298,17 @@ def _wait(client: CoordinatorClient, job_id: str, timeout: float | None) -> dict
             if status in ("succeeded", "failed"):
                 return job
         if deadline is not None and time.monotonic() > deadline:
-            raise UsageError(f"job {job_id} still {status} after {timeout} s")
+            raise WaitTimedOut(
+                f"job {job_id} still {status} after {timeout} s; it goes on: follow it with "
+                f"`nodeclient-coordinator job {job_id}`"
+            )
         time.sleep(POLL_S * (1 + failures))
+
+
+class WaitTimedOut(NodeClientError):
+    """`submit --wait --timeout S` ran out before the job ended: exit 124, as timeout(1)."""
+
+    exit_code = 124
 
 
 def _loopback(host: str) -> bool:
@@ -314,6 +323,11 @@ def _token(args: argparse.Namespace) -> str | None:
     if args.token_file is None:
         found = tokens.parse_tokens(os.environ.get(TOKEN_ENV, ""), Path(f"${TOKEN_ENV}"))
         return found[0] if found else None
+    if not args.token_file.exists() and not args.token_file.is_symlink():
+        raise UsageError(
+            f"--token-file {args.token_file}: no such file; put the token the coordinator's "
+            "operator gave you there (mode 0600), or in $NODECLIENT_COORDINATOR_TOKEN"
+        )
     found, _ = tokens.read_token_file(args.token_file)
     if not found:
         raise UsageError(f"{args.token_file} holds no token")
@@ -339,7 +353,13 @@ def _requester(args: argparse.Namespace) -> int:  # noqa: PLR0911 (one return a 
             print(job["job_id"], flush=True)
             if not args.wait:
                 return 0
-            done = _wait(client, job["job_id"], args.timeout)
+            try:
+                done = _wait(client, job["job_id"], args.timeout)
+            except KeyboardInterrupt:
+                print(f"nodeclient-coordinator: interrupted; job {job['job_id']} goes on: "
+                      f"follow it with `nodeclient-coordinator job {job['job_id']}`",
+                      file=sys.stderr)  # fmt: skip
+                raise
             if done["status"] != "succeeded":
                 said = printable(f"job {done['job_id']} failed: {done.get('reason')}")
                 print(said, file=sys.stderr)

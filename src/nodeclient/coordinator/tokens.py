@@ -96,8 +96,7 @@ def read_token_file(path: Path) -> tuple[list[str], tuple[int, ...]]:
             f"no token file at {path}; fix: `nodeclient-coordinator token new --file {path}`"
         ) from None
     except OSError as exc:
-        what = "it is a symlink" if exc.errno == errno.ELOOP else exc.strerror
-        raise TokenFileError(f"cannot open the token file {path}: {what}") from exc
+        raise TokenFileError(f"cannot open the token file {path}: {_why(exc)}") from exc
     try:
         st = os.fstat(fd)
         problem = _problem(path, st)
@@ -113,6 +112,12 @@ def read_token_file(path: Path) -> tuple[list[str], tuple[int, ...]]:
     except UnicodeDecodeError as exc:
         raise TokenFileError(f"{path} is not UTF-8 text: {exc}") from exc
     return parse_tokens(text, path), _identity(st)
+
+
+def _why(exc: OSError) -> str:
+    if exc.errno == errno.ELOOP:
+        return "it is a symlink; fix: name the file itself, not a link to it"
+    return str(exc.strerror)
 
 
 def _digest(token: str | bytes) -> bytes:
@@ -241,8 +246,7 @@ def append_token(path: Path, token: str, *, label: str | None = None) -> None:
     try:
         fd = os.open(path, flags, 0o600)
     except OSError as exc:
-        what = "it is a symlink" if exc.errno == errno.ELOOP else exc.strerror
-        raise TokenFileError(f"cannot open the token file {path}: {what}") from exc
+        raise TokenFileError(f"cannot open the token file {path}: {_why(exc)}") from exc
     try:
         st = os.fstat(fd)
         problem = _problem(path, st)

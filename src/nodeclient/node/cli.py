@@ -271,7 +271,7 @@ def cmd_manifest(args: argparse.Namespace) -> int:
     print(f"region                {manifest['region']}")
     print(f"hardware_tier         {manifest['hardware_tier']}")
     cpu = manifest["cpu"]
-    print(f"cpu                   {cpu['model']}, {cpu['cores']} cores, {cpu['ram_gb']} GB RAM")
+    print(f"cpu                   {cpu['model']}, {cpu['cores']} cores, {cpu['ram_gb']} GiB RAM")
     print(f"gpu                   {gpus or 'none'}")
     print(f"workload_classes      {', '.join(manifest['workload_classes']) or 'none'}")
     print(f"max_parallel_subtasks {manifest['max_parallel_subtasks']}")
@@ -300,18 +300,46 @@ def cmd_proof(args: argparse.Namespace) -> int:
     return 0
 
 
-def _coordinator_option(args: argparse.Namespace, config: NodeConfig) -> str | None:
-    """``--coordinator`` if given (checked here), else config.toml's (checked on load)."""
+def _coordinator_option(
+    args: argparse.Namespace, config: NodeConfig, *, daemon_home: Path | None = None
+) -> str | None:
+    """``--coordinator`` if given (checked here), else config.toml's (checked on load),
+    else, with *daemon_home*, the one the running daemon of that home was started with
+    (`nodeclient run --coordinator URL`, as the README's tour does)."""
     flag = getattr(args, "coordinator", None)
     if flag:
         return check_coordinator_url(flag, name="--coordinator").rstrip("/")
-    return config.coordinator.rstrip("/") if config.coordinator else None
+    if config.coordinator:
+        return config.coordinator.rstrip("/")
+    return _daemons_coordinator(daemon_home) if daemon_home is not None else None
 
 
-def _coordinator_url(args: argparse.Namespace, config: NodeConfig) -> str:
-    url = _coordinator_option(args, config)
+def _daemons_coordinator(home: Path) -> str | None:
+    """The coordinator URL the daemon running for *home* uses, or None (none runs, or it
+    answers something else)."""
+    from nodeclient.node import control
+
+    try:
+        link = control.request(home / control.SOCKET_NAME, {"cmd": "status"}, timeout=2.0).get(
+            "link"
+        )
+        url = link.get("coordinator") if isinstance(link, dict) else None
+        if not isinstance(url, str):
+            return None
+        return check_coordinator_url(url, name="the daemon's coordinator").rstrip("/")
+    except (NodeClientError, OSError):
+        return None
+
+
+def _coordinator_url(
+    args: argparse.Namespace, config: NodeConfig, *, daemon_home: Path | None = None
+) -> str:
+    url = _coordinator_option(args, config, daemon_home=daemon_home)
     if not url:
-        raise UsageError("no coordinator: pass --coordinator URL or set coordinator in config.toml")
+        raise UsageError(
+            "no coordinator: pass --coordinator URL or set coordinator in config.toml"
+            + (" (and no daemon runs for this home to ask)" if daemon_home else "")
+        )
     return url
 
 
@@ -521,7 +549,7 @@ def cmd_unstake(args: argparse.Namespace) -> int:
 
     home = _home(args)
     config = load_config(home)
-    url = _coordinator_url(args, config)
+    url = _coordinator_url(args, config, daemon_home=home)
     node_key = keys.load_node_key(home, passphrase=_passphrase_source(args))
     message = {"node_id": node_key.address, "requested_at": int(time.time())}
     sig = eip712.sign_typed(node_key, "Unstake", message, chain_id=config.chain_id)
@@ -549,7 +577,10 @@ def cmd_unstake(args: argparse.Namespace) -> int:
         ) from exc
     ends = _unstake_answer(resp, url)
     print(f"unstaking: no new dispatches; the 7-day cooldown ends at {ends}")
-    print("work in flight finishes and is delivered; `nodeclient status` shows the countdown")
+    print(
+        "work in flight finishes and is delivered; `nodeclient status` shows the countdown "
+        "once the daemon's next heartbeat is answered (within one heartbeat interval)"
+    )
     return 0
 
 
@@ -637,7 +668,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     config = load_config(home)
     checks = doctor.run_all(
         home,
-        coordinator=_coordinator_option(args, config),
+        coordinator=_coordinator_option(args, config, daemon_home=home),
         allow_unsandboxed=config.allow_unsandboxed,
     )
     if args.json:
