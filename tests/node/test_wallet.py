@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import stat
+import time
 from pathlib import Path
 
 import pytest
@@ -162,4 +163,23 @@ def test_a_wallet_key_file_that_cannot_be_used_is_named(tmp_path: Path, capsys) 
     garbled.chmod(0o600)
     assert main(["wallet-proof", "--home", str(home), "--wallet-key", str(garbled)]) == 2
     assert f"--wallet-key {garbled}: expected 0x followed by 64 hex" in capsys.readouterr().err
+    assert not (home / wallet.PROOF_FILE).exists()
+
+
+def test_a_proof_issued_in_the_future_is_not_stored(tmp_path: Path, capsys) -> None:
+    """A signature for an issued_at 10 days ahead is the wallet's all right, but every
+    coordinator would refuse registrations carrying it (more than 300 s in the future),
+    and `run` would exit 78: refused when it is stored, saying why."""
+    from nodeclient.node import keys
+    from nodeclient.node.cli import main
+
+    home = tmp_path / "home"
+    assert main(["init", "--home", str(home), "--wallet", WALLET.address]) == 0
+    ahead = int(time.time()) + 10 * 86400
+    proof = mf.sign_wallet_proof(WALLET, keys.node_id_of(home), issued_at=ahead, chain_id=CHAIN)
+    capsys.readouterr()
+    rc = main(["wallet-proof", "--home", str(home), "--issued-at", str(ahead),
+               "--signature", proof["signature"]])  # fmt: skip
+    assert rc == 2
+    assert "in the future: a coordinator refuses" in capsys.readouterr().err
     assert not (home / wallet.PROOF_FILE).exists()

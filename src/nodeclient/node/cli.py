@@ -223,6 +223,15 @@ def cmd_wallet_proof(args: argparse.Namespace) -> int:
     node_id = keys.node_id_of(home)
     if args.signature is not None or args.wallet_key is not None:
         issued_at = int(time.time()) if args.issued_at is None else args.issued_at
+        from nodeclient.protocol.manifest import MAX_SKEW_S
+
+        ahead = issued_at - int(time.time())
+        if ahead > MAX_SKEW_S:  # a coordinator would refuse every registration with it
+            raise UsageError(
+                f"--issued-at {issued_at} is {ahead} s in the future: a coordinator refuses a "
+                f"wallet proof issued more than {MAX_SKEW_S} s ahead; sign the typed data "
+                "`nodeclient wallet-proof` prints now"
+            )
         if args.wallet_key is not None:
             wallet_key = _wallet_key(Path(args.wallet_key))
             proof = wallet.sign_proof(

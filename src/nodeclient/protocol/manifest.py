@@ -63,6 +63,10 @@ UNSIGNED_FIELDS: Final = frozenset({"signature", "node_signature"})
 _PSS: Final = padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=32)
 
 
+# How far in the future a manifest's (or its wallet proof's) issued_at may be: clock skew.
+MAX_SKEW_S: Final = 300
+
+
 @cache
 def manifest_schema() -> dict[str, Any]:
     """The JSON Schema shipped in the package (protocol/schemas/manifest.schema.json)."""
@@ -217,7 +221,7 @@ def verify_manifest(  # noqa: PLR0912, PLR0915 - one flat list of checks reads b
     chain_id: int,
     now: int,
     max_age: int = 24 * 3600,
-    max_skew: int = 300,
+    max_skew: int = MAX_SKEW_S,
 ) -> VerifiedManifest:
     """Verify a manifest completely or raise ManifestError naming the failed check.
 
