@@ -233,3 +233,17 @@ def test_a_task_leased_again_while_its_cancel_unwinds_is_refused(tmp_path: Path)
     asyncio.run(daemon._on_frame(dispatch(daemon, task_id, lease)))
     (refused,) = link.frames
     assert_refuses(refused, daemon, task_id, lease, "cancelled here and is still stopping")
+
+
+def test_unstaking_is_shown_since_the_unstake_not_since_a_restart(tmp_path: Path) -> None:
+    """A daemon restarted 3 days into its cooldown learns UNSTAKING from the coordinator:
+    `status` counts the state's time from the unstake (the end of the cooldown less 7
+    days), not from the restart."""
+    daemon, _, _ = make_daemon(tmp_path)
+    now = time.time()
+    daemon.session.unstaking_until = int(now + 4 * 86400)
+    daemon.state.transition(NodeState.UNSTAKING, reason="unstake accepted by the coordinator")
+    st = daemon.status()
+    assert st["state"] == "UNSTAKING"
+    assert abs(st["state_since"] - (now - 3 * 86400)) < 5
+    assert 4 * 86400 - 5 <= st["unstake_remaining_s"] <= 4 * 86400

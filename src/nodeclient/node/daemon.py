@@ -45,7 +45,7 @@ from nodeclient.protocol import manifest as manifest_mod
 from nodeclient.protocol.proof import proof_of_execution
 from nodeclient.protocol.secp import Secp256k1Key
 from nodeclient.protocol.session import CoordinatorMismatch, NodeSession, backoff
-from nodeclient.protocol.states import NodeState, StateMachine
+from nodeclient.protocol.states import UNSTAKE_COOLDOWN_S, NodeState, StateMachine
 
 log = logging.getLogger("nodeclient.node")
 _T = TypeVar("_T")
@@ -909,10 +909,15 @@ class NodeDaemon:
         now = self.clock.now()
         until = self.session.unstaking_until
         counts = self.outbox.counts()
+        since = self.state.entered_at
+        if self.state.state is NodeState.UNSTAKING and until is not None:
+            # Since the unstake itself (the coordinator's end of the cooldown less the
+            # cooldown), not since this process learnt of it after a restart.
+            since = min(since, until - UNSTAKE_COOLDOWN_S)
         return {
             "node_id": self.node_id,
             "state": self.state.state.value,
-            "state_since": self.state.entered_at,
+            "state_since": since,
             "link": {
                 "status": self.link.status,
                 "since": self.link.since,
