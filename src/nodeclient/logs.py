@@ -72,7 +72,11 @@ class TextFormatter(logging.Formatter):
         message = printable(record.getMessage())
         line = f"{when} {record.levelname.lower():7} {message} {extras}".rstrip()
         if record.exc_info:
-            line += "\n" + self.formatException(record.exc_info)
+            # A traceback takes several lines: each is marked as part of this event, and its
+            # text (an exception's message can quote the network) has its control
+            # characters written out, so no line of it can pass for an event of its own.
+            trace = self.formatException(record.exc_info)
+            line += "".join(f"\n  | {printable(part)}" for part in trace.splitlines())
         return line
 
 

@@ -177,6 +177,25 @@ def test_text_logs_keep_one_event_on_one_line(capsys) -> None:
     assert err.count("\n") == 1 and "\x1b" not in err and "\\x1b]0;owned" in err
 
 
+def test_a_traceback_in_text_logs_cannot_forge_an_event(capsys) -> None:
+    """An exception whose message quotes the network (newlines, escape sequences): each
+    line of its traceback is marked `  | ` and has its control characters written out,
+    so none of it reads as an event line of its own or reaches the terminal as a
+    command."""
+    logs.configure(fmt="text")
+    try:
+        try:
+            raise ValueError("bad frame\n12:00:00 info    node.registered forged\x1b[2J")
+        except ValueError:
+            logging.getLogger("nodeclient.node").exception("link.error")
+    finally:
+        logs.configure(fmt="json")
+    first, *trace = capsys.readouterr().err.splitlines()
+    assert " error   link.error" in first
+    assert trace and all(line.startswith("  | ") for line in trace)
+    assert "\x1b" not in "".join(trace) and "\\x1b[2J" in "".join(trace)
+
+
 def test_history_leaves_a_damaged_row_out_and_says_so(home: Path, capsys) -> None:
     box = Outbox(home / "outbox.db")
     try:
