@@ -305,3 +305,22 @@ def test_doctor_command_fails_on_bad_key_mode(home: Path, capsys) -> None:
     assert rc == 2
     assert f"fix: chmod 600 {home / 'payload.key'}" in out
     assert "FAIL  coordinator" in out and "OK    sandbox" in out
+
+
+def test_a_missing_runtime_says_how_to_install_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """doctor's fix for a runtime that is not served carries the install command."""
+    from importlib import metadata
+
+    from nodeclient.node.runtimes import blender, torch_train
+
+    ok, why = blender.usable("no-such-blender-binary")
+    assert not ok and "apt-get install blender" in why
+
+    def absent(name: str) -> str:
+        raise metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(metadata, "version", absent)
+    ok, why = torch_train.usable()
+    assert not ok and "pip install 'torch>=2.1'" in why
+    (check,) = doctor.check_runtimes({"ai.training": (ok, why)})
+    assert "pip install" in check.fix

@@ -178,7 +178,7 @@ def usable(blender: str = "blender") -> tuple[bool, str]:
     """Whether this node can offer ``media.render`` (2.3.2), and why: Blender with Cycles."""
     path = shutil.which(blender)
     if path is None:
-        return False, f"{blender} not found on PATH"
+        return False, f"{blender} not found on PATH (Debian/Ubuntu: apt-get install blender)"
     try:
         out = subprocess.run(
             [path, "-b", "--factory-startup", "-noaudio", "--version"],

@@ -64,7 +64,10 @@ def usable() -> tuple[bool, str]:
     try:
         version = metadata.version("torch")
     except metadata.PackageNotFoundError:
-        return False, "torch is not installed"
+        return False, (
+            "torch is not installed (into nodeclient's own Python: pip install 'torch>=2.1'; "
+            "the CPU build from --index-url https://download.pytorch.org/whl/cpu)"
+        )
     return True, f"torch {version} (CUDA when visible, else CPU)"
 
 
