@@ -166,3 +166,24 @@ def test_a_full_disk_anywhere_is_a_507(
     r = httpx.get(coordinator.url + "/v1/jobs")
     assert r.status_code == 507
     assert "the coordinator's disk is full" in r.json()["error"]
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["/v1/jobs/%00", "/v1/jobs/%00/result", "/v1/tasks/%00/result", "/v1/jobs/not-a-uuid",
+     "/v1/jobs/" + "a" * 5000],
+)  # fmt: skip
+def test_an_id_that_is_no_uuid_is_a_404_on_any_database(coordinator: Running, path: str) -> None:
+    """A NUL in a path id reached PostgreSQL, which refuses NUL in text with an error: a
+    500. An id that is no UUID is now a 404 without a query (the suite runs on both)."""
+    r = httpx.get(coordinator.url + path)
+    assert r.status_code == 404, r.text
+
+
+def test_a_region_or_cursor_with_a_control_character_is_a_400(coordinator: Running) -> None:
+    body = {"workload_class": "ai.inference", "payload": "", "region": "eu\x00west"}
+    r = httpx.post(coordinator.url + "/v1/jobs", json=body)
+    assert r.status_code == 400 and "region" in r.json()["error"], r.text
+    r = httpx.get(coordinator.url + "/v1/jobs", params={"after": "1.0,a\x00b"})
+    assert r.status_code == 400, r.text
+    assert coordinator.client.health()["status"] == "ok"

@@ -17,6 +17,7 @@ import io
 import logging
 import math
 import os
+import uuid
 from collections.abc import Callable
 from typing import Any, Final
 from urllib.parse import urlencode
@@ -172,9 +173,22 @@ def _job_cursor(text: str) -> tuple[float, str] | None:
         value = float(created)
     except ValueError:
         return None
-    if not math.isfinite(value) or not job_id or len(job_id) > m.UUID_LEN:
+    if not math.isfinite(value):
         return None
-    return value, job_id
+    key = uuid_key(job_id)
+    return None if key is None else (value, key)
+
+
+def uuid_key(text: str) -> str | None:
+    """*text* as the key a job or task is stored under (a UUID's canonical text), or None
+    if it is not a UUID: such a path is a 404 without a query (PostgreSQL refuses a NUL
+    in text with an error, not an empty answer)."""
+    if len(text) > 64:
+        return None
+    try:
+        return str(uuid.UUID(text))
+    except ValueError:
+        return None
 
 
 class Resources(BaseModel):
@@ -193,7 +207,7 @@ class JobRequest(BaseModel):
     workload_class: str = Field(max_length=64)
     payload: str = Field(description="base64 of the workload payload bytes")
     min_tier: int = Field(default=0, ge=0, le=4)
-    region: str | None = Field(default=None, max_length=32)
+    region: str | None = Field(default=None, max_length=32, pattern=r"^[^\x00-\x1f\x7f]*$")
     slices: int = Field(default=1, ge=1, le=4096)
     resources: Resources = Field(default_factory=Resources)
 
@@ -402,11 +416,13 @@ def build_router(coord: Coordinator) -> APIRouter:  # noqa: PLR0915 (one route e
 
     @router.get("/v1/jobs/{job_id}")
     async def get_job(job_id: str) -> JSONResponse:
+        key = uuid_key(job_id)
+
         def tx(s: Session) -> dict[str, Any] | None:
-            job = s.get(m.Job, job_id)
+            job = s.get(m.Job, key)
             return None if job is None else store.job_json(s, job, chain_id=chain_id)
 
-        job = await coord.db.run(tx)
+        job = None if key is None else await coord.db.run(tx)
         if job is None:
             return error(404, f"no job {job_id}")
         for task in job["tasks"]:
@@ -423,11 +439,13 @@ def build_router(coord: Coordinator) -> APIRouter:  # noqa: PLR0915 (one route e
 
     @router.get("/v1/jobs/{job_id}/result", response_model=None)
     async def job_result(job_id: str) -> Response:
+        key = uuid_key(job_id)
+
         def tx(s: Session) -> tuple[str, bytes | None] | None:
-            job = s.get(m.Job, job_id)
+            job = s.get(m.Job, key)
             return None if job is None else (job.status, job.result)
 
-        found = await coord.db.run(tx)
+        found = None if key is None else await coord.db.run(tx)
         if found is None:
             return error(404, f"no job {job_id}")
         status, result = found
@@ -437,11 +455,13 @@ def build_router(coord: Coordinator) -> APIRouter:  # noqa: PLR0915 (one route e
 
     @router.get("/v1/tasks/{task_id}/result", response_model=None)
     async def task_result(task_id: str) -> Response:
+        key = uuid_key(task_id)
+
         def tx(s: Session) -> tuple[str, bytes | None] | None:
-            task = s.get(m.Task, task_id)
+            task = s.get(m.Task, key)
             return None if task is None else (task.status, task.result)
 
-        found = await coord.db.run(tx)
+        found = None if key is None else await coord.db.run(tx)
         if found is None:
             return error(404, f"no task {task_id}")
         status, result = found
