@@ -251,6 +251,24 @@ def test_a_registration_answer_is_read_as_sent_and_bounded(
         daemon.outbox.close()
 
 
+@pytest.mark.parametrize("prior", [None, 7, "many", {"n": 1}])
+def test_an_odd_field_in_an_accepted_registration_is_no_failure(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, prior: object
+) -> None:
+    """`prior_registrations` is only logged: null or another type in an answer that
+    accepted the node must not fail the registration (before, a TypeError made the daemon
+    register again and again and never link)."""
+    answer_registration(
+        monkeypatch,
+        lambda _r: httpx.Response(201, json={"status": "registered", "prior_registrations": prior}),
+    )
+    daemon = make_daemon(tmp_path)
+    try:
+        assert asyncio.run(daemon.register())["status"] == "registered"
+    finally:
+        daemon.outbox.close()
+
+
 @pytest.mark.parametrize(
     ("status", "content_type", "body"),
     [

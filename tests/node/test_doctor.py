@@ -324,3 +324,11 @@ def test_a_missing_runtime_says_how_to_install_it(monkeypatch: pytest.MonkeyPatc
     assert not ok and "pip install 'torch>=2.1'" in why
     check = doctor.check_runtimes({"ai.training": (ok, why)})[0]
     assert check.name == "runtime ai.training" and "pip install" in check.fix
+
+
+@pytest.mark.parametrize("sent", [10**400, True, float("nan"), "1765000000"])
+def test_a_server_time_that_is_no_time_is_ignored(sent: object) -> None:
+    """An integer past any float, a boolean, NaN or a string: not a clock to compare with
+    (before, the integer was an OverflowError traceback and True a huge skew)."""
+    assert doctor.server_time({}, {"server_time": sent}) is None
+    assert doctor.server_time({}, {"server_time": 1765000000}) == 1765000000.0

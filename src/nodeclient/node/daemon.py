@@ -357,11 +357,12 @@ class NodeDaemon:
         if resp.status_code in (200, 201):
             coordinator = body.get("coordinator_id")
             self.session.registered_with = coordinator if isinstance(coordinator, str) else None
+            prior = body.get("prior_registrations")  # only logged: never a reason to fail
             log.info(
                 "node.registered",
                 extra={
                     "status": body.get("status"),
-                    "prior": len(body.get("prior_registrations", [])),
+                    "prior": len(prior) if isinstance(prior, list) else 0,
                     "coordinator_id": self.session.registered_with,
                 },
             )

@@ -206,8 +206,12 @@ def check_disk(
 
 def server_time(headers: Mapping[str, str], body: Any) -> float | None:
     """The coordinator's clock: a ``server_time`` field if it sends one, else ``Date``."""
-    if isinstance(body, dict) and isinstance(body.get("server_time"), int | float):
-        value = float(body["server_time"])
+    sent = body.get("server_time") if isinstance(body, dict) else None
+    if isinstance(sent, int | float) and not isinstance(sent, bool):
+        try:
+            value = float(sent)
+        except OverflowError:  # an integer past any float: no time at all
+            return None
         return value if math.isfinite(value) else None  # NaN would pass every comparison
     date = headers.get("date")
     if not date:
