@@ -156,6 +156,29 @@ def test_a_round_pages_past_tasks_every_eligible_node_is_excluded_from(
     assert len(seen) == 2 * scheduler.BATCH + 1
 
 
+def test_a_job_every_free_node_is_barred_from_does_not_hide_the_queue(db: Database) -> None:
+    """A render job of more slices than a round's pages hold, all queued, whose only node
+    has failed 3 of its slices (so it may take none of them): an inference job queued
+    behind it is still placed, in the first round. Before, every page of every round was
+    that job's, until the queue timeout failed it a day later."""
+    pages = scheduler.MAX_PAGES * scheduler.BATCH + 52
+    render, slices = db.run_sync(lambda s: add_job(s, tasks=pages, workload_class="media.render"))
+
+    def failed_three(s: Session) -> None:
+        for i, task_id in enumerate(slices[:3]):
+            s.add(m.TaskAttempt(task_id=task_id, attempt=1, node_id="0xA", leased_at=NOW,
+                                deadline=NOW + 1, ended_at=NOW + i, outcome="rejected"))  # fmt: skip
+
+    db.run_sync(failed_three)
+    _, (behind,) = db.run_sync(lambda s: add_job(s, tasks=1, queued_at=NOW + 60))
+    both = Candidate("0xA", 1, "eu-west", frozenset({"ai.inference", "media.render"}), 2)
+    placed = db.run_sync(lambda s: assign_tx(s, [both], now=NOW, lease_seconds=300))
+    assert [(a.task_id, a.node_id) for a in placed] == [(behind, "0xA")]
+    other = Candidate("0xB", 1, "eu-west", frozenset({"media.render"}), 1)  # not barred
+    placed = db.run_sync(lambda s: assign_tx(s, [both, other], now=NOW, lease_seconds=300))
+    assert [(a.job_id, a.node_id) for a in placed] == [(render, "0xB")]
+
+
 def test_a_round_that_placed_a_few_pages_on_while_slots_are_free(
     db: Database, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -185,9 +208,9 @@ def test_a_round_stops_paging_once_the_slots_are_full(
     pages: list[object] = []
     real_page = scheduler._queued_page
 
-    def counted(*args: object) -> object:
+    def counted(*args: object, **kw: object) -> object:
         pages.append(1)
-        return real_page(*args)  # type: ignore[arg-type]
+        return real_page(*args, **kw)  # type: ignore[arg-type]
 
     monkeypatch.setattr(scheduler, "_queued_page", counted)
     placed = db.run_sync(lambda s: assign_tx(s, [node(capacity=2)], now=NOW, lease_seconds=300))

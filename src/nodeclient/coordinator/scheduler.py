@@ -229,6 +229,10 @@ class Roster:
         self._ram = sorted({c.ram_mb for c in self.candidates})
         self._vram = sorted({c.vram_mb for c in self.candidates})
 
+    def nodes_serving(self, workload_class: str) -> Iterable[list[Candidate]]:
+        """The candidates (with slots) that serve *workload_class*, grouped by offer."""
+        return self._by_offer.get(workload_class, {}).values()
+
     def free_offers(self, used: Mapping[str, int]) -> dict[str, list[_Offer]]:
         """Per class, :attr:`offers` among the nodes with a free slot (classes with none
         are left out): what a queued task may ask for and be placed now."""
@@ -308,6 +312,14 @@ class Picker:
     def free_offers(self) -> dict[str, list[_Offer]]:
         """Roster.free_offers, this round's picks included."""
         return self._roster.free_offers(self._used)
+
+    def any_free_outside(self, workload_class: str, barred: set[str]) -> bool:
+        """Whether a candidate serving *workload_class*, not in *barred*, has a free slot
+        (it stops at the first: at most the barred few are passed over)."""
+        groups = self._roster.nodes_serving(workload_class)
+        return any(
+            c.node_id not in barred and self.slots(c.node_id) > 0 for nodes in groups for c in nodes
+        )
 
     def slots(self, node_id: str) -> int:
         """Free slots of a candidate now (capacity minus leases, this round's included)."""
@@ -687,8 +699,12 @@ def assign_tx(
     # next ones, only what a node with a free slot now can take: so a long queue of tasks
     # that only busy nodes serve cannot hide the tasks behind it from idle nodes.
     offers = roster.offers
+    # Jobs none of whose tasks any free node may take now (every free node that serves
+    # the class failed too many of the job's tasks): later pages skip them, so a job of
+    # thousands of such slices cannot fill every page and hide the jobs queued behind it.
+    blocked: set[str] = set()
     for _ in range(MAX_PAGES):
-        page = _queued_page(session, offers, after)
+        page = _queued_page(session, offers, after, skip=blocked)
         more, size = _place(session, picker, page, budget)
         placed += more
         budget -= size
@@ -697,6 +713,7 @@ def assign_tx(
         offers = picker.free_offers()
         if not offers:  # no slot free any more
             break
+        blocked |= _blocked_jobs(session, picker, page)
         after = (page[-1][5], page[-1][0])
     if not placed:
         return []
@@ -730,11 +747,35 @@ def assign_tx(
 _QueuedRow = tuple[str, str, str, int, str | None, float, int, int, int]
 
 
+def _blocked_jobs(session: Session, picker: Picker, page: Sequence[_QueuedRow]) -> set[str]:
+    """The jobs of *page* under a strict retry policy that no node with a free slot may
+    take any task of: every free node serving the class has failed enough of the job's
+    tasks to be excluded from all of them (:func:`excluded_nodes`)."""
+    classes = {q[1]: q[2] for q in page if q[2] in RETRY_POLICIES}
+    if not classes:
+        return set()
+    blocked = set()
+    for job_id, failures in job_failures(session, classes).items():
+        policy = RETRY_POLICIES[classes[job_id]]
+        per_node: dict[str, set[str]] = {}
+        for task_id, node_id in failures:
+            per_node.setdefault(node_id, set()).add(task_id)
+        barred = {n for n, t in per_node.items() if len(t) >= policy.max_node_failures_per_job}
+        if barred and not picker.any_free_outside(classes[job_id], barred):
+            blocked.add(job_id)
+    return blocked
+
+
 def _queued_page(
-    session: Session, offers: Mapping[str, Sequence[_Offer]], after: tuple[float, str] | None
+    session: Session,
+    offers: Mapping[str, Sequence[_Offer]],
+    after: tuple[float, str] | None,
+    *,
+    skip: Iterable[str] = (),
 ) -> list[_QueuedRow]:
     """The next BATCH queued tasks (oldest first) that one of *offers* (class -> what
-    nodes offer: tier, slot RAM, slot VRAM) can take, with their payload sizes."""
+    nodes offer: tier, slot RAM, slot VRAM) can take, with their payload sizes; none of
+    the jobs in *skip*."""
     servable = or_(
         *(
             and_(
@@ -757,6 +798,9 @@ def _queued_page(
     )  # fmt: skip
     if after is not None:  # keyset paging, in the order below
         query = query.where(after_key(m.Task.queued_at, m.Task.task_id, after))
+    skipped = sorted(skip)
+    if skipped:
+        query = query.where(m.Task.job_id.not_in(skipped))
     rows = session.execute(query.order_by(m.Task.queued_at, m.Task.task_id).limit(BATCH))
     return [tuple(r) for r in rows]
 
