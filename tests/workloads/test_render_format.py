@@ -353,9 +353,31 @@ def test_frames_per_slice_cannot_get_round_the_slice_limit() -> None:
 
 def test_job_that_cannot_fit_a_result_is_refused() -> None:
     """frames_per_slice frames of RGBA must fit the coordinator's payload limit."""
-    payload = _request(width=1024, height=1024, frames_per_slice=8).encode()
-    with pytest.raises(RemoteProtocolError, match="do not fit"):
+    payload = _request(frames=(1, 10), width=1024, height=1024, frames_per_slice=8).encode()
+    with pytest.raises(RemoteProtocolError, match="more than a 33554432-byte result holds"):
         job_meta(payload, 32 << 20)
+
+
+@pytest.mark.parametrize(
+    ("kw", "fits"),
+    [
+        ({"frames": (1, 1), "width": 4096, "height": 4096, "tiles": 256}, True),
+        ({"frames": (1, 1), "width": 4096, "height": 2160, "tiles": 8}, True),
+        ({"frames": (1, 1), "width": 4096, "height": 4096, "tiles": 2}, False),  # 32 MiB bands
+        ({"frames": (1, 2), "width": 1920, "height": 1080, "frames_per_slice": 10}, True),
+    ],
+)
+def test_the_job_check_counts_the_slices_it_would_make(kw: dict, fits: bool) -> None:
+    """A tiled frame is refused only when one band cannot fit a result, not when the whole
+    frame cannot (tiling is what large frames are for); frames_per_slice counts no more
+    frames than the job has. What the check accepts, the split accepts."""
+    payload = _request(**kw).encode()
+    if not fits:
+        with pytest.raises(RemoteProtocolError, match="use more tiles"):
+            job_meta(payload, 32 << 20)
+        return
+    job_meta(payload, 32 << 20)
+    assert split(payload, 1)
 
 
 # --- results ------------------------------------------------------------------------------------

@@ -392,13 +392,22 @@ def job_meta(payload: bytes, max_bytes: int) -> dict[str, Any]:
     request = RenderRequest.decode(payload, max_bytes=max_bytes)
     if request.rows is not None:
         raise RemoteProtocolError("a job payload must not carry row_start/row_end")
-    per_slice = request.frames_per_slice or 1
-    if per_slice * request.frame_bytes + HEADER_ALLOWANCE > max_bytes:
-        raise RemoteProtocolError(
-            f"{per_slice} frame(s) of {request.width}x{request.height} RGBA do not fit a "
-            f"{max_bytes}-byte result; use fewer frames per slice or a smaller size"
-        )
     frames = len(request.frames)
+    # The smallest a slice can be: one band of a tiled frame, else the frames per slice
+    # asked for (no more than the job has), else one frame; the split checks the slices
+    # it actually makes (_job_slices).
+    if request.tiles is not None:
+        rows = -(-request.height // request.tiles)
+        smallest = request.width * rows * CHANNELS
+        advice = "more tiles or a smaller size"
+    else:
+        smallest = min(request.frames_per_slice or 1, frames) * request.frame_bytes
+        advice = "fewer frames per slice, tiles, or a smaller size"
+    if smallest + HEADER_ALLOWANCE > max_bytes:
+        raise RemoteProtocolError(
+            f"a slice of {request.width}x{request.height} RGBA would be {smallest} bytes, "
+            f"more than a {max_bytes}-byte result holds; use {advice}"
+        )
     size = result_bytes(frames, request.frame_bytes)
     if size > MAX_JOB_RESULT_BYTES:  # assemble builds it in memory, and it is stored whole
         raise RemoteProtocolError(
