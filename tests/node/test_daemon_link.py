@@ -696,3 +696,28 @@ def test_a_challenge_from_another_coordinator_is_not_signed(
     assert got == ["closed", "closed"]  # never an auth frame
     assert len(registrations) == 3  # asked again before each link after a mismatch
     assert "coord-B" in events.named("link.coordinator_mismatch")[0].__dict__["error"]
+
+
+def test_a_result_is_logged_as_sent_only_when_the_link_took_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The link closed under the send: `_deliver` says the result did not go out (the
+    backlog walk stops there; the rest wait for the next link) and logs no `result.sent`."""
+    from websockets.exceptions import ConnectionClosedError
+
+    class Closed:
+        async def send(self, _data: object) -> None:
+            raise ConnectionClosedError(None, None)
+
+    daemon = make_daemon(tmp_path)
+    try:
+        task = RunningTask(uuid.uuid4(), uuid.uuid4(), "ai.inference", None, time.time())
+        daemon._commit(task, b"result bytes")
+        (entry,) = list(daemon.outbox.iter_pending())
+        daemon._ws = Closed()  # type: ignore[assignment]
+        with caplog.at_level(logging.INFO, logger="nodeclient.node"):
+            assert asyncio.run(daemon._deliver(entry)) is False
+        assert "result.sent" not in [r.getMessage() for r in caplog.records]
+        assert daemon.outbox.backlog() == 1
+    finally:
+        daemon.outbox.close()

@@ -202,7 +202,7 @@ class NodeDaemon:
             max_workers=self.slots, thread_name_prefix="nodeclient-fetch"
         )
         self._blobs = inputs.blob_cache(home / "blobs")  # render scenes, fetched once
-        self._pending_sends: set[asyncio.Future[None]] = set()
+        self._pending_sends: set[asyncio.Future[object]] = set()
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -491,7 +491,8 @@ class NodeDaemon:
             try:
                 try:  # unacknowledged results, after a restart too, one at a time
                     for entry in self.outbox.iter_pending():
-                        await self._deliver(entry)
+                        if not await self._deliver(entry):
+                            break  # the link went: the rest wait for the next one
                 except (OSError, sqlite3.Error) as exc:  # a failing disk: keep the link
                     # The rest stay in the outbox and are sent after the next reconnect.
                     log.error("outbox.pending_failed", extra={"error": str(exc)})
@@ -787,7 +788,7 @@ class NodeDaemon:
 
         return report
 
-    def _background(self, coro: Coroutine[Any, Any, None]) -> None:
+    def _background(self, coro: Coroutine[Any, Any, object]) -> None:
         task = asyncio.ensure_future(coro)
         self._pending_sends.add(task)
         task.add_done_callback(self._pending_sends.discard)
@@ -862,19 +863,22 @@ class NodeDaemon:
         message = eip712.message_from_json("Result", message_json)
         return eip712.sign_typed(self._node_key, "Result", message, chain_id=self.chain_id)
 
-    async def _deliver(self, entry: OutboxEntry) -> None:
-        """Send a committed outbox entry; it stays queued until the coordinator acks it."""
+    async def _deliver(self, entry: OutboxEntry) -> bool:
+        """Send a committed outbox entry; it stays queued until the coordinator acks it.
+        Whether it went out (no link, or a link that closed: it waits for the next)."""
         if entry.signature is None:  # cannot happen for rows commit_result wrote
             raise RuntimeError(f"outbox entry {entry.task_id} is not signed")
         message = eip712.message_from_json("Result", entry.message)
         frame = messages.signed_frame(
             "result", message, entry.signature, raw=True, result=entry.result
         )
-        await self._send(frame)
+        if not await self._send(frame):
+            return False
         log.info(
             "result.sent",
             extra={"task_id": str(entry.task_id), "proof": "0x" + (entry.proof or b"").hex()},
         )
+        return True
 
     async def _reject(
         self, task_id: uuid.UUID, reason: str, *, lease_expires_at: int | None
@@ -897,12 +901,17 @@ class NodeDaemon:
             frame["lease_expires_at"] = lease_expires_at
         await self._send(frame)
 
-    async def _send(self, frame: dict[str, Any]) -> None:
+    async def _send(self, frame: dict[str, Any]) -> bool:
+        """Send *frame* on the live link; whether it went out (results that did not wait in
+        the outbox; rejects are re-derived via lease expiry)."""
         ws = self._ws
         if ws is None:
-            return  # results wait in the outbox; rejects are re-derived via lease expiry
-        with contextlib.suppress(ConnectionClosed):
+            return False
+        try:
             await ws.send(messages.encode_frame(frame, binary=self.session.binary))
+        except ConnectionClosed:
+            return False
+        return True
 
     # --- status ------------------------------------------------------------------------------
 
