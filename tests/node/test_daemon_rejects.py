@@ -6,6 +6,7 @@ Rejects). Refused at once, refused from the outbox's record, or failed while run
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 import uuid
@@ -247,3 +248,20 @@ def test_unstaking_is_shown_since_the_unstake_not_since_a_restart(tmp_path: Path
     assert st["state"] == "UNSTAKING"
     assert abs(st["state_since"] - (now - 3 * 86400)) < 5
     assert 4 * 86400 - 5 <= st["unstake_remaining_s"] <= 4 * 86400
+
+
+def test_a_full_backlog_of_unacknowledged_results_refuses_new_work(tmp_path: Path) -> None:
+    """Results awaiting acknowledgement are never dropped: once there are
+    max_unacknowledged_results of them (a coordinator that takes results and never
+    acknowledges them), a dispatch is refused, signed, naming why, and not run."""
+    daemon, _, link = make_daemon(tmp_path)
+    daemon.retention = dataclasses.replace(daemon.retention, max_unacknowledged=2)
+    for _ in range(2):
+        task = RunningTask(uuid.uuid4(), uuid.uuid4(), "ai.inference", None, time.time())
+        daemon._commit(task, b"a result never acknowledged")
+    link.frames.clear()
+    task_id, lease = uuid.uuid4(), later()
+    asyncio.run(daemon._on_frame(dispatch(daemon, task_id, lease)))
+    (refused,) = link.frames
+    assert_refuses(refused, daemon, task_id, lease, "outbox backlog full: 2 results await")
+    assert daemon.outbox.backlog() == 2

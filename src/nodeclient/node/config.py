@@ -43,6 +43,7 @@ _EXPECTED: Final[dict[str, tuple[tuple[type, ...], str]]] = {
     "result_retention_hours": (_NUMBER, "a number (hours)"),
     "result_retention_mb": ((int,), "an integer"),
     "history_retention_days": (_NUMBER, "a number (days)"),
+    "max_unacknowledged_results": ((int,), "an integer"),
 }
 _OPTIONAL: Final = frozenset({"coordinator", "max_parallel_subtasks", "metrics_address"})
 
@@ -62,6 +63,7 @@ class NodeConfig:
     result_retention_hours: float = 72.0  # acknowledged results' bytes, then history only
     result_retention_mb: int = 4096  # and at most this much of them, oldest dropped first
     history_retention_days: float = 180.0  # then their history rows too (0: kept for ever)
+    max_unacknowledged_results: int = 256  # past this many, new work is refused
 
     def __post_init__(self) -> None:
         _check_types(self)
@@ -107,6 +109,12 @@ class NodeConfig:
             or not 0 <= self.history_retention_days <= 36500
         ):
             raise UsageError("history_retention_days must be between 0 (keep for ever) and 36500")
+        if (
+            isinstance(self.max_unacknowledged_results, bool)
+            or not isinstance(self.max_unacknowledged_results, int)
+            or not 1 <= self.max_unacknowledged_results <= 1_000_000
+        ):
+            raise UsageError("max_unacknowledged_results must be between 1 and 1000000")
         results_days = self.result_retention_hours / 24
         if 0 < self.history_retention_days < results_days:  # a row outlives its result bytes
             object.__setattr__(self, "history_retention_days", results_days)

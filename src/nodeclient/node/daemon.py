@@ -83,6 +83,10 @@ class Retention:
     bytes: int = 4096 << 20
     every: float = 3600.0  # how often prune runs (and once at start)
     history_seconds: float = 180 * 86400.0
+    # Results awaiting acknowledgement are never dropped, so past this many new work is
+    # refused (``max_unacknowledged_results``): a coordinator that takes results and never
+    # acknowledges them cannot fill the disk.
+    max_unacknowledged: int = 256
 
 
 _REPLACED_FIX: Final = (
@@ -668,7 +672,7 @@ class NodeDaemon:
                 "task.crashed", extra={"task_id": str(task.task_id)}, exc_info=handle.exception()
             )
 
-    def _refusal(self, d: messages.Dispatch) -> str:
+    def _refusal(self, d: messages.Dispatch) -> str:  # noqa: PLR0911 (one return a reason)
         if self._stopping.is_set():
             return "node is shutting down"
         if not self.state.accepts_dispatch():
@@ -677,6 +681,13 @@ class NodeDaemon:
             return f"workload class {d.workload_class!r} is not served by this node"
         if len(self.running) >= self.slots:
             return f"over capacity: {len(self.running)} of {self.slots} slots busy"
+        waiting = self.outbox.backlog()
+        if waiting >= self.retention.max_unacknowledged:
+            return (
+                f"outbox backlog full: {waiting} results await the coordinator's "
+                "acknowledgement (max_unacknowledged_results); they are sent again at each "
+                "reconnect"
+            )
         if d.lease_expires_at < self.clock.now():
             return "lease already expired"
         return self.executor.admission(d.resources)  # 2.3.5: never run out of memory
