@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session
 
 from nodeclient.coordinator import audit, rounds, store
 from nodeclient.coordinator import models as m
+from nodeclient.coordinator.scheduler import Candidate
 from nodeclient.coordinator.store import Database
 from nodeclient.node.runtimes.torch_train import TorchTrainRuntime, predict
 from nodeclient.workloads import training as tr
@@ -822,17 +823,11 @@ def test_a_job_ended_by_a_round_deadline_is_logged(caplog: pytest.LogCaptureFixt
     assert ended == [("job.succeeded", "job-1")] and woken == [True]
 
 
-@pytest.mark.parametrize("clock_read_first", [False, True])
-def test_a_dispatch_that_never_left_does_not_start_the_round_clock(
-    db: Database, digits: tuple, clock_read_first: bool
-) -> None:
-    """Every lease of a round is undone because its node's link was gone (no attempt
-    spent): the round's deadline does not run while its slices wait in the queue, even
-    when a tick read the round's first lease before the undo committed. Before, the
-    round closed at the deadline with every slice "missed" and the job failed."""
-    from nodeclient.coordinator.scheduler import Candidate, assign_tx, undeliverable_tx
-
-    job = _job(digits, rounds=1, inner_steps=2, round_deadline_s=60.0)
+def _two_slice_round(
+    db: Database, digits: tuple, *, round_deadline_s: float
+) -> tuple[str, Candidate]:
+    """A one-round training job of 2 slices, queued at NOW, and a node that takes both."""
+    job = _job(digits, rounds=1, inner_steps=2, round_deadline_s=round_deadline_s)
     payload = job.encode()
     meta, parts = tr.job_meta(payload, len(payload)), tr.split(payload, 2)
     job_id = db.run_sync(
@@ -841,7 +836,20 @@ def test_a_dispatch_that_never_left_does_not_start_the_round_clock(
             now=NOW,
         )
     )  # fmt: skip
-    node = Candidate("0x" + "ab" * 20, 4, "eu-west", frozenset({tr.CLASS}), 2)
+    return job_id, Candidate("0x" + "ab" * 20, 4, "eu-west", frozenset({tr.CLASS}), 2)
+
+
+@pytest.mark.parametrize("clock_read_first", [False, True])
+def test_a_dispatch_that_never_left_does_not_start_the_round_clock(
+    db: Database, digits: tuple, clock_read_first: bool
+) -> None:
+    """Every lease of a round is undone because its node's link was gone (no attempt
+    spent): the round's deadline does not run while its slices wait in the queue, even
+    when a tick read the round's first lease before the undo committed. Before, the
+    round closed at the deadline with every slice "missed" and the job failed."""
+    from nodeclient.coordinator.scheduler import assign_tx, undeliverable_tx
+
+    job_id, node = _two_slice_round(db, digits, round_deadline_s=60.0)
     assigned = db.run_sync(lambda s: assign_tx(s, [node], now=NOW, lease_seconds=300))
     assert len(assigned) == 2
     if clock_read_first:
@@ -872,22 +880,12 @@ def test_a_re_lease_does_not_move_the_round_clock_back(db: Database, digits: tup
     the undo, still counts from the first lease, not from the re-lease. Before, it moved
     to the latest lease's time plus the round's deadline."""
     from nodeclient.coordinator.scheduler import (
-        Candidate,
         assign_tx,
         expire_tx,
         undeliverable_tx,
     )
 
-    job = _job(digits, rounds=1, inner_steps=2, round_deadline_s=600.0)
-    payload = job.encode()
-    meta, parts = tr.job_meta(payload, len(payload)), tr.split(payload, 2)
-    job_id = db.run_sync(
-        lambda s: store.insert_job(
-            s, workload_class=tr.CLASS, payloads=parts, min_tier=0, region=None, meta=meta,
-            now=NOW,
-        )
-    )  # fmt: skip
-    node = Candidate("0x" + "ab" * 20, 4, "eu-west", frozenset({tr.CLASS}), 2)
+    job_id, node = _two_slice_round(db, digits, round_deadline_s=600.0)
     assert len(db.run_sync(lambda s: assign_tx(s, [node], now=NOW, lease_seconds=300))) == 2
     db.run_sync(lambda s: rounds.deadline_tx(s, now=NOW + 1))
     assert db.run_sync(lambda s: s.get_one(m.Job, job_id).round_deadline) == NOW + 600

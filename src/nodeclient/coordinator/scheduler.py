@@ -449,14 +449,19 @@ def excluded_nodes(
     *failures* are the ``(task_id, node_id)`` failed leases of the task's whole job: a
     node is excluded if it failed this task, or failed enough of the job's tasks.
     """
+    return frozenset(
+        node_id
+        for node_id, tasks in _failed_per_node(failures).items()
+        if task_id in tasks or len(tasks) >= policy.max_node_failures_per_job
+    )
+
+
+def _failed_per_node(failures: Iterable[tuple[str, str]]) -> dict[str, set[str]]:
+    """node_id -> the tasks of the job it failed, from ``(task_id, node_id)`` pairs."""
     per_node: dict[str, set[str]] = {}
     for failed_task, node_id in failures:
         per_node.setdefault(node_id, set()).add(failed_task)
-    return frozenset(
-        node_id
-        for node_id, tasks in per_node.items()
-        if task_id in tasks or len(tasks) >= policy.max_node_failures_per_job
-    )
+    return per_node
 
 
 # --- transactions -------------------------------------------------------------------------------
@@ -705,7 +710,8 @@ def assign_tx(
     blocked: set[str] = set()
     for _ in range(MAX_PAGES):
         page = _queued_page(session, offers, after, skip=blocked)
-        more, size = _place(session, picker, page, budget)
+        failures = job_failures(session, {q[1] for q in page if q[2] in RETRY_POLICIES})
+        more, size = _place(session, picker, page, budget, failures)
         placed += more
         budget -= size
         if len(page) < BATCH or len(placed) >= BATCH or budget <= 0:
@@ -713,7 +719,7 @@ def assign_tx(
         offers = picker.free_offers()
         if not offers:  # no slot free any more
             break
-        blocked |= _blocked_jobs(session, picker, page)
+        blocked |= _blocked_jobs(picker, page, failures)
         after = (page[-1][5], page[-1][0])
     if not placed:
         return []
@@ -747,20 +753,21 @@ def assign_tx(
 _QueuedRow = tuple[str, str, str, int, str | None, float, int, int, int]
 
 
-def _blocked_jobs(session: Session, picker: Picker, page: Sequence[_QueuedRow]) -> set[str]:
+def _blocked_jobs(
+    picker: Picker, page: Sequence[_QueuedRow], failures: Mapping[str, list[tuple[str, str]]]
+) -> set[str]:
     """The jobs of *page* under a strict retry policy that no node with a free slot may
     take any task of: every free node serving the class has failed enough of the job's
-    tasks to be excluded from all of them (:func:`excluded_nodes`)."""
+    tasks (*failures*, per job) to be excluded from all of them (:func:`excluded_nodes`)."""
     classes = {q[1]: q[2] for q in page if q[2] in RETRY_POLICIES}
-    if not classes:
-        return set()
     blocked = set()
-    for job_id, failures in job_failures(session, classes).items():
+    for job_id, failed in failures.items():
         policy = RETRY_POLICIES[classes[job_id]]
-        per_node: dict[str, set[str]] = {}
-        for task_id, node_id in failures:
-            per_node.setdefault(node_id, set()).add(task_id)
-        barred = {n for n, t in per_node.items() if len(t) >= policy.max_node_failures_per_job}
+        barred = {
+            node_id
+            for node_id, tasks in _failed_per_node(failed).items()
+            if len(tasks) >= policy.max_node_failures_per_job
+        }
         if barred and not picker.any_free_outside(classes[job_id], barred):
             blocked.add(job_id)
     return blocked
@@ -806,10 +813,15 @@ def _queued_page(
 
 
 def _place(
-    session: Session, picker: Picker, queued: Sequence[_QueuedRow], budget: int
+    session: Session,
+    picker: Picker,
+    queued: Sequence[_QueuedRow],
+    budget: int,
+    failures: Mapping[str, list[tuple[str, str]]],
 ) -> tuple[list[tuple[m.Task, m.Job, str, str]], int]:
     """Choose a node for each task of *queued* that one can take: (task, job, class, node),
-    until the payload bytes placed reach *budget*; also returns those bytes."""
+    until the payload bytes placed reach *budget*; also returns those bytes. *failures*:
+    the failed leases of the page's jobs under a retry policy (:func:`job_failures`)."""
     if not queued:
         return [], 0
     ids = [q[0] for q in queued]
@@ -818,7 +830,6 @@ def _place(
         select(m.TaskAttempt.task_id, m.TaskAttempt.node_id).where(m.TaskAttempt.task_id.in_(ids))
     ):
         tried.setdefault(task_id, []).append(node_id)
-    failures = job_failures(session, {q[1] for q in queued if q[2] in RETRY_POLICIES})
     # The page's tasks and jobs in two queries, not two per task: each lookup by primary
     # key would also flush the previous task's lease first.
     tasks = {t.task_id: t for t in session.scalars(select(m.Task).where(m.Task.task_id.in_(ids)))}

@@ -90,18 +90,12 @@ def _identity(st: os.stat_result) -> tuple[int, ...]:
 def read_token_file(path: Path) -> tuple[list[str], tuple[int, ...]]:
     """The tokens of *path* and the identity of the file they were read from."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+        fd, st = _open_checked(path, os.O_RDONLY | os.O_NONBLOCK)
     except FileNotFoundError:
         raise TokenFileError(
             f"no token file at {path}; fix: `nodeclient-coordinator token new --file {path}`"
         ) from None
-    except OSError as exc:
-        raise TokenFileError(f"cannot open the token file {path}: {_why(exc)}") from exc
     try:
-        st = os.fstat(fd)
-        problem = _problem(path, st)
-        if problem is not None:
-            raise TokenFileError(f"refusing the token file: {problem}")
         data = os.read(fd, MAX_FILE_BYTES + 1)
     except OSError as exc:
         raise TokenFileError(f"cannot read the token file {path}: {exc.strerror}") from exc
@@ -112,6 +106,28 @@ def read_token_file(path: Path) -> tuple[list[str], tuple[int, ...]]:
     except UnicodeDecodeError as exc:
         raise TokenFileError(f"{path} is not UTF-8 text: {exc}") from exc
     return parse_tokens(text, path), _identity(st)
+
+
+def _open_checked(path: Path, flags: int) -> tuple[int, os.stat_result]:
+    """Open *path* (never through a symlink) and check the open file as a token file
+    (:func:`_problem`); its descriptor and stat. TokenFileError, the descriptor closed,
+    if it may not be used; FileNotFoundError as it comes."""
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        raise TokenFileError(f"cannot open the token file {path}: {_why(exc)}") from exc
+    try:
+        st = os.fstat(fd)
+        problem = _problem(path, st)
+    except OSError as exc:
+        os.close(fd)
+        raise TokenFileError(f"cannot read the token file {path}: {exc.strerror}") from exc
+    if problem is not None:
+        os.close(fd)
+        raise TokenFileError(f"refusing the token file: {problem}")
+    return fd, st
 
 
 def _why(exc: OSError) -> str:
@@ -242,16 +258,11 @@ def append_token(path: Path, token: str, *, label: str | None = None) -> None:
     existing file must pass the same checks as when the coordinator reads it."""
     if label is not None and (not label.isprintable() or "#" in label):
         raise TokenFileError("a token's label is one line of printable text without '#'")
-    flags = os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
     try:
-        fd = os.open(path, flags, 0o600)
-    except OSError as exc:
-        raise TokenFileError(f"cannot open the token file {path}: {_why(exc)}") from exc
+        fd, st = _open_checked(path, os.O_RDWR | os.O_APPEND | os.O_CREAT)
+    except FileNotFoundError as exc:  # its directory is missing
+        raise TokenFileError(f"cannot open the token file {path}: {exc.strerror}") from exc
     try:
-        st = os.fstat(fd)
-        problem = _problem(path, st)
-        if problem is not None:
-            raise TokenFileError(f"refusing the token file: {problem}")
         # A last line without its newline (written by hand) is ended first.
         lead = "\n" if st.st_size and os.pread(fd, 1, st.st_size - 1) != b"\n" else ""
         comment = f"  # {label}" if label else ""
