@@ -181,8 +181,7 @@ def test_a_version_1_database_gets_the_declared_resources_columns(tmp_path: Path
     assert "ram_mb" not in _columns(url)["jobs"]
     again, server2, thread2 = start(config_for(data_dir=tmp_path, db_url=None), clock)
     try:
-        assert schema.SCHEMA_VERSION == 2
-        assert _version(url) == "2"
+        assert _version(url) == str(schema.SCHEMA_VERSION)
         assert {"ram_mb", "vram_mb"} <= _columns(url)["jobs"]
         assert again.client.job(job["job_id"])["resources"] == {}
         again.link(node)

@@ -370,11 +370,21 @@ def test_outer_step_is_torch_sgd_with_momentum(nesterov: bool) -> None:
 # --- rounds in SQL ---------------------------------------------------------------------------
 
 
-def _insert(db: Database, job: tr.JobRequest, slices: int) -> str:
+def _insert(db: Database, job: tr.JobRequest, slices: int, *, stubs: bool = True) -> str:
+    """Insert *job* as POST /v1/jobs does: round 0's weights stored once, slice stubs; or,
+    without *stubs*, as a coordinator before round inputs did (whole slice payloads)."""
     payload = job.encode()
-    meta, parts = tr.job_meta(payload, len(payload)), tr.split(payload, slices)
+    meta = tr.job_meta(payload, len(payload))
+    shared, parts = tr.split_shared(payload, slices) if stubs else (None, tr.split(payload, slices))
     return db.run_sync(lambda s: store.insert_job(
-        s, workload_class=tr.CLASS, payloads=parts, min_tier=0, region=None, meta=meta, now=NOW))  # fmt: skip
+        s, workload_class=tr.CLASS, payloads=parts, min_tier=0, region=None, meta=meta, now=NOW,
+        shared=shared))  # fmt: skip
+
+
+def _sent(s: Session, t: m.Task) -> bytes:
+    """The payload the scheduler seals for *t*: its stored slice with its round's weights."""
+    sha256, data = store.round_inputs(s, [t.job_id]).get(t.job_id, ("", b""))
+    return tr.expand(t.payload, data, sha256)
 
 
 def _complete_round(
@@ -387,7 +397,7 @@ def _complete_round(
         for t in s.scalars(
             select(m.Task).where(m.Task.job_id == job_id, m.Task.round_index == job.round_index)
         ):
-            t.status, t.result = m.SUCCEEDED, b"garbage" if spoil else runtime.run(t.payload)
+            t.status, t.result = m.SUCCEEDED, b"garbage" if spoil else runtime.run(_sent(s, t))
         return rounds.finish_round_tx(s, job, NOW)
 
     return db.run_sync(tx)
@@ -497,7 +507,7 @@ def _overdue_round(db: Database, job: tr.JobRequest, *, result: bytes | None = N
     def tx(s: Session) -> None:
         s.get_one(m.Job, job_id).status = m.RUNNING
         for t in s.scalars(select(m.Task).where(m.Task.job_id == job_id)):
-            request = tr.SliceRequest.decode(t.payload)
+            request = tr.SliceRequest.decode(_sent(s, t))
             t.status, t.node_id, t.leased_at, t.attempts = m.LEASED, "node-1", NOW, 1
             if t.slice_index == 0:
                 t.status = m.SUCCEEDED
@@ -666,6 +676,64 @@ def test_training_job_runs_two_rounds_through_the_coordinator(
     assert not report.ok and "not the weights its 2 rounds replay to" in report.result
 
 
+WIDE = [
+    {"type": "Linear", "in": 64, "out": 16384},
+    {"type": "ReLU"},
+    {"type": "Linear", "in": 16384, "out": 10},
+]
+
+
+def _stored_bytes(running: Running, job_id: str) -> tuple[int, list[int]]:
+    """(bytes of the job's task payloads and round inputs in SQL, the rounds of its inputs)."""
+
+    def tx(s: Session) -> tuple[int, list[int]]:
+        payloads = s.scalar(
+            select(func.coalesce(func.sum(func.length(m.Task.payload)), 0)).where(
+                m.Task.job_id == job_id
+            )
+        )
+        inputs = s.execute(
+            select(m.RoundInput.round_index, m.RoundInput.size).where(m.RoundInput.job_id == job_id)
+        ).all()
+        return int(payloads or 0) + sum(size for _, size in inputs), [r for r, _ in inputs]
+
+    return running.coord.db.run_sync(tx)
+
+
+def test_a_round_stores_its_start_weights_once(
+    coordinator: Running, rsa_keys: list, digits: tuple, runtime: TorchTrainRuntime
+) -> None:
+    """A request of a few hundred KiB may name a model of MiBs, initialised from a seed:
+    the coordinator stores a round's start weights once, not once per slice (each slice
+    copied them before), and puts them into each payload when it seals it to a node, which
+    receives the whole slice as before. The next round is stored the same way; the job's
+    end frees the weights."""
+    nodes = _training_nodes(coordinator, rsa_keys)
+    job = tr.JobRequest(
+        tr.ModelSpec.parse(WIDE),
+        tr.TrainingConfig(rounds=2, inner_steps=1, batch_size=8, inner=tr.InnerOptimizer(lr=1e-3)),
+        digits[0], digits[2],
+    )  # fmt: skip
+    weight_bytes = 4 * sum(int(np.prod(v)) for v in job.model.parameter_shapes().values())
+    assert len(job.encode()) < weight_bytes / 10  # the request is small, the model is not
+    job_id = coordinator.client.submit_job(tr.CLASS, job.encode(), slices=2)["job_id"]
+    stored, inputs = _stored_bytes(coordinator, job_id)
+    assert stored < 1.25 * weight_bytes and inputs == [0]  # 2 copies and more before
+    for r in range(2):
+        for node in nodes:
+            dispatch = node.recv()
+            request = tr.SliceRequest.decode(node.open(dispatch))  # checks both hashes
+            assert request.plan.round == r and len(request.weights) > weight_bytes
+            ack = node.call(node.result(dispatch, runtime.run(node.open(dispatch))))
+            assert ack["status"] == "accepted", ack
+        if r == 0:
+            stored, inputs = _stored_bytes(coordinator, job_id)
+            assert stored < 1.25 * weight_bytes and inputs == [1]  # round 0's payloads emptied
+    final = coordinator.wait_job(job_id, "succeeded")
+    assert final["status"] == "succeeded", final
+    assert _stored_bytes(coordinator, job_id) == (0, [])
+
+
 def test_round_deadline_drops_the_late_slice(
     coordinator: Running, rsa_keys: list, digits: tuple, runtime: TorchTrainRuntime
 ) -> None:
@@ -760,7 +828,7 @@ def test_a_slice_that_fails_everywhere_is_dropped_not_the_job(
     def tx(s: Session) -> tuple[str | None, int]:
         job = s.get_one(m.Job, job_id)
         tasks = {t.slice_index: t for t in s.scalars(select(m.Task).where(m.Task.job_id == job_id))}
-        tasks[1].status, tasks[1].result = m.SUCCEEDED, runtime.run(tasks[1].payload)
+        tasks[1].status, tasks[1].result = m.SUCCEEDED, runtime.run(_sent(s, tasks[1]))
         assert rounds.finish_round_tx(s, job, NOW) is None  # slice 0 still open
         failing = tasks[0]
         failing.status, failing.node_id, failing.attempts = m.LEASED, "0x" + "ab" * 20, 3

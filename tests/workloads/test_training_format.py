@@ -168,6 +168,32 @@ def test_slice_payload_carries_and_checks_both_hashes() -> None:
         tr.SliceRequest.decode(forged)
 
 
+def test_a_stored_slice_expands_to_the_very_payload_a_node_receives() -> None:
+    """The coordinator stores a round's weights once and a stub per slice: each stub with
+    those weights gives, byte for byte, the slice payload round_zero builds, which a node
+    decodes and checks as before. A stub never passes for a slice, and a stub with other
+    weights than the ones it names is refused."""
+    job = _job(inner_steps=7)
+    whole = job.round_zero(3)
+    weights, stubs = job.round_zero_stored(3)
+    digest = hashlib.sha256(weights).hexdigest()
+    assert [tr.expand(stub, weights, digest) for stub in stubs] == whole
+    assert all(
+        len(stub) < len(w) - len(weights) + 1024 for stub, w in zip(stubs, whole, strict=True)
+    )
+    assert tr.expand(whole[0], b"", "") == whole[0]  # a whole slice, as stored before stubs
+    assert tr.stored_slice(stubs[1]) == tr.stored_slice(whole[1])
+    request = tr.SliceRequest.decode(whole[1])
+    assert tr.stored_slice(stubs[1]) == (digest, request.shard_sha256, request.shard)
+    with pytest.raises(RemoteProtocolError, match="'slice-stub', expected"):
+        tr.SliceRequest.decode(stubs[0])
+    with pytest.raises(RemoteProtocolError, match="the round's are"):
+        tr.expand(stubs[0], weights, "e" * 64)
+    tr.check_slice(_answer(whole[2]), stubs[2], 1 << 20)  # what a stored task holds
+    with pytest.raises(RemoteProtocolError, match="computed on shard"):
+        tr.check_slice(_answer(whole[2]), stubs[1], 1 << 20)
+
+
 def test_pseudo_gradient_round_trip_and_structure_checks() -> None:
     """Results decode to what was encoded, bytes are canonical, and shapes and dtype are enforced."""
     shapes = tr.ModelSpec.parse(MLP).parameter_shapes()

@@ -327,11 +327,12 @@ def build_router(coord: Coordinator) -> APIRouter:  # noqa: PLR0915 (one route e
 
     def prepare(
         wclass: classes.WorkloadClass, payload: bytes, slices: int
-    ) -> tuple[dict[str, Any], list[bytes], set[str]]:
+    ) -> tuple[dict[str, Any], list[bytes], set[str], bytes | None]:
         """Validate, move inline inputs to the blob store, check the blobs and split:
         CPU-bound and disk-bound (a media.render job hashes and stores an inline scene of up
         to max_payload_bytes), so it runs off the event loop. Also returns the blobs the
-        job references, each dated as used by the check (the sweep keeps them)."""
+        job references, each dated as used by the check (the sweep keeps them), and what
+        the tasks of its first round share (stored once, beside them), if its class has it."""
         max_bytes = coord.config.max_payload_bytes
         meta = dict(wclass.validate(payload, max_bytes))
         moved = None if wclass.hoist is None else wclass.hoist(payload, slices)
@@ -340,7 +341,10 @@ def build_router(coord: Coordinator) -> APIRouter:  # noqa: PLR0915 (one route e
             for sha256, data in blobs:
                 coord.blobs.store(sha256, data)
         referenced = wclass.require_blobs(payload, max_bytes, held=coord.blobs.use)
-        return meta, wclass.split(payload, slices), referenced
+        if wclass.split_shared is not None:
+            shared, parts = wclass.split_shared(payload, slices)
+            return meta, parts, referenced, shared
+        return meta, wclass.split(payload, slices), referenced, None
 
     # --- jobs -------------------------------------------------------------------------------
 
@@ -369,7 +373,9 @@ def build_router(coord: Coordinator) -> APIRouter:  # noqa: PLR0915 (one route e
             if len(payload) > cfg.max_payload_bytes:
                 limit = cfg.max_payload_bytes
                 return error(413, f"payload of {len(payload)} bytes exceeds the {limit}-byte limit")
-            meta, parts, blobs = await asyncio.to_thread(prepare, wclass, payload, body.slices)
+            meta, parts, blobs, shared = await asyncio.to_thread(
+                prepare, wclass, payload, body.slices
+            )
         except (ProtocolError, ValueError) as exc:  # a class's ValueError too (UnicodeError)
             return error(400, str(exc))
         except (RecursionError, ArithmeticError) as exc:  # deep nesting, huge numbers
@@ -380,7 +386,7 @@ def build_router(coord: Coordinator) -> APIRouter:  # noqa: PLR0915 (one route e
             job_id = store.insert_job(
                 s, workload_class=wclass.name, payloads=parts, min_tier=body.min_tier,
                 region=body.region, meta=meta, now=now, blobs=blobs,
-                ram_mb=body.resources.ram_mb, vram_mb=body.resources.vram_mb,
+                ram_mb=body.resources.ram_mb, vram_mb=body.resources.vram_mb, shared=shared,
             )  # fmt: skip
             return store.job_json(s, s.get_one(m.Job, job_id), chain_id=chain_id)
 

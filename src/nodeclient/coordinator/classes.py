@@ -8,8 +8,11 @@ to the one task it answers (:meth:`WorkloadClass.check`). ``blobs`` lists what a
 references in the coordinator's blob store, so that a job whose inputs a node could not
 fetch is refused when it is submitted (:meth:`WorkloadClass.require_blobs`), and ``hoist``
 moves large inline inputs of a job split many ways into the blob store, so that they are
-stored once rather than once per slice. Nothing else in the coordinator knows about
-payload formats.
+stored once rather than once per slice. ``split_shared`` and ``expand`` do the same for an
+input the coordinator makes itself and that no requester uploaded (a training round's
+start weights): it is stored once a round (``round_inputs``) and put into a task's payload
+when the task is sealed to a node. Nothing else in the coordinator knows about payload
+formats.
 """
 
 from __future__ import annotations
@@ -42,6 +45,12 @@ Blobs = Callable[[bytes, int], Sequence[tuple[str, str]]]
 # hoist(validated payload, slices) -> the payload with its inline inputs by blob reference,
 # and the (sha256, bytes) the blob store must hold for it; None when nothing moves
 Hoist = Callable[[bytes, int], tuple[bytes, list[tuple[str, bytes]]] | None]
+# split_shared(validated payload, slices) -> (what every task of the job's current round
+# shares, stored once in round_inputs; the task payloads as stored, without it)
+SplitShared = Callable[[bytes, int], tuple[bytes, list[bytes]]]
+# expand(stored task payload, the round's shared bytes, their sha256) -> the payload sealed
+# to a node
+Expand = Callable[[bytes, bytes, str], bytes]
 
 MAX_LISTED_BLOBS = 8  # a refusal names this many missing blobs, then counts the rest
 
@@ -57,6 +66,11 @@ class WorkloadClass:
     blobs: Blobs
     check_slice: CheckSlice | None = None  # None: every task's result is checked as the job's
     hoist: Hoist | None = None  # None: a split copies the payload's inline inputs per slice
+    # Both or neither: a round's tasks share an input that the coordinator itself makes
+    # (a training round's start weights), stored once a round and put into each task's
+    # payload when it is dispatched (coordinator/scheduler.py, coordinator/rounds.py).
+    split_shared: SplitShared | None = None
+    expand: Expand | None = None
 
     def check(
         self, result: bytes, meta: Mapping[str, Any], max_bytes: int, *, task: Callable[[], bytes]
@@ -189,6 +203,8 @@ REGISTRY[training.CLASS] = WorkloadClass(
     assemble=training.assemble,
     blobs=_no_blobs,  # its model spec, weights and data travel in the payload itself
     check_slice=_blamed("ai.training result", training.check_slice),
+    split_shared=_blamed("ai.training payload", training.split_shared),
+    expand=training.expand,
 )
 
 

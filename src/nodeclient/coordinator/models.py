@@ -126,6 +126,20 @@ class TrainRound(Base):
     closed_at: Mapped[float] = mapped_column(Float)
 
 
+class RoundInput(Base):
+    """What every task of a job's current round shares, stored once rather than in each
+    task's payload: a training round's start weights (coordinator/classes.py's
+    ``split_shared``), put into a task's payload when it is sealed to a node. Replaced when
+    the round closes, deleted when the job ends."""
+
+    __tablename__ = "round_inputs"
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.job_id"), primary_key=True)
+    round_index: Mapped[int] = mapped_column(Integer)
+    sha256: Mapped[str] = mapped_column(String(64))
+    size: Mapped[int] = mapped_column(BigInteger)
+    data: Mapped[bytes] = mapped_column(LargeBinary, deferred=True)
+
+
 class Task(Base):
     """One unit of dispatch: a whole job, or one slice of it."""
 

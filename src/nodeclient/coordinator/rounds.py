@@ -358,28 +358,30 @@ def close_round(
     config = tr.TrainingConfig.from_dict(meta["config"])
     reason = f"missed the deadline of round {r}"
     cancel = tuple(c for t in open_tasks if (c := _withdraw(session, t, reason, now)) is not None)
-    requests = {t.slice_index: tr.SliceRequest.decode(t.payload, max_bytes=len(t.payload))
-                for t in tasks}  # fmt: skip
-    for t in tasks:  # read for the last time: the next round's payloads are built from them
-        t.payload = b""  # the round's results, which proofs cover, stay
-    base = requests[tasks[0].slice_index]
+    stored = {t.slice_index: tr.stored_slice(t.payload) for t in tasks}
+    base_sha256 = stored[tasks[0].slice_index][0]
     state = (
         TrainState.decode(job.train_state)
         if job.train_state is not None
         else TrainState(
-            weights={k: np.array(v) for k, v in tr.decode_weights(base.weights, model).items()},
+            weights={
+                k: np.array(v)
+                for k, v in tr.decode_weights(_start_weights(session, job, tasks), model).items()
+            },
             momentum={k: np.zeros(s, np.float32) for k, s in model.parameter_shapes().items()},
         )
     )
+    for t in tasks:  # read for the last time: the next round's payloads are built from them
+        t.payload = b""  # the round's results, which proofs cover, stay
     subs = [
-        Submission(t.slice_index, requests[t.slice_index].shard_sha256,
+        Submission(t.slice_index, stored[t.slice_index][1],
                    t.result if t.status == m.SUCCEEDED else None, t.reason or t.status)
         for t in tasks
     ]  # fmt: skip
     outcome = aggregate(
-        subs, shapes=model.parameter_shapes(), base_sha256=base.weights_sha256, config=config
+        subs, shapes=model.parameter_shapes(), base_sha256=base_sha256, config=config
     )
-    _record_round(session, job, state, outcome.metrics(r, base.weights_sha256), now)
+    _record_round(session, job, state, outcome.metrics(r, base_sha256), now)
     log.info(
         "training.round_closed",
         extra={"job_id": job.job_id, "round": r, "used": list(outcome.used),
@@ -400,18 +402,31 @@ def close_round(
         store.end_job(session, job, m.SUCCEEDED, now, None)
         return RoundClose(m.SUCCEEDED, cancel, job.job_id)
     job.round_index = r + 1
+    # The round's start weights are stored once; each task's payload names them by their
+    # SHA-256 and gets them when it is sealed to a node (scheduler.assign_tx).
     container = tr.weights_container(weights)
-    for index, request in sorted(requests.items()):
+    store.set_round_input(session, job.job_id, r + 1, container)
+    digest = tr.sha256_hex(container)
+    for index, (_, _, shard) in sorted(stored.items()):
         plan = tr.plan_for(config, r + 1, index)
         session.add(
             m.Task(
                 task_id=str(uuid.uuid4()), job_id=job.job_id, slice_index=index,
                 slice_count=job.slices, status=m.QUEUED, attempts=0, queued_at=now,
                 round_index=r + 1,
-                payload=tr.SliceRequest(model, container, request.shard, plan).encode(),
+                payload=tr.SliceStub(model, digest, shard, plan).encode(),
             )
         )  # fmt: skip
     return RoundClose(None, cancel)
+
+
+def _start_weights(session: Session, job: m.Job, tasks: Sequence[m.Task]) -> bytes:
+    """The weights container round 0 started from: the job's round input, or (a job
+    submitted before round inputs) the first task's own payload."""
+    shared = store.round_inputs(session, [job.job_id]).get(job.job_id)
+    if shared is not None:
+        return shared[1]
+    return tr.SliceRequest.decode(tasks[0].payload, max_bytes=len(tasks[0].payload)).weights
 
 
 def _fail_job(session: Session, job: m.Job, reason: str, now: float) -> RoundClose:

@@ -44,10 +44,11 @@ from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 from sqlalchemy import and_, func, or_, select
 from sqlalchemy.orm import Session
 
+from nodeclient.coordinator import classes, rounds, store
 from nodeclient.coordinator import models as m
-from nodeclient.coordinator import rounds, store
 from nodeclient.coordinator.service import Coordinator
 from nodeclient.coordinator.store import NodeInfo, after_key, job_resources, leased_counts
+from nodeclient.errors import ProtocolError
 from nodeclient.protocol import envelope, messages
 
 log = logging.getLogger("nodeclient.coordinator.scheduler")
@@ -727,8 +728,11 @@ def assign_tx(
     ids = [t.task_id for t, _, _, _ in placed]
     rows = session.execute(select(m.Task.task_id, m.Task.payload).where(m.Task.task_id.in_(ids)))
     payloads: dict[str, bytes] = dict(rows.all())
+    broken = _expand(session, placed, payloads, now)
     out: list[Assignment] = []
     for task, job, wclass, choice in placed:
+        if job.job_id in broken:
+            continue
         deadline = now + lease_seconds
         task.status, task.node_id, task.attempts = m.LEASED, choice, task.attempts + 1
         task.leased_at, task.lease_deadline = now, deadline  # reason: why it was re-queued
@@ -747,6 +751,35 @@ def assign_tx(
             )
         )  # fmt: skip
     return out
+
+
+def _expand(
+    session: Session,
+    placed: Sequence[tuple[m.Task, m.Job, str, str]],
+    payloads: dict[str, bytes],
+    now: float,
+) -> set[str]:
+    """Put into each placed task's payload what its round's tasks share (stored once,
+    ``round_inputs``), for the classes that have it; returns the jobs failed because a
+    stored payload and its round's input do not fit together (never, but for a damaged
+    database: the job fails with the reason rather than its nodes refusing the payload)."""
+    hooks = {w: wc.expand for w in {p[2] for p in placed} if (wc := classes.REGISTRY.get(w))}
+    jobs = {job.job_id for _, job, wclass, _ in placed if hooks.get(wclass) is not None}
+    shared = store.round_inputs(session, jobs)
+    broken: set[str] = set()
+    for task, job, wclass, _ in placed:
+        expand = hooks.get(wclass)
+        if expand is None or job.job_id in broken:
+            continue
+        sha256, data = shared.get(job.job_id, ("", b""))
+        try:
+            payloads[task.task_id] = expand(payloads[task.task_id], data, sha256)
+        except ProtocolError as exc:
+            reason = f"the coordinator's stored task {task.task_id} cannot be sent: {exc}"
+            log.error("job.payload_unusable", extra={"job_id": job.job_id, "reason": reason})
+            fail_job(session, job.job_id, reason, now)
+            broken.add(job.job_id)
+    return broken
 
 
 # task_id, job_id, class, min_tier, region, queued_at, payload size, RAM MB, VRAM MB
@@ -798,9 +831,12 @@ def _queued_page(
     query = (
         select(
             m.Task.task_id, m.Job.job_id, m.Job.workload_class, m.Job.min_tier, m.Job.region,
-            m.Task.queued_at, func.length(m.Task.payload), m.Job.ram_mb, m.Job.vram_mb,
+            m.Task.queued_at,
+            func.length(m.Task.payload) + func.coalesce(m.RoundInput.size, 0),
+            m.Job.ram_mb, m.Job.vram_mb,
         )
         .join(m.Job, m.Job.job_id == m.Task.job_id)
+        .outerjoin(m.RoundInput, m.RoundInput.job_id == m.Task.job_id)
         .where(m.Task.status == m.QUEUED, servable)
     )  # fmt: skip
     if after is not None:  # keyset paging, in the order below

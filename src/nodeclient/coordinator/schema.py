@@ -30,14 +30,18 @@ from nodeclient.errors import UsageError
 
 log = logging.getLogger("nodeclient.coordinator.schema")
 
-SCHEMA_VERSION: Final = 2
+SCHEMA_VERSION: Final = 3
 SCHEMA_KEY: Final = "schema_version"
 
 # version -> the data changes that take a database from version - 1 to it, run after the
 # additive DDL (new tables, columns, indexes). Version 1 needs none: it is the first
 # release's layout plus nullable or defaulted columns and new tables. Neither does 2
 # (jobs.ram_mb and jobs.vram_mb, defaulted to 0: nothing declared; the index that pages
-# GET /v1/jobs).
+# GET /v1/jobs), nor 3 (round_inputs: a training round's start weights, stored once;
+# its tasks' payloads may then be slice stubs, which a coordinator before it would send
+# to nodes as they are, so it must refuse such a database). A job of an older database
+# goes on: its stored whole slices are sent as they are, and its next round is stored
+# the new way.
 _STEPS: Final[dict[int, Callable[[Connection], None]]] = {}
 
 

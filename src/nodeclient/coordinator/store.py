@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import hashlib
 import json
 import secrets
 import threading
@@ -475,9 +476,11 @@ def insert_job(
     blobs: Collection[str] = (),
     ram_mb: int = 0,
     vram_mb: int = 0,
+    shared: bytes | None = None,
 ) -> str:
     """Insert a job and one queued task per payload slice; returns the job_id. *blobs*:
-    the SHA-256 of each blob-store blob its tasks reference (kept while it runs)."""
+    the SHA-256 of each blob-store blob its tasks reference (kept while it runs).
+    *shared*: what every task of round 0 shares (``m.RoundInput``), when its class has it."""
     job_id = str(uuid.uuid4())
     session.add(
         m.Job(
@@ -508,11 +511,42 @@ def insert_job(
             )
         )
     session.add_all(m.JobBlob(job_id=job_id, sha256=sha) for sha in sorted(set(blobs)))
+    if shared is not None:
+        set_round_input(session, job_id, 0, shared)
     return job_id
 
 
+def set_round_input(session: Session, job_id: str, round_index: int, data: bytes) -> None:
+    """Record *data* as what every task of the job's round *round_index* shares (in place
+    of the previous round's)."""
+    sha256 = hashlib.sha256(data).hexdigest()
+    row = session.get(m.RoundInput, job_id)
+    if row is None:
+        session.add(
+            m.RoundInput(
+                job_id=job_id, round_index=round_index, sha256=sha256, size=len(data), data=data
+            )
+        )
+    else:
+        row.round_index, row.sha256, row.size, row.data = round_index, sha256, len(data), data
+
+
+def round_inputs(session: Session, job_ids: Collection[str]) -> dict[str, tuple[str, bytes]]:
+    """job_id -> (sha256, data) of what each job's current round shares, for those of
+    *job_ids* that have it."""
+    if not job_ids:
+        return {}
+    rows = session.execute(
+        select(m.RoundInput.job_id, m.RoundInput.sha256, m.RoundInput.data).where(
+            m.RoundInput.job_id.in_(sorted(job_ids))
+        )
+    )
+    return {job_id: (sha256, data) for job_id, sha256, data in rows}
+
+
 def end_job(session: Session, job: m.Job, status: str, now: float, reason: str | None) -> None:
-    """Mark *job* ended (succeeded or failed) and empty its tasks' payloads.
+    """Mark *job* ended (succeeded or failed) and empty its tasks' payloads (and delete
+    what its round's tasks shared).
 
     Nothing reads a payload once its job has ended: a late result of a task meets its
     status first. Proofs cover results, which stay until the job's retention ends; a
@@ -524,6 +558,11 @@ def end_job(session: Session, job: m.Job, status: str, now: float, reason: str |
         update(m.Task)
         .where(m.Task.job_id == job.job_id, func.length(m.Task.payload) > 0)
         .values(payload=b"")
+        .execution_options(synchronize_session=False)
+    )
+    session.execute(
+        delete(m.RoundInput)
+        .where(m.RoundInput.job_id == job.job_id)
         .execution_options(synchronize_session=False)
     )
 
@@ -577,7 +616,7 @@ def forget_jobs_tx(session: Session, *, finished_before: float, limit: int = 100
     tasks = select(m.Task.task_id).where(m.Task.job_id.in_(ids))
     session.execute(delete(m.TaskAttempt).where(m.TaskAttempt.task_id.in_(tasks)))
     session.execute(delete(m.Task).where(m.Task.job_id.in_(ids)))
-    for table in (m.TrainRound, m.JobBlob):
+    for table in (m.TrainRound, m.JobBlob, m.RoundInput):
         session.execute(delete(table).where(table.job_id.in_(ids)))
     session.execute(delete(m.Job).where(m.Job.job_id.in_(ids)))
     return len(ids)

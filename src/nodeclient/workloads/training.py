@@ -568,9 +568,31 @@ class JobRequest:
         ]
 
     def round_zero(self, slices: int) -> list[bytes]:
-        """The task payloads of round 0, one per slice (refused, before any is built, when
-        they would be over MAX_SLICE_BYTES each, headers included, or MAX_SPLIT_BYTES
-        together, or when the job's rounds times slices is over MAX_SLICE_ROUNDS)."""
+        """The task payloads of round 0, one per slice, each with the initial weights
+        (refused, before any is built, as :meth:`checked_shards` says)."""
+        shards = self.checked_shards(slices)
+        weights = self.initial_weights()
+        return [
+            SliceRequest(self.model, weights, shard, plan_for(self.config, 0, index)).encode()
+            for index, shard in enumerate(shards)
+        ]
+
+    def round_zero_stored(self, slices: int) -> tuple[bytes, list[bytes]]:
+        """Round 0 as the coordinator stores it: the initial weights once, and one
+        :class:`SliceStub` per slice, which :func:`expand_stub` makes the payload that
+        :meth:`round_zero` would give (the same checks)."""
+        shards = self.checked_shards(slices)
+        weights = self.initial_weights()
+        digest = sha256_hex(weights)
+        return weights, [
+            SliceStub(self.model, digest, shard, plan_for(self.config, 0, index)).encode()
+            for index, shard in enumerate(shards)
+        ]
+
+    def checked_shards(self, slices: int) -> list[bytes]:
+        """:meth:`shards`, refused when a slice's payload would be over MAX_SLICE_BYTES,
+        headers included, or a round's over MAX_SPLIT_BYTES together, or when the job's
+        rounds times slices is over MAX_SLICE_ROUNDS."""
         if slices * self.config.rounds > MAX_SLICE_ROUNDS:
             raise RemoteProtocolError(
                 f"{self.config.rounds} rounds of {slices} slices make "
@@ -594,11 +616,7 @@ class JobRequest:
                 f"{MAX_SPLIT_BYTES}: every slice carries the whole model's "
                 f"{weight_bytes} bytes of weights; use fewer slices or a smaller model"
             )
-        weights = self.initial_weights()
-        return [
-            SliceRequest(self.model, weights, shard, plan_for(self.config, 0, index)).encode()
-            for index, shard in enumerate(shards)
-        ]
+        return shards
 
 
 # --- one slice of one round (the task payload) -----------------------------------------------
@@ -634,6 +652,9 @@ def plan_for(config: TrainingConfig, round_index: int, slice_index: int) -> Slic
     )  # fmt: skip
 
 
+_SLICE_KEYS: Final = frozenset({"model", "weights_sha256", "shard_sha256", "plan"})
+
+
 @dataclass(frozen=True, eq=False)
 class SliceRequest:
     """Start weights and one shard, both as containers named by their SHA-256, plus the plan."""
@@ -652,20 +673,17 @@ class SliceRequest:
         return sha256_hex(self.shard)
 
     def encode(self) -> bytes:
-        tensors = {"weights": np.frombuffer(self.weights, np.uint8),
-                   "shard": np.frombuffer(self.shard, np.uint8)}  # fmt: skip
-        metadata = {
-            "class": CLASS, "kind": "slice", "model": self.model.to_json(),
-            "weights_sha256": self.weights_sha256, "shard_sha256": self.shard_sha256,
-            "plan": dump_json(dataclasses.asdict(self.plan)),
-        }  # fmt: skip
-        return encode_tensors(tensors, metadata=metadata)
+        return _encode_slice(
+            self.weights, self.shard, _slice_metadata(
+                self.model, self.weights_sha256, self.shard_sha256, self.plan, kind="slice"
+            ),
+        )  # fmt: skip
 
     @classmethod
     def decode(cls, data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES) -> SliceRequest:
         """Parse a slice payload and verify both hashes (the node trusts nothing unhashed)."""
         tensors, metadata = decode_tensors(data, max_bytes=max_bytes)
-        _meta(metadata, "slice", frozenset({"model", "weights_sha256", "shard_sha256", "plan"}))
+        _meta(metadata, "slice", _SLICE_KEYS)
         if set(tensors) != {"weights", "shard"}:
             raise RemoteProtocolError(
                 f"a slice holds tensors weights and shard, got {sorted(tensors)}"
@@ -683,6 +701,79 @@ class SliceRequest:
             if actual != claimed:
                 raise RemoteProtocolError(f"{what} has sha256 {actual}, the payload says {claimed}")
         return request
+
+
+def _slice_metadata(
+    model: ModelSpec, weights_sha256: str, shard_sha256: str, plan: SlicePlan, *, kind: str
+) -> dict[str, str]:
+    return {
+        "class": CLASS, "kind": kind, "model": model.to_json(),
+        "weights_sha256": weights_sha256, "shard_sha256": shard_sha256,
+        "plan": dump_json(dataclasses.asdict(plan)),
+    }  # fmt: skip
+
+
+def _encode_slice(weights: bytes, shard: bytes, metadata: Mapping[str, str]) -> bytes:
+    tensors = {"weights": np.frombuffer(weights, np.uint8), "shard": np.frombuffer(shard, np.uint8)}
+    return encode_tensors(tensors, metadata=metadata)
+
+
+@dataclass(frozen=True, eq=False)
+class SliceStub:
+    """A slice as the coordinator stores it: a :class:`SliceRequest` without its weights.
+
+    Every slice of a round starts from the same weights (up to MAX_SLICE_BYTES), so the
+    coordinator stores them once a round, not once a slice (a request of a few KiB may
+    name a model of tens of MiB, initialised from a seed), and puts them into each task's
+    payload only when it seals the task for a node (:func:`expand_stub`). Never sent: a
+    node receives the whole :class:`SliceRequest`.
+    """
+
+    model: ModelSpec
+    weights_sha256: str
+    shard: bytes
+    plan: SlicePlan
+
+    def encode(self) -> bytes:
+        metadata = _slice_metadata(
+            self.model, self.weights_sha256, sha256_hex(self.shard), self.plan, kind="slice-stub"
+        )
+        return encode_tensors({"shard": np.frombuffer(self.shard, np.uint8)}, metadata=metadata)
+
+
+def is_stub(payload: bytes) -> bool:
+    """Whether a stored task payload is a :class:`SliceStub` (header only)."""
+    return read_metadata(payload, max_bytes=len(payload)).get("kind") == "slice-stub"
+
+
+def stored_slice(payload: bytes) -> tuple[str, str, bytes]:
+    """(weights_sha256, shard_sha256, shard) of a stored slice: a :class:`SliceStub`, or a
+    whole :class:`SliceRequest` (as stored before stubs; its hashes are checked)."""
+    tensors, metadata = decode_tensors(payload, max_bytes=len(payload))
+    if metadata.get("kind") != "slice-stub":
+        request = SliceRequest.decode(payload, max_bytes=len(payload))
+        return request.weights_sha256, request.shard_sha256, request.shard
+    _meta(metadata, "slice-stub", _SLICE_KEYS)
+    if set(tensors) != {"shard"}:
+        raise RemoteProtocolError(f"a stored slice holds tensor shard, got {sorted(tensors)}")
+    return metadata["weights_sha256"], metadata["shard_sha256"], _bytes_tensor(tensors, "shard")
+
+
+def expand_stub(stub: bytes, weights: bytes, weights_sha256: str) -> bytes:
+    """The task payload for a stored :class:`SliceStub`: byte for byte the
+    :class:`SliceRequest` with *weights*, whose SHA-256 the caller vouches for (the
+    coordinator's own record of the round's weights; they are not hashed again per task).
+    Raises RemoteProtocolError when the stub names other weights."""
+    tensors, metadata = decode_tensors(stub, max_bytes=len(stub))
+    _meta(metadata, "slice-stub", _SLICE_KEYS)
+    if metadata["weights_sha256"] != weights_sha256:
+        raise RemoteProtocolError(
+            f"the slice starts from weights {metadata['weights_sha256']}, "
+            f"the round's are {weights_sha256}"
+        )
+    if set(tensors) != {"shard"}:
+        raise RemoteProtocolError(f"a stored slice holds tensor shard, got {sorted(tensors)}")
+    return _encode_slice(weights, _bytes_tensor(tensors, "shard"), {**metadata, "kind": "slice"})
 
 
 # --- a slice's result ------------------------------------------------------------------------
@@ -846,6 +937,19 @@ def split(payload: bytes, slices: int) -> list[bytes]:
     return JobRequest.decode(payload).round_zero(slices)
 
 
+def split_shared(payload: bytes, slices: int) -> tuple[bytes, list[bytes]]:
+    """Round 0 as the coordinator stores it: the initial weights, which every slice of the
+    round shares, and one :class:`SliceStub` per slice (:meth:`JobRequest.round_zero_stored`)."""
+    return JobRequest.decode(payload).round_zero_stored(slices)
+
+
+def expand(stored: bytes, weights: bytes, weights_sha256: str) -> bytes:
+    """The payload a node receives for a stored slice: a :class:`SliceStub` gets the
+    round's *weights* (:func:`expand_stub`); a whole :class:`SliceRequest`, as stored
+    before stubs, is sent as it is."""
+    return expand_stub(stored, weights, weights_sha256) if is_stub(stored) else stored
+
+
 def check_result(result: bytes, meta: Mapping[str, Any], max_bytes: int) -> None:
     """A result well-formed for the job's model and grad_dtype (its values: check_slice)."""
     model = ModelSpec.from_json(meta["model"])
@@ -870,7 +974,7 @@ def check_slice(result: bytes, payload: bytes, max_bytes: int) -> None:
     the weights and shard are not hashed again.
     """
     asked = read_metadata(payload, max_bytes=len(payload))
-    _meta(asked, "slice", frozenset({"model", "weights_sha256", "shard_sha256", "plan"}))
+    _meta(asked, "slice-stub" if asked.get("kind") == "slice-stub" else "slice", _SLICE_KEYS)
     model = ModelSpec.from_json(asked["model"])
     try:
         plan: SlicePlan = _from_dict(SlicePlan, load_json(asked["plan"], what="plan"), "plan")
