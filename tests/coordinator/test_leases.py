@@ -124,6 +124,46 @@ def test_max_attempts_fails_the_job_with_reason(start_coordinator, rsa_keys) -> 
     assert failed["finished_at"] is not None
 
 
+def test_a_node_that_refuses_everything_cannot_fail_a_job_alone(
+    start_coordinator, rsa_keys
+) -> None:
+    """A task a node refused is not leased back to it while another node could take it,
+    even one busy now: it waits for that node. A node that refuses whatever it gets is
+    always the least loaded, so it would otherwise spend all of the task's attempts within
+    a second while the honest node finished its other task."""
+    running = start_coordinator(heartbeat_interval=1000.0)
+    honest, hostile = make_node(rsa_keys, 0), make_node(rsa_keys, 1)
+    running.register(honest)
+    running.link(honest)
+    first = running.client.submit_job("ai.inference", inference_payload(VALUES))
+    busy = honest.recv()
+    assert busy["type"] == "dispatch"  # the honest node's only slot is taken
+    running.register(hostile)
+    running.link(hostile)
+    second = running.client.submit_job("ai.inference", inference_payload(VALUES))
+    refused = hostile.recv()
+    assert refused["job_id"] == second["job_id"]
+    ack = hostile.call(
+        hostile.reject(refused["task_id"], "no", lease_expires_at=refused["lease_expires_at"])
+    )
+    assert ack["status"] == "accepted", ack
+    time.sleep(0.3)  # scheduling rounds run every 20 ms: none leases it back to the refuser
+    job = running.client.job(second["job_id"])
+    assert job["status"] != "failed" and job["tasks"][0]["status"] == "queued", job
+    assert (
+        honest.call(honest.result(busy, inference_result(honest.open(busy), VALUES)))["status"]
+        == "accepted"
+    )
+    retry = honest.recv()
+    assert (retry["type"], retry["task_id"]) == ("dispatch", refused["task_id"])
+    assert (
+        honest.call(honest.result(retry, inference_result(honest.open(retry), VALUES)))["status"]
+        == "accepted"
+    )
+    assert running.wait_job(second["job_id"], "succeeded")["status"] == "succeeded"
+    assert running.wait_job(first["job_id"], "succeeded")["status"] == "succeeded"
+
+
 def test_unstaking_node_gets_no_new_work(coordinator: Running, rsa_keys) -> None:
     """2.3.8 UNSTAKING: no new dispatches, even to the node the region rule prefers; the
     node learns its cooldown end from heartbeat_ack."""

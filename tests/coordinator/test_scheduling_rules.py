@@ -63,6 +63,12 @@ def test_pick_prefers_untried_then_region_then_load() -> None:
     assert _pick(cands, region="eu-west") == "a"
     assert _pick(cands, region="eu-west", tried=["a"]) == "b"
     assert _pick([_cand("a")], tried=["a"]) == "a"  # fallback: the same node beats none
+    # A node that tried it gets it again only when no other node could take it at all:
+    # while one could, busy or not, the task waits for it.
+    assert _pick(cands, tried=["b"], free={"a": 0, "b": 4}) is None
+    assert _pick(cands, tried=["a", "b"], free={"a": 0, "b": 4}) == "b"
+    assert _pick(cands, tried=["b"], excluded=["a"], free={"a": 0, "b": 4}) == "b"
+    assert _pick([_cand("a"), _cand("b", tier=3)], min_tier=2, tried=["b"]) == "b"
     busy = {"a": 1, "b": 1}
     assert _pick([_cand("a", cap=4), _cand("b", cap=1)], free=busy) == "b"
 

@@ -129,15 +129,26 @@ def pick_node(
     ram_mb: int = 0,
     vram_mb: int = 0,
 ) -> str | None:
-    """The best eligible node for one task, or None; pure, so it is tested directly."""
+    """The best eligible node for one task, or None; pure, so it is tested directly.
+
+    A node that tried the task is chosen only when no other candidate could take it at
+    all, free or busy: otherwise the task waits for one. A node that refuses or drops
+    whatever it gets is always the least loaded; were it given the task back whenever
+    the others are busy, it alone would spend the task's attempts within a second.
+    """
     tried_set, excluded_set = set(tried), set(excluded)
     best: tuple[bool, bool, float, str] | None = None
     need = (workload_class, min_tier, ram_mb, vram_mb)
-    for c in candidates:
+    cands = list(candidates)
+    others = any(
+        c.capacity > 0 and _eligible(c, need) and c.node_id not in tried_set | excluded_set
+        for c in cands
+    )
+    for c in cands:
         slots = free.get(c.node_id, 0)
         if slots <= 0 or not _eligible(c, need):
             continue
-        if c.node_id in excluded_set:
+        if c.node_id in excluded_set or (others and c.node_id in tried_set):
             continue
         key = (
             c.node_id in tried_set,
@@ -230,6 +241,18 @@ class Roster:
         self._ram = sorted({c.ram_mb for c in self.candidates})
         self._vram = sorted({c.vram_mb for c in self.candidates})
 
+    def serves(self, need: _Need, *, barred: set[str]) -> bool:
+        """Whether a candidate not in *barred* could take a task of *need*, free or not
+        (it stops at the first: at most the barred few are passed over)."""
+        workload_class, min_tier, ram_mb, vram_mb = need
+        return any(
+            tier >= min_tier
+            and ram >= ram_mb
+            and vram >= vram_mb
+            and any(c.node_id not in barred for c in nodes)
+            for (tier, ram, vram), nodes in self._by_offer.get(workload_class, {}).items()
+        )
+
     def nodes_serving(self, workload_class: str) -> Iterable[list[Candidate]]:
         """The candidates (with slots) that serve *workload_class*, grouped by offer."""
         return self._by_offer.get(workload_class, {}).values()
@@ -294,7 +317,8 @@ class Picker:
     of its true place: it is popped early and pushed back with its current load. Nodes
     that already tried the task, or may not take it, are set aside during a pick and
     put back after it. When every eligible node has tried the task, the best of the
-    (few) nodes that tried it is chosen, as pick_node does.
+    (few) nodes that tried it is chosen, as pick_node does; while some other node could
+    take it, busy or not, the task waits for one.
     """
 
     def __init__(
@@ -374,11 +398,8 @@ class Picker:
             break
         for entry in aside:
             heapq.heappush(heap, entry)
-        if choice is None:  # every eligible node tried it (or none is eligible)
-            choice = self._best_tried(need, region, tried_set, excluded_set)
-            if choice is not None:
-                self._used[choice] = self._used.get(choice, 0) + 1  # its entry is now stale
-            return choice
+        if choice is None:  # every eligible node with a free slot tried it (or none is)
+            return self._pick_tried(need, region, tried_set, excluded_set)
         self._used[choice] = self._used.get(choice, 0) + 1
         slots = self.slots(choice)
         if slots > 0:
@@ -424,6 +445,18 @@ class Picker:
                 heap.append((mismatch, _load(c, slots), c.node_id, slots))
         heapq.heapify(heap)
         return heap
+
+    def _pick_tried(
+        self, need: _Need, region: str | None, tried: set[str], excluded: set[str]
+    ) -> str | None:
+        """The best of the nodes that tried the task, when no other node could take it at
+        all (free or busy; else the task waits for one, see pick_node); its slots go down."""
+        if not tried or self._roster.serves(need, barred=tried | excluded):
+            return None
+        choice = self._best_tried(need, region, tried, excluded)
+        if choice is not None:
+            self._used[choice] = self._used.get(choice, 0) + 1  # its entry is now stale
+        return choice
 
     def _best_tried(
         self, need: _Need, region: str | None, tried: set[str], excluded: set[str]
