@@ -150,6 +150,15 @@ def _pem(exponent: int, m: dict[str, Any]) -> str:
     ).decode()
 
 
+# An EC public key on a curve the cryptography library cannot load (openssl ecparam
+# -name secp112r1): it raises UnsupportedAlgorithm, not ValueError.
+EC_SECP112R1_PEM = """-----BEGIN PUBLIC KEY-----
+MDIwEAYHKoZIzj0CAQYFK4EEAAYDHgAEPHcnkaqxbXLfD0DgbbutHcoe997i6n0e
+kBqL2Q==
+-----END PUBLIC KEY-----
+"""
+
+
 @pytest.mark.parametrize(
     ("mutate", "check"),
     [
@@ -178,6 +187,7 @@ def _pem(exponent: int, m: dict[str, Any]) -> str:
         (lambda m: m.update(signature=m["signature"] + "\n"), "signature"),
         (lambda m: m.update(pubkey_rsa=_pem(3, m)), "pubkey_rsa"),
         (lambda m: m.update(pubkey_rsa=_pem((1 << 3000) + 1, m)), "pubkey_rsa"),
+        (lambda m: m.update(pubkey_rsa=EC_SECP112R1_PEM), "pubkey_rsa"),  # cryptography: unsupported
     ],
 )  # fmt: skip
 def test_each_check_fails_closed(seed_manifest, mutate, check: str) -> None:

@@ -31,7 +31,7 @@ from importlib import resources
 from typing import Any, Final
 
 import jsonschema
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
@@ -274,7 +274,7 @@ def verify_manifest(  # noqa: PLR0912, PLR0915 - one flat list of checks reads b
         raise ManifestError(f"issued_at: manifest is {now - issued_at} s old (max {max_age})")
     try:
         public_key = serialization.load_pem_public_key(m["pubkey_rsa"].encode("ascii"))
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:  # e.g. an EC key on secp112r1
         raise ManifestError("pubkey_rsa: not a PEM SubjectPublicKeyInfo public key") from exc
     if (
         not isinstance(public_key, rsa.RSAPublicKey)
