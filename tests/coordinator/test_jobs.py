@@ -395,6 +395,36 @@ def test_progress_of_a_leased_task_shows_in_the_jobs_api(coordinator: Running, r
     assert done["tasks"][0]["progress"] is None
 
 
+def test_a_former_holder_cannot_hide_the_holders_progress(start_coordinator, rsa_keys) -> None:
+    """A node whose lease of a task ended still knows its id: its later progress frames
+    on it neither replace nor hide the report of the node that holds the task now."""
+    import time
+
+    running = start_coordinator(heartbeat_interval=1000.0)
+    old, new = make_node(rsa_keys, 0), make_node(rsa_keys, 1)
+    running.register(old)
+    running.link(old)
+    job = running.client.submit_job("ai.inference", inference_payload(VALUES))
+    first = old.recv()
+    running.register(new)
+    running.link(new)
+    running.clock.advance(301)  # the lease ends; the task goes to the other node
+    assert old.recv()["type"] == "cancel"
+    second = new.recv()
+    assert second["task_id"] == first["task_id"]
+    new.send({"type": "progress", "task_id": first["task_id"], "done": 5, "total": 10,
+              "note": "holder"})  # fmt: skip
+    running.clock.advance(1)
+    old.send({"type": "progress", "task_id": first["task_id"], "done": 0, "total": 10,
+              "note": "former"})  # fmt: skip
+    assert old.call(old.heartbeat())["type"] == "heartbeat_ack"  # its frame was read
+    assert new.call(new.heartbeat())["type"] == "heartbeat_ack"
+    time.sleep(0.05)
+    task = running.client.job(job["job_id"])["tasks"][0]
+    assert (task["node_id"], task["status"]) == (new.node_id, "leased")
+    assert task["progress"] == {"done": 5.0, "total": 10.0, "note": "holder"}
+
+
 def test_a_result_check_that_breaks_rejects_the_result_and_keeps_the_link(
     coordinator: Running, rsa_keys, monkeypatch: pytest.MonkeyPatch
 ) -> None:

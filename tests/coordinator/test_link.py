@@ -364,21 +364,27 @@ def test_a_binary_node_may_not_send_large_json(coordinator: Running, rsa_keys) -
 
 
 def test_progress_is_kept_per_node_and_bounded() -> None:
-    """One node can neither overwrite another's report nor grow the board without bound;
+    """One node can neither overwrite nor hide another's report (a node that held the
+    task earlier reports on it after its holder did) nor grow the board without bound;
     a node's reports go with its link."""
     from nodeclient.coordinator.service import ProgressBoard
 
     board = ProgressBoard()
     board.record("0xA", "t1", {"done": 1, "total": 4, "note": "", "at": 1.0}, cap=2)
     board.record("0xB", "t1", {"done": 0, "total": 4, "note": "spoof", "at": 2.0}, cap=2)
-    assert board.get("t1") == {"done": 0, "total": 4, "note": "spoof", "at": 2.0, "node_id": "0xB"}
+    assert board.get("t1", node_id="0xA") == {
+        "done": 1, "total": 4, "note": "", "at": 1.0, "node_id": "0xA"
+    }  # fmt: skip
+    assert board.get("t1", node_id="0xB")["note"] == "spoof"  # type: ignore[index]
+    assert board.get("t1", node_id="0xC") is None
     board.forget("0xB")
-    assert board.get("t1") == {"done": 1, "total": 4, "note": "", "at": 1.0, "node_id": "0xA"}
+    assert board.get("t1", node_id="0xB") is None
     for i in range(1000):  # random task ids from one node: only its newest `cap` are kept
         board.record("0xB", f"r{i}", {"done": 0, "total": 1, "note": "", "at": 3.0 + i}, cap=2)
-    assert len(board) == 3 and board.get("r999") is not None and board.get("r0") is None
+    assert len(board) == 3
+    assert board.get("r999", node_id="0xB") is not None and board.get("r0", node_id="0xB") is None
     board.forget("0xA", "t1")
-    assert board.get("t1") is None and len(board) == 2
+    assert board.get("t1", node_id="0xA") is None and len(board) == 2
 
 
 def test_a_database_failure_closes_the_link_1011_and_serving_goes_on(

@@ -432,14 +432,10 @@ def build_router(coord: Coordinator) -> APIRouter:  # noqa: PLR0915 (one route e
         if job is None:
             return error(404, f"no job {job_id}")
         for task in job["tasks"]:
-            p = coord.progress.get(task["task_id"])
-            leased_here = (
-                p is not None and task["status"] == "leased" and p["node_id"] == task["node_id"]
-            )
+            holder = task["node_id"] if task["status"] == "leased" else None
+            p = None if holder is None else coord.progress.get(task["task_id"], node_id=holder)
             task["progress"] = (
-                {"done": p["done"], "total": p["total"], "note": p["note"]}
-                if leased_here and p
-                else None
+                None if p is None else {"done": p["done"], "total": p["total"], "note": p["note"]}
             )
         return JSONResponse(job)
 

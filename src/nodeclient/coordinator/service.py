@@ -111,26 +111,24 @@ class ProgressBoard:
 
     Kept per node, so that one node can neither overwrite another's report nor grow
     memory without bound: a node holds at most ``2 x max_parallel_subtasks`` entries
-    (its oldest go first), and all of them go when its link does. :meth:`get` gives the
-    latest report for a task; the jobs API shows it only while the task is leased to
-    the node that sent it.
+    (its oldest go first), and all of them go when its link does. :meth:`get` gives one
+    node's report for a task: the jobs API asks the node the task is leased to, so a
+    node that held the task earlier cannot hide or replace its holder's report.
     """
 
     def __init__(self) -> None:
         self._by_node: dict[str, dict[str, dict[str, Any]]] = {}  # oldest first
-        self._nodes_of: dict[str, set[str]] = {}  # task_id -> nodes that reported on it
 
     def record(self, node_id: str, task_id: str, entry: dict[str, Any], *, cap: int) -> None:
         mine = self._by_node.setdefault(node_id, {})
         mine.pop(task_id, None)
         mine[task_id] = {**entry, "node_id": node_id}
-        self._nodes_of.setdefault(task_id, set()).add(node_id)
         while len(mine) > max(cap, 1):
             self._drop(node_id, next(iter(mine)))
 
-    def get(self, task_id: str) -> dict[str, Any] | None:
-        reports = [self._by_node[n][task_id] for n in self._nodes_of.get(task_id, ())]
-        return max(reports, key=lambda r: r["at"], default=None)
+    def get(self, task_id: str, *, node_id: str) -> dict[str, Any] | None:
+        """*node_id*'s latest report on *task_id*, if it sent one."""
+        return self._by_node.get(node_id, {}).get(task_id)
 
     def forget(self, node_id: str, task_id: str | None = None) -> None:
         """Drop one task's report from *node_id*, or all of its reports."""
@@ -144,10 +142,6 @@ class ProgressBoard:
         del mine[task_id]
         if not mine:
             del self._by_node[node_id]
-        nodes = self._nodes_of[task_id]
-        nodes.discard(node_id)
-        if not nodes:
-            del self._nodes_of[task_id]
 
     def __len__(self) -> int:
         return sum(len(v) for v in self._by_node.values())
