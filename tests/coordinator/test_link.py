@@ -159,6 +159,38 @@ def test_replayed_heartbeat_is_rejected_without_state_change(
     assert node.call(node.heartbeat(seq=6))["type"] == "heartbeat_ack"
 
 
+def test_a_heartbeat_flood_is_refused_before_it_costs_a_write(
+    coordinator: Running, rsa_keys, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each heartbeat stored is a signature recovery and a database write: a link gets
+    a burst, then HEARTBEAT_RATE a second. Beyond that a heartbeat gets error
+    "too_frequent" and nothing is recorded (one log line, not one a frame); the budget
+    comes back with time, and the link stays up."""
+    import logging
+
+    from nodeclient.coordinator.link import HEARTBEAT_BURST, HEARTBEAT_RATE
+
+    node = make_node(rsa_keys, 0)
+    coordinator.register(node)
+    coordinator.link(node)
+    frames = [node.heartbeat(seq=seq, state="IDLE") for seq in range(1, HEARTBEAT_BURST + 21)]
+    with caplog.at_level(logging.INFO, logger="nodeclient.coordinator.link"):
+        for frame in frames:
+            node.send(frame)
+        answers = [node.recv() for _ in frames]
+    acked = [a["seq"] for a in answers if a["type"] == "heartbeat_ack"]
+    refused = [a for a in answers if a["type"] == "error"]
+    assert acked == list(range(1, HEARTBEAT_BURST + 1))
+    assert len(refused) == 20 and {a["code"] for a in refused} == {"too_frequent"}
+    logged = [r for r in caplog.records if r.getMessage() == "heartbeat.too_frequent"]
+    assert len(logged) == 1
+    runtime = coordinator.coord.runtime[node.node_id]
+    assert runtime.last_seq == HEARTBEAT_BURST  # the refused ones changed nothing
+    coordinator.clock.advance(2 / HEARTBEAT_RATE)  # two heartbeats' worth of budget back
+    assert node.call(node.heartbeat(seq=1000, state="EXECUTING"))["type"] == "heartbeat_ack"
+    assert coordinator.client.node(node.node_id)["state"] == "EXECUTING"
+
+
 def test_heartbeat_signed_by_node_key_is_bad_signature(coordinator: Running, rsa_keys) -> None:
     """Heartbeats must be signed by the liveness key; otherwise error bad_signature."""
     node = make_node(rsa_keys, 0)

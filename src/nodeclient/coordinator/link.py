@@ -104,6 +104,28 @@ def send_limit(size: int) -> float:
 
 
 MAX_SEQ = (1 << 63) - 1  # SQL BIGINT is signed; a uint64 seq above it could not be stored
+# Heartbeats a link may have stored: a burst, then this many a second. Each stored one is
+# a signature recovery and a database write; a node sends one every interval (30 s; at
+# least 0.05 s even in tests), so only a node flooding its own link meets the bound.
+HEARTBEAT_BURST = 40
+HEARTBEAT_RATE = 4.0
+_TOO_FREQUENT_LOG_S = 60.0  # one log line a minute for a link's refused heartbeats
+
+
+class _Bucket:
+    """A token bucket on the monotonic clock: *burst* at once, then *rate* a second."""
+
+    def __init__(self, burst: int, rate: float, now: float) -> None:
+        self.burst, self.rate = burst, rate
+        self.tokens, self.at = float(burst), now
+
+    def take(self, now: float) -> bool:
+        self.tokens = min(self.burst, self.tokens + (now - self.at) * self.rate)
+        self.at = now
+        if self.tokens < 1.0:
+            return False
+        self.tokens -= 1.0
+        return True
 
 
 def heartbeat_ack_text(seq: int, server_time: float, unstaking_until: int | None) -> str:
@@ -138,6 +160,9 @@ class LinkSession:
         self._liveness = ""
         self._send_lock = asyncio.Lock()
         self._closed = False
+        self._beats = _Bucket(HEARTBEAT_BURST, HEARTBEAT_RATE, coord.monotonic())
+        self._too_frequent = 0  # refused since the last log line about them
+        self._too_frequent_logged = -_TOO_FREQUENT_LOG_S
         self._task: asyncio.Task[Any] | None = None  # the task running this session
         self.binary = False  # the node announced BINARY_DATA in its auth
 
@@ -338,6 +363,10 @@ class LinkSession:
 
     async def _heartbeat(self, frame: messages.SignedFrame) -> None:
         coord, msg = self.coord, frame.message
+        mono = coord.monotonic()
+        if not self._beats.take(mono):  # before any cost: no signature recovery, no write
+            await self._refuse_too_frequent(mono)
+            return
         # parse_from_node has already checked node_id is a well-formed address; compare raw
         # bytes (parse_address is cached) instead of re-checksumming it on every heartbeat.
         if parse_address(msg["node_id"]) != self._node_raw:
@@ -384,6 +413,25 @@ class LinkSession:
         if not was_online:
             coord.roster_changed()
             coord.wake()
+
+    async def _refuse_too_frequent(self, mono: float) -> None:
+        """Answer a heartbeat over the link's budget: nothing is recorded. Logged once a
+        minute with the count, not once a frame (a flood would flood the log too)."""
+        self._too_frequent += 1
+        if mono - self._too_frequent_logged >= _TOO_FREQUENT_LOG_S:
+            log.warning(
+                "heartbeat.too_frequent",
+                extra={"node_id": self.node_id, "refused": self._too_frequent},
+            )
+            self._too_frequent, self._too_frequent_logged = 0, mono
+        await self.send(
+            messages.ErrorFrame(
+                "too_frequent",
+                f"heartbeats come faster than {HEARTBEAT_RATE:g} a second on this link "
+                f"(after a burst of {HEARTBEAT_BURST}): this one is not recorded; send one "
+                f"every heartbeat_interval ({self.coord.config.heartbeat_interval:g} s)",
+            ).to_wire()
+        )
 
     def _liveness_of(self, info: NodeInfo) -> str:
         """The checksummed liveness address of *info*, computed once per cached NodeInfo."""
