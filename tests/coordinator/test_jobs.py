@@ -274,6 +274,29 @@ def test_different_result_is_equivocation(coordinator: Running, rsa_keys) -> Non
     assert coordinator.client.job_result(job["job_id"]) == first
 
 
+def test_a_contradiction_sent_with_bytes_that_miss_its_proof_is_still_equivocation(
+    coordinator: Running, rsa_keys
+) -> None:
+    """After its result was accepted, a node signs a Result with another proof but sends
+    bytes that do not match it: the signed message alone is the evidence (the table keeps
+    no bytes), so it is recorded as equivocation rather than dropped as a proof mismatch.
+    A proof mismatch on a task the node has no accepted result for stays a plain one."""
+    node = make_node(rsa_keys, 0)
+    _ready(coordinator, node)
+    payload, job, dispatch = _submit_and_dispatch(coordinator, node)
+    wrong = node.call(node.result(dispatch, inference_result(payload, VALUES), proof=b"\x01" * 32))
+    assert wrong["reason"].startswith("proof mismatch")
+    first = inference_result(payload, VALUES)
+    assert node.call(node.result(dispatch, first))["status"] == "accepted"
+    ack = node.call(node.result(dispatch, first, proof=b"\x02" * 32))
+    assert ack["status"] == "rejected" and ack["reason"].startswith("equivocation:"), ack
+    rows = coordinator.coord.db.run_sync(lambda s: s.query(m.Equivocation).all())
+    assert [(r.task_id, r.conflicting_proof) for r in rows] == [
+        (dispatch["task_id"], "0x" + "02" * 32)
+    ]
+    assert coordinator.client.job_result(job["job_id"]) == first
+
+
 def test_wrong_proof_is_rejected(coordinator: Running, rsa_keys) -> None:
     """A signed result whose proof does not recompute is rejected; the task stays leased."""
     node = make_node(rsa_keys, 0)

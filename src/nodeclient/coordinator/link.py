@@ -463,10 +463,12 @@ class LinkSession:
         fields = {"node_id": self.node_id, "task_id": str(claim.task_id)}
         coord.progress.forget(self.node_id, str(claim.task_id))  # its task is over
         problem = await asyncio.to_thread(verifier.check_proof, claim)
-        if problem is not None:
-            decision = verifier.Decision("rejected", problem, event="result.rejected")
+        now = coord.now()
+        if problem is not None:  # still evidence if it contradicts an accepted result
+            decision = await coord.db.run(
+                lambda s: verifier.contradiction_tx(s, claim, problem, now=now)
+            )
         else:
-            now = coord.now()
             decision = await coord.db.run(
                 lambda s: verifier.accept_result_tx(
                     s, claim, now=now, max_payload=cfg.max_payload_bytes

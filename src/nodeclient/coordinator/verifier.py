@@ -127,6 +127,49 @@ def _was_leased_to(session: Session, task: m.Task, node_id: str) -> bool:
     )
 
 
+def contradiction_tx(session: Session, claim: ResultClaim, problem: str, *, now: float) -> Decision:
+    """A signed result whose bytes fail the proof check (*problem*): rejected, and, when
+    its node already has an accepted result for the task with another proof, recorded as
+    equivocation. The signed Result alone is the evidence (the table keeps no bytes), so a
+    node cannot sign contradictions freely by sending them with bytes that do not match."""
+    task = session.get(m.Task, str(claim.task_id))
+    if (
+        task is None
+        or task.status != m.SUCCEEDED
+        or task.node_id != claim.node_id
+        or task.job_id != str(claim.job_id)
+        or task.proof == "0x" + claim.proof.hex()
+    ):
+        return Decision("rejected", problem, event="result.rejected")
+    return _equivocation(session, task, claim, now)
+
+
+def _equivocation(session: Session, task: m.Task, claim: ResultClaim, now: float) -> Decision:
+    """*claim*, signed by the node whose result with another proof was accepted for
+    *task*: rejected, and stored as evidence (once per task and node)."""
+    tid, proof_hex = task.task_id, "0x" + claim.proof.hex()
+    reason = (
+        f"equivocation: a different result (proof {proof_hex}) for task {tid}, whose "
+        f"accepted result has proof {task.proof}"
+    )
+    if _equivocation_recorded(session, tid, claim.node_id):
+        # One signed contradiction is the evidence; more add rows without end (a
+        # node may sign any number of them), so they are answered, not stored.
+        return Decision("rejected", reason)
+    session.add(
+        m.Equivocation(
+            task_id=tid,
+            node_id=claim.node_id,
+            accepted_proof=task.proof or "",
+            conflicting_proof=proof_hex,
+            conflicting_signature="0x" + claim.signature.hex(),
+            conflicting_message=json.dumps(eip712.message_to_json("Result", claim.message)),
+            recorded_at=now,
+        )
+    )
+    return Decision("rejected", reason, event="result.equivocation")
+
+
 def _equivocation_recorded(session: Session, task_id: str, node_id: str) -> bool:
     found = session.scalar(
         select(m.Equivocation.id)
@@ -199,26 +242,7 @@ def accept_result_tx(  # noqa: PLR0911 (one early answer per check)
                             f"it was re-queued and completed by {task.node_id}")  # fmt: skip
         if task.proof == proof_hex:
             return Decision("duplicate", "this result was already accepted")
-        reason = (
-            f"equivocation: a different result (proof {proof_hex}) for task {tid}, whose "
-            f"accepted result has proof {task.proof}"
-        )
-        if _equivocation_recorded(session, tid, claim.node_id):
-            # One signed contradiction is the evidence; more add rows without end (a
-            # node may sign any number of them), so they are answered, not stored.
-            return Decision("rejected", reason)
-        session.add(
-            m.Equivocation(
-                task_id=tid,
-                node_id=claim.node_id,
-                accepted_proof=task.proof or "",
-                conflicting_proof=proof_hex,
-                conflicting_signature="0x" + claim.signature.hex(),
-                conflicting_message=json.dumps(eip712.message_to_json("Result", claim.message)),
-                recorded_at=now,
-            )
-        )
-        return Decision("rejected", reason, event="result.equivocation")
+        return _equivocation(session, task, claim, now)
     if not _was_leased_to(session, task, claim.node_id):
         return Decision("rejected", f"task {tid} was never leased to this node")
     if task.status in (m.FAILED, m.CANCELLED):
