@@ -281,13 +281,23 @@ def test_a_full_disk_at_commit_is_refused_signed_and_the_daemon_goes_on(
 
 @pytest.mark.parametrize(
     ("status", "final"),
-    [(400, True), (403, True), (409, True), (408, False), (429, False), (500, False), (503, False)],
+    [
+        (400, True),
+        (403, True),
+        (409, False),
+        (408, False),
+        (429, False),
+        (500, False),
+        (503, False),
+    ],
 )
 def test_only_a_definite_no_to_registration_is_final(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, status: int, final: bool
 ) -> None:
     """A 4xx about the manifest ends the daemon with exit status 78, which the systemd
-    unit does not restart on; a proxy's 408 or 429 and any 5xx are retried with backoff."""
+    unit does not restart on; a proxy's 408 or 429 and any 5xx are retried with backoff,
+    and so is 409 "stale manifest": the one on record was issued on a clock that ran
+    ahead, and a manifest issued again once this clock passes it is taken."""
     import httpx
 
     from nodeclient.node import service

@@ -374,10 +374,18 @@ class NodeDaemon:
         error = body.get("error")
         reason = error if isinstance(error, str) and error else text[:300] or "no reason"
         # Final (exit 78, no restart) only for the coordinator's own refusal: a 4xx with its
-        # {"error": ...}. 408 and 429 (a proxy's timeout or rate limit) pass, and so does a
+        # {"error": ...}, but 409 (below). 408 and 429 (a proxy's timeout or rate limit) pass, and so does a
         # 4xx without the coordinator's error (an empty 404 or 403 from a proxy in front of
         # it, mid-deploy): retried with backoff, and shown in status meanwhile.
         refusal = isinstance(error, str) and bool(error)
+        if resp.status_code == 409:
+            # "stale manifest": the one on record was issued later, on a clock that ran
+            # up to 5 min ahead and was then set right. Each try issues a new manifest, so
+            # this clears by itself once this clock passes it: retried, not final.
+            raise httpx.HTTPError(
+                f"registration refused for now ({resp.status_code}): {reason}; retried until "
+                "this node's clock passes the registered manifest's issued_at"
+            )
         if 400 <= resp.status_code < 500 and resp.status_code not in (408, 429) and refusal:
             raise RegistrationRefused(f"registration refused ({resp.status_code}): {reason}")
         raise httpx.HTTPError(f"registration failed ({resp.status_code}): {reason}")
