@@ -19,3 +19,23 @@ def test_every_string_of_a_tree_is_made_printable() -> None:
         "n": 3,
         "none": None,
     }
+
+
+def test_json_log_lines_carry_no_character_a_terminal_obeys() -> None:
+    """The JSON log keeps other non-ASCII text readable, but json.dumps leaves C1 controls
+    (U+009B alone starts a control sequence), DEL, the bidi controls and the line
+    separators raw: a coordinator's error text in a log line must not reach the operator's
+    terminal as them. The line is still the same JSON value."""
+    import json
+    import logging
+
+    from nodeclient.logs import JsonFormatter
+
+    reason = "\u009b2J\u009bH\u009b1;31mNODE KEY COMPROMISED\x7f \u202etxt.exe\u2028 naïve 東京"
+    record = logging.LogRecord("nodeclient.node", logging.WARNING, "", 0, "link.error_frame",
+                               None, None)  # fmt: skip
+    record.reason = reason
+    line = JsonFormatter().format(record)
+    assert not any(0x7F <= ord(c) <= 0x9F or c in "\u202e\u2028" for c in line), line
+    assert "naïve 東京" in line  # the rest stays readable
+    assert json.loads(line)["reason"] == reason

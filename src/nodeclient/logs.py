@@ -17,7 +17,7 @@ import time
 from collections.abc import Iterator
 from typing import Any, Final
 
-from nodeclient.text import printable
+from nodeclient.text import json_terminal_safe, printable
 
 _CONTEXT: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar("log_context", default={})  # noqa: B039
 _STANDARD: Final = frozenset(
@@ -59,7 +59,9 @@ class JsonFormatter(logging.Formatter):
         doc.update(_fields(record))
         if record.exc_info:
             doc["exc"] = self.formatException(record.exc_info)
-        return json.dumps(doc, default=str, ensure_ascii=False)
+        # Readable non-ASCII text, but no character a terminal obeys (a coordinator's
+        # error text is logged, and the log may go to the operator's terminal).
+        return json_terminal_safe(json.dumps(doc, default=str, ensure_ascii=False))
 
 
 class TextFormatter(logging.Formatter):

@@ -7,7 +7,9 @@ that shows such text on a terminal (``nodeclient status``, the ``--watch`` conso
 ``history``, text logs, the requester CLI) passes it through :func:`printable`: C0 and C1
 control characters, DEL and the Unicode bidirectional controls (which can make text read
 in another order than it is) become visible escapes, so one value stays on one line and
-means what it shows. JSON output needs none of this: ``json.dumps`` escapes them itself.
+means what it shows. JSON output escapes them too: ``json.dumps`` writes C0 controls as
+escapes itself, and :func:`json_terminal_safe` does the rest where a document keeps other
+non-ASCII text readable (the JSON log lines).
 """
 
 from __future__ import annotations
@@ -23,6 +25,18 @@ _ESCAPES: Final = {
     **{c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))},
     **{c: f"\\u{c:04x}" for c in _BIDI},
 }
+
+
+# What json.dumps(ensure_ascii=False) leaves raw that a terminal acts on or reorders: DEL,
+# C1 (U+009B alone starts a control sequence), the bidi controls and the line separators.
+_JSON_ESCAPES: Final = {c: f"\\u{c:04x}" for c in (*range(0x7F, 0xA0), *_BIDI, 0x2028, 0x2029)}
+
+
+def json_terminal_safe(document: str) -> str:
+    """A JSON text from ``json.dumps(..., ensure_ascii=False)`` with every character a
+    terminal would obey written as a ``\\uXXXX`` escape: the same JSON value, safe to print.
+    (They can only stand inside strings there, where the escape means the same.)"""
+    return document.translate(_JSON_ESCAPES)
 
 
 def printable(text: str) -> str:
