@@ -374,9 +374,10 @@ class NodeDaemon:
         error = body.get("error")
         reason = error if isinstance(error, str) and error else text[:300] or "no reason"
         # Final (exit 78, no restart) only for the coordinator's own refusal: a 4xx with its
-        # {"error": ...}, but 409 (below). 408 and 429 (a proxy's timeout or rate limit) pass, and so does a
-        # 4xx without the coordinator's error (an empty 404 or 403 from a proxy in front of
-        # it, mid-deploy): retried with backoff, and shown in status meanwhile.
+        # {"error": ...}, but 409 (below). 408 and 429 (a proxy's timeout or rate limit)
+        # pass, and so does a 4xx without the coordinator's error (an empty 404 or 403
+        # from a proxy in front of it, mid-deploy): retried with backoff, and shown in
+        # status meanwhile.
         refusal = isinstance(error, str) and bool(error)
         if resp.status_code == 409:
             # "stale manifest": the one on record was issued later, on a clock that ran
