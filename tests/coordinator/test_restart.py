@@ -67,3 +67,58 @@ def test_generated_coordinator_id_is_persisted(tmp_path: Path) -> None:
         assert second.client.health()["coordinator_id"] == ident
     finally:
         stop(second, server2, thread2)
+
+
+def test_a_second_coordinator_on_the_same_database_is_refused(tmp_path: Path) -> None:
+    """One coordinator per database: a second would keep its own view of heartbeats,
+    links and nodes and lease the same tasks. Its start is refused with a line that says
+    what to do, and the database can be opened again once the first has closed it (on
+    the suite's database URL when one is given, so PostgreSQL's lock is checked too)."""
+    import os
+    import subprocess
+    import sys
+
+    import pytest
+
+    from nodeclient.coordinator.store import Database, DatabaseInUse
+    from tests.coordinator.conftest import DB_URL
+
+    url = DB_URL or f"sqlite:///{tmp_path / 'coordinator.db'}"
+    first = Database(url)
+    try:
+        with pytest.raises(DatabaseInUse, match="another coordinator is using the database"):
+            Database(url)
+        served = subprocess.run(
+            [sys.executable, "-m", "nodeclient.coordinator.cli", "serve", "--port", "0",
+             "--data-dir", str(tmp_path), "--db", url],
+            capture_output=True, text=True, timeout=60, check=False,
+            env={**os.environ, "NODECLIENT_LOG_FORMAT": "text"},
+        )  # fmt: skip
+        assert served.returncode == 2, served.stderr
+        assert "another coordinator is using the database" in served.stderr
+        assert "Traceback" not in served.stderr
+    finally:
+        first.close()
+    Database(url).close()
+
+
+def test_sqlite_commits_are_durable_but_heartbeats_are_cheap(tmp_path: Path) -> None:
+    """An answered commit (an accepted result, a submitted job) must survive a power
+    loss: synchronous=FULL. The heartbeat connection alone keeps NORMAL (a power loss
+    may take back its last seqs, never corrupt the file)."""
+    import asyncio
+
+    from sqlalchemy import text
+
+    from nodeclient.coordinator.store import Database
+
+    db = Database(f"sqlite:///{tmp_path / 'c.db'}")
+    try:
+        assert db.run_sync(lambda s: s.execute(text("PRAGMA synchronous")).scalar()) == 2
+        level = asyncio.run(
+            db.run_heartbeats(lambda conn: conn.exec_driver_sql("PRAGMA synchronous").scalar())
+        )
+        assert level == 1
+        assert db.run_sync(lambda s: s.execute(text("PRAGMA synchronous")).scalar()) == 2
+    finally:
+        db.close()

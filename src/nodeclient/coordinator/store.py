@@ -18,9 +18,12 @@ thread's queue and waits only for the transaction in progress; on other database
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import functools
 import hashlib
 import json
+import os
 import secrets
 import threading
 import uuid
@@ -53,18 +56,20 @@ from sqlalchemy.pool import ConnectionPoolEntry
 
 from nodeclient.coordinator import models as m
 from nodeclient.coordinator import schema
-from nodeclient.errors import ManifestError
+from nodeclient.errors import ManifestError, UsageError
 from nodeclient.protocol import eip712, tier
 
 T = TypeVar("T")
 
 
 def _sqlite_pragmas(dbapi_conn: DBAPIConnection, _record: ConnectionPoolEntry) -> None:
-    # Connection set-up only, not query features: WAL lets readers run beside the writer,
-    # and synchronous=NORMAL makes the heartbeat commits cheap without risking corruption.
+    # Connection set-up only, not query features: WAL lets readers run beside the writer.
+    # synchronous=FULL: a commit is on disk before it is answered (an accepted result, a
+    # submitted job), even across a power loss; NORMAL would only keep the file intact.
+    # The heartbeat connection lowers it to NORMAL for itself (Database._run_heartbeat_conn).
     cur = dbapi_conn.cursor()
     cur.execute("PRAGMA journal_mode=WAL")
-    cur.execute("PRAGMA synchronous=NORMAL")
+    cur.execute("PRAGMA synchronous=FULL")
     cur.execute("PRAGMA foreign_keys=ON")
     cur.execute("PRAGMA busy_timeout=5000")
     cur.close()
@@ -142,14 +147,77 @@ class _DbThread:
         self._thread.join()
 
 
+class DatabaseInUse(UsageError):
+    """Another coordinator process has the database open."""
+
+
+# pg_try_advisory_lock's key for "a coordinator serves this database" (advisory locks are
+# per database): the first 8 bytes of SHA-256("nodeclient-coordinator"), as a signed int64.
+_PG_LOCK_KEY: Final = 0x655518DE7F53D3EE
+
+
+class _Claim:
+    """This process's claim on the database: one coordinator per database. A second one
+    would keep its own in-memory view (heartbeat sequence numbers, links, the node
+    cache) and lease and accept the same tasks as the first: replayed heartbeats taken,
+    results stored under the wrong node. SQLite: an exclusive ``flock`` on a file beside
+    the database; PostgreSQL: a session advisory lock on a connection held open. Both go
+    when the process does, kill -9 included."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._fd: int | None = None
+        self._conn: Connection | None = None
+        shown = engine.url.render_as_string(hide_password=True)
+        if engine.dialect.name == "sqlite" and not _in_memory(engine):
+            lock = f"{engine.url.database}.lock"
+            try:
+                self._fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            except OSError as exc:
+                raise UsageError(f"cannot open the database's lock file {lock}: {exc}") from exc
+            try:
+                fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                os.close(self._fd)
+                raise DatabaseInUse(
+                    f"another coordinator is using the database {shown} (it holds {lock}): "
+                    "stop it first, or give --db another database"
+                ) from None
+        elif engine.dialect.name == "postgresql":
+            conn = engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+            got = conn.execute(select(func.pg_try_advisory_lock(_PG_LOCK_KEY))).scalar()
+            if not got:
+                conn.close()
+                raise DatabaseInUse(
+                    f"another coordinator is using the database {shown} (it holds the "
+                    "advisory lock): stop it first, or give --db another database"
+                )
+            self._conn = conn
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # the lock goes with it; the file stays, empty
+            self._fd = None
+        if self._conn is not None:
+            with contextlib.suppress(Exception):  # a server gone: the lock went with it
+                self._conn.execute(select(func.pg_advisory_unlock(_PG_LOCK_KEY)))
+            self._conn.close()
+            self._conn = None
+
+
 class Database:
     """The SQL engine plus the one worker thread every transaction runs on."""
 
     def __init__(self, url: str) -> None:
         self.engine = make_engine(url)
         try:
+            self._claim = _Claim(self.engine)  # one coordinator per database
+        except BaseException:
+            self.engine.dispose()
+            raise
+        try:
             schema.prepare(self.engine)  # create, upgrade, or refuse a newer database
         except BaseException:
+            self._claim.release()
             self.engine.dispose()
             raise
         self._thread = _DbThread("coordinator-db")
@@ -184,6 +252,14 @@ class Database:
         conn = self._hb_conn
         if conn is None:
             conn = self._hb_conn = self.engine.connect()
+            if self.engine.dialect.name == "sqlite":
+                # Heartbeats only: 10,000 nodes commit several times a second. A power loss
+                # may take back the last stored seqs (never corrupt the file); a replay of
+                # one of those would need the node's liveness key on an authenticated link.
+                # On the driver's connection: outside a transaction (SQLite refuses it in one).
+                raw = conn.connection.driver_connection
+                if raw is not None:
+                    raw.execute("PRAGMA synchronous=NORMAL")
         try:
             with conn.begin():
                 return fn(conn)
@@ -209,6 +285,7 @@ class Database:
         if self._hb_thread is not self._thread:
             self._hb_thread.shutdown()
         self._thread.shutdown()
+        self._claim.release()
         self.engine.dispose()
 
 
@@ -292,7 +369,8 @@ def load_nodes(session: Session) -> list[NodeInfo]:
 _NODES = cast(Table, m.Node.__table__)
 _HEARTBEAT_UPDATE = (
     update(_NODES)
-    .where(_NODES.c.node_id == bindparam("b_node_id"))
+    # The stored seq never goes back, even were the in-memory check wrong.
+    .where(_NODES.c.node_id == bindparam("b_node_id"), _NODES.c.last_seq < bindparam("b_seq"))
     .values(last_seq=bindparam("b_seq"), state=bindparam("b_state"), last_seen=bindparam("b_seen"))
 )
 
