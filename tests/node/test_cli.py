@@ -486,6 +486,111 @@ def test_init_disk_full_at_config_leaves_no_partial_file(
     assert (h / "config.toml").stat().st_mode & 0o777 == 0o600
 
 
+# --- init: a passphrase file without --encrypt ---------------------------------------------------
+
+
+@pytest.mark.parametrize("how", ["flag", "environment"])
+def test_init_refuses_a_passphrase_file_without_encrypt(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], how: str
+) -> None:
+    """A passphrase file, by flag or by $NODECLIENT_PASSPHRASE_FILE, without --encrypt would
+    be ignored and node.key written in plaintext: exit 2, one line naming --encrypt, and
+    not even the home is created."""
+    pw = tmp_path / "pw"
+    pw.write_text("correct horse battery staple\n")
+    h = tmp_path / "home"
+    extra = ["--passphrase-file", str(pw)] if how == "flag" else []
+    if how == "environment":
+        monkeypatch.setenv("NODECLIENT_PASSPHRASE_FILE", str(pw))
+    assert main(["init", "--home", str(h), "--wallet", WALLET, *extra]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert "without --encrypt" in line or "--encrypt is not given" in line
+    assert "add --encrypt" in line and "plaintext" in line
+    assert not h.exists()
+
+
+def test_init_with_the_passphrase_variable_emptied_writes_plaintext(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """NODECLIENT_PASSPHRASE_FILE= (empty) counts as unset: a plaintext init, as asked."""
+    monkeypatch.setenv("NODECLIENT_PASSPHRASE_FILE", "")
+    h = tmp_path / "home"
+    assert main(["init", "--home", str(h), "--wallet", WALLET]) == 0
+    assert (h / "node.key").read_text().startswith("0x")
+
+
+# --- core dumps: no command that holds a key can leave it in a core file -----------------------
+
+_DUMPABLE_AFTER_EACH = """
+import contextlib, ctypes, io, json, resource, sys
+from nodeclient.node.cli import main
+
+prctl = ctypes.CDLL(None).prctl
+PR_GET_DUMPABLE, PR_SET_DUMPABLE = 3, 4
+seen = {}
+for argv in json.loads(sys.argv[1]):
+    prctl(PR_SET_DUMPABLE, 1, 0, 0, 0)  # each command must take it away by itself
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        main(argv)
+    seen[argv[0] if argv[0] != "keys" else " ".join(argv[:2])] = prctl(PR_GET_DUMPABLE, 0, 0, 0, 0)
+print(json.dumps({"dumpable": seen, "core": resource.getrlimit(resource.RLIMIT_CORE)}))
+"""
+
+HOLDS_KEYS = {
+    "init", "keys show", "keys rotate-liveness", "manifest", "run", "unstake", "wallet-proof",
+    "doctor",
+}  # fmt: skip
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prctl is Linux's")
+def test_every_command_that_holds_a_key_is_undumpable(tmp_path: Path) -> None:
+    """In one child: after each command that reads or makes a key (run and doctor cut
+    short: the protection comes before anything else) the process is not dumpable and
+    RLIMIT_CORE is (0, 0); `status`, which holds none, is left alone."""
+    h = str(tmp_path / "home")
+    commands = [
+        ["init", "--home", h, "--wallet", WALLET],
+        ["keys", "show", "--home", h],
+        ["keys", "rotate-liveness", "--home", h],
+        ["manifest", "--home", h, "--json"],
+        ["wallet-proof", "--home", h, "--json"],
+        ["unstake", "--home", h, "--coordinator", "http://127.0.0.1:9"],
+        ["run", "--home", h, "--coordinator", "ftp://x"],
+        ["doctor", "--home", str(tmp_path / "absent")],
+        ["status", "--home", h],
+    ]
+    proc = subprocess.run(
+        [sys.executable, "-c", _DUMPABLE_AFTER_EACH, json.dumps(commands)],
+        capture_output=True, text=True, timeout=300, check=True,
+    )  # fmt: skip
+    result = json.loads(proc.stdout)
+    assert result["dumpable"] == {**dict.fromkeys(HOLDS_KEYS, 0), "status": 1}
+    assert result["core"] == [0, 0]
+
+
+def test_only_commands_without_keys_are_left_dumpable() -> None:
+    """Every command is either marked as holding keys or is one that never reads one: a
+    new command has to be put on one side or the other."""
+    from argparse import _SubParsersAction
+
+    from nodeclient.node.cli import build_parser
+
+    def commands(parser, prefix: str = "") -> dict[str, bool]:
+        found: dict[str, bool] = {}
+        for action in parser._actions:
+            if isinstance(action, _SubParsersAction):
+                for name, sub in action.choices.items():
+                    nested = commands(sub, f"{prefix}{name} ")
+                    found |= nested or {prefix + name: bool(sub.get_default("holds_keys"))}
+        return found
+
+    marked = commands(build_parser())
+    assert {c for c, holds in marked.items() if holds} == HOLDS_KEYS
+    assert {c for c, holds in marked.items() if not holds} == {
+        "status", "history", "devnet", "proof", "service install",
+    }  # fmt: skip
+
+
 # --- the coordinator URL: checked once, where it is read -------------------------------------
 
 

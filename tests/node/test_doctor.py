@@ -53,10 +53,28 @@ def test_keys_fail_on_wrong_mode_with_chmod_fix(home: Path) -> None:
 
 
 def test_keys_fail_when_missing(home: Path) -> None:
-    """A missing key file fails with the init command as the fix."""
-    (home / "liveness.key").unlink()
+    """A missing node.key fails with the init command (or a restore) as the fix."""
+    (home / "node.key").unlink()
     check = doctor.check_key_files(home)
     assert check.level is Level.FAIL and "nodeclient init" in check.fix
+
+
+@pytest.mark.parametrize("content", [None, b"0xnot-a-key\n", b""])
+def test_a_lost_or_malformed_liveness_key_fails_with_rotate_as_the_fix(
+    home: Path, content: bytes | None
+) -> None:
+    """liveness.key missing, or a safe file holding no liveness key: the fix is
+    `keys rotate-liveness` (init would refuse, node.key and payload.key being there)."""
+    path = home / "liveness.key"
+    if content is None:
+        path.unlink()
+    else:
+        path.write_bytes(content)
+    check = doctor.check_key_files(home)
+    assert check.level is Level.FAIL and "liveness.key" in check.summary
+    rotate = f"run `nodeclient keys rotate-liveness --home {home}` to make a new liveness key"
+    assert check.fix == rotate
+    assert "node.key" not in check.summary and "payload.key" not in check.summary
 
 
 # --- sandbox ----------------------------------------------------------------------------------

@@ -223,6 +223,117 @@ def test_rotate_liveness_refuses_an_unsafe_liveness_key(home: Path) -> None:
     assert (home / LIVENESS_KEY).read_bytes() == before
 
 
+def _liveness_missing(home: Path) -> None:
+    os.unlink(home / LIVENESS_KEY)
+
+
+def _liveness_garbled(home: Path) -> None:
+    _write(home / LIVENESS_KEY, b"0xnot a key\n")
+
+
+def _liveness_short(home: Path) -> None:
+    _write(home / LIVENESS_KEY, b"0x" + b"ab" * 31 + b"\n")
+
+
+def _liveness_keystore(home: Path) -> None:
+    _write(home / LIVENESS_KEY, json.dumps(_cheap_keystore()).encode())
+
+
+def _liveness_empty(home: Path) -> None:
+    _write(home / LIVENESS_KEY, b"")
+
+
+@pytest.mark.parametrize(
+    "lose", [_liveness_missing, _liveness_garbled, _liveness_short, _liveness_keystore,
+             _liveness_empty],
+)  # fmt: skip
+def test_rotate_liveness_makes_a_new_key_for_a_lost_or_malformed_one(home: Path, lose) -> None:
+    """A missing or malformed liveness.key (a hot key, nothing to keep) is made anew:
+    (None, new), the file 0600 holding the new key; node.key and payload.key untouched."""
+    others = {n: (home / n).read_bytes() for n in (NODE_KEY, PAYLOAD_KEY)}
+    lose(home)
+    old, new = rotate_liveness(home)
+    assert old is None
+    assert load_liveness_key(home).address == new
+    assert _mode(home / LIVENESS_KEY) == 0o600
+    assert {n: (home / n).read_bytes() for n in (NODE_KEY, PAYLOAD_KEY)} == others
+    assert sorted(os.listdir(home)) == sorted(ALL_KEYS)  # no temporary file left
+
+
+def _liveness_symlink(home: Path) -> None:
+    target = home.parent / "elsewhere.key"
+    _write(target, (home / LIVENESS_KEY).read_bytes())
+    os.unlink(home / LIVENESS_KEY)
+    os.symlink(target, home / LIVENESS_KEY)
+
+
+def _liveness_dangling_symlink(home: Path) -> None:
+    os.unlink(home / LIVENESS_KEY)
+    os.symlink(home.parent / "nowhere.key", home / LIVENESS_KEY)
+
+
+def _liveness_directory(home: Path) -> None:
+    os.unlink(home / LIVENESS_KEY)
+    os.mkdir(home / LIVENESS_KEY, 0o700)
+
+
+def _liveness_fifo(home: Path) -> None:
+    os.unlink(home / LIVENESS_KEY)
+    os.mkfifo(home / LIVENESS_KEY, 0o600)
+
+
+def _liveness_malformed_and_loose(home: Path) -> None:
+    _write(home / LIVENESS_KEY, b"garbage\n")
+    os.chmod(home / LIVENESS_KEY, 0o640)
+
+
+def _liveness_foreign(home: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root to give a file to another uid")
+    _write(home / LIVENESS_KEY, b"garbage\n")
+    os.chown(home / LIVENESS_KEY, 4242, -1)
+
+
+@pytest.mark.parametrize(
+    ("spoil", "needle"),
+    [
+        (_liveness_symlink, "symlink"),
+        (_liveness_dangling_symlink, "symlink"),
+        (_liveness_directory, "directory, not a regular file"),
+        (_liveness_fifo, "FIFO, not a regular file"),
+        (_liveness_malformed_and_loose, "chmod 600"),
+        (_liveness_foreign, "owned by uid 4242"),
+    ],
+)
+def test_rotate_liveness_still_refuses_an_unsafe_file(home: Path, spoil, needle: str) -> None:
+    """Making a new key never covers up an unsafe file: a symlink, a non-regular file, a
+    wrong mode or owner (even with malformed content) is refused, and left as it was."""
+    spoil(home)
+    path = home / LIVENESS_KEY
+    before = os.lstat(path)
+    link = os.readlink(path) if os.path.islink(path) else None
+    with pytest.raises(KeyFileError, match=needle):
+        rotate_liveness(home)
+    after = os.lstat(path)
+    assert (after.st_ino, after.st_mode, after.st_uid) == (
+        before.st_ino,
+        before.st_mode,
+        before.st_uid,
+    )
+    assert (os.readlink(path) if os.path.islink(path) else None) == link
+    assert not [n for n in os.listdir(home) if n.endswith(".tmp")]
+
+
+@pytest.mark.parametrize("lose", [_liveness_missing, _liveness_garbled, _liveness_keystore])
+def test_a_lost_liveness_key_is_refused_with_rotate_as_the_fix(home: Path, lose) -> None:
+    """Loading a missing or malformed liveness.key says to run `keys rotate-liveness`
+    (init would refuse: node.key and payload.key are there)."""
+    lose(home)
+    with pytest.raises(KeyFileError, match=r"fix: run `nodeclient keys rotate-liveness`") as info:
+        load_liveness_key(home)
+    assert "nodeclient init" not in str(info.value)
+
+
 # --- loading and malformed files --------------------------------------------------------
 
 

@@ -10,6 +10,9 @@ from __future__ import annotations
 import os
 import re
 import stat
+import subprocess
+import sys
+import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,6 +22,7 @@ from nodeclient.errors import KeyFileError
 from nodeclient.node.securefile import (
     describe_file,
     ensure_home,
+    finish_secrets,
     read_secret,
     replace_secret,
     resolve_home,
@@ -300,3 +304,180 @@ def test_describe_file_reports_a_missing_file(home: Path) -> None:
     info = describe_file(home / "node.key")
     assert info["exists"] is False
     assert info["ok"] is False
+
+
+# --- finish_secrets: a write_secrets killed while it gave the names --------------------------
+
+NAMES = ("node.key", "liveness.key", "payload.key")
+# write_secrets of three files, SIGKILLed just before link number KILL_AT + 1 (so after
+# KILL_AT names are given), or, with KILL_AT = 3, after every link but before the temporary
+# files are removed: what a kill or a power cut can leave.
+_KILLED_WRITE = textwrap.dedent(
+    """
+    import os, signal, sys
+    from pathlib import Path
+    from nodeclient.node.securefile import write_secrets
+
+    home, kill_at = Path(sys.argv[1]), int(sys.argv[2])
+    real_link, real_unlink, links = os.link, os.unlink, []
+
+    def link(*args, **kwargs):
+        if len(links) == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+        real_link(*args, **kwargs)
+        links.append(args)
+
+    def unlink(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    os.link = link
+    if kill_at == 3:
+        os.unlink = unlink
+    write_secrets({home / n: n.encode() * 4 for n in sys.argv[3:]})
+    """
+)
+
+
+def _killed_write(home: Path, kill_at: int) -> None:
+    """Run write_secrets of NAMES in a child that is SIGKILLed part way."""
+    proc = subprocess.run(
+        [sys.executable, "-c", _KILLED_WRITE, str(home), str(kill_at), *NAMES],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert proc.returncode == -9, proc.stderr
+
+
+def _temps(home: Path) -> list[str]:
+    return sorted(n for n in os.listdir(home) if n.endswith(".tmp"))
+
+
+def _listing(home: Path) -> dict[str, tuple[bytes, int, int]]:
+    return {
+        n: ((home / n).read_bytes(), os.lstat(home / n).st_ino, _mode(home / n))
+        for n in sorted(os.listdir(home))
+    }
+
+
+@pytest.mark.parametrize("kill_at", [1, 2])
+def test_finish_secrets_gives_the_names_a_kill_left_missing(home: Path, kill_at: int) -> None:
+    """Killed between two links: the missing names come from the same batch's temporary
+    files, every file holds what was written, 0600, and no temporary file is left."""
+    _killed_write(home, kill_at)
+    assert [n for n in NAMES if (home / n).exists()] == list(NAMES[:kill_at])
+    assert len(_temps(home)) == 3
+    assert finish_secrets([home / n for n in NAMES]) == list(NAMES[kill_at:])
+    assert sorted(os.listdir(home)) == sorted(NAMES)
+    for name in NAMES:
+        assert (home / name).read_bytes() == name.encode() * 4
+        assert _mode(home / name) == 0o600
+        assert os.lstat(home / name).st_nlink == 1
+
+
+@pytest.mark.parametrize("kill_at", [0, 3])
+def test_finish_secrets_removes_what_a_kill_before_or_after_the_links_left(
+    home: Path, kill_at: int
+) -> None:
+    """Killed before the first link (no name) or after the last (all names): nothing to
+    finish, and the leftover temporary files are removed; the names are kept as they are."""
+    _killed_write(home, kill_at)
+    assert len(_temps(home)) == 3
+    before = {n: (home / n).read_bytes() for n in NAMES if (home / n).exists()}
+    assert finish_secrets([home / n for n in NAMES]) == []
+    assert _temps(home) == []
+    assert {n: (home / n).read_bytes() for n in NAMES if (home / n).exists()} == before
+
+
+def _lose_liveness_temp(home: Path) -> None:
+    os.unlink(home / next(t for t in _temps(home) if t.startswith(".liveness.key.")))
+
+
+def _other_batch(home: Path) -> None:
+    """The payload temporary file renamed into another batch."""
+    old = next(t for t in _temps(home) if t.startswith(".payload.key."))
+    os.rename(home / old, home / ".payload.key.0123456789abcdef.tmp")
+
+
+def _node_key_replaced(home: Path) -> None:
+    """node.key is no longer the batch's file (same bytes, another inode)."""
+    data = (home / "node.key").read_bytes()
+    os.unlink(home / "node.key")
+    _plant(home / "node.key", data)
+
+
+def _node_key_symlink(home: Path) -> None:
+    tmp = next(t for t in _temps(home) if t.startswith(".node.key."))
+    os.unlink(home / "node.key")
+    os.symlink(tmp, home / "node.key")
+
+
+def _liveness_temp_loose(home: Path) -> None:
+    os.chmod(home / next(t for t in _temps(home) if t.startswith(".liveness.key.")), 0o644)
+
+
+@pytest.mark.parametrize(
+    "spoil", [_lose_liveness_temp, _other_batch, _node_key_replaced, _node_key_symlink,
+              _liveness_temp_loose],
+)  # fmt: skip
+def test_finish_secrets_refuses_what_it_cannot_prove(home: Path, spoil) -> None:
+    """Some names given but the rest not provably from the same batch: refused, nothing
+    changed, and the message names the mv that moves the files aside (never deleting)."""
+    _killed_write(home, 1)
+    spoil(home)
+    before = _listing(home)
+    with pytest.raises(KeyFileError) as info:
+        finish_secrets([home / n for n in NAMES])
+    message = str(info.value)
+    assert "node.key is there but liveness.key and payload.key are not" in message
+    assert "restore liveness.key and payload.key from a backup" in message
+    aside = home / "interrupted-init"
+    moved = " ".join(str(home / n) for n in ["node.key", *_temps(home)])
+    assert f"`mkdir -m 700 {aside} && mv {moved} {aside}/`" in message
+    assert _listing(home) == before
+
+
+def test_finish_secrets_never_replaces_a_name_given_meanwhile(
+    home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A name that appears while finishing is not replaced (link, never rename over)."""
+    _killed_write(home, 1)
+    real_link = os.link
+
+    def link(src: str, dst: str, **kwargs: object) -> None:
+        if dst == "liveness.key" and not (home / dst).exists():
+            _plant(home / dst, b"meanwhile\n")
+        real_link(src, dst, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "link", link)
+    with pytest.raises(KeyFileError, match="refusing to overwrite"):
+        finish_secrets([home / n for n in NAMES])
+    assert (home / "liveness.key").read_bytes() == b"meanwhile\n"
+    assert (home / "node.key").read_bytes() == b"node.key" * 4
+
+
+# --- forbid_core_dumps ------------------------------------------------------------------------
+
+_DUMPABLE_AFTER = textwrap.dedent(
+    """
+    import ctypes, resource
+    from nodeclient.node.securefile import forbid_core_dumps
+
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    PR_GET_DUMPABLE = 3
+    print(prctl(PR_GET_DUMPABLE, 0, 0, 0, 0), *resource.getrlimit(resource.RLIMIT_CORE))
+    forbid_core_dumps()
+    print(prctl(PR_GET_DUMPABLE, 0, 0, 0, 0), *resource.getrlimit(resource.RLIMIT_CORE))
+    """
+)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prctl is Linux's")
+def test_forbid_core_dumps_makes_the_process_undumpable_for_good() -> None:
+    """In a child of its own: not dumpable (no core file, no ptrace, no /proc/PID/mem for
+    others) and RLIMIT_CORE (0, 0), which nothing in the process can raise again."""
+    proc = subprocess.run(
+        [sys.executable, "-c", _DUMPABLE_AFTER],
+        capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    before, after = proc.stdout.splitlines()
+    assert before.split()[0] == "1"  # a plain process starts dumpable
+    assert after.split() == ["0", "0", "0"]

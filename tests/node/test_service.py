@@ -82,6 +82,7 @@ def test_unit_hardening_directives(tmp_path: Path, capsys) -> None:
     assert one["User"] == one["Group"] == "nodeclient"
     assert one["StateDirectory"] == "nodeclient" and one["StateDirectoryMode"] == "0700"
     assert one["UMask"] == "0077"
+    assert one["LimitCORE"] == "0"  # the daemon holds the decrypted node key: no core files
     assert one["NoNewPrivileges"] == "yes" and one["ProtectSystem"] == "strict"
     assert one["PrivateTmp"] == "yes" and one["Restart"] == "on-failure"
     # 78 (a refused registration, a damaged outbox) would fail again: no restart

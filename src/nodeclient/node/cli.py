@@ -2,6 +2,8 @@
 
 Every command takes ``--home``. Errors we raise on purpose print as one line on stderr
 with a non-zero exit, never a traceback; anything else is a bug and keeps its traceback.
+A command that reads or makes key material is marked ``holds_keys`` in the parser, and
+:func:`main` forbids core dumps (``securefile.forbid_core_dumps``) before it starts.
 """
 
 from __future__ import annotations
@@ -77,16 +79,20 @@ def cmd_init(args: argparse.Namespace) -> int:
     """Create the node's keys, then ``config.toml``; each step is atomic.
 
     An init cut short between the two (killed, or the disk full) leaves the keys and no
-    config.toml. Running the same init again finishes it: it keeps those keys and writes
-    only config.toml, from the flags given now (the keys hold no wallet or region). It
-    never replaces a key or an existing config.toml.
+    config.toml; one killed while the key files got their names leaves some of them and
+    the others as temporary files. Running the same init again finishes it: it gives the
+    missing names from those files (``keys.finish_init``, which refuses, naming what to
+    move aside, where they are not all there), keeps the keys and writes only config.toml,
+    from the flags given now (the keys hold no wallet or region). It never replaces a key
+    or an existing config.toml.
     """
+    _refuse_passphrase_without_encrypt(args)
     home = _home(args, create=True)
     config = NodeConfig(wallet_address=args.wallet, region=args.region, chain_id=args.chain_id)
     if (home / "config.toml").exists():
         raise UsageError(f"{home / 'config.toml'} already exists: this home is initialised")
-    key_names = (keys.NODE_KEY, keys.LIVENESS_KEY, keys.PAYLOAD_KEY)
-    resumed = all(os.path.lexists(home / n) for n in key_names)
+    named = keys.finish_init(home)
+    resumed = all(os.path.lexists(home / n) for n in keys.KEY_FILES)
     if resumed:
         info = keys.key_info(home)  # loads, and so checks, all three before anything is written
         if args.encrypt and not info.encrypted:
@@ -94,7 +100,7 @@ def cmd_init(args: argparse.Namespace) -> int:
                 f"{home} holds the keys of an unfinished init, with node.key in plaintext: run "
                 "init again without --encrypt to finish it, or move the keys away to start over"
             )
-    else:  # init_keys refuses, changing nothing, if only some of the keys exist
+    else:  # none of the keys: finish_init refused if only some of them exist
         passphrase = _passphrase_source(args, confirm=True)() if args.encrypt else None
         info = keys.init_keys(home, passphrase=passphrase)
     try:
@@ -105,7 +111,10 @@ def cmd_init(args: argparse.Namespace) -> int:
             "same `nodeclient init` again to finish"
         ) from exc
     if resumed:
-        print(f"finished the interrupted init of {home}: kept its keys, wrote config.toml")
+        named_now = f" (named {' and '.join(named)} from its staging files)" if named else ""
+        print(
+            f"finished the interrupted init of {home}: kept its keys{named_now}, wrote config.toml"
+        )
     else:
         print(f"initialised {home}")
     print(f"  node_id           {info.node_id}")
@@ -114,6 +123,27 @@ def cmd_init(args: argparse.Namespace) -> int:
     print(f"  node.key          {'encrypted keystore (scrypt)' if info.encrypted else 'plaintext'}")
     print("next: `nodeclient manifest` shows the signed capability manifest")
     return 0
+
+
+def _refuse_passphrase_without_encrypt(args: argparse.Namespace) -> None:
+    """A passphrase file without --encrypt would be ignored and node.key written in
+    plaintext: refused, by flag or by environment (whoever sets the variable means
+    node.key to be encrypted; ``NODECLIENT_PASSPHRASE_FILE=`` empty counts as unset)."""
+    if args.encrypt:
+        return
+    if args.passphrase_file:
+        raise UsageError(
+            "--passphrase-file without --encrypt: init would write node.key in plaintext "
+            "and never use the passphrase; add --encrypt to encrypt node.key with it, or "
+            "drop --passphrase-file for a plaintext node.key"
+        )
+    if os.environ.get(keys.PASSPHRASE_FILE_ENV):
+        raise UsageError(
+            f"{keys.PASSPHRASE_FILE_ENV} is set but --encrypt is not given: init would write "
+            "node.key in plaintext and never use the passphrase; add --encrypt to encrypt "
+            f"node.key with it, or run init with {keys.PASSPHRASE_FILE_ENV}= (empty) for a "
+            "plaintext node.key"
+        )
 
 
 def cmd_keys_show(args: argparse.Namespace) -> int:
@@ -155,7 +185,10 @@ def _key_info_dict(info: keys.KeyInfo) -> dict[str, Any]:
 
 def cmd_keys_rotate(args: argparse.Namespace) -> int:
     old, new = keys.rotate_liveness(_home(args))
-    print(f"liveness key rotated: {old} -> {new}")
+    if old is None:
+        print(f"new liveness key {new} (liveness.key was missing or malformed)")
+    else:
+        print(f"liveness key rotated: {old} -> {new}")
     print("re-register (restart `nodeclient run`) so the coordinator learns the new key")
     return 0
 
@@ -739,8 +772,13 @@ def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915 (one block per c
         parents=[common, passphrase],
         help="create the node's keys and config",
         description="Create the node's keys, then config.toml. If an earlier init was cut "
-        "short after the keys (killed, disk full), running it again keeps those keys and "
-        "writes only config.toml, from the flags given now. Nothing is ever overwritten.",
+        "short (killed, disk full) after the keys or while they were named, running it "
+        "again keeps those keys, finishes naming them from its staging files, and writes "
+        "only config.toml, from the flags given now. Nothing is ever overwritten. A "
+        "passphrase file, by --passphrase-file or $NODECLIENT_PASSPHRASE_FILE, is refused "
+        "without --encrypt (it would be ignored and node.key written in plaintext): add "
+        "--encrypt, or for a plaintext node.key drop the flag and run with "
+        "NODECLIENT_PASSPHRASE_FILE= (empty).",
     )
     p.add_argument("--wallet", required=True, metavar="0x…", help="wallet address for earnings")
     p.add_argument(
@@ -749,20 +787,31 @@ def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915 (one block per c
     p.add_argument(
         "--chain-id", type=int, default=31337, help="EIP-712 chain id (default: devnet 31337)"
     )
-    p.add_argument("--encrypt", action="store_true", help="store node.key as a scrypt keystore")
-    p.set_defaults(handler=cmd_init)
+    p.add_argument(
+        "--encrypt",
+        action="store_true",
+        help="store node.key as a scrypt keystore (required with a passphrase file)",
+    )
+    p.set_defaults(handler=cmd_init, holds_keys=True)
 
     k = sub.add_parser("keys", parents=[common], help="show or rotate keys")
     ksub = k.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
     ks = ksub.add_parser("show", parents=[common], help="node_id, liveness address, key files")
     ks.add_argument("--json", action="store_true")
-    ks.set_defaults(handler=cmd_keys_show)
-    kr = ksub.add_parser("rotate-liveness", parents=[common], help="replace the liveness key")
-    kr.set_defaults(handler=cmd_keys_rotate)
+    ks.set_defaults(handler=cmd_keys_show, holds_keys=True)
+    kr = ksub.add_parser(
+        "rotate-liveness",
+        parents=[common],
+        help="replace the liveness key",
+        description="Replace liveness.key with a new key, or make one where it is missing or "
+        "malformed (it holds nothing to keep: the next registration binds the new one). An "
+        "unsafe file (mode, owner, symlink, not a regular file) is refused, unchanged.",
+    )
+    kr.set_defaults(handler=cmd_keys_rotate, holds_keys=True)
 
     m = sub.add_parser("manifest", parents=[common, passphrase], help="print the signed manifest")
     m.add_argument("--json", action="store_true", help="the full signed manifest as JSON")
-    m.set_defaults(handler=cmd_manifest)
+    m.set_defaults(handler=cmd_manifest, holds_keys=True)
 
     r = sub.add_parser("run", parents=[common, passphrase], help="run the node daemon")
     r.add_argument("--coordinator", metavar="URL", help="coordinator base URL (default: config)")
@@ -774,7 +823,7 @@ def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915 (one block per c
         "--metrics-address", metavar="HOST:PORT", help="serve Prometheus metrics (default: off)"
     )
     r.add_argument("--clock-file", help=argparse.SUPPRESS)  # testing aid: see nodeclient.clock
-    r.set_defaults(handler=cmd_run)
+    r.set_defaults(handler=cmd_run, holds_keys=True)
 
     st = sub.add_parser("status", parents=[common], help="state of the running daemon")
     st.add_argument("--json", action="store_true", help="one machine-readable snapshot")
@@ -789,7 +838,7 @@ def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915 (one block per c
     dr = sub.add_parser("doctor", parents=[common], help="check this machine; exit 0/1/2")
     dr.add_argument("--coordinator", metavar="URL", help="coordinator base URL (default: config)")
     dr.add_argument("--json", action="store_true")
-    dr.set_defaults(handler=cmd_doctor)
+    dr.set_defaults(handler=cmd_doctor, holds_keys=True)
 
     sv = sub.add_parser("service", help="run the daemon under systemd")
     svsub = sv.add_subparsers(dest="service_command", required=True, metavar="ACTION")
@@ -806,7 +855,7 @@ def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915 (one block per c
 
     u = sub.add_parser("unstake", parents=[common, passphrase], help="start the 7-day cooldown")
     u.add_argument("--coordinator", metavar="URL", help="coordinator base URL (default: config)")
-    u.set_defaults(handler=cmd_unstake)
+    u.set_defaults(handler=cmd_unstake, holds_keys=True)
 
     dv = sub.add_parser("devnet", help="run a whole network on this machine (its own homes)")
     dv.add_argument("--nodes", type=int, default=2, help="number of node daemons (default 2)")
@@ -830,7 +879,7 @@ def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915 (one block per c
     wp.add_argument("--issued-at", type=int, metavar="T", help="the issued_at that was signed")
     wp.add_argument("--wallet-key", metavar="FILE", help="sign with this key file (hex, 0600)")
     wp.add_argument("--json", action="store_true", help="print only the typed data")
-    wp.set_defaults(handler=cmd_wallet_proof)
+    wp.set_defaults(handler=cmd_wallet_proof, holds_keys=True)
 
     # --home is accepted (and unused) as on every other command, for scripts that pass it.
     pr = sub.add_parser("proof", parents=[common], help="compute a proof of execution for a file")
@@ -847,6 +896,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not hasattr(args, "home"):
         args.home = None
     handler: Handler = args.handler
+    if getattr(args, "holds_keys", False):  # before any key is read, decrypted or made
+        securefile.forbid_core_dumps()
     with watched_stdout():
         try:
             code = handler(args)

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from nodeclient import httpbody
+from nodeclient.errors import KeyFileError
 from nodeclient.node import keys, securefile
 
 _GIB: Final = 1 << 30
@@ -63,10 +64,17 @@ class Check:
 
 
 def check_key_files(home: Path) -> Check:
-    """2.3.1: every key file exists, is a regular file we own, mode 0600."""
+    """2.3.1: every key file exists, is a regular file we own, mode 0600; and liveness.key,
+    the one key that is replaced rather than restored, holds a liveness key."""
     problems, fixes, seen = [], [], []
-    for name in (keys.NODE_KEY, keys.LIVENESS_KEY, keys.PAYLOAD_KEY):
+    rotate = f"run `nodeclient keys rotate-liveness --home {home}` to make a new liveness key"
+    for name in keys.KEY_FILES:
         info = securefile.describe_file(home / name)
+        liveness = name == keys.LIVENESS_KEY
+        if info["ok"] and liveness and (malformed := _liveness_problem(home)) is not None:
+            problems.append(f"{name}: {malformed}")
+            fixes.append(rotate)
+            continue
         if info["ok"]:
             seen.append(f"{name} {info['mode']}")
             continue
@@ -75,6 +83,8 @@ def check_key_files(home: Path) -> Check:
         path = home / name
         if sep:
             fixes.append(fix)
+        elif not info["exists"] and liveness:
+            fixes.append(rotate)
         elif not info["exists"]:
             fixes.append(f"run `nodeclient init --home {home} --wallet 0x…` (or restore {path})")
         elif info["kind"] == "regular file" and info["owner_uid"] == os.geteuid():
@@ -84,6 +94,15 @@ def check_key_files(home: Path) -> Check:
     if problems:
         return Check("keys", Level.FAIL, "; ".join(problems), "; ".join(dict.fromkeys(fixes)))
     return Check("keys", Level.OK, ", ".join(seen))
+
+
+def _liveness_problem(home: Path) -> str | None:
+    """Why liveness.key, a safe file, does not load (its content), or None."""
+    try:
+        keys.load_liveness_key(home)
+    except KeyFileError as exc:
+        return str(exc).partition("; fix: ")[0]
+    return None
 
 
 def check_sandbox(

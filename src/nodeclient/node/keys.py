@@ -11,7 +11,9 @@ The node home holds:
 ``liveness.key``
     A second, separate secp256k1 key, always plaintext: the hot key the running daemon
     uses for routine liveness signatures, so that an unattended node need not keep the
-    identity key decrypted. ``rotate_liveness`` replaces it without changing ``node_id``.
+    identity key decrypted. ``rotate_liveness`` replaces it without changing ``node_id``,
+    and makes a new one where it is missing or malformed: it holds nothing to keep, and
+    the next registration, signed by ``node.key``, binds the new one.
 ``payload.key``
     RSA-3072, PEM PKCS#8, unencrypted; it only decrypts dispatched payloads (2.3.4). Its
     public key is the manifest's ``pubkey_rsa``.
@@ -42,10 +44,13 @@ from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey, RSAPubl
 
 from nodeclient.errors import KeyFileError, KeystoreError, SignatureError, UsageError
 from nodeclient.node.securefile import (
+    MISSING_FIX,
     describe_file,
     ensure_home,
+    finish_secrets,
     read_secret,
     replace_secret,
+    secret_problem,
     write_secrets,
 )
 from nodeclient.protocol.secp import Secp256k1Key, parse_address, to_checksum_address
@@ -62,6 +67,9 @@ sys.setrecursionlimit(_RECURSION_LIMIT)
 NODE_KEY: Final = "node.key"
 LIVENESS_KEY: Final = "liveness.key"
 PAYLOAD_KEY: Final = "payload.key"
+KEY_FILES: Final = (NODE_KEY, LIVENESS_KEY, PAYLOAD_KEY)
+# liveness.key, missing or malformed, is made anew (see rotate_liveness), never restored
+LIVENESS_FIX: Final = "run `nodeclient keys rotate-liveness` to make a new one"
 PASSPHRASE_FILE_ENV: Final = "NODECLIENT_PASSPHRASE_FILE"  # noqa: S105 (a variable name)
 RSA_BITS: Final = 3072
 PASSPHRASE_FILE_MAX: Final = 4096
@@ -103,7 +111,7 @@ def init_keys(home: Path, *, passphrase: bytes | None) -> KeyInfo:
     if passphrase is not None:
         _passphrase_text(passphrase)  # refuse an empty one before anything is created
     ensure_home(home, create=True)
-    existing = [n for n in (NODE_KEY, LIVENESS_KEY, PAYLOAD_KEY) if os.path.lexists(home / n)]
+    existing = [n for n in KEY_FILES if os.path.lexists(home / n)]
     if existing:
         raise KeyFileError(
             f"refusing to overwrite existing keys in {home}: {', '.join(existing)}; "
@@ -157,11 +165,19 @@ def load_node_key(home: Path, *, passphrase: Callable[[], bytes]) -> Secp256k1Ke
 
 
 def load_liveness_key(home: Path) -> Secp256k1Key:
-    """Load the hot liveness key, which is always plaintext."""
-    path, data = _read_key(home, LIVENESS_KEY)
-    if _looks_like_json(data):
-        raise KeyFileError(f"malformed {path}: the liveness key is plaintext hex, not a keystore")
-    return _parse_hex_key(data, path)
+    """Load the hot liveness key, which is always plaintext.
+
+    A missing or malformed file is refused with ``keys rotate-liveness`` as the fix.
+    """
+    path, data = _read_key(home, LIVENESS_KEY, missing_fix=LIVENESS_FIX)
+    try:
+        if _looks_like_json(data):
+            raise KeyFileError(
+                f"malformed {path}: the liveness key is plaintext hex, not a keystore"
+            )
+        return _parse_hex_key(data, path)
+    except KeyFileError as exc:
+        raise KeyFileError(f"{exc}; fix: {LIVENESS_FIX}") from exc
 
 
 def load_payload_key(home: Path) -> RSAPrivateKey:
@@ -230,15 +246,51 @@ def key_info(home: Path) -> KeyInfo:
     )
 
 
-def rotate_liveness(home: Path) -> tuple[str, str]:
+def rotate_liveness(home: Path) -> tuple[str | None, str]:
     """Replace liveness.key atomically with a fresh key; return (old, new) addresses.
 
-    The old key is loaded first, so rotation refuses a home or file that loading would.
+    The old address is None where there was no old key to load: liveness.key missing, or
+    a regular file of ours, mode 0600, that holds no liveness key (malformed). The
+    liveness key is a hot key with nothing to keep, so it is made anew then: the next
+    registration, signed by node.key, binds the new one. A file that loading refuses as
+    unsafe (mode, owner, a symlink, not a regular file, too big) is still refused,
+    unchanged, as is an unsafe home: what to do about those is the operator's decision.
     """
-    old = load_liveness_key(home)
+    ensure_home(home, create=False)
+    path = home / LIVENESS_KEY
+    old: str | None
+    try:
+        old = load_liveness_key(home).address
+    except KeyFileError:
+        if not _replaceable(path):
+            raise
+        old = None
     new = Secp256k1Key.generate()
-    replace_secret(home / LIVENESS_KEY, (new.to_hex() + "\n").encode("ascii"))
-    return old.address, new.address
+    replace_secret(path, (new.to_hex() + "\n").encode("ascii"))
+    return old, new.address
+
+
+def _replaceable(path: Path) -> bool:
+    """Whether a liveness.key that did not load may be replaced: it is missing, or it is a
+    file that passes every safety check and only its content is wrong."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+    return secret_problem(path, st) is None
+
+
+def finish_init(home: Path) -> list[str]:
+    """Give the key files of an ``init`` killed while it named them the names they lack.
+
+    See :func:`nodeclient.node.securefile.finish_secrets`: the missing names come from
+    the same batch's temporary files, or it refuses, naming what to move aside; the
+    leftover temporary files are removed. Returns the names given now.
+    """
+    ensure_home(home, create=False)
+    return finish_secrets([home / n for n in KEY_FILES])
 
 
 # --- passphrases -----------------------------------------------------------------------
@@ -318,14 +370,14 @@ def _read_passphrase_file(file: Path) -> bytes:
 # --- internals ---------------------------------------------------------------------------
 
 
-def _read_key(home: Path, name: str) -> tuple[Path, bytes]:
+def _read_key(home: Path, name: str, *, missing_fix: str = MISSING_FIX) -> tuple[Path, bytes]:
     ensure_home(home, create=False)
     path = home / name
-    return path, read_secret(path)
+    return path, read_secret(path, missing_fix=missing_fix)
 
 
 def _describe_all(home: Path) -> list[dict[str, object]]:
-    return [describe_file(home / n) for n in (NODE_KEY, LIVENESS_KEY, PAYLOAD_KEY)]
+    return [describe_file(home / n) for n in KEY_FILES]
 
 
 def _looks_like_json(data: bytes) -> bool:

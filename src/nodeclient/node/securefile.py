@@ -19,6 +19,17 @@ uid, with no group/other bits, and small. A refusal names the file, what is wron
 command that fixes it, and changes nothing on disk: fixing permissions is the operator's
 decision, because a key that was readable by others may have to be rotated, not re-chmodded.
 
+Several secrets created together (``init``'s three keys) are all written to temporary
+files ``.NAME.BATCH.tmp`` first, one BATCH per call, and only then given their names, one
+hard link at a time. A kill between two links leaves some names given, each the same inode
+as its temporary file, and the others only as temporary files of the same batch:
+:func:`finish_secrets` gives the missing names from those, and refuses, naming what to move
+away, when they are not all there.
+
+A process that holds a decrypted secret calls :func:`forbid_core_dumps` first, so that a
+crash does not write the secret into a core file and no other process of the same user can
+read its memory.
+
 Everything else about keys (formats, the keystore) lives in :mod:`nodeclient.node.keys`.
 """
 
@@ -26,20 +37,30 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
+import re
 import secrets
+import shlex
 import stat
-from collections.abc import Iterator, Mapping
+import sys
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Final
 
 from nodeclient.errors import KeyFileError
 
+log = logging.getLogger("nodeclient.node")
+
 HOME_ENV: Final = "NODECLIENT_HOME"
 DEFAULT_HOME_NAME: Final = ".nodeclient"
 DEFAULT_MAX_SIZE: Final = 65536
+MISSING_FIX: Final = "run `nodeclient init` (or restore it from backup)"
 _SECRET_MODE: Final = 0o600
 _HOME_MODE: Final = 0o700
+# A temporary file of _stage: "." + the final name + "." + the batch (16 hex digits) + ".tmp"
+_TMP_RE: Final = re.compile(r"^\.(?P<name>.+)\.(?P<batch>[0-9a-f]{16})\.tmp$")
+_PR_SET_DUMPABLE: Final = 4  # <linux/prctl.h>
 
 
 def resolve_home(cli_home: str | os.PathLike[str] | None, env: Mapping[str, str]) -> Path:
@@ -192,9 +213,12 @@ def _kind(mode: int) -> str:
     return next((name for test, name in kinds if test(mode)), "special file")
 
 
-def read_secret(path: Path, *, max_size: int = DEFAULT_MAX_SIZE) -> bytes:
+def read_secret(
+    path: Path, *, max_size: int = DEFAULT_MAX_SIZE, missing_fix: str = MISSING_FIX
+) -> bytes:
     """Read a secret file after checking the open descriptor; never modifies the file.
 
+    ``missing_fix`` is what the refusal of a missing file tells the operator to do.
     ``O_NONBLOCK`` keeps a FIFO planted in place of a key from hanging the open; it has no
     effect on the regular files we go on to read.
     """
@@ -202,9 +226,7 @@ def read_secret(path: Path, *, max_size: int = DEFAULT_MAX_SIZE) -> bytes:
     try:
         fd = os.open(path, flags)
     except FileNotFoundError:
-        raise KeyFileError(
-            f"no key file at {path}; fix: run `nodeclient init` (or restore it from backup)"
-        ) from None
+        raise KeyFileError(f"no key file at {path}; fix: {missing_fix}") from None
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             raise KeyFileError(_symlink_problem(path, exc)) from exc
@@ -287,12 +309,13 @@ def write_secrets(files: Mapping[Path, bytes]) -> None:
     if len(parents) != 1:
         raise ValueError("write_secrets writes into one directory")
     directory = parents.pop()
+    batch = secrets.token_hex(8)  # one for all the files: finish_secrets relies on it
     with _open_dir(directory) as dfd:
         staged: list[tuple[str, str, int]] = []  # (temporary name, final name, inode)
         committed: list[tuple[str, int]] = []
         try:
             for path, data in files.items():
-                tmp, ino = _stage(dfd, path, data)
+                tmp, ino = _stage(dfd, path, data, batch)
                 staged.append((tmp, path.name, ino))
             for tmp, name, ino in staged:
                 _link_no_replace(dfd, tmp, directory / name)
@@ -308,13 +331,140 @@ def write_secrets(files: Mapping[Path, bytes]) -> None:
         _fsync_dir(dfd, directory)
 
 
+def finish_secrets(paths: Sequence[Path]) -> list[str]:
+    """Finish a :func:`write_secrets` of ``paths`` that was killed while it gave the names.
+
+    Some names given and the others missing is finished only when it is provably one
+    batch cut short: every name there is the same inode as its own temporary file of one
+    batch, and that batch's temporary file of every missing name is there, a regular file
+    of ours, mode 0600. The missing names are then given from those files (a link, which
+    never replaces a name) and the directory is synced. Anything else is refused,
+    changing nothing, with the files to move aside (never to delete: one of them may be
+    the only copy of a key).
+
+    With no name or every name there, there is nothing to finish. Unless it refuses, it
+    then removes the leftover temporary files of these names: each is either a second
+    link to a file that has its name, or a secret that never got one and so was never
+    used. Returns the names given now.
+    """
+    if not paths:
+        return []
+    parents = {p.parent for p in paths}
+    if len(parents) != 1:
+        raise ValueError("finish_secrets works in one directory")
+    directory = parents.pop()
+    names = [p.name for p in paths]
+    with _open_dir(directory) as dfd:
+        temps = _leftovers(dfd, directory, names)
+        present = [n for n in names if _exists(dfd, n)]
+        missing = [n for n in names if n not in present]
+        given: list[str] = []
+        if present and missing:
+            batch = _batch_of(dfd, present, temps)
+            sources = {
+                name: tmp
+                for name in missing
+                if batch is not None
+                and (tmp := temps.get(name, {}).get(batch)) is not None
+                and _usable_temp(dfd, directory / tmp)
+            }
+            if len(sources) != len(missing):
+                raise KeyFileError(_unfinishable(directory, present, missing, temps))
+            for name, tmp in sources.items():
+                _link_no_replace(dfd, tmp, directory / name)
+                given.append(name)
+            _fsync_dir(dfd, directory)
+        for by_batch in temps.values():
+            for tmp in by_batch.values():
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp, dir_fd=dfd)
+        return given
+
+
+def _leftovers(dfd: int, directory: Path, names: Sequence[str]) -> dict[str, dict[str, str]]:
+    """The temporary files of ``names`` in the directory: {name: {batch: file name}}."""
+    found: dict[str, dict[str, str]] = {}
+    try:
+        entries = os.listdir(dfd)
+    except OSError as exc:
+        raise KeyFileError(f"cannot list {directory}: {exc.strerror}") from exc
+    for entry in entries:
+        match = _TMP_RE.match(entry)
+        if match is not None and match["name"] in names:
+            found.setdefault(match["name"], {})[match["batch"]] = entry
+    return found
+
+
+def _batch_of(
+    dfd: int, present: Sequence[str], temps: Mapping[str, Mapping[str, str]]
+) -> str | None:
+    """The one batch whose temporary files are the very files (inodes) named ``present``."""
+    batches: set[str] = set()
+    for name in present:
+        try:
+            st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+        except OSError:
+            return None
+        if not stat.S_ISREG(st.st_mode):
+            return None
+        same = {b for b, tmp in temps.get(name, {}).items() if _same_file(dfd, tmp, st)}
+        if len(same) != 1:
+            return None
+        batches |= same
+    return batches.pop() if len(batches) == 1 else None
+
+
+def _same_file(dfd: int, name: str, st: os.stat_result) -> bool:
+    try:
+        other = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+    except OSError:
+        return False
+    return (other.st_dev, other.st_ino) == (st.st_dev, st.st_ino)
+
+
+def _usable_temp(dfd: int, path: Path) -> bool:
+    try:
+        st = os.stat(path.name, dir_fd=dfd, follow_symlinks=False)
+    except OSError:
+        return False
+    return secret_problem(path, st) is None
+
+
+def _unfinishable(
+    directory: Path,
+    present: Sequence[str],
+    missing: Sequence[str],
+    temps: Mapping[str, Mapping[str, str]],
+) -> str:
+    """The refusal when the given names cannot be completed: what to restore or move."""
+    aside = directory / "interrupted-init"
+    move = [directory / n for n in present]
+    move += [directory / t for n in sorted(temps) for t in sorted(temps[n].values())]
+    quoted = " ".join(shlex.quote(str(p)) for p in move)
+    return (
+        f"cannot finish the interrupted init in {directory}: {_and(present)} "
+        f"{'is' if len(present) == 1 else 'are'} there but {_and(missing)} "
+        f"{'is' if len(missing) == 1 else 'are'} not, and the staging files of the same "
+        "batch to finish it from are not all there; nothing was changed. Fix: restore "
+        f"{_and(missing)} from a backup, or, to start over with new keys, move "
+        f"{'it' if len(move) == 1 else 'these'} aside (do not delete: "
+        f"{'it' if len(move) == 1 else 'one'} may be the only copy of a key): "
+        f"`mkdir -m 700 {shlex.quote(str(aside))} && mv {quoted} "
+        f"{shlex.quote(str(aside))}/`, then run init again"
+    )
+
+
+def _and(names: Sequence[str]) -> str:
+    return " and ".join(filter(None, (", ".join(names[:-1]), names[-1])))
+
+
 def replace_secret(path: Path, data: bytes) -> None:
     """Atomically replace (or create) ``path`` with ``data`` (mode 0600), e.g. to rotate a key.
 
     ``rename`` replaces the name itself, never following a symlink found there.
     """
     with _open_dir(path.parent) as dfd:
-        tmp, _ = _stage(dfd, path, data)
+        tmp, _ = _stage(dfd, path, data, secrets.token_hex(8))
         try:
             os.rename(tmp, path.name, src_dir_fd=dfd, dst_dir_fd=dfd)
         except OSError as exc:
@@ -322,6 +472,40 @@ def replace_secret(path: Path, data: bytes) -> None:
                 os.unlink(tmp, dir_fd=dfd)
             raise KeyFileError(f"cannot replace {path}: {exc.strerror}") from exc
         _fsync_dir(dfd, path.parent)
+
+
+def forbid_core_dumps() -> None:
+    """Keep the secrets this process is about to hold out of core files and other eyes.
+
+    ``RLIMIT_CORE`` 0, soft and hard, so nothing later in the process can raise it again:
+    no core file. ``PR_SET_DUMPABLE`` 0 as well, because the limit alone is not enough: a
+    ``core_pattern`` pipe (systemd-coredump, apport) is started whatever the limit, and
+    the flag also keeps other processes of the same user from attaching with ptrace or
+    reading ``/proc/PID/mem``. Programs this process executes start dumpable again (the
+    kernel resets the flag on exec), but keep the limit. Where either is not available
+    (not Linux, no prctl in the C library) it logs at debug level and goes on.
+    """
+    import resource
+
+    try:
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    except (OSError, ValueError) as exc:
+        log.debug("process.core_limit_unchanged", extra={"reason": str(exc)})
+    if not sys.platform.startswith("linux"):
+        log.debug("process.dumpable_unchanged", extra={"reason": f"no prctl on {sys.platform}"})
+        return
+    import ctypes
+
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError) as exc:
+        log.debug("process.dumpable_unchanged", extra={"reason": f"no prctl: {exc}"})
+        return
+    prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+    prctl.restype = ctypes.c_int
+    if prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
+        reason = os.strerror(ctypes.get_errno())
+        log.debug("process.dumpable_unchanged", extra={"reason": f"prctl: {reason}"})
 
 
 def _fsync_dir(dfd: int, directory: Path) -> None:
@@ -350,9 +534,9 @@ def _open_dir(directory: Path) -> Iterator[int]:
         os.close(dfd)
 
 
-def _stage(dfd: int, path: Path, data: bytes) -> tuple[str, int]:
+def _stage(dfd: int, path: Path, data: bytes, batch: str) -> tuple[str, int]:
     """Write ``data`` to a fresh 0600 temporary file beside ``path``; return name and inode."""
-    tmp = f".{path.name}.{secrets.token_hex(8)}.tmp"
+    tmp = f".{path.name}.{batch}.tmp"
     flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
     try:
         fd = os.open(tmp, flags, _SECRET_MODE, dir_fd=dfd)

@@ -12,6 +12,8 @@ the daemon needs and nothing else:
 - SIGTERM makes the daemon stop taking work, finish running tasks and flush its outbox,
   so ``TimeoutStopSec=`` is longer than the daemon's drain (60 s of tasks plus 10 s of
   outbox) before systemd resorts to SIGKILL;
+- ``LimitCORE=0``: the daemon holds the decrypted node key, which a core file would put
+  on disk (the daemon also makes itself non-dumpable, see ``securefile.forbid_core_dumps``);
 - ``Restart=on-failure`` with ``RestartPreventExitStatus=78``: a daemon that exits 0 was
   stopped on purpose, and one that exits 78 (NeedsOperator: registration refused by the
   coordinator, a damaged outbox) would fail the same way again, so it stays down with its
@@ -187,6 +189,8 @@ def render_unit(opts: UnitOptions) -> str:
         f"StateDirectory={state}",
         "StateDirectoryMode=0700",
         "UMask=0077",
+        "# No core files: a crash must not write the decrypted node key to disk.",
+        "LimitCORE=0",
         "# Stop: SIGTERM drains running tasks and the outbox, then the daemon exits 0.",
         "# KillMode=mixed: SIGTERM to the daemon only, so its workers finish their tasks.",
         "KillSignal=SIGTERM",
