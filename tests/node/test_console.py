@@ -222,6 +222,23 @@ def test_watch_retries_when_daemon_goes_away_and_quits_on_q() -> None:
     assert keys.entered == keys.exited == 1  # the terminal is restored
 
 
+def test_a_busy_daemon_is_not_shown_as_a_stopped_one() -> None:
+    """A daemon that took the request but did not answer in time is slow, not stopped:
+    the headline must not send the operator to restart a healthy daemon."""
+    from nodeclient.node.control import DaemonBusy
+
+    answers: list = [DaemonBusy("the daemon did not answer within 2 s; it may be busy")]
+    out = Console(record=True, width=80, height=24, file=io.StringIO(), force_terminal=True)
+
+    def fetch() -> dict:
+        raise answers.pop(0)
+
+    assert con.watch(fetch, console=out, keys=ScriptedKeys([]), clock=lambda: NOW) == 0
+    shown = out.export_text()
+    assert "daemon not answering (busy?)" in shown and "may be busy" in shown
+    assert "daemon not running" not in shown
+
+
 def test_watch_exits_on_ctrl_c() -> None:
     """Ctrl-C (KeyboardInterrupt) ends the console cleanly with status 0."""
 

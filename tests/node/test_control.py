@@ -111,3 +111,32 @@ def test_deeply_nested_request_is_answered_and_closed(tmp_path: Path) -> None:
     assert nested.endswith(b"\n") and nested.count(b"\n") == 1
     assert json.loads(nested) == {"error": "request nested too deeply"}
     assert after["state"] == "READY"
+
+
+def test_a_client_still_connected_when_the_daemon_stops_logs_nothing(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The daemon stops with a status client connected that has sent nothing yet: its
+    handler is cancelled with the loop. That ends quietly, not as asyncio's "Exception in
+    callback" traceback in the middle of the JSON log."""
+    path = tmp_path / "control.sock"
+    clients: list[socket.socket] = []
+
+    async def handler(_request: dict[str, Any]) -> dict[str, Any]:
+        return {"ok": True}
+
+    async def main() -> None:
+        server = await control.serve(path, handler)
+        client = socket.socket(socket.AF_UNIX)
+        client.connect(str(path))
+        clients.append(client)
+        await asyncio.sleep(0.2)  # its handler is waiting for the request line
+        server.close()
+        # asyncio.run then cancels the waiting handler, as at the daemon's stop
+
+    with caplog.at_level(logging.DEBUG):
+        asyncio.run(main())
+    for client in clients:
+        client.close()
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == [], [r.getMessage() for r in errors]

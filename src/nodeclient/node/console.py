@@ -251,14 +251,16 @@ def render(
     error: str = "",
     height: int = 24,
     interval: float = 1.0,
+    headline: str = "daemon not running",
 ) -> RenderableType:
-    """The whole console for one status snapshot (None: the daemon is not answering)."""
+    """The whole console for one status snapshot (None: no usable answer, for the reason
+    *headline* names, *error* saying more)."""
     status, error = printable_tree(status), printable(error)  # never a terminal's commands
     footer = Text(f"q quit · updates every {interval:g} s", style="dim")
     stamp = datetime.fromtimestamp(now, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
     if status is None:
         body = Group(
-            Text("daemon not running", style="bold red"),
+            Text(headline, style="bold red"),
             Text(error or "no answer on the control socket", style="red", overflow="fold"),
             Text(f"retrying every {interval:g} s · start it with `nodeclient run`", style="dim"),
             Text(""),
@@ -342,7 +344,7 @@ def watch(
     clock: Callable[[], float] = time.time,
 ) -> int:
     """Redraw until q or Ctrl-C; a daemon that stops answering is retried, never fatal."""
-    from nodeclient.node.control import DaemonNotRunning
+    from nodeclient.node.control import DaemonBusy, DaemonNotRunning
 
     console = console or Console()
     key_source = keys or TerminalKeys(sys.stdin)
@@ -350,20 +352,23 @@ def watch(
         with key_source, Live(console=console, screen=True, auto_refresh=False) as live:
             while True:
                 frame_started = time.monotonic()
-                error = ""
+                error, headline = "", "daemon not running"
                 status: Mapping[str, Any] | None
                 try:
                     status = fetch()
+                except DaemonBusy as exc:  # a slow daemon is not a stopped one: no restart
+                    status, error = None, str(exc) or type(exc).__name__
+                    headline = "daemon not answering (busy?)"
                 except (DaemonNotRunning, OSError, ValueError) as exc:
                     status, error = None, str(exc) or type(exc).__name__
                 if status is not None and "state" not in status:
                     error = f"the daemon answered: {status.get('error', 'no state')}"
-                    status = None
+                    status, headline = None, "daemon answer not understood"
                 system = sample_system(gpu)
                 try:
                     picture = render(
                         status, system, now=clock(), error=error, height=console.height,
-                        interval=interval,
+                        interval=interval, headline=headline,
                     )  # fmt: skip
                 except (KeyError, TypeError, ValueError, AttributeError, OverflowError,
                         RecursionError) as exc:  # fmt: skip
@@ -371,7 +376,7 @@ def watch(
                     bad = f"the daemon's answer could not be shown ({type(exc).__name__}: {exc})"
                     picture = render(
                         None, system, now=clock(), error=bad[:300], height=console.height,
-                        interval=interval,
+                        interval=interval, headline="daemon answer not understood",
                     )  # fmt: skip
                 live.update(picture, refresh=True)
                 # The next frame starts *interval* after this one did: at least 1 Hz.

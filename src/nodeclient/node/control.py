@@ -56,6 +56,11 @@ async def serve(path: Path, handler: Handler) -> asyncio.AbstractServer:
                 data = json.dumps(response, default=str).encode() + b"\n"
             except ConnectionError:  # the client went away: nobody to answer
                 return
+            except asyncio.CancelledError:
+                # The daemon is stopping with this client still connected. Ended here,
+                # quietly: asyncio's own callback for a client task would otherwise log
+                # the cancellation as an error, a traceback in the middle of the JSON log.
+                return
             except Exception as exc:  # a bug: answer, log it, and keep serving
                 error = f"{type(exc).__name__}: {exc}"[:300]
                 log.exception("control.error", extra={"error": error})
