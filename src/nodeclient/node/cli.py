@@ -410,6 +410,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     heartbeat_interval = _heartbeat_interval(args, config)
     passphrase = _passphrase_source(args)
     node_key = keys.load_node_key(home, passphrase=passphrase)
+    # On every event from here, the outbox's at its opening (orphans removed) included.
+    logs.bind_global(node_id=node_key.address)
     manifest = build_local_manifest(home, config, lambda: b"", node_key=node_key)
     slots = int(manifest["max_parallel_subtasks"])
     cores = int(manifest["cpu"]["cores"])
