@@ -122,3 +122,46 @@ def test_sqlite_commits_are_durable_but_heartbeats_are_cheap(tmp_path: Path) -> 
         assert db.run_sync(lambda s: s.execute(text("PRAGMA synchronous")).scalar()) == 2
     finally:
         db.close()
+
+
+def test_leases_that_ran_out_while_the_coordinator_was_down_wait_for_their_nodes(
+    tmp_path: Path, rsa_keys
+) -> None:
+    """The coordinator is down longer than a lease had left (an upgrade, a reboot). At its
+    start the lease is not expired at once, before any node could link: its node links
+    again within the grace and delivers what it finished meanwhile, which is accepted
+    (with one attempt allowed, an expiry would have failed the job). After the grace a
+    lease that ran out meanwhile expires as usual."""
+    import time
+
+    from nodeclient.coordinator.scheduler import START_GRACE_S
+
+    clock = ManualClock(START)
+    config = config_for(data_dir=tmp_path, max_attempts=1, heartbeat_interval=1000.0)
+    running, server, thread = start(config, clock)
+    node = make_node(rsa_keys, 0)
+    payload = inference_payload(VALUES)
+    try:
+        running.register(node)
+        running.link(node)
+        job = running.client.submit_job("ai.inference", payload)
+        dispatch = node.recv()
+        other = running.client.submit_job("ai.inference", payload)  # queued: one slot
+        finished = node.result(dispatch, inference_result(payload, VALUES))
+    finally:
+        stop(running, server, thread)
+    clock.advance(config.lease_seconds + 1)  # down past the lease's deadline
+    running, server, thread = start(config, clock)
+    try:
+        time.sleep(0.3)  # scheduling rounds run meanwhile
+        assert running.client.job(job["job_id"])["status"] == "running"
+        running.link(node)
+        assert node.call(finished)["status"] == "accepted"
+        assert running.wait_job(job["job_id"], "succeeded")["status"] == "succeeded"
+        second = node.recv()  # the queued job's task, now that the slot is free
+        assert second["job_id"] == other["job_id"]
+        clock.advance(config.lease_seconds + START_GRACE_S)  # its node never answers
+        failed = running.wait_job(other["job_id"], "failed")
+        assert "lease expired" in failed["reason"], failed
+    finally:
+        stop(running, server, thread)

@@ -483,8 +483,11 @@ def finish_round_tx(session: Session, job: m.Job, now: float) -> str | None:
     return None if closed is None else closed.job_status
 
 
-def _deadline_step(session: Session, job: m.Job, now: float) -> RoundClose | None:
-    """Start the round's clock at its first lease; close the round once it has run out."""
+def _deadline_step(
+    session: Session, job: m.Job, now: float, passed_after: float | None = None
+) -> RoundClose | None:
+    """Start the round's clock at its first lease; close the round once it has run out
+    (with *passed_after*, only if it ran out after that)."""
     if job.round_deadline is None:
         # The round's first lease that left (or may yet). A task's own leased_at holds
         # only its latest delivered lease, which a re-lease moves later, so its attempts
@@ -507,14 +510,19 @@ def _deadline_step(session: Session, job: m.Job, now: float) -> RoundClose | Non
         job.round_deadline = first + config.round_deadline_s
     if now < job.round_deadline:
         return None
+    if passed_after is not None and job.round_deadline < passed_after:
+        return None  # passed while the coordinator was down: its nodes may deliver yet
     closed = close_round(session, job, now, deadline_passed=True)
     if closed is not None:
         log.info("training.round_deadline", extra={"job_id": job.job_id})
     return closed
 
 
-def deadline_tx(session: Session, *, now: float) -> list[RoundClose]:
-    """Start round clocks at first lease; close the rounds past their deadline, each alone."""
+def deadline_tx(
+    session: Session, *, now: float, passed_after: float | None = None
+) -> list[RoundClose]:
+    """Start round clocks at first lease; close the rounds past their deadline, each alone
+    (with *passed_after*, only those whose deadline passed after it)."""
     closes: list[RoundClose] = []
     jobs = session.scalars(
         select(m.Job).where(m.Job.workload_class == tr.CLASS, m.Job.status == m.RUNNING)
@@ -522,7 +530,7 @@ def deadline_tx(session: Session, *, now: float) -> list[RoundClose]:
     for job in jobs:
         if job.round_deadline is not None and now < job.round_deadline:
             continue  # a round under way (most jobs, most ticks): no savepoint needed
-        step = functools.partial(_deadline_step, session, job, now)
+        step = functools.partial(_deadline_step, session, job, now, passed_after)
         closed = _close_isolated(session, job, now, step)
         if closed is not None:
             closes.append(closed)

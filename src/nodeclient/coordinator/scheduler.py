@@ -171,6 +171,7 @@ _Offer = tuple[int, int, int]  # what a node offers a task: hardware tier, slot 
 # Groups a round keeps a heap for (each may hold every node): a task of a further group
 # waits for a later round, which starts with the oldest tasks' groups.
 MAX_GROUPS = 64
+START_GRACE_S = 90.0  # after a start, before deadlines that passed meanwhile are enforced
 MAX_OFFERS = 32  # per class in a queued-task query; more are merged into one upper bound
 
 
@@ -675,10 +676,15 @@ def requeue_or_fail(
     return Lost(task.task_id, holder, failed=False)
 
 
-def expire_tx(session: Session, *, now: float, max_attempts: int) -> list[Lost]:
-    rows = session.scalars(
-        select(m.Task).where(m.Task.status == m.LEASED, m.Task.lease_deadline < now)
-    ).all()
+def expire_tx(
+    session: Session, *, now: float, max_attempts: int, passed_after: float | None = None
+) -> list[Lost]:
+    """Re-queue (or fail) the leases past their deadline; with *passed_after*, only those
+    whose deadline passed after it (the others wait: see Scheduler's start grace)."""
+    expired = [m.Task.status == m.LEASED, m.Task.lease_deadline < now]
+    if passed_after is not None:
+        expired.append(m.Task.lease_deadline >= passed_after)
+    rows = session.scalars(select(m.Task).where(*expired)).all()
     return [
         requeue_or_fail(
             session,
@@ -984,6 +990,13 @@ class Scheduler:
     def __init__(self, coord: Coordinator) -> None:
         self.coord = coord
         self._next_offline_check = float("-inf")
+        # Leases and training rounds whose deadline passed while the coordinator was down
+        # wait this long after its start: their nodes link again (their backoff is at most
+        # 60 s) and deliver what they finished meanwhile, rather than have it refused as
+        # the task failed, and the attempt counted against them. Deadlines that pass once
+        # it runs are kept as they come.
+        self._started, self._started_at = coord.monotonic(), coord.now()
+        self._grace = min(coord.config.offline_after, START_GRACE_S)
         # node_id -> (the NodeInfo it was built from, its Candidate): a round with 10,000
         # links rebuilds only the candidates whose registration changed.
         self._cands: dict[str, tuple[NodeInfo, Candidate]] = {}
@@ -1065,14 +1078,18 @@ class Scheduler:
             self._next_offline_check = mono + cfg.heartbeat_interval / 2
             await self.check_offline(now)
         # One transaction for the round's housekeeping: expired leases, ai.training rounds
-        # past their deadline, and whether anything is queued at all.
-        lost, closes, queued = await coord.db.run(
-            lambda s: (
-                expire_tx(s, now=now, max_attempts=cfg.max_attempts),
-                rounds.deadline_tx(s, now=now),
+        # past their deadline (in the grace after start, only deadlines passed since), and
+        # whether anything is queued at all.
+        after = None if mono - self._started >= self._grace else self._started_at
+
+        def housekeeping(s: Session) -> tuple[list[Lost], list[rounds.RoundClose], bool]:
+            return (
+                expire_tx(s, now=now, max_attempts=cfg.max_attempts, passed_after=after),
+                rounds.deadline_tx(s, now=now, passed_after=after),
                 _any_queued(s),
             )
-        )
+
+        lost, closes, queued = await coord.db.run(housekeeping)
         self._report_lost(lost, "task.lease_expired")
         rounds.report_closes(coord, closes)  # ai.training: drop slices late for their round
         if not queued:
