@@ -303,3 +303,41 @@ def test_a_late_reject_of_an_earlier_lease_leaves_the_current_one(
         "type": "result_ack", "task_id": task_id, "status": "accepted", "reason": "", "of": "result"
     }  # fmt: skip
     assert running.wait_job(job["job_id"], "succeeded")["status"] == "succeeded"
+
+
+def test_a_task_handed_back_by_a_stopping_node_spends_no_attempt(
+    start_coordinator, rsa_keys
+) -> None:
+    """A node that is stopping (SIGTERM) refuses its dispatches, or hands back a task it
+    cannot finish, with a reject whose reason starts "draining: ". That is no failure: the
+    task is queued again without spending an attempt (one allowed here: a plain reject
+    would fail the job), and the link gets no more work. Another node takes it."""
+    from nodeclient.protocol.messages import DRAINING_PREFIX
+
+    running = start_coordinator(max_attempts=1, heartbeat_interval=1000.0)
+    stopping, other = make_node(rsa_keys, 0), make_node(rsa_keys, 1)
+    running.register(stopping)
+    running.link(stopping)
+    job = running.client.submit_job("ai.inference", inference_payload(VALUES))
+    dispatch = stopping.recv()
+    reason = DRAINING_PREFIX + "node is shutting down"
+    ack = stopping.call(
+        stopping.reject(dispatch["task_id"], reason, lease_expires_at=dispatch["lease_expires_at"])
+    )
+    assert ack["status"] == "accepted", ack
+    task = running.client.job(job["job_id"])["tasks"][0]
+    assert (task["status"], task["attempts"]) == ("queued", 0), task
+    second = running.client.submit_job("ai.inference", inference_payload(VALUES))
+    time.sleep(0.3)  # scheduling rounds run: nothing goes to the stopping node
+    assert running.client.job(second["job_id"])["status"] == "queued"
+    running.register(other)
+    running.link(other)
+    for _ in range(2):
+        d = other.recv()
+        assert (
+            other.call(other.result(d, inference_result(other.open(d), VALUES)))["status"]
+            == "accepted"
+        )
+    done = running.wait_job(job["job_id"], "succeeded")
+    assert done["status"] == "succeeded" and done["tasks"][0]["attempts"] == 1
+    assert running.wait_job(second["job_id"], "succeeded")["status"] == "succeeded"

@@ -160,6 +160,9 @@ class LinkSession:
         self._liveness = ""
         self._send_lock = asyncio.Lock()
         self._closed = False
+        # Set by a reject that hands a task back because the node is stopping: the link
+        # gets no more work (the scheduler's roster leaves it out) until it is replaced.
+        self.draining = False
         self._beats = _Bucket(HEARTBEAT_BURST, HEARTBEAT_RATE, coord.monotonic())
         self._too_frequent = 0  # refused since the last log line about them
         self._too_frequent_logged = -_TOO_FREQUENT_LOG_S
@@ -504,6 +507,10 @@ class LinkSession:
         now = coord.now()
         reason = frame.message["reason"]
         coord.progress.forget(self.node_id, str(task_id))
+        if reason.startswith(messages.DRAINING_PREFIX) and not self.draining:
+            self.draining = True  # stopping: no more work on this link, whatever the task
+            coord.roster_changed()
+            log.info("link.draining", extra={"node_id": self.node_id, "reason": reason})
         lease = frame.extra.get("lease_expires_at")  # None from a node that does not echo it
         decision, lost = await coord.db.run(
             lambda s: verifier.reject_tx(

@@ -1033,9 +1033,9 @@ class Scheduler:
         coord = self.coord
         nodes, runtime, cache = coord.nodes, coord.runtime, self._cands
         out = []
-        for node_id in list(coord.links):
+        for node_id, link in list(coord.links.items()):
             info = nodes.get(node_id)
-            if info is None or info.unstaking_until is not None:
+            if info is None or info.unstaking_until is not None or link.draining:
                 continue
             rt = runtime.get(node_id)
             if rt is None or not rt.online:  # is_online, inlined: the link is there

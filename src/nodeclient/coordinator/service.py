@@ -40,6 +40,7 @@ class LinkPort(Protocol):
     """What the rest of the coordinator may do with one live node link."""
 
     node_id: str
+    draining: bool  # the node is stopping: it gets no more work on this link
 
     async def send(self, frame: Mapping[str, Any]) -> bool:
         """Send one frame; False if the link is gone (the caller re-queues)."""

@@ -37,7 +37,7 @@ from nodeclient.coordinator import models as m
 from nodeclient.coordinator.scheduler import Lost, close_attempt, requeue_or_fail
 from nodeclient.errors import ProtocolError, SignatureError
 from nodeclient.protocol import eip712
-from nodeclient.protocol.messages import MAX_REASON, SignedFrame
+from nodeclient.protocol.messages import DRAINING_PREFIX, MAX_REASON, SignedFrame
 from nodeclient.protocol.proof import proof_of_execution
 from nodeclient.protocol.secp import parse_address, to_checksum_address
 
@@ -304,6 +304,14 @@ def reject_tx(
             f"reject for {which} lease of task {task_id} (lease_expires_at {lease_expires_at}, "
             f"current {current}): ignored",
         ), None
+    if reason.startswith(DRAINING_PREFIX):
+        # Handed back by a node that is stopping: queued again, the attempt not spent and
+        # not counted against the node (outcome "returned" is no failure).
+        close_attempt(session, task.task_id, node_id, "returned", now)
+        task.status, task.node_id, task.lease_deadline = m.QUEUED, None, None
+        task.attempts -= 1
+        task.reason = f"handed back by node {node_id}: {reason}"
+        return Decision("accepted", event="task.returned_by_node"), None
     lost = requeue_or_fail(
         session, task, outcome="rejected", detail=f"node {node_id} rejected it: {reason}",
         now=now, max_attempts=max_attempts,

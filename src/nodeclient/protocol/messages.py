@@ -41,6 +41,10 @@ from nodeclient.protocol.secp import parse_address, parse_signature_hex, strict_
 MAX_CONTROL_FRAME: Final = 64 * 1024  # every frame but dispatch and result
 MAX_DATA_FRAME: Final = 48 * 1024 * 1024  # dispatch and result: base64 of <= 32 MiB
 MAX_REASON: Final = 512
+# A Reject whose reason starts with this hands the task back because the node is stopping
+# (SIGTERM): not a failure of the task or the node. The coordinator queues the task again
+# without spending an attempt and sends that link no more work (docs/protocol.md).
+DRAINING_PREFIX: Final = "draining: "
 MAX_LARGE_FRAME_VALUES: Final = 256  # separators (, : [ {) a frame over MAX_CONTROL_FRAME may hold
 MAX_DATA_BYTES: Final = (MAX_DATA_FRAME * 3) // 4  # the data of one dispatch or result
 BINARY_DATA: Final = "binary-data"  # the feature: data frames as binary WebSocket frames
