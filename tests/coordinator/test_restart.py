@@ -165,3 +165,51 @@ def test_leases_that_ran_out_while_the_coordinator_was_down_wait_for_their_nodes
         assert "lease expired" in failed["reason"], failed
     finally:
         stop(running, server, thread)
+
+
+def test_a_stop_while_a_round_is_sealed_undoes_its_leases(
+    tmp_path: Path, rsa_keys, monkeypatch
+) -> None:
+    """The coordinator stops (SIGTERM) while a round's payloads are being sealed: nothing
+    was sent, so the leases are undone as undelivered (no attempt spent) before the
+    database closes, rather than left to run out after the next start and count as the
+    node's failure."""
+    import time
+
+    from nodeclient.coordinator import scheduler as sch
+    from nodeclient.coordinator.store import Database
+
+    real = sch._seal_all
+
+    def slow(jobs):  # a payload of tens of MiB takes this long to seal
+        time.sleep(1.0)
+        return real(jobs)
+
+    monkeypatch.setattr(sch, "_seal_all", slow)
+    clock = ManualClock(START)
+    config = config_for(data_dir=tmp_path)
+    running, server, thread = start(config, clock)
+    node = make_node(rsa_keys, 0)
+    try:
+        running.register(node)
+        running.link(node)
+        job = running.client.submit_job("ai.inference", inference_payload(VALUES))
+        end = time.monotonic() + 10
+        while running.client.job(job["job_id"])["tasks"][0]["status"] != "leased":
+            assert time.monotonic() < end
+            time.sleep(0.02)
+    finally:
+        stop(running, server, thread)  # while the round is still being sealed
+    db = Database(config.database_url)
+    try:
+        from nodeclient.coordinator import models as m
+
+        rows = db.run_sync(
+            lambda s: [
+                (t.status, t.attempts, [a.outcome for a in s.query(m.TaskAttempt).all()])
+                for t in s.query(m.Task).all()
+            ]
+        )
+    finally:
+        db.close()
+    assert rows == [("queued", 0, ["undelivered"])]

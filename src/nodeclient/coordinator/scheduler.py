@@ -1170,6 +1170,9 @@ class Scheduler:
             # gone out: a dispatch sent after it would run a withdrawn task. Send only live
             # leases, and start their sends before this step ends, so a later cancel follows.
             live = await coord.db.run(functools.partial(_live_leases, assigned=assigned))
+        except asyncio.CancelledError:  # the coordinator is stopping: nothing was sent
+            await asyncio.shield(_undo(coord, list(assigned)))
+            raise
         except Exception:  # a bug, or the database: nothing was sent
             # Left leased, the round's tasks would wait for their leases to end and count
             # as the nodes' failures (an expired lease spends an attempt).
@@ -1209,9 +1212,20 @@ class Scheduler:
             ).to_wire(raw=True)  # the link encodes the envelope: binary, or base64 for old nodes
             for a, env in zip(assigned, sealed, strict=True)
         ]
-        sent = await asyncio.gather(
-            *(coord.send_to(a.node_id, f) for a, f in zip(assigned, frames, strict=True))
-        )
+        sends = [
+            asyncio.ensure_future(coord.send_to(a.node_id, f))
+            for a, f in zip(assigned, frames, strict=True)
+        ]
+        try:
+            sent = await asyncio.gather(*sends)
+        except asyncio.CancelledError:  # stopping mid-send: undo what did not leave
+            left = [
+                a
+                for a, s in zip(assigned, sends, strict=True)
+                if not (s.done() and not s.cancelled() and s.exception() is None and s.result())
+            ]
+            await asyncio.shield(_undo(coord, [*unstaked, *left]))
+            raise
         undelivered: list[Assignment] = list(unstaked)
         for a, ok in zip(assigned, sent, strict=True):
             if ok:
