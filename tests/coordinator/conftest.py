@@ -99,12 +99,13 @@ class SimNode:
         return messages.signed_frame("auth", msg, sig)
 
     def heartbeat(self, *, seq: int | None = None, key: Secp256k1Key | None = None,
-                  state: str = "READY") -> dict[str, Any]:  # fmt: skip
+                  state: str = "READY", running: tuple[str, ...] = ()) -> dict[str, Any]:  # fmt: skip
         if seq is None:
             self.seq += 1
             seq = self.seq
         msg = {
-            "node_id": self.node_id, "seq": seq, "state": state, "running_tasks": [],
+            "node_id": self.node_id, "seq": seq, "state": state,
+            "running_tasks": [uuid.UUID(t).bytes for t in running],
             "load_permille": 0, "sent_at": int(START),
         }  # fmt: skip
         sig = eip712.sign_typed(key or self.liveness, "Heartbeat", msg, chain_id=CHAIN)

@@ -248,12 +248,13 @@ def test_the_candidate_cache_keeps_no_node_that_is_gone() -> None:
                            workload_classes=frozenset({"ai.inference"}),
                            max_parallel_subtasks=1, slot_ram_mb=0, slot_vram_mb=0)  # fmt: skip
     ids = [f"node-{i}" for i in range(3000)]
+    link = SimpleNamespace(draining=False)
     coord = SimpleNamespace(nodes=dict.fromkeys(ids, info),
                             runtime={i: SimpleNamespace(online=True) for i in ids},
-                            links=dict.fromkeys(ids))  # fmt: skip
+                            links=dict.fromkeys(ids, link))  # fmt: skip
     sched = SimpleNamespace(coord=coord, _cands={})
     assert len(Scheduler._build_candidates(sched)) == 3000  # type: ignore[arg-type]
     assert len(sched._cands) == 3000
-    coord.links = {"node-7": None}  # the others left
+    coord.links = {"node-7": link}  # the others left
     assert [c.node_id for c in Scheduler._build_candidates(sched)] == ["node-7"]  # type: ignore[arg-type]
     assert list(sched._cands) == ["node-7"]

@@ -341,3 +341,36 @@ def test_a_task_handed_back_by_a_stopping_node_spends_no_attempt(
     done = running.wait_job(job["job_id"], "succeeded")
     assert done["status"] == "succeeded" and done["tasks"][0]["attempts"] == 1
     assert running.wait_job(second["job_id"], "succeeded")["status"] == "succeeded"
+
+
+def test_a_node_that_links_again_without_its_task_gets_it_back_at_once(
+    start_coordinator, rsa_keys
+) -> None:
+    """A node restarts (kill -9) and links again: the task it was running is gone with
+    it. At the new link's second heartbeat, a lease whose dispatch went out on an older
+    link, and that the node does not list as running, is queued again at once (the
+    attempt spent, as for an expired lease) rather than after its lease. A task it still
+    runs, and one dispatched on the new link, stay leased."""
+    running = start_coordinator(max_attempts=3, heartbeat_interval=1000.0)
+    node = make_node(rsa_keys, 0)
+    running.register(node, max_parallel_subtasks=3)
+    running.link(node)
+    jobs = [running.client.submit_job("ai.inference", inference_payload(VALUES)) for _ in range(2)]
+    kept, lost = node.recv(), node.recv()
+    assert {kept["job_id"], lost["job_id"]} == {j["job_id"] for j in jobs}
+    running.link(node)  # the restarted node's link replaces the old one
+    third = running.client.submit_job("ai.inference", inference_payload(VALUES))
+    fresh = node.recv(skip=("heartbeat_ack",))
+    assert fresh["job_id"] == third["job_id"]  # sent on the new link
+    for _ in range(2):  # the second heartbeat reconciles
+        ack = node.call(node.heartbeat(running=(kept["task_id"],)))
+        assert ack["type"] == "heartbeat_ack", ack
+    again = node.recv(skip=("heartbeat_ack",))  # the lost task, dispatched again
+    assert (again["type"], again["task_id"]) == ("dispatch", lost["task_id"])
+    tasks = {
+        t["task_id"]: t for j in (*jobs, third) for t in running.client.job(j["job_id"])["tasks"]
+    }
+    assert tasks[lost["task_id"]]["attempts"] == 2
+    assert "linked again without it" in tasks[lost["task_id"]]["reason"]
+    assert tasks[kept["task_id"]]["attempts"] == 1 and tasks[kept["task_id"]]["status"] == "leased"
+    assert tasks[fresh["task_id"]]["attempts"] == 1

@@ -39,15 +39,18 @@ import secrets
 import socket
 import struct
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
+from sqlalchemy import select
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
+from sqlalchemy.orm import Session
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
+from nodeclient.coordinator import models as m
 from nodeclient.coordinator import verifier
 from nodeclient.coordinator.config import AUTH_MAX_SKEW_S
-from nodeclient.coordinator.scheduler import cancel_leases, report_job_end
+from nodeclient.coordinator.scheduler import Lost, cancel_leases, report_job_end, requeue_or_fail
 from nodeclient.coordinator.service import Coordinator
 from nodeclient.coordinator.store import NodeInfo
 from nodeclient.errors import RemoteProtocolError, SignatureError
@@ -107,6 +110,7 @@ MAX_SEQ = (1 << 63) - 1  # SQL BIGINT is signed; a uint64 seq above it could not
 # Heartbeats a link may have stored: a burst, then this many a second. Each stored one is
 # a signature recovery and a database write; a node sends one every interval (30 s; at
 # least 0.05 s even in tests), so only a node flooding its own link meets the bound.
+RECONCILE_AT_BEAT = 2  # the heartbeat of a link at which its node's leases are reconciled
 HEARTBEAT_BURST = 40
 HEARTBEAT_RATE = 4.0
 _TOO_FREQUENT_LOG_S = 60.0  # one log line a minute for a link's refused heartbeats
@@ -163,6 +167,10 @@ class LinkSession:
         # Set by a reject that hands a task back because the node is stopping: the link
         # gets no more work (the scheduler's roster leaves it out) until it is replaced.
         self.draining = False
+        # Reconciling the node's leases with what it runs (_reconcile): the dispatches sent
+        # on this link until then, and the heartbeats before it (None once done).
+        self._sent_here: set[str] | None = set()
+        self._beats_seen = 0
         self._beats = _Bucket(HEARTBEAT_BURST, HEARTBEAT_RATE, coord.monotonic())
         self._too_frequent = 0  # refused since the last log line about them
         self._too_frequent_logged = -_TOO_FREQUENT_LOG_S
@@ -173,6 +181,8 @@ class LinkSession:
 
     async def send(self, frame: Mapping[str, Any]) -> bool:
         """Send one frame; a data field of raw bytes goes binary when the node takes it."""
+        if self._sent_here is not None and frame.get("type") == "dispatch":
+            self._sent_here.add(str(frame["task_id"]))
         return await self.send_wire(messages.encode_frame(frame, binary=self.binary))
 
     async def send_wire(self, wire: str | bytes) -> bool:
@@ -415,6 +425,51 @@ class LinkSession:
         await self.send_wire(heartbeat_ack_text(seq, now, until))
         if not was_online:
             coord.roster_changed()
+            coord.wake()
+        if self._sent_here is not None:
+            self._beats_seen += 1
+            if self._beats_seen >= RECONCILE_AT_BEAT:
+                sent_here, self._sent_here = self._sent_here, None
+                await self._reconcile(msg["running_tasks"], sent_here)
+
+    async def _reconcile(self, running_tasks: Sequence[bytes], sent_here: set[str]) -> None:
+        """Once a link, at its second heartbeat: a task still leased to this node whose
+        dispatch went out on no link of this node that is up now (it was sent on an older
+        link, or never: the coordinator stopped between the lease and the send), and that
+        the node does not run, is one the node will never deliver (it restarted, or never
+        got it). Queued again now, the attempt spent as for an expired lease, rather than
+        waiting out its lease. The first heartbeat comes before the node has sent its
+        unacknowledged results; by the second they are in."""
+        coord, cfg = self.coord, self.coord.config
+        running = {str(uuid.UUID(bytes=b)) for b in running_tasks}
+        keep = running | sent_here
+        node_id, now = self.node_id, coord.now()
+
+        def tx(s: Session) -> list[Lost]:
+            leased = s.scalars(
+                select(m.Task).where(m.Task.status == m.LEASED, m.Task.node_id == node_id)
+            ).all()
+            out = []
+            for t in leased:
+                if t.task_id in keep or t.status != m.LEASED:  # a job's failure withdrew it
+                    continue
+                detail = (
+                    f"node {node_id} linked again without it (it restarted, or the dispatch "
+                    f"never reached it; attempt {t.attempts})"
+                )
+                out.append(
+                    requeue_or_fail(
+                        s, t, outcome="lost", detail=detail, now=now, max_attempts=cfg.max_attempts
+                    )
+                )
+            return out
+
+        lost = await coord.db.run(tx)
+        for item in lost:
+            log.info("task.lost_on_relink", extra={"node_id": node_id, "task_id": item.task_id})
+            cancel_leases(coord, item.cancel, "job failed")
+            report_job_end(item)
+        if lost:
             coord.wake()
 
     async def _refuse_too_frequent(self, mono: float) -> None:

@@ -60,7 +60,7 @@ ROUND_BYTES = 256 * 1024 * 1024
 ROUND_REST = 3.0  # a round that took d seconds is followed by at least this many d of rest
 # Lease outcomes that count as the node failing the task (not "cancelled", "superseded",
 # "undelivered": those are not the node's doing).
-FAILED_OUTCOMES = ("rejected", "expired", "offline")
+FAILED_OUTCOMES = ("rejected", "expired", "offline", "lost")
 
 
 @dataclass(frozen=True, slots=True)
