@@ -135,6 +135,76 @@ class HostileRuntime:
         time.sleep(2)
         return "forged"
 
+    def do_forge_header(self, order: dict[str, Any], workdir: Path, progress: Any) -> str:
+        """Write a frame whose header is the order's ``header`` text, verbatim, to the
+        worker's answer pipe, then go on for ``seconds``."""
+        fd = _run_task_locals()["self"].out_fd
+        header = str(order["header"]).encode()
+        os.write(fd, len(header).to_bytes(4, "big") + (0).to_bytes(4, "big") + header)
+        time.sleep(float(order.get("seconds", 2)))
+        return "forged"
+
+    def do_fill(self, order: dict[str, Any], workdir: Path, progress: Any) -> dict[str, Any]:
+        """Write ``files`` files of ``mib`` MiB each into ``where``; how many were written
+        whole, and the error that stopped the rest."""
+        chunk = b"\1" * (1 << 20)
+        written, error = 0, None
+        for i in range(int(order["files"])):
+            try:
+                with open(Path(order["where"]) / f"junk-{i}", "wb") as fh:
+                    for _ in range(int(order["mib"])):
+                        fh.write(chunk)
+            except OSError as exc:
+                error = exc.strerror
+                break
+            written += 1
+        return {"written": written, "error": error}
+
+    def do_flood_progress(self, order: dict[str, Any], workdir: Path, progress: Any) -> str:
+        """Write ``n`` progress frames straight to the worker's answer pipe (past the
+        worker's throttle), half of them saying the task is done."""
+        worker = _run_task_locals()
+        fd, task_id = worker["self"].out_fd, worker["task_id"]
+        n = int(order["n"])
+        frames = []
+        for i in range(n):
+            done = n if i % 2 else i
+            header = {"op": "progress", "id": task_id, "done": done, "total": n, "note": "x"}
+            raw = json.dumps(header).encode()
+            frames.append(len(raw).to_bytes(4, "big") + (0).to_bytes(4, "big") + raw)
+        os.write(fd, b"".join(frames))
+        return "flooded"
+
+    def do_remember(self, order: dict[str, Any], workdir: Path, progress: Any) -> list[str]:
+        """Keep the order's ``data`` in the worker's memory, where a task that took over
+        the worker would keep what later tasks send it; everything kept so far."""
+        _REMEMBERED.append(str(order["data"]))
+        return _REMEMBERED
+
+    def do_oom_score(self, order: dict[str, Any], workdir: Path, progress: Any) -> dict[str, Any]:
+        """The task's oom_score_adj, its child's, and what came of lowering it to 0 (made
+        dumpable first, so that /proc/self is its own to write after the worker dropped
+        privileges)."""
+        import ctypes
+
+        def score() -> int:
+            return int(Path("/proc/self/oom_score_adj").read_text())
+
+        read_end, write_end = os.pipe()
+        if os.fork() == 0:
+            os.write(write_end, str(score()).encode())
+            os._exit(0)
+        os.wait()
+        child = int(os.read(read_end, 32))
+        own = score()
+        ctypes.CDLL(None, use_errno=True).prctl(4, 1, 0, 0, 0)  # PR_SET_DUMPABLE
+        try:
+            Path("/proc/self/oom_score_adj").write_text("0")
+            lowered = f"lowered to {score()}"
+        except OSError as exc:
+            lowered = f"refused: {exc.strerror}"
+        return {"own": own, "child": child, "lowered": lowered}
+
     def do_junk_thread(self, order: dict[str, Any], workdir: Path, progress: Any) -> str:
         """Answer at once, leaving a thread that fills the worker's answer pipe with junk
         after the clean-up report and keeps the worker from exiting."""
@@ -166,6 +236,9 @@ class HostileRuntime:
             time.sleep(60)
             os._exit(0)
         return "left a child"
+
+
+_REMEMBERED: list[str] = []  # what do_remember kept, for as long as the worker lives
 
 
 def _run_task_locals() -> dict[str, Any]:

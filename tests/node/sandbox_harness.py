@@ -26,7 +26,9 @@ from tests.models import matmul_relu_model
 
 HERE = Path(__file__).resolve().parent
 HOSTILE = "test.hostile"
+HOSTILE_FACTORY = "hostile_runtime:factory"
 INFERENCE = "ai.inference"
+HOSTILE_JOB = "the hostile tests' job"
 T = TypeVar("T")
 
 
@@ -42,7 +44,10 @@ class Node:
         return self.loop.run_until_complete(coro)
 
     def hostile(self, order: dict[str, Any], **kwargs: Any) -> bytes:
+        """Run a hostile task; all of them are of one job unless *job_id* says otherwise,
+        so that they share a worker (a worker takes tasks of one job only)."""
         payload = json.dumps(order).encode()
+        kwargs.setdefault("job_id", HOSTILE_JOB)
         return self.wait(self.executor.run(HOSTILE, payload, **kwargs))
 
     def inference_still_works(self) -> None:
@@ -54,11 +59,15 @@ class Node:
         assert got == OnnxRuntime().run(payload)
 
 
-def make_executor(home: Path, *, mode: str = MODE_BWRAP, **overrides: Any) -> Executor:
+def make_executor(
+    home: Path, *, mode: str = MODE_BWRAP, slots: int = 1, **overrides: Any
+) -> Executor:
     settings: dict[str, Any] = {
         "cache_dir": home / "models",
-        "limits": Limits(memory_bytes=2 << 30, nproc=96, nofile=128, fsize_bytes=8 << 20),
-        "runtimes": {HOSTILE: "hostile_runtime:factory", INFERENCE: default_runtimes()[INFERENCE]},
+        "limits": Limits(
+            memory_bytes=2 << 30, nproc=96, nofile=128, fsize_bytes=8 << 20, tmp_bytes=16 << 20
+        ),
+        "runtimes": {HOSTILE: HOSTILE_FACTORY, INFERENCE: default_runtimes()[INFERENCE]},
         "preload": ("onnxruntime",),
         "extra_python_path": (HERE,),
         "work_root": home.parent / f"{home.name}-work",
@@ -66,7 +75,7 @@ def make_executor(home: Path, *, mode: str = MODE_BWRAP, **overrides: Any) -> Ex
         "threads": 1,
     }
     settings.update(overrides)
-    return Executor(slots=1, mode=mode, config=WorkerConfig(**settings))
+    return Executor(slots=slots, mode=mode, config=WorkerConfig(**settings))
 
 
 def warm_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:

@@ -18,13 +18,21 @@ import numpy as np
 import pytest
 
 from nodeclient.errors import RemoteProtocolError
+from nodeclient.node import executor as executor_module
 from nodeclient.node import sandbox, worker
 from nodeclient.node.executor import TaskFailed
 from nodeclient.node.runtimes.onnx import OnnxRuntime
 from nodeclient.workloads.inference import make_request
-from tests.models import add_model, matmul_relu_model
+from tests.models import matmul_relu_model
 from tests.node import sandbox_harness
-from tests.node.sandbox_harness import HOSTILE, INFERENCE, Node, make_executor, warm_node
+from tests.node.sandbox_harness import (
+    HOSTILE,
+    HOSTILE_JOB,
+    INFERENCE,
+    Node,
+    make_executor,
+    warm_node,
+)
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +70,26 @@ def test_header_must_name_an_op() -> None:
     """Headers are JSON objects with an 'op'."""
     with pytest.raises(RemoteProtocolError):
         worker.parse_header(b'{"id": 1}')
+
+
+def test_a_deeply_nested_header_is_a_protocol_error() -> None:
+    """A header of 60,000 opening brackets is refused before the parser recurses into
+    it; brackets inside a string (an error reason quoting an array) do not count."""
+    with pytest.raises(RemoteProtocolError, match="nested deeper"):
+        worker.parse_header(b"[" * 60000)
+    with pytest.raises(RemoteProtocolError):
+        worker.parse_header(b'{"op": "x", "a": ' + b"[" * 20 + b"]" * 20 + b"}")
+    reason = "execution failed: " + '[[0. 1.] [2. 3.]] \\"[' * 20
+    assert worker.parse_header(json.dumps({"op": "error", "reason": reason}).encode()) == {
+        "op": "error",
+        "reason": reason,
+    }
+
+
+def test_a_progress_number_too_large_for_a_float_is_a_protocol_error() -> None:
+    """``done`` of 10**400 is a valid JSON number that no float holds."""
+    with pytest.raises(RemoteProtocolError, match="bad progress frame"):
+        executor_module._progress({"op": "progress", "done": 10**400, "total": 1})
 
 
 def test_worker_answers_first_and_reports_its_clean_up_after(tmp_path: Path) -> None:
@@ -316,9 +344,11 @@ def test_workers_stay_warm(node: Node) -> None:
 
 
 def test_requester_fault_keeps_the_worker(node: Node) -> None:
-    """A bad payload is the requester's fault; the warm worker keeps serving."""
+    """A bad payload is the requester's fault; the warm worker keeps serving (the model's
+    next task: a worker serves inferences of one model)."""
+    node.inference_still_works()
     starts = len(node.executor.start_seconds)
-    bad = make_request(add_model(), {"x": np.ones((2, 4), np.float32)}).encode()
+    bad = make_request(matmul_relu_model(), {"x": np.ones((2, 5), np.float32)}).encode()
     with pytest.raises(TaskFailed) as info:
         node.wait(node.executor.run(INFERENCE, bad))
     assert info.value.requester_fault
@@ -337,6 +367,7 @@ def test_unknown_class_is_a_requester_fault(node: Node) -> None:
 
 def test_crash_restarts_the_worker(node: Node) -> None:
     """A worker killed by SIGSEGV fails its task as a crash; the next task runs in a new one."""
+    node.hostile({"do": "echo"})  # the worker has run this job's tasks: it is not replaced
     starts = len(node.executor.start_seconds)
     with pytest.raises(TaskFailed) as info:
         node.hostile({"do": "crash"})
@@ -355,19 +386,56 @@ def test_deadline_kills_the_task(node: Node) -> None:
     node.inference_still_works()
 
 
-@pytest.mark.parametrize("done", ["x", None, "Infinity"])
+@pytest.mark.parametrize("done", ["x", None, "Infinity", pytest.param(10**400, id="10**400")])
 def test_a_forged_progress_frame_kills_the_worker_not_the_next_task(
     node: Node, done: object
 ) -> None:
     """A task that writes a progress frame of garbage to the worker's pipe fails with a
     protocol reason, and its worker is replaced: it is not put back while still busy,
     where the next task would read the old task's frames."""
+    node.hostile({"do": "echo"})
     starts = len(node.executor.start_seconds)
     with pytest.raises(TaskFailed) as info:
         node.hostile({"do": "forge_progress", "done": done})
     assert "broke the pipe protocol" in info.value.reason
     assert "bad progress frame" in info.value.reason
     node.inference_still_works()
+    assert len(node.executor.start_seconds) == starts + 1
+
+
+def test_a_header_too_deep_to_parse_kills_the_worker_not_the_next_task(node: Node) -> None:
+    """A task writes a frame header of 60,000 opening brackets and runs on: it fails at
+    once with a protocol reason, its worker is killed, and the next task gets a new one
+    (before, the slot was freed with the task still running, without a deadline)."""
+    node.hostile({"do": "echo"})  # the worker has run this kind of task: none is replaced
+    starts = len(node.executor.start_seconds)
+    began = time.monotonic()
+    with pytest.raises(TaskFailed) as info:
+        node.hostile({"do": "forge_header", "header": "[" * 60000, "seconds": 30})
+    assert info.value.reason.startswith("worker broke the pipe protocol")
+    assert time.monotonic() - began < 20
+    assert node.hostile({"do": "echo", "data": "next"}) == b"next"
+    assert len(node.executor.start_seconds) == starts + 1
+
+
+def test_any_error_while_a_task_runs_kills_its_worker(
+    node: Node, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An error nobody foresaw while a task's frames are read (here, one injected into
+    the progress parser) fails the task and kills its worker, instead of escaping with
+    the worker still running the task in a slot taken as free."""
+
+    def unforeseen(header: object) -> tuple[float, float, str]:
+        raise LookupError("unforeseen")
+
+    node.hostile({"do": "echo"})
+    starts = len(node.executor.start_seconds)
+    monkeypatch.setattr(executor_module, "_progress", unforeseen)
+    with pytest.raises(TaskFailed) as info:
+        node.hostile({"do": "sleep", "seconds": 30})  # reports progress, then sleeps
+    assert info.value.reason == "worker broke the pipe protocol: LookupError: unforeseen"
+    monkeypatch.undo()
+    assert node.hostile({"do": "echo", "data": "next"}) == b"next"
     assert len(node.executor.start_seconds) == starts + 1
 
 
@@ -517,11 +585,13 @@ def test_cancel_kills_and_reports_progress(node: Node) -> None:
 
 def test_cancelling_the_caller_kills_the_worker(node: Node) -> None:
     """When the daemon cancels the asyncio task, the worker is killed and replaced."""
+    node.hostile({"do": "echo"})
     starts = len(node.executor.start_seconds)
 
     async def scenario() -> None:
         payload = json.dumps({"do": "sleep", "seconds": 60}).encode()
-        task = asyncio.create_task(node.executor.run(HOSTILE, payload, task_id="t-x"))
+        run = node.executor.run(HOSTILE, payload, task_id="t-x", job_id=HOSTILE_JOB)
+        task = asyncio.create_task(run)
         while node.executor.progress("t-x") is None:
             await asyncio.sleep(0.01)
         task.cancel()
@@ -621,7 +691,6 @@ def test_settle_reuses_only_a_clean_worker(
 ) -> None:
     """The slot always returns to the idle queue: as it is after a clean report, through a
     fresh worker after anything else (restart asked, wrong id or op, EOF, error, silence)."""
-    from nodeclient.node import executor as executor_module
 
     monkeypatch.setattr(executor_module, "_SETTLE_TIMEOUT", 0.05)
     ex = make_executor(tmp_path)
@@ -791,3 +860,44 @@ def test_only_old_unlocked_staging_roots_are_swept(tmp_path: Path) -> None:
         os.close(held)
     assert not old_bare.exists() and not old_lock.exists()
     assert fresh.exists() and held_root.exists()
+
+
+# --- progress reports ----------------------------------------------------------------------
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_progress_goes_on_twice_a_second_and_the_end_once() -> None:
+    """Of a task's progress reports, one each half second goes on, and the first that
+    says the task is done (whenever it comes); the rest are dropped and counted."""
+    clock = _Clock()
+    gate = executor_module._ProgressGate(clock)
+    assert gate.admit(1, 10)
+    clock.now += 0.1
+    assert not gate.admit(2, 10)
+    assert gate.admit(10, 10)  # the end: news even within the half second
+    clock.now += 0.1
+    assert not gate.admit(3, 10)
+    clock.now += 5
+    assert not gate.admit(10, 10)  # the end again: never news twice
+    assert gate.admit(4, 10)
+    assert gate.dropped == 3
+
+
+def test_a_flood_of_progress_frames_is_not_passed_on(node: Node) -> None:
+    """A task that writes 20,000 progress frames to its pipe, past the worker's own
+    throttle, gets a couple through to the daemon, not 20,000 sends."""
+    reports: list[tuple[float, float, str]] = []
+    payload = json.dumps({"do": "flood_progress", "n": 20000}).encode()
+    result = node.wait(
+        node.executor.run(HOSTILE, payload, on_progress=lambda *report: reports.append(report))
+    )
+    assert result == b'"flooded"'
+    assert 1 <= len(reports) <= 4
+    assert sum(1 for done, total, _ in reports if done >= total) <= 1

@@ -317,18 +317,55 @@ def test_cache_evicts_least_recently_used(tmp_path: Path) -> None:
 
 def test_cache_removes_writes_a_kill_cut_short(tmp_path: Path) -> None:
     """A temporary file left by a killed write goes at the next write once an hour old;
-    a younger one (another process may be writing it) stays, and so does any other name."""
+    a younger one (another process may be writing it) stays."""
     now = time.time()
     cache = ModelCache(tmp_path, max_bytes=1 << 20, clock=lambda: now)
-    stale, fresh, other = tmp_path / ".partial-0a1b", tmp_path / ".partial-2c3d", tmp_path / "x"
-    for path in (stale, fresh, other):
+    stale, fresh = tmp_path / ".partial-0a1b", tmp_path / ".partial-2c3d"
+    for path in (stale, fresh):
         path.write_bytes(b"z" * 1000)
     os.utime(stale, (now - PARTIAL_MAX_AGE_S - 1, now - PARTIAL_MAX_AGE_S - 1))
     os.utime(fresh, (now - PARTIAL_MAX_AGE_S + 60, now - PARTIAL_MAX_AGE_S + 60))
     assert cache.put(_digest(b"model"), b"model")
     assert not stale.exists()
-    assert fresh.exists() and other.exists()
+    assert fresh.exists()
     assert cache.get(_digest(b"model")) == b"model"
+
+
+def test_cache_removes_what_is_not_an_entry(tmp_path: Path) -> None:
+    """The next write removes every name that is not a regular file named by a SHA-256
+    (junk that workers which saw the cache writable left): files, directories, links
+    (not followed) and hash-named non-files; the entries stay."""
+    cache = ModelCache(tmp_path / "models", max_bytes=1 << 20)
+    assert cache.put(_digest(b"kept"), b"kept")
+    models = tmp_path / "models"
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "precious").write_text("the operator's")
+    (models / "junk-0").write_bytes(b"\1" * 1000)
+    (models / "deep" / "er").mkdir(parents=True)
+    (models / "deep" / "er" / "junk").write_bytes(b"\1" * 1000)
+    (models / "link").symlink_to(outside)
+    (models / _digest(b"x").upper()).write_bytes(b"x")
+    (models / _digest(b"dir")).mkdir()
+    assert cache.put(_digest(b"new"), b"new")
+    assert sorted(p.name for p in models.iterdir()) == sorted([_digest(b"kept"), _digest(b"new")])
+    assert (outside / "precious").read_text() == "the operator's"
+
+
+def test_a_daemon_side_lookup_keeps_a_model_recent(tmp_path: Path) -> None:
+    """Workers read the cache read-only, so their reads cannot refresh an entry: the
+    daemon's contains() before a task does, and eviction spares the model in use."""
+    clock = FakeClock()
+    cache = ModelCache(tmp_path, max_bytes=20, clock=clock)
+    a, b, c = b"a" * 8, b"b" * 8, b"c" * 8
+    assert cache.put(_digest(a), a)
+    clock.now += 100
+    assert cache.put(_digest(b), b)
+    clock.now += 100
+    assert cache.contains(_digest(a))  # a task names model a
+    clock.now += 100
+    assert cache.put(_digest(c), c)
+    assert [sha for sha, _, _ in cache.entries()] == [_digest(a), _digest(c)]
 
 
 def test_cache_refuses_entries_larger_than_itself(tmp_path: Path) -> None:
@@ -394,8 +431,9 @@ def test_cache_refuses_a_directory_that_is_a_file(tmp_path: Path) -> None:
 
 
 def test_cache_never_follows_a_symlinked_entry(tmp_path: Path) -> None:
-    """A cache file replaced by a link is a miss, is never read, is skipped by eviction, and
-    a put replaces the link itself; the target keeps its bytes, owner and mode."""
+    """A cache file replaced by a link is a miss, is never read, is not counted as an
+    entry, a put replaces the link itself, and a later put's sweep removes the other link
+    (not what it points at); the target keeps its bytes, owner and mode."""
     etc = tmp_path / "etc"
     etc.mkdir()
     model = b"m" * 8
@@ -419,9 +457,9 @@ def test_cache_never_follows_a_symlinked_entry(tmp_path: Path) -> None:
     assert cache.get(_digest(model)) == model
     clock.now += 10
     big = b"b" * 16
-    assert cache.put(_digest(big), big)  # 24 bytes: the older model is evicted, the link not
+    assert cache.put(_digest(big), big)  # 24 bytes: the older model is evicted
     assert [sha for sha, _, _ in cache.entries()] == [_digest(big)]
-    assert linked.is_symlink()
+    assert not linked.is_symlink()  # swept: not an entry
     assert _tree(etc) == before
 
 

@@ -726,6 +726,7 @@ class NodeDaemon:
                         task.workload_class,
                         payload,
                         task_id=task.task_id,
+                        job_id=d.job_id,  # whose worker may serve it (executor: reuse)
                         deadline=time.monotonic() + lease_left,  # the executor's clock
                         resources=d.resources,
                         on_progress=self._progress_reporter(task.task_id),

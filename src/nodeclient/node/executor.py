@@ -8,9 +8,16 @@ pays one pipe round trip instead of a process start.
 
 Every way a task can go wrong ends in :class:`TaskFailed` with a reason the signed
 Reject carries, and never takes the node down: a worker that crashed, ran out of memory,
-printed too much, outlived its deadline, was cancelled, or left processes behind is
-killed (its whole process group, and with bubblewrap its PID namespace) and replaced by
-a fresh one before the slot takes the next task.
+printed too much, outlived its deadline, was cancelled, left processes behind, or broke
+the pipe protocol in any way is killed (its whole process group, and with bubblewrap its
+PID namespace) and replaced by a fresh one before the slot takes the next task.
+
+A worker that ended its task cleanly is still a process that ran a stranger's code: a
+task that exploited a runtime (ONNX Runtime, PyTorch, Blender) could wait there for the
+next one. So a worker takes only tasks of the same requester after it, as far as the
+executor can tell (:func:`_affinity`): inferences of the same model, or tasks of the same
+job. A task goes to an idle worker that may take it, else to a fresh one, else to a slot
+whose worker is replaced first; a worker that may take nothing more is replaced at once.
 """
 
 from __future__ import annotations
@@ -35,7 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-from nodeclient.errors import NodeClientError, RemoteProtocolError
+from nodeclient.errors import NodeClientError, ProtocolError, RemoteProtocolError
 from nodeclient.node import sandbox, worker
 from nodeclient.node.sandbox import MODE_BWRAP, Limits
 
@@ -50,11 +57,13 @@ _PIPE_BYTES: Final = 1 << 20  # the default /proc/sys/fs/pipe-max-size
 _JOIN_BYTES: Final = 256 * 1024  # payloads up to this size go down the pipe in one write
 _REPLACED: Final = "replaced after a failed or untidy task"
 _SETTLE_TIMEOUT: Final = 300.0  # emptying a work directory of rendered frames takes a while
+_SETTLE_WAIT: Final = 5.0  # a task waits this long for a settling worker that may take it
 _ROOT_PREFIX: Final = "nodeclient-work-"  # work roots in the temporary directory
 _ROOT_LOCK: Final = ".lock"
 _STAGING_PREFIX: Final = ".nodeclient-staging-"  # a root while it is made
 _STAGING_STALE_S: Final = 3600.0  # a staging root this old was left by a killed daemon
 _REAP_TIMEOUT: Final = 30.0  # a killed worker's exit and the end of its pipes
+PROGRESS_INTERVAL_S: Final = 0.5  # a task's progress reports passed on at most this often
 
 # progress(done, total, note) as the executor reports it to the daemon
 OnProgress = Callable[[float, float, str], None]
@@ -120,7 +129,7 @@ def gpus_from_manifest(manifest: Mapping[str, Any]) -> tuple[tuple[int, int], ..
 class WorkerConfig:
     """How workers are built. ``runtimes`` is injectable (tests add hostile ones)."""
 
-    cache_dir: Path  # bound at /nodeclient/cache; the runtimes keep their model caches in it
+    cache_dir: Path  # bound read-only at /nodeclient/cache; the daemon stores models in it
     limits: Limits | None = None  # default: an equal share of RAM per slot
     runtimes: Mapping[str, str] | None = None  # default: default_runtimes()
     preload: tuple[str, ...] | None = None  # modules imported at start; default: theirs
@@ -136,6 +145,55 @@ class WorkerConfig:
     start_timeout: float = 120.0
 
 
+# Which tasks a worker may take after the ones it ran (see _affinity): None for a fresh
+# worker, which may take any.
+_Affinity = tuple[str, str] | None
+_SINGLE_USE: Final = "task"  # the first part of the affinity of a worker reused for nothing
+
+
+def _affinity(workload_class: str, payload: bytes, *, job_id: object, key: str) -> _Affinity:
+    """Which tasks may follow this one in its worker: a task that ran code in the worker
+    (an exploit of ONNX Runtime, PyTorch or Blender, the threat the sandbox is for) could
+    see and change the tasks after it there, so only the same requester's may follow.
+
+    * an inference: more inferences of the same model (warm sessions are what make a
+      worker worth keeping; the model is read from the payload's header only);
+    * a task of any other class: more tasks of the same job;
+    * without a model hash or a job: nothing, and the worker is replaced after it.
+    """
+    from nodeclient.protocol.blobs import SHA256_HEX
+    from nodeclient.workloads import inference  # imported here: numpy, which the CLI avoids
+    from nodeclient.workloads.tensors import read_metadata
+
+    if workload_class == inference.CLASS:
+        try:
+            sha256 = read_metadata(payload).get(inference.META_MODEL_SHA256)
+        except ProtocolError:
+            sha256 = None
+        if isinstance(sha256, str) and SHA256_HEX.fullmatch(sha256):
+            return (workload_class, sha256)
+    elif job_id is not None:
+        return ("job", str(job_id))
+    return (_SINGLE_USE, key)
+
+
+def _reusable(affinity: _Affinity) -> bool:
+    """Whether a worker that ran a task of *affinity* may take another task at all."""
+    return affinity is None or affinity[0] != _SINGLE_USE
+
+
+_FIT_START: Final = 2  # a _fit from which a worker must start before the task runs
+
+
+def _fit(slot: _Slot, affinity: _Affinity) -> int:
+    """How well *slot* suits a task of *affinity*: lower is better (_best_of_idle)."""
+    if not slot.alive:
+        return _FIT_START  # a worker must start, but no warm one is lost
+    if slot.affinity == affinity:
+        return 0
+    return 1 if slot.affinity is None else _FIT_START + 1  # fresh, or to be replaced
+
+
 class _WorkerGone(Exception):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
@@ -148,6 +206,7 @@ class _Slot:
 
     index: int
     workdir: Path
+    tmp_dir: Path | None  # the host directory bound at /tmp, if /tmp is not a tmpfs
     argv: list[str]
     env: dict[str, str]
     mode: str
@@ -160,10 +219,13 @@ class _Slot:
     output: int = 0
     busy: bool = False
     settling: bool = False  # answered; its clean-up frame is still to come
+    in_flight: bool = False  # a task was sent and its answer not read: never reusable
     answered: object = None  # the id of the task whose clean-up frame is awaited
     tail: collections.deque[bytes] = field(default_factory=lambda: collections.deque(maxlen=16))
     drain: asyncio.Task[None] | None = None
     ids: itertools.count[int] = field(default_factory=itertools.count)
+    affinity: _Affinity = None  # what its worker ran, so what it may run next (_affinity)
+    settle_task: asyncio.Task[None] | None = None  # its clean-up wait while settling
 
     @property
     def alive(self) -> bool:
@@ -172,7 +234,8 @@ class _Slot:
     async def start(self, timeout: float) -> float:
         """Start the worker and wait until its runtimes are built; seconds it took."""
         started = time.monotonic()
-        self.killed, self.output, self.settling = None, 0, False
+        self.killed, self.output, self.settling, self.in_flight = None, 0, False, False
+        self.affinity = None  # a fresh worker: it may take any task
         self.tail.clear()
         self.close_shared()  # a fresh region per worker: nothing of the last one carries over
         argv = self.argv
@@ -252,7 +315,11 @@ class _Slot:
     async def execute(
         self, header: dict[str, Any], payload: bytes, on_progress: OnProgress
     ) -> worker.Frame:
-        """Send one task and wait for its answer; _WorkerGone if the worker dies first."""
+        """Send one task and wait for its answer; _WorkerGone if the worker dies first.
+
+        Whatever goes wrong before the answer arrives, the worker is killed: one left
+        running would go on with the task, without a deadline, in a slot taken as free.
+        """
         assert self.proc is not None
         assert self.proc.stdin is not None
         header["id"] = next(self.ids)
@@ -260,6 +327,7 @@ class _Slot:
         wire: Mapping[str, Any] = header
         if self.shared is not None:  # the worker is idle: it reads no body meanwhile
             wire, payload = self.shared.put(header, payload)
+        self.in_flight = True
         try:
             head = worker.encode_header(wire, len(payload))
             if len(payload) <= _JOIN_BYTES:  # one write, so the worker wakes up once
@@ -277,11 +345,14 @@ class _Slot:
                 if frame.header["op"] == "progress":
                     on_progress(*_progress(frame.header))
                     continue
+                self.in_flight = False
                 return frame
         except (BrokenPipeError, ConnectionResetError):
             pass
         except RemoteProtocolError as exc:  # over the result cap, or garbage
             self.kill(f"worker broke the pipe protocol: {exc}")
+        except Exception as exc:  # noqa: BLE001 (anything unforeseen: the task must end)
+            self.kill(f"worker broke the pipe protocol: {type(exc).__name__}: {exc}"[:300])
         rc = await self.reap()
         if rc is None:  # cannot happen to a killed worker, short of a stuck kernel
             self.kill("did not exit")
@@ -382,6 +453,9 @@ class Executor:
             _chown_tree(cache)
         runtimes = self._runtimes if self._runtimes is not None else default_runtimes()
         preload = self.config.preload if self.config.preload is not None else default_preload()
+        tmpfs_size = sandboxed and sandbox.tmpfs_size_supported()
+        if sandboxed and not tmpfs_size:
+            log.warning("worker.tmp_on_disk", extra={"why": "bwrap older than 0.8: no --size"})
         for i in range(self.slots):
             workdir = self._root / f"slot-{i}"
             gpus = (self.config.gpus[i % len(self.config.gpus)][0],) if self.config.gpus else ()
@@ -391,10 +465,14 @@ class Executor:
                 extra_python_path=self.config.extra_python_path,
                 gpus=gpus,
                 node_home=self.config.node_home,
+                tmp_bytes=self.limits.tmp_size() if sandboxed else None,
+                tmpfs_size=tmpfs_size,
             )
             inside = {
                 "workdir": str(sandbox.INSIDE_WORK if sandboxed else workdir),
                 "cache_dir": str(sandbox.INSIDE_CACHE if sandboxed else cache),
+                # emptied after every task; unsandboxed, /tmp is the host's and is left alone
+                "tmp_dir": "/tmp" if sandboxed else None,  # noqa: S108
                 "sandboxed": sandboxed,
                 "drop_privileges": sandboxed and as_root,
                 "runtimes": runtimes,
@@ -413,10 +491,12 @@ class Executor:
                 env = {"PATH": env["PATH"]}
             else:
                 argv = command
+            argv = sandbox.oom_first(argv)
             self._slots.append(
                 _Slot(
                     index=i,
                     workdir=workdir,
+                    tmp_dir=layout.tmp_dir,
                     argv=argv,
                     env=env,
                     mode=self.mode,
@@ -432,8 +512,13 @@ class Executor:
         try:
             _remove_tree(slot.workdir)
             slot.workdir.mkdir(mode=0o700, parents=True)
+            made = [slot.workdir]
+            if slot.tmp_dir is not None:
+                slot.tmp_dir.mkdir(mode=0o700)
+                made.append(slot.tmp_dir)
             if self.mode == MODE_BWRAP and os.geteuid() == 0:
-                os.chown(slot.workdir, sandbox.SANDBOX_UID, sandbox.SANDBOX_GID)
+                for path in made:
+                    os.chown(path, sandbox.SANDBOX_UID, sandbox.SANDBOX_GID)
         except OSError as exc:
             raise _WorkerGone(f"could not empty the slot's work directory: {exc}") from None
 
@@ -565,6 +650,7 @@ class Executor:
         payload: bytes,
         *,
         task_id: object = None,
+        job_id: object = None,
         deadline: float | None = None,
         resources: Mapping[str, int] | None = None,
         on_progress: OnProgress | None = None,
@@ -572,6 +658,9 @@ class Executor:
         """Run one task in a worker; raise TaskFailed with a reason on any failure.
 
         *deadline* is a value of the executor's clock (``time.monotonic`` by default).
+        *job_id* is the dispatch's: a worker that ran a task of a job (other than an
+        inference) takes no task of another job, and without it none at all (see
+        :func:`_affinity`).
         """
         if len(payload) > self.config.max_payload_bytes:
             raise TaskFailed(
@@ -584,8 +673,11 @@ class Executor:
         await self.warm_up()
         assert self._idle is not None
         key = str(task_id) if task_id is not None else f"anonymous-{next(self._anon)}"
-        slot = await self._free_slot(key, deadline)
+        affinity = _affinity(workload_class, payload, job_id=job_id, key=key)
+        slot = await self._slot_for(key, deadline, affinity)
         try:
+            if slot.alive and slot.affinity not in (None, affinity):
+                await self._retire(slot, "replaced: it ran another requester's task")
             if not slot.alive:
                 try:
                     await self._start(slot)
@@ -595,6 +687,7 @@ class Executor:
                     slot.kill("start interrupted")
                     raise
             self._running[key] = slot
+            slot.affinity = affinity  # from now on, what the worker may have seen
             return await self._run_on(
                 slot,
                 key,
@@ -610,6 +703,48 @@ class Executor:
             self._extended.pop(key, None)
             slot.busy = False
             self._release(slot)
+
+    async def _slot_for(self, key: str, deadline: float | None, affinity: _Affinity) -> _Slot:
+        """A free slot for a task of *affinity* (see _best_of_idle). Where the free ones
+        would need a worker started first while one that may take the task as it is
+        finishes its clean-up (its last task answered a moment ago), that one is waited
+        for, a while at most."""
+        slot = self._best_of_idle(await self._free_slot(key, deadline), affinity)
+        if _fit(slot, affinity) < _FIT_START:
+            return slot
+        settling = [
+            s.settle_task
+            for s in self._slots
+            if s.settling and s.affinity == affinity and s.settle_task is not None
+        ]
+        if not settling:
+            return slot
+        assert self._idle is not None
+        self._idle.put_nowait(slot)
+        wait = _SETTLE_WAIT if deadline is None else min(_SETTLE_WAIT, deadline - self._clock())
+        await asyncio.wait(settling, timeout=max(0.0, wait))
+        return self._best_of_idle(await self._free_slot(key, deadline), affinity)
+
+    def _best_of_idle(self, first: _Slot, affinity: _Affinity) -> _Slot:
+        """Of *first* and every other idle slot, the one best for a task of *affinity*:
+        a worker that may take it as it is, then a fresh worker, then a slot without a
+        worker, and last one whose worker must be replaced first. The others stay idle."""
+        assert self._idle is not None
+        idle = [first]
+        while not self._idle.empty():
+            idle.append(self._idle.get_nowait())
+        best = min(idle, key=lambda slot: _fit(slot, affinity))
+        for slot in idle:
+            if slot is not best:
+                self._idle.put_nowait(slot)
+        return best
+
+    async def _retire(self, slot: _Slot, reason: str) -> None:
+        """Kill a reusable worker that may not take the next task, and wait for its end."""
+        slot.kill(reason)
+        if await slot.reap() is None:
+            assert slot.proc is not None
+            log.error("worker.did_not_exit", extra={"slot": slot.index, "pid": slot.proc.pid})
 
     async def _free_slot(self, key: str, deadline: float | None) -> _Slot:
         """An idle slot, waited for at most until the task's deadline (all slots may be
@@ -640,10 +775,13 @@ class Executor:
         resources: Mapping[str, int] | None,
         on_progress: OnProgress | None,
     ) -> bytes:
+        gate = _ProgressGate(self._clock)
+
         def progress(done: float, total: float, note: str) -> None:
-            self._progress[key] = {"done": done, "total": total, "note": note}
-            if on_progress is not None:
-                on_progress(done, total, note)
+            if gate.admit(done, total):
+                self._progress[key] = {"done": done, "total": total, "note": note}
+                if on_progress is not None:
+                    on_progress(done, total, note)
 
         ram_mb = int((resources or {}).get("ram_mb", 0))
         header: dict[str, Any] = {"op": "run", "class": workload_class}
@@ -662,6 +800,11 @@ class Executor:
                     frame = await slot.execute(header, payload, progress)
                 finally:
                     self._deadlines.pop(key, None)
+                    if gate.dropped:
+                        log.info(
+                            "task.progress_dropped",
+                            extra={"slot": slot.index, "dropped": gate.dropped},
+                        )
         except TimeoutError:
             slot.kill("deadline")
             raise TaskFailed(
@@ -692,10 +835,15 @@ class Executor:
 
     def _release(self, slot: _Slot) -> None:
         assert self._idle is not None
+        if slot.in_flight:  # its task may still run: the worker must go, whatever happened
+            slot.kill("task still running when its slot was released")
+        if slot.alive and not _reusable(slot.affinity):  # replaced now, not when next needed
+            slot.kill("replaced: its task shares a worker with no other")
         if slot.alive and not slot.settling:
             self._idle.put_nowait(slot)
             return
         task = asyncio.create_task(self._settle(slot) if slot.alive else self._replace(slot))
+        slot.settle_task = task if slot.alive else None
         self._restarts.add(task)
         task.add_done_callback(self._restarts.discard)
 
@@ -759,12 +907,38 @@ async def _discard(stream: asyncio.StreamReader) -> None:
             pass
 
 
+class _ProgressGate:
+    """Which of a task's progress reports go on to the daemon (and the coordinator): one
+    every PROGRESS_INTERVAL_S at most, and one at most that says the task is done.
+
+    The worker's own throttle is code the task can bypass (it can write frames to the
+    pipe itself): without this, each of a flood of frames would become a send.
+    """
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self._clock = clock
+        self._last: float | None = None
+        self._finished = False
+        self.dropped = 0
+
+    def admit(self, done: float, total: float) -> bool:
+        now = self._clock()
+        finished = done >= total
+        if finished and not self._finished:  # the end is news, whenever it comes
+            self._finished = True
+        elif finished or (self._last is not None and now - self._last < PROGRESS_INTERVAL_S):
+            self.dropped += 1
+            return False
+        self._last = now
+        return True
+
+
 def _progress(header: Mapping[str, Any]) -> tuple[float, float, str]:
     """(done, total, note) of a progress frame; RemoteProtocolError for garbage (what a
     task prints through its runtime's progress callback is the task's to choose)."""
     try:
         done, total = float(header["done"]), float(header["total"])
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, ArithmeticError) as exc:  # float(10**400)
         raise RemoteProtocolError(f"bad progress frame: {exc!r}"[:200]) from None
     if not (math.isfinite(done) and math.isfinite(total)):
         raise RemoteProtocolError(f"bad progress frame: done {done}, total {total}")
@@ -875,13 +1049,14 @@ def _sweep_stale_roots(tmp: Path) -> None:
 
 
 def _chown_tree(path: Path) -> None:
-    """Give the model cache to the sandbox uid, so workers can fill and evict it.
+    """Give the model cache to the sandbox uid, so workers can read it (bound read-only).
 
-    Earlier workers could plant symlinks in it, so nothing inside it is followed:
-    ``os.fwalk`` descends only into real directories, and every chown is relative to an
-    open directory and does not follow a link. The cache directory itself is the
-    operator's (the root of the sandbox's bind, which no task can replace), so a link
-    there, say to a larger disk, is followed to the directory it names.
+    Workers of earlier releases could write it and plant symlinks in it, so nothing
+    inside it is followed: ``os.fwalk`` descends only into real directories, and every
+    chown is relative to an open directory and does not follow a link. The cache
+    directory itself is the operator's (the root of the sandbox's bind, which no task can
+    replace), so a link there, say to a larger disk, is followed to the directory it
+    names.
     """
     uid, gid = sandbox.SANDBOX_UID, sandbox.SANDBOX_GID
     try:

@@ -324,8 +324,9 @@ def _resolve_model(payload: bytes, fetch: Fetch, cache: ModelCache, sandbox_owne
         return payload  # the worker reports the precise decoding error
     if request.model is not None or request.model_url is None:
         return payload
-    # Workers can write the cache: a planted symlink is refused here, before anything is
-    # fetched, and put() never follows one, even one planted meanwhile.
+    # Workers see the cache read-only, but a cache directory left by an older release (or
+    # by hand) may hold anything: a symlink there is refused here, before anything is
+    # fetched, and put() never follows one.
     try:
         if cache.contains(request.model_sha256):
             return payload  # the worker verifies the hash when it reads the file

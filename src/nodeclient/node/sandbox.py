@@ -9,11 +9,12 @@ built here:
   processes, and dies with the daemon (``--die-with-parent``); ``--new-session`` keeps it
   off the operator's terminal;
 * the file system is an empty tmpfs root with ``/usr``, the library directories, a few
-  files of ``/etc`` (the dynamic linker's cache, the time zone), the Python installation and
-  the nodeclient package bound **read-only**; ``/tmp`` is a private tmpfs; the only writable
-  host directories are the slot's work directory (``/nodeclient/work``) and the model
-  cache (``/nodeclient/cache``, content-addressed and hash-checked on every read, so a
-  task cannot poison it); nothing else of the node home, and so no key file, is inside
+  files of ``/etc`` (the dynamic linker's cache, the time zone), the Python installation,
+  the nodeclient package and the model cache (``/nodeclient/cache``, which only the daemon
+  fills) bound **read-only**; ``/tmp`` is a private tmpfs of a bounded size
+  (:meth:`Limits.tmp_size`; on disk in the slot's directory where bwrap is too old to
+  size one); the only writable host directory is the slot's work directory
+  (``/nodeclient/work``); nothing else of the node home, and so no key file, is inside
   (given the node home, :func:`make_layout` refuses any bind that would show it);
 * it runs as an unprivileged uid (65534). Started by root, bwrap keeps only CAP_SETUID and
   CAP_SETGID, and the worker drops to 65534 as its first act, so the kernel counts its
@@ -24,16 +25,20 @@ built here:
   ``CUDA_VISIBLE_DEVICES`` names them.
 
 The worker applies the resource limits itself (:func:`apply_limits`), before it imports
-any runtime. Without a working bwrap the node refuses to run work unless the operator set
-``allow_unsandboxed = true``; then workers are plain subprocesses with the same limits.
+any runtime; it is started with an ``oom_score_adj`` of 1000 (:func:`oom_first`), so that
+the kernel's OOM killer takes sandbox processes before the daemon. Without a working bwrap
+the node refuses to run work unless the operator set ``allow_unsandboxed = true``; then
+workers are plain subprocesses with the same limits.
 
 This module builds argument vectors and interprets exit statuses; it starts nothing
-except in :func:`probe`.
+except in :func:`probe` and :func:`tmpfs_size_supported` (``bwrap --version``).
 """
 
 from __future__ import annotations
 
+import functools
 import os
+import re
 import resource
 import shutil
 import signal
@@ -52,8 +57,11 @@ MODE_BWRAP: Final = "bubblewrap"
 MODE_UNSANDBOXED: Final = "unsandboxed"
 SANDBOX_UID: Final = 65534  # "nobody": owns nothing on the host
 SANDBOX_GID: Final = 65534
-# Where the two writable directories appear inside; a name no installation lives under, so
-# neither can hide a read-only bind (an editable install often sits under /work or /home).
+TMP_FRACTION: Final = 8  # the sandbox's /tmp holds at most this share of the slot's memory
+OOM_SCORE_ADJ: Final = 1000  # of every worker process: the OOM killer's first choice
+# Where the work directory and the model cache appear inside; a name no installation
+# lives under, so neither can hide another bind (an editable install often sits under
+# /work or /home).
 INSIDE_WORK: Final = Path("/nodeclient/work")
 INSIDE_CACHE: Final = Path("/nodeclient/cache")
 _LIB_DIRS: Final = ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
@@ -88,12 +96,23 @@ class Limits:
     nofile: int = 256
     fsize_bytes: int = 1 << 30
     cpu_seconds: int | None = None
+    tmp_bytes: int | None = None  # the sandbox's /tmp; default: tmp_size()
 
     def __post_init__(self) -> None:
         if self.memory_bytes < 64 << 20:
             raise UsageError("the per-slot memory limit must be at least 64 MiB")
         if self.nproc < 16 or self.nofile < 32 or self.fsize_bytes < 1 << 20:
             raise UsageError("nproc >= 16, nofile >= 32 and fsize >= 1 MiB are required")
+        if self.tmp_bytes is not None and self.tmp_bytes < 1 << 20:
+            raise UsageError("the sandbox's /tmp must hold at least 1 MiB")
+
+    def tmp_size(self) -> int:
+        """Bytes the sandbox's /tmp may hold. Its pages are memory no rlimit counts (and
+        the OOM killer does not see as a process's), so it gets a share of the slot's:
+        1/TMP_FRACTION of it unless set."""
+        if self.tmp_bytes is not None:
+            return self.tmp_bytes
+        return max(16 << 20, self.memory_bytes // TMP_FRACTION)
 
     def to_wire(self) -> dict[str, Any]:
         return asdict(self)
@@ -101,12 +120,14 @@ class Limits:
     @classmethod
     def from_wire(cls, data: Mapping[str, Any]) -> Limits:
         cpu = data.get("cpu_seconds")
+        tmp = data.get("tmp_bytes")
         return cls(
             memory_bytes=int(data["memory_bytes"]),
             nproc=int(data["nproc"]),
             nofile=int(data["nofile"]),
             fsize_bytes=int(data["fsize_bytes"]),
             cpu_seconds=None if cpu is None else int(cpu),
+            tmp_bytes=None if tmp is None else int(tmp),
         )
 
 
@@ -115,11 +136,15 @@ class Layout:
     """What one slot's worker sees: host paths to bind, and how to start Python."""
 
     workdir: Path  # host directory of this slot, writable, bound at INSIDE_WORK
-    cache_dir: Path  # host model cache, writable, bound at INSIDE_CACHE
+    cache_dir: Path  # host model cache, bound read-only at INSIDE_CACHE
     read_only: tuple[Path, ...]  # Python installation, package source, extra import paths
     python_path: tuple[Path, ...]  # PYTHONPATH inside (package source first)
     python: Path = Path(sys.executable)
     gpus: tuple[int, ...] = ()
+    tmp_bytes: int | None = None  # size of the /tmp tmpfs; None: unbounded (the probe's)
+    # A host directory bound at /tmp instead of a tmpfs: where bwrap cannot size one
+    # (before 0.8), /tmp is on disk in the slot's directory rather than unbounded in RAM.
+    tmp_dir: Path | None = None
 
 
 def total_memory_bytes() -> int:
@@ -177,8 +202,14 @@ def make_layout(
     extra_python_path: Sequence[Path] = (),
     gpus: Sequence[int] = (),
     node_home: Path | None = None,
+    tmp_bytes: int | None = None,
+    tmpfs_size: bool = True,
 ) -> Layout:
     """The layout of one slot: this interpreter, this package, plus *extra_python_path*.
+
+    *tmp_bytes* bounds the sandbox's /tmp: a tmpfs of that size, or, where bubblewrap
+    cannot size a tmpfs (not *tmpfs_size*, see :func:`tmpfs_size_supported`), the
+    directory ``tmp`` in *workdir*, on disk.
 
     With *node_home*, a layout that would put the home's key files inside the sandbox is
     refused (UsageError): see :func:`_check_home_hidden`.
@@ -205,6 +236,8 @@ def make_layout(
         read_only=read_only,
         python_path=(pkg, *extra),
         gpus=tuple(gpus),
+        tmp_bytes=tmp_bytes,
+        tmp_dir=None if tmp_bytes is None or tmpfs_size else workdir / "tmp",
     )
 
 
@@ -303,8 +336,7 @@ def bwrap_argv(
     argv += ["--perms", "0755", "--dir", "/etc"]
     for name in _ETC_FILES:
         argv += ["--ro-bind-try", name, name]
-    argv += ["--proc", "/proc", "--dev", "/dev"]
-    argv += ["--perms", "1777", "--tmpfs", "/tmp"]  # noqa: S108 (a private, empty tmpfs)
+    argv += ["--proc", "/proc", "--dev", "/dev", *_tmp_mount(layout)]
     for node in gpu_nodes(layout.gpus):
         argv += ["--dev-bind", node, node]
     # bwrap makes missing mount points 0700 root; the sandbox uid must traverse them.
@@ -315,9 +347,51 @@ def bwrap_argv(
     for path in layout.read_only:
         argv += ["--ro-bind", str(path), str(path)]
     argv += ["--bind", str(layout.workdir), str(INSIDE_WORK)]
-    argv += ["--bind", str(layout.cache_dir), str(INSIDE_CACHE)]
+    # Read-only: the daemon alone stores models (workers have no network to fetch them),
+    # so no task can plant a file under a model's hash or fill the disk through it.
+    argv += ["--ro-bind", str(layout.cache_dir), str(INSIDE_CACHE)]
     argv += ["--chdir", str(INSIDE_WORK), "--", *command]
     return argv
+
+
+@functools.cache
+def tmpfs_size_supported(bwrap: str = "bwrap") -> bool:
+    """Whether *bwrap* can size a tmpfs (``--size``, bubblewrap 0.8.0 and later), by the
+    version it reports; False when it cannot be asked."""
+    try:
+        done = subprocess.run(
+            [bwrap, "--version"], capture_output=True, text=True, timeout=10, check=False
+        )
+    except (OSError, subprocess.SubprocessError):
+        return False
+    found = re.search(r"(\d+)\.(\d+)", done.stdout)
+    return found is not None and (int(found[1]), int(found[2])) >= (0, 8)
+
+
+def oom_first(argv: Sequence[str]) -> list[str]:
+    """*argv*, started with an ``oom_score_adj`` of OOM_SCORE_ADJ, so that the kernel's OOM
+    killer takes a worker, and whatever its tasks start (they inherit it), before the
+    daemon.
+
+    A stopgap: RLIMIT_AS bounds each process, so a task that forks holds its slot's limit
+    once per process; only a memory cgroup per slot would bound them together. A shell
+    sets the value and then becomes *argv*. Started by root it holds CAP_SYS_RESOURCE
+    (unless a container dropped it), so nothing in the sandbox can lower the value again:
+    without that capability a process may lower it only down to what a privileged one
+    last set. Otherwise a task could lower it to the daemon's own, no further.
+    """
+    script = f'echo {OOM_SCORE_ADJ} 2>/dev/null >/proc/self/oom_score_adj; exec "$@"'
+    return ["/bin/sh", "-c", script, "sh", *argv]
+
+
+def _tmp_mount(layout: Layout) -> list[str]:
+    """The bwrap arguments that make the sandbox's /tmp."""
+    if layout.tmp_dir is not None:  # on disk, emptied after every task like the work dir
+        return ["--bind", str(layout.tmp_dir), "/tmp"]  # noqa: S108 (the slot's own)
+    # A private, empty tmpfs of a bounded size: unbounded, its pages would be memory
+    # beyond every limit, held for as long as the worker lives.
+    size = [] if layout.tmp_bytes is None else ["--size", str(layout.tmp_bytes)]
+    return ["--perms", "1777", *size, "--tmpfs", "/tmp"]  # noqa: S108
 
 
 def probe(bwrap: str | None = None, *, timeout: float = 10.0) -> tuple[bool, str]:
@@ -327,7 +401,11 @@ def probe(bwrap: str | None = None, *, timeout: float = 10.0) -> tuple[bool, str
         return False, "bwrap is not on PATH"
     with tempfile.TemporaryDirectory(prefix="nodeclient-probe-") as scratch:
         layout = Layout(
-            workdir=Path(scratch), cache_dir=Path(scratch), read_only=(), python_path=()
+            workdir=Path(scratch),
+            cache_dir=Path(scratch),
+            read_only=(),
+            python_path=(),
+            tmp_bytes=(16 << 20) if tmpfs_size_supported(found) else None,
         )
         argv = bwrap_argv(
             layout, ["true"], env={"PATH": "/usr/bin:/bin"}, as_root=os.geteuid() == 0, bwrap=found

@@ -3,8 +3,9 @@
 Started once per slot as ``python -m nodeclient.node.worker --config JSON`` (inside
 bubblewrap, see :mod:`nodeclient.node.sandbox`), the worker drops privileges, sets its
 rlimits, builds every runtime once (so ONNX sessions stay warm) and then serves tasks one
-at a time over its stdin and stdout. Each task starts in an empty work directory, which is
-emptied again afterwards (or, if that fails, the worker is replaced with a fresh one).
+at a time over its stdin and stdout. Each task starts in an empty work directory and an
+empty /tmp, both emptied again afterwards (or, if that fails, the worker is replaced with
+a fresh one).
 
 Pipe protocol, both directions: frames of ::
 
@@ -17,8 +18,8 @@ where *header* is a UTF-8 JSON object with an ``op`` and *body* raw bytes. The d
 ``{"op": "result", "id", "restart"}`` + result bytes or
 ``{"op": "error", "id", "kind": "requester"|"oom"|"failed", "reason", "restart"}``. Then,
 unless that answer said ``"restart": true`` (the worker exits), one
-``{"op": "clean", "id", "restart"}`` once the work directory is empty again and nothing
-the task started is left running; ``"restart": true`` there means it was not, and the
+``{"op": "clean", "id", "restart"}`` once the work directory and /tmp are empty again and
+nothing the task started is left running; ``"restart": true`` there means it was not, and the
 worker exits. EOF on stdin means stop.
 
 Bodies of up to :data:`SHARED_BYTES` travel through shared memory instead of the pipe. The
@@ -63,6 +64,7 @@ from nodeclient.errors import RemoteProtocolError
 
 PREFIX: Final = struct.Struct(">II")
 MAX_HEADER: Final = 64 * 1024
+MAX_HEADER_DEPTH: Final = 16  # nesting of a header's JSON (ours nest at most 2 deep)
 EXIT_TAINTED: Final = 3
 SHARED_BYTES: Final = 4 * 1024 * 1024  # per direction; resident only once a body used it
 SHM_KEY: Final = "shm"
@@ -150,13 +152,50 @@ def parse_prefix(prefix: bytes, *, max_body: int) -> tuple[int, int]:
 
 
 def parse_header(raw: bytes) -> dict[str, Any]:
+    """A frame's header; RemoteProtocolError for anything but a JSON object with an ``op``.
+
+    The other side may be a task's code writing to the pipe, so every way the parse can
+    fail is a protocol error: deep nesting (``[[[[...``) is refused before it is parsed
+    (the parser would recurse into it until RecursionError).
+    """
+    if _too_deep(raw):
+        raise RemoteProtocolError(f"frame header is nested deeper than {MAX_HEADER_DEPTH}")
     try:
         header = json.loads(raw)
-    except (UnicodeDecodeError, ValueError) as exc:
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise RemoteProtocolError(f"frame header is not JSON: {exc}") from exc
     if not isinstance(header, dict) or not isinstance(header.get("op"), str):
         raise RemoteProtocolError("frame header must be an object with an 'op'")
     return header
+
+
+def _too_deep(raw: bytes) -> bool:
+    """Whether JSON text *raw* nests arrays and objects deeper than MAX_HEADER_DEPTH.
+
+    The count of opening brackets bounds the depth and costs next to nothing; only a
+    header with more of them than that (brackets in a long error reason, or a hostile
+    ``[[[[...``) is scanned, skipping strings, for its real depth.
+    """
+    if raw.count(b"[") + raw.count(b"{") <= MAX_HEADER_DEPTH:
+        return False
+    depth, in_string, escaped = 0, False, False
+    for byte in raw:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:  # backslash
+                escaped = True
+            elif byte == 0x22:  # quote
+                in_string = False
+        elif byte == 0x22:
+            in_string = True
+        elif byte in (0x5B, 0x7B):  # [ {
+            depth += 1
+            if depth > MAX_HEADER_DEPTH:
+                return True
+        elif byte in (0x5D, 0x7D):  # ] }
+            depth -= 1
+    return False
 
 
 def read_frame(
@@ -214,6 +253,8 @@ class Worker:
         self.max_result = int(config["max_result_bytes"])
         self.task_dir = self.work_root / "task"  # emptied after every task
         self.task_dir.mkdir(mode=0o700, exist_ok=True)
+        tmp = config.get("tmp_dir")  # the sandbox's /tmp: emptied after every task too
+        self.tmp_dir = None if tmp is None else Path(tmp)
         self.runtimes: dict[str, Any] = {}
         self.broken: dict[str, str] = {}
         cache = Path(config["cache_dir"])
@@ -259,7 +300,8 @@ class Worker:
         write_frame(self.out_fd, answer, body, self.shared)
         if not clean:
             return False
-        tainted = not self._empty_task_dir() or self._left_behind()
+        emptied = self._empty_task_dir() and (self.tmp_dir is None or _empty(self.tmp_dir))
+        tainted = not emptied or self._left_behind()
         write_frame(self.out_fd, {"op": "clean", "id": task_id, "restart": tainted})
         return not tainted
 
@@ -316,16 +358,9 @@ class Worker:
         """Empty the task directory for the next task (cheaper than a new one); False if not."""
         try:
             os.chmod(self.task_dir, 0o700)
-            with os.scandir(self.task_dir) as entries:
-                leftovers = [Path(e.path) for e in entries]
-            for path in leftovers:
-                if path.is_dir() and not path.is_symlink():
-                    shutil.rmtree(path)
-                else:
-                    path.unlink()
-            return not any(self.task_dir.iterdir())
         except OSError:
             return False
+        return _empty(self.task_dir)
 
     def _left_behind(self) -> bool:
         """Threads or processes the task started and did not end."""
@@ -343,6 +378,22 @@ class Worker:
         # In the sandbox's PID namespace: pid 1 is bubblewrap's init, the rest is the task's.
         mine = {1, os.getpid()}
         return any(name.isdigit() and int(name) not in mine for name in os.listdir("/proc"))
+
+
+def _empty(directory: Path) -> bool:
+    """Remove everything in *directory*; False if something is left (a subdirectory the
+    task made unreadable, say: then the worker is replaced, and its directories with it)."""
+    try:
+        with os.scandir(directory) as entries:
+            leftovers = [Path(e.path) for e in entries]
+        for path in leftovers:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+        return not any(directory.iterdir())
+    except OSError:
+        return False
 
 
 def _import_all(modules: Iterable[str]) -> None:

@@ -33,6 +33,7 @@ import hashlib
 import importlib
 import os
 import secrets
+import shutil
 import stat
 import threading
 import time
@@ -58,6 +59,7 @@ DEFAULT_MAX_CACHE_BYTES: Final = 4 * 1024 * 1024 * 1024
 _MAX_ERROR_CHARS: Final = 400
 _PARTIAL_PREFIX: Final = ".partial-"  # a cache write under way, renamed when complete
 PARTIAL_MAX_AGE_S: Final = 3600.0  # one older than this was cut short by a kill
+TOUCH_INTERVAL_S: Final = 60.0  # contains() refreshes an entry's time at most this often
 _DIRECTORY_FLAGS: Final = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 # ONNX Runtime's type strings for the tensor types the result container can carry.
@@ -101,8 +103,9 @@ def _short(exc: BaseException) -> str:
 class UnsafeCacheError(OSError):
     """A cache path is a symlink or not a directory: planted there, not a disk fault.
 
-    Workers write the model cache from inside the sandbox, so anything they leave in it is
-    untrusted; the daemon, which writes it from outside, must not follow what they plant.
+    Workers see the model cache read-only, but those of earlier releases could write it,
+    and what they left may still be there; the daemon, which writes it from outside the
+    sandbox, must not follow it.
     """
 
 
@@ -112,12 +115,15 @@ class ModelCache:
 
     Files are written atomically (temporary file, fsync, rename) with mode 0600, checked
     against their name's hash on every read (a corrupt file is deleted and reported as a
-    miss), and evicted least recently used first, by modification time, which every read
-    refreshes from the injected clock, once the total passes *max_bytes*. The cache is an
+    miss), and evicted least recently used first, by modification time, once the total
+    passes *max_bytes*. A hit in :meth:`get` or :meth:`contains` refreshes that time from
+    the injected clock: workers see the cache read-only and cannot, so the daemon's
+    :meth:`contains` before each task that names a model is what keeps it recent. Every
+    write also removes what is not an entry (see :meth:`_sweep`). The cache is an
     optimisation: disk errors make it miss, never fail a task.
 
-    Sandboxed workers can write the directory, and the daemon writes it from outside the
-    sandbox, so nothing here follows a symlink: the directory is opened with
+    Workers of earlier releases could write the directory, and the daemon writes it from
+    outside the sandbox, so nothing here follows a symlink: the directory is opened with
     ``O_NOFOLLOW`` and every file is created, read, renamed, chowned and unlinked relative
     to that open directory, never by path. A directory that is a symlink (or not a
     directory) is refused: :meth:`contains` raises :class:`UnsafeCacheError`, and the other
@@ -159,7 +165,8 @@ class ModelCache:
             raise
 
     def contains(self, sha256: str) -> bool:
-        """Whether model *sha256* is stored as a regular file (readers check its hash).
+        """Whether model *sha256* is stored as a regular file (readers check its hash); a
+        hit counts as a use, for eviction (refreshed at most every TOUCH_INTERVAL_S).
 
         Raises UnsafeCacheError if the cache directory is a symlink or not a directory;
         any other disk error is a miss.
@@ -172,12 +179,16 @@ class ModelCache:
         except OSError:
             return False
         try:
-            mode = os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode
+            info = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+            now = self._clock()
+            if stat.S_ISREG(info.st_mode) and info.st_mtime < now - TOUCH_INTERVAL_S:
+                with contextlib.suppress(OSError):  # a read-only disk: still a hit
+                    os.utime(name, (now, now), dir_fd=dir_fd, follow_symlinks=False)
         except OSError:
             return False
         finally:
             os.close(dir_fd)
-        return stat.S_ISREG(mode)
+        return stat.S_ISREG(info.st_mode)
 
     def get(self, sha256: str) -> bytes | None:
         """The verified bytes of model *sha256*, or None."""
@@ -208,12 +219,15 @@ class ModelCache:
                 if info.st_size > self.max_bytes:
                     os.unlink(sha256, dir_fd=dir_fd)
                     return None
-                data = handle.read(self.max_bytes + 1)
+                # What fstat says, plus one to see growth: a read of max_bytes would
+                # reserve that much (4 GiB) up front, past a worker's address-space limit.
+                data = handle.read(info.st_size + 1)
                 if hashlib.sha256(data).hexdigest() != sha256:
                     os.unlink(sha256, dir_fd=dir_fd)
                     return None
                 now = self._clock()
-                os.utime(handle.fileno(), (now, now))
+                with contextlib.suppress(OSError):  # read-only in the sandbox: still a hit
+                    os.utime(handle.fileno(), (now, now))
         except OSError:
             return None
         return data
@@ -295,26 +309,36 @@ class ModelCache:
         found.sort(key=lambda entry: (entry[2], entry[0]))
         return found
 
-    def _sweep_partials(self, dir_fd: int) -> None:
-        """Remove the temporary files of writes that a kill cut short (SIGKILL of the
-        daemon, or of a worker stopped at its deadline while it cached a scene).
+    def _sweep(self, dir_fd: int) -> None:
+        """Remove everything in the directory that is not an entry (a regular file named
+        by a SHA-256): eviction would never count or remove it.
 
-        They are not entries, so eviction would never count or remove them. Only files
-        untouched for PARTIAL_MAX_AGE_S go: another process may be writing a fresh one.
+        That is the temporary files of writes that a kill cut short (SIGKILL of the
+        daemon), once untouched for PARTIAL_MAX_AGE_S (another process may be writing a
+        fresh one), and anything else: files, links and directories that workers of
+        earlier releases, which saw the cache writable, left to fill the disk.
         """
         cutoff = self._clock() - PARTIAL_MAX_AGE_S
         try:
             with os.scandir(dir_fd) as children:
-                partials = [c for c in children if c.name.startswith(_PARTIAL_PREFIX)]
+                found = list(children)
         except OSError:
             return
-        for child in partials:
+        for child in found:
             with contextlib.suppress(OSError):  # gone meanwhile: renamed, or swept
-                if child.stat(follow_symlinks=False).st_mtime < cutoff:
+                info = child.stat(follow_symlinks=False)
+                regular = stat.S_ISREG(info.st_mode)
+                if regular and SHA256_HEX.fullmatch(child.name):
+                    continue
+                if regular and child.name.startswith(_PARTIAL_PREFIX) and info.st_mtime >= cutoff:
+                    continue
+                if stat.S_ISDIR(info.st_mode):
+                    shutil.rmtree(child.name, dir_fd=dir_fd)  # never follows a link
+                else:
                     os.unlink(child.name, dir_fd=dir_fd)
 
     def _evict(self, dir_fd: int, *, keep: str) -> None:
-        self._sweep_partials(dir_fd)
+        self._sweep(dir_fd)
         entries = self._entries(dir_fd)
         total = sum(size for _, size, _ in entries)
         for sha256, size, _ in entries:
