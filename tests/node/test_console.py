@@ -176,6 +176,17 @@ def test_link_down_shows_last_error() -> None:
     assert "down" in out and "ConnectError: refused" in out
 
 
+def test_a_stopping_daemon_says_so() -> None:
+    """After SIGTERM the daemon drains (finishes its tasks, hands new dispatches back):
+    the console and the text status say so beside the state."""
+    from nodeclient.node.cli import _status_lines
+
+    assert "stopping" in text(con.render(status(stopping=True), NO_GPU, now=NOW))
+    assert "stopping" not in text(con.render(status(), NO_GPU, now=NOW))
+    lines = _status_lines({**status(stopping=True), "time": NOW})
+    assert any(line.startswith("stopping") for line in lines)
+
+
 def test_daemon_not_running_picture() -> None:
     """No status: the console says the daemon is not running and that it keeps retrying."""
     out = text(con.render(None, NO_GPU, now=NOW, error="no node daemon is running"))

@@ -10,6 +10,8 @@ event loop; registration goes to an ``httpx.MockTransport``; time is a ManualClo
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import functools
 import json
 import logging
@@ -26,6 +28,7 @@ import httpx
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 from websockets.asyncio.server import ServerConnection, serve
+from websockets.exceptions import ConnectionClosed
 
 from nodeclient.clock import Clock, ManualClock, SystemClock
 from nodeclient.node import control, sandbox
@@ -341,7 +344,7 @@ def test_a_backlog_that_cannot_be_read_keeps_the_link(
     failing disk): the link stays up; they are sent after a later reconnect. Before, the error ended every link before its first frame was read."""
     daemon, clock, _ = linked_daemon(tmp_path, monkeypatch)
 
-    def broken_pending() -> None:
+    def broken_pending(**kwargs: object) -> None:
         raise sqlite3.OperationalError("disk I/O error")
 
     monkeypatch.setattr(daemon.outbox, "iter_pending", broken_pending)
@@ -381,6 +384,47 @@ def test_a_failed_ack_write_keeps_the_link_and_the_result_is_sent_again(
     assert [f["type"] for f in link.frames] == ["result"]  # re-dispatched: re-sent, not run
 
 
+def test_an_ack_write_that_fails_once_is_written_on_a_retry(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, events: Events
+) -> None:
+    """mark_acked fails once ("database is locked"). It was not tried again while the
+    link stayed up, so with max_unacknowledged_results reached every dispatch was refused
+    until a reconnect. Now it is tried again after a short pause: the result is settled,
+    and the next dispatch runs."""
+    daemon = make_daemon(tmp_path, executor=Answers)
+    daemon.retention = dataclasses.replace(daemon.retention, max_unacknowledged=1)
+    link = Capture()
+    daemon._ws = link  # type: ignore[assignment]
+    first, second = uuid.uuid4(), uuid.uuid4()
+    real = daemon.outbox.mark_acked
+    failures = [sqlite3.OperationalError("database is locked")]
+
+    def flaky_mark_acked(*args: Any, **kwargs: Any) -> None:
+        if failures:
+            raise failures.pop()
+        real(*args, **kwargs)
+
+    monkeypatch.setattr(daemon.outbox, "mark_acked", flaky_mark_acked)
+
+    async def scenario() -> None:
+        await daemon._on_frame(dispatch(daemon, payload_key(), first))
+        while daemon.running:
+            await asyncio.sleep(0.01)
+        await daemon._on_frame(json.dumps(messages.ResultAck(first, "accepted").to_wire()))
+        await daemon._on_frame(dispatch(daemon, payload_key(), second))
+        while daemon.running:
+            await asyncio.sleep(0.01)
+
+    asyncio.run(scenario())
+    sent = [(f["type"], f["message"]["task_id"]) for f in link.frames]
+    assert sent == [("result", "0x" + first.hex), ("result", "0x" + second.hex)]
+    assert failures == [] and events.named("result.ack_failed") == []
+    entry = daemon.outbox.get(first)
+    assert entry is not None and entry.ack_status == "accepted"
+    assert daemon.outbox.backlog() == 1  # the second's, awaiting its answer
+    daemon.outbox.close()
+
+
 def test_the_daemon_exits_non_zero_when_its_link_task_ends(tmp_path: Path, events: Events) -> None:
     """The link task ends without a stop request (a bug): the daemon stops, marks the
     link down and exits 1, so that systemd's Restart=on-failure starts it again."""
@@ -415,6 +459,52 @@ def test_a_stop_request_still_exits_zero(tmp_path: Path) -> None:
 
     assert asyncio.run(main()) == 0
     assert not (tmp_path / control.SOCKET_NAME).exists()
+
+
+def test_a_stop_hands_back_the_tasks_still_running_after_the_grace_signed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGTERM with a task that outlives shutdown_grace: it was killed with the workers and
+    left to the end of its lease, the coordinator waiting for it meanwhile. Now it is
+    cancelled and refused, signed and naming its lease, on the link before the link
+    closes, and the daemon exits 0."""
+    answer_registration(monkeypatch, lambda _r: httpx.Response(201, json={"status": "registered"}))
+    daemon = make_daemon(
+        tmp_path, url=f"http://127.0.0.1:{free_port()}", executor=RunsUntilCancelled
+    )
+    daemon.shutdown_grace = 0.2
+    RunsUntilCancelled.started, RunsUntilCancelled.cancelled = asyncio.Event(), []
+    task_id = uuid.uuid4()
+    dispatched = dispatch(daemon, payload_key(), task_id)
+    frames: list[dict[str, Any]] = []
+
+    async def handler(ws: ServerConnection) -> None:
+        challenge = messages.Challenge("coordinator-test", os.urandom(32), 31337, 30.0)
+        await ws.send(json.dumps(challenge.to_wire()))
+        assert json.loads(await ws.recv())["type"] == "auth"
+        await ws.send(json.dumps(messages.Welcome(daemon.node_id, 0, None).to_wire()))
+        await ws.send(dispatched)
+        await asyncio.wait_for(RunsUntilCancelled.started.wait(), 10)
+        assert daemon.status()["stopping"] is False
+        daemon.request_stop()
+        assert daemon.status()["stopping"] is True  # shown while it drains
+        with contextlib.suppress(ConnectionClosed):
+            async for raw in ws:  # until the node closes the link
+                if json.loads(raw)["type"] != "heartbeat":
+                    frames.append(json.loads(raw))
+
+    async def main() -> int:
+        async with serve(handler, "127.0.0.1", int(daemon.url.rsplit(":", 1)[1])):
+            return await asyncio.wait_for(daemon.run(), timeout=30)
+
+    assert asyncio.run(main()) == 0
+    (refused,) = frames
+    assert refused["type"] == "reject" and refused["message"]["task_id"] == "0x" + task_id.hex
+    assert refused["message"]["reason"].startswith("draining: node shutting down")
+    assert refused["lease_expires_at"] == json.loads(dispatched)["lease_expires_at"]
+    assert recover(refused) == daemon.node_id
+    assert RunsUntilCancelled.cancelled == [task_id]  # its worker is killed
+    assert daemon.outbox.get(task_id) is None  # nothing signed but the reject
 
 
 # --- a task that fails in an unexpected way is still refused, signed ----------------------------

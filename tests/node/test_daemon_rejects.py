@@ -253,15 +253,56 @@ def test_unstaking_is_shown_since_the_unstake_not_since_a_restart(tmp_path: Path
 def test_a_full_backlog_of_unacknowledged_results_refuses_new_work(tmp_path: Path) -> None:
     """Results awaiting acknowledgement are never dropped: once there are
     max_unacknowledged_results of them (a coordinator that takes results and never
-    acknowledges them), a dispatch is refused, signed, naming why, and not run."""
+    acknowledges them), a dispatch is refused, signed, naming why, and not run. The
+    backlog is sent again meanwhile (once: not at every refusal), so that results whose
+    acknowledgement was lost are answered again without waiting for a reconnect."""
     daemon, _, link = make_daemon(tmp_path)
     daemon.retention = dataclasses.replace(daemon.retention, max_unacknowledged=2)
+    waiting = []
     for _ in range(2):
         task = RunningTask(uuid.uuid4(), uuid.uuid4(), "ai.inference", None, time.time())
         daemon._commit(task, b"a result never acknowledged")
+        waiting.append("0x" + task.task_id.hex)
     link.frames.clear()
     task_id, lease = uuid.uuid4(), later()
-    asyncio.run(daemon._on_frame(dispatch(daemon, task_id, lease)))
-    (refused,) = link.frames
+
+    async def refused_twice() -> None:
+        for _ in range(2):
+            await daemon._on_frame(dispatch(daemon, task_id, lease))
+            assert daemon._resend is not None
+            await daemon._resend
+
+    asyncio.run(refused_twice())
+    refused, *resent, again = link.frames
     assert_refuses(refused, daemon, task_id, lease, "outbox backlog full: 2 results await")
+    assert_refuses(again, daemon, task_id, lease, "outbox backlog full: 2 results await")
+    assert [(f["type"], f["message"]["task_id"]) for f in resent] == [
+        ("result", t) for t in waiting
+    ]
     assert daemon.outbox.backlog() == 2
+
+
+def test_a_task_killed_at_its_deadline_counts_once_and_the_totals_survive_a_restart(
+    tmp_path: Path,
+) -> None:
+    """A task killed at its lease's end was counted as rejected and as timed out (its
+    reject is how the node reports it), and both counters lived in memory: a restart set
+    them to 0 beside completed and failed, which it did not. One task, one counter now,
+    and the totals are kept in the outbox."""
+    daemon, _, link = make_daemon(tmp_path, DeadlineExceeded)
+
+    async def run() -> None:
+        await daemon._on_frame(dispatch(daemon, uuid.uuid4(), later()))
+        while daemon.running:
+            await asyncio.sleep(0.01)
+        await daemon._on_frame(dispatch(daemon, uuid.uuid4(), later(), workload_class="x.y"))
+
+    asyncio.run(asyncio.wait_for(run(), 10))
+    assert [f["type"] for f in link.frames] == ["reject", "reject"]
+    counters = ("completed", "failed", "rejected", "timed_out")
+    before = {k: daemon.status()[k] for k in counters}
+    assert before == {"completed": 0, "failed": 0, "rejected": 1, "timed_out": 1}
+    daemon.outbox.close()
+    restarted, _, _ = make_daemon(tmp_path)
+    assert {k: restarted.status()[k] for k in counters} == before
+    restarted.outbox.close()

@@ -144,7 +144,8 @@ def test_large_result_failed_signing_leaves_no_file(tmp_path) -> None:
     with pytest.raises(RuntimeError):
         commit(box, t, big(3), broken)
     assert box.get(t) is None and box.pending() == []
-    box.close()  # a file the failed commit placed is an orphan, gone at the next open
+    assert files_of(box) == []  # at once: the transaction never reached its COMMIT
+    box.close()
     box = Outbox(tmp_path / "o.db")
     assert files_of(box) == []
     assert commit(box, t, big(3)).result == big(3)  # and the task can still be recorded
@@ -390,7 +391,10 @@ def test_outbox_from_an_earlier_release_is_upgraded_in_place(tmp_path) -> None:
     (entry,) = box.pending()
     assert entry.result == b"old" and entry.held and entry.signature == b"s" * 65
     columns = {row[1] for row in box._db.execute("PRAGMA table_info(outbox)")}
-    assert {"result_file", "held"} <= columns
+    assert {"result_file", "held", "coordinator_id"} <= columns
+    # Recorded before coordinator ids were: it goes to whichever coordinator links.
+    assert entry.coordinator_id is None
+    assert [e.task_id for e in box.pending(coordinator_id="coordinator-1")] == [t]
 
 
 def test_a_second_process_cannot_open_the_outbox(tmp_path) -> None:
@@ -633,3 +637,233 @@ def test_pending_results_are_read_one_at_a_time(tmp_path) -> None:
     box.mark_acked(tasks[1], status="accepted", reason="", at=1.0)
     assert [(e.task_id, e.result[:1]) for e in backlog] == [(tasks[2], b"\x02")]
     box.close()
+
+
+# --- what goes wrong: a damaged row, another coordinator, a new database, a full disk -------
+
+
+def damage(path: Path, task: uuid.UUID, column: str, value: object) -> None:
+    """Write *value* over one column of a task's row, as bit rot or a hand edit would."""
+    db = sqlite3.connect(path)
+    db.execute(f"UPDATE outbox SET {column} = ? WHERE task_id = ?", (value, str(task)))
+    db.commit()
+    db.close()
+
+
+def test_a_row_that_cannot_be_decoded_is_closed_as_lost_once(tmp_path) -> None:
+    """A pending row whose message is not JSON, or whose job_id is not a UUID, can never be
+    sent. It raised out of pending (the daemon's replay of the backlog: every link died
+    there, for good); now pending and get close it as lost, logged once with its task_id,
+    keep the row for the operator, and go on with the rest. history leaves it out, named,
+    as read_history does."""
+    path = tmp_path / "o.db"
+    box = Outbox(path)
+    bad_json, bad_job, fine, later = (uuid.uuid4() for _ in range(4))
+    for t in (bad_json, bad_job, fine):
+        commit(box, t, b"r")
+    commit(box, later, big(1))
+    damage(path, bad_json, "message", '{"r": "72"} trailing bytes')
+    damage(path, bad_job, "job_id", "not-a-uuid")
+    with logged(logging.ERROR) as records:
+        assert [e.task_id for e in box.pending()] == [fine, later]
+        assert [e.task_id for e in box.pending()] == [fine, later]  # closed: once
+    assert [r.__dict__["task_id"] for r in records] == [str(bad_json), str(bad_job)]
+    assert [r.getMessage() for r in records] == ["outbox.result_lost"] * 2
+    assert box.backlog() == 2 and box.counts()["failed"] == 2
+    for t in (bad_json, bad_job):
+        with pytest.raises(OutboxCorrupt, match=str(t)):
+            box.get(t)  # the daemon refuses a dispatch of it, signed, and never runs it
+    damaged: list[str] = []
+    assert [e.task_id for e in box.history(damaged=damaged)] == [later, fine]
+    assert len(damaged) == 2 and all("the row of task" in d for d in damaged)
+    box.close()
+    again: list[str] = []
+    assert len(read_history(path, damaged=again)) == 2 and sorted(again) == sorted(damaged)
+    db = sqlite3.connect(path)
+    rows = db.execute("SELECT task_id, ack_status FROM outbox WHERE ack_status = 'lost'")
+    assert sorted(rows) == sorted([(str(bad_json), "lost"), (str(bad_job), "lost")])
+    db.close()
+
+
+def test_get_closes_a_damaged_pending_row_as_lost(tmp_path) -> None:
+    """A dispatch of a task whose row is damaged reads it with get before any reconnect:
+    the row is closed as lost there (logged once) and OutboxCorrupt raised."""
+    path = tmp_path / "o.db"
+    box = Outbox(path)
+    t = uuid.uuid4()
+    commit(box, t, b"r")
+    damage(path, t, "message", "{")
+    with logged(logging.ERROR) as records:
+        for _ in range(2):
+            with pytest.raises(OutboxCorrupt, match="JSONDecodeError"):
+                box.get(t)
+    assert [r.getMessage() for r in records] == ["outbox.result_lost"]
+    assert box.backlog() == 0 and box.pending() == [] and box.counts()["failed"] == 1
+
+
+def test_results_wait_for_the_coordinator_that_dispatched_them(tmp_path) -> None:
+    """Each entry records its coordinator: pending for coordinator B leaves A's entries
+    out (B never dispatched them, and would answer "unknown task"), and B's answer for one
+    of them settles nothing. Entries without an id go to any coordinator."""
+    box = Outbox(tmp_path / "o.db")
+    of_a, of_b, legacy = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    commit_for = {of_a: "coord-A", of_b: "coord-B", legacy: None}
+    for t, coordinator in commit_for.items():
+        box.commit_result(
+            task_id=t, job_id=uuid.UUID(int=9), workload_class="ai.inference",
+            slice_index=None, kind="result", result=b"r", proof=b"p" * 32, message={},
+            received_at=1.0, completed_at=2.0, sign=lambda m: b"s" * 65,
+            coordinator_id=coordinator,
+        )  # fmt: skip
+    assert box.get(of_a).coordinator_id == "coord-A"
+    assert [e.task_id for e in box.pending(coordinator_id="coord-B")] == [of_b, legacy]
+    assert [e.task_id for e in box.pending()] == [of_a, of_b, legacy]  # every one
+    assert box.backlog() == 3 and box.backlog("coord-B") == 2 and box.backlog("coord-C") == 1
+    assert box.waiting() == {"coord-A": 1, "coord-B": 1, None: 1}
+    box.mark_acked(of_a, status="rejected", reason="unknown task", at=3.0, coordinator_id="coord-B")
+    assert box.get(of_a).acked_at is None and box.backlog() == 3  # not B's to settle
+    box.mark_acked(of_b, status="accepted", reason="", at=3.0, coordinator_id="coord-B")
+    box.mark_acked(legacy, status="accepted", reason="", at=3.0, coordinator_id="coord-B")
+    assert box.waiting() == {"coord-A": 1} and box.backlog("coord-B") == 0
+    box.close()
+    box = Outbox(tmp_path / "o.db")  # recorded, and counted again at open
+    assert box.waiting() == {"coord-A": 1}
+    assert [e.task_id for e in box.pending(coordinator_id="coord-A")] == [of_a]
+    assert [(e.task_id, e.coordinator_id) for e in read_history(tmp_path / "o.db")][-1] == (
+        of_a,
+        "coord-A",
+    )
+    box.mark_acked(of_a, status="accepted", reason="", at=4.0, coordinator_id="coord-A")
+    assert box.counts() == {"completed": 3, "failed": 0, "rejected": 0, "unacknowledged": 0}
+
+
+def test_a_new_database_keeps_the_result_files_it_finds(tmp_path) -> None:
+    """outbox.db moved aside without outbox.db.results/ (or lost): the database created in
+    its place took the other one's result files for orphans and deleted them. It keeps
+    them now, at this open and every later one, warning with the directory and the count,
+    while its own crash leftovers are still swept; the database moved aside, put back,
+    finds its results."""
+    path = tmp_path / "outbox.db"
+    box = Outbox(path)
+    theirs = uuid.uuid4()
+    commit(box, theirs, big(2))
+    box.close()
+    (tmp_path / "aside").mkdir()
+    for name in ("outbox.db", "outbox.db-wal", "outbox.db-shm"):
+        if (tmp_path / name).exists():
+            (tmp_path / name).rename(tmp_path / "aside" / name)
+    with logged(logging.WARNING) as records:
+        box = Outbox(path)
+    assert files_of(box) == [f"{theirs}.result"]
+    (record,) = records
+    assert record.getMessage() == "outbox.foreign_results"
+    assert record.__dict__["directory"] == str(box.files) and record.__dict__["files"] == 1
+    ours = uuid.uuid4()
+    commit(box, ours, big(3))
+    box.close()
+    crashed = f"{uuid.uuid4()}.result"  # a crash between a file and its commit, later on
+    (box.files / crashed).write_bytes(b"orphan")
+    with logged(logging.WARNING) as records:
+        box = Outbox(path)  # an existing database now: the sweep runs, and still keeps them
+    assert files_of(box) == sorted([f"{theirs}.result", f"{ours}.result"])
+    assert [r.getMessage() for r in records] == ["outbox.foreign_results"]
+    box.close()
+    for name in ("outbox.db", "outbox.db-wal", "outbox.db-shm"):
+        (tmp_path / name).unlink(missing_ok=True)
+        if (tmp_path / "aside" / name).exists():
+            (tmp_path / "aside" / name).rename(tmp_path / name)
+    box = Outbox(path)  # the first database back: its result reads
+    assert box.get(theirs).result == big(2)
+    assert files_of(box) == [f"{theirs}.result"]  # the other database's is its orphan
+
+
+def test_the_files_found_by_a_new_database_are_forgotten_once_removed(tmp_path) -> None:
+    """The operator deletes the kept files: the warning stops, and a file of that name
+    written later (a crash leftover) is swept like any other."""
+    path = tmp_path / "o.db"
+    box = Outbox(path)
+    stray = f"{uuid.uuid4()}.result"
+    box.close()
+    path.unlink()
+    (box.files / stray).write_bytes(b"another database's")
+    Outbox(path).close()
+    (box.files / stray).unlink()
+    with logged(logging.WARNING) as records:
+        Outbox(path).close()
+    assert records == []
+    (box.files / stray).write_bytes(b"a crash leftover")
+    box = Outbox(path)
+    assert files_of(box) == []
+
+
+class FailingCommit:
+    """The outbox's connection, but for its COMMIT, which fails with *error*."""
+
+    def __init__(self, db: sqlite3.Connection, error: sqlite3.Error) -> None:
+        self.db, self.error = db, error
+
+    def execute(self, sql: str, *args: object) -> sqlite3.Cursor:
+        if sql == "COMMIT":
+            raise self.error
+        return self.db.execute(sql, *args)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.db, name)
+
+
+def sqlite_error(message: str, code: int) -> sqlite3.OperationalError:
+    """An error as SQLite raises it: with its result code (Python 3.11)."""
+    error = sqlite3.OperationalError(message)
+    error.sqlite_errorcode = code  # type: ignore[attr-defined]
+    return error
+
+
+SQLITE_IOERR_FSYNC = 10 | (4 << 8)
+
+
+def test_a_commit_that_finds_the_disk_full_leaves_no_result_file(tmp_path) -> None:
+    """The COMMIT fails with SQLITE_FULL: SQLite wrote no commit record, so the row is
+    not there and the result file renamed for it goes at once (it stayed until a restart:
+    a node whose disk filled kept filling it with every task). After an I/O error
+    (a failed fsync) the commit may have reached the disk: the file stays for its row,
+    and the next open removes it if there is no row."""
+    box = Outbox(tmp_path / "o.db")
+    real = box._db
+    box._db = FailingCommit(real, sqlite_error("database or disk is full", sqlite3.SQLITE_FULL))
+    for _ in range(3):
+        with pytest.raises(sqlite3.OperationalError, match="disk is full"):
+            commit(box, uuid.uuid4(), big(4))
+    assert files_of(box) == [] and box.backlog() == 0
+    box._db = FailingCommit(real, sqlite_error("disk I/O error", SQLITE_IOERR_FSYNC))
+    unsure = uuid.uuid4()
+    with pytest.raises(sqlite3.OperationalError, match="I/O"):
+        commit(box, unsure, big(5))
+    assert files_of(box) == [f"{unsure}.result"]
+    box._db = real
+    box.close()
+    assert files_of(Outbox(tmp_path / "o.db")) == []  # no row names it: an orphan
+
+
+def test_a_row_the_full_disk_refused_leaves_no_result_file(tmp_path) -> None:
+    """SQLITE_FULL before the COMMIT, as SQLite raises it (the database at its page
+    limit): nothing committed, no file left."""
+    box = Outbox(tmp_path / "o.db")
+    (pages,) = box._db.execute("PRAGMA page_count").fetchone()
+    box._db.execute(f"PRAGMA max_page_count = {pages}")
+    with pytest.raises(sqlite3.OperationalError, match="full") as raised:
+        commit(box, uuid.uuid4(), big(6))
+    assert raised.value.sqlite_errorcode == sqlite3.SQLITE_FULL
+    assert files_of(box) == [] and box.backlog() == 0
+
+
+def test_status_tallies_are_kept_across_reopening(tmp_path) -> None:
+    """Rejects sent and tasks timed out are no rows of the outbox; their totals are kept
+    in it all the same, so that status does not show them reset by a restart beside
+    totals that are not."""
+    box = Outbox(tmp_path / "o.db")
+    assert box.tallies() == {"rejected": 0, "timed_out": 0}
+    for name in ("rejected", "rejected", "timed_out"):
+        box.tally(name)
+    box.close()
+    box = Outbox(tmp_path / "o.db")
+    assert box.tallies() == {"rejected": 2, "timed_out": 1}

@@ -562,6 +562,8 @@ def _status_lines(st: dict[str, Any]) -> list[str]:
     link = st["link"]
     now = st["time"]
     out.append(f"state        {st['state']} for {_duration(now - st['state_since'])}")
+    if st.get("stopping"):
+        out.append("stopping     finishing running tasks; new dispatches are handed back")
     rtt = f", rtt {link['rtt_ms']} ms" if link.get("rtt_ms") is not None else ""
     last = link.get("last_heartbeat_ack")
     out.append(

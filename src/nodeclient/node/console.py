@@ -209,6 +209,8 @@ def _status_rows(st: Mapping[str, Any]) -> list[tuple[str, Text]]:
     state_text = Text(state, style=STATE_STYLE.get(state, "bold"))
     state_text.append(f" for {duration(now - float(st['state_since']))}")
     state_text.append(f"   uptime {duration(float(st.get('uptime_s', 0)))}", style="dim")
+    if st.get("stopping"):
+        state_text.append("   stopping: finishing its tasks", style="bold yellow")
     link = st["link"]
     link_text = Text(str(link["status"]), style=LINK_STYLE.get(str(link["status"]), ""))
     if link.get("rtt_ms") is not None:

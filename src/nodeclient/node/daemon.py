@@ -34,7 +34,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
 from nodeclient import httpbody, logs
 from nodeclient.clock import Clock
-from nodeclient.errors import EnvelopeError, NeedsOperator, RemoteProtocolError
+from nodeclient.errors import EnvelopeError, NeedsOperator, NodeClientError, RemoteProtocolError
 from nodeclient.node import control, inputs, sandbox
 from nodeclient.node.executor import Executor, TaskFailed
 from nodeclient.node.metrics import NodeMetrics
@@ -72,6 +72,14 @@ _UNANSWERED_HEARTBEATS: Final = 64  # send times kept for the round trip of thei
 REPLACED_PAUSE_S: Final = 60.0
 REPLACED_WINDOW_S: Final = 900.0
 MAX_ANSWER_BYTES: Final = 1 << 20  # a registration answer is a few hundred bytes
+# An acknowledgement whose write fails (a locked or failing disk) is tried again after
+# these pauses; the frames after it wait meanwhile, so that a dispatch right after it sees
+# the backlog it leaves.
+ACK_RETRY_S: Final = (0.05, 0.2, 0.5)
+# While the backlog is full, the coordinator's unacknowledged results are sent again at
+# most this often (and not within this long of a reconnect, which sends them anyway), so
+# that one whose acknowledgement was lost is answered again without waiting for a reconnect.
+RESEND_FULL_BACKLOG_S: Final = 300.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,6 +144,7 @@ class RunningTask:
     finishing: bool = False  # executed: its result is committed and sent, cancel or not
     lease_expires_at: int | None = None  # its dispatch's, echoed in a reject of it
     fetch_limits: inputs.FetchLimits | None = None  # while its inputs download
+    coordinator_id: str | None = None  # the link's that dispatched it: its result goes there
 
 
 @dataclass
@@ -189,8 +198,6 @@ class NodeDaemon:
         )
         self.link = LinkInfo()
         self.running: dict[uuid.UUID, RunningTask] = {}
-        self.rejected = 0
-        self.timed_out = 0
         self.metrics = metrics if metrics is not None else NodeMetrics()
         self._started_mono = time.monotonic()  # uptime: immune to the wall clock's steps
         self._ws: ClientConnection | None = None
@@ -207,6 +214,18 @@ class NodeDaemon:
         )
         self._blobs = inputs.blob_cache(home / "blobs")  # render scenes, fetched once
         self._pending_sends: set[asyncio.Future[object]] = set()
+        self._resend: asyncio.Future[object] | None = None  # a resend of a full backlog
+        self._resent_at = -RESEND_FULL_BACKLOG_S  # time.monotonic() of the last backlog sent
+
+    @property
+    def rejected(self) -> int:
+        """Signed rejects sent (but for tasks that timed out), kept across restarts."""
+        return self.outbox.tallies()["rejected"]
+
+    @property
+    def timed_out(self) -> int:
+        """Tasks that ended at their lease's end, kept across restarts."""
+        return self.outbox.tallies()["timed_out"]
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -298,7 +317,8 @@ class NodeDaemon:
         """Count how a running task ended, once (a cancel may follow its commit)."""
         if task.outcome is None:
             task.outcome = outcome
-            self.timed_out += int(outcome == "timed_out")
+            if outcome == "timed_out":
+                self.outbox.tally("timed_out")
             self._ended(task.workload_class, outcome, task.received_at)
 
     def _abandon_running(self) -> None:
@@ -311,7 +331,8 @@ class NodeDaemon:
                 self._task_ended(task, "cancelled")
 
     def request_stop(self) -> None:
-        """SIGTERM: take no new work, finish running tasks, flush the outbox, exit 0."""
+        """SIGTERM: take no new work, finish running tasks (hand back, signed, those still
+        running after shutdown_grace), flush the outbox, exit 0."""
         if not self._stopping.is_set():
             log.info("daemon.stopping", extra={"running": len(self.running)})
             self._stopping.set()
@@ -320,9 +341,37 @@ class NodeDaemon:
         handles = [t.handle for t in self.running.values() if t.handle is not None]
         if handles:
             await asyncio.wait(handles, timeout=self.shutdown_grace)
+        await self._hand_back()
         deadline = time.monotonic() + 10.0
         while self.outbox.backlog() and self._ws is not None and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
+
+    async def _hand_back(self) -> None:
+        """At the end of shutdown_grace: cancel the tasks still running and refuse each,
+        signed and naming its lease, while the link is still up, so that the coordinator
+        leases them to another node now rather than when their leases end. A task whose
+        result is being committed (finishing) is left to end: its result is sent instead;
+        one already cancelled (the coordinator's Cancel) needs no refusal."""
+        left = [
+            (t, t.handle)
+            for t in self.running.values()
+            if t.handle is not None
+            and not t.handle.done()
+            and not t.finishing
+            and t.outcome is None
+        ]
+        for task, handle in left:  # first, so that none of them can still commit a result
+            handle.cancel()
+            self._task_ended(task, "cancelled")
+        for task, _ in left:
+            await self._reject(
+                task.task_id,
+                f"{messages.DRAINING_PREFIX}node shutting down: the task did not finish "
+                f"within {self.shutdown_grace:g} s",
+                lease_expires_at=task.lease_expires_at,
+            )
+        if left:  # their workers are killed as they unwind
+            await asyncio.wait([handle for _, handle in left], timeout=10.0)
 
     # --- registration and link ----------------------------------------------------------------
 
@@ -502,20 +551,53 @@ class NodeDaemon:
             log.info("link.authenticated", extra={"coordinator_id": challenge.coordinator_id})
             beat = asyncio.create_task(self._heartbeats(ws, challenge.heartbeat_interval))
             try:
-                try:  # unacknowledged results, after a restart too, one at a time
-                    for entry in self.outbox.iter_pending():
-                        if not await self._deliver(entry):
-                            break  # the link went: the rest wait for the next one
-                except (OSError, sqlite3.Error) as exc:  # a failing disk: keep the link
-                    # The rest stay in the outbox and are sent after the next reconnect.
-                    log.error("outbox.pending_failed", extra={"error": str(exc)})
+                self._resent_at = time.monotonic()
+                await self._send_backlog()
                 async for frame in ws:
                     await self._on_frame(frame)
             finally:
                 beat.cancel()
+                if self._resend is not None:  # a full backlog's, on this link
+                    self._resend.cancel()
                 # Its own end (a send on the closed link, usually) is the link's: retrieve it,
                 # so that asyncio does not log it later as an exception never retrieved.
                 await asyncio.gather(beat, return_exceptions=True)
+
+    async def _send_backlog(self) -> None:
+        """Send this link's coordinator its unacknowledged results (those it dispatched, and
+        those recorded before coordinator ids were), after a restart too, one at a time.
+
+        Other coordinators' results wait for theirs. Whatever goes wrong with one entry is
+        that entry's alone: a damaged one is closed as lost (``_result_frame``), and any
+        other error is logged and the next one sent, so that no entry can end every link
+        before its first frame is read. A failing disk keeps the link too: the rest are
+        sent after the next reconnect; so are they if the link goes meanwhile.
+        """
+        try:
+            for entry in self.outbox.iter_pending(coordinator_id=self.session.coordinator_id):
+                try:
+                    if not await self._deliver(entry):
+                        return  # the link went: the rest wait for the next one
+                except Exception:  # a bug: say so, and send the rest
+                    log.exception("outbox.resend_failed", extra={"task_id": str(entry.task_id)})
+        except Exception as exc:  # a failing disk (OSError, sqlite3.Error), or a bug
+            log.error(
+                "outbox.pending_failed",
+                extra={"error": f"{type(exc).__name__}: {exc}"[:300]},
+                exc_info=None if isinstance(exc, OSError | sqlite3.Error) else exc,
+            )
+
+    def _resend_full_backlog(self) -> None:
+        """The backlog is full: send it again, in the background, unless that was done (or
+        a link came up) within RESEND_FULL_BACKLOG_S. An acknowledgement lost here (its
+        write failed) is answered again ("duplicate"), so new work is taken again without
+        waiting for a reconnect."""
+        now = time.monotonic()
+        busy = self._resend is not None and not self._resend.done()
+        if busy or now - self._resent_at < RESEND_FULL_BACKLOG_S:
+            return
+        self._resent_at = now
+        self._resend = self._background(self._send_backlog())
 
     async def _heartbeats(self, ws: ClientConnection, coordinator_interval: float) -> None:
         interval = min(self.heartbeat_interval, coordinator_interval)
@@ -557,18 +639,7 @@ class NodeDaemon:
                 extra={"task_id": str(msg.task_id), "status": msg.status, "reason": msg.reason},
             )
         elif isinstance(msg, messages.ResultAck):
-            try:
-                await asyncio.to_thread(
-                    self.outbox.mark_acked,
-                    msg.task_id,
-                    status=msg.status,
-                    reason=msg.reason,
-                    at=self.clock.now(),
-                )
-            except Exception:  # e.g. a failing disk: keep the link
-                # The result stays unacknowledged and is sent again on the next reconnect,
-                # which is safe: the coordinator answers a duplicate with the same ack.
-                log.exception("result.ack_failed", extra={"task_id": str(msg.task_id)})
+            if not await self._record_ack(msg):
                 return
             level = logging.INFO if msg.status != "rejected" else logging.WARNING
             log.log(
@@ -589,6 +660,34 @@ class NodeDaemon:
                 )
         elif isinstance(msg, messages.ErrorFrame):
             log.warning("link.error_frame", extra={"code": msg.code, "reason": msg.reason})
+
+    async def _record_ack(self, msg: messages.ResultAck) -> bool:
+        """Write the coordinator's answer to a result in the outbox (off the event loop),
+        tried again after each of ACK_RETRY_S on an error ("database is locked", a failing
+        disk); whether it was written. Only an entry of the answering coordinator (or one
+        recorded before coordinator ids were) is settled."""
+        at, pauses = self.clock.now(), iter(ACK_RETRY_S)
+        while True:
+            try:
+                await asyncio.to_thread(
+                    self.outbox.mark_acked,
+                    msg.task_id,
+                    status=msg.status,
+                    reason=msg.reason,
+                    at=at,
+                    coordinator_id=self.session.coordinator_id,
+                )
+            except Exception:  # e.g. a failing disk: keep the link
+                pause = next(pauses, None)
+                if pause is None:
+                    # The result stays unacknowledged and is sent again on the next
+                    # reconnect (or while the backlog is full), which is safe: the
+                    # coordinator answers a duplicate with the same ack.
+                    log.exception("result.ack_failed", extra={"task_id": str(msg.task_id)})
+                    return False
+                await asyncio.sleep(pause)
+            else:
+                return True
 
     def _apply_unstaking(self) -> None:
         if self.session.unstaking_until is not None and self.state.state is not NodeState.UNSTAKING:
@@ -616,12 +715,7 @@ class NodeDaemon:
                 log.error("outbox.lookup_failed", extra={"error": str(exc)})
                 return
             if done is not None:  # already finished: re-send, never re-execute
-                if not done.held:
-                    await self._reject(
-                        d.task_id, _pruned_reason(done), lease_expires_at=d.lease_expires_at
-                    )
-                    return
-                await self._deliver(done)
+                await self._on_done_dispatch(done, d)
                 return
             running = self.running.get(d.task_id)
             if running is not None:
@@ -639,12 +733,29 @@ class NodeDaemon:
                 d.slice_index,
                 self.clock.now(),
                 lease_expires_at=d.lease_expires_at,
+                coordinator_id=self.session.coordinator_id,
             )
             self.running[d.task_id] = task
             if self.state.state in (NodeState.READY, NodeState.IDLE):
                 self.state.transition(NodeState.EXECUTING, reason=f"task {d.task_id} started")
             task.handle = asyncio.create_task(self._execute(task, d))
             task.handle.add_done_callback(functools.partial(self._task_gone, task))
+
+    async def _on_done_dispatch(self, done: OutboxEntry, d: messages.Dispatch) -> None:
+        """A dispatch of a task this node has a result of: re-send it, or refuse (signed)
+        when it cannot be sent: its bytes are gone, its record is damaged, or another
+        coordinator dispatched it (a result goes only to the one that dispatched it)."""
+        if done.coordinator_id not in (None, self.session.coordinator_id):
+            reason = "already completed for another coordinator; the task is not run again"
+        elif not done.held:
+            reason = _pruned_reason(done)
+        else:
+            frame = self._result_frame(done)
+            if frame is not None:
+                await self._send_result(done, frame)
+                return
+            reason = "this node's stored result for the task is damaged"
+        await self._reject(d.task_id, reason, lease_expires_at=d.lease_expires_at)
 
     async def _on_redispatch(self, running: RunningTask, d: messages.Dispatch) -> None:
         """The coordinator leased a task again while it still runs here (its last lease
@@ -682,20 +793,22 @@ class NodeDaemon:
             )
 
     def _refusal(self, d: messages.Dispatch) -> str:  # noqa: PLR0911 (one return a reason)
-        if self._stopping.is_set():
-            return "node is shutting down"
+        if self._stopping.is_set():  # handed back: the coordinator spends no attempt on it
+            return f"{messages.DRAINING_PREFIX}node is shutting down"
         if not self.state.accepts_dispatch():
             return "node is UNSTAKING: no new dispatches"
         if d.workload_class not in self.classes:
             return f"workload class {d.workload_class!r} is not served by this node"
         if len(self.running) >= self.slots:
             return f"over capacity: {len(self.running)} of {self.slots} slots busy"
-        waiting = self.outbox.backlog()
+        # This coordinator's: those waiting for another one are never sent to it.
+        waiting = self.outbox.backlog(self.session.coordinator_id)
         if waiting >= self.retention.max_unacknowledged:
+            self._resend_full_backlog()
             return (
                 f"outbox backlog full: {waiting} results await the coordinator's "
                 "acknowledgement (max_unacknowledged_results); they are sent again at each "
-                "reconnect"
+                "reconnect, and every few minutes while the backlog is full"
             )
         if d.lease_expires_at < self.clock.now():
             return "lease already expired"
@@ -744,7 +857,10 @@ class NodeDaemon:
                     timed_out = exc.reason.startswith("deadline exceeded")  # the lease's end
                     self._task_ended(task, "timed_out" if timed_out else "failed")
                     await self._reject(
-                        task.task_id, exc.reason, lease_expires_at=task.lease_expires_at
+                        task.task_id,
+                        exc.reason,
+                        lease_expires_at=task.lease_expires_at,
+                        counted=not timed_out,
                     )
                     return
                 except Exception as exc:  # a bug, or garbage from a worker
@@ -781,6 +897,15 @@ class NodeDaemon:
         """Record, sign and send a finished task's result (2.3.6, 2.3.7)."""
         try:
             entry = await self._off_loop(self._commit, task, result)
+        except OutboxCorrupt as exc:  # its row, of an earlier lease, is damaged: never re-sign
+            log.error("outbox.result_missing", extra={"error": str(exc)})
+            self._task_ended(task, "failed")
+            await self._reject(
+                task.task_id,
+                "this node's stored result for the task is damaged",
+                lease_expires_at=task.lease_expires_at,
+            )
+            return
         except (OSError, sqlite3.Error) as exc:  # a full or failing disk
             # Nothing was recorded, signed or sent: refuse, so the task goes elsewhere
             # now rather than when its lease runs out.
@@ -809,10 +934,11 @@ class NodeDaemon:
 
         return report
 
-    def _background(self, coro: Coroutine[Any, Any, object]) -> None:
+    def _background(self, coro: Coroutine[Any, Any, object]) -> asyncio.Future[object]:
         task = asyncio.ensure_future(coro)
         self._pending_sends.add(task)
         task.add_done_callback(self._pending_sends.discard)
+        return task
 
     async def _fetch_inputs(self, task: RunningTask, payload: bytes, lease_end: float) -> bytes:
         """_resolve_inputs in the fetch threads (one per slot, apart from the threads that
@@ -878,6 +1004,7 @@ class NodeDaemon:
             received_at=task.received_at,
             completed_at=finished,
             sign=self._sign_result,
+            coordinator_id=task.coordinator_id,
         )
 
     def _sign_result(self, message_json: dict[str, Any]) -> bytes:
@@ -886,13 +1013,38 @@ class NodeDaemon:
 
     async def _deliver(self, entry: OutboxEntry) -> bool:
         """Send a committed outbox entry; it stays queued until the coordinator acks it.
-        Whether it went out (no link, or a link that closed: it waits for the next)."""
-        if entry.signature is None:  # cannot happen for rows commit_result wrote
-            raise RuntimeError(f"outbox entry {entry.task_id} is not signed")
-        message = eip712.message_from_json("Result", entry.message)
-        frame = messages.signed_frame(
-            "result", message, entry.signature, raw=True, result=entry.result
-        )
+        Whether it went out (no link, a link that closed, or one to a coordinator other
+        than the entry's: it waits for the next link, or for that coordinator's). An entry
+        that can never be sent is closed as lost (``_result_frame``): True, the link took
+        nothing but is fine."""
+        frame = self._result_frame(entry)
+        return frame is None or await self._send_result(entry, frame)
+
+    def _result_frame(self, entry: OutboxEntry) -> dict[str, Any] | None:
+        """The signed result frame of an outbox entry; None for one whose stored message
+        or signature cannot make one (damaged on disk, edited by hand), which can never be
+        sent: it is closed as lost, as the outbox closes a damaged row, and logged once."""
+        try:
+            if entry.signature is None:  # commit_result signs every row it writes
+                raise ValueError("the result was never signed")
+            message = eip712.message_from_json("Result", entry.message)
+            return messages.signed_frame(
+                "result", message, entry.signature, raw=True, result=entry.result
+            )
+        except (NodeClientError, ValueError, TypeError, KeyError, AttributeError) as exc:
+            why = f"its stored message cannot be sent ({type(exc).__name__}: {exc})"
+            try:
+                self.outbox.close_lost(entry.task_id, why)
+            except (OSError, sqlite3.Error) as error:  # it stays, and is tried again later
+                log.error("outbox.pending_failed", extra={"error": str(error)})
+            return None
+
+    async def _send_result(self, entry: OutboxEntry, frame: dict[str, Any]) -> bool:
+        """Send *frame*, the entry's, to the coordinator that dispatched it: never to
+        another (it does not know the task, and would answer "unknown task"). Whether
+        the link took it."""
+        if entry.coordinator_id not in (None, self.session.coordinator_id):
+            return False
         if not await self._send(frame):
             return False
         log.info(
@@ -902,13 +1054,20 @@ class NodeDaemon:
         return True
 
     async def _reject(
-        self, task_id: uuid.UUID, reason: str, *, lease_expires_at: int | None
+        self,
+        task_id: uuid.UUID,
+        reason: str,
+        *,
+        lease_expires_at: int | None,
+        counted: bool = True,
     ) -> None:
         """Refuse a dispatch, signed (2.3.7). *lease_expires_at* is that dispatch's: sent
         beside the signed Reject, it tells the coordinator which lease of the task this
         refuses, so that a late reject cannot end a newer lease of the same task to this
-        node (None: not known, and not sent)."""
-        self.rejected += 1
+        node (None: not known, and not sent). Counted in the status's ``rejected`` unless
+        *counted* is False (a task counted as timed out: one task, one counter)."""
+        if counted:
+            self.outbox.tally("rejected")
         message = {
             "task_id": task_id.bytes,
             "node_id": self.node_id,
@@ -939,7 +1098,7 @@ class NodeDaemon:
     def status(self) -> dict[str, Any]:
         now = self.clock.now()
         until = self.session.unstaking_until
-        counts = self.outbox.counts()
+        counts, tallies = self.outbox.counts(), self.outbox.tallies()
         since = self.state.entered_at
         if self.state.state is NodeState.UNSTAKING and until is not None:
             # Since the unstake itself (the coordinator's end of the cooldown less the
@@ -949,10 +1108,13 @@ class NodeDaemon:
             "node_id": self.node_id,
             "state": self.state.state.value,
             "state_since": since,
+            # SIGTERM received: finishing running tasks, handing back new dispatches.
+            "stopping": self._stopping.is_set(),
             "link": {
                 "status": self.link.status,
                 "since": self.link.since,
                 "coordinator": self.url,
+                "coordinator_id": self.session.coordinator_id,
                 "rtt_ms": self.link.rtt_ms,
                 "last_heartbeat_ack": self.link.last_heartbeat_ack,
                 "reconnects": self.link.reconnects,
@@ -973,9 +1135,17 @@ class NodeDaemon:
             ],
             "completed": counts["completed"],
             "failed": counts["failed"],
-            "rejected": self.rejected,
-            "timed_out": self.timed_out,
+            "rejected": tallies["rejected"],
+            "timed_out": tallies["timed_out"],
             "outbox_backlog": counts["unacknowledged"],
+            # Each waits for the coordinator that dispatched it (None: recorded before
+            # coordinator ids were, sent to any); link.coordinator_id is the linked one.
+            "outbox_backlog_by_coordinator": [
+                {"coordinator_id": coordinator, "results": n}
+                for coordinator, n in sorted(
+                    self.outbox.waiting().items(), key=lambda item: item[0] or ""
+                )
+            ],
             "results_held_bytes": self.outbox.held_bytes(),
             "uptime_s": round(time.monotonic() - self._started_mono, 1),
             "unstaking_until": until,

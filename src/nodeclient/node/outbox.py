@@ -14,6 +14,10 @@ duplicate, never two different signed results for one task" hold:
    costs one re-send answered "duplicate"). Everything not acknowledged is
    sent again after a reconnect or a restart (``pending``); the coordinator accepts
    exactly once and answers a repeat with "duplicate".
+4. A row records the coordinator that dispatched its task (``coordinator_id``), and is
+   sent to that coordinator only: another one does not know the task, and its "unknown
+   task" answer would settle the result as failed for good. Rows written before the id
+   was recorded have none, and go to whichever coordinator the node links to.
 
 The table doubles as the node's task history (``history``), which never reads result
 bytes.
@@ -23,14 +27,20 @@ apart so that reading history, counts or the prune index never walks result byte
 larger one is a file in ``<database>.results/`` (0600, in a 0700 directory), written and
 fsynced before the row that names it commits. SQLite's WAL would otherwise write a large
 result twice (WAL, then checkpoint) and fsync it twice; as in SQLite's own "Internal
-Versus External BLOBs" measurements, files win above ~100 KiB. A crash between the file
-and the commit leaves an orphan file, removed when the outbox next opens. The database
+Versus External BLOBs" measurements, files win above ~100 KiB. A transaction that
+certainly did not commit (it failed before its COMMIT, or the COMMIT found the disk full)
+removes the file it named; a crash between the file and the commit, or a COMMIT that
+failed in a way that leaves it unknown (an I/O error), leaves an orphan file, removed when
+the outbox next opens. Result files that were in the directory when the database was
+created are another database's (one moved aside without them, or replaced): they are
+recorded (``outbox_foreign``), never removed, and logged at each open. The database
 holds result bytes too, so it and its ``-wal`` and ``-shm`` are 0600 whatever the umask
 (looser ones are tightened at open). One process at a time: the outbox holds an
 exclusive lock on ``<database>.lock`` while open.
 
-A result file that cannot be read: only a file that is gone or the wrong size closes its
-entry as ``lost`` (``pending``), and the row keeps the file's name, so the orphan sweep
+A result file that cannot be read: only a file that is gone or the wrong size, or a row
+that cannot be decoded (damaged on disk, or edited by hand), closes its entry as ``lost``
+(``pending``, ``get``), and the row keeps the file's name, so the orphan sweep
 never removes a file that a row names; ``prune`` removes it once the entry was closed
 longer ago than the retention period. Any other error (EMFILE, EIO, ENOMEM, EACCES...)
 says nothing about the file: the entry stays pending and is sent after a later reconnect.
@@ -77,9 +87,13 @@ UNREADABLE_TRIES: Final = 5  # reconnects a result file may fail to read before 
 SQLITE_MIN: Final = (3, 8, 0)  # partial indexes (outbox_prune)
 # The layout's version, in SQLite's user_version (0: a release before it was recorded, which
 # the columns and indexes below bring up to date). A newer one is refused at open.
-FORMAT_VERSION: Final = 1
+# 2: outbox.coordinator_id (which a release that reads version 1 would not heed, sending a
+# result to a coordinator that never dispatched it), outbox_tally and outbox_foreign.
+FORMAT_VERSION: Final = 2
 _FILE_SUFFIX: Final = ".result"
 _OURS: Final = re.compile(r"(\.[0-9a-f-]{36}\.[0-9a-f]{8}\.tmp|[0-9a-f-]{36}\.result)")
+_RESULT_NAME: Final = re.compile(r"[0-9a-f-]{36}\.result")
+TALLIES: Final = ("rejected", "timed_out")  # status totals that no outbox row records
 _PRUNE_BATCH: Final = 200  # rows per prune transaction
 _PRUNE_PAUSE: Final = 0.005  # seconds between batches, for the others waiting on the lock
 
@@ -101,7 +115,8 @@ CREATE TABLE IF NOT EXISTS outbox (
     ack_status     TEXT,
     ack_reason     TEXT,
     result_file    TEXT,                   -- file name in the results directory, or NULL
-    held           INTEGER NOT NULL DEFAULT 1  -- 0 once prune dropped the result bytes
+    held           INTEGER NOT NULL DEFAULT 1,  -- 0 once prune dropped the result bytes
+    coordinator_id TEXT                    -- the coordinator that dispatched it, or NULL
 );
 CREATE INDEX IF NOT EXISTS outbox_pending ON outbox (acked_at);
 CREATE TABLE IF NOT EXISTS outbox_results (  -- results up to INLINE_MAX, by task
@@ -112,11 +127,19 @@ CREATE TABLE IF NOT EXISTS outbox_forgotten (  -- rows deleted by forget(), per 
     bucket         TEXT PRIMARY KEY,           -- completed | failed | rejected
     count          INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS outbox_tally (  -- status totals that no row records
+    name           TEXT PRIMARY KEY,       -- rejected (rejects sent) | timed_out
+    count          INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS outbox_foreign (  -- result files there when the database was
+    name           TEXT PRIMARY KEY            -- created: another database's, never swept
+);
 """
 # Added after the first release: older databases get them by ALTER TABLE.
 _ADDED_COLUMNS: Final = (
     ("result_file", "TEXT"),
     ("held", "INTEGER NOT NULL DEFAULT 1"),
+    ("coordinator_id", "TEXT"),
 )
 _INDEXES: Final = (
     # history, newest first
@@ -149,14 +172,20 @@ class OutboxEntry:
     ack_status: str | None
     ack_reason: str | None
     held: bool = True  # False once prune dropped the result bytes (result is then b"")
+    coordinator_id: str | None = None  # who dispatched it (None: recorded before ids were)
 
 
 _COLUMNS: Final = (
     "task_id, job_id, workload_class, slice_index, kind, result, result_size, proof, message, "
-    "signature, received_at, completed_at, acked_at, ack_status, ack_reason, held"
+    "signature, received_at, completed_at, acked_at, ack_status, ack_reason, held, "
+    "coordinator_id"
 )
 # History never needs result bytes: a column of NULL takes the result's place.
 _HISTORY_COLUMNS: Final = _COLUMNS.replace(" result,", " NULL,", 1)
+# A row the coordinator named by the parameter (given twice) gets; NULL: any coordinator.
+_SENT_TO: Final = "(? IS NULL OR coordinator_id IS NULL OR coordinator_id = ?)"
+# What read_history reads for a column that an outbox of an older release lacks.
+_MISSING: Final = {"held": "1", "coordinator_id": "NULL"}
 # An entry with its result: from outbox_results, or the legacy column; then result_file.
 _LOAD: Final = (
     "SELECT "
@@ -185,11 +214,27 @@ def _entry(row: tuple[Any, ...], result: bytes | None = None) -> OutboxEntry:
         row[13],
         row[14],
         bool(row[15]),
+        row[16],
     )
 
 
+def _decode(row: tuple[Any, ...], result: bytes | None = None) -> OutboxEntry:
+    """``_entry``, or _RowDamaged for a row that cannot be decoded (a bad UUID or JSON)."""
+    try:
+        return _entry(row, result)
+    except (ValueError, TypeError) as exc:  # json.JSONDecodeError is a ValueError
+        raise _RowDamaged(
+            f"the row of task {str(row[0])[:40]!r} ({type(exc).__name__}: {exc})"
+        ) from None
+
+
 class OutboxCorrupt(Exception):
-    """A row names a result file that is missing or the wrong size."""
+    """A row names a result file that is missing or the wrong size, or cannot be decoded."""
+
+
+class _RowDamaged(OutboxCorrupt, ValueError):
+    """The row itself cannot be decoded: damaged on disk, or edited by hand (a ValueError
+    too, as the decoding error it stands for)."""
 
 
 class OutboxTooNew(NeedsOperator):
@@ -216,6 +261,9 @@ class Outbox:
             self._lock = threading.Lock()
             self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
             version = _format_version(self._db, path)  # before anything writes to it
+            (tables,) = self._db.execute(
+                "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = 'outbox'"
+            ).fetchone()
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.executescript(SCHEMA)
@@ -227,8 +275,17 @@ class Outbox:
                 self._db.execute(index)
             if version < FORMAT_VERSION:
                 self._db.execute(f"PRAGMA user_version = {FORMAT_VERSION}")
-            self._remove_orphans()
+            self._remove_orphans(created=tables == 0)
             self._counts = self._count_all()
+            # unacknowledged entries per coordinator (None: recorded before ids were)
+            self._waiting: dict[str | None, int] = dict(
+                self._db.execute(
+                    "SELECT coordinator_id, COUNT(*) FROM outbox WHERE acked_at IS NULL "
+                    "GROUP BY coordinator_id"
+                ).fetchall()
+            )
+            self._tally = dict.fromkeys(TALLIES, 0)
+            self._tally.update(self._db.execute("SELECT name, count FROM outbox_tally"))
             self._unreadable: dict[str, int] = {}  # task_id -> failed reads in pending()
             (held,) = self._db.execute(
                 "SELECT COALESCE(SUM(result_size), 0) FROM outbox "
@@ -251,11 +308,20 @@ class Outbox:
         """The task's entry with its result bytes (b"" once pruned or lost, see ``held``).
 
         Raises OutboxCorrupt if its result file is gone or the wrong size, and OSError if
-        the file could not be read just now (EMFILE, EIO...): nothing is changed.
+        the file could not be read just now (EMFILE, EIO...): nothing is changed. A row
+        that cannot be decoded raises OutboxCorrupt too, and, if still unacknowledged, is
+        closed as ``lost`` first (as ``pending`` would: it can never be sent).
         """
         with self._lock:  # the file is read under the lock too: prune cannot remove it midway
             row = self._db.execute(f"{_LOAD} WHERE o.task_id = ?", (str(task_id),)).fetchone()
-            return None if row is None else self._load(row)
+            if row is None:
+                return None
+            try:
+                return self._load(row)
+            except _RowDamaged as exc:
+                if row[12] is None:  # acked_at: still pending
+                    self._close_lost(row[0], row[16], str(exc))
+                raise
 
     def commit_result(
         self,
@@ -271,6 +337,7 @@ class Outbox:
         received_at: float,
         completed_at: float,
         sign: Callable[[dict[str, Any]], bytes],
+        coordinator_id: str | None = None,
     ) -> OutboxEntry:
         """Record a result, sign it, and make both durable in one transaction.
 
@@ -280,12 +347,14 @@ class Outbox:
         signed now if an older write left it unsigned): the node never signs two
         different results for one task. A large result's file is written and fsynced
         before the transaction, outside the lock, so two slots' writes overlap.
+        *coordinator_id* names the coordinator that dispatched the task: the only one
+        ``pending`` hands the entry to for it.
         """
         # a row in _COLUMNS order: unsigned, unacknowledged, held (the result lives apart)
         fresh = (
             str(task_id), str(job_id), workload_class, slice_index, kind, None, len(result),
             proof, json.dumps(message, sort_keys=True), None, received_at, completed_at,
-            None, None, None, 1,
+            None, None, None, 1, coordinator_id,
         )  # fmt: skip
         staged = self._stage(task_id, result) if len(result) > INLINE_MAX else None
         try:
@@ -305,34 +374,48 @@ class Outbox:
     ) -> OutboxEntry:
         task_id = fresh[0]
         final = self.files / (task_id + _FILE_SUFFIX)
-        # A file already renamed stays if the transaction fails: if the commit reached the
-        # disk after all (a failed fsync), its row needs it; if not, the next open removes it.
-        with self._transaction():
-            row = self._db.execute(f"{_LOAD} WHERE o.task_id = ?", (task_id,)).fetchone()
-            if row is None:
-                if staged is not None:
-                    os.replace(staged, final)  # the data is already durable
-                    _fsync_dir(self.files)  # and now its name
-                else:
+        renamed = committing = False
+        try:
+            with self._transaction():
+                row = self._db.execute(f"{_LOAD} WHERE o.task_id = ?", (task_id,)).fetchone()
+                if row is None:
+                    if staged is not None:
+                        os.replace(staged, final)  # the data is already durable
+                        renamed = True
+                        _fsync_dir(self.files)  # and now its name
+                    else:
+                        self._db.execute(
+                            "INSERT INTO outbox_results (task_id, data) VALUES (?, ?)",
+                            (task_id, result),
+                        )
                     self._db.execute(
-                        "INSERT INTO outbox_results (task_id, data) VALUES (?, ?)",
-                        (task_id, result),
+                        f"INSERT INTO outbox ({_COLUMNS}, result_file) "
+                        f"VALUES ({', '.join('?' * 18)})",
+                        (*fresh, final.name if staged is not None else None),
                     )
-                self._db.execute(
-                    f"INSERT INTO outbox ({_COLUMNS}, result_file) VALUES ({', '.join('?' * 17)})",
-                    (*fresh, final.name if staged is not None else None),
-                )
-                entry = _entry(fresh, result)
-            else:
-                entry = self._load(row)
-            if entry.signature is None:
-                signature = sign(entry.message)
-                self._db.execute(
-                    "UPDATE outbox SET signature = ? WHERE task_id = ?", (signature, task_id)
-                )
-                entry = dataclasses.replace(entry, signature=signature)
+                    entry = _entry(fresh, result)
+                else:
+                    entry = self._load(row)
+                if entry.signature is None:
+                    signature = sign(entry.message)
+                    self._db.execute(
+                        "UPDATE outbox SET signature = ? WHERE task_id = ?", (signature, task_id)
+                    )
+                    entry = dataclasses.replace(entry, signature=signature)
+                committing = True  # what fails from here on is the COMMIT
+        except BaseException as exc:
+            # The renamed file goes when the row certainly did not commit: the transaction
+            # failed before its COMMIT, or the COMMIT found the disk full (SQLite wrote no
+            # commit record). After an I/O error (a failed fsync) the commit may be on disk
+            # after all and its row need the file: it stays, and the next open removes it
+            # if no row names it.
+            if renamed and (not committing or _disk_full(exc)):
+                with contextlib.suppress(OSError):
+                    final.unlink()
+            raise
         if row is None:
             self._counts["unacknowledged"] += 1
+            self._waiting[fresh[16]] = self._waiting.get(fresh[16], 0) + 1
         return entry
 
     @contextlib.contextmanager
@@ -369,12 +452,14 @@ class Outbox:
     def _load(self, row: tuple[Any, ...]) -> OutboxEntry:
         """An entry from a ``_LOAD`` row, reading its result file if it has one and holds it.
 
-        OutboxCorrupt only for a file that is gone or the wrong size; any other OSError is
-        raised as it is, since it says nothing about the file (too many open files, EIO).
+        OutboxCorrupt for a row that cannot be decoded (_RowDamaged) or a file that is gone
+        or the wrong size; any other OSError is raised as it is, since it says nothing about
+        the file (too many open files, EIO).
         """
+        entry = _decode(row[:-1])  # a damaged row raises before any file is read
         name = row[-1]
         if name is None or not row[15]:  # no file, or a lost entry that keeps its file's name
-            return _entry(row[:-1])
+            return entry
         path = self.files / name
         try:
             with open(path, "rb") as fh:
@@ -383,14 +468,24 @@ class Outbox:
             raise OutboxCorrupt(f"result file {path} of task {row[0]}: {exc}") from None
         if len(data) != row[6]:
             raise OutboxCorrupt(f"result file {path} holds {len(data)} bytes, not {row[6]}")
-        return _entry(row[:-1], data)
+        return dataclasses.replace(entry, result=data)
 
-    def mark_acked(self, task_id: uuid.UUID, *, status: str, reason: str, at: float) -> None:
+    def mark_acked(
+        self,
+        task_id: uuid.UUID,
+        *,
+        status: str,
+        reason: str,
+        at: float,
+        coordinator_id: str | None = None,
+    ) -> None:
         """Record the coordinator's acknowledgement, without an fsync of its own.
 
         An acknowledgement lost to a power cut only means the result is sent once more
         and answered "duplicate"; the next result's commit makes it durable anyway (same
-        WAL). A kill -9 loses nothing: the write is in the WAL either way.
+        WAL). A kill -9 loses nothing: the write is in the WAL either way. With
+        *coordinator_id* (the answering one), an entry recorded for another coordinator is
+        left as it is: that one never got the result from this node.
         """
         with self._lock:
             self._db.execute("PRAGMA synchronous=NORMAL")
@@ -398,9 +493,9 @@ class Outbox:
                 # SELECT, then UPDATE in the same transaction: RETURNING needs SQLite 3.35
                 with self._transaction():
                     done = self._db.execute(
-                        "SELECT kind, result_size, held FROM outbox "
-                        "WHERE task_id = ? AND acked_at IS NULL",
-                        (str(task_id),),
+                        "SELECT kind, result_size, held, coordinator_id FROM outbox "
+                        f"WHERE task_id = ? AND acked_at IS NULL AND {_SENT_TO}",
+                        (str(task_id), coordinator_id, coordinator_id),
                     ).fetchone()
                     if done is not None:
                         self._db.execute(
@@ -411,26 +506,38 @@ class Outbox:
             finally:
                 self._db.execute("PRAGMA synchronous=FULL")
             if done is not None:
-                kind, size, held = done
-                self._counts["unacknowledged"] -= 1
+                kind, size, held, coordinator = done
+                self._settled(coordinator)
                 self._counts[_bucket(kind, status)] += 1
                 self._held_bytes += size if held else 0
 
-    def pending(self) -> list[OutboxEntry]:
-        """Committed entries not yet acknowledged, oldest first.
+    def _settled(self, coordinator_id: str | None) -> None:
+        """One entry recorded for *coordinator_id* is no longer unacknowledged."""
+        self._counts["unacknowledged"] -= 1
+        left = self._waiting.get(coordinator_id, 0) - 1
+        if left > 0:
+            self._waiting[coordinator_id] = left
+        else:
+            self._waiting.pop(coordinator_id, None)
 
-        An entry whose result file is gone or the wrong size (a damaged disk) cannot be
-        sent: it is logged and closed as ``lost``, and the coordinator's lease on it runs
-        out, so the task goes to another node. The row keeps the file's name, so the orphan
-        sweep leaves a file that turns up again. A file that cannot be read for another
-        reason (EMFILE, EIO...) is logged and left out this time only: the entry stays
-        pending and is tried again at the next reconnect, up to UNREADABLE_TRIES times in
-        this process; then it is closed as ``lost`` too (a permanent EACCES would otherwise
-        keep it pending for good, and every stop would wait for it), the file kept.
+    def pending(self, *, coordinator_id: str | None = None) -> list[OutboxEntry]:
+        """Committed entries not yet acknowledged, oldest first; with *coordinator_id*, only
+        those to send to that coordinator: its own, and those recorded before coordinator
+        ids were (others wait for the coordinator that dispatched them).
+
+        An entry whose result file is gone or the wrong size (a damaged disk), or whose row
+        cannot be decoded, cannot be sent: it is logged and closed as ``lost``, and the
+        coordinator's lease on it runs out, so the task goes to another node. The row keeps
+        the file's name, so the orphan sweep leaves a file that turns up again. A file that
+        cannot be read for another reason (EMFILE, EIO...) is logged and left out this time
+        only: the entry stays pending and is tried again at the next reconnect, up to
+        UNREADABLE_TRIES times in this process; then it is closed as ``lost`` too (a
+        permanent EACCES would otherwise keep it pending for good, and every stop would
+        wait for it), the file kept.
         """
-        return list(self.iter_pending())
+        return list(self.iter_pending(coordinator_id=coordinator_id))
 
-    def iter_pending(self) -> Iterator[OutboxEntry]:
+    def iter_pending(self, *, coordinator_id: str | None = None) -> Iterator[OutboxEntry]:
         """``pending``, one entry at a time: the daemon sends each before the next one's
         result is read, so a backlog of large results is never in memory all at once.
         Which entries are pending is read when the iteration starts."""
@@ -438,7 +545,9 @@ class Outbox:
             ids = [
                 r[0]
                 for r in self._db.execute(
-                    "SELECT task_id FROM outbox WHERE acked_at IS NULL ORDER BY completed_at"
+                    f"SELECT task_id FROM outbox WHERE acked_at IS NULL AND {_SENT_TO} "
+                    "ORDER BY completed_at",
+                    (coordinator_id, coordinator_id),
                 )
             ]
         for task_id in ids:
@@ -451,8 +560,8 @@ class Outbox:
                 try:
                     entry = self._load(row)
                     self._unreadable.pop(task_id, None)
-                except OutboxCorrupt as exc:
-                    self._close_lost(task_id, str(exc))
+                except OutboxCorrupt as exc:  # a file gone or cut short, or a damaged row
+                    self._close_lost(task_id, row[16], str(exc))
                     continue
                 except OSError as exc:  # not the file's fault, maybe: it stays, and the entry
                     tries = self._unreadable[task_id] = self._unreadable.get(task_id, 0) + 1
@@ -462,19 +571,31 @@ class Outbox:
                     )
                     if tries >= UNREADABLE_TRIES:
                         del self._unreadable[task_id]
-                        self._close_lost(task_id, f"unreadable {tries} times: {exc}")
+                        self._close_lost(task_id, row[16], f"unreadable {tries} times: {exc}")
                     continue
             yield entry
 
-    def _close_lost(self, task_id: str, why: str) -> None:
-        """Close an entry whose result cannot be sent (under the lock); its file stays."""
+    def close_lost(self, task_id: uuid.UUID, why: str) -> None:
+        """Close an unacknowledged entry whose result can never be sent (the daemon found
+        its stored message unusable) as ``lost``, as ``pending`` closes a damaged one."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT coordinator_id FROM outbox WHERE task_id = ? AND acked_at IS NULL",
+                (str(task_id),),
+            ).fetchone()
+            if row is not None:
+                self._close_lost(str(task_id), row[0], why)
+
+    def _close_lost(self, task_id: str, coordinator_id: str | None, why: str) -> None:
+        """Close a pending entry whose result cannot be sent (under the lock); its row and
+        file stay, for the operator to look at."""
         log.error("outbox.result_lost", extra={"task_id": task_id, "error": why})
         self._db.execute(
             "UPDATE outbox SET acked_at = ?, ack_status = 'lost', ack_reason = ?, "
             "held = 0 WHERE task_id = ?",
             (time.time(), why[:300], task_id),
         )
-        self._counts["unacknowledged"] -= 1
+        self._settled(coordinator_id)
         self._counts["failed"] += 1
 
     def prune(self, *, acked_before: float, keep_bytes: int) -> int:
@@ -588,19 +709,56 @@ class Outbox:
             )
         self._held_bytes -= sum(size for _, size, _ in drop)
 
-    def _remove_orphans(self) -> None:
-        """Delete result files no row names: a crash came between a file and its commit."""
+    def _remove_orphans(self, *, created: bool) -> None:
+        """Delete result files no row names: a crash came between a file and its commit.
+
+        Never those that were in the directory when this database was created (*created*:
+        by this open): no crash of this database left them, so they are another's, moved
+        aside without its results or replaced by this one, and removing them would lose
+        results it names. They are recorded, kept, and logged at every open while any is
+        left; a half-written temporary file names no result and goes either way.
+        """
+        if created:
+            found = [(e.name,) for e in os.scandir(self.files) if _RESULT_NAME.fullmatch(e.name)]
+            if found:
+                with self._transaction():
+                    self._db.executemany(
+                        "INSERT OR IGNORE INTO outbox_foreign (name) VALUES (?)", found
+                    )
         named = {
             name
             for (name,) in self._db.execute(
                 "SELECT result_file FROM outbox WHERE result_file IS NOT NULL"
             )
         }
+        foreign = {name for (name,) in self._db.execute("SELECT name FROM outbox_foreign")}
+        kept: set[str] = set()
         for entry in os.scandir(self.files):
-            if entry.name not in named and _OURS.fullmatch(entry.name):
+            if entry.name in named:  # a row of this database names it (a task run again)
+                continue
+            if entry.name in foreign:
+                kept.add(entry.name)
+            elif _OURS.fullmatch(entry.name):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(entry.path)
                 log.info("outbox.orphan_removed", extra={"file": entry.name})
+        if foreign - kept:  # removed by the operator since (or this database's now)
+            with self._transaction():
+                self._db.executemany(
+                    "DELETE FROM outbox_foreign WHERE name = ?", [(n,) for n in foreign - kept]
+                )
+        if kept:
+            log.warning(
+                "outbox.foreign_results",
+                extra={
+                    "directory": str(self.files),
+                    "files": len(kept),
+                    "fix": "these result files were there before this outbox database was "
+                    "created: another outbox database names them (one moved aside without "
+                    "them, or replaced). They are kept: put them beside that database, or "
+                    "delete them once it has no unacknowledged results",
+                },
+            )
 
     def _count_all(self) -> dict[str, int]:
         out = {"completed": 0, "failed": 0, "rejected": 0, "unacknowledged": 0}
@@ -612,8 +770,17 @@ class Outbox:
             out[bucket] += n
         return out
 
-    def backlog(self) -> int:
-        return self._counts["unacknowledged"]
+    def backlog(self, coordinator_id: str | None = None) -> int:
+        """Entries awaiting acknowledgement; with *coordinator_id*, only those ``pending``
+        would send to that coordinator (its own, and those recorded without an id)."""
+        if coordinator_id is None:
+            return self._counts["unacknowledged"]
+        return self._waiting.get(None, 0) + self._waiting.get(coordinator_id, 0)
+
+    def waiting(self) -> dict[str | None, int]:
+        """Entries awaiting acknowledgement, per coordinator that dispatched them (None:
+        recorded before coordinator ids were)."""
+        return dict(self._waiting)
 
     def held_bytes(self) -> int:
         """Bytes of acknowledged results still kept, which retention will drop."""
@@ -623,15 +790,63 @@ class Outbox:
         """Completed / failed / rejected totals for the status console (kept in memory)."""
         return dict(self._counts)
 
-    def history(self, *, since: float | None = None, limit: int = 1000) -> Iterator[OutboxEntry]:
-        """Newest first, without result bytes (``result`` is b"")."""
+    def tally(self, name: str) -> None:
+        """Count one more of *name* (TALLIES: a reject sent, a task timed out), a status
+        total that no row records, kept across restarts. Written without an fsync, as an
+        acknowledgement: a power cut may lose the last few. A failed write is logged, and
+        the count kept in memory is written with the next one."""
+        with self._lock:
+            self._tally[name] += 1
+            try:
+                self._db.execute("PRAGMA synchronous=NORMAL")
+                try:
+                    self._db.execute(
+                        "INSERT OR REPLACE INTO outbox_tally (name, count) VALUES (?, ?)",
+                        (name, self._tally[name]),
+                    )
+                finally:
+                    self._db.execute("PRAGMA synchronous=FULL")
+            except sqlite3.Error as exc:
+                log.warning("outbox.tally_failed", extra={"tally": name, "error": str(exc)})
+
+    def tallies(self) -> dict[str, int]:
+        """The TALLIES totals, since the outbox was made."""
+        return dict(self._tally)
+
+    def history(
+        self, *, since: float | None = None, limit: int = 1000, damaged: list[str] | None = None
+    ) -> Iterator[OutboxEntry]:
+        """Newest first, without result bytes (``result`` is b""). A row that cannot be
+        decoded is left out and described in *damaged*, when given, as in read_history."""
         with self._lock:
             rows = self._db.execute(
                 f"SELECT {_HISTORY_COLUMNS} FROM outbox WHERE completed_at >= ? "
                 "ORDER BY completed_at DESC LIMIT ?",
                 (since or 0.0, limit),
             ).fetchall()
-        return iter([_entry(r) for r in rows])
+        return iter(_decode_all(rows, damaged))
+
+
+def _decode_all(rows: list[tuple[Any, ...]], damaged: list[str] | None) -> list[OutboxEntry]:
+    """The rows' entries; one that cannot be decoded is described in *damaged* and left
+    out, or, without *damaged*, raises _RowDamaged (an OutboxCorrupt)."""
+    entries = []
+    for row in rows:
+        try:
+            entries.append(_decode(row))
+        except _RowDamaged as exc:
+            if damaged is None:
+                raise
+            damaged.append(str(exc))
+    return entries
+
+
+def _disk_full(exc: BaseException) -> bool:
+    """Whether *exc* is SQLite's SQLITE_FULL (or ENOSPC, EDQUOT): the write it failed left
+    nothing on disk, unlike an I/O error (a failed fsync), after which it may be there."""
+    if isinstance(exc, sqlite3.Error):
+        return getattr(exc, "sqlite_errorcode", 0) & 0xFF == sqlite3.SQLITE_FULL
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 def _bucket(kind: str, status: str) -> str:
@@ -729,8 +944,12 @@ def read_history(
     try:
         _format_version(db, path)
         columns = {row[1] for row in db.execute("PRAGMA table_info(outbox)")}
-        # an outbox written before pruning existed holds every result: held = 1
-        select = _HISTORY_COLUMNS if "held" in columns else _HISTORY_COLUMNS[: -len("held")] + "1"
+        # Columns an older outbox lacks: written before pruning existed, it holds every
+        # result (held = 1); before coordinator ids were recorded, none is known.
+        select = ", ".join(
+            _MISSING[c] if c in _MISSING and c not in columns else c
+            for c in _HISTORY_COLUMNS.split(", ")
+        )
         rows = db.execute(
             f"SELECT {select} FROM outbox WHERE completed_at >= ? "
             "ORDER BY completed_at DESC LIMIT ?",
@@ -738,12 +957,4 @@ def read_history(
         ).fetchall()
     finally:
         db.close()
-    entries = []
-    for row in rows:
-        try:
-            entries.append(_entry(row))
-        except (ValueError, TypeError) as exc:  # a bad UUID, JSON or value in the row
-            if damaged is None:
-                raise
-            damaged.append(f"the row of task {str(row[0])[:40]!r} ({type(exc).__name__}: {exc})")
-    return entries
+    return _decode_all(rows, damaged)  # a bad UUID, JSON or value in a row: left out
