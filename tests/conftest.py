@@ -31,3 +31,21 @@ def _umask_022() -> Iterator[None]:
     old = os.umask(0o022)
     yield
     os.umask(old)
+
+
+@pytest.fixture(autouse=True)
+def _nodeclient_logging_restored() -> Iterator[None]:
+    """A command run in-process (``main(["run", ...])``, ``serve``) routes the nodeclient
+    loggers to the stderr pytest captured for that test, and binds node_id for the rest
+    of the context: both are undone after every test, so that a later test never logs to
+    a closed capture (a "Logging error" on every event) or under another node's id."""
+    import logging
+
+    from nodeclient import logs
+
+    root = logging.getLogger("nodeclient")
+    saved = (root.handlers[:], root.level, root.propagate)
+    token = logs._CONTEXT.set(dict(logs._CONTEXT.get()))
+    yield
+    logs._CONTEXT.reset(token)
+    root.handlers[:], root.level, root.propagate = saved

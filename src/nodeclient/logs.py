@@ -35,6 +35,14 @@ def bind(**fields: Any) -> Iterator[None]:
         _CONTEXT.reset(token)
 
 
+def context_without(*keys: str) -> contextvars.Context:
+    """A copy of the current context with *keys* unbound: for a task started on behalf of
+    one task (a worker's replacement after it) that must not log under its id."""
+    ctx = contextvars.copy_context()
+    ctx.run(_CONTEXT.set, {k: v for k, v in _CONTEXT.get().items() if k not in keys})
+    return ctx
+
+
 def bind_global(**fields: Any) -> None:
     """Bind fields for the rest of this context (used once at daemon start for node_id)."""
     _CONTEXT.set({**_CONTEXT.get(), **fields})

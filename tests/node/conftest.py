@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import http.server
+import select
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 
@@ -22,7 +23,10 @@ class _Drip(http.server.BaseHTTPRequestHandler):
         self.end_headers()
         with contextlib.suppress(OSError):  # the client gave up: the point of the test
             if self.path == "/stall":
-                time.sleep(30)
+                # Nothing for 30 s, or until the client goes (or the server shuts this
+                # connection down as it stops): either makes the connection readable.
+                select.select([self.connection], [], [], 30)
+                return
             for _ in range(100_000):
                 self.wfile.write(b"x")
                 self.wfile.flush()

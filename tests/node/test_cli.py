@@ -802,18 +802,9 @@ def test_run_binds_node_id_before_the_outbox_opens(
     """Every event of `run` carries node_id, the outbox's at its opening included (a mode
     tightened, an orphaned result removed: what an operator looks for after a kill -9)."""
     import json as json_mod
-    import logging
 
-    from nodeclient import logs
     from nodeclient.node import daemon, keys
     from nodeclient.node.outbox import Outbox
-
-    root = logging.getLogger("nodeclient")  # run configures it, and binds node_id: undone
-    monkeypatch.setattr(root, "handlers", root.handlers[:])
-    monkeypatch.setattr(root, "level", root.level)
-    monkeypatch.setattr(root, "propagate", root.propagate)
-    token = logs._CONTEXT.set(dict(logs._CONTEXT.get()))
-    request_cleanup = logs._CONTEXT.reset
 
     Outbox(home / "outbox.db").close()
     (home / "outbox.db").chmod(0o644)  # tightened, and logged, when run opens it
@@ -829,7 +820,6 @@ def test_run_binds_node_id_before_the_outbox_opens(
     capsys.readouterr()
     args = ["run", "--home", str(home), "--coordinator", "http://127.0.0.1:9"]
     assert main([*args, "--log-format", "json"]) == 0
-    request_cleanup(token)
     events = [json_mod.loads(line) for line in capsys.readouterr().err.splitlines() if line]
     tightened = [e for e in events if e.get("event") == "outbox.mode_tightened"]
     assert tightened, events

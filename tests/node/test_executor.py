@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import io
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -374,6 +375,38 @@ def test_crash_restarts_the_worker(node: Node) -> None:
     assert info.value.reason == "crashed (signal 11, SIGSEGV)"
     node.inference_still_works()
     assert len(node.executor.start_seconds) == starts + 1
+
+
+def test_the_next_workers_events_do_not_carry_the_ended_tasks_id(
+    node: Node, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A worker is replaced after its task crashed, in the background: the new worker's
+    events (worker.started, ...) belong to no task, so they must not carry the id bound
+    for the task that ended, or filtering the log by task_id misleads."""
+    from nodeclient import logs
+
+    formatted: list[dict[str, object]] = []
+
+    class AsEmitted(logging.Handler):  # formatted where it is logged: its context bound
+        def emit(self, record: logging.LogRecord) -> None:
+            formatted.append(json.loads(logs.JsonFormatter().format(record)))
+
+    node.hostile({"do": "echo"})
+    handler = AsEmitted(level=logging.INFO)
+    executor_log = logging.getLogger("nodeclient.node.executor")
+    executor_log.addHandler(handler)
+    try:
+        with caplog.at_level(logging.INFO, logger="nodeclient.node.executor"):
+            with logs.bind(task_id="TASK-A", job_id="JOB-A"), pytest.raises(TaskFailed):
+                node.hostile({"do": "crash"}, task_id="TASK-A")
+            node.inference_still_works()  # waits for the replacement worker
+    finally:
+        executor_log.removeHandler(handler)
+    started = [e for e in formatted if e["event"] == "worker.started"]
+    assert started, formatted
+    assert all("task_id" not in e and "job_id" not in e for e in started), started
+    died = [e for e in formatted if e["event"] == "worker.died"]
+    assert died and died[0].get("task_id") == "TASK-A"  # the task's own events keep it
 
 
 def test_deadline_kills_the_task(node: Node) -> None:

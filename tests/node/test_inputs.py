@@ -377,30 +377,26 @@ def test_a_public_host_is_fetched_at_the_address_that_was_checked(
         def log_message(self, *_args: object) -> None:
             return None
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Echo)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    port = server.server_address[1]
-    lookups: list[str] = []
-    real = inputs.socket.getaddrinfo
+    with serving(Echo) as base:
+        port = int(base.rsplit(":", 1)[1])
+        lookups: list[str] = []
+        real = inputs.socket.getaddrinfo
 
-    def getaddrinfo(host: str, *args: object, **kwargs: object) -> list:
-        if host != "models.example":  # the connection to the address itself
-            return real(host, *args, **kwargs)  # type: ignore[arg-type]
-        lookups.append(host)  # the first answer is "public"; a second would be the trap
-        if len(lookups) > 1:
-            return [(2, 1, 6, "", ("10.9.9.9", port))]
-        # Two addresses: nothing listens on the first, so the second is tried.
-        return [(2, 1, 6, "", ("127.0.0.2", port)), (2, 1, 6, "", ("127.0.0.1", port))]
+        def getaddrinfo(host: str, *args: object, **kwargs: object) -> list:
+            if host != "models.example":  # the connection to the address itself
+                return real(host, *args, **kwargs)  # type: ignore[arg-type]
+            lookups.append(host)  # the first answer is "public"; a second would be the trap
+            if len(lookups) > 1:
+                return [(2, 1, 6, "", ("10.9.9.9", port))]
+            # Two addresses: nothing listens on the first, so the second is tried.
+            return [(2, 1, 6, "", ("127.0.0.2", port)), (2, 1, 6, "", ("127.0.0.1", port))]
 
-    monkeypatch.setattr(inputs.socket, "getaddrinfo", getaddrinfo)
-    monkeypatch.setattr(inputs, "_public", lambda a: str(a) in ("127.0.0.1", "127.0.0.2"))
-    try:
+        monkeypatch.setattr(inputs.socket, "getaddrinfo", getaddrinfo)
+        monkeypatch.setattr(inputs, "_public", lambda a: str(a) in ("127.0.0.1", "127.0.0.2"))
         assert (
             http_fetcher("https://coordinator.example")(f"http://models.example:{port}/m")
             == b"model"
         )
-    finally:
-        server.shutdown()
     assert lookups == ["models.example"]
     assert seen == [f"models.example:{port}"]
 

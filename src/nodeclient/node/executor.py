@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
+from nodeclient import logs
 from nodeclient.errors import NodeClientError, ProtocolError, RemoteProtocolError
 from nodeclient.node import sandbox, worker
 from nodeclient.node.sandbox import MODE_BWRAP, Limits
@@ -842,7 +843,11 @@ class Executor:
         if slot.alive and not slot.settling:
             self._idle.put_nowait(slot)
             return
-        task = asyncio.create_task(self._settle(slot) if slot.alive else self._replace(slot))
+        # The slot's next worker serves later tasks: its events are not the ended task's.
+        task = asyncio.create_task(
+            self._settle(slot) if slot.alive else self._replace(slot),
+            context=logs.context_without("task_id", "job_id"),
+        )
         slot.settle_task = task if slot.alive else None
         self._restarts.add(task)
         task.add_done_callback(self._restarts.discard)
