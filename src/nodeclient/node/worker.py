@@ -255,6 +255,10 @@ class Worker:
         self.task_dir.mkdir(mode=0o700, exist_ok=True)
         tmp = config.get("tmp_dir")  # the sandbox's /tmp: emptied after every task too
         self.tmp_dir = None if tmp is None else Path(tmp)
+        # What /tmp holds before any task: the directories bubblewrap made for the paths it
+        # binds below /tmp (the code, the interpreter, when they live there), not the
+        # task's and never removed. Nothing else of it is writable by the task.
+        self.tmp_keep = frozenset(os.listdir(tmp)) if tmp is not None else frozenset()
         self.runtimes: dict[str, Any] = {}
         self.broken: dict[str, str] = {}
         cache = Path(config["cache_dir"])
@@ -300,7 +304,9 @@ class Worker:
         write_frame(self.out_fd, answer, body, self.shared)
         if not clean:
             return False
-        emptied = self._empty_task_dir() and (self.tmp_dir is None or _empty(self.tmp_dir))
+        emptied = self._empty_task_dir() and (
+            self.tmp_dir is None or _empty(self.tmp_dir, keep=self.tmp_keep)
+        )
         tainted = not emptied or self._left_behind()
         write_frame(self.out_fd, {"op": "clean", "id": task_id, "restart": tainted})
         return not tainted
@@ -380,18 +386,19 @@ class Worker:
         return any(name.isdigit() and int(name) not in mine for name in os.listdir("/proc"))
 
 
-def _empty(directory: Path) -> bool:
-    """Remove everything in *directory*; False if something is left (a subdirectory the
-    task made unreadable, say: then the worker is replaced, and its directories with it)."""
+def _empty(directory: Path, *, keep: frozenset[str] = frozenset()) -> bool:
+    """Remove everything in *directory* but the names in *keep*; False if something else
+    is left (a subdirectory the task made unreadable, say: then the worker is replaced,
+    and its directories with it)."""
     try:
         with os.scandir(directory) as entries:
-            leftovers = [Path(e.path) for e in entries]
+            leftovers = [Path(e.path) for e in entries if e.name not in keep]
         for path in leftovers:
             if path.is_dir() and not path.is_symlink():
                 shutil.rmtree(path)
             else:
                 path.unlink()
-        return not any(directory.iterdir())
+        return not any(p.name not in keep for p in directory.iterdir())
     except OSError:
         return False
 
