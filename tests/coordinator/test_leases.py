@@ -358,6 +358,7 @@ def test_a_node_that_links_again_without_its_task_gets_it_back_at_once(
     jobs = [running.client.submit_job("ai.inference", inference_payload(VALUES)) for _ in range(2)]
     kept, lost = node.recv(), node.recv()
     assert {kept["job_id"], lost["job_id"]} == {j["job_id"] for j in jobs}
+    running.clock.advance(5)  # the node restarts
     running.link(node)  # the restarted node's link replaces the old one
     third = running.client.submit_job("ai.inference", inference_payload(VALUES))
     fresh = node.recv(skip=("heartbeat_ack",))
@@ -374,3 +375,68 @@ def test_a_node_that_links_again_without_its_task_gets_it_back_at_once(
     assert "linked again without it" in tasks[lost["task_id"]]["reason"]
     assert tasks[kept["task_id"]]["attempts"] == 1 and tasks[kept["task_id"]]["status"] == "leased"
     assert tasks[fresh["task_id"]]["attempts"] == 1
+
+
+def test_a_lease_made_for_the_new_link_is_not_reconciled_away(
+    start_coordinator, rsa_keys, monkeypatch
+) -> None:
+    """A lease granted after the link was attached is this link's to send, however long
+    its sealing takes: the second heartbeat, arriving before the dispatch does, must not
+    re-queue it as lost (its dispatch would then be dropped, or the task run twice)."""
+    from nodeclient.coordinator import scheduler as sch
+
+    real = sch._seal_all
+
+    def slow(jobs):  # a large payload is still being sealed when the heartbeats come
+        time.sleep(1.0)
+        return real(jobs)
+
+    monkeypatch.setattr(sch, "_seal_all", slow)
+    running = start_coordinator(heartbeat_interval=1000.0)
+    node = make_node(rsa_keys, 0)
+    running.register(node)
+    running.link(node)
+    running.clock.advance(1)
+    job = running.client.submit_job("ai.inference", inference_payload(VALUES))
+    end = time.monotonic() + 10
+    while running.client.job(job["job_id"])["tasks"][0]["status"] != "leased":
+        assert time.monotonic() < end
+        time.sleep(0.02)
+    for _ in range(2):
+        assert node.call(node.heartbeat())["type"] == "heartbeat_ack"
+    dispatch = node.recv(skip=("heartbeat_ack",))
+    assert dispatch["type"] == "dispatch"
+    task = running.client.job(job["job_id"])["tasks"][0]
+    assert (task["status"], task["attempts"]) == ("leased", 1), task
+
+
+def test_a_node_that_handed_a_task_back_may_take_it_again(start_coordinator, rsa_keys) -> None:
+    """A task handed back by a stopping node ('draining: ') is no failure of that node:
+    once it links again it may take the task, even while another node that serves the
+    class (busy now) has not tried it."""
+    from nodeclient.protocol.messages import DRAINING_PREFIX
+
+    running = start_coordinator(heartbeat_interval=1000.0)
+    restarting, busy = make_node(rsa_keys, 0), make_node(rsa_keys, 1)
+    running.register(busy)
+    running.link(busy)
+    first = running.client.submit_job("ai.inference", inference_payload(VALUES))
+    assert busy.recv()["job_id"] == first["job_id"]  # its only slot taken
+    running.register(restarting)
+    running.link(restarting)
+    job = running.client.submit_job("ai.inference", inference_payload(VALUES))
+    handed = restarting.recv()
+    reason = DRAINING_PREFIX + "node is shutting down"
+    assert (
+        restarting.call(
+            restarting.reject(
+                handed["task_id"], reason, lease_expires_at=handed["lease_expires_at"]
+            )
+        )["status"]
+        == "accepted"
+    )
+    running.clock.advance(5)
+    running.link(restarting)  # back after its restart
+    again = restarting.recv(skip=("heartbeat_ack",))
+    assert (again["type"], again["task_id"]) == ("dispatch", handed["task_id"])
+    assert running.client.job(job["job_id"])["tasks"][0]["attempts"] == 1

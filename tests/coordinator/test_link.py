@@ -460,3 +460,21 @@ def test_a_database_failure_closes_the_link_1011_and_serving_goes_on(
         assert closed_code(node.ws) == (1011, "coordinator internal error; reported in its log")
     (bug,) = [r for r in caplog.records if r.getMessage() == "link.internal_error"]
     assert bug.exc_info is not None
+
+
+def test_the_heartbeat_budget_follows_a_short_interval(start_coordinator, rsa_keys) -> None:
+    """A coordinator with a short heartbeat interval (tests, benchmarks: 0.05 s is
+    allowed) lets its nodes send that often: the budget is 4 heartbeats an interval, at
+    least HEARTBEAT_RATE a second."""
+    from nodeclient.coordinator.link import HEARTBEAT_BURST
+
+    running = start_coordinator(heartbeat_interval=0.05)
+    node = make_node(rsa_keys, 0)
+    running.register(node)
+    running.link(node)
+    frames = [node.heartbeat() for _ in range(HEARTBEAT_BURST + 20)]
+    answers = []
+    for frame in frames:  # as a node at that interval would, but faster still
+        running.clock.advance(0.025)  # twice as fast as the interval: within 4 an interval
+        answers.append(node.call(frame)["type"])
+    assert set(answers) == {"heartbeat_ack"}

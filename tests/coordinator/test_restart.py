@@ -108,6 +108,7 @@ def test_sqlite_commits_are_durable_but_heartbeats_are_cheap(tmp_path: Path) -> 
     may take back its last seqs, never corrupt the file)."""
     import asyncio
 
+    import pytest
     from sqlalchemy import text
 
     from nodeclient.coordinator.store import Database
@@ -119,6 +120,14 @@ def test_sqlite_commits_are_durable_but_heartbeats_are_cheap(tmp_path: Path) -> 
             db.run_heartbeats(lambda conn: conn.exec_driver_sql("PRAGMA synchronous").scalar())
         )
         assert level == 1
+        assert db.run_sync(lambda s: s.execute(text("PRAGMA synchronous")).scalar()) == 2
+
+        def fails(conn: object) -> None:
+            raise RuntimeError("a heartbeat commit that failed")
+
+        with pytest.raises(RuntimeError):  # its connection is dropped, never pooled
+            asyncio.run(db.run_heartbeats(fails))
+        assert asyncio.run(db.run(lambda s: s.execute(text("PRAGMA synchronous")).scalar())) == 2
         assert db.run_sync(lambda s: s.execute(text("PRAGMA synchronous")).scalar()) == 2
     finally:
         db.close()

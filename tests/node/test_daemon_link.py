@@ -811,3 +811,55 @@ def test_a_result_is_logged_as_sent_only_when_the_link_took_it(
         assert daemon.outbox.backlog() == 1
     finally:
         daemon.outbox.close()
+
+
+def test_a_stop_does_not_wait_for_another_coordinators_results(tmp_path: Path) -> None:
+    """The outbox holds a result for another coordinator, which this link never sends: a
+    stop flushes what this link sends and does not wait out its deadline on that one."""
+    daemon = make_daemon(tmp_path)
+    try:
+        daemon.outbox.commit_result(
+            task_id=uuid.uuid4(), job_id=uuid.UUID(int=9), workload_class="ai.inference",
+            slice_index=None, kind="result", result=b"r", proof=b"p" * 32, message={},
+            received_at=1.0, completed_at=2.0, sign=lambda m: b"s" * 65,
+            coordinator_id="another-coordinator",
+        )  # fmt: skip
+        daemon.session.coordinator_id = "this-coordinator"
+        daemon._ws = object()  # type: ignore[assignment]  # a link that is up
+        began = time.monotonic()
+        asyncio.run(daemon._drain())
+        assert time.monotonic() - began < 2  # the flush waits up to 10 s for its own
+        assert daemon.outbox.backlog() == 1  # kept for the coordinator that dispatched it
+    finally:
+        daemon.outbox.close()
+
+
+def test_a_heartbeat_lists_the_results_it_holds_for_its_coordinator(tmp_path: Path) -> None:
+    """A heartbeat's running_tasks names the tasks the node holds: besides those running,
+    those finished with a result this coordinator has not acknowledged (it may be sending
+    them now, after a reconnect), so that the coordinator does not re-queue them as lost.
+    Another coordinator's are not this one's business."""
+    daemon = make_daemon(tmp_path)
+    mine, theirs = uuid.uuid4(), uuid.uuid4()
+    try:
+        for task, coordinator in ((mine, "this-coordinator"), (theirs, "another")):
+            daemon.outbox.commit_result(
+                task_id=task, job_id=uuid.UUID(int=9), workload_class="ai.inference",
+                slice_index=None, kind="result", result=b"r", proof=b"p" * 32, message={},
+                received_at=1.0, completed_at=2.0, sign=lambda m: b"s" * 65,
+                coordinator_id=coordinator,
+            )  # fmt: skip
+        daemon.session.coordinator_id = "this-coordinator"
+        daemon.session.authenticated = True  # as after a welcome
+        sent: list[dict[str, Any]] = []
+
+        class OneFrame:
+            async def send(self, data: str) -> None:
+                sent.append(json.loads(data))
+                raise asyncio.CancelledError  # one heartbeat is enough
+
+        with pytest.raises(asyncio.CancelledError):
+            asyncio.run(daemon._heartbeats(OneFrame(), 30.0))  # type: ignore[arg-type]
+        assert sent[0]["message"]["running_tasks"] == ["0x" + mine.hex]
+    finally:
+        daemon.outbox.close()

@@ -900,9 +900,13 @@ def _place(
     if not queued:
         return [], 0
     ids = [q[0] for q in queued]
+    # The nodes whose lease of a task failed (not one handed back by a stopping node, nor
+    # one whose dispatch never left: neither was the node's doing).
     tried: dict[str, list[str]] = {}
     for task_id, node_id in session.execute(
-        select(m.TaskAttempt.task_id, m.TaskAttempt.node_id).where(m.TaskAttempt.task_id.in_(ids))
+        select(m.TaskAttempt.task_id, m.TaskAttempt.node_id).where(
+            m.TaskAttempt.task_id.in_(ids), m.TaskAttempt.outcome.in_(FAILED_OUTCOMES)
+        )
     ):
         tried.setdefault(task_id, []).append(node_id)
     # The page's tasks and jobs in two queries, not two per task: each lookup by primary

@@ -265,8 +265,10 @@ class Database:
                 return fn(conn)
         except BaseException:
             # A connection that failed mid-transaction is not trusted again: the next
-            # commit opens a fresh one.
+            # commit opens a fresh one. Invalidated, not returned to the pool: the other
+            # transactions would get it, and its synchronous=NORMAL with it.
             self._hb_conn = None
+            conn.invalidate()
             conn.close()
             raise
 
@@ -277,6 +279,7 @@ class Database:
 
     def _close_heartbeat_conn(self) -> None:
         if self._hb_conn is not None:
+            self._hb_conn.invalidate()  # never back into the pool: its synchronous=NORMAL
             self._hb_conn.close()
             self._hb_conn = None
 

@@ -67,6 +67,9 @@ CLOSE_REPLACED: Final = 4004
 # ended; one that ends sooner (even with a clean close) backs off further.
 STABLE_LINK_S: Final = 10.0
 _UNANSWERED_HEARTBEATS: Final = 64  # send times kept for the round trip of their acks
+# Unacknowledged results a heartbeat lists as held (about 40 bytes each in its JSON: the
+# frame stays far below the 64 KiB a control frame may have).
+HEARTBEAT_HELD_RESULTS: Final = 512
 # A link replaced (4004) by another process with this node's keys: the daemon links
 # again after this pause; replaced again within the window, it stops (LinkReplaced).
 REPLACED_PAUSE_S: Final = 60.0
@@ -343,7 +346,9 @@ class NodeDaemon:
             await asyncio.wait(handles, timeout=self.shutdown_grace)
         await self._hand_back()
         deadline = time.monotonic() + 10.0
-        while self.outbox.backlog() and self._ws is not None and time.monotonic() < deadline:
+        # Only what this link sends: another coordinator's results wait for that one.
+        mine = self.session.coordinator_id
+        while self.outbox.backlog(mine) and self._ws is not None and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
 
     async def _hand_back(self) -> None:
@@ -602,7 +607,13 @@ class NodeDaemon:
     async def _heartbeats(self, ws: ClientConnection, coordinator_interval: float) -> None:
         interval = min(self.heartbeat_interval, coordinator_interval)
         while True:
-            running = list(self.running)
+            # The tasks this node holds: running, and (the oldest few hundred) finished with
+            # a result this coordinator has not acknowledged yet, which it may be sending
+            # now. The coordinator re-queues at once a lease its node does not hold.
+            held = self.outbox.pending_ids(
+                coordinator_id=self.session.coordinator_id, limit=HEARTBEAT_HELD_RESULTS
+            )
+            running = list(dict.fromkeys([*self.running, *held]))
             load = int(os.getloadavg()[0] / max(1, os.cpu_count() or 1) * 1000)
             frame = self.session.heartbeat(
                 state=self.state.state, running=running, load_permille=load

@@ -537,6 +537,21 @@ class Outbox:
         """
         return list(self.iter_pending(coordinator_id=coordinator_id))
 
+    def pending_ids(self, *, coordinator_id: str | None, limit: int) -> list[uuid.UUID]:
+        """The task ids of up to *limit* entries ``pending`` would send to *coordinator_id*,
+        oldest first, read from the index alone (no result, no decoding)."""
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT task_id FROM outbox WHERE acked_at IS NULL AND {_SENT_TO} "
+                "ORDER BY completed_at LIMIT ?",
+                (coordinator_id, coordinator_id, limit),
+            ).fetchall()
+        out = []
+        for (task_id,) in rows:
+            with contextlib.suppress(ValueError, TypeError):  # a damaged row: not listed
+                out.append(uuid.UUID(task_id))
+        return out
+
     def iter_pending(self, *, coordinator_id: str | None = None) -> Iterator[OutboxEntry]:
         """``pending``, one entry at a time: the daemon sends each before the next one's
         result is read, so a backlog of large results is never in memory all at once.
