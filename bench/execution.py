@@ -71,7 +71,7 @@ from nodeclient import logs
 from nodeclient.clock import SystemClock
 from nodeclient.coordinator.classes import REGISTRY
 from nodeclient.node import sandbox
-from nodeclient.node.daemon import NodeDaemon
+from nodeclient.node.daemon import NodeDaemon, Retention
 from nodeclient.node.executor import Executor, WorkerConfig
 from nodeclient.node.outbox import Outbox
 from nodeclient.node.runtimes.onnx import ModelCache, OnnxRuntime
@@ -144,6 +144,9 @@ def make_daemon(home: Path, mode: str, model: bytes) -> tuple[NodeDaemon, rsa.RS
         outbox=Outbox(home / "outbox.db"),
         clock=SystemClock(),
         heartbeat_interval=30.0,
+        # Nothing acknowledges the results here: a backlog of thousands, kept, as before
+        # the daemon refused work past max_unacknowledged_results (256 by default).
+        retention=Retention(max_unacknowledged=1_000_000),
     )
     daemon._ws = node_overhead.CaptureLink()  # type: ignore[assignment]
     daemon.session.binary = True  # binary data frames, as with this project's coordinator

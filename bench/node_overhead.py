@@ -45,7 +45,7 @@ from tests.models import identity_model, slow_model
 from nodeclient import logs
 from nodeclient.clock import SystemClock
 from nodeclient.node import sandbox
-from nodeclient.node.daemon import NodeDaemon
+from nodeclient.node.daemon import NodeDaemon, Retention
 from nodeclient.node.executor import Executor, WorkerConfig
 from nodeclient.node.outbox import Outbox
 from nodeclient.protocol import envelope, messages
@@ -108,6 +108,9 @@ def make_daemon(home: Path, slots: int) -> tuple[NodeDaemon, rsa.RSAPrivateKey, 
         outbox=Outbox(home / "outbox.db"),
         clock=SystemClock(),
         heartbeat_interval=30.0,
+        # Nothing acknowledges the results here: a backlog of thousands, kept, as before
+        # the daemon refused work past max_unacknowledged_results (256 by default).
+        retention=Retention(max_unacknowledged=1_000_000),
     )
     link = CaptureLink()
     daemon._ws = link  # type: ignore[assignment]
