@@ -979,3 +979,28 @@ def test_a_re_lease_does_not_move_the_round_clock_back(db: Database, digits: tup
     assert db.run_sync(lambda s: s.get_one(m.Job, job_id).round_deadline) == NOW + 600
     assert len(db.run_sync(lambda s: rounds.deadline_tx(s, now=NOW + 601))) == 1
     assert db.run_sync(lambda s: s.get_one(m.Job, job_id).status) != m.RUNNING
+
+
+def test_a_stub_whose_round_weights_are_gone_fails_its_job_and_withdraws_its_leases(
+    db: Database, digits: tuple
+) -> None:
+    """A damaged database: a slice stub whose round input is missing cannot be made into
+    the payload a node needs. Its job fails with the reason, nothing is dispatched for it,
+    and the leases of the job's other slices are handed back for cancelling on their
+    nodes, rather than the nodes receiving a stub they would refuse one by one."""
+    from nodeclient.coordinator.scheduler import assign_tx
+
+    job_id = _insert(db, _job(digits, rounds=1, inner_steps=2), 2)
+    node = Candidate("0x" + "ab" * 20, 4, "eu-west", frozenset({tr.CLASS}), 1)  # one slot
+    first = db.run_sync(lambda s: assign_tx(s, [node], now=NOW, lease_seconds=300.0))
+    assert len(first) == 1  # one slice leased and sent, the other queued
+    db.run_sync(lambda s: s.execute(m.RoundInput.__table__.delete()))  # the damage
+    other = Candidate("0x" + "cd" * 20, 4, "eu-west", frozenset({tr.CLASS}), 1)
+    withdrawn: list[tuple[str, str]] = []
+    sent = db.run_sync(
+        lambda s: assign_tx(s, [node, other], now=NOW, lease_seconds=300.0, withdrawn=withdrawn)
+    )
+    status, reason, _ = _job_row(db, job_id)
+    assert sent == [] and status == m.FAILED
+    assert "cannot be sent" in (reason or "") and "the round's are" in (reason or "")
+    assert withdrawn == [(node.node_id, first[0].task_id)]

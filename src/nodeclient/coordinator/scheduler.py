@@ -721,8 +721,11 @@ def assign_tx(
     *,
     now: float,
     lease_seconds: float,
+    withdrawn: list[tuple[str, str]] | None = None,
 ) -> list[Assignment]:
     """Lease queued tasks to eligible nodes, oldest first; returns what to dispatch.
+    *withdrawn* gets the (node_id, task_id) leases to cancel on their nodes, of a job
+    failed meanwhile (a stored payload that cannot be sent).
 
     Only tasks that some candidate can take (its class, tier and slot sizes: the
     candidates' :attr:`Roster.offers`) are read, a page of BATCH at a time. A round goes
@@ -767,7 +770,7 @@ def assign_tx(
     ids = [t.task_id for t, _, _, _ in placed]
     rows = session.execute(select(m.Task.task_id, m.Task.payload).where(m.Task.task_id.in_(ids)))
     payloads: dict[str, bytes] = dict(rows.all())
-    broken = _expand(session, placed, payloads, now)
+    broken = _expand(session, placed, payloads, now, withdrawn)
     out: list[Assignment] = []
     for task, job, wclass, choice in placed:
         if job.job_id in broken:
@@ -797,6 +800,7 @@ def _expand(
     placed: Sequence[tuple[m.Task, m.Job, str, str]],
     payloads: dict[str, bytes],
     now: float,
+    withdrawn: list[tuple[str, str]] | None = None,
 ) -> set[str]:
     """Put into each placed task's payload what its round's tasks share (stored once,
     ``round_inputs``), for the classes that have it; returns the jobs failed because a
@@ -816,7 +820,9 @@ def _expand(
         except ProtocolError as exc:
             reason = f"the coordinator's stored task {task.task_id} cannot be sent: {exc}"
             log.error("job.payload_unusable", extra={"job_id": job.job_id, "reason": reason})
-            fail_job(session, job.job_id, reason, now)
+            cancel = fail_job(session, job.job_id, reason, now)
+            if withdrawn is not None:
+                withdrawn.extend(cancel)
             broken.add(job.job_id)
     return broken
 
@@ -1101,9 +1107,13 @@ class Scheduler:
         roster = self.roster()
         if not roster.candidates:
             return
+        withdrawn: list[tuple[str, str]] = []
         assigned = await coord.db.run(
-            lambda s: assign_tx(s, roster, now=now, lease_seconds=cfg.lease_seconds)
+            lambda s: assign_tx(
+                s, roster, now=now, lease_seconds=cfg.lease_seconds, withdrawn=withdrawn
+            )
         )
+        cancel_leases(coord, withdrawn, "job failed")
         if assigned:  # sealed and sent in the background: a slow node holds up no round
             coord.granted((a.node_id, a.task_id) for a in assigned)
             coord.spawn(self.dispatch_all(assigned), "dispatch")
