@@ -148,6 +148,32 @@ def test_fp16_pseudo_gradient_when_asked(job: tr.JobRequest, runtime: TorchTrain
     )
 
 
+@pytest.mark.parametrize(
+    ("lr", "scale", "reason"),
+    [(1e-7, 1.0, "every value is below F16's smallest"), (10.0, 1e6, "is past F16's")],
+    ids=["underflow", "overflow"],
+)
+def test_an_update_f16_cannot_carry_is_the_requests_fault(
+    runtime: TorchTrainRuntime, lr: float, scale: float, reason: str
+) -> None:
+    """An update too small for F16 would arrive as all zeros (refused as a forgery), one
+    too large as infinity (refused as divergence), and on every node alike: the slice is
+    refused as the request's fault, naming the dtype, not sent to be blamed on nodes."""
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((64, 8)) * scale).astype(np.float32)
+    y = rng.integers(0, 3, 64).astype(np.int64)
+    inner = tr.InnerOptimizer(name="sgd", lr=lr, weight_decay=0.0)
+    model = tr.ModelSpec.parse([{"type": "Linear", "in": 8, "out": 3}])
+    for dtype in ("F32", "F16"):
+        config = tr.TrainingConfig(inner_steps=1, batch_size=64, grad_dtype=dtype, inner=inner)
+        [payload] = tr.JobRequest(model, config, x, y).round_zero(1)
+        if dtype == "F32":
+            runtime.run(payload)  # F32 carries it
+            continue
+        with pytest.raises(RemoteProtocolError, match=reason):
+            runtime.run(payload)
+
+
 def test_progress_is_reported_with_step_and_loss(
     job: tr.JobRequest, runtime: TorchTrainRuntime
 ) -> None:

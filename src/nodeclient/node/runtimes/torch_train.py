@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Final
 import numpy as np
 import numpy.typing as npt
 
+from nodeclient.errors import RemoteProtocolError
 from nodeclient.node.runtimes.base import Progress, no_progress
 from nodeclient.workloads.tensors import DEFAULT_MAX_BYTES
 from nodeclient.workloads.training import (
@@ -119,6 +120,33 @@ def predict(
     with torch.no_grad():
         out: npt.NDArray[Any] = model(torch.from_numpy(np.array(x, dtype=np.float32))).numpy()
     return out
+
+
+_F16_MAX: Final = float(np.finfo(np.float16).max)
+
+
+def _check_f16(deltas: Mapping[str, npt.NDArray[np.float32]]) -> None:
+    """Refuse, as the request's fault, an update that F16 cannot carry: finite values
+    past its range would arrive as infinity, and an update of only values below its
+    smallest would arrive as all zeros; the coordinator refuses both as a diverged or a
+    forged slice, on every node. (Non-finite values, a diverged run, pass: they are the
+    coordinator's to reject.)"""
+    biggest = max(
+        (float(np.max(np.abs(d[np.isfinite(d)]), initial=0.0)) for d in deltas.values()),
+        default=0.0,
+    )
+    if biggest > _F16_MAX:
+        raise RemoteProtocolError(
+            f"grad_dtype F16 cannot hold this update: a value of {biggest:.3g} is past F16's "
+            f"{_F16_MAX:g}; ask for F32, or a smaller learning rate"
+        )
+    moved = any(np.any(d != 0) for d in deltas.values())
+    if moved and not any(np.any(d.astype(np.float16) != 0) for d in deltas.values()):
+        raise RemoteProtocolError(
+            "grad_dtype F16 cannot hold this update: every value is below F16's smallest "
+            "and would arrive as all zeros; ask for F32, or more steps or a larger "
+            "learning rate"
+        )
 
 
 @contextlib.contextmanager
@@ -245,10 +273,9 @@ class TorchTrainRuntime:
                 first = last
             if step % every == 0 or step == plan.steps:
                 progress(step, plan.steps, f"step {step} loss {last:.4f}")
-        dtype = np.float16 if plan.grad_dtype == "F16" else np.float32
         end = {name: t.detach().cpu().numpy() for name, t in model.state_dict().items()}
-        deltas = {
-            name: (np.asarray(start, np.float32) - end[name]).astype(dtype)
-            for name, start in weights.items()
-        }
-        return deltas, first, last
+        full = {name: np.asarray(start, np.float32) - end[name] for name, start in weights.items()}
+        if plan.grad_dtype == "F16":
+            _check_f16(full)
+            return {name: d.astype(np.float16) for name, d in full.items()}, first, last
+        return full, first, last
