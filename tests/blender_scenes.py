@@ -15,7 +15,13 @@ Variants:
   the .blend at build time): the runtime renders it only when the request's asset
   manifest supplies that file;
 * ``autoexec``: the cube scene plus a text block registered to run on load, which would
-  write ``<path>.autorun-marker`` if Blender ran scripts from the file.
+  write ``<path>.autorun-marker`` if Blender ran scripts from the file;
+* ``stereo``, ``stereo-sbs``: the cube scene set up for stereo (multiview) output, each
+  view to its own file, or both side by side in one image twice as wide;
+* ``layers``: the cube scene whose view layer asks for 2000 samples of its own, plus two
+  more enabled view layers (``extra0``, ``extra1``) that ask for as many;
+* ``rigidbody``: the cube scene plus a second cube that falls from frame 1 on as an
+  unbaked rigid body simulation, so frame N depends on the frames before it.
 """
 
 from __future__ import annotations
@@ -99,6 +105,32 @@ def build(out, variant):
         text = bpy.data.texts.new("autorun.py")
         text.use_module = True
         text.write("open(%r, 'w').write('ran')\n" % (out + ".autorun-marker"))
+    if variant in ("stereo", "stereo-sbs"):
+        scene.render.use_multiview = True
+        scene.render.views_format = "STEREO_3D"
+        views = scene.render.image_settings
+        views.views_format = "INDIVIDUAL" if variant == "stereo" else "STEREO_3D"
+        views.stereo_3d_format.display_mode = "SIDEBYSIDE"
+    if variant == "layers":
+        scene.view_layers[0].samples = 2000
+        for i in range(2):
+            scene.view_layers.new("extra%d" % i).samples = 2000
+    if variant == "rigidbody":
+        mesh = bpy.data.meshes.new("faller")
+        bm = bmesh.new()
+        bmesh.ops.create_cube(bm, size=0.6)
+        bm.to_mesh(mesh)
+        bm.free()
+        mesh.materials.append(bpy.data.materials["red"])
+        faller = bpy.data.objects.new("faller", mesh)
+        faller.location = (0, 0, 2.0)
+        scene.collection.objects.link(faller)
+        bpy.context.view_layer.objects.active = faller
+        faller.select_set(True)
+        bpy.ops.rigidbody.world_add()
+        bpy.ops.rigidbody.object_add()
+        scene.rigidbody_world.point_cache.frame_start = 1
+        scene.frame_current = 1
     bpy.ops.wm.save_as_mainfile(filepath=out, compress=True)
     if variant == "textured":  # now that the file has a folder, "//" means that folder
         bpy.data.images["checker"].filepath = "//textures/checker.png"

@@ -312,7 +312,7 @@ def test_a_split_over_the_band_limit_is_refused(running: Running) -> None:
     """16384 bands of a 16384-row frame, one per row, are refused with a 400 naming the
     limit, and nothing is stored."""
     scene = bytes(range(256)) * 4096
-    bands = render.make_request(scene, frames=(0, 0), width=1, height=16384, samples=1,
+    bands = render.make_request(scene, frames=(0, 0), width=4, height=16384, samples=1,
                                 tiles=2).encode()  # fmt: skip
     tensors, meta = decode_tensors(bands)
     tall = encode_tensors(tensors, metadata={**meta, "tiles": "16384"})

@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
+import os
+import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -32,7 +36,11 @@ SEED = 7
 def scene_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The test scenes, built once for this module in one Blender run."""
     directory = tmp_path_factory.mktemp("scenes")
-    build_scenes(directory, ("cube", "empty", "external", "textured", "autoexec"))
+    build_scenes(
+        directory,
+        ("cube", "empty", "external", "textured", "autoexec", "stereo", "stereo-sbs",
+         "layers", "rigidbody"),
+    )  # fmt: skip
     return directory
 
 
@@ -52,23 +60,30 @@ def _runtime(**kw: object) -> BlenderRuntime:
     return BlenderRuntime(threads=2, **kw)  # type: ignore[arg-type]
 
 
-def _direct_render(scene: bytes, tmp_path: Path) -> dict[int, np.ndarray]:
-    """All frames in one plain ``blender -b`` run with the same override, read by Pillow."""
-    (tmp_path / "direct").mkdir()
-    blend, script = tmp_path / "direct" / "scene.blend", tmp_path / "direct" / "override.py"
+def _override(
+    scene: bytes, directory: Path, **settings: object
+) -> subprocess.CompletedProcess[str]:
+    """One plain ``blender -b`` run of *scene* with the override script and *settings*
+    (frames 1..FRAMES of WIDTH x HEIGHT by default), its frames in ``directory/frames``."""
+    directory.mkdir()
+    blend, script = directory / "scene.blend", directory / "override.py"
     blend.write_bytes(scene)
     script.write_text(OVERRIDE_SCRIPT)
-    out = tmp_path / "direct" / "frames"
-    out.mkdir()
-    settings = (
-        f'{{"frame_start":1,"frame_end":{FRAMES},"width":{WIDTH},"height":{HEIGHT},'
-        f'"samples":{SAMPLES},"seed":{SEED},"threads":1,"out":"{out}"}}'
-    )
-    subprocess.run(
+    (directory / "frames").mkdir()
+    cfg = {"frame_start": 1, "frame_end": FRAMES, "width": WIDTH, "height": HEIGHT,
+           "samples": SAMPLES, "seed": SEED, "threads": 1, "out": str(directory / "frames")}  # fmt: skip
+    cfg.update(settings)
+    return subprocess.run(
         [BLENDER, "-b", "--factory-startup", "-Y", "-noaudio", str(blend),
-         "--python-exit-code", "1", "-P", str(script), "--", settings],
-        check=True, capture_output=True, timeout=120,
+         "--python-exit-code", "1", "-P", str(script), "--", json.dumps(cfg)],
+        check=False, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
+
+
+def _direct_render(scene: bytes, tmp_path: Path) -> dict[int, np.ndarray]:
+    """All frames in one plain ``blender -b`` run with the same override, read by Pillow."""
+    out = tmp_path / "direct" / "frames"
+    _override(scene, tmp_path / "direct").check_returncode()
     return {
         f: np.asarray(Image.open(out / f"frame_{f:06d}.tga", formats=["TGA"]).convert("RGBA"))
         for f in range(1, FRAMES + 1)
@@ -142,6 +157,61 @@ def test_progress_is_reported_per_saved_frame(scenes, tmp_path: Path) -> None:
         progress=lambda d, t, n: calls.append((d, t, n)),
     )
     assert calls == [(1, 3, "frame 4 saved"), (2, 3, "frame 5 saved"), (3, 3, "frame 6 saved")]
+
+
+def _frame(runtime: BlenderRuntime, payload: bytes, workdir: Path, frame: int) -> np.ndarray:
+    return decode_result(runtime.run(payload, workdir=workdir)).frames[frame]
+
+
+def test_view_layer_samples_do_not_override_the_request(scenes, tmp_path: Path) -> None:
+    """A view layer's own sample count (2000 here) would replace the scene's in Cycles: the
+    request's samples hold, and the pixels are those of the same scene without it."""
+    runtime = _runtime()
+    layers = _frame(runtime, _payload(scenes["layers"], frames=(2, 2)), tmp_path, 2)
+    plain = _frame(runtime, _payload(scenes["cube"], frames=(2, 2)), tmp_path, 2)
+    np.testing.assert_array_equal(layers, plain)
+
+
+def test_only_the_first_enabled_view_layer_renders(scenes, tmp_path: Path) -> None:
+    """Every enabled view layer would render in full; only the first one does, the one
+    Blender writes when nothing is composited (Cycles names it in its status lines)."""
+    run = _override(scenes["layers"], tmp_path / "direct", frame_end=1)
+    run.check_returncode()
+    rendered = {line.split(" | ")[-2] for line in run.stdout.splitlines()
+                if line.startswith("Fra:") and "Sample" in line}  # fmt: skip
+    assert rendered == {"Scene, ViewLayer"}
+
+
+@pytest.mark.parametrize("variant", ["stereo", "stereo-sbs"])
+def test_stereo_output_is_turned_off(scenes, tmp_path: Path, variant: str) -> None:
+    """A scene set up for stereo renders one plain view: no file per view (which the
+    rename of the frame file would not find), no side-by-side image twice as wide."""
+    runtime = _runtime()
+    stereo = _frame(runtime, _payload(scenes[variant], frames=(1, 1)), tmp_path, 1)
+    plain = _frame(runtime, _payload(scenes["cube"], frames=(1, 1)), tmp_path, 1)
+    np.testing.assert_array_equal(stereo, plain)
+
+
+def test_a_size_blender_would_change_is_refused(scenes, tmp_path: Path) -> None:
+    """Blender makes a side of 1..3 pixels 4 (requests refuse them before a node sees
+    one): the override refuses to render at another size than the one asked for."""
+    run = _override(scenes["cube"], tmp_path / "direct", frame_end=1, width=3)
+    assert run.returncode == 3
+    assert "NODECLIENT-REJECT: Blender cannot render 3x48 (it makes it 4x48)" in run.stdout
+    assert list((tmp_path / "direct" / "frames").iterdir()) == []
+
+
+def test_a_later_slice_of_a_simulation_matches_the_whole_render(scenes, tmp_path: Path) -> None:
+    """An unbaked rigid body advances one frame at a time from the scene's first frame: a
+    slice of frames 4..6 steps through frames 1..3 first, so its frames are those of a
+    render of 1..6."""
+    runtime = _runtime()
+    whole = decode_result(runtime.run(_payload(scenes["rigidbody"]), workdir=tmp_path))
+    late = decode_result(
+        runtime.run(_payload(scenes["rigidbody"], frames=(4, FRAMES)), workdir=tmp_path)
+    )
+    for frame in range(4, FRAMES + 1):
+        np.testing.assert_array_equal(late.frames[frame], whole.frames[frame], f"frame {frame}")
 
 
 def test_external_file_reference_is_refused(scenes, tmp_path: Path) -> None:
@@ -270,12 +340,83 @@ def test_hard_cap_kills_blender(scenes, tmp_path: Path) -> None:
         _runtime().run(slow, workdir=tmp_path)
 
 
+_WORKER = """
+import sys
+from pathlib import Path
+from nodeclient.node.runtimes.blender import BlenderRuntime
+BlenderRuntime(threads=1).run(Path(sys.argv[1]).read_bytes(), workdir=Path(sys.argv[2]))
+"""
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for name in os.listdir("/proc"):
+        try:
+            stat = Path(f"/proc/{name}/stat").read_text()
+        except OSError:  # not a process, or gone
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:  # the field after the state
+            found.append(int(name))
+    return found
+
+
+def _running(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")  # a zombie has ended
+
+
+def test_blender_dies_with_its_worker(scenes, tmp_path: Path) -> None:
+    """Blender leads its own process group, so killing the worker's group (how the
+    executor ends an unsandboxed worker) misses it; it still dies with the worker instead
+    of rendering on with no cap."""
+    payload = tmp_path / "slow.payload"
+    payload.write_bytes(_payload(scenes["cube"], frames=(1, 1), width=640, height=480,
+                                 samples=65536))  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    worker = subprocess.Popen(
+        [sys.executable, "-c", _WORKER, str(payload), str(tmp_path)],
+        env=env, start_new_session=True,
+    )  # fmt: skip
+    blender: list[int] = []
+    try:
+        deadline = time.monotonic() + 60
+        while not blender and time.monotonic() < deadline and worker.poll() is None:
+            time.sleep(0.1)
+            blender = _children(worker.pid)
+        assert blender, "the worker started no Blender"
+        assert os.getpgid(blender[0]) != worker.pid  # its own group: killpg misses it
+        os.killpg(worker.pid, signal.SIGKILL)
+        worker.wait()
+        deadline = time.monotonic() + 10
+        while _running(blender[0]) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _running(blender[0])
+    finally:
+        if worker.poll() is None:
+            os.killpg(worker.pid, signal.SIGKILL)
+            worker.wait()
+        for pid in blender:
+            if _running(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
 # What Blender 3.4 prints when Cycles cannot allocate under an address-space limit (captured
 # from a real 8000x8000 render under RLIMIT_AS; reproducing it takes a minute of rendering).
 ALLOC_FAILURE = (
     "Malloc returns null: len=1280000000 in Cycles Aligned Alloc, total 9146112\n"
     "terminate called after throwing an instance of 'std::bad_alloc'\n"
 )
+
+
+STATUS_NAMED_OOM = (
+    "Fra:1 Mem:9.00M (Peak 9.00M) | Time:00:00.01 | Mem:0.00M, Peak:0.00M | Scene, "
+    "Out of memory: Malloc returns null | Sample 0/4"
+)
+SCRIPT_FAILED = "echo \"Error: script failed, file: '/tmp/override.py', exiting.\""
+MALLOC_NULL = "Malloc returns null: len=1280000000 in Cycles Aligned Alloc, total 9146112"
 
 
 @pytest.mark.parametrize(
@@ -285,6 +426,12 @@ ALLOC_FAILURE = (
         ("kill -KILL $$", "out of memory: blender was killed"),
         (f"printf '{ALLOC_FAILURE}'; kill -ABRT $$", "out of memory: blender could not allocate"),
         ("echo 'Error: Cannot read file'; exit 1", "crash: blender exited with code 1"),
+        # Cycles' status lines carry the requester's scene and view layer names.
+        (f"echo '{STATUS_NAMED_OOM}'; kill -ABRT $$", "crash: blender died of signal SIGABRT"),
+        (f"echo '{STATUS_NAMED_OOM}'; {SCRIPT_FAILED}; exit 1", "crash: the override"),
+        # The override script raised: a crash, whatever else the log holds.
+        (f"echo '{MALLOC_NULL}'; {SCRIPT_FAILED}; exit 1", "crash: the override script failed"),
+        (f"echo '{MALLOC_NULL}'; exit 1", "out of memory: blender could not allocate"),
     ],
 )
 def test_crash_and_oom_are_told_apart(tmp_path: Path, script: str, reason: str) -> None:

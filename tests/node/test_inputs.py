@@ -67,14 +67,14 @@ def test_render_scene_url_or_asset_manifest_is_resolved() -> None:
 
     scene = b"scene"
     sha = "0" * 64
-    inline = render.make_request(scene, frames=(1, 1), width=2, height=2, samples=1)
+    inline = render.make_request(scene, frames=(1, 1), width=4, height=4, samples=1)
     assert not needs_fetch(render.CLASS, inline.encode(), cache_dir=EMPTY)
     by_url = render.make_request(
-        scene, frames=(1, 1), width=2, height=2, samples=1, scene_url="https://b.example/s"
+        scene, frames=(1, 1), width=4, height=4, samples=1, scene_url="https://b.example/s"
     )
     assert needs_fetch(render.CLASS, by_url.encode(), cache_dir=EMPTY)
     with_assets = render.make_request(
-        scene, frames=(1, 1), width=2, height=2, samples=1, assets=(("t.png", sha),)
+        scene, frames=(1, 1), width=4, height=4, samples=1, assets=(("t.png", sha),)
     )
     assert needs_fetch(render.CLASS, with_assets.encode(), cache_dir=EMPTY)
 
@@ -239,7 +239,7 @@ def test_render_blobs_are_fetched_once_per_node(tmp_path: Path) -> None:
 
     def slice_payload(frame: int) -> bytes:
         return render.make_request(
-            scene, frames=(frame, frame), width=2, height=2, samples=1,
+            scene, frames=(frame, frame), width=4, height=4, samples=1,
             scene_url=render.blob_url(sha), assets=(("t.png", tex_sha),),
         ).encode()  # fmt: skip
 

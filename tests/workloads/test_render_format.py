@@ -27,7 +27,7 @@ from nodeclient.workloads.tensors import decode_tensors, encode_tensors
 
 SCENE = b"BLENDER-v304 a tiny stand-in for a packed scene"
 SHA = hashlib.sha256(SCENE).hexdigest()
-W, H = 4, 3
+W, H = 5, 4
 
 # The vector published in docs/_parts/render.md: frame 7 of a 1x1 render, one red pixel,
 # for the scene whose SHA-256 is that of no bytes at all.
@@ -127,6 +127,8 @@ def test_inline_scene_with_wrong_hash_is_refused() -> None:
         ("samples", "+4", "canonical decimal"),
         ("frame_end", "0", "frame_end"),
         ("width", "0", "width"),
+        ("width", "3", r"width must be an integer in 4\.\.16384"),  # Blender makes it 4
+        ("height", "1", r"height must be an integer in 4\.\.16384"),
         ("seed", "2147483648", "seed"),
         ("allow_blank", "yes", "allow_blank"),
         ("tile", "1", "unknown metadata"),
@@ -139,6 +141,16 @@ def test_bad_metadata_is_refused(key: str, value: str, match: str) -> None:
     meta = {**meta, key: value}
     with pytest.raises(RemoteProtocolError, match=match):
         RenderRequest.decode(encode_tensors(dict(tensors), metadata=meta))
+
+
+def test_a_side_smaller_than_blender_renders_is_refused() -> None:
+    """Blender renders no side under 4 pixels (it makes 1..3 into 4, and the frame would
+    fail every node's size check): such a request is refused when it is made."""
+    with pytest.raises(LocalProtocolError, match=r"width must be an integer in 4\.\.16384"):
+        _request(width=3)
+    with pytest.raises(LocalProtocolError, match=r"height must be an integer in 4\.\.16384"):
+        _request(height=1)
+    assert _request(width=4, height=4).width == 4
 
 
 def _container(metadata: dict[str, str]) -> bytes:
@@ -407,7 +419,7 @@ def test_wrong_size_is_rejected() -> None:
         width=2,
         height=2,
     )
-    with pytest.raises(RemoteProtocolError, match="2x2, not 4x3"):
+    with pytest.raises(RemoteProtocolError, match="2x2, not 5x4"):
         check_result(data, meta, 1 << 20)
 
 

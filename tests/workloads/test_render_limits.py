@@ -54,7 +54,7 @@ def test_a_slice_whose_result_cannot_fit_is_refused_when_split() -> None:
 def test_a_slice_result_must_fit_the_container_header_too() -> None:
     """Tiny frames, but 10,000 of them in one slice: the result's header would pass the
     container's header limit, and the coordinator could not decode it."""
-    payload = _request(frames=(0, 9999), width=1, height=1).encode()
+    payload = _request(frames=(0, 9999), width=4, height=4).encode()
     with pytest.raises(RemoteProtocolError, match="a slice of 10000 frame"):
         split(payload, 1)
     assert len(split(payload, 2)) == 2
@@ -110,7 +110,7 @@ def test_resolve_blobs_stops_once_the_payload_passes_the_worker_limit() -> None:
     the requester's fault, instead of holding every asset and then failing on the node."""
     blobs = {hashlib.sha256(bytes([i]) * 1000).hexdigest(): bytes([i]) * 1000 for i in range(5)}
     assets = tuple(sorted((f"t{i}.png", sha) for i, sha in enumerate(blobs)))
-    payload = _request(frames=(0, 0), width=4, height=3, assets=assets).encode()
+    payload = _request(frames=(0, 0), width=4, height=4, assets=assets).encode()
     fetched: list[str] = []
 
     def fetch(url: str) -> bytes:

@@ -19,7 +19,7 @@ Request (the job payload, and each slice's payload with its narrowed range)::
                "scene_url"              where the scene is fetched, when not inline
                "frame_start"            first frame, inclusive      (decimal, 0..999999)
                "frame_end"              last frame, inclusive       (decimal, >= frame_start)
-               "width", "height"        output size in pixels       (decimal, 1..16384)
+               "width", "height"        output size in pixels       (decimal, 4..16384)
                "samples"                Cycles samples per pixel    (decimal, 1..65536)
                "seed"                   Cycles seed                 (decimal, 0..2147483647)
                optional "frames_per_slice"       how the job splits (decimal, >= 1)
@@ -85,6 +85,7 @@ CLASS: Final = "media.render"
 SCENE_TENSOR: Final = "__scene__"
 CHANNELS: Final = 4  # RGBA
 MAX_FRAME: Final = 999_999  # six digits in tensor names; Blender allows up to 1048574
+MIN_SIDE: Final = 4  # Blender renders no side smaller: it makes 1..3 pixels 4
 MAX_SIDE: Final = 16_384
 MAX_SAMPLES: Final = 65_536
 MAX_SEED: Final = 2**31 - 1
@@ -289,8 +290,8 @@ class RenderRequest:
             raise error(f"scene_sha256 must be 64 lowercase hex digits, got {self.scene_sha256!r}")
         _int("frame_start", self.frame_start, 0, MAX_FRAME, error)
         _int("frame_end", self.frame_end, self.frame_start, MAX_FRAME, error)
-        _int("width", self.width, 1, MAX_SIDE, error)
-        _int("height", self.height, 1, MAX_SIDE, error)
+        _int("width", self.width, MIN_SIDE, MAX_SIDE, error)
+        _int("height", self.height, MIN_SIDE, MAX_SIDE, error)
         _int("samples", self.samples, 1, MAX_SAMPLES, error)
         _int("seed", self.seed, 0, MAX_SEED, error)
         for name, value, high in (

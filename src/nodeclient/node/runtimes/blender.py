@@ -14,13 +14,15 @@ Theory of operation:
 * Blender runs as ``blender -b --factory-startup -Y -noaudio scene.blend
   --python-exit-code 1 -P <override> -- <settings>``: no user preferences, no scripts
   from the .blend (``-Y``), and *our* override script (:data:`OVERRIDE_SCRIPT`, never
-  the requester's) pins everything that must not vary or must not run, refuses scenes
-  that reference files outside themselves and their asset manifest, then renders the
-  frames one by one;
+  the requester's) pins everything that must not vary or must not run (one view layer, at
+  the request's samples; no stereo), refuses scenes that reference files outside
+  themselves and their asset manifest, steps unbaked simulations from the scene's first
+  frame up to the slice's, then renders the frames one by one;
 * each frame is written under a temporary name and renamed when complete, so a frame
   file that exists is a finished frame. The runtime watches that directory: every new
   frame reports progress, and Blender is killed when no frame appears within the
-  no-progress timeout or the slice passes its hard cap;
+  no-progress timeout or the slice passes its hard cap. Blender leads its own process
+  group and dies with its parent (``PR_SET_PDEATHSIG``), so a killed worker takes it along;
 * a tile slice renders one band of rows of its frame: a border render cropped to the
   band, with compositing off (:mod:`nodeclient.workloads.render` stitches the bands);
 * frames are written as uncompressed 32-bit TGA and decoded here with numpy, so the
@@ -35,9 +37,11 @@ signed Reject carries to the coordinator.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import hashlib
 import json
 import os
+import re
 import resource
 import shutil
 import signal
@@ -66,15 +70,20 @@ REJECT_MARKER: Final = "NODECLIENT-REJECT:"
 REJECT_EXIT: Final = 3
 _LOG_TAIL: Final = 4096
 _FRAME_SUFFIX: Final = ".tga"
-# Lines Blender or its allocator print when memory runs out.
-_OOM_SIGNS: Final = (
-    "malloc returns null",  # Blender's guarded allocator
-    "calloc returns null",
-    "bad_alloc",  # C++ code (Cycles, OpenVDB)
-    "cannot allocate memory",  # ENOMEM
-    "failed to map segment",  # the dynamic linker, under an address-space limit
-    "out of memory",
+# Whole lines Blender, its allocator or the C++ runtime print when memory runs out. Only
+# whole lines count, and never Cycles' "Fra:" status lines: those carry the requester's
+# scene and view layer names, which may say anything.
+_OOM_LINES: Final = re.compile(
+    r"(?:Malloc|Calloc|Memoryblock \w+) returns null: len=\d+ in .*"  # guarded allocator
+    r"|terminate called after throwing an instance of 'std::bad_alloc'"  # Cycles, OpenVDB
+    r"|\s*what\(\):\s+std::bad_alloc"
+    r"|\S+: error while loading shared libraries: \S+: failed to map segment from shared"
+    r" object(?:: Cannot allocate memory)?"  # the dynamic linker, under an address-space limit
 )
+_STATUS_LINE: Final = "Fra:"
+# What Blender prints, then exiting 1 (--python-exit-code), when the override script raised.
+_SCRIPT_FAILED: Final = re.compile(r"Error: script failed, file: '.*', exiting\.")
+_PR_SET_PDEATHSIG: Final = 1  # <linux/prctl.h>
 
 # Our override script: runs inside Blender after the scene is loaded. Everything that
 # decides the pixels is pinned here, for every scene in the file (a compositor can render
@@ -124,13 +133,25 @@ for scene in bpy.data.scenes:
     c.use_denoising = False  # Debian's Blender has no OpenImageDenoise anyway
     c.use_preview_denoising = False
     c.shading_system = False  # OSL runs shader scripts
+    # One view layer renders: the first one enabled, which is the one Blender writes when
+    # nothing is composited. Every enabled layer would otherwise render in full, each at
+    # its own sample count: a layer's samples above 0 replace the scene's.
+    first = next((layer for layer in scene.view_layers if layer.use), None)
     for layer in scene.view_layers:
         layer.cycles.use_denoising = False
+        layer.samples = 0
+        layer.use = layer == first
     r.use_freestyle = False  # Freestyle style modules are Python, even with -Y
     r.use_sequencer = False  # strips can pull in other scenes and movie files
     r.resolution_x = cfg["width"]
     r.resolution_y = cfg["height"]
     r.resolution_percentage = 100
+    if (r.resolution_x, r.resolution_y) != (cfg["width"], cfg["height"]):  # Blender clamps
+        reject(
+            "Blender cannot render %dx%d (it makes it %dx%d)"
+            % (cfg["width"], cfg["height"], r.resolution_x, r.resolution_y)
+        )
+    r.use_multiview = False  # stereo views would write other files, or a wider image
     r.pixel_aspect_x = r.pixel_aspect_y = 1.0
     band = cfg.get("band")  # a tile slice: rows [top, bottom] (0 = top row), inclusive
     r.use_border = band is not None
@@ -153,6 +174,7 @@ for scene in bpy.data.scenes:
     settings = r.image_settings
     settings.file_format = "TARGA_RAW"
     settings.color_mode = "RGBA"
+    settings.views_format = "INDIVIDUAL"
     if scene.node_tree is not None:
         for node in scene.node_tree.nodes:
             if node.type == "OUTPUT_FILE":
@@ -165,6 +187,13 @@ for group in bpy.data.node_groups:
 scene = bpy.context.scene
 if scene.camera is None:
     reject("the scene has no active camera")
+if not any(layer.use for layer in scene.view_layers):
+    reject("the scene has no view layer enabled for rendering")
+# Unbaked simulations (rigid bodies, cloth, particles) advance one frame at a time from
+# the scene's first frame: a slice that starts later steps through the frames before it,
+# without rendering them, so that its frames show what a render of the whole range shows.
+for frame in range(scene.frame_start, cfg["frame_start"]):
+    scene.frame_set(frame)
 for frame in range(cfg["frame_start"], cfg["frame_end"] + 1):
     scene.frame_set(frame)
     final = os.path.join(cfg["out"], "frame_%06d.tga" % frame)
@@ -253,15 +282,44 @@ def _memory_limit() -> int | None:
     return None if soft == resource.RLIM_INFINITY else soft
 
 
+def _die_with_parent() -> Callable[[], None] | None:
+    """A ``preexec_fn`` that has the kernel SIGKILL Blender when its parent dies.
+
+    Blender leads its own process group, so killing the worker's group (what the executor
+    does to an unsandboxed worker) would miss it, and it would render on with no cap. Linux
+    only (elsewhere None). ``preexec_fn`` runs between fork and exec, where another thread
+    of this process may hold a lock: the child only calls prctl and getppid, through
+    functions looked up here, before the fork. The signal comes when the *thread* that
+    started Blender ends, so the thread that calls :meth:`BlenderRuntime.run` must outlive
+    the render (it does: the call waits for Blender).
+    """
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (AttributeError, OSError):
+        return None
+    getppid, parent = os.getppid, os.getpid()
+    kill, pid = os.kill, os.getpid
+
+    def preexec() -> None:
+        prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if getppid() != parent:  # the parent died before prctl: nobody will kill us
+            kill(pid(), signal.SIGKILL)
+
+    return preexec
+
+
 def _failure(returncode: int, log: str) -> NodeClientError | RemoteProtocolError:
     """Why Blender failed, with crashes, out-of-memory and requester faults told apart."""
-    for line in reversed(log.splitlines()):
+    lines = log.splitlines()
+    for line in reversed(lines):
         if line.startswith(REJECT_MARKER) and returncode == REJECT_EXIT:
             return RemoteProtocolError(line[len(REJECT_MARKER) :].strip()[:400])
     last = " | ".join(line for line in log.strip().splitlines()[-3:] if line)[-300:]
     if returncode == -signal.SIGKILL:
         return NodeClientError("out of memory: blender was killed (SIGKILL, the OOM killer)")
-    if any(sign in log.lower() for sign in _OOM_SIGNS):
+    if returncode == 1 and any(_SCRIPT_FAILED.fullmatch(line) for line in lines):
+        return NodeClientError(f"crash: the override script failed in blender ({last})")
+    if any(_OOM_LINES.fullmatch(line) for line in lines if not line.startswith(_STATUS_LINE)):
         return NodeClientError(f"out of memory: blender could not allocate ({last})")
     if returncode < 0:
         try:
@@ -386,6 +444,8 @@ class BlenderRuntime:
                 cwd=run_dir,
                 env=_clean_env(run_dir),
                 start_new_session=True,  # its own process group, killed as one
+                # and killed with the worker; safe with threads: see _die_with_parent
+                preexec_fn=_die_with_parent(),  # noqa: PLW1509
             )
             try:
                 self._watch(proc, request, out_dir, progress)
