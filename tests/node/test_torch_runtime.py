@@ -15,7 +15,7 @@ from torch import nn
 
 from nodeclient.errors import RemoteProtocolError
 from nodeclient.node import sandbox
-from nodeclient.node.executor import Executor, WorkerConfig
+from nodeclient.node.executor import Executor, TaskFailed, WorkerConfig
 from nodeclient.node.runtimes import RUNTIMES
 from nodeclient.node.runtimes.torch_train import TorchTrainRuntime, build_model
 from nodeclient.workloads import training as tr
@@ -238,3 +238,33 @@ def test_a_worker_imports_torch_at_its_first_slice_outside_the_slices_memory_lim
     assert not before, "torch was loaded before any slice"
     assert result == runtime.run(payload)
     assert after
+
+
+def test_a_slice_past_its_declared_memory_fails_as_out_of_memory(tmp_path: Path) -> None:
+    """A batch whose activations do not fit the memory a slice declared: PyTorch's
+    allocator reports it as a RuntimeError, which the node reports as out of memory (the
+    request asked too little), not as a failed execution."""
+    model = tr.ModelSpec.parse([{"type": "Linear", "in": 64, "out": 4096}, {"type": "ReLU"},
+                                {"type": "Linear", "in": 4096, "out": 10}])  # fmt: skip
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((4096, 64)).astype(np.float32)
+    y = rng.integers(0, 10, 4096).astype(np.int64)
+    config = tr.TrainingConfig(inner_steps=1, batch_size=4096)  # 64 MiB an activation
+    [payload] = tr.JobRequest(model, config, x, y).round_zero(1)
+    executor = Executor(
+        slots=1, config=WorkerConfig(cache_dir=tmp_path / "cache", threads=1),
+        mode=sandbox.choose_mode(allow_unsandboxed=False),
+    )  # fmt: skip
+
+    async def scenario() -> str:
+        try:
+            await executor.warm_up()
+            await executor.run("ai.training", payload, resources={"ram_mb": 96})
+        except TaskFailed as exc:
+            return exc.reason
+        finally:
+            await executor.aclose()
+        return "it ran"
+
+    reason = asyncio.run(scenario())
+    assert reason.startswith("out of memory"), reason

@@ -225,7 +225,14 @@ class TorchTrainRuntime:
         weights = decode_weights(request.weights, request.model, max_bytes=self._max_payload_bytes)
         x, y = decode_shard(request.shard, request.model, max_bytes=self._max_payload_bytes)
         with _deterministic(self._threads):
-            deltas, first, last = self._train(request, weights, x, y, progress)
+            try:
+                deltas, first, last = self._train(request, weights, x, y, progress)
+            except RuntimeError as exc:
+                # PyTorch's allocator reports the slot's memory limit as a RuntimeError:
+                # it is the worker's MemoryError (an out-of-memory, told apart from a crash).
+                if "allocate memory" in str(exc) or "out of memory" in str(exc).lower():
+                    raise MemoryError(str(exc)[:200]) from exc
+                raise
         return PseudoGradient(
             deltas=deltas,
             base_sha256=request.weights_sha256,
