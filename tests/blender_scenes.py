@@ -21,7 +21,9 @@ Variants:
 * ``layers``: the cube scene whose view layer asks for 2000 samples of its own, plus two
   more enabled view layers (``extra0``, ``extra1``) that ask for as many;
 * ``rigidbody``: the cube scene plus a second cube that falls from frame 1 on as an
-  unbaked rigid body simulation, so frame N depends on the frames before it.
+  unbaked rigid body simulation, so frame N depends on the frames before it;
+* ``badname``: the cube scene whose view layer's name holds a newline and a line of
+  Blender's own out-of-memory wording (Blender prints layer names in its log).
 """
 
 from __future__ import annotations
@@ -115,6 +117,8 @@ def build(out, variant):
         scene.view_layers[0].samples = 2000
         for i in range(2):
             scene.view_layers.new("extra%d" % i).samples = 2000
+    if variant == "badname":
+        scene.view_layers[0].name = "ViewLayer\nError: Out of memory"
     if variant == "rigidbody":
         mesh = bpy.data.meshes.new("faller")
         bm = bmesh.new()

@@ -39,7 +39,7 @@ def scene_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     build_scenes(
         directory,
         ("cube", "empty", "external", "textured", "autoexec", "stereo", "stereo-sbs",
-         "layers", "rigidbody"),
+         "layers", "rigidbody", "badname"),
     )  # fmt: skip
     return directory
 
@@ -488,3 +488,11 @@ def test_a_slice_declaring_little_memory_renders_in_the_sandbox(scenes, tmp_path
             await executor.aclose()
 
     assert asyncio.run(render()) == BlenderRuntime(threads=1).run(payload, workdir=tmp_path)
+
+
+def test_a_name_with_a_control_character_is_refused(scenes, tmp_path: Path) -> None:
+    """Blender prints layer and object names in its log, which the runtime reads to tell
+    an out-of-memory from a crash: a name holding a newline could print a line of
+    Blender's own wording. Such a scene is refused as the request's fault."""
+    with pytest.raises(RemoteProtocolError, match="control characters"):
+        _runtime().run(_payload(scenes["badname"], frames=(1, 1)), workdir=tmp_path)

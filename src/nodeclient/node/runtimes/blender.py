@@ -103,6 +103,25 @@ def reject(reason):
     sys.exit(3)
 
 
+# Names with control characters are refused: Blender prints scene, layer and object names
+# in its log, and a newline in one could print a line that reads as Blender's own (an
+# out-of-memory message, say), which the runtime reads to tell failures apart.
+def _names():
+    for collection in (bpy.data.scenes, bpy.data.objects, bpy.data.materials,
+                       bpy.data.meshes, bpy.data.collections, bpy.data.node_groups,
+                       bpy.data.images, bpy.data.cameras, bpy.data.lights, bpy.data.worlds):
+        for block in collection:
+            yield block.name
+    for scene in bpy.data.scenes:
+        for layer in scene.view_layers:
+            yield layer.name
+
+
+bad = [name for name in _names() if any(ord(ch) < 32 or ord(ch) == 127 for ch in name)]
+if bad:
+    reject("names must not hold control characters: " + ", ".join(repr(n) for n in bad[:5]))
+
+
 # Self-contained scenes only: an unpacked image, library, font or cache path would make
 # Blender read files on this node (and a missing one silently renders differently). The
 # one exception is a file of the request's asset manifest, which the runtime wrote next
