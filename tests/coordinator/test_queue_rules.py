@@ -605,3 +605,36 @@ def test_the_queue_timeout_is_an_option(tmp_path: Path) -> None:
         assert db.run_sync(lambda s: s.get_one(m.Job, stalled).status) == m.FAILED
     finally:
         db.close()
+
+
+def test_tasks_waiting_for_a_busy_node_do_not_hide_the_queue_for_good(
+    db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """More than a round's pages of tasks that the one free node has failed each, and that
+    so wait for the busy node that has not tried them, head the queue: a round reads its
+    pages of them and places nothing. The next round reads on from there (the queue
+    cursor), so the task queued behind them reaches the free node a round later, not
+    never; a round that reaches the queue's end starts the next from the oldest again."""
+    monkeypatch.setattr(scheduler, "BATCH", 4)
+    monkeypatch.setattr(scheduler, "MAX_PAGES", 2)
+    _, waiting = db.run_sync(lambda s: add_job(s, tasks=3 * 4))
+
+    def failed_on_a(s: Session) -> None:
+        for task_id in waiting:
+            s.add(m.TaskAttempt(task_id=task_id, attempt=1, node_id="0xA", leased_at=NOW,
+                                deadline=NOW + 1, ended_at=NOW, outcome="rejected"))  # fmt: skip
+
+    db.run_sync(failed_on_a)
+    _, (behind,) = db.run_sync(lambda s: add_job(s, tasks=1, queued_at=NOW + 60))
+    free, busy = node("0xA", capacity=1), node("0xB", capacity=1)
+    db.run_sync(lambda s: add_job(s, tasks=1, status=m.LEASED, node_id="0xB"))  # B is busy
+    cursor = scheduler.QueueCursor()
+
+    def round_() -> list[str]:
+        placed = db.run_sync(
+            lambda s: assign_tx(s, [free, busy], now=NOW, lease_seconds=300, cursor=cursor)
+        )
+        return [a.task_id for a in placed]
+
+    assert round_() == [] and cursor.after is not None  # 2 full pages of waiting tasks
+    assert round_() == [behind] and cursor.after is None  # read on: the task behind them

@@ -715,6 +715,20 @@ def node_lost_tx(
     ]
 
 
+@dataclass(slots=True)
+class QueueCursor:
+    """Where a round starts reading the queue: None, from its oldest task.
+
+    A round that read MAX_PAGES full pages and placed nothing leaves the cursor after the
+    last task it read: a head of the queue that no free node may take now (each of its
+    tasks waits for a busy node that has not tried it) then cannot hide the tasks behind
+    it for good. A round that reaches the queue's end, or places a task, starts the next
+    one from the oldest again.
+    """
+
+    after: tuple[float, str] | None = None
+
+
 def assign_tx(
     session: Session,
     candidates: Sequence[Candidate] | Roster,
@@ -722,10 +736,12 @@ def assign_tx(
     now: float,
     lease_seconds: float,
     withdrawn: list[tuple[str, str]] | None = None,
+    cursor: QueueCursor | None = None,
 ) -> list[Assignment]:
     """Lease queued tasks to eligible nodes, oldest first; returns what to dispatch.
     *withdrawn* gets the (node_id, task_id) leases to cancel on their nodes, of a job
-    failed meanwhile (a stored payload that cannot be sent).
+    failed meanwhile (a stored payload that cannot be sent). *cursor*: where to start
+    reading, and where the next round should (:class:`QueueCursor`).
 
     Only tasks that some candidate can take (its class, tier and slot sizes: the
     candidates' :attr:`Roster.offers`) are read, a page of BATCH at a time. A round goes
@@ -741,7 +757,7 @@ def assign_tx(
         return []
     picker = Picker(roster, counts)
     placed: list[tuple[m.Task, m.Job, str, str]] = []
-    after: tuple[float, str] | None = None
+    after = None if cursor is None else cursor.after
     budget = ROUND_BYTES
     # The first page asks only what some candidate offers (class, tier, slot sizes); the
     # next ones, only what a node with a free slot now can take: so a long queue of tasks
@@ -751,7 +767,8 @@ def assign_tx(
     # the class failed too many of the job's tasks): later pages skip them, so a job of
     # thousands of such slices cannot fill every page and hide the jobs queued behind it.
     blocked: set[str] = set()
-    for _ in range(MAX_PAGES):
+    resume: tuple[float, str] | None = None  # where the next round starts (the cursor)
+    for page_number in range(MAX_PAGES):
         page = _queued_page(session, offers, after, skip=blocked)
         failures = job_failures(session, {q[1] for q in page if q[2] in RETRY_POLICIES})
         more, size = _place(session, picker, page, budget, failures)
@@ -764,6 +781,10 @@ def assign_tx(
             break
         blocked |= _blocked_jobs(picker, page, failures)
         after = (page[-1][5], page[-1][0])
+        if page_number + 1 == MAX_PAGES and not placed:
+            resume = after  # every page full and nothing placed: go on from here next
+    if cursor is not None:
+        cursor.after = resume
     if not placed:
         return []
     # Payloads (up to tens of MiB each) are read only for the tasks placed.
@@ -1006,6 +1027,7 @@ class Scheduler:
         # the task failed, and the attempt counted against them. Deadlines that pass once
         # it runs are kept as they come.
         self._started, self._started_at = coord.monotonic(), coord.now()
+        self._cursor = QueueCursor()  # where the next round reads the queue from
         self._grace = min(coord.config.offline_after, START_GRACE_S)
         # node_id -> (the NodeInfo it was built from, its Candidate): a round with 10,000
         # links rebuilds only the candidates whose registration changed.
@@ -1110,7 +1132,12 @@ class Scheduler:
         withdrawn: list[tuple[str, str]] = []
         assigned = await coord.db.run(
             lambda s: assign_tx(
-                s, roster, now=now, lease_seconds=cfg.lease_seconds, withdrawn=withdrawn
+                s,
+                roster,
+                now=now,
+                lease_seconds=cfg.lease_seconds,
+                withdrawn=withdrawn,
+                cursor=self._cursor,
             )
         )
         cancel_leases(coord, withdrawn, "job failed")
