@@ -542,7 +542,6 @@ HOLDS_KEYS = {
 }  # fmt: skip
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prctl is Linux's")
 def test_every_command_that_holds_a_key_is_undumpable(tmp_path: Path) -> None:
     """In one child: after each command that reads or makes a key (run and doctor cut
     short: the protection comes before anything else) the process is not dumpable and

@@ -9,56 +9,27 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 
 from nodeclient.node import doctor, keys
 from nodeclient.node.cli import main
+from tests.node.killed import run_killed, temps
 
 WALLET = "0x1111111111111111111111111111111111111111"
 KEY_FILES = ("node.key", "liveness.key", "payload.key")
 
-# `nodeclient init --home H ...`, SIGKILLed just before the key file link number KILL_AT + 1
-# (so with KILL_AT names given), or, with KILL_AT = 3, after every link but before the
-# temporary files are removed.
-_KILLED_INIT = textwrap.dedent(
-    """
-    import os, signal, sys
-    real_link, links = os.link, []
-
-    def link(*args, **kwargs):
-        if len(links) == kill_at:
-            os.kill(os.getpid(), signal.SIGKILL)
-        real_link(*args, **kwargs)
-        links.append(args)
-
-    def unlink(*args, **kwargs):
-        os.kill(os.getpid(), signal.SIGKILL)
-
-    kill_at = int(sys.argv[1])
-    os.link = link
-    if kill_at == 3:
-        os.unlink = unlink
-    from nodeclient.node.cli import main
-    sys.exit(main(["init", *sys.argv[2:]]))
-    """
-)
-
 
 def killed_init(home: Path, kill_at: int, *args: str) -> None:
-    proc = subprocess.run(
-        [sys.executable, "-c", _KILLED_INIT, str(kill_at), "--home", str(home),
-         "--wallet", WALLET, *args],
-        capture_output=True, text=True, timeout=120, check=False,
+    """`nodeclient init --home H ...` in a child killed while the keys get their names."""
+    run_killed(
+        """
+        from nodeclient.node.cli import main
+        sys.exit(main(["init", *sys.argv[2:]]))
+        """,
+        kill_at, "--home", str(home), "--wallet", WALLET, *args,
     )  # fmt: skip
-    assert proc.returncode == -9, proc.stderr
-
-
-def temps(home: Path) -> list[str]:
-    return sorted(n for n in os.listdir(home) if n.endswith(".tmp"))
 
 
 def listing(home: Path) -> dict[str, bytes]:

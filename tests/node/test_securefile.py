@@ -29,6 +29,7 @@ from nodeclient.node.securefile import (
     write_secret,
     write_secrets,
 )
+from tests.node.killed import run_killed, temps
 
 OTHER_UID = 4242
 SECRET = b"0x" + b"ab" * 32 + b"\n"
@@ -309,46 +310,19 @@ def test_describe_file_reports_a_missing_file(home: Path) -> None:
 # --- finish_secrets: a write_secrets killed while it gave the names --------------------------
 
 NAMES = ("node.key", "liveness.key", "payload.key")
-# write_secrets of three files, SIGKILLed just before link number KILL_AT + 1 (so after
-# KILL_AT names are given), or, with KILL_AT = 3, after every link but before the temporary
-# files are removed: what a kill or a power cut can leave.
-_KILLED_WRITE = textwrap.dedent(
-    """
-    import os, signal, sys
-    from pathlib import Path
-    from nodeclient.node.securefile import write_secrets
-
-    home, kill_at = Path(sys.argv[1]), int(sys.argv[2])
-    real_link, real_unlink, links = os.link, os.unlink, []
-
-    def link(*args, **kwargs):
-        if len(links) == kill_at:
-            os.kill(os.getpid(), signal.SIGKILL)
-        real_link(*args, **kwargs)
-        links.append(args)
-
-    def unlink(*args, **kwargs):
-        os.kill(os.getpid(), signal.SIGKILL)
-
-    os.link = link
-    if kill_at == 3:
-        os.unlink = unlink
-    write_secrets({home / n: n.encode() * 4 for n in sys.argv[3:]})
-    """
-)
 
 
 def _killed_write(home: Path, kill_at: int) -> None:
-    """Run write_secrets of NAMES in a child that is SIGKILLed part way."""
-    proc = subprocess.run(
-        [sys.executable, "-c", _KILLED_WRITE, str(home), str(kill_at), *NAMES],
-        capture_output=True, text=True, timeout=60, check=False,
+    """Run write_secrets of NAMES in a child that is SIGKILLed part way (tests/node/killed.py)."""
+    run_killed(
+        """
+        from pathlib import Path
+        from nodeclient.node.securefile import write_secrets
+        home = Path(sys.argv[2])
+        write_secrets({home / n: n.encode() * 4 for n in sys.argv[3:]})
+        """,
+        kill_at, str(home), *NAMES,
     )  # fmt: skip
-    assert proc.returncode == -9, proc.stderr
-
-
-def _temps(home: Path) -> list[str]:
-    return sorted(n for n in os.listdir(home) if n.endswith(".tmp"))
 
 
 def _listing(home: Path) -> dict[str, tuple[bytes, int, int]]:
@@ -364,7 +338,7 @@ def test_finish_secrets_gives_the_names_a_kill_left_missing(home: Path, kill_at:
     files, every file holds what was written, 0600, and no temporary file is left."""
     _killed_write(home, kill_at)
     assert [n for n in NAMES if (home / n).exists()] == list(NAMES[:kill_at])
-    assert len(_temps(home)) == 3
+    assert len(temps(home)) == 3
     assert finish_secrets([home / n for n in NAMES]) == list(NAMES[kill_at:])
     assert sorted(os.listdir(home)) == sorted(NAMES)
     for name in NAMES:
@@ -380,20 +354,20 @@ def test_finish_secrets_removes_what_a_kill_before_or_after_the_links_left(
     """Killed before the first link (no name) or after the last (all names): nothing to
     finish, and the leftover temporary files are removed; the names are kept as they are."""
     _killed_write(home, kill_at)
-    assert len(_temps(home)) == 3
+    assert len(temps(home)) == 3
     before = {n: (home / n).read_bytes() for n in NAMES if (home / n).exists()}
     assert finish_secrets([home / n for n in NAMES]) == []
-    assert _temps(home) == []
+    assert temps(home) == []
     assert {n: (home / n).read_bytes() for n in NAMES if (home / n).exists()} == before
 
 
 def _lose_liveness_temp(home: Path) -> None:
-    os.unlink(home / next(t for t in _temps(home) if t.startswith(".liveness.key.")))
+    os.unlink(home / next(t for t in temps(home) if t.startswith(".liveness.key.")))
 
 
 def _other_batch(home: Path) -> None:
     """The payload temporary file renamed into another batch."""
-    old = next(t for t in _temps(home) if t.startswith(".payload.key."))
+    old = next(t for t in temps(home) if t.startswith(".payload.key."))
     os.rename(home / old, home / ".payload.key.0123456789abcdef.tmp")
 
 
@@ -405,13 +379,13 @@ def _node_key_replaced(home: Path) -> None:
 
 
 def _node_key_symlink(home: Path) -> None:
-    tmp = next(t for t in _temps(home) if t.startswith(".node.key."))
+    tmp = next(t for t in temps(home) if t.startswith(".node.key."))
     os.unlink(home / "node.key")
     os.symlink(tmp, home / "node.key")
 
 
 def _liveness_temp_loose(home: Path) -> None:
-    os.chmod(home / next(t for t in _temps(home) if t.startswith(".liveness.key.")), 0o644)
+    os.chmod(home / next(t for t in temps(home) if t.startswith(".liveness.key.")), 0o644)
 
 
 @pytest.mark.parametrize(
@@ -430,7 +404,7 @@ def test_finish_secrets_refuses_what_it_cannot_prove(home: Path, spoil) -> None:
     assert "node.key is there but liveness.key and payload.key are not" in message
     assert "restore liveness.key and payload.key from a backup" in message
     aside = home / "interrupted-init"
-    moved = " ".join(str(home / n) for n in ["node.key", *_temps(home)])
+    moved = " ".join(str(home / n) for n in ["node.key", *temps(home)])
     assert f"`mkdir -m 700 {aside} && mv {moved} {aside}/`" in message
     assert _listing(home) == before
 
@@ -470,7 +444,6 @@ _DUMPABLE_AFTER = textwrap.dedent(
 )
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prctl is Linux's")
 def test_forbid_core_dumps_makes_the_process_undumpable_for_good() -> None:
     """In a child of its own: not dumpable (no core file, no ptrace, no /proc/PID/mem for
     others) and RLIMIT_CORE (0, 0), which nothing in the process can raise again."""

@@ -42,15 +42,18 @@ import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from sqlalchemy import select
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
-from sqlalchemy.orm import Session
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from nodeclient.coordinator import models as m
 from nodeclient.coordinator import verifier
 from nodeclient.coordinator.config import AUTH_MAX_SKEW_S
-from nodeclient.coordinator.scheduler import Lost, cancel_leases, report_job_end, requeue_or_fail
+from nodeclient.coordinator.scheduler import (
+    cancel_leases,
+    node_lost_tx,
+    report_job_end,
+    report_lost,
+)
 from nodeclient.coordinator.service import Coordinator
 from nodeclient.coordinator.store import NodeInfo
 from nodeclient.errors import RemoteProtocolError, SignatureError
@@ -450,34 +453,25 @@ class LinkSession:
         keep = running | sent_here
         node_id, now, attached = self.node_id, coord.now(), self._attached_at
 
-        def tx(s: Session) -> list[Lost]:
-            leased = s.scalars(
-                select(m.Task).where(m.Task.status == m.LEASED, m.Task.node_id == node_id)
-            ).all()
-            out = []
-            for t in leased:
-                if t.task_id in keep or t.status != m.LEASED:  # a job's failure withdrew it
-                    continue
-                if t.leased_at is not None and t.leased_at >= attached:
-                    continue  # leased for this link: its dispatch may still be on its way
-                detail = (
-                    f"node {node_id} linked again without it (it restarted, or the dispatch "
-                    f"never reached it; attempt {t.attempts})"
-                )
-                out.append(
-                    requeue_or_fail(
-                        s, t, outcome="lost", detail=detail, now=now, max_attempts=cfg.max_attempts
-                    )
-                )
-            return out
+        def spare(t: m.Task) -> bool:  # held, or leased for this link (may be on its way)
+            return t.task_id in keep or (t.leased_at is not None and t.leased_at >= attached)
 
-        lost = await coord.db.run(tx)
-        for item in lost:
-            log.info("task.lost_on_relink", extra={"node_id": node_id, "task_id": item.task_id})
-            cancel_leases(coord, item.cancel, "job failed")
-            report_job_end(item)
-        if lost:
-            coord.wake()
+        detail = (
+            f"node {node_id} linked again without it (it restarted, or the dispatch never "
+            "reached it)"
+        )
+        lost = await coord.db.run(
+            lambda s: node_lost_tx(
+                s,
+                node_id=node_id,
+                detail=detail,
+                now=now,
+                max_attempts=cfg.max_attempts,
+                outcome="lost",
+                spare=spare,
+            )
+        )
+        report_lost(coord, lost, "task.lost_on_relink", tell_holder=False)  # it has none
 
     async def _refuse_too_frequent(self, mono: float) -> None:
         """Answer a heartbeat over the link's budget: nothing is recorded. Logged once a

@@ -404,9 +404,7 @@ def close_round(
     job.round_index = r + 1
     # The round's start weights are stored once; each task's payload names them by their
     # SHA-256 and gets them when it is sealed to a node (scheduler.assign_tx).
-    container = tr.weights_container(weights)
-    store.set_round_input(session, job.job_id, r + 1, container)
-    digest = tr.sha256_hex(container)
+    digest = store.set_round_input(session, job.job_id, r + 1, tr.weights_container(weights))
     for index, (_, _, shard) in sorted(stored.items()):
         plan = tr.plan_for(config, r + 1, index)
         session.add(

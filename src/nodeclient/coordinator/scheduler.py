@@ -37,7 +37,7 @@ import functools
 import heapq
 import logging
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
@@ -701,17 +701,26 @@ def expire_tx(
 
 
 def node_lost_tx(
-    session: Session, *, node_id: str, detail: str, now: float, max_attempts: int
+    session: Session,
+    *,
+    node_id: str,
+    detail: str,
+    now: float,
+    max_attempts: int,
+    outcome: str = "offline",
+    spare: Callable[[m.Task], bool] | None = None,
 ) -> list[Lost]:
+    """End the leases *node_id* holds (but those *spare* keeps): re-queue or fail each."""
     rows = session.scalars(
         select(m.Task).where(m.Task.status == m.LEASED, m.Task.node_id == node_id)
     ).all()
     return [
         requeue_or_fail(
-            session, t, outcome="offline", detail=detail, now=now, max_attempts=max_attempts
+            session, t, outcome=outcome, detail=detail, now=now, max_attempts=max_attempts
         )
         for t in rows
-        if t.status == m.LEASED  # as in expire_tx: not one its job's failure withdrew
+        # as in expire_tx: not one its job's failure withdrew
+        if t.status == m.LEASED and (spare is None or not spare(t))
     ]
 
 
@@ -1186,17 +1195,7 @@ class Scheduler:
             self._report_lost(lost, "task.requeued")
 
     def _report_lost(self, lost: Sequence[Lost], event: str) -> None:
-        for item in lost:
-            log.info(
-                "task.failed" if item.failed else event,
-                extra={"task_id": item.task_id, "node_id": item.node_id},
-            )
-            if item.node_id is not None:
-                self.coord.send_cancel(item.node_id, item.task_id, "lease ended")
-            cancel_leases(self.coord, item.cancel, "job failed")
-            report_job_end(item)
-        if lost:
-            self.coord.wake()
+        report_lost(self.coord, lost, event)
 
     async def dispatch(self, a: Assignment) -> None:
         await self.dispatch_all([a])
@@ -1316,6 +1315,25 @@ def _seal_all(jobs: Sequence[tuple[Assignment, RSAPublicKey]]) -> list[bytes]:
         )
         for a, key in jobs
     ]
+
+
+def report_lost(
+    coord: Coordinator, lost: Sequence[Lost], event: str, *, tell_holder: bool = True
+) -> None:
+    """Log leases that ended without a result (*event*, or ``task.failed``), tell their
+    nodes (unless *tell_holder* is False: they hold nothing) and those of a job that
+    failed with them, and wake the scheduler."""
+    for item in lost:
+        log.info(
+            "task.failed" if item.failed else event,
+            extra={"task_id": item.task_id, "node_id": item.node_id},
+        )
+        if tell_holder and item.node_id is not None:
+            coord.send_cancel(item.node_id, item.task_id, "lease ended")
+        cancel_leases(coord, item.cancel, "job failed")
+        report_job_end(item)
+    if lost:
+        coord.wake()
 
 
 def cancel_leases(coord: Coordinator, leases: Iterable[tuple[str, str]], reason: str) -> None:

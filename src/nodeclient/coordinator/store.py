@@ -597,9 +597,9 @@ def insert_job(
     return job_id
 
 
-def set_round_input(session: Session, job_id: str, round_index: int, data: bytes) -> None:
+def set_round_input(session: Session, job_id: str, round_index: int, data: bytes) -> str:
     """Record *data* as what every task of the job's round *round_index* shares (in place
-    of the previous round's)."""
+    of the previous round's); returns its SHA-256."""
     sha256 = hashlib.sha256(data).hexdigest()
     row = session.get(m.RoundInput, job_id)
     if row is None:
@@ -610,6 +610,7 @@ def set_round_input(session: Session, job_id: str, round_index: int, data: bytes
         )
     else:
         row.round_index, row.sha256, row.size, row.data = round_index, sha256, len(data), data
+    return sha256
 
 
 def round_inputs(session: Session, job_ids: Collection[str]) -> dict[str, tuple[str, bytes]]:

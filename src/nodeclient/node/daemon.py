@@ -932,14 +932,10 @@ class NodeDaemon:
         await self._deliver(entry)
 
     def _progress_reporter(self, task_id: uuid.UUID) -> Callable[[float, float, str], None]:
-        """Forward a task's progress to the coordinator, at most twice a second (and the end)."""
-        last = [-1.0]
+        """Forward a task's progress to the coordinator (the executor has throttled it: at
+        most twice a second, and one end)."""
 
         def report(done: float, total: float, note: str) -> None:
-            now = time.monotonic()
-            if now - last[0] < 0.5 and done < total:
-                return
-            last[0] = now
             frame = messages.ProgressFrame(task_id, min(done, total), total, note[:200])
             self._background(self._send(frame.to_wire()))
 

@@ -746,17 +746,24 @@ def is_stub(payload: bytes) -> bool:
     return read_metadata(payload, max_bytes=len(payload)).get("kind") == "slice-stub"
 
 
-def stored_slice(payload: bytes) -> tuple[str, str, bytes]:
-    """(weights_sha256, shard_sha256, shard) of a stored slice: a :class:`SliceStub`, or a
-    whole :class:`SliceRequest` (as stored before stubs; its hashes are checked)."""
-    tensors, metadata = decode_tensors(payload, max_bytes=len(payload))
-    if metadata.get("kind") != "slice-stub":
-        request = SliceRequest.decode(payload, max_bytes=len(payload))
-        return request.weights_sha256, request.shard_sha256, request.shard
+def _decode_stub(stub: bytes) -> tuple[dict[str, str], bytes]:
+    """(metadata, shard) of a stored :class:`SliceStub`; RemoteProtocolError unless it is
+    one."""
+    tensors, metadata = decode_tensors(stub, max_bytes=len(stub))
     _meta(metadata, "slice-stub", _SLICE_KEYS)
     if set(tensors) != {"shard"}:
         raise RemoteProtocolError(f"a stored slice holds tensor shard, got {sorted(tensors)}")
-    return metadata["weights_sha256"], metadata["shard_sha256"], _bytes_tensor(tensors, "shard")
+    return metadata, _bytes_tensor(tensors, "shard")
+
+
+def stored_slice(payload: bytes) -> tuple[str, str, bytes]:
+    """(weights_sha256, shard_sha256, shard) of a stored slice: a :class:`SliceStub`, or a
+    whole :class:`SliceRequest` (as stored before stubs; its hashes are checked)."""
+    if not is_stub(payload):
+        request = SliceRequest.decode(payload, max_bytes=len(payload))
+        return request.weights_sha256, request.shard_sha256, request.shard
+    metadata, shard = _decode_stub(payload)
+    return metadata["weights_sha256"], metadata["shard_sha256"], shard
 
 
 def expand_stub(stub: bytes, weights: bytes, weights_sha256: str) -> bytes:
@@ -764,16 +771,13 @@ def expand_stub(stub: bytes, weights: bytes, weights_sha256: str) -> bytes:
     :class:`SliceRequest` with *weights*, whose SHA-256 the caller vouches for (the
     coordinator's own record of the round's weights; they are not hashed again per task).
     Raises RemoteProtocolError when the stub names other weights."""
-    tensors, metadata = decode_tensors(stub, max_bytes=len(stub))
-    _meta(metadata, "slice-stub", _SLICE_KEYS)
+    metadata, shard = _decode_stub(stub)
     if metadata["weights_sha256"] != weights_sha256:
         raise RemoteProtocolError(
             f"the slice starts from weights {metadata['weights_sha256']}, "
             f"the round's are {weights_sha256}"
         )
-    if set(tensors) != {"shard"}:
-        raise RemoteProtocolError(f"a stored slice holds tensor shard, got {sorted(tensors)}")
-    return _encode_slice(weights, _bytes_tensor(tensors, "shard"), {**metadata, "kind": "slice"})
+    return _encode_slice(weights, shard, {**metadata, "kind": "slice"})
 
 
 # --- a slice's result ------------------------------------------------------------------------
