@@ -210,6 +210,71 @@ def test_dispatch_result_and_public_verification(coordinator: Running, rsa_keys)
     assert coordinator.coord.db.run_sync(lambda s: s.scalar(stored)) == 0
 
 
+def _finished(running: Running, rsa_keys) -> tuple[dict, dict]:
+    """A job whose one task a node finished: (job, task) as the API shows them."""
+    node = make_node(rsa_keys, 0)
+    _ready(running, node)
+    payload, job, dispatch = _submit_and_dispatch(running, node)
+    assert node.call(node.result(dispatch, inference_result(payload, VALUES)))["status"] == (
+        "accepted"
+    )
+    done = running.wait_job(job["job_id"], "succeeded")
+    return done, done["tasks"][0]
+
+
+def _set_result(running: Running, job_id: str, task_id: str, data: bytes) -> None:
+    """Store *data* as both the task's and the job's result, as a large one would be."""
+
+    def tx(s) -> None:
+        s.get(m.Task, task_id).result = data
+        s.get(m.Job, job_id).result = data
+
+    running.coord.db.run_sync(tx)
+
+
+def test_a_large_result_is_served_in_chunks_unchanged(
+    coordinator: Running, rsa_keys, monkeypatch
+) -> None:
+    """A result larger than one read chunk is copied out of the database chunk by chunk
+    (SQLite's blob reader, PostgreSQL's substring) and served whole, with its length."""
+    from nodeclient.coordinator import api
+
+    monkeypatch.setattr(api, "RESULT_CHUNK_BYTES", 1000)
+    job, task = _finished(coordinator, rsa_keys)
+    for size in (1000, 1001, 4096, 7 * 1000 + 13):
+        data = np.random.default_rng(size).bytes(size)
+        _set_result(coordinator, job["job_id"], task["task_id"], data)
+        for path in (f"/v1/jobs/{job['job_id']}/result", f"/v1/tasks/{task['task_id']}/result"):
+            r = httpx.get(coordinator.url + path)
+            assert r.status_code == 200, r.text
+            assert r.headers["content-length"] == str(size)
+            assert r.content == data
+
+
+def test_serving_a_result_does_not_hold_it_in_memory(coordinator: Running, rsa_keys) -> None:
+    """Serving a 64 MiB result allocates a few MiB in the coordinator, not the result:
+    several requesters fetching 256 MiB results at once would otherwise each hold one."""
+    import tracemalloc
+
+    job, task = _finished(coordinator, rsa_keys)
+    data = np.random.default_rng(1).bytes(64 << 20)
+    _set_result(coordinator, job["job_id"], task["task_id"], data)
+    want = hashlib.sha256(data).hexdigest()
+    del data
+    tracemalloc.start()
+    try:
+        digest = hashlib.sha256()
+        with httpx.stream("GET", f"{coordinator.url}/v1/tasks/{task['task_id']}/result") as r:
+            assert r.status_code == 200
+            for chunk in r.iter_bytes():
+                digest.update(chunk)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert digest.hexdigest() == want
+    assert peak < 16 << 20, f"peak {peak >> 20} MiB while serving a 64 MiB result"
+
+
 def test_declared_resources_go_to_a_node_that_holds_them(coordinator: Running, rsa_keys) -> None:
     """A job's declared RAM and GPU memory are shown, sent with each dispatch, and only a
     node whose slot holds them (by its manifest) is offered the task; a job declaring
