@@ -11,6 +11,9 @@ from safetensors.numpy import load as st_load
 
 from nodeclient.errors import LocalProtocolError, RemoteProtocolError
 from nodeclient.workloads import training as tr
+from nodeclient.workloads import training_containers as trc
+from nodeclient.workloads import training_results as trr
+from nodeclient.workloads import training_spec as trs
 from nodeclient.workloads.tensors import decode_tensors, encode_tensors
 
 MLP = [
@@ -157,9 +160,9 @@ def test_slice_payload_carries_and_checks_both_hashes() -> None:
     request = tr.SliceRequest.decode(payload)
     assert request.weights_sha256 == hashlib.sha256(request.weights).hexdigest()
     assert (request.plan.round, request.plan.slice, request.plan.steps) == (0, 1, 7)
-    assert request.plan.seed == tr.slice_seed(0, 0, 1)
+    assert request.plan.seed == trs.slice_seed(0, 0, 1)
     tensors, meta = decode_tensors(payload)
-    other_shard = tr.shard_container(np.zeros((1, 4), np.float32), np.zeros(1, np.int64))
+    other_shard = trc.shard_container(np.zeros((1, 4), np.float32), np.zeros(1, np.int64))
     forged = encode_tensors(
         {"weights": tensors["weights"], "shard": np.frombuffer(other_shard, np.uint8)},
         metadata=meta,
@@ -350,14 +353,14 @@ def test_numbers_and_json_that_break_a_parser_are_protocol_errors(
     stock_recursion_limit: None,
 ) -> None:
     with pytest.raises(RemoteProtocolError, match="nests too deeply"):
-        tr.load_json("[" * 60_000, what="metrics")
+        trs.load_json("[" * 60_000, what="metrics")
     with pytest.raises(RemoteProtocolError, match="not a number"):
-        tr._parse_loss("[" * 100_000, "first_loss")
+        trr._parse_loss("[" * 100_000, "first_loss")
     with pytest.raises(RemoteProtocolError, match="beyond a float32 loss"):
-        tr._parse_loss("1.7e308", "first_loss")
-    assert tr._parse_loss("nan", "first_loss") != tr._parse_loss("nan", "first_loss")
+        trr._parse_loss("1.7e308", "first_loss")
+    assert trr._parse_loss("nan", "first_loss") != trr._parse_loss("nan", "first_loss")
     with pytest.raises(LocalProtocolError, match="lr"):
-        tr._float(10**400, "lr", 0.0, 10.0)
+        trs._float(10**400, "lr", 0.0, 10.0)
 
 
 def test_a_model_with_no_parameters_is_refused() -> None:
