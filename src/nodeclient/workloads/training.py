@@ -43,37 +43,82 @@ from nodeclient.workloads.tensors import (
     encode_tensors,
     read_metadata,
 )
+
+# The class's public names, wherever they are defined: callers import the workload
+# as one module (`from nodeclient.workloads import training as tr`).
 from nodeclient.workloads.training_containers import (
     _bytes_tensor,
     _meta,
     _remote,
     check_dataset,
+    decode_shard,
+    decode_weights,
     shard_container,
+    weights_container,
 )
-from nodeclient.workloads.training_slices import _SLICE_KEYS, expand_stub, is_stub
-from nodeclient.workloads.training_spec import Arrays, _from_dict, load_json
+from nodeclient.workloads.training_results import (
+    PseudoGradient,
+    check_pseudo_gradient,
+    decode_final,
+    encode_final,
+)
+from nodeclient.workloads.training_slices import (
+    _SLICE_KEYS,
+    SlicePlan,
+    SliceRequest,
+    SliceStub,
+    expand_stub,
+    is_stub,
+    plan_for,
+    stored_slice,
+)
+from nodeclient.workloads.training_spec import (
+    CLASS,
+    Arrays,
+    InnerOptimizer,
+    ModelSpec,
+    OuterOptimizer,
+    TrainingConfig,
+    _from_dict,
+    dump_json,
+    load_json,
+    sha256_hex,
+)
 
-# isort: split
-# Re-exported for callers not yet updated.
-from nodeclient.workloads.training_containers import decode_shard as decode_shard  # noqa: PLC0414
-from nodeclient.workloads.training_containers import decode_weights as decode_weights  # noqa: PLC0414
-from nodeclient.workloads.training_containers import weights_container as weights_container  # noqa: PLC0414
-from nodeclient.workloads.training_results import PseudoGradient as PseudoGradient  # noqa: PLC0414
-from nodeclient.workloads.training_results import check_pseudo_gradient as check_pseudo_gradient  # noqa: PLC0414
-from nodeclient.workloads.training_results import decode_final as decode_final  # noqa: PLC0414
-from nodeclient.workloads.training_results import encode_final as encode_final  # noqa: PLC0414
-from nodeclient.workloads.training_slices import SlicePlan as SlicePlan  # noqa: PLC0414
-from nodeclient.workloads.training_slices import SliceRequest as SliceRequest  # noqa: PLC0414
-from nodeclient.workloads.training_slices import SliceStub as SliceStub  # noqa: PLC0414
-from nodeclient.workloads.training_slices import plan_for as plan_for  # noqa: PLC0414
-from nodeclient.workloads.training_slices import stored_slice as stored_slice  # noqa: PLC0414
-from nodeclient.workloads.training_spec import CLASS as CLASS  # noqa: PLC0414
-from nodeclient.workloads.training_spec import InnerOptimizer as InnerOptimizer  # noqa: PLC0414
-from nodeclient.workloads.training_spec import ModelSpec as ModelSpec  # noqa: PLC0414
-from nodeclient.workloads.training_spec import OuterOptimizer as OuterOptimizer  # noqa: PLC0414
-from nodeclient.workloads.training_spec import TrainingConfig as TrainingConfig  # noqa: PLC0414
-from nodeclient.workloads.training_spec import dump_json as dump_json  # noqa: PLC0414
-from nodeclient.workloads.training_spec import sha256_hex as sha256_hex  # noqa: PLC0414
+__all__ = [
+    "CLASS",
+    "MAX_REASON_CHARS",
+    "MAX_SLICE_BYTES",
+    "MAX_SLICE_ROUNDS",
+    "MAX_SPLIT_BYTES",
+    "SLICE_HEADER_ROOM",
+    "InnerOptimizer",
+    "JobRequest",
+    "ModelSpec",
+    "OuterOptimizer",
+    "PseudoGradient",
+    "SlicePlan",
+    "SliceRequest",
+    "SliceStub",
+    "TrainingConfig",
+    "assemble",
+    "check_pseudo_gradient",
+    "check_result",
+    "check_slice",
+    "decode_final",
+    "decode_shard",
+    "decode_weights",
+    "dump_json",
+    "encode_final",
+    "expand",
+    "job_meta",
+    "plan_for",
+    "sha256_hex",
+    "split",
+    "split_shared",
+    "stored_slice",
+    "weights_container",
+]
 
 # Every slice of every round carries the whole model's weights (F32) and its shard: one
 # slice's payload is bounded by what a task payload may be (the coordinator's default
