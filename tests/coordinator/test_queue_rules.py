@@ -12,17 +12,14 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from nodeclient.coordinator import leases, placement, scheduler, selection
 from nodeclient.coordinator import models as m
-from nodeclient.coordinator import scheduler
 from nodeclient.coordinator.cli import build_parser
 from nodeclient.coordinator.config import CoordinatorConfig
-from nodeclient.coordinator.scheduler import (
-    Candidate,
-    Scheduler,
-    assign_tx,
-    node_lost_tx,
-    undeliverable_tx,
-)
+from nodeclient.coordinator.leases import node_lost_tx, undeliverable_tx
+from nodeclient.coordinator.placement import assign_tx
+from nodeclient.coordinator.scheduler import Scheduler
+from nodeclient.coordinator.selection import Candidate
 from nodeclient.coordinator.store import Database
 from nodeclient.coordinator.verifier import reject_tx
 from nodeclient.errors import UsageError
@@ -84,8 +81,8 @@ def node(
 def test_tasks_no_node_can_take_do_not_block_the_ones_behind(db: Database) -> None:
     """More than a page of queued tasks that need a tier (or a class) no linked node has,
     submitted first: a task behind them that a node can take is still placed."""
-    db.run_sync(lambda s: add_job(s, tasks=scheduler.BATCH + 10, min_tier=4))
-    db.run_sync(lambda s: add_job(s, tasks=scheduler.BATCH + 10, workload_class="media.render"))
+    db.run_sync(lambda s: add_job(s, tasks=placement.BATCH + 10, min_tier=4))
+    db.run_sync(lambda s: add_job(s, tasks=placement.BATCH + 10, workload_class="media.render"))
     later, (task_id,) = db.run_sync(lambda s: add_job(s, tasks=1, queued_at=NOW + 60))
     placed = db.run_sync(lambda s: assign_tx(s, [node()], now=NOW, lease_seconds=300))
     assert [(a.task_id, a.job_id, a.node_id) for a in placed] == [(task_id, later, "0xA")]
@@ -96,7 +93,7 @@ def test_tasks_no_node_can_hold_do_not_block_the_ones_behind(db: Database) -> No
     """More than MAX_PAGES pages of tasks declaring more RAM, or GPU memory, than any
     linked node's slot holds, submitted first: the tasks behind them are still placed (the
     query asks only for what some node offers, each figure and their combinations)."""
-    pages = scheduler.MAX_PAGES * scheduler.BATCH + 10
+    pages = placement.MAX_PAGES * placement.BATCH + 10
     db.run_sync(lambda s: add_job(s, tasks=pages, ram_mb=1_000_000))
     db.run_sync(lambda s: add_job(s, tasks=pages, vram_mb=30_000))
     db.run_sync(lambda s: add_job(s, tasks=pages, ram_mb=8192, vram_mb=8000))  # no node has both
@@ -139,21 +136,21 @@ def test_a_round_pages_past_tasks_every_eligible_node_is_excluded_from(
 ) -> None:
     """Tasks the node may serve but may not take (excluded by the retry rules) fill the
     first pages: the round reads on, up to MAX_PAGES, and places the task behind them."""
-    blocked_job, _ = db.run_sync(lambda s: add_job(s, tasks=2 * scheduler.BATCH))
+    blocked_job, _ = db.run_sync(lambda s: add_job(s, tasks=2 * placement.BATCH))
     _, (task_id,) = db.run_sync(lambda s: add_job(s, tasks=1, queued_at=NOW + 60))
-    real_pick = scheduler.Picker.pick
+    real_pick = selection.Picker.pick
     job_of = db.run_sync(lambda s: {t.task_id: t.job_id for t in s.scalars(select(m.Task))})
     seen: list[str] = []
 
-    def pick(self: scheduler.Picker, **kw: object) -> str | None:
+    def pick(self: selection.Picker, **kw: object) -> str | None:
         seen.append("x")
-        return None if len(seen) <= 2 * scheduler.BATCH else real_pick(self, **kw)  # type: ignore[arg-type]
+        return None if len(seen) <= 2 * placement.BATCH else real_pick(self, **kw)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(scheduler.Picker, "pick", pick)
+    monkeypatch.setattr(selection.Picker, "pick", pick)
     placed = db.run_sync(lambda s: assign_tx(s, [node()], now=NOW, lease_seconds=300))
     assert [a.task_id for a in placed] == [task_id]
     assert job_of[task_id] != blocked_job
-    assert len(seen) == 2 * scheduler.BATCH + 1
+    assert len(seen) == 2 * placement.BATCH + 1
 
 
 def test_a_job_every_free_node_is_barred_from_does_not_hide_the_queue(db: Database) -> None:
@@ -161,7 +158,7 @@ def test_a_job_every_free_node_is_barred_from_does_not_hide_the_queue(db: Databa
     has failed 3 of its slices (so it may take none of them): an inference job queued
     behind it is still placed, in the first round. Before, every page of every round was
     that job's, until the queue timeout failed it a day later."""
-    pages = scheduler.MAX_PAGES * scheduler.BATCH + 52
+    pages = placement.MAX_PAGES * placement.BATCH + 52
     render, slices = db.run_sync(lambda s: add_job(s, tasks=pages, workload_class="media.render"))
 
     def failed_three(s: Session) -> None:
@@ -185,17 +182,17 @@ def test_a_round_that_placed_a_few_pages_on_while_slots_are_free(
     """A first page where only one task can be placed (the rest excluded for the node) does
     not end the round while the node has a free slot: the task on the next page is placed
     too, not one round later per task."""
-    _, first_page = db.run_sync(lambda s: add_job(s, tasks=scheduler.BATCH))
+    _, first_page = db.run_sync(lambda s: add_job(s, tasks=placement.BATCH))
     _, (behind,) = db.run_sync(lambda s: add_job(s, tasks=1, queued_at=NOW + 60))
-    real_pick = scheduler.Picker.pick
+    real_pick = selection.Picker.pick
     seen: list[str] = []
 
-    def pick(self: scheduler.Picker, **kw: object) -> str | None:
+    def pick(self: selection.Picker, **kw: object) -> str | None:
         seen.append("x")
-        blocked = 1 < len(seen) <= scheduler.BATCH  # all but the first of the first page
+        blocked = 1 < len(seen) <= placement.BATCH  # all but the first of the first page
         return None if blocked else real_pick(self, **kw)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(scheduler.Picker, "pick", pick)
+    monkeypatch.setattr(selection.Picker, "pick", pick)
     placed = db.run_sync(lambda s: assign_tx(s, [node(capacity=2)], now=NOW, lease_seconds=300))
     assert [a.task_id for a in placed] == [first_page[0], behind]
 
@@ -204,15 +201,15 @@ def test_a_round_stops_paging_once_the_slots_are_full(
     db: Database, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """With no free slot left after the first page, the next page is not read."""
-    db.run_sync(lambda s: add_job(s, tasks=2 * scheduler.BATCH))
+    db.run_sync(lambda s: add_job(s, tasks=2 * placement.BATCH))
     pages: list[object] = []
-    real_page = scheduler._queued_page
+    real_page = placement._queued_page
 
     def counted(*args: object, **kw: object) -> object:
         pages.append(1)
         return real_page(*args, **kw)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(scheduler, "_queued_page", counted)
+    monkeypatch.setattr(placement, "_queued_page", counted)
     placed = db.run_sync(lambda s: assign_tx(s, [node(capacity=2)], now=NOW, lease_seconds=300))
     assert len(placed) == 2 and len(pages) == 1
 
@@ -223,7 +220,7 @@ def test_a_long_queue_for_busy_nodes_does_not_hide_work_from_idle_ones(db: Datab
     the same round (later pages ask only for what a free node can take)."""
     db.run_sync(
         lambda s: add_job(
-            s, tasks=scheduler.MAX_PAGES * scheduler.BATCH + 50,
+            s, tasks=placement.MAX_PAGES * placement.BATCH + 50,
             workload_class="media.render", min_tier=3,
         )
     )  # fmt: skip
@@ -242,27 +239,27 @@ def test_a_round_places_payloads_up_to_its_byte_budget(
 ) -> None:
     """A round reads, seals and frames every payload it places in memory: it stops at
     ROUND_BYTES (always placing one, however large), and the rest wait for the next."""
-    monkeypatch.setattr(scheduler, "ROUND_BYTES", 18)  # each test payload is 9 bytes
+    monkeypatch.setattr(placement, "ROUND_BYTES", 18)  # each test payload is 9 bytes
     db.run_sync(lambda s: add_job(s, tasks=5))
     first = db.run_sync(lambda s: assign_tx(s, [node(capacity=8)], now=NOW, lease_seconds=300))
     assert len(first) == 2
-    monkeypatch.setattr(scheduler, "ROUND_BYTES", 1)
+    monkeypatch.setattr(placement, "ROUND_BYTES", 1)
     second = db.run_sync(lambda s: assign_tx(s, [node(capacity=8)], now=NOW, lease_seconds=300))
     assert len(second) == 1
 
 
 def test_pages_stop_at_the_limit(db: Database, monkeypatch: pytest.MonkeyPatch) -> None:
     """A round reads at most MAX_PAGES pages when nothing can be placed."""
-    db.run_sync(lambda s: add_job(s, tasks=3 * scheduler.BATCH))
-    monkeypatch.setattr(scheduler, "MAX_PAGES", 2)
+    db.run_sync(lambda s: add_job(s, tasks=3 * placement.BATCH))
+    monkeypatch.setattr(placement, "MAX_PAGES", 2)
     calls: list[int] = []
 
-    def pick(self: scheduler.Picker, **kw: object) -> None:
+    def pick(self: selection.Picker, **kw: object) -> None:
         calls.append(1)
 
-    monkeypatch.setattr(scheduler.Picker, "pick", pick)
+    monkeypatch.setattr(selection.Picker, "pick", pick)
     assert db.run_sync(lambda s: assign_tx(s, [node()], now=NOW, lease_seconds=300)) == []
-    assert len(calls) == 2 * scheduler.BATCH
+    assert len(calls) == 2 * placement.BATCH
 
 
 def test_a_failed_jobs_other_tasks_stay_withdrawn(db: Database) -> None:
@@ -295,7 +292,8 @@ def test_a_lease_withdrawn_while_its_payload_was_sealed_is_not_dispatched(db: Da
 
     from cryptography.hazmat.primitives.asymmetric import rsa
 
-    from nodeclient.coordinator.scheduler import Scheduler, fail_job
+    from nodeclient.coordinator.leases import fail_job
+    from nodeclient.coordinator.scheduler import Scheduler
     from nodeclient.protocol.secp import Secp256k1Key
 
     address = Secp256k1Key.generate().address
@@ -486,11 +484,11 @@ def test_a_job_no_node_takes_fails_after_the_queue_timeout(any_db: Database) -> 
     db.run_sync(lease)
     young, _ = db.run_sync(lambda s: add_job(s, tasks=1, queued_at=NOW - HOUR))
     ended, _ = db.run_sync(lambda s: add_job(s, tasks=1, queued_at=old))
-    db.run_sync(lambda s: scheduler.fail_job(s, ended, "earlier", old + 1))
+    db.run_sync(lambda s: leases.fail_job(s, ended, "earlier", old + 1))
 
     # No node online at all.
     failed = dict(db.run_sync(
-        lambda s: scheduler.fail_stalled_tx(s, now=NOW, timeout=timeout, candidates=[])
+        lambda s: leases.fail_stalled_tx(s, now=NOW, timeout=timeout, candidates=[])
     ))  # fmt: skip
     mine = {stalled, retried, once, busy, young, ended}
     assert sorted(j for j in failed if j in mine) == sorted([stalled, once])
@@ -510,7 +508,7 @@ def test_a_job_no_node_takes_fails_after_the_queue_timeout(any_db: Database) -> 
     assert db.run_sync(lambda s: s.get_one(m.Job, ended).reason) == "earlier"
     # Run again: nothing more to fail among these.
     again = db.run_sync(
-        lambda s: scheduler.fail_stalled_tx(s, now=NOW, timeout=timeout, candidates=[])
+        lambda s: leases.fail_stalled_tx(s, now=NOW, timeout=timeout, candidates=[])
     )
     assert not {j for j, _ in again} & mine
 
@@ -524,7 +522,7 @@ def test_a_job_waiting_its_turn_is_not_failed_by_the_queue_timeout(any_db: Datab
                                                ram_mb=16_384))  # fmt: skip
     online = [node("0xA", tier=1, ram_mb=8192)]
     failed = dict(db.run_sync(
-        lambda s: scheduler.fail_stalled_tx(s, now=NOW, timeout=timeout, candidates=online)
+        lambda s: leases.fail_stalled_tx(s, now=NOW, timeout=timeout, candidates=online)
     ))  # fmt: skip
     assert backlog not in failed
     assert too_big in failed
@@ -573,7 +571,7 @@ def test_a_render_no_online_node_may_take_fails_after_the_queue_timeout(
     b = Candidate("0xB", 1, "eu-west", render, 2)
 
     def stall(candidates: list[Candidate]) -> dict[str, str]:
-        return dict(db.run_sync(lambda s: scheduler.fail_stalled_tx(
+        return dict(db.run_sync(lambda s: leases.fail_stalled_tx(
             s, now=NOW, timeout=timeout, candidates=candidates)))  # fmt: skip
 
     assert job_id not in stall([a, b])  # b may take them
@@ -615,8 +613,8 @@ def test_tasks_waiting_for_a_busy_node_do_not_hide_the_queue_for_good(
     pages of them and places nothing. The next round reads on from there (the queue
     cursor), so the task queued behind them reaches the free node a round later, not
     never; a round that reaches the queue's end starts the next from the oldest again."""
-    monkeypatch.setattr(scheduler, "BATCH", 4)
-    monkeypatch.setattr(scheduler, "MAX_PAGES", 2)
+    monkeypatch.setattr(placement, "BATCH", 4)
+    monkeypatch.setattr(placement, "MAX_PAGES", 2)
     _, waiting = db.run_sync(lambda s: add_job(s, tasks=3 * 4))
 
     def failed_on_a(s: Session) -> None:
@@ -628,7 +626,7 @@ def test_tasks_waiting_for_a_busy_node_do_not_hide_the_queue_for_good(
     _, (behind,) = db.run_sync(lambda s: add_job(s, tasks=1, queued_at=NOW + 60))
     free, busy = node("0xA", capacity=1), node("0xB", capacity=1)
     db.run_sync(lambda s: add_job(s, tasks=1, status=m.LEASED, node_id="0xB"))  # B is busy
-    cursor = scheduler.QueueCursor()
+    cursor = placement.QueueCursor()
 
     def round_() -> list[str]:
         placed = db.run_sync(

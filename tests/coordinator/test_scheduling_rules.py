@@ -10,7 +10,7 @@ import pytest
 from nodeclient.clock import ManualClock, OffsetFileClock
 from nodeclient.coordinator import classes
 from nodeclient.coordinator.config import CoordinatorConfig
-from nodeclient.coordinator.scheduler import Candidate, Picker, Roster, pick_node
+from nodeclient.coordinator.selection import Candidate, Picker, Roster, pick_node
 from nodeclient.errors import RemoteProtocolError, UsageError
 from tests.coordinator.conftest import inference_payload, inference_result
 

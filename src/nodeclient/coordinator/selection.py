@@ -1,0 +1,391 @@
+"""Node selection: which eligible node takes a queued task; pure, no database, no I/O.
+
+A node is eligible for a task when it lists the task's workload class, has
+``hardware_tier >= min_tier``, and a slot of it can hold the task's declared ``resources``
+(RAM and GPU memory, from its manifest: ``tier.slot_memory_mb``). Among eligible nodes,
+prefer one that has not tried the task before, then one in the job's region (falling back
+to any region), then the least loaded (the rules: :mod:`nodeclient.coordinator.scheduler`).
+
+Selection is a pure function (:func:`pick_node`). A round places its tasks with
+:class:`Picker`, which makes the same choice as :func:`pick_node` from one heap per
+(workload class, min tier, region, resources) of a :class:`Roster`, instead of a scan of
+every node per task.
+"""
+
+from __future__ import annotations
+
+import bisect
+import heapq
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from nodeclient.coordinator.store import NodeInfo
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    node_id: str
+    hardware_tier: int
+    region: str
+    workload_classes: frozenset[str]
+    capacity: int
+    ram_mb: int = 0  # what a task may count on in one slot
+    vram_mb: int = 0
+
+
+def pick_node(
+    *,
+    workload_class: str,
+    min_tier: int,
+    region: str | None,
+    candidates: Iterable[Candidate],
+    free: Mapping[str, int],
+    tried: Iterable[str] = (),
+    excluded: Iterable[str] = (),
+    ram_mb: int = 0,
+    vram_mb: int = 0,
+) -> str | None:
+    """The best eligible node for one task, or None; pure, so it is tested directly.
+
+    A node that tried the task is chosen only when no other candidate could take it at
+    all, free or busy: otherwise the task waits for one. A node that refuses or drops
+    whatever it gets is always the least loaded; were it given the task back whenever
+    the others are busy, it alone would spend the task's attempts within a second.
+    """
+    tried_set, excluded_set = set(tried), set(excluded)
+    best: tuple[bool, bool, float, str] | None = None
+    need = (workload_class, min_tier, ram_mb, vram_mb)
+    cands = list(candidates)
+    others = any(
+        c.capacity > 0 and _eligible(c, need) and c.node_id not in tried_set | excluded_set
+        for c in cands
+    )
+    for c in cands:
+        slots = free.get(c.node_id, 0)
+        if slots <= 0 or not _eligible(c, need):
+            continue
+        if c.node_id in excluded_set or (others and c.node_id in tried_set):
+            continue
+        key = (
+            c.node_id in tried_set,
+            region is not None and c.region != region,
+            1.0 - slots / max(c.capacity, 1),
+            c.node_id,
+        )
+        if best is None or key < best:
+            best = key
+    return None if best is None else best[3]
+
+
+# A heap entry: (region mismatch, load, node_id, free slots when pushed). The first three
+# are pick_node's preference after "not tried before"; the last detects entries made stale
+# by a pick, or by leases the entry did not know of.
+_Entry = tuple[bool, float, str, int]
+_Need = tuple[str, int, int, int]  # what a task asks: workload class, min tier, RAM, VRAM
+_Group = tuple[_Need, str | None]  # and its region preference
+_Offer = tuple[int, int, int]  # what a node offers a task: hardware tier, slot RAM, slot VRAM
+# Groups a round keeps a heap for (each may hold every node): a task of a further group
+# waits for a later round, which starts with the oldest tasks' groups.
+MAX_GROUPS = 64
+MAX_OFFERS = 32  # per class in a queued-task query; more are merged into one upper bound
+
+
+def _frontier(offers: Iterable[_Offer]) -> list[_Offer]:
+    """The offers no other offer matches or beats in every figure: a task some node can
+    take fits one of them. Past MAX_OFFERS, their upper bound alone (a looser filter)."""
+    out: list[_Offer] = []
+    for offer in sorted(set(offers), reverse=True):  # a dominating offer sorts first
+        if not any(o[0] >= offer[0] and o[1] >= offer[1] and o[2] >= offer[2] for o in out):
+            out.append(offer)
+    if len(out) > MAX_OFFERS:
+        out = [(max(o[0] for o in out), max(o[1] for o in out), max(o[2] for o in out))]
+    return out
+
+
+def _offer(c: Candidate) -> _Offer:
+    return c.hardware_tier, c.ram_mb, c.vram_mb
+
+
+def _load(c: Candidate, slots: int) -> float:
+    return 1.0 - slots / max(c.capacity, 1)  # exactly pick_node's load term
+
+
+def _candidate(node_id: str, info: NodeInfo) -> Candidate:
+    """Registered node *node_id* as the scheduler weighs it."""
+    return Candidate(
+        node_id, info.hardware_tier, info.region, info.workload_classes,
+        info.max_parallel_subtasks, info.slot_ram_mb, info.slot_vram_mb,
+    )  # fmt: skip
+
+
+def _eligible(c: Candidate, need: _Need) -> bool:
+    workload_class, min_tier, ram_mb, vram_mb = need
+    return (
+        workload_class in c.workload_classes
+        and c.hardware_tier >= min_tier
+        and c.ram_mb >= ram_mb
+        and c.vram_mb >= vram_mb
+    )
+
+
+class Roster:
+    """The scheduling candidates, plus what rounds reuse until the candidates change.
+
+    For each group of tasks it keeps a heap of its eligible nodes keyed as if none had a
+    lease (load 0). A round copies it (a C-level list copy) instead of weighing every
+    node again: an entry of a node with leases is then ahead of its true place, which
+    :class:`Picker` corrects when it pops it.
+    """
+
+    def __init__(self, candidates: Iterable[Candidate]) -> None:
+        self.candidates = list(candidates)
+        self.by_id = {c.node_id: c for c in self.candidates}
+        self.capacity = sum(max(c.capacity, 0) for c in self.candidates)
+        # What any candidate serves at all: queued tasks outside it are not even read.
+        self.classes = frozenset(w for c in self.candidates for w in c.workload_classes)
+        self.regions = frozenset(c.region for c in self.candidates)
+        self._idle_heaps: dict[_Group, list[_Entry]] = {}
+        # Per class and offer, the nodes that serve the class with that offer.
+        self._by_offer: dict[str, dict[_Offer, list[Candidate]]] = {}
+        for c in self.candidates:
+            if c.capacity > 0:
+                for w in c.workload_classes:
+                    self._by_offer.setdefault(w, {}).setdefault(_offer(c), []).append(c)
+        # What some candidate offers per class: queued tasks beyond it are not even read.
+        self.offers = {w: _frontier(groups) for w, groups in self._by_offer.items()}
+        # Slot sizes on offer, ascending: a task's need is rounded up to one (same nodes).
+        self._ram = sorted({c.ram_mb for c in self.candidates})
+        self._vram = sorted({c.vram_mb for c in self.candidates})
+
+    def serves(self, need: _Need, *, barred: set[str]) -> bool:
+        """Whether a candidate not in *barred* could take a task of *need*, free or not
+        (it stops at the first: at most the barred few are passed over)."""
+        workload_class, min_tier, ram_mb, vram_mb = need
+        return any(
+            tier >= min_tier
+            and ram >= ram_mb
+            and vram >= vram_mb
+            and any(c.node_id not in barred for c in nodes)
+            for (tier, ram, vram), nodes in self._by_offer.get(workload_class, {}).items()
+        )
+
+    def nodes_serving(self, workload_class: str) -> Iterable[list[Candidate]]:
+        """The candidates (with slots) that serve *workload_class*, grouped by offer."""
+        return self._by_offer.get(workload_class, {}).values()
+
+    def free_offers(self, used: Mapping[str, int]) -> dict[str, list[_Offer]]:
+        """Per class, :attr:`offers` among the nodes with a free slot (classes with none
+        are left out): what a queued task may ask for and be placed now."""
+        out: dict[str, list[_Offer]] = {}
+        for workload_class, groups in self._by_offer.items():
+            free = [
+                offer
+                for offer, nodes in groups.items()
+                if any(used.get(c.node_id, 0) < c.capacity for c in nodes)
+            ]
+            if free:
+                out[workload_class] = _frontier(free)
+        return out
+
+    def normal(self, need: _Need) -> _Need | None:
+        """*need* with its RAM and VRAM rounded up to a slot size some candidate has: the
+        same nodes hold it, and tasks of many sizes share a few groups. None when no
+        candidate's slot is that large."""
+        workload_class, min_tier, ram_mb, vram_mb = need
+        i, j = bisect.bisect_left(self._ram, ram_mb), bisect.bisect_left(self._vram, vram_mb)
+        if i == len(self._ram) or j == len(self._vram):
+            return None
+        return workload_class, min_tier, self._ram[i], self._vram[j]
+
+    def idle_heap(self, group: _Group) -> list[_Entry]:
+        """A fresh copy of the group's heap with every node idle."""
+        heap = self._idle_heaps.get(group)
+        if heap is None:
+            need, region = group
+            heap = [
+                (region is not None and c.region != region, _load(c, c.capacity), c.node_id,
+                 c.capacity)
+                for c in self.candidates
+                if c.capacity > 0 and _eligible(c, need)
+            ]  # fmt: skip
+            heapq.heapify(heap)
+            if len(self._idle_heaps) < MAX_GROUPS:
+                self._idle_heaps[group] = heap
+        return list(heap)
+
+    def any_free(self, used: Mapping[str, int]) -> bool:
+        """Whether some candidate has a free slot, given tasks leased per node (O(leased))."""
+        free = self.capacity
+        for node_id, n in used.items():
+            c = self.by_id.get(node_id)
+            if c is not None:
+                cap = max(c.capacity, 0)
+                free -= cap - max(0, cap - n)
+        return free > 0
+
+
+class Picker:
+    """:func:`pick_node` for many tasks in one round, O(log nodes) per task.
+
+    Candidates are grouped by what a task asks of them (workload class, min tier,
+    resources, region); each group keeps a heap keyed by (region mismatch, load, node_id). Load
+    only goes up during a round, so an entry whose slot count is out of date is ahead
+    of its true place: it is popped early and pushed back with its current load. Nodes
+    that already tried the task, or may not take it, are set aside during a pick and
+    put back after it. When every eligible node has tried the task, the best of the
+    (few) nodes that tried it is chosen, as pick_node does; while some other node could
+    take it, busy or not, the task waits for one.
+    """
+
+    def __init__(
+        self, roster: Roster, used: Mapping[str, int], *, max_groups: int = MAX_GROUPS
+    ) -> None:
+        self._roster = roster
+        self._cands = roster.by_id
+        self._used = dict(used)  # node_id -> tasks leased to it; pick() adds one
+        self._heaps: dict[_Group, list[_Entry]] = {}
+        self._max_groups = max_groups
+
+    def any_free(self) -> bool:
+        """Whether some candidate still has a free slot, this round's picks included."""
+        return self._roster.any_free(self._used)
+
+    def free_offers(self) -> dict[str, list[_Offer]]:
+        """Roster.free_offers, this round's picks included."""
+        return self._roster.free_offers(self._used)
+
+    def any_free_outside(self, workload_class: str, barred: set[str]) -> bool:
+        """Whether a candidate serving *workload_class*, not in *barred*, has a free slot
+        (it stops at the first: at most the barred few are passed over)."""
+        groups = self._roster.nodes_serving(workload_class)
+        return any(
+            c.node_id not in barred and self.slots(c.node_id) > 0 for nodes in groups for c in nodes
+        )
+
+    def slots(self, node_id: str) -> int:
+        """Free slots of a candidate now (capacity minus leases, this round's included)."""
+        return self._cands[node_id].capacity - self._used.get(node_id, 0)
+
+    def pick(
+        self,
+        *,
+        workload_class: str,
+        min_tier: int,
+        region: str | None,
+        tried: Iterable[str] = (),
+        excluded: Iterable[str] = (),
+        ram_mb: int = 0,
+        vram_mb: int = 0,
+    ) -> str | None:
+        """The node pick_node would choose; its free slots go down by one. A task of a new
+        group, once this round keeps ``max_groups`` heaps, is placed by a scan of every
+        candidate instead (the same choice, without a heap kept for it)."""
+        tried_set, excluded_set = set(tried), set(excluded)
+        need = self._roster.normal((workload_class, min_tier, ram_mb, vram_mb))
+        if need is None:
+            return None  # no slot of any candidate is that large
+        if region not in self._roster.regions:
+            # No candidate is there: every node misses it alike, which orders them as no
+            # preference does. One group for all such regions, not one cached heap of every
+            # node per name a requester made up.
+            region = None
+        group = (need, region)
+        heap = self._heaps.get(group)
+        if heap is None:
+            if len(self._heaps) >= self._max_groups:
+                return self._scan(need, region, tried_set, excluded_set)
+            heap = self._heaps[group] = self._start_heap(group)
+        aside: list[_Entry] = []
+        choice: str | None = None
+        while heap:
+            entry = heapq.heappop(heap)
+            mismatch, _, node_id, pushed_slots = entry
+            slots = self.slots(node_id)
+            if slots <= 0:
+                continue  # full: gone from this group for the rest of the round
+            if slots != pushed_slots:
+                c = self._cands[node_id]
+                heapq.heappush(heap, (mismatch, _load(c, slots), node_id, slots))
+                continue
+            if node_id in excluded_set or node_id in tried_set:
+                aside.append(entry)
+                continue
+            choice = node_id
+            break
+        for entry in aside:
+            heapq.heappush(heap, entry)
+        if choice is None:  # every eligible node with a free slot tried it (or none is)
+            return self._pick_tried(need, region, tried_set, excluded_set)
+        self._used[choice] = self._used.get(choice, 0) + 1
+        slots = self.slots(choice)
+        if slots > 0:
+            c = self._cands[choice]
+            mismatch = region is not None and c.region != region
+            heapq.heappush(heap, (mismatch, _load(c, slots), choice, slots))
+        return choice
+
+    def _scan(
+        self, need: _Need, region: str | None, tried: set[str], excluded: set[str]
+    ) -> str | None:
+        """pick_node over every candidate, with this round's picks; its slots go down."""
+        workload_class, min_tier, ram_mb, vram_mb = need
+        choice = pick_node(
+            workload_class=workload_class,
+            min_tier=min_tier,
+            region=region,
+            candidates=self._roster.candidates,
+            free={c.node_id: self.slots(c.node_id) for c in self._roster.candidates},
+            tried=tried,
+            excluded=excluded,
+            ram_mb=ram_mb,
+            vram_mb=vram_mb,
+        )
+        if choice is not None:
+            self._used[choice] = self._used.get(choice, 0) + 1  # its heap entries are now stale
+        return choice
+
+    def _start_heap(self, group: _Group) -> list[_Entry]:
+        """The group's heap at the start of the round.
+
+        Few nodes with leases: a copy of the idle heap (their entries get corrected as
+        they come up). Many: weigh every node now, rather than correct most entries.
+        """
+        if len(self._used) * 8 < len(self._cands):
+            return self._roster.idle_heap(group)
+        need, region = group
+        heap: list[_Entry] = []
+        for c in self._roster.candidates:
+            slots = self.slots(c.node_id)
+            if slots > 0 and _eligible(c, need):
+                mismatch = region is not None and c.region != region
+                heap.append((mismatch, _load(c, slots), c.node_id, slots))
+        heapq.heapify(heap)
+        return heap
+
+    def _pick_tried(
+        self, need: _Need, region: str | None, tried: set[str], excluded: set[str]
+    ) -> str | None:
+        """The best of the nodes that tried the task, when no other node could take it at
+        all (free or busy; else the task waits for one, see pick_node); its slots go down."""
+        if not tried or self._roster.serves(need, barred=tried | excluded):
+            return None
+        choice = self._best_tried(need, region, tried, excluded)
+        if choice is not None:
+            self._used[choice] = self._used.get(choice, 0) + 1  # its entry is now stale
+        return choice
+
+    def _best_tried(
+        self, need: _Need, region: str | None, tried: set[str], excluded: set[str]
+    ) -> str | None:
+        best: tuple[bool, float, str] | None = None
+        for node_id in tried - excluded:
+            c = self._cands.get(node_id)
+            if c is None:
+                continue
+            slots = self.slots(node_id)
+            if slots <= 0 or not _eligible(c, need):
+                continue
+            key = (region is not None and c.region != region, _load(c, slots), node_id)
+            if best is None or key < best:
+                best = key
+        return None if best is None else best[2]
