@@ -17,7 +17,14 @@ import pytest
 
 from nodeclient.errors import UsageError
 from nodeclient.node import outbox
-from nodeclient.node.outbox import INLINE_MAX, Outbox, OutboxBusy, OutboxCorrupt, read_history
+from nodeclient.node.outbox import INLINE_MAX, Outbox
+from nodeclient.node.outbox_files import OutboxBusy
+from nodeclient.node.outbox_schema import (
+    FORMAT_VERSION,
+    OutboxCorrupt,
+    OutboxTooNew,
+    read_history,
+)
 
 
 def commit(box: Outbox, task: uuid.UUID, result: bytes, sign=lambda m: b"s" * 65):
@@ -529,7 +536,7 @@ def test_an_sqlite_older_than_the_minimum_is_refused_in_one_line(tmp_path, monke
         read_history(tmp_path / "o.db")
 
 
-# Constructs newer than outbox.SQLITE_MIN: RETURNING 3.35, upsert 3.24, window functions 3.25,
+# Constructs newer than SQLITE_MIN: RETURNING 3.35, upsert 3.24, window functions 3.25,
 # FILTER 3.30, NULLS FIRST/LAST 3.30, RENAME COLUMN 3.25, DROP COLUMN 3.35, STRICT 3.37,
 # -> and ->> 3.38.
 NEWER_SQL = re.compile(
@@ -605,12 +612,12 @@ def test_an_outbox_of_a_newer_release_is_refused_untouched(tmp_path) -> None:
     box = Outbox(path)
     t = uuid.uuid4()
     commit(box, t, b"kept")
-    assert box._db.execute("PRAGMA user_version").fetchone() == (outbox.FORMAT_VERSION,)
-    box._db.execute(f"PRAGMA user_version = {outbox.FORMAT_VERSION + 1}")
+    assert box._db.execute("PRAGMA user_version").fetchone() == (FORMAT_VERSION,)
+    box._db.execute(f"PRAGMA user_version = {FORMAT_VERSION + 1}")
     box.close()
     before = path.read_bytes()
     for open_it in (Outbox, read_history):
-        with pytest.raises(outbox.OutboxTooNew, match="written by a newer nodeclient") as info:
+        with pytest.raises(OutboxTooNew, match="written by a newer nodeclient") as info:
             open_it(path)
         assert "\n" not in str(info.value)
     assert path.read_bytes() == before
@@ -618,7 +625,7 @@ def test_an_outbox_of_a_newer_release_is_refused_untouched(tmp_path) -> None:
     db.execute("PRAGMA user_version = 0")  # (a release before the version was recorded)
     db.close()
     box = Outbox(path)  # reopened by this release: recorded again, the row intact
-    assert box._db.execute("PRAGMA user_version").fetchone() == (outbox.FORMAT_VERSION,)
+    assert box._db.execute("PRAGMA user_version").fetchone() == (FORMAT_VERSION,)
     assert [e.result for e in box.pending()] == [b"kept"]
     box.close()
 
