@@ -1,0 +1,274 @@
+"""The ``nodeclient`` commands that make, show and bind the node's identity: ``init``,
+``keys show``, ``keys rotate-liveness``, ``wallet-proof`` and ``manifest``.
+
+:func:`build_local_manifest` probes this machine and signs the capability manifest
+(2.3.2); ``nodeclient run`` registers with the same one. Each command here reads or makes
+key material, so the parser marks it ``holds_keys``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from nodeclient import __version__
+from nodeclient.errors import KeyFileError, UsageError
+from nodeclient.node import keys, securefile, wallet
+from nodeclient.node.cli_options import _home, _passphrase_source
+from nodeclient.node.config import NodeConfig, load_config, write_config
+from nodeclient.protocol.secp import Secp256k1Key
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    """Create the node's keys, then ``config.toml``; each step is atomic.
+
+    An init cut short between the two (killed, or the disk full) leaves the keys and no
+    config.toml; one killed while the key files got their names leaves some of them and
+    the others as temporary files. Running the same init again finishes it: it gives the
+    missing names from those files (``keys.finish_init``, which refuses, naming what to
+    move aside, where they are not all there), keeps the keys and writes only config.toml,
+    from the flags given now (the keys hold no wallet or region). It never replaces a key
+    or an existing config.toml.
+    """
+    _refuse_passphrase_without_encrypt(args)
+    home = _home(args, create=True)
+    config = NodeConfig(wallet_address=args.wallet, region=args.region, chain_id=args.chain_id)
+    if (home / "config.toml").exists():
+        raise UsageError(f"{home / 'config.toml'} already exists: this home is initialised")
+    named = keys.finish_init(home)
+    resumed = all(os.path.lexists(home / n) for n in keys.KEY_FILES)
+    if resumed:
+        info = keys.key_info(home)  # loads, and so checks, all three before anything is written
+        if args.encrypt and not info.encrypted:
+            raise UsageError(
+                f"{home} holds the keys of an unfinished init, with node.key in plaintext: run "
+                "init again without --encrypt to finish it, or move the keys away to start over"
+            )
+    else:  # none of the keys: finish_init refused if only some of them exist
+        passphrase = _passphrase_source(args, confirm=True)() if args.encrypt else None
+        info = keys.init_keys(home, passphrase=passphrase)
+    try:
+        write_config(home, config)
+    except KeyFileError as exc:
+        raise KeyFileError(
+            f"{exc}; the keys were kept and no config.toml was written: fix that and run the "
+            "same `nodeclient init` again to finish"
+        ) from exc
+    if resumed:
+        named_now = f" (named {' and '.join(named)} from its staging files)" if named else ""
+        print(
+            f"finished the interrupted init of {home}: kept its keys{named_now}, wrote config.toml"
+        )
+    else:
+        print(f"initialised {home}")
+    print(f"  node_id           {info.node_id}")
+    print(f"  liveness address  {info.liveness_address}")
+    print(f"  payload key       {info.rsa_fingerprint}")
+    print(f"  node.key          {'encrypted keystore (scrypt)' if info.encrypted else 'plaintext'}")
+    print("next: `nodeclient manifest` shows the signed capability manifest")
+    return 0
+
+
+def _refuse_passphrase_without_encrypt(args: argparse.Namespace) -> None:
+    """A passphrase file without --encrypt would be ignored and node.key written in
+    plaintext: refused, by flag or by environment (whoever sets the variable means
+    node.key to be encrypted; ``NODECLIENT_PASSPHRASE_FILE=`` empty counts as unset)."""
+    if args.encrypt:
+        return
+    if args.passphrase_file:
+        raise UsageError(
+            "--passphrase-file without --encrypt: init would write node.key in plaintext "
+            "and never use the passphrase; add --encrypt to encrypt node.key with it, or "
+            "drop --passphrase-file for a plaintext node.key"
+        )
+    if os.environ.get(keys.PASSPHRASE_FILE_ENV):
+        raise UsageError(
+            f"{keys.PASSPHRASE_FILE_ENV} is set but --encrypt is not given: init would write "
+            "node.key in plaintext and never use the passphrase; add --encrypt to encrypt "
+            f"node.key with it, or run init with {keys.PASSPHRASE_FILE_ENV}= (empty) for a "
+            "plaintext node.key"
+        )
+
+
+def cmd_keys_show(args: argparse.Namespace) -> int:
+    info = keys.key_info(_home(args))
+    if args.json:
+        print(json.dumps(_key_info_dict(info), indent=2))
+        return 0
+    print(f"node_id           {info.node_id}")
+    print(f"liveness address  {info.liveness_address}")
+    print(f"payload key       {info.rsa_fingerprint}")
+    print(f"node.key          {'encrypted keystore' if info.encrypted else 'plaintext'}")
+    for f in info.files:
+        status = "ok" if f.get("ok") else "UNSAFE"
+        print(f"  {f['path']}  mode {f.get('mode')}  owner {_owner(f.get('owner_uid'))}  {status}")
+    return 0
+
+
+def _owner(uid: object) -> str:
+    """``name (uid N)``, or just the uid where it has no name in the user database."""
+    import pwd
+
+    if not isinstance(uid, int):
+        return "unknown"
+    try:
+        return f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
+    except KeyError:
+        return f"uid {uid}"
+
+
+def _key_info_dict(info: keys.KeyInfo) -> dict[str, Any]:
+    return {
+        "node_id": info.node_id,
+        "liveness_address": info.liveness_address,
+        "rsa_fingerprint": info.rsa_fingerprint,
+        "encrypted": info.encrypted,
+        "files": info.files,
+    }
+
+
+def cmd_keys_rotate(args: argparse.Namespace) -> int:
+    old, new = keys.rotate_liveness(_home(args))
+    if old is None:
+        print(f"new liveness key {new} (liveness.key was missing or malformed)")
+    else:
+        print(f"liveness key rotated: {old} -> {new}")
+    print("re-register (restart `nodeclient run`) so the coordinator learns the new key")
+    return 0
+
+
+def build_local_manifest(
+    home: Path,
+    config: NodeConfig,
+    passphrase: Callable[[], bytes],
+    *,
+    now: int | None = None,
+    node_key: Any = None,
+) -> dict[str, Any]:
+    """Probe this machine and build the signed manifest (2.3.2)."""
+    from nodeclient.node import hardware
+    from nodeclient.node.runtimes import usable_workload_classes
+    from nodeclient.protocol import manifest as mf
+    from nodeclient.protocol import tier
+
+    hw = hardware.probe_hardware()
+    cpu, gpu = hw.cpu.to_manifest(), hw.gpu.to_manifest()
+    slots = tier.effective_parallelism(
+        tier.max_parallel_subtasks(cpu, gpu), config.max_parallel_subtasks
+    )
+    classes = [c for c, (ok, _why) in usable_workload_classes().items() if ok]
+    node_key = node_key or keys.load_node_key(home, passphrase=passphrase)
+    proof = wallet.load_proof(
+        home,
+        wallet_address=config.wallet_address,
+        node_id=node_key.address,
+        chain_id=config.chain_id,
+    )
+    return mf.build_manifest(
+        node_key=node_key,
+        liveness_address=keys.load_liveness_key(home).address,
+        payload_key=keys.load_payload_key(home),
+        wallet_address=config.wallet_address,
+        region=config.region,
+        cpu=cpu,
+        gpu=gpu,
+        workload_classes=classes,
+        max_parallel_subtasks=slots,
+        client_version=__version__,
+        issued_at=int(time.time()) if now is None else now,
+        chain_id=config.chain_id,
+        wallet_proof=proof,
+    )
+
+
+def _wallet_key(path: Path) -> Secp256k1Key:
+    """The wallet's own key from --wallet-key (hex, mode 0600); errors name that file."""
+    if not path.exists() and not path.is_symlink():
+        raise UsageError(f"--wallet-key {path}: no such file (the wallet's key, hex, mode 0600)")
+    try:
+        text = securefile.read_secret(path).decode("ascii", "replace").strip()
+        return Secp256k1Key.from_hex(text)
+    except (KeyFileError, ValueError) as exc:
+        raise UsageError(f"--wallet-key {path}: {exc}") from exc
+
+
+def cmd_wallet_proof(args: argparse.Namespace) -> int:
+    """Bind this node to the configured wallet: print what the wallet signs, or store its
+    signature (node/wallet.py)."""
+    home = _home(args)
+    config = load_config(home)
+    node_id = keys.node_id_of(home)
+    if args.signature is not None or args.wallet_key is not None:
+        issued_at = int(time.time()) if args.issued_at is None else args.issued_at
+        from nodeclient.protocol.manifest import MAX_SKEW_S
+
+        ahead = issued_at - int(time.time())
+        if ahead > MAX_SKEW_S:  # a coordinator would refuse every registration with it
+            raise UsageError(
+                f"--issued-at {issued_at} is {ahead} s in the future: a coordinator refuses a "
+                f"wallet proof issued more than {MAX_SKEW_S} s ahead; sign the typed data "
+                "`nodeclient wallet-proof` prints now"
+            )
+        if args.wallet_key is not None:
+            wallet_key = _wallet_key(Path(args.wallet_key))
+            proof = wallet.sign_proof(
+                wallet_key, wallet_address=config.wallet_address, node_id=node_id,
+                issued_at=issued_at, chain_id=config.chain_id,
+            )  # fmt: skip
+        else:
+            if args.issued_at is None:
+                raise UsageError("--signature needs the --issued-at that was signed")
+            proof = wallet.make_proof(
+                args.signature, wallet_address=config.wallet_address, node_id=node_id,
+                issued_at=issued_at, chain_id=config.chain_id,
+            )  # fmt: skip
+        path = wallet.save_proof(home, proof)
+        print(f"wallet proof stored in {path}: wallet {config.wallet_address} names node {node_id}")
+        print("it goes into the manifest from the next start of `nodeclient run`")
+        return 0
+    issued_at = int(time.time()) if args.issued_at is None else args.issued_at
+    typed = wallet.typed_data(
+        config.wallet_address, node_id, issued_at=issued_at, chain_id=config.chain_id
+    )
+    if args.json:
+        print(json.dumps(typed, indent=2))
+        return 0
+    print(f"Sign this with the wallet {config.wallet_address} (eth_signTypedData_v4):\n")
+    print(json.dumps(typed, indent=2))
+    print("\nthen store the signature it gives you:")
+    home_flag = f" --home {shlex.quote(str(home))}" if "home" in args else ""
+    print(f"  nodeclient wallet-proof{home_flag} --issued-at {issued_at} --signature 0x…")
+    return 0
+
+
+def cmd_manifest(args: argparse.Namespace) -> int:
+    home = _home(args)
+    config = load_config(home)
+    manifest = build_local_manifest(home, config, _passphrase_source(args))
+    if args.json:
+        print(json.dumps(manifest, indent=2))
+        return 0
+    gpus = ", ".join(f"{g['count']}x {g['model']} ({g['vram_gb']} GB)" for g in manifest["gpu"])
+    print(f"node_id               {manifest['node_id']}")
+    print(f"wallet_address        {manifest['wallet_address']}")
+    proven = "yes, signed by the wallet" if "wallet_proof" in manifest else "no (`wallet-proof`)"
+    print(f"wallet_proof          {proven}")
+    print(f"liveness_address      {manifest['liveness_address']}")
+    print(f"region                {manifest['region']}")
+    print(f"hardware_tier         {manifest['hardware_tier']}")
+    cpu = manifest["cpu"]
+    print(f"cpu                   {cpu['model']}, {cpu['cores']} cores, {cpu['ram_gb']} GiB RAM")
+    print(f"gpu                   {gpus or 'none'}")
+    print(f"workload_classes      {', '.join(manifest['workload_classes']) or 'none'}")
+    print(f"max_parallel_subtasks {manifest['max_parallel_subtasks']}")
+    print(f"client_version        {manifest['client_version']}")
+    print(f"issued_at             {manifest['issued_at']}")
+    print("signed                RSA-PSS by payload.key, EIP-712 Registration by node.key")
+    print("(--json prints the full signed manifest)")
+    return 0

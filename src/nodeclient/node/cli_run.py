@@ -1,0 +1,138 @@
+"""``nodeclient run``: start the node daemon (2.3.3) with its executor, sandbox (2.3.5),
+outbox and, opt-in, the Prometheus metrics endpoint (2.3.8).
+
+Everything that can be checked before the daemon starts is: the coordinator URL, the
+heartbeat interval, the sandbox and the outbox, each failure one line on stderr. A damaged
+outbox exits 78, which the systemd unit does not restart on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import shlex
+import sqlite3
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from nodeclient.errors import NeedsOperator, NodeClientError
+from nodeclient.node import keys
+from nodeclient.node.cli_keys import build_local_manifest
+from nodeclient.node.cli_options import (
+    _coordinator_url,
+    _heartbeat_interval,
+    _home,
+    _passphrase_source,
+)
+from nodeclient.node.config import load_config
+
+if TYPE_CHECKING:
+    from nodeclient.node.outbox import Outbox
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from nodeclient import logs
+    from nodeclient.clock import make_clock
+    from nodeclient.node import sandbox
+    from nodeclient.node.daemon import NodeDaemon, Retention
+    from nodeclient.node.executor import Executor, WorkerConfig, gpus_from_manifest
+    from nodeclient.node.metrics import GpuSampler, NodeMetrics
+
+    logs.configure(fmt=args.log_format)
+    home = _home(args)
+    config = load_config(home)
+    metrics_address = args.metrics_address or config.metrics_address
+    url = _coordinator_url(args, config)
+    heartbeat_interval = _heartbeat_interval(args, config)
+    passphrase = _passphrase_source(args)
+    node_key = keys.load_node_key(home, passphrase=passphrase)
+    # On every event from here, the outbox's at its opening (orphans removed) included.
+    logs.bind_global(node_id=node_key.address)
+    manifest = build_local_manifest(home, config, lambda: b"", node_key=node_key)
+    slots = int(manifest["max_parallel_subtasks"])
+    cores = int(manifest["cpu"]["cores"])
+    metrics = NodeMetrics()
+    # 2.3.5: no working bubblewrap and no allow_unsandboxed -> UsageError, one line, exit 2
+    mode = sandbox.choose_mode(allow_unsandboxed=config.allow_unsandboxed)
+    executor = Executor(
+        slots=slots,
+        mode=mode,
+        config=WorkerConfig(
+            cache_dir=home / "models",
+            threads=max(1, cores // slots),
+            gpus=gpus_from_manifest(manifest),
+            node_home=home,  # no bind into the sandbox may show the home's key files
+        ),
+    )
+    daemon = NodeDaemon(
+        home=home,
+        coordinator_url=url,
+        chain_id=config.chain_id,
+        node_key=node_key,
+        liveness_key=keys.load_liveness_key(home),
+        payload_key=keys.load_payload_key(home),
+        manifest=manifest,
+        executor=executor,
+        outbox=_open_outbox(home / "outbox.db"),
+        clock=make_clock(args.clock_file),
+        heartbeat_interval=heartbeat_interval,
+        metrics=metrics,
+        retention=Retention(
+            seconds=config.result_retention_hours * 3600.0,
+            bytes=config.result_retention_mb << 20,
+            history_seconds=config.history_retention_days * 86400.0,
+            max_unacknowledged=config.max_unacknowledged_results,
+        ),
+    )
+    server = metrics.serve(metrics_address) if metrics_address else None  # 2.3.8, opt-in
+    if server is not None and manifest["gpu"]:
+        metrics.gpu = GpuSampler(interval=5.0).start()  # NVML in a child process only
+    try:
+        return asyncio.run(daemon.run())
+    finally:
+        if server is not None:
+            server.close()
+        if metrics.gpu is not None:
+            metrics.gpu.close()
+
+
+def _open_outbox(path: Path) -> Outbox:
+    """Open the outbox; a damaged file or a full disk is one line, not a traceback.
+
+    A damaged outbox exits 78 (NeedsOperator), which the systemd unit does not restart
+    on: starting again cannot help, and the operator must keep the file (it holds signed
+    results the coordinator has not acknowledged). Anything else exits 1 and is retried.
+    """
+    from nodeclient.node.outbox import Outbox
+
+    try:
+        return Outbox(path)
+    except sqlite3.Error as exc:
+        code = exc.sqlite_errorcode & 0xFF  # the primary result code
+        if code in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB):
+            aside = shlex.quote(str(path.with_name("outbox.damaged")))
+            raise NeedsOperator(
+                f"{path} is damaged ({exc}): move it and its companions aside, e.g. "
+                f"`mkdir {aside} && mv {shlex.quote(str(path))}* {aside}/`, and never delete "
+                "them (they hold signed results not yet acknowledged); `nodeclient run` then "
+                "starts a new outbox"
+            ) from exc
+        full = code == sqlite3.SQLITE_FULL
+        raise NodeClientError(_outbox_problem(path, str(exc), full=full)) from exc
+    except OSError as exc:
+        full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+        raise NodeClientError(_outbox_problem(path, exc.strerror or str(exc), full=full)) from exc
+
+
+def _outbox_problem(path: Path, reason: str, *, full: bool) -> str:
+    if full:
+        return (
+            f"cannot open {path}: {reason}; the disk is full: free some space on it, "
+            "then start the node again (the outbox is kept)"
+        )
+    return (
+        f"cannot open {path}: {reason}; check free disk space and that {path.parent} is "
+        "writable by this user, then start the node again"
+    )
