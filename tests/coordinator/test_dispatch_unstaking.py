@@ -10,7 +10,8 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from nodeclient.coordinator import models as m
-from nodeclient.coordinator.scheduler import Scheduler, assign_tx
+from nodeclient.coordinator.placement import assign_tx
+from nodeclient.coordinator.scheduler import Scheduler
 from nodeclient.coordinator.store import Database
 from nodeclient.protocol.secp import Secp256k1Key
 from tests.coordinator.test_queue_rules import NOW, add_job, node

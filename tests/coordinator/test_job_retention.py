@@ -19,7 +19,8 @@ from nodeclient.coordinator import store
 from nodeclient.coordinator.blobstore import forget_jobs, warn_job_retention
 from nodeclient.coordinator.cli import build_parser
 from nodeclient.coordinator.config import CoordinatorConfig
-from nodeclient.coordinator.scheduler import Scheduler, fail_job
+from nodeclient.coordinator.leases import fail_job
+from nodeclient.coordinator.scheduler import Scheduler
 from nodeclient.coordinator.service import Coordinator
 from nodeclient.coordinator.store import Database
 from nodeclient.errors import UsageError

@@ -20,7 +20,7 @@ import pytest
 from nodeclient.coordinator import classes
 from nodeclient.coordinator import models as m
 from nodeclient.coordinator.config import SybilPolicy
-from nodeclient.coordinator.scheduler import RetryPolicy, excluded_nodes
+from nodeclient.coordinator.leases import RetryPolicy, excluded_nodes
 from nodeclient.errors import RemoteProtocolError
 from nodeclient.workloads import render, render_slices
 from nodeclient.workloads.tensors import decode_tensors, encode_tensors

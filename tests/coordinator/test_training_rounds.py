@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session
 
 from nodeclient.coordinator import audit, rounds, store
 from nodeclient.coordinator import models as m
-from nodeclient.coordinator.scheduler import Candidate
+from nodeclient.coordinator.selection import Candidate
 from nodeclient.coordinator.store import Database
 from nodeclient.node.runtimes.torch_train import TorchTrainRuntime, predict
 from nodeclient.workloads import training as tr
@@ -820,7 +820,7 @@ def test_a_slice_that_fails_everywhere_is_dropped_not_the_job(
     The job does not fail: slice 0 is dropped from the round, as a late slice is, and the
     round closes at once with slice 1 alone; the next round asks for both again, or, after
     the last round, the job succeeds, and the lost lease says so (job.succeeded is logged)."""
-    from nodeclient.coordinator.scheduler import requeue_or_fail
+    from nodeclient.coordinator.leases import requeue_or_fail
 
     db = Database(f"sqlite:///{tmp_path / 'c.db'}")
     job_id = _insert(db, _job(digits, rounds=total_rounds, inner_steps=5), 2)
@@ -915,7 +915,8 @@ def test_a_dispatch_that_never_left_does_not_start_the_round_clock(
     spent): the round's deadline does not run while its slices wait in the queue, even
     when a tick read the round's first lease before the undo committed. Before, the
     round closed at the deadline with every slice "missed" and the job failed."""
-    from nodeclient.coordinator.scheduler import assign_tx, undeliverable_tx
+    from nodeclient.coordinator.leases import undeliverable_tx
+    from nodeclient.coordinator.placement import assign_tx
 
     job_id, node = _two_slice_round(db, digits, round_deadline_s=60.0)
     assigned = db.run_sync(lambda s: assign_tx(s, [node], now=NOW, lease_seconds=300))
@@ -947,11 +948,8 @@ def test_a_re_lease_does_not_move_the_round_clock_back(db: Database, digits: tup
     (its lease expired), then a dispatch that never left: the deadline, recomputed after
     the undo, still counts from the first lease, not from the re-lease. Before, it moved
     to the latest lease's time plus the round's deadline."""
-    from nodeclient.coordinator.scheduler import (
-        assign_tx,
-        expire_tx,
-        undeliverable_tx,
-    )
+    from nodeclient.coordinator.leases import expire_tx, undeliverable_tx
+    from nodeclient.coordinator.placement import assign_tx
 
     job_id, node = _two_slice_round(db, digits, round_deadline_s=600.0)
     assert len(db.run_sync(lambda s: assign_tx(s, [node], now=NOW, lease_seconds=300))) == 2
@@ -988,7 +986,7 @@ def test_a_stub_whose_round_weights_are_gone_fails_its_job_and_withdraws_its_lea
     the payload a node needs. Its job fails with the reason, nothing is dispatched for it,
     and the leases of the job's other slices are handed back for cancelling on their
     nodes, rather than the nodes receiving a stub they would refuse one by one."""
-    from nodeclient.coordinator.scheduler import assign_tx
+    from nodeclient.coordinator.placement import assign_tx
 
     job_id = _insert(db, _job(digits, rounds=1, inner_steps=2), 2)
     node = Candidate("0x" + "ab" * 20, 4, "eu-west", frozenset({tr.CLASS}), 1)  # one slot

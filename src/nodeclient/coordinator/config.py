@@ -84,7 +84,7 @@ class CoordinatorConfig:
     # finished, at the same sweep (0: kept forever; store.forget_jobs_tx).
     job_retention: float = 30 * 86400.0
     # A job with tasks queued and none leased for this long, since anything last happened
-    # to it, fails at the same sweep (0: waits for ever; scheduler.fail_stalled_tx).
+    # to it, fails at the same sweep (0: waits for ever; leases.fail_stalled_tx).
     queue_timeout: float = 24 * 3600.0
     # A node not seen for this long, holding no lease, is deleted at the same sweep (0:
     # kept forever; registry.forget_nodes). It registers again if it comes back.

@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session
 
 from nodeclient.coordinator import models as m
 from nodeclient.coordinator import rounds, store
-from nodeclient.coordinator.selection import Candidate, _eligible
+from nodeclient.coordinator.selection import Candidate, is_eligible
 
 log = logging.getLogger("nodeclient.coordinator.scheduler")
 # Lease outcomes that count as the node failing the task (not "cancelled", "superseded",
@@ -32,7 +32,8 @@ FAILED_OUTCOMES = ("rejected", "expired", "offline", "lost")
 
 @dataclass(frozen=True, slots=True)
 class RetryPolicy:
-    """Strict retries for a sliceable class: see the module docstring."""
+    """Strict retries for a sliceable class: see the rules in the docstring of
+    :mod:`nodeclient.coordinator.scheduler`."""
 
     max_failed_nodes: int = 3
     max_node_failures_per_job: int = 3
@@ -69,12 +70,12 @@ def excluded_nodes(
     """
     return frozenset(
         node_id
-        for node_id, tasks in _failed_per_node(failures).items()
+        for node_id, tasks in failed_per_node(failures).items()
         if task_id in tasks or len(tasks) >= policy.max_node_failures_per_job
     )
 
 
-def _failed_per_node(failures: Iterable[tuple[str, str]]) -> dict[str, set[str]]:
+def failed_per_node(failures: Iterable[tuple[str, str]]) -> dict[str, set[str]]:
     """node_id -> the tasks of the job it failed, from ``(task_id, node_id)`` pairs."""
     per_node: dict[str, set[str]] = {}
     for failed_task, node_id in failures:
@@ -175,7 +176,7 @@ def fail_stalled_tx(
         if max((t for t in moments if t is not None), default=0.0) >= cutoff:
             continue
         need = (workload_class, min_tier, ram_mb, vram_mb)
-        able = {c.node_id for c in candidates if c.capacity > 0 and _eligible(c, need)}
+        able = {c.node_id for c in candidates if c.capacity > 0 and is_eligible(c, need)}
         needs = _needs(*need)
         waited = f"no node took its tasks for {timeout / 3600:g} h"
         if not able:

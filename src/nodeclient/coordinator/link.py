@@ -48,12 +48,8 @@ from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 from nodeclient.coordinator import models as m
 from nodeclient.coordinator import verifier
 from nodeclient.coordinator.config import AUTH_MAX_SKEW_S
-from nodeclient.coordinator.scheduler import (
-    cancel_leases,
-    node_lost_tx,
-    report_job_end,
-    report_lost,
-)
+from nodeclient.coordinator.leases import node_lost_tx, report_job_end
+from nodeclient.coordinator.scheduler import cancel_leases, report_lost
 from nodeclient.coordinator.service import Coordinator
 from nodeclient.coordinator.store import NodeInfo
 from nodeclient.errors import RemoteProtocolError, SignatureError

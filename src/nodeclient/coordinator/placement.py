@@ -23,12 +23,12 @@ from nodeclient.coordinator import models as m
 from nodeclient.coordinator.leases import (
     FAILED_OUTCOMES,
     RETRY_POLICIES,
-    _failed_per_node,
     excluded_nodes,
     fail_job,
+    failed_per_node,
     job_failures,
 )
-from nodeclient.coordinator.selection import Candidate, Picker, Roster, _Offer
+from nodeclient.coordinator.selection import Candidate, Offer, Picker, Roster
 from nodeclient.coordinator.store import after_key, job_resources, leased_counts
 from nodeclient.errors import ProtocolError
 
@@ -203,7 +203,7 @@ def _blocked_jobs(
         policy = RETRY_POLICIES[classes[job_id]]
         barred = {
             node_id
-            for node_id, tasks in _failed_per_node(failed).items()
+            for node_id, tasks in failed_per_node(failed).items()
             if len(tasks) >= policy.max_node_failures_per_job
         }
         if barred and not picker.any_free_outside(classes[job_id], barred):
@@ -213,7 +213,7 @@ def _blocked_jobs(
 
 def _queued_page(
     session: Session,
-    offers: Mapping[str, Sequence[_Offer]],
+    offers: Mapping[str, Sequence[Offer]],
     after: tuple[float, str] | None,
     *,
     skip: Iterable[str] = (),
@@ -305,7 +305,7 @@ def _place(
     return out, placed_bytes
 
 
-def _any_queued(session: Session) -> bool:
+def any_queued(session: Session) -> bool:
     return (
         session.scalar(select(m.Task.task_id).where(m.Task.status == m.QUEUED).limit(1)) is not None
     )

@@ -403,7 +403,7 @@ def close_round(
         return RoundClose(m.SUCCEEDED, cancel, job.job_id)
     job.round_index = r + 1
     # The round's start weights are stored once; each task's payload names them by their
-    # SHA-256 and gets them when it is sealed to a node (scheduler.assign_tx).
+    # SHA-256 and gets them when it is sealed to a node (placement.assign_tx).
     digest = store.set_round_input(session, job.job_id, r + 1, tr.weights_container(weights))
     for index, (_, _, shard) in sorted(stored.items()):
         plan = tr.plan_for(config, r + 1, index)
@@ -428,7 +428,7 @@ def _start_weights(session: Session, job: m.Job, tasks: Sequence[m.Task]) -> byt
 
 
 def _fail_job(session: Session, job: m.Job, reason: str, now: float) -> RoundClose:
-    """Fail the job and cancel its unfinished tasks, as scheduler.fail_job does."""
+    """Fail the job and cancel its unfinished tasks, as leases.fail_job does."""
     open_tasks = session.scalars(
         select(m.Task).where(m.Task.job_id == job.job_id, m.Task.status.in_((m.QUEUED, m.LEASED)))
     ).all()

@@ -13,18 +13,20 @@ Rules (docs: "Scheduling and leases"):
   to the node's ``pubkey_rsa`` with the deadline as envelope expiry (2.3.4).
 - A missed deadline, a node gone offline or a node's signed reject re-queues the task;
   after ``max_attempts`` leases it fails, and so does its job, with the reason.
-- Classes with a :class:`RetryPolicy` (``media.render``) retry strictly: a failed slice
-  goes only to a node that has not failed it; it fails hard once ``max_failed_nodes``
-  different nodes have failed it (``max_attempts`` does not apply); and a node that has
-  failed ``max_node_failures_per_job`` slices of one job gets no more slices of it. A
-  slice that no eligible node may take waits in the queue for a new node. The node's
-  reject reason (crash, out of memory, timeout) is kept in the task's reason.
+- Classes with a :class:`~nodeclient.coordinator.leases.RetryPolicy` (``media.render``)
+  retry strictly: a failed slice goes only to a node that has not failed it; it fails
+  hard once ``max_failed_nodes`` different nodes have failed it (``max_attempts`` does
+  not apply); and a node that has failed ``max_node_failures_per_job`` slices of one job
+  gets no more slices of it. A slice that no eligible node may take waits in the queue
+  for a new node. The node's reject reason (crash, out of memory, timeout) is kept in
+  the task's reason.
 
-Selection is a pure function (:func:`pick_node`); the database work is a few
-transactions; the loop around them is the adapter, woken on events and at least
-every ``schedule_interval`` seconds. A round places up to ``BATCH`` tasks with
-:class:`Picker`, which makes the same choice as :func:`pick_node` from one heap per
-(workload class, min tier, region, resources) instead of a scan of every node per task.
+Selection is a pure function (:func:`~nodeclient.coordinator.selection.pick_node`); the
+database work is a few transactions; the loop around them is the adapter, woken on
+events and at least every ``schedule_interval`` seconds. A round places up to ``BATCH``
+tasks with :class:`~nodeclient.coordinator.selection.Picker`, which makes the same
+choice from one heap per (workload class, min tier, region, resources) instead of a
+scan of every node per task.
 
 The pieces: node choice in :mod:`nodeclient.coordinator.selection`, reading the queue and
 leasing in :mod:`nodeclient.coordinator.placement`, how leases end in
@@ -47,29 +49,19 @@ from sqlalchemy.orm import Session
 
 from nodeclient.coordinator import models as m
 from nodeclient.coordinator import rounds
-from nodeclient.coordinator.leases import fail_stalled_tx
-from nodeclient.coordinator.placement import QueueCursor, _any_queued
-from nodeclient.coordinator.selection import Roster, _candidate
+from nodeclient.coordinator.leases import (
+    Lost,
+    expire_tx,
+    fail_stalled_tx,
+    node_lost_tx,
+    report_job_end,
+    undeliverable_tx,
+)
+from nodeclient.coordinator.placement import Assignment, QueueCursor, any_queued, assign_tx
+from nodeclient.coordinator.selection import Candidate, Roster, to_candidate
 from nodeclient.coordinator.service import Coordinator
 from nodeclient.coordinator.store import NodeInfo
 from nodeclient.protocol import envelope, messages
-
-# Re-exported for callers not yet updated.
-# isort: split
-# ruff: noqa: PLC0414 (mypy --strict exports an imported name only in the "X as X" form)
-from nodeclient.coordinator.leases import Lost as Lost
-from nodeclient.coordinator.leases import RetryPolicy as RetryPolicy
-from nodeclient.coordinator.leases import close_attempt as close_attempt
-from nodeclient.coordinator.leases import excluded_nodes as excluded_nodes
-from nodeclient.coordinator.leases import expire_tx as expire_tx
-from nodeclient.coordinator.leases import fail_job as fail_job
-from nodeclient.coordinator.leases import node_lost_tx as node_lost_tx
-from nodeclient.coordinator.leases import report_job_end as report_job_end
-from nodeclient.coordinator.leases import requeue_or_fail as requeue_or_fail
-from nodeclient.coordinator.leases import undeliverable_tx as undeliverable_tx
-from nodeclient.coordinator.placement import Assignment as Assignment
-from nodeclient.coordinator.placement import assign_tx as assign_tx
-from nodeclient.coordinator.selection import Candidate as Candidate
 
 log = logging.getLogger("nodeclient.coordinator.scheduler")
 ROUND_REST = 3.0  # a round that took d seconds is followed by at least this many d of rest
@@ -138,7 +130,7 @@ class Scheduler:
                 and info.unstaking_until is None
                 and (rt.last_seen or 0.0) >= since
             ):
-                out[node_id] = _candidate(node_id, info)
+                out[node_id] = to_candidate(node_id, info)
         return list(out.values())
 
     def _build_candidates(self) -> list[Candidate]:
@@ -154,7 +146,7 @@ class Scheduler:
                 continue
             cached = cache.get(node_id)
             if cached is None or cached[0] is not info:
-                cache[node_id] = cached = (info, _candidate(node_id, info))
+                cache[node_id] = cached = (info, to_candidate(node_id, info))
             out.append(cached[1])
         if len(cache) > 2 * len(out) + 1024:  # nodes gone for good leave no entry behind
             self._cands = {c.node_id: cache[c.node_id] for c in out}
@@ -198,7 +190,7 @@ class Scheduler:
             return (
                 expire_tx(s, now=now, max_attempts=cfg.max_attempts, passed_after=after),
                 rounds.deadline_tx(s, now=now, passed_after=after),
-                _any_queued(s),
+                any_queued(s),
             )
 
         lost, closes, queued = await coord.db.run(housekeeping)

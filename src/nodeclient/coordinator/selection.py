@@ -57,12 +57,12 @@ def pick_node(
     need = (workload_class, min_tier, ram_mb, vram_mb)
     cands = list(candidates)
     others = any(
-        c.capacity > 0 and _eligible(c, need) and c.node_id not in tried_set | excluded_set
+        c.capacity > 0 and is_eligible(c, need) and c.node_id not in tried_set | excluded_set
         for c in cands
     )
     for c in cands:
         slots = free.get(c.node_id, 0)
-        if slots <= 0 or not _eligible(c, need):
+        if slots <= 0 or not is_eligible(c, need):
             continue
         if c.node_id in excluded_set or (others and c.node_id in tried_set):
             continue
@@ -83,17 +83,17 @@ def pick_node(
 _Entry = tuple[bool, float, str, int]
 _Need = tuple[str, int, int, int]  # what a task asks: workload class, min tier, RAM, VRAM
 _Group = tuple[_Need, str | None]  # and its region preference
-_Offer = tuple[int, int, int]  # what a node offers a task: hardware tier, slot RAM, slot VRAM
+Offer = tuple[int, int, int]  # what a node offers a task: hardware tier, slot RAM, slot VRAM
 # Groups a round keeps a heap for (each may hold every node): a task of a further group
 # waits for a later round, which starts with the oldest tasks' groups.
 MAX_GROUPS = 64
 MAX_OFFERS = 32  # per class in a queued-task query; more are merged into one upper bound
 
 
-def _frontier(offers: Iterable[_Offer]) -> list[_Offer]:
+def _frontier(offers: Iterable[Offer]) -> list[Offer]:
     """The offers no other offer matches or beats in every figure: a task some node can
     take fits one of them. Past MAX_OFFERS, their upper bound alone (a looser filter)."""
-    out: list[_Offer] = []
+    out: list[Offer] = []
     for offer in sorted(set(offers), reverse=True):  # a dominating offer sorts first
         if not any(o[0] >= offer[0] and o[1] >= offer[1] and o[2] >= offer[2] for o in out):
             out.append(offer)
@@ -102,7 +102,7 @@ def _frontier(offers: Iterable[_Offer]) -> list[_Offer]:
     return out
 
 
-def _offer(c: Candidate) -> _Offer:
+def _offer(c: Candidate) -> Offer:
     return c.hardware_tier, c.ram_mb, c.vram_mb
 
 
@@ -110,7 +110,7 @@ def _load(c: Candidate, slots: int) -> float:
     return 1.0 - slots / max(c.capacity, 1)  # exactly pick_node's load term
 
 
-def _candidate(node_id: str, info: NodeInfo) -> Candidate:
+def to_candidate(node_id: str, info: NodeInfo) -> Candidate:
     """Registered node *node_id* as the scheduler weighs it."""
     return Candidate(
         node_id, info.hardware_tier, info.region, info.workload_classes,
@@ -118,7 +118,7 @@ def _candidate(node_id: str, info: NodeInfo) -> Candidate:
     )  # fmt: skip
 
 
-def _eligible(c: Candidate, need: _Need) -> bool:
+def is_eligible(c: Candidate, need: _Need) -> bool:
     workload_class, min_tier, ram_mb, vram_mb = need
     return (
         workload_class in c.workload_classes
@@ -146,7 +146,7 @@ class Roster:
         self.regions = frozenset(c.region for c in self.candidates)
         self._idle_heaps: dict[_Group, list[_Entry]] = {}
         # Per class and offer, the nodes that serve the class with that offer.
-        self._by_offer: dict[str, dict[_Offer, list[Candidate]]] = {}
+        self._by_offer: dict[str, dict[Offer, list[Candidate]]] = {}
         for c in self.candidates:
             if c.capacity > 0:
                 for w in c.workload_classes:
@@ -173,10 +173,10 @@ class Roster:
         """The candidates (with slots) that serve *workload_class*, grouped by offer."""
         return self._by_offer.get(workload_class, {}).values()
 
-    def free_offers(self, used: Mapping[str, int]) -> dict[str, list[_Offer]]:
+    def free_offers(self, used: Mapping[str, int]) -> dict[str, list[Offer]]:
         """Per class, :attr:`offers` among the nodes with a free slot (classes with none
         are left out): what a queued task may ask for and be placed now."""
-        out: dict[str, list[_Offer]] = {}
+        out: dict[str, list[Offer]] = {}
         for workload_class, groups in self._by_offer.items():
             free = [
                 offer
@@ -206,7 +206,7 @@ class Roster:
                 (region is not None and c.region != region, _load(c, c.capacity), c.node_id,
                  c.capacity)
                 for c in self.candidates
-                if c.capacity > 0 and _eligible(c, need)
+                if c.capacity > 0 and is_eligible(c, need)
             ]  # fmt: skip
             heapq.heapify(heap)
             if len(self._idle_heaps) < MAX_GROUPS:
@@ -250,7 +250,7 @@ class Picker:
         """Whether some candidate still has a free slot, this round's picks included."""
         return self._roster.any_free(self._used)
 
-    def free_offers(self) -> dict[str, list[_Offer]]:
+    def free_offers(self) -> dict[str, list[Offer]]:
         """Roster.free_offers, this round's picks included."""
         return self._roster.free_offers(self._used)
 
@@ -356,7 +356,7 @@ class Picker:
         heap: list[_Entry] = []
         for c in self._roster.candidates:
             slots = self.slots(c.node_id)
-            if slots > 0 and _eligible(c, need):
+            if slots > 0 and is_eligible(c, need):
                 mismatch = region is not None and c.region != region
                 heap.append((mismatch, _load(c, slots), c.node_id, slots))
         heapq.heapify(heap)
@@ -383,7 +383,7 @@ class Picker:
             if c is None:
                 continue
             slots = self.slots(node_id)
-            if slots <= 0 or not _eligible(c, need):
+            if slots <= 0 or not is_eligible(c, need):
                 continue
             key = (region is not None and c.region != region, _load(c, slots), node_id)
             if best is None or key < best:

@@ -34,7 +34,7 @@ from sqlalchemy.orm import Session
 
 from nodeclient.coordinator import classes, rounds, store
 from nodeclient.coordinator import models as m
-from nodeclient.coordinator.scheduler import Lost, close_attempt, requeue_or_fail
+from nodeclient.coordinator.leases import Lost, close_attempt, requeue_or_fail
 from nodeclient.errors import ProtocolError, SignatureError
 from nodeclient.protocol import eip712
 from nodeclient.protocol.messages import DRAINING_PREFIX, MAX_REASON, SignedFrame
