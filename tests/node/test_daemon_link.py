@@ -32,8 +32,9 @@ from websockets.exceptions import ConnectionClosed
 
 from nodeclient.clock import Clock, ManualClock, SystemClock
 from nodeclient.node import control, sandbox
-from nodeclient.node import daemon as daemon_module
-from nodeclient.node.daemon import NodeDaemon, Retention, RunningTask
+from nodeclient.node import link as link_module
+from nodeclient.node.daemon import NodeDaemon, Retention
+from nodeclient.node.dispatch import RunningTask
 from nodeclient.node.executor import Executor, WorkerConfig
 from nodeclient.node.outbox import Outbox
 from nodeclient.protocol import manifest as manifest_mod
@@ -137,7 +138,7 @@ class Waits:
 @pytest.fixture
 def waits(monkeypatch: pytest.MonkeyPatch) -> Waits:
     recorder = Waits()
-    monkeypatch.setattr(daemon_module, "backoff", recorder)
+    monkeypatch.setattr(link_module, "backoff", recorder)
     return recorder
 
 
@@ -593,7 +594,7 @@ def test_backoff_resets_only_after_an_authenticated_session_that_stayed_up(
     """However a session ends (a drop, 4005, 1001, a clean 1000), the backoff resets only if
     it was authenticated and lasted STABLE_LINK_S; short sessions, even clean, back off."""
     daemon, clock, registrations = linked_daemon(tmp_path, monkeypatch)
-    short, long = 1.0, daemon_module.STABLE_LINK_S
+    short, long = 1.0, link_module.STABLE_LINK_S
     sessions = [
         Session(up_for=short, close=None),  # network drop (1006)
         Session(up_for=short, close=4005),  # "offline": missed heartbeats
@@ -639,7 +640,7 @@ def test_a_link_replaced_twice_stops_the_daemon(
     would take turns for ever, both running tasks the coordinator may give out twice) and
     stops with LinkReplaced, exit 78, which systemd does not restart."""
     answer_registration(monkeypatch, lambda _r: httpx.Response(201, json={"status": "registered"}))
-    monkeypatch.setattr(daemon_module, "REPLACED_PAUSE_S", 0.3)
+    monkeypatch.setattr(link_module, "REPLACED_PAUSE_S", 0.3)
     clock = ManualClock()
     daemon = make_daemon(
         tmp_path, url=f"http://127.0.0.1:{free_port()}", clock=clock, executor=RunsUntilCancelled
@@ -651,13 +652,13 @@ def test_a_link_replaced_twice_stops_the_daemon(
         await ws.send(dispatch(daemon, payload_key(), task_id))
         await asyncio.wait_for(RunsUntilCancelled.started.wait(), 10)
 
-    window = daemon_module.REPLACED_WINDOW_S
+    window = link_module.REPLACED_WINDOW_S
     sessions = [
         Session(up_for=1.0, close=4004, then=dispatch_then_replace),
         Session(up_for=window - 1.0, close=4004),  # again, within the window
     ]
     started = time.monotonic()
-    with pytest.raises(daemon_module.LinkReplaced) as caught:
+    with pytest.raises(link_module.LinkReplaced) as caught:
         asyncio.run(run_link(daemon, clock, sessions))
 
     assert caught.value.exit_code == 78
@@ -678,9 +679,9 @@ def test_links_replaced_far_apart_do_not_stop_the_daemon(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, waits: Waits, events: Events
 ) -> None:
     """A 4004 now and then (a proxy's, say) costs a pause each, not the node."""
-    monkeypatch.setattr(daemon_module, "REPLACED_PAUSE_S", 0.0)
+    monkeypatch.setattr(link_module, "REPLACED_PAUSE_S", 0.0)
     daemon, clock, _ = linked_daemon(tmp_path, monkeypatch)
-    window = daemon_module.REPLACED_WINDOW_S
+    window = link_module.REPLACED_WINDOW_S
     sessions = [Session(up_for=window + 1.0, close=4004) for _ in range(3)]
     asyncio.run(run_link(daemon, clock, sessions))  # ends as the test asks: no LinkReplaced
     assert daemon.link.reconnects == 3 and daemon._fatal is None
@@ -742,7 +743,7 @@ def test_heartbeat_send_times_stay_bounded_without_acks(tmp_path: Path) -> None:
         assert isinstance(ended, asyncio.CancelledError), ended
 
     asyncio.run(beat_a_while())
-    assert len(daemon.link.sent_at) == daemon_module._UNANSWERED_HEARTBEATS
+    assert len(daemon.link.sent_at) == link_module._UNANSWERED_HEARTBEATS
     assert max(daemon.link.sent_at) == daemon.session.seq  # the newest are kept
     daemon.outbox.close()
 

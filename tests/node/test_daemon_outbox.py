@@ -22,7 +22,8 @@ from nodeclient.clock import SystemClock
 from nodeclient.errors import UsageError
 from nodeclient.node import sandbox
 from nodeclient.node.config import load_config
-from nodeclient.node.daemon import NodeDaemon, Retention, RunningTask
+from nodeclient.node.daemon import NodeDaemon, Retention
+from nodeclient.node.dispatch import RunningTask
 from nodeclient.node.executor import Executor, WorkerConfig
 from nodeclient.node.inputs import http_fetcher
 from nodeclient.node.outbox import Outbox
@@ -301,7 +302,7 @@ def test_only_a_definite_no_to_registration_is_final(
     import httpx
 
     from nodeclient.node import service
-    from nodeclient.node.daemon import RegistrationRefused
+    from nodeclient.node.link import RegistrationRefused
 
     real_client = httpx.AsyncClient
     transport = httpx.MockTransport(
@@ -334,7 +335,7 @@ def test_a_4xx_without_the_coordinators_refusal_is_retried(
 ) -> None:
     """Only the coordinator's own refusal, a 4xx carrying {"error": "..."}, ends the daemon
     for good; any other 4xx is retried with backoff, its status in the message."""
-    from nodeclient.node.daemon import RegistrationRefused
+    from nodeclient.node.link import RegistrationRefused
 
     real_client = httpx.AsyncClient
     transport = httpx.MockTransport(as_sent(lambda _request: answer))

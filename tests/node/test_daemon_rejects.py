@@ -16,7 +16,8 @@ from typing import Any
 import pytest
 
 from nodeclient.errors import RemoteProtocolError
-from nodeclient.node.daemon import NodeDaemon, RunningTask
+from nodeclient.node.daemon import NodeDaemon
+from nodeclient.node.dispatch import RunningTask
 from nodeclient.node.executor import Executor, TaskFailed
 from nodeclient.node.outbox import INLINE_MAX
 from nodeclient.protocol import envelope, messages

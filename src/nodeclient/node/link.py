@@ -1,0 +1,366 @@
+"""The node's side of the coordinator link (2.3.3 Coordinator Link): registration, the
+authenticated WebSocket with its heartbeats, reconnects with backoff, and the frames the
+coordinator sends on it (a dispatch, an acknowledgement, a cancel, the unstaking state).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import httpx
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
+
+from nodeclient import httpbody
+from nodeclient.errors import NeedsOperator, RemoteProtocolError
+from nodeclient.node.dispatch import TaskDispatcher
+from nodeclient.protocol import manifest as manifest_mod
+from nodeclient.protocol import messages
+from nodeclient.protocol.session import CoordinatorMismatch, backoff
+from nodeclient.protocol.states import NodeState
+
+log = logging.getLogger("nodeclient.node")
+
+# The node's link client options (the scale benchmark's simulated nodes use them too).
+# Signed heartbeats already prove liveness both ways; a slow WebSocket ping only catches
+# a half-open connection, so it need not add frames at the heartbeat's rate.
+LINK_OPTIONS: Final[dict[str, Any]] = {
+    "max_size": messages.MAX_DATA_FRAME,
+    "open_timeout": 10,
+    "ping_interval": 60,
+    "ping_timeout": 30,
+    "compression": None,  # small JSON or encrypted bytes: nothing to gain, CPU to lose
+}
+CLOSE_NOT_REGISTERED: Final = 4003
+CLOSE_AUTH_FAILED: Final = 4001
+CLOSE_REPLACED: Final = 4004
+# An authenticated session that lasted this long resets the reconnect backoff, however it
+# ended; one that ends sooner (even with a clean close) backs off further.
+STABLE_LINK_S: Final = 10.0
+_UNANSWERED_HEARTBEATS: Final = 64  # send times kept for the round trip of their acks
+# Unacknowledged results a heartbeat lists as held (about 40 bytes each in its JSON: the
+# frame stays far below the 64 KiB a control frame may have).
+HEARTBEAT_HELD_RESULTS: Final = 512
+# A link replaced (4004) by another process with this node's keys: the daemon links
+# again after this pause; replaced again within the window, it stops (LinkReplaced).
+REPLACED_PAUSE_S: Final = 60.0
+REPLACED_WINDOW_S: Final = 900.0
+MAX_ANSWER_BYTES: Final = 1 << 20  # a registration answer is a few hundred bytes
+
+
+_REPLACED_FIX: Final = (
+    "another connection with this node's key replaced this link: two daemons are running "
+    "with the same node key (a copied node home?). This one cancelled its running tasks, "
+    "and stops if it is replaced again, so that the two do not both run and sign the same "
+    "tasks. Each node needs its own home, made with `nodeclient init`. If no other daemon "
+    "of yours runs, someone has this node's liveness key: run `nodeclient keys "
+    "rotate-liveness`, then start this one again"
+)
+
+
+class RegistrationRefused(NeedsOperator):
+    """The coordinator refused the manifest for a reason retrying will not fix (exit 78:
+    the systemd unit does not restart it; the operator has to act first)."""
+
+
+class LinkReplaced(NeedsOperator):
+    """Another process linked with this node's keys, and the coordinator closed this
+    daemon's live link for it (4004), twice within REPLACED_WINDOW_S. Linking again
+    would close the other one in turn, and the two would take turns for ever, each
+    running tasks the other may be given again after a lease ends: this one stops
+    instead (exit 78)."""
+
+
+@dataclass
+class LinkInfo:
+    status: str = "down"  # down | connecting | up
+    since: float = 0.0
+    last_heartbeat_ack: float | None = None
+    rtt_ms: float | None = None
+    reconnects: int = 0
+    last_error: str = ""
+    sent_at: dict[int, float] = field(default_factory=dict)
+
+
+class LinkClient(TaskDispatcher):
+    """The daemon's link half, above TaskDispatcher: NodeDaemon.__init__ sets the
+    attributes declared here."""
+
+    url: str
+    manifest: dict[str, Any]
+    heartbeat_interval: float
+    link: LinkInfo
+    _rand: random.SystemRandom
+    _fatal: NeedsOperator | None
+    _replaced_at: float | None  # when another process last took the link
+    _pause: float  # the next reconnect waits at least this long
+
+    # --- registration and link ----------------------------------------------------------------
+
+    async def register(self) -> dict[str, Any]:
+        self.manifest = manifest_mod.reissue_manifest(
+            self.manifest,
+            node_key=self._node_key,
+            payload_key=self._payload_key,
+            issued_at=int(self.clock.now()),
+            chain_id=self.chain_id,
+        )
+        async with httpx.AsyncClient(timeout=30.0) as client:
+            request = client.build_request(
+                "POST", f"{self.url}/v1/nodes", json=self.manifest, headers=httpbody.IDENTITY
+            )
+            resp = await client.send(request, stream=True)
+            try:  # read as sent, never inflated, and no more than an answer could hold
+                content = await httpbody.aread(resp, limit=MAX_ANSWER_BYTES)
+            except httpbody.AnswerRefused as exc:  # retried, as any failed registration
+                raise httpx.HTTPError(f"registration failed: {exc}: check --coordinator") from exc
+            finally:
+                await resp.aclose()
+        text = content.decode("utf-8", "replace")
+        try:
+            body = json.loads(content) if content else {}
+        except (ValueError, RecursionError):  # not JSON, not UTF-8, nested without end
+            body = None
+        if not isinstance(body, dict):
+            # Not the coordinator's answer (a reverse proxy's HTML error page, a redirect):
+            # retried with backoff, whatever the status code.
+            kind = resp.headers.get("content-type", "no content type")
+            raise httpx.HTTPError(
+                f"registration failed ({resp.status_code}): the answer is not a JSON object "
+                f"({kind}): {text[:200]!r}"
+            )
+        if resp.status_code in (200, 201):
+            coordinator = body.get("coordinator_id")
+            self.session.registered_with = coordinator if isinstance(coordinator, str) else None
+            prior = body.get("prior_registrations")  # only logged: never a reason to fail
+            log.info(
+                "node.registered",
+                extra={
+                    "status": body.get("status"),
+                    "prior": len(prior) if isinstance(prior, list) else 0,
+                    "coordinator_id": self.session.registered_with,
+                },
+            )
+            return body
+        error = body.get("error")
+        reason = error if isinstance(error, str) and error else text[:300] or "no reason"
+        # Final (exit 78, no restart) only for the coordinator's own refusal: a 4xx with its
+        # {"error": ...}, but 409 (below). 408 and 429 (a proxy's timeout or rate limit)
+        # pass, and so does a 4xx without the coordinator's error (an empty 404 or 403
+        # from a proxy in front of it, mid-deploy): retried with backoff, and shown in
+        # status meanwhile.
+        refusal = isinstance(error, str) and bool(error)
+        if resp.status_code == 409:
+            # "stale manifest": the one on record was issued later, on a clock that ran
+            # up to 5 min ahead and was then set right. Each try issues a new manifest, so
+            # this clears by itself once this clock passes it: retried, not final.
+            raise httpx.HTTPError(
+                f"registration refused for now ({resp.status_code}): {reason}; retried until "
+                "this node's clock passes the registered manifest's issued_at"
+            )
+        if 400 <= resp.status_code < 500 and resp.status_code not in (408, 429) and refusal:
+            raise RegistrationRefused(f"registration refused ({resp.status_code}): {reason}")
+        raise httpx.HTTPError(f"registration failed ({resp.status_code}): {reason}")
+
+    async def _link_loop(self) -> None:
+        delays = backoff(rand=self._rand.random)
+        registered = False
+        while not self._stopping.is_set():
+            try:
+                if not registered:
+                    await self.register()
+                    registered = True
+                await self._connect_once()
+            except RegistrationRefused as exc:
+                log.error("node.registration_refused", extra={"reason": str(exc)})
+                self.link.last_error = str(exc)
+                self._fatal = exc
+                self._stopping.set()
+                raise
+            except ConnectionClosed as exc:
+                if self._link_closed(exc):
+                    # The coordinator lost the node's record (a restored database), or
+                    # refused its auth (a clock that jumped): register again, freshly issued.
+                    registered = False
+            except (OSError, httpx.HTTPError, InvalidHandshake, InvalidURI, TimeoutError) as exc:
+                self.link.last_error = f"{type(exc).__name__}: {exc}"[:300]
+                log.warning("link.error", extra={"error": self.link.last_error})
+            except CoordinatorMismatch as exc:  # its id changed, or a relay: ask it again
+                self.link.last_error = str(exc)
+                log.error("link.coordinator_mismatch", extra={"error": str(exc)})
+                registered = False
+            except RemoteProtocolError as exc:
+                self.link.last_error = str(exc)
+                log.error("link.protocol_error", extra={"error": str(exc)})
+            except Exception as exc:  # a bug: say so, and reconnect like after any other error
+                self.link.last_error = f"{type(exc).__name__}: {exc}"[:300]
+                log.error("link.error", extra={"error": self.link.last_error}, exc_info=exc)
+            # Reset after a session that was authenticated and stayed up, however it ended:
+            # drops spread over months must not add up to the cap, and a coordinator that
+            # closes every link at once (even cleanly) must not be hammered.
+            if self.link.status == "up" and self.clock.now() - self.link.since >= STABLE_LINK_S:
+                delays = backoff(rand=self._rand.random)
+            self._set_link("down")
+            if self._stopping.is_set():
+                break
+            self.link.reconnects += 1
+            delay, self._pause = max(next(delays), self._pause), 0.0
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), timeout=delay)
+
+    def _link_closed(self, exc: ConnectionClosed) -> bool:
+        """Log how the coordinator closed the link; True when the node must register again.
+
+        4004 on the live link means another process linked with this node's keys: cancel
+        the running tasks and link again after REPLACED_PAUSE_S; the second time within
+        REPLACED_WINDOW_S, stop (LinkReplaced) rather than replace that link in turn.
+        """
+        code = exc.rcvd.code if exc.rcvd else None
+        reason = exc.rcvd.reason if exc.rcvd else ""
+        self.link.last_error = f"closed {code}: {reason}"
+        if code != CLOSE_REPLACED:
+            log.warning("link.closed", extra={"code": code, "reason": reason})
+            return code in (CLOSE_NOT_REGISTERED, CLOSE_AUTH_FAILED)
+        if self._stopping.is_set():  # stopping anyway: nothing more to do
+            log.error("link.replaced", extra={"code": code, "reason": reason})
+            return False
+        # The running tasks go either way: the other process holds the link now.
+        self._abandon_running()
+        now = self.clock.now()
+        again = self._replaced_at is not None and now - self._replaced_at <= REPLACED_WINDOW_S
+        self._replaced_at = now
+        log.error(
+            "link.replaced",
+            extra={
+                "code": code,
+                "reason": reason,
+                "action": "stopping" if again else f"linking again in {REPLACED_PAUSE_S:.0f} s",
+                "fix": _REPLACED_FIX,
+            },
+        )
+        if not again:  # once may be a fluke (a proxy's): link again, after a pause
+            self._pause = REPLACED_PAUSE_S
+            return False
+        self._fatal = LinkReplaced(_REPLACED_FIX)
+        self._set_link("down")
+        self._stopping.set()
+        raise self._fatal from None
+
+    def _set_link(self, status: str) -> None:
+        if self.link.status != status:
+            self.link.status = status
+            self.link.since = self.clock.now()
+            log.info("link.status", extra={"link": status})
+        if status != "up":
+            self._ws = None
+            self.session.connection_lost()
+
+    async def _connect_once(self) -> None:
+        ws_url = "ws" + self.url[len("http") :] + "/v1/link"
+        self._set_link("connecting")
+        async with connect(ws_url, **LINK_OPTIONS) as ws:
+            challenge = messages.parse_from_coordinator(await asyncio.wait_for(ws.recv(), 10))
+            if not isinstance(challenge, messages.Challenge):
+                raise RemoteProtocolError("expected a challenge as the first frame")
+            await ws.send(json.dumps(self.session.on_challenge(challenge)))
+            welcome = messages.parse_from_coordinator(await asyncio.wait_for(ws.recv(), 10))
+            if not isinstance(welcome, messages.Welcome):
+                raise RemoteProtocolError(f"expected welcome, got {type(welcome).__name__}")
+            self.session.on_welcome(welcome)
+            self._ws = ws
+            self._set_link("up")
+            self._apply_unstaking()
+            log.info("link.authenticated", extra={"coordinator_id": challenge.coordinator_id})
+            beat = asyncio.create_task(self._heartbeats(ws, challenge.heartbeat_interval))
+            try:
+                self._resent_at = time.monotonic()
+                await self._send_backlog()
+                async for frame in ws:
+                    await self._on_frame(frame)
+            finally:
+                beat.cancel()
+                if self._resend is not None:  # a full backlog's, on this link
+                    self._resend.cancel()
+                # Its own end (a send on the closed link, usually) is the link's: retrieve it,
+                # so that asyncio does not log it later as an exception never retrieved.
+                await asyncio.gather(beat, return_exceptions=True)
+
+    async def _heartbeats(self, ws: ClientConnection, coordinator_interval: float) -> None:
+        interval = min(self.heartbeat_interval, coordinator_interval)
+        while True:
+            # The tasks this node holds: running, and (the oldest few hundred) finished with
+            # a result this coordinator has not acknowledged yet, which it may be sending
+            # now. The coordinator re-queues at once a lease its node does not hold.
+            held = self.outbox.pending_ids(
+                coordinator_id=self.session.coordinator_id, limit=HEARTBEAT_HELD_RESULTS
+            )
+            running = list(dict.fromkeys([*self.running, *held]))
+            load = int(os.getloadavg()[0] / max(1, os.cpu_count() or 1) * 1000)
+            frame = self.session.heartbeat(
+                state=self.state.state, running=running, load_permille=load
+            )
+            self.link.sent_at[self.session.seq] = time.monotonic()
+            if len(self.link.sent_at) > _UNANSWERED_HEARTBEATS:  # a coordinator that never acks
+                del self.link.sent_at[min(self.link.sent_at)]
+            await ws.send(json.dumps(frame))
+            await asyncio.sleep(interval)
+
+    async def _on_frame(self, frame: str | bytes) -> None:
+        try:
+            msg = messages.parse_from_coordinator(frame)
+        except RemoteProtocolError as exc:
+            log.warning("link.bad_frame", extra={"error": str(exc)})
+            return
+        if isinstance(msg, messages.HeartbeatAck):
+            sent = self.link.sent_at.pop(msg.seq, None)
+            self.link.sent_at = {s: t for s, t in self.link.sent_at.items() if s > msg.seq}
+            if sent is not None:
+                self.link.rtt_ms = round((time.monotonic() - sent) * 1000, 2)
+            self.link.last_heartbeat_ack = self.clock.now()
+            self.session.on_heartbeat_ack(msg)
+            self._apply_unstaking()
+        elif isinstance(msg, messages.Dispatch):
+            await self._on_dispatch(msg)
+        elif isinstance(msg, messages.ResultAck) and msg.of == "reject":
+            # Rejects are not kept in the outbox: the answer settles nothing there (a result
+            # of the same task, committed for a newer lease, waits for its own answer).
+            level = logging.INFO if msg.status == "accepted" else logging.WARNING
+            log.log(
+                level,
+                "reject.ack",
+                extra={"task_id": str(msg.task_id), "status": msg.status, "reason": msg.reason},
+            )
+        elif isinstance(msg, messages.ResultAck):
+            if not await self._record_ack(msg):
+                return
+            level = logging.INFO if msg.status != "rejected" else logging.WARNING
+            log.log(
+                level,
+                "result.ack",
+                extra={"task_id": str(msg.task_id), "status": msg.status, "reason": msg.reason},
+            )
+        elif isinstance(msg, messages.Cancel):
+            task = self.running.get(msg.task_id)
+            if task and task.finishing:  # executed: its result is committed and sent anyway
+                log.info("task.cancel_too_late", extra={"task_id": str(msg.task_id)})
+            elif task and task.handle:
+                task.handle.cancel()
+                timed_out = msg.reason == "lease ended"  # the coordinator's lease expired
+                self._task_ended(task, "timed_out" if timed_out else "cancelled")
+                log.info(
+                    "task.cancelled", extra={"task_id": str(msg.task_id), "reason": msg.reason}
+                )
+        elif isinstance(msg, messages.ErrorFrame):
+            log.warning("link.error_frame", extra={"code": msg.code, "reason": msg.reason})
+
+    def _apply_unstaking(self) -> None:
+        if self.session.unstaking_until is not None and self.state.state is not NodeState.UNSTAKING:
+            self.state.transition(NodeState.UNSTAKING, reason="unstake accepted by the coordinator")
