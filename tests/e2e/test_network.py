@@ -24,7 +24,7 @@ from eth_account.messages import encode_typed_data
 from websockets.sync.client import connect
 
 from nodeclient.node import keys
-from nodeclient.node.cli import build_local_manifest
+from nodeclient.node.cli_keys import build_local_manifest
 from nodeclient.node.config import load_config
 from nodeclient.protocol import eip712, messages
 from nodeclient.protocol.secp import Secp256k1Key

@@ -630,14 +630,15 @@ def test_malformed_coordinator_in_config_is_one_line(
 
 def test_coordinator_flag_replaces_a_good_config_value(home: Path) -> None:
     """A valid --coordinator is used as given (trailing slash dropped), else config.toml's."""
-    from nodeclient.node.cli import _coordinator_option, build_parser
+    from nodeclient.node.cli import build_parser
+    from nodeclient.node.cli_options import coordinator_option
     from nodeclient.node.config import NodeConfig
 
     config = NodeConfig(wallet_address=WALLET, coordinator="https://a.example.net/")
     flag = build_parser().parse_args(["unstake", "--coordinator", "http://[::1]:8000/"])
-    assert _coordinator_option(flag, config) == "http://[::1]:8000"
+    assert coordinator_option(flag, config) == "http://[::1]:8000"
     plain = build_parser().parse_args(["unstake"])
-    assert _coordinator_option(plain, config) == "https://a.example.net"
+    assert coordinator_option(plain, config) == "https://a.example.net"
 
 
 # --- run --heartbeat-interval: the config file's range, 0 included ----------------------------
@@ -663,13 +664,14 @@ def test_run_heartbeat_interval_out_of_range_is_refused(
 
 def test_run_heartbeat_interval_flag_or_config() -> None:
     """The flag wins when given, checked as config.toml's is; absent, config.toml's is used."""
-    from nodeclient.node.cli import _heartbeat_interval, build_parser
+    from nodeclient.node.cli import build_parser
+    from nodeclient.node.cli_options import checked_heartbeat_interval
     from nodeclient.node.config import NodeConfig
 
     config = NodeConfig(wallet_address=WALLET, heartbeat_interval=12.5)
     given = build_parser().parse_args(["run", "--heartbeat-interval", "0.05"])
-    assert _heartbeat_interval(given, config) == 0.05
-    assert _heartbeat_interval(build_parser().parse_args(["run"]), config) == 12.5
+    assert checked_heartbeat_interval(given, config) == 0.05
+    assert checked_heartbeat_interval(build_parser().parse_args(["run"]), config) == 12.5
 
 
 # --- init --encrypt: Ctrl-D at the passphrase prompt ------------------------------------------

@@ -179,11 +179,11 @@ def test_link_down_shows_last_error() -> None:
 def test_a_stopping_daemon_says_so() -> None:
     """After SIGTERM the daemon drains (finishes its tasks, hands new dispatches back):
     the console and the text status say so beside the state."""
-    from nodeclient.node.cli import _status_lines
+    from nodeclient.node.cli_status import status_lines
 
     assert "stopping" in text(con.render(status(stopping=True), NO_GPU, now=NOW))
     assert "stopping" not in text(con.render(status(), NO_GPU, now=NOW))
-    lines = _status_lines({**status(stopping=True), "time": NOW})
+    lines = status_lines({**status(stopping=True), "time": NOW})
     assert any(line.startswith("stopping") for line in lines)
 
 

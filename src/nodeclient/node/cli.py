@@ -32,7 +32,12 @@ from nodeclient.node.cli_keys import (
     cmd_manifest,
     cmd_wallet_proof,
 )
-from nodeclient.node.cli_options import _coordinator_url, _home, _passphrase_source
+from nodeclient.node.cli_options import (
+    coordinator_option,
+    home_dir,
+    passphrase_source,
+    resolve_coordinator_url,
+)
 from nodeclient.node.cli_run import cmd_run
 from nodeclient.node.cli_status import cmd_history, cmd_status
 from nodeclient.node.config import check_heartbeat_interval, load_config
@@ -48,11 +53,6 @@ from nodeclient.text import (
 if TYPE_CHECKING:
     import httpx
 
-# Re-exported for callers not yet updated.
-from nodeclient.node.cli_keys import build_local_manifest as build_local_manifest  # noqa: PLC0414
-from nodeclient.node.cli_options import _coordinator_option as _coordinator_option  # noqa: PLC0414
-from nodeclient.node.cli_options import _heartbeat_interval as _heartbeat_interval  # noqa: PLC0414
-from nodeclient.node.cli_status import _status_lines as _status_lines  # noqa: PLC0414
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -80,10 +80,10 @@ def cmd_unstake(args: argparse.Namespace) -> int:
 
     from nodeclient.protocol import eip712
 
-    home = _home(args)
+    home = home_dir(args)
     config = load_config(home)
-    url = _coordinator_url(args, config, daemon_home=home)
-    node_key = keys.load_node_key(home, passphrase=_passphrase_source(args))
+    url = resolve_coordinator_url(args, config, daemon_home=home)
+    node_key = keys.load_node_key(home, passphrase=passphrase_source(args))
     message = {"node_id": node_key.address, "requested_at": int(time.time())}
     sig = eip712.sign_typed(node_key, "Unstake", message, chain_id=config.chain_id)
     try:
@@ -174,11 +174,11 @@ def cmd_devnet(args: argparse.Namespace) -> int:
 def cmd_doctor(args: argparse.Namespace) -> int:
     from nodeclient.node import doctor
 
-    home = _home(args)
+    home = home_dir(args)
     config = load_config(home)
     checks = doctor.run_all(
         home,
-        coordinator=_coordinator_option(args, config, daemon_home=home),
+        coordinator=coordinator_option(args, config, daemon_home=home),
         allow_unsandboxed=config.allow_unsandboxed,
     )
     if args.json:

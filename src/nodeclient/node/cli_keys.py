@@ -20,7 +20,7 @@ from typing import Any
 from nodeclient import __version__
 from nodeclient.errors import KeyFileError, UsageError
 from nodeclient.node import keys, securefile, wallet
-from nodeclient.node.cli_options import _home, _passphrase_source
+from nodeclient.node.cli_options import home_dir, passphrase_source
 from nodeclient.node.config import NodeConfig, load_config, write_config
 from nodeclient.protocol.secp import Secp256k1Key
 
@@ -37,7 +37,7 @@ def cmd_init(args: argparse.Namespace) -> int:
     or an existing config.toml.
     """
     _refuse_passphrase_without_encrypt(args)
-    home = _home(args, create=True)
+    home = home_dir(args, create=True)
     config = NodeConfig(wallet_address=args.wallet, region=args.region, chain_id=args.chain_id)
     if (home / "config.toml").exists():
         raise UsageError(f"{home / 'config.toml'} already exists: this home is initialised")
@@ -51,7 +51,7 @@ def cmd_init(args: argparse.Namespace) -> int:
                 "init again without --encrypt to finish it, or move the keys away to start over"
             )
     else:  # none of the keys: finish_init refused if only some of them exist
-        passphrase = _passphrase_source(args, confirm=True)() if args.encrypt else None
+        passphrase = passphrase_source(args, confirm=True)() if args.encrypt else None
         info = keys.init_keys(home, passphrase=passphrase)
     try:
         write_config(home, config)
@@ -97,7 +97,7 @@ def _refuse_passphrase_without_encrypt(args: argparse.Namespace) -> None:
 
 
 def cmd_keys_show(args: argparse.Namespace) -> int:
-    info = keys.key_info(_home(args))
+    info = keys.key_info(home_dir(args))
     if args.json:
         print(json.dumps(_key_info_dict(info), indent=2))
         return 0
@@ -134,7 +134,7 @@ def _key_info_dict(info: keys.KeyInfo) -> dict[str, Any]:
 
 
 def cmd_keys_rotate(args: argparse.Namespace) -> int:
-    old, new = keys.rotate_liveness(_home(args))
+    old, new = keys.rotate_liveness(home_dir(args))
     if old is None:
         print(f"new liveness key {new} (liveness.key was missing or malformed)")
     else:
@@ -201,7 +201,7 @@ def _wallet_key(path: Path) -> Secp256k1Key:
 def cmd_wallet_proof(args: argparse.Namespace) -> int:
     """Bind this node to the configured wallet: print what the wallet signs, or store its
     signature (node/wallet.py)."""
-    home = _home(args)
+    home = home_dir(args)
     config = load_config(home)
     node_id = keys.node_id_of(home)
     if args.signature is not None or args.wallet_key is not None:
@@ -248,9 +248,9 @@ def cmd_wallet_proof(args: argparse.Namespace) -> int:
 
 
 def cmd_manifest(args: argparse.Namespace) -> int:
-    home = _home(args)
+    home = home_dir(args)
     config = load_config(home)
-    manifest = build_local_manifest(home, config, _passphrase_source(args))
+    manifest = build_local_manifest(home, config, passphrase_source(args))
     if args.json:
         print(json.dumps(manifest, indent=2))
         return 0

@@ -19,12 +19,12 @@ from nodeclient.node import keys, securefile
 from nodeclient.node.config import NodeConfig, check_coordinator_url, check_heartbeat_interval
 
 
-def _home(args: argparse.Namespace, *, create: bool = False) -> Path:
+def home_dir(args: argparse.Namespace, *, create: bool = False) -> Path:
     home = securefile.resolve_home(args.home, os.environ)
     return securefile.ensure_home(home, create=create)
 
 
-def _passphrase_source(args: argparse.Namespace, *, confirm: bool = False) -> Callable[[], bytes]:
+def passphrase_source(args: argparse.Namespace, *, confirm: bool = False) -> Callable[[], bytes]:
     """Deferred: the passphrase is read only if node.key turns out to be encrypted."""
     file = Path(args.passphrase_file) if getattr(args, "passphrase_file", None) else None
 
@@ -43,7 +43,7 @@ def _tty_prompt(text: str) -> str:
     return getpass.getpass(text)
 
 
-def _coordinator_option(
+def coordinator_option(
     args: argparse.Namespace, config: NodeConfig, *, daemon_home: Path | None = None
 ) -> str | None:
     """``--coordinator`` if given (checked here), else config.toml's (checked on load),
@@ -74,10 +74,10 @@ def _daemons_coordinator(home: Path) -> str | None:
         return None
 
 
-def _coordinator_url(
+def resolve_coordinator_url(
     args: argparse.Namespace, config: NodeConfig, *, daemon_home: Path | None = None
 ) -> str:
-    url = _coordinator_option(args, config, daemon_home=daemon_home)
+    url = coordinator_option(args, config, daemon_home=daemon_home)
     if not url:
         raise UsageError(
             "no coordinator: pass --coordinator URL or set coordinator in config.toml"
@@ -86,7 +86,7 @@ def _coordinator_url(
     return url
 
 
-def _heartbeat_interval(args: argparse.Namespace, config: NodeConfig) -> float:
+def checked_heartbeat_interval(args: argparse.Namespace, config: NodeConfig) -> float:
     """``--heartbeat-interval`` if given (0 included), checked as config.toml's is."""
     if args.heartbeat_interval is None:
         return config.heartbeat_interval

@@ -19,10 +19,10 @@ from nodeclient.errors import NeedsOperator, NodeClientError
 from nodeclient.node import keys
 from nodeclient.node.cli_keys import build_local_manifest
 from nodeclient.node.cli_options import (
-    _coordinator_url,
-    _heartbeat_interval,
-    _home,
-    _passphrase_source,
+    checked_heartbeat_interval,
+    home_dir,
+    passphrase_source,
+    resolve_coordinator_url,
 )
 from nodeclient.node.config import load_config
 
@@ -41,12 +41,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     from nodeclient.node.metrics import GpuSampler, NodeMetrics
 
     logs.configure(fmt=args.log_format)
-    home = _home(args)
+    home = home_dir(args)
     config = load_config(home)
     metrics_address = args.metrics_address or config.metrics_address
-    url = _coordinator_url(args, config)
-    heartbeat_interval = _heartbeat_interval(args, config)
-    passphrase = _passphrase_source(args)
+    url = resolve_coordinator_url(args, config)
+    heartbeat_interval = checked_heartbeat_interval(args, config)
+    passphrase = passphrase_source(args)
     node_key = keys.load_node_key(home, passphrase=passphrase)
     # On every event from here, the outbox's at its opening (orphans removed) included.
     logs.bind_global(node_id=node_key.address)

@@ -15,7 +15,7 @@ import time
 from typing import Any
 
 from nodeclient.errors import NodeClientError, UsageError
-from nodeclient.node.cli_options import _home
+from nodeclient.node.cli_options import home_dir
 from nodeclient.text import printable, printable_tree
 
 
@@ -37,7 +37,7 @@ def _duration(seconds: float) -> str:
 def cmd_status(args: argparse.Namespace) -> int:
     from nodeclient.node import control
 
-    home = _home(args)
+    home = home_dir(args)
     if args.watch:
         from nodeclient.node import console
         from nodeclient.node.metrics import GpuSampler
@@ -65,7 +65,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         )
     try:
         # Text from the network must not reach the terminal as commands.
-        lines = _status_lines(printable_tree(st))
+        lines = status_lines(printable_tree(st))
     except (KeyError, TypeError, ValueError, AttributeError, OverflowError,
             RecursionError) as exc:  # fmt: skip
         raise NodeClientError(
@@ -76,7 +76,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
-def _status_lines(st: dict[str, Any]) -> list[str]:
+def status_lines(st: dict[str, Any]) -> list[str]:
     out: list[str] = []
     link = st["link"]
     now = st["time"]
@@ -111,7 +111,7 @@ def _status_lines(st: dict[str, Any]) -> list[str]:
 def cmd_history(args: argparse.Namespace) -> int:
     from nodeclient.node import console
 
-    home = _home(args)
+    home = home_dir(args)
     since = console.parse_since(args.since, now=time.time()) if args.since else None
     damaged: list[str] = []
     rows = console.read_history(home, since=since, damaged=damaged)
