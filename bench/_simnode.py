@@ -42,7 +42,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
-from nodeclient.node.daemon import LINK_OPTIONS
+from nodeclient.node.link import LINK_OPTIONS
 from nodeclient.protocol import manifest, messages, tier
 from nodeclient.protocol.secp import Secp256k1Key, to_checksum_address
 from nodeclient.protocol.session import NodeSession

@@ -19,7 +19,8 @@ from pathlib import Path
 
 from websockets.asyncio.server import ServerConnection, serve
 
-from nodeclient.node.daemon import NodeDaemon, RunningTask
+from nodeclient.node.daemon import NodeDaemon
+from nodeclient.node.dispatch import RunningTask
 from nodeclient.protocol import messages
 from tests.e2e.harness import free_port
 from tests.node.test_daemon_link import Events, events, make_daemon, payload_key

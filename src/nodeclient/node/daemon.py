@@ -34,6 +34,7 @@ from nodeclient.clock import Clock
 from nodeclient.errors import NeedsOperator
 from nodeclient.node import control, inputs
 from nodeclient.node.delivery import RESEND_FULL_BACKLOG_S
+from nodeclient.node.dispatch import RunningTask
 from nodeclient.node.executor import Executor
 from nodeclient.node.link import LinkClient, LinkInfo
 from nodeclient.node.metrics import NodeMetrics
@@ -43,11 +44,6 @@ from nodeclient.protocol import messages
 from nodeclient.protocol.secp import Secp256k1Key
 from nodeclient.protocol.session import NodeSession
 from nodeclient.protocol.states import UNSTAKE_COOLDOWN_S, NodeState, StateMachine
-
-# isort: split
-# Re-exported for callers not yet updated.
-from nodeclient.node.dispatch import RunningTask as RunningTask  # noqa: PLC0414
-from nodeclient.node.link import LINK_OPTIONS as LINK_OPTIONS  # noqa: PLC0414
 
 log = logging.getLogger("nodeclient.node")
 

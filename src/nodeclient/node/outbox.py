@@ -82,6 +82,8 @@ from nodeclient.node.outbox_files import (
     _lock_exclusively,
     _make_private,
 )
+
+# The outbox's public names, wherever they are defined: callers use the outbox as one module.
 from nodeclient.node.outbox_schema import (
     _ADDED_COLUMNS,
     _COLUMNS,
@@ -89,20 +91,28 @@ from nodeclient.node.outbox_schema import (
     _INDEXES,
     _LOAD,
     _SENT_TO,
+    FORMAT_VERSION,
     SCHEMA,
+    OutboxCorrupt,
+    OutboxEntry,
     _decode,
     _decode_all,
     _entry,
     _format_version,
     _require_sqlite,
     _RowDamaged,
+    read_history,
 )
 
-# Re-exported for callers not yet updated.
-from nodeclient.node.outbox_schema import FORMAT_VERSION as FORMAT_VERSION  # noqa: PLC0414
-from nodeclient.node.outbox_schema import OutboxCorrupt as OutboxCorrupt  # noqa: PLC0414
-from nodeclient.node.outbox_schema import OutboxEntry as OutboxEntry  # noqa: PLC0414
-from nodeclient.node.outbox_schema import read_history as read_history  # noqa: PLC0414
+__all__ = [
+    "FORMAT_VERSION",
+    "INLINE_MAX",
+    "TALLIES",
+    "Outbox",
+    "OutboxCorrupt",
+    "OutboxEntry",
+    "read_history",
+]
 
 log = logging.getLogger("nodeclient.node.outbox")
 
