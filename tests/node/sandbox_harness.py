@@ -18,7 +18,8 @@ from typing import Any, TypeVar
 import numpy as np
 import pytest
 
-from nodeclient.node.executor import Executor, WorkerConfig, default_runtimes
+from nodeclient.node.exec_config import default_runtimes
+from nodeclient.node.executor import Executor, WorkerConfig
 from nodeclient.node.runtimes.onnx import OnnxRuntime
 from nodeclient.node.sandbox import MODE_BWRAP, Limits
 from nodeclient.workloads.inference import make_request

@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 
 from nodeclient.errors import RemoteProtocolError
+from nodeclient.node import exec_workdirs, sandbox, slots, worker
 from nodeclient.node import executor as executor_module
-from nodeclient.node import sandbox, worker
 from nodeclient.node.executor import TaskFailed
 from nodeclient.node.runtimes.onnx import OnnxRuntime
 from nodeclient.workloads.inference import make_request
@@ -90,7 +90,7 @@ def test_a_deeply_nested_header_is_a_protocol_error() -> None:
 def test_a_progress_number_too_large_for_a_float_is_a_protocol_error() -> None:
     """``done`` of 10**400 is a valid JSON number that no float holds."""
     with pytest.raises(RemoteProtocolError, match="bad progress frame"):
-        executor_module._progress({"op": "progress", "done": 10**400, "total": 1})
+        slots._progress({"op": "progress", "done": 10**400, "total": 1})
 
 
 def test_worker_answers_first_and_reports_its_clean_up_after(tmp_path: Path) -> None:
@@ -463,7 +463,7 @@ def test_any_error_while_a_task_runs_kills_its_worker(
 
     node.hostile({"do": "echo"})
     starts = len(node.executor.start_seconds)
-    monkeypatch.setattr(executor_module, "_progress", unforeseen)
+    monkeypatch.setattr(slots, "_progress", unforeseen)
     with pytest.raises(TaskFailed) as info:
         node.hostile({"do": "sleep", "seconds": 30})  # reports progress, then sleeps
     assert info.value.reason == "worker broke the pipe protocol: LookupError: unforeseen"
@@ -490,7 +490,7 @@ def test_remove_tree_removes_what_a_task_made_read_only(tmp_path: Path) -> None:
     script = """
 import os, shutil, sys
 from pathlib import Path
-from nodeclient.node.executor import _remove_tree
+from nodeclient.node.exec_workdirs import remove_tree
 root = Path(sys.argv[1]) / "slot"
 (root / "ro").mkdir(parents=True)
 (root / "ro" / "f").write_text("x")
@@ -503,7 +503,7 @@ try:
     sys.exit("a plain rmtree worked: permissions are not enforced here")
 except PermissionError:
     pass
-_remove_tree(root)
+remove_tree(root)
 print("gone" if not root.exists() else "left")
 """
     prefix = ["setpriv", "--bounding-set=-dac_override,-fowner,-dac_read_search"]
@@ -820,7 +820,6 @@ def test_work_roots_left_by_a_dead_daemon_are_swept(tmp_path: Path) -> None:
     """A root whose lock no live process holds (its daemon was killed) is removed with
     the task files in it; a live daemon's root, one without a lock file (an older
     release's) and a link are left alone."""
-    from nodeclient.node import executor as executor_mod
 
     def root(name: str, *, lock: bool) -> Path:
         path = tmp_path / f"nodeclient-work-{name}"
@@ -833,31 +832,29 @@ def test_work_roots_left_by_a_dead_daemon_are_swept(tmp_path: Path) -> None:
 
     dead, old = root("dead", lock=True), root("old", lock=False)
     live = root("live", lock=True)
-    held = executor_mod._hold_root(live)
+    held = exec_workdirs._hold_root(live)
     elsewhere = tmp_path / "elsewhere"  # unlocked, with a lock file: only a link names it
     elsewhere.mkdir()
     (elsewhere / ".lock").write_bytes(b"")
     (elsewhere / "keep").write_bytes(b"not the sweep's")
     (tmp_path / "nodeclient-work-link").symlink_to(elsewhere)
-    fresh, fresh_lock = executor_mod._new_root(tmp_path)  # made and locked before it shows
+    fresh, fresh_lock = exec_workdirs.new_root(tmp_path)  # made and locked before it shows
     try:
         assert fresh.name.startswith("nodeclient-work-")
-        executor_mod._sweep_stale_roots(tmp_path)
+        exec_workdirs.sweep_stale_roots(tmp_path)
         assert not dead.exists()
         assert live.exists() and old.exists() and fresh.exists()
         assert (elsewhere / "keep").exists() and (tmp_path / "nodeclient-work-link").is_symlink()
     finally:
         os.close(held)
         os.close(fresh_lock)
-    executor_mod._sweep_stale_roots(tmp_path)  # their daemons gone now: removed too
+    exec_workdirs.sweep_stale_roots(tmp_path)  # their daemons gone now: removed too
     assert not live.exists() and not fresh.exists() and old.exists()
 
 
 def test_a_stale_root_that_cannot_be_removed_does_not_stop_the_start(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from nodeclient.node import executor as executor_mod
-
     stale = tmp_path / "nodeclient-work-stuck"
     stale.mkdir()
     (stale / ".lock").write_bytes(b"")
@@ -865,8 +862,8 @@ def test_a_stale_root_that_cannot_be_removed_does_not_stop_the_start(
     def busy(path: Path) -> None:
         raise OSError(16, "Device or resource busy")
 
-    monkeypatch.setattr(executor_mod, "_remove_tree", busy)
-    executor_mod._sweep_stale_roots(tmp_path)  # logged and left, not raised
+    monkeypatch.setattr(exec_workdirs, "remove_tree", busy)
+    exec_workdirs.sweep_stale_roots(tmp_path)  # logged and left, not raised
     assert stale.exists()
 
 
@@ -874,7 +871,6 @@ def test_only_old_unlocked_staging_roots_are_swept(tmp_path: Path) -> None:
     """A root is made under a staging name: a daemon killed while making it leaves one. An
     old one, without a lock file or with one nobody holds, is removed; a fresh one (a
     daemon making it right now) and an old one whose lock is held are left."""
-    from nodeclient.node import executor as executor_mod
 
     def staging(name: str, *, age: float, lock: bool) -> Path:
         path = tmp_path / f".nodeclient-staging-{name}"
@@ -886,9 +882,9 @@ def test_only_old_unlocked_staging_roots_are_swept(tmp_path: Path) -> None:
 
     old_bare, old_lock = staging("a", age=7200, lock=False), staging("b", age=7200, lock=True)
     fresh, held_root = staging("c", age=10, lock=False), staging("d", age=7200, lock=True)
-    held = executor_mod._hold_root(held_root)
+    held = exec_workdirs._hold_root(held_root)
     try:
-        executor_mod._sweep_stale_roots(tmp_path)
+        exec_workdirs.sweep_stale_roots(tmp_path)
     finally:
         os.close(held)
     assert not old_bare.exists() and not old_lock.exists()

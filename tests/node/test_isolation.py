@@ -18,8 +18,9 @@ import numpy as np
 import pytest
 
 from nodeclient.node import sandbox
-from nodeclient.node.executor import TaskFailed, _affinity
+from nodeclient.node.executor import TaskFailed
 from nodeclient.node.runtimes.onnx import ModelCache, OnnxRuntime
+from nodeclient.node.slots import affinity_of
 from nodeclient.workloads.inference import make_request
 from tests.models import identity_model, matmul_relu_model
 from tests.node.sandbox_harness import (
@@ -179,16 +180,16 @@ def test_which_tasks_may_follow_in_a_worker() -> None:
     share them with their own job's; a task without either shares with none."""
     model, other = matmul_relu_model(), identity_model()
     inline, by_url = _inference(model), _inference(model, inline=False)
-    assert _affinity(INFERENCE, inline, job_id="j1", key="t1") == _affinity(
+    assert affinity_of(INFERENCE, inline, job_id="j1", key="t1") == affinity_of(
         INFERENCE, by_url, job_id="j2", key="t2"
     )
-    assert _affinity(INFERENCE, inline, job_id="j", key="t") != _affinity(
+    assert affinity_of(INFERENCE, inline, job_id="j", key="t") != affinity_of(
         INFERENCE, _inference(other), job_id="j", key="t"
     )
-    assert _affinity(INFERENCE, b"garbage", job_id="j", key="t1") == ("task", "t1")
+    assert affinity_of(INFERENCE, b"garbage", job_id="j", key="t1") == ("task", "t1")
     for workload_class in ("media.render", "ai.training", HOSTILE):
-        assert _affinity(workload_class, b"x", job_id="j1", key="t1") == ("job", "j1")
-        assert _affinity(workload_class, b"x", job_id=None, key="t1") == ("task", "t1")
+        assert affinity_of(workload_class, b"x", job_id="j1", key="t1") == ("job", "j1")
+        assert affinity_of(workload_class, b"x", job_id=None, key="t1") == ("task", "t1")
 
 
 def _remember(node: Node, data: str, *, job_id: str | None) -> list[str]:

@@ -19,7 +19,8 @@ import pytest
 
 from nodeclient.errors import NodeClientError, UsageError
 from nodeclient.node import sandbox
-from nodeclient.node.executor import TaskFailed, _chown_tree
+from nodeclient.node.exec_workdirs import chown_tree
+from nodeclient.node.executor import TaskFailed
 from tests.node.sandbox_harness import Node, warm_node
 
 
@@ -174,7 +175,7 @@ def test_chown_tree_never_follows_a_planted_symlink(
     (cache / "scenes" / "a").write_bytes(b"a")
     (cache / "models").symlink_to(etc)
     (cache / "scenes" / "b").symlink_to(etc / "shadow")
-    _chown_tree(cache)
+    chown_tree(cache)
     assert _owners(etc) == before
     assert set(_owners(cache).values()) == {ids}  # the links included, via lchown
 
@@ -194,7 +195,7 @@ def test_chown_tree_follows_the_operators_link_to_the_cache(
     before = _owners(etc)
     (big / "planted").symlink_to(etc / "shadow")
     (tmp_path / "models").symlink_to(big)
-    _chown_tree(tmp_path / "models")
+    chown_tree(tmp_path / "models")
     assert set(_owners(big).values()) == {ids}
     assert _owners(etc) == before
 
@@ -206,7 +207,7 @@ def test_chown_tree_refuses_a_cache_that_is_not_a_directory(
     _sandbox_ids(monkeypatch)
     (tmp_path / "models").write_bytes(b"not a directory")
     with pytest.raises(NodeClientError, match="is not a directory"):
-        _chown_tree(tmp_path / "models")
+        chown_tree(tmp_path / "models")
 
 
 # --- what the sandbox looks like from inside -----------------------------------------------

@@ -1,0 +1,86 @@
+"""How workers are built (2.3.5 Work Execution): the executor's configuration and its
+defaults.
+
+:class:`WorkerConfig` says what every worker gets: the model cache, the limits, the
+runtimes it serves and the modules it imports at start, the GPUs of the slots and the
+size caps of payloads, results and output. The defaults come from the runtime registry
+(:mod:`nodeclient.node.runtimes`), imported only when a default is asked for.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+from nodeclient.node import worker
+from nodeclient.node.sandbox import Limits
+
+DEFAULT_MAX_PAYLOAD: Final = 256 * 1024 * 1024
+DEFAULT_MAX_RESULT: Final = 32 * 1024 * 1024  # within what one link frame carries
+DEFAULT_MAX_OUTPUT: Final = 1024 * 1024
+
+
+def default_runtimes() -> dict[str, str]:
+    """Every known runtime as ``class -> "module:factory"``, importable in a worker."""
+    from nodeclient.node.runtimes import RUNTIMES
+
+    return {
+        name: f"{info.factory.__module__}:{info.factory.__qualname__}"
+        for name, info in RUNTIMES.items()
+    }
+
+
+def default_preload() -> tuple[str, ...]:
+    """Modules of the runtimes usable here, imported when a worker starts (those whose
+    requirements say ``preload``)."""
+    from nodeclient.node.runtimes import RUNTIMES
+
+    return tuple(
+        module
+        for info in RUNTIMES.values()
+        if info.requirements.preload and info.usable()[0]
+        for module in info.requirements.python_modules
+    )
+
+
+def first_use_modules(runtimes: Mapping[str, str]) -> dict[str, list[str]]:
+    """Per workload class of *runtimes*, the modules a worker imports before its first
+    task of that class, outside the task's memory limit (runtimes not preloaded)."""
+    from nodeclient.node.runtimes import RUNTIMES
+
+    return {
+        name: list(RUNTIMES[name].requirements.python_modules)
+        for name in runtimes
+        if name in RUNTIMES and not RUNTIMES[name].requirements.preload
+    }
+
+
+def gpus_from_manifest(manifest: Mapping[str, Any]) -> tuple[tuple[int, int], ...]:
+    """``(index, vram_mb)`` of every GPU the manifest declares, in device order."""
+    found: list[tuple[int, int]] = []
+    for group in manifest.get("gpu") or ():
+        for _ in range(int(group.get("count", 1))):
+            found.append((len(found), int(float(group.get("vram_gb", 0)) * 1024)))
+    return tuple(found)
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerConfig:
+    """How workers are built. ``runtimes`` is injectable (tests add hostile ones)."""
+
+    cache_dir: Path  # bound read-only at /nodeclient/cache; the daemon stores models in it
+    limits: Limits | None = None  # default: an equal share of RAM per slot
+    runtimes: Mapping[str, str] | None = None  # default: default_runtimes()
+    preload: tuple[str, ...] | None = None  # modules imported at start; default: theirs
+    extra_python_path: tuple[Path, ...] = ()  # bound read-only, put on PYTHONPATH
+    gpus: tuple[tuple[int, int], ...] = ()  # (index, vram_mb); slot i gets gpus[i % n]
+    work_root: Path | None = None  # default: a fresh directory outside the node home
+    node_home: Path | None = None  # checked against every bind (sandbox.make_layout)
+    threads: int | None = None  # OMP_NUM_THREADS of each worker
+    max_payload_bytes: int = DEFAULT_MAX_PAYLOAD
+    max_result_bytes: int = DEFAULT_MAX_RESULT
+    max_output_bytes: int = DEFAULT_MAX_OUTPUT  # stdout + stderr per task
+    shared_bytes: int = worker.SHARED_BYTES  # bodies up to this skip the pipe; 0: never
+    start_timeout: float = 120.0

@@ -1,0 +1,330 @@
+"""One slot's worker process and the pipes to it (2.3.5 Work Execution), and which
+tasks the worker may take next.
+
+A :class:`Slot` starts its worker, sends it one task at a time over the pipe protocol
+(:mod:`nodeclient.node.worker`), reads its answer and progress frames, and kills its
+whole process group when anything goes wrong; :class:`WorkerGone` says why the worker
+is gone. :func:`affinity_of` says which tasks may follow a task in the same worker, and
+:func:`fit_slot` how well a slot suits a task; the executor (:mod:`nodeclient.node.executor`)
+picks slots with them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import fcntl
+import itertools
+import logging
+import math
+import os
+import signal
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+from nodeclient.errors import ProtocolError, RemoteProtocolError
+from nodeclient.node import sandbox, worker
+
+log = logging.getLogger("nodeclient.node.executor")  # its events stay the executor's
+
+_TAIL: Final = 2048
+_F_SETPIPE_SZ: Final = 1031  # Linux fcntl; not exported by Python 3.11
+_PIPE_BYTES: Final = 1 << 20  # the default /proc/sys/fs/pipe-max-size
+_JOIN_BYTES: Final = 256 * 1024  # payloads up to this size go down the pipe in one write
+_REAP_TIMEOUT: Final = 30.0  # a killed worker's exit and the end of its pipes
+
+# progress(done, total, note) as the executor reports it to the daemon
+OnProgress = Callable[[float, float, str], None]
+
+
+# Which tasks a worker may take after the ones it ran (see affinity_of): None for a fresh
+# worker, which may take any.
+Affinity = tuple[str, str] | None
+_SINGLE_USE: Final = "task"  # the first part of the affinity of a worker reused for nothing
+
+
+def affinity_of(workload_class: str, payload: bytes, *, job_id: object, key: str) -> Affinity:
+    """Which tasks may follow this one in its worker: a task that ran code in the worker
+    (an exploit of ONNX Runtime, PyTorch or Blender, the threat the sandbox is for) could
+    see and change the tasks after it there, so only the same requester's may follow.
+
+    * an inference: more inferences of the same model (warm sessions are what make a
+      worker worth keeping; the model is read from the payload's header only);
+    * a task of any other class: more tasks of the same job;
+    * without a model hash or a job: nothing, and the worker is replaced after it.
+    """
+    from nodeclient.protocol.blobs import SHA256_HEX
+    from nodeclient.workloads import inference  # imported here: numpy, which the CLI avoids
+    from nodeclient.workloads.tensors import read_metadata
+
+    if workload_class == inference.CLASS:
+        try:
+            sha256 = read_metadata(payload).get(inference.META_MODEL_SHA256)
+        except ProtocolError:
+            sha256 = None
+        if isinstance(sha256, str) and SHA256_HEX.fullmatch(sha256):
+            return (workload_class, sha256)
+    elif job_id is not None:
+        return ("job", str(job_id))
+    return (_SINGLE_USE, key)
+
+
+def is_reusable(affinity: Affinity) -> bool:
+    """Whether a worker that ran a task of *affinity* may take another task at all."""
+    return affinity is None or affinity[0] != _SINGLE_USE
+
+
+FIT_START: Final = 2  # a fit_slot from which a worker must start before the task runs
+
+
+def fit_slot(slot: Slot, affinity: Affinity) -> int:
+    """How well *slot* suits a task of *affinity*: lower is better (_best_of_idle)."""
+    if not slot.alive:
+        return FIT_START  # a worker must start, but no warm one is lost
+    if slot.affinity == affinity:
+        return 0
+    return 1 if slot.affinity is None else FIT_START + 1  # fresh, or to be replaced
+
+
+class WorkerGone(Exception):
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass(eq=False)
+class Slot:
+    """One worker process and the pipes to it."""
+
+    index: int
+    workdir: Path
+    tmp_dir: Path | None  # the host directory bound at /tmp, if /tmp is not a tmpfs
+    argv: list[str]
+    env: dict[str, str]
+    mode: str
+    max_output: int
+    max_result: int
+    shared_bytes: int
+    proc: asyncio.subprocess.Process | None = None
+    shared: worker.SharedBodies | None = None  # this worker's memory for bodies
+    killed: str | None = None  # why we killed it; None when it died by itself
+    output: int = 0
+    busy: bool = False
+    settling: bool = False  # answered; its clean-up frame is still to come
+    in_flight: bool = False  # a task was sent and its answer not read: never reusable
+    answered: object = None  # the id of the task whose clean-up frame is awaited
+    tail: collections.deque[bytes] = field(default_factory=lambda: collections.deque(maxlen=16))
+    drain: asyncio.Task[None] | None = None
+    ids: itertools.count[int] = field(default_factory=itertools.count)
+    affinity: Affinity = None  # what its worker ran, so what it may run next (affinity_of)
+    settle_task: asyncio.Task[None] | None = None  # its clean-up wait while settling
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.returncode is None and self.killed is None
+
+    async def start(self, timeout: float) -> float:
+        """Start the worker and wait until its runtimes are built; seconds it took."""
+        started = time.monotonic()
+        self.killed, self.output, self.settling, self.in_flight = None, 0, False, False
+        self.affinity = None  # a fresh worker: it may take any task
+        self.tail.clear()
+        self.close_shared()  # a fresh region per worker: nothing of the last one carries over
+        argv = self.argv
+        fds: tuple[int, ...] = ()
+        if self.shared_bytes:
+            fd = worker.SharedBodies.create_fd(self.shared_bytes)
+            self.shared = worker.SharedBodies(fd, self.shared_bytes, daemon_side=True)
+            argv, fds = [*argv, "--shm-fd", str(fd)], (fd,)  # the worker's command is last
+        try:
+            self.proc = await asyncio.create_subprocess_exec(
+                *argv,
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                env=self.env,
+                cwd=self.workdir,
+                start_new_session=True,  # its own process group, killed as one
+                pass_fds=fds,
+            )
+        finally:
+            for fd in fds:
+                os.close(fd)  # the mapping stays
+        for pipe in (self.proc.stdin, self.proc.stdout):
+            _widen_pipe(pipe)
+        self.drain = asyncio.create_task(self._drain_stderr(self.proc))
+        try:
+            frame = await asyncio.wait_for(self._read(), timeout)
+        except TimeoutError:
+            self.kill("start-up timed out")
+            frame = None
+        except RemoteProtocolError as exc:  # garbage before its ready frame
+            self.kill(f"worker broke the pipe protocol at start: {exc}")
+            frame = None
+        if frame is None or frame.header.get("op") != "ready":
+            self.kill(self.killed or "no ready frame")
+            rc = await self.reap()
+            raise WorkerGone(f"worker failed to start (status {rc}): {self.stderr_tail()}")
+        if frame.header.get("broken"):
+            log.warning("worker.runtime_broken", extra={"broken": frame.header["broken"]})
+        return time.monotonic() - started
+
+    async def _drain_stderr(self, proc: asyncio.subprocess.Process) -> None:
+        """Count and keep the tail of what the task prints; over the cap, kill the worker."""
+        assert proc.stderr is not None
+        while chunk := await proc.stderr.read(65536):
+            if proc is not self.proc:  # an earlier worker's pipe, held open by what it left
+                continue
+            self.tail.append(chunk[-_TAIL:])
+            if self.busy:
+                self.output += len(chunk)
+                if self.output > self.max_output:
+                    self.kill(f"output limit exceeded: more than {self.max_output} bytes printed")
+
+    def close_shared(self) -> None:
+        if self.shared is not None:
+            self.shared.close()
+            self.shared = None
+
+    def stderr_tail(self) -> str:
+        text = b"".join(self.tail)[-_TAIL:].decode("utf-8", "replace")
+        return " | ".join(text.strip().splitlines()[-4:])
+
+    async def _read(self) -> worker.Frame | None:
+        assert self.proc is not None
+        assert self.proc.stdout is not None
+        stdout = self.proc.stdout
+        try:
+            prefix = await stdout.readexactly(worker.PREFIX.size)
+            header_len, body_len = worker.parse_prefix(prefix, max_body=self.max_result)
+            header = worker.parse_header(await stdout.readexactly(header_len))
+            body = await stdout.readexactly(body_len) if body_len else b""
+        except asyncio.IncompleteReadError:
+            return None
+        # A body in shared memory is copied out: the worker cannot change it after this.
+        return worker.Frame(header, worker.frame_body(header, body, self.shared, self.max_result))
+
+    async def execute(
+        self, header: dict[str, Any], payload: bytes, on_progress: OnProgress
+    ) -> worker.Frame:
+        """Send one task and wait for its answer; WorkerGone if the worker dies first.
+
+        Whatever goes wrong before the answer arrives, the worker is killed: one left
+        running would go on with the task, without a deadline, in a slot taken as free.
+        """
+        assert self.proc is not None
+        assert self.proc.stdin is not None
+        header["id"] = next(self.ids)
+        self.output = 0
+        wire: Mapping[str, Any] = header
+        if self.shared is not None:  # the worker is idle: it reads no body meanwhile
+            wire, payload = self.shared.put(header, payload)
+        self.in_flight = True
+        try:
+            head = worker.encode_header(wire, len(payload))
+            if len(payload) <= _JOIN_BYTES:  # one write, so the worker wakes up once
+                self.proc.stdin.write(head + payload)
+            else:  # not worth a copy of a large payload
+                self.proc.stdin.write(head)
+                self.proc.stdin.write(payload)
+            await self.proc.stdin.drain()
+            while True:
+                frame = await self._read()
+                if frame is None:
+                    break
+                if frame.header.get("id") != header["id"]:
+                    raise RemoteProtocolError("worker answered another task")
+                if frame.header["op"] == "progress":
+                    on_progress(*_progress(frame.header))
+                    continue
+                self.in_flight = False
+                return frame
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        except RemoteProtocolError as exc:  # over the result cap, or garbage
+            self.kill(f"worker broke the pipe protocol: {exc}")
+        except Exception as exc:  # noqa: BLE001 (anything unforeseen: the task must end)
+            self.kill(f"worker broke the pipe protocol: {type(exc).__name__}: {exc}"[:300])
+        rc = await self.reap()
+        if rc is None:  # cannot happen to a killed worker, short of a stuck kernel
+            self.kill("did not exit")
+            raise WorkerGone(self.killed or "worker did not exit")
+        raise WorkerGone(self.killed or sandbox.describe_exit(rc, mode=self.mode))
+
+    def kill(self, reason: str) -> None:
+        """SIGKILL the worker's process group (with bwrap, its whole PID namespace)."""
+        if self.killed is None:
+            self.killed = reason
+        if self.proc is not None and self.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+
+    async def stop(self) -> None:
+        """Wait for a worker that announced its exit; kill it if it lingers."""
+        if self.proc is None:
+            return
+        if await self.reap(5.0) is None:
+            self.kill("did not exit")
+            await self.reap()
+
+    async def reap(self, timeout: float = _REAP_TIMEOUT) -> int | None:
+        """Wait for the worker to exit (killed, or exiting by itself); its exit status, or
+        None if it has not exited within *timeout*.
+
+        ``Process.wait()`` returns once the worker has exited and its pipes have ended.
+        What the worker wrote to its answer pipe that nobody will read (a killed task's
+        half-sent result, junk a task's thread wrote after its answer) would, past the
+        reader's limit, pause that pipe, so its end would never be seen, wait() never
+        return and the slot be lost: it is read and dropped meanwhile. If the worker has
+        exited but something else holds its pipes (unsandboxed, a process that left its
+        group), its exit status is taken without waiting for them.
+        """
+        proc = self.proc
+        assert proc is not None
+        drop = None if proc.stdout is None else asyncio.create_task(_discard(proc.stdout))
+        try:
+            async with asyncio.timeout(timeout):
+                return await proc.wait()
+        except TimeoutError:
+            if proc.returncode is not None:
+                log.warning(
+                    "worker.pipes_held",
+                    extra={"slot": self.index, "pid": proc.pid, "status": proc.returncode},
+                )
+            return proc.returncode
+        finally:
+            if drop is not None:
+                drop.cancel()
+
+
+async def _discard(stream: asyncio.StreamReader) -> None:
+    """Read *stream* to its end, dropping what it holds."""
+    with contextlib.suppress(Exception):
+        while await stream.read(1 << 20):
+            pass
+
+
+def _progress(header: Mapping[str, Any]) -> tuple[float, float, str]:
+    """(done, total, note) of a progress frame; RemoteProtocolError for garbage (what a
+    task prints through its runtime's progress callback is the task's to choose)."""
+    try:
+        done, total = float(header["done"]), float(header["total"])
+    except (KeyError, TypeError, ValueError, ArithmeticError) as exc:  # float(10**400)
+        raise RemoteProtocolError(f"bad progress frame: {exc!r}"[:200]) from None
+    if not (math.isfinite(done) and math.isfinite(total)):
+        raise RemoteProtocolError(f"bad progress frame: done {done}, total {total}")
+    total = max(total, 0.0)
+    return min(max(done, 0.0), total), total, str(header.get("note", ""))[:200]
+
+
+def _widen_pipe(stream: object) -> None:
+    """Grow a pipe to 1 MiB so a payload or result crosses in a few wake-ups, not dozens."""
+    transport = getattr(stream, "transport", None) or getattr(stream, "_transport", None)
+    pipe = None if transport is None else transport.get_extra_info("pipe")
+    if pipe is not None:
+        with contextlib.suppress(OSError):
+            fcntl.fcntl(pipe.fileno(), _F_SETPIPE_SZ, _PIPE_BYTES)
