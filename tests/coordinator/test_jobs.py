@@ -16,7 +16,7 @@ from eth_account import Account
 from eth_account.messages import encode_typed_data
 from sqlalchemy import func, select
 
-from nodeclient.coordinator import classes
+from nodeclient.coordinator import classes, results
 from nodeclient.coordinator import models as m
 from nodeclient.errors import LocalProtocolError, RemoteProtocolError
 from nodeclient.protocol import eip712
@@ -235,20 +235,45 @@ def _set_result(running: Running, job_id: str, task_id: str, data: bytes) -> Non
 def test_a_large_result_is_served_in_chunks_unchanged(
     coordinator: Running, rsa_keys, monkeypatch
 ) -> None:
-    """A result larger than one read chunk is copied out of the database chunk by chunk
-    (SQLite's blob reader, PostgreSQL's substring) and served whole, with its length."""
-    from nodeclient.coordinator import api
+    """A result larger than one chunk is copied out of the database in pieces (SQLite's
+    blob reader, PostgreSQL's substr), beside the database thread, and served
+    whole with its length; compressible or not, at and around the chunk size."""
+    monkeypatch.setattr(results, "CHUNK_BYTES", 1000)
+    threads: set[str] = set()
+    real_copy = results.copy
 
-    monkeypatch.setattr(api, "RESULT_CHUNK_BYTES", 1000)
+    def copy(*args, **kw) -> None:
+        threads.add(threading.current_thread().name)
+        real_copy(*args, **kw)
+
+    monkeypatch.setattr(results, "copy", copy)
     job, task = _finished(coordinator, rsa_keys)
-    for size in (1000, 1001, 4096, 7 * 1000 + 13):
-        data = np.random.default_rng(size).bytes(size)
+    rng = np.random.default_rng(7)
+    for data in (rng.bytes(1000), rng.bytes(1001), bytes(70_000), rng.bytes(7 * 1000 + 13)):
         _set_result(coordinator, job["job_id"], task["task_id"], data)
         for path in (f"/v1/jobs/{job['job_id']}/result", f"/v1/tasks/{task['task_id']}/result"):
             r = httpx.get(coordinator.url + path)
             assert r.status_code == 200, r.text
-            assert r.headers["content-length"] == str(size)
+            assert r.headers["content-length"] == str(len(data))
             assert r.content == data
+    assert threads, "no result was copied in pieces"
+    assert "coordinator-db" not in threads
+
+
+def test_a_result_gone_before_its_copy_is_refused(coordinator: Running) -> None:
+    """A row that went (retention) between the look and the copy is ResultGone on both
+    databases, not a short result."""
+    import asyncio
+    import tempfile
+
+    spooler = results.Spooler(coordinator.coord.db, coordinator.coord.blobs)
+    for row in (m.Task, m.Job):
+        with pytest.raises(results.ResultGone):
+            asyncio.run(spooler.spool(row, str(uuid.uuid4()), 5000))
+    with tempfile.TemporaryFile() as out, pytest.raises(results.ResultGone):
+        coordinator.coord.db.read_aside(
+            lambda conn: results.copy(m.Task, str(uuid.uuid4()), 10, out, conn)
+        )
 
 
 def test_serving_a_result_does_not_hold_it_in_memory(coordinator: Running, rsa_keys) -> None:

@@ -12,28 +12,24 @@ import asyncio
 import binascii
 import contextlib
 import errno
-import functools
 import hashlib
 import io
 import logging
 import math
 import os
-import sqlite3
-import tempfile
 import uuid
-from collections.abc import AsyncIterator, Callable
-from typing import Any, BinaryIO, Final
+from collections.abc import Awaitable, Callable
+from typing import Any, Final
 from urllib.parse import urlencode
 
 import pybase64
 from fastapi import APIRouter, Body, Query, Request
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
-from sqlalchemy import LargeBinary, func, literal_column, select
-from sqlalchemy.orm import InstrumentedAttribute, Session
+from sqlalchemy.orm import Session
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from nodeclient.coordinator import classes, metrics, registry, store
+from nodeclient.coordinator import classes, metrics, registry, results, store
 from nodeclient.coordinator import models as m
 from nodeclient.coordinator.config import CoordinatorConfig
 from nodeclient.coordinator.service import Coordinator
@@ -226,6 +222,7 @@ class UnstakeRequest(BaseModel):
 def build_router(coord: Coordinator) -> APIRouter:  # noqa: PLR0915 (one route each)
     router = APIRouter()
     chain_id = coord.config.chain_id
+    spooler = results.Spooler(coord.db, coord.blobs)
 
     @router.get("/healthz")
     async def healthz() -> dict[str, Any]:
@@ -445,110 +442,51 @@ def build_router(coord: Coordinator) -> APIRouter:  # noqa: PLR0915 (one route e
 
     @router.get("/v1/jobs/{job_id}/result", response_model=None)
     async def job_result(job_id: str) -> Response:
-        found = await _result_of(coord, m.Job, job_id)
+        found = await _result(spooler, m.Job, job_id)
         if found is None:
             return error(404, f"no job {job_id}")
-        status, size, result = found
+        status, size, answer = found
         if status != m.SUCCEEDED or size is None:
             return error(409, f"job {job_id} is {status}, not succeeded")
-        return _result_response(result, size)
+        return await answer()
 
     @router.get("/v1/tasks/{task_id}/result", response_model=None)
     async def task_result(task_id: str) -> Response:
-        found = await _result_of(coord, m.Task, task_id)
+        found = await _result(spooler, m.Task, task_id)
         if found is None:
             return error(404, f"no task {task_id}")
-        status, size, result = found
+        status, size, answer = found
         if size is None:
             return error(409, f"task {task_id} is {status} and has no result")
-        return _result_response(result, size)
+        return await answer()
 
     return router
 
 
-RESULT_CHUNK_BYTES = 1024 * 1024  # a larger result is spooled to disk and sent in these
-
-_Row = type[m.Job] | type[m.Task]
-
-
-def _pk(row: _Row) -> InstrumentedAttribute[str]:
-    return m.Job.job_id if row is m.Job else m.Task.task_id
-
-
-def _result_tx(
-    row: _Row, key: str | None, spool: Callable[[], BinaryIO], s: Session
-) -> tuple[str, int | None, bytes | BinaryIO] | None:
-    """The row's status and its result: (status, None, b"") without one, the bytes of a
-    result of up to RESULT_CHUNK_BYTES, else a file from *spool* holding it, rewound.
-    None when there is no such row.
-
-    A result is never read whole into memory: one of up to 256 MiB, fetched by several
-    requesters at once, would otherwise sit there once for each. It is copied in chunks,
-    within this one transaction (so it cannot change or go between two chunks): on
-    SQLite through the driver's incremental blob reader (``substr`` would load the whole
-    value for every chunk), elsewhere by ``substring``.
-    """
-    found = s.execute(
-        select(row.status, func.length(row.result)).where(_pk(row) == key)
-    ).one_or_none()
-    if found is None:
-        return None
-    status, size = found
-    if size is None or size <= RESULT_CHUNK_BYTES:
-        data = s.execute(select(row.result).where(_pk(row) == key)).scalar() if size else b""
-        return status, size, b"" if data is None else bytes(data)
-    out = spool()
-    try:
-        raw = s.connection().connection.driver_connection
-        if isinstance(raw, sqlite3.Connection):
-            table = row.__tablename__
-            rowid: int = s.execute(
-                select(literal_column("rowid")).select_from(row).where(_pk(row) == key)
-            ).scalar_one()
-            with raw.blobopen(table, "result", rowid, readonly=True) as blob:
-                while chunk := blob.read(RESULT_CHUNK_BYTES):
-                    out.write(chunk)
-        else:
-            for offset in range(0, size, RESULT_CHUNK_BYTES):
-                part = func.substr(row.result, offset + 1, RESULT_CHUNK_BYTES, type_=LargeBinary)
-                out.write(s.execute(select(part).where(_pk(row) == key)).scalar_one())
-        if out.tell() != size:
-            raise RuntimeError(f"read {out.tell()} of the result's {size} bytes")
-        out.seek(0)
-    except BaseException:
-        out.close()
-        raise
-    return status, size, out
-
-
-async def _result_of(
-    coord: Coordinator, row: _Row, row_id: str
-) -> tuple[str, int | None, bytes | BinaryIO] | None:
+async def _result(
+    spooler: results.Spooler, row: results.Row, row_id: str
+) -> tuple[str, int | None, Callable[[], Awaitable[Response]]] | None:
+    """The row's status, its result's size (None: none) and how to answer with the
+    result; None when there is no such row."""
     key = uuid_key(row_id)
-    if key is None:
+    found = None if key is None else await spooler.head(row, key)
+    if key is None or found is None:
         return None
+    status, size, data = found
 
-    def spool() -> BinaryIO:
-        # Beside the blobs, on the coordinator's disk (/tmp may be memory); it has no
-        # name, so nothing is left behind whatever happens to the response.
-        coord.blobs.directory.mkdir(parents=True, exist_ok=True)
-        return tempfile.TemporaryFile(dir=coord.blobs.directory, prefix=".result-")
-
-    return await coord.db.run(functools.partial(_result_tx, row, key, spool))
-
-
-def _result_response(result: bytes | BinaryIO, size: int) -> Response:
-    """The result's bytes; a spooled one is sent chunk by chunk, then closed."""
-    if isinstance(result, bytes):
-        return Response(result, media_type="application/octet-stream")
-
-    async def chunks() -> AsyncIterator[bytes]:
+    async def answer() -> Response:
+        if data is not None:
+            return Response(data, media_type="application/octet-stream")
+        assert size is not None
+        assert key is not None
         try:
-            while chunk := await asyncio.to_thread(result.read, RESULT_CHUNK_BYTES):
-                yield chunk
-        finally:
-            result.close()
+            spooled = await spooler.spool(row, key, size)
+        except results.ResultGone:
+            return error(404, f"the result of {row_id} is no longer kept")
+        return StreamingResponse(
+            results.chunks(spooled),
+            media_type="application/octet-stream",
+            headers={"Content-Length": str(size)},
+        )
 
-    return StreamingResponse(
-        chunks(), media_type="application/octet-stream", headers={"Content-Length": str(size)}
-    )
+    return status, size, answer

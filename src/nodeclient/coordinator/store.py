@@ -246,6 +246,16 @@ class Database:
         """Run *fn* on a Core connection in one transaction on the database thread."""
         return await asyncio.wrap_future(self._thread.submit(functools.partial(self._run_conn, fn)))
 
+    def read_aside(self, fn: Callable[[Connection], T]) -> T:
+        """Run *fn* in one transaction on a connection of its own, on the calling thread:
+        a long read (a large result's copy) that must not hold up the database thread.
+        WAL lets it read beside the writer. An in-memory SQLite database (one per
+        connection) runs it on the database thread instead."""
+        if _in_memory(self.engine):
+            return self._thread.submit(functools.partial(self._run_conn, fn)).result()
+        with self.engine.connect() as conn, conn.begin():
+            return fn(conn)
+
     def _run_heartbeat_conn(self, fn: Callable[[Connection], T]) -> T:
         if _in_memory(self.engine):  # one database per connection: use the pool's own
             return self._run_conn(fn)
