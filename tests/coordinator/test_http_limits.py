@@ -187,3 +187,30 @@ def test_a_region_or_cursor_with_a_control_character_is_a_400(coordinator: Runni
     r = httpx.get(coordinator.url + "/v1/jobs", params={"after": "1.0,a\x00b"})
     assert r.status_code == 400, r.text
     assert coordinator.client.health()["status"] == "ok"
+
+
+def test_an_upload_abandoned_by_its_client_is_no_coordinator_error(
+    coordinator: Running, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A client that goes away in the middle of a blob upload: the temporary file goes,
+    and the log says `blobs.upload_abandoned` at info, not a 500's traceback."""
+    import socket
+    import time
+    from urllib.parse import urlsplit
+
+    url = urlsplit(coordinator.url)
+    with caplog.at_level(logging.INFO, logger="nodeclient.coordinator"):
+        with socket.create_connection((url.hostname, url.port), timeout=RECV_TIMEOUT) as sock:
+            sock.sendall(
+                b"POST /v1/blobs HTTP/1.1\r\nHost: c\r\nContent-Length: 5000000\r\n"
+                b"Content-Type: application/octet-stream\r\n\r\n" + b"\0" * 2_000_000
+            )
+        deadline = time.monotonic() + RECV_TIMEOUT
+        while time.monotonic() < deadline and not any(
+            rec.getMessage() == "blobs.upload_abandoned" for rec in caplog.records
+        ):
+            time.sleep(0.05)
+    [record] = [rec for rec in caplog.records if rec.getMessage() == "blobs.upload_abandoned"]
+    assert record.levelno == logging.INFO and 0 < record.received <= 2_000_000
+    assert not [rec for rec in caplog.records if rec.getMessage() == "http.unexpected_error"]
+    assert list(coordinator.config.blob_dir.iterdir()) == []

@@ -596,3 +596,22 @@ def test_an_unexpected_error_in_assembly_fails_the_job_and_keeps_the_link(
         "assembly failed: internal error (ValueError)",
     )
     assert node.call(node.heartbeat())["type"] == "heartbeat_ack"  # the link stayed up
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [{"min_teir": 4}, {"slice": 3}, {"resource": {"ram_mb": 999}}, {"slices": True},
+     {"min_tier": "3"}, {"min_tier": 2.0}, {"region": 7}],
+)  # fmt: skip
+def test_a_job_with_a_misspelt_or_mistyped_field_is_refused(
+    coordinator: Running, extra: dict
+) -> None:
+    """A misspelt field or a value of another type is 400 naming it, never dropped or
+    coerced: a job meant for tier 4 nodes would otherwise run anywhere."""
+    body = {"workload_class": "ai.inference",
+            "payload": pybase64.b64encode(inference_payload(VALUES)).decode()}  # fmt: skip
+    r = httpx.post(f"{coordinator.url}/v1/jobs", json={**body, **extra})
+    assert r.status_code == 400, r.text
+    assert next(iter(extra)) in r.json()["error"]
+    assert coordinator.client.jobs() == []
+    assert httpx.post(f"{coordinator.url}/v1/jobs", json=body).status_code == 201

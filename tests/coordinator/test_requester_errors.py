@@ -318,3 +318,80 @@ def test_a_requester_token_file_that_is_missing_says_where_tokens_come_from(
     (tmp_path / "elsewhere").chmod(0o600)
     assert main(["jobs", "--token-file", str(missing), "--coordinator", "http://c.example"]) == 2
     assert "it is a symlink; fix: name the file itself" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("timeout", ["nan", "-5", "inf", "soon"])
+def test_a_wait_timeout_must_be_a_finite_time_of_zero_or_more(
+    timeout: str, serve_with, tmp_path: Path, capsys
+) -> None:
+    """`--timeout nan` never timed out (every comparison with nan is false) and a
+    negative one gave up at the first poll: both are refused before anything is sent."""
+    sent: list[httpx.Request] = []
+    serve_with(lambda request: sent.append(request) or httpx.Response(201, json=JOB))
+    with pytest.raises(SystemExit) as exc:
+        _submit(tmp_path, "--wait", "--timeout", timeout, "--coordinator", "http://c.example")
+    assert exc.value.code == 2
+    assert "argument --timeout: " in capsys.readouterr().err
+    assert sent == []
+
+
+def test_result_refuses_a_terminal_on_stdout(serve_with) -> None:
+    """Without -o, the result's bytes (the node's, binary) are not written to a
+    terminal, where escape sequences in them would act: one line, exit 2."""
+    import pty
+    import subprocess
+    import sys
+
+    leader, follower = pty.openpty()
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "nodeclient.coordinator.cli", "result", "j1",
+             "--coordinator", "http://127.0.0.1:9"],
+            stdout=follower, stderr=subprocess.PIPE, timeout=60, check=False,
+        )  # fmt: skip
+    finally:
+        os.close(follower)
+        os.close(leader)
+    assert proc.returncode == 2
+    assert b"stdout is a terminal: write it with -o FILE" in proc.stderr
+
+
+def test_result_to_a_symlink_loop_is_one_line(serve_with, tmp_path: Path, capsys) -> None:
+    """-o naming a symlink loop: one line and exit 2, not a traceback."""
+    serve_with(_results(RESULT))
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)
+    assert main(["result", "j1", "-o", str(loop), "--coordinator", "http://c.example"]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot write the result to {loop}" in err and "Traceback" not in err
+
+
+def test_a_result_written_in_place_that_fails_says_the_file_is_partial(tmp_path: Path) -> None:
+    """A FILE in a directory the user may not write is written in place; when that fails
+    half way (here a file-size limit, as a full disk would), the error says FILE now holds
+    only part of the result, instead of implying it was left as it was."""
+    import subprocess
+    import sys
+
+    checked = tmp_path / "checked.bin"
+    checked.write_bytes(os.urandom(3 << 20))
+    out = tmp_path / "out.bin"
+    out.write_bytes(b"OLD CONTENTS")
+    script = (
+        "import resource, signal, sys\n"
+        "from pathlib import Path\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))\n"
+        "from nodeclient.coordinator.cli import _copy_checked\n"
+        "from nodeclient.errors import UsageError\n"
+        "try:\n"
+        "    _copy_checked(sys.argv[1], Path(sys.argv[2]))\n"
+        "except UsageError as exc:\n"
+        "    print(exc)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script, str(checked), str(out)],
+        capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    assert f"{out} now holds only part of the result: remove it" in proc.stdout
+    assert out.stat().st_size == 1 << 20

@@ -27,6 +27,7 @@ from fastapi import APIRouter, Body, Query, Request
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.orm import Session
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from nodeclient.coordinator import classes, metrics, registry, results, store
@@ -202,7 +203,11 @@ class Resources(BaseModel):
 
 
 class JobRequest(BaseModel):
-    """POST /v1/jobs."""
+    """POST /v1/jobs. A misspelt field (``min_teir``) or a value of another type
+    (``"slices": true``) is refused, never dropped or coerced: the job would otherwise
+    run with the default, on nodes the requester meant to avoid."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     workload_class: str = Field(max_length=64)
     payload: str = Field(description="base64 of the workload payload bytes")
@@ -306,6 +311,10 @@ def build_router(coord: Coordinator) -> APIRouter:  # noqa: PLR0915 (one route e
                     await asyncio.to_thread(_write, out, digest, pending)
                     pending, held = [], 0
             hexdigest = await asyncio.to_thread(finish_upload, out, digest, pending, tmp)
+        except ClientDisconnect:
+            # The uploader went away before its last byte: nothing is kept, nobody to answer.
+            log.info("blobs.upload_abandoned", extra={"received": size})
+            return error(400, "the upload ended before its last byte")
         except OSError as exc:
             if exc.errno == errno.ENOSPC:
                 log.warning("blobs.disk_full", extra={"error": str(exc)})

@@ -21,6 +21,7 @@ import contextlib
 import ipaddress
 import json
 import logging
+import math
 import os
 import shutil
 import stat
@@ -69,6 +70,19 @@ def _port(text: str) -> int:
     if not 0 <= port <= 65535:
         raise argparse.ArgumentTypeError(f"the port must be 0 to 65535, not {port}")
     return port
+
+
+def _seconds(text: str) -> float:
+    """A wait in seconds: finite, 0 or more (nan would never time out; 0: one look)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(
+            f"must be a finite number of seconds, 0 or more, not {text}"
+        )
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -177,7 +191,7 @@ def _requester_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser])
         "--vram-mb", type=int, default=0, help="GPU memory each task needs in its slot (MB)"
     )
     submit.add_argument("--wait", action="store_true", help="wait for the job to end")
-    submit.add_argument("--timeout", type=float, default=None, help="give up waiting after S s")
+    submit.add_argument("--timeout", type=_seconds, default=None, help="give up waiting after S s")
 
     jobs = requester("jobs", "list jobs, oldest first")
     jobs.add_argument("--json", action="store_true")
@@ -438,7 +452,15 @@ def _save_result(client: CoordinatorClient, job_id: str, output: Path | None) ->
     ``>(sha256sum)``, a file in a directory we may not write) gets the checked bytes
     copied into it from a temporary file in $TMPDIR.
     """
-    target = output.resolve() if output is not None and output.is_symlink() else output
+    if output is None and sys.stdout.isatty():
+        raise UsageError(
+            "the result is binary and stdout is a terminal: write it with -o FILE, or pipe "
+            "it (| sha256sum, > FILE)"
+        )
+    try:
+        target = output.resolve() if output is not None and output.is_symlink() else output
+    except (OSError, RuntimeError) as exc:  # a symlink loop: RuntimeError before 3.13
+        raise UsageError(f"cannot write the result to {output}: {exc}") from exc
     try:
         st: os.stat_result | None = os.stat(target) if target is not None else None
     except FileNotFoundError:
@@ -502,7 +524,13 @@ def _copy_checked(checked: str, output: Path | None) -> None:
             with open(output, "wb") as sink:
                 shutil.copyfileobj(source, sink, 1 << 20)
         except OSError as exc:
-            raise UsageError(f"cannot write the result to {output}: {exc.strerror}") from exc
+            # Written in place (its directory is not ours to write): the old contents are
+            # gone, and what is there now is a part of the result.
+            partial = os.path.isfile(output) and os.path.getsize(output) > 0
+            raise UsageError(
+                f"cannot write the result to {output}: {exc.strerror}"
+                + (f"; {output} now holds only part of the result: remove it" if partial else "")
+            ) from exc
 
 
 def _command(args: argparse.Namespace) -> int:
