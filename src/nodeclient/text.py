@@ -14,10 +14,11 @@ non-ASCII text readable (the JSON log lines).
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any, Final
 
 _BIDI: Final = (*range(0x202A, 0x202F), *range(0x2066, 0x206A))
@@ -76,25 +77,27 @@ class _Watched:
         self._stream = stream
         self._parent = parent
         self.failed = False
+        self.error: OSError | None = None  # the failure, also when a caller swallowed it
 
-    def _fail(self) -> None:
+    def _fail(self, exc: OSError) -> None:
         self.failed = True
+        self.error = exc
         if self._parent is not None:
-            self._parent.failed = True
+            self._parent._fail(exc)
 
     def write(self, data: Any) -> int:
         try:
             written: int = self._stream.write(data)
-        except OSError:
-            self._fail()
+        except OSError as exc:
+            self._fail(exc)
             raise
         return written
 
     def flush(self) -> None:
         try:
             self._stream.flush()
-        except OSError:
-            self._fail()
+        except OSError as exc:
+            self._fail(exc)
             raise
 
     @property
@@ -116,6 +119,22 @@ def watched_stdout() -> Iterator[None]:
     finally:
         if isinstance(sys.stdout, _Watched):
             sys.stdout = original
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """``parser.parse_args(argv)``, inside :func:`watched_stdout`. ``--help`` and
+    ``--version`` print and exit 0 from argparse, which ignores a failed write: their text
+    is flushed first, so that one lost to a full disk fails the same way as any
+    command's output."""
+    try:
+        return parser.parse_args(argv)
+    except SystemExit as exc:
+        if exc.code in (0, None) and sys.stdout is not None:  # closed: argparse used stderr
+            sys.stdout.flush()
+            lost = getattr(sys.stdout, "error", None)  # a write argparse swallowed
+            if lost is not None:
+                raise lost from None
+        raise
 
 
 def output_lost(prog: str, exc: OSError | AttributeError) -> int:

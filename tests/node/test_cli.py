@@ -723,6 +723,10 @@ def test_keys_show_prints_each_files_mode_and_owner(
         ("nodeclient.node.cli", ["manifest", "--json"], "/dev/full"),
         ("nodeclient.node.cli", ["keys", "show"], "closed"),
         ("nodeclient.coordinator.cli", ["token", "new", "--file", "{tmp}/t.tok"], "/dev/full"),
+        # argparse prints these itself and ignores a failed write
+        ("nodeclient.node.cli", ["--version"], "/dev/full"),
+        ("nodeclient.node.cli", ["proof", "--help"], "/dev/full"),
+        ("nodeclient.coordinator.cli", ["serve", "--help"], "/dev/full"),
     ],
 )
 def test_output_that_cannot_be_written_is_one_line(
@@ -744,7 +748,7 @@ def test_output_that_cannot_be_written_is_one_line(
     assert out.returncode == 1, out.stderr
     assert out.stderr.endswith(f"error: cannot write the output: {why}\n"), out.stderr
     assert out.stderr.count("\n") == 1
-    if module.endswith("coordinator.cli"):
+    if "token" in args:
         assert len((tmp_path / "t.tok").read_text().split()) == 1
 
 

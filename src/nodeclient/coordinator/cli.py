@@ -47,6 +47,7 @@ from nodeclient.errors import NodeClientError, RemoteProtocolError, UsageError
 from nodeclient.protocol.eip712 import DEVNET_CHAIN_ID
 from nodeclient.text import (
     output_lost,
+    parse_args,
     printable,
     printable_tree,
     reader_gone,
@@ -542,10 +543,10 @@ def _command(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
     with watched_stdout():
         try:
-            return _command(args)
+            return _command(parse_args(parser, argv))
         except NodeClientError as exc:
             print(f"nodeclient-coordinator: {printable(str(exc))}", file=sys.stderr)
             return exc.exit_code

@@ -44,6 +44,7 @@ from nodeclient.node.config import check_heartbeat_interval, load_config
 from nodeclient.protocol.manifest import REGIONS
 from nodeclient.text import (
     output_lost,
+    parse_args,
     printable,
     reader_gone,
     stdout_failed,
@@ -359,14 +360,14 @@ def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915 (one block per c
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
-    if not hasattr(args, "home"):
-        args.home = None
-    handler: Handler = args.handler
-    if getattr(args, "holds_keys", False):  # before any key is read, decrypted or made
-        securefile.forbid_core_dumps()
     with watched_stdout():
         try:
+            args = parse_args(parser, argv)
+            if not hasattr(args, "home"):
+                args.home = None
+            handler: Handler = args.handler
+            if getattr(args, "holds_keys", False):  # before any key is read, decrypted or made
+                securefile.forbid_core_dumps()
             code = handler(args)
             sys.stdout.flush()  # a closed pipe fails here, where it is caught, not at exit
         except NodeClientError as exc:

@@ -21,7 +21,7 @@ and encodes and decodes:
 * one slice's result, :class:`PseudoGradient`, and the job's result, :func:`encode_final` /
   :func:`decode_final` (:mod:`nodeclient.workloads.training_results`).
 
-Byte formats are listed in docs (``training.md``); every fault in received bytes raises
+Byte formats are listed in docs/protocol.md ("Training"); every fault in received bytes raises
 RemoteProtocolError naming the field, and unknown keys are refused so that a later revision
 cannot be half-understood.
 """
