@@ -71,9 +71,9 @@ from nodeclient import logs
 from nodeclient.clock import SystemClock
 from nodeclient.coordinator.classes import REGISTRY
 from nodeclient.node import sandbox
-from nodeclient.node.daemon import NodeDaemon, Retention
+from nodeclient.node.daemon import NodeDaemon
 from nodeclient.node.executor import Executor, WorkerConfig
-from nodeclient.node.outbox import Outbox
+from nodeclient.node.outbox import Outbox, Retention
 from nodeclient.node.runtimes.onnx import ModelCache, OnnxRuntime
 from nodeclient.protocol.secp import Secp256k1Key
 from nodeclient.workloads import inference, render, render_slices

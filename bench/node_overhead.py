@@ -45,9 +45,9 @@ from tests.models import identity_model, slow_model
 from nodeclient import logs
 from nodeclient.clock import SystemClock
 from nodeclient.node import sandbox
-from nodeclient.node.daemon import NodeDaemon, Retention
+from nodeclient.node.daemon import NodeDaemon
 from nodeclient.node.executor import Executor, WorkerConfig
-from nodeclient.node.outbox import Outbox
+from nodeclient.node.outbox import Outbox, Retention
 from nodeclient.protocol import envelope, messages
 from nodeclient.protocol.secp import Secp256k1Key
 from nodeclient.workloads.inference import make_request

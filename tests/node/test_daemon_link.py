@@ -33,10 +33,10 @@ from websockets.exceptions import ConnectionClosed
 from nodeclient.clock import Clock, ManualClock, SystemClock
 from nodeclient.node import control, sandbox
 from nodeclient.node import link as link_module
-from nodeclient.node.daemon import NodeDaemon, Retention
+from nodeclient.node.daemon import NodeDaemon
 from nodeclient.node.dispatch import RunningTask
 from nodeclient.node.executor import Executor, WorkerConfig
-from nodeclient.node.outbox import Outbox
+from nodeclient.node.outbox import Outbox, Retention
 from nodeclient.protocol import manifest as manifest_mod
 from nodeclient.protocol import messages
 from nodeclient.protocol.secp import Secp256k1Key

@@ -22,11 +22,11 @@ from nodeclient.clock import SystemClock
 from nodeclient.errors import UsageError
 from nodeclient.node import sandbox
 from nodeclient.node.config import load_config
-from nodeclient.node.daemon import NodeDaemon, Retention
+from nodeclient.node.daemon import NodeDaemon
 from nodeclient.node.dispatch import RunningTask
 from nodeclient.node.executor import Executor, WorkerConfig
 from nodeclient.node.inputs import http_fetcher
-from nodeclient.node.outbox import Outbox
+from nodeclient.node.outbox import Outbox, Retention
 from nodeclient.protocol import eip712, envelope, messages
 from nodeclient.protocol import manifest as manifest_mod
 from nodeclient.protocol.secp import Secp256k1Key

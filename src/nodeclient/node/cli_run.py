@@ -36,9 +36,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     from nodeclient import logs
     from nodeclient.clock import make_clock
     from nodeclient.node import sandbox
-    from nodeclient.node.daemon import NodeDaemon, Retention
+    from nodeclient.node.daemon import NodeDaemon
     from nodeclient.node.executor import Executor, WorkerConfig, gpus_from_manifest
     from nodeclient.node.metrics import GpuSampler, NodeMetrics
+    from nodeclient.node.outbox import Retention
 
     logs.configure(fmt=args.log_format)
     home = home_dir(args)

@@ -22,7 +22,6 @@ import signal
 import sqlite3
 import time
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +37,7 @@ from nodeclient.node.dispatch import RunningTask
 from nodeclient.node.executor import Executor
 from nodeclient.node.link import LinkClient, LinkInfo
 from nodeclient.node.metrics import NodeMetrics
-from nodeclient.node.outbox import Outbox
+from nodeclient.node.outbox import Outbox, Retention
 from nodeclient.node.sandbox import describe_mode
 from nodeclient.protocol import messages
 from nodeclient.protocol.secp import Secp256k1Key
@@ -46,21 +45,6 @@ from nodeclient.protocol.session import NodeSession
 from nodeclient.protocol.states import UNSTAKE_COOLDOWN_S, NodeState, StateMachine
 
 log = logging.getLogger("nodeclient.node")
-
-
-@dataclass(frozen=True, slots=True)
-class Retention:
-    """How long acknowledged results' bytes are kept (``result_retention_*`` in config),
-    and their history rows (``history_retention_days``; 0 keeps them for ever)."""
-
-    seconds: float = 72 * 3600.0
-    bytes: int = 4096 << 20
-    every: float = 3600.0  # how often prune runs (and once at start)
-    history_seconds: float = 180 * 86400.0
-    # Results awaiting acknowledgement are never dropped, so past this many new work is
-    # refused (``max_unacknowledged_results``): a coordinator that takes results and never
-    # acknowledges them cannot fill the disk.
-    max_unacknowledged: int = 256
 
 
 class NodeDaemon(LinkClient):

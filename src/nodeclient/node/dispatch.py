@@ -28,13 +28,12 @@ from nodeclient.node import inputs, sandbox
 from nodeclient.node.delivery import ResultDelivery
 from nodeclient.node.executor import Executor, TaskFailed
 from nodeclient.node.metrics import NodeMetrics
-from nodeclient.node.outbox import OutboxCorrupt, OutboxEntry
+from nodeclient.node.outbox import OutboxCorrupt, OutboxEntry, Retention
 from nodeclient.protocol import eip712, envelope, messages
 from nodeclient.protocol.proof import proof_of_execution
 from nodeclient.protocol.states import NodeState, StateMachine
 
 if TYPE_CHECKING:
-    from nodeclient.node.daemon import Retention
     from nodeclient.node.runtimes.onnx import ModelCache
 
 log = logging.getLogger("nodeclient.node")

@@ -111,6 +111,7 @@ __all__ = [
     "Outbox",
     "OutboxCorrupt",
     "OutboxEntry",
+    "Retention",
     "read_history",
 ]
 
@@ -121,6 +122,21 @@ UNREADABLE_TRIES: Final = 5  # reconnects a result file may fail to read before 
 TALLIES: Final = ("rejected", "timed_out")  # status totals that no outbox row records
 _PRUNE_BATCH: Final = 200  # rows per prune transaction
 _PRUNE_PAUSE: Final = 0.005  # seconds between batches, for the others waiting on the lock
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Retention:
+    """How long acknowledged results' bytes are kept (``result_retention_*`` in config),
+    and their history rows (``history_retention_days``; 0 keeps them for ever)."""
+
+    seconds: float = 72 * 3600.0
+    bytes: int = 4096 << 20
+    every: float = 3600.0  # how often prune runs (and once at start)
+    history_seconds: float = 180 * 86400.0
+    # Results awaiting acknowledgement are never dropped, so past this many new work is
+    # refused (``max_unacknowledged_results``): a coordinator that takes results and never
+    # acknowledges them cannot fill the disk.
+    max_unacknowledged: int = 256
 
 
 class Outbox:
