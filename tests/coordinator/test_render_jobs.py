@@ -21,6 +21,7 @@ from nodeclient.coordinator import classes
 from nodeclient.coordinator import models as m
 from nodeclient.coordinator.config import SybilPolicy
 from nodeclient.coordinator.leases import RetryPolicy, excluded_nodes
+from nodeclient.coordinator.placement import LEASE_GRACE_S
 from nodeclient.errors import RemoteProtocolError
 from nodeclient.workloads import render, render_slices
 from nodeclient.workloads.tensors import decode_tensors, encode_tensors
@@ -114,7 +115,8 @@ def test_frames_per_slice_in_the_payload_sets_the_split(running: Running) -> Non
 
 
 def test_blank_slice_result_is_rejected(running: Running, rsa_keys) -> None:
-    """A slice whose frame is one colour everywhere is refused; the task stays leased."""
+    """A slice whose frame is one colour everywhere is refused, and its lease ends there:
+    the slice waits for another node (this one failed it), with the reason."""
     node = _render_node(running, rsa_keys, 0, "0x" + "11" * 20)
     job = running.client.submit_job("media.render", _payload((1, 1)))
     dispatch = node.recv()
@@ -128,7 +130,11 @@ def test_blank_slice_result_is_rejected(running: Running, rsa_keys) -> None:
     ack = node.call(node.result(dispatch, blank))
     assert ack["status"] == "rejected"
     assert "blank" in ack["reason"]
-    assert running.client.job(job["job_id"])["tasks"][0]["status"] == "leased"
+    task = running.client.job(job["job_id"])["tasks"][0]
+    assert (task["status"], task["node_id"], task["attempts"]) == ("queued", None, 1)
+    assert (
+        "returned a result that failed the checks" in task["reason"] and "blank" in task["reason"]
+    )
 
 
 def _ack(node: SimNode, dispatch: dict[str, Any], result: bytes) -> dict[str, Any]:
@@ -141,8 +147,9 @@ def test_result_for_another_slice_is_rejected_and_the_task_stays_open(
     running: Running, rsa_keys
 ) -> None:
     """Frames 1-20 in two slices: a valid, non-blank frame 1 returned for slice 1 (frames
-    11-20) is rejected with a reason and the task stays leased, where before it was
-    accepted and failed the whole job at assembly. The slice's own frames complete it."""
+    11-20) is rejected with a reason and the slice queued again, where before it was
+    accepted and failed the whole job at assembly. The slice's own frames, sent late by
+    the same node, still complete it."""
     node = _render_node(running, rsa_keys, 0, "0x" + "11" * 20)
     job = running.client.submit_job("media.render", _payload((1, 20)), slices=2)
     for _ in range(2):
@@ -155,7 +162,7 @@ def test_result_for_another_slice_is_rejected_and_the_task_stays_open(
             assert ack["status"] == "rejected"
             assert "result holds frames 1..1, but its task asked for frames 11..20" in ack["reason"]
             task = running.client.job(job["job_id"])["tasks"][1]
-            assert (task["status"], task["node_id"]) == ("leased", node.node_id)
+            assert (task["status"], task["node_id"]) == ("queued", None)
         _complete(node, dispatch)
     done = running.wait_job(job["job_id"], "succeeded")
     assert done["status"] == "succeeded", done["reason"]
@@ -419,3 +426,25 @@ def test_a_job_whose_assembled_result_is_too_large_is_a_400(running: Running) ->
     reason = _refused(running, payload)
     assert "MAX_JOB_RESULT_BYTES" in reason and "several jobs" in reason
     assert _stored(running) == (0, 0)
+
+
+def test_a_slice_is_leased_for_as_long_as_it_may_run(running: Running, rsa_keys) -> None:
+    """A render slice's lease lasts its hard cap (the request's max_seconds, else the
+    default hour) and a grace more, not the coordinator's 300 s: a slice that renders for
+    ten minutes, saving frames all along, is not cut off on every node in turn."""
+    node = _render_node(running, rsa_keys, 0, "0x" + "11" * 20)
+    now = running.clock.now()
+    capped = running.client.submit_job("media.render", _payload((1, 1), max_seconds=5400))
+    dispatch = node.recv()
+    assert dispatch["job_id"] == capped["job_id"]
+    assert dispatch["lease_expires_at"] == int(now + 5400 + LEASE_GRACE_S)
+    _complete(node, dispatch)
+    plain = running.client.submit_job("media.render", _payload((1, 1)))
+    dispatch = node.recv()
+    assert dispatch["job_id"] == plain["job_id"]
+    assert dispatch["lease_expires_at"] == int(now + render.DEFAULT_MAX_SECONDS + LEASE_GRACE_S)
+    _complete(node, dispatch)
+    quick = running.client.submit_job("media.render", _payload((1, 1), max_seconds=10))
+    dispatch = node.recv()  # a cap under the coordinator's lease: that lease
+    assert dispatch["job_id"] == quick["job_id"]
+    assert dispatch["lease_expires_at"] == int(now + running.config.lease_seconds)

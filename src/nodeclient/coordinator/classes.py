@@ -71,6 +71,9 @@ class WorkloadClass:
     # payload when it is dispatched (coordinator/scheduler.py, coordinator/rounds.py).
     split_shared: SplitShared | None = None
     expand: Expand | None = None
+    # How long a task of a job (given its metadata) may run; its lease lasts that long and
+    # a grace more (coordinator/placement.py). None: the coordinator's lease_seconds.
+    lease: Callable[[Mapping[str, Any]], float] | None = None
 
     def check(
         self, result: bytes, meta: Mapping[str, Any], max_bytes: int, *, task: Callable[[], bytes]
@@ -186,6 +189,7 @@ REGISTRY[render.CLASS] = WorkloadClass(
     blobs=_blamed("media.render payload", render.blob_refs),
     check_slice=_blamed("media.render result", render_slices.check_slice),
     hoist=_blamed("media.render payload", render_slices.hoist),
+    lease=render_slices.lease_seconds,
 )
 
 # ai.training: one shard per slice, R rounds; finished rounds are aggregated by
@@ -205,6 +209,7 @@ REGISTRY[training.CLASS] = WorkloadClass(
     check_slice=_blamed("ai.training result", training.check_slice),
     split_shared=_blamed("ai.training payload", training.split_shared),
     expand=training.expand,
+    lease=training.lease_seconds,
 )
 
 

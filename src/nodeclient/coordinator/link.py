@@ -526,7 +526,11 @@ class LinkSession:
         else:
             decision = await coord.db.run(
                 lambda s: verifier.accept_result_tx(
-                    s, claim, now=now, max_payload=cfg.max_payload_bytes
+                    s,
+                    claim,
+                    now=now,
+                    max_payload=cfg.max_payload_bytes,
+                    max_attempts=cfg.max_attempts,
                 )
             )
         if decision.status == "rejected":
@@ -543,7 +547,10 @@ class LinkSession:
         cancel_leases(coord, decision.cancel, "completed by another node")
         if decision.job_done is not None:
             log.info(f"job.{decision.job_done}", extra={"job_id": str(claim.job_id)})
-        if decision.status == "accepted":
+        if decision.lost is not None:  # refused by its class: queued again, or failed
+            cancel_leases(coord, decision.lost.cancel, "job failed")
+            report_job_end(decision.lost)
+        if decision.status == "accepted" or decision.lost is not None:
             coord.wake()
 
     async def _reject(self, frame: messages.SignedFrame) -> None:

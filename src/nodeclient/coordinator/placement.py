@@ -11,7 +11,9 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -38,6 +40,8 @@ MAX_PAGES = 8  # pages a round may read while it has placed less than a page
 # A round stops placing once the payloads it has placed reach this many bytes (it always
 # places one): each is read, sealed and framed in memory before it is sent.
 ROUND_BYTES = 256 * 1024 * 1024
+# Added to a class's own run time (lease_for): inputs fetched before, the result sent after.
+LEASE_GRACE_S = 120.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,10 +136,13 @@ def assign_tx(
     payloads: dict[str, bytes] = dict(rows.all())
     broken = _expand(session, placed, payloads, now, withdrawn)
     out: list[Assignment] = []
+    leases: dict[str, float] = {}
     for task, job, wclass, choice in placed:
         if job.job_id in broken:
             continue
-        deadline = now + lease_seconds
+        if job.job_id not in leases:
+            leases[job.job_id] = lease_for(job, wclass, lease_seconds)
+        deadline = now + leases[job.job_id]
         task.status, task.node_id, task.attempts = m.LEASED, choice, task.attempts + 1
         task.leased_at, task.lease_deadline = now, deadline  # reason: why it was re-queued
         session.add(
@@ -153,6 +160,21 @@ def assign_tx(
             )
         )  # fmt: skip
     return out
+
+
+def lease_for(job: m.Job, workload_class: str, lease_seconds: float) -> float:
+    """How long a lease of one of the job's tasks lasts: *lease_seconds*, or for a class
+    that says how long its tasks may run (a render slice's hard cap, a training slice's
+    round deadline), that and LEASE_GRACE_S more, if longer. A lease shorter than the
+    work would fail every attempt of a long slice on every node."""
+    wc = classes.REGISTRY.get(workload_class)
+    if wc is None or wc.lease is None:
+        return lease_seconds
+    try:
+        runs = wc.lease(json.loads(job.meta))
+    except (ValueError, KeyError, TypeError):  # metadata of another revision: the default
+        return lease_seconds
+    return max(lease_seconds, runs + LEASE_GRACE_S) if math.isfinite(runs) else lease_seconds
 
 
 def _expand(

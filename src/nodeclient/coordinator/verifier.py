@@ -67,6 +67,7 @@ class Decision:
     event: str = ""
     job_done: str | None = None  # the job's final status, when this ended it
     cancel: tuple[tuple[str, str], ...] = ()
+    lost: Lost | None = None  # the lease this ended (a result its class's checks refused)
 
 
 def _signer_is(frame: SignedFrame, node_id: str, *, chain_id: int) -> None:
@@ -226,9 +227,14 @@ def _finish_job(session: Session, job: m.Job, now: float) -> str | None:
 
 
 def accept_result_tx(  # noqa: PLR0911 (one early answer per check)
-    session: Session, claim: ResultClaim, *, now: float, max_payload: int
+    session: Session, claim: ResultClaim, *, now: float, max_payload: int, max_attempts: int
 ) -> Decision:
-    """Steps 3-4 and the exactly-once bookkeeping, in one transaction."""
+    """Steps 3-4 and the exactly-once bookkeeping, in one transaction.
+
+    A result its class refuses (a blank frame, another slice's rows, a pseudo-gradient of
+    other weights) is the holder's answer, and a wrong one: its lease ends there and the
+    task goes to another node (an attempt spent, as a reject), rather than waiting out a
+    lease that may last an hour (a render slice's) or the round (a training slice's)."""
     tid = str(claim.task_id)
     task = session.get(m.Task, tid)
     if task is None:
@@ -253,7 +259,13 @@ def accept_result_tx(  # noqa: PLR0911 (one early answer per check)
             claim.result, json.loads(job.meta), max_payload, task=lambda: task.payload
         )
     except ProtocolError as exc:
-        return Decision("rejected", str(exc))
+        lost = None
+        if task.status == m.LEASED and task.node_id == claim.node_id:
+            lost = requeue_or_fail(
+                session, task, outcome="rejected", now=now, max_attempts=max_attempts,
+                detail=f"node {claim.node_id} returned a result that failed the checks: {exc}",
+            )  # fmt: skip
+        return Decision("rejected", str(exc), lost=lost)
     except Exception as exc:  # a check that broke on it: fail closed, keep the link
         log.exception("result.check_failed", extra={"task_id": tid})
         return Decision("rejected", f"the result could not be checked ({type(exc).__name__})")

@@ -90,6 +90,8 @@ MAX_SIDE: Final = 16_384
 MAX_SAMPLES: Final = 65_536
 MAX_SEED: Final = 2**31 - 1
 MAX_SECONDS: Final = 7 * 24 * 3600
+# A slice's hard cap when the request names none (a node may hold its own lower).
+DEFAULT_MAX_SECONDS: Final = 3600
 MAX_URL_CHARS: Final = 2048
 HEADER_ALLOWANCE: Final = 64 * 1024  # container header bytes allowed for in size checks
 MAX_TILES: Final = 256  # bands of one frame: the most slices a tiled job becomes

@@ -34,6 +34,7 @@ from nodeclient.protocol.blobs import SHA256_HEX, blob_url
 from nodeclient.workloads.render import (
     CHANNELS,
     CLASS,
+    DEFAULT_MAX_SECONDS,
     FRAME_ENTRY_BYTES,
     HEADER_ALLOWANCE,
     MAX_FRAME,
@@ -425,7 +426,15 @@ def job_meta(payload: bytes, max_bytes: int) -> dict[str, Any]:
         "frames_per_slice": request.frames_per_slice,
         "allow_blank": request.allow_blank,
         "tiles": request.tiles,
+        "max_seconds": request.max_seconds,
     }
+
+
+def lease_seconds(meta: Mapping[str, Any]) -> float:
+    """How long a slice may run: its hard cap, the request's or the default (a job stored
+    before the cap was kept in its metadata gets the default)."""
+    cap = meta.get("max_seconds")
+    return float(cap if isinstance(cap, int) and cap > 0 else DEFAULT_MAX_SECONDS)
 
 
 def check_result(data: bytes, meta: Mapping[str, Any], max_bytes: int) -> RenderResult:

@@ -112,6 +112,7 @@ __all__ = [
     "encode_final",
     "expand",
     "job_meta",
+    "lease_seconds",
     "plan_for",
     "sha256_hex",
     "split",
@@ -252,6 +253,12 @@ def job_meta(payload: bytes, max_bytes: int) -> dict[str, Any]:
     """Validate a job request; what the coordinator keeps with the job (model and config)."""
     request = JobRequest.decode(payload, max_bytes=max_bytes)
     return {"model": request.model.to_json(), "config": request.config.to_dict()}
+
+
+def lease_seconds(meta: Mapping[str, Any]) -> float:
+    """How long a slice may run: until its round's deadline, when the round goes on
+    without it (coordinator/rounds.py)."""
+    return float(meta["config"]["round_deadline_s"])
 
 
 def split(payload: bytes, slices: int) -> list[bytes]:

@@ -58,13 +58,18 @@ import numpy.typing as npt
 from nodeclient.errors import NodeClientError, RemoteProtocolError
 from nodeclient.node.runtimes.base import Progress, no_progress
 from nodeclient.node.runtimes.onnx import ModelCache
-from nodeclient.workloads.render import CHANNELS, CLASS, SCENE_FILE, RenderRequest
+from nodeclient.workloads.render import (
+    CHANNELS,
+    CLASS,
+    DEFAULT_MAX_SECONDS,
+    SCENE_FILE,
+    RenderRequest,
+)
 from nodeclient.workloads.render_slices import encode_result
 from nodeclient.workloads.tensors import DEFAULT_MAX_BYTES
 
 DEFAULT_MAX_SCENE_BYTES: Final = 256 * 1024 * 1024
 DEFAULT_MAX_CACHE_BYTES: Final = 4 * 1024 * 1024 * 1024
-DEFAULT_MAX_SECONDS: Final = 3600
 DEFAULT_MAX_SECONDS_PER_FRAME: Final = 600
 REJECT_MARKER: Final = "NODECLIENT-REJECT:"
 REJECT_EXIT: Final = 3
