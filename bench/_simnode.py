@@ -196,7 +196,7 @@ class Worker:
         """Handshake (challenge -> auth -> welcome), then heartbeats until cancelled."""
         try:
             async with gate:
-                # The same client options as the node daemon (node/daemon.py).
+                # The same client options as the node daemon (node/link.py).
                 ws = await connect(url, **{**LINK_OPTIONS, "open_timeout": 60})
                 challenge = messages.parse_from_coordinator(await asyncio.wait_for(ws.recv(), 60))
                 assert isinstance(challenge, messages.Challenge)

@@ -117,6 +117,15 @@ def build(out, variant):
         scene.view_layers[0].samples = 2000
         for i in range(2):
             scene.view_layers.new("extra%d" % i).samples = 2000
+    if variant == "denoise":  # a compositor Denoise node, in the scene's tree and a group
+        scene.use_nodes = True
+        tree = scene.node_tree
+        denoise = tree.nodes.new("CompositorNodeDenoise")
+        tree.links.new(tree.nodes["Render Layers"].outputs["Image"], denoise.inputs["Image"])
+        tree.links.new(denoise.outputs["Image"], tree.nodes["Composite"].inputs["Image"])
+        group = bpy.data.node_groups.new("denoiser", "CompositorNodeTree")
+        group.nodes.new("CompositorNodeDenoise")
+        group.use_fake_user = True
     if variant == "badname":
         scene.view_layers[0].name = "ViewLayer\nError: Out of memory"
     if variant == "rigidbody":

@@ -39,7 +39,7 @@ def scene_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     build_scenes(
         directory,
         ("cube", "empty", "external", "textured", "autoexec", "stereo", "stereo-sbs",
-         "layers", "rigidbody", "badname"),
+         "layers", "rigidbody", "badname", "denoise"),
     )  # fmt: skip
     return directory
 
@@ -190,6 +190,33 @@ def test_stereo_output_is_turned_off(scenes, tmp_path: Path, variant: str) -> No
     stereo = _frame(runtime, _payload(scenes[variant], frames=(1, 1)), tmp_path, 1)
     plain = _frame(runtime, _payload(scenes["cube"], frames=(1, 1)), tmp_path, 1)
     np.testing.assert_array_equal(stereo, plain)
+
+
+def test_compositor_denoise_nodes_are_muted(scenes, tmp_path: Path) -> None:
+    """A compositor Denoise node (in the scene's tree or a node group) would run
+    OpenImageDenoise in a Blender built with it, so two nodes' frames of one slice could
+    differ: the override mutes every one, as it does File Output nodes."""
+    check = tmp_path / "check.py"
+    check.write_text(
+        "import bpy\n"
+        "trees = [s.node_tree for s in bpy.data.scenes] + list(bpy.data.node_groups)\n"
+        "print('DENOISE', sorted(n.mute for t in trees if t for n in t.nodes"
+        " if n.type == 'DENOISE'))\n"
+    )
+    directory = tmp_path / "direct"
+    directory.mkdir()
+    (directory / "frames").mkdir()
+    (directory / "scene.blend").write_bytes(scenes["denoise"])
+    (directory / "override.py").write_text(OVERRIDE_SCRIPT)
+    cfg = {"frame_start": 2, "frame_end": 1, "width": WIDTH, "height": HEIGHT,  # no frame
+           "samples": SAMPLES, "seed": SEED, "threads": 1, "out": str(directory / "frames")}  # fmt: skip
+    run = subprocess.run(
+        [BLENDER, "-b", "--factory-startup", "-Y", "-noaudio", str(directory / "scene.blend"),
+         "--python-exit-code", "1", "-P", str(directory / "override.py"), "-P", str(check),
+         "--", json.dumps(cfg)],
+        check=True, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert "DENOISE [True, True]" in run.stdout
 
 
 def test_a_size_blender_would_change_is_refused(scenes, tmp_path: Path) -> None:

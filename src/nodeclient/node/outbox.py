@@ -52,10 +52,10 @@ stays as history. Unacknowledged results are never pruned. Pruning goes in small
 batches, so the event loop never waits long for the lock. A later dispatch of a pruned
 task is refused with a signed reason rather than run again (``OutboxEntry.held``).
 
-SQLite 3.8.0 or newer (:data:`SQLITE_MIN`, checked at open): the prune index is a partial
-index. Nothing newer is used (no ``RETURNING``, 3.35; no upsert, 3.24; no window
-functions, 3.25), so a Python linked to the system SQLite of Debian 11 (3.34) or Ubuntu
-20.04 (3.31) runs it.
+SQLite 3.8.0 or newer (:data:`~nodeclient.node.outbox_schema.SQLITE_MIN`, checked at
+open): the prune index is a partial index. Nothing newer is used (no ``RETURNING``,
+3.35; no upsert, 3.24; no window functions, 3.25), so a Python linked to the system
+SQLite of Debian 11 (3.34) or Ubuntu 20.04 (3.31) runs it.
 """
 
 from __future__ import annotations

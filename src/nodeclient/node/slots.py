@@ -82,7 +82,7 @@ FIT_START: Final = 2  # a fit_slot from which a worker must start before the tas
 
 
 def fit_slot(slot: Slot, affinity: Affinity) -> int:
-    """How well *slot* suits a task of *affinity*: lower is better (_best_of_idle)."""
+    """How well *slot* suits a task of *affinity*: lower is better (Executor._best_of_idle)."""
     if not slot.alive:
         return FIT_START  # a worker must start, but no warm one is lost
     if slot.affinity == affinity:

@@ -111,7 +111,8 @@ def check_pseudo_gradient(
     for *steps* steps, finite losses and values, not all zeros. Returns its values as F32
     and its L2 norm (float64); RemoteProtocolError names the first failure.
 
-    The verifier runs it when a result arrives (:func:`check_slice`), and the round's
+    The verifier runs it when a result arrives
+    (:func:`~nodeclient.workloads.training.check_slice`), and the round's
     close again, beside the checks that need the whole round.
     """
     _check_identity(pg, base_sha256=base_sha256, shard_sha256=shard_sha256, steps=steps)

@@ -199,13 +199,14 @@ for scene in bpy.data.scenes:
     settings.file_format = "TARGA_RAW"
     settings.color_mode = "RGBA"
     settings.views_format = "INDIVIDUAL"
-    if scene.node_tree is not None:
-        for node in scene.node_tree.nodes:
-            if node.type == "OUTPUT_FILE":
-                node.mute = True  # it would write files wherever the scene says
-for group in bpy.data.node_groups:
-    for node in group.nodes:
-        if node.type == "OUTPUT_FILE":
+# Compositor nodes that must not act: a File Output would write files wherever the scene
+# says; a Denoise node would run OpenImageDenoise in a Blender built with it (Debian's is
+# not), so that two nodes' frames of the same slice would differ. Muted, it passes its
+# image through.
+MUTED = ("OUTPUT_FILE", "DENOISE")
+for tree in [s.node_tree for s in bpy.data.scenes] + list(bpy.data.node_groups):
+    for node in tree.nodes if tree is not None else ():
+        if node.type in MUTED:
             node.mute = True
 
 scene = bpy.context.scene
