@@ -309,6 +309,75 @@ def test_a_registration_answer_that_is_not_a_json_object_is_retried(
     assert content_type in str(caught.value)
 
 
+@pytest.mark.parametrize("coordinator_id", ["c" * 129, 7, ["coord-A"]])
+def test_a_registration_answer_naming_no_usable_coordinator_is_retried(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, coordinator_id: object
+) -> None:
+    """The answer's coordinator_id is what every challenge must name, so it is held to the
+    challenge's rule (a string of at most 128 characters). Before, any string was kept: a
+    megabyte one went whole into last_error and the log, and `nodeclient status` broke.
+    Now it fails the registration, with a reason of bounded size, and is retried."""
+    body = {"status": "registered", "coordinator_id": coordinator_id}
+    answer_registration(monkeypatch, lambda _r: httpx.Response(201, json=body))
+    daemon = make_daemon(tmp_path)
+    try:
+        with pytest.raises(httpx.HTTPError) as caught:
+            asyncio.run(daemon.register())
+    finally:
+        daemon.outbox.close()
+    assert "'coordinator_id' must be a string of at most 128 chars" in str(caught.value)
+    assert "c" * 129 not in str(caught.value)
+    assert daemon.session.registered_with is None
+
+
+def test_a_refusal_with_a_long_reason_is_shown_cut(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A coordinator's refusal text goes into the final error, the log and status: a
+    megabyte one is cut to a line, not carried whole."""
+    body = {"error": "no " * 300_000}
+    answer_registration(monkeypatch, lambda _r: httpx.Response(403, json=body))
+    daemon = make_daemon(tmp_path)
+    try:
+        with pytest.raises(link_module.RegistrationRefused) as caught:
+            asyncio.run(daemon.register())
+    finally:
+        daemon.outbox.close()
+    assert str(caught.value).startswith("registration refused (403): no no")
+    assert len(str(caught.value)) < 400
+
+
+def test_a_registration_answer_that_never_ends_is_given_up_and_retried(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, waits: Waits
+) -> None:
+    """httpx's timeout bounds each read, not the answer: a coordinator sending a byte now
+    and then held the registration, and the whole link loop, for ever, with nothing in
+    last_error. The registration as a whole has a deadline (REGISTER_TIMEOUT_S): past it,
+    it fails like any other, shows in last_error, and is tried again after a backoff."""
+    monkeypatch.setattr(link_module, "REGISTER_TIMEOUT_S", 0.2)
+    daemon = make_daemon(tmp_path)
+    asked = 0
+
+    async def trickle() -> AsyncIterator[bytes]:
+        yield b" "
+        await asyncio.Event().wait()  # the rest never comes
+
+    def register(_request: httpx.Request) -> httpx.Response:
+        nonlocal asked
+        asked += 1
+        if asked == 2:  # tried again: the test is over once this one fails too
+            daemon.request_stop()
+        return httpx.Response(201, content=trickle(), headers={"content-type": "application/json"})
+
+    answer_registration(monkeypatch, register)
+    try:
+        asyncio.run(asyncio.wait_for(daemon._link_loop(), 10))
+    finally:
+        daemon.outbox.close()
+    assert asked == 2 and waits.attempts == [0]
+    assert "registration failed: no complete answer within" in daemon.link.last_error
+
+
 # --- the link loop survives the unexpected ----------------------------------------------------
 
 
@@ -787,6 +856,87 @@ def test_a_challenge_from_another_coordinator_is_not_signed(
     assert got == ["closed", "closed"]  # never an auth frame
     assert len(registrations) == 3  # asked again before each link after a mismatch
     assert "coord-B" in events.named("link.coordinator_mismatch")[0].__dict__["error"]
+
+
+def test_a_mismatch_of_long_coordinator_ids_is_shown_cut(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, waits: Waits, events: Events
+) -> None:
+    """The coordinator chooses both ids a mismatch names (up to 128 characters each): its
+    text goes into last_error (`nodeclient status`) and the log cut to 300 characters, as
+    every other link error is."""
+    registered, offered = "\U0001f600" * 128, "\U0001f601" * 128
+    body = {"status": "registered", "coordinator_id": registered}
+    answer_registration(monkeypatch, lambda _r: httpx.Response(201, json=body))
+    daemon = make_daemon(tmp_path, url=f"http://127.0.0.1:{free_port()}")
+    errors: list[str] = []  # last_error as each connection comes in
+
+    async def handler(ws: ServerConnection) -> None:
+        errors.append(daemon.link.last_error)
+        if len(errors) == 2:  # the node tried again: the test is over
+            daemon.request_stop()
+            await ws.close(1001, "going away")
+            return
+        challenge = messages.Challenge(offered, os.urandom(32), 31337, 30.0)
+        await ws.send(json.dumps(challenge.to_wire()))
+        await ws.wait_closed()
+
+    async def main() -> None:
+        port = int(daemon.url.rsplit(":", 1)[1])
+        async with serve(handler, "127.0.0.1", port):
+            await asyncio.wait_for(daemon._link_loop(), timeout=30)
+
+    try:
+        asyncio.run(main())
+    finally:
+        daemon.outbox.close()
+    (record,) = events.named("link.coordinator_mismatch")
+    assert record.__dict__["error"].startswith("the link's challenge comes from coordinator")
+    assert len(record.__dict__["error"]) == len(errors[1]) == 300
+
+
+def test_the_link_follows_no_redirect(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, waits: Waits
+) -> None:
+    """websockets follows a redirect to any host and port: a hostile coordinator, or
+    whoever answers an http:// one, could point the node's link at the operator's own
+    network (a metadata service, an admin port) on every reconnect. A redirect fails the
+    handshake instead, as it fails a registration: retried with backoff, last_error
+    saying where it pointed and what to do."""
+    answer_registration(monkeypatch, lambda _r: httpx.Response(201, json={"status": "ok"}))
+    port, elsewhere = free_port(), free_port()
+    daemon = make_daemon(tmp_path, url=f"http://127.0.0.1:{port}")
+    asked: list[bytes] = []
+    reached: list[bytes] = []
+    target = f"ws://127.0.0.1:{elsewhere}/internal/admin"
+
+    async def redirect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        asked.append(await reader.readuntil(b"\r\n\r\n"))
+        if len(asked) == 2:  # redirected again after a backoff: the test is over
+            daemon.request_stop()
+        writer.write(
+            f"HTTP/1.1 302 Found\r\nLocation: {target}\r\nContent-Length: 0\r\n\r\n".encode()
+        )
+        await writer.drain()
+        writer.close()
+
+    async def internal(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        reached.append(await reader.readuntil(b"\r\n\r\n"))
+        writer.close()
+
+    async def main() -> None:
+        coordinator = await asyncio.start_server(redirect, "127.0.0.1", port)
+        other = await asyncio.start_server(internal, "127.0.0.1", elsewhere)
+        async with coordinator, other:
+            await asyncio.wait_for(daemon._link_loop(), timeout=30)
+
+    try:
+        asyncio.run(main())
+    finally:
+        daemon.outbox.close()
+    assert reached == []
+    assert len(asked) == 2 and waits.attempts == [0]
+    assert f"redirect (302) to {target!r}" in daemon.link.last_error
+    assert "does not follow redirects: configure the final URL" in daemon.link.last_error
 
 
 def test_a_result_is_logged_as_sent_only_when_the_link_took_it(

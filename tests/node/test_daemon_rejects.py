@@ -8,11 +8,13 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
+import numpy as np
 import pytest
 
 from nodeclient.errors import RemoteProtocolError
@@ -22,6 +24,8 @@ from nodeclient.node.executor import Executor, TaskFailed
 from nodeclient.node.outbox import INLINE_MAX
 from nodeclient.protocol import envelope, messages
 from nodeclient.protocol.states import NodeState
+from nodeclient.workloads.inference import make_request
+from tests.models import identity_model
 from tests.node.test_daemon_outbox import Answers, make_daemon, recover
 
 
@@ -32,11 +36,12 @@ def dispatch(
     *,
     workload_class: str = "ai.inference",
     sealed_for: uuid.UUID | None = None,
+    payload: bytes = b"payload",
 ) -> str:
     """A dispatch frame of *task_id*, its envelope sealed to the daemon (for the task
     *sealed_for*, when given: one the daemon cannot open as this task's)."""
     env = envelope.seal(
-        b"payload",
+        payload,
         public_key=daemon._payload_key.public_key(),
         task_id=sealed_for or task_id,
         node_id=daemon.node_id,
@@ -221,6 +226,49 @@ def test_a_task_leased_again_while_it_runs_is_refused_under_the_new_lease(
     asyncio.run(asyncio.wait_for(run(), 10))
     (refused,) = link.frames
     assert_refuses(refused, daemon, task_id, second, "deadline exceeded")
+
+
+class RecordsDeadline(Executor):
+    """Answers every task, recording the time it was given (its deadline, from now)."""
+
+    given: ClassVar[list[float]] = []
+
+    async def run(self, *args: object, **kwargs: object) -> bytes:
+        RecordsDeadline.given.append(kwargs["deadline"] - time.monotonic())  # type: ignore[operator]
+        return b"a result"
+
+
+def test_a_stale_dispatch_of_a_running_task_keeps_its_lease(tmp_path: Path) -> None:
+    """A dispatch of a running task naming an earlier lease than the one it holds (a
+    duplicate delivered late, a stale one) changes nothing. Before, it replaced the lease,
+    and the task's deadline, read from its lease once its inputs are in, was cut short."""
+    daemon, _, _ = make_daemon(tmp_path, RecordsDeadline)
+    RecordsDeadline.given = []
+    model = identity_model()
+    downloading, downloaded = threading.Event(), threading.Event()
+
+    def fetch(url: str) -> bytes:  # the task's model, downloading until told
+        downloading.set()
+        downloaded.wait(10)
+        return model
+
+    daemon._fetch = fetch
+    payload = make_request(model, {"x": np.ones(3, np.float32)}, inline=False,
+                           model_url="https://models.example/m").encode()  # fmt: skip
+    task_id, lease, stale = uuid.uuid4(), later(), int(time.time()) + 5
+
+    async def run() -> None:
+        await daemon._on_frame(dispatch(daemon, task_id, lease, payload=payload))
+        await asyncio.to_thread(downloading.wait, 10)
+        await daemon._on_frame(dispatch(daemon, task_id, stale, payload=payload))
+        downloaded.set()
+        while daemon.running:
+            await asyncio.sleep(0.01)
+
+    asyncio.run(asyncio.wait_for(run(), 10))
+    daemon._fetch_pool.shutdown(wait=True)
+    (given,) = RecordsDeadline.given
+    assert given > 500  # the lease's 600 s, not the stale dispatch's 5
 
 
 def test_a_task_leased_again_while_its_cancel_unwinds_is_refused(tmp_path: Path) -> None:

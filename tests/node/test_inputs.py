@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import os
+import socket
 import threading
 import time
 from pathlib import Path
@@ -345,6 +347,36 @@ def test_a_url_on_the_operators_network_is_refused_before_any_request(url: str) 
     with pytest.raises(RemoteProtocolError, match="not a public address"):
         fetch(url)
     assert time.monotonic() - began < 2.0  # refused, not tried and timed out
+
+
+def test_a_refusal_tells_the_requester_neither_the_address_nor_whether_the_name_exists(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The reason goes, signed, to the coordinator, which shows it to the requester: a
+    requester naming http://db.corp.internal/... learnt from it whether the operator's
+    resolver knows the name, and its private address. Both refusals now read the same,
+    the address and the resolver's words left to the node's own log."""
+    from nodeclient.node import inputs
+
+    def getaddrinfo(host: str, *args: object, **kwargs: object) -> list:
+        if host == "db.corp.internal":
+            return [(2, 1, 6, "", ("10.20.30.40", 80))]
+        raise socket.gaierror(-2, "Name or service not known")
+
+    monkeypatch.setattr(inputs.socket, "getaddrinfo", getaddrinfo)
+    fetch = http_fetcher("https://coordinator.example")
+    reasons = []
+    with caplog.at_level(logging.WARNING, logger="nodeclient.node"):
+        for host in ("db.corp.internal", "nothing.corp.internal"):
+            with pytest.raises(RemoteProtocolError) as caught:
+                fetch(f"http://{host}/m")
+            reasons.append(str(caught.value).replace(host, "HOST"))
+    assert reasons[0] == reasons[1]
+    assert "not a public address, or cannot be resolved" in reasons[0]
+    assert "10.20.30.40" not in reasons[0] and "Name or service" not in reasons[0]
+    logged = {r.getMessage(): r.__dict__ for r in caplog.records}
+    assert logged["input.not_public"]["address"] == "10.20.30.40"
+    assert "Name or service not known" in logged["input.unresolved"]["error"]
 
 
 def test_the_coordinators_own_origin_may_be_local(drip: str) -> None:

@@ -177,6 +177,24 @@ def test_lone_surrogates_are_refused_with_a_reason(parts) -> None:
         messages.parse_from_node(json.dumps(progress).replace('"x"', '"\\ud800"'))
 
 
+def test_a_long_key_is_named_cut_in_the_error() -> None:
+    """A dispatch's resource keys are the coordinator's: one as long as the frame (48 MiB)
+    went whole into the error, and from there into the node's log (link.bad_frame). The
+    error names at most 32 characters of it."""
+    frame = {
+        "type": "dispatch",
+        "task_id": str(uuid.uuid4()),
+        "job_id": str(uuid.uuid4()),
+        "workload_class": "ai.inference",
+        "lease_expires_at": 1,
+        "envelope": "",
+        "resources": {"k" * 100_000: "x"},
+    }
+    with pytest.raises(RemoteProtocolError) as caught:
+        messages.parse_from_coordinator(json.dumps(frame))
+    assert str(caught.value) == f"field {'k' * 32!r}... must be an integer in [0, {(1 << 63) - 1}]"
+
+
 def test_dispatch_round_trip() -> None:
     """A dispatch survives the wire unchanged."""
     d = messages.Dispatch(

@@ -181,6 +181,11 @@ class TaskDispatcher(ResultDelivery):
                 lease_expires_at=d.lease_expires_at,
             )
             return
+        if running.lease_expires_at is not None and d.lease_expires_at <= running.lease_expires_at:
+            # A duplicate, or a stale dispatch of an earlier lease: a lease only moves
+            # forward, or the task's deadline (read from it after its inputs) would shrink.
+            log.info("task.lease_kept", extra={"task_id": str(d.task_id)})
+            return
         # It runs on, to the new lease's end, and a reject of it names the new lease, or
         # the coordinator would take it for the old one's and ignore it.
         running.lease_expires_at = d.lease_expires_at

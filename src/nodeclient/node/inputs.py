@@ -22,6 +22,7 @@ import contextlib
 import contextvars
 import hashlib
 import ipaddress
+import logging
 import socket
 import threading
 import time
@@ -40,6 +41,8 @@ from nodeclient.workloads.tensors import read_metadata
 
 if TYPE_CHECKING:  # imported lazily: the daemon needs it only for models by URL
     from nodeclient.node.runtimes.onnx import ModelCache
+
+log = logging.getLogger("nodeclient.node")
 
 MAX_FETCH_BYTES: Final = 256 * 1024 * 1024
 DEFAULT_BLOB_CACHE_BYTES: Final = 2 * 1024 * 1024 * 1024
@@ -159,22 +162,30 @@ def _pinned(
         try:
             infos = socket.getaddrinfo(host, port or 0, type=socket.SOCK_STREAM)
         except (OSError, UnicodeError) as exc:
-            raise RemoteProtocolError(
-                f"GET {raw[:80]!r} failed: cannot resolve its host: {_short(exc)}"
-            ) from None
+            log.warning("input.unresolved", extra={"url": raw[:80], "error": _short(exc)})
+            raise _not_public(raw) from None
         # In resolver order, once each; an IPv6 scope id is not part of the address.
         found = dict.fromkeys(str(info[4][0]).split("%")[0] for info in infos)
         addresses = [ipaddress.ip_address(a) for a in found]
     bad = [a for a in addresses if not _public(a)]
     if bad or not addresses:
-        what = f"resolves to {bad[0]}, which is" if bad and str(bad[0]) != host else "is"
-        raise RemoteProtocolError(
-            f"refusing to fetch {raw[:80]!r}: its host {what} not a public address, and a "
-            "node fetches a requester's URL only from its coordinator or the public internet"
-        )
+        address = str(bad[0]) if bad else None
+        log.warning("input.not_public", extra={"url": raw[:80], "address": address})
+        raise _not_public(raw)
     headers = {"Host": url.netloc.decode("ascii")}
     extensions = {"sni_hostname": host} if scheme == "https" else {}
     return [url.copy_with(host=str(a)) for a in addresses], headers, extensions
+
+
+def _not_public(raw: str) -> RemoteProtocolError:
+    """The refusal of a URL whose host is not public or does not resolve: it goes, signed,
+    to the coordinator and the requester, so it says neither which (whether a name exists
+    on the operator's network) nor the address (only this node's log does)."""
+    return RemoteProtocolError(
+        f"refusing to fetch {raw[:80]!r}: its host is not a public address, or cannot be "
+        "resolved from this node, and a node fetches a requester's URL only from its "
+        "coordinator or the public internet"
+    )
 
 
 _NOT_PUBLIC_V6: Final = (

@@ -17,7 +17,7 @@ from typing import Any, Final
 
 import httpx
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 
 from nodeclient import httpbody
 from nodeclient.errors import NeedsOperator, RemoteProtocolError
@@ -54,6 +54,10 @@ HEARTBEAT_HELD_RESULTS: Final = 512
 REPLACED_PAUSE_S: Final = 60.0
 REPLACED_WINDOW_S: Final = 900.0
 MAX_ANSWER_BYTES: Final = 1 << 20  # a registration answer is a few hundred bytes
+# The whole registration, request and answer: httpx's timeout bounds each read, and an
+# answer that trickles in (a byte every 29 s) would hold the link loop for ever.
+REGISTER_TIMEOUT_S: Final = 60.0
+_MAX_ERROR_CHARS: Final = 300  # of a coordinator's text in last_error and the log
 
 
 _REPLACED_FIX: Final = (
@@ -64,6 +68,23 @@ _REPLACED_FIX: Final = (
     "of yours runs, someone has this node's liveness key: run `nodeclient keys "
     "rotate-liveness`, then start this one again"
 )
+
+
+class _NoRedirects(connect):
+    """websockets' connect(), but a redirect fails the handshake instead of being followed:
+    websockets follows one to any host and port, and a hostile coordinator (or whoever
+    answers an http:// one) could point the node's link at the operator's own network on
+    every reconnect. Registration and input fetches follow none either."""
+
+    def process_redirect(self, exc: Exception) -> Exception | str:
+        if not isinstance(exc, InvalidStatus) or "Location" not in exc.response.headers:
+            return exc
+        where = exc.response.headers["Location"]
+        return InvalidHandshake(
+            f"the coordinator answered the link with a redirect "
+            f"({exc.response.status_code}) to {where[:100]!r}; the node does not follow "
+            "redirects: configure the final URL (--coordinator)"
+        )
 
 
 class RegistrationRefused(NeedsOperator):
@@ -113,17 +134,26 @@ class LinkClient(TaskDispatcher):
             issued_at=int(self.clock.now()),
             chain_id=self.chain_id,
         )
-        async with httpx.AsyncClient(timeout=30.0) as client:
-            request = client.build_request(
-                "POST", f"{self.url}/v1/nodes", json=self.manifest, headers=httpbody.IDENTITY
-            )
-            resp = await client.send(request, stream=True)
-            try:  # read as sent, never inflated, and no more than an answer could hold
-                content = await httpbody.aread(resp, limit=MAX_ANSWER_BYTES)
-            except httpbody.AnswerRefused as exc:  # retried, as any failed registration
-                raise httpx.HTTPError(f"registration failed: {exc}: check --coordinator") from exc
-            finally:
-                await resp.aclose()
+        try:
+            async with (
+                asyncio.timeout(REGISTER_TIMEOUT_S),
+                httpx.AsyncClient(timeout=30.0) as client,
+            ):
+                request = client.build_request(
+                    "POST", f"{self.url}/v1/nodes", json=self.manifest, headers=httpbody.IDENTITY
+                )
+                resp = await client.send(request, stream=True)
+                try:  # read as sent, never inflated, and no more than an answer could hold
+                    content = await httpbody.aread(resp, limit=MAX_ANSWER_BYTES)
+                finally:
+                    await resp.aclose()
+        except httpbody.AnswerRefused as exc:  # retried, as any failed registration
+            raise httpx.HTTPError(f"registration failed: {exc}: check --coordinator") from exc
+        except TimeoutError as exc:  # retried with backoff, like a connection that failed
+            raise httpx.HTTPError(
+                f"registration failed: no complete answer within {REGISTER_TIMEOUT_S:.0f} s: "
+                "check --coordinator"
+            ) from exc
         text = content.decode("utf-8", "replace")
         try:
             body = json.loads(content) if content else {}
@@ -138,8 +168,15 @@ class LinkClient(TaskDispatcher):
                 f"({kind}): {text[:200]!r}"
             )
         if resp.status_code in (200, 201):
-            coordinator = body.get("coordinator_id")
-            self.session.registered_with = coordinator if isinstance(coordinator, str) else None
+            try:  # a challenge must name it: held to the challenge's rule (<= 128 chars)
+                named = body.get("coordinator_id") is not None  # an older coordinator's may not
+                coordinator = messages.coordinator_id_of(body) if named else None
+            except RemoteProtocolError as exc:  # retried, as any failed registration
+                raise httpx.HTTPError(
+                    f"registration failed ({resp.status_code}): the answer's {exc}: check "
+                    "--coordinator"
+                ) from exc
+            self.session.registered_with = coordinator
             prior = body.get("prior_registrations")  # only logged: never a reason to fail
             log.info(
                 "node.registered",
@@ -151,7 +188,10 @@ class LinkClient(TaskDispatcher):
             )
             return body
         error = body.get("error")
-        reason = error if isinstance(error, str) and error else text[:300] or "no reason"
+        # The coordinator's text, as much as a line of status or log should hold.
+        reason = (error if isinstance(error, str) and error else text or "no reason")[
+            :_MAX_ERROR_CHARS
+        ]
         # Final (exit 78, no restart) only for the coordinator's own refusal: a 4xx with its
         # {"error": ...}, but 409 (below). 408 and 429 (a proxy's timeout or rate limit)
         # pass, and so does a 4xx without the coordinator's error (an empty 404 or 403
@@ -191,17 +231,17 @@ class LinkClient(TaskDispatcher):
                     # refused its auth (a clock that jumped): register again, freshly issued.
                     registered = False
             except (OSError, httpx.HTTPError, InvalidHandshake, InvalidURI, TimeoutError) as exc:
-                self.link.last_error = f"{type(exc).__name__}: {exc}"[:300]
+                self.link.last_error = f"{type(exc).__name__}: {exc}"[:_MAX_ERROR_CHARS]
                 log.warning("link.error", extra={"error": self.link.last_error})
             except CoordinatorMismatch as exc:  # its id changed, or a relay: ask it again
-                self.link.last_error = str(exc)
-                log.error("link.coordinator_mismatch", extra={"error": str(exc)})
+                self.link.last_error = str(exc)[:_MAX_ERROR_CHARS]
+                log.error("link.coordinator_mismatch", extra={"error": self.link.last_error})
                 registered = False
             except RemoteProtocolError as exc:
-                self.link.last_error = str(exc)
-                log.error("link.protocol_error", extra={"error": str(exc)})
+                self.link.last_error = str(exc)[:_MAX_ERROR_CHARS]
+                log.error("link.protocol_error", extra={"error": self.link.last_error})
             except Exception as exc:  # a bug: say so, and reconnect like after any other error
-                self.link.last_error = f"{type(exc).__name__}: {exc}"[:300]
+                self.link.last_error = f"{type(exc).__name__}: {exc}"[:_MAX_ERROR_CHARS]
                 log.error("link.error", extra={"error": self.link.last_error}, exc_info=exc)
             # Reset after a session that was authenticated and stayed up, however it ended:
             # drops spread over months must not add up to the cap, and a coordinator that
@@ -266,7 +306,7 @@ class LinkClient(TaskDispatcher):
     async def _connect_once(self) -> None:
         ws_url = "ws" + self.url[len("http") :] + "/v1/link"
         self._set_link("connecting")
-        async with connect(ws_url, **LINK_OPTIONS) as ws:
+        async with _NoRedirects(ws_url, **LINK_OPTIONS) as ws:
             challenge = messages.parse_from_coordinator(await asyncio.wait_for(ws.recv(), 10))
             if not isinstance(challenge, messages.Challenge):
                 raise RemoteProtocolError("expected a challenge as the first frame")
@@ -317,7 +357,7 @@ class LinkClient(TaskDispatcher):
         try:
             msg = messages.parse_from_coordinator(frame)
         except RemoteProtocolError as exc:
-            log.warning("link.bad_frame", extra={"error": str(exc)})
+            log.warning("link.bad_frame", extra={"error": str(exc)[:_MAX_ERROR_CHARS]})
             return
         if isinstance(msg, messages.HeartbeatAck):
             sent = self.link.sent_at.pop(msg.seq, None)

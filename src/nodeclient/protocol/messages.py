@@ -56,36 +56,42 @@ _BINARY_PREFIX: Final = struct.Struct(">I")
 # --- field readers: each names the field it rejects ---------------------------------------
 
 
+def _name(key: str) -> str:
+    """*key* as an error names it: a key the coordinator chose (a resource's) may be as
+    long as its frame, and the error goes into the node's log."""
+    return repr(key[:32]) + ("..." if len(key) > 32 else "")
+
+
 def _get(d: Mapping[str, Any], key: str) -> Any:
     try:
         return d[key]
     except KeyError:
-        raise RemoteProtocolError(f"missing field {key!r}") from None
+        raise RemoteProtocolError(f"missing field {_name(key)}") from None
 
 
 def _int(d: Mapping[str, Any], key: str, *, lo: int = 0, hi: int = (1 << 63) - 1) -> int:
     v = _get(d, key)
     if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
-        raise RemoteProtocolError(f"field {key!r} must be an integer in [{lo}, {hi}]")
+        raise RemoteProtocolError(f"field {_name(key)} must be an integer in [{lo}, {hi}]")
     return v
 
 
 def _num(d: Mapping[str, Any], key: str, *, lo: float, hi: float) -> float:
     v = _get(d, key)
     if isinstance(v, bool) or not isinstance(v, int | float) or not lo <= v <= hi:
-        raise RemoteProtocolError(f"field {key!r} must be a number in [{lo}, {hi}]")
+        raise RemoteProtocolError(f"field {_name(key)} must be a number in [{lo}, {hi}]")
     return float(v)
 
 
 def _str(d: Mapping[str, Any], key: str, *, max_len: int = 256) -> str:
     v = _get(d, key)
     if not isinstance(v, str) or len(v) > max_len:
-        raise RemoteProtocolError(f"field {key!r} must be a string of at most {max_len} chars")
+        raise RemoteProtocolError(f"field {_name(key)} must be a string of at most {max_len} chars")
     if not v.isascii():  # JSON's \ud800 escapes decode to lone surrogates, which no
         try:  # database, log or response can encode: refused here, once
             v.encode("utf-8")
         except UnicodeEncodeError:
-            raise RemoteProtocolError(f"field {key!r} is not valid Unicode") from None
+            raise RemoteProtocolError(f"field {_name(key)} is not valid Unicode") from None
     return v
 
 
@@ -96,33 +102,35 @@ def _uuid(d: Mapping[str, Any], key: str) -> uuid.UUID:
             raise ValueError
         return uuid.UUID(v)
     except ValueError:
-        raise RemoteProtocolError(f"field {key!r} must be a UUID string") from None
+        raise RemoteProtocolError(f"field {_name(key)} must be a UUID string") from None
 
 
 def _hex(d: Mapping[str, Any], key: str, *, size: int) -> bytes:
     v = _get(d, key)
     if not isinstance(v, str) or len(v) != 2 + 2 * size or not v.startswith("0x"):
-        raise RemoteProtocolError(f"field {key!r} must be 0x followed by {2 * size} hex digits")
+        raise RemoteProtocolError(
+            f"field {_name(key)} must be 0x followed by {2 * size} hex digits"
+        )
     try:
         return strict_fromhex(v[2:])
     except ValueError:
-        raise RemoteProtocolError(f"field {key!r} must be hex") from None
+        raise RemoteProtocolError(f"field {_name(key)} must be hex") from None
 
 
 def _b64(d: Mapping[str, Any], key: str, *, max_bytes: int) -> bytes:
     v = _get(d, key)
     if not isinstance(v, str) or len(v) > (max_bytes * 4) // 3 + 4:
-        raise RemoteProtocolError(f"field {key!r} must be base64 of at most {max_bytes} bytes")
+        raise RemoteProtocolError(f"field {_name(key)} must be base64 of at most {max_bytes} bytes")
     try:
         return pybase64.b64decode(v, validate=True)  # strict, as base64's validate=True
     except (binascii.Error, ValueError):
-        raise RemoteProtocolError(f"field {key!r} is not valid base64") from None
+        raise RemoteProtocolError(f"field {_name(key)} is not valid base64") from None
 
 
 def _obj(d: Mapping[str, Any], key: str) -> Mapping[str, Any]:
     v = _get(d, key)
     if not isinstance(v, dict):
-        raise RemoteProtocolError(f"field {key!r} must be an object")
+        raise RemoteProtocolError(f"field {_name(key)} must be an object")
     return v
 
 
@@ -173,6 +181,12 @@ def features_of(d: Mapping[str, Any]) -> frozenset[str]:
 # --- messages ---------------------------------------------------------------------------------
 
 
+def coordinator_id_of(d: Mapping[str, Any]) -> str:
+    """The ``coordinator_id`` of a challenge, or of the registration answer that a
+    challenge must match: a string of at most 128 characters."""
+    return _str(d, "coordinator_id", max_len=128)
+
+
 @dataclass(frozen=True, slots=True)
 class Challenge:
     """coordinator -> node, first frame: prove you hold the registered liveness key."""
@@ -195,7 +209,7 @@ class Challenge:
     @classmethod
     def from_wire(cls, d: Mapping[str, Any]) -> Challenge:
         return cls(
-            _str(d, "coordinator_id", max_len=128),
+            coordinator_id_of(d),
             _hex(d, "nonce", size=32),
             _int(d, "chain_id", lo=1),
             _num(d, "heartbeat_interval", lo=0.05, hi=300),
