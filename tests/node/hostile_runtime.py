@@ -146,7 +146,7 @@ class HostileRuntime:
 
     def do_fill(self, order: dict[str, Any], workdir: Path, progress: Any) -> dict[str, Any]:
         """Write ``files`` files of ``mib`` MiB each into ``where``; how many were written
-        whole, and the error that stopped the rest."""
+        whole, and the error that stopped the rest (after ``sleep`` seconds more, if given)."""
         chunk = b"\1" * (1 << 20)
         written, error = 0, None
         for i in range(int(order["files"])):
@@ -158,6 +158,7 @@ class HostileRuntime:
                 error = exc.strerror
                 break
             written += 1
+        time.sleep(float(order.get("sleep", 0)))
         return {"written": written, "error": error}
 
     def do_flood_progress(self, order: dict[str, Any], workdir: Path, progress: Any) -> str:

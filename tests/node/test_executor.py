@@ -930,3 +930,23 @@ def test_a_flood_of_progress_frames_is_not_passed_on(node: Node) -> None:
     assert result == b'"flooded"'
     assert 1 <= len(reports) <= 4
     assert sum(1 for done, total, _ in reports if done >= total) <= 1
+
+
+def test_disk_used_counts_allocated_blocks_and_follows_no_link(tmp_path: Path) -> None:
+    """What a work directory takes on disk: blocks allocated (a sparse file's hole counts
+    nothing), through subdirectories, not through a symlink to elsewhere; the count stops
+    once it passes the limit it is asked about."""
+    from nodeclient.node.exec_workdirs import disk_used
+
+    work = tmp_path / "work"
+    (work / "sub").mkdir(parents=True)
+    (work / "sub" / "data").write_bytes(b"\1" * (1 << 20))
+    with open(work / "sparse", "wb") as fh:
+        fh.truncate(1 << 30)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "big").write_bytes(b"\1" * (4 << 20))
+    (work / "link").symlink_to(elsewhere, target_is_directory=True)
+    used = disk_used(work, stop_after=1 << 40)
+    assert 1 << 20 <= used < 2 << 20
+    assert disk_used(work, stop_after=0) > 0

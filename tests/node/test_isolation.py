@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from nodeclient.node import executor as executor_module
 from nodeclient.node import sandbox
 from nodeclient.node.executor import TaskFailed
 from nodeclient.node.runtimes.onnx import ModelCache, OnnxRuntime
@@ -124,6 +125,30 @@ def test_on_disk_tmp_is_emptied_too(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     baseline, filled, listed = asyncio.run(scenario())
     assert json.loads(filled) == {"written": 5, "error": None}  # 20 MiB: past the tmpfs size
     assert json.loads(listed) == json.loads(baseline)
+
+
+def test_a_task_that_fills_its_work_directory_is_stopped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """RLIMIT_FSIZE bounds one file, not how many: a task that leaves more than
+    max_work_bytes on disk in its work directory (6 files of 1 MiB against 4 MiB here) is
+    killed with the reason, its files go with its worker, and the next task runs."""
+    monkeypatch.setattr(executor_module, "DISK_CHECK_S", 0.1)
+    executor = make_executor(tmp_path / "home", max_work_bytes=4 << 20)
+    fill = {"do": "fill", "where": ".", "files": 6, "mib": 1, "sleep": 60}
+
+    async def scenario() -> tuple[str, bytes]:
+        try:
+            with pytest.raises(TaskFailed) as caught:
+                await executor.run(HOSTILE, json.dumps(fill).encode(), job_id="j")
+            after = await executor.run(HOSTILE, b'{"do": "echo", "data": "next"}', job_id="k")
+            return str(caught.value), after
+        finally:
+            await executor.aclose()
+
+    failed, after = asyncio.run(scenario())
+    assert failed == f"disk limit exceeded: more than {4 << 20} bytes in its work directory"
+    assert after == b"next"
 
 
 # --- the model cache ------------------------------------------------------------------------

@@ -20,6 +20,9 @@ from nodeclient.node.sandbox import Limits
 DEFAULT_MAX_PAYLOAD: Final = 256 * 1024 * 1024
 DEFAULT_MAX_RESULT: Final = 32 * 1024 * 1024  # within what one link frame carries
 DEFAULT_MAX_OUTPUT: Final = 1024 * 1024
+# What a task may leave on disk in its work directory (and /tmp, where that is on disk):
+# RLIMIT_FSIZE bounds one file, not how many (a render's simulation caches, say).
+DEFAULT_MAX_WORK_BYTES: Final = 16 * 1024**3
 
 
 def default_runtimes() -> dict[str, str]:
@@ -82,5 +85,6 @@ class WorkerConfig:
     max_payload_bytes: int = DEFAULT_MAX_PAYLOAD
     max_result_bytes: int = DEFAULT_MAX_RESULT
     max_output_bytes: int = DEFAULT_MAX_OUTPUT  # stdout + stderr per task
+    max_work_bytes: int = DEFAULT_MAX_WORK_BYTES  # on disk in a slot's directory, per task
     shared_bytes: int = worker.SHARED_BYTES  # bodies up to this skip the pipe; 0: never
     start_timeout: float = 120.0

@@ -59,6 +59,33 @@ def remove_tree(path: Path) -> None:
         remove(path)
 
 
+def disk_used(path: Path, *, stop_after: int) -> int:
+    """The bytes of disk that *path* and everything under it take (allocated blocks, so a
+    sparse file counts what it holds), symlinks not followed; counting stops once it passes
+    *stop_after*. An entry that goes while it is counted counts nothing. A directory the
+    task made unreadable is made readable again (it is ours); PermissionError if it cannot
+    be, since what it holds could not be counted."""
+    total = 0
+    pending = [str(path)]
+    while pending and total <= stop_after:
+        directory = pending.pop()
+        try:
+            scan = os.scandir(directory)
+        except PermissionError:
+            os.chmod(directory, stat.S_IMODE(os.lstat(directory).st_mode) | stat.S_IRWXU)
+            scan = os.scandir(directory)
+        except (FileNotFoundError, NotADirectoryError):
+            continue  # gone meanwhile
+        with scan as entries:
+            for entry in entries:
+                with contextlib.suppress(FileNotFoundError):
+                    st = entry.stat(follow_symlinks=False)
+                    total += st.st_blocks * 512
+                    if stat.S_ISDIR(st.st_mode):
+                        pending.append(entry.path)
+    return total
+
+
 def new_root(tmp: Path) -> tuple[Path, int]:
     """A fresh work root in *tmp*, and the held lock that marks it live. It is made and
     locked under a name the sweep ignores, then renamed into view, so that another

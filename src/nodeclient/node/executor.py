@@ -50,6 +50,7 @@ from nodeclient.node.exec_config import (
 )
 from nodeclient.node.exec_workdirs import (
     chown_tree,
+    disk_used,
     new_root,
     remove_tree,
     sweep_stale_roots,
@@ -82,6 +83,7 @@ _REPLACED: Final = "replaced after a failed or untidy task"
 _SETTLE_TIMEOUT: Final = 300.0  # emptying a work directory of rendered frames takes a while
 _SETTLE_WAIT: Final = 5.0  # a task waits this long for a settling worker that may take it
 PROGRESS_INTERVAL_S: Final = 0.5  # a task's progress reports passed on at most this often
+DISK_CHECK_S = 2.0  # a running task's work directory is measured this often (max_work_bytes)
 
 
 _MAX_PENDING_EXTENSIONS: Final = 1024  # renewals of tasks whose timer has not started
@@ -484,6 +486,12 @@ class Executor:
         if timeout is not None and timeout <= 0:
             raise TaskFailed("deadline exceeded before the task started", requester_fault=False)
         slot.busy = True
+        # Measured only once a task has run DISK_CHECK_S: a timer, not a task, for the many
+        # that end sooner.
+        watch: list[asyncio.Task[None]] = []
+        armed = asyncio.get_running_loop().call_later(
+            DISK_CHECK_S, lambda: watch.append(asyncio.create_task(self._watch_disk(slot)))
+        )
         try:
             async with asyncio.timeout(timeout) as timer:  # no extra task, unlike wait_for
                 self._deadlines[key] = timer
@@ -491,6 +499,9 @@ class Executor:
                     frame = await slot.execute(header, payload, progress)
                 finally:
                     self._deadlines.pop(key, None)
+                    armed.cancel()
+                    for task in watch:
+                        task.cancel()
                     if gate.dropped:
                         log.info(
                             "task.progress_dropped",
@@ -523,6 +534,21 @@ class Executor:
         raise TaskFailed(
             str(frame.header.get("reason", "failed")), requester_fault=kind == "requester"
         )
+
+    async def _watch_disk(self, slot: Slot) -> None:
+        """Kill the slot's worker once its directory holds more than max_work_bytes on disk
+        (RLIMIT_FSIZE bounds one file, not how many), or cannot be measured."""
+        limit = self.config.max_work_bytes
+        while slot.killed is None:
+            try:
+                used = await asyncio.to_thread(disk_used, slot.workdir, stop_after=limit)
+            except OSError as exc:
+                slot.kill(f"disk limit: its work directory could not be measured ({exc.strerror})")
+                return
+            if used > limit:
+                slot.kill(f"disk limit exceeded: more than {limit} bytes in its work directory")
+                return
+            await asyncio.sleep(DISK_CHECK_S)
 
     def _release(self, slot: Slot) -> None:
         assert self._idle is not None
