@@ -260,6 +260,28 @@ def test_a_large_result_is_served_in_chunks_unchanged(
     assert "coordinator-db" not in threads
 
 
+def test_a_large_result_is_served_when_no_file_can_be_written(
+    coordinator: Running, rsa_keys, monkeypatch
+) -> None:
+    """The coordinator's disk is full: a large result cannot be spooled to a file, and is
+    read whole instead (at most MAX_SPOOLS at once), not refused with a 507 while the
+    database still holds it."""
+    import errno
+
+    def disk_full(*_args, **_kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(results, "CHUNK_BYTES", 1000)
+    monkeypatch.setattr(results.tempfile, "TemporaryFile", disk_full)
+    job, task = _finished(coordinator, rsa_keys)
+    data = np.random.default_rng(3).bytes(5000)
+    _set_result(coordinator, job["job_id"], task["task_id"], data)
+    for path in (f"/v1/jobs/{job['job_id']}/result", f"/v1/tasks/{task['task_id']}/result"):
+        r = httpx.get(coordinator.url + path)
+        assert r.status_code == 200, r.text
+        assert r.content == data
+
+
 def test_a_result_gone_before_its_copy_is_refused(coordinator: Running) -> None:
     """A row that went (retention) between the look and the copy is ResultGone on both
     databases, not a short result."""

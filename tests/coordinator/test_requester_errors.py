@@ -393,5 +393,19 @@ def test_a_result_written_in_place_that_fails_says_the_file_is_partial(tmp_path:
         [sys.executable, "-c", script, str(checked), str(out)],
         capture_output=True, text=True, timeout=60, check=True,
     )  # fmt: skip
-    assert f"{out} now holds only part of the result: remove it" in proc.stdout
+    assert f"{out} now holds at most part of the result: remove it" in proc.stdout
     assert out.stat().st_size == 1 << 20
+
+
+def test_a_result_that_could_not_be_opened_in_place_left_the_file_as_it_was(
+    tmp_path: Path,
+) -> None:
+    """When the in-place write fails at its open, nothing was truncated: the error says
+    the output was not changed, not that it holds part of the result."""
+    checked = tmp_path / "checked.bin"
+    checked.write_bytes(b"result")
+    where = tmp_path / "a-directory"
+    where.mkdir()
+    with pytest.raises(UsageError) as caught:
+        cli._copy_checked(str(checked), where)
+    assert str(caught.value).endswith(f"; {where} was not changed")

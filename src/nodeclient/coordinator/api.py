@@ -492,6 +492,8 @@ async def _result(
             spooled = await spooler.spool(row, key, size)
         except results.ResultGone:
             return error(404, f"the result of {row_id} is no longer kept")
+        if isinstance(spooled, bytes):  # no file could be written for it (a full disk)
+            return Response(spooled, media_type="application/octet-stream")
         return StreamingResponse(
             results.chunks(spooled),
             media_type="application/octet-stream",

@@ -521,17 +521,22 @@ def _copy_checked(checked: str, output: Path | None) -> None:
             shutil.copyfileobj(source, sys.stdout.buffer, 1 << 20)
             sys.stdout.buffer.flush()
             return
+        opened = False
         try:
             with open(output, "wb") as sink:
+                opened = True
                 shutil.copyfileobj(source, sink, 1 << 20)
         except OSError as exc:
-            # Written in place (its directory is not ours to write): the old contents are
-            # gone, and what is there now is a part of the result.
-            partial = os.path.isfile(output) and os.path.getsize(output) > 0
-            raise UsageError(
-                f"cannot write the result to {output}: {exc.strerror}"
-                + (f"; {output} now holds only part of the result: remove it" if partial else "")
-            ) from exc
+            # Written in place (its directory is not ours to write): once opened, a regular
+            # file's old contents are gone, and what is there now is at most a part of the
+            # result. Not opened, it is as it was.
+            if not opened:
+                then = f"; {output} was not changed"
+            elif os.path.isfile(output):
+                then = f"; {output} now holds at most part of the result: remove it"
+            else:
+                then = ""  # a device or a pipe: nothing is kept there
+            raise UsageError(f"cannot write the result to {output}: {exc.strerror}{then}") from exc
 
 
 def _command(args: argparse.Namespace) -> int:

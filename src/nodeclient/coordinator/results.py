@@ -22,6 +22,7 @@ How each database gives a value out in pieces:
 from __future__ import annotations
 
 import asyncio
+import logging
 import sqlite3
 import tempfile
 from collections.abc import AsyncIterator
@@ -33,6 +34,8 @@ from sqlalchemy.orm import InstrumentedAttribute
 from nodeclient.coordinator import models as m
 from nodeclient.coordinator.blobstore import BlobStore
 from nodeclient.coordinator.store import Database
+
+log = logging.getLogger("nodeclient.coordinator.api")
 
 CHUNK_BYTES = 1024 * 1024  # a larger result is spooled to disk, and sent in these
 MAX_SPOOLS: Final = 4  # result copies at once
@@ -94,6 +97,15 @@ def copy(row: Row, key: str, size: int, out: BinaryIO, conn: Connection) -> None
         raise ResultGone(f"{table} {key}: copied {out.tell()} of its result's {size} bytes")
 
 
+def whole(row: Row, key: str, conn: Connection) -> bytes:
+    """The row's result, read whole; ResultGone if it has none any more."""
+    pk, _, result = _columns(row)
+    data = conn.execute(select(result).where(pk == key)).scalar()
+    if data is None:
+        raise ResultGone(f"{row.__tablename__} {key} is gone")
+    return bytes(data)
+
+
 class Spooler:
     """Copies of large results, at most MAX_SPOOLS at once, each off the database thread."""
 
@@ -105,10 +117,21 @@ class Spooler:
     async def head(self, row: Row, key: str) -> tuple[str, int | None, bytes | None] | None:
         return await self._db.run_core(lambda conn: head(row, key, conn))
 
-    async def spool(self, row: Row, key: str, size: int) -> BinaryIO:
-        """A file holding the row's result, rewound; ResultGone if it went meanwhile."""
+    async def spool(self, row: Row, key: str, size: int) -> BinaryIO | bytes:
+        """A file holding the row's result, rewound; ResultGone if it went meanwhile.
+
+        Where no file can be written (a full or read-only disk), the result itself, read
+        whole: a requester still gets what the database holds, and at most MAX_SPOOLS
+        results are in memory at once."""
         async with self._turns:
-            return await asyncio.to_thread(self._spool, row, key, size)
+            try:
+                return await asyncio.to_thread(self._spool, row, key, size)
+            except OSError as exc:
+                log.warning(
+                    "results.spool_failed",
+                    extra={"error": f"{exc.strerror or exc}", "size": size, "key": key},
+                )
+                return await asyncio.to_thread(self._db.read_aside, lambda c: whole(row, key, c))
 
     def _spool(self, row: Row, key: str, size: int) -> BinaryIO:
         # Beside the blobs, on the coordinator's disk (/tmp may be memory); it has no
