@@ -9,6 +9,7 @@ would (SHA-256 and eth-account alone), prints each node's state transitions and 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -38,6 +39,18 @@ class DevnetError(NodeClientError):
     """The devnet could not start or a demo job did not verify."""
 
 
+# Ctrl-C, SIGTERM (kill, a supervisor) and SIGHUP (its terminal closed) all stop the devnet
+# through run_devnet's cleanup: its children stopped, its directory (node keys) removed.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+# The longest path a Unix socket may have (sun_path, less its NUL): a node's control
+# socket is in its home, so the devnet's directory must leave room for it.
+SOCKET_PATH_MAX = 107
+
+# How many of its latest state transitions a node's status returns (node/daemon.py).
+STATUS_TRANSITIONS = 10
+
+
 @dataclass
 class Devnet:
     workdir: Path
@@ -54,12 +67,13 @@ class Devnet:
         cmd = [
             sys.executable, "-m", "nodeclient.coordinator.cli", "serve",
             "--host", "127.0.0.1", "--port", "0", "--data-dir", str(data),
-            "--db", f"sqlite:///{data / 'coordinator.db'}",
             "--heartbeat-interval", str(self.heartbeat), *(extra or []),
         ]  # fmt: skip
         log = open(data / "coordinator.log", "ab")  # noqa: SIM115 - lives as long as the process
         self.coordinator = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log)
-        self.url = _wait_for_line(self.coordinator, "coordinator: ", timeout=60.0)
+        self.url = _wait_for_line(
+            self.coordinator, "coordinator: ", timeout=60.0, log=data / "coordinator.log"
+        )
         return self.url
 
     def sandbox_available(self) -> bool:
@@ -101,21 +115,26 @@ class Devnet:
         self.nodes.append((home, proc))
         return home
 
-    def stop(self) -> None:
+    def stop(self, grace: float = 30.0) -> None:
+        """SIGTERM to every child, then SIGKILL to those still running *grace* seconds
+        later: one deadline for all, not one each, as a node may take that long to drain
+        and nothing (run_devnet's cleanup ignores Ctrl-C) can cut the wait short."""
         procs = [p for _, p in self.nodes] + ([self.coordinator] if self.coordinator else [])
         for p in procs:
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace
         for p in procs:
             try:
-                p.wait(timeout=30)
+                p.wait(timeout=max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
 
 
-def _wait_for_line(proc: subprocess.Popen[bytes], prefix: str, *, timeout: float) -> str:
-    """Read the child's stdout until a line starts with *prefix*; return the rest."""
+def _wait_for_line(proc: subprocess.Popen[bytes], prefix: str, *, timeout: float, log: Path) -> str:
+    """Read the child's stdout until a line starts with *prefix*; return the rest. A child
+    that exits first is reported with the last line of its *log* (its stderr)."""
     assert proc.stdout is not None
     found: list[str] = []
     stream: IO[bytes] = proc.stdout
@@ -130,10 +149,17 @@ def _wait_for_line(proc: subprocess.Popen[bytes], prefix: str, *, timeout: float
     t = threading.Thread(target=reader, daemon=True)
     t.start()
     t.join(timeout)
-    if not found:
-        proc.kill()
-        raise DevnetError(f"the coordinator did not report its address within {timeout:.0f} s")
-    return found[0]
+    if found:
+        return found[0]
+    if not t.is_alive():  # its stdout ended: the child exited (or is exiting) before it listened
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=5)
+    if proc.poll() is not None:
+        raise DevnetError(f"the coordinator exited with {proc.returncode}: {_last_line(log)}")
+    proc.kill()
+    raise DevnetError(
+        f"the coordinator did not report its address within {timeout:.0f} s (see {log})"
+    )
 
 
 def demo_jobs(count: int) -> list[tuple[bytes, np.ndarray]]:
@@ -223,61 +249,115 @@ def cpu_shares(nodes: int) -> list[set[int]]:
 def run_devnet(
     *, nodes: int, serve: bool, jobs: int, heartbeat: float, keep: bool, out: Print = print
 ) -> int:
+    workdir = _make_workdir(nodes)
+    previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+    # SIGTERM and SIGHUP unwind like Ctrl-C, so the child processes are always stopped.
+    _handle(signal.SIGTERM, signal.SIGHUP, handler=_raise_stopped)
+    net = Devnet(workdir=workdir, heartbeat=heartbeat, out=out)
+    failed = False
+    try:
+        _run(net, nodes=nodes, jobs=jobs, serve=serve)
+    except _Stopped as exc:
+        return 128 + exc.signum  # as a shell reports a command that the signal ended
+    except Exception:
+        failed = True  # the logs say what went wrong; an interrupt leaves nothing to read
+        raise
+    finally:
+        # A second Ctrl-C or signal must not cut the cleanup short: the children would
+        # keep running and the nodes' private keys stay on disk, without a word.
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
+        try:
+            net.stop()
+            if keep or failed:
+                out(f"devnet files kept in {workdir}")
+            else:
+                shutil.rmtree(workdir, ignore_errors=True)
+        finally:
+            for sig, handler in previous.items():
+                if handler is not None:  # None: set outside Python, cannot be put back
+                    signal.signal(sig, handler)
+    return 0
+
+
+def _run(net: Devnet, *, nodes: int, jobs: int, serve: bool) -> None:
+    """Start the network, run and verify the demo jobs; with *serve*, wait for a signal."""
     from nodeclient.coordinator.client import CoordinatorClient
     from nodeclient.workloads.inference import decode_result
 
-    # SIGTERM unwinds like Ctrl-C, so the child processes are always stopped.
-    signal.signal(signal.SIGTERM, _raise_interrupt)
-    workdir = Path(tempfile.mkdtemp(prefix="nodeclient-devnet-"))
-    net = Devnet(workdir=workdir, heartbeat=heartbeat, out=out)
-    ok = False
-    try:
-        url = net.start_coordinator(extra=["--require-wallet-proof"])
-        out(f"coordinator: {url}")
-        if not net.sandbox_available():
-            out("bubblewrap is not usable here: the devnet's nodes run tasks UNSANDBOXED")
-        shares = cpu_shares(nodes)
-        for i in range(nodes):
-            home = net.add_node(i, shares[i])
-            cpus = ",".join(map(str, sorted(shares[i])))
-            out(f"node {i}: {keys.node_id_of(home)}  (CPUs {cpus}, home {home})")
-        client = CoordinatorClient(url)
-        _wait_online(client, net, out)
-        submitted = _submit_demo_jobs(client, jobs, out)
-        correct = total = 0
-        for wclass, job_id, labels in submitted:
-            # a render job is assembled again from its verified slices, a training job's
-            # rounds replayed from its verified pseudo-gradients, given its payload
-            payload = labels if wclass in ("media.render", "ai.training") else None
-            assembled = _verified_job(client, job_id, out, net, payload=payload)
-            if wclass == "ai.inference":
-                outputs, _meta = decode_result(assembled)
-                correct += int((outputs["label"] == labels).sum())
-                total += len(labels)
-            else:
-                out("  " + describe_result(wclass, assembled, client.job(job_id)))
-        share = correct / max(total, 1)
-        out(f"digits classified: {correct}/{total} correct ({share:.1%}), every result verified")
-        for i, (home, _proc) in enumerate(net.nodes):
-            st = control.request(home / control.SOCKET_NAME, {"cmd": "status"})
-            path = " -> ".join(["READY"] + [t["to"] for t in st["transitions"]])
-            out(f"node {i} states: {path}  (now {st['state']}, {st['completed']} completed)")
-        ok = True
-        if serve:
-            out("devnet is running; press Ctrl-C to stop")
-            stop = threading.Event()
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                signal.signal(sig, lambda *_: stop.set())
-            while not stop.wait(0.5):
-                pass
-            out("stopping the devnet")
-        return 0
-    finally:
-        net.stop()
-        if keep or not ok:
-            out(f"devnet files kept in {workdir}")
+    out = net.out
+    url = net.start_coordinator(extra=["--require-wallet-proof"])
+    out(f"coordinator: {url}")
+    if not net.sandbox_available():
+        out("bubblewrap is not usable here: the devnet's nodes run tasks UNSANDBOXED")
+    shares = cpu_shares(nodes)
+    for i in range(nodes):
+        home = net.add_node(i, shares[i])
+        cpus = ",".join(map(str, sorted(shares[i])))
+        out(f"node {i}: {keys.node_id_of(home)}  (CPUs {cpus}, home {home})")
+    client = CoordinatorClient(url)
+    _wait_online(client, net, out)
+    submitted = _submit_demo_jobs(client, jobs, out)
+    correct = total = 0
+    for wclass, job_id, labels in submitted:
+        # a render job is assembled again from its verified slices, a training job's
+        # rounds replayed from its verified pseudo-gradients, given its payload
+        payload = labels if wclass in ("media.render", "ai.training") else None
+        assembled = _verified_job(client, job_id, out, net, payload=payload)
+        if wclass == "ai.inference":
+            outputs, _meta = decode_result(assembled)
+            correct += int((outputs["label"] == labels).sum())
+            total += len(labels)
         else:
-            shutil.rmtree(workdir, ignore_errors=True)
+            out("  " + describe_result(wclass, assembled, client.job(job_id)))
+    share = correct / max(total, 1)
+    out(f"digits classified: {correct}/{total} correct ({share:.1%}), every result verified")
+    for i, (home, _proc) in enumerate(net.nodes):
+        st = control.request(home / control.SOCKET_NAME, {"cmd": "status"})
+        out(f"node {i} states: {state_line(st)}")
+    if serve:
+        out("devnet is running; press Ctrl-C to stop")
+        stop = threading.Event()
+        _handle(*STOP_SIGNALS, handler=lambda *_: stop.set())
+        while not stop.wait(0.5):
+            pass
+        out("stopping the devnet")
+
+
+def _make_workdir(nodes: int) -> Path:
+    """A new temporary directory, short enough for its nodes' control sockets' paths."""
+    try:
+        workdir = Path(tempfile.mkdtemp(prefix="nodeclient-devnet-"))
+    except OSError as exc:
+        where = f" {exc.filename}" if exc.filename else ""
+        raise DevnetError(
+            f"cannot create the devnet's directory{where}: {exc.strerror or exc}; "
+            "set TMPDIR to a writable directory"
+        ) from exc
+    longest = len(os.fsencode(workdir / f"node{nodes - 1}" / control.SOCKET_NAME))
+    if longest > SOCKET_PATH_MAX:  # every node would fail to start, one by one
+        workdir.rmdir()
+        raise DevnetError(
+            f"the devnet's directory {workdir} is too long for its nodes' control sockets "
+            f"({longest} bytes, over the {SOCKET_PATH_MAX} a Unix socket allows): set "
+            "TMPDIR to a shorter directory"
+        )
+    return workdir
+
+
+def state_line(status: dict[str, Any]) -> str:
+    """A node's state path, current state and completed tasks, from its status. The
+    status holds only the latest STATUS_TRANSITIONS transitions: a path that may be cut
+    says so, instead of beginning at READY as if it were the whole history."""
+    transitions = status["transitions"]
+    now = f"now {status['state']}, {status['completed']} completed"
+    if not transitions:
+        return f"{status['state']}  ({now})"
+    path = " -> ".join([transitions[0]["from"]] + [t["to"] for t in transitions])
+    # READY is where a daemon starts and no transition leads back to: a path from it is whole.
+    if len(transitions) < STATUS_TRANSITIONS or transitions[0]["from"] == "READY":
+        return f"{path}  ({now})"
+    return f"... -> {path}  (the last {len(transitions)} transitions; {now})"
 
 
 def _submit_demo_jobs(client: Any, jobs: int, out: Print) -> list[tuple[str, str, Any]]:
@@ -336,8 +416,32 @@ def _verified_job(
     return result
 
 
-def _raise_interrupt(_signum: int, _frame: object) -> None:
-    raise KeyboardInterrupt
+class _Stopped(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, unwinding like Ctrl-C; the devnet exits 128 + its number."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_stopped(signum: int, _frame: object) -> None:
+    raise _Stopped(signum)
+
+
+def _handle(*signals: signal.Signals, handler: Callable[[int, Any], None]) -> None:
+    """Catch *signals*, except one the devnet was started with ignored (nohup: SIGHUP)."""
+    for sig in signals:
+        if signal.getsignal(sig) is not signal.SIG_IGN:
+            signal.signal(sig, handler)
+
+
+def _last_line(log: Path) -> str:
+    """A child's last log line (the reason it exited), cut to 300 characters."""
+    try:
+        lines = log.read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return "(no log)"
+    return lines[-1][-300:] if lines else "(no output)"
 
 
 def _wait_online(client: Any, net: Devnet, out: Print, timeout: float = 90.0) -> None:
@@ -346,9 +450,8 @@ def _wait_online(client: Any, net: Devnet, out: Print, timeout: float = 90.0) ->
     while time.monotonic() < deadline:
         for home, proc in net.nodes:
             if proc.poll() is not None:
-                lines = (home / "node.log").read_text(errors="replace").strip().splitlines()
-                last = lines[-1] if lines else "(no output)"
-                raise DevnetError(f"node in {home} exited with {proc.returncode}: {last[-300:]}")
+                last = _last_line(home / "node.log")
+                raise DevnetError(f"node in {home} exited with {proc.returncode}: {last}")
         online = [n for n in client.nodes() if n.get("online")]
         if len(online) >= len(net.nodes):
             out(f"{len(online)} node(s) registered, linked and heartbeating")

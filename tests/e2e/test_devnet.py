@@ -34,7 +34,8 @@ def test_devnet_runs_jobs_verifies_and_exits_zero() -> None:
     )
     m = re.search(r"digits classified: (\d+)/(\d+) correct", out.stdout)
     assert m and int(m.group(1)) / int(m.group(2)) > 0.9
-    assert len(re.findall(r"node \d states: READY", out.stdout)) == 2
+    # from READY, or "..." where a node made more transitions than its status holds
+    assert len(re.findall(r"node \d states: (READY|\.\.\.) -> ", out.stdout)) == 2
     assert "EXECUTING -> IDLE" in out.stdout
     assert "Traceback" not in out.stderr
     # Each node runs on its own share of the CPUs, as separate machines would.

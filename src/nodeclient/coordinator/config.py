@@ -13,6 +13,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Final
 
+from sqlalchemy.engine import URL
+
 from nodeclient.errors import UsageError
 from nodeclient.protocol.eip712 import DEVNET_CHAIN_ID
 
@@ -139,7 +141,10 @@ class CoordinatorConfig:
     def database_url(self) -> str:
         if self.db_url:
             return self.db_url
-        return f"sqlite:///{self.data_dir / 'coordinator.db'}"
+        # Built, not formatted: in f"sqlite:///{path}" a "?" in the path would end the
+        # database's name (the rest read as a query string) and a "%3F" be decoded.
+        database = str(self.data_dir / "coordinator.db")
+        return URL.create("sqlite", database=database).render_as_string(hide_password=False)
 
     @property
     def blob_dir(self) -> Path:

@@ -1,0 +1,242 @@
+"""`nodeclient devnet` without the whole network: its signals, its work directory, the
+coordinator's start and its summary lines. The network is stood in for by small child
+processes, or by a real coordinator alone (tests/e2e/test_devnet.py runs all of it)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from nodeclient import devnet
+from nodeclient.node.cli import main
+from nodeclient.protocol.states import NodeState, StateMachine
+
+pytestmark = pytest.mark.timeout(60)
+
+# `nodeclient devnet --nodes 1` whose coordinator is a stand-in child that prints its pid,
+# then waits; on SIGTERM it says so, and exits at once ("fast") or only on SIGUSR1
+# ("slow", as a node draining a long task would). Nothing else is faked: the devnet's own
+# signal handling, cleanup and exit status are what runs.
+_DEVNET = textwrap.dedent(
+    """
+    import signal, subprocess, sys, time
+    from nodeclient import devnet
+    from nodeclient.node.cli import main
+
+    # as started from a terminal, whatever the test runner's own signals are
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+
+    STAND_IN = '''
+    import os, signal, sys
+    def on_term(*_):
+        print("stand-in: SIGTERM", flush=True)
+        if sys.argv[1] == "fast":
+            sys.exit(0)
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGUSR1, lambda *_: sys.exit(0))
+    print("stand-in: ready", os.getpid(), flush=True)
+    while True:
+        signal.pause()
+    '''
+
+    def start_coordinator(self, *, extra=None):
+        self.coordinator = subprocess.Popen([sys.executable, "-c", STAND_IN, sys.argv[1]])
+        time.sleep(3600)  # the coordinator never answers: the devnet is not up yet
+
+    devnet.Devnet.start_coordinator = start_coordinator
+    sys.exit(main(["devnet", "--nodes", "1"]))
+    """
+)
+
+
+@pytest.fixture
+def short_tmp() -> Iterator[Path]:
+    """A TMPDIR short enough for a devnet's control sockets (tmp_path is too deep)."""
+    path = Path(tempfile.mkdtemp(prefix="dn-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _start_devnet(tmpdir: Path, mode: str) -> tuple[subprocess.Popen[str], int]:
+    """The stand-in devnet, once its coordinator is up; returns it and that child's pid."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _DEVNET, mode],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "TMPDIR": str(tmpdir)},
+    )
+    line = _read_until(proc, "stand-in: ready")
+    return proc, int(line.split()[-1])
+
+
+def _read_until(proc: subprocess.Popen[str], prefix: str) -> str:
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if line.startswith(prefix):
+            return line
+    raise AssertionError(f"the devnet ended before {prefix!r}: {proc.wait()}")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize(
+    ("sig", "status"),
+    [(signal.SIGINT, 130), (signal.SIGTERM, 143), (signal.SIGHUP, 129)],
+    ids=["ctrl-c", "sigterm", "sighup"],
+)
+def test_a_signal_before_the_devnet_is_up_stops_it_and_removes_its_files(
+    short_tmp: Path, sig: signal.Signals, status: int
+) -> None:
+    """Ctrl-C, SIGTERM or SIGHUP (a closed terminal) while the devnet starts: its children
+    are stopped and its directory, node private keys included, removed (an interrupt is
+    not a failure to look into), and it exits 128 + the signal's number, as a shell says."""
+    proc, stand_in = _start_devnet(short_tmp, "fast")
+    try:
+        os.kill(proc.pid, sig)
+        assert proc.wait(timeout=30) == status
+        assert not _alive(stand_in)  # stopped and reaped by the devnet
+        out, _err = proc.communicate(timeout=30)
+        assert "kept in" not in out
+        assert os.listdir(short_tmp) == []
+    finally:
+        if _alive(stand_in):
+            os.kill(stand_in, signal.SIGKILL)
+
+
+def test_a_second_signal_does_not_cut_the_cleanup_short(short_tmp: Path) -> None:
+    """SIGTERM, then Ctrl-C while the devnet waits for its children to stop: the second
+    signal is ignored, so the cleanup still waits them out and removes the directory."""
+    proc, stand_in = _start_devnet(short_tmp, "slow")
+    try:
+        os.kill(proc.pid, signal.SIGTERM)
+        _read_until(proc, "stand-in: SIGTERM")  # the cleanup is under way
+        os.kill(proc.pid, signal.SIGINT)
+        os.kill(stand_in, signal.SIGUSR1)  # now it stops
+        out, err = proc.communicate(timeout=30)
+        assert (proc.returncode, err) == (143, "")
+        assert "kept in" not in out
+        assert os.listdir(short_tmp) == []
+    finally:
+        if _alive(stand_in):
+            os.kill(stand_in, signal.SIGKILL)
+
+
+def test_stop_gives_all_children_one_grace_period_together(tmp_path: Path) -> None:
+    """Children that ignore SIGTERM are killed once one grace period has passed for all of
+    them, not one each: nothing cuts run_devnet's cleanup short, so its wait stays bounded
+    however many nodes there are."""
+    stubborn = (
+        "import signal; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+        "print('ready', flush=True); signal.pause()"
+    )
+    net = devnet.Devnet(workdir=tmp_path, heartbeat=1.0, out=print)
+    for i in range(3):
+        child = subprocess.Popen([sys.executable, "-c", stubborn], stdout=subprocess.PIPE)
+        assert child.stdout is not None and child.stdout.readline() == b"ready\n"
+        net.nodes.append((tmp_path / f"node{i}", child))
+    started = time.monotonic()
+    net.stop(grace=1.0)
+    assert time.monotonic() - started < 2.5  # one grace period, not three
+    assert [p.returncode for _, p in net.nodes] == [-signal.SIGKILL] * 3
+
+
+def test_a_coordinator_that_exits_at_start_is_reported_with_its_reason(tmp_path: Path) -> None:
+    """A coordinator that refuses its options exits at once: the devnet says so with the
+    last line of coordinator.log, not 'did not report its address within 60 s'."""
+    net = devnet.Devnet(workdir=tmp_path, heartbeat=0.0, out=print)
+    try:
+        with pytest.raises(devnet.DevnetError) as failed:
+            net.start_coordinator()
+    finally:
+        net.stop()
+    assert str(failed.value) == (
+        "the coordinator exited with 2: nodeclient-coordinator: heartbeat interval must be positive"
+    )
+
+
+def test_an_unusable_tmpdir_is_one_line_that_says_what_to_do(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A temporary directory that cannot be made is an error line naming TMPDIR, not a
+    traceback."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "missing"))
+    assert main(["devnet"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"nodeclient: error: cannot create the devnet's directory {tmp_path}")
+    assert err.endswith("No such file or directory; set TMPDIR to a writable directory\n")
+    assert err.count("\n") == 1
+
+
+def test_a_tmpdir_too_deep_for_the_control_sockets_is_refused_before_anything_starts(
+    short_tmp: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A node's control socket path may have 107 bytes: a TMPDIR that leaves the last
+    node's one byte over is refused at once, naming TMPDIR (a devnet has no --home), and
+    nothing is left in it; otherwise every node would fail to start, one by one."""
+    socket = len("/nodeclient-devnet-12345678/node2/control.sock")
+    base = short_tmp / ("d" * (devnet.SOCKET_PATH_MAX + 1 - socket - len(f"{short_tmp}/")))
+    base.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(base))
+    with pytest.raises(devnet.DevnetError, match=r"\(108 bytes, over the 107 a Unix socket"):
+        devnet.run_devnet(nodes=3, serve=False, jobs=1, heartbeat=1.0, keep=False, out=print)
+    assert os.listdir(base) == []
+
+
+def _status(busy_periods: int) -> dict[str, Any]:
+    """A node's status after *busy_periods* tasks, as the daemon returns it."""
+    sm = StateMachine(clock=lambda: 0.0)
+    for _ in range(busy_periods):
+        sm.transition(NodeState.EXECUTING, reason="a dispatched task started")
+        sm.transition(NodeState.IDLE, reason="the last running task finished")
+    transitions = sm.history[-devnet.STATUS_TRANSITIONS :]
+    return {
+        "state": sm.state.value,
+        "completed": busy_periods,
+        "transitions": [{"from": t.from_state.value, "to": t.to_state.value} for t in transitions],
+    }
+
+
+def test_a_cut_state_history_is_shown_cut() -> None:
+    """A node's status holds its last 10 transitions only: a longer history is shown as
+    '... -> ' and says so, not as a path that begins at READY; one from READY is whole."""
+    assert devnet.state_line(_status(7)) == (
+        "... -> " + " -> ".join(["IDLE", "EXECUTING"] * 5 + ["IDLE"])
+        + "  (the last 10 transitions; now IDLE, 7 completed)"
+    )  # fmt: skip
+    assert devnet.state_line(_status(5)) == (  # 10 transitions, all of them
+        " -> ".join(["READY"] + ["EXECUTING", "IDLE"] * 5) + "  (now IDLE, 5 completed)"
+    )
+
+
+def test_the_coordinator_database_stays_in_a_directory_named_with_a_question_mark(
+    tmp_path: Path,
+) -> None:
+    """The database URL is built, not formatted: a "?" in the devnet's directory does not
+    start a query string that would put coordinator.db somewhere else."""
+    workdir = tmp_path / "a?b"
+    net = devnet.Devnet(workdir=workdir, heartbeat=2.0, out=print)
+    try:
+        net.start_coordinator()
+    finally:
+        net.stop()
+    assert (workdir / "coordinator" / "coordinator.db").is_file()
+    assert sorted(os.listdir(tmp_path)) == ["a?b"]
