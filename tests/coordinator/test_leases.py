@@ -197,12 +197,15 @@ def test_region_preference(coordinator: Running, rsa_keys) -> None:
 
 
 def test_min_tier_excludes_weaker_nodes(coordinator: Running, rsa_keys) -> None:
-    """A job above every linked node's tier stays queued."""
+    """A job above every linked node's tier stays queued, while a job the node may take,
+    submitted after it, is dispatched to it (so a scheduling round has seen both)."""
     node = make_node(rsa_keys, 0)
     coordinator.register(node)
     coordinator.link(node)
     job = coordinator.client.submit_job("ai.inference", inference_payload(VALUES), min_tier=1)
-    node.call(node.heartbeat())  # a scheduling round has run by the time this is answered
+    plain = coordinator.client.submit_job("ai.inference", inference_payload(VALUES))
+    dispatch = node.recv()
+    assert (dispatch["type"], dispatch["job_id"]) == ("dispatch", plain["job_id"])
     assert coordinator.client.job(job["job_id"])["tasks"][0]["status"] == "queued"
 
 

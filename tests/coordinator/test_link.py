@@ -8,6 +8,7 @@ import socket
 import pytest
 
 from nodeclient.coordinator.link import LinkSession, heartbeat_ack_text
+from nodeclient.protocol import eip712, messages
 from nodeclient.protocol.messages import HeartbeatAck
 from nodeclient.protocol.secp import Secp256k1Key
 from tests.coordinator.conftest import CHAIN, START, Running, closed_code, make_node
@@ -216,14 +217,24 @@ def test_malformed_frames_get_error_and_link_stays_up(coordinator: Running, rsa_
 
 
 def test_heartbeat_for_another_node_is_refused(coordinator: Running, rsa_keys) -> None:
-    """A heartbeat naming another node_id on this link is refused and changes nothing."""
+    """A heartbeat naming another node_id on this link is refused and changes nothing:
+    signed by the other node's key (a bad signature on this link), and signed by this
+    link's own key (the node_id check itself: a signature alone would not catch it)."""
     node, other = make_node(rsa_keys, 0), make_node(rsa_keys, 1)
     coordinator.register(node)
     coordinator.register(other)
     coordinator.link(node)
     err = node.call(other.heartbeat(seq=1))
     assert err["type"] == "error"
+    msg = {
+        "node_id": other.node_id, "seq": 1, "state": "EXECUTING", "running_tasks": [],
+        "load_permille": 0, "sent_at": int(coordinator.clock.now()),
+    }  # fmt: skip
+    sig = eip712.sign_typed(node.liveness, "Heartbeat", msg, chain_id=eip712.DEVNET_CHAIN_ID)
+    err = node.call(messages.signed_frame("heartbeat", msg, sig))
+    assert (err["type"], err["code"]) == ("error", "malformed"), err
     assert coordinator.client.node(other.node_id)["state"] is None
+    assert coordinator.client.node(node.node_id)["state"] != "EXECUTING"
 
 
 def test_rotated_liveness_key_takes_effect(coordinator: Running, rsa_keys) -> None:

@@ -85,14 +85,31 @@ def test_pending_until_acked_and_survives_reopen(tmp_path) -> None:
 
 
 def test_wal_and_full_sync(tmp_path) -> None:
-    """The database runs in WAL mode with synchronous=FULL (2 in SQLite's numbering)."""
+    """The database runs in WAL mode with synchronous=FULL (2 in SQLite's numbering), and
+    a result's transaction runs under it: the setting is read inside the transaction (from
+    the signing callback), and no statement lowers it on the way to the result's COMMIT.
+    Acks may skip their own fsync, and the setting is FULL again after them."""
     box = Outbox(tmp_path / "o.db")
     assert box._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert box._db.execute("PRAGMA synchronous").fetchone()[0] == 2
+    inside: list[int] = []
+    statements: list[str] = []
+
+    def sign(_message: dict) -> bytes:
+        inside.append(box._db.execute("PRAGMA synchronous").fetchone()[0])
+        return b"s" * 65
+
+    box._db.set_trace_callback(statements.append)
     t = uuid.uuid4()
-    commit(box, t, b"res")
+    commit(box, t, b"res", sign=sign)
+    box._db.set_trace_callback(None)
+    assert inside == [2]
+    assert any(s.strip().upper().startswith("COMMIT") for s in statements)
+    sets = [s.upper().replace(" ", "") for s in statements if "=" in s]
+    lowered = [s for s in sets if "SYNCHRONOUS=" in s and "SYNCHRONOUS=FULL" not in s]
+    assert lowered == [], lowered
     box.mark_acked(t, status="accepted", reason="", at=3.0)  # acks skip their own fsync...
-    assert box._db.execute("PRAGMA synchronous").fetchone()[0] == 2  # ...results never do
+    assert box._db.execute("PRAGMA synchronous").fetchone()[0] == 2  # ...and restore it
 
 
 # --- large results as files ---------------------------------------------------------------
