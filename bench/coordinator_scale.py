@@ -24,10 +24,13 @@ Measured, in one run:
 - dispatch throughput: ``--jobs`` small ai.inference jobs (Identity model inline) submitted
   with POST /v1/jobs; tasks dispatched per second from the first submit to the last
   dispatch frame received by a simulated node. Nodes do not answer: each has 4 free slots,
-  which is plenty.
+  which is plenty. The heartbeats sent meanwhile are held to the same target: a
+  coordinator both heartbeats and dispatches.
 
+A heartbeat sent in a window and never answered counts as slower than every answered one.
 The run is bounded (every phase has a deadline) and cleans up its processes on any exit.
-Exit status: 0 when every node linked and the target was met, 1 otherwise.
+Exit status: 0 when every node linked and the target was met, with no jobs and while
+dispatching, 1 otherwise.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ import argparse
 import asyncio
 import base64
 import json
+import math
 import multiprocessing as mp
 import os
 import selectors
@@ -410,12 +414,17 @@ def run(args: argparse.Namespace) -> int:
         closes.update(r["closes"])
     unanswered = [t for r in reports for t in r["unanswered"]]
     lost = sum(1 for t in unanswered if w0 <= t < w1)
+    # A heartbeat sent in a window and never answered counts as slower than any answered.
+    window += [math.inf] * lost
+    during += [math.inf] * sum(1 for t in unanswered if d0 <= t < d1)
     times = sorted(t for r in reports for t in r["dispatches"])
     cpu_s = (cpu1.user + cpu1.system) - (cpu0.user + cpu0.system)
 
-    rate = len(window) / (w1 - w0)
+    rate = (len(window) - lost) / (w1 - w0)
     p99 = pct(sorted(window), 0.99) * 1e3
     met = "met" if p99 < TARGET_P99_MS else "NOT met"
+    busy_p99 = pct(sorted(during), 0.99) * 1e3 if during else math.nan
+    busy_met = "met" if busy_p99 < TARGET_P99_MS else "NOT met"
     print()
     print(
         f"nodes linked {linked}/{n} in {t_link:.1f} s ({linked / t_link:.0f}/s); "
@@ -425,7 +434,7 @@ def run(args: argparse.Namespace) -> int:
         f"heartbeats: {rate:.0f}/s for {w1 - w0:.0f} s (expected {linked / interval:.0f}/s; "
         f"the spec's {DEFAULT_HEARTBEAT_INTERVAL:g} s interval gives "
         f"{linked / DEFAULT_HEARTBEAT_INTERVAL:.0f}/s); round trip {latency_line(window)}"
-        f"   target p99 < {TARGET_P99_MS:g} ms: {met}"
+        f"   target p99 < {TARGET_P99_MS:g} ms, no jobs: {met}"
     )
     print(
         f"  coordinator: {cpu_s / (w1 - w0) * 100:.0f}% of one core during the window "
@@ -442,7 +451,10 @@ def run(args: argparse.Namespace) -> int:
             f"{len(times) / span:.0f} tasks/s (submitted {submitted} of {args.jobs} in "
             f"{t_submit1 - t_submit0:.1f} s = {submitted / (t_submit1 - t_submit0):.0f} jobs/s)"
         )
-        print(f"  heartbeats meanwhile: {len(during)} acked, round trip {latency_line(during)}")
+        print(
+            f"  heartbeats meanwhile: {len(during)} sent, round trip {latency_line(during)}"
+            f"   target p99 < {TARGET_P99_MS:g} ms, while dispatching: {busy_met}"
+        )
     problems = [f"registration: {e}" for e in reg_errors[:2]]
     if submit_error:
         problems.append(f"submit: {submit_error}")
@@ -454,7 +466,8 @@ def run(args: argparse.Namespace) -> int:
     )
     for p in problems:
         print(f"  {p}")
-    return 0 if linked == n and p99 < TARGET_P99_MS else 1
+    busy_ok = not args.jobs or busy_p99 < TARGET_P99_MS
+    return 0 if linked == n and p99 < TARGET_P99_MS and busy_ok else 1
 
 
 def _interrupt(_sig: int, _frame: object) -> None:

@@ -9,15 +9,15 @@
    worker (1 slot, 1 thread), request decoding, the model-cache lookup, ONNX Runtime,
    result encoding and the result back up the pipe. It is compared with a raw
    ``onnxruntime.InferenceSession.run`` on a session of its own (``intra_op_num_threads=1``).
-   Target: execution path <= 1.10x the raw run for a model of >= 5 ms. Next to it, the
-   machine's floor for any worker process: a bare 16-byte hand-over to a plain child
-   process and back, the child busy for the model's time (two wake-ups of an idle CPU).
-   Also printed, without a target: ``OnnxRuntime.run`` in this process (no sandbox, no
-   pipe), and the whole node path, a dispatch frame handed to an in-process NodeDaemon
-   until its signed result frame reaches the link, which adds what 2.3.4, 2.3.6 and 2.3.7
-   cost per task whatever the workload (frame parsing, RSA-3072 + AES-GCM, proof, the
-   outbox fsync, EIP-712 signing; ``bench/node_overhead.py`` holds that to its own
-   target). The model is referenced by URL and cached on the node, as a warm model is in
+   Target: <= 1.10x the raw run for a model of >= 5 ms, "through the node". Both readings
+   get a verdict: the execution path, and the whole node path, a dispatch frame handed to
+   an in-process NodeDaemon until its signed result frame reaches the link, which adds
+   what 2.3.4, 2.3.6 and 2.3.7 cost per task whatever the workload (frame parsing,
+   RSA-3072 + AES-GCM, proof, the outbox fsync, EIP-712 signing; ``bench/node_overhead.py``
+   holds that part to its own target). Next to them, the machine's floor for any worker
+   process: a bare 16-byte hand-over to a plain child process and back, the child busy
+   for the model's time (two wake-ups of an idle CPU), and ``OnnxRuntime.run`` in this
+   process (no sandbox, no pipe), without a target. The model is referenced by URL and cached on the node, as a warm model is in
    production; one more row sends it inline (1 MiB a task). A sweep over deeper models
    shows both ratios falling as the model grows.
 
@@ -307,7 +307,9 @@ def handoff_floor(busy_s: float, n: int) -> float:
 
 
 async def render_on(ex: Executor, payload: bytes) -> bytes:
-    return await ex.run(render.CLASS, payload)
+    # One job's slices, as a node gets them: its warm, pinned worker takes the next one
+    # (without a job, a worker serves one task and is replaced, unpinned, meanwhile).
+    return await ex.run(render.CLASS, payload, job_id="bench-render")
 
 
 async def wall(make: Callable[[], Coroutine[Any, Any, bytes]]) -> tuple[float, bytes]:
@@ -440,7 +442,7 @@ def report(
         f"   OnnxRuntime.run in this process   {inf['direct_ms']:8.2f} ms   (request decode, "
         "result encode)\n"
         f"   execution path: Executor.run      {inf['executor_ms']:8.2f} ms   (+ pipe, sandboxed "
-        f"worker)   {vs_raw:.2f}x raw (the target)\n"
+        f"worker)   {vs_raw:.2f}x raw\n"
         f"   whole node path, model cached     {inf['node_ms']:8.2f} ms   (p90 "
         f"{inf['node_p90_ms']:.2f}; payload {inf['payload_kib']:.0f} KiB)   {node_vs_raw:.2f}x raw\n"
         f"   whole node path, model inline     {inf['node_inline_ms']:8.2f} ms   (payload "
@@ -457,9 +459,14 @@ def report(
     )
     print("   by model size (medians)      raw run    execution path       whole node path")
     for depth, raw_ms, piped_ms, node_ms in sweep:
+        # The target holds for models of >= 5 ms: a smaller one gets its ratios, no verdict.
+        def judged(ratio: float, raw_ms: float = raw_ms) -> str:
+            return verdict(ratio <= TARGET_INFERENCE) if raw_ms >= 5 else "(< 5 ms)"
+
         print(
             f"   MatMul+Tanh x{depth:<4}      {raw_ms:8.2f} ms {piped_ms:8.2f} ms {piped_ms / raw_ms:5.2f}x"
-            f" {verdict(piped_ms / raw_ms <= TARGET_INFERENCE):8} {node_ms:8.2f} ms {node_ms / raw_ms:5.2f}x"
+            f" {judged(piped_ms / raw_ms):8} {node_ms:8.2f} ms {node_ms / raw_ms:5.2f}x"
+            f" {judged(node_ms / raw_ms)}"
         )
     print(
         f"\n2. render split, {ren['frames']:.0f} frames {RENDER['width']}x{RENDER['height']} "
@@ -493,7 +500,12 @@ def report(
             f"<= {TARGET_INFERENCE:.2f}x",
             verdict(vs_raw <= TARGET_INFERENCE),
         ),
-        ("inference whole node / raw", f"{node_vs_raw:.2f}x", "-", "(see node_overhead.py)"),
+        (
+            "inference whole node / raw",
+            f"{node_vs_raw:.2f}x",
+            f"<= {TARGET_INFERENCE:.2f}x",
+            verdict(node_vs_raw <= TARGET_INFERENCE),
+        ),
         (
             "process hand-over floor",
             f"{1 + inf['handoff_ms'] / inf['raw_ms']:.2f}x",
