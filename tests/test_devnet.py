@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from nodeclient import devnet
+from nodeclient.node import control
 from nodeclient.node.cli import main
 from nodeclient.protocol.states import NodeState, StateMachine
 
@@ -193,7 +194,7 @@ def test_a_tmpdir_too_deep_for_the_control_sockets_is_refused_before_anything_st
     node's one byte over is refused at once, naming TMPDIR (a devnet has no --home), and
     nothing is left in it; otherwise every node would fail to start, one by one."""
     socket = len("/nodeclient-devnet-12345678/node2/control.sock")
-    base = short_tmp / ("d" * (devnet.SOCKET_PATH_MAX + 1 - socket - len(f"{short_tmp}/")))
+    base = short_tmp / ("d" * (control.SOCKET_PATH_MAX + 1 - socket - len(f"{short_tmp}/")))
     base.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(base))
     with pytest.raises(devnet.DevnetError, match=r"\(108 bytes, over the 107 a Unix socket"):
@@ -207,7 +208,7 @@ def _status(busy_periods: int) -> dict[str, Any]:
     for _ in range(busy_periods):
         sm.transition(NodeState.EXECUTING, reason="a dispatched task started")
         sm.transition(NodeState.IDLE, reason="the last running task finished")
-    transitions = sm.history[-devnet.STATUS_TRANSITIONS :]
+    transitions = sm.history[-control.STATUS_TRANSITIONS :]
     return {
         "state": sm.state.value,
         "completed": busy_periods,

@@ -43,13 +43,6 @@ class DevnetError(NodeClientError):
 # through run_devnet's cleanup: its children stopped, its directory (node keys) removed.
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
-# The longest path a Unix socket may have (sun_path, less its NUL): a node's control
-# socket is in its home, so the devnet's directory must leave room for it.
-SOCKET_PATH_MAX = 107
-
-# How many of its latest state transitions a node's status returns (node/daemon.py).
-STATUS_TRANSITIONS = 10
-
 
 @dataclass
 class Devnet:
@@ -335,11 +328,11 @@ def _make_workdir(nodes: int) -> Path:
             "set TMPDIR to a writable directory"
         ) from exc
     longest = len(os.fsencode(workdir / f"node{nodes - 1}" / control.SOCKET_NAME))
-    if longest > SOCKET_PATH_MAX:  # every node would fail to start, one by one
+    if longest > control.SOCKET_PATH_MAX:  # every node would fail to start, one by one
         workdir.rmdir()
         raise DevnetError(
             f"the devnet's directory {workdir} is too long for its nodes' control sockets "
-            f"({longest} bytes, over the {SOCKET_PATH_MAX} a Unix socket allows): set "
+            f"({longest} bytes, over the {control.SOCKET_PATH_MAX} a Unix socket allows): set "
             "TMPDIR to a shorter directory"
         )
     return workdir
@@ -347,7 +340,7 @@ def _make_workdir(nodes: int) -> Path:
 
 def state_line(status: dict[str, Any]) -> str:
     """A node's state path, current state and completed tasks, from its status. The
-    status holds only the latest STATUS_TRANSITIONS transitions: a path that may be cut
+    status holds only the latest control.STATUS_TRANSITIONS transitions: a path that may be cut
     says so, instead of beginning at READY as if it were the whole history."""
     transitions = status["transitions"]
     now = f"now {status['state']}, {status['completed']} completed"
@@ -355,7 +348,7 @@ def state_line(status: dict[str, Any]) -> str:
         return f"{status['state']}  ({now})"
     path = " -> ".join([transitions[0]["from"]] + [t["to"] for t in transitions])
     # READY is where a daemon starts and no transition leads back to: a path from it is whole.
-    if len(transitions) < STATUS_TRANSITIONS or transitions[0]["from"] == "READY":
+    if len(transitions) < control.STATUS_TRANSITIONS or transitions[0]["from"] == "READY":
         return f"{path}  ({now})"
     return f"... -> {path}  (the last {len(transitions)} transitions; {now})"
 

@@ -151,6 +151,24 @@ def answer_registration(
     monkeypatch.setattr(httpx, "AsyncClient", lambda **kw: real_client(transport=transport, **kw))
 
 
+def registration_error(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    handler: Callable[[httpx.Request], httpx.Response],
+    error: type[Exception] = httpx.HTTPError,
+) -> tuple[str, NodeDaemon]:
+    """Register a daemon against *handler*, which must make it raise *error*: the error's
+    text, and the daemon (its outbox closed)."""
+    answer_registration(monkeypatch, handler)
+    daemon = make_daemon(tmp_path)
+    try:
+        with pytest.raises(error) as caught:
+            asyncio.run(daemon.register())
+    finally:
+        daemon.outbox.close()
+    return str(caught.value), daemon
+
+
 @dataclass(frozen=True)
 class Session:
     """What the stand-in coordinator does with one connection."""
@@ -292,21 +310,16 @@ def test_a_registration_answer_that_is_not_a_json_object_is_retried(
 ) -> None:
     """A proxy's HTML page, a redirect or a JSON array is not the coordinator's answer:
     an httpx.HTTPError (retried with backoff, never the final exit 78) naming the status."""
-    answer_registration(
+    text, _ = registration_error(
+        tmp_path,
         monkeypatch,
         lambda _request: httpx.Response(
             status, content=body, headers={"content-type": content_type}
         ),
     )
-    daemon = make_daemon(tmp_path)
-    try:
-        with pytest.raises(httpx.HTTPError) as caught:
-            asyncio.run(daemon.register())
-    finally:
-        daemon.outbox.close()
-    assert f"registration failed ({status})" in str(caught.value)
-    assert "not a JSON object" in str(caught.value)
-    assert content_type in str(caught.value)
+    assert f"registration failed ({status})" in text
+    assert "not a JSON object" in text
+    assert content_type in text
 
 
 @pytest.mark.parametrize("coordinator_id", ["c" * 129, 7, ["coord-A"]])
@@ -318,15 +331,11 @@ def test_a_registration_answer_naming_no_usable_coordinator_is_retried(
     megabyte one went whole into last_error and the log, and `nodeclient status` broke.
     Now it fails the registration, with a reason of bounded size, and is retried."""
     body = {"status": "registered", "coordinator_id": coordinator_id}
-    answer_registration(monkeypatch, lambda _r: httpx.Response(201, json=body))
-    daemon = make_daemon(tmp_path)
-    try:
-        with pytest.raises(httpx.HTTPError) as caught:
-            asyncio.run(daemon.register())
-    finally:
-        daemon.outbox.close()
-    assert "'coordinator_id' must be a string of at most 128 chars" in str(caught.value)
-    assert "c" * 129 not in str(caught.value)
+    text, daemon = registration_error(
+        tmp_path, monkeypatch, lambda _r: httpx.Response(201, json=body)
+    )
+    assert "'coordinator_id' must be a string of at most 128 chars" in text
+    assert "c" * 129 not in text
     assert daemon.session.registered_with is None
 
 
@@ -336,15 +345,14 @@ def test_a_refusal_with_a_long_reason_is_shown_cut(
     """A coordinator's refusal text goes into the final error, the log and status: a
     megabyte one is cut to a line, not carried whole."""
     body = {"error": "no " * 300_000}
-    answer_registration(monkeypatch, lambda _r: httpx.Response(403, json=body))
-    daemon = make_daemon(tmp_path)
-    try:
-        with pytest.raises(link_module.RegistrationRefused) as caught:
-            asyncio.run(daemon.register())
-    finally:
-        daemon.outbox.close()
-    assert str(caught.value).startswith("registration refused (403): no no")
-    assert len(str(caught.value)) < 400
+    text, _ = registration_error(
+        tmp_path,
+        monkeypatch,
+        lambda _r: httpx.Response(403, json=body),
+        link_module.RegistrationRefused,
+    )
+    assert text.startswith("registration refused (403): no no")
+    assert len(text) < 400
 
 
 def test_a_registration_answer_that_never_ends_is_given_up_and_retried(

@@ -18,7 +18,7 @@ import logging
 import math
 import os
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any, Final
 from urllib.parse import urlencode
 
@@ -451,53 +451,44 @@ def build_router(coord: Coordinator) -> APIRouter:  # noqa: PLR0915 (one route e
 
     @router.get("/v1/jobs/{job_id}/result", response_model=None)
     async def job_result(job_id: str) -> Response:
-        found = await _result(spooler, m.Job, job_id)
-        if found is None:
+        key = uuid_key(job_id)
+        found = None if key is None else await spooler.head(m.Job, key)
+        if key is None or found is None:
             return error(404, f"no job {job_id}")
-        status, size, answer = found
+        status, size, data = found
         if status != m.SUCCEEDED or size is None:
             return error(409, f"job {job_id} is {status}, not succeeded")
-        return await answer()
+        return await _result(spooler, m.Job, key, size, data)
 
     @router.get("/v1/tasks/{task_id}/result", response_model=None)
     async def task_result(task_id: str) -> Response:
-        found = await _result(spooler, m.Task, task_id)
-        if found is None:
+        key = uuid_key(task_id)
+        found = None if key is None else await spooler.head(m.Task, key)
+        if key is None or found is None:
             return error(404, f"no task {task_id}")
-        status, size, answer = found
+        status, size, data = found
         if size is None:
             return error(409, f"task {task_id} is {status} and has no result")
-        return await answer()
+        return await _result(spooler, m.Task, key, size, data)
 
     return router
 
 
 async def _result(
-    spooler: results.Spooler, row: results.Row, row_id: str
-) -> tuple[str, int | None, Callable[[], Awaitable[Response]]] | None:
-    """The row's status, its result's size (None: none) and how to answer with the
-    result; None when there is no such row."""
-    key = uuid_key(row_id)
-    found = None if key is None else await spooler.head(row, key)
-    if key is None or found is None:
-        return None
-    status, size, data = found
-
-    async def answer() -> Response:
-        if data is not None:
-            return Response(data, media_type="application/octet-stream")
-        assert size is not None
-        assert key is not None
+    spooler: results.Spooler, row: results.Row, key: str, size: int, data: bytes | None
+) -> Response:
+    """The result's bytes: *data* when the look read them (a small result), else spooled
+    and sent chunk by chunk with their length (results.py)."""
+    if data is None:
         try:
             spooled = await spooler.spool(row, key, size)
         except results.ResultGone:
-            return error(404, f"the result of {row_id} is no longer kept")
-        if isinstance(spooled, bytes):  # no file could be written for it (a full disk)
-            return Response(spooled, media_type="application/octet-stream")
-        return StreamingResponse(
-            results.chunks(spooled),
-            media_type="application/octet-stream",
-            headers={"Content-Length": str(size)},
-        )
-
-    return status, size, answer
+            return error(404, f"the result of {key} is no longer kept")
+        if not isinstance(spooled, bytes):
+            return StreamingResponse(
+                results.chunks(spooled),
+                media_type="application/octet-stream",
+                headers={"Content-Length": str(size)},
+            )
+        data = spooled  # no file could be written for it (a full disk): read whole
+    return Response(data, media_type="application/octet-stream")

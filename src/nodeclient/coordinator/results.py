@@ -28,7 +28,7 @@ import tempfile
 from collections.abc import AsyncIterator
 from typing import BinaryIO, Final
 
-from sqlalchemy import Connection, LargeBinary, func, literal_column, select
+from sqlalchemy import Connection, LargeBinary, case, func, literal_column, select
 from sqlalchemy.orm import InstrumentedAttribute
 
 from nodeclient.coordinator import models as m
@@ -62,16 +62,15 @@ def _columns(row: Row) -> Columns:
 
 def head(row: Row, key: str, conn: Connection) -> tuple[str, int | None, bytes | None] | None:
     """The row's status, its result's size (None: no result), and the result itself when
-    it is at most CHUNK_BYTES; None when there is no such row."""
+    it is at most CHUNK_BYTES, in one query; None when there is no such row."""
     pk, status_column, result = _columns(row)
-    found = conn.execute(select(status_column, func.length(result)).where(pk == key)).first()
+    size = func.length(result)
+    small = case((size <= CHUNK_BYTES, result), else_=None)
+    found = conn.execute(select(status_column, size, small).where(pk == key)).first()
     if found is None:
         return None
-    status, size = found
-    data = None
-    if size is not None and size <= CHUNK_BYTES:
-        data = conn.execute(select(result).where(pk == key)).scalar()
-    return status, size, None if data is None else bytes(data)
+    status, length, data = found
+    return status, length, None if data is None else bytes(data)
 
 
 def copy(row: Row, key: str, size: int, out: BinaryIO, conn: Connection) -> None:

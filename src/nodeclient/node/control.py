@@ -23,6 +23,8 @@ from nodeclient.errors import NodeClientError, UsageError
 SOCKET_NAME: Final = "control.sock"
 MAX_REQUEST: Final = 4096
 MAX_ANSWER: Final = 1 << 20  # a status is a few KiB; a history of transitions, tens
+SOCKET_PATH_MAX: Final = 107  # the longest path a Unix socket may have (sun_path, its NUL)
+STATUS_TRANSITIONS: Final = 10  # the latest state transitions a status answer holds
 
 Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 
@@ -75,13 +77,14 @@ async def serve(path: Path, handler: Handler) -> asyncio.AbstractServer:
     old = os.umask(0o177)  # the socket is created 0600
     try:
         server = await asyncio.start_unix_server(on_client, path=str(path))
-    except OSError as exc:  # a path over the 107 bytes a socket name may have, a file there
+    except OSError as exc:  # a path over SOCKET_PATH_MAX bytes, a file there
+        size = len(os.fsencode(path))
         raise UsageError(
             f"cannot create the control socket {path}: {exc.strerror or exc}"
             + (
-                f"; its path is {len(os.fsencode(path))} bytes, over the 107 a Unix socket "
+                f"; its path is {size} bytes, over the {SOCKET_PATH_MAX} a Unix socket "
                 "allows: use a shorter --home"
-                if len(os.fsencode(path)) > 107
+                if size > SOCKET_PATH_MAX
                 else "; remove what is there if no daemon runs for this home"
             )
         ) from exc

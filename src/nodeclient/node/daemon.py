@@ -300,7 +300,7 @@ class NodeDaemon(LinkClient):
             "unstake_remaining_s": None if until is None else max(0, round(until - now)),
             "transitions": [
                 {"from": t.from_state.value, "to": t.to_state.value, "reason": t.reason, "at": t.at}
-                for t in self.state.history[-10:]
+                for t in self.state.history[-control.STATUS_TRANSITIONS :]
             ],
             "time": now,
         }
