@@ -128,12 +128,14 @@ def test_a_large_text_frame_of_many_small_values_is_refused_unparsed(
 
 
 def test_nothing_binary_or_large_is_parsed_before_auth(coordinator: Running) -> None:
-    """Before auth the link takes only a small text frame: a binary frame or a large one
-    from a stranger is refused with 4000, unparsed (a binary data frame's data would be
-    copied)."""
-    for first in (b"\x00\x00\x00\x0f" + b'{"type":"result"}' + b"\x00" * 1000, "x" * 70_000):
+    """Before auth the link takes only a small text frame: a binary frame from a stranger
+    is refused with 4000, unparsed (a binary data frame's data would be copied), and a
+    text frame over the control-frame limit is refused by the server itself (1009)."""
+    binary = b"\x00\x00\x00\x0f" + b'{"type":"result"}' + b"\x00" * 1000
+    for first, expected in ((binary, 4000), ("x" * 70_000, 1009)):
         ws = coordinator.connect()
         assert json.loads(ws.recv(timeout=RECV_TIMEOUT))["type"] == "challenge"
         ws.send(first)
         code, reason = closed_code(ws)
-        assert code == 4000 and "before auth" in reason, (code, reason)
+        assert code == expected, (code, reason)
+        assert code != 4000 or "before auth" in reason, reason

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import socket
+from collections.abc import Callable
 
 import pytest
 
+from nodeclient.coordinator import server
 from nodeclient.coordinator.link import LinkSession, heartbeat_ack_text
 from nodeclient.protocol import eip712, messages
 from nodeclient.protocol.messages import HeartbeatAck
@@ -379,9 +381,28 @@ def test_a_node_that_stops_reading_is_dropped_and_holds_up_nobody(
     raw.sock.close()
 
 
-def test_a_large_frame_before_auth_is_refused_unparsed(coordinator: Running, rsa_keys) -> None:
-    """Before auth nothing may be large: 100 KB of JSON closes the link with 4000 by its
-    size alone (a stranger's 48 MB frames would otherwise be parsed on the event loop)."""
+def test_a_large_frame_before_auth_is_refused_by_its_header(coordinator: Running, rsa_keys) -> None:
+    """Before auth the server's message limit is the control frame's: a frame that
+    declares 48 MB is refused (1009) on its header alone, before a byte of its payload
+    arrives, so a stranger cannot make the coordinator hold 48 MB per connection."""
+    node = make_node(rsa_keys, 0)
+    coordinator.register(node)
+    node.ws = coordinator.connect()
+    assert node.recv()["type"] == "challenge"
+    size = 48 * 1024 * 1024
+    node.ws.socket.sendall(bytes([0x81, 0x80 | 127]) + size.to_bytes(8, "big") + bytes(4))
+    code, _ = closed_code(node.ws)
+    assert code == 1009  # message too big
+
+
+def test_the_link_checks_a_large_frame_before_auth_itself(
+    start_coordinator: Callable[..., Running], rsa_keys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Behind a server that lets a large frame through before auth (here: a pre-auth
+    limit raised to 200 KB), the link refuses 100 KB of JSON with 4000 by its size
+    alone, unparsed."""
+    monkeypatch.setattr(server, "MAX_CONTROL_FRAME", 200_000)
+    coordinator = start_coordinator()
     node = make_node(rsa_keys, 0)
     coordinator.register(node)
     node.ws = coordinator.connect()

@@ -28,7 +28,7 @@ from nodeclient.clock import Clock, SystemClock
 from nodeclient.coordinator.api import BodyLimit, body_limit, build_router, disk_full, error
 from nodeclient.coordinator.blobstore import forget_jobs, sweep_once, warn_job_retention
 from nodeclient.coordinator.config import CoordinatorConfig
-from nodeclient.coordinator.link import LinkSession, TransportAbort
+from nodeclient.coordinator.link import LinkSession, ServerHooks
 from nodeclient.coordinator.registry import forget_nodes
 from nodeclient.coordinator.scheduler import Scheduler, fail_stalled_jobs
 from nodeclient.coordinator.service import Coordinator
@@ -120,7 +120,7 @@ def create_app(config: CoordinatorConfig, *, clock: Clock | None = None) -> Fast
     app.add_middleware(BodyLimit, limit=functools.partial(body_limit, config))
     # ... and a guarded route's caller is checked before that (coordinator/tokens.py).
     app.add_middleware(TokenAuth, guards=guards)
-    app.add_middleware(TransportAbort)  # outermost but for errors: sees the server's send
+    app.add_middleware(ServerHooks)  # outermost but for errors: sees the server's send
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -64,16 +64,21 @@ MIN_SEND_RATE = 1 << 20  # bytes per second a node must read at least; slower is
 CLOSE_TIMEOUT_S = 5.0
 
 
-ABORT_KEY = "nodeclient.abort"  # scope key: the server transport's abort (TransportAbort)
+ABORT_KEY = "nodeclient.abort"  # scope key: the server transport's abort (ServerHooks)
+OPEN_FRAMES_KEY = "nodeclient.open_frames"  # scope key: lift the pre-auth message limit
 
 
-class TransportAbort:
-    """ASGI middleware: put the WebSocket connection's transport abort into its scope.
+class ServerHooks:
+    """ASGI middleware: put two of the WebSocket server's own controls into the scope.
 
     Starlette wraps ``send`` before the endpoint sees it, so only the outermost layer
-    holds the server's own callable (uvicorn's protocol method, whose ``transport`` can
-    be aborted). A link whose node stopped reading is dropped this way: a close would
-    wait forever on the full buffer. Servers that expose no transport get none.
+    holds the server's own callable (uvicorn's protocol method). From its protocol:
+    - the transport's abort (:data:`ABORT_KEY`): a link whose node stopped reading is
+      dropped this way, since a close would wait forever on the full buffer;
+    - the lift of the message limit kept small until auth (:data:`OPEN_FRAMES_KEY`,
+      :class:`nodeclient.coordinator.server.LinkWebSockets`).
+    Servers that expose neither get neither: the link then checks a frame's size itself,
+    after the server has read it.
     """
 
     def __init__(self, app: Any) -> None:
@@ -81,9 +86,13 @@ class TransportAbort:
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] == "websocket":
-            transport = getattr(getattr(send, "__self__", None), "transport", None)
+            protocol = getattr(send, "__self__", None)
+            transport = getattr(protocol, "transport", None)
             if callable(getattr(transport, "abort", None)):
                 scope[ABORT_KEY] = functools.partial(_reset, transport)
+            open_frames = getattr(protocol, "open_frame_limit", None)
+            if callable(open_frames):
+                scope[OPEN_FRAMES_KEY] = open_frames
         await self.app(scope, receive, send)
 
 
@@ -230,7 +239,7 @@ class LinkSession:
         if self.node_id:
             self.coord.detach(self.node_id, self)
         # The ASGI API has no abort, and a close would wait on the same full buffer: the
-        # server's own abort, captured by TransportAbort when the connection came in.
+        # server's own abort, captured by ServerHooks when the connection came in.
         abort = self.ws.scope.get(ABORT_KEY)
         if callable(abort):
             abort()  # the receive loop then sees a disconnect and ends
@@ -291,8 +300,9 @@ class LinkSession:
             raw = await asyncio.wait_for(self._receive(), coord.config.auth_timeout)
         except TimeoutError:
             return await self._refuse(4002, "auth timeout")
-        # Nothing before auth may be large or binary: a stranger's 48 MB is neither parsed
-        # nor copied (a binary data frame's data would be).
+        # Nothing before auth may be large or binary: a stranger's large frame is neither
+        # parsed nor copied (a binary data frame's data would be). Under LinkWebSockets the
+        # server has already refused one over MAX_CONTROL_FRAME by its header (1009).
         if not isinstance(raw, str) or len(raw) > messages.MAX_CONTROL_FRAME:
             kind = "binary" if isinstance(raw, bytes) else f"{len(raw)}-byte"
             return await self._refuse(4000, f"malformed auth: a {kind} frame before auth")
@@ -329,6 +339,9 @@ class LinkSession:
             )
         self.node_id = node_id
         self._node_raw = parse_address(node_id)
+        open_frames = self.ws.scope.get(OPEN_FRAMES_KEY)
+        if callable(open_frames):
+            open_frames()  # its results may now come, up to the data-frame limit
         self.binary = messages.BINARY_DATA in frame.extra.get("features", ())
         rt = coord.runtime[node_id]
         until = coord.nodes[node_id].unstaking_until

@@ -3,7 +3,8 @@
 As soon as the server listens it prints exactly one line, ``coordinator: http://HOST:PORT``
 with the port actually bound (``--port 0`` lets the OS pick), and flushes: devnets and
 end-to-end tests wait for that line. SIGTERM and SIGINT shut down cleanly with exit 0.
-The link's WebSocket message limit is the protocol's data-frame limit.
+The link's WebSocket message limit is the protocol's data-frame limit once a node has
+authenticated, and the control-frame limit before (:class:`LinkWebSockets`).
 
 uvloop and httptools are used when they are importable (they are dependencies; the
 fallbacks are asyncio's own loop and h11): with 10,000 links the event loop and the
@@ -21,13 +22,14 @@ import sys
 import threading
 from collections.abc import Callable, Generator
 from types import FrameType
-from typing import TextIO
+from typing import Any, TextIO
 
 import uvicorn
 from fastapi import FastAPI
+from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
 from nodeclient.errors import UsageError
-from nodeclient.protocol.messages import MAX_DATA_FRAME
+from nodeclient.protocol.messages import MAX_CONTROL_FRAME, MAX_DATA_FRAME
 
 MAX_PORT = 65535
 _WS_OVERHEAD = 4096  # frame headers around the largest allowed JSON frame
@@ -45,6 +47,31 @@ GC_THRESHOLDS = (10_000, 50, 100)
 # GIL up at every socket call, can wait up to 5 ms to get it back each time; 0.5 ms
 # keeps heartbeat acks moving while a transaction runs.
 SWITCH_INTERVAL_S = 0.0005
+
+
+class LinkWebSockets(WebSocketsSansIOProtocol):
+    """uvicorn's WebSocket protocol, whose message limit stays small until auth.
+
+    The configured limit (a 48 MB data frame) is for linked nodes' results. A stranger
+    gets MAX_CONTROL_FRAME: the auth frame is a few hundred bytes, and a larger message is
+    refused by its header (close 1009) instead of being read into memory first. The link
+    lifts the limit through :meth:`open_frame_limit` once the node has authenticated
+    (the app finds it in its scope, :class:`nodeclient.coordinator.link.ServerHooks`).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # websockets >= 16 keeps the message limit as max_message_size, earlier ones as
+        # max_size; the parser reads it afresh for every frame.
+        self._limit_attr = (
+            "max_message_size" if hasattr(self.conn, "max_message_size") else "max_size"
+        )
+        self._open_limit = getattr(self.conn, self._limit_attr)
+        setattr(self.conn, self._limit_attr, MAX_CONTROL_FRAME)
+
+    def open_frame_limit(self) -> None:
+        """Allow messages up to the configured limit (the node has authenticated)."""
+        setattr(self.conn, self._limit_attr, self._open_limit)
 
 
 class _Server(uvicorn.Server):
@@ -78,7 +105,8 @@ def build_server(app: FastAPI, *, host: str, port: int) -> uvicorn.Server:
         port=port,
         log_config=None,  # our JSON logs only (nodeclient.logs)
         access_log=False,
-        ws_max_size=MAX_DATA_FRAME + _WS_OVERHEAD,
+        ws=LinkWebSockets,
+        ws_max_size=MAX_DATA_FRAME + _WS_OVERHEAD,  # once authenticated (LinkWebSockets)
         # Nodes heartbeat every interval and a silent node is closed as offline (4005);
         # server pings to 10,000 links every 20 s would cost more frames than heartbeats.
         ws_ping_interval=None,
