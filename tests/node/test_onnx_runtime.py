@@ -538,6 +538,76 @@ def test_an_output_name_no_result_can_carry_is_the_requesters_fault(odd: str) ->
     assert list(outputs) == ["y"]
 
 
+def _model(nodes: list[Any], inputs: list[Any], initializers: list[Any] | None = None) -> bytes:
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        inputs,
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        initializers or [],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return bytes(model.SerializeToString())
+
+
+def test_an_output_of_rank_over_32_is_the_requesters_fault() -> None:
+    """A model whose output has more dimensions than a result carries (32) is refused as a
+    bad payload (RemoteProtocolError), not as a node failure that restarts the worker."""
+    shape = helper.make_tensor("s", TensorProto.INT64, [33], [1] * 33)
+    model = _model(
+        [helper.make_node("Reshape", ["x", "s"], ["y"])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)],
+        [shape],
+    )
+    with pytest.raises(RemoteProtocolError, match="output 'y' has rank 33; a result carries"):
+        _run(_runtime(), model, x=np.ones(1, np.float32))
+
+
+def test_an_input_name_that_is_not_utf8_is_the_requesters_fault() -> None:
+    """onnxruntime loads a model whose input name is not UTF-8 and fails only when the
+    name is read: that is a model that cannot be loaded, the requester's fault."""
+    model = _model(
+        [helper.make_node("Identity", ["xx"], ["y"])],
+        [helper.make_tensor_value_info("xx", TensorProto.FLOAT, None)],
+    ).replace(b"xx", b"x\xff")
+    with pytest.raises(RemoteProtocolError, match="model cannot be loaded: .*utf-8"):
+        _run(_runtime(), model)
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def test_a_failed_run_leaves_no_memory_held() -> None:
+    """A request that expands to 256 MB and then fails leaves the (warm) session holding
+    no more than a few MB: with ONNX Runtime's CPU arena on, the process would keep the
+    run's peak, and an idle worker would hold it until replaced (admission, which counts
+    free memory, would then refuse honest tasks)."""
+    bad_shape = helper.make_tensor("bad", TensorProto.INT64, [1], [7])
+    model = _model(
+        [
+            helper.make_node("Expand", ["x", "n"], ["big"]),
+            helper.make_node("ReduceSum", ["big"], ["s"], keepdims=0),
+            helper.make_node("Reshape", ["s", "bad"], ["y"]),
+        ],
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, None),
+            helper.make_tensor_value_info("n", TensorProto.INT64, None),
+        ],
+        [bad_shape],
+    )
+    runtime = _runtime()
+    x = np.ones(1, np.float32)
+    with pytest.raises(RemoteProtocolError, match="inference failed"):  # loads the session
+        _run(runtime, model, x=x, n=np.array([1, 1], np.int64))
+    before = _rss_mib()
+    with pytest.raises(RemoteProtocolError, match="inference failed"):
+        _run(runtime, model, x=x, n=np.array([64, 1 << 20], np.int64))  # 256 MB of float32
+    assert _rss_mib() - before < 64
+
+
 def test_garbage_model_is_refused() -> None:
     """Bytes that are not an ONNX model give a load error, not a crash."""
     with pytest.raises(RemoteProtocolError, match="not a valid ONNX protobuf"):

@@ -50,7 +50,7 @@ from nodeclient.errors import RemoteProtocolError, UsageError
 from nodeclient.node.runtimes.base import Progress, no_progress
 from nodeclient.protocol.blobs import SHA256_HEX
 from nodeclient.workloads.inference import CLASS, InferenceRequest, encode_result
-from nodeclient.workloads.tensors import DEFAULT_MAX_BYTES, check_name, dtype_code
+from nodeclient.workloads.tensors import DEFAULT_MAX_BYTES, MAX_RANK, check_name, dtype_code
 
 CPU_PROVIDER: Final = "CPUExecutionProvider"
 CUDA_PROVIDER: Final = "CUDAExecutionProvider"
@@ -534,6 +534,10 @@ class OnnxRuntime:
             if not isinstance(value, np.ndarray) or dtype_code(value.dtype) is None:
                 kind = value.dtype if isinstance(value, np.ndarray) else type(value).__name__
                 raise RemoteProtocolError(f"output {name!r} is {kind}, which a result cannot carry")
+            if value.ndim > MAX_RANK:  # the model's output, so the requester's fault
+                raise RemoteProtocolError(
+                    f"output {name!r} has rank {value.ndim}; a result carries at most {MAX_RANK}"
+                )
             outputs[name] = value
         progress(1, 1, "inference done")
         return encode_result(outputs, model_sha256=request.model_sha256)
@@ -616,22 +620,30 @@ class OnnxRuntime:
             options.intra_op_num_threads = self._intra_op_threads
         # Idle intra-op threads would spin and compete with the daemon and other slots.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        # No CPU memory arena: an arena keeps the peak of every run, so one request that
+        # expanded to hundreds of MB (and failed) would leave its idle worker holding them,
+        # and admission, which counts free memory, would then refuse honest tasks. Freed
+        # buffers go back to the allocator instead (no measurable cost on a MatMul chain).
+        options.enable_cpu_mem_arena = False
         try:
             session = ort.InferenceSession(model, sess_options=options, providers=self.providers())
+            # A name that is not UTF-8 fails only when read (UnicodeDecodeError, a ValueError).
+            inputs = {
+                arg.name: _Port(arg.name, arg.type, tuple(arg.shape))
+                for arg in session.get_inputs()
+            }
+            outputs = {
+                arg.name: _Port(arg.name, arg.type, tuple(arg.shape))
+                for arg in session.get_outputs()
+            }
         except self._ort_error_types() as exc:
             raise RemoteProtocolError(f"model cannot be loaded: {_short(exc)}") from exc
-        inputs = {
-            arg.name: _Port(arg.name, arg.type, tuple(arg.shape)) for arg in session.get_inputs()
-        }
         for port in inputs.values():
             if port.dtype is None:
                 raise RemoteProtocolError(
                     f"model input {port.name!r} has type {port.type}; only numeric and bool "
                     "tensors are supported"
                 )
-        outputs = {
-            arg.name: _Port(arg.name, arg.type, tuple(arg.shape)) for arg in session.get_outputs()
-        }
         return _Warm(session=session, inputs=inputs, outputs=outputs)
 
 
