@@ -67,6 +67,24 @@ def test_probe_reports_a_missing_binary(tmp_path: Path) -> None:
     assert "bwrap" in why
 
 
+def test_probe_explains_a_covered_proc(tmp_path: Path) -> None:
+    """Where parts of /proc are covered (systemd's ProtectKernelTunables=, a container's
+    masks), bubblewrap cannot mount /proc: the reason says why and what to do. (The real
+    failure, with the real bwrap, is in tests/node/test_service.py.)"""
+    fake = tmp_path / "bwrap"
+    fake.write_text(
+        "#!/bin/sh\n"
+        'if [ "$1" = --version ]; then echo "bubblewrap 0.8.0"; exit 0; fi\n'
+        'echo "bwrap: Can\'t mount proc on /newroot/proc: Operation not permitted" >&2\n'
+        "exit 1\n"
+    )
+    fake.chmod(0o755)
+    ok, why = sandbox.probe(str(fake))
+    assert not ok
+    assert why.startswith("bwrap does not work here: bwrap: Can't mount proc")
+    assert "ProtectKernelTunables=" in why and "run the node without them" in why
+
+
 # --- the node home stays outside ----------------------------------------------------------
 
 

@@ -7,6 +7,8 @@ own parser and reports unknown keys, bad values and a non-executable ExecStart=.
 from __future__ import annotations
 
 import configparser
+import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -94,6 +96,7 @@ def test_unit_hardening_directives(tmp_path: Path, capsys) -> None:
     assert "char-nvidia-uvm rw" in svc["DeviceAllow"] and "/dev/nvidiactl rw" in svc["DeviceAllow"]
     for forbidden in ("RestrictNamespaces", "PrivateUsers", "PrivateDevices", "SystemCallFilter"):
         assert forbidden not in svc  # bubblewrap and CUDA need what these would take away
+    assert one["ProtectKernelModules"] == one["ProtectControlGroups"] == "yes"
     unit = parse(path.read_text())
     assert unit["Install"]["WantedBy"] == ["multi-user.target"]
     assert unit["Unit"]["After"] == ["network-online.target"]
@@ -265,3 +268,57 @@ def test_this_installs_code_paths_include_the_base_interpreter() -> None:
     its standard library, live under sys.base_prefix, which must be reachable too."""
     assert Path(sys.base_prefix).resolve() in _CODE_PATHS()
     assert Path(sys.executable).resolve().parent in _CODE_PATHS()
+
+
+# How systemd applies the unit's directives that cover /proc or /sys (systemd.exec(5)),
+# as mounts in the service's mount namespace: read-only bind mounts over kernel tunables,
+# /proc/kmsg made inaccessible, the cgroup tree read-only.
+_KERNEL_MOUNTS = {
+    "ProtectKernelTunables": "mount --bind /proc/sys /proc/sys && mount -o remount,bind,ro /proc/sys",
+    "ProtectKernelLogs": "mount --bind /dev/null /proc/kmsg",
+    "ProtectControlGroups": (
+        "mount --bind /sys/fs/cgroup /sys/fs/cgroup && mount -o remount,bind,ro /sys/fs/cgroup"
+    ),
+}
+
+
+def _bwrap_under(mounts: list[str], scratch: Path) -> subprocess.CompletedProcess[bytes]:
+    """The worker's sandbox (as the unit's unprivileged user starts it) run under *mounts*,
+    in a private mount namespace, as the unprivileged user nobody."""
+    from nodeclient.node import sandbox
+
+    layout = sandbox.Layout(
+        workdir=scratch, cache_dir=scratch, read_only=(), python_path=(), tmp_bytes=None
+    )
+    argv = sandbox.bwrap_argv(layout, ["true"], env={"PATH": "/usr/bin:/bin"}, as_root=False)
+    user = "setpriv --reuid=65534 --regid=65534 --clear-groups -- " + shlex.join(argv)
+    script = " && ".join([*mounts, user])
+    return subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a mount namespace and a user switch need root")
+@pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap is installed by .ci/run")
+def test_the_sandbox_works_under_the_units_kernel_protections(
+    tmp_path: Path, open_dir: Path
+) -> None:
+    """The unit's /proc and /sys protections, applied as systemd applies them, leave
+    bubblewrap working for the unit's unprivileged user. ProtectKernelTunables= alone
+    would not: the kernel refuses the sandbox's fresh /proc under a covered /proc/sys."""
+    rc, path = install(tmp_path)
+    assert rc == 0
+    svc = parse(path.read_text())["Service"]
+    mounts = [cmd for key, cmd in _KERNEL_MOUNTS.items() if svc.get(key) == ["yes"]]
+    assert mounts  # ProtectControlGroups= at least
+    scratch = open_dir / "work"
+    scratch.mkdir(mode=0o777)
+    scratch.chmod(0o777)
+    done = _bwrap_under(mounts, scratch)
+    assert done.returncode == 0, done.stderr.decode()
+    refused = _bwrap_under([_KERNEL_MOUNTS["ProtectKernelTunables"]], scratch)
+    assert refused.returncode != 0
+    assert b"Can't mount proc" in refused.stderr, refused.stderr.decode()

@@ -394,6 +394,13 @@ def _tmp_mount(layout: Layout) -> list[str]:
     return ["--perms", "1777", *size, "--tmpfs", "/tmp"]  # noqa: S108
 
 
+PROC_COVERED: Final = (
+    "parts of /proc are covered here (systemd's ProtectKernelTunables= or ProtectKernelLogs=, "
+    "or a container runtime's masks), so the kernel refuses the sandbox a /proc of its own: "
+    "run the node without them (the unit from `nodeclient service install` has neither)"
+)
+
+
 def probe(bwrap: str | None = None, *, timeout: float = 10.0) -> tuple[bool, str]:
     """Whether bubblewrap works here: run ``true`` in the sandbox the workers would get."""
     found = bwrap or shutil.which("bwrap")
@@ -416,7 +423,10 @@ def probe(bwrap: str | None = None, *, timeout: float = 10.0) -> tuple[bool, str
             return False, f"bwrap failed to start: {exc}"
     if done.returncode != 0:
         err = done.stderr.decode("utf-8", "replace").strip().splitlines()
-        return False, f"bwrap does not work here: {err[-1] if err else done.returncode}"
+        why = f"bwrap does not work here: {err[-1] if err else done.returncode}"
+        if err and "Can't mount proc" in err[-1]:
+            why += f"; {PROC_COVERED}"
+        return False, why
     return True, found
 
 
