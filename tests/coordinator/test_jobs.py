@@ -409,6 +409,33 @@ def test_a_contradiction_sent_with_bytes_that_miss_its_proof_is_still_equivocati
     assert coordinator.client.job_result(job["job_id"]) == first
 
 
+@pytest.mark.parametrize("bytes_match", [True, False], ids=["valid-bytes", "proof-only"])
+def test_a_contradiction_naming_another_job_is_still_equivocation(
+    coordinator: Running, rsa_keys, bytes_match: bool
+) -> None:
+    """The task_id alone names the task: a second Result for it with another proof is
+    equivocation whatever job_id the signed message names, with bytes that match its
+    proof or not. The same result under another job_id is rejected, not a duplicate."""
+    node = make_node(rsa_keys, 0)
+    _ready(coordinator, node)
+    payload, job, dispatch = _submit_and_dispatch(coordinator, node)
+    first = inference_result(payload, VALUES)
+    assert node.call(node.result(dispatch, first))["status"] == "accepted"
+    other = dict(dispatch, job_id=str(uuid.uuid4()))
+    same = node.call(node.result(other, first))
+    assert same["status"] == "rejected" and "does not belong to job" in same["reason"], same
+    if bytes_match:
+        frame = node.result(other, inference_result(payload, [1.0, 1.0, 1.0]))
+    else:
+        frame = node.result(other, first, proof=b"\x07" * 32)
+    ack = node.call(frame)
+    assert ack["status"] == "rejected" and ack["reason"].startswith("equivocation:"), ack
+    rows = coordinator.coord.db.run_sync(lambda s: s.query(m.Equivocation).all())
+    assert [(r.task_id, r.node_id) for r in rows] == [(dispatch["task_id"], node.node_id)]
+    assert "0x" + uuid.UUID(other["job_id"]).hex in rows[0].conflicting_message
+    assert coordinator.client.job_result(job["job_id"]) == first
+
+
 def test_wrong_proof_is_rejected(coordinator: Running, rsa_keys) -> None:
     """A signed result whose proof does not recompute is rejected; the task stays leased."""
     node = make_node(rsa_keys, 0)

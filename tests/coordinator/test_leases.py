@@ -443,3 +443,30 @@ def test_a_node_that_handed_a_task_back_may_take_it_again(start_coordinator, rsa
     again = restarting.recv(skip=("heartbeat_ack",))
     assert (again["type"], again["task_id"]) == ("dispatch", handed["task_id"])
     assert running.client.job(job["job_id"])["tasks"][0]["attempts"] == 1
+
+
+def test_a_second_hand_back_of_one_task_spends_an_attempt(start_coordinator, rsa_keys) -> None:
+    """A hand-back ('draining: ') is free once per task and node: a node that stops again
+    and again while it holds the task (or only says so) cannot keep it for ever without
+    spending an attempt. Its second hand-back is a plain reject; with one attempt allowed,
+    the job then fails with the node's reason."""
+    from nodeclient.protocol.messages import DRAINING_PREFIX
+
+    running = start_coordinator(heartbeat_interval=1000.0, max_attempts=1)
+    node = make_node(rsa_keys, 0)
+    running.register(node)
+    running.link(node)
+    job = running.client.submit_job("ai.inference", inference_payload(VALUES))
+    reason = DRAINING_PREFIX + "node is shutting down"
+    for _ in range(2):
+        dispatch = node.recv(skip=("heartbeat_ack", "cancel"))
+        assert dispatch["type"] == "dispatch"
+        frame = node.reject(
+            dispatch["task_id"], reason, lease_expires_at=dispatch["lease_expires_at"]
+        )
+        assert node.call(frame)["status"] == "accepted"
+        running.clock.advance(5)
+        running.link(node)
+    done = running.wait_job(job["job_id"], "failed")
+    assert done["status"] == "failed", done
+    assert f"node {node.node_id} rejected it: {reason}" in done["reason"]

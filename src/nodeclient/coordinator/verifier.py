@@ -138,7 +138,6 @@ def contradiction_tx(session: Session, claim: ResultClaim, problem: str, *, now:
         task is None
         or task.status != m.SUCCEEDED
         or task.node_id != claim.node_id
-        or task.job_id != str(claim.job_id)
         or task.proof == "0x" + claim.proof.hex()
     ):
         return Decision("rejected", problem, event="result.rejected")
@@ -239,9 +238,13 @@ def accept_result_tx(  # noqa: PLR0911 (one early answer per check)
     task = session.get(m.Task, tid)
     if task is None:
         return Decision("rejected", f"unknown task {tid}")
+    proof_hex = "0x" + claim.proof.hex()
+    if task.status == m.SUCCEEDED and task.node_id == claim.node_id and task.proof != proof_hex:
+        # The task_id alone names the task: another result signed for it, whatever job_id
+        # that message names, is a contradiction.
+        return _equivocation(session, task, claim, now)
     if task.job_id != str(claim.job_id):
         return Decision("rejected", f"task {tid} does not belong to job {claim.job_id}")
-    proof_hex = "0x" + claim.proof.hex()
     if task.status == m.SUCCEEDED:
         if task.node_id != claim.node_id:
             return Decision("rejected", f"task {tid} is no longer leased to this node: "
@@ -286,6 +289,20 @@ def accept_result_tx(  # noqa: PLR0911 (one early answer per check)
     )
 
 
+def _handed_back_before(session: Session, task: m.Task, node_id: str) -> bool:
+    """Whether *node_id* has handed *task* back before (an attempt of outcome returned)."""
+    earlier = session.scalar(
+        select(m.TaskAttempt.id)
+        .where(
+            m.TaskAttempt.task_id == task.task_id,
+            m.TaskAttempt.node_id == node_id,
+            m.TaskAttempt.outcome == "returned",
+        )
+        .limit(1)
+    )
+    return earlier is not None
+
+
 # C0 controls (but tab and newline) and DEL, as \xNN: a node's free text, stored and shown
 _CONTROL = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F) if c not in (0x09, 0x0A)}
 
@@ -316,9 +333,12 @@ def reject_tx(
             f"reject for {which} lease of task {task_id} (lease_expires_at {lease_expires_at}, "
             f"current {current}): ignored",
         ), None
-    if reason.startswith(DRAINING_PREFIX):
+    if reason.startswith(DRAINING_PREFIX) and not _handed_back_before(session, task, node_id):
         # Handed back by a node that is stopping: queued again, the attempt not spent and
-        # not counted against the node (outcome "returned" is no failure).
+        # not counted against the node (outcome "returned" is no failure). Once per task
+        # and node: a node that stops again and again while holding one task (or says so)
+        # would otherwise hold it for ever without spending an attempt; its next hand-back
+        # of the task is a plain reject.
         close_attempt(session, task.task_id, node_id, "returned", now)
         task.status, task.node_id, task.lease_deadline = m.QUEUED, None, None
         task.attempts -= 1
