@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import socket
+import uuid
 from collections.abc import Callable
 
 import pytest
@@ -192,6 +193,80 @@ def test_a_heartbeat_flood_is_refused_before_it_costs_a_write(
     coordinator.clock.advance(2 / HEARTBEAT_RATE)  # two heartbeats' worth of budget back
     assert node.call(node.heartbeat(seq=1000, state="EXECUTING"))["type"] == "heartbeat_ack"
     assert coordinator.client.node(node.node_id)["state"] == "EXECUTING"
+
+
+def test_linking_again_does_not_refill_the_heartbeat_budget(coordinator: Running, rsa_keys) -> None:
+    """The budgets are the node's, not the link's: a node that spent its heartbeat burst
+    and links again is still refused, so relinking cannot buy 40 stored heartbeats a time."""
+    from nodeclient.coordinator.link import HEARTBEAT_BURST
+
+    node = make_node(rsa_keys, 0)
+    coordinator.register(node)
+    coordinator.link(node)
+    for seq in range(1, HEARTBEAT_BURST + 1):
+        assert node.call(node.heartbeat(seq=seq))["type"] == "heartbeat_ack"
+    assert node.call(node.heartbeat(seq=HEARTBEAT_BURST + 1))["code"] == "too_frequent"
+    coordinator.link(node)
+    refused = node.call(node.heartbeat(seq=HEARTBEAT_BURST + 2))
+    assert refused["type"] == "error" and refused["code"] == "too_frequent", refused
+    assert "from this node" in refused["reason"]
+
+
+def test_a_reject_flood_is_refused_before_it_costs_a_transaction(
+    coordinator: Running, rsa_keys, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each reject is a signature recovery, a transaction and a log line: a node gets a
+    burst, then REJECT_RATE a second, whatever its links. Beyond that a reject gets error
+    "too_frequent", unchecked and unlogged but for one line a minute. A reject's reason
+    is logged cut to MAX_REASON characters, as it is stored."""
+    import logging
+
+    from nodeclient.coordinator.link import REJECT_BURST
+
+    node = make_node(rsa_keys, 0)
+    coordinator.register(node)
+    coordinator.link(node)
+    long = node.reject(str(uuid.uuid4()), "x" * 60_000)
+    frames = [node.reject(str(uuid.uuid4())) for _ in range(REJECT_BURST + 4)]
+    with caplog.at_level(logging.INFO, logger="nodeclient.coordinator.link"):
+        assert node.call(long)["status"] == "rejected"  # not leased to it
+        for frame in frames:
+            node.send(frame)
+        answers = [node.recv() for _ in frames]
+    answered = [a for a in answers if a["type"] == "result_ack"]
+    refused = [a for a in answers if a["type"] == "error"]
+    assert len(answered) == REJECT_BURST - 1 and len(refused) == 5, answers[-6:]
+    assert {a["code"] for a in refused} == {"too_frequent"}
+    messages_ = [r.getMessage() for r in caplog.records]
+    assert messages_.count("reject.too_frequent") == 1
+    assert messages_.count("task.reject_refused") == REJECT_BURST
+    reasons = [len(r.reason) for r in caplog.records if r.getMessage() == "task.reject_refused"]
+    assert max(reasons) == messages.MAX_REASON
+    coordinator.link(node)
+    assert node.call(node.reject(str(uuid.uuid4())))["code"] == "too_frequent"
+
+
+def test_a_node_over_its_data_budget_is_closed_before_the_frame_is_parsed(
+    start_coordinator: Callable[..., Running], rsa_keys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Large JSON frames hold the event loop every link shares while they are parsed: a
+    node gets a burst of data bytes, then DATA_RATE_BYTES a second. A frame over it closes
+    the link (1008) unparsed; the node links again later and resends. (Here the burst is
+    300 KB, so two 200 KB frames cross it.)"""
+    from nodeclient.coordinator import link
+
+    monkeypatch.setattr(link, "DATA_BURST_BYTES", 300_000)
+    monkeypatch.setattr(link, "DATA_RATE_BYTES", 1)
+    running = start_coordinator()
+    node = make_node(rsa_keys, 0)
+    running.register(node)
+    running.link(node)
+    big = {"type": "progress", "pad": "x" * 200_000}
+    first = node.call(big)
+    assert first["type"] == "error" and first["code"] == "malformed", first  # parsed
+    node.send(big)
+    code, reason = closed_code(node.ws)
+    assert code == 1008 and "data frames come faster than" in reason, (code, reason)
 
 
 def test_heartbeat_signed_by_node_key_is_bad_signature(coordinator: Running, rsa_keys) -> None:

@@ -50,7 +50,7 @@ from nodeclient.coordinator import verifier
 from nodeclient.coordinator.config import AUTH_MAX_SKEW_S
 from nodeclient.coordinator.leases import node_lost_tx, report_job_end
 from nodeclient.coordinator.scheduler import cancel_leases, report_lost
-from nodeclient.coordinator.service import Coordinator
+from nodeclient.coordinator.service import Coordinator, TokenBucket
 from nodeclient.coordinator.store import NodeInfo
 from nodeclient.errors import RemoteProtocolError, SignatureError
 from nodeclient.protocol import eip712, messages
@@ -115,29 +115,38 @@ def send_limit(size: int) -> float:
 
 
 MAX_SEQ = (1 << 63) - 1  # SQL BIGINT is signed; a uint64 seq above it could not be stored
-# Heartbeats a link may have stored: a burst, then this many a second. Each stored one is
-# a signature recovery and a database write; a node sends one every interval (30 s; at
-# least 0.05 s even in tests), so only a node flooding its own link meets the bound.
+# What a node's frames may cost, per node and not per link (linking again refills
+# nothing). Each budget is a burst, then a rate; a frame over it costs nothing more.
+# Heartbeats: each stored one is a signature recovery and a database write; a node sends
+# one every interval (30 s; at least 0.05 s even in tests), so only a node flooding its
+# own link meets the bound.
 RECONCILE_AT_BEAT = 2  # the heartbeat of a link at which its node's leases are reconciled
 HEARTBEAT_BURST = 40
 HEARTBEAT_RATE = 4.0
-_TOO_FREQUENT_LOG_S = 60.0  # one log line a minute for a link's refused heartbeats
+# Rejects: each is a signature recovery, a transaction and a log line. A node rejects a
+# dispatch it cannot run, and a stopping node hands back each task it holds at once.
+REJECT_BURST = 128
+REJECT_RATE = 8.0
+# Data frames (results) over the control-frame limit, in bytes: parsing 48 MB of JSON
+# text holds the event loop, which every link shares, for some 130 ms. A node over it is
+# closed (1008) before the frame is parsed; it links again with backoff and resends.
+DATA_BURST_BYTES = 4 * messages.MAX_DATA_FRAME
+DATA_RATE_BYTES = 16 * 1024 * 1024
+_TOO_FREQUENT_LOG_S = 60.0  # one log line a minute for a node's refused frames of a kind
 
 
-class _Bucket:
-    """A token bucket on the monotonic clock: *burst* at once, then *rate* a second."""
+class LinkBudgets:
+    """A node's budgets (heartbeats, rejects, data bytes), kept in its NodeRuntime."""
 
-    def __init__(self, burst: int, rate: float, now: float) -> None:
-        self.burst, self.rate = burst, rate
-        self.tokens, self.at = float(burst), now
+    __slots__ = ("beats", "data", "rejects")
 
-    def take(self, now: float) -> bool:
-        self.tokens = min(self.burst, self.tokens + (now - self.at) * self.rate)
-        self.at = now
-        if self.tokens < 1.0:
-            return False
-        self.tokens -= 1.0
-        return True
+    def __init__(self, now: float, heartbeat_interval: float) -> None:
+        # At least HEARTBEAT_RATE a second, and 4 an interval for a coordinator whose
+        # interval is short (tests and benchmarks: 0.05 s is allowed).
+        rate = max(HEARTBEAT_RATE, 4.0 / heartbeat_interval)
+        self.beats = TokenBucket(HEARTBEAT_BURST, rate, now)
+        self.rejects = TokenBucket(REJECT_BURST, REJECT_RATE, now)
+        self.data = TokenBucket(DATA_BURST_BYTES, DATA_RATE_BYTES, now)
 
 
 def heartbeat_ack_text(seq: int, server_time: float, unstaking_until: int | None) -> str:
@@ -180,12 +189,10 @@ class LinkSession:
         self._sent_here: set[str] | None = set()
         self._beats_seen = 0
         self._attached_at = math.inf
-        # At least HEARTBEAT_RATE a second, and 4 an interval for a coordinator whose
-        # interval is short (tests and benchmarks: 0.05 s is allowed).
-        rate = max(HEARTBEAT_RATE, 4.0 / coord.config.heartbeat_interval)
-        self._beats = _Bucket(HEARTBEAT_BURST, rate, coord.monotonic())
-        self._too_frequent = 0  # refused since the last log line about them
-        self._too_frequent_logged = -_TOO_FREQUENT_LOG_S
+        self._budgets = LinkBudgets(coord.monotonic(), coord.config.heartbeat_interval)
+        # Frames refused over a budget, per kind, since the last log line about them, and
+        # when that line was written.
+        self._too_frequent: dict[str, tuple[int, float]] = {}
         self._task: asyncio.Task[Any] | None = None  # the task running this session
         self.binary = False  # the node announced BINARY_DATA in its auth
 
@@ -342,6 +349,10 @@ class LinkSession:
         open_frames = self.ws.scope.get(OPEN_FRAMES_KEY)
         if callable(open_frames):
             open_frames()  # its results may now come, up to the data-frame limit
+        node_rt = coord.runtime[node_id]
+        if node_rt.budgets is None:
+            node_rt.budgets = self._budgets
+        self._budgets = node_rt.budgets
         self.binary = messages.BINARY_DATA in frame.extra.get("features", ())
         rt = coord.runtime[node_id]
         until = coord.nodes[node_id].unstaking_until
@@ -369,6 +380,16 @@ class LinkSession:
         max_text = messages.MAX_CONTROL_FRAME if self.binary else messages.MAX_DATA_FRAME
         while not self._closed:
             raw = await self._receive()
+            if len(raw) > messages.MAX_CONTROL_FRAME and not self._budgets.data.take(
+                self.coord.monotonic(), len(raw)
+            ):
+                reason = (
+                    f"data frames come faster than {DATA_RATE_BYTES >> 20} MiB a second "
+                    f"(after a burst of {DATA_BURST_BYTES >> 20} MiB): link again later"
+                )
+                log.warning("link.data_budget", extra={"node_id": self.node_id, "bytes": len(raw)})
+                await self.close(1008, reason)
+                return
             try:
                 frame = messages.parse_from_node(raw, max_text=max_text)
             except RemoteProtocolError as exc:
@@ -394,8 +415,15 @@ class LinkSession:
     async def _heartbeat(self, frame: messages.SignedFrame) -> None:
         coord, msg = self.coord, frame.message
         mono = coord.monotonic()
-        if not self._beats.take(mono):  # before any cost: no signature recovery, no write
-            await self._refuse_too_frequent(mono)
+        if not self._budgets.beats.take(mono):  # before any cost: no recovery, no write
+            await self._refuse_too_frequent(
+                "heartbeat",
+                mono,
+                f"heartbeats come faster than {self._budgets.beats.rate:g} a second from "
+                f"this node (after a burst of {HEARTBEAT_BURST}): this one is not recorded; "
+                f"send one every heartbeat_interval "
+                f"({self.coord.config.heartbeat_interval:g} s)",
+            )
             return
         # parse_from_node has already checked node_id is a well-formed address; compare raw
         # bytes (parse_address is cached) instead of re-checksumming it on every heartbeat.
@@ -482,24 +510,17 @@ class LinkSession:
         )
         report_lost(coord, lost, "task.lost_on_relink", tell_holder=False)  # it has none
 
-    async def _refuse_too_frequent(self, mono: float) -> None:
-        """Answer a heartbeat over the link's budget: nothing is recorded. Logged once a
-        minute with the count, not once a frame (a flood would flood the log too)."""
-        self._too_frequent += 1
-        if mono - self._too_frequent_logged >= _TOO_FREQUENT_LOG_S:
-            log.warning(
-                "heartbeat.too_frequent",
-                extra={"node_id": self.node_id, "refused": self._too_frequent},
-            )
-            self._too_frequent, self._too_frequent_logged = 0, mono
-        await self.send(
-            messages.ErrorFrame(
-                "too_frequent",
-                f"heartbeats come faster than {self._beats.rate:g} a second on this link "
-                f"(after a burst of {HEARTBEAT_BURST}): this one is not recorded; send one "
-                f"every heartbeat_interval ({self.coord.config.heartbeat_interval:g} s)",
-            ).to_wire()
-        )
+    async def _refuse_too_frequent(self, kind: str, mono: float, reason: str) -> None:
+        """Answer a frame over its budget: nothing is checked or recorded. Logged once a
+        minute per kind with the count (``heartbeat.too_frequent``,
+        ``reject.too_frequent``), not once a frame: a flood would flood the log too."""
+        count, logged = self._too_frequent.get(kind, (0, -_TOO_FREQUENT_LOG_S))
+        count += 1
+        if mono - logged >= _TOO_FREQUENT_LOG_S:
+            log.warning(f"{kind}.too_frequent", extra={"node_id": self.node_id, "refused": count})
+            count, logged = 0, mono
+        self._too_frequent[kind] = (count, logged)
+        await self.send(messages.ErrorFrame("too_frequent", reason).to_wire())
 
     def _liveness_of(self, info: NodeInfo) -> str:
         """The checksummed liveness address of *info*, computed once per cached NodeInfo."""
@@ -569,6 +590,15 @@ class LinkSession:
     async def _reject(self, frame: messages.SignedFrame) -> None:
         coord = self.coord
         cfg = coord.config
+        mono = coord.monotonic()
+        if not self._budgets.rejects.take(mono):  # before any cost: no recovery, no write
+            await self._refuse_too_frequent(
+                "reject",
+                mono,
+                f"rejects come faster than {REJECT_RATE:g} a second from this node (after "
+                f"a burst of {REJECT_BURST}): this one is not recorded; send it again later",
+            )
+            return
         try:
             task_id = verifier.check_reject_frame(
                 frame, node_id=self.node_id, chain_id=cfg.chain_id
@@ -578,11 +608,12 @@ class LinkSession:
             return
         now = coord.now()
         reason = frame.message["reason"]
+        shown = reason[: messages.MAX_REASON]  # what the log gets (the store cuts it too)
         coord.progress.forget(self.node_id, str(task_id))
         if reason.startswith(messages.DRAINING_PREFIX) and not self.draining:
             self.draining = True  # stopping: no more work on this link, whatever the task
             coord.roster_changed()
-            log.info("link.draining", extra={"node_id": self.node_id, "reason": reason})
+            log.info("link.draining", extra={"node_id": self.node_id, "reason": shown})
         lease = frame.extra.get("lease_expires_at")  # None from a node that does not echo it
         decision, lost = await coord.db.run(
             lambda s: verifier.reject_tx(
@@ -600,7 +631,7 @@ class LinkSession:
             extra={
                 "node_id": self.node_id,
                 "task_id": str(task_id),
-                "reason": reason,
+                "reason": shown,
                 "lease_expires_at": lease,
                 "refusal": decision.reason,
             },

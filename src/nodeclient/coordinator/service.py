@@ -49,10 +49,29 @@ class LinkPort(Protocol):
     async def close(self, code: int, reason: str) -> None: ...
 
 
+class TokenBucket:
+    """A token bucket on the monotonic clock: *burst* at once, then *rate* a second."""
+
+    __slots__ = ("at", "burst", "rate", "tokens")
+
+    def __init__(self, burst: float, rate: float, now: float) -> None:
+        self.burst, self.rate = burst, rate
+        self.tokens, self.at = float(burst), now
+
+    def take(self, now: float, amount: float = 1.0) -> bool:
+        """Take *amount* tokens if the bucket holds them (refilled up to *now*)."""
+        self.tokens = min(self.burst, self.tokens + (now - self.at) * self.rate)
+        self.at = now
+        if self.tokens < amount:
+            return False
+        self.tokens -= amount
+        return True
+
+
 class NodeRuntime:
     """Per-node liveness in memory; the durable parts are written behind to SQL."""
 
-    __slots__ = ("beat", "last_seen", "last_seq", "online", "state")
+    __slots__ = ("beat", "budgets", "last_seen", "last_seq", "online", "state")
 
     def __init__(self, *, last_seq: int, last_seen: float | None, state: str | None) -> None:
         self.last_seq = last_seq
@@ -65,6 +84,9 @@ class NodeRuntime:
         # Only a node that authenticated in this process can be online: after a restart
         # its leases wait for their deadline or for the node to come back (2.3.3).
         self.online = False
+        # What the node's frames may cost (link.LinkBudgets), made at its first link and
+        # kept across links: linking again does not refill it.
+        self.budgets: Any = None
 
 
 class HeartbeatWriter:
