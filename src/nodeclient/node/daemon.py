@@ -20,10 +20,12 @@ import logging
 import random
 import signal
 import sqlite3
+import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from cryptography.hazmat.primitives.asymmetric import rsa
 from websockets.asyncio.client import ClientConnection
@@ -45,6 +47,8 @@ from nodeclient.protocol.session import NodeSession
 from nodeclient.protocol.states import UNSTAKE_COOLDOWN_S, NodeState, StateMachine
 
 log = logging.getLogger("nodeclient.node")
+
+_DAMAGED_LOGGED: Final = 20  # damaged rows described in one outbox.rows_damaged event
 
 
 class NodeDaemon(LinkClient):
@@ -91,6 +95,7 @@ class NodeDaemon(LinkClient):
         self._started_mono = time.monotonic()  # uptime: immune to the wall clock's steps
         self._ws: ClientConnection | None = None
         self._stopping = asyncio.Event()
+        self._prune_stop = threading.Event()  # ends a prune in its thread (_prune_step)
         self._rand = random.SystemRandom()
         self._fatal: NeedsOperator | None = None
         self._replaced_at: float | None = None  # when another process last took the link
@@ -142,8 +147,10 @@ class NodeDaemon(LinkClient):
             link.cancel()
             refresh.cancel()
             prune.cancel()
-            # Its exception, if any, is logged (_link_ended) or kept in self._fatal.
-            await asyncio.gather(link, return_exceptions=True)
+            # Its exception, if any, is logged (_link_ended) or kept in self._fatal. The
+            # prune task ends once its thread has (one batch at most): nothing uses the
+            # outbox after run returns.
+            await asyncio.gather(link, prune, return_exceptions=True)
             if self._fatal is not None:
                 raise self._fatal
         finally:
@@ -175,26 +182,63 @@ class NodeDaemon(LinkClient):
             await asyncio.sleep(1.0)
 
     async def _prune_results(self) -> None:
-        """Drop acknowledged results past the retention window or byte budget, hourly."""
+        """Drop acknowledged results past the retention window or byte budget, and history
+        rows past theirs, hourly.
+
+        No error ends this loop, or retention would stop until the next start (and stop
+        again there): it is logged and the next round runs at the usual interval. Rows
+        the outbox cannot read are left as they are and logged, and the rest is pruned.
+        """
         while True:
+            damaged: list[str] = []
             try:
-                dropped = await asyncio.to_thread(
+                dropped = await self._prune_step(
                     self.outbox.prune,
                     acked_before=self.clock.now() - self.retention.seconds,
                     keep_bytes=self.retention.bytes,
+                    damaged=damaged,
                 )
                 forgotten = 0
                 if self.retention.history_seconds > 0:
-                    forgotten = await asyncio.to_thread(
+                    forgotten = await self._prune_step(
                         self.outbox.forget,
                         acked_before=self.clock.now() - self.retention.history_seconds,
+                        damaged=damaged,
                     )
             except (OSError, sqlite3.Error) as exc:  # a full or failing disk: try again later
                 log.error("outbox.prune_failed", extra={"error": str(exc)})
+            except Exception as exc:  # a bug, or damage no check foresaw: try again later
+                log.error(
+                    "outbox.prune_failed",
+                    extra={"error": f"{type(exc).__name__}: {exc}"[:300]},
+                    exc_info=exc,
+                )
             else:
                 if dropped or forgotten:
                     log.info("outbox.pruned", extra={"results": dropped, "rows": forgotten})
+            if damaged:
+                log.warning(
+                    "outbox.rows_damaged",
+                    extra={"rows": len(damaged), "damaged": damaged[:_DAMAGED_LOGGED]},
+                )
             await asyncio.sleep(self.retention.every)
+
+    async def _prune_step(self, step: Callable[..., int], **kwargs: Any) -> int:
+        """Run outbox.prune or outbox.forget in a thread, handing it the stop signal.
+
+        A cancelled await does not stop a thread, and asyncio.run waits for it: a prune of
+        millions of rows (the first start after retention was lowered) would hold the
+        exit past systemd's stop timeout. So a cancellation sets the signal, which the
+        outbox checks between batches, and waits for the thread: one batch at most.
+        """
+        work = asyncio.ensure_future(asyncio.to_thread(step, stop=self._prune_stop, **kwargs))
+        try:
+            return await asyncio.shield(work)
+        except asyncio.CancelledError:
+            self._prune_stop.set()
+            with contextlib.suppress(Exception):  # its outcome is of no use now
+                await work
+            raise
 
     def request_stop(self) -> None:
         """SIGTERM: take no new work, finish running tasks (hand back, signed, those still
@@ -202,6 +246,7 @@ class NodeDaemon(LinkClient):
         if not self._stopping.is_set():
             log.info("daemon.stopping", extra={"running": len(self.running)})
             self._stopping.set()
+            self._prune_stop.set()  # a prune under way ends after its current batch
 
     async def _drain(self) -> None:
         handles = [t.handle for t in self.running.values() if t.handle is not None]

@@ -49,8 +49,12 @@ Retention: the result bytes of an acknowledged task are needed only if the coord
 asks for the task again. ``prune`` drops them once acknowledged more than a retention
 period ago, or oldest first beyond a byte budget; the row (proof, signature, sizes, times)
 stays as history. Unacknowledged results are never pruned. Pruning goes in small
-batches, so the event loop never waits long for the lock. A later dispatch of a pruned
-task is refused with a signed reason rather than run again (``OutboxEntry.held``).
+batches, so the event loop never waits long for the lock, and a stop (a ``threading.Event``)
+ends it between two batches, so that a prune of millions of rows never holds up the exit.
+A row that prune cannot read (a time or size that is not a number, a file name that is
+not a result file's) is left as it is and described, as ``history`` describes a row it
+cannot decode; the others are pruned. A later dispatch of a pruned task is refused with
+a signed reason rather than run again (``OutboxEntry.held``).
 
 SQLite 3.8.0 or newer (:data:`~nodeclient.node.outbox_schema.SQLITE_MIN`, checked at
 open): the prune index is a partial index. Nothing newer is used (no ``RETURNING``,
@@ -85,12 +89,15 @@ from nodeclient.node.outbox_files import (
 
 # The outbox's public names, wherever they are defined: callers use the outbox as one module.
 from nodeclient.node.outbox_schema import (
+    _ACKED_OK,
     _ADDED_COLUMNS,
     _COLUMNS,
+    _FILE_OK,
     _HISTORY_COLUMNS,
     _INDEXES,
     _LOAD,
     _SENT_TO,
+    _SIZE_OK,
     FORMAT_VERSION,
     SCHEMA,
     OutboxCorrupt,
@@ -183,9 +190,12 @@ class Outbox:
             self._unreadable: dict[str, int] = {}  # task_id -> failed reads in pending()
             (held,) = self._db.execute(
                 "SELECT COALESCE(SUM(result_size), 0) FROM outbox "
-                "WHERE held = 1 AND acked_at IS NOT NULL"
+                f"WHERE held = 1 AND acked_at IS NOT NULL AND {_ACKED_OK} AND {_SIZE_OK} "
+                f"AND {_FILE_OK}"
             ).fetchone()
-            self._held_bytes = int(held)  # acknowledged results still held: prune's budget
+            # Acknowledged results still held, that prune can drop: its budget. A row it
+            # cannot read (damaged) is left out, here and in mark_acked.
+            self._held_bytes = int(held)
         except BaseException:
             db = getattr(self, "_db", None)
             if db is not None:
@@ -387,7 +397,8 @@ class Outbox:
                 # SELECT, then UPDATE in the same transaction: RETURNING needs SQLite 3.35
                 with self._transaction():
                     done = self._db.execute(
-                        "SELECT kind, result_size, held, coordinator_id FROM outbox "
+                        f"SELECT kind, result_size, held AND {_SIZE_OK} AND {_FILE_OK}, "
+                        "coordinator_id FROM outbox "
                         f"WHERE task_id = ? AND acked_at IS NULL AND {_SENT_TO}",
                         (str(task_id), coordinator_id, coordinator_id),
                     ).fetchone()
@@ -403,6 +414,7 @@ class Outbox:
                 kind, size, held, coordinator = done
                 self._settled(coordinator)
                 self._counts[_bucket(kind, status)] += 1
+                # held: and readable by prune (a damaged size or file name is never dropped)
                 self._held_bytes += size if held else 0
 
     def _settled(self, coordinator_id: str | None) -> None:
@@ -507,7 +519,14 @@ class Outbox:
         self._settled(coordinator_id)
         self._counts["failed"] += 1
 
-    def prune(self, *, acked_before: float, keep_bytes: int) -> int:
+    def prune(
+        self,
+        *,
+        acked_before: float,
+        keep_bytes: int,
+        stop: threading.Event | None = None,
+        damaged: list[str] | None = None,
+    ) -> int:
         """Drop the result bytes of acknowledged tasks that are not needed any more.
 
         Dropped: every result acknowledged before *acked_before*, then the oldest
@@ -515,13 +534,20 @@ class Outbox:
         entries closed as lost before *acked_before* still name. Unacknowledged results
         are never touched. Rows stay (history); their ``held`` turns 0. Runs in batches of
         a few hundred rows, each its own transaction. Returns how many were dropped.
+
+        *stop*, once set, ends it before the next batch: what is left is dropped by the
+        next call. A row that prune cannot read (an acknowledgement time or size that is
+        not a number, a file name that is not a result file's: damaged on disk, or edited
+        by hand) is left as it is, its result kept, and described in *damaged*, when
+        given, as ``history`` describes a row it cannot decode; the others are pruned.
         """
         dropped = 0
-        while True:
+        while not _stopped(stop):
             with self._lock:
                 batch = self._db.execute(
                     "SELECT task_id, result_size, result_file, acked_at FROM outbox "
                     "INDEXED BY outbox_prune WHERE held = 1 AND acked_at IS NOT NULL "
+                    f"AND {_ACKED_OK} AND {_SIZE_OK} AND {_FILE_OK} "
                     "ORDER BY acked_at LIMIT ?",
                     (_PRUNE_BATCH,),
                 ).fetchall()
@@ -542,18 +568,29 @@ class Outbox:
             # A released lock is not handed to a waiter: without a pause this loop takes it
             # straight back and the event loop waits for the whole prune, not one batch.
             time.sleep(_PRUNE_PAUSE)
-        return dropped + self._prune_lost(acked_before)
+        dropped += self._prune_lost(acked_before, stop)
+        if damaged is not None and not _stopped(stop):
+            damaged.extend(self._unprunable())
+        return dropped
 
-    def forget(self, *, acked_before: float) -> int:
+    def forget(
+        self,
+        *,
+        acked_before: float,
+        stop: threading.Event | None = None,
+        damaged: list[str] | None = None,
+    ) -> int:
         """Delete the history rows of entries answered before *acked_before* whose result
         bytes are already gone (pruned, or a lost entry's file removed), in batches.
 
         The status totals keep counting them (``outbox_forgotten``). A forgotten task that
         a coordinator dispatched again would be run again: that is why the history period
         is long (180 days by default) and never shorter than the results'. Returns how many.
+        *stop* and *damaged* as for ``prune``: a row whose acknowledgement time is not a
+        number is never forgotten, and described in *damaged*.
         """
         forgotten = 0
-        while True:
+        while not _stopped(stop):
             with self._lock:
                 batch = self._db.execute(
                     "SELECT task_id, kind, ack_status FROM outbox INDEXED BY outbox_pending "
@@ -562,7 +599,7 @@ class Outbox:
                     (acked_before, _PRUNE_BATCH),
                 ).fetchall()
                 if not batch:
-                    return forgotten
+                    break
                 per_bucket: dict[str, int] = {}
                 for _, kind, status in batch:
                     bucket = _bucket(kind, status)
@@ -582,21 +619,31 @@ class Outbox:
                     )
             forgotten += len(batch)
             time.sleep(_PRUNE_PAUSE)
+        if damaged is not None and not _stopped(stop):
+            with self._lock:
+                # Text and blobs sort after every number (SQLite's order: NULL, numbers,
+                # text, blobs), so this reads the index's far end only, never all of it.
+                rows = self._db.execute(
+                    "SELECT task_id, typeof(acked_at) FROM outbox INDEXED BY outbox_pending "
+                    "WHERE acked_at >= '' AND held = 0 AND result_file IS NULL"
+                ).fetchall()
+            damaged.extend(_unreadable_row(t, f"acked_at is {k}, not a number") for t, k in rows)
+        return forgotten
 
-    def _prune_lost(self, acked_before: float) -> int:
+    def _prune_lost(self, acked_before: float, stop: threading.Event | None) -> int:
         """Remove the files of entries closed as lost before *acked_before* (kept until then
         for the operator to inspect); the rows stay, naming no file. Returns how many."""
         removed = 0
-        while True:
+        while not _stopped(stop):
             with self._lock:
                 batch = self._db.execute(
                     "SELECT task_id, result_file FROM outbox INDEXED BY outbox_lost "
                     "WHERE ack_status = 'lost' AND result_file IS NOT NULL AND acked_at < ? "
-                    "ORDER BY acked_at LIMIT ?",
+                    f"AND {_ACKED_OK} AND {_FILE_OK} ORDER BY acked_at LIMIT ?",
                     (acked_before, _PRUNE_BATCH),
                 ).fetchall()
                 if not batch:
-                    return removed
+                    break
                 with self._transaction():
                     self._db.executemany(
                         "UPDATE outbox SET result_file = NULL WHERE task_id = ?",
@@ -607,6 +654,34 @@ class Outbox:
                     (self.files / name).unlink()
             removed += len(batch)
             time.sleep(_PRUNE_PAUSE)
+        return removed
+
+    def _unprunable(self) -> list[str]:
+        """Descriptions of the rows prune leaves because it cannot read them: held results
+        and lost entries' files whose row fails _ACKED_OK, _SIZE_OK or _FILE_OK."""
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT task_id, typeof(acked_at), typeof(result_size), {_FILE_OK} "
+                "FROM outbox INDEXED BY outbox_prune WHERE held = 1 AND acked_at IS NOT NULL "
+                f"AND NOT ({_ACKED_OK} AND {_SIZE_OK} AND {_FILE_OK})"
+            ).fetchall()
+            rows += self._db.execute(
+                f"SELECT task_id, typeof(acked_at), 'integer', {_FILE_OK} "
+                "FROM outbox INDEXED BY outbox_lost "
+                "WHERE ack_status = 'lost' AND result_file IS NOT NULL "
+                f"AND NOT ({_ACKED_OK} AND {_FILE_OK})"
+            ).fetchall()
+        out: dict[Any, str] = {}  # by task: a row edited into both sets is described once
+        for task_id, acked, size, file_ok in rows:
+            why = []
+            if acked not in ("integer", "real"):
+                why.append(f"acked_at is {acked}, not a number")
+            if size != "integer":
+                why.append(f"result_size is {size}, not an integer")
+            if not file_ok:
+                why.append("result_file is not a result file's name")
+            out[task_id] = _unreadable_row(task_id, "; ".join(why))
+        return list(out.values())
 
     def _drop(self, drop: list[tuple[str, int, str | None]]) -> None:
         ids = [(task_id,) for task_id, _, _ in drop]
@@ -734,6 +809,15 @@ class Outbox:
                 (since or 0.0, limit),
             ).fetchall()
         return iter(_decode_all(rows, damaged))
+
+
+def _stopped(stop: threading.Event | None) -> bool:
+    return stop is not None and stop.is_set()
+
+
+def _unreadable_row(task_id: object, why: str) -> str:
+    """A row prune or forget leaves, described as _decode describes one it cannot decode."""
+    return f"the row of task {str(task_id)[:40]!r} ({why})"
 
 
 def _bucket(kind: str, status: str) -> str:

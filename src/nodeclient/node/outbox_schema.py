@@ -112,6 +112,18 @@ _COLUMNS: Final = (
 _HISTORY_COLUMNS: Final = _COLUMNS.replace(" result,", " NULL,", 1)
 # A row the coordinator named by the parameter (given twice) gets; NULL: any coordinator.
 _SENT_TO: Final = "(? IS NULL OR coordinator_id IS NULL OR coordinator_id = ?)"
+# What prune relies on in a row, as SQL, so that a row without it (damaged on disk, or
+# edited by hand) never enters a batch and cannot stop the others' pruning: a numeric
+# acked_at and an integer result_size, and a result_file that is NULL or a result file
+# name as the outbox writes them (a task id and ".result", as _RESULT_NAME), so that a
+# name leading out of the results directory is never removed.
+_ACKED_OK: Final = "typeof(acked_at) IN ('integer', 'real')"
+_SIZE_OK: Final = "typeof(result_size) = 'integer'"
+_FILE_OK: Final = (
+    "(result_file IS NULL OR (typeof(result_file) = 'text' AND length(result_file) = 43 "
+    "AND substr(result_file, 37) = '.result' "
+    "AND substr(result_file, 1, 36) NOT GLOB '*[^0-9a-f-]*'))"
+)
 # What read_history reads for a column that an outbox of an older release lacks.
 _MISSING: Final = {"held": "1", "coordinator_id": "NULL"}
 # An entry with its result: from outbox_results, or the legacy column; then result_file.
