@@ -189,7 +189,7 @@ class TaskDispatcher(ResultDelivery):
         # It runs on, to the new lease's end, and a reject of it names the new lease, or
         # the coordinator would take it for the old one's and ignore it.
         running.lease_expires_at = d.lease_expires_at
-        until = time.monotonic() + max(0.0, d.lease_expires_at - self.clock.now())
+        until = self._deadline(d.lease_expires_at)
         if running.fetch_limits is not None:  # its inputs may still be downloading
             running.fetch_limits.extend(until)
         self.executor.extend(d.task_id, until)
@@ -246,22 +246,26 @@ class TaskDispatcher(ResultDelivery):
                         now=int(self.clock.now()),
                     )
                     started = time.monotonic()
-                    cache_dir = self.executor.config.cache_dir
-                    if inputs.needs_fetch(task.workload_class, payload, cache_dir=cache_dir):
+                    metadata = await self._metadata(task.workload_class, payload)
+                    if inputs.needs_fetch(
+                        task.workload_class,
+                        payload,
+                        cache_dir=self.executor.config.cache_dir,
+                        metadata=metadata,
+                    ):
                         payload = await self._fetch_inputs(
                             task, payload, task.lease_expires_at or d.lease_expires_at
                         )
-                    # The task's lease, renewed if it was leased here again meanwhile.
-                    lease_end = task.lease_expires_at or d.lease_expires_at
-                    lease_left = max(0.0, lease_end - self.clock.now())
                     result = await self.executor.run(
                         task.workload_class,
                         payload,
                         task_id=task.task_id,
                         job_id=d.job_id,  # whose worker may serve it (executor: reuse)
-                        deadline=time.monotonic() + lease_left,  # the executor's clock
+                        # The task's lease, renewed if it was leased here again meanwhile.
+                        deadline=self._deadline(task.lease_expires_at or d.lease_expires_at),
                         resources=d.resources,
                         on_progress=self._progress_reporter(task.task_id),
+                        metadata=metadata,  # the affinity of the worker it may share
                     )
                 except EnvelopeError as exc:  # only open_envelope raises it
                     self._task_ended(task, "rejected")
@@ -339,6 +343,20 @@ class TaskDispatcher(ResultDelivery):
         self._task_ended(task, "completed")
         await self._deliver(entry)
 
+    def _deadline(self, lease_expires_at: float) -> float:
+        """A lease's end (a wall-clock time) as a deadline on the executor's clock, which
+        runs on while the system is suspended (a task leased before a suspend is stopped
+        at its lease's end, not as much later as the system slept)."""
+        return self.executor.clock() + max(0.0, lease_expires_at - self.clock.now())
+
+    async def _metadata(self, workload_class: str, payload: bytes) -> dict[str, str] | None:
+        """The payload's metadata (``inputs.task_metadata``), read once per task: on the
+        event loop when its header is small, else in a thread, so that a requester's header
+        of up to a MiB (the container's limit), slow to parse, holds up no other task."""
+        if inputs.header_is_small(payload):
+            return inputs.task_metadata(workload_class, payload)
+        return await asyncio.to_thread(inputs.task_metadata, workload_class, payload)
+
     def _progress_reporter(self, task_id: uuid.UUID) -> Callable[[float, float, str], None]:
         """Forward a task's progress to the coordinator (the executor has throttled it: at
         most twice a second, and one end)."""
@@ -353,8 +371,9 @@ class TaskDispatcher(ResultDelivery):
         """_resolve_inputs in the fetch threads (one per slot, apart from the threads that
         commit and acknowledge results), stopped at the lease's end or a cancel."""
         limits = task.fetch_limits = inputs.FetchLimits(
-            deadline=time.monotonic() + max(0.0, lease_end - self.clock.now()),
+            deadline=self._deadline(lease_end),
             cancelled=threading.Event(),
+            clock=self.executor.clock,
         )
         with inputs.fetch_limits(limits):
             context = contextvars.copy_context()
@@ -376,9 +395,12 @@ class TaskDispatcher(ResultDelivery):
                 cache_dir=self.executor.config.cache_dir,
                 sandbox_owner=self.executor.mode == sandbox.MODE_BWRAP and os.geteuid() == 0,
                 blobs=self._blobs,
+                max_payload_bytes=self.executor.config.max_payload_bytes,
             )
         except RemoteProtocolError as exc:
             raise TaskFailed(f"bad input: {exc}", requester_fault=True) from exc
+        except inputs.InputNotStored as exc:  # this node's disk: the task may run elsewhere
+            raise TaskFailed(str(exc), requester_fault=False) from exc
 
     async def _off_loop(self, fn: Callable[..., _T], /, *args: Any, **kwargs: Any) -> _T:
         """Run blocking per-task work (the RSA unwrap, hashing, the outbox fsync) in a thread

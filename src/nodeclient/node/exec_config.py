@@ -9,6 +9,7 @@ size caps of payloads, results and output. The defaults come from the runtime re
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,24 @@ DEFAULT_MAX_OUTPUT: Final = 1024 * 1024
 # What a task may leave on disk in its work directory (and /tmp, where that is on disk):
 # RLIMIT_FSIZE bounds one file, not how many (a render's simulation caches, say).
 DEFAULT_MAX_WORK_BYTES: Final = 16 * 1024**3
+
+# A task's deadline is its lease's end, a wall-clock time, turned into time left when the
+# lease arrives. That time must count while the system is suspended: CLOCK_MONOTONIC
+# (time.monotonic, the event loop's clock) stops then, so a node resumed an hour later
+# would see its task's lease as it was and run on, though the coordinator has given the
+# task to another node meanwhile. CLOCK_BOOTTIME runs on in suspend (Linux); it is
+# shifted to read as time.monotonic at start-up, so that a deadline computed from either
+# agrees until the first suspend. Without CLOCK_BOOTTIME, deadlines stay on time.monotonic.
+_BOOTTIME: Final = getattr(time, "CLOCK_BOOTTIME", None)
+_BOOT_OFFSET: Final = 0.0 if _BOOTTIME is None else time.clock_gettime(_BOOTTIME) - time.monotonic()
+
+
+def deadline_clock() -> float:
+    """Seconds on the clock of task deadlines: ``time.monotonic()``, plus the time the
+    system has spent suspended since this module was imported (see above)."""
+    if _BOOTTIME is None:
+        return time.monotonic()
+    return time.clock_gettime(_BOOTTIME) - _BOOT_OFFSET
 
 
 def default_runtimes() -> dict[str, str]:

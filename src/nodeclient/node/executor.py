@@ -32,7 +32,6 @@ import logging
 import os
 import shutil
 import tempfile
-import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Final
@@ -43,6 +42,7 @@ from nodeclient.node import sandbox
 from nodeclient.node.exec_config import (
     DEFAULT_MAX_PAYLOAD,
     WorkerConfig,
+    deadline_clock,
     default_preload,
     default_runtimes,
     first_use_modules,
@@ -66,6 +66,7 @@ from nodeclient.node.slots import (
     fit_slot,
     is_reusable,
 )
+from nodeclient.protocol.blobs import SHA256_HEX
 
 # The executor's names, and what a caller builds one with, wherever they are defined.
 __all__ = [
@@ -84,6 +85,10 @@ _SETTLE_TIMEOUT: Final = 300.0  # emptying a work directory of rendered frames t
 _SETTLE_WAIT: Final = 5.0  # a task waits this long for a settling worker that may take it
 PROGRESS_INTERVAL_S: Final = 0.5  # a task's progress reports passed on at most this often
 DISK_CHECK_S = 2.0  # a running task's work directory is measured this often (max_work_bytes)
+# A task's deadline is read again on the executor's clock this often: the event loop's
+# timers run on CLOCK_MONOTONIC, which stops while the system is suspended, and the
+# executor's clock does not (exec_config.deadline_clock).
+DEADLINE_CHECK_S = 1.0
 
 
 _MAX_PENDING_EXTENSIONS: Final = 1024  # renewals of tasks whose timer has not started
@@ -107,7 +112,7 @@ class Executor:
         slots: int,
         config: WorkerConfig,
         mode: str = MODE_BWRAP,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Callable[[], float] = deadline_clock,
     ) -> None:
         if slots < 1:
             raise ValueError("slots must be at least 1")
@@ -124,12 +129,19 @@ class Executor:
         self._idle: asyncio.Queue[Slot] | None = None
         self._running: dict[str, Slot] = {}
         self._deadlines: dict[str, asyncio.Timeout] = {}  # a running task's, to extend
+        self._ends: dict[str, float] = {}  # a running task's deadline, on the clock
         self._extended: dict[str, float] = {}  # renewed before the task's timer started
         self._progress: dict[str, dict[str, Any]] = {}
         self._restarts: set[asyncio.Task[None]] = set()
         self._anon = itertools.count()
         # seconds each of the last workers took to start (bench/execution.py reads them)
         self.start_seconds: collections.deque[float] = collections.deque(maxlen=1000)
+
+    @property
+    def clock(self) -> Callable[[], float]:
+        """The clock of task deadlines (:func:`~nodeclient.node.exec_config.deadline_clock`
+        unless one was injected): it runs on while the system is suspended."""
+        return self._clock
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -320,6 +332,7 @@ class Executor:
             return True
         if timer.expired():
             return False
+        self._ends[key] = max(deadline, self._ends.get(key, deadline))
         when = asyncio.get_running_loop().time() + (deadline - self._clock())
         current = timer.when()
         if current is not None and when > current:
@@ -347,13 +360,17 @@ class Executor:
         deadline: float | None = None,
         resources: Mapping[str, int] | None = None,
         on_progress: OnProgress | None = None,
+        metadata: Mapping[str, str] | None = None,
     ) -> bytes:
         """Run one task in a worker; raise TaskFailed with a reason on any failure.
 
-        *deadline* is a value of the executor's clock (``time.monotonic`` by default).
-        *job_id* is the dispatch's: a worker that ran a task of a job (other than an
-        inference) takes no task of another job, and without it none at all (see
-        :func:`~nodeclient.node.slots.affinity_of`).
+        *deadline* is a value of the executor's clock (:attr:`clock`; it agrees with
+        ``time.monotonic`` until the system is first suspended). *job_id* is the
+        dispatch's: a worker that ran a task of a job (other than an inference) takes no
+        task of another job, and without it none at all (see
+        :func:`~nodeclient.node.slots.affinity_of`). *metadata* is the payload's container
+        metadata when the caller has read it (``inputs.task_metadata``): the header is then
+        not parsed again, here on the event loop.
         """
         if len(payload) > self.config.max_payload_bytes:
             raise TaskFailed(
@@ -366,7 +383,7 @@ class Executor:
         await self.warm_up()
         assert self._idle is not None
         key = str(task_id) if task_id is not None else f"anonymous-{next(self._anon)}"
-        affinity = affinity_of(workload_class, payload, job_id=job_id, key=key)
+        affinity = _affinity(workload_class, payload, metadata, job_id=job_id, key=key)
         slot = await self._slot_for(key, deadline, affinity)
         try:
             if slot.alive and slot.affinity not in (None, affinity):
@@ -394,6 +411,7 @@ class Executor:
             self._running.pop(key, None)
             self._progress.pop(key, None)
             self._extended.pop(key, None)
+            self._ends.pop(key, None)
             slot.busy = False
             self._release(slot)
 
@@ -441,18 +459,19 @@ class Executor:
 
     async def _free_slot(self, key: str, deadline: float | None) -> Slot:
         """An idle slot, waited for at most until the task's deadline (all slots may be
-        restarting a worker)."""
+        restarting a worker), read again on the executor's clock every DEADLINE_CHECK_S."""
         assert self._idle is not None
         if deadline is None:
             return await self._idle.get()
         while True:
             deadline = max(deadline, self._extended.get(key, deadline))  # a renewed lease
+            left = deadline - self._clock()
             try:
-                async with asyncio.timeout(max(0.0, deadline - self._clock())):
+                async with asyncio.timeout(max(0.0, min(left, DEADLINE_CHECK_S))):
                     return await self._idle.get()
             except TimeoutError:
-                if self._extended.get(key, deadline) > deadline:
-                    continue  # renewed while it waited: wait on to the new end
+                if self._extended.get(key, deadline) > deadline or self._clock() < deadline:
+                    continue  # renewed while it waited, or not yet: wait on to the end
                 raise TaskFailed(
                     "deadline exceeded while waiting for a free worker", requester_fault=False
                 ) from None
@@ -482,26 +501,20 @@ class Executor:
         extended = self._extended.pop(key, None)
         if extended is not None and deadline is not None:
             deadline = max(deadline, extended)
-        timeout = None if deadline is None else deadline - self._clock()
+        started = self._clock()
+        timeout = None if deadline is None else deadline - started
         if timeout is not None and timeout <= 0:
             raise TaskFailed("deadline exceeded before the task started", requester_fault=False)
         slot.busy = True
-        # Measured only once a task has run DISK_CHECK_S: a timer, not a task, for the many
-        # that end sooner.
-        watch: list[asyncio.Task[None]] = []
-        armed = asyncio.get_running_loop().call_later(
-            DISK_CHECK_S, lambda: watch.append(asyncio.create_task(self._watch_disk(slot)))
-        )
         try:
             async with asyncio.timeout(timeout) as timer:  # no extra task, unlike wait_for
                 self._deadlines[key] = timer
+                unwatch = self._watch(slot, key, deadline)
                 try:
                     frame = await slot.execute(header, payload, progress)
                 finally:
                     self._deadlines.pop(key, None)
-                    armed.cancel()
-                    for task in watch:
-                        task.cancel()
+                    unwatch()
                     if gate.dropped:
                         log.info(
                             "task.progress_dropped",
@@ -510,7 +523,8 @@ class Executor:
         except TimeoutError:
             slot.kill("deadline")
             raise TaskFailed(
-                f"deadline exceeded: killed after {timeout:.1f} s", requester_fault=False
+                f"deadline exceeded: killed after {self._clock() - started:.1f} s",
+                requester_fault=False,
             ) from None
         except asyncio.CancelledError:
             slot.kill("cancelled")
@@ -534,6 +548,45 @@ class Executor:
         raise TaskFailed(
             str(frame.header.get("reason", "failed")), requester_fault=kind == "requester"
         )
+
+    def _watch(self, slot: Slot, key: str, deadline: float | None) -> Callable[[], None]:
+        """Watch the task running on *slot* (its deadline timer set): its work directory's
+        size once it has run DISK_CHECK_S (a timer, not a task, for the many that end
+        sooner), and its deadline on the executor's clock (_recheck). The function returned
+        stops both."""
+        loop = asyncio.get_running_loop()
+        watch: list[asyncio.Task[None]] = []
+        armed = loop.call_later(
+            DISK_CHECK_S, lambda: watch.append(asyncio.create_task(self._watch_disk(slot)))
+        )
+        recheck: list[asyncio.TimerHandle] = []
+        if deadline is not None:
+            self._ends[key] = deadline
+            recheck.append(loop.call_later(DEADLINE_CHECK_S, self._recheck, key, recheck))
+
+        def stop() -> None:
+            armed.cancel()
+            for handle in recheck:
+                handle.cancel()
+            for task in watch:
+                task.cancel()
+
+        return stop
+
+    def _recheck(self, key: str, handles: list[asyncio.TimerHandle]) -> None:
+        """Expire a running task's deadline timer once the executor's clock has passed the
+        task's deadline, else look again in DEADLINE_CHECK_S: after a suspend the timer,
+        on the event loop's clock, would strike only as long after the deadline as the
+        system slept (and the coordinator has given the task to another node by then)."""
+        timer, end = self._deadlines.get(key), self._ends.get(key)
+        if timer is None or end is None or timer.expired():
+            return
+        loop = asyncio.get_running_loop()
+        if self._clock() < end:
+            handles[:] = [loop.call_later(DEADLINE_CHECK_S, self._recheck, key, handles)]
+            return
+        with contextlib.suppress(RuntimeError):  # expiring in this very turn of the loop
+            timer.reschedule(loop.time())
 
     async def _watch_disk(self, slot: Slot) -> None:
         """Kill the slot's worker once its directory holds more than max_work_bytes on disk
@@ -619,6 +672,26 @@ class Executor:
         finally:
             assert self._idle is not None
             self._idle.put_nowait(slot)
+
+
+def _affinity(
+    workload_class: str,
+    payload: bytes,
+    metadata: Mapping[str, str] | None,
+    *,
+    job_id: object,
+    key: str,
+) -> Affinity:
+    """:func:`~nodeclient.node.slots.affinity_of`, taken from *metadata* (the payload's,
+    already read) rather than from the payload's header, for an inference."""
+    from nodeclient.workloads import inference  # imported here: numpy, which the CLI avoids
+
+    if metadata is not None and workload_class == inference.CLASS:
+        sha256 = metadata.get(inference.META_MODEL_SHA256)
+        if isinstance(sha256, str) and SHA256_HEX.fullmatch(sha256):
+            return (workload_class, sha256)
+        payload = b""  # no header, as far as affinity_of can tell: a worker for this task only
+    return affinity_of(workload_class, payload, job_id=job_id, key=key)
 
 
 class _ProgressGate:

@@ -25,22 +25,23 @@ import ipaddress
 import logging
 import socket
 import threading
-import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
 import httpx
 
 from nodeclient import httpbody
-from nodeclient.errors import ProtocolError, RemoteProtocolError
+from nodeclient.errors import NodeClientError, ProtocolError, RemoteProtocolError
 from nodeclient.node import sandbox
+from nodeclient.node.exec_config import DEFAULT_MAX_PAYLOAD, deadline_clock
 from nodeclient.protocol.blobs import BLOB_URL
-from nodeclient.workloads.tensors import read_metadata
+from nodeclient.workloads.tensors import DEFAULT_MAX_BYTES, read_metadata
 
-if TYPE_CHECKING:  # imported lazily: the daemon needs it only for models by URL
+if TYPE_CHECKING:  # imported lazily: the daemon needs them only for models by URL
     from nodeclient.node.runtimes.onnx import ModelCache
+    from nodeclient.workloads.inference import InferenceRequest
 
 log = logging.getLogger("nodeclient.node")
 
@@ -55,14 +56,21 @@ _FETCH_ERRORS: Final = (httpx.HTTPError, httpx.InvalidURL, UnicodeError)
 Fetch = Callable[[str], bytes]
 
 
+class InputNotStored(NodeClientError):
+    """A fetched input could not be made ready for the worker through no fault of the
+    requester (this node's disk): the task is refused as the node's failure."""
+
+
 @dataclass(slots=True)
 class FetchLimits:
-    """What bounds the downloads of one task: its lease's end (``time.monotonic``) and its
+    """What bounds the downloads of one task: its lease's end (a value of *clock*, the
+    executor's deadline clock, which runs on while the system is suspended) and its
     cancellation. A thread cannot be cancelled: the download checks both between chunks,
     and no read waits past the deadline (as it stood when the read began)."""
 
     deadline: float
     cancelled: threading.Event
+    clock: Callable[[], float] = deadline_clock
 
     def extend(self, deadline: float) -> None:
         """A renewed lease: later chunks may come until *deadline*, if that is later (one
@@ -209,7 +217,7 @@ def _left(limits: FetchLimits, url: str) -> float:
     """Seconds left to download *url*; RemoteProtocolError once there are none."""
     if limits.cancelled.is_set():
         raise RemoteProtocolError(f"GET {url[:80]!r} stopped: the task was cancelled")
-    left = limits.deadline - time.monotonic()
+    left = limits.deadline - limits.clock()
     if left <= 0:
         raise RemoteProtocolError(f"GET {url[:80]!r} did not finish before the task's deadline")
     return left
@@ -222,18 +230,51 @@ def _short(exc: BaseException) -> str:
 
 # The metadata keys through which each class references inputs by URL or by hash.
 _URL_KEYS: Final = {"ai.inference": ("model_url",), "media.render": ("scene_url", "assets")}
+# A header this small is parsed in microseconds, and read_metadata keeps what it parsed
+# (the same model's requests, task after task); a larger one (up to the container's
+# 1 MiB) may take a tenth of a second to parse, too long for the daemon's event loop.
+SMALL_HEADER_BYTES: Final = 4096
 
 
-def needs_fetch(workload_class: str, payload: bytes, *, cache_dir: Path) -> bool:
+def task_metadata(workload_class: str, payload: bytes) -> dict[str, str] | None:
+    """The payload's container metadata, for what the daemon decides before a worker has
+    the task (:func:`needs_fetch`, and the worker the executor picks for it): read once
+    per task and handed to both. ``{}`` when the header cannot be read (the worker reports
+    the precise decoding error); None for a class whose payload none of that reads."""
+    if workload_class not in _URL_KEYS:
+        return None
+    try:
+        return read_metadata(payload)
+    except ProtocolError:
+        return {}
+
+
+def header_is_small(payload: bytes) -> bool:
+    """Whether :func:`task_metadata` of *payload* is cheap enough for the event loop: a
+    header of at most SMALL_HEADER_BYTES (its length is the container's first 8 bytes,
+    little-endian), or none to read at all."""
+    return len(payload) < 8 or int.from_bytes(payload[:8], "little") <= SMALL_HEADER_BYTES
+
+
+def needs_fetch(
+    workload_class: str,
+    payload: bytes,
+    *,
+    cache_dir: Path,
+    metadata: Mapping[str, str] | None = None,
+) -> bool:
     """Whether :func:`resolve` has work to do: an input named by URL (or, for a render, an
     asset manifest) that is not already in the model cache.
 
-    Header-only, so a task whose model is warm pays one ``stat`` and no full decode. A
+    Header-only, so a task whose model is warm pays one ``stat`` and no full decode; with
+    *metadata* (:func:`task_metadata` of the payload) the header is not read again. A
     payload whose header cannot be read is handed on unchanged; the worker reports the
     precise decoding error.
     """
-    metadata = _references(workload_class, payload)
     if metadata is None:
+        metadata = task_metadata(workload_class, payload)
+    keys = _URL_KEYS.get(workload_class, ())
+    if metadata is None or not any(key in metadata for key in keys):
         return False
     if workload_class == "ai.inference":
         try:  # the worker verifies the file's hash when it reads it
@@ -241,18 +282,6 @@ def needs_fetch(workload_class: str, payload: bytes, *, cache_dir: Path) -> bool
         except (ValueError, OSError):
             return True  # resolve reports the bad hash, or refuses the planted cache
     return True
-
-
-def _references(workload_class: str, payload: bytes) -> dict[str, str] | None:
-    """The payload's metadata when it references an input to fetch, else None."""
-    keys = _URL_KEYS.get(workload_class, ())
-    if not keys:
-        return None
-    try:
-        metadata = read_metadata(payload)
-    except ProtocolError:
-        return None
-    return metadata if any(key in metadata for key in keys) else None
 
 
 def resolve(
@@ -263,17 +292,21 @@ def resolve(
     cache_dir: Path,
     sandbox_owner: bool,
     blobs: ModelCache | None = None,
+    max_payload_bytes: int = DEFAULT_MAX_PAYLOAD,
 ) -> bytes:
-    """The payload a worker can run offline; raises RemoteProtocolError on a bad reference.
+    """The payload a worker can run offline; raises RemoteProtocolError on a bad reference,
+    InputNotStored when this node cannot make a fetched input ready (its disk).
 
     *cache_dir* is the executor's cache directory (bound into the sandbox); with
     *sandbox_owner* the cached file is handed to the sandbox uid so the worker can read it.
     *blobs* (see :func:`blob_cache`) keeps what a render fetches from the coordinator's
     blob store, so the slices of one job fetch their scene once per node.
+    *max_payload_bytes* is the most the executor hands a worker.
     """
     try:
         if workload_class == "ai.inference":
-            return _resolve_model(payload, fetch, _model_cache(cache_dir), sandbox_owner)
+            cache = _model_cache(cache_dir)
+            return _resolve_model(payload, fetch, cache, sandbox_owner, max_payload_bytes)
         if workload_class == "media.render":
             from nodeclient.workloads import render
 
@@ -325,7 +358,9 @@ def _model_cache(cache_dir: Path) -> ModelCache:
     return ModelCache(cache_dir / "models", max_bytes=DEFAULT_MAX_CACHE_BYTES)
 
 
-def _resolve_model(payload: bytes, fetch: Fetch, cache: ModelCache, sandbox_owner: bool) -> bytes:
+def _resolve_model(
+    payload: bytes, fetch: Fetch, cache: ModelCache, sandbox_owner: bool, max_payload_bytes: int
+) -> bytes:
     from nodeclient.node.runtimes.onnx import UnsafeCacheError
     from nodeclient.workloads.inference import InferenceRequest
 
@@ -351,5 +386,38 @@ def _resolve_model(payload: bytes, fetch: Fetch, cache: ModelCache, sandbox_owne
             f"expected {request.model_sha256}"
         )
     owner = (sandbox.SANDBOX_UID, sandbox.SANDBOX_GID) if sandbox_owner else None
-    cache.put(request.model_sha256, data, owner=owner)
-    return payload
+    if cache.put(request.model_sha256, data, owner=owner):
+        return payload
+    return _with_model_inline(request, data, max_payload_bytes)
+
+
+def _with_model_inline(request: InferenceRequest, model: bytes, max_payload_bytes: int) -> bytes:
+    """The request with its fetched *model* inline: the model cache could not store it (a
+    full or failing disk), and the worker, which cannot fetch, finds models by URL only
+    there.
+
+    The cache is an optimisation, and a disk fault must make it miss, never fail a task:
+    handed on by URL, the task would be refused by the worker ("not cached") as the
+    requester's fault. Refusing it here as this node's fault would spare the requester,
+    but this node would still refuse every such task, each after its download, until its
+    disk is mended. Inline, the task runs as any inline request does (the model held in
+    memory, never written to disk), at the cost of one more copy of it for the task, and
+    the next task fetches the model again, as on any miss. Only a payload that would then
+    be over what a worker takes is refused, and as this node's fault: on another node the
+    model fits in the cache.
+    """
+    log.warning(
+        "input.model_not_cached",
+        extra={"model_sha256": request.model_sha256, "bytes": len(model)},
+    )
+    limit = min(max_payload_bytes, DEFAULT_MAX_BYTES)  # the executor's, the worker's decoder's
+    inline = b""
+    if len(model) <= limit:
+        inline = replace(request, model=model, model_url=None).encode()
+    if not inline or len(inline) > limit:
+        raise InputNotStored(
+            f"this node could not store the fetched model {request.model_sha256} in its "
+            f"model cache (a full or failing disk), and sent inline it would be over the "
+            f"{limit} bytes a worker takes"
+        )
+    return inline

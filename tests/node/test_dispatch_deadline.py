@@ -1,0 +1,84 @@
+"""A task's deadline is its lease's end read on the executor's clock, which runs on while
+the system is suspended, not on time.monotonic, which stops then: the input download,
+the run and a renewal all measure the lease on that one clock."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import pytest
+
+from nodeclient.node import inputs
+from nodeclient.node.executor import Executor
+from nodeclient.workloads.inference import make_request
+from tests.models import identity_model
+from tests.node.test_daemon_outbox import make_daemon
+from tests.node.test_daemon_rejects import dispatch
+
+# The executor's clock reads an hour ahead of time.monotonic: the system slept an hour
+# since the daemon started.
+SLEPT = 3600.0
+
+
+class OnItsOwnClock(Executor):
+    """An executor whose clock is not time.monotonic; it runs nothing, and keeps the time
+    each task had left by that clock, and each renewal's."""
+
+    left: ClassVar[list[float]] = []
+    renewed: ClassVar[list[float]] = []
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(clock=lambda: time.monotonic() + SLEPT, **kwargs)
+
+    async def run(self, *args: object, deadline: float, **kwargs: object) -> bytes:
+        OnItsOwnClock.left.append(deadline - self.clock())
+        return b"a result"
+
+    def extend(self, task_id: object, deadline: float) -> bool:
+        OnItsOwnClock.renewed.append(deadline - self.clock())
+        return True
+
+
+def test_the_lease_is_measured_on_the_executors_clock(tmp_path: Path) -> None:
+    """A task whose lease ends in 600 s gets 600 s by the executor's clock, for its input
+    download and for its run, and a renewal to 900 s is 900 s by that clock too."""
+    daemon, _, link = make_daemon(tmp_path, OnItsOwnClock)
+    OnItsOwnClock.left, OnItsOwnClock.renewed = [], []
+    model = identity_model()
+    downloading, renewed = threading.Event(), threading.Event()
+    download_left: list[float] = []
+
+    def fetch(url: str) -> bytes:
+        limits = inputs._LIMITS.get()
+        assert limits is not None
+        download_left.append(limits.deadline - limits.clock())
+        downloading.set()
+        renewed.wait(10)
+        return model
+
+    daemon._fetch = fetch
+    payload = make_request(
+        model, {"x": np.ones(3, np.float32)}, inline=False, model_url="https://models.example/m"
+    ).encode()
+    task_id, now = uuid.uuid4(), int(time.time())
+
+    async def scenario() -> None:
+        await daemon._on_frame(dispatch(daemon, task_id, now + 600, payload=payload))
+        await asyncio.to_thread(downloading.wait, 10)
+        await daemon._on_frame(dispatch(daemon, task_id, now + 900, payload=payload))
+        renewed.set()
+        while daemon.running:
+            await asyncio.sleep(0.01)
+
+    asyncio.run(asyncio.wait_for(scenario(), 10))
+    daemon._fetch_pool.shutdown(wait=True)
+    assert download_left == [pytest.approx(600, abs=5)]
+    assert OnItsOwnClock.renewed == [pytest.approx(900, abs=5)]
+    assert OnItsOwnClock.left == [pytest.approx(900, abs=5)]  # the renewed lease
+    assert [frame["type"] for frame in link.frames] == ["result"]
