@@ -304,7 +304,8 @@ class LinkSession:
         )
         await self.send(challenge.to_wire())
         try:
-            raw = await asyncio.wait_for(self._receive(), coord.config.auth_timeout)
+            async with asyncio.timeout(coord.config.auth_timeout):  # wait_for may drop a cancel
+                raw = await self._receive()
         except TimeoutError:
             return await self._refuse(4002, "auth timeout")
         # Nothing before auth may be large or binary: a stranger's large frame is neither

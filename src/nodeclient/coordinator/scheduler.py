@@ -159,7 +159,10 @@ class Scheduler:
         loop = asyncio.get_running_loop()
         while True:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(event.wait(), cfg.schedule_interval)
+                # Not wait_for: on 3.11 it drops a cancel (the server's stop) that arrives
+                # as the event is set, and the loop would run on.
+                async with asyncio.timeout(cfg.schedule_interval):
+                    await event.wait()
             event.clear()
             started = loop.time()
             try:

@@ -48,6 +48,7 @@ from nodeclient.protocol.states import UNSTAKE_COOLDOWN_S, NodeState, StateMachi
 
 log = logging.getLogger("nodeclient.node")
 
+DRAIN_FLUSH_S: Final = 10.0  # after a stop's grace, how long unacknowledged results are sent
 _DAMAGED_LOGGED: Final = 20  # damaged rows described in one outbox.rows_damaged event
 
 
@@ -100,6 +101,7 @@ class NodeDaemon(LinkClient):
         self._fatal: NeedsOperator | None = None
         self._replaced_at: float | None = None  # when another process last took the link
         self._pause = 0.0  # the next reconnect waits at least this long
+        self._replaced_while_stopping = False  # then the drain links no more (_link_closed)
         self._fetch = inputs.http_fetcher(self.url)
         # Downloads of task inputs run here, so that a slow source can hold at most one
         # thread per slot, never the default pool's threads that commit and ack results.
@@ -253,10 +255,12 @@ class NodeDaemon(LinkClient):
         if handles:
             await asyncio.wait(handles, timeout=self.shutdown_grace)
         await self._hand_back()
-        deadline = time.monotonic() + 10.0
-        # Only what this link sends: another coordinator's results wait for that one.
+        deadline = time.monotonic() + DRAIN_FLUSH_S
+        # Only what this link sends: another coordinator's results wait for that one. The
+        # link may be down meanwhile (a coordinator restarting): the link loop makes it
+        # again, and sends the backlog on it, until this ends.
         mine = self.session.coordinator_id
-        while self.outbox.backlog(mine) and self._ws is not None and time.monotonic() < deadline:
+        while self.outbox.backlog(mine) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
 
     async def _hand_back(self) -> None:

@@ -305,6 +305,11 @@ class TaskDispatcher(ResultDelivery):
                         "result_size": len(result),
                     },
                 )
+                if task.outcome is not None:
+                    # Ended meanwhile (cancelled, handed back, abandoned) by a cancel that
+                    # reached it as its run returned and was lost: never sign its result.
+                    log.info("task.result_discarded", extra={"outcome": task.outcome})
+                    return
                 # The work is done: a cancel from here on (a lease that just ended, say)
                 # no longer stops the commit, whose thread would go on anyway, nor the
                 # sending of what it signed (the coordinator takes a late result).

@@ -42,6 +42,8 @@ LINK_OPTIONS: Final[dict[str, Any]] = {
 CLOSE_NOT_REGISTERED: Final = 4003
 CLOSE_AUTH_FAILED: Final = 4001
 CLOSE_REPLACED: Final = 4004
+HANDSHAKE_TIMEOUT_S: Final = 10.0  # for each of the challenge and the welcome
+DRAIN_RELINK_S: Final = 1.0  # the longest pause between links while draining after a stop
 # An authenticated session that lasted this long resets the reconnect backoff, however it
 # ended; one that ends sooner (even with a clean close) backs off further.
 STABLE_LINK_S: Final = 10.0
@@ -123,6 +125,7 @@ class LinkClient(TaskDispatcher):
     _fatal: NeedsOperator | None
     _replaced_at: float | None  # when another process last took the link
     _pause: float  # the next reconnect waits at least this long
+    _replaced_while_stopping: bool  # a 4004 during the drain: link no more
 
     # --- registration and link ----------------------------------------------------------------
 
@@ -213,7 +216,10 @@ class LinkClient(TaskDispatcher):
     async def _link_loop(self) -> None:
         delays = backoff(rand=self._rand.random)
         registered = False
-        while not self._stopping.is_set():
+        # After a stop, the link is made again while the drain may still need it (results
+        # still running or unsent), so what the grace finished is still sent, until run()
+        # cancels this (dispatches on such a link are refused as draining).
+        while not self._stopping.is_set() or self._drain_needs_link():
             try:
                 if not registered:
                     await self.register()
@@ -249,12 +255,22 @@ class LinkClient(TaskDispatcher):
             if self.link.status == "up" and self.clock.now() - self.link.since >= STABLE_LINK_S:
                 delays = backoff(rand=self._rand.random)
             self._set_link("down")
-            if self._stopping.is_set():
-                break
+            draining = self._stopping.is_set()
+            if draining and (self._replaced_while_stopping or not self._drain_needs_link()):
+                return
             self.link.reconnects += 1
             delay, self._pause = max(next(delays), self._pause), 0.0
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), timeout=delay)
+            if draining:  # the flush has seconds, not minutes
+                await asyncio.sleep(min(delay, DRAIN_RELINK_S))
+                continue
+            with contextlib.suppress(TimeoutError):  # a stop wakes it: link now to flush
+                async with asyncio.timeout(delay):  # not wait_for: it may drop a cancel
+                    await self._stopping.wait()
+
+    def _drain_needs_link(self) -> bool:
+        """Whether a stopping daemon still needs its link: tasks still running (their
+        results, or their hand-backs, are to be sent) or results not yet acknowledged."""
+        return bool(self.running) or self.outbox.backlog(self.session.coordinator_id) > 0
 
     def _link_closed(self, exc: ConnectionClosed) -> bool:
         """Log how the coordinator closed the link; True when the node must register again.
@@ -269,8 +285,9 @@ class LinkClient(TaskDispatcher):
         if code != CLOSE_REPLACED:
             log.warning("link.closed", extra={"code": code, "reason": reason})
             return code in (CLOSE_NOT_REGISTERED, CLOSE_AUTH_FAILED)
-        if self._stopping.is_set():  # stopping anyway: nothing more to do
+        if self._stopping.is_set():  # stopping anyway: link no more, the other process has it
             log.error("link.replaced", extra={"code": code, "reason": reason})
+            self._replaced_while_stopping = True
             return False
         # The running tasks go either way: the other process holds the link now.
         self._abandon_running()
@@ -307,11 +324,15 @@ class LinkClient(TaskDispatcher):
         ws_url = "ws" + self.url[len("http") :] + "/v1/link"
         self._set_link("connecting")
         async with _NoRedirects(ws_url, **LINK_OPTIONS) as ws:
-            challenge = messages.parse_from_coordinator(await asyncio.wait_for(ws.recv(), 10))
+            # asyncio.timeout, not wait_for: on 3.11 wait_for drops a cancel (a stop) that
+            # arrives as the frame does, and the link would live on after the stop.
+            async with asyncio.timeout(HANDSHAKE_TIMEOUT_S):
+                challenge = messages.parse_from_coordinator(await ws.recv())
             if not isinstance(challenge, messages.Challenge):
                 raise RemoteProtocolError("expected a challenge as the first frame")
             await ws.send(json.dumps(self.session.on_challenge(challenge)))
-            welcome = messages.parse_from_coordinator(await asyncio.wait_for(ws.recv(), 10))
+            async with asyncio.timeout(HANDSHAKE_TIMEOUT_S):
+                welcome = messages.parse_from_coordinator(await ws.recv())
             if not isinstance(welcome, messages.Welcome):
                 raise RemoteProtocolError(f"expected welcome, got {type(welcome).__name__}")
             self.session.on_welcome(welcome)

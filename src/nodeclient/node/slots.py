@@ -158,7 +158,10 @@ class Slot:
             _widen_pipe(pipe)
         self.drain = asyncio.create_task(self._drain_stderr(self.proc))
         try:
-            frame = await asyncio.wait_for(self._read(), timeout)
+            # asyncio.timeout, not wait_for: on 3.11 wait_for drops a cancel that arrives
+            # as the frame does, and the task (cancelled, handed back) would run on.
+            async with asyncio.timeout(timeout):
+                frame = await self._read()
         except TimeoutError:
             self.kill("start-up timed out")
             frame = None
