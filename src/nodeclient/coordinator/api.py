@@ -17,14 +17,15 @@ import io
 import logging
 import math
 import os
+import re
 import uuid
 from collections.abc import Callable
-from typing import Any, Final
+from typing import Any, Final, Literal
 from urllib.parse import urlencode
 
 import pybase64
 from fastapi import APIRouter, Body, Query, Request
-from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.orm import Session
 from starlette.requests import ClientDisconnect
@@ -159,6 +160,39 @@ def _discard(out: io.BufferedWriter, tmp: str) -> None:
         out.close()
     with contextlib.suppress(FileNotFoundError):
         os.unlink(tmp)
+
+
+# One range of bytes (RFC 9110 14.1.2): FIRST-LAST, FIRST- (to the end) or -SUFFIX (the
+# last SUFFIX bytes). FileResponse would answer any other form in plain text.
+_RANGE: Final = re.compile(
+    r"bytes=(?:([0-9]{1,19})-([0-9]{0,19})|-([0-9]{1,19}))", re.ASCII | re.IGNORECASE
+)
+
+
+def range_refusal(header: str, size: int) -> JSONResponse | None:
+    """None if the Range *header* asks for one range that a blob of *size* bytes can
+    serve; otherwise the JSON error: 400 for anything but one range of bytes, 416 (with
+    ``Content-Range: bytes */size``) for one that lies outside the blob."""
+    match = _RANGE.fullmatch(header.strip())
+    quoted = repr(header.strip()[:100])
+    if match is None:
+        return error(
+            400,
+            f"Range {quoted} is not one range of bytes: bytes=FIRST-LAST, bytes=FIRST- or "
+            "bytes=-N, each number of up to 19 digits",
+        )
+    first, last, suffix = match.groups()
+    if suffix is not None:
+        fits = size > 0 and int(suffix) > 0
+    elif last and int(last) < int(first):
+        return error(400, f"Range {quoted}: the last byte comes before the first")
+    else:
+        fits = int(first) < size
+    if fits:
+        return None
+    refused = error(416, f"Range {quoted} lies outside the blob of {size} bytes")
+    refused.headers["Content-Range"] = f"bytes */{size}"
+    return refused
 
 
 JOBS_PAGE: Final = 1000  # GET /v1/jobs: jobs per page unless ?limit= says otherwise
@@ -327,34 +361,56 @@ def build_router(coord: Coordinator) -> APIRouter:  # noqa: PLR0915 (one route e
         )
 
     @router.get("/v1/blobs/{sha256}", response_model=None)
-    async def get_blob(sha256: str) -> FileResponse | JSONResponse:
+    async def get_blob(request: Request, sha256: str) -> FileResponse | JSONResponse:
         if not SHA256_HEX.fullmatch(sha256):
             return error(400, "blob id must be 64 lowercase hex digits (its SHA-256)")
         # A node's fetch dates the blob as used: a job still running keeps it anyway.
         if not await asyncio.to_thread(coord.blobs.use, sha256):
             return error(404, f"no blob {sha256}")
-        return FileResponse(coord.blobs.path(sha256), media_type="application/octet-stream")
+        path = coord.blobs.path(sha256)
+        asked = request.headers.get("range")
+        if asked is not None:
+            try:
+                size = (await asyncio.to_thread(path.stat)).st_size
+            except FileNotFoundError:  # swept since the look: as if it had not been there
+                return error(404, f"no blob {sha256}")
+            refused = range_refusal(asked, size)
+            if refused is not None:
+                return refused
+        return FileResponse(path, media_type="application/octet-stream")
 
     def prepare(
         wclass: classes.WorkloadClass, payload: bytes, slices: int
     ) -> tuple[dict[str, Any], list[bytes], set[str], bytes | None]:
-        """Validate, move inline inputs to the blob store, check the blobs and split:
+        """Validate, check the blobs, split, and move inline inputs to the blob store:
         CPU-bound and disk-bound (a media.render job hashes and stores an inline scene of up
         to max_payload_bytes), so it runs off the event loop. Also returns the blobs the
         job references, each dated as used by the check (the sweep keeps them), and what
-        the tasks of its first round share (stored once, beside them), if its class has it."""
+        the tasks of its first round share (stored once, beside them), if its class has it.
+
+        Inline inputs are stored last, once every check and the split have passed: a job
+        refused here leaves nothing in the blob store (an inline scene of up to
+        max_payload_bytes would otherwise stay there for the whole retention period)."""
         max_bytes = coord.config.max_payload_bytes
         meta = dict(wclass.validate(payload, max_bytes))
         moved = None if wclass.hoist is None else wclass.hoist(payload, slices)
+        hoisted: list[tuple[str, bytes]] = []
         if moved is not None:
-            payload, blobs = moved
-            for sha256, data in blobs:
-                coord.blobs.store(sha256, data)
-        referenced = wclass.require_blobs(payload, max_bytes, held=coord.blobs.use)
+            payload, hoisted = moved
+        inline = {sha256 for sha256, _ in hoisted}  # held once stored, below
+
+        def held(sha256: str) -> bool:
+            return sha256 in inline or coord.blobs.use(sha256)
+
+        referenced = wclass.require_blobs(payload, max_bytes, held=held)
+        shared: bytes | None = None
         if wclass.split_shared is not None:
             shared, parts = wclass.split_shared(payload, slices)
-            return meta, parts, referenced, shared
-        return meta, wclass.split(payload, slices), referenced, None
+        else:
+            parts = wclass.split(payload, slices)
+        for sha256, data in hoisted:
+            coord.blobs.store(sha256, data)
+        return meta, parts, referenced, shared
 
     # --- jobs -------------------------------------------------------------------------------
 
@@ -392,17 +448,19 @@ def build_router(coord: Coordinator) -> APIRouter:  # noqa: PLR0915 (one route e
             return error(400, f"payload could not be read: {type(exc).__name__}")
         now = coord.now()
 
-        def tx(s: Session) -> dict[str, Any]:
+        def tx(s: Session) -> store.JobRows:
             job_id = store.insert_job(
                 s, workload_class=wclass.name, payloads=parts, min_tier=body.min_tier,
                 region=body.region, meta=meta, now=now, blobs=blobs,
                 ram_mb=body.resources.ram_mb, vram_mb=body.resources.vram_mb, shared=shared,
             )  # fmt: skip
-            return store.job_json(s, s.get_one(m.Job, job_id), chain_id=chain_id)
+            return store.JobRows(
+                store.job_head(s.get_one(m.Job, job_id)), store.job_task_rows(s, job_id)
+            )
 
-        job = await coord.db.run(tx)
+        rows = await coord.db.run(tx)
         coord.wake()
-        return JSONResponse(job, status_code=201)
+        return await asyncio.to_thread(_job_response, rows, chain_id, None, 201)
 
     @router.get("/v1/jobs")
     async def list_jobs(
@@ -431,23 +489,27 @@ def build_router(coord: Coordinator) -> APIRouter:  # noqa: PLR0915 (one route e
         return JSONResponse(page, headers=headers)
 
     @router.get("/v1/jobs/{job_id}")
-    async def get_job(job_id: str) -> JSONResponse:
+    async def get_job(
+        job_id: str, tasks: Literal["all", "none"] = Query(default="all")
+    ) -> Response:
         key = uuid_key(job_id)
-
-        def tx(s: Session) -> dict[str, Any] | None:
-            job = s.get(m.Job, key)
-            return None if job is None else store.job_json(s, job, chain_id=chain_id)
-
-        job = None if key is None else await coord.db.run(tx)
-        if job is None:
+        with_tasks = tasks == "all"
+        rows = None
+        if key is not None:
+            rows = await coord.db.run(lambda s: store.job_rows(s, key, tasks=with_tasks))
+        if rows is None:
             return error(404, f"no job {job_id}")
-        for task in job["tasks"]:
-            holder = task["node_id"] if task["status"] == "leased" else None
-            p = None if holder is None else coord.progress.get(task["task_id"], node_id=holder)
-            task["progress"] = (
-                None if p is None else {"done": p["done"], "total": p["total"], "note": p["note"]}
-            )
-        return JSONResponse(job)
+        # The transaction read the rows only: their JSON (a typed-data object for each
+        # finished task, seconds for a training job's 100,000 tasks) is built in a worker
+        # thread, where the database thread and the event loop do not wait for it.
+        progress: dict[str, dict[str, Any]] = {}
+        for task in rows.tasks or ():
+            p = None
+            if task.status == m.LEASED and task.node_id is not None:
+                p = coord.progress.get(task.task_id, node_id=task.node_id)
+            if p is not None:
+                progress[task.task_id] = {name: p[name] for name in ("done", "total", "note")}
+        return await asyncio.to_thread(_job_response, rows, chain_id, progress, 200)
 
     @router.get("/v1/jobs/{job_id}/result", response_model=None)
     async def job_result(job_id: str) -> Response:
@@ -474,21 +536,33 @@ def build_router(coord: Coordinator) -> APIRouter:  # noqa: PLR0915 (one route e
     return router
 
 
+def _job_response(
+    rows: store.JobRows, chain_id: int, progress: dict[str, dict[str, Any]] | None, status: int
+) -> JSONResponse:
+    """The job's JSON, rendered; with *progress*, each task carries its entry there (None
+    if it has none)."""
+    job = rows.json(chain_id=chain_id)
+    if progress is not None:
+        for task in job.get("tasks", ()):
+            task["progress"] = progress.get(task["task_id"])
+    return JSONResponse(job, status_code=status)
+
+
 async def _result(
     spooler: results.Spooler, row: results.Row, key: str, size: int, data: bytes | None
 ) -> Response:
     """The result's bytes: *data* when the look read them (a small result), else spooled
-    and sent chunk by chunk with their length (results.py)."""
-    if data is None:
-        try:
-            spooled = await spooler.spool(row, key, size)
-        except results.ResultGone:
-            return error(404, f"the result of {key} is no longer kept")
-        if not isinstance(spooled, bytes):
-            return StreamingResponse(
-                results.chunks(spooled),
-                media_type="application/octet-stream",
-                headers={"Content-Length": str(size)},
-            )
-        data = spooled  # no file could be written for it (a full disk): read whole
-    return Response(data, media_type="application/octet-stream")
+    and sent chunk by chunk with their length (results.py); 503 while the copies being
+    sent already hold as many bytes as the coordinator allows."""
+    if data is not None:
+        return Response(data, media_type="application/octet-stream")
+    try:
+        spooled = await spooler.spool(row, key, size)
+    except results.ResultGone:
+        return error(404, f"the result of {key} is no longer kept")
+    except results.SpoolFull as exc:
+        log.info("results.spool_full", extra={"key": key, "size": size})
+        busy = error(503, f"{exc}; try again in {results.RETRY_AFTER_S} s")
+        busy.headers["Retry-After"] = str(results.RETRY_AFTER_S)
+        return busy
+    return results.SpooledResponse(spooled, key=key, send_timeout=spooler.send_timeout)

@@ -296,12 +296,17 @@ def _print_job(job: dict[str, Any]) -> None:
 
 
 def _wait(client: CoordinatorClient, job_id: str, timeout: float | None) -> dict[str, Any]:
+    """Poll the job until it ends; the ended job, without its tasks.
+
+    Each poll asks for the job without its task list (``?tasks=none``): a training job
+    may have 100,000 tasks, each with its typed data, and a poll reads only the status.
+    What the caller reports, the status and the reason, is in the job itself."""
     deadline = None if timeout is None else time.monotonic() + timeout
     failures = 0
     status = "not finished"
     while True:
         try:
-            job = client.job(job_id)
+            job = client.job(job_id, tasks=False)
         except (Unreachable, NoAnswer) as exc:  # a poll only reads: safe to ask again
             failures += 1
             if failures > POLL_RETRIES:

@@ -189,8 +189,12 @@ class CoordinatorClient:
         answer = self._json("POST", "/v1/jobs", json=body, unanswered=check)
         return _job_object(answer, "POST /v1/jobs", then=check)
 
-    def job(self, job_id: str) -> dict[str, Any]:
-        return _job_object(self._json("GET", f"/v1/jobs/{job_id}"), f"GET /v1/jobs/{job_id}")
+    def job(self, job_id: str, *, tasks: bool = True) -> dict[str, Any]:
+        """The job with every task; without *tasks*, the job alone (``?tasks=none``): far
+        less for the coordinator to build for a job of many tasks, for a poll that reads
+        only its status."""
+        path = f"/v1/jobs/{job_id}" + ("" if tasks else "?tasks=none")
+        return _job_object(self._json("GET", path), f"GET {path}", tasks=tasks)
 
     def jobs(self, *, status: str | None = None, page: int | None = None) -> list[dict[str, Any]]:
         """Every job (of *status*, if given), oldest first: GET /v1/jobs, page after page
@@ -235,7 +239,7 @@ class CoordinatorClient:
             write(chunk)
 
         self._request("GET", f"/v1/jobs/{job_id}/result", limit=MAX_JOB_RESULT, sink=sink)
-        expected = self.job(job_id).get("result_sha256")
+        expected = self.job(job_id, tasks=False).get("result_sha256")
         actual = digest.hexdigest()
         if actual != expected:
             raise RemoteProtocolError(

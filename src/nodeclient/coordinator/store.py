@@ -39,6 +39,7 @@ from sqlalchemy import (
     ColumnElement,
     Connection,
     Engine,
+    Row,
     Table,
     and_,
     bindparam,
@@ -471,7 +472,9 @@ def leased_counts(session: Session) -> dict[str, int]:
     return {node_id: n for node_id, n in rows if node_id is not None}
 
 
-def task_json(task: m.Task, *, chain_id: int) -> dict[str, Any]:
+def task_json(task: m.Task | Row[Any], *, chain_id: int) -> dict[str, Any]:
+    """A task as the API shows it, from its row or the columns :func:`job_task_rows`
+    reads (the same names); its Result message as EIP-712 typed data."""
     typed: dict[str, Any] | None = None
     if task.message is not None:
         message = eip712.message_from_json("Result", json.loads(task.message))
@@ -504,7 +507,25 @@ def job_tasks(session: Session, job_id: str) -> list[m.Task]:
     )
 
 
-def job_json(session: Session, job: m.Job, *, chain_id: int) -> dict[str, Any]:
+# What task_json reads of a task: no payload or result, each up to hundreds of MiB.
+_TASK_COLUMNS: Final = (
+    m.Task.task_id, m.Task.slice_index, m.Task.slice_count, m.Task.round_index,
+    m.Task.node_id, m.Task.status, m.Task.attempts, m.Task.lease_deadline, m.Task.proof,
+    m.Task.signature, m.Task.result_sha256, m.Task.result_size, m.Task.message,
+    m.Task.reason,
+)  # fmt: skip
+
+
+def job_task_rows(session: Session, job_id: str) -> list[Row[Any]]:
+    """The columns :func:`task_json` reads of each of the job's tasks, in task order:
+    plain rows, so that their JSON (a typed-data object each) can be built after the
+    transaction, off the database thread."""
+    query = select(*_TASK_COLUMNS).where(m.Task.job_id == job_id)
+    return list(session.execute(query.order_by(m.Task.round_index, m.Task.slice_index)))
+
+
+def job_head(job: m.Job) -> dict[str, Any]:
+    """A job as the API shows it, without its task list."""
     return {
         "job_id": job.job_id,
         "workload_class": job.workload_class,
@@ -518,8 +539,30 @@ def job_json(session: Session, job: m.Job, *, chain_id: int) -> dict[str, Any]:
         "created_at": job.created_at,
         "finished_at": job.finished_at,
         "result_sha256": job.result_sha256,
-        "tasks": [task_json(t, chain_id=chain_id) for t in job_tasks(session, job.job_id)],
     }
+
+
+@dataclass(frozen=True, slots=True)
+class JobRows:
+    """What a transaction reads for a job's JSON; :meth:`json` builds it afterwards."""
+
+    head: dict[str, Any]
+    tasks: list[Row[Any]] | None  # None: the task list was not asked for
+
+    def json(self, *, chain_id: int) -> dict[str, Any]:
+        """The job as the API shows it: CPU work (a typed-data object per finished task,
+        seconds for 100,000 tasks), so a caller runs it outside the transaction."""
+        if self.tasks is None:
+            return dict(self.head)
+        return {**self.head, "tasks": [task_json(t, chain_id=chain_id) for t in self.tasks]}
+
+
+def job_rows(session: Session, job_id: str, *, tasks: bool = True) -> JobRows | None:
+    """The job's row and, with *tasks*, its tasks' rows; None if there is no such job."""
+    job = session.get(m.Job, job_id)
+    if job is None:
+        return None
+    return JobRows(job_head(job), job_task_rows(session, job_id) if tasks else None)
 
 
 def job_resources(job: m.Job) -> dict[str, int]:

@@ -65,6 +65,12 @@ from nodeclient.workloads.tensors import (
     read_metadata,
 )
 
+# The most frames one job may have. The coordinator assembles a job's result from every
+# slice, frame by frame, on its database thread: a job of a million 4x4 frames passes
+# the result size limit in a few hundred bytes of payload, and its assembly would hold
+# that thread for half a minute and take gigabytes. At this limit it takes a few seconds.
+MAX_JOB_FRAMES: Final = 100_000
+
 _RESULT_KEYS: Final = frozenset(
     {META_CLASS, META_SCENE_SHA256, META_WIDTH, META_HEIGHT, META_FRAME_START, META_FRAME_END}
 )
@@ -158,9 +164,15 @@ def hoist(payload: bytes, slices: int) -> tuple[bytes, list[tuple[str, bytes]]] 
     bytes instead of a copy of the scene, and nodes fetch the scene from the blob store as
     for a job sent by URL. None when nothing would move: a job of one slice, or nothing
     inline. Call it on a payload that validated, which checked the inline bytes' hashes.
+
+    It moves nothing itself: the caller stores the returned bytes, and only once the job
+    has passed its other checks (blobs it references but does not carry) and its split, so
+    a refused job leaves nothing behind. A slicing that :func:`split` would refuse (too
+    many slices, too large a slice result, too many bytes of slice payloads) is refused
+    here already, before a large payload is decoded.
     """
     meta = read_metadata(payload)  # the header alone: a one-slice job is not decoded again
-    count = _job_slices(  # refused here, before anything moves, if the split would refuse it
+    count = _job_slices(  # the split's own rules
         required_int(meta, META_FRAME_START),
         required_int(meta, META_FRAME_END),
         parse_int(meta, META_FRAMES_PER_SLICE),
@@ -170,6 +182,7 @@ def hoist(payload: bytes, slices: int) -> tuple[bytes, list[tuple[str, bytes]]] 
     )
     if count <= 1:
         return None
+    _check_split(count, 0)  # the slice count; the bytes once the payload is smaller, below
     request = RenderRequest.decode(payload)
     if request.scene is None and not request.asset_data:
         return None
@@ -177,7 +190,9 @@ def hoist(payload: bytes, slices: int) -> tuple[bytes, list[tuple[str, bytes]]] 
     if request.scene is not None:
         blobs.insert(0, (request.scene_sha256, request.scene))
         request = replace(request, scene=None, scene_url=blob_url(request.scene_sha256))
-    return replace(request, asset_data=()).encode(), blobs
+    hoisted = replace(request, asset_data=()).encode()
+    _check_split(count, len(hoisted))
+    return hoisted, blobs
 
 
 def _job_slices(
@@ -394,6 +409,12 @@ def job_meta(payload: bytes, max_bytes: int) -> dict[str, Any]:
     if request.rows is not None:
         raise RemoteProtocolError("a job payload must not carry row_start/row_end")
     frames = len(request.frames)
+    if frames > MAX_JOB_FRAMES:
+        raise RemoteProtocolError(
+            f"the job has {frames} frames ({request.frame_start}..{request.frame_end}), over "
+            f"the limit of {MAX_JOB_FRAMES} (MAX_JOB_FRAMES) on the frames of one job; split "
+            "the range into several jobs"
+        )
     # The smallest a slice can be: one band of a tiled frame, else the frames per slice
     # asked for (no more than the job has), else one frame; the split checks the slices
     # it actually makes (_job_slices).
