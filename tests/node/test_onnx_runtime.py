@@ -21,6 +21,7 @@ from nodeclient.node.runtimes.onnx import (
     CUDA_PROVIDER,
     PARTIAL_MAX_AGE_S,
     ModelCache,
+    ModelUnavailable,
     OnnxRuntime,
     UnsafeCacheError,
     default_providers,
@@ -251,10 +252,14 @@ def test_wrong_hash_fetch_is_rejected_and_not_cached(tmp_path: Path) -> None:
     assert runtime.sessions_created == 0
 
 
-def test_url_model_without_fetcher_is_refused() -> None:
-    """A node with no fetcher and no cached copy cannot run a by-URL request."""
-    with pytest.raises(RemoteProtocolError, match="not cached and this node cannot fetch"):
+def test_url_model_without_fetcher_is_refused_as_the_nodes_failure() -> None:
+    """A worker (no fetcher) runs a by-URL request only from the cache, which the daemon
+    filled before the task: a model not there (evicted for another task's since, or
+    unreadable) is this node's failure, not a bad request, so the task may go elsewhere
+    without blaming the requester."""
+    with pytest.raises(ModelUnavailable, match="not in this node's cache") as info:
         _runtime().run(_url_payload(identity_model(), x=np.ones(2, np.float32)))
+    assert not isinstance(info.value, RemoteProtocolError)
 
 
 def test_corrupt_cache_entry_is_dropped_and_refetched(tmp_path: Path) -> None:

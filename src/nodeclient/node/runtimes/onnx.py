@@ -46,7 +46,7 @@ from typing import Any, ClassVar, Final
 import numpy as np
 import numpy.typing as npt
 
-from nodeclient.errors import RemoteProtocolError, UsageError
+from nodeclient.errors import NodeClientError, RemoteProtocolError, UsageError
 from nodeclient.node.runtimes.base import Progress, no_progress
 from nodeclient.protocol.blobs import SHA256_HEX
 from nodeclient.workloads.inference import CLASS, InferenceRequest, encode_result
@@ -443,6 +443,10 @@ def _ort_errors() -> tuple[type[BaseException], ...]:
     return (*native, RuntimeError, ValueError, TypeError)
 
 
+class ModelUnavailable(NodeClientError):
+    """A by-URL model the worker cannot get: the node's failure, not the request's."""
+
+
 class OnnxRuntime:
     """Executes ``ai.inference`` payloads; thread-safe, sessions kept warm per model hash."""
 
@@ -591,9 +595,15 @@ class OnnxRuntime:
             cached = None if self.cache is None else self.cache.get(request.model_sha256)
             if cached is not None:
                 return cached, False
-            if self._fetch_model is None or request.model_url is None:
-                raise RemoteProtocolError(
-                    f"model {request.model_sha256} is not cached and this node cannot fetch models"
+            if request.model_url is None:
+                raise RemoteProtocolError("the request has neither a model nor a model_url")
+            if self._fetch_model is None:
+                # A worker (no network): the daemon fetched the model into the cache before
+                # the task, so it went since (evicted for another task's model) or cannot be
+                # read. This node's fault, not the requester's: the task may run elsewhere.
+                raise ModelUnavailable(
+                    f"model {request.model_sha256} is not in this node's cache (evicted or "
+                    "unreadable since it was fetched) and a worker cannot fetch models"
                 )
             model, fetched = self._fetch_model(request.model_url), True
         if len(model) > self._max_model_bytes:
