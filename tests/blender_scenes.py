@@ -43,6 +43,21 @@ import bmesh
 import bpy
 
 
+def keyframe(block, path, value):  # a constant keyframe at frame 1, in a plain action
+    data = block.animation_data or block.animation_data_create()
+    data.action = data.action or bpy.data.actions.new("act_" + block.name)
+    curve = data.action.fcurves.new(data_path=path, index=0)
+    curve.keyframe_points.insert(1, value).interpolation = "CONSTANT"
+
+
+def file_output(tree, name, base_path):
+    node = tree.nodes.new("CompositorNodeOutputFile")
+    node.name = name
+    node.base_path = base_path
+    tree.links.new(tree.nodes["Render Layers"].outputs["Image"], node.inputs[0])
+    return node
+
+
 def build(out, variant):
     bpy.ops.wm.read_factory_settings(use_empty=True)
     scene = bpy.context.scene
@@ -126,6 +141,19 @@ def build(out, variant):
         group = bpy.data.node_groups.new("denoiser", "CompositorNodeTree")
         group.nodes.new("CompositorNodeDenoise")
         group.use_fake_user = True
+    if variant == "stamp":  # the node's hostname and clock, burnt in by a keyframe
+        r = scene.render
+        r.use_stamp_date = r.use_stamp_time = r.use_stamp_hostname = True
+        keyframe(scene, "render.use_stamp", 1.0)
+    if variant == "timelimit":  # a driver (a simple expression, which -Y lets run)
+        driver = scene.driver_add("cycles.time_limit").driver
+        driver.type, driver.expression = "SCRIPTED", "0.3"
+    if variant in ("fileout", "fileout-unmuted"):  # writes where the scene says
+        scene.use_nodes = True
+        node = file_output(scene.node_tree, "FO", out + ".fileout/")
+        if variant == "fileout-unmuted":
+            node.mute = True  # and a keyframe that switches it back on
+            keyframe(scene.node_tree, 'nodes["FO"].mute', 0.0)
     if variant == "badname":
         scene.view_layers[0].name = "ViewLayer\nError: Out of memory"
     if variant == "rigidbody":

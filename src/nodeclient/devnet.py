@@ -290,7 +290,7 @@ def _run(net: Devnet, *, nodes: int, jobs: int, serve: bool) -> None:
         out(f"node {i}: {keys.node_id_of(home)}  (CPUs {cpus}, home {home})")
     client = CoordinatorClient(url)
     _wait_online(client, net, out)
-    submitted = _submit_demo_jobs(client, jobs, out)
+    submitted = _submit_demo_jobs(client, jobs, out, sandboxed=net.sandbox_available())
     correct = total = 0
     for wclass, job_id, labels in submitted:
         # a render job is assembled again from its verified slices, a training job's
@@ -353,11 +353,14 @@ def state_line(status: dict[str, Any]) -> str:
     return f"... -> {path}  (the last {len(transitions)} transitions; {now})"
 
 
-def _submit_demo_jobs(client: Any, jobs: int, out: Print) -> list[tuple[str, str, Any]]:
+def _submit_demo_jobs(
+    client: Any, jobs: int, out: Print, *, sandboxed: bool
+) -> list[tuple[str, str, Any]]:
     """Inference jobs always; a render and a training job where their runtimes are usable."""
     from nodeclient.node.runtimes import usable_workload_classes
 
-    usable = {c for c, (ok, _why) in usable_workload_classes().items() if ok}
+    classes = usable_workload_classes(sandboxed=sandboxed)
+    usable = {c for c, (ok, _why) in classes.items() if ok}
     submitted: list[tuple[str, str, Any]] = []
     for payload, labels in demo_jobs(jobs):
         job = client.submit_job(workload_class="ai.inference", payload=payload)
@@ -373,14 +376,14 @@ def _submit_demo_jobs(client: Any, jobs: int, out: Print) -> list[tuple[str, str
             f"{RENDER_RAM_MB} MB of RAM each)"
         )
     else:
-        out("media.render skipped: no usable Blender on this machine")
+        out(f"media.render skipped: {classes['media.render'][1]}")
     if "ai.training" in usable:
         training_payload = demo_training()
         job = client.submit_job("ai.training", training_payload, slices=2)
         submitted.append(("ai.training", job["job_id"], training_payload))
         out(f"job {job['job_id']}: submitted (training, 2 slices x 3 rounds, DiLoCo)")
     else:
-        out("ai.training skipped: PyTorch is not installed")
+        out(f"ai.training skipped: {classes['ai.training'][1]}")
     return submitted
 
 

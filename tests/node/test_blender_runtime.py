@@ -10,6 +10,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -39,7 +40,8 @@ def scene_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     build_scenes(
         directory,
         ("cube", "empty", "external", "textured", "autoexec", "stereo", "stereo-sbs",
-         "layers", "rigidbody", "badname", "denoise"),
+         "layers", "rigidbody", "badname", "denoise", "stamp", "timelimit", "fileout",
+         "fileout-unmuted"),
     )  # fmt: skip
     return directory
 
@@ -217,6 +219,36 @@ def test_compositor_denoise_nodes_are_muted(scenes, tmp_path: Path) -> None:
         check=True, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert "DENOISE [True, True]" in run.stdout
+
+
+@pytest.mark.parametrize(
+    ("variant", "path"),
+    [
+        ("stamp", "render.use_stamp"),
+        ("timelimit", "cycles.time_limit"),
+        ("fileout-unmuted", 'nodes["FO"].mute'),
+    ],
+)
+def test_a_scene_that_animates_a_pinned_setting_is_refused(
+    scenes, scene_dir: Path, tmp_path: Path, variant: str, path: str
+) -> None:
+    """Keyframes and drivers run again at every frame and in the render's own copy of the
+    scene, after the override: a keyframed stamp would burn the node's hostname and clock
+    into the pixels, a driven time limit would make them depend on the machine's speed,
+    and a keyframed mute would switch a File Output back on. Such a scene is refused as
+    the requester's fault, and nothing is written where its File Output points."""
+    refused = "the scene animates settings the node pins .*" + re.escape(path)
+    with pytest.raises(RemoteProtocolError, match=refused):
+        _runtime().run(_payload(scenes[variant], frames=(1, 1)), workdir=tmp_path)
+    assert not (scene_dir / f"{variant}.blend.fileout").exists()
+
+
+def test_a_file_output_node_writes_nothing(scenes, scene_dir: Path, tmp_path: Path) -> None:
+    """A compositor File Output node would write each frame where the scene says: the
+    override removes it, and the frame renders as it would without it."""
+    frame = _frame(_runtime(), _payload(scenes["fileout"], frames=(1, 1)), tmp_path, 1)
+    assert frame.shape == (HEIGHT, WIDTH, 4)
+    assert not (scene_dir / "fileout.blend.fileout").exists()
 
 
 def test_a_size_blender_would_change_is_refused(scenes, tmp_path: Path) -> None:
@@ -491,6 +523,36 @@ def test_runtime_is_registered_and_usable() -> None:
     assert ok
     assert why.startswith(("Blender 3.", "Blender 4."))
     assert info.usable()[0]
+
+
+def test_render_is_offered_only_where_tasks_run_in_the_sandbox(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Blender writes a scene's disk caches (a particle system's, named in the .blend)
+    while it loads the file, before the override can refuse the scene: a node that runs
+    tasks unsandboxed (allowed by its operator) does not offer media.render, and its
+    manifest says so; the other classes are unchanged."""
+    from nodeclient.node import cli_keys, keys
+    from nodeclient.node.config import NodeConfig
+    from nodeclient.node.runtimes import NEEDS_SANDBOX, usable_workload_classes
+
+    unsandboxed = usable_workload_classes(sandboxed=False)
+    assert unsandboxed[CLASS] == (False, NEEDS_SANDBOX)
+    assert unsandboxed["ai.inference"] == usable_workload_classes()["ai.inference"]
+    assert usable_workload_classes(sandboxed=True)[CLASS][0]
+    home = tmp_path / "home"
+    home.mkdir(mode=0o700)
+    keys.init_keys(home, passphrase=None)
+    config = NodeConfig(wallet_address="0x" + "11" * 20)
+    monkeypatch.setattr(cli_keys.wallet, "load_proof", lambda *a, **k: None)
+    classes = {
+        sandboxed: cli_keys.build_local_manifest(home, config, lambda: b"", sandboxed=sandboxed)[
+            "workload_classes"
+        ]
+        for sandboxed in (True, False)
+    }
+    assert CLASS in classes[True] and CLASS not in classes[False]
+    assert set(classes[True]) - set(classes[False]) == {CLASS}
 
 
 def test_a_slice_declaring_little_memory_renders_in_the_sandbox(scenes, tmp_path: Path) -> None:

@@ -150,9 +150,11 @@ def build_local_manifest(
     *,
     now: int | None = None,
     node_key: Any = None,
+    sandboxed: bool | None = None,
 ) -> dict[str, Any]:
-    """Probe this machine and build the signed manifest (2.3.2)."""
-    from nodeclient.node import hardware
+    """Probe this machine and build the signed manifest (2.3.2). *sandboxed*: whether the
+    daemon runs tasks in bubblewrap (None: probe it here)."""
+    from nodeclient.node import hardware, sandbox
     from nodeclient.node.runtimes import usable_workload_classes
     from nodeclient.protocol import manifest as mf
     from nodeclient.protocol import tier
@@ -162,7 +164,10 @@ def build_local_manifest(
     slots = tier.effective_parallelism(
         tier.max_parallel_subtasks(cpu, gpu), config.max_parallel_subtasks
     )
-    classes = [c for c, (ok, _why) in usable_workload_classes().items() if ok]
+    if sandboxed is None:
+        sandboxed = sandbox.probe()[0]
+    usable = usable_workload_classes(sandboxed=sandboxed)
+    classes = [c for c, (ok, _why) in usable.items() if ok]
     node_key = node_key or keys.load_node_key(home, passphrase=passphrase)
     proof = wallet.load_proof(
         home,

@@ -51,12 +51,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     node_key = keys.load_node_key(home, passphrase=passphrase)
     # On every event from here, the outbox's at its opening (orphans removed) included.
     logs.bind_global(node_id=node_key.address)
-    manifest = build_local_manifest(home, config, lambda: b"", node_key=node_key)
+    # 2.3.5: no working bubblewrap and no allow_unsandboxed -> UsageError, one line, exit 2
+    mode = sandbox.choose_mode(allow_unsandboxed=config.allow_unsandboxed)
+    manifest = build_local_manifest(
+        home, config, lambda: b"", node_key=node_key, sandboxed=mode == sandbox.MODE_BWRAP
+    )
     slots = int(manifest["max_parallel_subtasks"])
     cores = int(manifest["cpu"]["cores"])
     metrics = NodeMetrics()
-    # 2.3.5: no working bubblewrap and no allow_unsandboxed -> UsageError, one line, exit 2
-    mode = sandbox.choose_mode(allow_unsandboxed=config.allow_unsandboxed)
     executor = Executor(
         slots=slots,
         mode=mode,

@@ -70,7 +70,13 @@ RUNTIMES: dict[str, RuntimeInfo] = {
         _onnx_check,
     ),
     "media.render": RuntimeInfo(
-        "media.render", Requirements(binaries=("blender",)), _blender, _blender_check
+        "media.render",
+        # Blender writes a scene's disk caches (a particle system's, named in the .blend)
+        # while it loads the file, before the override script can refuse the scene: only
+        # the sandbox keeps those writes inside the task's directory.
+        Requirements(binaries=("blender",), sandbox=True),
+        _blender,
+        _blender_check,
     ),
     "ai.training": RuntimeInfo(
         "ai.training",
@@ -83,6 +89,18 @@ RUNTIMES: dict[str, RuntimeInfo] = {
 }
 
 
-def usable_workload_classes() -> dict[str, tuple[bool, str]]:
-    """Each known workload class -> (usable here, why or why not)."""
-    return {name: info.usable() for name, info in RUNTIMES.items()}
+NEEDS_SANDBOX = (
+    "needs the bubblewrap sandbox, which is not usable here (Blender writes files a scene "
+    "names while it loads the scene, before any check can refuse it)"
+)
+
+
+def usable_workload_classes(*, sandboxed: bool = True) -> dict[str, tuple[bool, str]]:
+    """Each known workload class -> (usable here, why or why not); *sandboxed*: whether
+    tasks run in the bubblewrap sandbox here (else a class that needs it is not offered)."""
+    return {
+        name: (False, NEEDS_SANDBOX)
+        if info.requirements.sandbox and not sandboxed
+        else info.usable()
+        for name, info in RUNTIMES.items()
+    }

@@ -49,6 +49,9 @@ class Requirements:
     # False: on the worker's first task of the class, before the task's memory limit (a
     # large library, such as torch, ~125 MiB a worker, is paid only where it is used).
     preload: bool = True
+    # True: offered only where tasks run in the sandbox, even if the operator allows
+    # unsandboxed execution (the runtime acts on the request before any check can).
+    sandbox: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -144,6 +144,53 @@ if external:
         "them as assets): " + ", ".join(external[:5])
     )
 
+# Keyframes and drivers (simple-expression drivers run even with -Y) are evaluated again at
+# every frame and in the render's own copy of the scene, after this script: one on a
+# setting pinned below (a burnt-in stamp of the node's hostname and clock, a time limit
+# that makes the pixels depend on the machine's speed, stereo output) would undo the pin,
+# and one on a compositor node's mute would switch a File Output or Denoise node back on.
+# A scene that animates any of them is refused.
+PINNED = ("render.", "render[", "cycles.", "cycles[", "view_layers")
+
+
+def _fcurves(action):
+    if action is None:
+        return []
+    curves = list(getattr(action, "fcurves", None) or ())  # layered actions (4.4+) below
+    for layer in getattr(action, "layers", ()):
+        for strip in layer.strips:
+            for bag in getattr(strip, "channelbags", ()):
+                curves += list(bag.fcurves)
+    return curves
+
+
+def _strips(strips):
+    for strip in strips:
+        yield strip
+        yield from _strips(strip.strips)  # a meta strip's own
+
+
+def _animated(block):  # the data paths block animates: drivers, its action, NLA strips
+    data = block.animation_data
+    if data is None:
+        return []
+    actions = [data.action] + [s.action for t in data.nla_tracks for s in _strips(t.strips)]
+    return [d.data_path for d in data.drivers] + [
+        f.data_path for a in actions for f in _fcurves(a)
+    ]
+
+
+COMPOSITING = [s.node_tree for s in bpy.data.scenes if s.node_tree is not None]
+COMPOSITING += list(bpy.data.node_groups)
+pinned = {p for s in bpy.data.scenes for p in _animated(s) if p.startswith(PINNED)}
+pinned |= {p for t in COMPOSITING for p in _animated(t) if p.endswith(".mute")}
+if pinned:
+    reject(
+        "the scene animates settings the node pins (keyframes or drivers on "
+        + ", ".join(sorted(pinned)[:5])
+        + "): remove that animation"
+    )
+
 for scene in bpy.data.scenes:
     r = scene.render
     r.engine = "CYCLES"
@@ -200,13 +247,14 @@ for scene in bpy.data.scenes:
     settings.color_mode = "RGBA"
     settings.views_format = "INDIVIDUAL"
 # Compositor nodes that must not act: a File Output would write files wherever the scene
-# says; a Denoise node would run OpenImageDenoise in a Blender built with it (Debian's is
-# not), so that two nodes' frames of the same slice would differ. Muted, it passes its
-# image through.
-MUTED = ("OUTPUT_FILE", "DENOISE")
-for tree in [s.node_tree for s in bpy.data.scenes] + list(bpy.data.node_groups):
-    for node in tree.nodes if tree is not None else ():
-        if node.type in MUTED:
+# says, so it is removed; a Denoise node would run OpenImageDenoise in a Blender built with
+# it (Debian's is not), so that two nodes' frames of the same slice would differ. Muted,
+# it passes its image through (and no animation may unmute it: refused above).
+for tree in COMPOSITING:
+    for node in list(tree.nodes):
+        if node.type == "OUTPUT_FILE":
+            tree.nodes.remove(node)
+        elif node.type == "DENOISE":
             node.mute = True
 
 scene = bpy.context.scene
