@@ -14,7 +14,9 @@ Theory of operation:
   count, Dropout only with p=0, and minibatches drawn from a ``torch.Generator`` seeded with
   the slice's seed. The batch rule: ``randperm(n)`` from that generator, consecutive chunks
   of ``min(batch_size, n)`` samples, and a fresh permutation when fewer remain. Same payload
-  on the same kind of device, same result bytes;
+  on the same kind of device with the same thread count, same result bytes (the thread
+  count changes how reductions are summed, so slots of another size differ in the last
+  bits; the coordinator never compares slices across nodes);
 * the device is CUDA when PyTorch sees one (it honours ``CUDA_VISIBLE_DEVICES``), else
   CPU; on CUDA, ``CUBLAS_WORKSPACE_CONFIG`` is set so cuBLAS can be deterministic too.
   CPU and GPU results differ in the last bits, so a slice's bytes are reproducible per
