@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 from typing import Any
 
 import pytest
@@ -207,9 +208,10 @@ def test_malformed_answers_are_failures_not_tracebacks(running: Running, rsa_key
     job = copy.deepcopy(real)
     job["tasks"][0]["slice_index"] = "x"
     job["tasks"].append({"task_id": "t"})
+    job["tasks"].append({**real["tasks"][0], "round": math.inf})  # JSON Infinity
     report = _audit(running, job)
     assert not report.ok
-    assert [t.ok for t in report.tasks] == [False, False]
+    assert [t.ok for t in report.tasks] == [False, False, False]
     assert all("malformed task" in t.detail for t in report.tasks)
     bad_id = copy.deepcopy(real)
     bad_id["job_id"] = "not-a-uuid"

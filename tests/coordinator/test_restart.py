@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 
+import pytest
+
+from nodeclient.coordinator.app import create_app
+from nodeclient.errors import UsageError
 from tests.coordinator.conftest import (
     START,
     ManualClock,
@@ -67,6 +72,20 @@ def test_generated_coordinator_id_is_persisted(tmp_path: Path) -> None:
         assert second.client.health()["coordinator_id"] == ident
     finally:
         stop(second, server2, thread2)
+
+
+def test_a_restart_with_another_chain_id_is_refused(tmp_path: Path) -> None:
+    """The signatures a database holds were made for its chain's EIP-712 domain, and the
+    jobs API rebuilds each task's typed_data with the coordinator's chain id: a restart on
+    the same database with another chain id would make every stored result fail to
+    verify, so it is refused (a UsageError: `serve` prints it as one line, exit 2), and the
+    database is let go; the same chain id starts as before."""
+    config = config_for(data_dir=tmp_path, chain_id=31337)
+    create_app(config, clock=ManualClock(START)).state.coordinator.db.close()
+    other = dataclasses.replace(config, chain_id=1)
+    with pytest.raises(UsageError, match="holds signatures made for chain_id 31337, and --chain"):
+        create_app(other, clock=ManualClock(START))
+    create_app(config, clock=ManualClock(START)).state.coordinator.db.close()
 
 
 def test_a_second_coordinator_on_the_same_database_is_refused(tmp_path: Path) -> None:

@@ -5,6 +5,7 @@ The slices run on the real PyTorch runtime; aggregation is the real coordinator/
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -674,6 +675,26 @@ def test_training_job_runs_two_rounds_through_the_coordinator(
     lied = {**final, "result_sha256": hashlib.sha256(forged).hexdigest()}
     report = audit.audit_job(lied, client.task_result, lambda: forged, payload=job.encode())
     assert not report.ok and "not the weights its 2 rounds replay to" in report.result
+    # A coordinator that leaves a slice out of a round (its signed result published, its
+    # task called cancelled) and publishes weights and metrics to match is caught at that
+    # task: a verified result is never published under another status.
+    shut_out = copy.deepcopy(final)
+    shut_out["tasks"][1]["status"] = "cancelled"
+    shut_out["tasks"][1]["reason"] = "missed the deadline of round 0"
+    report = audit.audit_job(
+        shut_out, client.task_result, lambda: client.raw_job_result(job_id), payload=job.encode()
+    )
+    line = report.tasks[1]
+    assert not report.ok and not line.ok, report.as_json()
+    assert line.detail == "proof and signature verified, but the task is published as cancelled"
+    # Metrics that say a slice was dropped (or used) when the replay says otherwise.
+    told = copy.deepcopy(metrics)
+    told[1]["used"], told[1]["dropped"] = [0], [{"slice": 1, "reason": "norm too large"}]
+    forged = tr.encode_final(job.model, weights, told)
+    lied = {**final, "result_sha256": hashlib.sha256(forged).hexdigest()}
+    report = audit.audit_job(lied, client.task_result, lambda: forged, payload=job.encode())
+    assert not report.ok
+    assert report.result.startswith("round 1's published metrics are not the replay's: used")
 
 
 WIDE = [

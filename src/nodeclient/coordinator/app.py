@@ -87,7 +87,11 @@ def create_app(config: CoordinatorConfig, *, clock: Clock | None = None) -> Fast
     }  # fmt: skip
     private_dir(config.data_dir)
     db = Database(config.database_url)
-    coord = Coordinator(config, clock=clock or SystemClock(), db=db)
+    try:
+        coord = Coordinator(config, clock=clock or SystemClock(), db=db)
+    except BaseException:
+        db.close()  # its lock too: a caller that goes on (a test, say) may open it again
+        raise
     scheduler = Scheduler(coord)
 
     @contextlib.asynccontextmanager

@@ -24,6 +24,7 @@ job's initial weights, must give them.
 from __future__ import annotations
 
 import hashlib
+import math
 import sys
 import uuid
 from collections.abc import Callable, Mapping
@@ -209,7 +210,7 @@ def audit_job(
     return report
 
 
-def _audit_task(
+def _audit_task(  # noqa: PLR0911 (one early answer per check)
     task: Mapping[str, Any],
     job_id: str,
     fetch: Callable[[str], bytes],
@@ -221,7 +222,7 @@ def _audit_task(
             str(task["task_id"]), int(task["slice_index"]), int(task.get("round") or 0),
             str(task["status"]), task.get("node_id"), None, "no result", task.get("proof"),
         )  # fmt: skip
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, OverflowError) as exc:  # Infinity: OverflowError
         return TaskLine(str(task)[:60], -1, -1, "?", None, False, f"malformed task: {exc!r}"), None
     if not task.get("proof"):
         return line, None
@@ -236,8 +237,16 @@ def _audit_task(
     except ProtocolError as exc:  # e.g. a task said done whose result is refused
         line.ok, line.detail = False, f"its result could not be fetched: {exc}"
         return line, None
-    except (KeyError, TypeError, ValueError) as exc:  # malformed fields of the answer
+    except (KeyError, TypeError, ValueError, OverflowError) as exc:  # malformed fields
         line.ok, line.detail = False, f"malformed task: {exc!r}"
+        return line, None
+    if line.status != "succeeded":
+        # A coordinator accepts a result and marks its task succeeded in one step, and
+        # never ends a succeeded task otherwise: a signed, verified result published under
+        # another status is one the coordinator chose to leave out (of a training round's
+        # average, say), which the job's replay would then follow.
+        line.ok = False
+        line.detail = f"proof and signature verified, but the task is published as {line.status}"
         return line, None
     line.ok, line.detail = True, "proof and signature verified"
     return line, data
@@ -312,7 +321,34 @@ def _check_job_result(
         report.result_ok, report.result = _replay_training(payload, job, results, data)
 
 
-def _replay_training(
+def _metrics_differ(got: Any, want: Mapping[str, Any]) -> str | None:
+    """How a round's published metrics differ from the replay's (None: they agree): which
+    slices were used, dropped and clipped exactly; norms and losses within float noise."""
+    if not isinstance(got, dict):
+        return "they are not an object"
+    for key in ("round", "base_sha256", "used", "clipped"):
+        if got.get(key) != want[key]:
+            return f"{key} is {got.get(key)!r}, the replay gives {want[key]!r}"
+    dropped = got.get("dropped")
+    slices = [d.get("slice") if isinstance(d, dict) else d for d in dropped or ()]
+    expected = [d["slice"] for d in want["dropped"]]
+    if not isinstance(dropped, list) or slices != expected:
+        return f"dropped slices are {slices}, the replay drops {expected}"
+    norms = got.get("norms")
+    if not isinstance(norms, dict) or set(norms) != set(want["norms"]):
+        return f"norms are given for slices {sorted(norms or ())}, not {sorted(want['norms'])}"
+    pairs = [(f"norms[{k}]", norms[k], v) for k, v in want["norms"].items()]
+    pairs += [(key, got.get(key), want[key]) for key in ("first_loss", "last_loss")]
+    for what, x, y in pairs:
+        close = (x is None and y is None) or (
+            isinstance(x, int | float) and y is not None and math.isclose(x, y, rel_tol=1e-5)
+        )
+        if not close:
+            return f"{what} is {x!r}, the replay gives {y!r}"
+    return None
+
+
+def _replay_training(  # noqa: PLR0911 (one early answer per check)
     payload: bytes, job: Mapping[str, Any], results: Mapping[str, bytes], data: bytes
 ) -> tuple[bool, str]:
     """Run the coordinator's own round arithmetic (coordinator/rounds.py: checks, outlier
@@ -332,6 +368,9 @@ def _replay_training(
     weights = dict(tr.decode_weights(container, model, max_bytes=_ASSEMBLE_LIMIT))
     momentum = {k: np.zeros(s, np.float32) for k, s in model.parameter_shapes().items()}
     base = tr.sha256_hex(container)
+    final, published = tr.decode_final(data, max_bytes=len(data))
+    if len(published) != config.rounds:
+        return False, f"it publishes the metrics of {len(published)} rounds, not {config.rounds}"
     for r in range(config.rounds):
         tasks = [t for t in job["tasks"] if (t.get("round") or 0) == r]
         if sorted(int(t["slice_index"]) for t in tasks) != list(range(slices)):
@@ -349,9 +388,11 @@ def _replay_training(
         )
         if outcome.delta is None:
             return False, f"round {r} has no valid pseudo-gradient when replayed"
+        differs = _metrics_differ(published[r], outcome.metrics(r, base))
+        if differs is not None:
+            return False, f"round {r}'s published metrics are not the replay's: {differs}"
         weights, momentum = rounds.outer_step(weights, momentum, outcome.delta, config.outer)
         base = tr.sha256_hex(tr.weights_container(weights))
-    final, _metrics = tr.decode_final(data, max_bytes=len(data))
     if set(final) != set(weights) or any(final[k].shape != weights[k].shape for k in weights):
         return False, "its weights are not the payload's model's parameters"
     worst = max(float(np.max(np.abs(final[k] - weights[k]), initial=0.0)) for k in weights)

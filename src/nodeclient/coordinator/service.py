@@ -25,6 +25,7 @@ from nodeclient.coordinator.metrics import CoordinatorMetrics, last_attempt
 from nodeclient.coordinator.store import (
     Database,
     NodeInfo,
+    check_chain_id,
     coordinator_id,
     fill_job_blobs,
     load_nodes,
@@ -179,6 +180,7 @@ class Coordinator:
         self.db = db
         self.blobs = BlobStore(config.blob_dir, clock=clock.now)
         self.coordinator_id: str = db.run_sync(lambda s: coordinator_id(s, config.coordinator_id))
+        db.run_sync(lambda s: check_chain_id(s, config.chain_id))
         # Jobs submitted before jobs recorded their blobs: recorded once, before any sweep.
         refs = payload_blobs(config.max_payload_bytes)
         db.run_sync(lambda s: fill_job_blobs(s, refs))

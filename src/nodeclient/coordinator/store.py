@@ -322,6 +322,24 @@ def coordinator_id(session: Session, configured: str | None) -> str:
     return value
 
 
+def check_chain_id(session: Session, configured: int) -> None:
+    """Record the chain id at the first start; refuse another one later (UsageError).
+
+    Every signature the database holds (results, manifests, rejects) was made for that
+    chain's EIP-712 domain, and the jobs API rebuilds each task's ``typed_data`` with the
+    coordinator's chain id: under another one, no stored signature would verify."""
+    row = session.get(m.Meta, "chain_id")
+    if row is None:
+        session.add(m.Meta(key="chain_id", value=str(configured)))
+        return
+    if row.value != str(configured):
+        raise UsageError(
+            f"this database holds signatures made for chain_id {row.value}, and --chain-id "
+            f"is {configured}: their typed data would no longer verify. Start with "
+            f"--chain-id {row.value}, or give a new database (--db)"
+        )
+
+
 # --- nodes ------------------------------------------------------------------------------------
 
 
