@@ -39,3 +39,28 @@ def test_json_log_lines_carry_no_character_a_terminal_obeys() -> None:
     assert not any(0x7F <= ord(c) <= 0x9F or c in "\u202e\u2028" for c in line), line
     assert "naïve 東京" in line  # the rest stays readable
     assert json.loads(line)["reason"] == reason
+
+
+def test_lone_surrogates_become_escapes() -> None:
+    """A lone surrogate (a JSON "\\ud800", a file name that is not UTF-8) cannot be encoded
+    by a UTF-8 stream: it is written out, and the result encodes."""
+    shown = printable("maintenance \ud800 /tmp/caf\udce9 \udfff")
+    assert shown == "maintenance \\ud800 /tmp/caf\\udce9 \\udfff"
+    shown.encode("utf-8")  # raises for a surrogate left raw
+    assert printable_tree({"\udc80": ["\ud83d"]}) == {"\\udc80": ["\\ud83d"]}
+
+
+def test_a_json_log_line_with_a_lone_surrogate_can_be_written() -> None:
+    """A coordinator's error with "\\ud800" in it, logged as JSON: the line encodes as UTF-8
+    (logging would otherwise lose the event on a failed write) and reads back the same."""
+    import json
+    import logging
+
+    from nodeclient.logs import JsonFormatter
+
+    record = logging.LogRecord("nodeclient.node", logging.WARNING, "", 0, "link.error",
+                               None, None)  # fmt: skip
+    record.error = "registration failed (503): \ud800 maintenance"
+    line = JsonFormatter().format(record)
+    line.encode("utf-8")
+    assert json.loads(line)["error"] == record.error

@@ -7,9 +7,12 @@ that shows such text on a terminal (``nodeclient status``, the ``--watch`` conso
 ``history``, text logs, the requester CLI) passes it through :func:`printable`: C0 and C1
 control characters, DEL and the Unicode bidirectional controls (which can make text read
 in another order than it is) become visible escapes, so one value stays on one line and
-means what it shows. JSON output escapes them too: ``json.dumps`` writes C0 controls as
-escapes itself, and :func:`json_terminal_safe` does the rest where a document keeps other
-non-ASCII text readable (the JSON log lines).
+means what it shows. So do lone surrogates (U+D800 to U+DFFF: a JSON ``"\\ud800"``, or a
+file name that is not UTF-8, decoded with ``surrogateescape``), which no UTF-8 stream can
+encode: written as they are, they would end the command with a UnicodeEncodeError. JSON
+output escapes them too: ``json.dumps`` writes C0 controls as escapes itself, and
+:func:`json_terminal_safe` does the rest where a document keeps other non-ASCII text
+readable (the JSON log lines).
 """
 
 from __future__ import annotations
@@ -22,15 +25,19 @@ from collections.abc import Iterator, Sequence
 from typing import Any, Final
 
 _BIDI: Final = (*range(0x202A, 0x202F), *range(0x2066, 0x206A))
+_SURROGATES: Final = range(0xD800, 0xE000)
 _ESCAPES: Final = {
     **{c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))},
-    **{c: f"\\u{c:04x}" for c in _BIDI},
+    **{c: f"\\u{c:04x}" for c in (*_BIDI, *_SURROGATES)},
 }
 
 
 # What json.dumps(ensure_ascii=False) leaves raw that a terminal acts on or reorders: DEL,
-# C1 (U+009B alone starts a control sequence), the bidi controls and the line separators.
-_JSON_ESCAPES: Final = {c: f"\\u{c:04x}" for c in (*range(0x7F, 0xA0), *_BIDI, 0x2028, 0x2029)}
+# C1 (U+009B alone starts a control sequence), the bidi controls and the line separators;
+# and the lone surrogates, which no UTF-8 stream can write (the escape is valid JSON).
+_JSON_ESCAPES: Final = {
+    c: f"\\u{c:04x}" for c in (*range(0x7F, 0xA0), *_BIDI, 0x2028, 0x2029, *_SURROGATES)
+}
 
 
 def json_terminal_safe(document: str) -> str:
@@ -41,7 +48,8 @@ def json_terminal_safe(document: str) -> str:
 
 
 def printable(text: str) -> str:
-    """*text* with every control character written as an escape (``\\x1b``, ``\\n``)."""
+    """*text* with every control character written as an escape (``\\x1b``, ``\\n``), and
+    every lone surrogate too (``\\ud800``): the result can be written to any UTF-8 stream."""
     return text.translate(_ESCAPES)
 
 

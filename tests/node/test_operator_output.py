@@ -91,6 +91,56 @@ def test_console_shows_network_text_as_escapes() -> None:
     assert "\x1b" not in shown and "\\x1b[2J" in shown
 
 
+SURROGATE = "registration failed (503): \ud800 maintenance"
+
+
+def test_status_shows_a_lone_surrogate_as_an_escape(home: Path, fake_daemon, capsys) -> None:
+    """A coordinator's JSON error with "\\ud800" in it (a lone surrogate, which no UTF-8
+    stream can encode) and a task's progress note with one: `status` prints them written
+    out instead of ending with a UnicodeEncodeError (capsys writes UTF-8, strictly)."""
+    answer = status(state="EXECUTING")
+    answer["link"] = {**answer["link"], "status": "down", "last_error": SURROGATE}
+    answer["running"] = [
+        {"task_id": "t1", "workload_class": "ai.inference", "seconds": 1.0,
+         "progress": {"done": 1, "total": 2, "note": "frame \udce9"}}
+    ]  # fmt: skip
+    fake_daemon(_send(answer))
+    assert main(["status", "--home", str(home)]) == 0
+    out = capsys.readouterr().out
+    (line,) = [li for li in out.splitlines() if li.startswith("last error")]
+    assert line == "last error   registration failed (503): \\ud800 maintenance"
+    assert "frame \\udce9" in out
+
+
+def test_console_shows_a_lone_surrogate_as_an_escape() -> None:
+    """The --watch console, drawing on a UTF-8 terminal, shows lone surrogates from the
+    daemon's answer (the link's error, a progress note, a transition's reason) and from a
+    control socket's path that is not UTF-8 written out, and goes on: it never crashes."""
+    answer = status(state="EXECUTING")
+    answer["link"] = {**answer["link"], "status": "down", "last_error": SURROGATE}
+    answer["running"] = [
+        {"task_id": "t1", "workload_class": "ai.inference", "seconds": 1.0,
+         "progress": {"done": 1, "total": 2, "note": "frame \udce9"}}
+    ]  # fmt: skip
+    answer["transitions"] = [{"from": "READY", "to": "IDLE", "reason": "\udfff", "at": NOW}]
+    gone = DaemonNotRunning("no daemon at /home/caf\udce9/control.sock")
+    answers: list = [answer, gone]
+
+    def fetch() -> dict:
+        item = answers.pop(0)
+        if isinstance(item, Exception):
+            raise item
+        return item
+
+    terminal = io.TextIOWrapper(io.BytesIO(), encoding="utf-8")  # strict, as a terminal's
+    out = Console(file=terminal, record=True, width=80, height=24, force_terminal=True)
+    assert con.watch(fetch, console=out, keys=ScriptedKeys([None, "q"]), clock=lambda: NOW) == 0
+    assert not answers
+    shown = out.export_text()
+    assert "\\ud800 maintenance" in shown and "frame \\udce9" in shown
+    assert "\\udfff" in shown and "caf\\udce9/control.sock" in shown
+
+
 def test_a_malformed_status_answer_is_one_line(home: Path, fake_daemon, capsys) -> None:
     """A daemon of another version (or not ours) answering without the fields status shows:
     one line and exit 1 from `status`; the console shows it and goes on asking."""

@@ -14,6 +14,7 @@ the height available. When the daemon goes away the console says so and keeps re
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import re
 import select
@@ -34,7 +35,7 @@ from rich.rule import Rule
 from rich.table import Table
 from rich.text import Text
 
-from nodeclient.errors import UsageError
+from nodeclient.errors import NodeClientError, UsageError
 from nodeclient.node.metrics import GpuSampler, GpuSnapshot
 from nodeclient.node.outbox import OutboxEntry
 from nodeclient.text import printable, printable_tree
@@ -47,6 +48,15 @@ STATE_STYLE: Final = {
 }
 LINK_STYLE: Final = {"up": "green", "connecting": "yellow", "down": "red"}
 QUIT_KEYS: Final = frozenset({"q", "Q", "\x03"})
+# What a status answer of another version (or not a daemon's) raises when it is shown.
+_UNSHOWABLE: Final = (
+    KeyError,
+    TypeError,
+    ValueError,
+    AttributeError,
+    OverflowError,
+    RecursionError,
+)
 _GIB: Final = 1 << 30
 _BAR_WIDTH: Final = 22
 
@@ -126,7 +136,7 @@ def _system_rows(system: SystemSnapshot) -> list[tuple[str, Text]]:
                 (
                     f"GPU {d.index}",
                     Text(
-                        f"{d.name}  {d.util_percent} %  "
+                        f"{printable(str(d.name))}  {d.util_percent} %  "
                         f"{_gib(d.mem_used_bytes)} / {_gib(d.mem_total_bytes)} GiB"
                     ),
                 )
@@ -136,17 +146,38 @@ def _system_rows(system: SystemSnapshot) -> list[tuple[str, Text]]:
     elif gpu.status == "pending":
         rows.append(("GPU", Text("asking NVML…", style="dim")))
     else:
-        rows.append(("GPU", Text(f"unavailable: {gpu.detail}", style="yellow")))
+        rows.append(("GPU", Text(f"unavailable: {printable(str(gpu.detail))}", style="yellow")))
     return rows
+
+
+def _cut(value: Text) -> Text:
+    """*value*, cut with an ellipsis at its column's end instead of wrapping.
+
+    The cut is the Text's own, and its column may wrap: a no_wrap column would take the
+    value's whole length, and rich would then squeeze every column of the table to fit
+    it, labels and task ids included ("Sta…")."""
+    value.no_wrap = True
+    value.overflow = "ellipsis"
+    return value
 
 
 def _grid(rows: Sequence[tuple[str, Text]]) -> Table:
     grid = Table.grid(padding=(0, 1))
     grid.add_column(style="bold", width=10, no_wrap=True)
-    grid.add_column(no_wrap=True, overflow="ellipsis")
+    grid.add_column()  # the values: each cut by _cut
     for label, value in rows:
-        grid.add_row(label, value)
+        grid.add_row(label, _cut(value))
     return grid
+
+
+def _fraction(progress: Mapping[str, Any]) -> float | None:
+    """How much of a task is done, from 0 to 1; None when it reports no usable total.
+    Any finite numbers may come (a task's own), 1e308 of 1e308 too: the bar is drawn from
+    the fraction, since rich's own arithmetic on such numbers overflows."""
+    total, done = float(progress.get("total") or 0), float(progress.get("done") or 0)
+    if not (math.isfinite(total) and total > 0) or not math.isfinite(done):
+        return None
+    return min(1.0, max(0.0, done / total))
 
 
 def _task_row(task: Mapping[str, Any]) -> tuple[Text, Text, RenderableType, Text]:
@@ -154,11 +185,11 @@ def _task_row(task: Mapping[str, Any]) -> tuple[Text, Text, RenderableType, Text
     cls = Text(str(task["workload_class"])[:16])
     progress = task.get("progress")
     secs = f"{float(task.get('seconds', 0)):.1f}s"
-    if isinstance(progress, Mapping) and float(progress.get("total") or 0) > 0:
-        done, total = float(progress.get("done") or 0), float(progress["total"])
-        bar: RenderableType = ProgressBar(total=total, completed=min(done, total), width=_BAR_WIDTH)
+    fraction = _fraction(progress) if isinstance(progress, Mapping) else None
+    if isinstance(progress, Mapping) and fraction is not None:
+        bar: RenderableType = ProgressBar(total=1.0, completed=fraction, width=_BAR_WIDTH)
         note = str(progress.get("note") or "")
-        info = Text(f"{100 * min(done, total) / total:3.0f}% {secs} {note}".rstrip())
+        info = Text(f"{100 * fraction:3.0f}% {secs} {note}".rstrip())
     else:
         bar = ProgressBar(total=None, width=_BAR_WIDTH)  # pulses: no progress reported
         info = Text(f"running {secs}")
@@ -175,12 +206,13 @@ def _running(status: Mapping[str, Any], room: int) -> list[RenderableType]:
         return out
     shown = running if len(running) <= room else running[: max(1, room - 1)]
     table = Table.grid(padding=(0, 1))
-    table.add_column(no_wrap=True)
+    table.add_column(no_wrap=True, width=8)
     table.add_column(no_wrap=True, width=16, overflow="ellipsis")
     table.add_column(no_wrap=True, width=_BAR_WIDTH)
-    table.add_column(no_wrap=True, overflow="ellipsis")
+    table.add_column()  # percent, time and note: cut by _cut
     for task in shown:
-        table.add_row(*_task_row(task))
+        ident, cls, bar, info = _task_row(task)
+        table.add_row(ident, cls, bar, _cut(info))
     out.append(table)
     if len(shown) < len(running):
         out.append(Text(f"  … and {len(running) - len(shown)} more", style="dim"))
@@ -351,6 +383,13 @@ def watch(
     console = console or Console()
     key_source = keys or TerminalKeys(sys.stdin)
     try:
+        if not console.encoding.replace("-", "").replace("_", "").startswith("utf"):
+            # The picture is drawn with characters (·, →, …) such a terminal cannot take,
+            # and rich keeps a write that failed to encode, failing every later one with it.
+            raise NodeClientError(
+                "the console draws with Unicode characters, and this terminal's encoding is "
+                f"{console.encoding}: use a UTF-8 locale (LANG=C.UTF-8), or `nodeclient status`"
+            )
         with key_source, Live(console=console, screen=True, auto_refresh=False) as live:
             while True:
                 frame_started = time.monotonic()
@@ -372,15 +411,17 @@ def watch(
                         status, system, now=clock(), error=error, height=console.height,
                         interval=interval, headline=headline,
                     )  # fmt: skip
-                except (KeyError, TypeError, ValueError, AttributeError, OverflowError,
-                        RecursionError) as exc:  # fmt: skip
+                    # rich lays the picture out only here: what fails in its layout fails
+                    # before anything is written, and the picture below replaces it.
+                    live.update(picture, refresh=True)
+                except _UNSHOWABLE as exc:
                     # A daemon of another version, or not ours: say so, and keep asking.
                     bad = f"the daemon's answer could not be shown ({type(exc).__name__}: {exc})"
                     picture = render(
                         None, system, now=clock(), error=bad[:300], height=console.height,
                         interval=interval, headline="daemon answer not understood",
                     )  # fmt: skip
-                live.update(picture, refresh=True)
+                    live.update(picture, refresh=True)
                 # The next frame starts *interval* after this one did: at least 1 Hz.
                 typed = key_source.read(max(0.05, interval - (time.monotonic() - frame_started)))
                 if typed and QUIT_KEYS.intersection(typed):

@@ -285,6 +285,7 @@ class NodeDaemon(LinkClient):
                 task.task_id,
                 f"{messages.DRAINING_PREFIX}node shutting down: the task did not finish "
                 f"within {self.shutdown_grace:g} s",
+                job_id=task.job_id,
                 lease_expires_at=task.lease_expires_at,
             )
         if left:  # their workers are killed as they unwind

@@ -9,6 +9,8 @@ once and answers a repeat "duplicate", so resending is always safe.
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import functools
 import logging
 import sqlite3
 import time
@@ -19,6 +21,7 @@ from typing import Any, Final
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
+from nodeclient import logs
 from nodeclient.clock import Clock
 from nodeclient.errors import NodeClientError
 from nodeclient.node.outbox import Outbox, OutboxEntry
@@ -36,6 +39,10 @@ ACK_RETRY_S: Final = (0.05, 0.2, 0.5)
 # most this often (and not within this long of a reconnect, which sends them anyway), so
 # that one whose acknowledgement was lost is answered again without waiting for a reconnect.
 RESEND_FULL_BACKLOG_S: Final = 300.0
+# The job of each of the tasks this node last sent a result or a reject of: the
+# coordinator's answer names the task alone, and its log event names the job too
+# (docs/operator.md, Logs). More than a full backlog (max_unacknowledged_results).
+JOBS_REMEMBERED: Final = 4096
 
 
 class ResultDelivery:
@@ -53,6 +60,27 @@ class ResultDelivery:
     _resend: asyncio.Future[object] | None  # a resend of a full backlog
     _resent_at: float  # time.monotonic() of the last backlog sent
 
+    @functools.cached_property
+    def _jobs(self) -> dict[uuid.UUID, uuid.UUID]:
+        """task_id -> job_id of the last JOBS_REMEMBERED tasks sent (a result or a reject),
+        the latest last."""
+        return {}
+
+    def _remember_job(self, task_id: uuid.UUID, job_id: uuid.UUID) -> None:
+        self._jobs.pop(task_id, None)
+        self._jobs[task_id] = job_id
+        if len(self._jobs) > JOBS_REMEMBERED:
+            del self._jobs[next(iter(self._jobs))]
+
+    def _ids(self, task_id: uuid.UUID) -> dict[str, str]:
+        """The log fields that name a task the coordinator answers about: its task_id, and
+        its job_id when this node sent it lately."""
+        job_id = self._jobs.get(task_id)
+        ids = {"task_id": str(task_id)}
+        if job_id is not None:
+            ids["job_id"] = str(job_id)
+        return ids
+
     async def _send_backlog(self) -> None:
         """Send this link's coordinator its unacknowledged results (those it dispatched, and
         those recorded before coordinator ids were), after a restart too, one at a time.
@@ -69,7 +97,10 @@ class ResultDelivery:
                     if not await self._deliver(entry):
                         return  # the link went: the rest wait for the next one
                 except Exception:  # a bug: say so, and send the rest
-                    log.exception("outbox.resend_failed", extra={"task_id": str(entry.task_id)})
+                    log.exception(
+                        "outbox.resend_failed",
+                        extra={"task_id": str(entry.task_id), "job_id": str(entry.job_id)},
+                    )
         except Exception as exc:  # a failing disk (OSError, sqlite3.Error), or a bug
             log.error(
                 "outbox.pending_failed",
@@ -87,7 +118,11 @@ class ResultDelivery:
         if busy or now - self._resent_at < RESEND_FULL_BACKLOG_S:
             return
         self._resent_at = now
-        self._resend = self._background(self._send_backlog())
+        # Asked for while a dispatch is refused, inside its task's log context: the
+        # backlog is no part of that task, and each result logs its own ids.
+        self._resend = self._background(
+            self._send_backlog(), context=logs.context_without("task_id", "job_id")
+        )
 
     async def _record_ack(self, msg: messages.ResultAck) -> bool:
         """Write the coordinator's answer to a result in the outbox (off the event loop),
@@ -111,14 +146,18 @@ class ResultDelivery:
                     # The result stays unacknowledged and is sent again on the next
                     # reconnect (or while the backlog is full), which is safe: the
                     # coordinator answers a duplicate with the same ack.
-                    log.exception("result.ack_failed", extra={"task_id": str(msg.task_id)})
+                    log.exception("result.ack_failed", extra=self._ids(msg.task_id))
                     return False
                 await asyncio.sleep(pause)
             else:
                 return True
 
-    def _background(self, coro: Coroutine[Any, Any, object]) -> asyncio.Future[object]:
-        task = asyncio.ensure_future(coro)
+    def _background(
+        self, coro: Coroutine[Any, Any, object], *, context: contextvars.Context | None = None
+    ) -> asyncio.Future[object]:
+        """Run *coro* as a task of its own, kept until it ends; in *context* (by default a
+        copy of the current one, with its log fields)."""
+        task = asyncio.get_running_loop().create_task(coro, context=context)
         self._pending_sends.add(task)
         task.add_done_callback(self._pending_sends.discard)
         return task
@@ -159,9 +198,14 @@ class ResultDelivery:
             return False
         if not await self._send(frame):
             return False
+        self._remember_job(entry.task_id, entry.job_id)
         log.info(
             "result.sent",
-            extra={"task_id": str(entry.task_id), "proof": "0x" + (entry.proof or b"").hex()},
+            extra={
+                "task_id": str(entry.task_id),
+                "job_id": str(entry.job_id),
+                "proof": "0x" + (entry.proof or b"").hex(),
+            },
         )
         return True
 
@@ -170,14 +214,16 @@ class ResultDelivery:
         task_id: uuid.UUID,
         reason: str,
         *,
+        job_id: uuid.UUID,
         lease_expires_at: int | None,
         counted: bool = True,
     ) -> None:
-        """Refuse a dispatch, signed (2.3.7). *lease_expires_at* is that dispatch's: sent
-        beside the signed Reject, it tells the coordinator which lease of the task this
-        refuses, so that a late reject cannot end a newer lease of the same task to this
-        node (None: not known, and not sent). Counted in the status's ``rejected`` unless
-        *counted* is False (a task counted as timed out: one task, one counter)."""
+        """Refuse a dispatch of *task_id* (of *job_id*, named in the logs only), signed
+        (2.3.7). *lease_expires_at* is that dispatch's: sent beside the signed Reject, it
+        tells the coordinator which lease of the task this refuses, so that a late reject
+        cannot end a newer lease of the same task to this node (None: not known, and not
+        sent). Counted in the status's ``rejected`` unless *counted* is False (a task
+        counted as timed out: one task, one counter)."""
         if counted:
             self.outbox.tally("rejected")
         message = {
@@ -187,7 +233,11 @@ class ResultDelivery:
             "rejected_at": int(self.clock.now()),
         }
         sig = eip712.sign_typed(self._node_key, "Reject", message, chain_id=self.chain_id)
-        log.warning("task.rejected", extra={"task_id": str(task_id), "reason": reason})
+        self._remember_job(task_id, job_id)
+        log.warning(
+            "task.rejected",
+            extra={"task_id": str(task_id), "job_id": str(job_id), "reason": reason},
+        )
         frame = messages.signed_frame("reject", message, sig)
         if lease_expires_at is not None:  # unsigned, beside the message: the Reject type is fixed
             frame["lease_expires_at"] = lease_expires_at

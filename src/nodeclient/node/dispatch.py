@@ -119,6 +119,7 @@ class TaskDispatcher(ResultDelivery):
                 await self._reject(
                     d.task_id,
                     "this node's stored result for the task is damaged",
+                    job_id=d.job_id,
                     lease_expires_at=d.lease_expires_at,
                 )
                 return
@@ -138,7 +139,9 @@ class TaskDispatcher(ResultDelivery):
             reason = self._refusal(d)
             if reason:
                 self._ended(d.workload_class, "rejected", self.clock.now())
-                await self._reject(d.task_id, reason, lease_expires_at=d.lease_expires_at)
+                await self._reject(
+                    d.task_id, reason, job_id=d.job_id, lease_expires_at=d.lease_expires_at
+                )
                 return
             task = RunningTask(
                 d.task_id,
@@ -169,7 +172,7 @@ class TaskDispatcher(ResultDelivery):
                 await self._send_result(done, frame)
                 return
             reason = "this node's stored result for the task is damaged"
-        await self._reject(d.task_id, reason, lease_expires_at=d.lease_expires_at)
+        await self._reject(d.task_id, reason, job_id=d.job_id, lease_expires_at=d.lease_expires_at)
 
     async def _on_redispatch(self, running: RunningTask, d: messages.Dispatch) -> None:
         """The coordinator leased a task again while it still runs here (its last lease
@@ -178,6 +181,7 @@ class TaskDispatcher(ResultDelivery):
             await self._reject(
                 d.task_id,
                 "the task was cancelled here and is still stopping; lease it again later",
+                job_id=d.job_id,
                 lease_expires_at=d.lease_expires_at,
             )
             return
@@ -272,6 +276,7 @@ class TaskDispatcher(ResultDelivery):
                     await self._reject(
                         task.task_id,
                         f"payload decryption failed: {exc}",
+                        job_id=task.job_id,
                         lease_expires_at=task.lease_expires_at,
                     )
                     return
@@ -282,6 +287,7 @@ class TaskDispatcher(ResultDelivery):
                     await self._reject(
                         task.task_id,
                         exc.reason,
+                        job_id=task.job_id,
                         lease_expires_at=task.lease_expires_at,
                         counted=not timed_out,
                     )
@@ -295,6 +301,7 @@ class TaskDispatcher(ResultDelivery):
                     await self._reject(
                         task.task_id,
                         f"internal error: {type(exc).__name__}",
+                        job_id=task.job_id,
                         lease_expires_at=task.lease_expires_at,
                     )
                     return
@@ -331,6 +338,7 @@ class TaskDispatcher(ResultDelivery):
             await self._reject(
                 task.task_id,
                 "this node's stored result for the task is damaged",
+                job_id=task.job_id,
                 lease_expires_at=task.lease_expires_at,
             )
             return
@@ -342,6 +350,7 @@ class TaskDispatcher(ResultDelivery):
             await self._reject(
                 task.task_id,
                 f"node could not store the result durably: {exc}"[: messages.MAX_REASON],
+                job_id=task.job_id,
                 lease_expires_at=task.lease_expires_at,
             )
             return
@@ -402,6 +411,10 @@ class TaskDispatcher(ResultDelivery):
                 blobs=self._blobs,
                 max_payload_bytes=self.executor.config.max_payload_bytes,
             )
+        except inputs.InputDeadline as exc:  # the lease ended: a timeout, nobody's bad input
+            raise TaskFailed(
+                f"deadline exceeded: input download {exc}", requester_fault=False
+            ) from exc
         except RemoteProtocolError as exc:
             raise TaskFailed(f"bad input: {exc}", requester_fault=True) from exc
         except inputs.InputNotStored as exc:  # this node's disk: the task may run elsewhere

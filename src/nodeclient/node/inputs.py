@@ -61,6 +61,12 @@ class InputNotStored(NodeClientError):
     requester (this node's disk): the task is refused as the node's failure."""
 
 
+class InputDeadline(RemoteProtocolError):
+    """A download stopped at the task's deadline (its lease's end): the task timed out
+    while its inputs were fetched, as one killed at its lease's end in a worker does, and
+    is refused as such, not as a bad input."""
+
+
 @dataclass(slots=True)
 class FetchLimits:
     """What bounds the downloads of one task: its lease's end (a value of *clock*, the
@@ -214,12 +220,13 @@ def _public(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
 
 
 def _left(limits: FetchLimits, url: str) -> float:
-    """Seconds left to download *url*; RemoteProtocolError once there are none."""
+    """Seconds left to download *url*; RemoteProtocolError once the task is cancelled,
+    InputDeadline once there are none."""
     if limits.cancelled.is_set():
         raise RemoteProtocolError(f"GET {url[:80]!r} stopped: the task was cancelled")
     left = limits.deadline - limits.clock()
     if left <= 0:
-        raise RemoteProtocolError(f"GET {url[:80]!r} did not finish before the task's deadline")
+        raise InputDeadline(f"GET {url[:80]!r} did not finish before the task's deadline")
     return left
 
 
@@ -295,6 +302,7 @@ def resolve(
     max_payload_bytes: int = DEFAULT_MAX_PAYLOAD,
 ) -> bytes:
     """The payload a worker can run offline; raises RemoteProtocolError on a bad reference,
+    InputDeadline (one) when a download did not finish before the task's deadline,
     InputNotStored when this node cannot make a fetched input ready (its disk).
 
     *cache_dir* is the executor's cache directory (bound into the sandbox); with

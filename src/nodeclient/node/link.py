@@ -397,7 +397,7 @@ class LinkClient(TaskDispatcher):
             log.log(
                 level,
                 "reject.ack",
-                extra={"task_id": str(msg.task_id), "status": msg.status, "reason": msg.reason},
+                extra={**self._ids(msg.task_id), "status": msg.status, "reason": msg.reason},
             )
         elif isinstance(msg, messages.ResultAck):
             if not await self._record_ack(msg):
@@ -406,19 +406,18 @@ class LinkClient(TaskDispatcher):
             log.log(
                 level,
                 "result.ack",
-                extra={"task_id": str(msg.task_id), "status": msg.status, "reason": msg.reason},
+                extra={**self._ids(msg.task_id), "status": msg.status, "reason": msg.reason},
             )
         elif isinstance(msg, messages.Cancel):
             task = self.running.get(msg.task_id)
+            ids = {"task_id": str(msg.task_id), "job_id": str(task.job_id)} if task else {}
             if task and task.finishing:  # executed: its result is committed and sent anyway
-                log.info("task.cancel_too_late", extra={"task_id": str(msg.task_id)})
+                log.info("task.cancel_too_late", extra=ids)
             elif task and task.handle:
                 task.handle.cancel()
                 timed_out = msg.reason == "lease ended"  # the coordinator's lease expired
                 self._task_ended(task, "timed_out" if timed_out else "cancelled")
-                log.info(
-                    "task.cancelled", extra={"task_id": str(msg.task_id), "reason": msg.reason}
-                )
+                log.info("task.cancelled", extra={**ids, "reason": msg.reason})
         elif isinstance(msg, messages.ErrorFrame):
             log.warning("link.error_frame", extra={"code": msg.code, "reason": msg.reason})
 

@@ -488,7 +488,12 @@ class Outbox:
                     tries = self._unreadable[task_id] = self._unreadable.get(task_id, 0) + 1
                     log.warning(
                         "outbox.result_unreadable",
-                        extra={"task_id": task_id, "error": str(exc), "tries": tries},
+                        extra={
+                            "task_id": task_id,
+                            "job_id": row[1],
+                            "error": str(exc),
+                            "tries": tries,
+                        },
                     )
                     if tries >= UNREADABLE_TRIES:
                         del self._unreadable[task_id]
@@ -510,7 +515,11 @@ class Outbox:
     def _close_lost(self, task_id: str, coordinator_id: str | None, why: str) -> None:
         """Close a pending entry whose result cannot be sent (under the lock); its row and
         file stay, for the operator to look at."""
-        log.error("outbox.result_lost", extra={"task_id": task_id, "error": why})
+        job = self._db.execute("SELECT job_id FROM outbox WHERE task_id = ?", (task_id,)).fetchone()
+        log.error(
+            "outbox.result_lost",
+            extra={"task_id": task_id, "job_id": job[0] if job else None, "error": why},
+        )
         self._db.execute(
             "UPDATE outbox SET acked_at = ?, ack_status = 'lost', ack_reason = ?, "
             "held = 0 WHERE task_id = ?",

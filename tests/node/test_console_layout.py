@@ -1,0 +1,119 @@
+"""The status console's layout with long values, and its loop with values that rich cannot
+lay out: labels and task ids stay whole, only values are cut, and nothing ends the loop.
+
+Rendered into a recording rich Console of 80 columns, as in test_console.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import pytest
+from rich.console import Console, ConsoleOptions, RenderResult
+
+from nodeclient.errors import NodeClientError
+from nodeclient.node import console as con
+from tests.node.test_console import NO_GPU, NOW, ScriptedKeys, status, task, text
+
+LONG_ERROR = (
+    "HTTPError: registration failed (503): the answer is not a JSON object (text/html): "
+    "'<html><body>Service Unavailable</body></html>'"
+)
+LABELS = ("State", "Link", "Last error", "Tasks", "Outbox", "CPU · RAM", "GPU")
+
+
+def rows(out: str) -> list[str]:
+    """The panel's lines, without its borders."""
+    return [line[2:-2] for line in out.rstrip("\n").split("\n")[1:-1]]
+
+
+def test_a_long_link_error_cuts_only_its_own_value() -> None:
+    """A long error and a long coordinator URL end in "…"; every label keeps its whole
+    width and every other value is shown in full, as with short values."""
+    link = {
+        **status()["link"],
+        "status": "down",
+        "last_error": LONG_ERROR,
+        "coordinator": "https://" + "c" * 150 + ".example",
+    }
+    shown = rows(text(con.render(status(link=link), NO_GPU, now=NOW), width=80))
+    by_label = {label: line for line in shown for label in LABELS if line.startswith(label)}
+    assert set(by_label) == set(LABELS), shown  # each label whole, at the line's start
+    for line in by_label.values():
+        assert line[10] == " " and line[11] != " ", line  # the values' column, 11 in
+    assert by_label["Last error"].rstrip().endswith("…")
+    assert by_label["Link"].rstrip().endswith("…")
+    assert "completed 12 · failed 1 · rejected 2 · timed out 3" in by_label["Tasks"]
+    assert "READY for 00:01:05   uptime 01:00:00" in by_label["State"]
+
+
+def test_a_long_progress_note_keeps_every_task_id_and_class() -> None:
+    """One task's long progress note is cut with "…"; every task's id (8 characters) and
+    class stay whole, the others' values too."""
+    ids = ["3f2a9c1e-aaaa-4bbb-8ccc-000000000001", "61309abc-aaaa-4bbb-8ccc-000000000002"]
+    running = [
+        task(ids[0], workload_class="ai.training",
+             progress={"done": 4, "total": 10, "note": "step 1200 loss 0.1234 " * 5}),
+        task(ids[1]),
+    ]  # fmt: skip
+    out = text(con.render(status(state="EXECUTING", running=running), NO_GPU, now=NOW))
+    shown = rows(out)
+    first, second = ([line for line in shown if line.startswith(i[:8] + " ")] for i in ids)
+    assert len(first) == len(second) == 1, shown  # each id whole, at its line's start
+    first, second = first[0], second[0]
+    assert first.startswith("3f2a9c1e ai.training      ")
+    assert "40% 2.5s step 1200" in first and first.rstrip().endswith("…")
+    assert second.startswith("61309abc ai.inference     ") and "running 2.5s" in second
+
+
+def test_progress_of_huge_numbers_is_drawn() -> None:
+    """A task may report any finite numbers (1e308 of 1e308): the bar is drawn, full,
+    where rich's own arithmetic on them overflowed and ended the console."""
+    running = [task("abcdef12-0000-4000-8000-000000000000",
+                    progress={"done": 1e308, "total": 1e308, "note": "n"})]  # fmt: skip
+    out = Console(record=True, width=80, height=24, file=io.StringIO(), force_terminal=True)
+    shown = status(state="EXECUTING", running=running)
+    assert con.watch(lambda: shown, console=out, keys=ScriptedKeys([]), clock=lambda: NOW) == 0
+    assert "100% 2.5s n" in out.export_text()
+
+
+class Unshowable:
+    """A picture whose layout fails, as one rich cannot lay out would."""
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        raise OverflowError("cannot convert float infinity to integer")
+
+
+def test_a_picture_that_fails_in_its_layout_is_reported_not_fatal(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """rich lays a picture out only when it draws it: a failure there is shown as an
+    answer that could not be shown, and the console goes on to its next frame."""
+    real = con.render
+    calls: list[Any] = []
+
+    def render(st: Any, *args: Any, **kwargs: Any) -> Any:
+        calls.append(st)
+        return Unshowable() if len(calls) == 1 else real(st, *args, **kwargs)
+
+    monkeypatch.setattr(con, "render", render)
+    out = Console(record=True, width=80, height=24, file=io.StringIO(), force_terminal=True)
+    keys = ScriptedKeys([None, "q"])
+    assert con.watch(status, console=out, keys=keys, clock=lambda: NOW) == 0
+    shown = out.export_text()
+    assert "daemon answer not understood" in shown and "OverflowError" in shown
+    assert calls[1] is None and calls[2] is not None  # the fallback, then the next frame
+    assert "READY for" in shown
+    assert keys.entered == keys.exited == 1
+
+
+def test_a_terminal_that_cannot_take_the_picture_is_one_error() -> None:
+    """A terminal whose encoding is not UTF-8 cannot take the console's own characters
+    (·, →, …): refused with one line before the screen is taken, not a traceback."""
+    terminal = io.TextIOWrapper(io.BytesIO(), encoding="ascii")
+    out = Console(file=terminal, width=80, height=24, force_terminal=True)
+    keys = ScriptedKeys([])
+    with pytest.raises(NodeClientError, match="encoding is ascii: use a UTF-8 locale"):
+        con.watch(status, console=out, keys=keys, clock=lambda: NOW)
+    assert keys.entered == 0
