@@ -154,6 +154,16 @@ def build(out, variant):
         if variant == "fileout-unmuted":
             node.mute = True  # and a keyframe that switches it back on
             keyframe(scene.node_tree, 'nodes["FO"].mute', 0.0)
+    if variant == "geomute":  # a geometry-nodes node's mute, keyframed: pins nothing
+        group = bpy.data.node_groups.new("wobble", "GeometryNodeTree")
+        group.inputs.new("NodeSocketGeometry", "Geometry")
+        group.outputs.new("NodeSocketGeometry", "Geometry")
+        ins, outs = group.nodes.new("NodeGroupInput"), group.nodes.new("NodeGroupOutput")
+        node = group.nodes.new("GeometryNodeSetPosition")
+        group.links.new(ins.outputs[0], node.inputs["Geometry"])
+        group.links.new(node.outputs["Geometry"], outs.inputs[0])
+        bpy.data.objects["cube"].modifiers.new("wobble", "NODES").node_group = group
+        keyframe(group, 'nodes["Set Position"].mute', 1.0)
     if variant == "badname":
         scene.view_layers[0].name = "ViewLayer\nError: Out of memory"
     if variant == "rigidbody":

@@ -9,6 +9,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import pytest
+
 from nodeclient.clock import ManualClock
 from nodeclient.coordinator import models as m
 from nodeclient.protocol import eip712
@@ -439,7 +441,16 @@ def test_a_node_that_handed_a_task_back_may_take_it_again(start_coordinator, rsa
         == "accepted"
     )
     running.clock.advance(5)
-    running.link(restarting)  # back after its restart
+    # Linked again without registering (a stopping daemon delivering its results): still
+    # draining, so no work; the queued task is not offered to it.
+    running.link(restarting)
+    assert restarting.call(restarting.heartbeat())["type"] == "heartbeat_ack"
+    assert restarting.ws is not None
+    with pytest.raises(TimeoutError):  # no dispatch comes
+        restarting.ws.recv(timeout=0.5)
+    assert running.client.job(job["job_id"])["tasks"][0]["status"] == "queued"
+    running.register(restarting)  # back after its restart: a daemon registers first
+    running.link(restarting)
     again = restarting.recv(skip=("heartbeat_ack",))
     assert (again["type"], again["task_id"]) == ("dispatch", handed["task_id"])
     assert running.client.job(job["job_id"])["tasks"][0]["attempts"] == 1
@@ -466,6 +477,7 @@ def test_a_second_hand_back_of_one_task_spends_an_attempt(start_coordinator, rsa
         )
         assert node.call(frame)["status"] == "accepted"
         running.clock.advance(5)
+        running.register(node)  # a restart
         running.link(node)
     done = running.wait_job(job["job_id"], "failed")
     assert done["status"] == "failed", done

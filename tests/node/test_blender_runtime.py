@@ -41,7 +41,7 @@ def scene_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         directory,
         ("cube", "empty", "external", "textured", "autoexec", "stereo", "stereo-sbs",
          "layers", "rigidbody", "badname", "denoise", "stamp", "timelimit", "fileout",
-         "fileout-unmuted"),
+         "fileout-unmuted", "geomute"),
     )  # fmt: skip
     return directory
 
@@ -241,6 +241,13 @@ def test_a_scene_that_animates_a_pinned_setting_is_refused(
     with pytest.raises(RemoteProtocolError, match=refused):
         _runtime().run(_payload(scenes[variant], frames=(1, 1)), workdir=tmp_path)
     assert not (scene_dir / f"{variant}.blend.fileout").exists()
+
+
+def test_an_animated_mute_outside_the_compositor_is_the_scenes_own(scenes, tmp_path: Path) -> None:
+    """Only a compositor node's mute is pinned: a geometry-nodes node whose mute is
+    keyframed is the requester's animation, and the scene renders."""
+    frame = _frame(_runtime(), _payload(scenes["geomute"], frames=(1, 1)), tmp_path, 1)
+    assert frame.shape == (HEIGHT, WIDTH, 4)
 
 
 def test_a_file_output_node_writes_nothing(scenes, scene_dir: Path, tmp_path: Path) -> None:

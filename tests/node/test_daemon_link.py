@@ -986,9 +986,39 @@ def test_a_stop_does_not_wait_for_another_coordinators_results(tmp_path: Path) -
         daemon.session.coordinator_id = "this-coordinator"
         daemon._ws = object()  # type: ignore[assignment]  # a link that is up
         began = time.monotonic()
-        asyncio.run(daemon._drain())
+        asyncio.run(_drain_with_a_link(daemon))
         assert time.monotonic() - began < 2  # the flush waits up to 10 s for its own
         assert daemon.outbox.backlog() == 1  # kept for the coordinator that dispatched it
+    finally:
+        daemon.outbox.close()
+
+
+async def _drain_with_a_link(daemon: NodeDaemon, *, link_ended: bool = False) -> None:
+    link = asyncio.create_task(asyncio.sleep(0 if link_ended else 60))
+    if link_ended:
+        await link
+    try:
+        await daemon._drain(link)
+    finally:
+        link.cancel()
+
+
+def test_a_stop_whose_link_loop_has_ended_does_not_wait_to_flush(tmp_path: Path) -> None:
+    """With the link loop over (the link taken by another process while stopping, a
+    refused registration), nothing can send the backlog: the stop does not wait out the
+    flush's 10 s for it."""
+    daemon = make_daemon(tmp_path)
+    try:
+        daemon.outbox.commit_result(
+            task_id=uuid.uuid4(), job_id=uuid.UUID(int=9), workload_class="ai.inference",
+            slice_index=None, kind="result", result=b"r", proof=b"p" * 32, message={},
+            received_at=1.0, completed_at=2.0, sign=lambda m: b"s" * 65,
+        )  # fmt: skip
+        assert daemon.outbox.backlog() == 1
+        began = time.monotonic()
+        asyncio.run(_drain_with_a_link(daemon, link_ended=True))
+        assert time.monotonic() - began < 2
+        assert daemon.outbox.backlog() == 1  # kept for the next start
     finally:
         daemon.outbox.close()
 

@@ -185,3 +185,56 @@ def test_the_drain_links_again_to_send_what_the_grace_finished(
     assert asyncio.run(main()) == 0
     assert len(links) >= 2 and any("result" in frames for frames in links[1:]), links
     assert daemon.outbox.backlog() == 0
+
+
+class _Quick(Executor):
+    async def warm_up(self) -> None:
+        return None
+
+    async def run(self, *args: Any, **kwargs: Any) -> bytes:
+        return b"a result"
+
+
+def test_a_replaced_daemon_stopped_in_its_pause_does_not_link_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another process with this node's keys took the link (4004) while a result was
+    unacknowledged, and the operator stops this daemon during its pause: the drain does
+    not link again to deliver it, which would take the link back from the other process
+    (whose running tasks would then be abandoned). The result waits in the outbox."""
+    real_client = httpx.AsyncClient
+    transport = httpx.MockTransport(lambda r: httpx.Response(201, json={"status": "registered"}))
+    monkeypatch.setattr(httpx, "AsyncClient", lambda **kw: real_client(transport=transport, **kw))
+    daemon = make_daemon(tmp_path, url=f"http://127.0.0.1:{free_port()}", executor=_Quick)
+    task_id = uuid.uuid4()
+    links: list[int] = []
+
+    async def coordinator(ws: ServerConnection) -> None:
+        links.append(len(links))
+        challenge = messages.Challenge("coordinator-test", os.urandom(32), 31337, 30.0)
+        await ws.send(json.dumps(challenge.to_wire()))
+        await ws.recv()
+        await ws.send(json.dumps(messages.Welcome(daemon.node_id, 0, None).to_wire()))
+        if len(links) == 1:
+            await ws.send(dispatch(daemon, payload_key(), task_id))
+            with contextlib.suppress(ConnectionClosed):  # the result, not acknowledged
+                while json.loads(await ws.recv())["type"] != "result":
+                    pass
+            await ws.close(4004, "replaced by a newer link")
+            return
+        with contextlib.suppress(ConnectionClosed):
+            async for _ in ws:
+                pass
+
+    async def main() -> int:
+        async with serve(coordinator, "127.0.0.1", int(daemon.url.rsplit(":", 1)[1])):
+            run = asyncio.ensure_future(daemon.run())
+            while daemon._replaced_at is None:
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(0.5)  # inside the pause after a replaced link
+            daemon.request_stop()
+            return await asyncio.wait_for(run, 30)
+
+    assert asyncio.run(main()) == 0
+    assert len(links) == 1, f"the stopped, replaced daemon linked again ({len(links)} links)"
+    assert daemon.outbox.backlog() == 1

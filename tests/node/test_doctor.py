@@ -196,6 +196,20 @@ def test_runtime_missing_binary_warns_and_none_fails() -> None:
     assert checks[-1].level is Level.FAIL and "no workload class" in checks[-1].summary
 
 
+def test_without_the_sandbox_render_is_reported_not_served(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a node that runs tasks unsandboxed (allowed by its operator) the daemon does not
+    offer media.render: doctor says so (WARN, with why) rather than OK."""
+    failed = doctor.Check("sandbox", Level.WARN, "bwrap cannot create namespaces")
+    monkeypatch.setattr(doctor, "check_sandbox", lambda **_kw: failed)
+    monkeypatch.setattr(doctor, "check_coordinator", lambda _url: [])
+    checks = {c.name: c for c in doctor.run_all(tmp_path, coordinator=None, allow_unsandboxed=True)}
+    render = checks["runtime media.render"]
+    assert render.level is Level.WARN and "needs the bubblewrap sandbox" in render.summary
+    assert checks["runtime ai.inference"].level is Level.OK
+
+
 # --- disk -------------------------------------------------------------------------------------
 
 

@@ -354,6 +354,7 @@ class LinkSession:
         if node_rt.budgets is None:
             node_rt.budgets = self._budgets
         self._budgets = node_rt.budgets
+        self.draining = node_rt.draining  # stopping since its last registration: no work
         self.binary = messages.BINARY_DATA in frame.extra.get("features", ())
         rt = coord.runtime[node_id]
         until = coord.nodes[node_id].unstaking_until
@@ -612,7 +613,11 @@ class LinkSession:
         shown = reason[: messages.MAX_REASON]  # what the log gets (the store cuts it too)
         coord.progress.forget(self.node_id, str(task_id))
         if reason.startswith(messages.DRAINING_PREFIX) and not self.draining:
-            self.draining = True  # stopping: no more work on this link, whatever the task
+            # Stopping: no more work on this link, whatever the task, nor on a link it
+            # makes before it registers again (NodeRuntime.draining).
+            self.draining = True
+            if self.node_id in coord.runtime:
+                coord.runtime[self.node_id].draining = True
             coord.roster_changed()
             log.info("link.draining", extra={"node_id": self.node_id, "reason": shown})
         lease = frame.extra.get("lease_expires_at")  # None from a node that does not echo it

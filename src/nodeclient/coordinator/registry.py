@@ -215,6 +215,7 @@ async def register(coord: Coordinator, manifest: object) -> Reply:
         return reply
     before = coord.nodes.get(verified.node_id)
     coord.cache_node(reply.node)
+    coord.runtime[verified.node_id].draining = False  # a fresh start: it takes work again
     link = coord.links.get(verified.node_id)
     if (
         link is not None

@@ -72,7 +72,7 @@ class TokenBucket:
 class NodeRuntime:
     """Per-node liveness in memory; the durable parts are written behind to SQL."""
 
-    __slots__ = ("beat", "budgets", "last_seen", "last_seq", "online", "state")
+    __slots__ = ("beat", "budgets", "draining", "last_seen", "last_seq", "online", "state")
 
     def __init__(self, *, last_seq: int, last_seen: float | None, state: str | None) -> None:
         self.last_seq = last_seq
@@ -88,6 +88,10 @@ class NodeRuntime:
         # What the node's frames may cost (link.LinkBudgets), made at its first link and
         # kept across links: linking again does not refill it.
         self.budgets: Any = None
+        # The node handed a task back because it is stopping ("draining: "): no link of
+        # it gets work until it registers again, which a daemon does at every start (a
+        # stopping daemon may link again to deliver what its grace finished).
+        self.draining = False
 
 
 class HeartbeatWriter:

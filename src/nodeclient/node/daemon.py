@@ -145,7 +145,7 @@ class NodeDaemon(LinkClient):
             stop = asyncio.create_task(self._stopping.wait())
             await asyncio.wait((link, stop), return_when=asyncio.FIRST_COMPLETED)
             status = 0 if self._stopping.is_set() else self._link_ended(link)
-            await self._drain()
+            await self._drain(link)
             link.cancel()
             refresh.cancel()
             prune.cancel()
@@ -250,7 +250,7 @@ class NodeDaemon(LinkClient):
             self._stopping.set()
             self._prune_stop.set()  # a prune under way ends after its current batch
 
-    async def _drain(self) -> None:
+    async def _drain(self, link: asyncio.Task[None]) -> None:
         handles = [t.handle for t in self.running.values() if t.handle is not None]
         if handles:
             await asyncio.wait(handles, timeout=self.shutdown_grace)
@@ -260,7 +260,7 @@ class NodeDaemon(LinkClient):
         # link may be down meanwhile (a coordinator restarting): the link loop makes it
         # again, and sends the backlog on it, until this ends.
         mine = self.session.coordinator_id
-        while self.outbox.backlog(mine) and time.monotonic() < deadline:
+        while self.outbox.backlog(mine) and not link.done() and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
 
     async def _hand_back(self) -> None:

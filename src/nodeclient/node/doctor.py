@@ -316,9 +316,13 @@ def check_coordinator(
 
 def run_all(home: Path, *, coordinator: str | None, allow_unsandboxed: bool) -> list[Check]:
     """Every check, in the order an operator would fix them."""
-    checks = [check_key_files(home), check_sandbox(allow_unsandboxed=allow_unsandboxed)]
+    sandbox = check_sandbox(allow_unsandboxed=allow_unsandboxed)
+    checks = [check_key_files(home), sandbox]
     checks.append(check_gpus())
-    checks.extend(check_runtimes())
+    from nodeclient.node.runtimes import usable_workload_classes
+
+    # What the daemon would offer: a class that needs the sandbox is not served without it.
+    checks.extend(check_runtimes(usable_workload_classes(sandboxed=sandbox.level is Level.OK)))
     checks.append(check_disk(home))
     checks.extend(check_coordinator(coordinator))
     return checks

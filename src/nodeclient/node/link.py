@@ -256,7 +256,7 @@ class LinkClient(TaskDispatcher):
                 delays = backoff(rand=self._rand.random)
             self._set_link("down")
             draining = self._stopping.is_set()
-            if draining and (self._replaced_while_stopping or not self._drain_needs_link()):
+            if draining and not self._drain_needs_link():
                 return
             self.link.reconnects += 1
             delay, self._pause = max(next(delays), self._pause), 0.0
@@ -269,7 +269,14 @@ class LinkClient(TaskDispatcher):
 
     def _drain_needs_link(self) -> bool:
         """Whether a stopping daemon still needs its link: tasks still running (their
-        results, or their hand-backs, are to be sent) or results not yet acknowledged."""
+        results, or their hand-backs, are to be sent) or results not yet acknowledged,
+        and no other process took the link lately (linking again would take it back
+        from that one, whose tasks would then be abandoned)."""
+        if self._replaced_while_stopping or (
+            self._replaced_at is not None
+            and self.clock.now() - self._replaced_at <= REPLACED_WINDOW_S
+        ):
+            return False
         return bool(self.running) or self.outbox.backlog(self.session.coordinator_id) > 0
 
     def _link_closed(self, exc: ConnectionClosed) -> bool:

@@ -181,7 +181,7 @@ def _animated(block):  # the data paths block animates: drivers, its action, NLA
 
 
 COMPOSITING = [s.node_tree for s in bpy.data.scenes if s.node_tree is not None]
-COMPOSITING += list(bpy.data.node_groups)
+COMPOSITING += [g for g in bpy.data.node_groups if g.bl_idname == "CompositorNodeTree"]
 pinned = {p for s in bpy.data.scenes for p in _animated(s) if p.startswith(PINNED)}
 pinned |= {p for t in COMPOSITING for p in _animated(t) if p.endswith(".mute")}
 if pinned:
