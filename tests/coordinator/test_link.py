@@ -14,7 +14,14 @@ from nodeclient.coordinator.link import LinkSession, heartbeat_ack_text
 from nodeclient.protocol import eip712, messages
 from nodeclient.protocol.messages import HeartbeatAck
 from nodeclient.protocol.secp import Secp256k1Key
-from tests.coordinator.conftest import CHAIN, START, Running, closed_code, make_node
+from tests.coordinator.conftest import (
+    CHAIN,
+    START,
+    Running,
+    closed_code,
+    inference_payload,
+    make_node,
+)
 
 
 def test_handshake_challenge_then_welcome(coordinator: Running, rsa_keys) -> None:
@@ -244,6 +251,34 @@ def test_a_reject_flood_is_refused_before_it_costs_a_transaction(
     assert max(reasons) == messages.MAX_REASON
     coordinator.link(node)
     assert node.call(node.reject(str(uuid.uuid4())))["code"] == "too_frequent"
+
+
+def test_a_reject_of_a_dispatch_sent_is_never_refused_as_too_frequent(
+    start_coordinator: Callable[..., Running], rsa_keys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An honest node may refuse every dispatch (no memory for it, a full backlog) while
+    the scheduler refills its free slots twice a second: a reject of a dispatch the link
+    sent is answered whatever the budget (the dispatches bound those), else its task would
+    stay leased to a node that runs nothing. Rejects of anything else are still charged.
+    (Here the budget is 2.)"""
+    from nodeclient.coordinator import link
+
+    monkeypatch.setattr(link, "REJECT_BURST", 2)
+    monkeypatch.setattr(link, "REJECT_RATE", 0.001)
+    running = start_coordinator(max_attempts=100)
+    node = make_node(rsa_keys, 0)
+    running.register(node)
+    running.link(node)
+    running.client.submit_job("ai.inference", inference_payload([1.0]))
+    for _ in range(6):
+        dispatch = node.recv(skip=("heartbeat_ack",))
+        assert dispatch["type"] == "dispatch", dispatch
+        frame = node.reject(dispatch["task_id"], lease_expires_at=dispatch["lease_expires_at"])
+        ack = node.call(frame)
+        assert (ack["type"], ack["status"]) == ("result_ack", "accepted"), ack
+    stray = [node.call(node.reject(str(uuid.uuid4()))) for _ in range(3)]
+    assert [a["type"] for a in stray] == ["result_ack", "result_ack", "error"], stray
+    assert stray[-1]["code"] == "too_frequent"
 
 
 def test_a_node_over_its_data_budget_is_closed_before_the_frame_is_parsed(

@@ -127,6 +127,10 @@ HEARTBEAT_RATE = 4.0
 # dispatch it cannot run, and a stopping node hands back each task it holds at once.
 REJECT_BURST = 128
 REJECT_RATE = 8.0
+# A reject of a dispatch this link sent (and the node has not answered yet) is not
+# charged: an honest node may refuse every dispatch (no memory, a full backlog), and the
+# scheduler refills its free slots twice a second. The ones remembered, oldest dropped.
+MAX_OWED = 4096
 # Data frames (results) over the control-frame limit, in bytes: parsing 48 MB of JSON
 # text holds the event loop, which every link shares, for some 130 ms. A node over it is
 # closed (1008) before the frame is parsed; it links again with backoff and resends.
@@ -187,6 +191,7 @@ class LinkSession:
         # Reconciling the node's leases with what it runs (_reconcile): the dispatches sent
         # on this link until then, and the heartbeats before it (None once done).
         self._sent_here: set[str] | None = set()
+        self._owed: dict[str, None] = {}  # dispatches sent on this link, not yet answered
         self._beats_seen = 0
         self._attached_at = math.inf
         self._budgets = LinkBudgets(coord.monotonic(), coord.config.heartbeat_interval)
@@ -200,8 +205,15 @@ class LinkSession:
 
     async def send(self, frame: Mapping[str, Any]) -> bool:
         """Send one frame; a data field of raw bytes goes binary when the node takes it."""
-        if self._sent_here is not None and frame.get("type") == "dispatch":
-            self._sent_here.add(str(frame["task_id"]))
+        if frame.get("type") == "dispatch":
+            task_id = str(frame["task_id"])
+            if self._sent_here is not None:
+                self._sent_here.add(task_id)
+            # Its answer (a result or a reject) is owed: a reject of it is not charged to
+            # the node's reject budget (the dispatches bound those already).
+            self._owed[task_id] = None
+            if len(self._owed) > MAX_OWED:
+                del self._owed[next(iter(self._owed))]
         return await self.send_wire(messages.encode_frame(frame, binary=self.binary))
 
     async def send_wire(self, wire: str | bytes) -> bool:
@@ -536,6 +548,7 @@ class LinkSession:
     async def _result(self, frame: messages.SignedFrame) -> None:
         coord = self.coord
         cfg = coord.config
+        self._owed.pop(str(uuid.UUID(bytes=frame.message["task_id"])), None)  # answered
         try:
             claim = verifier.check_result_frame(frame, node_id=self.node_id, chain_id=cfg.chain_id)
         except SignatureError as exc:
@@ -593,7 +606,8 @@ class LinkSession:
         coord = self.coord
         cfg = coord.config
         mono = coord.monotonic()
-        if not self._budgets.rejects.take(mono):  # before any cost: no recovery, no write
+        owed = self._owed.pop(str(uuid.UUID(bytes=frame.message["task_id"])), False) is None
+        if not owed and not self._budgets.rejects.take(mono):  # before any cost
             await self._refuse_too_frequent(
                 "reject",
                 mono,
