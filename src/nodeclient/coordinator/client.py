@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import hashlib
 import io
+import math
+import time
 from collections.abc import Callable, Mapping
 from typing import Any, Final
 from urllib.parse import urlencode
@@ -36,6 +38,8 @@ _NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout, httpx.
 MAX_JSON_ANSWER: Final = 64 << 20
 MAX_BLOB_ANSWER: Final = 256 << 20
 MAX_JOB_RESULT: Final = 16 << 30
+BUSY_RETRIES: Final = 5  # a read answered 503 (Retry-After) is asked again this many times
+BUSY_WAIT_MAX_S: Final = 30.0  # and waits at most this long before each
 
 
 class Unreachable(UsageError):
@@ -90,6 +94,13 @@ class CoordinatorClient:
         The answer is read as sent and at most *limit* bytes of it (``httpbody``)."""
         try:
             response = httpbody.request(self._http, method, path, limit=limit, **kwargs)
+            # A coordinator sending as many results as it will at once answers 503 with
+            # Retry-After: a read is asked again after that long, a few times.
+            for _ in range(BUSY_RETRIES):
+                if method != "GET" or response.status_code != 503:
+                    break
+                time.sleep(_retry_after(response))
+                response = httpbody.request(self._http, method, path, limit=limit, **kwargs)
         except httpbody.AnswerRefused as exc:
             raise RemoteProtocolError(f"coordinator: {method} {path}: {exc}") from exc
         except _NOT_SENT as exc:
@@ -109,6 +120,11 @@ class CoordinatorClient:
                 body = None
             error = body.get("error") if isinstance(body, dict) else None
             reason = str(error or response.text[:200] or response.reason_phrase)
+            if method == "GET" and response.status_code == 503:  # busy still: nothing is known
+                raise NoAnswer(
+                    f"the coordinator at {self.base_url} is busy: GET {path} was answered 503 "
+                    f"{BUSY_RETRIES + 1} times ({reason}); try again later"
+                )
             raise RemoteProtocolError(
                 f"coordinator: {method} {path}: {response.status_code} {reason}"
             )
@@ -271,6 +287,15 @@ def _job_object(value: Any, what: str, *, tasks: bool = True, then: str = "") ->
         )
     job: dict[str, Any] = value
     return job
+
+
+def _retry_after(response: httpx.Response) -> float:
+    """Seconds a 503 asks to wait (its Retry-After in seconds), within 1 to BUSY_WAIT_MAX_S."""
+    try:
+        seconds = float(response.headers.get("retry-after", ""))
+    except ValueError:
+        seconds = BUSY_WAIT_MAX_S
+    return min(max(seconds, 1.0), BUSY_WAIT_MAX_S) if math.isfinite(seconds) else BUSY_WAIT_MAX_S
 
 
 def _decoded(response: httpx.Response, path: str) -> Any:

@@ -73,8 +73,9 @@ class ServerHooks:
 
     Starlette wraps ``send`` before the endpoint sees it, so only the outermost layer
     holds the server's own callable (uvicorn's protocol method). From its protocol:
-    - the transport's abort (:data:`ABORT_KEY`): a link whose node stopped reading is
-      dropped this way, since a close would wait forever on the full buffer;
+    - the transport's abort (:data:`ABORT_KEY`): a link whose node stopped reading, or
+      an HTTP client that stopped reading a result, is dropped this way, since a close
+      would wait forever on the full buffer;
     - the lift of the message limit kept small until auth (:data:`OPEN_FRAMES_KEY`,
       :class:`nodeclient.coordinator.server.LinkWebSockets`).
     Servers that expose neither get neither: the link then checks a frame's size itself,
@@ -85,11 +86,12 @@ class ServerHooks:
         self.app = app
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] == "websocket":
+        if scope["type"] in ("websocket", "http"):  # http: a result's stalled reader
             protocol = getattr(send, "__self__", None)
             transport = getattr(protocol, "transport", None)
             if callable(getattr(transport, "abort", None)):
                 scope[ABORT_KEY] = functools.partial(_reset, transport)
+        if scope["type"] == "websocket":
             open_frames = getattr(protocol, "open_frame_limit", None)
             if callable(open_frames):
                 scope[OPEN_FRAMES_KEY] = open_frames

@@ -253,7 +253,7 @@ class SpooledResponse(Response):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
-            sending = asyncio.ensure_future(self._send(send))
+            sending = asyncio.ensure_future(self._send(scope, send))
             watching = asyncio.ensure_future(_disconnected(receive))
             try:
                 await asyncio.wait({sending, watching}, return_when=asyncio.FIRST_COMPLETED)
@@ -267,7 +267,7 @@ class SpooledResponse(Response):
         finally:
             self._spooled.close()
 
-    async def _send(self, send: Send) -> None:
+    async def _send(self, scope: Scope, send: Send) -> None:
         sent = 0
 
         async def timed(message: Message) -> None:
@@ -290,7 +290,6 @@ class SpooledResponse(Response):
                 sent += len(piece)
             await timed({"type": "http.response.body", "body": b"", "more_body": False})
         except _Stalled:
-            # Returning without the last message makes the server close the connection.
             log.info(
                 "results.reader_stalled",
                 extra={
@@ -300,6 +299,16 @@ class SpooledResponse(Response):
                     "timeout_s": self._send_timeout,
                 },
             )
+            # Reset the connection: a close would wait for the reader to take what the
+            # buffers still hold, for as long as it keeps reading nothing. (Returning
+            # without the last message also makes the server close it, where the server
+            # gives no abort.)
+            from nodeclient.coordinator.link import ABORT_KEY  # link imports this module's users
+
+            abort = scope.get(ABORT_KEY)
+            if callable(abort):
+                abort()
+                await asyncio.sleep(0)  # the server sees the connection lost first
 
 
 async def _disconnected(receive: Receive) -> None:

@@ -28,6 +28,7 @@ import uvicorn
 from fastapi import FastAPI
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
+from nodeclient.coordinator.link import ServerHooks
 from nodeclient.errors import UsageError
 from nodeclient.protocol.messages import MAX_CONTROL_FRAME, MAX_DATA_FRAME
 
@@ -100,7 +101,9 @@ class _Server(uvicorn.Server):
 
 def build_server(app: FastAPI, *, host: str, port: int) -> uvicorn.Server:
     config = uvicorn.Config(
-        app,
+        # Outside the app's own error middleware, which wraps an HTTP request's send: so
+        # the hooks see uvicorn's own for HTTP requests too (a result's stalled reader).
+        ServerHooks(app),
         host=host,
         port=port,
         log_config=None,  # our JSON logs only (nodeclient.logs)
