@@ -256,9 +256,21 @@ def test_unstake_accepted_prints_cooldown_end(
     home: Path, coordinator: Callable[[int, str, bytes], str], capsys: pytest.CaptureFixture[str]
 ) -> None:
     """The coordinator's 200 with unstaking_until is shown as a UTC date."""
+    url = coordinator(200, "application/json", b'{"node_id": "x", "unstaking_until": 4102444800}')
+    assert main(["unstake", "--home", str(home), "--coordinator", url]) == 0
+    assert "the 7-day cooldown ends at 2100-01-01 00:00:00 UTC" in capsys.readouterr().out
+
+
+def test_unstake_after_the_cooldown_says_the_node_is_retired(
+    home: Path, coordinator: Callable[[int, str, bytes], str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Unstaked before, and its cooldown is over: the coordinator answers with the old end,
+    and the command says the node is retired rather than that a cooldown starts."""
     url = coordinator(200, "application/json", b'{"node_id": "x", "unstaking_until": 0}')
     assert main(["unstake", "--home", str(home), "--coordinator", url]) == 0
-    assert "1970-01-01 00:00:00 UTC" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "cooldown ended at 1970-01-01 00:00:00 UTC: this node is retired" in out
+    assert "cooldown ends at" not in out
 
 
 # --- run: an outbox that cannot be opened ------------------------------------------------------

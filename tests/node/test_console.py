@@ -159,6 +159,20 @@ def test_unstake_countdown_only_when_unstaking() -> None:
     )
     assert "cooldown ends in 6d 23:46:40" in out
     assert "cooldown" not in text(con.render(status(), NO_GPU, now=NOW))
+    ended = status(state="UNSTAKING", unstaking_until=NOW - 10, unstake_remaining_s=0)
+    out = text(con.render(ended, NO_GPU, now=NOW))
+    assert "cooldown ended: this node is retired" in out and "ends in" not in out
+
+
+def test_status_line_after_the_cooldown_says_the_node_is_retired() -> None:
+    """`nodeclient status`: the time left, then, once the 7 days are over, that the node
+    is retired (it gets no more work) and how to serve again."""
+    from nodeclient.node.cli_status import unstake_line
+
+    assert unstake_line(NOW + 90, 90) == "cooldown ends in 00:01:30"
+    line = unstake_line(0, 0)
+    assert line.startswith("cooldown ended at 1970-01-01 00:00:00 UTC: this node is retired")
+    assert "nodeclient init" in line
 
 
 def test_no_gpu_and_gpu_rows() -> None:

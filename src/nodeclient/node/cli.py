@@ -39,7 +39,7 @@ from nodeclient.node.cli_options import (
     resolve_coordinator_url,
 )
 from nodeclient.node.cli_run import cmd_run
-from nodeclient.node.cli_status import cmd_history, cmd_status
+from nodeclient.node.cli_status import RETIRED, cmd_history, cmd_status
 from nodeclient.node.config import check_heartbeat_interval, load_config
 from nodeclient.protocol.manifest import REGIONS
 from nodeclient.text import (
@@ -109,7 +109,10 @@ def cmd_unstake(args: argparse.Namespace) -> int:
             "have been accepted: run `nodeclient status` to see the cooldown before sending "
             "it again"
         ) from exc
-    ends = _unstake_answer(resp, url)
+    ends, until = _unstake_answer(resp, url)
+    if until <= time.time():  # unstaked before: the cooldown it started is over
+        print(f"this node's cooldown ended at {ends}: {RETIRED}")
+        return 0
     print(f"unstaking: no new dispatches; the 7-day cooldown ends at {ends}")
     print(
         "work in flight finishes and is delivered; `nodeclient status` shows the countdown "
@@ -118,8 +121,9 @@ def cmd_unstake(args: argparse.Namespace) -> int:
     return 0
 
 
-def _unstake_answer(resp: httpx.Response, url: str) -> str:
-    """When the cooldown ends, from the coordinator's answer; anything else is one line.
+def _unstake_answer(resp: httpx.Response, url: str) -> tuple[str, float]:
+    """When the cooldown ends (as text, and the time), from the coordinator's answer;
+    anything else is one line.
 
     A proxy in front of the coordinator may answer with an HTML page, and a wrong URL
     with anything at all: neither is shown (it can be pages long), only what it was.
@@ -141,8 +145,9 @@ def _unstake_answer(resp: httpx.Response, url: str) -> str:
         error = " ".join(str(body.get("error", "no reason given")).split())[:300]
         raise UsageError(f"unstake refused ({status}): {error}")
     until = body.get("unstaking_until")
-    ends = None
+    ends, at = None, 0.0
     if isinstance(until, int | float) and not isinstance(until, bool):
+        at = float(until)
         with contextlib.suppress(ValueError, OverflowError, OSError):  # nan, out of range
             ends = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(until))
     if ends is None:
@@ -151,7 +156,7 @@ def _unstake_answer(resp: httpx.Response, url: str) -> str:
             f"unstaking_until ({until!r:.40}); the request may have been accepted: run "
             "`nodeclient status` to see the cooldown, and check the coordinator's version"
         )
-    return ends
+    return ends, at
 
 
 def cmd_devnet(args: argparse.Namespace) -> int:

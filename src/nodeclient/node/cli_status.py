@@ -12,7 +12,7 @@ import argparse
 import json
 import sys
 import time
-from typing import Any
+from typing import Any, Final
 
 from nodeclient.errors import NodeClientError, UsageError
 from nodeclient.node.cli_options import home_dir
@@ -102,10 +102,24 @@ def status_lines(st: dict[str, Any]) -> list[str]:
     )
     out.append(f"uptime       {_duration(st['uptime_s'])}")
     if st.get("unstaking_until") is not None:
-        out.append(f"unstaking    cooldown ends in {_duration(st['unstake_remaining_s'])}")
+        out.append(f"unstaking    {unstake_line(st['unstaking_until'], st['unstake_remaining_s'])}")
     if link.get("last_error") and link["status"] != "up":
         out.append(f"last error   {link['last_error']}")
     return out
+
+
+RETIRED: Final = (
+    "this node is retired and gets no more work; to serve again, run `nodeclient init` "
+    "in a new home (a new node_id)"
+)
+
+
+def unstake_line(until: float, remaining: float | None) -> str:
+    """The cooldown's line: the time left, or, once it has ended, that the node is retired."""
+    if remaining is not None and remaining > 0:
+        return f"cooldown ends in {_duration(remaining)}"
+    ended = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(until))
+    return f"cooldown ended at {ended}: {RETIRED}"
 
 
 def cmd_history(args: argparse.Namespace) -> int:

@@ -268,11 +268,13 @@ def _status_rows(st: Mapping[str, Any]) -> list[tuple[str, Text]]:
     )
     if st.get("unstaking_until") is not None or state == "UNSTAKING":
         remaining = st.get("unstake_remaining_s")
-        text = (
-            f"cooldown ends in {duration(float(remaining))}"
-            if remaining is not None
-            else "cooldown running"
-        )
+        until = st.get("unstaking_until")
+        if remaining is not None and remaining <= 0 and isinstance(until, int | float):
+            text = "cooldown ended: this node is retired and gets no more work"
+        elif remaining is not None:
+            text = f"cooldown ends in {duration(float(remaining))}"
+        else:
+            text = "cooldown running"
         rows.append(("Unstake", Text(text, style="magenta")))
     return rows
 
