@@ -12,6 +12,7 @@ import threading
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -842,3 +843,28 @@ def test_run_binds_node_id_before_the_outbox_opens(
     assert tightened, events
     node_id = keys.load_node_key(home, passphrase=None).address
     assert all(e.get("node_id") == node_id for e in events), events
+
+
+def test_run_signs_its_link_with_the_liveness_key_its_manifest_names(
+    home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`run` loads liveness.key once: a `keys rotate-liveness` between two loads would have
+    registered one key and authenticated with another, which the coordinator refuses
+    (4001) again and again. Here each load gives a new key, as a rotation would."""
+    from nodeclient.node import daemon as daemon_module
+    from nodeclient.node import keys
+    from nodeclient.protocol.secp import Secp256k1Key
+
+    monkeypatch.setattr(keys, "load_liveness_key", lambda _home: Secp256k1Key.generate())
+    made: dict[str, Any] = {}
+
+    class Captured:
+        def __init__(self, **kwargs: Any) -> None:
+            made.update(kwargs)
+
+        async def run(self) -> int:
+            return 0
+
+    monkeypatch.setattr(daemon_module, "NodeDaemon", Captured)
+    assert main(["run", "--home", str(home), "--coordinator", "http://127.0.0.1:9"]) == 0
+    assert made["manifest"]["liveness_address"] == made["liveness_key"].address

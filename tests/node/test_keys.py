@@ -662,3 +662,60 @@ def test_module_exports_the_file_names() -> None:
         "liveness.key",
         "payload.key",
     )
+
+
+# --- operator mistakes around key files (review of the key tools) ------------------------
+
+
+def test_a_key_missing_from_an_initialised_home_says_how_to_recover(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """init refuses a home with config.toml, so a missing key there is restored, or the
+    node starts over with its files moved aside: the error says that, not "run init",
+    and init's refusal names the same way out."""
+    from nodeclient.node.cli import main
+
+    home = tmp_path / "home"
+    init = ["init", "--home", str(home), "--wallet", "0x" + "11" * 20]
+    assert main(init) == 0
+    (home / "payload.key").rename(tmp_path / "payload.key.aside")
+    with pytest.raises(KeyFileError, match="restore it from your backup; or, to start over"):
+        keys.load_payload_key(home)
+    capsys.readouterr()
+    assert main(init) == 2
+    err = capsys.readouterr().err
+    assert "already exists: this home is initialised" in err
+    assert "move node.key, liveness.key, payload.key, config.toml" in err
+
+
+def test_a_socket_in_place_of_a_key_is_named_not_an_errno(tmp_path: Path) -> None:
+    """A key path that cannot even be opened (a socket: ENXIO) is described as the file it
+    is, with the fix, as `doctor` describes it, not as a bare "No such device"."""
+    import socket as socket_module
+
+    home = tmp_path / "home"
+    keys.init_keys(home, passphrase=None)
+    (home / "liveness.key").unlink()
+    server = socket_module.socket(socket_module.AF_UNIX)
+    try:
+        server.bind(str(home / "liveness.key"))
+        with pytest.raises(KeyFileError) as info:
+            keys.load_liveness_key(home)
+    finally:
+        server.close()
+    assert "No such device" not in str(info.value)
+    assert "socket" in str(info.value) or "not a regular file" in str(info.value), info.value
+
+
+def test_init_under_a_umask_that_takes_the_owners_bits_makes_0600_keys(tmp_path: Path) -> None:
+    """The docs promise keys 0600 from the start whatever the umask: one of 0277 (no write
+    for the owner) made init fail with files of mode 0400."""
+    home = tmp_path / "home"
+    old = os.umask(0o277)
+    try:
+        keys.init_keys(home, passphrase=None)
+    finally:
+        os.umask(old)
+    for name in keys.KEY_FILES:
+        assert stat.S_IMODE((home / name).stat().st_mode) == 0o600, name
+    assert keys.load_liveness_key(home).address

@@ -40,7 +40,12 @@ def cmd_init(args: argparse.Namespace) -> int:
     home = home_dir(args, create=True)
     config = NodeConfig(wallet_address=args.wallet, region=args.region, chain_id=args.chain_id)
     if (home / "config.toml").exists():
-        raise UsageError(f"{home / 'config.toml'} already exists: this home is initialised")
+        raise UsageError(
+            f"{home / 'config.toml'} already exists: this home is initialised (`nodeclient "
+            f"keys show --home {home}` checks its keys). To start over as a new node (a new "
+            "node_id), move node.key, liveness.key, payload.key, config.toml and "
+            "wallet_proof.json out of the home first"
+        )
     named = keys.finish_init(home)
     resumed = all(os.path.lexists(home / n) for n in keys.KEY_FILES)
     if resumed:
@@ -150,6 +155,7 @@ def build_local_manifest(
     *,
     now: int | None = None,
     node_key: Any = None,
+    liveness_key: Any = None,
     sandboxed: bool | None = None,
 ) -> dict[str, Any]:
     """Probe this machine and build the signed manifest (2.3.2). *sandboxed*: whether the
@@ -177,7 +183,7 @@ def build_local_manifest(
     )
     return mf.build_manifest(
         node_key=node_key,
-        liveness_address=keys.load_liveness_key(home).address,
+        liveness_address=(liveness_key or keys.load_liveness_key(home)).address,
         payload_key=keys.load_payload_key(home),
         wallet_address=config.wallet_address,
         region=config.region,

@@ -53,8 +53,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     logs.bind_global(node_id=node_key.address)
     # 2.3.5: no working bubblewrap and no allow_unsandboxed -> UsageError, one line, exit 2
     mode = sandbox.choose_mode(allow_unsandboxed=config.allow_unsandboxed)
+    # Loaded once: the manifest's liveness address and the key the link signs with are
+    # then one key, even if `keys rotate-liveness` runs while this starts.
+    liveness_key = keys.load_liveness_key(home)
     manifest = build_local_manifest(
-        home, config, lambda: b"", node_key=node_key, sandboxed=mode == sandbox.MODE_BWRAP
+        home,
+        config,
+        lambda: b"",
+        node_key=node_key,
+        liveness_key=liveness_key,
+        sandboxed=mode == sandbox.MODE_BWRAP,
     )
     slots = int(manifest["max_parallel_subtasks"])
     cores = int(manifest["cpu"]["cores"])
@@ -74,7 +82,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         coordinator_url=url,
         chain_id=config.chain_id,
         node_key=node_key,
-        liveness_key=keys.load_liveness_key(home),
+        liveness_key=liveness_key,
         payload_key=keys.load_payload_key(home),
         manifest=manifest,
         executor=executor,

@@ -45,6 +45,7 @@ from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey, RSAPubl
 from nodeclient.errors import KeyFileError, KeystoreError, SignatureError, UsageError
 from nodeclient.node.securefile import (
     MISSING_FIX,
+    MISSING_IN_HOME_FIX,
     describe_file,
     ensure_home,
     finish_secrets,
@@ -373,6 +374,8 @@ def _read_passphrase_file(file: Path) -> bytes:
 def _read_key(home: Path, name: str, *, missing_fix: str = MISSING_FIX) -> tuple[Path, bytes]:
     ensure_home(home, create=False)
     path = home / name
+    if missing_fix == MISSING_FIX and (home / "config.toml").exists():
+        missing_fix = MISSING_IN_HOME_FIX  # init would refuse this home
     return path, read_secret(path, missing_fix=missing_fix)
 
 

@@ -56,6 +56,13 @@ HOME_ENV: Final = "NODECLIENT_HOME"
 DEFAULT_HOME_NAME: Final = ".nodeclient"
 DEFAULT_MAX_SIZE: Final = 65536
 MISSING_FIX: Final = "run `nodeclient init` (or restore it from backup)"
+# Where config.toml is there, init refuses the home: the key is restored, or the node
+# starts over with a new identity.
+MISSING_IN_HOME_FIX: Final = (
+    "restore it from your backup; or, to start over as a new node (a new node_id), move "
+    "node.key, liveness.key, payload.key, config.toml and wallet_proof.json out of the "
+    "home, then run `nodeclient init`"
+)
 _SECRET_MODE: Final = 0o600
 _HOME_MODE: Final = 0o700
 # A temporary file of _stage: "." + the final name + "." + the batch (16 hex digits) + ".tmp"
@@ -230,7 +237,13 @@ def read_secret(
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             raise KeyFileError(_symlink_problem(path, exc)) from exc
-        raise KeyFileError(f"cannot open {path}: {exc.strerror}") from exc
+        # Not opened (another owner's file, a socket): what is wrong with it, with its
+        # fix, where the file itself says (as `doctor` reads it), else the error alone.
+        try:
+            problem = secret_problem(path, os.lstat(path), max_size=max_size)
+        except OSError:
+            problem = None
+        raise KeyFileError(problem or f"cannot open {path}: {exc.strerror}") from exc
     try:
         problem = secret_problem(path, os.fstat(fd), max_size=max_size)
         if problem is not None:
@@ -544,6 +557,9 @@ def _stage(dfd: int, path: Path, data: bytes, batch: str) -> tuple[str, int]:
         raise KeyFileError(f"cannot create a temporary file for {path}: {exc.strerror}") from exc
     try:
         try:
+            # 0600 whatever the umask: one that takes the owner's own bits (0277, say)
+            # would leave 0400, which no later load accepts. Only owner bits are added.
+            os.fchmod(fd, _SECRET_MODE)
             st = os.fstat(fd)
             mode = stat.S_IMODE(st.st_mode)
             if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or mode != _SECRET_MODE:
