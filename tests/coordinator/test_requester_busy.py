@@ -58,3 +58,19 @@ def test_a_busy_answer_to_a_submission_is_not_sent_again(
     with _client(answers, asked) as client, pytest.raises(Exception, match="503"):
         client.upload_blob(b"x")
     assert asked == ["/v1/blobs"]
+
+
+def test_a_503_without_retry_after_is_an_answer_not_a_wait(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A 503 that does not ask to be asked again (the coordinator's token file its operator
+    must fix; a proxy's page) is reported at once, with its reason, not waited on."""
+    monkeypatch.setattr(client_module.time, "sleep", lambda _s: pytest.fail("waited"))
+    asked: list[str] = []
+    unusable = {
+        "error": "the coordinator's requester token file is unusable: its operator must fix it"
+    }
+    answers = [httpx.Response(503, json=unusable)]
+    with _client(answers, asked) as client, pytest.raises(Exception, match="operator must fix"):
+        client.jobs()
+    assert asked == ["/v1/jobs"]

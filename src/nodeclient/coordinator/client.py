@@ -97,7 +97,7 @@ class CoordinatorClient:
             # A coordinator sending as many results as it will at once answers 503 with
             # Retry-After: a read is asked again after that long, a few times.
             for _ in range(BUSY_RETRIES):
-                if method != "GET" or response.status_code != 503:
+                if not _busy(method, response):
                     break
                 time.sleep(_retry_after(response))
                 response = httpbody.request(self._http, method, path, limit=limit, **kwargs)
@@ -120,7 +120,7 @@ class CoordinatorClient:
                 body = None
             error = body.get("error") if isinstance(body, dict) else None
             reason = str(error or response.text[:200] or response.reason_phrase)
-            if method == "GET" and response.status_code == 503:  # busy still: nothing is known
+            if _busy(method, response):  # busy still: nothing is known
                 raise NoAnswer(
                     f"the coordinator at {self.base_url} is busy: GET {path} was answered 503 "
                     f"{BUSY_RETRIES + 1} times ({reason}); try again later"
@@ -287,6 +287,17 @@ def _job_object(value: Any, what: str, *, tasks: bool = True, then: str = "") ->
         )
     job: dict[str, Any] = value
     return job
+
+
+def _busy(method: str, response: httpx.Response) -> bool:
+    """A read answered 503 with a Retry-After in seconds: the coordinator asks to be asked
+    again. Any other 503 (a token file its operator must fix, a proxy's) is an answer."""
+    if method != "GET" or response.status_code != 503:
+        return False
+    try:
+        return math.isfinite(float(response.headers.get("retry-after", "")))
+    except ValueError:
+        return False
 
 
 def _retry_after(response: httpx.Response) -> float:

@@ -558,8 +558,10 @@ def _stage(dfd: int, path: Path, data: bytes, batch: str) -> tuple[str, int]:
     try:
         try:
             # 0600 whatever the umask: one that takes the owner's own bits (0277, say)
-            # would leave 0400, which no later load accepts. Only owner bits are added.
-            os.fchmod(fd, _SECRET_MODE)
+            # would leave 0400, which no later load accepts. Only owner bits are added. A
+            # filesystem without modes refuses: the check below then says so.
+            with contextlib.suppress(OSError):
+                os.fchmod(fd, _SECRET_MODE)
             st = os.fstat(fd)
             mode = stat.S_IMODE(st.st_mode)
             if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or mode != _SECRET_MODE:
