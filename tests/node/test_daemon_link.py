@@ -104,17 +104,25 @@ class Events(logging.Handler):
         return [r for r in self.records if r.getMessage() == event]
 
 
-@pytest.fixture
-def events() -> Iterator[Events]:
-    logger = logging.getLogger("nodeclient.node")
-    handler, level = Events(), logger.level
+@contextlib.contextmanager
+def capturing(logger_name: str, handler: logging.Handler) -> Iterator[None]:
+    """*handler* on *logger_name* at DEBUG, both as they were afterwards."""
+    logger = logging.getLogger(logger_name)
+    level = logger.level
     logger.addHandler(handler)
     logger.setLevel(logging.DEBUG)
     try:
-        yield handler
+        yield
     finally:
         logger.removeHandler(handler)
         logger.setLevel(level)
+
+
+@pytest.fixture
+def events() -> Iterator[Events]:
+    handler = Events()
+    with capturing("nodeclient.node", handler):
+        yield handler
 
 
 class Waits:
@@ -972,17 +980,22 @@ def test_a_result_is_logged_as_sent_only_when_the_link_took_it(
         daemon.outbox.close()
 
 
+def _one_result(daemon: NodeDaemon, *, coordinator_id: str | None = None) -> None:
+    """One unacknowledged result in the daemon's outbox (of *coordinator_id*'s task)."""
+    daemon.outbox.commit_result(
+        task_id=uuid.uuid4(), job_id=uuid.UUID(int=9), workload_class="ai.inference",
+        slice_index=None, kind="result", result=b"r", proof=b"p" * 32, message={},
+        received_at=1.0, completed_at=2.0, sign=lambda m: b"s" * 65,
+        coordinator_id=coordinator_id,
+    )  # fmt: skip
+
+
 def test_a_stop_does_not_wait_for_another_coordinators_results(tmp_path: Path) -> None:
     """The outbox holds a result for another coordinator, which this link never sends: a
     stop flushes what this link sends and does not wait out its deadline on that one."""
     daemon = make_daemon(tmp_path)
     try:
-        daemon.outbox.commit_result(
-            task_id=uuid.uuid4(), job_id=uuid.UUID(int=9), workload_class="ai.inference",
-            slice_index=None, kind="result", result=b"r", proof=b"p" * 32, message={},
-            received_at=1.0, completed_at=2.0, sign=lambda m: b"s" * 65,
-            coordinator_id="another-coordinator",
-        )  # fmt: skip
+        _one_result(daemon, coordinator_id="another-coordinator")
         daemon.session.coordinator_id = "this-coordinator"
         daemon._ws = object()  # type: ignore[assignment]  # a link that is up
         began = time.monotonic()
@@ -1009,11 +1022,7 @@ def test_a_stop_whose_link_loop_has_ended_does_not_wait_to_flush(tmp_path: Path)
     flush's 10 s for it."""
     daemon = make_daemon(tmp_path)
     try:
-        daemon.outbox.commit_result(
-            task_id=uuid.uuid4(), job_id=uuid.UUID(int=9), workload_class="ai.inference",
-            slice_index=None, kind="result", result=b"r", proof=b"p" * 32, message={},
-            received_at=1.0, completed_at=2.0, sign=lambda m: b"s" * 65,
-        )  # fmt: skip
+        _one_result(daemon)
         assert daemon.outbox.backlog() == 1
         began = time.monotonic()
         asyncio.run(_drain_with_a_link(daemon, link_ended=True))

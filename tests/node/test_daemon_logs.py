@@ -28,6 +28,7 @@ from nodeclient.node.dispatch import RunningTask
 from nodeclient.node.executor import Executor
 from nodeclient.node.outbox import INLINE_MAX
 from nodeclient.protocol import messages
+from tests.node.test_daemon_link import capturing
 from tests.node.test_daemon_outbox import Answers, dispatch, make_daemon
 
 
@@ -48,15 +49,9 @@ class Events(logging.Handler):
 
 @pytest.fixture
 def events() -> Iterator[Events]:
-    logger = logging.getLogger("nodeclient")
-    handler, level = Events(), logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.DEBUG)
-    try:
+    handler = Events()
+    with capturing("nodeclient", handler):
         yield handler
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
 
 
 class Hangs(Executor):

@@ -378,7 +378,9 @@ def test_an_input_download_stops_at_the_lease_and_the_task_is_refused(
     tmp_path: Path, drip: str
 ) -> None:
     """A model URL that drips a byte now and then: the download stops when the lease
-    ends, in the daemon's own fetch threads, and the task is refused with that reason."""
+    ends, in the daemon's own fetch threads, and the task is refused with that reason.
+    It timed out, as a task killed at its lease's end in a worker: counted as timed out
+    (status, metric), not as the requester's bad input, nor as rejected too."""
     daemon, key, link = make_daemon(tmp_path, executor=Answers)
     daemon._fetch = http_fetcher(drip)
     task_id = uuid.uuid4()
@@ -402,7 +404,14 @@ def test_an_input_download_stops_at_the_lease_and_the_task_is_refused(
     assert time.monotonic() - began < 6
     (refused,) = link.frames
     assert refused["type"] == "reject"
-    assert "did not finish before the task's deadline" in refused["message"]["reason"]
+    reason = refused["message"]["reason"]
+    assert reason.startswith("deadline exceeded: input download GET "), reason
+    assert "did not finish before the task's deadline" in reason
+    status = daemon.status()
+    assert (status["timed_out"], status["rejected"], status["failed"]) == (1, 0, 0)
+    metrics = daemon.metrics.exposition().decode()
+    assert 'tasks_total{outcome="timed_out",workload_class="ai.inference"} 1.0' in metrics
+    assert 'outcome="rejected"' not in metrics
     daemon._fetch_pool.shutdown(wait=True)
 
 

@@ -49,14 +49,10 @@ class PicksAWorker(Executor):
         raise TaskFailed("no worker in this test", requester_fault=False)
 
 
-def test_a_large_header_is_read_once_and_off_the_event_loop(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A 64 KiB header (over what the loop may parse) is read once per task, in another
-    thread, and what was read decides both the input fetch and the worker's affinity."""
-    payload = large_header_payload(20_000)
-    assert not inputs.header_is_small(payload)
-    reads: list[int] = []  # the thread of each read of the payload's header
+def _count_reads(monkeypatch: pytest.MonkeyPatch, payload: bytes) -> list[int]:
+    """The thread of each read of *payload*'s header, by the daemon's inputs and by
+    slots.affinity_of, in order."""
+    reads: list[int] = []
     real = tensors.read_metadata
 
     def counted(data: bytes, **kwargs: int) -> dict[str, str]:
@@ -65,7 +61,18 @@ def test_a_large_header_is_read_once_and_off_the_event_loop(
         return real(data, **kwargs)
 
     monkeypatch.setattr(inputs, "read_metadata", counted)
-    monkeypatch.setattr(tensors, "read_metadata", counted)  # slots.affinity_of's
+    monkeypatch.setattr(tensors, "read_metadata", counted)
+    return reads
+
+
+def test_a_large_header_is_read_once_and_off_the_event_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 64 KiB header (over what the loop may parse) is read once per task, in another
+    thread, and what was read decides both the input fetch and the worker's affinity."""
+    payload = large_header_payload(20_000)
+    assert not inputs.header_is_small(payload)
+    reads = _count_reads(monkeypatch, payload)
     daemon, _, link = make_daemon(tmp_path, PicksAWorker)
     PicksAWorker.chosen = []
     task_id = uuid.uuid4()
@@ -91,16 +98,7 @@ def test_an_unreadable_header_is_read_once_too(
     """A header that does not parse is read once as well, and its task gets a worker of
     its own (no model hash to share one by), as before."""
     payload = large_header_payload(20_000)[:-100]  # cut short: the JSON does not close
-    reads: list[int] = []
-    real = tensors.read_metadata
-
-    def counted(data: bytes, **kwargs: int) -> dict[str, str]:
-        if data == payload:
-            reads.append(threading.get_ident())
-        return real(data, **kwargs)
-
-    monkeypatch.setattr(inputs, "read_metadata", counted)
-    monkeypatch.setattr(tensors, "read_metadata", counted)
+    reads = _count_reads(monkeypatch, payload)
     daemon, _, _ = make_daemon(tmp_path, PicksAWorker)
     PicksAWorker.chosen = []
     task_id = uuid.uuid4()

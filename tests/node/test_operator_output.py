@@ -94,16 +94,23 @@ def test_console_shows_network_text_as_escapes() -> None:
 SURROGATE = "registration failed (503): \ud800 maintenance"
 
 
-def test_status_shows_a_lone_surrogate_as_an_escape(home: Path, fake_daemon, capsys) -> None:
-    """A coordinator's JSON error with "\\ud800" in it (a lone surrogate, which no UTF-8
-    stream can encode) and a task's progress note with one: `status` prints them written
-    out instead of ending with a UnicodeEncodeError (capsys writes UTF-8, strictly)."""
+def _with_surrogates() -> dict:
+    """A daemon's answer whose link error and running task's progress note hold lone
+    surrogates."""
     answer = status(state="EXECUTING")
     answer["link"] = {**answer["link"], "status": "down", "last_error": SURROGATE}
     answer["running"] = [
         {"task_id": "t1", "workload_class": "ai.inference", "seconds": 1.0,
          "progress": {"done": 1, "total": 2, "note": "frame \udce9"}}
     ]  # fmt: skip
+    return answer
+
+
+def test_status_shows_a_lone_surrogate_as_an_escape(home: Path, fake_daemon, capsys) -> None:
+    """A coordinator's JSON error with "\\ud800" in it (a lone surrogate, which no UTF-8
+    stream can encode) and a task's progress note with one: `status` prints them written
+    out instead of ending with a UnicodeEncodeError (capsys writes UTF-8, strictly)."""
+    answer = _with_surrogates()
     fake_daemon(_send(answer))
     assert main(["status", "--home", str(home)]) == 0
     out = capsys.readouterr().out
@@ -116,12 +123,7 @@ def test_console_shows_a_lone_surrogate_as_an_escape() -> None:
     """The --watch console, drawing on a UTF-8 terminal, shows lone surrogates from the
     daemon's answer (the link's error, a progress note, a transition's reason) and from a
     control socket's path that is not UTF-8 written out, and goes on: it never crashes."""
-    answer = status(state="EXECUTING")
-    answer["link"] = {**answer["link"], "status": "down", "last_error": SURROGATE}
-    answer["running"] = [
-        {"task_id": "t1", "workload_class": "ai.inference", "seconds": 1.0,
-         "progress": {"done": 1, "total": 2, "note": "frame \udce9"}}
-    ]  # fmt: skip
+    answer = _with_surrogates()
     answer["transitions"] = [{"from": "READY", "to": "IDLE", "reason": "\udfff", "at": NOW}]
     gone = DaemonNotRunning("no daemon at /home/caf\udce9/control.sock")
     answers: list = [answer, gone]

@@ -97,9 +97,10 @@ class CoordinatorClient:
             # A coordinator sending as many results as it will at once answers 503 with
             # Retry-After: a read is asked again after that long, a few times.
             for _ in range(BUSY_RETRIES):
-                if not _busy(method, response):
+                wait = _busy_wait(method, response)
+                if wait is None:
                     break
-                time.sleep(_retry_after(response))
+                time.sleep(wait)
                 response = httpbody.request(self._http, method, path, limit=limit, **kwargs)
         except httpbody.AnswerRefused as exc:
             raise RemoteProtocolError(f"coordinator: {method} {path}: {exc}") from exc
@@ -120,7 +121,7 @@ class CoordinatorClient:
                 body = None
             error = body.get("error") if isinstance(body, dict) else None
             reason = str(error or response.text[:200] or response.reason_phrase)
-            if _busy(method, response):  # busy still: nothing is known
+            if _busy_wait(method, response) is not None:  # busy still: nothing is known
                 raise NoAnswer(
                     f"the coordinator at {self.base_url} is busy: GET {path} was answered 503 "
                     f"{BUSY_RETRIES + 1} times ({reason}); try again later"
@@ -289,24 +290,17 @@ def _job_object(value: Any, what: str, *, tasks: bool = True, then: str = "") ->
     return job
 
 
-def _busy(method: str, response: httpx.Response) -> bool:
-    """A read answered 503 with a Retry-After in seconds: the coordinator asks to be asked
-    again. Any other 503 (a token file its operator must fix, a proxy's) is an answer."""
+def _busy_wait(method: str, response: httpx.Response) -> float | None:
+    """How long to wait before asking again (within 1 to BUSY_WAIT_MAX_S seconds) when a
+    read was answered 503 with a Retry-After in seconds; None for any other answer (a
+    503 without one, a token file its operator must fix or a proxy's, is an answer)."""
     if method != "GET" or response.status_code != 503:
-        return False
-    try:
-        return math.isfinite(float(response.headers.get("retry-after", "")))
-    except ValueError:
-        return False
-
-
-def _retry_after(response: httpx.Response) -> float:
-    """Seconds a 503 asks to wait (its Retry-After in seconds), within 1 to BUSY_WAIT_MAX_S."""
+        return None
     try:
         seconds = float(response.headers.get("retry-after", ""))
     except ValueError:
-        seconds = BUSY_WAIT_MAX_S
-    return min(max(seconds, 1.0), BUSY_WAIT_MAX_S) if math.isfinite(seconds) else BUSY_WAIT_MAX_S
+        return None
+    return min(max(seconds, 1.0), BUSY_WAIT_MAX_S) if math.isfinite(seconds) else None
 
 
 def _decoded(response: httpx.Response, path: str) -> Any:
