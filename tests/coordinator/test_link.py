@@ -170,6 +170,46 @@ def test_replayed_heartbeat_is_rejected_without_state_change(
     assert node.call(node.heartbeat(seq=6))["type"] == "heartbeat_ack"
 
 
+def test_a_heartbeat_near_its_stored_seq_is_acknowledged_before_its_commit(
+    coordinator: Running, rsa_keys
+) -> None:
+    """SQLite's one writer may be held for tens of ms (a scheduling round, a job's
+    insert): a heartbeat within UNSTORED_SEQS of its node's stored seq is acknowledged
+    without waiting for its commit, and one further above waits for it."""
+    import asyncio
+    import threading
+
+    from nodeclient.coordinator.service import UNSTORED_SEQS
+    from tests.coordinator.conftest import RECV_TIMEOUT
+
+    node = make_node(rsa_keys, 0)
+    coordinator.register(node)
+    coordinator.link(node)
+    held, release = threading.Event(), threading.Event()
+
+    def hold(_session: object) -> None:
+        held.set()
+        release.wait(RECV_TIMEOUT)
+
+    db = coordinator.coord.db
+    holder = threading.Thread(target=lambda: asyncio.run(db.run(hold)))
+    holder.start()
+    try:
+        assert held.wait(RECV_TIMEOUT)
+        ack = node.call(node.heartbeat(seq=1))
+        assert (ack["type"], ack["seq"]) == ("heartbeat_ack", 1)
+        far = UNSTORED_SEQS + 2  # above 0 (stored) + UNSTORED_SEQS
+        node.send(node.heartbeat(seq=far))
+        with pytest.raises(TimeoutError):
+            node.ws.recv(timeout=0.5)
+    finally:
+        release.set()
+        holder.join()
+    ack = node.recv()
+    assert (ack["type"], ack["seq"]) == ("heartbeat_ack", far)
+    assert coordinator.coord.runtime[node.node_id].stored_seq == far
+
+
 def test_a_heartbeat_flood_is_refused_before_it_costs_a_write(
     coordinator: Running, rsa_keys, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from nodeclient.coordinator.app import create_app
+from nodeclient.coordinator.service import UNSTORED_SEQS
 from nodeclient.errors import UsageError
 from tests.coordinator.conftest import (
     START,
@@ -26,8 +27,8 @@ VALUES = [7.0, 8.0]
 
 def test_restart_keeps_nodes_jobs_leases_and_last_seq(tmp_path: Path, rsa_keys) -> None:
     """After a restart on the same SQLite file: nodes and jobs are listed, the lease is
-    kept, welcome reports the persisted last_seq, an old seq is still refused as
-    replayed, and the result of the pre-restart dispatch is accepted."""
+    kept, welcome reports the persisted last_seq plus UNSTORED_SEQS, an old seq is still
+    refused as replayed, and the result of the pre-restart dispatch is accepted."""
     clock = ManualClock(START)
     config = config_for(data_dir=tmp_path)
     running, server, thread = start(config, clock)
@@ -48,14 +49,67 @@ def test_restart_keeps_nodes_jobs_leases_and_last_seq(tmp_path: Path, rsa_keys) 
         assert [n["node_id"] for n in again.client.nodes()] == [node.node_id]
         task = again.client.job(job["job_id"])["tasks"][0]
         assert (task["status"], task["node_id"]) == ("leased", node.node_id)
-        welcome = again.link(node)
-        assert welcome["last_seq"] == 3
-        replay = node.call(node.heartbeat(seq=3))
-        assert replay["type"] == "error"
-        assert replay["code"] == "replayed"
+        welcome = again.link(node)  # seqs up to 16 above the stored one may have been acked
+        assert welcome["last_seq"] == 3 + UNSTORED_SEQS
+        for seq in (3, 3 + UNSTORED_SEQS):
+            replay = node.call(node.heartbeat(seq=seq))
+            assert (replay["type"], replay["code"]) == ("error", "replayed")
+        assert node.call(node.heartbeat(seq=4 + UNSTORED_SEQS))["type"] == "heartbeat_ack"
         ack = node.call(node.result(dispatch, inference_result(payload, VALUES)))
         assert ack["status"] == "accepted"
         assert again.wait_job(job["job_id"], "succeeded")["status"] == "succeeded"
+    finally:
+        stop(again, server2, thread2)
+
+
+def test_heartbeats_acknowledged_before_their_commit_stay_refused_after_a_crash(
+    tmp_path: Path, rsa_keys, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Heartbeats near the stored seq are acknowledged before their commit. Here no commit
+    ever lands (as if the process died first): the node's first UNSTORED_SEQS heartbeats
+    are acknowledged (the nodes API shows the last one's state), the next one waits for
+    its commit and its link closes 1011 when that fails. The coordinator started again
+    refuses every seq it acknowledged, though none was stored."""
+    import logging
+
+    from sqlalchemy.exc import OperationalError
+    from websockets.exceptions import ConnectionClosed
+
+    from nodeclient.coordinator import service
+
+    def lost(_conn: object, *, batch: object) -> None:
+        raise OperationalError("UPDATE nodes", {}, Exception("disk I/O error"))
+
+    clock = ManualClock(START)
+    config = config_for(data_dir=tmp_path)
+    running, server, thread = start(config, clock)
+    node = make_node(rsa_keys, 0)
+    try:
+        running.register(node)
+        running.link(node)
+        monkeypatch.setattr(service, "_write_heartbeats", lost)
+        with caplog.at_level(logging.ERROR, logger="nodeclient.coordinator"):
+            for seq in range(1, UNSTORED_SEQS + 1):
+                ack = node.call(node.heartbeat(seq=seq, state="EXECUTING"))
+                assert (ack["type"], ack["seq"]) == ("heartbeat_ack", seq)
+            shown = running.client.node(node.node_id)
+            assert (shown["state"], shown["last_seen"]) == ("EXECUTING", START)
+            node.send(node.heartbeat(seq=UNSTORED_SEQS + 1))
+            with pytest.raises(ConnectionClosed) as closed:
+                node.recv()
+            assert closed.value.rcvd is not None and closed.value.rcvd.code == 1011
+        assert any(r.msg == "heartbeat.store_failed" for r in caplog.records)
+    finally:
+        stop(running, server, thread)
+    monkeypatch.undo()
+
+    again, server2, thread2 = start(config, clock)
+    try:
+        assert again.client.node(node.node_id)["state"] is None  # nothing was stored
+        assert again.link(node)["last_seq"] == UNSTORED_SEQS
+        replay = node.call(node.heartbeat(seq=UNSTORED_SEQS))
+        assert (replay["type"], replay["code"]) == ("error", "replayed")
+        assert node.call(node.heartbeat(seq=UNSTORED_SEQS + 1))["type"] == "heartbeat_ack"
     finally:
         stop(again, server2, thread2)
 

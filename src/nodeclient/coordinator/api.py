@@ -283,10 +283,14 @@ def build_router(coord: Coordinator) -> APIRouter:  # noqa: PLR0915 (one route e
     async def register_node(manifest: dict[str, Any] = Body(...)) -> JSONResponse:  # noqa: B008
         return _reply(await registry.register(coord, manifest))
 
+    def node_json(row: m.Node) -> dict[str, Any]:
+        rt = coord.runtime.get(row.node_id)
+        seen = None if rt is None or rt.last_seen is None else (rt.state, rt.last_seen)
+        return store.node_row_json(row, online=coord.is_online(row.node_id), seen=seen)
+
     @router.get("/v1/nodes")
     async def list_nodes() -> list[dict[str, Any]]:
-        rows = await coord.db.run(store.list_nodes)
-        return [store.node_row_json(r, online=coord.is_online(r.node_id)) for r in rows]
+        return [node_json(r) for r in await coord.db.run(store.list_nodes)]
 
     @router.get("/v1/nodes/{node_id}")
     async def get_node(node_id: str) -> JSONResponse:
@@ -297,7 +301,7 @@ def build_router(coord: Coordinator) -> APIRouter:  # noqa: PLR0915 (one route e
         row = await coord.db.run(lambda s: s.get(m.Node, nid))
         if row is None:
             return error(404, f"node {nid} is not registered")
-        return JSONResponse(store.node_row_json(row, online=coord.is_online(nid)))
+        return JSONResponse(node_json(row))
 
     @router.post("/v1/nodes/{node_id}/unstake")
     async def unstake(node_id: str, body: UnstakeRequest) -> JSONResponse:

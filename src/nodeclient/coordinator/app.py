@@ -110,6 +110,7 @@ def create_app(config: CoordinatorConfig, *, clock: Clock | None = None) -> Fast
             await coord.stop_background()  # dispatches and cancels in flight, before the db
             for link in list(coord.links.values()):
                 await link.close(1001, "coordinator shutting down")
+            await coord.heartbeats.close()  # what was acknowledged before its commit
             db.close()
 
     app = FastAPI(

@@ -50,7 +50,7 @@ from nodeclient.coordinator import verifier
 from nodeclient.coordinator.config import AUTH_MAX_SKEW_S
 from nodeclient.coordinator.leases import node_lost_tx, report_job_end
 from nodeclient.coordinator.scheduler import cancel_leases, report_lost
-from nodeclient.coordinator.service import Coordinator, TokenBucket
+from nodeclient.coordinator.service import UNSTORED_SEQS, Coordinator, TokenBucket
 from nodeclient.coordinator.store import NodeInfo
 from nodeclient.errors import RemoteProtocolError, SignatureError
 from nodeclient.protocol import eip712, messages
@@ -481,7 +481,9 @@ class LinkSession:
         was_online = rt.online
         rt.last_seq, rt.state, rt.last_seen, rt.online = seq, state, now, True
         rt.beat = coord.monotonic()
-        await coord.heartbeats.persist(self.node_id, seq, state, now)
+        # Acknowledged before its commit only within UNSTORED_SEQS of the stored seq.
+        wait = seq > rt.stored_seq + UNSTORED_SEQS
+        await coord.heartbeats.persist(self.node_id, seq, state, now, wait=wait)
         until = coord.nodes[self.node_id].unstaking_until
         await self.send_wire(heartbeat_ack_text(seq, now, until))
         if not was_online:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import functools
 import logging
 import uuid
@@ -35,6 +36,10 @@ from nodeclient.protocol import messages
 
 log = logging.getLogger("nodeclient.coordinator")
 MAX_WITHDRAWN: Final = 65536  # cancels remembered; a dispatch is sent within seconds of its lease
+# How far above a node's last committed heartbeat seq a heartbeat may be acknowledged
+# before its own commit (HeartbeatWriter); a restarted coordinator adds it to every
+# stored seq, so that none acknowledged before the restart can be taken again.
+UNSTORED_SEQS: Final = 16
 
 
 class LinkPort(Protocol):
@@ -72,10 +77,15 @@ class TokenBucket:
 class NodeRuntime:
     """Per-node liveness in memory; the durable parts are written behind to SQL."""
 
-    __slots__ = ("beat", "budgets", "draining", "last_seen", "last_seq", "online", "state")
+    __slots__ = (
+        "beat", "budgets", "draining", "last_seen", "last_seq", "online", "state", "stored_seq"
+    )  # fmt: skip
 
     def __init__(self, *, last_seq: int, last_seen: float | None, state: str | None) -> None:
-        self.last_seq = last_seq
+        self.last_seq = last_seq  # the highest seq taken (acknowledged or refused above it)
+        # The highest seq known to be committed in SQL: a heartbeat may be acknowledged
+        # before its commit only while its seq is at most UNSTORED_SEQS above this one.
+        self.stored_seq = last_seq
         self.last_seen = last_seen  # wall clock: stored, shown, and compared over days
         # The monotonic clock at the last heartbeat (or link) in this process: what
         # "offline after 3 missed intervals" is measured by, so that a wall clock set
@@ -95,27 +105,47 @@ class NodeRuntime:
 
 
 class HeartbeatWriter:
-    """Group commit for heartbeats: every ack waits for its seq to be durable.
+    """Group commit for heartbeats, written behind their acknowledgements within a bound.
 
-    Heartbeats that arrive while a commit runs are written together by the next one,
-    so 10,000 nodes cost a few commits a second, not 333, and a replayed seq is still
-    refused after a restart because nothing is acknowledged before it is stored.
+    Heartbeats that arrive while a commit runs are written together by the next one, so
+    10,000 nodes cost a few commits a second, not 333. A heartbeat whose seq is at most
+    :data:`UNSTORED_SEQS` above its node's last committed seq is acknowledged at once and
+    written by the next commit; one further above waits for its commit before its ack. So
+    no seq ever acknowledged is more than UNSTORED_SEQS above the one stored, and a
+    coordinator that starts again takes each node's last seq as the stored one plus
+    UNSTORED_SEQS (:meth:`Coordinator.__init__`): a replayed seq is still refused after a
+    restart, a crash included, while the heartbeat path never waits on the database in
+    the common case (a scheduling round or a job's insert holds SQLite's one writer for
+    tens of milliseconds).
     """
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, runtime: Mapping[str, NodeRuntime]) -> None:
         self._db = db
+        self._runtime = runtime
         self._pending: dict[str, tuple[str, int, str, float]] = {}
         self._waiters: list[asyncio.Future[None]] = []
         self._flusher: asyncio.Task[None] | None = None
 
-    async def persist(self, node_id: str, seq: int, state: str, seen: float) -> None:
-        loop = asyncio.get_running_loop()
+    async def persist(
+        self, node_id: str, seq: int, state: str, seen: float, *, wait: bool = True
+    ) -> None:
+        """Queue the node's seq, state and last-seen time for the next commit; with
+        *wait*, return once it is committed (raising what the commit raised)."""
         self._pending[node_id] = (node_id, seq, state, seen)
-        waiter: asyncio.Future[None] = loop.create_future()
-        self._waiters.append(waiter)
+        waiter: asyncio.Future[None] | None = None
+        if wait:
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush())
-        await waiter
+        if waiter is not None:
+            await waiter
+
+    async def close(self) -> None:
+        """Commit what is queued (at shutdown, before the database closes)."""
+        if self._flusher is not None:
+            with contextlib.suppress(Exception):
+                await self._flusher
 
     async def _flush(self) -> None:
         while self._pending:
@@ -125,10 +155,20 @@ class HeartbeatWriter:
             try:
                 await self._db.run_heartbeats(functools.partial(_write_heartbeats, batch=batch))
             except Exception as exc:  # noqa: BLE001 (handed to every waiting heartbeat)
+                # Their nodes' stored seqs stay where they were: once UNSTORED_SEQS above,
+                # their heartbeats wait for a commit again, and get its error.
+                log.error(
+                    "heartbeat.store_failed",
+                    extra={"heartbeats": len(batch), "error": f"{type(exc).__name__}: {exc}"},
+                )
                 for w in waiters:
                     if not w.done():
                         w.set_exception(exc)
                 continue
+            for node_id, seq, _, _ in batch:
+                rt = self._runtime.get(node_id)
+                if rt is not None and seq > rt.stored_seq:
+                    rt.stored_seq = seq
             for w in waiters:
                 if not w.done():
                     w.set_result(None)
@@ -196,9 +236,12 @@ class Coordinator:
         self.runtime: dict[str, NodeRuntime] = {}
         for info in db.run_sync(load_nodes):
             self.cache_node(info)
+            # The last run may have acknowledged up to UNSTORED_SEQS seqs above the stored
+            # one before it stopped (HeartbeatWriter): none of them may be taken again.
+            self.runtime[info.node_id].last_seq = info.last_seq + UNSTORED_SEQS
         self.links: dict[str, LinkPort] = {}
         self.progress = ProgressBoard()  # advisory, per node and task, bounded
-        self.heartbeats = HeartbeatWriter(db)
+        self.heartbeats = HeartbeatWriter(db, self.runtime)
         # GET /metrics (2.3.8); per app, never global; lease waits from this start on
         self.metrics = CoordinatorMetrics(after_attempt=db.run_sync(last_attempt))
         self._wake: asyncio.Event | None = None

@@ -427,15 +427,20 @@ def touch_node(session: Session, node_id: str, seen: float) -> None:
         row.last_seen = seen
 
 
-def node_row_json(row: m.Node, *, online: bool) -> dict[str, Any]:
+def node_row_json(
+    row: m.Node, *, online: bool, seen: tuple[str | None, float | None] | None = None
+) -> dict[str, Any]:
+    """The node as the nodes API shows it. *seen*: its (state, last_seen) in memory, which
+    may be a heartbeat ahead of the row (heartbeats are written behind their acks)."""
+    state, last_seen = (row.state, row.last_seen) if seen is None else seen
     return {
         "node_id": row.node_id,
         "wallet": row.wallet_address,
         "tier": row.hardware_tier,
         "region": row.region,
         "online": online,
-        "state": row.state,
-        "last_seen": row.last_seen,
+        "state": state,
+        "last_seen": last_seen,
         "unstaking_until": row.unstaking_until,
         "workload_classes": json.loads(row.workload_classes),
         "max_parallel_subtasks": row.max_parallel_subtasks,
