@@ -122,3 +122,45 @@ def test_the_data_directory_is_private(tmp_path: Path) -> None:
     old.chmod(0o755)
     create_app(config_for(data_dir=old)).state.coordinator.db.close()
     assert stat.S_IMODE(old.stat().st_mode) == 0o700
+
+
+def test_serve_collects_the_young_generation_on_a_timer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With 10,000 links the young generation grows without a collection (each frame frees
+    as much as it makes) until one walks every link's waiting coroutines for 100+ ms:
+    serve collects it every YOUNG_GC_INTERVAL_S instead, from its start until it stops."""
+    import asyncio
+    import io
+    import types
+
+    from nodeclient.coordinator import server
+
+    calls: list[tuple[str, int | None]] = []
+    fake_gc = types.SimpleNamespace(
+        collect=lambda generation=None: calls.append(("collect", generation)),
+        freeze=lambda: calls.append(("freeze", None)),
+    )
+
+    class FakeServer:  # serves for 0.5 s, then stops as after a signal
+        started = False
+
+        async def serve(self, sockets: object) -> None:
+            self.started = True
+            await asyncio.sleep(0.5)
+
+    monkeypatch.setattr(server, "gc", fake_gc)
+    monkeypatch.setattr(server, "YOUNG_GC_INTERVAL_S", 0.05)
+    monkeypatch.setattr(server, "build_server", lambda app, host, port: FakeServer())
+
+    async def run() -> tuple[int, int]:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            status = await server.serve(None, sock=sock, host="127.0.0.1", announce=io.StringIO())  # type: ignore[arg-type]
+        young = calls.count(("collect", 0))
+        await asyncio.sleep(0.2)  # stopped with the server
+        assert calls.count(("collect", 0)) == young
+        return status, young
+
+    status, young = asyncio.run(run())
+    assert status == 0
+    assert calls[:2] == [("collect", None), ("freeze", None)]  # what it holds at start: frozen
+    assert 5 <= young <= 11

@@ -38,11 +38,21 @@ _WS_OVERHEAD = 4096  # frame headers around the largest allowed JSON frame
 # tracks (protocol, parser, ASGI task, coroutine frames, queues), so a full collection
 # walks more than a million objects and stops the event loop for a second or more. The
 # thresholds make collections rarer: a young collection every 10,000 net allocations
-# (not 700), a middle one every 50 of those, and a full one only after 100 middle ones
-# (and CPython's own rule that a quarter of the old objects must be new). What the
+# (not 700), a middle one every 1,000 young ones, and a full one only after 100 middle
+# ones (and CPython's own rule that a quarter of the old objects must be new). What the
 # process holds once it serves (modules, app, node cache) is frozen out of every
 # collection; objects of links closed later are still collected.
-GC_THRESHOLDS = (10_000, 50, 100)
+#
+# Each frame a link receives leaves a new chain of about 15 tracked objects (its
+# coroutines, the awaited future, the parsed frame) waiting for the next frame, and
+# frees the previous chain: net allocations stay flat, so no young collection runs for
+# minutes while the young generation grows to every link's chain (150,000 objects at
+# 10,000 links). The first collection after that (when job submissions allocate) walked
+# them all and stopped the loop for 100-170 ms. A young collection every
+# YOUNG_GC_INTERVAL_S walks only the chains made since the last one (a few ms); they
+# then wait in the middle generation, which is collected rarely (1,000 young ones).
+GC_THRESHOLDS = (10_000, 1000, 100)
+YOUNG_GC_INTERVAL_S = 0.5
 # The database threads run pure-Python ORM work (job inserts, scheduling rounds) beside
 # the event loop. With CPython's default 5 ms switch interval the loop, which gives the
 # GIL up at every socket call, can wait up to 5 ms to get it back each time; 0.5 ms
@@ -153,14 +163,27 @@ async def serve(
     task = asyncio.create_task(server.serve(sockets=[sock]))
     while not server.started and not task.done():
         await asyncio.sleep(0.01)
+    young = None
     if server.started:
         gc.collect()
         gc.freeze()
+        young = asyncio.create_task(collect_young(YOUNG_GC_INTERVAL_S), name="young-gc")
         out = announce or sys.stdout
         out.write(f"coordinator: {url_of(sock, host)}\n")
         out.flush()
-    await task
+    try:
+        await task
+    finally:
+        if young is not None:
+            young.cancel()
     return 0 if server.started else 1
+
+
+async def collect_young(interval: float) -> None:
+    """Collect the young generation every *interval* seconds (see YOUNG_GC_INTERVAL_S)."""
+    while True:
+        await asyncio.sleep(interval)
+        gc.collect(0)
 
 
 def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
