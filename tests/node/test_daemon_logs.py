@@ -175,3 +175,31 @@ def test_every_event_about_a_task_names_its_job(tmp_path: Path, events: Events) 
     assert len({d["task_id"] for d in events.named("task.rejected")}) == 2  # the stop's too
     for doc in about_tasks:
         assert doc.get("job_id") == jobs[doc["task_id"]], doc
+
+
+def test_a_stopped_task_is_logged_once_with_why(tmp_path: Path, events: Events) -> None:
+    """A task cancelled by the coordinator and one handed back at a stop each get one
+    task.cancelled line, with the reason (the coordinator's, or the stop), task and job."""
+    daemon, key, _ = make_daemon(tmp_path, executor=Answers)
+    daemon.executor = Hangs(slots=2, config=daemon.executor.config, mode=daemon.executor.mode)
+    daemon.slots = 2
+    ids: list[tuple[str, str]] = []
+
+    async def life() -> None:
+        for reason in ("job failed", None):
+            frame = dispatch(daemon, key, task_id := uuid.uuid4())
+            ids.append((str(task_id), job_of(frame)))
+            await daemon._on_frame(frame)
+            await asyncio.sleep(0)  # it starts
+            if reason is not None:
+                await daemon._on_frame(json.dumps(messages.Cancel(task_id, reason).to_wire()))
+                while task_id in daemon.running:
+                    await asyncio.sleep(0.01)
+        await daemon._hand_back()
+
+    try:
+        asyncio.run(life())
+    finally:
+        daemon.outbox.close()
+    lines = [(d["task_id"], d["job_id"], d["reason"]) for d in events.named("task.cancelled")]
+    assert lines == [(*ids[0], "job failed"), (*ids[1], "node shutting down: handed back")]

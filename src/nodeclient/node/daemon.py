@@ -278,6 +278,7 @@ class NodeDaemon(LinkClient):
             and t.outcome is None
         ]
         for task, handle in left:  # first, so that none of them can still commit a result
+            task.stop_reason = "node shutting down: handed back"
             handle.cancel()
             self._task_ended(task, "cancelled")
         for task, _ in left:

@@ -65,6 +65,7 @@ class RunningTask:
     lease_expires_at: int | None = None  # its dispatch's, echoed in a reject of it
     fetch_limits: inputs.FetchLimits | None = None  # while its inputs download
     coordinator_id: str | None = None  # the link's that dispatched it: its result goes there
+    stop_reason: str | None = None  # why it was stopped, for its one task.cancelled line
 
 
 class TaskDispatcher(ResultDelivery):
@@ -104,6 +105,7 @@ class TaskDispatcher(ResultDelivery):
         already being committed stays in the outbox and is sent on the next link."""
         for task in self.running.values():
             if task.handle is not None and not task.handle.done() and not task.finishing:
+                task.stop_reason = "another process of this node holds the link now"
                 task.handle.cancel()
                 self._task_ended(task, "cancelled")
 
@@ -323,7 +325,7 @@ class TaskDispatcher(ResultDelivery):
                 task.finishing = True
                 await self._finish(task, result)
             except asyncio.CancelledError:
-                log.info("task.cancelled")
+                log.info("task.cancelled", extra={"reason": task.stop_reason or "cancelled"})
                 raise
             finally:  # at once: a dispatch right after the result finds the slot free
                 self._free_slot(task)

@@ -421,10 +421,10 @@ class LinkClient(TaskDispatcher):
             if task and task.finishing:  # executed: its result is committed and sent anyway
                 log.info("task.cancel_too_late", extra=ids)
             elif task and task.handle:
+                task.stop_reason = msg.reason  # logged once, as its run unwinds
                 task.handle.cancel()
                 timed_out = msg.reason == "lease ended"  # the coordinator's lease expired
                 self._task_ended(task, "timed_out" if timed_out else "cancelled")
-                log.info("task.cancelled", extra={**ids, "reason": msg.reason})
         elif isinstance(msg, messages.ErrorFrame):
             log.warning("link.error_frame", extra={"code": msg.code, "reason": msg.reason})
 
