@@ -280,7 +280,8 @@ def test_unstake_across_seven_days(tmp_path, coordinator, clock_file) -> None:
     try:
         node.wait_linked()
         out = subprocess.run(
-            [sys.executable, "-m", "nodeclient.node.cli", "unstake", "--home", str(node.home)],
+            [sys.executable, "-m", "nodeclient.node.cli", "unstake", "--home", str(node.home),
+             "--clock-file", str(clock_file)],
             capture_output=True, text=True, timeout=60, check=False,
         )  # fmt: skip
         assert out.returncode == 0, out.stderr

@@ -184,9 +184,10 @@ def one_error_line(err: str) -> str:
 
 class _Answer(BaseHTTPRequestHandler):
     answer: tuple[int, str, bytes] = (200, "application/json", b"{}")
+    received: list[bytes] = []  # noqa: RUF012 (the requests' bodies, newest last)
 
     def do_POST(self) -> None:
-        self.rfile.read(int(self.headers.get("content-length", 0)))
+        self.received.append(self.rfile.read(int(self.headers.get("content-length", 0))))
         status, kind, body = self.answer
         self.send_response(status)
         self.send_header("content-type", kind)
@@ -272,6 +273,30 @@ def test_unstake_after_the_cooldown_says_the_node_is_retired(
     out = capsys.readouterr().out
     assert "cooldown ended at 1970-01-01 00:00:00 UTC: this node is retired" in out
     assert "cooldown ends at" not in out
+
+
+def test_unstake_runs_on_the_daemons_clock(
+    home: Path,
+    tmp_path: Path,
+    coordinator: Callable[[int, str, bytes], str],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """With the --clock-file testing aid (the daemon's and the coordinator's clock in the
+    end-to-end tests), the signed requested_at and the "cooldown over" check use it."""
+    import json
+    import time
+
+    offset = 8 * 86400.0
+    clock_file = tmp_path / "clock"
+    clock_file.write_text(str(offset))
+    ends = int(time.time()) + 86400  # tomorrow on the system clock, past on this one
+    url = coordinator(200, "application/json", json.dumps({"unstaking_until": ends}).encode())
+    _Answer.received.clear()
+    args = ["unstake", "--home", str(home), "--coordinator", url, "--clock-file", str(clock_file)]
+    assert main(args) == 0
+    assert "this node is retired" in capsys.readouterr().out
+    sent = json.loads(_Answer.received[-1])["message"]["requested_at"]
+    assert abs(sent - (time.time() + offset)) < 60
 
 
 # --- run: an outbox that cannot be opened ------------------------------------------------------

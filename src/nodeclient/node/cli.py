@@ -79,13 +79,15 @@ def cmd_proof(args: argparse.Namespace) -> int:
 def cmd_unstake(args: argparse.Namespace) -> int:
     import httpx
 
+    from nodeclient.clock import make_clock
     from nodeclient.protocol import eip712
 
+    clock = make_clock(args.clock_file)  # the daemon's and the coordinator's, in tests
     home = home_dir(args)
     config = load_config(home)
     url = resolve_coordinator_url(args, config, daemon_home=home)
     node_key = keys.load_node_key(home, passphrase=passphrase_source(args))
-    message = {"node_id": node_key.address, "requested_at": int(time.time())}
+    message = {"node_id": node_key.address, "requested_at": int(clock.now())}
     sig = eip712.sign_typed(node_key, "Unstake", message, chain_id=config.chain_id)
     try:
         with httpx.Client(timeout=30.0, headers=httpbody.IDENTITY) as client:
@@ -110,7 +112,7 @@ def cmd_unstake(args: argparse.Namespace) -> int:
             "it again"
         ) from exc
     ends, until = _unstake_answer(resp, url)
-    if until <= time.time():  # unstaked before: the cooldown it started is over
+    if until <= clock.now():  # unstaked before: the cooldown it started is over
         print(f"this node's cooldown ended at {ends}: {RETIRED}")
         return 0
     print(f"unstaking: no new dispatches; the 7-day cooldown ends at {ends}")
@@ -328,6 +330,7 @@ def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915 (one block per c
 
     u = sub.add_parser("unstake", parents=[common, passphrase], help="start the 7-day cooldown")
     u.add_argument("--coordinator", metavar="URL", help="coordinator base URL (default: config)")
+    u.add_argument("--clock-file", help=argparse.SUPPRESS)  # testing aid, as for run
     u.set_defaults(handler=cmd_unstake, holds_keys=True)
 
     dv = sub.add_parser("devnet", help="run a whole network on this machine (its own homes)")
