@@ -138,6 +138,8 @@ def test_serve_collects_the_young_generation_on_a_timer(monkeypatch: pytest.Monk
     fake_gc = types.SimpleNamespace(
         collect=lambda generation=None: calls.append(("collect", generation)),
         freeze=lambda: calls.append(("freeze", None)),
+        get_count=lambda: (0, 0, 0),
+        get_threshold=lambda: server.GC_THRESHOLDS,
     )
 
     class FakeServer:  # serves for 0.5 s, then stops as after a signal
@@ -164,3 +166,42 @@ def test_serve_collects_the_young_generation_on_a_timer(monkeypatch: pytest.Monk
     assert status == 0
     assert calls[:2] == [("collect", None), ("freeze", None)]  # what it holds at start: frozen
     assert 5 <= young <= 11
+
+
+def test_young_collections_still_collect_the_older_generations() -> None:
+    """The timer's collections reset the count that triggers CPython's own collections,
+    the only ones that reach the older generations: the timer must collect those itself
+    when they are due, or garbage cycles that outlived a young collection (a closed link's
+    objects) would never be freed."""
+    import asyncio
+    import gc
+    import weakref
+
+    from nodeclient.coordinator import server
+
+    class Cycle:
+        me: object
+
+    refs: list[weakref.ref[Cycle]] = []
+
+    async def run() -> None:
+        timer = asyncio.create_task(server.collect_young(0.005))
+        alive = []
+        for _ in range(50):
+            c = Cycle()
+            c.me = c
+            alive.append(c)
+            refs.append(weakref.ref(c))
+        del c
+        await asyncio.sleep(0.05)  # young collections meanwhile: they are older now
+        alive.clear()  # garbage, out of the young generation's reach
+        await asyncio.sleep(0.3)  # 60 young collections: a middle one after 5, an old
+        timer.cancel()  # one after 2 middle ones, wherever the cycles have got to
+
+    saved = gc.get_threshold()
+    gc.set_threshold(10_000, 5, 2)
+    try:
+        asyncio.run(run())
+    finally:
+        gc.set_threshold(*saved)
+    assert [r for r in refs if r() is not None] == []

@@ -50,7 +50,9 @@ _WS_OVERHEAD = 4096  # frame headers around the largest allowed JSON frame
 # 10,000 links). The first collection after that (when job submissions allocate) walked
 # them all and stopped the loop for 100-170 ms. A young collection every
 # YOUNG_GC_INTERVAL_S walks only the chains made since the last one (a few ms); they
-# then wait in the middle generation, which is collected rarely (1,000 young ones).
+# then wait in the middle generation, which is collected rarely: after 1,000 young
+# collections (every 8 minutes or so; it walks every link's chain, ~100 ms), and the
+# old one after 100 of those (about half a day; a second or more at 10,000 links).
 GC_THRESHOLDS = (10_000, 1000, 100)
 YOUNG_GC_INTERVAL_S = 0.5
 # The database threads run pure-Python ORM work (job inserts, scheduling rounds) beside
@@ -180,10 +182,18 @@ async def serve(
 
 
 async def collect_young(interval: float) -> None:
-    """Collect the young generation every *interval* seconds (see YOUNG_GC_INTERVAL_S)."""
+    """Collect the young generation every *interval* seconds (see YOUNG_GC_INTERVAL_S),
+    or an older one when it is due, as CPython's own trigger chooses: these collections
+    reset the young count, so the automatic one, which alone collects the older
+    generations, may never run again, and garbage cycles that outlived a young
+    collection (a closed link's) would stay for good."""
     while True:
         await asyncio.sleep(interval)
-        gc.collect(0)
+        counts, thresholds = gc.get_count(), gc.get_threshold()
+        generation = 0
+        if counts[1] > thresholds[1]:
+            generation = 2 if counts[2] > thresholds[2] else 1
+        gc.collect(generation)
 
 
 def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:

@@ -114,9 +114,11 @@ class HeartbeatWriter:
     no seq ever acknowledged is more than UNSTORED_SEQS above the one stored, and a
     coordinator that starts again takes each node's last seq as the stored one plus
     UNSTORED_SEQS (:meth:`Coordinator.__init__`): a replayed seq is still refused after a
-    restart, a crash included, while the heartbeat path never waits on the database in
-    the common case (a scheduling round or a job's insert holds SQLite's one writer for
-    tens of milliseconds).
+    restart, a crash of the process included, while the heartbeat path never waits on the
+    database in the common case (a scheduling round or a job's insert holds SQLite's one
+    writer for tens of milliseconds). On SQLite an operating-system crash or a power loss
+    may take back more (heartbeat commits run with synchronous=NORMAL: see
+    ``Database._run_heartbeat_conn``).
     """
 
     def __init__(self, db: Database, runtime: Mapping[str, NodeRuntime]) -> None:
