@@ -226,6 +226,26 @@ def test_missing_result_file_is_reported_not_sent(tmp_path) -> None:
         box.get(truncated)
 
 
+def test_a_result_file_name_edited_to_lead_elsewhere_is_never_read(tmp_path) -> None:
+    """A row whose result_file was edited (or damaged) to name a file outside the results
+    directory, even one of the right size, is a corrupt entry: the file is not read, and
+    the entry is closed as lost rather than sent as the task's result."""
+    box = Outbox(tmp_path / "o.db")
+    task = uuid.uuid4()
+    commit(box, task, big(7))
+    outside = tmp_path / "secret"
+    outside.write_bytes(b"x" * len(big(7)))
+    with box._db:
+        box._db.execute(
+            "UPDATE outbox SET result_file = ? WHERE task_id = ?", ("../secret", str(task))
+        )
+    with pytest.raises(OutboxCorrupt, match="not a result file's name"):
+        box.get(task)
+    with logged(logging.ERROR) as records:
+        assert box.pending() == []
+    assert [r.getMessage() for r in records] == ["outbox.result_lost"]
+
+
 def test_a_lost_entry_keeps_its_file_name_and_the_sweep_keeps_the_file(tmp_path) -> None:
     """Closed as lost (gone, or the wrong size), a row still names its file: a short file
     stays for inspection and a file that turns up again is not swept as an orphan; get,

@@ -364,6 +364,12 @@ class Outbox:
         name = row[-1]
         if name is None or not row[15]:  # no file, or a lost entry that keeps its file's name
             return entry
+        if not isinstance(name, str) or not _RESULT_NAME.fullmatch(name):
+            # Edited by hand, or damaged: never read (and send) a file outside the results
+            # directory as this task's signed result (the name prune's deletions accept).
+            raise OutboxCorrupt(
+                f"task {row[0]}: result_file {name!r:.80} is not a result file's name"
+            )
         path = self.files / name
         try:
             with open(path, "rb") as fh:
