@@ -660,3 +660,35 @@ def test_the_heartbeat_budget_follows_a_short_interval(start_coordinator, rsa_ke
         running.clock.advance(0.025)  # twice as fast as the interval: within 4 an interval
         answers.append(node.call(frame)["type"])
     assert set(answers) == {"heartbeat_ack"}
+
+
+def test_heartbeats_that_need_no_wait_share_a_commit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Acknowledged before their commit, heartbeats arriving a millisecond apart are
+    written by one commit every COMMIT_GAP_S, not one each; the stored seqs follow."""
+    import asyncio
+
+    from nodeclient.coordinator import service
+    from nodeclient.coordinator.service import HeartbeatWriter, NodeRuntime
+
+    commits: list[list[tuple[str, int, str, float]]] = []
+
+    class Db:
+        async def run_heartbeats(self, fn: Callable[[object], None]) -> None:
+            fn(None)
+
+    monkeypatch.setattr(
+        service, "_write_heartbeats", lambda _conn, *, batch: commits.append(list(batch))
+    )
+    runtime = {f"n{i}": NodeRuntime(last_seq=0, last_seen=None, state=None) for i in range(20)}
+
+    async def beats() -> None:
+        writer = HeartbeatWriter(Db(), runtime)  # type: ignore[arg-type]
+        for i in range(20):
+            await writer.persist(f"n{i}", 1, "IDLE", 0.0, wait=False)
+            await asyncio.sleep(0.001)
+        await writer.close()
+
+    asyncio.run(beats())
+    assert sum(len(c) for c in commits) == 20
+    assert len(commits) <= 10, [len(c) for c in commits]
+    assert all(rt.stored_seq == 1 for rt in runtime.values())

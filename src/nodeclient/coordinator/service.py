@@ -40,6 +40,10 @@ MAX_WITHDRAWN: Final = 65536  # cancels remembered; a dispatch is sent within se
 # before its own commit (HeartbeatWriter); a restarted coordinator adds it to every
 # stored seq, so that none acknowledged before the restart can be taken again.
 UNSTORED_SEQS: Final = 16
+# A heartbeat commit that no heartbeat waits on waits this long for others to join it:
+# at 10,000 nodes, tens of commits a second instead of hundreds (a quarter of the
+# coordinator's CPU per heartbeat), and nothing is slower, since their acks are sent.
+COMMIT_GAP_S: Final = 0.02
 
 
 class LinkPort(Protocol):
@@ -107,8 +111,9 @@ class NodeRuntime:
 class HeartbeatWriter:
     """Group commit for heartbeats, written behind their acknowledgements within a bound.
 
-    Heartbeats that arrive while a commit runs are written together by the next one, so
-    10,000 nodes cost a few commits a second, not 333. A heartbeat whose seq is at most
+    Heartbeats that arrive while a commit runs, or within COMMIT_GAP_S before it, are
+    written together by one commit, so 10,000 nodes cost tens of commits a second, not
+    hundreds. A heartbeat whose seq is at most
     :data:`UNSTORED_SEQS` above its node's last committed seq is acknowledged at once and
     written by the next commit; one further above waits for its commit before its ack. So
     no seq ever acknowledged is more than UNSTORED_SEQS above the one stored, and a
@@ -151,6 +156,8 @@ class HeartbeatWriter:
 
     async def _flush(self) -> None:
         while self._pending:
+            if not self._waiters:  # nothing waits on it: gather more into one commit
+                await asyncio.sleep(COMMIT_GAP_S)
             batch = list(self._pending.values())
             waiters, self._waiters = self._waiters, []
             self._pending = {}
