@@ -39,8 +39,9 @@ def test_a_node_that_unstaked_during_the_round_gets_no_dispatch(db: Database) ->
         staying: SimpleNamespace(public_key=public_key, unstaking_until=None),
     }
     coord = SimpleNamespace(
-        db=db, nodes=nodes, send_to=send_to, now=lambda: NOW, wake=lambda: None, withdrawn={}
-    )
+        db=db, nodes=nodes, send_to=send_to, now=lambda: NOW, wake=lambda: None, withdrawn={},
+        in_cpu=asyncio.to_thread,
+    )  # fmt: skip
     asyncio.run(Scheduler.dispatch_all(SimpleNamespace(coord=coord), placed))  # type: ignore[arg-type]
     assert sent == [(staying, second)]
     task = db.run_sync(lambda s: s.get_one(m.Task, first))
@@ -73,14 +74,16 @@ def test_a_round_whose_sealing_fails_is_undone_not_left_leased(
 
     nodes = {address: SimpleNamespace(public_key=None, unstaking_until=None)}
     coord = SimpleNamespace(
-        db=db, nodes=nodes, send_to=send_to, now=lambda: NOW, wake=lambda: None, withdrawn={}
-    )
+        db=db, nodes=nodes, send_to=send_to, now=lambda: NOW, wake=lambda: None, withdrawn={},
+        in_cpu=asyncio.to_thread,
+    )  # fmt: skip
     with caplog.at_level(logging.ERROR, logger="nodeclient.coordinator.scheduler"):
         asyncio.run(Scheduler.dispatch_all(SimpleNamespace(coord=coord), placed))  # type: ignore[arg-type]
     assert sent == []
     task = db.run_sync(lambda s: s.get_one(m.Task, task_id))
     assert (task.status, task.node_id, task.attempts) == (m.QUEUED, None, 0)
     assert [r.getMessage() for r in caplog.records] == ["dispatch.failed"]
+    assert str(caplog.records[0].exc_info[1]) == "a key the library refuses"  # that failure
 
 
 def test_a_node_whose_loss_could_not_be_recorded_is_checked_again(

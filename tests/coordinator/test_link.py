@@ -692,3 +692,32 @@ def test_heartbeats_that_need_no_wait_share_a_commit(monkeypatch: pytest.MonkeyP
     assert sum(len(c) for c in commits) == 20
     assert len(commits) <= 10, [len(c) for c in commits]
     assert all(rt.stored_seq == 1 for rt in runtime.values())
+
+
+def test_cpu_work_runs_on_a_bounded_pool_with_the_callers_context(
+    coordinator: Running,
+) -> None:
+    """Job decoding, JSON, sealing and proofs run on CPU_THREADS threads, not asyncio's
+    default executor of CPUs + 4: each such thread takes GIL turns from the event loop.
+    The caller's context (the log fields bound to it) goes with the call."""
+    import asyncio
+    import contextvars
+    import threading
+    import time
+
+    from nodeclient.coordinator.service import CPU_THREADS
+
+    bound = contextvars.ContextVar("bound", default="")
+
+    def work() -> tuple[str, str]:
+        time.sleep(0.05)
+        return threading.current_thread().name, bound.get()
+
+    async def calls() -> list[tuple[str, str]]:
+        bound.set("task 7")
+        return await asyncio.gather(*(coordinator.coord.in_cpu(work) for _ in range(6)))
+
+    done = asyncio.run(calls())
+    names = {name for name, _ in done}
+    assert len(names) == CPU_THREADS and all(n.startswith("coordinator-cpu") for n in names)
+    assert {value for _, value in done} == {"task 7"}

@@ -439,13 +439,11 @@ def build_router(coord: Coordinator) -> APIRouter:  # noqa: PLR0915 (one route e
             if len(body.payload) > base64_size(cfg.max_payload_bytes):  # not worth decoding
                 limit = cfg.max_payload_bytes
                 return error(413, f"payload exceeds the {limit}-byte limit")
-            payload = await asyncio.to_thread(_b64decode, body.payload)
+            payload = await coord.in_cpu(_b64decode, body.payload)
             if len(payload) > cfg.max_payload_bytes:
                 limit = cfg.max_payload_bytes
                 return error(413, f"payload of {len(payload)} bytes exceeds the {limit}-byte limit")
-            meta, parts, blobs, shared = await asyncio.to_thread(
-                prepare, wclass, payload, body.slices
-            )
+            meta, parts, blobs, shared = await coord.in_cpu(prepare, wclass, payload, body.slices)
         except (ProtocolError, ValueError) as exc:  # a class's ValueError too (UnicodeError)
             return error(400, str(exc))
         except (RecursionError, ArithmeticError) as exc:  # deep nesting, huge numbers
@@ -464,7 +462,7 @@ def build_router(coord: Coordinator) -> APIRouter:  # noqa: PLR0915 (one route e
 
         rows = await coord.db.run(tx)
         coord.wake()
-        return await asyncio.to_thread(_job_response, rows, chain_id, None, 201)
+        return await coord.in_cpu(_job_response, rows, chain_id, None, 201)
 
     @router.get("/v1/jobs")
     async def list_jobs(
@@ -513,7 +511,7 @@ def build_router(coord: Coordinator) -> APIRouter:  # noqa: PLR0915 (one route e
                 p = coord.progress.get(task.task_id, node_id=task.node_id)
             if p is not None:
                 progress[task.task_id] = {name: p[name] for name in ("done", "total", "note")}
-        return await asyncio.to_thread(_job_response, rows, chain_id, progress, 200)
+        return await coord.in_cpu(_job_response, rows, chain_id, progress, 200)
 
     @router.get("/v1/jobs/{job_id}/result", response_model=None)
     async def job_result(job_id: str) -> Response:

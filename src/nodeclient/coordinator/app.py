@@ -111,6 +111,7 @@ def create_app(config: CoordinatorConfig, *, clock: Clock | None = None) -> Fast
             for link in list(coord.links.values()):
                 await link.close(1001, "coordinator shutting down")
             await coord.heartbeats.close()  # what was acknowledged before its commit
+            coord.close_cpu()
             db.close()
 
     app = FastAPI(
