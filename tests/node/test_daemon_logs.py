@@ -178,19 +178,21 @@ def test_every_event_about_a_task_names_its_job(tmp_path: Path, events: Events) 
 
 
 def test_a_stopped_task_is_logged_once_with_why(tmp_path: Path, events: Events) -> None:
-    """A task cancelled by the coordinator and one handed back at a stop each get one
+    """A task cancelled by the coordinator (after it started, or in the same loop turn as
+    its dispatch, before its first step) and one handed back at a stop each get one
     task.cancelled line, with the reason (the coordinator's, or the stop), task and job."""
     daemon, key, _ = make_daemon(tmp_path, executor=Answers)
-    daemon.executor = Hangs(slots=2, config=daemon.executor.config, mode=daemon.executor.mode)
-    daemon.slots = 2
+    daemon.executor = Hangs(slots=3, config=daemon.executor.config, mode=daemon.executor.mode)
+    daemon.slots = 3
     ids: list[tuple[str, str]] = []
 
     async def life() -> None:
-        for reason in ("job failed", None):
+        for reason, started in (("job failed", True), ("lease ended", False), (None, True)):
             frame = dispatch(daemon, key, task_id := uuid.uuid4())
             ids.append((str(task_id), job_of(frame)))
             await daemon._on_frame(frame)
-            await asyncio.sleep(0)  # it starts
+            if started:
+                await asyncio.sleep(0)  # it starts
             if reason is not None:
                 await daemon._on_frame(json.dumps(messages.Cancel(task_id, reason).to_wire()))
                 while task_id in daemon.running:
@@ -202,4 +204,6 @@ def test_a_stopped_task_is_logged_once_with_why(tmp_path: Path, events: Events) 
     finally:
         daemon.outbox.close()
     lines = [(d["task_id"], d["job_id"], d["reason"]) for d in events.named("task.cancelled")]
-    assert lines == [(*ids[0], "job failed"), (*ids[1], "node shutting down: handed back")]
+    assert lines == [
+        (*ids[0], "job failed"), (*ids[1], "lease ended"), (*ids[2], "node shutting down: handed back")
+    ]  # fmt: skip

@@ -212,7 +212,9 @@ class TaskDispatcher(ResultDelivery):
         """A task's coroutine has ended, however: even cancelled before its first step
         (a cancel read in the same turn as its dispatch), when its ``finally`` never ran."""
         self._free_slot(task)
-        if not handle.cancelled() and handle.exception() is not None:  # a bug: say so
+        if handle.cancelled():  # once, here: a task cancelled before its first step too
+            log.info("task.cancelled", extra={"reason": task.stop_reason or "cancelled"})
+        elif handle.exception() is not None:  # a bug: say so
             log.error(
                 "task.crashed", extra={"task_id": str(task.task_id)}, exc_info=handle.exception()
             )
@@ -324,9 +326,6 @@ class TaskDispatcher(ResultDelivery):
                 # sending of what it signed (the coordinator takes a late result).
                 task.finishing = True
                 await self._finish(task, result)
-            except asyncio.CancelledError:
-                log.info("task.cancelled", extra={"reason": task.stop_reason or "cancelled"})
-                raise
             finally:  # at once: a dispatch right after the result finds the slot free
                 self._free_slot(task)
 
