@@ -721,3 +721,25 @@ def test_cpu_work_runs_on_a_bounded_pool_with_the_callers_context(
     names = {name for name, _ in done}
     assert len(names) == CPU_THREADS and all(n.startswith("coordinator-cpu") for n in names)
     assert {value for _, value in done} == {"task 7"}
+
+
+def test_nodes_cpu_work_never_waits_behind_requesters(coordinator: Running) -> None:
+    """Requests may keep every requester CPU thread busy (large jobs, large job JSON):
+    result proofs and sealing run on threads of their own and are not held up."""
+    import asyncio
+    import threading
+
+    from nodeclient.coordinator.service import CPU_THREADS
+
+    release = threading.Event()
+    coord = coordinator.coord
+
+    async def run() -> int:
+        busy = [asyncio.ensure_future(coord.in_cpu(release.wait, 10)) for _ in range(CPU_THREADS)]
+        try:
+            return await asyncio.wait_for(coord.in_node_cpu(lambda: 7), 5)
+        finally:
+            release.set()
+            await asyncio.gather(*busy)
+
+    assert asyncio.run(run()) == 7

@@ -385,12 +385,13 @@ def build_router(coord: Coordinator) -> APIRouter:  # noqa: PLR0915 (one route e
 
     def prepare(
         wclass: classes.WorkloadClass, payload: bytes, slices: int
-    ) -> tuple[dict[str, Any], list[bytes], set[str], bytes | None]:
-        """Validate, check the blobs, split, and move inline inputs to the blob store:
-        CPU-bound and disk-bound (a media.render job hashes and stores an inline scene of up
-        to max_payload_bytes), so it runs off the event loop. Also returns the blobs the
-        job references, each dated as used by the check (the sweep keeps them), and what
-        the tasks of its first round share (stored once, beside them), if its class has it.
+    ) -> tuple[dict[str, Any], list[bytes], set[str], bytes | None, list[tuple[str, bytes]]]:
+        """Validate, check the blobs, split, and take inline inputs out for the blob store:
+        CPU-bound (a media.render job hashes an inline scene of up to max_payload_bytes),
+        so it runs off the event loop. Also returns the blobs the job references, each
+        dated as used by the check (the sweep keeps them), what the tasks of its first
+        round share (stored once, beside them), if its class has it, and the inline inputs
+        (sha256, bytes) the caller then stores (disk work: not on the CPU threads).
 
         Inline inputs are stored last, once every check and the split have passed: a job
         refused here leaves nothing in the blob store (an inline scene of up to
@@ -412,9 +413,11 @@ def build_router(coord: Coordinator) -> APIRouter:  # noqa: PLR0915 (one route e
             shared, parts = wclass.split_shared(payload, slices)
         else:
             parts = wclass.split(payload, slices)
+        return meta, parts, referenced, shared, hoisted
+
+    def store_inline(hoisted: list[tuple[str, bytes]]) -> None:
         for sha256, data in hoisted:
             coord.blobs.store(sha256, data)
-        return meta, parts, referenced, shared
 
     # --- jobs -------------------------------------------------------------------------------
 
@@ -443,7 +446,11 @@ def build_router(coord: Coordinator) -> APIRouter:  # noqa: PLR0915 (one route e
             if len(payload) > cfg.max_payload_bytes:
                 limit = cfg.max_payload_bytes
                 return error(413, f"payload of {len(payload)} bytes exceeds the {limit}-byte limit")
-            meta, parts, blobs, shared = await coord.in_cpu(prepare, wclass, payload, body.slices)
+            meta, parts, blobs, shared, hoisted = await coord.in_cpu(
+                prepare, wclass, payload, body.slices
+            )
+            if hoisted:  # stored last, once every check has passed
+                await asyncio.to_thread(store_inline, hoisted)
         except (ProtocolError, ValueError) as exc:  # a class's ValueError too (UnicodeError)
             return error(400, str(exc))
         except (RecursionError, ArithmeticError) as exc:  # deep nesting, huge numbers

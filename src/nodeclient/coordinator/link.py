@@ -570,7 +570,7 @@ class LinkSession:
             return
         fields = {"node_id": self.node_id, "task_id": str(claim.task_id)}
         coord.progress.forget(self.node_id, str(claim.task_id))  # its task is over
-        problem = await coord.in_cpu(verifier.check_proof, claim)
+        problem = await coord.in_node_cpu(verifier.check_proof, claim)
         now = coord.now()
         if problem is not None:  # still evidence if it contradicts an accepted result
             decision = await coord.db.run(

@@ -271,7 +271,7 @@ class Scheduler:
         coord = self.coord
         try:
             jobs = [(a, coord.nodes[a.node_id].public_key) for a in assigned]
-            sealed = await coord.in_cpu(_seal_all, jobs)
+            sealed = await coord.in_node_cpu(_seal_all, jobs)
             # While sealing ran, a lease may have ended (its job failed, say) and its cancel
             # gone out: a dispatch sent after it would run a withdrawn task. Send only live
             # leases, and start their sends before this step ends, so a later cancel follows.

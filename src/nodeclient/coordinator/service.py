@@ -46,13 +46,15 @@ UNSTORED_SEQS: Final = 16
 # at 10,000 nodes, tens of commits a second instead of hundreds (a quarter of the
 # coordinator's CPU per heartbeat), and nothing is slower, since their acks are sent.
 COMMIT_GAP_S: Final = 0.02
-# Threads for CPU-bound work off the event loop (a job's decoding, checks and split, a
-# job's JSON, sealing a round's payloads, a result's proof). Each one holds the GIL
-# while it runs Python, and the loop must win it back at every socket call: with
-# asyncio's default executor (up to CPUs + 4 threads) eight concurrent submissions took
-# seven of every eight turns, and a 25 ms step on the loop (a scheduling round's
-# roster of 10,000 links) took 235 ms. Two threads keep one free for the next request.
+# Threads for CPU-bound work off the event loop. Each one holds the GIL while it runs
+# Python, and the loop must win it back at every socket call: with asyncio's default
+# executor (up to CPUs + 4 threads) eight concurrent submissions took seven of every
+# eight turns, and a 25 ms step on the loop (a scheduling round's roster of 10,000
+# links) took 235 ms. Requesters' work (a job's decoding, checks and split, a job's
+# JSON) and nodes' work (sealing a round's payloads, a result's proof) have threads of
+# their own: however many requests queue, the nodes' work never waits behind them.
 CPU_THREADS: Final = 2
+NODE_CPU_THREADS: Final = 2
 P = ParamSpec("P")
 T = TypeVar("T")
 
@@ -267,6 +269,9 @@ class Coordinator:
         self._wake: asyncio.Event | None = None
         self._background: set[asyncio.Task[Any]] = set()
         self._cpu = ThreadPoolExecutor(CPU_THREADS, thread_name_prefix="coordinator-cpu")
+        self._node_cpu = ThreadPoolExecutor(
+            NODE_CPU_THREADS, thread_name_prefix="coordinator-nodes"
+        )
         # (node_id, task_id) of leases a cancel went out for, newest last (see send_cancel)
         self.withdrawn: collections.OrderedDict[tuple[str, str], None] = collections.OrderedDict()
 
@@ -356,14 +361,18 @@ class Coordinator:
             self.withdrawn.pop(lease, None)
 
     async def in_cpu(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
-        """Run CPU-bound *fn* on one of the CPU_THREADS threads (``asyncio.to_thread``'s
-        contract otherwise: the caller's context goes with it)."""
-        call = functools.partial(contextvars.copy_context().run, fn, *args, **kwargs)
-        return await asyncio.get_running_loop().run_in_executor(self._cpu, call)
+        """Run a requester's CPU-bound *fn* on one of the CPU_THREADS threads
+        (``asyncio.to_thread``'s contract otherwise: the caller's context goes with it)."""
+        return await _run_in(self._cpu, fn, *args, **kwargs)
+
+    async def in_node_cpu(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
+        """As :meth:`in_cpu`, for the nodes' work, on the NODE_CPU_THREADS threads."""
+        return await _run_in(self._node_cpu, fn, *args, **kwargs)
 
     def close_cpu(self) -> None:
         """Let the CPU threads go once what runs there ends (at shutdown)."""
         self._cpu.shutdown(wait=False, cancel_futures=True)
+        self._node_cpu.shutdown(wait=False, cancel_futures=True)
 
     def spawn(self, coro: Coroutine[Any, Any, Any], what: str) -> None:
         """Run *coro* in the background (sends to nodes: a slow node must not hold up the
@@ -395,3 +404,10 @@ class Coordinator:
     def wake(self) -> None:
         """Ask the scheduler for a round now (new job, node linked, result, heartbeat)."""
         self.wake_event().set()
+
+
+async def _run_in(
+    pool: ThreadPoolExecutor, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs
+) -> T:
+    call = functools.partial(contextvars.copy_context().run, fn, *args, **kwargs)
+    return await asyncio.get_running_loop().run_in_executor(pool, call)
