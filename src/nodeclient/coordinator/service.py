@@ -126,9 +126,9 @@ class HeartbeatWriter:
 
     Heartbeats that arrive while a commit runs, or within COMMIT_GAP_S before it, are
     written together by one commit, so 10,000 nodes cost tens of commits a second, not
-    hundreds. A heartbeat whose seq is at most
-    :data:`UNSTORED_SEQS` above its node's last committed seq is acknowledged at once and
-    written by the next commit; one further above waits for its commit before its ack. So
+    hundreds. A heartbeat whose seq is at most :data:`UNSTORED_SEQS` above its node's
+    last committed seq is acknowledged at once and written by the next commit; one
+    further above waits for its commit before its ack. So
     no seq ever acknowledged is more than UNSTORED_SEQS above the one stored, and a
     coordinator that starts again takes each node's last seq as the stored one plus
     UNSTORED_SEQS (:meth:`Coordinator.__init__`): a replayed seq is still refused after a
