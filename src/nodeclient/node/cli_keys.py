@@ -39,12 +39,10 @@ def cmd_init(args: argparse.Namespace) -> int:
     _refuse_passphrase_without_encrypt(args)
     home = home_dir(args, create=True)
     config = NodeConfig(wallet_address=args.wallet, region=args.region, chain_id=args.chain_id)
-    if (home / "config.toml").exists():
+    if securefile.initialised(home):
         raise UsageError(
             f"{home / 'config.toml'} already exists: this home is initialised (`nodeclient "
-            f"keys show --home {home}` checks its keys). To start over as a new node (a new "
-            "node_id), move node.key, liveness.key, payload.key, config.toml and "
-            "wallet_proof.json out of the home first"
+            f"keys show --home {home}` checks its keys); {securefile.START_OVER} first"
         )
     named = keys.finish_init(home)
     resumed = all(os.path.lexists(home / n) for n in keys.KEY_FILES)

@@ -85,7 +85,7 @@ def check_key_files(home: Path) -> Check:
             fixes.append(fix)
         elif not info["exists"] and liveness:
             fixes.append(rotate)
-        elif not info["exists"] and (home / "config.toml").exists():
+        elif not info["exists"] and securefile.initialised(home):
             fixes.append(f"{path}: {securefile.MISSING_IN_HOME_FIX}")
         elif not info["exists"]:
             fixes.append(f"run `nodeclient init --home {home} --wallet 0x…` (or restore {path})")

@@ -49,6 +49,7 @@ from nodeclient.node.securefile import (
     describe_file,
     ensure_home,
     finish_secrets,
+    initialised,
     read_secret,
     replace_secret,
     secret_problem,
@@ -374,7 +375,7 @@ def _read_passphrase_file(file: Path) -> bytes:
 def _read_key(home: Path, name: str, *, missing_fix: str = MISSING_FIX) -> tuple[Path, bytes]:
     ensure_home(home, create=False)
     path = home / name
-    if missing_fix == MISSING_FIX and (home / "config.toml").exists():
+    if missing_fix == MISSING_FIX and initialised(home):
         missing_fix = MISSING_IN_HOME_FIX  # init would refuse this home
     return path, read_secret(path, missing_fix=missing_fix)
 

@@ -56,12 +56,14 @@ HOME_ENV: Final = "NODECLIENT_HOME"
 DEFAULT_HOME_NAME: Final = ".nodeclient"
 DEFAULT_MAX_SIZE: Final = 65536
 MISSING_FIX: Final = "run `nodeclient init` (or restore it from backup)"
-# Where config.toml is there, init refuses the home: the key is restored, or the node
-# starts over with a new identity.
+# Where config.toml is there, init refuses the home (initialised): the key is restored,
+# or the node starts over with a new identity.
+START_OVER: Final = (
+    "to start over as a new node (a new node_id), move node.key, liveness.key, "
+    "payload.key, config.toml and wallet_proof.json out of the home"
+)
 MISSING_IN_HOME_FIX: Final = (
-    "restore it from your backup; or, to start over as a new node (a new node_id), move "
-    "node.key, liveness.key, payload.key, config.toml and wallet_proof.json out of the "
-    "home, then run `nodeclient init`"
+    f"restore it from your backup; or, {START_OVER}, then run `nodeclient init`"
 )
 _SECRET_MODE: Final = 0o600
 _HOME_MODE: Final = 0o700
@@ -218,6 +220,11 @@ def _kind(mode: int) -> str:
         (stat.S_ISREG, "regular file"),
     )
     return next((name for test, name in kinds if test(mode)), "special file")
+
+
+def initialised(home: Path) -> bool:
+    """Whether init has run in *home*: its config.toml is there (init then refuses it)."""
+    return (home / "config.toml").exists()
 
 
 def read_secret(
