@@ -397,15 +397,19 @@ def _verified_job(
         raise DevnetError(f"job {job_id} failed: {job.get('reason')}")
     result = bytes(client.raw_job_result(job_id))
     report = audit.audit_job(
-        job, client.task_result, lambda: result, job_id=job_id, payload=payload
-    )
+        job, client.task_result, lambda: result,
+        fetch_manifest=client.manifest, job_id=job_id, payload=payload,
+    )  # fmt: skip
     for t in report.tasks:
         if t.ok is None:
             continue  # a slice dropped from a training round: nothing to verify
         if not t.ok:
             raise DevnetError(t.detail)
         proof = (t.proof or "")[:18]
-        out(f"  task {t.task_id} on {t.node_id}: proof {proof}… verified, signature verified")
+        out(
+            f"  task {t.task_id} on {t.node_id}: proof {proof}… verified, signature "
+            "verified, node manifest verified"
+        )
     if not report.ok:
         raise DevnetError(f"job {job_id}: {report.result}")
     out(f"  job result: {report.result}")

@@ -51,8 +51,9 @@ def _inference_job(running: Running, rsa_keys) -> dict[str, Any]:
 def _audit(running: Running, job: dict[str, Any], **kw: Any) -> audit.JobReport:
     client = running.client
     return audit.audit_job(
-        job, client.task_result, lambda: client.raw_job_result(job["job_id"]), **kw
-    )
+        job, client.task_result, lambda: client.raw_job_result(job["job_id"]),
+        fetch_manifest=client.manifest, **kw,
+    )  # fmt: skip
 
 
 def test_a_real_inference_job_verifies(running: Running, rsa_keys) -> None:
@@ -60,7 +61,7 @@ def test_a_real_inference_job_verifies(running: Running, rsa_keys) -> None:
     report = _audit(running, job, chain_id=eip712.DEVNET_CHAIN_ID)
     assert report.ok, report.as_json()
     (task,) = report.tasks
-    assert task.ok and task.detail == "proof and signature verified"
+    assert task.ok and task.detail == "proof, signature and its node's manifest verified"
     assert report.result_ok and report.result == "equal to its one task's verified result"
 
 
@@ -92,7 +93,7 @@ def _lie(running: Running, job: dict[str, Any], how: str) -> audit.JobReport:
         fetch_job = lambda: forged  # noqa: E731
     elif how == "job hash":  # the result served does not match the published hash
         fetch_job = lambda: real + b"\x00"  # noqa: E731
-    return audit.audit_job(job, fetch_task, fetch_job)
+    return audit.audit_job(job, fetch_task, fetch_job, fetch_manifest=running.client.manifest)
 
 
 @pytest.mark.parametrize(
@@ -160,8 +161,9 @@ def test_a_render_job_is_assembled_again_from_its_verified_slices(
     forged = render_slices.assemble(parts, meta)
     lied = {**done, "result_sha256": hashlib.sha256(forged).hexdigest()}
     report = audit.audit_job(
-        lied, running.client.task_result, lambda: forged, payload=mine.encode()
-    )
+        lied, running.client.task_result, lambda: forged,
+        fetch_manifest=running.client.manifest, payload=mine.encode(),
+    )  # fmt: skip
     assert not report.ok and "scene" in report.result
 
 
@@ -190,16 +192,21 @@ def test_a_result_no_task_gives_is_not_verified(running: Running, rsa_keys, how:
         job["tasks"] = []
     else:
         job["status"], job["tasks"] = "failed", []
-    report = audit.audit_job(job, running.client.task_result, lambda: forged)
+    client = running.client
+    report = audit.audit_job(
+        job, client.task_result, lambda: forged, fetch_manifest=client.manifest
+    )
     assert not report.ok and report.verdict != "verified"
     payload = inference_payload(VALUES)  # and with the payload, a relabel is refused outright
-    with_payload = audit.audit_job(job, running.client.task_result, lambda: forged, payload=payload)
+    with_payload = audit.audit_job(
+        job, client.task_result, lambda: forged, fetch_manifest=client.manifest, payload=payload
+    )
     assert not with_payload.ok and with_payload.result_ok is not True
 
 
 @pytest.mark.parametrize("answer", [["not", "a", "job"], {"job_id": "x", "tasks": 5}])
 def test_an_answer_that_is_not_a_job_is_not_verified(answer: object) -> None:
-    report = audit.audit_job(answer, lambda _t: b"", lambda: b"")  # type: ignore[arg-type]
+    report = audit.audit_job(answer, lambda _t: b"", lambda: b"", fetch_manifest=dict)  # type: ignore[arg-type]
     assert not report.ok and "not a job" in report.result
 
 
@@ -215,7 +222,7 @@ def test_malformed_answers_are_failures_not_tracebacks(running: Running, rsa_key
     assert all("malformed task" in t.detail for t in report.tasks)
     bad_id = copy.deepcopy(real)
     bad_id["job_id"] = "not-a-uuid"
-    assert not audit.audit_job(bad_id, running.client.task_result, lambda: b"").ok
+    assert not _audit(running, bad_id).ok
 
 
 def test_verify_command_exit_status_and_output(running: Running, rsa_keys, capsys) -> None:

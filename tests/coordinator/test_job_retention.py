@@ -247,7 +247,8 @@ def test_the_candidate_cache_keeps_no_node_that_is_gone() -> None:
     holds far more than them: nodes that left for good leave no entry behind."""
     info = SimpleNamespace(unstaking_until=None, hardware_tier=0, region="eu-west",
                            workload_classes=frozenset({"ai.inference"}),
-                           max_parallel_subtasks=1, slot_ram_mb=0, slot_vram_mb=0)  # fmt: skip
+                           max_parallel_subtasks=1, slot_ram_mb=0, slot_vram_mb=0,
+                           manifest_hash="")  # fmt: skip
     ids = [f"node-{i}" for i in range(3000)]
     link = SimpleNamespace(draining=False)
     coord = SimpleNamespace(nodes=dict.fromkeys(ids, info),

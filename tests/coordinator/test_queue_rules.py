@@ -535,7 +535,8 @@ def test_a_node_seen_within_the_queue_timeout_counts_as_able() -> None:
     timeout that is not unstaking: one reconnecting at the sweep's moment still counts."""
     info = SimpleNamespace(unstaking_until=None, hardware_tier=2, region="eu-west",
                            workload_classes=frozenset({"ai.inference"}),
-                           max_parallel_subtasks=1, slot_ram_mb=4096, slot_vram_mb=0)  # fmt: skip
+                           max_parallel_subtasks=1, slot_ram_mb=4096, slot_vram_mb=0,
+                           manifest_hash="")  # fmt: skip
     leaving = SimpleNamespace(**{**vars(info), "unstaking_until": int(NOW) + 86400})
     coord = SimpleNamespace(
         nodes={"recent": info, "long_gone": info, "leaving": leaving},

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from sqlalchemy import Column, Integer, MetaData, Table, create_engine, inspect, text
 
-from nodeclient.coordinator import cli, schema
+from nodeclient.coordinator import audit, cli, schema
 from nodeclient.coordinator import models as m
 from nodeclient.coordinator.store import Database
 from tests.coordinator.conftest import (
@@ -146,7 +146,9 @@ def test_a_first_release_database_is_upgraded_and_its_queued_job_runs(
         cols = _columns(url)
         for table in m.Base.metadata.sorted_tables:
             assert cols[table.name] == {c.name for c in table.columns}, table.name
-        assert [n["node_id"] for n in again.client.nodes()] == [node.node_id]
+        (listed,) = again.client.nodes()
+        assert listed["node_id"] == node.node_id
+        assert again.client.manifest(listed["manifest_hash"])["node_id"] == node.node_id
         again.link(node)
         dispatch = node.recv()
         assert dispatch["type"] == "dispatch"
@@ -187,6 +189,68 @@ def test_a_version_1_database_gets_the_declared_resources_columns(tmp_path: Path
         again.link(node)
         dispatch = node.recv()
         assert dispatch["job_id"] == job["job_id"] and dispatch["resources"] == {}
+    finally:
+        stop(again, server2, thread2)
+
+
+def test_a_version_3_database_publishes_its_nodes_manifests(tmp_path: Path, rsa_keys) -> None:
+    """(SQLite.) Version 4 publishes every manifest a task names (node_manifests,
+    tasks.manifest_hash): a version 3 database gets each node's current manifest published,
+    a task leased before names none (so `verify` says so), and one leased after names the
+    node's, and verifies."""
+    clock = ManualClock(START)
+    node = make_node(rsa_keys, 0)
+    payload = inference_payload(VALUES)
+    first, server, thread = start(config_for(data_dir=tmp_path, db_url=None), clock)
+    try:
+        first.register(node)
+        first.link(node)
+        before = first.client.submit_job("ai.inference", payload)
+        dispatch = node.recv()
+        assert node.call(node.result(dispatch, inference_result(payload, VALUES)))["status"] == (
+            "accepted"
+        )
+        assert first.wait_job(before["job_id"], "succeeded")["status"] == "succeeded"
+        current = first.client.node(node.node_id)["manifest_hash"]
+    finally:
+        stop(first, server, thread)
+    url = f"sqlite:///{tmp_path / 'coordinator.db'}"
+    con = sqlite3.connect(tmp_path / "coordinator.db")
+    try:  # what version 3 wrote
+        con.execute("DROP TABLE node_manifests")
+        con.execute("DROP INDEX ix_tasks_manifest_hash")
+        con.execute("ALTER TABLE tasks DROP COLUMN manifest_hash")
+        con.execute("UPDATE meta SET value = '3' WHERE key = ?", (schema.SCHEMA_KEY,))
+        con.commit()
+    finally:
+        con.close()
+    assert "node_manifests" not in _columns(url)
+    again, server2, thread2 = start(config_for(data_dir=tmp_path, db_url=None), clock)
+    try:
+        assert _version(url) == str(schema.SCHEMA_VERSION)
+        served = again.client.manifest(current)
+        assert served["node_id"] == node.node_id
+        old_job = again.client.job(before["job_id"])
+        assert old_job["tasks"][0]["manifest_hash"] is None
+        client = again.client
+
+        def check(job: dict[str, Any]) -> audit.JobReport:
+            return audit.audit_job(
+                job, client.task_result, lambda: client.raw_job_result(job["job_id"]),
+                fetch_manifest=client.manifest,
+            )  # fmt: skip
+
+        (line,) = check(old_job).tasks
+        assert line.ok is False and "a task leased before coordinator schema 4" in line.detail
+        again.link(node)
+        after = client.submit_job("ai.inference", payload)
+        dispatch = node.recv()
+        assert node.call(node.result(dispatch, inference_result(payload, VALUES)))["status"] == (
+            "accepted"
+        )
+        done = again.wait_job(after["job_id"], "succeeded")
+        assert done["tasks"][0]["manifest_hash"] == current
+        assert check(done).ok
     finally:
         stop(again, server2, thread2)
 

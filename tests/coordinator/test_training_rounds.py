@@ -666,14 +666,18 @@ def test_training_job_runs_two_rounds_through_the_coordinator(
     # A requester replays the rounds from the verified pseudo-gradients (verify --payload).
     client = coordinator.client
     report = audit.audit_job(
-        final, client.task_result, lambda: client.raw_job_result(job_id), payload=job.encode()
-    )
+        final, client.task_result, lambda: client.raw_job_result(job_id),
+        fetch_manifest=client.manifest, payload=job.encode(),
+    )  # fmt: skip
     assert report.ok, report.as_json()
     assert report.result.startswith("equal to its 2 rounds replayed")
     # Weights the rounds do not give, published with a matching hash, are caught.
     forged = tr.encode_final(job.model, {k: v + 0.01 for k, v in weights.items()}, metrics)
     lied = {**final, "result_sha256": hashlib.sha256(forged).hexdigest()}
-    report = audit.audit_job(lied, client.task_result, lambda: forged, payload=job.encode())
+    report = audit.audit_job(
+        lied, client.task_result, lambda: forged, fetch_manifest=client.manifest,
+        payload=job.encode(),
+    )  # fmt: skip
     assert not report.ok and "not the weights its 2 rounds replay to" in report.result
     # A coordinator that leaves a slice out of a round (its signed result published, its
     # task called cancelled) and publishes weights and metrics to match is caught at that
@@ -682,8 +686,9 @@ def test_training_job_runs_two_rounds_through_the_coordinator(
     shut_out["tasks"][1]["status"] = "cancelled"
     shut_out["tasks"][1]["reason"] = "missed the deadline of round 0"
     report = audit.audit_job(
-        shut_out, client.task_result, lambda: client.raw_job_result(job_id), payload=job.encode()
-    )
+        shut_out, client.task_result, lambda: client.raw_job_result(job_id),
+        fetch_manifest=client.manifest, payload=job.encode(),
+    )  # fmt: skip
     line = report.tasks[1]
     assert not report.ok and not line.ok, report.as_json()
     assert line.detail == "proof and signature verified, but the task is published as cancelled"
@@ -692,7 +697,10 @@ def test_training_job_runs_two_rounds_through_the_coordinator(
     told[1]["used"], told[1]["dropped"] = [0], [{"slice": 1, "reason": "norm too large"}]
     forged = tr.encode_final(job.model, weights, told)
     lied = {**final, "result_sha256": hashlib.sha256(forged).hexdigest()}
-    report = audit.audit_job(lied, client.task_result, lambda: forged, payload=job.encode())
+    report = audit.audit_job(
+        lied, client.task_result, lambda: forged, fetch_manifest=client.manifest,
+        payload=job.encode(),
+    )  # fmt: skip
     assert not report.ok
     assert report.result.startswith("round 1's published metrics are not the replay's: used")
 
@@ -785,8 +793,9 @@ def test_round_deadline_drops_the_late_slice(
     ]
     client = coordinator.client
     report = audit.audit_job(
-        final, client.task_result, lambda: client.raw_job_result(job_id), payload=job.encode()
-    )
+        final, client.task_result, lambda: client.raw_job_result(job_id),
+        fetch_manifest=client.manifest, payload=job.encode(),
+    )  # fmt: skip
     assert report.ok, report.as_json()  # the replay drops the late slice too
 
 

@@ -303,6 +303,17 @@ def build_router(coord: Coordinator) -> APIRouter:  # noqa: PLR0915 (one route e
             return error(404, f"node {nid} is not registered")
         return JSONResponse(node_json(row))
 
+    @router.get("/v1/manifests/{manifest_hash}")
+    async def get_manifest(manifest_hash: str) -> Response:
+        """A signed manifest a node registered with, by the SHA-256 of its canonical
+        signed bytes (a node's and a task's ``manifest_hash``), exactly as verified."""
+        if not SHA256_HEX.fullmatch(manifest_hash):
+            return error(400, "manifest_hash must be 64 lowercase hex digits")
+        row = await coord.db.run(lambda s: s.get(m.NodeManifest, manifest_hash))
+        if row is None:
+            return error(404, f"no manifest {manifest_hash}")
+        return Response(row.manifest, media_type="application/json")
+
     @router.post("/v1/nodes/{node_id}/unstake")
     async def unstake(node_id: str, body: UnstakeRequest) -> JSONResponse:
         return _reply(await registry.unstake(coord, node_id, body.model_dump()))

@@ -29,7 +29,7 @@ from nodeclient.coordinator.api import BodyLimit, body_limit, build_router, disk
 from nodeclient.coordinator.blobstore import forget_jobs, sweep_once, warn_job_retention
 from nodeclient.coordinator.config import CoordinatorConfig
 from nodeclient.coordinator.link import LinkSession, ServerHooks
-from nodeclient.coordinator.registry import forget_nodes
+from nodeclient.coordinator.registry import forget_manifests, forget_nodes
 from nodeclient.coordinator.scheduler import Scheduler, fail_stalled_jobs
 from nodeclient.coordinator.service import Coordinator
 from nodeclient.coordinator.store import Database
@@ -42,12 +42,13 @@ housekeeping_logger = logging.getLogger("nodeclient.coordinator.housekeeping")
 async def housekeeping(coord: Coordinator, scheduler: Scheduler) -> None:
     """Every ``blob_sweep_interval`` seconds (an hour), for as long as it runs: fail the
     jobs that waited past the queue timeout, delete the finished jobs and the nodes past
-    their retention, then sweep the blob store. A step that fails is logged and tried
-    again next time; the others run regardless."""
+    their retention and the manifests nothing names any more, then sweep the blob store.
+    A step that fails is logged and tried again next time; the others run regardless."""
     steps: tuple[tuple[str, Callable[[], Awaitable[object]]], ...] = (
         ("jobs.stall_check_failed", lambda: fail_stalled_jobs(coord, scheduler)),
         ("jobs.forget_failed", lambda: forget_jobs(coord)),
         ("nodes.forget_failed", lambda: forget_nodes(coord)),
+        ("manifests.forget_failed", lambda: forget_manifests(coord)),
         ("blobs.sweep_failed", lambda: sweep_once(coord)),
     )
     try:

@@ -9,7 +9,12 @@ raw bytes are fetched (``GET /v1/tasks/{id}/result``) and:
   this task, this job, this node, that proof and the result's size, in this protocol's
   domain (and chain, when one is required);
 - the signature must recover to the task's node_id with eth-account, an implementation
-  independent of this project's own (2.3.7).
+  independent of this project's own (2.3.7);
+- what the node claimed when it was given the task: the signed manifest the task names
+  (``manifest_hash``, ``GET /v1/manifests/{hash}``) must hash to that name and verify
+  completely (schema, the tier its hardware gives, the RSA-PSS signature, the node's
+  EIP-712 Registration, recovered again with eth-account), be the task's node's, and
+  offer the job's workload class at the job's minimum tier or above (2.3.2).
 
 Then the job: a succeeded job's result bytes must hash to its ``result_sha256``, and where
 the job's result is a function of its tasks' results it is derived again here and must be
@@ -33,8 +38,9 @@ from typing import Any
 
 from nodeclient.coordinator import classes
 from nodeclient.coordinator.client import NoAnswer, Unreachable
-from nodeclient.errors import NodeClientError, ProtocolError
-from nodeclient.protocol import eip712
+from nodeclient.errors import ManifestError, NodeClientError, ProtocolError
+from nodeclient.protocol import eip712, manifest
+from nodeclient.protocol.blobs import SHA256_HEX
 
 # A job's result is derived again from its tasks for these classes (see the module doc).
 _WHOLE = frozenset({"ai.inference"})
@@ -98,6 +104,57 @@ def check_task(task: Mapping[str, Any], result: bytes, *, chain_id: int | None =
     if signer.lower() != node.lower():
         raise AuditError(f"task {tid}: the signature recovers to {signer}, not {node}")
     return signer
+
+
+# A manifest's freshness was the coordinator's to check when the node registered; the
+# audit checks what it says and who signed it, whenever that was.
+_ANY_TIME = 1 << 62
+
+
+def check_manifest(
+    task: Mapping[str, Any], signed: object, *, workload_class: str, min_tier: int
+) -> None:
+    """Check the manifest *signed* (``GET /v1/manifests/{hash}``) that *task* names, after
+    :func:`check_task` passed: raises AuditError naming the first check that fails."""
+    tid, node, want = task.get("task_id"), str(task.get("node_id")), task.get("manifest_hash")
+    domain = task["typed_data"]["domain"]
+    chain_id = domain.get("chainId") if isinstance(domain, Mapping) else None
+    if not isinstance(chain_id, int) or isinstance(chain_id, bool):
+        raise AuditError(f"task {tid}: the signed message names no chain id")
+    if not isinstance(signed, Mapping):
+        raise AuditError(f"task {tid}: the node's manifest is not a JSON object")
+    issued = signed.get("issued_at")
+    try:
+        v = manifest.verify_manifest(
+            signed,
+            chain_id=chain_id,
+            now=issued if isinstance(issued, int) else 0,
+            max_skew=_ANY_TIME,
+        )
+    except ManifestError as exc:
+        raise AuditError(f"task {tid}: the node's manifest does not verify: {exc}") from exc
+    if v.manifest_hash.hex() != want:
+        raise AuditError(f"task {tid}: the manifest served hashes to {v.manifest_hash.hex()}")
+    if v.node_id.lower() != node.lower():
+        raise AuditError(f"task {tid}: the manifest is node {v.node_id}'s, not {node}'s")
+    registration = eip712.typed_data_json(
+        "Registration",
+        manifest.registration_message(signed, manifest.signed_bytes(signed)),
+        chain_id=chain_id,
+    )
+    signer = _recover(registration, bytes.fromhex(str(signed["node_signature"])[2:]))
+    if signer.lower() != node.lower():  # eth-account's own reading of node_signature
+        raise AuditError(f"task {tid}: the manifest's node_signature recovers to {signer}")
+    offered = signed["workload_classes"]
+    if workload_class not in offered:
+        raise AuditError(
+            f"task {tid}: the node's manifest offers {', '.join(offered)}, not {workload_class}"
+        )
+    if signed["hardware_tier"] < min_tier:
+        raise AuditError(
+            f"task {tid}: the node's manifest says tier {signed['hardware_tier']}, and the "
+            f"job asked for tier {min_tier} or above"
+        )
 
 
 def _recover(typed: Mapping[str, Any], signature: bytes) -> str:
@@ -166,13 +223,15 @@ def audit_job(
     fetch_task_result: Callable[[str], bytes],
     fetch_job_result: Callable[[], bytes],
     *,
+    fetch_manifest: Callable[[str], object],
     job_id: str | None = None,
     payload: bytes | None = None,
     chain_id: int | None = None,
 ) -> JobReport:
     """Check every task of *job* (GET /v1/jobs/{id}) that has a result, then the job's
-    result. *job_id*: the job asked for, which the answer must be (a coordinator could
-    answer with another, genuine job)."""
+    result. *fetch_manifest*: a node manifest by its hash (GET /v1/manifests/{hash}).
+    *job_id*: the job asked for, which the answer must be (a coordinator could answer with
+    another, genuine job)."""
     if not isinstance(job, Mapping) or not isinstance(job.get("tasks", []), list):
         report = JobReport("?", "?", "?", result_ok=False)
         report.result = "the coordinator's answer is not a job with a list of tasks"
@@ -191,8 +250,10 @@ def audit_job(
         report.result = f"malformed job_id {report.job_id!r}"
         return report
     results: dict[str, bytes] = {}
+    manifests: dict[str, object] = {}  # a node's manifest is fetched once for all its tasks
+    claims = _Claims(job, fetch_manifest, manifests)
     for task in job.get("tasks") or []:
-        line, data = _audit_task(task, report.job_id, fetch_task_result, chain_id)
+        line, data = _audit_task(task, report.job_id, fetch_task_result, chain_id, claims)
         report.tasks.append(line)
         if line.ok and line.status == "succeeded" and data is not None:
             results[line.task_id] = data
@@ -210,11 +271,44 @@ def audit_job(
     return report
 
 
+@dataclass
+class _Claims:
+    """What a job's tasks are checked against: the job's class and minimum tier, and the
+    manifests of the nodes that ran them (fetched once each)."""
+
+    job: Mapping[str, Any]
+    fetch: Callable[[str], object]
+    cache: dict[str, object]
+
+    def check(self, task: Mapping[str, Any]) -> None:
+        tid, digest = task.get("task_id"), task.get("manifest_hash")
+        if not isinstance(digest, str) or not SHA256_HEX.fullmatch(digest):
+            raise AuditError(
+                f"task {tid}: no manifest of its node is published (manifest_hash "
+                f"{digest!r}; a task leased before coordinator schema 4 names none)"
+            )
+        min_tier = self.job.get("min_tier")
+        if not isinstance(min_tier, int) or isinstance(min_tier, bool):
+            raise AuditError(f"the job's min_tier {min_tier!r} is not an integer")
+        if digest not in self.cache:
+            try:
+                self.cache[digest] = self.fetch(digest)
+            except ProtocolError as exc:
+                raise AuditError(
+                    f"task {tid}: its node's manifest could not be fetched: {exc}"
+                ) from exc
+        check_manifest(
+            task, self.cache[digest],
+            workload_class=str(self.job.get("workload_class")), min_tier=min_tier,
+        )  # fmt: skip
+
+
 def _audit_task(  # noqa: PLR0911 (one early answer per check)
     task: Mapping[str, Any],
     job_id: str,
     fetch: Callable[[str], bytes],
     chain_id: int | None,
+    claims: _Claims,
 ) -> tuple[TaskLine, bytes | None]:
     """One task's line, and its result bytes when they verified."""
     try:
@@ -248,7 +342,17 @@ def _audit_task(  # noqa: PLR0911 (one early answer per check)
         line.ok = False
         line.detail = f"proof and signature verified, but the task is published as {line.status}"
         return line, None
-    line.ok, line.detail = True, "proof and signature verified"
+    try:
+        claims.check(task)
+    except AuditError as exc:
+        line.ok, line.detail = False, str(exc)
+        return line, None
+    except (Unreachable, NoAnswer):
+        raise
+    except (KeyError, TypeError, ValueError, OverflowError) as exc:  # malformed fields
+        line.ok, line.detail = False, f"malformed manifest: {exc!r}"
+        return line, None
+    line.ok, line.detail = True, "proof, signature and its node's manifest verified"
     return line, data
 
 

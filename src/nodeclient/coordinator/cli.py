@@ -423,6 +423,7 @@ def _verify(client: CoordinatorClient, args: argparse.Namespace) -> int:
         job,
         client.task_result,
         lambda: client.raw_job_result(args.job_id),
+        fetch_manifest=client.manifest,
         job_id=args.job_id,
         payload=payload,
         chain_id=args.chain_id,

@@ -161,6 +161,11 @@ class CoordinatorClient:
         result: dict[str, Any] = self._json("GET", f"/v1/nodes/{node_id}")
         return result
 
+    def manifest(self, manifest_hash: str) -> Any:
+        """GET /v1/manifests/{hash}: a node's signed manifest, as the coordinator serves it
+        (checked by the caller: :func:`nodeclient.protocol.manifest.verify_manifest`)."""
+        return self._json("GET", f"/v1/manifests/{manifest_hash}")
+
     def health(self) -> dict[str, Any]:
         result: dict[str, Any] = self._json("GET", "/healthz")
         return result

@@ -317,6 +317,7 @@ def undeliverable_tx(
         .limit(1)
     )
     task.status, task.node_id, task.lease_deadline = m.QUEUED, None, None
+    task.manifest_hash = None
     task.leased_at = previous
     task.attempts -= 1
     job = session.get(m.Job, task.job_id)

@@ -66,6 +66,19 @@ class Node(Base):
     unstaking_until: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
 
 
+class NodeManifest(Base):
+    """Every signed manifest a node registered with, by its hash (the SHA-256 of its
+    canonical signed bytes): a task records the hash its node had when it was leased, and
+    ``GET /v1/manifests/{hash}`` publishes the manifest, so anyone can check what the node
+    claimed when it ran the task. Kept while a node row or a task names it."""
+
+    __tablename__ = "node_manifests"
+    manifest_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    node_id: Mapped[str] = mapped_column(String(ADDRESS), index=True)
+    manifest: Mapped[str] = mapped_column(Text)  # the manifest JSON as verified
+    registered_at: Mapped[float] = mapped_column(Float)
+
+
 class Job(Base):
     """A requester's job; split into one task per slice (one task for a whole inference)."""
 
@@ -165,6 +178,9 @@ class Task(Base):
     completed_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     reason: Mapped[str | None] = mapped_column(Text, nullable=True)
     round_index: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # The node's manifest (node_manifests) when the task was last leased to it; None for a
+    # task never leased, or leased by a coordinator before schema version 4.
+    manifest_hash: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
 
 
 class TaskAttempt(Base):

@@ -144,6 +144,7 @@ def assign_tx(
             leases[job.job_id] = lease_for(job, wclass, lease_seconds)
         deadline = now + leases[job.job_id]
         task.status, task.node_id, task.attempts = m.LEASED, choice, task.attempts + 1
+        task.manifest_hash = roster.by_id[choice].manifest_hash or None  # what it claimed
         task.leased_at, task.lease_deadline = now, deadline  # reason: why it was re-queued
         session.add(
             m.TaskAttempt(

@@ -22,7 +22,7 @@ import json
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -39,7 +39,8 @@ from nodeclient.protocol.secp import parse_address, parse_signature_hex, to_chec
 from nodeclient.protocol.states import UNSTAKE_COOLDOWN_S
 
 log = logging.getLogger("nodeclient.coordinator.registry")
-_FORGET_BATCH = 500  # nodes deleted a transaction (store.forget_nodes_tx)
+_FORGET_BATCH = 500  # nodes (or manifests) deleted a transaction (store.forget_nodes_tx)
+MANIFEST_GRACE_S: Final = 3600.0  # a manifest replaced is kept at least this long
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +144,13 @@ def _register_tx(
         for key, value in fields.items():
             setattr(row, key, value)
         status, label = 200, "updated"
+    if session.get(m.NodeManifest, fields["manifest_hash"]) is None:  # published by hash
+        session.add(
+            m.NodeManifest(
+                manifest_hash=fields["manifest_hash"], node_id=v.node_id,
+                manifest=fields["manifest"], registered_at=now,
+            )
+        )  # fmt: skip
     session.flush()
     node_proven = _record_wallet_proof(session, v, new_node=new_node)
     body = {
@@ -273,6 +281,21 @@ async def forget_nodes(coord: Coordinator) -> int:
             "nodes.forgotten",
             extra={"nodes": forgotten, "retention_days": round(retention / 86400, 2)},
         )
+    return forgotten
+
+
+async def forget_manifests(coord: Coordinator) -> int:
+    """Delete the manifests that no node holds as its current one and no task names, in
+    batches; how many. One registered within the last hour stays: a scheduling round may
+    still be placing tasks on the roster it was current in."""
+    before = coord.now() - MANIFEST_GRACE_S
+    forgotten = 0
+    while n := await coord.db.run(
+        functools.partial(store.forget_manifests_tx, registered_before=before, limit=_FORGET_BATCH)
+    ):
+        forgotten += n
+    if forgotten:
+        log.info("manifests.forgotten", extra={"manifests": forgotten})
     return forgotten
 
 

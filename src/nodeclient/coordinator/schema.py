@@ -30,7 +30,7 @@ from nodeclient.errors import UsageError
 
 log = logging.getLogger("nodeclient.coordinator.schema")
 
-SCHEMA_VERSION: Final = 3
+SCHEMA_VERSION: Final = 4
 SCHEMA_KEY: Final = "schema_version"
 
 # version -> the data changes that take a database from version - 1 to it, run after the
@@ -41,8 +41,23 @@ SCHEMA_KEY: Final = "schema_version"
 # its tasks' payloads may then be slice stubs, which a coordinator before it would send
 # to nodes as they are, so it must refuse such a database). A job of an older database
 # goes on: its stored whole slices are sent as they are, and its next round is stored
-# the new way.
-_STEPS: Final[dict[int, Callable[[Connection], None]]] = {}
+# the new way. Version 4 (node_manifests, tasks.manifest_hash) copies each node's current
+# manifest into node_manifests, so the tasks leased to it from now on name a manifest that
+# is published; tasks leased before name none.
+
+
+def _publish_current_manifests(conn: Connection) -> None:
+    known = select(m.NodeManifest.manifest_hash)
+    rows = select(m.Node.manifest_hash, m.Node.node_id, m.Node.manifest, m.Node.updated_at)
+    conn.execute(
+        insert(m.NodeManifest).from_select(
+            ["manifest_hash", "node_id", "manifest", "registered_at"],
+            rows.where(m.Node.manifest_hash.not_in(known)),
+        )
+    )
+
+
+_STEPS: Final[dict[int, Callable[[Connection], None]]] = {4: _publish_current_manifests}
 
 
 class SchemaError(UsageError):

@@ -31,6 +31,7 @@ class Candidate:
     capacity: int
     ram_mb: int = 0  # what a task may count on in one slot
     vram_mb: int = 0
+    manifest_hash: str = ""  # what a task leased to it records (models.Task.manifest_hash)
 
 
 def pick_node(
@@ -114,7 +115,7 @@ def to_candidate(node_id: str, info: NodeInfo) -> Candidate:
     """Registered node *node_id* as the scheduler weighs it."""
     return Candidate(
         node_id, info.hardware_tier, info.region, info.workload_classes,
-        info.max_parallel_subtasks, info.slot_ram_mb, info.slot_vram_mb,
+        info.max_parallel_subtasks, info.slot_ram_mb, info.slot_vram_mb, info.manifest_hash,
     )  # fmt: skip
 
 

@@ -362,6 +362,7 @@ class NodeInfo:
     last_seen: float | None
     slot_ram_mb: int = 0  # what a task may count on in one slot (tier.slot_memory_mb)
     slot_vram_mb: int = 0
+    manifest_hash: str = ""  # its manifest's, which a task leased to it records
 
 
 def node_info(row: m.Node) -> NodeInfo:
@@ -391,6 +392,7 @@ def node_info(row: m.Node) -> NodeInfo:
         last_seen=row.last_seen,
         slot_ram_mb=ram_mb,
         slot_vram_mb=vram_mb,
+        manifest_hash=row.manifest_hash,
     )
 
 
@@ -446,6 +448,7 @@ def node_row_json(
         "max_parallel_subtasks": row.max_parallel_subtasks,
         "liveness_address": row.liveness_address,
         "registered_at": row.registered_at,
+        "manifest_hash": row.manifest_hash,  # GET /v1/manifests/{hash}: the signed manifest
     }
 
 
@@ -478,6 +481,29 @@ def forget_nodes_tx(
     return ids, (found[-1] if len(found) == limit else None)
 
 
+def forget_manifests_tx(session: Session, *, registered_before: float, limit: int) -> int:
+    """Delete up to *limit* manifests registered before *registered_before* that neither a
+    node (as its current one) nor a task names any more; how many."""
+    named_by_task = select(m.Task.task_id).where(
+        m.Task.manifest_hash == m.NodeManifest.manifest_hash
+    )
+    current = select(m.Node.node_id).where(m.Node.manifest_hash == m.NodeManifest.manifest_hash)
+    found = list(
+        session.scalars(
+            select(m.NodeManifest.manifest_hash)
+            .where(
+                m.NodeManifest.registered_at < registered_before,
+                ~named_by_task.exists(),
+                ~current.exists(),
+            )
+            .limit(limit)
+        )
+    )
+    if found:
+        session.execute(delete(m.NodeManifest).where(m.NodeManifest.manifest_hash.in_(found)))
+    return len(found)
+
+
 def list_nodes(session: Session) -> list[m.Node]:
     return list(session.scalars(select(m.Node).order_by(m.Node.registered_at, m.Node.node_id)))
 
@@ -508,6 +534,7 @@ def task_json(task: m.Task | Row[Any], *, chain_id: int) -> dict[str, Any]:
         "slice_count": task.slice_count,
         "round": task.round_index,
         "node_id": task.node_id,
+        "manifest_hash": task.manifest_hash,
         "status": task.status,
         "attempts": task.attempts,
         "lease_deadline": task.lease_deadline,
@@ -535,7 +562,7 @@ _TASK_COLUMNS: Final = (
     m.Task.task_id, m.Task.slice_index, m.Task.slice_count, m.Task.round_index,
     m.Task.node_id, m.Task.status, m.Task.attempts, m.Task.lease_deadline, m.Task.proof,
     m.Task.signature, m.Task.result_sha256, m.Task.result_size, m.Task.message,
-    m.Task.reason,
+    m.Task.reason, m.Task.manifest_hash,
 )  # fmt: skip
 
 

@@ -7,7 +7,8 @@ read under ``/v1/jobs`` and ``/v1/tasks``) and ``--metrics-token-file`` (``/metr
 without them those routes are open, as on the loopback devnet. Everything a node uses
 stays open: registration and unstake are signed, the link authenticates by signature,
 ``GET /v1/blobs/{sha256}`` serves content by its hash (a node learns the hash only from a
-payload sealed to it), and ``/healthz`` and ``GET /v1/nodes`` hold nothing secret.
+payload sealed to it), and ``/healthz``, ``GET /v1/nodes`` and ``GET /v1/manifests``
+(what nodes sign to be checked by anyone) hold nothing secret.
 
 A token file holds one token per line (``#`` starts a comment); it is a secret, so it
 must be a regular file owned by the coordinator's user with no group or other bits, like

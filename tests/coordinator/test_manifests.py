@@ -1,0 +1,172 @@
+"""A node's signed manifests are published (GET /v1/manifests/{hash}), each task names the
+one its node had when it was leased, and `verify` checks it: what a node claimed stays
+checkable after the node moved on to another manifest (coordinator/audit.py)."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+from sqlalchemy import select
+
+from nodeclient.coordinator import audit, store
+from nodeclient.coordinator import models as m
+from nodeclient.coordinator.config import SybilPolicy
+from nodeclient.coordinator.registry import MANIFEST_GRACE_S
+from nodeclient.errors import ProtocolError
+from nodeclient.protocol import manifest
+from tests.coordinator.conftest import (
+    CHAIN,
+    Running,
+    SimNode,
+    inference_payload,
+    inference_result,
+    make_node,
+)
+
+VALUES = [1.0, 2.0]
+
+
+@pytest.fixture
+def running(start_coordinator) -> Running:
+    return start_coordinator(heartbeat_interval=1000.0, sybil=SybilPolicy(max_nodes_per_wallet=8))
+
+
+def _run_job(running: Running, node: SimNode, **kw: Any) -> dict[str, Any]:
+    """A job run by *node* (registered and linked), once it succeeded."""
+    payload = inference_payload(VALUES)
+    job = running.client.submit_job("ai.inference", payload, **kw)
+    dispatch = node.recv()
+    assert node.call(node.result(dispatch, inference_result(payload, VALUES)))["status"] == (
+        "accepted"
+    )
+    done = running.wait_job(job["job_id"], "succeeded")
+    assert done["status"] == "succeeded"
+    return done
+
+
+def _audit(running: Running, job: dict[str, Any], **kw: Any) -> audit.JobReport:
+    client = running.client
+    kw.setdefault("fetch_manifest", client.manifest)
+    return audit.audit_job(
+        job, client.task_result, lambda: client.raw_job_result(job["job_id"]), **kw
+    )
+
+
+def test_a_task_names_its_nodes_manifest_of_the_day_which_stays_published(
+    running: Running, rsa_keys
+) -> None:
+    node = make_node(rsa_keys, 0)
+    running.register(node)
+    running.link(node)
+    first = running.client.node(node.node_id)["manifest_hash"]
+    job = _run_job(running, node)
+    (task,) = job["tasks"]
+    assert task["manifest_hash"] == first
+    served = running.client.manifest(first)
+    v = manifest.verify_manifest(served, chain_id=CHAIN, now=served["issued_at"])
+    assert v.manifest_hash.hex() == first and v.node_id == node.node_id
+    # The node registers again later (a restart, a liveness key rotation): a new manifest
+    # is its current one, and the task still names, and the API still serves, the old one.
+    running.clock.advance(60)
+    running.register(node, max_parallel_subtasks=1, client_version="0.1.1")
+    second = running.client.node(node.node_id)["manifest_hash"]
+    assert second != first
+    assert running.client.manifest(second)["client_version"] == "0.1.1"
+    assert running.client.job(job["job_id"])["tasks"][0]["manifest_hash"] == first
+    assert running.client.manifest(first) == served
+    report = _audit(running, job, chain_id=CHAIN)
+    assert report.ok, report.as_json()
+    assert report.tasks[0].detail == "proof, signature and its node's manifest verified"
+
+
+def test_the_manifest_route_answers_clearly(running: Running) -> None:
+    for asked, status in (("ABC", 400), ("0" * 63, 400), ("A" * 64, 400), ("0" * 64, 404)):
+        with pytest.raises(ProtocolError, match=str(status)):
+            running.client.manifest(asked)
+
+
+def _lie(running: Running, rsa_keys, how: str) -> audit.JobReport:
+    node = make_node(rsa_keys, 0)
+    other = make_node(rsa_keys, 1)
+    for n in (node, other):
+        running.register(n)
+    running.link(node)
+    job = copy.deepcopy(_run_job(running, node))
+    task = job["tasks"][0]
+    mine = task["manifest_hash"]
+    others = running.client.node(other.node_id)["manifest_hash"]
+    fetch = running.client.manifest
+    if how == "none":  # a coordinator that names no manifest
+        task["manifest_hash"] = None
+    elif how == "another node's":  # names a genuine manifest, of another node
+        task["manifest_hash"] = others
+    elif how == "served another":  # serves another genuine manifest under this task's name
+        fetch = lambda _h: running.client.manifest(others)  # noqa: E731
+    elif how == "tampered":  # the node's manifest with a better tier than it signed
+        forged = {**running.client.manifest(mine), "hardware_tier": 4}
+        fetch = lambda _h: forged  # noqa: E731
+    elif how == "tier":  # says the job asked for less than the requester did
+        job["min_tier"] = 4
+    elif how == "class":  # the job relabelled to a class the node does not offer
+        job["workload_class"] = "media.render"
+    elif how == "missing":
+        fetch = lambda h: running.client.manifest("0" * 64)  # noqa: E731
+    elif how == "not an object":
+        fetch = lambda _h: ["a", "list"]  # noqa: E731
+    return _audit(running, job, fetch_manifest=fetch)
+
+
+@pytest.mark.parametrize(
+    ("how", "says"),
+    [
+        ("none", "no manifest of its node is published"),
+        ("another node's", "the manifest is node"),
+        ("served another", "the manifest served hashes to"),
+        ("tampered", "the node's manifest does not verify: hardware_tier"),
+        ("tier", "the job asked for tier 4 or above"),
+        ("class", "offers ai.inference, not media.render"),
+        ("missing", "its node's manifest could not be fetched"),
+        ("not an object", "the node's manifest is not a JSON object"),
+    ],
+)
+def test_a_coordinator_that_misstates_what_the_node_claimed_is_caught(
+    running: Running, rsa_keys, how: str, says: str
+) -> None:
+    report = _lie(running, rsa_keys, how)
+    (line,) = report.tasks
+    assert not report.ok and line.ok is False
+    assert says in line.detail, line.detail
+
+
+def test_manifests_nothing_names_are_forgotten_after_the_grace(running: Running, rsa_keys) -> None:
+    node = make_node(rsa_keys, 0)
+    running.register(node)
+    running.link(node)
+    job = _run_job(running, node)
+    named = job["tasks"][0]["manifest_hash"]
+    running.clock.advance(60)
+    running.register(node, client_version="0.1.1")  # current; a task names the first
+    running.clock.advance(60)
+    running.register(node, client_version="0.1.2")  # the second: named by nothing now
+    current = running.client.node(node.node_id)["manifest_hash"]
+    db = running.coord.db
+
+    def hashes() -> set[str]:
+        return set(db.run_sync(lambda s: list(s.scalars(select(m.NodeManifest.manifest_hash)))))
+
+    def forget(at: float) -> int:
+        return db.run_sync(lambda s: store.forget_manifests_tx(s, registered_before=at, limit=1))
+
+    assert len(hashes()) == 3
+    now = running.clock.now()
+    assert forget(now - MANIFEST_GRACE_S) == 0  # all three registered within the hour
+    while forget(now + 1):  # one a transaction: the batches go on to the end
+        pass
+    assert hashes() == {named, current}
+    db.run_sync(lambda s: store.forget_jobs_tx(s, finished_before=now + 1))
+    while forget(now + 1):
+        pass
+    assert hashes() == {current}
+    assert running.client.node(node.node_id)["manifest_hash"] == current
