@@ -23,6 +23,9 @@ is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import errno
+import sqlite3
+
 
 class NodeClientError(Exception):
     """Base class of every error nodeclient raises on purpose."""
@@ -89,3 +92,21 @@ class NeedsOperator(NodeClientError):
     """
 
     exit_code = 78
+
+
+# PostgreSQL's SQLSTATE for "could not extend file: No space left on device".
+_PG_DISK_FULL = "53100"
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether *exc* says a write found no space: ENOSPC or EDQUOT, SQLite's SQLITE_FULL,
+    PostgreSQL's disk_full, or a SQLAlchemy error wrapping one of them. Such a write left
+    nothing on disk, unlike an I/O error (a failed fsync), after which it may be there."""
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    if isinstance(exc, sqlite3.Error):
+        return getattr(exc, "sqlite_errorcode", 0) & 0xFF == sqlite3.SQLITE_FULL
+    if getattr(exc, "sqlstate", None) == _PG_DISK_FULL:  # psycopg
+        return True
+    orig = getattr(exc, "orig", None)  # sqlalchemy.exc.DBAPIError: the driver's error
+    return isinstance(orig, BaseException) and orig is not exc and is_disk_full(orig)

@@ -14,6 +14,7 @@ from typing import Any
 import httpx
 import pybase64
 import pytest
+from sqlalchemy import event
 
 from nodeclient.coordinator import store
 from nodeclient.coordinator.api import JSON_BODY_LIMIT, body_limit
@@ -166,6 +167,33 @@ def test_a_full_disk_anywhere_is_a_507(
     r = httpx.get(coordinator.url + "/v1/jobs")
     assert r.status_code == 507
     assert "the coordinator's disk is full" in r.json()["error"]
+
+
+def test_a_full_database_is_a_507_too(start_coordinator) -> None:
+    """SQLite's own "database or disk is full" (SQLITE_FULL, here from a page cap, as a
+    filled disk gives it) is the documented 507, not a 500; once there is room again,
+    the same request succeeds."""
+    running = start_coordinator(db_url=None)  # SQLite's error, whatever the suite runs on
+    engine = running.coord.db.engine
+    cap: list[int] = []
+
+    @event.listens_for(engine, "connect")
+    def _capped(dbapi_connection: Any, _record: Any) -> None:
+        cursor = dbapi_connection.cursor()
+        pages = cursor.execute("PRAGMA page_count").fetchone()[0]
+        cursor.execute(f"PRAGMA max_page_count = {cap[0] if cap else pages}")
+        cursor.close()
+
+    engine.dispose()  # the pool's connections are made again, capped
+    payload = pybase64.b64encode(inference_payload([1.0] * 50_000)).decode()
+    job = {"workload_class": "ai.inference", "payload": payload}
+    r = httpx.post(running.url + "/v1/jobs", json=job, timeout=RECV_TIMEOUT)
+    assert r.status_code == 507, r.text
+    assert "the coordinator's disk is full" in r.json()["error"]
+    cap.append(1 << 30)  # room again
+    engine.dispose()
+    r = httpx.post(running.url + "/v1/jobs", json=job, timeout=RECV_TIMEOUT)
+    assert r.status_code == 201, r.text
 
 
 @pytest.mark.parametrize(

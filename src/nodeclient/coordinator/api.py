@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import binascii
 import contextlib
-import errno
 import hashlib
 import io
 import logging
@@ -35,7 +34,7 @@ from nodeclient.coordinator import classes, metrics, registry, results, store
 from nodeclient.coordinator import models as m
 from nodeclient.coordinator.config import CoordinatorConfig
 from nodeclient.coordinator.service import Coordinator
-from nodeclient.errors import ProtocolError, RemoteProtocolError, SignatureError
+from nodeclient.errors import ProtocolError, RemoteProtocolError, SignatureError, is_disk_full
 from nodeclient.protocol.blobs import SHA256_HEX
 from nodeclient.protocol.secp import parse_address, to_checksum_address
 
@@ -58,7 +57,7 @@ UPLOAD_WRITE_BYTES: Final = 1024 * 1024  # an upload is written to disk in batch
 
 
 def disk_full() -> JSONResponse:
-    """507: what a write that found no space (ENOSPC) answers."""
+    """507: what a write that found no space (ENOSPC, EDQUOT, a full database) answers."""
     return error(507, "the coordinator's disk is full: nothing was stored; try again later")
 
 
@@ -343,7 +342,7 @@ def build_router(coord: Coordinator) -> APIRouter:  # noqa: PLR0915 (one route e
         try:
             fd, tmp = await asyncio.to_thread(coord.blobs.temporary, ".upload-")
         except OSError as exc:
-            if exc.errno == errno.ENOSPC:
+            if is_disk_full(exc):
                 return disk_full()
             raise
         out = os.fdopen(fd, "wb")
@@ -365,7 +364,7 @@ def build_router(coord: Coordinator) -> APIRouter:  # noqa: PLR0915 (one route e
             log.info("blobs.upload_abandoned", extra={"received": size})
             return error(400, "the upload ended before its last byte")
         except OSError as exc:
-            if exc.errno == errno.ENOSPC:
+            if is_disk_full(exc):
                 log.warning("blobs.disk_full", extra={"error": str(exc)})
                 return disk_full()
             raise

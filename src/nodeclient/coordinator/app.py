@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import functools
 import logging
 import os
@@ -34,6 +33,7 @@ from nodeclient.coordinator.scheduler import Scheduler, fail_stalled_jobs
 from nodeclient.coordinator.service import Coordinator
 from nodeclient.coordinator.store import Database
 from nodeclient.coordinator.tokens import METRICS, REQUESTER, TokenAuth, TokenSet
+from nodeclient.errors import is_disk_full
 
 log = logging.getLogger("nodeclient.coordinator.http")
 housekeeping_logger = logging.getLogger("nodeclient.coordinator.housekeeping")
@@ -144,7 +144,7 @@ def create_app(config: CoordinatorConfig, *, clock: Clock | None = None) -> Fast
         # Anything a route did not answer itself: still the documented JSON error, and
         # one structured event to find it by (a bug, or a disk that filled up).
         where = {"method": request.method, "path": request.url.path}
-        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        if is_disk_full(exc):  # a blob's write, or the database's (SQLite, PostgreSQL)
             log.error("http.disk_full", extra={**where, "error": str(exc)})
             return disk_full()
         log.error(

@@ -13,12 +13,11 @@ import fcntl
 import logging
 import os
 import re
-import sqlite3
 import stat
 from pathlib import Path
 from typing import Final
 
-from nodeclient.errors import UsageError
+from nodeclient.errors import UsageError, is_disk_full
 
 log = logging.getLogger("nodeclient.node.outbox")  # the outbox's log, shared with outbox.py
 
@@ -31,12 +30,7 @@ class OutboxBusy(UsageError):
     """Another process has this outbox open (a second daemon on the same home)."""
 
 
-def _disk_full(exc: BaseException) -> bool:
-    """Whether *exc* is SQLite's SQLITE_FULL (or ENOSPC, EDQUOT): the write it failed left
-    nothing on disk, unlike an I/O error (a failed fsync), after which it may be there."""
-    if isinstance(exc, sqlite3.Error):
-        return getattr(exc, "sqlite_errorcode", 0) & 0xFF == sqlite3.SQLITE_FULL
-    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+_disk_full = is_disk_full  # the outbox's name for it
 
 
 def _make_private(path: Path) -> None:
