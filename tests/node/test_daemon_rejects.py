@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import logging
 import threading
 import time
 import uuid
@@ -21,7 +22,7 @@ from nodeclient.errors import RemoteProtocolError
 from nodeclient.node.daemon import NodeDaemon
 from nodeclient.node.dispatch import RunningTask
 from nodeclient.node.executor import Executor, TaskFailed
-from nodeclient.node.outbox import INLINE_MAX
+from nodeclient.node.outbox import INLINE_MAX, CommitUncertain
 from nodeclient.protocol import envelope, messages
 from nodeclient.protocol.states import NodeState
 from nodeclient.workloads.inference import make_request
@@ -165,6 +166,34 @@ def test_a_task_that_fails_is_rejected_with_its_lease(
         "commit failed": "No space left on device",
     }[case]
     assert_refuses(refused, daemon, task_id, lease, reason)
+
+
+def test_a_commit_that_may_have_reached_the_disk_sends_no_reject(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An I/O error at the result's COMMIT (a failed fsync): the signed result may be on
+    disk, and a restart would send it. So no Reject goes out (it could contradict that
+    result); the failure is logged, and the lease runs out if nothing comes."""
+    daemon, _, link = make_daemon(tmp_path, Answers)
+
+    def failing_fsync(**kwargs: object) -> object:
+        raise CommitUncertain(5, "the result's commit may or may not be on disk: disk I/O error")
+
+    monkeypatch.setattr(daemon.outbox, "commit_result", failing_fsync)
+    task_id = uuid.uuid4()
+
+    async def run() -> None:
+        await daemon._on_frame(dispatch(daemon, task_id, later()))
+        while daemon.running:
+            await asyncio.sleep(0.01)
+
+    with caplog.at_level(logging.ERROR, logger="nodeclient.node"):
+        asyncio.run(asyncio.wait_for(run(), 10))
+    assert link.frames == []
+    (record,) = [r for r in caplog.records if r.getMessage() == "outbox.commit_uncertain"]
+    assert "disk I/O error" in record.__dict__["error"]
+    failed = daemon.metrics.tasks.labels(workload_class="ai.inference", outcome="failed")
+    assert failed._value.get() == 1
 
 
 def test_the_answer_to_a_reject_never_settles_a_result_of_the_same_task(tmp_path: Path) -> None:

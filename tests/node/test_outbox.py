@@ -17,7 +17,7 @@ import pytest
 
 from nodeclient.errors import UsageError
 from nodeclient.node import outbox
-from nodeclient.node.outbox import INLINE_MAX, Outbox
+from nodeclient.node.outbox import INLINE_MAX, CommitUncertain, Outbox
 from nodeclient.node.outbox_files import OutboxBusy
 from nodeclient.node.outbox_schema import (
     FORMAT_VERSION,
@@ -880,8 +880,9 @@ def test_a_commit_that_finds_the_disk_full_leaves_no_result_file(tmp_path) -> No
     assert files_of(box) == [] and box.backlog() == 0
     box._db = FailingCommit(real, sqlite_error("disk I/O error", SQLITE_IOERR_FSYNC))
     unsure = uuid.uuid4()
-    with pytest.raises(sqlite3.OperationalError, match="I/O"):
+    with pytest.raises(CommitUncertain, match="may or may not be on disk: disk I/O") as raised:
         commit(box, unsure, big(5))
+    assert isinstance(raised.value.__cause__, sqlite3.OperationalError)
     assert files_of(box) == [f"{unsure}.result"]
     box._db = real
     box.close()

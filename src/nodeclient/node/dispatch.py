@@ -28,7 +28,7 @@ from nodeclient.node import inputs, sandbox
 from nodeclient.node.delivery import ResultDelivery
 from nodeclient.node.executor import Executor, TaskFailed
 from nodeclient.node.metrics import NodeMetrics
-from nodeclient.node.outbox import OutboxCorrupt, OutboxEntry, Retention
+from nodeclient.node.outbox import CommitUncertain, OutboxCorrupt, OutboxEntry, Retention
 from nodeclient.protocol import eip712, envelope, messages
 from nodeclient.protocol.proof import proof_of_execution
 from nodeclient.protocol.states import NodeState, StateMachine
@@ -343,7 +343,13 @@ class TaskDispatcher(ResultDelivery):
                 lease_expires_at=task.lease_expires_at,
             )
             return
-        except (OSError, sqlite3.Error) as exc:  # a full or failing disk
+        except CommitUncertain as exc:  # a failing disk: the result may be stored after all
+            # A reject now could contradict the signed result a restart would find and
+            # send: say nothing, and let the lease run out if it is not.
+            log.error("outbox.commit_uncertain", extra={"error": str(exc)})
+            self._task_ended(task, "failed")
+            return
+        except (OSError, sqlite3.Error) as exc:  # a full disk, or failed before its commit
             # Nothing was recorded, signed or sent: refuse, so the task goes elsewhere
             # now rather than when its lease runs out.
             log.error("outbox.commit_failed", extra={"error": str(exc)})

@@ -66,6 +66,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import json
 import logging
 import os
@@ -100,6 +101,7 @@ from nodeclient.node.outbox_schema import (
     _SIZE_OK,
     FORMAT_VERSION,
     SCHEMA,
+    CommitUncertain,
     OutboxCorrupt,
     OutboxEntry,
     _decode,
@@ -115,6 +117,7 @@ __all__ = [
     "FORMAT_VERSION",
     "INLINE_MAX",
     "TALLIES",
+    "CommitUncertain",
     "Outbox",
     "OutboxCorrupt",
     "OutboxEntry",
@@ -313,10 +316,15 @@ class Outbox:
             # commit record). After an I/O error (a failed fsync) the commit may be on disk
             # after all and its row need the file: it stays, and the next open removes it
             # if no row names it.
-            if renamed and (not committing or _disk_full(exc)):
+            certain = not committing or _disk_full(exc)
+            if renamed and certain:
                 with contextlib.suppress(OSError):
                     final.unlink()
-            raise
+            if certain or not isinstance(exc, (OSError, sqlite3.Error)):
+                raise
+            raise CommitUncertain(
+                errno.EIO, f"the result's commit may or may not be on disk: {exc}"
+            ) from exc
         if row is None:
             self._counts["unacknowledged"] += 1
             self._waiting[fresh[16]] = self._waiting.get(fresh[16], 0) + 1

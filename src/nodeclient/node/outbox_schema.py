@@ -172,6 +172,11 @@ class OutboxCorrupt(Exception):
     """A row names a result file that is missing or the wrong size, or cannot be decoded."""
 
 
+class CommitUncertain(OSError):
+    """A result's COMMIT failed with an I/O error (a failed fsync, say), not for want of
+    space: it may be on disk after all, and a restart would then find it and send it."""
+
+
 class _RowDamaged(OutboxCorrupt, ValueError):
     """The row itself cannot be decoded: damaged on disk, or edited by hand (a ValueError
     too, as the decoding error it stands for)."""
