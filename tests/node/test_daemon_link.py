@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import errno
 import functools
 import json
 import logging
@@ -545,6 +546,45 @@ def test_a_stop_request_still_exits_zero(tmp_path: Path) -> None:
 
     assert asyncio.run(main()) == 0
     assert not (tmp_path / control.SOCKET_NAME).exists()
+
+
+def test_a_home_gone_read_only_still_stops_cleanly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, events: Events
+) -> None:
+    """The control socket cannot be removed (the home's filesystem went read-only): the
+    stop goes on, closes the executor, and still exits 0, with a warning."""
+    daemon = make_daemon(tmp_path)
+
+    async def quiet_link_loop() -> None:
+        await asyncio.Event().wait()
+
+    daemon._link_loop = quiet_link_loop  # type: ignore[method-assign]
+    unlink = Path.unlink
+
+    def read_only(self: Path, missing_ok: bool = False) -> None:
+        if self.name == control.SOCKET_NAME:
+            raise OSError(errno.EROFS, "Read-only file system", str(self))
+        unlink(self, missing_ok=missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", read_only)
+    closed: list[bool] = []
+    aclose = daemon.executor.aclose
+
+    async def tracked_aclose() -> None:
+        closed.append(True)
+        await aclose()
+
+    daemon.executor.aclose = tracked_aclose  # type: ignore[method-assign]
+
+    async def main() -> int:
+        asyncio.get_running_loop().call_later(0.2, daemon.request_stop)
+        return await asyncio.wait_for(daemon.run(), timeout=20)
+
+    assert asyncio.run(main()) == 0
+    assert closed == [True]
+    (warning,) = events.named("control.socket_not_removed")
+    assert "Read-only file system" in warning.__dict__["error"]
+    assert events.named("daemon.stop")
 
 
 def test_a_stop_hands_back_the_tasks_still_running_after_the_grace_signed(

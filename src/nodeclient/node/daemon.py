@@ -157,8 +157,15 @@ class NodeDaemon(LinkClient):
                 raise self._fatal
         finally:
             server.close()
-            with contextlib.suppress(FileNotFoundError):
+            try:
                 (self.home / control.SOCKET_NAME).unlink()
+            except FileNotFoundError:
+                pass
+            except OSError as exc:  # a home gone read-only: the clean-up below still runs
+                log.warning(
+                    "control.socket_not_removed",
+                    extra={"path": str(self.home / control.SOCKET_NAME), "error": str(exc)},
+                )
             self._fetch_pool.shutdown(wait=False, cancel_futures=True)
             await self.executor.aclose()
         log.info("daemon.stop", extra={"backlog": self.outbox.backlog(), "exit_status": status})
