@@ -54,6 +54,27 @@ class ManualClock:
             self._now = value
 
 
+class PeerClock:
+    """Another machine's wall clock as this one reads it: the local clock plus the offset
+    last seen between them (:meth:`saw`, with a time that machine just sent).
+
+    A node compares the coordinator's lease ends with this, not with its own clock, so a
+    clock on either side that is off, or stepped while linked, neither cuts a lease short
+    nor makes a node refuse every dispatch as already expired.
+    """
+
+    def __init__(self, local: Clock) -> None:
+        self._local = local
+        self.offset = 0.0  # the peer's clock minus ours (0 until the peer sent its time)
+
+    def saw(self, peer_now: float) -> None:
+        """The peer's clock read *peer_now* just now."""
+        self.offset = peer_now - self._local.now()
+
+    def now(self) -> float:
+        return self._local.now() + self.offset
+
+
 class OffsetFileClock:
     """``time.time()`` plus a float offset read from a file: a test hook, not for production.
 

@@ -43,6 +43,9 @@ def test_binary_dispatch_and_result_round_trip(coordinator: Running, rsa_keys) -
     dispatch = messages.parse_from_coordinator(raw)
     assert isinstance(dispatch, messages.Dispatch)
     assert str(dispatch.job_id) == job["job_id"]
+    # The coordinator's clock as it sent it: the node reads the lease's end against it.
+    assert dispatch.sent_at == coordinator.clock.now()
+    assert dispatch.lease_expires_at == int(dispatch.sent_at + coordinator.config.lease_seconds)
     opened = envelope.open_envelope(
         dispatch.envelope, private_key=node.payload_key, task_id=dispatch.task_id,
         node_id=node.node_id, now=int(START),

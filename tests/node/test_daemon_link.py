@@ -800,6 +800,45 @@ def test_a_link_replaced_twice_stops_the_daemon(
     assert "rotate-liveness" in first.__dict__["fix"]
 
 
+class SteppedWall(ManualClock):
+    """A ManualClock whose wall clock can be stepped (an NTP correction) while its
+    monotonic clock runs on unmoved."""
+
+    step = 0.0
+
+    def now(self) -> float:
+        return super().now() + self.step
+
+    def monotonic(self) -> float:
+        return super().now()
+
+
+def test_a_wall_clock_stepped_back_does_not_make_links_replaced_far_apart_look_close(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, waits: Waits, events: Events
+) -> None:
+    """Two 4004s more than REPLACED_WINDOW_S apart, with the wall clock stepped back an
+    hour between them: the window is measured on the monotonic clock, so the daemon links
+    again rather than stop as if replaced twice within it."""
+    answer_registration(monkeypatch, lambda _r: httpx.Response(201, json={"status": "registered"}))
+    monkeypatch.setattr(link_module, "REPLACED_PAUSE_S", 0.0)
+    clock = SteppedWall()
+    daemon = make_daemon(tmp_path, url=f"http://127.0.0.1:{free_port()}", clock=clock)
+    window = link_module.REPLACED_WINDOW_S
+
+    async def step_back(_ws: ServerConnection) -> None:
+        clock.step = -3600.0
+
+    sessions = [
+        Session(up_for=1.0, close=4004),
+        Session(up_for=window + 1.0, close=4004, then=step_back),
+    ]
+    asyncio.run(run_link(daemon, clock, sessions))  # ends as the test asks: no LinkReplaced
+    assert daemon._fatal is None and daemon.link.reconnects == 2
+    assert [e.__dict__["action"] for e in events.named("link.replaced")] == [
+        "linking again in 0 s"
+    ] * 2
+
+
 def test_links_replaced_far_apart_do_not_stop_the_daemon(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, waits: Waits, events: Events
 ) -> None:

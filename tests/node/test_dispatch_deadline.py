@@ -5,6 +5,7 @@ the run and a renewal all measure the lease on that one clock."""
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 import time
 import uuid
@@ -16,6 +17,7 @@ import pytest
 
 from nodeclient.node import inputs
 from nodeclient.node.executor import Executor
+from nodeclient.protocol import envelope, messages
 from nodeclient.workloads.inference import make_request
 from tests.models import identity_model
 from tests.node.test_daemon_outbox import make_daemon
@@ -81,4 +83,47 @@ def test_the_lease_is_measured_on_the_executors_clock(tmp_path: Path) -> None:
     assert download_left == [pytest.approx(600, abs=5)]
     assert OnItsOwnClock.renewed == [pytest.approx(900, abs=5)]
     assert OnItsOwnClock.left == [pytest.approx(900, abs=5)]  # the renewed lease
+    assert [frame["type"] for frame in link.frames] == ["result"]
+
+
+def _dispatch_on(daemon: Any, task_id: uuid.UUID, lease: int, sent_at: float | None) -> str:
+    """A dispatch the coordinator sent at *sent_at* on its clock, whose lease and envelope
+    end at *lease* on that clock."""
+    env = envelope.seal(
+        b"payload", public_key=daemon._payload_key.public_key(), task_id=task_id,
+        node_id=daemon.node_id, expires_at=lease,
+    )  # fmt: skip
+    d = messages.Dispatch(task_id, uuid.uuid4(), "ai.inference", lease, env, sent_at=sent_at)
+    return json.dumps(d.to_wire())
+
+
+@pytest.mark.parametrize(
+    ("case", "skew"),
+    [("an hour behind", -SLEPT), ("an hour ahead", SLEPT), ("told by heartbeats", -SLEPT)],
+)
+def test_the_lease_is_read_on_the_coordinators_clock(
+    tmp_path: Path, case: str, skew: float
+) -> None:
+    """The coordinator's clock is an hour off this node's (stepped while linked, or wrong
+    all along): a lease of 600 s by its clock is 600 s here, not refused as over (its
+    clock behind) nor an hour longer (ahead). The node reads the coordinator's clock from
+    the dispatch's sent_at, or, from a coordinator that sends none, from its heartbeat
+    acknowledgements' server_time."""
+    daemon, _, link = make_daemon(tmp_path, OnItsOwnClock)
+    OnItsOwnClock.left = []
+    theirs = time.time() + skew
+    task_id, lease = uuid.uuid4(), int(theirs) + 600
+
+    async def scenario() -> None:
+        if case == "told by heartbeats":
+            ack = {"type": "heartbeat_ack", "seq": 1, "server_time": theirs,
+                   "unstaking_until": None}  # fmt: skip
+            await daemon._on_frame(json.dumps(ack))
+        sent_at = None if case == "told by heartbeats" else theirs
+        await daemon._on_frame(_dispatch_on(daemon, task_id, lease, sent_at))
+        while daemon.running:
+            await asyncio.sleep(0.01)
+
+    asyncio.run(asyncio.wait_for(scenario(), 10))
+    assert OnItsOwnClock.left == [pytest.approx(600, abs=5)]
     assert [frame["type"] for frame in link.frames] == ["result"]

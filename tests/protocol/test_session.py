@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import subprocess
@@ -201,6 +202,18 @@ def test_dispatch_round_trip() -> None:
         uuid.uuid4(), uuid.uuid4(), "ai.inference", 123, b"\x00\x01envelope", 0, 1, {"ram_mb": 64}
     )
     assert messages.parse_from_coordinator(json.dumps(d.to_wire())) == d
+    assert "sent_at" not in d.to_wire()  # as a coordinator from before it sends it
+    sent = dataclasses.replace(d, sent_at=1_765_000_000.25)
+    assert messages.parse_from_coordinator(json.dumps(sent.to_wire())) == sent
+
+
+@pytest.mark.parametrize("bad", ["1765000000", True, -1, 1e13, "NaN"])
+def test_a_dispatch_with_a_bad_sent_at_is_refused(bad: object) -> None:
+    """The coordinator's clock as it sent a dispatch must be a plausible time."""
+    d = messages.Dispatch(uuid.uuid4(), uuid.uuid4(), "ai.inference", 123, b"env")
+    text = json.dumps({**d.to_wire(), "sent_at": bad}).replace('"NaN"', "NaN")
+    with pytest.raises(RemoteProtocolError, match="sent_at"):
+        messages.parse_from_coordinator(text)
 
 
 def test_node_frame_with_bad_field_types_rejected(parts) -> None:

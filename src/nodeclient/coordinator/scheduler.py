@@ -305,6 +305,7 @@ class Scheduler:
             else:
                 unstaked.append(a)
         assigned, sealed = [assigned[i] for i in staying], [sealed[i] for i in staying]
+        sent_at = coord.now()
         frames = [
             messages.Dispatch(
                 task_id=uuid.UUID(a.task_id),
@@ -315,6 +316,7 @@ class Scheduler:
                 slice_index=a.slice_index,
                 slice_count=a.slice_count,
                 resources=a.resources,
+                sent_at=sent_at,
             ).to_wire(raw=True)  # the link encodes the envelope: binary, or base64 for old nodes
             for a, env in zip(assigned, sealed, strict=True)
         ]

@@ -31,7 +31,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from websockets.asyncio.client import ClientConnection
 
 from nodeclient import logs
-from nodeclient.clock import Clock
+from nodeclient.clock import Clock, PeerClock
 from nodeclient.errors import NeedsOperator
 from nodeclient.node import control, inputs
 from nodeclient.node.delivery import RESEND_FULL_BACKLOG_S
@@ -81,6 +81,9 @@ class NodeDaemon(LinkClient):
         self.executor = executor
         self.outbox = outbox
         self.clock = clock
+        # The coordinator's clock, from the times it sends (dispatch sent_at, heartbeat_ack
+        # server_time): what its lease ends are read against.
+        self.coordinator_clock = PeerClock(clock)
         self.heartbeat_interval = heartbeat_interval
         self.shutdown_grace = shutdown_grace
         self.retention = retention if retention is not None else Retention()

@@ -22,7 +22,7 @@ from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
 from nodeclient import logs
-from nodeclient.clock import Clock
+from nodeclient.clock import Clock, PeerClock
 from nodeclient.errors import NodeClientError
 from nodeclient.node.outbox import Outbox, OutboxEntry
 from nodeclient.protocol import eip712, messages
@@ -53,6 +53,7 @@ class ResultDelivery:
     chain_id: int
     outbox: Outbox
     clock: Clock
+    coordinator_clock: PeerClock  # the coordinator's clock: lease ends are read on it
     session: NodeSession
     _node_key: Secp256k1Key
     _ws: ClientConnection | None

@@ -112,6 +112,8 @@ class TaskDispatcher(ResultDelivery):
     # --- tasks -----------------------------------------------------------------------------
 
     async def _on_dispatch(self, d: messages.Dispatch) -> None:
+        if d.sent_at is not None:
+            self.coordinator_clock.saw(d.sent_at)
         with logs.bind(task_id=str(d.task_id), job_id=str(d.job_id)):
             log.info("task.received", extra={"workload_class": d.workload_class})
             try:
@@ -237,7 +239,7 @@ class TaskDispatcher(ResultDelivery):
                 "acknowledgement (max_unacknowledged_results); they are sent again at each "
                 "reconnect, and every few minutes while the backlog is full"
             )
-        if d.lease_expires_at < self.clock.now():
+        if d.lease_expires_at < self.coordinator_clock.now():  # its clock: not ours
             return "lease already expired"
         return self.executor.admission(d.resources)  # 2.3.5: never run out of memory
 
@@ -251,7 +253,7 @@ class TaskDispatcher(ResultDelivery):
                         private_key=self._payload_key,
                         task_id=d.task_id,
                         node_id=self.node_id,
-                        now=int(self.clock.now()),
+                        now=int(self.coordinator_clock.now()),  # its expires_at: its clock
                     )
                     started = time.monotonic()
                     metadata = await self._metadata(task.workload_class, payload)
@@ -365,10 +367,12 @@ class TaskDispatcher(ResultDelivery):
         await self._deliver(entry)
 
     def _deadline(self, lease_expires_at: float) -> float:
-        """A lease's end (a wall-clock time) as a deadline on the executor's clock, which
-        runs on while the system is suspended (a task leased before a suspend is stopped
-        at its lease's end, not as much later as the system slept)."""
-        return self.executor.clock() + max(0.0, lease_expires_at - self.clock.now())
+        """A lease's end (a time on the coordinator's clock) as a deadline on the
+        executor's clock, which runs on while the system is suspended (a task leased
+        before a suspend is stopped at its lease's end, not as much later as the system
+        slept), and which no step of either wall clock moves."""
+        left = lease_expires_at - self.coordinator_clock.now()
+        return self.executor.clock() + max(0.0, left)
 
     async def _metadata(self, workload_class: str, payload: bytes) -> dict[str, str] | None:
         """The payload's metadata (``inputs.task_metadata``), read once per task: on the

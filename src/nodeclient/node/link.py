@@ -123,7 +123,7 @@ class LinkClient(TaskDispatcher):
     link: LinkInfo
     _rand: random.SystemRandom
     _fatal: NeedsOperator | None
-    _replaced_at: float | None  # when another process last took the link
+    _replaced_at: float | None  # when another process last took the link (monotonic)
     _pause: float  # the next reconnect waits at least this long
     _replaced_while_stopping: bool  # a 4004 during the drain: link no more
 
@@ -274,7 +274,7 @@ class LinkClient(TaskDispatcher):
         from that one, whose tasks would then be abandoned)."""
         if self._replaced_while_stopping or (
             self._replaced_at is not None
-            and self.clock.now() - self._replaced_at <= REPLACED_WINDOW_S
+            and self.clock.monotonic() - self._replaced_at <= REPLACED_WINDOW_S
         ):
             return False
         return bool(self.running) or self.outbox.backlog(self.session.coordinator_id) > 0
@@ -298,7 +298,7 @@ class LinkClient(TaskDispatcher):
             return False
         # The running tasks go either way: the other process holds the link now.
         self._abandon_running()
-        now = self.clock.now()
+        now = self.clock.monotonic()  # a wall clock stepped back would shrink the window
         again = self._replaced_at is not None and now - self._replaced_at <= REPLACED_WINDOW_S
         self._replaced_at = now
         log.error(
@@ -393,6 +393,7 @@ class LinkClient(TaskDispatcher):
             if sent is not None:
                 self.link.rtt_ms = round((time.monotonic() - sent) * 1000, 2)
             self.link.last_heartbeat_ack = self.clock.now()
+            self.coordinator_clock.saw(msg.server_time)
             self.session.on_heartbeat_ack(msg)
             self._apply_unstaking()
         elif isinstance(msg, messages.Dispatch):

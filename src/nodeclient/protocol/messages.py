@@ -304,10 +304,13 @@ class Dispatch:
     slice_index: int | None = None
     slice_count: int | None = None
     resources: Mapping[str, int] = field(default_factory=dict)
+    # The coordinator's clock as it sent the dispatch (None from a coordinator before it):
+    # the node reads lease_expires_at against it, not against its own clock.
+    sent_at: float | None = None
 
     def to_wire(self, *, raw: bool = False) -> dict[str, Any]:
         """The frame; with *raw* the envelope stays bytes, for :func:`encode_frame`."""
-        return {
+        wire = {
             "type": self.TYPE,
             "task_id": str(self.task_id),
             "job_id": str(self.job_id),
@@ -318,6 +321,9 @@ class Dispatch:
             "slice_count": self.slice_count,
             "resources": dict(self.resources),
         }
+        if self.sent_at is not None:
+            wire["sent_at"] = self.sent_at
+        return wire
 
     @classmethod
     def from_wire(cls, d: Mapping[str, Any], data: bytes | None = None) -> Dispatch:
@@ -336,6 +342,7 @@ class Dispatch:
             None if si is None else _int(d, "slice_index", hi=1 << 20),
             None if sc is None else _int(d, "slice_count", lo=1, hi=1 << 20),
             resources,
+            None if d.get("sent_at") is None else _num(d, "sent_at", lo=0, hi=1e12),
         )
 
 
