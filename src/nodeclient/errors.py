@@ -12,6 +12,7 @@ translated into these once, where they enter, with ``raise ... from exc``::
     │   └── RemoteProtocolError     the peer broke it (malformed, oversized, out of order)
     ├── SignatureError              a signature is malformed or recovers to the wrong signer
     ├── ManifestError               a manifest fails verification (the message names the check)
+    │   └── ManifestClockError      ... only because its issued_at and the verifier's clock disagree
     ├── EnvelopeError               an envelope cannot be opened (one message for every cause)
     ├── StateError                  an illegal node state transition
     ├── HardwareProbeError          the hardware probe could not run at all
@@ -65,6 +66,12 @@ class SignatureError(NodeClientError):
 
 class ManifestError(NodeClientError):
     """A capability manifest fails verification; the message names the failed check."""
+
+
+class ManifestClockError(ManifestError):
+    """A manifest (or its wallet proof) was issued too far in the future or the past for
+    the verifier's clock: one of the two clocks is off, which clears by itself once they
+    agree, unlike every other failed check."""
 
 
 class EnvelopeError(NodeClientError):

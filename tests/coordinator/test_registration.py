@@ -62,6 +62,28 @@ def test_stale_manifest_is_refused(coordinator: Running, rsa_keys) -> None:
     assert coordinator.client.node(node.node_id)["liveness_address"] == old_liveness
 
 
+@pytest.mark.parametrize(
+    ("issued_at", "says"),
+    [(int(START) + 600, "600 s in the future"), (int(START) - 2 * 86400, "s old (max 86400")],
+)
+def test_a_manifest_out_of_step_with_the_coordinators_clock_is_a_409(
+    coordinator: Running, rsa_keys, issued_at: int, says: str
+) -> None:
+    """A manifest issued too far in the future or the past for the coordinator's clock:
+    one of the two clocks is off, which clears once they agree, so 409 (which a node
+    retries), not 400 (final: a node stops, and systemd does not restart it)."""
+    node = make_node(rsa_keys, 0)
+    r = _post(coordinator, node.manifest(issued_at=issued_at))
+    assert r.status_code == 409, r.text
+    assert says in r.json()["error"] and "clock skew?" in r.json()["error"]
+    wallet = Secp256k1Key.generate()  # a wallet whose clock runs 10 min ahead
+    ahead = make_node(rsa_keys, 1, wallet=wallet.address)
+    proof = mf.sign_wallet_proof(wallet, ahead.node_id, issued_at=int(START) + 600, chain_id=CHAIN)
+    r = _post(coordinator, ahead.manifest(issued_at=int(START), wallet_proof=proof))
+    assert r.status_code == 409, r.text
+    assert "wallet_proof: issued_at is 600 s in the future" in r.json()["error"]
+
+
 def test_invalid_signature_is_refused(coordinator: Running, rsa_keys) -> None:
     """A manifest altered after signing fails verification: 400 naming the check."""
     node = make_node(rsa_keys, 0)
@@ -213,7 +235,7 @@ def test_client_turns_errors_into_one_line(coordinator: Running, rsa_keys) -> No
     """CoordinatorClient raises RemoteProtocolError carrying the coordinator's reason."""
     node = make_node(rsa_keys, 0)
     manifest = node.manifest(issued_at=int(START) - 2 * 24 * 3600)
-    with pytest.raises(RemoteProtocolError, match="400 issued_at: manifest is"):
+    with pytest.raises(RemoteProtocolError, match="409 issued_at: manifest is"):
         coordinator.client.register(manifest)
 
 

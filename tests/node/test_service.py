@@ -99,7 +99,8 @@ def test_unit_hardening_directives(tmp_path: Path, capsys) -> None:
     assert one["ProtectKernelModules"] == one["ProtectControlGroups"] == "yes"
     unit = parse(path.read_text())
     assert unit["Install"]["WantedBy"] == ["multi-user.target"]
-    assert unit["Unit"]["After"] == ["network-online.target"]
+    assert unit["Unit"]["After"] == ["network-online.target", "time-sync.target"]
+    assert unit["Unit"]["Wants"] == ["network-online.target", "time-sync.target"]
 
 
 def test_unit_is_public_and_prints_next_steps(tmp_path: Path, capsys) -> None:

@@ -32,7 +32,7 @@ from nodeclient.coordinator import store
 from nodeclient.coordinator.config import UNSTAKE_MAX_SKEW_S, SybilPolicy
 from nodeclient.coordinator.service import Coordinator
 from nodeclient.coordinator.store import NodeInfo, node_info
-from nodeclient.errors import ManifestError, SignatureError
+from nodeclient.errors import ManifestClockError, ManifestError, SignatureError
 from nodeclient.protocol import eip712
 from nodeclient.protocol.manifest import VerifiedManifest, verify_manifest
 from nodeclient.protocol.secp import parse_address, parse_signature_hex, to_checksum_address
@@ -212,7 +212,8 @@ async def register(coord: Coordinator, manifest: object) -> Reply:
         )
     except ManifestError as exc:
         log.info("node.registration_refused", extra={"reason": str(exc)})
-        return _error(400, str(exc))
+        # A clock out of step clears by itself (the node retries 409; 400 is final to it).
+        return _error(409 if isinstance(exc, ManifestClockError) else 400, str(exc))
     policy = coord.config.sybil
     reply = await coord.db.run(lambda s: _register_tx(s, verified, now=now, policy=policy))
     if reply.node is None:

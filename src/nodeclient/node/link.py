@@ -202,12 +202,14 @@ class LinkClient(TaskDispatcher):
         # status meanwhile.
         refusal = isinstance(error, str) and bool(error)
         if resp.status_code == 409:
-            # "stale manifest": the one on record was issued later, on a clock that ran
-            # up to 5 min ahead and was then set right. Each try issues a new manifest, so
-            # this clears by itself once this clock passes it: retried, not final.
+            # "stale manifest" (the one on record was issued later, on a clock that ran up
+            # to 5 min ahead and was then set right), or an issued_at too far from the
+            # coordinator's clock (this one, or the coordinator's, is off). Each try issues
+            # a new manifest, so this clears by itself once the clocks agree: retried.
             raise httpx.HTTPError(
                 f"registration refused for now ({resp.status_code}): {reason}; retried until "
-                "this node's clock passes the registered manifest's issued_at"
+                "this node's clock and the coordinator's agree (`timedatectl` shows whether "
+                "this one is synchronised)"
             )
         if 400 <= resp.status_code < 500 and resp.status_code not in (408, 429) and refusal:
             raise RegistrationRefused(f"registration refused ({resp.status_code}): {reason}")

@@ -35,7 +35,13 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
-from nodeclient.errors import ManifestError, NodeClientError, RemoteProtocolError, SignatureError
+from nodeclient.errors import (
+    ManifestClockError,
+    ManifestError,
+    NodeClientError,
+    RemoteProtocolError,
+    SignatureError,
+)
 from nodeclient.protocol import tier
 from nodeclient.protocol.canonical import canonical_json, sha256
 from nodeclient.protocol.eip712 import sign_typed, verify_typed
@@ -269,9 +275,11 @@ def verify_manifest(  # noqa: PLR0912, PLR0915 - one flat list of checks reads b
         raise ManifestError("liveness_address: must be a separate key from node.key")
     issued_at = m["issued_at"]
     if issued_at > now + max_skew:
-        raise ManifestError(f"issued_at: {issued_at - now} s in the future (clock skew?)")
+        raise ManifestClockError(f"issued_at: {issued_at - now} s in the future (clock skew?)")
     if now - issued_at > max_age:
-        raise ManifestError(f"issued_at: manifest is {now - issued_at} s old (max {max_age})")
+        raise ManifestClockError(
+            f"issued_at: manifest is {now - issued_at} s old (max {max_age}; clock skew?)"
+        )
     try:
         public_key = serialization.load_pem_public_key(m["pubkey_rsa"].encode("ascii"))
     except (ValueError, TypeError, UnsupportedAlgorithm) as exc:  # e.g. an EC key on secp112r1
@@ -324,7 +332,7 @@ def verify_manifest(  # noqa: PLR0912, PLR0915 - one flat list of checks reads b
     proof = m.get("wallet_proof")
     if proof is not None:
         if proof["issued_at"] > now + max_skew:
-            raise ManifestError(
+            raise ManifestClockError(
                 f"wallet_proof: issued_at is {proof['issued_at'] - now} s in the future"
             )
         try:
