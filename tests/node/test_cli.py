@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -363,6 +364,37 @@ def test_run_outbox_unopenable_is_one_line(runnable: Path) -> None:
     assert out.returncode == 1
     (line,) = error_lines(out.stderr)
     assert f"cannot open {runnable / 'outbox.db'}" in line and "writable" in line
+
+
+# No temporary directory can be written (/tmp full or read-only, TMPDIR unset): what
+# Python's tempfile then finds, for real, with its list of candidates narrowed to one
+# that cannot be used.
+NO_TMP = (
+    "import tempfile\n"
+    "tempfile.tempdir = None\n"
+    "tempfile._candidate_tempdir_list = lambda: ['/nonexistent/nodeclient-no-tmp']\n"
+)
+
+
+def test_run_without_a_writable_temporary_directory_is_one_line(runnable: Path) -> None:
+    """/tmp full (or read-only): `run` says so in one line and exits 1 (systemd retries
+    it), where it printed FileNotFoundError's traceback."""
+    out = run_node(runnable, inject=NO_TMP)
+    assert out.returncode == 1, out.stderr
+    (line,) = error_lines(out.stderr)
+    assert "no directory for task work can be written" in line and "set TMPDIR" in line
+
+
+def test_manifest_without_a_writable_temporary_directory_is_one_line(
+    home: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    monkeypatch.setattr(tempfile, "_candidate_tempdir_list", lambda: ["/nonexistent/no-tmp"])
+    capsys.readouterr()
+    assert main(["manifest", "--home", str(home), "--json"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("nodeclient: error: no directory for task work can be written")
+    assert err.count("\n") == 1
 
 
 def test_run_outbox_disk_full_is_one_line(runnable: Path) -> None:

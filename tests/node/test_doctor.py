@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -211,6 +212,28 @@ def test_without_the_sandbox_render_is_reported_not_served(
 
 
 # --- disk -------------------------------------------------------------------------------------
+
+
+def test_task_work_directories_need_a_writable_temporary_directory_with_room(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Task work directories live in $TMPDIR: none writable (a full or read-only /tmp)
+    fails, naming what to do; one with too little room warns or fails, as the home does."""
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    free = shutil.disk_usage(tmp_path).free
+    ok = doctor.check_scratch(warn_below=0, fail_below=0)
+    assert ok.level is Level.OK and str(tmp_path) in ok.summary
+    warn = doctor.check_scratch(warn_below=free + (1 << 30), fail_below=0)
+    assert warn.level is Level.WARN and "set TMPDIR" in warn.fix
+    fail = doctor.check_scratch(warn_below=free + (2 << 30), fail_below=free + (1 << 30))
+    assert fail.level is Level.FAIL
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    monkeypatch.setattr(tempfile, "_candidate_tempdir_list", lambda: ["/nonexistent/no-tmp"])
+    none = doctor.check_scratch()
+    assert none.level is Level.FAIL and none.name == "workdir"
+    assert "no directory for task work can be written" in none.summary
+    assert "set TMPDIR" in none.fix
 
 
 def test_disk_thresholds(tmp_path: Path) -> None:

@@ -27,7 +27,7 @@ from typing import Any, Final
 
 from nodeclient import httpbody
 from nodeclient.errors import KeyFileError
-from nodeclient.node import keys, securefile
+from nodeclient.node import keys, sandbox, securefile
 
 _GIB: Final = 1 << 30
 DISK_WARN_BYTES: Final = 5 * _GIB
@@ -225,6 +225,25 @@ def check_disk(
     return Check("disk", Level.OK, summary)
 
 
+def check_scratch(
+    *, warn_below: int = DISK_WARN_BYTES, fail_below: int = DISK_FAIL_BYTES
+) -> Check:
+    """Task work directories live in $TMPDIR (else /tmp): it must be writable, with room
+    for a task's inputs and outputs (WARN under 5 GiB free, FAIL under 1 GiB)."""
+    try:
+        tmp = sandbox.scratch_root()
+    except sandbox.NoScratchSpace as exc:
+        return Check("workdir", Level.FAIL, str(exc), sandbox.SCRATCH_FIX)
+    free = shutil.disk_usage(tmp).free
+    summary = f"{free / _GIB:.1f} GiB free for task work directories in {tmp}"
+    fix = f"free space on the file system of {tmp}, or set TMPDIR to a directory with room"
+    if free < fail_below:
+        return Check("workdir", Level.FAIL, summary, fix)
+    if free < warn_below:
+        return Check("workdir", Level.WARN, summary, fix)
+    return Check("workdir", Level.OK, summary)
+
+
 def server_time(headers: Mapping[str, str], body: Any) -> float | None:
     """The coordinator's clock: a ``server_time`` field if it sends one, else ``Date``."""
     sent = body.get("server_time") if isinstance(body, dict) else None
@@ -326,6 +345,7 @@ def run_all(home: Path, *, coordinator: str | None, allow_unsandboxed: bool) -> 
     # What the daemon would offer: a class that needs the sandbox is not served without it.
     checks.extend(check_runtimes(usable_workload_classes(sandboxed=sandbox.level is Level.OK)))
     checks.append(check_disk(home))
+    checks.append(check_scratch())
     checks.extend(check_coordinator(coordinator))
     return checks
 

@@ -31,7 +31,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Final
@@ -147,9 +146,12 @@ class Executor:
 
     def _build_slots(self) -> None:
         if self._root is None:
-            tmp = Path(tempfile.gettempdir())
+            tmp = sandbox.scratch_root()
             sweep_stale_roots(tmp)
-            self._root, self._root_lock = new_root(tmp)
+            try:
+                self._root, self._root_lock = new_root(tmp)
+            except OSError as exc:  # a full or read-only /tmp: one line, what to do
+                raise sandbox.scratch_failed(tmp, exc) from exc
         as_root = os.geteuid() == 0
         sandboxed = self.mode == MODE_BWRAP
         cache = self.config.cache_dir

@@ -51,7 +51,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Final
 
-from nodeclient.errors import UsageError
+from nodeclient.errors import NodeClientError, UsageError
 
 MODE_BWRAP: Final = "bubblewrap"
 MODE_UNSANDBOXED: Final = "unsandboxed"
@@ -401,12 +401,44 @@ PROC_COVERED: Final = (
 )
 
 
+SCRATCH_FIX: Final = "free space there, or set TMPDIR to a directory with room"
+
+
+class NoScratchSpace(NodeClientError):
+    """No directory for task work ($TMPDIR, /tmp, /var/tmp) can be written: full, or
+    read-only."""
+
+
+def scratch_root() -> Path:
+    """The directory task work directories are made in ($TMPDIR, else /tmp, ...), or
+    NoScratchSpace saying what to do: Python's own error names no cause and no fix."""
+    try:
+        return Path(tempfile.gettempdir())
+    except OSError as exc:  # "No usable temporary directory found in [...]"
+        raise NoScratchSpace(
+            f"no directory for task work can be written ({exc}): {SCRATCH_FIX}"
+        ) from exc
+
+
+def scratch_failed(where: Path, exc: OSError) -> NoScratchSpace:
+    """The error for a work directory that could not be made in *where*."""
+    return NoScratchSpace(
+        f"cannot create a work directory in {where}: {exc.strerror or exc}; {SCRATCH_FIX}"
+    )
+
+
 def probe(bwrap: str | None = None, *, timeout: float = 10.0) -> tuple[bool, str]:
-    """Whether bubblewrap works here: run ``true`` in the sandbox the workers would get."""
+    """Whether bubblewrap works here: run ``true`` in the sandbox the workers would get.
+    Raises NoScratchSpace when no scratch directory for it can be made."""
     found = bwrap or shutil.which("bwrap")
     if found is None:
         return False, "bwrap is not on PATH"
-    with tempfile.TemporaryDirectory(prefix="nodeclient-probe-") as scratch:
+    tmp = scratch_root()
+    try:
+        scratch_dir = tempfile.TemporaryDirectory(prefix="nodeclient-probe-", dir=tmp)
+    except OSError as exc:
+        raise scratch_failed(tmp, exc) from exc
+    with scratch_dir as scratch:
         layout = Layout(
             workdir=Path(scratch),
             cache_dir=Path(scratch),
