@@ -6,6 +6,7 @@ round (every 20 ms in tests).
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
@@ -90,8 +91,7 @@ def test_a_wall_clock_step_marks_no_node_offline(start_coordinator, rsa_keys) ->
     """The coordinator's wall clock jumps 6 days forward between two heartbeats: silence is
     measured on the monotonic clock, so the linked node stays online (before, it was
     closed 4005 "no heartbeat for 518400 s" and its leases re-queued). Silence on the
-    monotonic clock still marks it offline. (Lease deadlines are wall-clock times: stored,
-    and sent to the node.)"""
+    monotonic clock still marks it offline."""
     clock = SteppedClock()
     running = start_coordinator(clock=clock)
     node = make_node(rsa_keys, 0)
@@ -104,6 +104,74 @@ def test_a_wall_clock_step_marks_no_node_offline(start_coordinator, rsa_keys) ->
     clock.mono += 91
     assert node.ws is not None
     assert closed_code(node.ws)[0] == 4005
+
+
+def _no_frame(node: SimNode, seconds: float = 0.3) -> None:
+    assert node.ws is not None
+    with pytest.raises(TimeoutError):
+        node.ws.recv(timeout=seconds)
+
+
+def test_a_wall_clock_stepped_forward_expires_no_lease(
+    start_coordinator, rsa_keys, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The wall clock jumps a day forward while a task is leased (a VM restored from a
+    snapshot, an NTP correction): leases run on a clock that leaves steps out, so the
+    lease is not expired at once (before: cancelled, an attempt spent and counted against
+    the node); its result is accepted, and the lease still ends 300 s after it began."""
+    clock = SteppedClock()
+    running = start_coordinator(clock=clock, heartbeat_interval=1000.0)
+    node = make_node(rsa_keys, 0)
+    running.register(node)
+    running.link(node)
+    payload = inference_payload(VALUES)
+    job = running.client.submit_job("ai.inference", payload)
+    dispatch = node.recv()
+    assert dispatch["sent_at"] == START and dispatch["lease_expires_at"] == int(START) + 300
+    with caplog.at_level(logging.WARNING, logger="nodeclient.coordinator"):
+        clock.advance(86400)
+        _no_frame(node)  # no cancel: the scheduler's rounds ran meanwhile
+    (stepped,) = [r for r in caplog.records if r.getMessage() == "clock.stepped"]
+    assert stepped.__dict__["step_s"] == 86400
+    ack = node.call(node.result(dispatch, inference_result(payload, VALUES)))
+    assert ack["status"] == "accepted"
+    done = running.wait_job(job["job_id"], "succeeded")
+    assert done["tasks"][0]["attempts"] == 1
+    # Another task, leased after the step, ends when its 300 s have passed.
+    job = running.client.submit_job("ai.inference", payload)
+    dispatch = node.recv()
+    assert dispatch["sent_at"] == START and dispatch["lease_expires_at"] == int(START) + 300
+    clock.advance(299)
+    clock.mono += 299
+    _no_frame(node)
+    clock.advance(2)
+    clock.mono += 2
+    assert node.recv() == {
+        "type": "cancel",
+        "task_id": dispatch["task_id"],
+        "reason": "lease ended",
+    }
+
+
+def test_a_wall_clock_stepped_back_holds_no_lease_longer(start_coordinator, rsa_keys) -> None:
+    """The wall clock goes back an hour while a task is leased: its lease still ends
+    when its 300 s have passed, not an hour later."""
+    clock = SteppedClock()
+    running = start_coordinator(clock=clock, heartbeat_interval=1000.0)
+    node = make_node(rsa_keys, 0)
+    running.register(node)
+    running.link(node)
+    running.client.submit_job("ai.inference", inference_payload(VALUES))
+    dispatch = node.recv()
+    clock.advance(-3600)
+    _no_frame(node)
+    clock.advance(301)
+    clock.mono += 301
+    assert node.recv() == {
+        "type": "cancel",
+        "task_id": dispatch["task_id"],
+        "reason": "lease ended",
+    }
 
 
 def test_max_attempts_fails_the_job_with_reason(start_coordinator, rsa_keys) -> None:

@@ -377,7 +377,7 @@ class LinkSession:
         await self.send(messages.Welcome(node_id, rt.last_seq, until, features).to_wire())
         if node_id not in coord.runtime:  # its record was deleted meanwhile (retention)
             return await self._refuse(4003, "not registered", node_id=node_id)
-        self._attached_at = coord.now()  # a lease from now on is this link's to send
+        self._attached_at = coord.lease_now()  # a lease from now on is this link's to send
         old = coord.attach(node_id, self)
         if old is not None:
             await old.close(4004, "replaced by a newer link")
@@ -506,7 +506,7 @@ class LinkSession:
         coord, cfg = self.coord, self.coord.config
         running = {str(uuid.UUID(bytes=b)) for b in running_tasks}
         keep = running | sent_here
-        node_id, now, attached = self.node_id, coord.now(), self._attached_at
+        node_id, now, attached = self.node_id, coord.lease_now(), self._attached_at
 
         def spare(t: m.Task) -> bool:  # held, or leased for this link (may be on its way)
             return t.task_id in keep or (t.leased_at is not None and t.leased_at >= attached)

@@ -180,7 +180,7 @@ class Scheduler:
     async def tick(self) -> None:
         """One round: offline check, lease expiry, then assignment and dispatch."""
         coord, cfg = self.coord, self.coord.config
-        now, mono = coord.now(), coord.monotonic()
+        now, mono = coord.lease_now(), coord.monotonic()  # leases: on their own clock
         if mono >= self._next_offline_check:
             self._next_offline_check = mono + cfg.heartbeat_interval / 2
             await self.check_offline(now)
@@ -305,7 +305,7 @@ class Scheduler:
             else:
                 unstaked.append(a)
         assigned, sealed = [assigned[i] for i in staying], [sealed[i] for i in staying]
-        sent_at = coord.now()
+        sent_at = coord.lease_now()  # the clock lease_expires_at is on
         frames = [
             messages.Dispatch(
                 task_id=uuid.UUID(a.task_id),
@@ -349,7 +349,7 @@ class Scheduler:
 
 async def _undo(coord: Coordinator, undelivered: Sequence[Assignment]) -> None:
     """Undo leases whose dispatch never left, without spending their attempts."""
-    now = coord.now()
+    now = coord.lease_now()
 
     def undo(s: Session) -> None:
         for a in undelivered:

@@ -55,6 +55,10 @@ COMMIT_GAP_S: Final = 0.02
 # their own: however many requests queue, the nodes' work never waits behind them.
 CPU_THREADS: Final = 2
 NODE_CPU_THREADS: Final = 2
+# A change of wall minus monotonic time larger than this between two readings is a step
+# of the wall clock (an NTP correction, a VM restored from a snapshot), which lease_now()
+# leaves out; smaller ones (NTP slewing: under a millisecond a second) it follows.
+CLOCK_STEP_S: Final = 2.0
 P = ParamSpec("P")
 T = TypeVar("T")
 
@@ -268,6 +272,8 @@ class Coordinator:
         self.metrics = CoordinatorMetrics(after_attempt=db.run_sync(last_attempt))
         self._wake: asyncio.Event | None = None
         self._background: set[asyncio.Task[Any]] = set()
+        self._skew: float | None = None  # wall minus monotonic at the last lease_now()
+        self._stepped = 0.0  # the wall clock's steps since the start (lease_now)
         self._cpu = ThreadPoolExecutor(CPU_THREADS, thread_name_prefix="coordinator-cpu")
         self._node_cpu = ThreadPoolExecutor(
             NODE_CPU_THREADS, thread_name_prefix="coordinator-nodes"
@@ -277,6 +283,25 @@ class Coordinator:
 
     def now(self) -> float:
         return self.clock.now()
+
+    def lease_now(self) -> float:
+        """The clock leases run on: the wall clock, less every step it took since this
+        process started. A lease's times (leased_at, lease_deadline, a training round's
+        deadline, a dispatch's sent_at) are taken and compared on it, so a wall clock
+        stepped forward a day expires no lease early, and one stepped back holds none an
+        hour longer; after a step the times shown differ from the wall clock by it. Call
+        it from the event loop."""
+        now = self.clock.now()
+        skew = now - self.clock.monotonic()
+        if self._skew is not None and abs(skew - self._skew) > CLOCK_STEP_S:
+            step = skew - self._skew
+            self._stepped += step
+            log.warning(
+                "clock.stepped",
+                extra={"step_s": round(step, 3), "leases_behind_wall_s": round(self._stepped, 3)},
+            )
+        self._skew = skew  # following slow drift, so only a jump counts as a step
+        return now - self._stepped
 
     def monotonic(self) -> float:
         return self.clock.monotonic()
