@@ -225,9 +225,7 @@ def check_disk(
     return Check("disk", Level.OK, summary)
 
 
-def check_scratch(
-    *, warn_below: int = DISK_WARN_BYTES, fail_below: int = DISK_FAIL_BYTES
-) -> Check:
+def check_scratch(*, warn_below: int = DISK_WARN_BYTES, fail_below: int = DISK_FAIL_BYTES) -> Check:
     """Task work directories live in $TMPDIR (else /tmp): it must be writable, with room
     for a task's inputs and outputs (WARN under 5 GiB free, FAIL under 1 GiB)."""
     try:
