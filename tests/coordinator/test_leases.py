@@ -133,6 +133,8 @@ def test_a_wall_clock_stepped_forward_expires_no_lease(
         _no_frame(node)  # no cancel: the scheduler's rounds ran meanwhile
     (stepped,) = [r for r in caplog.records if r.getMessage() == "clock.stepped"]
     assert stepped.__dict__["step_s"] == 86400
+    # The node reads lease ends against server_time too: the same clock as sent_at.
+    assert node.call(node.heartbeat())["server_time"] == START
     ack = node.call(node.result(dispatch, inference_result(payload, VALUES)))
     assert ack["status"] == "accepted"
     done = running.wait_job(job["job_id"], "succeeded")

@@ -485,7 +485,9 @@ class LinkSession:
         wait = seq > rt.stored_seq + UNSTORED_SEQS
         await coord.heartbeats.persist(self.node_id, seq, state, now, wait=wait)
         until = coord.nodes[self.node_id].unstaking_until
-        await self.send_wire(heartbeat_ack_text(seq, now, until))
+        # server_time: the clock the node reads lease ends against (lease_now: the wall
+        # clock less its steps since the start), the same as a dispatch's sent_at.
+        await self.send_wire(heartbeat_ack_text(seq, coord.lease_now(), until))
         if not was_online:
             coord.roster_changed()
             coord.wake()
