@@ -232,6 +232,23 @@ class HostileRuntime:
         (workdir / "none").chmod(0)
         return "left a read-only tree"
 
+    def do_socket(self, order: dict[str, Any], workdir: Path, progress: Any) -> str:
+        """Make a socket of the family *family* (a number: 40 is AF_VSOCK)."""
+        try:
+            socket.socket(int(order["family"]), socket.SOCK_STREAM).close()
+        except OSError as exc:
+            return f"refused: {errno.errorcode.get(exc.errno or 0, exc.errno)}"
+        return "made"
+
+    def do_new_userns(self, order: dict[str, Any], workdir: Path, progress: Any) -> str:
+        """unshare(CLONE_NEWUSER): a namespace in which the task could mount a tmpfs."""
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.unshare(0x10000000) != 0:
+            return f"refused: {errno.errorcode.get(ctypes.get_errno(), ctypes.get_errno())}"
+        return "made"
+
     def do_leave_child(self, order: dict[str, Any], workdir: Path, progress: Any) -> str:
         if os.fork() == 0:
             time.sleep(60)

@@ -281,6 +281,22 @@ def test_network_is_unreachable(node: Node) -> None:
     node.inference_still_works()
 
 
+def test_no_socket_family_outside_the_network_namespace(node: Node) -> None:
+    """AF_VSOCK (to the hypervisor and the host's agents) is no namespace's: the worker's
+    seccomp filter refuses it, and every family but AF_UNIX, AF_INET, AF_INET6 and
+    AF_NETLINK; those still work (in the sandbox's empty network namespace). Nor can a
+    task make a user namespace of its own, where it could mount a tmpfs beyond its limits.
+    Threads and child processes (clone3 falls back to clone) still run."""
+    vsock, packet = 40, 17
+    assert node.hostile({"do": "socket", "family": vsock}) == b'"refused: EAFNOSUPPORT"'
+    assert node.hostile({"do": "socket", "family": packet}) == b'"refused: EAFNOSUPPORT"'
+    for family in (socket.AF_UNIX, socket.AF_INET, socket.AF_INET6):
+        assert node.hostile({"do": "socket", "family": int(family)}) == b'"made"'
+    assert node.hostile({"do": "new_userns"}) == b'"refused: EPERM"'
+    node.hostile({"do": "leave_child"})  # a fork: still allowed
+    node.inference_still_works()  # ONNX Runtime's threads
+
+
 def test_system_directories_are_read_only(node: Node) -> None:
     """Writing into /usr fails because it is mounted read-only (EROFS comes before any
     permission check): not merely because the task's uid may not write there, which a

@@ -323,3 +323,32 @@ def test_the_sandbox_works_under_the_units_kernel_protections(
     refused = _bwrap_under([_KERNEL_MOUNTS["ProtectKernelTunables"]], scratch)
     assert refused.returncode != 0
     assert b"Can't mount proc" in refused.stderr, refused.stderr.decode()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a user switch needs root")
+@pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap is installed by .ci/run")
+def test_as_the_units_user_a_task_writes_only_its_work_dir_and_tmp(open_dir: Path) -> None:
+    """Started by an unprivileged user (the unit's), bubblewrap makes its root and /dev
+    tmpfs mounts the task's own uid's: writable and unbounded unless remounted
+    read-only. Only the work directory and the bounded /tmp are writable."""
+    from nodeclient.node import sandbox
+
+    scratch = open_dir / "work"
+    scratch.mkdir(mode=0o777)
+    scratch.chmod(0o777)
+    layout = sandbox.Layout(
+        workdir=scratch, cache_dir=scratch, read_only=(), python_path=(),
+        tmp_bytes=1 << 20 if sandbox.tmpfs_size_supported() else None,
+    )  # fmt: skip
+    work = sandbox.INSIDE_WORK
+    targets = ["/", "/dev", "/dev/shm", "/etc", str(work.parent), "/tmp", str(work)]
+    probe = "; ".join(f"touch {t}/planted 2>/dev/null && echo {t}" for t in targets)
+    argv = sandbox.bwrap_argv(
+        layout, ["/bin/sh", "-c", probe], env={"PATH": "/usr/bin:/bin"}, as_root=False
+    )
+    done = subprocess.run(
+        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--", *argv],
+        capture_output=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr.decode()
+    assert done.stdout.decode().split() == ["/tmp", str(work)]

@@ -350,6 +350,10 @@ def bwrap_argv(
     # Read-only: the daemon alone stores models (workers have no network to fetch them),
     # so no task can plant a file under a model's hash or fill the disk through it.
     argv += ["--ro-bind", str(layout.cache_dir), str(INSIDE_CACHE)]
+    # The root and /dev are tmpfs mounts bwrap made: without a user namespace they are
+    # root's, but with one (a daemon not run as root) they are the task's own uid's, and
+    # unbounded. Read-only, only the work directory and /tmp (bounded) are writable.
+    argv += ["--remount-ro", "/dev", "--remount-ro", "/"]
     argv += ["--chdir", str(INSIDE_WORK), "--", *command]
     return argv
 

@@ -450,6 +450,11 @@ def main(argv: list[str] | None = None) -> int:
         shared = SharedBodies(fd, int(config["shared_bytes"]), daemon_side=False)
         os.close(fd)  # the mapping stays (with mmap's own descriptor, sealed like this one)
     worker = Worker(config, out_fd=out_fd, shared=shared)
+    if config.get("sandboxed"):
+        # Its runtimes are built (their thread pools too); no task has run yet.
+        from nodeclient.node import seccomp
+
+        seccomp.install()
     with open(0, "rb", buffering=1 << 16, closefd=False) as stream:
         return worker.serve(stream, max_payload=int(config["max_payload_bytes"]))
 
