@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import io
 import json
 import logging
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -950,3 +953,76 @@ def test_disk_used_counts_allocated_blocks_and_follows_no_link(tmp_path: Path) -
     used = disk_used(work, stop_after=1 << 40)
     assert 1 << 20 <= used < 2 << 20
     assert disk_used(work, stop_after=0) > 0
+
+
+@pytest.mark.parametrize("readable", [True, False])
+def test_disk_used_follows_no_link_swapped_in_for_a_directory_while_it_counts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, readable: bool
+) -> None:
+    """The task swaps a directory it made for a symlink (to /, to the node home) between
+    the daemon's look at the entry and its opening of it: the walk opens each directory
+    relative to its parent without following a link, so it counts nothing of where the
+    link leads, and a directory the task made unreadable is made readable again through
+    a handle, never by a path that a link could have replaced."""
+    work = tmp_path / "work"
+    (work / "d").mkdir(parents=True)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir(mode=0o700)
+    (elsewhere / "big").write_bytes(b"\1" * (4 << 20))
+    real_scandir = os.scandir
+
+    def racing(where: Any) -> Any:
+        entries = real_scandir(where)
+
+        class Racing:
+            def __iter__(self) -> Racing:
+                return self
+
+            def __next__(self) -> os.DirEntry[str]:
+                entry = next(entries)
+                if entry.name == "d":
+                    entry.stat(follow_symlinks=False)  # seen as a directory (and cached)
+                    (work / "d").rmdir()
+                    (work / "d").symlink_to(elsewhere, target_is_directory=True)
+                return entry
+
+            def close(self) -> None:
+                entries.close()
+
+        return Racing()
+
+    if not readable:  # the race after PermissionError, as a daemon that is not root
+        monkeypatch.setattr(exec_workdirs.os, "open", _refusing_directories(os.open, refused="d"))
+    monkeypatch.setattr(exec_workdirs.os, "scandir", racing)
+    assert exec_workdirs.disk_used(work, stop_after=1 << 40) < 1 << 20
+    assert stat.S_IMODE(elsewhere.stat().st_mode) == 0o700  # never chmodded through the link
+
+
+def _refusing_directories(real_open: Any, *, refused: str) -> Any:
+    """os.open that answers EACCES for reading directory *refused*, as a directory of
+    mode 0 does to a daemon that is not root."""
+
+    def opener(path: Any, flags: int, *args: Any, **kwargs: Any) -> int:
+        if path == refused and flags & os.O_DIRECTORY and not flags & os.O_PATH:
+            raise PermissionError(errno.EACCES, "Permission denied", path)
+        return real_open(path, flags, *args, **kwargs)
+
+    return opener
+
+
+def test_disk_used_cannot_measure_directories_nested_too_deep(tmp_path: Path) -> None:
+    """A tree nested deeper than MAX_WALK_DEPTH cannot be measured (OSError): the disk
+    watcher then stops the task, as for any directory it cannot measure."""
+    deep = tmp_path / "work"
+    deep.mkdir()
+    fd = os.open(deep, os.O_RDONLY)
+    try:
+        for _ in range(exec_workdirs.MAX_WALK_DEPTH + 1):
+            os.mkdir("d", dir_fd=fd)
+            child = os.open("d", os.O_RDONLY, dir_fd=fd)
+            os.close(fd)
+            fd = child
+    finally:
+        os.close(fd)
+    with pytest.raises(OSError, match="nested over"):
+        exec_workdirs.disk_used(deep, stop_after=1 << 40)

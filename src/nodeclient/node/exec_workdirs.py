@@ -11,6 +11,7 @@ given to the sandbox uid so that workers can read it.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import logging
 import os
@@ -59,31 +60,85 @@ def remove_tree(path: Path) -> None:
         remove(path)
 
 
+# A directory walk opens each directory relative to its parent, never following a link:
+# the task may swap a directory it made for a symlink (to /, to the node home) while the
+# daemon walks it.
+_WALK: Final = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+MAX_WALK_DEPTH: Final = 256  # directories nested deeper: the work dir cannot be measured
+
+
 def disk_used(path: Path, *, stop_after: int) -> int:
     """The bytes of disk that *path* and everything under it take (allocated blocks, so a
-    sparse file counts what it holds), symlinks not followed; counting stops once it passes
-    *stop_after*. An entry that goes while it is counted counts nothing. A directory the
-    task made unreadable is made readable again (it is ours); PermissionError if it cannot
-    be, since what it holds could not be counted."""
+    sparse file counts what it holds), symlinks never followed (not even one swapped in
+    for a directory while it is counted); counting stops once it passes *stop_after*. An
+    entry that goes while it is counted counts nothing. A directory the task made
+    unreadable is made readable again (it is ours); OSError if it cannot be, or if
+    directories nest deeper than MAX_WALK_DEPTH, since what they hold goes uncounted."""
+    try:
+        top = os.open(path, _WALK)
+    except (FileNotFoundError, NotADirectoryError):
+        return 0
     total = 0
-    pending = [str(path)]
-    while pending and total <= stop_after:
-        directory = pending.pop()
-        try:
-            scan = os.scandir(directory)
-        except PermissionError:
-            os.chmod(directory, stat.S_IMODE(os.lstat(directory).st_mode) | stat.S_IRWXU)
-            scan = os.scandir(directory)
-        except (FileNotFoundError, NotADirectoryError):
-            continue  # gone meanwhile
-        with scan as entries:
-            for entry in entries:
-                with contextlib.suppress(FileNotFoundError):
-                    st = entry.stat(follow_symlinks=False)
-                    total += st.st_blocks * 512
-                    if stat.S_ISDIR(st.st_mode):
-                        pending.append(entry.path)
+    stack = [(top, os.scandir(top))]
+    try:
+        while stack and total <= stop_after:
+            fd, entries = stack[-1]
+            entry = next(entries, None)
+            if entry is None:
+                stack.pop()
+                entries.close()
+                os.close(fd)
+                continue
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            total += st.st_blocks * 512
+            if not stat.S_ISDIR(st.st_mode):
+                continue
+            if len(stack) >= MAX_WALK_DEPTH:
+                raise OSError(errno.ELOOP, f"directories nested over {MAX_WALK_DEPTH} deep")
+            child = _open_child(fd, entry.name)
+            if child is not None:
+                stack.append((child, os.scandir(child)))
+    finally:
+        for fd, entries in stack:
+            entries.close()
+            os.close(fd)
     return total
+
+
+def _open_child(parent: int, name: str) -> int | None:
+    """Directory *name* in *parent*, opened for reading without following a link; None
+    when it is gone or no longer a directory (a symlink now counts as the link it is)."""
+    try:
+        return os.open(name, _WALK, dir_fd=parent)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except PermissionError:
+        pass  # made unreadable by the task: below
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:  # a symlink: never followed
+            return None
+        raise
+    # Made readable again through a handle that cannot be a link: chmod by its path
+    # would follow one swapped in meanwhile (as root, to any directory on the host).
+    try:
+        handle = os.open(
+            name, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent
+        )
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return None
+        raise
+    try:
+        inode = f"/proc/self/fd/{handle}"  # the directory itself, whatever its name is now
+        os.chmod(inode, stat.S_IMODE(os.fstat(handle).st_mode) | stat.S_IRWXU)
+        return os.open(inode, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    finally:
+        os.close(handle)
 
 
 def new_root(tmp: Path) -> tuple[Path, int]:
