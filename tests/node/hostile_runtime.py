@@ -249,6 +249,19 @@ class HostileRuntime:
             return f"refused: {errno.errorcode.get(ctypes.get_errno(), ctypes.get_errno())}"
         return "made"
 
+    def do_raw_thread(self, order: dict[str, Any], workdir: Path, progress: Any) -> str:
+        """Leave a thread started with _thread (threading does not count it) that waits
+        *after* seconds, then prints without end."""
+        import _thread
+
+        def spam() -> None:
+            time.sleep(float(order.get("after", 0.0)))
+            while True:
+                os.write(2, b"s" * 65536)
+
+        _thread.start_new_thread(spam, ())
+        return "left a thread"
+
     def do_leave_child(self, order: dict[str, Any], workdir: Path, progress: Any) -> str:
         if os.fork() == 0:
             time.sleep(60)

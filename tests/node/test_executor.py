@@ -1026,3 +1026,37 @@ def test_disk_used_cannot_measure_directories_nested_too_deep(tmp_path: Path) ->
         os.close(fd)
     with pytest.raises(OSError, match="nested over"):
         exec_workdirs.disk_used(deep, stop_after=1 << 40)
+
+
+def test_a_worker_that_prints_while_idle_is_killed(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Idle (ready, no task, its clean-up reported), a worker runs nothing, so prints
+    nothing: whatever does was left running by its last task (a thread the worker could
+    not see). It is killed at once, rather than read without limit by the daemon, or
+    blamed on the next task. What it prints at start-up is not held against it."""
+    ready = (
+        "import os, sys, time\n"
+        "sys.stderr.write('a warning at import\\n'); sys.stderr.flush()\n"
+        "from nodeclient.node import worker\n"
+        "worker.write_frame(1, {'op': 'ready', 'pid': os.getpid(), 'classes': [], 'broken': {}})\n"
+        "time.sleep(0.3)\n"
+        "while True: os.write(2, b'left behind ' * 1000)\n"
+    )
+    slot = slots.Slot(
+        index=0, workdir=tmp_path, tmp_dir=None, argv=[sys.executable, "-c", ready],
+        env=dict(os.environ), mode="unsandboxed", max_output=1 << 16, max_result=1 << 20,
+        shared_bytes=0,
+    )  # fmt: skip
+
+    async def scenario() -> int | None:
+        await slot.start(timeout=30)
+        assert slot.killed is None  # its start-up output is its own
+        return await slot.reap(10)
+
+    with caplog.at_level(logging.WARNING, logger="nodeclient.node"):
+        rc = asyncio.run(scenario())
+    assert rc is not None and rc < 0  # SIGKILL
+    assert slot.killed == "printed while idle: its last task left something running"
+    (record,) = [r for r in caplog.records if r.getMessage() == "worker.idle_output"]
+    assert "left behind" in record.__dict__["printed"]

@@ -356,6 +356,17 @@ def test_huge_file_hits_the_file_size_limit(node: Node) -> None:
     node.inference_still_works()
 
 
+def test_a_raw_thread_left_behind_gets_a_fresh_worker(node: Node) -> None:
+    """A thread started with _thread.start_new_thread, which threading.active_count does
+    not count, left running by a task: its worker is replaced all the same, and the next
+    task of the job is not blamed for what that thread prints."""
+    node.hostile({"do": "echo"})
+    starts = len(node.executor.start_seconds)
+    assert node.hostile({"do": "raw_thread", "after": 0.3}) == b'"left a thread"'
+    assert node.hostile({"do": "echo", "data": "next"}) == b"next"
+    assert len(node.executor.start_seconds) == starts + 1
+
+
 def test_processes_left_behind_get_a_fresh_worker(node: Node) -> None:
     """A task that leaves a child running still returns, and its worker is replaced."""
     node.hostile({"do": "echo"})  # the worker has run this job's tasks: it is not replaced

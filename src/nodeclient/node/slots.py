@@ -115,6 +115,7 @@ class Slot:
     output: int = 0
     busy: bool = False
     settling: bool = False  # answered; its clean-up frame is still to come
+    ready: bool = False  # its worker sent its ready frame: from then on idle means quiet
     in_flight: bool = False  # a task was sent and its answer not read: never reusable
     answered: object = None  # the id of the task whose clean-up frame is awaited
     tail: collections.deque[bytes] = field(default_factory=lambda: collections.deque(maxlen=16))
@@ -131,6 +132,7 @@ class Slot:
         """Start the worker and wait until its runtimes are built; seconds it took."""
         started = time.monotonic()
         self.killed, self.output, self.settling, self.in_flight = None, 0, False, False
+        self.ready = False
         self.affinity = None  # a fresh worker: it may take any task
         self.tail.clear()
         self.close_shared()  # a fresh region per worker: nothing of the last one carries over
@@ -174,6 +176,7 @@ class Slot:
             raise WorkerGone(f"worker failed to start (status {rc}): {self.stderr_tail()}")
         if frame.header.get("broken"):
             log.warning("worker.runtime_broken", extra={"broken": frame.header["broken"]})
+        self.ready = True
         return time.monotonic() - started
 
     async def _drain_stderr(self, proc: asyncio.subprocess.Process) -> None:
@@ -187,6 +190,15 @@ class Slot:
                 self.output += len(chunk)
                 if self.output > self.max_output:
                     self.kill(f"output limit exceeded: more than {self.max_output} bytes printed")
+            elif self.ready and not self.settling and self.killed is None:
+                # Idle, a worker runs nothing and prints nothing: a thread or process the
+                # last task left running does. It goes now, before the daemon reads it
+                # without limit, or blames the next task (another requester's) for it.
+                self.kill("printed while idle: its last task left something running")
+                log.warning(
+                    "worker.idle_output",
+                    extra={"slot": self.index, "printed": chunk[-200:].decode("utf-8", "replace")},
+                )
 
     def close_shared(self) -> None:
         if self.shared is not None:

@@ -53,7 +53,6 @@ import resource
 import shutil
 import struct
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -270,7 +269,7 @@ class Worker:
         _import_all(config.get("preload", ()))  # e.g. onnxruntime: the first task is warm
         # class -> modules imported before its first task here (e.g. torch), then dropped
         self.first_use: dict[str, list[str]] = dict(config.get("first_use", {}))
-        self._threads = threading.active_count()
+        self._threads = _python_threads()
 
     def serve(self, stream: IO[bytes], *, max_payload: int) -> int:
         write_frame(
@@ -370,7 +369,7 @@ class Worker:
 
     def _left_behind(self) -> bool:
         """Threads or processes the task started and did not end."""
-        if threading.active_count() > self._threads:
+        if _python_threads() > self._threads:
             return True
         while True:  # reap our own finished children first
             try:
@@ -384,6 +383,12 @@ class Worker:
         # In the sandbox's PID namespace: pid 1 is bubblewrap's init, the rest is the task's.
         mine = {1, os.getpid()}
         return any(name.isdigit() and int(name) not in mine for name in os.listdir("/proc"))
+
+
+def _python_threads() -> int:
+    """The threads running Python code, however started: ``threading.active_count``
+    misses those of ``_thread.start_new_thread``, which a task could leave running."""
+    return len(sys._current_frames())
 
 
 def _empty(directory: Path, *, keep: frozenset[str] = frozenset()) -> bool:
