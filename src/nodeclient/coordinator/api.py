@@ -33,6 +33,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from nodeclient.coordinator import classes, metrics, registry, results, store
 from nodeclient.coordinator import models as m
 from nodeclient.coordinator.config import CoordinatorConfig
+from nodeclient.coordinator.link import ABORT_KEY
 from nodeclient.coordinator.service import Coordinator
 from nodeclient.errors import ProtocolError, RemoteProtocolError, SignatureError, is_disk_full
 from nodeclient.protocol.blobs import SHA256_HEX
@@ -76,6 +77,70 @@ def body_limit(config: CoordinatorConfig, path: str) -> int | None:
         encoded = base64_size(config.max_payload_bytes)
         return encoded + encoded // 16 + JSON_BODY_LIMIT
     return JSON_BODY_LIMIT
+
+
+# An HTTP client that sends none of the rest of its request body, or takes nothing of
+# the response, for this long is dropped (results' own readers: results.SEND_TIMEOUT_S).
+HTTP_STALL_S = 60.0
+
+
+class _BodyStalled(ClientDisconnect):
+    """The client sent nothing of its body for HTTP_STALL_S; it was dropped, and a route
+    cleans up as for a client that went away (an upload's temporary file is removed)."""
+
+
+class Stalls:
+    """ASGI middleware: drop an HTTP client that stalls, so that it holds no handler,
+    socket, temporary file or open blob for ever.
+
+    A request body of which nothing arrives for HTTP_STALL_S (an upload that stopped
+    half-way, its peer silent but connected), and a response of which the client takes
+    nothing for as long (a blob download nobody reads: the socket's buffers full) end
+    with the connection reset. Waiting for a client's disconnect once its body is in is
+    not timed. Needs the server's abort (ServerHooks) in the scope.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or ABORT_KEY not in scope:
+            await self.app(scope, receive, send)
+            return
+        body_done = dropped = False
+        where = {"method": scope.get("method"), "path": scope.get("path")}
+
+        def drop(event: str) -> None:
+            nonlocal dropped
+            if not dropped:
+                dropped = True
+                log.info(event, extra={**where, "stalled_s": HTTP_STALL_S})
+                scope[ABORT_KEY]()
+
+        async def timed_receive() -> Message:
+            nonlocal body_done
+            if body_done or dropped:
+                return await receive()  # a disconnect, whenever it comes
+            try:
+                async with asyncio.timeout(HTTP_STALL_S):
+                    message = await receive()
+            except TimeoutError:
+                drop("http.body_stalled")
+                raise _BodyStalled from None
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                body_done = True
+            return message
+
+        async def timed_send(message: Message) -> None:
+            if dropped:
+                return  # reset: nothing more goes out
+            try:
+                async with asyncio.timeout(HTTP_STALL_S):
+                    await send(message)
+            except TimeoutError:
+                drop("http.reader_stalled")
+
+        await self.app(scope, timed_receive, timed_send)
 
 
 class _TooLarge(Exception):

@@ -24,7 +24,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from nodeclient import __version__
 from nodeclient.clock import Clock, SystemClock
-from nodeclient.coordinator.api import BodyLimit, body_limit, build_router, disk_full, error
+from nodeclient.coordinator.api import (
+    BodyLimit,
+    Stalls,
+    body_limit,
+    build_router,
+    disk_full,
+    error,
+)
 from nodeclient.coordinator.blobstore import forget_jobs, sweep_once, warn_job_retention
 from nodeclient.coordinator.config import CoordinatorConfig
 from nodeclient.coordinator.link import LinkSession, ServerHooks
@@ -127,6 +134,7 @@ def create_app(config: CoordinatorConfig, *, clock: Clock | None = None) -> Fast
     app.add_middleware(BodyLimit, limit=functools.partial(body_limit, config))
     # ... and a guarded route's caller is checked before that (coordinator/tokens.py).
     app.add_middleware(TokenAuth, guards=guards)
+    app.add_middleware(Stalls)  # inside ServerHooks: it drops stalled clients by its abort
     app.add_middleware(ServerHooks)  # outermost but for errors: sees the server's send
 
     @app.exception_handler(RequestValidationError)

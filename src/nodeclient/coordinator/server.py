@@ -26,6 +26,7 @@ from typing import Any, TextIO
 
 import uvicorn
 from fastapi import FastAPI
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
 from nodeclient.coordinator.link import ServerHooks
@@ -87,6 +88,64 @@ class LinkWebSockets(WebSocketsSansIOProtocol):
         setattr(self.conn, self._limit_attr, self._open_limit)
 
 
+# A request's head (its request line and headers) must arrive whole within this of the
+# connection's opening, or of the request's first byte; else the connection is closed.
+REQUEST_HEAD_TIMEOUT_S = 10.0
+# Dead peers (a node that lost power, a NAT that forgot the flow) are found by TCP
+# keepalive at any stage of a connection: probes after 60 s of silence, 6 of them 10 s
+# apart. Linux copies these options from the listening socket to every accepted one.
+_KEEPALIVE: tuple[tuple[int, int, int], ...] = (
+    (socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1),
+    (socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 60),
+    (socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 10),
+    (socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 6),
+)
+
+
+class RequestHeadDeadline(HttpToolsProtocol):
+    """uvicorn's HTTP protocol, with a deadline on every request's head.
+
+    uvicorn times a connection only between requests (its keep-alive timeout, which starts
+    once a response is sent): one that never sends a whole request, a node's link that
+    died before its upgrade request or a stranger's on purpose, was held for ever, and
+    enough of them used up the coordinator's file descriptors, so that no node could
+    link. The head's deadline runs from the connection's opening and from each request's
+    first byte, and stops once the headers are in (a WebSocket upgrade's too).
+    """
+
+    _head_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm_head_timer()
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._arm_head_timer()
+
+    def on_headers_complete(self) -> None:
+        self._disarm_head_timer()
+        super().on_headers_complete()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm_head_timer()
+        super().connection_lost(exc)
+
+    def _arm_head_timer(self) -> None:
+        if self._head_timer is None:
+            self._head_timer = self.loop.call_later(REQUEST_HEAD_TIMEOUT_S, self._head_overdue)
+
+    def _disarm_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_overdue(self) -> None:
+        self._head_timer = None
+        if not self.transport.is_closing():
+            self.transport.close()
+
+
 class _Server(uvicorn.Server):
     """uvicorn's server, minus re-raising the caught signal after shutdown.
 
@@ -120,6 +179,7 @@ def build_server(app: FastAPI, *, host: str, port: int) -> uvicorn.Server:
         port=port,
         log_config=None,  # our JSON logs only (nodeclient.logs)
         access_log=False,
+        http=RequestHeadDeadline,
         ws=LinkWebSockets,
         ws_max_size=MAX_DATA_FRAME + _WS_OVERHEAD,  # once authenticated (LinkWebSockets)
         # Nodes heartbeat every interval and a silent node is closed as offline (4005);
@@ -141,6 +201,8 @@ def listen(host: str, port: int) -> socket.socket:
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        for level, option, value in _KEEPALIVE:
+            sock.setsockopt(level, option, value)
         sock.bind((host, port))
         sock.listen(2048)
     except OSError as exc:
