@@ -44,6 +44,7 @@ from nodeclient.coordinator.config import (
     SybilPolicy,
 )
 from nodeclient.errors import NodeClientError, RemoteProtocolError, UsageError
+from nodeclient.protocol import messages
 from nodeclient.protocol.eip712 import DEVNET_CHAIN_ID
 from nodeclient.text import (
     output_lost,
@@ -97,6 +98,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _heartbeat_interval(text: str) -> float:
+    """An interval nodes accept in the challenge (messages.Challenge): beyond it, every
+    node would refuse the link and nothing on this side would say why."""
+    value = _seconds(text)
+    low, high = messages.HEARTBEAT_INTERVAL_MIN, messages.HEARTBEAT_INTERVAL_MAX
+    if not low <= value <= high:
+        raise argparse.ArgumentTypeError(f"must be {low} to {high:.0f} seconds, not {text}")
+    return value
+
+
 def _add_serve(serve: argparse.ArgumentParser) -> None:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=_port, default=8000, help="0 lets the OS pick")
@@ -104,7 +115,10 @@ def _add_serve(serve: argparse.ArgumentParser) -> None:
     serve.add_argument("--data-dir", type=Path, default=Path("coordinator-data"))
     serve.add_argument("--chain-id", type=int, default=DEVNET_CHAIN_ID)
     serve.add_argument("--coordinator-id", default=None)
-    serve.add_argument("--heartbeat-interval", type=float, default=DEFAULT_HEARTBEAT_INTERVAL)
+    serve.add_argument(
+        "--heartbeat-interval", type=_heartbeat_interval, default=DEFAULT_HEARTBEAT_INTERVAL,
+        help="seconds between a node's heartbeats (0.05 to 300: what nodes accept)",
+    )  # fmt: skip
     serve.add_argument("--max-nodes-per-wallet", type=int, default=8)
     serve.add_argument(
         "--require-wallet-proof",

@@ -76,6 +76,11 @@ def _int(d: Mapping[str, Any], key: str, *, lo: int = 0, hi: int = (1 << 63) - 1
     return v
 
 
+# The heartbeat intervals a node takes in a challenge (seconds); a coordinator offers one.
+HEARTBEAT_INTERVAL_MIN: Final = 0.05
+HEARTBEAT_INTERVAL_MAX: Final = 300.0
+
+
 def _num(d: Mapping[str, Any], key: str, *, lo: float, hi: float) -> float:
     v = _get(d, key)
     if isinstance(v, bool) or not isinstance(v, int | float) or not lo <= v <= hi:
@@ -212,7 +217,7 @@ class Challenge:
             coordinator_id_of(d),
             _hex(d, "nonce", size=32),
             _int(d, "chain_id", lo=1),
-            _num(d, "heartbeat_interval", lo=0.05, hi=300),
+            _num(d, "heartbeat_interval", lo=HEARTBEAT_INTERVAL_MIN, hi=HEARTBEAT_INTERVAL_MAX),
         )
 
 
