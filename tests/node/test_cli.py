@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import pwd
 import socket
 import subprocess
 import sys
@@ -65,6 +66,9 @@ def test_keys_show_json_lists_modes(home: Path, capsys) -> None:
     info = json.loads(capsys.readouterr().out)
     assert info["node_id"] != info["liveness_address"]
     assert {f["mode"] for f in info["files"]} == {"0600"}
+    assert {(f["owner_uid"], f["owner_name"]) for f in info["files"]} == {
+        (os.geteuid(), pwd.getpwuid(os.geteuid()).pw_name)
+    }
     assert info["rsa_fingerprint"].startswith("SHA256:")
 
 

@@ -114,16 +114,24 @@ def cmd_keys_show(args: argparse.Namespace) -> int:
     return 0
 
 
-def _owner(uid: object) -> str:
-    """``name (uid N)``, or just the uid where it has no name in the user database."""
+def _owner_name(uid: object) -> str | None:
+    """The user name of *uid* in the user database, or None (no such entry, no uid)."""
     import pwd
 
     if not isinstance(uid, int):
-        return "unknown"
+        return None
     try:
-        return f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
+        return pwd.getpwuid(uid).pw_name
     except KeyError:
-        return f"uid {uid}"
+        return None
+
+
+def _owner(uid: object) -> str:
+    """``name (uid N)``, or just the uid where it has no name in the user database."""
+    if not isinstance(uid, int):
+        return "unknown"
+    name = _owner_name(uid)
+    return f"uid {uid}" if name is None else f"{name} (uid {uid})"
 
 
 def _key_info_dict(info: keys.KeyInfo) -> dict[str, Any]:
@@ -132,7 +140,7 @@ def _key_info_dict(info: keys.KeyInfo) -> dict[str, Any]:
         "liveness_address": info.liveness_address,
         "rsa_fingerprint": info.rsa_fingerprint,
         "encrypted": info.encrypted,
-        "files": info.files,
+        "files": [{**f, "owner_name": _owner_name(f.get("owner_uid"))} for f in info.files],
     }
 
 
