@@ -140,6 +140,33 @@ def test_a_coordinator_that_misstates_what_the_node_claimed_is_caught(
     assert says in line.detail, line.detail
 
 
+def test_a_late_result_of_an_earlier_lease_names_that_nodes_manifest(
+    running: Running, rsa_keys
+) -> None:
+    """Leased to A, then (A silent) to B; A's late result wins: the task names the
+    manifest A had when it was leased the task, not B's, and verifies."""
+    first, second = make_node(rsa_keys, 0), make_node(rsa_keys, 1)
+    running.register(first)
+    running.register(second)
+    running.link(first)
+    payload = inference_payload(VALUES)
+    job = running.client.submit_job("ai.inference", payload)
+    dispatch = first.recv()
+    mine = running.client.node(first.node_id)["manifest_hash"]
+    running.clock.advance(1001)  # A misses its lease (and its heartbeats)
+    running.link(second)
+    second.recv()  # leased to B now
+    assert running.client.job(job["job_id"])["tasks"][0]["node_id"] == second.node_id
+    running.link(first)
+    ack = first.call(first.result(dispatch, inference_result(payload, VALUES)))
+    assert ack["status"] == "accepted"
+    done = running.wait_job(job["job_id"], "succeeded")
+    (task,) = done["tasks"]
+    assert (task["node_id"], task["manifest_hash"]) == (first.node_id, mine)
+    report = _audit(running, done)
+    assert report.ok, report.as_json()
+
+
 def test_manifests_nothing_names_are_forgotten_after_the_grace(running: Running, rsa_keys) -> None:
     node = make_node(rsa_keys, 0)
     running.register(node)
@@ -157,11 +184,11 @@ def test_manifests_nothing_names_are_forgotten_after_the_grace(running: Running,
         return set(db.run_sync(lambda s: list(s.scalars(select(m.NodeManifest.manifest_hash)))))
 
     def forget(at: float) -> int:
-        return db.run_sync(lambda s: store.forget_manifests_tx(s, registered_before=at, limit=1))
+        return db.run_sync(lambda s: store.forget_manifests_tx(s, replaced_before=at, limit=1))
 
     assert len(hashes()) == 3
     now = running.clock.now()
-    assert forget(now - MANIFEST_GRACE_S) == 0  # all three registered within the hour
+    assert forget(now - MANIFEST_GRACE_S) == 0  # both replaced within the hour
     while forget(now + 1):  # one a transaction: the batches go on to the end
         pass
     assert hashes() == {named, current}
@@ -170,3 +197,36 @@ def test_manifests_nothing_names_are_forgotten_after_the_grace(running: Running,
         pass
     assert hashes() == {current}
     assert running.client.node(node.node_id)["manifest_hash"] == current
+
+
+def test_the_grace_runs_from_a_manifests_replacement(running: Running, rsa_keys) -> None:
+    """A manifest registered days ago and replaced a moment ago stays an hour: a round
+    built on the roster it was current in may still lease a task naming it."""
+    node = make_node(rsa_keys, 0)
+    running.register(node)
+    old = running.client.node(node.node_id)["manifest_hash"]
+    running.clock.advance(2 * 86400)
+    running.register(node, client_version="0.1.1")
+    db, now = running.coord.db, running.clock.now()
+
+    def forget(at: float) -> int:
+        return db.run_sync(lambda s: store.forget_manifests_tx(s, replaced_before=at, limit=10))
+
+    assert forget(now - MANIFEST_GRACE_S) == 0
+    assert running.client.manifest(old)["node_id"] == node.node_id
+    assert forget(now + 1) == 1
+    with pytest.raises(ProtocolError, match="404"):
+        running.client.manifest(old)
+
+
+def test_the_sweep_looks_names_up_by_index(db) -> None:
+    """(SQLite's plan.) Whether a manifest is still named is an index lookup in nodes,
+    tasks and task_attempts: with a scan of nodes per manifest (nodes.manifest_hash was
+    not indexed) the sweep held the database thread for seconds at 3,000 nodes."""
+    sql = store.unnamed_manifests(0.0).compile(
+        dialect=db.engine.dialect, compile_kwargs={"literal_binds": True}
+    )
+    with db.engine.connect() as conn:
+        plan = [row[-1] for row in conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {sql}")]
+    scans = [step for step in plan if step.startswith("SCAN") and "node_manifests" not in step]
+    assert scans == [], plan

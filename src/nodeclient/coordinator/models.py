@@ -56,7 +56,8 @@ class Node(Base):
     workload_classes: Mapped[str] = mapped_column(Text)  # JSON array
     max_parallel_subtasks: Mapped[int] = mapped_column(Integer)
     manifest: Mapped[str] = mapped_column(Text)  # the manifest JSON as verified
-    manifest_hash: Mapped[str] = mapped_column(String(64))
+    # Indexed: the hourly sweep of node_manifests asks which manifests are current.
+    manifest_hash: Mapped[str] = mapped_column(String(64), index=True)
     issued_at: Mapped[int] = mapped_column(BigInteger)
     registered_at: Mapped[float] = mapped_column(Float)
     updated_at: Mapped[float] = mapped_column(Float)
@@ -70,13 +71,15 @@ class NodeManifest(Base):
     """Every signed manifest a node registered with, by its hash (the SHA-256 of its
     canonical signed bytes): a task records the hash its node had when it was leased, and
     ``GET /v1/manifests/{hash}`` publishes the manifest, so anyone can check what the node
-    claimed when it ran the task. Kept while a node row or a task names it."""
+    claimed when it ran the task. Kept while a node row, a task or a lease names it."""
 
     __tablename__ = "node_manifests"
     manifest_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
     node_id: Mapped[str] = mapped_column(String(ADDRESS), index=True)
     manifest: Mapped[str] = mapped_column(Text)  # the manifest JSON as verified
     registered_at: Mapped[float] = mapped_column(Float)
+    # When its node registered another one (None: still current, or its node forgotten).
+    replaced_at: Mapped[float | None] = mapped_column(Float, nullable=True)
 
 
 class Job(Base):
@@ -195,6 +198,9 @@ class TaskAttempt(Base):
     deadline: Mapped[float] = mapped_column(Float)
     ended_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     outcome: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    # The node's manifest when this lease was made (node_manifests): a late result of
+    # this lease makes it the task's manifest_hash.
+    manifest_hash: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
 
 
 class Equivocation(Base):

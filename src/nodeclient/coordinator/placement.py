@@ -149,7 +149,7 @@ def assign_tx(
         session.add(
             m.TaskAttempt(
                 task_id=task.task_id, attempt=task.attempts, node_id=choice,
-                leased_at=now, deadline=deadline,
+                leased_at=now, deadline=deadline, manifest_hash=task.manifest_hash,
             )
         )  # fmt: skip
         if job.status == m.QUEUED:

@@ -136,6 +136,9 @@ def _register_tx(
         "updated_at": now,
     }
     new_node = row is None
+    _publish_manifest(
+        session, v.node_id, fields, was=None if row is None else row.manifest_hash, now=now
+    )
     if row is None:
         row = m.Node(node_id=v.node_id, registered_at=now, last_seq=0, **fields)
         session.add(row)
@@ -144,13 +147,6 @@ def _register_tx(
         for key, value in fields.items():
             setattr(row, key, value)
         status, label = 200, "updated"
-    if session.get(m.NodeManifest, fields["manifest_hash"]) is None:  # published by hash
-        session.add(
-            m.NodeManifest(
-                manifest_hash=fields["manifest_hash"], node_id=v.node_id,
-                manifest=fields["manifest"], registered_at=now,
-            )
-        )  # fmt: skip
     session.flush()
     node_proven = _record_wallet_proof(session, v, new_node=new_node)
     body = {
@@ -168,6 +164,27 @@ def _register_tx(
         "policy": policy.to_json(),
     }
     return Reply(status, body, node_info(row))
+
+
+def _publish_manifest(
+    session: Session, node_id: str, fields: dict[str, Any], *, was: str | None, now: float
+) -> None:
+    """Keep the manifest *fields* holds in node_manifests (published by its hash), and
+    date the end of the node's previous one, *was*, when it is another."""
+    digest = fields["manifest_hash"]
+    if was is not None and was != digest:
+        replaced = session.get(m.NodeManifest, was)
+        if replaced is not None:  # kept an hour from now at least (forget_manifests)
+            replaced.replaced_at = now
+    current = session.get(m.NodeManifest, digest)
+    if current is not None:
+        current.replaced_at = None  # current (again)
+        return
+    session.add(
+        m.NodeManifest(
+            manifest_hash=digest, node_id=node_id, manifest=fields["manifest"], registered_at=now
+        )
+    )
 
 
 def _record_wallet_proof(session: Session, v: VerifiedManifest, *, new_node: bool) -> bool:
@@ -286,13 +303,13 @@ async def forget_nodes(coord: Coordinator) -> int:
 
 
 async def forget_manifests(coord: Coordinator) -> int:
-    """Delete the manifests that no node holds as its current one and no task names, in
-    batches; how many. One registered within the last hour stays: a scheduling round may
-    still be placing tasks on the roster it was current in."""
+    """Delete the manifests that no node holds as its current one and no task or lease
+    names, in batches; how many. One replaced within the last hour stays: a scheduling
+    round may still be placing tasks on the roster it was current in."""
     before = coord.now() - MANIFEST_GRACE_S
     forgotten = 0
     while n := await coord.db.run(
-        functools.partial(store.forget_manifests_tx, registered_before=before, limit=_FORGET_BATCH)
+        functools.partial(store.forget_manifests_tx, replaced_before=before, limit=_FORGET_BATCH)
     ):
         forgotten += n
     if forgotten:

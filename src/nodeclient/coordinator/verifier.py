@@ -225,6 +225,16 @@ def _finish_job(session: Session, job: m.Job, now: float) -> str | None:
     return m.SUCCEEDED
 
 
+def _leased_manifest(session: Session, task_id: str, node_id: str) -> str | None:
+    """The manifest *node_id* had when it was last leased *task_id*."""
+    return session.scalar(
+        select(m.TaskAttempt.manifest_hash)
+        .where(m.TaskAttempt.task_id == task_id, m.TaskAttempt.node_id == node_id)
+        .order_by(m.TaskAttempt.attempt.desc())
+        .limit(1)
+    )
+
+
 def accept_result_tx(  # noqa: PLR0911 (one early answer per check)
     session: Session, claim: ResultClaim, *, now: float, max_payload: int, max_attempts: int
 ) -> Decision:
@@ -278,6 +288,11 @@ def accept_result_tx(  # noqa: PLR0911 (one early answer per check)
         close_attempt(session, tid, task.node_id, "superseded", now)
         cancel = ((task.node_id, tid),)
     _settle_attempt(session, tid, claim.node_id, now)
+    task.manifest_hash = (  # an earlier lease's result: what that node claimed then
+        task.manifest_hash
+        if claim.node_id == task.node_id
+        else _leased_manifest(session, tid, claim.node_id)
+    )
     task.status, task.node_id, task.reason = m.SUCCEEDED, claim.node_id, None
     task.result, task.result_size = claim.result, len(claim.result)
     task.result_sha256 = hashlib.sha256(claim.result).hexdigest()
