@@ -170,7 +170,8 @@ def test_a_coordinator_that_exits_at_start_is_reported_with_its_reason(tmp_path:
     finally:
         net.stop()
     assert str(failed.value) == (
-        "the coordinator exited with 2: nodeclient-coordinator: heartbeat interval must be positive"
+        "the coordinator exited with 2: nodeclient-coordinator serve: error: argument "
+        "--heartbeat-interval: must be 0.05 to 300 seconds, not 0.0"
     )
 
 
