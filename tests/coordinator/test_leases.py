@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -22,9 +23,12 @@ from tests.coordinator.conftest import (
     Running,
     SimNode,
     closed_code,
+    config_for,
     inference_payload,
     inference_result,
     make_node,
+    start,
+    stop,
 )
 
 VALUES = [4.0, 5.0]
@@ -116,9 +120,9 @@ def test_a_wall_clock_stepped_forward_expires_no_lease(
     start_coordinator, rsa_keys, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The wall clock jumps a day forward while a task is leased (a VM restored from a
-    snapshot, an NTP correction): leases run on a clock that leaves steps out, so the
-    lease is not expired at once (before: cancelled, an attempt spent and counted against
-    the node); its result is accepted, and the lease still ends 300 s after it began."""
+    snapshot, an NTP correction): the stored lease moves with it, so it is not expired at
+    once (before: cancelled, an attempt spent and counted against the node); its result
+    is accepted, and a lease made after the step ends 300 s after it began."""
     clock = SteppedClock()
     running = start_coordinator(clock=clock, heartbeat_interval=1000.0)
     node = make_node(rsa_keys, 0)
@@ -132,17 +136,18 @@ def test_a_wall_clock_stepped_forward_expires_no_lease(
         clock.advance(86400)
         _no_frame(node)  # no cancel: the scheduler's rounds ran meanwhile
     (stepped,) = [r for r in caplog.records if r.getMessage() == "clock.stepped"]
-    assert stepped.__dict__["step_s"] == 86400
-    # The node reads lease ends against server_time too: the same clock as sent_at.
-    assert node.call(node.heartbeat())["server_time"] == START
+    assert (stepped.__dict__["step_s"], stepped.__dict__["leases"]) == (86400, 1)
+    task = running.client.job(job["job_id"])["tasks"][0]
+    assert task["lease_deadline"] == START + 86400 + 300  # 300 s left, as before the step
     ack = node.call(node.result(dispatch, inference_result(payload, VALUES)))
     assert ack["status"] == "accepted"
     done = running.wait_job(job["job_id"], "succeeded")
     assert done["tasks"][0]["attempts"] == 1
     # Another task, leased after the step, ends when its 300 s have passed.
+    now = START + 86400
     job = running.client.submit_job("ai.inference", payload)
     dispatch = node.recv()
-    assert dispatch["sent_at"] == START and dispatch["lease_expires_at"] == int(START) + 300
+    assert dispatch["sent_at"] == now and dispatch["lease_expires_at"] == int(now) + 300
     clock.advance(299)
     clock.mono += 299
     _no_frame(node)
@@ -174,6 +179,39 @@ def test_a_wall_clock_stepped_back_holds_no_lease_longer(start_coordinator, rsa_
         "task_id": dispatch["task_id"],
         "reason": "lease ended",
     }
+
+
+def test_a_lease_moved_by_a_step_stays_moved_after_a_restart(tmp_path: Path, rsa_keys) -> None:
+    """The stored lease itself moves with a step, so a coordinator restarted after one
+    reads the lease as it was meant: 100 s after the restart (105 s into a 300 s lease)
+    the task is still leased, not expired by the day the wall clock jumped."""
+    clock = SteppedClock()
+    node = make_node(rsa_keys, 0)
+    first, server, thread = start(config_for(data_dir=tmp_path, heartbeat_interval=1000.0), clock)
+    try:
+        first.register(node)
+        first.link(node)
+        job = first.client.submit_job("ai.inference", inference_payload(VALUES))
+        node.recv()
+        clock.advance(86400 + 1)
+        clock.mono += 1
+        end = time.monotonic() + 10
+        while first.client.job(job["job_id"])["tasks"][0]["lease_deadline"] == START + 300:
+            assert time.monotonic() < end, "the lease was never moved"
+            time.sleep(0.02)
+    finally:
+        stop(first, server, thread)
+    clock.advance(4)
+    clock.mono += 4
+    again, server2, thread2 = start(config_for(data_dir=tmp_path, heartbeat_interval=1000.0), clock)
+    try:
+        clock.advance(100)
+        clock.mono += 100
+        time.sleep(0.3)  # the scheduler's rounds run
+        task = again.client.job(job["job_id"])["tasks"][0]
+        assert (task["status"], task["lease_deadline"]) == ("leased", START + 86400 + 300)
+    finally:
+        stop(again, server2, thread2)
 
 
 def test_max_attempts_fails_the_job_with_reason(start_coordinator, rsa_keys) -> None:

@@ -16,13 +16,17 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, cast
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from nodeclient.coordinator import models as m
 from nodeclient.coordinator import rounds, store
 from nodeclient.coordinator.selection import Candidate, is_eligible
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import CursorResult
 
 log = logging.getLogger("nodeclient.coordinator.scheduler")
 # Lease outcomes that count as the node failing the task (not "cancelled", "superseded",
@@ -239,6 +243,29 @@ def requeue_or_fail(
         )
     task.status, task.reason = m.QUEUED, detail
     return Lost(task.task_id, holder, failed=False)
+
+
+def shift_times_tx(session: Session, *, by: float) -> dict[str, int]:
+    """Move by *by* seconds the stored times still counted against the wall clock, which
+    just jumped: leased tasks' lease (and its open attempt's), running jobs' round
+    deadlines, and queued tasks' queueing time (the queue timeout). How many of each."""
+    task, attempt, job = m.Task, m.TaskAttempt, m.Job
+    statements = {
+        "leases": update(task)
+        .where(task.status == m.LEASED)
+        .values(lease_deadline=task.lease_deadline + by, leased_at=task.leased_at + by),
+        "attempts": update(attempt)
+        .where(attempt.ended_at.is_(None))
+        .values(leased_at=attempt.leased_at + by, deadline=attempt.deadline + by),
+        "rounds": update(job)
+        .where(job.status.in_((m.QUEUED, m.RUNNING)), job.round_deadline.is_not(None))
+        .values(round_deadline=job.round_deadline + by),
+        "queued": update(task).where(task.status == m.QUEUED).values(queued_at=task.queued_at + by),
+    }
+    return {
+        name: cast("CursorResult[Any]", session.execute(stmt)).rowcount
+        for name, stmt in statements.items()
+    }
 
 
 def expire_tx(

@@ -377,7 +377,7 @@ class LinkSession:
         await self.send(messages.Welcome(node_id, rt.last_seq, until, features).to_wire())
         if node_id not in coord.runtime:  # its record was deleted meanwhile (retention)
             return await self._refuse(4003, "not registered", node_id=node_id)
-        self._attached_at = coord.lease_now()  # a lease from now on is this link's to send
+        self._attached_at = coord.now()  # a lease from now on is this link's to send
         old = coord.attach(node_id, self)
         if old is not None:
             await old.close(4004, "replaced by a newer link")
@@ -485,9 +485,7 @@ class LinkSession:
         wait = seq > rt.stored_seq + UNSTORED_SEQS
         await coord.heartbeats.persist(self.node_id, seq, state, now, wait=wait)
         until = coord.nodes[self.node_id].unstaking_until
-        # server_time: the clock the node reads lease ends against (lease_now: the wall
-        # clock less its steps since the start), the same as a dispatch's sent_at.
-        await self.send_wire(heartbeat_ack_text(seq, coord.lease_now(), until))
+        await self.send_wire(heartbeat_ack_text(seq, now, until))
         if not was_online:
             coord.roster_changed()
             coord.wake()
@@ -508,7 +506,7 @@ class LinkSession:
         coord, cfg = self.coord, self.coord.config
         running = {str(uuid.UUID(bytes=b)) for b in running_tasks}
         keep = running | sent_here
-        node_id, now, attached = self.node_id, coord.lease_now(), self._attached_at
+        node_id, now, attached = self.node_id, coord.now(), self._attached_at
 
         def spare(t: m.Task) -> bool:  # held, or leased for this link (may be on its way)
             return t.task_id in keep or (t.leased_at is not None and t.leased_at >= attached)

@@ -55,6 +55,7 @@ from nodeclient.coordinator.leases import (
     fail_stalled_tx,
     node_lost_tx,
     report_job_end,
+    shift_times_tx,
     undeliverable_tx,
 )
 from nodeclient.coordinator.placement import Assignment, QueueCursor, any_queued, assign_tx
@@ -180,7 +181,10 @@ class Scheduler:
     async def tick(self) -> None:
         """One round: offline check, lease expiry, then assignment and dispatch."""
         coord, cfg = self.coord, self.coord.config
-        now, mono = coord.lease_now(), coord.monotonic()  # leases: on their own clock
+        step = coord.clock_step()
+        if step:  # leases, rounds and queue times keep the time they had left (see docs)
+            await self.shift_times(step)
+        now, mono = coord.now(), coord.monotonic()
         if mono >= self._next_offline_check:
             self._next_offline_check = mono + cfg.heartbeat_interval / 2
             await self.check_offline(now)
@@ -219,6 +223,15 @@ class Scheduler:
         if assigned:  # sealed and sent in the background: a slow node holds up no round
             coord.granted((a.node_id, a.task_id) for a in assigned)
             coord.spawn(self.dispatch_all(assigned), "dispatch")
+
+    async def shift_times(self, step: float) -> None:
+        """The wall clock jumped by *step* seconds (an NTP correction, a VM restored from a
+        snapshot): move every stored time still counted against it (lease deadlines,
+        training round deadlines, queued tasks' waits) by as much, so that a step forward
+        expires no lease at once, and one back holds none longer."""
+        moved = await self.coord.db.run(functools.partial(shift_times_tx, by=step))
+        self._started_at += step  # the start's grace for deadlines that passed meanwhile
+        log.warning("clock.stepped", extra={"step_s": round(step, 3), **moved})
 
     async def check_offline(self, now: float) -> None:
         coord = self.coord
@@ -305,7 +318,7 @@ class Scheduler:
             else:
                 unstaked.append(a)
         assigned, sealed = [assigned[i] for i in staying], [sealed[i] for i in staying]
-        sent_at = coord.lease_now()  # the clock lease_expires_at is on
+        sent_at = coord.now()  # lease_expires_at is read against it
         frames = [
             messages.Dispatch(
                 task_id=uuid.UUID(a.task_id),
@@ -349,7 +362,7 @@ class Scheduler:
 
 async def _undo(coord: Coordinator, undelivered: Sequence[Assignment]) -> None:
     """Undo leases whose dispatch never left, without spending their attempts."""
-    now = coord.lease_now()
+    now = coord.now()
 
     def undo(s: Session) -> None:
         for a in undelivered:

@@ -56,8 +56,9 @@ COMMIT_GAP_S: Final = 0.02
 CPU_THREADS: Final = 2
 NODE_CPU_THREADS: Final = 2
 # A change of wall minus monotonic time larger than this between two readings is a step
-# of the wall clock (an NTP correction, a VM restored from a snapshot), which lease_now()
-# leaves out; smaller ones (NTP slewing: under a millisecond a second) it follows.
+# of the wall clock (an NTP correction, a VM restored from a snapshot), which the stored
+# lease times are moved by (Scheduler.shift_times); smaller ones (NTP slewing: under a
+# millisecond a second) are drift.
 CLOCK_STEP_S: Final = 2.0
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -272,8 +273,7 @@ class Coordinator:
         self.metrics = CoordinatorMetrics(after_attempt=db.run_sync(last_attempt))
         self._wake: asyncio.Event | None = None
         self._background: set[asyncio.Task[Any]] = set()
-        self._skew: float | None = None  # wall minus monotonic at the last lease_now()
-        self._stepped = 0.0  # the wall clock's steps since the start (lease_now)
+        self._skew: float | None = None  # wall minus monotonic at the last clock_step()
         self._cpu = ThreadPoolExecutor(CPU_THREADS, thread_name_prefix="coordinator-cpu")
         self._node_cpu = ThreadPoolExecutor(
             NODE_CPU_THREADS, thread_name_prefix="coordinator-nodes"
@@ -284,24 +284,15 @@ class Coordinator:
     def now(self) -> float:
         return self.clock.now()
 
-    def lease_now(self) -> float:
-        """The clock leases run on: the wall clock, less every step it took since this
-        process started. A lease's times (leased_at, lease_deadline, a training round's
-        deadline, a dispatch's sent_at) are taken and compared on it, so a wall clock
-        stepped forward a day expires no lease early, and one stepped back holds none an
-        hour longer; after a step the times shown differ from the wall clock by it. Call
-        it from the event loop."""
-        now = self.clock.now()
-        skew = now - self.clock.monotonic()
-        if self._skew is not None and abs(skew - self._skew) > CLOCK_STEP_S:
-            step = skew - self._skew
-            self._stepped += step
-            log.warning(
-                "clock.stepped",
-                extra={"step_s": round(step, 3), "leases_behind_wall_s": round(self._stepped, 3)},
-            )
-        self._skew = skew  # following slow drift, so only a jump counts as a step
-        return now - self._stepped
+    def clock_step(self) -> float:
+        """How far the wall clock jumped since the last call (0.0: it did not), seen as a
+        change of more than CLOCK_STEP_S in wall minus monotonic time; slow drift (NTP
+        slewing) is followed, not counted. Call it from the event loop."""
+        skew = self.clock.now() - self.clock.monotonic()
+        last, self._skew = self._skew, skew
+        if last is None or abs(skew - last) <= CLOCK_STEP_S:
+            return 0.0
+        return skew - last
 
     def monotonic(self) -> float:
         return self.clock.monotonic()
