@@ -39,7 +39,7 @@ def test_a_node_that_unstaked_during_the_round_gets_no_dispatch(db: Database) ->
         staying: SimpleNamespace(public_key=public_key, unstaking_until=None),
     }
     coord = SimpleNamespace(
-        db=db, nodes=nodes, send_to=send_to, now=lambda: NOW, lease_now=lambda: NOW, wake=lambda: None, withdrawn={},
+        db=db, nodes=nodes, send_to=send_to, now=lambda: NOW, wake=lambda: None, withdrawn={},
         in_node_cpu=asyncio.to_thread,
     )  # fmt: skip
     asyncio.run(Scheduler.dispatch_all(SimpleNamespace(coord=coord), placed))  # type: ignore[arg-type]
@@ -74,7 +74,7 @@ def test_a_round_whose_sealing_fails_is_undone_not_left_leased(
 
     nodes = {address: SimpleNamespace(public_key=None, unstaking_until=None)}
     coord = SimpleNamespace(
-        db=db, nodes=nodes, send_to=send_to, now=lambda: NOW, lease_now=lambda: NOW, wake=lambda: None, withdrawn={},
+        db=db, nodes=nodes, send_to=send_to, now=lambda: NOW, wake=lambda: None, withdrawn={},
         in_node_cpu=asyncio.to_thread,
     )  # fmt: skip
     with caplog.at_level(logging.ERROR, logger="nodeclient.coordinator.scheduler"):

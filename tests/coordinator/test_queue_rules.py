@@ -312,7 +312,7 @@ def test_a_lease_withdrawn_while_its_payload_was_sealed_is_not_dispatched(db: Da
 
     coord = SimpleNamespace(
         db=db, nodes={address: SimpleNamespace(public_key=public_key, unstaking_until=None)}, send_to=send_to,
-        now=lambda: NOW, lease_now=lambda: NOW, wake=lambda: None, withdrawn={}, in_node_cpu=asyncio.to_thread,
+        now=lambda: NOW, wake=lambda: None, withdrawn={}, in_node_cpu=asyncio.to_thread,
     )  # fmt: skip
     asyncio.run(Scheduler.dispatch_all(SimpleNamespace(coord=coord), placed))  # type: ignore[arg-type]
     assert [f["task_id"] for f in sent] == [standing]
@@ -359,7 +359,7 @@ def test_a_cancel_on_its_way_is_not_overtaken_by_its_dispatch(db: Database) -> N
 
     coord = SimpleNamespace(
         db=RacingDb(), nodes={address: SimpleNamespace(public_key=public_key, unstaking_until=None)},
-        send_to=send_to, now=lambda: NOW, lease_now=lambda: NOW, wake=lambda: None,
+        send_to=send_to, now=lambda: NOW, wake=lambda: None,
         withdrawn=collections.OrderedDict(),
         spawn=lambda coro, what: background.append(asyncio.ensure_future(coro)),
         in_node_cpu=asyncio.to_thread,
