@@ -99,7 +99,12 @@ def _dispatch_on(daemon: Any, task_id: uuid.UUID, lease: int, sent_at: float | N
 
 @pytest.mark.parametrize(
     ("case", "skew"),
-    [("an hour behind", -SLEPT), ("an hour ahead", SLEPT), ("told by heartbeats", -SLEPT)],
+    [
+        ("an hour behind", -SLEPT),
+        ("an hour ahead", SLEPT),
+        ("told by heartbeats", -SLEPT),
+        ("a stale ack after the dispatch", -SLEPT),
+    ],
 )
 def test_the_lease_is_read_on_the_coordinators_clock(
     tmp_path: Path, case: str, skew: float
@@ -121,6 +126,11 @@ def test_the_lease_is_read_on_the_coordinators_clock(
             await daemon._on_frame(json.dumps(ack))
         sent_at = None if case == "told by heartbeats" else theirs
         await daemon._on_frame(_dispatch_on(daemon, task_id, lease, sent_at))
+        if case == "a stale ack after the dispatch":  # before the task starts: its own
+            # dispatch's sent_at still tells its lease, not an ack's server_time
+            ack = {"type": "heartbeat_ack", "seq": 1, "server_time": theirs - SLEPT,
+                   "unstaking_until": None}  # fmt: skip
+            await daemon._on_frame(json.dumps(ack))
         while daemon.running:
             await asyncio.sleep(0.01)
 

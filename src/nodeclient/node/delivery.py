@@ -53,7 +53,9 @@ class ResultDelivery:
     chain_id: int
     outbox: Outbox
     clock: Clock
-    coordinator_clock: PeerClock  # the coordinator's clock: lease ends are read on it
+    # The coordinator's clock by its heartbeat acks: what a dispatch without sent_at (from
+    # a coordinator before it) is read against.
+    coordinator_clock: PeerClock
     session: NodeSession
     _node_key: Secp256k1Key
     _ws: ClientConnection | None

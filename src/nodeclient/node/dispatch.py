@@ -66,6 +66,9 @@ class RunningTask:
     fetch_limits: inputs.FetchLimits | None = None  # while its inputs download
     coordinator_id: str | None = None  # the link's that dispatched it: its result goes there
     stop_reason: str | None = None  # why it was stopped, for its one task.cancelled line
+    # The coordinator's clock minus ours, as its dispatch (or latest renewal) gave it: what
+    # the lease's end and the envelope's expiry, times on that clock, are read with.
+    clock_offset: float = 0.0
 
 
 class TaskDispatcher(ResultDelivery):
@@ -112,8 +115,6 @@ class TaskDispatcher(ResultDelivery):
     # --- tasks -----------------------------------------------------------------------------
 
     async def _on_dispatch(self, d: messages.Dispatch) -> None:
-        if d.sent_at is not None:
-            self.coordinator_clock.saw(d.sent_at)
         with logs.bind(task_id=str(d.task_id), job_id=str(d.job_id)):
             log.info("task.received", extra={"workload_class": d.workload_class})
             try:
@@ -155,6 +156,7 @@ class TaskDispatcher(ResultDelivery):
                 self.clock.now(),
                 lease_expires_at=d.lease_expires_at,
                 coordinator_id=self.session.coordinator_id,
+                clock_offset=self._offset(d),
             )
             self.running[d.task_id] = task
             if self.state.state in (NodeState.READY, NodeState.IDLE):
@@ -197,7 +199,8 @@ class TaskDispatcher(ResultDelivery):
         # It runs on, to the new lease's end, and a reject of it names the new lease, or
         # the coordinator would take it for the old one's and ignore it.
         running.lease_expires_at = d.lease_expires_at
-        until = self._deadline(d.lease_expires_at)
+        running.clock_offset = self._offset(d)
+        until = self._deadline(d.lease_expires_at, running.clock_offset)
         if running.fetch_limits is not None:  # its inputs may still be downloading
             running.fetch_limits.extend(until)
         self.executor.extend(d.task_id, until)
@@ -239,7 +242,7 @@ class TaskDispatcher(ResultDelivery):
                 "acknowledgement (max_unacknowledged_results); they are sent again at each "
                 "reconnect, and every few minutes while the backlog is full"
             )
-        if d.lease_expires_at < self.coordinator_clock.now():  # its clock: not ours
+        if d.lease_expires_at < self.clock.now() + self._offset(d):  # its clock, not ours
             return "lease already expired"
         return self.executor.admission(d.resources)  # 2.3.5: never run out of memory
 
@@ -253,7 +256,7 @@ class TaskDispatcher(ResultDelivery):
                         private_key=self._payload_key,
                         task_id=d.task_id,
                         node_id=self.node_id,
-                        now=int(self.coordinator_clock.now()),  # its expires_at: its clock
+                        now=int(self.clock.now() + task.clock_offset),  # its clock
                     )
                     started = time.monotonic()
                     metadata = await self._metadata(task.workload_class, payload)
@@ -272,7 +275,9 @@ class TaskDispatcher(ResultDelivery):
                         task_id=task.task_id,
                         job_id=d.job_id,  # whose worker may serve it (executor: reuse)
                         # The task's lease, renewed if it was leased here again meanwhile.
-                        deadline=self._deadline(task.lease_expires_at or d.lease_expires_at),
+                        deadline=self._deadline(
+                            task.lease_expires_at or d.lease_expires_at, task.clock_offset
+                        ),
                         resources=d.resources,
                         on_progress=self._progress_reporter(task.task_id),
                         metadata=metadata,  # the affinity of the worker it may share
@@ -366,12 +371,21 @@ class TaskDispatcher(ResultDelivery):
         self._task_ended(task, "completed")
         await self._deliver(entry)
 
-    def _deadline(self, lease_expires_at: float) -> float:
-        """A lease's end (a time on the coordinator's clock) as a deadline on the
-        executor's clock, which runs on while the system is suspended (a task leased
-        before a suspend is stopped at its lease's end, not as much later as the system
-        slept), and which no step of either wall clock moves."""
-        left = lease_expires_at - self.coordinator_clock.now()
+    def _offset(self, d: messages.Dispatch) -> float:
+        """The coordinator's clock minus ours, by *d*'s own sent_at (a dispatch's transit
+        and queueing only make its lease look a little longer: the coordinator's cancel
+        at the lease's end still stops it); from a coordinator that sends none, by its
+        latest heartbeat acknowledgement (``coordinator_clock``)."""
+        if d.sent_at is None:
+            return self.coordinator_clock.offset
+        return d.sent_at - self.clock.now()
+
+    def _deadline(self, lease_expires_at: float, offset: float) -> float:
+        """A lease's end (a time on the coordinator's clock, *offset* ahead of ours) as a
+        deadline on the executor's clock, which runs on while the system is suspended (a
+        task leased before a suspend is stopped at its lease's end, not as much later as
+        the system slept), and which no step of either wall clock moves."""
+        left = lease_expires_at - (self.clock.now() + offset)
         return self.executor.clock() + max(0.0, left)
 
     async def _metadata(self, workload_class: str, payload: bytes) -> dict[str, str] | None:
@@ -396,7 +410,7 @@ class TaskDispatcher(ResultDelivery):
         """_resolve_inputs in the fetch threads (one per slot, apart from the threads that
         commit and acknowledge results), stopped at the lease's end or a cancel."""
         limits = task.fetch_limits = inputs.FetchLimits(
-            deadline=self._deadline(lease_end),
+            deadline=self._deadline(lease_end, task.clock_offset),
             cancelled=threading.Event(),
             clock=self.executor.clock,
         )
