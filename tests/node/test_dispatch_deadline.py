@@ -137,3 +137,57 @@ def test_the_lease_is_read_on_the_coordinators_clock(
     asyncio.run(asyncio.wait_for(scenario(), 10))
     assert OnItsOwnClock.left == [pytest.approx(600, abs=5)]
     assert [frame["type"] for frame in link.frames] == ["result"]
+
+
+class _SteppedWall:
+    """The node's wall clock, which a test steps (an NTP correction) at a moment of its
+    choosing; its monotonic clock is the real one."""
+
+    def __init__(self) -> None:
+        self.step = 0.0
+
+    def now(self) -> float:
+        return time.time() + self.step
+
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+
+@pytest.mark.parametrize("step", [SLEPT, -SLEPT])
+def test_a_node_clock_step_during_the_download_moves_no_deadline(
+    tmp_path: Path, step: float
+) -> None:
+    """The node's wall clock steps an hour while the task's inputs download: the run
+    still gets what is left of its 600 s lease (read once, on arrival, against the
+    dispatch's sent_at, then counted on the executor's clock), not nothing or an hour
+    more."""
+    daemon, _, link = make_daemon(tmp_path, OnItsOwnClock)
+    wall = _SteppedWall()
+    daemon.clock = wall  # type: ignore[assignment]
+    OnItsOwnClock.left = []
+    model = identity_model()
+
+    def fetch(url: str) -> bytes:
+        wall.step = step
+        return model
+
+    daemon._fetch = fetch
+    payload = make_request(
+        model, {"x": np.ones(3, np.float32)}, inline=False, model_url="https://models.example/m"
+    ).encode()
+    task_id, now = uuid.uuid4(), time.time()
+    env = envelope.seal(
+        payload, public_key=daemon._payload_key.public_key(), task_id=task_id,
+        node_id=daemon.node_id, expires_at=int(now) + 600,
+    )  # fmt: skip
+    d = messages.Dispatch(task_id, uuid.uuid4(), "ai.inference", int(now) + 600, env, sent_at=now)
+
+    async def scenario() -> None:
+        await daemon._on_frame(json.dumps(d.to_wire()))
+        while daemon.running:
+            await asyncio.sleep(0.01)
+
+    asyncio.run(asyncio.wait_for(scenario(), 10))
+    daemon._fetch_pool.shutdown(wait=True)
+    assert OnItsOwnClock.left == [pytest.approx(600, abs=5)]
+    assert [frame["type"] for frame in link.frames] == ["result"]

@@ -66,9 +66,19 @@ class RunningTask:
     fetch_limits: inputs.FetchLimits | None = None  # while its inputs download
     coordinator_id: str | None = None  # the link's that dispatched it: its result goes there
     stop_reason: str | None = None  # why it was stopped, for its one task.cancelled line
-    # The coordinator's clock minus ours, as its dispatch (or latest renewal) gave it: what
-    # the lease's end and the envelope's expiry, times on that clock, are read with.
-    clock_offset: float = 0.0
+    # Its dispatch's (or latest renewal's) arrival: the executor's clock then, and the
+    # coordinator's (its sent_at). The lease's end and the envelope's expiry, times on the
+    # coordinator's clock, are read from these, so no step of either wall clock moves them.
+    arrived: float = 0.0
+    coordinator_then: float = 0.0
+
+    def coordinator_now(self, now: float) -> float:
+        """The coordinator's clock when the executor's reads *now*."""
+        return self.coordinator_then + (now - self.arrived)
+
+    def deadline(self, lease_expires_at: float) -> float:
+        """*lease_expires_at* as a deadline on the executor's clock."""
+        return self.arrived + max(0.0, lease_expires_at - self.coordinator_then)
 
 
 class TaskDispatcher(ResultDelivery):
@@ -156,8 +166,8 @@ class TaskDispatcher(ResultDelivery):
                 self.clock.now(),
                 lease_expires_at=d.lease_expires_at,
                 coordinator_id=self.session.coordinator_id,
-                clock_offset=self._offset(d),
             )
+            task.arrived, task.coordinator_then = self._arrival(d)
             self.running[d.task_id] = task
             if self.state.state in (NodeState.READY, NodeState.IDLE):
                 self.state.transition(NodeState.EXECUTING, reason=f"task {d.task_id} started")
@@ -199,8 +209,8 @@ class TaskDispatcher(ResultDelivery):
         # It runs on, to the new lease's end, and a reject of it names the new lease, or
         # the coordinator would take it for the old one's and ignore it.
         running.lease_expires_at = d.lease_expires_at
-        running.clock_offset = self._offset(d)
-        until = self._deadline(d.lease_expires_at, running.clock_offset)
+        running.arrived, running.coordinator_then = self._arrival(d)
+        until = running.deadline(d.lease_expires_at)
         if running.fetch_limits is not None:  # its inputs may still be downloading
             running.fetch_limits.extend(until)
         self.executor.extend(d.task_id, until)
@@ -242,7 +252,7 @@ class TaskDispatcher(ResultDelivery):
                 "acknowledgement (max_unacknowledged_results); they are sent again at each "
                 "reconnect, and every few minutes while the backlog is full"
             )
-        if d.lease_expires_at < self.clock.now() + self._offset(d):  # its clock, not ours
+        if d.lease_expires_at < self._arrival(d)[1]:  # on its clock, not ours
             return "lease already expired"
         return self.executor.admission(d.resources)  # 2.3.5: never run out of memory
 
@@ -256,7 +266,7 @@ class TaskDispatcher(ResultDelivery):
                         private_key=self._payload_key,
                         task_id=d.task_id,
                         node_id=self.node_id,
-                        now=int(self.clock.now() + task.clock_offset),  # its clock
+                        now=int(task.coordinator_now(self.executor.clock())),
                     )
                     started = time.monotonic()
                     metadata = await self._metadata(task.workload_class, payload)
@@ -275,9 +285,7 @@ class TaskDispatcher(ResultDelivery):
                         task_id=task.task_id,
                         job_id=d.job_id,  # whose worker may serve it (executor: reuse)
                         # The task's lease, renewed if it was leased here again meanwhile.
-                        deadline=self._deadline(
-                            task.lease_expires_at or d.lease_expires_at, task.clock_offset
-                        ),
+                        deadline=task.deadline(task.lease_expires_at or d.lease_expires_at),
                         resources=d.resources,
                         on_progress=self._progress_reporter(task.task_id),
                         metadata=metadata,  # the affinity of the worker it may share
@@ -371,22 +379,15 @@ class TaskDispatcher(ResultDelivery):
         self._task_ended(task, "completed")
         await self._deliver(entry)
 
-    def _offset(self, d: messages.Dispatch) -> float:
-        """The coordinator's clock minus ours, by *d*'s own sent_at (a dispatch's transit
-        and queueing only make its lease look a little longer: the coordinator's cancel
-        at the lease's end still stops it); from a coordinator that sends none, by its
-        latest heartbeat acknowledgement (``coordinator_clock``)."""
-        if d.sent_at is None:
-            return self.coordinator_clock.offset
-        return d.sent_at - self.clock.now()
-
-    def _deadline(self, lease_expires_at: float, offset: float) -> float:
-        """A lease's end (a time on the coordinator's clock, *offset* ahead of ours) as a
-        deadline on the executor's clock, which runs on while the system is suspended (a
-        task leased before a suspend is stopped at its lease's end, not as much later as
-        the system slept), and which no step of either wall clock moves."""
-        left = lease_expires_at - (self.clock.now() + offset)
-        return self.executor.clock() + max(0.0, left)
+    def _arrival(self, d: messages.Dispatch) -> tuple[float, float]:
+        """The executor's clock now, and the coordinator's: *d*'s own sent_at (its transit
+        and queueing make its lease look a little longer, never shorter: the coordinator's
+        cancel at the lease's end still stops it), or, from a coordinator that sends none,
+        ours plus the offset its heartbeat acknowledgements gave (``coordinator_clock``)."""
+        theirs = (
+            self.clock.now() + self.coordinator_clock.offset if d.sent_at is None else d.sent_at
+        )
+        return self.executor.clock(), theirs
 
     async def _metadata(self, workload_class: str, payload: bytes) -> dict[str, str] | None:
         """The payload's metadata (``inputs.task_metadata``), read once per task: on the
@@ -410,7 +411,7 @@ class TaskDispatcher(ResultDelivery):
         """_resolve_inputs in the fetch threads (one per slot, apart from the threads that
         commit and acknowledge results), stopped at the lease's end or a cancel."""
         limits = task.fetch_limits = inputs.FetchLimits(
-            deadline=self._deadline(lease_end, task.clock_offset),
+            deadline=task.deadline(lease_end),
             cancelled=threading.Event(),
             clock=self.executor.clock,
         )
