@@ -989,6 +989,12 @@ def test_disk_used_follows_no_link_swapped_in_for_a_directory_while_it_counts(
             def close(self) -> None:
                 entries.close()
 
+            def __enter__(self) -> Racing:
+                return self
+
+            def __exit__(self, *_exc: object) -> None:
+                entries.close()
+
         return Racing()
 
     if not readable:  # the race after PermissionError, as a daemon that is not root
@@ -1060,3 +1066,38 @@ def test_a_worker_that_prints_while_idle_is_killed(
     assert slot.killed == "printed while idle: its last task left something running"
     (record,) = [r for r in caplog.records if r.getMessage() == "worker.idle_output"]
     assert "left behind" in record.__dict__["printed"]
+
+
+def test_disk_used_holds_one_descriptor_per_level_and_leaks_none(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each slot's watcher walks at once: it holds one descriptor per directory level
+    (a scan's own is closed before the next level opens), not two, and none is left
+    open when a scan fails (EMFILE) half-way."""
+    deep = tmp_path / "work"
+    level = deep
+    for _ in range(40):
+        level = level / "d"
+    level.mkdir(parents=True)
+    real_scandir = os.scandir
+    held: list[int] = []
+
+    def counting(where: Any) -> Any:
+        held.append(len(os.listdir("/proc/self/fd")))
+        return real_scandir(where)
+
+    before = len(os.listdir("/proc/self/fd"))
+    monkeypatch.setattr(exec_workdirs.os, "scandir", counting)
+    assert exec_workdirs.disk_used(deep, stop_after=1 << 40) > 0
+    assert max(held) - before <= 40 + 3, (before, max(held))
+
+    def failing(where: Any) -> Any:
+        if len(held) > 50:
+            raise OSError(errno.EMFILE, "Too many open files")
+        held.append(0)
+        return real_scandir(where)
+
+    monkeypatch.setattr(exec_workdirs.os, "scandir", failing)
+    with pytest.raises(OSError, match="Too many open files"):
+        exec_workdirs.disk_used(deep, stop_after=1 << 40)
+    assert len(os.listdir("/proc/self/fd")) == before

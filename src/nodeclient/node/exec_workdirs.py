@@ -64,7 +64,9 @@ def remove_tree(path: Path) -> None:
 # the task may swap a directory it made for a symlink (to /, to the node home) while the
 # daemon walks it.
 _WALK: Final = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-MAX_WALK_DEPTH: Final = 256  # directories nested deeper: the work dir cannot be measured
+# Directories nested deeper: the work dir cannot be measured (the task is stopped). The
+# walk holds one descriptor per level, and runs in every slot at once.
+MAX_WALK_DEPTH: Final = 64
 
 
 def disk_used(path: Path, *, stop_after: int) -> int:
@@ -75,70 +77,83 @@ def disk_used(path: Path, *, stop_after: int) -> int:
     unreadable is made readable again (it is ours); OSError if it cannot be, or if
     directories nest deeper than MAX_WALK_DEPTH, since what they hold goes uncounted."""
     try:
-        top = os.open(path, _WALK)
+        parent = os.open(path.parent, _WALK)
     except (FileNotFoundError, NotADirectoryError):
         return 0
+    top = _open_child(parent, path.name, close_parent=True)
+    if top is None:
+        return 0
     total = 0
-    stack = [(top, os.scandir(top))]
+    stack = [(top, _entries(top))]  # each level: its descriptor, its subdirectories' names
     try:
         while stack and total <= stop_after:
-            fd, entries = stack[-1]
-            entry = next(entries, None)
-            if entry is None:
+            fd, pending = stack[-1]
+            if not pending:
                 stack.pop()
-                entries.close()
                 os.close(fd)
                 continue
-            try:
-                st = entry.stat(follow_symlinks=False)
-            except FileNotFoundError:
-                continue
-            total += st.st_blocks * 512
-            if not stat.S_ISDIR(st.st_mode):
+            name, blocks = pending.pop()
+            total += blocks
+            if name is None:
                 continue
             if len(stack) >= MAX_WALK_DEPTH:
                 raise OSError(errno.ELOOP, f"directories nested over {MAX_WALK_DEPTH} deep")
-            child = _open_child(fd, entry.name)
+            child = _open_child(fd, name)
             if child is not None:
-                stack.append((child, os.scandir(child)))
+                try:
+                    stack.append((child, _entries(child)))
+                except BaseException:
+                    os.close(child)
+                    raise
     finally:
-        for fd, entries in stack:
-            entries.close()
+        for fd, _ in stack:
             os.close(fd)
     return total
 
 
-def _open_child(parent: int, name: str) -> int | None:
+def _entries(fd: int) -> list[tuple[str | None, int]]:
+    """The blocks each entry of directory *fd* takes, in bytes, with the names of those
+    that are directories (None for the rest); read whole, so the scan's own descriptor
+    is closed at once."""
+    out: list[tuple[str | None, int]] = []
+    with os.scandir(fd) as entries:
+        for entry in entries:
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except FileNotFoundError:  # gone meanwhile: counts nothing
+                continue
+            out.append((entry.name if stat.S_ISDIR(st.st_mode) else None, st.st_blocks * 512))
+    return out
+
+
+def _open_child(parent: int, name: str, *, close_parent: bool = False) -> int | None:
     """Directory *name* in *parent*, opened for reading without following a link; None
     when it is gone or no longer a directory (a symlink now counts as the link it is)."""
     try:
-        return os.open(name, _WALK, dir_fd=parent)
+        try:
+            return os.open(name, _WALK, dir_fd=parent)
+        except PermissionError:
+            pass  # made unreadable by the task: below
+        # Made readable again through a handle that cannot be a link: chmod by its path
+        # would follow one swapped in meanwhile (as root, to any directory on the host).
+        handle = os.open(
+            name, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent
+        )
+        try:
+            inode = f"/proc/self/fd/{handle}"  # the directory itself, whatever its name is now
+            os.chmod(inode, stat.S_IMODE(os.fstat(handle).st_mode) | stat.S_IRWXU)
+            return os.open(inode, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        finally:
+            os.close(handle)
     except (FileNotFoundError, NotADirectoryError):
         return None
-    except PermissionError:
-        pass  # made unreadable by the task: below
     except OSError as exc:
         if exc.errno == errno.ELOOP:  # a symlink: never followed
             return None
         raise
-    # Made readable again through a handle that cannot be a link: chmod by its path
-    # would follow one swapped in meanwhile (as root, to any directory on the host).
-    try:
-        handle = os.open(
-            name, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent
-        )
-    except (FileNotFoundError, NotADirectoryError):
-        return None
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            return None
-        raise
-    try:
-        inode = f"/proc/self/fd/{handle}"  # the directory itself, whatever its name is now
-        os.chmod(inode, stat.S_IMODE(os.fstat(handle).st_mode) | stat.S_IRWXU)
-        return os.open(inode, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     finally:
-        os.close(handle)
+        if close_parent:
+            os.close(parent)
 
 
 def new_root(tmp: Path) -> tuple[Path, int]:
