@@ -259,7 +259,15 @@ class HostileRuntime:
             while True:
                 os.write(2, b"s" * 65536)
 
-        _thread.start_new_thread(spam, ())
+        if order.get("c_only"):  # a thread that runs no Python frame: C code alone
+            import collections
+            import itertools
+
+            sleeps = map(time.sleep, [float(order.get("after", 0.0))])
+            writes = map(os.write, itertools.repeat(2), itertools.repeat(b"c" * 65536))
+            _thread.start_new_thread(collections.deque, (itertools.chain(sleeps, writes), 0))
+        else:
+            _thread.start_new_thread(spam, ())
         return "left a thread"
 
     def do_leave_child(self, order: dict[str, Any], workdir: Path, progress: Any) -> str:

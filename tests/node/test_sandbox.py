@@ -356,13 +356,16 @@ def test_huge_file_hits_the_file_size_limit(node: Node) -> None:
     node.inference_still_works()
 
 
-def test_a_raw_thread_left_behind_gets_a_fresh_worker(node: Node) -> None:
+@pytest.mark.parametrize("c_only", [False, True])
+def test_a_raw_thread_left_behind_gets_a_fresh_worker(node: Node, c_only: bool) -> None:
     """A thread started with _thread.start_new_thread, which threading.active_count does
-    not count, left running by a task: its worker is replaced all the same, and the next
-    task of the job is not blamed for what that thread prints."""
+    not count, left running by a task (one running only C code has no Python frame
+    either): its worker is replaced all the same, and the next task of the job is not
+    blamed for what that thread prints."""
     node.hostile({"do": "echo"})
     starts = len(node.executor.start_seconds)
-    assert node.hostile({"do": "raw_thread", "after": 0.3}) == b'"left a thread"'
+    order = {"do": "raw_thread", "after": 0.3, "c_only": c_only}
+    assert node.hostile(order) == b'"left a thread"'
     assert node.hostile({"do": "echo", "data": "next"}) == b"next"
     assert len(node.executor.start_seconds) == starts + 1
 

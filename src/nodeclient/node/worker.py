@@ -44,6 +44,7 @@ the worker answers and then exits; the daemon starts a fresh one for the next ta
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import fcntl
 import importlib
 import json
@@ -386,9 +387,31 @@ class Worker:
 
 
 def _python_threads() -> int:
-    """The threads running Python code, however started: ``threading.active_count``
-    misses those of ``_thread.start_new_thread``, which a task could leave running."""
-    return len(sys._current_frames())
+    """The threads the interpreter knows (its thread states), however started and whatever
+    they run: ``threading.active_count`` misses those of ``_thread.start_new_thread``, and
+    ``sys._current_frames`` one that runs only C code (a deque draining an iterator), either
+    of which a task could leave running. Native threads that never enter Python (a
+    runtime's thread pools) are not counted. Walked with the GIL held (ctypes.pythonapi):
+    a thread state is unlinked only under it."""
+    api = ctypes.pythonapi
+    count, state = 0, api.PyInterpreterState_ThreadHead(api.PyInterpreterState_Get())
+    while state:
+        count += 1
+        state = api.PyThreadState_Next(state)
+    return count
+
+
+def _declare_thread_api() -> None:
+    api = ctypes.pythonapi
+    api.PyInterpreterState_Get.restype = ctypes.c_void_p
+    api.PyInterpreterState_Get.argtypes = []
+    api.PyInterpreterState_ThreadHead.restype = ctypes.c_void_p
+    api.PyInterpreterState_ThreadHead.argtypes = [ctypes.c_void_p]
+    api.PyThreadState_Next.restype = ctypes.c_void_p
+    api.PyThreadState_Next.argtypes = [ctypes.c_void_p]
+
+
+_declare_thread_api()
 
 
 def _empty(directory: Path, *, keep: frozenset[str] = frozenset()) -> bool:
