@@ -1068,6 +1068,44 @@ def test_a_worker_that_prints_while_idle_is_killed(
     assert "left behind" in record.__dict__["printed"]
 
 
+def test_a_fresh_worker_starts_only_once_the_killed_one_has_exited(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker killed while idle stays in its slot until the next task starts one: the
+    start waits for the killed one to exit first, so no process of its last task still
+    runs when a fresh worker takes the slot's directories."""
+    ready = (
+        "import os, time\n"
+        "from nodeclient.node import worker\n"
+        "worker.write_frame(1, {'op': 'ready', 'pid': os.getpid(), 'classes': [], 'broken': {}})\n"
+        "time.sleep(60)\n"
+    )
+    slot = slots.Slot(
+        index=0, workdir=tmp_path, tmp_dir=None, argv=[sys.executable, "-c", ready],
+        env=dict(os.environ), mode="unsandboxed", max_output=1 << 16, max_result=1 << 20,
+        shared_bytes=0,
+    )  # fmt: skip
+    real_exec = asyncio.create_subprocess_exec
+    previous_at_spawn: list[int | None] = []
+
+    async def spawn(*args: Any, **kwargs: Any) -> Any:
+        if slot.proc is not None:
+            previous_at_spawn.append(slot.proc.returncode)
+        return await real_exec(*args, **kwargs)
+
+    monkeypatch.setattr(slots.asyncio, "create_subprocess_exec", spawn)
+
+    async def scenario() -> None:
+        await slot.start(timeout=30)
+        slot.kill("printed while idle: its last task left something running")
+        await slot.start(timeout=30)  # at once: the kill is not yet reaped
+        slot.kill("done")
+        await slot.reap(10)
+
+    asyncio.run(scenario())
+    assert len(previous_at_spawn) == 1 and previous_at_spawn[0] is not None
+
+
 def test_disk_used_holds_one_descriptor_per_level_and_leaks_none(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -129,7 +129,13 @@ class Slot:
         return self.proc is not None and self.proc.returncode is None and self.killed is None
 
     async def start(self, timeout: float) -> float:
-        """Start the worker and wait until its runtimes are built; seconds it took."""
+        """Start the worker and wait until its runtimes are built; seconds it took. A
+        previous worker still exiting (killed while idle) is waited for first: its task
+        processes must be gone before a fresh worker takes the slot's directories."""
+        if self.proc is not None and self.proc.returncode is None:
+            self.kill(self.killed or "replaced")
+            if await self.reap() is None:
+                raise WorkerGone(f"the slot's previous worker (pid {self.proc.pid}) did not exit")
         started = time.monotonic()
         self.killed, self.output, self.settling, self.in_flight = None, 0, False, False
         self.ready = False
