@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
@@ -377,3 +378,27 @@ def test_processes_left_behind_get_a_fresh_worker(node: Node) -> None:
     assert node.hostile({"do": "leave_child"}) == b'"left a child"'
     node.inference_still_works()
     assert len(node.executor.start_seconds) == starts + 1
+
+
+def test_a_machine_that_refuses_the_seccomp_filter_is_no_sandbox(tmp_path: Path) -> None:
+    """Where the filter cannot be installed (here: under a filter that refuses seccomp(2),
+    as some container profiles do), every worker would fail at start: the probe says so,
+    so the daemon does not offer sandboxed work it cannot run, and doctor fails it."""
+    script = (
+        "import errno, sys\n"
+        "from nodeclient.node import doctor, sandbox, seccomp as sc\n"
+        "assert sc.probe() is None\n"
+        "sc.install(sc._assemble([(sc._LD_ABS_W, 0, 0, sc._NR), (sc._JEQ, 0, 1, 317),\n"
+        "    (sc._RET, 0, 0, sc._ERRNO | errno.EPERM), (sc._RET, 0, 0, sc.ALLOW)]))\n"
+        "ok, why = sandbox.probe()\n"
+        "check = doctor.check_sandbox()\n"
+        "print(ok, why, check.level.name, check.summary, sep='|')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    ok, why, level, summary = done.stdout.strip().split("|")
+    assert ok == "False" and why.startswith(sandbox.SECCOMP_REFUSED)
+    assert "Operation not permitted" in why
+    assert level == "FAIL" and summary.startswith(sandbox.SECCOMP_REFUSED)

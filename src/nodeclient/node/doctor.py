@@ -137,6 +137,17 @@ def check_sandbox(
             " and, on Ubuntu 24.04+, `sysctl -w kernel.apparmor_restrict_unprivileged_userns=0`"
             "; in a container, run it with user namespaces allowed",
         )
+    from nodeclient.node import seccomp
+
+    refused = seccomp.probe(timeout)
+    if refused is not None:
+        return Check(
+            "sandbox",
+            bad,
+            f"{sandbox.SECCOMP_REFUSED}: {refused}" + note,
+            "run the node on a kernel with seccomp filters (CONFIG_SECCOMP_FILTER), outside "
+            "a container profile that forbids seccomp(2)",
+        )
     return Check("sandbox", Level.OK, f"bubblewrap works ({bwrap})")
 
 

@@ -405,6 +405,10 @@ PROC_COVERED: Final = (
 )
 
 
+SECCOMP_REFUSED: Final = (
+    "the sandbox's seccomp filter cannot be installed here (it needs a kernel with seccomp "
+    "filters, and no container profile that forbids seccomp(2))"
+)
 SCRATCH_FIX: Final = "free space there, or set TMPDIR to a directory with room"
 
 
@@ -463,6 +467,11 @@ def probe(bwrap: str | None = None, *, timeout: float = 10.0) -> tuple[bool, str
         if err and "Can't mount proc" in err[-1]:
             why += f"; {PROC_COVERED}"
         return False, why
+    from nodeclient.node import seccomp
+
+    refused = seccomp.probe(timeout)
+    if refused is not None:
+        return False, f"{SECCOMP_REFUSED}: {refused}"
     return True, found
 
 

@@ -28,6 +28,8 @@ import errno
 import os
 import platform
 import struct
+import subprocess
+import sys
 from typing import Final
 
 # <linux/filter.h>, <linux/seccomp.h>, <linux/audit.h>
@@ -133,8 +135,9 @@ class _SockFprog(ctypes.Structure):
     _fields_ = (("len", ctypes.c_ushort), ("filter", ctypes.c_void_p))
 
 
-def install() -> None:
-    """Install the filter in this process, all its threads and its future children.
+def install(code: bytes | None = None) -> None:
+    """Install the filter (or the program *code*) in this process, all its threads and
+    its future children.
 
     Raises OSError when the kernel refuses it (no seccomp, an unknown flag): the worker
     then does not start, rather than run tasks with the gaps open.
@@ -144,7 +147,7 @@ def install() -> None:
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:  # set by bubblewrap already
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS) failed")
-    code = program()
+    code = program() if code is None else code
     buffer = ctypes.create_string_buffer(code, len(code))
     fprog = _SockFprog(len(code) // 8, ctypes.addressof(buffer))
     libc.syscall.restype = ctypes.c_long
@@ -155,3 +158,21 @@ def install() -> None:
     if done != 0:  # > 0: a thread that could not take it (TSYNC); < 0: errno
         err = ctypes.get_errno() if done < 0 else errno.EBUSY
         raise OSError(err, f"seccomp filter not installed: {os.strerror(err)}")
+
+
+def probe(timeout: float = 10.0) -> str | None:
+    """Whether the filter installs on this machine, tried in a child process: None if it
+    does, else why not (a kernel without seccomp filters, a container profile that
+    forbids seccomp(2)). Every sandboxed worker installs it, and one that cannot never
+    starts, so the daemon asks before it offers sandboxed work."""
+    code = "from nodeclient.node import seccomp; seccomp.install()"
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, timeout=timeout, check=False
+        )
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"the seccomp check could not run: {exc}"
+    if done.returncode == 0:
+        return None
+    lines = done.stderr.decode("utf-8", "replace").strip().splitlines()
+    return lines[-1] if lines else f"the seccomp check exited with {done.returncode}"
