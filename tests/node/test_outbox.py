@@ -9,6 +9,7 @@ import os
 import re
 import sqlite3
 import stat
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -853,6 +854,33 @@ class FailingCommit:
 
     def __getattr__(self, name: str) -> object:
         return getattr(self.db, name)
+
+
+class CommitThenFail(FailingCommit):
+    """The outbox's connection, whose COMMIT reaches the disk and then reports an I/O
+    error (a failed fsync whose data made it after all)."""
+
+    def execute(self, sql: str, *args: object) -> sqlite3.Cursor:
+        if sql == "COMMIT":
+            self.db.execute(sql, *args)
+            raise self.error
+        return self.db.execute(sql, *args)
+
+
+def test_a_commit_that_reached_the_disk_despite_its_error_is_counted(tmp_path) -> None:
+    """CommitUncertain after a COMMIT that did land: the result is in the backlog (sent
+    at the next reconnect, not only after a restart), and its acknowledgement brings the
+    backlog to 0, not -1."""
+    box = Outbox(tmp_path / "o.db")
+    real = box._db
+    box._db = CommitThenFail(real, sqlite_error("disk I/O error", SQLITE_IOERR_FSYNC))
+    task_id = uuid.uuid4()
+    with pytest.raises(CommitUncertain):
+        commit(box, task_id, b"landed")
+    box._db = real
+    assert box.backlog() == 1 and [e.task_id for e in box.pending()] == [task_id]
+    box.mark_acked(task_id, status="accepted", reason="", at=time.time())
+    assert box.backlog() == 0 and box.counts()["completed"] == 1
 
 
 def sqlite_error(message: str, code: int) -> sqlite3.OperationalError:

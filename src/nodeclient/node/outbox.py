@@ -180,14 +180,9 @@ class Outbox:
             if version < FORMAT_VERSION:
                 self._db.execute(f"PRAGMA user_version = {FORMAT_VERSION}")
             self._remove_orphans(created=tables == 0)
-            self._counts = self._count_all()
-            # unacknowledged entries per coordinator (None: recorded before ids were)
-            self._waiting: dict[str | None, int] = dict(
-                self._db.execute(
-                    "SELECT coordinator_id, COUNT(*) FROM outbox WHERE acked_at IS NULL "
-                    "GROUP BY coordinator_id"
-                ).fetchall()
-            )
+            self._counts: dict[str, int] = {}
+            self._waiting: dict[str | None, int] = {}
+            self._recount()
             self._tally = dict.fromkeys(TALLIES, 0)
             self._tally.update(self._db.execute("SELECT name, count FROM outbox_tally"))
             self._unreadable: dict[str, int] = {}  # task_id -> failed reads in pending()
@@ -322,6 +317,8 @@ class Outbox:
                     final.unlink()
             if certain or not isinstance(exc, (OSError, sqlite3.Error)):
                 raise
+            with contextlib.suppress(OSError, sqlite3.Error):  # as the database has it now
+                self._recount()
             raise CommitUncertain(
                 errno.EIO, f"the result's commit may or may not be on disk: {exc}"
             ) from exc
@@ -766,6 +763,18 @@ class Outbox:
                     "delete them once it has no unacknowledged results",
                 },
             )
+
+    def _recount(self) -> None:
+        """The in-memory totals, read from the database: at open, and after a commit
+        that may or may not have reached it (CommitUncertain)."""
+        self._counts = self._count_all()
+        # unacknowledged entries per coordinator (None: recorded before ids were)
+        self._waiting = dict(
+            self._db.execute(
+                "SELECT coordinator_id, COUNT(*) FROM outbox WHERE acked_at IS NULL "
+                "GROUP BY coordinator_id"
+            ).fetchall()
+        )
 
     def _count_all(self) -> dict[str, int]:
         out = {"completed": 0, "failed": 0, "rejected": 0, "unacknowledged": 0}
