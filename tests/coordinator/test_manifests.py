@@ -8,9 +8,9 @@ import copy
 from typing import Any
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, update
 
-from nodeclient.coordinator import audit, store
+from nodeclient.coordinator import audit, cli, store
 from nodeclient.coordinator import models as m
 from nodeclient.coordinator.config import SybilPolicy
 from nodeclient.coordinator.registry import MANIFEST_GRACE_S
@@ -98,7 +98,9 @@ def _lie(running: Running, rsa_keys, how: str) -> audit.JobReport:
     mine = task["manifest_hash"]
     others = running.client.node(other.node_id)["manifest_hash"]
     fetch = running.client.manifest
-    if how == "none":  # a coordinator that names no manifest
+    if how == "malformed":
+        task["manifest_hash"] = "../jobs"
+    elif how == "none":  # a coordinator that names no manifest
         task["manifest_hash"] = None
     elif how == "another node's":  # names a genuine manifest, of another node
         task["manifest_hash"] = others
@@ -121,7 +123,7 @@ def _lie(running: Running, rsa_keys, how: str) -> audit.JobReport:
 @pytest.mark.parametrize(
     ("how", "says"),
     [
-        ("none", "no manifest of its node is published"),
+        ("malformed", "malformed manifest_hash"),
         ("another node's", "the manifest is node"),
         ("served another", "the manifest served hashes to"),
         ("tampered", "the node's manifest does not verify: hardware_tier"),
@@ -230,3 +232,43 @@ def test_the_sweep_looks_names_up_by_index(db) -> None:
         plan = [row[-1] for row in conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {sql}")]
     scans = [step for step in plan if step.startswith("SCAN") and "node_manifests" not in step]
     assert scans == [], plan
+
+
+@pytest.mark.parametrize("how", ["null", "absent"])
+def test_a_task_without_a_published_manifest_is_verified_all_but_that(
+    running: Running, rsa_keys, how: str
+) -> None:
+    """A coordinator before schema version 4 names no manifest (no manifest_hash, or null
+    for a task leased before it): the rest verifies, and the verdict says what could not
+    be checked (exit 3), never "verified" (exit 0) nor a failure (exit 1)."""
+    node = make_node(rsa_keys, 0)
+    running.register(node)
+    running.link(node)
+    job = copy.deepcopy(_run_job(running, node))
+    if how == "null":
+        job["tasks"][0]["manifest_hash"] = None
+    else:
+        del job["tasks"][0]["manifest_hash"]
+    report = _audit(running, job)
+    (line,) = report.tasks
+    assert line.ok is True and line.manifest_checked is False
+    assert "manifest is not published" in line.detail
+    assert not report.ok and report.result_ok is True
+    assert report.verdict == "tasks and result verified; their nodes' manifests are not published"
+
+
+def test_verify_exits_3_when_the_manifests_are_not_published(
+    running: Running, rsa_keys, capsys
+) -> None:
+    """`verify` against tasks that name no manifest (leased before schema version 4):
+    exit 3, all that could be checked verified, and the line says what was not."""
+    node = make_node(rsa_keys, 0)
+    running.register(node)
+    running.link(node)
+    job = _run_job(running, node)
+    running.coord.db.run_sync(lambda s: s.execute(update(m.Task).values(manifest_hash=None)))
+    argv = ["verify", job["job_id"], "--coordinator", running.url]
+    assert cli.main(argv) == 3
+    out = capsys.readouterr().out
+    assert "their nodes' manifests are not published" in out
+    assert "manifest is not published" in out

@@ -180,6 +180,9 @@ class TaskLine:
     ok: bool | None  # None: the task has no result to check
     detail: str
     proof: str | None = None
+    # False: its result verified, but the coordinator publishes no manifest for it (one
+    # before schema version 4): what its node claimed could not be checked.
+    manifest_checked: bool = True
 
 
 @dataclass
@@ -196,14 +199,19 @@ class JobReport:
     @property
     def ok(self) -> bool:
         """Every task with a result verified, and the job's result derived from them."""
-        return all(t.ok is not False for t in self.tasks) and self.result_ok is True
+        return (
+            all(t.ok is not False and t.manifest_checked for t in self.tasks)
+            and self.result_ok is True
+        )
 
     @property
     def verdict(self) -> str:
         if self.ok:
             return "verified"
-        if self.result_ok is None and all(t.ok is not False for t in self.tasks):
-            return "tasks verified; the result only by its hash"
+        if self.result_ok is not False and all(t.ok is not False for t in self.tasks):
+            if self.result_ok is None:
+                return "tasks verified; the result only by its hash"
+            return "tasks and result verified; their nodes' manifests are not published"
         return "NOT VERIFIED"
 
     def as_json(self) -> dict[str, Any]:
@@ -271,6 +279,10 @@ def audit_job(
     return report
 
 
+class _Unpublished(Exception):
+    """The coordinator names no manifest for the task: nothing to check it against."""
+
+
 @dataclass
 class _Claims:
     """What a job's tasks are checked against: the job's class and minimum tier, and the
@@ -282,11 +294,10 @@ class _Claims:
 
     def check(self, task: Mapping[str, Any]) -> None:
         tid, digest = task.get("task_id"), task.get("manifest_hash")
+        if digest is None:  # a coordinator before schema 4, or a task leased before it
+            raise _Unpublished
         if not isinstance(digest, str) or not SHA256_HEX.fullmatch(digest):
-            raise AuditError(
-                f"task {tid}: no manifest of its node is published (manifest_hash "
-                f"{digest!r}; a task leased before coordinator schema 4 names none)"
-            )
+            raise AuditError(f"task {tid}: malformed manifest_hash {digest!r}")
         min_tier = self.job.get("min_tier")
         if not isinstance(min_tier, int) or isinstance(min_tier, bool):
             raise AuditError(f"the job's min_tier {min_tier!r} is not an integer")
@@ -344,6 +355,13 @@ def _audit_task(  # noqa: PLR0911 (one early answer per check)
         return line, None
     try:
         claims.check(task)
+    except _Unpublished:
+        line.ok, line.manifest_checked = True, False
+        line.detail = (
+            "proof and signature verified; its node's manifest is not published (a task "
+            "leased by a coordinator before schema version 4), so not checked"
+        )
+        return line, data
     except AuditError as exc:
         line.ok, line.detail = False, str(exc)
         return line, None

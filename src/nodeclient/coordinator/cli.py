@@ -430,7 +430,9 @@ def _read_payload(path: Path) -> bytes:
 
 def _verify(client: CoordinatorClient, args: argparse.Namespace) -> int:
     """nodeclient-coordinator verify: 0 when everything verifies, 1 when anything does not,
-    3 when the tasks verify but the job's result could be checked only by its hash."""
+    3 when all that could be checked verifies, but not everything could be: the job's
+    result only by its hash, or its nodes' manifests, which the coordinator does not
+    publish."""
     payload = None if args.payload is None else _read_payload(args.payload)
     job = client.job(args.job_id)
     report = audit.audit_job(
@@ -442,7 +444,7 @@ def _verify(client: CoordinatorClient, args: argparse.Namespace) -> int:
         payload=payload,
         chain_id=args.chain_id,
     )
-    code = 0 if report.ok else (3 if report.verdict.startswith("tasks verified") else 1)
+    code = 0 if report.ok else (1 if report.verdict == "NOT VERIFIED" else 3)
     if args.json:
         print(json.dumps(report.as_json(), indent=2))
         return code
