@@ -55,13 +55,10 @@ class ManualClock:
 
 
 class PeerClock:
-    """Another machine's wall clock as this one reads it: the local clock plus the offset
-    last seen between them (:meth:`saw`, with a time that machine just sent).
-
-    A node compares the coordinator's lease ends with this, not with its own clock, so a
-    clock on either side that is off, or stepped while linked, neither cuts a lease short
-    nor makes a node refuse every dispatch as already expired.
-    """
+    """Another machine's wall clock as this one reads it: the offset between the two last
+    seen (:meth:`saw`, with a time that machine just sent). A node reads the lease ends of
+    a coordinator that sends no dispatch ``sent_at`` with it, from its heartbeat
+    acknowledgements' ``server_time``, rather than with its own clock."""
 
     def __init__(self, local: Clock) -> None:
         self._local = local
@@ -70,9 +67,6 @@ class PeerClock:
     def saw(self, peer_now: float) -> None:
         """The peer's clock read *peer_now* just now."""
         self.offset = peer_now - self._local.now()
-
-    def now(self) -> float:
-        return self._local.now() + self.offset
 
 
 class OffsetFileClock:

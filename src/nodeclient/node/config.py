@@ -19,12 +19,14 @@ from nodeclient.errors import SignatureError, UsageError
 from nodeclient.node import securefile
 from nodeclient.protocol.eip712 import DEVNET_CHAIN_ID
 from nodeclient.protocol.manifest import REGIONS
+from nodeclient.protocol.messages import HEARTBEAT_INTERVAL_MAX, HEARTBEAT_INTERVAL_MIN
 from nodeclient.protocol.secp import parse_address, to_checksum_address
 
 CONFIG_FILE: Final = "config.toml"
 MAX_CONFIG_BYTES: Final = 64 * 1024
-HEARTBEAT_MIN_S: Final = 0.05
-HEARTBEAT_MAX_S: Final = 300.0
+# What a node accepts in a challenge, so what it may ask for itself.
+HEARTBEAT_MIN_S: Final = HEARTBEAT_INTERVAL_MIN
+HEARTBEAT_MAX_S: Final = HEARTBEAT_INTERVAL_MAX
 
 # The TOML type each key must have, checked before any value is used: a hand-edited
 # `coordinator = 5` is a one-line UsageError, never an AttributeError. bool is refused

@@ -226,14 +226,11 @@ def check_disk(
     home: Path, *, warn_below: int = DISK_WARN_BYTES, fail_below: int = DISK_FAIL_BYTES
 ) -> Check:
     """The model cache lives in the home: WARN under 5 GiB free, FAIL under 1 GiB."""
-    free = shutil.disk_usage(home).free
-    summary = f"{free / _GIB:.1f} GiB free for the model cache in {home}"
-    fix = f"free space on the file system of {home}, or move the node home (--home)"
-    if free < fail_below:
-        return Check("disk", Level.FAIL, summary, fix)
-    if free < warn_below:
-        return Check("disk", Level.WARN, summary, fix)
-    return Check("disk", Level.OK, summary)
+    return _room(
+        "disk", home, f"for the model cache in {home}",
+        f"free space on the file system of {home}, or move the node home (--home)",
+        warn_below=warn_below, fail_below=fail_below,
+    )  # fmt: skip
 
 
 def check_scratch(*, warn_below: int = DISK_WARN_BYTES, fail_below: int = DISK_FAIL_BYTES) -> Check:
@@ -243,14 +240,24 @@ def check_scratch(*, warn_below: int = DISK_WARN_BYTES, fail_below: int = DISK_F
         tmp = sandbox.scratch_root()
     except sandbox.NoScratchSpace as exc:
         return Check("workdir", Level.FAIL, str(exc), sandbox.SCRATCH_FIX)
-    free = shutil.disk_usage(tmp).free
-    summary = f"{free / _GIB:.1f} GiB free for task work directories in {tmp}"
-    fix = f"free space on the file system of {tmp}, or set TMPDIR to a directory with room"
+    return _room(
+        "workdir", tmp, f"for task work directories in {tmp}",
+        f"free space on the file system of {tmp}, or set TMPDIR to a directory with room",
+        warn_below=warn_below, fail_below=fail_below,
+    )  # fmt: skip
+
+
+def _room(
+    name: str, where: Path, what: str, fix: str, *, warn_below: int, fail_below: int
+) -> Check:
+    """Check *name*: the space free on *where*'s file system."""
+    free = shutil.disk_usage(where).free
+    summary = f"{free / _GIB:.1f} GiB free {what}"
     if free < fail_below:
-        return Check("workdir", Level.FAIL, summary, fix)
+        return Check(name, Level.FAIL, summary, fix)
     if free < warn_below:
-        return Check("workdir", Level.WARN, summary, fix)
-    return Check("workdir", Level.OK, summary)
+        return Check(name, Level.WARN, summary, fix)
+    return Check(name, Level.OK, summary)
 
 
 def server_time(headers: Mapping[str, str], body: Any) -> float | None:
