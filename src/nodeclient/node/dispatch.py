@@ -359,8 +359,9 @@ class TaskDispatcher(ResultDelivery):
             )
             return
         except CommitUncertain as exc:  # a failing disk: the result may be stored after all
-            # A reject now could contradict the signed result a restart would find and
-            # send: say nothing, and let the lease run out if it is not.
+            # A reject now could contradict the signed result, which the backlog then
+            # holds and sends at the next reconnect: say nothing, and let the lease run
+            # out if it is not there.
             log.error("outbox.commit_uncertain", extra={"error": str(exc)})
             self._task_ended(task, "failed")
             return
