@@ -89,6 +89,7 @@ def test_unit_hardening_directives(tmp_path: Path, capsys) -> None:
     assert one["PrivateTmp"] == "yes" and one["Restart"] == "on-failure"
     # 78 (a refused registration, a damaged outbox) would fail again: no restart
     assert one["RestartPreventExitStatus"] == "78"
+    assert one["LimitNOFILE"] == "65536"  # slots' pipes and disk walks: not systemd's 1024
     assert one["KillSignal"] == "SIGTERM" and one["KillMode"] == "mixed"
     assert int(one["TimeoutStopSec"]) > 70  # the daemon drains 60 s of tasks + 10 s of outbox
     assert one["DevicePolicy"] == "closed"

@@ -204,6 +204,8 @@ def render_unit(opts: UnitOptions) -> str:
         "# registration, a damaged outbox) would not go better: it waits for the operator.",
         "Restart=on-failure",
         "RestartSec=10",
+        "# Descriptors: each slot's worker pipes, and its disk watcher's walk (up to 64).",
+        "LimitNOFILE=65536",
         f"RestartPreventExitStatus={' '.join(map(str, NO_RESTART_STATUSES))}",
         "# Hardening. No RestrictNamespaces=/PrivateUsers=: the bubblewrap sandbox needs them.",
         "NoNewPrivileges=yes",
