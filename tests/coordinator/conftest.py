@@ -27,7 +27,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
 
 from nodeclient.clock import ManualClock
-from nodeclient.coordinator import models
+from nodeclient.coordinator import audit, models
 from nodeclient.coordinator.app import create_app
 from nodeclient.coordinator.client import CoordinatorClient
 from nodeclient.coordinator.config import CoordinatorConfig, SybilPolicy
@@ -294,6 +294,31 @@ def inference_result(payload: bytes, values: list[float]) -> bytes:
     req = inference.InferenceRequest.decode(payload)
     return inference.encode_result(
         {"y": np.asarray(values, dtype=np.float32)}, model_sha256=req.model_sha256
+    )
+
+
+def run_inference_job(
+    running: Running, node: SimNode, values: list[float], **kw: Any
+) -> dict[str, Any]:
+    """An ai.inference job over *values* run by *node* (registered and linked), as the
+    jobs API shows it once it succeeded."""
+    payload = inference_payload(values)
+    job = running.client.submit_job("ai.inference", payload, **kw)
+    dispatch = node.recv()
+    ack = node.call(node.result(dispatch, inference_result(payload, values)))
+    assert ack["status"] == "accepted", ack
+    done = running.wait_job(job["job_id"], "succeeded")
+    assert done["status"] == "succeeded"
+    return done
+
+
+def audit_job(running: Running, job: dict[str, Any], **kw: Any) -> audit.JobReport:
+    """`verify` of *job* against *running*: its results, its manifests (unless *kw*
+    gives another ``fetch_manifest``) and its job result, as the coordinator serves them."""
+    client = running.client
+    kw.setdefault("fetch_manifest", client.manifest)
+    return audit.audit_job(
+        job, client.task_result, lambda: client.raw_job_result(job["job_id"]), **kw
     )
 
 

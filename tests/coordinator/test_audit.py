@@ -20,9 +20,10 @@ from nodeclient.protocol.secp import Secp256k1Key
 from nodeclient.workloads import render, render_slices
 from tests.coordinator.conftest import (
     Running,
+    audit_job,
     inference_payload,
-    inference_result,
     make_node,
+    run_inference_job,
 )
 from tests.coordinator.test_render_jobs import SCENE, H, W, _complete, _render_node
 
@@ -38,27 +39,12 @@ def _inference_job(running: Running, rsa_keys) -> dict[str, Any]:
     node = make_node(rsa_keys, 0)
     running.register(node)
     running.link(node)
-    payload = inference_payload(VALUES)
-    job = running.client.submit_job("ai.inference", payload)
-    dispatch = node.recv()
-    ack = node.call(node.result(dispatch, inference_result(payload, VALUES)))
-    assert ack["status"] == "accepted"
-    done = running.wait_job(job["job_id"], "succeeded")
-    assert done["status"] == "succeeded"
-    return done
-
-
-def _audit(running: Running, job: dict[str, Any], **kw: Any) -> audit.JobReport:
-    client = running.client
-    return audit.audit_job(
-        job, client.task_result, lambda: client.raw_job_result(job["job_id"]),
-        fetch_manifest=client.manifest, **kw,
-    )  # fmt: skip
+    return run_inference_job(running, node, VALUES)
 
 
 def test_a_real_inference_job_verifies(running: Running, rsa_keys) -> None:
     job = _inference_job(running, rsa_keys)
-    report = _audit(running, job, chain_id=eip712.DEVNET_CHAIN_ID)
+    report = audit_job(running, job, chain_id=eip712.DEVNET_CHAIN_ID)
     assert report.ok, report.as_json()
     (task,) = report.tasks
     assert task.ok and task.detail == "proof, signature and its node's manifest verified"
@@ -120,16 +106,16 @@ def test_with_the_payload_an_inference_result_must_name_its_model(
     running: Running, rsa_keys
 ) -> None:
     job = _inference_job(running, rsa_keys)
-    report = _audit(running, job, payload=inference_payload(VALUES))
+    report = audit_job(running, job, payload=inference_payload(VALUES))
     assert report.ok and report.result.endswith(", from your model")
     other = inference_payload([1.0, 2.0, 3.0])  # another model (its input shape differs)
-    report = _audit(running, job, payload=other)
+    report = audit_job(running, job, payload=other)
     assert not report.ok and "model" in report.result
 
 
 def test_a_wrong_chain_is_caught(running: Running, rsa_keys) -> None:
     job = _inference_job(running, rsa_keys)
-    report = _audit(running, job, chain_id=1)
+    report = audit_job(running, job, chain_id=1)
     assert not report.ok
     assert "chainId" in report.tasks[0].detail
 
@@ -143,15 +129,15 @@ def test_a_render_job_is_assembled_again_from_its_verified_slices(
     for _ in range(2):
         _complete(node, node.recv())
     done = running.wait_job(job["job_id"], "succeeded")
-    report = _audit(running, done, payload=payload)
+    report = audit_job(running, done, payload=payload)
     assert report.ok, report.as_json()
     assert report.result == "equal to its 2 verified slices assembled in order"
     assert [t.ok for t in report.tasks] == [True, True]
-    without = _audit(running, done)  # no payload: the hash only, and it says so
+    without = audit_job(running, done)  # no payload: the hash only, and it says so
     assert not without.ok and without.result_ok is None and "give --payload" in without.result
     assert without.verdict == "tasks verified; the result only by its hash"
     other = render.make_request(SCENE, frames=(2, 6), width=W, height=H, samples=4).encode()
-    wrong = _audit(running, done, payload=other)
+    wrong = audit_job(running, done, payload=other)
     assert not wrong.ok and wrong.result_ok is False
     # A coordinator that had another scene rendered, and published the frames as the
     # requester's scene's: each slice's own signed header names the scene it rendered.
@@ -172,9 +158,9 @@ def test_another_genuine_job_in_the_answer_is_caught(running: Running, rsa_keys)
     genuine: the answer is not the job asked for."""
     job = _inference_job(running, rsa_keys)
     asked = "11111111-2222-3333-4444-555555555555"
-    report = _audit(running, job, job_id=asked)
+    report = audit_job(running, job, job_id=asked)
     assert not report.ok and f"not {asked}" in report.result
-    assert _audit(running, job, job_id=job["job_id"].upper()).ok  # the same id, any case
+    assert audit_job(running, job, job_id=job["job_id"].upper()).ok  # the same id, any case
 
 
 @pytest.mark.parametrize("how", ["relabelled", "made up", "no tasks", "failed"])
@@ -216,13 +202,13 @@ def test_malformed_answers_are_failures_not_tracebacks(running: Running, rsa_key
     job["tasks"][0]["slice_index"] = "x"
     job["tasks"].append({"task_id": "t"})
     job["tasks"].append({**real["tasks"][0], "round": math.inf})  # JSON Infinity
-    report = _audit(running, job)
+    report = audit_job(running, job)
     assert not report.ok
     assert [t.ok for t in report.tasks] == [False, False, False]
     assert all("malformed task" in t.detail for t in report.tasks)
     bad_id = copy.deepcopy(real)
     bad_id["job_id"] = "not-a-uuid"
-    assert not _audit(running, bad_id).ok
+    assert not audit_job(running, bad_id).ok
 
 
 def test_verify_command_exit_status_and_output(running: Running, rsa_keys, capsys) -> None:

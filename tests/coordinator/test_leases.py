@@ -90,6 +90,11 @@ class SteppedClock(ManualClock):
     def monotonic(self) -> float:
         return self.mono
 
+    def elapse(self, seconds: float) -> None:
+        """Time passes: both clocks move (advance alone is a step of the wall clock)."""
+        self.advance(seconds)
+        self.mono += seconds
+
 
 def test_a_wall_clock_step_marks_no_node_offline(start_coordinator, rsa_keys) -> None:
     """The coordinator's wall clock jumps 6 days forward between two heartbeats: silence is
@@ -116,6 +121,23 @@ def _no_frame(node: SimNode, seconds: float = 0.3) -> None:
         node.ws.recv(timeout=seconds)
 
 
+def _lease_ended(node: SimNode, dispatch: dict[str, Any]) -> None:
+    """The next frame *node* gets is the cancel of *dispatch*'s lease, at its end."""
+    cancel = {"type": "cancel", "task_id": dispatch["task_id"], "reason": "lease ended"}
+    assert node.recv() == cancel
+
+
+def _linked_on(
+    clock: SteppedClock, start_coordinator: Any, rsa_keys: Any
+) -> tuple[Running, SimNode]:
+    """A coordinator on *clock*, with one node registered and linked."""
+    running = start_coordinator(clock=clock, heartbeat_interval=1000.0)
+    node = make_node(rsa_keys, 0)
+    running.register(node)
+    running.link(node)
+    return running, node
+
+
 def test_a_wall_clock_stepped_forward_expires_no_lease(
     start_coordinator, rsa_keys, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -124,10 +146,7 @@ def test_a_wall_clock_stepped_forward_expires_no_lease(
     once (before: cancelled, an attempt spent and counted against the node); its result
     is accepted, and a lease made after the step ends 300 s after it began."""
     clock = SteppedClock()
-    running = start_coordinator(clock=clock, heartbeat_interval=1000.0)
-    node = make_node(rsa_keys, 0)
-    running.register(node)
-    running.link(node)
+    running, node = _linked_on(clock, start_coordinator, rsa_keys)
     payload = inference_payload(VALUES)
     job = running.client.submit_job("ai.inference", payload)
     dispatch = node.recv()
@@ -148,37 +167,23 @@ def test_a_wall_clock_stepped_forward_expires_no_lease(
     job = running.client.submit_job("ai.inference", payload)
     dispatch = node.recv()
     assert dispatch["sent_at"] == now and dispatch["lease_expires_at"] == int(now) + 300
-    clock.advance(299)
-    clock.mono += 299
+    clock.elapse(299)
     _no_frame(node)
-    clock.advance(2)
-    clock.mono += 2
-    assert node.recv() == {
-        "type": "cancel",
-        "task_id": dispatch["task_id"],
-        "reason": "lease ended",
-    }
+    clock.elapse(2)
+    _lease_ended(node, dispatch)
 
 
 def test_a_wall_clock_stepped_back_holds_no_lease_longer(start_coordinator, rsa_keys) -> None:
     """The wall clock goes back an hour while a task is leased: its lease still ends
     when its 300 s have passed, not an hour later."""
     clock = SteppedClock()
-    running = start_coordinator(clock=clock, heartbeat_interval=1000.0)
-    node = make_node(rsa_keys, 0)
-    running.register(node)
-    running.link(node)
+    running, node = _linked_on(clock, start_coordinator, rsa_keys)
     running.client.submit_job("ai.inference", inference_payload(VALUES))
     dispatch = node.recv()
     clock.advance(-3600)
     _no_frame(node)
-    clock.advance(301)
-    clock.mono += 301
-    assert node.recv() == {
-        "type": "cancel",
-        "task_id": dispatch["task_id"],
-        "reason": "lease ended",
-    }
+    clock.elapse(301)
+    _lease_ended(node, dispatch)
 
 
 def test_a_lease_moved_by_a_step_stays_moved_after_a_restart(tmp_path: Path, rsa_keys) -> None:
@@ -201,12 +206,10 @@ def test_a_lease_moved_by_a_step_stays_moved_after_a_restart(tmp_path: Path, rsa
             time.sleep(0.02)
     finally:
         stop(first, server, thread)
-    clock.advance(4)
-    clock.mono += 4
+    clock.elapse(4)
     again, server2, thread2 = start(config_for(data_dir=tmp_path, heartbeat_interval=1000.0), clock)
     try:
-        clock.advance(100)
-        clock.mono += 100
+        clock.elapse(100)
         time.sleep(0.3)  # the scheduler's rounds run
         task = again.client.job(job["job_id"])["tasks"][0]
         assert (task["status"], task["lease_deadline"]) == ("leased", START + 86400 + 300)

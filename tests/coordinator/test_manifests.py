@@ -5,7 +5,6 @@ checkable after the node moved on to another manifest (coordinator/audit.py)."""
 from __future__ import annotations
 
 import copy
-from typing import Any
 
 import pytest
 from sqlalchemy import select, update
@@ -19,10 +18,11 @@ from nodeclient.protocol import manifest
 from tests.coordinator.conftest import (
     CHAIN,
     Running,
-    SimNode,
+    audit_job,
     inference_payload,
     inference_result,
     make_node,
+    run_inference_job,
 )
 
 VALUES = [1.0, 2.0]
@@ -33,27 +33,6 @@ def running(start_coordinator) -> Running:
     return start_coordinator(heartbeat_interval=1000.0, sybil=SybilPolicy(max_nodes_per_wallet=8))
 
 
-def _run_job(running: Running, node: SimNode, **kw: Any) -> dict[str, Any]:
-    """A job run by *node* (registered and linked), once it succeeded."""
-    payload = inference_payload(VALUES)
-    job = running.client.submit_job("ai.inference", payload, **kw)
-    dispatch = node.recv()
-    assert node.call(node.result(dispatch, inference_result(payload, VALUES)))["status"] == (
-        "accepted"
-    )
-    done = running.wait_job(job["job_id"], "succeeded")
-    assert done["status"] == "succeeded"
-    return done
-
-
-def _audit(running: Running, job: dict[str, Any], **kw: Any) -> audit.JobReport:
-    client = running.client
-    kw.setdefault("fetch_manifest", client.manifest)
-    return audit.audit_job(
-        job, client.task_result, lambda: client.raw_job_result(job["job_id"]), **kw
-    )
-
-
 def test_a_task_names_its_nodes_manifest_of_the_day_which_stays_published(
     running: Running, rsa_keys
 ) -> None:
@@ -61,7 +40,7 @@ def test_a_task_names_its_nodes_manifest_of_the_day_which_stays_published(
     running.register(node)
     running.link(node)
     first = running.client.node(node.node_id)["manifest_hash"]
-    job = _run_job(running, node)
+    job = run_inference_job(running, node, VALUES)
     (task,) = job["tasks"]
     assert task["manifest_hash"] == first
     served = running.client.manifest(first)
@@ -76,7 +55,7 @@ def test_a_task_names_its_nodes_manifest_of_the_day_which_stays_published(
     assert running.client.manifest(second)["client_version"] == "0.1.1"
     assert running.client.job(job["job_id"])["tasks"][0]["manifest_hash"] == first
     assert running.client.manifest(first) == served
-    report = _audit(running, job, chain_id=CHAIN)
+    report = audit_job(running, job, chain_id=CHAIN)
     assert report.ok, report.as_json()
     assert report.tasks[0].detail == "proof, signature and its node's manifest verified"
 
@@ -93,7 +72,7 @@ def _lie(running: Running, rsa_keys, how: str) -> audit.JobReport:
     for n in (node, other):
         running.register(n)
     running.link(node)
-    job = copy.deepcopy(_run_job(running, node))
+    job = copy.deepcopy(run_inference_job(running, node, VALUES))
     task = job["tasks"][0]
     mine = task["manifest_hash"]
     others = running.client.node(other.node_id)["manifest_hash"]
@@ -117,7 +96,7 @@ def _lie(running: Running, rsa_keys, how: str) -> audit.JobReport:
         fetch = lambda h: running.client.manifest("0" * 64)  # noqa: E731
     elif how == "not an object":
         fetch = lambda _h: ["a", "list"]  # noqa: E731
-    return _audit(running, job, fetch_manifest=fetch)
+    return audit_job(running, job, fetch_manifest=fetch)
 
 
 @pytest.mark.parametrize(
@@ -165,7 +144,7 @@ def test_a_late_result_of_an_earlier_lease_names_that_nodes_manifest(
     done = running.wait_job(job["job_id"], "succeeded")
     (task,) = done["tasks"]
     assert (task["node_id"], task["manifest_hash"]) == (first.node_id, mine)
-    report = _audit(running, done)
+    report = audit_job(running, done)
     assert report.ok, report.as_json()
 
 
@@ -173,7 +152,7 @@ def test_manifests_nothing_names_are_forgotten_after_the_grace(running: Running,
     node = make_node(rsa_keys, 0)
     running.register(node)
     running.link(node)
-    job = _run_job(running, node)
+    job = run_inference_job(running, node, VALUES)
     named = job["tasks"][0]["manifest_hash"]
     running.clock.advance(60)
     running.register(node, client_version="0.1.1")  # current; a task names the first
@@ -244,12 +223,12 @@ def test_a_task_without_a_published_manifest_is_verified_all_but_that(
     node = make_node(rsa_keys, 0)
     running.register(node)
     running.link(node)
-    job = copy.deepcopy(_run_job(running, node))
+    job = copy.deepcopy(run_inference_job(running, node, VALUES))
     if how == "null":
         job["tasks"][0]["manifest_hash"] = None
     else:
         del job["tasks"][0]["manifest_hash"]
-    report = _audit(running, job)
+    report = audit_job(running, job)
     (line,) = report.tasks
     assert line.ok is True and line.manifest_checked is False
     assert "manifest is not published" in line.detail
@@ -265,7 +244,7 @@ def test_verify_exits_3_when_the_manifests_are_not_published(
     node = make_node(rsa_keys, 0)
     running.register(node)
     running.link(node)
-    job = _run_job(running, node)
+    job = run_inference_job(running, node, VALUES)
     running.coord.db.run_sync(lambda s: s.execute(update(m.Task).values(manifest_hash=None)))
     argv = ["verify", job["job_id"], "--coordinator", running.url]
     assert cli.main(argv) == 3

@@ -10,17 +10,19 @@ from typing import Any
 import pytest
 from sqlalchemy import Column, Integer, MetaData, Table, create_engine, inspect, text
 
-from nodeclient.coordinator import audit, cli, schema
+from nodeclient.coordinator import cli, schema
 from nodeclient.coordinator import models as m
 from nodeclient.coordinator.store import Database
 from tests.coordinator.conftest import (
     DB_URL,
     START,
     ManualClock,
+    audit_job,
     config_for,
     inference_payload,
     inference_result,
     make_node,
+    run_inference_job,
     start,
     stop,
 )
@@ -200,17 +202,11 @@ def test_a_version_3_database_publishes_its_nodes_manifests(tmp_path: Path, rsa_
     node's, and verifies."""
     clock = ManualClock(START)
     node = make_node(rsa_keys, 0)
-    payload = inference_payload(VALUES)
     first, server, thread = start(config_for(data_dir=tmp_path, db_url=None), clock)
     try:
         first.register(node)
         first.link(node)
-        before = first.client.submit_job("ai.inference", payload)
-        dispatch = node.recv()
-        assert node.call(node.result(dispatch, inference_result(payload, VALUES)))["status"] == (
-            "accepted"
-        )
-        assert first.wait_job(before["job_id"], "succeeded")["status"] == "succeeded"
+        before = run_inference_job(first, node, VALUES)
         current = first.client.node(node.node_id)["manifest_hash"]
     finally:
         stop(first, server, thread)
@@ -232,26 +228,13 @@ def test_a_version_3_database_publishes_its_nodes_manifests(tmp_path: Path, rsa_
         assert served["node_id"] == node.node_id
         old_job = again.client.job(before["job_id"])
         assert old_job["tasks"][0]["manifest_hash"] is None
-        client = again.client
-
-        def check(job: dict[str, Any]) -> audit.JobReport:
-            return audit.audit_job(
-                job, client.task_result, lambda: client.raw_job_result(job["job_id"]),
-                fetch_manifest=client.manifest,
-            )  # fmt: skip
-
-        (line,) = check(old_job).tasks
+        (line,) = audit_job(again, old_job).tasks
         assert line.ok is True and line.manifest_checked is False
         assert "before schema version 4" in line.detail
         again.link(node)
-        after = client.submit_job("ai.inference", payload)
-        dispatch = node.recv()
-        assert node.call(node.result(dispatch, inference_result(payload, VALUES)))["status"] == (
-            "accepted"
-        )
-        done = again.wait_job(after["job_id"], "succeeded")
+        done = run_inference_job(again, node, VALUES)
         assert done["tasks"][0]["manifest_hash"] == current
-        assert check(done).ok
+        assert audit_job(again, done).ok
     finally:
         stop(again, server2, thread2)
 

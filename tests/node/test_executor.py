@@ -1034,6 +1034,25 @@ def test_disk_used_cannot_measure_directories_nested_too_deep(tmp_path: Path) ->
         exec_workdirs.disk_used(deep, stop_after=1 << 40)
 
 
+def _scripted_slot(tmp_path: Path, *, after_ready: str, before_ready: str = "") -> slots.Slot:
+    """An unsandboxed slot whose worker is a script: *before_ready*, its ready frame, then
+    *after_ready* (Python lines)."""
+    script = "\n".join(
+        [
+            "import os, sys, time",
+            before_ready,
+            "from nodeclient.node import worker",
+            "worker.write_frame(1, {'op': 'ready', 'pid': os.getpid(), 'classes': [], 'broken': {}})",
+            after_ready,
+        ]
+    )
+    return slots.Slot(
+        index=0, workdir=tmp_path, tmp_dir=None, argv=[sys.executable, "-c", script],
+        env=dict(os.environ), mode="unsandboxed", max_output=1 << 16, max_result=1 << 20,
+        shared_bytes=0,
+    )  # fmt: skip
+
+
 def test_a_worker_that_prints_while_idle_is_killed(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -1041,19 +1060,11 @@ def test_a_worker_that_prints_while_idle_is_killed(
     nothing: whatever does was left running by its last task (a thread the worker could
     not see). It is killed at once, rather than read without limit by the daemon, or
     blamed on the next task. What it prints at start-up is not held against it."""
-    ready = (
-        "import os, sys, time\n"
-        "sys.stderr.write('a warning at import\\n'); sys.stderr.flush()\n"
-        "from nodeclient.node import worker\n"
-        "worker.write_frame(1, {'op': 'ready', 'pid': os.getpid(), 'classes': [], 'broken': {}})\n"
-        "time.sleep(0.3)\n"
-        "while True: os.write(2, b'left behind ' * 1000)\n"
+    slot = _scripted_slot(
+        tmp_path,
+        before_ready="sys.stderr.write('a warning at import\\n'); sys.stderr.flush()",
+        after_ready="time.sleep(0.3)\nwhile True: os.write(2, b'left behind ' * 1000)",
     )
-    slot = slots.Slot(
-        index=0, workdir=tmp_path, tmp_dir=None, argv=[sys.executable, "-c", ready],
-        env=dict(os.environ), mode="unsandboxed", max_output=1 << 16, max_result=1 << 20,
-        shared_bytes=0,
-    )  # fmt: skip
 
     async def scenario() -> int | None:
         await slot.start(timeout=30)
@@ -1074,17 +1085,7 @@ def test_a_fresh_worker_starts_only_once_the_killed_one_has_exited(
     """A worker killed while idle stays in its slot until the next task starts one: the
     start waits for the killed one to exit first, so no process of its last task still
     runs when a fresh worker takes the slot's directories."""
-    ready = (
-        "import os, time\n"
-        "from nodeclient.node import worker\n"
-        "worker.write_frame(1, {'op': 'ready', 'pid': os.getpid(), 'classes': [], 'broken': {}})\n"
-        "time.sleep(60)\n"
-    )
-    slot = slots.Slot(
-        index=0, workdir=tmp_path, tmp_dir=None, argv=[sys.executable, "-c", ready],
-        env=dict(os.environ), mode="unsandboxed", max_output=1 << 16, max_result=1 << 20,
-        shared_bytes=0,
-    )  # fmt: skip
+    slot = _scripted_slot(tmp_path, after_ready="time.sleep(60)")
     real_exec = asyncio.create_subprocess_exec
     previous_at_spawn: list[int | None] = []
 

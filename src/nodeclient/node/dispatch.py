@@ -151,7 +151,8 @@ class TaskDispatcher(ResultDelivery):
             if running is not None:
                 await self._on_redispatch(running, d)
                 return
-            reason = self._refusal(d)
+            arrived, coordinator_then = self._arrival(d)
+            reason = self._refusal(d, coordinator_then)
             if reason:
                 self._ended(d.workload_class, "rejected", self.clock.now())
                 await self._reject(
@@ -167,7 +168,7 @@ class TaskDispatcher(ResultDelivery):
                 lease_expires_at=d.lease_expires_at,
                 coordinator_id=self.session.coordinator_id,
             )
-            task.arrived, task.coordinator_then = self._arrival(d)
+            task.arrived, task.coordinator_then = arrived, coordinator_then
             self.running[d.task_id] = task
             if self.state.state in (NodeState.READY, NodeState.IDLE):
                 self.state.transition(NodeState.EXECUTING, reason=f"task {d.task_id} started")
@@ -234,7 +235,11 @@ class TaskDispatcher(ResultDelivery):
                 "task.crashed", extra={"task_id": str(task.task_id)}, exc_info=handle.exception()
             )
 
-    def _refusal(self, d: messages.Dispatch) -> str:  # noqa: PLR0911 (one return a reason)
+    def _refusal(  # noqa: PLR0911 (one return a reason)
+        self, d: messages.Dispatch, coordinator_now: float
+    ) -> str:
+        """Why *d* is not run here ("" if it is); *coordinator_now*: the coordinator's
+        clock as *d* arrived (_arrival)."""
         if self._stopping.is_set():  # handed back: the coordinator spends no attempt on it
             return f"{messages.DRAINING_PREFIX}node is shutting down"
         if not self.state.accepts_dispatch():
@@ -252,7 +257,7 @@ class TaskDispatcher(ResultDelivery):
                 "acknowledgement (max_unacknowledged_results); they are sent again at each "
                 "reconnect, and every few minutes while the backlog is full"
             )
-        if d.lease_expires_at < self._arrival(d)[1]:  # on its clock, not ours
+        if d.lease_expires_at < coordinator_now:  # on its clock, not ours
             return "lease already expired"
         return self.executor.admission(d.resources)  # 2.3.5: never run out of memory
 

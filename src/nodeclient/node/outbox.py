@@ -78,11 +78,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Final
 
+from nodeclient.errors import is_disk_full
 from nodeclient.node.outbox_files import (
     _FILE_SUFFIX,
     _OURS,
     _RESULT_NAME,
-    _disk_full,
     _fsync_dir,
     _lock_exclusively,
     _make_private,
@@ -311,7 +311,7 @@ class Outbox:
             # commit record). After an I/O error (a failed fsync) the commit may be on disk
             # after all and its row need the file: it stays, and the next open removes it
             # if no row names it.
-            certain = not committing or _disk_full(exc)
+            certain = not committing or is_disk_full(exc)
             if renamed and certain:
                 with contextlib.suppress(OSError):
                     final.unlink()

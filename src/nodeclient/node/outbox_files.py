@@ -17,7 +17,7 @@ import stat
 from pathlib import Path
 from typing import Final
 
-from nodeclient.errors import UsageError, is_disk_full
+from nodeclient.errors import UsageError
 
 log = logging.getLogger("nodeclient.node.outbox")  # the outbox's log, shared with outbox.py
 
@@ -28,9 +28,6 @@ _RESULT_NAME: Final = re.compile(r"[0-9a-f-]{36}\.result")
 
 class OutboxBusy(UsageError):
     """Another process has this outbox open (a second daemon on the same home)."""
-
-
-_disk_full = is_disk_full  # the outbox's name for it
 
 
 def _make_private(path: Path) -> None:
