@@ -77,7 +77,9 @@ def _override(
     cfg.update(settings)
     return subprocess.run(
         [BLENDER, "-b", "--factory-startup", "-Y", "-noaudio", str(blend),
-         "--python-exit-code", "1", "-P", str(script), "--", json.dumps(cfg)],
+         "--python-exit-code", "1", "-P", str(script),
+         "-s", str(cfg["frame_start"]), "-e", str(cfg["frame_end"]), "-a",
+         "--", json.dumps(cfg)],
         check=False, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
 

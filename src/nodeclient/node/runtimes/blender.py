@@ -12,12 +12,13 @@ Theory of operation:
   against its SHA-256) at their relative paths next to it, are written to a private
   directory that is removed when the slice ends;
 * Blender runs as ``blender -b --factory-startup -Y -noaudio scene.blend
-  --python-exit-code 1 -P <override> -- <settings>``: no user preferences, no scripts
-  from the .blend (``-Y``), and *our* override script (:data:`OVERRIDE_SCRIPT`, never
-  the requester's) pins everything that must not vary or must not run (one view layer, at
-  the request's samples; no stereo), refuses scenes that reference files outside
-  themselves and their asset manifest, steps unbaked simulations from the scene's first
-  frame up to the slice's, then renders the frames one by one;
+  --python-exit-code 1 -P <override> -s <first> -e <last> -a -- <settings>``: no user
+  preferences, no scripts from the .blend (``-Y``), and *our* override script
+  (:data:`OVERRIDE_SCRIPT`, never the requester's) pins everything that must not vary or
+  must not run (one view layer, at the request's samples; no stereo), refuses scenes that
+  reference files outside themselves and their asset manifest, and steps unbaked
+  simulations from the scene's first frame through the slice's last; then ``-s``/``-e``
+  set the scene's range to the slice's frames and ``-a`` renders exactly those;
 * each frame is written under a temporary name and renamed when complete, so a frame
   file that exists is a finished frame. The runtime watches that directory: every new
   frame reports progress, and Blender is killed when no frame appears within the
@@ -262,17 +263,28 @@ if scene.camera is None:
     reject("the scene has no active camera")
 if not any(layer.use for layer in scene.view_layers):
     reject("the scene has no view layer enabled for rendering")
-# Unbaked simulations (rigid bodies, cloth, particles) advance one frame at a time from
-# the scene's first frame: a slice that starts later steps through the frames before it,
-# without rendering them, so that its frames show what a render of the whole range shows.
-for frame in range(scene.frame_start, cfg["frame_start"]):
+# Blender renders the slice's frames after this script: the command line goes on with
+# -s/-e (the slice's first and last frame, set on this scene) and -a. Unbaked simulations
+# (rigid bodies, cloth, particles) advance one frame at a time from the scene's first
+# frame, and the render reads each frame from their caches: so the scene is stepped here,
+# without rendering, from its first frame through the slice's last. A slice's frames then
+# show what a render of the whole range shows, wherever the slice starts.
+for frame in range(scene.frame_start, cfg["frame_end"] + 1):
     scene.frame_set(frame)
-for frame in range(cfg["frame_start"], cfg["frame_end"] + 1):
-    scene.frame_set(frame)
-    final = os.path.join(cfg["out"], "frame_%06d.tga" % frame)
-    scene.render.filepath = final + ".part"
-    bpy.ops.render.render(write_still=True)
-    os.replace(final + ".part", final)  # a frame file that exists is complete
+scene.frame_step = 1  # -a renders every frame of the range
+# Each frame is written without a suffix and renamed to frame_NNNNNN.tga once Blender has
+# written it whole, so a frame file that exists is complete.
+scene.render.filepath = os.path.join(cfg["out"], "frame_######")
+
+
+def _written(*_args):
+    for name in os.listdir(cfg["out"]):
+        if not name.endswith(".tga"):
+            path = os.path.join(cfg["out"], name)
+            os.replace(path, path + ".tga")
+
+
+bpy.app.handlers.render_write.append(_written)
 """
 
 
@@ -476,6 +488,7 @@ class BlenderRuntime:
         return [
             self.blender, "-b", "--factory-startup", "-Y", "-noaudio", str(scene_path),
             "--python-exit-code", "1", "-P", str(script_path),
+            "-s", str(settings["frame_start"]), "-e", str(settings["frame_end"]), "-a",
             "--", json.dumps(settings, separators=(",", ":")),
         ]  # fmt: skip
 
