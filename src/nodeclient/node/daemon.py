@@ -105,6 +105,7 @@ class NodeDaemon(LinkClient):
         self._replaced_at: float | None = None  # when another process last took the link
         self._pause = 0.0  # the next reconnect waits at least this long
         self._replaced_while_stopping = False  # then the drain links no more (_link_closed)
+        self._unstake_record: tuple[str, int] | None = None  # restore_unstake, _keep_unstake
         self._fetch = inputs.http_fetcher(self.url)
         # Downloads of task inputs run here, so that a slow source can hold at most one
         # thread per slot, never the default pool's threads that commit and ack results.
@@ -130,6 +131,7 @@ class NodeDaemon(LinkClient):
 
     async def run(self) -> int:
         logs.bind_global(node_id=self.node_id)
+        self.restore_unstake()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
@@ -301,6 +303,24 @@ class NodeDaemon(LinkClient):
             )
         if left:  # their workers are killed as they unwind
             await asyncio.wait([handle for _, handle in left], timeout=10.0)
+
+    def restore_unstake(self) -> None:
+        """An unstake a coordinator confirmed before this start (kept by _keep_unstake):
+        the daemon is UNSTAKING, takes no work and shows the countdown from the start,
+        not only once it has linked again."""
+        try:
+            record = self.outbox.unstake(self.url)
+        except sqlite3.Error as exc:
+            log.warning("unstake.record_unreadable", extra={"error": str(exc)})
+            return
+        if record is None or self.state.state is NodeState.UNSTAKING:
+            return
+        self._unstake_record = record
+        self.session.unstaking_until = record[1]
+        self.state.transition(
+            NodeState.UNSTAKING,
+            reason=f"unstake confirmed by coordinator {record[0]} before this start",
+        )
 
     # --- status ------------------------------------------------------------------------------
 

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import random
+import sqlite3
 import time
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -126,6 +127,7 @@ class LinkClient(TaskDispatcher):
     _replaced_at: float | None  # when another process last took the link (monotonic)
     _pause: float  # the next reconnect waits at least this long
     _replaced_while_stopping: bool  # a 4004 during the drain: link no more
+    _unstake_record: tuple[str, int] | None  # (coordinator_id, until) kept in the outbox
 
     # --- registration and link ----------------------------------------------------------------
 
@@ -347,7 +349,7 @@ class LinkClient(TaskDispatcher):
             self.session.on_welcome(welcome)
             self._ws = ws
             self._set_link("up")
-            self._apply_unstaking()
+            self._apply_unstaking(welcome=True)
             log.info("link.authenticated", extra={"coordinator_id": challenge.coordinator_id})
             beat = asyncio.create_task(self._heartbeats(ws, challenge.heartbeat_interval))
             try:
@@ -431,6 +433,37 @@ class LinkClient(TaskDispatcher):
         elif isinstance(msg, messages.ErrorFrame):
             log.warning("link.error_frame", extra={"code": msg.code, "reason": msg.reason})
 
-    def _apply_unstaking(self) -> None:
-        if self.session.unstaking_until is not None and self.state.state is not NodeState.UNSTAKING:
+    def _apply_unstaking(self, *, welcome: bool = False) -> None:
+        until = self.session.unstaking_until
+        if until is not None and self.state.state is not NodeState.UNSTAKING:
             self.state.transition(NodeState.UNSTAKING, reason="unstake accepted by the coordinator")
+        self._keep_unstake(until, welcome=welcome)
+
+    def _keep_unstake(self, until: int | None, *, welcome: bool) -> None:
+        """Keep the unstake the coordinator confirmed in the outbox database (a write only
+        when it changes), so that a restarted daemon shows UNSTAKING, and takes no work,
+        before it links again (NodeDaemon.restore_unstake). A welcome without one drops
+        the record: the coordinator has none on record, so this daemon stays UNSTAKING
+        (the state is terminal) but the next start takes work again."""
+        coordinator = self.session.coordinator_id or ""
+        record = self._unstake_record
+        if until is not None and record != (coordinator, until):
+            self._unstake_record = (coordinator, until)
+        elif until is None and welcome and record is not None:
+            self._unstake_record = None
+            log.warning(
+                "unstake.not_on_record",
+                extra={
+                    "coordinator_id": coordinator,
+                    "recorded_by": record[0],
+                    "recorded_until": record[1],
+                    "hint": "this coordinator has no unstake on record for this node: the "
+                    "daemon stays UNSTAKING and takes no work until it is restarted",
+                },
+            )
+        else:
+            return
+        try:
+            self.outbox.record_unstake(self.url, coordinator, until)
+        except (OSError, sqlite3.Error) as exc:  # shown again after a restart only once linked
+            log.warning("unstake.not_recorded", extra={"error": str(exc)})

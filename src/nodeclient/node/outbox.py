@@ -829,6 +829,31 @@ class Outbox:
         """The TALLIES totals, since the outbox was made."""
         return dict(self._tally)
 
+    def unstake(self, coordinator_url: str) -> tuple[str, int] | None:
+        """(coordinator_id, end of the cooldown) of the unstake the coordinator at
+        *coordinator_url* last confirmed for this node, or None."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT coordinator_id, until FROM node_unstake WHERE coordinator_url = ?",
+                (coordinator_url,),
+            ).fetchone()
+        return None if row is None else (str(row[0]), int(row[1]))
+
+    def record_unstake(self, coordinator_url: str, coordinator_id: str, until: int | None) -> None:
+        """Keep (or, with *until* None, drop) the unstake a coordinator confirmed, so that a
+        restarted daemon shows UNSTAKING before it links again."""
+        with self._lock, self._transaction():
+            if until is None:
+                self._db.execute(
+                    "DELETE FROM node_unstake WHERE coordinator_url = ?", (coordinator_url,)
+                )
+            else:
+                self._db.execute(
+                    "INSERT OR REPLACE INTO node_unstake (coordinator_url, coordinator_id, "
+                    "until) VALUES (?, ?, ?)",
+                    (coordinator_url, coordinator_id, int(until)),
+                )
+
     def history(
         self, *, since: float | None = None, limit: int = 1000, damaged: list[str] | None = None
     ) -> Iterator[OutboxEntry]:

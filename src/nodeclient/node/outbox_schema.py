@@ -62,6 +62,11 @@ CREATE TABLE IF NOT EXISTS outbox_tally (  -- status totals that no row records
 CREATE TABLE IF NOT EXISTS outbox_foreign (  -- result files there when the database was
     name           TEXT PRIMARY KEY            -- created: another database's, never swept
 );
+CREATE TABLE IF NOT EXISTS node_unstake (  -- an unstake a coordinator confirmed (2.3.8)
+    coordinator_url TEXT PRIMARY KEY,       -- the daemon's --coordinator
+    coordinator_id  TEXT NOT NULL,          -- the coordinator that confirmed it
+    until           INTEGER NOT NULL        -- the end of the cooldown, on its clock
+);
 """
 # Added after the first release: older databases get them by ALTER TABLE.
 _ADDED_COLUMNS: Final = (
