@@ -356,3 +356,91 @@ def test_an_unversioned_database_gets_the_missing_columns_on_any_database(tmp_pa
     finally:
         engine.dispose()
     assert _version(url) == str(schema.SCHEMA_VERSION)
+
+
+def _layout() -> str:
+    """SHA-256 of the tables' layout: each column's name, SQL type, nullability, key,
+    default and reference, and each index's name, columns and uniqueness (read from the
+    models, not from generated DDL, whose spacing a SQLAlchemy release may change)."""
+    import hashlib
+    import json
+
+    from sqlalchemy.dialects import sqlite
+
+    dialect = sqlite.dialect()
+    layout = []
+    for table in m.Base.metadata.sorted_tables:
+        columns = [
+            [
+                c.name,
+                c.type.compile(dialect=dialect),
+                c.nullable,
+                c.primary_key,
+                None if c.server_default is None else str(c.server_default.arg),  # type: ignore[attr-defined]
+                sorted(fk.target_fullname for fk in c.foreign_keys),
+            ]
+            for c in table.columns
+        ]
+        indexes = sorted(
+            [str(ix.name), [c.name for c in ix.columns], bool(ix.unique)] for ix in table.indexes
+        )
+        layout.append([table.name, columns, indexes])
+    return hashlib.sha256(json.dumps(layout).encode()).hexdigest()
+
+
+# The layout of each schema version, as _layout() hashes it. A change to the models needs
+# a new SCHEMA_VERSION (and its line here): a database of the old layout recorded as the
+# same version would be taken as current by other builds.
+LAYOUTS = {5: "a24133e69e1ae36acbca71ff4ea676136a52959e4b117399629eb0757f588cd4"}
+
+
+def test_the_models_layout_is_the_one_recorded_for_the_schema_version() -> None:
+    assert _layout() == LAYOUTS.get(schema.SCHEMA_VERSION), (
+        "the models' layout changed: raise schema.SCHEMA_VERSION, say what the new version "
+        "adds (schema.py, docs/protocol.md), and record the new layout in LAYOUTS"
+    )
+
+
+def test_an_early_version_4_database_gets_version_5s_columns(tmp_path: Path) -> None:
+    """(SQLite.) An early build of version 4 lacked node_manifests.replaced_at,
+    task_attempts.manifest_hash and their indexes: recorded as 4, it gets them."""
+    url = f"sqlite:///{tmp_path / 'c.db'}"
+    Database(url).close()
+    con = sqlite3.connect(tmp_path / "c.db")
+    try:
+        con.execute("DROP INDEX ix_nodes_manifest_hash")
+        con.execute("DROP INDEX ix_task_attempts_manifest_hash")
+        con.execute("ALTER TABLE node_manifests DROP COLUMN replaced_at")
+        con.execute("ALTER TABLE task_attempts DROP COLUMN manifest_hash")
+        con.execute("UPDATE meta SET value = '4' WHERE key = ?", (schema.SCHEMA_KEY,))
+        con.commit()
+    finally:
+        con.close()
+    Database(url).close()
+    cols = _columns(url)
+    assert "replaced_at" in cols["node_manifests"]
+    assert "manifest_hash" in cols["task_attempts"]
+    assert _version(url) == "5"
+
+
+def test_a_current_database_short_of_a_column_gets_it_at_start(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A database recorded as the current version but lacking a column and an index (a
+    layout changed without a new version) gets them at the next start, and says so."""
+    url = DB_URL or f"sqlite:///{tmp_path / 'c.db'}"
+    Database(url).close()
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(text("DROP INDEX ix_task_attempts_manifest_hash"))
+        conn.execute(text("ALTER TABLE task_attempts DROP COLUMN manifest_hash"))
+    engine.dispose()
+    with caplog.at_level("WARNING", logger="nodeclient.coordinator.schema"):
+        Database(url).close()
+    assert "manifest_hash" in _columns(url)["task_attempts"]
+    (added,) = [r for r in caplog.records if r.msg == "database.columns_added"]
+    assert added.added == [  # type: ignore[attr-defined]
+        "task_attempts.manifest_hash",
+        "ix_task_attempts_manifest_hash",
+    ]
+    assert _version(url) == str(schema.SCHEMA_VERSION)

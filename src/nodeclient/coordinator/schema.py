@@ -8,6 +8,10 @@
   since are added, then the steps of each later version in :data:`_STEPS` run (data
   changes), and the new version is recorded. It is one transaction: SQLite's and
   PostgreSQL's DDL is transactional, so a failed upgrade leaves the database as it was;
+- adds missing columns and indexes to a database of the current version too, at every
+  start (a few catalogue reads): a layout changed without a new version (as version 4's
+  was during its development) cannot leave a database short of a column. A test pins the
+  layout of each version, so a change to the models needs a new version;
 - refuses a database written by a newer coordinator, which this one would misread.
 
 Every column added after the first release is nullable or has a server default, so
@@ -30,7 +34,7 @@ from nodeclient.errors import UsageError
 
 log = logging.getLogger("nodeclient.coordinator.schema")
 
-SCHEMA_VERSION: Final = 4
+SCHEMA_VERSION: Final = 5
 SCHEMA_KEY: Final = "schema_version"
 
 # version -> the data changes that take a database from version - 1 to it, run after the
@@ -43,7 +47,10 @@ SCHEMA_KEY: Final = "schema_version"
 # goes on: its stored whole slices are sent as they are, and its next round is stored
 # the new way. Version 4 (node_manifests, tasks.manifest_hash) copies each node's current
 # manifest into node_manifests, so the tasks leased to it from now on name a manifest that
-# is published; tasks leased before name none.
+# is published; tasks leased before name none. Version 5 adds columns and indexes only
+# (node_manifests.replaced_at, task_attempts.manifest_hash, ix_nodes_manifest_hash,
+# ix_task_attempts_manifest_hash), which an early build of version 4 lacked: a version 4
+# database may have them or not, and version 5 has them.
 
 
 def _publish_current_manifests(conn: Connection) -> None:
@@ -79,10 +86,15 @@ def prepare(engine: Engine) -> int:
                 "database"
             )
         m.Base.metadata.create_all(conn)  # the tables that are missing, with their indexes
+        added = [
+            name
+            for table in m.Base.metadata.sorted_tables
+            if table.name in existing
+            for name in _add_missing(conn, table)
+        ]
+        if found == SCHEMA_VERSION and added:
+            log.warning("database.columns_added", extra={"version": found, "added": added})
         if found < SCHEMA_VERSION:
-            for table in m.Base.metadata.sorted_tables:
-                if table.name in existing:
-                    _add_missing(conn, table)
             for version in range(found + 1, SCHEMA_VERSION + 1):
                 step = _STEPS.get(version)
                 if step is not None:
@@ -119,17 +131,22 @@ def _record(conn: Connection, version: int, *, existing: bool) -> None:
         conn.execute(insert(m.Meta).values(key=SCHEMA_KEY, value=str(version)))
 
 
-def _add_missing(conn: Connection, table: Table) -> None:
-    """Add the columns and indexes of *table* that the database's copy lacks."""
+def _add_missing(conn: Connection, table: Table) -> list[str]:
+    """Add the columns and indexes of *table* that the database's copy lacks; their names
+    (``table.column``, and the indexes' own)."""
     insp = inspect(conn)
+    added = []
     have = {c["name"] for c in insp.get_columns(table.name)}
     for column in table.columns:
         if column.name not in have:
             _add_column(conn, table, column)
+            added.append(f"{table.name}.{column.name}")
     indexes = {ix["name"] for ix in insp.get_indexes(table.name)}
     for index in table.indexes:
         if index.name not in indexes:
             index.create(conn)
+            added.append(str(index.name))
+    return added
 
 
 def _add_column(conn: Connection, table: Table, column: Column[object]) -> None:
