@@ -233,7 +233,14 @@ def linked_daemon(
 
     def register(request: httpx.Request) -> httpx.Response:
         registrations.append(request)
-        return httpx.Response(201, json={"status": "registered", "prior_registrations": []})
+        return httpx.Response(
+            201,
+            json={
+                "status": "registered",
+                "prior_registrations": [],
+                "coordinator_id": "coordinator-test",
+            },
+        )
 
     answer_registration(monkeypatch, register)
     clock = ManualClock()
@@ -291,7 +298,10 @@ def test_an_odd_field_in_an_accepted_registration_is_no_failure(
     register again and again and never link)."""
     answer_registration(
         monkeypatch,
-        lambda _r: httpx.Response(201, json={"status": "registered", "prior_registrations": prior}),
+        lambda _r: httpx.Response(
+            201,
+            json={"status": "registered", "prior_registrations": prior, "coordinator_id": "c"},
+        ),
     )
     daemon = make_daemon(tmp_path)
     try:
@@ -331,19 +341,28 @@ def test_a_registration_answer_that_is_not_a_json_object_is_retried(
     assert content_type in text
 
 
-@pytest.mark.parametrize("coordinator_id", ["c" * 129, 7, ["coord-A"]])
+@pytest.mark.parametrize("coordinator_id", ["c" * 129, 7, ["coord-A"], None, "absent"])
 def test_a_registration_answer_naming_no_usable_coordinator_is_retried(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, coordinator_id: object
 ) -> None:
     """The answer's coordinator_id is what every challenge must name, so it is held to the
     challenge's rule (a string of at most 128 characters). Before, any string was kept: a
     megabyte one went whole into last_error and the log, and `nodeclient status` broke.
-    Now it fails the registration, with a reason of bounded size, and is retried."""
-    body = {"status": "registered", "coordinator_id": coordinator_id}
+    Now it fails the registration, with a reason of bounded size, and is retried. An
+    answer that names none (null, or no such key) fails it too: the coordinator could
+    otherwise switch off the challenge check and relay another coordinator's challenge."""
+    body: dict[str, object] = {"status": "registered", "coordinator_id": coordinator_id}
+    if coordinator_id == "absent":
+        del body["coordinator_id"]
     text, daemon = registration_error(
         tmp_path, monkeypatch, lambda _r: httpx.Response(201, json=body)
     )
-    assert "'coordinator_id' must be a string of at most 128 chars" in text
+    why = (
+        "missing field 'coordinator_id'"
+        if coordinator_id == "absent"
+        else "field 'coordinator_id' must be a string of at most 128 chars"
+    )
+    assert f"registration failed (201): the answer's {why}" in text
     assert "c" * 129 not in text
     assert daemon.session.registered_with is None
 
@@ -594,7 +613,12 @@ def test_a_stop_hands_back_the_tasks_still_running_after_the_grace_signed(
     left to the end of its lease, the coordinator waiting for it meanwhile. Now it is
     cancelled and refused, signed and naming its lease, on the link before the link
     closes, and the daemon exits 0."""
-    answer_registration(monkeypatch, lambda _r: httpx.Response(201, json={"status": "registered"}))
+    answer_registration(
+        monkeypatch,
+        lambda _r: httpx.Response(
+            201, json={"status": "registered", "coordinator_id": "coordinator-test"}
+        ),
+    )
     daemon = make_daemon(
         tmp_path, url=f"http://127.0.0.1:{free_port()}", executor=RunsUntilCancelled
     )
@@ -764,7 +788,12 @@ def test_a_link_replaced_twice_stops_the_daemon(
     a pause; replaced again within REPLACED_WINDOW_S, it does not link again (the two
     would take turns for ever, both running tasks the coordinator may give out twice) and
     stops with LinkReplaced, exit 78, which systemd does not restart."""
-    answer_registration(monkeypatch, lambda _r: httpx.Response(201, json={"status": "registered"}))
+    answer_registration(
+        monkeypatch,
+        lambda _r: httpx.Response(
+            201, json={"status": "registered", "coordinator_id": "coordinator-test"}
+        ),
+    )
     monkeypatch.setattr(link_module, "REPLACED_PAUSE_S", 0.3)
     clock = ManualClock()
     daemon = make_daemon(
@@ -819,7 +848,12 @@ def test_a_wall_clock_stepped_back_does_not_make_links_replaced_far_apart_look_c
     """Two 4004s more than REPLACED_WINDOW_S apart, with the wall clock stepped back an
     hour between them: the window is measured on the monotonic clock, so the daemon links
     again rather than stop as if replaced twice within it."""
-    answer_registration(monkeypatch, lambda _r: httpx.Response(201, json={"status": "registered"}))
+    answer_registration(
+        monkeypatch,
+        lambda _r: httpx.Response(
+            201, json={"status": "registered", "coordinator_id": "coordinator-test"}
+        ),
+    )
     monkeypatch.setattr(link_module, "REPLACED_PAUSE_S", 0.0)
     clock = SteppedWall()
     daemon = make_daemon(tmp_path, url=f"http://127.0.0.1:{free_port()}", clock=clock)
@@ -864,7 +898,14 @@ def test_registering_again_days_later_reissues_the_manifest(
 
     def register(request: httpx.Request) -> httpx.Response:
         posted.append(json.loads(request.content))
-        return httpx.Response(201, json={"status": "registered", "prior_registrations": []})
+        return httpx.Response(
+            201,
+            json={
+                "status": "registered",
+                "prior_registrations": [],
+                "coordinator_id": "coordinator-test",
+            },
+        )
 
     answer_registration(monkeypatch, register)
     clock = ManualClock()
@@ -997,7 +1038,9 @@ def test_the_link_follows_no_redirect(
     network (a metadata service, an admin port) on every reconnect. A redirect fails the
     handshake instead, as it fails a registration: retried with backoff, last_error
     saying where it pointed and what to do."""
-    answer_registration(monkeypatch, lambda _r: httpx.Response(201, json={"status": "ok"}))
+    answer_registration(
+        monkeypatch, lambda _r: httpx.Response(201, json={"status": "ok", "coordinator_id": "c"})
+    )
     port, elsewhere = free_port(), free_port()
     daemon = make_daemon(tmp_path, url=f"http://127.0.0.1:{port}")
     asked: list[bytes] = []

@@ -90,7 +90,11 @@ def test_a_stop_while_the_link_authenticates_ends_the_daemon(
     """SIGTERM two loop turns before the welcome frame is in: the link task, cancelled by
     the stop, does not live on as an authenticated link, and run() returns 0."""
     real_client = httpx.AsyncClient
-    transport = httpx.MockTransport(lambda r: httpx.Response(201, json={"status": "registered"}))
+    transport = httpx.MockTransport(
+        lambda r: httpx.Response(
+            201, json={"status": "registered", "coordinator_id": "coordinator-test"}
+        )
+    )
     monkeypatch.setattr(httpx, "AsyncClient", lambda **kw: real_client(transport=transport, **kw))
     daemon = make_daemon(tmp_path, url=f"http://127.0.0.1:{free_port()}")
     daemon.heartbeat_interval = 0.5
@@ -148,7 +152,11 @@ def test_the_drain_links_again_to_send_what_the_grace_finished(
     from nodeclient.node import link as link_module
 
     real_client = httpx.AsyncClient
-    transport = httpx.MockTransport(lambda r: httpx.Response(201, json={"status": "registered"}))
+    transport = httpx.MockTransport(
+        lambda r: httpx.Response(
+            201, json={"status": "registered", "coordinator_id": "coordinator-test"}
+        )
+    )
     monkeypatch.setattr(httpx, "AsyncClient", lambda **kw: real_client(transport=transport, **kw))
     monkeypatch.setattr(link_module, "backoff", lambda rand: iter(lambda: 0.2, None))
     daemon = make_daemon(tmp_path, url=f"http://127.0.0.1:{free_port()}", executor=_OneSecond)
@@ -203,7 +211,11 @@ def test_a_replaced_daemon_stopped_in_its_pause_does_not_link_again(
     not link again to deliver it, which would take the link back from the other process
     (whose running tasks would then be abandoned). The result waits in the outbox."""
     real_client = httpx.AsyncClient
-    transport = httpx.MockTransport(lambda r: httpx.Response(201, json={"status": "registered"}))
+    transport = httpx.MockTransport(
+        lambda r: httpx.Response(
+            201, json={"status": "registered", "coordinator_id": "coordinator-test"}
+        )
+    )
     monkeypatch.setattr(httpx, "AsyncClient", lambda **kw: real_client(transport=transport, **kw))
     daemon = make_daemon(tmp_path, url=f"http://127.0.0.1:{free_port()}", executor=_Quick)
     task_id = uuid.uuid4()

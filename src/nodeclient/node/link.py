@@ -173,9 +173,11 @@ class LinkClient(TaskDispatcher):
                 f"({kind}): {text[:200]!r}"
             )
         if resp.status_code in (200, 201):
-            try:  # a challenge must name it: held to the challenge's rule (<= 128 chars)
-                named = body.get("coordinator_id") is not None  # an older coordinator's may not
-                coordinator = messages.coordinator_id_of(body) if named else None
+            # Every challenge must name it, held to the challenge's rule (<= 128 chars). An
+            # answer without one is refused too (every release names it): else the
+            # coordinator could switch off the check, and relay another's challenge here.
+            try:
+                coordinator = messages.coordinator_id_of(body)
             except RemoteProtocolError as exc:  # retried, as any failed registration
                 raise httpx.HTTPError(
                     f"registration failed ({resp.status_code}): the answer's {exc}: check "
