@@ -584,6 +584,32 @@ def test_a_render_no_online_node_may_take_fails_after_the_queue_timeout(
     )
 
 
+def test_a_render_its_nodes_refused_fails_with_their_reason(any_db: Database) -> None:
+    """A render every online node refused as the job's fault (bad payload) fails at the
+    queue timeout with the last refusal in its reason, and without "submit it again" as
+    such: the same job would fail again. Each task keeps what happened to it."""
+    db, timeout, old = any_db, 24 * HOUR, NOW - 48 * HOUR
+    job_id, tasks = db.run_sync(lambda s: add_job(s, tasks=3, workload_class="media.render",
+                                                  queued_at=old))  # fmt: skip
+    refusal = "node 0xA rejected it: bad payload: the scene has no active camera"
+
+    def refused(s: Session) -> None:
+        for task_id in tasks:
+            s.add(m.TaskAttempt(task_id=task_id, attempt=1, node_id="0xA", leased_at=old,
+                                deadline=old + 300, ended_at=old + 1, outcome="rejected"))  # fmt: skip
+            s.get_one(m.Task, task_id).reason = refusal
+
+    db.run_sync(refused)
+    a = Candidate("0xA", 1, "eu-west", frozenset({"media.render"}), 2)
+    failed = dict(db.run_sync(lambda s: leases.fail_stalled_tx(
+        s, now=NOW, timeout=timeout, candidates=[a])))  # fmt: skip
+    assert failed[job_id].endswith(
+        f"keep them from it; the last: {refusal}; fix the job before submitting it again"
+    )
+    reasons = db.run_sync(lambda s: [s.get_one(m.Task, t).reason for t in tasks])
+    assert reasons == [f"{refusal}; job failed: {failed[job_id]}"] * 3
+
+
 def test_the_queue_timeout_is_an_option(tmp_path: Path) -> None:
     """24 hours unless told otherwise; 0 waits for ever; the hourly sweep applies it."""
     assert build_parser().parse_args(["serve"]).queue_timeout_hours == 24

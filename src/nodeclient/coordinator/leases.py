@@ -44,6 +44,13 @@ class RetryPolicy:
 
 
 RETRY_POLICIES: dict[str, RetryPolicy] = {"media.render": RetryPolicy()}
+# Reasons that put a failure down to the job itself: a node's refusal of its payload or
+# inputs, or a result that failed the class's checks (a blank frame, say).
+REQUESTER_FAULTS = (
+    "rejected it: bad payload:",
+    "rejected it: bad input:",
+    "returned a result that failed the checks:",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,7 +139,12 @@ def fail_job(session: Session, job_id: str, reason: str, now: float) -> list[tup
         if task.status == m.LEASED and task.node_id is not None:
             cancel.append((task.node_id, task.task_id))
             close_attempt(session, task.task_id, task.node_id, "cancelled", now)
-        task.status, task.reason = m.CANCELLED, f"job failed: {reason}"
+        # What happened to the task itself (a node's refusal, say) is kept before it.
+        ended = f"job failed: {reason}"
+        task.status, task.reason = (
+            m.CANCELLED,
+            ended if not task.reason else f"{task.reason}; {ended}",
+        )
     store.end_job(session, job, m.FAILED, now, reason)
     return cancel
 
@@ -195,15 +207,32 @@ def fail_stalled_tx(
             waiting = session.scalars(
                 select(m.Task.task_id).where(m.Task.job_id == job_id, m.Task.status == m.QUEUED)
             )
-            if any(able - excluded_nodes(policy, t, failures) for t in waiting):
+            blocked = list(waiting)
+            if any(able - excluded_nodes(policy, t, failures) for t in blocked):
                 continue  # some task may go to one of them: it waits its turn
             reason = (
                 f"{waited}: every node seen in that time that offers {needs} has failed this "
-                "job's tasks, and the retry rules keep them from it; submit it again"
+                f"job's tasks, and the retry rules keep them from it; {_last_failure(session, blocked)}"
             )
         fail_job(session, job_id, reason, now)
         failed.append((job_id, reason))
     return failed
+
+
+def _last_failure(session: Session, task_ids: Sequence[str]) -> str:
+    """The end of a stalled job's reason: the latest failure of its blocked tasks, and
+    whether submitting it again may help (not when the nodes found the job at fault)."""
+    last = session.scalar(
+        select(m.Task.reason)
+        .where(m.Task.task_id.in_(task_ids), m.Task.reason.is_not(None))
+        .order_by(m.Task.queued_at.desc())
+        .limit(1)
+    )
+    if last is None:
+        return "submit it again"
+    if any(mark in last for mark in REQUESTER_FAULTS):
+        return f"the last: {last}; fix the job before submitting it again"
+    return f"the last: {last}; submit it again"
 
 
 def requeue_or_fail(
