@@ -32,7 +32,11 @@ def test_a_declared_body_over_the_bound_is_a_413_before_it_is_parsed(start_coord
     body = json.dumps({"workload_class": "ai.inference", "payload": "!" * (limit + 1)})
     r = httpx.post(running.url + "/v1/jobs", content=body, headers=JSON)
     assert r.status_code == 413, r.text
-    assert r.json() == {"error": f"request body exceeds the {limit}-byte limit of /v1/jobs"}
+    assert r.json() == {
+        "error": f"request body exceeds the {limit}-byte limit of /v1/jobs: a job's payload "
+        "may be at most 1000 bytes; upload a large model or scene to the blob store first "
+        "(POST /v1/blobs) and name it in the payload by its URL (model_url, scene_url)"
+    }
     assert r.headers["connection"] == "close"
     assert running.client.jobs() == []
 
@@ -242,3 +246,16 @@ def test_an_upload_abandoned_by_its_client_is_no_coordinator_error(
     assert record.levelno == logging.INFO and 0 < record.received <= 2_000_000
     assert not [rec for rec in caplog.records if rec.getMessage() == "http.unexpected_error"]
     assert list(coordinator.config.blob_dir.iterdir()) == []
+
+
+def test_a_payload_over_the_limit_says_what_to_do_instead(start_coordinator) -> None:
+    """A payload over max_payload_bytes, in a body within its bound: 413 naming the limit
+    and the blob store, where a large model or scene goes."""
+    running = start_coordinator(max_payload_bytes=999)
+    body = {"workload_class": "ai.inference", "payload": pybase64.b64encode(b"x" * 1000).decode()}
+    r = httpx.post(running.url + "/v1/jobs", json=body)
+    assert r.status_code == 413, r.text
+    assert r.json()["error"] == (
+        "payload exceeds the 999-byte limit; upload a large model or scene to the blob store "
+        "first (POST /v1/blobs) and name it in the payload by its URL (model_url, scene_url)"
+    )

@@ -79,6 +79,23 @@ def body_limit(config: CoordinatorConfig, path: str) -> int | None:
     return JSON_BODY_LIMIT
 
 
+# What a requester whose job payload is over the limit can do instead.
+PAYLOAD_ADVICE = (
+    "upload a large model or scene to the blob store first (POST /v1/blobs) and name it "
+    "in the payload by its URL (model_url, scene_url)"
+)
+
+
+def body_limit_hint(config: CoordinatorConfig, path: str) -> str:
+    """What a 413 for a body over :func:`body_limit` adds: the payload's own bound, which
+    the body's (base64 and JSON around it) is not, and what to do."""
+    if path == "/v1/jobs":
+        return (
+            f": a job's payload may be at most {config.max_payload_bytes} bytes; {PAYLOAD_ADVICE}"
+        )
+    return ""
+
+
 # An HTTP client that sends none of the rest of its request body, or takes nothing of
 # the response, for this long is dropped (results' own readers: results.SEND_TIMEOUT_S).
 HTTP_STALL_S = 60.0
@@ -156,9 +173,16 @@ class BodyLimit:
     The reply closes the connection, so the rest of the body is never read.
     """
 
-    def __init__(self, app: ASGIApp, *, limit: Callable[[str], int | None]) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        limit: Callable[[str], int | None],
+        hint: Callable[[str], str] = lambda _path: "",
+    ) -> None:
         self.app = app
         self.limit = limit
+        self.hint = hint  # what the 413 adds for the path (body_limit_hint)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         limit = self.limit(scope["path"]) if scope["type"] == "http" else None
@@ -197,10 +221,12 @@ class BodyLimit:
         if exceeded and not started:
             await self._refuse(scope, receive, send, limit)
 
-    @staticmethod
-    async def _refuse(scope: Scope, receive: Receive, send: Send, limit: int) -> None:
-        log.info("http.body_too_large", extra={"path": scope["path"], "limit": limit})
-        response = error(413, f"request body exceeds the {limit}-byte limit of {scope['path']}")
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send, limit: int) -> None:
+        path = scope["path"]
+        log.info("http.body_too_large", extra={"path": path, "limit": limit})
+        response = error(
+            413, f"request body exceeds the {limit}-byte limit of {path}{self.hint(path)}"
+        )
         response.headers["connection"] = "close"  # the rest of the body is not read
         await response(scope, receive, send)
 
@@ -516,11 +542,15 @@ def build_router(coord: Coordinator) -> APIRouter:  # noqa: PLR0915 (one route e
             wclass = classes.lookup(body.workload_class)
             if len(body.payload) > base64_size(cfg.max_payload_bytes):  # not worth decoding
                 limit = cfg.max_payload_bytes
-                return error(413, f"payload exceeds the {limit}-byte limit")
+                return error(413, f"payload exceeds the {limit}-byte limit; {PAYLOAD_ADVICE}")
             payload = await coord.in_cpu(_b64decode, body.payload)
             if len(payload) > cfg.max_payload_bytes:
                 limit = cfg.max_payload_bytes
-                return error(413, f"payload of {len(payload)} bytes exceeds the {limit}-byte limit")
+                return error(
+                    413,
+                    f"payload of {len(payload)} bytes exceeds the {limit}-byte limit; "
+                    f"{PAYLOAD_ADVICE}",
+                )
             meta, parts, blobs, shared, hoisted = await coord.in_cpu(
                 prepare, wclass, payload, body.slices
             )

@@ -28,6 +28,7 @@ from nodeclient.coordinator.api import (
     BodyLimit,
     Stalls,
     body_limit,
+    body_limit_hint,
     build_router,
     disk_full,
     error,
@@ -131,7 +132,11 @@ def create_app(config: CoordinatorConfig, *, clock: Clock | None = None) -> Fast
     app.state.coordinator = coord
     app.state.scheduler = scheduler
     # Bodies are bounded before any route reads them (api.py: BodyLimit).
-    app.add_middleware(BodyLimit, limit=functools.partial(body_limit, config))
+    app.add_middleware(
+        BodyLimit,
+        limit=functools.partial(body_limit, config),
+        hint=functools.partial(body_limit_hint, config),
+    )
     # ... and a guarded route's caller is checked before that (coordinator/tokens.py).
     app.add_middleware(TokenAuth, guards=guards)
     app.add_middleware(Stalls)  # inside ServerHooks: it drops stalled clients by its abort

@@ -205,8 +205,14 @@ def _requester_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser])
     submit.add_argument(
         "--vram-mb", type=int, default=0, help="GPU memory each task needs in its slot (MB)"
     )
-    submit.add_argument("--wait", action="store_true", help="wait for the job to end")
-    submit.add_argument("--timeout", type=_seconds, default=None, help="give up waiting after S s")
+    submit.add_argument(
+        "--wait", action="store_true",
+        help="wait for the job to end (its status and round shown on stderr as they change)",
+    )  # fmt: skip
+    submit.add_argument(
+        "--timeout", type=_seconds, default=None,
+        help="with --wait: give up waiting after S s (exit 124; the job goes on)",
+    )  # fmt: skip
 
     jobs = requester("jobs", "list jobs, oldest first")
     jobs.add_argument("--json", action="store_true")
@@ -298,13 +304,19 @@ def _print_job(job: dict[str, Any]) -> None:
     if job.get("resources"):
         needs = ", ".join(f"{key} {value}" for key, value in sorted(job["resources"].items()))
         print(f"  each task needs {needs}")
+    rounds = job["workload_class"] == "ai.training"  # a task per slice and round
     for t in job.get("tasks", []):
         node = t.get("node_id") or "-"
         extra = f"  {t['reason']}" if t.get("reason") else ""
+        where = f"round {t.get('round') or 0} slice" if rounds else "slice"
         print(
-            f"  task {t['task_id']} slice {t['slice_index']}: {t['status']} on {node}, "
+            f"  task {t['task_id']} {where} {t['slice_index']}: {t['status']} on {node}, "
             f"attempts {t['attempts']}{extra}"
         )
+        progress = t.get("progress")
+        if progress:
+            note = f"  {progress['note']}" if progress.get("note") else ""
+            print(f"    progress {progress['done']:g} of {progress['total']:g}{note}")
         if t.get("proof"):
             print(f"    proof {t['proof']}\n    signature {t['signature']}")
 
@@ -318,6 +330,7 @@ def _wait(client: CoordinatorClient, job_id: str, timeout: float | None) -> dict
     deadline = None if timeout is None else time.monotonic() + timeout
     failures = 0
     status = "not finished"
+    shown: tuple[object, object] | None = None
     while True:
         try:
             job = client.job(job_id, tasks=False)
@@ -331,6 +344,11 @@ def _wait(client: CoordinatorClient, job_id: str, timeout: float | None) -> dict
             status = job["status"]
             if status in ("succeeded", "failed"):
                 return job
+            now = (status, job.get("round"))
+            if now != shown:  # on stderr: stdout holds the job id alone
+                shown = now
+                where = f", round {now[1]}" if job.get("workload_class") == "ai.training" else ""
+                print(printable(f"job {job_id}: {status}{where}"), file=sys.stderr, flush=True)
         if deadline is not None and time.monotonic() > deadline:
             raise WaitTimedOut(
                 f"job {job_id} still {status} after {timeout} s; it goes on: follow it with "
@@ -378,6 +396,8 @@ def _new_token(args: argparse.Namespace) -> int:
 def _requester(args: argparse.Namespace) -> int:  # noqa: PLR0911 (one return a command)
     with CoordinatorClient(args.coordinator, token=_token(args)) as client:
         if args.command == "submit":
+            if args.timeout is not None and not args.wait:
+                raise UsageError("submit: --timeout is how long --wait waits: add --wait")
             payload = _read_payload(args.payload)
             job = client.submit_job(
                 args.workload_class, payload,

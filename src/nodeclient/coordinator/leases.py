@@ -210,9 +210,10 @@ def fail_stalled_tx(
             blocked = list(waiting)
             if any(able - excluded_nodes(policy, t, failures) for t in blocked):
                 continue  # some task may go to one of them: it waits its turn
+            last = _last_failure(session, blocked)
             reason = (
                 f"{waited}: every node seen in that time that offers {needs} has failed this "
-                f"job's tasks, and the retry rules keep them from it; {_last_failure(session, blocked)}"
+                f"job's tasks, and the retry rules keep them from it; {last}"
             )
         fail_job(session, job_id, reason, now)
         failed.append((job_id, reason))
