@@ -439,7 +439,9 @@ def test_blank_frame_is_rejected_unless_allowed() -> None:
     """A frame of one colour is refused; allow_blank accepts it (a fade to black)."""
     blank = {1: np.full((H, W, 4), 7, dtype=np.uint8), 2: _frames(2, 2)[2]}
     data = encode_result(blank, scene_sha256=SHA, width=W, height=H)
-    with pytest.raises(RemoteProtocolError, match="frame 1 is blank"):
+    with pytest.raises(
+        RemoteProtocolError, match=r"frame 1 is blank: every pixel is \[.*allow_blank"
+    ):
         check_result(data, _meta(_request().encode()), 1 << 20)
     check_result(data, _meta(_request(allow_blank=True).encode()), 1 << 20)
 

@@ -400,7 +400,10 @@ def check_frames(result: RenderResult, *, width: int, height: int, allow_blank: 
 def _refuse_blank(number: int, array: npt.NDArray[np.uint8]) -> None:
     pixels = array.reshape(-1, CHANNELS)
     if bool((pixels == pixels[0]).all()):
-        raise RemoteProtocolError(f"frame {number} is blank: every pixel is {pixels[0]}")
+        raise RemoteProtocolError(
+            f"frame {number} is blank: every pixel is {pixels[0].tolist()} (a scene that "
+            'renders one colour on purpose sets "allow_blank": "1" in its payload)'
+        )
 
 
 def job_meta(payload: bytes, max_bytes: int) -> dict[str, Any]:
