@@ -30,7 +30,7 @@ from sqlalchemy.orm import Session
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from nodeclient.coordinator import classes, metrics, registry, results, store
+from nodeclient.coordinator import classes, leases, metrics, registry, results, store
 from nodeclient.coordinator import models as m
 from nodeclient.coordinator.config import CoordinatorConfig
 from nodeclient.coordinator.link import ABORT_KEY
@@ -79,6 +79,8 @@ def body_limit(config: CoordinatorConfig, path: str) -> int | None:
     return JSON_BODY_LIMIT
 
 
+# The reason of a job its requester cancelled (POST /v1/jobs/{job_id}/cancel).
+CANCELLED_REASON: Final = "cancelled by the requester"
 # What a requester whose job payload is over the limit can do instead.
 PAYLOAD_ADVICE = (
     "upload a large model or scene to the blob store first (POST /v1/blobs) and name it "
@@ -624,6 +626,33 @@ def build_router(coord: Coordinator) -> APIRouter:  # noqa: PLR0915 (one route e
             if p is not None:
                 progress[task.task_id] = {name: p[name] for name in ("done", "total", "note")}
         return await coord.in_cpu(_job_response, rows, chain_id, progress, 200)
+
+    @router.post("/v1/jobs/{job_id}/cancel")
+    async def cancel_job(job_id: str) -> Response:
+        """End a job that has not ended: failed, with the reason CANCELLED_REASON, its
+        queued tasks withdrawn and its leased ones cancelled on their nodes."""
+        key = uuid_key(job_id)
+        if key is None:
+            return error(404, f"no job {job_id}")
+        now = coord.now()
+
+        def tx(s: Session) -> tuple[str | None, list[tuple[str, str]], store.JobRows | None]:
+            job = s.get(m.Job, key)
+            if job is None or job.status in (m.SUCCEEDED, m.FAILED):
+                return None if job is None else job.status, [], None
+            cancel = leases.fail_job(s, key, CANCELLED_REASON, now)
+            return m.FAILED, cancel, store.JobRows(store.job_head(s.get_one(m.Job, key)), None)
+
+        status, cancel, rows = await coord.db.run(tx)
+        if status is None:
+            return error(404, f"no job {job_id}")
+        if rows is None:
+            return error(409, f"job {job_id} has already ended: {status}")
+        for node_id, task_id in cancel:  # best effort: the leases are gone anyway
+            coord.send_cancel(node_id, task_id, "job cancelled")
+        log.info("job.cancelled", extra={"job_id": key, "leases_cancelled": len(cancel)})
+        coord.wake()  # its nodes' slots are free
+        return await coord.in_cpu(_job_response, rows, chain_id, None, 200)
 
     @router.get("/v1/jobs/{job_id}/result", response_model=None)
     async def job_result(job_id: str) -> Response:

@@ -225,6 +225,11 @@ def _requester_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser])
     job.add_argument("job_id")
     job.add_argument("--json", action="store_true")
 
+    cancel = requester(
+        "cancel", "end a job that has not ended: it fails, its tasks withdrawn from the nodes"
+    )
+    cancel.add_argument("job_id")
+
     verify = requester(
         "verify", "check a job's every task and its result yourself (hashlib, eth-account)"
     )
@@ -393,32 +398,36 @@ def _new_token(args: argparse.Namespace) -> int:
     return 0
 
 
-def _requester(args: argparse.Namespace) -> int:  # noqa: PLR0911 (one return a command)
+def _submit(client: CoordinatorClient, args: argparse.Namespace) -> int:
+    if args.timeout is not None and not args.wait:
+        raise UsageError("submit: --timeout is how long --wait waits: add --wait")
+    payload = _read_payload(args.payload)
+    job = client.submit_job(
+        args.workload_class, payload,
+        min_tier=args.min_tier, region=args.region, slices=args.slices,
+        ram_mb=args.ram_mb, vram_mb=args.vram_mb,
+    )  # fmt: skip
+    print(job["job_id"], flush=True)
+    if not args.wait:
+        return 0
+    try:
+        done = _wait(client, job["job_id"], args.timeout)
+    except KeyboardInterrupt:
+        print(f"nodeclient-coordinator: interrupted; job {job['job_id']} goes on: "
+              f"follow it with `nodeclient-coordinator job {job['job_id']}`",
+              file=sys.stderr)  # fmt: skip
+        raise
+    if done["status"] != "succeeded":
+        said = printable(f"job {done['job_id']} failed: {done.get('reason')}")
+        print(said, file=sys.stderr)
+        return 1
+    return 0
+
+
+def _requester(args: argparse.Namespace) -> int:
     with CoordinatorClient(args.coordinator, token=_token(args)) as client:
         if args.command == "submit":
-            if args.timeout is not None and not args.wait:
-                raise UsageError("submit: --timeout is how long --wait waits: add --wait")
-            payload = _read_payload(args.payload)
-            job = client.submit_job(
-                args.workload_class, payload,
-                min_tier=args.min_tier, region=args.region, slices=args.slices,
-                ram_mb=args.ram_mb, vram_mb=args.vram_mb,
-            )  # fmt: skip
-            print(job["job_id"], flush=True)
-            if not args.wait:
-                return 0
-            try:
-                done = _wait(client, job["job_id"], args.timeout)
-            except KeyboardInterrupt:
-                print(f"nodeclient-coordinator: interrupted; job {job['job_id']} goes on: "
-                      f"follow it with `nodeclient-coordinator job {job['job_id']}`",
-                      file=sys.stderr)  # fmt: skip
-                raise
-            if done["status"] != "succeeded":
-                said = printable(f"job {done['job_id']} failed: {done.get('reason')}")
-                print(said, file=sys.stderr)
-                return 1
-            return 0
+            return _submit(client, args)
         if args.command == "jobs":
             listing = client.jobs(status=args.status)
             with _shape("GET /v1/jobs"):
@@ -434,6 +443,11 @@ def _requester(args: argparse.Namespace) -> int:  # noqa: PLR0911 (one return a 
                     print(json.dumps(one, indent=2))
                 else:
                     _print_job(one)
+            return 0
+        if args.command == "cancel":
+            ended = client.cancel_job(args.job_id)
+            with _shape(f"POST /v1/jobs/{args.job_id}/cancel"):
+                _print_job(ended)
             return 0
         if args.command == "verify":
             return _verify(client, args)

@@ -211,6 +211,13 @@ class CoordinatorClient:
         answer = self._json("POST", "/v1/jobs", json=body, unanswered=check)
         return _job_object(answer, "POST /v1/jobs", then=check)
 
+    def cancel_job(self, job_id: str) -> dict[str, Any]:
+        """POST /v1/jobs/{job_id}/cancel: the job, failed ("cancelled by the requester"),
+        without its tasks; a job that has ended already is a 409."""
+        path = f"/v1/jobs/{job_id}/cancel"
+        answer = self._json("POST", path, unanswered="it may have been cancelled: look at the job")
+        return _job_object(answer, f"POST {path}", tasks=False)
+
     def job(self, job_id: str, *, tasks: bool = True) -> dict[str, Any]:
         """The job with every task; without *tasks*, the job alone (``?tasks=none``): far
         less for the coordinator to build for a job of many tasks, for a poll that reads
