@@ -351,3 +351,45 @@ def test_as_the_units_user_a_task_writes_only_its_work_dir_and_tmp(open_dir: Pat
     done = subprocess.run(argv, capture_output=True, timeout=60, check=False)
     assert done.returncode == 0, done.stderr.decode()
     assert done.stdout.decode().split() == ["/tmp", str(work)]
+
+
+def _pinned_unit() -> str:
+    """The unit for fixed options: its SHA-256 is pinned per unit version below."""
+    import hashlib
+
+    opts = service.UnitOptions(
+        executable=Path("/opt/nodeclient/bin/nodeclient"), code_paths=(Path("/opt/nodeclient"),)
+    )
+    return hashlib.sha256(service.render_unit(opts).encode()).hexdigest()
+
+
+# The text of each unit version, as _pinned_unit() hashes it. A change to render_unit
+# needs a new UNIT_VERSION (and its line here), so that upgraded nodes are told to install
+# the unit again.
+UNITS = {2: "0f25e62705fe6e2509f4ddee5c24897fbb2ae17ca3e73d29b8929d0531f053b7"}
+
+
+def test_the_unit_text_is_the_one_recorded_for_its_version() -> None:
+    assert _pinned_unit() == UNITS.get(service.UNIT_VERSION), (
+        "render_unit's text changed: raise service.UNIT_VERSION and record the new text here"
+    )
+
+
+def test_an_older_unit_is_reported_with_what_to_do(tmp_path: Path) -> None:
+    """A unit written before the version line (or with an older one) is outdated, with
+    the commands that replace it; this release's, a foreign file and none are not."""
+    opts = service.UnitOptions(executable=Path("/usr/bin/nodeclient"))
+    current = service.render_unit(opts)
+    unit = tmp_path / "nodeclient.service"
+    unit.write_text(current)
+    assert service.outdated_unit(unit) is None
+    unit.write_text("\n".join(line for line in current.splitlines() if "unit version" not in line))
+    said = service.outdated_unit(unit)
+    assert said is not None
+    assert "unit version 1, this release writes 2" in said
+    assert "nodeclient service install" in said and "daemon-reload" in said
+    unit.write_text(current.replace("unit version: 2", "unit version: 1"))
+    assert service.outdated_unit(unit) is not None
+    unit.write_text("[Service]\nExecStart=/usr/bin/other\n")
+    assert service.outdated_unit(unit) is None
+    assert service.outdated_unit(tmp_path / "none.service") is None

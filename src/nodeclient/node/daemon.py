@@ -17,7 +17,9 @@ import asyncio
 import concurrent.futures
 import contextlib
 import logging
+import os
 import random
+import resource
 import signal
 import sqlite3
 import threading
@@ -33,7 +35,7 @@ from websockets.asyncio.client import ClientConnection
 from nodeclient import logs
 from nodeclient.clock import Clock, PeerClock
 from nodeclient.errors import NeedsOperator
-from nodeclient.node import control, inputs
+from nodeclient.node import control, inputs, service
 from nodeclient.node.delivery import RESEND_FULL_BACKLOG_S
 from nodeclient.node.dispatch import RunningTask
 from nodeclient.node.executor import Executor
@@ -50,6 +52,23 @@ log = logging.getLogger("nodeclient.node")
 
 DRAIN_FLUSH_S: Final = 10.0  # after a stop's grace, how long unacknowledged results are sent
 _DAMAGED_LOGGED: Final = 20  # damaged rows described in one outbox.rows_damaged event
+
+
+# The open files the daemon asks for (its soft limit, up to the hard one): each slot's
+# worker pipes, its disk watcher's walk (up to 64), the links, the outbox's files.
+OPEN_FILES: Final = 65536
+
+
+def _raise_open_file_limit() -> None:
+    """Raise the soft RLIMIT_NOFILE towards OPEN_FILES (within the hard limit), as the unit
+    does with LimitNOFILE: a daemon started by hand or by an older unit gets 1024."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = OPEN_FILES if hard == resource.RLIM_INFINITY else min(OPEN_FILES, hard)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+        except (ValueError, OSError) as exc:
+            log.warning("daemon.open_files_limit", extra={"soft": soft, "error": str(exc)})
 
 
 class NodeDaemon(LinkClient):
@@ -132,6 +151,11 @@ class NodeDaemon(LinkClient):
     async def run(self) -> int:
         logs.bind_global(node_id=self.node_id)
         self.restore_unstake()
+        _raise_open_file_limit()
+        if os.environ.get("INVOCATION_ID"):  # started by systemd: is its unit this release's?
+            outdated = service.outdated_unit()
+            if outdated is not None:
+                log.warning("service.unit_outdated", extra={"hint": outdated})
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)

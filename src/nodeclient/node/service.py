@@ -40,6 +40,11 @@ from nodeclient.errors import NeedsOperator, UsageError
 NO_RESTART_STATUSES: Final = (NeedsOperator.exit_code,)  # 78: see nodeclient.errors
 
 DEFAULT_UNIT_PATH: Final = Path("/etc/systemd/system/nodeclient.service")
+# The unit's layout: raised whenever render_unit writes something else (a test pins each
+# version's text), so a node upgraded without installing the unit again is told. Units
+# written before the version line count as 1.
+UNIT_VERSION: Final = 2
+_UNIT_VERSION_LINE: Final = "# nodeclient unit version: "
 DEFAULT_HOME: Final = Path("/var/lib/nodeclient")
 DEFAULT_USER: Final = "nodeclient"
 STOP_TIMEOUT_S: Final = 120  # > the daemon's drain: 60 s for running tasks + 10 s of outbox
@@ -174,6 +179,7 @@ def render_unit(opts: UnitOptions) -> str:
     devices = [f"DeviceAllow={d} rw" for d in (*NVIDIA_DEVICE_GROUPS, *NVIDIA_DEVICE_NODES)]
     lines = [
         "# nodeclient node daemon (written by `nodeclient service install`)",
+        f"{_UNIT_VERSION_LINE}{UNIT_VERSION}",
         "[Unit]",
         "Description=nodeclient compute node daemon",
         "Wants=network-online.target",
@@ -230,6 +236,37 @@ def render_unit(opts: UnitOptions) -> str:
         "WantedBy=multi-user.target",
     ]
     return "\n".join(lines) + "\n"
+
+
+def unit_version(text: str) -> int:
+    """The layout version an installed unit's text records (1: none recorded)."""
+    for line in text.splitlines():
+        if line.startswith(_UNIT_VERSION_LINE):
+            value = line[len(_UNIT_VERSION_LINE) :].strip()
+            return int(value) if value.isdigit() else 0
+    return 1
+
+
+def outdated_unit(path: Path | None = None) -> str | None:
+    """Why the unit installed at *path* (default DEFAULT_UNIT_PATH) is not this release's,
+    with what to do; None when it is, or when none is installed there (or it cannot be
+    read: nothing to say)."""
+    path = DEFAULT_UNIT_PATH if path is None else path
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return None
+    if "nodeclient" not in text:  # not ours
+        return None
+    found = unit_version(text)
+    if found >= UNIT_VERSION:
+        return None
+    return (
+        f"the systemd unit {path} was written by an older nodeclient (unit version {found}, "
+        f"this release writes {UNIT_VERSION}): fixes to it since do not apply. Run `sudo "
+        "nodeclient service install` again with the options you gave it, then `sudo "
+        "systemctl daemon-reload && sudo systemctl restart nodeclient`"
+    )
 
 
 def write_unit(path: Path, text: str) -> Path:
