@@ -181,6 +181,75 @@ def test_gpu_probe_timeout_fails(monkeypatch, tmp_path: Path) -> None:
     assert "reboot" in check.fix
 
 
+def _fake_dev(tmp_path: Path, *names: str) -> Path:
+    dev = tmp_path / "dev"
+    dev.mkdir()
+    for name in names:
+        (dev / name).touch()
+    return dev
+
+
+def _replayed(name: str, **env: str) -> GpuProbe:
+    from nodeclient.node import hardware
+
+    fixture = Path(__file__).parent / "fixtures" / "nvml" / name
+    ours = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
+    return hardware.probe_gpus(
+        timeout=10.0, env={**ours, "NODECLIENT_NVML_REPLAY": str(fixture), **env}
+    )
+
+
+def test_gpu_without_nvidia_uvm_fails_with_the_fix(tmp_path: Path) -> None:
+    """NVML sees the cards, but /dev/nvidia-uvm is missing (CUDA cannot start in a worker,
+    which cannot load the module): FAIL, naming the file and `nvidia-modprobe -u -c=0`."""
+    probe = _replayed("mixed_4090_t4_minor_numbers.json")
+    dev = _fake_dev(tmp_path, "nvidiactl", "nvidia0", "nvidia1", "nvidia2")
+    check = doctor.check_gpus(probe=lambda: probe, dev=dev)
+    assert check.level is Level.FAIL, check
+    assert f"{dev / 'nvidia-uvm'} is missing" in check.summary
+    assert "nvidia-modprobe -u -c=0" in check.fix
+
+
+def test_gpu_without_its_card_device_file_fails(tmp_path: Path) -> None:
+    """A card whose /dev/nvidia<minor> is missing fails too; the minor number counts, not
+    the NVML index (the recording's card 0 has minor number 2)."""
+    probe = _replayed("mixed_4090_t4_minor_numbers.json", CUDA_VISIBLE_DEVICES="0")
+    dev = _fake_dev(tmp_path, "nvidiactl", "nvidia-uvm", "nvidia0", "nvidia1")
+    check = doctor.check_gpus(probe=lambda: probe, dev=dev)
+    assert check.level is Level.FAIL, check
+    assert f"{dev / 'nvidia2'} is missing" in check.summary
+    assert "`nvidia-modprobe -c=2`" in check.fix
+
+
+def test_gpu_with_every_device_file_is_ok(tmp_path: Path) -> None:
+    """The cards, nvidiactl and nvidia-uvm all there: OK, naming the cards."""
+    probe = _replayed("mixed_4090_t4_minor_numbers.json")
+    dev = _fake_dev(tmp_path, "nvidiactl", "nvidia-uvm", "nvidia0", "nvidia1", "nvidia2")
+    check = doctor.check_gpus(probe=lambda: probe, dev=dev)
+    assert check.level is Level.OK, check
+    assert "2x NVIDIA GeForce RTX 4090, 1x Tesla T4, driver 550.120" in check.summary
+
+
+def test_gpu_all_left_out_by_cuda_visible_devices_is_ok(tmp_path: Path) -> None:
+    """CUDA_VISIBLE_DEVICES= (empty): the operator keeps every card; OK, and says so."""
+    probe = _replayed("mixed_4090_t4_minor_numbers.json", CUDA_VISIBLE_DEVICES="")
+    dev = _fake_dev(tmp_path, "nvidiactl", "nvidia0", "nvidia1", "nvidia2")
+    check = doctor.check_gpus(probe=lambda: probe, dev=dev)
+    assert check.level is Level.OK, check
+    assert "0 of 3 GPUs used" in check.summary
+
+
+def test_gpu_in_mig_mode_fails_with_its_own_fix(tmp_path: Path) -> None:
+    """A card in MIG mode: FAIL, with how to turn MIG off or leave the card out, not the
+    driver-reinstall advice."""
+    probe = _replayed("h100_x2_mig_on_1.json")
+    dev = _fake_dev(tmp_path, "nvidiactl", "nvidia-uvm", "nvidia0", "nvidia1")
+    check = doctor.check_gpus(probe=lambda: probe, dev=dev)
+    assert check.level is Level.FAIL, check
+    assert "MIG is not supported yet" in check.summary
+    assert "nvidia-smi -i 1 -mig 0" in check.fix and "reinstall" not in check.fix
+
+
 # --- runtimes ---------------------------------------------------------------------------------
 
 

@@ -295,7 +295,7 @@ def test_other_signals_read_as_crashes() -> None:
 # --- the sandbox command line -----------------------------------------------------------------
 
 
-def _layout(tmp_path: Path, gpus: tuple[int, ...] = ()) -> sandbox.Layout:
+def _layout(tmp_path: Path, gpus: tuple[sandbox.SlotGpu, ...] = ()) -> sandbox.Layout:
     return sandbox.make_layout(workdir=tmp_path / "w", cache_dir=tmp_path / "c", gpus=gpus)
 
 
@@ -313,9 +313,18 @@ def test_command_line_isolates(tmp_path: Path) -> None:
 
 
 def test_gpu_slot_is_named_in_cuda_visible_devices(tmp_path: Path) -> None:
-    """A slot with GPU 1 sees CUDA_VISIBLE_DEVICES=1; one without sees no variable."""
-    assert sandbox.worker_env(_layout(tmp_path, (1,)))["CUDA_VISIBLE_DEVICES"] == "1"
-    assert "CUDA_VISIBLE_DEVICES" not in sandbox.worker_env(_layout(tmp_path))
+    """A slot with a GPU sees CUDA_VISIBLE_DEVICES naming it by UUID (a number would count
+    among the one card the sandbox shows), in PCI bus order, with its memory; one without
+    sees none of these variables."""
+    gpu = sandbox.SlotGpu(uuid="GPU-5771190f", minor=1, vram_bytes=85520809984)
+    env = sandbox.worker_env(_layout(tmp_path, (gpu,)))
+    assert env["CUDA_VISIBLE_DEVICES"] == "GPU-5771190f"
+    assert env["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
+    assert env["NODECLIENT_GPU_MEMORY_BYTES"] == "85520809984"
+    plain = sandbox.worker_env(_layout(tmp_path))
+    assert not {"CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER", "NODECLIENT_GPU_MEMORY_BYTES"} & set(
+        plain
+    )
 
 
 def test_root_keeps_only_the_capabilities_to_drop_to_nobody(tmp_path: Path) -> None:

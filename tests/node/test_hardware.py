@@ -54,6 +54,7 @@ GROUPS: dict[str, list[tuple[str, int, int]]] = {
     "t4_x1.json": [(T4, 1, 15)],
     "mixed_2x4090_1xt4.json": [(RTX4090, 2, 24), (T4, 1, 15)],
     "rtx3080_10gb_and_12gb.json": [(RTX3080, 1, 12), (RTX3080, 1, 10)],
+    "mixed_4090_t4_minor_numbers.json": [(RTX4090, 2, 24), (T4, 1, 15)],
     "driver_no_gpus.json": [],
 }
 # fixture -> (status, a fragment the detail must contain)
@@ -63,12 +64,20 @@ FAILURES: dict[str, tuple[str, str]] = {
     "lib_rm_version_mismatch.json": ("error", "NVML_ERROR_LIB_RM_VERSION_MISMATCH"),
     "gpu_lost_at_device_1.json": ("error", "device 1: GPU is lost (NVML_ERROR_GPU_IS_LOST)"),
     "crash.json": ("error", "SIGSEGV"),
+    "h100_x2_mig_on_1.json": (
+        "error",
+        f"GPU 1 ({H100}, GPU-7c2e9a14-5b3d-4f86-a0e7-c1d4b9f8e352) is in MIG mode, and MIG "
+        "is not supported yet",
+    ),
 }
 HANGS = {"hang.json", "hang_with_helper.json"}
 
 
 def replay_env(path: Path) -> dict[str, str]:
-    return {**os.environ, REPLAY_ENV: str(path)}
+    """Our environment with the replay hook set, and without CUDA_VISIBLE_DEVICES (which
+    would choose among the recorded cards)."""
+    env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
+    return {**env, REPLAY_ENV: str(path)}
 
 
 def replay(name: str, *, timeout: float = 10.0) -> GpuProbe:
@@ -139,9 +148,221 @@ def test_per_device_details_come_through() -> None:
             uuid=d["uuid"],
             vram_bytes=d["memory_total"],
             driver_version="550.54.15",
+            minor=i,  # a recording without minor numbers: each card's is its index
         )
         for i, d in enumerate(recording["devices"])
     )
+
+
+MIXED_UUIDS = (
+    "GPU-9b1e6f1a-3c55-4f0e-8d7e-0a4b1c2d3e4f",
+    "GPU-5f0c2a77-81d4-4b39-9a61-6e2d3c4b5a69",
+    "GPU-e4a8d0c3-6b2f-47a1-b5c9-3d7e8f9a0b1c",
+)
+
+
+def test_minor_numbers_and_bus_ids_come_through() -> None:
+    """Each card's device-file minor number (not its NVML index) and PCI bus id reach the
+    parent, in NVML order: the order the slots get the cards in."""
+    probe = replay("mixed_4090_t4_minor_numbers.json")
+    assert probe.status == "ok", probe.detail
+    assert [(d.index, d.uuid, d.minor, d.pci_bus_id) for d in probe.per_device] == [
+        (0, MIXED_UUIDS[0], 2, "00000000:17:00.0"),
+        (1, MIXED_UUIDS[1], 0, "00000000:65:00.0"),
+        (2, MIXED_UUIDS[2], 1, "00000000:CA:00.0"),
+    ]
+    assert [d.vram_bytes for d in probe.per_device] == [25757220864, 15843721216, 25757220864]
+
+
+def test_a_mig_card_is_refused_with_what_to_do() -> None:
+    """A card in MIG mode fails the probe, naming the card; the fix turns MIG off or
+    leaves the card out."""
+    probe = replay("h100_x2_mig_on_1.json")
+    assert (probe.status, probe.per_device) == ("error", ())
+    assert "nvidia-smi -i 1 -mig 0" in probe.fix and "CUDA_VISIBLE_DEVICES" in probe.fix
+
+
+def test_a_mig_card_left_out_by_cuda_visible_devices_is_no_obstacle() -> None:
+    """The operator can keep a MIG card out of the node's hands: the others are used."""
+    env = {**replay_env(FIXTURES / "h100_x2_mig_on_1.json"), "CUDA_VISIBLE_DEVICES": "0"}
+    probe = probe_gpus(env=env)
+    assert probe.status == "ok", probe.detail
+    assert [d.index for d in probe.per_device] == [0]
+    assert [(g.model, g.count) for g in probe.gpus] == [(H100, 1)]
+
+
+def _probe_with_visible(visible: str) -> GpuProbe:
+    env = {**replay_env(FIXTURES / "mixed_4090_t4_minor_numbers.json")}
+    env["CUDA_VISIBLE_DEVICES"] = visible
+    return probe_gpus(env=env)
+
+
+@pytest.mark.parametrize(
+    ("visible", "indices"),
+    [
+        ("2,0", [2, 0]),
+        (" 1 ", [1]),
+        ("GPU-e4a8d0c3,1", [2, 1]),  # a UUID prefix that names one card, as CUDA takes it
+        (MIXED_UUIDS[1].upper(), [1]),
+        ("0,-1,1", [0]),  # a negative number ends the list, as in CUDA
+        ("-1", []),
+        ("", []),
+    ],
+)
+def test_cuda_visible_devices_selects_the_cards_used(visible: str, indices: list[int]) -> None:
+    """The daemon's CUDA_VISIBLE_DEVICES (NVML ignores it) chooses the cards, in its order;
+    the manifest's groups, tier and slots follow those cards and no others."""
+    probe = _probe_with_visible(visible)
+    assert probe.status == "ok", probe.detail
+    assert [d.index for d in probe.per_device] == indices
+    assert list(probe.gpus) == list(group_devices(probe.per_device))
+    assert f"{len(indices)} of 3 GPUs used" in probe.detail
+    info = HardwareInfo(cpu=CpuInfo("EPYC", 64, 256), gpu=probe)
+    assert info.max_parallel_subtasks == (len(indices) or 64)  # CPU-only: one per core
+    assert info.hardware_tier == (0 if not indices else 2 if 0 in indices or 2 in indices else 1)
+
+
+@pytest.mark.parametrize(
+    ("visible", "fragment"),
+    [
+        ("3", "names GPU 3, and this machine has 3 (0 to 2)"),
+        ("0,0", "names GPU 0 (GPU-9b1e6f1a-3c55-4f0e-8d7e-0a4b1c2d3e4f) twice"),
+        ("GPU-0000", "'GPU-0000' names no GPU of this machine"),
+        ("GPU-", "'GPU-' names 3 GPUs of this machine"),
+        ("MIG-5f0c2a77", "MIG is not supported yet"),
+        ("first", "'first' is neither a GPU index nor a GPU UUID"),
+        ("0,,1", "'' is neither"),
+    ],
+)
+def test_cuda_visible_devices_that_cannot_be_followed_is_an_error(
+    visible: str, fragment: str
+) -> None:
+    """A CUDA_VISIBLE_DEVICES naming no card, or one twice, fails the probe with the fix:
+    the node must not quietly declare other cards than the operator chose."""
+    probe = _probe_with_visible(visible)
+    assert (probe.status, probe.gpus, probe.per_device) == ("error", (), ())
+    assert f"CUDA_VISIBLE_DEVICES={visible!r} cannot be followed" in probe.detail
+    assert fragment in probe.detail
+    assert "nvidia-smi -L" in probe.fix
+
+
+def test_probe_timeout_grows_with_the_cards(tmp_path: Path) -> None:
+    """10 s, plus 5 s per card device file: an 8-card machine without persistence mode
+    needs more than 10 s to bring NVML up."""
+    from nodeclient.node import hardware
+
+    dev = tmp_path / "dev"
+    dev.mkdir()
+    for name in ("nvidiactl", "nvidia-uvm", "nvidia-caps"):
+        (dev / name).touch()
+    assert hardware.probe_timeout(dev) == 10.0
+    for i in range(8):
+        (dev / f"nvidia{i}").touch()
+    assert hardware.probe_timeout(dev) == 50.0
+
+
+def test_probe_gpus_waits_for_probe_timeout_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without a timeout given, the probe waits as long as probe_timeout says."""
+    from nodeclient.node import hardware
+
+    monkeypatch.setattr(hardware, "probe_timeout", lambda dev=None: 1.25)
+    probe = probe_gpus(env=replay_env(FIXTURES / "hang.json"))
+    assert probe.status == "timeout"
+    assert "within 1.25 s" in probe.detail
+
+
+class _FakeNvml:
+    """An NVML whose per-card queries answer from *answers*: a value, or an NVML error
+    name to raise."""
+
+    def __init__(self, **answers: object) -> None:
+        self.answers = answers
+
+    def _answer(self, name: str) -> object:
+        import pynvml
+
+        value = self.answers[name]
+        if isinstance(value, str) and value.startswith("NVML_ERROR_"):
+            raise pynvml.NVMLError(getattr(pynvml, value))
+        return value
+
+    def nvmlInit(self) -> None:
+        return None
+
+    def nvmlShutdown(self) -> None:
+        return None
+
+    def nvmlSystemGetDriverVersion(self) -> str:
+        return "550.54.15"
+
+    def nvmlDeviceGetCount(self) -> int:
+        return 1
+
+    def nvmlDeviceGetHandleByIndex(self, index: int) -> int:
+        return index
+
+    def nvmlDeviceGetName(self, handle: int) -> bytes:
+        return b"NVIDIA A100-SXM4-40GB"
+
+    def nvmlDeviceGetUUID(self, handle: int) -> str:
+        return "GPU-1"
+
+    def nvmlDeviceGetMemoryInfo(self, handle: int) -> object:
+        return type("Memory", (), {"total": 42949672960})()
+
+    def nvmlDeviceGetMinorNumber(self, handle: int) -> object:
+        return self._answer("minor")
+
+    def nvmlDeviceGetPciInfo(self, handle: int) -> object:
+        return type("Pci", (), {"busId": self._answer("bus")})()
+
+    def nvmlDeviceGetMigMode(self, handle: int) -> object:
+        return self._answer("mig")
+
+
+def test_collect_reads_minor_bus_id_and_mig_mode() -> None:
+    """The real library's answers: bytes for the bus id, [current, pending] MIG modes."""
+    from nodeclient.node import nvml_probe
+
+    answer = nvml_probe.collect(_FakeNvml(minor=4, bus=b"00000000:3B:00.0", mig=[1, 0]))
+    assert answer["status"] == "ok", answer
+    assert answer["devices"][0] | {"name": "", "uuid": ""} == {
+        "index": 0,
+        "name": "",
+        "uuid": "",
+        "vram_bytes": 42949672960,
+        "minor": 4,
+        "pci_bus_id": "00000000:3B:00.0",
+        "mig": True,
+    }
+    pending = nvml_probe.collect(_FakeNvml(minor=0, bus="x", mig=[0, 1]))  # on at next reset
+    assert pending["devices"][0]["mig"] is False
+
+
+def test_collect_takes_no_mig_and_no_bus_id_where_nvml_has_none() -> None:
+    """A card without MIG (NOT_SUPPORTED) or a driver without the call (FUNCTION_NOT_FOUND):
+    no MIG, bus id unknown; a card that fails the query otherwise fails the probe."""
+    from nodeclient.node import nvml_probe
+
+    answer = nvml_probe.collect(
+        _FakeNvml(minor=0, bus="NVML_ERROR_FUNCTION_NOT_FOUND", mig="NVML_ERROR_NOT_SUPPORTED")
+    )
+    assert answer["status"] == "ok", answer
+    assert (answer["devices"][0]["pci_bus_id"], answer["devices"][0]["mig"]) == ("", False)
+    lost = nvml_probe.collect(_FakeNvml(minor=0, bus="x", mig="NVML_ERROR_GPU_IS_LOST"))
+    assert lost["status"] == "error" and "NVML_ERROR_GPU_IS_LOST" in lost["detail"]
+    no_minor = nvml_probe.collect(_FakeNvml(minor="NVML_ERROR_NOT_SUPPORTED", bus="x", mig=[0, 0]))
+    assert no_minor["status"] == "error" and "device 0" in no_minor["detail"]
+
+
+def test_a_bad_minor_number_in_a_recording_is_an_error(tmp_path: Path) -> None:
+    """A recording whose minor number is not a non-negative integer is refused, clearly."""
+    path = tmp_path / "bad_minor.json"
+    device = {"name": H100, "uuid": "GPU-1", "memory_total": 85520809984, "minor": -1}
+    path.write_text(json.dumps({"driver_version": "550", "devices": [device]}))
+    probe = probe_gpus(env=replay_env(path))
+    assert probe.status == "error"
+    assert "'minor' must be a non-negative integer" in probe.detail
 
 
 def test_spec_machine_manifest() -> None:
@@ -334,9 +555,9 @@ def test_vram_rounds_to_nearest_gib(total: int, expected: int) -> None:
 def test_grouping_does_not_depend_on_enumeration_order() -> None:
     """The same cards enumerated in another order give the same groups (same signed bytes)."""
     cards = [
-        GpuDevice(0, T4, "GPU-a", 15843721216, "550.120"),
-        GpuDevice(1, RTX4090, "GPU-b", 25757220864, "550.120"),
-        GpuDevice(2, RTX4090, "GPU-c", 25757220864, "550.120"),
+        GpuDevice(0, T4, "GPU-a", 15843721216, "550.120", minor=0),
+        GpuDevice(1, RTX4090, "GPU-b", 25757220864, "550.120", minor=1),
+        GpuDevice(2, RTX4090, "GPU-c", 25757220864, "550.120", minor=2),
     ]
     expected = (GpuGroup(RTX4090, 2, 24), GpuGroup(T4, 1, 15))
     assert group_devices(cards) == expected

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import shlex
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from nodeclient import __version__
 from nodeclient.errors import KeyFileError, UsageError
@@ -23,6 +24,11 @@ from nodeclient.node import keys, securefile, wallet
 from nodeclient.node.cli_options import home_dir, passphrase_source
 from nodeclient.node.config import NodeConfig, load_config, write_config
 from nodeclient.protocol.secp import Secp256k1Key
+
+if TYPE_CHECKING:
+    from nodeclient.node.hardware import HardwareInfo
+
+log = logging.getLogger("nodeclient.node")
 
 
 def cmd_init(args: argparse.Namespace) -> int:
@@ -154,6 +160,21 @@ def cmd_keys_rotate(args: argparse.Namespace) -> int:
     return 0
 
 
+def probe_local_hardware() -> HardwareInfo:
+    """Probe this machine's CPU and GPUs; a GPU probe that failed (a timeout, a driver
+    error, a card the node refuses) is logged as ``hardware.gpu_probe_failed``, since the
+    node then declares no GPU. No driver at all is a CPU-only machine, not a failure."""
+    from nodeclient.node import hardware
+
+    hw = hardware.probe_hardware()
+    if hw.gpu.status not in ("ok", "no-driver"):
+        log.warning(
+            "hardware.gpu_probe_failed",
+            extra={"status": hw.gpu.status, "detail": hw.gpu.detail, "fix": hw.gpu.fix},
+        )
+    return hw
+
+
 def build_local_manifest(
     home: Path,
     config: NodeConfig,
@@ -163,15 +184,17 @@ def build_local_manifest(
     node_key: Any = None,
     liveness_key: Any = None,
     sandboxed: bool | None = None,
+    hardware: HardwareInfo | None = None,
 ) -> dict[str, Any]:
     """Probe this machine and build the signed manifest (2.3.2). *sandboxed*: whether the
-    daemon runs tasks in bubblewrap (None: probe it here)."""
-    from nodeclient.node import hardware, sandbox
+    daemon runs tasks in bubblewrap (None: probe it here). *hardware*: what
+    :func:`probe_local_hardware` found, when the caller probed already (None: probe here)."""
+    from nodeclient.node import sandbox
     from nodeclient.node.runtimes import usable_workload_classes
     from nodeclient.protocol import manifest as mf
     from nodeclient.protocol import tier
 
-    hw = hardware.probe_hardware()
+    hw = probe_local_hardware() if hardware is None else hardware
     cpu, gpu = hw.cpu.to_manifest(), hw.gpu.to_manifest()
     slots = tier.effective_parallelism(
         tier.max_parallel_subtasks(cpu, gpu), config.max_parallel_subtasks
@@ -267,11 +290,16 @@ def cmd_wallet_proof(args: argparse.Namespace) -> int:
 def cmd_manifest(args: argparse.Namespace) -> int:
     home = home_dir(args)
     config = load_config(home)
-    manifest = build_local_manifest(home, config, passphrase_source(args))
+    hw = probe_local_hardware()
+    manifest = build_local_manifest(home, config, passphrase_source(args), hardware=hw)
     if args.json:
         print(json.dumps(manifest, indent=2))
         return 0
     gpus = ", ".join(f"{g['count']}x {g['model']} ({g['vram_gb']} GB)" for g in manifest["gpu"])
+    if hw.gpu.status not in ("ok", "no-driver"):
+        gpus = f"none: the GPU probe failed ({hw.gpu.status}): {hw.gpu.detail}"
+    elif hw.gpu.detail:  # CUDA_VISIBLE_DEVICES chose the cards
+        gpus = f"{gpus or 'none'} ({hw.gpu.detail})"
     print(f"node_id               {manifest['node_id']}")
     print(f"wallet_address        {manifest['wallet_address']}")
     proven = "yes, signed by the wallet" if "wallet_proof" in manifest else "no (`wallet-proof`)"

@@ -2,8 +2,11 @@
 outbox and, opt-in, the Prometheus metrics endpoint (2.3.8).
 
 Everything that can be checked before the daemon starts is: the coordinator URL, the
-heartbeat interval, the sandbox and the outbox, each failure one line on stderr. A damaged
-outbox exits 78, which the systemd unit does not restart on.
+heartbeat interval, the sandbox, the GPU device files and the outbox, each failure one
+line on stderr. A damaged outbox exits 78, which the systemd unit does not restart on.
+
+The slots get the cards the GPU probe kept (``GpuProbe.per_device``: NVML's order, or the
+daemon's ``CUDA_VISIBLE_DEVICES``), the very cards the manifest declares.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from typing import TYPE_CHECKING
 
 from nodeclient.errors import NeedsOperator, NodeClientError
 from nodeclient.node import keys
-from nodeclient.node.cli_keys import build_local_manifest
+from nodeclient.node.cli_keys import build_local_manifest, probe_local_hardware
 from nodeclient.node.cli_options import (
     checked_heartbeat_interval,
     home_dir,
@@ -37,7 +40,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from nodeclient.clock import make_clock
     from nodeclient.node import sandbox
     from nodeclient.node.daemon import NodeDaemon
-    from nodeclient.node.executor import Executor, WorkerConfig, gpus_from_manifest
+    from nodeclient.node.executor import Executor, WorkerConfig, gpus_from_probe
     from nodeclient.node.metrics import GpuSampler, NodeMetrics
     from nodeclient.node.outbox import Retention
 
@@ -56,6 +59,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     # Loaded once: the manifest's liveness address and the key the link signs with are
     # then one key, even if `keys rotate-liveness` runs while this starts.
     liveness_key = keys.load_liveness_key(home)
+    hw = probe_local_hardware()
+    gpus = gpus_from_probe(hw.gpu.per_device)
+    # NVML finds the cards without nvidia-uvm, but no worker could use them.
+    problem = sandbox.gpu_nodes_problem(gpu.minor for gpu in gpus)
+    if problem is not None:
+        raise NodeClientError(f"{problem[0]}: CUDA cannot start in a worker; fix: {problem[1]}")
     manifest = build_local_manifest(
         home,
         config,
@@ -63,6 +72,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         node_key=node_key,
         liveness_key=liveness_key,
         sandboxed=mode == sandbox.MODE_BWRAP,
+        hardware=hw,
     )
     slots = int(manifest["max_parallel_subtasks"])
     cores = int(manifest["cpu"]["cores"])
@@ -73,7 +83,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         config=WorkerConfig(
             cache_dir=home / "models",
             threads=max(1, cores // slots),
-            gpus=gpus_from_manifest(manifest),
+            gpus=gpus,
             node_home=home,  # no bind into the sandbox may show the home's key files
         ),
     )

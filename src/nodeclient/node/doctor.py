@@ -3,9 +3,10 @@
 Each check returns one :class:`Check` (OK, WARN or FAIL, a one-line summary, and for
 anything not OK the fix). The checks look at the real machine, the same way the daemon
 will: key file modes (2.3.1), the bubblewrap sandbox (2.3.5), GPU and driver visibility
-through the NVML child probe (2.3.2), each runtime's binaries and libraries, free disk
-for the model cache, and the coordinator's reachability and clock (2.3.3; heartbeats and
-leases are timestamped, so a skewed clock looks like replayed or expired messages).
+through the NVML child probe (2.3.2) and the device files CUDA needs, each runtime's
+binaries and libraries, free disk for the model cache, and the coordinator's reachability
+and clock (2.3.3; heartbeats and leases are timestamped, so a skewed clock looks like
+replayed or expired messages).
 
 Exit status: 0 when every check is OK, 1 when the worst is WARN, 2 when any check FAILs.
 """
@@ -23,11 +24,14 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from nodeclient import httpbody
 from nodeclient.errors import KeyFileError
 from nodeclient.node import keys, sandbox, securefile
+
+if TYPE_CHECKING:
+    from nodeclient.node.hardware import GpuProbe
 
 _GIB: Final = 1 << 30
 DISK_WARN_BYTES: Final = 5 * _GIB
@@ -152,27 +156,14 @@ def check_sandbox(
 
 
 def check_gpus(*, probe: Callable[[], Any] | None = None, dev: Path = Path("/dev")) -> Check:
-    """2.3.2: the NVML probe sees the cards the device files say are there."""
+    """2.3.2: the NVML probe sees the cards the device files say are there, and the
+    device files CUDA needs for the cards the node would use are all there (2.3.5)."""
     from nodeclient.node import hardware
 
-    result = (probe or (lambda: hardware.probe_gpus(timeout=10.0)))()
+    result = (probe or (lambda: hardware.probe_gpus(timeout=hardware.probe_timeout(dev))))()
     device_files = sorted(p.name for p in dev.glob("nvidia[0-9]*"))
-    if result.status == "ok" and result.per_device:
-        names = ", ".join(f"{g.count}x {g.model}" for g in result.gpus)
-        driver = result.per_device[0].driver_version
-        return Check("gpu", Level.OK, f"{names}, driver {driver}")
-    if result.status == "ok" and device_files:  # NVML answered "ok" with zero cards
-        return Check(
-            "gpu",
-            Level.WARN,
-            f"the NVIDIA driver answers but sees no GPU, though {dev} has "
-            f"{len(device_files)} device file(s) ({', '.join(device_files)}); "
-            "the node declares no GPU",
-            "check `nvidia-smi` as this user: a card may be disabled, in a bad state, or its "
-            "device file not accessible to this user",
-        )
     if result.status == "ok":
-        return Check("gpu", Level.OK, "NVIDIA driver present, no GPU visible: a CPU-only node")
+        return _gpus_answered(result, dev, device_files)
     if result.status == "no-driver" and not device_files:
         return Check("gpu", Level.OK, "no GPU: a CPU-only node (ai.inference runs on CPU)")
     if result.status == "no-driver":
@@ -187,8 +178,34 @@ def check_gpus(*, probe: Callable[[], Any] | None = None, dev: Path = Path("/dev
         "gpu",
         Level.FAIL,
         f"the GPU probe failed ({result.status}): {result.detail}",
-        "check `nvidia-smi`; a hung or crashing driver needs a driver reinstall or a reboot",
+        result.fix
+        or "check `nvidia-smi`; a hung or crashing driver needs a driver reinstall or a reboot",
     )
+
+
+def _gpus_answered(result: GpuProbe, dev: Path, device_files: Sequence[str]) -> Check:
+    """check_gpus where NVML answered: the cards the node uses and their device files."""
+    if result.per_device:
+        names = ", ".join(f"{g.count}x {g.model}" for g in result.gpus)
+        driver = result.per_device[0].driver_version
+        chosen = f" ({result.detail})" if result.detail else ""  # CUDA_VISIBLE_DEVICES
+        missing = sandbox.gpu_nodes_problem((d.minor for d in result.per_device), dev=dev)
+        if missing is not None:
+            return Check("gpu", Level.FAIL, f"{names}{chosen}: {missing[0]}", missing[1])
+        return Check("gpu", Level.OK, f"{names}, driver {driver}{chosen}")
+    if result.detail and device_files:  # CUDA_VISIBLE_DEVICES="" (or -1): none used
+        return Check("gpu", Level.OK, f"no GPU used: {result.detail}")
+    if device_files:  # NVML answered "ok" with zero cards
+        return Check(
+            "gpu",
+            Level.WARN,
+            f"the NVIDIA driver answers but sees no GPU, though {dev} has "
+            f"{len(device_files)} device file(s) ({', '.join(device_files)}); "
+            "the node declares no GPU",
+            "check `nvidia-smi` as this user: a card may be disabled, in a bad state, or its "
+            "device file not accessible to this user",
+        )
+    return Check("gpu", Level.OK, "NVIDIA driver present, no GPU visible: a CPU-only node")
 
 
 def check_runtimes(usable: Mapping[str, tuple[bool, str]] | None = None) -> list[Check]:

@@ -10,13 +10,16 @@ size caps of payloads, results and output. The defaults come from the runtime re
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Final
 
 from nodeclient.node import worker
-from nodeclient.node.sandbox import Limits
+from nodeclient.node.sandbox import Limits, SlotGpu
+
+if TYPE_CHECKING:
+    from nodeclient.node.hardware import GpuDevice
 
 DEFAULT_MAX_PAYLOAD: Final = 256 * 1024 * 1024
 DEFAULT_MAX_RESULT: Final = 32 * 1024 * 1024  # within what one link frame carries
@@ -79,13 +82,10 @@ def first_use_modules(runtimes: Mapping[str, str]) -> dict[str, list[str]]:
     }
 
 
-def gpus_from_manifest(manifest: Mapping[str, Any]) -> tuple[tuple[int, int], ...]:
-    """``(index, vram_mb)`` of every GPU the manifest declares, in device order."""
-    found: list[tuple[int, int]] = []
-    for group in manifest.get("gpu") or ():
-        for _ in range(int(group.get("count", 1))):
-            found.append((len(found), int(float(group.get("vram_gb", 0)) * 1024)))
-    return tuple(found)
+def gpus_from_probe(devices: Iterable[GpuDevice]) -> tuple[SlotGpu, ...]:
+    """What the slots get of the cards the GPU probe kept (``GpuProbe.per_device``), in
+    its order: NVML's, or ``CUDA_VISIBLE_DEVICES``'s where the daemon has it."""
+    return tuple(SlotGpu(uuid=d.uuid, minor=d.minor, vram_bytes=d.vram_bytes) for d in devices)
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,7 +97,7 @@ class WorkerConfig:
     runtimes: Mapping[str, str] | None = None  # default: default_runtimes()
     preload: tuple[str, ...] | None = None  # modules imported at start; default: theirs
     extra_python_path: tuple[Path, ...] = ()  # bound read-only, put on PYTHONPATH
-    gpus: tuple[tuple[int, int], ...] = ()  # (index, vram_mb); slot i gets gpus[i % n]
+    gpus: tuple[SlotGpu, ...] = ()  # slot i gets gpus[i % n] (gpus_from_probe)
     work_root: Path | None = None  # default: a fresh directory outside the node home
     node_home: Path | None = None  # checked against every bind (sandbox.make_layout)
     threads: int | None = None  # OMP_NUM_THREADS of each worker

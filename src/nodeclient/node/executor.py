@@ -45,7 +45,7 @@ from nodeclient.node.exec_config import (
     default_preload,
     default_runtimes,
     first_use_modules,
-    gpus_from_manifest,
+    gpus_from_probe,
 )
 from nodeclient.node.exec_workdirs import (
     chown_tree,
@@ -74,7 +74,7 @@ __all__ = [
     "Executor",
     "TaskFailed",
     "WorkerConfig",
-    "gpus_from_manifest",
+    "gpus_from_probe",
 ]
 
 log = logging.getLogger("nodeclient.node.executor")
@@ -165,7 +165,7 @@ class Executor:
             log.warning("worker.tmp_on_disk", extra={"why": "bwrap older than 0.8: no --size"})
         for i in range(self.slots):
             workdir = self._root / f"slot-{i}"
-            gpus = (self.config.gpus[i % len(self.config.gpus)][0],) if self.config.gpus else ()
+            gpus = (self.config.gpus[i % len(self.config.gpus)],) if self.config.gpus else ()
             layout = sandbox.make_layout(
                 workdir=workdir,
                 cache_dir=cache,
@@ -189,6 +189,8 @@ class Executor:
                 "max_payload_bytes": self.config.max_payload_bytes,
                 "max_result_bytes": self.config.max_result_bytes,
                 "shared_bytes": self.config.shared_bytes,
+                # A worker with a GPU sets no RLIMIT_AS (sandbox.apply_limits).
+                "gpus": [gpu.to_wire() for gpu in gpus],
             }
             command = [str(layout.python), "-m", "nodeclient.node.worker", "--config"]
             command.append(json.dumps(inside, separators=(",", ":")))
@@ -312,9 +314,11 @@ class Executor:
         if vram_mb > 0:
             if not self.config.gpus:
                 return f"task needs {vram_mb} MB of GPU memory, this node has no GPU"
-            least = min(v for _, v in self.config.gpus)
-            if vram_mb > least:
-                return f"task needs {vram_mb} MB of GPU memory, a slot's GPU has {least} MB"
+            # The card's exact size as NVML reports it, not the manifest's rounded vram_gb:
+            # a slot may get any card, so the smallest counts.
+            least = min(gpu.vram_bytes for gpu in self.config.gpus)
+            if vram_mb << 20 > least:
+                return f"task needs {vram_mb} MB of GPU memory, a slot's GPU has {least >> 20} MB"
         return ""
 
     def progress(self, task_id: object) -> dict[str, Any] | None:

@@ -27,6 +27,16 @@ killed. The answer is a :class:`GpuProbe` whose ``status`` says what happened:
 
 In every status but ``"ok"`` the GPU list is empty, and nothing is logged: this module
 never writes to stdout (the CLI owns it); callers show ``detail`` where they see fit.
+The timeout grows with the cards the machine has (:func:`probe_timeout`): without
+persistence mode the driver initialises every card when NVML starts, a second or more
+each.
+
+Which cards the node uses: every card NVML reports, in NVML's order (PCI bus order, as
+``nvidia-smi`` numbers them), unless the daemon's own environment sets
+``CUDA_VISIBLE_DEVICES`` (:func:`select_devices`): then only the cards it names, in its
+order. NVML itself ignores that variable, so it is applied here; that is how an operator
+keeps cards for other uses. A card in MIG mode is refused (status ``"error"``): MIG
+instances need device files and names the node does not handle yet.
 
 Cards are grouped per ``(model, vram_gb)``, where ``vram_gb`` is NVML's
 ``memory.total`` in GiB rounded to the nearest integer (halves up): an H100 80GB reports
@@ -39,11 +49,12 @@ import contextlib
 import json
 import os
 import platform
+import re
 import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Literal
@@ -61,6 +72,10 @@ _CPUINFO: Final = Path("/proc/cpuinfo")
 _MAX_MODEL: Final = 256  # protocol.tier refuses longer model strings
 _MAX_ANSWER: Final = 1 << 20  # the child's one JSON line; far more than any real machine needs
 _DETAIL_TAIL: Final = 500
+_DEV: Final = Path("/dev")
+VISIBLE_ENV: Final = "CUDA_VISIBLE_DEVICES"
+PROBE_TIMEOUT_BASE: Final = 10.0  # seconds
+PROBE_TIMEOUT_PER_CARD: Final = 5.0  # seconds more per /dev/nvidiaN
 
 
 @dataclass(frozen=True)
@@ -77,13 +92,19 @@ class CpuInfo:
 
 @dataclass(frozen=True)
 class GpuDevice:
-    """One card as NVML reported it (kept for the status console; not in the manifest)."""
+    """One card as NVML reported it (what the slots get; not in the manifest).
+
+    ``index`` is NVML's; ``minor`` names the card's device file, ``/dev/nvidia<minor>``.
+    """
 
     index: int
     name: str
     uuid: str
     vram_bytes: int
     driver_version: str
+    minor: int
+    pci_bus_id: str = ""  # "" where NVML could not say
+    mig: bool = False  # in MIG mode: refused by probe_gpus
 
     @property
     def vram_gb(self) -> int:
@@ -104,12 +125,19 @@ class GpuGroup:
 
 @dataclass(frozen=True)
 class GpuProbe:
-    """What the GPU probe found, and how it went."""
+    """What the GPU probe found, and how it went.
+
+    ``per_device`` holds the cards the node uses, in the order slots get them;
+    ``gpus`` groups the same cards for the manifest. ``detail`` says why the status is not
+    ``"ok"`` (with ``"ok"``, which cards ``CUDA_VISIBLE_DEVICES`` kept, if it is set);
+    ``fix``, where known, what the operator can do about it.
+    """
 
     gpus: tuple[GpuGroup, ...]
     per_device: tuple[GpuDevice, ...]
     status: ProbeStatus
     detail: str
+    fix: str = ""
 
     def to_manifest(self) -> list[dict[str, Any]]:
         return [group.to_manifest() for group in self.gpus]
@@ -203,8 +231,59 @@ def group_devices(devices: Iterable[GpuDevice]) -> tuple[GpuGroup, ...]:
     return tuple(GpuGroup(model=m, count=n, vram_gb=v) for (m, v), n in ordered)
 
 
-def _failed(status: ProbeStatus, detail: str) -> GpuProbe:
-    return GpuProbe(gpus=(), per_device=(), status=status, detail=detail)
+def _failed(status: ProbeStatus, detail: str, fix: str = "") -> GpuProbe:
+    return GpuProbe(gpus=(), per_device=(), status=status, detail=detail, fix=fix)
+
+
+class NotSelectable(ValueError):
+    """``CUDA_VISIBLE_DEVICES`` names something that is not a usable card of this machine."""
+
+
+def select_devices(devices: Sequence[GpuDevice], visible: str | None) -> tuple[GpuDevice, ...]:
+    """The cards of *devices* (all of them, in NVML order) that ``CUDA_VISIBLE_DEVICES``
+    *visible* lets the node use, in its order.
+
+    Unset (None): all of them. Empty, or starting with a negative number (``-1``): none.
+    Otherwise a comma-separated list of NVML indices (as ``nvidia-smi`` numbers the cards)
+    and ``GPU-`` UUIDs (or a prefix of one that names one card, as CUDA takes them); a
+    negative number ends the list, as in CUDA. Anything else (an index past the last
+    card, a UUID of no card or of several, a card named twice, a MIG instance) raises
+    NotSelectable: CUDA would quietly use fewer cards, and the node would declare cards
+    it was not meant to have, or none at all.
+    """
+    if visible is None:
+        return tuple(devices)
+    if not visible.strip():
+        return ()
+    chosen: list[GpuDevice] = []
+    for raw in visible.split(","):
+        entry = raw.strip()
+        if re.fullmatch(r"-?[0-9]+", entry):
+            number = int(entry)
+            if number < 0:
+                break
+            if number >= len(devices):
+                raise NotSelectable(
+                    f"it names GPU {number}, and this machine has {len(devices)} "
+                    f"(0 to {len(devices) - 1})"
+                    if devices
+                    else f"it names GPU {number}, and NVML sees no GPU"
+                )
+            device = devices[number]
+        elif entry.upper().startswith("GPU-"):
+            found = [d for d in devices if d.uuid.lower().startswith(entry.lower())]
+            if len(found) != 1:
+                how = "no GPU" if not found else f"{len(found)} GPUs"
+                raise NotSelectable(f"{entry!r} names {how} of this machine")
+            device = found[0]
+        elif entry.upper().startswith("MIG-"):
+            raise NotSelectable(f"{entry!r} is a MIG instance: MIG is not supported yet")
+        else:
+            raise NotSelectable(f"{entry!r} is neither a GPU index nor a GPU UUID")
+        if device in chosen:
+            raise NotSelectable(f"it names GPU {device.index} ({device.uuid}) twice")
+        chosen.append(device)
+    return tuple(chosen)
 
 
 def _child_env(env: Mapping[str, str] | None) -> dict[str, str]:
@@ -233,7 +312,7 @@ def _tail(data: bytes) -> str:
     return " ".join(data.decode("utf-8", "replace").split())[-_DETAIL_TAIL:]
 
 
-def _parse_answer(stdout: bytes) -> GpuProbe:
+def _parse_answer(stdout: bytes, visible: str | None = None) -> GpuProbe:
     line = stdout[:_MAX_ANSWER].split(b"\n", 1)[0]
     try:
         answer = json.loads(line)
@@ -251,24 +330,70 @@ def _parse_answer(stdout: bytes) -> GpuProbe:
                 uuid=str(d["uuid"]),
                 vram_bytes=int(d["vram_bytes"]),
                 driver_version=driver,
+                minor=int(d["minor"]),
+                pci_bus_id=str(d.get("pci_bus_id", "")),
+                mig=d.get("mig") is True,
             )
             for d in answer["devices"]
         )
     except (ValueError, TypeError, KeyError) as exc:
         return _failed("error", f"NVML probe answered something unreadable: {exc}")
-    if any(d.vram_bytes < 0 or not d.name for d in devices):
-        return _failed("error", "NVML probe reported a card with no name or negative memory")
-    return GpuProbe(gpus=group_devices(devices), per_device=devices, status="ok", detail="")
+    if any(d.vram_bytes < 0 or not d.name or d.minor < 0 for d in devices):
+        return _failed(
+            "error", "NVML probe reported a card with no name, negative memory or minor number"
+        )
+    return _usable(devices, visible)
 
 
-def probe_gpus(*, timeout: float = 10.0, env: Mapping[str, str] | None = None) -> GpuProbe:
-    """Ask NVML for the GPUs in a child process, giving up after *timeout* seconds.
+def _usable(devices: tuple[GpuDevice, ...], visible: str | None) -> GpuProbe:
+    """The probe's answer for the cards that *visible* (``CUDA_VISIBLE_DEVICES``) selects."""
+    try:
+        chosen = select_devices(devices, visible)
+    except NotSelectable as exc:
+        return _failed(
+            "error",
+            f"{VISIBLE_ENV}={visible!r} cannot be followed: {exc}",
+            f"set {VISIBLE_ENV} to indices (as `nvidia-smi` numbers the cards) or UUIDs "
+            "(`nvidia-smi -L`) of this machine's GPUs, or unset it to use them all",
+        )
+    for device in chosen:
+        if device.mig:
+            return _failed(
+                "error",
+                f"GPU {device.index} ({device.name}, {device.uuid}) is in MIG mode, and MIG "
+                "is not supported yet",
+                f"turn MIG off on it (`nvidia-smi -i {device.index} -mig 0` as root, then "
+                f"reset the GPU or reboot), or leave it out with {VISIBLE_ENV}",
+            )
+    detail = ""
+    if visible is not None:
+        detail = f"{VISIBLE_ENV}={visible!r}: {len(chosen)} of {len(devices)} GPUs used"
+    return GpuProbe(gpus=group_devices(chosen), per_device=chosen, status="ok", detail=detail)
 
-    *env* is the child's environment (default: ours). Never raises for a driver problem:
-    the returned ``status`` and ``detail`` say what went wrong.
+
+def probe_timeout(dev: Path = _DEV) -> float:
+    """Seconds the GPU probe may take: PROBE_TIMEOUT_BASE, plus PROBE_TIMEOUT_PER_CARD per
+    card device file (``nvidia0``, ``nvidia1``, ...) in *dev*."""
+    try:
+        cards = sum(1 for _ in dev.glob("nvidia[0-9]*"))
+    except OSError:
+        cards = 0
+    return PROBE_TIMEOUT_BASE + PROBE_TIMEOUT_PER_CARD * cards
+
+
+def probe_gpus(*, timeout: float | None = None, env: Mapping[str, str] | None = None) -> GpuProbe:
+    """Ask NVML for the GPUs in a child process, giving up after *timeout* seconds
+    (default: :func:`probe_timeout`).
+
+    *env* is the child's environment (default: ours); its ``CUDA_VISIBLE_DEVICES`` selects
+    the cards used (:func:`select_devices`). Never raises for a driver problem: the
+    returned ``status`` and ``detail`` say what went wrong.
     """
+    if timeout is None:
+        timeout = probe_timeout()
     if timeout <= 0:
         raise ValueError("timeout must be positive")
+    visible = (os.environ if env is None else env).get(VISIBLE_ENV)
     argv = [sys.executable, "-m", "nodeclient.node.nvml_probe"]
     try:
         proc = subprocess.Popen(
@@ -299,9 +424,9 @@ def probe_gpus(*, timeout: float = 10.0, env: Mapping[str, str] | None = None) -
             cause = f"exited with status {proc.returncode}"
         stderr_tail = _tail(stderr)
         return _failed("error", f"NVML probe {cause}" + (f": {stderr_tail}" if stderr_tail else ""))
-    return _parse_answer(stdout)
+    return _parse_answer(stdout, visible)
 
 
-def probe_hardware(*, gpu_timeout: float = 10.0) -> HardwareInfo:
+def probe_hardware(*, gpu_timeout: float | None = None) -> HardwareInfo:
     """Probe the CPU and (in a child process) the GPUs."""
     return HardwareInfo(cpu=probe_cpu(), gpu=probe_gpus(timeout=gpu_timeout))

@@ -12,7 +12,14 @@ The line printed (the only output on stdout)::
     {"status": "ok" | "no-driver" | "error",
      "detail": str,                      # "" when ok; otherwise the reason, for the operator
      "driver_version": str,              # "" unless ok
-     "devices": [{"index": int, "name": str, "uuid": str, "vram_bytes": int}, ...]}
+     "devices": [{"index": int, "name": str, "uuid": str, "vram_bytes": int,
+                  "minor": int, "pci_bus_id": str, "mig": bool}, ...]}
+
+``index`` is NVML's (PCI bus order, as ``nvidia-smi`` numbers the cards); ``minor`` is the
+driver's minor number, which names the card's device file ``/dev/nvidia<minor>`` and may
+differ from ``index``; ``pci_bus_id`` is ``""`` where NVML cannot say; ``mig`` is whether
+the card runs in MIG mode now (the node does not use such a card, see
+:func:`nodeclient.node.hardware.probe_gpus`).
 
 ``devices`` is empty unless ``status`` is ``"ok"``: one failing device fails the whole
 probe, because a manifest that silently leaves out a card misstates the node's capacity.
@@ -27,7 +34,12 @@ driver would. A recording looks like::
      "devices": [{"name": "NVIDIA H100 80GB HBM3", "uuid": "GPU-...",
                   "memory_total": 85520809984}]}
 
-with these special forms:
+Each device may also hold ``"minor"`` (default: its position in the list),
+``"pci_bus_id"`` (default: ``""``) and ``"mig"``: ``true`` for a card in MIG mode, ``false``
+for a MIG-capable card with MIG off; without it, asking for the MIG mode raises
+``NVML_ERROR_NOT_SUPPORTED``, as it does on cards that have no MIG.
+
+With these special forms:
 
 - ``{"error": "NVML_ERROR_DRIVER_NOT_LOADED"}``: ``nvmlInit`` raises that error (any
   ``NVML_ERROR_*`` name works; library-not-found and driver-not-loaded mean "no driver").
@@ -49,17 +61,23 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Final, Protocol
+from typing import Any, Final, Protocol, TypeVar
 
 REPLAY_ENV: Final = "NODECLIENT_NVML_REPLAY"
+_T = TypeVar("_T")
 
 # NVML errors that mean "this machine has no usable NVIDIA driver": a CPU-only node, not
 # a fault. Every other NVML error is reported as status "error" with its name.
 _NO_DRIVER_ERRORS: Final = frozenset(
     {"NVML_ERROR_LIBRARY_NOT_FOUND", "NVML_ERROR_DRIVER_NOT_LOADED"}
 )
+# Asked of a card without MIG (or of a driver older than MIG), nvmlDeviceGetMigMode fails
+# with one of these: the card is not in MIG mode. Asked of an older driver, so may
+# nvmlDeviceGetPciInfo (its _v3 entry point): the bus id is then left unknown.
+_NOT_THERE: Final = frozenset({"NVML_ERROR_NOT_SUPPORTED", "NVML_ERROR_FUNCTION_NOT_FOUND"})
+_MIG_ENABLED: Final = 1  # NVML_DEVICE_MIG_ENABLE
 
 # NVML_DEVICE_NAME_V2_BUFFER_SIZE is 96; anything longer is not what NVML returned.
 _MAX_TEXT: Final = 256
@@ -71,6 +89,13 @@ class MemoryInfo(Protocol):
 
     @property
     def total(self) -> int: ...
+
+
+class PciInfo(Protocol):
+    """What ``nvmlDeviceGetPciInfo`` returns; only ``busId`` is read."""
+
+    @property
+    def busId(self) -> str | bytes: ...
 
 
 class NvmlLike(Protocol):
@@ -88,6 +113,9 @@ class NvmlLike(Protocol):
     def nvmlDeviceGetName(self, handle: Any) -> str | bytes: ...
     def nvmlDeviceGetUUID(self, handle: Any) -> str | bytes: ...
     def nvmlDeviceGetMemoryInfo(self, handle: Any) -> MemoryInfo: ...
+    def nvmlDeviceGetMinorNumber(self, handle: Any) -> int: ...
+    def nvmlDeviceGetPciInfo(self, handle: Any) -> PciInfo: ...
+    def nvmlDeviceGetMigMode(self, handle: Any) -> Sequence[int]: ...
 
 
 def _error_names() -> dict[int, str]:
@@ -120,6 +148,21 @@ def _answer(
     }
 
 
+def _optional(query: Callable[[Any], _T], handle: Any, names: Mapping[int, str]) -> _T | None:
+    """*query*'s answer for the card *handle*, or None where NVML says the card or driver
+    has no such thing (:data:`_NOT_THERE`); any other NVML error goes on up and fails the
+    probe."""
+    import pynvml
+
+    try:
+        return query(handle)
+    except pynvml.NVMLError as exc:
+        code = getattr(exc, "value", None)
+        if isinstance(code, int) and names.get(code) in _NOT_THERE:
+            return None
+        raise
+
+
 def collect(nvml: NvmlLike) -> dict[str, Any]:
     """Ask *nvml* for every device and return the answer object printed by :func:`main`.
 
@@ -150,12 +193,17 @@ def collect(nvml: NvmlLike) -> dict[str, Any]:
         for index in range(nvml.nvmlDeviceGetCount()):
             where = f"device {index}"
             handle = nvml.nvmlDeviceGetHandleByIndex(index)
+            pci = _optional(nvml.nvmlDeviceGetPciInfo, handle, names)
+            mig = _optional(nvml.nvmlDeviceGetMigMode, handle, names)
             devices.append(
                 {
                     "index": index,
                     "name": _text(nvml.nvmlDeviceGetName(handle)),
                     "uuid": _text(nvml.nvmlDeviceGetUUID(handle)),
                     "vram_bytes": int(nvml.nvmlDeviceGetMemoryInfo(handle).total),
+                    "minor": int(nvml.nvmlDeviceGetMinorNumber(handle)),
+                    "pci_bus_id": "" if pci is None else _text(pci.busId),
+                    "mig": mig is not None and int(mig[0]) == _MIG_ENABLED,
                 }
             )
     except pynvml.NVMLError as exc:
@@ -170,6 +218,11 @@ def collect(nvml: NvmlLike) -> dict[str, Any]:
 @dataclass(frozen=True)
 class _ReplayMemory:
     total: int
+
+
+@dataclass(frozen=True)
+class _ReplayPci:
+    busId: str
 
 
 class ReplayNvml:
@@ -245,6 +298,26 @@ class ReplayNvml:
         if not isinstance(total, int) or isinstance(total, bool):
             raise TypeError("'memory_total' must be an integer number of bytes")
         return _ReplayMemory(total)
+
+    def nvmlDeviceGetMinorNumber(self, handle: int) -> int:
+        minor = self._device(handle).get("minor", handle)
+        if not isinstance(minor, int) or isinstance(minor, bool) or minor < 0:
+            raise TypeError("'minor' must be a non-negative integer")
+        return minor
+
+    def nvmlDeviceGetPciInfo(self, handle: int) -> _ReplayPci:
+        return _ReplayPci(str(self._device(handle).get("pci_bus_id", "")))
+
+    def nvmlDeviceGetMigMode(self, handle: int) -> list[int]:
+        import pynvml
+
+        mig = self._device(handle).get("mig")
+        if mig is None:  # as on a card without MIG
+            raise pynvml.NVMLError(pynvml.NVML_ERROR_NOT_SUPPORTED)
+        if not isinstance(mig, bool):
+            raise TypeError("'mig' must be true or false")
+        mode = _MIG_ENABLED if mig else 0
+        return [mode, mode]
 
 
 def _load_replay(path: str) -> ReplayNvml:

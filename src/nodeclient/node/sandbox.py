@@ -21,12 +21,17 @@ built here:
   processes against RLIMIT_NPROC (the kernel exempts uid 0 from that limit, even inside a
   user namespace). Started by anyone else, bwrap maps the caller to 65534 in a new user
   namespace;
-* GPU device nodes are bound only for the GPUs assigned to the slot, and
-  ``CUDA_VISIBLE_DEVICES`` names them.
+* GPU device nodes are bound only for the GPU assigned to the slot (``/dev/nvidia<minor>``,
+  plus the driver's shared ``nvidiactl`` and ``nvidia-uvm`` nodes), and
+  ``CUDA_VISIBLE_DEVICES`` names it by its UUID: CUDA counts only the cards whose device
+  files it can open, so inside the sandbox the slot's card is CUDA's device 0, whatever
+  its number outside (:func:`worker_env`).
 
 The worker applies the resource limits itself (:func:`apply_limits`), before it imports
-any runtime; it is started with an ``oom_score_adj`` of 1000 (:func:`oom_first`), so that
-the kernel's OOM killer takes sandbox processes before the daemon. Without a working bwrap
+any runtime (a worker with a GPU without RLIMIT_AS: CUDA reserves tens of GB of address
+space when it starts, and fails under a lower limit); it is started with an
+``oom_score_adj`` of 1000 (:func:`oom_first`), so that the kernel's OOM killer takes
+sandbox processes before the daemon. Without a working bwrap
 the node refuses to run work unless the operator set ``allow_unsandboxed = true``; then
 workers are plain subprocesses with the same limits.
 
@@ -75,7 +80,12 @@ _ETC_FILES: Final = (
 )
 # Bound into every sandbox whatever the layout; the node home must not be among them.
 _SYSTEM_BINDS: Final = ("/usr", *_LIB_DIRS, *_ETC_FILES)
-_GPU_SHARED_NODES: Final = ("/dev/nvidiactl", "/dev/nvidia-uvm", "/dev/nvidia-uvm-tools")
+DEV: Final = Path("/dev")  # where the host's device files are (tests put fakes elsewhere)
+# The driver's device files every CUDA process needs, besides its card's own
+# /dev/nvidia<minor>; nvidia-uvm-tools only profilers need, so it is bound where present.
+_GPU_REQUIRED_NODES: Final = ("nvidiactl", "nvidia-uvm")
+_GPU_SHARED_NODES: Final = (*_GPU_REQUIRED_NODES, "nvidia-uvm-tools")
+GPU_MEMORY_ENV: Final = "NODECLIENT_GPU_MEMORY_BYTES"  # the slot's GPU memory, for runtimes
 REFUSAL: Final = (
     "no working sandbox: install bubblewrap (`apt-get install bubblewrap`) "
     "or set allow_unsandboxed = true in config.toml"
@@ -86,8 +96,9 @@ REFUSAL: Final = (
 class Limits:
     """Per-worker resource limits; the worker sets them on itself before any task runs.
 
-    ``memory_bytes`` becomes the hard RLIMIT_AS of the worker; a task that declares its
-    RAM gets a lower soft limit for its duration. ``nproc`` counts threads too (onnxruntime
+    ``memory_bytes`` becomes the hard RLIMIT_AS of a worker without a GPU; a task there
+    that declares its RAM gets a lower soft limit for its duration. A worker with a GPU
+    gets no RLIMIT_AS (see :func:`apply_limits`). ``nproc`` counts threads too (onnxruntime
     runs a pool per session), and in bubblewrap mode all slots share the sandbox uid.
     """
 
@@ -132,6 +143,19 @@ class Limits:
 
 
 @dataclass(frozen=True, slots=True)
+class SlotGpu:
+    """The GPU a slot gets, as NVML reported it: its UUID (which CUDA_VISIBLE_DEVICES
+    names), the minor number of its device file (``/dev/nvidia<minor>``) and its memory."""
+
+    uuid: str
+    minor: int
+    vram_bytes: int
+
+    def to_wire(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True, slots=True)
 class Layout:
     """What one slot's worker sees: host paths to bind, and how to start Python."""
 
@@ -140,7 +164,7 @@ class Layout:
     read_only: tuple[Path, ...]  # Python installation, package source, extra import paths
     python_path: tuple[Path, ...]  # PYTHONPATH inside (package source first)
     python: Path = Path(sys.executable)
-    gpus: tuple[int, ...] = ()
+    gpus: tuple[SlotGpu, ...] = ()
     tmp_bytes: int | None = None  # size of the /tmp tmpfs; None: unbounded (the probe's)
     # A host directory bound at /tmp instead of a tmpfs: where bwrap cannot size one
     # (before 0.8), /tmp is on disk in the slot's directory rather than unbounded in RAM.
@@ -200,7 +224,7 @@ def make_layout(
     workdir: Path,
     cache_dir: Path,
     extra_python_path: Sequence[Path] = (),
-    gpus: Sequence[int] = (),
+    gpus: Sequence[SlotGpu] = (),
     node_home: Path | None = None,
     tmp_bytes: int | None = None,
     tmpfs_size: bool = True,
@@ -295,16 +319,65 @@ def worker_env(layout: Layout, *, threads: int | None = None) -> dict[str, str]:
     if threads is not None:
         env["OMP_NUM_THREADS"] = str(threads)
     if layout.gpus:
-        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in layout.gpus)
+        # By UUID: a number would count among the cards the sandbox shows (only the
+        # slot's), not among the host's. PCI bus order is NVML's, should a runtime count.
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(g.uuid for g in layout.gpus)
+        env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
+        env[GPU_MEMORY_ENV] = str(min(g.vram_bytes for g in layout.gpus))
     return env
 
 
-def gpu_nodes(gpus: Sequence[int]) -> list[str]:
-    """Device nodes a slot with *gpus* needs; empty without a GPU (nothing is bound)."""
+def gpu_nodes(gpus: Sequence[SlotGpu], *, dev: Path | None = None) -> list[Path]:
+    """Host device files a slot with *gpus* gets, those that exist; empty without a GPU
+    (nothing is bound). *dev*: where the device files are (default DEV)."""
     if not gpus:
         return []
-    nodes = [n for n in _GPU_SHARED_NODES if os.path.exists(n)]
-    return nodes + [f"/dev/nvidia{g}" for g in gpus if os.path.exists(f"/dev/nvidia{g}")]
+    root = DEV if dev is None else dev
+    names = [*_GPU_SHARED_NODES, *(f"nvidia{g.minor}" for g in gpus)]
+    return [root / name for name in names if os.path.exists(root / name)]
+
+
+def missing_gpu_nodes(minors: Iterable[int], *, dev: Path | None = None) -> list[Path]:
+    """The device files CUDA needs for the cards of *minors* that do not exist: the
+    driver's ``nvidiactl`` and ``nvidia-uvm``, and each card's ``nvidia<minor>``. Empty
+    without cards."""
+    cards = [f"nvidia{minor}" for minor in dict.fromkeys(minors)]
+    if not cards:
+        return []
+    root = DEV if dev is None else dev
+    return [root / name for name in (*_GPU_REQUIRED_NODES, *cards) if not (root / name).exists()]
+
+
+def gpu_nodes_problem(minors: Iterable[int], *, dev: Path | None = None) -> tuple[str, str] | None:
+    """(what is missing, the fix) when the device files the cards of *minors* need are
+    not all there, else None.
+
+    NVML works without ``nvidia-uvm``, so the cards are found and declared; but CUDA cannot
+    start in a worker without it, and neither the sandbox nor the systemd unit
+    (NoNewPrivileges, ProtectKernelModules) lets a worker load the module or make its
+    device files, as CUDA otherwise tries to: every GPU task would fail or run on the CPU.
+    """
+    missing = missing_gpu_nodes(minors, dev=dev)
+    if not missing:
+        return None
+    names = ", ".join(str(path) for path in missing)
+    summary = f"GPUs are declared, but {names} {'is' if len(missing) == 1 else 'are'} missing"
+    # -c=0 below makes /dev/nvidia0; every other card's file needs its own -c=N.
+    cards = [p.name for p in missing if p.name.removeprefix("nvidia").isdigit()]
+    cards = [name for name in cards if name != "nvidia0"]
+    fix = (
+        "create the device files at boot, as root: `nvidia-modprobe -u -c=0` (it loads the "
+        "nvidia-uvm module and makes /dev/nvidiactl, /dev/nvidia-uvm and /dev/nvidia0)"
+    )
+    if cards:
+        more = ", ".join(f"`nvidia-modprobe -c={name.removeprefix('nvidia')}`" for name in cards)
+        fix += f", then {more}"
+    fix += (
+        "; or have the nvidia-uvm module loaded at boot (/etc/modules-load.d/) where the "
+        "driver's udev rules make its device files; to serve without GPUs meanwhile, start "
+        "the node with CUDA_VISIBLE_DEVICES= (empty)"
+    )
+    return summary, fix
 
 
 def bwrap_argv(
@@ -314,8 +387,10 @@ def bwrap_argv(
     env: Mapping[str, str],
     as_root: bool,
     bwrap: str = "bwrap",
+    dev: Path | None = None,
 ) -> list[str]:
-    """The bubblewrap command line that runs *command* in *layout*'s sandbox."""
+    """The bubblewrap command line that runs *command* in *layout*'s sandbox. *dev*: where
+    the host's device files are (default DEV); they appear at /dev inside."""
     argv = [bwrap, "--unshare-ipc", "--unshare-pid", "--unshare-net", "--unshare-uts"]
     argv += ["--unshare-cgroup-try", "--die-with-parent", "--new-session"]
     if as_root:  # the worker drops to SANDBOX_UID itself; then NPROC applies
@@ -337,8 +412,8 @@ def bwrap_argv(
     for name in _ETC_FILES:
         argv += ["--ro-bind-try", name, name]
     argv += ["--proc", "/proc", "--dev", "/dev", *_tmp_mount(layout)]
-    for node in gpu_nodes(layout.gpus):
-        argv += ["--dev-bind", node, node]
+    for node in gpu_nodes(layout.gpus, dev=dev):
+        argv += ["--dev-bind", str(node), f"/dev/{node.name}"]
     # bwrap makes missing mount points 0700 root; the sandbox uid must traverse them.
     targets = [*layout.read_only, INSIDE_WORK, INSIDE_CACHE]
     for parent in sorted({p for t in targets for p in t.parents}, key=lambda p: len(p.parts)):
@@ -502,10 +577,17 @@ def drop_privileges(uid: int = SANDBOX_UID, gid: int = SANDBOX_GID) -> None:
         raise PermissionError("could not drop privileges")
 
 
-def apply_limits(limits: Limits) -> None:
-    """Set this process's rlimits; soft and hard alike, so a task cannot raise them."""
-    pairs = [
-        (resource.RLIMIT_AS, limits.memory_bytes),
+def apply_limits(limits: Limits, *, address_space: bool = True) -> None:
+    """Set this process's rlimits; soft and hard alike, so a task cannot raise them.
+
+    Without *address_space* (a worker with a GPU) RLIMIT_AS is left as it is: CUDA
+    reserves tens of GB of virtual address space when it starts (on the card's memory and
+    the host's together) and fails with CUDA_ERROR_OUT_OF_MEMORY under a lower limit, after
+    which PyTorch and ONNX Runtime run on the CPU. The RAM a task declares is still
+    checked when it arrives (Executor.admission).
+    """
+    pairs = [(resource.RLIMIT_AS, limits.memory_bytes)] if address_space else []
+    pairs += [
         (resource.RLIMIT_NPROC, limits.nproc),
         (resource.RLIMIT_NOFILE, limits.nofile),
         (resource.RLIMIT_FSIZE, limits.fsize_bytes),

@@ -251,6 +251,8 @@ class Worker:
         self.work_root = Path(config["workdir"])
         self.sandboxed = bool(config["sandboxed"])
         self.max_result = int(config["max_result_bytes"])
+        # A worker with a GPU has no address-space limit, per task neither (apply_limits).
+        self.limit_address_space = not config.get("gpus")
         self.task_dir = self.work_root / "task"  # emptied after every task
         self.task_dir.mkdir(mode=0o700, exist_ok=True)
         tmp = config.get("tmp_dir")  # the sandbox's /tmp: emptied after every task too
@@ -336,8 +338,9 @@ class Worker:
             os.chdir(workdir)
             # Before the task's own limit: the library is the worker's, not the task's.
             _import_all(self.first_use.pop(workload_class, ()))
-            overhead = getattr(runtime, "address_space_overhead", 0)
-            _limit_memory(header.get("memory_bytes"), hard, overhead=overhead)
+            if self.limit_address_space:
+                overhead = getattr(runtime, "address_space_overhead", 0)
+                _limit_memory(header.get("memory_bytes"), hard, overhead=overhead)
             result = runtime.run(payload, workdir=workdir, progress=progress)
             if not isinstance(result, bytes):
                 raise TypeError(f"runtime returned {type(result).__name__}, not bytes")
@@ -356,7 +359,8 @@ class Worker:
             reason = f"execution failed: {type(exc).__name__}: {exc}"[:400]
             return {"op": "error", "kind": "failed", "reason": reason}, b"", False
         finally:
-            resource.setrlimit(resource.RLIMIT_AS, (hard, hard))
+            if self.limit_address_space:
+                resource.setrlimit(resource.RLIMIT_AS, (hard, hard))
             os.chdir(self.work_root)
         return {"op": "result"}, result, True
 
@@ -439,7 +443,8 @@ def _import_all(modules: Iterable[str]) -> None:
 
 
 def _limit_memory(memory_bytes: object, hard: int, *, overhead: int = 0) -> None:
-    """Lower the soft RLIMIT_AS to what the task declared, above what the worker holds.
+    """Lower the soft RLIMIT_AS to what the task declared, above what the worker holds
+    (in a worker without a GPU: see :func:`nodeclient.node.sandbox.apply_limits`).
 
     *overhead*: address space a runtime's own program maps before it does the task's work
     (a Blender process: shared libraries and allocator arenas, inherited with this limit),
@@ -471,7 +476,8 @@ def main(argv: list[str] | None = None) -> int:
     os.dup2(2, 1)  # a task's prints go to stderr, which the daemon caps
     if config.get("drop_privileges") and os.getuid() == 0:
         sandbox.drop_privileges()
-    sandbox.apply_limits(sandbox.Limits.from_wire(config["limits"]))
+    limits = sandbox.Limits.from_wire(config["limits"])
+    sandbox.apply_limits(limits, address_space=not config.get("gpus"))
     shared = None
     if len(args) == 4:
         fd = int(args[3])

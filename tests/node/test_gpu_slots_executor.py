@@ -1,0 +1,202 @@
+"""GPU slots (2.3.5 Work Execution): which card each slot gets, what its sandbox shows of it,
+the limits of its worker, and what a task's declared GPU memory is checked against.
+
+The cards come from recorded NVML answers (tests/node/fixtures/nvml) through the real probe
+child; device files are fakes in a directory of their own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from nodeclient.node import hardware, sandbox
+from nodeclient.node.exec_config import gpus_from_probe
+from nodeclient.node.executor import Executor, TaskFailed, WorkerConfig
+from nodeclient.node.nvml_probe import REPLAY_ENV
+from nodeclient.node.sandbox import MODE_BWRAP, MODE_UNSANDBOXED, Limits, SlotGpu
+from tests.node.sandbox_harness import HERE, HOSTILE, HOSTILE_FACTORY
+
+FIXTURES = Path(__file__).parent / "fixtures" / "nvml"
+MIXED = "mixed_4090_t4_minor_numbers.json"
+# NVML order of the recording: (uuid, minor number, bytes)
+MIXED_CARDS = (
+    ("GPU-9b1e6f1a-3c55-4f0e-8d7e-0a4b1c2d3e4f", 2, 25757220864),
+    ("GPU-5f0c2a77-81d4-4b39-9a61-6e2d3c4b5a69", 0, 15843721216),
+    ("GPU-e4a8d0c3-6b2f-47a1-b5c9-3d7e8f9a0b1c", 1, 25757220864),
+)
+H100_BYTES = 85520809984  # NVML's memory.total of an H100 80GB HBM3: 81559 MiB, "80 GB"
+
+
+def probed(name: str, **env: str) -> hardware.GpuProbe:
+    """The recorded machine *name*, with *env* (CUDA_VISIBLE_DEVICES, say) added to ours
+    less our own CUDA_VISIBLE_DEVICES."""
+    ours = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
+    probe = hardware.probe_gpus(timeout=10.0, env={**ours, REPLAY_ENV: str(FIXTURES / name), **env})
+    assert probe.status == "ok", probe.detail
+    return probe
+
+
+def executor(tmp_path: Path, gpus: tuple[SlotGpu, ...], *, slots: int, mode: str) -> Executor:
+    return Executor(
+        slots=slots,
+        mode=mode,
+        config=WorkerConfig(
+            cache_dir=tmp_path / "models",
+            gpus=gpus,
+            work_root=tmp_path / "work",
+            runtimes={HOSTILE: HOSTILE_FACTORY},
+            preload=(),
+            extra_python_path=(HERE,),
+            limits=Limits(memory_bytes=2 << 30, nproc=96, nofile=128, fsize_bytes=8 << 20),
+            threads=1,
+        ),
+    )
+
+
+@pytest.fixture
+def fake_dev(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Device files of the recorded machine, in a directory the sandbox takes for /dev."""
+    dev = tmp_path / "dev"
+    dev.mkdir()
+    for name in ("nvidiactl", "nvidia-uvm", "nvidia-uvm-tools", "nvidia0", "nvidia1", "nvidia2"):
+        (dev / name).touch()
+    monkeypatch.setattr(sandbox, "DEV", dev)
+    return dev
+
+
+def _config_of(argv: list[str]) -> dict[str, object]:
+    at = argv.index("--config")
+    config: dict[str, object] = json.loads(argv[at + 1])
+    return config
+
+
+def test_slots_get_the_cards_in_nvml_order_with_uuid_and_minor(tmp_path: Path) -> None:
+    """Slot i gets NVML's card i (not the manifest's groups, which put both RTX 4090s first),
+    named by its UUID, with its minor number and exact memory in the worker's config."""
+    gpus = gpus_from_probe(probed(MIXED).per_device)
+    assert gpus == tuple(SlotGpu(uuid=u, minor=m, vram_bytes=b) for u, m, b in MIXED_CARDS)
+    ex = executor(tmp_path, gpus, slots=3, mode=MODE_UNSANDBOXED)
+    ex._build_slots()
+    try:
+        for slot, (uuid, minor, vram) in zip(ex._slots, MIXED_CARDS, strict=True):
+            assert slot.env["CUDA_VISIBLE_DEVICES"] == uuid
+            assert slot.env["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
+            assert slot.env["NODECLIENT_GPU_MEMORY_BYTES"] == str(vram)
+            assert _config_of(slot.argv)["gpus"] == [
+                {"uuid": uuid, "minor": minor, "vram_bytes": vram}
+            ]
+    finally:
+        ex.shutdown()
+
+
+def test_cuda_visible_devices_of_the_daemon_chooses_the_slots_cards(tmp_path: Path) -> None:
+    """With CUDA_VISIBLE_DEVICES=2,GPU-9b1e6f1a the slots get NVML's card 2, then card 0."""
+    probe = probed(MIXED, CUDA_VISIBLE_DEVICES="2,GPU-9b1e6f1a")
+    gpus = gpus_from_probe(probe.per_device)
+    assert [g.uuid for g in gpus] == [MIXED_CARDS[2][0], MIXED_CARDS[0][0]]
+    assert [(g.model, g.count) for g in probe.gpus] == [("NVIDIA GeForce RTX 4090", 2)]
+
+
+def test_sandbox_binds_the_device_file_of_the_cards_minor_number(
+    tmp_path: Path, fake_dev: Path
+) -> None:
+    """/dev/nvidia<minor> is bound, not /dev/nvidia<index>: the recording's card 0 has minor
+    number 2. The driver's shared device files are bound too; no other card's."""
+    gpus = gpus_from_probe(probed(MIXED).per_device)
+    ex = executor(tmp_path, gpus, slots=1, mode=MODE_BWRAP)
+    ex._build_slots()
+    try:
+        argv = ex._slots[0].argv
+    finally:
+        ex.shutdown()
+    bound = [(argv[i + 1], argv[i + 2]) for i, a in enumerate(argv) if a == "--dev-bind"]
+    assert bound == [
+        (str(fake_dev / name), f"/dev/{name}")
+        for name in ("nvidiactl", "nvidia-uvm", "nvidia-uvm-tools", "nvidia2")
+    ]
+    set_env = {argv[i + 1]: argv[i + 2] for i, a in enumerate(argv) if a == "--setenv"}
+    assert set_env["CUDA_VISIBLE_DEVICES"] == MIXED_CARDS[0][0]
+
+
+def test_missing_device_files_are_named_with_the_fix(fake_dev: Path) -> None:
+    """nvidiactl and nvidia-uvm, and each card's own file, are required; the tools node is
+    not. The fix names `nvidia-modprobe -u -c=0`."""
+    (fake_dev / "nvidia-uvm").unlink()
+    (fake_dev / "nvidia-uvm-tools").unlink()
+    assert sandbox.missing_gpu_nodes([0, 2]) == [fake_dev / "nvidia-uvm"]
+    assert sandbox.missing_gpu_nodes([]) == []
+    assert sandbox.missing_gpu_nodes([7], dev=fake_dev) == [
+        fake_dev / "nvidia-uvm",
+        fake_dev / "nvidia7",
+    ]
+    problem = sandbox.gpu_nodes_problem([0])
+    assert problem is not None
+    assert problem[0] == f"GPUs are declared, but {fake_dev / 'nvidia-uvm'} is missing"
+    assert "`nvidia-modprobe -u -c=0`" in problem[1]
+    assert sandbox.gpu_nodes_problem([]) is None
+
+
+def test_vram_admission_uses_the_cards_exact_size(tmp_path: Path) -> None:
+    """An H100 holds 81559 MiB: a task declaring 81560 MB is refused, though the manifest's
+    rounded 80 GiB (81920 MB) would have let it in; 81559 MB is admitted."""
+    gpus = gpus_from_probe(probed("h100_x1.json").per_device)
+    assert gpus[0].vram_bytes == H100_BYTES
+    ex = executor(tmp_path, gpus, slots=1, mode=MODE_UNSANDBOXED)
+    assert ex.admission({"vram_mb": H100_BYTES >> 20}) == ""
+    refusal = ex.admission({"vram_mb": 81700})
+    assert refusal == "task needs 81700 MB of GPU memory, a slot's GPU has 81559 MB"
+    assert ex.admission({"vram_mb": (H100_BYTES >> 20) + 1}) != ""
+
+
+def test_vram_admission_counts_the_smallest_card(tmp_path: Path) -> None:
+    """A slot may get any card: the T4 (15109 MiB) is what every task can count on."""
+    ex = executor(tmp_path, gpus_from_probe(probed(MIXED).per_device), slots=3, mode=MODE_BWRAP)
+    assert ex.admission({"vram_mb": 15109}) == ""
+    assert "a slot's GPU has 15109 MB" in ex.admission({"vram_mb": 15110})
+
+
+def _address_space(limits_text: str) -> list[str]:
+    line = next(x for x in limits_text.splitlines() if x.startswith("Max address space"))
+    return line.split()[3:5]  # soft, hard
+
+
+@pytest.fixture
+def loop() -> Iterator[asyncio.AbstractEventLoop]:
+    loop = asyncio.new_event_loop()
+    yield loop
+    loop.close()
+
+
+def _limits_seen(ex: Executor, loop: asyncio.AbstractEventLoop) -> list[str]:
+    """A task that declares 64 MB of RAM reads its own address-space limits."""
+    order = json.dumps({"do": "read", "path": "/proc/self/limits"}).encode()
+    try:
+        raw = loop.run_until_complete(
+            ex.run(HOSTILE, order, job_id="limits", resources={"ram_mb": 64})
+        )
+    finally:
+        loop.run_until_complete(ex.aclose())
+    return _address_space(json.loads(raw))
+
+
+def test_a_gpu_workers_address_space_is_not_limited(
+    tmp_path: Path, loop: asyncio.AbstractEventLoop
+) -> None:
+    """A worker with a GPU has no RLIMIT_AS, not even the per-task one of a task that
+    declares its RAM (CUDA reserves tens of GB of address space when it starts); a CPU
+    worker keeps both, and its task's RAM is still checked on arrival."""
+    gpu = SlotGpu(uuid="GPU-9b1e6f1a-3c55-4f0e-8d7e-0a4b1c2d3e4f", minor=0, vram_bytes=1 << 34)
+    with_gpu = executor(tmp_path / "gpu", (gpu,), slots=1, mode=MODE_BWRAP)
+    assert _limits_seen(with_gpu, loop) == ["unlimited", "unlimited"]
+    with pytest.raises(TaskFailed, match="per slot"):  # RAM admission applies all the same
+        loop.run_until_complete(with_gpu.run(HOSTILE, b"{}", resources={"ram_mb": 4096}))
+    cpu = executor(tmp_path / "cpu", (), slots=1, mode=MODE_BWRAP)
+    soft, hard = _limits_seen(cpu, loop)
+    assert hard == str(2 << 30)
+    assert int(soft) < 2 << 30  # lowered to what the worker holds plus the task's 64 MB

@@ -1,0 +1,64 @@
+"""A worker with a GPU lowers no address-space limit for a task (2.3.5 Work Execution).
+
+CUDA reserves tens of GB of address space when it starts; a task's soft RLIMIT_AS, lowered
+to what the worker holds plus the RAM the task declared, would make it fail. The worker
+is run in a child process whose own hard limit is finite (as a daemon started under
+``ulimit -v`` passes on), so that a lowered soft limit would show.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+_CHILD = r"""
+import json, os, resource, sys, types
+from pathlib import Path
+
+resource.setrlimit(resource.RLIMIT_AS, (8 << 30, 8 << 30))
+from nodeclient.node import worker
+
+class Reader:
+    def run(self, payload, *, workdir, progress):
+        return Path("/proc/self/limits").read_bytes()
+
+module = types.ModuleType("limits_runtime")
+module.factory = lambda cache: Reader()
+sys.modules["limits_runtime"] = module
+root = Path(sys.argv[1])
+seen = {}
+for name, gpus in (("gpu", [{"uuid": "GPU-1", "minor": 0, "vram_bytes": 1 << 34}]), ("cpu", [])):
+    work = root / name
+    work.mkdir()
+    config = {
+        "workdir": str(work), "sandboxed": False, "max_result_bytes": 1 << 20,
+        "cache_dir": str(work), "runtimes": {"limits": "limits_runtime:factory"}, "gpus": gpus,
+    }
+    w = worker.Worker(config, out_fd=os.open(os.devnull, os.O_WRONLY))
+    reply, body, clean = w._execute(1, {"class": "limits", "memory_bytes": 64 << 20}, b"")
+    assert reply == {"op": "result"}, reply
+    line = next(x for x in body.decode().splitlines() if x.startswith("Max address space"))
+    seen[name] = line.split()[3:5]
+print(json.dumps(seen))
+"""
+
+
+def test_a_gpu_workers_task_gets_no_lower_address_space_limit(tmp_path: Path) -> None:
+    """Under an inherited finite hard RLIMIT_AS, a task that declares 64 MB keeps the
+    whole limit in a worker with a GPU; in one without, its soft limit is lowered."""
+    src = Path(__file__).resolve().parents[2] / "src"
+    done = subprocess.run(
+        [sys.executable, "-c", _CHILD, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+        env={"PYTHONPATH": str(src), "PATH": "/usr/bin:/bin"},
+    )
+    seen = json.loads(done.stdout)
+    limit = str(8 << 30)
+    assert seen["gpu"] == [limit, limit]
+    assert seen["cpu"][1] == limit
+    assert int(seen["cpu"][0]) < 8 << 30
