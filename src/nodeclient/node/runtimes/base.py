@@ -9,15 +9,23 @@ the result bytes the proof of execution will cover.
 
 :class:`RuntimeInfo` says what a runtime needs (binaries, GPU, memory) and whether it is
 usable on this machine; that feeds the manifest's ``workload_classes``.
+
+A slot's device is what the executor says: a worker whose slot has a GPU has
+``CUDA_VISIBLE_DEVICES`` set (a GPU's UUID or index), a worker without one does not have it.
+On a GPU slot a runtime runs on that GPU or fails with :class:`DeviceFailure`; it never
+falls back to the CPU on its own (the node declared, and is matched for, its GPUs).
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Protocol
+
+from nodeclient.errors import NodeClientError
 
 # progress(done, total, note): e.g. (3, 10, "frame 4 saved") or (120, 500, "step 120")
 Progress = Callable[[float, float, str], None]
@@ -25,6 +33,18 @@ Progress = Callable[[float, float, str], None]
 
 def no_progress(_done: float, _total: float, _note: str) -> None:
     """The progress callback used when nobody listens."""
+
+
+def gpu_slot() -> str | None:
+    """The GPU the executor gave this worker's slot (``CUDA_VISIBLE_DEVICES``), or None."""
+    return os.environ.get("CUDA_VISIBLE_DEVICES") or None
+
+
+class DeviceFailure(NodeClientError):
+    """The slot's GPU, or the library that drives it, failed or did not start: the node's
+    fault, never the request's. Not a RemoteProtocolError, so the worker reports the task
+    as failed and is replaced: a CUDA context that hit an error such as an illegal memory
+    access stays broken for every later task of that process."""
 
 
 class Runtime(Protocol):

@@ -17,11 +17,18 @@ Theory of operation:
 * inputs are checked against the session's declared names, dtypes and fixed dimensions
   so a requester gets a precise reason, and no implicit casts change the numbers;
 * sessions use deterministic compute, so the same request on the same node gives the
-  same result bytes.
+  same result bytes;
+* on a slot with a GPU (see :mod:`.base`) sessions run on CUDA or not at all: the CUDA
+  libraries are preloaded once, ONNX Runtime's fallback to the CPU is off, and a session
+  whose CUDA provider did not load is refused. A slot without a GPU is as before: CUDA
+  first when the build offers it, with ONNX Runtime's own fallback to the CPU.
 
 Faults the requester caused (a bad model, bad inputs, a hash mismatch, a non-tensor
-output) raise RemoteProtocolError. onnxruntime and onnx are imported on first use only,
-so building an OnnxRuntime is cheap and the CLI starts fast.
+output) raise RemoteProtocolError. On a session that runs on CUDA, an ONNX Runtime error
+that names a CUDA, cuBLAS or cuDNN failure raises DeviceFailure and one that names a GPU
+allocation failure MemoryError: the node's fault, and the worker is replaced. onnxruntime
+and onnx are imported on first use only, so building an OnnxRuntime is cheap and the CLI
+starts fast.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ import errno
 import hashlib
 import importlib
 import os
+import re
 import secrets
 import shutil
 import stat
@@ -47,7 +55,7 @@ import numpy as np
 import numpy.typing as npt
 
 from nodeclient.errors import NodeClientError, RemoteProtocolError, UsageError
-from nodeclient.node.runtimes.base import Progress, no_progress
+from nodeclient.node.runtimes.base import DeviceFailure, Progress, gpu_slot, no_progress
 from nodeclient.protocol.blobs import SHA256_HEX
 from nodeclient.workloads.inference import CLASS, InferenceRequest, encode_result
 from nodeclient.workloads.tensors import DEFAULT_MAX_BYTES, MAX_RANK, check_name, dtype_code
@@ -79,15 +87,50 @@ _ORT_DTYPES: Final[Mapping[str, np.dtype[Any]]] = {
 }
 
 
+# How ONNX Runtime words a failure of the GPU or of a CUDA library, at load or at run.
+# CudaCall (core/providers/cuda/cuda_call.cc) formats "<LIB> failure <code>: <text> ;
+# GPU=<n> ; hostname=<host> ; file=<file> ; line=<n> ; expr=<call>;" with LIB one of CUDA,
+# CUBLAS, CUDNN, CUDNN_FE, CURAND, CUFFT, CUSPARSE, NCCL; other paths name a cudaError_t
+# ("CUDA error cudaErrorIllegalAddress:..."), a library status (CUBLAS_STATUS_...), or say
+# that the CUDA provider's libraries did not load.
+_GPU_FAILURE: Final = re.compile(
+    r"\b(?:CUDA|CUBLAS(?:LT)?|CUDNN(?:_FE)?|CURAND|CUFFT|CUSPARSE|NCCL) (?:failure|error)\b"
+    r"|\bcudaError[A-Z]\w*"
+    r"|\b(?:CUBLAS|CUDNN|CURAND|CUFFT|CUSPARSE)_STATUS_[A-Z_]+"
+    r"|\bCUDA wasn'?t able to be loaded",
+    re.IGNORECASE,
+)
+# An allocation on the GPU that failed: the CUDA arena (BFCArena), the CUDA allocator
+# ("CUDA failure 2: out of memory"), or a library's own workspace.
+_GPU_ALLOCATION: Final = re.compile(
+    r"Failed to allocate memory|\bout of memory\b|_STATUS_ALLOC_FAILED|cudaErrorMemoryAllocation",
+    re.IGNORECASE,
+)
+_HOSTNAME: Final = re.compile(r"hostname=[^;\s]*")  # the node's host name stays on the node
+
+
 def usable() -> tuple[bool, str]:
-    """Whether this node can offer ``ai.inference`` (2.3.2 Capability Manifest), and why."""
+    """Whether this node can offer ``ai.inference`` (2.3.2 Capability Manifest), and why.
+
+    ``get_available_providers`` lists the providers this onnxruntime build contains, not
+    those that load here: whether CUDA does is known only when a slot with a GPU creates
+    its first session, which then fails loudly rather than running on the CPU.
+    """
     try:
         import onnx  # noqa: F401  # needed to vet models before loading them
         import onnxruntime as ort
     except ImportError as exc:
         return False, f"onnxruntime or onnx is not installed: {exc}"
-    providers = default_providers(ort.get_available_providers())
-    return True, f"onnxruntime {ort.__version__} with {', '.join(providers)}"
+    if CUDA_PROVIDER in ort.get_available_providers():
+        return True, (
+            f"onnxruntime {ort.__version__} with {CPU_PROVIDER}; {CUDA_PROVIDER} is built in "
+            "and must load on slots with a GPU (checked when each session is created)"
+        )
+    return True, (
+        f"onnxruntime {ort.__version__} with {CPU_PROVIDER} only: this build has no "
+        f"{CUDA_PROVIDER}, so slots with a GPU fail ai.inference tasks (install "
+        "onnxruntime-gpu on GPU nodes)"
+    )
 
 
 def default_providers(available: Sequence[str]) -> list[str]:
@@ -96,8 +139,37 @@ def default_providers(available: Sequence[str]) -> list[str]:
 
 
 def _short(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
+    return _clip(str(exc))
+
+
+def _clip(text: str) -> str:
+    text = " ".join(text.split())
     return text if len(text) <= _MAX_ERROR_CHARS else text[:_MAX_ERROR_CHARS] + "..."
+
+
+_preload_lock = threading.Lock()
+_preloaded: list[str] = []  # empty until tried; then one entry, "" or why it failed
+
+
+def _preload_cuda_libraries(ort: Any) -> str:
+    """Load the CUDA and cuDNN libraries of the nvidia-* wheels, once per process; "" or
+    why it failed.
+
+    The sandbox passes no LD_LIBRARY_PATH, so ONNX Runtime's CUDA provider finds pip's
+    CUDA libraries only once ``onnxruntime.preload_dlls()`` (1.21 and later) has loaded
+    them; older builds lack it and rely on the system's library path.
+    """
+    with _preload_lock:
+        if not _preloaded:
+            preload = getattr(ort, "preload_dlls", None)
+            error = ""
+            if callable(preload):
+                try:
+                    preload()
+                except (OSError, RuntimeError, ValueError, ImportError) as exc:
+                    error = f"onnxruntime.preload_dlls() failed: {_short(exc)}"
+            _preloaded.append(error)
+        return _preloaded[0]
 
 
 class UnsafeCacheError(OSError):
@@ -373,6 +445,8 @@ class _Warm:
     session: Any  # onnxruntime.InferenceSession, untyped upstream
     inputs: dict[str, _Port]
     outputs: dict[str, _Port]
+    on_gpu: bool = False  # the session runs on CUDA: its errors may be the GPU's
+    planted: tuple[str, ...] = ()  # the model's texts that read like a GPU failure
     # (requested outputs, input names/dtypes/shapes) -> outputs to run, once checked: a
     # stream of like requests skips the checks, which cost more than a small model's run.
     plans: dict[_PlanKey, list[str]] = dataclasses.field(default_factory=dict)
@@ -391,30 +465,49 @@ class _Warm:
         return names
 
 
-def _external_data_tensors(model: Any) -> list[str]:
-    """Names of every TensorProto anywhere in *model* that points at external data."""
+def _scan_model(model: Any) -> tuple[list[str], list[str]]:
+    """Walk every message of *model* once: the names of the TensorProtos that point at
+    external data, and the model's texts (names, op types, attribute strings) that read
+    like a GPU failure.
+
+    ONNX Runtime quotes node and tensor names in its errors, so a model could name a node
+    "CUDA failure 700: ..." to make its own failure look like the node's; those texts are
+    taken out of an error before it is classified (see :func:`_ort_failure`).
+    """
     import onnx
 
-    found: list[str] = []
+    external: list[str] = []
+    planted: list[str] = []
+
+    def suspect(text: str | bytes) -> None:
+        if isinstance(text, bytes):
+            text = text.decode("utf-8", "replace")
+        if _GPU_FAILURE.search(text) or _GPU_ALLOCATION.search(text):
+            planted.append(text)
+
     stack: list[Any] = [model]
     while stack:
         message = stack.pop()
         if isinstance(message, onnx.TensorProto):
             if message.data_location == onnx.TensorProto.EXTERNAL or len(message.external_data):
-                found.append(message.name or "<unnamed>")
+                external.append(message.name or "<unnamed>")
+            suspect(message.name)  # its contents are numbers, never quoted in an error
             continue
         for field, value in message.ListFields():
-            if field.message_type is None:
-                continue
-            if hasattr(value, "ListFields"):  # a singular message, not a repeated container
-                stack.append(value)
-            else:
-                stack.extend(value)
-    return found
+            if field.message_type is not None:
+                if hasattr(value, "ListFields"):  # a singular message, not a repeated container
+                    stack.append(value)
+                else:
+                    stack.extend(value)
+            elif field.type in (field.TYPE_STRING, field.TYPE_BYTES):
+                for text in [value] if isinstance(value, str | bytes) else value:
+                    suspect(text)
+    return external, planted
 
 
-def _vet_model(model: bytes) -> None:
-    """Refuse models that are not ONNX protobufs or that reference external data."""
+def _vet_model(model: bytes) -> tuple[str, ...]:
+    """Refuse models that are not ONNX protobufs or that reference external data; return
+    the model's texts that read like a GPU failure."""
     import onnx
 
     # Looked up, not imported: protobuf ships no type stubs, and this is its only use here.
@@ -423,12 +516,13 @@ def _vet_model(model: bytes) -> None:
         proto = onnx.load_model_from_string(model)
     except (decode_error, ValueError) as exc:
         raise RemoteProtocolError(f"model is not a valid ONNX protobuf: {_short(exc)}") from exc
-    external = _external_data_tensors(proto)
+    external, planted = _scan_model(proto)
     if external:
         raise RemoteProtocolError(
             f"model references external data (tensors {external[:5]}); "
             "models must be self-contained"
         )
+    return tuple(sorted(set(planted), key=len, reverse=True))  # longest first: no leftovers
 
 
 def _ort_errors() -> tuple[type[BaseException], ...]:
@@ -441,6 +535,46 @@ def _ort_errors() -> tuple[type[BaseException], ...]:
         if isinstance(value, type) and issubclass(value, Exception)
     )
     return (*native, RuntimeError, ValueError, TypeError)
+
+
+def _provider_failure_types() -> tuple[type[BaseException], ...]:
+    """The ONNX Runtime exception types that blame an execution provider, not the model."""
+    from onnxruntime.capi import onnxruntime_pybind11_state as state
+
+    found = (getattr(state, name, None) for name in ("EPFail", "DeviceReset"))
+    return tuple(t for t in found if isinstance(t, type) and issubclass(t, BaseException))
+
+
+def _ort_failure(
+    exc: BaseException, *, requester: str, stage: str, on_gpu: bool, planted: Sequence[str]
+) -> Exception:
+    """The exception to raise for ONNX Runtime's *exc*.
+
+    The requester's (RemoteProtocolError, prefixed *requester*), except on a session that
+    runs on CUDA when ONNX Runtime names an allocation on the GPU that failed (MemoryError:
+    out of memory) or a failure of the GPU or a CUDA library (DeviceFailure). Both replace
+    the worker: a CUDA error such as an illegal memory access is sticky, and would fail
+    every later task of the process. *planted*: the model's own texts that read like such
+    a failure, which are not ONNX Runtime's words and are taken out first.
+    """
+    if on_gpu:
+        text = str(exc)
+        for fake in planted:
+            text = text.replace(fake, " ")
+        allocation = _GPU_ALLOCATION.search(text)
+        if allocation is not None:
+            return MemoryError(f"out of GPU memory {stage}: {_gpu_excerpt(text, allocation)}")
+        failure = _GPU_FAILURE.search(text)
+        if failure is not None or isinstance(exc, _provider_failure_types()):
+            excerpt = _short(exc) if failure is None else _gpu_excerpt(text, failure)
+            return DeviceFailure(f"the GPU failed {stage}: {excerpt}")
+    return RemoteProtocolError(f"{requester}: {_short(exc)}")
+
+
+def _gpu_excerpt(text: str, found: re.Match[str]) -> str:
+    """ONNX Runtime's message from what *found* matched on (what precedes it is a C++
+    signature, or names from the model), without the node's host name."""
+    return _clip(_HOSTNAME.sub("hostname=(withheld)", text[found.start() :]))
 
 
 class ModelUnavailable(NodeClientError):
@@ -484,6 +618,7 @@ class OnnxRuntime:
         self._lock = threading.Lock()
         self._sessions_created = 0
         self._errors: tuple[type[BaseException], ...] | None = None
+        self._preload_error = ""
 
     @property
     def sessions_created(self) -> int:
@@ -497,13 +632,25 @@ class OnnxRuntime:
             return list(self._sessions)
 
     def providers(self) -> list[str]:
-        """The execution providers sessions use, resolved (and checked) on first call."""
+        """The execution providers sessions use, resolved (and checked) on first call.
+
+        By default CUDA first when this build offers it, then the CPU (for operators CUDA
+        lacks). On a slot with a GPU a build without CUDA is the node's failure
+        (DeviceFailure), and the CUDA libraries are preloaded before the first session.
+        """
         if self._providers is None:
             import onnxruntime as ort
 
             available = ort.get_available_providers()
+            gpu = gpu_slot()
             if self._requested_providers is None:
-                self._providers = default_providers(available)
+                if gpu is not None and CUDA_PROVIDER not in available:
+                    raise DeviceFailure(
+                        f"this slot has a GPU (CUDA_VISIBLE_DEVICES={gpu}) but this onnxruntime "
+                        f"build has no {CUDA_PROVIDER} (it offers {available}); refusing to run "
+                        "on the CPU: install onnxruntime-gpu"
+                    )
+                providers = default_providers(available)
             else:
                 missing = [p for p in self._requested_providers if p not in available]
                 if missing or not self._requested_providers:
@@ -511,7 +658,10 @@ class OnnxRuntime:
                         f"execution providers {missing} are not available; "
                         f"this onnxruntime offers {available}"
                     )
-                self._providers = list(self._requested_providers)
+                providers = list(self._requested_providers)
+            if gpu is not None and CUDA_PROVIDER in providers:
+                self._preload_error = _preload_cuda_libraries(ort)
+            self._providers = providers
         return self._providers
 
     def run(
@@ -532,7 +682,13 @@ class OnnxRuntime:
         try:
             values = warm.session.run(names, request.inputs)
         except self._ort_error_types() as exc:
-            raise RemoteProtocolError(f"inference failed: {_short(exc)}") from exc
+            raise _ort_failure(
+                exc,
+                requester="inference failed",
+                stage="while running the model",
+                on_gpu=warm.on_gpu,
+                planted=warm.planted,
+            ) from exc
         outputs: dict[str, npt.NDArray[Any]] = {}
         for name, value in zip(names, values, strict=True):
             if not isinstance(value, np.ndarray) or dtype_code(value.dtype) is None:
@@ -622,7 +778,12 @@ class OnnxRuntime:
     def _create(self, model: bytes) -> _Warm:
         import onnxruntime as ort
 
-        _vet_model(model)
+        planted = _vet_model(model)
+        providers = self.providers()
+        gpu = gpu_slot()
+        # On a slot with a GPU, CUDA or nothing: ONNX Runtime's fallback would otherwise
+        # retry on the CPU when the CUDA provider fails to start, or when it fails a run.
+        strict = gpu is not None and CUDA_PROVIDER in providers
         options = ort.SessionOptions()
         options.log_severity_level = 3  # errors only: warnings would go to stderr, not our log
         options.use_deterministic_compute = True  # 2.3.6: same request, same result bytes
@@ -635,8 +796,13 @@ class OnnxRuntime:
         # and admission, which counts free memory, would then refuse honest tasks. Freed
         # buffers go back to the allocator instead (no measurable cost on a MatMul chain).
         options.enable_cpu_mem_arena = False
+        fallback = {"enable_fallback": 0} if strict else {}
         try:
-            session = ort.InferenceSession(model, sess_options=options, providers=self.providers())
+            session = ort.InferenceSession(
+                model, sess_options=options, providers=providers, **fallback
+            )
+            if strict:  # also for builds that ignore the keyword: no fallback at run time
+                session.disable_fallback()
             # A name that is not UTF-8 fails only when read (UnicodeDecodeError, a ValueError).
             inputs = {
                 arg.name: _Port(arg.name, arg.type, tuple(arg.shape))
@@ -647,14 +813,36 @@ class OnnxRuntime:
                 for arg in session.get_outputs()
             }
         except self._ort_error_types() as exc:
-            raise RemoteProtocolError(f"model cannot be loaded: {_short(exc)}") from exc
+            raise _ort_failure(
+                exc,
+                requester="model cannot be loaded",
+                stage="while loading the model",
+                on_gpu=strict,
+                planted=planted,
+            ) from exc
+        active = list(session.get_providers())
+        if strict and CUDA_PROVIDER not in active:
+            # ONNX Runtime logs why (a CUDA or cuDNN library it cannot load, a device it
+            # cannot open) and goes on with what did load: never on a GPU slot.
+            preload = f"; {self._preload_error}" if self._preload_error else ""
+            raise DeviceFailure(
+                f"the CUDA execution provider did not load on this GPU slot "
+                f"(CUDA_VISIBLE_DEVICES={gpu}): the session would run on {active}{preload}; "
+                "ONNX Runtime's log on the worker's stderr says why"
+            )
         for port in inputs.values():
             if port.dtype is None:
                 raise RemoteProtocolError(
                     f"model input {port.name!r} has type {port.type}; only numeric and bool "
                     "tensors are supported"
                 )
-        return _Warm(session=session, inputs=inputs, outputs=outputs)
+        return _Warm(
+            session=session,
+            inputs=inputs,
+            outputs=outputs,
+            on_gpu=CUDA_PROVIDER in active,
+            planted=planted,
+        )
 
 
 def _select_outputs(warm: _Warm, requested: tuple[str, ...] | None) -> list[str]:

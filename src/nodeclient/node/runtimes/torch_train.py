@@ -19,8 +19,9 @@ Theory of operation:
   bits; the coordinator never compares slices across nodes);
 * the device is CUDA when PyTorch sees one (it honours ``CUDA_VISIBLE_DEVICES``), else
   CPU; on CUDA, ``CUBLAS_WORKSPACE_CONFIG`` is set so cuBLAS can be deterministic too.
-  CPU and GPU results differ in the last bits, so a slice's bytes are reproducible per
-  device kind, not across kinds.
+  On a slot with a GPU (see :mod:`.base`) a PyTorch that sees none is the node's failure
+  (DeviceFailure), never a slice quietly trained on the CPU. CPU and GPU results differ
+  in the last bits, so a slice's bytes are reproducible per device kind, not across kinds.
 
 torch is imported on first use, so building the runtime is cheap and the CLI starts fast.
 """
@@ -37,7 +38,7 @@ import numpy as np
 import numpy.typing as npt
 
 from nodeclient.errors import RemoteProtocolError
-from nodeclient.node.runtimes.base import Progress, no_progress
+from nodeclient.node.runtimes.base import DeviceFailure, Progress, gpu_slot, no_progress
 from nodeclient.workloads.tensors import DEFAULT_MAX_BYTES
 from nodeclient.workloads.training import (
     CLASS,
@@ -179,6 +180,20 @@ def _optimizer(params: Any, plan: SlicePlan) -> torch.optim.Optimizer:
     )
 
 
+def _cuda_unavailable() -> str:
+    """Why PyTorch sees no CUDA device: ``is_available()`` hides it, initialising says it
+    (a CPU build, no driver, a device it cannot open, CUDA that fails to start)."""
+    import torch
+
+    if torch.version.cuda is None:
+        return "a CPU build of torch: install the CUDA build on GPU nodes"
+    try:
+        torch.cuda.init()  # type: ignore[no-untyped-call]  # torch leaves it unannotated
+    except (RuntimeError, AssertionError) as exc:
+        return " ".join(str(exc).split())[:300]
+    return f"torch.cuda.device_count() is {torch.cuda.device_count()}"
+
+
 class TorchTrainRuntime:
     """Executes ``ai.training`` slices; one slice at a time per worker process."""
 
@@ -199,10 +214,21 @@ class TorchTrainRuntime:
         self._max_payload_bytes = max_payload_bytes
 
     def device(self) -> torch.device:
-        """The device slices run on, resolved on first use: CUDA when visible, else CPU."""
+        """The device slices run on, resolved on first use: CUDA when visible, else CPU.
+
+        On a slot with a GPU, DeviceFailure when PyTorch sees none (nothing is cached, so
+        every slice says so until the worker is replaced).
+        """
         if self._device is None:
             import torch
 
+            gpu = gpu_slot()
+            if self._requested_device is None and gpu is not None and not torch.cuda.is_available():
+                raise DeviceFailure(
+                    f"this slot has a GPU (CUDA_VISIBLE_DEVICES={gpu}) but PyTorch "
+                    f"{torch.__version__} sees no CUDA device ({_cuda_unavailable()}); "
+                    "refusing to train on the CPU"
+                )
             name = self._requested_device or ("cuda" if torch.cuda.is_available() else "cpu")
             if name.startswith("cuda"):
                 # Must be set before cuBLAS initialises, or deterministic mode refuses matmuls.

@@ -1,0 +1,72 @@
+"""TorchTrainRuntime on a slot with a GPU: CUDA, or the node's failure, never a slice
+quietly trained on the CPU (2.3.5 Work Execution).
+
+No GPU here: torch is the CPU build, so ``torch.cuda.is_available()`` is False for real;
+where a test needs a PyTorch that sees a GPU, it says so by patching that one function.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from nodeclient.node.runtimes.base import DeviceFailure
+from nodeclient.node.runtimes.torch_train import CUBLAS_DETERMINISTIC, TorchTrainRuntime
+from nodeclient.workloads import training as tr
+
+GPU = "GPU-6b3d1d0e-5c2a-4f7e-9a51-0c6f2e9d8a41"
+MLP = [{"type": "Linear", "in": 4, "out": 3}]
+
+
+def _slice_payload() -> bytes:
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(16, 4)).astype(np.float32), np.arange(16, dtype=np.int64) % 3
+    config = tr.TrainingConfig(inner_steps=2, batch_size=8, seed=1)
+    job = tr.JobRequest(tr.ModelSpec.parse(MLP), config, x, y)
+    return job.round_zero(1)[0]
+
+
+def test_a_gpu_slot_whose_torch_sees_no_gpu_fails_as_the_nodes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The CPU build of torch on a GPU slot: the slice fails as the node's failure, naming
+    why, and nothing is cached (every slice says so until the worker is replaced)."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", GPU)
+    runtime = TorchTrainRuntime()
+    for _ in range(2):
+        with pytest.raises(DeviceFailure, match="a CPU build of torch") as got:
+            runtime.run(_slice_payload())
+        assert f"CUDA_VISIBLE_DEVICES={GPU}" in str(got.value)
+        assert "refusing to train on the CPU" in str(got.value)
+
+
+def test_the_reason_is_what_initialising_cuda_says(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A CUDA build that sees no device: the reason is CUDA's own, which
+    ``is_available()`` hides (here the CPU build's, with the CUDA version faked)."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", GPU)
+    monkeypatch.setattr(torch.version, "cuda", "12.4")
+    with pytest.raises(DeviceFailure, match="Torch not compiled with CUDA enabled"):
+        TorchTrainRuntime().device()
+
+
+def test_a_gpu_slot_trains_on_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A PyTorch that sees the slot's GPU: the device is CUDA, with cuBLAS's deterministic
+    workspace set before cuBLAS starts."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", GPU)
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert TorchTrainRuntime().device() == torch.device("cuda")
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == CUBLAS_DETERMINISTIC
+
+
+def test_a_cpu_slot_trains_on_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without a GPU in the slot nothing changes: the CPU, where PyTorch sees no GPU."""
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    runtime = TorchTrainRuntime()
+    assert runtime.device() == torch.device("cpu")
+    result = runtime.run(_slice_payload())
+    shapes = tr.ModelSpec.parse(MLP).parameter_shapes()
+    assert tr.PseudoGradient.decode(result, shapes=shapes, grad_dtype="F32").steps == 2
