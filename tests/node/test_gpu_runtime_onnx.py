@@ -494,3 +494,18 @@ def test_the_worker_is_replaced_after_a_gpu_failure_and_kept_after_a_bad_request
     assert answer["op"] == "error" and answer["kind"] == kind
     assert answer["reason"].startswith(reason)
     assert answer["restart"] is (kind != "requester")
+
+
+@pytest.mark.parametrize("hidden", ["", "-1"])
+def test_a_slot_whose_cards_are_hidden_runs_on_the_cpu_alone(
+    build: GpuBuild, monkeypatch: pytest.MonkeyPatch, hidden: str
+) -> None:
+    """The executor sets CUDA_VISIBLE_DEVICES empty for a slot without a GPU (and CUDA
+    reads -1 as none too): such a worker asks for the CPU only, even from a build that
+    offers CUDA, so that an unsandboxed one cannot take another slot's card."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", hidden)
+    runtime = OnnxRuntime()
+    outputs, _ = decode_result(runtime.run(_payload(add_model(), **_add_inputs())))
+    np.testing.assert_array_equal(outputs["sum"], np.full((2, 3), 2.0))
+    assert runtime.providers() == [CPU_PROVIDER]
+    assert build.preloads == 0

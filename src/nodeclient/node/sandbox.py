@@ -324,6 +324,8 @@ def worker_env(layout: Layout, *, threads: int | None = None) -> dict[str, str]:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(g.uuid for g in layout.gpus)
         env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
         env[GPU_MEMORY_ENV] = str(min(g.vram_bytes for g in layout.gpus))
+    else:  # no card for this slot: CUDA sees none, unsandboxed (no device files bound) too
+        env["CUDA_VISIBLE_DEVICES"] = ""
     return env
 
 

@@ -36,8 +36,16 @@ def no_progress(_done: float, _total: float, _note: str) -> None:
 
 
 def gpu_slot() -> str | None:
-    """The GPU the executor gave this worker's slot (``CUDA_VISIBLE_DEVICES``), or None."""
-    return os.environ.get("CUDA_VISIBLE_DEVICES") or None
+    """The GPU the executor gave this worker's slot (``CUDA_VISIBLE_DEVICES``), or None:
+    unset, empty, or hiding every card as CUDA reads it (a leading negative number)."""
+    value = os.environ.get("CUDA_VISIBLE_DEVICES", "").strip()
+    return None if not value or value.startswith("-") else value
+
+
+def gpus_hidden() -> bool:
+    """Whether ``CUDA_VISIBLE_DEVICES`` is set and hides every card: the executor sets it
+    empty for a slot without a GPU, so that its tasks never take another slot's card."""
+    return "CUDA_VISIBLE_DEVICES" in os.environ and gpu_slot() is None
 
 
 class DeviceFailure(NodeClientError):

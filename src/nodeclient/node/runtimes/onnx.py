@@ -55,7 +55,13 @@ import numpy as np
 import numpy.typing as npt
 
 from nodeclient.errors import NodeClientError, RemoteProtocolError, UsageError
-from nodeclient.node.runtimes.base import DeviceFailure, Progress, gpu_slot, no_progress
+from nodeclient.node.runtimes.base import (
+    DeviceFailure,
+    Progress,
+    gpu_slot,
+    gpus_hidden,
+    no_progress,
+)
 from nodeclient.protocol.blobs import SHA256_HEX
 from nodeclient.workloads.inference import CLASS, InferenceRequest, encode_result
 from nodeclient.workloads.tensors import DEFAULT_MAX_BYTES, MAX_RANK, check_name, dtype_code
@@ -650,7 +656,9 @@ class OnnxRuntime:
                         f"build has no {CUDA_PROVIDER} (it offers {available}); refusing to run "
                         "on the CPU: install onnxruntime-gpu"
                     )
-                providers = default_providers(available)
+                # A slot without a GPU: the CPU alone (no CUDA provider that would find no
+                # card, and print why at every session it makes).
+                providers = [CPU_PROVIDER] if gpus_hidden() else default_providers(available)
             else:
                 missing = [p for p in self._requested_providers if p not in available]
                 if missing or not self._requested_providers:
