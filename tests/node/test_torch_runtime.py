@@ -174,6 +174,24 @@ def test_an_update_f16_cannot_carry_is_the_requests_fault(
             runtime.run(payload)
 
 
+@pytest.mark.parametrize("dtype", ["F32", "F16"])
+def test_an_update_of_all_zeros_is_the_requests_fault(
+    runtime: TorchTrainRuntime, dtype: str
+) -> None:
+    """A learning rate too small to move an F32 weight leaves every weight as it was: the
+    slice is refused as the request's fault, saying so, not sent as an all-zero update
+    that the coordinator would refuse as "no training was done" and blame on the node."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((64, 8)).astype(np.float32)
+    y = rng.integers(0, 3, 64).astype(np.int64)
+    inner = tr.InnerOptimizer(name="sgd", lr=1e-12, weight_decay=0.0)
+    model = tr.ModelSpec.parse([{"type": "Linear", "in": 8, "out": 3}])
+    config = tr.TrainingConfig(inner_steps=2, batch_size=64, grad_dtype=dtype, inner=inner)
+    [payload] = tr.JobRequest(model, config, x, y).round_zero(1)
+    with pytest.raises(RemoteProtocolError, match="left every weight unchanged .* too small"):
+        runtime.run(payload)
+
+
 def test_progress_is_reported_with_step_and_loss(
     job: tr.JobRequest, runtime: TorchTrainRuntime
 ) -> None:

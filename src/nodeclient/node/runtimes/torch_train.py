@@ -310,6 +310,15 @@ class TorchTrainRuntime:
                 progress(step, plan.steps, f"step {step} loss {last:.4f}")
         end = {name: t.detach().cpu().numpy() for name, t in model.state_dict().items()}
         full = {name: np.asarray(start, np.float32) - end[name] for name, start in weights.items()}
+        if not any(np.any(d != 0) for d in full.values()):
+            # Every step left every weight as it was (a learning rate too small to move an
+            # F32 weight, gradients all zero): the request's doing, the same on every node;
+            # sent, it would be refused as "no training was done" and blamed on the node.
+            raise RemoteProtocolError(
+                f"{plan.steps} steps left every weight unchanged (the update is all zeros): "
+                "the learning rate is too small to move the weights, or the gradients are "
+                "all zero; raise the learning rate or check the model and data"
+            )
         if plan.grad_dtype == "F16":
             _check_f16(full)
             return {name: d.astype(np.float16) for name, d in full.items()}, first, last
