@@ -242,3 +242,27 @@ def test_the_coordinator_database_stays_in_a_directory_named_with_a_question_mar
         net.stop()
     assert (workdir / "coordinator" / "coordinator.db").is_file()
     assert sorted(os.listdir(tmp_path)) == ["a?b"]
+
+
+def test_devnet_nodes_are_started_with_every_gpu_hidden(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A devnet is a network of CPU nodes: each node process gets CUDA_VISIBLE_DEVICES
+    empty, else every node would take every GPU of the one machine, and none would run
+    inference with a CPU build of onnxruntime (the default install)."""
+    started: list[dict[str, str]] = []
+
+    class Recorded:
+        pid = os.getpid()
+
+        def __init__(self, _argv: list[str], **kwargs: Any) -> None:
+            started.append(kwargs["env"])
+
+    monkeypatch.setattr(devnet.subprocess, "Popen", Recorded)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    net = devnet.Devnet(workdir=tmp_path, heartbeat=1.0, out=lambda _line: None, url="http://x")
+    net._sandbox = True
+    net.add_node(0)
+    (env,) = started
+    assert env["CUDA_VISIBLE_DEVICES"] == ""
+    assert env["PATH"] == os.environ["PATH"]  # the rest of the environment as it was

@@ -102,6 +102,9 @@ class Devnet:
             [sys.executable, "-m", "nodeclient.node.cli", "run", "--home", str(home)],
             stdout=subprocess.DEVNULL,
             stderr=log,
+            # A network of CPU nodes: each node would take every GPU of this one machine,
+            # and run nothing where onnxruntime or torch is a CPU build (the default).
+            env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
         )
         if cpus:  # set long before the node probes its hardware (interpreter start, imports)
             os.sched_setaffinity(proc.pid, cpus)

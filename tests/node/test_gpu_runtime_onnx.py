@@ -509,3 +509,18 @@ def test_a_slot_whose_cards_are_hidden_runs_on_the_cpu_alone(
     np.testing.assert_array_equal(outputs["sum"], np.full((2, 3), 2.0))
     assert runtime.providers() == [CPU_PROVIDER]
     assert build.preloads == 0
+
+
+def test_a_cpu_build_of_onnxruntime_cannot_serve_a_gpu_node(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A node whose slots get GPUs offers ai.inference only with a build that has the CUDA
+    provider (RUNTIMES' GPU check); a node without GPUs offers it either way."""
+    from nodeclient.node.runtimes import RUNTIMES, usable_workload_classes
+
+    monkeypatch.setattr(ort, "get_available_providers", lambda: [CPU_PROVIDER])
+    ok, why = usable_workload_classes(gpus=True)["ai.inference"]
+    assert not ok and "no CUDAExecutionProvider" in why and "onnxruntime-gpu" in why
+    assert usable_workload_classes(gpus=False)["ai.inference"][0]
+    monkeypatch.setattr(ort, "get_available_providers", lambda: [CUDA_PROVIDER, CPU_PROVIDER])
+    assert RUNTIMES["ai.inference"].usable(gpus=True)[0]

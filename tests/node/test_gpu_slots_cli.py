@@ -200,3 +200,36 @@ def test_no_driver_is_not_logged(
     monkeypatch.setenv(REPLAY_ENV, str(FIXTURES / "driver_not_loaded.json"))
     assert main(["manifest", "--home", str(home), "--json"]) == 0
     assert [r for r in events if r.getMessage() == "hardware.gpu_probe_failed"] == []
+
+
+def test_a_gpu_node_offers_no_class_whose_build_cannot_use_its_gpus(
+    home: Path,
+    machine: Path,
+    started: list[dict[str, Any]],
+    events: list[logging.LogRecord],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every slot of a GPU node gets a card and never runs on the CPU instead, so a CPU
+    build of onnxruntime (this machine's) would fail every inference task: the manifest
+    does not offer ai.inference, and the start says why. Hiding the cards
+    (CUDA_VISIBLE_DEVICES= empty) serves it on the CPU."""
+    from nodeclient.node.runtimes import onnx as onnx_runtime
+
+    monkeypatch.setattr(onnx_runtime, "gpu_usable", lambda: (False, "no CUDA in this build"))
+    assert run(home) == 0
+    assert "ai.inference" not in started[-1]["manifest"]["workload_classes"]
+    (said,) = [
+        r
+        for r in events
+        if r.msg == "workload.not_offered" and r.workload_class == "ai.inference"  # type: ignore[attr-defined]
+    ]
+    assert said.reason == "no CUDA in this build"  # type: ignore[attr-defined]
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert run(home) == 0
+    assert "ai.inference" in started[-1]["manifest"]["workload_classes"]
+
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    monkeypatch.setattr(onnx_runtime, "gpu_usable", lambda: (True, "onnxruntime-gpu"))
+    assert run(home) == 0
+    assert "ai.inference" in started[-1]["manifest"]["workload_classes"]

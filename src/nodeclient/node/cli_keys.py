@@ -201,8 +201,11 @@ def build_local_manifest(
     )
     if sandboxed is None:
         sandboxed = sandbox.probe()[0]
-    usable = usable_workload_classes(sandboxed=sandboxed)
+    usable = usable_workload_classes(sandboxed=sandboxed, gpus=bool(hw.gpu.per_device))
     classes = [c for c, (ok, _why) in usable.items() if ok]
+    for name, (ok, why) in usable.items():
+        if not ok:  # `nodeclient doctor` says the same, with the fix
+            log.info("workload.not_offered", extra={"workload_class": name, "reason": why})
     node_key = node_key or keys.load_node_key(home, passphrase=passphrase)
     proof = wallet.load_proof(
         home,

@@ -372,11 +372,18 @@ def run_all(home: Path, *, coordinator: str | None, allow_unsandboxed: bool) -> 
     """Every check, in the order an operator would fix them."""
     sandbox = check_sandbox(allow_unsandboxed=allow_unsandboxed)
     checks = [check_key_files(home), sandbox]
-    checks.append(check_gpus())
+    from nodeclient.node import hardware
+
+    gpus = hardware.probe_gpus(timeout=hardware.probe_timeout())
+    checks.append(check_gpus(probe=lambda: gpus))
     from nodeclient.node.runtimes import usable_workload_classes
 
-    # What the daemon would offer: a class that needs the sandbox is not served without it.
-    checks.extend(check_runtimes(usable_workload_classes(sandboxed=sandbox.level is Level.OK)))
+    # What the daemon would offer: a class that needs the sandbox is not served without it,
+    # nor, where the slots get GPUs, one whose install cannot use them.
+    usable = usable_workload_classes(
+        sandboxed=sandbox.level is Level.OK, gpus=gpus.status == "ok" and bool(gpus.per_device)
+    )
+    checks.extend(check_runtimes(usable))
     checks.append(check_disk(home))
     checks.append(check_scratch())
     checks.extend(check_coordinator(coordinator))

@@ -38,6 +38,12 @@ def _onnx_check() -> tuple[bool, str]:
     return onnx.usable()
 
 
+def _onnx_gpu_check() -> tuple[bool, str]:
+    from nodeclient.node.runtimes import onnx
+
+    return onnx.gpu_usable()
+
+
 def _blender(cache_dir: Path) -> Runtime:
     from nodeclient.node.runtimes.blender import BlenderRuntime
 
@@ -62,12 +68,19 @@ def _torch_check() -> tuple[bool, str]:
     return torch_train.usable()
 
 
+def _torch_gpu_check() -> tuple[bool, str]:
+    from nodeclient.node.runtimes import torch_train
+
+    return torch_train.gpu_usable()
+
+
 RUNTIMES: dict[str, RuntimeInfo] = {
     "ai.inference": RuntimeInfo(
         "ai.inference",
         Requirements(python_modules=("onnxruntime", "onnx")),
         _onnx,
         _onnx_check,
+        _onnx_gpu_check,
     ),
     "media.render": RuntimeInfo(
         "media.render",
@@ -85,6 +98,7 @@ RUNTIMES: dict[str, RuntimeInfo] = {
         Requirements(python_modules=("torch",), min_ram_mb=1024, preload=False),
         _torch_train,
         _torch_check,
+        _torch_gpu_check,
     ),
 }
 
@@ -95,12 +109,16 @@ NEEDS_SANDBOX = (
 )
 
 
-def usable_workload_classes(*, sandboxed: bool = True) -> dict[str, tuple[bool, str]]:
+def usable_workload_classes(
+    *, sandboxed: bool = True, gpus: bool = False
+) -> dict[str, tuple[bool, str]]:
     """Each known workload class -> (usable here, why or why not); *sandboxed*: whether
-    tasks run in the bubblewrap sandbox here (else a class that needs it is not offered)."""
+    tasks run in the bubblewrap sandbox here (else a class that needs it is not offered);
+    *gpus*: whether the slots get GPUs (else a class whose install cannot use one, such as
+    a CPU build of onnxruntime, is not offered: its tasks would fail on every slot)."""
     return {
         name: (False, NEEDS_SANDBOX)
         if info.requirements.sandbox and not sandboxed
-        else info.usable()
+        else info.usable(gpus=gpus)
         for name, info in RUNTIMES.items()
     }

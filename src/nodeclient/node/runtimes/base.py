@@ -90,9 +90,13 @@ class RuntimeInfo:
     requirements: Requirements
     factory: Callable[[Path], Runtime]  # builds the runtime in a worker; arg: cache dir
     extra_check: Callable[[], tuple[bool, str]] = field(default=lambda: (True, ""))
+    # Asked too when the node gives its slots GPUs: whether what is installed can use one
+    # (a CPU build cannot, and a GPU slot never runs its tasks on the CPU instead).
+    gpu_check: Callable[[], tuple[bool, str]] | None = None
 
-    def usable(self) -> tuple[bool, str]:
-        """(usable here, why not): binaries on PATH, modules importable, extra check."""
+    def usable(self, *, gpus: bool = False) -> tuple[bool, str]:
+        """(usable here, why not): binaries on PATH, modules importable, extra check; with
+        *gpus* (the slots have GPUs), the GPU check too."""
         import importlib.util
 
         for binary in self.requirements.binaries:
@@ -101,4 +105,7 @@ class RuntimeInfo:
         for module in self.requirements.python_modules:
             if importlib.util.find_spec(module) is None:
                 return False, f"Python module {module} is not installed"
-        return self.extra_check()
+        ok, why = self.extra_check()
+        if ok and gpus and self.gpu_check is not None:
+            return self.gpu_check()
+        return ok, why

@@ -139,6 +139,20 @@ def usable() -> tuple[bool, str]:
     )
 
 
+def gpu_usable() -> tuple[bool, str]:
+    """Whether ``ai.inference`` can use the GPUs this node gives its slots: its onnxruntime
+    build has the CUDA execution provider (whether it loads is known at the first session)."""
+    import onnxruntime as ort
+
+    if CUDA_PROVIDER in ort.get_available_providers():
+        return True, f"onnxruntime {ort.__version__} with {CUDA_PROVIDER}"
+    return False, (
+        f"this onnxruntime {ort.__version__} build has no {CUDA_PROVIDER}, and this node "
+        "gives its slots GPUs, where tasks never run on the CPU: install onnxruntime-gpu, "
+        "or start the node with CUDA_VISIBLE_DEVICES= (empty) to serve on the CPU"
+    )
+
+
 def default_providers(available: Sequence[str]) -> list[str]:
     """CUDA first when this onnxruntime build offers it, CPU always as the fallback."""
     return [CUDA_PROVIDER, CPU_PROVIDER] if CUDA_PROVIDER in available else [CPU_PROVIDER]

@@ -75,6 +75,26 @@ def usable() -> tuple[bool, str]:
     return True, f"torch {version} (CUDA when visible, else CPU)"
 
 
+def gpu_usable() -> tuple[bool, str]:
+    """Whether ``ai.training`` can use the GPUs this node gives its slots: the installed
+    torch is a CUDA build (it ships libtorch_cuda), read from the package's file list, not
+    by importing torch."""
+    from importlib import metadata
+
+    try:
+        files = metadata.files("torch") or []
+        version = metadata.version("torch")
+    except metadata.PackageNotFoundError:
+        return False, "torch is not installed"
+    if any(f.name.startswith("libtorch_cuda") for f in files):
+        return True, f"torch {version} (a CUDA build)"
+    return False, (
+        f"torch {version} is a CPU build, and this node gives its slots GPUs, where slices "
+        "never run on the CPU: install the CUDA build of torch, or start the node with "
+        "CUDA_VISIBLE_DEVICES= (empty) to serve on the CPU"
+    )
+
+
 def build_model(spec: ModelSpec) -> torch.nn.Sequential:
     """A ``torch.nn.Sequential`` from the allowlisted layers; parameter names match the spec."""
     from torch import nn
