@@ -73,17 +73,19 @@ def test_a_cpu_slot_trains_on_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_a_cpu_build_of_torch_cannot_serve_a_gpu_node(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Read from the package's files (no import): this machine's CPU build has no
-    libtorch_cuda, so a node whose slots get GPUs does not offer ai.training; a CUDA build
-    ships it."""
+    """Read from the package's files (no import): a CPU build has no libtorch_cuda, so a
+    node whose slots get GPUs does not offer ai.training; a CUDA build ships it. (The
+    installed torch's file list is edited both ways: PyPI's Linux wheel is a CUDA build,
+    the one from PyTorch's CPU index is not.)"""
     from importlib import metadata
 
     from nodeclient.node.runtimes import torch_train
 
+    real = [f for f in metadata.files("torch") or [] if not f.name.startswith("libtorch_cuda")]
+    monkeypatch.setattr(metadata, "files", lambda _name: real)
     ok, why = torch_train.gpu_usable()
     assert not ok
     assert "is a CPU build" in why and "CUDA_VISIBLE_DEVICES= (empty)" in why
-    real = metadata.files("torch") or []
     cuda_lib = metadata.PackagePath("torch/lib/libtorch_cuda.so")
     monkeypatch.setattr(metadata, "files", lambda _name: [*real, cuda_lib])
     assert torch_train.gpu_usable()[0]
