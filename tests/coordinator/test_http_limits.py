@@ -35,7 +35,9 @@ def test_a_declared_body_over_the_bound_is_a_413_before_it_is_parsed(start_coord
     assert r.json() == {
         "error": f"request body exceeds the {limit}-byte limit of /v1/jobs: a job's payload "
         "may be at most 1000 bytes; upload a large model or scene to the blob store first "
-        "(POST /v1/blobs) and name it in the payload by its URL (model_url, scene_url)"
+        "(POST /v1/blobs) and name it in the payload by its URL (model_url, scene_url) or, "
+        "for a scene's files, in its asset manifest (assets); an ai.training payload has no "
+        "such form and must fit the limit"
     }
     assert r.headers["connection"] == "close"
     assert running.client.jobs() == []
@@ -257,5 +259,7 @@ def test_a_payload_over_the_limit_says_what_to_do_instead(start_coordinator) -> 
     assert r.status_code == 413, r.text
     assert r.json()["error"] == (
         "payload exceeds the 999-byte limit; upload a large model or scene to the blob store "
-        "first (POST /v1/blobs) and name it in the payload by its URL (model_url, scene_url)"
+        "first (POST /v1/blobs) and name it in the payload by its URL (model_url, scene_url) or, "
+        "for a scene's files, in its asset manifest (assets); an ai.training payload has no "
+        "such form and must fit the limit"
     )

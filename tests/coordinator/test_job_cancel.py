@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import logging
 import uuid
 
 import pytest
@@ -38,11 +39,16 @@ def test_a_leased_job_is_cancelled_on_its_node_and_fails(start_coordinator, rsa_
     assert "cancelled" in ack["reason"]
 
 
-def test_a_queued_job_is_cancelled_and_an_ended_one_is_refused(coordinator: Running) -> None:
-    """No node: the queued job fails at once. Cancelling it again is 409 (it has ended),
-    and an unknown job is 404."""
+def test_a_queued_job_is_cancelled_and_an_ended_one_is_refused(
+    coordinator: Running, caplog: pytest.LogCaptureFixture
+) -> None:
+    """No node: the queued job fails at once, logged as job.failed (what counts job ends)
+    with the reason. Cancelling it again is 409 (it has ended), and an unknown job is 404."""
     job = coordinator.client.submit_job("ai.inference", inference_payload(VALUES))
-    assert coordinator.client.cancel_job(job["job_id"])["status"] == "failed"
+    with caplog.at_level(logging.INFO, logger="nodeclient.coordinator"):
+        assert coordinator.client.cancel_job(job["job_id"])["status"] == "failed"
+    (ended,) = [r for r in caplog.records if r.msg == "job.failed"]
+    assert (ended.job_id, ended.reason) == (job["job_id"], "cancelled by the requester")  # type: ignore[attr-defined]
     with pytest.raises(RemoteProtocolError, match="409 job .* has already ended: failed"):
         coordinator.client.cancel_job(job["job_id"])
     with pytest.raises(RemoteProtocolError, match="404 no job"):

@@ -584,30 +584,57 @@ def test_a_render_no_online_node_may_take_fails_after_the_queue_timeout(
     )
 
 
-def test_a_render_its_nodes_refused_fails_with_their_reason(any_db: Database) -> None:
-    """A render every online node refused as the job's fault (bad payload) fails at the
-    queue timeout with the last refusal in its reason, and without "submit it again" as
-    such: the same job would fail again. Each task keeps what happened to it."""
+REFUSED = "node 0xA rejected it: bad payload: the scene has no active camera"
+EXPIRED = "lease expired on node 0xA (attempt 1)"
+BLANK = (
+    "node 0xA returned a result that failed the checks: media.render result: frame 1 is "
+    "blank: every pixel is [70, 70, 70, 255] (a scene that renders one colour on purpose "
+    'sets "allow_blank": "1" in its payload)'
+)
+WRONG_SIZE = (
+    "node 0xA returned a result that failed the checks: media.render result: result is "
+    "10x10, not 1920x1080"
+)
+
+
+@pytest.mark.parametrize(
+    ("latest", "earlier", "advice"),
+    [
+        (REFUSED, EXPIRED, "fix the job before submitting it again"),
+        (EXPIRED, REFUSED, "submit it again"),
+        (BLANK, EXPIRED, "fix the job before submitting it again"),
+        (WRONG_SIZE, EXPIRED, "submit it again"),
+    ],
+    ids=["refused-last", "expired-last", "blank", "wrong-size"],
+)
+def test_a_render_its_nodes_failed_fails_with_the_latest_failure(
+    any_db: Database, latest: str, earlier: str, advice: str
+) -> None:
+    """A render every online node failed fails at the queue timeout with the failure that
+    ended last (its tasks were all queued at once), and says whether the job itself is at
+    fault: a payload the nodes refused, or a blank frame, needs fixing; a lease that ran
+    out, or a result of the wrong size (the node's doing), does not. Each task keeps what
+    happened to it."""
     db, timeout, old = any_db, 24 * HOUR, NOW - 48 * HOUR
     job_id, tasks = db.run_sync(lambda s: add_job(s, tasks=3, workload_class="media.render",
                                                   queued_at=old))  # fmt: skip
-    refusal = "node 0xA rejected it: bad payload: the scene has no active camera"
+    stories = {tasks[0]: (latest, old + 1000), tasks[1]: (earlier, old + 1),
+               tasks[2]: (earlier, old + 2)}  # fmt: skip
 
-    def refused(s: Session) -> None:
-        for task_id in tasks:
+    def failed(s: Session) -> None:
+        for task_id, (reason, ended) in stories.items():
+            task = s.get_one(m.Task, task_id)
+            task.queued_at, task.reason = old, reason  # queued together, as a job's are
             s.add(m.TaskAttempt(task_id=task_id, attempt=1, node_id="0xA", leased_at=old,
-                                deadline=old + 300, ended_at=old + 1, outcome="rejected"))  # fmt: skip
-            s.get_one(m.Task, task_id).reason = refusal
+                                deadline=old + 300, ended_at=ended, outcome="rejected"))  # fmt: skip
 
-    db.run_sync(refused)
+    db.run_sync(failed)
     a = Candidate("0xA", 1, "eu-west", frozenset({"media.render"}), 2)
-    failed = dict(db.run_sync(lambda s: leases.fail_stalled_tx(
+    stalled = dict(db.run_sync(lambda s: leases.fail_stalled_tx(
         s, now=NOW, timeout=timeout, candidates=[a])))  # fmt: skip
-    assert failed[job_id].endswith(
-        f"keep them from it; the last: {refusal}; fix the job before submitting it again"
-    )
-    reasons = db.run_sync(lambda s: [s.get_one(m.Task, t).reason for t in tasks])
-    assert reasons == [f"{refusal}; job failed: {failed[job_id]}"] * 3
+    assert stalled[job_id].endswith(f"keep them from it; the last: {latest}; {advice}")
+    reasons = db.run_sync(lambda s: {t: s.get_one(m.Task, t).reason for t in tasks})
+    assert reasons == {t: f"{r}; job failed: {stalled[job_id]}" for t, (r, _) in stories.items()}
 
 
 def test_the_queue_timeout_is_an_option(tmp_path: Path) -> None:

@@ -391,7 +391,7 @@ def _layout() -> str:
 # The layout of each schema version, as _layout() hashes it. A change to the models needs
 # a new SCHEMA_VERSION (and its line here): a database of the old layout recorded as the
 # same version would be taken as current by other builds.
-LAYOUTS = {5: "a24133e69e1ae36acbca71ff4ea676136a52959e4b117399629eb0757f588cd4"}
+LAYOUTS = {4: "a24133e69e1ae36acbca71ff4ea676136a52959e4b117399629eb0757f588cd4"}
 
 
 def test_the_models_layout_is_the_one_recorded_for_the_schema_version() -> None:
@@ -401,9 +401,10 @@ def test_the_models_layout_is_the_one_recorded_for_the_schema_version() -> None:
     )
 
 
-def test_an_early_version_4_database_gets_version_5s_columns(tmp_path: Path) -> None:
+def test_an_early_version_4_database_gets_the_columns_it_lacked(tmp_path: Path) -> None:
     """(SQLite.) An early build of version 4 lacked node_manifests.replaced_at,
-    task_attempts.manifest_hash and their indexes: recorded as 4, it gets them."""
+    task_attempts.manifest_hash and their indexes: recorded as 4, it gets them, and stays
+    version 4 (which a coordinator of the released version 4 opens)."""
     url = f"sqlite:///{tmp_path / 'c.db'}"
     Database(url).close()
     con = sqlite3.connect(tmp_path / "c.db")
@@ -420,7 +421,14 @@ def test_an_early_version_4_database_gets_version_5s_columns(tmp_path: Path) -> 
     cols = _columns(url)
     assert "replaced_at" in cols["node_manifests"]
     assert "manifest_hash" in cols["task_attempts"]
-    assert _version(url) == "5"
+    engine = create_engine(url)
+    try:
+        assert "ix_nodes_manifest_hash" in {
+            ix["name"] for ix in inspect(engine).get_indexes("nodes")
+        }
+    finally:
+        engine.dispose()
+    assert _version(url) == "4"
 
 
 def test_a_current_database_short_of_a_column_gets_it_at_start(

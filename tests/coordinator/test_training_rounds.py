@@ -566,6 +566,13 @@ def test_a_round_that_cannot_close_fails_only_its_own_job(
     broken = _overdue_round(db, broken_job)
     healthy = _overdue_round(db, _job(digits, inner_steps=5))
     broken_base = tr.sha256_hex(broken_job.initial_weights())
+    earlier = "lease expired on node 0xB (attempt 1)"  # slice 1's own story, kept
+
+    def lost_once(s: Session) -> None:
+        task = s.scalars(select(m.Task).where(m.Task.job_id == broken, m.Task.slice_index == 1))
+        task.one().reason = earlier
+
+    db.run_sync(lost_once)
     real = rounds.aggregate
 
     def aggregate(subs: list, *, base_sha256: str, **kw: object) -> rounds.RoundOutcome:
@@ -589,7 +596,7 @@ def test_a_round_that_cannot_close_fails_only_its_own_job(
     assert (status, reason) == (m.FAILED, "round 0 could not be closed: internal error")
     assert tasks == [
         (m.SUCCEEDED, None),
-        (m.CANCELLED, "job failed: round 0 could not be closed: internal error"),
+        (m.CANCELLED, f"{earlier}; job failed: round 0 could not be closed: internal error"),
     ]
     assert train_state is None  # the failed closing's writes were rolled back
     assert other[0] == m.SUCCEEDED

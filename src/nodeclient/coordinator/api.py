@@ -34,6 +34,7 @@ from nodeclient.coordinator import classes, leases, metrics, registry, results, 
 from nodeclient.coordinator import models as m
 from nodeclient.coordinator.config import CoordinatorConfig
 from nodeclient.coordinator.link import ABORT_KEY
+from nodeclient.coordinator.scheduler import cancel_leases
 from nodeclient.coordinator.service import Coordinator
 from nodeclient.errors import ProtocolError, RemoteProtocolError, SignatureError, is_disk_full
 from nodeclient.protocol.blobs import SHA256_HEX
@@ -84,7 +85,8 @@ CANCELLED_REASON: Final = "cancelled by the requester"
 # What a requester whose job payload is over the limit can do instead.
 PAYLOAD_ADVICE = (
     "upload a large model or scene to the blob store first (POST /v1/blobs) and name it "
-    "in the payload by its URL (model_url, scene_url)"
+    "in the payload by its URL (model_url, scene_url) or, for a scene's files, in its asset "
+    "manifest (assets); an ai.training payload has no such form and must fit the limit"
 )
 
 
@@ -648,9 +650,11 @@ def build_router(coord: Coordinator) -> APIRouter:  # noqa: PLR0915 (one route e
             return error(404, f"no job {job_id}")
         if rows is None:
             return error(409, f"job {job_id} has already ended: {status}")
-        for node_id, task_id in cancel:  # best effort: the leases are gone anyway
-            coord.send_cancel(node_id, task_id, "job cancelled")
-        log.info("job.cancelled", extra={"job_id": key, "leases_cancelled": len(cancel)})
+        cancel_leases(coord, cancel, "job cancelled")  # best effort: the leases are gone anyway
+        log.info(
+            "job.failed",
+            extra={"job_id": key, "reason": CANCELLED_REASON, "leases_cancelled": len(cancel)},
+        )
         coord.wake()  # its nodes' slots are free
         return await coord.in_cpu(_job_response, rows, chain_id, None, 200)
 

@@ -14,6 +14,7 @@ These are transactions, or parts of one: the caller owns the session.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
@@ -45,12 +46,10 @@ class RetryPolicy:
 
 RETRY_POLICIES: dict[str, RetryPolicy] = {"media.render": RetryPolicy()}
 # Reasons that put a failure down to the job itself: a node's refusal of its payload or
-# inputs, or a result that failed the class's checks (a blank frame, say).
-REQUESTER_FAULTS = (
-    "rejected it: bad payload:",
-    "rejected it: bad input:",
-    "returned a result that failed the checks:",
-)
+# inputs, or a render whose frame came out blank (the scene's doing, on every node). Other
+# failed result checks (a wrong size, frames the slice did not ask for) are the node's.
+REQUESTER_FAULTS = ("rejected it: bad payload:", "rejected it: bad input:")
+BLANK_FRAME = re.compile(r"returned a result that failed the checks: .*: frame \d+ is blank: ")
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,12 +138,7 @@ def fail_job(session: Session, job_id: str, reason: str, now: float) -> list[tup
         if task.status == m.LEASED and task.node_id is not None:
             cancel.append((task.node_id, task.task_id))
             close_attempt(session, task.task_id, task.node_id, "cancelled", now)
-        # What happened to the task itself (a node's refusal, say) is kept before it.
-        ended = f"job failed: {reason}"
-        task.status, task.reason = (
-            m.CANCELLED,
-            ended if not task.reason else f"{task.reason}; {ended}",
-        )
+        task.status, task.reason = m.CANCELLED, store.job_failed_reason(task.reason, reason)
     store.end_job(session, job, m.FAILED, now, reason)
     return cancel
 
@@ -223,15 +217,20 @@ def fail_stalled_tx(
 def _last_failure(session: Session, task_ids: Sequence[str]) -> str:
     """The end of a stalled job's reason: the latest failure of its blocked tasks, and
     whether submitting it again may help (not when the nodes found the job at fault)."""
-    last = session.scalar(
+    last = session.scalar(  # the task whose last attempt ended last
         select(m.Task.reason)
-        .where(m.Task.task_id.in_(task_ids), m.Task.reason.is_not(None))
-        .order_by(m.Task.queued_at.desc())
+        .join(m.TaskAttempt, m.TaskAttempt.task_id == m.Task.task_id)
+        .where(
+            m.Task.task_id.in_(task_ids),
+            m.Task.reason.is_not(None),
+            m.TaskAttempt.ended_at.is_not(None),
+        )
+        .order_by(m.TaskAttempt.ended_at.desc(), m.TaskAttempt.id.desc())
         .limit(1)
     )
     if last is None:
         return "submit it again"
-    if any(mark in last for mark in REQUESTER_FAULTS):
+    if any(mark in last for mark in REQUESTER_FAULTS) or BLANK_FRAME.search(last):
         return f"the last: {last}; fix the job before submitting it again"
     return f"the last: {last}; submit it again"
 

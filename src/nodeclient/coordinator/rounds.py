@@ -432,12 +432,12 @@ def _fail_job(session: Session, job: m.Job, reason: str, now: float) -> RoundClo
     open_tasks = session.scalars(
         select(m.Task).where(m.Task.job_id == job.job_id, m.Task.status.in_((m.QUEUED, m.LEASED)))
     ).all()
-    why = f"job failed: {reason}"
     cancel = tuple(
         c
         for t in open_tasks
-        if (c := _withdraw(session, t, why, now, outcome="cancelled")) is not None
-    )
+        if (c := _withdraw(session, t, store.job_failed_reason(t.reason, reason), now,
+                           outcome="cancelled")) is not None
+    )  # fmt: skip
     store.end_job(session, job, m.FAILED, now, reason)
     return RoundClose(m.FAILED, cancel, job.job_id)
 

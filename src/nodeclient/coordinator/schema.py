@@ -11,7 +11,7 @@
 - adds missing columns and indexes to a database of the current version too, at every
   start (a few catalogue reads): a layout changed without a new version (as version 4's
   was during its development) cannot leave a database short of a column. A test pins the
-  layout of each version, so a change to the models needs a new version;
+  layout of each version, so a later change to the models needs a new version;
 - refuses a database written by a newer coordinator, which this one would misread.
 
 Every column added after the first release is nullable or has a server default, so
@@ -34,7 +34,7 @@ from nodeclient.errors import UsageError
 
 log = logging.getLogger("nodeclient.coordinator.schema")
 
-SCHEMA_VERSION: Final = 5
+SCHEMA_VERSION: Final = 4
 SCHEMA_KEY: Final = "schema_version"
 
 # version -> the data changes that take a database from version - 1 to it, run after the
@@ -47,10 +47,11 @@ SCHEMA_KEY: Final = "schema_version"
 # goes on: its stored whole slices are sent as they are, and its next round is stored
 # the new way. Version 4 (node_manifests, tasks.manifest_hash) copies each node's current
 # manifest into node_manifests, so the tasks leased to it from now on name a manifest that
-# is published; tasks leased before name none. Version 5 adds columns and indexes only
-# (node_manifests.replaced_at, task_attempts.manifest_hash, ix_nodes_manifest_hash,
-# ix_task_attempts_manifest_hash), which an early build of version 4 lacked: a version 4
-# database may have them or not, and version 5 has them.
+# is published; tasks leased before name none. An early build of version 4 lacked
+# node_manifests.replaced_at, task_attempts.manifest_hash, ix_nodes_manifest_hash and
+# ix_task_attempts_manifest_hash: its databases get them at the next start, as any
+# database of the current version short of a column or index does (no new version, so a
+# coordinator of the released version 4 can still open them).
 
 
 def _publish_current_manifests(conn: Connection) -> None:

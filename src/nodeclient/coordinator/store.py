@@ -731,6 +731,13 @@ def round_inputs(session: Session, job_ids: Collection[str]) -> dict[str, tuple[
     return {job_id: (sha256, data) for job_id, sha256, data in rows}
 
 
+def job_failed_reason(task_reason: str | None, job_reason: str) -> str:
+    """The reason of a task withdrawn because its job failed: what happened to the task
+    itself first (a node's refusal, say), when it has a reason, then the job's."""
+    ended = f"job failed: {job_reason}"
+    return ended if not task_reason else f"{task_reason}; {ended}"
+
+
 def end_job(session: Session, job: m.Job, status: str, now: float, reason: str | None) -> None:
     """Mark *job* ended (succeeded or failed) and empty its tasks' payloads (and delete
     what its round's tasks shared).
