@@ -55,13 +55,12 @@ def test_the_daemon_raises_its_soft_open_file_limit(tmp_path: Path, low_open_fil
 def test_an_outdated_unit_is_logged_when_systemd_started_the_daemon(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Under systemd (INVOCATION_ID set), a unit from an older release (no version line)
-    is named in a warning with what to do; a current one, or no systemd, says nothing."""
+    """Started by systemd from a unit of an older release (no version line): a warning
+    names it with what to do; a current one says nothing."""
     unit = tmp_path / "nodeclient.service"
     current = service.render_unit(service.UnitOptions(executable=Path("/usr/bin/nodeclient")))
     unit.write_text("\n".join(line for line in current.splitlines() if "unit version" not in line))
-    monkeypatch.setattr(service, "DEFAULT_UNIT_PATH", unit)
-    monkeypatch.setenv("INVOCATION_ID", "0123456789abcdef")
+    monkeypatch.setattr(service, "started_from", lambda: unit)
     (tmp_path / "a").mkdir()
     with caplog.at_level(logging.WARNING, logger="nodeclient.node"):
         _start_and_stop(make_daemon(tmp_path / "a")[0])
@@ -75,3 +74,31 @@ def test_an_outdated_unit_is_logged_when_systemd_started_the_daemon(
     with caplog.at_level(logging.WARNING, logger="nodeclient.node"):
         _start_and_stop(make_daemon(tmp_path / "b")[0])
     assert not [r for r in caplog.records if r.msg == "service.unit_outdated"]
+
+
+def test_the_unit_is_found_from_this_processs_cgroup(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The unit that started the daemon is the one its cgroup names, where systemd reads
+    it from (the administrator's directory first), not a fixed path; none for a user's
+    service (a terminal's) or outside systemd."""
+    etc, lib = tmp_path / "etc", tmp_path / "lib"
+    for directory in (etc, lib):
+        directory.mkdir()
+        (directory / "node-a.service").write_text("[Service]\n")
+    monkeypatch.setattr(service, "UNIT_DIRS", (etc, lib))
+    cgroup = tmp_path / "cgroup"
+    cases = {
+        "0::/system.slice/node-a.service\n": etc / "node-a.service",
+        "1:name=systemd:/system.slice/node-a.service\n0::/\n": etc / "node-a.service",
+        "0::/system.slice/other.service\n": None,
+        "0::/user.slice/user-1000.slice/user@1000.service/app.slice/node-a.service\n": None,
+        "0::/\n": None,
+    }
+    for text, found in cases.items():
+        cgroup.write_text(text)
+        assert service.started_from(cgroup) == found, text
+    (etc / "node-a.service").unlink()
+    cgroup.write_text("0::/system.slice/node-a.service\n")
+    assert service.started_from(cgroup) == lib / "node-a.service"
+    assert service.started_from(tmp_path / "none") is None

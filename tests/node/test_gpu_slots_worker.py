@@ -24,23 +24,33 @@ class Reader:
     def run(self, payload, *, workdir, progress):
         return Path("/proc/self/limits").read_bytes()
 
+class CpuOnlyReader(Reader):
+    uses_gpu = False  # as Blender: never starts CUDA
+
 module = types.ModuleType("limits_runtime")
 module.factory = lambda cache: Reader()
+module.cpu_factory = lambda cache: CpuOnlyReader()
 sys.modules["limits_runtime"] = module
 root = Path(sys.argv[1])
 seen = {}
-for name, gpus in (("gpu", [{"uuid": "GPU-1", "minor": 0, "vram_bytes": 1 << 34}]), ("cpu", [])):
+gpu = [{"uuid": "GPU-1", "minor": 0, "vram_bytes": 1 << 34}]
+runs = (("gpu", gpu, "limits", 64 << 20), ("cpu", [], "limits", 64 << 20),
+        ("gpu-cpu-only", gpu, "cpu_only", 64 << 20), ("gpu-cpu-only-undeclared", gpu, "cpu_only", None))
+for name, gpus, wclass, declared in runs:
     work = root / name
     work.mkdir()
     config = {
         "workdir": str(work), "sandboxed": False, "max_result_bytes": 1 << 20,
-        "cache_dir": str(work), "runtimes": {"limits": "limits_runtime:factory"}, "gpus": gpus,
+        "cache_dir": str(work), "gpus": gpus,
+        "runtimes": {"limits": "limits_runtime:factory", "cpu_only": "limits_runtime:cpu_factory"},
+        "limits": {"memory_bytes": 1 << 30, "nproc": 512, "nofile": 256, "fsize_bytes": 1 << 30},
     }
     w = worker.Worker(config, out_fd=os.open(os.devnull, os.O_WRONLY))
-    reply, body, clean = w._execute(1, {"class": "limits", "memory_bytes": 64 << 20}, b"")
+    reply, body, clean = w._execute(1, {"class": wclass, "memory_bytes": declared}, b"")
     assert reply == {"op": "result"}, reply
     line = next(x for x in body.decode().splitlines() if x.startswith("Max address space"))
     seen[name] = line.split()[3:5]
+    assert resource.getrlimit(resource.RLIMIT_AS) == (8 << 30, 8 << 30)  # restored
 print(json.dumps(seen))
 """
 
@@ -62,3 +72,8 @@ def test_a_gpu_workers_task_gets_no_lower_address_space_limit(tmp_path: Path) ->
     assert seen["gpu"] == [limit, limit]
     assert seen["cpu"][1] == limit
     assert int(seen["cpu"][0]) < 8 << 30
+    # A runtime that never starts CUDA (Blender) keeps its task's limit in a GPU worker:
+    # what it declared, else the slot's share (1 GiB here), above what the worker holds.
+    declared, undeclared = (int(seen[k][0]) for k in ("gpu-cpu-only", "gpu-cpu-only-undeclared"))
+    assert declared < undeclared < 8 << 30
+    assert undeclared - declared == (1 << 30) - (64 << 20)

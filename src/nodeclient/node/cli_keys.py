@@ -163,10 +163,26 @@ def cmd_keys_rotate(args: argparse.Namespace) -> int:
 def probe_local_hardware() -> HardwareInfo:
     """Probe this machine's CPU and GPUs; a GPU probe that failed (a timeout, a driver
     error, a card the node refuses) is logged as ``hardware.gpu_probe_failed``, since the
-    node then declares no GPU. No driver at all is a CPU-only machine, not a failure."""
-    from nodeclient.node import hardware
+    node then declares no GPU. No driver at all is a CPU-only machine, not a failure.
+
+    Cards whose device files CUDA needs are missing (``/dev/nvidia-uvm``, say: NVML finds
+    the cards without it) count as such a failure: the node serves without its GPUs, its
+    CPU work going on, rather than offering cards no worker can use."""
+    import dataclasses
+
+    from nodeclient.node import hardware, sandbox
 
     hw = hardware.probe_hardware()
+    problem = sandbox.gpu_nodes_problem(device.minor for device in hw.gpu.per_device)
+    if problem is not None:
+        summary, fix = problem
+        hw = dataclasses.replace(
+            hw,
+            gpu=hardware.GpuProbe(
+                gpus=(), per_device=(), status="error",
+                detail=f"{summary}: CUDA cannot start in a worker", fix=fix,
+            ),
+        )  # fmt: skip
     if hw.gpu.status not in ("ok", "no-driver"):
         log.warning(
             "hardware.gpu_probe_failed",
@@ -203,9 +219,12 @@ def build_local_manifest(
         sandboxed = sandbox.probe()[0]
     usable = usable_workload_classes(sandboxed=sandboxed, gpus=bool(hw.gpu.per_device))
     classes = [c for c, (ok, _why) in usable.items() if ok]
+    # `nodeclient doctor` says the same, with the fix. On a node with GPUs, a class left out
+    # is more likely a CPU build installed by mistake (an upgrade reinstalls onnxruntime).
+    level = logging.WARNING if hw.gpu.per_device else logging.INFO
     for name, (ok, why) in usable.items():
-        if not ok:  # `nodeclient doctor` says the same, with the fix
-            log.info("workload.not_offered", extra={"workload_class": name, "reason": why})
+        if not ok:
+            log.log(level, "workload.not_offered", extra={"workload_class": name, "reason": why})
     node_key = node_key or keys.load_node_key(home, passphrase=passphrase)
     proof = wallet.load_proof(
         home,

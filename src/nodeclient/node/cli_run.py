@@ -59,12 +59,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     # Loaded once: the manifest's liveness address and the key the link signs with are
     # then one key, even if `keys rotate-liveness` runs while this starts.
     liveness_key = keys.load_liveness_key(home)
-    hw = probe_local_hardware()
+    hw = probe_local_hardware()  # cards whose device files are missing: none declared
     gpus = gpus_from_probe(hw.gpu.per_device)
-    # NVML finds the cards without nvidia-uvm, but no worker could use them.
-    problem = sandbox.gpu_nodes_problem(gpu.minor for gpu in gpus)
-    if problem is not None:
-        raise NodeClientError(f"{problem[0]}: CUDA cannot start in a worker; fix: {problem[1]}")
     manifest = build_local_manifest(
         home,
         config,

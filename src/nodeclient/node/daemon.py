@@ -17,7 +17,6 @@ import asyncio
 import concurrent.futures
 import contextlib
 import logging
-import os
 import random
 import resource
 import signal
@@ -152,10 +151,10 @@ class NodeDaemon(LinkClient):
         logs.bind_global(node_id=self.node_id)
         self.restore_unstake()
         _raise_open_file_limit()
-        if os.environ.get("INVOCATION_ID"):  # started by systemd: is its unit this release's?
-            outdated = service.outdated_unit()
-            if outdated is not None:
-                log.warning("service.unit_outdated", extra={"hint": outdated})
+        unit = service.started_from()  # started by systemd: is its unit this release's?
+        outdated = None if unit is None else service.outdated_unit(unit)
+        if outdated is not None:
+            log.warning("service.unit_outdated", extra={"hint": outdated})
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)

@@ -85,7 +85,6 @@ DEV: Final = Path("/dev")  # where the host's device files are (tests put fakes 
 # /dev/nvidia<minor>; nvidia-uvm-tools only profilers need, so it is bound where present.
 _GPU_REQUIRED_NODES: Final = ("nvidiactl", "nvidia-uvm")
 _GPU_SHARED_NODES: Final = (*_GPU_REQUIRED_NODES, "nvidia-uvm-tools")
-GPU_MEMORY_ENV: Final = "NODECLIENT_GPU_MEMORY_BYTES"  # the slot's GPU memory, for runtimes
 REFUSAL: Final = (
     "no working sandbox: install bubblewrap (`apt-get install bubblewrap`) "
     "or set allow_unsandboxed = true in config.toml"
@@ -323,7 +322,6 @@ def worker_env(layout: Layout, *, threads: int | None = None) -> dict[str, str]:
         # slot's), not among the host's. PCI bus order is NVML's, should a runtime count.
         env["CUDA_VISIBLE_DEVICES"] = ",".join(g.uuid for g in layout.gpus)
         env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
-        env[GPU_MEMORY_ENV] = str(min(g.vram_bytes for g in layout.gpus))
     else:  # no card for this slot: CUDA sees none, unsandboxed (no device files bound) too
         env["CUDA_VISIBLE_DEVICES"] = ""
     return env
@@ -376,8 +374,8 @@ def gpu_nodes_problem(minors: Iterable[int], *, dev: Path | None = None) -> tupl
         fix += f", then {more}"
     fix += (
         "; or have the nvidia-uvm module loaded at boot (/etc/modules-load.d/) where the "
-        "driver's udev rules make its device files; to serve without GPUs meanwhile, start "
-        "the node with CUDA_VISIBLE_DEVICES= (empty)"
+        "driver's udev rules make its device files; then restart the node, which serves "
+        "without its GPUs meanwhile"
     )
     return summary, fix
 

@@ -247,6 +247,33 @@ def unit_version(text: str) -> int:
     return 1
 
 
+# Where systemd reads system units from, the administrator's first.
+UNIT_DIRS: Final = (Path("/etc/systemd/system"), Path("/run/systemd/system"),
+                    Path("/usr/local/lib/systemd/system"), Path("/usr/lib/systemd/system"),
+                    Path("/lib/systemd/system"))  # fmt: skip
+
+
+def started_from(cgroup: Path = Path("/proc/self/cgroup")) -> Path | None:
+    """The unit file of the system service this process runs in (its cgroup names the
+    unit, ``.../nodeclient.service``), where systemd reads it from; None outside one, for
+    a user service (a terminal's, say), or when no such file is found."""
+    try:
+        lines = cgroup.read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        path = line.split(":", 2)[-1]
+        if path.startswith("/user.slice/"):
+            return None  # a user's session or service: not one `service install` wrote
+        unit = path.rsplit("/", 1)[-1]
+        if unit.endswith(".service"):
+            for directory in UNIT_DIRS:
+                if (directory / unit).is_file():
+                    return directory / unit
+            return None
+    return None
+
+
 def outdated_unit(path: Path | None = None) -> str | None:
     """Why the unit installed at *path* (default DEFAULT_UNIT_PATH) is not this release's,
     with what to do; None when it is, or when none is installed there (or it cannot be

@@ -253,6 +253,11 @@ class Worker:
         self.max_result = int(config["max_result_bytes"])
         # A worker with a GPU has no address-space limit, per task neither (apply_limits).
         self.limit_address_space = not config.get("gpus")
+        # A worker with a GPU keeps no address-space limit of its own (CUDA), but a runtime
+        # that never starts CUDA (Blender) gets its task's: what it declared, else the slot's
+        # share of the memory, above what the worker holds.
+        limits = config.get("limits")
+        self.slot_memory = int(limits["memory_bytes"]) if limits else None
         self.task_dir = self.work_root / "task"  # emptied after every task
         self.task_dir.mkdir(mode=0o700, exist_ok=True)
         tmp = config.get("tmp_dir")  # the sandbox's /tmp: emptied after every task too
@@ -338,9 +343,12 @@ class Worker:
             os.chdir(workdir)
             # Before the task's own limit: the library is the worker's, not the task's.
             _import_all(self.first_use.pop(workload_class, ()))
+            overhead = getattr(runtime, "address_space_overhead", 0)
             if self.limit_address_space:
-                overhead = getattr(runtime, "address_space_overhead", 0)
                 _limit_memory(header.get("memory_bytes"), hard, overhead=overhead)
+            elif not getattr(runtime, "uses_gpu", True):
+                declared = header.get("memory_bytes") or self.slot_memory
+                _limit_memory(declared, hard, overhead=overhead)
             result = runtime.run(payload, workdir=workdir, progress=progress)
             if not isinstance(result, bytes):
                 raise TypeError(f"runtime returned {type(result).__name__}, not bytes")
@@ -359,7 +367,7 @@ class Worker:
             reason = f"execution failed: {type(exc).__name__}: {exc}"[:400]
             return {"op": "error", "kind": "failed", "reason": reason}, b"", False
         finally:
-            if self.limit_address_space:
+            if resource.getrlimit(resource.RLIMIT_AS)[0] != hard:  # lowered for this task
                 resource.setrlimit(resource.RLIMIT_AS, (hard, hard))
             os.chdir(self.work_root)
         return {"op": "result"}, result, True

@@ -11,7 +11,8 @@ the result bytes the proof of execution will cover.
 usable on this machine; that feeds the manifest's ``workload_classes``.
 
 A slot's device is what the executor says: a worker whose slot has a GPU has
-``CUDA_VISIBLE_DEVICES`` set (a GPU's UUID or index), a worker without one does not have it.
+``CUDA_VISIBLE_DEVICES`` naming it (by UUID), a worker without one has it empty (every card
+hidden, unsandboxed too).
 On a GPU slot a runtime runs on that GPU or fails with :class:`DeviceFailure`; it never
 falls back to the CPU on its own (the node declared, and is matched for, its GPUs).
 """

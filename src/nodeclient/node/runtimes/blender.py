@@ -425,6 +425,9 @@ class BlenderRuntime:
     # about 0.75 GiB (shared libraries, allocator arenas) of which it touches ~0.2: the
     # worker allows that on top of what a slice declares (worker._limit_memory).
     address_space_overhead: ClassVar[int] = 1 << 30
+    # Cycles is pinned to the CPU: in a worker with a GPU (no address-space limit of its
+    # own, for CUDA) Blender still gets its task's limit.
+    uses_gpu: ClassVar[bool] = False
 
     def __init__(
         self,

@@ -20,8 +20,9 @@ Theory of operation:
   same result bytes;
 * on a slot with a GPU (see :mod:`.base`) sessions run on CUDA or not at all: the CUDA
   libraries are preloaded once, ONNX Runtime's fallback to the CPU is off, and a session
-  whose CUDA provider did not load is refused. A slot without a GPU is as before: CUDA
-  first when the build offers it, with ONNX Runtime's own fallback to the CPU.
+  whose CUDA provider did not load is refused. A slot without a GPU (its cards hidden:
+  ``CUDA_VISIBLE_DEVICES`` empty) runs on the CPU alone; outside a worker (the variable
+  unset), CUDA first when the build offers it, with ONNX Runtime's own fallback.
 
 Faults the requester caused (a bad model, bad inputs, a hash mismatch, a non-tensor
 output) raise RemoteProtocolError. On a session that runs on CUDA, an ONNX Runtime error
@@ -666,7 +667,7 @@ class OnnxRuntime:
             if self._requested_providers is None:
                 if gpu is not None and CUDA_PROVIDER not in available:
                     raise DeviceFailure(
-                        f"this slot has a GPU (CUDA_VISIBLE_DEVICES={gpu}) but this onnxruntime "
+                        f"this slot has a GPU but this onnxruntime "
                         f"build has no {CUDA_PROVIDER} (it offers {available}); refusing to run "
                         "on the CPU: install onnxruntime-gpu"
                     )
@@ -848,8 +849,8 @@ class OnnxRuntime:
             # cannot open) and goes on with what did load: never on a GPU slot.
             preload = f"; {self._preload_error}" if self._preload_error else ""
             raise DeviceFailure(
-                f"the CUDA execution provider did not load on this GPU slot "
-                f"(CUDA_VISIBLE_DEVICES={gpu}): the session would run on {active}{preload}; "
+                f"the CUDA execution provider did not load on this GPU slot: "
+                f"the session would run on {active}{preload}; "
                 "ONNX Runtime's log on the worker's stderr says why"
             )
         for port in inputs.values():

@@ -245,7 +245,7 @@ class TorchTrainRuntime:
             gpu = gpu_slot()
             if self._requested_device is None and gpu is not None and not torch.cuda.is_available():
                 raise DeviceFailure(
-                    f"this slot has a GPU (CUDA_VISIBLE_DEVICES={gpu}) but PyTorch "
+                    f"this slot has a GPU but PyTorch "
                     f"{torch.__version__} sees no CUDA device ({_cuda_unavailable()}); "
                     "refusing to train on the CPU"
                 )
