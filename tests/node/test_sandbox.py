@@ -244,9 +244,10 @@ def test_task_runs_unprivileged_with_a_minimal_environment(node: Node) -> None:
         "PYTHONNOUSERSITE",
         "PYTHONDONTWRITEBYTECODE",
         "OMP_NUM_THREADS",
+        "CUDA_VISIBLE_DEVICES",
         "PWD",
     }
-    assert "CUDA_VISIBLE_DEVICES" not in seen["env"]  # no GPU assigned
+    assert seen["env"]["CUDA_VISIBLE_DEVICES"] == ""  # no GPU assigned: every card hidden
     assert seen["cwd"] == seen["workdir"] == str(sandbox.INSIDE_WORK / "task")
     layout = sandbox.make_layout(
         workdir=node.home,

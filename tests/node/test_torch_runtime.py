@@ -241,21 +241,27 @@ def test_a_worker_imports_torch_at_its_first_slice_outside_the_slices_memory_lim
     )  # fmt: skip
     payload = job.round_zero(2)[0]
 
-    async def scenario() -> tuple[bool, bytes, bool]:
+    async def scenario() -> tuple[bool, bytes, list[bool]]:
         try:
             await executor.warm_up()
             (worker,) = [p for p in psutil.Process().children(recursive=True)  # not bwrap
                          if p.cmdline()[1:3] == ["-m", "nodeclient.node.worker"]]  # fmt: skip
             before = _torch_mapped(worker.pid)
-            result = await executor.run("ai.training", payload, resources={"ram_mb": 128})
-            return before, result, _torch_mapped(worker.pid)
+            # Read while the slice runs (its progress reports): once it has answered, the
+            # worker may be replaced at any moment, and its /proc entry be gone.
+            during: list[bool] = []
+            result = await executor.run(
+                "ai.training", payload, resources={"ram_mb": 128},
+                on_progress=lambda *_: during.append(_torch_mapped(worker.pid)),
+            )  # fmt: skip
+            return before, result, during
         finally:
             await executor.aclose()
 
-    before, result, after = asyncio.run(scenario())
+    before, result, during = asyncio.run(scenario())
     assert not before, "torch was loaded before any slice"
     assert result == runtime.run(payload)
-    assert after
+    assert during and all(during)
 
 
 def test_a_slice_past_its_declared_memory_fails_as_out_of_memory(tmp_path: Path) -> None:
