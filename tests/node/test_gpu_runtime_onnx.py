@@ -526,3 +526,21 @@ def test_a_cpu_build_of_onnxruntime_cannot_serve_a_gpu_node(
     assert usable_workload_classes(gpus=False)["ai.inference"][0]
     monkeypatch.setattr(ort, "get_available_providers", lambda: [CUDA_PROVIDER, CPU_PROVIDER])
     assert RUNTIMES["ai.inference"].usable(gpus=True)[0]
+
+
+def test_the_self_check_finds_cuda_that_does_not_load(
+    build: GpuBuild, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """At a worker's start on a GPU slot, one session of a one-node model is made as a
+    task's would be: where CUDA does not load, DeviceFailure (the worker then reports the
+    class broken, and the node withdraws it); where it loads, nothing; on a slot without
+    a GPU, no session is made at all."""
+    OnnxRuntime().self_check()
+    assert [s.get_providers() for s in build.sessions] == [[CUDA_PROVIDER, CPU_PROVIDER]]
+    build.cuda_loads = False
+    with pytest.raises(DeviceFailure, match="did not load on this GPU slot"):
+        OnnxRuntime().self_check()
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    made = len(build.sessions)
+    OnnxRuntime().self_check()
+    assert len(build.sessions) == made

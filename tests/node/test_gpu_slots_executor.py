@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -199,3 +200,45 @@ def test_a_gpu_workers_address_space_is_not_limited(
     soft, hard = _limits_seen(cpu, loop)
     assert hard == str(2 << 30)
     assert int(soft) < 2 << 30  # lowered to what the worker holds plus the task's 64 MB
+
+
+def test_a_class_broken_on_every_gpu_slot_is_withdrawn_before_registering(
+    tmp_path: Path, fake_dev: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A runtime whose self-check fails in every worker (CUDA that does not load on the GPU
+    slots) is left out of the manifest the daemon registers with, saying why, rather than
+    offered and failing every task; on a node without GPUs it stays."""
+    from nodeclient.node.daemon import NodeDaemon
+    from tests.node.test_daemon_outbox import make_daemon
+    from tests.node.test_daemon_start import _start_and_stop
+
+    checked = "test.self_check"
+
+    def node(gpus: tuple[SlotGpu, ...], home: Path) -> NodeDaemon:
+        home.mkdir()
+        daemon, _, _ = make_daemon(home)
+        daemon.executor = Executor(
+            slots=2, mode=MODE_UNSANDBOXED,
+            config=WorkerConfig(
+                cache_dir=home / "models", gpus=gpus, work_root=home / "work",
+                runtimes={checked: "self_check_runtime:factory", HOSTILE: HOSTILE_FACTORY},
+                preload=(), extra_python_path=(HERE,), threads=1,
+            ),
+        )  # fmt: skip
+        daemon.classes = frozenset({checked, HOSTILE})
+        daemon.manifest = {**daemon.manifest, "workload_classes": [checked, HOSTILE]}
+        return daemon
+
+    cards = tuple(SlotGpu(uuid, minor, vram) for uuid, minor, vram in MIXED_CARDS[:2])
+    gpu_node = node(cards, tmp_path / "gpu")
+    with caplog.at_level(logging.WARNING, logger="nodeclient.node"):
+        _start_and_stop(gpu_node)  # its coordinator never answers: it never registers
+    assert gpu_node.manifest["workload_classes"] == [HOSTILE]
+    assert gpu_node.classes == frozenset({HOSTILE})
+    (said,) = [r for r in caplog.records if r.msg == "workload.withdrawn"]
+    assert said.workload_class == checked  # type: ignore[attr-defined]
+    assert "did not load on this GPU slot" in said.reason  # type: ignore[attr-defined]
+
+    cpu_node = node((), tmp_path / "cpu")
+    _start_and_stop(cpu_node)
+    assert cpu_node.manifest["workload_classes"] == [checked, HOSTILE]

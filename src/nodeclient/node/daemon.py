@@ -162,6 +162,7 @@ class NodeDaemon(LinkClient):
         log.info("daemon.start", extra={"coordinator": self.url, "slots": self.slots})
         try:
             await self.executor.warm_up()
+            self._withdraw_broken_classes()
             link = asyncio.create_task(self._link_loop())
             refresh = asyncio.create_task(self._refresh_metrics())
             prune = asyncio.create_task(self._prune_results())
@@ -326,6 +327,19 @@ class NodeDaemon(LinkClient):
             )
         if left:  # their workers are killed as they unwind
             await asyncio.wait([handle for _, handle in left], timeout=10.0)
+
+    def _withdraw_broken_classes(self) -> None:
+        """Leave out of the manifest, before registering, a class no worker can run (its
+        runtime broken in every one: CUDA that does not load on the GPU slots, say), so
+        that the coordinator sends none of it rather than have every task fail here."""
+        for name, why in self.executor.broken_everywhere().items():
+            if name in self.classes:
+                self.classes = self.classes - {name}
+                self.manifest = {
+                    **self.manifest,
+                    "workload_classes": [c for c in self.manifest["workload_classes"] if c != name],
+                }
+                log.warning("workload.withdrawn", extra={"workload_class": name, "reason": why})
 
     def restore_unstake(self) -> None:
         """An unstake a coordinator confirmed before this start (kept by _keep_unstake):

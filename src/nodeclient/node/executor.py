@@ -253,6 +253,18 @@ class Executor:
                 raise outcome
             self._idle.put_nowait(slot)
 
+    def broken_everywhere(self) -> dict[str, str]:
+        """Workload classes that every started worker reported broken (a runtime that
+        failed to build, or its self-check: CUDA that does not load on a GPU slot), with
+        one worker's reason; empty before warm_up or with no worker started."""
+        started = [slot for slot in self._slots if slot.ready]
+        if not started:
+            return {}
+        common = set(started[0].broken)
+        for slot in started[1:]:
+            common &= set(slot.broken)
+        return {name: started[0].broken[name] for name in sorted(common)}
+
     async def aclose(self) -> None:
         """Like shutdown(), and wait until every worker process and its pipes are closed.
 

@@ -123,6 +123,7 @@ class Slot:
     ids: itertools.count[int] = field(default_factory=itertools.count)
     affinity: Affinity = None  # what its worker ran, so what it may run next (affinity_of)
     settle_task: asyncio.Task[None] | None = None  # its clean-up wait while settling
+    broken: dict[str, str] = field(default_factory=dict)  # class -> why, from its ready frame
 
     @property
     def alive(self) -> bool:
@@ -180,8 +181,12 @@ class Slot:
             self.kill(self.killed or "no ready frame")
             rc = await self.reap()
             raise WorkerGone(f"worker failed to start (status {rc}): {self.stderr_tail()}")
-        if frame.header.get("broken"):
-            log.warning("worker.runtime_broken", extra={"broken": frame.header["broken"]})
+        broken = frame.header.get("broken")
+        self.broken = (
+            {str(k): str(v) for k, v in broken.items()} if isinstance(broken, dict) else {}
+        )
+        if self.broken:
+            log.warning("worker.runtime_broken", extra={"broken": self.broken})
         self.ready = True
         return time.monotonic() - started
 

@@ -275,6 +275,15 @@ class Worker:
             except Exception as exc:  # noqa: BLE001 (reported per task; other classes serve on)
                 self.broken[workload_class] = f"{type(exc).__name__}: {exc}"[:300]
         _import_all(config.get("preload", ()))  # e.g. onnxruntime: the first task is warm
+        for workload_class, runtime in list(self.runtimes.items()):
+            check = getattr(runtime, "self_check", None)
+            if check is None:
+                continue
+            try:  # e.g. CUDA that does not load on this GPU slot: every task would fail
+                check()
+            except Exception as exc:  # noqa: BLE001 (the class is withdrawn, not the worker)
+                self.broken[workload_class] = f"{type(exc).__name__}: {exc}"[:300]
+                del self.runtimes[workload_class]
         # class -> modules imported before its first task here (e.g. torch), then dropped
         self.first_use: dict[str, list[str]] = dict(config.get("first_use", {}))
         self._threads = _python_threads()

@@ -798,6 +798,25 @@ class OnnxRuntime:
                 )
         return model, fetched
 
+    def self_check(self) -> None:
+        """At a worker's start, on a slot with a GPU: one session of a one-node model on
+        CUDA, made as a task's would be. DeviceFailure where the CUDA provider does not
+        load (its libraries, the driver), so that the node withdraws ``ai.inference``
+        rather than fail every task; nothing on a slot without a GPU."""
+        if gpu_slot() is None:
+            return
+        from onnx import TensorProto, helper
+
+        graph = helper.make_graph(
+            [helper.make_node("Identity", ["x"], ["y"])],
+            "self_check",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+        )
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+        model.ir_version = 8  # what every onnxruntime this project takes (>= 1.17) reads
+        self._create(model.SerializeToString())
+
     def _create(self, model: bytes) -> _Warm:
         import onnxruntime as ort
 
