@@ -242,3 +242,38 @@ def test_a_class_broken_on_every_gpu_slot_is_withdrawn_before_registering(
     cpu_node = node((), tmp_path / "cpu")
     _start_and_stop(cpu_node)
     assert cpu_node.manifest["workload_classes"] == [checked, HOSTILE]
+
+
+def test_a_task_of_a_class_broken_in_its_worker_is_the_nodes_failure(
+    tmp_path: Path, fake_dev: Path
+) -> None:
+    """A worker whose runtime failed its self-check (CUDA that did not start on its card)
+    answers a task of that class as the node's failure, not the requester's, and is
+    replaced, so that a fresh worker checks again rather than failing every such task."""
+    cards = (SlotGpu(*MIXED_CARDS[0]),)
+    ex = Executor(
+        slots=1, mode=MODE_UNSANDBOXED,
+        config=WorkerConfig(
+            cache_dir=tmp_path / "models", gpus=cards, work_root=tmp_path / "work",
+            runtimes={"test.self_check": "self_check_runtime:factory"},
+            preload=(), extra_python_path=(HERE,), threads=1,
+        ),
+    )  # fmt: skip
+
+    async def twice() -> list[TaskFailed]:
+        failures = []
+        try:
+            await ex.warm_up()
+            for _ in range(2):
+                with pytest.raises(TaskFailed) as got:
+                    await ex.run("test.self_check", b"x")
+                failures.append(got.value)
+        finally:
+            await ex.aclose()
+        return failures
+
+    failures = asyncio.run(twice())
+    for failed in failures:
+        assert failed.requester_fault is False
+        assert failed.reason.startswith("execution failed: RuntimeError: the CUDA execution")
+    assert len(ex.start_seconds) >= 2  # the worker was started again after the first

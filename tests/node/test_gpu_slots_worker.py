@@ -17,7 +17,8 @@ _CHILD = r"""
 import json, os, resource, sys, types
 from pathlib import Path
 
-resource.setrlimit(resource.RLIMIT_AS, (8 << 30, 8 << 30))
+HARD = int(sys.argv[2]) if sys.argv[2] != "unlimited" else resource.RLIM_INFINITY
+resource.setrlimit(resource.RLIMIT_AS, (HARD, HARD))
 from nodeclient.node import worker
 
 class Reader:
@@ -50,7 +51,7 @@ for name, gpus, wclass, declared in runs:
     assert reply == {"op": "result"}, reply
     line = next(x for x in body.decode().splitlines() if x.startswith("Max address space"))
     seen[name] = line.split()[3:5]
-    assert resource.getrlimit(resource.RLIMIT_AS) == (8 << 30, 8 << 30)  # restored
+    assert resource.getrlimit(resource.RLIMIT_AS) == (HARD, HARD)  # restored
 print(json.dumps(seen))
 """
 
@@ -58,16 +59,7 @@ print(json.dumps(seen))
 def test_a_gpu_workers_task_gets_no_lower_address_space_limit(tmp_path: Path) -> None:
     """Under an inherited finite hard RLIMIT_AS, a task that declares 64 MB keeps the
     whole limit in a worker with a GPU; in one without, its soft limit is lowered."""
-    src = Path(__file__).resolve().parents[2] / "src"
-    done = subprocess.run(
-        [sys.executable, "-c", _CHILD, str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-        env={"PYTHONPATH": str(src), "PATH": "/usr/bin:/bin"},
-    )
-    seen = json.loads(done.stdout)
+    seen = _run_child(tmp_path, str(8 << 30))
     limit = str(8 << 30)
     assert seen["gpu"] == [limit, limit]
     assert seen["cpu"][1] == limit
@@ -77,3 +69,31 @@ def test_a_gpu_workers_task_gets_no_lower_address_space_limit(tmp_path: Path) ->
     declared, undeclared = (int(seen[k][0]) for k in ("gpu-cpu-only", "gpu-cpu-only-undeclared"))
     assert declared < undeclared < 8 << 30
     assert undeclared - declared == (1 << 30) - (64 << 20)
+
+
+def _run_child(tmp_path: Path, hard: str) -> dict[str, list[str]]:
+    src = Path(__file__).resolve().parents[2] / "src"
+    done = subprocess.run(
+        [sys.executable, "-c", _CHILD, str(tmp_path), hard],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+        env={"PYTHONPATH": str(src), "PATH": "/usr/bin:/bin"},
+    )
+    seen: dict[str, list[str]] = json.loads(done.stdout)
+    return seen
+
+
+def test_a_runtime_without_cuda_is_limited_in_a_gpu_worker_without_a_hard_limit(
+    tmp_path: Path,
+) -> None:
+    """A worker with a GPU usually has no address-space limit at all (none inherited):
+    a runtime that never starts CUDA (Blender) still gets its task's soft limit there,
+    what it declared or else the slot's share."""
+    seen = _run_child(tmp_path, "unlimited")
+    assert seen["gpu"] == ["unlimited", "unlimited"]
+    for name in ("gpu-cpu-only", "gpu-cpu-only-undeclared"):
+        soft, hard = seen[name]
+        assert hard == "unlimited" and soft != "unlimited", (name, seen[name])
+    assert int(seen["gpu-cpu-only"][0]) < int(seen["gpu-cpu-only-undeclared"][0])

@@ -333,9 +333,14 @@ class Worker:
         """(reply header, reply body, whether the task left the worker clean)."""
         workload_class = str(header["class"])
         runtime = self.runtimes.get(workload_class)
+        if runtime is None and workload_class in self.broken:
+            # This worker's runtime did not build or failed its self-check (CUDA that did not
+            # start on this slot's card, say): the node's failure, and a fresh worker tries
+            # again, rather than this one failing every task of the class that comes.
+            reason = f"execution failed: {self.broken[workload_class]}"[:400]
+            return {"op": "error", "kind": "failed", "reason": reason}, b"", False
         if runtime is None:
-            why = self.broken.get(workload_class, "is not served by this node")
-            reason = f"workload class {workload_class!r} {why}"
+            reason = f"workload class {workload_class!r} is not served by this node"
             return {"op": "error", "kind": "requester", "reason": reason}, b"", True
         last = [0.0]
 
@@ -469,7 +474,9 @@ def _limit_memory(memory_bytes: object, hard: int, *, overhead: int = 0) -> None
     if not isinstance(memory_bytes, int) or memory_bytes <= 0:
         return
     held = _virtual_memory() + max(0, overhead)
-    soft = hard if hard == resource.RLIM_INFINITY else min(hard, held + memory_bytes)
+    # No hard limit (a worker with a GPU, whose runtimes that never start CUDA still get a
+    # limit): the soft one alone, which Blender (no requester code runs in it) keeps.
+    soft = held + memory_bytes if hard == resource.RLIM_INFINITY else min(hard, held + memory_bytes)
     resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
 
 
