@@ -217,6 +217,8 @@ def test_a_gpu_node_offers_no_class_whose_build_cannot_use_its_gpus(
     monkeypatch.setattr(onnx_runtime, "gpu_usable", lambda: (False, "no CUDA in this build"))
     assert run(home) == 0
     assert "ai.inference" not in started[-1]["manifest"]["workload_classes"]
+    # nor built in its workers, whose start would otherwise check CUDA for it, and fail
+    assert "ai.inference" not in started[-1]["executor"].config.runtimes
     (said,) = [
         r
         for r in events
@@ -227,6 +229,7 @@ def test_a_gpu_node_offers_no_class_whose_build_cannot_use_its_gpus(
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     assert run(home) == 0
     assert "ai.inference" in started[-1]["manifest"]["workload_classes"]
+    assert "ai.inference" in started[-1]["executor"].config.runtimes
 
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
     monkeypatch.setattr(onnx_runtime, "gpu_usable", lambda: (True, "onnxruntime-gpu"))

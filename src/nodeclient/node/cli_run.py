@@ -40,7 +40,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from nodeclient.clock import make_clock
     from nodeclient.node import sandbox
     from nodeclient.node.daemon import NodeDaemon
-    from nodeclient.node.executor import Executor, WorkerConfig, gpus_from_probe
+    from nodeclient.node.executor import Executor, WorkerConfig, default_runtimes, gpus_from_probe
     from nodeclient.node.metrics import GpuSampler, NodeMetrics
     from nodeclient.node.outbox import Retention
 
@@ -81,6 +81,13 @@ def cmd_run(args: argparse.Namespace) -> int:
             threads=max(1, cores // slots),
             gpus=gpus,
             node_home=home,  # no bind into the sandbox may show the home's key files
+            # The classes the manifest offers: a worker builds (and self-checks) no other,
+            # such as ai.inference on a GPU node whose onnxruntime is a CPU build.
+            runtimes={
+                name: spec
+                for name, spec in default_runtimes().items()
+                if name in manifest["workload_classes"]
+            },
         ),
     )
     daemon = NodeDaemon(
