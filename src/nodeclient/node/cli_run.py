@@ -40,7 +40,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from nodeclient.clock import make_clock
     from nodeclient.node import sandbox
     from nodeclient.node.daemon import NodeDaemon
-    from nodeclient.node.executor import Executor, WorkerConfig, default_runtimes, gpus_from_probe
+    from nodeclient.node.exec_config import default_runtimes
+    from nodeclient.node.executor import Executor, WorkerConfig, gpus_from_probe
     from nodeclient.node.metrics import GpuSampler, NodeMetrics
     from nodeclient.node.outbox import Retention
 
