@@ -17,21 +17,20 @@ from nodeclient.coordinator.client import CoordinatorClient
 JOB = {"job_id": "j1", "workload_class": "ai.training", "status": "queued", "tasks": []}
 
 
-def test_wait_polls_the_job_without_its_tasks(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    """Each poll asks for ?tasks=none, and a job answered without a task list is a job;
-    the wait ends on its status and reports its reason."""
+def _submit_and_wait(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, polls: list[dict[str, object]]
+) -> tuple[int, list[str]]:
+    """`submit --wait` of a training job against a coordinator that answers each poll with
+    the job (without its tasks) updated by the next of *polls*; the exit status and the
+    URLs polled."""
     asked: list[str] = []
-    statuses = ["queued", "running", "failed"]
 
     def handler(request: httpx.Request) -> httpx.Response:
         if request.method == "POST":
             return httpx.Response(201, json=JOB)
         asked.append(str(request.url))
-        status = statuses.pop(0)
         job = {key: value for key, value in JOB.items() if key != "tasks"}
-        return httpx.Response(200, json={**job, "status": status, "reason": "loss went NaN"})
+        return httpx.Response(200, json={**job, **polls.pop(0)})
 
     def client(url: str, token: str | None = None) -> CoordinatorClient:
         return CoordinatorClient(url, token=token, transport=httpx.MockTransport(handler))
@@ -41,6 +40,16 @@ def test_wait_polls_the_job_without_its_tasks(
     (tmp_path / "p.bin").write_bytes(b"payload")
     rc = main(["submit", "--class", "ai.training", "--payload", str(tmp_path / "p.bin"),
                "--wait", "--coordinator", "http://c.example"])  # fmt: skip
+    return rc, asked
+
+
+def test_wait_polls_the_job_without_its_tasks(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Each poll asks for ?tasks=none, and a job answered without a task list is a job;
+    the wait ends on its status and reports its reason."""
+    polls = [{"status": s, "reason": "loss went NaN"} for s in ("queued", "running", "failed")]
+    rc, asked = _submit_and_wait(monkeypatch, tmp_path, polls)
     assert rc == 1
     assert asked == ["http://c.example/v1/jobs/j1?tasks=none"] * 3
     assert "job j1 failed: loss went NaN" in capsys.readouterr().err
@@ -51,23 +60,8 @@ def test_wait_shows_each_status_and_round_once_on_stderr(
 ) -> None:
     """While it waits, each new status (and training round) is one line on stderr, not a
     line per poll; stdout holds the job id alone."""
-    polls = [("queued", 0), ("running", 0), ("running", 0), ("running", 1), ("succeeded", 2)]
-
-    def handler(request: httpx.Request) -> httpx.Response:
-        if request.method == "POST":
-            return httpx.Response(201, json=JOB)
-        status, round_ = polls.pop(0)
-        job = {key: value for key, value in JOB.items() if key != "tasks"}
-        return httpx.Response(200, json={**job, "status": status, "round": round_})
-
-    def client(url: str, token: str | None = None) -> CoordinatorClient:
-        return CoordinatorClient(url, token=token, transport=httpx.MockTransport(handler))
-
-    monkeypatch.setattr(cli, "POLL_S", 0.0)
-    monkeypatch.setattr(cli, "CoordinatorClient", client)
-    (tmp_path / "p.bin").write_bytes(b"payload")
-    rc = main(["submit", "--class", "ai.training", "--payload", str(tmp_path / "p.bin"),
-               "--wait", "--coordinator", "http://c.example"])  # fmt: skip
+    seen = [("queued", 0), ("running", 0), ("running", 0), ("running", 1), ("succeeded", 2)]
+    rc, _ = _submit_and_wait(monkeypatch, tmp_path, [{"status": s, "round": r} for s, r in seen])
     out = capsys.readouterr()
     assert rc == 0
     assert out.out == "j1\n"

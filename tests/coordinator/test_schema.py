@@ -87,6 +87,14 @@ def _columns(url: str) -> dict[str, set[str]]:
         engine.dispose()
 
 
+def _indexes(url: str, table: str) -> set[str]:
+    engine = create_engine(url)
+    try:
+        return {str(ix["name"]) for ix in inspect(engine).get_indexes(table)}
+    finally:
+        engine.dispose()
+
+
 def _version(url: str) -> str | None:
     engine = create_engine(url)
     try:
@@ -350,11 +358,7 @@ def test_an_unversioned_database_gets_the_missing_columns_on_any_database(tmp_pa
     Database(url).close()
     cols = _columns(url)
     assert "round_index" in cols["tasks"] and "train_state" in cols["jobs"]
-    engine = create_engine(url)
-    try:
-        assert "ix_tasks_node_id" in {ix["name"] for ix in inspect(engine).get_indexes("tasks")}
-    finally:
-        engine.dispose()
+    assert "ix_tasks_node_id" in _indexes(url, "tasks")
     assert _version(url) == str(schema.SCHEMA_VERSION)
 
 
@@ -421,13 +425,7 @@ def test_an_early_version_4_database_gets_the_columns_it_lacked(tmp_path: Path) 
     cols = _columns(url)
     assert "replaced_at" in cols["node_manifests"]
     assert "manifest_hash" in cols["task_attempts"]
-    engine = create_engine(url)
-    try:
-        assert "ix_nodes_manifest_hash" in {
-            ix["name"] for ix in inspect(engine).get_indexes("nodes")
-        }
-    finally:
-        engine.dispose()
+    assert "ix_nodes_manifest_hash" in _indexes(url, "nodes")
     assert _version(url) == "4"
 
 

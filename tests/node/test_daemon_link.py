@@ -49,6 +49,14 @@ from tests.node.test_daemon_outbox import Answers, Capture, dispatch, recover, s
 # --- helpers ---------------------------------------------------------------------------------
 
 
+# The reference coordinator's answer to a registration, as these tests' coordinators give it.
+REGISTERED = {
+    "status": "registered",
+    "prior_registrations": [],
+    "coordinator_id": "coordinator-test",
+}
+
+
 @functools.cache
 def payload_key() -> rsa.RSAPrivateKey:
     return rsa.generate_private_key(public_exponent=65537, key_size=3072)
@@ -233,14 +241,7 @@ def linked_daemon(
 
     def register(request: httpx.Request) -> httpx.Response:
         registrations.append(request)
-        return httpx.Response(
-            201,
-            json={
-                "status": "registered",
-                "prior_registrations": [],
-                "coordinator_id": "coordinator-test",
-            },
-        )
+        return httpx.Response(201, json=REGISTERED)
 
     answer_registration(monkeypatch, register)
     clock = ManualClock()
@@ -615,9 +616,7 @@ def test_a_stop_hands_back_the_tasks_still_running_after_the_grace_signed(
     closes, and the daemon exits 0."""
     answer_registration(
         monkeypatch,
-        lambda _r: httpx.Response(
-            201, json={"status": "registered", "coordinator_id": "coordinator-test"}
-        ),
+        lambda _r: httpx.Response(201, json=REGISTERED),
     )
     daemon = make_daemon(
         tmp_path, url=f"http://127.0.0.1:{free_port()}", executor=RunsUntilCancelled
@@ -790,9 +789,7 @@ def test_a_link_replaced_twice_stops_the_daemon(
     stops with LinkReplaced, exit 78, which systemd does not restart."""
     answer_registration(
         monkeypatch,
-        lambda _r: httpx.Response(
-            201, json={"status": "registered", "coordinator_id": "coordinator-test"}
-        ),
+        lambda _r: httpx.Response(201, json=REGISTERED),
     )
     monkeypatch.setattr(link_module, "REPLACED_PAUSE_S", 0.3)
     clock = ManualClock()
@@ -850,9 +847,7 @@ def test_a_wall_clock_stepped_back_does_not_make_links_replaced_far_apart_look_c
     again rather than stop as if replaced twice within it."""
     answer_registration(
         monkeypatch,
-        lambda _r: httpx.Response(
-            201, json={"status": "registered", "coordinator_id": "coordinator-test"}
-        ),
+        lambda _r: httpx.Response(201, json=REGISTERED),
     )
     monkeypatch.setattr(link_module, "REPLACED_PAUSE_S", 0.0)
     clock = SteppedWall()
@@ -898,14 +893,7 @@ def test_registering_again_days_later_reissues_the_manifest(
 
     def register(request: httpx.Request) -> httpx.Response:
         posted.append(json.loads(request.content))
-        return httpx.Response(
-            201,
-            json={
-                "status": "registered",
-                "prior_registrations": [],
-                "coordinator_id": "coordinator-test",
-            },
-        )
+        return httpx.Response(201, json=REGISTERED)
 
     answer_registration(monkeypatch, register)
     clock = ManualClock()

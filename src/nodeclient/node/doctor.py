@@ -161,7 +161,7 @@ def check_gpus(*, probe: Callable[[], Any] | None = None, dev: Path = Path("/dev
     from nodeclient.node import hardware
 
     result = (probe or (lambda: hardware.probe_gpus(timeout=hardware.probe_timeout(dev))))()
-    device_files = sorted(p.name for p in dev.glob("nvidia[0-9]*"))
+    device_files = hardware.card_device_files(dev)
     if result.status == "ok":
         return _gpus_answered(result, dev, device_files)
     if result.status == "no-driver" and not device_files:

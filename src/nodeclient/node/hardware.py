@@ -371,14 +371,19 @@ def _usable(devices: tuple[GpuDevice, ...], visible: str | None) -> GpuProbe:
     return GpuProbe(gpus=group_devices(chosen), per_device=chosen, status="ok", detail=detail)
 
 
+def card_device_files(dev: Path = _DEV) -> list[str]:
+    """The NVIDIA card device files in *dev* (``nvidia0``, ``nvidia1``, ...), sorted; none
+    where it cannot be read."""
+    try:
+        return sorted(p.name for p in dev.glob("nvidia[0-9]*"))
+    except OSError:
+        return []
+
+
 def probe_timeout(dev: Path = _DEV) -> float:
     """Seconds the GPU probe may take: PROBE_TIMEOUT_BASE, plus PROBE_TIMEOUT_PER_CARD per
-    card device file (``nvidia0``, ``nvidia1``, ...) in *dev*."""
-    try:
-        cards = sum(1 for _ in dev.glob("nvidia[0-9]*"))
-    except OSError:
-        cards = 0
-    return PROBE_TIMEOUT_BASE + PROBE_TIMEOUT_PER_CARD * cards
+    card device file in *dev*."""
+    return PROBE_TIMEOUT_BASE + PROBE_TIMEOUT_PER_CARD * len(card_device_files(dev))
 
 
 def probe_gpus(*, timeout: float | None = None, env: Mapping[str, str] | None = None) -> GpuProbe:
