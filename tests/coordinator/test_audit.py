@@ -7,6 +7,7 @@ import copy
 import hashlib
 import json
 import math
+import tracemalloc
 from typing import Any
 
 import pytest
@@ -151,6 +152,16 @@ def test_a_render_job_is_assembled_again_from_its_verified_slices(
         fetch_manifest=running.client.manifest, payload=mine.encode(),
     )  # fmt: skip
     assert not report.ok and "scene" in report.result
+    # A slice count the coordinator made up is counted, not built into a list first.
+    many = {**done, "slices": 2_000_000}
+    tracemalloc.start()
+    try:
+        report = audit_job(running, many, payload=payload)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert not report.ok and "each of its 2000000 slices once" in report.result
+    assert peak < 16 << 20
 
 
 def test_another_genuine_job_in_the_answer_is_caught(running: Running, rsa_keys) -> None:

@@ -463,6 +463,24 @@ def test_result_with_missing_frame_is_rejected() -> None:
         decode_result(encode_tensors(dict(tensors), metadata=meta))
 
 
+def test_a_claimed_frame_range_is_counted_before_it_is_built() -> None:
+    """A node's metadata may claim frames 1..2,000,000 for a result of two frames: the
+    claim is refused on the count, with no list of two million frame numbers built on
+    the coordinator's database thread (a few hundred bytes of result cost over 1 GB at
+    30 million frames)."""
+    tensors, meta = decode_tensors(_result(1, 2))
+    meta["frame_end"] = "2000000"
+    data = encode_tensors(dict(tensors), metadata=meta)
+    tracemalloc.start()
+    try:
+        with pytest.raises(RemoteProtocolError, match="frames 1..2000000, each exactly once"):
+            decode_result(data)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 << 20
+
+
 def test_assemble_joins_slices_in_frame_order() -> None:
     """The job result equals one result of all frames, byte for byte."""
     meta = _meta(_request().encode())

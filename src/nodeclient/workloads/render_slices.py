@@ -365,7 +365,8 @@ def decode_result(
         if match is None:
             raise RemoteProtocolError(f"unexpected tensor {name!r} in a render result")
         frames[int(match[1])] = array
-    if sorted(frames) != list(range(start, end + 1)):
+    # Counted before any range is built: start and end are the node's own numbers.
+    if len(frames) != end - start + 1 or not all(start <= f <= end for f in frames):
         raise RemoteProtocolError(f"result must hold frames {start}..{end}, each exactly once")
     rows = None
     if META_ROW_START in meta:
