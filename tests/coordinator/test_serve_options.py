@@ -215,3 +215,15 @@ def test_young_collections_still_collect_the_older_generations() -> None:
     finally:
         gc.set_threshold(*saved)
     assert [r for r in refs if r() is not None] == []
+
+
+def test_a_database_url_whose_driver_is_missing_is_one_line(tmp_path: Path, capsys) -> None:
+    """A URL naming a driver this install lacks (psycopg comes with nodeclient[postgres]
+    only) exits 2 with one line that says what to install, not a traceback."""
+    argv = ["serve", "--port", "0", "--data-dir", str(tmp_path),
+            "--db", "postgresql+pg8000://user@127.0.0.1:1/none"]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("nodeclient-coordinator: cannot open the coordinator database: ")
+    assert "No module named 'pg8000'" in err and "nodeclient[postgres]" in err
+    assert err.count("\n") == 1

@@ -34,6 +34,9 @@ def open_dir() -> Iterator[Path]:
     shutil.rmtree(path)
 
 
+TMP_ROOTS = service.PRIVATE_TMP_ROOTS  # before any test replaces them
+
+
 @pytest.fixture(autouse=True)
 def _system_install(open_dir: Path, monkeypatch) -> None:
     """The unit's tests run as if nodeclient were a system-wide install: a console script
@@ -45,6 +48,9 @@ def _system_install(open_dir: Path, monkeypatch) -> None:
     script.chmod(0o755)
     monkeypatch.setattr(service, "find_executable", lambda: script)
     monkeypatch.setattr(service, "_code_paths", lambda: (Path("/usr/lib"),))
+    # The stand-in lives under /tmp, which the unit's PrivateTmp= would hide: tested on
+    # its own below, with the real roots.
+    monkeypatch.setattr(service, "PRIVATE_TMP_ROOTS", ())
 
 
 def exe() -> Path:
@@ -250,6 +256,31 @@ def test_an_interpreter_the_units_user_cannot_reach_is_refused(
     assert "203/EXEC" in err and "/usr/bin/python3 -m venv /opt/nodeclient" in err
     private.chmod(0o711)  # others may pass through: the unit can start
     assert install(tmp_path, "--executable", str(script))[0] == 0
+
+
+def test_code_under_a_private_tmp_is_refused(
+    tmp_path: Path, open_dir: Path, monkeypatch, capsys
+) -> None:
+    """PrivateTmp=yes gives the unit an empty /tmp and /var/tmp: a nodeclient installed
+    there (or an interpreter reached through a link into one) would fail with 203/EXEC,
+    so `service install` refuses it and names the directory."""
+    monkeypatch.setattr(service, "PRIVATE_TMP_ROOTS", TMP_ROOTS)
+    script = exe()  # the stand-in, in a directory under /tmp
+    assert script.is_relative_to("/tmp")
+    rc, path = install(tmp_path, "--executable", str(script))
+    err = capsys.readouterr().err
+    assert rc == 2 and not path.exists()
+    assert f"{script} is under /tmp, which the unit's PrivateTmp=yes" in err
+    assert "203/EXEC" in err
+    assert service.under_private_tmp((Path("/usr/bin/python3"), Path("/var/tmp/x"))) is not None
+    assert service.under_private_tmp((Path("/usr/bin/python3"), Path("/opt/x/bin"))) is None
+    # A link from elsewhere into such a directory counts where it leads.
+    hidden = open_dir / "hidden"
+    (hidden / "bin").mkdir(parents=True)
+    (open_dir / "link").symlink_to(hidden / "bin")
+    monkeypatch.setattr(service, "PRIVATE_TMP_ROOTS", (hidden,))
+    assert service.under_private_tmp((open_dir / "link",)) is not None
+    assert service.under_private_tmp((open_dir,)) is None
 
 
 def test_who_may_reach_a_path(open_dir: Path) -> None:

@@ -285,6 +285,12 @@ def _serve(args: argparse.Namespace) -> int:
     except (SQLAlchemyError, OSError) as exc:  # at start-up: one line, not a trace
         sock.close()
         raise UsageError(f"cannot open the coordinator database: {exc}") from exc
+    except ModuleNotFoundError as exc:  # the URL's database driver is not installed
+        sock.close()
+        raise UsageError(
+            f"cannot open the coordinator database: its driver is not installed ({exc}); "
+            "for PostgreSQL, install nodeclient[postgres] and use a postgresql+psycopg:// URL"
+        ) from exc
     return run(app, sock=sock, host=args.host)
 
 

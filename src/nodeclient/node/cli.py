@@ -205,7 +205,9 @@ def cmd_service_install(args: argparse.Namespace) -> int:
     home = Path(args.home) if args.home else service.DEFAULT_HOME
     code = service.code_paths_for(exe, ours=args.executable is None)
     opts = service.UnitOptions(executable=exe, user=args.user, home=home, code_paths=code)
-    blocked = service.unreachable(opts.user, (exe, *code))
+    blocked = service.under_private_tmp((exe, *code)) or service.unreachable(
+        opts.user, (exe, *code)
+    )
     if blocked is not None:
         raise UsageError(
             f"the unit could not start: {blocked} (its interpreter or code), and systemd "

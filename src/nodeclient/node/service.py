@@ -131,6 +131,24 @@ def unreachable(user: str, paths: tuple[Path, ...]) -> str | None:
     return None
 
 
+# The unit's PrivateTmp=yes gives it empty directories of its own here.
+PRIVATE_TMP_ROOTS: tuple[Path, ...] = (Path("/tmp"), Path("/var/tmp"))  # noqa: S108 (only compared)
+
+
+def under_private_tmp(paths: tuple[Path, ...]) -> str | None:
+    """Which of *paths* (the interpreter and the code) the unit would not see, because
+    PrivateTmp= replaces the directory it lives in with an empty one; or None."""
+    for path in paths:
+        for seen in dict.fromkeys([path, path.resolve()]):
+            for root in PRIVATE_TMP_ROOTS:
+                if seen.is_relative_to(root):
+                    return (
+                        f"{path} is under {root}, which the unit's PrivateTmp=yes replaces "
+                        "with an empty directory"
+                    )
+    return None
+
+
 def protect_home(paths: tuple[Path, ...]) -> str:
     """``yes`` (hide home directories) unless the daemon's own code lives in one."""
     inside = any(p.is_relative_to(root) for p in paths for root in _HOME_ROOTS)
