@@ -445,7 +445,7 @@ def test_a_missing_runtime_says_how_to_install_it(monkeypatch: pytest.MonkeyPatc
 
     monkeypatch.setattr(metadata, "version", absent)
     ok, why = torch_train.usable()
-    assert not ok and "pip install 'torch>=2.1'" in why
+    assert not ok and "pip install 'torch>=2.3'" in why
     check = doctor.check_runtimes({"ai.training": (ok, why)})[0]
     assert check.name == "runtime ai.training" and "pip install" in check.fix
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import builtins
 import hashlib
 import os
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -709,6 +711,26 @@ def test_usable_reports_onnxruntime_and_providers() -> None:
     assert ok
     assert ort.__version__ in detail
     assert CPU_PROVIDER in detail
+
+
+def test_usable_tells_missing_from_broken(monkeypatch: pytest.MonkeyPatch) -> None:
+    """onnxruntime absent, or present but failing to import (a build for NumPy 1 under
+    NumPy 2 raises ImportError): the operator is told which, and what to do."""
+    real_import = builtins.__import__
+
+    def broken(name: str, *args: Any, **kwargs: Any) -> Any:
+        if name == "onnxruntime":
+            raise ImportError("A module that was compiled using NumPy 1.x cannot be run")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", broken)
+    ok, why = usable()
+    assert not ok and "installed but does not import" in why and "NumPy 1.x" in why
+    assert "pip install --upgrade onnxruntime onnx" in why
+    monkeypatch.setattr(builtins, "__import__", real_import)
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import fails: not installed
+    ok, why = usable()
+    assert not ok and why.startswith("onnxruntime or onnx is not installed")
 
 
 def test_default_providers_prefer_cuda() -> None:

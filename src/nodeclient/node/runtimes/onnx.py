@@ -126,8 +126,13 @@ def usable() -> tuple[bool, str]:
     try:
         import onnx  # noqa: F401  # needed to vet models before loading them
         import onnxruntime as ort
-    except ImportError as exc:
+    except ModuleNotFoundError as exc:
         return False, f"onnxruntime or onnx is not installed: {exc}"
+    except ImportError as exc:  # e.g. a build for NumPy 1 under NumPy 2
+        return False, (
+            f"onnxruntime or onnx is installed but does not import: {exc}; reinstall them "
+            "into nodeclient's own Python (pip install --upgrade onnxruntime onnx)"
+        )
     if CUDA_PROVIDER in ort.get_available_providers():
         return True, (
             f"onnxruntime {ort.__version__} with {CPU_PROVIDER}; {CUDA_PROVIDER} is built in "

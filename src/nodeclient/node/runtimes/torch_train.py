@@ -69,7 +69,7 @@ def usable() -> tuple[bool, str]:
         version = metadata.version("torch")
     except metadata.PackageNotFoundError:
         return False, (
-            "torch is not installed (into nodeclient's own Python: pip install 'torch>=2.1'; "
+            "torch is not installed (into nodeclient's own Python: pip install 'torch>=2.3'; "
             "the CPU build from --index-url https://download.pytorch.org/whl/cpu)"
         )
     return True, f"torch {version} (CUDA when visible, else CPU)"
