@@ -19,7 +19,7 @@ import os
 import re
 import uuid
 from collections.abc import Callable
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, TypeVar
 from urllib.parse import urlencode
 
 import pybase64
@@ -30,7 +30,7 @@ from sqlalchemy.orm import Session
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from nodeclient.coordinator import classes, leases, metrics, registry, results, store
+from nodeclient.coordinator import classes, leases, metrics, openapi, registry, results, store
 from nodeclient.coordinator import models as m
 from nodeclient.coordinator.config import CoordinatorConfig
 from nodeclient.coordinator.link import ABORT_KEY
@@ -352,12 +352,28 @@ class UnstakeRequest(BaseModel):
     signature: str
 
 
+_Endpoint = TypeVar("_Endpoint", bound=Callable[..., Any])
+
+
 def build_router(coord: Coordinator) -> APIRouter:  # noqa: PLR0915 (one route each)
     router = APIRouter()
     chain_id = coord.config.chain_id
     spooler = results.Spooler(coord.db, coord.blobs)
 
-    @router.get("/healthz")
+    def get_and_head(path: str, **declared: Any) -> Callable[[_Endpoint], _Endpoint]:
+        """Route GET and HEAD at *path* to the endpoint: a HEAD answers the headers of the
+        GET without its body (RFC 9110 9.3.2). Only the GET is in the OpenAPI document,
+        where two operations of one route would share an operation id."""
+
+        def register(endpoint: _Endpoint) -> _Endpoint:
+            router.add_api_route(
+                path, endpoint, methods=["HEAD"], include_in_schema=False, **declared
+            )
+            return router.get(path, **declared)(endpoint)
+
+        return register
+
+    @get_and_head("/healthz", response_model=None, responses=openapi.HEALTH)
     async def healthz() -> dict[str, Any]:
         return {
             "status": "ok",
@@ -373,7 +389,11 @@ def build_router(coord: Coordinator) -> APIRouter:  # noqa: PLR0915 (one route e
 
     # --- nodes ------------------------------------------------------------------------------
 
-    @router.post("/v1/nodes", status_code=201)
+    @router.post(
+        "/v1/nodes",
+        status_code=201,
+        responses=openapi.REGISTER,
+    )
     async def register_node(manifest: dict[str, Any] = Body(...)) -> JSONResponse:  # noqa: B008
         return _reply(await registry.register(coord, manifest))
 
@@ -382,11 +402,18 @@ def build_router(coord: Coordinator) -> APIRouter:  # noqa: PLR0915 (one route e
         seen = None if rt is None or rt.last_seen is None else (rt.state, rt.last_seen)
         return store.node_row_json(row, online=coord.is_online(row.node_id), seen=seen)
 
-    @router.get("/v1/nodes")
+    @router.get(
+        "/v1/nodes",
+        response_model=None,
+        responses=openapi.NODES,
+    )
     async def list_nodes() -> list[dict[str, Any]]:
         return [node_json(r) for r in await coord.db.run(store.list_nodes)]
 
-    @router.get("/v1/nodes/{node_id}")
+    @router.get(
+        "/v1/nodes/{node_id}",
+        responses=openapi.NODE,
+    )
     async def get_node(node_id: str) -> JSONResponse:
         try:
             nid = to_checksum_address(parse_address(node_id, field="node_id"))
@@ -397,7 +424,10 @@ def build_router(coord: Coordinator) -> APIRouter:  # noqa: PLR0915 (one route e
             return error(404, f"node {nid} is not registered")
         return JSONResponse(node_json(row))
 
-    @router.get("/v1/manifests/{manifest_hash}")
+    @router.get(
+        "/v1/manifests/{manifest_hash}",
+        responses=openapi.MANIFEST,
+    )
     async def get_manifest(manifest_hash: str) -> Response:
         """A signed manifest a node registered with, by the SHA-256 of its canonical
         signed bytes (a node's and a task's ``manifest_hash``), exactly as verified."""
@@ -408,7 +438,10 @@ def build_router(coord: Coordinator) -> APIRouter:  # noqa: PLR0915 (one route e
             return error(404, f"no manifest {manifest_hash}")
         return Response(row.manifest, media_type="application/json")
 
-    @router.post("/v1/nodes/{node_id}/unstake")
+    @router.post(
+        "/v1/nodes/{node_id}/unstake",
+        responses=openapi.UNSTAKE,
+    )
     async def unstake(node_id: str, body: UnstakeRequest) -> JSONResponse:
         return _reply(await registry.unstake(coord, node_id, body.model_dump()))
 
@@ -425,12 +458,17 @@ def build_router(coord: Coordinator) -> APIRouter:  # noqa: PLR0915 (one route e
         coord.blobs.publish(tmp, hexdigest)
         return hexdigest
 
-    @router.post("/v1/blobs", status_code=201)
+    @router.post(
+        "/v1/blobs",
+        status_code=201,
+        responses=openapi.BLOB_UPLOAD,
+        openapi_extra=openapi.RAW_BODY,
+    )
     async def upload_blob(request: Request) -> JSONResponse:
         limit = coord.config.max_blob_bytes
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
-            return error(413, f"blob of {declared} bytes exceeds the {limit}-byte limit")
+            return _blob_too_large(f"blob of {declared} bytes exceeds the {limit}-byte limit")
         # The disk work (writes, fsyncs, the rename) runs in a thread, a batch at a time,
         # so a slow or full disk never stops the event loop, links' heartbeats included.
         digest, size = hashlib.sha256(), 0
@@ -447,7 +485,7 @@ def build_router(coord: Coordinator) -> APIRouter:  # noqa: PLR0915 (one route e
             async for chunk in request.stream():
                 size += len(chunk)
                 if size > limit:
-                    return error(413, f"blob exceeds the {limit}-byte limit")
+                    return _blob_too_large(f"blob exceeds the {limit}-byte limit")
                 pending.append(chunk)
                 held += len(chunk)
                 if held >= UPLOAD_WRITE_BYTES:
@@ -469,7 +507,12 @@ def build_router(coord: Coordinator) -> APIRouter:  # noqa: PLR0915 (one route e
             {"sha256": hexdigest, "url": f"/v1/blobs/{hexdigest}", "size": size}, status_code=201
         )
 
-    @router.get("/v1/blobs/{sha256}", response_model=None)
+    @get_and_head(
+        "/v1/blobs/{sha256}",
+        response_class=Response,
+        response_model=None,
+        responses=openapi.BLOB,
+    )
     async def get_blob(request: Request, sha256: str) -> FileResponse | JSONResponse:
         if not SHA256_HEX.fullmatch(sha256):
             return error(400, "blob id must be 64 lowercase hex digits (its SHA-256)")
@@ -532,7 +575,11 @@ def build_router(coord: Coordinator) -> APIRouter:  # noqa: PLR0915 (one route e
     # up behind them.
     splitting = asyncio.Semaphore(2)
 
-    @router.post("/v1/jobs", status_code=201)
+    @router.post(
+        "/v1/jobs",
+        status_code=201,
+        responses=openapi.SUBMIT,
+    )
     async def submit_job(body: JobRequest) -> JSONResponse:
         wclass = classes.REGISTRY.get(body.workload_class)
         if wclass is None or not wclass.sliceable:
@@ -578,9 +625,13 @@ def build_router(coord: Coordinator) -> APIRouter:  # noqa: PLR0915 (one route e
 
         rows = await coord.db.run(tx)
         coord.wake()
-        return await coord.in_cpu(_job_response, rows, chain_id, None, 201)
+        return await coord.in_cpu(_job_response, rows, chain_id, {}, 201)  # progress: null
 
-    @router.get("/v1/jobs")
+    @router.get(
+        "/v1/jobs",
+        response_model=None,
+        responses=openapi.JOBS,
+    )
     async def list_jobs(
         request: Request,
         limit: int = Query(default=JOBS_PAGE, ge=1, le=MAX_JOBS_PAGE),
@@ -606,7 +657,10 @@ def build_router(coord: Coordinator) -> APIRouter:  # noqa: PLR0915 (one route e
             headers["Link"] = f'<{request.url.path}?{urlencode(query)}>; rel="next"'
         return JSONResponse(page, headers=headers)
 
-    @router.get("/v1/jobs/{job_id}")
+    @get_and_head(
+        "/v1/jobs/{job_id}",
+        responses=openapi.JOB,
+    )
     async def get_job(
         job_id: str, tasks: Literal["all", "none"] = Query(default="all")
     ) -> Response:
@@ -629,7 +683,10 @@ def build_router(coord: Coordinator) -> APIRouter:  # noqa: PLR0915 (one route e
                 progress[task.task_id] = {name: p[name] for name in ("done", "total", "note")}
         return await coord.in_cpu(_job_response, rows, chain_id, progress, 200)
 
-    @router.post("/v1/jobs/{job_id}/cancel")
+    @router.post(
+        "/v1/jobs/{job_id}/cancel",
+        responses=openapi.CANCEL,
+    )
     async def cancel_job(job_id: str) -> Response:
         """End a job that has not ended: failed, with the reason CANCELLED_REASON, its
         queued tasks withdrawn and its leased ones cancelled on their nodes."""
@@ -658,8 +715,13 @@ def build_router(coord: Coordinator) -> APIRouter:  # noqa: PLR0915 (one route e
         coord.wake()  # its nodes' slots are free
         return await coord.in_cpu(_job_response, rows, chain_id, None, 200)
 
-    @router.get("/v1/jobs/{job_id}/result", response_model=None)
-    async def job_result(job_id: str) -> Response:
+    @get_and_head(
+        "/v1/jobs/{job_id}/result",
+        response_class=Response,
+        response_model=None,
+        responses=openapi.JOB_RESULT,
+    )
+    async def job_result(request: Request, job_id: str) -> Response:
         key = uuid_key(job_id)
         found = None if key is None else await spooler.head(m.Job, key)
         if key is None or found is None:
@@ -667,10 +729,15 @@ def build_router(coord: Coordinator) -> APIRouter:  # noqa: PLR0915 (one route e
         status, size, data = found
         if status != m.SUCCEEDED or size is None:
             return error(409, f"job {job_id} is {status}, not succeeded")
-        return await _result(spooler, m.Job, key, size, data)
+        return await _result(spooler, m.Job, key, size, data, head=request.method == "HEAD")
 
-    @router.get("/v1/tasks/{task_id}/result", response_model=None)
-    async def task_result(task_id: str) -> Response:
+    @get_and_head(
+        "/v1/tasks/{task_id}/result",
+        response_class=Response,
+        response_model=None,
+        responses=openapi.TASK_RESULT,
+    )
+    async def task_result(request: Request, task_id: str) -> Response:
         key = uuid_key(task_id)
         found = None if key is None else await spooler.head(m.Task, key)
         if key is None or found is None:
@@ -678,9 +745,17 @@ def build_router(coord: Coordinator) -> APIRouter:  # noqa: PLR0915 (one route e
         status, size, data = found
         if size is None:
             return error(409, f"task {task_id} is {status} and has no result")
-        return await _result(spooler, m.Task, key, size, data)
+        return await _result(spooler, m.Task, key, size, data, head=request.method == "HEAD")
 
     return router
+
+
+def _blob_too_large(message: str) -> JSONResponse:
+    """413 for an upload over the blob limit; the connection is closed, so the rest of the
+    body is not read (as BodyLimit's refusal)."""
+    response = error(413, message)
+    response.headers["connection"] = "close"
+    return response
 
 
 def _job_response(
@@ -696,11 +771,22 @@ def _job_response(
 
 
 async def _result(
-    spooler: results.Spooler, row: results.Row, key: str, size: int, data: bytes | None
+    spooler: results.Spooler,
+    row: results.Row,
+    key: str,
+    size: int,
+    data: bytes | None,
+    *,
+    head: bool = False,
 ) -> Response:
     """The result's bytes: *data* when the look read them (a small result), else spooled
     and sent chunk by chunk with their length (results.py); 503 while the copies being
-    sent already hold as many bytes as the coordinator allows."""
+    sent already hold as many bytes as the coordinator allows. For a HEAD (*head*), only
+    the headers a GET would have: nothing is spooled."""
+    if head:
+        return Response(
+            headers={"Content-Length": str(size)}, media_type="application/octet-stream"
+        )
     if data is not None:
         return Response(data, media_type="application/octet-stream")
     try:

@@ -14,13 +14,15 @@ import functools
 import logging
 import os
 import stat
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 
 from fastapi import FastAPI, Request, WebSocket
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import BaseRoute
 
 from nodeclient import __version__
 from nodeclient.clock import Clock, SystemClock
@@ -36,6 +38,7 @@ from nodeclient.coordinator.api import (
 from nodeclient.coordinator.blobstore import forget_jobs, sweep_once, warn_job_retention
 from nodeclient.coordinator.config import CoordinatorConfig
 from nodeclient.coordinator.link import LinkSession, ServerHooks
+from nodeclient.coordinator.openapi import with_bearer
 from nodeclient.coordinator.registry import forget_manifests, forget_nodes
 from nodeclient.coordinator.scheduler import Scheduler, fail_stalled_jobs
 from nodeclient.coordinator.service import Coordinator
@@ -84,6 +87,22 @@ def private_dir(path: Path) -> None:
             "data_dir.mode_tightened",
             extra={"path": str(path), "was": f"{stat.S_IMODE(st.st_mode):04o}", "now": "0700"},
         )
+
+
+def http_error(exc: StarletteHTTPException, routes: Sequence[BaseRoute], path: str) -> JSONResponse:
+    """The JSON error for an HTTPException (an unknown path, a method a path does not
+    take), with its headers. A 405's ``Allow`` names every method the routes take at
+    *path* (RFC 9110 15.5.6), where the router names those of the first route matched."""
+    response = error(exc.status_code, str(exc.detail))
+    response.headers.update(exc.headers or {})
+    if exc.status_code == 405:
+        methods: set[str] = set()
+        for route in routes:
+            if isinstance(route, APIRoute) and route.path_regex.match(path):
+                methods |= route.methods or set()
+        if methods:
+            response.headers["Allow"] = ", ".join(sorted(methods))
+    return response
 
 
 def create_app(config: CoordinatorConfig, *, clock: Clock | None = None) -> FastAPI:
@@ -149,8 +168,8 @@ def create_app(config: CoordinatorConfig, *, clock: Clock | None = None) -> Fast
         return error(400, f"invalid request: {where}: {first.get('msg', 'invalid')}")
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return error(exc.status_code, str(exc.detail))
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return http_error(exc, router.routes, request.url.path)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
@@ -167,7 +186,10 @@ def create_app(config: CoordinatorConfig, *, clock: Clock | None = None) -> Fast
         )
         return error(500, "internal error in the coordinator: logged as http.unexpected_error")
 
-    app.include_router(build_router(coord))
+    router = build_router(coord)
+    app.include_router(router)
+    if REQUESTER in guards:
+        with_bearer(app)
 
     @app.websocket("/v1/link")
     async def link(ws: WebSocket) -> None:
