@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shlex
+import stat
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -57,6 +60,29 @@ def test_a_token_file_others_may_read_is_refused(tmp_path: Path) -> None:
         tokens.read_token_file(tmp_path / "link")
     with pytest.raises(TokenFileError, match="token new --file"):
         tokens.read_token_file(tmp_path / "missing")
+
+
+def test_the_fix_commands_quote_a_path_with_spaces(tmp_path: Path) -> None:
+    """The printed "fix:" command, pasted into a shell, acts on the token file alone: an
+    unquoted "my tokens" would chmod the files "my" and "tokens" beside it instead."""
+    path = token_file(tmp_path / "my tokens", ALICE, mode=0o640)
+    bystanders = [token_file(tmp_path / name, "", mode=0o644) for name in ("my", "tokens")]
+    with pytest.raises(TokenFileError) as refused:
+        tokens.read_token_file(path)
+    command = str(refused.value).rpartition("fix: ")[2]
+    subprocess.run(["sh", "-c", command], cwd=tmp_path, check=True, capture_output=True)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert [stat.S_IMODE(b.stat().st_mode) for b in bystanders] == [0o644, 0o644]
+    with pytest.raises(TokenFileError) as missing:
+        tokens.read_token_file(tmp_path / "new tokens")
+    command = str(missing.value).rpartition("fix: ")[2].strip("`")
+    assert shlex.split(command) == [
+        "nodeclient-coordinator",
+        "token",
+        "new",
+        "--file",
+        str(tmp_path / "new tokens"),
+    ]
 
 
 def test_token_new_creates_the_file_0600_and_appends(tmp_path: Path, capsys) -> None:

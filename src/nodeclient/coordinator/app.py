@@ -13,6 +13,7 @@ import contextlib
 import functools
 import logging
 import os
+import shlex
 import stat
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
@@ -44,7 +45,7 @@ from nodeclient.coordinator.scheduler import Scheduler, fail_stalled_jobs
 from nodeclient.coordinator.service import Coordinator
 from nodeclient.coordinator.store import Database
 from nodeclient.coordinator.tokens import METRICS, REQUESTER, TokenAuth, TokenSet
-from nodeclient.errors import is_disk_full
+from nodeclient.errors import UsageError, is_disk_full
 
 log = logging.getLogger("nodeclient.coordinator.http")
 housekeeping_logger = logging.getLogger("nodeclient.coordinator.housekeeping")
@@ -78,15 +79,46 @@ async def housekeeping(coord: Coordinator, scheduler: Scheduler) -> None:
 def private_dir(path: Path) -> None:
     """Create the data directory mode 0700, or make an existing one of ours 0700: it holds
     the SQLite database (requesters' payloads and results, which the API keeps behind
-    tokens) and the blob store, whose files are created under the umask."""
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    tokens) and the blob store, whose files are created under the umask. One owned by
+    another user is refused: its owner could read and replace everything in it."""
+    _make_private_dirs(path)
     st = path.stat()
-    if st.st_uid == os.geteuid() and st.st_mode & 0o077:
+    if not stat.S_ISDIR(st.st_mode):
+        raise UsageError(f"refusing the data directory {path}: it is not a directory")
+    euid = os.geteuid()
+    if st.st_uid != euid:
+        raise UsageError(
+            f"refusing the data directory {path}: owned by uid {st.st_uid}, not by uid {euid} "
+            f"that runs the coordinator; fix: chown {euid} {shlex.quote(str(path))} (or "
+            "choose another --data-dir)"
+        )
+    if st.st_mode & 0o077:
         path.chmod(0o700)
         log.warning(
             "data_dir.mode_tightened",
             extra={"path": str(path), "was": f"{stat.S_IMODE(st.st_mode):04o}", "now": "0700"},
         )
+
+
+def _make_private_dirs(path: Path) -> None:
+    """Create *path* and its missing parents, each exactly mode 0700: Path.mkdir(parents=
+    True) would give the parents 0777 & ~umask, and a parent others may write lets them
+    rename the data directory away and put their own in its place."""
+    for directory in (*reversed(path.parents), path):
+        if os.path.lexists(directory):
+            continue
+        try:
+            os.mkdir(directory, 0o700)
+        except FileExistsError:
+            continue  # made meanwhile by someone else: the leaf is checked as it stands
+        # The umask can only remove bits (a pathological one, the owner's own): restore
+        # exactly 0700 on the directory just made, still empty, never through a symlink.
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            if stat.S_IMODE(os.fstat(fd).st_mode) != 0o700:
+                os.fchmod(fd, 0o700)
+        finally:
+            os.close(fd)
 
 
 def http_error(exc: StarletteHTTPException, routes: Sequence[BaseRoute], path: str) -> JSONResponse:

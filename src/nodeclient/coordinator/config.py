@@ -58,7 +58,8 @@ class SybilPolicy:
 class CoordinatorConfig:
     """Everything the coordinator is told at start-up; only ``cli.py`` builds it from argv.
 
-    ``db_url`` is a SQLAlchemy URL; None means ``sqlite:///<data_dir>/coordinator.db``.
+    ``db_url`` is a SQLAlchemy URL; None means ``sqlite:///<data_dir>/coordinator.db``,
+    for which ``data_dir`` must have a UTF-8 name (a URL is text).
     ``coordinator_id`` None means: the one persisted in the database, or a fresh
     ``coordinator-<8 hex>`` stored there on first start.
     """
@@ -136,6 +137,7 @@ class CoordinatorConfig:
         ):  # fmt: skip
             if value != 0 and value < least:
                 raise UsageError(message)
+        _check_default_database(self.data_dir, self.db_url)
 
     @property
     def database_url(self) -> str:
@@ -153,3 +155,23 @@ class CoordinatorConfig:
     @property
     def offline_after(self) -> float:
         return MISSED_HEARTBEATS_OFFLINE * self.heartbeat_interval
+
+
+def _check_default_database(data_dir: Path, db_url: str | None) -> None:
+    """Without *db_url*, refuse a data directory whose name is not UTF-8 (bytes that
+    Python keeps as surrogate escapes): the default database's SQLAlchemy URL is text,
+    and no URL names such a file (rendering one raises UnicodeEncodeError)."""
+    if db_url:
+        return
+    name = str(data_dir)
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        try:
+            shown = name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        except UnicodeEncodeError:  # a surrogate that no undecodable byte stands for
+            shown = ascii(name)
+        raise UsageError(
+            f"the data directory {shown} is not a UTF-8 name, which the SQLite database's URL "
+            "cannot hold; fix: choose another --data-dir (or name the database with --db)"
+        ) from None

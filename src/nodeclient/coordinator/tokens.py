@@ -27,6 +27,7 @@ import hashlib
 import logging
 import os
 import secrets
+import shlex
 import stat
 import time
 from collections.abc import Callable
@@ -58,7 +59,10 @@ def _problem(path: Path, st: os.stat_result) -> str | None:
     if st.st_uid != os.geteuid():
         return f"{path} is owned by uid {st.st_uid}, not uid {os.geteuid()}; fix: chown it"
     if mode & 0o077:
-        return f"{path} has mode {mode:04o}: others may read its tokens; fix: chmod 600 {path}"
+        return (
+            f"{path} has mode {mode:04o}: others may read its tokens; "
+            f"fix: chmod 600 {shlex.quote(str(path))}"
+        )
     if st.st_size > MAX_FILE_BYTES:
         return f"{path} holds {st.st_size} bytes, more than a token file's {MAX_FILE_BYTES}"
     return None
@@ -94,7 +98,8 @@ def read_token_file(path: Path) -> tuple[list[str], tuple[int, ...]]:
         fd, st = _open_checked(path, os.O_RDONLY | os.O_NONBLOCK)
     except FileNotFoundError:
         raise TokenFileError(
-            f"no token file at {path}; fix: `nodeclient-coordinator token new --file {path}`"
+            f"no token file at {path}; "
+            f"fix: `nodeclient-coordinator token new --file {shlex.quote(str(path))}`"
         ) from None
     try:
         data = os.read(fd, MAX_FILE_BYTES + 1)
