@@ -424,3 +424,166 @@ def test_an_older_unit_is_reported_with_what_to_do(tmp_path: Path) -> None:
     unit.write_text("[Service]\nExecStart=/usr/bin/other\n")
     assert service.outdated_unit(unit) is None
     assert service.outdated_unit(tmp_path / "none.service") is None
+
+
+def _pip_launcher(script: Path, python: Path, *, quoted: bool) -> None:
+    """A console script as pip writes it when the interpreter's path has a space or the
+    ``#!`` line would pass 127 bytes: a shell script that executes Python on itself."""
+    named = f'"{python}"' if quoted else str(python)
+    script.write_text(
+        f"#!/bin/sh\n'''exec' {named} \"$0\" \"$@\"\n' '''\n# -*- coding: utf-8 -*-\n"
+        "import sys\nfrom nodeclient.entry import node\nsys.exit(node())\n"
+    )
+    script.chmod(0o755)
+
+
+def test_a_pip_shell_launcher_is_followed_to_its_interpreter(
+    open_dir: Path, tmp_path: Path, capsys
+) -> None:
+    """pip's ``#!/bin/sh`` launcher (a venv path with a space, or a long one) names its
+    interpreter on the ``'''exec'`` line: service install judges that interpreter, and
+    refuses one the unit's user cannot reach as it refuses it in a plain ``#!`` line."""
+    private, plain = _private(open_dir)
+    spaced = open_dir / "v e" / "bin"
+    spaced.mkdir(parents=True)
+    (spaced / "python").symlink_to(private / "bin" / "python3.11")
+    launcher = spaced / "nodeclient"
+    _pip_launcher(launcher, spaced / "python", quoted=True)
+    long_dir = open_dir / ("d" * 130)
+    long_dir.mkdir()
+    (long_dir / "python").symlink_to(private / "bin" / "python3.11")
+    long_launcher = long_dir / "nodeclient"
+    _pip_launcher(long_launcher, long_dir / "python", quoted=False)
+    for script in (plain, launcher, long_launcher):
+        assert service.interpreter_of(script) == private / "bin" / "python3.11"
+        assert service.code_paths_for(script, ours=False) == (private / "bin",)
+    # --executable names a link without a space to the launcher in the spaced venv.
+    linked = open_dir / "linked-nodeclient"
+    linked.symlink_to(launcher)
+    rc, path = install(tmp_path, "--executable", str(linked))
+    err = capsys.readouterr().err
+    assert rc == 2 and not path.exists()
+    assert f"{private} (mode 0700, uid 0) keeps nodeclient from {private / 'bin'}" in err
+    assert install(tmp_path, "--executable", str(plain))[0] == 2
+    assert f"{private} (mode 0700, uid 0) keeps nodeclient" in capsys.readouterr().err
+    private.chmod(0o711)
+    assert install(tmp_path, "--executable", str(linked))[0] == 0
+    # A #!/bin/sh script that is not pip's launcher still names /bin/sh.
+    other = open_dir / "other"
+    other.write_text('#!/bin/sh\nexec /usr/bin/python3 -m nodeclient "$@"\n')
+    assert service.interpreter_of(other) == Path("/bin/sh").resolve()
+
+
+def test_a_link_into_a_home_directory_keeps_homes_readable(
+    open_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An --executable outside the home roots that links into one: ProtectHome=yes would
+    hide the link's target, so the unit gets ProtectHome=read-only. A home root that is
+    itself a link counts where it leads too."""
+    homes = open_dir / "home"
+    monkeypatch.setattr(service, "_HOME_ROOTS", (homes,))
+    target = homes / "op" / "bin" / "nodeclient"
+    target.parent.mkdir(parents=True)
+    target.write_text("#!/usr/bin/python3\n")
+    target.chmod(0o755)
+    link = open_dir / "bin" / "nodeclient"
+    link.parent.mkdir()
+    link.symlink_to(target)
+    assert service.protect_home((link,)) == "read-only"
+    assert service.protect_home((open_dir / "bin",)) == "yes"
+    rc, path = install(tmp_path, "--executable", str(link))
+    text = path.read_text()
+    assert rc == 0 and "ProtectHome=read-only\n" in text
+    assert f"ExecStart={link} run " in text
+    monkeypatch.setattr(service, "_HOME_ROOTS", (open_dir / "homes-link",))
+    (open_dir / "homes-link").symlink_to(homes)
+    assert service.protect_home((target.parent,)) == "read-only"
+
+
+def test_a_link_into_a_closed_directory_is_refused(open_dir: Path, tmp_path: Path, capsys) -> None:
+    """An --executable that links into a directory the unit's user may not enter: the
+    unit could not start it, so service install refuses it and names that directory."""
+    closed = open_dir / "closed"
+    closed.mkdir()
+    script = closed / "nodeclient"
+    script.write_text("#!/usr/bin/python3\n")
+    script.chmod(0o755)
+    closed.chmod(0o700)
+    link = open_dir / "nc"
+    link.symlink_to(script)
+    assert service.unreachable("no-such-user-x", (link,)) is not None
+    rc, path = install(tmp_path, "--executable", str(link))
+    err = capsys.readouterr().err
+    assert rc == 2 and not path.exists()
+    assert f"{closed} (mode 0700, uid 0) keeps nodeclient from {script}" in err
+    closed.chmod(0o711)
+    assert install(tmp_path, "--executable", str(link))[0] == 0
+
+
+def test_paths_that_are_not_utf8_are_refused(tmp_path: Path, capsys) -> None:
+    """systemd reads unit files as UTF-8: an executable or home whose name is not valid
+    UTF-8 is refused with the value named, and nothing is left in the output directory."""
+    bad_exe = os.fsdecode(b"/opt/x/\xfe/nodeclient")
+    bad_home = os.fsdecode(b"/var/lib/\xff")
+    for flag, value in (("--executable", bad_exe), ("--home", bad_home)):
+        rc, _ = install(tmp_path, flag, value)
+        err = capsys.readouterr().err
+        assert rc == 2 and "valid UTF-8" in err and repr(value) in err
+        assert list(tmp_path.iterdir()) == []
+    with pytest.raises(UsageError, match="valid UTF-8"):
+        service.UnitOptions(executable=Path("/opt/\ud800/nodeclient"))  # a lone surrogate
+    assert service.UnitOptions(executable=Path("/opt/nœud/nodeclient")).executable.name
+
+
+def test_write_unit_leaves_no_temp_file_on_any_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Neither an encoding error nor an interrupt while writing leaves a temp file, and
+    the unit in place stays as it was."""
+    path = tmp_path / "nodeclient.service"
+    path.write_text("old")
+    with pytest.raises(UnicodeEncodeError):
+        service.write_unit(path, "ExecStart=/opt/\udcfe/nodeclient\n")
+    assert [p.name for p in tmp_path.iterdir()] == ["nodeclient.service"]
+
+    def interrupted(fd: int) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "fsync", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        service.write_unit(path, "[Unit]\n")
+    assert [p.name for p in tmp_path.iterdir()] == ["nodeclient.service"]
+    assert path.read_text() == "old"
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["my node.service", "nœud.service", "nodeclient", ".nodeclient.service",
+     "nodeclient.service.bak", ".service", "a" * 248 + ".service"],
+)  # fmt: skip
+def test_output_names_systemd_cannot_load_are_refused(tmp_path: Path, capsys, name: str) -> None:
+    """--output must be a unit name systemd loads (its characters, .service, at most 255
+    characters, not hidden): anything else is refused and nothing is written."""
+    rc = main(["service", "install", "--output", str(tmp_path / name)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "systemd loads as a unit" in err and "ending in .service" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_output_names_systemd_loads_are_written_and_quoted(tmp_path: Path, capsys) -> None:
+    """Every character systemd allows in a unit name is accepted, up to 255 characters,
+    and the printed commands quote the unit name and paths for the shell."""
+    longest = "a" * 247 + ".service"
+    assert main(["service", "install", "--output", str(tmp_path / longest)]) == 0
+    assert (tmp_path / longest).is_file()
+    name = "node\\x2dgpu_1:a-b.service"
+    rc = main(
+        ["service", "install", "--output", str(tmp_path / name),
+         "--executable", "/opt/gpu&cpu/bin/nodeclient"]
+    )  # fmt: skip
+    out = capsys.readouterr().out
+    assert rc == 0 and (tmp_path / name).is_file()
+    commands = [shlex.split(line, comments=True) for line in out.splitlines()[2:]]
+    assert ["systemctl", "enable", "--now", name] in commands
+    assert commands[-1][:4] == ["sudo", "-u", "nodeclient", "/opt/gpu&cpu/bin/nodeclient"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([longest, name])

@@ -28,9 +28,11 @@ import contextlib
 import os
 import pwd
 import re
+import shlex
 import shutil
 import stat
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
@@ -72,20 +74,46 @@ def _code_paths() -> tuple[Path, ...]:
     return tuple(dict.fromkeys(found))
 
 
+# pip (distlib) writes a console script whose interpreter path has a space, or would make
+# a ``#!`` line longer than the kernel reads (127 bytes), as a shell script that executes
+# the interpreter on itself: ``#!/bin/sh``, then ``'''exec' "/path/python" "$0" "$@"``.
+_SHELLS: Final = ("/bin/sh", "/usr/bin/sh")
+_SH_EXEC: Final = b"'''exec' "
+
+
+def _sh_exec_interpreter(line: bytes) -> str | None:
+    """The interpreter a pip shell launcher's second *line* runs, or None (another line)."""
+    if not line.startswith(_SH_EXEC):
+        return None
+    try:
+        words = shlex.split(os.fsdecode(line[len(_SH_EXEC) :]))
+    except ValueError:  # unbalanced quotes: not pip's line
+        return None
+    if len(words) < 3 or words[-2:] != ["$0", "$@"]:
+        return None
+    return words[0]
+
+
 def interpreter_of(executable: Path) -> Path | None:
-    """The interpreter named by *executable*'s ``#!`` line (a console script's), resolved,
-    or None (a binary, an ``env`` lookup, an unreadable file)."""
+    """The interpreter named by *executable*'s ``#!`` line (a console script's), or by the
+    ``exec`` line of pip's ``#!/bin/sh`` launcher, resolved; or None (a binary, an ``env``
+    lookup, an unreadable file)."""
     try:
         with executable.open("rb") as fh:
             first = fh.readline(4096)
+            second = fh.readline(4096)
     except OSError:
         return None
     if not first.startswith(b"#!"):
         return None
-    words = first[2:].split()
-    if not words or not words[0].startswith(b"/") or words[0].endswith(b"/env"):
+    words = [os.fsdecode(w) for w in first[2:].split()]
+    if words and words[0] in _SHELLS:
+        named = _sh_exec_interpreter(second)
+        if named is not None:
+            words = [named]
+    if not words or not words[0].startswith("/") or words[0].endswith("/env"):
         return None
-    return Path(os.fsdecode(words[0])).resolve()
+    return Path(words[0]).resolve()
 
 
 def code_paths_for(executable: Path, *, ours: bool) -> tuple[Path, ...]:
@@ -111,7 +139,8 @@ def unreachable(user: str, paths: tuple[Path, ...]) -> str | None:
     ids = _ids(user)
     if ids is not None and ids[0] == 0:
         return None
-    for path in paths:
+    # A link counts where it leads too: starting it opens every directory on both ways.
+    for path in dict.fromkeys(seen for given in paths for seen in (given, given.resolve())):
         for directory in [*reversed(path.parents), path]:
             try:
                 st = directory.stat()
@@ -150,9 +179,21 @@ def under_private_tmp(paths: tuple[Path, ...]) -> str | None:
 
 
 def protect_home(paths: tuple[Path, ...]) -> str:
-    """``yes`` (hide home directories) unless the daemon's own code lives in one."""
-    inside = any(p.is_relative_to(root) for p in paths for root in _HOME_ROOTS)
+    """``yes`` (hide home directories) unless the daemon's own code lives in one, as named
+    or where a link leads (ProtectHome= would hide the link's target)."""
+    seen = {s for p in paths for s in (p, p.resolve())}
+    roots = {s for r in _HOME_ROOTS for s in (r, r.resolve())}
+    inside = any(p.is_relative_to(root) for p in seen for root in roots)
     return "read-only" if inside else "yes"
+
+
+def _is_utf8(value: str) -> bool:
+    """Whether *value* (a path as Python decodes it) is valid UTF-8 on disk too."""
+    try:
+        os.fsencode(value).decode("utf-8")
+    except UnicodeError:
+        return False
+    return True
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,6 +213,11 @@ class UnitOptions:
         if not self.executable.is_absolute() or not self.home.is_absolute():
             raise UsageError("the executable and the node home must be absolute paths")
         for value in (str(self.executable), str(self.home)):
+            if not _is_utf8(value):
+                raise UsageError(
+                    f"{value!r}: paths in the unit must be valid UTF-8 (systemd reads unit "
+                    "files as UTF-8)"
+                )
             if any(c in value for c in "\n\r \t\"'\\%$;"):
                 raise UsageError(f"{value!r}: paths in the unit may not contain spaces or quotes")
         if self.home.parent != Path("/var/lib") or self.home.name in ("", ".", ".."):
@@ -314,38 +360,62 @@ def outdated_unit(path: Path | None = None) -> str | None:
     )
 
 
+# A unit name systemd loads (systemd.unit(5)): these characters, a non-empty name before
+# the suffix, at most 255 characters in all. A leading dot would make it a hidden file,
+# which systemd skips when it reads a unit directory.
+_SERVICE_NAME_RE: Final = re.compile(r"[A-Za-z0-9:_\\-][A-Za-z0-9:_.\\-]*\.service")
+_UNIT_NAME_MAX: Final = 255
+
+
 def write_unit(path: Path, text: str) -> Path:
     """Write the unit (0644, as systemd expects), replacing an older one atomically."""
-    if not path.name or path.name in (".", "..") or path.is_dir():
-        raise UsageError(f"--output {str(path)!r} must name a file, such as nodeclient.service")
-    tmp = path.with_name(f".{path.name}.tmp")
+    name = path.name
+    if len(name) > _UNIT_NAME_MAX or not _SERVICE_NAME_RE.fullmatch(name) or path.is_dir():
+        raise UsageError(
+            f"--output {str(path)!r} must name a file whose name systemd loads as a unit, "
+            "such as nodeclient.service: ASCII letters, digits and : - _ . \\ only, not "
+            "starting with a dot, ending in .service, at most 255 characters"
+        )
+    data = text.encode("utf-8")  # before the temp file: an encoding error leaves nothing
+    # A temp name of its own (a unit's name may take all 255 bytes a file name has), hidden
+    # so that systemd never loads it; removed on any error.
+    tmp: str | None = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
+        fd, tmp = tempfile.mkstemp(prefix=".nodeclient-unit-", suffix=".tmp", dir=path.parent)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)  # a unit file is public: undo a restrictive umask
+        os.chmod(tmp, 0o644)  # a unit file is public: mkstemp made it 0600
         os.replace(tmp, path)
-    except OSError as exc:
-        with contextlib.suppress(OSError):  # a full disk: leave no half-written file behind
-            os.unlink(tmp)
-        raise UsageError(f"cannot write {path}: {exc.strerror} (run as root?)") from exc
+    except BaseException as exc:
+        if tmp is not None:  # a full disk, an interrupt: leave no half-written file behind
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        if isinstance(exc, OSError):
+            raise UsageError(f"cannot write {path}: {exc.strerror} (run as root?)") from exc
+        raise
     return path
 
 
 def next_steps(path: Path, opts: UnitOptions) -> list[str]:
-    """What the operator runs after the unit is written (as root)."""
-    u, home = opts.user, opts.home
+    """What the operator runs after the unit is written (as root), quoted for the shell."""
+    u, home, exe = (
+        shlex.quote(opts.user),
+        shlex.quote(str(opts.home)),
+        shlex.quote(str(opts.executable)),
+    )
+    unit = shlex.quote(path.name)
     return [
-        f"wrote {path}",
+        # A directory name that is not UTF-8 could not be printed to a UTF-8 terminal.
+        f"wrote {path}" if _is_utf8(str(path)) else f"wrote {str(path)!r}",
         "next, as root:",
         f"  id {u} || useradd --system --home-dir {home} --shell /usr/sbin/nologin {u}",
         f"  install -d -m 0700 -o {u} -g {u} {home}",
-        f"  sudo -u {u} {opts.executable} init --home {home} --wallet 0x...   # once",
+        f"  sudo -u {u} {exe} init --home {home} --wallet 0x...   # once",
         "  systemctl daemon-reload",
-        f"  systemctl enable --now {path.name}",
-        f"  journalctl -u {path.name} -f   # the daemon's JSON logs",
-        f"  sudo -u {u} {opts.executable} status --watch --home {home}",
+        f"  systemctl enable --now {unit}",
+        f"  journalctl -u {unit} -f   # the daemon's JSON logs",
+        f"  sudo -u {u} {exe} status --watch --home {home}",
     ]
