@@ -191,9 +191,11 @@ def test_an_unusable_tmpdir_is_one_line_that_says_what_to_do(
 def test_a_tmpdir_too_deep_for_the_control_sockets_is_refused_before_anything_starts(
     short_tmp: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A node's control socket path may have 107 bytes: a TMPDIR that leaves the last
-    node's one byte over is refused at once, naming TMPDIR (a devnet has no --home), and
-    nothing is left in it; otherwise every node would fail to start, one by one."""
+    """Where /proc is not mounted, a node's control socket path may have 107 bytes: a
+    TMPDIR that leaves the last node's one byte over is refused at once, naming TMPDIR (a
+    devnet has no --home), and nothing is left in it; otherwise every node would fail to
+    start, one by one. (With /proc, deeper sockets are reached by a shorter name.)"""
+    monkeypatch.setattr(control, "_FD_DIR", str(short_tmp / "no-proc"))
     socket = len("/nodeclient-devnet-12345678/node2/control.sock")
     base = short_tmp / ("d" * (control.SOCKET_PATH_MAX + 1 - socket - len(f"{short_tmp}/")))
     base.mkdir()
@@ -201,6 +203,21 @@ def test_a_tmpdir_too_deep_for_the_control_sockets_is_refused_before_anything_st
     with pytest.raises(devnet.DevnetError, match=r"\(108 bytes, over the 107 a Unix socket"):
         devnet.run_devnet(nodes=3, serve=False, jobs=1, heartbeat=1.0, keep=False, out=print)
     assert os.listdir(base) == []
+
+
+def test_a_deep_tmpdir_is_used_where_proc_gives_sockets_a_shorter_name(
+    short_tmp: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With /proc mounted, the nodes' daemons bind and reach their control sockets
+    through a descriptor of their home, whatever its length: the devnet takes the
+    TMPDIR as it is."""
+    assert control.reaches_deep_sockets()
+    base = short_tmp / ("d" * 200)
+    base.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(base))
+    workdir = devnet._make_workdir(16)
+    assert workdir.parent == base
+    workdir.rmdir()
 
 
 def _status(busy_periods: int) -> dict[str, Any]:

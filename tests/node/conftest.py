@@ -14,6 +14,13 @@ import pytest
 from tests.http_server import serving
 
 
+@pytest.fixture(autouse=True)
+def _a_terminal_that_can_redraw(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The status console reads TERM and refuses a dumb terminal: whatever terminal the
+    suite runs under, the consoles its tests draw on can redraw."""
+    monkeypatch.setenv("TERM", "xterm-256color")
+
+
 class _Drip(http.server.BaseHTTPRequestHandler):
     """Answers 200 with a long body, one byte every 0.1 s (or nothing at all, at /stall)."""
 

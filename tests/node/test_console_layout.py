@@ -117,3 +117,17 @@ def test_a_terminal_that_cannot_take_the_picture_is_one_error() -> None:
     with pytest.raises(NodeClientError, match="encoding is ascii: use a UTF-8 locale"):
         con.watch(status, console=out, keys=keys, clock=lambda: NOW)
     assert keys.entered == 0
+
+
+@pytest.mark.parametrize("term", ["dumb", "unknown"])
+def test_a_dumb_terminal_is_one_error(monkeypatch: pytest.MonkeyPatch, term: str) -> None:
+    """TERM=dumb: rich would draw nothing until the console stops, a blank screen for as
+    long as it runs. Refused with one line naming the commands that work there, before
+    the screen or the keyboard is taken."""
+    monkeypatch.setenv("TERM", term)
+    terminal = io.StringIO()
+    out = Console(file=terminal, width=80, height=24, force_terminal=True)
+    keys = ScriptedKeys([])
+    with pytest.raises(NodeClientError, match=r"`nodeclient status` or `nodeclient status --json`"):
+        con.watch(status, console=out, keys=keys, clock=lambda: NOW)
+    assert keys.entered == 0 and terminal.getvalue() == ""

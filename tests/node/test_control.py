@@ -7,15 +7,19 @@ client is the same ``control.request`` that ``nodeclient status`` uses.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+import os
 import socket
+import stat
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from nodeclient.errors import UsageError
 from nodeclient.node import control
 
 
@@ -140,3 +144,56 @@ def test_a_client_still_connected_when_the_daemon_stops_logs_nothing(
         client.close()
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert errors == [], [r.getMessage() for r in errors]
+
+
+def _deep_home(tmp_path: Path) -> Path:
+    """A home whose control socket's path is 150 bytes: over the 107 a socket address
+    may hold, well within what a file path may be."""
+    socket_path = 150
+    name = "h" * (socket_path - len(f"{tmp_path}/") - len(f"/{control.SOCKET_NAME}"))
+    home = tmp_path / name
+    home.mkdir(mode=0o700)
+    assert len(str(home / control.SOCKET_NAME).encode()) == socket_path
+    return home
+
+
+def _open_names() -> list[str]:
+    """What every descriptor this process holds names."""
+    names = []
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):  # the descriptor listdir itself used
+            names.append(os.readlink(f"/proc/self/fd/{fd}"))
+    return names
+
+
+def test_a_home_too_deep_for_a_socket_address_is_served(tmp_path: Path) -> None:
+    """A home whose control.sock path exceeds a socket address's 107 bytes: the daemon
+    listens there, mode 0600, replaces the stale socket a killed daemon left, a status
+    request is answered, and no descriptor of the home stays open."""
+    home = _deep_home(tmp_path)
+    sock = home / control.SOCKET_NAME
+    old = os.umask(0)  # serve's own umask makes it 0600 whatever the daemon's
+    try:
+        (first,) = asyncio.run(_serving(sock, lambda: control.request(sock, {"cmd": "one"})))
+        assert sock.is_socket()  # left behind, as by a killed daemon: stale now
+        (second,) = asyncio.run(_serving(sock, lambda: control.request(sock, {"cmd": "two"})))
+    finally:
+        os.umask(old)
+    assert first == {"state": "READY", "echo": "one"}
+    assert second == {"state": "READY", "echo": "two"}
+    assert stat.S_IMODE(os.lstat(sock).st_mode) == 0o600
+    assert str(home) not in _open_names()
+
+
+def test_a_deep_home_without_proc_is_refused_as_too_long(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where /proc/self/fd is not there to shorten the address, the daemon refuses the
+    home as too long, and status says so too, instead of blaming the daemon."""
+    monkeypatch.setattr(control, "_FD_DIR", str(tmp_path / "no-proc"))
+    sock = _deep_home(tmp_path) / control.SOCKET_NAME
+    with pytest.raises(UsageError, match=r"150 bytes, over the 107 .* use a shorter --home"):
+        asyncio.run(_serving(sock))
+    with pytest.raises(control.DaemonNotRunning, match="use a shorter --home") as caught:
+        control.request(sock, {"cmd": "status"}, timeout=1.0)
+    assert "nodeclient run" not in str(caught.value)

@@ -289,9 +289,13 @@ def test_output_piped_to_a_reader_that_stops_is_no_traceback(home: Path) -> None
     assert done.stderr == "rc=141\n"
 
 
-def test_a_control_socket_path_too_long_is_one_line(tmp_path: Path) -> None:
+def test_a_control_socket_path_too_long_is_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where /proc is not mounted, no shorter name reaches a deep home's socket."""
     import asyncio
 
+    monkeypatch.setattr(control, "_FD_DIR", str(tmp_path / "no-proc"))
     deep = tmp_path / ("d" * 120)
     deep.mkdir()
 

@@ -48,7 +48,8 @@ def cmd_init(args: argparse.Namespace) -> int:
     if securefile.initialised(home):
         raise UsageError(
             f"{home / 'config.toml'} already exists: this home is initialised (`nodeclient "
-            f"keys show --home {home}` checks its keys); {securefile.START_OVER} first"
+            f"keys show --home {shlex.quote(str(home))}` checks its keys); "
+            f"{securefile.START_OVER} first"
         )
     named = keys.finish_init(home)
     resumed = all(os.path.lexists(home / n) for n in keys.KEY_FILES)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shlex
 import stat
 import tomllib
 from dataclasses import dataclass, fields
@@ -236,13 +237,14 @@ def _config_problem(path: Path, st: os.stat_result) -> str | None:
     if st.st_uid != os.geteuid():
         return (
             f"refusing {path}: owned by uid {st.st_uid}, not by uid {os.geteuid()} that runs "
-            f"nodeclient; fix: chown {os.geteuid()} {path}"
+            f"nodeclient; fix: chown {os.geteuid()} {shlex.quote(str(path))}"
         )
     mode = stat.S_IMODE(st.st_mode)
     if mode & 0o022:
         return (
             f"refusing {path}: mode {mode:04o} lets others change the wallet that is paid "
-            f"and the coordinator; fix: chmod 600 {path}, and check what it says"
+            f"and the coordinator; fix: chmod 600 {shlex.quote(str(path))} (and check what it "
+            "says)"
         )
     return None
 
@@ -258,7 +260,8 @@ def load_config(home: Path) -> NodeConfig:
         fd = os.open(path, flags)
     except FileNotFoundError:
         raise UsageError(
-            f"{path} not found: run `nodeclient init --home {home} --wallet 0x...` first"
+            f"{path} not found: run `nodeclient init --home {shlex.quote(str(home))} "
+            "--wallet 0x...` first"
         ) from None
     except OSError as exc:
         what = "it is a symlink; replace it with the file" if exc.errno == errno.ELOOP else (

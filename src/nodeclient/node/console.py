@@ -392,6 +392,13 @@ def watch(
                 "the console draws with Unicode characters, and this terminal's encoding is "
                 f"{console.encoding}: use a UTF-8 locale (LANG=C.UTF-8), or `nodeclient status`"
             )
+        if console.is_dumb_terminal:
+            # TERM=dumb (or unknown): rich draws a live display on such a terminal only
+            # when it stops, so the screen would stay empty until q.
+            raise NodeClientError(
+                "the console redraws the screen, and this terminal (TERM dumb or unknown) "
+                "cannot: use `nodeclient status` or `nodeclient status --json`"
+            )
         with key_source, Live(console=console, screen=True, auto_refresh=False) as live:
             while True:
                 frame_started = time.monotonic()

@@ -2,6 +2,11 @@
 
 A Unix socket in the node home, mode 0600 (created under a restrictive umask, never
 chmod-ed afterwards), speaking one JSON request line and one JSON response line.
+
+A Unix socket's address holds at most SOCKET_PATH_MAX bytes, and a node home may be
+deeper than that leaves room for. Such a socket is bound and reached through an open
+descriptor of the home (``/proc/self/fd/N/control.sock``, a few dozen bytes whatever the
+home's length); every message names its real path.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import math
 import os
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, Final
 
@@ -25,6 +30,8 @@ MAX_REQUEST: Final = 4096
 MAX_ANSWER: Final = 1 << 20  # a status is a few KiB; a history of transitions, tens
 SOCKET_PATH_MAX: Final = 107  # the longest path a Unix socket may have (sun_path, its NUL)
 STATUS_TRANSITIONS: Final = 10  # the latest state transitions a status answer holds
+# The open descriptors of this process, each a name for the file it holds (Linux /proc).
+_FD_DIR: Final = "/proc/self/fd"
 
 Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 
@@ -74,23 +81,75 @@ async def serve(path: Path, handler: Handler) -> asyncio.AbstractServer:
         finally:
             writer.close()
 
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    address = str(path)
     old = os.umask(0o177)  # the socket is created 0600
     try:
-        server = await asyncio.start_unix_server(on_client, path=str(path))
-    except OSError as exc:  # a path over SOCKET_PATH_MAX bytes, a file there
-        size = len(os.fsencode(path))
+        with _address(path) as address:
+            sock.bind(address)
+    except OSError as exc:  # a file there; a path too long, where /proc is not mounted
+        sock.close()
         raise UsageError(
             f"cannot create the control socket {path}: {exc.strerror or exc}"
             + (
-                f"; its path is {size} bytes, over the {SOCKET_PATH_MAX} a Unix socket "
-                "allows: use a shorter --home"
-                if size > SOCKET_PATH_MAX
+                _too_long(path)
+                if _over_limit(address)
                 else "; remove what is there if no daemon runs for this home"
             )
         ) from exc
+    except BaseException:
+        sock.close()
+        raise
     finally:
         os.umask(old)
-    return server
+    try:
+        return await asyncio.start_unix_server(on_client, sock=sock)
+    except BaseException:
+        sock.close()
+        raise
+
+
+def reaches_deep_sockets() -> bool:
+    """Whether a socket whose path is over SOCKET_PATH_MAX bytes can be bound and reached
+    here, through a descriptor of its directory (/proc is mounted)."""
+    return os.path.isdir(_FD_DIR)
+
+
+def _over_limit(address: str) -> bool:
+    return len(os.fsencode(address)) > SOCKET_PATH_MAX
+
+
+def _too_long(path: Path) -> str:
+    return (
+        f"; its path is {len(os.fsencode(path))} bytes, over the {SOCKET_PATH_MAX} a Unix "
+        "socket allows, and /proc/self/fd, which would give it a shorter name, is not "
+        "available: use a shorter --home"
+    )
+
+
+@contextlib.contextmanager
+def _address(path: Path) -> Iterator[str]:
+    """The address to bind or connect the socket at *path* by.
+
+    *path* itself where it fits in a Unix socket's address; otherwise the same file
+    reached through a descriptor of its directory, open while the block runs. Where
+    /proc is not mounted (or the directory cannot be opened), *path* itself, and bind
+    or connect then says what is wrong with it.
+    """
+    plain = str(path)
+    if not _over_limit(plain):
+        yield plain
+        return
+    try:
+        fd = os.open(path.parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        yield plain
+        return
+    try:
+        directory = f"{_FD_DIR}/{fd}"
+        yield f"{directory}/{path.name}" if os.path.isdir(directory) else plain
+    finally:
+        os.close(fd)
 
 
 async def _answer(reader: asyncio.StreamReader, handler: Handler) -> dict[str, Any]:
@@ -135,13 +194,21 @@ def request(path: Path, payload: dict[str, Any], *, timeout: float = 5.0) -> dic
     deadline = time.monotonic() + timeout  # for the whole exchange, not each read
     sock.settimeout(timeout)
     try:
-        try:
-            sock.connect(str(path))
-        except (FileNotFoundError, ConnectionRefusedError):
-            raise DaemonNotRunning(
-                f"no node daemon is running for this home ({path} does not answer); "
-                "start it with `nodeclient run`"
-            ) from None
+        with _address(path) as address:
+            try:
+                sock.connect(address)
+            except (FileNotFoundError, ConnectionRefusedError):
+                raise DaemonNotRunning(
+                    f"no node daemon is running for this home ({path} does not answer); "
+                    "start it with `nodeclient run`"
+                ) from None
+            except OSError as exc:
+                if not _over_limit(address):
+                    raise
+                # Not the daemon's fault: no daemon could listen there either.
+                raise DaemonNotRunning(
+                    f"cannot reach the control socket {path}{_too_long(path)}"
+                ) from exc
         sock.sendall(json.dumps(payload).encode() + b"\n")
         buf = bytearray()
         while not buf.endswith(b"\n"):

@@ -17,6 +17,7 @@ import enum
 import json
 import math
 import os
+import shlex
 import shutil
 import subprocess
 import time
@@ -71,7 +72,8 @@ def check_key_files(home: Path) -> Check:
     """2.3.1: every key file exists, is a regular file we own, mode 0600; and liveness.key,
     the one key that is replaced rather than restored, holds a liveness key."""
     problems, fixes, seen = [], [], []
-    rotate = f"run `nodeclient keys rotate-liveness --home {home}` to make a new liveness key"
+    quoted = shlex.quote(str(home))  # the commands below must name it when pasted
+    rotate = f"run `nodeclient keys rotate-liveness --home {quoted}` to make a new liveness key"
     for name in keys.KEY_FILES:
         info = securefile.describe_file(home / name)
         liveness = name == keys.LIVENESS_KEY
@@ -92,9 +94,9 @@ def check_key_files(home: Path) -> Check:
         elif not info["exists"] and securefile.initialised(home):
             fixes.append(f"{path}: {securefile.MISSING_IN_HOME_FIX}")
         elif not info["exists"]:
-            fixes.append(f"run `nodeclient init --home {home} --wallet 0x…` (or restore {path})")
+            fixes.append(f"run `nodeclient init --home {quoted} --wallet 0x…` (or restore {path})")
         elif info["kind"] == "regular file" and info["owner_uid"] == os.geteuid():
-            fixes.append(f"chmod 600 {path}")
+            fixes.append(f"chmod 600 {shlex.quote(str(path))}")
         else:
             fixes.append(f"replace {path} with a regular file owned by you, mode 0600")
     if problems:

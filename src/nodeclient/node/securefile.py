@@ -156,13 +156,13 @@ def _home_problem(home: Path, st: os.stat_result) -> str | None:
     if st.st_uid != euid:
         return (
             f"refusing to use node home {home}: owned by uid {st.st_uid}, not by uid {euid} "
-            f"that runs nodeclient; fix: chown {euid} {home} (or run nodeclient as its owner)"
+            f"that runs nodeclient; fix: chown {euid} {_q(home)} (or run nodeclient as its owner)"
         )
     mode = stat.S_IMODE(st.st_mode)
     if mode & 0o022:
         return (
             f"refusing to use node home {home}: mode {mode:04o} lets group/other write to it "
-            f"(they could swap the key files); fix: chmod 700 {home}"
+            f"(they could swap the key files); fix: chmod 700 {_q(home)}"
         )
     return None
 
@@ -190,13 +190,24 @@ def secret_problem(
     if st.st_uid != euid:
         return (
             f"refusing to use {path}: owned by uid {st.st_uid}, not by uid {euid} that runs "
-            f"nodeclient; fix: chown {euid} {path} (or run nodeclient as its owner)"
+            f"nodeclient; fix: chown {euid} {_q(path)} (or run nodeclient as its owner)"
         )
     if mode & 0o077:
-        return f"refusing to use {path}: mode {mode:04o} {_exposure(mode)}; fix: chmod 600 {path}"
+        return (
+            f"refusing to use {path}: mode {mode:04o} {_exposure(mode)}; fix: chmod 600 {_q(path)}"
+        )
     if st.st_size > max_size:
-        return f"refusing to use {path}: {st.st_size} bytes is more than a key file's {max_size}"
+        return (
+            f"refusing to use {path}: {st.st_size} bytes is more than a key file's "
+            f"{max_size}; fix: move it away and restore the key file from backup"
+        )
     return None
+
+
+def _q(path: Path) -> str:
+    """*path* as a shell word, for the commands in fixes: a path with a space, a quote or
+    a glob character in it must name this file, and only it, when pasted into a shell."""
+    return shlex.quote(str(path))
 
 
 def _exposure(mode: int) -> str:
