@@ -1086,6 +1086,34 @@ def test_a_worker_that_prints_while_idle_is_killed(
     assert "left behind" in record.__dict__["printed"]
 
 
+def test_a_worker_that_exits_while_idle_is_reported_at_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A worker that dies with no task (the OOM killer, an operator's kill, a crash) is
+    logged when it goes, with why, not found silently by the next task; one the daemon
+    stops itself is not reported."""
+    slot = _scripted_slot(tmp_path, after_ready="time.sleep(0.3)\nos._exit(3)")
+    quiet = _scripted_slot(tmp_path, after_ready="time.sleep(60)")
+
+    async def scenario() -> None:
+        await slot.start(timeout=30)
+        assert slot.drain is not None
+        await asyncio.wait_for(slot.drain, 10)
+        await quiet.start(timeout=30)
+        quiet.kill("shutdown")
+        await quiet.reap(10)
+        assert quiet.drain is not None
+        await asyncio.wait_for(quiet.drain, 10)
+
+    with caplog.at_level(logging.WARNING, logger="nodeclient.node"):
+        asyncio.run(scenario())
+    (record,) = [r for r in caplog.records if r.getMessage() == "worker.exited_idle"]
+    assert record.__dict__["status"] == 3
+    assert record.__dict__["reason"] == "crashed (worker exited with status 3)"
+    assert "journalctl -k" in record.__dict__["action"]
+    assert not slot.alive and slot.killed == "exited while idle"
+
+
 def test_a_fresh_worker_starts_only_once_the_killed_one_has_exited(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -210,6 +210,35 @@ class Slot:
                     "worker.idle_output",
                     extra={"slot": self.index, "printed": chunk[-200:].decode("utf-8", "replace")},
                 )
+        if proc is self.proc and self.ready and not (self.busy or self.settling or self.killed):
+            await self._exited_idle(proc)
+
+    async def _exited_idle(self, proc: asyncio.subprocess.Process) -> None:
+        """The worker ended its stderr while idle, so it exited (or is exiting) with no
+        task and nobody in the daemon asking it to: the kernel's OOM killer, an operator,
+        a crash. Said now, with why, rather than found by the next task; that task starts
+        a fresh worker."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(_REAP_TIMEOUT):
+                await proc.wait()
+        if proc is not self.proc or self.killed is not None:
+            return  # meanwhile replaced, or killed by the daemon after all
+        status = proc.returncode
+        self.killed = "exited while idle"
+        log.warning(
+            "worker.exited_idle",
+            extra={
+                "slot": self.index,
+                "pid": proc.pid,
+                "status": status,
+                "reason": "still running"
+                if status is None
+                else sandbox.describe_exit(status, mode=self.mode),
+                "stderr": self.stderr_tail(),
+                "action": "the slot's next task starts a fresh worker; if this repeats, look "
+                "for the OOM killer in the kernel log (journalctl -k)",
+            },
+        )
 
     def close_shared(self) -> None:
         if self.shared is not None:
