@@ -17,6 +17,7 @@ import shlex
 import stat
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
+from typing import Final
 
 from fastapi import FastAPI, Request, WebSocket
 from fastapi.exceptions import RequestValidationError
@@ -121,6 +122,12 @@ def _make_private_dirs(path: Path) -> None:
             os.close(fd)
 
 
+LINK_NEEDS_UPGRADE: Final = (
+    "/v1/link is a WebSocket, and this request asked for no upgrade: a reverse proxy in "
+    "front of the coordinator must pass the Upgrade and Connection headers on /v1/link"
+)
+
+
 def http_error(exc: StarletteHTTPException, routes: Sequence[BaseRoute], path: str) -> JSONResponse:
     """The JSON error for an HTTPException (an unknown path, a method a path does not
     take), with its headers. A 405's ``Allow`` names every method the routes take at
@@ -223,8 +230,21 @@ def create_app(config: CoordinatorConfig, *, clock: Clock | None = None) -> Fast
     if REQUESTER in guards:
         with_bearer(app)
 
+    _add_link(app, coord)
+    return app
+
+
+def _add_link(app: FastAPI, coord: Coordinator) -> None:
+    """The nodes' WebSocket at /v1/link, and the answer to a plain GET there."""
+
     @app.websocket("/v1/link")
     async def link(ws: WebSocket) -> None:
         await LinkSession(coord, ws).run()
 
-    return app
+    @app.get("/v1/link", include_in_schema=False)
+    async def link_without_upgrade() -> JSONResponse:
+        """A plain GET of the link: most often a reverse proxy that dropped the request's
+        Upgrade header. Said so (426), not 404, which reads as a wrong URL."""
+        response = error(426, LINK_NEEDS_UPGRADE)
+        response.headers.update({"Upgrade": "websocket", "Connection": "Upgrade"})
+        return response
