@@ -10,7 +10,7 @@ import pytest
 from nodeclient.clock import ManualClock, OffsetFileClock
 from nodeclient.coordinator import classes
 from nodeclient.coordinator.config import CoordinatorConfig
-from nodeclient.coordinator.selection import Candidate, Picker, Roster, pick_node
+from nodeclient.coordinator.selection import Candidate, LeaseOrder, Picker, Roster, pick_node
 from nodeclient.errors import RemoteProtocolError, UsageError
 from tests.coordinator.conftest import inference_payload, inference_result
 
@@ -79,7 +79,8 @@ def test_region_falls_back_to_other_regions() -> None:
 
 
 def test_picker_chooses_as_pick_node_does() -> None:
-    """A round of picks from the grouped heaps equals pick_node called task by task."""
+    """A round of picks from the grouped heaps equals pick_node called task by task, with
+    the nodes' last leases (some tied, some recorded after the idle heaps were built)."""
     rng = random.Random(7)
     classes_ = ["ai.inference", "media.render"]
     regions = ["eu-west", "us-east", "ap-south"]
@@ -100,9 +101,12 @@ def test_picker_chooses_as_pick_node_does() -> None:
         used = {c.node_id: rng.randint(0, c.capacity) if rng.random() < busy else 0 for c in cands}
         free = {c.node_id: c.capacity - used[c.node_id] for c in cands}
         ids = [c.node_id for c in cands]
-        roster = Roster(cands)
+        recency = LeaseOrder({n: rng.randint(0, 3) for n in ids if rng.random() < 0.5})
+        roster = Roster(cands, recency=recency)
         if rng.random() < 0.5:  # idle heaps already built by an earlier round
             roster.idle_heap((("ai.inference", 0, 0, 0), None))
+            for node_id in rng.sample(ids, rng.randint(0, len(ids))):  # leased since
+                recency.leased(node_id)
         picker = Picker(roster, used, max_groups=rng.choice([1, 3, 10_000]))  # heaps or scans
         assert roster.any_free(used) == any(v > 0 for v in free.values())
         for _task in range(rng.randint(1, 80)):
@@ -115,10 +119,11 @@ def test_picker_chooses_as_pick_node_does() -> None:
                 "ram_mb": rng.choice([0, 0, 1024, 8192, 9000]),
                 "vram_mb": rng.choice([0, 0, 0, 4096, 20_000]),
             }
-            expected = pick_node(candidates=cands, free=free, **ask)
+            expected = pick_node(candidates=cands, free=free, recency=dict(recency.last), **ask)
             assert picker.pick(**ask) == expected
             if expected is not None:
                 free[expected] -= 1
+                assert recency.last[expected] == max(recency.last.values())
             assert {n: picker.slots(n) for n in ids} == free
 
 
@@ -138,8 +143,9 @@ def test_declared_sizes_share_the_heap_of_the_slot_size_that_holds_them() -> Non
     assert picker.pick(**ask, ram_mb=9000) is None  # no slot that large
     # A third group: no heap is kept for it, and its tasks are placed all the same.
     free = {c.node_id: picker.slots(c.node_id) for c in cands}
-    expected = pick_node(candidates=cands, free=free, **{**ask, "region": "eu-west"})
-    assert picker.pick(**{**ask, "region": "eu-west"}) == expected is not None
+    ask_eu = {**ask, "region": "eu-west"}
+    expected = pick_node(candidates=cands, free=free, recency=roster.recency.last, **ask_eu)
+    assert picker.pick(**ask_eu) == expected is not None
     assert len(picker._heaps) == 2 and picker.slots(expected) == free[expected] - 1
     assert len(roster._idle_heaps) <= 3
 

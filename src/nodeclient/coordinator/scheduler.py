@@ -8,7 +8,8 @@ Rules (docs: "Scheduling and leases"):
   ``tier.slot_memory_mb``), and has free capacity (``max_parallel_subtasks`` minus tasks
   leased to it). The dispatch carries the resources, and the node checks them itself.
 - Among eligible nodes, prefer one that has not tried this task before, then one in
-  the job's region (falling back to any region), then the least loaded.
+  the job's region (falling back to any region), then the least loaded, then the one
+  leased a task least recently (idle nodes take turns), then the lowest node_id.
 - Each dispatch is a lease with a deadline (``lease_seconds``); the payload is sealed
   to the node's ``pubkey_rsa`` with the deadline as envelope expiry (2.3.4).
 - A missed deadline, a node gone offline or a node's signed reject re-queues the task;
@@ -59,7 +60,7 @@ from nodeclient.coordinator.leases import (
     undeliverable_tx,
 )
 from nodeclient.coordinator.placement import Assignment, QueueCursor, any_queued, assign_tx
-from nodeclient.coordinator.selection import Candidate, Roster, to_candidate
+from nodeclient.coordinator.selection import Candidate, LeaseOrder, Roster, to_candidate
 from nodeclient.coordinator.service import Coordinator
 from nodeclient.coordinator.store import NodeInfo
 from nodeclient.protocol import envelope, messages
@@ -105,14 +106,21 @@ class Scheduler:
         # node_id -> (the NodeInfo it was built from, its Candidate): a round with 10,000
         # links rebuilds only the candidates whose registration changed.
         self._cands: dict[str, tuple[NodeInfo, Candidate]] = {}
+        # When each node was last leased a task, for the round-robin among equally loaded
+        # nodes: every Roster shares it, so it outlives their rebuilds. In memory only:
+        # after a restart every node starts again as never leased.
+        self._recency = LeaseOrder()
         # The last candidate list and the coordinator's roster_version it was built at.
-        self._roster: tuple[int, Roster] = (-1, Roster(()))
+        self._roster: tuple[int, Roster] = (-1, Roster((), recency=self._recency))
 
     def roster(self) -> Roster:
         """Linked, online, not unstaking nodes; rebuilt only when the roster changed."""
         version = self.coord.roster_version
         if self._roster[0] != version:
-            self._roster = (version, Roster(self._build_candidates()))
+            candidates = self._build_candidates()
+            if len(self._recency.last) > 2 * len(candidates) + 1024:  # nodes gone for good
+                self._recency.keep_only(c.node_id for c in candidates)
+            self._roster = (version, Roster(candidates, recency=self._recency))
         return self._roster[1]
 
     def candidates(self) -> list[Candidate]:

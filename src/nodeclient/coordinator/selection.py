@@ -4,7 +4,10 @@ A node is eligible for a task when it lists the task's workload class, has
 ``hardware_tier >= min_tier``, and a slot of it can hold the task's declared ``resources``
 (RAM and GPU memory, from its manifest: ``tier.slot_memory_mb``). Among eligible nodes,
 prefer one that has not tried the task before, then one in the job's region (falling back
-to any region), then the least loaded (the rules: :mod:`nodeclient.coordinator.scheduler`).
+to any region), then the least loaded, then the one leased a task least recently (the rules:
+:mod:`nodeclient.coordinator.scheduler`). The last is a round-robin among equally loaded
+nodes: when tasks are short and sparse, every node is idle at each pick, and a tie broken
+by node_id alone would give every task to the node with the lowest address.
 
 Selection is a pure function (:func:`pick_node`). A round places its tasks with
 :class:`Picker`, which makes the same choice as :func:`pick_node` from one heap per
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import bisect
 import heapq
+import types
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -34,6 +38,39 @@ class Candidate:
     manifest_hash: str = ""  # what a task leased to it records (models.Task.manifest_hash)
 
 
+_NEVER_LEASED: Mapping[str, int] = types.MappingProxyType({})
+
+
+class LeaseOrder:
+    """When each node was last leased a task, as the value of a count of every lease made:
+    a node leased more recently has a higher value; one never leased reads 0.
+
+    The scheduler keeps one for as long as it runs, across rebuilds of its
+    :class:`Roster`. It is kept in memory only: after a restart of the coordinator every
+    node reads 0 again, which costs one uneven turn of the round-robin at most.
+    """
+
+    __slots__ = ("_count", "last")
+
+    def __init__(self, last: Mapping[str, int] | None = None) -> None:
+        self.last: dict[str, int] = dict(last or {})  # node_id -> count at its last lease
+        self._count = max(self.last.values(), default=0)
+
+    def leased(self, node_id: str) -> int:
+        """A task was leased to *node_id*: it is now the most recently leased node; returns
+        its new value."""
+        self._count += 1
+        self.last[node_id] = self._count
+        return self._count
+
+    def keep_only(self, node_ids: Iterable[str]) -> None:
+        """Forget every node but *node_ids* (nodes gone for good leave no entry behind);
+        one that comes back reads 0, like a new node. A round running meanwhile (in the
+        database thread) may then lose the record of a lease: a matter of turns only."""
+        last = self.last
+        self.last = {n: last[n] for n in node_ids if n in last}
+
+
 def pick_node(
     *,
     workload_class: str,
@@ -45,6 +82,7 @@ def pick_node(
     excluded: Iterable[str] = (),
     ram_mb: int = 0,
     vram_mb: int = 0,
+    recency: Mapping[str, int] = _NEVER_LEASED,
 ) -> str | None:
     """The best eligible node for one task, or None; pure, so it is tested directly.
 
@@ -52,9 +90,13 @@ def pick_node(
     all, free or busy: otherwise the task waits for one. A node that refuses or drops
     whatever it gets is always the least loaded; were it given the task back whenever
     the others are busy, it alone would spend the task's attempts within a second.
+
+    Among nodes equal in all that, the one leased a task least recently (*recency*:
+    :attr:`LeaseOrder.last`, 0 for a node never leased) wins, then the lowest node_id:
+    idle nodes take turns, rather than the lowest node_id taking every task.
     """
     tried_set, excluded_set = set(tried), set(excluded)
-    best: tuple[bool, bool, float, str] | None = None
+    best: tuple[bool, bool, float, int, str] | None = None
     need = (workload_class, min_tier, ram_mb, vram_mb)
     cands = list(candidates)
     others = any(
@@ -71,17 +113,20 @@ def pick_node(
             c.node_id in tried_set,
             region is not None and c.region != region,
             1.0 - slots / max(c.capacity, 1),
+            recency.get(c.node_id, 0),
             c.node_id,
         )
         if best is None or key < best:
             best = key
-    return None if best is None else best[3]
+    return None if best is None else best[4]
 
 
-# A heap entry: (region mismatch, load, node_id, free slots when pushed). The first three
-# are pick_node's preference after "not tried before"; the last detects entries made stale
-# by a pick, or by leases the entry did not know of.
-_Entry = tuple[bool, float, str, int]
+# A heap entry: (region mismatch, load, last lease, node_id, free slots when pushed). The
+# first four are pick_node's preference after "not tried before"; the last lease and the
+# free slots as they were when it was pushed detect an entry made stale by a pick, or by
+# leases it did not know of. Both only ever make a node's true key larger: a stale entry
+# is ahead of its true place, never behind it.
+_Entry = tuple[bool, float, int, str, int]
 _Need = tuple[str, int, int, int]  # what a task asks: workload class, min tier, RAM, VRAM
 _Group = tuple[_Need, str | None]  # and its region preference
 Offer = tuple[int, int, int]  # what a node offers a task: hardware tier, slot RAM, slot VRAM
@@ -89,6 +134,9 @@ Offer = tuple[int, int, int]  # what a node offers a task: hardware tier, slot R
 # waits for a later round, which starts with the oldest tasks' groups.
 MAX_GROUPS = 64
 MAX_OFFERS = 32  # per class in a queued-task query; more are merged into one upper bound
+# A round that pops more than max(STALE_MIN, len // 8) entries with an out-of-date last
+# lease from a copy of a cached idle heap (len entries) has the roster build it again.
+STALE_MIN = 64
 
 
 def _frontier(offers: Iterable[Offer]) -> list[Offer]:
@@ -133,13 +181,21 @@ class Roster:
     """The scheduling candidates, plus what rounds reuse until the candidates change.
 
     For each group of tasks it keeps a heap of its eligible nodes keyed as if none had a
-    lease (load 0). A round copies it (a C-level list copy) instead of weighing every
-    node again: an entry of a node with leases is then ahead of its true place, which
-    :class:`Picker` corrects when it pops it.
+    lease (load 0), with their last leases (*recency*) as they were when it was built. A
+    round copies it (a C-level list copy) instead of weighing every node again: an entry
+    of a node with leases, or leased since, is then ahead of its true place, which
+    :class:`Picker` corrects when it pops it. A heap that many leases made stale is
+    dropped (:meth:`drop_idle_heap`) and built again when next asked for.
+
+    *recency*: the leases the rounds record, kept by the caller across rosters; a fresh
+    one by default.
     """
 
-    def __init__(self, candidates: Iterable[Candidate]) -> None:
+    def __init__(
+        self, candidates: Iterable[Candidate], *, recency: LeaseOrder | None = None
+    ) -> None:
         self.candidates = list(candidates)
+        self.recency = LeaseOrder() if recency is None else recency
         self.by_id = {c.node_id: c for c in self.candidates}
         self.capacity = sum(max(c.capacity, 0) for c in self.candidates)
         # What any candidate serves at all: queued tasks outside it are not even read.
@@ -203,9 +259,10 @@ class Roster:
         heap = self._idle_heaps.get(group)
         if heap is None:
             need, region = group
+            last = self.recency.last
             heap = [
-                (region is not None and c.region != region, _load(c, c.capacity), c.node_id,
-                 c.capacity)
+                (region is not None and c.region != region, _load(c, c.capacity),
+                 last.get(c.node_id, 0), c.node_id, c.capacity)
                 for c in self.candidates
                 if c.capacity > 0 and is_eligible(c, need)
             ]  # fmt: skip
@@ -213,6 +270,11 @@ class Roster:
             if len(self._idle_heaps) < MAX_GROUPS:
                 self._idle_heaps[group] = heap
         return list(heap)
+
+    def drop_idle_heap(self, group: _Group) -> None:
+        """Forget the group's idle heap: the next :meth:`idle_heap` builds it again, with
+        the last leases as they are then."""
+        self._idle_heaps.pop(group, None)
 
     def any_free(self, used: Mapping[str, int]) -> bool:
         """Whether some candidate has a free slot, given tasks leased per node (O(leased))."""
@@ -229,11 +291,16 @@ class Picker:
     """:func:`pick_node` for many tasks in one round, O(log nodes) per task.
 
     Candidates are grouped by what a task asks of them (workload class, min tier,
-    resources, region); each group keeps a heap keyed by (region mismatch, load, node_id). Load
-    only goes up during a round, so an entry whose slot count is out of date is ahead
-    of its true place: it is popped early and pushed back with its current load. Nodes
-    that already tried the task, or may not take it, are set aside during a pick and
-    put back after it. When every eligible node has tried the task, the best of the
+    resources, region); each group keeps a heap keyed by (region mismatch, load, last
+    lease, node_id). Load and last lease only go up, so an entry whose slot count or last
+    lease is out of date is ahead of its true place: it is popped early and pushed back
+    with its current values. Every pick records its lease in the roster's
+    :class:`LeaseOrder`. When a round pops many entries with an out-of-date last lease
+    (more than ``max(STALE_MIN, len // 8)``) from a copy of the roster's idle heap, the
+    roster builds that idle heap again for the next round: the correction costs O(1) per
+    lease, amortised, rather than growing with every lease since the idle heap was built.
+    Nodes that already tried the task, or may not take it, are set aside during a pick
+    and put back after it. When every eligible node has tried the task, the best of the
     (few) nodes that tried it is chosen, as pick_node does; while some other node could
     take it, busy or not, the task waits for one.
     """
@@ -246,6 +313,11 @@ class Picker:
         self._used = dict(used)  # node_id -> tasks leased to it; pick() adds one
         self._heaps: dict[_Group, list[_Entry]] = {}
         self._max_groups = max_groups
+        self._recency = roster.recency
+        # Per group whose heap is a copy of the roster's idle heap: how many more entries
+        # with an out-of-date last lease may be popped before that idle heap is rebuilt.
+        self._stale_left: dict[_Group, int] = {}
+        self.pops = 0  # heap entries popped this round: what a round's work grows with
 
     def any_free(self) -> bool:
         """Whether some candidate still has a free slot, this round's picks included."""
@@ -298,15 +370,20 @@ class Picker:
             heap = self._heaps[group] = self._start_heap(group)
         aside: list[_Entry] = []
         choice: str | None = None
+        last = self._recency.last
         while heap:
             entry = heapq.heappop(heap)
-            mismatch, _, node_id, pushed_slots = entry
+            self.pops += 1
+            mismatch, _, pushed_lease, node_id, pushed_slots = entry
             slots = self.slots(node_id)
             if slots <= 0:
                 continue  # full: gone from this group for the rest of the round
-            if slots != pushed_slots:
+            lease = last.get(node_id, 0)
+            if slots != pushed_slots or lease != pushed_lease:
+                if lease != pushed_lease:
+                    self._stale_popped(group)
                 c = self._cands[node_id]
-                heapq.heappush(heap, (mismatch, _load(c, slots), node_id, slots))
+                heapq.heappush(heap, (mismatch, _load(c, slots), lease, node_id, slots))
                 continue
             if node_id in excluded_set or node_id in tried_set:
                 aside.append(entry)
@@ -317,13 +394,32 @@ class Picker:
             heapq.heappush(heap, entry)
         if choice is None:  # every eligible node with a free slot tried it (or none is)
             return self._pick_tried(need, region, tried_set, excluded_set)
-        self._used[choice] = self._used.get(choice, 0) + 1
+        lease = self._lease(choice)
         slots = self.slots(choice)
         if slots > 0:
             c = self._cands[choice]
             mismatch = region is not None and c.region != region
-            heapq.heappush(heap, (mismatch, _load(c, slots), choice, slots))
+            heapq.heappush(heap, (mismatch, _load(c, slots), lease, choice, slots))
         return choice
+
+    def _lease(self, node_id: str) -> int:
+        """Count a lease to *node_id*: one slot less, and it is the most recently leased
+        (its entries in every other heap are now stale); returns its last lease."""
+        self._used[node_id] = self._used.get(node_id, 0) + 1
+        return self._recency.leased(node_id)
+
+    def _stale_popped(self, group: _Group) -> None:
+        """An entry with an out-of-date last lease was popped from the group's heap; past
+        the limit, the roster builds its idle heap again for the next round (this round
+        goes on with its copy, whose stale entries are corrected as they are popped)."""
+        left = self._stale_left.get(group)
+        if left is None:
+            return  # not a copy of the roster's idle heap
+        if left == 0:
+            self._roster.drop_idle_heap(group)
+            del self._stale_left[group]
+        else:
+            self._stale_left[group] = left - 1
 
     def _scan(
         self, need: _Need, region: str | None, tried: set[str], excluded: set[str]
@@ -340,9 +436,10 @@ class Picker:
             excluded=excluded,
             ram_mb=ram_mb,
             vram_mb=vram_mb,
+            recency=self._recency.last,
         )
         if choice is not None:
-            self._used[choice] = self._used.get(choice, 0) + 1  # its heap entries are now stale
+            self._lease(choice)
         return choice
 
     def _start_heap(self, group: _Group) -> list[_Entry]:
@@ -352,14 +449,17 @@ class Picker:
         they come up). Many: weigh every node now, rather than correct most entries.
         """
         if len(self._used) * 8 < len(self._cands):
-            return self._roster.idle_heap(group)
+            heap = self._roster.idle_heap(group)
+            self._stale_left[group] = max(STALE_MIN, len(heap) // 8)
+            return heap
         need, region = group
-        heap: list[_Entry] = []
+        last = self._recency.last
+        heap = []
         for c in self._roster.candidates:
             slots = self.slots(c.node_id)
             if slots > 0 and is_eligible(c, need):
                 mismatch = region is not None and c.region != region
-                heap.append((mismatch, _load(c, slots), c.node_id, slots))
+                heap.append((mismatch, _load(c, slots), last.get(c.node_id, 0), c.node_id, slots))
         heapq.heapify(heap)
         return heap
 
@@ -372,13 +472,14 @@ class Picker:
             return None
         choice = self._best_tried(need, region, tried, excluded)
         if choice is not None:
-            self._used[choice] = self._used.get(choice, 0) + 1  # its entry is now stale
+            self._lease(choice)
         return choice
 
     def _best_tried(
         self, need: _Need, region: str | None, tried: set[str], excluded: set[str]
     ) -> str | None:
-        best: tuple[bool, float, str] | None = None
+        best: tuple[bool, float, int, str] | None = None
+        last = self._recency.last
         for node_id in tried - excluded:
             c = self._cands.get(node_id)
             if c is None:
@@ -386,7 +487,8 @@ class Picker:
             slots = self.slots(node_id)
             if slots <= 0 or not is_eligible(c, need):
                 continue
-            key = (region is not None and c.region != region, _load(c, slots), node_id)
+            mismatch = region is not None and c.region != region
+            key = (mismatch, _load(c, slots), last.get(node_id, 0), node_id)
             if best is None or key < best:
                 best = key
-        return None if best is None else best[2]
+        return None if best is None else best[3]
