@@ -633,7 +633,6 @@ def build_router(coord: Coordinator) -> APIRouter:  # noqa: PLR0915 (one route e
         responses=openapi.JOBS,
     )
     async def list_jobs(
-        request: Request,
         limit: int = Query(default=JOBS_PAGE, ge=1, le=MAX_JOBS_PAGE),
         after: str | None = Query(default=None, max_length=100),
         status: str | None = Query(default=None, max_length=16),
@@ -654,7 +653,10 @@ def build_router(coord: Coordinator) -> APIRouter:  # noqa: PLR0915 (one route e
             query = {"limit": limit, "after": f"{last['created_at']!r},{last['job_id']}"}
             if status is not None:
                 query["status"] = status
-            headers["Link"] = f'<{request.url.path}?{urlencode(query)}>; rel="next"'
+            # A query-only reference (RFC 3986 5.2.2): it resolves to this same path, also
+            # behind a reverse proxy that serves the coordinator under a path prefix, where
+            # the path the app sees (/v1/jobs) would lead outside that prefix.
+            headers["Link"] = f'<?{urlencode(query)}>; rel="next"'
         return JSONResponse(page, headers=headers)
 
     @get_and_head(

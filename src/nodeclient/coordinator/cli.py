@@ -34,7 +34,7 @@ from typing import Any
 
 from sqlalchemy.exc import SQLAlchemyError
 
-from nodeclient import __version__, logs
+from nodeclient import __version__, logs, tlstrust
 from nodeclient.clock import Clock, OffsetFileClock, SystemClock
 from nodeclient.coordinator import audit, tokens
 from nodeclient.coordinator.client import CoordinatorClient, NoAnswer, Unreachable
@@ -431,7 +431,13 @@ def _submit(client: CoordinatorClient, args: argparse.Namespace) -> int:
 
 
 def _requester(args: argparse.Namespace) -> int:
-    with CoordinatorClient(args.coordinator, token=_token(args)) as client:
+    token = _token(args)
+    # Once per command, before the token is sent: anyone on the path could take it.
+    cleartext = tlstrust.cleartext_warning(args.coordinator) if token is not None else None
+    if cleartext is not None:
+        print(f"nodeclient-coordinator: warning: {printable(cleartext)}", file=sys.stderr)
+    # Trust: the system's CAs, certifi's and $NODECLIENT_CA_FILE's (tlstrust), as the node's.
+    with CoordinatorClient(args.coordinator, token=token) as client:
         if args.command == "submit":
             return _submit(client, args)
         if args.command == "jobs":

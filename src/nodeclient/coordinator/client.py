@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import io
 import math
+import ssl
 import time
 from collections.abc import Callable, Mapping
 from typing import Any, Final
@@ -24,7 +25,7 @@ from urllib.parse import urlencode
 import httpx
 import pybase64
 
-from nodeclient import httpbody
+from nodeclient import httpbody, tlstrust
 from nodeclient.errors import NodeClientError, RemoteProtocolError, UsageError
 
 # What fails before a request leaves: no connection, a bad URL, no free pooled connection.
@@ -61,14 +62,20 @@ class CoordinatorClient:
         timeout: float = 30.0,
         transport: httpx.BaseTransport | None = None,
         token: str | None = None,
+        verify: ssl.SSLContext | None = None,
     ) -> None:
-        """*token*: the bearer token a coordinator with requester tokens asks for."""
+        """*token*: the bearer token a coordinator with requester tokens asks for. *verify*:
+        the certificates to trust (default: tlstrust's, as every nodeclient client)."""
         self.base_url = base_url.rstrip("/")
         headers = dict(httpbody.IDENTITY)
         if token is not None:
             headers["Authorization"] = f"Bearer {token}"
         self._http = httpx.Client(
-            base_url=self.base_url, timeout=timeout, transport=transport, headers=headers
+            base_url=self.base_url,
+            timeout=timeout,
+            transport=transport,
+            headers=headers,
+            verify=verify if verify is not None else tlstrust.client_context(),
         )
 
     def __enter__(self) -> CoordinatorClient:
@@ -105,7 +112,8 @@ class CoordinatorClient:
         except httpbody.AnswerRefused as exc:
             raise RemoteProtocolError(f"coordinator: {method} {path}: {exc}") from exc
         except _NOT_SENT as exc:
-            raise Unreachable(f"cannot reach the coordinator at {self.base_url}: {exc}") from exc
+            said = f"cannot reach the coordinator at {self.base_url}: {exc}"
+            raise Unreachable(tlstrust.with_trust_fix(said, exc)) from exc
         except httpx.TransportError as exc:
             what = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
             if unanswered is None and method != "GET":
@@ -115,6 +123,11 @@ class CoordinatorClient:
                 f"({what})" + (f"; {unanswered}" if unanswered else "")
             ) from exc
         if not 200 <= response.status_code < 300:  # a redirect is a proxy's, not an answer
+            moved = tlstrust.redirect_message(response, path.partition("?")[0])
+            if moved is not None:  # http:// to https://, say: nothing was done
+                raise RemoteProtocolError(
+                    f"coordinator: {method} {path}: {response.status_code} {moved}"
+                )
             try:
                 body = response.json()
             except (ValueError, RecursionError):  # not JSON, or nested without end
@@ -238,9 +251,7 @@ class CoordinatorClient:
             if not isinstance(batch, list):
                 raise RemoteProtocolError(f"coordinator: {path} did not answer a list")
             out += [_job_object(item, f"GET {path}", tasks=False) for item in batch]
-            nxt = response.links.get("next", {}).get("url")
-            # Only a path of this coordinator's: a Link elsewhere is not followed.
-            path = nxt if batch and isinstance(nxt, str) and nxt.startswith("/v1/jobs?") else None
+            path = _next_page(response) if batch else None
         return out
 
     def raw_job_result(self, job_id: str) -> bytes:
@@ -300,6 +311,20 @@ def _job_object(value: Any, what: str, *, tasks: bool = True, then: str = "") ->
         )
     job: dict[str, Any] = value
     return job
+
+
+def _next_page(response: httpx.Response) -> str | None:
+    """The path of the next page of GET /v1/jobs, from the answer's ``Link: <...>;
+    rel="next"``: a query-only reference (``<?limit=...&after=...>``, the same path: it
+    resolves under the coordinator URL's own path, behind a proxy that serves it under a
+    prefix too), or ``</v1/jobs?...>`` from a coordinator before it. Only a page of this
+    coordinator's: a Link elsewhere is not followed."""
+    nxt = response.links.get("next", {}).get("url")
+    if not isinstance(nxt, str):
+        return None
+    if nxt.startswith("?"):
+        return "/v1/jobs" + nxt
+    return nxt if nxt.startswith("/v1/jobs?") else None
 
 
 def _busy_wait(method: str, response: httpx.Response) -> float | None:

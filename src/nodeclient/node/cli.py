@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from nodeclient import __version__, httpbody
+from nodeclient import __version__, httpbody, tlstrust
 from nodeclient.errors import NodeClientError, UsageError
 from nodeclient.node import keys, securefile
 from nodeclient.node.cli_keys import (
@@ -89,8 +89,11 @@ def cmd_unstake(args: argparse.Namespace) -> int:
     node_key = keys.load_node_key(home, passphrase=passphrase_source(args))
     message = {"node_id": node_key.address, "requested_at": int(clock.now())}
     sig = eip712.sign_typed(node_key, "Unstake", message, chain_id=config.chain_id)
+    if (cleartext := tlstrust.cleartext_warning(url)) is not None:
+        print(f"nodeclient: warning: {printable(cleartext)}", file=sys.stderr)
+    verify = tlstrust.client_context()  # the daemon's trust store
     try:
-        with httpx.Client(timeout=30.0, headers=httpbody.IDENTITY) as client:
+        with httpx.Client(timeout=30.0, headers=httpbody.IDENTITY, verify=verify) as client:
             resp = httpbody.request(
                 client, "POST", f"{url}/v1/nodes/{node_key.address}/unstake",
                 json={"message": message, "signature": "0x" + sig.hex()},
@@ -103,7 +106,9 @@ def cmd_unstake(args: argparse.Namespace) -> int:
         ) from exc
     except (httpx.ConnectError, httpx.ConnectTimeout, httpx.UnsupportedProtocol,
             httpx.InvalidURL) as exc:  # fmt: skip
-        raise UsageError(f"cannot reach the coordinator at {url}: {exc}") from exc
+        raise UsageError(
+            tlstrust.with_trust_fix(f"cannot reach the coordinator at {url}: {exc}", exc)
+        ) from exc
     except httpx.HTTPError as exc:  # sent, but no whole answer came back
         what = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
         raise UsageError(

@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import argparse
 import errno
+import logging
 import shlex
 import sqlite3
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from nodeclient import tlstrust
 from nodeclient.errors import NeedsOperator, NodeClientError
 from nodeclient.node import keys
 from nodeclient.node.cli_keys import build_local_manifest, probe_local_hardware
@@ -50,6 +52,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     config = load_config(home)
     metrics_address = args.metrics_address or config.metrics_address
     url = resolve_coordinator_url(args, config)
+    tlstrust.client_context()  # a NODECLIENT_CA_FILE that cannot be read: one line, now
+    if (cleartext := tlstrust.cleartext_warning(url)) is not None:
+        logging.getLogger("nodeclient.node").warning(
+            "link.cleartext", extra={"coordinator": url, "hint": cleartext}
+        )
     heartbeat_interval = checked_heartbeat_interval(args, config)
     passphrase = passphrase_source(args)
     node_key = keys.load_node_key(home, passphrase=passphrase)

@@ -27,8 +27,8 @@ from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
-from nodeclient import httpbody
-from nodeclient.errors import KeyFileError
+from nodeclient import httpbody, tlstrust
+from nodeclient.errors import KeyFileError, UsageError
 from nodeclient.node import keys, sandbox, securefile
 
 if TYPE_CHECKING:
@@ -301,7 +301,8 @@ def server_time(headers: Mapping[str, str], body: Any) -> float | None:
 def check_coordinator(
     url: str | None, *, timeout: float = 5.0, clock: Callable[[], float] = time.time
 ) -> list[Check]:
-    """Reachability (GET /healthz) and clock skew against the coordinator's clock."""
+    """Reachability (GET /healthz) and clock skew against the coordinator's clock, after a
+    warning for a plain http:// URL to another host (tlstrust.cleartext_warning)."""
     import httpx
 
     if not url:
@@ -313,19 +314,31 @@ def check_coordinator(
                 'set coordinator = "https://…" in config.toml or pass --coordinator',
             )
         ]
-    health = f"{url.rstrip('/')}/healthz"
-    sent = clock()
+    out = []
+    cleartext = tlstrust.cleartext_warning(url)
+    if cleartext is not None:
+        out.append(Check("tls", Level.WARN, cleartext, "use the coordinator's https:// URL"))
     try:
-        with httpx.stream("GET", health, timeout=timeout, headers=httpbody.IDENTITY) as resp:
-            content = httpbody.read(resp, limit=1 << 20)  # as sent: a few hundred bytes
+        verify = tlstrust.client_context()  # the certificates the daemon trusts
+    except UsageError as exc:  # a NODECLIENT_CA_FILE that cannot be read
+        return [*out, Check("coordinator", Level.FAIL, str(exc), f"fix {tlstrust.CA_FILE_ENV}")]
+    health = f"{url.rstrip('/')}/healthz"
+    try:
+        with httpx.Client(verify=verify, timeout=timeout, headers=httpbody.IDENTITY) as client:
+            sent = clock()
+            with client.stream("GET", health) as resp:
+                content = httpbody.read(resp, limit=1 << 20)  # as sent: a few hundred bytes
     except (httpx.HTTPError, httpx.InvalidURL) as exc:  # InvalidURL is not an HTTPError
         return [
+            *out,
             Check(
                 "coordinator",
                 Level.FAIL,
                 f"cannot reach {health}: {type(exc).__name__}: {exc}",
-                "check the coordinator URL in config.toml, DNS, and that outbound HTTPS is allowed",
-            )
+                tlstrust.trust_fix(exc)
+                or "check the coordinator URL in config.toml, DNS, and that outbound HTTPS is "
+                "allowed",
+            ),
         ]
     received = clock()
     try:
@@ -333,15 +346,23 @@ def check_coordinator(
     except (ValueError, RecursionError):  # not JSON, or nested without end
         body = None
     if resp.status_code != 200:
+        moved = tlstrust.redirect_parts(resp, "/healthz")  # http:// to https://, say
+        what, fix = moved or (
+            "",
+            "check the coordinator URL (it must be the coordinator's base URL)",
+        )
         return [
+            *out,
             Check(
                 "coordinator",
                 Level.FAIL,
-                f"{health} answered HTTP {resp.status_code}",
-                "check the coordinator URL (it must be the coordinator's base URL)",
-            )
+                f"{health} answered HTTP {resp.status_code}" + (f": {what}" if what else ""),
+                fix,
+            ),
         ]
-    out = [Check("coordinator", Level.OK, f"{url} answers in {1000 * (received - sent):.0f} ms")]
+    out.append(
+        Check("coordinator", Level.OK, f"{url} answers in {1000 * (received - sent):.0f} ms")
+    )
     theirs = server_time(resp.headers, body)
     if theirs is None:
         out.append(

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Final
 
 import httpx
 
-from nodeclient import httpbody
+from nodeclient import httpbody, tlstrust
 from nodeclient.errors import NodeClientError, ProtocolError, RemoteProtocolError
 from nodeclient.node import sandbox
 from nodeclient.node.exec_config import DEFAULT_MAX_PAYLOAD, deadline_clock
@@ -119,7 +119,8 @@ def http_fetcher(
         try:
             targets, headers, extensions = _pinned(url, home)
             headers = {**headers, **httpbody.IDENTITY}  # the bytes as stored
-            with httpx.Client(timeout=wait) as client:
+            # The coordinator's blobs are verified as its link is (tlstrust): one trust store.
+            with httpx.Client(timeout=wait, verify=tlstrust.client_context()) as client:
                 for i, target in enumerate(targets):  # each checked address, in order
                     left = wait if limits is None or i == 0 else min(timeout, _left(limits, url))
                     request = client.build_request(

@@ -13,6 +13,7 @@ import os
 import random
 import sqlite3
 import time
+import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -20,7 +21,7 @@ import httpx
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 
-from nodeclient import httpbody
+from nodeclient import httpbody, tlstrust
 from nodeclient.errors import NeedsOperator, RemoteProtocolError
 from nodeclient.node.dispatch import TaskDispatcher
 from nodeclient.protocol import manifest as manifest_mod
@@ -71,6 +72,21 @@ _REPLACED_FIX: Final = (
     "of yours runs, someone has this node's liveness key: run `nodeclient keys "
     "rotate-liveness`, then start this one again"
 )
+
+
+# What a link refused with 426 (or 404, from a proxy that passed the request as plain
+# HTTP to a coordinator older than the 426) most likely means.
+LINK_PROXY_FIX: Final = (
+    "check the coordinator URL; a reverse proxy in front of the coordinator must pass "
+    "WebSocket upgrades (the Upgrade and Connection headers) on /v1/link"
+)
+
+
+def proxy_fix(exc: BaseException) -> str | None:
+    """What to do about a link the coordinator's side answered as plain HTTP, or None."""
+    if isinstance(exc, InvalidStatus) and exc.response.status_code in (404, 426):
+        return LINK_PROXY_FIX
+    return None
 
 
 class _NoRedirects(connect):
@@ -142,7 +158,7 @@ class LinkClient(TaskDispatcher):
         try:
             async with (
                 asyncio.timeout(REGISTER_TIMEOUT_S),
-                httpx.AsyncClient(timeout=30.0) as client,
+                httpx.AsyncClient(timeout=30.0, verify=tlstrust.client_context()) as client,
             ):
                 request = client.build_request(
                     "POST", f"{self.url}/v1/nodes", json=self.manifest, headers=httpbody.IDENTITY
@@ -159,6 +175,9 @@ class LinkClient(TaskDispatcher):
                 f"registration failed: no complete answer within {REGISTER_TIMEOUT_S:.0f} s: "
                 "check --coordinator"
             ) from exc
+        moved = tlstrust.redirect_message(resp, "/v1/nodes")
+        if moved is not None:  # a proxy's http:// to https://, say: followed by no client
+            raise httpx.HTTPError(f"registration failed ({resp.status_code}): {moved}")
         text = content.decode("utf-8", "replace")
         try:
             body = json.loads(content) if content else {}
@@ -243,8 +262,7 @@ class LinkClient(TaskDispatcher):
                     # refused its auth (a clock that jumped): register again, freshly issued.
                     registered = False
             except (OSError, httpx.HTTPError, InvalidHandshake, InvalidURI, TimeoutError) as exc:
-                self.link.last_error = f"{type(exc).__name__}: {exc}"[:_MAX_ERROR_CHARS]
-                log.warning("link.error", extra={"error": self.link.last_error})
+                self._link_failed(exc)
             except CoordinatorMismatch as exc:  # its id changed, or a relay: ask it again
                 self.link.last_error = str(exc)[:_MAX_ERROR_CHARS]
                 log.error("link.coordinator_mismatch", extra={"error": self.link.last_error})
@@ -272,6 +290,19 @@ class LinkClient(TaskDispatcher):
             with contextlib.suppress(TimeoutError):  # a stop wakes it: link now to flush
                 async with asyncio.timeout(delay):  # not wait_for: it may drop a cancel
                     await self._stopping.wait()
+
+    def _link_failed(self, exc: Exception) -> None:
+        """Show and log a registration or link that failed on the way (no connection, a
+        refused certificate, a proxy's answer), with what to do about a refused
+        certificate."""
+        error = f"{type(exc).__name__}: {exc}"[:_MAX_ERROR_CHARS]
+        fix = tlstrust.trust_fix(exc) or proxy_fix(exc)
+        if fix is None:
+            self.link.last_error = error
+            log.warning("link.error", extra={"error": error})
+        else:  # what to do, in the log and in `nodeclient status`
+            self.link.last_error = f"{error}; fix: {fix}"
+            log.warning("link.error", extra={"error": error, "fix": fix})
 
     def _drain_needs_link(self) -> bool:
         """Whether a stopping daemon still needs its link: tasks still running (their
@@ -335,8 +366,12 @@ class LinkClient(TaskDispatcher):
 
     async def _connect_once(self) -> None:
         ws_url = "ws" + self.url[len("http") :] + "/v1/link"
+        # wss: the one trust store of every client of the coordinator (tlstrust); ws://
+        # takes no SSL context at all.
+        secure = urllib.parse.urlsplit(ws_url).scheme == "wss"
+        tls: dict[str, Any] = {"ssl": tlstrust.client_context()} if secure else {}
         self._set_link("connecting")
-        async with _NoRedirects(ws_url, **LINK_OPTIONS) as ws:
+        async with _NoRedirects(ws_url, **LINK_OPTIONS, **tls) as ws:
             # asyncio.timeout, not wait_for: on 3.11 wait_for drops a cancel (a stop) that
             # arrives as the frame does, and the link would live on after the stop.
             async with asyncio.timeout(HANDSHAKE_TIMEOUT_S):
