@@ -456,3 +456,38 @@ def test_a_server_time_that_is_no_time_is_ignored(sent: object) -> None:
     (before, the integer was an OverflowError traceback and True a huge skew)."""
     assert doctor.server_time({}, {"server_time": sent}) is None
     assert doctor.server_time({}, {"server_time": 1765000000}) == 1765000000.0
+
+
+def test_the_link_is_checked_past_healthz(tmp_path: Path) -> None:
+    """/healthz can answer while the link cannot (a proxy that does not pass WebSocket
+    upgrades): doctor opens the link too and expects its challenge."""
+    from tests.http_server import serving
+    from tests.node.test_tls_coordinator import _NoUpgrade
+
+    clock = tmp_path / "clock"
+    clock.write_text("0")
+    coord = CoordinatorProc(tmp_path, clock_file=clock)
+    coord.start()
+    try:
+        ok = doctor.check_link(coord.url)
+    finally:
+        coord.stop()
+    assert ok.level is doctor.Level.OK and ok.summary.endswith("/v1/link sends its challenge")
+    with serving(_NoUpgrade) as url:
+        refused = doctor.check_link(url)
+    assert refused.level is doctor.Level.FAIL and "HTTP 426" in refused.summary
+    assert "must pass WebSocket upgrades" in refused.fix
+
+
+@pytest.mark.parametrize("reached", [Level.OK, Level.FAIL])
+def test_doctor_checks_the_link_once_the_coordinator_answers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, reached: Level
+) -> None:
+    """The link is opened only after /healthz answered: a coordinator that cannot be
+    reached is one FAIL, not two."""
+    reach = doctor.Check("coordinator", reached, "as the test says")
+    link = doctor.Check("link", Level.FAIL, "426")
+    monkeypatch.setattr(doctor, "check_coordinator", lambda _url: [reach])
+    monkeypatch.setattr(doctor, "check_link", lambda _url: link)
+    checks = doctor.run_all(tmp_path, coordinator="https://c.example", allow_unsandboxed=True)
+    assert (link in checks) is (reached is Level.OK)

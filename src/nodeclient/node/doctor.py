@@ -409,8 +409,49 @@ def run_all(home: Path, *, coordinator: str | None, allow_unsandboxed: bool) -> 
     checks.extend(check_runtimes(usable))
     checks.append(check_disk(home))
     checks.append(check_scratch())
-    checks.extend(check_coordinator(coordinator))
+    reach = check_coordinator(coordinator)
+    checks.extend(reach)
+    if coordinator and any(c.name == "coordinator" and c.level is Level.OK for c in reach):
+        checks.append(check_link(coordinator))
     return checks
+
+
+def check_link(url: str, *, timeout: float = 5.0) -> Check:
+    """The link's first step (2.3.3): a WebSocket at /v1/link that sends its challenge.
+    /healthz may answer while the link cannot: a reverse proxy that does not pass
+    WebSocket upgrades answers every link with 426 or 404."""
+    from websockets.exceptions import InvalidStatus, WebSocketException
+    from websockets.sync.client import connect
+
+    from nodeclient.node.link import LINK_PROXY_FIX, proxy_fix
+
+    ws_url = "ws" + url.rstrip("/")[len("http") :] + "/v1/link"
+    tls = tlstrust.client_context() if ws_url.startswith("wss:") else None  # ws: none
+    try:
+        with connect(ws_url, open_timeout=timeout, max_size=1 << 16, ssl=tls) as ws:
+            first = ws.recv(timeout=timeout)
+    except (OSError, TimeoutError, WebSocketException) as exc:
+        fix = tlstrust.trust_fix(exc) or proxy_fix(exc)
+        if fix is None and isinstance(exc, InvalidStatus):
+            fix = LINK_PROXY_FIX
+        return Check(
+            "link",
+            Level.FAIL,
+            f"cannot open the link at {ws_url}: {type(exc).__name__}: {exc}",
+            fix or "check that outbound connections to the coordinator are allowed",
+        )
+    try:
+        kind = json.loads(first).get("type")
+    except (ValueError, AttributeError, RecursionError):
+        kind = None
+    if kind != "challenge":
+        return Check(
+            "link",
+            Level.FAIL,
+            f"{ws_url} sent no challenge: {str(first)[:80]!r}",
+            "check the coordinator URL (it must be a nodeclient coordinator's base URL)",
+        )
+    return Check("link", Level.OK, f"{ws_url} sends its challenge")
 
 
 def exit_status(checks: Sequence[Check]) -> int:
