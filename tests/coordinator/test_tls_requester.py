@@ -132,8 +132,10 @@ def test_a_token_sent_over_plain_http_to_another_host_is_warned_about_once(
 
 def test_the_next_page_stays_under_a_proxy_path_prefix(coordinator: Running) -> None:
     """The coordinator sees /v1/jobs; behind a proxy serving it at /coord/ the requester
-    asks for /coord/v1/jobs. A next-page Link naming /v1/jobs resolves outside the prefix
-    (RFC 3986: an absolute path replaces the request's); a query-only one keeps it."""
+    asks for /coord/v1/jobs. A proxy that says its prefix (X-Forwarded-Prefix) gets a
+    next-page Link under it, which any client resolves; without one the Link is
+    /v1/jobs?..., the form older clients follow (a relative one would stop their paging
+    at the first page), and a prefix of another form is ignored."""
     for _ in range(5):
         coordinator.client.submit_job("ai.inference", inference_payload([1.0]))
     every = coordinator.client.jobs()
@@ -144,7 +146,10 @@ def test_the_next_page_stays_under_a_proxy_path_prefix(coordinator: Running) -> 
         asked.append(path)
         if not path.startswith("/coord/"):
             return httpx.Response(404, text="not under /coord/")
-        upstream = httpx.get(coordinator.url + path.removeprefix("/coord"))
+        upstream = httpx.get(
+            coordinator.url + path.removeprefix("/coord"),
+            headers={"X-Forwarded-Prefix": "/coord"},
+        )
         kept = {k: v for k, v in upstream.headers.items() if k in ("content-type", "link")}
         return httpx.Response(upstream.status_code, headers=kept, content=upstream.content)
 
@@ -152,13 +157,20 @@ def test_the_next_page_stays_under_a_proxy_path_prefix(coordinator: Running) -> 
     with httpx.Client(transport=transport) as browser:
         first = browser.get("http://proxy.test/coord/v1/jobs?limit=2")
         nxt = first.links["next"]["url"]
-        assert nxt.startswith("?limit=2&after=")
+        assert nxt.startswith("/coord/v1/jobs?limit=2&after=")
         second = browser.get(first.url.join(nxt))  # as any client resolves a reference
     assert second.status_code == 200
     assert [j["job_id"] for j in second.json()] == [j["job_id"] for j in every[2:4]]
     with CoordinatorClient("http://proxy.test/coord", transport=transport) as client:
         assert client.jobs(page=2) == every
     assert all(path.startswith("/coord/v1/jobs") for path in asked), asked
+    direct = httpx.get(coordinator.url + "/v1/jobs", params={"limit": 2})
+    assert direct.links["next"]["url"].startswith("/v1/jobs?limit=2&after=")
+    for odd in ("coord", "/co ord", "/coord\\x", "/" + "c" * 300):
+        odd_answer = httpx.get(
+            coordinator.url + "/v1/jobs", params={"limit": 2}, headers={"X-Forwarded-Prefix": odd}
+        )
+        assert odd_answer.links["next"]["url"].startswith("/v1/jobs?limit=2&after="), odd
 
 
 def test_the_client_still_follows_the_path_form_of_older_coordinators() -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from nodeclient import tlstrust
 from nodeclient.coordinator import tokens
 from nodeclient.coordinator.cli import main
 from nodeclient.coordinator.client import CoordinatorClient
@@ -250,12 +251,13 @@ def test_a_coordinator_does_not_start_with_an_unusable_token_file(tmp_path: Path
 @pytest.mark.parametrize(
     ("host", "loopback"),
     [("127.0.0.1", True), ("::1", True), ("[::1]", True), ("localhost", True),
+     ("LOCALHOST", True), ("::ffff:127.0.0.1", True),
      ("0.0.0.0", False), ("::", False), ("192.0.2.7", False), ("coord.example", False)],
 )  # fmt: skip
 def test_which_hosts_count_as_loopback_for_the_open_routes_warning(host, loopback) -> None:
-    from nodeclient.coordinator.cli import _loopback
-
-    assert _loopback(host) is loopback
+    """serve's warning about open requester routes and the clients' warning about plain
+    http judge loopback alike (one function)."""
+    assert tlstrust.is_loopback(host) is loopback
 
 
 def test_token_new_on_a_full_disk_leaves_the_file_as_it_was(

@@ -48,6 +48,18 @@ def error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": text}, status_code=status)
 
 
+# A path prefix as a reverse proxy names it: segments of URL path characters, no more.
+_PREFIX = re.compile(r"(?:/[A-Za-z0-9._~!$&'()*+,;=:@%-]+)+")
+
+
+def _forwarded_prefix(request: Request) -> str:
+    """The path prefix the proxy in front serves the coordinator under (its
+    ``X-Forwarded-Prefix``, e.g. ``/coord``), or "". It only shapes links this answer
+    gives back to the same client, so it needs no trust; one of another form is ignored."""
+    prefix = request.headers.get("x-forwarded-prefix", "").rstrip("/")
+    return prefix if len(prefix) <= 200 and _PREFIX.fullmatch(prefix) else ""
+
+
 def _reply(r: registry.Reply) -> JSONResponse:
     return JSONResponse(r.body, status_code=r.status)
 
@@ -228,10 +240,9 @@ class BodyLimit:
     async def _refuse(self, scope: Scope, receive: Receive, send: Send, limit: int) -> None:
         path = scope["path"]
         log.info("http.body_too_large", extra={"path": path, "limit": limit})
-        response = error(
-            413, f"request body exceeds the {limit}-byte limit of {path}{self.hint(path)}"
+        response = too_large(
+            f"request body exceeds the {limit}-byte limit of {path}{self.hint(path)}"
         )
-        response.headers["connection"] = "close"  # the rest of the body is not read
         await response(scope, receive, send)
 
 
@@ -468,7 +479,7 @@ def build_router(coord: Coordinator) -> APIRouter:  # noqa: PLR0915 (one route e
         limit = coord.config.max_blob_bytes
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
-            return _blob_too_large(f"blob of {declared} bytes exceeds the {limit}-byte limit")
+            return too_large(f"blob of {declared} bytes exceeds the {limit}-byte limit")
         # The disk work (writes, fsyncs, the rename) runs in a thread, a batch at a time,
         # so a slow or full disk never stops the event loop, links' heartbeats included.
         digest, size = hashlib.sha256(), 0
@@ -485,7 +496,7 @@ def build_router(coord: Coordinator) -> APIRouter:  # noqa: PLR0915 (one route e
             async for chunk in request.stream():
                 size += len(chunk)
                 if size > limit:
-                    return _blob_too_large(f"blob exceeds the {limit}-byte limit")
+                    return too_large(f"blob exceeds the {limit}-byte limit")
                 pending.append(chunk)
                 held += len(chunk)
                 if held >= UPLOAD_WRITE_BYTES:
@@ -633,6 +644,7 @@ def build_router(coord: Coordinator) -> APIRouter:  # noqa: PLR0915 (one route e
         responses=openapi.JOBS,
     )
     async def list_jobs(
+        request: Request,
         limit: int = Query(default=JOBS_PAGE, ge=1, le=MAX_JOBS_PAGE),
         after: str | None = Query(default=None, max_length=100),
         status: str | None = Query(default=None, max_length=16),
@@ -653,10 +665,11 @@ def build_router(coord: Coordinator) -> APIRouter:  # noqa: PLR0915 (one route e
             query = {"limit": limit, "after": f"{last['created_at']!r},{last['job_id']}"}
             if status is not None:
                 query["status"] = status
-            # A query-only reference (RFC 3986 5.2.2): it resolves to this same path, also
-            # behind a reverse proxy that serves the coordinator under a path prefix, where
-            # the path the app sees (/v1/jobs) would lead outside that prefix.
-            headers["Link"] = f'<?{urlencode(query)}>; rel="next"'
+            # The absolute path, which clients before 0.1 follow (a query-only reference
+            # would end their paging at the first page), under the prefix a reverse proxy
+            # serves the coordinator at, when it says so (X-Forwarded-Prefix).
+            prefix = _forwarded_prefix(request)
+            headers["Link"] = f'<{prefix}/v1/jobs?{urlencode(query)}>; rel="next"'
         return JSONResponse(page, headers=headers)
 
     @get_and_head(
@@ -752,9 +765,9 @@ def build_router(coord: Coordinator) -> APIRouter:  # noqa: PLR0915 (one route e
     return router
 
 
-def _blob_too_large(message: str) -> JSONResponse:
-    """413 for an upload over the blob limit; the connection is closed, so the rest of the
-    body is not read (as BodyLimit's refusal)."""
+def too_large(message: str) -> JSONResponse:
+    """413 for a body over its bound (BodyLimit's, an upload's over the blob limit); the
+    connection is closed, so the rest of the body is not read."""
     response = error(413, message)
     response.headers["connection"] = "close"
     return response

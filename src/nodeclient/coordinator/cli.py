@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ipaddress
 import json
 import logging
 import math
@@ -272,7 +271,7 @@ def _serve(args: argparse.Namespace) -> int:
         requester_token_file=args.requester_token_file,
         metrics_token_file=args.metrics_token_file,
     )
-    if config.requester_token_file is None and not _loopback(args.host):
+    if config.requester_token_file is None and not tlstrust.is_loopback(args.host):
         logging.getLogger("nodeclient.coordinator.http").warning(
             "auth.requester_routes_open",
             extra={"host": args.host, "action": "anyone who reaches this address can submit "
@@ -372,13 +371,6 @@ class WaitTimedOut(NodeClientError):
     """`submit --wait --timeout S` ran out before the job ended: exit 124, as timeout(1)."""
 
     exit_code = 124
-
-
-def _loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return host == "localhost"
 
 
 def _token(args: argparse.Namespace) -> str | None:

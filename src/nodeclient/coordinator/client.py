@@ -18,6 +18,7 @@ import io
 import math
 import ssl
 import time
+import urllib.parse
 from collections.abc import Callable, Mapping
 from typing import Any, Final
 from urllib.parse import urlencode
@@ -67,6 +68,7 @@ class CoordinatorClient:
         """*token*: the bearer token a coordinator with requester tokens asks for. *verify*:
         the certificates to trust (default: tlstrust's, as every nodeclient client)."""
         self.base_url = base_url.rstrip("/")
+        self._prefix = urllib.parse.urlsplit(self.base_url).path  # a proxy's, if any
         headers = dict(httpbody.IDENTITY)
         if token is not None:
             headers["Authorization"] = f"Bearer {token}"
@@ -251,7 +253,7 @@ class CoordinatorClient:
             if not isinstance(batch, list):
                 raise RemoteProtocolError(f"coordinator: {path} did not answer a list")
             out += [_job_object(item, f"GET {path}", tasks=False) for item in batch]
-            path = _next_page(response) if batch else None
+            path = _next_page(response, self._prefix) if batch else None
         return out
 
     def raw_job_result(self, job_id: str) -> bytes:
@@ -313,18 +315,21 @@ def _job_object(value: Any, what: str, *, tasks: bool = True, then: str = "") ->
     return job
 
 
-def _next_page(response: httpx.Response) -> str | None:
-    """The path of the next page of GET /v1/jobs, from the answer's ``Link: <...>;
-    rel="next"``: a query-only reference (``<?limit=...&after=...>``, the same path: it
-    resolves under the coordinator URL's own path, behind a proxy that serves it under a
-    prefix too), or ``</v1/jobs?...>`` from a coordinator before it. Only a page of this
-    coordinator's: a Link elsewhere is not followed."""
+def _next_page(response: httpx.Response, prefix: str = "") -> str | None:
+    """The path of the next page of GET /v1/jobs (under the client's base URL), from the
+    answer's ``Link: <...>; rel="next"``: ``</v1/jobs?...>``, or under *prefix*, the
+    coordinator URL's own path (``</coord/v1/jobs?...>``, from a coordinator a proxy
+    told its prefix), or a query-only reference (``<?limit=...>``, the same path). Only a
+    page of this coordinator's: a Link elsewhere is not followed."""
     nxt = response.links.get("next", {}).get("url")
     if not isinstance(nxt, str):
         return None
     if nxt.startswith("?"):
         return "/v1/jobs" + nxt
-    return nxt if nxt.startswith("/v1/jobs?") else None
+    for start in dict.fromkeys((prefix, "")):
+        if nxt.startswith(start + "/v1/jobs?"):
+            return nxt[len(start) :]
+    return None
 
 
 def _busy_wait(method: str, response: httpx.Response) -> float | None:

@@ -131,7 +131,8 @@ def answers(
     for code, why in errors.items():
         out[code] = {"description": why, "model": Error}
     out["default"] = {
-        "description": "an internal error (500), or a method the path does not take (405)",
+        "description": "an internal error (500), a method the path does not take (405), or "
+        "a body over its bound (413)",
         "model": Error,
     }
     return out

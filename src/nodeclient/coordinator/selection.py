@@ -184,8 +184,11 @@ class Roster:
     lease (load 0), with their last leases (*recency*) as they were when it was built. A
     round copies it (a C-level list copy) instead of weighing every node again: an entry
     of a node with leases, or leased since, is then ahead of its true place, which
-    :class:`Picker` corrects when it pops it. A heap that many leases made stale is
-    dropped (:meth:`drop_idle_heap`) and built again when next asked for.
+    :class:`Picker` corrects when it pops it. Before each copy, the entries at the top
+    that leases made stale are put back in their place in the kept heap itself, once
+    each (O(log nodes) a lease); a heap with many stale entries further down (nodes
+    leased past the top) is dropped (:meth:`drop_idle_heap`) and built again when next
+    asked for.
 
     *recency*: the leases the rounds record, kept by the caller across rosters; a fresh
     one by default.
@@ -269,6 +272,14 @@ class Roster:
             heapq.heapify(heap)
             if len(self._idle_heaps) < MAX_GROUPS:
                 self._idle_heaps[group] = heap
+        else:
+            # Nodes leased since sit at the top, ahead of their true place: put each back
+            # where its last lease puts it once, here, rather than in every round's copy.
+            # (Only the database thread's rounds ask: the heap is never shared.)
+            last = self.recency.last
+            while heap and heap[0][2] != (now := last.get(heap[0][3], 0)):
+                mismatch, load, _, node_id, slots = heap[0]
+                heapq.heapreplace(heap, (mismatch, load, now, node_id, slots))
         return list(heap)
 
     def drop_idle_heap(self, group: _Group) -> None:
@@ -297,8 +308,9 @@ class Picker:
     with its current values. Every pick records its lease in the roster's
     :class:`LeaseOrder`. When a round pops many entries with an out-of-date last lease
     (more than ``max(STALE_MIN, len // 8)``) from a copy of the roster's idle heap, the
-    roster builds that idle heap again for the next round: the correction costs O(1) per
-    lease, amortised, rather than growing with every lease since the idle heap was built.
+    roster builds that idle heap again for the next round. The roster corrects its idle
+    heap's top before each copy (:meth:`Roster.idle_heap`), so with one task a round
+    (every node idle, each lease making the top stale) a round pops about one entry.
     Nodes that already tried the task, or may not take it, are set aside during a pick
     and put back after it. When every eligible node has tried the task, the best of the
     (few) nodes that tried it is chosen, as pick_node does; while some other node could
