@@ -66,8 +66,14 @@ def _name(common: str) -> x509.Name:
     return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common)])
 
 
-def make_pki(directory: Path, *, hosts: tuple[str, ...] = ("127.0.0.1", "localhost")) -> Pki:
-    """A fresh CA and a server certificate for *hosts* (IP addresses or names), valid now."""
+def make_pki(
+    directory: Path,
+    *,
+    hosts: tuple[str, ...] = ("127.0.0.1", "localhost"),
+    starts_in: datetime.timedelta = datetime.timedelta(hours=-1),
+) -> Pki:
+    """A fresh CA and a server certificate for *hosts* (IP addresses or names), valid now
+    (or, the server's, from *starts_in* from now)."""
     now = datetime.datetime.now(datetime.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_cert = (
@@ -98,8 +104,8 @@ def make_pki(directory: Path, *, hosts: tuple[str, ...] = ("127.0.0.1", "localho
         .issuer_name(ca_cert.subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(hours=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
+        .not_valid_before(now + starts_in)
+        .not_valid_after(now + starts_in + datetime.timedelta(days=1))
         .add_extension(x509.SubjectAlternativeName(names), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
@@ -244,6 +250,30 @@ def test_a_certificate_for_another_host_says_so(
     assert "does not name the host" in (tlstrust.trust_fix(refused.value) or "")
 
 
+def test_a_certificate_not_valid_yet_points_at_the_clock(
+    tmp_path: Path, no_cert_env: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A trusted CA, but a certificate valid only from tomorrow: what a node whose clock
+    is behind sees. The fix is the clock, not another CA."""
+    early = make_pki(tmp_path, starts_in=datetime.timedelta(days=1))
+    monkeypatch.setenv(tlstrust.CA_FILE_ENV, str(early.ca))
+    with serving_tls(early) as url, pytest.raises(httpx.ConnectError) as refused:
+        httpx.get(f"{url}/healthz", verify=tlstrust.client_context())
+    fix = tlstrust.trust_fix(refused.value) or ""
+    assert "not valid yet by this machine's clock" in fix and "timedatectl" in fix
+
+
+def test_each_thread_has_a_context_of_its_own(no_cert_env: None) -> None:
+    """httpx sets a context's ALPN protocols at every connection: one context shared by
+    threads connecting at once would be changed under OpenSSL's copy of it."""
+    here = tlstrust.client_context()
+    there: list[ssl.SSLContext] = []
+    thread = threading.Thread(target=lambda: there.append(tlstrust.client_context()))
+    thread.start()
+    thread.join()
+    assert tlstrust.client_context() is here and there and there[0] is not here
+
+
 @pytest.mark.parametrize("content", [None, b"not a certificate\n"])
 def test_a_ca_file_that_cannot_be_loaded_is_one_line(
     tmp_path: Path, no_cert_env: None, monkeypatch: pytest.MonkeyPatch, content: bytes | None
@@ -306,3 +336,19 @@ def test_a_redirect_names_the_coordinator_url_to_use() -> None:
     assert said is not None and said.startswith("redirected to /login: nodeclient follows no")
     assert tlstrust.redirect_message(httpx.Response(404, request=request), "/v1/nodes") is None
     assert tlstrust.redirect_message(httpx.Response(304, request=request), "/v1/nodes") is None
+
+
+def test_a_link_redirect_names_the_coordinator_url_as_http() -> None:
+    """The link's redirect comes as a ws(s):// Location: the coordinator URL to use is
+    its http(s):// base; a Location that is no URL is shown, not followed."""
+    moved, fix = tlstrust.redirect_words(
+        "wss://c.example/coord/v1/link", "ws://127.0.0.1:8000/v1/link", "/v1/link"
+    )
+    assert moved == "redirected to wss://c.example/coord/v1/link"
+    assert (
+        fix == "nodeclient follows no redirects; use https://c.example/coord as the coordinator URL"
+    )
+    moved, fix = tlstrust.redirect_words(
+        "/elsewhere\x1b[2J", "ws://127.0.0.1:8000/v1/link", "/v1/link"
+    )
+    assert moved == "redirected to /elsewhere\\x1b[2J" and "without the API path" in fix

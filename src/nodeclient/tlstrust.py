@@ -19,18 +19,21 @@ host is warned about (:func:`cleartext_warning`), and a redirect is named as one
 
 from __future__ import annotations
 
-import functools
 import ipaddress
 import os
 import ssl
+import threading
+import urllib.parse
 from typing import Final
 
 import httpx
 
 from nodeclient.errors import UsageError
+from nodeclient.text import printable
 
 CA_FILE_ENV: Final = "NODECLIENT_CA_FILE"
 # OpenSSL's verify codes that need another fix than trusting a CA.
+_NOT_YET_VALID: Final = 9  # X509_V_ERR_CERT_NOT_YET_VALID
 _EXPIRED: Final = 10  # X509_V_ERR_CERT_HAS_EXPIRED
 _MISMATCH: Final = (62, 64)  # X509_V_ERR_HOSTNAME_MISMATCH, X509_V_ERR_IP_ADDRESS_MISMATCH
 _MAX_SHOWN: Final = 200  # characters of a Location shown
@@ -51,23 +54,38 @@ _EXPIRED_FIX: Final = (
 )
 
 
+_NOT_YET_VALID_FIX: Final = (
+    "the coordinator's TLS certificate is not valid yet by this machine's clock, which is "
+    "most likely behind: check `date`, and enable time synchronisation (`timedatectl "
+    "set-ntp true`)"
+)
+# Each thread's context and the environment it was built for. One context per thread,
+# not per process: httpx sets a context's ALPN protocols at every connection, which
+# frees what OpenSSL copies from while another thread makes a connection with it.
+_contexts = threading.local()
+
+
 def client_context() -> ssl.SSLContext:
     """The SSLContext every client of a coordinator verifies with (module docstring): built
-    once per process for the environment it sees. UsageError (one line) when
+    once per thread for the environment it sees. UsageError (one line) when
     ``$NODECLIENT_CA_FILE`` cannot be read as PEM certificates."""
     env = os.environ
-    return _context(env.get(CA_FILE_ENV) or None, env.get("SSL_CERT_FILE"), env.get("SSL_CERT_DIR"))
+    key = (env.get(CA_FILE_ENV) or None, env.get("SSL_CERT_FILE"), env.get("SSL_CERT_DIR"))
+    held: tuple[tuple[str | None, ...], ssl.SSLContext] | None = getattr(_contexts, "held", None)
+    if held is None or held[0] != key:
+        held = key, _context(key[0])
+        _contexts.held = held
+    return held[1]
 
 
-@functools.lru_cache(maxsize=4)
-def _context(ca_file: str | None, _cert_file: str | None, _cert_dir: str | None) -> ssl.SSLContext:
-    """The context for one environment: OpenSSL reads SSL_CERT_FILE and SSL_CERT_DIR itself,
-    so they are part of the cache key only."""
+def _context(ca_file: str | None) -> ssl.SSLContext:
+    """A context for the environment as it is (OpenSSL reads SSL_CERT_FILE and
+    SSL_CERT_DIR itself)."""
     import certifi
 
-    # The system store, with verification and host names on. Shared by httpx, which sets
-    # its ALPN to http/1.1 (no client here speaks HTTP/2), and the WebSocket link, whose
-    # upgrade is an HTTP/1.1 request too.
+    # The system store, with verification and host names on. httpx sets its ALPN to
+    # http/1.1 (no client here speaks HTTP/2); the WebSocket link's upgrade is an
+    # HTTP/1.1 request too.
     context = ssl.create_default_context()
     context.load_verify_locations(cafile=certifi.where())
     if ca_file is not None:
@@ -102,6 +120,8 @@ def trust_fix(exc: BaseException) -> str | None:
         return _HOSTNAME_FIX
     if code == _EXPIRED or "certificate has expired" in text:
         return _EXPIRED_FIX
+    if code == _NOT_YET_VALID or "not yet valid" in text:
+        return _NOT_YET_VALID_FIX
     return TRUST_FIX
 
 
@@ -155,21 +175,33 @@ def redirect_parts(response: httpx.Response, api_path: str) -> tuple[str, str] |
     location = response.headers.get("location")
     if not 300 <= response.status_code < 400 or not location:
         return None
+    try:
+        asked = str(response.request.url)
+    except RuntimeError:  # an answer made without a request
+        asked = None
+    return redirect_words(location, asked, api_path)
+
+
+def redirect_words(location: str, asked: str | None, api_path: str) -> tuple[str, str]:
+    """``redirected to <Location>``, and what to do: the coordinator URL to use when the
+    Location is *api_path* under another base URL (resolved against the URL *asked*;
+    ws:// and wss:// count as http:// and https://)."""
     base = None
     try:
-        resolved = response.request.url.join(location)
-    except (httpx.InvalidURL, RuntimeError):  # a Location that is no URL, no request
+        resolved = urllib.parse.urlsplit(urllib.parse.urljoin(asked or "", location))
+    except ValueError:  # a Location that is no URL
         resolved = None
-    if resolved is not None and resolved.path.endswith(api_path):
+    if resolved is not None and resolved.netloc and resolved.path.endswith(api_path):
         # The same API path under another base URL: that base is the coordinator URL.
+        scheme = {"ws": "http", "wss": "https"}.get(resolved.scheme, resolved.scheme)
         prefix = resolved.path[: -len(api_path)].rstrip("/")
-        base = f"{resolved.scheme}://{resolved.netloc.decode('ascii')}{prefix}"
+        base = f"{scheme}://{resolved.netloc}{prefix}"
     use = f"use {_shown(base)} as the coordinator URL" if base else (
         "use the URL it leads to, without the API path, as the coordinator URL")  # fmt: skip
     return f"redirected to {_shown(location)}", f"nodeclient follows no redirects; {use}"
 
 
 def _shown(text: str) -> str:
-    """*text* as one printable line of at most _MAX_SHOWN characters."""
-    line = "".join(c if c.isprintable() else "?" for c in text)
+    """*text* as one printable line (text.printable) of at most _MAX_SHOWN characters."""
+    line = printable(text)
     return line if len(line) <= _MAX_SHOWN else line[: _MAX_SHOWN - 3] + "..."

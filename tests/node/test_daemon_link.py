@@ -1061,8 +1061,8 @@ def test_the_link_follows_no_redirect(
         daemon.outbox.close()
     assert reached == []
     assert len(asked) == 2 and waits.attempts == [0]
-    assert f"redirect (302) to {target!r}" in daemon.link.last_error
-    assert "does not follow redirects: configure the final URL" in daemon.link.last_error
+    assert f"the link was redirected to {target} (302)" in daemon.link.last_error
+    assert "nodeclient follows no redirects; use the URL it leads to" in daemon.link.last_error
 
 
 def test_a_result_is_logged_as_sent_only_when_the_link_took_it(

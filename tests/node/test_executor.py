@@ -1114,6 +1114,40 @@ def test_a_worker_that_exits_while_idle_is_reported_at_once(
     assert not slot.alive and slot.killed == "exited while idle"
 
 
+def test_a_worker_that_closes_its_stderr_while_idle_is_killed(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its stderr closed but the worker runs on (after the wait for its exit): it cannot be
+    trusted, so it is killed, and said. One given a task meanwhile is left to that task,
+    which reports what becomes of it."""
+    monkeypatch.setattr(slots, "_REAP_TIMEOUT", 0.5)
+    closes = "time.sleep(0.2)\nos.close(2)\ntime.sleep(60)"
+    idle, taken = (
+        _scripted_slot(tmp_path, after_ready=closes),
+        _scripted_slot(tmp_path, after_ready=closes),
+    )
+
+    async def scenario() -> int | None:
+        await idle.start(timeout=30)
+        await taken.start(timeout=30)
+        await asyncio.sleep(0.4)  # both closed stderr; their waits for the exit run
+        taken.busy = True  # a task arrived meanwhile
+        for slot in (idle, taken):
+            assert slot.drain is not None
+            await asyncio.wait_for(slot.drain, 10)
+        assert taken.killed is None
+        taken.kill("test over")
+        await taken.reap(10)
+        return await idle.reap(10)
+
+    with caplog.at_level(logging.WARNING, logger="nodeclient.node"):
+        rc = asyncio.run(scenario())
+    assert rc is not None and rc < 0  # killed
+    assert idle.killed == "closed its stderr while idle"
+    (record,) = [r for r in caplog.records if r.getMessage() == "worker.exited_idle"]
+    assert record.__dict__["status"] is None and record.__dict__["reason"] == "still running"
+
+
 def test_a_fresh_worker_starts_only_once_the_killed_one_has_exited(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -727,6 +727,15 @@ def test_usable_tells_missing_from_broken(monkeypatch: pytest.MonkeyPatch) -> No
     ok, why = usable()
     assert not ok and "installed but does not import" in why and "NumPy 1.x" in why
     assert "pip install --upgrade onnxruntime onnx" in why
+
+    def without_protobuf(name: str, *args: Any, **kwargs: Any) -> Any:
+        if name == "onnx":  # onnx is there, but what it imports is not
+            raise ModuleNotFoundError("No module named 'google'", name="google")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", without_protobuf)
+    ok, why = usable()
+    assert not ok and "installed but does not import" in why and "'google'" in why
     monkeypatch.setattr(builtins, "__import__", real_import)
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import fails: not installed
     ok, why = usable()

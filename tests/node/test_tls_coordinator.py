@@ -290,6 +290,28 @@ def test_unstake_warns_about_plain_http_to_another_host(
     assert "cleartext" in err
 
 
+@pytest.mark.parametrize("body", [b"<html>301 Moved Permanently</html>", b""])
+def test_unstake_redirected_to_https_says_which_url_to_use(
+    home: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], body: bytes
+) -> None:
+    """A proxy's redirect (with a page, or none) was reported as non-JSON, or as the
+    coordinator refusing the unstake: it is named, with the coordinator URL to use."""
+    real_client = httpx.Client
+
+    def proxy(request: httpx.Request) -> httpx.Response:
+        where = "https://c.example" + request.url.path  # the same path, over https
+        return httpx.Response(308 if not body else 301, headers={"Location": where}, content=body)
+
+    transport = httpx.MockTransport(proxy)
+    monkeypatch.setattr(httpx, "Client", lambda **kw: real_client(**{**kw, "transport": transport}))
+    capsys.readouterr()
+    argv = ["unstake", "--home", str(home), "--coordinator", "http://127.0.0.1:8000/coord"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "unstake failed: redirected to https://c.example/coord/v1/nodes/" in err
+    assert "use https://c.example/coord as the coordinator URL" in err and "refused" not in err
+
+
 # --- a proxy that does not pass WebSocket upgrades ---------------------------------------------
 
 
@@ -330,3 +352,25 @@ def test_a_link_refused_as_plain_http_names_the_proxy(tmp_path: Path, events: Ev
     assert daemon.link.last_error.endswith(f"; fix: {link_module.LINK_PROXY_FIX}")
     (record,) = events.named("link.error")
     assert record.__dict__["fix"] == link_module.LINK_PROXY_FIX
+
+
+def test_doctor_opens_the_link_with_the_daemons_trust_whatever_the_schemes_case(
+    pki: Pki, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`HTTPS://` is a coordinator URL the daemon takes: doctor's link check derives the
+    link's URL and trust as the daemon does (link.link_target), so the private CA named
+    in NODECLIENT_CA_FILE is trusted there too."""
+    monkeypatch.setenv(tlstrust.CA_FILE_ENV, str(pki.ca))
+
+    async def challenge(ws: ServerConnection) -> None:
+        await ws.send(json.dumps({"type": "challenge"}))
+        await ws.wait_closed()
+
+    async def check(scheme: str) -> doctor.Check:
+        async with serve(challenge, "127.0.0.1", 0, ssl=pki.server_context()) as server:
+            port = server.sockets[0].getsockname()[1]
+            return await asyncio.to_thread(doctor.check_link, f"{scheme}://127.0.0.1:{port}")
+
+    for scheme in ("https", "HTTPS"):
+        result = asyncio.run(check(scheme))
+        assert result.level is doctor.Level.OK, (scheme, result)

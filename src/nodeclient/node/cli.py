@@ -116,7 +116,7 @@ def cmd_unstake(args: argparse.Namespace) -> int:
             "have been accepted: run `nodeclient status` to see the cooldown before sending "
             "it again"
         ) from exc
-    ends, until = _unstake_answer(resp, url)
+    ends, until = _unstake_answer(resp, url, f"/v1/nodes/{node_key.address}/unstake")
     if until <= clock.now():  # unstaked before: the cooldown it started is over
         print(f"this node's cooldown ended at {ends}: {RETIRED}")
         return 0
@@ -128,13 +128,17 @@ def cmd_unstake(args: argparse.Namespace) -> int:
     return 0
 
 
-def _unstake_answer(resp: httpx.Response, url: str) -> tuple[str, float]:
-    """When the cooldown ends (as text, and the time), from the coordinator's answer;
-    anything else is one line.
+def _unstake_answer(resp: httpx.Response, url: str, api_path: str) -> tuple[str, float]:
+    """When the cooldown ends (as text, and the time), from the coordinator's answer to
+    *api_path*; anything else is one line.
 
     A proxy in front of the coordinator may answer with an HTML page, and a wrong URL
-    with anything at all: neither is shown (it can be pages long), only what it was.
+    with anything at all: neither is shown (it can be pages long), only what it was. A
+    redirect (http:// to https://, say) is named with the URL to use.
     """
+    moved = tlstrust.redirect_message(resp, api_path)
+    if moved is not None:
+        raise UsageError(f"unstake failed: {moved}")
     status = resp.status_code
     try:
         body = resp.json() if resp.content else {}

@@ -423,12 +423,11 @@ def check_link(url: str, *, timeout: float = 5.0) -> Check:
     from websockets.exceptions import InvalidStatus, WebSocketException
     from websockets.sync.client import connect
 
-    from nodeclient.node.link import LINK_PROXY_FIX, proxy_fix
+    from nodeclient.node.link import LINK_PROXY_FIX, link_target, proxy_fix
 
-    ws_url = "ws" + url.rstrip("/")[len("http") :] + "/v1/link"
-    tls = tlstrust.client_context() if ws_url.startswith("wss:") else None  # ws: none
+    ws_url, tls = link_target(url)  # the daemon's URL and trust
     try:
-        with connect(ws_url, open_timeout=timeout, max_size=1 << 16, ssl=tls) as ws:
+        with connect(ws_url, open_timeout=timeout, max_size=1 << 16, **tls) as ws:
             first = ws.recv(timeout=timeout)
     except (OSError, TimeoutError, WebSocketException) as exc:
         fix = tlstrust.trust_fix(exc) or proxy_fix(exc)

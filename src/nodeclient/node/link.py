@@ -82,6 +82,16 @@ LINK_PROXY_FIX: Final = (
 )
 
 
+def link_target(url: str) -> tuple[str, dict[str, Any]]:
+    """The link's WebSocket URL under coordinator URL *url*, and the TLS arguments of its
+    connection: for wss://, the one trust store of every client of the coordinator
+    (tlstrust); ws:// takes no SSL context at all. (The scheme's case is any: HTTPS://
+    gives wss too.)"""
+    ws_url = "ws" + url.rstrip("/")[len("http") :] + "/v1/link"
+    secure = urllib.parse.urlsplit(ws_url).scheme == "wss"
+    return ws_url, {"ssl": tlstrust.client_context()} if secure else {}
+
+
 def proxy_fix(exc: BaseException) -> str | None:
     """What to do about a link the coordinator's side answered as plain HTTP, or None."""
     if isinstance(exc, InvalidStatus) and exc.response.status_code in (404, 426):
@@ -98,12 +108,8 @@ class _NoRedirects(connect):
     def process_redirect(self, exc: Exception) -> Exception | str:
         if not isinstance(exc, InvalidStatus) or "Location" not in exc.response.headers:
             return exc
-        where = exc.response.headers["Location"]
-        return InvalidHandshake(
-            f"the coordinator answered the link with a redirect "
-            f"({exc.response.status_code}) to {where[:100]!r}; the node does not follow "
-            "redirects: configure the final URL (--coordinator)"
-        )
+        moved, fix = tlstrust.redirect_words(exc.response.headers["Location"], self.uri, "/v1/link")
+        return InvalidHandshake(f"the link was {moved} ({exc.response.status_code}): {fix}")
 
 
 class RegistrationRefused(NeedsOperator):
@@ -365,11 +371,7 @@ class LinkClient(TaskDispatcher):
             self.session.connection_lost()
 
     async def _connect_once(self) -> None:
-        ws_url = "ws" + self.url[len("http") :] + "/v1/link"
-        # wss: the one trust store of every client of the coordinator (tlstrust); ws://
-        # takes no SSL context at all.
-        secure = urllib.parse.urlsplit(ws_url).scheme == "wss"
-        tls: dict[str, Any] = {"ssl": tlstrust.client_context()} if secure else {}
+        ws_url, tls = link_target(self.url)
         self._set_link("connecting")
         async with _NoRedirects(ws_url, **LINK_OPTIONS, **tls) as ws:
             # asyncio.timeout, not wait_for: on 3.11 wait_for drops a cancel (a stop) that

@@ -221,10 +221,13 @@ class Slot:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(_REAP_TIMEOUT):
                 await proc.wait()
-        if proc is not self.proc or self.killed is not None:
-            return  # meanwhile replaced, or killed by the daemon after all
+        if proc is not self.proc or self.killed is not None or self.busy or self.settling:
+            return  # meanwhile replaced, killed by the daemon, or given a task: it says
         status = proc.returncode
-        self.killed = "exited while idle"
+        if status is None:  # its stderr closed, yet it runs on: it cannot be trusted
+            self.kill("closed its stderr while idle")
+        else:
+            self.killed = "exited while idle"
         log.warning(
             "worker.exited_idle",
             extra={

@@ -126,9 +126,11 @@ def usable() -> tuple[bool, str]:
     try:
         import onnx  # noqa: F401  # needed to vet models before loading them
         import onnxruntime as ort
-    except ModuleNotFoundError as exc:
-        return False, f"onnxruntime or onnx is not installed: {exc}"
-    except ImportError as exc:  # e.g. a build for NumPy 1 under NumPy 2
+    except ImportError as exc:
+        if isinstance(exc, ModuleNotFoundError) and exc.name in ("onnx", "onnxruntime"):
+            return False, f"onnxruntime or onnx is not installed: {exc}"
+        # Installed, but it does not import: a build for NumPy 1 under NumPy 2, or a
+        # dependency of it missing (protobuf for onnx).
         return False, (
             f"onnxruntime or onnx is installed but does not import: {exc}; reinstall them "
             "into nodeclient's own Python (pip install --upgrade onnxruntime onnx)"
