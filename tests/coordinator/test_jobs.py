@@ -15,6 +15,7 @@ import pytest
 from eth_account import Account
 from eth_account.messages import encode_typed_data
 from sqlalchemy import func, select
+from sqlalchemy.exc import OperationalError
 
 from nodeclient.coordinator import classes, results
 from nodeclient.coordinator import models as m
@@ -26,6 +27,7 @@ from tests.coordinator.conftest import (
     RECV_TIMEOUT,
     Running,
     SimNode,
+    closed_code,
     inference_payload,
     inference_result,
     make_node,
@@ -605,6 +607,39 @@ def test_a_result_check_that_breaks_rejects_the_result_and_keeps_the_link(
     assert ack["reason"] == "the result could not be checked (RecursionError)"
     assert node.call(node.heartbeat())["type"] == "heartbeat_ack"  # the same link
     assert coordinator.client.job(job["job_id"])["status"] == "running"
+
+
+def test_a_database_error_under_a_result_check_is_no_rejection(
+    coordinator: Running, rsa_keys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A check's read of the database that fails (the task's payload read cancelled by a
+    statement timeout, the server gone): the transaction is lost, so the result cannot
+    be judged. It was answered 'rejected', which the node takes as final, and a valid
+    result was thrown away. Now the link closes as for any database failure (1011), no
+    ack is sent, and the node's resend after relinking is accepted."""
+    node = make_node(rsa_keys, 0)
+    _ready(coordinator, node)
+    payload, job, dispatch = _submit_and_dispatch(coordinator, node)
+    wclass = classes.REGISTRY["ai.inference"]
+
+    def check(*_args: object, **_kw: object) -> None:
+        raise OperationalError(
+            "SELECT tasks.payload", {}, Exception("canceling statement due to statement timeout")
+        )
+
+    monkeypatch.setitem(
+        classes.REGISTRY, "ai.inference", dataclasses.replace(wclass, check_result=check)
+    )
+    result = inference_result(payload, VALUES)
+    node.send(node.result(dispatch, result))
+    assert node.ws is not None
+    code, reason = closed_code(node.ws)
+    assert (code, reason) == (1011, "coordinator database unavailable; link again later")
+    monkeypatch.setitem(classes.REGISTRY, "ai.inference", wclass)
+    coordinator.link(node)
+    ack = node.call(node.result(dispatch, result))
+    assert ack["status"] == "accepted", ack
+    assert coordinator.wait_job(job["job_id"], "succeeded")["status"] == "succeeded"
 
 
 @pytest.mark.parametrize("field", ["model_url", "outputs"])

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import select
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from nodeclient.coordinator import classes, rounds, store
@@ -267,21 +268,11 @@ def accept_result_tx(  # noqa: PLR0911 (one early answer per check)
     if task.status in (m.FAILED, m.CANCELLED):
         return Decision("rejected", f"task {tid} is {task.status}: {task.reason}")
     job = session.get_one(m.Job, task.job_id)
-    try:
-        classes.lookup(job.workload_class).check(
-            claim.result, json.loads(job.meta), max_payload, task=lambda: task.payload
-        )
-    except ProtocolError as exc:
-        lost = None
-        if task.status == m.LEASED and task.node_id == claim.node_id:
-            lost = requeue_or_fail(
-                session, task, outcome="rejected", now=now, max_attempts=max_attempts,
-                detail=f"node {claim.node_id} returned a result that failed the checks: {exc}",
-            )  # fmt: skip
-        return Decision("rejected", str(exc), lost=lost)
-    except Exception as exc:  # a check that broke on it: fail closed, keep the link
-        log.exception("result.check_failed", extra={"task_id": tid})
-        return Decision("rejected", f"the result could not be checked ({type(exc).__name__})")
+    refused = _check(
+        session, task, job, claim, now=now, max_payload=max_payload, max_attempts=max_attempts
+    )
+    if refused is not None:
+        return refused
     cancel: tuple[tuple[str, str], ...] = ()
     if task.status == m.LEASED and task.node_id not in (None, claim.node_id):
         # A late result from an earlier lease wins; the current holder is told to stop.
@@ -302,6 +293,41 @@ def accept_result_tx(  # noqa: PLR0911 (one early answer per check)
     return Decision(
         "accepted", event="result.accepted", job_done=_finish_job(session, job, now), cancel=cancel
     )
+
+
+def _check(
+    session: Session,
+    task: m.Task,
+    job: m.Job,
+    claim: ResultClaim,
+    *,
+    now: float,
+    max_payload: int,
+    max_attempts: int,
+) -> Decision | None:
+    """The class's checks of the result (format, shape, what the job asked for): None when
+    it passes, else the rejection (the task re-queued if this node holds it)."""
+    try:
+        classes.lookup(job.workload_class).check(
+            claim.result, json.loads(job.meta), max_payload, task=lambda: task.payload
+        )
+    except ProtocolError as exc:
+        lost = None
+        if task.status == m.LEASED and task.node_id == claim.node_id:
+            lost = requeue_or_fail(
+                session, task, outcome="rejected", now=now, max_attempts=max_attempts,
+                detail=f"node {claim.node_id} returned a result that failed the checks: {exc}",
+            )  # fmt: skip
+        return Decision("rejected", str(exc), lost=lost)
+    except SQLAlchemyError:
+        # The database failed under the check (the task's payload read cancelled, the
+        # server gone): its transaction is lost and the result unjudged. No answer: the
+        # link closes as for any database failure, and the node sends it again.
+        raise
+    except Exception as exc:  # a check that broke on it: fail closed, keep the link
+        log.exception("result.check_failed", extra={"task_id": task.task_id})
+        return Decision("rejected", f"the result could not be checked ({type(exc).__name__})")
+    return None
 
 
 def _handed_back_before(session: Session, task: m.Task, node_id: str) -> bool:
