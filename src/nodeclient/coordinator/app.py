@@ -23,8 +23,10 @@ from fastapi import FastAPI, Request, WebSocket
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
+from sqlalchemy.exc import DBAPIError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import BaseRoute
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from nodeclient import __version__
 from nodeclient.clock import Clock, SystemClock
@@ -44,12 +46,23 @@ from nodeclient.coordinator.openapi import with_bearer
 from nodeclient.coordinator.registry import forget_manifests, forget_nodes
 from nodeclient.coordinator.scheduler import Scheduler, fail_stalled_jobs
 from nodeclient.coordinator.service import Coordinator
-from nodeclient.coordinator.store import Database
+from nodeclient.coordinator.store import ClaimLost, Database
 from nodeclient.coordinator.tokens import METRICS, REQUESTER, TokenAuth, TokenSet
 from nodeclient.errors import UsageError, is_disk_full
 
 log = logging.getLogger("nodeclient.coordinator.http")
 housekeeping_logger = logging.getLogger("nodeclient.coordinator.housekeeping")
+db_log = logging.getLogger("nodeclient.coordinator.database")
+
+# How often a coordinator on PostgreSQL checks that it still holds the database's
+# advisory lock (one coordinator per database): a server restart or a terminated session
+# drops it without a word, and another coordinator could then start on the same database.
+CLAIM_CHECK_INTERVAL_S = 30.0
+DATABASE_UNAVAILABLE: Final = "the coordinator's database is unavailable; try again shortly"
+RETRY_AFTER_S: Final = 5
+# While the database stays unavailable, a reminder with the count of failed requests at
+# most this often (a busy API would otherwise log every request).
+OUTAGE_LOG_INTERVAL_S: Final = 60.0
 
 
 async def housekeeping(coord: Coordinator, scheduler: Scheduler) -> None:
@@ -75,6 +88,161 @@ async def housekeeping(coord: Coordinator, scheduler: Scheduler) -> None:
                 await step()
             except Exception:  # a full disk, a database hiccup: try again next time
                 housekeeping_logger.exception(event)
+
+
+async def watch_claim(db: Database, *, interval: float) -> ClaimLost:
+    """Every *interval* seconds, check that this coordinator still holds its database
+    (:meth:`Database.check_claim`): a claim that went away with its session is taken
+    again (``database.claim_retaken``). Returns, having logged ``database.claim_lost``,
+    once another coordinator holds it: two would lease and accept the same tasks."""
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            held = await db.check_claim()
+        except ClaimLost as exc:
+            db_log.error(
+                "database.claim_lost",
+                extra={"error": str(exc), "action": "this coordinator stops serving"},
+            )
+            return exc
+        except DBAPIError as exc:  # the database unreachable: checked again next time
+            db_log.debug("database.claim_check_failed", extra={"error": str(exc)})
+            continue
+        except Exception:  # noqa: BLE001 (a bug: logged with its trace, checked again next time)
+            db_log.exception("database.claim_check_failed")
+            continue
+        if not held:
+            db_log.warning(
+                "database.claim_retaken",
+                extra={"action": "the database's session was lost (a restart?); taken again"},
+            )
+
+
+def is_unavailable(exc: BaseException) -> bool:
+    """Whether a database error says the database cannot be used right now (a server
+    down or restarting, a connection lost), rather than that a statement was wrong."""
+    return isinstance(exc, OperationalError) or (
+        isinstance(exc, DBAPIError) and exc.connection_invalidated
+    )
+
+
+class DatabaseOutage:
+    """An outage as the HTTP API meets it, logged as it begins (``database.unavailable``),
+    at most every OUTAGE_LOG_INTERVAL_S while it lasts, and once a database call succeeds
+    again (``database.back``), instead of a traceback per request."""
+
+    def __init__(self, db: Database, monotonic: Callable[[], float]) -> None:
+        self._db = db
+        self._monotonic = monotonic
+        self.down = False
+        self._since = self._logged = 0.0
+        self._failed = 0
+        self._mark = 0  # the database's successful calls when the last request failed
+
+    def failed(self, exc: BaseException, where: dict[str, object]) -> None:
+        """A request failed on the database."""
+        now = self._monotonic()
+        self._mark = self._db.calls_ok
+        self._failed += 1
+        if not self.down:
+            self.down, self._since, self._logged, self._failed = True, now, now, 1
+            db_log.warning("database.unavailable", extra={**where, "error": str(exc)})
+        elif now - self._logged >= OUTAGE_LOG_INTERVAL_S:
+            self._logged = now
+            db_log.warning(
+                "database.still_unavailable",
+                extra={"failed_requests": self._failed, "down_s": round(now - self._since, 1)},
+            )
+
+    def poll(self) -> None:
+        """After a request: whether a database call succeeded since the last failure."""
+        if self.down and self._db.calls_ok != self._mark:
+            self.down = False
+            db_log.warning(
+                "database.back",
+                extra={
+                    "failed_requests": self._failed,
+                    "down_s": round(self._monotonic() - self._since, 1),
+                },
+            )
+
+
+class OutageWatch:
+    """ASGI middleware: after each request during an outage, whether it has ended."""
+
+    def __init__(self, app: ASGIApp, outage: DatabaseOutage) -> None:
+        self.app = app
+        self.outage = outage
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            if self.outage.down:
+                self.outage.poll()
+
+
+class Serving:
+    """What runs beside the server, from its start to its stop: the scheduler, the
+    housekeeping and the check of the claim on the database (the app's lifespan)."""
+
+    def __init__(self, coord: Coordinator, scheduler: Scheduler) -> None:
+        self.coord = coord
+        self.scheduler = scheduler
+        self.lost: ClaimLost | None = None  # the claim on the database, once lost
+        self._background: list[asyncio.Task[None]] = []
+        self._stopped = False
+
+    async def stop(self) -> None:
+        """Stop the background work, close the links and the database (once)."""
+        if self._stopped:
+            return
+        self._stopped = True
+        coord = self.coord
+        for task in self._background:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await coord.stop_background()  # dispatches and cancels in flight, before the db
+        for link in list(coord.links.values()):
+            await link.close(1001, "coordinator shutting down")
+        await coord.heartbeats.close()  # what was acknowledged before its commit
+        coord.close_cpu()
+        coord.db.close()
+
+    async def _guard_claim(self) -> None:
+        self.lost = await watch_claim(self.coord.db, interval=CLAIM_CHECK_INTERVAL_S)
+        # Another coordinator serves this database now: stop at once (links closed,
+        # nothing more committed), then leave the event loop and the process with a
+        # failure status (the cli lets SystemExit through). The server's own shutdown
+        # does not run: the loop's tasks are cancelled, the lifespan's among them.
+        await self.stop()
+        raise SystemExit(self.lost.exit_code)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, _app: FastAPI) -> AsyncIterator[None]:
+        self._background = [
+            asyncio.create_task(self.scheduler.run(), name="coordinator-scheduler"),
+            asyncio.create_task(
+                housekeeping(self.coord, self.scheduler), name="coordinator-housekeeping"
+            ),
+        ]
+        claim = asyncio.create_task(self._guard_claim(), name="coordinator-claim")
+        try:
+            yield
+        except asyncio.CancelledError:
+            if self.lost is None:
+                raise
+            # Cancelled as the event loop ends after a lost claim: stopped already, and
+            # not a failed shutdown to report.
+        finally:
+            if claim.done() and not claim.cancelled():
+                claim.exception()  # its SystemExit did what it was for: no stray error
+            else:
+                claim.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await claim
+            await self.stop()
 
 
 def private_dir(path: Path) -> None:
@@ -161,34 +329,18 @@ def create_app(config: CoordinatorConfig, *, clock: Clock | None = None) -> Fast
         raise
     scheduler = Scheduler(coord)
 
-    @contextlib.asynccontextmanager
-    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        task = asyncio.create_task(scheduler.run(), name="coordinator-scheduler")
-        sweeper = asyncio.create_task(
-            housekeeping(coord, scheduler), name="coordinator-housekeeping"
-        )
-        try:
-            yield
-        finally:
-            for background in (task, sweeper):
-                background.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await background
-            await coord.stop_background()  # dispatches and cancels in flight, before the db
-            for link in list(coord.links.values()):
-                await link.close(1001, "coordinator shutting down")
-            await coord.heartbeats.close()  # what was acknowledged before its commit
-            coord.close_cpu()
-            db.close()
+    serving = Serving(coord, scheduler)
 
     app = FastAPI(
         title="nodeclient reference coordinator",
         version=__version__,
-        lifespan=lifespan,
+        lifespan=serving.lifespan,
         description="Registration, node link, scheduling and results (spec 2.3.3-2.3.7).",
     )
     app.state.coordinator = coord
     app.state.scheduler = scheduler
+    outage = DatabaseOutage(db, coord.monotonic)
+    app.add_middleware(OutageWatch, outage=outage)  # innermost: after each request
     # Bodies are bounded before any route reads them (api.py: BodyLimit).
     app.add_middleware(
         BodyLimit,
@@ -200,6 +352,19 @@ def create_app(config: CoordinatorConfig, *, clock: Clock | None = None) -> Fast
     app.add_middleware(Stalls)  # inside ServerHooks: it drops stalled clients by its abort
     app.add_middleware(ServerHooks)  # outermost but for errors: sees the server's send
 
+    router = build_router(coord)
+    _add_errors(app, outage, router.routes)
+    app.include_router(router)
+    if REQUESTER in guards:
+        with_bearer(app)
+
+    _add_link(app, coord)
+    return app
+
+
+def _add_errors(app: FastAPI, outage: DatabaseOutage, routes: Sequence[BaseRoute]) -> None:
+    """The JSON errors: invalid requests, HTTP errors, the database's, everything else."""
+
     @app.exception_handler(RequestValidationError)
     async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
@@ -208,7 +373,19 @@ def create_app(config: CoordinatorConfig, *, clock: Clock | None = None) -> Fast
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return http_error(exc, router.routes, request.url.path)
+        return http_error(exc, routes, request.url.path)
+
+    @app.exception_handler(DBAPIError)
+    async def _database(request: Request, exc: Exception) -> JSONResponse:
+        # Handled inside the routes' error layer, so never re-raised to the server (the
+        # Exception handler's are): a database outage is one warning and a 503 that
+        # clients retry, not two tracebacks per request and a reset connection.
+        if is_disk_full(exc) or not is_unavailable(exc):
+            return await _unexpected(request, exc)
+        outage.failed(exc, {"method": request.method, "path": request.url.path})
+        response = error(503, DATABASE_UNAVAILABLE)
+        response.headers["Retry-After"] = str(RETRY_AFTER_S)
+        return response
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
@@ -224,14 +401,6 @@ def create_app(config: CoordinatorConfig, *, clock: Clock | None = None) -> Fast
             exc_info=exc,
         )
         return error(500, "internal error in the coordinator: logged as http.unexpected_error")
-
-    router = build_router(coord)
-    app.include_router(router)
-    if REQUESTER in guards:
-        with_bearer(app)
-
-    _add_link(app, coord)
-    return app
 
 
 def _add_link(app: FastAPI, coord: Coordinator) -> None:

@@ -46,6 +46,7 @@ from collections.abc import Iterable, Sequence
 
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 from sqlalchemy import select
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from nodeclient.coordinator import models as m
@@ -68,6 +69,7 @@ from nodeclient.protocol import envelope, messages
 log = logging.getLogger("nodeclient.coordinator.scheduler")
 ROUND_REST = 3.0  # a round that took d seconds is followed by at least this many d of rest
 START_GRACE_S = 90.0  # after a start, before deadlines that passed meanwhile are enforced
+OUTAGE_LOG_INTERVAL_S = 60.0  # while the database fails every round: a reminder at most this often
 
 
 async def fail_stalled_jobs(coord: Coordinator, scheduler: Scheduler) -> int:
@@ -112,6 +114,9 @@ class Scheduler:
         self._recency = LeaseOrder()
         # The last candidate list and the coordinator's roster_version it was built at.
         self._roster: tuple[int, Roster] = (-1, Roster((), recency=self._recency))
+        # While the database fails every round: (when it began, rounds failed, when last
+        # logged), on the monotonic clock; None while it answers.
+        self._outage: tuple[float, int, float] | None = None
 
     def roster(self) -> Roster:
         """Linked, online, not unstaking nodes; rebuilt only when the roster changed."""
@@ -174,10 +179,7 @@ class Scheduler:
                     await event.wait()
             event.clear()
             started = loop.time()
-            try:
-                await self.tick()
-            except Exception:  # the loop must survive; the failure is logged with its trace
-                log.exception("scheduler.error")
+            await self.run_round()
             # Wake-ups during the rest are served together by the next round. A round that
             # took d seconds (10,000 candidates to weigh) rests ROUND_REST * d (at most
             # schedule_interval), so rounds take a bounded share of the event loop and
@@ -185,6 +187,50 @@ class Scheduler:
             took = loop.time() - started
             rest = min(ROUND_REST * took, cfg.schedule_interval)
             await asyncio.sleep(max(gap - took, rest, 0.0))
+
+    async def run_round(self) -> None:
+        """One round (:meth:`tick`), whose failure is logged, never raised: the loop must
+        survive. A database that cannot be reached (down, restarting) fails every round,
+        twice a second: that is one warning as it begins, a reminder with the count at
+        most every OUTAGE_LOG_INTERVAL_S, and one line when a round succeeds again, not
+        a traceback per round. Any other failure is logged with its trace."""
+        try:
+            await self.tick()
+        except OperationalError as exc:
+            self._database_failed(exc)
+        except Exception:
+            log.exception("scheduler.error")
+        else:
+            if self._outage is not None:
+                since, failed, _ = self._outage
+                self._outage = None
+                log.warning(
+                    "scheduler.database_back",
+                    extra={
+                        "failed_rounds": failed,
+                        "down_s": round(self.coord.monotonic() - since, 1),
+                    },
+                )
+
+    def _database_failed(self, exc: OperationalError) -> None:
+        now = self.coord.monotonic()
+        if self._outage is None:
+            self._outage = (now, 1, now)
+            log.warning("scheduler.database_unavailable", extra={"error": str(exc.orig or exc)})
+            return
+        since, failed, logged = self._outage
+        failed += 1
+        if now - logged >= OUTAGE_LOG_INTERVAL_S:
+            logged = now
+            log.warning(
+                "scheduler.database_unavailable",
+                extra={
+                    "failed_rounds": failed,
+                    "down_s": round(now - since, 1),
+                    "error": str(exc.orig or exc),
+                },
+            )
+        self._outage = (since, failed, logged)
 
     async def tick(self) -> None:
         """One round: offline check, lease expiry, then assignment and dispatch."""

@@ -50,9 +50,12 @@ from sqlalchemy import (
     func,
     or_,
     select,
+    text,
     update,
 )
+from sqlalchemy.engine import make_url
 from sqlalchemy.engine.interfaces import DBAPIConnection
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import InstrumentedAttribute, Session
 from sqlalchemy.pool import ConnectionPoolEntry
 
@@ -86,8 +89,34 @@ def _sqlite_begin(conn: Connection) -> None:
     conn.exec_driver_sql("BEGIN")
 
 
+# PostgreSQL connections find a server that vanished (a failover, a cut network) within
+# seconds, not hours: without these, a query on a connection whose server went away
+# without a FIN waited for the kernel's retransmissions to give up, and held the database
+# thread (every transaction, the shutdown too) all that time. libpq parameters, which
+# psycopg takes as keyword arguments: give up connecting after 10 s; probe an idle
+# connection after 10 s of silence, 3 probes 5 s apart; and drop one whose sent data has
+# gone unacknowledged for 30 s (tcp_user_timeout, in ms), which keepalive alone misses
+# while a query waits to be sent.
+PG_CONNECT_ARGS: Final[dict[str, int]] = {
+    "connect_timeout": 10,
+    "keepalives": 1,
+    "keepalives_idle": 10,
+    "keepalives_interval": 5,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 30_000,
+}
+
+
 def make_engine(url: str) -> Engine:
-    engine = create_engine(url, future=True)
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "postgresql":
+        # The URL's own parameters (?connect_timeout=3) win over these defaults.
+        connect_args = {k: v for k, v in PG_CONNECT_ARGS.items() if k not in parsed.query}
+        # pool_pre_ping: a pooled connection that died with its server (a restart) is
+        # replaced when checked out, instead of failing the transaction given it.
+        engine = create_engine(url, future=True, pool_pre_ping=True, connect_args=connect_args)
+    else:
+        engine = create_engine(url, future=True)
     if engine.dialect.name == "sqlite":
         event.listen(engine, "connect", _sqlite_pragmas)
         event.listen(engine, "begin", _sqlite_begin)
@@ -153,9 +182,19 @@ class DatabaseInUse(UsageError):
     """Another coordinator process has the database open."""
 
 
+class ClaimLost(DatabaseInUse):
+    """This coordinator's claim on its database went away while it served (PostgreSQL
+    restarted, or its session was terminated) and another coordinator holds it now."""
+
+
 # pg_try_advisory_lock's key for "a coordinator serves this database" (advisory locks are
 # per database): the first 8 bytes of SHA-256("nodeclient-coordinator"), as a signed int64.
 _PG_LOCK_KEY: Final = 0x655518DE7F53D3EE
+# The same lock as pg_locks shows a bigint key: its high and low 32 bits, objsubid 1.
+_PG_LOCK_HELD: Final = text(
+    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted"
+    " AND pid = pg_backend_pid() AND classid = :high AND objid = :low AND objsubid = 1"
+).bindparams(high=_PG_LOCK_KEY >> 32, low=_PG_LOCK_KEY & 0xFFFFFFFF)
 
 
 class _Claim:
@@ -164,12 +203,18 @@ class _Claim:
     cache) and lease and accept the same tasks as the first: replayed heartbeats taken,
     results stored under the wrong node. SQLite: an exclusive ``flock`` on a file beside
     the database; PostgreSQL: a session advisory lock on a connection held open. Both go
-    when the process does, kill -9 included."""
+    when the process does, kill -9 included.
+
+    PostgreSQL's lock also goes when its session does (a server restart, a failover,
+    ``pg_terminate_backend``) while this process serves on: :meth:`check` finds that out
+    and takes the lock again, or says that another coordinator has it now. A ``flock``
+    lasts as long as its open file, which only this process closes."""
 
     def __init__(self, engine: Engine) -> None:
+        self._engine = engine
         self._fd: int | None = None
         self._conn: Connection | None = None
-        shown = engine.url.render_as_string(hide_password=True)
+        self._shown = engine.url.render_as_string(hide_password=True)
         if engine.dialect.name == "sqlite" and not _in_memory(engine):
             lock = f"{engine.url.database}.lock"
             try:
@@ -181,19 +226,50 @@ class _Claim:
             except OSError:
                 os.close(self._fd)
                 raise DatabaseInUse(
-                    f"another coordinator is using the database {shown} (it holds {lock}): "
-                    "stop it first, or give --db another database"
+                    f"another coordinator is using the database {self._shown} (it holds "
+                    f"{lock}): stop it first, or give --db another database"
                 ) from None
         elif engine.dialect.name == "postgresql":
-            conn = engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+            self._conn = self._take_pg(DatabaseInUse)
+
+    def _take_pg(self, refused: type[DatabaseInUse]) -> Connection:
+        """A connection of its own holding the advisory lock; *refused* if another
+        session holds it."""
+        conn = self._engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+        try:
             got = conn.execute(select(func.pg_try_advisory_lock(_PG_LOCK_KEY))).scalar()
-            if not got:
-                conn.close()
-                raise DatabaseInUse(
-                    f"another coordinator is using the database {shown} (it holds the "
-                    "advisory lock): stop it first, or give --db another database"
-                )
-            self._conn = conn
+        except BaseException:
+            conn.invalidate()
+            conn.close()
+            raise
+        if not got:
+            conn.close()
+            raise refused(
+                f"another coordinator is using the database {self._shown} (it holds the "
+                "advisory lock): stop it first, or give --db another database"
+            )
+        return conn
+
+    def check(self) -> bool:
+        """Whether the claim was held all along (True), or had gone and is taken again
+        (False). Raises :class:`ClaimLost` if another coordinator holds it now, and the
+        database's error if it cannot be reached (the claim is checked again later)."""
+        conn = self._conn
+        if conn is not None:
+            try:
+                if conn.execute(_PG_LOCK_HELD).scalar():
+                    return True
+            except DBAPIError:  # its session is gone, and the lock with it
+                pass
+            # Never used again, and never back into the pool: a live one would keep the
+            # session's other locks, if any.
+            self._conn = None
+            conn.invalidate()
+            conn.close()
+        elif self._engine.dialect.name != "postgresql":
+            return True  # SQLite's flock lasts while its file is open
+        self._conn = self._take_pg(ClaimLost)
+        return False
 
     def release(self) -> None:
         if self._fd is not None:
@@ -230,11 +306,16 @@ class Database:
         if self.engine.dialect.name != "sqlite":
             self._hb_thread = _DbThread("coordinator-db-heartbeats")
         self._hb_conn: Connection | None = None  # used only on the heartbeat thread
+        # Transactions committed by run and run_core: whether the database answers again
+        # after an outage (only the database thread adds to it).
+        self.calls_ok = 0
 
     def run_sync(self, fn: Callable[[Session], T]) -> T:
         """Run *fn* in one transaction on the calling thread (start-up only)."""
         with Session(self.engine, expire_on_commit=False) as session, session.begin():
-            return fn(session)
+            result = fn(session)
+        self.calls_ok += 1
+        return result
 
     async def run(self, fn: Callable[[Session], T]) -> T:
         """Run *fn* in one transaction on the database thread."""
@@ -242,7 +323,9 @@ class Database:
 
     def _run_conn(self, fn: Callable[[Connection], T]) -> T:
         with self.engine.begin() as conn:
-            return fn(conn)
+            result = fn(conn)
+        self.calls_ok += 1
+        return result
 
     async def run_core(self, fn: Callable[[Connection], T]) -> T:
         """Run *fn* on a Core connection in one transaction on the database thread."""
@@ -294,6 +377,11 @@ class Database:
             self._hb_conn.invalidate()  # never back into the pool: its synchronous=NORMAL
             self._hb_conn.close()
             self._hb_conn = None
+
+    async def check_claim(self) -> bool:
+        """Check this process's claim on the database (:meth:`_Claim.check`), on the
+        database thread: True if it was held all along, False if it was taken again."""
+        return await asyncio.wrap_future(self._thread.submit(self._claim.check))
 
     def close(self) -> None:
         self._hb_thread.submit(self._close_heartbeat_conn).result()
