@@ -303,3 +303,89 @@ def test_scheduler_logs_an_outage_once_and_its_end(
 
 def _error() -> OperationalError:
     return OperationalError("SELECT 1", None, Exception("connection refused"))
+
+
+def _sqlite_error(statement: str) -> OperationalError:
+    """The error SQLite really raises for *statement* (on a scratch database)."""
+    import sqlite3
+
+    connection = sqlite3.connect(":memory:")
+    try:
+        connection.execute(statement)
+    except sqlite3.OperationalError as exc:
+        return OperationalError(statement, {}, exc)
+    finally:
+        connection.close()
+    raise AssertionError(f"{statement!r} did not fail")
+
+
+def test_only_a_database_that_cannot_serve_now_is_unavailable(tmp_path: Path) -> None:
+    """A server gone, a connection lost or SQLite busy answer 503 (try again shortly); a
+    statement or schema that is wrong (no such column, a syntax error) is a bug, a 500
+    with its trace, whatever exception class the driver gives it."""
+    import sqlite3
+
+    from nodeclient.coordinator.store import is_unavailable
+
+    assert not is_unavailable(_sqlite_error("SELECT frobnicate FROM sqlite_master"))
+    assert not is_unavailable(_sqlite_error("SELEC 1"))
+    path = tmp_path / "busy.db"
+    holder = sqlite3.connect(path, timeout=0)
+    holder.execute("CREATE TABLE t (x)")
+    holder.execute("BEGIN EXCLUSIVE")
+    other = sqlite3.connect(path, timeout=0)
+    try:
+        other.execute("SELECT * FROM t")
+    except sqlite3.OperationalError as exc:
+        busy = OperationalError("SELECT * FROM t", {}, exc)
+    else:
+        raise AssertionError("a database locked by another connection was read")
+    finally:
+        other.close()
+        holder.close()
+    assert is_unavailable(busy)
+    import psycopg
+
+    assert is_unavailable(OperationalError("connect", {}, psycopg.OperationalError("no server")))
+
+
+_SHUTDOWN_DURING_THE_CLAIMS_STOP = """
+import asyncio, types
+from nodeclient.coordinator import app as A
+from nodeclient.coordinator.store import ClaimLost
+A.CLAIM_CHECK_INTERVAL_S = 0.01
+done = []
+class DB:
+    async def check_claim(self): raise ClaimLost("taken (test)")
+    def close(self): done.append("db.close"); print("steps:", done, flush=True)
+class Heartbeats:
+    async def close(self): done.append("heartbeats.flushed")
+async def stop_background():
+    await asyncio.sleep(0.5)  # dispatches in flight, a slow commit
+    done.append("stop_background")
+coord = types.SimpleNamespace(db=DB(), links={}, heartbeats=Heartbeats(),
+                              stop_background=stop_background,
+                              close_cpu=lambda: done.append("close_cpu"))
+async def idle(): await asyncio.Event().wait()
+A.housekeeping = lambda c, s: idle()
+async def main():
+    serving = A.Serving(coord, types.SimpleNamespace(run=idle))
+    async with serving.lifespan(None):
+        await asyncio.sleep(0.1)  # the claim is lost at 0.01 s; then the shutdown comes
+asyncio.run(main())
+"""
+
+
+def test_a_shutdown_during_a_lost_claims_stop_waits_for_it_and_keeps_the_status() -> None:
+    """SIGTERM while a lost claim stops the coordinator: the stop runs whole (links,
+    heartbeats flushed, the database closed, which frees the lock), and the process still
+    exits 2, as for any lost claim; before, the shutdown cut the stop short and exited 0."""
+    import subprocess
+    import sys
+
+    ran = subprocess.run(
+        [sys.executable, "-c", _SHUTDOWN_DURING_THE_CLAIMS_STOP],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert ran.returncode == 2, ran.stderr
+    assert "steps: ['stop_background', 'heartbeats.flushed', 'close_cpu', 'db.close']" in ran.stdout

@@ -23,7 +23,7 @@ from fastapi import FastAPI, Request, WebSocket
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import DBAPIError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -46,7 +46,7 @@ from nodeclient.coordinator.openapi import with_bearer
 from nodeclient.coordinator.registry import forget_manifests, forget_nodes
 from nodeclient.coordinator.scheduler import Scheduler, fail_stalled_jobs
 from nodeclient.coordinator.service import Coordinator
-from nodeclient.coordinator.store import ClaimLost, Database
+from nodeclient.coordinator.store import ClaimLost, Database, is_unavailable
 from nodeclient.coordinator.tokens import METRICS, REQUESTER, TokenAuth, TokenSet
 from nodeclient.errors import UsageError, is_disk_full
 
@@ -118,14 +118,6 @@ async def watch_claim(db: Database, *, interval: float) -> ClaimLost:
             )
 
 
-def is_unavailable(exc: BaseException) -> bool:
-    """Whether a database error says the database cannot be used right now (a server
-    down or restarting, a connection lost), rather than that a statement was wrong."""
-    return isinstance(exc, OperationalError) or (
-        isinstance(exc, DBAPIError) and exc.connection_invalidated
-    )
-
-
 class DatabaseOutage:
     """An outage as the HTTP API meets it, logged as it begins (``database.unavailable``),
     at most every OUTAGE_LOG_INTERVAL_S while it lasts, and once a database call succeeds
@@ -191,13 +183,17 @@ class Serving:
         self.scheduler = scheduler
         self.lost: ClaimLost | None = None  # the claim on the database, once lost
         self._background: list[asyncio.Task[None]] = []
-        self._stopped = False
+        self._stopping: asyncio.Future[None] | None = None
 
     async def stop(self) -> None:
-        """Stop the background work, close the links and the database (once)."""
-        if self._stopped:
-            return
-        self._stopped = True
+        """Stop the background work, close the links and the database, once: a second
+        caller waits for the first's stop, and cancelling a caller (a shutdown arriving
+        while a lost claim stops the coordinator) does not cut that stop short."""
+        if self._stopping is None:
+            self._stopping = asyncio.ensure_future(self._stop())
+        await asyncio.shield(self._stopping)
+
+    async def _stop(self) -> None:
         coord = self.coord
         for task in self._background:
             task.cancel()
@@ -238,10 +234,12 @@ class Serving:
         finally:
             if claim.done() and not claim.cancelled():
                 claim.exception()  # its SystemExit did what it was for: no stray error
-            else:
+            elif self.lost is None:
                 claim.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await claim
+            # After a lost claim, its stop is under way: this waits for it whole, and the
+            # claim's task then exits with its failure status.
             await self.stop()
 
 

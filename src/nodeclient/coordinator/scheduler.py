@@ -46,7 +46,6 @@ from collections.abc import Iterable, Sequence
 
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 from sqlalchemy import select
-from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from nodeclient.coordinator import models as m
@@ -63,7 +62,7 @@ from nodeclient.coordinator.leases import (
 from nodeclient.coordinator.placement import Assignment, QueueCursor, any_queued, assign_tx
 from nodeclient.coordinator.selection import Candidate, LeaseOrder, Roster, to_candidate
 from nodeclient.coordinator.service import Coordinator
-from nodeclient.coordinator.store import NodeInfo
+from nodeclient.coordinator.store import NodeInfo, is_unavailable
 from nodeclient.protocol import envelope, messages
 
 log = logging.getLogger("nodeclient.coordinator.scheduler")
@@ -196,10 +195,11 @@ class Scheduler:
         a traceback per round. Any other failure is logged with its trace."""
         try:
             await self.tick()
-        except OperationalError as exc:
+        except Exception as exc:
+            if not is_unavailable(exc):  # a bug, or a statement the database refused
+                log.exception("scheduler.error")
+                return
             self._database_failed(exc)
-        except Exception:
-            log.exception("scheduler.error")
         else:
             if self._outage is not None:
                 since, failed, _ = self._outage
@@ -212,11 +212,12 @@ class Scheduler:
                     },
                 )
 
-    def _database_failed(self, exc: OperationalError) -> None:
+    def _database_failed(self, exc: BaseException) -> None:
         now = self.coord.monotonic()
+        error = str(getattr(exc, "orig", None) or exc)  # the driver's words
         if self._outage is None:
             self._outage = (now, 1, now)
-            log.warning("scheduler.database_unavailable", extra={"error": str(exc.orig or exc)})
+            log.warning("scheduler.database_unavailable", extra={"error": error})
             return
         since, failed, logged = self._outage
         failed += 1
@@ -227,7 +228,7 @@ class Scheduler:
                 extra={
                     "failed_rounds": failed,
                     "down_s": round(now - since, 1),
-                    "error": str(exc.orig or exc),
+                    "error": error,
                 },
             )
         self._outage = (since, failed, logged)

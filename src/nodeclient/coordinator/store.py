@@ -55,7 +55,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import make_url
 from sqlalchemy.engine.interfaces import DBAPIConnection
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import InstrumentedAttribute, Session
 from sqlalchemy.pool import ConnectionPoolEntry
 
@@ -180,6 +180,32 @@ class _DbThread:
 
 class DatabaseInUse(UsageError):
     """Another coordinator process has the database open."""
+
+
+# SQLite's result codes (the low byte) that say the database is busy, not that the
+# statement is wrong: locked by another process past the busy timeout.
+_SQLITE_BUSY: Final = frozenset({5, 6})  # SQLITE_BUSY, SQLITE_LOCKED
+# PostgreSQL's SQLSTATEs of a server that cannot serve now: class 08 (connection
+# exceptions) and these: shutting down, crashed, starting, statement cancelled.
+_PG_UNAVAILABLE: Final = frozenset({"57P01", "57P02", "57P03", "57014"})
+
+
+def is_unavailable(exc: BaseException) -> bool:
+    """Whether a database error says the database cannot be used right now (a server
+    down or restarting, a connection lost, SQLite locked by another process), rather
+    than that a statement or the schema is wrong (``no such column``, a syntax error, a
+    read-only file): a bug, which is a 500 with its trace."""
+    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+        return True
+    if not isinstance(exc, OperationalError):
+        return False
+    code = getattr(exc.orig, "sqlite_errorcode", None)
+    if isinstance(code, int):
+        return code & 0xFF in _SQLITE_BUSY
+    state = getattr(exc.orig, "sqlstate", None)
+    if not isinstance(state, str):  # psycopg: no SQLSTATE when no server answered
+        return True
+    return state.startswith("08") or state in _PG_UNAVAILABLE
 
 
 class ClaimLost(DatabaseInUse):
