@@ -274,7 +274,8 @@ def test_serve_refuses_a_newer_database_in_one_line(
     con.execute("UPDATE meta SET value = '99' WHERE key = ?", (schema.SCHEMA_KEY,))
     con.commit()
     con.close()
-    code = cli.main(["serve", "--port", "0", "--db", f"sqlite:///{path}"])
+    data = tmp_path / "data"  # not the default, ./coordinator-data, in the tests' directory
+    code = cli.main(["serve", "--port", "0", "--data-dir", str(data), "--db", f"sqlite:///{path}"])
     err = capsys.readouterr().err
     assert code == 2
     assert err.count("\n") == 1
