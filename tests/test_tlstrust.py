@@ -129,6 +129,25 @@ def make_pki(
     return pki
 
 
+class MovedToHttps(http.server.BaseHTTPRequestHandler):
+    """A proxy's http:// listener: everything is moved to https://, with an HTML page."""
+
+    def _moved(self) -> None:
+        self.rfile.read(int(self.headers.get("content-length") or 0))
+        page = b"<html><body><h1>301 Moved Permanently</h1></body></html>"
+        self.send_response(301)
+        self.send_header("location", f"https://coordinator.example{self.path}")
+        self.send_header("content-type", "text/html")
+        self.send_header("content-length", str(len(page)))
+        self.end_headers()
+        self.wfile.write(page)
+
+    do_GET = do_POST = _moved
+
+    def log_message(self, *_args: object) -> None:
+        pass
+
+
 @pytest.fixture(scope="session")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     return make_pki(tmp_path_factory.mktemp("pki"))

@@ -7,7 +7,6 @@ a reverse proxy in front of the coordinator.
 
 from __future__ import annotations
 
-import http.server
 from collections.abc import Callable
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from nodeclient.coordinator.client import CoordinatorClient, Unreachable
 from nodeclient.errors import RemoteProtocolError
 from tests.coordinator.conftest import Running, inference_payload
 from tests.http_server import serving
-from tests.test_tlstrust import Pki, clear_trust_env, make_pki, serving_tls
+from tests.test_tlstrust import MovedToHttps, Pki, clear_trust_env, make_pki, serving_tls
 
 
 @pytest.fixture(scope="module")
@@ -52,25 +51,6 @@ def test_the_client_trusts_the_ca_file_and_a_refusal_says_what_to_do(
     assert str(refused.value).endswith(f"; fix: {tlstrust.TRUST_FIX}")
     assert "CERTIFICATE_VERIFY_FAILED" in str(refused.value)
     assert said.count("\n") == 1 and said.endswith(f"fix: {tlstrust.TRUST_FIX}\n")
-
-
-class MovedToHttps(http.server.BaseHTTPRequestHandler):
-    """A proxy's http:// listener: everything is moved to https://, with an HTML page."""
-
-    def _moved(self) -> None:
-        self.rfile.read(int(self.headers.get("content-length") or 0))
-        page = b"<html><body><h1>301 Moved Permanently</h1></body></html>"
-        self.send_response(301)
-        self.send_header("location", f"https://coordinator.example{self.path}")
-        self.send_header("content-type", "text/html")
-        self.send_header("content-length", str(len(page)))
-        self.end_headers()
-        self.wfile.write(page)
-
-    do_GET = do_POST = _moved
-
-    def log_message(self, *_args: object) -> None:
-        pass
 
 
 def test_a_redirect_to_https_says_which_url_to_use(

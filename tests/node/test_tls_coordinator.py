@@ -29,7 +29,7 @@ from nodeclient.node.cli import main
 from nodeclient.node.daemon import NodeDaemon
 from tests.http_server import serving
 from tests.node.test_daemon_link import Events, capturing, make_daemon
-from tests.test_tlstrust import Pki, clear_trust_env, make_pki, serving_tls
+from tests.test_tlstrust import MovedToHttps, Pki, clear_trust_env, make_pki, serving_tls
 
 WALLET = "0x1111111111111111111111111111111111111111"
 BLOB = "/v1/blobs/" + "ab" * 32
@@ -196,25 +196,6 @@ def test_unstake_trusts_the_ca_file_and_a_refusal_says_what_to_do(
 
 
 # --- redirects -----------------------------------------------------------------------------
-
-
-class MovedToHttps(http.server.BaseHTTPRequestHandler):
-    """A proxy's http:// listener: everything is moved to https://, with an HTML page."""
-
-    def _moved(self) -> None:
-        self.rfile.read(int(self.headers.get("content-length") or 0))
-        page = b"<html><body><h1>301 Moved Permanently</h1></body></html>"
-        self.send_response(301)
-        self.send_header("location", f"https://coordinator.example{self.path}")
-        self.send_header("content-type", "text/html")
-        self.send_header("content-length", str(len(page)))
-        self.end_headers()
-        self.wfile.write(page)
-
-    do_GET = do_POST = _moved
-
-    def log_message(self, *_args: object) -> None:
-        pass
 
 
 def test_a_registration_redirected_to_https_says_which_url_to_use(tmp_path: Path) -> None:
