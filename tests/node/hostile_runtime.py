@@ -9,6 +9,7 @@ so a test can see both a refusal the task caught and a failure the executor repo
 from __future__ import annotations
 
 import errno
+import getpass
 import json
 import os
 import signal
@@ -43,6 +44,7 @@ class HostileRuntime:
         return {
             "uid": os.getuid(),
             "euid": os.geteuid(),
+            "user": getpass.getuser(),
             "cwd": os.getcwd(),
             "workdir": str(workdir),
             "env": dict(os.environ),

@@ -9,6 +9,8 @@ import io
 import json
 import logging
 import os
+import shlex
+import shutil
 import signal
 import stat
 import subprocess
@@ -270,6 +272,36 @@ def test_bodies_over_the_shared_size_still_cross_the_pipe(tmp_path: Path) -> Non
 
     for shared_bytes in (1024, 0):
         assert asyncio.run(scenario(shared_bytes)) == (b"s", data.encode())
+
+
+def test_a_bwrap_found_only_on_the_daemons_path_starts_the_workers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """bubblewrap installed outside /usr/local/bin, /usr/bin and /bin (in /opt, say), found
+    on the daemon's PATH: the sandbox probe says it works, so the workers must start with
+    it too, though they are started with the sandbox's own PATH. (Before, every worker
+    failed to start with "bwrap: not found" while status said the node was sandboxed.)"""
+    real = shutil.which("bwrap")
+    assert real is not None  # the README's set-up installs bubblewrap
+    opt = tmp_path / "opt-bin"
+    opt.mkdir()
+    mark = tmp_path / "bwrap-used"
+    wrapper = opt / "bwrap"
+    wrapper.write_text(f'#!/bin/sh\necho "$$" >> {shlex.quote(str(mark))}\nexec {real} "$@"\n')
+    wrapper.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{opt}{os.pathsep}{os.environ['PATH']}")
+    assert sandbox.probe()[1] == str(wrapper)
+    mark.unlink()  # the probe ran it; what follows is the workers' own
+
+    async def scenario() -> bytes:
+        executor = make_executor(tmp_path / "home")
+        try:
+            return await executor.run(HOSTILE, json.dumps({"do": "echo", "data": "x"}).encode())
+        finally:
+            await executor.aclose()
+
+    assert asyncio.run(scenario()) == b"x"
+    assert mark.exists()  # the worker's sandbox was the wrapper's
 
 
 # --- exit statuses ---------------------------------------------------------------------------

@@ -233,12 +233,17 @@ def test_chown_tree_refuses_a_cache_that_is_not_a_directory(
 
 
 def test_task_runs_unprivileged_with_a_minimal_environment(node: Node) -> None:
-    """uid 65534, a cleared environment, and a root with only the expected directories."""
+    """uid 65534, a cleared environment, and a root with only the expected directories.
+    The task can still name its user (getpass.getuser(), which PyTorch's CUDA build calls
+    while a slice runs; there is no /etc/passwd to look the uid up in)."""
     seen = json.loads(node.hostile({"do": "whoami"}))
     assert seen["uid"] == seen["euid"] == sandbox.SANDBOX_UID
+    assert seen["user"] == "nobody"
     assert set(seen["env"]) <= {
         "PATH",
         "HOME",
+        "USER",
+        "LOGNAME",
         "LANG",
         "PYTHONPATH",
         "PYTHONNOUSERSITE",

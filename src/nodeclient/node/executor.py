@@ -160,7 +160,8 @@ class Executor:
             chown_tree(cache)
         runtimes = self._runtimes if self._runtimes is not None else default_runtimes()
         preload = self.config.preload if self.config.preload is not None else default_preload()
-        tmpfs_size = sandboxed and sandbox.tmpfs_size_supported()
+        bwrap = sandbox.bwrap_path()
+        tmpfs_size = sandboxed and sandbox.tmpfs_size_supported(bwrap)
         if sandboxed and not tmpfs_size:
             log.warning("worker.tmp_on_disk", extra={"why": "bwrap older than 0.8: no --size"})
         for i in range(self.slots):
@@ -196,7 +197,7 @@ class Executor:
             command.append(json.dumps(inside, separators=(",", ":")))
             env = sandbox.worker_env(layout, threads=self.config.threads)
             if sandboxed:
-                argv = sandbox.bwrap_argv(layout, command, env=env, as_root=as_root)
+                argv = sandbox.bwrap_argv(layout, command, env=env, as_root=as_root, bwrap=bwrap)
                 env = {"PATH": env["PATH"]}
             else:
                 argv = command

@@ -61,6 +61,7 @@ from nodeclient.errors import NodeClientError, UsageError
 MODE_BWRAP: Final = "bubblewrap"
 MODE_UNSANDBOXED: Final = "unsandboxed"
 SANDBOX_UID: Final = 65534  # "nobody": owns nothing on the host
+SANDBOX_USER: Final = "nobody"
 SANDBOX_GID: Final = 65534
 TMP_FRACTION: Final = 8  # the sandbox's /tmp holds at most this share of the slot's memory
 OOM_SCORE_ADJ: Final = 1000  # of every worker process: the OOM killer's first choice
@@ -310,6 +311,11 @@ def worker_env(layout: Layout, *, threads: int | None = None) -> dict[str, str]:
     env = {
         "PATH": "/usr/local/bin:/usr/bin:/bin",
         "HOME": "/tmp",  # noqa: S108 (the sandbox's own private tmpfs)
+        # The sandbox has no /etc/passwd: getpass.getuser() (which PyTorch's CUDA build
+        # calls while a slice runs, for its cache directories) reads these before it
+        # looks the uid up, and that lookup fails there.
+        "USER": SANDBOX_USER,
+        "LOGNAME": SANDBOX_USER,
         "LANG": "C.UTF-8",
         "PYTHONPATH": os.pathsep.join(str(p) for p in layout.python_path),
         "PYTHONNOUSERSITE": "1",
@@ -508,6 +514,14 @@ def scratch_failed(where: Path, exc: OSError) -> NoScratchSpace:
     return NoScratchSpace(
         f"cannot create a work directory in {where}: {exc.strerror or exc}; {SCRATCH_FIX}"
     )
+
+
+def bwrap_path() -> str:
+    """bubblewrap's absolute path, found on the daemon's PATH as :func:`probe` finds it
+    ("bwrap" when it is not there). Workers are started with this path: they are started
+    with the sandbox's own PATH (/usr/local/bin:/usr/bin:/bin), where a bwrap installed
+    elsewhere, in /opt or a home directory say, would not be found."""
+    return shutil.which("bwrap") or "bwrap"
 
 
 def probe(bwrap: str | None = None, *, timeout: float = 10.0) -> tuple[bool, str]:
