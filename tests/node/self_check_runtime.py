@@ -1,10 +1,12 @@
-"""A runtime for the tests whose self-check fails on a slot with a GPU, as ONNX Runtime's
-does where CUDA does not load (loaded in workers as ``self_check_runtime:factory``, with
-this directory on the worker's PYTHONPATH)."""
+"""Runtimes for the tests of what GPU runtimes do in a worker (loaded in workers as
+``self_check_runtime:factory`` and ``self_check_runtime:device_thread_factory``, with this
+directory on the worker's PYTHONPATH): a self-check that fails on a slot with a GPU, as
+ONNX Runtime's does where CUDA does not load, and a thread kept from the first use on."""
 
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 
@@ -19,3 +21,31 @@ class CudaThatDoesNotLoad:
 
 def factory(_cache: Path) -> CudaThatDoesNotLoad:
     return CudaThatDoesNotLoad()
+
+
+class KeepsADeviceThread:
+    """Starts, on first use, a thread that lives as long as the process and holds a
+    Python thread state, as PyTorch's autograd thread for a CUDA device does (started at
+    the first backward pass on the device): in ``prepare()`` when the worker calls it,
+    else in the first task. Each answer is how many tasks this instance has run."""
+
+    def __init__(self) -> None:
+        self.runs = 0
+        self.started = False
+
+    def _start_device_thread(self) -> None:
+        if not self.started:
+            self.started = True
+            threading.Thread(target=threading.Event().wait, daemon=True).start()
+
+    def prepare(self) -> None:
+        self._start_device_thread()
+
+    def run(self, payload: bytes, *, workdir: Path, progress: object = None) -> bytes:
+        self._start_device_thread()
+        self.runs += 1
+        return str(self.runs).encode()
+
+
+def device_thread_factory(_cache: Path) -> KeepsADeviceThread:
+    return KeepsADeviceThread()

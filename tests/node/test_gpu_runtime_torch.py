@@ -1,8 +1,9 @@
 """TorchTrainRuntime on a slot with a GPU: CUDA, or the node's failure, never a slice
 quietly trained on the CPU (2.3.5 Work Execution).
 
-No GPU here: torch is the CPU build, so ``torch.cuda.is_available()`` is False for real;
-where a test needs a PyTorch that sees a GPU, it says so by patching that one function.
+Each test sets up the build and devices it is about by patching torch, so it passes the
+same on a machine whose torch is the CUDA build and sees a card (where these tests were
+also run) as on the CPU-only machines CI has.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ def test_a_gpu_slot_whose_torch_sees_no_gpu_fails_as_the_nodes(
     """The CPU build of torch on a GPU slot: the slice fails as the node's failure, naming
     why, and nothing is cached (every slice says so until the worker is replaced)."""
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", GPU)
+    monkeypatch.setattr(torch.version, "cuda", None)  # what the CPU build says
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     runtime = TorchTrainRuntime()
     for _ in range(2):
         with pytest.raises(DeviceFailure, match="a CPU build of torch") as got:
@@ -43,12 +46,23 @@ def test_a_gpu_slot_whose_torch_sees_no_gpu_fails_as_the_nodes(
         assert "refusing to train on the CPU" in str(got.value)
 
 
+# What torch 2.11.0+cu130 raised from torch.cuda.init() on an H100 node whose
+# CUDA_VISIBLE_DEVICES named no card of the machine.
+NO_CUDA_GPUS = "No CUDA GPUs are available"
+
+
 def test_the_reason_is_what_initialising_cuda_says(monkeypatch: pytest.MonkeyPatch) -> None:
     """A CUDA build that sees no device: the reason is CUDA's own, which
-    ``is_available()`` hides (here the CPU build's, with the CUDA version faked)."""
+    ``is_available()`` hides."""
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", GPU)
-    monkeypatch.setattr(torch.version, "cuda", "12.4")
-    with pytest.raises(DeviceFailure, match="Torch not compiled with CUDA enabled"):
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+    def init() -> None:
+        raise RuntimeError(NO_CUDA_GPUS)
+
+    monkeypatch.setattr(torch.cuda, "init", init)
+    with pytest.raises(DeviceFailure, match=f"sees no CUDA device \\({NO_CUDA_GPUS}\\)"):
         TorchTrainRuntime().device()
 
 
@@ -65,6 +79,7 @@ def test_a_gpu_slot_trains_on_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_a_cpu_slot_trains_on_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
     """Without a GPU in the slot nothing changes: the CPU, where PyTorch sees no GPU."""
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     runtime = TorchTrainRuntime()
     assert runtime.device() == torch.device("cpu")
     result = runtime.run(_slice_payload())
@@ -89,3 +104,21 @@ def test_a_cpu_build_of_torch_cannot_serve_a_gpu_node(monkeypatch: pytest.Monkey
     cuda_lib = metadata.PackagePath("torch/lib/libtorch_cuda.so")
     monkeypatch.setattr(metadata, "files", lambda _name: [*real, cuda_lib])
     assert torch_train.gpu_usable()[0]
+
+
+def test_prepare_starts_nothing_on_the_cpu_and_fails_as_the_node_on_a_gpu_slot_without_cuda(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """prepare() (the worker calls it before the first slice) runs a backward pass only on
+    CUDA; a GPU slot whose torch sees no GPU fails there as the node's failure, as run()
+    would."""
+    import threading
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    before = threading.active_count()
+    TorchTrainRuntime().prepare()
+    assert threading.active_count() == before
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", GPU)
+    with pytest.raises(DeviceFailure, match="refusing to train on the CPU"):
+        TorchTrainRuntime().prepare()

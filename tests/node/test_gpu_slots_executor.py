@@ -277,3 +277,33 @@ def test_a_task_of_a_class_broken_in_its_worker_is_the_nodes_failure(
         assert failed.requester_fault is False
         assert failed.reason.startswith("execution failed: RuntimeError: the CUDA execution")
     assert len(ex.start_seconds) >= 2  # the worker was started again after the first
+
+
+def test_a_runtimes_own_thread_started_before_its_first_task_keeps_the_worker(
+    tmp_path: Path,
+) -> None:
+    """PyTorch starts a thread for a CUDA device at its first backward pass, and keeps it.
+    Started by the runtime's prepare() before the first task, it is counted as the
+    worker's own, and the job's next tasks reuse the worker (seen on an H100 node: it was
+    started inside the first slice, the worker was replaced after every slice, and each
+    slice paid about 10 s for a fresh CUDA start). A thread a task starts still gets the
+    worker replaced (test_executor, test_isolation)."""
+    kept = "test.device_thread"
+    executor = Executor(
+        slots=1, mode=MODE_BWRAP,
+        config=WorkerConfig(
+            cache_dir=tmp_path / "models", work_root=tmp_path / "work",
+            runtimes={kept: "self_check_runtime:device_thread_factory"},
+            preload=(), extra_python_path=(HERE,), threads=1,
+        ),
+    )  # fmt: skip
+
+    async def scenario() -> list[bytes]:
+        try:
+            return [
+                await executor.run(kept, b"", task_id=f"t{i}", job_id="job-1") for i in range(3)
+            ]
+        finally:
+            await executor.aclose()
+
+    assert asyncio.run(scenario()) == [b"1", b"2", b"3"]  # one worker ran all three
