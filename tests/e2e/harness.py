@@ -132,6 +132,9 @@ class NodeProc:
             [sys.executable, "-m", "nodeclient.node.cli", "run", "--home", str(self.home),
              "--clock-file", str(self.clock_file)],
             stdout=subprocess.DEVNULL, stderr=log,
+            # CPU nodes, on a machine with a GPU too: a node there would give its slots
+            # the card, where a CPU build of onnxruntime serves no ai.inference.
+            env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
         )  # fmt: skip
         LIVE.append(self.proc)
 

@@ -23,7 +23,10 @@ from nodeclient.node import doctor, keys, securefile
 from nodeclient.node.cli import main
 from nodeclient.node.config import NodeConfig, write_config
 from nodeclient.node.hardware import GpuProbe
+from nodeclient.node.nvml_probe import REPLAY_ENV
 from tests.e2e.harness import CoordinatorProc, free_port
+
+NVML_FIXTURES = Path(__file__).parent / "fixtures" / "nvml"
 
 Level = doctor.Level
 
@@ -114,9 +117,11 @@ def test_sandbox_fails_when_bwrap_cannot_unshare(tmp_path: Path) -> None:
 # --- GPUs -------------------------------------------------------------------------------------
 
 
-def test_gpu_cpu_only_machine_is_ok() -> None:
-    """No NVIDIA driver and no device files: a CPU-only node, which is fine (the real probe)."""
-    check = doctor.check_gpus()
+def test_gpu_cpu_only_machine_is_ok(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No NVIDIA driver and no device files: a CPU-only node, which is fine (the real probe
+    child, answering as NVML does where its library is not installed)."""
+    monkeypatch.setenv(REPLAY_ENV, str(NVML_FIXTURES / "library_not_found.json"))
+    check = doctor.check_gpus(dev=tmp_path)
     assert check.level is Level.OK and "no GPU" in check.summary
 
 
@@ -274,6 +279,9 @@ def test_without_the_sandbox_render_is_reported_not_served(
     failed = doctor.Check("sandbox", Level.WARN, "bwrap cannot create namespaces")
     monkeypatch.setattr(doctor, "check_sandbox", lambda **_kw: failed)
     monkeypatch.setattr(doctor, "check_coordinator", lambda _url: [])
+    # A CPU node, whatever this machine has: slots with GPUs would not be offered
+    # ai.inference by a CPU build of onnxruntime.
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     checks = {c.name: c for c in doctor.run_all(tmp_path, coordinator=None, allow_unsandboxed=True)}
     render = checks["runtime media.render"]
     assert render.level is Level.WARN and "needs the bubblewrap sandbox" in render.summary
