@@ -77,8 +77,10 @@ class Devnet:
             self._sandbox = sandbox.probe()[0]
         return self._sandbox
 
-    def add_node(self, index: int, cpus: set[int] | None = None) -> Path:
-        """Start node *index*; with *cpus* it runs (and sells) only those CPUs."""
+    def add_node(self, index: int, cpus: set[int] | None = None, *, gpus: bool = False) -> Path:
+        """Start node *index*; with *cpus* it runs (and sells) only those CPUs. Without
+        *gpus* it is a CPU node; with it, it uses the GPUs this process may see (its
+        CUDA_VISIBLE_DEVICES, else every card), as a node started here would."""
         home = securefile.ensure_home(self.workdir / f"node{index}", create=True)
         info = keys.init_keys(home, passphrase=None)
         # Each node's operator has a wallet of its own, which signs the node's binding
@@ -104,7 +106,7 @@ class Devnet:
             stderr=log,
             # A network of CPU nodes: each node would take every GPU of this one machine,
             # and run nothing where onnxruntime or torch is a CPU build (the default).
-            env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
+            env=dict(os.environ) if gpus else {**os.environ, "CUDA_VISIBLE_DEVICES": ""},
         )
         if cpus:  # set long before the node probes its hardware (interpreter start, imports)
             os.sched_setaffinity(proc.pid, cpus)

@@ -47,6 +47,7 @@ T4 = "Tesla T4"
 # fixture -> the manifest "gpu" groups it must produce, in manifest order.
 GROUPS: dict[str, list[tuple[str, int, int]]] = {
     "h100_x1.json": [(H100, 1, 80)],
+    "h100_80gb_hbm3_recorded.json": [(H100, 1, 80)],
     "h100_x4.json": [(H100, 4, 80)],
     "h100_x8.json": [(H100, 8, 80)],
     "a100_sxm4_40gb_x4.json": [(A100_40, 4, 40)],
@@ -135,6 +136,42 @@ def test_recorded_machines_group_as_expected(name: str) -> None:
     assert probe.detail == ""
     assert [(g.model, g.count, g.vram_gb) for g in probe.gpus] == GROUPS[name]
     assert len(probe.per_device) == sum(count for _, count, _ in GROUPS[name])
+
+
+# What `python -m nodeclient.node.nvml_probe` printed on a real H100 node (driver
+# 580.159.04), whose NVML answers h100_80gb_hbm3_recorded.json holds (bench/gpu.py records
+# both and checks there that the replay answers as the card did).
+H100_REAL_ANSWER = {
+    "status": "ok",
+    "detail": "",
+    "driver_version": "580.159.04",
+    "devices": [
+        {
+            "index": 0,
+            "name": H100,
+            "uuid": "GPU-8b94fb57-2c06-779b-6d32-4c0e7d70b876",
+            "vram_bytes": 85520809984,
+            "minor": 0,
+            "pci_bus_id": "00000000:00:06.0",
+            "mig": False,
+        }
+    ],
+}
+
+
+def test_a_real_cards_recording_replays_as_the_card_answered() -> None:
+    """The probe child, replaying NVML's answers recorded on a real H100, prints what it
+    printed there, and the node declares that card as it did there (80 GB, tier 2)."""
+    env = replay_env(FIXTURES / "h100_80gb_hbm3_recorded.json")
+    done = subprocess.run(
+        [sys.executable, "-m", "nodeclient.node.nvml_probe"],
+        env=env, capture_output=True, check=True, timeout=30,
+    )  # fmt: skip
+    assert json.loads(done.stdout) == H100_REAL_ANSWER
+    probe = probe_gpus(env=env)
+    assert [d.pci_bus_id for d in probe.per_device] == ["00000000:00:06.0"]
+    info = HardwareInfo(cpu=CpuInfo(model="x", cores=16, ram_gb=125), gpu=probe)
+    assert info.hardware_tier == 2
 
 
 def test_per_device_details_come_through() -> None:

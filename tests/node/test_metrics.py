@@ -487,3 +487,24 @@ def test_a_restarted_coordinator_counts_only_its_own_leases(tmp_path: Path) -> N
         assert value(samples(text), "dispatch_latency_seconds_count") == 0
     finally:
         stop(again, server, thread)
+
+
+def test_the_gpu_sampler_reads_a_real_cards_recording() -> None:
+    """The sampler child's line for NVML's answers recorded on a real, idle H100 is the line
+    it printed there (bench/gpu.py): utilisation and memory in use as NVML gave them."""
+    recording = Path(__file__).parent / "fixtures" / "nvml" / "h100_80gb_hbm3_recorded.json"
+    replay = nm._Replay(str(recording))
+    replay.nvmlInit()
+    assert nm.sample_once(replay) == {
+        "status": "ok",
+        "detail": "",
+        "devices": [
+            {
+                "index": 0,
+                "name": "NVIDIA H100 80GB HBM3",
+                "util_percent": 0,
+                "mem_used_bytes": 506724352,
+                "mem_total_bytes": 85520809984,
+            }
+        ],
+    }
