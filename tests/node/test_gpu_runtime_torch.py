@@ -9,6 +9,8 @@ also run) as on the CPU-only machines CI has.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -122,3 +124,30 @@ def test_prepare_starts_nothing_on_the_cpu_and_fails_as_the_node_on_a_gpu_slot_w
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", GPU)
     with pytest.raises(DeviceFailure, match="refusing to train on the CPU"):
         TorchTrainRuntime().prepare()
+
+
+def test_the_start_up_check_imports_nothing_on_a_cpu_slot() -> None:
+    """Every worker runs the self-check when it starts: on a slot without a GPU it must
+    not import torch (seconds, and ~125 MiB a worker on nodes that never train)."""
+    code = (
+        "import sys\n"
+        "from nodeclient.node.runtimes.torch_train import TorchTrainRuntime\n"
+        "TorchTrainRuntime().self_check()\n"
+        "print('torch' in sys.modules)\n"
+    )
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    )
+    assert done.stdout.strip() == "False"
+
+
+def test_the_start_up_check_on_a_gpu_slot_fails_where_torch_sees_no_card(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """On a GPU slot the self-check starts CUDA; where torch sees no card it fails with the
+    reason, and the worker withdraws ai.training (test_gpu_slots_executor)."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", GPU)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(DeviceFailure, match="refusing to train on the CPU"):
+        TorchTrainRuntime().self_check()

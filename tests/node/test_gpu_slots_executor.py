@@ -307,3 +307,38 @@ def test_a_runtimes_own_thread_started_before_its_first_task_keeps_the_worker(
             await executor.aclose()
 
     assert asyncio.run(scenario()) == [b"1", b"2", b"3"]  # one worker ran all three
+
+
+def test_a_gpu_slots_worker_whose_torch_sees_no_card_withdraws_training(
+    tmp_path: Path,
+) -> None:
+    """The training runtime checks CUDA when a worker on a GPU slot starts, as the
+    inference runtime does: where torch cannot use the card (here the machine has none,
+    whatever torch's build), the worker reports ai.training broken, and its slices fail as
+    the node's failure, naming why, without a slice being tried on the CPU."""
+    from nodeclient.node.exec_config import default_runtimes
+
+    cards = (SlotGpu(*MIXED_CARDS[0]),)
+    ex = Executor(
+        slots=1, mode=MODE_UNSANDBOXED,
+        config=WorkerConfig(
+            cache_dir=tmp_path / "models", gpus=cards, work_root=tmp_path / "work",
+            runtimes={"ai.training": default_runtimes()["ai.training"]},
+            preload=(), threads=1,
+        ),
+    )  # fmt: skip
+
+    async def scenario() -> tuple[dict[str, str], TaskFailed]:
+        try:
+            await ex.warm_up()
+            broken = ex.broken_everywhere()
+            with pytest.raises(TaskFailed) as got:
+                await ex.run("ai.training", b"x")
+            return broken, got.value
+        finally:
+            await ex.aclose()
+
+    broken, failed = asyncio.run(scenario())
+    assert "DeviceFailure" in broken["ai.training"]
+    assert failed.requester_fault is False
+    assert failed.reason.startswith("execution failed: DeviceFailure")

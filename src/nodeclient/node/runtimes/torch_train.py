@@ -256,6 +256,17 @@ class TorchTrainRuntime:
             self._device = torch.device(name)
         return self._device
 
+    def self_check(self) -> None:
+        """At a worker's start, on a slot with a GPU: :meth:`prepare`, which starts CUDA on
+        the slot's card. DeviceFailure where PyTorch cannot (a CPU build, a card it cannot
+        open), so that the node withdraws ``ai.training`` rather than fail every slice, as
+        ``ai.inference`` does; and the first slice of each worker no longer pays for the
+        torch import and the CUDA start (about 10 s on an H100 node). Nothing on a slot
+        without a GPU: torch stays unimported until a slice needs it."""
+        if gpu_slot() is None:
+            return
+        self.prepare()
+
     def prepare(self) -> None:
         """Called by the worker before its first slice (no requester input yet): on CUDA,
         one tiny backward pass, which starts PyTorch's autograd thread for the device. That
