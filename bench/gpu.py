@@ -12,12 +12,15 @@ real card answered, so those recordings can be refreshed from a real machine:
    its answer and DIR/nvml_replay.json the same card as a ``NODECLIENT_NVML_REPLAY``
    recording (tests/node/fixtures/nvml/), utilisation and memory in use included.
 3. What the node would declare: the GPU part of the manifest, the tier, the workload classes
-   its GPU slots can serve, and doctor's GPU, runtime and sandbox checks.
+   its GPU slots can serve, whether the sandbox works, and doctor's GPU and runtime checks.
 4. ai.training on CUDA (2.3.5), in this process: one slice of the devnet's training job and
-   one of a larger MLP, each twice on the GPU (the result bytes must be identical: the
-   slice is deterministic per device kind) and once on the CPU in a child process (the
-   pseudo-gradients must agree to float32 rounding). The slice's time is printed next to a
-   bare PyTorch loop doing the same steps on the same device, the raw limit.
+   one of a larger MLP, each run once to warm up and 3 times more on the GPU (the result
+   bytes must be identical: the slice is deterministic per device kind) and once on the
+   CPU in a child process. The GPU and CPU pseudo-gradients must agree to 1e-4 of the
+   largest update for the short slice; for the long one the difference is printed only
+   (AdamW grows float32 rounding differences once the loss is near zero). The slice's
+   time is printed next to a bare PyTorch loop doing the same steps on the same device,
+   the raw limit.
 5. ai.inference on CUDA where the onnxruntime build has the CUDA execution provider.
 6. A whole network: a coordinator and one GPU node (sandboxed where bubblewrap works) on
    loopback; a training job and, where the GPU slots serve inference, an inference job,

@@ -274,8 +274,9 @@ def test_bodies_over_the_shared_size_still_cross_the_pipe(tmp_path: Path) -> Non
         assert asyncio.run(scenario(shared_bytes)) == (b"s", data.encode())
 
 
+@pytest.mark.parametrize("relative", [False, True], ids=["absolute", "relative"])
 def test_a_bwrap_found_only_on_the_daemons_path_starts_the_workers(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, relative: bool
 ) -> None:
     """bubblewrap installed outside /usr/local/bin, /usr/bin and /bin (in /opt, say), found
     on the daemon's PATH: the sandbox probe says it works, so the workers must start with
@@ -289,8 +290,11 @@ def test_a_bwrap_found_only_on_the_daemons_path_starts_the_workers(
     wrapper = opt / "bwrap"
     wrapper.write_text(f'#!/bin/sh\necho "$$" >> {shlex.quote(str(mark))}\nexec {real} "$@"\n')
     wrapper.chmod(0o755)
-    monkeypatch.setenv("PATH", f"{opt}{os.pathsep}{os.environ['PATH']}")
-    assert sandbox.probe()[1] == str(wrapper)
+    # A relative PATH entry too: the daemon's directory is not the workers'.
+    monkeypatch.chdir(tmp_path)
+    entry = opt.name if relative else str(opt)
+    monkeypatch.setenv("PATH", f"{entry}{os.pathsep}{os.environ['PATH']}")
+    assert sandbox.probe()[0]
     mark.unlink()  # the probe ran it; what follows is the workers' own
 
     async def scenario() -> bytes:
@@ -355,6 +359,16 @@ def test_gpu_slot_is_named_in_cuda_visible_devices(tmp_path: Path) -> None:
     plain = sandbox.worker_env(_layout(tmp_path))
     assert plain["CUDA_VISIBLE_DEVICES"] == ""
     assert "CUDA_DEVICE_ORDER" not in plain
+
+
+def test_only_a_sandboxed_worker_is_named_nobody(tmp_path: Path) -> None:
+    """In the sandbox (no /etc/passwd) USER and LOGNAME name the sandbox's user, so that
+    getpass.getuser() works there; an unsandboxed worker runs as the daemon's user, whose
+    name the system knows: it is not renamed."""
+    env = sandbox.worker_env(_layout(tmp_path))
+    assert env["USER"] == env["LOGNAME"] == "nobody"
+    plain = sandbox.worker_env(_layout(tmp_path), sandboxed=False)
+    assert "USER" not in plain and "LOGNAME" not in plain
 
 
 def test_root_keeps_only_the_capabilities_to_drop_to_nobody(tmp_path: Path) -> None:

@@ -114,13 +114,13 @@ def test_prepare_starts_nothing_on_the_cpu_and_fails_as_the_node_on_a_gpu_slot_w
     """prepare() (the worker calls it before the first slice) runs a backward pass only on
     CUDA; a GPU slot whose torch sees no GPU fails there as the node's failure, as run()
     would."""
-    import threading
+    from nodeclient.node.worker import _python_threads  # thread states, as the worker counts
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-    before = threading.active_count()
+    before = _python_threads()
     TorchTrainRuntime().prepare()
-    assert threading.active_count() == before
+    assert _python_threads() == before
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", GPU)
     with pytest.raises(DeviceFailure, match="refusing to train on the CPU"):
         TorchTrainRuntime().prepare()

@@ -195,7 +195,7 @@ class Executor:
             }
             command = [str(layout.python), "-m", "nodeclient.node.worker", "--config"]
             command.append(json.dumps(inside, separators=(",", ":")))
-            env = sandbox.worker_env(layout, threads=self.config.threads)
+            env = sandbox.worker_env(layout, threads=self.config.threads, sandboxed=sandboxed)
             if sandboxed:
                 argv = sandbox.bwrap_argv(layout, command, env=env, as_root=as_root, bwrap=bwrap)
                 env = {"PATH": env["PATH"]}

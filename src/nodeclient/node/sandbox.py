@@ -306,21 +306,24 @@ def _check_home_hidden(
             )
 
 
-def worker_env(layout: Layout, *, threads: int | None = None) -> dict[str, str]:
-    """The whole environment of a worker: nothing of the daemon's leaks in."""
+def worker_env(
+    layout: Layout, *, threads: int | None = None, sandboxed: bool = True
+) -> dict[str, str]:
+    """The whole environment of a worker: nothing of the daemon's leaks in. *sandboxed*:
+    whether it runs in the sandbox, as SANDBOX_UID (else as the daemon's user)."""
     env = {
         "PATH": "/usr/local/bin:/usr/bin:/bin",
         "HOME": "/tmp",  # noqa: S108 (the sandbox's own private tmpfs)
-        # The sandbox has no /etc/passwd: getpass.getuser() (which PyTorch's CUDA build
-        # calls while a slice runs, for its cache directories) reads these before it
-        # looks the uid up, and that lookup fails there.
-        "USER": SANDBOX_USER,
-        "LOGNAME": SANDBOX_USER,
         "LANG": "C.UTF-8",
         "PYTHONPATH": os.pathsep.join(str(p) for p in layout.python_path),
         "PYTHONNOUSERSITE": "1",
         "PYTHONDONTWRITEBYTECODE": "1",
     }
+    if sandboxed:
+        # The sandbox has no /etc/passwd: getpass.getuser() (which PyTorch's CUDA build
+        # calls while a slice runs, for its cache directories) reads these before it
+        # looks the uid up, and that lookup fails there.
+        env["USER"] = env["LOGNAME"] = SANDBOX_USER
     if threads is not None:
         env["OMP_NUM_THREADS"] = str(threads)
     if layout.gpus:
@@ -520,8 +523,10 @@ def bwrap_path() -> str:
     """bubblewrap's absolute path, found on the daemon's PATH as :func:`probe` finds it
     ("bwrap" when it is not there). Workers are started with this path: they are started
     with the sandbox's own PATH (/usr/local/bin:/usr/bin:/bin), where a bwrap installed
-    elsewhere, in /opt or a home directory say, would not be found."""
-    return shutil.which("bwrap") or "bwrap"
+    elsewhere, in /opt or a home directory say, would not be found. Absolute even where
+    PATH has a relative entry: workers start in their slot's directory."""
+    found = shutil.which("bwrap")
+    return os.path.abspath(found) if found else "bwrap"
 
 
 def probe(bwrap: str | None = None, *, timeout: float = 10.0) -> tuple[bool, str]:

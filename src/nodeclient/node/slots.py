@@ -384,5 +384,6 @@ def _widen_pipe(stream: object) -> None:
     transport = getattr(stream, "transport", None) or getattr(stream, "_transport", None)
     pipe = None if transport is None else transport.get_extra_info("pipe")
     if pipe is not None:
-        with contextlib.suppress(OSError):
+        # ValueError: the pipe is already closed (a worker that could not be started).
+        with contextlib.suppress(OSError, ValueError):
             fcntl.fcntl(pipe.fileno(), _F_SETPIPE_SZ, _PIPE_BYTES)

@@ -389,19 +389,22 @@ class Worker:
         return {"op": "result"}, result, True
 
     def _prepare(self, workload_class: str, runtime: Any) -> None:
-        """Before the first task of a class in this worker, no requester input yet: the
-        runtime's ``prepare()``, where it has one, starts what it keeps running between
-        tasks (PyTorch's autograd thread for a CUDA device, which holds a Python thread
-        state), and the threads counted as the worker's own are counted again. Else a
-        worker whose runtime starts such a thread in its first task would be replaced
-        after every task, and every slice would pay for a fresh CUDA start."""
+        """Before the first task of a class in this worker: the runtime's ``prepare()``,
+        where it has one, starts what it keeps running between tasks (PyTorch's autograd
+        thread for a CUDA device, which holds a Python thread state), and the threads it
+        started are counted as the worker's own. Else a worker whose runtime starts such a
+        thread in its first task would be replaced after every task, and every slice would
+        pay for a fresh CUDA start. Only the threads that appear while ``prepare()`` runs
+        are added: tasks of other classes may have run here before, and nothing they left
+        may be counted as the worker's."""
         if workload_class in self.prepared:
             return
         self.prepared.add(workload_class)
         prepare = getattr(runtime, "prepare", None)
         if prepare is not None:
+            before = _python_threads()
             prepare()
-            self._threads = _python_threads()
+            self._threads += max(0, _python_threads() - before)
 
     def _empty_task_dir(self) -> bool:
         """Empty the task directory for the next task (cheaper than a new one); False if not."""

@@ -62,9 +62,9 @@ class Runtime(Protocol):
     Optional methods the worker calls where a runtime has them: ``self_check()`` when the
     worker starts (raising withdraws the class from that worker: CUDA that does not start
     on the slot's card, say), and ``prepare()`` before the class's first task in the
-    worker, with no requester input yet: it starts what the runtime keeps running between
-    tasks (PyTorch's autograd thread for a CUDA device), which the worker then counts as
-    its own rather than as threads a task left running.
+    worker: it starts what the runtime keeps running between tasks (PyTorch's autograd
+    thread for a CUDA device), and the threads that appear while it runs are counted as
+    the worker's own rather than as threads a task left running.
     """
 
     workload_class: ClassVar[str]
