@@ -361,6 +361,28 @@ def test_gpu_slot_is_named_in_cuda_visible_devices(tmp_path: Path) -> None:
     assert "CUDA_DEVICE_ORDER" not in plain
 
 
+def test_a_worker_that_cannot_be_started_is_a_failed_task_not_an_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """bwrap gone between the probe and a worker's start (the shell that starts it exits
+    127 at once): the task fails as the node's, saying so, rather than an error escaping
+    from the pipe set-up (ValueError on the closed pipe)."""
+    monkeypatch.setattr(sandbox, "bwrap_path", lambda: str(tmp_path / "gone" / "bwrap"))
+
+    async def scenario() -> TaskFailed:
+        executor = make_executor(tmp_path / "home")
+        try:
+            with pytest.raises(TaskFailed) as got:
+                await executor.run(HOSTILE, json.dumps({"do": "echo", "data": "x"}).encode())
+            return got.value
+        finally:
+            await executor.aclose()
+
+    failed = asyncio.run(scenario())
+    assert failed.requester_fault is False
+    assert failed.reason.startswith("worker failed to start (status 127)")
+
+
 def test_only_a_sandboxed_worker_is_named_nobody(tmp_path: Path) -> None:
     """In the sandbox (no /etc/passwd) USER and LOGNAME name the sandbox's user, so that
     getpass.getuser() works there; an unsandboxed worker runs as the daemon's user, whose
