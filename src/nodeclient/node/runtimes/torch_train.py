@@ -268,7 +268,7 @@ class TorchTrainRuntime:
         self.prepare()
 
     def prepare(self) -> None:
-        """Called by the worker before its first slice (no requester input yet): on CUDA,
+        """Called by the worker before its first slice, and by :meth:`self_check`: on CUDA,
         one tiny backward pass, which starts PyTorch's autograd thread for the device. That
         thread holds a Python thread state and lives as long as the process; started by a
         slice, it would read as a thread the slice left running, and the worker would be
