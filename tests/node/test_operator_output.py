@@ -164,7 +164,12 @@ def test_a_status_answer_nested_without_end_is_one_line(home: Path, fake_daemon,
     fake_daemon(lambda c: c.sendall(deep))
     assert main(["status", "--home", str(home)]) == 1
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "RecursionError" in err
+    # Python 3.11 and 3.12 stop decoding at the recursion limit; 3.13 (whose JSON decoder's
+    # C recursion has a limit of its own) decodes it and finds no link field.
+    assert err.count("\n") == 1
+    assert "RecursionError" in err or (
+        sys.version_info >= (3, 13) and "lacks or mangles a field (KeyError: 'link')" in err
+    )
     nested: object = []
     for _ in range(5000):
         nested = [nested]
