@@ -49,3 +49,32 @@ class KeepsADeviceThread:
 
 def device_thread_factory(_cache: Path) -> KeepsADeviceThread:
     return KeepsADeviceThread()
+
+
+class ReservesLikeCuda:
+    """A CPU runtime (``uses_gpu`` False, as Blender's) in a worker on a GPU slot whose
+    self-check reserves 32 GiB of address space and keeps it, as a CUDA context does. Each
+    answer says, as JSON, the limit a program it started would get, and what the worker
+    holds."""
+
+    uses_gpu = False
+    address_space_overhead = 1 << 30
+
+    def self_check(self) -> None:
+        import mmap
+
+        # Reserved, not committed: private PROT_NONE pages (prot 0) cost no memory.
+        self.reserved = mmap.mmap(-1, 32 << 30, flags=mmap.MAP_PRIVATE, prot=0)
+
+    def run(self, payload: bytes, *, workdir: Path, progress: object = None) -> bytes:
+        import json
+
+        from nodeclient.node.runtimes.base import child_address_space
+
+        with open("/proc/self/statm", encoding="ascii") as fh:
+            held = int(fh.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+        return json.dumps({"child": child_address_space(), "held": held}).encode()
+
+
+def reserves_factory(_cache: Path) -> ReservesLikeCuda:
+    return ReservesLikeCuda()

@@ -594,3 +594,36 @@ def test_a_name_with_a_control_character_is_refused(scenes, tmp_path: Path) -> N
     Blender's own wording. Such a scene is refused as the request's fault."""
     with pytest.raises(RemoteProtocolError, match="control characters"):
         _runtime().run(_payload(scenes["badname"], frames=(1, 1)), workdir=tmp_path)
+
+
+def test_blender_starts_with_the_limit_the_worker_set_for_the_tasks_program() -> None:
+    """On a GPU slot the worker sets the limit of the program a task starts (its own holds
+    CUDA's reservations, which Blender does not): Blender starts with it, and reports it
+    when it runs out of memory. Without one, Blender inherits the worker's limit."""
+    import resource
+
+    from nodeclient.node.runtimes import base, blender
+
+    show = [
+        sys.executable,
+        "-c",
+        "import resource; print(resource.getrlimit(resource.RLIMIT_AS)[0])",
+    ]
+
+    def child_limit() -> int:
+        done = subprocess.run(
+            show, preexec_fn=blender._blender_preexec(),
+            capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        return int(done.stdout)
+
+    own = resource.getrlimit(resource.RLIMIT_AS)[0]
+    base.set_child_address_space(3 << 30)
+    try:
+        assert child_limit() == 3 << 30
+        assert blender._memory_limit() == (
+            3 << 30 if own == resource.RLIM_INFINITY else min(own, 3 << 30)
+        )
+    finally:
+        base.set_child_address_space(None)
+    assert child_limit() == own

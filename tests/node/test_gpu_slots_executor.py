@@ -377,3 +377,38 @@ def test_a_thread_an_earlier_task_sets_up_is_not_counted_as_the_runtimes(
 
     # The second task of the class ran in a fresh worker: the first one was replaced.
     assert asyncio.run(scenario()) == [b'"hooked"', b"1", b"1"]
+
+
+def test_a_program_a_task_starts_on_a_gpu_slot_gets_the_tasks_memory_not_cudas(
+    tmp_path: Path,
+) -> None:
+    """On a GPU slot the worker's own limit must leave room for the address space CUDA
+    reserved in it (tens of GB, here 32 GiB reserved by a stand-in): a program the task
+    starts (Blender) holds none of it, so its limit is the task's declared memory plus the
+    runtime's overhead, above what the worker held before any GPU runtime started, not
+    above what it holds now. Each task sets its own; none is left for the next."""
+    cards = (SlotGpu(*MIXED_CARDS[0]),)
+    name = "test.reserves"
+    ex = Executor(
+        slots=1, mode=MODE_UNSANDBOXED,
+        config=WorkerConfig(
+            cache_dir=tmp_path / "models", gpus=cards, work_root=tmp_path / "work",
+            runtimes={name: "self_check_runtime:reserves_factory"},
+            preload=(), extra_python_path=(HERE,), threads=1,
+        ),
+    )  # fmt: skip
+
+    async def scenario() -> list[dict[str, int]]:
+        try:
+            answers = []
+            for ram_mb in (256, 512):
+                body = await ex.run(name, b"", job_id="j", resources={"ram_mb": ram_mb})
+                answers.append(json.loads(body))
+            return answers
+        finally:
+            await ex.aclose()
+
+    small, large = asyncio.run(scenario())
+    assert small["held"] > 32 << 30  # the worker holds the reservation
+    assert small["child"] < 4 << 30  # its program does not get it
+    assert large["child"] - small["child"] == 256 << 20  # the declared memory, each task's

@@ -61,6 +61,7 @@ from pathlib import Path
 from typing import IO, Any, Final
 
 from nodeclient.errors import RemoteProtocolError
+from nodeclient.node.runtimes.base import set_child_address_space
 
 PREFIX: Final = struct.Struct(">II")
 MAX_HEADER: Final = 64 * 1024
@@ -275,6 +276,9 @@ class Worker:
             except Exception as exc:  # noqa: BLE001 (reported per task; other classes serve on)
                 self.broken[workload_class] = f"{type(exc).__name__}: {exc}"[:300]
         _import_all(config.get("preload", ()))  # e.g. onnxruntime: the first task is warm
+        # What the worker holds before any runtime starts CUDA (the self-checks below): the
+        # base of the limit of a program a task on a GPU slot starts (set_child_address_space).
+        self._base_vm = _virtual_memory()
         for workload_class, runtime in list(self.runtimes.items()):
             check = getattr(runtime, "self_check", None)
             if check is None:
@@ -365,6 +369,11 @@ class Worker:
             elif not getattr(runtime, "uses_gpu", True):
                 declared = header.get("memory_bytes") or self.slot_memory
                 _limit_memory(declared, hard, overhead=overhead)
+                if isinstance(declared, int) and declared > 0:
+                    # The program the runtime starts (Blender) holds none of what CUDA
+                    # reserved here: its limit is the task's, above what the worker held
+                    # before any GPU runtime started.
+                    set_child_address_space(self._base_vm + max(0, overhead) + declared)
             result = runtime.run(payload, workdir=workdir, progress=progress)
             if not isinstance(result, bytes):
                 raise TypeError(f"runtime returned {type(result).__name__}, not bytes")
@@ -383,6 +392,7 @@ class Worker:
             reason = f"execution failed: {type(exc).__name__}: {exc}"[:400]
             return {"op": "error", "kind": "failed", "reason": reason}, b"", False
         finally:
+            set_child_address_space(None)
             if resource.getrlimit(resource.RLIMIT_AS)[0] != hard:  # lowered for this task
                 resource.setrlimit(resource.RLIMIT_AS, (hard, hard))
             os.chdir(self.work_root)

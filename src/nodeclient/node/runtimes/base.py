@@ -36,6 +36,24 @@ def no_progress(_done: float, _total: float, _note: str) -> None:
     """The progress callback used when nobody listens."""
 
 
+# The address space a program a runtime starts for the task (Blender) may map: set by the
+# worker for one task on a GPU slot, where the worker's own limit must leave room for what
+# CUDA reserved in it (tens of GB of address space), which a freshly started program does
+# not hold. None: the program inherits the worker's limit (a slot without a GPU, where that
+# limit is the task's).
+_child_address_space: list[int | None] = [None]
+
+
+def set_child_address_space(limit: int | None) -> None:
+    """Set (or, with None, clear) :func:`child_address_space` for the task about to run."""
+    _child_address_space[0] = limit
+
+
+def child_address_space() -> int | None:
+    """The RLIMIT_AS a program started for this task gets, or None (it inherits ours)."""
+    return _child_address_space[0]
+
+
 def gpu_slot() -> str | None:
     """The GPU the executor gave this worker's slot (``CUDA_VISIBLE_DEVICES``), or None:
     unset, empty, or hiding every card as CUDA reads it (a leading negative number)."""

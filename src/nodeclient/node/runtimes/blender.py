@@ -57,7 +57,7 @@ import numpy as np
 import numpy.typing as npt
 
 from nodeclient.errors import NodeClientError, RemoteProtocolError
-from nodeclient.node.runtimes.base import Progress, no_progress
+from nodeclient.node.runtimes.base import Progress, child_address_space, no_progress
 from nodeclient.node.runtimes.onnx import ModelCache
 from nodeclient.workloads.render import (
     CHANNELS,
@@ -362,9 +362,36 @@ def _tail(path: Path) -> str:
 
 
 def _memory_limit() -> int | None:
-    """This process's address-space limit (the sandbox sets one), inherited by Blender."""
+    """Blender's address-space limit: the one the worker set for this task's program on a
+    GPU slot (:func:`~.base.child_address_space`), else this process's (the sandbox sets
+    one), which Blender inherits; None when there is none."""
     soft, _hard = resource.getrlimit(resource.RLIMIT_AS)
-    return None if soft == resource.RLIM_INFINITY else soft
+    own = None if soft == resource.RLIM_INFINITY else soft
+    child = child_address_space()
+    if child is None:
+        return own
+    return child if own is None else min(child, own)
+
+
+def _blender_preexec() -> Callable[[], None] | None:
+    """The ``preexec_fn`` Blender starts with: :func:`_die_with_parent`'s, and, where the
+    worker set a limit for the task's program (:func:`~.base.child_address_space`), that
+    RLIMIT_AS. The limit is worked out here, before the fork; the child only calls
+    setrlimit."""
+    die = _die_with_parent()
+    limit = child_address_space()
+    if limit is None:
+        return die
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    cap = limit if soft == resource.RLIM_INFINITY else min(limit, soft)
+    setrlimit, address_space = resource.setrlimit, resource.RLIMIT_AS
+
+    def preexec() -> None:
+        setrlimit(address_space, (cap, hard))
+        if die is not None:
+            die()
+
+    return preexec
 
 
 def _die_with_parent() -> Callable[[], None] | None:
@@ -534,7 +561,7 @@ class BlenderRuntime:
                 env=_clean_env(run_dir),
                 start_new_session=True,  # its own process group, killed as one
                 # and killed with the worker; safe with threads: see _die_with_parent
-                preexec_fn=_die_with_parent(),  # noqa: PLW1509
+                preexec_fn=_blender_preexec(),  # noqa: PLW1509
             )
             try:
                 self._watch(proc, request, out_dir, progress)
