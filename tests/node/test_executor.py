@@ -383,14 +383,24 @@ def test_a_worker_that_cannot_be_started_is_a_failed_task_not_an_error(
     assert failed.reason.startswith("worker failed to start (status 127)")
 
 
-def test_only_a_sandboxed_worker_is_named_nobody(tmp_path: Path) -> None:
-    """In the sandbox (no /etc/passwd) USER and LOGNAME name the sandbox's user, so that
-    getpass.getuser() works there; an unsandboxed worker runs as the daemon's user, whose
-    name the system knows: it is not renamed."""
+def test_a_worker_can_always_name_its_user(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """getpass.getuser() reads USER and LOGNAME before it looks the uid up. In the sandbox
+    (no /etc/passwd) they name the sandbox's user; an unsandboxed worker runs as the
+    daemon's user, named as the system names it, or uid<N> where it has no name (a
+    container started with --user N), where the lookup would fail."""
+    import pwd
+
     env = sandbox.worker_env(_layout(tmp_path))
     assert env["USER"] == env["LOGNAME"] == "nobody"
     plain = sandbox.worker_env(_layout(tmp_path), sandboxed=False)
-    assert "USER" not in plain and "LOGNAME" not in plain
+    assert plain["USER"] == plain["LOGNAME"] == pwd.getpwuid(os.getuid()).pw_name
+
+    def unknown(uid: int) -> pwd.struct_passwd:
+        raise KeyError(f"getpwuid(): uid not found: {uid}")
+
+    monkeypatch.setattr(pwd, "getpwuid", unknown)
+    nameless = sandbox.worker_env(_layout(tmp_path), sandboxed=False)
+    assert nameless["USER"] == nameless["LOGNAME"] == f"uid{os.getuid()}"
 
 
 def test_root_keeps_only_the_capabilities_to_drop_to_nobody(tmp_path: Path) -> None:

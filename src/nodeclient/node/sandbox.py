@@ -319,11 +319,10 @@ def worker_env(
         "PYTHONNOUSERSITE": "1",
         "PYTHONDONTWRITEBYTECODE": "1",
     }
-    if sandboxed:
-        # The sandbox has no /etc/passwd: getpass.getuser() (which PyTorch's CUDA build
-        # calls while a slice runs, for its cache directories) reads these before it
-        # looks the uid up, and that lookup fails there.
-        env["USER"] = env["LOGNAME"] = SANDBOX_USER
+    # getpass.getuser() (which PyTorch's CUDA build calls while a slice runs, for its cache
+    # directories) reads these before it looks the uid up, a lookup that fails in the
+    # sandbox (no /etc/passwd) and for a uid without a passwd entry (a container's).
+    env["USER"] = env["LOGNAME"] = SANDBOX_USER if sandboxed else _user_name()
     if threads is not None:
         env["OMP_NUM_THREADS"] = str(threads)
     if layout.gpus:
@@ -334,6 +333,17 @@ def worker_env(
     else:  # no card for this slot: CUDA sees none, unsandboxed (no device files bound) too
         env["CUDA_VISIBLE_DEVICES"] = ""
     return env
+
+
+def _user_name() -> str:
+    """The name of the user this process runs as, or ``uid<N>`` where it has none."""
+    import pwd
+
+    uid = os.getuid()
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid{uid}"
 
 
 def gpu_nodes(gpus: Sequence[SlotGpu], *, dev: Path | None = None) -> list[Path]:

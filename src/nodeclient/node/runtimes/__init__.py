@@ -94,7 +94,8 @@ RUNTIMES: dict[str, RuntimeInfo] = {
     "ai.training": RuntimeInfo(
         "ai.training",
         # Slices run for seconds to minutes: a first one may import torch (~2 s) rather
-        # than every worker holding it (~125 MiB each) on nodes that never train.
+        # than every worker holding it (~125 MiB each) on nodes that never train. On a GPU
+        # slot the runtime's self-check imports it and starts CUDA when a worker starts.
         Requirements(python_modules=("torch",), min_ram_mb=1024, preload=False),
         _torch_train,
         _torch_check,
