@@ -607,23 +607,24 @@ def test_blender_starts_with_the_limit_the_worker_set_for_the_tasks_program() ->
     show = [
         sys.executable,
         "-c",
-        "import resource; print(resource.getrlimit(resource.RLIMIT_AS)[0])",
+        "import resource; print(*resource.getrlimit(resource.RLIMIT_AS))",
     ]
 
-    def child_limit() -> int:
+    def child_limits() -> tuple[int, int]:
         done = subprocess.run(
             show, preexec_fn=blender._blender_preexec(),
             capture_output=True, text=True, check=True,
         )  # fmt: skip
-        return int(done.stdout)
+        soft, hard = map(int, done.stdout.split())
+        return soft, hard
 
     own = resource.getrlimit(resource.RLIMIT_AS)[0]
     base.set_child_address_space(3 << 30)
     try:
-        assert child_limit() == 3 << 30
+        assert child_limits() == (3 << 30, 3 << 30)  # the hard one too: Blender keeps it
         assert blender._memory_limit() == (
             3 << 30 if own == resource.RLIM_INFINITY else min(own, 3 << 30)
         )
     finally:
         base.set_child_address_space(None)
-    assert child_limit() == own
+    assert child_limits()[0] == own

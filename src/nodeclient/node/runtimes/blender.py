@@ -382,12 +382,12 @@ def _blender_preexec() -> Callable[[], None] | None:
     limit = child_address_space()
     if limit is None:
         return die
-    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    soft, _hard = resource.getrlimit(resource.RLIMIT_AS)
     cap = limit if soft == resource.RLIM_INFINITY else min(limit, soft)
     setrlimit, address_space = resource.setrlimit, resource.RLIMIT_AS
 
     def preexec() -> None:
-        setrlimit(address_space, (cap, hard))
+        setrlimit(address_space, (cap, cap))  # hard too: Blender cannot raise it again
         if die is not None:
             die()
 
