@@ -76,5 +76,15 @@ class ReservesLikeCuda:
         return json.dumps({"child": child_address_space(), "held": held}).encode()
 
 
+class UsesTheGpu(ReservesLikeCuda):
+    """The same answers from a runtime that uses the GPU: its tasks set no limit."""
+
+    uses_gpu = True
+
+
 def reserves_factory(_cache: Path) -> ReservesLikeCuda:
     return ReservesLikeCuda()
+
+
+def gpu_user_factory(_cache: Path) -> UsesTheGpu:
+    return UsesTheGpu()

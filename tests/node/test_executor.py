@@ -392,8 +392,13 @@ def test_a_worker_can_always_name_its_user(tmp_path: Path, monkeypatch: pytest.M
 
     env = sandbox.worker_env(_layout(tmp_path))
     assert env["USER"] == env["LOGNAME"] == "nobody"
+
+    def known(uid: int) -> pwd.struct_passwd:
+        return pwd.struct_passwd(("operator", "x", uid, uid, "", "/home/operator", "/bin/sh"))
+
+    monkeypatch.setattr(pwd, "getpwuid", known)
     plain = sandbox.worker_env(_layout(tmp_path), sandboxed=False)
-    assert plain["USER"] == plain["LOGNAME"] == pwd.getpwuid(os.getuid()).pw_name
+    assert plain["USER"] == plain["LOGNAME"] == "operator"
 
     def unknown(uid: int) -> pwd.struct_passwd:
         raise KeyError(f"getpwuid(): uid not found: {uid}")

@@ -393,7 +393,8 @@ def test_a_program_a_task_starts_on_a_gpu_slot_gets_the_tasks_memory_not_cudas(
         slots=1, mode=MODE_UNSANDBOXED,
         config=WorkerConfig(
             cache_dir=tmp_path / "models", gpus=cards, work_root=tmp_path / "work",
-            runtimes={name: "self_check_runtime:reserves_factory"},
+            runtimes={name: "self_check_runtime:reserves_factory",
+                      "test.gpu_user": "self_check_runtime:gpu_user_factory"},
             preload=(), extra_python_path=(HERE,), threads=1,
         ),
     )  # fmt: skip
@@ -404,11 +405,14 @@ def test_a_program_a_task_starts_on_a_gpu_slot_gets_the_tasks_memory_not_cudas(
             for ram_mb in (256, 512):
                 body = await ex.run(name, b"", job_id="j", resources={"ram_mb": ram_mb})
                 answers.append(json.loads(body))
+            body = await ex.run("test.gpu_user", b"", job_id="j", resources={"ram_mb": 256})
+            answers.append(json.loads(body))
             return answers
         finally:
             await ex.aclose()
 
-    small, large = asyncio.run(scenario())
+    small, large, gpu_task = asyncio.run(scenario())
+    assert gpu_task["child"] is None  # a GPU task's programs get no limit, none left over
     assert small["held"] > 32 << 30  # the worker holds the reservation
     assert small["child"] < 4 << 30  # its program does not get it
     assert large["child"] - small["child"] == 256 << 20  # the declared memory, each task's

@@ -376,8 +376,9 @@ def _memory_limit() -> int | None:
 def _blender_preexec() -> Callable[[], None] | None:
     """The ``preexec_fn`` Blender starts with: :func:`_die_with_parent`'s, and, where the
     worker set a limit for the task's program (:func:`~.base.child_address_space`), that
-    RLIMIT_AS. The limit is worked out here, before the fork; the child only calls
-    setrlimit."""
+    RLIMIT_AS. The limit is worked out here, before the fork; the child calls setrlimit
+    last, just before the exec: until then it holds the worker's address space (CUDA's
+    reservation too), far over the limit, where any new mapping would fail."""
     die = _die_with_parent()
     limit = child_address_space()
     if limit is None:
@@ -387,9 +388,9 @@ def _blender_preexec() -> Callable[[], None] | None:
     setrlimit, address_space = resource.setrlimit, resource.RLIMIT_AS
 
     def preexec() -> None:
-        setrlimit(address_space, (cap, cap))  # hard too: Blender cannot raise it again
         if die is not None:
             die()
+        setrlimit(address_space, (cap, cap))  # hard too: Blender cannot raise it again
 
     return preexec
 
