@@ -208,23 +208,6 @@ class HostileRuntime:
             lowered = f"refused: {exc.strerror}"
         return {"own": own, "child": child, "lowered": lowered}
 
-    def do_thread_at_import(self, order: dict[str, Any], workdir: Path, progress: Any) -> str:
-        """End with no thread left, but with an audit hook that starts one when the worker
-        next loads *order["module"]* (the first-use import of another class, say: the
-        loader opens its file)."""
-        import threading
-
-        module = str(order["module"])
-        started: list[bool] = []
-
-        def hook(event: str, args: tuple[Any, ...]) -> None:
-            if event == "open" and not started and module in str(args[0] if args else ""):
-                started.append(True)
-                threading.Thread(target=threading.Event().wait, daemon=True).start()
-
-        sys.addaudithook(hook)
-        return "hooked"
-
     def do_junk_thread(self, order: dict[str, Any], workdir: Path, progress: Any) -> str:
         """Answer at once, leaving a thread that fills the worker's answer pipe with junk
         after the clean-up report and keeps the worker from exiting."""

@@ -1,7 +1,8 @@
 """Runtimes for the tests of what GPU runtimes do in a worker (loaded in workers as
-``self_check_runtime:factory`` and ``self_check_runtime:device_thread_factory``, with this
-directory on the worker's PYTHONPATH): a self-check that fails on a slot with a GPU, as
-ONNX Runtime's does where CUDA does not load, and a thread kept from the first use on."""
+``self_check_runtime:factory`` and the other factories below, with this directory on the
+worker's PYTHONPATH): a self-check that fails on a slot with a GPU, as ONNX Runtime's does
+where CUDA does not load, a thread kept from the self-check on, and address space reserved
+as CUDA reserves it."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ def factory(_cache: Path) -> CudaThatDoesNotLoad:
 class KeepsADeviceThread:
     """Starts, on first use, a thread that lives as long as the process and holds a
     Python thread state, as PyTorch's autograd thread for a CUDA device does (started at
-    the first backward pass on the device): in ``prepare()`` when the worker calls it,
+    the first backward pass on the device): in ``self_check()`` when the worker starts,
     else in the first task. Each answer is how many tasks this instance has run."""
 
     def __init__(self) -> None:
@@ -38,7 +39,7 @@ class KeepsADeviceThread:
             self.started = True
             threading.Thread(target=threading.Event().wait, daemon=True).start()
 
-    def prepare(self) -> None:
+    def self_check(self) -> None:
         self._start_device_thread()
 
     def run(self, payload: bytes, *, workdir: Path, progress: object = None) -> bytes:

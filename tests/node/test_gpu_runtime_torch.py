@@ -108,24 +108,6 @@ def test_a_cpu_build_of_torch_cannot_serve_a_gpu_node(monkeypatch: pytest.Monkey
     assert torch_train.gpu_usable()[0]
 
 
-def test_prepare_starts_nothing_on_the_cpu_and_fails_as_the_node_on_a_gpu_slot_without_cuda(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """prepare() (the worker calls it before the first slice) runs a backward pass only on
-    CUDA; a GPU slot whose torch sees no GPU fails there as the node's failure, as run()
-    would."""
-    from nodeclient.node.worker import _python_threads  # thread states, as the worker counts
-
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-    before = _python_threads()
-    TorchTrainRuntime().prepare()
-    assert _python_threads() == before
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", GPU)
-    with pytest.raises(DeviceFailure, match="refusing to train on the CPU"):
-        TorchTrainRuntime().prepare()
-
-
 def test_the_start_up_check_imports_nothing_on_a_cpu_slot() -> None:
     """Every worker runs the self-check when it starts: on a slot without a GPU it must
     not import torch (seconds, and ~125 MiB a worker on nodes that never train)."""

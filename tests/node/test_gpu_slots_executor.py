@@ -279,11 +279,11 @@ def test_a_task_of_a_class_broken_in_its_worker_is_the_nodes_failure(
     assert len(ex.start_seconds) >= 2  # the worker was started again after the first
 
 
-def test_a_runtimes_own_thread_started_before_its_first_task_keeps_the_worker(
+def test_a_thread_a_runtimes_self_check_keeps_does_not_cost_the_worker(
     tmp_path: Path,
 ) -> None:
     """PyTorch starts a thread for a CUDA device at its first backward pass, and keeps it.
-    Started by the runtime's prepare() before the first task, it is counted as the
+    Started by the runtime's self-check when the worker starts, it is counted as the
     worker's own, and the job's next tasks reuse the worker (seen on an H100 node: it was
     started inside the first slice, the worker was replaced after every slice, and each
     slice paid about 10 s for a fresh CUDA start). A thread a task starts still gets the
@@ -342,41 +342,6 @@ def test_a_gpu_slots_worker_whose_torch_sees_no_card_withdraws_training(
     assert "DeviceFailure" in broken["ai.training"]
     assert failed.requester_fault is False
     assert failed.reason.startswith("execution failed: DeviceFailure")
-
-
-def test_a_thread_an_earlier_task_sets_up_is_not_counted_as_the_runtimes(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Only the threads that appear while prepare() runs count as the worker's own. A task
-    of another class that leaves an audit hook, which starts a thread at the next class's
-    first-use import (before prepare()), still gets the worker replaced after that
-    class's first task."""
-    from nodeclient.node import executor as executor_module
-
-    kept = "test.device_thread"
-    monkeypatch.setattr(executor_module, "first_use_modules", lambda _r: {kept: ["colorsys"]})
-    executor = Executor(
-        slots=1, mode=MODE_BWRAP,
-        config=WorkerConfig(
-            cache_dir=tmp_path / "models", work_root=tmp_path / "work",
-            runtimes={kept: "self_check_runtime:device_thread_factory",
-                      HOSTILE: HOSTILE_FACTORY},
-            preload=(), extra_python_path=(HERE,), threads=1,
-        ),
-    )  # fmt: skip
-
-    async def scenario() -> list[bytes]:
-        try:
-            hook = json.dumps({"do": "thread_at_import", "module": "colorsys"}).encode()
-            answers = [await executor.run(HOSTILE, hook, job_id="job-1")]
-            for _ in range(2):
-                answers.append(await executor.run(kept, b"", job_id="job-1"))
-            return answers
-        finally:
-            await executor.aclose()
-
-    # The second task of the class ran in a fresh worker: the first one was replaced.
-    assert asyncio.run(scenario()) == [b'"hooked"', b"1", b"1"]
 
 
 def test_a_program_a_task_starts_on_a_gpu_slot_gets_the_tasks_memory_not_cudas(

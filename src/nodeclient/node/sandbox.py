@@ -529,20 +529,25 @@ def scratch_failed(where: Path, exc: OSError) -> NoScratchSpace:
     )
 
 
-def bwrap_path() -> str:
-    """bubblewrap's absolute path, found on the daemon's PATH as :func:`probe` finds it
-    ("bwrap" when it is not there). Workers are started with this path: they are started
-    with the sandbox's own PATH (/usr/local/bin:/usr/bin:/bin), where a bwrap installed
-    elsewhere, in /opt or a home directory say, would not be found. Absolute even where
-    PATH has a relative entry: workers start in their slot's directory."""
+def _found_bwrap() -> str | None:
+    """bubblewrap's absolute path on the daemon's PATH, or None. Absolute even where PATH
+    has a relative entry: workers start in their slot's directory."""
     found = shutil.which("bwrap")
-    return os.path.abspath(found) if found else "bwrap"
+    return os.path.abspath(found) if found else None
+
+
+def bwrap_path() -> str:
+    """The bubblewrap :func:`probe` tries ("bwrap" when there is none). Workers are started
+    with this path: they are started with the sandbox's own PATH
+    (/usr/local/bin:/usr/bin:/bin), where a bwrap installed elsewhere, in /opt or a home
+    directory say, would not be found."""
+    return _found_bwrap() or "bwrap"
 
 
 def probe(bwrap: str | None = None, *, timeout: float = 10.0) -> tuple[bool, str]:
     """Whether bubblewrap works here: run ``true`` in the sandbox the workers would get.
     Raises NoScratchSpace when no scratch directory for it can be made."""
-    found = bwrap or shutil.which("bwrap")
+    found = bwrap or _found_bwrap()
     if found is None:
         return False, "bwrap is not on PATH"
     tmp = scratch_root()

@@ -290,8 +290,10 @@ class Worker:
                 del self.runtimes[workload_class]
         # class -> modules imported before its first task here (e.g. torch), then dropped
         self.first_use: dict[str, list[str]] = dict(config.get("first_use", {}))
+        # Counted after the self-checks: what a runtime starts there and keeps (PyTorch's
+        # autograd thread for a CUDA device, which holds a Python thread state) is the
+        # worker's own, not a thread a task left running.
         self._threads = _python_threads()
-        self.prepared: set[str] = set()  # classes whose runtime's prepare() has run here
 
     def serve(self, stream: IO[bytes], *, max_payload: int) -> int:
         write_frame(
@@ -362,7 +364,6 @@ class Worker:
             os.chdir(workdir)
             # Before the task's own limit: the library is the worker's, not the task's.
             _import_all(self.first_use.pop(workload_class, ()))
-            self._prepare(workload_class, runtime)
             overhead = getattr(runtime, "address_space_overhead", 0)
             if self.limit_address_space:
                 _limit_memory(header.get("memory_bytes"), hard, overhead=overhead)
@@ -397,24 +398,6 @@ class Worker:
                 resource.setrlimit(resource.RLIMIT_AS, (hard, hard))
             os.chdir(self.work_root)
         return {"op": "result"}, result, True
-
-    def _prepare(self, workload_class: str, runtime: Any) -> None:
-        """Before the first task of a class in this worker: the runtime's ``prepare()``,
-        where it has one, starts what it keeps running between tasks (PyTorch's autograd
-        thread for a CUDA device, which holds a Python thread state), and the threads it
-        started are counted as the worker's own. Else a worker whose runtime starts such a
-        thread in its first task would be replaced after every task, and every slice would
-        pay for a fresh CUDA start. Only the threads that appear while ``prepare()`` runs
-        are added: tasks of other classes may have run here before, and nothing they left
-        may be counted as the worker's."""
-        if workload_class in self.prepared:
-            return
-        self.prepared.add(workload_class)
-        prepare = getattr(runtime, "prepare", None)
-        if prepare is not None:
-            before = _python_threads()
-            prepare()
-            self._threads += max(0, _python_threads() - before)
 
     def _empty_task_dir(self) -> bool:
         """Empty the task directory for the next task (cheaper than a new one); False if not."""

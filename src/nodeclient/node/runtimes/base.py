@@ -77,12 +77,10 @@ class DeviceFailure(NodeClientError):
 class Runtime(Protocol):
     """Executes one workload class inside a worker process.
 
-    Optional methods the worker calls where a runtime has them: ``self_check()`` when the
-    worker starts (raising withdraws the class from that worker: CUDA that does not start
-    on the slot's card, say), and ``prepare()`` before the class's first task in the
-    worker: it starts what the runtime keeps running between tasks (PyTorch's autograd
-    thread for a CUDA device), and the threads that appear while it runs are counted as
-    the worker's own rather than as threads a task left running.
+    Optional: ``self_check()``, which the worker calls when it starts. Raising withdraws the
+    class from that worker (CUDA that does not start on the slot's card, say); what it
+    starts and keeps running (PyTorch's autograd thread for a CUDA device) is counted as
+    the worker's own, not as threads a task left running.
     """
 
     workload_class: ClassVar[str]

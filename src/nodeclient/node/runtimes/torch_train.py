@@ -257,24 +257,18 @@ class TorchTrainRuntime:
         return self._device
 
     def self_check(self) -> None:
-        """At a worker's start, on a slot with a GPU: :meth:`prepare`, which starts CUDA on
-        the slot's card. DeviceFailure where PyTorch cannot (a CPU build, a card it cannot
-        open), so that the node withdraws ``ai.training`` rather than fail every slice, as
-        ``ai.inference`` does; and the first slice of each worker no longer pays for the
-        torch import and the CUDA start (about 10 s on an H100 node). Nothing on a slot
-        without a GPU: torch stays unimported until a slice needs it."""
+        """At a worker's start, on a slot with a GPU: CUDA started on the slot's card, and
+        one tiny backward pass there. DeviceFailure where PyTorch cannot (a CPU build, a
+        card it cannot open), so that the node withdraws ``ai.training`` rather than fail
+        every slice, as ``ai.inference`` does. The backward pass starts PyTorch's autograd
+        thread for the device, which holds a Python thread state and lives as long as the
+        process: started here, before the worker counts its threads, it is the worker's;
+        started by a slice, it read as a thread the slice left running, and the worker was
+        replaced after every slice (seen on an H100 node: about 10 s a slice for the torch
+        import and CUDA start, for a 60 ms slice). Nothing on a slot without a GPU: torch
+        stays unimported until a slice needs it, and the CPU starts no such thread."""
         if gpu_slot() is None:
             return
-        self.prepare()
-
-    def prepare(self) -> None:
-        """Called by the worker before its first slice, and by :meth:`self_check`: on CUDA,
-        one tiny backward pass, which starts PyTorch's autograd thread for the device. That
-        thread holds a Python thread state and lives as long as the process; started by a
-        slice, it would read as a thread the slice left running, and the worker would be
-        replaced after every slice (seen on an H100 node: about 10 s a slice for the CUDA
-        start, for a 60 ms slice). A CPU device starts no such thread: nothing to do.
-        Raises DeviceFailure as :meth:`device` does."""
         import torch
 
         device = self.device()
