@@ -7,6 +7,7 @@ round (every 20 ms in tests).
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -153,6 +154,10 @@ def test_a_wall_clock_stepped_forward_expires_no_lease(
     assert dispatch["sent_at"] == START and dispatch["lease_expires_at"] == int(START) + 300
     with caplog.at_level(logging.WARNING, logger="nodeclient.coordinator"):
         clock.advance(86400)
+        end = time.monotonic() + 10  # a round sees the step (20-40 ms, longer under load)
+        while not any(r.getMessage() == "clock.stepped" for r in caplog.records):
+            assert time.monotonic() < end, "no round saw the clock step"
+            time.sleep(0.02)
         _no_frame(node)  # no cancel: the scheduler's rounds ran meanwhile
     (stepped,) = [r for r in caplog.records if r.getMessage() == "clock.stepped"]
     assert (stepped.__dict__["step_s"], stepped.__dict__["leases"]) == (86400, 1)
@@ -502,9 +507,10 @@ def test_a_lease_made_for_the_new_link_is_not_reconciled_away(
     from nodeclient.coordinator import scheduler as sch
 
     real = sch._seal_all
+    sealed = threading.Event()  # set once the heartbeats are answered: no sleep to outrun
 
     def slow(jobs):  # a large payload is still being sealed when the heartbeats come
-        time.sleep(1.0)
+        sealed.wait(10)
         return real(jobs)
 
     monkeypatch.setattr(sch, "_seal_all", slow)
@@ -520,6 +526,7 @@ def test_a_lease_made_for_the_new_link_is_not_reconciled_away(
         time.sleep(0.02)
     for _ in range(2):
         assert node.call(node.heartbeat())["type"] == "heartbeat_ack"
+    sealed.set()
     dispatch = node.recv(skip=("heartbeat_ack",))
     assert dispatch["type"] == "dispatch"
     task = running.client.job(job["job_id"])["tasks"][0]

@@ -134,8 +134,10 @@ def test_a_late_result_of_an_earlier_lease_names_that_nodes_manifest(
     job = running.client.submit_job("ai.inference", payload)
     dispatch = first.recv()
     mine = running.client.node(first.node_id)["manifest_hash"]
-    running.clock.advance(1001)  # A misses its lease (and its heartbeats)
+    # B is linked before A's lease runs out: were A the only node linked then, the
+    # scheduler would lease the task to A again (a tried node, if no other can take it).
     running.link(second)
+    running.clock.advance(1001)  # A misses its lease
     second.recv()  # leased to B now
     assert running.client.job(job["job_id"])["tasks"][0]["node_id"] == second.node_id
     running.link(first)
