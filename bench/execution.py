@@ -4,7 +4,8 @@
     python bench/execution.py --n 30     # fewer inference samples, for a quick look
 
 1. Inference latency through the node's execution path vs a direct run, on the same warm
-   model (a MatMul + Tanh chain that takes >= 5 ms single-threaded). The execution path is
+   model (a MatMul + Tanh chain, its depth chosen at the start of the run so that it takes
+   about 6 ms single-threaded on this machine: the target is for >= 5 ms). The execution path is
    ``Executor.run``: the admission check, the payload down the pipe to a warm bubblewrap
    worker (1 slot, 1 thread), request decoding, the model-cache lookup, ONNX Runtime,
    result encoding and the result back up the pipe. It is compared with a raw
@@ -78,10 +79,16 @@ from nodeclient.node.runtimes.onnx import ModelCache, OnnxRuntime
 from nodeclient.protocol.secp import Secp256k1Key
 from nodeclient.workloads import inference, render, render_slices
 
-MODEL_DEPTH, MODEL_WIDTH, MODEL_BATCH = 24, 512, 48  # ~10 ms single-threaded on a laptop core
+# The inference model: a chain whose depth is chosen at the start of each run so that its
+# raw run takes about MODEL_MS here (the target is for models of >= 5 ms, and the ratio
+# falls as the model grows: the closer to 5 ms, the harder the test). MODEL_DEPTH is where
+# the calibration starts: ~6 ms on this project's reference machine in 2026, ~3.7 ms on a
+# faster CPU, where a fixed depth fell under 5 ms and left the verdict without a subject.
+MODEL_DEPTH, MODEL_WIDTH, MODEL_BATCH = 24, 512, 48
+MODEL_MS = 6.0
 # The scene's own 6 frames; large enough that rendering, not Blender's ~1.3 s start, dominates.
 RENDER = {"frames": (1, 6), "width": 480, "height": 360, "samples": 32}
-SWEEP_DEPTHS = (15, 48, 96, 192)  # ~5 ms to ~65 ms single-threaded here
+SWEEP_DEPTHS = (15, 48, 96, 192)  # fixed: ~2-8 ms to ~26-65 ms single-threaded, by the CPU
 TARGET_INFERENCE = 1.10
 TARGET_SPLIT = 1.6
 
@@ -167,18 +174,33 @@ def timed(call: Callable[[], object]) -> float:
     return time.perf_counter() - t0
 
 
+def one_thread_session(model: bytes) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    return ort.InferenceSession(model, sess_options=options, providers=["CPUExecutionProvider"])
+
+
+def calibrated_depth(x: np.ndarray) -> int:
+    """The chain depth whose raw run takes about MODEL_MS on this machine now (the median
+    of 30 runs of MODEL_DEPTH layers, scaled: each layer costs the same)."""
+    session = one_thread_session(slow_model(depth=MODEL_DEPTH, width=MODEL_WIDTH))
+    for _ in range(5):
+        session.run(None, {"x": x})
+    chain_ms = median_ms([timed(lambda: session.run(None, {"x": x})) for _ in range(30)])
+    return max(1, round(MODEL_DEPTH * MODEL_MS / chain_ms))
+
+
 async def bench_inference(home: Path, mode: str, n: int) -> Results:
     """Raw session, OnnxRuntime and the node, interleaved so load drift hits all three."""
-    model = slow_model(depth=MODEL_DEPTH, width=MODEL_WIDTH)
     x = np.random.default_rng(1).standard_normal((MODEL_BATCH, MODEL_WIDTH)).astype(np.float32)
+    depth = calibrated_depth(x)
+    model = slow_model(depth=depth, width=MODEL_WIDTH)
     by_url = inference.make_request(
         model, {"x": x}, inline=False, model_url=blob_url(model)
     ).encode()
     inline = inference.make_request(model, {"x": x}).encode()
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    session = ort.InferenceSession(model, sess_options=options, providers=["CPUExecutionProvider"])
+    session = one_thread_session(model)
     direct_cache = home / "direct"
     ModelCache(direct_cache, max_bytes=1 << 30).put(hashlib.sha256(model).hexdigest(), model)
     runtime = OnnxRuntime(cache_dir=direct_cache, intra_op_threads=1)
@@ -211,6 +233,7 @@ async def bench_inference(home: Path, mode: str, n: int) -> Results:
     floor = node_overhead.crypto_floor(key, max(20, n // 2))
     handoff = handoff_floor(statistics.median(raw), max(30, n // 2))
     return {
+        "depth": depth,
         "handoff_ms": handoff * 1e3,
         "raw_ms": median_ms(raw),
         "direct_ms": median_ms(direct),
@@ -235,11 +258,7 @@ async def sweep_inference(home: Path, mode: str, n: int) -> Sweep:
         model = slow_model(depth=depth, width=MODEL_WIDTH)
         by_url = inference.make_request(model, {"x": x}, inline=False, model_url=blob_url(model))
         payload = by_url.encode()
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = 1
-        session = ort.InferenceSession(
-            model, sess_options=options, providers=["CPUExecutionProvider"]
-        )
+        session = one_thread_session(model)
         daemon, key = make_daemon(home / f"sweep-{depth}", mode, model)
         await daemon.executor.warm_up()
         try:
@@ -436,8 +455,8 @@ def report(
     vs_raw = inf["executor_ms"] / inf["raw_ms"]
     node_vs_raw = inf["node_ms"] / inf["raw_ms"]
     print(
-        f"\n1. inference, MatMul+Tanh x{MODEL_DEPTH} [{MODEL_BATCH}x{MODEL_WIDTH}], 1 thread, warm"
-        " (medians)\n"
+        f"\n1. inference, MatMul+Tanh x{inf['depth']:.0f} [{MODEL_BATCH}x{MODEL_WIDTH}] (the depth"
+        f" for ~{MODEL_MS:.0f} ms here), 1 thread, warm (medians)\n"
         f"   raw InferenceSession.run          {inf['raw_ms']:8.2f} ms\n"
         f"   OnnxRuntime.run in this process   {inf['direct_ms']:8.2f} ms   (request decode, "
         "result encode)\n"

@@ -116,6 +116,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             bytes=config.result_retention_mb << 20,
             history_seconds=config.history_retention_days * 86400.0,
             max_unacknowledged=config.max_unacknowledged_results,
+            abandon_seconds=config.abandon_results_after_days * 86400.0,
         ),
     )
     server = metrics.serve(metrics_address) if metrics_address else None  # 2.3.8, opt-in

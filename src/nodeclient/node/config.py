@@ -47,8 +47,17 @@ _EXPECTED: Final[dict[str, tuple[tuple[type, ...], str]]] = {
     "result_retention_mb": ((int,), "an integer"),
     "history_retention_days": (_NUMBER, "a number (days)"),
     "max_unacknowledged_results": ((int,), "an integer"),
+    "abandon_results_after_days": (_NUMBER, "a number (days)"),
 }
 _OPTIONAL: Final = frozenset({"coordinator", "max_parallel_subtasks", "metrics_address"})
+
+
+# Periods: (key, the most it may be, what 0 means, said in its error)
+_PERIODS: Final = (
+    ("result_retention_hours", 24 * 365, ""),
+    ("history_retention_days", 36500, " (keep for ever)"),
+    ("abandon_results_after_days", 36500, " (keep for ever)"),
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +76,8 @@ class NodeConfig:
     result_retention_mb: int = 4096  # and at most this much of them, oldest dropped first
     history_retention_days: float = 180.0  # then their history rows too (0: kept for ever)
     max_unacknowledged_results: int = 256  # past this many, new work is refused
+    # unacknowledged results of a coordinator other than the linked one: then closed
+    abandon_results_after_days: float = 30.0  # (0: kept for ever)
 
     def __post_init__(self) -> None:
         _check_types(self)
@@ -95,29 +106,20 @@ class NodeConfig:
         if not isinstance(self.allow_unsandboxed, bool):
             raise UsageError("allow_unsandboxed must be true or false")
         if (
-            isinstance(self.result_retention_hours, bool)
-            or not isinstance(self.result_retention_hours, int | float)
-            or not (0 <= self.result_retention_hours <= 24 * 365)
-        ):
-            raise UsageError("result_retention_hours must be between 0 and 8760")
-        if (
             isinstance(self.result_retention_mb, bool)
             or not isinstance(self.result_retention_mb, int)
             or self.result_retention_mb < 0
         ):
             raise UsageError("result_retention_mb must be a whole number >= 0")
         if (
-            isinstance(self.history_retention_days, bool)
-            or not isinstance(self.history_retention_days, int | float)
-            or not 0 <= self.history_retention_days <= 36500
-        ):
-            raise UsageError("history_retention_days must be between 0 (keep for ever) and 36500")
-        if (
             isinstance(self.max_unacknowledged_results, bool)
             or not isinstance(self.max_unacknowledged_results, int)
             or not 1 <= self.max_unacknowledged_results <= 1_000_000
         ):
             raise UsageError("max_unacknowledged_results must be between 1 and 1000000")
+        for name, high, zero in _PERIODS:
+            if not _number_within(getattr(self, name), 0, high):
+                raise UsageError(f"{name} must be between 0{zero} and {high}")
         results_days = self.result_retention_hours / 24
         if 0 < self.history_retention_days < results_days:  # a row outlives its result bytes
             object.__setattr__(self, "history_retention_days", results_days)
@@ -154,11 +156,20 @@ class NodeConfig:
             f"history_retention_days = {self.history_retention_days}  # then the rows (0: never)"
         )
         lines.append(
+            f"abandon_results_after_days = {self.abandon_results_after_days}"
+            "  # results another coordinator never acknowledged (0: kept)"
+        )
+        lines.append(
             f'metrics_address = "{self.metrics_address}"'
             if self.metrics_address
             else '# metrics_address = "127.0.0.1:9101"  # Prometheus metrics, off by default'
         )
         return "\n".join(lines) + "\n"
+
+
+def _number_within(value: object, low: float, high: float) -> bool:
+    """A TOML number (not a bool, not nan) from *low* to *high*."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and low <= value <= high
 
 
 def check_heartbeat_interval(value: object, *, name: str = "heartbeat_interval") -> float:

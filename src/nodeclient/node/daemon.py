@@ -26,7 +26,7 @@ import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 from cryptography.hazmat.primitives.asymmetric import rsa
 from websockets.asyncio.client import ClientConnection
@@ -48,6 +48,7 @@ from nodeclient.protocol.session import NodeSession
 from nodeclient.protocol.states import UNSTAKE_COOLDOWN_S, NodeState, StateMachine
 
 log = logging.getLogger("nodeclient.node")
+_T = TypeVar("_T")
 
 DRAIN_FLUSH_S: Final = 10.0  # after a stop's grace, how long unacknowledged results are sent
 _DAMAGED_LOGGED: Final = 20  # damaged rows described in one outbox.rows_damaged event
@@ -230,6 +231,7 @@ class NodeDaemon(LinkClient):
         while True:
             damaged: list[str] = []
             try:
+                await self._abandon_stranded()
                 dropped = await self._prune_step(
                     self.outbox.prune,
                     acked_before=self.clock.now() - self.retention.seconds,
@@ -261,7 +263,30 @@ class NodeDaemon(LinkClient):
                 )
             await asyncio.sleep(self.retention.every)
 
-    async def _prune_step(self, step: Callable[..., int], **kwargs: Any) -> int:
+    async def _abandon_stranded(self) -> None:
+        """Close the results that wait, past ``abandon_seconds``, for a coordinator other
+        than the one this node links to (Outbox.abandon): nothing would ever send them."""
+        linked = self.session.coordinator_id
+        if not self.retention.abandon_seconds or linked is None or not self.outbox.waiting():
+            return
+        closed = await self._prune_step(
+            self.outbox.abandon,
+            linked=linked,
+            completed_before=self.clock.now() - self.retention.abandon_seconds,
+            now=self.clock.now(),
+        )
+        for coordinator, n in sorted(closed.items()):
+            log.warning(
+                "outbox.results_abandoned",
+                extra={
+                    "results": n,
+                    "coordinator_id": coordinator,
+                    "linked_coordinator_id": linked,
+                    "after_days": round(self.retention.abandon_seconds / 86400, 2),
+                },
+            )
+
+    async def _prune_step(self, step: Callable[..., _T], **kwargs: Any) -> _T:
         """Run outbox.prune or outbox.forget in a thread, handing it the stop signal.
 
         A cancelled await does not stop a thread, and asyncio.run waits for it: a prune of

@@ -48,7 +48,9 @@ says nothing about the file: the entry stays pending and is sent after a later r
 Retention: the result bytes of an acknowledged task are needed only if the coordinator
 asks for the task again. ``prune`` drops them once acknowledged more than a retention
 period ago, or oldest first beyond a byte budget; the row (proof, signature, sizes, times)
-stays as history. Unacknowledged results are never pruned. Pruning goes in small
+stays as history. Unacknowledged results are never pruned, except those of a coordinator
+the node no longer links to, long after they were completed: ``abandon`` closes them as
+acknowledged (``abandoned``), and their bytes then go as above. Pruning goes in small
 batches, so the event loop never waits long for the lock, and a stop (a ``threading.Event``)
 ends it between two batches, so that a prune of millions of rows never holds up the exit.
 A row that prune cannot read (a time or size that is not a number, a file name that is
@@ -132,6 +134,7 @@ UNREADABLE_TRIES: Final = 5  # reconnects a result file may fail to read before 
 TALLIES: Final = ("rejected", "timed_out")  # status totals that no outbox row records
 _PRUNE_BATCH: Final = 200  # rows per prune transaction
 _PRUNE_PAUSE: Final = 0.005  # seconds between batches, for the others waiting on the lock
+_ABANDONED: Final = "abandoned: never acknowledged by the coordinator that dispatched it,"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -147,6 +150,9 @@ class Retention:
     # refused (``max_unacknowledged_results``): a coordinator that takes results and never
     # acknowledges them cannot fill the disk.
     max_unacknowledged: int = 256
+    # Results awaiting a coordinator other than the linked one, completed longer ago than
+    # this, are closed as abandoned (``abandon_results_after_days``; 0: kept for ever).
+    abandon_seconds: float = 30 * 86400.0
 
 
 class Outbox:
@@ -400,7 +406,9 @@ class Outbox:
         and answered "duplicate"; the next result's commit makes it durable anyway (same
         WAL). A kill -9 loses nothing: the write is in the WAL either way. With
         *coordinator_id* (the answering one), an entry recorded for another coordinator is
-        left as it is: that one never got the result from this node.
+        left as it is: that one never got the result from this node. An entry closed as
+        abandoned takes the acknowledgement (its coordinator came back and dispatched the
+        task again, which re-sent the result): it is that coordinator's answer that counts.
         """
         with self._lock:
             self._db.execute("PRAGMA synchronous=NORMAL")
@@ -409,8 +417,8 @@ class Outbox:
                 with self._transaction():
                     done = self._db.execute(
                         f"SELECT kind, result_size, held AND {_SIZE_OK} AND {_FILE_OK}, "
-                        "coordinator_id FROM outbox "
-                        f"WHERE task_id = ? AND acked_at IS NULL AND {_SENT_TO}",
+                        "coordinator_id, ack_status FROM outbox WHERE task_id = ? "
+                        f"AND (acked_at IS NULL OR ack_status = 'abandoned') AND {_SENT_TO}",
                         (str(task_id), coordinator_id, coordinator_id),
                     ).fetchone()
                     if done is not None:
@@ -422,9 +430,12 @@ class Outbox:
             finally:
                 self._db.execute("PRAGMA synchronous=FULL")
             if done is not None:
-                kind, size, held, coordinator = done
-                self._settled(coordinator)
+                kind, size, held, coordinator, before = done
                 self._counts[_bucket(kind, status)] += 1
+                if before == "abandoned":  # counted as failed, and its bytes, when closed
+                    self._counts[_bucket(kind, before)] -= 1
+                    return
+                self._settled(coordinator)
                 # held: and readable by prune (a damaged size or file name is never dropped)
                 self._held_bytes += size if held else 0
 
@@ -592,6 +603,57 @@ class Outbox:
         if damaged is not None and not _stopped(stop):
             damaged.extend(self._unprunable())
         return dropped
+
+    def abandon(
+        self,
+        *,
+        linked: str,
+        completed_before: float,
+        now: float,
+        stop: threading.Event | None = None,
+    ) -> dict[str, int]:
+        """Close as ``abandoned`` the entries still awaiting a coordinator other than
+        *linked* (the one the node is linked to now) that were completed before
+        *completed_before*; how many, per coordinator.
+
+        Such a result is sent to its own coordinator only, so while the node works for
+        another it would wait for ever, and its bytes with it (a coordinator rebuilt under
+        a new id, another network on the same home). Long after its lease its task has run
+        elsewhere; closed, it leaves the backlog, counts as failed, and its bytes go at the
+        next prune once acknowledged results' retention has passed (``now`` is its
+        acknowledgement time). The row stays as history; a coordinator that dispatches the
+        task again is answered from it, as after any acknowledgement. Entries recorded
+        without a coordinator (before ids were) go to any coordinator and are never
+        closed here. *stop* as for ``prune``.
+        """
+        closed: dict[str, int] = {}
+        while not _stopped(stop):
+            with self._lock:
+                batch = self._db.execute(
+                    "SELECT task_id, kind, coordinator_id, result_size, "
+                    f"held AND {_SIZE_OK} AND {_FILE_OK} FROM outbox INDEXED BY outbox_pending "
+                    "WHERE acked_at IS NULL AND coordinator_id IS NOT NULL "
+                    "AND coordinator_id != ? AND completed_at < ? LIMIT ?",
+                    (linked, completed_before, _PRUNE_BATCH),
+                ).fetchall()
+                if not batch:
+                    break
+                with self._transaction():
+                    self._db.executemany(
+                        "UPDATE outbox SET acked_at = ?, ack_status = 'abandoned', "
+                        "ack_reason = ? WHERE task_id = ? AND acked_at IS NULL",
+                        [
+                            (now, f"{_ABANDONED} {c}; the node links to {linked}"[:300], task_id)
+                            for task_id, _, c, _, _ in batch
+                        ],
+                    )
+                for _, kind, coordinator, size, held in batch:
+                    self._settled(coordinator)
+                    self._counts[_bucket(kind, "abandoned")] += 1
+                    self._held_bytes += size if held else 0
+                    closed[coordinator] = closed.get(coordinator, 0) + 1
+            time.sleep(_PRUNE_PAUSE)
+        return closed
 
     def forget(
         self,
