@@ -652,12 +652,15 @@ async def _stop_idle_worker(executor: object, slot: object) -> None:
 def test_an_extended_deadline_lets_the_task_finish(node: Node) -> None:
     """A lease renewed while its task runs: extend() moves the deadline later, and the task
     that would have been killed at the first one finishes; an earlier one changes nothing.
-    A renewal that comes before the task reaches its worker applies when it starts."""
-    sleep = json.dumps({"do": "sleep", "seconds": 1.5}).encode()
+    A renewal that comes before the task reaches its worker applies when it starts.
+    The first deadline leaves time for a worker to start on a loaded machine (the slot's
+    last worker ran a single-use task, so one may be starting), or the task would fail
+    before it ran, "deadline exceeded before the task started"."""
+    sleep = json.dumps({"do": "sleep", "seconds": 2.5}).encode()
 
     async def scenario() -> tuple[bytes, bytes]:
         task = asyncio.ensure_future(
-            node.executor.run(HOSTILE, sleep, task_id="renewed", deadline=time.monotonic() + 0.5)
+            node.executor.run(HOSTILE, sleep, task_id="renewed", deadline=time.monotonic() + 1.5)
         )
         while "renewed" not in node.executor._deadlines:
             await asyncio.sleep(0.01)
@@ -666,11 +669,11 @@ def test_an_extended_deadline_lets_the_task_finish(node: Node) -> None:
         first = await task
         assert node.executor.extend("early", time.monotonic() + 10)  # before it starts
         second = await node.executor.run(
-            HOSTILE, sleep, task_id="early", deadline=time.monotonic() + 0.5
+            HOSTILE, sleep, task_id="early", deadline=time.monotonic() + 1.5
         )
         return first, second
 
-    assert all(node.wait(scenario()))  # each slept 1.5 s, past its first deadline of 0.5 s
+    assert all(node.wait(scenario()))  # each slept 2.5 s, past its first deadline of 1.5 s
     assert node.executor._extended == {}
 
 
