@@ -24,6 +24,21 @@ def factory(_cache: Path) -> CudaThatDoesNotLoad:
     return CudaThatDoesNotLoad()
 
 
+BAD_CARD = "GPU-9b1e6f1a-3c55-4f0e-8d7e-0a4b1c2d3e4f"  # the first card of the mixed recording
+
+
+class CudaThatFailsOnOneCard(CudaThatDoesNotLoad):
+    """CUDA that does not start on one card (BAD_CARD) and does on the others."""
+
+    def self_check(self) -> None:
+        if os.environ.get("CUDA_VISIBLE_DEVICES") == BAD_CARD:
+            raise RuntimeError(f"the CUDA execution provider did not load on {BAD_CARD}")
+
+
+def one_card_factory(_cache: Path) -> CudaThatFailsOnOneCard:
+    return CudaThatFailsOnOneCard()
+
+
 class KeepsADeviceThread:
     """Starts, on first use, a thread that lives as long as the process and holds a
     Python thread state, as PyTorch's autograd thread for a CUDA device does (started at

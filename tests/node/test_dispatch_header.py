@@ -44,7 +44,9 @@ class PicksAWorker(Executor):
         if self._idle is None:
             self._idle = asyncio.Queue()
 
-    async def _slot_for(self, key: str, deadline: float | None, affinity: Affinity) -> object:
+    async def _slot_for(
+        self, key: str, deadline: float | None, affinity: Affinity, *, workload_class: str = ""
+    ) -> object:
         PicksAWorker.chosen.append(affinity)
         raise TaskFailed("no worker in this test", requester_fault=False)
 

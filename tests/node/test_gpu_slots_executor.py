@@ -279,6 +279,39 @@ def test_a_task_of_a_class_broken_in_its_worker_is_the_nodes_failure(
     assert len(ex.start_seconds) >= 2  # the worker was started again after the first
 
 
+def test_a_task_goes_to_a_slot_whose_worker_can_run_its_class(
+    tmp_path: Path, fake_dev: Path
+) -> None:
+    """One card whose CUDA does not start (its worker reports the class broken) and one
+    that works: while the good slot is idle, every task of the class goes there, rather
+    than failing on the bad card as the node's failure and restarting its worker."""
+    from tests.node.self_check_runtime import BAD_CARD
+
+    cards = tuple(SlotGpu(*card) for card in MIXED_CARDS[:2])
+    assert cards[0].uuid == BAD_CARD
+    ex = Executor(
+        slots=2, mode=MODE_UNSANDBOXED,
+        config=WorkerConfig(
+            cache_dir=tmp_path / "models", gpus=cards, work_root=tmp_path / "work",
+            runtimes={"test.one_card": "self_check_runtime:one_card_factory"},
+            preload=(), extra_python_path=(HERE,), threads=1,
+        ),
+    )  # fmt: skip
+
+    async def tasks() -> list[bytes]:
+        try:
+            await ex.warm_up()
+            while not all(s.ready for s in ex._slots):  # both workers up, one broken
+                await asyncio.sleep(0.01)
+            assert [bool(s.broken) for s in ex._slots] == [True, False]
+            # Each task its own job: none may reuse the last one's worker as it is.
+            return [await ex.run("test.one_card", b"%d" % i, job_id=f"job-{i}") for i in range(6)]
+        finally:
+            await ex.aclose()
+
+    assert asyncio.run(tasks()) == [b"%d" % i for i in range(6)]
+
+
 def test_a_thread_a_runtimes_self_check_keeps_does_not_cost_the_worker(
     tmp_path: Path,
 ) -> None:

@@ -403,7 +403,7 @@ class Executor:
         assert self._idle is not None
         key = str(task_id) if task_id is not None else f"anonymous-{next(self._anon)}"
         affinity = _affinity(workload_class, payload, metadata, job_id=job_id, key=key)
-        slot = await self._slot_for(key, deadline, affinity)
+        slot = await self._slot_for(key, deadline, affinity, workload_class=workload_class)
         try:
             if slot.alive and slot.affinity not in (None, affinity):
                 await self._retire(slot, "replaced: it ran another requester's task")
@@ -434,18 +434,24 @@ class Executor:
             slot.busy = False
             self._release(slot)
 
-    async def _slot_for(self, key: str, deadline: float | None, affinity: Affinity) -> Slot:
-        """A free slot for a task of *affinity* (see _best_of_idle). Where the free ones
-        would need a worker started first while one that may take the task as it is
-        finishes its clean-up (its last task answered a moment ago), that one is waited
-        for, a while at most."""
-        slot = self._best_of_idle(await self._free_slot(key, deadline), affinity)
-        if fit_slot(slot, affinity) < FIT_START:
+    async def _slot_for(
+        self, key: str, deadline: float | None, affinity: Affinity, *, workload_class: str = ""
+    ) -> Slot:
+        """A free slot for a task of *affinity* and *workload_class* (see _best_of_idle).
+        Where the free ones would need a worker started first while one that may take the
+        task as it is finishes its clean-up (its last task answered a moment ago), that one
+        is waited for, a while at most; so is any slot finishing its clean-up when every
+        free one's worker reported the class broken."""
+        slot = self._best_of_idle(await self._free_slot(key, deadline), affinity, workload_class)
+        broken = workload_class in slot.broken
+        if fit_slot(slot, affinity) < FIT_START and not broken:
             return slot
         settling = [
             s.settle_task
             for s in self._slots
-            if s.settling and s.affinity == affinity and s.settle_task is not None
+            if s.settling
+            and s.settle_task is not None
+            and (s.affinity == affinity or (broken and workload_class not in s.broken))
         ]
         if not settling:
             return slot
@@ -453,17 +459,20 @@ class Executor:
         self._idle.put_nowait(slot)
         wait = _SETTLE_WAIT if deadline is None else min(_SETTLE_WAIT, deadline - self._clock())
         await asyncio.wait(settling, timeout=max(0.0, wait))
-        return self._best_of_idle(await self._free_slot(key, deadline), affinity)
+        return self._best_of_idle(await self._free_slot(key, deadline), affinity, workload_class)
 
-    def _best_of_idle(self, first: Slot, affinity: Affinity) -> Slot:
+    def _best_of_idle(self, first: Slot, affinity: Affinity, workload_class: str = "") -> Slot:
         """Of *first* and every other idle slot, the one best for a task of *affinity*:
         a worker that may take it as it is, then a fresh worker, then a slot without a
-        worker, and last one whose worker must be replaced first. The others stay idle."""
+        worker, and last one whose worker must be replaced first. A slot whose worker
+        reported *workload_class* broken (CUDA that did not start on its card) comes after
+        all of them: its task would fail there, as the node's failure, while another slot
+        could run it. The others stay idle."""
         assert self._idle is not None
         idle = [first]
         while not self._idle.empty():
             idle.append(self._idle.get_nowait())
-        best = min(idle, key=lambda slot: fit_slot(slot, affinity))
+        best = min(idle, key=lambda slot: (workload_class in slot.broken, fit_slot(slot, affinity)))
         for slot in idle:
             if slot is not best:
                 self._idle.put_nowait(slot)
