@@ -77,6 +77,43 @@ def test_only_old_results_of_another_coordinator_are_abandoned(tmp_path: Path) -
     assert outcomes[stranded] == "abandoned" and outcomes[recent] is None
 
 
+def test_a_row_that_lost_its_task_id_is_closed_once(tmp_path: Path) -> None:
+    """A row damaged on disk (its task_id NULL) is closed like the others, and the run
+    ends: matched by task_id, it was read again in every batch, never closed, and each
+    batch counted it once more, for as long as the daemon ran."""
+    box = Outbox(tmp_path / "o.db")
+    now = time.time()
+    task = record(box, coordinator=OLD, completed_at=now - 40 * DAY)
+    box._db.execute("UPDATE outbox SET task_id = NULL WHERE task_id = ?", (str(task),))
+    stop = threading.Event()
+    threading.Timer(5.0, stop.set).start()  # were it to loop, the test still ends
+    try:
+        assert box.abandon(linked=NEW, completed_before=now, now=now, stop=stop) == {OLD: 1}
+    finally:
+        stop.set()
+    assert (box.backlog(), box.counts()["failed"]) == (0, 1)
+    box.close()
+    reopened = Outbox(tmp_path / "o.db")
+    assert (reopened.backlog(), reopened.counts()["failed"]) == (0, 1)
+    reopened.close()
+
+
+def test_a_redispatch_after_its_bytes_are_gone_is_refused_saying_why(tmp_path: Path) -> None:
+    from nodeclient.node.dispatch import _pruned_reason
+
+    box = Outbox(tmp_path / "o.db")
+    now = time.time()
+    task = record(box, coordinator=OLD, completed_at=now - 40 * DAY)
+    box.abandon(linked=NEW, completed_before=now, now=now)
+    box.prune(acked_before=now + 1, keep_bytes=0)
+    entry = box.get(task)
+    assert entry is not None and not entry.held
+    reason = _pruned_reason(entry)
+    assert "never acknowledged" in reason and "not run again" in reason
+    assert "acknowledged (" not in reason  # it was not
+    box.close()
+
+
 def test_a_stop_ends_abandoning_between_batches(tmp_path: Path) -> None:
     box = Outbox(tmp_path / "o.db")
     now = time.time()
@@ -97,6 +134,7 @@ def test_the_daemon_abandons_them_once_linked_to_another_coordinator(tmp_path: P
     daemon = daemon_with(home, box, Retention(every=0.01, abandon_seconds=30 * DAY))
 
     async def one_round() -> None:
+        daemon._prune_stop.clear()  # set by the last round's cancel, as by a stop
         task = asyncio.create_task(daemon._prune_results())
         await asyncio.sleep(0.1)
         task.cancel()

@@ -230,8 +230,8 @@ class NodeDaemon(LinkClient):
         """
         while True:
             damaged: list[str] = []
+            await self._abandon_stranded()
             try:
-                await self._abandon_stranded()
                 dropped = await self._prune_step(
                     self.outbox.prune,
                     acked_before=self.clock.now() - self.retention.seconds,
@@ -269,13 +269,22 @@ class NodeDaemon(LinkClient):
         linked = self.session.coordinator_id
         if not self.retention.abandon_seconds or linked is None or not self.outbox.waiting():
             return
-        closed = await self._prune_step(
-            self.outbox.abandon,
-            linked=linked,
-            completed_before=self.clock.now() - self.retention.abandon_seconds,
-            now=self.clock.now(),
-        )
-        for coordinator, n in sorted(closed.items()):
+        try:
+            closed = await self._prune_step(
+                self.outbox.abandon,
+                linked=linked,
+                completed_before=self.clock.now() - self.retention.abandon_seconds,
+                now=self.clock.now(),
+            )
+        except Exception as exc:  # logged; the round's prune runs all the same
+            log.error(
+                "outbox.prune_failed",
+                extra={"error": f"{type(exc).__name__}: {exc}"[:300]},
+                exc_info=None if isinstance(exc, OSError | sqlite3.Error) else exc,
+            )
+            return
+        # str: a coordinator id damaged on disk may be of another type, which sorts apart
+        for coordinator, n in sorted(closed.items(), key=lambda item: str(item[0])):
             log.warning(
                 "outbox.results_abandoned",
                 extra={

@@ -46,6 +46,11 @@ def _pruned_reason(entry: OutboxEntry) -> str:
             "already completed, but this node's stored result could not be read and was "
             "given up as lost; the task is not run again"
         )
+    if entry.ack_status == "abandoned":
+        return (
+            "already completed, but never acknowledged by the coordinator that dispatched "
+            "it, and given up by this node with its result; the task is not run again"
+        )
     return (
         f"already completed and acknowledged ({entry.ack_status}); its result is past this "
         "node's retention and no longer held, so the task is not run again"

@@ -416,7 +416,7 @@ class Outbox:
                 # SELECT, then UPDATE in the same transaction: RETURNING needs SQLite 3.35
                 with self._transaction():
                     done = self._db.execute(
-                        f"SELECT kind, result_size, held AND {_SIZE_OK} AND {_FILE_OK}, "
+                        f"SELECT kind, result_size, held = 1 AND {_SIZE_OK} AND {_FILE_OK}, "
                         "coordinator_id, ack_status FROM outbox WHERE task_id = ? "
                         f"AND (acked_at IS NULL OR ack_status = 'abandoned') AND {_SENT_TO}",
                         (str(task_id), coordinator_id, coordinator_id),
@@ -629,29 +629,34 @@ class Outbox:
         closed: dict[str, int] = {}
         while not _stopped(stop):
             with self._lock:
+                # By rowid: a row damaged on disk may have lost its task_id (NULL), and an
+                # UPDATE by task_id would match nothing while the row came back each batch.
                 batch = self._db.execute(
-                    "SELECT task_id, kind, coordinator_id, result_size, "
-                    f"held AND {_SIZE_OK} AND {_FILE_OK} FROM outbox INDEXED BY outbox_pending "
-                    "WHERE acked_at IS NULL AND coordinator_id IS NOT NULL "
-                    "AND coordinator_id != ? AND completed_at < ? LIMIT ?",
+                    "SELECT rowid, kind, coordinator_id, result_size, "
+                    f"held = 1 AND {_SIZE_OK} AND {_FILE_OK} FROM outbox "
+                    "INDEXED BY outbox_pending WHERE acked_at IS NULL "
+                    "AND coordinator_id IS NOT NULL AND coordinator_id != ? "
+                    "AND completed_at < ? LIMIT ?",
                     (linked, completed_before, _PRUNE_BATCH),
                 ).fetchall()
-                if not batch:
-                    break
+                done = []
                 with self._transaction():
-                    self._db.executemany(
-                        "UPDATE outbox SET acked_at = ?, ack_status = 'abandoned', "
-                        "ack_reason = ? WHERE task_id = ? AND acked_at IS NULL",
-                        [
-                            (now, f"{_ABANDONED} {c}; the node links to {linked}"[:300], task_id)
-                            for task_id, _, c, _, _ in batch
-                        ],
-                    )
-                for _, kind, coordinator, size, held in batch:
+                    for rowid, kind, coordinator, size, held in batch:
+                        changed = self._db.execute(
+                            "UPDATE outbox SET acked_at = ?, ack_status = 'abandoned', "
+                            "ack_reason = ? WHERE rowid = ? AND acked_at IS NULL",
+                            (now, f"{_ABANDONED} {coordinator}; the node links to {linked}"[:300],
+                             rowid),
+                        ).rowcount  # fmt: skip
+                        if changed == 1:
+                            done.append((kind, coordinator, size, held))
+                for kind, coordinator, size, held in done:  # once committed
                     self._settled(coordinator)
                     self._counts[_bucket(kind, "abandoned")] += 1
                     self._held_bytes += size if held else 0
                     closed[coordinator] = closed.get(coordinator, 0) + 1
+            if not done:  # nothing (more) to close
+                break
             time.sleep(_PRUNE_PAUSE)
         return closed
 
