@@ -22,6 +22,7 @@ import json
 import logging
 import math
 import os
+import resource
 import shutil
 import stat
 import sys
@@ -33,7 +34,7 @@ from typing import Any
 
 from sqlalchemy.exc import SQLAlchemyError
 
-from nodeclient import __version__, logs, tlstrust
+from nodeclient import __version__, logs, openfiles, tlstrust
 from nodeclient.clock import Clock, OffsetFileClock, SystemClock
 from nodeclient.coordinator import audit, tokens
 from nodeclient.coordinator.client import CoordinatorClient, NoAnswer, Unreachable
@@ -278,6 +279,7 @@ def _serve(args: argparse.Namespace) -> int:
                    "jobs and read results: pass --requester-token-file"},
         )  # fmt: skip
     clock: Clock = OffsetFileClock(args.clock_file) if args.clock_file else SystemClock()
+    _raise_open_file_limit()
     sock = listen(args.host, args.port)  # claim the port before touching the database
     try:
         app = create_app(config, clock=clock)
@@ -291,6 +293,30 @@ def _serve(args: argparse.Namespace) -> int:
             "for PostgreSQL, install nodeclient[postgres] and use a postgresql+psycopg:// URL"
         ) from exc
     return run(app, sock=sock, host=args.host)
+
+
+# The open files the coordinator asks for (its soft limit, up to the hard one): a socket per
+# linked node and per HTTP request, and the database's and blobs' files.
+OPEN_FILES = 1 << 20  # Linux's default nr_open, the most a process may have
+FEW_OPEN_FILES = 4096  # under this, the log says how many nodes the coordinator can link
+
+
+def _raise_open_file_limit() -> None:
+    """Raise the soft RLIMIT_NOFILE to the hard limit (openfiles): started from a shell, the
+    coordinator would otherwise refuse connections past about a thousand nodes. A hard
+    limit too low for a network is said once, with how to raise it."""
+    limit = openfiles.raise_soft_limit(OPEN_FILES)
+    fields = {"soft": limit.soft, "hard": limit.hard, "error": limit.error or None}
+    http_log = logging.getLogger("nodeclient.coordinator.http")
+    if limit.soft != resource.RLIM_INFINITY and limit.soft < FEW_OPEN_FILES:
+        http_log.warning(
+            "coordinator.open_files_low",
+            extra={**fields, "action": f"about {max(0, limit.soft - 64)} nodes can link at "
+                   "once: raise the hard limit (LimitNOFILE= in its systemd unit, or ulimit "
+                   "-Hn as root before starting it)"},
+        )  # fmt: skip
+    else:
+        http_log.info("coordinator.open_files", extra=fields)
 
 
 @contextlib.contextmanager

@@ -18,7 +18,6 @@ import concurrent.futures
 import contextlib
 import logging
 import random
-import resource
 import signal
 import sqlite3
 import threading
@@ -31,7 +30,7 @@ from typing import Any, Final, TypeVar
 from cryptography.hazmat.primitives.asymmetric import rsa
 from websockets.asyncio.client import ClientConnection
 
-from nodeclient import logs
+from nodeclient import logs, openfiles
 from nodeclient.clock import Clock, PeerClock
 from nodeclient.errors import NeedsOperator
 from nodeclient.node import control, inputs, service
@@ -62,13 +61,9 @@ OPEN_FILES: Final = 65536
 def _raise_open_file_limit() -> None:
     """Raise the soft RLIMIT_NOFILE towards OPEN_FILES (within the hard limit), as the unit
     does with LimitNOFILE: a daemon started by hand or by an older unit gets 1024."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    want = OPEN_FILES if hard == resource.RLIM_INFINITY else min(OPEN_FILES, hard)
-    if soft != resource.RLIM_INFINITY and soft < want:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
-        except (ValueError, OSError) as exc:
-            log.warning("daemon.open_files_limit", extra={"soft": soft, "error": str(exc)})
+    limit = openfiles.raise_soft_limit(OPEN_FILES)
+    if limit.error:
+        log.warning("daemon.open_files_limit", extra={"soft": limit.soft, "error": limit.error})
 
 
 class NodeDaemon(LinkClient):
