@@ -114,8 +114,13 @@ def test_worker_answers_first_and_reports_its_clean_up_after(tmp_path: Path) -> 
             traceback.print_exc()
         finally:
             os._exit(status)
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0  # its traceback, if any, is above
+    end = time.monotonic() + 60  # a child that hangs is killed, not left behind
+    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < end:
+        time.sleep(0.01)
+    if done[0] == 0:
+        os.kill(pid, signal.SIGKILL)
+        done = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(done[1]) == 0  # its traceback, if any, is above
 
 
 def _answers_first_then_cleans(tmp_path: Path) -> None:

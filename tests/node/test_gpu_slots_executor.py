@@ -305,11 +305,20 @@ def test_a_task_goes_to_a_slot_whose_worker_can_run_its_class(
                 await asyncio.sleep(0.01)
             assert [bool(s.broken) for s in ex._slots] == [True, False]
             # Each task its own job: none may reuse the last one's worker as it is.
-            return [await ex.run("test.one_card", b"%d" % i, job_id=f"job-{i}") for i in range(6)]
+            done = [await ex.run("test.one_card", b"%d" % i, job_id=f"job-{i}") for i in range(6)]
+            # Two at once: the second waits for the good slot rather than take the bad one.
+            done += await asyncio.gather(
+                *(ex.run("test.one_card", b"%d" % i, job_id=f"job-{i}") for i in (6, 7))
+            )
+            # A task of no job: its worker is replaced in the background after it, and the
+            # next task waits for that rather than take the bad slot.
+            done.append(await ex.run("test.one_card", b"8"))
+            done.append(await ex.run("test.one_card", b"9", job_id="job-9"))
+            return done
         finally:
             await ex.aclose()
 
-    assert asyncio.run(tasks()) == [b"%d" % i for i in range(6)]
+    assert asyncio.run(tasks()) == [b"%d" % i for i in range(10)]
 
 
 def test_a_thread_a_runtimes_self_check_keeps_does_not_cost_the_worker(

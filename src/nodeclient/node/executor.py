@@ -82,6 +82,7 @@ log = logging.getLogger("nodeclient.node.executor")
 _REPLACED: Final = "replaced after a failed or untidy task"
 _SETTLE_TIMEOUT: Final = 300.0  # emptying a work directory of rendered frames takes a while
 _SETTLE_WAIT: Final = 5.0  # a task waits this long for a settling worker that may take it
+_UNBROKEN_POLL_S: Final = 0.05  # how often it looks for a slot whose worker can run its class
 PROGRESS_INTERVAL_S: Final = 0.5  # a task's progress reports passed on at most this often
 DISK_CHECK_S = 2.0  # a running task's work directory is measured this often (max_work_bytes)
 # A task's deadline is read again on the executor's clock this often: the event loop's
@@ -440,18 +441,17 @@ class Executor:
         """A free slot for a task of *affinity* and *workload_class* (see _best_of_idle).
         Where the free ones would need a worker started first while one that may take the
         task as it is finishes its clean-up (its last task answered a moment ago), that one
-        is waited for, a while at most; so is any slot finishing its clean-up when every
-        free one's worker reported the class broken."""
+        is waited for, a while at most. Where every free one's worker reported the class
+        broken, one that did not is waited for (_unbroken_slot)."""
         slot = self._best_of_idle(await self._free_slot(key, deadline), affinity, workload_class)
-        broken = workload_class in slot.broken
-        if fit_slot(slot, affinity) < FIT_START and not broken:
+        if workload_class in slot.broken:
+            return await self._unbroken_slot(slot, key, deadline, affinity, workload_class)
+        if fit_slot(slot, affinity) < FIT_START:
             return slot
         settling = [
             s.settle_task
             for s in self._slots
-            if s.settling
-            and s.settle_task is not None
-            and (s.affinity == affinity or (broken and workload_class not in s.broken))
+            if s.settling and s.affinity == affinity and s.settle_task is not None
         ]
         if not settling:
             return slot
@@ -460,6 +460,30 @@ class Executor:
         wait = _SETTLE_WAIT if deadline is None else min(_SETTLE_WAIT, deadline - self._clock())
         await asyncio.wait(settling, timeout=max(0.0, wait))
         return self._best_of_idle(await self._free_slot(key, deadline), affinity, workload_class)
+
+    async def _unbroken_slot(
+        self, slot: Slot, key: str, deadline: float | None, affinity: Affinity, workload_class: str
+    ) -> Slot:
+        """*slot*, whose worker reported *workload_class* broken (CUDA that did not start
+        on its card), is the best free one: wait, _SETTLE_WAIT at most (and never past the
+        deadline), for a slot whose worker did not, busy with a short task, cleaning up
+        or starting a worker; then take it, else *slot*, where the task fails as the
+        node's failure and its worker is started again (which tries CUDA again)."""
+        assert self._idle is not None
+        if all(workload_class in s.broken for s in self._slots):
+            return slot  # nothing to wait for: the class is broken on every slot
+        end = self._clock() + _SETTLE_WAIT
+        if deadline is not None:
+            end = min(end, deadline)
+        while self._clock() < end:
+            self._idle.put_nowait(slot)  # free for other classes' tasks meanwhile
+            await asyncio.sleep(_UNBROKEN_POLL_S)
+            slot = self._best_of_idle(
+                await self._free_slot(key, deadline), affinity, workload_class
+            )
+            if workload_class not in slot.broken:
+                return slot
+        return slot
 
     def _best_of_idle(self, first: Slot, affinity: Affinity, workload_class: str = "") -> Slot:
         """Of *first* and every other idle slot, the one best for a task of *affinity*:
