@@ -279,7 +279,7 @@ def _serve(args: argparse.Namespace) -> int:
                    "jobs and read results: pass --requester-token-file"},
         )  # fmt: skip
     clock: Clock = OffsetFileClock(args.clock_file) if args.clock_file else SystemClock()
-    _raise_open_file_limit()
+    open_files = openfiles.raise_soft_limit(OPEN_FILES)  # before any socket or file
     sock = listen(args.host, args.port)  # claim the port before touching the database
     try:
         app = create_app(config, clock=clock)
@@ -292,6 +292,7 @@ def _serve(args: argparse.Namespace) -> int:
             f"cannot open the coordinator database: its driver is not installed ({exc}); "
             "for PostgreSQL, install nodeclient[postgres] and use a postgresql+psycopg:// URL"
         ) from exc
+    _log_open_files(open_files)  # once it serves: a refusal above stays one line
     return run(app, sock=sock, host=args.host)
 
 
@@ -301,11 +302,10 @@ OPEN_FILES = 1 << 20  # Linux's default nr_open, the most a process may have
 FEW_OPEN_FILES = 4096  # under this, the log says how many nodes the coordinator can link
 
 
-def _raise_open_file_limit() -> None:
-    """Raise the soft RLIMIT_NOFILE to the hard limit (openfiles): started from a shell, the
-    coordinator would otherwise refuse connections past about a thousand nodes. A hard
-    limit too low for a network is said once, with how to raise it."""
-    limit = openfiles.raise_soft_limit(OPEN_FILES)
+def _log_open_files(limit: openfiles.OpenFiles) -> None:
+    """Say the open-file limit serve raised at start (openfiles: started from a shell, the
+    coordinator would otherwise refuse connections past about a thousand nodes); a hard
+    limit too low for a network is a warning, with how to raise it."""
     fields = {"soft": limit.soft, "hard": limit.hard, "error": limit.error or None}
     http_log = logging.getLogger("nodeclient.coordinator.http")
     if limit.soft != resource.RLIM_INFINITY and limit.soft < FEW_OPEN_FILES:
