@@ -321,6 +321,60 @@ def test_a_task_goes_to_a_slot_whose_worker_can_run_its_class(
     assert asyncio.run(tasks()) == [b"%d" % i for i in range(10)]
 
 
+def test_the_wait_for_a_slot_that_can_run_the_class_is_bounded(
+    tmp_path: Path, fake_dev: Path
+) -> None:
+    """The good slot stays busy: a task of the class waits for it a while (5 s), then
+    runs on the slot that reported the class broken and fails there as the node's
+    failure. The wait is counted in polls: an executor clock that stands still (an
+    injected one) must not make it wait for ever."""
+    import time
+
+    from tests.node.self_check_runtime import BAD_CARD
+
+    cards = tuple(SlotGpu(*card) for card in MIXED_CARDS[:2])
+    assert cards[0].uuid == BAD_CARD
+    ex = Executor(
+        slots=2, mode=MODE_UNSANDBOXED, clock=lambda: 1000.0,  # a clock that stands still
+        config=WorkerConfig(
+            cache_dir=tmp_path / "models", gpus=cards, work_root=tmp_path / "work",
+            runtimes={"test.one_card": "self_check_runtime:one_card_factory",
+                      HOSTILE: HOSTILE_FACTORY},
+            preload=(), extra_python_path=(HERE,), threads=1,
+        ),
+    )  # fmt: skip
+
+    def sleep(seconds: float) -> bytes:
+        return json.dumps({"do": "sleep", "seconds": seconds}).encode()
+
+    async def scenario() -> tuple[float, TaskFailed | bytes]:
+        try:
+            await ex.warm_up()
+            while not all(s.ready for s in ex._slots):
+                await asyncio.sleep(0.01)
+            short = asyncio.ensure_future(ex.run(HOSTILE, sleep(0.2), job_id="short"))
+            await asyncio.sleep(0.05)  # the short task takes the first free slot, the bad one
+            long = asyncio.ensure_future(ex.run(HOSTILE, sleep(60), job_id="long"))
+            await short
+            assert not ex._slots[0].busy and ex._slots[1].busy  # the good card is taken
+            started = time.monotonic()
+            try:
+                outcome: TaskFailed | bytes = await ex.run("test.one_card", b"x", job_id="j")
+            except TaskFailed as exc:
+                outcome = exc
+            waited = time.monotonic() - started
+            long.cancel()
+            await asyncio.gather(long, return_exceptions=True)
+            return waited, outcome
+        finally:
+            await ex.aclose()
+
+    waited, outcome = asyncio.run(scenario())
+    assert isinstance(outcome, TaskFailed), outcome
+    assert outcome.requester_fault is False and BAD_CARD in outcome.reason
+    assert 4.0 <= waited <= 30.0, waited  # it waited its 5 s (in polls), then gave up
+
+
 def test_a_thread_a_runtimes_self_check_keeps_does_not_cost_the_worker(
     tmp_path: Path,
 ) -> None:

@@ -472,10 +472,11 @@ class Executor:
         assert self._idle is not None
         if all(workload_class in s.broken for s in self._slots):
             return slot  # nothing to wait for: the class is broken on every slot
-        end = self._clock() + _SETTLE_WAIT
-        if deadline is not None:
-            end = min(end, deadline)
-        while self._clock() < end:
+        # Counted in polls, not read on the executor's clock alone, which may stand still
+        # (an injected one) or jump (a suspend): the wait stays bounded either way.
+        for _ in range(round(_SETTLE_WAIT / _UNBROKEN_POLL_S)):
+            if deadline is not None and self._clock() >= deadline:
+                break
             self._idle.put_nowait(slot)  # free for other classes' tasks meanwhile
             await asyncio.sleep(_UNBROKEN_POLL_S)
             slot = self._best_of_idle(
