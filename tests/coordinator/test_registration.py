@@ -305,3 +305,28 @@ def test_a_node_gone_past_the_retention_is_forgotten_and_can_register_again(
     assert again["status"] == "registered"
     assert [p["node_id"] for p in again["prior_registrations"]] == [other.node_id]
     assert running.link(node)["type"] == "welcome"
+
+
+def test_a_node_that_never_linked_is_forgotten_after_a_day(start_coordinator, rsa_keys) -> None:
+    """Registration takes no token: a registration never followed by a link is dropped a
+    day later, not held (in memory too) for the whole --node-retention-days; a node that
+    linked stays for that, and one registered since stays too."""
+    running = start_coordinator(blob_sweep_interval=0.05, node_retention=30 * 86400.0)
+    idle, linked = make_node(rsa_keys, 0), make_node(rsa_keys, 1)
+    late = make_node(rsa_keys, 2, wallet="0x" + "22" * 20)  # the first wallet holds two
+    running.register(idle)
+    running.register(linked)
+    assert running.link(linked)["type"] == "welcome"
+    running.clock.advance(20 * 3600)
+    running.register(late)
+    running.clock.advance(5 * 3600)  # idle: 25 h, late: 5 h, linked: 25 h but linked
+    end = time.monotonic() + 10
+    while idle.node_id in running.coord.nodes:
+        assert time.monotonic() < end, "the node that never linked was not forgotten"
+        time.sleep(0.02)
+    assert httpx.get(f"{running.url}/v1/nodes/{idle.node_id}").status_code == 404
+    time.sleep(0.2)  # a few more sweeps
+    for kept in (linked, late):
+        assert httpx.get(f"{running.url}/v1/nodes/{kept.node_id}").status_code == 200
+    assert running.register(idle)["status"] == "registered"  # back: registered anew
+    assert httpx.get(f"{running.url}/v1/nodes/{idle.node_id}").status_code == 200

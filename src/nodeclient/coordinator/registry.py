@@ -40,6 +40,7 @@ from nodeclient.protocol.states import UNSTAKE_COOLDOWN_S
 
 log = logging.getLogger("nodeclient.coordinator.registry")
 _FORGET_BATCH = 500  # nodes (or manifests) deleted a transaction (store.forget_nodes_tx)
+UNLINKED_RETENTION_S = 86400.0  # a node registered and never linked: forgotten after a day
 MANIFEST_GRACE_S: Final = 3600.0  # a manifest replaced is kept at least this long
 
 
@@ -270,22 +271,29 @@ async def register(coord: Coordinator, manifest: object) -> Reply:
 
 async def forget_nodes(coord: Coordinator) -> int:
     """Delete the nodes not seen for ``node_retention`` (0: never) that hold no lease, in
-    batches; how many. A node that comes back registers again (its link is refused 4003,
-    and the daemon registers on that), under the sybil policy of the day."""
+    batches, and sooner, after UNLINKED_RETENTION_S, those that registered and never
+    linked (registration takes no token: a flood of fresh wallets' registrations would
+    otherwise be held, in memory too, for the whole retention); how many. A node that
+    comes back registers again (its link is refused 4003, and the daemon registers on
+    that), under the sybil policy of the day."""
     retention = coord.config.node_retention
     if not retention:
         return 0
-    cutoff = coord.now() - retention
+    now = coord.now()
+    cutoff = now - retention
+    unlinked = now - min(retention, UNLINKED_RETENTION_S)
     forgotten, after = 0, ""
     while True:
         # Linked nodes, and those seen since (the database learns of heartbeats in
-        # batches), stay whatever their row says.
+        # batches: a node that linked a moment ago may have no last_seen there yet), stay
+        # whatever their row says.
         keep = set(coord.links)
         keep.update(n for n, rt in coord.runtime.items() if (rt.last_seen or 0) >= cutoff)
         ids, more = await coord.db.run(
             functools.partial(
                 store.forget_nodes_tx,
                 seen_before=cutoff, keep=keep, limit=_FORGET_BATCH, after=after,
+                unlinked_before=unlinked,
             )
         )  # fmt: skip
         for node_id in ids:

@@ -568,20 +568,32 @@ def node_row_json(
 
 
 def forget_nodes_tx(
-    session: Session, *, seen_before: float, keep: Collection[str], limit: int, after: str = ""
+    session: Session,
+    *,
+    seen_before: float,
+    keep: Collection[str],
+    limit: int,
+    after: str = "",
+    unlinked_before: float | None = None,
 ) -> tuple[list[str], str | None]:
-    """Delete the nodes neither seen nor registered (or updated) since *seen_before*,
-    with their wallet proofs: of the first *limit* such nodes by node_id
-    after *after*, those not in *keep* (linked now) and holding no lease. Returns the ids
-    deleted and the key to go on from (None: no more). Tasks and equivocations keep
-    naming a deleted node: its signatures are checked by its address, not by this row."""
+    """Delete the nodes neither seen nor registered (or updated) since *seen_before*, and
+    those that never linked and were registered (or updated) before *unlinked_before*,
+    with their wallet proofs: of the first *limit* such nodes by node_id after *after*,
+    those not in *keep* (linked now) and holding no lease. Returns the ids deleted and the
+    key to go on from (None: no more). Tasks and equivocations keep naming a deleted
+    node: its signatures are checked by its address, not by this row."""
     leased = select(m.Task.node_id).where(m.Task.status == m.LEASED, m.Task.node_id.is_not(None))
+    gone = and_(
+        func.coalesce(m.Node.last_seen, 0.0) < seen_before,  # neither linked
+        m.Node.updated_at < seen_before,  # nor registered since
+    )
+    if unlinked_before is not None:
+        gone = or_(gone, and_(m.Node.last_seen.is_(None), m.Node.updated_at < unlinked_before))
     found = list(
         session.scalars(
             select(m.Node.node_id)
             .where(
-                func.coalesce(m.Node.last_seen, 0.0) < seen_before,  # neither linked
-                m.Node.updated_at < seen_before,  # nor registered since
+                gone,
                 m.Node.node_id > after,
                 m.Node.node_id.not_in(leased),
             )
