@@ -13,6 +13,7 @@ import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -58,6 +59,27 @@ def executor(tmp_path: Path, gpus: tuple[SlotGpu, ...], *, slots: int, mode: str
             threads=1,
         ),
     )
+
+
+def unsandboxed(
+    tmp_path: Path,
+    cards: tuple[SlotGpu, ...],
+    runtimes: dict[str, str],
+    *,
+    slots: int = 1,
+    **kwargs: Any,
+) -> Executor:
+    """An unsandboxed executor whose slots get *cards*, serving *runtimes* (this
+    directory's stand-ins on the workers' path); *kwargs* go to Executor (a clock)."""
+    return Executor(
+        slots=slots,
+        mode=MODE_UNSANDBOXED,
+        config=WorkerConfig(
+            cache_dir=tmp_path / "models", gpus=cards, work_root=tmp_path / "work",
+            runtimes=runtimes, preload=(), extra_python_path=(HERE,), threads=1,
+        ),
+        **kwargs,
+    )  # fmt: skip
 
 
 @pytest.fixture
@@ -251,14 +273,7 @@ def test_a_task_of_a_class_broken_in_its_worker_is_the_nodes_failure(
     answers a task of that class as the node's failure, not the requester's, and is
     replaced, so that a fresh worker checks again rather than failing every such task."""
     cards = (SlotGpu(*MIXED_CARDS[0]),)
-    ex = Executor(
-        slots=1, mode=MODE_UNSANDBOXED,
-        config=WorkerConfig(
-            cache_dir=tmp_path / "models", gpus=cards, work_root=tmp_path / "work",
-            runtimes={"test.self_check": "self_check_runtime:factory"},
-            preload=(), extra_python_path=(HERE,), threads=1,
-        ),
-    )  # fmt: skip
+    ex = unsandboxed(tmp_path, cards, {"test.self_check": "self_check_runtime:factory"})
 
     async def twice() -> list[TaskFailed]:
         failures = []
@@ -289,14 +304,9 @@ def test_a_task_goes_to_a_slot_whose_worker_can_run_its_class(
 
     cards = tuple(SlotGpu(*card) for card in MIXED_CARDS[:2])
     assert cards[0].uuid == BAD_CARD
-    ex = Executor(
-        slots=2, mode=MODE_UNSANDBOXED,
-        config=WorkerConfig(
-            cache_dir=tmp_path / "models", gpus=cards, work_root=tmp_path / "work",
-            runtimes={"test.one_card": "self_check_runtime:one_card_factory"},
-            preload=(), extra_python_path=(HERE,), threads=1,
-        ),
-    )  # fmt: skip
+    ex = unsandboxed(
+        tmp_path, cards, {"test.one_card": "self_check_runtime:one_card_factory"}, slots=2
+    )
 
     async def tasks() -> list[bytes]:
         try:
@@ -334,14 +344,10 @@ def test_the_wait_for_a_slot_that_can_run_the_class_is_bounded(
 
     cards = tuple(SlotGpu(*card) for card in MIXED_CARDS[:2])
     assert cards[0].uuid == BAD_CARD
-    ex = Executor(
-        slots=2, mode=MODE_UNSANDBOXED, clock=lambda: 1000.0,  # a clock that stands still
-        config=WorkerConfig(
-            cache_dir=tmp_path / "models", gpus=cards, work_root=tmp_path / "work",
-            runtimes={"test.one_card": "self_check_runtime:one_card_factory",
-                      HOSTILE: HOSTILE_FACTORY},
-            preload=(), extra_python_path=(HERE,), threads=1,
-        ),
+    ex = unsandboxed(
+        tmp_path, cards,
+        {"test.one_card": "self_check_runtime:one_card_factory", HOSTILE: HOSTILE_FACTORY},
+        slots=2, clock=lambda: 1000.0,  # a clock that stands still
     )  # fmt: skip
 
     def sleep(seconds: float) -> bytes:
@@ -450,14 +456,10 @@ def test_a_program_a_task_starts_on_a_gpu_slot_gets_the_tasks_memory_not_cudas(
     above what it holds now. Each task sets its own; none is left for the next."""
     cards = (SlotGpu(*MIXED_CARDS[0]),)
     name = "test.reserves"
-    ex = Executor(
-        slots=1, mode=MODE_UNSANDBOXED,
-        config=WorkerConfig(
-            cache_dir=tmp_path / "models", gpus=cards, work_root=tmp_path / "work",
-            runtimes={name: "self_check_runtime:reserves_factory",
-                      "test.gpu_user": "self_check_runtime:gpu_user_factory"},
-            preload=(), extra_python_path=(HERE,), threads=1,
-        ),
+    ex = unsandboxed(
+        tmp_path, cards,
+        {name: "self_check_runtime:reserves_factory",
+         "test.gpu_user": "self_check_runtime:gpu_user_factory"},
     )  # fmt: skip
 
     async def scenario() -> list[dict[str, int]]:

@@ -66,6 +66,19 @@ def _raise_open_file_limit() -> None:
         log.warning("daemon.open_files_limit", extra={"soft": limit.soft, "error": limit.error})
 
 
+def _prune_failed(exc: Exception) -> None:
+    """Log a retention step that failed: a full or failing disk in one line, anything
+    else (a bug, or damage no check foresaw) with its traceback."""
+    if isinstance(exc, OSError | sqlite3.Error):
+        log.error("outbox.prune_failed", extra={"error": str(exc)})
+    else:
+        log.error(
+            "outbox.prune_failed",
+            extra={"error": f"{type(exc).__name__}: {exc}"[:300]},
+            exc_info=exc,
+        )
+
+
 class NodeDaemon(LinkClient):
     def __init__(
         self,
@@ -240,14 +253,8 @@ class NodeDaemon(LinkClient):
                         acked_before=self.clock.now() - self.retention.history_seconds,
                         damaged=damaged,
                     )
-            except (OSError, sqlite3.Error) as exc:  # a full or failing disk: try again later
-                log.error("outbox.prune_failed", extra={"error": str(exc)})
-            except Exception as exc:  # a bug, or damage no check foresaw: try again later
-                log.error(
-                    "outbox.prune_failed",
-                    extra={"error": f"{type(exc).__name__}: {exc}"[:300]},
-                    exc_info=exc,
-                )
+            except Exception as exc:  # noqa: BLE001 (logged; the next round tries again)
+                _prune_failed(exc)
             else:
                 if dropped or forgotten:
                     log.info("outbox.pruned", extra={"results": dropped, "rows": forgotten})
@@ -264,19 +271,16 @@ class NodeDaemon(LinkClient):
         linked = self.session.coordinator_id
         if not self.retention.abandon_seconds or linked is None or not self.outbox.waiting():
             return
+        now = self.clock.now()
         try:
             closed = await self._prune_step(
                 self.outbox.abandon,
                 linked=linked,
-                completed_before=self.clock.now() - self.retention.abandon_seconds,
-                now=self.clock.now(),
+                completed_before=now - self.retention.abandon_seconds,
+                now=now,
             )
-        except Exception as exc:  # logged; the round's prune runs all the same
-            log.error(
-                "outbox.prune_failed",
-                extra={"error": f"{type(exc).__name__}: {exc}"[:300]},
-                exc_info=None if isinstance(exc, OSError | sqlite3.Error) else exc,
-            )
+        except Exception as exc:  # noqa: BLE001 (logged; the round's prune runs all the same)
+            _prune_failed(exc)
             return
         # str: a coordinator id damaged on disk may be of another type, which sorts apart
         for coordinator, n in sorted(closed.items(), key=lambda item: str(item[0])):

@@ -380,11 +380,9 @@ def _blender_preexec() -> Callable[[], None] | None:
     last, just before the exec: until then it holds the worker's address space (CUDA's
     reservation too), far over the limit, where any new mapping would fail."""
     die = _die_with_parent()
-    limit = child_address_space()
-    if limit is None:
+    cap = _memory_limit()
+    if child_address_space() is None or cap is None:
         return die
-    soft, _hard = resource.getrlimit(resource.RLIMIT_AS)
-    cap = limit if soft == resource.RLIM_INFINITY else min(limit, soft)
     setrlimit, address_space = resource.setrlimit, resource.RLIMIT_AS
 
     def preexec() -> None:
