@@ -39,6 +39,7 @@ FIXTURES = Path(__file__).parent / "fixtures" / "nvml"
 SRC = Path(__file__).resolve().parents[2] / "src"
 
 H100 = "NVIDIA H100 80GB HBM3"
+H200 = "NVIDIA H200"
 A100_40 = "NVIDIA A100-SXM4-40GB"
 RTX4090 = "NVIDIA GeForce RTX 4090"
 RTX3080 = "NVIDIA GeForce RTX 3080"
@@ -48,6 +49,7 @@ T4 = "Tesla T4"
 GROUPS: dict[str, list[tuple[str, int, int]]] = {
     "h100_x1.json": [(H100, 1, 80)],
     "h100_80gb_hbm3_recorded.json": [(H100, 1, 80)],
+    "h200_recorded.json": [(H200, 1, 140)],
     "h100_x4.json": [(H100, 4, 80)],
     "h100_x8.json": [(H100, 8, 80)],
     "a100_sxm4_40gb_x4.json": [(A100_40, 4, 40)],
@@ -138,38 +140,52 @@ def test_recorded_machines_group_as_expected(name: str) -> None:
     assert len(probe.per_device) == sum(count for _, count, _ in GROUPS[name])
 
 
-# What `python -m nodeclient.node.nvml_probe` printed on a real H100 node (driver
-# 580.159.04), whose NVML answers h100_80gb_hbm3_recorded.json holds (bench/gpu.py records
-# both and checks there that the replay answers as the card did).
-H100_REAL_ANSWER = {
-    "status": "ok",
-    "detail": "",
-    "driver_version": "580.159.04",
-    "devices": [
-        {
-            "index": 0,
-            "name": H100,
-            "uuid": "GPU-8b94fb57-2c06-779b-6d32-4c0e7d70b876",
-            "vram_bytes": 85520809984,
-            "minor": 0,
-            "pci_bus_id": "00000000:00:06.0",
-            "mig": False,
-        }
-    ],
+# What `python -m nodeclient.node.nvml_probe` printed on real nodes (driver 580.159.04),
+# whose NVML answers the named recordings hold (bench/gpu.py records both and checks there
+# that the replay answers as the card did).
+def _real_answer(name: str, uuid: str, vram_bytes: int) -> dict[str, object]:
+    return {
+        "status": "ok",
+        "detail": "",
+        "driver_version": "580.159.04",
+        "devices": [
+            {
+                "index": 0,
+                "name": name,
+                "uuid": uuid,
+                "vram_bytes": vram_bytes,
+                "minor": 0,
+                "pci_bus_id": "00000000:00:06.0",
+                "mig": False,
+            }
+        ],
+    }
+
+
+REAL_ANSWERS = {
+    "h100_80gb_hbm3_recorded.json": _real_answer(
+        H100, "GPU-8b94fb57-2c06-779b-6d32-4c0e7d70b876", 85520809984
+    ),
+    "h200_recorded.json": _real_answer(
+        H200, "GPU-06b98777-0024-36a7-7180-7f7277dbddad", 150754820096
+    ),
 }
 
 
-def test_a_real_cards_recording_replays_as_the_card_answered() -> None:
-    """The probe child, replaying NVML's answers recorded on a real H100, prints what it
-    printed there, and the node declares that card as it did there (80 GB, tier 2)."""
-    env = replay_env(FIXTURES / "h100_80gb_hbm3_recorded.json")
+@pytest.mark.parametrize("name", sorted(REAL_ANSWERS))
+def test_a_real_cards_recording_replays_as_the_card_answered(name: str) -> None:
+    """The probe child, replaying NVML's answers recorded on a real card, prints what it
+    printed there, and the node declares that card as it did there (an H100 as 80 GB and
+    an H200 as 140 GB, both tier 2)."""
+    env = replay_env(FIXTURES / name)
     done = subprocess.run(
         [sys.executable, "-m", "nodeclient.node.nvml_probe"],
         env=env, capture_output=True, check=True, timeout=30,
     )  # fmt: skip
-    assert json.loads(done.stdout) == H100_REAL_ANSWER
+    assert json.loads(done.stdout) == REAL_ANSWERS[name]
     probe = probe_gpus(env=env)
     assert [d.pci_bus_id for d in probe.per_device] == ["00000000:00:06.0"]
+    assert [g.vram_gb for g in probe.gpus] == [GROUPS[name][0][2]]
     info = HardwareInfo(cpu=CpuInfo(model="x", cores=16, ram_gb=125), gpu=probe)
     assert info.hardware_tier == 2
 
