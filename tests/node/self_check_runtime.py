@@ -104,3 +104,27 @@ def reserves_factory(_cache: Path) -> ReservesLikeCuda:
 
 def gpu_user_factory(_cache: Path) -> UsesTheGpu:
     return UsesTheGpu()
+
+
+class CountsItsChecks:
+    """Appends its name to ``checks.log`` in the model cache at every self-check, so a test
+    can count which classes' checks each worker ran."""
+
+    def __init__(self, cache: Path, name: str) -> None:
+        self.log, self.name = cache / "checks.log", name
+
+    def self_check(self) -> None:
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        with self.log.open("a", encoding="ascii") as fh:
+            fh.write(self.name + "\n")
+
+    def run(self, payload: bytes, *, workdir: Path, progress: object = None) -> bytes:
+        return payload
+
+
+def counted_a_factory(cache: Path) -> CountsItsChecks:
+    return CountsItsChecks(cache, "a")
+
+
+def counted_b_factory(cache: Path) -> CountsItsChecks:
+    return CountsItsChecks(cache, "b")

@@ -645,9 +645,9 @@ def test_a_run_cancelled_while_its_worker_starts_leaves_no_half_started_worker(
     starting = asyncio.Event()
     real_start = type(slot).start
 
-    async def start(self: object, timeout: float) -> float:
+    async def start(self: object, timeout: float, **kwargs: Any) -> float:
         starting.set()
-        return await real_start(self, timeout)  # type: ignore[arg-type]
+        return await real_start(self, timeout, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(type(slot), "start", start)
 
@@ -1319,3 +1319,24 @@ def test_disk_used_holds_one_descriptor_per_level_and_leaks_none(
     with pytest.raises(OSError, match="Too many open files"):
         exec_workdirs.disk_used(deep, stop_after=1 << 40)
     assert len(os.listdir("/proc/self/fd")) == before
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        [],
+        ["--config"],
+        ["--config", "{}", "--shm-fd"],
+        ["--config", "{}", "--check-only"],
+        ["--config", "{}", "--other", "1"],
+        ["--config", "{}", "--shm-fd", "3", "--shm-fd", "4"],
+        ["--settings", "{}"],
+    ],
+)
+def test_the_worker_refuses_a_command_line_it_does_not_know(
+    args: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The worker's command line is the executor's alone; anything else is a usage error
+    (exit 2) before it touches its descriptors."""
+    assert worker.main(args) == 2
+    assert capsys.readouterr().err.startswith("usage: python -m nodeclient.node.worker")

@@ -479,3 +479,42 @@ def test_a_program_a_task_starts_on_a_gpu_slot_gets_the_tasks_memory_not_cudas(
     assert small["held"] > 32 << 30  # the worker holds the reservation
     assert small["child"] < 4 << 30  # its program does not get it
     assert large["child"] - small["child"] == 256 << 20  # the declared memory, each task's
+
+
+def test_a_worker_started_for_a_task_checks_that_tasks_class_alone(
+    tmp_path: Path, fake_dev: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A worker started at warm-up checks every class. One started on a task's path (the
+    slot's worker ran another job) runs only that class's self-check, since it will run no
+    other: on a GPU node, an inference's worker neither imports PyTorch nor starts its
+    CUDA context. What the slot's last worker reported of the other classes stands."""
+    cards = (SlotGpu(*MIXED_CARDS[0]),)
+    ex = unsandboxed(
+        tmp_path,
+        cards,
+        {
+            "test.a": "self_check_runtime:counted_a_factory",
+            "test.b": "self_check_runtime:counted_b_factory",
+            "test.self_check": "self_check_runtime:factory",  # fails on every GPU slot
+        },
+    )
+    checks = tmp_path / "models" / "checks.log"
+
+    async def tasks() -> list[str]:
+        try:
+            await ex.warm_up()
+            seen = [checks.read_text().split()]
+            assert await ex.run("test.a", b"1", job_id="job-1") == b"1"  # the warm worker
+            assert await ex.run("test.b", b"2", job_id="job-2") == b"2"  # a worker for b
+            seen.append(checks.read_text().split())
+            assert await ex.run("test.a", b"3", job_id="job-3") == b"3"  # a worker for a
+            seen.append(checks.read_text().split())
+            assert "test.self_check" in ex._slots[0].broken
+            return [" ".join(s) for s in seen]
+        finally:
+            await ex.aclose()
+
+    with caplog.at_level(logging.INFO, logger="nodeclient.node.executor"):
+        assert asyncio.run(tasks()) == ["a b", "a b b", "a b b a"]
+    started = [r for r in caplog.records if r.getMessage() == "worker.started"]
+    assert [getattr(r, "for_class", None) for r in started] == [None, "test.b", "test.a"]

@@ -233,11 +233,16 @@ class Executor:
         except OSError as exc:
             raise WorkerGone(f"could not empty the slot's work directory: {exc}") from None
 
-    async def _start(self, slot: Slot) -> None:
+    async def _start(self, slot: Slot, *, for_class: str | None = None) -> None:
+        """Start *slot*'s worker; *for_class*: for a task of that class, which is all the
+        worker will run, so that class's self-check alone runs (Slot.start)."""
         self._fresh_workdir(slot)
-        seconds = await slot.start(self.config.start_timeout)
+        seconds = await slot.start(self.config.start_timeout, check_only=for_class)
         self.start_seconds.append(seconds)
-        log.info("worker.started", extra={"slot": slot.index, "seconds": round(seconds, 3)})
+        extra: dict[str, object] = {"slot": slot.index, "seconds": round(seconds, 3)}
+        if for_class is not None:
+            extra["for_class"] = for_class
+        log.info("worker.started", extra=extra)
 
     async def warm_up(self) -> None:
         """Start every worker now, so the first task does not pay for start-up."""
@@ -410,7 +415,7 @@ class Executor:
                 await self._retire(slot, "replaced: it ran another requester's task")
             if not slot.alive:
                 try:
-                    await self._start(slot)
+                    await self._start(slot, for_class=workload_class)
                 except WorkerGone as exc:
                     raise TaskFailed(exc.reason, requester_fault=False) from None
                 except BaseException:  # cancelled half-way: a worker not known to be ready

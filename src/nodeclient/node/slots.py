@@ -129,10 +129,16 @@ class Slot:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.returncode is None and self.killed is None
 
-    async def start(self, timeout: float) -> float:
+    async def start(self, timeout: float, *, check_only: str | None = None) -> float:
         """Start the worker and wait until its runtimes are built; seconds it took. A
         previous worker still exiting (killed while idle) is waited for first: its task
-        processes must be gone before a fresh worker takes the slot's directories."""
+        processes must be gone before a fresh worker takes the slot's directories.
+
+        *check_only*: the worker runs that class's self-check alone (it is started for a
+        task of that class, and will run no other: see :func:`affinity_of`). What the
+        last worker reported of the other classes stands: a GPU node's worker for an
+        inference then neither imports PyTorch nor starts a second CUDA context.
+        """
         if self.proc is not None and self.proc.returncode is None:
             self.kill(self.killed or "replaced")
             if await self.reap() is None:
@@ -149,6 +155,8 @@ class Slot:
             fd = worker.SharedBodies.create_fd(self.shared_bytes)
             self.shared = worker.SharedBodies(fd, self.shared_bytes, daemon_side=True)
             argv, fds = [*argv, "--shm-fd", str(fd)], (fd,)  # the worker's command is last
+        if check_only is not None:
+            argv = [*argv, "--check-only", check_only]
         try:
             self.proc = await asyncio.create_subprocess_exec(
                 *argv,
@@ -182,9 +190,11 @@ class Slot:
             rc = await self.reap()
             raise WorkerGone(f"worker failed to start (status {rc}): {self.stderr_tail()}")
         broken = frame.header.get("broken")
-        self.broken = (
-            {str(k): str(v) for k, v in broken.items()} if isinstance(broken, dict) else {}
-        )
+        reported = {str(k): str(v) for k, v in broken.items()} if isinstance(broken, dict) else {}
+        if check_only is not None:  # the other classes were not checked: the last word stands
+            kept = {k: v for k, v in self.broken.items() if k != check_only}
+            reported = {**kept, **reported}
+        self.broken = reported
         if self.broken:
             log.warning("worker.runtime_broken", extra={"broken": self.broken})
         self.ready = True

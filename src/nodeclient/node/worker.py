@@ -245,8 +245,16 @@ class Worker:
     """The task loop; I/O is on the two file descriptors it is given."""
 
     def __init__(
-        self, config: Mapping[str, Any], *, out_fd: int, shared: SharedBodies | None = None
+        self,
+        config: Mapping[str, Any],
+        *,
+        out_fd: int,
+        shared: SharedBodies | None = None,
+        check_only: str | None = None,
     ) -> None:
+        """*check_only*: run that class's self-check alone (a worker started for a task of
+        that class, which is all it will run: see ``slots.affinity_of``); by default every
+        class's."""
         self.out_fd = out_fd
         self.shared = shared
         self.work_root = Path(config["workdir"])
@@ -281,7 +289,7 @@ class Worker:
         self._base_vm = _virtual_memory()
         for workload_class, runtime in list(self.runtimes.items()):
             check = getattr(runtime, "self_check", None)
-            if check is None:
+            if check is None or check_only not in (None, workload_class):
                 continue
             try:  # e.g. CUDA that does not load on this GPU slot: every task would fail
                 check()
@@ -505,8 +513,18 @@ def main(argv: list[str] | None = None) -> int:
     from nodeclient.node import sandbox
 
     args = sys.argv[1:] if argv is None else argv
-    if len(args) not in (2, 4) or args[0] != "--config" or args[2:3] not in ([], ["--shm-fd"]):
-        print("usage: python -m nodeclient.node.worker --config JSON [--shm-fd N]", file=sys.stderr)
+    options = dict(zip(args[2::2], args[3::2], strict=False))
+    if (
+        len(args) % 2
+        or args[:1] != ["--config"]
+        or len(options) != len(args[2:]) // 2
+        or not set(options) <= {"--shm-fd", "--check-only"}
+    ):
+        print(
+            "usage: python -m nodeclient.node.worker --config JSON [--shm-fd N] "
+            "[--check-only CLASS]",
+            file=sys.stderr,
+        )
         return 2
     config = json.loads(args[1])
     out_fd = os.dup(1)  # the protocol channel
@@ -516,11 +534,11 @@ def main(argv: list[str] | None = None) -> int:
     limits = sandbox.Limits.from_wire(config["limits"])
     sandbox.apply_limits(limits, address_space=not config.get("gpus"))
     shared = None
-    if len(args) == 4:
-        fd = int(args[3])
+    if "--shm-fd" in options:
+        fd = int(options["--shm-fd"])
         shared = SharedBodies(fd, int(config["shared_bytes"]), daemon_side=False)
         os.close(fd)  # the mapping stays (with mmap's own descriptor, sealed like this one)
-    worker = Worker(config, out_fd=out_fd, shared=shared)
+    worker = Worker(config, out_fd=out_fd, shared=shared, check_only=options.get("--check-only"))
     if config.get("sandboxed"):
         # Its runtimes are built (their thread pools too); no task has run yet.
         from nodeclient.node import seccomp
