@@ -128,3 +128,17 @@ def counted_a_factory(cache: Path) -> CountsItsChecks:
 
 def counted_b_factory(cache: Path) -> CountsItsChecks:
     return CountsItsChecks(cache, "b")
+
+
+class FailsWhileMarked(CountsItsChecks):
+    """Fails its self-check while ``broken-card`` exists in the model cache (a card whose
+    CUDA did not start, then did), counting its checks as ``flaky``."""
+
+    def self_check(self) -> None:
+        super().self_check()
+        if (self.log.parent / "broken-card").exists():
+            raise RuntimeError("the CUDA execution provider did not load on this GPU slot")
+
+
+def flaky_factory(cache: Path) -> FailsWhileMarked:
+    return FailsWhileMarked(cache, "flaky")

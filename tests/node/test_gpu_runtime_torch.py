@@ -173,3 +173,15 @@ def test_the_start_up_check_on_a_gpu_slot_warms_up_what_a_slice_uses(
     assert all(kinds == set(LAYER_KEYS) for _, kinds, _, _ in trained)
     assert all(deterministic and count == threads for *_, deterministic, count in trained)
     assert (torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()) == before
+
+
+def test_a_slice_after_the_warm_up_is_the_slice_without_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The warm-up leaves nothing a slice reads (seeds, deterministic flags, thread
+    count): a slice run after it gives the bytes a runtime that never warmed up gives."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", GPU)
+    fresh = TorchTrainRuntime(device="cpu").run(_slice_payload())
+    warmed = TorchTrainRuntime(device="cpu")
+    warmed.self_check()
+    assert warmed.run(_slice_payload()) == fresh

@@ -486,8 +486,10 @@ def test_a_worker_started_for_a_task_checks_that_tasks_class_alone(
 ) -> None:
     """A worker started at warm-up checks every class. One started on a task's path (the
     slot's worker ran another job) runs only that class's self-check, since it will run no
-    other: on a GPU node, an inference's worker neither imports PyTorch nor starts its
-    CUDA context. What the slot's last worker reported of the other classes stands."""
+    other: on a GPU node, an inference's worker does not import PyTorch. It is replaced
+    before a task of another class, even of the same job; the worker that replaces a
+    single-use one after its task, off any task's path, checks every class again. What the
+    slot's last worker reported of the other classes stands, and is not logged again."""
     cards = (SlotGpu(*MIXED_CARDS[0]),)
     ex = unsandboxed(
         tmp_path,
@@ -500,21 +502,68 @@ def test_a_worker_started_for_a_task_checks_that_tasks_class_alone(
     )
     checks = tmp_path / "models" / "checks.log"
 
+    def seen() -> str:
+        return " ".join(checks.read_text().split())
+
     async def tasks() -> list[str]:
         try:
             await ex.warm_up()
-            seen = [checks.read_text().split()]
+            log = [seen()]
             assert await ex.run("test.a", b"1", job_id="job-1") == b"1"  # the warm worker
             assert await ex.run("test.b", b"2", job_id="job-2") == b"2"  # a worker for b
-            seen.append(checks.read_text().split())
-            assert await ex.run("test.a", b"3", job_id="job-3") == b"3"  # a worker for a
-            seen.append(checks.read_text().split())
+            log.append(seen())
+            assert await ex.run("test.a", b"3", job_id="job-2") == b"3"  # same job, not b
+            log.append(seen())
             assert "test.self_check" in ex._slots[0].broken
-            return [" ".join(s) for s in seen]
+            assert await ex.run("test.b", b"4") == b"4"  # no job: single use
+            for _ in range(500):  # its replacement starts in the background
+                if seen().count("b") == 4 and ex._slots[0].ready:
+                    break
+                await asyncio.sleep(0.01)
+            log.append(seen())
+            return log
         finally:
             await ex.aclose()
 
-    with caplog.at_level(logging.INFO, logger="nodeclient.node.executor"):
-        assert asyncio.run(tasks()) == ["a b", "a b b", "a b b a"]
+    with caplog.at_level(logging.INFO, logger="nodeclient.node"):
+        assert asyncio.run(tasks()) == ["a b", "a b b", "a b b a", "a b b a b a b"]
     started = [r for r in caplog.records if r.getMessage() == "worker.started"]
-    assert [getattr(r, "for_class", None) for r in started] == [None, "test.b", "test.a"]
+    assert [getattr(r, "for_class", None) for r in started] == [
+        None, "test.b", "test.a", "test.b", None
+    ]  # fmt: skip
+    broken = [r for r in caplog.records if r.getMessage() == "worker.runtime_broken"]
+    assert len(broken) == 2  # the two workers that ran its check
+
+
+def test_a_class_that_passes_its_check_in_a_worker_started_for_it_is_no_longer_broken(
+    tmp_path: Path, fake_dev: Path
+) -> None:
+    """The slot's first worker found the class broken (its card's CUDA did not start); a
+    worker started later for a task of that class finds it working: the slot no longer
+    reports it broken, and the task runs there."""
+    cards = (SlotGpu(*MIXED_CARDS[0]),)
+    ex = unsandboxed(
+        tmp_path,
+        cards,
+        {"test.a": "self_check_runtime:counted_a_factory",
+         "test.flaky": "self_check_runtime:flaky_factory"},
+    )  # fmt: skip
+    marker = tmp_path / "models" / "broken-card"
+    marker.parent.mkdir(parents=True)
+    marker.touch()
+
+    async def tasks() -> tuple[dict[str, str], bytes, dict[str, str]]:
+        try:
+            await ex.warm_up()
+            before = dict(ex._slots[0].broken)
+            assert await ex.run("test.a", b"1", job_id="job-1") == b"1"
+            marker.unlink()  # the card works now
+            done = await ex.run("test.flaky", b"2", job_id="job-2")
+            return before, done, dict(ex._slots[0].broken)
+        finally:
+            await ex.aclose()
+
+    before, done, after = asyncio.run(tasks())
+    assert list(before) == ["test.flaky"]
+    assert done == b"2"
+    assert after == {}

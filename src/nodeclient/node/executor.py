@@ -413,6 +413,10 @@ class Executor:
         try:
             if slot.alive and slot.affinity not in (None, affinity):
                 await self._retire(slot, "replaced: it ran another requester's task")
+            elif slot.alive and slot.checked_for not in (None, workload_class):
+                # Started for a task of another class (of the same job, were a job ever of
+                # two classes), it skipped this class's start-up check.
+                await self._retire(slot, "replaced: it was started for another class")
             if not slot.alive:
                 try:
                     await self._start(slot, for_class=workload_class)

@@ -124,6 +124,7 @@ class Slot:
     affinity: Affinity = None  # what its worker ran, so what it may run next (affinity_of)
     settle_task: asyncio.Task[None] | None = None  # its clean-up wait while settling
     broken: dict[str, str] = field(default_factory=dict)  # class -> why, from its ready frame
+    checked_for: str | None = None  # the one class its worker checked; None: all of them
 
     @property
     def alive(self) -> bool:
@@ -191,12 +192,12 @@ class Slot:
             raise WorkerGone(f"worker failed to start (status {rc}): {self.stderr_tail()}")
         broken = frame.header.get("broken")
         reported = {str(k): str(v) for k, v in broken.items()} if isinstance(broken, dict) else {}
+        if reported:  # what this worker found, not what an earlier one did
+            log.warning("worker.runtime_broken", extra={"broken": reported})
         if check_only is not None:  # the other classes were not checked: the last word stands
             kept = {k: v for k, v in self.broken.items() if k != check_only}
             reported = {**kept, **reported}
-        self.broken = reported
-        if self.broken:
-            log.warning("worker.runtime_broken", extra={"broken": self.broken})
+        self.broken, self.checked_for = reported, check_only
         self.ready = True
         return time.monotonic() - started
 

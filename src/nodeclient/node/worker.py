@@ -2,10 +2,12 @@
 
 Started once per slot as ``python -m nodeclient.node.worker --config JSON`` (inside
 bubblewrap, see :mod:`nodeclient.node.sandbox`), the worker drops privileges, sets its
-rlimits, builds every runtime once (so ONNX sessions stay warm) and then serves tasks one
-at a time over its stdin and stdout. Each task starts in an empty work directory and an
-empty /tmp, both emptied again afterwards (or, if that fails, the worker is replaced with
-a fresh one).
+rlimits, builds every runtime once (so ONNX sessions stay warm), runs the runtimes'
+start-up checks (``self_check``: on a GPU slot, CUDA on its card; with ``--check-only
+CLASS``, that class's alone, for a worker started for a task of that class, which is all
+it will serve) and then serves tasks one at a time over its stdin and stdout. Each task
+starts in an empty work directory and an empty /tmp, both emptied again afterwards (or, if
+that fails, the worker is replaced with a fresh one).
 
 Pipe protocol, both directions: frames of ::
 
