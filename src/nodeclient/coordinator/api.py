@@ -405,7 +405,29 @@ def build_router(coord: Coordinator) -> APIRouter:  # noqa: PLR0915 (one route e
         status_code=201,
         responses=openapi.REGISTER,
     )
-    async def register_node(manifest: dict[str, Any] = Body(...)) -> JSONResponse:  # noqa: B008
+    async def register_node(
+        request: Request,
+        manifest: dict[str, Any] = Body(...),  # noqa: B008
+    ) -> JSONResponse:
+        address = request.client.host if request.client is not None else None
+        now = coord.monotonic()
+        wait = coord.registrations.wait(address, now)
+        if wait > 0:
+            refused = coord.registrations.refused(now)
+            if refused:
+                log.warning(
+                    "registration.limited",
+                    extra={"address": address, "refused": refused,
+                           "per_minute": coord.registrations.per_minute},
+                )  # fmt: skip
+            limited = error(
+                429,
+                f"too many registrations from {address}: at most "
+                f"{coord.registrations.per_minute} a minute from one address; retry after "
+                f"{math.ceil(wait)} s",
+            )
+            limited.headers["Retry-After"] = str(math.ceil(wait))
+            return limited
         return _reply(await registry.register(coord, manifest))
 
     def node_json(row: m.Node) -> dict[str, Any]:

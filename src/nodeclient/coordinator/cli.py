@@ -121,6 +121,13 @@ def _add_serve(serve: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     serve.add_argument("--max-nodes-per-wallet", type=int, default=8)
     serve.add_argument(
+        "--registrations-per-minute",
+        type=int,
+        default=60,
+        help="registrations (POST /v1/nodes) one client address may make a minute; more "
+        "are answered 429 with Retry-After (0: no limit; loopback is never limited)",
+    )
+    serve.add_argument(
         "--require-wallet-proof",
         action="store_true",
         help="refuse nodes whose manifest does not carry the wallet's own signature",
@@ -263,6 +270,7 @@ def _serve(args: argparse.Namespace) -> int:
             max_nodes_per_wallet=args.max_nodes_per_wallet,
             require_wallet_proof=args.require_wallet_proof,
         ),
+        registrations_per_minute=args.registrations_per_minute,
         lease_seconds=args.lease_seconds,
         max_attempts=args.max_attempts,
         blob_retention=args.blob_retention_hours * 3600,

@@ -94,6 +94,9 @@ class CoordinatorConfig:
     node_retention: float = 30 * 86400.0
     max_payload_bytes: int = 32 * MIB  # a task payload and a result travel in one frame
     manifest_max_age: int = 24 * 3600
+    # POST /v1/nodes from one client address, a minute; over it, 429 with Retry-After (0:
+    # no limit; loopback is never limited: service.AddressLimiter).
+    registrations_per_minute: int = 60
     # Bearer-token files guarding the requester routes and /metrics (None: open;
     # coordinator/tokens.py).
     requester_token_file: Path | None = None
@@ -111,20 +114,19 @@ class CoordinatorConfig:
             raise UsageError(
                 "coordinator id must not be empty: leave it out to keep the stored one"
             )
-        if self.heartbeat_interval <= 0:
-            raise UsageError("heartbeat interval must be positive")
-        if self.round_gap < 0:
-            raise UsageError("the round gap must not be negative")
-        if self.lease_seconds <= 0:
-            raise UsageError("lease seconds must be positive")
-        if self.max_attempts < 1:
-            raise UsageError("max attempts must be at least 1")
-        if self.sybil.max_nodes_per_wallet < 1:
-            raise UsageError("max nodes per wallet must be at least 1")
-        if not 1 <= self.chain_id < 2**63:
-            raise UsageError("chain id must be positive and below 2**63")
-        if self.blob_sweep_interval <= 0:
-            raise UsageError("the blob sweep interval must be positive")
+        for bad, message in (
+            (self.heartbeat_interval <= 0, "heartbeat interval must be positive"),
+            (self.round_gap < 0, "the round gap must not be negative"),
+            (self.lease_seconds <= 0, "lease seconds must be positive"),
+            (self.max_attempts < 1, "max attempts must be at least 1"),
+            (self.sybil.max_nodes_per_wallet < 1, "max nodes per wallet must be at least 1"),
+            (self.registrations_per_minute < 0,
+             "registrations per minute must be 0 (no limit) or more"),
+            (not 1 <= self.chain_id < 2**63, "chain id must be positive and below 2**63"),
+            (self.blob_sweep_interval <= 0, "the blob sweep interval must be positive"),
+        ):  # fmt: skip
+            if bad:
+                raise UsageError(message)
         for value, least, message in (
             (self.blob_retention, MIN_BLOB_RETENTION, "blob retention must be 0 (keep every "
              "blob) or at least 1 hour"),

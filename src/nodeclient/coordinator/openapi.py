@@ -196,6 +196,8 @@ REGISTER: Final = answers(
         403: "the sybil pre-screen refuses the node: the policy",
         409: "a stale manifest, or one out of step with the coordinator's clock",
         413: TOO_LARGE,
+        429: "too many registrations from this client address: Retry-After says when to "
+        "try again (--registrations-per-minute)",
         507: DISK_FULL,
     },
 )

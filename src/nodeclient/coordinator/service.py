@@ -14,7 +14,9 @@ import collections
 import contextlib
 import contextvars
 import functools
+import ipaddress
 import logging
+import math
 import uuid
 from collections.abc import Callable, Coroutine, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -94,6 +96,60 @@ class TokenBucket:
             return False
         self.tokens -= amount
         return True
+
+
+class AddressLimiter:
+    """Requests per client address and minute: a :class:`TokenBucket` each, full (a
+    minute's worth) for an address not seen lately. Loopback addresses (a devnet, a bench,
+    a reverse proxy that names no client) and peers that are no IP address (a Unix socket)
+    are not limited; 0 a minute limits nothing. At most MAX_ADDRESSES buckets are held:
+    past that, those refilled to full go, then the oldest."""
+
+    MAX_ADDRESSES: Final = 65536
+
+    def __init__(self, per_minute: int) -> None:
+        self.per_minute = per_minute
+        self._buckets: dict[str, TokenBucket] = {}
+        self._refused, self._reported_at = 0, -math.inf
+
+    def refused(self, now: float) -> int:
+        """Count a refusal; how many to report now, in one log line a minute at most (0:
+        not yet), so that a flood of refusals is not a flood of lines."""
+        self._refused += 1
+        if now - self._reported_at < 60.0:
+            return 0
+        count, self._refused, self._reported_at = self._refused, 0, now
+        return count
+
+    def wait(self, address: str | None, now: float) -> float:
+        """0.0 when a request from *address* may go on (it takes a token), else the
+        seconds until it may (*now*: the monotonic clock)."""
+        if self.per_minute <= 0 or address is None or _unlimited(address):
+            return 0.0
+        bucket = self._buckets.get(address)
+        if bucket is None:
+            if len(self._buckets) >= self.MAX_ADDRESSES:
+                self._evict(now)
+            bucket = self._buckets[address] = TokenBucket(
+                self.per_minute, self.per_minute / 60.0, now
+            )
+        if bucket.take(now):
+            return 0.0
+        return (1.0 - bucket.tokens) / bucket.rate
+
+    def _evict(self, now: float) -> None:
+        for address, bucket in list(self._buckets.items()):
+            if bucket.tokens + (now - bucket.at) * bucket.rate >= bucket.burst:
+                del self._buckets[address]
+        while len(self._buckets) >= self.MAX_ADDRESSES:
+            del self._buckets[next(iter(self._buckets))]
+
+
+def _unlimited(address: str) -> bool:
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return True  # no IP address: a Unix socket's peer (or a test client's name)
 
 
 class NodeRuntime:
@@ -268,6 +324,8 @@ class Coordinator:
             self.runtime[info.node_id].last_seq = info.last_seq + UNSTORED_SEQS
         self.links: dict[str, LinkPort] = {}
         self.progress = ProgressBoard()  # advisory, per node and task, bounded
+        # POST /v1/nodes per client address (each verifies a manifest, and may add a row)
+        self.registrations = AddressLimiter(config.registrations_per_minute)
         self.heartbeats = HeartbeatWriter(db, self.runtime)
         # GET /metrics (2.3.8); per app, never global; lease waits from this start on
         self.metrics = CoordinatorMetrics(after_attempt=db.run_sync(last_attempt))
