@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from nodeclient.coordinator.config import CoordinatorConfig
-from nodeclient.coordinator.service import AddressLimiter
+from nodeclient.coordinator.service import AddressLimiter, client_key
 from nodeclient.errors import UsageError
 from tests.coordinator.conftest import START, make_node
 
@@ -26,10 +26,33 @@ def test_an_address_gets_a_minutes_worth_then_one_per_interval() -> None:
     assert limiter.wait(A, 120.0) > 0
 
 
-@pytest.mark.parametrize("address", ["127.0.0.1", "127.8.9.10", "::1", "testclient", None])
-def test_loopback_and_peers_without_an_ip_address_are_not_limited(address: str | None) -> None:
+@pytest.mark.parametrize("address", ["127.0.0.1", "127.8.9.10", "::1", "::ffff:127.0.0.1", None])
+def test_loopback_and_requests_without_a_peer_address_are_not_limited(
+    address: str | None,
+) -> None:
+    """Loopback, also as a dual-stack socket reports it (IPv4-mapped), and a request with
+    no peer address (a Unix socket) are never limited."""
     limiter = AddressLimiter(1)
     assert all(limiter.wait(address, 0.0) == 0.0 for _ in range(100))
+
+
+def test_a_client_is_an_ipv4_address_or_an_ipv6_64() -> None:
+    """One host commonly holds a whole IPv6 /64: its addresses share one bucket. An
+    IPv4-mapped address is its IPv4 address; a peer name that is no address (a proxy's
+    "unknown") is limited as a client of its own."""
+    assert (
+        client_key("2001:db8:1:2::1") == client_key("2001:db8:1:2:ffff::9") == ("2001:db8:1:2::/64")
+    )
+    assert client_key("2001:db8:1:3::1") == "2001:db8:1:3::/64"
+    assert client_key("::ffff:203.0.113.9") == client_key(A) == A
+    assert client_key("unknown") == "unknown"
+    limiter = AddressLimiter(1)
+    assert limiter.wait("2001:db8:1:2::1", 0.0) == 0.0
+    assert limiter.wait("2001:db8:1:2::2", 0.0) > 0
+    assert limiter.wait("::ffff:203.0.113.9", 0.0) == 0.0
+    assert limiter.wait(A, 0.0) > 0
+    assert limiter.wait("unknown", 0.0) == 0.0
+    assert limiter.wait("unknown", 0.0) > 0
 
 
 def test_zero_limits_nothing_and_a_negative_limit_is_refused() -> None:
@@ -40,18 +63,17 @@ def test_zero_limits_nothing_and_a_negative_limit_is_refused() -> None:
 
 
 def test_the_buckets_held_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Past MAX_ADDRESSES, buckets refilled to full go first, then the oldest: an address
-    that is still limited stays limited while there is room."""
+    """Past MAX_ADDRESSES, the least recently used bucket goes: a client still being
+    refused keeps its bucket (and stays refused) while idle ones go first."""
     monkeypatch.setattr(AddressLimiter, "MAX_ADDRESSES", 3)
     limiter = AddressLimiter(1)
-    assert limiter.wait("192.0.2.1", 0.0) == 0.0  # drained; full again at 60 s
-    assert limiter.wait("192.0.2.2", 50.0) == 0.0  # drained
-    assert limiter.wait("192.0.2.3", 50.0) == 0.0
-    assert limiter.wait("192.0.2.4", 70.0) == 0.0  # .1 is full again: it goes
-    assert set(limiter._buckets) == {"192.0.2.2", "192.0.2.3", "192.0.2.4"}
-    assert limiter.wait("192.0.2.2", 70.0) > 0  # still limited
-    assert limiter.wait("192.0.2.5", 70.0) == 0.0  # none full: the oldest (.2) goes
-    assert set(limiter._buckets) == {"192.0.2.3", "192.0.2.4", "192.0.2.5"}
+    assert limiter.wait("192.0.2.1", 0.0) == 0.0
+    assert limiter.wait("192.0.2.2", 1.0) == 0.0
+    assert limiter.wait("192.0.2.3", 2.0) == 0.0
+    assert limiter.wait("192.0.2.1", 3.0) > 0  # refused, and now the most recently used
+    assert limiter.wait("192.0.2.4", 4.0) == 0.0  # .2 goes: the least recently used
+    assert list(limiter._buckets) == ["192.0.2.3", "192.0.2.1", "192.0.2.4"]
+    assert limiter.wait("192.0.2.1", 5.0) > 0  # still refused
 
 
 def test_refusals_are_reported_one_line_a_minute_at_most() -> None:

@@ -296,7 +296,7 @@ def test_only_a_definite_no_to_registration_is_final(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, status: int, final: bool
 ) -> None:
     """A 4xx about the manifest ends the daemon with exit status 78, which the systemd
-    unit does not restart on; a proxy's 408 or 429 and any 5xx are retried with backoff,
+    unit does not restart on; a 408 or 429 and any 5xx are retried with backoff,
     and so is 409 "stale manifest": the one on record was issued on a clock that ran
     ahead, and a manifest issued again once this clock passes it is taken."""
     import httpx
@@ -319,6 +319,48 @@ def test_only_a_definite_no_to_registration_is_final(
     if final:
         assert caught.value.exit_code == 78  # type: ignore[union-attr]
         assert caught.value.exit_code in service.NO_RESTART_STATUSES  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(
+    ("status", "retry_after", "pause"),
+    [
+        (429, "30", (30.0, 45.0)),  # the coordinator's per-address limit
+        (503, "7", (7.0, 10.5)),
+        (429, "86400", (600.0, 900.0)),  # at most MAX_RETRY_AFTER_S (and its spread)
+        (429, "Wed, 21 Oct 2026 07:28:00 GMT", (0.0, 0.0)),  # a date: not honoured
+        (429, "-5", (0.0, 0.0)),
+        (429, "nan", (0.0, 0.0)),
+        (500, "30", (0.0, 0.0)),  # only for a 429 or a 503
+    ],
+)
+def test_a_registration_told_to_retry_later_waits_that_long(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    status: int,
+    retry_after: str,
+    pause: tuple[float, float],
+) -> None:
+    """A 429 (the coordinator's registrations-per-address limit) or a 503 with a
+    Retry-After in seconds sets the pause before the next try to that, stretched by up to
+    half again so that nodes refused together spread out; retrying sooner would only be
+    refused again."""
+    real_client = httpx.AsyncClient
+    transport = httpx.MockTransport(
+        as_sent(
+            lambda _request: httpx.Response(
+                status, json={"error": "too many"}, headers={"Retry-After": retry_after}
+            )
+        )
+    )
+    monkeypatch.setattr(httpx, "AsyncClient", lambda **kw: real_client(transport=transport, **kw))
+    daemon, _, _ = make_daemon(tmp_path)
+    try:
+        with pytest.raises(httpx.HTTPError, match=f"\\({status}\\): too many"):
+            asyncio.run(daemon.register())
+    finally:
+        daemon.outbox.close()
+    low, high = pause
+    assert low <= daemon._pause <= high
 
 
 @pytest.mark.parametrize(

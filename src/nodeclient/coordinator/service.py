@@ -99,17 +99,20 @@ class TokenBucket:
 
 
 class AddressLimiter:
-    """Requests per client address and minute: a :class:`TokenBucket` each, full (a
-    minute's worth) for an address not seen lately. Loopback addresses (a devnet, a bench,
-    a reverse proxy that names no client) and peers that are no IP address (a Unix socket)
-    are not limited; 0 a minute limits nothing. At most MAX_ADDRESSES buckets are held:
-    past that, those refilled to full go, then the oldest."""
+    """Requests per client and minute: a :class:`TokenBucket` each, full (a minute's
+    worth) for a client not seen lately. A client is its IPv4 address, or the /64 network
+    of its IPv6 address (one host commonly holds a whole /64); an IPv4-mapped IPv6 address
+    is its IPv4 address. Loopback (a devnet, a bench, a reverse proxy that names no
+    client) and a request without a peer address (a Unix socket) are not limited; any
+    other peer name is a client of its own. 0 a minute limits nothing. At most
+    MAX_ADDRESSES buckets are held, least recently used first to go: a bucket unused for a
+    minute is full again, and one in use stays."""
 
     MAX_ADDRESSES: Final = 65536
 
     def __init__(self, per_minute: int) -> None:
         self.per_minute = per_minute
-        self._buckets: dict[str, TokenBucket] = {}
+        self._buckets: dict[str, TokenBucket] = {}  # least recently used first
         self._refused, self._reported_at = 0, -math.inf
 
     def refused(self, now: float) -> int:
@@ -124,32 +127,36 @@ class AddressLimiter:
     def wait(self, address: str | None, now: float) -> float:
         """0.0 when a request from *address* may go on (it takes a token), else the
         seconds until it may (*now*: the monotonic clock)."""
-        if self.per_minute <= 0 or address is None or _unlimited(address):
+        key = client_key(address)
+        if self.per_minute <= 0 or key is None:
             return 0.0
-        bucket = self._buckets.get(address)
+        bucket = self._buckets.pop(key, None)  # put back last: the most recently used
         if bucket is None:
-            if len(self._buckets) >= self.MAX_ADDRESSES:
-                self._evict(now)
-            bucket = self._buckets[address] = TokenBucket(
-                self.per_minute, self.per_minute / 60.0, now
-            )
+            while len(self._buckets) >= self.MAX_ADDRESSES:
+                del self._buckets[next(iter(self._buckets))]
+            bucket = TokenBucket(self.per_minute, self.per_minute / 60.0, now)
+        self._buckets[key] = bucket
         if bucket.take(now):
             return 0.0
         return (1.0 - bucket.tokens) / bucket.rate
 
-    def _evict(self, now: float) -> None:
-        for address, bucket in list(self._buckets.items()):
-            if bucket.tokens + (now - bucket.at) * bucket.rate >= bucket.burst:
-                del self._buckets[address]
-        while len(self._buckets) >= self.MAX_ADDRESSES:
-            del self._buckets[next(iter(self._buckets))]
 
-
-def _unlimited(address: str) -> bool:
+def client_key(address: str | None) -> str | None:
+    """The client a request from *address* counts against (AddressLimiter), or None for
+    one that is not limited."""
+    if address is None:
+        return None
     try:
-        return ipaddress.ip_address(address).is_loopback
+        ip = ipaddress.ip_address(address)
     except ValueError:
-        return True  # no IP address: a Unix socket's peer (or a test client's name)
+        return address  # a proxy's name for a client that has no address: its own
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped  # ::ffff:127.0.0.1 through a dual-stack socket: 127.0.0.1
+    if ip.is_loopback:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address):
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)
 
 
 class NodeRuntime:

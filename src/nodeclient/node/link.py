@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import os
 import random
 import sqlite3
@@ -61,6 +62,7 @@ MAX_ANSWER_BYTES: Final = 1 << 20  # a registration answer is a few hundred byte
 # The whole registration, request and answer: httpx's timeout bounds each read, and an
 # answer that trickles in (a byte every 29 s) would hold the link loop for ever.
 REGISTER_TIMEOUT_S: Final = 60.0
+MAX_RETRY_AFTER_S: Final = 600.0  # a registration's Retry-After is honoured up to this
 _MAX_ERROR_CHARS: Final = 300  # of a coordinator's text in last_error and the log
 
 
@@ -80,6 +82,20 @@ LINK_PROXY_FIX: Final = (
     "check the coordinator URL; a reverse proxy in front of the coordinator must pass "
     "WebSocket upgrades (the Upgrade and Connection headers) on /v1/link"
 )
+
+
+def _retry_after(resp: httpx.Response, rand: float) -> float:
+    """The seconds a 429 or 503 answer's ``Retry-After`` asks for (a number of seconds;
+    an HTTP date or nonsense counts as none), at most MAX_RETRY_AFTER_S, stretched by up
+    to half again by *rand* in [0, 1), so that the nodes behind one address that were
+    refused together do not all come back at the same second."""
+    try:
+        seconds = float(resp.headers.get("retry-after", ""))
+    except ValueError:
+        return 0.0
+    if not 0.0 < seconds < math.inf:
+        return 0.0
+    return min(seconds, MAX_RETRY_AFTER_S) * (1.0 + rand / 2)
 
 
 def link_target(url: str) -> tuple[str, dict[str, Any]]:
@@ -225,11 +241,13 @@ class LinkClient(TaskDispatcher):
             :_MAX_ERROR_CHARS
         ]
         # Final (exit 78, no restart) only for the coordinator's own refusal: a 4xx with its
-        # {"error": ...}, but 409 (below). 408 and 429 (a proxy's timeout or rate limit)
-        # pass, and so does a 4xx without the coordinator's error (an empty 404 or 403
-        # from a proxy in front of it, mid-deploy): retried with backoff, and shown in
-        # status meanwhile.
+        # {"error": ...}, but 409 (below). 408 and 429 (a timeout, or a rate limit: the
+        # coordinator's per address, or a proxy's) pass, and so does a 4xx without the
+        # coordinator's error (an empty 404 or 403 from a proxy in front of it, mid-deploy):
+        # retried with backoff, and shown in status meanwhile.
         refusal = isinstance(error, str) and bool(error)
+        if resp.status_code in (429, 503):
+            self._pause = max(self._pause, _retry_after(resp, self._rand.random()))
         if resp.status_code == 409:
             # "stale manifest" (the one on record was issued later, on a clock that ran up
             # to 5 min ahead and was then set right), or an issued_at too far from the
