@@ -112,3 +112,44 @@ def test_a_client_over_the_limit_is_answered_429_with_retry_after(
         assert post(node.manifest(issued_at=int(START)), A).status_code == 201
     lines = [r for r in caplog.records if r.getMessage() == "registration.limited"]
     assert [(r.address, r.refused, r.per_minute) for r in lines] == [(A, 1, 2)]  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    ("allowed", "peer", "trusted"),
+    [
+        (None, "127.0.0.1", True),
+        (None, "::1", True),
+        (None, "::ffff:127.0.0.1", True),  # loopback through a dual-stack socket (--host ::)
+        (None, "192.0.2.1", False),
+        ("192.0.2.1", "192.0.2.1", True),  # FORWARDED_ALLOW_IPS names the proxies instead
+        ("192.0.2.1", "127.0.0.1", False),
+    ],
+)
+def test_the_proxies_trusted_to_name_the_client(
+    monkeypatch: pytest.MonkeyPatch, allowed: str | None, peer: str, trusted: bool
+) -> None:
+    """The client a request counts against comes from X-Forwarded-For only when a proxy
+    the server trusts sent it (uvicorn's own middleware, as the server loads it): loopback
+    however the socket reports it, or the proxies FORWARDED_ALLOW_IPS names."""
+    import asyncio
+
+    from fastapi import FastAPI
+    from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
+
+    from nodeclient.coordinator.server import build_server
+
+    if allowed is None:
+        monkeypatch.delenv("FORWARDED_ALLOW_IPS", raising=False)
+    else:
+        monkeypatch.setenv("FORWARDED_ALLOW_IPS", allowed)
+    config = build_server(FastAPI(), host="::", port=0).config
+    seen: list[str] = []
+
+    async def app(scope: dict[str, object], _receive: object, _send: object) -> None:
+        seen.append(scope["client"][0])  # type: ignore[index]
+
+    middleware = ProxyHeadersMiddleware(app, trusted_hosts=config.forwarded_allow_ips)  # type: ignore[arg-type]
+    scope = {"type": "http", "scheme": "http", "client": (peer, 40000),
+             "headers": [(b"x-forwarded-for", A.encode())]}  # fmt: skip
+    asyncio.run(middleware(scope, None, None))  # type: ignore[arg-type]
+    assert seen == [A if trusted else peer]

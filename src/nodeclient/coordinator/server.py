@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import os
 import signal
 import socket
 import sys
@@ -170,6 +171,9 @@ class _Server(uvicorn.Server):
                 signal.signal(s, h)
 
 
+TRUSTED_PROXIES = "127.0.0.1,::1,::ffff:127.0.0.1"  # unless FORWARDED_ALLOW_IPS says
+
+
 def build_server(app: FastAPI, *, host: str, port: int) -> uvicorn.Server:
     config = uvicorn.Config(
         # Outside the app's own error middleware, which wraps an HTTP request's send: so
@@ -188,6 +192,10 @@ def build_server(app: FastAPI, *, host: str, port: int) -> uvicorn.Server:
         # Link frames are small JSON or already-encrypted payloads: compressing them costs
         # coordinator CPU on every heartbeat and saves almost nothing.
         ws_per_message_deflate=False,
+        # The proxies whose X-Forwarded-For names the client (the per-client registration
+        # limit, log lines): loopback, also as a dual-stack socket ("--host ::") reports
+        # it, whatever uvicorn's own default is (only 127.0.0.1 in earlier releases).
+        forwarded_allow_ips=os.environ.get("FORWARDED_ALLOW_IPS", TRUSTED_PROXIES),
         lifespan="on",
     )
     return _Server(config)
