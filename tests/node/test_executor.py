@@ -1330,6 +1330,9 @@ def test_disk_used_holds_one_descriptor_per_level_and_leaks_none(
         ["--config", "{}", "--check-only"],
         ["--config", "{}", "--other", "1"],
         ["--config", "{}", "--shm-fd", "3", "--shm-fd", "4"],
+        ["--config", "{}", "--shm-fd", "three"],
+        ["--config", "{}", "--shm-fd", "-3"],
+        ["--config", "{}", "--shm-fd", "\u00b3"],  # a digit to str.isdigit, not to int()
         ["--settings", "{}"],
     ],
 )

@@ -521,6 +521,8 @@ def main(argv: list[str] | None = None) -> int:
         or args[:1] != ["--config"]
         or len(options) != len(args[2:]) // 2
         or not set(options) <= {"--shm-fd", "--check-only"}
+        or not (shm_fd := options.get("--shm-fd", "0")).isascii()
+        or not shm_fd.isdigit()
     ):
         print(
             "usage: python -m nodeclient.node.worker --config JSON [--shm-fd N] "
