@@ -24,8 +24,10 @@ real card answered, so those recordings can be refreshed from a real machine:
 5. ai.inference on CUDA where the onnxruntime build has the CUDA execution provider.
 6. A whole network: a coordinator and one GPU node (sandboxed where bubblewrap works) on
    loopback; a training job and, where the GPU slots serve inference, an inference job,
-   each verified as a stranger would (``nodeclient-coordinator verify``). DIR gets the
-   node's log and status.
+   each verified as a stranger would (``nodeclient-coordinator verify``). It prints each
+   worker start (and the class it was started for) and each task's time, and fails if a
+   worker was started during the training job: its slot's worker, started with the
+   daemon, must serve every slice. DIR gets the node's log and status.
 
 Each part reports its own failure and the script goes on; the exit status is 1 if any
 part failed.
@@ -324,6 +326,24 @@ def inference(uuid: str) -> None:
     print("outputs:", {k: v.shape for k, v in outputs.items()}, meta)
 
 
+def _worker_starts(log: Path, job_id: str) -> tuple[list[dict[str, Any]], list[float]]:
+    """From the node's JSON log: each ``worker.started`` (seconds, and the task it was
+    started for, if any) and the seconds of each task of *job_id*, in order."""
+    starts: list[dict[str, Any]] = []
+    slices: list[float] = []
+    for line in log.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            event = json.loads(line)
+        except ValueError:
+            continue
+        if event.get("event") == "worker.started":
+            keep = ("seconds", "slot", "for_class", "job_id")
+            starts.append({k: event[k] for k in keep if k in event})
+        elif event.get("event") == "task.executed" and event.get("job_id") == job_id:
+            slices.append(event["seconds"])
+    return starts, slices
+
+
 @part("a whole network: coordinator + one GPU node, verified jobs")
 def network(out: Path) -> None:
     from nodeclient import devnet
@@ -348,11 +368,20 @@ def network(out: Path) -> None:
         job = client.submit_job("ai.training", devnet.demo_training(), slices=2)
         devnet._verified_job(client, job["job_id"], print, net, payload=devnet.demo_training())
         print(f"training job verified in {time.monotonic() - started:.1f} s")
+        starts, slices = _worker_starts(home / "node.log", job["job_id"])
+        print(f"worker starts so far: {starts}; the job's slices: {slices}")
+        if any(start.get("job_id") == job["job_id"] for start in starts):
+            # Its slot's worker was started with the daemon: a start for one of the job's
+            # slices means a worker was replaced between slices (an H100 node once paid
+            # 10 s a slice that way).
+            raise AssertionError("a worker was started during the training job")
         classes = usable_workload_classes(sandboxed=net.sandbox_available(), gpus=True)
         if classes["ai.inference"][0]:
             payload, _labels = devnet.demo_jobs(1)[0]
             job = client.submit_job(workload_class="ai.inference", payload=payload)
             devnet._verified_job(client, job["job_id"], print, net)
+            starts, tasks = _worker_starts(home / "node.log", job["job_id"])
+            print(f"inference task: {tasks} s; the last worker start: {starts[-1]}")
         status = control.request(home / control.SOCKET_NAME, {"cmd": "status"})
         print("states:", devnet.state_line(status))
     finally:
