@@ -516,7 +516,7 @@ def test_a_worker_started_for_a_task_checks_that_tasks_class_alone(
             log.append(seen())
             assert "test.self_check" in ex._slots[0].broken
             assert await ex.run("test.b", b"4") == b"4"  # no job: single use
-            for _ in range(500):  # its replacement starts in the background
+            for _ in range(6000):  # its replacement starts in the background (60 s at most)
                 if seen().count("b") == 4 and ex._slots[0].ready:
                     break
                 await asyncio.sleep(0.01)
