@@ -190,6 +190,25 @@ def test_link_down_shows_last_error() -> None:
     assert "down" in out and "ConnectError: refused" in out
 
 
+def test_workers_not_all_up_are_shown() -> None:
+    """While the daemon starts its workers (the link waits for them) the console and the
+    text status say how many are up and why the link is down; a slot without a worker
+    later is counted; all up, or an older daemon that does not say, shows nothing."""
+    from nodeclient.node.cli_status import status_lines
+
+    down = {**status()["link"], "status": "down"}
+    starting = status(link=down, workers_ready=0, starting=True)
+    out = text(con.render(starting, NO_GPU, now=NOW))
+    assert "0 of 2 ready: starting them (the link waits for them)" in out
+    assert "workers      0 of 2 ready: starting them" in "\n".join(status_lines(starting))
+    one = status(workers_ready=1, starting=False)
+    assert "1 of 2 ready" in text(con.render(one, NO_GPU, now=NOW))
+    assert "starting them" not in text(con.render(one, NO_GPU, now=NOW))
+    for quiet in (status(workers_ready=2, starting=False), status()):
+        assert "ready" not in text(con.render(quiet, NO_GPU, now=NOW))
+        assert not any(line.startswith("workers") for line in status_lines(quiet))
+
+
 def test_a_stopping_daemon_says_so() -> None:
     """After SIGTERM the daemon drains (finishes its tasks, hands new dispatches back):
     the console and the text status say so beside the state."""

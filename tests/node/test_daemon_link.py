@@ -1171,3 +1171,39 @@ def test_a_heartbeat_lists_the_results_it_holds_for_its_coordinator(tmp_path: Pa
         assert sent[0]["message"]["running_tasks"] == ["0x" + mine.hex]
     finally:
         daemon.outbox.close()
+
+
+def test_status_says_the_workers_are_starting_while_the_link_waits(tmp_path: Path) -> None:
+    """At its start the daemon starts every slot's worker before it links (seconds on a
+    GPU node, whose workers start CUDA): meanwhile status says so, beside a link that is
+    down, and once they are up it no longer does."""
+    from nodeclient.node.cli_status import workers_line
+
+    daemon = make_daemon(tmp_path, executor=Executor)
+    seen: list[dict[str, Any]] = []
+    real_warm_up = daemon.executor.warm_up
+
+    async def warm_up() -> None:
+        seen.append(daemon.status())
+        await real_warm_up()
+        seen.append(daemon.status())
+
+    daemon.executor.warm_up = warm_up  # type: ignore[method-assign]
+
+    async def main() -> dict[str, Any]:
+        task = asyncio.create_task(daemon.run())
+        for _ in range(3000):
+            if len(seen) == 2 and not daemon.status()["starting"]:
+                break
+            await asyncio.sleep(0.01)
+        after = daemon.status()
+        daemon.request_stop()
+        await asyncio.wait_for(task, 30)
+        return after
+
+    after = asyncio.run(main())
+    assert [(s["starting"], s["workers_ready"]) for s in seen] == [(True, 0), (True, 1)]
+    assert seen[0]["link"]["status"] == "down"
+    assert workers_line(seen[0]) == "0 of 1 ready: starting them (the link waits for them)"
+    assert (after["starting"], after["workers_ready"]) == (False, 1)
+    assert workers_line(after) is None

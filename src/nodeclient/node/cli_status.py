@@ -12,6 +12,7 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Mapping
 from typing import Any, Final
 
 from nodeclient.errors import NodeClientError, UsageError
@@ -92,6 +93,8 @@ def status_lines(st: dict[str, Any]) -> list[str]:
     out.append(f"node_id      {st['node_id']}")
     out.append(f"sandbox      {st.get('sandbox', 'unknown')}")
     out.append(f"tasks        {len(st['running'])} running of {st['slots']} slots")
+    if (line := workers_line(st)) is not None:
+        out.append(f"workers      {line}")
     for t in st["running"]:
         p = t.get("progress")
         done = f"  {p['done']:g}/{p['total']:g} {p['note']}" if p else ""
@@ -106,6 +109,17 @@ def status_lines(st: dict[str, Any]) -> list[str]:
     if link.get("last_error") and link["status"] != "up":
         out.append(f"last error   {link['last_error']}")
     return out
+
+
+def workers_line(st: Mapping[str, Any]) -> str | None:
+    """How many slots' workers are up, when not all are (None otherwise, or from a daemon
+    that does not say). While the daemon starts them, the link waits: say so."""
+    ready, slots = st.get("workers_ready"), st.get("slots")
+    if not isinstance(ready, int) or not isinstance(slots, int) or ready >= slots:
+        return None
+    if st.get("starting"):
+        return f"{ready} of {slots} ready: starting them (the link waits for them)"
+    return f"{ready} of {slots} ready"
 
 
 RETIRED: Final = (

@@ -36,6 +36,7 @@ from rich.table import Table
 from rich.text import Text
 
 from nodeclient.errors import NodeClientError, UsageError
+from nodeclient.node.cli_status import workers_line
 from nodeclient.node.metrics import GpuSampler, GpuSnapshot
 from nodeclient.node.outbox import OutboxEntry
 from nodeclient.text import printable, printable_tree
@@ -251,6 +252,8 @@ def _status_rows(st: Mapping[str, Any]) -> list[tuple[str, Text]]:
     link_text.append(f" · ack {ago(None if last is None else now - float(last))}")
     link_text.append(f" · {link.get('coordinator', '')}", style="dim")
     rows = [("State", state_text), ("Link", link_text)]
+    if (workers := workers_line(st)) is not None:
+        rows.append(("Workers", Text(workers, style="yellow")))
     if link.get("status") != "up" and link.get("last_error"):
         rows.append(("Last error", Text(str(link["last_error"]), style="red")))
     rows.append(

@@ -131,6 +131,7 @@ class NodeDaemon(LinkClient):
         self._fatal: NeedsOperator | None = None
         self._replaced_at: float | None = None  # when another process last took the link
         self._pause = 0.0  # the next reconnect waits at least this long
+        self._workers_started = False  # run()'s first start of every slot's worker is done
         self._replaced_while_stopping = False  # then the drain links no more (_link_closed)
         self._unstake_record: tuple[str, int] | None = None  # restore_unstake, _keep_unstake
         self._fetch = inputs.http_fetcher(self.url)
@@ -171,6 +172,7 @@ class NodeDaemon(LinkClient):
         log.info("daemon.start", extra={"coordinator": self.url, "slots": self.slots})
         try:
             await self.executor.warm_up()
+            self._workers_started = True
             self._withdraw_broken_classes()
             link = asyncio.create_task(self._link_loop())
             refresh = asyncio.create_task(self._refresh_metrics())
@@ -421,6 +423,10 @@ class NodeDaemon(LinkClient):
                 "heartbeat_seq": self.session.seq,
             },
             "slots": self.slots,
+            # Fewer than slots while workers start; at the daemon's start ("starting") the
+            # link waits for them (a GPU node's start CUDA: seconds): "down" is no fault yet.
+            "workers_ready": self.executor.workers_ready,
+            "starting": not self._workers_started,
             "sandbox": describe_mode(self.executor.mode),
             "running": [
                 {

@@ -260,6 +260,13 @@ class Executor:
                 raise outcome
             self._idle.put_nowait(slot)
 
+    @property
+    def workers_ready(self) -> int:
+        """Slots whose worker is up and has reported ready (0 before warm_up): fewer than
+        the slots while the daemon starts them (seconds on a GPU node, whose workers start
+        CUDA) or replaces one."""
+        return sum(1 for slot in self._slots if slot.alive and slot.ready)
+
     def broken_everywhere(self) -> dict[str, str]:
         """Workload classes that every started worker reported broken (a runtime that
         failed to build, or its self-check: CUDA that does not load on a GPU slot), with
