@@ -12,6 +12,7 @@ own loop (``node.inputs``: the task's deadline and cancellation), with the same 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any, Final
 
@@ -113,6 +114,16 @@ async def aread(resp: httpx.Response, *, limit: int) -> bytes:
         if len(body) > limit:
             raise _over(resp, limit)
     return bytes(body)
+
+
+def retry_after(resp: httpx.Response) -> float | None:
+    """The seconds an answer's ``Retry-After`` names, or None without a finite number
+    there (an HTTP date counts as none: the coordinator sends seconds)."""
+    try:
+        seconds = float(resp.headers.get("retry-after", ""))
+    except ValueError:
+        return None
+    return seconds if math.isfinite(seconds) else None
 
 
 def _in_memory(resp: httpx.Response) -> bool:

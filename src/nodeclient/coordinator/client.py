@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import math
 import ssl
 import time
 import urllib.parse
@@ -338,11 +337,8 @@ def _busy_wait(method: str, response: httpx.Response) -> float | None:
     503 without one, a token file its operator must fix or a proxy's, is an answer)."""
     if method != "GET" or response.status_code != 503:
         return None
-    try:
-        seconds = float(response.headers.get("retry-after", ""))
-    except ValueError:
-        return None
-    return min(max(seconds, 1.0), BUSY_WAIT_MAX_S) if math.isfinite(seconds) else None
+    seconds = httpbody.retry_after(response)
+    return None if seconds is None else min(max(seconds, 1.0), BUSY_WAIT_MAX_S)
 
 
 def _decoded(response: httpx.Response, path: str) -> Any:

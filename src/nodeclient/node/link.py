@@ -9,7 +9,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import math
 import os
 import random
 import sqlite3
@@ -89,11 +88,8 @@ def _retry_after(resp: httpx.Response, rand: float) -> float:
     an HTTP date or nonsense counts as none), at most MAX_RETRY_AFTER_S, stretched by up
     to half again by *rand* in [0, 1), so that the nodes behind one address that were
     refused together do not all come back at the same second."""
-    try:
-        seconds = float(resp.headers.get("retry-after", ""))
-    except ValueError:
-        return 0.0
-    if not 0.0 < seconds < math.inf:
+    seconds = httpbody.retry_after(resp)
+    if seconds is None or seconds <= 0.0:
         return 0.0
     return min(seconds, MAX_RETRY_AFTER_S) * (1.0 + rand / 2)
 
