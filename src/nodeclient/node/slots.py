@@ -138,7 +138,7 @@ class Slot:
         *check_only*: the worker runs that class's self-check alone (it is started for a
         task of that class, and will run no other: see :func:`affinity_of`). What the
         last worker reported of the other classes stands: a GPU node's worker for an
-        inference then neither imports PyTorch nor starts a second CUDA context.
+        inference then neither imports PyTorch nor loads cuBLAS.
         """
         if self.proc is not None and self.proc.returncode is None:
             self.kill(self.killed or "replaced")

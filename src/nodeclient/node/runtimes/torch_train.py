@@ -274,24 +274,20 @@ class TorchTrainRuntime:
 
     def self_check(self) -> None:
         """At a worker's start, on a slot with a GPU: CUDA started on the slot's card, and
-        one tiny backward pass there. DeviceFailure where PyTorch cannot (a CPU build, a
-        card it cannot open), so that the node withdraws ``ai.training`` rather than fail
-        every slice, as ``ai.inference`` does. The backward pass starts PyTorch's autograd
-        thread for the device, which holds a Python thread state and lives as long as the
-        process: started here, before the worker counts its threads, it is the worker's;
-        started by a slice, it read as a thread the slice left running, and the worker was
-        replaced after every slice (seen on an H100 node: about 10 s a slice for the torch
-        import and CUDA start, for a 60 ms slice). Then a warm-up (:meth:`_warm_up`) loads
-        what a slice's first steps would: cuBLAS, the layers' kernels, both optimizers.
-        Nothing on a slot without a GPU: torch stays unimported until a slice needs it,
-        and the CPU starts no such thread."""
+        a short training run there (:meth:`_warm_up`). DeviceFailure where PyTorch cannot
+        (a CPU build, a card it cannot open), so that the node withdraws ``ai.training``
+        rather than fail every slice, as ``ai.inference`` does. The run's backward passes
+        start PyTorch's autograd thread for the device, which holds a Python thread state
+        and lives as long as the process: started here, before the worker counts its
+        threads, it is the worker's; started by a slice, it read as a thread the slice
+        left running, and the worker was replaced after every slice (seen on an H100 node:
+        about 10 s a slice for the torch import and CUDA start, for a 60 ms slice). The run
+        also loads what a slice's first steps would: cuBLAS, the layers' kernels, both
+        optimizers. Nothing on a slot without a GPU: torch stays unimported until a slice
+        needs it, and the CPU starts no such thread."""
         if gpu_slot() is None:
             return
-        import torch
-
-        device = self.device()
-        probe = torch.ones(1, device=device, requires_grad=True)
-        (probe * 2).sum().backward()  # type: ignore[no-untyped-call]
+        self.device()  # DeviceFailure, with why, where PyTorch sees no card
         self._warm_up()
 
     def _warm_up(self) -> None:
