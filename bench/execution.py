@@ -476,6 +476,14 @@ def report(
         f"+{floor:.3f} ms = {1 + floor / inf['raw_ms']:.2f}x,\n"
         "   the machine's floor for any worker process (two wake-ups of an idle CPU)"
     )
+    # What any node that decrypts the payload and hands it to a worker process pays: the
+    # whole node path cannot come nearer the raw run than this, whatever its code.
+    whole_floor = (inf["raw_ms"] + inf["crypto_ms"] + floor) / inf["raw_ms"]
+    print(
+        f"   the whole node path's own floor: raw run + cryptography + hand-over = "
+        f"{whole_floor:.2f}x raw; 1.10x through the whole node needs a model of at least "
+        f"{(inf['crypto_ms'] + floor) / (TARGET_INFERENCE - 1):.1f} ms here"
+    )
     print("   by model size (medians)      raw run    execution path       whole node path")
     for depth, raw_ms, piped_ms, node_ms in sweep:
         # The target holds for models of >= 5 ms: a smaller one gets its ratios, no verdict.
@@ -530,6 +538,12 @@ def report(
             f"{1 + inf['handoff_ms'] / inf['raw_ms']:.2f}x",
             "-",
             "(the machine, no node code)",
+        ),
+        (
+            "whole node floor / raw run",
+            f"{whole_floor:.2f}x",
+            "-",
+            "(+ crypto floor + hand-over, no node code)",
         ),
         ("raw run of the model", f"{inf['raw_ms']:.2f} ms", ">= 5 ms", verdict(inf["raw_ms"] >= 5)),
         (
