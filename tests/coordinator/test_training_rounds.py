@@ -806,25 +806,43 @@ def test_round_deadline_drops_the_late_slice(
     assert report.ok, report.as_json()  # the replay drops the late slice too
 
 
+def _other_hashes(job: tr.JobRequest, _honest: tr.PseudoGradient) -> tuple[bytes, str]:
+    zeros = {k: np.zeros(s, np.float32) for k, s in job.model.parameter_shapes().items()}
+    forged = tr.PseudoGradient(zeros, "c" * 64, "d" * 64, 999, 2.0, 1.0).encode()
+    return forged, f"ai.training result: computed from weights '{'c' * 64}'"
+
+
+def _over_max_norm(job: tr.JobRequest, honest: tr.PseudoGradient) -> tuple[bytes, str]:
+    deltas = {k: v * np.float32(1e9) for k, v in honest.deltas.items()}  # finite, huge
+    forged = tr.PseudoGradient(deltas, honest.base_sha256, honest.shard_sha256, honest.steps,
+                               honest.first_loss, honest.last_loss).encode()  # fmt: skip
+    return forged, "ai.training result: norm "
+
+
+@pytest.mark.parametrize("forge", [_other_hashes, _over_max_norm])
 def test_a_forged_result_is_refused_on_arrival_and_its_slice_retried_elsewhere(
     start_coordinator: Callable[..., Running], rsa_keys: list, digits: tuple,
     runtime: TorchTrainRuntime,
+    forge: Callable[[tr.JobRequest, tr.PseudoGradient], tuple[bytes, str]],
 ) -> None:  # fmt: skip
-    """A node answers its slice with all zeros, other weights and shard hashes and 999 steps.
-    The result is rejected with the reason and nothing of it is stored; its lease ends
-    there and the slice goes to the honest node at once, whose result the round uses.
-    (Before, it was accepted and the slice dropped only when the round closed; then, it
-    waited out the forger's lease.)"""
+    """A node answers its slice with all zeros, other weights and shard hashes and 999
+    steps; or with its real update scaled past the job's max_norm (finite: before, that
+    passed on arrival, was accepted, and was dropped only at the round's close, so the
+    slice never ran again and its node kept an accepted result). The result is rejected
+    with the reason and nothing of it is stored; its lease ends there and the slice goes
+    to the honest node at once, whose result the round uses."""
     running = start_coordinator(heartbeat_interval=1000.0)  # nobody goes offline here
     forger, honest = _training_nodes(running, rsa_keys)
     job = _job(digits, rounds=1, inner_steps=5)
     job_id = running.client.submit_job(tr.CLASS, job.encode(), slices=2)["job_id"]
     mine, theirs = forger.recv(), honest.recv()
-    zeros = {k: np.zeros(s, np.float32) for k, s in job.model.parameter_shapes().items()}
-    forged = tr.PseudoGradient(zeros, "c" * 64, "d" * 64, 999, 2.0, 1.0).encode()
+    real = tr.PseudoGradient.decode(
+        runtime.run(forger.open(mine)), shapes=job.model.parameter_shapes(), grad_dtype="F32"
+    )
+    forged, reason = forge(job, real)
     ack = forger.call(forger.result(mine, forged))
     assert ack["status"] == "rejected"
-    assert ack["reason"].startswith(f"ai.training result: computed from weights '{'c' * 64}'")
+    assert ack["reason"].startswith(reason), ack["reason"]
     ack = honest.call(honest.result(theirs, runtime.run(honest.open(theirs))))
     assert ack["status"] == "accepted"
     assert running.client.job(job_id)["status"] == "running"  # the round waits for the slice

@@ -466,3 +466,20 @@ def test_an_f16_result_is_checked_after_widening() -> None:
     zero = {k: np.full(s, 1e-9, np.float32).astype(np.float16) for k, s in shapes.items()}
     with pytest.raises(RemoteProtocolError, match="all zeros"):
         tr.check_slice(_answer(payload, deltas=zero), payload, 1 << 20)
+
+
+def test_a_norm_over_max_norm_is_refused_on_arrival() -> None:
+    """check_slice holds a finite update to the job's max_norm: over it, refused with the
+    reason the round's close gives; at it, and with no bound, accepted."""
+    payload = _job(inner_steps=7).round_zero(2)[0]
+    result = _answer(payload)  # every value 0.01
+    norm = tr.PseudoGradient.decode(
+        result, shapes=tr.ModelSpec.parse(MLP).parameter_shapes(), grad_dtype="F32"
+    )
+    _, exact = tr.check_pseudo_gradient(
+        norm, base_sha256=norm.base_sha256, shard_sha256=norm.shard_sha256, steps=7
+    )
+    tr.check_slice(result, payload, 1 << 20)
+    tr.check_slice(result, payload, 1 << 20, max_norm=exact)
+    with pytest.raises(RemoteProtocolError, match=r"^norm [0-9.e+-]+ exceeds max_norm 0\.01$"):
+        tr.check_slice(result, payload, 1 << 20, max_norm=0.01)

@@ -33,10 +33,11 @@ Validate = Callable[[bytes, int], Mapping[str, Any]]
 Split = Callable[[bytes, int], list[bytes]]
 # check_result(result, job metadata, max_bytes): raises RemoteProtocolError if unusable
 CheckResult = Callable[[bytes, Mapping[str, Any], int], None]
-# check_slice(result, the task's own payload, max_bytes): raises RemoteProtocolError unless
-# the result is what that one task asked for (a render slice's frames and rows), not just
-# some part of the job
-CheckSlice = Callable[[bytes, bytes, int], None]
+# check_slice(result, the task's own payload, job metadata, max_bytes): raises
+# RemoteProtocolError unless the result is what that one task asked for (a render slice's
+# frames and rows, a training slice's update of its own weights and shard), not just some
+# part of the job
+CheckSlice = Callable[[bytes, bytes, Mapping[str, Any], int], None]
 # assemble(slice results in slice order, job metadata) -> the job's result bytes
 Assemble = Callable[[Sequence[bytes], Mapping[str, Any]], bytes]
 # blobs(validated payload, max_bytes) -> (what, sha256) of each input a node fetches from
@@ -85,7 +86,7 @@ class WorkloadClass:
         """
         self.check_result(result, meta, max_bytes)
         if self.check_slice is not None:
-            self.check_slice(result, task(), max_bytes)
+            self.check_slice(result, task(), meta, max_bytes)
 
     def require_blobs(
         self, payload: bytes, max_bytes: int, held: Callable[[str], bool]
@@ -179,6 +180,10 @@ def _render_check(result: bytes, meta: Mapping[str, Any], max_bytes: int) -> Non
 
 
 # media.render: split by frame range, frames joined in order (workloads/render_slices.py).
+def _render_slice(result: bytes, payload: bytes, _meta: Mapping[str, Any], max_bytes: int) -> None:
+    render_slices.check_slice(result, payload, max_bytes)
+
+
 REGISTRY[render.CLASS] = WorkloadClass(
     name=render.CLASS,
     sliceable=True,
@@ -187,17 +192,22 @@ REGISTRY[render.CLASS] = WorkloadClass(
     check_result=_blamed("media.render result", _render_check),
     assemble=render_slices.assemble,
     blobs=_blamed("media.render payload", render.blob_refs),
-    check_slice=_blamed("media.render result", render_slices.check_slice),
+    check_slice=_blamed("media.render result", _render_slice),
     hoist=_blamed("media.render payload", render_slices.hoist),
     lease=render_slices.lease_seconds,
 )
 
+
 # ai.training: one shard per slice, R rounds; finished rounds are aggregated by
 # coordinator/rounds.py (verifier._finish_job), so assemble is never reached. check_slice
 # holds a pseudo-gradient to its own task (base weights, shard, steps) and refuses
-# non-finite or all-zero values and losses when it arrives, so that its task goes to
-# another node; the round's close checks them all again, with the checks that need the
-# whole round.
+# non-finite or all-zero values and losses, and a norm over the job's max_norm, when it
+# arrives, so that its task goes to another node; the round's close checks them all
+# again, with the checks that need the whole round.
+def _training_slice(result: bytes, payload: bytes, meta: Mapping[str, Any], max_bytes: int) -> None:
+    training.check_slice(result, payload, max_bytes, max_norm=training.job_max_norm(meta))
+
+
 REGISTRY[training.CLASS] = WorkloadClass(
     name=training.CLASS,
     sliceable=True,
@@ -206,7 +216,7 @@ REGISTRY[training.CLASS] = WorkloadClass(
     check_result=_blamed("ai.training result", training.check_result),
     assemble=training.assemble,
     blobs=_no_blobs,  # its model spec, weights and data travel in the payload itself
-    check_slice=_blamed("ai.training result", training.check_slice),
+    check_slice=_blamed("ai.training result", _training_slice),
     split_shared=_blamed("ai.training payload", training.split_shared),
     expand=training.expand,
     lease=training.lease_seconds,

@@ -146,7 +146,7 @@ def _check(
         pg, base_sha256=base_sha256, shard_sha256=sub.shard_sha256, steps=config.inner_steps
     )
     if norm > config.max_norm:
-        raise RemoteProtocolError(f"norm {norm:.6g} exceeds max_norm {config.max_norm:.6g}")
+        raise RemoteProtocolError(tr.norm_over_max(norm, config.max_norm))
     return deltas, norm, pg
 
 

@@ -288,10 +288,14 @@ def check_result(result: bytes, meta: Mapping[str, Any], max_bytes: int) -> None
     )
 
 
-def check_slice(result: bytes, payload: bytes, max_bytes: int) -> None:
+def check_slice(
+    result: bytes, payload: bytes, max_bytes: int, *, max_norm: float = math.inf
+) -> None:
     """A result that answers its own task *payload*: computed from the slice's weights, on
     its shard, for its steps, with finite losses and values, and not all zeros
-    (:func:`check_pseudo_gradient`, all of it).
+    (:func:`check_pseudo_gradient`, all of it), with a norm of at most *max_norm* (the
+    job's ``max_norm``: the round's close would drop it, too late for another node to run
+    the slice, and its node would hold an accepted result for a forgery).
 
     Run when the result arrives, so that a forgery is refused there and its task stays
     open for another node; were it accepted, its node would hold an accepted result for
@@ -312,10 +316,23 @@ def check_slice(result: bytes, payload: bytes, max_bytes: int) -> None:
     pg = PseudoGradient.decode(
         result, shapes=model.parameter_shapes(), grad_dtype=plan.grad_dtype, max_bytes=max_bytes
     )
-    check_pseudo_gradient(
+    _, norm = check_pseudo_gradient(
         pg, base_sha256=asked["weights_sha256"], shard_sha256=asked["shard_sha256"],
         steps=plan.steps,
     )  # fmt: skip
+    if norm > max_norm:
+        raise RemoteProtocolError(norm_over_max(norm, max_norm))
+
+
+def norm_over_max(norm: float, max_norm: float) -> str:
+    """The reason a pseudo-gradient over the job's ``max_norm`` is refused (on arrival and
+    at the round's close alike)."""
+    return f"norm {norm:.6g} exceeds max_norm {max_norm:.6g}"
+
+
+def job_max_norm(meta: Mapping[str, Any]) -> float:
+    """The ``max_norm`` of a job, from the metadata its validation stored."""
+    return TrainingConfig.from_dict(meta["config"]).max_norm
 
 
 def assemble(_results: Sequence[bytes], _meta: Mapping[str, Any]) -> bytes:
