@@ -252,23 +252,27 @@ def test_two_slices_an_all_zero_pseudo_gradient_is_refused_and_the_other_used(
 
 
 @pytest.mark.parametrize(
-    ("scales", "config"),
+    ("scales", "config", "kept"),
     [
-        ((0.01, 0.5), {}),  # 50x apart: over reject_ratio 10 and clip_ratio 2 of the other
-        ((1e-20, 0.01), {}),  # a tiny update no longer vetoes the other
-        ((0.01, 0.03), {"clip_ratio": 1.0}),  # no clipping against a two-slice median either
+        ((0.01, 0.5), {}, (0.01, 0.02)),  # 50x apart: the larger counts for 2x the smaller
+        ((100.0, 0.01), {}, (0.02, 0.01)),  # a forgery under max_norm no longer takes the round
+        ((1e-20, 0.01), {}, (1e-20, 2e-20)),  # a tiny forgery: the round makes no progress
+        ((0.01, 0.03), {"clip_ratio": 1.0}, (0.01, 0.01)),
+        ((0.01, 0.015), {}, (0.01, 0.015)),  # honest slices of similar norms: unchanged
     ],
 )
-def test_two_slices_of_different_norms_are_both_used(
-    scales: tuple[float, float], config: dict
+def test_two_slices_are_both_used_the_larger_clipped_against_the_smaller(
+    scales: tuple[float, float], config: dict, kept: tuple[float, float]
 ) -> None:
-    """With two valid slices nothing is measured against the median (the other slice): both
-    are used unclipped and averaged; max_norm is the only bound."""
+    """With two valid slices neither can be told the outlier, so neither is dropped; the
+    larger is clipped to clip_ratio times the smaller's norm, and the two are averaged.
+    (Before, neither was clipped: one forged update under max_norm, 1e6, was the round's.)"""
     outcome = _two_slices(scales, **config)
-    assert (outcome.used, outcome.dropped, outcome.clipped) == ((0, 1), (), ())
+    larger = 0 if scales[0] > scales[1] else 1
+    clipped = () if kept == scales else (larger,)
+    assert (outcome.used, outcome.dropped, outcome.clipped) == ((0, 1), (), clipped)
     assert outcome.delta is not None
-    mean = (np.float64(np.float32(scales[0])) + np.float64(np.float32(scales[1]))) / 2
-    np.testing.assert_array_equal(outcome.delta["0.weight"], np.float32(mean))
+    np.testing.assert_allclose(outcome.delta["0.weight"], sum(kept) / 2, rtol=1e-5)
 
 
 @pytest.mark.parametrize("count", [3, 5])

@@ -14,9 +14,9 @@ for). Closing a round is one transaction:
    through the verifier), so a forgery (or a diverged training: NaN or infinity) was
    refused there and its task went to another node; they run again here as a second
    line;
-2. with three survivors or more, they are clipped against their median norm ``m``: a
-   pseudo-gradient with norm ``n > clip_ratio * m`` is scaled by ``clip_ratio * m / n``;
-   then the survivors are averaged;
+2. with two survivors or more, they are clipped against their median norm ``m`` (of two,
+   the smaller norm): a pseudo-gradient with norm ``n > clip_ratio * m`` is scaled by
+   ``clip_ratio * m / n``; then the survivors are averaged;
 3. the outer optimizer (SGD with Nesterov momentum, as ``torch.optim.SGD``) updates the
    fp32 global weights; its momentum is kept in SQL with them (``jobs.train_state``), so a
    coordinator restart continues where it was, and the round's metrics are a row of
@@ -25,12 +25,18 @@ for). Closing a round is one transaction:
    last round, the job succeeds with the final weights and per-round metrics. A round with
    no valid slice fails the job with every slice's reason.
 
-Why three (``MEDIAN_MIN_SLICES``): the median of one other slice is that slice, so with two
-the smaller update would always veto the larger one, and a node that returns zeros or a
-tiny update would have the honest slice dropped and its own used alone. Two slices cannot
-say which of them is the outlier, so below three only the absolute bound ``max_norm``
-applies; an all-zero update, the cheapest thing to return without training, is refused
-whatever the count.
+Why three for rejection (``MEDIAN_MIN_SLICES``): the median of one other slice is that
+slice, so with two the smaller update would always veto the larger one, and a node that
+returns zeros or a tiny update would have the honest slice dropped and its own used alone.
+Two slices cannot say which of them is the outlier, so neither is dropped; but the larger
+counts for at most ``clip_ratio`` times the smaller (clipped against the lower median, the
+smaller norm). Without that, a forged update of any norm under ``max_norm`` (1e6 by
+default, far above an honest one) was the round's update whenever only two slices were
+valid: in every two-slice job, and in a larger one whose other slices missed the deadline.
+The price is the other way round: a tiny forgery against one honest slice scales the
+honest one down, and that round makes little progress, which is the lesser harm. An
+all-zero update, the cheapest thing to return without training, is refused whatever the
+count.
 
 Why both sides: with only the upper bound, a near-zero forgery (all zeros but one tiny
 value) passed, diluted the mean, and two of them out of three slices had the honest one
@@ -183,9 +189,9 @@ def aggregate(
 ) -> RoundOutcome:  # fmt: skip
     """Check, reject outliers, clip against the median, and average (see the module doc).
 
-    Rejection (too large or too small) and clipping against the median need
-    ``MEDIAN_MIN_SLICES`` (3) valid slices; with one or two, each is bounded only by
-    ``max_norm`` and all are averaged as they are.
+    Rejection (too large or too small) needs ``MEDIAN_MIN_SLICES`` (3) valid slices;
+    clipping needs two (against the lower median: of two, the smaller norm). One valid
+    slice is bounded only by ``max_norm`` and used as it is.
     """
     dropped: list[tuple[int, str]] = []
     valid: list[tuple[int, Arrays, float, tr.PseudoGradient]] = []
@@ -212,6 +218,8 @@ def aggregate(
     limit = math.inf
     if len(valid) >= MEDIAN_MIN_SLICES:
         limit = config.clip_ratio * float(np.median([v[2] for v in valid]))
+    elif len(valid) == 2:  # no median to trust: the larger counts for clip_ratio x the other
+        limit = config.clip_ratio * _lower_median([v[2] for v in valid])
     total = {name: np.zeros(shape, dtype=np.float64) for name, shape in shapes.items()}
     clipped: list[int] = []
     for index, deltas, norm, _ in valid:
