@@ -224,6 +224,15 @@ class HostileRuntime:
         threading.Thread(target=junk).start()
         return "answered"
 
+    def do_swap_task_dir(self, order: dict[str, Any], workdir: Path, progress: Any) -> str:
+        """Prepare a directory beside the task's, with a file in it, and leave a symlink to
+        it where the task directory was: the next task would start in it."""
+        prepared = workdir.parent / "prepared"
+        workdir.rename(prepared)
+        (prepared / "planted.txt").write_text("from an earlier task")
+        workdir.symlink_to("prepared")
+        return "swapped"
+
     def do_readonly_tree(self, order: dict[str, Any], workdir: Path, progress: Any) -> str:
         """Leave a directory whose entries cannot be unlinked, and one that cannot be read."""
         (workdir / "ro").mkdir()

@@ -271,6 +271,32 @@ def test_task_directory_is_empty_at_every_start(node: Node) -> None:
     assert listed == []
 
 
+def test_files_beside_the_task_directory_are_gone_before_the_next_task(node: Node) -> None:
+    """The whole work directory is writable: what a task writes beside its own directory
+    (``../leak.txt``) is removed after it too, so the next task on the same worker (the
+    same job's, or another requester's inference of the same model) never reads it."""
+    work = str(sandbox.INSIDE_WORK)
+    before = json.loads(node.hostile({"do": "listdir", "path": work}))
+    assert node.hostile({"do": "write", "path": f"{work}/leak.txt"}) == b'"written"'
+    starts = len(node.executor.start_seconds)
+    assert json.loads(node.hostile({"do": "listdir", "path": work})) == before
+    assert len(node.executor.start_seconds) == starts  # emptied, not replaced
+    _fails(node, {"do": "read", "path": f"{work}/leak.txt"})
+
+
+def test_a_task_directory_swapped_for_a_symlink_gets_a_fresh_worker(node: Node) -> None:
+    """A task that leaves a symlink where its directory was, to a directory it prepared,
+    does not choose where the next task starts: its worker is replaced, and the next task
+    starts in an empty directory of its own, with nothing beside it."""
+    work = str(sandbox.INSIDE_WORK)
+    before = json.loads(node.hostile({"do": "listdir", "path": work}))
+    starts = len(node.executor.start_seconds)
+    assert node.hostile({"do": "swap_task_dir"}) == b'"swapped"'
+    assert json.loads(node.hostile({"do": "listdir", "path": "."})) == []
+    assert json.loads(node.hostile({"do": "listdir", "path": work})) == before
+    assert len(node.executor.start_seconds) == starts + 1
+
+
 # --- hostile tasks ---------------------------------------------------------------------------
 
 

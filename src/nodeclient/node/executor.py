@@ -182,6 +182,8 @@ class Executor:
                 "cache_dir": str(sandbox.INSIDE_CACHE if sandboxed else cache),
                 # emptied after every task; unsandboxed, /tmp is the host's and is left alone
                 "tmp_dir": "/tmp" if sandboxed else None,  # noqa: S108
+                # what the work directory keeps between tasks (each emptied on its own)
+                "work_keep": ["task"] + ([layout.tmp_dir.name] if layout.tmp_dir else []),
                 "sandboxed": sandboxed,
                 "drop_privileges": sandboxed and as_root,
                 "runtimes": runtimes,

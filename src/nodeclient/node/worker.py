@@ -54,6 +54,7 @@ import mmap
 import os
 import resource
 import shutil
+import stat
 import struct
 import sys
 import time
@@ -271,6 +272,9 @@ class Worker:
         self.slot_memory = int(limits["memory_bytes"]) if limits else None
         self.task_dir = self.work_root / "task"  # emptied after every task
         self.task_dir.mkdir(mode=0o700, exist_ok=True)
+        # What the work directory keeps between tasks, each emptied on its own: the task
+        # directory, and /tmp where it is on disk (the slot's ``tmp``, bound at /tmp).
+        self.work_keep = frozenset(config.get("work_keep", ("task",)))
         tmp = config.get("tmp_dir")  # the sandbox's /tmp: emptied after every task too
         self.tmp_dir = None if tmp is None else Path(tmp)
         # What /tmp holds before any task: the directories bubblewrap made for the paths it
@@ -337,8 +341,10 @@ class Worker:
         write_frame(self.out_fd, answer, body, self.shared)
         if not clean:
             return False
-        emptied = self._empty_task_dir() and (
-            self.tmp_dir is None or _empty(self.tmp_dir, keep=self.tmp_keep)
+        emptied = (
+            self._empty_task_dir()
+            and (self.tmp_dir is None or _empty(self.tmp_dir, keep=self.tmp_keep))
+            and self._empty_work_root()
         )
         tainted = not emptied or self._left_behind()
         write_frame(self.out_fd, {"op": "clean", "id": task_id, "restart": tainted})
@@ -410,12 +416,24 @@ class Worker:
         return {"op": "result"}, result, True
 
     def _empty_task_dir(self) -> bool:
-        """Empty the task directory for the next task (cheaper than a new one); False if not."""
+        """Empty the task directory for the next task (cheaper than a new one); False if not,
+        or if the task replaced it (with a symlink to a directory it prepared, say)."""
+        if not _real_dir(self.task_dir):
+            return False
         try:
             os.chmod(self.task_dir, 0o700)
         except OSError:
             return False
         return _empty(self.task_dir)
+
+    def _empty_work_root(self) -> bool:
+        """Remove what the task left in the work directory beside the directories it keeps
+        (a file written to ``../``): the whole directory is writable, and the next task, on
+        this worker, would find it. False if something stays, or a kept name is no longer
+        a directory of its own (then the worker is replaced, and its directory emptied)."""
+        return _empty(self.work_root, keep=self.work_keep) and all(
+            _real_dir(self.work_root / name) for name in self.work_keep
+        )
 
     def _left_behind(self) -> bool:
         """Threads or processes the task started and did not end."""
@@ -461,6 +479,14 @@ def _declare_thread_api() -> None:
 
 
 _declare_thread_api()
+
+
+def _real_dir(path: Path) -> bool:
+    """*path* is a directory itself, not a symlink to one."""
+    try:
+        return stat.S_ISDIR(os.lstat(path).st_mode)
+    except OSError:
+        return False
 
 
 def _empty(directory: Path, *, keep: frozenset[str] = frozenset()) -> bool:
