@@ -104,7 +104,7 @@ def test_a_node_whose_loss_could_not_be_recorded_is_checked_again(
     rt = SimpleNamespace(online=True, last_seen=NOW - 1000, beat=NOW - 1000)
     coord = SimpleNamespace(
         monotonic=lambda: NOW,
-        config=SimpleNamespace(offline_after=90.0, max_attempts=3),
+        config=SimpleNamespace(offline_after=90.0, max_attempts=3, heartbeat_interval=30.0),
         runtime={"0xA": rt},
         links={},
         db=SimpleNamespace(run=run),

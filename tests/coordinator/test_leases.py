@@ -81,6 +81,25 @@ def test_offline_node_tasks_are_requeued(coordinator: Running, rsa_keys) -> None
     assert "went offline" in (task["reason"] or "")
 
 
+def test_a_node_is_offline_as_its_silence_passes_three_intervals(
+    coordinator: Running, rsa_keys
+) -> None:
+    """A check just before the limit (89.5 s of silence) schedules the next one for the
+    moment the limit passes, so 90.5 s of silence is enough. (Before, checks came every
+    half interval: after one at 89.5 s, the node stayed online until 104.5 s.)"""
+    node = make_node(rsa_keys, 0)
+    coordinator.register(node)
+    coordinator.link(node)
+    coordinator.clock.advance(89.5)
+    time.sleep(0.5)  # rounds run every 20 ms: one checks at 89.5 s
+    assert coordinator.client.node(node.node_id)["online"] is True
+    coordinator.clock.advance(1.0)
+    assert node.ws is not None
+    code, reason = closed_code(node.ws)
+    assert (code, reason) == (4005, "offline: no heartbeat for 90 s")
+    assert coordinator.client.node(node.node_id)["online"] is False
+
+
 class SteppedClock(ManualClock):
     """A wall clock that can be stepped (an NTP correction) apart from the monotonic one."""
 
@@ -176,6 +195,42 @@ def test_a_wall_clock_stepped_forward_expires_no_lease(
     _no_frame(node)
     clock.elapse(2)
     _lease_ended(node, dispatch)
+
+
+def test_a_clock_step_whose_shift_fails_once_is_applied_by_the_next_round(
+    start_coordinator, rsa_keys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The step's transaction fails (a locked database, a server that went away with the
+    snapshot that stepped the clock): the next round applies it, so the lease is still not
+    expired at once. (Before, the step was taken as seen and lost with that round: the
+    lease expired, an attempt spent and counted against the node.)"""
+    from sqlalchemy.exc import OperationalError
+
+    from nodeclient.coordinator import scheduler
+
+    clock = SteppedClock()
+    running, node = _linked_on(clock, start_coordinator, rsa_keys)
+    job = running.client.submit_job("ai.inference", inference_payload(VALUES))
+    node.recv()
+    real, steps = scheduler.shift_times_tx, []
+
+    def fails_once(session: Any, *, by: float) -> dict[str, int]:
+        steps.append(by)
+        if len(steps) == 1:
+            raise OperationalError("UPDATE tasks", {}, Exception("database is locked"))
+        return real(session, by=by)
+
+    monkeypatch.setattr(scheduler, "shift_times_tx", fails_once)
+    clock.advance(86400)
+    end = time.monotonic() + 10
+    while len(steps) < 2:  # the failed round, then the next one's
+        assert time.monotonic() < end, f"the step was not applied again: {steps}"
+        time.sleep(0.02)
+    assert steps == [86400, 86400]
+    _no_frame(node)  # no cancel
+    task = running.client.job(job["job_id"])["tasks"][0]
+    assert (task["status"], task["attempts"]) == ("leased", 1)
+    assert task["lease_deadline"] == START + 86400 + 300
 
 
 def test_a_wall_clock_stepped_back_holds_no_lease_longer(start_coordinator, rsa_keys) -> None:

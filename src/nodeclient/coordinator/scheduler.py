@@ -41,6 +41,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import math
 import uuid
 from collections.abc import Iterable, Sequence
 
@@ -68,6 +69,7 @@ from nodeclient.protocol import envelope, messages
 log = logging.getLogger("nodeclient.coordinator.scheduler")
 ROUND_REST = 3.0  # a round that took d seconds is followed by at least this many d of rest
 START_GRACE_S = 90.0  # after a start, before deadlines that passed meanwhile are enforced
+_JUST_PAST = 0.001  # seconds past a node's offline_after at which its check is due
 OUTAGE_LOG_INTERVAL_S = 60.0  # while the database fails every round: a reminder at most this often
 
 
@@ -116,6 +118,9 @@ class Scheduler:
         # While the database fails every round: (when it began, rounds failed, when last
         # logged), on the monotonic clock; None while it answers.
         self._outage: tuple[float, int, float] | None = None
+        # A wall-clock step seen but not yet applied to the stored times (its transaction
+        # failed): applied, with any later step, by the next round.
+        self._unapplied_step = 0.0
 
     def roster(self) -> Roster:
         """Linked, online, not unstaking nodes; rebuilt only when the roster changed."""
@@ -236,13 +241,14 @@ class Scheduler:
     async def tick(self) -> None:
         """One round: offline check, lease expiry, then assignment and dispatch."""
         coord, cfg = self.coord, self.coord.config
-        step = coord.clock_step()
-        if step:  # leases, rounds and queue times keep the time they had left (see docs)
-            await self.shift_times(step)
+        self._unapplied_step += coord.clock_step()
+        if self._unapplied_step:  # leases, rounds and queue times keep their time left (docs)
+            await self.shift_times(self._unapplied_step)  # a database failure keeps it
+            self._unapplied_step = 0.0
         now, mono = coord.now(), coord.monotonic()
         if mono >= self._next_offline_check:
-            self._next_offline_check = mono + cfg.heartbeat_interval / 2
-            await self.check_offline(now)
+            self._next_offline_check = mono + cfg.heartbeat_interval / 2  # if it fails
+            self._next_offline_check = await self.check_offline(now)
         # One transaction for the round's housekeeping: expired leases, ai.training rounds
         # past their deadline (in the grace after start, only deadlines passed since), and
         # whether anything is queued at all.
@@ -288,7 +294,13 @@ class Scheduler:
         self._started_at += step  # the start's grace for deadlines that passed meanwhile
         log.warning("clock.stepped", extra={"step_s": round(step, 3), **moved})
 
-    async def check_offline(self, now: float) -> None:
+    async def check_offline(self, now: float) -> float:
+        """Mark nodes silent for more than ``offline_after`` offline and re-queue their
+        leases; return when (monotonic) the next check is due: as the oldest heartbeat
+        of an online node passes the limit, and at least every half interval (a node that
+        links meanwhile beats later than now, so its limit is never passed before a check
+        that sees it). Checked every half interval instead, a silence was found up to half
+        an interval late (3.5 missed heartbeats, not 3)."""
         coord = self.coord
         limit = coord.config.offline_after
         mono = coord.monotonic()  # silence is measured on the clock that never jumps
@@ -327,6 +339,12 @@ class Scheduler:
                 rt.online = True
                 raise
             self._report_lost(lost, "task.requeued")
+        oldest = min(
+            (rt.beat for rt in coord.runtime.values() if rt.online and rt.beat is not None),
+            default=math.inf,
+        )
+        # Just past the limit: a node is offline once its silence is more than offline_after.
+        return min(mono + coord.config.heartbeat_interval / 2, oldest + limit + _JUST_PAST)
 
     def _report_lost(self, lost: Sequence[Lost], event: str) -> None:
         report_lost(self.coord, lost, event)
