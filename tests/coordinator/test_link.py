@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
+import threading
 import uuid
 from collections.abc import Callable
 
@@ -420,6 +422,41 @@ def test_a_link_of_the_replaced_liveness_key_is_closed(coordinator: Running, rsa
     assert coordinator.link(node)["type"] == "welcome"
     coordinator.client.register(node.manifest(issued_at=int(START) + 2))  # the same key
     assert node.call(node.heartbeat())["type"] == "heartbeat_ack"  # still linked
+
+
+def test_a_rotation_during_the_handshake_refuses_the_link_of_the_old_key(
+    coordinator: Running, rsa_keys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The node re-registers with a new liveness key after its old key's LinkAuth was
+    checked, while the welcome is being sent: the rotation finds no link to close yet, so
+    the handshake itself sees the key changed and refuses the link (4001), which is never
+    attached. (Before, it was attached, online, and got dispatches.)"""
+    sending, rotated = threading.Event(), threading.Event()
+    real_send = LinkSession.send
+
+    async def send(self: LinkSession, frame: dict) -> None:
+        if frame.get("type") == "welcome":
+            sending.set()
+            await asyncio.to_thread(rotated.wait, 10)  # the loop serves the registration
+        await real_send(self, frame)
+
+    monkeypatch.setattr(LinkSession, "send", send)
+    node = make_node(rsa_keys, 0)
+    coordinator.register(node)
+    old = node.liveness
+    node.ws = coordinator.connect()
+    node.send(node.auth(node.recv(), key=old))
+    assert sending.wait(10)
+    node.liveness = Secp256k1Key.generate()
+    coordinator.client.register(node.manifest(issued_at=int(START) + 1))
+    rotated.set()
+    assert node.recv()["type"] == "welcome"
+    assert closed_code(node.ws) == (
+        4001, "auth failed: the liveness key was rotated during the handshake"
+    )  # fmt: skip
+    assert node.node_id not in coordinator.coord.links
+    monkeypatch.setattr(LinkSession, "send", real_send)
+    assert coordinator.link(node)["type"] == "welcome"  # the new key links
 
 
 def test_heartbeat_with_unknown_state_is_malformed(coordinator: Running, rsa_keys) -> None:

@@ -310,7 +310,7 @@ class LinkSession:
         await self.close(code, reason)
         return False
 
-    async def _handshake(self) -> bool:  # noqa: PLR0911 (each check fails closed)
+    async def _handshake(self) -> bool:  # noqa: PLR0911, PLR0912 (each check fails closed)
         coord = self.coord
         nonce = secrets.token_bytes(32)
         challenge = messages.Challenge(
@@ -377,6 +377,14 @@ class LinkSession:
         await self.send(messages.Welcome(node_id, rt.last_seq, until, features).to_wire())
         if node_id not in coord.runtime:  # its record was deleted meanwhile (retention)
             return await self._refuse(4003, "not registered", node_id=node_id)
+        now_info = coord.nodes.get(node_id)
+        if now_info is None or now_info.liveness_address != info.liveness_address:
+            # Re-registered with another liveness key while the welcome was sent: the
+            # rotation found no link to close, and this one is signed by the revoked key.
+            return await self._refuse(
+                4001, "auth failed: the liveness key was rotated during the handshake",
+                node_id=node_id,
+            )  # fmt: skip
         self._attached_at = coord.now()  # a lease from now on is this link's to send
         old = coord.attach(node_id, self)
         if old is not None:
