@@ -27,7 +27,7 @@ import pytest
 from nodeclient.errors import RemoteProtocolError
 from nodeclient.node import exec_workdirs, sandbox, slots, worker
 from nodeclient.node import executor as executor_module
-from nodeclient.node.executor import TaskFailed
+from nodeclient.node.executor import Executor, TaskFailed, WorkerConfig
 from nodeclient.node.runtimes.onnx import OnnxRuntime
 from nodeclient.workloads.inference import make_request
 from tests.models import matmul_relu_model
@@ -1284,6 +1284,69 @@ def test_a_fresh_worker_starts_only_once_the_killed_one_has_exited(
 
     asyncio.run(scenario())
     assert len(previous_at_spawn) == 1 and previous_at_spawn[0] is not None
+
+
+def test_the_slots_directory_is_emptied_only_once_the_killed_worker_has_exited(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The executor empties a slot's work directory for its next worker only after the
+    previous one (killed while idle, not yet reaped) has exited: before, it emptied it
+    first, and a process of that worker's last task could still write into the fresh one."""
+    executor = Executor(
+        slots=1, mode="unsandboxed",
+        config=WorkerConfig(cache_dir=tmp_path / "models", work_root=tmp_path / "work"),
+    )  # fmt: skip
+    slot = _scripted_slot(tmp_path / "slot", after_ready="time.sleep(60)")
+    slot.workdir.mkdir()
+    real_fresh = Executor._fresh_workdir
+    previous_at_emptying: list[int | None] = []
+
+    def fresh(self: Executor, s: slots.Slot) -> None:
+        if s.proc is not None:
+            previous_at_emptying.append(s.proc.returncode)
+        real_fresh(self, s)
+
+    monkeypatch.setattr(Executor, "_fresh_workdir", fresh)
+
+    async def scenario() -> None:
+        await executor._start(slot)
+        slot.kill("printed while idle: its last task left something running")
+        await executor._start(slot)  # at once: the kill is not yet reaped
+        slot.kill("done")
+        await slot.reap(10)
+
+    asyncio.run(scenario())
+    assert len(previous_at_emptying) == 1 and previous_at_emptying[0] is not None
+
+
+def test_shutdown_removes_a_tree_the_last_task_made_read_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """At shutdown a slot's directory goes even if its last task left entries that cannot
+    be unlinked (a 0555 directory: EACCES for a daemon not run as root, simulated here
+    since root is exempt). Before, rmtree ignored the error and the task's files stayed."""
+    executor = Executor(
+        slots=1, mode="unsandboxed",
+        config=WorkerConfig(cache_dir=tmp_path / "models", work_root=tmp_path / "work"),
+    )  # fmt: skip
+    executor._build_slots()
+    workdir = executor._slots[0].workdir
+    locked = workdir / "task" / "ro"
+    locked.mkdir(parents=True)
+    (locked / "f").write_text("left by a task")
+    locked.chmod(0o555)
+    real_unlink, refused = os.unlink, []
+
+    def unlink(path: Any, *, dir_fd: int | None = None) -> None:
+        if path == "f" and not refused:  # what a non-root owner gets in a 0555 directory
+            refused.append(path)
+            raise PermissionError(errno.EACCES, "Permission denied", path)
+        real_unlink(path, dir_fd=dir_fd)
+
+    monkeypatch.setattr(os, "unlink", unlink)
+    executor.shutdown()
+    assert refused == ["f"]
+    assert not workdir.exists()
 
 
 def test_disk_used_holds_one_descriptor_per_level_and_leaks_none(

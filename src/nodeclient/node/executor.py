@@ -30,7 +30,6 @@ import itertools
 import json
 import logging
 import os
-import shutil
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Final
@@ -238,6 +237,7 @@ class Executor:
     async def _start(self, slot: Slot, *, for_class: str | None = None) -> None:
         """Start *slot*'s worker; *for_class*: for a task of that class, which is all the
         worker will run, so that class's self-check alone runs (Slot.start)."""
+        await slot.end_previous()  # its processes gone before its directories are emptied
         self._fresh_workdir(slot)
         seconds = await slot.start(self.config.start_timeout, check_only=for_class)
         self.start_seconds.append(seconds)
@@ -318,10 +318,13 @@ class Executor:
             if slot.drain is not None:
                 slot.drain.cancel()
         if self._root is not None:
-            for slot in self._slots:
-                shutil.rmtree(slot.workdir, ignore_errors=True)
-            if self._own_root:
-                shutil.rmtree(self._root, ignore_errors=True)
+            # remove_tree, not rmtree: a tree the last task made read-only goes too (the
+            # clean-up that would have emptied it, _replace, was just cancelled).
+            for path in [s.workdir for s in self._slots] + ([self._root] if self._own_root else []):
+                try:
+                    remove_tree(path)
+                except OSError as exc:  # the next start sweeps old roots; say what stays
+                    log.warning("workdir.not_removed", extra={"path": str(path), "error": str(exc)})
         if self._root_lock is not None:
             os.close(self._root_lock)
             self._root_lock = None

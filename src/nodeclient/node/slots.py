@@ -130,6 +130,16 @@ class Slot:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.returncode is None and self.killed is None
 
+    async def end_previous(self) -> None:
+        """Kill the slot's previous worker if it still runs (killed while idle, not yet
+        reaped) and wait for it to exit; WorkerGone if it does not. Before its directories
+        are emptied for the next worker, or a process of its last task could write there
+        again (another requester's, say)."""
+        if self.proc is not None and self.proc.returncode is None:
+            self.kill(self.killed or "replaced")
+            if await self.reap() is None:
+                raise WorkerGone(f"the slot's previous worker (pid {self.proc.pid}) did not exit")
+
     async def start(self, timeout: float, *, check_only: str | None = None) -> float:
         """Start the worker and wait until its runtimes are built; seconds it took. A
         previous worker still exiting (killed while idle) is waited for first: its task
@@ -140,10 +150,7 @@ class Slot:
         last worker reported of the other classes stands: a GPU node's worker for an
         inference then neither imports PyTorch nor loads cuBLAS.
         """
-        if self.proc is not None and self.proc.returncode is None:
-            self.kill(self.killed or "replaced")
-            if await self.reap() is None:
-                raise WorkerGone(f"the slot's previous worker (pid {self.proc.pid}) did not exit")
+        await self.end_previous()
         started = time.monotonic()
         self.killed, self.output, self.settling, self.in_flight = None, 0, False, False
         self.ready = False
