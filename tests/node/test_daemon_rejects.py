@@ -196,6 +196,52 @@ def test_a_commit_that_may_have_reached_the_disk_sends_no_reject(
     assert failed._value.get() == 1
 
 
+@pytest.mark.parametrize("fails", ["signing", "after the commit"])
+def test_an_unexpected_error_in_the_commit_is_refused_or_sent_as_the_outbox_holds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fails: str
+) -> None:
+    """The result's commit raises what no branch expects (a bug in signing, a MemoryError
+    once the row is stored). Nothing stored: a signed reject naming the error's type goes
+    out at once; stored and signed: that result is sent. Either way the task is counted.
+    (Before, the task ended as ``task.crashed``: no frame, no count, and the coordinator
+    waited for the lease's end.)"""
+    daemon, _, link = make_daemon(tmp_path, Answers)
+    if fails == "signing":
+
+        def broken(message_json: dict[str, Any]) -> bytes:
+            raise TypeError("a bug in signing")
+
+        monkeypatch.setattr(daemon, "_sign_result", broken)
+    else:
+        real = daemon.outbox.commit_result
+
+        def stored_then_fails(**kwargs: Any) -> object:
+            real(**kwargs)
+            raise MemoryError
+
+        monkeypatch.setattr(daemon.outbox, "commit_result", stored_then_fails)
+    task_id, lease = uuid.uuid4(), later()
+
+    async def run() -> None:
+        await daemon._on_frame(dispatch(daemon, task_id, lease))
+        while daemon.running:
+            await asyncio.sleep(0.01)
+
+    asyncio.run(asyncio.wait_for(run(), 10))
+    (frame,) = link.frames
+    counted = daemon.metrics.tasks.labels
+    if fails == "signing":
+        assert_refuses(frame, daemon, task_id, lease, "internal error: TypeError")
+        assert daemon.outbox.get(task_id) is None
+        assert counted(workload_class="ai.inference", outcome="failed")._value.get() == 1
+    else:
+        assert frame["type"] == "result" and frame["message"]["task_id"] == "0x" + task_id.hex
+        stored = daemon.outbox.get(task_id)
+        assert stored is not None and stored.signature is not None
+        assert frame["signature"] == "0x" + stored.signature.hex()  # the stored, signed one
+        assert counted(workload_class="ai.inference", outcome="completed")._value.get() == 1
+
+
 def test_the_answer_to_a_reject_never_settles_a_result_of_the_same_task(tmp_path: Path) -> None:
     """The node rejected an earlier lease of a task, then ran a newer lease and committed
     its result. The coordinator's answer to that reject ("ignored: an earlier lease") must

@@ -387,8 +387,37 @@ class TaskDispatcher(ResultDelivery):
                 lease_expires_at=task.lease_expires_at,
             )
             return
+        except Exception as exc:  # a bug, or MemoryError: what the outbox holds decides
+            log.exception("outbox.commit_error")
+            await self._after_commit_error(task, exc)
+            return
         self._task_ended(task, "completed")
         await self._deliver(entry)
+
+    async def _after_commit_error(self, task: RunningTask, exc: Exception) -> None:
+        """The commit raised something no branch of _finish expects (a signing bug, a
+        MemoryError): a result stored and signed is sent; none stored is refused (signed,
+        so the task goes elsewhere now, not when its lease runs out); with the outbox
+        unreadable, nothing is said, as for a commit that may be on disk."""
+        try:
+            entry = self.outbox.get(task.task_id)
+        except Exception:  # noqa: BLE001 (unknown: a reject could contradict a result)
+            self._task_ended(task, "failed")
+            return
+        if entry is not None:
+            if entry.signature is None:  # signed and sent by a later commit of it only
+                self._task_ended(task, "failed")
+                return
+            self._task_ended(task, "completed")
+            await self._deliver(entry)
+            return
+        self._task_ended(task, "failed")
+        await self._reject(
+            task.task_id,
+            f"internal error: {type(exc).__name__}",
+            job_id=task.job_id,
+            lease_expires_at=task.lease_expires_at,
+        )
 
     def _arrival(self, d: messages.Dispatch) -> tuple[float, float]:
         """The executor's clock now, and the coordinator's: *d*'s own sent_at (its transit
