@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from nodeclient.errors import RemoteProtocolError
+from nodeclient.node import sandbox
 from nodeclient.node.daemon import NodeDaemon
 from nodeclient.node.dispatch import RunningTask
 from nodeclient.node.executor import Executor, TaskFailed
@@ -240,6 +241,49 @@ def test_an_unexpected_error_in_the_commit_is_refused_or_sent_as_the_outbox_hold
         assert stored is not None and stored.signature is not None
         assert frame["signature"] == "0x" + stored.signature.hex()  # the stored, signed one
         assert counted(workload_class="ai.inference", outcome="completed")._value.get() == 1
+
+
+class Held(Executor):
+    """Runs a task until ``go`` is set; then its result is the same bytes as Answers'."""
+
+    go: ClassVar[threading.Event] = threading.Event()
+
+    async def run(self, *args: object, **kwargs: object) -> bytes:
+        await asyncio.to_thread(self.go.wait, 10)
+        return b"a result"
+
+
+def test_a_dispatch_reserves_the_ram_it_declared_until_it_ends(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The RAM a dispatch declares is promised to it from its admission (before its
+    payload is even decrypted) to its end: a task admitted meanwhile is judged against
+    what is left. Ended, the promise goes."""
+    monkeypatch.setattr(sandbox, "available_memory_bytes", lambda: 3000 << 20)
+    Held.go.clear()
+    daemon, _, link = make_daemon(tmp_path, Held)
+    task_id, lease = uuid.uuid4(), later()
+    d = messages.Dispatch(
+        task_id, uuid.uuid4(), "ai.inference", lease,
+        messages.Dispatch.from_wire(json.loads(dispatch(daemon, task_id, lease))).envelope,
+        resources={"ram_mb": 2000},
+    )  # fmt: skip
+
+    async def run() -> tuple[str, str]:
+        await daemon._on_frame(json.dumps(d.to_wire()))
+        while_running = daemon.executor.admission({"ram_mb": 1500})
+        Held.go.set()
+        while daemon.running:
+            await asyncio.sleep(0.01)
+        return while_running, daemon.executor.admission({"ram_mb": 1500})
+
+    while_running, after = asyncio.run(asyncio.wait_for(run(), 10))
+    assert while_running.endswith(
+        "only 1000 MB is free (2000 MB more is promised to running tasks)"
+    )
+    assert after == ""
+    (frame,) = link.frames
+    assert frame["type"] == "result"
 
 
 def test_the_answer_to_a_reject_never_settles_a_result_of_the_same_task(tmp_path: Path) -> None:

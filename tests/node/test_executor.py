@@ -17,8 +17,10 @@ import subprocess
 import sys
 import time
 import traceback
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -1347,6 +1349,86 @@ def test_shutdown_removes_a_tree_the_last_task_made_read_only(
     executor.shutdown()
     assert refused == ["f"]
     assert not workdir.exists()
+
+
+def _big_slots(tmp_path: Path) -> Executor:
+    limits = sandbox.Limits(
+        memory_bytes=16 << 30, nproc=64, nofile=256, fsize_bytes=1 << 30, tmp_bytes=1 << 30
+    )
+    return Executor(
+        slots=2, mode="unsandboxed",
+        config=WorkerConfig(cache_dir=tmp_path / "models", work_root=tmp_path / "work",
+                            limits=limits),
+    )  # fmt: skip
+
+
+def test_ram_admission_counts_what_admitted_tasks_declared(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two tasks of 14 GB dispatched together against 20 GB free: the first is admitted
+    and reserved, the second refused, since the first has taken nothing yet (before, each
+    saw 20 GB free, and the kernel's OOM killer settled it). Its own reservation never
+    counts against a task; released, the memory is free again."""
+    monkeypatch.setattr(sandbox, "available_memory_bytes", lambda: 20_000 << 20)
+    ex = _big_slots(tmp_path)
+    first = uuid.uuid4()
+    assert ex.admission({"ram_mb": 14_000}) == ""
+    ex.reserve(first, {"ram_mb": 14_000})
+    assert ex.admission({"ram_mb": 14_000}) == (
+        "task needs 14000 MB of RAM, only 6000 MB is free "
+        "(14000 MB more is promised to running tasks)"
+    )
+    assert ex.admission({"ram_mb": 6_000}) == ""
+    assert ex.admission({"ram_mb": 14_000}, task_id=first) == ""  # its own
+    ex.reserve(uuid.uuid4(), {})  # declares nothing: reserves nothing
+    ex.release(first)
+    assert ex.admission({"ram_mb": 14_000}) == ""
+
+
+def test_ram_admission_does_not_count_twice_what_a_running_task_took(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A running task's worker has grown by 10 GB of its 14 GB: MemAvailable holds those
+    10 GB already, so only the 4 GB it has not taken are promised; with its tree unreadable,
+    all 14 GB are."""
+    monkeypatch.setattr(sandbox, "available_memory_bytes", lambda: 20_000 << 20)
+    ex = _big_slots(tmp_path)
+    task = uuid.uuid4()
+    ex.reserve(task, {"ram_mb": 14_000})
+    ex._build_slots()
+    slot = ex._slots[0]
+    slot.proc = SimpleNamespace(pid=4242)  # type: ignore[assignment]
+    slot.task_rss = 1 << 30
+    ex._running[str(task)] = slot
+    tree: list[int | None] = [(1 << 30) + (10_000 << 20)]
+    monkeypatch.setattr(sandbox, "process_tree_rss_bytes", lambda pid: tree[0])
+    assert "only 16000 MB is free (4000 MB more" in ex.admission({"ram_mb": 16_001})
+    tree[0] = None
+    assert "only 6000 MB is free (14000 MB more" in ex.admission({"ram_mb": 16_001})
+
+
+def test_process_tree_rss_counts_the_children_too(tmp_path: Path) -> None:
+    """The memory of a worker's process tree: a child holding 200 MB counts in its
+    parent's tree, not in the parent alone; a pid that does not exist reads as None."""
+    child = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys, time; b = bytearray(200 << 20); sys.stdout.write('ok\\n'); "
+         "sys.stdout.flush(); time.sleep(60)"],
+        stdout=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        assert child.stdout is not None and child.stdout.readline() == b"ok\n"
+        alone = sandbox.process_tree_rss_bytes(child.pid)
+        me = sandbox.process_tree_rss_bytes(os.getpid())
+        mine_only = int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf(
+            "SC_PAGE_SIZE"
+        )
+        assert alone is not None and alone >= 200 << 20
+        assert me is not None and me - mine_only >= 200 << 20
+    finally:
+        child.kill()
+        child.wait()
+    assert sandbox.process_tree_rss_bytes(child.pid) is None
 
 
 def test_disk_used_holds_one_descriptor_per_level_and_leaks_none(

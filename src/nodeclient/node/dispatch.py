@@ -175,6 +175,7 @@ class TaskDispatcher(ResultDelivery):
             )
             task.arrived, task.coordinator_then = arrived, coordinator_then
             self.running[d.task_id] = task
+            self.executor.reserve(d.task_id, d.resources)  # until _free_slot
             if self.state.state in (NodeState.READY, NodeState.IDLE):
                 self.state.transition(NodeState.EXECUTING, reason=f"task {d.task_id} started")
             task.handle = asyncio.create_task(self._execute(task, d))
@@ -226,6 +227,7 @@ class TaskDispatcher(ResultDelivery):
         """The task no longer holds its slot (once: both ends of a task call this)."""
         if self.running.get(task.task_id) is task:
             del self.running[task.task_id]
+            self.executor.release(task.task_id)
             if not self.running and self.state.state is NodeState.EXECUTING:
                 self.state.transition(NodeState.IDLE, reason="the last running task finished")
 

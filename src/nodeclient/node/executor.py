@@ -127,6 +127,7 @@ class Executor:
         self._slots: list[Slot] = []
         self._idle: asyncio.Queue[Slot] | None = None
         self._running: dict[str, Slot] = {}
+        self._reserved: dict[str, int] = {}  # task -> RAM it declared, admitted (reserve)
         self._deadlines: dict[str, asyncio.Timeout] = {}  # a running task's, to extend
         self._ends: dict[str, float] = {}  # a running task's deadline, on the clock
         self._extended: dict[str, float] = {}  # renewed before the task's timer started
@@ -331,17 +332,27 @@ class Executor:
 
     # --- tasks ------------------------------------------------------------------------------
 
-    def admission(self, resources: Mapping[str, int]) -> str:
-        """Why a task that declares *resources* cannot run here, or "" when it can."""
+    def admission(self, resources: Mapping[str, int], *, task_id: object = None) -> str:
+        """Why a task that declares *resources* cannot run here, or "" when it can.
+
+        Free memory is MemAvailable less what the tasks already admitted (``reserve``)
+        declared and have not yet taken: a task still decrypting, fetching its inputs or
+        starting its worker has allocated nothing, and several dispatched at once would
+        otherwise each see the same free memory. *task_id*: a task admitted before, whose
+        own reservation does not count against it."""
         ram_mb = int(resources.get("ram_mb", 0))
         vram_mb = int(resources.get("vram_mb", 0))
         per_slot = self.limits.memory_bytes >> 20
         if ram_mb > per_slot:
             return f"task needs {ram_mb} MB of RAM, over this node's {per_slot} MB per slot"
         if ram_mb > 0:  # a task that declares nothing is held by the slot's rlimit alone
-            free = sandbox.available_memory_bytes() >> 20
+            promised = self._promised_bytes(exclude=None if task_id is None else str(task_id))
+            free = max(0, sandbox.available_memory_bytes() - promised) >> 20
             if ram_mb > free:
-                return f"task needs {ram_mb} MB of RAM, only {free} MB is free"
+                held = (
+                    f" ({promised >> 20} MB more is promised to running tasks)" if promised else ""
+                )
+                return f"task needs {ram_mb} MB of RAM, only {free} MB is free{held}"
         if vram_mb > 0:
             if not self.config.gpus:
                 return f"task needs {vram_mb} MB of GPU memory, this node has no GPU"
@@ -351,6 +362,33 @@ class Executor:
             if vram_mb << 20 > least:
                 return f"task needs {vram_mb} MB of GPU memory, a slot's GPU has {least >> 20} MB"
         return ""
+
+    def reserve(self, task_id: object, resources: Mapping[str, int]) -> None:
+        """Count the RAM an admitted task declared against the tasks admitted after it,
+        until ``release``; what its worker has taken since it started is not counted
+        twice (MemAvailable already holds it)."""
+        ram = int(resources.get("ram_mb", 0)) << 20
+        if ram > 0:
+            self._reserved[str(task_id)] = ram
+
+    def release(self, task_id: object) -> None:
+        self._reserved.pop(str(task_id), None)
+
+    def _promised_bytes(self, *, exclude: str | None) -> int:
+        """What the reserved tasks declared and have not yet taken: all of it for a task
+        not yet on a worker; for one running, its declaration less the growth of its
+        worker's process tree since the task began (all of it when that cannot be read)."""
+        total = 0
+        for key, declared in self._reserved.items():
+            if key == exclude:
+                continue
+            taken = 0
+            slot = self._running.get(key)
+            if slot is not None and slot.proc is not None and slot.task_rss is not None:
+                now = sandbox.process_tree_rss_bytes(slot.proc.pid)
+                taken = 0 if now is None else max(0, now - slot.task_rss)
+            total += max(0, declared - taken)
+        return total
 
     def progress(self, task_id: object) -> dict[str, Any] | None:
         """The latest ``{"done", "total", "note"}`` a running task reported, if any."""
@@ -414,7 +452,7 @@ class Executor:
                 f"payload of {len(payload)} bytes is over {self.config.max_payload_bytes}",
                 requester_fault=True,
             )
-        refusal = self.admission(resources or {})
+        refusal = self.admission(resources or {}, task_id=task_id)
         if refusal:
             raise TaskFailed(refusal, requester_fault=True)
         await self.warm_up()
@@ -439,6 +477,8 @@ class Executor:
                     raise
             self._running[key] = slot
             slot.affinity = affinity  # from now on, what the worker may have seen
+            if key in self._reserved and slot.proc is not None:  # what it takes: admission
+                slot.task_rss = sandbox.process_tree_rss_bytes(slot.proc.pid)
             return await self._run_on(
                 slot,
                 key,
@@ -454,6 +494,7 @@ class Executor:
             self._extended.pop(key, None)
             self._ends.pop(key, None)
             slot.busy = False
+            slot.task_rss = None
             self._release(slot)
 
     async def _slot_for(

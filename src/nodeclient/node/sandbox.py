@@ -190,6 +190,29 @@ def available_memory_bytes() -> int:
         return total_memory_bytes()
 
 
+def process_tree_rss_bytes(pid: int) -> int | None:
+    """Resident memory of *pid* and every process below it (``/proc/<pid>/task/*/children``),
+    or None when *pid* itself cannot be read (gone, or a kernel without those files). A
+    process below it that exits while the tree is read counts for nothing."""
+    page = os.sysconf("SC_PAGE_SIZE")
+    total, todo, seen = 0, [pid], set()
+    while todo:
+        current = todo.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        try:
+            with open(f"/proc/{current}/statm", "rb") as statm:
+                total += int(statm.read().split()[1]) * page
+            for tid in os.listdir(f"/proc/{current}/task"):
+                with open(f"/proc/{current}/task/{tid}/children", "rb") as children:
+                    todo.extend(int(child) for child in children.read().split())
+        except (OSError, ValueError, IndexError):
+            if current == pid:
+                return None
+    return total
+
+
 def default_limits(slots: int) -> Limits:
     """Each slot may use an equal share of the machine's RAM."""
     return Limits(memory_bytes=max(256 << 20, total_memory_bytes() // max(1, slots)))

@@ -125,6 +125,7 @@ class Slot:
     settle_task: asyncio.Task[None] | None = None  # its clean-up wait while settling
     broken: dict[str, str] = field(default_factory=dict)  # class -> why, from its ready frame
     checked_for: str | None = None  # the one class its worker checked; None: all of them
+    task_rss: int | None = None  # its process tree's memory as its task began (admission)
 
     @property
     def alive(self) -> bool:
