@@ -233,6 +233,38 @@ def test_a_clock_step_whose_shift_fails_once_is_applied_by_the_next_round(
     assert task["lease_deadline"] == START + 86400 + 300
 
 
+@pytest.mark.parametrize("step", [3600, -3600])
+def test_a_reject_of_a_lease_dispatched_before_a_clock_step_is_taken(
+    start_coordinator, rsa_keys, caplog: pytest.LogCaptureFixture, step: int
+) -> None:
+    """The node refuses a task leased before the wall clock stepped, echoing the
+    lease_expires_at it was sent: that is still the current lease (its attempt keeps the
+    value sent), so the reject is accepted and the task re-queued at once. (Before, the
+    echo was compared with the moved lease only, and the reject ignored as another
+    lease's: the task waited out its lease, then expired against the node.)"""
+    clock = SteppedClock()
+    running, node = _linked_on(clock, start_coordinator, rsa_keys)
+    job = running.client.submit_job("ai.inference", inference_payload(VALUES))
+    dispatch = node.recv()
+    with caplog.at_level(logging.WARNING, logger="nodeclient.coordinator"):
+        clock.advance(step)
+        end = time.monotonic() + 10
+        while not any(r.getMessage() == "clock.stepped" for r in caplog.records):
+            assert time.monotonic() < end, "no round saw the clock step"
+            time.sleep(0.02)
+    reject = node.reject(
+        dispatch["task_id"], "out of memory", lease_expires_at=dispatch["lease_expires_at"]
+    )
+    assert node.call(reject)["status"] == "accepted"
+    task = running.client.job(job["job_id"])["tasks"][0]
+    assert task["reason"].startswith(f"node {node.node_id} rejected it: out of memory")
+    # A reject of an earlier lease (another lease_expires_at) is still ignored.
+    again = node.recv()
+    assert (again["type"], again["task_id"]) == ("dispatch", dispatch["task_id"])
+    stale = node.reject(dispatch["task_id"], "late", lease_expires_at=dispatch["lease_expires_at"])
+    assert node.call(stale)["status"] == "rejected"
+
+
 def test_a_wall_clock_stepped_back_holds_no_lease_longer(start_coordinator, rsa_keys) -> None:
     """The wall clock goes back an hour while a task is leased: its lease still ends
     when its 300 s have passed, not an hour later."""

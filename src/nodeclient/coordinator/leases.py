@@ -276,16 +276,19 @@ def requeue_or_fail(
 
 def shift_times_tx(session: Session, *, by: float) -> dict[str, int]:
     """Move by *by* seconds the stored times still counted against the wall clock, which
-    just jumped: leased tasks' lease (and its open attempt's), running jobs' round
-    deadlines, and queued tasks' queueing time (the queue timeout). How many of each."""
+    just jumped: leased tasks' lease (and their open attempts' leased_at; an attempt's
+    ``deadline`` is kept as it was dispatched, which a node's reject echoes), running
+    jobs' round deadlines, and queued tasks' queueing time (the queue timeout). How many
+    of each."""
     task, attempt, job = m.Task, m.TaskAttempt, m.Job
     statements = {
         "leases": update(task)
         .where(task.status == m.LEASED)
         .values(lease_deadline=task.lease_deadline + by, leased_at=task.leased_at + by),
+        # The attempt's deadline stays as it was sent: the node echoes it in a reject.
         "attempts": update(attempt)
         .where(attempt.ended_at.is_(None))
-        .values(leased_at=attempt.leased_at + by, deadline=attempt.deadline + by),
+        .values(leased_at=attempt.leased_at + by),
         "rounds": update(job)
         .where(job.status.in_((m.QUEUED, m.RUNNING)), job.round_deadline.is_not(None))
         .values(round_deadline=job.round_deadline + by),

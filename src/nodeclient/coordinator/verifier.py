@@ -180,6 +180,22 @@ def _equivocation_recorded(session: Session, task_id: str, node_id: str) -> bool
     return found is not None
 
 
+def _sent_lease(session: Session, task_id: str, node_id: str) -> int | None:
+    """The lease_expires_at the node's open attempt of the task was dispatched with (the
+    attempt keeps it when a clock step moves the task's lease_deadline)."""
+    deadline = session.scalar(
+        select(m.TaskAttempt.deadline)
+        .where(
+            m.TaskAttempt.task_id == task_id,
+            m.TaskAttempt.node_id == node_id,
+            m.TaskAttempt.ended_at.is_(None),
+        )
+        .order_by(m.TaskAttempt.attempt.desc())
+        .limit(1)
+    )
+    return None if deadline is None else int(deadline)
+
+
 def _settle_attempt(session: Session, task_id: str, node_id: str, now: float) -> None:
     """The node's lease of the task ends in success: its open attempt, or, for a late
     result, its last one, which its lease's end closed as a failure (expired, offline).
@@ -367,7 +383,12 @@ def reject_tx(
         return Decision("rejected", f"task {task_id} is not leased to this node"), None
     # The dispatch's lease_expires_at is int(lease_deadline) (Scheduler.dispatch_all).
     current = None if task.lease_deadline is None else int(task.lease_deadline)
-    if lease_expires_at is not None and lease_expires_at != current:
+    if (
+        lease_expires_at is not None
+        and lease_expires_at != current
+        # the current lease as it was sent, before a step of the wall clock moved it
+        and lease_expires_at != _sent_lease(session, task.task_id, node_id)
+    ):
         which = "an earlier" if current is not None and lease_expires_at < current else "another"
         return Decision(
             "rejected",
