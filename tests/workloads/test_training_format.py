@@ -259,6 +259,24 @@ def test_rounds_times_slices_is_bounded_at_submission() -> None:
         tr.split(job.encode(), 11)
 
 
+@pytest.mark.parametrize("grad_dtype", ["F32", "F16"])
+def test_the_results_a_job_keeps_are_bounded_at_submission(
+    grad_dtype: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every round's pseudo-gradients stay with the job, so rounds x slices x one update's
+    bytes is held to MAX_STORED_BYTES when the job arrives (before, a job could ask the
+    coordinator to keep terabytes), saying what to change; F16 updates count half."""
+    x, y = np.zeros((20, 4), np.float32), (np.arange(20) % 2).astype(np.int64)
+    spec = tr.ModelSpec.parse(MLP)
+    count = sum(int(np.prod(s)) for s in spec.parameter_shapes().values())
+    each = count * (2 if grad_dtype == "F16" else 4)
+    monkeypatch.setattr(tr, "MAX_STORED_BYTES", 10 * 4 * each)  # 10 rounds of 4 slices
+    job = tr.JobRequest(spec, tr.TrainingConfig(rounds=10, grad_dtype=grad_dtype), x, y)
+    assert len(tr.split(job.encode(), 4)) == 4  # at the bound
+    with pytest.raises(RemoteProtocolError, match=r"would keep \d+ bytes of pseudo-grad.*fewer"):
+        tr.split(job.encode(), 5)
+
+
 def _with_metadata(key: str, json_value: bytes) -> bytes:
     """A pseudo-gradient whose metadata *key* holds *json_value* (raw JSON, any escape).
 

@@ -91,6 +91,7 @@ __all__ = [
     "MAX_SLICE_BYTES",
     "MAX_SLICE_ROUNDS",
     "MAX_SPLIT_BYTES",
+    "MAX_STORED_BYTES",
     "SLICE_HEADER_ROOM",
     "InnerOptimizer",
     "JobRequest",
@@ -133,6 +134,10 @@ MAX_SPLIT_BYTES: Final = 1 << 30
 # Rounds x slices of one job: the final result carries a metrics entry per slice and round
 # (a few hundred bytes at most), in its header, so this keeps that header within tens of MiB.
 MAX_SLICE_ROUNDS: Final = 100_000
+# Every round's pseudo-gradients stay with the job (a stranger verifies each task from its
+# bytes, and replays every round: coordinator/audit.py), so a job's whole life is bounded:
+# rounds x slices x the bytes of one update.
+MAX_STORED_BYTES: Final = 32 << 30
 MAX_REASON_CHARS: Final = 300  # a dropped slice's reason, as kept in the round's metrics
 
 
@@ -219,15 +224,17 @@ class JobRequest:
     def checked_shards(self, slices: int) -> list[bytes]:
         """:meth:`shards`, refused when a slice's payload would be over MAX_SLICE_BYTES,
         headers included, or a round's over MAX_SPLIT_BYTES together, or when the job's
-        rounds times slices is over MAX_SLICE_ROUNDS."""
+        rounds times slices is over MAX_SLICE_ROUNDS, or the results it would keep over
+        MAX_STORED_BYTES."""
         if slices * self.config.rounds > MAX_SLICE_ROUNDS:
             raise RemoteProtocolError(
                 f"{self.config.rounds} rounds of {slices} slices make "
                 f"{slices * self.config.rounds} slice-rounds, over {MAX_SLICE_ROUNDS}: the "
                 "result keeps metrics for each; use fewer rounds or fewer slices"
             )
+        count = sum(math.prod(s) for s in self.model.parameter_shapes().values())
         shards = self.shards(slices)
-        weight_bytes = 4 * sum(math.prod(s) for s in self.model.parameter_shapes().values())
+        weight_bytes = 4 * count
         largest = weight_bytes + max(map(len, shards))
         if largest > MAX_SLICE_BYTES - SLICE_HEADER_ROOM:
             raise RemoteProtocolError(
@@ -242,6 +249,14 @@ class JobRequest:
                 f"{slices} slices would carry {total} bytes per round together, over "
                 f"{MAX_SPLIT_BYTES}: every slice carries the whole model's "
                 f"{weight_bytes} bytes of weights; use fewer slices or a smaller model"
+            )
+        kept = slices * self.config.rounds * count * (2 if self.config.grad_dtype == "F16" else 4)
+        if kept > MAX_STORED_BYTES:
+            raise RemoteProtocolError(
+                f"{self.config.rounds} rounds of {slices} slices would keep {kept} bytes of "
+                f"pseudo-gradients, over {MAX_STORED_BYTES}: every round's results are kept "
+                "so that each task can be verified and every round replayed; use fewer "
+                "rounds or slices, a smaller model, or grad_dtype F16"
             )
         return shards
 
