@@ -10,6 +10,7 @@ import math
 import tracemalloc
 from typing import Any
 
+import numpy as np
 import pytest
 from sqlalchemy import update
 
@@ -18,7 +19,7 @@ from nodeclient.coordinator import models as m
 from nodeclient.coordinator.config import SybilPolicy
 from nodeclient.protocol import eip712
 from nodeclient.protocol.secp import Secp256k1Key
-from nodeclient.workloads import render, render_slices
+from nodeclient.workloads import inference, render, render_slices
 from tests.coordinator.conftest import (
     Running,
     audit_job,
@@ -27,6 +28,7 @@ from tests.coordinator.conftest import (
     run_inference_job,
 )
 from tests.coordinator.test_render_jobs import SCENE, H, W, _complete, _render_node
+from tests.models import identity_model
 
 VALUES = [1.5, -2.0]
 
@@ -108,10 +110,66 @@ def test_with_the_payload_an_inference_result_must_name_its_model(
 ) -> None:
     job = _inference_job(running, rsa_keys)
     report = audit_job(running, job, payload=inference_payload(VALUES))
-    assert report.ok and report.result.endswith(", from your model")
+    assert report.ok and report.result.endswith(", from your model, with the outputs you asked for")
     other = inference_payload([1.0, 2.0, 3.0])  # another model (its input shape differs)
     report = audit_job(running, job, payload=other)
     assert not report.ok and "model" in report.result
+
+
+def test_what_you_submitted_must_be_what_the_coordinator_reports(
+    running: Running, rsa_keys, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Nothing signs a job's min_tier or slices: given what the requester submitted, the
+    coordinator's account must say the same, and the tasks' nodes are held to the
+    requester's min_tier. (Before, a job run below the tier asked for, and reported with
+    the lower tier, verified.)"""
+    job = _inference_job(running, rsa_keys)  # min_tier 0, on a tier-0 node
+    assert audit_job(running, job, submitted={"min_tier": 0, "slices": 1}).ok
+    report = audit_job(running, job, submitted={"min_tier": 1, "slices": None})
+    assert not report.ok and report.verdict == "NOT VERIFIED"
+    assert report.result == "the coordinator reports min_tier 0, you submitted 1"
+    assert "and the job asked for tier 1 or above" in report.tasks[0].detail
+    report = audit_job(running, job, submitted={"slices": 2})
+    assert report.result == "the coordinator reports slices 1, you submitted 2"
+    argv = ["verify", job["job_id"], "--coordinator", running.url]
+    assert cli.main([*argv, "--min-tier", "0", "--slices", "1"]) == 0
+    assert cli.main([*argv, "--min-tier", "1"]) == 1
+    assert "you submitted 1" in capsys.readouterr().out
+
+
+def test_a_job_whose_tasks_name_two_chains_is_caught(running: Running, rsa_keys) -> None:
+    """Without --chain-id every task of a job must name the chain its first signed task
+    names: a second task whose Result is genuinely signed by its node, but for another
+    network, fails. (Before, each task was checked on whatever chain it named.)"""
+    node = make_node(rsa_keys, 0)
+    running.register(node)
+    running.link(node)
+    job = run_inference_job(running, node, VALUES)
+    second = copy.deepcopy(job["tasks"][0])
+    second["typed_data"]["domain"]["chainId"] = 1
+    message = eip712.message_from_json("Result", second["typed_data"]["message"])
+    second["signature"] = (
+        "0x" + eip712.sign_typed(node.node_key, "Result", message, chain_id=1).hex()
+    )
+    forged = {**job, "tasks": [job["tasks"][0], second]}
+    report = audit_job(running, forged)
+    assert report.tasks[0].ok is True
+    assert report.tasks[1].ok is False
+    assert "chainId is 1, not 31337" in report.tasks[1].detail
+
+
+def test_with_the_payload_an_inference_result_must_have_the_outputs_asked_for(
+    running: Running, rsa_keys
+) -> None:
+    """The requester's payload named the outputs it wants: a result with others (here the
+    model's only output, y, against a request for z) does not verify."""
+    job = _inference_job(running, rsa_keys)
+    asked = inference.make_request(
+        identity_model(shape=[len(VALUES)]), {"x": np.asarray(VALUES, np.float32)},
+        output_names=["z"],
+    ).encode()  # fmt: skip
+    report = audit_job(running, job, payload=asked)
+    assert not report.ok and "could not be checked" in report.result, report.result
 
 
 def test_a_wrong_chain_is_caught(running: Running, rsa_keys) -> None:

@@ -235,11 +235,16 @@ def audit_job(
     job_id: str | None = None,
     payload: bytes | None = None,
     chain_id: int | None = None,
+    submitted: Mapping[str, object] | None = None,
 ) -> JobReport:
     """Check every task of *job* (GET /v1/jobs/{id}) that has a result, then the job's
     result. *fetch_manifest*: a node manifest by its hash (GET /v1/manifests/{hash}).
     *job_id*: the job asked for, which the answer must be (a coordinator could answer with
-    another, genuine job)."""
+    another, genuine job). *chain_id*: the EIP-712 chain every signature must name; by
+    default the one the job's first signed task names, so that all of a job's tasks name
+    one chain. *submitted*: what the requester submitted (``min_tier``, ``slices``), which
+    the coordinator's account of the job must match: nothing signs those fields, and the
+    tasks' manifests are checked against the requester's, not the coordinator's."""
     if not isinstance(job, Mapping) or not isinstance(job.get("tasks", []), list):
         report = JobReport("?", "?", "?", result_ok=False)
         report.result = "the coordinator's answer is not a job with a list of tasks"
@@ -257,15 +262,26 @@ def audit_job(
         report.result_ok = False
         report.result = f"malformed job_id {report.job_id!r}"
         return report
+    differs = [
+        f"the coordinator reports {name} {job.get(name)!r}, you submitted {value!r}"
+        for name, value in (submitted or {}).items()
+        if value is not None and job.get(name) != value
+    ]
+    if differs:  # what the tasks are held to is the requester's, not the coordinator's
+        job = {**job, **{k: v for k, v in (submitted or {}).items() if v is not None}}
     results: dict[str, bytes] = {}
     manifests: dict[str, object] = {}  # a node's manifest is fetched once for all its tasks
     claims = _Claims(job, fetch_manifest, manifests)
+    chain_id = chain_id if chain_id is not None else _first_chain(job)
     for task in job.get("tasks") or []:
         line, data = _audit_task(task, report.job_id, fetch_task_result, chain_id, claims)
         report.tasks.append(line)
         if line.ok and line.status == "succeeded" and data is not None:
             results[line.task_id] = data
-    if report.status == "succeeded":
+    if differs:
+        report.result_ok = False
+        report.result = "; ".join(differs)
+    elif report.status == "succeeded":
         try:
             _check_job_result(report, job, results, fetch_job_result, payload)
         except (Unreachable, NoAnswer):
@@ -277,6 +293,17 @@ def audit_job(
         report.result_ok = False
         report.result = f"the job is {report.status}: there is no result to verify"
     return report
+
+
+def _first_chain(job: Mapping[str, Any]) -> int | None:
+    """The EIP-712 chain id the job's first task with a signed message names, if any."""
+    for task in job.get("tasks") or []:
+        typed = task.get("typed_data") if isinstance(task, Mapping) else None
+        domain = typed.get("domain") if isinstance(typed, Mapping) else None
+        chain = domain.get("chainId") if isinstance(domain, Mapping) else None
+        if isinstance(chain, int) and not isinstance(chain, bool):
+            return chain
+    return None
 
 
 class _Unpublished(Exception):
@@ -416,9 +443,13 @@ def _check_job_result(
         if same and payload is not None:  # and produced by the model you sent
             from nodeclient.workloads import inference
 
-            model = inference.InferenceRequest.decode(payload).model_sha256
-            inference.decode_result(data, max_bytes=len(data), expected_model_sha256=model)
-            report.result += ", from your model"
+            request = inference.InferenceRequest.decode(payload)
+            inference.decode_result(
+                data, max_bytes=len(data), expected_model_sha256=request.model_sha256,
+                expected_outputs=request.output_names,
+            )  # fmt: skip
+            # The signed Result covers the result's bytes, not the input the node was sent.
+            report.result += ", from your model, with the outputs you asked for"
     elif payload is None or meta is None:
         report.result = "result_sha256 matches; give --payload to " + (
             "assemble it from its slices" if wclass in _ASSEMBLED else "replay its rounds"

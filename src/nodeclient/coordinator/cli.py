@@ -246,8 +246,19 @@ def _requester_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser])
         help="the payload you submitted: a render is then assembled again, training replayed",
     )  # fmt: skip
     verify.add_argument(
-        "--chain-id", type=int, default=None, help="require the signatures' EIP-712 chain id"
-    )
+        "--chain-id", type=int, default=None,
+        help="require the signatures' EIP-712 chain id (default: the one the job's first "
+        "signed task names, for all its tasks)",
+    )  # fmt: skip
+    verify.add_argument(
+        "--min-tier", type=int, default=None,
+        help="the minimum tier you submitted: the coordinator's account must say the same, "
+        "and every task's node must have declared it",
+    )  # fmt: skip
+    verify.add_argument(
+        "--slices", type=int, default=None,
+        help="the slices you submitted: the coordinator's account must say the same",
+    )  # fmt: skip
     verify.add_argument("--json", action="store_true")
 
     result = requester("result", "fetch a job's result bytes")
@@ -515,6 +526,7 @@ def _verify(client: CoordinatorClient, args: argparse.Namespace) -> int:
         job_id=args.job_id,
         payload=payload,
         chain_id=args.chain_id,
+        submitted={"min_tier": args.min_tier, "slices": args.slices},
     )
     code = 0 if report.ok else (1 if report.verdict == "NOT VERIFIED" else 3)
     if args.json:
