@@ -164,6 +164,33 @@ def build(out, variant):
         group.links.new(node.outputs["Geometry"], outs.inputs[0])
         bpy.data.objects["cube"].modifiers.new("wobble", "NODES").node_group = group
         keyframe(group, 'nodes["Set Position"].mute', 1.0)
+    if variant == "movie":  # packed, but a movie: read from its absolute path, not the pack
+        secret = bpy.data.images.new("secret", 4, 4)
+        secret.generated_color = (0.0, 1.0, 0.0, 1.0)
+        secret.filepath_raw = out + ".secret.png"
+        secret.file_format = "PNG"
+        secret.save()
+        bpy.data.images.remove(secret)
+        made = bpy.data.images.new("decoy", 4, 4)
+        made.generated_color = (1.0, 0.0, 1.0, 1.0)
+        made.filepath_raw = out + ".decoy.png"
+        made.file_format = "PNG"
+        made.save()
+        bpy.data.images.remove(made)
+        decoy = bpy.data.images.load(out + ".decoy.png")
+        decoy.pack()
+        decoy.source = "MOVIE"
+        decoy.filepath = out + ".secret.png"
+        mat = bpy.data.materials["red"]
+        tex = mat.node_tree.nodes.new("ShaderNodeTexImage")
+        tex.image = decoy
+        emit = mat.node_tree.nodes.new("ShaderNodeEmission")
+        mat.node_tree.links.new(tex.outputs["Color"], emit.inputs["Color"])
+        output = mat.node_tree.nodes["Material Output"]
+        mat.node_tree.links.new(emit.outputs["Emission"], output.inputs["Surface"])
+    if variant == "idprop":  # Cycles' settings reached as ID properties, not by attribute
+        keyframe(scene, '["cycles"]["samples"]', 64.0)
+        keyframe(scene, '["cycles"]["time_limit"]', 0.01)
     if variant == "badname":
         scene.view_layers[0].name = "ViewLayer\nError: Out of memory"
     if variant == "rigidbody":

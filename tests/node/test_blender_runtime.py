@@ -41,7 +41,7 @@ def scene_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         directory,
         ("cube", "empty", "external", "textured", "autoexec", "stereo", "stereo-sbs",
          "layers", "rigidbody", "badname", "denoise", "stamp", "timelimit", "fileout",
-         "fileout-unmuted", "geomute"),
+         "fileout-unmuted", "geomute", "movie", "idprop"),
     )  # fmt: skip
     return directory
 
@@ -228,6 +228,7 @@ def test_compositor_denoise_nodes_are_muted(scenes, tmp_path: Path) -> None:
     [
         ("stamp", "render.use_stamp"),
         ("timelimit", "cycles.time_limit"),
+        ("idprop", '["cycles"]["samples"]'),  # the same settings, as ID properties
         ("fileout-unmuted", 'nodes["FO"].mute'),
     ],
 )
@@ -286,6 +287,17 @@ def test_external_file_reference_is_refused(scenes, tmp_path: Path) -> None:
     """A scene that points at a file outside itself is the requester's fault."""
     with pytest.raises(RemoteProtocolError, match="external files"):
         _runtime().run(_payload(scenes["external"], frames=(1, 1)), workdir=tmp_path)
+
+
+def test_a_packed_movie_reading_a_file_of_the_node_is_refused(
+    scenes, scene_dir: Path, tmp_path: Path
+) -> None:
+    """A packed image switched to a movie is read from its path, not its packed data: it
+    would bring a file of the node (here a green PNG beside the scene) into the frame.
+    Refused as the requester's fault, unless the path is one of the request's assets."""
+    assert (scene_dir / "movie.blend.secret.png").exists()
+    with pytest.raises(RemoteProtocolError, match="movies or image sequences outside its asset"):
+        _runtime().run(_payload(scenes["movie"], frames=(1, 1)), workdir=tmp_path)
 
 
 def _png(pixels: np.ndarray) -> bytes:

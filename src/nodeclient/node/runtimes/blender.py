@@ -144,6 +144,20 @@ if external:
         "scene references external files outside its asset manifest (pack them or list "
         "them as assets): " + ", ".join(external[:5])
     )
+# A movie or an image sequence is read from its path even when packed (ffmpeg opens the
+# file; blend_paths, asked for unpacked files, skips it): one that is not a manifest
+# asset would read any file of this node into the frame.
+moving = [
+    image.filepath
+    for image in bpy.data.images
+    if image.source in ("MOVIE", "SEQUENCE")
+    and os.path.realpath(bpy.path.abspath(image.filepath, library=image.library)) not in allowed
+]
+if moving:
+    reject(
+        "scene has movies or image sequences outside its asset manifest (list them as "
+        "assets): " + ", ".join(moving[:5])
+    )
 
 # Keyframes and drivers (simple-expression drivers run even with -Y) are evaluated again at
 # every frame and in the render's own copy of the scene, after this script: one on a
@@ -151,7 +165,9 @@ if external:
 # that makes the pixels depend on the machine's speed, stereo output) would undo the pin,
 # and one on a compositor node's mute would switch a File Output or Denoise node back on.
 # A scene that animates any of them is refused.
-PINNED = ("render.", "render[", "cycles.", "cycles[", "view_layers")
+# An ID property path (``["cycles"]["samples"]``) reaches the same settings as the
+# attribute one (``cycles.samples``): every such path on a scene is refused too.
+PINNED = ("render.", "render[", "cycles.", "cycles[", "view_layers", "[")
 
 
 def _fcurves(action):
