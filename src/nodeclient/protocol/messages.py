@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import binascii
 import json
+import re
 import struct
 import uuid
 from collections.abc import Mapping
@@ -100,14 +101,18 @@ def _str(d: Mapping[str, Any], key: str, *, max_len: int = 256) -> str:
     return v
 
 
+# The one spelling of a UUID on the wire (docs: lower-case 8-4-4-4-12); uuid.UUID alone
+# also takes braces, upper case, misplaced hyphens and non-ASCII digits.
+_UUID_TEXT = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+
 def _uuid(d: Mapping[str, Any], key: str) -> uuid.UUID:
     v = _get(d, key)
-    try:
-        if not isinstance(v, str) or len(v) != 36:
-            raise ValueError
-        return uuid.UUID(v)
-    except ValueError:
-        raise RemoteProtocolError(f"field {_name(key)} must be a UUID string") from None
+    if not isinstance(v, str) or not _UUID_TEXT.fullmatch(v):
+        raise RemoteProtocolError(
+            f"field {_name(key)} must be a UUID string (lower-case 8-4-4-4-12)"
+        )
+    return uuid.UUID(v)
 
 
 def _hex(d: Mapping[str, Any], key: str, *, size: int) -> bytes:
