@@ -172,6 +172,24 @@ def test_with_the_payload_an_inference_result_must_have_the_outputs_asked_for(
     assert not report.ok and "could not be checked" in report.result, report.result
 
 
+def test_the_json_of_a_job_of_the_most_tasks_fits_what_verify_reads(
+    running: Running, rsa_keys
+) -> None:
+    """A training job may have MAX_SLICE_ROUNDS tasks; its JSON (GET /v1/jobs/{id}), which
+    `verify` reads whole, must fit the client's MAX_JSON_ANSWER even if every task were a
+    succeeded one with its typed data and a reason of the longest kind. (With 100,000 tasks
+    it did not: about 133 MB, against 64 MiB.)"""
+    from nodeclient.coordinator.client import MAX_JSON_ANSWER
+    from nodeclient.protocol.messages import MAX_REASON
+    from nodeclient.workloads.training import MAX_SLICE_ROUNDS
+
+    job = _inference_job(running, rsa_keys)
+    task = {**job["tasks"][0], "reason": "x" * MAX_REASON, "round": 9999, "slice_index": 9999}
+    each = len(json.dumps(task)) + 2  # and the comma and space between entries
+    total = MAX_SLICE_ROUNDS * each + len(json.dumps({**job, "tasks": []}))
+    assert total < MAX_JSON_ANSWER, (each, total)
+
+
 def test_a_wrong_chain_is_caught(running: Running, rsa_keys) -> None:
     job = _inference_job(running, rsa_keys)
     report = audit_job(running, job, chain_id=1)

@@ -250,13 +250,13 @@ def test_final_result_of_a_long_job_decodes() -> None:
 
 
 def test_rounds_times_slices_is_bounded_at_submission() -> None:
-    """The result keeps a metrics entry per slice and round: a job past MAX_SLICE_ROUNDS is
-    refused before anything is built, saying what to change."""
+    """The result keeps a metrics entry per slice and round, the job's JSON one per task: a
+    job past MAX_SLICE_ROUNDS is refused before anything is built, saying what to change."""
     x, y = np.zeros((20, 4), np.float32), (np.arange(20) % 2).astype(np.int64)
     job = tr.JobRequest(tr.ModelSpec.parse(MLP), tr.TrainingConfig(rounds=10_000), x, y)
-    assert len(job.round_zero(10)) == 10  # 100,000: at the bound
-    with pytest.raises(RemoteProtocolError, match="110000 slice-rounds, over 100000.*fewer"):
-        tr.split(job.encode(), 11)
+    assert len(job.round_zero(2)) == 2  # 20,000: at the bound
+    with pytest.raises(RemoteProtocolError, match="30000 slice-rounds, over 20000.*fewer"):
+        tr.split(job.encode(), 3)
 
 
 @pytest.mark.parametrize("grad_dtype", ["F32", "F16"])

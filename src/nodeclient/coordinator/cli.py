@@ -380,7 +380,7 @@ def _wait(client: CoordinatorClient, job_id: str, timeout: float | None) -> dict
     """Poll the job until it ends; the ended job, without its tasks.
 
     Each poll asks for the job without its task list (``?tasks=none``): a training job
-    may have 100,000 tasks, each with its typed data, and a poll reads only the status.
+    may have 20,000 tasks, each with its typed data, and a poll reads only the status.
     What the caller reports, the status and the reason, is in the job itself."""
     deadline = None if timeout is None else time.monotonic() + timeout
     failures = 0

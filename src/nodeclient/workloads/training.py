@@ -131,9 +131,11 @@ MAX_SLICE_BYTES: Final = 32 * 1024 * 1024
 # held back from MAX_SLICE_BYTES, so that neither is refused at a task payload's limit.
 SLICE_HEADER_ROOM: Final = 256 * 1024
 MAX_SPLIT_BYTES: Final = 1 << 30
-# Rounds x slices of one job: the final result carries a metrics entry per slice and round
-# (a few hundred bytes at most), in its header, so this keeps that header within tens of MiB.
-MAX_SLICE_ROUNDS: Final = 100_000
+# Rounds x slices of one job, each a task: the final result carries a metrics entry per
+# slice and round (a few hundred bytes at most) in its header, and the job's JSON (GET
+# /v1/jobs/{id}, what `verify` checks) a task entry of about 1.4 KB with its signed typed
+# data, so this keeps that JSON near 30 MB, within what a requester's client reads (64 MiB).
+MAX_SLICE_ROUNDS: Final = 20_000
 # Every round's pseudo-gradients stay with the job (a stranger verifies each task from its
 # bytes, and replays every round: coordinator/audit.py), so a job's whole life is bounded:
 # rounds x slices x the bytes of one update.
