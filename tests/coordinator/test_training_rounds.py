@@ -714,6 +714,23 @@ def test_training_job_runs_two_rounds_through_the_coordinator(
     )  # fmt: skip
     assert not report.ok
     assert report.result.startswith("round 1's published metrics are not the replay's: used")
+    # The verified pseudo-gradients are not held for the replay (a job may keep 32 GiB of
+    # them): each is fetched again, a round at a time, and must be the bytes verified (here
+    # the second answer for a task differs, and the replay stops at the first).
+    served: list[str] = []
+
+    def changing(task_id: str) -> bytes:
+        served.append(task_id)
+        data = client.task_result(task_id)
+        return data if served.count(task_id) == 1 else data[:-1] + bytes([data[-1] ^ 1])
+
+    report = audit.audit_job(
+        final, changing, lambda: client.raw_job_result(job_id),
+        fetch_manifest=client.manifest, payload=job.encode(),
+    )  # fmt: skip
+    everyone = {t["task_id"] for t in final["tasks"]}
+    assert set(served) == everyone and len(served) == len(everyone) + 1  # stops at the first
+    assert not report.ok and "its result changed between two fetches" in report.result
 
 
 WIDE = [

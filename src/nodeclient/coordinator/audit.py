@@ -32,7 +32,7 @@ import hashlib
 import math
 import sys
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -269,7 +269,9 @@ def audit_job(
     ]
     if differs:  # what the tasks are held to is the requester's, not the coordinator's
         job = {**job, **{k: v for k, v in (submitted or {}).items() if v is not None}}
-    results: dict[str, bytes] = {}
+    # A training job's results are fetched again, a round at a time, when it is replayed:
+    # kept, they could come to MAX_STORED_BYTES (32 GiB) in the requester's memory.
+    results = _Verified(fetch_task_result, keep=report.workload_class not in _ROUNDS)
     manifests: dict[str, object] = {}  # a node's manifest is fetched once for all its tasks
     claims = _Claims(job, fetch_manifest, manifests)
     chain_id = chain_id if chain_id is not None else _first_chain(job)
@@ -293,6 +295,41 @@ def audit_job(
         report.result_ok = False
         report.result = f"the job is {report.status}: there is no result to verify"
     return report
+
+
+class _Verified(Mapping[str, bytes]):
+    """The verified result bytes of a job's tasks, by task_id. With *keep* false only their
+    SHA-256 is kept, and the bytes are fetched again when asked for, and must hash the same
+    (else AuditError): memory then holds what the caller holds at once (a round)."""
+
+    def __init__(self, fetch: Callable[[str], bytes], *, keep: bool) -> None:
+        self._fetch, self._keep = fetch, keep
+        self._data: dict[str, bytes] = {}
+        self._digests: dict[str, bytes] = {}
+
+    def __setitem__(self, task_id: str, data: bytes) -> None:
+        if self._keep:
+            self._data[task_id] = data
+        else:
+            self._digests[task_id] = hashlib.sha256(data).digest()
+
+    def __getitem__(self, task_id: str) -> bytes:
+        if self._keep:
+            return self._data[task_id]
+        digest = self._digests[task_id]
+        data = self._fetch(task_id)
+        if hashlib.sha256(data).digest() != digest:
+            raise AuditError(f"task {task_id}: its result changed between two fetches")
+        return data
+
+    def __contains__(self, task_id: object) -> bool:  # without fetching (Mapping's would)
+        return task_id in (self._data if self._keep else self._digests)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._data if self._keep else self._digests)
+
+    def __len__(self) -> int:
+        return len(self._data if self._keep else self._digests)
 
 
 def _first_chain(job: Mapping[str, Any]) -> int | None:
