@@ -191,6 +191,13 @@ def build(out, variant):
     if variant == "idprop":  # Cycles' settings reached as ID properties, not by attribute
         keyframe(scene, '["cycles"]["samples"]', 64.0)
         keyframe(scene, '["cycles"]["time_limit"]', 0.01)
+    if variant == "customprop":  # the scene's own custom property, keyframed: pins nothing
+        scene["ctrl"] = 0.0
+        keyframe(scene, '["ctrl"]', 1.0)
+    if variant == "fileout-scene":  # a File Output's mute, keyframed from the scene itself
+        scene.use_nodes = True
+        file_output(scene.node_tree, "FO", out + ".fileout/").mute = True
+        keyframe(scene, 'node_tree.nodes["FO"].mute', 0.0)
     if variant == "badname":
         scene.view_layers[0].name = "ViewLayer\nError: Out of memory"
     if variant == "rigidbody":

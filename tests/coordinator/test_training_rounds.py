@@ -682,6 +682,12 @@ def test_training_job_runs_two_rounds_through_the_coordinator(
     )  # fmt: skip
     assert report.ok, report.as_json()
     assert report.result.startswith("equal to its 2 rounds replayed")
+    # What the requester submitted (verify --slices) must be what the coordinator reports.
+    report = audit.audit_job(
+        final, client.task_result, lambda: client.raw_job_result(job_id),
+        fetch_manifest=client.manifest, payload=job.encode(), submitted={"slices": 3},
+    )  # fmt: skip
+    assert not report.ok and report.result == "the coordinator reports slices 2, you submitted 3"
     # Weights the rounds do not give, published with a matching hash, are caught.
     forged = tr.encode_final(job.model, {k: v + 0.01 for k, v in weights.items()}, metrics)
     lied = {**final, "result_sha256": hashlib.sha256(forged).hexdigest()}

@@ -41,7 +41,7 @@ def scene_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         directory,
         ("cube", "empty", "external", "textured", "autoexec", "stereo", "stereo-sbs",
          "layers", "rigidbody", "badname", "denoise", "stamp", "timelimit", "fileout",
-         "fileout-unmuted", "geomute", "movie", "idprop"),
+         "fileout-unmuted", "geomute", "movie", "idprop", "customprop", "fileout-scene"),
     )  # fmt: skip
     return directory
 
@@ -229,6 +229,7 @@ def test_compositor_denoise_nodes_are_muted(scenes, tmp_path: Path) -> None:
         ("stamp", "render.use_stamp"),
         ("timelimit", "cycles.time_limit"),
         ("idprop", '["cycles"]["samples"]'),  # the same settings, as ID properties
+        ("fileout-scene", 'node_tree.nodes["FO"].mute'),  # from the scene, not its tree
         ("fileout-unmuted", 'nodes["FO"].mute'),
     ],
 )
@@ -250,6 +251,14 @@ def test_an_animated_mute_outside_the_compositor_is_the_scenes_own(scenes, tmp_p
     """Only a compositor node's mute is pinned: a geometry-nodes node whose mute is
     keyframed is the requester's animation, and the scene renders."""
     frame = _frame(_runtime(), _payload(scenes["geomute"], frames=(1, 1)), tmp_path, 1)
+    assert frame.shape == (HEIGHT, WIDTH, 4)
+
+
+def test_an_animated_custom_property_of_the_scene_is_the_scenes_own(scenes, tmp_path: Path) -> None:
+    """A keyframed custom property of the scene (``["ctrl"]``, which drivers elsewhere may
+    read) reaches no pinned setting: the scene renders. Only ``["cycles..."]`` paths, or
+    ones that do not read as a plain key, are refused."""
+    frame = _frame(_runtime(), _payload(scenes["customprop"], frames=(1, 1)), tmp_path, 1)
     assert frame.shape == (HEIGHT, WIDTH, 4)
 
 

@@ -1380,6 +1380,13 @@ def test_ram_admission_counts_what_admitted_tasks_declared(
     )
     assert ex.admission({"ram_mb": 6_000}) == ""
     assert ex.admission({"ram_mb": 14_000}, task_id=first) == ""  # its own
+    second = uuid.uuid4()
+    ex.reserve(second, {"ram_mb": 7_000})  # 21 GB promised: nothing left for a third
+    assert "only 0 MB is free" in ex.admission({"ram_mb": 1})
+    # ... but the first, admitted before the second, is held to what is free as it
+    # starts, not to the promise made to the second after it.
+    assert ex.admission({"ram_mb": 14_000}, task_id=first) == ""
+    ex.release(second)
     ex.reserve(uuid.uuid4(), {})  # declares nothing: reserves nothing
     ex.release(first)
     assert ex.admission({"ram_mb": 14_000}) == ""

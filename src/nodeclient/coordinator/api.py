@@ -709,7 +709,7 @@ def build_router(coord: Coordinator) -> APIRouter:  # noqa: PLR0915 (one route e
         if rows is None:
             return error(404, f"no job {job_id}")
         # The transaction read the rows only: their JSON (a typed-data object for each
-        # finished task, seconds for a training job's 20,000 tasks) is built in a worker
+        # finished task, seconds for a training job's 10,000 tasks) is built in a worker
         # thread, where the database thread and the event loop do not wait for it.
         progress: dict[str, dict[str, Any]] = {}
         for task in rows.tasks or ():

@@ -262,13 +262,20 @@ def audit_job(
         report.result_ok = False
         report.result = f"malformed job_id {report.job_id!r}"
         return report
+    # A render job's slices are what its split gives (tiles, frames per slice), not what
+    # was submitted: only a training job's are the requester's number as it is.
+    given = {
+        name: value
+        for name, value in (submitted or {}).items()
+        if value is not None and (name != "slices" or report.workload_class in _ROUNDS)
+    }
     differs = [
         f"the coordinator reports {name} {job.get(name)!r}, you submitted {value!r}"
-        for name, value in (submitted or {}).items()
-        if value is not None and job.get(name) != value
+        for name, value in given.items()
+        if job.get(name) != value
     ]
     if differs:  # what the tasks are held to is the requester's, not the coordinator's
-        job = {**job, **{k: v for k, v in (submitted or {}).items() if v is not None}}
+        job = {**job, **given}
     # A training job's results are fetched again, a round at a time, when it is replayed:
     # kept, they could come to MAX_STORED_BYTES (32 GiB) in the requester's memory.
     results = _Verified(fetch_task_result, keep=report.workload_class not in _ROUNDS)

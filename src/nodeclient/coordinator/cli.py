@@ -257,7 +257,8 @@ def _requester_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser])
     )  # fmt: skip
     verify.add_argument(
         "--slices", type=int, default=None,
-        help="the slices you submitted: the coordinator's account must say the same",
+        help="the slices you submitted for a training job: the coordinator's account must "
+        "say the same (a render job's come from its payload's split)",
     )  # fmt: skip
     verify.add_argument("--json", action="store_true")
 
@@ -380,7 +381,7 @@ def _wait(client: CoordinatorClient, job_id: str, timeout: float | None) -> dict
     """Poll the job until it ends; the ended job, without its tasks.
 
     Each poll asks for the job without its task list (``?tasks=none``): a training job
-    may have 20,000 tasks, each with its typed data, and a poll reads only the status.
+    may have 10,000 tasks, each with its typed data, and a poll reads only the status.
     What the caller reports, the status and the reason, is in the job itself."""
     deadline = None if timeout is None else time.monotonic() + timeout
     failures = 0

@@ -10,8 +10,9 @@ for). Closing a round is one transaction:
    all zeros, norm at most ``max_norm``, and, with three valid slices or more, norm at most
    ``reject_ratio`` times the median norm of the *other* slices and at least their lower
    median over ``reject_ratio``. A slice that fails is dropped with its reason. Every
-   check but the norms already ran when the result arrived (training.check_slice,
-   through the verifier), so a forgery (or a diverged training: NaN or infinity) was
+   check but those against the other slices' norms already ran when the result arrived
+   (training.check_slice, through the verifier), so a forgery (or a diverged training:
+   NaN or infinity, a norm over ``max_norm``) was
    refused there and its task went to another node; they run again here as a second
    line;
 2. with two survivors or more, they are clipped against their median norm ``m`` (of two,

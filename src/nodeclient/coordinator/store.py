@@ -729,7 +729,7 @@ class JobRows:
 
     def json(self, *, chain_id: int) -> dict[str, Any]:
         """The job as the API shows it: CPU work (a typed-data object per finished task,
-        seconds for 20,000 tasks), so a caller runs it outside the transaction."""
+        seconds for 10,000 tasks), so a caller runs it outside the transaction."""
         if self.tasks is None:
             return dict(self.head)
         return {**self.head, "tasks": [task_json(t, chain_id=chain_id) for t in self.tasks]}

@@ -338,15 +338,18 @@ class Executor:
         Free memory is MemAvailable less what the tasks already admitted (``reserve``)
         declared and have not yet taken: a task still decrypting, fetching its inputs or
         starting its worker has allocated nothing, and several dispatched at once would
-        otherwise each see the same free memory. *task_id*: a task admitted before, whose
-        own reservation does not count against it."""
+        otherwise each see the same free memory. *task_id*: a task admitted (and reserved)
+        before, which is held to MemAvailable alone, as its worker starts."""
         ram_mb = int(resources.get("ram_mb", 0))
         vram_mb = int(resources.get("vram_mb", 0))
         per_slot = self.limits.memory_bytes >> 20
         if ram_mb > per_slot:
             return f"task needs {ram_mb} MB of RAM, over this node's {per_slot} MB per slot"
         if ram_mb > 0:  # a task that declares nothing is held by the slot's rlimit alone
-            promised = self._promised_bytes(exclude=None if task_id is None else str(task_id))
+            # A task admitted before is held to what is free now, not to the promises made
+            # to tasks admitted after it (which its own admission already left room for).
+            admitted = task_id is not None and str(task_id) in self._reserved
+            promised = 0 if admitted else self._promised_bytes(exclude=None)
             free = max(0, sandbox.available_memory_bytes() - promised) >> 20
             if ram_mb > free:
                 held = (
@@ -374,7 +377,7 @@ class Executor:
     def release(self, task_id: object) -> None:
         self._reserved.pop(str(task_id), None)
 
-    def _promised_bytes(self, *, exclude: str | None) -> int:
+    def _promised_bytes(self, *, exclude: str | None = None) -> int:
         """What the reserved tasks declared and have not yet taken: all of it for a task
         not yet on a worker; for one running, its declaration less the growth of its
         worker's process tree since the task began (all of it when that cannot be read)."""

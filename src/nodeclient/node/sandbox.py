@@ -204,12 +204,17 @@ def process_tree_rss_bytes(pid: int) -> int | None:
         try:
             with open(f"/proc/{current}/statm", "rb") as statm:
                 total += int(statm.read().split()[1]) * page
-            for tid in os.listdir(f"/proc/{current}/task"):
-                with open(f"/proc/{current}/task/{tid}/children", "rb") as children:
-                    todo.extend(int(child) for child in children.read().split())
+            threads = os.listdir(f"/proc/{current}/task")
         except (OSError, ValueError, IndexError):
             if current == pid:
                 return None
+            continue  # exited while the tree was read
+        for tid in threads:
+            try:
+                with open(f"/proc/{current}/task/{tid}/children", "rb") as children:
+                    todo.extend(int(child) for child in children.read().split())
+            except (OSError, ValueError):  # a thread that has exited: no children to read
+                continue
     return total
 
 

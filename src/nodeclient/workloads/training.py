@@ -134,8 +134,9 @@ MAX_SPLIT_BYTES: Final = 1 << 30
 # Rounds x slices of one job, each a task: the final result carries a metrics entry per
 # slice and round (a few hundred bytes at most) in its header, and the job's JSON (GET
 # /v1/jobs/{id}, what `verify` checks) a task entry of about 1.4 KB with its signed typed
-# data, so this keeps that JSON near 30 MB, within what a requester's client reads (64 MiB).
-MAX_SLICE_ROUNDS: Final = 20_000
+# data (4 KB with the longest reason), so this keeps that JSON within 40 MB, under what a
+# requester's client reads (64 MiB).
+MAX_SLICE_ROUNDS: Final = 10_000
 # Every round's pseudo-gradients stay with the job (a stranger verifies each task from its
 # bytes, and replays every round: coordinator/audit.py), so a job's whole life is bounded:
 # rounds x slices x the bytes of one update.

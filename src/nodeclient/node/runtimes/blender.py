@@ -97,6 +97,7 @@ _PR_SET_PDEATHSIG: Final = 1  # <linux/prctl.h>
 OVERRIDE_SCRIPT: Final = r"""
 import json
 import os
+import re
 import sys
 
 import bpy
@@ -165,9 +166,21 @@ if moving:
 # that makes the pixels depend on the machine's speed, stereo output) would undo the pin,
 # and one on a compositor node's mute would switch a File Output or Denoise node back on.
 # A scene that animates any of them is refused.
+PINNED = ("render.", "render[", "cycles.", "cycles[", "view_layers")
 # An ID property path (``["cycles"]["samples"]``) reaches the same settings as the
-# attribute one (``cycles.samples``): every such path on a scene is refused too.
-PINNED = ("render.", "render[", "cycles.", "cycles[", "view_layers", "[")
+# attribute one (``cycles.samples``): refused too, as is one that does not read as a
+# plain key; a scene's own custom property (``["ctrl"]``) is the requester's.
+ID_PROPERTY = re.compile(r'\[\s*(["\'])(.*?)\1\s*\]')
+
+
+def _pinned(path):  # whether a scene's animation path reaches a setting pinned below
+    if path.startswith(PINNED):
+        return True
+    if path.startswith("["):
+        key = ID_PROPERTY.match(path)
+        return key is None or key.group(2).lower().startswith("cycles")
+    # a compositor node's mute, reached from the scene rather than from its tree
+    return path.startswith("node_tree") and "mute" in path
 
 
 def _fcurves(action):
@@ -199,7 +212,7 @@ def _animated(block):  # the data paths block animates: drivers, its action, NLA
 
 COMPOSITING = [s.node_tree for s in bpy.data.scenes if s.node_tree is not None]
 COMPOSITING += [g for g in bpy.data.node_groups if g.bl_idname == "CompositorNodeTree"]
-pinned = {p for s in bpy.data.scenes for p in _animated(s) if p.startswith(PINNED)}
+pinned = {p for s in bpy.data.scenes for p in _animated(s) if _pinned(p)}
 pinned |= {p for t in COMPOSITING for p in _animated(t) if p.endswith(".mute")}
 if pinned:
     reject(
