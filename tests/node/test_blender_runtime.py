@@ -410,12 +410,27 @@ def test_fetched_scene_is_cached_by_hash(scenes, tmp_path: Path) -> None:
     assert fetched == ["https://blobs.example/scene"]
 
 
+def test_stepping_a_long_scene_to_the_slices_first_frame_is_progress(
+    scenes, tmp_path: Path
+) -> None:
+    """A slice that starts late in a long scene steps through every frame before it (for
+    simulations) before its first frame is saved: seconds here, minutes in a heavy scene.
+    That stepping counts as progress, so the no-progress timeout (1 s here) does not kill
+    a slice that is working. (Before, it did, and the slice failed as the node's fault.)"""
+    runtime = BlenderRuntime(threads=2, max_seconds_per_frame=1)
+    late = _payload(scenes["cube"], frames=(40_000, 40_000))
+    frame = _frame(runtime, late, tmp_path, 40_000)
+    assert frame.shape == (HEIGHT, WIDTH, 4)
+
+
 def test_no_progress_timeout_kills_blender(scenes, tmp_path: Path) -> None:
     """No frame saved within max_seconds_per_frame: Blender is killed and the reason says so."""
     slow = _payload(scenes["cube"], frames=(1, 2), width=640, height=480, samples=65536,
                     max_seconds_per_frame=1)  # fmt: skip
     started = time.monotonic()
-    with pytest.raises(NodeClientError, match="no progress, no frame saved for 1 s"):
+    with pytest.raises(
+        NodeClientError, match=r"no progress, no frame saved \(nor the scene stepped\) for 1 s"
+    ):
         _runtime().run(slow, workdir=tmp_path)
     assert time.monotonic() - started < 10
     assert list(tmp_path.glob("render-*")) == []

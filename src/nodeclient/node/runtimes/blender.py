@@ -99,6 +99,7 @@ import json
 import os
 import re
 import sys
+import time
 
 import bpy
 
@@ -298,8 +299,16 @@ if not any(layer.use for layer in scene.view_layers):
 # frame, and the render reads each frame from their caches: so the scene is stepped here,
 # without rendering, from its first frame through the slice's last. A slice's frames then
 # show what a render of the whole range shows, wherever the slice starts.
+# That stepping is progress too (a late slice of a long scene may step for minutes before
+# its first frame): the frame reached is written to .stepped every 0.2 s, which the
+# runtime's no-progress timer reads as it reads saved frames.
+marked = time.monotonic()
 for frame in range(scene.frame_start, cfg["frame_end"] + 1):
     scene.frame_set(frame)
+    if time.monotonic() - marked >= 0.2:
+        with open(os.path.join(cfg["out"], ".stepped"), "w") as mark:
+            mark.write(str(frame))
+        marked = time.monotonic()
 scene.frame_step = 1  # -a renders every frame of the range
 # Each frame is written without a suffix and renamed to frame_NNNNNN.tga once Blender has
 # written it whole, so a frame file that exists is complete.
@@ -308,7 +317,7 @@ scene.render.filepath = os.path.join(cfg["out"], "frame_######")
 
 def _written(*_args):
     for name in os.listdir(cfg["out"]):
-        if not name.endswith(".tga"):
+        if not name.endswith(".tga") and not name.startswith("."):
             path = os.path.join(cfg["out"], name)
             os.replace(path, path + ".tga")
 
@@ -631,9 +640,14 @@ class BlenderRuntime:
         total = len(request.frames)
         started = last = self._clock()
         seen: set[str] = set()
+        stepped = b""  # the frame the override's stepping reached (.stepped), as last read
         while True:
             finished = proc.poll() is not None
             now = self._clock()
+            with contextlib.suppress(OSError):
+                reached = (out_dir / ".stepped").read_bytes()[:16]
+                if reached != stepped:  # stepping the scene to the slice's first frame
+                    stepped, last = reached, now
             new = sorted(
                 p.name
                 for p in out_dir.iterdir()
@@ -652,7 +666,7 @@ class BlenderRuntime:
                 )
             if now - last > stall:
                 raise NodeClientError(
-                    f"timeout: no progress, no frame saved for {stall} s "
+                    f"timeout: no progress, no frame saved (nor the scene stepped) for {stall} s "
                     f"({len(seen)} of {total} frames saved)"
                 )
             with contextlib.suppress(subprocess.TimeoutExpired):
