@@ -126,6 +126,7 @@ def test_encrypted_home_needs_passphrase(tmp_path: Path) -> None:
     h = tmp_path / "enc"
     pw = tmp_path / "pw"
     pw.write_text("correct horse battery staple\n")
+    pw.chmod(0o600)
     out = run_cli(
         "init", "--home", str(h), "--wallet", WALLET, "--encrypt", "--passphrase-file", str(pw)
     )
@@ -139,6 +140,7 @@ def test_encrypted_home_needs_passphrase(tmp_path: Path) -> None:
     assert "Traceback" not in missing.stderr
     wrong = tmp_path / "wrong"
     wrong.write_text("nope\n")
+    wrong.chmod(0o600)
     bad = run_cli("manifest", "--home", str(h), "--passphrase-file", str(wrong))
     assert bad.returncode != 0 and "wrong passphrase" in bad.stderr
     env_ok = run_cli("manifest", "--home", str(h), env={"NODECLIENT_PASSPHRASE_FILE": str(pw)})
@@ -572,6 +574,7 @@ def test_init_refuses_a_passphrase_file_without_encrypt(
     not even the home is created."""
     pw = tmp_path / "pw"
     pw.write_text("correct horse battery staple\n")
+    pw.chmod(0o600)
     h = tmp_path / "home"
     extra = ["--passphrase-file", str(pw)] if how == "flag" else []
     if how == "environment":

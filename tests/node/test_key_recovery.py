@@ -75,6 +75,7 @@ def test_an_encrypted_init_killed_between_the_names_is_finished_too(
     home = tmp_path / "home"
     pw = tmp_path / "pw"
     pw.write_text("correct horse battery staple\n")
+    pw.chmod(0o600)
     killed_init(home, 1, "--encrypt", "--passphrase-file", str(pw))
     keystore = (home / "node.key").read_bytes()
     assert keystore.startswith(b"{")

@@ -570,7 +570,28 @@ def test_deeply_nested_keystore_json_is_malformed(home: Path, capsys) -> None:
 def _file(tmp_path: Path, data: bytes) -> Path:
     path = tmp_path / "pass"
     path.write_bytes(data)
+    path.chmod(0o600)
     return path
+
+
+@pytest.mark.parametrize("mode", [0o644, 0o640, 0o604])
+def test_a_passphrase_file_others_can_read_is_refused(tmp_path: Path, mode: int) -> None:
+    """The passphrase file unlocks node.key: held to the key files' rules, it must be this
+    user's and readable by nobody else (before, a world-readable one was used silently)."""
+    path = _file(tmp_path, b"pw\n")
+    path.chmod(mode)
+    with pytest.raises(UsageError, match=rf"is mode {mode:04o}, owner uid \d+: .*chmod 600"):
+        read_passphrase(passphrase_file=path, env={}, prompt=None)
+    path.chmod(0o400)
+    assert read_passphrase(passphrase_file=path, env={}, prompt=None) == b"pw"
+
+
+def test_a_passphrase_file_that_is_a_symlink_is_refused(tmp_path: Path) -> None:
+    target = _file(tmp_path, b"pw\n")
+    link = tmp_path / "link"
+    link.symlink_to(target)
+    with pytest.raises(UsageError, match="is a symlink: name the file itself"):
+        read_passphrase(passphrase_file=link, env={}, prompt=None)
 
 
 def test_passphrase_file_loses_exactly_one_newline(tmp_path: Path) -> None:

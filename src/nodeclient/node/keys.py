@@ -25,6 +25,7 @@ hostile file cannot make us spend gigabytes of memory or hours of CPU.
 
 from __future__ import annotations
 
+import errno
 import getpass
 import hashlib
 import json
@@ -349,14 +350,24 @@ def terminal_prompt(stdin: TextIO) -> Callable[[str], str] | None:
 
 
 def _read_passphrase_file(file: Path) -> bytes:
+    """The file's bytes, held to the key files' own rules: a regular file, not a symlink,
+    owned by this user and readable by nobody else (it unlocks node.key)."""
     try:
-        fd = os.open(file, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+        fd = os.open(file, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOFOLLOW)
     except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise UsageError(f"passphrase file {file} is a symlink: name the file itself") from exc
         raise UsageError(f"cannot open passphrase file {file}: {exc.strerror}") from exc
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise UsageError(f"passphrase file {file} is not a regular file")
+        if st.st_uid != os.geteuid() or st.st_mode & 0o077:
+            raise UsageError(
+                f"passphrase file {file} is mode {stat.S_IMODE(st.st_mode):04o}, owner uid "
+                f"{st.st_uid}: it unlocks node.key, so it must be this user's, mode 0600 or "
+                f"0400 (chmod 600 {file})"
+            )
         raw = os.read(fd, PASSPHRASE_FILE_MAX + 1)
     except OSError as exc:
         raise UsageError(f"cannot read passphrase file {file}: {exc.strerror}") from exc
