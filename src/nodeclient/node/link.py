@@ -21,7 +21,7 @@ import httpx
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 
-from nodeclient import httpbody, tlstrust
+from nodeclient import httpbody, logs, tlstrust
 from nodeclient.errors import NeedsOperator, RemoteProtocolError
 from nodeclient.node.dispatch import TaskDispatcher
 from nodeclient.protocol import manifest as manifest_mod
@@ -405,9 +405,15 @@ class LinkClient(TaskDispatcher):
             self._apply_unstaking(welcome=True)
             log.info("link.authenticated", extra={"coordinator_id": challenge.coordinator_id})
             beat = asyncio.create_task(self._heartbeats(ws, challenge.heartbeat_interval))
+            beat.add_done_callback(lambda task: self._heartbeats_ended(ws, task))
             try:
                 self._resent_at = time.monotonic()
-                await self._send_backlog()
+                # The backlog goes out while this link's frames are read: awaited first, a
+                # long one (a slow uplink after an outage) left its acknowledgements, cancels
+                # and pongs unread, until the keepalive closed the link and they were lost.
+                self._resend = self._background(
+                    self._send_backlog(), context=logs.context_without("task_id", "job_id")
+                )
                 async for frame in ws:
                     await self._on_frame(frame)
             finally:
@@ -418,15 +424,28 @@ class LinkClient(TaskDispatcher):
                 # so that asyncio does not log it later as an exception never retrieved.
                 await asyncio.gather(beat, return_exceptions=True)
 
+    def _heartbeats_ended(self, ws: ClientConnection, task: asyncio.Task[None]) -> None:
+        """The heartbeat task ended other than by the link's end or a cancel (a bug): said,
+        and the link closed, so that a new one starts now rather than the coordinator
+        finding this node silent, and offline, three intervals later."""
+        if task.cancelled() or isinstance(task.exception(), ConnectionClosed | None):
+            return
+        log.error("link.heartbeat_failed", exc_info=task.exception())
+        self._background(ws.close(1011, "heartbeats failed"))
+
     async def _heartbeats(self, ws: ClientConnection, coordinator_interval: float) -> None:
         interval = min(self.heartbeat_interval, coordinator_interval)
         while True:
             # The tasks this node holds: running, and (the oldest few hundred) finished with
             # a result this coordinator has not acknowledged yet, which it may be sending
             # now. The coordinator re-queues at once a lease its node does not hold.
-            held = self.outbox.pending_ids(
-                coordinator_id=self.session.coordinator_id, limit=HEARTBEAT_HELD_RESULTS
-            )
+            try:
+                held = self.outbox.pending_ids(
+                    coordinator_id=self.session.coordinator_id, limit=HEARTBEAT_HELD_RESULTS
+                )
+            except (OSError, sqlite3.Error) as exc:  # a failing disk: beat all the same
+                log.warning("heartbeat.held_unread", extra={"error": f"{exc}"[:300]})
+                held = []
             running = list(dict.fromkeys([*self.running, *held]))
             load = int(os.getloadavg()[0] / max(1, os.cpu_count() or 1) * 1000)
             frame = self.session.heartbeat(
