@@ -692,6 +692,12 @@ def test_malformed_coordinator_flag_is_one_line(
         ("ws://coordinator.example.net", "must be an http:// or https:// URL"),
         ("http://", "has no host name"),
         ("https://coordinator.example.net:99999", "port 99999"),
+        # The daemon appends /v1/nodes and /v1/link as text: a query or fragment would
+        # swallow them; a user:password would show in status and logs.
+        ("https://coordinator.example.net/#x", "no query (?) or fragment (#)"),
+        ("https://coordinator.example.net/?a=1", "no query (?) or fragment (#)"),
+        ("https://user:pw@coordinator.example.net", "must not carry a user name or password"),
+        ("https://coordinator.example.net/a b", "quote, backslash, space or control"),
     ],
 )
 def test_malformed_coordinator_in_config_is_one_line(
@@ -703,6 +709,22 @@ def test_malformed_coordinator_in_config_is_one_line(
     assert main(["doctor", "--home", str(home)]) == 2
     line = one_error_line(capsys.readouterr().err)
     assert str(home / "config.toml") in line and f"coordinator {url!r}" in line and needle in line
+
+
+@pytest.mark.parametrize(
+    ("answer", "code"), [({"state": "READY", "link": "up"}, 0), ({"error": "internal"}, 1)]
+)
+def test_status_json_exits_non_zero_on_an_error_answer(
+    home: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+    answer: dict, code: int,
+) -> None:  # fmt: skip
+    """`status --json` prints the daemon's answer as it came; an error answer (no state)
+    exits 1, as the text form does (before, 0: a script saw a broken daemon as fine)."""
+    from nodeclient.node import control
+
+    monkeypatch.setattr(control, "request", lambda *a, **kw: answer)
+    assert main(["status", "--home", str(home), "--json"]) == code
+    assert json.loads(capsys.readouterr().out) == answer
 
 
 def test_coordinator_flag_replaces_a_good_config_value(home: Path) -> None:

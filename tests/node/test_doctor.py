@@ -429,6 +429,18 @@ def test_report_lines_and_exit_status() -> None:
     assert doctor.exit_status([doctor.Check("c", Level.WARN, "meh")]) == 1
 
 
+@pytest.mark.parametrize("how", ["missing", "world-writable"])
+def test_doctor_without_a_usable_home_fails(tmp_path: Path, capsys, how: str) -> None:
+    """No node home, or one others may write (and swap the keys in): doctor's FAIL, exit
+    2, not 1 (WARN), which a monitor would read as a warning."""
+    home = tmp_path / "h"
+    if how == "world-writable":
+        home.mkdir()
+        home.chmod(0o777)
+    assert main(["doctor", "--home", str(home)]) == 2
+    assert capsys.readouterr().err.startswith("nodeclient: error: ")
+
+
 def test_doctor_command_fails_on_bad_key_mode(home: Path, capsys) -> None:
     """`nodeclient doctor` on a home with a 0644 key exits 2 and prints the chmod fix."""
     os.chmod(home / "payload.key", 0o644)

@@ -93,6 +93,24 @@ def test_resolve_home_defaults_to_dot_nodeclient_in_home(tmp_path: Path) -> None
     assert resolve_home(None, {"HOME": str(tmp_path)}) == tmp_path / ".nodeclient"
 
 
+def test_a_home_that_cannot_be_told_is_a_one_line_usage_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """No $HOME and no passwd entry for this uid (a container's arbitrary uid): a usage
+    error saying what to pass, not Path.home()'s RuntimeError and a traceback."""
+    import pwd
+
+    from nodeclient.errors import UsageError
+
+    def no_entry(uid: int) -> pwd.struct_passwd:
+        raise KeyError(f"getpwuid(): uid not found: {uid}")
+
+    monkeypatch.setattr(pwd, "getpwuid", no_entry)
+    monkeypatch.delenv("HOME", raising=False)
+    with pytest.raises(UsageError, match="pass --home or set NODECLIENT_HOME"):
+        resolve_home(None, {})
+
+
 # --- ensure_home ----------------------------------------------------------------------
 
 

@@ -143,6 +143,24 @@ def test_home_flag_sets_the_units_home(tmp_path: Path, capsys) -> None:
     assert "install -d -m 0700 -o nodeclient -g nodeclient /var/lib/other" in out
 
 
+def test_a_home_flag_before_the_command_sets_the_units_home_too(tmp_path: Path) -> None:
+    """`nodeclient --home /var/lib/other service install`: the flag every command takes
+    before its name is the unit's home as well (before, the subcommand's own default reset
+    it, and the unit silently got /var/lib/nodeclient)."""
+    path = tmp_path / "nodeclient.service"
+    assert main(["--home", "/var/lib/other", "service", "install", "--output", str(path)]) == 0
+    one = {k: v[0] for k, v in parse(path.read_text())["Service"].items()}
+    assert one["ExecStart"] == f"{exe()} run --home /var/lib/other --log-format json"
+
+
+def test_an_executable_that_is_not_there_is_refused(tmp_path: Path, capsys) -> None:
+    """--executable naming no executable file: a one-line error, no unit (systemd would
+    fail with 203/EXEC at start; before, the unit was written and the command exited 0)."""
+    rc, path = install(tmp_path, "--executable", str(tmp_path / "nope" / "nodeclient"))
+    assert rc == 2 and not path.exists()
+    assert "is not an executable file" in capsys.readouterr().err
+
+
 def test_home_flag_outside_var_lib_is_refused(tmp_path: Path, capsys) -> None:
     """A --home that cannot be a StateDirectory= is refused, and no unit is written."""
     rc, path = install(tmp_path, "--home", "/srv/nodeclient")
@@ -570,20 +588,29 @@ def test_output_names_systemd_cannot_load_are_refused(tmp_path: Path, capsys, na
     assert list(tmp_path.iterdir()) == []
 
 
-def test_output_names_systemd_loads_are_written_and_quoted(tmp_path: Path, capsys) -> None:
+def test_output_names_systemd_loads_are_written_and_quoted(
+    tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Every character systemd allows in a unit name is accepted, up to 255 characters,
     and the printed commands quote the unit name and paths for the shell."""
+    units = tmp_path / "units"
+    units.mkdir()
     longest = "a" * 247 + ".service"
-    assert main(["service", "install", "--output", str(tmp_path / longest)]) == 0
-    assert (tmp_path / longest).is_file()
+    assert main(["service", "install", "--output", str(units / longest)]) == 0
+    assert (units / longest).is_file()
+    # An executable with "&" in its path (here under the test's own /tmp, which the unit's
+    # private /tmp and its user could not reach: those checks are not this test's).
+    exe = tmp_path / "gpu&cpu" / "bin" / "nodeclient"
+    exe.parent.mkdir(parents=True)
+    exe.write_text("#!/bin/sh\n")
+    exe.chmod(0o755)
+    monkeypatch.setattr(service, "under_private_tmp", lambda paths: None)
+    monkeypatch.setattr(service, "unreachable", lambda user, paths: None)
     name = "node\\x2dgpu_1:a-b.service"
-    rc = main(
-        ["service", "install", "--output", str(tmp_path / name),
-         "--executable", "/opt/gpu&cpu/bin/nodeclient"]
-    )  # fmt: skip
+    rc = main(["service", "install", "--output", str(units / name), "--executable", str(exe)])
     out = capsys.readouterr().out
-    assert rc == 0 and (tmp_path / name).is_file()
+    assert rc == 0 and (units / name).is_file()
     commands = [shlex.split(line, comments=True) for line in out.splitlines()[2:]]
     assert ["systemctl", "enable", "--now", name] in commands
-    assert commands[-1][:4] == ["sudo", "-u", "nodeclient", "/opt/gpu&cpu/bin/nodeclient"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([longest, name])
+    assert commands[-1][:4] == ["sudo", "-u", "nodeclient", str(exe)]
+    assert sorted(p.name for p in units.iterdir()) == sorted([longest, name])

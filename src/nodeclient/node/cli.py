@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import sys
 import time
 import uuid
@@ -191,8 +192,12 @@ def cmd_devnet(args: argparse.Namespace) -> int:
 def cmd_doctor(args: argparse.Namespace) -> int:
     from nodeclient.node import doctor
 
-    home = home_dir(args)
-    config = load_config(home)
+    try:
+        home = home_dir(args)
+        config = load_config(home)
+    except NodeClientError as exc:  # no node to check: doctor's FAIL, whatever the error
+        print(f"nodeclient: error: {printable(str(exc))}", file=sys.stderr)
+        return int(doctor.Level.FAIL)
     checks = doctor.run_all(
         home,
         coordinator=coordinator_option(args, config, daemon_home=home),
@@ -214,6 +219,11 @@ def cmd_service_install(args: argparse.Namespace) -> int:
     home = Path(args.home) if args.home else service.DEFAULT_HOME
     code = service.code_paths_for(exe, ours=args.executable is None)
     opts = service.UnitOptions(executable=exe, user=args.user, home=home, code_paths=code)
+    if not (exe.is_file() and os.access(exe, os.X_OK)):
+        raise UsageError(
+            f"--executable {exe} is not an executable file: systemd would fail with status "
+            "203/EXEC; name the nodeclient that `command -v nodeclient` shows"
+        )
     blocked = service.under_private_tmp((exe, *code)) or service.unreachable(
         opts.user, (exe, *code)
     )
@@ -329,8 +339,8 @@ def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915 (one block per c
     sv = sub.add_parser("service", help="run the daemon under systemd")
     svsub = sv.add_subparsers(dest="service_command", required=True, metavar="ACTION")
     si = svsub.add_parser("install", help="write a hardened systemd unit")
-    si.add_argument(
-        "--home", default=None, metavar="DIR",
+    si.add_argument(  # SUPPRESS: a --home before "service" is kept, not reset to None
+        "--home", default=argparse.SUPPRESS, metavar="DIR",
         help="the unit's node home, directly under /var/lib (default /var/lib/nodeclient; "
         "$NODECLIENT_HOME is not used)",
     )  # fmt: skip

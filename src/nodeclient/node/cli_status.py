@@ -58,7 +58,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     st = control.request(home / control.SOCKET_NAME, {"cmd": "status"})
     if args.json:
         print(json.dumps(st, indent=2))
-        return 0
+        # An error answer is printed as it came, and is no status: a script sees it fail.
+        return 0 if "state" in st else 1
     if "state" not in st:  # an error answer, e.g. from a daemon of another version
         raise NodeClientError(
             f"the daemon answered: {printable(str(st.get('error', 'no state')))}; "

@@ -211,6 +211,17 @@ def check_coordinator_url(url: str, *, name: str = "coordinator") -> str:
         raise UsageError(f"{name} {shown!r} has no host name")
     if parsed.port is not None and not 1 <= parsed.port <= 65535:
         raise UsageError(f"{name} {shown!r} has port {parsed.port}, not 1..65535")
+    # The daemon appends its paths (/v1/nodes, /v1/link) to the URL as text: a query or a
+    # fragment would swallow them, and a user:password would show in status and logs.
+    if parsed.query or parsed.fragment or "?" in url or "#" in url:
+        raise UsageError(f"{name} {shown!r} must have no query (?) or fragment (#)")
+    if parsed.userinfo:
+        raise UsageError(
+            f"{name} {shown!r} must not carry a user name or password: the node "
+            "authenticates with its keys"
+        )
+    if any(ch in url for ch in '"\\') or any(ord(ch) < 0x21 or ord(ch) == 0x7F for ch in url):
+        raise UsageError(f"{name} {shown!r} holds a quote, backslash, space or control character")
     return url
 
 

@@ -48,7 +48,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Final
 
-from nodeclient.errors import KeyFileError
+from nodeclient.errors import KeyFileError, UsageError
 
 log = logging.getLogger("nodeclient.node")
 
@@ -89,7 +89,13 @@ def resolve_home(cli_home: str | os.PathLike[str] | None, env: Mapping[str, str]
         raw = os.path.join("~", DEFAULT_HOME_NAME)
     text = os.fspath(raw)
     if text == "~" or text.startswith("~/"):
-        user_home = env.get("HOME") or str(Path.home())
+        try:
+            user_home = env.get("HOME") or str(Path.home())
+        except RuntimeError:  # no $HOME, and no passwd entry for this uid (a container's)
+            raise UsageError(
+                "cannot tell this user's home directory (no $HOME, no passwd entry): pass "
+                "--home or set NODECLIENT_HOME"
+            ) from None
         text = user_home + text[1:]
     return Path(os.path.abspath(text))
 
