@@ -81,6 +81,20 @@ def test_a_lost_or_malformed_liveness_key_fails_with_rotate_as_the_fix(
     assert "node.key" not in check.summary and "payload.key" not in check.summary
 
 
+@pytest.mark.parametrize("name", ["node.key", "payload.key"])
+@pytest.mark.parametrize("content", [b"garbage\n", b"{not a keystore", b""])
+def test_a_node_or_payload_key_holding_no_key_fails_with_restore_as_the_fix(
+    home: Path, name: str, content: bytes
+) -> None:
+    """A safe node.key or payload.key (0600, ours) that holds no key of its kind fails,
+    naming the file, with a restore from backup as the fix: `run` would fail on it.
+    (Before, doctor saw only the mode and said OK.)"""
+    (home / name).write_bytes(content)
+    check = doctor.check_key_files(home)
+    assert check.level is Level.FAIL and check.summary.startswith(f"{name}: ")
+    assert check.fix.startswith(f"restore {home / name} from your backup")
+
+
 # --- sandbox ----------------------------------------------------------------------------------
 
 

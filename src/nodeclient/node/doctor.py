@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
 from nodeclient import httpbody, tlstrust
-from nodeclient.errors import KeyFileError, UsageError
+from nodeclient.errors import KeyFileError, KeystoreError, UsageError
 from nodeclient.node import keys, sandbox, securefile
 
 if TYPE_CHECKING:
@@ -69,17 +69,23 @@ class Check:
 
 
 def check_key_files(home: Path) -> Check:
-    """2.3.1: every key file exists, is a regular file we own, mode 0600; and liveness.key,
-    the one key that is replaced rather than restored, holds a liveness key."""
+    """2.3.1: every key file exists, is a regular file we own, mode 0600, and holds a key
+    of its kind (node.key: a key or a well-formed keystore, its secret unchecked without
+    the passphrase); liveness.key is replaced when it does not, the others restored."""
     problems, fixes, seen = [], [], []
     quoted = shlex.quote(str(home))  # the commands below must name it when pasted
     rotate = f"run `nodeclient keys rotate-liveness --home {quoted}` to make a new liveness key"
     for name in keys.KEY_FILES:
         info = securefile.describe_file(home / name)
         liveness = name == keys.LIVENESS_KEY
-        if info["ok"] and liveness and (malformed := _liveness_problem(home)) is not None:
+        if info["ok"] and (malformed := _content_problem(home, name)) is not None:
             problems.append(f"{name}: {malformed}")
-            fixes.append(rotate)
+            fixes.append(
+                rotate
+                if liveness
+                else f"restore {home / name} from your backup of the node home (a new "
+                f"{name} would make another node, or one the coordinator cannot reach)"
+            )
             continue
         if info["ok"]:
             seen.append(f"{name} {info['mode']}")
@@ -104,11 +110,16 @@ def check_key_files(home: Path) -> Check:
     return Check("keys", Level.OK, ", ".join(seen))
 
 
-def _liveness_problem(home: Path) -> str | None:
-    """Why liveness.key, a safe file, does not load (its content), or None."""
+def _content_problem(home: Path, name: str) -> str | None:
+    """Why the key file *name*, a safe file, does not hold a key of its kind, or None."""
+    load = {
+        keys.LIVENESS_KEY: keys.load_liveness_key,
+        keys.PAYLOAD_KEY: keys.load_payload_key,
+        keys.NODE_KEY: keys.check_node_key,
+    }[name]
     try:
-        keys.load_liveness_key(home)
-    except KeyFileError as exc:
+        load(home)
+    except (KeyFileError, KeystoreError) as exc:
         return str(exc).partition("; fix: ")[0]
     return None
 

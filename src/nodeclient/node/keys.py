@@ -233,6 +233,16 @@ def node_id_of(home: Path) -> str:
     return keystore.address
 
 
+def check_node_key(home: Path) -> None:
+    """Raise KeyFileError or KeystoreError unless node.key holds a key (plain hex) or a
+    well-formed keystore; without the passphrase, a keystore's secret is not checked."""
+    path, data = _read_key(home, NODE_KEY)
+    if _looks_like_json(data):
+        _parse_keystore(data, path)
+    else:
+        _parse_hex_key(data, path)
+
+
 def is_encrypted(home: Path) -> bool:
     """Whether node.key is a keystore (told by content: a keystore starts with ``{``)."""
     return _looks_like_json(_read_key(home, NODE_KEY)[1])
