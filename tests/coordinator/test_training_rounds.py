@@ -682,6 +682,15 @@ def test_training_job_runs_two_rounds_through_the_coordinator(
     )  # fmt: skip
     assert report.ok, report.as_json()
     assert report.result.startswith("equal to its 2 rounds replayed")
+    # A job the coordinator accepted replays under a submission limit lowered since (its
+    # 4 slice-rounds over a MAX_SLICE_ROUNDS of 3): the limits are the submission's.
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(tr, "MAX_SLICE_ROUNDS", 3)
+        report = audit.audit_job(
+            final, client.task_result, lambda: client.raw_job_result(job_id),
+            fetch_manifest=client.manifest, payload=job.encode(),
+        )  # fmt: skip
+    assert report.ok, report.as_json()
     # What the requester submitted (verify --slices) must be what the coordinator reports.
     report = audit.audit_job(
         final, client.task_result, lambda: client.raw_job_result(job_id),

@@ -24,8 +24,9 @@ from PIL import Image
 from nodeclient.coordinator.classes import REGISTRY
 from nodeclient.errors import NodeClientError, RemoteProtocolError
 from nodeclient.node.runtimes import RUNTIMES
+from nodeclient.node.runtimes.base import no_progress
 from nodeclient.node.runtimes.blender import OVERRIDE_SCRIPT, BlenderRuntime, decode_tga, usable
-from nodeclient.workloads.render import CLASS, make_request
+from nodeclient.workloads.render import CLASS, RenderRequest, make_request
 from nodeclient.workloads.render_slices import decode_result
 from tests.blender_scenes import BLENDER, FRAMES, HEIGHT, WIDTH, build_scenes
 
@@ -410,17 +411,58 @@ def test_fetched_scene_is_cached_by_hash(scenes, tmp_path: Path) -> None:
     assert fetched == ["https://blobs.example/scene"]
 
 
+class _Stepping:
+    """Stands in for Blender while the override steps the scene: every wait, the clock
+    moves on 0.6 s and ``.stepped`` names the next frame; it exits after *steps* waits."""
+
+    def __init__(self, out: Path, clock: list[float], steps: int, *, marks: bool) -> None:
+        self.out, self.clock, self.left, self.marks = out, clock, steps, marks
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        self.clock[0] += 0.6
+        self.left -= 1
+        if self.marks:
+            (self.out / ".stepped").write_text(str(1000 - self.left))
+        if self.left <= 0:
+            (self.out / "frame_001000.tga").write_bytes(b"")
+            self.returncode = 0
+            return 0
+        raise subprocess.TimeoutExpired("blender", timeout or 0)
+
+
+@pytest.mark.parametrize("marks", [True, False])
 def test_stepping_a_long_scene_to_the_slices_first_frame_is_progress(
-    scenes, tmp_path: Path
+    tmp_path: Path, marks: bool
 ) -> None:
     """A slice that starts late in a long scene steps through every frame before it (for
-    simulations) before its first frame is saved: seconds here, minutes in a heavy scene.
-    That stepping counts as progress, so the no-progress timeout (1 s here) does not kill
-    a slice that is working. (Before, it did, and the slice failed as the node's fault.)"""
-    runtime = BlenderRuntime(threads=2, max_seconds_per_frame=1)
-    late = _payload(scenes["cube"], frames=(40_000, 40_000))
-    frame = _frame(runtime, late, tmp_path, 40_000)
-    assert frame.shape == (HEIGHT, WIDTH, 4)
+    simulations) before its first frame is saved: minutes in a heavy scene. Each change
+    of the override's ``.stepped`` counts as progress, so the no-progress timeout (1 s
+    here, 6 s of stepping) does not kill a slice that is working; without the marks it
+    does. (Before, the stepping counted for nothing, and the slice failed as the node's
+    fault.)"""
+    clock = [0.0]
+    runtime = BlenderRuntime(threads=1, max_seconds_per_frame=1, clock=lambda: clock[0])
+    request = RenderRequest.decode(_payload(b"scene", frames=(1000, 1000)))
+    proc = _Stepping(tmp_path, clock, steps=10, marks=marks)
+    if marks:
+        runtime._watch(proc, request, tmp_path, no_progress)  # type: ignore[arg-type]
+        assert proc.returncode == 0
+    else:
+        with pytest.raises(NodeClientError, match="no progress, no frame saved"):
+            runtime._watch(proc, request, tmp_path, no_progress)  # type: ignore[arg-type]
+
+
+def test_the_override_marks_its_stepping(scenes, tmp_path: Path) -> None:
+    """The override writes the frame its stepping reached to ``.stepped`` in the output
+    directory (at once, then every 0.2 s), which the runtime's watcher reads."""
+    run = _override(scenes["cube"], tmp_path / "direct", frame_start=2000, frame_end=2000)
+    assert run.returncode == 0, run.stdout[-2000:]
+    reached = int((tmp_path / "direct" / "frames" / ".stepped").read_text())
+    assert 1 <= reached <= 2000
 
 
 def test_no_progress_timeout_kills_blender(scenes, tmp_path: Path) -> None:

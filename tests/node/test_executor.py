@@ -1384,8 +1384,10 @@ def test_ram_admission_counts_what_admitted_tasks_declared(
     ex.reserve(second, {"ram_mb": 7_000})  # 21 GB promised: nothing left for a third
     assert "only 0 MB is free" in ex.admission({"ram_mb": 1})
     # ... but the first, admitted before the second, is held to what is free as it
-    # starts, not to the promise made to the second after it.
+    # starts, not to the promise made to the second after it; the second, to what the
+    # first has not taken yet.
     assert ex.admission({"ram_mb": 14_000}, task_id=first) == ""
+    assert "only 6000 MB is free" in ex.admission({"ram_mb": 7_000}, task_id=second)
     ex.release(second)
     ex.reserve(uuid.uuid4(), {})  # declares nothing: reserves nothing
     ex.release(first)

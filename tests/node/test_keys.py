@@ -586,6 +586,26 @@ def test_a_passphrase_file_others_can_read_is_refused(tmp_path: Path, mode: int)
     assert read_passphrase(passphrase_file=path, env={}, prompt=None) == b"pw"
 
 
+def test_a_systemd_credential_is_a_passphrase_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """LoadCredential= files are root's, mode 0400, with an ACL for the service's user that
+    shows as 0440: taken from the service's $CREDENTIALS_DIRECTORY, not from elsewhere, and
+    not when others could read or anyone write it."""
+    creds = tmp_path / "credentials"
+    creds.mkdir()
+    path = _file(creds, b"pw\n")
+    path.chmod(0o440)
+    with pytest.raises(UsageError, match="is mode 0440"):  # no credentials directory here
+        read_passphrase(passphrase_file=path, env={}, prompt=None)
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(creds))
+    assert read_passphrase(passphrase_file=path, env={}, prompt=None) == b"pw"
+    for mode in (0o444, 0o460):  # readable by others; writable by the group
+        path.chmod(mode)
+        with pytest.raises(UsageError, match=f"is mode {mode:04o}"):
+            read_passphrase(passphrase_file=path, env={}, prompt=None)
+
+
 def test_a_passphrase_file_that_is_a_symlink_is_refused(tmp_path: Path) -> None:
     target = _file(tmp_path, b"pw\n")
     link = tmp_path / "link"

@@ -560,7 +560,6 @@ def _replay_training(  # noqa: PLR0911 (one early answer per check)
     request = tr.JobRequest.decode(payload, max_bytes=_ASSEMBLE_LIMIT)
     model, config = request.model, request.config
     slices = int(job["slices"])
-    request.round_zero(slices)  # the split's own checks, as at submission
     shards = [tr.sha256_hex(shard) for shard in request.shards(slices)]
     container = request.initial_weights()
     weights = dict(tr.decode_weights(container, model, max_bytes=_ASSEMBLE_LIMIT))

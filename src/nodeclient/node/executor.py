@@ -339,17 +339,17 @@ class Executor:
         declared and have not yet taken: a task still decrypting, fetching its inputs or
         starting its worker has allocated nothing, and several dispatched at once would
         otherwise each see the same free memory. *task_id*: a task admitted (and reserved)
-        before, which is held to MemAvailable alone, as its worker starts."""
+        before, held as its worker starts to what the tasks reserved before it left."""
         ram_mb = int(resources.get("ram_mb", 0))
         vram_mb = int(resources.get("vram_mb", 0))
         per_slot = self.limits.memory_bytes >> 20
         if ram_mb > per_slot:
             return f"task needs {ram_mb} MB of RAM, over this node's {per_slot} MB per slot"
         if ram_mb > 0:  # a task that declares nothing is held by the slot's rlimit alone
-            # A task admitted before is held to what is free now, not to the promises made
-            # to tasks admitted after it (which its own admission already left room for).
-            admitted = task_id is not None and str(task_id) in self._reserved
-            promised = 0 if admitted else self._promised_bytes(exclude=None)
+            # A task admitted before is held to what is free now less what was promised
+            # before it, not to the promises made after it (its own admission left room
+            # for it, so theirs did not count it).
+            promised = self._promised_bytes(before=None if task_id is None else str(task_id))
             free = max(0, sandbox.available_memory_bytes() - promised) >> 20
             if ram_mb > free:
                 held = (
@@ -377,14 +377,15 @@ class Executor:
     def release(self, task_id: object) -> None:
         self._reserved.pop(str(task_id), None)
 
-    def _promised_bytes(self, *, exclude: str | None = None) -> int:
+    def _promised_bytes(self, *, before: str | None = None) -> int:
         """What the reserved tasks declared and have not yet taken: all of it for a task
         not yet on a worker; for one running, its declaration less the growth of its
-        worker's process tree since the task began (all of it when that cannot be read)."""
+        worker's process tree since the task began (all of it when that cannot be read).
+        With *before* (a reserved task): only the tasks reserved before it."""
         total = 0
-        for key, declared in self._reserved.items():
-            if key == exclude:
-                continue
+        for key, declared in self._reserved.items():  # in the order they were reserved
+            if key == before:
+                break
             taken = 0
             slot = self._running.get(key)
             if slot is not None and slot.proc is not None and slot.task_rss is not None:

@@ -359,6 +359,24 @@ def terminal_prompt(stdin: TextIO) -> Callable[[str], str] | None:
     return getpass.getpass if stdin.isatty() else None
 
 
+def _passphrase_file_private(file: Path, st: os.stat_result) -> bool:
+    """This user's, readable by nobody else. Or a systemd credential (``LoadCredential=``,
+    in the service's own ``$CREDENTIALS_DIRECTORY``, which only the service can enter):
+    systemd makes it root's, mode 0400, and grants the service's user an ACL, which shows
+    as group bits (0440): there, root's or ours, with no bit for others and none to write."""
+    mode = stat.S_IMODE(st.st_mode)
+    if st.st_uid == os.geteuid() and not mode & 0o077:
+        return True
+    credentials = os.environ.get("CREDENTIALS_DIRECTORY")
+    if not credentials:
+        return False
+    return (
+        os.path.realpath(os.path.dirname(os.path.abspath(file))) == os.path.realpath(credentials)
+        and st.st_uid in (0, os.geteuid())
+        and not mode & 0o227  # no write bits, nothing for others
+    )
+
+
 def _read_passphrase_file(file: Path) -> bytes:
     """The file's bytes, held to the key files' own rules: a regular file, not a symlink,
     owned by this user and readable by nobody else (it unlocks node.key)."""
@@ -372,7 +390,7 @@ def _read_passphrase_file(file: Path) -> bytes:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise UsageError(f"passphrase file {file} is not a regular file")
-        if st.st_uid != os.geteuid() or st.st_mode & 0o077:
+        if not _passphrase_file_private(file, st):
             raise UsageError(
                 f"passphrase file {file} is mode {stat.S_IMODE(st.st_mode):04o}, owner uid "
                 f"{st.st_uid}: it unlocks node.key, so it must be this user's, mode 0600 or "

@@ -192,8 +192,9 @@ def available_memory_bytes() -> int:
 
 def process_tree_rss_bytes(pid: int) -> int | None:
     """Resident memory of *pid* and every process below it (``/proc/<pid>/task/*/children``),
-    or None when *pid* itself cannot be read (gone, or a kernel without those files). A
-    process below it that exits while the tree is read counts for nothing."""
+    or None when *pid* itself cannot be read (gone). A process below it that exits while
+    the tree is read counts for nothing, and so do its children on a kernel without the
+    ``children`` files: then the figure is *pid*'s own, a lower bound."""
     page = os.sysconf("SC_PAGE_SIZE")
     total, todo, seen = 0, [pid], set()
     while todo:

@@ -181,7 +181,7 @@ def _pinned(path):  # whether a scene's animation path reaches a setting pinned 
         key = ID_PROPERTY.match(path)
         return key is None or key.group(2).lower().startswith("cycles")
     # a compositor node's mute, reached from the scene rather than from its tree
-    return path.startswith("node_tree") and "mute" in path
+    return path.startswith("node_tree") and path.endswith(".mute")
 
 
 def _fcurves(action):
@@ -302,7 +302,7 @@ if not any(layer.use for layer in scene.view_layers):
 # That stepping is progress too (a late slice of a long scene may step for minutes before
 # its first frame): the frame reached is written to .stepped every 0.2 s, which the
 # runtime's no-progress timer reads as it reads saved frames.
-marked = time.monotonic()
+marked = float("-inf")  # the first frame stepped is marked at once
 for frame in range(scene.frame_start, cfg["frame_end"] + 1):
     scene.frame_set(frame)
     if time.monotonic() - marked >= 0.2:
