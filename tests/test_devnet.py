@@ -283,3 +283,29 @@ def test_devnet_nodes_are_started_with_every_gpu_hidden(
     (env,) = started
     assert env["CUDA_VISIBLE_DEVICES"] == ""
     assert env["PATH"] == os.environ["PATH"]  # the rest of the environment as it was
+
+
+def test_a_node_started_is_stopped_even_if_pinning_it_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The node process is in the devnet's list as soon as it starts: when pinning it to
+    its CPUs fails (the CPU set changed meanwhile), stop() still ends it. (Before, it was
+    listed only afterwards, and kept running while its home was removed.)"""
+    started: list[Any] = []
+
+    class Recorded:
+        pid = os.getpid()
+
+        def __init__(self, _argv: list[str], **kwargs: Any) -> None:
+            started.append(self)
+
+    def refused(pid: int, cpus: set[int]) -> None:
+        raise OSError(22, "Invalid argument")
+
+    monkeypatch.setattr(devnet.subprocess, "Popen", Recorded)
+    monkeypatch.setattr(devnet.os, "sched_setaffinity", refused)
+    net = devnet.Devnet(workdir=tmp_path, heartbeat=1.0, out=lambda _line: None, url="http://x")
+    net._sandbox = True
+    with pytest.raises(OSError, match="Invalid argument"):
+        net.add_node(0, cpus={0})
+    assert [proc for _, proc in net.nodes] == started

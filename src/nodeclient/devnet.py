@@ -108,9 +108,9 @@ class Devnet:
             # and run nothing where onnxruntime or torch is a CPU build (the default).
             env=dict(os.environ) if gpus else {**os.environ, "CUDA_VISIBLE_DEVICES": ""},
         )
+        self.nodes.append((home, proc))  # at once: stop() ends it whatever happens next
         if cpus:  # set long before the node probes its hardware (interpreter start, imports)
             os.sched_setaffinity(proc.pid, cpus)
-        self.nodes.append((home, proc))
         return home
 
     def stop(self, grace: float = 30.0) -> None:

@@ -379,7 +379,8 @@ def _passphrase_file_private(file: Path, st: os.stat_result) -> bool:
 
 def _read_passphrase_file(file: Path) -> bytes:
     """The file's bytes, held to the key files' own rules: a regular file, not a symlink,
-    owned by this user and readable by nobody else (it unlocks node.key)."""
+    owned by this user and readable by nobody else, or a systemd credential as systemd
+    makes it (:func:`_passphrase_file_private`): it unlocks node.key."""
     try:
         fd = os.open(file, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOFOLLOW)
     except OSError as exc:
