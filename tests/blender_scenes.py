@@ -50,6 +50,15 @@ def keyframe(block, path, value):  # a constant keyframe at frame 1, in a plain 
     curve.keyframe_points.insert(1, value).interpolation = "CONSTANT"
 
 
+def png_file(path, color):  # a 4x4 PNG of one colour at path, not kept in the file
+    image = bpy.data.images.new("png", 4, 4)
+    image.generated_color = color
+    image.filepath_raw = path
+    image.file_format = "PNG"
+    image.save()
+    bpy.data.images.remove(image)
+
+
 def file_output(tree, name, base_path):
     node = tree.nodes.new("CompositorNodeOutputFile")
     node.name = name
@@ -165,18 +174,8 @@ def build(out, variant):
         bpy.data.objects["cube"].modifiers.new("wobble", "NODES").node_group = group
         keyframe(group, 'nodes["Set Position"].mute', 1.0)
     if variant == "movie":  # packed, but a movie: read from its absolute path, not the pack
-        secret = bpy.data.images.new("secret", 4, 4)
-        secret.generated_color = (0.0, 1.0, 0.0, 1.0)
-        secret.filepath_raw = out + ".secret.png"
-        secret.file_format = "PNG"
-        secret.save()
-        bpy.data.images.remove(secret)
-        made = bpy.data.images.new("decoy", 4, 4)
-        made.generated_color = (1.0, 0.0, 1.0, 1.0)
-        made.filepath_raw = out + ".decoy.png"
-        made.file_format = "PNG"
-        made.save()
-        bpy.data.images.remove(made)
+        png_file(out + ".secret.png", (0.0, 1.0, 0.0, 1.0))  # green: the node's file
+        png_file(out + ".decoy.png", (1.0, 0.0, 1.0, 1.0))  # magenta: what is packed
         decoy = bpy.data.images.load(out + ".decoy.png")
         decoy.pack()
         decoy.source = "MOVIE"

@@ -25,6 +25,30 @@ from tests.node.test_daemon_link import Events, Waits, linked_daemon
 pytest_plugins = ["tests.node.test_daemon_link"]  # its fixtures: events, waits
 
 
+def _link_to(daemon: Any, handler: Any, *, timeout: float) -> None:
+    """Run the daemon's link loop against *handler*, a coordinator on its port."""
+
+    async def main() -> None:
+        port = int(daemon.url.rsplit(":", 1)[1])
+        async with serve(handler, "127.0.0.1", port):
+            await asyncio.wait_for(daemon._link_loop(), timeout=timeout)
+
+    asyncio.run(main())
+
+
+def _fails_on_second_call(real: Any, error: Exception) -> Any:
+    """*real*, but raising *error* on its second call."""
+    calls: list[int] = []
+
+    def wrapped(**kw: Any) -> Any:
+        calls.append(1)
+        if len(calls) == 2:
+            raise error
+        return real(**kw)
+
+    return wrapped
+
+
 async def _handshake(ws: ServerConnection, node_id: str) -> None:
     challenge = messages.Challenge("coordinator-test", os.urandom(32), 31337, 30.0)
     await ws.send(json.dumps(challenge.to_wire()))
@@ -41,14 +65,9 @@ def test_heartbeats_go_on_when_the_outbox_cannot_say_what_it_holds(
     offline three intervals later.)"""
     daemon, _, _ = linked_daemon(tmp_path, monkeypatch)
     daemon.heartbeat_interval = 0.05
-    real, calls = daemon.outbox.pending_ids, []
-
-    def flaky(**kw: Any) -> list[uuid.UUID]:
-        calls.append(1)
-        if len(calls) == 2:
-            raise sqlite3.OperationalError("disk I/O error")
-        return real(**kw)
-
+    flaky = _fails_on_second_call(
+        daemon.outbox.pending_ids, sqlite3.OperationalError("disk I/O error")
+    )
     monkeypatch.setattr(daemon.outbox, "pending_ids", flaky)
     beats: list[int] = []
 
@@ -61,12 +80,7 @@ def test_heartbeats_go_on_when_the_outbox_cannot_say_what_it_holds(
                     daemon.request_stop()
                     await ws.close(1001)
 
-    async def main() -> None:
-        port = int(daemon.url.rsplit(":", 1)[1])
-        async with serve(handler, "127.0.0.1", port):
-            await asyncio.wait_for(daemon._link_loop(), timeout=20)
-
-    asyncio.run(main())
+    _link_to(daemon, handler, timeout=20)
     daemon.outbox.close()
     assert len(beats) == 6
     (unread,) = events.named("heartbeat.held_unread")
@@ -80,14 +94,7 @@ def test_a_heartbeat_that_fails_closes_the_link_at_once(
     one is made now, whose heartbeats go out."""
     daemon, _, _ = linked_daemon(tmp_path, monkeypatch)
     daemon.heartbeat_interval = 0.05
-    real, calls = daemon.session.heartbeat, []
-
-    def broken(**kw: Any) -> dict[str, Any]:
-        calls.append(1)
-        if len(calls) == 2:
-            raise TypeError("a bug in the heartbeat")
-        return real(**kw)
-
+    broken = _fails_on_second_call(daemon.session.heartbeat, TypeError("a bug in the heartbeat"))
     monkeypatch.setattr(daemon.session, "heartbeat", broken)
     closes: list[tuple[int | None, str | None]] = []
 
@@ -102,12 +109,7 @@ def test_a_heartbeat_that_fails_closes_the_link_at_once(
                     await ws.close(1001)
         closes.append((ws.close_code, ws.close_reason))
 
-    async def main() -> None:
-        port = int(daemon.url.rsplit(":", 1)[1])
-        async with serve(handler, "127.0.0.1", port):
-            await asyncio.wait_for(daemon._link_loop(), timeout=20)
-
-    asyncio.run(main())
+    _link_to(daemon, handler, timeout=20)
     daemon.outbox.close()
     assert closes[0] == (1011, "heartbeats failed")
     (failed,) = events.named("link.heartbeat_failed")
@@ -154,12 +156,7 @@ def test_a_long_backlog_is_resent_while_the_coordinators_frames_are_read(
                     await ws.close(1001)
         got.append(("closed", ws.close_code, ws.close_reason))
 
-    async def main() -> None:
-        port = int(daemon.url.rsplit(":", 1)[1])
-        async with serve(handler, "127.0.0.1", port):
-            await asyncio.wait_for(daemon._link_loop(), timeout=30)
-
-    asyncio.run(main())
+    _link_to(daemon, handler, timeout=30)
     assert len(links) == 1, [link[-1] for link in links]
     assert len(set(links[0][:-1])) == len(links[0][:-1]) == count
     assert daemon.outbox.backlog() == 0

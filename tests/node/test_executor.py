@@ -1288,16 +1288,21 @@ def test_a_fresh_worker_starts_only_once_the_killed_one_has_exited(
     assert len(previous_at_spawn) == 1 and previous_at_spawn[0] is not None
 
 
+def _unsandboxed(tmp_path: Path, *, slots: int = 1, **config: Any) -> Executor:
+    """An unsandboxed executor whose models and work directories are under *tmp_path*."""
+    return Executor(
+        slots=slots, mode="unsandboxed",
+        config=WorkerConfig(cache_dir=tmp_path / "models", work_root=tmp_path / "work", **config),
+    )  # fmt: skip
+
+
 def test_the_slots_directory_is_emptied_only_once_the_killed_worker_has_exited(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The executor empties a slot's work directory for its next worker only after the
     previous one (killed while idle, not yet reaped) has exited: before, it emptied it
     first, and a process of that worker's last task could still write into the fresh one."""
-    executor = Executor(
-        slots=1, mode="unsandboxed",
-        config=WorkerConfig(cache_dir=tmp_path / "models", work_root=tmp_path / "work"),
-    )  # fmt: skip
+    executor = _unsandboxed(tmp_path)
     slot = _scripted_slot(tmp_path / "slot", after_ready="time.sleep(60)")
     slot.workdir.mkdir()
     real_fresh = Executor._fresh_workdir
@@ -1327,10 +1332,7 @@ def test_shutdown_removes_a_tree_the_last_task_made_read_only(
     """At shutdown a slot's directory goes even if its last task left entries that cannot
     be unlinked (a 0555 directory: EACCES for a daemon not run as root, simulated here
     since root is exempt). Before, rmtree ignored the error and the task's files stayed."""
-    executor = Executor(
-        slots=1, mode="unsandboxed",
-        config=WorkerConfig(cache_dir=tmp_path / "models", work_root=tmp_path / "work"),
-    )  # fmt: skip
+    executor = _unsandboxed(tmp_path)
     executor._build_slots()
     workdir = executor._slots[0].workdir
     locked = workdir / "task" / "ro"
@@ -1355,11 +1357,7 @@ def _big_slots(tmp_path: Path) -> Executor:
     limits = sandbox.Limits(
         memory_bytes=16 << 30, nproc=64, nofile=256, fsize_bytes=1 << 30, tmp_bytes=1 << 30
     )
-    return Executor(
-        slots=2, mode="unsandboxed",
-        config=WorkerConfig(cache_dir=tmp_path / "models", work_root=tmp_path / "work",
-                            limits=limits),
-    )  # fmt: skip
+    return _unsandboxed(tmp_path, slots=2, limits=limits)
 
 
 def test_ram_admission_counts_what_admitted_tasks_declared(
