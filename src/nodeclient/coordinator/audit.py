@@ -311,32 +311,28 @@ class _Verified(Mapping[str, bytes]):
 
     def __init__(self, fetch: Callable[[str], bytes], *, keep: bool) -> None:
         self._fetch, self._keep = fetch, keep
-        self._data: dict[str, bytes] = {}
-        self._digests: dict[str, bytes] = {}
+        self._held: dict[str, bytes] = {}  # task_id -> its bytes, or (not keep) their SHA-256
 
     def __setitem__(self, task_id: str, data: bytes) -> None:
-        if self._keep:
-            self._data[task_id] = data
-        else:
-            self._digests[task_id] = hashlib.sha256(data).digest()
+        self._held[task_id] = data if self._keep else hashlib.sha256(data).digest()
 
     def __getitem__(self, task_id: str) -> bytes:
+        held = self._held[task_id]
         if self._keep:
-            return self._data[task_id]
-        digest = self._digests[task_id]
+            return held
         data = self._fetch(task_id)
-        if hashlib.sha256(data).digest() != digest:
+        if hashlib.sha256(data).digest() != held:
             raise AuditError(f"task {task_id}: its result changed between two fetches")
         return data
 
     def __contains__(self, task_id: object) -> bool:  # without fetching (Mapping's would)
-        return task_id in (self._data if self._keep else self._digests)
+        return task_id in self._held
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._data if self._keep else self._digests)
+        return iter(self._held)
 
     def __len__(self) -> int:
-        return len(self._data if self._keep else self._digests)
+        return len(self._held)
 
 
 def _first_chain(job: Mapping[str, Any]) -> int | None:
