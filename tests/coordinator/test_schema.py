@@ -12,7 +12,9 @@ from sqlalchemy import Column, Integer, MetaData, Table, create_engine, inspect,
 
 from nodeclient.coordinator import cli, schema
 from nodeclient.coordinator import models as m
+from nodeclient.coordinator.client import CoordinatorClient
 from nodeclient.coordinator.store import Database
+from nodeclient.errors import RemoteProtocolError
 from tests.coordinator.conftest import (
     DB_URL,
     START,
@@ -247,6 +249,50 @@ def test_a_version_3_database_publishes_its_nodes_manifests(tmp_path: Path, rsa_
         stop(again, server2, thread2)
 
 
+def test_a_version_4_databases_jobs_stay_readable_by_every_requester(
+    tmp_path: Path, rsa_keys
+) -> None:
+    """(SQLite.) Version 5 records who submitted a job (jobs.requester), and a requester
+    reads only its own jobs. A job of a version 4 database names no requester: any
+    accepted token reads it, as any could when it was submitted."""
+    clock = ManualClock(START)
+    node = make_node(rsa_keys, 0)
+    first, server, thread = start(config_for(data_dir=tmp_path, db_url=None), clock)
+    try:
+        first.register(node)
+        first.link(node)
+        before = run_inference_job(first, node, VALUES)
+    finally:
+        stop(first, server, thread)
+    url = f"sqlite:///{tmp_path / 'coordinator.db'}"
+    con = sqlite3.connect(tmp_path / "coordinator.db")
+    try:  # what version 4 wrote
+        con.execute("DROP INDEX ix_jobs_requester_created_at_job_id")
+        con.execute("ALTER TABLE jobs DROP COLUMN requester")
+        con.execute("UPDATE meta SET value = '4' WHERE key = ?", (schema.SCHEMA_KEY,))
+        con.commit()
+    finally:
+        con.close()
+    tokens = tmp_path / "requesters"
+    tokens.write_text("alice-token-0123456789abcdef\ncarol-token-0123456789abcdef\n")
+    tokens.chmod(0o600)
+    config = config_for(data_dir=tmp_path, db_url=None, requester_token_file=tokens)
+    again, server2, thread2 = start(config, clock)
+    try:
+        assert _version(url) == str(schema.SCHEMA_VERSION)
+        alice = CoordinatorClient(again.url, token="alice-token-0123456789abcdef")
+        carol = CoordinatorClient(again.url, token="carol-token-0123456789abcdef")
+        for requester in (alice, carol):
+            assert requester.job(before["job_id"])["status"] == "succeeded"
+            assert requester.raw_job_result(before["job_id"])
+        new = alice.submit_job("ai.inference", inference_payload(VALUES))["job_id"]
+        assert [j["job_id"] for j in carol.jobs()] == [before["job_id"]]
+        with pytest.raises(RemoteProtocolError, match="404 no job"):
+            carol.job(new)
+    finally:
+        stop(again, server2, thread2)
+
+
 def test_a_database_of_a_newer_coordinator_is_refused_untouched(tmp_path: Path) -> None:
     url = DB_URL or f"sqlite:///{tmp_path / 'c.db'}"
     Database(url).close()
@@ -396,7 +442,10 @@ def _layout() -> str:
 # The layout of each schema version, as _layout() hashes it. A change to the models needs
 # a new SCHEMA_VERSION (and its line here): a database of the old layout recorded as the
 # same version would be taken as current by other builds.
-LAYOUTS = {4: "a24133e69e1ae36acbca71ff4ea676136a52959e4b117399629eb0757f588cd4"}
+LAYOUTS = {
+    4: "a24133e69e1ae36acbca71ff4ea676136a52959e4b117399629eb0757f588cd4",
+    5: "f6a21be8295a1f56f03eadf22327510417612a33fb932e10945eeae4828db219",
+}
 
 
 def test_the_models_layout_is_the_one_recorded_for_the_schema_version() -> None:
@@ -408,8 +457,8 @@ def test_the_models_layout_is_the_one_recorded_for_the_schema_version() -> None:
 
 def test_an_early_version_4_database_gets_the_columns_it_lacked(tmp_path: Path) -> None:
     """(SQLite.) An early build of version 4 lacked node_manifests.replaced_at,
-    task_attempts.manifest_hash and their indexes: recorded as 4, it gets them, and stays
-    version 4 (which a coordinator of the released version 4 opens)."""
+    task_attempts.manifest_hash and their indexes: recorded as 4, it gets them on its way
+    to the current version."""
     url = f"sqlite:///{tmp_path / 'c.db'}"
     Database(url).close()
     con = sqlite3.connect(tmp_path / "c.db")
@@ -427,7 +476,7 @@ def test_an_early_version_4_database_gets_the_columns_it_lacked(tmp_path: Path) 
     assert "replaced_at" in cols["node_manifests"]
     assert "manifest_hash" in cols["task_attempts"]
     assert "ix_nodes_manifest_hash" in _indexes(url, "nodes")
-    assert _version(url) == "4"
+    assert _version(url) == str(schema.SCHEMA_VERSION)
 
 
 def test_a_current_database_short_of_a_column_gets_it_at_start(

@@ -14,12 +14,13 @@ import httpx
 import pytest
 
 from nodeclient import tlstrust
+from nodeclient.coordinator import models as m
 from nodeclient.coordinator import tokens
 from nodeclient.coordinator.cli import main
 from nodeclient.coordinator.client import CoordinatorClient
 from nodeclient.coordinator.tokens import TokenFileError, TokenSet
 from nodeclient.errors import RemoteProtocolError
-from tests.coordinator.conftest import Running, inference_payload
+from tests.coordinator.conftest import Running, inference_payload, make_node, run_inference_job
 
 ALICE = "alice-token-0123456789abcdef"
 BOB = "bob-token-0123456789abcdefgh"
@@ -222,6 +223,48 @@ def test_a_job_round_trip_with_a_token(guarded: Running) -> None:
     assert [j["job_id"] for j in client.jobs()] == [job["job_id"]]
     with pytest.raises(RemoteProtocolError, match="401 no bearer token"):
         with_token(guarded, None).jobs()
+
+
+CAROL = "carol-token-0123456789abcdef"
+
+
+def test_a_requester_reads_and_cancels_only_its_own_jobs(
+    start_coordinator, tmp_path: Path, rsa_keys
+) -> None:
+    """Another requester's job is 404 on every route (as if it did not exist: its id
+    tells the caller nothing), and missing from the list; its owner sees it all."""
+    requesters = token_file(tmp_path / "requesters", f"{ALICE}\n{CAROL}\n")
+    running = start_coordinator(requester_token_file=requesters)
+    alice, carol = with_token(running, ALICE), with_token(running, CAROL)
+    running.client = alice
+    node = make_node(rsa_keys, 0)
+    running.register(node)
+    running.link(node)
+    done = run_inference_job(running, node, [1.0, 2.0])
+    job_id, task_id = done["job_id"], done["tasks"][0]["task_id"]
+    queued = alice.submit_job("ai.inference", inference_payload([3.0]))["job_id"]
+    mine = carol.submit_job("ai.inference", inference_payload([4.0]))["job_id"]
+
+    assert [j["job_id"] for j in carol.jobs()] == [mine]
+    assert {j["job_id"] for j in alice.jobs()} == {job_id, queued}  # one clock time: any order
+    for read in (
+        lambda: carol.job(job_id),
+        lambda: carol.job(job_id, tasks=False),
+        lambda: carol.raw_job_result(job_id),
+        lambda: carol.task_result(task_id),
+        lambda: carol.cancel_job(queued),
+    ):
+        with pytest.raises(RemoteProtocolError, match=r"404 no (job|task) "):
+            read()
+    head = httpx.head(running.url + f"/v1/tasks/{task_id}/result",
+                      headers={"Authorization": f"Bearer {CAROL}"})  # fmt: skip
+    assert head.status_code == 404
+    assert alice.job(job_id)["status"] == "succeeded"
+    assert alice.task_result(task_id) == alice.raw_job_result(job_id)
+    assert alice.cancel_job(queued)["status"] == "failed"
+    assert running.coord.db.run_sync(lambda s: s.get_one(m.Job, mine).requester) == (
+        hashlib.sha256(CAROL.encode()).hexdigest()
+    )
 
 
 def test_the_requester_cli_sends_the_token(guarded: Running, tmp_path: Path, capsys,

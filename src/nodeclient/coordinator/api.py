@@ -40,6 +40,18 @@ from nodeclient.errors import ProtocolError, RemoteProtocolError, SignatureError
 from nodeclient.protocol.blobs import SHA256_HEX
 from nodeclient.protocol.secp import parse_address, to_checksum_address
 
+# Where TokenAuth (coordinator/tokens.py) leaves the requester an accepted token speaks
+# for, in the request's state.
+REQUESTER_KEY: Final = "requester"
+
+
+def requester_of(request: Request) -> str | None:
+    """The requester whose accepted token came with *request* (the token's SHA-256, hex);
+    None where the requester routes are open (no token file). Which jobs it may read:
+    ``store.readable_by``."""
+    found = request.scope.get("state", {}).get(REQUESTER_KEY)
+    return found if isinstance(found, str) else None
+
 
 def error(status: int, message: str) -> JSONResponse:
     # A reason may quote the request; a lone surrogate in it would make the reply itself
@@ -613,14 +625,14 @@ def build_router(coord: Coordinator) -> APIRouter:  # noqa: PLR0915 (one route e
         status_code=201,
         responses=openapi.SUBMIT,
     )
-    async def submit_job(body: JobRequest) -> JSONResponse:
+    async def submit_job(request: Request, body: JobRequest) -> JSONResponse:
         wclass = classes.REGISTRY.get(body.workload_class)
         if wclass is None or not wclass.sliceable:
-            return await _submit_job(body)
+            return await _submit_job(body, requester_of(request))
         async with splitting:
-            return await _submit_job(body)
+            return await _submit_job(body, requester_of(request))
 
-    async def _submit_job(body: JobRequest) -> JSONResponse:
+    async def _submit_job(body: JobRequest, requester: str | None) -> JSONResponse:
         cfg = coord.config
         try:
             wclass = classes.lookup(body.workload_class)
@@ -651,6 +663,7 @@ def build_router(coord: Coordinator) -> APIRouter:  # noqa: PLR0915 (one route e
                 s, workload_class=wclass.name, payloads=parts, min_tier=body.min_tier,
                 region=body.region, meta=meta, now=now, blobs=blobs,
                 ram_mb=body.resources.ram_mb, vram_mb=body.resources.vram_mb, shared=shared,
+                requester=requester,
             )  # fmt: skip
             return store.JobRows(
                 store.job_head(s.get_one(m.Job, job_id)), store.job_task_rows(s, job_id)
@@ -678,8 +691,11 @@ def build_router(coord: Coordinator) -> APIRouter:  # noqa: PLR0915 (one route e
             cursor = _job_cursor(after)
             if cursor is None:
                 return error(400, "after must be the cursor a Link header gave")
+        requester = requester_of(request)
         page = await coord.db.run(
-            lambda s: store.list_jobs(s, limit=limit, after=cursor, status=status)
+            lambda s: store.list_jobs(
+                s, limit=limit, after=cursor, status=status, requester=requester
+            )
         )
         headers = {}
         if len(page) == limit:  # perhaps more: where the next page starts
@@ -699,13 +715,16 @@ def build_router(coord: Coordinator) -> APIRouter:  # noqa: PLR0915 (one route e
         responses=openapi.JOB,
     )
     async def get_job(
-        job_id: str, tasks: Literal["all", "none"] = Query(default="all")
+        request: Request, job_id: str, tasks: Literal["all", "none"] = Query(default="all")
     ) -> Response:
         key = uuid_key(job_id)
         with_tasks = tasks == "all"
+        requester = requester_of(request)
         rows = None
         if key is not None:
-            rows = await coord.db.run(lambda s: store.job_rows(s, key, tasks=with_tasks))
+            rows = await coord.db.run(
+                lambda s: store.job_rows(s, key, tasks=with_tasks, requester=requester)
+            )
         if rows is None:
             return error(404, f"no job {job_id}")
         # The transaction read the rows only: their JSON (a typed-data object for each
@@ -724,16 +743,17 @@ def build_router(coord: Coordinator) -> APIRouter:  # noqa: PLR0915 (one route e
         "/v1/jobs/{job_id}/cancel",
         responses=openapi.CANCEL,
     )
-    async def cancel_job(job_id: str) -> Response:
+    async def cancel_job(request: Request, job_id: str) -> Response:
         """End a job that has not ended: failed, with the reason CANCELLED_REASON, its
         queued tasks withdrawn and its leased ones cancelled on their nodes."""
         key = uuid_key(job_id)
         if key is None:
             return error(404, f"no job {job_id}")
         now = coord.now()
+        requester = requester_of(request)
 
         def tx(s: Session) -> tuple[str | None, list[tuple[str, str]], store.JobRows | None]:
-            job = s.get(m.Job, key)
+            job = store.readable_job(s, key, requester)
             if job is None or job.status in (m.SUCCEEDED, m.FAILED):
                 return None if job is None else job.status, [], None
             cancel = leases.fail_job(s, key, CANCELLED_REASON, now)
@@ -760,7 +780,7 @@ def build_router(coord: Coordinator) -> APIRouter:  # noqa: PLR0915 (one route e
     )
     async def job_result(request: Request, job_id: str) -> Response:
         key = uuid_key(job_id)
-        found = None if key is None else await spooler.head(m.Job, key)
+        found = None if key is None else await spooler.head(m.Job, key, requester_of(request))
         if key is None or found is None:
             return error(404, f"no job {job_id}")
         status, size, data = found
@@ -776,7 +796,7 @@ def build_router(coord: Coordinator) -> APIRouter:  # noqa: PLR0915 (one route e
     )
     async def task_result(request: Request, task_id: str) -> Response:
         key = uuid_key(task_id)
-        found = None if key is None else await spooler.head(m.Task, key)
+        found = None if key is None else await spooler.head(m.Task, key, requester_of(request))
         if key is None or found is None:
             return error(404, f"no task {task_id}")
         status, size, data = found

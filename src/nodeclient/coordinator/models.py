@@ -107,8 +107,14 @@ class Job(Base):
     round_index: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     round_deadline: Mapped[float | None] = mapped_column(Float, nullable=True)
     train_state: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True, deferred=True)
-    # GET /v1/jobs pages through jobs in this order.
-    __table_args__ = (Index("ix_jobs_created_at_job_id", "created_at", "job_id"),)
+    # Who submitted it: the SHA-256 (hex) of the requester token it came with; None when
+    # the requester routes were open (coordinator/tokens.py: who may read it).
+    requester: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    # GET /v1/jobs pages through jobs in this order (one requester's, or all).
+    __table_args__ = (
+        Index("ix_jobs_created_at_job_id", "created_at", "job_id"),
+        Index("ix_jobs_requester_created_at_job_id", "requester", "created_at", "job_id"),
+    )
 
 
 class JobBlob(Base):

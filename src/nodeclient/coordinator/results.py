@@ -44,7 +44,7 @@ from starlette.types import Message, Receive, Scope, Send
 
 from nodeclient.coordinator import models as m
 from nodeclient.coordinator.blobstore import BlobStore
-from nodeclient.coordinator.store import Database
+from nodeclient.coordinator.store import Database, readable_by
 
 log = logging.getLogger("nodeclient.coordinator.api")
 
@@ -77,13 +77,21 @@ def _columns(row: Row) -> Columns:
     return m.Task.task_id, m.Task.status, m.Task.result
 
 
-def head(row: Row, key: str, conn: Connection) -> tuple[str, int | None, bytes | None] | None:
+def head(
+    row: Row, key: str, conn: Connection, requester: str | None = None
+) -> tuple[str, int | None, bytes | None] | None:
     """The row's status, its result's size (None: no result), and the result itself when
-    it is at most CHUNK_BYTES, in one query; None when there is no such row."""
+    it is at most CHUNK_BYTES, in one query; None when there is no such row, or it is of
+    a job *requester* may not read (``store.readable_by``)."""
     pk, status_column, result = _columns(row)
     size = func.length(result)
     small = case((size <= CHUNK_BYTES, result), else_=None)
-    found = conn.execute(select(status_column, size, small).where(pk == key)).first()
+    query = select(status_column, size, small).where(pk == key)
+    if requester is not None:
+        if row is m.Task:
+            query = query.join(m.Job, m.Job.job_id == m.Task.job_id)
+        query = query.where(readable_by(requester))
+    found = conn.execute(query).first()
     if found is None:
         return None
     status, length, data = found
@@ -180,8 +188,10 @@ class Spooler:
     def _release(self, size: int) -> None:
         self._alive -= size
 
-    async def head(self, row: Row, key: str) -> tuple[str, int | None, bytes | None] | None:
-        return await self._db.run_core(lambda conn: head(row, key, conn))
+    async def head(
+        self, row: Row, key: str, requester: str | None = None
+    ) -> tuple[str, int | None, bytes | None] | None:
+        return await self._db.run_core(lambda conn: head(row, key, conn, requester))
 
     async def spool(self, row: Row, key: str, size: int) -> Spooled:
         """A copy of the row's result, rewound; close it when it has been sent.

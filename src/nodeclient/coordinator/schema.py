@@ -34,7 +34,7 @@ from nodeclient.errors import UsageError
 
 log = logging.getLogger("nodeclient.coordinator.schema")
 
-SCHEMA_VERSION: Final = 4
+SCHEMA_VERSION: Final = 5
 SCHEMA_KEY: Final = "schema_version"
 
 # version -> the data changes that take a database from version - 1 to it, run after the
@@ -51,7 +51,9 @@ SCHEMA_KEY: Final = "schema_version"
 # node_manifests.replaced_at, task_attempts.manifest_hash, ix_nodes_manifest_hash and
 # ix_task_attempts_manifest_hash: its databases get them at the next start, as any
 # database of the current version short of a column or index does (no new version, so a
-# coordinator of the released version 4 can still open them).
+# coordinator of the released version 4 can still open them). Version 5 (jobs.requester
+# and its index) needs none either: a job submitted before it names no requester, which
+# any accepted requester token may read, as any could when it was submitted.
 
 
 def _publish_current_manifests(conn: Connection) -> None:

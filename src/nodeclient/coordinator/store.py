@@ -51,6 +51,7 @@ from sqlalchemy import (
     or_,
     select,
     text,
+    true,
     update,
 )
 from sqlalchemy.engine import make_url
@@ -735,9 +736,27 @@ class JobRows:
         return {**self.head, "tasks": [task_json(t, chain_id=chain_id) for t in self.tasks]}
 
 
-def job_rows(session: Session, job_id: str, *, tasks: bool = True) -> JobRows | None:
-    """The job's row and, with *tasks*, its tasks' rows; None if there is no such job."""
-    job = session.get(m.Job, job_id)
+def readable_by(requester: str | None) -> ColumnElement[bool]:
+    """The jobs *requester* (the SHA-256 of its token, hex) may read or cancel: its own,
+    and those submitted while the requester routes were open (they name no requester:
+    anyone could read them then); every job where the routes are open (None)."""
+    if requester is None:
+        return true()
+    return or_(m.Job.requester.is_(None), m.Job.requester == requester)
+
+
+def readable_job(session: Session, job_id: str, requester: str | None) -> m.Job | None:
+    """The job *job_id* if *requester* may read it (:func:`readable_by`), else None."""
+    query = select(m.Job).where(m.Job.job_id == job_id, readable_by(requester))
+    return session.scalars(query).first()
+
+
+def job_rows(
+    session: Session, job_id: str, *, tasks: bool = True, requester: str | None = None
+) -> JobRows | None:
+    """The job's row and, with *tasks*, its tasks' rows; None if there is no such job
+    that *requester* may read."""
+    job = readable_job(session, job_id, requester)
     if job is None:
         return None
     return JobRows(job_head(job), job_task_rows(session, job_id) if tasks else None)
@@ -763,11 +782,13 @@ def list_jobs(
     limit: int | None = None,
     after: tuple[float, str] | None = None,
     status: str | None = None,
+    requester: str | None = None,
 ) -> list[dict[str, Any]]:
     """Jobs in the order they were created (then by id), from just after the job
-    *after* names (its created_at and job_id), at most *limit*, of *status* if given."""
+    *after* names (its created_at and job_id), at most *limit*, of *status* if given,
+    that *requester* may read (:func:`readable_by`)."""
     cols = (m.Job.job_id, m.Job.workload_class, m.Job.status, m.Job.created_at)
-    query = select(*cols)
+    query = select(*cols).where(readable_by(requester))
     if status is not None:
         query = query.where(m.Job.status == status)
     if after is not None:
@@ -789,10 +810,12 @@ def insert_job(
     ram_mb: int = 0,
     vram_mb: int = 0,
     shared: bytes | None = None,
+    requester: str | None = None,
 ) -> str:
     """Insert a job and one queued task per payload slice; returns the job_id. *blobs*:
     the SHA-256 of each blob-store blob its tasks reference (kept while it runs).
-    *shared*: what every task of round 0 shares (``m.RoundInput``), when its class has it."""
+    *shared*: what every task of round 0 shares (``m.RoundInput``), when its class has it.
+    *requester*: who submitted it (:func:`readable_by`)."""
     job_id = str(uuid.uuid4())
     session.add(
         m.Job(
@@ -806,6 +829,7 @@ def insert_job(
             slices=len(payloads),
             meta=json.dumps(meta),
             created_at=now,
+            requester=requester,
         )
     )
     session.flush()

@@ -16,7 +16,8 @@ a node's key files. The coordinator keeps only the SHA-256 of each token and com
 digests, re-reads the file at most once a second when it changed (its contents, inode,
 mode or owner: adding or revoking a requester needs no restart), and fails closed: a
 file that turned unreadable or unsafe refuses every request to its routes until it is
-fixed.
+fixed. Each token is a requester of its own: the jobs it submits record its SHA-256
+(``jobs.requester``), and it reads and cancels only those (``store.readable_by``).
 ``nodeclient-coordinator token new --file PATH`` appends a fresh token.
 """
 
@@ -36,7 +37,7 @@ from typing import Final
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from nodeclient.coordinator.api import error
+from nodeclient.coordinator.api import REQUESTER_KEY, error
 from nodeclient.errors import UsageError
 
 log = logging.getLogger("nodeclient.coordinator.http")
@@ -199,6 +200,12 @@ REQUESTER: Final = "requester"
 METRICS: Final = "metrics"
 
 
+def requester_id(token: str | bytes) -> str:
+    """Who a requester token speaks for: its SHA-256, hex (``jobs.requester``; api.py:
+    ``may_read``)."""
+    return _digest(token).hex()
+
+
 def route_kind(method: str, path: str) -> str | None:
     """Which token set guards an HTTP request, or None for the routes left open."""
     if path == "/metrics":
@@ -235,8 +242,11 @@ class TokenAuth:
             return
         kind = route_kind(scope["method"], scope["path"])
         guard = self.guards.get(kind) if kind is not None else None
-        verdict = guard.check(bearer(scope)) if guard is not None else None
+        token = bearer(scope)
+        verdict = guard.check(token) if guard is not None else None
         if verdict is None:
+            if kind == REQUESTER and token is not None and guard is not None:
+                scope.setdefault("state", {})[REQUESTER_KEY] = requester_id(token)
             await self.app(scope, receive, send)
             return
         client = scope.get("client")
