@@ -131,3 +131,17 @@ def test_a_dumb_terminal_is_one_error(monkeypatch: pytest.MonkeyPatch, term: str
     with pytest.raises(NodeClientError, match=r"`nodeclient status` or `nodeclient status --json`"):
         con.watch(status, console=out, keys=keys, clock=lambda: NOW)
     assert keys.entered == 0 and terminal.getvalue() == ""
+
+
+def test_a_time_out_of_the_platforms_range_is_reported_not_fatal() -> None:
+    """A transition at 1e18 s cannot be turned into a time of day (the platform's
+    localtime says EOVERFLOW, an OSError): the answer is reported as not understood, and
+    the console goes on."""
+    odd = status(transitions=[{"from": "IDLE", "to": "READY", "at": 1e18, "reason": "r"}])
+    answers = iter([odd, status()])
+    out = Console(record=True, width=80, height=24, file=io.StringIO(), force_terminal=True)
+    keys = ScriptedKeys([None, "q"])
+    assert con.watch(lambda: next(answers), console=out, keys=keys, clock=lambda: NOW) == 0
+    shown = out.export_text()
+    assert "daemon answer not understood" in shown and "OSError" in shown
+    assert "READY for" in shown

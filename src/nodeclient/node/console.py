@@ -57,6 +57,7 @@ _UNSHOWABLE: Final = (
     AttributeError,
     OverflowError,
     RecursionError,
+    OSError,  # a time out of the platform's range: localtime's EOVERFLOW
 )
 _GIB: Final = 1 << 30
 _BAR_WIDTH: Final = 22
