@@ -418,6 +418,21 @@ def test_unstaking_is_shown_since_the_unstake_not_since_a_restart(tmp_path: Path
     assert 4 * 86400 - 5 <= st["unstake_remaining_s"] <= 4 * 86400
 
 
+def test_the_unstake_countdown_runs_on_the_coordinators_clock(tmp_path: Path) -> None:
+    """The end of the cooldown is a time on the coordinator's clock: a node whose own
+    clock is an hour behind (the coordinator's is an hour ahead, as its heartbeat
+    acknowledgements say) shows an hour less to go, and the unstake an hour earlier in
+    its own clock's terms."""
+    daemon, _, _ = make_daemon(tmp_path)
+    now = time.time()
+    daemon.coordinator_clock.saw(daemon.clock.now() + 3600)
+    daemon.session.unstaking_until = int(now + 3600 + 4 * 86400)  # 4 days to go, theirs
+    daemon.state.transition(NodeState.UNSTAKING, reason="unstake accepted by the coordinator")
+    st = daemon.status()
+    assert 4 * 86400 - 5 <= st["unstake_remaining_s"] <= 4 * 86400
+    assert abs(st["state_since"] - (now - 3 * 86400)) < 5
+
+
 def test_a_full_backlog_of_unacknowledged_results_refuses_new_work(tmp_path: Path) -> None:
     """Results awaiting acknowledgement are never dropped: once there are
     max_unacknowledged_results of them (a coordinator that takes results and never

@@ -399,12 +399,15 @@ class NodeDaemon(LinkClient):
     def status(self) -> dict[str, Any]:
         now = self.clock.now()
         until = self.session.unstaking_until
+        # The end of the cooldown is a time on the coordinator's clock: counted against
+        # that clock as this node reads it, so a skewed local clock does not move it.
+        offset = self.coordinator_clock.offset
         counts, tallies = self.outbox.counts(), self.outbox.tallies()
         since = self.state.entered_at
         if self.state.state is NodeState.UNSTAKING and until is not None:
             # Since the unstake itself (the coordinator's end of the cooldown less the
             # cooldown), not since this process learnt of it after a restart.
-            since = min(since, until - UNSTAKE_COOLDOWN_S)
+            since = min(since, until - UNSTAKE_COOLDOWN_S - offset)
         return {
             "node_id": self.node_id,
             "state": self.state.state.value,
@@ -454,7 +457,9 @@ class NodeDaemon(LinkClient):
             "results_held_bytes": self.outbox.held_bytes(),
             "uptime_s": round(time.monotonic() - self._started_mono, 1),
             "unstaking_until": until,
-            "unstake_remaining_s": None if until is None else max(0, round(until - now)),
+            "unstake_remaining_s": (
+                None if until is None else max(0, round(until - (now + offset)))
+            ),
             "transitions": [
                 {"from": t.from_state.value, "to": t.to_state.value, "reason": t.reason, "at": t.at}
                 for t in self.state.history[-control.STATUS_TRANSITIONS :]
