@@ -15,8 +15,9 @@ from typing import ClassVar
 import numpy as np
 import pytest
 
+from nodeclient.node import inputs
 from nodeclient.node.daemon import NodeDaemon
-from nodeclient.node.executor import Executor
+from nodeclient.node.executor import Executor, TaskFailed
 from nodeclient.workloads.inference import InferenceRequest, make_request
 from tests.models import identity_model
 from tests.node.test_daemon_outbox import make_daemon
@@ -82,3 +83,32 @@ def test_a_model_the_cache_cannot_store_is_not_the_requesters_fault(
         reason = sent["message"]["reason"]
         assert "could not store the fetched model" in reason
         assert not reason.startswith("bad input")
+
+
+class FailsLikeABadCacheFile(Executor):
+    """Answers as a worker does that finds the cached model's bytes wrong (it sees the
+    cache read-only, so cannot delete the file): the node's failure."""
+
+    async def run(self, workload_class: str, payload: bytes, **kwargs: object) -> bytes:
+        raise TaskFailed("execution failed: ModelUnavailable: ...", requester_fault=False)
+
+
+def test_a_corrupt_cached_model_is_dropped_after_a_worker_cannot_use_it(tmp_path: Path) -> None:
+    """A cache file whose bytes do not match its name (rot, or left by an older release)
+    passes the daemon's cheap check, and the worker cannot use it; after that failure the
+    daemon drops it, so the next task for the model fetches it again."""
+    model = identity_model()
+    request = make_request(model, {"x": np.ones(3, np.float32)}, inline=False, model_url=URL)
+    daemon, _, link = make_daemon(tmp_path, FailsLikeABadCacheFile)
+    cached = daemon.executor.config.cache_dir / "models" / request.model_sha256
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    cached.write_bytes(b"not the model")
+    fetched: list[str] = []
+    daemon._fetch = lambda url: fetched.append(url) or model
+    _run(daemon, request.encode())
+    daemon._fetch_pool.shutdown(wait=True)
+
+    (sent,) = link.frames
+    assert sent["type"] == "reject" and fetched == []  # the cache said it held the model
+    assert not cached.exists()
+    assert inputs.needs_fetch("ai.inference", request.encode(), cache_dir=cached.parent.parent)

@@ -7,6 +7,7 @@ import asyncio
 import hashlib
 import logging
 import os
+import re
 import socket
 import threading
 import time
@@ -20,6 +21,7 @@ from nodeclient.errors import RemoteProtocolError
 from nodeclient.node import sandbox
 from nodeclient.node.inputs import (
     FetchLimits,
+    InputNotStored,
     fetch_limits,
     http_fetcher,
     needs_fetch,
@@ -123,9 +125,13 @@ def _stand_in_for_etc(tmp_path: Path) -> Path:
     return etc
 
 
-def test_symlinked_models_directory_is_refused(tmp_path: Path) -> None:
+def test_symlinked_models_directory_is_refused(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """A worker that replaced models/ with a link to /etc gets a Reject reason; the daemon
-    fetches nothing and writes, evicts or chowns nothing in the link's target."""
+    fetches nothing and writes, evicts or chowns nothing in the link's target. The fault
+    is this node's (InputNotStored), not the requester's payload, and the reason does not
+    name the node's paths; its log does."""
     etc = _stand_in_for_etc(tmp_path)
     before = _snapshot(etc)
     cache = tmp_path / "cache"
@@ -140,8 +146,11 @@ def test_symlinked_models_directory_is_refused(tmp_path: Path) -> None:
         return model
 
     assert needs_fetch("ai.inference", payload, cache_dir=cache)  # handed on to resolve
-    with pytest.raises(RemoteProtocolError, match=r"models is a symlink.*refusing to follow"):
+    with pytest.raises(InputNotStored, match=r"^this node's model cache is unusable") as info:
         resolve("ai.inference", payload, fetch=fetch, cache_dir=cache, sandbox_owner=True)
+    assert str(cache) not in str(info.value)
+    (logged,) = [r for r in caplog.records if r.msg == "cache.unsafe"]
+    assert re.search(r"models is a symlink.*refusing to follow", logged.error)  # type: ignore[attr-defined]
     assert fetched == []
     assert _snapshot(etc) == before
     assert (cache / "models").is_symlink()

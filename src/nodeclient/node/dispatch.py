@@ -270,6 +270,7 @@ class TaskDispatcher(ResultDelivery):
 
     async def _execute(self, task: RunningTask, d: messages.Dispatch) -> None:
         with logs.bind(task_id=str(task.task_id), job_id=str(task.job_id)):
+            metadata: dict[str, str] | None = None
             try:
                 try:
                     payload = await self._off_loop(
@@ -313,6 +314,10 @@ class TaskDispatcher(ResultDelivery):
                     return
                 except TaskFailed as exc:
                     log.warning("task.failed", extra={"reason": exc.reason})
+                    model = (metadata or {}).get("model_sha256")
+                    if model and metadata and "model_url" in metadata and not exc.requester_fault:
+                        cache_dir = self.executor.config.cache_dir
+                        await asyncio.to_thread(inputs.recheck_cached_model, cache_dir, model)
                     timed_out = exc.reason.startswith("deadline exceeded")  # the lease's end
                     self._task_ended(task, "timed_out" if timed_out else "failed")
                     await self._reject(

@@ -292,6 +292,16 @@ def needs_fetch(
     return True
 
 
+def recheck_cached_model(cache_dir: Path, sha256: str) -> None:
+    """After a task whose model was in the cache failed on this node: read the entry
+    through the cache, which deletes a file whose bytes do not match its hash (rotted,
+    or left by an older release), so the next task fetches the model again. Workers see
+    the cache read-only: one that finds a bad file can only report the model missing
+    (``ModelUnavailable``), and without this every task for it would fail here."""
+    with contextlib.suppress(ValueError, OSError):
+        _model_cache(cache_dir).get(sha256)
+
+
 def resolve(
     workload_class: str,
     payload: bytes,
@@ -385,8 +395,9 @@ def _resolve_model(
     try:
         if cache.contains(request.model_sha256):
             return payload  # the worker verifies the hash when it reads the file
-    except UnsafeCacheError as exc:
-        raise RemoteProtocolError(str(exc)) from exc
+    except UnsafeCacheError as exc:  # this node's disk, not the requester's payload
+        log.error("cache.unsafe", extra={"error": str(exc)})
+        raise InputNotStored("this node's model cache is unusable (see the node's log)") from exc
     data = fetch(request.model_url)
     actual = hashlib.sha256(data).hexdigest()
     if actual != request.model_sha256:
