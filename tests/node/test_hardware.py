@@ -20,6 +20,7 @@ import psutil
 import pytest
 
 from nodeclient.errors import UsageError
+from nodeclient.node import sandbox
 from nodeclient.node.hardware import (
     CpuInfo,
     GpuDevice,
@@ -556,7 +557,9 @@ def test_cpu_probe_is_sane() -> None:
     assert cpu.model.strip() == cpu.model != ""
     assert cpu.cores >= 1
     assert cpu.ram_gb >= 1
-    assert cpu.ram_gb == psutil.virtual_memory().total // 2**30
+    limit = sandbox.cgroup_memory_limit()  # a container's, where it holds less
+    total = psutil.virtual_memory().total
+    assert cpu.ram_gb == (total if limit is None else min(total, limit)) // 2**30
 
 
 def test_cpu_cores_counts_the_cpus_we_may_run_on() -> None:

@@ -12,8 +12,11 @@ CPU (:func:`probe_cpu`):
   ``len(os.sched_getaffinity(0))``, so a container pinned to 8 of a host's 128 CPUs says
   8; where the call does not exist, ``os.cpu_count()``. CFS quotas (``cpu.max``) are not
   counted: they limit time, not parallelism.
-- ``ram_gb``: total RAM in GiB, rounded down (``psutil.virtual_memory().total // 2**30``).
-  The kernel keeps some memory for itself, so a machine sold with 256 GB says about 251.
+- ``ram_gb``: total RAM in GiB, rounded down (``psutil.virtual_memory().total // 2**30``),
+  or the memory cgroup's limit where it is lower (a container's ``--memory``, systemd's
+  ``MemoryMax=``: ``sandbox.cgroup_memory_limit``), so a container held to 8 GiB of a
+  256 GiB host says 8, as it says its CPUs. The kernel keeps some memory for itself, so
+  a machine sold with 256 GB says about 251.
 
 GPUs (:func:`probe_gpus`): NVML is asked in a child process
 (:mod:`nodeclient.node.nvml_probe`) under a timeout, because a wedged or crashing driver
@@ -63,6 +66,7 @@ import psutil
 
 import nodeclient
 from nodeclient.errors import HardwareProbeError
+from nodeclient.node import sandbox
 from nodeclient.protocol import tier
 
 ProbeStatus = Literal["ok", "no-driver", "timeout", "error"]
@@ -215,6 +219,9 @@ def probe_cpu() -> CpuInfo:
         total = int(psutil.virtual_memory().total)
     except (OSError, RuntimeError) as exc:
         raise HardwareProbeError(f"cannot read the machine's total memory: {exc}") from exc
+    limit = sandbox.cgroup_memory_limit()  # a container's limit, systemd's MemoryMax=
+    if limit is not None:
+        total = min(total, limit)
     return CpuInfo(model=_cpu_model(), cores=_logical_cores(), ram_gb=total // _GIB)
 
 

@@ -171,13 +171,109 @@ class Layout:
     tmp_dir: Path | None = None
 
 
-def total_memory_bytes() -> int:
+def physical_memory_bytes() -> int:
     """Physical RAM of this machine."""
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
+@dataclass(frozen=True, slots=True)
+class MemoryCgroup:
+    """A memory cgroup this process is held by: its directory, and the names of its limit
+    and usage files (cgroup v2 or v1)."""
+
+    directory: Path
+    limit_file: str  # memory.max (v2: "max" for none) or memory.limit_in_bytes (v1)
+    usage_file: str  # memory.current (v2) or memory.usage_in_bytes (v1)
+
+
+def memory_cgroups(
+    proc_cgroup: Path = Path("/proc/self/cgroup"), root: Path = Path("/sys/fs/cgroup")
+) -> tuple[MemoryCgroup, ...]:
+    """The memory cgroups that hold this process: its own (v2, and v1's ``memory``
+    hierarchy) and each one above it, up to the mount's root, which in a container is
+    the container's own cgroup. Those whose files cannot be read are left out."""
+    try:
+        lines = proc_cgroup.read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        return ()
+    found = []
+    for line in lines:
+        hierarchy, _, rest = line.partition(":")
+        controllers, _, path = rest.partition(":")
+        if hierarchy == "0" and not controllers:
+            base, files = root, ("memory.max", "memory.current")
+        elif "memory" in controllers.split(","):
+            base, files = root / "memory", ("memory.limit_in_bytes", "memory.usage_in_bytes")
+        else:
+            continue
+        parts = [p for p in path.split("/") if p not in ("", ".", "..")]
+        for depth in range(len(parts), -1, -1):  # its own first, the mount's root last
+            directory = base.joinpath(*parts[:depth])
+            if (directory / files[0]).is_file():
+                found.append(MemoryCgroup(directory, *files))
+    return tuple(found)
+
+
+def _read_bytes_file(path: Path) -> int | None:
+    """A cgroup file's number of bytes; None for "max" (no limit) or what cannot be read."""
+    try:
+        return int(path.read_text(encoding="ascii").strip())
+    except (OSError, ValueError, UnicodeError):
+        return None
+
+
+def _cgroup_headroom(
+    cgroups: tuple[MemoryCgroup, ...],
+) -> tuple[int | None, int | None]:
+    """(The smallest limit of *cgroups*, the least room left under any of them): None for
+    either where none sets a limit. The room is a limit less its usage, without the page
+    cache the kernel would reclaim first (``inactive_file`` of ``memory.stat``)."""
+    limit = room = None
+    for cgroup in cgroups:
+        cap = _read_bytes_file(cgroup.directory / cgroup.limit_file)
+        if cap is None:
+            continue
+        limit = cap if limit is None else min(limit, cap)
+        used = _read_bytes_file(cgroup.directory / cgroup.usage_file)
+        if used is not None:
+            left = cap - max(0, used - _inactive_file(cgroup.directory))
+            room = left if room is None else min(room, left)
+    return limit, None if room is None else max(0, room)
+
+
+def _inactive_file(directory: Path) -> int:
+    try:
+        text = (directory / "memory.stat").read_text(encoding="ascii", errors="replace")
+    except OSError:
+        return 0
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if name in ("inactive_file", "total_inactive_file") and value.strip().isdigit():
+            return int(value)
+    return 0
+
+
+@functools.cache
+def _own_memory_cgroups() -> tuple[MemoryCgroup, ...]:
+    return memory_cgroups()  # a process does not change cgroup under a service manager
+
+
+def cgroup_memory_limit() -> int | None:
+    """The smallest memory limit of the cgroups that hold this process (a container's,
+    systemd's ``MemoryMax=``), or None where none sets one."""
+    return _cgroup_headroom(_own_memory_cgroups())[0]
+
+
+def total_memory_bytes() -> int:
+    """The RAM this process may use: the machine's, or less where a memory cgroup holds
+    it (:func:`cgroup_memory_limit`)."""
+    physical, limit = physical_memory_bytes(), cgroup_memory_limit()
+    return physical if limit is None else min(physical, limit)
+
+
 def available_memory_bytes() -> int:
-    """MemAvailable from /proc/meminfo (what can be allocated without swapping)."""
+    """MemAvailable from /proc/meminfo (what can be allocated without swapping), or less
+    where a memory cgroup holds this process and has less room left under its limit."""
     try:
         fd = os.open("/proc/meminfo", os.O_RDONLY | os.O_CLOEXEC)
         try:
@@ -185,9 +281,11 @@ def available_memory_bytes() -> int:
         finally:
             os.close(fd)
         start = text.index(b"MemAvailable:") + len(b"MemAvailable:")
-        return int(text[start : text.index(b"kB", start)]) * 1024
+        free = int(text[start : text.index(b"kB", start)]) * 1024
     except (OSError, ValueError):
-        return total_memory_bytes()
+        free = total_memory_bytes()
+    _, room = _cgroup_headroom(_own_memory_cgroups())
+    return free if room is None else min(free, room)
 
 
 def process_tree_rss_bytes(pid: int) -> int | None:
