@@ -22,14 +22,20 @@ def _a_terminal_that_can_redraw(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 class _Drip(http.server.BaseHTTPRequestHandler):
-    """Answers 200 with a long body, one byte every 0.1 s (or nothing at all, at /stall)."""
+    """Answers 200 with a long body, one byte every 0.1 s (or nothing at all, at /stall;
+    at /drip-then-stall, 1.5 s of bytes, then nothing)."""
 
     def do_GET(self) -> None:
         self.send_response(200)
         self.send_header("Content-Length", "100000")
         self.end_headers()
         with contextlib.suppress(OSError):  # the client gave up: the point of the test
-            if self.path == "/stall":
+            if self.path == "/drip-then-stall":
+                for _ in range(15):
+                    self.wfile.write(b"x")
+                    self.wfile.flush()
+                    time.sleep(0.1)
+            if self.path in ("/stall", "/drip-then-stall"):
                 # Nothing for 30 s, or until the client goes (or the server shuts this
                 # connection down as it stops): either makes the connection readable.
                 select.select([self.connection], [], [], 30)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import ipaddress
 import logging
 import os
 import re
@@ -288,6 +289,23 @@ def test_a_download_stops_at_the_tasks_deadline(drip: str, path: str) -> None:
     assert time.monotonic() - began < 3
 
 
+@pytest.mark.parametrize("stop", ["deadline", "cancelled"])
+def test_a_read_that_began_late_does_not_wait_past_the_stop(drip: str, stop: str) -> None:
+    """A source that goes silent after 1.5 s: the read then waiting is cut off at the
+    deadline (2 s) or the cancel (at 2 s), not when its read timeout, fixed as the request
+    began (2 s, or 60 s), runs out."""
+    limits = FetchLimits(
+        deadline=time.monotonic() + (2.0 if stop == "deadline" else 60.0),
+        cancelled=threading.Event(),
+    )
+    if stop == "cancelled":
+        threading.Timer(2.0, limits.cancelled.set).start()
+    began = time.monotonic()
+    with fetch_limits(limits), pytest.raises(RemoteProtocolError, match=stop):
+        http_fetcher(drip)("/drip-then-stall")
+    assert time.monotonic() - began < 3.0
+
+
 def test_a_renewed_lease_lets_a_download_go_on(drip: str) -> None:
     """The task was leased here again while its inputs were downloading: the download goes
     on past the first lease's end, to the new one's."""
@@ -343,6 +361,7 @@ def test_limits_follow_a_thread_started_in_their_context(drip: str) -> None:
         "http://[fe80::1]/m",
         "https://224.0.0.1/m",
         "http://[2002:a9fe:a9fe::]/m",  # 6to4 of 169.254.169.254
+        "http://[64:ff9b::a9fe:a9fe]/m",  # NAT64 of 169.254.169.254
         "http://[fec0::1]/m",  # site-local
         "http://[2001:0:4136:e378:8000:63bf:3fff:fdd2]/m",  # Teredo
     ],
@@ -356,6 +375,17 @@ def test_a_url_on_the_operators_network_is_refused_before_any_request(url: str) 
     with pytest.raises(RemoteProtocolError, match="not a public address"):
         fetch(url)
     assert time.monotonic() - began < 2.0  # refused, not tried and timed out
+
+
+def test_nat64_addresses_are_judged_by_the_ipv4_address_they_carry() -> None:
+    """An IPv6-only node behind NAT64 resolves an IPv4-only host (DNS64) to 64:ff9b::/96
+    plus its IPv4 address: a public one is fetched, as the same host is on IPv4."""
+    from nodeclient.node.inputs import _public
+
+    assert _public(ipaddress.ip_address("64:ff9b::808:808"))  # 8.8.8.8
+    assert not _public(ipaddress.ip_address("64:ff9b::a00:1"))  # 10.0.0.1
+    assert not _public(ipaddress.ip_address("64:ff9b::7f00:1"))  # 127.0.0.1
+    assert not _public(ipaddress.ip_address("64:ff9b:1::808:808"))  # local-use, RFC 8215
 
 
 def test_a_refusal_tells_the_requester_neither_the_address_nor_whether_the_name_exists(

@@ -46,6 +46,7 @@ if TYPE_CHECKING:  # imported lazily: the daemon needs them only for models by U
 log = logging.getLogger("nodeclient.node")
 
 MAX_FETCH_BYTES: Final = 256 * 1024 * 1024
+WATCH_S: Final = 0.2  # how soon a download stops after its task is cancelled or times out
 DEFAULT_BLOB_CACHE_BYTES: Final = 2 * 1024 * 1024 * 1024
 _MAX_ERROR_CHARS: Final = 200
 # What building and sending a request can raise for a URL the prefix check let through:
@@ -72,7 +73,8 @@ class FetchLimits:
     """What bounds the downloads of one task: its lease's end (a value of *clock*, the
     executor's deadline clock, which runs on while the system is suspended) and its
     cancellation. A thread cannot be cancelled: the download checks both between chunks,
-    and no read waits past the deadline (as it stood when the read began)."""
+    and a watcher shuts its connection down within WATCH_S of either, which ends a read
+    that waits on a silent source."""
 
     deadline: float
     cancelled: threading.Event
@@ -132,7 +134,7 @@ def http_fetcher(
                         if i + 1 == len(targets):
                             raise
                         continue  # the next address, with what is left of the time
-                    with contextlib.closing(resp):
+                    with contextlib.closing(resp), _stopped_at_limits(resp, limits):
                         if resp.status_code != 200:
                             raise RemoteProtocolError(f"GET {url[:80]} answered {resp.status_code}")
                         httpbody.check_identity(resp)  # never undone (httpbody)
@@ -152,6 +154,35 @@ def http_fetcher(
         return bytes(data)
 
     return fetch
+
+
+@contextlib.contextmanager
+def _stopped_at_limits(resp: httpx.Response, limits: FetchLimits | None) -> Iterator[None]:
+    """While the body of *resp* is read: shut its connection down once the task is
+    cancelled or its deadline passes (looked at every WATCH_S), so that a read waiting on
+    a silent source returns then, rather than when its read timeout, fixed as the request
+    began, runs out."""
+    stream = resp.extensions.get("network_stream")
+    sock = None if limits is None or stream is None else stream.get_extra_info("socket")
+    if limits is None or not isinstance(sock, socket.socket):
+        yield
+        return
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.wait(WATCH_S):
+            if limits.cancelled.is_set() or limits.clock() >= limits.deadline:
+                with contextlib.suppress(OSError):  # closed meanwhile
+                    sock.shutdown(socket.SHUT_RDWR)
+                return
+
+    watcher = threading.Thread(target=watch, name="nodeclient-fetch-limits", daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        done.set()
+        watcher.join()
 
 
 def _origin(url: httpx.URL) -> tuple[str, str, int | None]:
@@ -203,6 +234,7 @@ def _not_public(raw: str) -> RemoteProtocolError:
     )
 
 
+_NAT64: Final = ipaddress.IPv6Network("64:ff9b::/96")  # RFC 6052's well-known prefix
 _NOT_PUBLIC_V6: Final = (
     ipaddress.IPv6Network("fec0::/10"),  # site-local (deprecated, still routed in places)
 )
@@ -210,9 +242,13 @@ _NOT_PUBLIC_V6: Final = (
 
 def _public(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
     """Global unicast: not loopback, private, link-local, shared, multicast, reserved or
-    unspecified. IPv6 forms that carry an IPv4 address (mapped, 6to4) are judged by it."""
+    unspecified. IPv6 forms that carry an IPv4 address (mapped, 6to4, and NAT64's
+    well-known prefix, which an IPv6-only node's DNS64 answers for IPv4-only hosts) are
+    judged by it."""
     if isinstance(address, ipaddress.IPv6Address):
         inner = address.ipv4_mapped or address.sixtofour
+        if inner is None and address in _NAT64:
+            inner = ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
         if inner is not None:
             return _public(inner)
         if any(address in net for net in _NOT_PUBLIC_V6) or address.teredo is not None:
