@@ -753,3 +753,81 @@ def test_unavailable_provider_is_a_usage_error() -> None:
     runtime = OnnxRuntime(providers=["NoSuchExecutionProvider"])
     with pytest.raises(UsageError, match="NoSuchExecutionProvider"):
         _run(runtime, identity_model(), x=np.ones(1, np.float32))
+
+
+def _sparse_model(elements: int) -> bytes:
+    """y = x + w, where w is a sparse initializer: one value 1.0 at index 0 of *elements*."""
+    sparse = helper.make_sparse_tensor(
+        helper.make_tensor("w", TensorProto.FLOAT, [1], [1.0]),
+        helper.make_tensor("w_indices", TensorProto.INT64, [1], [0]),
+        [elements],
+    )
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["x", "w"], ["y"])],
+        "sparse",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [elements])],
+        sparse_initializer=[sparse],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    return model.SerializeToString()
+
+
+def test_a_sparse_tensor_too_large_once_dense_is_refused_before_loading() -> None:
+    """ONNX Runtime makes sparse initializers dense as it loads a model: 2^28 floats
+    declared in about 100 bytes would take 1 GiB (unbounded on a GPU worker, which has no
+    address-space limit). Refused against the node's model limit; a small one runs."""
+    huge = _sparse_model(1 << 28)
+    assert len(huge) < 128
+    with pytest.raises(RemoteProtocolError, match=r"sparse tensors take 1073741824 bytes"):
+        _run(_runtime(), huge, x=np.ones(1, np.float32))
+    outputs = _run(_runtime(), _sparse_model(4), x=np.full(1, 2.0, np.float32))
+    assert outputs["y"].tolist() == [3.0, 2.0, 2.0, 2.0]
+
+
+def test_a_model_in_onnxruntimes_own_format_is_not_loaded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Bytes with "ORTM" at offset 4 are ONNX Runtime's flatbuffer format, which it loads
+    unasked; such bytes can parse as another (empty) ONNX protobuf, so the model checks
+    would vet one model and the session run another. Sessions load ONNX protobufs only:
+    here the checks are let through, and loading still refuses the ORT-format model."""
+    from nodeclient.node.runtimes import onnx as runtime_module
+
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "identity.ort")
+    options.add_session_config_entry("session.save_model_format", "ORT")
+    ort.InferenceSession(identity_model(), options, providers=[CPU_PROVIDER])
+    ort_format = (tmp_path / "identity.ort").read_bytes()
+    assert ort_format[4:8] == b"ORTM"
+    real_vet = runtime_module._vet_model
+    monkeypatch.setattr(
+        runtime_module, "_vet_model", lambda model, **kw: real_vet(identity_model(), **kw)
+    )
+    with pytest.raises(RemoteProtocolError, match="model cannot be loaded"):
+        _run(_runtime(), ort_format, x=np.ones(3, np.float32))
+
+
+def _neg_model(shape: list[int] | None) -> bytes:
+    """y = -x, x declared with *shape* ([]: a scalar; None: no shape, any rank)."""
+    graph = helper.make_graph(
+        [helper.make_node("Neg", ["x"], ["y"])],
+        "neg",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    return model.SerializeToString()
+
+
+def test_an_input_declared_scalar_takes_only_a_scalar() -> None:
+    """onnxruntime reports [] for a declared scalar and for an input of unknown rank
+    alike; the model says which. A scalar input refuses a matrix; an input of unknown
+    rank takes any."""
+    scalar, any_rank = _neg_model([]), _neg_model(None)
+    assert _run(_runtime(), scalar, x=np.array(2.0, np.float32))["y"].tolist() == -2.0
+    with pytest.raises(RemoteProtocolError, match=r"shape \[2, 3\], the model expects a scalar"):
+        _run(_runtime(), scalar, x=np.ones((2, 3), np.float32))
+    assert _run(_runtime(), any_rank, x=np.ones((2, 3), np.float32))["y"].shape == (2, 3)

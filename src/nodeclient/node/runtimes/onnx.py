@@ -6,14 +6,16 @@ proof of execution covers (2.3.6), so nothing here knows about envelopes or the 
 
 Theory of operation:
 
-* the model is found by its SHA-256: a warm session first, then the on-disk cache, then
-  the inline bytes or ``fetch_model(url)``; fetched bytes are hashed before anything uses
+* the model is found by its SHA-256: a warm session first, then the inline bytes, then
+  the on-disk cache, then ``fetch_model(url)``; fetched bytes are hashed before anything uses
   or stores them, and are cached only once ONNX Runtime has loaded them;
 * inline models are never written to disk: they travelled sealed to this node, and a
   plaintext copy on disk would outlive the task;
 * models that reference external data are refused before ONNX Runtime sees them: loaded
   from bytes, ONNX Runtime resolves such paths against the working directory (even
-  ``../``), which would let a request read the operator's files back as outputs;
+  ``../``), which would let a request read the operator's files back as outputs; so are
+  sparse tensors over the model limit once dense, and sessions load ONNX protobufs only,
+  never ONNX Runtime's own format (which the checks would not have read);
 * inputs are checked against the session's declared names, dtypes and fixed dimensions
   so a requester gets a precise reason, and no implicit casts change the numbers;
 * sessions use deterministic compute, so the same request on the same node gives the
@@ -39,6 +41,7 @@ import dataclasses
 import errno
 import hashlib
 import importlib
+import math
 import os
 import re
 import secrets
@@ -475,6 +478,9 @@ class _Warm:
     outputs: dict[str, _Port]
     on_gpu: bool = False  # the session runs on CUDA: its errors may be the GPU's
     planted: tuple[str, ...] = ()  # the model's texts that read like a GPU failure
+    # Inputs the model declares as scalars (rank 0): onnxruntime reports their shape as
+    # [], as it does an input of unknown rank, so the model itself says which.
+    scalars: frozenset[str] = frozenset()
     # (requested outputs, input names/dtypes/shapes) -> outputs to run, once checked: a
     # stream of like requests skips the checks, which cost more than a small model's run.
     plans: dict[_PlanKey, list[str]] = dataclasses.field(default_factory=dict)
@@ -493,10 +499,23 @@ class _Warm:
         return names
 
 
-def _scan_model(model: Any) -> tuple[list[str], list[str]]:
+@dataclass(frozen=True, slots=True)
+class _Scan:
+    """What :func:`_scan_model` found."""
+
+    external: list[str]  # tensors that point at external data
+    planted: list[str]  # texts that read like a GPU failure
+    sparse_bytes: int  # the dense size of every sparse tensor, as loading makes them
+
+
+def _scan_model(model: Any) -> _Scan:
     """Walk every message of *model* once: the names of the TensorProtos that point at
-    external data, and the model's texts (names, op types, attribute strings) that read
-    like a GPU failure.
+    external data, the model's texts (names, op types, attribute strings) that read
+    like a GPU failure, and the bytes its sparse tensors take once made dense.
+
+    ONNX Runtime makes a sparse initializer (or a Constant's sparse value) dense as it
+    loads the model: one value declared over 2^28 elements is a 100-byte model that takes
+    1 GiB before any input is looked at.
 
     ONNX Runtime quotes node and tensor names in its errors, so a model could name a node
     "CUDA failure 700: ..." to make its own failure look like the node's; those texts are
@@ -506,6 +525,7 @@ def _scan_model(model: Any) -> tuple[list[str], list[str]]:
 
     external: list[str] = []
     planted: list[str] = []
+    sparse_bytes = 0
 
     def suspect(text: str | bytes) -> None:
         if isinstance(text, bytes):
@@ -521,6 +541,12 @@ def _scan_model(model: Any) -> tuple[list[str], list[str]]:
                 external.append(message.name or "<unnamed>")
             suspect(message.name)  # its contents are numbers, never quoted in an error
             continue
+        if isinstance(message, onnx.SparseTensorProto):
+            try:
+                itemsize = onnx.helper.tensor_dtype_to_np_dtype(message.values.data_type).itemsize
+            except (KeyError, ValueError, TypeError):  # no such type: loading refuses it
+                itemsize = 8
+            sparse_bytes += math.prod(max(0, d) for d in message.dims) * itemsize
         for field, value in message.ListFields():
             if field.message_type is not None:
                 if hasattr(value, "ListFields"):  # a singular message, not a repeated container
@@ -530,12 +556,19 @@ def _scan_model(model: Any) -> tuple[list[str], list[str]]:
             elif field.type in (field.TYPE_STRING, field.TYPE_BYTES):
                 for text in [value] if isinstance(value, str | bytes) else value:
                     suspect(text)
-    return external, planted
+    return _Scan(external, planted, sparse_bytes)
 
 
-def _vet_model(model: bytes) -> tuple[str, ...]:
-    """Refuse models that are not ONNX protobufs or that reference external data; return
-    the model's texts that read like a GPU failure."""
+@dataclass(frozen=True, slots=True)
+class _Vetted:
+    planted: tuple[str, ...]  # the model's texts that read like a GPU failure, longest first
+    scalars: frozenset[str]  # the graph's inputs declared rank 0
+
+
+def _vet_model(model: bytes, *, max_dense_bytes: int = DEFAULT_MAX_MODEL_BYTES) -> _Vetted:
+    """Refuse models that are not ONNX protobufs, that reference external data, or whose
+    sparse tensors would take more than *max_dense_bytes* once made dense; what the
+    session needs to know of the model besides."""
     import onnx
 
     # Looked up, not imported: protobuf ships no type stubs, and this is its only use here.
@@ -544,13 +577,26 @@ def _vet_model(model: bytes) -> tuple[str, ...]:
         proto = onnx.load_model_from_string(model)
     except (decode_error, ValueError) as exc:
         raise RemoteProtocolError(f"model is not a valid ONNX protobuf: {_short(exc)}") from exc
-    external, planted = _scan_model(proto)
-    if external:
+    scan = _scan_model(proto)
+    if scan.external:
         raise RemoteProtocolError(
-            f"model references external data (tensors {external[:5]}); "
+            f"model references external data (tensors {scan.external[:5]}); "
             "models must be self-contained"
         )
-    return tuple(sorted(set(planted), key=len, reverse=True))  # longest first: no leftovers
+    if scan.sparse_bytes > max_dense_bytes:
+        raise RemoteProtocolError(
+            f"model's sparse tensors take {scan.sparse_bytes} bytes once made dense, over "
+            f"this node's model limit of {max_dense_bytes}"
+        )
+    scalars = frozenset(
+        port.name
+        for port in proto.graph.input
+        if port.type.HasField("tensor_type")
+        and port.type.tensor_type.HasField("shape")
+        and not port.type.tensor_type.shape.dim
+    )
+    planted = tuple(sorted(set(scan.planted), key=len, reverse=True))  # longest first
+    return _Vetted(planted, scalars)
 
 
 def _ort_errors() -> tuple[type[BaseException], ...]:
@@ -827,7 +873,8 @@ class OnnxRuntime:
     def _create(self, model: bytes) -> _Warm:
         import onnxruntime as ort
 
-        planted = _vet_model(model)
+        vetted = _vet_model(model, max_dense_bytes=self._max_model_bytes)
+        planted = vetted.planted
         providers = self.providers()
         gpu = gpu_slot()
         # On a slot with a GPU, CUDA or nothing: ONNX Runtime's fallback would otherwise
@@ -845,6 +892,10 @@ class OnnxRuntime:
         # and admission, which counts free memory, would then refuse honest tasks. Freed
         # buffers go back to the allocator instead (no measurable cost on a MatMul chain).
         options.enable_cpu_mem_arena = False
+        # ONNX protobuf only: given bytes with "ORTM" at offset 4, onnxruntime would load its
+        # own flatbuffer format, which the checks above (onnx's protobuf parse) never saw;
+        # such bytes can be a valid protobuf too, of another, harmless-looking model.
+        options.add_session_config_entry("session.load_model_format", "ONNX")
         fallback = {"enable_fallback": 0} if strict else {}
         try:
             session = ort.InferenceSession(
@@ -891,6 +942,7 @@ class OnnxRuntime:
             outputs=outputs,
             on_gpu=CUDA_PROVIDER in active,
             planted=planted,
+            scalars=vetted.scalars,
         )
 
 
@@ -938,7 +990,11 @@ def _check_feed(warm: _Warm, inputs: Mapping[str, npt.NDArray[Any]]) -> None:
             raise RemoteProtocolError(
                 f"input {name!r} is {dtype_code(array.dtype)}, the model expects {port.type}"
             )
-        # onnxruntime reports an unknown rank as [], like a scalar: only check declared ranks.
+        # onnxruntime reports an unknown rank as [], like a scalar (warm.scalars says which).
+        if not port.shape and name in warm.scalars and array.ndim:
+            raise RemoteProtocolError(
+                f"input {name!r} has shape {list(array.shape)}, the model expects a scalar []"
+            )
         if port.shape and (
             array.ndim != len(port.shape)
             or any(
