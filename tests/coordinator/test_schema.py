@@ -172,6 +172,59 @@ def test_a_first_release_database_is_upgraded_and_its_queued_job_runs(
         stop(again, server2, thread2)
 
 
+def _attempts_ddl_and_rows(path: Path) -> tuple[str, list[tuple[Any, ...]]]:
+    con = sqlite3.connect(path)
+    try:
+        (ddl,) = con.execute(
+            "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'task_attempts'"
+        ).fetchone()
+        rows = con.execute(
+            "SELECT id, task_id, node_id, outcome FROM task_attempts ORDER BY id"
+        ).fetchall()
+        return ddl, rows
+    finally:
+        con.close()
+
+
+def test_an_older_databases_task_attempts_are_rebuilt_never_to_reuse_an_id(
+    tmp_path: Path, rsa_keys
+) -> None:
+    """(SQLite.) Version 5 rebuilds task_attempts with AUTOINCREMENT, so an id is never
+    given twice (/metrics counts leases by id): its rows and indexes are kept, and the
+    next lease gets a new id."""
+    clock = ManualClock(START)
+    node = make_node(rsa_keys, 0)
+    first, server, thread = start(config_for(data_dir=tmp_path / "now", db_url=None), clock)
+    try:
+        first.register(node)
+        first.link(node)
+        run_inference_job(first, node, VALUES)
+    finally:
+        stop(first, server, thread)
+    (tmp_path / "old").mkdir()
+    old = tmp_path / "old" / "coordinator.db"
+    _first_release_copy(tmp_path / "now" / "coordinator.db", old)
+    ddl, before = _attempts_ddl_and_rows(old)
+    assert "AUTOINCREMENT" not in ddl and len(before) == 1
+
+    again, server2, thread2 = start(config_for(data_dir=tmp_path / "old", db_url=None), clock)
+    try:
+        ddl, after = _attempts_ddl_and_rows(old)
+        assert "AUTOINCREMENT" in ddl
+        assert after == before
+        url = f"sqlite:///{old}"
+        assert {"ix_task_attempts_task_id", "ix_task_attempts_manifest_hash"} <= _indexes(
+            url, "task_attempts"
+        )
+        assert "task_attempts_before_v5" not in _columns(url)
+        again.link(node)
+        run_inference_job(again, node, VALUES)
+        _, now = _attempts_ddl_and_rows(old)
+        assert [row[0] for row in now] == [before[0][0], before[0][0] + 1]
+    finally:
+        stop(again, server2, thread2)
+
+
 def test_a_version_1_database_gets_the_declared_resources_columns(tmp_path: Path, rsa_keys) -> None:
     """(SQLite.) Version 2 added jobs.ram_mb and jobs.vram_mb: a version 1 database gets
     them, its jobs declaring nothing (0), and its queued job is still dispatched."""

@@ -196,6 +196,10 @@ class TaskAttempt(Base):
     """One lease of a task to a node, and how it ended: the task's dispatch history."""
 
     __tablename__ = "task_attempts"
+    # Ids are never used twice, even after the newest rows are deleted (job retention):
+    # /metrics counts each lease once by its id (coordinator/metrics.py). PostgreSQL's
+    # sequences never reuse one; SQLite needs AUTOINCREMENT for that.
+    __table_args__ = ({"sqlite_autoincrement": True},)
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     task_id: Mapped[str] = mapped_column(ForeignKey("tasks.task_id"), index=True)
     attempt: Mapped[int] = mapped_column(Integer)

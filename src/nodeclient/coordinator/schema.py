@@ -26,7 +26,7 @@ import logging
 from collections.abc import Callable
 from typing import Final
 
-from sqlalchemy import Column, Connection, Engine, Table, insert, inspect, select, update
+from sqlalchemy import Column, Connection, Engine, Table, insert, inspect, select, sql, update
 from sqlalchemy.schema import CreateColumn
 
 from nodeclient.coordinator import models as m
@@ -51,9 +51,10 @@ SCHEMA_KEY: Final = "schema_version"
 # node_manifests.replaced_at, task_attempts.manifest_hash, ix_nodes_manifest_hash and
 # ix_task_attempts_manifest_hash: its databases get them at the next start, as any
 # database of the current version short of a column or index does (no new version, so a
-# coordinator of the released version 4 can still open them). Version 5 (jobs.requester
-# and its index) needs none either: a job submitted before it names no requester, which
-# any accepted requester token may read, as any could when it was submitted.
+# coordinator of the released version 4 can still open them). Version 5 adds
+# jobs.requester and its index (a job submitted before it names no requester, which any
+# accepted requester token may read, as any could when it was submitted), and on SQLite
+# rebuilds task_attempts with AUTOINCREMENT, whose ids are then never used twice.
 
 
 def _publish_current_manifests(conn: Connection) -> None:
@@ -67,7 +68,33 @@ def _publish_current_manifests(conn: Connection) -> None:
     )
 
 
-_STEPS: Final[dict[int, Callable[[Connection], None]]] = {4: _publish_current_manifests}
+def _never_reuse_attempt_ids(conn: Connection) -> None:
+    """SQLite: rebuild task_attempts with AUTOINCREMENT, its rows kept. Without it, a new
+    row takes the largest id there plus one, so once job retention deleted the newest
+    leases their ids came again, and /metrics, which counts each lease once by its id,
+    stopped counting until the ids passed the last one it had seen."""
+    if conn.dialect.name != "sqlite":
+        return  # PostgreSQL: a sequence, which never gives an id twice
+    ddl = conn.exec_driver_sql(
+        "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'task_attempts'"
+    ).scalar()
+    if ddl is None or "AUTOINCREMENT" in str(ddl).upper():
+        return
+    table = m.Base.metadata.tables["task_attempts"]
+    for index in table.indexes:  # the renamed table keeps them, by the same names
+        conn.exec_driver_sql(f'DROP INDEX IF EXISTS "{index.name}"')
+    conn.exec_driver_sql("ALTER TABLE task_attempts RENAME TO task_attempts_before_v5")
+    table.create(conn)
+    names = [c.name for c in table.columns]
+    before = sql.table("task_attempts_before_v5", *map(sql.column, names))
+    conn.execute(insert(table).from_select(names, select(*before.columns)))
+    conn.exec_driver_sql("DROP TABLE task_attempts_before_v5")
+
+
+_STEPS: Final[dict[int, Callable[[Connection], None]]] = {
+    4: _publish_current_manifests,
+    5: _never_reuse_attempt_ids,
+}
 
 
 class SchemaError(UsageError):
