@@ -52,3 +52,24 @@ def test_no_range_serves_the_whole_blob(coordinator: Running) -> None:
     r = httpx.get(f"{coordinator.url}/v1/blobs/{sha}")
     assert r.status_code == 200
     assert r.content == BLOB
+
+
+def test_a_blobs_etag_is_its_hash_and_if_range_resumes_a_download(coordinator: Running) -> None:
+    """Each fetch dates the blob's file as used (retention): its validators must not
+    move with it. The ETag is the quoted hash on every fetch, no Last-Modified is sent,
+    and a Range with a matching If-Range is served (206); with another If-Range the
+    whole blob is (200), even for a range outside it (RFC 9110: the Range is ignored)."""
+    sha = coordinator.client.upload_blob(BLOB)["sha256"]
+    url = f"{coordinator.url}/v1/blobs/{sha}"
+    first = httpx.get(url)
+    coordinator.clock.advance(5)
+    second = httpx.head(url)
+    assert first.headers["etag"] == second.headers["etag"] == f'"{sha}"'
+    assert "last-modified" not in first.headers and "last-modified" not in second.headers
+    assert "immutable" in first.headers["cache-control"]
+    coordinator.clock.advance(5)
+    resumed = httpx.get(url, headers={"Range": "bytes=95-", "If-Range": f'"{sha}"'})
+    assert (resumed.status_code, resumed.content) == (206, b"56789")
+    for asked in ("bytes=95-", "bytes=5000-"):
+        whole = httpx.get(url, headers={"Range": asked, "If-Range": '"another"'})
+        assert (whole.status_code, whole.content) == (200, BLOB)

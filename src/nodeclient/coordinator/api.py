@@ -566,6 +566,10 @@ def build_router(coord: Coordinator) -> APIRouter:  # noqa: PLR0915 (one route e
             return error(404, f"no blob {sha256}")
         path = coord.blobs.path(sha256)
         asked = request.headers.get("range")
+        validator = f'"{sha256}"'  # the content never changes: its hash is its ETag
+        if_range = request.headers.get("if-range")
+        if if_range is not None and if_range.strip() != validator:
+            asked = None  # not the blob the client has part of: the whole of it (RFC 9110)
         if asked is not None:
             try:
                 size = (await asyncio.to_thread(path.stat)).st_size
@@ -574,7 +578,7 @@ def build_router(coord: Coordinator) -> APIRouter:  # noqa: PLR0915 (one route e
             refused = range_refusal(asked, size)
             if refused is not None:
                 return refused
-        return FileResponse(path, media_type="application/octet-stream")
+        return BlobResponse(path, validator)
 
     def prepare(
         wclass: classes.WorkloadClass, payload: bytes, slices: int
@@ -805,6 +809,25 @@ def build_router(coord: Coordinator) -> APIRouter:  # noqa: PLR0915 (one route e
         return await _result(spooler, m.Task, key, size, data, head=request.method == "HEAD")
 
     return router
+
+
+class BlobResponse(FileResponse):
+    """A blob's bytes, with its hash as its ETag (Range with If-Range works across
+    fetches) and no Last-Modified: the file's time records its last use, for the blob
+    store's retention, and would tell a cache the content changed at every fetch."""
+
+    def __init__(self, path: os.PathLike[str] | str, etag: str) -> None:
+        super().__init__(
+            path,
+            media_type="application/octet-stream",
+            headers={"etag": etag, "cache-control": "public, max-age=31536000, immutable"},
+        )
+
+    def set_stat_headers(self, stat_result: os.stat_result) -> None:
+        self.headers.setdefault("content-length", str(stat_result.st_size))
+
+    def _should_use_range(self, http_if_range: str) -> bool:  # Starlette's, which also
+        return http_if_range.strip() == self.headers["etag"]  # reads Last-Modified
 
 
 def too_large(message: str) -> JSONResponse:
