@@ -55,6 +55,14 @@ class Swept:
     temporaries: int  # abandoned temporary files removed
 
 
+def _fsync_directory(path: Path) -> None:
+    dir_fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
 class BlobStore:
     """The files of the blob store, with the clock that dates their use."""
 
@@ -70,8 +78,12 @@ class BlobStore:
         return self.directory / sha256
 
     def temporary(self, prefix: str) -> tuple[int, str]:
-        """A new temporary file in the store's directory, for :meth:`publish`: (fd, path)."""
-        self.directory.mkdir(parents=True, exist_ok=True)
+        """A new temporary file in the store's directory, for :meth:`publish`: (fd, path).
+        The directory is made at the first one, and its parent fsynced, so that its name
+        survives a crash as the blobs' names in it do (:meth:`publish`)."""
+        if not self.directory.is_dir():
+            self.directory.mkdir(parents=True, exist_ok=True)
+            _fsync_directory(self.directory.parent)
         return tempfile.mkstemp(dir=self.directory, prefix=prefix)
 
     def publish(self, tmp: str, sha256: str) -> None:
@@ -82,11 +94,7 @@ class BlobStore:
         with self._lock:  # a sweep never sees the new name undated
             os.replace(tmp, final)
             self._date(final)
-        dir_fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        _fsync_directory(self.directory)
 
     def store(self, sha256: str, data: bytes) -> None:
         """Hold *data*, whose SHA-256 the caller checked, as ``sha256``; a blob already
