@@ -8,6 +8,7 @@ and otherwise uses a system path that root owns.
 from __future__ import annotations
 
 import os
+import pwd
 import re
 import stat
 import subprocess
@@ -153,11 +154,63 @@ def test_ensure_home_refuses_a_regular_file(tmp_path: Path) -> None:
         ensure_home(not_a_dir, create=True)
 
 
+# What a refusal of another user's file or home says to do: as root, most likely the
+# service user's home, to run as its owner (a chown to root would break the service);
+# otherwise to chown it.
+OWNER_FIX = (
+    r"fix: run nodeclient as its owner \(sudo -u '#4242' nodeclient \.\.\.\), not as root"
+    if os.geteuid() == 0
+    else r"fix: chown \d+ "
+)
+
+
 def test_ensure_home_refuses_another_users_directory(home: Path) -> None:
-    """A home owned by another uid is refused with the chown fix."""
+    """A home owned by another uid is refused with the fix."""
     target = _foreign_owned(home, "/")
-    with pytest.raises(KeyFileError, match=r"owned by uid \d+.*chown"):
+    with pytest.raises(KeyFileError, match=r"owned by uid \d+.*" + OWNER_FIX):
         ensure_home(target, create=False)
+
+
+def test_as_root_a_service_users_home_is_to_be_used_as_that_user(tmp_path: Path) -> None:
+    """Run as root on a home a named user owns (the service's), the fix names that
+    user; run as anyone else, the fix is a chown to the user running it."""
+    home = tmp_path / "home"
+    home.mkdir(mode=0o700)
+    if os.geteuid() == 0:
+        nobody = pwd.getpwnam("nobody")
+        os.chown(home, nobody.pw_uid, nobody.pw_gid)
+        expected = r"fix: run nodeclient as its owner \(sudo -u nobody nodeclient"
+    else:
+        home = Path("/")
+        expected = rf"fix: chown {os.geteuid()} /"
+    with pytest.raises(KeyFileError, match=expected):
+        ensure_home(home, create=False)
+
+
+def test_a_new_home_and_its_new_parents_are_0700_and_durable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under a umask that takes the owner's own bits (0277), every directory made for the
+    home is exactly 0700 (a 0500 parent would refuse the next mkdir to anyone but root),
+    and each one's name is fsynced into its parent: a crash after `init` printed the
+    node_id must not lose the home."""
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    home = tmp_path / "a" / "b" / "home"
+    old = os.umask(0o277)
+    try:
+        ensure_home(home, create=True)
+    finally:
+        os.umask(old)
+    for made in (home.parent.parent, home.parent, home):
+        assert stat.S_IMODE(made.stat().st_mode) == 0o700, made
+    assert synced == [str(tmp_path), str(tmp_path / "a"), str(tmp_path / "a" / "b")]
 
 
 # --- write_secret / write_secrets / replace_secret ------------------------------------
@@ -262,7 +315,7 @@ def test_read_secret_refuses_a_symlink(tmp_path: Path, home: Path) -> None:
 def test_read_secret_refuses_another_users_file(home: Path) -> None:
     """A key owned by another uid is refused with the chown fix."""
     path = _foreign_owned(_plant(home / "node.key"), "/etc/passwd")
-    with pytest.raises(KeyFileError, match=r"owned by uid \d+.*fix: chown"):
+    with pytest.raises(KeyFileError, match=r"owned by uid \d+.*" + OWNER_FIX):
         read_secret(path)
 
 

@@ -39,6 +39,7 @@ import contextlib
 import errno
 import logging
 import os
+import pwd
 import re
 import secrets
 import shlex
@@ -125,29 +126,42 @@ def ensure_home(home: Path, *, create: bool) -> Path:
 
 
 def _create_home(home: Path) -> None:
+    """Make *home* and its missing parents, each exactly 0700 and its name fsynced into
+    its parent, so that a crash after `init` printed the node_id cannot lose the home."""
     try:
         # Missing parents get 0700 too: Path.mkdir(parents=True) would give them
         # 0777 & ~umask, and a writable parent lets others rename the home away.
-        for ancestor in reversed(home.parents):
+        for ancestor in [*reversed(home.parents), home]:
             if not os.path.lexists(ancestor):
                 os.mkdir(ancestor, _HOME_MODE)
-        os.mkdir(home, _HOME_MODE)
+                _settle_directory(ancestor)
     except FileExistsError:
         return  # someone created it meanwhile: validated like any existing home
     except OSError as exc:
         raise KeyFileError(f"cannot create node home {home}: {exc.strerror}") from exc
-    # A umask can only remove bits; a pathological one (e.g. 0o277) removes the owner's
-    # own. Restoring exactly 0700 on the directory we just made, still empty, widens
-    # nothing for anyone else, so it is not the forbidden "chmod after the fact".
+
+
+def _settle_directory(path: Path) -> None:
+    """A directory just made: exactly 0700 whatever the umask, and durable.
+
+    A umask can only remove bits; a pathological one (e.g. 0o277) removes the owner's
+    own, and the next directory could not be made in it. Restoring exactly 0700 on a
+    directory we just made, still empty, widens nothing for anyone else, so it is not
+    the forbidden "chmod after the fact"."""
     try:
-        fd = os.open(home, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
         try:
             if stat.S_IMODE(os.fstat(fd).st_mode) != _HOME_MODE:
                 os.fchmod(fd, _HOME_MODE)
         finally:
             os.close(fd)
+        parent = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(parent)
+        finally:
+            os.close(parent)
     except OSError as exc:
-        raise KeyFileError(f"cannot set up node home {home}: {exc.strerror}") from exc
+        raise KeyFileError(f"cannot set up node home directory {path}: {exc.strerror}") from exc
 
 
 def _home_problem(home: Path, st: os.stat_result) -> str | None:
@@ -162,7 +176,7 @@ def _home_problem(home: Path, st: os.stat_result) -> str | None:
     if st.st_uid != euid:
         return (
             f"refusing to use node home {home}: owned by uid {st.st_uid}, not by uid {euid} "
-            f"that runs nodeclient; fix: chown {euid} {_q(home)} (or run nodeclient as its owner)"
+            f"that runs nodeclient; fix: {_ownership_fix(home, st.st_uid)}"
         )
     mode = stat.S_IMODE(st.st_mode)
     if mode & 0o022:
@@ -196,7 +210,7 @@ def secret_problem(
     if st.st_uid != euid:
         return (
             f"refusing to use {path}: owned by uid {st.st_uid}, not by uid {euid} that runs "
-            f"nodeclient; fix: chown {euid} {_q(path)} (or run nodeclient as its owner)"
+            f"nodeclient; fix: {_ownership_fix(path, st.st_uid)}"
         )
     if mode & 0o077:
         return (
@@ -208,6 +222,20 @@ def secret_problem(
             f"{max_size}; fix: move it away and restore the key file from backup"
         )
     return None
+
+
+def _ownership_fix(path: Path, owner: int) -> str:
+    """What to do about a file or home another user owns. Run as root, that is most
+    likely the service user's home: handing it to root would break the service."""
+    euid = os.geteuid()
+    if euid == 0:
+        try:
+            name = pwd.getpwuid(owner).pw_name
+        except KeyError:
+            name = f"#{owner}"
+        who = shlex.quote(name)
+        return f"run nodeclient as its owner (sudo -u {who} nodeclient ...), not as root"
+    return f"chown {euid} {_q(path)} (or run nodeclient as its owner)"
 
 
 def _q(path: Path) -> str:
