@@ -227,6 +227,35 @@ def test_missing_result_file_is_reported_not_sent(tmp_path) -> None:
         box.get(truncated)
 
 
+def test_a_small_result_missing_from_the_database_is_closed_as_lost(tmp_path) -> None:
+    """A result kept in the database whose bytes are gone (a damaged row of
+    outbox_results) is not sent as empty bytes with its signature (which the coordinator
+    would refuse): it is closed as lost, as a result file of the wrong size is."""
+    box = Outbox(tmp_path / "o.db")
+    damaged, fine = uuid.uuid4(), uuid.uuid4()
+    commit(box, damaged, b"x" * 1000)
+    commit(box, fine, b"ok")
+    box._db.execute("DELETE FROM outbox_results WHERE task_id = ?", (str(damaged),))
+    with pytest.raises(OutboxCorrupt, match="holds 0 bytes, not 1000"):
+        box.get(damaged)
+    with logged(logging.ERROR) as records:
+        assert [e.task_id for e in box.pending()] == [fine]
+    assert [r.getMessage() for r in records] == ["outbox.result_lost"]
+    assert box.get(damaged).ack_status == "lost"
+
+
+def test_a_damaged_count_of_forgotten_entries_does_not_stop_the_open(tmp_path) -> None:
+    """One row of outbox_forgotten with a bucket this release does not know (damaged, or
+    a newer release's) counts for nothing; the outbox opens (a daemon that could not
+    would never send its backlog)."""
+    box = Outbox(tmp_path / "o.db")
+    commit(box, uuid.uuid4(), b"ok")
+    box._db.execute("INSERT INTO outbox_forgotten (bucket, count) VALUES ('garbled', 3)")
+    box.close()
+    box = Outbox(tmp_path / "o.db")
+    assert box.counts() == {"completed": 0, "failed": 0, "rejected": 0, "unacknowledged": 1}
+
+
 def test_a_result_file_name_edited_to_lead_elsewhere_is_never_read(tmp_path) -> None:
     """A row whose result_file was edited (or damaged) to name a file outside the results
     directory, even one of the right size, is a corrupt entry: the file is not read, and
@@ -820,6 +849,60 @@ def test_a_new_database_keeps_the_result_files_it_finds(tmp_path) -> None:
     box = Outbox(path)  # the first database back: its result reads
     assert box.get(theirs).result == big(2)
     assert files_of(box) == [f"{theirs}.result"]  # the other database's is its orphan
+
+
+def _another_databases_result(tmp_path: Path) -> tuple[uuid.UUID, Path]:
+    """A result committed by an outbox database that was then lost (only its results
+    directory is left): the task and the directory."""
+    box = Outbox(tmp_path / "outbox.db")
+    theirs = uuid.uuid4()
+    commit(box, theirs, big(2))
+    box.close()
+    for name in ("outbox.db", "outbox.db-wal", "outbox.db-shm"):
+        (tmp_path / name).unlink(missing_ok=True)
+    return theirs, tmp_path / "outbox.db.results"
+
+
+def test_a_first_open_cut_short_keeps_the_files_it_found(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The open that creates a database records the result files already there (another
+    database's) in the same transaction as the tables: cut short after the tables were
+    made (here, the directory cannot be listed: a full disk or a kill does the same), it
+    leaves no tables, so the next open is a first open again, and keeps the files rather
+    than sweeping them as this database's orphans."""
+    theirs, _ = _another_databases_result(tmp_path)
+    real_scandir = os.scandir
+
+    def fails_once(path: object) -> object:
+        monkeypatch.setattr(outbox.os, "scandir", real_scandir)
+        raise OSError(errno.EIO, "cut short")
+
+    monkeypatch.setattr(outbox.os, "scandir", fails_once)
+    with pytest.raises(OSError, match="cut short"):
+        Outbox(tmp_path / "outbox.db")
+    box = Outbox(tmp_path / "outbox.db")
+    assert files_of(box) == [f"{theirs}.result"]
+    box.close()
+    box = Outbox(tmp_path / "outbox.db")  # and at every later open
+    assert files_of(box) == [f"{theirs}.result"]
+
+
+def test_a_task_run_again_keeps_another_databases_file_for_it(tmp_path: Path) -> None:
+    """Only outbox.db was lost, and the coordinator leased its unacknowledged task here
+    again: the new result is written beside the other database's file for that task,
+    never over it (its only copy of a signed result), under a name of its own."""
+    theirs, results = _another_databases_result(tmp_path)
+    kept = (results / f"{theirs}.result").read_bytes()
+    box = Outbox(tmp_path / "outbox.db")
+    assert commit(box, theirs, big(5)).result == big(5)
+    assert (results / f"{theirs}.result").read_bytes() == kept
+    ours = [name for name in files_of(box) if name != f"{theirs}.result"]
+    assert len(ours) == 1 and re.fullmatch(rf"{theirs}\.[0-9a-f]{{8}}\.result", ours[0])
+    box.close()
+    box = Outbox(tmp_path / "outbox.db")  # the sweep keeps both
+    assert box.get(theirs).result == big(5)
+    assert sorted(files_of(box)) == sorted([f"{theirs}.result", *ours])
 
 
 def test_the_files_found_by_a_new_database_are_forgotten_once_removed(tmp_path) -> None:

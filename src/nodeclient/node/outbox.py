@@ -176,16 +176,8 @@ class Outbox:
             ).fetchone()
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
-            self._db.executescript(SCHEMA)
-            have = {row[1] for row in self._db.execute("PRAGMA table_info(outbox)")}
-            for name, decl in _ADDED_COLUMNS:
-                if name not in have:
-                    self._db.execute(f"ALTER TABLE outbox ADD COLUMN {name} {decl}")
-            for index in _INDEXES:
-                self._db.execute(index)
-            if version < FORMAT_VERSION:
-                self._db.execute(f"PRAGMA user_version = {FORMAT_VERSION}")
-            self._remove_orphans(created=tables == 0)
+            self._prepare(created=tables == 0, version=version)
+            self._remove_orphans()
             self._counts: dict[str, int] = {}
             self._waiting: dict[str | None, int] = {}
             self._recount()
@@ -288,6 +280,13 @@ class Outbox:
                 row = self._db.execute(f"{_LOAD} WHERE o.task_id = ?", (task_id,)).fetchone()
                 if row is None:
                     if staged is not None:
+                        if os.path.lexists(final):
+                            # Another outbox database's file for this task (the task was
+                            # leased here again after only outbox.db was lost): its only
+                            # copy of a signed result, kept under its name.
+                            final = final.with_name(
+                                f"{task_id}.{os.urandom(4).hex()}{_FILE_SUFFIX}"
+                            )
                         os.replace(staged, final)  # the data is already durable
                         renamed = True
                         _fsync_dir(self.files)  # and now its name
@@ -373,7 +372,14 @@ class Outbox:
         """
         entry = _decode(row[:-1])  # a damaged row raises before any file is read
         name = row[-1]
-        if name is None or not row[15]:  # no file, or a lost entry that keeps its file's name
+        if not row[15]:  # not held (pruned), or a lost entry that keeps its file's name
+            return entry
+        if name is None:  # held in the database: its row of outbox_results (or the column)
+            if len(entry.result) != row[6]:
+                raise OutboxCorrupt(
+                    f"task {row[0]}: its stored result holds {len(entry.result)} bytes, "
+                    f"not {row[6]}"
+                )
             return entry
         if not isinstance(name, str) or not _RESULT_NAME.fullmatch(name):
             # Edited by hand, or damaged: never read (and send) a file outside the results
@@ -780,22 +786,47 @@ class Outbox:
             )
         self._held_bytes -= sum(size for _, size, _ in drop)
 
-    def _remove_orphans(self, *, created: bool) -> None:
+    def _prepare(self, *, created: bool, version: int) -> None:
+        """The tables, columns and indexes this format has, and its version.
+
+        Creating the database (*created*: it had no tables) is one transaction with the
+        recording of the result files already in the directory: no crash of this database
+        left them, so they are another's, moved aside without its results or replaced by
+        this one (:meth:`_remove_orphans` keeps them). A first open cut short (a full disk,
+        a kill) leaves no tables, and the next open is a first open again, not the open of
+        a database whose leftover files are orphans to delete."""
+        self._db.executescript(("BEGIN IMMEDIATE;\n" if created else "") + SCHEMA)
+        try:
+            have = {row[1] for row in self._db.execute("PRAGMA table_info(outbox)")}
+            for name, decl in _ADDED_COLUMNS:
+                if name not in have:
+                    self._db.execute(f"ALTER TABLE outbox ADD COLUMN {name} {decl}")
+            for index in _INDEXES:
+                self._db.execute(index)
+            if version < FORMAT_VERSION:
+                self._db.execute(f"PRAGMA user_version = {FORMAT_VERSION}")
+            if created:
+                found = [
+                    (e.name,) for e in os.scandir(self.files) if _RESULT_NAME.fullmatch(e.name)
+                ]
+                self._db.executemany(
+                    "INSERT OR IGNORE INTO outbox_foreign (name) VALUES (?)", found
+                )
+                self._db.execute("COMMIT")
+        except BaseException:
+            if created:
+                with contextlib.suppress(sqlite3.Error):
+                    self._db.execute("ROLLBACK")
+            raise
+
+    def _remove_orphans(self) -> None:
         """Delete result files no row names: a crash came between a file and its commit.
 
-        Never those that were in the directory when this database was created (*created*:
-        by this open): no crash of this database left them, so they are another's, moved
-        aside without its results or replaced by this one, and removing them would lose
-        results it names. They are recorded, kept, and logged at every open while any is
+        Never those that were in the directory when this database was created (recorded
+        in outbox_foreign then, :meth:`_prepare`): removing them would lose results
+        another database names. They are kept, and logged at every open while any is
         left; a half-written temporary file names no result and goes either way.
         """
-        if created:
-            found = [(e.name,) for e in os.scandir(self.files) if _RESULT_NAME.fullmatch(e.name)]
-            if found:
-                with self._transaction():
-                    self._db.executemany(
-                        "INSERT OR IGNORE INTO outbox_foreign (name) VALUES (?)", found
-                    )
         named = {
             name
             for (name,) in self._db.execute(
@@ -850,7 +881,8 @@ class Outbox:
         ):
             out["unacknowledged" if status is None else _bucket(kind, status)] += n
         for bucket, n in self._db.execute("SELECT bucket, count FROM outbox_forgotten"):
-            out[bucket] += n
+            if bucket in out and isinstance(n, int):  # a damaged row counts for nothing
+                out[bucket] += n
         return out
 
     def backlog(self, coordinator_id: str | None = None) -> int:

@@ -22,8 +22,12 @@ from nodeclient.errors import UsageError
 log = logging.getLogger("nodeclient.node.outbox")  # the outbox's log, shared with outbox.py
 
 _FILE_SUFFIX: Final = ".result"
-_OURS: Final = re.compile(r"(\.[0-9a-f-]{36}\.[0-9a-f]{8}\.tmp|[0-9a-f-]{36}\.result)")
-_RESULT_NAME: Final = re.compile(r"[0-9a-f-]{36}\.result")
+# A result's file: <task_id>.result, or <task_id>.<8 hex>.result where a file of the first
+# name was there already (another outbox database's, kept: see Outbox._commit_locked).
+_OURS: Final = re.compile(
+    r"(\.[0-9a-f-]{36}\.[0-9a-f]{8}\.tmp|[0-9a-f-]{36}(\.[0-9a-f]{8})?\.result)"
+)
+_RESULT_NAME: Final = re.compile(r"[0-9a-f-]{36}(\.[0-9a-f]{8})?\.result")
 
 
 class OutboxBusy(UsageError):
