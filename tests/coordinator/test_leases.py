@@ -448,6 +448,38 @@ def test_late_result_from_earlier_lease_wins(coordinator: Running, rsa_keys) -> 
     assert outcomes == [(first.node_id, "succeeded"), (second.node_id, "superseded")]
 
 
+def test_a_result_after_its_node_rejected_the_task_is_refused(
+    coordinator: Running, rsa_keys
+) -> None:
+    """A node that signed a Reject answered its lease: a result it sends afterwards (a
+    second, contradicting answer) is refused, naming why, and the task's current holder
+    keeps it; its failed attempt stays a failure (the retry rules count it)."""
+    first, second = make_node(rsa_keys, 0), make_node(rsa_keys, 1)
+    coordinator.register(first)
+    coordinator.register(second)
+    coordinator.link(first)
+    payload = inference_payload(VALUES)
+    job = coordinator.client.submit_job("ai.inference", payload)
+    dispatch = first.recv()
+    assert first.call(first.reject(dispatch["task_id"], "out of memory"))["status"] == "accepted"
+    coordinator.link(second)
+    second_dispatch = second.recv()
+    assert second_dispatch["task_id"] == dispatch["task_id"]
+    result = inference_result(payload, VALUES)
+    late = first.call(first.result(dispatch, result))
+    assert late["status"] == "rejected"
+    assert "this node's lease of it ended rejected" in late["reason"]
+    assert second.call(second.result(second_dispatch, result))["status"] == "accepted"
+    done = coordinator.wait_job(job["job_id"], "succeeded")
+    assert done["tasks"][0]["node_id"] == second.node_id
+    outcomes = coordinator.coord.db.run_sync(
+        lambda s: [
+            (a.node_id, a.outcome) for a in s.query(m.TaskAttempt).order_by(m.TaskAttempt.attempt)
+        ]
+    )
+    assert outcomes == [(first.node_id, "rejected"), (second.node_id, "succeeded")]
+
+
 def _ack_and_dispatch(node: SimNode) -> tuple[dict[str, Any], dict[str, Any]]:
     """The result_ack of a reject that re-queued the task, and the task's next dispatch
     (the scheduler may send it before the ack)."""

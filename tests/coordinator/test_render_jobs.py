@@ -141,14 +141,11 @@ def _ack(
     node: SimNode, dispatch: dict[str, Any], result: bytes, later: list[dict[str, Any]]
 ) -> dict[str, Any]:
     """Send a result for *dispatch* and return its acknowledgement. Dispatches may come
-    first: after a rejected result the slice is queued again and, this node being the
-    only one, may be leased to it again before a later result for the first lease is
-    acknowledged (dropped: that result completes the task), and the node's free slot may
-    take another slice (kept in *later* for the test's next turn)."""
+    first (the node's free slot takes another slice): kept in *later*, for the test's
+    next turn."""
     node.send(node.result(dispatch, result))
     while (frame := node.recv())["type"] == "dispatch":
-        if frame["task_id"] != dispatch["task_id"]:
-            later.append(frame)
+        later.append(frame)
     assert frame["type"] == "result_ack", frame
     return frame
 
@@ -158,26 +155,34 @@ def test_result_for_another_slice_is_rejected_and_the_task_stays_open(
 ) -> None:
     """Frames 1-20 in two slices: a valid, non-blank frame 1 returned for slice 1 (frames
     11-20) is rejected with a reason and the slice queued again, where before it was
-    accepted and failed the whole job at assembly. The slice's own frames, sent late by
-    the same node, still complete it."""
-    node = _render_node(running, rsa_keys, 0, "0x" + "11" * 20)
+    accepted and failed the whole job at assembly. The slice's own frames, sent after it
+    for the same lease, are refused too (the node answered that lease already); the slice
+    goes to another node, whose frames complete the job."""
+    a = _render_node(running, rsa_keys, 0, "0x" + "11" * 20)
     job = running.client.submit_job("media.render", _payload((1, 20)), slices=2)
     later: list[dict[str, Any]] = []
+    refused = None
     for _ in range(2):
-        dispatch = later.pop(0) if later else node.recv()
+        dispatch = later.pop(0) if later else a.recv()
         if dispatch["slice_index"] == 1:
             wrong = render_slices.encode_result(
                 {1: _frame(1)}, scene_sha256=SCENE_SHA, width=W, height=H
             )
-            ack = _ack(node, dispatch, wrong, later)
+            ack = _ack(a, dispatch, wrong, later)
             assert ack["status"] == "rejected"
             assert "result holds frames 1..1, but its task asked for frames 11..20" in ack["reason"]
-            task = running.client.job(job["job_id"])["tasks"][1]
-            # queued again, or already leased again (to this node, the only one)
-            assert task["status"] in ("queued", "leased")
-            assert task["node_id"] in (None, node.node_id)
-        ack = _ack(node, dispatch, _result_for(node, dispatch), later)
-        assert ack["status"] == "accepted", ack["reason"]
+            assert running.client.job(job["job_id"])["tasks"][1]["status"] == "queued"
+            ack = _ack(a, dispatch, _result_for(a, dispatch), later)
+            assert ack["status"] == "rejected"
+            assert "this node's lease of it ended rejected" in ack["reason"]
+            refused = dispatch
+            continue
+        assert _ack(a, dispatch, _result_for(a, dispatch), later)["status"] == "accepted"
+    assert refused is not None
+    b = _render_node(running, rsa_keys, 1, "0x" + "22" * 20)
+    again = b.recv()
+    assert again["task_id"] == refused["task_id"]
+    _complete(b, again)
     done = running.wait_job(job["job_id"], "succeeded")
     assert done["status"] == "succeeded", done["reason"]
     assert sorted(
@@ -187,30 +192,43 @@ def test_result_for_another_slice_is_rejected_and_the_task_stays_open(
 
 def test_band_result_for_other_rows_is_rejected(running: Running, rsa_keys) -> None:
     """A tiled frame: a band of rows 0..0 returned for the band of rows 2..3 is rejected,
-    and so is the whole frame; each task's own band completes the job, stitched whole."""
-    node = _render_node(running, rsa_keys, 0, "0x" + "11" * 20)
+    and so is the whole frame (sent after, for the same lease); each task's own band
+    (the refused one's from another node) completes the job, stitched whole."""
+    a = _render_node(running, rsa_keys, 0, "0x" + "11" * 20)
     job = running.client.submit_job("media.render", _payload((3, 3), tiles=3))
     pixels = _frame(3)
 
-    def band(r: tuple[int, int]) -> bytes:
-        return render_slices.encode_result({3: pixels[r[0] : r[1] + 1]}, scene_sha256=SCENE_SHA,
-                                    width=W, height=H, rows=r)  # fmt: skip
-
-    later: list[dict[str, Any]] = []
-    for _ in range(3):
-        dispatch = later.pop(0) if later else node.recv()
+    def band(node: SimNode, dispatch: dict[str, Any]) -> bytes:
         rows = render.RenderRequest.decode(node.open(dispatch)).rows
         assert rows is not None
+        return render_slices.encode_result({3: pixels[rows[0] : rows[1] + 1]},
+                                           scene_sha256=SCENE_SHA, width=W, height=H,
+                                           rows=rows)  # fmt: skip
+
+    later: list[dict[str, Any]] = []
+    refused = None
+    for _ in range(3):
+        dispatch = later.pop(0) if later else a.recv()
         if dispatch["slice_index"] == 1:
-            assert rows == (2, 3)
-            ack = _ack(node, dispatch, band((0, 0)), later)
+            assert render.RenderRequest.decode(a.open(dispatch)).rows == (2, 3)
+            other_rows = render_slices.encode_result(
+                {3: pixels[0:1]}, scene_sha256=SCENE_SHA, width=W, height=H, rows=(0, 0)
+            )
+            ack = _ack(a, dispatch, other_rows, later)
             assert ack["status"] == "rejected"
             assert "result holds rows 0..0, but its task asked for rows 2..3" in ack["reason"]
             whole = render_slices.encode_result(
                 {3: pixels}, scene_sha256=SCENE_SHA, width=W, height=H
             )
-            assert _ack(node, dispatch, whole, later)["status"] == "rejected"
-        assert _ack(node, dispatch, band(rows), later)["status"] == "accepted"
+            assert _ack(a, dispatch, whole, later)["status"] == "rejected"
+            refused = dispatch
+            continue
+        assert _ack(a, dispatch, band(a, dispatch), later)["status"] == "accepted"
+    assert refused is not None
+    b = _render_node(running, rsa_keys, 1, "0x" + "22" * 20)
+    again = b.recv()
+    assert again["task_id"] == refused["task_id"]
+    assert _ack(b, again, band(b, again), [])["status"] == "accepted"
     done = running.wait_job(job["job_id"], "succeeded")
     assert done["status"] == "succeeded", done["reason"]
     stitched = render_slices.decode_result(running.client.job_result(job["job_id"]))

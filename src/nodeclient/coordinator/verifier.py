@@ -27,7 +27,7 @@ import logging
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
@@ -116,16 +116,33 @@ def check_proof(claim: ResultClaim) -> str | None:
     return None
 
 
-def _was_leased_to(session: Session, task: m.Task, node_id: str) -> bool:
+# How a node's earlier lease of a task may have ended for its result still to be taken
+# (a late result): the lease ran out, or the node went offline or lost its link, while it
+# worked. Not after it answered otherwise: a signed reject, a result its class refused,
+# a hand-back ("rejected", "returned"), or a dispatch never delivered ("undelivered").
+LATE_RESULT_OUTCOMES: Final = ("expired", "offline", "lost")
+
+
+def _delivery_refusal(session: Session, task: m.Task, node_id: str) -> str | None:
+    """None if *node_id* may deliver a result of *task*: it holds the task, or an earlier
+    lease of it ended in LATE_RESULT_OUTCOMES; otherwise why not."""
     if task.status == m.LEASED and task.node_id == node_id:
-        return True
-    return (
+        return None
+    outcomes = set(
         session.scalars(
-            select(m.TaskAttempt.id).where(
+            select(m.TaskAttempt.outcome).where(
                 m.TaskAttempt.task_id == task.task_id, m.TaskAttempt.node_id == node_id
             )
-        ).first()
-        is not None
+        )
+    )
+    if not outcomes:
+        return f"task {task.task_id} was never leased to this node"
+    if outcomes & set(LATE_RESULT_OUTCOMES):
+        return None
+    ended = ", ".join(sorted(str(o) for o in outcomes))
+    return (
+        f"task {task.task_id}: this node's lease of it ended {ended} (a signed reject, a "
+        "result refused, or a hand-back), so no later result of it is taken"
     )
 
 
@@ -203,12 +220,12 @@ def _settle_attempt(session: Session, task_id: str, node_id: str, now: float) ->
     three failed slices) although the node delivered."""
     if close_attempt(session, task_id, node_id, "succeeded", now):
         return
-    row = session.scalars(  # a late result: its lease (not one that never left) ended before it
+    row = session.scalars(  # a late result: the lease it comes from ended before it
         select(m.TaskAttempt)
         .where(
             m.TaskAttempt.task_id == task_id,
             m.TaskAttempt.node_id == node_id,
-            m.TaskAttempt.outcome != "undelivered",
+            m.TaskAttempt.outcome.in_(LATE_RESULT_OUTCOMES),
         )
         .order_by(m.TaskAttempt.attempt.desc(), m.TaskAttempt.id.desc())
     ).first()
@@ -279,8 +296,9 @@ def accept_result_tx(  # noqa: PLR0911 (one early answer per check)
         if task.proof == proof_hex:
             return Decision("duplicate", "this result was already accepted")
         return _equivocation(session, task, claim, now)
-    if not _was_leased_to(session, task, claim.node_id):
-        return Decision("rejected", f"task {tid} was never leased to this node")
+    refusal = _delivery_refusal(session, task, claim.node_id)
+    if refusal is not None:
+        return Decision("rejected", refusal)
     if task.status in (m.FAILED, m.CANCELLED):
         return Decision("rejected", f"task {tid} is {task.status}: {task.reason}")
     job = session.get_one(m.Job, task.job_id)
