@@ -7,6 +7,7 @@ import time
 import httpx
 import pytest
 
+from nodeclient.coordinator import models as m
 from nodeclient.coordinator.config import SybilPolicy
 from nodeclient.errors import RemoteProtocolError
 from nodeclient.protocol import eip712
@@ -60,6 +61,50 @@ def test_stale_manifest_is_refused(coordinator: Running, rsa_keys) -> None:
     assert r.status_code == 409
     assert r.json()["error"].startswith("stale manifest:")
     assert coordinator.client.node(node.node_id)["liveness_address"] == old_liveness
+
+
+def test_a_new_liveness_key_needs_a_later_issued_at(coordinator: Running, rsa_keys) -> None:
+    """Two manifests of one second, with different liveness keys: the second is refused
+    (409), or the first, public once registered, sent again by anyone, would put back a
+    key its rotation replaced. The node signs again a second later, and that one takes."""
+    node = make_node(rsa_keys, 0)
+    first = node.manifest(issued_at=int(START))
+    assert _post(coordinator, first).status_code == 201
+    old_liveness = node.liveness.address
+    node.liveness = Secp256k1Key.generate()
+    r = _post(coordinator, node.manifest(issued_at=int(START)))
+    assert r.status_code == 409
+    assert "names another liveness key" in r.json()["error"]
+    assert coordinator.client.node(node.node_id)["liveness_address"] == old_liveness
+    rotated = node.manifest(issued_at=int(START) + 1)
+    assert _post(coordinator, rotated).json()["status"] == "updated"
+    assert _post(coordinator, first).status_code == 409  # the replaced one: stale
+    assert coordinator.client.node(node.node_id)["liveness_address"] == node.liveness.address
+
+
+def test_the_registered_manifest_sent_again_changes_nothing(coordinator: Running, rsa_keys) -> None:
+    """The registered manifest itself, sent again (a retried request, or anyone: it is
+    public): 200 "unchanged", and neither the time it was registered nor a stopping
+    node's draining (which only the node's own fresh registration clears) changes."""
+    node = make_node(rsa_keys, 0)
+    signed = node.manifest(issued_at=int(START))
+    assert _post(coordinator, signed).status_code == 201
+    before = coordinator.client.node(node.node_id)
+
+    def updated_at() -> float:
+        return coordinator.coord.db.run_sync(lambda s: s.get_one(m.Node, node.node_id).updated_at)
+
+    registered = updated_at()
+    coordinator.coord.runtime[node.node_id].draining = True
+    coordinator.clock.advance(60)
+    again = _post(coordinator, signed)
+    assert (again.status_code, again.json()["status"]) == (200, "unchanged")
+    assert coordinator.client.node(node.node_id) == before
+    assert updated_at() == registered  # what keeps a node from being forgotten
+    assert coordinator.coord.runtime[node.node_id].draining is True
+    fresh = _post(coordinator, node.manifest(issued_at=int(START) + 60))
+    assert fresh.json()["status"] == "updated"
+    assert coordinator.coord.runtime[node.node_id].draining is False
 
 
 @pytest.mark.parametrize(
@@ -305,6 +350,35 @@ def test_a_node_gone_past_the_retention_is_forgotten_and_can_register_again(
     assert again["status"] == "registered"
     assert [p["node_id"] for p in again["prior_registrations"]] == [other.node_id]
     assert running.link(node)["type"] == "welcome"
+
+
+def test_a_node_is_forgotten_only_once_its_manifests_cannot_be_registered(
+    start_coordinator, rsa_keys
+) -> None:
+    """Its row is what refuses a node's older manifests as stale: forgotten after a
+    short retention (1 h) while they were still young enough to register, the manifest
+    from before its liveness key rotation (public at GET /v1/manifests) registered as
+    new, and its old key linked. The row stays until the registered manifest is past
+    --manifest-max-age (24 h), and by then every older one is refused as too old."""
+    running = start_coordinator(blob_sweep_interval=0.05, node_retention=3600.0)
+    node = make_node(rsa_keys, 0)
+    before_rotation = node.manifest(issued_at=int(START))
+    assert _post(running, before_rotation).status_code == 201
+    node.liveness = Secp256k1Key.generate()
+    running.clock.advance(60)
+    assert running.register(node)["status"] == "updated"
+    running.clock.advance(2 * 3600)
+    time.sleep(0.3)  # a few sweeps
+    assert node.node_id in running.coord.nodes
+    replay = _post(running, before_rotation)
+    assert replay.status_code == 409 and replay.json()["error"].startswith("stale manifest")
+    running.clock.advance(23 * 3600)
+    end = time.monotonic() + 10
+    while node.node_id in running.coord.nodes:
+        assert time.monotonic() < end, "the node was not forgotten"
+        time.sleep(0.02)
+    replay = _post(running, before_rotation)
+    assert replay.status_code == 409 and "old (max 86400" in replay.json()["error"]
 
 
 def test_a_node_that_never_linked_is_forgotten_after_a_day(start_coordinator, rsa_keys) -> None:

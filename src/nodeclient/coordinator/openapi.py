@@ -29,7 +29,7 @@ class Health(BaseModel):
 
 class Registered(BaseModel):
     node_id: str
-    status: Literal["registered", "updated"]
+    status: Literal["registered", "updated", "unchanged"]
     wallet_proven: bool
     prior_registrations: list[dict[str, Any]]
     policy: dict[str, Any]

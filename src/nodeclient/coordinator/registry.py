@@ -53,6 +53,9 @@ class Reply:
     node: NodeInfo | None = None
 
 
+UNCHANGED: Final = "unchanged"  # a registration of the manifest already registered
+
+
 def _error(status: int, message: str) -> Reply:
     return Reply(status, {"error": message})
 
@@ -66,6 +69,18 @@ def _register_tx(
             409,
             f"stale manifest: issued_at {v.issued_at} is older than the registered "
             f"manifest's issued_at {row.issued_at}",
+        )
+    if (
+        row is not None
+        and v.issued_at == row.issued_at
+        and v.liveness_address != row.liveness_address
+    ):
+        # Else the manifest a rotation replaced, signed in the same second (and public at
+        # GET /v1/manifests), would put the old liveness key back for anyone who sent it.
+        return _error(
+            409,
+            f"stale manifest: issued_at {v.issued_at} is the registered manifest's, which "
+            "names another liveness key; a new key needs a manifest issued later",
         )
     others = list(
         session.scalars(
@@ -144,6 +159,10 @@ def _register_tx(
         row = m.Node(node_id=v.node_id, registered_at=now, last_seq=0, **fields)
         session.add(row)
         status, label = 201, "registered"
+    elif row.manifest_hash == fields["manifest_hash"]:
+        # The registered manifest itself, sent again (a retried request; or anyone, since
+        # it is public): nothing changes, not even the time it was last registered.
+        status, label = 200, UNCHANGED
     else:
         for key, value in fields.items():
             setattr(row, key, value)
@@ -242,7 +261,8 @@ async def register(coord: Coordinator, manifest: object) -> Reply:
         return reply
     before = coord.nodes.get(verified.node_id)
     coord.cache_node(reply.node)
-    coord.runtime[verified.node_id].draining = False  # a fresh start: it takes work again
+    if reply.body["status"] != UNCHANGED:  # a manifest signed anew: a fresh start
+        coord.runtime[verified.node_id].draining = False  # it takes work again
     link = coord.links.get(verified.node_id)
     if (
         link is not None
@@ -294,6 +314,10 @@ async def forget_nodes(coord: Coordinator) -> int:
                 store.forget_nodes_tx,
                 seen_before=cutoff, keep=keep, limit=_FORGET_BATCH, after=after,
                 unlinked_before=unlinked,
+                # Its row is what refuses its older manifests (stale): kept until the
+                # registered one, and so each older one, is too old to be registered,
+                # or one from before a liveness key rotation would register as new.
+                issued_before=now - coord.config.manifest_max_age,
             )
         )  # fmt: skip
         for node_id in ids:

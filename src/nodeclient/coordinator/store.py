@@ -576,13 +576,15 @@ def forget_nodes_tx(
     limit: int,
     after: str = "",
     unlinked_before: float | None = None,
+    issued_before: float | None = None,
 ) -> tuple[list[str], str | None]:
     """Delete the nodes neither seen nor registered (or updated) since *seen_before*, and
     those that never linked and were registered (or updated) before *unlinked_before*,
     with their wallet proofs: of the first *limit* such nodes by node_id after *after*,
-    those not in *keep* (linked now) and holding no lease. Returns the ids deleted and the
-    key to go on from (None: no more). Tasks and equivocations keep naming a deleted
-    node: its signatures are checked by its address, not by this row."""
+    those not in *keep* (linked now) and holding no lease, and, with *issued_before*,
+    whose manifest was issued before it. Returns the ids deleted and the key to go on
+    from (None: no more). Tasks and equivocations keep naming a deleted node: its
+    signatures are checked by its address, not by this row."""
     leased = select(m.Task.node_id).where(m.Task.status == m.LEASED, m.Task.node_id.is_not(None))
     gone = and_(
         func.coalesce(m.Node.last_seen, 0.0) < seen_before,  # neither linked
@@ -590,6 +592,8 @@ def forget_nodes_tx(
     )
     if unlinked_before is not None:
         gone = or_(gone, and_(m.Node.last_seen.is_(None), m.Node.updated_at < unlinked_before))
+    if issued_before is not None:
+        gone = and_(gone, m.Node.issued_at < issued_before)
     found = list(
         session.scalars(
             select(m.Node.node_id)
