@@ -32,6 +32,7 @@ from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
 from nodeclient.clock import Clock, ManualClock, SystemClock
+from nodeclient.coordinator import registry
 from nodeclient.node import control, sandbox
 from nodeclient.node import link as link_module
 from nodeclient.node.daemon import NodeDaemon
@@ -194,6 +195,7 @@ class Session:
     up_for: float = 0.0  # ManualClock seconds that pass while the session is up
     close: int | None = 1000  # None: drop the TCP connection (the node sees 1006)
     then: Callable[[ServerConnection], Awaitable[None]] | None = None  # before the close
+    reason: str | None = None  # the close's reason, if not the test's own
 
 
 async def run_link(daemon: NodeDaemon, clock: ManualClock, sessions: list[Session]) -> list[str]:
@@ -225,7 +227,7 @@ async def run_link(daemon: NodeDaemon, clock: ManualClock, sessions: list[Sessio
         if session.close is None:
             ws.transport.abort()
         else:
-            await ws.close(session.close, f"closed by the test ({session.close})")
+            await ws.close(session.close, session.reason or f"closed by the test ({session.close})")
 
     port = int(daemon.url.rsplit(":", 1)[1])
     async with serve(handler, "127.0.0.1", port):
@@ -824,6 +826,42 @@ def test_a_link_replaced_twice_stops_the_daemon(
     assert second.__dict__["action"] == "stopping"
     assert "same node key" in first.__dict__["fix"]
     assert "rotate-liveness" in first.__dict__["fix"]
+
+
+def test_two_daemons_with_their_own_liveness_keys_do_not_take_the_node_in_turn(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, waits: Waits, events: Events
+) -> None:
+    """4001 "liveness key rotated" on the live link: another process registered this node
+    (signed with its node key) with another liveness key. Registering its own key again
+    at once closed that one's link in turn, for ever. The daemon registers again only
+    after a pause, and stops (LinkReplaced, exit 78) when it happens again within
+    REPLACED_WINDOW_S, as for a 4004, naming the fix."""
+    registrations: list[dict[str, Any]] = []
+
+    def register(request: httpx.Request) -> httpx.Response:
+        registrations.append(json.loads(request.content))
+        return httpx.Response(201, json=REGISTERED)
+
+    answer_registration(monkeypatch, register)
+    monkeypatch.setattr(link_module, "REPLACED_PAUSE_S", 0.3)
+    clock = ManualClock()
+    daemon = make_daemon(tmp_path, url=f"http://127.0.0.1:{free_port()}", clock=clock)
+    rotated = registry.ROTATED_CLOSE_REASON  # what the coordinator says
+    sessions = [
+        Session(up_for=1.0, close=4001, reason=rotated),
+        Session(up_for=60.0, close=4001, reason=rotated),  # again, within the window
+    ]
+    started = time.monotonic()
+    with pytest.raises(link_module.LinkReplaced) as caught:
+        asyncio.run(run_link(daemon, clock, sessions))
+    assert caught.value.exit_code == 78
+    assert time.monotonic() - started >= 0.3  # the pause before registering again
+    assert len(registrations) == 2  # at start, and once after the first close
+    first, second = events.named("link.replaced")
+    assert (first.__dict__["action"], second.__dict__["action"]) == (
+        "linking again in 0 s", "stopping"
+    )  # fmt: skip
+    assert "different liveness keys" in first.__dict__["fix"]
 
 
 class SteppedWall(ManualClock):

@@ -54,6 +54,9 @@ class Reply:
 
 
 UNCHANGED: Final = "unchanged"  # a registration of the manifest already registered
+# 4001 on a live link whose liveness key a registration replaced (a node daemon that
+# gets it takes it for another process with its node key: node/link.py ROTATED_REASON).
+ROTATED_CLOSE_REASON: Final = "liveness key rotated: authenticate again with the new key"
 
 
 def _error(status: int, message: str) -> Reply:
@@ -272,7 +275,7 @@ async def register(coord: Coordinator, manifest: object) -> Reply:
         # Authenticated with the key just replaced (perhaps a stolen one): it gets no more
         # work from now, and must authenticate again, with the new key.
         coord.detach(verified.node_id, link)
-        reason = "liveness key rotated: authenticate again with the new key"
+        reason = ROTATED_CLOSE_REASON
         coord.spawn(link.close(4001, reason), "link.close")
         log.info("link.closed", extra={"node_id": verified.node_id, "reason": reason})
     body = {**reply.body, "coordinator_id": coord.coordinator_id, "chain_id": coord.config.chain_id}

@@ -74,6 +74,20 @@ _REPLACED_FIX: Final = (
     "rotate-liveness`, then start this one again"
 )
 
+# The coordinator's reason for 4001 on a live link when a registration of this node
+# named another liveness key: a manifest signed with this node's key, by another process.
+ROTATED_REASON: Final = "liveness key rotated"
+_ROTATED_FIX: Final = (
+    "a registration signed with this node's key named another liveness key, and the "
+    "coordinator closed this link, which authenticated with the replaced one: two daemons "
+    "are running with the same node key and different liveness keys (a copied node home "
+    "whose liveness key was rotated?). This one cancelled its running tasks, registers "
+    "its own key again after a pause, and stops if it is replaced again, so that the two "
+    "do not take the node from each other for ever. Each node needs its own home, made "
+    "with `nodeclient init`. If no other daemon of yours runs, someone has this node's "
+    "node.key: stop using it (a new node: `nodeclient init` in a new home)"
+)
+
 
 # What a link refused with 426 (or 404, from a proxy that passed the request as plain
 # HTTP to a coordinator older than the 426) most likely means.
@@ -339,16 +353,20 @@ class LinkClient(TaskDispatcher):
     def _link_closed(self, exc: ConnectionClosed) -> bool:
         """Log how the coordinator closed the link; True when the node must register again.
 
-        4004 on the live link means another process linked with this node's keys: cancel
-        the running tasks and link again after REPLACED_PAUSE_S; the second time within
-        REPLACED_WINDOW_S, stop (LinkReplaced) rather than replace that link in turn.
+        4004 on the live link means another process linked with this node's keys, and 4001
+        "liveness key rotated" that another process registered this node with its own
+        liveness key: cancel the running tasks and link again (register again, for the
+        latter) after REPLACED_PAUSE_S; the second time within REPLACED_WINDOW_S, stop
+        (LinkReplaced) rather than take the node back in turn.
         """
         code = exc.rcvd.code if exc.rcvd else None
         reason = exc.rcvd.reason if exc.rcvd else ""
         self.link.last_error = f"closed {code}: {reason}"
-        if code != CLOSE_REPLACED:
+        rotated = code == CLOSE_AUTH_FAILED and reason.startswith(ROTATED_REASON)
+        if code != CLOSE_REPLACED and not rotated:
             log.warning("link.closed", extra={"code": code, "reason": reason})
             return code in (CLOSE_NOT_REGISTERED, CLOSE_AUTH_FAILED)
+        fix = _ROTATED_FIX if rotated else _REPLACED_FIX
         if self._stopping.is_set():  # stopping anyway: link no more, the other process has it
             log.error("link.replaced", extra={"code": code, "reason": reason})
             self._replaced_while_stopping = True
@@ -364,13 +382,13 @@ class LinkClient(TaskDispatcher):
                 "code": code,
                 "reason": reason,
                 "action": "stopping" if again else f"linking again in {REPLACED_PAUSE_S:.0f} s",
-                "fix": _REPLACED_FIX,
+                "fix": fix,
             },
         )
         if not again:  # once may be a fluke (a proxy's): link again, after a pause
             self._pause = REPLACED_PAUSE_S
-            return False
-        self._fatal = LinkReplaced(_REPLACED_FIX)
+            return rotated  # its own key registered again, for the link to authenticate
+        self._fatal = LinkReplaced(fix)
         self._set_link("down")
         self._stopping.set()
         raise self._fatal from None
