@@ -55,10 +55,14 @@ def test_a_key_file_open_to_others_is_refused_with_a_quoted_chmod(home: Path) ->
     assert _fix(str(caught.value)) == ["chmod", "600", str(path)]
 
 
-def test_a_key_file_of_another_owner_is_refused_with_a_quoted_chown(home: Path) -> None:
-    """A key owned by another uid: the chown in the refusal names that key."""
+def test_a_key_file_of_another_owner_is_refused_with_a_quoted_chown(
+    home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A key owned by another uid: the chown in the refusal names that key (run as a
+    user: as root, the fix is to run as the owner, test_securefile)."""
     path = home / "node.key"
     securefile.write_secret(path, b"0x" + b"ab" * 32 + b"\n")
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
     st = _with_uid(os.lstat(path), os.geteuid() + 1)
     problem = securefile.secret_problem(path, st)
     assert problem is not None
@@ -73,8 +77,12 @@ def test_a_home_others_can_write_is_refused_with_a_quoted_chmod(home: Path) -> N
     assert _fix(str(caught.value)) == ["chmod", "700", str(home)]
 
 
-def test_a_home_of_another_owner_is_refused_with_a_quoted_chown(home: Path) -> None:
-    """A home owned by another uid: the chown in the refusal names the home."""
+def test_a_home_of_another_owner_is_refused_with_a_quoted_chown(
+    home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A home owned by another uid: the chown in the refusal names the home (run as a
+    user: as root, the fix is to run as the owner, test_securefile)."""
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
     st = _with_uid(os.lstat(home), os.geteuid() + 1)
     problem = securefile._home_problem(home, st)
     assert problem is not None
