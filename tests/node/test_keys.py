@@ -107,8 +107,38 @@ def _write(path: Path, data: bytes) -> None:
 
 
 def _cheap_keystore(kdf: Kdf = "scrypt", secret: bytes = SECRET) -> dict[str, Any]:
-    """A keystore made by eth-account itself, with parameters small enough to run often."""
-    return Account.encrypt(secret, PASSWORD, kdf=kdf, iterations=16 if kdf == "scrypt" else 10)
+    """A keystore made by eth-account itself, with the cheapest parameters accepted (the
+    minimums: scrypt n = 4096, as geth's --lightkdf; PBKDF2 262,144 rounds)."""
+    rounds = keys.MIN_SCRYPT_N if kdf == "scrypt" else keys.MIN_PBKDF2_C
+    return Account.encrypt(secret, PASSWORD, kdf=kdf, iterations=rounds)
+
+
+def _scrypt_keystore(secret: bytes, password: str, *, n: int, r: int, p: int) -> dict[str, Any]:
+    """A v3 scrypt keystore with any r and p (eth-account writes p = 1 only), built from
+    the Web3 Secret Storage definition: AES-128-CTR under the derived key's first half, a
+    Keccak-256 MAC under its second half."""
+    from Crypto.Hash import keccak
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+    salt, iv = os.urandom(32), os.urandom(16)
+    derived = hashlib.scrypt(
+        password.encode(), salt=salt, n=n, r=r, p=p, dklen=32, maxmem=256 * 1024 * 1024
+    )
+    encryptor = Cipher(algorithms.AES(derived[:16]), modes.CTR(iv)).encryptor()
+    ciphertext = encryptor.update(secret) + encryptor.finalize()
+    mac = keccak.new(digest_bits=256, data=derived[16:] + ciphertext).hexdigest()
+    return {
+        "version": 3,
+        "id": "3198bc9c-6672-5ab3-d995-4942343ae5b6",
+        "crypto": {
+            "cipher": "aes-128-ctr",
+            "cipherparams": {"iv": iv.hex()},
+            "ciphertext": ciphertext.hex(),
+            "kdf": "scrypt",
+            "kdfparams": {"n": n, "r": r, "p": p, "dklen": 32, "salt": salt.hex()},
+            "mac": mac,
+        },
+    }
 
 
 def _write_keystore(home: Path, keystore: dict[str, Any]) -> None:
@@ -479,7 +509,7 @@ def test_keystore_address_field_must_match_the_key(home: Path) -> None:
     [
         ("scrypt", "n", 1 << 20, "kdfparams.n = 1048576 exceeds the cap 262144"),
         ("scrypt", "r", 1024, "kdfparams.r = 1024 exceeds the cap 8"),
-        ("scrypt", "p", 16, "kdfparams.p = 16 exceeds the cap 8"),
+        ("scrypt", "p", 32, "kdfparams.p = 32 exceeds the cap 16"),
         ("scrypt", "n", 3000, "not a power of two"),
         ("scrypt", "dklen", 64, "kdfparams.dklen = 64 exceeds the cap 32"),
         ("pbkdf2", "c", 10**9, "kdfparams.c = 1000000000 exceeds the cap 1000000"),
@@ -500,14 +530,45 @@ def test_hostile_keystore_is_refused_before_the_kdf(
         load_node_key(home, passphrase=_no_passphrase)
 
 
-def test_scrypt_r_times_p_is_capped(home: Path) -> None:
-    """r and p each under their caps are still refused when r*p is over its cap."""
+def test_scrypt_cost_is_capped(home: Path) -> None:
+    """n, r and p each under their caps are still refused when the work they ask for,
+    n*r*p, is over its cap (what geth's standard parameters need, about a second)."""
     keystore = _cheap_keystore()
     params = keystore["crypto"]["kdfparams"]
-    params.update(r=8, p=2)
+    params.update(n=1 << 18, r=8, p=2)
     _write_keystore(home, keystore)
-    with pytest.raises(KeystoreError, match=r"r\*p = 16 exceeds the cap 8"):
+    with pytest.raises(KeystoreError, match=r"n\*r\*p = 4194304 exceeds the cap 2097152"):
         load_node_key(home, passphrase=_no_passphrase)
+
+
+@pytest.mark.parametrize(
+    ("kdf", "field", "value", "message"),
+    [
+        ("scrypt", "n", 2048, "kdfparams.n = 2048 is below the minimum 4096"),
+        ("pbkdf2", "c", 10_000, "kdfparams.c = 10000 is below the minimum 262144"),
+        ("scrypt", "salt", "ab" * 8 + "cd" * 7, "bytes of kdfparams.salt = 15 is below"),
+    ],
+)
+def test_a_keystore_whose_passphrase_can_be_tried_fast_is_refused(
+    home: Path, kdf: Kdf, field: str, value: object, message: str
+) -> None:
+    """A KDF too cheap (a weak file, or one made so on purpose) is refused before the
+    passphrase is asked, naming the parameter, its minimum and how to fix it."""
+    keystore = _cheap_keystore(kdf)
+    keystore["crypto"]["kdfparams"][field] = value
+    _write_keystore(home, keystore)
+    with pytest.raises(KeystoreError, match=message) as info:
+        load_node_key(home, passphrase=_no_passphrase)
+    assert "fix: encrypt the key again with stronger parameters" in str(info.value)
+
+
+def test_a_geth_lightkdf_keystore_is_read(home: Path) -> None:
+    """geth --lightkdf writes scrypt n=4096, r=8, p=6: accepted (its cost is a tenth of
+    the standard parameters'), and it decrypts to what eth-account decrypts it to."""
+    keystore = _scrypt_keystore(SECRET, PASSWORD, n=4096, r=8, p=6)
+    assert Account.decrypt(keystore, PASSWORD) == SECRET  # an independent reading
+    _write_keystore(home, keystore)
+    assert load_node_key(home, passphrase=PASSWORD.encode).secret == SECRET
 
 
 @pytest.mark.parametrize(

@@ -82,14 +82,19 @@ SCRYPT_N: Final = 1 << 18
 SCRYPT_R: Final = 8
 SCRYPT_P: Final = 1
 # What we accept from a keystore, checked before the KDF runs. scrypt costs about
-# 128 * n * r bytes of memory and n * r * p block operations: these caps bound both to
-# what our own files need (256 MiB, about a second), while still reading geth's and
-# eth-account's files, including the older r=1, p=8 layout.
+# 128 * n * r bytes of memory and n * r * p block operations: the caps bound the cost
+# itself to what our own files need (256 MiB, about a second), so geth's and
+# eth-account's files are read, the older r=1, p=8 layout and geth's --lightkdf (n=4096,
+# r=8, p=6) included. The floors refuse a file whose passphrase could be tried fast:
+# geth's --lightkdf for scrypt; for PBKDF2, what wallets write (262,144 rounds).
 MAX_SCRYPT_N: Final = 1 << 18
 MAX_SCRYPT_R: Final = 8
-MAX_SCRYPT_P: Final = 8
-MAX_SCRYPT_RP: Final = 8
+MAX_SCRYPT_P: Final = 16
+MAX_SCRYPT_COST: Final = 1 << 21  # n * r (the memory: 256 MiB) and n * r * p (the time)
+MIN_SCRYPT_N: Final = 1 << 12
 MAX_PBKDF2_C: Final = 1_000_000  # eth-account's own default
+MIN_PBKDF2_C: Final = 1 << 18
+MIN_SALT_BYTES: Final = 16
 _DKLEN: Final = 32
 _HEX_RE: Final = re.compile(r"^(?:0[xX])?([0-9a-fA-F]*)$")
 
@@ -555,21 +560,34 @@ def _kdf_params(check: _Checker, crypto: dict[str, object]) -> tuple[str, dict[s
         n = check.integer(params, "n", 2, MAX_SCRYPT_N)
         if n & (n - 1):
             raise check.fail(f"kdfparams.n = {n} is not a power of two")
+        _at_least(check, "kdfparams.n", n, MIN_SCRYPT_N)
         r = check.integer(params, "r", 1, MAX_SCRYPT_R)
         p = check.integer(params, "p", 1, MAX_SCRYPT_P)
-        if r * p > MAX_SCRYPT_RP:
-            raise check.fail(f"kdfparams r*p = {r * p} exceeds the cap {MAX_SCRYPT_RP}")
+        if n * r * p > MAX_SCRYPT_COST:  # n * r is at most 2^21 by the caps of each
+            raise check.fail(f"kdfparams n*r*p = {n * r * p} exceeds the cap {MAX_SCRYPT_COST}")
         clean = {"n": n, "r": r, "p": p}
     elif kdf == "pbkdf2":
         c = check.integer(params, "c", 1, MAX_PBKDF2_C)
+        _at_least(check, "kdfparams.c", c, MIN_PBKDF2_C)
         if params.get("prf") != "hmac-sha256":
             raise check.fail(f"kdfparams.prf must be hmac-sha256, not {params.get('prf')!r}")
         clean = {"c": c, "prf": "hmac-sha256"}
     else:
         raise check.fail(f"kdf must be scrypt or pbkdf2, not {kdf!r}")
     clean["dklen"] = check.integer(params, "dklen", _DKLEN, _DKLEN)
-    clean["salt"] = check.hex(params, "salt", 1, 64)
+    salt = clean["salt"] = check.hex(params, "salt", 1, 64)
+    _at_least(check, "bytes of kdfparams.salt", len(salt) // 2, MIN_SALT_BYTES)
     return kdf, clean
+
+
+def _at_least(check: _Checker, what: str, value: int, minimum: int) -> None:
+    """Refuse a keystore whose passphrase could be tried too fast."""
+    if value < minimum:
+        raise check.fail(
+            f"{what} = {value} is below the minimum {minimum}: a passphrase behind it can "
+            "be tried too fast; fix: encrypt the key again with stronger parameters (e.g. "
+            "eth-account's Account.encrypt defaults, or `geth account update`)"
+        )
 
 
 def _keystore_address(check: _Checker, address: object) -> str | None:
