@@ -244,6 +244,17 @@ def test_rotate_liveness_keeps_node_id_and_changes_the_hot_key(home: Path) -> No
     assert _mode(home / LIVENESS_KEY) == 0o600
 
 
+def test_rotate_liveness_refuses_a_directory_that_is_not_a_node_home(tmp_path: Path) -> None:
+    """A wrong --home (a safe directory without node.key) is refused, and nothing is
+    written there: a liveness.key left in it would stop a later `init` as the leftover
+    of an interrupted one."""
+    elsewhere = tmp_path / "not-a-home"
+    elsewhere.mkdir(mode=0o700)
+    with pytest.raises(KeyFileError, match="holds no node.key: it is not a node home"):
+        rotate_liveness(elsewhere)
+    assert list(elsewhere.iterdir()) == []
+
+
 def test_rotate_liveness_refuses_an_unsafe_liveness_key(home: Path) -> None:
     """Rotation loads the old key first, so a 0644 liveness.key is refused, unchanged."""
     os.chmod(home / LIVENESS_KEY, 0o644)

@@ -3,10 +3,11 @@
 The node home holds:
 
 ``node.key``
-    The node's identity, a secp256k1 key: ``0x`` + 64 hex digits + newline (the form geth
-    and eth-account import), or, when encrypted, a Web3 Secret Storage v3 keystore JSON
-    (scrypt n=2^18, r=8, p=1) under the same name; the format is told by the content (a
-    keystore starts with ``{``). ``node_id`` is the EIP-55 address of its public key. It
+    The node's identity, a secp256k1 key: ``0x`` + 64 hex digits + newline (the form
+    eth-account imports; geth's ``account import`` wants the digits without ``0x``), or,
+    when encrypted, a Web3 Secret Storage v3 keystore JSON (scrypt n=2^18, r=8, p=1)
+    under the same name; the format is told by the content (a keystore starts with
+    ``{``). ``node_id`` is the EIP-55 address of its public key. It
     signs the capability manifest (2.3.2) and results (2.3.7).
 ``liveness.key``
     A second, separate secp256k1 key, always plaintext: the hot key the running daemon
@@ -275,6 +276,13 @@ def rotate_liveness(home: Path) -> tuple[str | None, str]:
     unchanged, as is an unsafe home: what to do about those is the operator's decision.
     """
     ensure_home(home, create=False)
+    if not os.path.lexists(home / NODE_KEY):
+        # A directory that is not a node home (a wrong --home): a liveness key made there
+        # would later stop `init` as the leftover of an interrupted one.
+        raise KeyFileError(
+            f"{home} holds no node.key: it is not a node home; fix: pass the node's home "
+            "with --home (or NODECLIENT_HOME), or make a node there with `nodeclient init`"
+        )
     path = home / LIVENESS_KEY
     old: str | None
     try:
@@ -324,8 +332,8 @@ def read_passphrase(
     """Get the node.key passphrase: ``--passphrase-file``, else ``$NODECLIENT_PASSPHRASE_FILE``,
     else ``prompt`` (pass one only when stdin is a terminal; see :func:`terminal_prompt`).
 
-    From a file, exactly one trailing line ending (``\\n`` or ``\\r\\n``) is removed, as
-    geth does; any other bytes, including more newlines or spaces, are the passphrase.
+    From a file, exactly one trailing line ending (``\\n`` or ``\\r\\n``) is removed; any
+    other bytes, including more newlines or spaces, are the passphrase.
     ``confirm`` asks a prompt twice (for ``init``). Empty and non-UTF-8 passphrases are
     refused: keystores are read by tools that treat passphrases as text.
     """
