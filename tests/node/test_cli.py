@@ -815,6 +815,31 @@ def test_keys_show_prints_each_files_mode_and_owner(
         assert f"{home / name}  mode 0600  owner {me}" in out
 
 
+def test_a_keystore_without_an_address_is_shown_and_bound_with_its_passphrase(
+    home: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A keystore need not carry its address (eth-account's and geth's do; others may
+    not): `keys show` and `wallet-proof` take --passphrase-file and decrypt it to learn
+    the node_id, where before they could only fail."""
+    from eth_account import Account
+
+    secret = bytes.fromhex("4c0883a69102937d6231471b5dbb6204fe5129617082792ae468d01a3f362318")
+    keystore = Account.encrypt(secret, "pass phrase", kdf="scrypt", iterations=1 << 12)
+    del keystore["address"]
+    (home / "node.key").write_text(json.dumps(keystore))
+    pw = home.parent / "pw"
+    pw.write_text("pass phrase\n")
+    pw.chmod(0o600)
+    node_id = Account.from_key(secret).address
+    capsys.readouterr()
+    assert main(["keys", "show", "--home", str(home), "--json"]) == 2  # no passphrase here
+    assert "no passphrase was given: pass --passphrase-file FILE" in capsys.readouterr().err
+    assert main(["keys", "show", "--home", str(home), "--passphrase-file", str(pw), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["node_id"] == node_id
+    assert main(["wallet-proof", "--home", str(home), "--passphrase-file", str(pw), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["message"]["node_id"] == node_id
+
+
 @pytest.mark.parametrize(
     ("module", "args", "where"),
     [

@@ -292,7 +292,12 @@ def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915 (one block per c
 
     k = sub.add_parser("keys", parents=[common], help="show or rotate keys")
     ksub = k.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
-    ks = ksub.add_parser("show", parents=[common], help="node_id, liveness address, key files")
+    ks = ksub.add_parser(
+        "show",
+        parents=[common, passphrase],
+        help="node_id, liveness address, key files (the passphrase is asked only for a "
+        "keystore without an address field)",
+    )
     ks.add_argument("--json", action="store_true")
     ks.set_defaults(handler=cmd_keys_show, holds_keys=True)
     kr = ksub.add_parser(
@@ -364,7 +369,7 @@ def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915 (one block per c
 
     wp = sub.add_parser(
         "wallet-proof",
-        parents=[common],
+        parents=[common, passphrase],
         help="prove that the configured wallet owns this node",
         description="Without options: print the EIP-712 WalletBinding (eth_signTypedData_v4 "
         "JSON) for the configured wallet to sign in any wallet app. With --signature and "

@@ -54,7 +54,8 @@ def cmd_init(args: argparse.Namespace) -> int:
     named = keys.finish_init(home)
     resumed = all(os.path.lexists(home / n) for n in keys.KEY_FILES)
     if resumed:
-        info = keys.key_info(home)  # loads, and so checks, all three before anything is written
+        # loads, and so checks, all three before anything is written
+        info = keys.key_info(home, passphrase=passphrase_source(args))
         if args.encrypt and not info.encrypted:
             raise UsageError(
                 f"{home} holds the keys of an unfinished init, with node.key in plaintext: run "
@@ -107,7 +108,7 @@ def _refuse_passphrase_without_encrypt(args: argparse.Namespace) -> None:
 
 
 def cmd_keys_show(args: argparse.Namespace) -> int:
-    info = keys.key_info(home_dir(args))
+    info = keys.key_info(home_dir(args), passphrase=passphrase_source(args))
     if args.json:
         print(json.dumps(_key_info_dict(info), indent=2))
         return 0
@@ -266,7 +267,7 @@ def cmd_wallet_proof(args: argparse.Namespace) -> int:
     signature (node/wallet.py)."""
     home = home_dir(args)
     config = load_config(home)
-    node_id = keys.node_id_of(home)
+    node_id = keys.node_id_of(home, passphrase=passphrase_source(args))
     if args.signature is not None or args.wallet_key is not None:
         issued_at = int(time.time()) if args.issued_at is None else args.issued_at
         from nodeclient.protocol.manifest import MAX_SKEW_S

@@ -221,22 +221,25 @@ def rsa_fingerprint(public_key: RSAPublicKey) -> str:
     return "SHA256:" + hashlib.sha256(der).hexdigest()
 
 
-def node_id_of(home: Path) -> str:
-    """The node_id, without the passphrase.
+def node_id_of(home: Path, *, passphrase: Callable[[], bytes] | None = None) -> str:
+    """The node_id, without the passphrase where it can be.
 
     For a keystore this is its ``address`` field, which is *unauthenticated* until the
     file is decrypted (``load_node_key`` checks it then); it is fine for display, not for
-    trusting what the file holds.
+    trusting what the file holds. A keystore without one (it is optional) is decrypted
+    with *passphrase*, read only then; without it, that is an error naming the fix.
     """
     path, data = _read_key(home, NODE_KEY)
     if not _looks_like_json(data):
         return _parse_hex_key(data, path).address
     keystore = _parse_keystore(data, path)
-    if keystore.address is None:
+    if keystore.address is not None:
+        return keystore.address
+    if passphrase is None:
         raise KeystoreError(
             f"{path} has no address field; the node_id is known only after decrypting it"
         )
-    return keystore.address
+    return load_node_key(home, passphrase=passphrase).address
 
 
 def check_node_key(home: Path) -> None:
@@ -254,10 +257,11 @@ def is_encrypted(home: Path) -> bool:
     return _looks_like_json(_read_key(home, NODE_KEY)[1])
 
 
-def key_info(home: Path) -> KeyInfo:
-    """Public facts about the keys in ``home``; loads (and so checks) all three files."""
+def key_info(home: Path, *, passphrase: Callable[[], bytes] | None = None) -> KeyInfo:
+    """Public facts about the keys in ``home``; loads (and so checks) all three files.
+    *passphrase*: for a keystore without an address field (:func:`node_id_of`)."""
     return KeyInfo(
-        node_id=node_id_of(home),
+        node_id=node_id_of(home, passphrase=passphrase),
         liveness_address=load_liveness_key(home).address,
         rsa_fingerprint=rsa_fingerprint(load_payload_key(home).public_key()),
         encrypted=is_encrypted(home),
