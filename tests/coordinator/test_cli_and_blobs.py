@@ -29,13 +29,17 @@ VALUES = [3.0, 1.0]
 SRC = str(Path(nodeclient.__file__).resolve().parent.parent)
 
 
-def test_serve_prints_url_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
-    """serve --port 0 prints one "coordinator: http://HOST:PORT" line; SIGTERM exits 0."""
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=["sigterm", "sighup"])
+def test_serve_prints_url_and_stops_cleanly_on_sigterm(tmp_path: Path, sig: int) -> None:
+    """serve --port 0 prints one "coordinator: http://HOST:PORT" line; SIGTERM exits 0,
+    and so does SIGHUP (its terminal closed), whose default would end it on the spot."""
     env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
     proc = subprocess.Popen(
         [sys.executable, "-m", "nodeclient.coordinator.cli", "serve", "--port", "0",
          "--data-dir", str(tmp_path), "--log-format", "text"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        # as started from a terminal, whatever the test runner's own SIGHUP is (nohup)
+        preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL),  # noqa: PLW1509
     )  # fmt: skip
     try:
         assert proc.stdout is not None
@@ -44,7 +48,7 @@ def test_serve_prints_url_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
         assert match, line
         assert int(match.group(2)) > 0
         assert httpx.get(match.group(1) + "/healthz").json()["status"] == "ok"
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(sig)
         assert proc.wait(timeout=20) == 0
     finally:
         if proc.poll() is None:

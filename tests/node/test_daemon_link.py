@@ -17,6 +17,7 @@ import functools
 import json
 import logging
 import os
+import signal
 import sqlite3
 import time
 import uuid
@@ -609,13 +610,15 @@ def test_a_home_gone_read_only_still_stops_cleanly(
     assert events.named("daemon.stop")
 
 
+@pytest.mark.parametrize("stop", ["grace", "second_signal"])
 def test_a_stop_hands_back_the_tasks_still_running_after_the_grace_signed(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, events: Events, stop: str
 ) -> None:
     """SIGTERM with a task that outlives shutdown_grace: it was killed with the workers and
     left to the end of its lease, the coordinator waiting for it meanwhile. Now it is
     cancelled and refused, signed and naming its lease, on the link before the link
-    closes, and the daemon exits 0."""
+    closes, and the daemon exits 0. A second stop signal (Ctrl-C twice) does so at once,
+    without waiting out the grace (here a minute, far past the test's timeout)."""
     answer_registration(
         monkeypatch,
         lambda _r: httpx.Response(201, json=REGISTERED),
@@ -623,7 +626,7 @@ def test_a_stop_hands_back_the_tasks_still_running_after_the_grace_signed(
     daemon = make_daemon(
         tmp_path, url=f"http://127.0.0.1:{free_port()}", executor=RunsUntilCancelled
     )
-    daemon.shutdown_grace = 0.2
+    daemon.shutdown_grace = 0.2 if stop == "grace" else 60.0
     RunsUntilCancelled.started, RunsUntilCancelled.cancelled = asyncio.Event(), []
     task_id = uuid.uuid4()
     dispatched = dispatch(daemon, payload_key(), task_id)
@@ -639,6 +642,8 @@ def test_a_stop_hands_back_the_tasks_still_running_after_the_grace_signed(
         assert daemon.status()["stopping"] is False
         daemon.request_stop()
         assert daemon.status()["stopping"] is True  # shown while it drains
+        if stop == "second_signal":
+            daemon.request_stop()
         with contextlib.suppress(ConnectionClosed):
             async for raw in ws:  # until the node closes the link
                 if json.loads(raw)["type"] != "heartbeat":
@@ -656,6 +661,21 @@ def test_a_stop_hands_back_the_tasks_still_running_after_the_grace_signed(
     assert recover(refused) == daemon.node_id
     assert RunsUntilCancelled.cancelled == [task_id]  # its worker is killed
     assert daemon.outbox.get(task_id) is None  # nothing signed but the reject
+    assert len(events.named("daemon.stopping_now")) == (stop == "second_signal")
+
+
+def test_sighup_stops_the_daemon_as_sigterm_does_unless_ignored(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A closed terminal (SIGHUP) drains the daemon like SIGTERM, where its default would
+    end it at once (tasks lost, work directories left); under nohup, which ignores it,
+    it stays ignored."""
+    from nodeclient.node import daemon as daemon_module
+
+    monkeypatch.setattr(signal, "getsignal", lambda sig: signal.SIG_DFL)
+    assert signal.SIGHUP in daemon_module.stop_signals()
+    monkeypatch.setattr(signal, "getsignal", lambda sig: signal.SIG_IGN)
+    assert daemon_module.stop_signals() == (signal.SIGTERM, signal.SIGINT)
 
 
 # --- a task that fails in an unexpected way is still refused, signed ----------------------------

@@ -163,7 +163,10 @@ class _Server(uvicorn.Server):
         def handle(sig: int, frame: FrameType | None) -> None:
             self.handle_exit(sig, frame)
 
-        previous = {s: signal.signal(s, handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        # SIGHUP too (its terminal closed), unless ignored at start (nohup): by default it
+        # would end the process without closing its links and its database.
+        hangup = () if signal.getsignal(signal.SIGHUP) is signal.SIG_IGN else (signal.SIGHUP,)
+        previous = {s: signal.signal(s, handle) for s in (signal.SIGINT, signal.SIGTERM, *hangup)}
         try:
             yield
         finally:

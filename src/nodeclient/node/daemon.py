@@ -79,6 +79,15 @@ def _prune_failed(exc: Exception) -> None:
         )
 
 
+def stop_signals() -> tuple[signal.Signals, ...]:
+    """What stops the daemon as SIGTERM does: SIGINT (Ctrl-C), and SIGHUP (the terminal
+    of a `run` closed, an SSH session ended) unless it was ignored at start (nohup),
+    where its default would end the process without draining: tasks lost, not handed
+    back, and their work directories left behind."""
+    hangup = () if signal.getsignal(signal.SIGHUP) is signal.SIG_IGN else (signal.SIGHUP,)
+    return (signal.SIGTERM, signal.SIGINT, *hangup)
+
+
 class NodeDaemon(LinkClient):
     def __init__(
         self,
@@ -126,6 +135,7 @@ class NodeDaemon(LinkClient):
         self._started_mono = time.monotonic()  # uptime: immune to the wall clock's steps
         self._ws: ClientConnection | None = None
         self._stopping = asyncio.Event()
+        self._hurry = asyncio.Event()  # a second stop signal: hand back without the grace
         self._prune_stop = threading.Event()  # ends a prune in its thread (_prune_step)
         self._rand = random.SystemRandom()
         self._fatal: NeedsOperator | None = None
@@ -166,7 +176,7 @@ class NodeDaemon(LinkClient):
         if outdated is not None:
             log.warning("service.unit_outdated", extra={"hint": outdated})
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in stop_signals():
             loop.add_signal_handler(sig, self.request_stop)
         server = await control.serve(self.home / control.SOCKET_NAME, self._control)
         log.info("daemon.start", extra={"coordinator": self.url, "slots": self.slots})
@@ -315,16 +325,30 @@ class NodeDaemon(LinkClient):
 
     def request_stop(self) -> None:
         """SIGTERM: take no new work, finish running tasks (hand back, signed, those still
-        running after shutdown_grace), flush the outbox, exit 0."""
+        running after shutdown_grace), flush the outbox, exit 0. A second one (Ctrl-C
+        twice) cuts the grace short: the running tasks are handed back at once."""
         if not self._stopping.is_set():
             log.info("daemon.stopping", extra={"running": len(self.running)})
             self._stopping.set()
             self._prune_stop.set()  # a prune under way ends after its current batch
+        elif not self._hurry.is_set():
+            log.warning(
+                "daemon.stopping_now",
+                extra={"running": len(self.running), "action": "asked to stop again: the "
+                       "running tasks are handed back now, without the rest of the grace"},
+            )  # fmt: skip
+            self._hurry.set()
 
     async def _drain(self, link: asyncio.Task[None]) -> None:
         handles = [t.handle for t in self.running.values() if t.handle is not None]
         if handles:
-            await asyncio.wait(handles, timeout=self.shutdown_grace)
+            finished = asyncio.ensure_future(asyncio.wait(handles))
+            hurry = asyncio.ensure_future(self._hurry.wait())
+            await asyncio.wait(
+                (finished, hurry), timeout=self.shutdown_grace, return_when=asyncio.FIRST_COMPLETED
+            )
+            finished.cancel()  # the wait, not the tasks: those are handed back next
+            hurry.cancel()
         await self._hand_back()
         deadline = time.monotonic() + DRAIN_FLUSH_S
         # Only what this link sends: another coordinator's results wait for that one. The
