@@ -115,8 +115,8 @@ def test_a_signal_before_the_devnet_is_up_stops_it_and_removes_its_files(
         os.kill(proc.pid, sig)
         assert proc.wait(timeout=30) == status
         assert not _alive(stand_in)  # stopped and reaped by the devnet
-        out, _err = proc.communicate(timeout=30)
-        assert "kept in" not in out
+        out, err = proc.communicate(timeout=30)
+        assert "kept in" not in out + err
         assert os.listdir(short_tmp) == []
     finally:
         if _alive(stand_in):
@@ -158,6 +158,89 @@ def test_stop_gives_all_children_one_grace_period_together(tmp_path: Path) -> No
     net.stop(grace=1.0)
     assert time.monotonic() - started < 2.5  # one grace period, not three
     assert [p.returncode for _, p in net.nodes] == [-signal.SIGKILL] * 3
+
+
+# A child that writes "<name> TERM <monotonic>" to its log at each SIGTERM, and exits at
+# the second one (a node: the first makes it finish its tasks, the second hand them back)
+# or at the first ("coordinator").
+_RECORDS_TERMS = textwrap.dedent(
+    """
+    import signal, sys, time
+    name, log = sys.argv[1], sys.argv[2]
+    seen = []
+    def on_term(*_):
+        seen.append(1)
+        with open(log, "a") as f:
+            f.write(f"{name} TERM {time.monotonic()}\\n")
+        if name == "coordinator" or len(seen) == 2:
+            sys.exit(0)
+    signal.signal(signal.SIGTERM, on_term)
+    print("ready", flush=True)
+    while True:
+        signal.pause()
+    """
+)
+
+
+def test_stop_asks_the_nodes_twice_and_stops_the_coordinator_last(tmp_path: Path) -> None:
+    """The nodes drain while the coordinator is up to take what they send and hand back:
+    SIGTERM to every node, again after the patience to those still running (they hand
+    their tasks back at once), and the coordinator's SIGTERM only once they are gone."""
+    log = tmp_path / "terms.log"
+
+    def child(name: str) -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _RECORDS_TERMS, name, str(log)], stdout=subprocess.PIPE
+        )
+        assert proc.stdout is not None and proc.stdout.readline() == b"ready\n"
+        return proc
+
+    net = devnet.Devnet(workdir=tmp_path, heartbeat=1.0, out=print)
+    net.nodes = [(tmp_path / f"node{i}", child(f"node{i}")) for i in range(2)]
+    net.coordinator = child("coordinator")
+    net.stop(grace=10.0, patience=0.5)
+    terms = [line.split() for line in log.read_text().splitlines()]
+    names = [name for name, _, _ in terms]
+    assert sorted(names[:4]) == ["node0", "node0", "node1", "node1"]
+    assert names[4:] == ["coordinator"]
+    firsts = {name: float(at) for name, _, at in reversed(terms)}  # each one's first TERM
+    seconds = {name: float(at) for name, _, at in terms if name != "coordinator"}
+    assert all(seconds[n] - firsts[n] >= 0.4 for n in ("node0", "node1"))
+    assert firsts["coordinator"] >= max(seconds.values())
+    assert [p.returncode for _, p in net.nodes] == [0, 0] and net.coordinator.returncode == 0
+
+
+def test_a_child_that_died_is_named_with_its_last_log_line(tmp_path: Path) -> None:
+    """The devnet's waits (a node online, a job done, --serve) notice a child that died
+    at once, and say which, with its last log line."""
+    (tmp_path / "node0").mkdir()
+    (tmp_path / "node0" / "node.log").write_text("first\nnode.crashed: out of disk\n")
+    net = devnet.Devnet(workdir=tmp_path, heartbeat=1.0, out=print)
+    dead = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
+    dead.wait()
+    net.nodes.append((tmp_path / "node0", dead))
+    with pytest.raises(devnet.DevnetError, match=r"node in .*node0 exited with 3: node.crashed"):
+        net.check_alive()
+
+
+def test_a_reader_that_went_away_is_an_interrupt_and_the_files_go(
+    short_tmp: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`nodeclient devnet | head`: once the reader closes the pipe, a write fails with
+    EPIPE. That is an interrupt (exit 141, as a shell says), not a failure: the children
+    are stopped and the directory, node keys included, is removed, not kept without a
+    word on the gone stdout."""
+    monkeypatch.setenv("TMPDIR", str(short_tmp))
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    started: list[Path] = []
+
+    def run(net: devnet.Devnet, **_kw: Any) -> None:
+        started.append(net.workdir)
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(devnet, "_run", run)
+    assert devnet.run_devnet(nodes=1, serve=False, jobs=1, heartbeat=1.0, keep=False) == 141
+    assert started and not started[0].exists()
 
 
 def test_a_coordinator_that_exits_at_start_is_reported_with_its_reason(tmp_path: Path) -> None:

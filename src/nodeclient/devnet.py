@@ -42,6 +42,10 @@ class DevnetError(NodeClientError):
 # Ctrl-C, SIGTERM (kill, a supervisor) and SIGHUP (its terminal closed) all stop the devnet
 # through run_devnet's cleanup: its children stopped, its directory (node keys) removed.
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+# Stopping: how long the nodes may finish their tasks before they are asked to hand them
+# back, and how long anything may take before it is killed.
+NODE_PATIENCE_S = 10.0
+STOP_GRACE_S = 30.0
 
 
 @dataclass
@@ -113,21 +117,53 @@ class Devnet:
             os.sched_setaffinity(proc.pid, cpus)
         return home
 
-    def stop(self, grace: float = 30.0) -> None:
-        """SIGTERM to every child, then SIGKILL to those still running *grace* seconds
-        later: one deadline for all, not one each, as a node may take that long to drain
-        and nothing (run_devnet's cleanup ignores Ctrl-C) can cut the wait short."""
-        procs = [p for _, p in self.nodes] + ([self.coordinator] if self.coordinator else [])
-        for p in procs:
+    def check_alive(self) -> None:
+        """DevnetError, with its last log line, for the first child that has exited: the
+        devnet's network is the coordinator and every node, all up."""
+        if self.coordinator is not None and self.coordinator.poll() is not None:
+            last = _last_line(self.workdir / "coordinator" / "coordinator.log")
+            raise DevnetError(f"the coordinator exited with {self.coordinator.returncode}: {last}")
+        for home, proc in self.nodes:
+            if proc.poll() is not None:
+                last = _last_line(home / "node.log")
+                raise DevnetError(f"node in {home} exited with {proc.returncode}: {last}")
+
+    def stop(self, grace: float = STOP_GRACE_S, *, patience: float = NODE_PATIENCE_S) -> None:
+        """The nodes first, while the coordinator is still up to take what they send and
+        hand back: SIGTERM (they take no new work and finish their tasks), again after
+        *patience* seconds to those still running (they hand their tasks back at once,
+        signed, rather than wait out their own grace), and SIGKILL to any still running
+        *grace* seconds after the first. Then the coordinator, SIGTERM then SIGKILL after
+        *grace*. One deadline for all the nodes, not one each: nothing (run_devnet's
+        cleanup ignores Ctrl-C) can cut the wait short."""
+        _stop_all([p for _, p in self.nodes], patience=patience, grace=grace)
+        if self.coordinator is not None:
+            _stop_all([self.coordinator], patience=grace, grace=grace)
+
+
+def _stop_all(procs: list[subprocess.Popen[bytes]], *, patience: float, grace: float) -> None:
+    """SIGTERM to each of *procs* still running, again after *patience*, SIGKILL after
+    *grace*, each reaped."""
+    alive = [p for p in procs if p.poll() is None]
+    for p in alive:
+        p.send_signal(signal.SIGTERM)
+    start = time.monotonic()
+    if patience < grace:
+        _wait_all(alive, until=start + patience)
+        for p in alive:
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + grace
-        for p in procs:
-            try:
-                p.wait(timeout=max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+    _wait_all(alive, until=start + grace)
+    for p in alive:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
+def _wait_all(procs: list[subprocess.Popen[bytes]], *, until: float) -> None:
+    for p in procs:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            p.wait(timeout=max(0.0, until - time.monotonic()))
 
 
 def _wait_for_line(proc: subprocess.Popen[bytes], prefix: str, *, timeout: float, log: Path) -> str:
@@ -257,6 +293,8 @@ def run_devnet(
         _run(net, nodes=nodes, jobs=jobs, serve=serve)
     except _Stopped as exc:
         return 128 + exc.signum  # as a shell reports a command that the signal ended
+    except BrokenPipeError:  # its reader went (`nodeclient devnet | head`): as an interrupt
+        return 128 + signal.SIGPIPE
     except Exception:
         failed = True  # the logs say what went wrong; an interrupt leaves nothing to read
         raise
@@ -267,8 +305,8 @@ def run_devnet(
             signal.signal(sig, signal.SIG_IGN)
         try:
             net.stop()
-            if keep or failed:
-                out(f"devnet files kept in {workdir}")
+            if keep or failed:  # on stderr: seen when stdout is a pipe (or went away)
+                print(f"devnet files kept in {workdir}", file=sys.stderr)
             else:
                 shutil.rmtree(workdir, ignore_errors=True)
         finally:
@@ -318,7 +356,7 @@ def _run(net: Devnet, *, nodes: int, jobs: int, serve: bool) -> None:
         stop = threading.Event()
         _handle(*STOP_SIGNALS, handler=lambda *_: stop.set())
         while not stop.wait(0.5):
-            pass
+            net.check_alive()  # else a crashed coordinator still shows "running"
         out("stopping the devnet")
 
 
@@ -452,13 +490,11 @@ def _last_line(log: Path) -> str:
 
 
 def _wait_online(client: Any, net: Devnet, out: Print, timeout: float = 90.0) -> None:
-    """Wait until every node is linked; fail fast, with its last log line, if one dies."""
+    """Wait until every node is linked; fail fast, with its last log line, if one dies
+    (or the coordinator does)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        for home, proc in net.nodes:
-            if proc.poll() is not None:
-                last = _last_line(home / "node.log")
-                raise DevnetError(f"node in {home} exited with {proc.returncode}: {last}")
+        net.check_alive()
         online = [n for n in client.nodes() if n.get("online")]
         if len(online) >= len(net.nodes):
             out(f"{len(online)} node(s) registered, linked and heartbeating")
@@ -474,6 +510,7 @@ def _wait_job(
     deadline = time.monotonic() + timeout
     last = ""
     while time.monotonic() < deadline:
+        net.check_alive()  # a node that died would leave its tasks waiting out their leases
         job: dict[str, Any] = client.job(job_id)
         progress = _progress(net)
         parts = []
