@@ -12,8 +12,9 @@ The floor is the cryptography alone: RSA-3072 OAEP unwrap + AES-GCM decrypt of 1
 SHA-256 of the result + one secp256k1 sign. Target: overhead <= 1.25x the floor.
 
 Slot scaling: tasks per second with 1 and 2 slots on a compute-bound model (MatMul chain,
-512 KiB in and out, ~40 ms of compute a task), in alternating rounds; target 2 slots >= 1.7x
-one. Next to it, the machine's own limit: the same model in 1 and in 2 plain processes.
+512 KiB in and out, ~40 ms of compute a task: its depth is sized to that on the machine at
+hand, since CPUs differ by 2-3x on it), in alternating rounds; target 2 slots >= 1.7x one.
+Next to it, the machine's own limit: the same model in 1 and in 2 plain processes.
 """
 
 from __future__ import annotations
@@ -301,13 +302,41 @@ async def _round(
     return time.perf_counter() - t0
 
 
-async def throughput(home: Path, *, rounds: int = 5, n: int = 30) -> tuple[float, float]:
+TASK_MS = 40.0  # compute of one slot-scaling task
+_X = {"x": np.ones((256, 512), np.float32)}
+
+
+def calibrated_depth() -> tuple[int, float]:
+    """The MatMul chain's depth for about TASK_MS of compute a task here, and the
+    milliseconds one run of it then takes (one intra-op thread, as a slot runs it)."""
+    import onnxruntime as ort
+
+    def run_ms(depth: int) -> float:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = 1
+        session = ort.InferenceSession(slow_model(depth=depth), sess_options=options)
+        for _ in range(3):
+            session.run(None, _X)
+        times = []
+        for _ in range(7):
+            t0 = time.perf_counter()
+            session.run(None, _X)
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times) * 1000
+
+    depth = max(4, round(24 * TASK_MS / run_ms(24)))
+    return depth, run_ms(depth)
+
+
+async def throughput(
+    home: Path, depth: int, *, rounds: int = 5, n: int = 30
+) -> tuple[float, float]:
     """Tasks per second with 1 and with 2 slots, in alternating rounds of *n* tasks.
 
     Both daemons are warm before the first round; alternating means a drift in the
     machine's speed (large on a virtual machine) hits both figures alike.
     """
-    payload = make_request(slow_model(depth=24), {"x": np.ones((256, 512), np.float32)}).encode()
+    payload = make_request(slow_model(depth=depth), _X).encode()
     nodes = []
     for slots in (1, 2):
         (home / str(slots)).mkdir()
@@ -325,29 +354,28 @@ async def throughput(home: Path, *, rounds: int = 5, n: int = 30) -> tuple[float
     return rounds * n / seconds[0], rounds * n / seconds[1]
 
 
-def _raw_worker(n: int, barrier: Any, out: Any) -> None:
+def _raw_worker(n: int, depth: int, barrier: Any, out: Any) -> None:
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
-    session = ort.InferenceSession(slow_model(depth=24), sess_options=options)
-    x = {"x": np.ones((256, 512), np.float32)}
+    session = ort.InferenceSession(slow_model(depth=depth), sess_options=options)
     for _ in range(3):
-        session.run(None, x)
+        session.run(None, _X)
     barrier.wait()
     t0 = time.perf_counter()
     for _ in range(n):
-        session.run(None, x)
+        session.run(None, _X)
     out.put(time.perf_counter() - t0)
 
 
-def raw_scaling(n: int = 40) -> tuple[float, float]:
+def raw_scaling(depth: int, n: int = 40) -> tuple[float, float]:
     """Runs per second of the slot-scaling model in 1 and in 2 plain processes at once."""
     rates = []
     for procs in (1, 2):
         barrier, out = multiprocessing.Barrier(procs), multiprocessing.Queue()
         workers = [
-            multiprocessing.Process(target=_raw_worker, args=(n, barrier, out))
+            multiprocessing.Process(target=_raw_worker, args=(n, depth, barrier, out))
             for _ in range(procs)
         ]
         for w in workers:
@@ -383,12 +411,14 @@ def main() -> None:
             f"  the worker round trip (Identity): {hot:.3f} ms back to back, {idle:.3f} ms after "
             f"5 ms idle: waking idle CPUs costs {idle - hot:.3f} ms per task on this machine"
         )
-        one, two = asyncio.run(throughput(Path(tmp) / "b"))
+        depth, task_ms = calibrated_depth()
+        one, two = asyncio.run(throughput(Path(tmp) / "b", depth))
         print(
-            f"tasks/s, MatMul chain: 1 slot {one:.1f}   2 slots {two:.1f}   "
+            f"tasks/s, MatMul chain of depth {depth} ({task_ms:.1f} ms a run here): "
+            f"1 slot {one:.1f}   2 slots {two:.1f}   "
             f"scaling {two / one:.2f}x (target >= 1.7x: {'met' if two / one >= 1.7 else 'NOT met'})"
         )
-        raw_one, raw_two = raw_scaling()
+        raw_one, raw_two = raw_scaling(depth)
         print(
             f"  the machine's limit, same model without the node: 1 process {raw_one:.1f}/s   "
             f"2 processes {raw_two:.1f}/s   scaling {raw_two / raw_one:.2f}x"
