@@ -903,6 +903,12 @@ def test_a_task_run_again_keeps_another_databases_file_for_it(tmp_path: Path) ->
     box = Outbox(tmp_path / "outbox.db")  # the sweep keeps both
     assert box.get(theirs).result == big(5)
     assert sorted(files_of(box)) == sorted([f"{theirs}.result", *ours])
+    # acknowledged, it is held and pruned as any result file is (not taken for damaged)
+    box.mark_acked(theirs, status="accepted", reason="", at=3.0)
+    assert box.held_bytes() == len(big(5))
+    damaged: list[str] = []
+    assert box.prune(acked_before=1e12, keep_bytes=0, damaged=damaged) == 1
+    assert damaged == [] and files_of(box) == [f"{theirs}.result"]
 
 
 def test_the_files_found_by_a_new_database_are_forgotten_once_removed(tmp_path) -> None:

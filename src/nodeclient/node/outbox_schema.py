@@ -124,10 +124,15 @@ _SENT_TO: Final = "(? IS NULL OR coordinator_id IS NULL OR coordinator_id = ?)"
 # name leading out of the results directory is never removed.
 _ACKED_OK: Final = "typeof(acked_at) IN ('integer', 'real')"
 _SIZE_OK: Final = "typeof(result_size) = 'integer'"
+# A result file's name as outbox_files._RESULT_NAME has it: <task_id>.result, or
+# <task_id>.<8 hex>.result (written beside another outbox database's file of that name).
 _FILE_OK: Final = (
-    "(result_file IS NULL OR (typeof(result_file) = 'text' AND length(result_file) = 43 "
-    "AND substr(result_file, 37) = '.result' "
-    "AND substr(result_file, 1, 36) NOT GLOB '*[^0-9a-f-]*'))"
+    "(result_file IS NULL OR (typeof(result_file) = 'text' "
+    "AND substr(result_file, 1, 36) NOT GLOB '*[^0-9a-f-]*' "
+    "AND ((length(result_file) = 43 AND substr(result_file, 37) = '.result') "
+    "OR (length(result_file) = 52 AND substr(result_file, 37, 1) = '.' "
+    "AND substr(result_file, 38, 8) NOT GLOB '*[^0-9a-f]*' "
+    "AND substr(result_file, 46) = '.result'))))"
 )
 # What read_history reads for a column that an outbox of an older release lacks.
 _MISSING: Final = {"held": "1", "coordinator_id": "NULL"}
