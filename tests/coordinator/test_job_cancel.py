@@ -36,7 +36,9 @@ def test_a_leased_job_is_cancelled_on_its_node_and_fails(start_coordinator, rsa_
     payload = node.open(dispatch)
     ack = node.call(node.result(dispatch, payload))
     assert ack["status"] == "rejected"
-    assert "cancelled" in ack["reason"]
+    assert ack["reason"] == (
+        f"task {dispatch['task_id']} is cancelled: job failed: cancelled by the requester"
+    )
 
 
 def test_a_queued_job_is_cancelled_and_an_ended_one_is_refused(

@@ -461,8 +461,8 @@ def test_a_result_after_its_node_rejected_the_task_is_refused(
     payload = inference_payload(VALUES)
     job = coordinator.client.submit_job("ai.inference", payload)
     dispatch = first.recv()
+    coordinator.link(second)  # where the task goes once the first node rejects it
     assert first.call(first.reject(dispatch["task_id"], "out of memory"))["status"] == "accepted"
-    coordinator.link(second)
     second_dispatch = second.recv()
     assert second_dispatch["task_id"] == dispatch["task_id"]
     result = inference_result(payload, VALUES)
@@ -478,6 +478,32 @@ def test_a_result_after_its_node_rejected_the_task_is_refused(
         ]
     )
     assert outcomes == [(first.node_id, "rejected"), (second.node_id, "succeeded")]
+
+
+def test_a_result_of_an_expired_lease_is_refused_once_a_later_lease_was_rejected(
+    start_coordinator, rsa_keys
+) -> None:
+    """A node's lease ran out (its result would still be taken, late), the task came back
+    to it, and it rejected that lease: its latest answer stands, and a result for the
+    task from it is refused, whatever an earlier lease of it allowed."""
+    running = start_coordinator(max_attempts=5, heartbeat_interval=1000.0)
+    node, other = make_node(rsa_keys, 0), make_node(rsa_keys, 1)
+    running.register(node)
+    running.register(other)
+    running.link(node)
+    payload = inference_payload(VALUES)
+    running.client.submit_job("ai.inference", payload)
+    first = node.recv()
+    running.clock.advance(301)  # the first lease runs out
+    assert node.recv()["type"] == "cancel"
+    second = node.recv()  # the only node linked: leased to it again
+    assert (second["type"], second["task_id"]) == ("dispatch", first["task_id"])
+    running.link(other)  # where the task goes once this node rejects it
+    assert node.call(node.reject(first["task_id"], "out of memory"))["status"] == "accepted"
+    assert other.recv()["task_id"] == first["task_id"]
+    late = node.call(node.result(first, inference_result(payload, VALUES)))
+    assert late["status"] == "rejected"
+    assert "this node's lease of it ended rejected" in late["reason"]
 
 
 def _ack_and_dispatch(node: SimNode) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -116,34 +116,33 @@ def check_proof(claim: ResultClaim) -> str | None:
     return None
 
 
-# How a node's earlier lease of a task may have ended for its result still to be taken
-# (a late result): the lease ran out, or the node went offline or lost its link, while it
-# worked. Not after it answered otherwise: a signed reject, a result its class refused,
-# a hand-back ("rejected", "returned"), or a dispatch never delivered ("undelivered").
-LATE_RESULT_OUTCOMES: Final = ("expired", "offline", "lost")
+# How a node answers a lease itself: a signed reject or a result its class refused
+# ("rejected"), a hand-back ("returned"). After that no result of the lease is taken: a
+# second answer contradicts the first. A lease that ended otherwise (it ran out, the node
+# went offline or lost its link, the coordinator cancelled it) may still be answered by
+# a late result, which the task's status then decides on.
+ANSWERED_OUTCOMES: Final = ("rejected", "returned")
 
 
 def _delivery_refusal(session: Session, task: m.Task, node_id: str) -> str | None:
-    """None if *node_id* may deliver a result of *task*: it holds the task, or an earlier
-    lease of it ended in LATE_RESULT_OUTCOMES; otherwise why not."""
+    """None if *node_id* may deliver a result of *task*: it holds the task, or its latest
+    lease of it ended without its own answer (ANSWERED_OUTCOMES); otherwise why not."""
     if task.status == m.LEASED and task.node_id == node_id:
         return None
-    outcomes = set(
-        session.scalars(
-            select(m.TaskAttempt.outcome).where(
-                m.TaskAttempt.task_id == task.task_id, m.TaskAttempt.node_id == node_id
-            )
-        )
-    )
-    if not outcomes:
+    latest = session.execute(
+        select(m.TaskAttempt.outcome)
+        .where(m.TaskAttempt.task_id == task.task_id, m.TaskAttempt.node_id == node_id)
+        .order_by(m.TaskAttempt.attempt.desc(), m.TaskAttempt.id.desc())
+        .limit(1)
+    ).first()
+    if latest is None:
         return f"task {task.task_id} was never leased to this node"
-    if outcomes & set(LATE_RESULT_OUTCOMES):
-        return None
-    ended = ", ".join(sorted(str(o) for o in outcomes))
-    return (
-        f"task {task.task_id}: this node's lease of it ended {ended} (a signed reject, a "
-        "result refused, or a hand-back), so no later result of it is taken"
-    )
+    if latest.outcome in ANSWERED_OUTCOMES:
+        return (
+            f"task {task.task_id}: this node's lease of it ended {latest.outcome} (a signed "
+            "reject, a result refused, or a hand-back), so no later result of it is taken"
+        )
+    return None
 
 
 def contradiction_tx(session: Session, claim: ResultClaim, problem: str, *, now: float) -> Decision:
@@ -225,7 +224,7 @@ def _settle_attempt(session: Session, task_id: str, node_id: str, now: float) ->
         .where(
             m.TaskAttempt.task_id == task_id,
             m.TaskAttempt.node_id == node_id,
-            m.TaskAttempt.outcome.in_(LATE_RESULT_OUTCOMES),
+            m.TaskAttempt.outcome.not_in(("undelivered", *ANSWERED_OUTCOMES)),
         )
         .order_by(m.TaskAttempt.attempt.desc(), m.TaskAttempt.id.desc())
     ).first()
