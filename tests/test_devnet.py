@@ -210,6 +210,36 @@ def test_stop_asks_the_nodes_twice_and_stops_the_coordinator_last(tmp_path: Path
     assert [p.returncode for _, p in net.nodes] == [0, 0] and net.coordinator.returncode == 0
 
 
+_CTRL_C_AT_THE_TERMINAL = textwrap.dedent(
+    """
+    import os, signal, sys, time
+    from pathlib import Path
+    from nodeclient import devnet
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # this script stands in for the devnet
+    net = devnet.Devnet(workdir=Path(sys.argv[1]), heartbeat=1.0, out=print)
+    net.start_coordinator()
+    os.killpg(os.getpgrp(), signal.SIGINT)  # what the terminal does at Ctrl-C
+    time.sleep(1.0)
+    print("coordinator alive:", net.coordinator.poll() is None, flush=True)
+    net.stop()
+    """
+)
+
+
+def test_ctrl_c_at_the_terminal_reaches_the_devnet_alone(tmp_path: Path) -> None:
+    """The terminal sends Ctrl-C's SIGINT to its whole foreground process group: the
+    devnet's children are in groups of their own, so it reaches the devnet alone, which
+    stops them in order (the nodes while the coordinator still runs), where before the
+    coordinator began to stop at once, under its draining nodes."""
+    done = subprocess.run(
+        [sys.executable, "-c", _CTRL_C_AT_THE_TERMINAL, str(tmp_path)],
+        check=False, capture_output=True, text=True, timeout=60,
+        start_new_session=True,  # its own process group, as a shell gives a command
+    )  # fmt: skip
+    assert "coordinator alive: True" in done.stdout, (done.stdout, done.stderr)
+
+
 def test_a_child_that_died_is_named_with_its_last_log_line(tmp_path: Path) -> None:
     """The devnet's waits (a node online, a job done, --serve) notice a child that died
     at once, and say which, with its last log line."""

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Final
 
 import numpy as np
 
@@ -42,6 +42,10 @@ class DevnetError(NodeClientError):
 # Ctrl-C, SIGTERM (kill, a supervisor) and SIGHUP (its terminal closed) all stop the devnet
 # through run_devnet's cleanup: its children stopped, its directory (node keys) removed.
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+# Each child in a process group of its own: the terminal's Ctrl-C (SIGINT) and hang-up
+# (SIGHUP) reach the devnet alone, which stops its children in order (Devnet.stop); sent
+# to them all at once, the coordinator would stop while its nodes still drain.
+CHILD_PROCESS_GROUP: Final = 0
 # Stopping: how long the nodes may finish their tasks before they are asked to hand them
 # back, and how long anything may take before it is killed.
 NODE_PATIENCE_S = 10.0
@@ -67,7 +71,9 @@ class Devnet:
             "--heartbeat-interval", str(self.heartbeat), *(extra or []),
         ]  # fmt: skip
         log = open(data / "coordinator.log", "ab")  # noqa: SIM115 - lives as long as the process
-        self.coordinator = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log)
+        self.coordinator = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=log, process_group=CHILD_PROCESS_GROUP
+        )
         self.url = _wait_for_line(
             self.coordinator, "coordinator: ", timeout=60.0, log=data / "coordinator.log"
         )
@@ -111,6 +117,7 @@ class Devnet:
             # A network of CPU nodes: each node would take every GPU of this one machine,
             # and run nothing where onnxruntime or torch is a CPU build (the default).
             env=dict(os.environ) if gpus else {**os.environ, "CUDA_VISIBLE_DEVICES": ""},
+            process_group=CHILD_PROCESS_GROUP,
         )
         self.nodes.append((home, proc))  # at once: stop() ends it whatever happens next
         if cpus:  # set long before the node probes its hardware (interpreter start, imports)
