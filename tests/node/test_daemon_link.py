@@ -664,6 +664,20 @@ def test_a_stop_hands_back_the_tasks_still_running_after_the_grace_signed(
     assert len(events.named("daemon.stopping_now")) == (stop == "second_signal")
 
 
+def test_the_first_stop_signal_after_a_stop_of_its_own_keeps_the_grace(
+    tmp_path: Path, events: Events
+) -> None:
+    """A daemon stopping by itself (a refused registration, a replaced link) that then
+    gets the operator's SIGTERM takes it as a first stop, with its grace; only a second
+    signal hands the running tasks back at once."""
+    daemon = make_daemon(tmp_path)
+    daemon._stopping.set()  # as the link loop does
+    daemon.request_stop()
+    assert not daemon._hurry.is_set() and not events.named("daemon.stopping_now")
+    daemon.request_stop()
+    assert daemon._hurry.is_set() and len(events.named("daemon.stopping_now")) == 1
+
+
 def test_sighup_stops_the_daemon_as_sigterm_does_unless_ignored(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

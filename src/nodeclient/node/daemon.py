@@ -136,6 +136,7 @@ class NodeDaemon(LinkClient):
         self._ws: ClientConnection | None = None
         self._stopping = asyncio.Event()
         self._hurry = asyncio.Event()  # a second stop signal: hand back without the grace
+        self._stop_requests = 0  # request_stop calls (stop signals)
         self._prune_stop = threading.Event()  # ends a prune in its thread (_prune_step)
         self._rand = random.SystemRandom()
         self._fatal: NeedsOperator | None = None
@@ -327,7 +328,8 @@ class NodeDaemon(LinkClient):
         """SIGTERM: take no new work, finish running tasks (hand back, signed, those still
         running after shutdown_grace), flush the outbox, exit 0. A second one (Ctrl-C
         twice) cuts the grace short: the running tasks are handed back at once."""
-        if not self._stopping.is_set():
+        self._stop_requests += 1
+        if self._stop_requests == 1:  # the daemon may be stopping already by itself
             log.info("daemon.stopping", extra={"running": len(self.running)})
             self._stopping.set()
             self._prune_stop.set()  # a prune under way ends after its current batch
