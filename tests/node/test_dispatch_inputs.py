@@ -18,6 +18,7 @@ import pytest
 from nodeclient.node import inputs
 from nodeclient.node.daemon import NodeDaemon
 from nodeclient.node.executor import Executor, TaskFailed
+from nodeclient.node.runtimes.onnx import ModelUnavailable
 from nodeclient.workloads.inference import InferenceRequest, make_request
 from tests.models import identity_model
 from tests.node.test_daemon_outbox import make_daemon
@@ -87,10 +88,13 @@ def test_a_model_the_cache_cannot_store_is_not_the_requesters_fault(
 
 class FailsLikeABadCacheFile(Executor):
     """Answers as a worker does that finds the cached model's bytes wrong (it sees the
-    cache read-only, so cannot delete the file): the node's failure."""
+    cache read-only, so cannot delete the file): the node's failure, in the words the
+    worker gives it (worker.py: ``execution failed: <type>: <message>``)."""
+
+    reason: ClassVar[str] = f"execution failed: {ModelUnavailable.__name__}: not cached"
 
     async def run(self, workload_class: str, payload: bytes, **kwargs: object) -> bytes:
-        raise TaskFailed("execution failed: ModelUnavailable: ...", requester_fault=False)
+        raise TaskFailed(self.reason, requester_fault=False)
 
 
 def test_a_corrupt_cached_model_is_dropped_after_a_worker_cannot_use_it(tmp_path: Path) -> None:
@@ -112,3 +116,23 @@ def test_a_corrupt_cached_model_is_dropped_after_a_worker_cannot_use_it(tmp_path
     assert sent["type"] == "reject" and fetched == []  # the cache said it held the model
     assert not cached.exists()
     assert inputs.needs_fetch("ai.inference", request.encode(), cache_dir=cached.parent.parent)
+
+
+def test_other_failures_of_a_task_do_not_reread_its_cached_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Out of memory, a timeout, a GPU fault: the model is not the cause, and re-reading
+    and hashing it (up to 256 MiB) for every such failure is not done."""
+    model = identity_model()
+    request = make_request(model, {"x": np.ones(3, np.float32)}, inline=False, model_url=URL)
+    monkeypatch.setattr(FailsLikeABadCacheFile, "reason", "out of memory (MemoryError)")
+    daemon, _, link = make_daemon(tmp_path, FailsLikeABadCacheFile)
+    cached = daemon.executor.config.cache_dir / "models" / request.model_sha256
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    cached.write_bytes(b"not the model")
+    rechecked: list[str] = []
+    monkeypatch.setattr(inputs, "recheck_cached_model", lambda _d, sha: rechecked.append(sha))
+    _run(daemon, request.encode())
+    daemon._fetch_pool.shutdown(wait=True)
+    (sent,) = link.frames
+    assert sent["type"] == "reject" and rechecked == [] and cached.exists()

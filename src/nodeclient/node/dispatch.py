@@ -314,10 +314,6 @@ class TaskDispatcher(ResultDelivery):
                     return
                 except TaskFailed as exc:
                     log.warning("task.failed", extra={"reason": exc.reason})
-                    model = (metadata or {}).get("model_sha256")
-                    if model and metadata and "model_url" in metadata and not exc.requester_fault:
-                        cache_dir = self.executor.config.cache_dir
-                        await asyncio.to_thread(inputs.recheck_cached_model, cache_dir, model)
                     timed_out = exc.reason.startswith("deadline exceeded")  # the lease's end
                     self._task_ended(task, "timed_out" if timed_out else "failed")
                     await self._reject(
@@ -327,6 +323,12 @@ class TaskDispatcher(ResultDelivery):
                         lease_expires_at=task.lease_expires_at,
                         counted=not timed_out,
                     )
+                    if inputs.model_unavailable(exc.reason) and metadata:
+                        # The worker found the cached model unusable and, seeing the cache
+                        # read-only, could not drop it: the daemon does, for the next task.
+                        model = metadata.get("model_sha256", "")
+                        cache_dir = self.executor.config.cache_dir
+                        await asyncio.to_thread(inputs.recheck_cached_model, cache_dir, model)
                     return
                 except Exception as exc:  # a bug, or garbage from a worker
                     # Nothing is committed yet, so a signed reject contradicts nothing, and

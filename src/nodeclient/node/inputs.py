@@ -328,6 +328,13 @@ def needs_fetch(
     return True
 
 
+def model_unavailable(reason: str) -> bool:
+    """Whether a task failed because its worker could not read the model the daemon had
+    fetched into the cache (the runtime's ``ModelUnavailable``, named in the reason the
+    worker gives: ``execution failed: ModelUnavailable: ...``)."""
+    return reason.startswith("execution failed: ModelUnavailable:")
+
+
 def recheck_cached_model(cache_dir: Path, sha256: str) -> None:
     """After a task whose model was in the cache failed on this node: read the entry
     through the cache, which deletes a file whose bytes do not match its hash (rotted,
