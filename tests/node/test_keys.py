@@ -556,6 +556,7 @@ def test_scrypt_cost_is_capped(home: Path) -> None:
     ("kdf", "field", "value", "message"),
     [
         ("scrypt", "n", 2048, "kdfparams.n = 2048 is below the minimum 4096"),
+        ("scrypt", "r", 1, "kdfparams n\\*r = 4096 is below the minimum 32768"),
         ("pbkdf2", "c", 10_000, "kdfparams.c = 10000 is below the minimum 262144"),
         ("scrypt", "salt", "ab" * 8 + "cd" * 7, "bytes of kdfparams.salt = 15 is below"),
     ],

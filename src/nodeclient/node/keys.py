@@ -93,6 +93,7 @@ MAX_SCRYPT_R: Final = 8
 MAX_SCRYPT_P: Final = 16
 MAX_SCRYPT_COST: Final = 1 << 21  # n * r (the memory: 256 MiB) and n * r * p (the time)
 MIN_SCRYPT_N: Final = 1 << 12
+MIN_SCRYPT_NR: Final = 1 << 15  # n * r: 4 MiB of memory, as geth's --lightkdf takes
 MAX_PBKDF2_C: Final = 1_000_000  # eth-account's own default
 MIN_PBKDF2_C: Final = 1 << 18
 MIN_SALT_BYTES: Final = 16
@@ -577,6 +578,7 @@ def _kdf_params(check: _Checker, crypto: dict[str, object]) -> tuple[str, dict[s
         p = check.integer(params, "p", 1, MAX_SCRYPT_P)
         if n * r * p > MAX_SCRYPT_COST:  # n * r is at most 2^21 by the caps of each
             raise check.fail(f"kdfparams n*r*p = {n * r * p} exceeds the cap {MAX_SCRYPT_COST}")
+        _at_least(check, "kdfparams n*r", n * r, MIN_SCRYPT_NR)
         clean = {"n": n, "r": r, "p": p}
     elif kdf == "pbkdf2":
         c = check.integer(params, "c", 1, MAX_PBKDF2_C)
