@@ -361,14 +361,20 @@ def test_a_node_is_forgotten_only_once_its_manifests_cannot_be_registered(
     new, and its old key linked. The row stays until the registered manifest is past
     --manifest-max-age (24 h), and by then every older one is refused as too old."""
     running = start_coordinator(blob_sweep_interval=0.05, node_retention=3600.0)
-    node = make_node(rsa_keys, 0)
+    node, witness = make_node(rsa_keys, 0), make_node(rsa_keys, 1)
     before_rotation = node.manifest(issued_at=int(START))
     assert _post(running, before_rotation).status_code == 201
+    # A node whose manifest is nearly a day old: forgotten at the first sweep after the
+    # clock moves, which shows that a sweep ran.
+    assert _post(running, witness.manifest(issued_at=int(START) - 23 * 3600)).status_code == 201
     node.liveness = Secp256k1Key.generate()
     running.clock.advance(60)
     assert running.register(node)["status"] == "updated"
     running.clock.advance(2 * 3600)
-    time.sleep(0.3)  # a few sweeps
+    end = time.monotonic() + 10
+    while witness.node_id in running.coord.nodes:
+        assert time.monotonic() < end, "no sweep forgot the witness"
+        time.sleep(0.02)
     assert node.node_id in running.coord.nodes
     replay = _post(running, before_rotation)
     assert replay.status_code == 409 and replay.json()["error"].startswith("stale manifest")

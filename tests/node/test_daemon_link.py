@@ -870,10 +870,10 @@ def test_two_daemons_with_their_own_liveness_keys_do_not_take_the_node_in_turn(
     at once closed that one's link in turn, for ever. The daemon registers again only
     after a pause, and stops (LinkReplaced, exit 78) when it happens again within
     REPLACED_WINDOW_S, as for a 4004, naming the fix."""
-    registrations: list[dict[str, Any]] = []
+    registered: list[float] = []  # when each registration came (monotonic)
 
     def register(request: httpx.Request) -> httpx.Response:
-        registrations.append(json.loads(request.content))
+        registered.append(time.monotonic())
         return httpx.Response(201, json=REGISTERED)
 
     answer_registration(monkeypatch, register)
@@ -881,16 +881,20 @@ def test_two_daemons_with_their_own_liveness_keys_do_not_take_the_node_in_turn(
     clock = ManualClock()
     daemon = make_daemon(tmp_path, url=f"http://127.0.0.1:{free_port()}", clock=clock)
     rotated = registry.ROTATED_CLOSE_REASON  # what the coordinator says
+    closed: list[float] = []
+
+    async def closing(_ws: ServerConnection) -> None:
+        closed.append(time.monotonic())
+
     sessions = [
-        Session(up_for=1.0, close=4001, reason=rotated),
+        Session(up_for=1.0, close=4001, reason=rotated, then=closing),
         Session(up_for=60.0, close=4001, reason=rotated),  # again, within the window
     ]
-    started = time.monotonic()
     with pytest.raises(link_module.LinkReplaced) as caught:
         asyncio.run(run_link(daemon, clock, sessions))
     assert caught.value.exit_code == 78
-    assert time.monotonic() - started >= 0.3  # the pause before registering again
-    assert len(registrations) == 2  # at start, and once after the first close
+    assert len(registered) == 2  # at start, and once after the first close
+    assert registered[1] - closed[0] >= 0.3  # the pause before registering again
     first, second = events.named("link.replaced")
     assert (first.__dict__["action"], second.__dict__["action"]) == (
         "linking again in 0 s", "stopping"
