@@ -684,12 +684,12 @@ def test_sighup_stops_the_daemon_as_sigterm_does_unless_ignored(
     """A closed terminal (SIGHUP) drains the daemon like SIGTERM, where its default would
     end it at once (tasks lost, work directories left); under nohup, which ignores it,
     it stays ignored."""
-    from nodeclient.node import daemon as daemon_module
+    from nodeclient import entry
 
     monkeypatch.setattr(signal, "getsignal", lambda sig: signal.SIG_DFL)
-    assert signal.SIGHUP in daemon_module.stop_signals()
+    assert signal.SIGHUP in entry.stop_signals()
     monkeypatch.setattr(signal, "getsignal", lambda sig: signal.SIG_IGN)
-    assert daemon_module.stop_signals() == (signal.SIGTERM, signal.SIGINT)
+    assert entry.stop_signals() == (signal.SIGTERM, signal.SIGINT)
 
 
 # --- a task that fails in an unexpected way is still refused, signed ----------------------------

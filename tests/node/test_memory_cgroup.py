@@ -58,12 +58,14 @@ def test_v1_in_a_container_reads_the_limit_at_the_mounts_root(tmp_path: Path) ->
     root = tmp_path / "cgroup"
     _write(root / "memory/memory.limit_in_bytes", f"{6 * GIB}\n")
     _write(root / "memory/memory.usage_in_bytes", f"{GIB}\n")
-    _write(root / "memory/memory.stat", "cache 5\ntotal_inactive_file 0\n")
+    # v1's usage counts the cgroup's whole subtree, and so does total_inactive_file; the
+    # plain inactive_file (listed first) is the cgroup's own pages only
+    _write(root / "memory/memory.stat", f"cache 5\ninactive_file 7\ntotal_inactive_file {GIB}\n")
     proc = tmp_path / "proc-cgroup"
     proc.write_text("12:pids:/docker/abc\n4:memory:/docker/abc\n0::/docker/abc\n")
     found = sandbox.memory_cgroups(proc, root)
     assert [c.directory for c in found] == [root / "memory"]
-    assert sandbox._cgroup_headroom(found) == (6 * GIB, 5 * GIB)
+    assert sandbox._cgroup_headroom(found) == (6 * GIB, 6 * GIB)  # 6 less (1 used less 1)
 
 
 @pytest.mark.parametrize(

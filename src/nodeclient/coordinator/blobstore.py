@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
 from nodeclient.coordinator import classes, store
+from nodeclient.durable import fsync_directory
 from nodeclient.errors import ProtocolError
 from nodeclient.protocol.blobs import SHA256_HEX
 
@@ -55,14 +56,6 @@ class Swept:
     temporaries: int  # abandoned temporary files removed
 
 
-def _fsync_directory(path: Path) -> None:
-    dir_fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
 class BlobStore:
     """The files of the blob store, with the clock that dates their use."""
 
@@ -83,7 +76,7 @@ class BlobStore:
         survives a crash as the blobs' names in it do (:meth:`publish`)."""
         if not self.directory.is_dir():
             self.directory.mkdir(parents=True, exist_ok=True)
-            _fsync_directory(self.directory.parent)
+            fsync_directory(self.directory.parent)
         return tempfile.mkstemp(dir=self.directory, prefix=prefix)
 
     def publish(self, tmp: str, sha256: str) -> None:
@@ -94,7 +87,7 @@ class BlobStore:
         with self._lock:  # a sweep never sees the new name undated
             os.replace(tmp, final)
             self._date(final)
-        _fsync_directory(self.directory)
+        fsync_directory(self.directory)
 
     def store(self, sha256: str, data: bytes) -> None:
         """Hold *data*, whose SHA-256 the caller checked, as ``sha256``; a blob already

@@ -30,6 +30,7 @@ from fastapi import FastAPI
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
+from nodeclient import entry
 from nodeclient.coordinator.link import ServerHooks
 from nodeclient.errors import UsageError
 from nodeclient.protocol.messages import MAX_CONTROL_FRAME, MAX_DATA_FRAME
@@ -163,10 +164,9 @@ class _Server(uvicorn.Server):
         def handle(sig: int, frame: FrameType | None) -> None:
             self.handle_exit(sig, frame)
 
-        # SIGHUP too (its terminal closed), unless ignored at start (nohup): by default it
-        # would end the process without closing its links and its database.
-        hangup = () if signal.getsignal(signal.SIGHUP) is signal.SIG_IGN else (signal.SIGHUP,)
-        previous = {s: signal.signal(s, handle) for s in (signal.SIGINT, signal.SIGTERM, *hangup)}
+        # SIGHUP too, unless ignored at start (nohup): by default it would end the process
+        # without closing its links and its database.
+        previous = {s: signal.signal(s, handle) for s in entry.stop_signals()}
         try:
             yield
         finally:

@@ -201,8 +201,8 @@ METRICS: Final = "metrics"
 
 
 def requester_id(token: str | bytes) -> str:
-    """Who a requester token speaks for: its SHA-256, hex (``jobs.requester``; api.py:
-    ``may_read``)."""
+    """Who a requester token speaks for: its SHA-256, hex (``jobs.requester``; which jobs
+    it may read: ``store.readable_by``)."""
     return _digest(token).hex()
 
 

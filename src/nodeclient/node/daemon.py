@@ -18,7 +18,6 @@ import concurrent.futures
 import contextlib
 import logging
 import random
-import signal
 import sqlite3
 import threading
 import time
@@ -30,7 +29,7 @@ from typing import Any, Final, TypeVar
 from cryptography.hazmat.primitives.asymmetric import rsa
 from websockets.asyncio.client import ClientConnection
 
-from nodeclient import logs, openfiles
+from nodeclient import entry, logs, openfiles
 from nodeclient.clock import Clock, PeerClock
 from nodeclient.errors import NeedsOperator
 from nodeclient.node import control, inputs, service
@@ -77,15 +76,6 @@ def _prune_failed(exc: Exception) -> None:
             extra={"error": f"{type(exc).__name__}: {exc}"[:300]},
             exc_info=exc,
         )
-
-
-def stop_signals() -> tuple[signal.Signals, ...]:
-    """What stops the daemon as SIGTERM does: SIGINT (Ctrl-C), and SIGHUP (the terminal
-    of a `run` closed, an SSH session ended) unless it was ignored at start (nohup),
-    where its default would end the process without draining: tasks lost, not handed
-    back, and their work directories left behind."""
-    hangup = () if signal.getsignal(signal.SIGHUP) is signal.SIG_IGN else (signal.SIGHUP,)
-    return (signal.SIGTERM, signal.SIGINT, *hangup)
 
 
 class NodeDaemon(LinkClient):
@@ -177,7 +167,7 @@ class NodeDaemon(LinkClient):
         if outdated is not None:
             log.warning("service.unit_outdated", extra={"hint": outdated})
         loop = asyncio.get_running_loop()
-        for sig in stop_signals():
+        for sig in entry.stop_signals():
             loop.add_signal_handler(sig, self.request_stop)
         server = await control.serve(self.home / control.SOCKET_NAME, self._control)
         log.info("daemon.start", extra={"coordinator": self.url, "slots": self.slots})

@@ -80,12 +80,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Final
 
+from nodeclient.durable import fsync_directory
 from nodeclient.errors import is_disk_full
 from nodeclient.node.outbox_files import (
     _FILE_SUFFIX,
     _OURS,
     _RESULT_NAME,
-    _fsync_dir,
     _lock_exclusively,
     _make_private,
 )
@@ -167,7 +167,7 @@ class Outbox:
             _make_private(path)  # before SQLite creates it (or its -wal, -shm) with the umask
             if not self.files.is_dir():
                 self.files.mkdir(mode=0o700)
-                _fsync_dir(self.files.parent)  # the directory itself survives a power cut
+                fsync_directory(self.files.parent)  # the directory itself survives a power cut
             self._lock = threading.Lock()
             self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
             version = _format_version(self._db, path)  # before anything writes to it
@@ -289,7 +289,7 @@ class Outbox:
                             )
                         os.replace(staged, final)  # the data is already durable
                         renamed = True
-                        _fsync_dir(self.files)  # and now its name
+                        fsync_directory(self.files)  # and now its name
                     else:
                         self._db.execute(
                             "INSERT INTO outbox_results (task_id, data) VALUES (?, ?)",

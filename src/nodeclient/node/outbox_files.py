@@ -71,11 +71,3 @@ def _lock_exclusively(path: Path) -> int:
             "already running with this home? Stop it first."
         ) from None
     return fd
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -242,15 +242,18 @@ def _cgroup_headroom(
 
 
 def _inactive_file(directory: Path) -> int:
+    """The cgroup's reclaimable page cache: v1's ``total_inactive_file`` (its whole
+    subtree, as its usage counts), else v2's ``inactive_file`` (hierarchical there)."""
     try:
         text = (directory / "memory.stat").read_text(encoding="ascii", errors="replace")
     except OSError:
         return 0
+    found = {}
     for line in text.splitlines():
         name, _, value = line.partition(" ")
-        if name in ("inactive_file", "total_inactive_file") and value.strip().isdigit():
-            return int(value)
-    return 0
+        if value.strip().isdigit():
+            found[name] = int(value)
+    return found.get("total_inactive_file", found.get("inactive_file", 0))
 
 
 @functools.cache

@@ -49,6 +49,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Final
 
+from nodeclient.durable import fsync_directory
 from nodeclient.errors import KeyFileError, UsageError
 
 log = logging.getLogger("nodeclient.node")
@@ -155,11 +156,7 @@ def _settle_directory(path: Path) -> None:
                 os.fchmod(fd, _HOME_MODE)
         finally:
             os.close(fd)
-        parent = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            os.fsync(parent)
-        finally:
-            os.close(parent)
+        fsync_directory(path.parent)
     except OSError as exc:
         raise KeyFileError(f"cannot set up node home directory {path}: {exc.strerror}") from exc
 
