@@ -50,6 +50,7 @@ class HostileRuntime:
             "env": dict(os.environ),
             "root": sorted(os.listdir("/")),
             "cache_dir": str(self.cache_dir),
+            "sys_path": list(sys.path),
         }
 
     def do_connect(self, order: dict[str, Any], workdir: Path, progress: Any) -> str:

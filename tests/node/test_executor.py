@@ -434,10 +434,27 @@ def test_a_worker_can_always_name_its_user(tmp_path: Path, monkeypatch: pytest.M
 
 
 def test_root_keeps_only_the_capabilities_to_drop_to_nobody(tmp_path: Path) -> None:
-    """Started by root, bwrap keeps CAP_SETUID/CAP_SETGID so the worker can drop to 65534."""
-    argv = sandbox.bwrap_argv(_layout(tmp_path), ["true"], env={}, as_root=True)
-    assert "--unshare-user" not in argv
-    assert argv.count("--cap-add") == 2
+    """Started by root, bwrap keeps CAP_SETUID/CAP_SETGID so the worker can drop to 65534,
+    and nothing else: without --cap-drop ALL it kept every capability root has, so the
+    worker's start (interpreter, imports) ran with CAP_SYS_ADMIN and the rest. Run for
+    real: the first process inside has exactly those two in effect (as a user, in its
+    own user namespace, it has none it did not get there)."""
+    as_root = os.geteuid() == 0
+    layout = _layout(tmp_path)
+    layout.workdir.mkdir()
+    layout.cache_dir.mkdir()
+    argv = sandbox.bwrap_argv(
+        layout, ["/usr/bin/grep", "^Cap", "/proc/self/status"], env={}, as_root=as_root
+    )
+    assert ("--unshare-user" in argv) is not as_root
+    assert argv.count("--cap-add") == (2 if as_root else 0)
+    shown = subprocess.run(argv, capture_output=True, text=True, check=True, timeout=30).stdout
+    caps = {line.split(":")[0]: int(line.split()[1], 16) for line in shown.splitlines()}
+    setuid_setgid = 1 << 6 | 1 << 7
+    if as_root:
+        assert caps["CapEff"] == caps["CapPrm"] == setuid_setgid
+    else:
+        assert caps["CapEff"] & ~0x1FFFFFFFFFF == 0  # a namespace's own, never the host's
 
 
 # --- running tasks ---------------------------------------------------------------------------

@@ -254,6 +254,10 @@ def test_task_runs_unprivileged_with_a_minimal_environment(node: Node) -> None:
     }
     assert seen["env"]["CUDA_VISIBLE_DEVICES"] == ""  # no GPU assigned: every card hidden
     assert seen["cwd"] == seen["workdir"] == str(sandbox.INSIDE_WORK / "task")
+    # The directory the worker starts in is not on its import path (python -P): tasks
+    # write the work directory, and "-m" would import from there before the stdlib.
+    for start in ("", "/", str(sandbox.INSIDE_WORK)):
+        assert start not in seen["sys_path"], seen["sys_path"]
     layout = sandbox.make_layout(
         workdir=node.home,
         cache_dir=node.home,

@@ -245,7 +245,7 @@ def test_a_worker_imports_torch_at_its_first_slice_outside_the_slices_memory_lim
         try:
             await executor.warm_up()
             (worker,) = [p for p in psutil.Process().children(recursive=True)  # not bwrap
-                         if p.cmdline()[1:3] == ["-m", "nodeclient.node.worker"]]  # fmt: skip
+                         if p.cmdline()[1:4] == ["-P", "-m", "nodeclient.node.worker"]]  # fmt: skip
             before = _torch_mapped(worker.pid)
             # Read while the slice runs (its progress reports): once it has answered, the
             # worker may be replaced at any moment, and its /proc entry be gone.

@@ -196,7 +196,9 @@ class Executor:
                 # A worker with a GPU sets no RLIMIT_AS (sandbox.apply_limits).
                 "gpus": [gpu.to_wire() for gpu in gpus],
             }
-            command = [str(layout.python), "-m", "nodeclient.node.worker", "--config"]
+            # -P: the directory it starts in is not put first on sys.path (with -m, Python
+            # would import from the work directory, which tasks write, before the stdlib).
+            command = [str(layout.python), "-P", "-m", "nodeclient.node.worker", "--config"]
             command.append(json.dumps(inside, separators=(",", ":")))
             env = sandbox.worker_env(layout, threads=self.config.threads, sandboxed=sandboxed)
             if sandboxed:

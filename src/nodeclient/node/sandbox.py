@@ -16,8 +16,10 @@ built here:
   size one); the only writable host directory is the slot's work directory
   (``/nodeclient/work``); nothing else of the node home, and so no key file, is inside
   (given the node home, :func:`make_layout` refuses any bind that would show it);
-* it runs as an unprivileged uid (65534). Started by root, bwrap keeps only CAP_SETUID and
-  CAP_SETGID, and the worker drops to 65534 as its first act, so the kernel counts its
+* it runs as an unprivileged uid (65534). Started by root, bwrap drops every capability
+  but CAP_SETUID and CAP_SETGID (``--cap-drop ALL``: it would keep root's whole set
+  otherwise), and the worker drops to 65534 as its first act, then enters the work
+  directory (bwrap, without CAP_DAC_OVERRIDE, cannot), so the kernel counts its
   processes against RLIMIT_NPROC (the kernel exempts uid 0 from that limit, even inside a
   user namespace). Started by anyone else, bwrap maps the caller to 65534 in a new user
   namespace;
@@ -543,7 +545,9 @@ def bwrap_argv(
     argv = [bwrap, "--unshare-ipc", "--unshare-pid", "--unshare-net", "--unshare-uts"]
     argv += ["--unshare-cgroup-try", "--die-with-parent", "--new-session"]
     if as_root:  # the worker drops to SANDBOX_UID itself; then NPROC applies
-        argv += ["--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
+        # bwrap started by root keeps every capability it has unless told otherwise:
+        # the worker starts (interpreter, imports) with only the two it needs to drop.
+        argv += ["--cap-drop", "ALL", "--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
     else:
         argv += ["--unshare-user", "--uid", str(SANDBOX_UID), "--gid", str(SANDBOX_GID)]
     argv += ["--clearenv"]
@@ -578,7 +582,9 @@ def bwrap_argv(
     # root's, but with one (a daemon not run as root) they are the task's own uid's, and
     # unbounded. Read-only, only the work directory and /tmp (bounded) are writable.
     argv += ["--remount-ro", "/dev", "--remount-ro", "/"]
-    argv += ["--chdir", str(INSIDE_WORK), "--", *command]
+    # Started by root, bwrap has no CAP_DAC_OVERRIDE left to enter the work directory
+    # (SANDBOX_UID's, 0700): the worker enters it once it is that uid (worker.main).
+    argv += ["--chdir", "/" if as_root else str(INSIDE_WORK), "--", *command]
     return argv
 
 

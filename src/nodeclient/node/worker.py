@@ -561,6 +561,7 @@ def main(argv: list[str] | None = None) -> int:
     os.dup2(2, 1)  # a task's prints go to stderr, which the daemon caps
     if config.get("drop_privileges") and os.getuid() == 0:
         sandbox.drop_privileges()
+    os.chdir(config["workdir"])  # its own from here (bwrap started by root could not enter it)
     limits = sandbox.Limits.from_wire(config["limits"])
     sandbox.apply_limits(limits, address_space=not config.get("gpus"))
     shared = None
