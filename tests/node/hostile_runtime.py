@@ -282,6 +282,24 @@ class HostileRuntime:
             _thread.start_new_thread(spam, ())
         return "left a thread"
 
+    def do_keep_memory(self, order: dict[str, Any], workdir: Path, progress: Any) -> str:
+        """Hold memory past the task outside the address-space limit: a memfd written to
+        and kept open, or a System V shared-memory segment created and detached."""
+        size = int(order.get("bytes", 1 << 20))
+        if order.get("how") == "memfd":
+            fd = os.memfd_create("kept")
+            os.write(fd, b"k" * size)
+            _KEPT.append(fd)
+            return "kept a memfd"
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        ipc_private, ipc_creat = 0, 0o1000
+        segment = libc.shmget(ipc_private, ctypes.c_size_t(size), ipc_creat | 0o600)
+        if segment < 0:
+            return f"shmget refused: {os.strerror(ctypes.get_errno())}"
+        return "kept a segment"
+
     def do_leave_child(self, order: dict[str, Any], workdir: Path, progress: Any) -> str:
         if os.fork() == 0:
             time.sleep(60)
@@ -290,6 +308,7 @@ class HostileRuntime:
 
 
 _REMEMBERED: list[str] = []  # what do_remember kept, for as long as the worker lives
+_KEPT: list[int] = []  # the descriptors do_keep_memory kept open
 
 
 def _run_task_locals() -> dict[str, Any]:

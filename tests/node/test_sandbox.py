@@ -416,6 +416,19 @@ def test_processes_left_behind_get_a_fresh_worker(node: Node) -> None:
     assert len(node.executor.start_seconds) == starts + 1
 
 
+@pytest.mark.parametrize("how", ["memfd", "sysv"])
+def test_memory_kept_past_the_task_gets_a_fresh_worker(node: Node, how: str) -> None:
+    """A task that keeps memory no limit counts (a memfd left open, a System V segment in
+    the sandbox's IPC namespace) held it for as long as its worker lived, through other
+    jobs' tasks: the worker is replaced, which frees it."""
+    node.hostile({"do": "echo"})
+    starts = len(node.executor.start_seconds)
+    order = {"do": "keep_memory", "how": how, "bytes": 8 << 20}
+    assert node.hostile(order) == (b'"kept a memfd"' if how == "memfd" else b'"kept a segment"')
+    assert node.hostile({"do": "echo", "data": "next"}) == b"next"
+    assert len(node.executor.start_seconds) == starts + 1
+
+
 def test_a_machine_that_refuses_the_seccomp_filter_is_no_sandbox(tmp_path: Path) -> None:
     """Where the filter cannot be installed (here: under a filter that refuses seccomp(2),
     as some container profiles do), every worker would fail at start: the probe says so,

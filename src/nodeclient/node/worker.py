@@ -308,6 +308,7 @@ class Worker:
         # autograd thread for a CUDA device, which holds a Python thread state) is the
         # worker's own, not a thread a task left running.
         self._threads = _python_threads()
+        self._memfds = _memfds()  # the shared bodies' mapping, and any a runtime keeps
 
     def serve(self, stream: IO[bytes], *, max_payload: int) -> int:
         write_frame(
@@ -436,8 +437,14 @@ class Worker:
         )
 
     def _left_behind(self) -> bool:
-        """Threads or processes the task started and did not end."""
+        """Threads or processes the task started and did not end, or memory it holds
+        outside every limit: a memfd it kept open, a System V shared-memory segment (in
+        the sandbox's own IPC namespace; either is freed only when the worker goes)."""
         if _python_threads() > self._threads:
+            return True
+        if not _memfds() <= self._memfds:
+            return True
+        if self.sandboxed and _sysv_segments():
             return True
         while True:  # reap our own finished children first
             try:
@@ -451,6 +458,28 @@ class Worker:
         # In the sandbox's PID namespace: pid 1 is bubblewrap's init, the rest is the task's.
         mine = {1, os.getpid()}
         return any(name.isdigit() and int(name) not in mine for name in os.listdir("/proc"))
+
+
+def _memfds() -> frozenset[tuple[int, str]]:
+    """This process's open memfds: (descriptor, what it names)."""
+    found = []
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{name}")
+        except OSError:  # the listing's own descriptor, closed meanwhile
+            continue
+        if target.startswith("/memfd:"):
+            found.append((int(name), target))
+    return frozenset(found)
+
+
+def _sysv_segments() -> int:
+    """System V shared-memory segments in this IPC namespace (the sandbox's own)."""
+    try:
+        with open("/proc/sysvipc/shm", encoding="ascii", errors="replace") as listing:
+            return max(0, sum(1 for _ in listing) - 1)  # less the header line
+    except OSError:
+        return 0
 
 
 def _python_threads() -> int:
