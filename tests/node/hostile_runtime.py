@@ -301,10 +301,13 @@ class HostileRuntime:
         return "kept a segment"
 
     def do_leave_child(self, order: dict[str, Any], workdir: Path, progress: Any) -> str:
-        if os.fork() == 0:
+        pid = os.fork()
+        if pid == 0:
+            if order.get("close_fds"):  # holds no pipe of the worker's: nothing waits on it
+                os.closerange(0, 65536)
             time.sleep(60)
             os._exit(0)
-        return "left a child"
+        return f"left a child {pid}" if order.get("say_pid") else "left a child"
 
 
 _REMEMBERED: list[str] = []  # what do_remember kept, for as long as the worker lives

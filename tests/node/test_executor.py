@@ -24,6 +24,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
+import psutil
 import pytest
 
 from nodeclient.errors import RemoteProtocolError
@@ -279,6 +280,30 @@ def test_executor_moves_bodies_through_shared_memory(node: Node) -> None:
     assert {attempts[k] for k in attempts if k.endswith(":0")} == {"EPERM"}  # sealed
     assert slot.shared.map.size() == 2 * slot.shared.size
     assert node.hostile(order) == b"through shared memory"  # and the next task is served
+
+
+def test_unsandboxed_a_process_left_behind_ends_with_its_worker(tmp_path: Path) -> None:
+    """Without the sandbox no PID namespace dies with the worker: a process its task left
+    in the worker's group ran on after the worker was replaced, past the task's deadline
+    and the executor's close. The worker ends it as it reports itself tainted."""
+    executor = make_executor(tmp_path / "home", mode="unsandboxed")
+
+    async def scenario() -> int:
+        try:
+            await executor.warm_up()
+            order = json.dumps({"do": "leave_child", "say_pid": True, "close_fds": True}).encode()
+            said = json.loads(await executor.run(HOSTILE, order))
+            assert said.startswith("left a child ")
+            await executor.run(HOSTILE, json.dumps({"do": "echo", "data": "x"}).encode())
+            return int(said.rsplit(" ", 1)[1])
+        finally:
+            await executor.aclose()
+
+    child = asyncio.run(scenario())
+    end = time.monotonic() + 5
+    while psutil.pid_exists(child) and psutil.Process(child).status() != psutil.STATUS_ZOMBIE:
+        assert time.monotonic() < end, "the task's child still runs"
+        time.sleep(0.05)
 
 
 def test_bodies_over_the_shared_size_still_cross_the_pipe(tmp_path: Path) -> None:
