@@ -6,11 +6,14 @@ import asyncio
 import json
 import socket
 import threading
+import time
 import uuid
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 
+from nodeclient.coordinator import link as link_module
 from nodeclient.coordinator import server
 from nodeclient.coordinator.link import LinkSession, heartbeat_ack_text
 from nodeclient.protocol import eip712, messages
@@ -20,6 +23,7 @@ from tests.coordinator.conftest import (
     CHAIN,
     START,
     Running,
+    SimNode,
     closed_code,
     inference_payload,
     make_node,
@@ -783,3 +787,128 @@ def test_nodes_cpu_work_never_waits_behind_requesters(coordinator: Running) -> N
             await asyncio.gather(*busy)
 
     assert asyncio.run(run()) == 7
+
+
+class FastRawLink(RawLink):
+    """A RawLink with the kernel's own receive buffer: it can read as fast as it likes."""
+
+    def __init__(self, ws_url: str) -> None:
+        import socket
+
+        from websockets.client import ClientProtocol
+        from websockets.uri import parse_uri
+
+        uri = parse_uri(ws_url)
+        self.sock = socket.create_connection((uri.host, uri.port), timeout=10)
+        self.proto = ClientProtocol(uri, max_size=None)
+        self.proto.send_request(self.proto.connect())
+        self._flush()
+
+
+def _raw_linked(running: Running, node: SimNode, link: RawLink) -> Any:
+    link.send(node.auth(link.recv(), issued_at=int(running.clock.now())))
+    assert link.recv()["type"] == "welcome"
+    return running.coord.links[node.node_id]
+
+
+def _on_loop(session: Any, coro: Any) -> Any:
+    assert session._task is not None
+    return asyncio.run_coroutine_threadsafe(coro, session._task.get_loop())
+
+
+def test_replacing_a_stalled_link_leaves_the_new_one_up(
+    start_coordinator, rsa_keys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The old link's node no longer reads (a half-open connection: why it links again):
+    the old link's close waits behind its stuck send, then meets a connection already
+    gone. Before, the new link's handshake awaited that close, and what it raised ended
+    the new, healthy link (1006). Now the old one is closed aside, and nothing escapes."""
+    monkeypatch.setattr(link_module, "SEND_TIMEOUT_S", 2.0)
+    raised: list[tuple[int, str]] = []
+    close = link_module.LinkSession.close
+
+    async def recorded(self: LinkSession, code: int, reason: str) -> None:
+        try:
+            await close(self, code, reason)
+        except BaseException as exc:
+            raised.append((code, type(exc).__name__))
+            raise
+
+    monkeypatch.setattr(link_module.LinkSession, "close", recorded)
+    running = start_coordinator(heartbeat_interval=1000.0)
+    node = make_node(rsa_keys, 0)
+    running.register(node)
+    old = _raw_linked(running, node, RawLink(running.ws_url))
+    _on_loop(old, old.send_wire(b"\0" * (24 << 20))).result(10)
+    stuck = _on_loop(old, old.send_wire('{"type":"x"}'))
+    time.sleep(0.2)
+    assert running.link(node)["type"] == "welcome"  # the node links again
+    assert running.coord.links[node.node_id] is not old
+    assert node.call(node.heartbeat())["type"] == "heartbeat_ack"
+    assert stuck.result(30) is False
+    assert node.call(node.heartbeat())["type"] == "heartbeat_ack"
+    assert node.node_id in running.coord.links and raised == []
+
+
+def test_a_large_frames_time_carries_over_to_the_frame_after_it(
+    start_coordinator, rsa_keys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server writes a frame once the one before has left its buffer: the frame after
+    an 8 MiB one waits for those 8 MiB to be read. A node reading at 2 MiB/s, twice the
+    documented minimum, was dropped: the small frame had only its own 0.5 s."""
+    monkeypatch.setattr(link_module, "SEND_TIMEOUT_S", 0.5)  # MIN_SEND_RATE: 1 MiB/s
+    running = start_coordinator(heartbeat_interval=1000.0)
+    node = make_node(rsa_keys, 0)
+    running.register(node)
+    raw = FastRawLink(running.ws_url)
+    session = _raw_linked(running, node, raw)
+    size = 8 << 20
+    read = [0]
+
+    def slow_reader() -> None:  # about 2 MiB/s
+        while read[0] < size:
+            data = raw.sock.recv(64 << 10)
+            if not data:
+                return
+            read[0] += len(data)
+            time.sleep(0.03)
+
+    reader = threading.Thread(target=slow_reader, daemon=True)
+    reader.start()
+    assert _on_loop(session, session.send_wire(b"\0" * size)).result(10) is True
+    small = _on_loop(session, session.send_wire('{"type":"error","code":"x","reason":"y"}'))
+    assert small.result(30) is True
+    assert node.node_id in running.coord.links
+    reader.join(30)
+
+
+def test_a_close_behind_a_frame_being_sent_still_reaches_the_node(
+    start_coordinator, rsa_keys
+) -> None:
+    """A close (here 4004: another process linked) waits for the frame being sent; a
+    frame the node sends meanwhile ended the session without it (the node saw 1006, and
+    so never learnt that another process held its keys). Now the session waits for its
+    close, and the node reads the 4004 after the data."""
+    running = start_coordinator(heartbeat_interval=1000.0)
+    node = make_node(rsa_keys, 0)
+    running.register(node)
+    raw = FastRawLink(running.ws_url)
+    session = _raw_linked(running, node, raw)
+    _on_loop(session, session.send_wire(b"\0" * (32 << 20))).result(10)
+    pending = _on_loop(session, session.send_wire('{"type":"cancel"}'))
+    time.sleep(0.2)
+    closing = _on_loop(session, session.close(4004, "replaced by a newer link"))
+    time.sleep(0.2)
+    raw.send({"type": "progress", "task_id": "00000000-0000-4000-8000-000000000001",
+              "done": 1, "total": 2, "note": ""})  # fmt: skip
+    time.sleep(0.5)
+    raw.sock.settimeout(10)
+    while data := raw.sock.recv(1 << 20):  # now the node reads everything
+        raw.proto.receive_data(data)
+    raw.proto.receive_eof()
+    closing.result(10)
+    pending.result(10)
+    assert raw.proto.close_rcvd is not None
+    assert (raw.proto.close_rcvd.code, raw.proto.close_rcvd.reason) == (
+        4004, "replaced by a newer link"
+    )  # fmt: skip

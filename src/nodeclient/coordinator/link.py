@@ -187,6 +187,8 @@ class LinkSession:
         self._liveness = ""
         self._send_lock = asyncio.Lock()
         self._closed = False
+        self._closing: asyncio.Event | None = None  # set once a close() has finished
+        self._last_sent = 0  # bytes of the last frame written (may still be in the buffer)
         # Set by a reject that hands a task back because the node is stopping: the link
         # gets no more work (the scheduler's roster leaves it out) until it is replaced.
         self.draining = False
@@ -222,16 +224,20 @@ class LinkSession:
         """Send one frame already encoded (text or binary); False if the link is gone."""
         if self._closed:
             return False
-        limit = send_limit(len(wire))
+        limit = 0.0
         try:
             async with self._send_lock:  # the clock starts when this frame is written
                 if self._closed:  # dropped while this frame waited for its turn
                     return False
+                # The server writes a frame once the previous one has left its buffer: this
+                # one's time covers that one's bytes too, which may still be on their way.
+                limit = send_limit(len(wire) + self._last_sent)
                 async with asyncio.timeout(limit):
                     if isinstance(wire, bytes):
                         await self.ws.send_bytes(wire)
                     else:
                         await self.ws.send_text(wire)
+                self._last_sent = len(wire)
         except TimeoutError:
             self._stalled(f"a {len(wire)}-byte frame was not read within {limit:.0f} s")
             return False
@@ -241,17 +247,23 @@ class LinkSession:
         return True
 
     async def close(self, code: int, reason: str) -> None:
+        """Send the close frame, after a frame being sent (bounded by its own limit);
+        nothing it meets escapes (a connection gone: the close is moot). The session's
+        run waits for it to end, so that the node gets *code*, not a dropped connection."""
         if self._closed:
             return
         self._closed = True
+        self._closing = asyncio.Event()
         try:
             async with self._send_lock, asyncio.timeout(CLOSE_TIMEOUT_S):
                 if self.ws.application_state == WebSocketState.CONNECTED:
                     await self.ws.close(code=code, reason=reason)
         except TimeoutError:
             self._stalled(f"the close frame ({code}) was not read within {CLOSE_TIMEOUT_S:.0f} s")
-        except (RuntimeError, OSError):
+        except (WebSocketDisconnect, RuntimeError, OSError):
             pass
+        finally:
+            self._closing.set()
 
     def _stalled(self, why: str) -> None:
         """Drop a link whose node does not read: detach it now and abort the connection."""
@@ -301,6 +313,13 @@ class LinkSession:
                 )
                 await self.close(1011, "coordinator internal error; reported in its log")
         finally:
+            if self._closing is not None and not self._closing.is_set():
+                # Closed by another task (replaced, offline, a rotated key), whose close frame
+                # waits behind a frame being sent: ending the session now would drop the
+                # connection without it. Bounded: that frame's limit, then the close's.
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(send_limit(self._last_sent) + CLOSE_TIMEOUT_S):
+                        await self._closing.wait()
             if self.node_id:
                 self.coord.detach(self.node_id, self)
                 log.info("link.closed", extra={"node_id": self.node_id})
@@ -388,7 +407,8 @@ class LinkSession:
         self._attached_at = coord.now()  # a lease from now on is this link's to send
         old = coord.attach(node_id, self)
         if old is not None:
-            await old.close(4004, "replaced by a newer link")
+            # Not awaited: its close frame may wait behind a frame that node does not read.
+            coord.spawn(old.close(4004, "replaced by a newer link"), "link.close")
             log.info("link.replaced", extra={"node_id": node_id})
         log.info("link.authenticated", extra={"node_id": node_id})
         coord.wake()
@@ -404,6 +424,8 @@ class LinkSession:
         max_text = messages.MAX_CONTROL_FRAME if self.binary else messages.MAX_DATA_FRAME
         while not self._closed:
             raw = await self._receive()
+            if self._closed:  # closed by another task while this frame came: not handled
+                return
             if len(raw) > messages.MAX_CONTROL_FRAME and not self._budgets.data.take(
                 self.coord.monotonic(), len(raw)
             ):
