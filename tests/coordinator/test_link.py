@@ -353,6 +353,48 @@ def test_a_node_over_its_data_budget_is_closed_before_the_frame_is_parsed(
     assert code == 1008 and "data frames come faster than" in reason, (code, reason)
 
 
+def test_a_text_frame_is_charged_its_bytes_not_its_characters(
+    start_coordinator: Callable[..., Running], rsa_keys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A text frame of 4-byte characters was charged a quarter of its size (its length
+    as a string): 60,000 of them, 240 KB, were not charged at all, being under the 64 KiB
+    control-frame limit by that count."""
+    monkeypatch.setattr(link_module, "DATA_BURST_BYTES", 300_000)
+    monkeypatch.setattr(link_module, "DATA_RATE_BYTES", 1)
+    running = start_coordinator()
+    node = make_node(rsa_keys, 0)
+    running.register(node)
+    running.link(node)
+    wide = json.dumps({"type": "progress", "pad": "\U0001f600" * 60_000}, ensure_ascii=False)
+    assert node.ws is not None
+    node.ws.send(wide)  # 240 KB of UTF-8 in 60,000 characters
+    assert node.recv()["code"] == "malformed"  # charged 240 KB of the 300 KB
+    node.ws.send(wide)
+    code, reason = closed_code(node.ws)
+    assert code == 1008 and "data frames come faster than" in reason, (code, reason)
+
+
+def test_a_node_flooding_progress_or_malformed_frames_is_closed(
+    start_coordinator: Callable[..., Running], rsa_keys
+) -> None:
+    """Progress (at most two a second a running task) and malformed frames (none from an
+    honest node) each cost the coordinator work and a log line; they had no bound. A node
+    gets a burst (8 s of its rate: 16 a second at least, 4 a second a slot), then is
+    closed (1008) and links again later. (The test clock does not move: no refill.)"""
+    running = start_coordinator()
+    node = make_node(rsa_keys, 0)
+    running.register(node)
+    running.link(node)
+    burst = int(link_module.CHATTER_MIN_RATE * link_module.CHATTER_BURST_S)
+    progress = {"type": "progress", "task_id": str(uuid.uuid4()), "done": 1, "total": 2,
+                "note": ""}  # fmt: skip
+    for _ in range(burst):  # each taken silently
+        node.send(progress)
+    node.send({"type": "nonsense"})  # one more than the burst: no error frame, the close
+    code, reason = closed_code(node.ws)
+    assert code == 1008 and "progress and malformed frames come faster" in reason
+
+
 def test_heartbeat_signed_by_node_key_is_bad_signature(coordinator: Running, rsa_keys) -> None:
     """Heartbeats must be signed by the liveness key; otherwise error bad_signature."""
     node = make_node(rsa_keys, 0)

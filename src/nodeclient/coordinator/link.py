@@ -138,13 +138,20 @@ MAX_OWED = 4096
 # closed (1008) before the frame is parsed; it links again with backoff and resends.
 DATA_BURST_BYTES = 4 * messages.MAX_DATA_FRAME
 DATA_RATE_BYTES = 16 * 1024 * 1024
+# Progress frames (a node sends at most two a second for each running task) and frames
+# that are malformed or unexpected (an honest node sends none): each costs a dictionary
+# entry or a log line and an error frame. A node over it is closed (1008) and links again.
+CHATTER_RATE_PER_SLOT = 4.0
+CHATTER_MIN_RATE = 16.0
+CHATTER_BURST_S = 8.0  # seconds of the rate
 _TOO_FREQUENT_LOG_S = 60.0  # one log line a minute for a node's refused frames of a kind
 
 
 class LinkBudgets:
-    """A node's budgets (heartbeats, rejects, data bytes), kept in its NodeRuntime."""
+    """A node's budgets (heartbeats, rejects, data bytes, chatter), kept in its
+    NodeRuntime."""
 
-    __slots__ = ("beats", "data", "rejects")
+    __slots__ = ("beats", "chatter", "data", "rejects")
 
     def __init__(self, now: float, heartbeat_interval: float) -> None:
         # At least HEARTBEAT_RATE a second, and 4 an interval for a coordinator whose
@@ -153,6 +160,21 @@ class LinkBudgets:
         self.beats = TokenBucket(HEARTBEAT_BURST, rate, now)
         self.rejects = TokenBucket(REJECT_BURST, REJECT_RATE, now)
         self.data = TokenBucket(DATA_BURST_BYTES, DATA_RATE_BYTES, now)
+        self.chatter: TokenBucket | None = None  # sized to the node's slots once it is known
+
+    def chatter_for(self, slots: int, now: float) -> TokenBucket:
+        if self.chatter is None:
+            rate = max(CHATTER_MIN_RATE, CHATTER_RATE_PER_SLOT * slots)
+            self.chatter = TokenBucket(rate * CHATTER_BURST_S, rate, now)
+        return self.chatter
+
+
+def _utf8_size(text: str) -> int:
+    """The bytes of *text* as the node sent it (UTF-8), counted only where they could pass
+    the control-frame limit: a character is 1 to 4 bytes."""
+    if 4 * len(text) <= messages.MAX_CONTROL_FRAME:
+        return len(text)  # whatever its bytes, under the limit: not charged either way
+    return len(text.encode("utf-8", "surrogatepass"))
 
 
 def heartbeat_ack_text(seq: int, server_time: float, unstaking_until: int | None) -> str:
@@ -422,33 +444,57 @@ class LinkSession:
         handlers = {"heartbeat": self._heartbeat, "result": self._result, "reject": self._reject}
         # A node that sends its results as binary frames never needs a large JSON frame.
         max_text = messages.MAX_CONTROL_FRAME if self.binary else messages.MAX_DATA_FRAME
+        info = self.coord.nodes.get(self.node_id)
+        chatter = self._budgets.chatter_for(
+            info.max_parallel_subtasks if info is not None else 1, self.coord.monotonic()
+        )
         while not self._closed:
             raw = await self._receive()
             if self._closed:  # closed by another task while this frame came: not handled
                 return
-            if len(raw) > messages.MAX_CONTROL_FRAME and not self._budgets.data.take(
-                self.coord.monotonic(), len(raw)
+            # Its size in bytes: a text frame's characters may be up to 4 bytes each.
+            size = len(raw) if isinstance(raw, bytes) else _utf8_size(raw)
+            if size > messages.MAX_CONTROL_FRAME and not self._budgets.data.take(
+                self.coord.monotonic(), size
             ):
                 reason = (
                     f"data frames come faster than {DATA_RATE_BYTES >> 20} MiB a second "
                     f"(after a burst of {DATA_BURST_BYTES >> 20} MiB): link again later"
                 )
-                log.warning("link.data_budget", extra={"node_id": self.node_id, "bytes": len(raw)})
+                log.warning("link.data_budget", extra={"node_id": self.node_id, "bytes": size})
                 await self.close(1008, reason)
                 return
             try:
                 frame = messages.parse_from_node(raw, max_text=max_text)
             except RemoteProtocolError as exc:
+                if not await self._chatter_ok(chatter):
+                    return
                 await self._error("malformed", str(exc))
                 continue
             if isinstance(frame, messages.ProgressFrame):
+                if not await self._chatter_ok(chatter):
+                    return
                 self._progress(frame)
                 continue
             handler = handlers.get(frame.type)
             if handler is None:
+                if not await self._chatter_ok(chatter):
+                    return
                 await self._error("malformed", f"unexpected {frame.type} frame after auth")
                 continue
             await handler(frame)
+
+    async def _chatter_ok(self, chatter: TokenBucket) -> bool:
+        """Take one from the node's chatter budget; over it, close the link (1008)."""
+        if chatter.take(self.coord.monotonic()):
+            return True
+        reason = (
+            f"progress and malformed frames come faster than {chatter.rate:g} a second "
+            "(after a burst): link again later"
+        )
+        log.warning("link.chatter_budget", extra={"node_id": self.node_id})
+        await self.close(1008, reason)
+        return False
 
     def _progress(self, frame: messages.ProgressFrame) -> None:
         """Remember a running task's progress; the jobs API shows it while it is leased."""
