@@ -14,6 +14,10 @@ codes:
 4003  node_id not registered
 4004  replaced by a newer link for the same node (one live link per node)
 4005  marked offline: no heartbeat for 3 intervals
+1001  the coordinator is shutting down
+1008  after auth, over a budget (data bytes; progress and malformed frames)
+1009  before auth, a message over the 64 KiB control-frame limit
+1011  the database failed under a frame (or a bug, logged with its traceback)
 ====  ===================================================================
 
 After ``welcome``, every frame is checked before it acts: malformed -> ``error``
@@ -21,7 +25,8 @@ After ``welcome``, every frame is checked before it acts: malformed -> ``error``
 the last seen -> ``error`` ``replayed``. None of these changes state or closes the link.
 
 A node that stops reading its socket must not hold up anyone else: every send waits at
-most :func:`send_limit` seconds (10 s, plus one second per MiB of the frame). A send
+most :func:`send_limit` seconds (10 s, plus one second per MiB of the frame and of the
+one before it, which may still be leaving the server's buffer). A send
 that runs out of time drops the link (``link.stalled``): the node is detached at once,
 so it gets no more work, its connection is aborted, and its leases go elsewhere when it
 misses its heartbeats or its lease deadlines, as with any lost node.
