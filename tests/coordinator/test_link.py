@@ -395,6 +395,40 @@ def test_a_node_flooding_progress_or_malformed_frames_is_closed(
     assert code == 1008 and "progress and malformed frames come faster" in reason
 
 
+def test_the_chatter_budget_follows_the_nodes_slots() -> None:
+    """A node registered again with more slots sends more progress frames: its budget
+    (kept across its links) takes the new rate, its tokens kept."""
+    budgets = link_module.LinkBudgets(0.0, 30.0)
+    one = budgets.chatter_for(1, 0.0)
+    assert one.rate == link_module.CHATTER_MIN_RATE
+    sixteen = budgets.chatter_for(16, 1.0)
+    assert sixteen is one and sixteen.rate == 16 * link_module.CHATTER_RATE_PER_SLOT
+    assert sixteen.burst == sixteen.rate * link_module.CHATTER_BURST_S
+
+
+def test_a_close_after_a_large_frame_waits_for_it(
+    start_coordinator: Callable[..., Running], rsa_keys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The close frame goes out once the frame before it has left the server's buffer:
+    its time counts that frame's, as a frame's does. With the close's own seconds alone,
+    a node reading an 8 MiB dispatch at 2 MiB/s (twice the minimum) was reset, never
+    seeing the close's code."""
+    monkeypatch.setattr(link_module, "CLOSE_TIMEOUT_S", 1.0)
+    running = start_coordinator(heartbeat_interval=1000.0)
+    node = make_node(rsa_keys, 0)
+    running.register(node)
+    raw = FastRawLink(running.ws_url)
+    session = _raw_linked(running, node, raw)
+    assert _on_loop(session, session.send_wire(b"\0" * (8 << 20))).result(10) is True
+    closing = _on_loop(session, session.close(4004, "replaced by a newer link"))
+    while data := raw.sock.recv(64 << 10):  # about 2 MiB/s
+        raw.proto.receive_data(data)
+        time.sleep(0.03)
+    raw.proto.receive_eof()
+    closing.result(30)
+    assert raw.proto.close_rcvd is not None and raw.proto.close_rcvd.code == 4004
+
+
 def test_heartbeat_signed_by_node_key_is_bad_signature(coordinator: Running, rsa_keys) -> None:
     """Heartbeats must be signed by the liveness key; otherwise error bad_signature."""
     node = make_node(rsa_keys, 0)

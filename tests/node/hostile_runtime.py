@@ -286,10 +286,18 @@ class HostileRuntime:
         """Hold memory past the task outside the address-space limit: a memfd written to
         and kept open, or a System V shared-memory segment created and detached."""
         size = int(order.get("bytes", 1 << 20))
-        if order.get("how") == "memfd":
+        if order.get("how") in ("memfd", "passed"):
             fd = os.memfd_create("kept")
             os.write(fd, b"k" * size)
-            _KEPT.append(fd)
+            if order["how"] == "memfd":
+                _KEPT.append(fd)
+                return "kept a memfd"
+            # passed through a socket pair (SCM_RIGHTS) and closed here: it lives on in
+            # the socket, which no memfd listing shows
+            ends = socket.socketpair(socket.AF_UNIX)
+            socket.send_fds(ends[0], [b"m"], [fd])
+            os.close(fd)
+            _KEPT.extend(end.detach() for end in ends)
             return "kept a memfd"
         import ctypes
 

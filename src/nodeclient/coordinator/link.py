@@ -168,9 +168,13 @@ class LinkBudgets:
         self.chatter: TokenBucket | None = None  # sized to the node's slots once it is known
 
     def chatter_for(self, slots: int, now: float) -> TokenBucket:
+        """The chatter budget, sized to *slots* (the node's current manifest: a node
+        registered again with more slots gets the rate they need, its tokens kept)."""
+        rate = max(CHATTER_MIN_RATE, CHATTER_RATE_PER_SLOT * slots)
         if self.chatter is None:
-            rate = max(CHATTER_MIN_RATE, CHATTER_RATE_PER_SLOT * slots)
             self.chatter = TokenBucket(rate * CHATTER_BURST_S, rate, now)
+        elif self.chatter.rate != rate:
+            self.chatter.rate, self.chatter.burst = rate, rate * CHATTER_BURST_S
         return self.chatter
 
 
@@ -281,12 +285,17 @@ class LinkSession:
             return
         self._closed = True
         self._closing = asyncio.Event()
+        limit = CLOSE_TIMEOUT_S
         try:
-            async with self._send_lock, asyncio.timeout(CLOSE_TIMEOUT_S):
-                if self.ws.application_state == WebSocketState.CONNECTED:
-                    await self.ws.close(code=code, reason=reason)
+            async with self._send_lock:
+                # The server writes it once the frame before has left its buffer: that
+                # frame's time counts, as for any frame (send_wire).
+                limit = send_limit(self._last_sent) + CLOSE_TIMEOUT_S
+                async with asyncio.timeout(limit):
+                    if self.ws.application_state == WebSocketState.CONNECTED:
+                        await self.ws.close(code=code, reason=reason)
         except TimeoutError:
-            self._stalled(f"the close frame ({code}) was not read within {CLOSE_TIMEOUT_S:.0f} s")
+            self._stalled(f"the close frame ({code}) was not read within {limit:.0f} s")
         except (WebSocketDisconnect, RuntimeError, OSError):
             pass
         finally:
@@ -344,8 +353,8 @@ class LinkSession:
                 # Closed by another task (replaced, offline, a rotated key), whose close frame
                 # waits behind a frame being sent: ending the session now would drop the
                 # connection without it. Bounded: that frame's limit, then the close's.
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(send_limit(self._last_sent) + CLOSE_TIMEOUT_S):
+                with contextlib.suppress(TimeoutError):  # close() is bounded: a safety net
+                    async with asyncio.timeout(2 * send_limit(messages.MAX_DATA_FRAME)):
                         await self._closing.wait()
             if self.node_id:
                 self.coord.detach(self.node_id, self)

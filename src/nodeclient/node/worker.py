@@ -308,7 +308,7 @@ class Worker:
         # autograd thread for a CUDA device, which holds a Python thread state) is the
         # worker's own, not a thread a task left running.
         self._threads = _python_threads()
-        self._memfds = _memfds()  # the shared bodies' mapping, and any a runtime keeps
+        self._memfds = _memfds()  # the shared bodies' mapping, any a runtime keeps
 
     def serve(self, stream: IO[bytes], *, max_payload: int) -> int:
         write_frame(
@@ -460,16 +460,19 @@ class Worker:
         return any(name.isdigit() and int(name) not in mine for name in os.listdir("/proc"))
 
 
-def _memfds() -> frozenset[tuple[int, str]]:
-    """This process's open memfds: (descriptor, what it names)."""
+def _memfds() -> frozenset[tuple[int, str, int]]:
+    """This process's open memfds and sockets: (descriptor, what it names, its inode).
+    A socket too: a memfd passed through one (SCM_RIGHTS) and closed here stays alive in
+    it; and the inode, so that a memfd put in place of one of ours (dup2) is told apart."""
     found = []
     for name in os.listdir("/proc/self/fd"):
         try:
-            target = os.readlink(f"/proc/self/fd/{name}")
+            path = f"/proc/self/fd/{name}"
+            target = os.readlink(path)
+            if target.startswith(("/memfd:", "socket:")):
+                found.append((int(name), target, os.stat(path).st_ino))
         except OSError:  # the listing's own descriptor, closed meanwhile
             continue
-        if target.startswith("/memfd:"):
-            found.append((int(name), target))
     return frozenset(found)
 
 
