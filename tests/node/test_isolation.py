@@ -24,6 +24,7 @@ from nodeclient.node.runtimes.onnx import ModelCache, OnnxRuntime
 from nodeclient.node.slots import affinity_of
 from nodeclient.workloads.inference import make_request
 from tests.models import identity_model, matmul_relu_model
+from tests.node import sandbox_harness
 from tests.node.sandbox_harness import (
     HOSTILE,
     HOSTILE_FACTORY,
@@ -128,6 +129,31 @@ def test_on_disk_tmp_is_emptied_too(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     baseline, filled, listed = asyncio.run(scenario())
     assert json.loads(filled) == {"written": 5, "error": None}  # 20 MiB: past the tmpfs size
     assert json.loads(listed) == json.loads(baseline)
+
+
+def test_an_on_disk_tmp_lets_the_worker_reach_code_bound_under_tmp(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With /tmp on disk, the slot's directory is the sandbox's /tmp; an interpreter or a
+    package installed under the host's /tmp is bound beneath it. A worker started by root
+    holds no CAP_DAC_OVERRIDE (only what it needs to drop to 65534), so that directory
+    must be traversable: at 0700 the worker could not start (execvp: Permission denied)."""
+    import shutil
+
+    monkeypatch.setattr(sandbox, "tmpfs_size_supported", lambda bwrap="bwrap": False)
+    code = tmp_path / "code"  # under the host's /tmp, as a checkout in /tmp would be
+    code.mkdir()
+    shutil.copy(Path(sandbox_harness.__file__).with_name("hostile_runtime.py"), code)
+    executor = make_executor(tmp_path / "home", extra_python_path=(code,))
+
+    async def scenario() -> bytes:
+        try:
+            return await executor.run(HOSTILE, b'{"do": "echo", "data": "up"}', job_id="j")
+        finally:
+            await executor.aclose()
+
+    assert str(tmp_path).startswith("/tmp/")  # what the test is about
+    assert asyncio.run(scenario()) == b"up"
 
 
 def test_a_task_that_fills_its_work_directory_is_stopped(

@@ -229,7 +229,12 @@ class Executor:
             slot.workdir.mkdir(mode=0o700, parents=True)
             made = [slot.workdir]
             if slot.tmp_dir is not None:
-                slot.tmp_dir.mkdir(mode=0o700)
+                # Traversable (not listable) by others: it is the sandbox's /tmp, and a
+                # worker started by root (no CAP_DAC_OVERRIDE left) must pass through it to
+                # an interpreter or package bound under /tmp. On the host it lies inside
+                # the slot's directory, which stays 0700.
+                slot.tmp_dir.mkdir(mode=0o711)
+                slot.tmp_dir.chmod(0o711)  # whatever the umask
                 made.append(slot.tmp_dir)
             if self.mode == MODE_BWRAP and os.geteuid() == 0:
                 for path in made:
