@@ -308,7 +308,7 @@ class Worker:
         # autograd thread for a CUDA device, which holds a Python thread state) is the
         # worker's own, not a thread a task left running.
         self._threads = _python_threads()
-        self._memfds = _memfds()  # the shared bodies' mapping, any a runtime keeps
+        self._holders = _memory_holders()  # the shared bodies' mapping, any a runtime keeps
 
     def serve(self, stream: IO[bytes], *, max_payload: int) -> int:
         write_frame(
@@ -442,7 +442,7 @@ class Worker:
         the sandbox's own IPC namespace; either is freed only when the worker goes)."""
         if _python_threads() > self._threads:
             return True
-        if not _memfds() <= self._memfds:
+        if not _memory_holders() <= self._holders:
             return True
         if self.sandboxed and _sysv_segments():
             return True
@@ -460,7 +460,7 @@ class Worker:
         return any(name.isdigit() and int(name) not in mine for name in os.listdir("/proc"))
 
 
-def _memfds() -> frozenset[tuple[int, str, int]]:
+def _memory_holders() -> frozenset[tuple[int, str, int]]:
     """This process's open memfds and sockets: (descriptor, what it names, its inode).
     A socket too: a memfd passed through one (SCM_RIGHTS) and closed here stays alive in
     it; and the inode, so that a memfd put in place of one of ours (dup2) is told apart."""
