@@ -350,7 +350,10 @@ def test_doctor_opens_the_link_with_the_daemons_trust_whatever_the_schemes_case(
     async def check(scheme: str) -> doctor.Check:
         async with serve(challenge, "127.0.0.1", 0, ssl=pki.server_context()) as server:
             port = server.sockets[0].getsockname()[1]
-            return await asyncio.to_thread(doctor.check_link, f"{scheme}://127.0.0.1:{port}")
+            # a generous timeout: what is checked is the trust, not the speed (a loaded
+            # machine took over the default 5 s for the TLS and WebSocket handshakes once)
+            url = f"{scheme}://127.0.0.1:{port}"
+            return await asyncio.to_thread(doctor.check_link, url, timeout=60.0)
 
     for scheme in ("https", "HTTPS"):
         result = asyncio.run(check(scheme))
