@@ -49,3 +49,18 @@ def _nodeclient_logging_restored() -> Iterator[None]:
     yield
     logs._CONTEXT.reset(token)
     root.handlers[:], root.level, root.propagate = saved
+
+
+@pytest.fixture
+def fsynced(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """What the code under test fsyncs, in order: the path of each descriptor given to
+    os.fsync (which still runs)."""
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    return synced

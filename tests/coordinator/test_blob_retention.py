@@ -293,23 +293,13 @@ def test_jobs_from_before_job_blobs_are_filled_once(running: Running) -> None:
     assert running.coord.db.run_sync(lambda s: store.fill_job_blobs(s, refs)) == 0
 
 
-def test_the_first_blob_makes_its_directory_durable_too(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_the_first_blob_makes_its_directory_durable_too(tmp_path: Path, fsynced: list[str]) -> None:
     """The blob directory is made at the first blob: its parent is fsynced then, or a
     crash could lose the directory (and every blob in it) though each blob's own name was
     fsynced into it. Later blobs fsync only the blob directory."""
-    synced: list[str] = []
-    real_fsync = os.fsync
-
-    def fsync(fd: int) -> None:
-        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
-        real_fsync(fd)
-
-    monkeypatch.setattr(os, "fsync", fsync)
     blobs = BlobStore(tmp_path / "data" / "blobs", clock=time.time)
     (tmp_path / "data").mkdir()
     for data in (b"first", b"second"):
         blobs.store(hashlib.sha256(data).hexdigest(), data)
-    directories = [p for p in synced if Path(p).is_dir()]
+    directories = [p for p in fsynced if Path(p).is_dir()]
     assert directories == [str(tmp_path / "data"), *[str(tmp_path / "data" / "blobs")] * 2]

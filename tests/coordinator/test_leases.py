@@ -414,6 +414,15 @@ def test_min_tier_excludes_weaker_nodes(coordinator: Running, rsa_keys) -> None:
     assert coordinator.client.job(job["job_id"])["tasks"][0]["status"] == "queued"
 
 
+def _attempt_outcomes(running: Running) -> list[tuple[str, str | None]]:
+    """(node_id, outcome) of every lease, in the order they were made."""
+    return running.coord.db.run_sync(
+        lambda s: [
+            (a.node_id, a.outcome) for a in s.query(m.TaskAttempt).order_by(m.TaskAttempt.attempt)
+        ]
+    )
+
+
 def test_late_result_from_earlier_lease_wins(coordinator: Running, rsa_keys) -> None:
     """A valid result from a node whose lease was lost is still accepted (it was leased to
     it); the current holder is cancelled, and its result is then refused."""
@@ -440,11 +449,7 @@ def test_late_result_from_earlier_lease_wins(coordinator: Running, rsa_keys) -> 
     assert done["tasks"][0]["node_id"] == first.node_id
     # The first node delivered: its lease, closed as "offline" when it went silent, is
     # a success now (a failure counts against a node: 3 shut it out of a render job).
-    outcomes = coordinator.coord.db.run_sync(
-        lambda s: [
-            (a.node_id, a.outcome) for a in s.query(m.TaskAttempt).order_by(m.TaskAttempt.attempt)
-        ]
-    )
+    outcomes = _attempt_outcomes(coordinator)
     assert outcomes == [(first.node_id, "succeeded"), (second.node_id, "superseded")]
 
 
@@ -472,11 +477,7 @@ def test_a_result_after_its_node_rejected_the_task_is_refused(
     assert second.call(second.result(second_dispatch, result))["status"] == "accepted"
     done = coordinator.wait_job(job["job_id"], "succeeded")
     assert done["tasks"][0]["node_id"] == second.node_id
-    outcomes = coordinator.coord.db.run_sync(
-        lambda s: [
-            (a.node_id, a.outcome) for a in s.query(m.TaskAttempt).order_by(m.TaskAttempt.attempt)
-        ]
-    )
+    outcomes = _attempt_outcomes(coordinator)
     assert outcomes == [(first.node_id, "rejected"), (second.node_id, "succeeded")]
 
 

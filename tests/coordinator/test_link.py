@@ -330,6 +330,19 @@ def test_a_reject_of_a_dispatch_sent_is_never_refused_as_too_frequent(
     assert stray[-1]["code"] == "too_frequent"
 
 
+def _linked_with_a_300_kb_data_budget(
+    start_coordinator: Callable[..., Running], rsa_keys: Any, monkeypatch: pytest.MonkeyPatch
+) -> SimNode:
+    """A linked node whose data budget is a burst of 300 KB and no refill."""
+    monkeypatch.setattr(link_module, "DATA_BURST_BYTES", 300_000)
+    monkeypatch.setattr(link_module, "DATA_RATE_BYTES", 1)
+    running = start_coordinator()
+    node = make_node(rsa_keys, 0)
+    running.register(node)
+    running.link(node)
+    return node
+
+
 def test_a_node_over_its_data_budget_is_closed_before_the_frame_is_parsed(
     start_coordinator: Callable[..., Running], rsa_keys, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -337,14 +350,7 @@ def test_a_node_over_its_data_budget_is_closed_before_the_frame_is_parsed(
     node gets a burst of data bytes, then DATA_RATE_BYTES a second. A frame over it closes
     the link (1008) unparsed; the node links again later and resends. (Here the burst is
     300 KB, so two 200 KB frames cross it.)"""
-    from nodeclient.coordinator import link
-
-    monkeypatch.setattr(link, "DATA_BURST_BYTES", 300_000)
-    monkeypatch.setattr(link, "DATA_RATE_BYTES", 1)
-    running = start_coordinator()
-    node = make_node(rsa_keys, 0)
-    running.register(node)
-    running.link(node)
+    node = _linked_with_a_300_kb_data_budget(start_coordinator, rsa_keys, monkeypatch)
     big = {"type": "progress", "pad": "x" * 200_000}
     first = node.call(big)
     assert first["type"] == "error" and first["code"] == "malformed", first  # parsed
@@ -359,12 +365,7 @@ def test_a_text_frame_is_charged_its_bytes_not_its_characters(
     """A text frame of 4-byte characters was charged a quarter of its size (its length
     as a string): 60,000 of them, 240 KB, were not charged at all, being under the 64 KiB
     control-frame limit by that count."""
-    monkeypatch.setattr(link_module, "DATA_BURST_BYTES", 300_000)
-    monkeypatch.setattr(link_module, "DATA_RATE_BYTES", 1)
-    running = start_coordinator()
-    node = make_node(rsa_keys, 0)
-    running.register(node)
-    running.link(node)
+    node = _linked_with_a_300_kb_data_budget(start_coordinator, rsa_keys, monkeypatch)
     wide = json.dumps({"type": "progress", "pad": "\U0001f600" * 60_000}, ensure_ascii=False)
     assert node.ws is not None
     node.ws.send(wide)  # 240 KB of UTF-8 in 60,000 characters

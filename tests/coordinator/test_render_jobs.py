@@ -150,6 +150,18 @@ def _ack(
     return frame
 
 
+def _retried_elsewhere(
+    running: Running, rsa_keys: Any, refused: dict[str, Any] | None
+) -> tuple[SimNode, dict[str, Any]]:
+    """A second node, linked now, and its dispatch: the slice whose result was refused
+    goes to it (never back to the node that answered it)."""
+    assert refused is not None
+    other = _render_node(running, rsa_keys, 1, "0x" + "22" * 20)
+    again = other.recv()
+    assert again["task_id"] == refused["task_id"]
+    return other, again
+
+
 def test_result_for_another_slice_is_rejected_and_the_task_stays_open(
     running: Running, rsa_keys
 ) -> None:
@@ -178,10 +190,7 @@ def test_result_for_another_slice_is_rejected_and_the_task_stays_open(
             refused = dispatch
             continue
         assert _ack(a, dispatch, _result_for(a, dispatch), later)["status"] == "accepted"
-    assert refused is not None
-    b = _render_node(running, rsa_keys, 1, "0x" + "22" * 20)
-    again = b.recv()
-    assert again["task_id"] == refused["task_id"]
+    b, again = _retried_elsewhere(running, rsa_keys, refused)
     _complete(b, again)
     done = running.wait_job(job["job_id"], "succeeded")
     assert done["status"] == "succeeded", done["reason"]
@@ -224,10 +233,7 @@ def test_band_result_for_other_rows_is_rejected(running: Running, rsa_keys) -> N
             refused = dispatch
             continue
         assert _ack(a, dispatch, band(a, dispatch), later)["status"] == "accepted"
-    assert refused is not None
-    b = _render_node(running, rsa_keys, 1, "0x" + "22" * 20)
-    again = b.recv()
-    assert again["task_id"] == refused["task_id"]
+    b, again = _retried_elsewhere(running, rsa_keys, refused)
     assert _ack(b, again, band(b, again), [])["status"] == "accepted"
     done = running.wait_job(job["job_id"], "succeeded")
     assert done["status"] == "succeeded", done["reason"]

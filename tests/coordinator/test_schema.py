@@ -108,6 +108,19 @@ def _version(url: str) -> str | None:
         engine.dispose()
 
 
+def _as_written_by(path: Path, version: int, *statements: str) -> None:
+    """Make the SQLite database at *path* what an older coordinator wrote: run
+    *statements* (taking away what came later) and record *version*."""
+    con = sqlite3.connect(path)
+    try:
+        for statement in statements:
+            con.execute(statement)
+        con.execute("UPDATE meta SET value = ? WHERE key = ?", (str(version), schema.SCHEMA_KEY))
+        con.commit()
+    finally:
+        con.close()
+
+
 def _first_release_copy(current: Path, old: Path) -> None:
     """*old*: the first release's tables holding the rows of *current* (a database this
     version wrote), without schema_version: what an operator upgrading from it has."""
@@ -237,14 +250,12 @@ def test_a_version_1_database_gets_the_declared_resources_columns(tmp_path: Path
     finally:
         stop(first, server, thread)
     url = f"sqlite:///{tmp_path / 'coordinator.db'}"
-    con = sqlite3.connect(tmp_path / "coordinator.db")
-    try:  # what version 1 wrote
-        con.execute("ALTER TABLE jobs DROP COLUMN ram_mb")
-        con.execute("ALTER TABLE jobs DROP COLUMN vram_mb")
-        con.execute("UPDATE meta SET value = '1' WHERE key = ?", (schema.SCHEMA_KEY,))
-        con.commit()
-    finally:
-        con.close()
+    _as_written_by(  # what version 1 wrote
+        tmp_path / "coordinator.db",
+        1,
+        "ALTER TABLE jobs DROP COLUMN ram_mb",
+        "ALTER TABLE jobs DROP COLUMN vram_mb",
+    )
     assert "ram_mb" not in _columns(url)["jobs"]
     again, server2, thread2 = start(config_for(data_dir=tmp_path, db_url=None), clock)
     try:
@@ -274,15 +285,13 @@ def test_a_version_3_database_publishes_its_nodes_manifests(tmp_path: Path, rsa_
     finally:
         stop(first, server, thread)
     url = f"sqlite:///{tmp_path / 'coordinator.db'}"
-    con = sqlite3.connect(tmp_path / "coordinator.db")
-    try:  # what version 3 wrote
-        con.execute("DROP TABLE node_manifests")
-        con.execute("DROP INDEX ix_tasks_manifest_hash")
-        con.execute("ALTER TABLE tasks DROP COLUMN manifest_hash")
-        con.execute("UPDATE meta SET value = '3' WHERE key = ?", (schema.SCHEMA_KEY,))
-        con.commit()
-    finally:
-        con.close()
+    _as_written_by(  # what version 3 wrote
+        tmp_path / "coordinator.db",
+        3,
+        "DROP TABLE node_manifests",
+        "DROP INDEX ix_tasks_manifest_hash",
+        "ALTER TABLE tasks DROP COLUMN manifest_hash",
+    )
     assert "node_manifests" not in _columns(url)
     again, server2, thread2 = start(config_for(data_dir=tmp_path, db_url=None), clock)
     try:
@@ -318,14 +327,12 @@ def test_a_version_4_databases_jobs_stay_readable_by_every_requester(
     finally:
         stop(first, server, thread)
     url = f"sqlite:///{tmp_path / 'coordinator.db'}"
-    con = sqlite3.connect(tmp_path / "coordinator.db")
-    try:  # what version 4 wrote
-        con.execute("DROP INDEX ix_jobs_requester_created_at_job_id")
-        con.execute("ALTER TABLE jobs DROP COLUMN requester")
-        con.execute("UPDATE meta SET value = '4' WHERE key = ?", (schema.SCHEMA_KEY,))
-        con.commit()
-    finally:
-        con.close()
+    _as_written_by(  # what version 4 wrote
+        tmp_path / "coordinator.db",
+        4,
+        "DROP INDEX ix_jobs_requester_created_at_job_id",
+        "ALTER TABLE jobs DROP COLUMN requester",
+    )
     tokens = tmp_path / "requesters"
     tokens.write_text("alice-token-0123456789abcdef\ncarol-token-0123456789abcdef\n")
     tokens.chmod(0o600)
@@ -514,16 +521,14 @@ def test_an_early_version_4_database_gets_the_columns_it_lacked(tmp_path: Path) 
     to the current version."""
     url = f"sqlite:///{tmp_path / 'c.db'}"
     Database(url).close()
-    con = sqlite3.connect(tmp_path / "c.db")
-    try:
-        con.execute("DROP INDEX ix_nodes_manifest_hash")
-        con.execute("DROP INDEX ix_task_attempts_manifest_hash")
-        con.execute("ALTER TABLE node_manifests DROP COLUMN replaced_at")
-        con.execute("ALTER TABLE task_attempts DROP COLUMN manifest_hash")
-        con.execute("UPDATE meta SET value = '4' WHERE key = ?", (schema.SCHEMA_KEY,))
-        con.commit()
-    finally:
-        con.close()
+    _as_written_by(
+        tmp_path / "c.db",
+        4,
+        "DROP INDEX ix_nodes_manifest_hash",
+        "DROP INDEX ix_task_attempts_manifest_hash",
+        "ALTER TABLE node_manifests DROP COLUMN replaced_at",
+        "ALTER TABLE task_attempts DROP COLUMN manifest_hash",
+    )
     Database(url).close()
     cols = _columns(url)
     assert "replaced_at" in cols["node_manifests"]

@@ -188,20 +188,12 @@ def test_as_root_a_service_users_home_is_to_be_used_as_that_user(tmp_path: Path)
 
 
 def test_a_new_home_and_its_new_parents_are_0700_and_durable(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, fsynced: list[str]
 ) -> None:
     """Under a umask that takes the owner's own bits (0277), every directory made for the
     home is exactly 0700 (a 0500 parent would refuse the next mkdir to anyone but root),
     and each one's name is fsynced into its parent: a crash after `init` printed the
     node_id must not lose the home."""
-    synced: list[str] = []
-    real_fsync = os.fsync
-
-    def fsync(fd: int) -> None:
-        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
-        real_fsync(fd)
-
-    monkeypatch.setattr(os, "fsync", fsync)
     home = tmp_path / "a" / "b" / "home"
     old = os.umask(0o277)
     try:
@@ -210,7 +202,7 @@ def test_a_new_home_and_its_new_parents_are_0700_and_durable(
         os.umask(old)
     for made in (home.parent.parent, home.parent, home):
         assert stat.S_IMODE(made.stat().st_mode) == 0o700, made
-    assert synced == [str(tmp_path), str(tmp_path / "a"), str(tmp_path / "a" / "b")]
+    assert fsynced == [str(tmp_path), str(tmp_path / "a"), str(tmp_path / "a" / "b")]
 
 
 # --- write_secret / write_secrets / replace_secret ------------------------------------
