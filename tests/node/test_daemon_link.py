@@ -944,6 +944,40 @@ def test_a_wall_clock_stepped_back_does_not_make_links_replaced_far_apart_look_c
     ] * 2
 
 
+@pytest.mark.parametrize(
+    ("step", "up_for", "attempts"),
+    [
+        (-3600.0, 3 * link_module.STABLE_LINK_S, [0, 0, 1]),  # long session: reset
+        (+3600.0, 0.5, [0, 1, 2]),  # short session: no reset
+    ],
+)
+def test_the_backoff_reset_goes_by_how_long_the_link_was_up_not_by_the_wall_clock(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    waits: Waits,
+    step: float,
+    up_for: float,
+    attempts: list[int],
+) -> None:
+    """A wall clock stepped during a session (an NTP correction) changes nothing: a long
+    session stepped back an hour still resets the backoff, and a short one stepped
+    forward an hour does not (a flapping coordinator is not hammered)."""
+    answer_registration(monkeypatch, lambda _r: httpx.Response(201, json=REGISTERED))
+    clock = SteppedWall()
+    daemon = make_daemon(tmp_path, url=f"http://127.0.0.1:{free_port()}", clock=clock)
+
+    async def ntp_step(_ws: ServerConnection) -> None:
+        clock.step = step
+
+    sessions = [
+        Session(up_for=0.5, close=None),
+        Session(up_for=up_for, close=None, then=ntp_step),
+        Session(up_for=0.5, close=None),
+    ]
+    asyncio.run(run_link(daemon, clock, sessions))
+    assert waits.attempts == attempts
+
+
 def test_links_replaced_far_apart_do_not_stop_the_daemon(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, waits: Waits, events: Events
 ) -> None:

@@ -154,7 +154,8 @@ class LinkReplaced(NeedsOperator):
 @dataclass
 class LinkInfo:
     status: str = "down"  # down | connecting | up
-    since: float = 0.0
+    since: float = 0.0  # wall clock, shown in status
+    since_mono: float = 0.0  # the same moment on the monotonic clock, for durations
     last_heartbeat_ack: float | None = None
     rtt_ms: float | None = None
     reconnects: int = 0
@@ -310,7 +311,9 @@ class LinkClient(TaskDispatcher):
             # Reset after a session that was authenticated and stayed up, however it ended:
             # drops spread over months must not add up to the cap, and a coordinator that
             # closes every link at once (even cleanly) must not be hammered.
-            if self.link.status == "up" and self.clock.now() - self.link.since >= STABLE_LINK_S:
+            # (On the monotonic clock: a step of the wall clock says nothing of how long.)
+            up_for = self.clock.monotonic() - self.link.since_mono
+            if self.link.status == "up" and up_for >= STABLE_LINK_S:
                 delays = backoff(rand=self._rand.random)
             self._set_link("down")
             draining = self._stopping.is_set()
@@ -397,6 +400,7 @@ class LinkClient(TaskDispatcher):
         if self.link.status != status:
             self.link.status = status
             self.link.since = self.clock.now()
+            self.link.since_mono = self.clock.monotonic()
             log.info("link.status", extra={"link": status})
         if status != "up":
             self._ws = None
