@@ -1,5 +1,5 @@
 """The daemon's retention loop: no error ends it, a damaged row does not stop it, and a
-stop ends a long prune within one batch."""
+stop ends a long prune within one batch. The same for its status and metrics loop."""
 
 from __future__ import annotations
 
@@ -160,3 +160,48 @@ def test_a_stop_during_a_long_prune_ends_it_within_a_batch(tmp_path: Path) -> No
     assert box.prune(acked_before=1e12, keep_bytes=0) == left
     assert held_in_db(path) == (0, 0, 0)
     box.close()
+
+
+def test_a_damaged_coordinator_id_does_not_stop_status_or_the_metrics_loop(
+    tmp_path: Path,
+) -> None:
+    """An unacknowledged row whose coordinator_id is a BLOB (bit rot, a hand edit) made
+    status() raise while sorting the backlog by coordinator: `nodeclient status` failed,
+    and the metrics loop ended at once, unlogged, its gauges frozen. Now the id is shown
+    as text, and an error in a refresh is logged once while the loop goes on."""
+    path = tmp_path / "o.db"
+    box = Outbox(path)
+    good, bad = uuid.uuid4(), uuid.uuid4()
+    for task in (good, bad):
+        commit(box, task, b"r")
+    box.close()
+    damage(path, good, "coordinator_id", "coordinator-a")
+    damage(path, bad, "coordinator_id", b"\x00\xff")
+    home = tmp_path / "home"
+    home.mkdir()
+    daemon = daemon_with(home, Outbox(path), Retention())
+    shown = daemon.status()["outbox_backlog_by_coordinator"]
+    assert shown == [
+        {"coordinator_id": "b'\\x00\\xff'", "results": 1},
+        {"coordinator_id": "coordinator-a", "results": 1},
+    ]
+    calls = 0
+
+    def status() -> dict[str, object]:
+        nonlocal calls
+        calls += 1
+        raise RuntimeError("a bug")
+
+    daemon.status = status  # type: ignore[method-assign]
+
+    async def main() -> None:
+        refresh = asyncio.ensure_future(daemon._refresh_metrics())
+        await asyncio.sleep(2.3)
+        assert not refresh.done()
+        refresh.cancel()
+
+    with logged() as records:
+        asyncio.run(main())
+    daemon.outbox.close()
+    assert calls == 3
+    assert [r.getMessage() for r in records] == ["metrics.refresh_failed"]

@@ -250,3 +250,62 @@ def test_a_replaced_daemon_stopped_in_its_pause_does_not_link_again(
     assert asyncio.run(main()) == 0
     assert len(links) == 1, f"the stopped, replaced daemon linked again ({len(links)} links)"
     assert daemon.outbox.backlog() == 1
+
+
+class _OneQuickOneEndless(Executor):
+    """The first task ends at once; any other runs until it is cancelled."""
+
+    first: uuid.UUID
+
+    async def warm_up(self) -> None:
+        return None
+
+    async def run(self, *args: Any, task_id: uuid.UUID, **kwargs: Any) -> bytes:
+        if task_id == self.first:
+            await asyncio.sleep(0.2)  # ends within the grace, its commit past it
+            return b"a result"
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+
+def test_the_drain_waits_for_a_result_still_being_committed_at_the_hand_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGTERM with two tasks running: one ends within the grace, but its commit (a large
+    result's write and fsyncs, in a thread) is still going when the grace ends. The
+    other is handed back; the drain then waits for the first one's result and sends it
+    before the link goes, rather than leave it to a restart that may never come."""
+    from nodeclient.node import daemon as daemon_module
+
+    monkeypatch.setattr(daemon_module, "DRAIN_FLUSH_S", 3.0)
+    quick, endless = uuid.uuid4(), uuid.uuid4()
+    _OneQuickOneEndless.first = quick
+    daemon = make_daemon(tmp_path, executor=_OneQuickOneEndless)
+    daemon.slots = 2
+    daemon.shutdown_grace = 0.3
+    link = Capture()
+    daemon._ws = link  # type: ignore[assignment]
+    real_commit = daemon._commit
+
+    def slow_commit(*args: Any, **kwargs: Any) -> Any:
+        import time
+
+        time.sleep(0.5)
+        return real_commit(*args, **kwargs)
+
+    monkeypatch.setattr(daemon, "_commit", slow_commit)
+
+    async def main() -> None:
+        key = payload_key()
+        await daemon._on_frame(dispatch(daemon, key, quick))
+        await daemon._on_frame(dispatch(daemon, key, endless))
+        await asyncio.sleep(0.05)
+        daemon.request_stop()
+        the_link = asyncio.ensure_future(asyncio.Event().wait())  # the link loop, up
+        await daemon._drain(the_link)
+        the_link.cancel()
+
+    asyncio.run(main())
+    sent = [(f["type"], f["message"]["task_id"]) for f in link.frames]
+    assert ("result", "0x" + quick.hex) in sent, sent
+    assert ("reject", "0x" + endless.hex) in sent, sent

@@ -227,8 +227,16 @@ class NodeDaemon(LinkClient):
 
     async def _refresh_metrics(self) -> None:
         """Keep the Prometheus gauges current (2.3.8); counters are bumped where tasks end."""
+        failing = False
         while True:
-            self.metrics.update_status(self.status())
+            try:
+                self.metrics.update_status(self.status())
+            except Exception as exc:  # a bug or a damaged row: said once, and tried again
+                if not failing:
+                    log.error("metrics.refresh_failed", exc_info=exc)
+                failing = True
+            else:
+                failing = False
             await asyncio.sleep(1.0)
 
     async def _prune_results(self) -> None:
@@ -346,9 +354,23 @@ class NodeDaemon(LinkClient):
         # Only what this link sends: another coordinator's results wait for that one. The
         # link may be down meanwhile (a coordinator restarting): the link loop makes it
         # again, and sends the backlog on it, until this ends.
+        # A task left to finish (its result was being committed at the hand-back) is
+        # waited for too: its result is in no backlog until its commit ends, and is sent
+        # right after it, on this link.
         mine = self.session.coordinator_id
-        while self.outbox.backlog(mine) and not link.done() and time.monotonic() < deadline:
+        while (
+            (self.outbox.backlog(mine) or self._finishing())
+            and not link.done()
+            and time.monotonic() < deadline
+        ):
             await asyncio.sleep(0.05)
+
+    def _finishing(self) -> bool:
+        """Whether a task is still committing or sending its result."""
+        return any(
+            t.finishing and t.handle is not None and not t.handle.done()
+            for t in self.running.values()
+        )
 
     async def _hand_back(self) -> None:
         """At the end of shutdown_grace: cancel the tasks still running and refuse each,
@@ -467,7 +489,9 @@ class NodeDaemon(LinkClient):
             "outbox_backlog_by_coordinator": [
                 {"coordinator_id": coordinator, "results": n}
                 for coordinator, n in sorted(
-                    self.outbox.waiting().items(), key=lambda item: item[0] or ""
+                    # str: an id damaged on disk may be of another type (never a crash)
+                    ((None if c is None else str(c), n) for c, n in self.outbox.waiting().items()),
+                    key=lambda item: item[0] or "",
                 )
             ],
             "results_held_bytes": self.outbox.held_bytes(),
