@@ -1,4 +1,5 @@
-"""A node that unstakes while a scheduling round is under way gets no dispatch from it."""
+"""A node that unstakes while a scheduling round is under way gets no dispatch from it, nor
+does a node whose own heartbeats say it is UNSTAKING."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from nodeclient.coordinator.placement import assign_tx
 from nodeclient.coordinator.scheduler import Scheduler
 from nodeclient.coordinator.store import Database
 from nodeclient.protocol.secp import Secp256k1Key
+from tests.coordinator.conftest import Running, inference_payload, make_node
 from tests.coordinator.test_queue_rules import NOW, add_job, node
 
 
@@ -117,3 +119,21 @@ def test_a_node_whose_loss_could_not_be_recorded_is_checked_again(
     assert rt.online is True
     asyncio.run(scheduler_mod.Scheduler.check_offline(scheduler, NOW))  # type: ignore[arg-type]
     assert rt.online is False and calls == ["run", "run"]
+
+
+def test_a_node_whose_heartbeats_say_unstaking_gets_no_dispatch(
+    coordinator: Running, rsa_keys
+) -> None:
+    """The node says UNSTAKING though this coordinator holds no unstake for it (its
+    database restored from before the node's Unstake): the node would refuse every
+    dispatch, each refusal an attempt spent, and fail a job alone. It gets none while its
+    heartbeats say so; a heartbeat saying otherwise makes it a candidate again."""
+    node = make_node(rsa_keys, 0)
+    coordinator.register(node)
+    coordinator.link(node)
+    assert node.call(node.heartbeat(state="UNSTAKING"))["type"] == "heartbeat_ack"
+    coordinator.client.submit_job("ai.inference", inference_payload([1.0]))
+    with pytest.raises(TimeoutError):
+        node.ws.recv(timeout=1.0)
+    node.send(node.heartbeat(state="READY"))
+    assert node.recv(skip=("heartbeat_ack",))["type"] == "dispatch"

@@ -532,17 +532,19 @@ def test_a_job_waiting_its_turn_is_not_failed_by_the_queue_timeout(any_db: Datab
 
 def test_a_node_seen_within_the_queue_timeout_counts_as_able() -> None:
     """The stall check counts, beside the linked nodes, every node seen within the
-    timeout that is not unstaking: one reconnecting at the sweep's moment still counts."""
+    timeout that is not unstaking (by record or by its own heartbeats): one reconnecting
+    at the sweep's moment still counts."""
     info = SimpleNamespace(unstaking_until=None, hardware_tier=2, region="eu-west",
                            workload_classes=frozenset({"ai.inference"}),
                            max_parallel_subtasks=1, slot_ram_mb=4096, slot_vram_mb=0,
                            manifest_hash="")  # fmt: skip
     leaving = SimpleNamespace(**{**vars(info), "unstaking_until": int(NOW) + 86400})
     coord = SimpleNamespace(
-        nodes={"recent": info, "long_gone": info, "leaving": leaving},
-        runtime={"recent": SimpleNamespace(last_seen=NOW - HOUR),
-                 "long_gone": SimpleNamespace(last_seen=NOW - 48 * HOUR),
-                 "leaving": SimpleNamespace(last_seen=NOW)},
+        nodes={"recent": info, "long_gone": info, "leaving": leaving, "says_leaving": info},
+        runtime={"recent": SimpleNamespace(last_seen=NOW - HOUR, state="READY"),
+                 "long_gone": SimpleNamespace(last_seen=NOW - 48 * HOUR, state=None),
+                 "leaving": SimpleNamespace(last_seen=NOW, state="READY"),
+                 "says_leaving": SimpleNamespace(last_seen=NOW, state="UNSTAKING")},
     )  # fmt: skip
     linked = node("0xA")
     sched = SimpleNamespace(coord=coord, candidates=lambda: [linked])

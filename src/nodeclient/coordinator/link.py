@@ -568,7 +568,7 @@ class LinkSession:
             )
             return
         now = coord.now()
-        was_online = rt.online
+        was_online, was_unstaking = rt.online, rt.state == "UNSTAKING"
         rt.last_seq, rt.state, rt.last_seen, rt.online = seq, state, now, True
         rt.beat = coord.monotonic()
         # Acknowledged before its commit only within UNSTORED_SEQS of the stored seq.
@@ -576,7 +576,10 @@ class LinkSession:
         await coord.heartbeats.persist(self.node_id, seq, state, now, wait=wait)
         until = coord.nodes[self.node_id].unstaking_until
         await self.send_wire(heartbeat_ack_text(seq, now, until))
-        if not was_online:
+        if not was_online or was_unstaking != (state == "UNSTAKING"):
+            # A node that says it is UNSTAKING gets no work, even with no unstake on
+            # record here (a coordinator's database restored from before it): each
+            # dispatch would only come back refused, an attempt spent.
             coord.roster_changed()
             coord.wake()
         if self._sent_here is not None:

@@ -146,6 +146,7 @@ class Scheduler:
                 node_id not in out
                 and info is not None
                 and info.unstaking_until is None
+                and rt.state != "UNSTAKING"
                 and (rt.last_seen or 0.0) >= since
             ):
                 out[node_id] = to_candidate(node_id, info)
@@ -161,6 +162,8 @@ class Scheduler:
                 continue
             rt = runtime.get(node_id)
             if rt is None or not rt.online:  # is_online, inlined: the link is there
+                continue
+            if rt.state == "UNSTAKING":  # by its own heartbeats, whatever is on record here
                 continue
             cached = cache.get(node_id)
             if cached is None or cached[0] is not info:
