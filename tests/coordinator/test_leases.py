@@ -6,6 +6,7 @@ round (every 20 ms in tests).
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from websockets.exceptions import ConnectionClosed
 
 from nodeclient.clock import ManualClock
 from nodeclient.coordinator import models as m
@@ -20,6 +22,7 @@ from nodeclient.protocol import eip712
 from nodeclient.protocol.states import UNSTAKE_COOLDOWN_S
 from tests.coordinator.conftest import (
     CHAIN,
+    RECV_TIMEOUT,
     START,
     Running,
     SimNode,
@@ -57,9 +60,21 @@ def test_lease_expiry_requeues_to_another_node(start_coordinator, rsa_keys) -> N
     assert task["reason"].startswith("lease expired")
 
 
+def _frames_until(ws: Any, timeout: float) -> tuple[list[dict[str, Any]], Exception]:
+    """The frames *ws* receives until a receive fails (the link closed, or *timeout*
+    seconds without a frame), and that failure."""
+    frames = []
+    while True:
+        try:
+            frames.append(json.loads(ws.recv(timeout=timeout)))
+        except (ConnectionClosed, TimeoutError) as exc:
+            return frames, exc
+
+
 def test_offline_node_tasks_are_requeued(coordinator: Running, rsa_keys) -> None:
     """No heartbeat for 3 intervals: the node is offline (link closed 4005) and its leased
-    tasks go to another node."""
+    tasks go to another node. The node is told to drop them before its link is closed: a
+    node that is silent but still linked would otherwise run them on, its slots busy."""
     first, second = make_node(rsa_keys, 0), make_node(rsa_keys, 1)
     coordinator.register(first)
     coordinator.register(second)
@@ -68,9 +83,12 @@ def test_offline_node_tasks_are_requeued(coordinator: Running, rsa_keys) -> None
     dispatch = first.recv()
     coordinator.clock.advance(91)
     assert first.ws is not None
-    code, reason = closed_code(first.ws)
-    assert code == 4005
-    assert reason.startswith("offline")
+    frames, closed = _frames_until(first.ws, RECV_TIMEOUT)
+    assert isinstance(closed, ConnectionClosed) and closed.rcvd is not None
+    assert closed.rcvd.code == 4005
+    assert closed.rcvd.reason.startswith("offline")
+    cancels = [(f["task_id"], f["reason"]) for f in frames if f["type"] == "cancel"]
+    assert cancels == [(dispatch["task_id"], "lease ended")], frames
     assert coordinator.client.node(first.node_id)["online"] is False
     coordinator.link(second)
     again = second.recv()
@@ -79,6 +97,42 @@ def test_offline_node_tasks_are_requeued(coordinator: Running, rsa_keys) -> None
     task = coordinator.client.job(job["job_id"])["tasks"][0]
     assert task["node_id"] == second.node_id
     assert "went offline" in (task["reason"] or "")
+
+
+def test_a_node_back_from_offline_is_told_to_drop_the_task_it_lost(
+    coordinator: Running, rsa_keys
+) -> None:
+    """A node cut off for three intervals (its cancel lost with its link) still runs the
+    task that went to another node meanwhile. At its new link's first heartbeat, which
+    names that task, it is told to drop it ("lease ended"), so that its slot is free for
+    the work it is now counted free for; a task it still holds is left alone."""
+    first, second = make_node(rsa_keys, 0), make_node(rsa_keys, 1)
+    for node in (first, second):
+        coordinator.register(node)
+    coordinator.link(first)
+    coordinator.client.submit_job("ai.inference", inference_payload(VALUES))
+    lost = first.recv()
+    assert lost["type"] == "dispatch"
+    coordinator.link(second)
+    for _ in range(3):  # the second node beats on; the first is silent
+        coordinator.clock.advance(30.5)
+        second.call(second.heartbeat())
+    assert first.ws is not None
+    closed_code(first.ws)
+    assert second.recv(skip=("heartbeat_ack",))["task_id"] == lost["task_id"]
+    coordinator.link(first)
+    coordinator.client.submit_job("ai.inference", inference_payload(VALUES))
+    kept = first.recv(skip=("heartbeat_ack",))
+    assert kept["type"] == "dispatch"
+    first.send(first.heartbeat(running=(lost["task_id"], kept["task_id"])))
+    cancel = first.recv(skip=("heartbeat_ack",))
+    assert (cancel["type"], cancel["task_id"], cancel["reason"]) == (
+        "cancel", lost["task_id"], "lease ended"
+    )  # fmt: skip
+    assert first.ws is not None
+    later, quiet = _frames_until(first.ws, 0.5)
+    assert isinstance(quiet, TimeoutError)
+    assert "cancel" not in [f["type"] for f in later], later  # none for the task it holds
 
 
 def test_a_node_is_offline_as_its_silence_passes_three_intervals(

@@ -348,6 +348,26 @@ def node_lost_tx(
     ]
 
 
+def strays_tx(session: Session, node_id: str, task_ids: Sequence[str]) -> list[str]:
+    """Of the tasks *node_id* says it holds, those that are no longer its to run: leased to
+    another node, ended (failed, cancelled, or succeeded on another node), or unknown
+    here. A task queued again is not among them: its next lease may be this node's, which
+    then goes on with the run it has (a dispatch of a task a node runs only extends its
+    lease)."""
+    if not task_ids:
+        return []
+    rows = session.execute(
+        select(m.Task.task_id, m.Task.status, m.Task.node_id).where(m.Task.task_id.in_(task_ids))
+    )
+    mine = {
+        task_id
+        for task_id, status, holder in rows
+        # (one it finished: it holds the result, awaiting its acknowledgement)
+        if status == m.QUEUED or (status in (m.LEASED, m.SUCCEEDED) and holder == node_id)
+    }
+    return [t for t in task_ids if t not in mine]
+
+
 def undeliverable_tx(
     session: Session, task_id: str, node_id: str, now: float, *, attempt: int
 ) -> None:

@@ -53,7 +53,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 from nodeclient.coordinator import models as m
 from nodeclient.coordinator import verifier
 from nodeclient.coordinator.config import AUTH_MAX_SKEW_S
-from nodeclient.coordinator.leases import node_lost_tx, report_job_end
+from nodeclient.coordinator.leases import node_lost_tx, report_job_end, strays_tx
 from nodeclient.coordinator.scheduler import cancel_leases, report_lost
 from nodeclient.coordinator.service import UNSTORED_SEQS, Coordinator, TokenBucket
 from nodeclient.coordinator.store import NodeInfo
@@ -228,6 +228,7 @@ class LinkSession:
         self._sent_here: set[str] | None = set()
         self._owed: dict[str, None] = {}  # dispatches sent on this link, not yet answered
         self._beats_seen = 0
+        self._strays_checked = False  # at the first heartbeat (_cancel_strays)
         self._attached_at = math.inf
         self._budgets = LinkBudgets(coord.monotonic(), coord.config.heartbeat_interval)
         # Frames refused over a budget, per kind, since the last log line about them, and
@@ -576,6 +577,9 @@ class LinkSession:
         await coord.heartbeats.persist(self.node_id, seq, state, now, wait=wait)
         until = coord.nodes[self.node_id].unstaking_until
         await self.send_wire(heartbeat_ack_text(seq, now, until))
+        if not self._strays_checked:  # before the scheduler is woken for this node
+            self._strays_checked = True
+            await self._cancel_strays(msg["running_tasks"])
         if not was_online or was_unstaking != (state == "UNSTAKING"):
             # A node that says it is UNSTAKING gets no work, even with no unstake on
             # record here (a coordinator's database restored from before it): each
@@ -587,6 +591,21 @@ class LinkSession:
             if self._beats_seen >= RECONCILE_AT_BEAT:
                 sent_here, self._sent_here = self._sent_here, None
                 await self._reconcile(msg["running_tasks"], sent_here)
+
+    async def _cancel_strays(self, running_tasks: Sequence[bytes]) -> None:
+        """Once a link, at its first heartbeat: tell the node to drop the tasks it runs
+        that are no longer its (leased to another node, ended, unknown here). Their cancels
+        were lost with its last link (one found offline is closed; an expired lease's
+        cancel finds no link), and it would run them to their end, its slots busy while
+        they count as free here: each dispatch meanwhile would come back refused."""
+        if not running_tasks:
+            return
+        ids = [str(uuid.UUID(bytes=b)) for b in running_tasks]
+        node_id = self.node_id
+        strays = await self.coord.db.run(lambda s: strays_tx(s, node_id, ids))
+        if strays:
+            log.info("link.strays_cancelled", extra={"node_id": node_id, "tasks": strays[:20]})
+        cancel_leases(self.coord, ((node_id, t) for t in strays), "lease ended")
 
     async def _reconcile(self, running_tasks: Sequence[bytes], sent_here: set[str]) -> None:
         """Once a link, at its second heartbeat: a task still leased to this node whose

@@ -321,9 +321,6 @@ class Scheduler:
             coord.roster_changed()
             silent = mono - rt.beat
             log.warning("node.offline", extra={"node_id": node_id, "silent_s": round(silent, 1)})
-            link = coord.links.get(node_id)
-            if link is not None:
-                coord.spawn(link.close(4005, f"offline: no heartbeat for {silent:.0f} s"), "close")
             detail = f"node {node_id} went offline (no heartbeat for {silent:.0f} s)"
             max_attempts = coord.config.max_attempts
             try:
@@ -341,7 +338,13 @@ class Scheduler:
                 # leases re-queued) at a later tick, instead of never.
                 rt.online = True
                 raise
+            # Its cancels go out before the link is closed, so that a node whose link is
+            # still open (silent, not gone) stops the tasks it no longer holds, instead of
+            # running them to their end with its slots busy while they count as free here.
             self._report_lost(lost, "task.requeued")
+            link = coord.links.get(node_id)
+            if link is not None:
+                coord.spawn(link.close(4005, f"offline: no heartbeat for {silent:.0f} s"), "close")
         oldest = min(
             (rt.beat for rt in coord.runtime.values() if rt.online and rt.beat is not None),
             default=math.inf,
