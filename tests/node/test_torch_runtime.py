@@ -292,3 +292,15 @@ def test_a_slice_past_its_declared_memory_fails_as_out_of_memory(tmp_path: Path)
 
     reason = asyncio.run(scenario())
     assert reason.startswith("out of memory"), reason
+
+
+def test_an_f16_update_is_judged_on_its_converted_values() -> None:
+    """Up to just under 65520 a value rounds to F16's largest, 65504, and arrives finite:
+    such an update is carried (it was refused as past F16's range); 65520 turns into
+    infinity and is refused."""
+    from nodeclient.node.runtimes.torch_train import _check_f16
+
+    _check_f16({"a": np.array([65510.0, 1.0], np.float32), "b": np.array([np.nan], np.float32)})
+    assert np.isfinite(np.float32(65519.0).astype(np.float16))
+    with pytest.raises(RemoteProtocolError, match="is past F16's"):
+        _check_f16({"a": np.array([65520.0, 1.0], np.float32)})

@@ -170,11 +170,11 @@ def _check_f16(deltas: Mapping[str, npt.NDArray[np.float32]]) -> None:
     smallest would arrive as all zeros; the coordinator refuses both as a diverged or a
     forged slice, on every node. (Non-finite values, a diverged run, pass: they are the
     coordinator's to reject.)"""
-    biggest = max(
-        (float(np.max(np.abs(d[np.isfinite(d)]), initial=0.0)) for d in deltas.values()),
-        default=0.0,
-    )
-    if biggest > _F16_MAX:
+    # Judged on the converted values: up to just under 65520 rounds to F16's largest,
+    # 65504, and arrives finite; only past that does a value turn into infinity.
+    finite = [d[np.isfinite(d)] for d in deltas.values()]
+    if any(np.isinf(f.astype(np.float16)).any() for f in finite):
+        biggest = max(float(np.max(np.abs(f), initial=0.0)) for f in finite)
         raise RemoteProtocolError(
             f"grad_dtype F16 cannot hold this update: a value of {biggest:.3g} is past F16's "
             f"{_F16_MAX:g}; ask for F32, or a smaller learning rate"
