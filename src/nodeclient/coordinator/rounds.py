@@ -544,11 +544,6 @@ def deadline_tx(
     return closes
 
 
-async def enforce_deadlines(coord: Coordinator, now: float) -> None:
-    """The scheduler's hook: close overdue rounds and tell nodes to drop their slices."""
-    report_closes(coord, await coord.db.run(lambda s: deadline_tx(s, now=now)))
-
-
 def report_closes(coord: Coordinator, closes: Sequence[RoundClose]) -> None:
     """After :func:`deadline_tx`: tell nodes to drop their slices, wake the scheduler."""
     for node_id, task_id in (lease for close in closes for lease in close.cancel):
