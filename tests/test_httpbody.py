@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import http.server
+import queue
 from collections.abc import Iterator
 from typing import ClassVar
 
@@ -91,3 +92,52 @@ def test_the_requester_client_and_doctor_refuse_a_coded_answer(server: str) -> N
     (check,) = doctor.check_coordinator(server)
     assert check.level is doctor.Level.FAIL and "Content-Encoding" in check.summary
     assert set(_Answers.asked) == {"identity"}
+
+
+LONG_ERROR = 128 << 20  # far over what an error answer needs, far under the result limit
+
+
+class _LongError(http.server.BaseHTTPRequestHandler):
+    """A 500 whose body goes on for LONG_ERROR bytes (a hostile coordinator's), sent a MiB
+    at a time until the client stops reading; how much was sent, once it stopped."""
+
+    sent: ClassVar[queue.Queue[int]] = queue.Queue()
+
+    def do_GET(self) -> None:
+        self.send_response(500)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Length", str(LONG_ERROR))
+        self.end_headers()
+        sent = 0
+        piece = b"it went wrong " + b"x" * ((1 << 20) - 14)
+        try:
+            while sent < LONG_ERROR:
+                self.wfile.write(piece)
+                sent += len(piece)
+        except OSError:  # the client closed the connection: it read no more
+            pass
+        finally:
+            type(self).sent.put(sent)
+
+    def log_message(self, *_args: object) -> None:
+        return None
+
+
+def test_an_error_answer_is_read_only_to_a_small_cap_whatever_the_routes_limit() -> None:
+    """A non-2xx answer says why in a line: its body is read to MAX_ERROR_ANSWER at most,
+    even on a route whose own limit is 16 GiB (a job's result), and the rest is never
+    read. (Before, a 500 of gigabytes was read whole, then decoded as text.)"""
+    with serving(_LongError) as url, httpx.Client(headers=httpbody.IDENTITY) as client:
+        answer = httpbody.request(client, "GET", url + "/v1/jobs/j/result", limit=16 << 30)
+        assert answer.status_code == 500
+        assert answer.content.startswith(b"it went wrong ")
+        assert len(answer.content) <= httpbody.MAX_ERROR_ANSWER
+        sent = _LongError.sent.get(timeout=30)
+        with (
+            CoordinatorClient(url) as coordinator,
+            pytest.raises(RemoteProtocolError, match="GET /v1/jobs/j/result: 500 it went wrong"),
+        ):
+            coordinator.raw_job_result("j")
+        sent_too = _LongError.sent.get(timeout=30)
+    # Sent, not read: what the kernel's socket buffers took before the client closed.
+    assert max(sent, sent_too) < LONG_ERROR // 2, (sent, sent_too)

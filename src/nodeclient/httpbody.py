@@ -6,8 +6,11 @@ misconfigured server, become gigabytes in the reading process. Answers this proj
 reads from a server (the coordinator's, for the daemon's registration, ``doctor``,
 ``unstake`` and the requester client) are asked for with :data:`IDENTITY`, read raw by
 :func:`read` or :func:`aread`, and refused (:class:`AnswerRefused`) with any other
-encoding or past a limit fitting what they hold. Blobs from requesters' URLs have their
-own loop (``node.inputs``: the task's deadline and cancellation), with the same check.
+encoding or past a limit fitting what they hold. An error answer (not 2xx) is read only
+to :data:`MAX_ERROR_ANSWER`, whatever the route's limit: it says why in a line, and a
+hostile server's 500 of gigabytes on a result's route is never read whole. Blobs from
+requesters' URLs have their own loop (``node.inputs``: the task's deadline and
+cancellation), with the same check.
 """
 
 from __future__ import annotations
@@ -19,6 +22,9 @@ from typing import Any, Final
 import httpx
 
 IDENTITY: Final = {"Accept-Encoding": "identity"}
+# What is read of an answer that is not a success: its reason, a JSON object of a line or a
+# proxy's page. The rest is left unread (the connection is closed with it).
+MAX_ERROR_ANSWER: Final = 64 << 10
 
 
 class AnswerRefused(httpx.HTTPError):
@@ -57,6 +63,20 @@ def read(resp: httpx.Response, *, limit: int) -> bytes:
     return bytes(body)
 
 
+def read_head(resp: httpx.Response, *, limit: int) -> bytes:
+    """The first *limit* bytes at most of a streamed answer, as sent; what follows them is
+    not read (closing the answer then closes its connection)."""
+    check_identity(resp)
+    if _in_memory(resp):
+        return resp.content[:limit]
+    head = bytearray()
+    for chunk in resp.iter_raw():
+        head += chunk
+        if len(head) >= limit:
+            break
+    return bytes(head[:limit])
+
+
 def read_into(resp: httpx.Response, sink: Callable[[bytes], object], *, limit: int) -> int:
     """:func:`read`, each chunk handed to *sink* as it comes instead of kept: the body's
     size, which is at most *limit*."""
@@ -87,11 +107,18 @@ def request(
     """Send a request with *client* and return its answer, read by :func:`read` (as
     sent, at most *limit* bytes), as an ``httpx.Response`` with its content. With *sink*,
     a successful (2xx) answer's body goes to *sink* chunk by chunk (:func:`read_into`)
-    and the response returned has none: a body of gigabytes is never held in memory."""
+    and the response returned has none: a body of gigabytes is never held in memory.
+
+    Any other answer (an error, a redirect, a 503 to wait on) keeps only the first
+    :data:`MAX_ERROR_ANSWER` bytes of its body (:func:`read_head`), however large
+    *limit* is: *limit* fits what a success holds (16 GiB for a job's result), and an
+    error's reason is a line."""
     sent = client.build_request(method, url, **kwargs)
     streamed = client.send(sent, stream=True)
     try:
-        if sink is not None and streamed.is_success:
+        if not streamed.is_success:
+            content = read_head(streamed, limit=min(limit, MAX_ERROR_ANSWER))
+        elif sink is not None:
             read_into(streamed, sink, limit=limit)
             content = b""
         else:

@@ -7,6 +7,7 @@ import copy
 import hashlib
 import json
 import math
+import tempfile
 import tracemalloc
 from typing import Any
 
@@ -31,6 +32,8 @@ from tests.coordinator.test_render_jobs import SCENE, H, W, _complete, _render_n
 from tests.models import identity_model
 
 VALUES = [1.5, -2.0]
+# secp256k1's group order: (r, n - s) is the high-s twin of a signature (r, s)
+SECP256K1_N = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
 
 
 @pytest.fixture
@@ -76,12 +79,32 @@ def _lie(running: Running, job: dict[str, Any], how: str) -> audit.JobReport:
         message = eip712.message_from_json("Result", task["typed_data"]["message"])
         sig = eip712.sign_typed(other, "Result", message, chain_id=eip712.DEVNET_CHAIN_ID)
         task["signature"] = "0x" + sig.hex()
-    elif how == "job result":  # a job result other than its task's, with a matching hash
-        forged = real + b"\x00"
+    elif how in ("high s", "v 0 or 1"):  # the node's own signature in another encoding
+        sig = bytes.fromhex(task["signature"][2:])
+        if how == "high s":  # (r, n - s) with the other v: the same signer, twice
+            s = int.from_bytes(sig[32:64], "big")
+            sig = sig[:32] + (SECP256K1_N - s).to_bytes(32, "big") + bytes([55 - sig[64]])
+        else:
+            sig = sig[:64] + bytes([sig[64] - 27])
+        task["signature"] = "0x" + sig.hex()
+    elif how == "domain types":  # types eth-account takes from the protocol, not the answer
+        task["typed_data"]["types"]["EIP712Domain"] = [
+            {"name": "name", "type": "bytes32"},
+            {"name": "version", "type": "bool"},
+            {"name": "chainId", "type": "string"},
+        ]
+    elif how == "extra type":
+        task["typed_data"]["types"]["Extra"] = [{"name": "x", "type": "uint8"}]
+    elif how == "task hash":  # the task's published hash of bytes it does not serve
+        task["result_sha256"] = "00" * 32
+    elif how == "task size":
+        task["result_size"] += 1
+    elif how in ("job result", "longer job result"):  # not its task's, with a matching hash
+        forged = real[:-1] + bytes([real[-1] ^ 1]) if how == "job result" else real + b"\x00"
         job["result_sha256"] = hashlib.sha256(forged).hexdigest()
         fetch_job = lambda: forged  # noqa: E731
     elif how == "job hash":  # the result served does not match the published hash
-        fetch_job = lambda: real + b"\x00"  # noqa: E731
+        fetch_job = lambda: real[:-1] + bytes([real[-1] ^ 1])  # noqa: E731
     return audit.audit_job(job, fetch_task, fetch_job, fetch_manifest=running.client.manifest)
 
 
@@ -94,7 +117,14 @@ def _lie(running: Running, job: dict[str, Any], how: str) -> audit.JobReport:
         ("signed message", "signed message's result_size"),
         ("signature", "the signature recovers to"),
         ("job result", "not equal to its one task's verified result"),
+        ("longer job result", "verified result: longer than its"),
         ("job hash", "not the published result_sha256"),
+        ("high s", "high-s signatures are refused"),
+        ("v 0 or 1", "recovery id v must be 27 or 28"),
+        ("domain types", "the signed message's types are not this protocol's"),
+        ("extra type", "the signed message's types are not this protocol's"),
+        ("task hash", f"its published result_sha256 is {'00' * 32!r}"),
+        ("task size", "its published result_size is"),
     ],
 )
 def test_a_coordinator_that_lies_is_caught(running: Running, rsa_keys, how: str, says: str) -> None:
@@ -332,3 +362,32 @@ def test_verify_command_for_an_unknown_job_is_one_line(running: Running, capsys)
     code = cli.main(["verify", "0" * 8, "--coordinator", running.url])
     err = capsys.readouterr().err
     assert code != 0 and err.count("\n") == 1 and "no job" in err
+
+
+def test_a_training_result_is_replayed_from_its_spooled_file(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A training job's final weights are needed whole by the replay: `verify` streams
+    them into a temporary file and decodes them mapped from it (not copied into memory),
+    and they decode as the bytes sent do."""
+    from nodeclient.workloads import training as tr
+
+    model = tr.ModelSpec.parse([{"type": "Linear", "in": 3, "out": 2}])
+    weights = {k: np.full(shape, 0.25, np.float32) for k, shape in model.parameter_shapes().items()}
+    sent = tr.encode_final(model, weights, [{"round": 0}])
+    decoded: list[dict[str, np.ndarray]] = []
+
+    def replay(_payload: bytes, _job: object, _results: object, data: bytes) -> tuple[bool, str]:
+        final, metrics = tr.decode_final(data, max_bytes=len(data))
+        decoded.append(dict(final))
+        return metrics == [{"round": 0}], "replayed"
+
+    monkeypatch.setattr(audit, "_replay_training", replay)
+    pieces = [sent[i : i + 7] for i in range(0, len(sent), 7)]  # as a connection hands it on
+    streamed = audit.StreamedResult(lambda sink: [sink(piece) for piece in pieces])
+    with tempfile.TemporaryFile() as spool:
+        read = audit._read_job_result(streamed, None, spool)
+        assert (read.size, read.sha256) == (len(sent), hashlib.sha256(sent).hexdigest())
+        assert audit._replay_spooled(b"", {}, {}, spool) == (True, "replayed")
+    (final,) = decoded
+    assert tr.weights_container(final) == tr.weights_container(weights)

@@ -4,12 +4,18 @@
 Nothing the coordinator says is taken on trust. For every task that has a result, its
 raw bytes are fetched (``GET /v1/tasks/{id}/result``) and:
 
-- the proof is recomputed with hashlib: SHA-256(task_id || result || node_id) (2.3.6);
+- the proof is recomputed with hashlib: SHA-256(task_id || result || node_id) (2.3.6),
+  and the task's published ``result_sha256`` and ``result_size``, where given, must be
+  those bytes';
 - the EIP-712 ``Result`` message the node signed (the task's ``typed_data``) must name
   this task, this job, this node, that proof and the result's size, in this protocol's
-  domain (and chain, when one is required);
-- the signature must recover to the task's node_id with eth-account, an implementation
-  independent of this project's own (2.3.7);
+  domain (and chain, when one is required), and the typed data must be exactly what this
+  protocol gives for that message (its ``types``, ``EIP712Domain`` included: eth-account
+  reads the domain's types from the typed data it is given);
+- the signature must be in the one form the protocol accepts (65 bytes, v 27 or 28, low
+  s: a high-s twin, or v 0 or 1, is refused, as the coordinator refuses it) and recover
+  to the task's node_id, with this project's own recovery and again with eth-account,
+  an implementation independent of it (2.3.7);
 - what the node claimed when it was given the task: the signed manifest the task names
   (``manifest_hash``, ``GET /v1/manifests/{hash}``) must hash to that name and verify
   completely (schema, the tier its hardware gives, the RSA-PSS signature, the node's
@@ -18,8 +24,11 @@ raw bytes are fetched (``GET /v1/tasks/{id}/result``) and:
 
 Then the job: a succeeded job's result bytes must hash to its ``result_sha256``, and where
 the job's result is a function of its tasks' results it is derived again here and must be
-equal: a whole job's result is its one task's; a sliced render's is its slices assembled
-in order by the same code the coordinator runs (``workloads/``), which needs the job's
+equal. It is read as it comes (:class:`StreamedResult`), hashed and compared with what it
+must be chunk by chunk, and never read past that length: memory stays bounded whatever a
+coordinator sends (a training job's, which the replay needs whole, is spooled to a
+temporary file). A whole job's result is its one task's; a sliced render's is its slices
+assembled in order by the same code the coordinator runs (``workloads/``), which needs the job's
 parameters, so only when the requester gives the payload it submitted. A training job's
 weights are replayed, given the payload: the coordinator's own round arithmetic
 (``coordinator/rounds.py``) over the verified pseudo-gradients of every round, from the
@@ -28,19 +37,23 @@ job's initial weights, must give them.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
+import mmap
 import sys
+import tempfile
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import IO, Any, cast
 
 from nodeclient.coordinator import classes
 from nodeclient.coordinator.client import NoAnswer, Unreachable
-from nodeclient.errors import ManifestError, NodeClientError, ProtocolError
+from nodeclient.errors import ManifestError, NodeClientError, ProtocolError, SignatureError
 from nodeclient.protocol import eip712, manifest
 from nodeclient.protocol.blobs import SHA256_HEX
+from nodeclient.protocol.secp import parse_signature_hex
 
 # A job's result is derived again from its tasks for these classes (see the module doc).
 _WHOLE = frozenset({"ai.inference"})
@@ -51,6 +64,17 @@ _ASSEMBLE_LIMIT = 1 << 40  # the requester's own payload: no size limit worth en
 
 class AuditError(NodeClientError):
     """A task or job does not verify."""
+
+
+@dataclass(frozen=True)
+class StreamedResult:
+    """A job's result read as it comes (``CoordinatorClient.read_job_result``): *read*
+    hands each chunk of it to the sink it is given. The audit hashes the chunks and
+    compares them with what the result must be as they come, and stops the read (the sink
+    raises) once the result is longer than that: a hostile coordinator's result of
+    gigabytes is neither held in memory nor read whole."""
+
+    read: Callable[[Callable[[bytes], object]], object]
 
 
 def _hex(value: object) -> str:
@@ -70,12 +94,13 @@ def check_task(task: Mapping[str, Any], result: bytes, *, chain_id: int | None =
     try:
         task_bytes = uuid.UUID(str(tid)).bytes
         node_bytes = bytes.fromhex(node[2:])
-        signature = bytes.fromhex(str(task.get("signature", ""))[2:])
-    except ValueError as exc:
+        signature = parse_signature_hex(task.get("signature"))
+    except (ValueError, SignatureError) as exc:
         raise AuditError(f"task {tid}: malformed task_id, node_id or signature") from exc
     proof = "0x" + hashlib.sha256(task_bytes + result + node_bytes).hexdigest()
     if _hex(task["proof"]) != proof:
         raise AuditError(f"task {tid}: the published proof is not SHA-256 of the result bytes")
+    _check_published_result(task, result)
     message = typed.get("message")
     if not isinstance(message, Mapping):
         raise AuditError(f"task {tid}: the signed message is missing")
@@ -100,10 +125,67 @@ def check_task(task: Mapping[str, Any], result: bytes, *, chain_id: int | None =
     for name, (want, got) in expected.items():
         if want != got:
             raise AuditError(f"task {tid}: the signed message's {name} is {got!r}, not {want!r}")
-    signer = _recover(typed, signature)
-    if signer.lower() != node.lower():
-        raise AuditError(f"task {tid}: the signature recovers to {signer}, not {node}")
+    named = chain_id if chain_id is not None else domain.get("chainId")
+    signed, chain = _protocol_result(tid, typed, named)
+    try:  # the protocol's form of a signature: 65 bytes, v 27 or 28, low s (secp)
+        ours = eip712.recover_typed("Result", signed, signature, chain_id=chain)
+    except SignatureError as exc:
+        raise AuditError(
+            f"task {tid}: the signature is not one the protocol accepts ({exc}): the "
+            "coordinator should have refused it"
+        ) from exc
+    signer = _recover(typed, signature)  # eth-account: an implementation not this project's
+    for who in (ours, signer):
+        if who.lower() != node.lower():
+            raise AuditError(f"task {tid}: the signature recovers to {who}, not {node}")
     return signer
+
+
+def _check_published_result(task: Mapping[str, Any], result: bytes) -> None:
+    """The task's published result_sha256 and result_size, where given (a coordinator of
+    this release always gives them), must be those of the result bytes it serves."""
+    tid = task.get("task_id")
+    published = task.get("result_sha256")
+    digest = hashlib.sha256(result).hexdigest()
+    if published is not None and published != digest:
+        raise AuditError(
+            f"task {tid}: its published result_sha256 is {published!r}, but the result "
+            f"bytes served for it hash to {digest!r}"
+        )
+    size = task.get("result_size")
+    if size is not None and (type(size) is not int or size != len(result)):
+        raise AuditError(
+            f"task {tid}: its published result_size is {size!r}, but {len(result)} result "
+            "bytes are served for it"
+        )
+
+
+def _protocol_result(
+    tid: object, typed: Mapping[str, Any], chain: object
+) -> tuple[dict[str, Any], int]:
+    """The task's signed Result message and *chain*, once *typed* is exactly the typed
+    data this protocol gives for it on that chain (``eip712.typed_data_json``): its types
+    (EIP712Domain included), primary type, domain and message, and nothing more.
+    eth-account hashes what the typed data says, types and all, so typed data of other
+    types could make another signature recover to the node."""
+    if not isinstance(chain, int) or isinstance(chain, bool):
+        raise AuditError(f"task {tid}: the signed message names no chain id")
+    try:
+        signed = eip712.message_from_json("Result", typed["message"])
+        want = eip712.typed_data_json("Result", signed, chain_id=chain)
+    except SignatureError as exc:
+        raise AuditError(f"task {tid}: the signed message is not a Result: {exc}") from exc
+    for key in sorted(set(want) | set(typed)):
+        got, then = typed.get(key), want.get(key)
+        if got != then:
+            raise AuditError(
+                f"task {tid}: the signed message's {key} are not this protocol's: "
+                f"{str(got)[:200]}, not {str(then)[:200]}"
+                if key == "types"
+                else f"task {tid}: the signed message's typed data has {key} "
+                f"{str(got)[:200]}, not this protocol's {str(then)[:200]}"
+            )
+    return signed, chain
 
 
 # A manifest's freshness was the coordinator's to check when the node registered; the
@@ -229,7 +311,7 @@ class JobReport:
 def audit_job(
     job: Mapping[str, Any],
     fetch_task_result: Callable[[str], bytes],
-    fetch_job_result: Callable[[], bytes],
+    fetch_job_result: Callable[[], bytes] | StreamedResult,
     *,
     fetch_manifest: Callable[[str], object],
     job_id: str | None = None,
@@ -238,7 +320,9 @@ def audit_job(
     submitted: Mapping[str, object] | None = None,
 ) -> JobReport:
     """Check every task of *job* (GET /v1/jobs/{id}) that has a result, then the job's
-    result. *fetch_manifest*: a node manifest by its hash (GET /v1/manifests/{hash}).
+    result. *fetch_job_result*: the job's result (GET /v1/jobs/{id}/result), as it comes
+    (a :class:`StreamedResult`: ``verify``), or as bytes already in memory (the devnet's
+    small results). *fetch_manifest*: a node manifest by its hash (GET /v1/manifests/{hash}).
     *job_id*: the job asked for, which the answer must be (a coordinator could answer with
     another, genuine job). *chain_id*: the EIP-712 chain every signature must name; by
     default the one the job's first signed task names, so that all of a job's tasks name
@@ -441,51 +525,168 @@ def _audit_task(  # noqa: PLR0911 (one early answer per check)
     return line, data
 
 
+class _TooLong(Exception):
+    """The job's result went past the length it must have: it is not read further."""
+
+
+@dataclass
+class _Read:
+    """What was read of a job's result: its SHA-256 and size; whether it equals the bytes
+    it was compared with, chunk by chunk (None: there were none to compare with); False
+    for *whole* when it went past their length (then neither hash nor size is known)."""
+
+    sha256: str = ""
+    size: int = 0
+    equal: bool | None = None
+    whole: bool = True
+
+
+def _read_job_result(
+    fetch: Callable[[], bytes] | StreamedResult,
+    expected: bytes | None,
+    spool: IO[bytes] | None,
+) -> _Read:
+    """Read the job's result once: hashed, compared with *expected* (when known) as it
+    comes and never read past its length, and written to *spool* (when given, for a
+    replay that needs it whole). Memory holds a chunk at a time, whatever is sent."""
+    digest = hashlib.sha256()
+    got = _Read(equal=None if expected is None else True)
+    want = None if expected is None else memoryview(expected)
+
+    def sink(chunk: bytes) -> None:
+        end = got.size + len(chunk)
+        if want is not None:
+            if end > len(want):
+                raise _TooLong
+            got.equal = got.equal and want[got.size : end] == chunk
+        digest.update(chunk)
+        if spool is not None:
+            spool.write(chunk)
+        got.size = end
+
+    try:
+        if isinstance(fetch, StreamedResult):
+            fetch.read(sink)
+        else:
+            sink(fetch())
+    except _TooLong:
+        got.whole, got.equal = False, False
+        return got
+    got.sha256 = digest.hexdigest()
+    if want is not None and got.size != len(want):
+        got.equal = False  # shorter
+    return got
+
+
 def _check_job_result(
     report: JobReport,
     job: Mapping[str, Any],
     results: Mapping[str, bytes],
-    fetch: Callable[[], bytes],
+    fetch: Callable[[], bytes] | StreamedResult,
     payload: bytes | None,
 ) -> None:
-    data = fetch()
-    digest = hashlib.sha256(data).hexdigest()
-    if digest != job.get("result_sha256"):
-        report.result_ok = False
-        report.result = f"result bytes hash to {digest}, not the published result_sha256"
-        return
+    """Check the job's result against what its verified tasks give. What it must be is
+    derived first, where it can be (an inference job's one task's result, a render's
+    slices assembled), so that the result is compared with it as it is read."""
     done = [t for t in job["tasks"] if t["status"] == "succeeded"]
     done.sort(key=lambda t: (t.get("round") or 0, t["slice_index"]))
     wclass = report.workload_class
-    if not done:
-        report.result_ok = False
-        report.result = "the job lists no succeeded task to derive its result from"
+    derivable = (
+        bool(done)
+        and all(t["task_id"] in results for t in done)
+        and wclass in _WHOLE | _ASSEMBLED | _ROUNDS
+    )
+    meta, expected = _derive(report, job, done, results, payload) if derivable else (None, None)
+    if report.result_ok is False:
         return
-    if any(t["task_id"] not in results for t in done):
-        report.result_ok = False
-        report.result = "result_sha256 matches, but not every succeeded task verified"
-        return
-    if wclass not in _WHOLE | _ASSEMBLED | _ROUNDS:
-        report.result_ok = False
-        report.result = f"workload class {wclass!r} is not one whose result this check derives"
-        return
+    replay = derivable and wclass in _ROUNDS and payload is not None and meta is not None
+    with tempfile.TemporaryFile() if replay else contextlib.nullcontext() as spool:
+        got = _read_job_result(fetch, expected, spool)
+        if not got.whole:
+            report.result_ok = False
+            report.result = (
+                f"not equal to {_derived(report, done)}: longer than its "
+                f"{len(expected or b'')} bytes (not read further)"
+            )
+        elif got.sha256 != job.get("result_sha256"):
+            report.result_ok = False
+            report.result = f"result bytes hash to {got.sha256}, not the published result_sha256"
+        elif not done:
+            report.result_ok = False
+            report.result = "the job lists no succeeded task to derive its result from"
+        elif any(t["task_id"] not in results for t in done):
+            report.result_ok = False
+            report.result = "result_sha256 matches, but not every succeeded task verified"
+        elif not derivable:
+            report.result_ok = False
+            report.result = f"workload class {wclass!r} is not one whose result this check derives"
+        else:
+            _judge(report, job, done, results, got=got, expected=expected, payload=payload,
+                   meta=meta, spool=spool)  # fmt: skip
+
+
+def _derived(report: JobReport, done: list[Mapping[str, Any]]) -> str:
+    """What the job's result must be equal to, in words."""
+    if report.workload_class in _WHOLE:
+        return "its one task's verified result"
+    return f"its {len(done)} verified slices assembled in order"
+
+
+def _derive(
+    report: JobReport,
+    job: Mapping[str, Any],
+    done: list[Mapping[str, Any]],
+    results: Mapping[str, bytes],
+    payload: bytes | None,
+) -> tuple[Any, bytes | None]:
+    """The payload's metadata (None without it) and what the job's result must be, where
+    it is known before it is read: an inference job's one task's result; a render's
+    slices assembled, given the payload. A job that cannot be verified whatever its
+    result (a render job that does not list each slice once) is reported here."""
+    wclass = report.workload_class
     wc = classes.lookup(wclass)
     # The class the coordinator names must be the payload's.
     meta = None if payload is None else wc.validate(payload, _ASSEMBLE_LIMIT)
     if wclass in _WHOLE:
-        same = len(done) == 1 and results[done[0]["task_id"]] == data
+        return meta, results[done[0]["task_id"]] if len(done) == 1 else None
+    if wclass not in _ASSEMBLED or payload is None or meta is None:
+        return meta, None
+    indices = [t["slice_index"] for t in done]  # the coordinator's count, not trusted
+    if len(indices) != int(job["slices"]) or indices != list(range(len(indices))):
+        report.result_ok = False
+        report.result = f"the job does not list each of its {job['slices']} slices once"
+        return meta, None
+    parts = [results[t["task_id"]] for t in done]
+    for part in parts:  # each slice's own signed header: your scene, size and frames
+        wc.check_result(part, meta, _ASSEMBLE_LIMIT)
+    return meta, wc.assemble(parts, meta)
+
+
+def _judge(
+    report: JobReport,
+    job: Mapping[str, Any],
+    done: list[Mapping[str, Any]],
+    results: Mapping[str, bytes],
+    *,
+    got: _Read,
+    expected: bytes | None,
+    payload: bytes | None,
+    meta: Any,
+    spool: IO[bytes] | None,
+) -> None:
+    """The job's result, read whole and hashing to its result_sha256, against what its
+    verified tasks give."""
+    wclass, derived = report.workload_class, _derived(report, done)
+    if wclass in _WHOLE:
+        same = expected is not None and got.equal is True
         report.result_ok = same
-        report.result = (
-            "equal to its one task's verified result"
-            if same
-            else "not equal to its one task's verified result"
-        )
-        if same and payload is not None:  # and produced by the model you sent
+        report.result = f"equal to {derived}" if same else f"not equal to {derived}"
+        if same and expected is not None and payload is not None:  # from the model you sent
             from nodeclient.workloads import inference
 
             request = inference.InferenceRequest.decode(payload)
             inference.decode_result(
-                data, max_bytes=len(data), expected_model_sha256=request.model_sha256,
+                expected, max_bytes=len(expected), expected_model_sha256=request.model_sha256,
                 expected_outputs=request.output_names,
             )  # fmt: skip
             # The signed Result covers the result's bytes, not the input the node was sent.
@@ -495,24 +696,34 @@ def _check_job_result(
             "assemble it from its slices" if wclass in _ASSEMBLED else "replay its rounds"
         )
     elif wclass in _ASSEMBLED:
-        indices = [t["slice_index"] for t in done]  # the coordinator's count, not trusted
-        if len(indices) != int(job["slices"]) or indices != list(range(len(indices))):
-            report.result_ok = False
-            report.result = f"the job does not list each of its {job['slices']} slices once"
-            return
-        parts = [results[t["task_id"]] for t in done]
-        for part in parts:  # each slice's own signed header: your scene, size and frames
-            wc.check_result(part, meta, _ASSEMBLE_LIMIT)
-        again = wc.assemble(parts, meta)
-        report.result_ok = again == data
+        report.result_ok = got.equal is True
         report.result = (
-            f"equal to its {len(done)} verified slices assembled in order"
+            f"equal to {derived}"
             if report.result_ok
-            else f"not equal to its {len(done)} verified slices assembled in order "
-            "(or the payload is not the one submitted)"
+            else f"not equal to {derived} (or the payload is not the one submitted)"
         )
-    else:
-        report.result_ok, report.result = _replay_training(payload, job, results, data)
+    elif spool is not None:
+        report.result_ok, report.result = _replay_spooled(payload, job, results, spool)
+
+
+def _replay_spooled(
+    payload: bytes, job: Mapping[str, Any], results: Mapping[str, bytes], spool: IO[bytes]
+) -> tuple[bool, str]:
+    """:func:`_replay_training` over the job's result as spooled: mapped from its file, so
+    that the final weights are read from the page cache, not copied into memory."""
+    spool.flush()
+    if spool.tell() == 0:  # an empty file cannot be mapped
+        return _replay_training(payload, job, results, b"")
+    data = mmap.mmap(spool.fileno(), 0, access=mmap.ACCESS_READ)
+    try:
+        # A read-only map reads as bytes do where the result is decoded (sliced, and
+        # viewed by numpy without a copy).
+        return _replay_training(payload, job, results, cast(bytes, data))
+    finally:
+        # Arrays still viewing it (held by an exception's traceback) keep it open: it is
+        # then closed when they go.
+        with contextlib.suppress(BufferError):
+            data.close()
 
 
 def _metrics_differ(got: Any, want: Mapping[str, Any]) -> str | None:

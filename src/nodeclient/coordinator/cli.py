@@ -451,14 +451,17 @@ def _submit(client: CoordinatorClient, args: argparse.Namespace) -> int:
         min_tier=args.min_tier, region=args.region, slices=args.slices,
         ram_mb=args.ram_mb, vram_mb=args.vram_mb,
     )  # fmt: skip
-    print(job["job_id"], flush=True)
+    # The id is the coordinator's: printed with any control characters written out, so
+    # that an escape sequence in it never reaches the terminal.
+    shown = printable(job["job_id"])
+    print(shown, flush=True)
     if not args.wait:
         return 0
     try:
         done = _wait(client, job["job_id"], args.timeout)
     except KeyboardInterrupt:
-        print(f"nodeclient-coordinator: interrupted; job {job['job_id']} goes on: "
-              f"follow it with `nodeclient-coordinator job {job['job_id']}`",
+        print(f"nodeclient-coordinator: interrupted; job {shown} goes on: "
+              f"follow it with `nodeclient-coordinator job {shown}`",
               file=sys.stderr)  # fmt: skip
         raise
     if done["status"] != "succeeded":
@@ -479,13 +482,7 @@ def _requester(args: argparse.Namespace) -> int:
         if args.command == "submit":
             return _submit(client, args)
         if args.command == "jobs":
-            listing = client.jobs(status=args.status)
-            with _shape("GET /v1/jobs"):
-                if args.json:
-                    print(json.dumps(listing, indent=2))
-                for j in [] if args.json else printable_tree(listing):
-                    print(f"{j['job_id']}  {j['workload_class']}  {j['status']}")
-            return 0
+            return _jobs(client, args)
         if args.command == "job":
             one = client.job(args.job_id)
             with _shape(f"GET /v1/jobs/{args.job_id}"):
@@ -505,6 +502,20 @@ def _requester(args: argparse.Namespace) -> int:
         return 0
 
 
+def _jobs(client: CoordinatorClient, args: argparse.Namespace) -> int:
+    """List the jobs. Each page is printed as it comes (a long listing shows at once, and
+    what came before a page that fails is shown); --json prints one array, at the end."""
+    listing = client.iter_jobs(status=args.status)
+    with _shape("GET /v1/jobs"):
+        if args.json:
+            print(json.dumps(list(listing), indent=2))
+            return 0
+        for job in listing:
+            j = printable_tree(job)
+            print(f"{j['job_id']}  {j['workload_class']}  {j['status']}", flush=True)
+    return 0
+
+
 def _read_payload(path: Path) -> bytes:
     try:
         return path.read_bytes()
@@ -522,7 +533,8 @@ def _verify(client: CoordinatorClient, args: argparse.Namespace) -> int:
     report = audit.audit_job(
         job,
         client.task_result,
-        lambda: client.raw_job_result(args.job_id),
+        # Read as it comes, checked chunk by chunk: never held whole (audit.StreamedResult).
+        audit.StreamedResult(lambda sink: client.read_job_result(args.job_id, sink)),
         fetch_manifest=client.manifest,
         job_id=args.job_id,
         payload=payload,

@@ -18,7 +18,7 @@ import io
 import ssl
 import time
 import urllib.parse
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Final
 from urllib.parse import urlencode
 
@@ -228,7 +228,7 @@ class CoordinatorClient:
     def cancel_job(self, job_id: str) -> dict[str, Any]:
         """POST /v1/jobs/{job_id}/cancel: the job, failed ("cancelled by the requester"),
         without its tasks; a job that has ended already is a 409."""
-        path = f"/v1/jobs/{job_id}/cancel"
+        path = f"{_job_path(job_id)}/cancel"
         answer = self._json("POST", path, unanswered="it may have been cancelled: look at the job")
         return _job_object(answer, f"POST {path}", tasks=False)
 
@@ -236,28 +236,60 @@ class CoordinatorClient:
         """The job with every task; without *tasks*, the job alone (``?tasks=none``): far
         less for the coordinator to build for a job of many tasks, for a poll that reads
         only its status."""
-        path = f"/v1/jobs/{job_id}" + ("" if tasks else "?tasks=none")
+        path = _job_path(job_id) + ("" if tasks else "?tasks=none")
         return _job_object(self._json("GET", path), f"GET {path}", tasks=tasks)
 
     def jobs(self, *, status: str | None = None, page: int | None = None) -> list[dict[str, Any]]:
-        """Every job (of *status*, if given), oldest first: GET /v1/jobs, page after page
-        (of *page* jobs; the coordinator's default otherwise) as its ``Link: <...>;
-        rel="next"`` headers lead."""
-        out: list[dict[str, Any]] = []
+        """Every job (of *status*, if given), oldest first: :meth:`iter_jobs`, listed."""
+        return list(self.iter_jobs(status=status, page=page))
+
+    def iter_jobs(
+        self, *, status: str | None = None, page: int | None = None
+    ) -> Iterator[dict[str, Any]]:
+        """Every job (of *status*, if given), oldest first, as each page comes: GET
+        /v1/jobs, page after page (of *page* jobs; the coordinator's default otherwise) as
+        its ``Link: <...>; rel="next"`` headers lead. A next page that was read already
+        (a coordinator's bug, or a hostile one) would list the same jobs for ever: it is a
+        RemoteProtocolError, after the jobs of the pages before it."""
         query = {k: v for k, v in (("status", status), ("limit", page)) if v is not None}
         path: str | None = "/v1/jobs" + (f"?{urlencode(query)}" if query else "")
+        read: set[str] = set()
         while path is not None:
+            read.add(path)
             response = self._request("GET", path)
             batch = _decoded(response, path)
             if not isinstance(batch, list):
                 raise RemoteProtocolError(f"coordinator: {path} did not answer a list")
-            out += [_job_object(item, f"GET {path}", tasks=False) for item in batch]
-            path = _next_page(response, self._prefix) if batch else None
-        return out
+            yield from [_job_object(item, f"GET {path}", tasks=False) for item in batch]
+            then = _next_page(response, self._prefix) if batch else None
+            if then in read:
+                raise RemoteProtocolError(
+                    f'coordinator: GET {path}: its Link rel="next" leads to {then}, a page '
+                    "already read, so the listing would never end: it stops here; tell the "
+                    "coordinator's operator"
+                )
+            path = then
 
     def raw_job_result(self, job_id: str) -> bytes:
-        """The job's result bytes as served, unchecked (``audit`` checks them itself)."""
-        return self._request("GET", f"/v1/jobs/{job_id}/result", limit=MAX_JOB_RESULT).content
+        """The job's result bytes as served, unchecked, all in memory (up to
+        MAX_JOB_RESULT): :meth:`read_job_result` hands them on as they come instead."""
+        return self._request("GET", f"{_job_path(job_id)}/result", limit=MAX_JOB_RESULT).content
+
+    def read_job_result(self, job_id: str, sink: Callable[[bytes], object]) -> int:
+        """Stream the job's result bytes as served, unchecked, to *sink* chunk by chunk
+        (at most MAX_JOB_RESULT of them): their size. ``verify`` checks them as they come
+        (``audit``), and stops reading once they are longer than they could rightly be
+        by raising from *sink*: the exception is not caught here."""
+        path = f"{_job_path(job_id)}/result"
+        size = 0
+
+        def counted(chunk: bytes) -> None:
+            nonlocal size
+            size += len(chunk)
+            sink(chunk)
+
+        self._request("GET", path, limit=MAX_JOB_RESULT, sink=counted)
+        return size
 
     def job_result(self, job_id: str) -> bytes:
         """The job's result bytes, checked against the result_sha256 the job publishes."""
@@ -279,7 +311,7 @@ class CoordinatorClient:
             digest.update(chunk)
             write(chunk)
 
-        self._request("GET", f"/v1/jobs/{job_id}/result", limit=MAX_JOB_RESULT, sink=sink)
+        self.read_job_result(job_id, sink)
         expected = self.job(job_id, tasks=False).get("result_sha256")
         actual = digest.hexdigest()
         if actual != expected:
@@ -312,6 +344,13 @@ def _job_object(value: Any, what: str, *, tasks: bool = True, then: str = "") ->
         )
     job: dict[str, Any] = value
     return job
+
+
+def _job_path(job_id: str) -> str:
+    """/v1/jobs/{job_id}, the id one path segment whatever it holds: it may be the
+    coordinator's own answer (``submit --wait`` polls the id it was given), and a ``/``,
+    ``?`` or ``..`` in it must not make it another route of the coordinator's."""
+    return "/v1/jobs/" + urllib.parse.quote(job_id, safe="", errors="surrogatepass")
 
 
 def _next_page(response: httpx.Response, prefix: str = "") -> str | None:
