@@ -160,6 +160,7 @@ class NodeDaemon(LinkClient):
 
     async def run(self) -> int:
         logs.bind_global(node_id=self.node_id)
+        self.outbox.claim(self.node_id)  # another node's (a home started over): exit 78
         self.restore_unstake()
         _raise_open_file_limit()
         unit = service.started_from()  # started by systemd: is its unit this release's?

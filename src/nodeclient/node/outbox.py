@@ -106,6 +106,7 @@ from nodeclient.node.outbox_schema import (
     CommitUncertain,
     OutboxCorrupt,
     OutboxEntry,
+    OutboxOfAnotherNode,
     _decode,
     _decode_all,
     _entry,
@@ -123,6 +124,7 @@ __all__ = [
     "Outbox",
     "OutboxCorrupt",
     "OutboxEntry",
+    "OutboxOfAnotherNode",
     "Retention",
     "read_history",
 ]
@@ -927,6 +929,30 @@ class Outbox:
     def tallies(self) -> dict[str, int]:
         """The TALLIES totals, since the outbox was made."""
         return dict(self._tally)
+
+    def claim(self, node_id: str) -> None:
+        """Record this outbox as *node_id*'s, or refuse it as another node's
+        (:class:`OutboxOfAnotherNode`): a node started over in the same home (new keys,
+        the old outbox kept) would otherwise take the old node's unstake as its own (and
+        stay UNSTAKING), show its history and totals, and send its unacknowledged results
+        over its own link. An outbox from before owners were recorded is its rows' signer's
+        (the node_id of its latest signed message), or, with none, *node_id*'s."""
+        with self._lock, self._transaction():
+            row = self._db.execute("SELECT node_id FROM outbox_owner").fetchone()
+            owner = str(row[0]) if row is not None else self._latest_signer()
+            if owner is not None and owner.lower() != node_id.lower():
+                raise OutboxOfAnotherNode(self.path, owner=owner, node_id=node_id)
+            if row is None:
+                self._db.execute("INSERT INTO outbox_owner (node_id) VALUES (?)", (node_id,))
+
+    def _latest_signer(self) -> str | None:
+        """The node_id its latest message names, if it names one (damaged: None)."""
+        row = self._db.execute("SELECT message FROM outbox ORDER BY rowid DESC LIMIT 1").fetchone()
+        try:
+            node_id = json.loads(row[0]).get("node_id") if row is not None else None
+        except (TypeError, ValueError, AttributeError):
+            return None
+        return node_id if isinstance(node_id, str) else None
 
     def unstake(self, coordinator_url: str) -> tuple[str, int] | None:
         """(coordinator_id, end of the cooldown) of the unstake the coordinator at

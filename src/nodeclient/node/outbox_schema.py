@@ -10,6 +10,7 @@ index.
 from __future__ import annotations
 
 import json
+import shlex
 import sqlite3
 import uuid
 from dataclasses import dataclass
@@ -61,6 +62,9 @@ CREATE TABLE IF NOT EXISTS outbox_tally (  -- status totals that no row records
 );
 CREATE TABLE IF NOT EXISTS outbox_foreign (  -- result files there when the database was
     name           TEXT PRIMARY KEY            -- created: another database's, never swept
+);
+CREATE TABLE IF NOT EXISTS outbox_owner (  -- the node whose results these are (one row)
+    node_id        TEXT PRIMARY KEY
 );
 CREATE TABLE IF NOT EXISTS node_unstake (  -- an unstake a coordinator confirmed (2.3.8)
     coordinator_url TEXT PRIMARY KEY,       -- the daemon's --coordinator
@@ -194,6 +198,22 @@ class _RowDamaged(OutboxCorrupt, ValueError):
 
 class OutboxTooNew(NeedsOperator):
     """The outbox was written by a newer release (exit 78: restarting cannot help)."""
+
+
+class OutboxOfAnotherNode(NeedsOperator):
+    """The outbox is another node's: the home's keys were replaced (a node started over in
+    the same home) and its outbox kept (exit 78: restarting cannot help)."""
+
+    def __init__(self, path: Path, *, owner: str, node_id: str) -> None:
+        aside = shlex.quote(str(path.with_name(f"outbox.{owner[:10]}")))
+        super().__init__(
+            f"{path} is the outbox of node {owner}, and this home's keys are node {node_id}'s "
+            "(a node started over in this home): move that outbox aside, e.g. `mkdir "
+            f"{aside} && mv {shlex.quote(str(path))}* {aside}/`, and keep it (it may hold "
+            f"{owner}'s signed results not yet acknowledged, which that node's keys send "
+            "when they run with it again); `nodeclient run` then starts a new outbox. Or, "
+            f"if this home should still be {owner}, put back its keys"
+        )
 
 
 def _decode_all(rows: list[tuple[Any, ...]], damaged: list[str] | None) -> list[OutboxEntry]:

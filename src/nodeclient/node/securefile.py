@@ -62,7 +62,8 @@ MISSING_FIX: Final = "run `nodeclient init` (or restore it from backup)"
 # or the node starts over with a new identity.
 START_OVER: Final = (
     "to start over as a new node (a new node_id), move node.key, liveness.key, "
-    "payload.key, config.toml and wallet_proof.json out of the home"
+    "payload.key, config.toml, wallet_proof.json and the outbox (outbox.db and the files "
+    "beside it whose names start with it) out of the home"
 )
 MISSING_IN_HOME_FIX: Final = (
     f"restore it from your backup; or, {START_OVER}, then run `nodeclient init`"
