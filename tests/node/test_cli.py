@@ -103,8 +103,9 @@ def test_bad_input_one_line_no_traceback_no_change(
     assert out.returncode != 0
     assert "Traceback" not in out.stderr
     assert needle in out.stderr
-    # One line (argparse puts its usage, perhaps wrapped, above its own).
-    said = [line for line in out.stderr.splitlines() if not line.startswith(("usage:", " "))]
+    # One line (argparse puts its usage, perhaps wrapped, above its own; `run` logs its
+    # error as a JSON event too, for a reader of its log).
+    said = [line for line in out.stderr.splitlines() if not line.startswith(("usage:", " ", "{"))]
     assert len(said) == 1 and needle in said[0], out.stderr
     assert snapshot(home) == before
 
@@ -176,6 +177,12 @@ def test_config_cannot_raise_parallelism(home: Path) -> None:
     cfg.write_text(cfg.read_text() + "max_parallel_subtasks = 100000\n")
     out = run_cli("manifest", "--home", str(home))
     assert out.returncode != 0 and "max_parallel_subtasks" in out.stderr
+
+
+def without_log_events(err: str) -> str:
+    """stderr without the JSON log's events: `run` logs the error that stops it as one
+    (daemon.fatal) besides its line."""
+    return "".join(line for line in err.splitlines(keepends=True) if not line.startswith("{"))
 
 
 def one_error_line(err: str) -> str:
@@ -680,7 +687,7 @@ def test_malformed_coordinator_flag_is_one_line(
     """--coordinator 'http://[::1' is a one-line usage error naming the flag, exit 2."""
     capsys.readouterr()
     assert main([command, "--home", str(home), "--coordinator", MALFORMED_URL]) == 2
-    line = one_error_line(capsys.readouterr().err)
+    line = one_error_line(without_log_events(capsys.readouterr().err))
     assert f"--coordinator {MALFORMED_URL!r} is not a valid URL" in line
 
 
@@ -757,7 +764,7 @@ def test_run_heartbeat_interval_out_of_range_is_refused(
     capsys.readouterr()
     args = ["run", "--home", str(home), "--coordinator", "http://127.0.0.1:9"]
     assert main([*args, "--heartbeat-interval", value]) == 2
-    line = one_error_line(capsys.readouterr().err)
+    line = one_error_line(without_log_events(capsys.readouterr().err))
     assert "--heartbeat-interval must be between 0.05 and 300 seconds" in line
 
 
@@ -979,3 +986,39 @@ def test_run_signs_its_link_with_the_liveness_key_its_manifest_names(
     monkeypatch.setattr(daemon_module, "NodeDaemon", Captured)
     assert main(["run", "--home", str(home), "--coordinator", "http://127.0.0.1:9"]) == 0
     assert made["manifest"]["liveness_address"] == made["liveness_key"].address
+
+
+# --- init --coordinator: the daemon has a coordinator to go to --------------------------------
+
+
+def test_init_writes_the_coordinator_given(tmp_path: Path) -> None:
+    """`init --coordinator URL` writes it into config.toml (trailing slash dropped, as
+    `run --coordinator` takes it): a daemon started with no flag, as the systemd unit
+    starts it, then has a coordinator instead of exiting at every start."""
+    from nodeclient.node.config import load_config
+
+    h = tmp_path / "h"
+    argv = ["init", "--home", str(h), "--wallet", WALLET]
+    assert main([*argv, "--coordinator", "https://coordinator.example.net/"]) == 0
+    assert load_config(h).coordinator == "https://coordinator.example.net"
+    assert 'coordinator = "https://coordinator.example.net"\n' in (h / "config.toml").read_text()
+
+
+def test_init_without_a_coordinator_says_how_to_set_one(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["init", "--home", str(tmp_path / "h"), "--wallet", WALLET]) == 0
+    out = capsys.readouterr().out
+    assert 'coordinator = "https://' in out and "config.toml" in out
+
+
+def test_init_refuses_a_malformed_coordinator_before_making_keys(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Checked as run's --coordinator is, before anything is written."""
+    h = tmp_path / "h"
+    argv = ["init", "--home", str(h), "--wallet", WALLET, "--coordinator", MALFORMED_URL]
+    assert main(argv) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert f"--coordinator {MALFORMED_URL!r} is not a valid URL" in line
+    assert not h.exists() or list(h.iterdir()) == []

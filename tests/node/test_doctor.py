@@ -7,6 +7,7 @@ threshold above the free space there actually is.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -16,6 +17,7 @@ from collections.abc import Iterator
 from email.utils import formatdate
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -292,7 +294,7 @@ def test_without_the_sandbox_render_is_reported_not_served(
     offer media.render: doctor says so (WARN, with why) rather than OK."""
     failed = doctor.Check("sandbox", Level.WARN, "bwrap cannot create namespaces")
     monkeypatch.setattr(doctor, "check_sandbox", lambda **_kw: failed)
-    monkeypatch.setattr(doctor, "check_coordinator", lambda _url: [])
+    monkeypatch.setattr(doctor, "check_coordinator", lambda _url, **_: [])
     # A CPU node, whatever this machine has: slots with GPUs would not be offered
     # ai.inference by a CPU build of onnxruntime.
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
@@ -521,7 +523,75 @@ def test_doctor_checks_the_link_once_the_coordinator_answers(
     reached is one FAIL, not two."""
     reach = doctor.Check("coordinator", reached, "as the test says")
     link = doctor.Check("link", Level.FAIL, "426")
-    monkeypatch.setattr(doctor, "check_coordinator", lambda _url: [reach])
+    monkeypatch.setattr(doctor, "check_coordinator", lambda _url, **_: [reach])
     monkeypatch.setattr(doctor, "check_link", lambda _url: link)
     checks = doctor.run_all(tmp_path, coordinator="https://c.example", allow_unsandboxed=True)
     assert (link in checks) is (reached is Level.OK)
+
+
+# --- what `run` refuses to start with, doctor FAILs with the same words ------------------------
+
+
+def _run_refuses(home: Path, capsys: pytest.CaptureFixture[str]) -> str:
+    """The error `nodeclient run` stops with on *home*, before it would link."""
+    capsys.readouterr()
+    argv = ["run", "--home", str(home), "--coordinator", f"http://127.0.0.1:{free_port()}"]
+    assert main([*argv, "--log-format", "text"]) == 2
+    (line,) = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("nodeclient: ")]
+    return line.removeprefix("nodeclient: error: ")
+
+
+def _doctor_checks(home: Path, capsys: pytest.CaptureFixture[str]) -> tuple[int, dict[str, Any]]:
+    capsys.readouterr()
+    rc = main(["doctor", "--home", str(home), "--json"])
+    return rc, {c["check"]: c for c in json.loads(capsys.readouterr().out)}
+
+
+def test_a_wallet_proof_for_another_wallet_fails_as_run_refuses_it(
+    home: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """wallet_proof.json made for one wallet, then config.toml changed to another: `run`
+    refuses to start (exit 2), and doctor, which said nothing, FAILs with run's words."""
+    from nodeclient.protocol.secp import Secp256k1Key
+
+    wallet_key = Secp256k1Key.generate()
+    key_file = tmp_path / "wallet.key"
+    key_file.write_text(wallet_key.to_hex())
+    key_file.chmod(0o600)
+    _set_config(home, wallet_address=wallet_key.address, allow_unsandboxed=True)
+    assert main(["wallet-proof", "--home", str(home), "--wallet-key", str(key_file)]) == 0
+    _set_config(home, wallet_address="0x" + "22" * 20, allow_unsandboxed=True)
+    refused = _run_refuses(home, capsys)
+    assert "wallet_proof.json is not a proof for wallet 0x" in refused
+    rc, checks = _doctor_checks(home, capsys)
+    assert rc == 2, checks
+    assert (
+        checks["wallet proof"]["level"] == "FAIL" and checks["wallet proof"]["summary"] == refused
+    )
+    assert "nodeclient wallet-proof" in checks["wallet proof"]["fix"]
+    _set_config(home, wallet_address=wallet_key.address, allow_unsandboxed=True)
+    _, checks = _doctor_checks(home, capsys)  # the wallet it was made for: fine again
+    assert checks["wallet proof"]["level"] == "OK", checks
+
+
+def test_a_max_parallel_subtasks_over_the_hardware_fails_as_run_refuses_it(
+    home: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """More slots configured than this machine allows: `run` refuses to start (exit 2),
+    and doctor FAILs with run's words (it was green)."""
+    _set_config(home, max_parallel_subtasks=100_000, allow_unsandboxed=True)
+    refused = _run_refuses(home, capsys)
+    assert refused.startswith("max_parallel_subtasks must be from 1 to ")
+    rc, checks = _doctor_checks(home, capsys)
+    assert rc == 2, checks
+    assert checks["parallelism"]["level"] == "FAIL" and checks["parallelism"]["summary"] == refused
+    assert str(home / "config.toml") in checks["parallelism"]["fix"]
+    _set_config(home, max_parallel_subtasks=1, allow_unsandboxed=True)
+    _, checks = _doctor_checks(home, capsys)
+    assert checks["parallelism"]["level"] == "OK", checks
+
+
+def _set_config(home: Path, **settings: Any) -> None:
+    """Write config.toml afresh, with *settings* over the fixture's wallet."""
+    (home / "config.toml").unlink()
+    write_config(home, NodeConfig(**{"wallet_address": "0x" + "11" * 20, **settings}))

@@ -614,3 +614,78 @@ def test_output_names_systemd_loads_are_written_and_quoted(
     assert ["systemctl", "enable", "--now", name] in commands
     assert commands[-1][:4] == ["sudo", "-u", "nodeclient", str(exe)]
     assert sorted(p.name for p in units.iterdir()) == sorted([longest, name])
+
+
+# --- the unit's daemon needs a coordinator: config.toml is where it finds one ------------------
+
+
+def test_the_init_step_names_the_coordinator(tmp_path: Path, capsys) -> None:
+    """The unit's ExecStart= has no --coordinator: the printed init writes one into
+    config.toml (before, the steps made a home that names none, and the unit exited at
+    every start, restarted every 10 s)."""
+    home = f"/var/lib/nodeclient-absent-{os.getpid()}"  # no config.toml there yet
+    rc, _ = install(tmp_path, "--home", home)
+    out = capsys.readouterr().out
+    assert rc == 0
+    (init,) = [line for line in out.splitlines() if " init " in line]
+    assert f"init --home {home} --wallet 0x... --coordinator https://" in init
+
+
+@pytest.fixture
+def unit_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The unit's node home, here (a real one is under /var/lib): `service install` reads
+    its config.toml from this directory."""
+    home = tmp_path / "unit-home"
+    home.mkdir(mode=0o700)
+    read = service.read_home_config
+    monkeypatch.setattr(service, "read_home_config", lambda _home: read(home))
+    return home
+
+
+def _config(home: Path, *lines: str) -> Path:
+    path = home / "config.toml"
+    path.write_text("\n".join(['wallet_address = "0x1111111111111111111111111111111111111111"',
+                               *lines]) + "\n")  # fmt: skip
+    path.chmod(0o600)
+    return path
+
+
+def test_a_home_whose_config_names_no_coordinator_is_warned_about(
+    tmp_path: Path, unit_home: Path, capsys
+) -> None:
+    """An initialised home without a coordinator: the unit is written (it is harmless
+    until enabled), with a warning and a step that say what to set, and where; init,
+    which would refuse an initialised home, is not among the steps."""
+    cfg = _config(unit_home, '# coordinator = "https://coordinator.example.net"')
+    rc, path = install(tmp_path / "out")
+    captured = capsys.readouterr()
+    assert rc == 0 and path.exists()
+    assert captured.err.startswith(f"nodeclient: warning: {cfg} names no coordinator")
+    assert 'coordinator = "https://' in captured.err
+    (step,) = [line for line in captured.out.splitlines() if str(cfg) in line]
+    assert 'coordinator = "https://' in step
+    assert " init " not in captured.out
+
+
+def test_a_home_whose_config_names_a_coordinator_needs_no_step(
+    tmp_path: Path, unit_home: Path, capsys
+) -> None:
+    _config(unit_home, 'coordinator = "https://coordinator.example.net"')
+    rc, _ = install(tmp_path / "out")
+    captured = capsys.readouterr()
+    assert rc == 0 and captured.err == ""
+    assert " init " not in captured.out and "coordinator" not in captured.out
+    assert "systemctl enable --now nodeclient.service" in captured.out
+
+
+@pytest.mark.parametrize(
+    "line", ['coordinator = "ftp://coordinator.example.net"', "coordinator = 5", "coordinator ="]
+)
+def test_a_coordinator_the_daemon_would_refuse_is_warned_about(
+    tmp_path: Path, unit_home: Path, capsys, line: str
+) -> None:
+    cfg = _config(unit_home, line)
+    rc, _ = install(tmp_path / "out")
+    err = capsys.readouterr().err
+    assert rc == 0 and err.startswith(f"nodeclient: warning: {cfg}: ")
+    assert 'set coordinator = "https://' in err

@@ -177,8 +177,10 @@ def test_the_daemon_refuses_at_start_a_ca_file_that_cannot_be_read(
     args = ["run", "--home", str(home), "--coordinator", "https://127.0.0.1:9"]
     assert main([*args, "--heartbeat-interval", "0"]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1
-    assert err.startswith(f"nodeclient: error: {tlstrust.CA_FILE_ENV}={tmp_path / 'missing.pem'}: ")
+    # the plain line; the JSON log's daemon.fatal event says the same
+    (line,) = [ln for ln in err.splitlines() if not ln.startswith("{")]
+    assert line.startswith(f"nodeclient: error: {tlstrust.CA_FILE_ENV}={tmp_path / 'missing.pem'}: ")
+    assert json.loads(err.splitlines()[0])["event"] == "daemon.fatal"
 
 
 def test_unstake_trusts_the_ca_file_and_a_refusal_says_what_to_do(

@@ -190,8 +190,12 @@ def cmd_devnet(args: argparse.Namespace) -> int:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
+    from nodeclient import logs
     from nodeclient.node import doctor
 
+    # The hardware probe logs what it finds (a GPU probe that failed), as `manifest` does:
+    # as text on stderr, apart from the report on stdout.
+    logs.configure(fmt="text")
     try:
         home = home_dir(args)
         config = load_config(home)
@@ -202,6 +206,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         home,
         coordinator=coordinator_option(args, config, daemon_home=home),
         allow_unsandboxed=config.allow_unsandboxed,
+        config=config,
     )
     if args.json:
         print(json.dumps([c.to_json() for c in checks], indent=2))
@@ -236,7 +241,12 @@ def cmd_service_install(args: argparse.Namespace) -> int:
             "/opt/nodeclient/bin/nodeclient"
         )
     path = service.write_unit(Path(args.output), service.render_unit(opts))
-    print("\n".join(service.next_steps(path, opts)))
+    found = service.read_home_config(opts.home)
+    # Written all the same: the unit is harmless until enabled, and the step says what to do.
+    warning = service.coordinator_warning(found, path)
+    if warning is not None:
+        print(f"nodeclient: warning: {printable(warning)}", file=sys.stderr)
+    print("\n".join(service.next_steps(path, opts, found)))
     return 0
 
 
@@ -282,6 +292,12 @@ def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915 (one block per c
     )
     p.add_argument(
         "--chain-id", type=int, default=31337, help="EIP-712 chain id (default: devnet 31337)"
+    )
+    p.add_argument(
+        "--coordinator",
+        metavar="URL",
+        help="coordinator base URL, written to config.toml (needed by a daemon started "
+        "without --coordinator, as the systemd unit starts it)",
     )
     p.add_argument(
         "--encrypt",

@@ -22,11 +22,17 @@ from nodeclient import __version__
 from nodeclient.errors import KeyFileError, UsageError
 from nodeclient.node import keys, securefile, wallet
 from nodeclient.node.cli_options import home_dir, passphrase_source
-from nodeclient.node.config import NodeConfig, load_config, write_config
+from nodeclient.node.config import (
+    CONFIG_FILE,
+    NodeConfig,
+    check_coordinator_url,
+    load_config,
+    write_config,
+)
 from nodeclient.protocol.secp import Secp256k1Key
 
 if TYPE_CHECKING:
-    from nodeclient.node.hardware import HardwareInfo
+    from nodeclient.node.hardware import GpuProbe, HardwareInfo
 
 log = logging.getLogger("nodeclient.node")
 
@@ -43,8 +49,19 @@ def cmd_init(args: argparse.Namespace) -> int:
     or an existing config.toml.
     """
     _refuse_passphrase_without_encrypt(args)
+    # Checked as run's --coordinator is, before the home or a key is made.
+    coordinator = (
+        check_coordinator_url(args.coordinator, name="--coordinator").rstrip("/")
+        if args.coordinator
+        else None
+    )
     home = home_dir(args, create=True)
-    config = NodeConfig(wallet_address=args.wallet, region=args.region, chain_id=args.chain_id)
+    config = NodeConfig(
+        wallet_address=args.wallet,
+        region=args.region,
+        chain_id=args.chain_id,
+        coordinator=coordinator,
+    )
     if securefile.initialised(home):
         raise UsageError(
             f"{home / 'config.toml'} already exists: this home is initialised (`nodeclient "
@@ -82,6 +99,13 @@ def cmd_init(args: argparse.Namespace) -> int:
     print(f"  liveness address  {info.liveness_address}")
     print(f"  payload key       {info.rsa_fingerprint}")
     print(f"  node.key          {'encrypted keystore (scrypt)' if info.encrypted else 'plaintext'}")
+    if coordinator is None:  # `run` without --coordinator (the systemd unit's) stops at once
+        print(
+            f'  coordinator       none: set coordinator = "https://..." in {home / CONFIG_FILE}, '
+            "or give `nodeclient run` --coordinator URL"
+        )
+    else:
+        print(f"  coordinator       {coordinator}")
     print("next: `nodeclient manifest` shows the signed capability manifest")
     return 0
 
@@ -162,10 +186,11 @@ def cmd_keys_rotate(args: argparse.Namespace) -> int:
     return 0
 
 
-def probe_local_hardware() -> HardwareInfo:
-    """Probe this machine's CPU and GPUs; a GPU probe that failed (a timeout, a driver
-    error, a card the node refuses) is logged as ``hardware.gpu_probe_failed``, since the
-    node then declares no GPU. No driver at all is a CPU-only machine, not a failure.
+def probe_local_hardware(gpu: GpuProbe | None = None) -> HardwareInfo:
+    """Probe this machine's CPU and GPUs (*gpu*: the GPU probe's answer, where the caller
+    has it already); a GPU probe that failed (a timeout, a driver error, a card the node
+    refuses) is logged as ``hardware.gpu_probe_failed``, since the node then declares no
+    GPU. No driver at all is a CPU-only machine, not a failure.
 
     Cards whose device files CUDA needs are missing (``/dev/nvidia-uvm``, say: NVML finds
     the cards without it) count as such a failure: the node serves without its GPUs, its
@@ -174,7 +199,11 @@ def probe_local_hardware() -> HardwareInfo:
 
     from nodeclient.node import hardware, sandbox
 
-    hw = hardware.probe_hardware()
+    hw = (
+        hardware.probe_hardware()
+        if gpu is None
+        else hardware.HardwareInfo(cpu=hardware.probe_cpu(), gpu=gpu)
+    )
     problem = sandbox.gpu_nodes_problem(device.minor for device in hw.gpu.per_device)
     if problem is not None:
         summary, fix = problem
@@ -210,13 +239,10 @@ def build_local_manifest(
     from nodeclient.node import sandbox
     from nodeclient.node.runtimes import usable_workload_classes
     from nodeclient.protocol import manifest as mf
-    from nodeclient.protocol import tier
 
     hw = probe_local_hardware() if hardware is None else hardware
     cpu, gpu = hw.cpu.to_manifest(), hw.gpu.to_manifest()
-    slots = tier.effective_parallelism(
-        tier.max_parallel_subtasks(cpu, gpu), config.max_parallel_subtasks
-    )
+    slots = declared_parallelism(config, hw)
     if sandboxed is None:
         sandboxed = sandbox.probe()[0]
     usable = usable_workload_classes(sandboxed=sandboxed, gpus=bool(hw.gpu.per_device))
@@ -228,12 +254,7 @@ def build_local_manifest(
         if not ok:
             log.log(level, "workload.not_offered", extra={"workload_class": name, "reason": why})
     node_key = node_key or keys.load_node_key(home, passphrase=passphrase)
-    proof = wallet.load_proof(
-        home,
-        wallet_address=config.wallet_address,
-        node_id=node_key.address,
-        chain_id=config.chain_id,
-    )
+    proof = stored_wallet_proof(home, config, node_id=node_key.address)
     return mf.build_manifest(
         node_key=node_key,
         liveness_address=(liveness_key or keys.load_liveness_key(home)).address,
@@ -248,6 +269,28 @@ def build_local_manifest(
         issued_at=int(time.time()) if now is None else now,
         chain_id=config.chain_id,
         wallet_proof=proof,
+    )
+
+
+def declared_parallelism(config: NodeConfig, hw: HardwareInfo) -> int:
+    """How many tasks at a time the manifest declares: what the hardware *hw* allows,
+    lowered by config.toml's ``max_parallel_subtasks``; one outside 1..that is a
+    UsageError naming the range. ``nodeclient doctor`` reports the same error, found the
+    same way, so that it is not green where ``run`` refuses to start."""
+    from nodeclient.protocol import tier
+
+    return tier.effective_parallelism(hw.max_parallel_subtasks, config.max_parallel_subtasks)
+
+
+def stored_wallet_proof(home: Path, config: NodeConfig, *, node_id: str) -> dict[str, Any] | None:
+    """The wallet proof the manifest carries (None: none stored); one that is not for
+    config.toml's wallet and chain and this *node_id* is a UsageError saying what to do,
+    which ``nodeclient doctor`` reports as it is."""
+    return wallet.load_proof(
+        home,
+        wallet_address=config.wallet_address,
+        node_id=node_id,
+        chain_id=config.chain_id,
     )
 
 
@@ -312,6 +355,11 @@ def cmd_wallet_proof(args: argparse.Namespace) -> int:
 
 
 def cmd_manifest(args: argparse.Namespace) -> int:
+    from nodeclient import logs
+
+    # What the probes find (a GPU probe that failed, a class left out) is logged: as text
+    # on stderr, with its fields, not bare through Python's last-resort handler.
+    logs.configure(fmt="text")
     home = home_dir(args)
     config = load_config(home)
     hw = probe_local_hardware()

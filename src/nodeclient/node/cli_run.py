@@ -4,6 +4,8 @@ outbox and, opt-in, the Prometheus metrics endpoint (2.3.8).
 Everything that can be checked before the daemon starts is: the coordinator URL, the
 heartbeat interval, the sandbox, the GPU device files and the outbox, each failure one
 line on stderr. A damaged outbox exits 78, which the systemd unit does not restart on.
+With JSON logs, whatever stops the daemon (at its start or later: a refused registration)
+is also a ``daemon.fatal`` event, so that what reads the log alone learns why.
 
 The slots get the cards the GPU probe kept (``GpuProbe.per_device``: NVML's order, or the
 daemon's ``CUDA_VISIBLE_DEVICES``), the very cards the manifest declares.
@@ -35,7 +37,24 @@ if TYPE_CHECKING:
     from nodeclient.node.outbox import Outbox
 
 
+log = logging.getLogger("nodeclient.node")
+
+
 def cmd_run(args: argparse.Namespace) -> int:
+    from nodeclient import logs
+
+    logs.configure(fmt=args.log_format)
+    try:
+        return _run(args)
+    except NodeClientError as exc:
+        # The plain line (cli.main) is for a terminal; a JSON log's reader, the journal
+        # under the systemd unit, gets the event, with node_id once it is bound.
+        if args.log_format == "json":
+            log.error("daemon.fatal", extra={"error": str(exc), "exit_status": exc.exit_code})
+        raise
+
+
+def _run(args: argparse.Namespace) -> int:
     import asyncio
 
     from nodeclient import logs
@@ -47,21 +66,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     from nodeclient.node.metrics import GpuSampler, NodeMetrics
     from nodeclient.node.outbox import Retention
 
-    logs.configure(fmt=args.log_format)
     home = home_dir(args)
     config = load_config(home)
     metrics_address = args.metrics_address or config.metrics_address
     url = resolve_coordinator_url(args, config)
     tlstrust.client_context()  # a NODECLIENT_CA_FILE that cannot be read: one line, now
-    if (cleartext := tlstrust.cleartext_warning(url)) is not None:
-        logging.getLogger("nodeclient.node").warning(
-            "link.cleartext", extra={"coordinator": url, "hint": cleartext}
-        )
-    heartbeat_interval = checked_heartbeat_interval(args, config)
     passphrase = passphrase_source(args)
     node_key = keys.load_node_key(home, passphrase=passphrase)
-    # On every event from here, the outbox's at its opening (orphans removed) included.
+    # On every event from here, the outbox's at its opening (orphans removed) included,
+    # and the warning below: before anything is sent, and before the checks that follow.
     logs.bind_global(node_id=node_key.address)
+    if (cleartext := tlstrust.cleartext_warning(url)) is not None:
+        log.warning("link.cleartext", extra={"coordinator": url, "hint": cleartext})
+    heartbeat_interval = checked_heartbeat_interval(args, config)
     # 2.3.5: no working bubblewrap and no allow_unsandboxed -> UsageError, one line, exit 2
     mode = sandbox.choose_mode(allow_unsandboxed=config.allow_unsandboxed)
     # Loaded once: the manifest's liveness address and the key the link signs with are

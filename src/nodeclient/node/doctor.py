@@ -29,10 +29,11 @@ from typing import TYPE_CHECKING, Any, Final
 
 from nodeclient import httpbody, tlstrust
 from nodeclient.errors import KeyFileError, KeystoreError, UsageError
-from nodeclient.node import keys, sandbox, securefile
+from nodeclient.node import keys, sandbox, securefile, wallet
+from nodeclient.node.config import CONFIG_FILE, NodeConfig
 
 if TYPE_CHECKING:
-    from nodeclient.node.hardware import GpuProbe
+    from nodeclient.node.hardware import GpuProbe, HardwareInfo
 
 _GIB: Final = 1 << 30
 DISK_WARN_BYTES: Final = 5 * _GIB
@@ -310,10 +311,16 @@ def server_time(headers: Mapping[str, str], body: Any) -> float | None:
 
 
 def check_coordinator(
-    url: str | None, *, timeout: float = 5.0, clock: Callable[[], float] = time.time
+    url: str | None,
+    *,
+    chain_id: int | None = None,
+    home: Path | None = None,
+    timeout: float = 5.0,
+    clock: Callable[[], float] = time.time,
 ) -> list[Check]:
     """Reachability (GET /healthz) and clock skew against the coordinator's clock, after a
-    warning for a plain http:// URL to another host (tlstrust.cleartext_warning)."""
+    warning for a plain http:// URL to another host (tlstrust.cleartext_warning); with
+    *chain_id* and *home* (config.toml's), that /healthz names the same chain id."""
     import httpx
 
     if not url:
@@ -374,6 +381,8 @@ def check_coordinator(
     out.append(
         Check("coordinator", Level.OK, f"{url} answers in {1000 * (received - sent):.0f} ms")
     )
+    if chain_id is not None and home is not None:
+        out.extend(_chain_id(chain_id, body, home))
     theirs = server_time(resp.headers, body)
     if theirs is None:
         out.append(
@@ -402,8 +411,91 @@ def check_coordinator(
     return out
 
 
-def run_all(home: Path, *, coordinator: str | None, allow_unsandboxed: bool) -> list[Check]:
-    """Every check, in the order an operator would fix them."""
+def _chain_id(ours: int, health: Any, home: Path) -> list[Check]:
+    """The coordinator's chain id (in its /healthz answer) against config.toml's: the
+    daemon's own words where they differ (link.chain_id_mismatch); nothing where the
+    coordinator names none (one from before it did)."""
+    from nodeclient.node.link import chain_id_mismatch
+
+    theirs = health.get("chain_id") if isinstance(health, dict) else None
+    if isinstance(theirs, bool) or not isinstance(theirs, int):
+        return []
+    mismatch = chain_id_mismatch(ours, health, home=home)
+    if mismatch is not None:
+        return [Check("chain_id", Level.FAIL, *mismatch)]
+    return [Check("chain_id", Level.OK, f"{ours}, the coordinator's")]
+
+
+def check_node_settings(home: Path, config: NodeConfig, hw: HardwareInfo) -> list[Check]:
+    """What ``nodeclient run`` refuses to start with, found as it finds it (cli_keys) and
+    said in its words: more tasks at a time than this machine allows, and a stored wallet
+    proof that is not for config.toml's wallet and chain and this node."""
+    from nodeclient.node.cli_keys import declared_parallelism, stored_wallet_proof
+
+    config_path = shlex.quote(str(home / CONFIG_FILE))
+    bound = hw.max_parallel_subtasks
+    try:
+        slots = declared_parallelism(config, hw)
+        allowed = f"{slots} at a time (this machine allows {bound})"
+        checks = [Check("parallelism", Level.OK, allowed)]
+    except UsageError as exc:
+        checks = [
+            Check(
+                "parallelism",
+                Level.FAIL,
+                str(exc),
+                f"set max_parallel_subtasks to at most {bound} in {config_path}, or remove it "
+                "to run as many as the hardware allows",
+            )
+        ]
+    proof = home / wallet.PROOF_FILE
+    if not proof.exists() and not proof.is_symlink():
+        checks.append(Check("wallet proof", Level.OK, "none stored: the manifest carries none"))
+        return checks
+    quoted = shlex.quote(str(home))
+    try:
+        node_id = keys.node_id_of(home)  # a keystore's address field: no passphrase needed
+    except KeystoreError as exc:  # one without it: the key is known only once decrypted
+        checks.append(
+            Check(
+                "wallet proof",
+                Level.WARN,
+                f"not checked: {str(exc).partition('; fix: ')[0]}",
+                f"run `nodeclient manifest --home {quoted}`: it checks the proof with the "
+                "passphrase, as `run` does",
+            )
+        )
+        return checks
+    except KeyFileError:  # node.key missing or unsafe: the keys check FAILs, with the fix
+        return checks
+    try:
+        stored_wallet_proof(home, config, node_id=node_id)
+    except UsageError as exc:
+        checks.append(
+            Check(
+                "wallet proof",
+                Level.FAIL,
+                str(exc),
+                f"make a new one for this wallet and chain with `nodeclient wallet-proof "
+                f"--home {quoted}`, or delete {shlex.quote(str(proof))} to register without one",
+            )
+        )
+    else:
+        checks.append(
+            Check("wallet proof", Level.OK, f"signed by {config.wallet_address} for this node")
+        )
+    return checks
+
+
+def run_all(
+    home: Path,
+    *,
+    coordinator: str | None,
+    allow_unsandboxed: bool,
+    config: NodeConfig | None = None,
+) -> list[Check]:
+    """Every check, in the order an operator would fix them; with *config* (config.toml),
+    also what ``run`` would refuse in it, and the coordinator's chain id against it."""
     sandbox = check_sandbox(allow_unsandboxed=allow_unsandboxed)
     checks = [check_key_files(home), sandbox]
     from nodeclient.node import hardware
@@ -418,9 +510,15 @@ def run_all(home: Path, *, coordinator: str | None, allow_unsandboxed: bool) -> 
         sandboxed=sandbox.level is Level.OK, gpus=gpus.status == "ok" and bool(gpus.per_device)
     )
     checks.extend(check_runtimes(usable))
+    if config is not None:
+        from nodeclient.node.cli_keys import probe_local_hardware
+
+        # The hardware as `run` declares it (cards CUDA could not start on left out).
+        checks.extend(check_node_settings(home, config, probe_local_hardware(gpus)))
     checks.append(check_disk(home))
     checks.append(check_scratch())
-    reach = check_coordinator(coordinator)
+    chain_id = None if config is None else config.chain_id
+    reach = check_coordinator(coordinator, chain_id=chain_id, home=home)
     checks.extend(reach)
     if coordinator and any(c.name == "coordinator" and c.level is Level.OK for c in reach):
         checks.append(check_link(coordinator))

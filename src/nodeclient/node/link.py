@@ -15,6 +15,7 @@ import sqlite3
 import time
 import urllib.parse
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Final
 
 import httpx
@@ -23,6 +24,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 
 from nodeclient import httpbody, logs, tlstrust
 from nodeclient.errors import NeedsOperator, RemoteProtocolError
+from nodeclient.node.config import CONFIG_FILE
 from nodeclient.node.dispatch import TaskDispatcher
 from nodeclient.protocol import manifest as manifest_mod
 from nodeclient.protocol import messages
@@ -62,6 +64,7 @@ MAX_ANSWER_BYTES: Final = 1 << 20  # a registration answer is a few hundred byte
 # answer that trickles in (a byte every 29 s) would hold the link loop for ever.
 REGISTER_TIMEOUT_S: Final = 60.0
 MAX_RETRY_AFTER_S: Final = 600.0  # a registration's Retry-After is honoured up to this
+HEALTH_TIMEOUT_S: Final = 10.0  # /healthz, asked after a refused registration
 _MAX_ERROR_CHARS: Final = 300  # of a coordinator's text in last_error and the log
 
 
@@ -106,6 +109,25 @@ def _retry_after(resp: httpx.Response, rand: float) -> float:
     if seconds is None or seconds <= 0.0:
         return 0.0
     return min(seconds, MAX_RETRY_AFTER_S) * (1.0 + rand / 2)
+
+
+def chain_id_mismatch(ours: int, health: object, *, home: Path) -> tuple[str, str] | None:
+    """What is wrong, and the fix, when the coordinator's ``/healthz`` answer *health*
+    names another chain_id than *ours* (config.toml's, in *home*); None when it names
+    ours, or none at all (a coordinator from before it sent one, a proxy's answer).
+
+    Every signature binds the chain id (EIP-712): on another chain than the coordinator's,
+    the node's registration "recovers to" another address and is refused, which names
+    neither chain. ``nodeclient doctor`` and the daemon say it with the same words."""
+    theirs = health.get("chain_id") if isinstance(health, dict) else None
+    if isinstance(theirs, bool) or not isinstance(theirs, int) or theirs == ours:
+        return None
+    config = home / CONFIG_FILE
+    return (
+        f"chain_id {ours} in config.toml is not the coordinator's chain_id {theirs}: the "
+        "coordinator refuses every registration and signature of this node",
+        f"set chain_id = {theirs} in {config}, then start the node again",
+    )
 
 
 def link_target(url: str) -> tuple[str, dict[str, Any]]:
@@ -168,6 +190,7 @@ class LinkClient(TaskDispatcher):
     attributes declared here."""
 
     url: str
+    home: Path
     manifest: dict[str, Any]
     heartbeat_interval: float
     link: LinkInfo
@@ -270,8 +293,42 @@ class LinkClient(TaskDispatcher):
                 "this one is synchronised)"
             )
         if 400 <= resp.status_code < 500 and resp.status_code not in (408, 429) and refusal:
+            # A refused signature says which address it recovers to, not why: the chain id
+            # is the usual cause, and the coordinator's /healthz names its own.
+            mismatch = await self._chain_id_mismatch()
+            if mismatch is not None:
+                reason = "; fix: ".join(mismatch)
             raise RegistrationRefused(f"registration refused ({resp.status_code}): {reason}")
         raise httpx.HTTPError(f"registration failed ({resp.status_code}): {reason}")
+
+    async def _chain_id_mismatch(self) -> tuple[str, str] | None:
+        """:func:`chain_id_mismatch` by the coordinator's ``/healthz``, asked once its
+        registration was refused (only then: the answer costs a request, and a refusal
+        stops the daemon); None where it names no other chain or cannot be read (the
+        coordinator's own reason is shown then)."""
+        verify = tlstrust.client_context()  # the trust registration used a moment ago
+        try:
+            async with (
+                asyncio.timeout(HEALTH_TIMEOUT_S),
+                httpx.AsyncClient(timeout=HEALTH_TIMEOUT_S, verify=verify) as client,
+            ):
+                request = client.build_request(
+                    "GET", f"{self.url}/healthz", headers=httpbody.IDENTITY
+                )
+                resp = await client.send(request, stream=True)
+                try:
+                    content = await httpbody.aread(resp, limit=MAX_ANSWER_BYTES)
+                finally:
+                    await resp.aclose()
+        except (httpx.HTTPError, OSError, TimeoutError):  # AnswerRefused is an HTTPError
+            return None
+        if resp.status_code != 200:
+            return None
+        try:
+            health = json.loads(content)
+        except (ValueError, RecursionError):
+            return None
+        return chain_id_mismatch(self.chain_id, health, home=self.home)
 
     async def _link_loop(self) -> None:
         delays = backoff(rand=self._rand.random)

@@ -25,6 +25,7 @@ the daemon needs and nothing else:
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import pwd
 import re
@@ -33,11 +34,13 @@ import shutil
 import stat
 import sys
 import tempfile
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
 from nodeclient.errors import NeedsOperator, UsageError
+from nodeclient.node.config import CONFIG_FILE, MAX_CONFIG_BYTES, check_coordinator_url
 
 NO_RESTART_STATUSES: Final = (NeedsOperator.exit_code,)  # 78: see nodeclient.errors
 
@@ -399,21 +402,115 @@ def write_unit(path: Path, text: str) -> Path:
     return path
 
 
-def next_steps(path: Path, opts: UnitOptions) -> list[str]:
-    """What the operator runs after the unit is written (as root), quoted for the shell."""
+@dataclass(frozen=True, slots=True)
+class HomeConfig:
+    """What ``service install`` found of the unit home's config.toml at *path*: whether it
+    *exists* (no: init is still to come), the *coordinator* it names, or the *problem*
+    that keeps the daemon from using it. The unit's ExecStart= names no coordinator, so
+    the daemon has only this one."""
+
+    path: Path
+    exists: bool
+    coordinator: str | None = None
+    problem: str | None = None
+
+
+def read_home_config(home: Path) -> HomeConfig:
+    """Read the coordinator from *home*'s config.toml, only to advise: the file belongs
+    to the unit's user, not to root that runs ``service install``, so it is not loaded
+    as the daemon loads it (which refuses a file it does not own); the daemon checks
+    the rest at its start. Never blocks on a FIFO, never follows a symlink."""
+    path = home / CONFIG_FILE
+    try:
+        raw = _read_regular_file(path)
+    except FileNotFoundError:
+        return HomeConfig(path, exists=False)
+    except OSError as exc:
+        why = "it is a symlink" if exc.errno == errno.ELOOP else f"cannot read it: {exc.strerror}"
+        return HomeConfig(path, exists=True, problem=why)
+    url, problem = _coordinator_in(raw)
+    return HomeConfig(path, exists=True, coordinator=url, problem=problem)
+
+
+def _read_regular_file(path: Path) -> bytes:
+    """*path*'s first bytes (as many as a config.toml may hold, and one more); OSError
+    for a symlink (ELOOP), anything but a regular file, or a failed read."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+        return os.read(fd, MAX_CONFIG_BYTES + 1)
+    finally:
+        os.close(fd)
+
+
+def _coordinator_in(raw: bytes) -> tuple[str | None, str | None]:
+    """The coordinator a config.toml's text *raw* names, or why the daemon would find none
+    it can use in it: (url, None), (None, None) where it names none, or (None, why)."""
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        return None, f"it is not valid TOML ({exc})"
+    url = data.get("coordinator")
+    if url is None:
+        return None, None
+    if not isinstance(url, str):
+        return None, "coordinator must be a quoted string"
+    try:
+        check_coordinator_url(url)
+    except UsageError as exc:
+        return None, str(exc)
+    return url, None
+
+
+def coordinator_warning(found: HomeConfig, unit_path: Path) -> str | None:
+    """What to tell the operator when the unit's daemon would find no coordinator in
+    *found* (it would stop at every start, and systemd start it again every 10 s); None
+    when it names one, or when init, among the next steps, is still to write it."""
+    if not found.exists or (found.coordinator is not None and found.problem is None):
+        return None
+    what = f"{found.path} names no coordinator"
+    if found.problem is not None:
+        what = f"{found.path}: {found.problem}"
+    return (
+        f"{what}: the unit's daemon would stop at every start, and systemd start it again "
+        f'every 10 s; set coordinator = "https://..." in it (the coordinator\'s URL) before '
+        f"`systemctl enable --now {shlex.quote(unit_path.name)}`"
+    )
+
+
+def next_steps(path: Path, opts: UnitOptions, found: HomeConfig | None = None) -> list[str]:
+    """What the operator runs after the unit is written (as root), quoted for the shell.
+
+    *found*: the unit home's config.toml (default: read now). The daemon's coordinator
+    can come only from there: init writes it, where the home has no config.toml yet; a
+    config.toml that names none gets a step saying to set it."""
+    found = read_home_config(opts.home) if found is None else found
     u, home, exe = (
         shlex.quote(opts.user),
         shlex.quote(str(opts.home)),
         shlex.quote(str(opts.executable)),
     )
     unit = shlex.quote(path.name)
+    if not found.exists:
+        setup = [
+            f"  sudo -u {u} {exe} init --home {home} --wallet 0x... "
+            "--coordinator https://...   # once"
+        ]
+    elif coordinator_warning(found, path) is not None:
+        setup = [
+            f'  # edit {shlex.quote(str(found.path))}: set coordinator = "https://..." (the '
+            f"coordinator's URL), keeping its owner {u} and mode 0600"
+        ]
+    else:
+        setup = []
     return [
         # A directory name that is not UTF-8 could not be printed to a UTF-8 terminal.
         f"wrote {path}" if _is_utf8(str(path)) else f"wrote {str(path)!r}",
         "next, as root:",
         f"  id {u} || useradd --system --home-dir {home} --shell /usr/sbin/nologin {u}",
         f"  install -d -m 0700 -o {u} -g {u} {home}",
-        f"  sudo -u {u} {exe} init --home {home} --wallet 0x...   # once",
+        *setup,
         "  systemctl daemon-reload",
         f"  systemctl enable --now {unit}",
         f"  journalctl -u {unit} -f   # the daemon's JSON logs",
