@@ -179,7 +179,9 @@ def test_the_daemon_refuses_at_start_a_ca_file_that_cannot_be_read(
     err = capsys.readouterr().err
     # the plain line; the JSON log's daemon.fatal event says the same
     (line,) = [ln for ln in err.splitlines() if not ln.startswith("{")]
-    assert line.startswith(f"nodeclient: error: {tlstrust.CA_FILE_ENV}={tmp_path / 'missing.pem'}: ")
+    assert line.startswith(
+        f"nodeclient: error: {tlstrust.CA_FILE_ENV}={tmp_path / 'missing.pem'}: "
+    )
     assert json.loads(err.splitlines()[0])["event"] == "daemon.fatal"
 
 
