@@ -94,6 +94,22 @@ def test_resolve_home_defaults_to_dot_nodeclient_in_home(tmp_path: Path) -> None
     assert resolve_home(None, {"HOME": str(tmp_path)}) == tmp_path / ".nodeclient"
 
 
+def test_an_empty_home_flag_is_refused_and_an_empty_environment_is_unset(
+    tmp_path: Path,
+) -> None:
+    """`--home "$DIR"` with DIR unset must not fall back to another home (the default one,
+    where a daemon may run already, or init would make a new node); an empty
+    $NODECLIENT_HOME is unset, as is usual for environment variables."""
+    from nodeclient.errors import UsageError
+
+    env = {"NODECLIENT_HOME": str(tmp_path / "env"), "HOME": str(tmp_path)}
+    with pytest.raises(UsageError, match="--home is empty"):
+        resolve_home("", env)
+    assert resolve_home(None, {"NODECLIENT_HOME": "", "HOME": str(tmp_path)}) == (
+        tmp_path / ".nodeclient"
+    )
+
+
 def test_a_home_that_cannot_be_told_is_a_one_line_usage_error(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

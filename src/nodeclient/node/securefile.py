@@ -77,6 +77,8 @@ _PR_SET_DUMPABLE: Final = 4  # <linux/prctl.h>
 
 def resolve_home(cli_home: str | os.PathLike[str] | None, env: Mapping[str, str]) -> Path:
     """Pick the node home: ``--home DIR``, else ``$NODECLIENT_HOME``, else ``~/.nodeclient``.
+    An empty ``--home`` is refused (an unset shell variable); an empty
+    ``$NODECLIENT_HOME`` counts as unset, as an empty environment variable commonly does.
 
     The environment is passed in (never read from ``os.environ`` here) so that the CLI is
     the only place that looks at the process's inputs. A leading ``~`` is expanded with the
@@ -84,7 +86,14 @@ def resolve_home(cli_home: str | os.PathLike[str] | None, env: Mapping[str, str]
     must not be one, and :func:`ensure_home` is where that is checked.
     """
     raw: str | os.PathLike[str]
-    if cli_home is not None and os.fspath(cli_home) != "":
+    if cli_home is not None and os.fspath(cli_home) == "":
+        # `--home "$DIR"` with DIR unset: taking another home (a second daemon on the
+        # default one, or a new node made there by init) would be worse than stopping.
+        raise UsageError(
+            "--home is empty: give the node's home directory, or leave --home out to use "
+            f"${HOME_ENV} or ~/{DEFAULT_HOME_NAME}"
+        )
+    if cli_home is not None:
         raw = cli_home
     elif env.get(HOME_ENV):
         raw = env[HOME_ENV]
