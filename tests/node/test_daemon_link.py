@@ -1283,6 +1283,18 @@ def test_a_heartbeat_lists_the_results_it_holds_for_its_coordinator(tmp_path: Pa
         daemon.outbox.close()
 
 
+def test_a_link_that_went_down_shows_no_round_trip_time(tmp_path: Path) -> None:
+    """The last heartbeat's round trip belongs to the link that had it: once that link is
+    down, status shows none (it showed the old one beside "down")."""
+    daemon = make_daemon(tmp_path)
+    daemon._set_link("up")
+    daemon.link.rtt_ms = 3.5
+    assert daemon.status()["link"]["rtt_ms"] == 3.5
+    daemon._set_link("down")
+    assert daemon.status()["link"]["rtt_ms"] is None
+    daemon.outbox.close()
+
+
 def test_status_says_the_workers_are_starting_while_the_link_waits(tmp_path: Path) -> None:
     """At its start the daemon starts every slot's worker before it links (seconds on a
     GPU node, whose workers start CUDA): meanwhile status says so, beside a link that is

@@ -461,6 +461,7 @@ class LinkClient(TaskDispatcher):
             log.info("link.status", extra={"link": status})
         if status != "up":
             self._ws = None
+            self.link.rtt_ms = None  # of a link that is gone: not shown beside "down"
             self.session.connection_lost()
 
     async def _connect_once(self) -> None:
