@@ -135,6 +135,53 @@ def test_a_coordinator_that_lies_is_caught(running: Running, rsa_keys, how: str,
     assert any(says in text for text in found), found
 
 
+def test_eth_account_alone_catches_a_signature_this_projects_recovery_misreads(
+    running: Running, rsa_keys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The audit recovers each signature twice, with this project's code and with
+    eth-account, an implementation independent of it: a fault in the first (here made
+    to answer the task's node whatever it is given) does not verify a Result signed by
+    another key, nor a manifest whose node_signature is another key's."""
+    job = _inference_job(running, rsa_keys)
+    task = job["tasks"][0]
+    node = task["node_id"]
+    monkeypatch.setattr(audit.eip712, "recover_typed", lambda *a, **kw: node)
+    report = _lie(running, job, "signature")
+    assert not report.ok
+    (line,) = report.tasks
+    assert "the signature recovers to" in line.detail, line.detail
+    assert f"recovers to {node}" not in line.detail  # eth-account's reading: another key
+
+    from nodeclient.protocol import manifest as manifest_mod
+
+    other = Secp256k1Key.generate()
+    real_verify = manifest_mod.verify_manifest
+    served: dict[str, Any] = {}
+
+    def forged(manifest_hash: str) -> Any:
+        signed = running.client.manifest(manifest_hash)
+        assert isinstance(signed, dict)
+        served["real"] = copy.deepcopy(signed)
+        message = manifest_mod.registration_message(signed, manifest_mod.signed_bytes(signed))
+        sig = eip712.sign_typed(other, "Registration", message, chain_id=eip712.DEVNET_CHAIN_ID)
+        signed["node_signature"] = "0x" + sig.hex()
+        return signed
+
+    # This project's manifest check, made to pass it as the genuine one.
+    monkeypatch.setattr(
+        audit.manifest, "verify_manifest", lambda _signed, **kw: real_verify(served["real"], **kw)
+    )
+    report = audit.audit_job(
+        job,
+        running.client.task_result,
+        lambda: running.client.raw_job_result(job["job_id"]),
+        fetch_manifest=forged,
+    )
+    assert not report.ok
+    (line,) = report.tasks
+    assert f"node_signature recovers to {other.address}" in line.detail, line.detail
+
+
 def test_with_the_payload_an_inference_result_must_name_its_model(
     running: Running, rsa_keys
 ) -> None:

@@ -64,11 +64,16 @@ def test_an_outbox_from_before_owners_is_its_latest_signers(tmp_path: Path) -> N
 def test_an_outbox_from_before_owners_whose_rows_name_no_node_is_claimed(
     tmp_path: Path,
 ) -> None:
-    """Rows that name no node (or cannot be read) leave the claim to the node starting."""
+    """Rows that name no node (or cannot be read) leave the claim to the node starting,
+    whose it is from then on: another node is refused."""
     path = tmp_path / "outbox.db"
     box = Outbox(path)
     commit(box, uuid.uuid4(), b"r")  # its message: {"r": ...}
     box.claim(NEW)
+    box.close()
+    box = Outbox(path)
+    with pytest.raises(OutboxOfAnotherNode):
+        box.claim(OLD)
     box.close()
 
 
