@@ -463,7 +463,7 @@ def test_hang_times_out_and_leaves_no_child() -> None:
     elapsed = time.monotonic() - started
     assert (probe.status, probe.gpus) == ("timeout", ())
     assert "1.5 s" in probe.detail
-    assert elapsed < 1.5 + 1.0
+    assert elapsed < 10  # it returned (the hung probe never ends), with a CI's margin
     after = {p.pid for p in psutil.Process().children(recursive=True)}
     assert after - before == set()
 

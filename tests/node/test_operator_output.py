@@ -210,7 +210,9 @@ def test_a_hostile_answer_is_refused(
 
 
 def test_a_trickled_answer_ends_at_the_timeout(home: Path, fake_daemon) -> None:
-    """A byte now and then: the timeout is for the whole answer, not for each read."""
+    """A byte now and then: the timeout is for the whole answer, not for each read (with
+    a timeout for each read, the trickle would go on to its end, 5 s, and its answer be
+    refused as no daemon's, not as a busy one's)."""
 
     def trickle(conn: socket.socket) -> None:
         for _ in range(50):
@@ -218,10 +220,8 @@ def test_a_trickled_answer_ends_at_the_timeout(home: Path, fake_daemon) -> None:
             time.sleep(0.1)
 
     fake_daemon(trickle)
-    began = time.monotonic()
-    with pytest.raises(DaemonBusy):
+    with pytest.raises(DaemonBusy, match="did not answer within 1 s"):
         control.request(home / control.SOCKET_NAME, {"cmd": "status"}, timeout=1.0)
-    assert time.monotonic() - began < 2.5
 
 
 def test_text_logs_keep_one_event_on_one_line(capsys) -> None:
