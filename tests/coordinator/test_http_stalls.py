@@ -44,6 +44,26 @@ def _closed(sock: socket.socket) -> bool:
     return True
 
 
+def _trickled_until_closed(sock: socket.socket, *, seconds: float = 4.0) -> bool:
+    """Send a byte every 0.1 s until the server ends the connection (a send fails, or
+    a read then finds its end) or *seconds* pass: whether it ended it."""
+    sock.settimeout(0.1)
+    end = time.monotonic() + seconds
+    try:
+        while time.monotonic() < end:
+            sock.sendall(b"x")
+            try:
+                if not sock.recv(65536):
+                    return True
+            except TimeoutError:
+                continue
+    except OSError:  # the reset
+        return True
+    finally:
+        sock.settimeout(RECV_TIMEOUT)
+    return False
+
+
 @pytest.mark.parametrize("sent", [b"", b"GET /healthz HT", b"GET /healthz HTTP/1.1\r\nHost: x"])
 def test_a_connection_without_a_whole_request_head_is_closed(
     coordinator: Running, monkeypatch: pytest.MonkeyPatch, sent: bytes
@@ -92,6 +112,71 @@ def test_an_upload_that_stops_half_way_is_dropped_and_leaves_no_file(
     assert list(coordinator.config.blob_dir.iterdir()) == []
     assert any(r.getMessage() == "http.body_stalled" for r in caplog.records)
     assert any(r.getMessage() == "blobs.upload_abandoned" for r in caplog.records)
+
+
+def test_an_upload_that_trickles_is_dropped(
+    coordinator: Running, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A body that comes a little at a time, each part within the stall timeout but far
+    slower than MIN_BODY_RATE on average: reset once the stall timeout has passed since it
+    began, its temporary file removed (before, a byte a minute held it for weeks)."""
+    monkeypatch.setattr(api, "HTTP_STALL_S", 0.5)
+    with (
+        caplog.at_level(logging.INFO, logger="nodeclient.coordinator"),
+        _connect(coordinator) as sock,
+    ):
+        sock.sendall(b"POST /v1/blobs HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\n")
+        assert _trickled_until_closed(sock)  # a byte every 0.1 s: never 0.5 s silent
+    end = time.monotonic() + RECV_TIMEOUT
+    while list(coordinator.config.blob_dir.iterdir()) and time.monotonic() < end:
+        time.sleep(0.05)
+    assert list(coordinator.config.blob_dir.iterdir()) == []
+    assert any(r.getMessage() == "http.body_too_slow" for r in caplog.records)
+
+
+@pytest.mark.parametrize("path", ["/healthz", "/no-such-route"])
+def test_a_body_still_coming_after_its_answer_does_not_hold_the_connection(
+    coordinator: Running, monkeypatch: pytest.MonkeyPatch, path: str
+) -> None:
+    """A route that reads no body answers before the declared body came: the connection
+    is closed UNREAD_BODY_LINGER_S after the answer, though a byte of the body arrives now
+    and then (each used to cancel uvicorn's keep-alive timer, and nothing else timed it)."""
+    monkeypatch.setattr(server, "UNREAD_BODY_LINGER_S", 0.5)
+    with _connect(coordinator) as sock:
+        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 60000\r\n\r\n".encode())
+        answer = sock.recv(65536)
+        assert answer.startswith(b"HTTP/1.1 "), answer
+        assert _trickled_until_closed(sock)
+
+
+def test_a_whole_body_sent_after_an_early_answer_leaves_the_connection_usable(
+    coordinator: Running, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The body of a request answered early, then sent whole, and a next request on the
+    same connection: that request is answered, and not cut by the first one's linger."""
+    monkeypatch.setattr(server, "UNREAD_BODY_LINGER_S", 0.5)
+    with _connect(coordinator) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\n")
+        assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+        sock.sendall(b"hello")
+        time.sleep(0.8)  # past the linger
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+
+
+def test_a_connection_idle_after_an_early_answers_body_is_closed(
+    coordinator: Running, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The body of a request answered early comes whole, then nothing: the connection is
+    closed at the next head's deadline (the body's bytes had cancelled uvicorn's
+    keep-alive timer, which nothing armed again)."""
+    monkeypatch.setattr(server, "UNREAD_BODY_LINGER_S", 0.5)
+    monkeypatch.setattr(server, "REQUEST_HEAD_TIMEOUT_S", 0.5)
+    with _connect(coordinator) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\n")
+        assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+        sock.sendall(b"hello")
+        assert _closed(sock)
 
 
 def test_a_blob_download_nobody_reads_is_dropped(

@@ -17,6 +17,7 @@ import logging
 import math
 import os
 import re
+import time
 import uuid
 from collections.abc import Callable
 from typing import Any, Final, Literal, TypeVar
@@ -127,6 +128,9 @@ def body_limit_hint(config: CoordinatorConfig, path: str) -> str:
 # An HTTP client that sends none of the rest of its request body, or takes nothing of
 # the response, for this long is dropped (results' own readers: results.SEND_TIMEOUT_S).
 HTTP_STALL_S = 60.0
+# And one that sends it slower than this on average, once HTTP_STALL_S have passed since
+# its body began: a byte every minute would otherwise hold a handler for weeks.
+MIN_BODY_RATE = 1024  # bytes a second
 
 
 class _BodyStalled(ClientDisconnect):
@@ -139,7 +143,8 @@ class Stalls:
     socket, temporary file or open blob for ever.
 
     A request body of which nothing arrives for HTTP_STALL_S (an upload that stopped
-    half-way, its peer silent but connected), and a response of which the client takes
+    half-way, its peer silent but connected), or that comes slower than MIN_BODY_RATE on
+    average once HTTP_STALL_S have passed, and a response of which the client takes
     nothing for as long (a blob download nobody reads: the socket's buffers full) end
     with the connection reset. Waiting for a client's disconnect once its body is in is
     not timed. Needs the server's abort (ServerHooks) in the scope.
@@ -154,6 +159,8 @@ class Stalls:
             return
         body_done = dropped = False
         where = {"method": scope.get("method"), "path": scope.get("path")}
+        began: float | None = None  # when the app first asked for the body
+        received = 0
 
         def drop(event: str) -> None:
             nonlocal dropped
@@ -163,9 +170,11 @@ class Stalls:
                 scope[ABORT_KEY]()
 
         async def timed_receive() -> Message:
-            nonlocal body_done
+            nonlocal body_done, began, received
             if body_done or dropped:
                 return await receive()  # a disconnect, whenever it comes
+            now = time.monotonic()
+            began = now if began is None else began
             try:
                 async with asyncio.timeout(HTTP_STALL_S):
                     message = await receive()
@@ -174,6 +183,12 @@ class Stalls:
                 raise _BodyStalled from None
             if message["type"] != "http.request" or not message.get("more_body", False):
                 body_done = True
+                return message
+            received += len(message.get("body", b""))
+            spent = time.monotonic() - began
+            if spent > HTTP_STALL_S and received < MIN_BODY_RATE * spent:
+                drop("http.body_too_slow")
+                raise _BodyStalled
             return message
 
         async def timed_send(message: Message) -> None:

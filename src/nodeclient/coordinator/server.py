@@ -104,8 +104,14 @@ _KEEPALIVE: tuple[tuple[int, int, int], ...] = (
 )
 
 
+# A response sent before its request's body was received whole (a route that reads no
+# body, a refusal): the connection is closed this long after it, whatever comes meanwhile.
+UNREAD_BODY_LINGER_S = 5.0
+
+
 class RequestHeadDeadline(HttpToolsProtocol):
-    """uvicorn's HTTP protocol, with a deadline on every request's head.
+    """uvicorn's HTTP protocol, with a deadline on every request's head, and an end for a
+    connection whose request body was still coming when its response had been sent.
 
     uvicorn times a connection only between requests (its keep-alive timeout, which starts
     once a response is sent): one that never sends a whole request, a node's link that
@@ -113,9 +119,37 @@ class RequestHeadDeadline(HttpToolsProtocol):
     enough of them used up the coordinator's file descriptors, so that no node could
     link. The head's deadline runs from the connection's opening and from each request's
     first byte, and stops once the headers are in (a WebSocket upgrade's too).
+
+    A response sent before its request's body was in (``/healthz`` with a declared body,
+    a 404) left the rest of the body to come: uvicorn's keep-alive timer, armed by the
+    response, is cancelled by any byte that arrives, and no other timer ran, so one byte
+    of it now and then held the connection for ever. Such a connection is closed
+    UNREAD_BODY_LINGER_S after the response (time for the client to read it), as Go's
+    server closes one whose handler left its body unread, unless the body ends first:
+    then the next request's head has REQUEST_HEAD_TIMEOUT_S to come.
     """
 
     _head_timer: asyncio.TimerHandle | None = None
+    _linger_timer: asyncio.TimerHandle | None = None
+
+    def on_response_complete(self) -> None:
+        cycle = getattr(self, "cycle", None)
+        unread = cycle is not None and cycle.more_body
+        super().on_response_complete()
+        if unread and self._linger_timer is None and not self.transport.is_closing():
+            self._linger_timer = self.loop.call_later(UNREAD_BODY_LINGER_S, self._close_now)
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        if self._linger_timer is not None:  # answered already, and now the body is in:
+            self._linger_timer.cancel()  # an idle connection, which the next request's
+            self._linger_timer = None  # head must reach within its deadline
+            self._arm_head_timer()
+
+    def _close_now(self) -> None:
+        self._linger_timer = None
+        if not self.transport.is_closing():
+            self.transport.close()
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -123,6 +157,9 @@ class RequestHeadDeadline(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
+        if self._linger_timer is not None:  # the last body came whole: a new request
+            self._linger_timer.cancel()
+            self._linger_timer = None
         self._arm_head_timer()
 
     def on_headers_complete(self) -> None:
@@ -131,6 +168,9 @@ class RequestHeadDeadline(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm_head_timer()
+        if self._linger_timer is not None:
+            self._linger_timer.cancel()
+            self._linger_timer = None
         super().connection_lost(exc)
 
     def _arm_head_timer(self) -> None:
