@@ -252,7 +252,7 @@ def test_the_candidate_cache_keeps_no_node_that_is_gone() -> None:
     ids = [f"node-{i}" for i in range(3000)]
     link = SimpleNamespace(draining=False)
     coord = SimpleNamespace(nodes=dict.fromkeys(ids, info),
-                            runtime={i: SimpleNamespace(online=True) for i in ids},
+                            runtime={i: SimpleNamespace(online=True, state="READY") for i in ids},
                             links=dict.fromkeys(ids, link))  # fmt: skip
     sched = SimpleNamespace(coord=coord, _cands={})
     assert len(Scheduler._build_candidates(sched)) == 3000  # type: ignore[arg-type]
