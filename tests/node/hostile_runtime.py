@@ -315,6 +315,10 @@ class HostileRuntime:
                 os.closerange(0, 65536)
             time.sleep(60)
             os._exit(0)
+        if order.get("pid_file"):  # (unsandboxed: the test's own path)
+            Path(order["pid_file"]).write_text(str(pid))
+        if order.get("then_crash"):  # the worker dies under its task, the child lives on
+            os._exit(9)
         return f"left a child {pid}" if order.get("say_pid") else "left a child"
 
 

@@ -282,20 +282,35 @@ def test_executor_moves_bodies_through_shared_memory(node: Node) -> None:
     assert node.hostile(order) == b"through shared memory"  # and the next task is served
 
 
-def test_unsandboxed_a_process_left_behind_ends_with_its_worker(tmp_path: Path) -> None:
+@pytest.mark.parametrize("how", ["single-use", "kept for its job", "crashed"])
+def test_unsandboxed_a_process_left_behind_ends_with_its_worker(tmp_path: Path, how: str) -> None:
     """Without the sandbox no PID namespace dies with the worker: a process its task left
     in the worker's group ran on after the worker was replaced, past the task's deadline
-    and the executor's close. The worker ends it as it reports itself tainted."""
+    and the executor's close. It is ended with the worker: a single-use worker (no job)
+    killed with its group; one kept for its job's next task, which reports itself tainted
+    and exits; one that crashed under its task (the last two exit by themselves, and
+    their group is killed as their exit is handled)."""
     executor = make_executor(tmp_path / "home", mode="unsandboxed")
+    pid_file = tmp_path / "child.pid"
+    job = None if how == "single-use" else "job-1"
 
     async def scenario() -> int:
         try:
             await executor.warm_up()
-            order = json.dumps({"do": "leave_child", "say_pid": True, "close_fds": True}).encode()
-            said = json.loads(await executor.run(HOSTILE, order))
-            assert said.startswith("left a child ")
-            await executor.run(HOSTILE, json.dumps({"do": "echo", "data": "x"}).encode())
-            return int(said.rsplit(" ", 1)[1])
+            order = {"do": "leave_child", "close_fds": True, "pid_file": str(pid_file)}
+            if how == "crashed":
+                with pytest.raises(TaskFailed, match="crashed"):
+                    await executor.run(
+                        HOSTILE, json.dumps({**order, "then_crash": True}).encode(), job_id=job
+                    )
+            else:
+                said = json.loads(
+                    await executor.run(HOSTILE, json.dumps(order).encode(), job_id=job)
+                )
+                assert said == "left a child"
+            echo = json.dumps({"do": "echo", "data": "x"}).encode()
+            assert await executor.run(HOSTILE, echo, job_id=job) == b"x"
+            return int(pid_file.read_text())
         finally:
             await executor.aclose()
 

@@ -126,6 +126,7 @@ class Slot:
     broken: dict[str, str] = field(default_factory=dict)  # class -> why, from its ready frame
     checked_for: str | None = None  # the one class its worker checked; None: all of them
     task_rss: int | None = None  # its process tree's memory as its task began (admission)
+    swept: bool = False  # its exited worker's process group was killed (kill_leftovers)
 
     @property
     def alive(self) -> bool:
@@ -140,6 +141,18 @@ class Slot:
             self.kill(self.killed or "replaced")
             if await self.reap() is None:
                 raise WorkerGone(f"the slot's previous worker (pid {self.proc.pid}) did not exit")
+        self.kill_leftovers()
+
+    def kill_leftovers(self) -> None:
+        """SIGKILL what is left in the process group of a worker that has exited by
+        itself (it asked to be replaced, it failed, it crashed): unsandboxed, a process its
+        task started outlives it there (with bwrap, its PID namespace went with it). The
+        group's id is not reused while any member lives; it is signalled once, as the exit
+        is handled, not later, when its id may have been taken by a new group."""
+        if self.proc is not None and self.proc.returncode is not None and not self.swept:
+            self.swept = True
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
 
     async def start(self, timeout: float, *, check_only: str | None = None) -> float:
         """Start the worker and wait until its runtimes are built; seconds it took. A
@@ -177,6 +190,7 @@ class Slot:
                 start_new_session=True,  # its own process group, killed as one
                 pass_fds=fds,
             )
+            self.swept = False  # a new group, not yet signalled after an exit
         finally:
             for fd in fds:
                 os.close(fd)  # the mapping stays
@@ -341,12 +355,14 @@ class Slot:
                 os.killpg(self.proc.pid, signal.SIGKILL)
 
     async def stop(self) -> None:
-        """Wait for a worker that announced its exit; kill it if it lingers."""
+        """Wait for a worker that announced its exit; kill it if it lingers, and what its
+        task left in its process group if it does not."""
         if self.proc is None:
             return
         if await self.reap(5.0) is None:
             self.kill("did not exit")
             await self.reap()
+        self.kill_leftovers()
 
     async def reap(self, timeout: float = _REAP_TIMEOUT) -> int | None:
         """Wait for the worker to exit (killed, or exiting by itself); its exit status, or
