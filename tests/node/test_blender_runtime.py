@@ -153,15 +153,51 @@ def test_same_slice_gives_the_same_result_bytes(scenes, tmp_path: Path) -> None:
     assert hashlib.sha256(one).digest() == hashlib.sha256(two).digest()
 
 
-def test_progress_is_reported_per_saved_frame(scenes, tmp_path: Path) -> None:
-    """Each frame saved reports (done, total, "frame N saved"), in order."""
+def test_progress_is_reported_as_frames_are_saved(scenes, tmp_path: Path) -> None:
+    """Frames saved report (done, total, "frame N saved"), in order, the last saved of
+    each look (frames saved between two looks are one report), to the last frame."""
     calls: list[tuple[float, float, str]] = []
     _runtime().run(
         _payload(scenes["cube"], frames=(4, 6)),
         workdir=tmp_path,
         progress=lambda d, t, n: calls.append((d, t, n)),
     )
-    assert calls == [(1, 3, "frame 4 saved"), (2, 3, "frame 5 saved"), (3, 3, "frame 6 saved")]
+    assert calls[-1] == (3, 3, "frame 6 saved"), calls
+    assert [d for d, _, _ in calls] == sorted({d for d, _, _ in calls})  # never back
+    assert all(note == f"frame {3 + int(d)} saved" for d, _, note in calls), calls
+
+
+class _SavesTwo:
+    """Stands in for Blender saving frames 1 and 2 between two looks, then 3 and exiting."""
+
+    def __init__(self, out: Path) -> None:
+        self.out, self.waits = out, 0
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        self.waits += 1
+        if self.waits == 1:
+            for frame in (1, 2):
+                (self.out / f"frame_{frame:06d}.tga").write_bytes(b"")
+            raise subprocess.TimeoutExpired("blender", timeout or 0)
+        (self.out / "frame_000003.tga").write_bytes(b"")
+        self.returncode = 0
+        return 0
+
+
+def test_frames_saved_between_two_looks_are_one_report_of_the_latest(tmp_path: Path) -> None:
+    """Two frames saved between two looks give one report, of the second: a report of the
+    first, sent just before it, would be held back by the throttles and the first shown
+    while the next frame renders."""
+    runtime = BlenderRuntime(threads=1)
+    request = RenderRequest.decode(_payload(b"scene", frames=(1, 3)))
+    calls: list[tuple[float, float, str]] = []
+    proc = _SavesTwo(tmp_path)
+    runtime._watch(proc, request, tmp_path, lambda d, t, n: calls.append((d, t, n)))  # type: ignore[arg-type]
+    assert calls == [(2, 3, "frame 2 saved"), (3, 3, "frame 3 saved")]
 
 
 def _frame(runtime: BlenderRuntime, payload: bytes, workdir: Path, frame: int) -> np.ndarray:

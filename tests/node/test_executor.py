@@ -1098,6 +1098,32 @@ def test_progress_goes_on_twice_a_second_and_the_end_once() -> None:
     assert gate.dropped == 3
 
 
+def test_a_report_held_back_is_shown_at_once_and_sent_when_its_interval_ends() -> None:
+    """Frame 2 saved 0.2 s after frame 1: status shows it at once, and it goes to the
+    coordinator once the half second has passed (it was dropped, and frame 1 shown until
+    the next frame, many minutes later). Nothing goes after the task has ended."""
+    board: dict[str, dict[str, object]] = {}
+    sent: list[tuple[float, float, str]] = []
+
+    async def scenario() -> None:
+        relay = executor_module._ProgressRelay(
+            time.monotonic, board, "k", lambda *r: sent.append(r)
+        )
+        relay(1, 3, "frame 1 saved")
+        relay(2, 3, "frame 2 saved")
+        assert board["k"]["note"] == "frame 2 saved"
+        assert sent == [(1, 3, "frame 1 saved")]
+        await asyncio.sleep(executor_module.PROGRESS_INTERVAL_S + 0.3)
+        assert sent == [(1, 3, "frame 1 saved"), (2, 3, "frame 2 saved")]
+        assert relay.gate.dropped == 0
+        relay(2.5, 3, "stepping")  # within the interval: held back
+        relay.close()  # the task ended
+        await asyncio.sleep(executor_module.PROGRESS_INTERVAL_S + 0.3)
+        assert len(sent) == 2 and board["k"]["note"] == "stepping"
+
+    asyncio.run(scenario())
+
+
 def test_a_flood_of_progress_frames_is_not_passed_on(node: Node) -> None:
     """A task that writes 20,000 progress frames to its pipe, past the worker's own
     throttle, gets a couple through to the daemon, not 20,000 sends."""

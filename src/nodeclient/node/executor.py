@@ -613,13 +613,8 @@ class Executor:
         resources: Mapping[str, int] | None,
         on_progress: OnProgress | None,
     ) -> bytes:
-        gate = _ProgressGate(self._clock)
-
-        def progress(done: float, total: float, note: str) -> None:
-            if gate.admit(done, total):
-                self._progress[key] = {"done": done, "total": total, "note": note}
-                if on_progress is not None:
-                    on_progress(done, total, note)
+        progress = _ProgressRelay(self._clock, self._progress, key, on_progress)
+        gate = progress.gate
 
         ram_mb = int((resources or {}).get("ram_mb", 0))
         header: dict[str, Any] = {"op": "run", "class": workload_class}
@@ -641,6 +636,7 @@ class Executor:
                 finally:
                     self._deadlines.pop(key, None)
                     unwatch()
+                    progress.close()  # the task is over: no report of it goes out
                     if gate.dropped:
                         log.info(
                             "task.progress_dropped",
@@ -820,9 +816,56 @@ def _affinity(
     return affinity_of(workload_class, payload, job_id=job_id, key=key)
 
 
+class _ProgressRelay:
+    """A task's progress reports, as its worker sends them: the latest goes into *board*
+    at once (what status shows: a local write, whatever the rate), and on to
+    *on_progress* (the coordinator) through a :class:`_ProgressGate`. The last report the
+    gate held back within an interval is sent when that interval ends, if none came
+    after it: a frame saved just after another is shown, not the one before it until the
+    next (which may be many minutes away)."""
+
+    def __init__(
+        self,
+        clock: Callable[[], float],
+        board: dict[str, dict[str, Any]],
+        key: str,
+        on_progress: OnProgress | None,
+    ) -> None:
+        self.gate = _ProgressGate(clock)
+        self._board, self._key, self._send = board, key, on_progress
+        self._held: tuple[float, float, str] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+
+    def __call__(self, done: float, total: float, note: str) -> None:
+        self._board[self._key] = {"done": done, "total": total, "note": note}
+        if self.gate.admit(done, total):
+            self._held = None
+            if self._send is not None:
+                self._send(done, total, note)
+        elif done < total:  # held back, not lost: sent once the interval has passed
+            self._held = (done, total, note)
+            if self._timer is None:
+                loop = asyncio.get_running_loop()
+                self._timer = loop.call_later(self.gate.due_in(), self._send_held)
+
+    def _send_held(self) -> None:
+        self._timer = None
+        held, self._held = self._held, None
+        if held is not None and self.gate.admit(held[0], held[1]):
+            self.gate.dropped -= 1  # counted when it was held back: sent after all
+            if self._send is not None:
+                self._send(*held)
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+
 class _ProgressGate:
     """Which of a task's progress reports go on to the daemon (and the coordinator): one
-    every PROGRESS_INTERVAL_S at most, and one at most that says the task is done.
+    every PROGRESS_INTERVAL_S at most, and one at most that says the task is done. (The
+    last one held back within an interval goes when it ends: Executor._run_on.)
 
     The worker's own throttle is code the task can bypass (it can write frames to the
     pipe itself): without this, each of a flood of frames would become a send.
@@ -844,3 +887,9 @@ class _ProgressGate:
             return False
         self._last = now
         return True
+
+    def due_in(self) -> float:
+        """Seconds until a report would be admitted again."""
+        if self._last is None:
+            return 0.0
+        return max(0.0, PROGRESS_INTERVAL_S - (self._clock() - self._last))

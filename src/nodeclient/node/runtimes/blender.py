@@ -653,9 +653,9 @@ class BlenderRuntime:
                 for p in out_dir.iterdir()
                 if p.suffix == _FRAME_SUFFIX and p.name not in seen
             )
-            for name in new:
-                seen.add(name)
-                progress(len(seen), total, f"frame {int(name[6:12])} saved")
+            if new:  # one report a look, of the latest frame: never one behind it
+                seen.update(new)
+                progress(len(seen), total, f"frame {int(new[-1][6:12])} saved")
                 last = now
             if finished:
                 return
