@@ -410,3 +410,26 @@ def test_a_node_that_never_linked_is_forgotten_after_a_day(start_coordinator, rs
         assert httpx.get(f"{running.url}/v1/nodes/{kept.node_id}").status_code == 200
     assert running.register(idle)["status"] == "registered"  # back: registered anew
     assert httpx.get(f"{running.url}/v1/nodes/{idle.node_id}").status_code == 200
+
+
+def test_the_node_list_comes_in_pages(coordinator: Running, rsa_keys) -> None:
+    """GET /v1/nodes is paged as GET /v1/jobs is (?limit=, a Link to the next page, in the
+    order the nodes registered): one request no longer builds the whole node table. The
+    client follows the pages; a cursor that is not one is a 400."""
+    nodes = [make_node(rsa_keys, i, wallet=Secp256k1Key.generate().address) for i in range(3)]
+    for node in nodes:
+        coordinator.register(node)
+    whole = [n["node_id"] for n in coordinator.client.nodes()]
+    assert sorted(whole) == sorted(n.node_id for n in nodes)
+    first = httpx.get(coordinator.url + "/v1/nodes?limit=2", timeout=10)
+    assert [n["node_id"] for n in first.json()] == whole[:2]
+    nxt = first.links["next"]["url"]
+    assert nxt.startswith("/v1/nodes?limit=2&after=")
+    second = httpx.get(coordinator.url + nxt, timeout=10)
+    assert [n["node_id"] for n in second.json()] == whole[2:]
+    assert "next" not in second.links
+    assert [n["node_id"] for n in coordinator.client.nodes(page=1)] == whole
+    for bad in ("x", "1.0,not-an-address", "nan," + whole[0], "1.0"):
+        answer = httpx.get(coordinator.url + "/v1/nodes", params={"after": bad}, timeout=10)
+        assert answer.status_code == 400, (bad, answer.text)
+    assert httpx.get(coordinator.url + "/v1/nodes?limit=0", timeout=10).status_code in (400, 422)

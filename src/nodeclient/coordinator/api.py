@@ -329,8 +329,21 @@ def range_refusal(header: str, size: int) -> JSONResponse | None:
 
 JOBS_PAGE: Final = 1000  # GET /v1/jobs: jobs per page unless ?limit= says otherwise
 MAX_JOBS_PAGE: Final = 10_000
+NODES_PAGE: Final = 1000  # GET /v1/nodes: nodes per page unless ?limit= says otherwise
+MAX_NODES_PAGE: Final = 10_000
 MAX_RAM_MB: Final = 16 << 20  # 16 TiB
 MAX_VRAM_MB: Final = 1 << 20  # 1 TiB
+
+
+def _node_cursor(text: str) -> tuple[float, str] | None:
+    """(registered_at, node_id) from a GET /v1/nodes cursor, or None if it is not one."""
+    registered, _, node_id = text.partition(",")
+    try:
+        value = float(registered)
+        address = to_checksum_address(parse_address(node_id, field="node_id"))
+    except (ValueError, SignatureError):
+        return None
+    return (value, address) if math.isfinite(value) else None
 
 
 def _job_cursor(text: str) -> tuple[float, str] | None:
@@ -467,8 +480,27 @@ def build_router(coord: Coordinator) -> APIRouter:  # noqa: PLR0915 (one route e
         response_model=None,
         responses=openapi.NODES,
     )
-    async def list_nodes() -> list[dict[str, Any]]:
-        return [node_json(r) for r in await coord.db.run(store.list_nodes)]
+    async def list_nodes(
+        request: Request,
+        limit: int = Query(default=NODES_PAGE, ge=1, le=MAX_NODES_PAGE),
+        after: str | None = Query(default=None, max_length=100),
+    ) -> Response:
+        cursor = None
+        if after is not None:
+            cursor = _node_cursor(after)
+            if cursor is None:
+                return error(400, "after must be the cursor a Link header gave")
+        rows = await coord.db.run(lambda s: store.list_nodes(s, limit=limit, after=cursor))
+        headers = {}
+        if len(rows) == limit:  # perhaps more: where the next page starts
+            last = rows[-1]
+            query = urlencode({"limit": limit, "after": f"{last.registered_at!r},{last.node_id}"})
+            headers["Link"] = f'<{_forwarded_prefix(request)}/v1/nodes?{query}>; rel="next"'
+        # Built off the event loop, which every link's heartbeats share: a page of
+        # thousands of nodes is a few hundred milliseconds of dictionaries and JSON.
+        return await coord.in_cpu(
+            lambda: JSONResponse([node_json(r) for r in rows], headers=headers)
+        )
 
     @router.get(
         "/v1/nodes/{node_id}",

@@ -167,9 +167,29 @@ class CoordinatorClient:
         )
         return result
 
-    def nodes(self) -> list[dict[str, Any]]:
-        result: list[dict[str, Any]] = self._json("GET", "/v1/nodes")
-        return result
+    def nodes(self, *, page: int | None = None) -> list[dict[str, Any]]:
+        """Every registered node, in the order they registered: GET /v1/nodes, page after
+        page (of *page* nodes; the coordinator's default otherwise) as its ``Link: <...>;
+        rel="next"`` headers lead; a next page read already is a RemoteProtocolError."""
+        path: str | None = "/v1/nodes" + (f"?{urlencode({'limit': page})}" if page else "")
+        out: list[dict[str, Any]] = []
+        read: set[str] = set()
+        while path is not None:
+            read.add(path)
+            response = self._request("GET", path)
+            batch = _decoded(response, path)
+            if not isinstance(batch, list) or not all(isinstance(n, dict) for n in batch):
+                raise RemoteProtocolError(f"coordinator: {path} did not answer a list of nodes")
+            out += batch
+            then = _next_page(response, self._prefix, "/v1/nodes") if batch else None
+            if then in read:
+                raise RemoteProtocolError(
+                    f'coordinator: GET {path}: its Link rel="next" leads to {then}, a page '
+                    "already read, so the listing would never end: it stops here; tell the "
+                    "coordinator's operator"
+                )
+            path = then
+        return out
 
     def node(self, node_id: str) -> dict[str, Any]:
         result: dict[str, Any] = self._json("GET", f"/v1/nodes/{node_id}")
@@ -353,19 +373,19 @@ def _job_path(job_id: str) -> str:
     return "/v1/jobs/" + urllib.parse.quote(job_id, safe="", errors="surrogatepass")
 
 
-def _next_page(response: httpx.Response, prefix: str = "") -> str | None:
-    """The path of the next page of GET /v1/jobs (under the client's base URL), from the
-    answer's ``Link: <...>; rel="next"``: ``</v1/jobs?...>``, or under *prefix*, the
-    coordinator URL's own path (``</coord/v1/jobs?...>``, from a coordinator a proxy
-    told its prefix), or a query-only reference (``<?limit=...>``, the same path). Only a
-    page of this coordinator's: a Link elsewhere is not followed."""
+def _next_page(response: httpx.Response, prefix: str = "", route: str = "/v1/jobs") -> str | None:
+    """The path of the next page of GET *route* (/v1/jobs or /v1/nodes, under the client's
+    base URL), from the answer's ``Link: <...>; rel="next"``: ``</v1/jobs?...>``, or under
+    *prefix*, the coordinator URL's own path (``</coord/v1/jobs?...>``, from a
+    coordinator a proxy told its prefix), or a query-only reference (``<?limit=...>``,
+    the same path). Only a page of this coordinator's: a Link elsewhere is not followed."""
     nxt = response.links.get("next", {}).get("url")
     if not isinstance(nxt, str):
         return None
     if nxt.startswith("?"):
-        return "/v1/jobs" + nxt
+        return route + nxt
     for start in dict.fromkeys((prefix, "")):
-        if nxt.startswith(start + "/v1/jobs?"):
+        if nxt.startswith(start + route + "?"):
             return nxt[len(start) :]
     return None
 

@@ -201,7 +201,10 @@ REGISTER: Final = answers(
         507: DISK_FULL,
     },
 )
-NODES: Final = answers({200: ("the nodes", list[NodeView])}, {})
+NODES: Final = answers(
+    {200: ("a page of nodes, in the order they registered; Link: the next page", list[NodeView])},
+    {400: "a bad limit or cursor"},
+)
 NODE: Final = answers(
     {200: ("the node", NodeView)},
     {400: "node_id is not an address", 404: "no such node"},

@@ -637,8 +637,15 @@ def forget_manifests_tx(session: Session, *, replaced_before: float, limit: int)
     return len(found)
 
 
-def list_nodes(session: Session) -> list[m.Node]:
-    return list(session.scalars(select(m.Node).order_by(m.Node.registered_at, m.Node.node_id)))
+def list_nodes(
+    session: Session, *, limit: int | None = None, after: tuple[float, str] | None = None
+) -> list[m.Node]:
+    """Nodes in the order they registered (then by id), from just after the node
+    *after* names (its registered_at and node_id), at most *limit*."""
+    query = select(m.Node)
+    if after is not None:
+        query = query.where(after_key(m.Node.registered_at, m.Node.node_id, after))
+    return list(session.scalars(query.order_by(m.Node.registered_at, m.Node.node_id).limit(limit)))
 
 
 # --- jobs and tasks ---------------------------------------------------------------------------
