@@ -8,7 +8,10 @@ What is compared, in the same process and run:
 * ours, copying: the same from an ``io.BufferedReader``, which is not sliced in place:
   the path of a file or socket, with one memcpy per chunk into the reused buffer;
 * raw floor: one RSA-OAEP unwrap plus ``AESGCM.decrypt_into`` of the very same chunks into
-  one reused buffer, with chunk offsets found before the clock starts.
+  one reused buffer, with chunk offsets found before the clock starts;
+* the node's path: ``open_envelope``, the whole plaintext in memory (the daemon hands it
+  to the task's worker whole), against a floor that decrypts the same chunks into one new
+  payload-sized buffer. Its peak is the payload plus a chunk, by design.
 
 ``ratio`` is raw time / our time (1.0 = no overhead; the target is >= 0.85). Peak memory
 is the tracemalloc peak of one extra run of each ``open_stream`` variant; the envelope itself is allocated
@@ -34,7 +37,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from nodeclient.protocol.envelope import DEFAULT_CHUNK_SIZE, open_stream, seal
+from nodeclient.protocol.envelope import DEFAULT_CHUNK_SIZE, open_envelope, open_stream, seal
 
 TASK = uuid.UUID("6f1c2a3e-9b0d-4c57-8e21-3d4f5a6b7c8d")
 NODE = "0x5aAeb6053F3E94C9b9A09f33669435E7Ef1BeAed"
@@ -131,9 +134,27 @@ def bench_envelope(
             dst = memoryview(out)[: ct_len - 16]
             aead.decrypt_into(view[pos : pos + 12], view[pos + 16 : pos + 16 + ct_len], aad, dst)
 
-    assert ours() == size == ours_copying()  # also warms up every path
+    def whole() -> bytes:
+        return open_envelope(env, private_key=key, task_id=TASK, node_id=NODE, now=EXPIRES)
+
+    def raw_whole() -> None:
+        aead = AESGCM(key.decrypt(wrapped, OAEP))
+        out = memoryview(bytearray(size))  # a new buffer each time, as each task's is
+        last, at = len(chunks) - 1, 0
+        for index, (pos, ct_len) in enumerate(chunks):
+            aad = digest + struct.pack(">QB", index, index == last)
+            end = at + ct_len - 16
+            aead.decrypt_into(
+                view[pos : pos + 12], view[pos + 16 : pos + 16 + ct_len], aad, out[at:end]
+            )
+            at = end
+
+    assert ours() == size == ours_copying() == len(whole())  # also warms up every path
     raw()
-    ours_s, copying_s, raw_s = _best_interleaved([ours, ours_copying, raw], repeats)
+    raw_whole()
+    ours_s, copying_s, raw_s, whole_s, raw_whole_s = _best_interleaved(
+        [ours, ours_copying, raw, whole, raw_whole], repeats
+    )
     peak = _peak(ours)
     peak_copying = _peak(ours_copying)
 
@@ -153,6 +174,10 @@ def bench_envelope(
         "ratio_copying": raw_s / copying_s,
         "peak_copying_bytes": peak_copying,
         "peak_copying_chunks": peak_copying / chunk_size,
+        "whole_s": whole_s,
+        "raw_whole_s": raw_whole_s,
+        "ratio_whole": raw_whole_s / whole_s,
+        "peak_whole_bytes": _peak(whole),
     }
 
 
@@ -181,6 +206,12 @@ def main() -> None:
             f"  raw/ours {ratio:.3f} ({verdict} 0.85)"
             f"  peak {peak / (1 << 20):.2f} MiB = {peak / r['chunk_size']:.2f} chunks"
         )
+    t = r["whole_s"]
+    print(
+        f"{'open_envelope (the node)':27}: {t * 1e3:7.1f} ms {size / (1 << 20) / t:7.0f} MiB/s"
+        f"  raw into one new buffer {r['raw_whole_s'] * 1e3:.1f} ms, raw/ours "
+        f"{r['ratio_whole']:.3f}  peak {r['peak_whole_bytes'] / (1 << 20):.1f} MiB (the payload)"
+    )
 
 
 if __name__ == "__main__":
