@@ -99,6 +99,37 @@ def test_offline_node_tasks_are_requeued(coordinator: Running, rsa_keys) -> None
     assert "went offline" in (task["reason"] or "")
 
 
+def test_a_link_made_while_the_silent_ones_leases_are_written_stays_up(
+    coordinator: Running, rsa_keys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The node links again while its silence is being handled (its leases written back
+    to the queue): only the silent link is closed 4005; the new one, authenticated, gets
+    the cancel of the task it lost and stays up."""
+    from nodeclient.coordinator import scheduler as scheduler_mod
+
+    node = make_node(rsa_keys, 0)
+    coordinator.register(node)
+    coordinator.link(node)
+    coordinator.client.submit_job("ai.inference", inference_payload(VALUES))
+    lost = node.recv()
+    writing = threading.Event()
+    real = scheduler_mod.node_lost_tx
+
+    def slow(*args: Any, **kwargs: Any) -> Any:
+        writing.set()
+        time.sleep(1.0)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(scheduler_mod, "node_lost_tx", slow)
+    coordinator.clock.advance(91)
+    assert writing.wait(RECV_TIMEOUT)
+    coordinator.link(node)  # while the leases are being written
+    assert node.ws is not None
+    frames, ended = _frames_until(node.ws, 2.0)
+    assert isinstance(ended, TimeoutError), ended  # still up, not closed 4005
+    assert ("cancel", lost["task_id"]) in [(f["type"], f.get("task_id")) for f in frames]
+
+
 def test_a_node_back_from_offline_is_told_to_drop_the_task_it_lost(
     coordinator: Running, rsa_keys
 ) -> None:

@@ -323,6 +323,7 @@ class Scheduler:
             log.warning("node.offline", extra={"node_id": node_id, "silent_s": round(silent, 1)})
             detail = f"node {node_id} went offline (no heartbeat for {silent:.0f} s)"
             max_attempts = coord.config.max_attempts
+            silent_link = coord.links.get(node_id)  # the one to close: not one made meanwhile
             try:
                 lost = await coord.db.run(
                     functools.partial(
@@ -342,9 +343,11 @@ class Scheduler:
             # still open (silent, not gone) stops the tasks it no longer holds, instead of
             # running them to their end with its slots busy while they count as free here.
             self._report_lost(lost, "task.requeued")
-            link = coord.links.get(node_id)
-            if link is not None:
-                coord.spawn(link.close(4005, f"offline: no heartbeat for {silent:.0f} s"), "close")
+            # Only the silent link: one the node made while the leases were written is up
+            # and authenticated (it replaced this one), and is left alone.
+            if silent_link is not None and coord.links.get(node_id) is silent_link:
+                reason = f"offline: no heartbeat for {silent:.0f} s"
+                coord.spawn(silent_link.close(4005, reason), "close")
         oldest = min(
             (rt.beat for rt in coord.runtime.values() if rt.online and rt.beat is not None),
             default=math.inf,
