@@ -164,6 +164,25 @@ def test_a_whole_body_sent_after_an_early_answer_leaves_the_connection_usable(
         assert sock.recv(65536).startswith(b"HTTP/1.1 200")
 
 
+def test_a_pipelined_request_whose_body_is_still_coming_is_not_cut(
+    coordinator: Running, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two requests in one write, the second's body not all sent: the first one's answer
+    is no early answer to the second (whose body its handler is still reading), so the
+    second is answered once its body comes, past the linger."""
+    monkeypatch.setattr(server, "UNREAD_BODY_LINGER_S", 0.5)
+    with _connect(coordinator) as sock:
+        sock.sendall(
+            b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+            b"POST /v1/nodes HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b'Content-Length: 10\r\n\r\n{"a"'
+        )
+        assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+        time.sleep(1.0)  # past the linger
+        sock.sendall(b":1}   ")
+        assert sock.recv(65536).startswith(b"HTTP/1.1 400")  # not a manifest: answered
+
+
 def test_a_connection_idle_after_an_early_answers_body_is_closed(
     coordinator: Running, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -133,8 +133,10 @@ class RequestHeadDeadline(HttpToolsProtocol):
     _linger_timer: asyncio.TimerHandle | None = None
 
     def on_response_complete(self) -> None:
+        # The cycle just answered; with pipelining, self.cycle may be the next request's
+        # already (its response not complete): that one is not this timer's to judge.
         cycle = getattr(self, "cycle", None)
-        unread = cycle is not None and cycle.more_body
+        unread = cycle is not None and cycle.response_complete and cycle.more_body
         super().on_response_complete()
         if unread and self._linger_timer is None and not self.transport.is_closing():
             self._linger_timer = self.loop.call_later(UNREAD_BODY_LINGER_S, self._close_now)
