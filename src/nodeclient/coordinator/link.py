@@ -571,6 +571,8 @@ class LinkSession:
         now = coord.now()
         was_online, was_unstaking = rt.online, rt.state == "UNSTAKING"
         rt.last_seq, rt.state, rt.last_seen, rt.online = seq, state, now, True
+        if was_unstaking != (state == "UNSTAKING"):
+            coord.roster_changed()  # now: a round during the awaits below reads it
         rt.beat = coord.monotonic()
         # Acknowledged before its commit only within UNSTORED_SEQS of the stored seq.
         wait = seq > rt.stored_seq + UNSTORED_SEQS
