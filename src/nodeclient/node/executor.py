@@ -322,6 +322,7 @@ class Executor:
             task.cancel()
         for slot in self._slots:
             slot.kill("shutdown")
+            slot.kill_leftovers()  # of a worker that exited by itself, not yet handled
             slot.close_shared()
             if slot.drain is not None:
                 slot.drain.cancel()

@@ -261,6 +261,7 @@ class Slot:
             self.kill("closed its stderr while idle")
         else:
             self.killed = "exited while idle"
+            self.kill_leftovers()  # now, as its exit is handled: not at the next task
         log.warning(
             "worker.exited_idle",
             extra={
