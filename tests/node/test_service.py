@@ -689,3 +689,12 @@ def test_a_coordinator_the_daemon_would_refuse_is_warned_about(
     err = capsys.readouterr().err
     assert rc == 0 and err.startswith(f"nodeclient: warning: {cfg}: ")
     assert 'set coordinator = "https://' in err
+
+
+def test_an_empty_home_flag_is_refused_not_taken_for_the_default(tmp_path: Path, capsys) -> None:
+    """`service install --home "$DIR"` with DIR unset: refused (exit 2, no unit), as every
+    other command refuses an empty --home, rather than a unit for /var/lib/nodeclient."""
+    path = tmp_path / "nodeclient.service"
+    assert main(["service", "install", "--home", "", "--output", str(path)]) == 2
+    assert not path.exists()
+    assert "--home is empty" in capsys.readouterr().err

@@ -221,6 +221,8 @@ def cmd_service_install(args: argparse.Namespace) -> int:
     exe = Path(args.executable) if args.executable else service.find_executable()
     # Only the --home flag, not $NODECLIENT_HOME: that names this shell's home, while the
     # unit's must be a state directory under /var/lib.
+    if args.home == "":  # `--home "$DIR"` with DIR unset: as every other command refuses it
+        raise UsageError("--home is empty: give the unit's home directory, or leave --home out")
     home = Path(args.home) if args.home else service.DEFAULT_HOME
     code = service.code_paths_for(exe, ours=args.executable is None)
     opts = service.UnitOptions(executable=exe, user=args.user, home=home, code_paths=code)
