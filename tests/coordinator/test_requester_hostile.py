@@ -209,7 +209,7 @@ def test_submit_prints_the_job_id_it_is_given_with_its_control_characters_escape
     evil = "\x1b]0;owned\x07\x1b[2J/../../nodes?x="
     job = {"job_id": evil, "workload_class": "ai.inference", "status": "queued", "tasks": []}
     fake.answer("/v1/jobs", 201, job)
-    polled = "/v1/jobs/" + urllib.parse.quote(evil, safe="")
+    polled = "/v1/jobs/" + urllib.parse.quote(evil, safe="").replace(".", "%2E")
     fake.answer(polled, 200, {**job, "status": "succeeded"})
     # Any file is a payload here: the fake takes whatever is posted.
     args = ["submit", "--class", "ai.inference", "--payload", __file__, "--wait"]
@@ -218,3 +218,34 @@ def test_submit_prints_the_job_id_it_is_given_with_its_control_characters_escape
     assert "\x1b" not in out and "\x07" not in out
     assert out == printable(evil) + "\n"
     assert fake.asked == ["/v1/jobs", polled + "?tasks=none"]
+
+
+@pytest.mark.parametrize("given", [".", "..", "../v1/jobs", "a/b?c"])
+def test_an_id_a_coordinator_gave_is_one_path_segment_whatever_it_holds(given: str) -> None:
+    """A job or task id comes from the coordinator (`submit --wait` polls the id it was
+    given; `verify` fetches each listed task's result): a `.` or `..` in it, which an HTTP
+    client resolves against the path before it, a `/` or a `?` never make the request
+    another route. Each request goes to one segment under its own route."""
+    import httpx
+
+    from nodeclient.coordinator.client import CoordinatorClient
+
+    asked: list[bytes] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        asked.append(request.url.raw_path)
+        return httpx.Response(404, json={"error": "no such job"})
+
+    client = CoordinatorClient("http://c.example", transport=httpx.MockTransport(answer))
+    for call in (client.job, client.cancel_job, client.task_result):
+        with pytest.raises(Exception):  # noqa: B017 (a 404 of each kind: not the subject)
+            call(given)
+    jobs, cancel, task = asked
+    for path, route, tail in (
+        (jobs, b"/v1/jobs/", b""),
+        (cancel, b"/v1/jobs/", b"/cancel"),
+        (task, b"/v1/tasks/", b"/result"),
+    ):
+        assert path.startswith(route) and path.endswith(tail), path
+        segment = path[len(route) : len(path) - len(tail)]
+        assert b"/" not in segment and b"?" not in segment and b"." not in segment, path

@@ -342,7 +342,10 @@ class CoordinatorClient:
         return size
 
     def task_result(self, task_id: str) -> bytes:
-        return self._request("GET", f"/v1/tasks/{task_id}/result", limit=MAX_BLOB_ANSWER).content
+        """GET /v1/tasks/{task_id}/result (the id as the coordinator listed it: one path
+        segment, whatever it holds)."""
+        path = f"/v1/tasks/{_segment(task_id)}/result"
+        return self._request("GET", path, limit=MAX_BLOB_ANSWER).content
 
 
 _JOB_FIELDS: Final = ("job_id", "workload_class", "status")
@@ -370,7 +373,14 @@ def _job_path(job_id: str) -> str:
     """/v1/jobs/{job_id}, the id one path segment whatever it holds: it may be the
     coordinator's own answer (``submit --wait`` polls the id it was given), and a ``/``,
     ``?`` or ``..`` in it must not make it another route of the coordinator's."""
-    return "/v1/jobs/" + urllib.parse.quote(job_id, safe="", errors="surrogatepass")
+    return "/v1/jobs/" + _segment(job_id)
+
+
+def _segment(text: str) -> str:
+    """*text* as one path segment: every character but letters, digits, ``-``, ``_`` and
+    ``~`` percent-encoded, dots too (``quote`` keeps them, and an HTTP client resolves a
+    segment of ``.`` or ``..`` against the path before it)."""
+    return urllib.parse.quote(text, safe="", errors="surrogatepass").replace(".", "%2E")
 
 
 def _next_page(response: httpx.Response, prefix: str = "", route: str = "/v1/jobs") -> str | None:
