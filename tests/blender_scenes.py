@@ -197,6 +197,31 @@ def build(out, variant):
         scene.use_nodes = True
         file_output(scene.node_tree, "FO", out + ".fileout/").mute = True
         keyframe(scene, 'node_tree.nodes["FO"].mute', 0.0)
+    if variant == "stamp-pointer":  # the stamp, reached through a Render Layers node
+        scene.use_nodes = True
+        r = scene.render
+        r.use_stamp_date = r.use_stamp_time = r.use_stamp_hostname = True
+        keyframe(scene, 'node_tree.nodes["Render Layers"].scene.render.use_stamp', 1.0)
+    if variant == "stamp-tree-pointer":  # the same, keyframed on the compositor's tree
+        scene.use_nodes = True
+        scene.render.use_stamp_hostname = True
+        keyframe(scene.node_tree, 'nodes["Render Layers"].scene.render.use_stamp', 1.0)
+    if variant == "exposure":  # an animated view transform: the requester's, pins nothing
+        keyframe(scene, "view_settings.exposure", 0.5)
+    if variant == "nocam-composited":  # the compositor renders a scene with no camera
+        scene.use_nodes = True
+        other = bpy.data.scenes.new("Other")
+        other.render.engine = "CYCLES"
+        tree = scene.node_tree
+        layers = tree.nodes.new("CompositorNodeRLayers")
+        layers.scene = other
+        mix = tree.nodes.new("CompositorNodeMixRGB")
+        tree.links.new(tree.nodes["Render Layers"].outputs["Image"], mix.inputs[1])
+        tree.links.new(layers.outputs["Image"], mix.inputs[2])
+        tree.links.new(mix.outputs[0], tree.nodes["Composite"].inputs["Image"])
+    if variant == "cachename":  # a cloth disk cache, named by a marker the test rewrites
+        cloth = bpy.data.objects["cube"].modifiers.new("cloth", "CLOTH")
+        cloth.point_cache.name = "CACHENAMEMARKER00"  # 17 bytes, as "../../../../tmp/x"
     if variant == "badname":
         scene.view_layers[0].name = "ViewLayer\nError: Out of memory"
     if variant == "rigidbody":
@@ -215,7 +240,11 @@ def build(out, variant):
         bpy.ops.rigidbody.object_add()
         scene.rigidbody_world.point_cache.frame_start = 1
         scene.frame_current = 1
-    bpy.ops.wm.save_as_mainfile(filepath=out, compress=True)
+    # uncompressed where the test rewrites bytes of it
+    bpy.ops.wm.save_as_mainfile(filepath=out, compress=variant != "cachename")
+    if variant == "cachename":  # a disk cache needs a saved file
+        bpy.data.objects["cube"].modifiers["cloth"].point_cache.use_disk_cache = True
+        bpy.ops.wm.save_mainfile(compress=False)
     if variant == "textured":  # now that the file has a folder, "//" means that folder
         bpy.data.images["checker"].filepath = "//textures/checker.png"
         bpy.ops.wm.save_mainfile(compress=True)

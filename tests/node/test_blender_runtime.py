@@ -42,7 +42,8 @@ def scene_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         directory,
         ("cube", "empty", "external", "textured", "autoexec", "stereo", "stereo-sbs",
          "layers", "rigidbody", "badname", "denoise", "stamp", "timelimit", "fileout",
-         "fileout-unmuted", "geomute", "movie", "idprop", "customprop", "fileout-scene"),
+         "fileout-unmuted", "geomute", "movie", "idprop", "customprop", "fileout-scene",
+         "stamp-pointer", "stamp-tree-pointer", "exposure", "nocam-composited", "cachename"),
     )  # fmt: skip
     return directory
 
@@ -268,6 +269,9 @@ def test_compositor_denoise_nodes_are_muted(scenes, tmp_path: Path) -> None:
         ("idprop", '["cycles"]["samples"]'),  # the same settings, as ID properties
         ("fileout-scene", 'node_tree.nodes["FO"].mute'),  # from the scene, not its tree
         ("fileout-unmuted", 'nodes["FO"].mute'),
+        # through a pointer: a Render Layers node's scene, from the scene or its tree
+        ("stamp-pointer", 'node_tree.nodes["Render Layers"].scene.render.use_stamp'),
+        ("stamp-tree-pointer", 'nodes["Render Layers"].scene.render.use_stamp'),
     ],
 )
 def test_a_scene_that_animates_a_pinned_setting_is_refused(
@@ -282,6 +286,38 @@ def test_a_scene_that_animates_a_pinned_setting_is_refused(
     with pytest.raises(RemoteProtocolError, match=refused):
         _runtime().run(_payload(scenes[variant], frames=(1, 1)), workdir=tmp_path)
     assert not (scene_dir / f"{variant}.blend.fileout").exists()
+
+
+def test_an_animated_view_transform_is_the_scenes_own(scenes, tmp_path: Path) -> None:
+    """An animated exposure (colour management, not a pinned setting, and reached with no
+    pointer to another data-block) is the requester's animation: the scene renders."""
+    frame = _frame(_runtime(), _payload(scenes["exposure"], frames=(1, 1)), tmp_path, 1)
+    assert frame.shape == (HEIGHT, WIDTH, 4)
+
+
+def test_a_composited_scene_blender_cannot_render_is_the_requesters_fault(
+    scenes, tmp_path: Path
+) -> None:
+    """The compositor's second Render Layers node renders a scene with no camera: Blender
+    would stop with "Cannot render, no camera" on every node, which read as a node's
+    crash, charged to three nodes before the job failed. It is refused as the request's."""
+    refused = "the compositor renders scene 'Other', which has no active camera"
+    with pytest.raises(RemoteProtocolError, match=re.escape(refused)):
+        _runtime().run(_payload(scenes["nocam-composited"], frames=(1, 1)), workdir=tmp_path)
+
+
+def test_a_point_cache_named_as_a_path_is_refused(scenes, tmp_path: Path) -> None:
+    """A disk cache's files are named after the cache: a name that is a path (which
+    Blender's interface never makes, a file edited by hand may) would write outside the
+    slice's directory. Refused, naming it."""
+    marker, evil = b"CACHENAMEMARKER00", b"../../../../tmp/x"
+    assert len(marker) == len(evil) and marker in scenes["cachename"]
+    # named as Blender names it, the same disk cache renders (its empty path is no file)
+    frame = _frame(_runtime(), _payload(scenes["cachename"], frames=(1, 1)), tmp_path, 1)
+    assert frame.shape == (HEIGHT, WIDTH, 4)
+    scene = scenes["cachename"].replace(marker, evil)
+    with pytest.raises(RemoteProtocolError, match="point cache names must not be paths"):
+        _runtime().run(_payload(scene, frames=(1, 1)), workdir=tmp_path)
 
 
 def test_an_animated_mute_outside_the_compositor_is_the_scenes_own(scenes, tmp_path: Path) -> None:

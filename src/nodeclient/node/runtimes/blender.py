@@ -139,7 +139,8 @@ allowed = {os.path.realpath(os.path.join(base, path)) for path in cfg.get("asset
 external = [
     path
     for path in bpy.utils.blend_paths(absolute=True, packed=False, local=False)
-    if os.path.realpath(path) not in allowed
+    # (an empty path: a disk cache of the file's own, named below, not a file's)
+    if path and os.path.realpath(path) not in allowed
 ]
 if external:
     reject(
@@ -215,6 +216,67 @@ COMPOSITING = [s.node_tree for s in bpy.data.scenes if s.node_tree is not None]
 COMPOSITING += [g for g in bpy.data.node_groups if g.bl_idname == "CompositorNodeTree"]
 pinned = {p for s in bpy.data.scenes for p in _animated(s) if _pinned(p)}
 pinned |= {p for t in COMPOSITING for p in _animated(t) if p.endswith(".mute")}
+
+# The same settings reached through a pointer: a compositor's Render Layers node points at
+# a scene (``nodes["Render Layers"].scene.render.use_stamp``), so any data-block's
+# animation can write them. Every animated path of every data-block is read step by
+# step, and one that passes into another data-block (but its own embedded node tree), or
+# into render, image format, view layer or Cycles settings, is refused. A path that does
+# not resolve writes nothing.
+PINNED_STRUCTS = {
+    "RenderSettings", "ImageFormatSettings", "ViewLayer", "CyclesRenderSettings",
+    "CyclesRenderLayerSettings", "BakeSettings", "FFmpegSettings", "RenderView",
+    "Stereo3dFormat",
+}
+
+
+def _steps(path):  # the path's prefixes, each ending before a "." or "[" outside quotes
+    quote = None
+    for i, ch in enumerate(path):
+        if quote is not None:
+            if ch == quote and path[i - 1] != "\\":
+                quote = None
+        elif ch in "\"'":
+            quote = ch
+        elif ch in ".[" and i > 0:
+            yield path[:i]
+
+
+def _crosses(owner, path):
+    for step in _steps(path):
+        try:
+            value = owner.path_resolve(step)
+        except (ValueError, TypeError, AttributeError):
+            return False  # does not resolve: Blender writes nothing through it either
+        if isinstance(value, bpy.types.ID):
+            if value != owner and not getattr(value, "is_embedded_data", False):
+                return True
+        elif isinstance(value, bpy.types.bpy_struct):
+            if value.rna_type.identifier in PINNED_STRUCTS:
+                return True
+    return False
+
+
+def _data_blocks():  # every data-block, and the node trees embedded in them
+    for name in dir(bpy.data):
+        collection = getattr(bpy.data, name, None)
+        if not isinstance(collection, bpy.types.bpy_prop_collection):
+            continue
+        for block in collection:
+            if isinstance(block, bpy.types.ID):
+                yield block
+                tree = getattr(block, "node_tree", None)
+                if isinstance(tree, bpy.types.ID) and tree is not block:
+                    yield tree
+
+
+pinned |= {
+    path
+    for block in _data_blocks()
+    if getattr(block, "animation_data", None) is not None
+    for path in _animated(block)
+    if _crosses(block, path)
+}
 if pinned:
     reject(
         "the scene animates settings the node pins (keyframes or drivers on "
@@ -293,6 +355,46 @@ if scene.camera is None:
     reject("the scene has no active camera")
 if not any(layer.use for layer in scene.view_layers):
     reject("the scene has no view layer enabled for rendering")
+# A compositor's Render Layers node renders its own scene: one Blender cannot render
+# (no camera, no view layer) would stop the render on every node alike, the requester's.
+if scene.use_nodes and scene.node_tree is not None and scene.render.use_compositing:
+    for node in scene.node_tree.nodes:
+        used = getattr(node, "scene", None) if node.type == "R_LAYERS" else None
+        if used is None or used == scene or node.mute:
+            continue
+        if used.camera is None:
+            reject("the compositor renders scene %r, which has no active camera" % used.name)
+        if not any(layer.use for layer in used.view_layers):
+            reject("the compositor renders scene %r, which has no view layer enabled" % used.name)
+
+
+# Point caches (cloth, soft bodies, particles, rigid bodies, dynamic paint) written to
+# disk are named blendcache_<file>/<name>_NNNNNN_SS.bphys: a name that is a path would
+# write outside the slice's directory. Blender's interface cleans the name; a file made
+# by hand need not be.
+def _point_caches():
+    for ob in bpy.data.objects:
+        for md in ob.modifiers:
+            yield getattr(md, "point_cache", None)
+            canvas = getattr(md, "canvas_settings", None)
+            for surface in getattr(canvas, "canvas_surfaces", ()) if canvas else ():
+                yield surface.point_cache
+        for system in ob.particle_systems:
+            yield system.point_cache
+    for sc in bpy.data.scenes:
+        world = sc.rigidbody_world
+        yield None if world is None else world.point_cache
+
+
+bad_caches = [
+    cache.name
+    for pc in _point_caches()
+    if pc is not None
+    for cache in pc.point_caches
+    if "/" in cache.name or "\\" in cache.name or ".." in cache.name
+]
+if bad_caches:
+    reject("point cache names must not be paths: " + ", ".join(repr(n) for n in bad_caches[:5]))
 # Blender renders the slice's frames after this script: the command line goes on with
 # -s/-e (the slice's first and last frame, set on this scene) and -a. Unbaked simulations
 # (rigid bodies, cloth, particles) advance one frame at a time from the scene's first
