@@ -1,11 +1,13 @@
 """The result outbox: commit latency next to the raw durable write, and pruning a long history.
 
     python bench/outbox.py [--rows 50000]
+    python bench/outbox.py --sizes      # where a result should stop being a row
 
-1. Commit (record, sign, fsync) of a 1 KiB result (a row of ``outbox_results``) and of a
-   512 KiB result (a file beside the database), medians, each next to the raw limit
-   measured in the same run: a 1 KiB ``pwrite`` + ``fdatasync`` of an existing file, and a
-   512 KiB write + ``fsync`` of a new file, rename and directory ``fsync``.
+1. Commit (record, sign with a secp256k1 key as the daemon does, fsync) of a 1 KiB result
+   (a row of ``outbox_results``) and of a 512 KiB result (a file beside the database),
+   medians, each next to the raw limit measured in the same run, the samples alternating:
+   a 1 KiB ``pwrite`` + ``fdatasync`` of an existing file, and a 512 KiB write + ``fsync``
+   of a new file, rename and directory ``fsync``.
 2. Pruning: an outbox holding ``--rows`` acknowledged 1 KiB results (a node that has run
    for a while) drops them all by retention while another thread keeps asking for an
    entry every millisecond, as the daemon's event loop does at each dispatch. Printed:
@@ -29,28 +31,46 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from nodeclient.node import outbox as outbox_module
 from nodeclient.node.outbox import Outbox
+from nodeclient.protocol import eip712
+from nodeclient.protocol.secp import Secp256k1Key
 
+KEY = Secp256k1Key.generate()
 MESSAGE = {"task_id": "0x" + "00" * 16, "proof": "0x" + "11" * 32, "result_size": 1024}
 
 
+def sign(message: dict[str, object]) -> bytes:
+    """What the daemon's commit signs with: the Result message, by the node key."""
+    return eip712.sign_typed(
+        KEY, "Result", eip712.message_from_json("Result", message), chain_id=31337
+    )
+
+
 def commit(box: Outbox, result: bytes, task_id: uuid.UUID | None = None) -> uuid.UUID:
-    task_id = task_id or uuid.uuid4()
+    task_id, job_id = task_id or uuid.uuid4(), uuid.uuid4()
+    message = {
+        "task_id": "0x" + task_id.hex, "job_id": "0x" + job_id.hex, "node_id": KEY.address,
+        "proof": "0x" + "11" * 32, "result_size": len(result), "completed_at": int(time.time()),
+    }  # fmt: skip
     box.commit_result(
-        task_id=task_id, job_id=uuid.uuid4(), workload_class="ai.inference", slice_index=None,
-        kind="result", result=result, proof=b"p" * 32, message=MESSAGE, received_at=1.0,
-        completed_at=time.time(), sign=lambda _m: b"s" * 65,
+        task_id=task_id, job_id=job_id, workload_class="ai.inference", slice_index=None,
+        kind="result", result=result, proof=b"p" * 32, message=message, received_at=1.0,
+        completed_at=time.time(), sign=sign,
     )  # fmt: skip
     return task_id
 
 
-def median_ms(fn: Callable[[], object], n: int) -> float:
-    samples = []
+def medians_ms(fns: list[Callable[[], object]], n: int) -> list[float]:
+    """The median of *n* runs of each of *fns*, their runs alternating (a drift of the
+    disk's speed, large on this machine, meets each alike)."""
+    samples: list[list[float]] = [[] for _ in fns]
     for _ in range(n):
-        t0 = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - t0)
-    return statistics.median(samples) * 1e3
+        for i, fn in enumerate(fns):
+            t0 = time.perf_counter()
+            fn()
+            samples[i].append(time.perf_counter() - t0)
+    return [statistics.median(s) * 1e3 for s in samples]
 
 
 def raw_small(path: Path) -> Callable[[], None]:
@@ -91,10 +111,8 @@ def bench_commit(home: Path, n: int) -> None:
         box.mark_acked(commit(box, small), status="accepted", reason="", at=time.time())
     (home / "raw").mkdir()
     floor_small, floor_large = raw_small(home / "raw" / "small"), raw_large(home / "raw")
-    ours_s = median_ms(lambda: commit(box, small), n)
-    raw_s = median_ms(floor_small, n)
-    ours_l = median_ms(lambda: commit(box, large), n // 2)
-    raw_l = median_ms(floor_large, n // 2)
+    ours_s, raw_s = medians_ms([lambda: commit(box, small), floor_small], n)
+    ours_l, raw_l = medians_ms([lambda: commit(box, large), floor_large], n // 2)
     box.close()
     print(
         f"commit 1 KiB result     {ours_s:6.3f} ms   raw pwrite+fdatasync        {raw_s:6.3f} ms"
@@ -169,12 +187,51 @@ def bench_prune(home: Path, rows: int) -> None:
     )
 
 
+SIZES_KIB = (64, 96, 128, 192, 256, 512)
+
+
+def bench_sizes(home: Path, n: int) -> None:
+    """The commit of results of each size as a row and as a file (INLINE_MAX set above or
+    below the size), alternating, *n* each, a 2 ms pause between: mean (SQLite's WAL
+    checkpoints included, which the median hides), median and max, in ms."""
+    rows, files = Outbox(home / "rows.db"), Outbox(home / "files.db")
+    for box in (rows, files):
+        for _ in range(300):  # the WAL at its working size
+            box.mark_acked(commit(box, b"w" * 1024), status="accepted", reason="", at=time.time())
+    print("size      row: mean  median  max       file: mean  median  max")
+    real = outbox_module.INLINE_MAX
+    try:
+        for kib in SIZES_KIB:
+            data = os.urandom(kib << 10)
+            taken: dict[str, list[float]] = {"row": [], "file": []}
+            for _ in range(n):
+                for kind, box, inline in (("row", rows, kib << 10), ("file", files, 0)):
+                    outbox_module.INLINE_MAX = inline  # at or above the size: a row
+                    t0 = time.perf_counter()
+                    commit(box, data)
+                    taken[kind].append((time.perf_counter() - t0) * 1e3)
+                    time.sleep(0.002)
+            cells = [
+                f"{statistics.mean(t):7.3f} {statistics.median(t):7.3f} {max(t):5.1f} ms"
+                for t in (taken["row"], taken["file"])
+            ]
+            print(f"{kib:3d} KiB     {cells[0]}      {cells[1]}")
+    finally:
+        outbox_module.INLINE_MAX = real
+        rows.close()
+        files.close()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=50_000)
     parser.add_argument("--n", type=int, default=200, help="commits per median")
+    parser.add_argument("--sizes", action="store_true", help="rows against files, by size")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR", "/var/tmp")) as tmp:
+        if args.sizes:
+            bench_sizes(Path(tmp), args.n)
+            return
         (Path(tmp) / "a").mkdir()
         bench_commit(Path(tmp) / "a", args.n)
         (Path(tmp) / "b").mkdir()
