@@ -321,6 +321,22 @@ class HostileRuntime:
             os._exit(9)
         return f"left a child {pid}" if order.get("say_pid") else "left a child"
 
+    def do_leave_grandchild(self, order: dict[str, Any], workdir: Path, progress: Any) -> str:
+        """A double fork: the grandchild is no child of the worker's (init adopts it) but
+        stays in its process group."""
+        child = os.fork()
+        if child == 0:
+            if os.fork() == 0:
+                os.closerange(0, 65536)
+                Path(order["pid_file"]).write_text(str(os.getpid()))
+                time.sleep(60)
+            os._exit(0)
+        os.waitpid(child, 0)
+        deadline = time.monotonic() + 5
+        while not Path(order["pid_file"]).exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return "left a grandchild"
+
 
 _REMEMBERED: list[str] = []  # what do_remember kept, for as long as the worker lives
 _KEPT: list[int] = []  # the descriptors do_keep_memory kept open

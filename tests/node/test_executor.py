@@ -106,11 +106,14 @@ def test_worker_answers_first_and_reports_its_clean_up_after(tmp_path: Path) -> 
     """The result frame is written before the task directory is emptied; a clean frame
     follows once it is. The worker runs in a child of this process, as a worker is its
     own process: its check for processes a task left running counts every child of the
-    process it runs in, and this one has others (the workers of other tests' executors)."""
+    process it runs in, and this one has others (the workers of other tests' executors),
+    and every other process in its process group: the child takes a group of its own, as
+    a worker has."""
     pid = os.fork()
     if pid == 0:
         status = 1
         try:
+            os.setpgid(0, 0)
             _answers_first_then_cleans(tmp_path)
             status = 0
         except BaseException:  # the child reports any failure by its status
@@ -319,6 +322,33 @@ def test_unsandboxed_a_process_left_behind_ends_with_its_worker(tmp_path: Path, 
     while psutil.pid_exists(child) and psutil.Process(child).status() != psutil.STATUS_ZOMBIE:
         assert time.monotonic() < end, "the task's child still runs"
         time.sleep(0.05)
+
+
+def test_unsandboxed_a_grandchild_left_in_the_workers_group_taints_it(tmp_path: Path) -> None:
+    """A task double-forks: its grandchild is no child of the worker's, so the worker
+    found nothing left and was kept for the job's next task, the grandchild running on
+    beside it. Anything left in the worker's process group taints it: it is replaced,
+    and the grandchild ends with it, before the next task runs."""
+    executor = make_executor(tmp_path / "home", mode="unsandboxed")
+    pid_file = tmp_path / "grandchild.pid"
+
+    async def scenario() -> tuple[int, bool]:
+        try:
+            await executor.warm_up()
+            order = json.dumps({"do": "leave_grandchild", "pid_file": str(pid_file)}).encode()
+            assert await executor.run(HOSTILE, order, job_id="job-1") == b'"left a grandchild"'
+            echo = json.dumps({"do": "echo", "data": "x"}).encode()
+            assert await executor.run(HOSTILE, echo, job_id="job-1") == b"x"
+            grandchild = int(pid_file.read_text())
+            gone = not psutil.pid_exists(grandchild) or (
+                psutil.Process(grandchild).status() == psutil.STATUS_ZOMBIE
+            )
+            return grandchild, gone
+        finally:
+            await executor.aclose()
+
+    grandchild, gone = asyncio.run(scenario())
+    assert gone, f"the task's grandchild {grandchild} still runs beside the next task"
 
 
 def test_bodies_over_the_shared_size_still_cross_the_pipe(tmp_path: Path) -> None:

@@ -454,10 +454,30 @@ class Worker:
             if pid == 0:
                 return True  # a child still runs
         if not self.sandboxed:
-            return False
+            # A process the task double-forked is no child of this one's (init adopted it),
+            # but stays in its process group, which the daemon kills with it.
+            return _others_in_my_group()
         # In the sandbox's PID namespace: pid 1 is bubblewrap's init, the rest is the task's.
         mine = {1, os.getpid()}
         return any(name.isdigit() and int(name) not in mine for name in os.listdir("/proc"))
+
+
+def _others_in_my_group() -> bool:
+    """Whether a live process other than this one is in this process's group (read from
+    /proc: each process's stat names its group after its command, whose name, in
+    parentheses, may hold anything)."""
+    me, group = os.getpid(), os.getpgrp()
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) == me:
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as stat:
+                fields = stat.read().rsplit(b")", 1)[1].split()
+        except (OSError, IndexError):  # gone meanwhile, or unreadable: not ours
+            continue
+        if len(fields) > 2 and fields[2] == str(group).encode() and fields[0] != b"Z":
+            return True
+    return False
 
 
 def _memory_holders() -> frozenset[tuple[int, str, int]]:
