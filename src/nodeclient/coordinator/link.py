@@ -227,6 +227,7 @@ class LinkSession:
         # on this link until then, and the heartbeats before it (None once done).
         self._sent_here: set[str] | None = set()
         self._owed: dict[str, None] = {}  # dispatches sent on this link, not yet answered
+        self._holds: frozenset[bytes] = frozenset()  # the tasks its last heartbeat listed
         self._beats_seen = 0
         self._strays_checked = False  # at the first heartbeat (_cancel_strays)
         self._attached_at = math.inf
@@ -512,7 +513,13 @@ class LinkSession:
         return False
 
     def _progress(self, frame: messages.ProgressFrame) -> None:
-        """Remember a running task's progress; the jobs API shows it while it is leased."""
+        """Remember a running task's progress; the jobs API shows it while it is leased.
+        Only of a task this link dispatched (not yet answered) or the node's last
+        heartbeat says it holds: reports on any other id would only take memory (up to
+        two a slot, of the slots the node declares), shown nowhere."""
+        task_id = frame.task_id
+        if str(task_id) not in self._owed and task_id.bytes not in self._holds:
+            return
         info = self.coord.nodes.get(self.node_id)
         slots = info.max_parallel_subtasks if info is not None else 1
         entry = {"done": frame.done, "total": frame.total, "note": frame.note}
@@ -571,6 +578,7 @@ class LinkSession:
         now = coord.now()
         was_online, was_unstaking = rt.online, rt.state == "UNSTAKING"
         rt.last_seq, rt.state, rt.last_seen, rt.online = seq, state, now, True
+        self._holds = frozenset(msg["running_tasks"])  # as sent: raw ids (progress checks)
         if was_unstaking != (state == "UNSTAKING"):
             coord.roster_changed()  # now: a round during the awaits below reads it
         rt.beat = coord.monotonic()
