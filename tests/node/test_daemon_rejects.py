@@ -465,6 +465,33 @@ def test_a_full_backlog_of_unacknowledged_results_refuses_new_work(tmp_path: Pat
     assert daemon.outbox.backlog() == 2
 
 
+def test_the_backlogs_of_all_coordinators_together_are_bounded_too(tmp_path: Path) -> None:
+    """A coordinator that comes back under another id starts a backlog of its own, and the
+    old one's results wait until they are abandoned: each id's up to
+    max_unacknowledged_results could fill the disk between them. Past
+    ALL_BACKLOGS_FACTOR times that, all coordinators' together, no work is taken."""
+    from nodeclient.node.dispatch import ALL_BACKLOGS_FACTOR
+
+    daemon, _, link = make_daemon(tmp_path)
+    daemon.retention = dataclasses.replace(daemon.retention, max_unacknowledged=2)
+    for old in range(ALL_BACKLOGS_FACTOR):  # 2 each: full for each old id, none for ours
+        for _ in range(2):
+            task = RunningTask(
+                uuid.uuid4(), uuid.uuid4(), "ai.inference", None, time.time(),
+                coordinator_id=f"coordinator-{old}",
+            )  # fmt: skip
+            daemon._commit(task, b"a result never acknowledged")
+    daemon.session.coordinator_id = "coordinator-now"
+    link.frames.clear()
+    task_id, lease = uuid.uuid4(), later()
+    asyncio.run(daemon._on_frame(dispatch(daemon, task_id, lease)))
+    (refused,) = link.frames
+    assert_refuses(
+        refused, daemon, task_id, lease, f"outbox backlog full: {2 * ALL_BACKLOGS_FACTOR} results"
+    )
+    assert "coordinators this node is not linked to" in refused["message"]["reason"]
+
+
 def test_a_task_killed_at_its_deadline_counts_once_and_the_totals_survive_a_restart(
     tmp_path: Path,
 ) -> None:

@@ -18,7 +18,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 from cryptography.hazmat.primitives.asymmetric import rsa
 
@@ -37,6 +37,10 @@ if TYPE_CHECKING:
     from nodeclient.node.runtimes.onnx import ModelCache
 
 log = logging.getLogger("nodeclient.node")
+# Results awaiting acknowledgement from every coordinator together, as a multiple of
+# max_unacknowledged_results (which bounds the linked coordinator's own): past it, no work
+# is taken, so that coordinators that change their id cannot fill the disk between them.
+ALL_BACKLOGS_FACTOR: Final = 4
 _T = TypeVar("_T")
 
 
@@ -263,6 +267,15 @@ class TaskDispatcher(ResultDelivery):
                 f"outbox backlog full: {waiting} results await the coordinator's "
                 "acknowledgement (max_unacknowledged_results); they are sent again at each "
                 "reconnect, and every few minutes while the backlog is full"
+            )
+        # All coordinators' together: one that comes back under a new id starts a backlog
+        # of its own, and the old one's results wait until they are abandoned (30 days).
+        everyone = self.outbox.backlog()
+        if everyone >= ALL_BACKLOGS_FACTOR * self.retention.max_unacknowledged:
+            return (
+                f"outbox backlog full: {everyone} results await acknowledgement, most of "
+                "them from coordinators this node is not linked to (they are closed as "
+                "abandoned after abandon_results_after_days)"
             )
         if d.lease_expires_at < coordinator_now:  # on its clock, not ours
             return "lease already expired"
