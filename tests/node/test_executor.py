@@ -1016,6 +1016,17 @@ def test_a_lease_renewed_while_the_task_waits_for_a_slot_counts(node: Node) -> N
     node.wait(sleeper)
 
 
+def test_a_renewal_for_a_task_that_never_ran_goes_with_it(tmp_path: Path) -> None:
+    """A lease renewed while its task decrypts or fetches its inputs is kept for the run;
+    when the task ends before it (a failed decryption or fetch), its release drops it (it
+    stayed, up to a bound, one entry for each such task)."""
+    executor = make_executor(tmp_path / "home")
+    assert executor.extend("never-ran", time.monotonic() + 30)
+    assert "never-ran" in executor._extended
+    executor.release("never-ran")
+    assert executor._extended == {}
+
+
 def test_a_task_waiting_for_a_slot_fails_at_its_deadline(node: Node) -> None:
     """With the only slot busy, a task waits for it no longer than its deadline."""
     sleeper = _occupy_the_slot(node, seconds=3)

@@ -383,7 +383,10 @@ class Executor:
             self._reserved[str(task_id)] = ram
 
     def release(self, task_id: object) -> None:
+        """The task is over, whether it ran or not: what it reserved, and a renewal kept
+        for a run that never started (a failed decryption or input fetch), go."""
         self._reserved.pop(str(task_id), None)
+        self._extended.pop(str(task_id), None)
 
     def _promised_bytes(self, *, before: str | None = None) -> int:
         """What the reserved tasks declared and have not yet taken: all of it for a task
