@@ -14,7 +14,7 @@ from nodeclient.protocol import eip712
 from nodeclient.protocol import manifest as mf
 from nodeclient.protocol.secp import Secp256k1Key
 from nodeclient.protocol.states import UNSTAKE_COOLDOWN_S
-from tests.coordinator.conftest import CHAIN, START, Running, make_node
+from tests.coordinator.conftest import CHAIN, START, Running, make_node, run_inference_job
 
 
 def _post(running: Running, body: object) -> httpx.Response:
@@ -390,16 +390,17 @@ def test_a_node_is_forgotten_only_once_its_manifests_cannot_be_registered(
 def test_a_node_that_never_linked_is_forgotten_after_a_day(start_coordinator, rsa_keys) -> None:
     """Registration takes no token: a registration never followed by a link is dropped a
     day later, not held (in memory too) for the whole --node-retention-days; a node that
-    linked stays for that, and one registered since stays too."""
+    did work stays for that, and one registered since stays too."""
     running = start_coordinator(blob_sweep_interval=0.05, node_retention=30 * 86400.0)
     idle, linked = make_node(rsa_keys, 0), make_node(rsa_keys, 1)
     late = make_node(rsa_keys, 2, wallet="0x" + "22" * 20)  # the first wallet holds two
     running.register(idle)
     running.register(linked)
     assert running.link(linked)["type"] == "welcome"
+    run_inference_job(running, linked, [1.0, 2.0])
     running.clock.advance(20 * 3600)
     running.register(late)
-    running.clock.advance(5 * 3600)  # idle: 25 h, late: 5 h, linked: 25 h but linked
+    running.clock.advance(5 * 3600)  # idle: 25 h, late: 5 h, linked: 25 h but it worked
     end = time.monotonic() + 10
     while idle.node_id in running.coord.nodes:
         assert time.monotonic() < end, "the node that never linked was not forgotten"
@@ -410,6 +411,34 @@ def test_a_node_that_never_linked_is_forgotten_after_a_day(start_coordinator, rs
         assert httpx.get(f"{running.url}/v1/nodes/{kept.node_id}").status_code == 200
     assert running.register(idle)["status"] == "registered"  # back: registered anew
     assert httpx.get(f"{running.url}/v1/nodes/{idle.node_id}").status_code == 200
+
+
+def test_a_node_that_linked_and_never_worked_is_forgotten_a_day_after_it_was_seen(
+    start_coordinator, rsa_keys
+) -> None:
+    """A link is one handshake: a node that linked (and beat) but has no accepted result
+    on record is forgotten a day after it was last seen, not held, in memory too, for the
+    whole --node-retention-days; one that did work is kept for that."""
+    running = start_coordinator(blob_sweep_interval=0.05, node_retention=30 * 86400.0)
+    idle = make_node(rsa_keys, 0, wallet=Secp256k1Key.generate().address)
+    worker = make_node(rsa_keys, 1, wallet=Secp256k1Key.generate().address)
+    for node in (idle, worker):
+        running.register(node)
+        running.link(node)
+    # (its heartbeat says UNSTAKING: no dispatch, so the job is the other node's)
+    assert idle.call(idle.heartbeat(state="UNSTAKING"))["type"] == "heartbeat_ack"
+    run_inference_job(running, worker, [1.0, 2.0])
+    for node in (idle, worker):
+        assert node.ws is not None
+        node.ws.close()
+    running.clock.advance(25 * 3600)
+    end = time.monotonic() + 10
+    while idle.node_id in running.coord.nodes:
+        assert time.monotonic() < end, "the node that never worked was not forgotten"
+        time.sleep(0.02)
+    time.sleep(0.2)  # a few more sweeps
+    assert httpx.get(f"{running.url}/v1/nodes/{worker.node_id}").status_code == 200
+    assert idle.node_id not in running.coord.runtime
 
 
 def test_the_node_list_comes_in_pages(coordinator: Running, rsa_keys) -> None:

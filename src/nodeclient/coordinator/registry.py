@@ -40,7 +40,9 @@ from nodeclient.protocol.states import UNSTAKE_COOLDOWN_S
 
 log = logging.getLogger("nodeclient.coordinator.registry")
 _FORGET_BATCH = 500  # nodes (or manifests) deleted a transaction (store.forget_nodes_tx)
-UNLINKED_RETENTION_S = 86400.0  # a node registered and never linked: forgotten after a day
+# A node with no accepted result on record (registered and never linked, or linked and
+# never worked), neither seen nor registered for a day: forgotten then.
+UNLINKED_RETENTION_S = 86400.0
 MANIFEST_GRACE_S: Final = 3600.0  # a manifest replaced is kept at least this long
 
 
@@ -294,11 +296,12 @@ async def register(coord: Coordinator, manifest: object) -> Reply:
 
 async def forget_nodes(coord: Coordinator) -> int:
     """Delete the nodes not seen for ``node_retention`` (0: never) that hold no lease, in
-    batches, and sooner, after UNLINKED_RETENTION_S, those that registered and never
-    linked (registration takes no token: a flood of fresh wallets' registrations would
-    otherwise be held, in memory too, for the whole retention); how many. A node that
-    comes back registers again (its link is refused 4003, and the daemon registers on
-    that), under the sybil policy of the day."""
+    batches, and sooner, after UNLINKED_RETENTION_S, those with no accepted result on
+    record: registered and never linked, or linked and never worked (registration takes
+    no token, and a link one handshake: a flood of fresh wallets' nodes would otherwise be
+    held, in memory too, for the whole retention); how many. A node that comes back
+    registers again (its link is refused 4003, and the daemon registers on that), under
+    the sybil policy of the day."""
     retention = coord.config.node_retention
     if not retention:
         return 0
@@ -310,8 +313,10 @@ async def forget_nodes(coord: Coordinator) -> int:
         # Linked nodes, and those seen since (the database learns of heartbeats in
         # batches: a node that linked a moment ago may have no last_seen there yet), stay
         # whatever their row says.
+        # (Within the shorter window: the database's last_seen, in step but for the last
+        # few seconds, keeps a node seen since the longer one that did work.)
         keep = set(coord.links)
-        keep.update(n for n, rt in coord.runtime.items() if (rt.last_seen or 0) >= cutoff)
+        keep.update(n for n, rt in coord.runtime.items() if (rt.last_seen or 0) >= unlinked)
         ids, more = await coord.db.run(
             functools.partial(
                 store.forget_nodes_tx,

@@ -579,8 +579,9 @@ def forget_nodes_tx(
     issued_before: float | None = None,
 ) -> tuple[list[str], str | None]:
     """Delete the nodes neither seen nor registered (or updated) since *seen_before*, and
-    those that never linked and were registered (or updated) before *unlinked_before*,
-    with their wallet proofs: of the first *limit* such nodes by node_id after *after*,
+    those with no accepted result on record (never linked, or linked and never worked)
+    neither seen nor registered (or updated) since *unlinked_before*, with their wallet
+    proofs: of the first *limit* such nodes by node_id after *after*,
     those not in *keep* (linked now) and holding no lease, and, with *issued_before*,
     whose manifest was issued before it. Returns the ids deleted and the key to go on
     from (None: no more). Tasks and equivocations keep naming a deleted node: its
@@ -591,7 +592,17 @@ def forget_nodes_tx(
         m.Node.updated_at < seen_before,  # nor registered since
     )
     if unlinked_before is not None:
-        gone = or_(gone, and_(m.Node.last_seen.is_(None), m.Node.updated_at < unlinked_before))
+        worked = (
+            select(m.Task.task_id)
+            .where(m.Task.node_id == m.Node.node_id, m.Task.status == m.SUCCEEDED)
+            .exists()
+        )
+        idle = and_(
+            func.coalesce(m.Node.last_seen, 0.0) < unlinked_before,
+            m.Node.updated_at < unlinked_before,
+            ~worked,
+        )
+        gone = or_(gone, idle)
     if issued_before is not None:
         gone = and_(gone, m.Node.issued_at < issued_before)
     found = list(
