@@ -219,6 +219,9 @@ def test_a_cancel_after_the_work_is_done_does_not_stop_its_result(tmp_path: Path
         ("history_retention_days = -1\n", "history_retention_days"),
         ("history_retention_days = nan\n", "history_retention_days"),
         ("history_retention_days = 36501\n", "history_retention_days"),
+        ("history_max_rows = -1\n", "history_max_rows"),
+        ("history_max_rows = 1.5\n", "history_max_rows"),
+        ("history_max_rows = true\n", "history_max_rows"),
     ],
 )
 def test_retention_settings_are_validated(tmp_path: Path, line: str, error: str) -> None:
@@ -234,6 +237,7 @@ def test_retention_settings_are_read(tmp_path: Path) -> None:
     config = load_config(tmp_path)
     assert (config.result_retention_hours, config.result_retention_mb) == (0.5, 0)
     assert config.history_retention_days == 180.0
+    assert config.history_max_rows == 2_000_000
     (tmp_path / "config.toml").write_text(WALLET + "history_retention_days = 0\n")
     assert load_config(tmp_path).history_retention_days == 0  # kept for ever
     # Never shorter than the results' period (a config from before the key had up to a

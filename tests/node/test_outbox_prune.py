@@ -211,3 +211,27 @@ def test_a_stop_set_from_another_thread_ends_a_prune_under_way(tmp_path) -> None
     (dropped,) = done
     assert 0 < dropped < n
     assert held_in_db(path) == (n - dropped, box.held_bytes(), n - dropped)
+
+
+def test_forget_keeps_at_most_max_rows_oldest_answered_first(tmp_path) -> None:
+    """A busy node's 180 days of history rows (about 1 KB each) would be many gigabytes:
+    with max_rows, the oldest answered rows whose results are gone go while the outbox
+    holds more rows than that, whatever their age. Rows still holding a result, or not
+    yet answered, are never among them, and the totals keep counting what went."""
+    box = Outbox(tmp_path / "o.db")
+    answered = [uuid.uuid4() for _ in range(6)]
+    for i, t in enumerate(answered):
+        commit(box, t, b"r")
+        box.mark_acked(t, status="accepted", reason="", at=100.0 + i)
+    assert box.prune(acked_before=1e9, keep_bytes=0) == 6  # their results are gone
+    held, waiting = uuid.uuid4(), uuid.uuid4()
+    commit(box, held, b"r")
+    box.mark_acked(held, status="accepted", reason="", at=50.0)  # older, result still held
+    commit(box, waiting, b"r")  # never answered
+    assert box.forget(acked_before=0.0, max_rows=5) == 3  # 8 rows: the 3 oldest forgettable go
+    left = {e.task_id for e in box.history()}
+    assert left == {*answered[3:], held, waiting}
+    assert box.counts()["completed"] == 7
+    assert box.forget(acked_before=0.0, max_rows=5) == 0  # at the cap: nothing more
+    assert box.forget(acked_before=0.0, max_rows=0) == 0  # no cap, nothing old enough
+    box.close()

@@ -132,6 +132,7 @@ def _run(args: argparse.Namespace) -> int:
             seconds=config.result_retention_hours * 3600.0,
             bytes=config.result_retention_mb << 20,
             history_seconds=config.history_retention_days * 86400.0,
+            history_max_rows=config.history_max_rows,
             max_unacknowledged=config.max_unacknowledged_results,
             abandon_seconds=config.abandon_results_after_days * 86400.0,
         ),

@@ -46,6 +46,7 @@ _EXPECTED: Final[dict[str, tuple[tuple[type, ...], str]]] = {
     "result_retention_hours": (_NUMBER, "a number (hours)"),
     "result_retention_mb": ((int,), "an integer"),
     "history_retention_days": (_NUMBER, "a number (days)"),
+    "history_max_rows": ((int,), "an integer"),
     "max_unacknowledged_results": ((int,), "an integer"),
     "abandon_results_after_days": (_NUMBER, "a number (days)"),
 }
@@ -57,6 +58,13 @@ _PERIODS: Final = (
     ("result_retention_hours", 24 * 365, ""),
     ("history_retention_days", 36500, " (keep for ever)"),
     ("abandon_results_after_days", 36500, " (keep for ever)"),
+)
+
+# Counts: (key, the least it may be, the most (None: no bound), what its error says it must be)
+_COUNTS: Final = (
+    ("result_retention_mb", 0, None, "a whole number >= 0"),
+    ("history_max_rows", 0, None, "a whole number >= 0 (0: no cap)"),
+    ("max_unacknowledged_results", 1, 1_000_000, "between 1 and 1000000"),
 )
 
 
@@ -75,6 +83,8 @@ class NodeConfig:
     result_retention_hours: float = 72.0  # acknowledged results' bytes, then history only
     result_retention_mb: int = 4096  # and at most this much of them, oldest dropped first
     history_retention_days: float = 180.0  # then their history rows too (0: kept for ever)
+    # and at most this many rows (about 1 KB each), oldest acknowledged first (0: no cap)
+    history_max_rows: int = 2_000_000
     max_unacknowledged_results: int = 256  # past this many, new work is refused
     # unacknowledged results of a coordinator other than the linked one: then closed
     abandon_results_after_days: float = 30.0  # (0: kept for ever)
@@ -105,18 +115,14 @@ class NodeConfig:
             check_coordinator_url(self.coordinator)
         if not isinstance(self.allow_unsandboxed, bool):
             raise UsageError("allow_unsandboxed must be true or false")
-        if (
-            isinstance(self.result_retention_mb, bool)
-            or not isinstance(self.result_retention_mb, int)
-            or self.result_retention_mb < 0
-        ):
-            raise UsageError("result_retention_mb must be a whole number >= 0")
-        if (
-            isinstance(self.max_unacknowledged_results, bool)
-            or not isinstance(self.max_unacknowledged_results, int)
-            or not 1 <= self.max_unacknowledged_results <= 1_000_000
-        ):
-            raise UsageError("max_unacknowledged_results must be between 1 and 1000000")
+        for name, low, high, said in _COUNTS:
+            value = getattr(self, name)
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int)
+                or not low <= value <= (high if high is not None else value)
+            ):
+                raise UsageError(f"{name} must be {said}")
         for name, high, zero in _PERIODS:
             if not _number_within(getattr(self, name), 0, high):
                 raise UsageError(f"{name} must be between 0{zero} and {high}")

@@ -17,6 +17,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import logging
+import math
 import random
 import sqlite3
 import threading
@@ -259,10 +260,12 @@ class NodeDaemon(LinkClient):
                     damaged=damaged,
                 )
                 forgotten = 0
-                if self.retention.history_seconds > 0:
+                if self.retention.history_seconds > 0 or self.retention.history_max_rows > 0:
+                    period = self.retention.history_seconds
                     forgotten = await self._prune_step(
                         self.outbox.forget,
-                        acked_before=self.clock.now() - self.retention.history_seconds,
+                        acked_before=self.clock.now() - period if period > 0 else -math.inf,
+                        max_rows=self.retention.history_max_rows,
                         damaged=damaged,
                     )
             except Exception as exc:  # noqa: BLE001 (logged; the next round tries again)

@@ -71,6 +71,7 @@ import dataclasses
 import errno
 import json
 import logging
+import math
 import os
 import sqlite3
 import threading
@@ -148,6 +149,7 @@ class Retention:
     bytes: int = 4096 << 20
     every: float = 3600.0  # how often prune runs (and once at start)
     history_seconds: float = 180 * 86400.0
+    history_max_rows: int = 2_000_000  # (``history_max_rows``; 0: no cap)
     # Results awaiting acknowledgement are never dropped, so past this many new work is
     # refused (``max_unacknowledged_results``): a coordinator that takes results and never
     # acknowledges them cannot fill the disk.
@@ -672,11 +674,14 @@ class Outbox:
         self,
         *,
         acked_before: float,
+        max_rows: int = 0,
         stop: threading.Event | None = None,
         damaged: list[str] | None = None,
     ) -> int:
         """Delete the history rows of entries answered before *acked_before* whose result
-        bytes are already gone (pruned, or a lost entry's file removed), in batches.
+        bytes are already gone (pruned, or a lost entry's file removed), in batches; with
+        *max_rows*, the oldest such rows too while the outbox holds more rows than that
+        (each is about 1 KB: a busy node's 180 days would be many gigabytes).
 
         The status totals keep counting them (``outbox_forgotten``). A forgotten task that
         a coordinator dispatched again would be run again: that is why the history period
@@ -685,6 +690,8 @@ class Outbox:
         number is never forgotten, and described in *damaged*.
         """
         forgotten = 0
+        if max_rows > 0:
+            acked_before = max(acked_before, self._row_cap_cutoff(max_rows))
         while not _stopped(stop):
             with self._lock:
                 batch = self._db.execute(
@@ -953,6 +960,24 @@ class Outbox:
         except (TypeError, ValueError, AttributeError):
             return None
         return node_id if isinstance(node_id, str) else None
+
+    def _row_cap_cutoff(self, max_rows: int) -> float:
+        """The answer time before which forgettable rows go so that at most *max_rows*
+        rows stay (-inf: none need to): just past the time of the oldest rows over it."""
+        with self._lock:
+            (rows,) = self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()
+            if rows <= max_rows:
+                return float("-inf")
+            row = self._db.execute(
+                "SELECT acked_at FROM outbox INDEXED BY outbox_pending "
+                "WHERE acked_at IS NOT NULL AND held = 0 AND result_file IS NULL "
+                "ORDER BY acked_at LIMIT 1 OFFSET ?",
+                (rows - max_rows - 1,),
+            ).fetchone()
+        if row is None:  # fewer forgettable rows than the excess: all of them
+            return float("inf")
+        at = row[0]
+        return math.nextafter(float(at), math.inf) if isinstance(at, int | float) else float("-inf")
 
     def unstake(self, coordinator_url: str) -> tuple[str, int] | None:
         """(coordinator_id, end of the cooldown) of the unstake the coordinator at
