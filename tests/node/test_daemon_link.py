@@ -769,6 +769,43 @@ def test_an_error_after_the_result_is_committed_is_never_answered_with_a_reject(
     assert [e.task_id for e in daemon.outbox.pending()] == [task_id]
 
 
+def test_a_results_slot_is_free_while_its_send_waits_on_the_link(tmp_path: Path) -> None:
+    """The result is committed (the backlog holds it) and its send waits on a stalled
+    link: the task's slot is free and the node IDLE meanwhile, not EXECUTING with the
+    slot busy until the send returns (up to the link's keepalive, some 90 s), refusing
+    work as over capacity."""
+
+    class Stalled(Capture):
+        def __init__(self) -> None:
+            super().__init__()
+            self.go = asyncio.Event()
+
+        async def send(self, data: str) -> None:
+            if json.loads(data)["type"] == "result":
+                await self.go.wait()
+            await super().send(data)
+
+    daemon = make_daemon(tmp_path, executor=Answers)
+    link = Stalled()
+    daemon._ws = link  # type: ignore[assignment]
+    task_id = uuid.uuid4()
+
+    async def run() -> tuple[int, NodeState, int]:
+        handle = await dispatched(daemon, task_id)
+        for _ in range(500):  # until the commit is done and the send waits
+            if daemon.outbox.get(task_id) is not None and not daemon.running:
+                break
+            await asyncio.sleep(0.01)
+        seen = (len(daemon.running), daemon.state.state, daemon.outbox.backlog())
+        link.go.set()
+        await asyncio.wait((handle,), timeout=10)
+        return seen
+
+    running, state, backlog = asyncio.run(run())
+    assert (running, state, backlog) == (0, NodeState.IDLE, 1)
+    assert [f["type"] for f in link.frames] == ["result"]
+
+
 # --- reconnect backoff ---------------------------------------------------------------------
 
 

@@ -377,12 +377,16 @@ class TaskDispatcher(ResultDelivery):
                 self._free_slot(task)
 
     async def _finish(self, task: RunningTask, result: bytes) -> None:
-        """Record, sign and send a finished task's result (2.3.6, 2.3.7)."""
+        """Record, sign and send a finished task's result (2.3.6, 2.3.7). Once the commit
+        has ended, however, the task's slot is free, before anything is sent: a send may
+        wait on a slow or stalled link, and the result, or the refusal, no longer needs
+        the slot (the backlog holds what was committed)."""
         try:
             entry = await self._off_loop(self._commit, task, result)
         except OutboxCorrupt as exc:  # its row, of an earlier lease, is damaged: never re-sign
             log.error("outbox.result_missing", extra={"error": str(exc)})
             self._task_ended(task, "failed")
+            self._free_slot(task)
             await self._reject(
                 task.task_id,
                 "this node's stored result for the task is damaged",
@@ -396,12 +400,14 @@ class TaskDispatcher(ResultDelivery):
             # out if it is not there.
             log.error("outbox.commit_uncertain", extra={"error": str(exc)})
             self._task_ended(task, "failed")
+            self._free_slot(task)
             return
         except (OSError, sqlite3.Error) as exc:  # a full disk, or failed before its commit
             # Nothing was recorded, signed or sent: refuse, so the task goes elsewhere
             # now rather than when its lease runs out.
             log.error("outbox.commit_failed", extra={"error": str(exc)})
             self._task_ended(task, "failed")
+            self._free_slot(task)
             await self._reject(
                 task.task_id,
                 f"node could not store the result durably: {exc}"[: messages.MAX_REASON],
@@ -414,26 +420,29 @@ class TaskDispatcher(ResultDelivery):
             await self._after_commit_error(task, exc)
             return
         self._task_ended(task, "completed")
+        self._free_slot(task)
         await self._deliver(entry)
 
     async def _after_commit_error(self, task: RunningTask, exc: Exception) -> None:
         """The commit raised something no branch of _finish expects (a signing bug, a
         MemoryError): a result stored and signed is sent; none stored is refused (signed,
         so the task goes elsewhere now, not when its lease runs out); with the outbox
-        unreadable, nothing is said, as for a commit that may be on disk."""
+        unreadable, nothing is said, as for a commit that may be on disk. The slot is
+        free at once, as after any commit (_finish)."""
         try:
             entry = self.outbox.get(task.task_id)
         except Exception:  # noqa: BLE001 (unknown: a reject could contradict a result)
             self._task_ended(task, "failed")
+            self._free_slot(task)
             return
         if entry is not None:
-            if entry.signature is None:  # signed and sent by a later commit of it only
-                self._task_ended(task, "failed")
-                return
-            self._task_ended(task, "completed")
-            await self._deliver(entry)
+            self._task_ended(task, "failed" if entry.signature is None else "completed")
+            self._free_slot(task)
+            if entry.signature is not None:  # (unsigned: signed and sent by a later commit)
+                await self._deliver(entry)
             return
         self._task_ended(task, "failed")
+        self._free_slot(task)
         await self._reject(
             task.task_id,
             f"internal error: {type(exc).__name__}",
