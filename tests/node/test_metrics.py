@@ -8,6 +8,7 @@ that the numbers move as jobs execute.
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import sys
@@ -86,6 +87,7 @@ def test_state_is_one_hot_and_link_gauges_follow_status() -> None:
         value(s, "node_state", state="IDLE") == 1 and value(s, "node_state", state="EXECUTING") == 0
     )
     assert value(s, "link_up") == 0
+    assert math.isnan(value(s, "heartbeat_rtt_seconds"))  # not the gone link's last one
 
 
 def test_task_counter_and_duration_histogram() -> None:

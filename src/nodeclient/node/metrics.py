@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import signal
 import subprocess
@@ -146,8 +147,9 @@ class NodeMetrics:
             self.node_state.labels(state=state.value).set(1 if status["state"] == state else 0)
         link = status["link"]
         self.link_up.set(1 if link["status"] == "up" else 0)
-        if link.get("rtt_ms") is not None:
-            self.heartbeat_rtt.set(float(link["rtt_ms"]) / 1000)
+        # NaN without a link: its last round trip was the gone link's, not this one's
+        rtt = link.get("rtt_ms")
+        self.heartbeat_rtt.set(math.nan if rtt is None else float(rtt) / 1000)
         self.outbox_backlog.set(int(status["outbox_backlog"]))
         self.results_held.set(int(status.get("results_held_bytes", 0)))
         self.running.set(len(status["running"]))
