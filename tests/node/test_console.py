@@ -92,6 +92,10 @@ def test_shows_state_link_counters_and_backlog() -> None:
     assert "completed 12 · failed 1 · rejected 2 · timed out 3" in out
     assert "4 awaiting acknowledgement" in out
     assert "node 0x1234…5678" in out
+    from nodeclient.node.cli_status import status_lines  # and plain `status`, all four too
+
+    totals = next(line for line in status_lines(status()) if line.startswith("totals"))
+    assert "12 completed, 1 failed, 2 rejected, 3 timed out, 4 awaiting" in totals
 
 
 def test_fits_80x24_and_never_wraps() -> None:

@@ -102,7 +102,8 @@ def status_lines(st: dict[str, Any]) -> list[str]:
         out.append(f"  {t['task_id']}  {t['workload_class']}  {t['seconds']}s{done}")
     out.append(
         f"totals       {st['completed']} completed, {st['failed']} failed, "
-        f"{st['rejected']} rejected, {st['outbox_backlog']} awaiting acknowledgement"
+        f"{st['rejected']} rejected, {st.get('timed_out', 0)} timed out, "
+        f"{st['outbox_backlog']} awaiting acknowledgement"
     )
     out.append(f"uptime       {_duration(st['uptime_s'])}")
     if st.get("unstaking_until") is not None:
