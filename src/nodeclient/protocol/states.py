@@ -7,7 +7,8 @@ a state: it is reported beside the state (``link: up | down | connecting``), bec
 node that loses its link keeps running its tasks and keeps its place in the cycle.
 
 =========  ============================================================================
-READY      registered and awaiting its first dispatch since the daemon started
+READY      awaiting its first dispatch since the daemon started (whether it has
+           registered and linked yet is the link's to say, beside the state)
 EXECUTING  running at least one dispatched task or slice
 IDLE       had work, finished all of it; no active work, back in the READY pool
 UNSTAKING  the 7-day cooldown after a signed Unstake: no new dispatches are accepted;
