@@ -657,6 +657,9 @@ def test_a_stop_hands_back_the_tasks_still_running_after_the_grace_signed(
     (refused,) = frames
     assert refused["type"] == "reject" and refused["message"]["task_id"] == "0x" + task_id.hex
     assert refused["message"]["reason"].startswith("draining: node shutting down")
+    assert refused["message"]["reason"].endswith(
+        "within 0.2 s" if stop == "grace" else "before a second stop signal ended the grace"
+    )
     assert refused["lease_expires_at"] == json.loads(dispatched)["lease_expires_at"]
     assert recover(refused) == daemon.node_id
     assert RunsUntilCancelled.cancelled == [task_id]  # its worker is killed

@@ -394,11 +394,17 @@ class NodeDaemon(LinkClient):
             task.stop_reason = "node shutting down: handed back"
             handle.cancel()
             self._task_ended(task, "cancelled")
+        # (a second stop signal cuts the grace short: the reason says which ended it)
+        waited = (
+            "before a second stop signal ended the grace"
+            if self._hurry.is_set()
+            else f"within {self.shutdown_grace:g} s"
+        )
         for task, _ in left:
             await self._reject(
                 task.task_id,
                 f"{messages.DRAINING_PREFIX}node shutting down: the task did not finish "
-                f"within {self.shutdown_grace:g} s",
+                f"{waited}",
                 job_id=task.job_id,
                 lease_expires_at=task.lease_expires_at,
             )
