@@ -403,8 +403,7 @@ class NodeDaemon(LinkClient):
         for task, _ in left:
             await self._reject(
                 task.task_id,
-                f"{messages.DRAINING_PREFIX}node shutting down: the task did not finish "
-                f"{waited}",
+                f"{messages.DRAINING_PREFIX}node shutting down: the task did not finish {waited}",
                 job_id=task.job_id,
                 lease_expires_at=task.lease_expires_at,
             )
