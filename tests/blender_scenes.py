@@ -206,6 +206,11 @@ def build(out, variant):
         scene.use_nodes = True
         scene.render.use_stamp_hostname = True
         keyframe(scene.node_tree, 'nodes["Render Layers"].scene.render.use_stamp', 1.0)
+    if variant == "stamp-backslash":  # the same, the node named so that its key ends in \\
+        scene.use_nodes = True
+        scene.render.use_stamp_hostname = True
+        scene.node_tree.nodes["Render Layers"].name = "R\\"
+        keyframe(scene, 'node_tree.nodes["R\\\\"].scene.render.use_stamp', 1.0)
     if variant == "exposure":  # an animated view transform: the requester's, pins nothing
         keyframe(scene, "view_settings.exposure", 0.5)
     if variant == "nocam-composited":  # the compositor renders a scene with no camera

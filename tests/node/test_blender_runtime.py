@@ -43,7 +43,8 @@ def scene_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         ("cube", "empty", "external", "textured", "autoexec", "stereo", "stereo-sbs",
          "layers", "rigidbody", "badname", "denoise", "stamp", "timelimit", "fileout",
          "fileout-unmuted", "geomute", "movie", "idprop", "customprop", "fileout-scene",
-         "stamp-pointer", "stamp-tree-pointer", "exposure", "nocam-composited", "cachename"),
+         "stamp-pointer", "stamp-tree-pointer", "stamp-backslash", "exposure",
+         "nocam-composited", "cachename"),
     )  # fmt: skip
     return directory
 
@@ -272,6 +273,8 @@ def test_compositor_denoise_nodes_are_muted(scenes, tmp_path: Path) -> None:
         # through a pointer: a Render Layers node's scene, from the scene or its tree
         ("stamp-pointer", 'node_tree.nodes["Render Layers"].scene.render.use_stamp'),
         ("stamp-tree-pointer", 'nodes["Render Layers"].scene.render.use_stamp'),
+        # a key ending in an escaped backslash (a node named R\), read as a closed key
+        ("stamp-backslash", 'node_tree.nodes["R\\\\"].scene.render.use_stamp'),
     ],
 )
 def test_a_scene_that_animates_a_pinned_setting_is_refused(

@@ -231,19 +231,27 @@ PINNED_STRUCTS = {
 
 
 def _steps(path):  # the path's prefixes, each ending before a "." or "[" outside quotes
-    quote = None
+    quote, escaped = None, False
     for i, ch in enumerate(path):
-        if quote is not None:
-            if ch == quote and path[i - 1] != "\\":
+        if quote is not None:  # in a quoted key: a backslash escapes the next character
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == quote:
                 quote = None
         elif ch in "\"'":
             quote = ch
         elif ch in ".[" and i > 0:
             yield path[:i]
+    if quote is not None:  # a key never closed: not a path this check can read
+        yield None
 
 
 def _crosses(owner, path):
     for step in _steps(path):
+        if step is None:
+            return True  # unreadable: refused (it may still reach something)
         try:
             value = owner.path_resolve(step)
         except (ValueError, TypeError, AttributeError):
