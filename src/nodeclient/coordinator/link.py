@@ -227,7 +227,10 @@ class LinkSession:
         # on this link until then, and the heartbeats before it (None once done).
         self._sent_here: set[str] | None = set()
         self._owed: dict[str, None] = {}  # dispatches sent on this link, not yet answered
-        self._holds: frozenset[bytes] = frozenset()  # the tasks its last heartbeat listed
+        # Tasks dispatched on an earlier link that the node still holds, as its first
+        # heartbeat here named them and the database confirmed (_cancel_strays): their
+        # progress is kept, as that of the tasks dispatched on this link (_owed).
+        self._holds: frozenset[bytes] = frozenset()
         self._beats_seen = 0
         self._strays_checked = False  # at the first heartbeat (_cancel_strays)
         self._attached_at = math.inf
@@ -514,9 +517,10 @@ class LinkSession:
 
     def _progress(self, frame: messages.ProgressFrame) -> None:
         """Remember a running task's progress; the jobs API shows it while it is leased.
-        Only of a task this link dispatched (not yet answered) or the node's last
-        heartbeat says it holds: reports on any other id would only take memory (up to
-        two a slot, of the slots the node declares), shown nowhere."""
+        Only of a task this link dispatched (not yet answered), or one dispatched before
+        that the node still holds (its first heartbeat on this link named it, and it is
+        not a stray): reports on any other id would only take memory (up to two a slot,
+        of the slots the node declares), shown nowhere."""
         task_id = frame.task_id
         if str(task_id) not in self._owed and task_id.bytes not in self._holds:
             return
@@ -578,7 +582,6 @@ class LinkSession:
         now = coord.now()
         was_online, was_unstaking = rt.online, rt.state == "UNSTAKING"
         rt.last_seq, rt.state, rt.last_seen, rt.online = seq, state, now, True
-        self._holds = frozenset(msg["running_tasks"])  # as sent: raw ids (progress checks)
         if was_unstaking != (state == "UNSTAKING"):
             coord.roster_changed()  # now: a round during the awaits below reads it
         rt.beat = coord.monotonic()
@@ -613,6 +616,8 @@ class LinkSession:
         ids = [str(uuid.UUID(bytes=b)) for b in running_tasks]
         node_id = self.node_id
         strays = await self.coord.db.run(lambda s: strays_tx(s, node_id, ids))
+        gone = set(strays)
+        self._holds = frozenset(uuid.UUID(t).bytes for t in ids if t not in gone)
         if strays:
             log.info("link.strays_cancelled", extra={"node_id": node_id, "tasks": strays[:20]})
         cancel_leases(self.coord, ((node_id, t) for t in strays), "lease ended")
