@@ -235,3 +235,11 @@ def test_forget_keeps_at_most_max_rows_oldest_answered_first(tmp_path) -> None:
     assert box.forget(acked_before=0.0, max_rows=5) == 0  # at the cap: nothing more
     assert box.forget(acked_before=0.0, max_rows=0) == 0  # no cap, nothing old enough
     box.close()
+    # Rows whose answer time is damaged (text) are never forgotten, and take nothing from
+    # the cap's work on the others (they sort after every number).
+    damage(tmp_path / "o.db", answered[3], "acked_at", "garbled")
+    damage(tmp_path / "o.db", answered[4], "acked_at", "garbled")
+    box = Outbox(tmp_path / "o.db")
+    assert box.forget(acked_before=0.0, max_rows=3) == 1  # 5 rows: the one numeric one
+    assert {e.task_id for e in box.history(damaged=[])} == {*answered[3:5], held, waiting}
+    box.close()

@@ -334,6 +334,7 @@ class Outbox:
         if row is None:
             self._counts["unacknowledged"] += 1
             self._waiting[fresh[16]] = self._waiting.get(fresh[16], 0) + 1
+            self._rows += 1
         return entry
 
     @contextlib.contextmanager
@@ -690,36 +691,22 @@ class Outbox:
         number is never forgotten, and described in *damaged*.
         """
         forgotten = 0
-        if max_rows > 0:
-            acked_before = max(acked_before, self._row_cap_cutoff(max_rows))
         while not _stopped(stop):
-            with self._lock:
-                batch = self._db.execute(
-                    "SELECT task_id, kind, ack_status FROM outbox INDEXED BY outbox_pending "
-                    "WHERE acked_at < ? AND held = 0 AND result_file IS NULL "
-                    "ORDER BY acked_at LIMIT ?",
-                    (acked_before, _PRUNE_BATCH),
-                ).fetchall()
-                if not batch:
-                    break
-                per_bucket: dict[str, int] = {}
-                for _, kind, status in batch:
-                    bucket = _bucket(kind, status)
-                    per_bucket[bucket] = per_bucket.get(bucket, 0) + 1
-                ids = [(task_id,) for task_id, _, _ in batch]
-                with self._transaction():
-                    self._db.executemany("DELETE FROM outbox_results WHERE task_id = ?", ids)
-                    self._db.executemany("DELETE FROM outbox WHERE task_id = ?", ids)
-                    counts = sorted(per_bucket.items())
-                    self._db.executemany(  # no upsert: SQLite before 3.24 has none
-                        "INSERT OR IGNORE INTO outbox_forgotten (bucket, count) VALUES (?, 0)",
-                        [(bucket,) for bucket, _ in counts],
-                    )
-                    self._db.executemany(
-                        "UPDATE outbox_forgotten SET count = count + ? WHERE bucket = ?",
-                        [(n, bucket) for bucket, n in counts],
-                    )
-            forgotten += len(batch)
+            done = self._forget_batch(acked_before, _PRUNE_BATCH)
+            if not done:
+                break
+            forgotten += done
+            time.sleep(_PRUNE_PAUSE)
+        # The cap: the oldest answered rows, whatever their age, a batch at a time (the
+        # lock held for one batch only, as above), until no more rows than max_rows stay.
+        # acked_at < inf: numbers only (a damaged, text one sorts after them).
+        excess = self._rows - max_rows if max_rows > 0 else 0
+        while excess > 0 and not _stopped(stop):
+            done = self._forget_batch(math.inf, min(_PRUNE_BATCH, excess))
+            if not done:
+                break
+            forgotten += done
+            excess -= done
             time.sleep(_PRUNE_PAUSE)
         if damaged is not None and not _stopped(stop):
             with self._lock:
@@ -731,6 +718,38 @@ class Outbox:
                 ).fetchall()
             damaged.extend(_unreadable_row(t, f"acked_at is {k}, not a number") for t, k in rows)
         return forgotten
+
+    def _forget_batch(self, acked_before: float, limit: int) -> int:
+        """Delete up to *limit* forgettable rows answered before *acked_before*, oldest
+        first, in one transaction under the lock; how many."""
+        with self._lock:
+            batch = self._db.execute(
+                "SELECT task_id, kind, ack_status FROM outbox INDEXED BY outbox_pending "
+                "WHERE acked_at < ? AND held = 0 AND result_file IS NULL "
+                "ORDER BY acked_at LIMIT ?",
+                (acked_before, limit),
+            ).fetchall()
+            if not batch:
+                return 0
+            per_bucket: dict[str, int] = {}
+            for _, kind, status in batch:
+                bucket = _bucket(kind, status)
+                per_bucket[bucket] = per_bucket.get(bucket, 0) + 1
+            ids = [(task_id,) for task_id, _, _ in batch]
+            with self._transaction():
+                self._db.executemany("DELETE FROM outbox_results WHERE task_id = ?", ids)
+                self._db.executemany("DELETE FROM outbox WHERE task_id = ?", ids)
+                counts = sorted(per_bucket.items())
+                self._db.executemany(  # no upsert: SQLite before 3.24 has none
+                    "INSERT OR IGNORE INTO outbox_forgotten (bucket, count) VALUES (?, 0)",
+                    [(bucket,) for bucket, _ in counts],
+                )
+                self._db.executemany(
+                    "UPDATE outbox_forgotten SET count = count + ? WHERE bucket = ?",
+                    [(n, bucket) for bucket, n in counts],
+                )
+            self._rows -= len(batch)
+        return len(batch)
 
     def _prune_lost(self, acked_before: float, stop: threading.Event | None) -> int:
         """Remove the files of entries closed as lost before *acked_before* (kept until then
@@ -885,10 +904,13 @@ class Outbox:
 
     def _count_all(self) -> dict[str, int]:
         out = {"completed": 0, "failed": 0, "rejected": 0, "unacknowledged": 0}
+        rows = 0
         for kind, status, n in self._db.execute(
             "SELECT kind, ack_status, COUNT(*) FROM outbox GROUP BY kind, ack_status"
         ):
             out["unacknowledged" if status is None else _bucket(kind, status)] += n
+            rows += n
+        self._rows = rows  # the outbox's rows, kept in step by commits and forget
         for bucket, n in self._db.execute("SELECT bucket, count FROM outbox_forgotten"):
             if bucket in out and isinstance(n, int):  # a damaged row counts for nothing
                 out[bucket] += n
@@ -960,24 +982,6 @@ class Outbox:
         except (TypeError, ValueError, AttributeError):
             return None
         return node_id if isinstance(node_id, str) else None
-
-    def _row_cap_cutoff(self, max_rows: int) -> float:
-        """The answer time before which forgettable rows go so that at most *max_rows*
-        rows stay (-inf: none need to): just past the time of the oldest rows over it."""
-        with self._lock:
-            (rows,) = self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()
-            if rows <= max_rows:
-                return float("-inf")
-            row = self._db.execute(
-                "SELECT acked_at FROM outbox INDEXED BY outbox_pending "
-                "WHERE acked_at IS NOT NULL AND held = 0 AND result_file IS NULL "
-                "ORDER BY acked_at LIMIT 1 OFFSET ?",
-                (rows - max_rows - 1,),
-            ).fetchone()
-        if row is None:  # fewer forgettable rows than the excess: all of them
-            return float("inf")
-        at = row[0]
-        return math.nextafter(float(at), math.inf) if isinstance(at, int | float) else float("-inf")
 
     def unstake(self, coordinator_url: str) -> tuple[str, int] | None:
         """(coordinator_id, end of the cooldown) of the unstake the coordinator at
