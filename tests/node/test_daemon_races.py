@@ -309,3 +309,51 @@ def test_the_drain_waits_for_a_result_still_being_committed_at_the_hand_back(
     sent = [(f["type"], f["message"]["task_id"]) for f in link.frames]
     assert ("result", "0x" + quick.hex) in sent, sent
     assert ("reject", "0x" + endless.hex) in sent, sent
+
+
+def test_the_drain_waits_for_the_refusal_of_a_commit_that_failed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGTERM while a finished task's commit fails (a full disk): its signed refusal is
+    no backlog's, so the drain waits for the task until the refusal is sent (on a slow
+    link here), rather than end with it unsent and the task left to its lease's end."""
+    from nodeclient.node import daemon as daemon_module
+
+    monkeypatch.setattr(daemon_module, "DRAIN_FLUSH_S", 3.0)
+    quick, endless = uuid.uuid4(), uuid.uuid4()
+    _OneQuickOneEndless.first = quick
+    daemon = make_daemon(tmp_path, executor=_OneQuickOneEndless)
+    daemon.slots = 2
+    daemon.shutdown_grace = 0.3
+
+    class SlowRejects(Capture):
+        async def send(self, data: str) -> None:
+            if json.loads(data)["type"] == "reject":
+                await asyncio.sleep(0.3)
+            await super().send(data)
+
+    link = SlowRejects()
+    daemon._ws = link  # type: ignore[assignment]
+
+    def failing_commit(*args: Any, **kwargs: Any) -> Any:
+        import time
+
+        time.sleep(0.5)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(daemon, "_commit", failing_commit)
+
+    async def main() -> list[tuple[str, str]]:
+        key = payload_key()
+        await daemon._on_frame(dispatch(daemon, key, quick))
+        await daemon._on_frame(dispatch(daemon, key, endless))
+        await asyncio.sleep(0.05)
+        daemon.request_stop()
+        the_link = asyncio.ensure_future(asyncio.Event().wait())
+        await daemon._drain(the_link)
+        sent = [(f["type"], f["message"]["task_id"]) for f in link.frames]  # as it ends
+        the_link.cancel()
+        return sent
+
+    sent = asyncio.run(main())
+    assert ("reject", "0x" + quick.hex) in sent, sent

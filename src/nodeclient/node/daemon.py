@@ -370,7 +370,9 @@ class NodeDaemon(LinkClient):
             await asyncio.sleep(0.05)
 
     def _finishing(self) -> bool:
-        """Whether a task is still committing or sending its result."""
+        """Whether a task is still committing its result, or sending the refusal of a
+        commit that failed (a result committed is the backlog's, which the drain waits
+        for: its slot is free by then)."""
         return any(
             t.finishing and t.handle is not None and not t.handle.done()
             for t in self.running.values()

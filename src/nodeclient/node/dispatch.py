@@ -378,16 +378,16 @@ class TaskDispatcher(ResultDelivery):
 
     async def _finish(self, task: RunningTask, result: bytes) -> None:
         """Record, sign and send a finished task's result (2.3.6, 2.3.7). Once the commit
-        has ended, however, the task's slot is free, before anything is sent: a send may
-        wait on a slow or stalled link, and the result, or the refusal, no longer needs
-        the slot (the backlog holds what was committed)."""
+        has stored it, the task's slot is free, before it is sent: a send may wait on a
+        slow or stalled link, and the backlog holds the result (a stop's drain waits for
+        the backlog). A refusal after a failed commit is no backlog's: the slot is held
+        until it is sent, so that the drain waits for it too."""
         try:
             entry = await self._off_loop(self._commit, task, result)
         except OutboxCorrupt as exc:  # its row, of an earlier lease, is damaged: never re-sign
             log.error("outbox.result_missing", extra={"error": str(exc)})
             self._task_ended(task, "failed")
-            self._free_slot(task)
-            await self._reject(
+            await self._reject(  # the slot held meanwhile: a stop's drain waits for it
                 task.task_id,
                 "this node's stored result for the task is damaged",
                 job_id=task.job_id,
@@ -407,8 +407,7 @@ class TaskDispatcher(ResultDelivery):
             # now rather than when its lease runs out.
             log.error("outbox.commit_failed", extra={"error": str(exc)})
             self._task_ended(task, "failed")
-            self._free_slot(task)
-            await self._reject(
+            await self._reject(  # the slot held meanwhile: a stop's drain waits for it
                 task.task_id,
                 f"node could not store the result durably: {exc}"[: messages.MAX_REASON],
                 job_id=task.job_id,
