@@ -490,6 +490,11 @@ def test_the_backlogs_of_all_coordinators_together_are_bounded_too(tmp_path: Pat
         refused, daemon, task_id, lease, f"outbox backlog full: {2 * ALL_BACKLOGS_FACTOR} results"
     )
     assert "coordinators this node is not linked to" in refused["message"]["reason"]
+    # Kept for ever by the operator's choice (abandoning off): not a reason to refuse all
+    # work for good: the next dispatch is not refused.
+    daemon.retention = dataclasses.replace(daemon.retention, abandon_seconds=0.0)
+    taken = messages.Dispatch.from_wire(json.loads(dispatch(daemon, uuid.uuid4(), later())))
+    assert daemon._refusal(taken, time.time()) == ""
 
 
 def test_a_task_killed_at_its_deadline_counts_once_and_the_totals_survive_a_restart(

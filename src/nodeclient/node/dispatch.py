@@ -270,8 +270,13 @@ class TaskDispatcher(ResultDelivery):
             )
         # All coordinators' together: one that comes back under a new id starts a backlog
         # of its own, and the old one's results wait until they are abandoned (30 days).
+        # Not where the operator keeps them for ever (abandon_results_after_days = 0):
+        # no work would ever be taken again, and the disk is theirs to watch.
         everyone = self.outbox.backlog()
-        if everyone >= ALL_BACKLOGS_FACTOR * self.retention.max_unacknowledged:
+        if (
+            self.retention.abandon_seconds > 0
+            and everyone >= ALL_BACKLOGS_FACTOR * self.retention.max_unacknowledged
+        ):
             return (
                 f"outbox backlog full: {everyone} results await acknowledgement, most of "
                 "them from coordinators this node is not linked to (they are closed as "
