@@ -113,7 +113,11 @@ def _answers(status: int, body: bytes, content_type: str = "application/json") -
     def answer(request: httpx.Request) -> httpx.Response:
         if request.url.path.endswith("/result"):
             return httpx.Response(status, content=body, headers={"content-type": content_type})
-        job = {"job_id": "j", "workload_class": "ai.inference", "status": "succeeded"}
+        job = {
+            "job_id": "6f1c2a3e-9b0d-4c57-8e21-3d4f5a6b7c8d",
+            "workload_class": "ai.inference",
+            "status": "succeeded",
+        }
         return httpx.Response(200, json={**job, "tasks": [], "result_sha256": "0" * 64})
 
     return CoordinatorClient("http://c.example", transport=httpx.MockTransport(answer))

@@ -20,7 +20,8 @@ from nodeclient.coordinator.cli import main
 from nodeclient.coordinator.client import CoordinatorClient, NoAnswer, Unreachable
 from nodeclient.errors import UsageError
 
-JOB = {"job_id": "j1", "workload_class": "ai.inference", "status": "queued", "tasks": []}
+J1 = "6f1c2a3e-9b0d-4c57-8e21-3d4f5a6b7c8d"  # a job id, as the protocol has them
+JOB = {"job_id": J1, "workload_class": "ai.inference", "status": "queued", "tasks": []}
 Handler = Callable[[httpx.Request], httpx.Response]
 
 
@@ -115,7 +116,7 @@ def test_wait_rides_out_a_few_failed_polls(serve_with, tmp_path: Path, capsys) -
     serve_with(handler)
     assert _submit(tmp_path, "--wait") == 0
     assert polls == 4
-    assert capsys.readouterr().out == "j1\n"
+    assert capsys.readouterr().out == J1 + "\n"
 
 
 def test_wait_gives_up_after_failed_polls_in_a_row(serve_with, tmp_path: Path, capsys) -> None:
@@ -150,7 +151,11 @@ def _answering(body: object) -> Handler:
 
 def _deep(depth: int) -> bytes:
     """A job whose one task nests *depth* jobs deep (json.dumps would overflow first)."""
-    head = b'{"job_id": "j1", "workload_class": "x", "status": "queued", "tasks": [{"x": '
+    head = (
+        b'{"job_id": "'
+        + J1.encode()
+        + b'", "workload_class": "x", "status": "queued", "tasks": [{"x": '
+    )
     return head + b"[" * depth + b"]" * depth + b"}]}"
 
 
@@ -185,7 +190,7 @@ def test_an_answer_of_another_shape_is_one_line(
     # command reads the part that is wrong: `submit` reads only the job's id, of a job
     # whose tasks it does not look into.
     if command == "submit" and body in SUBMIT_READS_NOT:
-        assert (rc, out, err) == (0, "j1\n", "")
+        assert (rc, out, err) == (0, J1 + "\n", "")
         return
     assert rc == 1, err
     assert err.startswith("nodeclient-coordinator: coordinator: ") and err.count("\n") == 1
@@ -288,7 +293,7 @@ def test_a_wait_that_runs_out_has_its_own_status(serve_with, tmp_path: Path, cap
     serve_with(_answering(JOB))
     assert _submit(tmp_path, "--wait", "--timeout", "0", "--coordinator", "http://c.example") == 124
     err = capsys.readouterr().err
-    assert "job j1 still queued after 0.0 s" in err and "nodeclient-coordinator job j1" in err
+    assert f"job {J1} still queued after 0.0 s" in err and f"nodeclient-coordinator job {J1}" in err
 
 
 def test_a_ctrl_c_while_waiting_says_the_job_goes_on(
@@ -301,7 +306,7 @@ def test_a_ctrl_c_while_waiting_says_the_job_goes_on(
 
     monkeypatch.setattr(cli, "_wait", interrupted)
     assert _submit(tmp_path, "--wait", "--coordinator", "http://c.example") == 130
-    assert "job j1 goes on: follow it with `nodeclient-coordinator job j1`" in (
+    assert f"job {J1} goes on: follow it with `nodeclient-coordinator job {J1}`" in (
         capsys.readouterr().err
     )
 

@@ -9,7 +9,6 @@ import hashlib
 import http.server
 import json
 import queue
-import urllib.parse
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -21,7 +20,6 @@ from nodeclient.coordinator import cli
 from nodeclient.protocol import eip712, manifest
 from nodeclient.protocol.proof import proof_of_execution
 from nodeclient.protocol.secp import Secp256k1Key
-from nodeclient.text import printable
 from tests.coordinator.conftest import (
     CHAIN,
     START,
@@ -200,24 +198,23 @@ def test_jobs_stops_at_a_next_page_it_has_read_already(fake: Fake, capsys) -> No
     assert f'its Link rel="next" leads to {again}, a page already read' in err
 
 
-def test_submit_prints_the_job_id_it_is_given_with_its_control_characters_escaped(
+def test_submit_refuses_a_job_id_that_is_not_a_uuid_and_prints_nothing_of_it(
     fake: Fake, capsys
 ) -> None:
     """A job id with a terminal's escape sequences (it retitles the window, clears the
-    screen) is printed with them written out, and `--wait` asks for it as one path
-    segment, never as a path of its own."""
+    screen) and a path in it: not a job id as the protocol has them (a UUID), so not a job
+    object. `submit --wait` says so in one line, exit 1, and neither prints the id nor asks
+    for it; its control characters never reach the terminal."""
     evil = "\x1b]0;owned\x07\x1b[2J/../../nodes?x="
     job = {"job_id": evil, "workload_class": "ai.inference", "status": "queued", "tasks": []}
     fake.answer("/v1/jobs", 201, job)
-    polled = "/v1/jobs/" + urllib.parse.quote(evil, safe="").replace(".", "%2E")
-    fake.answer(polled, 200, {**job, "status": "succeeded"})
     # Any file is a payload here: the fake takes whatever is posted.
     args = ["submit", "--class", "ai.inference", "--payload", __file__, "--wait"]
-    assert cli.main([*args, "--coordinator", fake.url]) == 0
-    out = capsys.readouterr().out
-    assert "\x1b" not in out and "\x07" not in out
-    assert out == printable(evil) + "\n"
-    assert fake.asked == ["/v1/jobs", polled + "?tasks=none"]
+    assert cli.main([*args, "--coordinator", fake.url]) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and "\x1b" not in err and "\x07" not in err
+    assert "did not answer a job object" in err and "may have been created" in err
+    assert fake.asked == ["/v1/jobs"]
 
 
 @pytest.mark.parametrize("given", [".", "..", "../v1/jobs", "a/b?c"])

@@ -14,7 +14,8 @@ from nodeclient.coordinator import cli
 from nodeclient.coordinator.cli import main
 from nodeclient.coordinator.client import CoordinatorClient
 
-JOB = {"job_id": "j1", "workload_class": "ai.training", "status": "queued", "tasks": []}
+J1 = "6f1c2a3e-9b0d-4c57-8e21-3d4f5a6b7c8d"  # a job id, as the protocol has them
+JOB = {"job_id": J1, "workload_class": "ai.training", "status": "queued", "tasks": []}
 
 
 def _submit_and_wait(
@@ -51,8 +52,8 @@ def test_wait_polls_the_job_without_its_tasks(
     polls = [{"status": s, "reason": "loss went NaN"} for s in ("queued", "running", "failed")]
     rc, asked = _submit_and_wait(monkeypatch, tmp_path, polls)
     assert rc == 1
-    assert asked == ["http://c.example/v1/jobs/j1?tasks=none"] * 3
-    assert "job j1 failed: loss went NaN" in capsys.readouterr().err
+    assert asked == [f"http://c.example/v1/jobs/{J1}?tasks=none"] * 3
+    assert f"job {J1} failed: loss went NaN" in capsys.readouterr().err
 
 
 def test_wait_shows_each_status_and_round_once_on_stderr(
@@ -64,11 +65,11 @@ def test_wait_shows_each_status_and_round_once_on_stderr(
     rc, _ = _submit_and_wait(monkeypatch, tmp_path, [{"status": s, "round": r} for s, r in seen])
     out = capsys.readouterr()
     assert rc == 0
-    assert out.out == "j1\n"
+    assert out.out == J1 + "\n"
     assert out.err.splitlines() == [
-        "job j1: queued, round 0",
-        "job j1: running, round 0",
-        "job j1: running, round 1",
+        f"job {J1}: queued, round 0",
+        f"job {J1}: running, round 0",
+        f"job {J1}: running, round 1",
     ]
 
 
@@ -89,7 +90,7 @@ def test_job_shows_each_tasks_round_and_progress(capsys: pytest.CaptureFixture[s
     task its progress."""
     task = {"task_id": "t", "slice_index": 1, "node_id": "0xA", "attempts": 1}
     cli._print_job({
-        "job_id": "j1", "workload_class": "ai.training", "status": "running",
+        "job_id": J1, "workload_class": "ai.training", "status": "running",
         "tasks": [
             {**task, "round": 0, "status": "succeeded"},
             {**task, "round": 1, "status": "leased",

@@ -7,6 +7,7 @@ a reverse proxy in front of the coordinator.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -165,10 +166,11 @@ def test_the_client_still_follows_the_path_form_of_older_coordinators() -> None:
     def old(request: httpx.Request) -> httpx.Response:
         asked.append(request.url.raw_path.decode())
         link, job = pages[request.url.params.get("after", "")]
-        body = [{"job_id": job, "workload_class": "ai.inference", "status": "queued"}]
+        job_id = str(uuid.uuid5(uuid.NAMESPACE_URL, job))  # job ids are UUIDs
+        body = [{"job_id": job_id, "workload_class": "ai.inference", "status": "queued"}]
         return httpx.Response(200, json=body, headers={"link": f'{link}; rel="next"'})
 
     with CoordinatorClient("http://old.test/coord", transport=httpx.MockTransport(old)) as client:
         listed = client.jobs(page=1)
-    assert [j["job_id"] for j in listed] == ["a", "b"]
+    assert [j["job_id"] for j in listed] == [str(uuid.uuid5(uuid.NAMESPACE_URL, j)) for j in "ab"]
     assert asked == ["/coord/v1/jobs?limit=1", "/coord/v1/jobs?limit=1&after=a"]

@@ -18,6 +18,7 @@ import io
 import ssl
 import time
 import urllib.parse
+import uuid
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Final
 from urllib.parse import urlencode
@@ -352,10 +353,15 @@ _JOB_FIELDS: Final = ("job_id", "workload_class", "status")
 
 
 def _job_object(value: Any, what: str, *, tasks: bool = True, then: str = "") -> dict[str, Any]:
-    """*value* if it is a job object as the API documents it (its job_id, workload_class
-    and status strings, and, with *tasks*, a list of task objects), else a one-line
-    RemoteProtocolError: an answer of another shape (a proxy's, another service's)."""
-    fields_ok = isinstance(value, dict) and all(isinstance(value.get(k), str) for k in _JOB_FIELDS)
+    """*value* if it is a job object as the API documents it (its job_id a UUID, its
+    workload_class and status strings, and, with *tasks*, a list of task objects), else a
+    one-line RemoteProtocolError: an answer of another shape (a proxy's, another
+    service's, or a job id that is not one, which would otherwise be printed and polled)."""
+    fields_ok = (
+        isinstance(value, dict)
+        and all(isinstance(value.get(k), str) for k in _JOB_FIELDS)
+        and _is_uuid(value["job_id"])  # the protocol's: anything else is no job of its
+    )
     listed = value.get("tasks", []) if fields_ok else None
     if not fields_ok or (
         tasks and not (isinstance(listed, list) and all(isinstance(t, dict) for t in listed))
@@ -367,6 +373,14 @@ def _job_object(value: Any, what: str, *, tasks: bool = True, then: str = "") ->
         )
     job: dict[str, Any] = value
     return job
+
+
+def _is_uuid(text: str) -> bool:
+    try:
+        uuid.UUID(text)
+    except ValueError:
+        return False
+    return len(text) <= 64
 
 
 def _job_path(job_id: str) -> str:
