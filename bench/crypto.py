@@ -23,6 +23,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from crypto_envelope import bench_envelope, best_interleaved
+
 from nodeclient.protocol import eip712
 from nodeclient.protocol.proof import proof_of_execution, proof_of_stream
 from nodeclient.protocol.secp import Secp256k1Key
@@ -36,17 +38,6 @@ def best_of(fn: Callable[[], object], *, repeat: int = 5) -> float:
         fn()
         times.append(time.perf_counter() - t0)
     return min(times)
-
-
-def best_interleaved(fns: list[Callable[[], object]], *, repeat: int = 5) -> list[float]:
-    """The fastest of *repeat* runs of each of *fns*, taken in turn, in seconds."""
-    best = [float("inf")] * len(fns)
-    for _ in range(repeat):
-        for i, fn in enumerate(fns):
-            t0 = time.perf_counter()
-            fn()
-            best[i] = min(best[i], time.perf_counter() - t0)
-    return best
 
 
 def bench_proof(size: int = 64 << 20) -> dict[str, float]:
@@ -108,8 +99,6 @@ def bench_sign(n: int = 3000) -> dict[str, float]:
 
 
 def main() -> None:
-    from crypto_envelope import bench_envelope
-
     p = bench_proof()
     mib = 64
     print(

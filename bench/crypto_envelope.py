@@ -71,7 +71,7 @@ def _chunks(env: bytes) -> tuple[bytes, bytes, list[tuple[int, int]]]:
     return preamble, wrapped, out
 
 
-def _best_interleaved(fns: list[Callable[[], object]], repeats: int) -> list[float]:
+def best_interleaved(fns: list[Callable[[], object]], repeats: int = 5) -> list[float]:
     """Fastest of *repeats* timed calls of each function, alternating between them.
 
     Alternating puts both sides under the same background load; the minimum is the run
@@ -152,7 +152,7 @@ def bench_envelope(
     assert ours() == size == ours_copying() == len(whole())  # also warms up every path
     raw()
     raw_whole()
-    ours_s, copying_s, raw_s, whole_s, raw_whole_s = _best_interleaved(
+    ours_s, copying_s, raw_s, whole_s, raw_whole_s = best_interleaved(
         [ours, ours_copying, raw, whole, raw_whole], repeats
     )
     peak = _peak(ours)

@@ -8,7 +8,9 @@ import asyncio
 import contextlib
 import json
 import os
+import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -268,13 +270,16 @@ class _OneQuickOneEndless(Executor):
         raise AssertionError("unreachable")
 
 
-def test_the_drain_waits_for_a_result_still_being_committed_at_the_hand_back(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """SIGTERM with two tasks running: one ends within the grace, but its commit (a large
-    result's write and fsyncs, in a thread) is still going when the grace ends. The
-    other is handed back; the drain then waits for the first one's result and sends it
-    before the link goes, rather than leave it to a restart that may never come."""
+def _stopped_with_two_tasks(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    link: Capture,
+    commit: Callable[[Callable[..., Any]], Callable[..., Any]],
+) -> tuple[list[tuple[str, str]], uuid.UUID, uuid.UUID]:
+    """A 2-slot daemon on *link*, its commit replaced by ``commit(real_commit)``, given two
+    tasks: one that ends within the grace (0.3 s), one that runs until it is handed back.
+    SIGTERM, then the drain: the (type, task_id) of the frames sent by the time the drain
+    ends, and the two tasks' ids (quick, endless)."""
     from nodeclient.node import daemon as daemon_module
 
     monkeypatch.setattr(daemon_module, "DRAIN_FLUSH_S", 3.0)
@@ -283,19 +288,10 @@ def test_the_drain_waits_for_a_result_still_being_committed_at_the_hand_back(
     daemon = make_daemon(tmp_path, executor=_OneQuickOneEndless)
     daemon.slots = 2
     daemon.shutdown_grace = 0.3
-    link = Capture()
     daemon._ws = link  # type: ignore[assignment]
-    real_commit = daemon._commit
+    monkeypatch.setattr(daemon, "_commit", commit(daemon._commit))
 
-    def slow_commit(*args: Any, **kwargs: Any) -> Any:
-        import time
-
-        time.sleep(0.5)
-        return real_commit(*args, **kwargs)
-
-    monkeypatch.setattr(daemon, "_commit", slow_commit)
-
-    async def main() -> None:
+    async def main() -> list[tuple[str, str]]:
         key = payload_key()
         await daemon._on_frame(dispatch(daemon, key, quick))
         await daemon._on_frame(dispatch(daemon, key, endless))
@@ -303,10 +299,29 @@ def test_the_drain_waits_for_a_result_still_being_committed_at_the_hand_back(
         daemon.request_stop()
         the_link = asyncio.ensure_future(asyncio.Event().wait())  # the link loop, up
         await daemon._drain(the_link)
+        sent = [(f["type"], f["message"]["task_id"]) for f in link.frames]  # as it ends
         the_link.cancel()
+        return sent
 
-    asyncio.run(main())
-    sent = [(f["type"], f["message"]["task_id"]) for f in link.frames]
+    return asyncio.run(main()), quick, endless
+
+
+def test_the_drain_waits_for_a_result_still_being_committed_at_the_hand_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGTERM with two tasks running: one ends within the grace, but its commit (a large
+    result's write and fsyncs, in a thread) is still going when the grace ends. The
+    other is handed back; the drain then waits for the first one's result and sends it
+    before the link goes, rather than leave it to a restart that may never come."""
+
+    def slow(real_commit: Callable[..., Any]) -> Callable[..., Any]:
+        def commit(*args: Any, **kwargs: Any) -> Any:
+            time.sleep(0.5)
+            return real_commit(*args, **kwargs)
+
+        return commit
+
+    sent, quick, endless = _stopped_with_two_tasks(tmp_path, monkeypatch, Capture(), slow)
     assert ("result", "0x" + quick.hex) in sent, sent
     assert ("reject", "0x" + endless.hex) in sent, sent
 
@@ -317,14 +332,6 @@ def test_the_drain_waits_for_the_refusal_of_a_commit_that_failed(
     """SIGTERM while a finished task's commit fails (a full disk): its signed refusal is
     no backlog's, so the drain waits for the task until the refusal is sent (on a slow
     link here), rather than end with it unsent and the task left to its lease's end."""
-    from nodeclient.node import daemon as daemon_module
-
-    monkeypatch.setattr(daemon_module, "DRAIN_FLUSH_S", 3.0)
-    quick, endless = uuid.uuid4(), uuid.uuid4()
-    _OneQuickOneEndless.first = quick
-    daemon = make_daemon(tmp_path, executor=_OneQuickOneEndless)
-    daemon.slots = 2
-    daemon.shutdown_grace = 0.3
 
     class SlowRejects(Capture):
         async def send(self, data: str) -> None:
@@ -332,28 +339,12 @@ def test_the_drain_waits_for_the_refusal_of_a_commit_that_failed(
                 await asyncio.sleep(0.3)
             await super().send(data)
 
-    link = SlowRejects()
-    daemon._ws = link  # type: ignore[assignment]
+    def failing(_real_commit: Callable[..., Any]) -> Callable[..., Any]:
+        def commit(*args: Any, **kwargs: Any) -> Any:
+            time.sleep(0.5)
+            raise OSError(28, "No space left on device")
 
-    def failing_commit(*args: Any, **kwargs: Any) -> Any:
-        import time
+        return commit
 
-        time.sleep(0.5)
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(daemon, "_commit", failing_commit)
-
-    async def main() -> list[tuple[str, str]]:
-        key = payload_key()
-        await daemon._on_frame(dispatch(daemon, key, quick))
-        await daemon._on_frame(dispatch(daemon, key, endless))
-        await asyncio.sleep(0.05)
-        daemon.request_stop()
-        the_link = asyncio.ensure_future(asyncio.Event().wait())
-        await daemon._drain(the_link)
-        sent = [(f["type"], f["message"]["task_id"]) for f in link.frames]  # as it ends
-        the_link.cancel()
-        return sent
-
-    sent = asyncio.run(main())
+    sent, quick, _ = _stopped_with_two_tasks(tmp_path, monkeypatch, SlowRejects(), failing)
     assert ("reject", "0x" + quick.hex) in sent, sent

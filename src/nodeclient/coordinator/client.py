@@ -170,26 +170,13 @@ class CoordinatorClient:
 
     def nodes(self, *, page: int | None = None) -> list[dict[str, Any]]:
         """Every registered node, in the order they registered: GET /v1/nodes, page after
-        page (of *page* nodes; the coordinator's default otherwise) as its ``Link: <...>;
-        rel="next"`` headers lead; a next page read already is a RemoteProtocolError."""
-        path: str | None = "/v1/nodes" + (f"?{urlencode({'limit': page})}" if page else "")
+        page (of *page* nodes; the coordinator's default otherwise), as :meth:`_pages`
+        reads them."""
         out: list[dict[str, Any]] = []
-        read: set[str] = set()
-        while path is not None:
-            read.add(path)
-            response = self._request("GET", path)
-            batch = _decoded(response, path)
-            if not isinstance(batch, list) or not all(isinstance(n, dict) for n in batch):
+        for path, batch in self._pages("/v1/nodes", {"limit": page} if page else {}):
+            if not all(isinstance(n, dict) for n in batch):
                 raise RemoteProtocolError(f"coordinator: {path} did not answer a list of nodes")
             out += batch
-            then = _next_page(response, self._prefix, "/v1/nodes") if batch else None
-            if then in read:
-                raise RemoteProtocolError(
-                    f'coordinator: GET {path}: its Link rel="next" leads to {then}, a page '
-                    "already read, so the listing would never end: it stops here; tell the "
-                    "coordinator's operator"
-                )
-            path = then
         return out
 
     def node(self, node_id: str) -> dict[str, Any]:
@@ -273,7 +260,16 @@ class CoordinatorClient:
         (a coordinator's bug, or a hostile one) would list the same jobs for ever: it is a
         RemoteProtocolError, after the jobs of the pages before it."""
         query = {k: v for k, v in (("status", status), ("limit", page)) if v is not None}
-        path: str | None = "/v1/jobs" + (f"?{urlencode(query)}" if query else "")
+        for path, batch in self._pages("/v1/jobs", query):
+            yield from [_job_object(item, f"GET {path}", tasks=False) for item in batch]
+
+    def _pages(self, route: str, query: Mapping[str, object]) -> Iterator[tuple[str, list[Any]]]:
+        """(path, items) of each page of GET *route* (a list in each answer), as its
+        ``Link: <...>; rel="next"`` headers lead, until a page is empty or names no next.
+        A next page that was read already (a coordinator's bug, or a hostile one) would
+        list the same items for ever: it is a RemoteProtocolError, after the pages before
+        it."""
+        path: str | None = route + (f"?{urlencode(query)}" if query else "")
         read: set[str] = set()
         while path is not None:
             read.add(path)
@@ -281,8 +277,8 @@ class CoordinatorClient:
             batch = _decoded(response, path)
             if not isinstance(batch, list):
                 raise RemoteProtocolError(f"coordinator: {path} did not answer a list")
-            yield from [_job_object(item, f"GET {path}", tasks=False) for item in batch]
-            then = _next_page(response, self._prefix) if batch else None
+            yield path, batch
+            then = _next_page(response, self._prefix, route) if batch else None
             if then in read:
                 raise RemoteProtocolError(
                     f'coordinator: GET {path}: its Link rel="next" leads to {then}, a page '

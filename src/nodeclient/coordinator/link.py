@@ -617,7 +617,9 @@ class LinkSession:
         node_id = self.node_id
         strays = await self.coord.db.run(lambda s: strays_tx(s, node_id, ids))
         gone = set(strays)
-        self._holds = frozenset(uuid.UUID(t).bytes for t in ids if t not in gone)
+        self._holds = frozenset(
+            raw for raw, t in zip(running_tasks, ids, strict=True) if t not in gone
+        )
         if strays:
             log.info("link.strays_cancelled", extra={"node_id": node_id, "tasks": strays[:20]})
         cancel_leases(self.coord, ((node_id, t) for t in strays), "lease ended")
