@@ -101,6 +101,30 @@ def test_handler_error_is_answered_logged_and_serving_goes_on(
     assert record.exc_info is not None and "a bug in the handler" in record.__dict__["error"]
 
 
+def test_a_request_line_never_finished_is_answered_with_what_went_wrong(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client that sends half a line and waits gets, once the wait is over, an error that
+    says what was missing (not an empty one), and the daemon serves the next client."""
+    monkeypatch.setattr(control, "REQUEST_WAIT_S", 0.3)
+    sock = tmp_path / control.SOCKET_NAME
+
+    def half_a_line() -> bytes:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+            client.settimeout(5.0)
+            client.connect(str(sock))
+            client.sendall(b'{"cmd": "sta')
+            return client.recv(65536)
+
+    answer, after = asyncio.run(
+        _serving(sock, half_a_line, lambda: control.request(sock, {"cmd": "status"}, timeout=3.0))
+    )
+    assert json.loads(answer) == {
+        "error": "no whole request line (ended by a newline) within 0.3 s"
+    }
+    assert after["state"] == "READY"
+
+
 @pytest.mark.usefixtures("stock_recursion_limit")
 def test_deeply_nested_request_is_answered_and_closed(tmp_path: Path) -> None:
     """A request nested deeper than the recursion limit ('[' x 4000, under the 4 KiB cap)

@@ -30,6 +30,7 @@ MAX_REQUEST: Final = 4096
 MAX_ANSWER: Final = 1 << 20  # a status is a few KiB; a history of transitions, tens
 SOCKET_PATH_MAX: Final = 107  # the longest path a Unix socket may have (sun_path, its NUL)
 STATUS_TRANSITIONS: Final = 10  # the latest state transitions a status answer holds
+REQUEST_WAIT_S = 5.0  # how long a client may take to send its request line
 # The open descriptors of this process, each a name for the file it holds (Linux /proc).
 _FD_DIR: Final = "/proc/self/fd"
 
@@ -155,7 +156,7 @@ def _address(path: Path) -> Iterator[str]:
 async def _answer(reader: asyncio.StreamReader, handler: Handler) -> dict[str, Any]:
     """The response to one request line; a bad request is answered ``{"error": ...}``."""
     try:
-        async with asyncio.timeout(5):  # not wait_for: on 3.11 it may drop a cancel
+        async with asyncio.timeout(REQUEST_WAIT_S):  # not wait_for: 3.11 may drop a cancel
             line = await reader.readline()
         if len(line) > MAX_REQUEST:
             raise ValueError("request too large")
@@ -164,11 +165,15 @@ async def _answer(reader: asyncio.StreamReader, handler: Handler) -> dict[str, A
             raise ValueError("request must be an object")  # noqa: TRY004 - answered, not raised on
     except RecursionError:  # "[[[[...": nested deeper than any request
         return {"error": "request nested too deeply"}
-    except (ValueError, TimeoutError) as exc:
+    except TimeoutError:  # its text is empty: the answer says what happened
+        return {"error": f"no whole request line (ended by a newline) within {REQUEST_WAIT_S:g} s"}
+    except ValueError as exc:
         return {"error": str(exc)}
     try:
         return await handler(request)
-    except (ValueError, TimeoutError) as exc:
+    except TimeoutError as exc:
+        return {"error": str(exc) or "the daemon timed out answering"}
+    except ValueError as exc:
         return {"error": str(exc)}
 
 
