@@ -102,7 +102,7 @@ def test_fits_80x24_and_never_wraps() -> None:
     """A busy node (many tasks and transitions, a long URL) still fits in 80 columns by 24 rows."""
     many = [
         task(str(uuid.uuid4()), progress={"done": i, "total": 10, "note": "x" * 90})
-        for i in range(12)
+        for i in range(24)
     ]
     trans = [
         {"from": "IDLE", "to": "EXECUTING", "reason": "r" * 200, "at": NOW - i} for i in range(10)

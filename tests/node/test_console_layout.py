@@ -145,3 +145,42 @@ def test_a_time_out_of_the_platforms_range_is_reported_not_fatal() -> None:
     shown = out.export_text()
     assert "daemon answer not understood" in shown and "OSError" in shown
     assert "READY for" in shown
+
+
+@pytest.mark.parametrize("height", [4, 6, 8, 10, 12, 14, 16, 20, 24, 40])
+def test_a_short_terminal_keeps_the_frame_and_what_the_node_is_doing(height: int) -> None:
+    """However short the terminal, the picture fits it whole, its footer included (the
+    terminal would cut its bottom lines), and what is shown goes most telling first: the
+    state and link, then the running tasks, then the machine, then the transitions."""
+    running = [task(f"{i:08x}-aaaa-4bbb-8ccc-000000000001") for i in range(3)]
+    transitions = [
+        {"at": NOW - 9 + i, "from": "IDLE", "to": "EXECUTING", "reason": f"task {i}"}
+        for i in range(9)
+    ]
+    st = status(state="EXECUTING", running=running, transitions=transitions, slots=4)
+    out = text(con.render(st, NO_GPU, now=NOW, height=height), height=height)
+    lines = out.rstrip("\n").split("\n")
+    assert len(lines) <= height, out
+    assert "q quit" in lines[-1], out
+    shown = rows(out)
+    assert shown[0].startswith("State      EXECUTING")
+    assert (len(shown) >= 2) == shown[1].startswith("Link") if height > 3 else True
+    has = {part: any(line.startswith(part) for line in shown)
+           for part in ("Running", "00000000", "CPU · RAM", "Recent transitions")}  # fmt: skip
+    # Each part only when every part before it is there.
+    assert list(has.values()) == sorted(has.values(), reverse=True), (has, out)
+    if height >= 24:  # room for all: every task and every transition
+        assert all(any(line.startswith(f"{i:08x}") for line in shown) for i in range(3))
+        assert sum("IDLE → EXECUTING" in line for line in shown) == 9
+
+
+def test_the_fit_gives_lines_most_telling_first() -> None:
+    """fit_lines: the status rows first, then a running task, the machine's rows (all or
+    none), one transition, more running tasks, and the rest to the transitions."""
+    assert con.fit_lines(3, 4, 2, 3) == con.Fit(3, 0, 0, 0)
+    assert con.fit_lines(6, 4, 2, 3) == con.Fit(4, 0, 1, 0)
+    assert con.fit_lines(8, 4, 2, 3) == con.Fit(4, 2, 1, 0)
+    assert con.fit_lines(10, 4, 2, 3) == con.Fit(4, 2, 1, 1)
+    assert con.fit_lines(12, 4, 2, 3) == con.Fit(4, 2, 3, 1)
+    assert con.fit_lines(20, 4, 2, 3) == con.Fit(4, 2, 3, 9)
+    assert con.fit_lines(20, 4, 2, 0) == con.Fit(4, 2, 1, 11)

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Final, Protocol, TextIO
+from typing import Any, Final, NamedTuple, Protocol, TextIO
 
 from rich.console import Console, Group, RenderableType
 from rich.live import Live
@@ -206,6 +206,8 @@ def _running(status: Mapping[str, Any], room: int) -> list[RenderableType]:
     if not running:
         out.append(Text("  no task running", style="dim"))
         return out
+    # Past the room: one line says how many more (a room of one line shows the first task;
+    # its rule has the count).
     shown = running if len(running) <= room else running[: max(1, room - 1)]
     table = Table.grid(padding=(0, 1))
     table.add_column(no_wrap=True, width=8)
@@ -216,7 +218,7 @@ def _running(status: Mapping[str, Any], room: int) -> list[RenderableType]:
         ident, cls, bar, info = _task_row(task)
         table.add_row(ident, cls, bar, _cut(info))
     out.append(table)
-    if len(shown) < len(running):
+    if len(shown) < len(running) and room > 1:
         out.append(Text(f"  … and {len(running) - len(shown)} more", style="dim"))
     return out
 
@@ -283,6 +285,33 @@ def _status_rows(st: Mapping[str, Any]) -> list[tuple[str, Text]]:
     return rows
 
 
+class Fit(NamedTuple):
+    """How many lines each part of the console gets (0: left out)."""
+
+    status: int  # rows of the node's status
+    system: int  # CPU, RAM and GPU rows: all or none
+    running: int  # running tasks, under their rule
+    transitions: int  # recent transitions, under their rule
+
+
+def fit_lines(inner: int, n_status: int, n_system: int, n_running: int) -> Fit:
+    """Share the panel's *inner* lines, most telling first: the node's status (as many rows
+    as fit), the running tasks (a rule and one line), the machine's rows, the recent
+    transitions (a rule and one line); then more running tasks, and the rest to the
+    transitions. A short terminal so shows what the node is doing, and the panel's frame
+    and footer, rather than losing its bottom lines to the terminal's edge."""
+    status = max(0, min(n_status, inner))
+    left = inner - status
+    running = 1 if left >= 2 else 0
+    left -= 2 * running
+    system = n_system if left >= n_system else 0
+    left -= system
+    transitions = 1 if left >= 2 else 0
+    left -= 2 * transitions
+    more = min(left, n_running - 1) if running and n_running > 1 else 0
+    return Fit(status, system, running + more, transitions + left - more if transitions else 0)
+
+
 def render(
     status: Mapping[str, Any] | None,
     system: SystemSnapshot,
@@ -307,13 +336,14 @@ def render(
             _grid(_system_rows(system)),
         )
         return Panel(body, title=f"nodeclient · {stamp}", subtitle=footer, border_style="red")
-    rows = _status_rows(status) + _system_rows(system)
-    # Lines left inside the panel: borders 2, two rules, at least one line each list.
-    room = max(2, height - 2 - len(rows) - 2)
-    running = status.get("running") or []
-    run_room = min(max(1, len(running)), max(1, room // 2))
-    trans_room = max(1, room - run_room - (1 if len(running) > run_room else 0))
-    body = Group(_grid(rows), *_running(status, run_room), *_transitions(status, trans_room))
+    rows, system_rows = _status_rows(status), _system_rows(system)
+    fit = fit_lines(height - 2, len(rows), len(system_rows), len(status.get("running") or []))
+    parts: list[RenderableType] = [_grid(rows[: fit.status] + system_rows[: fit.system])]
+    if fit.running:
+        parts += _running(status, fit.running)
+    if fit.transitions:
+        parts += _transitions(status, fit.transitions)
+    body = Group(*parts)
     title = f"nodeclient · node {_short_id(str(status['node_id']))} · {stamp}"
     return Panel(body, title=title, subtitle=footer, border_style="blue")
 
