@@ -217,6 +217,31 @@ def test_submit_refuses_a_job_id_that_is_not_a_uuid_and_prints_nothing_of_it(
     assert fake.asked == ["/v1/jobs"]
 
 
+@pytest.mark.parametrize(
+    "given",
+    [
+        "{6F1C2A3E-9B0D-4C57-8E21-3D4F5A6B7C8D}",
+        "6F1C2A3E-9B0D-4C57-8E21-3D4F5A6B7C8D",
+        "urn:uuid:6f1c2a3e-9b0d-4c57-8e21-3d4f5a6b7c8d",
+        "6f1c2a3e9b0d4c578e213d4f5a6b7c8d",
+        "\u0666" * 32,
+        "\r" + "0" * 31,
+    ],
+)
+def test_submit_refuses_every_spelling_of_a_job_id_but_the_protocols(
+    fake: Fake, capsys, given: str
+) -> None:
+    """A job id is a UUID as the protocol spells it, lower-case 8-4-4-4-12; the other
+    spellings Python's uuid.UUID takes (braces, upper case, a URN, no hyphens, other
+    scripts' digits, a leading control character) are no job id either."""
+    job = {"job_id": given, "workload_class": "ai.inference", "status": "queued", "tasks": []}
+    fake.answer("/v1/jobs", 201, job)
+    args = ["submit", "--class", "ai.inference", "--payload", __file__]
+    assert cli.main([*args, "--coordinator", fake.url]) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and "did not answer a job object" in err
+
+
 @pytest.mark.parametrize("given", [".", "..", "../v1/jobs", "a/b?c"])
 def test_an_id_a_coordinator_gave_is_one_path_segment_whatever_it_holds(given: str) -> None:
     """A job or task id comes from the coordinator (`submit --wait` polls the id it was

@@ -18,7 +18,6 @@ import io
 import ssl
 import time
 import urllib.parse
-import uuid
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Final
 from urllib.parse import urlencode
@@ -28,6 +27,7 @@ import pybase64
 
 from nodeclient import httpbody, tlstrust
 from nodeclient.errors import NodeClientError, RemoteProtocolError, UsageError
+from nodeclient.protocol.messages import is_uuid_text
 
 # What fails before a request leaves: no connection, a bad URL, no free pooled connection.
 _NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout, httpx.ProxyError,
@@ -356,7 +356,7 @@ def _job_object(value: Any, what: str, *, tasks: bool = True, then: str = "") ->
     fields_ok = (
         isinstance(value, dict)
         and all(isinstance(value.get(k), str) for k in _JOB_FIELDS)
-        and _is_uuid(value["job_id"])  # the protocol's: anything else is no job of its
+        and is_uuid_text(value["job_id"])  # the protocol's: anything else is no job of its
     )
     listed = value.get("tasks", []) if fields_ok else None
     if not fields_ok or (
@@ -369,14 +369,6 @@ def _job_object(value: Any, what: str, *, tasks: bool = True, then: str = "") ->
         )
     job: dict[str, Any] = value
     return job
-
-
-def _is_uuid(text: str) -> bool:
-    try:
-        uuid.UUID(text)
-    except ValueError:
-        return False
-    return len(text) <= 64
 
 
 def _job_path(job_id: str) -> str:

@@ -106,9 +106,14 @@ def _str(d: Mapping[str, Any], key: str, *, max_len: int = 256) -> str:
 _UUID_TEXT = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
+def is_uuid_text(value: object) -> bool:
+    """Whether *value* is a UUID as the wire spells it (lower-case 8-4-4-4-12)."""
+    return isinstance(value, str) and _UUID_TEXT.fullmatch(value) is not None
+
+
 def _uuid(d: Mapping[str, Any], key: str) -> uuid.UUID:
     v = _get(d, key)
-    if not isinstance(v, str) or not _UUID_TEXT.fullmatch(v):
+    if not is_uuid_text(v):
         raise RemoteProtocolError(
             f"field {_name(key)} must be a UUID string (lower-case 8-4-4-4-12)"
         )
