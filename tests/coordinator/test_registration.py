@@ -189,6 +189,31 @@ def test_a_node_past_its_unstake_cooldown_leaves_the_wallet_quota(
     assert "already has 1 registered nodes" in r.json()["error"]
 
 
+def test_an_unstaking_node_cannot_hand_its_wallets_place_back_by_changing_wallet(
+    start_coordinator, rsa_keys
+) -> None:
+    """A node in its cooldown holds its wallet's place: registered again under another
+    wallet (a throwaway one, with that wallet's own proof), it is refused, names the
+    policy, keeps its wallet; and the wallet's place stays taken until the cooldown ends."""
+    running = start_coordinator(
+        sybil=SybilPolicy(max_nodes_per_wallet=1, require_wallet_proof=True)
+    )
+    owner, throwaway = Secp256k1Key.generate(), Secp256k1Key.generate()
+    first, second = make_node(rsa_keys, 0), make_node(rsa_keys, 1)
+    assert _post(running, _proven(first, owner, int(START))).status_code == 201
+    msg, sig = _unstake_body(first.node_key, first.node_id, int(START))
+    until = running.client.unstake(first.node_id, msg, sig)["unstaking_until"]
+    r = _post(running, _proven(first, throwaway, int(START) + 1))
+    assert r.status_code == 403
+    assert f"is unstaking until {until}" in r.json()["error"]
+    assert "max_nodes_per_wallet=1" in r.json()["error"]
+    assert running.client.node(first.node_id)["wallet"] == owner.address
+    assert _post(running, _proven(second, owner, int(START) + 1)).status_code == 403
+    running.clock.set(until + 1)  # the cooldown over: the place is free, the move allowed
+    assert _post(running, _proven(second, owner, until + 1)).status_code == 201
+    assert _post(running, _proven(first, throwaway, until + 1)).status_code == 200
+
+
 def _proven(node, wallet_key: Secp256k1Key, issued_at: int) -> dict:
     """*node*'s manifest for *wallet_key*'s wallet, with the wallet's own proof."""
     node.wallet = wallet_key.address

@@ -87,6 +87,21 @@ def _register_tx(
             f"stale manifest: issued_at {v.issued_at} is the registered manifest's, which "
             "names another liveness key; a new key needs a manifest issued later",
         )
+    if (
+        row is not None
+        and row.wallet_address != v.wallet_address
+        and row.unstaking_until is not None
+        and row.unstaking_until >= now
+    ):
+        # It holds one of its wallet's places until its cooldown ends: moved to another
+        # wallet now, it would hand that place back at once for a new node to take.
+        return _error(
+            403,
+            f"sybil pre-screen: node {v.node_id} is unstaking until {row.unstaking_until} "
+            f"and holds a place of wallet {row.wallet_address} until then (policy "
+            f"max_nodes_per_wallet={policy.max_nodes_per_wallet}); it cannot move to "
+            f"wallet {v.wallet_address} before its cooldown ends",
+        )
     others = list(
         session.scalars(
             select(m.Node)
