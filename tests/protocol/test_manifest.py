@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -13,9 +14,10 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from eth_account import Account
 from eth_account.messages import encode_typed_data
 
-from nodeclient.errors import ManifestError
+from nodeclient.errors import ManifestError, RemoteProtocolError
 from nodeclient.protocol import eip712
 from nodeclient.protocol import manifest as mf
+from nodeclient.protocol.canonical import canonical_json
 from nodeclient.protocol.secp import Secp256k1Key
 
 CHAIN = eip712.DEVNET_CHAIN_ID
@@ -259,6 +261,42 @@ def test_an_array_past_the_schemas_bound_is_refused_before_the_schema_runs(
     monkeypatch.setattr(mf, "_validator", no_schema)
     with pytest.raises(ManifestError, match=rf"^schema: {field}: more than 16 items$"):
         mf.verify_manifest(m, chain_id=CHAIN, now=NOW)
+
+
+@pytest.mark.usefixtures("stock_recursion_limit")
+@pytest.mark.parametrize(
+    ("field", "value", "where"),
+    [
+        ("workload_classes", [json.loads("[" * 300 + "]" * 300)] * 2, "workload_classes/1/0/0/0"),
+        ("gpu", [{"a": {"b": {"c": {}}}}], "gpu/0/a/b/c"),
+    ],
+)
+def test_nesting_deeper_than_the_schemas_is_refused_before_the_schema_runs(
+    seed_manifest, field: str, value: object, where: str
+) -> None:
+    """Two lists 300 deep (1.2 KB, an unauthenticated registration) ended the schema's
+    uniqueItems check, which compares nested lists by recursion, in a RecursionError: a
+    500 and a 141 KB traceback in the coordinator's log for each. Any object or array
+    nested deeper than the schema's own is refused first, and the schema never sees it."""
+    m = copy.deepcopy(seed_manifest)
+    m[field] = value
+    with pytest.raises(ManifestError, match=rf"^schema: {where}: nested deeper than 4 levels$"):
+        mf.verify_manifest(m, chain_id=CHAIN, now=NOW)
+
+
+def _nested(depth: int) -> list[object]:
+    value: list[object] = []
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+@pytest.mark.usefixtures("stock_recursion_limit")
+def test_canonical_json_refuses_what_it_cannot_encode_in_one_error() -> None:
+    """Nested past the recursion limit is one of them: a RemoteProtocolError, as the
+    function promises, not a RecursionError."""
+    with pytest.raises(RemoteProtocolError, match="cannot be canonicalized"):
+        canonical_json(_nested(5000))
 
 
 def test_non_object_rejected() -> None:

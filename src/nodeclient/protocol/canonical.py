@@ -19,11 +19,11 @@ def canonical_json(value: Any) -> bytes:
     """Return the RFC 8785 canonical UTF-8 bytes of *value*.
 
     Raises RemoteProtocolError for values JCS cannot represent (NaN, floats out of the
-    IEEE range, integers beyond 2**53, non-string keys).
+    IEEE range, integers beyond 2**53, non-string keys, nesting past the recursion limit).
     """
     try:
         return bytes(rfc8785.dumps(value))
-    except (rfc8785.CanonicalizationError, TypeError, ValueError) as exc:
+    except (rfc8785.CanonicalizationError, TypeError, ValueError, RecursionError) as exc:
         raise RemoteProtocolError(f"value cannot be canonicalized (RFC 8785): {exc}") from exc
 
 

@@ -82,24 +82,31 @@ def manifest_schema() -> dict[str, Any]:
 
 
 MAX_ARRAY_ITEMS: Final = 16  # the schema's maxItems, for every array it has
+MAX_NESTING: Final = 4  # levels of objects and arrays: the schema's deepest is 2 (gpu/0)
 
 
 def _short_arrays(document: Mapping[str, Any]) -> None:
-    """Refuse any array longer than the schema allows before the schema runs: jsonschema
-    checks ``uniqueItems`` even past a failed ``maxItems``, comparing every pair of items
-    it cannot sort (objects), so 6,000 of them in an unauthenticated 64 KiB registration
-    held the coordinator's event loop for about half a minute."""
-    todo: list[tuple[str, object]] = [("", document)]
+    """Refuse any array longer than the schema allows, and any object or array nested
+    deeper than it allows, before the schema runs: jsonschema checks ``uniqueItems`` even
+    past a failed ``maxItems``, comparing every pair of items it cannot sort (objects), so
+    6,000 of them in an unauthenticated 64 KiB registration held the coordinator's event
+    loop for about half a minute; and it compares nested lists by recursion, so two lists
+    300 deep (1.2 KB) ended its check in a RecursionError, not a refusal."""
+    todo: list[tuple[str, int, object]] = [("", 0, document)]
     while todo:
-        where, value = todo.pop()
+        where, depth, value = todo.pop()
+        if isinstance(value, Mapping | list) and depth > MAX_NESTING:
+            raise ManifestError(
+                f"schema: {where.lstrip('/')}: nested deeper than {MAX_NESTING} levels"
+            )
         if isinstance(value, Mapping):
-            todo.extend((f"{where}/{key}", item) for key, item in value.items())
+            todo.extend((f"{where}/{key}", depth + 1, item) for key, item in value.items())
         elif isinstance(value, list):
             if len(value) > MAX_ARRAY_ITEMS:
                 raise ManifestError(
                     f"schema: {where.lstrip('/') or '(root)'}: more than {MAX_ARRAY_ITEMS} items"
                 )
-            todo.extend((f"{where}/{index}", item) for index, item in enumerate(value))
+            todo.extend((f"{where}/{index}", depth + 1, item) for index, item in enumerate(value))
 
 
 @cache
