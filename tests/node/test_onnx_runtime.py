@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import builtins
+import errno
 import hashlib
 import os
 import sys
@@ -18,6 +19,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from nodeclient.errors import RemoteProtocolError, UsageError
+from nodeclient.node.runtimes import onnx as onnx_runtime
 from nodeclient.node.runtimes.onnx import (
     CPU_PROVIDER,
     CUDA_PROVIDER,
@@ -320,6 +322,88 @@ def test_cache_evicts_least_recently_used(tmp_path: Path) -> None:
     clock.now += 10
     assert cache.put(_digest(c), c)
     assert [sha for sha, _, _ in cache.entries()] == [_digest(a), _digest(c)]
+
+
+class SmallDisk:
+    """A file system of *capacity* bytes that holds the cache directory and *elsewhere*
+    bytes of other files (the outbox, say): what a cache sees free on it."""
+
+    def __init__(self, directory: Path, capacity: int, elsewhere: int = 0) -> None:
+        self.directory, self.capacity, self.elsewhere = directory, capacity, elsewhere
+
+    def free(self, _fd: int) -> int:
+        held = sum(f.stat().st_size for f in self.directory.iterdir() if f.is_file())
+        return self.capacity - self.elsewhere - held
+
+
+def _small_disk(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, clock: FakeClock
+) -> tuple[ModelCache, SmallDisk, list[bytes]]:
+    """A cache on a 10 KiB disk that keeps 2 KiB free, holding three 2 KiB entries
+    written in turn (the first least recently used): 4 KiB free."""
+    disk = SmallDisk(tmp_path, capacity=10 << 10)
+    monkeypatch.setattr(onnx_runtime, "_free_bytes", disk.free)
+    cache = ModelCache(tmp_path, max_bytes=1 << 20, clock=clock, min_free_bytes=2 << 10)
+    held = [bytes([i]) * (2 << 10) for i in range(3)]
+    for data in held:
+        assert cache.put(_digest(data), data)
+        clock.now += 10
+    assert disk.free(0) == 4 << 10
+    return cache, disk, held
+
+
+def test_a_cache_write_leaves_its_disk_the_reserve_evicting_the_oldest(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A write that would leave less than min_free_bytes free evicts least recently used
+    entries, as many as it needs, and the disk keeps its reserve: the cache is far under
+    its max_bytes, but the disk is small."""
+    cache, disk, held = _small_disk(monkeypatch, tmp_path, FakeClock())
+    new = b"n" * (3 << 10)
+    assert cache.put(_digest(new), new)
+    assert [sha for sha, _, _ in cache.entries()] == [
+        _digest(held[1]),
+        _digest(held[2]),
+        _digest(new),
+    ]
+    assert disk.free(0) >= 2 << 10
+
+
+def test_a_model_that_would_not_leave_the_reserve_is_not_stored_nor_evicts(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A model that would not leave the reserve free even with every entry gone is not
+    stored, and costs no entry; once other files take the disk below its reserve, the
+    next write gives the cache's space back, oldest first, until the reserve is there."""
+    cache, disk, held = _small_disk(monkeypatch, tmp_path, FakeClock())
+    huge = b"h" * (9 << 10)
+    assert not cache.put(_digest(huge), huge)
+    assert len(cache.entries()) == 3
+    disk.elsewhere = 3 << 10  # the outbox grew: 1 KiB free
+    assert not cache.put(_digest(huge), huge)
+    assert [sha for sha, _, _ in cache.entries()] == [_digest(held[1]), _digest(held[2])]
+    assert disk.free(0) == 3 << 10
+
+
+def test_a_disk_filled_during_a_cache_write_gets_the_caches_space_back(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """ENOSPC in the middle of a write (another writer took the disk meanwhile): nothing
+    half-written stays, the write is not made, and the cache gives back what it holds
+    until the reserve is free again."""
+    cache, disk, held = _small_disk(monkeypatch, tmp_path, FakeClock())
+    real_fsync = os.fsync
+
+    def disk_full(fd: int) -> None:
+        disk.elsewhere = 5 << 10  # the outbox took it all, and more
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", disk_full)
+    new = b"n" * 100
+    assert not cache.put(_digest(new), new)
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    assert [p.name for p in tmp_path.iterdir()] == [_digest(held[2])]
+    assert disk.free(0) == 3 << 10
 
 
 def test_cache_removes_writes_a_kill_cut_short(tmp_path: Path) -> None:

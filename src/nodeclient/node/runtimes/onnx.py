@@ -78,6 +78,9 @@ _MAX_ERROR_CHARS: Final = 400
 _PARTIAL_PREFIX: Final = ".partial-"  # a cache write under way, renamed when complete
 PARTIAL_MAX_AGE_S: Final = 3600.0  # one older than this was cut short by a kill
 TOUCH_INTERVAL_S: Final = 60.0  # contains() refreshes an entry's time at most this often
+# A cache write leaves at least this much free on its file system, evicting to make room:
+# the outbox shares the disk, and a result that cannot be stored is work lost.
+MIN_FREE_BYTES: Final = 1 << 30
 _DIRECTORY_FLAGS: Final = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 # ONNX Runtime's type strings for the tensor types the result container can carry.
@@ -219,11 +222,13 @@ class ModelCache:
     Files are written atomically (temporary file, fsync, rename) with mode 0600, checked
     against their name's hash on every read (a corrupt file is deleted and reported as a
     miss), and evicted least recently used first, by modification time, once the total
-    passes *max_bytes*. A hit in :meth:`get` or :meth:`contains` refreshes that time from
-    the injected clock: workers see the cache read-only and cannot, so the daemon's
-    :meth:`contains` before each task that names a model is what keeps it recent. Every
-    write also removes what is not an entry (see :meth:`_sweep`). The cache is an
-    optimisation: disk errors make it miss, never fail a task.
+    passes *max_bytes*, or as far as a write needs to leave *min_free_bytes* free on the
+    file system (a model that would not leave it free even then is not stored). A hit in
+    :meth:`get` or :meth:`contains` refreshes that time from the injected clock: workers
+    see the cache read-only and cannot, so the daemon's :meth:`contains` before each task
+    that names a model is what keeps it recent. Every write also removes what is not an
+    entry (see :meth:`_sweep`). The cache is an optimisation: disk errors make it miss,
+    never fail a task.
 
     Workers of earlier releases could write the directory, and the daemon writes it from
     outside the sandbox, so nothing here follows a symlink: the directory is opened with
@@ -234,10 +239,16 @@ class ModelCache:
     """
 
     def __init__(
-        self, directory: Path, *, max_bytes: int, clock: Callable[[], float] = time.time
+        self,
+        directory: Path,
+        *,
+        max_bytes: int,
+        clock: Callable[[], float] = time.time,
+        min_free_bytes: int = MIN_FREE_BYTES,
     ) -> None:
         self.directory = directory
         self.max_bytes = max_bytes
+        self.min_free_bytes = min_free_bytes
         self._clock = clock
         self._lock = threading.Lock()  # one writer or evicter at a time
 
@@ -355,6 +366,8 @@ class ModelCache:
                 os.close(dir_fd)
 
     def _write(self, dir_fd: int, sha256: str, data: bytes, owner: tuple[int, int] | None) -> bool:
+        if not self._make_room(dir_fd, len(data)):
+            return False
         tmp = f"{_PARTIAL_PREFIX}{secrets.token_hex(8)}"
         written = False
         try:
@@ -375,7 +388,11 @@ class ModelCache:
             os.replace(tmp, sha256, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
             written = True
             self._evict(dir_fd, keep=sha256)
-        except OSError:
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):  # filled meanwhile (the outbox?)
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp, dir_fd=dir_fd)
+                self._make_room(dir_fd, 0)  # the cache gives the space back
             return False
         finally:
             if not written:
@@ -440,6 +457,34 @@ class ModelCache:
                 else:
                     os.unlink(child.name, dir_fd=dir_fd)
 
+    def _make_room(self, dir_fd: int, size: int) -> bool:
+        """Whether *size* bytes can be written leaving min_free_bytes free on the file
+        system. The cache holds nothing of a disk below that reserve (the outbox shares
+        it): least recently used entries go until the reserve is back, and as many more
+        as the write needs, if evicting them all would make room for it (else the write
+        is not made, and no more are evicted for it). A file system that cannot say how
+        much is free is written to."""
+        try:
+            free = _free_bytes(dir_fd)
+        except OSError:
+            return True
+        if free - size >= self.min_free_bytes:
+            return True
+        entries = self._entries(dir_fd)
+        fits = free + sum(entry_size for _, entry_size, _ in entries) - size >= self.min_free_bytes
+        need = size if fits else 0
+        for sha256, _, _ in entries:
+            if free - need >= self.min_free_bytes:
+                break
+            try:
+                os.unlink(sha256, dir_fd=dir_fd)
+                free = _free_bytes(dir_fd)  # as the disk has it: an open file's stay used
+            except FileNotFoundError:
+                continue
+            except OSError:
+                return False
+        return fits and free - size >= self.min_free_bytes
+
     def _evict(self, dir_fd: int, *, keep: str) -> None:
         self._sweep(dir_fd)
         entries = self._entries(dir_fd)
@@ -451,6 +496,12 @@ class ModelCache:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(sha256, dir_fd=dir_fd)
                 total -= size
+
+
+def _free_bytes(fd: int) -> int:
+    """Bytes free to an unprivileged user on the file system that holds *fd*."""
+    info = os.fstatvfs(fd)
+    return info.f_bavail * info.f_frsize
 
 
 @dataclass(frozen=True)
