@@ -6,6 +6,7 @@ import builtins
 import errno
 import hashlib
 import os
+import subprocess
 import sys
 import threading
 import time
@@ -322,6 +323,67 @@ def test_cache_evicts_least_recently_used(tmp_path: Path) -> None:
     clock.now += 10
     assert cache.put(_digest(c), c)
     assert [sha for sha, _, _ in cache.entries()] == [_digest(a), _digest(c)]
+
+
+_FOLDED_AT_LOAD = """
+import resource
+import onnxruntime as ort
+from onnx import TensorProto, helper
+from nodeclient.node.runtimes.onnx import OnnxRuntime
+
+# onnxruntime-gpu standing in, its sessions made on the CPU with the options given
+real = ort.InferenceSession
+ort.get_available_providers = lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"]
+ort.preload_dlls = lambda *args, **kwargs: None
+
+
+class OnTheCard:
+    def __init__(self, model, sess_options, providers, **kwargs):
+        self._cpu = real(model, sess_options=sess_options, providers=["CPUExecutionProvider"])
+
+    def get_providers(self):
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+
+    def __getattr__(self, name):
+        return getattr(self._cpu, name)
+
+
+ort.InferenceSession = OnTheCard
+shape = helper.make_tensor("shape", TensorProto.INT64, [1], [1 << 28])  # 1 GiB of floats
+one = helper.make_tensor("one", TensorProto.FLOAT, [1], [1.0])
+graph = helper.make_graph(
+    [
+        helper.make_node("ConstantOfShape", ["shape"], ["big"], value=one),
+        helper.make_node("ReduceMax", ["big"], ["m"], keepdims=1),
+        helper.make_node("Add", ["x", "m"], ["y"]),
+    ],
+    "g",
+    [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+    [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+    initializer=[shape],
+)
+model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+model.ir_version = 8
+data = model.SerializeToString()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+OnnxRuntime(intra_op_threads=1)._create(data)
+print(len(data), (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) >> 10)
+"""
+
+
+def test_a_tiny_model_cannot_take_gigabytes_as_a_gpu_slot_loads_it() -> None:
+    """A GPU slot's worker has no address-space limit. ONNX Runtime's constant folding
+    would run a 182-byte model's ConstantOfShape of 2^28 floats on the CPU as the session
+    is made (2 GiB, before any request is looked at); on a GPU slot it is not folded, and
+    the subgraph runs with the task, on the card."""
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "0"}
+    out = subprocess.run(
+        [sys.executable, "-c", _FOLDED_AT_LOAD], capture_output=True, text=True, env=env,
+        check=True, timeout=120,
+    )  # fmt: skip
+    size, grew_mib = map(int, out.stdout.split())
+    assert size < 256
+    assert grew_mib < 256, f"a {size}-byte model took {grew_mib} MiB as it loaded"
 
 
 class SmallDisk:

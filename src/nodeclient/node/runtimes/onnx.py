@@ -947,6 +947,14 @@ class OnnxRuntime:
         # own flatbuffer format, which the checks above (onnx's protobuf parse) never saw;
         # such bytes can be a valid protobuf too, of another, harmless-looking model.
         options.add_session_config_entry("session.load_model_format", "ONNX")
+        if gpu is not None:
+            # Constant folding runs the model's constant subgraphs on the CPU as the session
+            # is made: a ConstantOfShape of 2^28 in a 182-byte model took 2 GiB there. A
+            # CPU slot's address-space limit bounds that; a GPU slot's worker has none (the
+            # driver maps the card's memory into it), so the subgraph runs with the task.
+            options.add_session_config_entry(
+                "optimization.disable_specified_optimizers", "ConstantFolding"
+            )
         fallback = {"enable_fallback": 0} if strict else {}
         try:
             session = ort.InferenceSession(
