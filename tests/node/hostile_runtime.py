@@ -252,6 +252,40 @@ class HostileRuntime:
             return f"refused: {errno.errorcode.get(exc.errno or 0, exc.errno)}"
         return "made"
 
+    def do_fallocate(self, order: dict[str, Any], workdir: Path, progress: Any) -> dict[str, Any]:
+        """fallocate(2) of *bytes* with *mode* (1: FALLOC_FL_KEEP_SIZE) on a new file in
+        the work directory: the errno, or the bytes it took on disk."""
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        fd = os.open(workdir / "reserved", os.O_CREAT | os.O_WRONLY, 0o600)
+        try:
+            done = libc.fallocate(
+                fd, int(order["mode"]), ctypes.c_long(0), ctypes.c_long(int(order["bytes"]))
+            )
+            if done != 0:
+                return {"refused": errno.errorcode.get(ctypes.get_errno(), ctypes.get_errno())}
+            return {"on_disk": os.fstat(fd).st_blocks * 512}
+        finally:
+            os.close(fd)
+
+    def do_keyring(self, order: dict[str, Any], workdir: Path, progress: Any) -> str:
+        """add_key(2) of a "user" key to the user key ring, as a task would leave data
+        for the next requester's task."""
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.syscall.restype = ctypes.c_long
+        user_keyring = -4  # KEY_SPEC_USER_KEYRING
+        data = b"requester A's data"
+        done = libc.syscall(
+            ctypes.c_long(248), b"user", b"left-by-a-task", data, ctypes.c_size_t(len(data)),
+            ctypes.c_int(user_keyring),
+        )  # fmt: skip
+        if done < 0:
+            return f"refused: {errno.errorcode.get(ctypes.get_errno(), ctypes.get_errno())}"
+        return "added"
+
     def do_new_userns(self, order: dict[str, Any], workdir: Path, progress: Any) -> str:
         """unshare(CLONE_NEWUSER): a namespace in which the task could mount a tmpfs."""
         import ctypes

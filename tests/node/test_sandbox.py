@@ -6,6 +6,7 @@ a normal inference must still give OnnxRuntime's exact bytes.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import socket
@@ -332,6 +333,26 @@ def test_no_socket_family_outside_the_network_namespace(node: Node) -> None:
     assert node.hostile({"do": "new_userns"}) == b'"refused: EPERM"'
     node.hostile({"do": "leave_child"})  # a fork: still allowed
     node.inference_still_works()  # ONNX Runtime's threads
+
+
+def test_no_disk_reserved_past_the_file_size_limit(node: Node) -> None:
+    """fallocate with FALLOC_FL_KEEP_SIZE reserves blocks without growing the file, so no
+    file-size limit sees them: one call could take the whole disk the work directory is
+    on (the outbox's too) before the next disk check. The filter refuses every mode but
+    0, which the file-size limit does see (a task's own files are written as before)."""
+    keep_size = json.loads(node.hostile({"do": "fallocate", "mode": 1, "bytes": 1 << 30}))
+    assert keep_size == {"refused": errno.errorcode[errno.EOPNOTSUPP]}
+    plain = json.loads(node.hostile({"do": "fallocate", "mode": 0, "bytes": 1 << 20}))
+    assert plain == {"on_disk": 1 << 20}
+    node.inference_still_works()
+
+
+def test_no_kernel_key_ring_to_leave_data_in(node: Node) -> None:
+    """No namespace of the sandbox has key rings of its own: a key added to the user key
+    ring would wait, past the task, for the next requester's task in any slot, and for the
+    host's processes of the sandbox's uid. The calls are not there."""
+    assert node.hostile({"do": "keyring"}) == b'"refused: ENOSYS"'
+    node.inference_still_works()
 
 
 def test_system_directories_are_read_only(node: Node) -> None:

@@ -7,7 +7,15 @@ bubblewrap's namespaces leave two ways out that no namespace closes:
   ``AF_INET``, ``AF_INET6`` (in the sandbox's empty network namespace) and
   ``AF_NETLINK`` sockets may be made; any other family is ``EAFNOSUPPORT``;
 - new user namespaces (``unshare`` or ``clone`` with ``CLONE_NEWUSER``), in which a task
-  could mount a tmpfs of its own, memory beyond every limit: ``EPERM``.
+  could mount a tmpfs of its own, memory beyond every limit: ``EPERM``;
+- ``fallocate`` with any mode but 0: ``FALLOC_FL_KEEP_SIZE`` reserves a file's blocks
+  without growing it, so neither ``RLIMIT_FSIZE`` nor the work directory's size as seen
+  between two disk checks would stop one call from taking the whole disk:
+  ``EOPNOTSUPP`` (the C library's ``posix_fallocate`` and SQLite use mode 0);
+- the kernel's key rings (``add_key``, ``request_key``, ``keyctl``): no namespace of the
+  sandbox has its own, so a key added by one task would wait, past the task, for the next
+  requester's in any slot, and for the host's processes of the same uid: ``ENOSYS``, as
+  under Docker's default filter.
 
 ``clone3`` answers ``ENOSYS`` (its flags sit in memory a filter cannot read), so the C
 library falls back to ``clone``, as under Docker's and systemd's filters; the
@@ -48,6 +56,7 @@ _X32_BIT: Final = 0x40000000
 _NR: Final = 0
 _ARCH: Final = 4
 _ARG0: Final = 16
+_ARG1: Final = 24
 
 # x86_64 system call numbers
 SOCKET: Final = 41
@@ -56,6 +65,8 @@ CLONE: Final = 56
 UNSHARE: Final = 272
 CLONE3: Final = 435
 IO_URING: Final = (425, 426, 427)  # io_uring_setup, io_uring_enter, io_uring_register
+KEYRINGS: Final = (248, 249, 250)  # add_key, request_key, keyctl
+FALLOCATE: Final = 285
 _SECCOMP: Final = 317
 _SET_MODE_FILTER: Final = 1
 _FLAG_TSYNC: Final = 1
@@ -112,8 +123,13 @@ def program() -> bytes:
         (_JEQ, "userns", 0, UNSHARE),
         (_JEQ, "userns", 0, CLONE),
         (_JEQ, "enosys", 0, CLONE3),
-        *[(_JEQ, "enosys", 0, nr) for nr in IO_URING],
+        (_JEQ, "fallocate", 0, FALLOCATE),
+        *[(_JEQ, "enosys", 0, nr) for nr in (*IO_URING, *KEYRINGS)],
         (_RET, 0, 0, ALLOW),
+        "fallocate",
+        (_LD_ABS_W, 0, 0, _ARG1),  # its mode (an int)
+        (_JEQ, "allow", 0, 0),
+        (_RET, 0, 0, _ERRNO | errno.EOPNOTSUPP),
         "family",
         (_LD_ABS_W, 0, 0, _ARG0),
         *[(_JEQ, "allow", 0, family) for family in ALLOWED_FAMILIES],
