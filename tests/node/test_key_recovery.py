@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -126,6 +128,23 @@ def test_init_that_cannot_be_finished_says_what_to_move_and_changes_nothing(
     assert temps(home) == []
 
 
+@pytest.mark.parametrize(
+    ("flag", "value", "said"),
+    [("--wallet", "0x12", "wallet_address"), ("--chain-id", "0", "chain_id must be")],
+)
+def test_an_init_refused_for_its_flags_makes_no_directory(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], flag: str, value: str, said: str
+) -> None:
+    """A --wallet or --chain-id that config.toml could not hold is refused before the home
+    is made: neither the home nor the parents it would have needed are left behind, to be
+    found later as an empty node home."""
+    home = tmp_path / "new" / "home"
+    args = {"--wallet": WALLET, "--chain-id": "31337", flag: value}
+    assert main(["init", "--home", str(home), *(w for kv in args.items() for w in kv)]) == 2
+    assert said in one_error_line(capsys.readouterr().err)
+    assert not (tmp_path / "new").exists()
+
+
 # --- a lost or malformed liveness.key ---------------------------------------------------------
 
 
@@ -160,4 +179,35 @@ def test_a_lost_liveness_key_is_replaced_by_rotate_liveness(
     assert main(["keys", "show", "--home", str(home), "--json"]) == 0
     shown = json.loads(capsys.readouterr().out)
     assert shown["node_id"] == node_id and shown["liveness_address"] in out
+    assert doctor.check_key_files(home).level is doctor.Level.OK
+
+
+def test_a_rotation_killed_before_its_rename_leaves_no_key_behind_once_run_again(
+    home: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Killed between writing the new key and renaming it over liveness.key, a rotation
+    leaves that key in its temporary file: a private key that never got the name. The
+    next rotation removes it, so no `.liveness.key.*.tmp` stays in the home for good (init,
+    which removes staging files, refuses an initialised home), and the key in use is the
+    one that rotation made."""
+    killed = textwrap.dedent(
+        """
+        import os, signal, sys
+        os.rename = lambda *args, **kwargs: os.kill(os.getpid(), signal.SIGKILL)
+        from nodeclient.node.cli import main
+        sys.exit(main(["keys", "rotate-liveness", "--home", sys.argv[1]]))
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", killed, str(home)], capture_output=True,
+                          text=True, timeout=120, check=False)  # fmt: skip
+    assert proc.returncode == -9, proc.stderr
+    [left] = temps(home)
+    assert left.startswith(".liveness.key.")
+    unused = (home / left).read_bytes()
+    before = (home / "liveness.key").read_bytes()
+    capsys.readouterr()
+    assert main(["keys", "rotate-liveness", "--home", str(home)]) == 0
+    assert temps(home) == []
+    assert (home / "liveness.key").read_bytes() not in (before, unused)
+    assert f" -> {keys.load_liveness_key(home).address}\n" in capsys.readouterr().out
     assert doctor.check_key_files(home).level is doctor.Level.OK

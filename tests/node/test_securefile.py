@@ -221,6 +221,27 @@ def test_a_new_home_and_its_new_parents_are_0700_and_durable(
     assert fsynced == [str(tmp_path), str(tmp_path / "a"), str(tmp_path / "a" / "b")]
 
 
+def test_a_parent_another_process_makes_meanwhile_is_taken_as_it_is(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two inits under one new parent race: the other makes the parent between our check
+    and our mkdir of it. That level exists, so the home is made in it as usual (0700),
+    rather than taken as made, which ended in a FileNotFoundError traceback; the other
+    process's directory is left as it made it."""
+    parent = tmp_path / "parent"
+    real_mkdir = os.mkdir
+
+    def racing_mkdir(path: str | os.PathLike[str], mode: int = 0o777) -> None:
+        if Path(path) == parent and not parent.exists():
+            real_mkdir(parent, 0o750)  # the other process wins the race
+        real_mkdir(path, mode)
+
+    monkeypatch.setattr(os, "mkdir", racing_mkdir)
+    assert ensure_home(parent / "home", create=True) == parent / "home"
+    assert _mode(parent / "home") == 0o700
+    assert _mode(parent) == 0o750
+
+
 # --- write_secret / write_secrets / replace_secret ------------------------------------
 
 
@@ -267,6 +288,22 @@ def test_replace_secret_swaps_content_atomically(home: Path) -> None:
     assert path.read_bytes() == SECRET
     assert _mode(path) == 0o600
     assert os.listdir(home) == ["liveness.key"]
+
+
+def test_replace_secret_removes_what_an_earlier_kill_left_of_the_same_name(
+    home: Path, fsynced: list[str]
+) -> None:
+    """A replace killed before its rename leaves the new secret in `.NAME.BATCH.tmp`,
+    never used and removed by nothing else. The next replace of that name removes such
+    files, and syncs the directory after; another name's temporary file (an interrupted
+    init's staging file) is not its to remove."""
+    path = _plant(home / "liveness.key", b"old\n")
+    _plant(home / ".liveness.key.0123456789abcdef.tmp", b"never used\n")
+    other = _plant(home / ".payload.key.0123456789abcdef.tmp", b"staged\n")
+    replace_secret(path, SECRET)
+    assert path.read_bytes() == SECRET
+    assert sorted(os.listdir(home)) == [other.name, "liveness.key"]
+    assert fsynced[-1] == str(home)
 
 
 def test_replace_secret_replaces_a_symlink_not_its_target(tmp_path: Path, home: Path) -> None:

@@ -4,6 +4,7 @@ signature, checked before it is stored, refused when it no longer fits the confi
 from __future__ import annotations
 
 import json
+import os
 import stat
 import time
 from pathlib import Path
@@ -90,6 +91,31 @@ def test_a_stored_proof_that_no_longer_fits_is_refused_with_the_fix(tmp_path: Pa
     with pytest.raises(UsageError, match="delete the file"):
         wallet.load_proof(tmp_path, wallet_address=WALLET.address, node_id=NODE, chain_id=CHAIN)
     assert json.loads((tmp_path / wallet.PROOF_FILE).read_text()) == {"issued_at": "soon"}
+
+
+@pytest.mark.usefixtures("stock_recursion_limit")
+def test_a_proof_file_nested_without_end_is_refused_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A damaged wallet_proof.json of 3,000 '[' (well under its size cap) is refused like
+    any other damaged proof, with the fix, not a RecursionError out of json.loads: `run`,
+    `manifest` and `doctor` load the proof, and each would end in a traceback."""
+    from nodeclient.node import keys
+    from nodeclient.node.cli import main
+
+    home = tmp_path / "home"
+    assert main(["init", "--home", str(home), "--wallet", WALLET.address]) == 0
+    fd = os.open(home / wallet.PROOF_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    os.write(fd, b"[" * 3000)
+    os.close(fd)
+    with pytest.raises(UsageError, match="delete the file"):
+        wallet.load_proof(home, wallet_address=WALLET.address, node_id=keys.node_id_of(home),
+                          chain_id=CHAIN)  # fmt: skip
+    capsys.readouterr()
+    assert main(["manifest", "--home", str(home)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"nodeclient: error: {home / wallet.PROOF_FILE} is not a proof")
+    assert err.count("\n") == 1
 
 
 def test_the_wallet_proof_command_binds_the_node_and_the_manifest_carries_it(

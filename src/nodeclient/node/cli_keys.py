@@ -55,13 +55,15 @@ def cmd_init(args: argparse.Namespace) -> int:
         if args.coordinator
         else None
     )
-    home = home_dir(args, create=True)
+    # The config validates --wallet and --chain-id: built before the home is made, so that
+    # a refused init leaves no home (nor the parents it would have needed) behind.
     config = NodeConfig(
         wallet_address=args.wallet,
         region=args.region,
         chain_id=args.chain_id,
         coordinator=coordinator,
     )
+    home = home_dir(args, create=True)
     if securefile.initialised(home):
         raise UsageError(
             f"{home / 'config.toml'} already exists: this home is initialised (`nodeclient "

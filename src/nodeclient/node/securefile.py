@@ -143,11 +143,16 @@ def _create_home(home: Path) -> None:
         # Missing parents get 0700 too: Path.mkdir(parents=True) would give them
         # 0777 & ~umask, and a writable parent lets others rename the home away.
         for ancestor in [*reversed(home.parents), home]:
-            if not os.path.lexists(ancestor):
+            if os.path.lexists(ancestor):
+                continue
+            try:
                 os.mkdir(ancestor, _HOME_MODE)
-                _settle_directory(ancestor)
-    except FileExistsError:
-        return  # someone created it meanwhile: validated like any existing home
+            except FileExistsError:
+                # Made meanwhile (another init under the same new parent): that level
+                # exists, as someone else made it, and the levels below it are still
+                # ours to make. The home is validated like any existing one after.
+                continue
+            _settle_directory(ancestor)
     except OSError as exc:
         raise KeyFileError(f"cannot create node home {home}: {exc.strerror}") from exc
 
@@ -534,6 +539,16 @@ def replace_secret(path: Path, data: bytes) -> None:
     """Atomically replace (or create) ``path`` with ``data`` (mode 0600), e.g. to rotate a key.
 
     ``rename`` replaces the name itself, never following a symlink found there.
+
+    A replace killed between writing its temporary file and the rename leaves that file,
+    a complete secret that never got the name; nothing else removes it in a home that is
+    initialised (only ``init`` finishes staging files, and it refuses such a home). Once
+    the name holds the new secret, the leftover temporary files of that name are removed
+    with it: each never got the name, so was never used (or is a second link to a file
+    that had it, from an init killed after its links), and the name now holds a newer one.
+    A second replace of the same name running at the same moment may so lose its own
+    temporary file before its rename: that one then fails, changing nothing, and the name
+    holds the secret of the one that succeeded.
     """
     with _open_dir(path.parent) as dfd:
         tmp, _ = _stage(dfd, path, data, secrets.token_hex(8))
@@ -543,7 +558,13 @@ def replace_secret(path: Path, data: bytes) -> None:
             with contextlib.suppress(OSError):
                 os.unlink(tmp, dir_fd=dfd)
             raise KeyFileError(f"cannot replace {path}: {exc.strerror}") from exc
-        _fsync_dir(dfd, path.parent)
+        # Best effort: the replace itself has succeeded, and a leftover that stays is
+        # removed by the next one.
+        with contextlib.suppress(KeyFileError):
+            for leftover in _leftovers(dfd, path.parent, [path.name]).get(path.name, {}).values():
+                with contextlib.suppress(OSError):
+                    os.unlink(leftover, dir_fd=dfd)
+        _fsync_dir(dfd, path.parent)  # the new name and the removals alike
 
 
 def forbid_core_dumps() -> None:

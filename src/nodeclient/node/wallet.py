@@ -97,7 +97,9 @@ def load_proof(
         mf.check_wallet_proof(
             proof, wallet_address=_checksum(wallet_address), node_id=node_id, chain_id=chain_id
         )
-    except (ValueError, TypeError, KeyError, SignatureError) as exc:
+    # RecursionError: a file nested without end ("[[[[..."), which no proof is; under the
+    # 4096-byte cap it is still deep enough to reach the stock recursion limit
+    except (ValueError, TypeError, KeyError, RecursionError, SignatureError) as exc:
         raise UsageError(
             f"{path} is not a proof for wallet {wallet_address} on chain {chain_id} ({exc}); "
             "make a new one with `nodeclient wallet-proof`, or delete the file to register "
