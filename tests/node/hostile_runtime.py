@@ -65,7 +65,7 @@ class HostileRuntime:
         return Path(order["path"]).read_text()
 
     def do_listdir(self, order: dict[str, Any], workdir: Path, progress: Any) -> list[str]:
-        return sorted(os.listdir(order["path"]))
+        return sorted(os.listdir(order.get("path") or workdir))
 
     def do_fork_bomb(self, order: dict[str, Any], workdir: Path, progress: Any) -> str:
         children = 0
@@ -354,6 +354,21 @@ class HostileRuntime:
         if order.get("then_crash"):  # the worker dies under its task, the child lives on
             os._exit(9)
         return f"left a child {pid}" if order.get("say_pid") else "left a child"
+
+    def do_lie_clean(self, order: dict[str, Any], workdir: Path, progress: Any) -> str:
+        """Change the worker that runs this task (the process is the task's to change) so
+        that its clean-up empties nothing and finds nothing left; then leave a child
+        running (*child*) or *bytes* in a file of the work directory (*file*)."""
+        worker = sys.modules["__main__"].Worker
+        worker._left_behind = lambda _self: False
+        worker._empty_task_dir = lambda _self: True
+        if order.get("child") and os.fork() == 0:
+            os.closerange(0, 65536)
+            time.sleep(60)
+            os._exit(0)
+        if order.get("file"):
+            (workdir / "left").write_bytes(b"x" * int(order["bytes"]))
+        return "lied"
 
     def do_leave_grandchild(self, order: dict[str, Any], workdir: Path, progress: Any) -> str:
         """A double fork: the grandchild is no child of the worker's (init adopts it) but

@@ -324,6 +324,33 @@ def test_unsandboxed_a_process_left_behind_ends_with_its_worker(tmp_path: Path, 
         time.sleep(0.05)
 
 
+def test_unsandboxed_a_child_left_behind_a_report_of_clean_ends_the_worker(
+    tmp_path: Path,
+) -> None:
+    """Unsandboxed too, the clean-up report is the task's process's to change: a task that
+    makes it say clean and leaves a child running is seen from outside (a process under
+    the worker), and the worker is replaced at once, its child with it."""
+    executor = make_executor(tmp_path / "home", mode="unsandboxed")
+
+    async def scenario() -> tuple[int, int]:
+        try:
+            await executor.warm_up()
+            lie = json.dumps({"do": "lie_clean", "child": True}).encode()
+            assert await executor.run(HOSTILE, lie, job_id="job-1") == b'"lied"'
+            (slot,) = executor._slots
+            assert slot.proc is not None
+            worker = slot.proc.pid
+            echo = json.dumps({"do": "echo", "data": "x"}).encode()
+            assert await executor.run(HOSTILE, echo, job_id="job-1") == b"x"
+            assert slot.proc.pid != worker
+            return worker, len(slots.descendants(slot.proc.pid))
+        finally:
+            await executor.aclose()
+
+    replaced, left = asyncio.run(scenario())
+    assert left == 0 and not psutil.pid_exists(replaced)
+
+
 def test_unsandboxed_a_grandchild_left_in_the_workers_group_taints_it(tmp_path: Path) -> None:
     """A task double-forks: its grandchild is no child of the worker's, so the worker
     found nothing left and was kept for the job's next task, the grandchild running on
@@ -916,23 +943,29 @@ class _FakeSlot:
         return self._script  # type: ignore[return-value]
 
 
+_CLEAN = worker.Frame({"op": "clean", "id": 7, "restart": False}, b"")
+
+
 @pytest.mark.parametrize(
     ("report", "reused", "why"),
     [
-        (worker.Frame({"op": "clean", "id": 7, "restart": False}, b""), True, None),
+        (_CLEAN, True, None),
         (worker.Frame({"op": "clean", "id": 7, "restart": True}, b""), False, "replaced after"),
         (worker.Frame({"op": "clean", "id": 8, "restart": False}, b""), False, "another task"),
         (worker.Frame({"op": "result", "id": 7}, b"x"), False, "no clean-up report"),
         (None, False, "no clean-up report"),
         (ConnectionResetError("pipe"), False, "ConnectionResetError"),
         ("hang", False, "within 0 s"),
+        (_CLEAN, False, "its task left 1 process(es) running"),
     ],
 )
 def test_settle_reuses_only_a_clean_worker(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, report: object, reused: bool, why: str | None
 ) -> None:
-    """The slot always returns to the idle queue: as it is after a clean report, through a
-    fresh worker after anything else (restart asked, wrong id or op, EOF, error, silence)."""
+    """The slot always returns to the idle queue: as it is after a clean report that what
+    is seen from outside bears out, through a fresh worker after anything else (restart
+    asked, wrong id or op, EOF, error, silence, something left that the report denied)."""
+    left = why if report is _CLEAN and why is not None else None
 
     monkeypatch.setattr(executor_module, "_SETTLE_TIMEOUT", 0.05)
     ex = make_executor(tmp_path)
@@ -944,6 +977,7 @@ def test_settle_reuses_only_a_clean_worker(
         ex._idle.put_nowait(slot)
 
     monkeypatch.setattr(ex, "_replace", fake_replace)
+    monkeypatch.setattr(ex, "_left_behind", lambda _slot: left)
     slot = _FakeSlot(report)
 
     async def go() -> object:

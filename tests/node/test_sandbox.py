@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from nodeclient.errors import NodeClientError, UsageError
-from nodeclient.node import sandbox
+from nodeclient.node import sandbox, slots
 from nodeclient.node.exec_workdirs import chown_tree
 from nodeclient.node.executor import TaskFailed
 from tests.node.sandbox_harness import Node, warm_node
@@ -435,6 +435,26 @@ def test_processes_left_behind_get_a_fresh_worker(node: Node) -> None:
     assert node.hostile({"do": "leave_child"}) == b'"left a child"'
     node.inference_still_works()
     assert len(node.executor.start_seconds) == starts + 1
+
+
+@pytest.mark.parametrize("left", [{"child": True}, {"file": True, "bytes": 4 << 20}])
+def test_what_a_task_leaves_gets_a_fresh_worker_even_if_its_report_says_clean(
+    node: Node, left: dict[str, object]
+) -> None:
+    """The clean-up report comes from the process that ran the task, which the task can
+    change: one that makes it report clean whatever it left (a process running, bytes in
+    the work directory) is seen from outside, and its worker replaced at once, not when
+    another job's task comes: the process and the bytes go with it (an idle slot's
+    leftovers would take the CPU, the disk, and the process limit its uid shares with the
+    other slots)."""
+    node.hostile({"do": "echo"})  # the worker has run this job's tasks: it is not replaced
+    starts = len(node.executor.start_seconds)
+    assert node.hostile({"do": "lie_clean", **left}) == b'"lied"'
+    assert "left" not in json.loads(node.hostile({"do": "listdir"}))  # the same job's
+    assert len(node.executor.start_seconds) == starts + 1
+    (slot,) = node.executor._slots
+    assert slot.proc is not None and len(slots.descendants(slot.proc.pid)) == 2
+    node.inference_still_works()
 
 
 @pytest.mark.parametrize("how", ["memfd", "passed", "sysv"])

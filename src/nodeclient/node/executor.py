@@ -61,6 +61,7 @@ from nodeclient.node.slots import (
     Slot,
     WorkerGone,
     affinity_of,
+    descendants,
     fit_slot,
     is_reusable,
 )
@@ -84,6 +85,8 @@ _SETTLE_WAIT: Final = 5.0  # a task waits this long for a settling worker that m
 _UNBROKEN_POLL_S: Final = 0.05  # how often it looks for a slot whose worker can run its class
 PROGRESS_INTERVAL_S: Final = 0.5  # a task's progress reports passed on at most this often
 DISK_CHECK_S = 2.0  # a running task's work directory is measured this often (max_work_bytes)
+# What a worker's work directory may hold after its clean-up (its empty directories do).
+CLEAN_MAX_BYTES: Final = 1 << 20
 # A task's deadline is read again on the executor's clock this often: the event loop's
 # timers run on CLOCK_MONOTONIC, which stops while the system is suspended, and the
 # executor's clock does not (exec_config.deadline_clock).
@@ -747,6 +750,26 @@ class Executor:
         self._restarts.add(task)
         task.add_done_callback(self._restarts.discard)
 
+    def _left_behind(self, slot: Slot) -> str | None:
+        """What the slot's last task left behind that its worker's clean-up report denied,
+        as seen from outside, or None. The report comes from the process that ran the task,
+        which the task could have changed (its own threads and memory are not checked
+        here; they are the worker's, and go when it does): processes still running (in
+        bubblewrap, the sandbox's init and the worker are the only ones there are) and
+        bytes in the work directory, which would wait for whichever task comes next."""
+        expected = 2 if self.mode == MODE_BWRAP else 0
+        assert slot.proc is not None
+        try:
+            running = len(descendants(slot.proc.pid)) - expected
+            used = disk_used(slot.workdir, stop_after=CLEAN_MAX_BYTES)
+        except OSError as exc:
+            return f"its clean-up could not be checked: {exc}"[:300]
+        if running > 0:
+            return f"its task left {running} process(es) running past its clean-up report"
+        if used > CLEAN_MAX_BYTES:
+            return f"its task left over {CLEAN_MAX_BYTES} bytes in its work directory"
+        return None
+
     async def _settle(self, slot: Slot) -> None:
         """Wait for the worker's clean-up after an answered task, then reuse or replace it.
 
@@ -763,6 +786,8 @@ class Executor:
                 slot.kill("worker broke the pipe protocol: clean-up report for another task")
             elif frame.header.get("restart"):
                 slot.killed = _REPLACED  # it left something behind and exits by itself
+            elif (doubt := await asyncio.to_thread(self._left_behind, slot)) is not None:
+                slot.kill(doubt)
         except TimeoutError:
             slot.kill(f"no clean-up report within {_SETTLE_TIMEOUT:.0f} s of a task")
         except asyncio.CancelledError:

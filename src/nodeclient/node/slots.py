@@ -90,6 +90,58 @@ def fit_slot(slot: Slot, affinity: Affinity) -> int:
     return 1 if slot.affinity is None else FIT_START + 1  # fresh, or to be replaced
 
 
+def descendants(pid: int) -> list[int]:
+    """The processes under *pid*: its children, theirs, and so on, as the kernel lists
+    them for each thread (``/proc/<pid>/task/<tid>/children``), or, on a kernel that keeps
+    no such lists, by every process's parent. Raises OSError if *pid* is gone."""
+    if not _CHILDREN_LISTED:
+        return _descendants_by_parent(pid)
+    found: list[int] = []
+    todo = [pid]
+    while todo:
+        parent = todo.pop()
+        try:
+            threads = os.listdir(f"/proc/{parent}/task")
+        except FileNotFoundError:
+            if parent == pid:
+                raise
+            continue  # gone meanwhile
+        for tid in threads:
+            try:
+                with open(f"/proc/{parent}/task/{tid}/children", "rb") as listed:
+                    children = [int(child) for child in listed.read().split()]
+            except (FileNotFoundError, ProcessLookupError):
+                continue  # a thread that ended meanwhile
+            found += children
+            todo += children
+    return found
+
+
+def _descendants_by_parent(pid: int) -> list[int]:
+    parents: dict[int, list[int]] = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as stat:
+                fields = stat.read().rsplit(b")", 1)[1].split()  # after "(comm)"
+        except (FileNotFoundError, ProcessLookupError, IndexError):
+            continue
+        parents.setdefault(int(fields[1]), []).append(int(name))
+    if not os.path.isdir(f"/proc/{pid}"):
+        raise FileNotFoundError(f"process {pid} is gone")
+    found: list[int] = []
+    todo = [pid]
+    while todo:
+        children = parents.get(todo.pop(), [])
+        found += children
+        todo += children
+    return found
+
+
+_CHILDREN_LISTED: Final = os.path.exists(f"/proc/self/task/{os.getpid()}/children")
+
+
 class WorkerGone(Exception):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
