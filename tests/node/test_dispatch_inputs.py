@@ -1,12 +1,18 @@
-"""A task whose model, fetched by URL, the model cache cannot store (a full or failing
-disk): it runs with the model inline, or, where the payload would then be too large, is
-refused as this node's failure; never as the requester's."""
+"""What the daemon does with a model it fetched by URL when the task does not simply run.
+
+The model cache cannot store it (a full or failing disk): the task runs with the model
+inline, or, where the payload would then be too large, is refused as this node's failure;
+never as the requester's. A worker cannot read the cached file: the daemon re-hashes it.
+A worker refuses the bytes as no model it can load: the daemon deletes them, so only
+models that loaded stay; a model that loaded stays whatever its tasks' inputs.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
 import errno
+import hashlib
 import os
 import uuid
 from pathlib import Path
@@ -14,13 +20,21 @@ from typing import ClassVar
 
 import numpy as np
 import pytest
+from onnx import TensorProto, helper
 
+from nodeclient.errors import RemoteProtocolError
 from nodeclient.node import inputs
 from nodeclient.node.daemon import NodeDaemon
 from nodeclient.node.executor import Executor, TaskFailed
-from nodeclient.node.runtimes.onnx import ModelUnavailable
+from nodeclient.node.runtimes.onnx import ModelUnavailable, OnnxRuntime
 from nodeclient.workloads.inference import InferenceRequest, make_request
-from tests.models import identity_model
+from tests.models import (
+    add_model,
+    external_data_model,
+    identity_model,
+    string_output_model,
+    unknown_op_model,
+)
 from tests.node.test_daemon_outbox import make_daemon
 from tests.node.test_daemon_rejects import dispatch, later
 
@@ -136,3 +150,133 @@ def test_other_failures_of_a_task_do_not_reread_its_cached_model(
     daemon._fetch_pool.shutdown(wait=True)
     (sent,) = link.frames
     assert sent["type"] == "reject" and rechecked == [] and cached.exists()
+
+
+# --- models no worker can load ----------------------------------------------------------
+
+
+def _run_in_a_worker(tmp_path: Path, request: InferenceRequest) -> tuple[str, Path]:
+    """Run *request*, its model by URL, through a daemon whose executor starts real
+    workers (the ONNX runtime; unsandboxed): the reason of its signed reject, and where
+    the daemon's cache keeps the model."""
+    daemon, _, link = make_daemon(tmp_path, Executor)
+    model = request.model
+    assert model is not None
+    by_url = dataclasses.replace(request, model=None, model_url=URL)
+    daemon._fetch = lambda url: model
+
+    async def scenario() -> None:
+        try:
+            await daemon._on_frame(dispatch(daemon, uuid.uuid4(), later(), payload=by_url.encode()))
+            while daemon.running:
+                await asyncio.sleep(0.01)
+        finally:
+            await daemon.executor.aclose()
+
+    asyncio.run(asyncio.wait_for(scenario(), 60))
+    daemon._fetch_pool.shutdown(wait=True)
+    (sent,) = link.frames
+    assert sent["type"] == "reject"
+    cached = daemon.executor.config.cache_dir / "models" / request.model_sha256
+    return str(sent["message"]["reason"]), cached
+
+
+def _garbage_request(size: int) -> InferenceRequest:
+    """A "model" of *size* bytes of 0xff, named by its true hash: no ONNX protobuf."""
+    garbage = b"\xff" * size
+    sha256 = hashlib.sha256(garbage).hexdigest()
+    return InferenceRequest(
+        model_sha256=sha256, inputs={"x": np.ones(1, np.float32)}, model=garbage
+    )
+
+
+def test_a_fetched_model_no_worker_can_load_is_not_kept(tmp_path: Path) -> None:
+    """Bytes that match the hash the requester named but are no ONNX model (3 MiB of
+    0xff) are fetched into the cache before the worker sees them; the worker refuses
+    them, and the daemon then deletes them: the cache keeps only models that loaded, so a
+    requester cannot fill it with blobs of the sizes it likes."""
+    request = _garbage_request(3 << 20)
+    reason, cached = _run_in_a_worker(tmp_path, request)
+    assert reason.startswith("bad payload: model is not a valid ONNX protobuf")
+    assert not cached.exists()
+    payload = dataclasses.replace(request, model=None, model_url=URL).encode()
+    assert inputs.needs_fetch("ai.inference", payload, cache_dir=cached.parent.parent)
+
+
+def test_a_model_that_loaded_stays_cached_when_its_task_fails_on_a_bad_input(
+    tmp_path: Path,
+) -> None:
+    """A good model, fetched, whose task sends an input of the wrong dtype: the run is
+    refused, but the model loaded and stays for the next task."""
+    request = make_request(identity_model(), {"x": np.ones(3, np.int32)})
+    reason, cached = _run_in_a_worker(tmp_path, request)
+    assert reason.startswith("bad payload: input 'x' is I32")
+    assert cached.read_bytes() == identity_model()
+
+
+def _sparse_model(elements: int) -> bytes:
+    """y = x + w, where w is a sparse initializer of *elements*, one of them stored."""
+    sparse = helper.make_sparse_tensor(
+        helper.make_tensor("w", TensorProto.FLOAT, [1], [1.0]),
+        helper.make_tensor("w_indices", TensorProto.INT64, [1], [0]),
+        [elements],
+    )
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["x", "w"], ["y"])],
+        "sparse",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [elements])],
+        sparse_initializer=[sparse],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    return bytes(model.SerializeToString())
+
+
+def _worker_reason(model: bytes, **feed: np.ndarray) -> str:
+    """The reason a worker gives for a requester's fault in running *model* on *feed*
+    (worker.py: ``bad payload: <message>``), from the runtime it runs."""
+    request = make_request(model, feed)
+    with pytest.raises(RemoteProtocolError) as refused:
+        OnnxRuntime().run(request.encode())
+    return f"bad payload: {refused.value}"[:400]
+
+
+X1 = np.ones(1, np.float32)
+
+
+@pytest.mark.parametrize(
+    ("model", "feed"),
+    [
+        (b"\xff" * 64, {"x": X1}),  # no protobuf
+        (external_data_model("secret.txt", 15), {}),
+        (_sparse_model(1 << 28), {"x": X1}),  # 1 GiB once dense
+        (unknown_op_model(), {"x": X1}),  # ONNX Runtime cannot load it
+        (identity_model(elem_type=TensorProto.STRING), {"x": X1}),  # no tensor to feed
+    ],
+    ids=["garbage", "external data", "sparse", "unknown operator", "string input"],
+)
+def test_each_way_a_worker_refuses_a_models_bytes_drops_them(
+    model: bytes, feed: dict[str, np.ndarray]
+) -> None:
+    """Each way the runtime refuses a model as no model it can load, in a worker's words,
+    is one after which the daemon deletes the cached bytes."""
+    assert inputs.model_refused(_worker_reason(model, **feed))
+
+
+@pytest.mark.parametrize(
+    ("model", "feed"),
+    [
+        (identity_model(), {"x": np.ones(3, np.int32)}),  # the wrong dtype
+        (add_model(), {"a": np.ones((1, 3), np.float32)}),  # an input missing
+        (add_model(), {"a": np.ones((2, 3), np.float32), "b": np.ones((3, 3), np.float32)}),
+        (string_output_model(), {"x": np.ones(2, np.int64)}),  # an output no result carries
+    ],
+    ids=["dtype", "missing input", "failed run", "string output"],
+)
+def test_a_failed_run_of_a_model_that_loaded_keeps_it(
+    model: bytes, feed: dict[str, np.ndarray]
+) -> None:
+    """The model loaded, and the request did not fit it, or its run failed: another
+    request may run it, so it stays."""
+    assert not inputs.model_refused(_worker_reason(model, **feed))

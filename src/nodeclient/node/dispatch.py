@@ -341,12 +341,7 @@ class TaskDispatcher(ResultDelivery):
                         lease_expires_at=task.lease_expires_at,
                         counted=not timed_out,
                     )
-                    if inputs.model_unavailable(exc.reason) and metadata:
-                        # The worker found the cached model unusable and, seeing the cache
-                        # read-only, could not drop it: the daemon does, for the next task.
-                        model = metadata.get("model_sha256", "")
-                        cache_dir = self.executor.config.cache_dir
-                        await asyncio.to_thread(inputs.recheck_cached_model, cache_dir, model)
+                    await self._after_model_failure(exc.reason, metadata)
                     return
                 except Exception as exc:  # a bug, or garbage from a worker
                     # Nothing is committed yet, so a signed reject contradicts nothing, and
@@ -471,6 +466,19 @@ class TaskDispatcher(ResultDelivery):
         if inputs.header_is_small(payload):
             return inputs.task_metadata(workload_class, payload)
         return await asyncio.to_thread(inputs.task_metadata, workload_class, payload)
+
+    async def _after_model_failure(self, reason: str, metadata: dict[str, str] | None) -> None:
+        """A task failed: where its worker could not use the model in the cache, which it
+        sees read-only, the daemon mends the cache for the next task. A file it could not
+        read is re-hashed, and deleted if its bytes are wrong; bytes it refused as no model
+        it can load are deleted, as only models that loaded are kept. Other failures (a
+        bad input, a timeout, a GPU fault) leave the model as it is."""
+        model = (metadata or {}).get("model_sha256", "")
+        cache_dir = self.executor.config.cache_dir
+        if model and inputs.model_unavailable(reason):
+            await asyncio.to_thread(inputs.recheck_cached_model, cache_dir, model)
+        elif model and inputs.model_refused(reason):
+            await asyncio.to_thread(inputs.drop_cached_model, cache_dir, model)
 
     def _progress_reporter(self, task_id: uuid.UUID) -> Callable[[float, float, str], None]:
         """Forward a task's progress to the coordinator (the executor has throttled it: at

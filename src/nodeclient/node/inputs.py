@@ -2,9 +2,10 @@
 
 Workers run without network (the sandbox), so anything a payload references by URL and
 SHA-256 is resolved here: an ONNX model goes into the shared model cache that the worker
-reads (verified against its hash, written atomically), a Blender scene is inlined into
-the payload, and so are the assets its manifest lists. Relative URLs are the
-coordinator's blob store (``/v1/blobs/<sha256>``).
+reads (verified against its hash, written atomically, fetched once however many tasks
+want it at the same time, and deleted again when a worker refuses it as no model it can
+load), a Blender scene is inlined into the payload, and so are the assets its manifest
+lists. Relative URLs are the coordinator's blob store (``/v1/blobs/<sha256>``).
 
 The daemon runs outside the sandbox, on the operator's network, and a URL comes from a
 requester. So a URL that is not the coordinator's own is fetched only from a public
@@ -23,10 +24,11 @@ import contextvars
 import hashlib
 import ipaddress
 import logging
+import os
 import socket
 import threading
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
@@ -345,6 +347,54 @@ def recheck_cached_model(cache_dir: Path, sha256: str) -> None:
         _model_cache(cache_dir).get(sha256)
 
 
+# How a worker refuses a model's bytes as no model it can load (runtimes/onnx.py:
+# _vet_model and OnnxRuntime._create), in the words it gives them to the daemon
+# (worker.py: ``bad payload: <message>``). Not the refusals of a run (inputs that do not
+# fit, an output the request names wrongly, a failure inside the model): those leave the
+# model as good as it was.
+_MODEL_REFUSALS: Final = tuple(
+    f"bad payload: {text}"
+    for text in (
+        "model is not a valid ONNX protobuf:",
+        "model references external data",
+        "model's sparse tensors take ",
+        "model cannot be loaded:",
+        "model input ",  # of a type no request can feed
+    )
+)
+_DIRECTORY_FLAGS: Final = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def model_refused(reason: str) -> bool:
+    """Whether a task failed because its worker refused the model's bytes as no model it
+    can load (not an ONNX protobuf, external data, a load that failed), rather than
+    because a run of a loaded model did."""
+    return reason.startswith(_MODEL_REFUSALS)
+
+
+def drop_cached_model(cache_dir: Path, sha256: str) -> None:
+    """After a task failed because its worker refused the cached model as no model it
+    can load (:func:`model_refused`): delete the entry.
+
+    The daemon stores a model as it fetches it, before any worker has parsed it, but only
+    models that loaded are kept: bytes that merely match the hash a requester named, of
+    any size up to the fetch limit, would otherwise stay, and a requester could fill
+    every node's cache with them, pushing out the models that run. The worker sees the
+    cache read-only, so the daemon deletes them; a later task for the same bytes fetches
+    them again, and is refused again. The file is unlinked relative to the directory,
+    opened without following a link, as the cache itself does.
+    """
+    cache = _model_cache(cache_dir)
+    with contextlib.suppress(ValueError, OSError):  # a bad hash, or nothing to delete
+        name = cache.path_for(sha256).name
+        dir_fd = os.open(cache.directory, _DIRECTORY_FLAGS)
+        try:
+            os.unlink(name, dir_fd=dir_fd)
+        finally:
+            os.close(dir_fd)
+        log.info("cache.model_dropped", extra={"model_sha256": sha256})
+
+
 def resolve(
     workload_class: str,
     payload: bytes,
@@ -423,7 +473,6 @@ def _model_cache(cache_dir: Path) -> ModelCache:
 def _resolve_model(
     payload: bytes, fetch: Fetch, cache: ModelCache, sandbox_owner: bool, max_payload_bytes: int
 ) -> bytes:
-    from nodeclient.node.runtimes.onnx import UnsafeCacheError
     from nodeclient.workloads.inference import InferenceRequest
 
     try:
@@ -432,26 +481,97 @@ def _resolve_model(
         return payload  # the worker reports the precise decoding error
     if request.model is not None or request.model_url is None:
         return payload
-    # Workers see the cache read-only, but a cache directory left by an older release (or
-    # by hand) may hold anything: a symlink there is refused here, before anything is
-    # fetched, and put() never follows one.
+    if _holds(cache, request.model_sha256):
+        return payload  # the worker verifies the hash when it reads the file
+    with _MODEL_FETCHES.turn(cache.path_for(request.model_sha256), request.model_url):
+        if _holds(cache, request.model_sha256):
+            return payload  # fetched by the task this one waited for
+        data = fetch(request.model_url)
+        actual = hashlib.sha256(data).hexdigest()
+        if actual != request.model_sha256:
+            raise RemoteProtocolError(
+                f"model at {request.model_url[:80]} has sha256 {actual}, "
+                f"expected {request.model_sha256}"
+            )
+        owner = (sandbox.SANDBOX_UID, sandbox.SANDBOX_GID) if sandbox_owner else None
+        stored = cache.put(request.model_sha256, data, owner=owner)
+    if stored:
+        return payload
+    return _with_model_inline(request, data, max_payload_bytes)
+
+
+def _holds(cache: ModelCache, sha256: str) -> bool:
+    """Whether *cache* has model *sha256*; InputNotStored when the cache is unusable.
+
+    Workers see the cache read-only, but a cache directory left by an older release (or
+    by hand) may hold anything: a symlink there is refused here, before anything is
+    fetched, and put() never follows one.
+    """
+    from nodeclient.node.runtimes.onnx import UnsafeCacheError
+
     try:
-        if cache.contains(request.model_sha256):
-            return payload  # the worker verifies the hash when it reads the file
+        return cache.contains(sha256)
     except UnsafeCacheError as exc:  # this node's disk, not the requester's payload
         log.error("cache.unsafe", extra={"error": str(exc)})
         raise InputNotStored("this node's model cache is unusable (see the node's log)") from exc
-    data = fetch(request.model_url)
-    actual = hashlib.sha256(data).hexdigest()
-    if actual != request.model_sha256:
-        raise RemoteProtocolError(
-            f"model at {request.model_url[:80]} has sha256 {actual}, "
-            f"expected {request.model_sha256}"
-        )
-    owner = (sandbox.SANDBOX_UID, sandbox.SANDBOX_GID) if sandbox_owner else None
-    if cache.put(request.model_sha256, data, owner=owner):
-        return payload
-    return _with_model_inline(request, data, max_payload_bytes)
+
+
+@dataclass(slots=True)
+class _Turn:
+    """The fetch of one model under way, and the tasks that wait for it."""
+
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    users: int = 0  # the task that fetches and those waiting: the last one forgets it
+
+
+class _OneFetchEach:
+    """One fetch of a model into a cache entry at a time, in the daemon's fetch threads.
+
+    Slots that get one new model at once would each download it: as much traffic again,
+    and each download holds the model in memory while the other does. The first task
+    fetches; the others wait for it (stopping, as a download does, at their own task's
+    deadline or cancellation) and then find the model in the cache, or, when that fetch
+    failed (a bad URL, its own task's end), fetch it themselves, one after another. The
+    lock of an entry is held across that entry's fetch and store alone, never another's.
+    """
+
+    def __init__(self) -> None:
+        self._guard = threading.Lock()
+        self._turns: dict[Path, _Turn] = {}
+
+    @contextlib.contextmanager
+    def turn(self, entry: Path, url: str) -> Iterator[None]:
+        """Hold *entry* while the block fetches and stores it (*url*, for a reason to
+        give when the task stops while it waits)."""
+        with self._guard:
+            turn = self._turns.setdefault(entry, _Turn())
+            turn.users += 1
+        try:
+            _acquire(turn.lock, url)
+            try:
+                yield
+            finally:
+                turn.lock.release()
+        finally:
+            with self._guard:
+                turn.users -= 1
+                if not turn.users:
+                    del self._turns[entry]
+
+
+def _acquire(lock: threading.Lock, url: str) -> None:
+    """Take *lock*, looking every WATCH_S at the limits of the task this thread works for
+    (:func:`fetch_limits`): RemoteProtocolError once it is cancelled, InputDeadline once
+    its deadline passes, as its own download of *url* would stop."""
+    limits = _LIMITS.get()
+    if limits is None:
+        lock.acquire()
+        return
+    while not lock.acquire(timeout=WATCH_S):
+        _left(limits, url)
+
+
+_MODEL_FETCHES: Final = _OneFetchEach()
 
 
 def _with_model_inline(request: InferenceRequest, model: bytes, max_payload_bytes: int) -> bytes:
