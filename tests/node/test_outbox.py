@@ -9,6 +9,7 @@ import os
 import re
 import sqlite3
 import stat
+import struct
 import time
 import uuid
 from collections.abc import Iterator
@@ -188,6 +189,40 @@ def test_orphan_files_are_removed_on_open(tmp_path) -> None:
     box = Outbox(tmp_path / "o.db")
     assert files_of(box) == sorted([f"{kept}.result", "operator-notes.txt"])
     assert box.get(kept).result == big(4)
+
+
+def _hide_rows(path: Path, table: str, hidden: int) -> None:
+    """Damage *path*'s database as a bad disk may: the leaf page of *table* says it holds
+    *hidden* fewer cells than it does, so a scan of the table misses them, and succeeds."""
+    db = sqlite3.connect(path)
+    (root,) = db.execute("SELECT rootpage FROM sqlite_master WHERE name = ?", (table,)).fetchone()
+    (page_size,) = db.execute("PRAGMA page_size").fetchone()
+    db.close()
+    header = (root - 1) * page_size + 3  # a b-tree page's cell count, big-endian
+    with open(path, "r+b") as f:
+        f.seek(header)
+        (cells,) = struct.unpack(">H", f.read(2))
+        f.seek(header)
+        f.write(struct.pack(">H", cells - hidden))
+
+
+def test_a_damaged_database_deletes_no_result_file_at_open(tmp_path) -> None:
+    """Damage that hides rows from a scan made their signed, unacknowledged results' files
+    look like a crash's orphans: they were deleted at open, and the damage found just
+    after. A database is checked before any result file goes: damaged, it is refused as
+    such (SQLITE_CORRUPT, which `nodeclient run` turns into its exit 78), and every file
+    stays for the operator to move aside."""
+    path = tmp_path / "o.db"
+    box = Outbox(path)
+    for _ in range(5):
+        commit(box, uuid.uuid4(), big(4))
+    box.close()
+    before = files_of(box)
+    _hide_rows(path, "outbox", 2)  # closed: the write-ahead log is in the file
+    with pytest.raises(sqlite3.DatabaseError, match="malformed") as refused:
+        Outbox(path)
+    assert refused.value.sqlite_errorcode == sqlite3.SQLITE_CORRUPT
+    assert files_of(box) == before
 
 
 @contextlib.contextmanager

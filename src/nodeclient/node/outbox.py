@@ -847,6 +847,18 @@ class Outbox:
                     self._db.execute("ROLLBACK")
             raise
 
+    def _check_intact(self) -> None:
+        """Raise sqlite3.DatabaseError (SQLITE_CORRUPT) if SQLite's quick check of the
+        database finds it damaged: a scan of a damaged table may miss rows, not fail."""
+        found = [row for (row,) in self._db.execute("PRAGMA quick_check(5)")]
+        if found != ["ok"]:
+            error = sqlite3.DatabaseError(
+                "database disk image is malformed: " + "; ".join(map(str, found))[:300]
+            )
+            error.sqlite_errorcode = sqlite3.SQLITE_CORRUPT
+            error.sqlite_errorname = "SQLITE_CORRUPT"
+            raise error
+
     def _remove_orphans(self) -> None:
         """Delete result files no row names: a crash came between a file and its commit.
 
@@ -863,15 +875,22 @@ class Outbox:
         }
         foreign = {name for (name,) in self._db.execute("SELECT name FROM outbox_foreign")}
         kept: set[str] = set()
+        orphans: list[os.DirEntry[str]] = []
         for entry in os.scandir(self.files):
             if entry.name in named:  # a row of this database names it (a task run again)
                 continue
             if entry.name in foreign:
                 kept.add(entry.name)
             elif _OURS.fullmatch(entry.name):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(entry.path)
-                log.info("outbox.orphan_removed", extra={"file": entry.name})
+                orphans.append(entry)
+        if any(_RESULT_NAME.fullmatch(entry.name) for entry in orphans):
+            # A result file no row names is a crash's, or a damaged database's that no
+            # longer shows its row: checked before a signed result is deleted.
+            self._check_intact()
+        for entry in orphans:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(entry.path)
+            log.info("outbox.orphan_removed", extra={"file": entry.name})
         if foreign - kept:  # removed by the operator since (or this database's now)
             with self._transaction():
                 self._db.executemany(
