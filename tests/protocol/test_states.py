@@ -74,3 +74,25 @@ def test_unstaking_is_terminal_and_refuses_dispatch() -> None:
     assert not sm.accepts_dispatch()
     for dst in S:
         assert not sm.can(dst)
+
+
+def test_a_state_named_by_its_string_moves_like_the_enum() -> None:
+    """The name "UNSTAKING" is NodeState.UNSTAKING: the state, the history and the log
+    event are the enum's, and dispatch is refused at once (before, the plain string became
+    the state and the log call raised AttributeError, leaving accepts_dispatch() true while
+    UNSTAKING)."""
+    sm, _, cap = machine()
+    t = sm.transition("UNSTAKING", reason="unstake")
+    assert sm.state is S.UNSTAKING and t.to_state is S.UNSTAKING
+    assert sm.history == [t]
+    assert not sm.accepts_dispatch()
+    assert [(e["from"], e["to"]) for e in cap.lines] == [("READY", "UNSTAKING")]
+
+
+def test_an_unknown_state_name_is_a_state_error_and_changes_nothing() -> None:
+    """A name that is no NodeState raises the module's StateError (not ValueError), and
+    the state, the history and the log are as they were."""
+    sm, _, cap = machine()
+    with pytest.raises(StateError, match="PAUSED"):
+        sm.transition("PAUSED", reason="pause")
+    assert sm.state is S.READY and sm.history == [] and cap.lines == []

@@ -17,6 +17,7 @@ from sqlalchemy.engine import URL
 
 from nodeclient.errors import UsageError
 from nodeclient.protocol.eip712 import DEVNET_CHAIN_ID
+from nodeclient.protocol.messages import HEARTBEAT_INTERVAL_MIN, MAX_COORDINATOR_ID
 
 DEFAULT_HEARTBEAT_INTERVAL: Final = 30.0  # 2.3.3 Coordinator Link: "Heartbeat every 30s"
 MISSED_HEARTBEATS_OFFLINE: Final = 3  # a node silent for 3 intervals is offline
@@ -110,12 +111,13 @@ class CoordinatorConfig:
             if isinstance(value, float) and not math.isfinite(value):
                 label = f.name.replace("_", " ")
                 raise UsageError(f"{label} must be a finite number, not {value}")
-        if self.coordinator_id is not None and not self.coordinator_id.strip():
-            raise UsageError(
-                "coordinator id must not be empty: leave it out to keep the stored one"
-            )
+        if self.coordinator_id is not None:
+            _check_coordinator_id(self.coordinator_id)
+        # Nodes refuse a challenge that offers a shorter interval (messages.Challenge).
         for bad, message in (
-            (self.heartbeat_interval <= 0, "heartbeat interval must be positive"),
+            (self.heartbeat_interval < HEARTBEAT_INTERVAL_MIN,
+             f"heartbeat interval must be at least {HEARTBEAT_INTERVAL_MIN} seconds: nodes "
+             "refuse a challenge that offers a shorter one"),
             (self.round_gap < 0, "the round gap must not be negative"),
             (self.lease_seconds <= 0, "lease seconds must be positive"),
             (self.max_attempts < 1, "max attempts must be at least 1"),
@@ -157,6 +159,26 @@ class CoordinatorConfig:
     @property
     def offline_after(self) -> float:
         return MISSED_HEARTBEATS_OFFLINE * self.heartbeat_interval
+
+
+def _check_coordinator_id(coordinator_id: str) -> None:
+    """Refuse an id that nodes refuse (messages.coordinator_id_of), in every challenge and
+    registration answer: a coordinator with it would start, and no node would ever link.
+    A command-line argument that is not UTF-8 reaches Python as lone surrogates."""
+    if not coordinator_id.strip():
+        raise UsageError("coordinator id must not be empty: leave it out to keep the stored one")
+    if len(coordinator_id) > MAX_COORDINATOR_ID:
+        raise UsageError(
+            f"coordinator id must be at most {MAX_COORDINATOR_ID} characters (nodes refuse a "
+            f"longer one), not {len(coordinator_id)}"
+        )
+    try:
+        coordinator_id.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UsageError(
+            "coordinator id must be valid Unicode (nodes refuse it): it holds bytes that are "
+            "not UTF-8"
+        ) from None
 
 
 def _check_default_database(data_dir: Path, db_url: str | None) -> None:

@@ -178,14 +178,6 @@ class LinkBudgets:
         return self.chatter
 
 
-def _utf8_size(text: str) -> int:
-    """The bytes of *text* as the node sent it (UTF-8), counted only where they could pass
-    the control-frame limit: a character is 1 to 4 bytes."""
-    if 4 * len(text) <= messages.MAX_CONTROL_FRAME:
-        return len(text)  # whatever its bytes, under the limit: not charged either way
-    return len(text.encode("utf-8", "surrogatepass"))
-
-
 def heartbeat_ack_text(seq: int, server_time: float, unstaking_until: int | None) -> str:
     """The JSON text of ``messages.HeartbeatAck(...).to_wire()``, without building a dict.
 
@@ -471,8 +463,8 @@ class LinkSession:
             raw = await self._receive()
             if self._closed:  # closed by another task while this frame came: not handled
                 return
-            # Its size in bytes: a text frame's characters may be up to 4 bytes each.
-            size = len(raw) if isinstance(raw, bytes) else _utf8_size(raw)
+            # Its size in bytes (a text frame's UTF-8), exact wherever it passes the limit.
+            size = messages.frame_size(raw)
             if size > messages.MAX_CONTROL_FRAME and not self._budgets.data.take(
                 self.coord.monotonic(), size
             ):

@@ -42,6 +42,7 @@ from nodeclient.protocol.secp import parse_address, parse_signature_hex, strict_
 MAX_CONTROL_FRAME: Final = 64 * 1024  # every frame but dispatch and result
 MAX_DATA_FRAME: Final = 48 * 1024 * 1024  # dispatch and result: base64 of <= 32 MiB
 MAX_REASON: Final = 512
+MAX_COORDINATOR_ID: Final = 128  # characters; nodes refuse a longer one (coordinator_id_of)
 # A Reject whose reason starts with this hands the task back because the node is stopping
 # (SIGTERM): not a failure of the task or the node. The coordinator queues the task again
 # without spending an attempt and sends that link no more work (docs/protocol.md).
@@ -52,6 +53,21 @@ BINARY_DATA: Final = "binary-data"  # the feature: data frames as binary WebSock
 FEATURES: Final = (BINARY_DATA,)  # what this implementation announces
 DATA_FIELDS: Final = {"dispatch": "envelope", "result": "result"}  # type -> its data field
 _BINARY_PREFIX: Final = struct.Struct(">I")
+
+
+def frame_size(frame: str | bytes, *, limit: int = MAX_CONTROL_FRAME) -> int:
+    """The bytes *frame* took on the wire, which is what the frame limits count: a text
+    frame travels as UTF-8, where one character is 1 to 4 bytes (60,000 characters of CJK
+    are 180 KB).
+
+    Exact wherever it could exceed *limit*; a text frame of at most a quarter of *limit*
+    characters is at most *limit* bytes, so its length stands in (no more than *limit*
+    either way). Only such a frame that is not ASCII is encoded to be measured:
+    ``str.isascii`` is O(1), so a heartbeat or base64 data costs nothing.
+    """
+    if isinstance(frame, bytes) or 4 * len(frame) <= limit or frame.isascii():
+        return len(frame)
+    return len(frame.encode("utf-8", "surrogatepass"))
 
 
 # --- field readers: each names the field it rejects ---------------------------------------
@@ -198,8 +214,8 @@ def features_of(d: Mapping[str, Any]) -> frozenset[str]:
 
 def coordinator_id_of(d: Mapping[str, Any]) -> str:
     """The ``coordinator_id`` of a challenge, or of the registration answer that a
-    challenge must match: a string of at most 128 characters."""
-    return _str(d, "coordinator_id", max_len=128)
+    challenge must match: a string of at most :data:`MAX_COORDINATOR_ID` characters."""
+    return _str(d, "coordinator_id", max_len=MAX_COORDINATOR_ID)
 
 
 @dataclass(frozen=True, slots=True)
@@ -436,10 +452,11 @@ Message = (
 )
 
 
-def _load(frame: str | bytes, *, max_size: int) -> dict[str, Any]:
-    if len(frame) > max_size:
-        raise RemoteProtocolError(f"frame of {len(frame)} bytes exceeds the {max_size}-byte limit")
-    if len(frame) > MAX_CONTROL_FRAME:  # a dispatch or result with its data as base64 text
+def _load(frame: str | bytes, *, size: int, max_size: int) -> dict[str, Any]:
+    """The JSON object of *frame*, whose :func:`frame_size` is *size*."""
+    if size > max_size:
+        raise RemoteProtocolError(f"frame of {size} bytes exceeds the {max_size}-byte limit")
+    if size > MAX_CONTROL_FRAME:  # a dispatch or result with its data as base64 text
         # Its bulk is one base64 string; JSON of many small values ("[[],[],..." or
         # "1,1,1,...") would take some twenty times its size in memory once parsed, so
         # such a frame is refused before it is.
@@ -449,7 +466,7 @@ def _load(frame: str | bytes, *, max_size: int) -> dict[str, Any]:
             values = sum(frame.count(m) for m in (b",", b":", b"[", b"{"))
         if values > MAX_LARGE_FRAME_VALUES:
             raise RemoteProtocolError(
-                f"frame of {len(frame)} bytes holds more than {MAX_LARGE_FRAME_VALUES} JSON "
+                f"frame of {size} bytes holds more than {MAX_LARGE_FRAME_VALUES} JSON "
                 "values: a large frame carries one data field and a few others"
             )
     try:  # UTF-8 only (json.loads would guess UTF-16 or UTF-32 from bytes)
@@ -465,17 +482,20 @@ def _load(frame: str | bytes, *, max_size: int) -> dict[str, Any]:
 
 def _load_any(
     frame: str | bytes, max_text: int = MAX_DATA_FRAME
-) -> tuple[dict[str, Any], bytes | None]:
-    """A frame's JSON object, and its data when it came as a binary data frame.
+) -> tuple[dict[str, Any], bytes | None, int]:
+    """A frame's JSON object, its data when it came as a binary data frame, and its
+    :func:`frame_size` (exact above MAX_CONTROL_FRAME and above *max_text*).
 
     A binary frame must be a dispatch or result whose header leaves out the data field;
     the header is held to the control-frame limit. (Before auth the coordinator takes
     only a text frame.) (A JSON text frame sent as binary,
     starting with ``{``, is still read as JSON: a header length never starts with 0x7b.)
-    A JSON frame over *max_text* bytes is refused before it is parsed.
+    A JSON frame over *max_text* bytes (a text frame's UTF-8) is refused before it is
+    parsed.
     """
+    size = frame_size(frame, limit=min(max_text, MAX_CONTROL_FRAME))
     if isinstance(frame, str) or frame[:1] == b"{":
-        return _load(frame, max_size=max_text), None
+        return _load(frame, size=size, max_size=max_text), None, size
     if len(frame) > MAX_DATA_FRAME:
         raise RemoteProtocolError(
             f"frame of {len(frame)} bytes exceeds the {MAX_DATA_FRAME}-byte limit"
@@ -486,7 +506,7 @@ def _load_any(
     end = _BINARY_PREFIX.size + header_len
     if header_len > MAX_CONTROL_FRAME or end > len(frame):
         raise RemoteProtocolError(f"binary frame header of {header_len} bytes is out of bounds")
-    d = _load(frame[_BINARY_PREFIX.size : end], max_size=MAX_CONTROL_FRAME)
+    d = _load(frame[_BINARY_PREFIX.size : end], size=header_len, max_size=MAX_CONTROL_FRAME)
     name = DATA_FIELDS.get(d["type"])
     if name is None:
         raise RemoteProtocolError(f"a {d['type'][:32]!r} frame cannot be binary")
@@ -496,16 +516,16 @@ def _load_any(
         raise RemoteProtocolError(
             f"binary {d['type']} data of {len(frame) - end} bytes exceeds {MAX_DATA_BYTES}"
         )
-    return d, frame[end:]
+    return d, frame[end:], size
 
 
 def parse_from_coordinator(frame: str | bytes) -> Message:
     """Parse a frame the node received; raises RemoteProtocolError."""
-    d, data = _load_any(frame)
+    d, data, size = _load_any(frame)
     cls = _FROM_COORDINATOR.get(d["type"])
     if cls is None:
         raise RemoteProtocolError(f"unknown message type {d['type'][:32]!r}")
-    if d["type"] != "dispatch" and len(frame) > MAX_CONTROL_FRAME:
+    if d["type"] != "dispatch" and size > MAX_CONTROL_FRAME:
         raise RemoteProtocolError(f"{d['type']} frame exceeds {MAX_CONTROL_FRAME} bytes")
     if cls is Dispatch:
         return Dispatch.from_wire(d, data)
@@ -557,15 +577,15 @@ def parse_from_node(
     JSON frame before it is parsed: the coordinator passes MAX_CONTROL_FRAME where no
     large JSON frame may come (before auth, and from a node that sends data binary).
     """
-    d, data = _load_any(frame, max_text)
+    d, data, size = _load_any(frame, max_text)
     if d["type"] == ProgressFrame.TYPE:
-        if len(frame) > MAX_CONTROL_FRAME:
+        if size > MAX_CONTROL_FRAME:
             raise RemoteProtocolError(f"progress frame exceeds {MAX_CONTROL_FRAME} bytes")
         return ProgressFrame.from_wire(d)
     primary = SIGNED_TYPES.get(d["type"])
     if primary is None:
         raise RemoteProtocolError(f"unknown message type {d['type'][:32]!r}")
-    if d["type"] != "result" and len(frame) > MAX_CONTROL_FRAME:
+    if d["type"] != "result" and size > MAX_CONTROL_FRAME:
         raise RemoteProtocolError(f"{d['type']} frame exceeds {MAX_CONTROL_FRAME} bytes")
     message, sig, struct_hash = _signed(d, primary)
     extra: dict[str, Any] = {}

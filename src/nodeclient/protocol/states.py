@@ -88,8 +88,18 @@ class StateMachine:
     def can(self, to: NodeState) -> bool:
         return (self._state, to) in TRANSITIONS
 
-    def transition(self, to: NodeState, *, reason: str) -> Transition:
-        """Move to *to* or raise StateError if the table does not allow it."""
+    def transition(self, to: NodeState | str, *, reason: str) -> Transition:
+        """Move to *to* (a NodeState or its name) or raise StateError if the table does not
+        allow it.
+
+        A name is made the enum first: a StrEnum hashes as its value, so "UNSTAKING" would
+        pass the table and become the state as a plain string, which ``accepts_dispatch``
+        (an identity check) and the log event (``.value``) do not take for UNSTAKING.
+        """
+        try:
+            to = NodeState(to)
+        except ValueError:
+            raise StateError(f"unknown state {to!r} ({reason})") from None
         if (self._state, to) not in TRANSITIONS:
             raise StateError(f"illegal state transition {self._state} -> {to} ({reason})")
         t = Transition(self._state, to, reason, self._clock())
