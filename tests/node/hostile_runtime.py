@@ -164,6 +164,16 @@ class HostileRuntime:
         time.sleep(float(order.get("sleep", 0)))
         return {"written": written, "error": error}
 
+    def do_empty_files(self, order: dict[str, Any], workdir: Path, progress: Any) -> int:
+        """Make *n* empty files in the work directory (no blocks, an inode each), then
+        sleep *sleep* seconds; how many were made."""
+        made = 0
+        for i in range(int(order["n"])):
+            (workdir / f"e{i}").touch()
+            made += 1
+        time.sleep(float(order.get("sleep", 0)))
+        return made
+
     def do_flood_progress(self, order: dict[str, Any], workdir: Path, progress: Any) -> str:
         """Write ``n`` progress frames straight to the worker's answer pipe (past the
         worker's throttle), half of them saying the task is done."""

@@ -180,6 +180,32 @@ def test_a_task_that_fills_its_work_directory_is_stopped(
     assert after == b"next"
 
 
+def test_a_task_that_makes_files_without_end_is_stopped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Empty files take no bytes, so no byte limit sees them, but each takes an inode of
+    the file system the node home shares: past max_work_entries (2,000 here) files and
+    directories the task is killed with the reason, and the next task runs."""
+    monkeypatch.setattr(executor_module, "DISK_CHECK_S", 0.1)
+    executor = make_executor(tmp_path / "home", max_work_entries=2000)
+    many = {"do": "empty_files", "n": 3000, "sleep": 60}
+
+    async def scenario() -> tuple[str, bytes]:
+        try:
+            with pytest.raises(TaskFailed) as caught:
+                await executor.run(HOSTILE, json.dumps(many).encode(), job_id="j")
+            after = await executor.run(HOSTILE, b'{"do": "echo", "data": "next"}', job_id="k")
+            return str(caught.value), after
+        finally:
+            await executor.aclose()
+
+    failed, after = asyncio.run(scenario())
+    assert failed == (
+        "entry limit exceeded: more than 2000 files and directories in its work directory"
+    )
+    assert after == b"next"
+
+
 # --- the model cache ------------------------------------------------------------------------
 
 

@@ -27,6 +27,9 @@ DEFAULT_MAX_OUTPUT: Final = 1024 * 1024
 # What a task may leave on disk in its work directory (and /tmp, where that is on disk):
 # RLIMIT_FSIZE bounds one file, not how many (a render's simulation caches, say).
 DEFAULT_MAX_WORK_BYTES: Final = 16 * 1024**3
+# Files, directories and links in a slot's directory: empty files take no bytes, but an
+# inode each, of the file system the node home and other services share.
+DEFAULT_MAX_WORK_ENTRIES: Final = 100_000
 
 # A task's deadline is its lease's end, a wall-clock time, turned into time left when the
 # lease arrives. That time must count while the system is suspended: CLOCK_MONOTONIC
@@ -105,5 +108,6 @@ class WorkerConfig:
     max_result_bytes: int = DEFAULT_MAX_RESULT
     max_output_bytes: int = DEFAULT_MAX_OUTPUT  # stdout + stderr per task
     max_work_bytes: int = DEFAULT_MAX_WORK_BYTES  # on disk in a slot's directory, per task
+    max_work_entries: int = DEFAULT_MAX_WORK_ENTRIES  # files and directories there, per task
     shared_bytes: int = worker.SHARED_BYTES  # bodies up to this skip the pipe; 0: never
     start_timeout: float = 120.0

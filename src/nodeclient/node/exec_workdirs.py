@@ -69,13 +69,21 @@ _WALK: Final = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 MAX_WALK_DEPTH: Final = 64
 
 
-def disk_used(path: Path, *, stop_after: int) -> int:
+class TooManyEntries(Exception):
+    """A directory holds more entries than :func:`disk_used` was told to allow."""
+
+
+def disk_used(path: Path, *, stop_after: int, max_entries: int | None = None) -> int:
     """The bytes of disk that *path* and everything under it take (allocated blocks, so a
     sparse file counts what it holds), symlinks never followed (not even one swapped in
     for a directory while it is counted); counting stops once it passes *stop_after*. An
     entry that goes while it is counted counts nothing. A directory the task made
     unreadable is made readable again (it is ours); OSError if it cannot be, or if
-    directories nest deeper than MAX_WALK_DEPTH, since what they hold goes uncounted."""
+    directories nest deeper than MAX_WALK_DEPTH, since what they hold goes uncounted.
+
+    With *max_entries*, TooManyEntries once more files, directories and links than that
+    are found: empty files take no blocks, but each takes one of the file system's inodes,
+    and the walk visits each."""
     try:
         parent = os.open(path.parent, _WALK)
     except (FileNotFoundError, NotADirectoryError):
@@ -83,7 +91,7 @@ def disk_used(path: Path, *, stop_after: int) -> int:
     top = _open_child(parent, path.name, close_parent=True)
     if top is None:
         return 0
-    total = 0
+    total = entries = 0
     stack = [(top, _entries(top))]  # each level: its descriptor, its subdirectories' names
     try:
         while stack and total <= stop_after:
@@ -94,6 +102,9 @@ def disk_used(path: Path, *, stop_after: int) -> int:
                 continue
             name, blocks = pending.pop()
             total += blocks
+            entries += 1
+            if max_entries is not None and entries > max_entries:
+                raise TooManyEntries(f"more than {max_entries} files and directories")
             if name is None:
                 continue
             if len(stack) >= MAX_WALK_DEPTH:

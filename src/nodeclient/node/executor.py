@@ -47,6 +47,7 @@ from nodeclient.node.exec_config import (
     gpus_from_probe,
 )
 from nodeclient.node.exec_workdirs import (
+    TooManyEntries,
     chown_tree,
     disk_used,
     new_root,
@@ -719,11 +720,20 @@ class Executor:
 
     async def _watch_disk(self, slot: Slot) -> None:
         """Kill the slot's worker once its directory holds more than max_work_bytes on disk
-        (RLIMIT_FSIZE bounds one file, not how many), or cannot be measured."""
-        limit = self.config.max_work_bytes
+        (RLIMIT_FSIZE bounds one file, not how many) or more than max_work_entries files
+        and directories (empty ones take inodes, not bytes), or cannot be measured."""
+        limit, most = self.config.max_work_bytes, self.config.max_work_entries
         while slot.killed is None:
             try:
-                used = await asyncio.to_thread(disk_used, slot.workdir, stop_after=limit)
+                used = await asyncio.to_thread(
+                    disk_used, slot.workdir, stop_after=limit, max_entries=most
+                )
+            except TooManyEntries:
+                slot.kill(
+                    f"entry limit exceeded: more than {most} files and directories in its "
+                    "work directory"
+                )
+                return
             except OSError as exc:
                 slot.kill(f"disk limit: its work directory could not be measured ({exc.strerror})")
                 return
