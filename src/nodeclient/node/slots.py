@@ -50,10 +50,14 @@ _SINGLE_USE: Final = "task"  # the first part of the affinity of a worker reused
 def affinity_of(workload_class: str, payload: bytes, *, job_id: object, key: str) -> Affinity:
     """Which tasks may follow this one in its worker: a task that ran code in the worker
     (an exploit of ONNX Runtime, PyTorch or Blender, the threat the sandbox is for) could
-    see and change the tasks after it there, so only the same requester's may follow.
+    see and change the tasks after it there, so only tasks of the same job, or of the
+    same model, may follow.
 
-    * an inference: more inferences of the same model (warm sessions are what make a
-      worker worth keeping; the model is read from the payload's header only);
+    * an inference: more inferences of the same model, whoever requests them (warm
+      sessions are what make a worker worth keeping; the model is read from the payload's
+      header only). So requesters of one model share a worker: an exploit carried in one
+      request's inputs could see the next requests for that model on this node
+      (docs/operator.md says so);
     * a task of any other class: more tasks of the same job;
     * without a model hash or a job: nothing, and the worker is replaced after it.
     """
