@@ -105,6 +105,11 @@ def test_every_answer_is_declared_with_a_schema_it_fits(guarded: Running, rsa_ke
     got = c.call("GET", one, f"/v1/nodes/{nodes[0].node_id}")
     assert c.call("GET", one, "/v1/nodes/xyz").status_code == 400
     assert c.call("GET", one, "/v1/nodes/0x" + "00" * 19 + "01").status_code == 404
+    evidence = "/v1/nodes/{node_id}/equivocations"
+    at_node = f"/v1/nodes/{nodes[0].node_id}/equivocations"
+    assert c.call("GET", evidence, at_node).json() == []
+    assert c.call("GET", evidence, "/v1/nodes/xyz/equivocations").status_code == 400
+    assert c.call("GET", evidence, at_node + "?limit=0").status_code == 400
     manifest = "/v1/manifests/{manifest_hash}"
     assert (
         c.call("GET", manifest, f"/v1/manifests/{got.json()['manifest_hash']}").status_code == 200

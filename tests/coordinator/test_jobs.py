@@ -17,7 +17,7 @@ from eth_account.messages import encode_typed_data
 from sqlalchemy import func, select
 from sqlalchemy.exc import OperationalError
 
-from nodeclient.coordinator import classes, results
+from nodeclient.coordinator import classes, results, store
 from nodeclient.coordinator import models as m
 from nodeclient.errors import LocalProtocolError, RemoteProtocolError
 from nodeclient.protocol import eip712
@@ -386,6 +386,52 @@ def test_different_result_is_equivocation(coordinator: Running, rsa_keys) -> Non
     rows = coordinator.coord.db.run_sync(lambda s: s.query(m.Equivocation).all())
     assert [(r.task_id, r.node_id) for r in rows] == [(dispatch["task_id"], node.node_id)]
     assert coordinator.client.job_result(job["job_id"]) == first
+
+
+def test_an_equivocation_is_published_with_both_results_and_outlives_its_job(
+    coordinator: Running, rsa_keys
+) -> None:
+    """GET /v1/nodes/{node_id}/equivocations: each task for which the node signed two
+    different Results, both as EIP-712 typed data with their signatures, so that anyone
+    recovers the node from each with eth-account and sees two proofs for one task_id.
+    The record keeps both, so it stays evidence once the job is deleted (retention)."""
+    node = make_node(rsa_keys, 0)
+    _ready(coordinator, node)
+    payload, job, dispatch = _submit_and_dispatch(coordinator, node)
+    assert node.call(node.result(dispatch, inference_result(payload, VALUES)))["status"] == (
+        "accepted"
+    )
+    other = inference_result(payload, [9.0, 9.0, 9.0])
+    assert node.call(node.result(dispatch, other))["status"] == "rejected"
+    url = f"{coordinator.url}/v1/nodes/{node.node_id}/equivocations"
+
+    def evidence() -> dict:
+        answer = httpx.get(url)
+        assert answer.status_code == 200, answer.text
+        (record,) = answer.json()
+        return record
+
+    published = evidence()
+    assert (published["task_id"], published["node_id"]) == (dispatch["task_id"], node.node_id)
+    proofs = set()
+    for side in ("accepted", "conflicting"):
+        signed = published[side]
+        typed = signed["typed_data"]
+        signer = Account.recover_message(
+            encode_typed_data(full_message=typed), signature=signed["signature"]
+        )
+        assert signer == node.node_id
+        assert typed["message"]["task_id"] == "0x" + uuid.UUID(dispatch["task_id"]).hex
+        assert typed["message"]["proof"] == signed["proof"]
+        proofs.add(signed["proof"])
+    assert len(proofs) == 2
+    coordinator.coord.db.run_sync(
+        lambda s: store.forget_jobs_tx(s, finished_before=coordinator.clock.now() + 10**9)
+    )
+    with pytest.raises(RemoteProtocolError, match="404"):
+        coordinator.client.job(job["job_id"])
+    assert evidence() == published
+    assert httpx.get(url.replace(node.node_id, "0x12")).status_code == 400
 
 
 def test_a_contradiction_sent_with_bytes_that_miss_its_proof_is_still_equivocation(

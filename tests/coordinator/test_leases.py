@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from eth_account import Account
+from eth_account.messages import encode_typed_data
 from websockets.exceptions import ConnectionClosed
 
 from nodeclient.clock import ManualClock
@@ -590,6 +592,88 @@ def test_a_result_of_an_expired_lease_is_refused_once_a_later_lease_was_rejected
     late = node.call(node.result(first, inference_result(payload, VALUES)))
     assert late["status"] == "rejected"
     assert "this node's lease of it ended rejected" in late["reason"]
+
+
+def _answers(running: Running) -> list[tuple[str, str | None, str | None]]:
+    """(node_id, outcome, answer_type) of every lease, in the order they were made."""
+    return running.coord.db.run_sync(
+        lambda s: [
+            (a.node_id, a.outcome, a.answer_type)
+            for a in s.query(m.TaskAttempt).order_by(m.TaskAttempt.attempt)
+        ]
+    )
+
+
+def _signer_of_answer(running: Running, node_id: str) -> str:
+    """Who signed the answer kept on *node_id*'s latest lease, as eth-account recovers it
+    from the stored message and signature alone."""
+    row = running.coord.db.run_sync(
+        lambda s: (
+            s.query(m.TaskAttempt)
+            .filter(m.TaskAttempt.node_id == node_id)
+            .order_by(m.TaskAttempt.attempt.desc())
+            .first()
+        )
+    )
+    assert row is not None and row.answer_message is not None
+    kind = str(row.answer_type)
+    message = eip712.message_from_json(kind, json.loads(row.answer_message))
+    typed = eip712.typed_data_json(kind, message, chain_id=CHAIN)
+    signable = encode_typed_data(full_message=typed)
+    return str(Account.recover_message(signable, signature=row.answer_signature))
+
+
+def test_a_late_result_its_class_refuses_is_the_nodes_answer(
+    coordinator: Running, rsa_keys
+) -> None:
+    """A node whose lease ended (it went offline) sends a result the class's checks
+    refuse: that answers its lease, as a signed reject does. A second, different result
+    from it is refused, and the task's current holder keeps it (it was cancelled, its
+    work lost, when a late node could probe the checks and then answer again); what the
+    node signed is kept on its lease, checkable with eth-account."""
+    first, second = make_node(rsa_keys, 0), make_node(rsa_keys, 1)
+    coordinator.register(first)
+    coordinator.register(second)
+    coordinator.link(first)
+    payload = inference_payload(VALUES)
+    job = coordinator.client.submit_job("ai.inference", payload)
+    dispatch = first.recv()
+    coordinator.clock.advance(91)  # three heartbeats missed: offline, the task re-queued
+    closed_code(first.ws)
+    coordinator.link(second)
+    held = second.recv()
+    coordinator.link(first)
+    refused = first.call(first.result(dispatch, b"not a tensor container"))
+    assert refused["status"] == "rejected"
+    good = inference_result(payload, VALUES)
+    again = first.call(first.result(dispatch, good))
+    assert again["status"] == "rejected"
+    assert "this node's lease of it ended rejected" in again["reason"]
+    assert _answers(coordinator) == [
+        (first.node_id, "rejected", "Result"),
+        (second.node_id, None, None),
+    ]
+    assert _signer_of_answer(coordinator, first.node_id) == first.node_id
+    assert second.call(second.result(held, good))["status"] == "accepted"
+    assert coordinator.wait_job(job["job_id"], "succeeded")["tasks"][0]["node_id"] == (
+        second.node_id
+    )
+
+
+def test_a_signed_reject_is_kept_on_the_lease_it_ends(coordinator: Running, rsa_keys) -> None:
+    """The Reject a node signed is kept, message and signature, on the lease it ended:
+    evidence of what the node said, recoverable to it with eth-account."""
+    node, other = make_node(rsa_keys, 0), make_node(rsa_keys, 1)
+    coordinator.register(node)
+    coordinator.register(other)
+    coordinator.link(node)
+    coordinator.client.submit_job("ai.inference", inference_payload(VALUES))
+    dispatch = node.recv()
+    coordinator.link(other)
+    assert node.call(node.reject(dispatch["task_id"], "out of memory"))["status"] == "accepted"
+    assert other.recv()["task_id"] == dispatch["task_id"]
+    assert _answers(coordinator)[0] == (node.node_id, "rejected", "Reject")
+    assert _signer_of_answer(coordinator, node.node_id) == node.node_id
 
 
 def _ack_and_dispatch(node: SimNode) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -3,6 +3,7 @@ a newer one is refused, and a failed upgrade changes nothing."""
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from nodeclient.coordinator import models as m
 from nodeclient.coordinator.client import CoordinatorClient
 from nodeclient.coordinator.store import Database
 from nodeclient.errors import RemoteProtocolError
+from nodeclient.protocol import eip712
 from tests.coordinator.conftest import (
     DB_URL,
     START,
@@ -353,6 +355,55 @@ def test_a_version_4_databases_jobs_stay_readable_by_every_requester(
         stop(again, server2, thread2)
 
 
+def test_a_version_5_databases_equivocations_keep_their_accepted_results(
+    tmp_path: Path, rsa_keys
+) -> None:
+    """(SQLite.) Version 6 keeps each equivocation's accepted Result in its record, so the
+    evidence outlives the task's row: a record of a version 5 database gets it from its
+    task, which is still there, as it is upgraded; the leases get the answer columns."""
+    clock = ManualClock(START)
+    node = make_node(rsa_keys, 0)
+    first, server, thread = start(config_for(data_dir=tmp_path, db_url=None), clock)
+    try:
+        first.register(node)
+        first.link(node)
+        done = run_inference_job(first, node, VALUES)
+    finally:
+        stop(first, server, thread)
+    task = done["tasks"][0]
+    path = tmp_path / "coordinator.db"
+    _as_written_by(  # what version 5 wrote, with one equivocation recorded
+        path,
+        5,
+        "ALTER TABLE equivocations DROP COLUMN accepted_message",
+        "ALTER TABLE equivocations DROP COLUMN accepted_signature",
+        "ALTER TABLE task_attempts DROP COLUMN answer_type",
+        "ALTER TABLE task_attempts DROP COLUMN answer_message",
+        "ALTER TABLE task_attempts DROP COLUMN answer_signature",
+        "INSERT INTO equivocations (task_id, node_id, accepted_proof, conflicting_proof, "
+        "conflicting_signature, conflicting_message, recorded_at) VALUES "
+        f"('{task['task_id']}', '{node.node_id}', '{task['proof']}', '0x{'02' * 32}', "
+        f"'0x{'03' * 65}', '{{}}', {START})",
+    )
+    again, server2, thread2 = start(config_for(data_dir=tmp_path, db_url=None), clock)
+    try:
+        url = f"sqlite:///{path}"
+        assert _version(url) == str(schema.SCHEMA_VERSION)
+        (row,) = again.coord.db.run_sync(lambda s: s.query(m.Equivocation).all())
+        assert row.accepted_signature == task["signature"]
+        signed = eip712.typed_data_json(
+            "Result",
+            eip712.message_from_json("Result", json.loads(row.accepted_message)),
+            chain_id=again.coord.config.chain_id,
+        )
+        assert signed == task["typed_data"]
+        assert {"answer_type", "answer_message", "answer_signature"} <= _columns(url)[
+            "task_attempts"
+        ]
+    finally:
+        stop(again, server2, thread2)
+
+
 def test_a_database_of_a_newer_coordinator_is_refused_untouched(tmp_path: Path) -> None:
     url = DB_URL or f"sqlite:///{tmp_path / 'c.db'}"
     Database(url).close()
@@ -505,6 +556,7 @@ def _layout() -> str:
 LAYOUTS = {
     4: "a24133e69e1ae36acbca71ff4ea676136a52959e4b117399629eb0757f588cd4",
     5: "f6a21be8295a1f56f03eadf22327510417612a33fb932e10945eeae4828db219",
+    6: "7f7f9ff722135bc591816c19d4b682fc244a503bf4e9054b85f20da1c8f21450",
 }
 
 

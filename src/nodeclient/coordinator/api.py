@@ -331,6 +331,7 @@ JOBS_PAGE: Final = 1000  # GET /v1/jobs: jobs per page unless ?limit= says other
 MAX_JOBS_PAGE: Final = 10_000
 NODES_PAGE: Final = 1000  # GET /v1/nodes: nodes per page unless ?limit= says otherwise
 MAX_NODES_PAGE: Final = 10_000
+EQUIVOCATIONS_PAGE: Final = 1000  # GET /v1/nodes/{node_id}/equivocations: at most, a page
 MAX_RAM_MB: Final = 16 << 20  # 16 TiB
 MAX_VRAM_MB: Final = 1 << 20  # 1 TiB
 
@@ -515,6 +516,39 @@ def build_router(coord: Coordinator) -> APIRouter:  # noqa: PLR0915 (one route e
         if row is None:
             return error(404, f"node {nid} is not registered")
         return JSONResponse(node_json(row))
+
+    @router.get(
+        "/v1/nodes/{node_id}/equivocations",
+        response_model=None,
+        responses=openapi.EQUIVOCATIONS,
+    )
+    async def list_equivocations(
+        request: Request,
+        node_id: str,
+        limit: int = Query(default=EQUIVOCATIONS_PAGE, ge=1, le=EQUIVOCATIONS_PAGE),
+        after: int | None = Query(default=None, ge=0),
+    ) -> Response:
+        """Evidence against a node: each task for which it signed a Result other than the
+        one accepted, both Results as EIP-712 typed data. Kept after the job is deleted
+        and after the node is forgotten (so a node no longer registered may have some)."""
+        try:
+            nid = to_checksum_address(parse_address(node_id, field="node_id"))
+        except SignatureError as exc:
+            return error(400, str(exc))
+        rows = await coord.db.run(
+            lambda s: store.list_equivocations(s, nid, limit=limit, after=after)
+        )
+        headers = {}
+        if len(rows) == limit:  # perhaps more: where the next page starts
+            query = urlencode({"limit": limit, "after": rows[-1].id})
+            path = f"/v1/nodes/{nid}/equivocations"
+            headers["Link"] = f'<{_forwarded_prefix(request)}{path}?{query}>; rel="next"'
+        chain = coord.config.chain_id
+        return await coord.in_cpu(
+            lambda: JSONResponse(
+                [store.equivocation_json(r, chain_id=chain) for r in rows], headers=headers
+            )
+        )
 
     @router.get(
         "/v1/manifests/{manifest_hash}",

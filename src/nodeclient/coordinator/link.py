@@ -769,6 +769,7 @@ class LinkSession:
                 now=now,
                 max_attempts=cfg.max_attempts,
                 lease_expires_at=lease,
+                signed=(frame.message, frame.signature),
             )
         )
         log.info(

@@ -211,6 +211,12 @@ class TaskAttempt(Base):
     # The node's manifest when this lease was made (node_manifests): a late result of
     # this lease makes it the task's manifest_hash.
     manifest_hash: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
+    # The node's own signed answer that ended this lease, kept as evidence of what it
+    # said: a Reject, or a Result its class's checks refused (answer_type names which);
+    # the message as eip712.message_to_json, the signature as 0x-hex.
+    answer_type: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    answer_message: Mapped[str | None] = mapped_column(Text, nullable=True)
+    answer_signature: Mapped[str | None] = mapped_column(String(132), nullable=True)
 
 
 class Equivocation(Base):
@@ -221,6 +227,11 @@ class Equivocation(Base):
     task_id: Mapped[str] = mapped_column(String(UUID_LEN), index=True)
     node_id: Mapped[str] = mapped_column(String(ADDRESS), index=True)
     accepted_proof: Mapped[str] = mapped_column(String(66))
+    # The accepted Result itself, so the evidence outlives the task's row (job retention
+    # deletes it): two messages the node signed, for one task. None in a record written
+    # before version 6 whose task was gone by then.
+    accepted_message: Mapped[str | None] = mapped_column(Text, nullable=True)
+    accepted_signature: Mapped[str | None] = mapped_column(String(132), nullable=True)
     conflicting_proof: Mapped[str] = mapped_column(String(66))
     conflicting_signature: Mapped[str] = mapped_column(String(132))
     conflicting_message: Mapped[str] = mapped_column(Text)

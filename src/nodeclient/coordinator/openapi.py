@@ -89,6 +89,21 @@ class TaskView(BaseModel):
     progress: Progress | None = Field(description="while leased: the node's latest progress")
 
 
+class SignedResult(BaseModel):
+    proof: str
+    signature: str | None
+    typed_data: dict[str, Any] | None = Field(description="the signed Result as EIP-712 JSON")
+
+
+class EquivocationView(BaseModel):
+    id: int = Field(description="the record's number: a page's cursor")
+    task_id: str
+    node_id: str
+    recorded_at: float
+    accepted: SignedResult = Field(description="the Result the coordinator accepted")
+    conflicting: SignedResult = Field(description="another Result the node signed for it")
+
+
 class JobSummary(BaseModel):
     job_id: str
     workload_class: str
@@ -208,6 +223,16 @@ NODES: Final = answers(
 NODE: Final = answers(
     {200: ("the node", NodeView)},
     {400: "node_id is not an address", 404: "no such node"},
+)
+EQUIVOCATIONS: Final = answers(
+    {
+        200: (
+            "a page of the node's equivocations, in the order they were recorded; Link: "
+            "the next page",
+            list[EquivocationView],
+        )
+    },
+    {400: "node_id is not an address, or a bad limit or cursor"},
 )
 MANIFEST: Final = answers(
     {200: ("the signed manifest, as the coordinator verified it", dict[str, Any])},

@@ -34,7 +34,7 @@ from nodeclient.errors import UsageError
 
 log = logging.getLogger("nodeclient.coordinator.schema")
 
-SCHEMA_VERSION: Final = 5
+SCHEMA_VERSION: Final = 6
 SCHEMA_KEY: Final = "schema_version"
 
 # version -> the data changes that take a database from version - 1 to it, run after the
@@ -55,6 +55,10 @@ SCHEMA_KEY: Final = "schema_version"
 # jobs.requester and its index (a job submitted before it names no requester, which any
 # accepted requester token may read, as any could when it was submitted), and on SQLite
 # rebuilds task_attempts with AUTOINCREMENT, whose ids are then never used twice.
+# Version 6 keeps evidence: each equivocation's accepted Result (message and signature,
+# copied from its task where the task is still there, so the record no longer needs the
+# task's row, which job retention deletes), and the signed answer that ended a lease
+# (task_attempts.answer_*: a Reject, or a Result its class's checks refused).
 
 
 def _publish_current_manifests(conn: Connection) -> None:
@@ -91,9 +95,24 @@ def _never_reuse_attempt_ids(conn: Connection) -> None:
     conn.exec_driver_sql("DROP TABLE task_attempts_before_v5")
 
 
+def _keep_accepted_results(conn: Connection) -> None:
+    """Copy each equivocation's accepted Result from its task, while the task is there."""
+    task = m.Task.__table__
+    same = task.c.task_id == m.Equivocation.task_id
+    conn.execute(
+        update(m.Equivocation)
+        .where(m.Equivocation.accepted_message.is_(None))
+        .values(
+            accepted_message=select(task.c.message).where(same).scalar_subquery(),
+            accepted_signature=select(task.c.signature).where(same).scalar_subquery(),
+        )
+    )
+
+
 _STEPS: Final[dict[int, Callable[[Connection], None]]] = {
     4: _publish_current_manifests,
     5: _never_reuse_attempt_ids,
+    6: _keep_accepted_results,
 }
 
 

@@ -659,6 +659,42 @@ def list_nodes(
     return list(session.scalars(query.order_by(m.Node.registered_at, m.Node.node_id).limit(limit)))
 
 
+def list_equivocations(
+    session: Session, node_id: str, *, limit: int, after: int | None = None
+) -> list[m.Equivocation]:
+    """The node's recorded equivocations in the order they were recorded, from just after
+    the record *after* (its id), at most *limit*."""
+    query = select(m.Equivocation).where(m.Equivocation.node_id == node_id)
+    if after is not None:
+        query = query.where(m.Equivocation.id > after)
+    return list(session.scalars(query.order_by(m.Equivocation.id).limit(limit)))
+
+
+def equivocation_json(row: m.Equivocation, *, chain_id: int) -> dict[str, Any]:
+    """An equivocation as the API shows it: the two Results the node signed for one task,
+    each as EIP-712 typed data with its signature and proof, so that anyone can recover
+    both signers with an Ethereum library. The accepted one is null in a record written
+    before schema version 6 whose task was gone by then (only its proof is left)."""
+
+    def signed(message: str | None, signature: str | None, proof: str) -> dict[str, Any]:
+        typed = None
+        if message is not None:
+            parsed = eip712.message_from_json("Result", json.loads(message))
+            typed = eip712.typed_data_json("Result", parsed, chain_id=chain_id)
+        return {"proof": proof, "signature": signature, "typed_data": typed}
+
+    return {
+        "id": row.id,
+        "task_id": row.task_id,
+        "node_id": row.node_id,
+        "recorded_at": row.recorded_at,
+        "accepted": signed(row.accepted_message, row.accepted_signature, row.accepted_proof),
+        "conflicting": signed(
+            row.conflicting_message, row.conflicting_signature, row.conflicting_proof
+        ),
+    }
+
+
 # --- jobs and tasks ---------------------------------------------------------------------------
 
 

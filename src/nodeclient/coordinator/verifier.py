@@ -178,6 +178,8 @@ def _equivocation(session: Session, task: m.Task, claim: ResultClaim, now: float
             task_id=tid,
             node_id=claim.node_id,
             accepted_proof=task.proof or "",
+            accepted_message=task.message,
+            accepted_signature=task.signature,
             conflicting_proof=proof_hex,
             conflicting_signature="0x" + claim.signature.hex(),
             conflicting_message=json.dumps(eip712.message_to_json("Result", claim.message)),
@@ -351,6 +353,11 @@ def _check(
                 session, task, outcome="rejected", now=now, max_attempts=max_attempts,
                 detail=f"node {claim.node_id} returned a result that failed the checks: {exc}",
             )  # fmt: skip
+        # Its lease answered (and ended, if it was still the node's): like a signed reject,
+        # no later result of that lease is taken, and what it signed is kept.
+        _record_answer(
+            session, task.task_id, claim.node_id, ("Result", claim.message, claim.signature)
+        )
         return Decision("rejected", str(exc), lost=lost)
     except SQLAlchemyError:
         # The database failed under the check (the task's payload read cancelled, the
@@ -377,6 +384,29 @@ def _handed_back_before(session: Session, task: m.Task, node_id: str) -> bool:
     return earlier is not None
 
 
+def _record_answer(
+    session: Session, task_id: str, node_id: str, answer: tuple[str, Mapping[str, Any], bytes]
+) -> None:
+    """Keep the node's signed *answer* (its type, a Reject or a refused Result, message
+    and signature) on its latest lease of the task, which it ends as answered
+    ("rejected", unless it was handed back): a lease that had already ended otherwise (ran
+    out, the node went offline) is answered too, and takes no second answer
+    (_delivery_refusal)."""
+    primary_type, message, signature = answer
+    row = session.scalars(
+        select(m.TaskAttempt)
+        .where(m.TaskAttempt.task_id == task_id, m.TaskAttempt.node_id == node_id)
+        .order_by(m.TaskAttempt.attempt.desc(), m.TaskAttempt.id.desc())
+    ).first()
+    if row is None:
+        return
+    if row.outcome not in ANSWERED_OUTCOMES:
+        row.outcome = "rejected"
+    row.answer_type = primary_type
+    row.answer_message = json.dumps(eip712.message_to_json(primary_type, message))
+    row.answer_signature = "0x" + signature.hex()
+
+
 # C0 controls (but tab and newline) and DEL, as \xNN: a node's free text, stored and shown
 _CONTROL = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F) if c not in (0x09, 0x0A)}
 
@@ -384,6 +414,7 @@ _CONTROL = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F) if c not in (0x09, 0x
 def reject_tx(
     session: Session, task_id: uuid.UUID, node_id: str, reason: str, *, now: float,
     max_attempts: int, lease_expires_at: int | None = None,
+    signed: tuple[Mapping[str, Any], bytes] | None = None,
 ) -> tuple[Decision, Lost | None]:  # fmt: skip
     """A node's signed refusal: re-queue the task elsewhere (the attempt counts).
 
@@ -391,6 +422,7 @@ def reject_tx(
     node). A task can be leased to the same node again once a lease ends; a reject of the
     earlier lease that arrives late (or is sent again) must not end the new one, so one
     whose echo is not the current lease's leaves the task alone and changes nothing.
+    *signed* (the Reject message and its signature) is kept on the lease it ends.
     """
     # Held to the protocol's limit (the node's own is the same), then stored as text:
     # PostgreSQL refuses a NUL.
@@ -422,9 +454,13 @@ def reject_tx(
         task.status, task.node_id, task.lease_deadline = m.QUEUED, None, None
         task.attempts -= 1
         task.reason = f"handed back by node {node_id}: {reason}"
+        if signed is not None:
+            _record_answer(session, task.task_id, node_id, ("Reject", *signed))
         return Decision("accepted", event="task.returned_by_node"), None
     lost = requeue_or_fail(
         session, task, outcome="rejected", detail=f"node {node_id} rejected it: {reason}",
         now=now, max_attempts=max_attempts,
     )  # fmt: skip
+    if signed is not None:
+        _record_answer(session, task.task_id, node_id, ("Reject", *signed))
     return Decision("accepted", event="task.rejected_by_node"), lost
