@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 import threading
@@ -393,7 +394,89 @@ def test_a_node_flooding_progress_or_malformed_frames_is_closed(
         node.send(progress)
     node.send({"type": "nonsense"})  # one more than the burst: no error frame, the close
     code, reason = closed_code(node.ws)
-    assert code == 1008 and "progress and malformed frames come faster" in reason
+    assert code == 1008 and "progress and refused frames come faster" in reason
+
+
+def _burst() -> int:
+    return int(link_module.CHATTER_MIN_RATE * link_module.CHATTER_BURST_S)
+
+
+def test_a_node_that_goes_on_past_its_heartbeat_budget_is_closed(
+    start_coordinator: Callable[..., Running], rsa_keys
+) -> None:
+    """Heartbeats refused as too frequent cost the coordinator a parse and an answer each,
+    and a node that sends them regardless was never closed: each is charged to its
+    chatter budget too, and past it the link is closed (1008). Another node's heartbeats
+    are answered meanwhile. (The test clock does not move: no refill.)"""
+    running = start_coordinator(heartbeat_interval=1000.0)
+    good, bad = make_node(rsa_keys, 0), make_node(rsa_keys, 1)
+    for node in (good, bad):
+        running.register(node)
+        running.link(node)
+    beats = link_module.HEARTBEAT_BURST + _burst() + 1
+    for seq in range(1, beats + 1):  # refused as too frequent once past HEARTBEAT_BURST
+        bad.send(bad.heartbeat(seq=seq))
+    code, reason = closed_code(bad.ws)
+    assert code == 1008 and "progress and refused frames come faster" in reason
+    assert good.call(good.heartbeat())["type"] == "heartbeat_ack"
+
+
+def test_wrongly_signed_results_are_charged_and_end_the_link(
+    coordinator: Running, rsa_keys, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A result signed by the wrong key is parsed, recovered, answered and logged: small
+    ones have no data budget, and a node could send them for ever. Each is charged to its
+    chatter budget: past the burst the link is closed (1008), and the log holds at most a
+    burst of them."""
+    import logging
+
+    node = make_node(rsa_keys, 0)
+    coordinator.register(node)
+    coordinator.link(node)
+    task = {"task_id": str(uuid.uuid4()), "job_id": str(uuid.uuid4())}
+    wrong = node.result(task, b"x" * 100, key=node.liveness)
+    with caplog.at_level(logging.INFO, logger="nodeclient.coordinator.link"):
+        for _ in range(_burst() + 1):
+            node.send(wrong)
+        code, _ = closed_code(node.ws)
+    assert code == 1008
+    logged = [r for r in caplog.records if r.getMessage() == "result.rejected"]
+    assert len(logged) == _burst()
+
+
+def test_a_heartbeat_seq_is_kept_below_what_a_restart_adds(
+    start_coordinator: Callable[..., Running], rsa_keys
+) -> None:
+    """After a restart the coordinator takes each node's stored seq plus UNSTORED_SEQS as
+    seen, and says so in welcome.last_seq, which the protocol bounds by 2^63-1: a seq
+    within UNSTORED_SEQS of that bound is malformed (a node that used it could never link
+    again after a restart); one at MAX_HEARTBEAT_SEQ is taken."""
+    running = start_coordinator(heartbeat_interval=1000.0)
+    node = make_node(rsa_keys, 0)
+    running.register(node)
+    running.link(node)
+    top = link_module.MAX_HEARTBEAT_SEQ
+    assert top + link_module.UNSTORED_SEQS == (1 << 63) - 1
+    refused = node.call(node.heartbeat(seq=top + 1))
+    assert (refused["type"], refused["code"]) == ("error", "malformed")
+    assert node.call(node.heartbeat(seq=top))["type"] == "heartbeat_ack"
+
+
+def test_a_stray_listed_many_times_is_cancelled_once(coordinator: Running, rsa_keys) -> None:
+    """A first heartbeat that names one unknown task 1,600 times gets one cancel, not
+    1,600 (each a send, and an entry of the coordinator's bounded withdrawn list)."""
+    node = make_node(rsa_keys, 0)
+    coordinator.register(node)
+    coordinator.link(node)
+    stray = str(uuid.uuid4())
+    node.send(node.heartbeat(running=(stray,) * 1600))
+    assert node.ws is not None
+    frames = []
+    with contextlib.suppress(TimeoutError):
+        while True:
+            frames.append(json.loads(node.ws.recv(timeout=1.0)))
+    assert sorted(f["type"] for f in frames) == ["cancel", "heartbeat_ack"]
+    assert [f["task_id"] for f in frames if f["type"] == "cancel"] == [stray]
 
 
 def test_the_chatter_budget_follows_the_nodes_slots() -> None:

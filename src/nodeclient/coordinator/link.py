@@ -122,6 +122,10 @@ def send_limit(size: int) -> float:
 
 
 MAX_SEQ = (1 << 63) - 1  # SQL BIGINT is signed; a uint64 seq above it could not be stored
+# The highest seq a heartbeat may carry: after a restart the coordinator takes the stored
+# seq plus UNSTORED_SEQS as seen (Coordinator.__init__), and welcome.last_seq must still
+# be a number the protocol allows.
+MAX_HEARTBEAT_SEQ = MAX_SEQ - UNSTORED_SEQS
 # What a node's frames may cost, per node and not per link (linking again refills
 # nothing). Each budget is a burst, then a rate; a frame over it costs nothing more.
 # Heartbeats: each stored one is a signature recovery and a database write; a node sends
@@ -227,6 +231,7 @@ class LinkSession:
         self._strays_checked = False  # at the first heartbeat (_cancel_strays)
         self._attached_at = math.inf
         self._budgets = LinkBudgets(coord.monotonic(), coord.config.heartbeat_interval)
+        self._chatter: TokenBucket | None = None  # the node's chatter budget, once linked
         # Frames refused over a budget, per kind, since the last log line about them, and
         # when that line was written.
         self._too_frequent: dict[str, tuple[int, float]] = {}
@@ -456,10 +461,14 @@ class LinkSession:
         # A node that sends its results as binary frames never needs a large JSON frame.
         max_text = messages.MAX_CONTROL_FRAME if self.binary else messages.MAX_DATA_FRAME
         info = self.coord.nodes.get(self.node_id)
-        chatter = self._budgets.chatter_for(
+        chatter = self._chatter = self._budgets.chatter_for(
             info.max_parallel_subtasks if info is not None else 1, self.coord.monotonic()
         )
         while not self._closed:
+            # Frames already read from the socket come without a wait: one node's flood
+            # of them (frames answered without a database call, refused ones above all)
+            # would otherwise hold the loop, every other link's heartbeats with it.
+            await asyncio.sleep(0)
             raw = await self._receive()
             if self._closed:  # closed by another task while this frame came: not handled
                 return
@@ -495,17 +504,25 @@ class LinkSession:
                 continue
             await handler(frame)
 
-    async def _chatter_ok(self, chatter: TokenBucket) -> bool:
-        """Take one from the node's chatter budget; over it, close the link (1008)."""
-        if chatter.take(self.coord.monotonic()):
+    async def _chatter_ok(self, chatter: TokenBucket | None = None) -> bool:
+        """Take one from the node's chatter budget (progress frames, and frames refused:
+        malformed, out of place, replayed, wrongly signed, over their own budget); over
+        it, close the link (1008)."""
+        chatter = self._chatter if chatter is None else chatter
+        if chatter is None or chatter.take(self.coord.monotonic()):
             return True
         reason = (
-            f"progress and malformed frames come faster than {chatter.rate:g} a second "
+            f"progress and refused frames come faster than {chatter.rate:g} a second "
             "(after a burst): link again later"
         )
         log.warning("link.chatter_budget", extra={"node_id": self.node_id})
         await self.close(1008, reason)
         return False
+
+    async def _refuse_frame(self, code: str, text: str) -> None:
+        """Answer a refused frame with an error, charged to the chatter budget."""
+        if await self._chatter_ok():
+            await self._error(code, text)
 
     def _progress(self, frame: messages.ProgressFrame) -> None:
         """Remember a running task's progress; the jobs API shows it while it is leased.
@@ -538,7 +555,7 @@ class LinkSession:
         # parse_from_node has already checked node_id is a well-formed address; compare raw
         # bytes (parse_address is cached) instead of re-checksumming it on every heartbeat.
         if parse_address(msg["node_id"]) != self._node_raw:
-            await self._error(
+            await self._refuse_frame(
                 "malformed", f"heartbeat for {msg['node_id']} on {self.node_id}'s link"
             )
             return
@@ -552,15 +569,20 @@ class LinkSession:
                     f"Heartbeat signature recovers to {recovered}, expected {info.liveness_address}"
                 )
         except SignatureError as exc:
-            await self._error("bad_signature", f"heartbeat: {exc}")
+            await self._refuse_frame("bad_signature", f"heartbeat: {exc}")
             return
         rt = coord.runtime[self.node_id]
         seq, state = msg["seq"], msg["state"]
-        if state not in _STATES or seq > MAX_SEQ:
-            await self._error("malformed", f"heartbeat: state must be one of {sorted(_STATES)} "
-                              f"and seq at most {MAX_SEQ}")  # fmt: skip
+        if state not in _STATES or seq > MAX_HEARTBEAT_SEQ:
+            await self._refuse_frame(
+                "malformed",
+                f"heartbeat: state must be one of {sorted(_STATES)} and seq at most "
+                f"{MAX_HEARTBEAT_SEQ}",
+            )
             return
         if seq <= rt.last_seq:
+            if not await self._chatter_ok():
+                return
             log.warning(
                 "heartbeat.replayed",
                 extra={"node_id": self.node_id, "seq": seq, "last_seq": rt.last_seq},
@@ -605,6 +627,7 @@ class LinkSession:
         they count as free here: each dispatch meanwhile would come back refused."""
         if not running_tasks:
             return
+        running_tasks = list(dict.fromkeys(running_tasks))  # each id once, however often listed
         ids = [str(uuid.UUID(bytes=b)) for b in running_tasks]
         node_id = self.node_id
         strays = await self.coord.db.run(lambda s: strays_tx(s, node_id, ids))
@@ -659,7 +682,8 @@ class LinkSession:
             log.warning(f"{kind}.too_frequent", extra={"node_id": self.node_id, "refused": count})
             count, logged = 0, mono
         self._too_frequent[kind] = (count, logged)
-        await self.send(messages.ErrorFrame("too_frequent", reason).to_wire())
+        if await self._chatter_ok():  # a node that goes on regardless is closed
+            await self.send(messages.ErrorFrame("too_frequent", reason).to_wire())
 
     def _liveness_of(self, info: NodeInfo) -> str:
         """The checksummed liveness address of *info*, computed once per cached NodeInfo."""
@@ -680,6 +704,8 @@ class LinkSession:
             # Answered as a rejection of its task: no valid signature ever comes for a
             # result this node signed wrongly (it signs once), so the node settles it in
             # its outbox rather than sending it again after every reconnect.
+            if not await self._chatter_ok():
+                return
             coord.metrics.verification_failed("signature")
             task_id = uuid.UUID(bytes=frame.message["task_id"])
             reason = f"bad signature: {exc}"[: messages.MAX_REASON]
@@ -745,7 +771,7 @@ class LinkSession:
                 frame, node_id=self.node_id, chain_id=cfg.chain_id
             )
         except SignatureError as exc:
-            await self._error("bad_signature", f"reject: {exc}")
+            await self._refuse_frame("bad_signature", f"reject: {exc}")
             return
         now = coord.now()
         reason = frame.message["reason"]

@@ -328,6 +328,7 @@ class Coordinator:
             self.cache_node(info)
             # The last run may have acknowledged up to UNSTORED_SEQS seqs above the stored
             # one before it stopped (HeartbeatWriter): none of them may be taken again.
+            # (Heartbeats carry at most MAX_SEQ - UNSTORED_SEQS: link.MAX_HEARTBEAT_SEQ.)
             self.runtime[info.node_id].last_seq = info.last_seq + UNSTORED_SEQS
         self.links: dict[str, LinkPort] = {}
         self.progress = ProgressBoard()  # advisory, per node and task, bounded
