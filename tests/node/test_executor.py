@@ -351,6 +351,37 @@ def test_unsandboxed_a_child_left_behind_a_report_of_clean_ends_the_worker(
     assert left == 0 and not psutil.pid_exists(replaced)
 
 
+def test_what_a_clean_up_may_leave_is_counted_above_what_the_workers_start_left(
+    tmp_path: Path,
+) -> None:
+    """A worker's start may write to its slot's directory (a /tmp on disk, where bwrap
+    cannot size a tmpfs, with what the runtimes' start put there): a clean-up is judged on
+    what it leaves above that, up to CLEAN_MAX_BYTES, not on the directory's whole size,
+    or every task of such a node would replace its worker."""
+    ex = make_executor(tmp_path / "home", mode="unsandboxed")
+    workdir = tmp_path / "slot"
+    (workdir / "tmp").mkdir(parents=True)
+    (workdir / "tmp" / "written-at-start").write_bytes(b"s" * (2 << 20))
+    worker = subprocess.Popen(["sleep", "30"])
+    try:
+        slot = slots.Slot(
+            index=0, workdir=workdir, tmp_dir=workdir / "tmp", argv=[], env={},
+            mode="unsandboxed", max_output=0, max_result=0, shared_bytes=0,
+            proc=worker,  # type: ignore[arg-type]
+        )  # fmt: skip
+        slot.base_bytes = exec_workdirs.disk_used(workdir, stop_after=1 << 40)
+        assert ex._left_behind(slot) is None
+        (workdir / "tmp" / "left").write_bytes(b"l" * (executor_module.CLEAN_MAX_BYTES // 2))
+        assert ex._left_behind(slot) is None
+        (workdir / "tmp" / "more").write_bytes(b"m" * executor_module.CLEAN_MAX_BYTES)
+        assert ex._left_behind(slot) == (
+            f"its task left over {executor_module.CLEAN_MAX_BYTES} bytes in its work directory"
+        )
+    finally:
+        worker.kill()
+        worker.wait()
+
+
 def test_unsandboxed_a_grandchild_left_in_the_workers_group_taints_it(tmp_path: Path) -> None:
     """A task double-forks: its grandchild is no child of the worker's, so the worker
     found nothing left and was kept for the job's next task, the grandchild running on

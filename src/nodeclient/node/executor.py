@@ -86,7 +86,9 @@ _SETTLE_WAIT: Final = 5.0  # a task waits this long for a settling worker that m
 _UNBROKEN_POLL_S: Final = 0.05  # how often it looks for a slot whose worker can run its class
 PROGRESS_INTERVAL_S: Final = 0.5  # a task's progress reports passed on at most this often
 DISK_CHECK_S = 2.0  # a running task's work directory is measured this often (max_work_bytes)
-# What a worker's work directory may hold after its clean-up (its empty directories do).
+# What a worker's work directory may hold after its clean-up beyond what it held once the
+# worker had started (its empty directories, a /tmp on disk with what the runtimes' start
+# wrote there).
 CLEAN_MAX_BYTES: Final = 1 << 20
 # A task's deadline is read again on the executor's clock this often: the event loop's
 # timers run on CLOCK_MONOTONIC, which stops while the system is suspended, and the
@@ -253,6 +255,12 @@ class Executor:
         self._fresh_workdir(slot)
         seconds = await slot.start(self.config.start_timeout, check_only=for_class)
         self.start_seconds.append(seconds)
+        try:  # what a clean-up leaves it (_left_behind): what the worker's start made there
+            slot.base_bytes = await asyncio.to_thread(
+                disk_used, slot.workdir, stop_after=CLEAN_MAX_BYTES << 4
+            )
+        except OSError:
+            slot.base_bytes = 0
         extra: dict[str, object] = {"slot": slot.index, "seconds": round(seconds, 3)}
         if for_class is not None:
             extra["for_class"] = for_class
@@ -771,12 +779,12 @@ class Executor:
         assert slot.proc is not None
         try:
             running = len(descendants(slot.proc.pid)) - expected
-            used = disk_used(slot.workdir, stop_after=CLEAN_MAX_BYTES)
+            used = disk_used(slot.workdir, stop_after=slot.base_bytes + CLEAN_MAX_BYTES)
         except OSError as exc:
             return f"its clean-up could not be checked: {exc}"[:300]
         if running > 0:
             return f"its task left {running} process(es) running past its clean-up report"
-        if used > CLEAN_MAX_BYTES:
+        if used > slot.base_bytes + CLEAN_MAX_BYTES:
             return f"its task left over {CLEAN_MAX_BYTES} bytes in its work directory"
         return None
 

@@ -183,6 +183,7 @@ class Slot:
     checked_for: str | None = None  # the one class its worker checked; None: all of them
     task_rss: int | None = None  # its process tree's memory as its task began (admission)
     swept: bool = False  # its exited worker's process group was killed (kill_leftovers)
+    base_bytes: int = 0  # its work directory's size once its worker had started
 
     @property
     def alive(self) -> bool:
