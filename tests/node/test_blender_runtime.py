@@ -97,6 +97,24 @@ def _direct_render(scene: bytes, tmp_path: Path) -> dict[int, np.ndarray]:
     }
 
 
+def test_a_worker_that_cannot_find_blender_withdraws_render(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The daemon's check looks on its own PATH; a worker, in the sandbox, sees /usr and
+    the library directories only. Blender linked from a PATH directory to a tree the
+    worker does not see (an install under /opt) is a link that leads nowhere there: the
+    worker's start-up check fails, naming what to do, and the class is withdrawn rather
+    than every slice failing as the node's. Blender the worker finds passes."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "blender").symlink_to(tmp_path / "opt" / "blender-4.2" / "blender")  # not there
+    monkeypatch.setenv("PATH", str(bin_dir))
+    with pytest.raises(NodeClientError, match="not found inside the worker.*under /usr"):
+        BlenderRuntime().self_check()
+    monkeypatch.setenv("PATH", "/usr/local/bin:/usr/bin:/bin")  # the worker's, in the sandbox
+    BlenderRuntime().self_check()
+
+
 def test_sliced_render_matches_one_direct_render(scenes, tmp_path: Path) -> None:
     """Split into 3 slices by the registry, rendered by the runtime and assembled, the job
     has exactly the pixels of one direct Blender render of all frames."""

@@ -629,6 +629,21 @@ class BlenderRuntime:
         self._poll = poll_interval
         self._clock = clock
 
+    def self_check(self) -> None:
+        """At a worker's start: Blender as this worker finds it, on its PATH and in what
+        the sandbox shows of the file system. The daemon's check (:func:`usable`) looked
+        on its own PATH and the whole file system: Blender installed under /opt and linked
+        from /usr/local/bin is found there, but in the sandbox, which binds /usr and the
+        library directories only, the link leads nowhere, and every slice would fail as
+        the node's fault. Raising withdraws ``media.render`` from the node."""
+        if shutil.which(self.blender) is None:
+            raise NodeClientError(
+                f"{self.blender} is not found inside the worker (PATH "
+                f"{os.environ.get('PATH', '')}; the sandbox shows /usr and the library "
+                "directories only): install Blender under /usr (Debian/Ubuntu: apt-get "
+                "install blender), not under /opt or a home directory"
+            )
+
     def run(self, payload: bytes, *, workdir: Path, progress: Progress = no_progress) -> bytes:
         """Render the slice's frames and return the canonical result bytes."""
         request = RenderRequest.decode(payload, max_bytes=self._max_payload_bytes)
