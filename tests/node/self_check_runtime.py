@@ -142,3 +142,27 @@ class FailsWhileMarked(CountsItsChecks):
 
 def flaky_factory(cache: Path) -> FailsWhileMarked:
     return FailsWhileMarked(cache, "flaky")
+
+
+class FallsOffTheBus:
+    """A GPU runtime whose card goes away while the node runs (a ``card-gone`` file in
+    the model cache stands for the driver's loss of it): a task then fails as the node's
+    (DeviceFailure), and a worker started after it fails its self-check, as CUDA does."""
+
+    def __init__(self, cache: Path) -> None:
+        self.gone = cache / "card-gone"
+
+    def self_check(self) -> None:
+        if self.gone.exists():
+            raise RuntimeError("the CUDA execution provider did not load: no device")
+
+    def run(self, payload: bytes, *, workdir: Path, progress: object = None) -> bytes:
+        from nodeclient.node.runtimes.base import DeviceFailure
+
+        if self.gone.exists():
+            raise DeviceFailure("CUDA error: unspecified launch failure (the card is gone)")
+        return payload
+
+
+def falls_off_factory(cache: Path) -> FallsOffTheBus:
+    return FallsOffTheBus(cache)

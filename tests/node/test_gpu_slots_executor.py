@@ -266,6 +266,52 @@ def test_a_class_broken_on_every_gpu_slot_is_withdrawn_before_registering(
     assert cpu_node.manifest["workload_classes"] == [checked, HOSTILE]
 
 
+def test_a_card_lost_while_the_node_runs_withdraws_its_class_and_registers_again(
+    tmp_path: Path, fake_dev: Path
+) -> None:
+    """A card that falls off the bus after the start: its task fails as the node's, the
+    worker started after it finds the class broken, and the executor says so; the daemon
+    withdraws the class and registers again at once, on a link that stays up, so that
+    the coordinator stops sending it work that would fail (and the node, idle for it,
+    would draw ever more)."""
+    from tests.node.test_daemon_outbox import make_daemon
+
+    gpu = "test.gpu"
+    (tmp_path / "home").mkdir()
+    daemon, _, _ = make_daemon(tmp_path / "home")
+    cards = (SlotGpu(*MIXED_CARDS[0]),)
+    daemon.executor = unsandboxed(tmp_path, cards, {gpu: "self_check_runtime:falls_off_factory"})
+    daemon.classes = frozenset({gpu})
+    daemon.manifest = {**daemon.manifest, "workload_classes": [gpu]}
+    registered: list[list[str]] = []
+
+    async def register() -> dict[str, object]:
+        registered.append(list(daemon.manifest["workload_classes"]))
+        return {}
+
+    daemon.register = register  # type: ignore[method-assign]
+
+    async def scenario() -> None:
+        ex = daemon.executor
+        try:
+            await ex.warm_up()
+            ex.on_broken = daemon._classes_broke
+            assert await ex.run(gpu, b"fine") == b"fine"
+            (tmp_path / "models" / "card-gone").write_text("Xid 79")
+            with pytest.raises(TaskFailed) as failed:
+                await ex.run(gpu, b"lost")
+            assert failed.value.requester_fault is False
+            async with asyncio.timeout(60):
+                while not registered:
+                    await asyncio.sleep(0.05)
+        finally:
+            await ex.aclose()
+
+    asyncio.run(scenario())
+    assert daemon.classes == frozenset()
+    assert registered == [[]]  # the manifest registered again has it no more
+
+
 def test_a_task_of_a_class_broken_in_its_worker_is_the_nodes_failure(
     tmp_path: Path, fake_dev: Path
 ) -> None:

@@ -177,6 +177,7 @@ class NodeDaemon(LinkClient):
             await self.executor.warm_up()
             self._workers_started = True
             self._withdraw_broken_classes()
+            self.executor.on_broken = self._classes_broke  # and any that break later
             link = asyncio.create_task(self._link_loop())
             refresh = asyncio.create_task(self._refresh_metrics())
             prune = asyncio.create_task(self._prune_results())
@@ -412,18 +413,34 @@ class NodeDaemon(LinkClient):
         if left:  # their workers are killed as they unwind
             await asyncio.wait([handle for _, handle in left], timeout=10.0)
 
-    def _withdraw_broken_classes(self) -> None:
+    def _withdraw_broken_classes(self) -> bool:
         """Leave out of the manifest, before registering, a class no worker can run (its
         runtime broken in every one: CUDA that does not load on the GPU slots, say), so
-        that the coordinator sends none of it rather than have every task fail here."""
+        that the coordinator sends none of it rather than have every task fail here;
+        whether one was withdrawn."""
+        withdrawn = False
         for name, why in self.executor.broken_everywhere().items():
             if name in self.classes:
+                withdrawn = True
                 self.classes = self.classes - {name}
                 self.manifest = {
                     **self.manifest,
                     "workload_classes": [c for c in self.manifest["workload_classes"] if c != name],
                 }
                 log.warning("workload.withdrawn", extra={"workload_class": name, "reason": why})
+        return withdrawn
+
+    def _classes_broke(self) -> None:
+        """A worker started after a failure (a card that fell off the bus, its driver
+        gone) finds a class broken in every worker now: withdrawn as at the start, and
+        registered again at once if linked (the link stays up), so that the coordinator
+        stops sending what would fail here, and the node does not look idle for it. A
+        registration that fails now is made again before the next link."""
+        if not self._withdraw_broken_classes():
+            return
+        self._registered = False
+        if self._ws is not None:
+            self._background(self._register_again())
 
     def restore_unstake(self) -> None:
         """An unstake a coordinator confirmed before this start (kept by _keep_unstake):

@@ -200,6 +200,7 @@ class LinkClient(TaskDispatcher):
     _pause: float  # the next reconnect waits at least this long
     _replaced_while_stopping: bool  # a 4004 during the drain: link no more
     _unstake_record: tuple[str, int] | None  # (coordinator_id, until) kept in the outbox
+    _registered: bool  # the manifest as it is now is registered: the next link needs none
 
     # --- registration and link ----------------------------------------------------------------
 
@@ -301,6 +302,16 @@ class LinkClient(TaskDispatcher):
             raise RegistrationRefused(f"registration refused ({resp.status_code}): {reason}")
         raise httpx.HTTPError(f"registration failed ({resp.status_code}): {reason}")
 
+    async def _register_again(self) -> None:
+        """Register the manifest as it is now while the link stays up (a class withdrawn
+        since); one that fails is made again before the next link (_registered)."""
+        try:
+            await self.register()
+        except (httpx.HTTPError, OSError, RemoteProtocolError, RegistrationRefused) as exc:
+            log.warning("node.register_again_failed", extra={"error": str(exc)[:300]})
+            return
+        self._registered = True
+
     async def _chain_id_mismatch(self) -> tuple[str, str] | None:
         """:func:`chain_id_mismatch` by the coordinator's ``/healthz``, asked once its
         registration was refused (only then: the answer costs a request, and a refusal
@@ -332,15 +343,15 @@ class LinkClient(TaskDispatcher):
 
     async def _link_loop(self) -> None:
         delays = backoff(rand=self._rand.random)
-        registered = False
+        self._registered = False
         # After a stop, the link is made again while the drain may still need it (results
         # still running or unsent), so what the grace finished is still sent, until run()
         # cancels this (dispatches on such a link are refused as draining).
         while not self._stopping.is_set() or self._drain_needs_link():
             try:
-                if not registered:
+                if not self._registered:
                     await self.register()
-                    registered = True
+                    self._registered = True
                 await self._connect_once()
             except RegistrationRefused as exc:
                 log.error("node.registration_refused", extra={"reason": str(exc)})
@@ -352,13 +363,13 @@ class LinkClient(TaskDispatcher):
                 if self._link_closed(exc):
                     # The coordinator lost the node's record (a restored database), or
                     # refused its auth (a clock that jumped): register again, freshly issued.
-                    registered = False
+                    self._registered = False
             except (OSError, httpx.HTTPError, InvalidHandshake, InvalidURI, TimeoutError) as exc:
                 self._link_failed(exc)
             except CoordinatorMismatch as exc:  # its id changed, or a relay: ask it again
                 self.link.last_error = str(exc)[:_MAX_ERROR_CHARS]
                 log.error("link.coordinator_mismatch", extra={"error": self.link.last_error})
-                registered = False
+                self._registered = False
             except RemoteProtocolError as exc:
                 self.link.last_error = str(exc)[:_MAX_ERROR_CHARS]
                 log.error("link.protocol_error", extra={"error": self.link.last_error})
