@@ -301,6 +301,37 @@ def test_scheduler_logs_an_outage_once_and_its_end(
     assert records[3].exc_info is not None
 
 
+def test_scheduler_logs_a_full_disk_once_not_a_traceback_a_round(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A database whose disk is full fails every round's writes (SQLite's SQLITE_FULL):
+    one warning that says so, with no traceback, as for a database that cannot be
+    reached, not a traceback twice a second until the operator frees space."""
+    import sqlite3
+
+    app = create_app(config_for(data_dir=tmp_path), clock=ManualClock(START))
+    scheduler: Scheduler = app.state.scheduler
+    db: Database = app.state.coordinator.db
+    full = sqlite3.OperationalError("database or disk is full")
+    full.sqlite_errorcode = sqlite3.SQLITE_FULL
+    full.sqlite_errorname = "SQLITE_FULL"
+
+    async def tick() -> None:
+        raise OperationalError("INSERT INTO tasks", {}, full)
+
+    monkeypatch.setattr(scheduler, "tick", tick)
+    try:
+        with caplog.at_level(logging.INFO, logger="nodeclient.coordinator.scheduler"):
+            for _ in range(3):
+                asyncio.run(scheduler.run_round())
+    finally:
+        db.close()
+    records = [r for r in caplog.records if r.name == "nodeclient.coordinator.scheduler"]
+    assert [r.getMessage() for r in records] == ["scheduler.database_unavailable"]
+    assert records[0].exc_info is None
+    assert "database or disk is full" in getattr(records[0], "error", "")
+
+
 def _error() -> OperationalError:
     return OperationalError("SELECT 1", None, Exception("connection refused"))
 

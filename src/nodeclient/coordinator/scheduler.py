@@ -64,6 +64,7 @@ from nodeclient.coordinator.placement import Assignment, QueueCursor, any_queued
 from nodeclient.coordinator.selection import Candidate, LeaseOrder, Roster, to_candidate
 from nodeclient.coordinator.service import Coordinator
 from nodeclient.coordinator.store import NodeInfo, is_unavailable
+from nodeclient.errors import is_disk_full
 from nodeclient.protocol import envelope, messages
 
 log = logging.getLogger("nodeclient.coordinator.scheduler")
@@ -200,11 +201,13 @@ class Scheduler:
         survive. A database that cannot be reached (down, restarting) fails every round,
         twice a second: that is one warning as it begins, a reminder with the count at
         most every OUTAGE_LOG_INTERVAL_S, and one line when a round succeeds again, not
-        a traceback per round. Any other failure is logged with its trace."""
+        a traceback per round; so is a database whose disk is full (each round's writes
+        fail until space is freed), its error saying so. Any other failure is logged with
+        its trace."""
         try:
             await self.tick()
         except Exception as exc:
-            if not is_unavailable(exc):  # a bug, or a statement the database refused
+            if not (is_unavailable(exc) or is_disk_full(exc)):  # a bug, or a refused statement
                 log.exception("scheduler.error")
                 return
             self._database_failed(exc)
