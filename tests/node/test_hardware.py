@@ -20,7 +20,7 @@ import psutil
 import pytest
 
 from nodeclient.errors import UsageError
-from nodeclient.node import sandbox
+from nodeclient.node import hardware, sandbox
 from nodeclient.node.hardware import (
     CpuInfo,
     GpuDevice,
@@ -303,8 +303,6 @@ def test_cuda_visible_devices_that_cannot_be_followed_is_an_error(
 def test_probe_timeout_grows_with_the_cards(tmp_path: Path) -> None:
     """10 s, plus 5 s per card device file: an 8-card machine without persistence mode
     needs more than 10 s to bring NVML up."""
-    from nodeclient.node import hardware
-
     dev = tmp_path / "dev"
     dev.mkdir()
     for name in ("nvidiactl", "nvidia-uvm", "nvidia-caps"):
@@ -317,8 +315,6 @@ def test_probe_timeout_grows_with_the_cards(tmp_path: Path) -> None:
 
 def test_probe_gpus_waits_for_probe_timeout_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
     """Without a timeout given, the probe waits as long as probe_timeout says."""
-    from nodeclient.node import hardware
-
     monkeypatch.setattr(hardware, "probe_timeout", lambda dev=None: 1.25)
     probe = probe_gpus(env=replay_env(FIXTURES / "hang.json"))
     assert probe.status == "timeout"
@@ -419,6 +415,76 @@ def test_a_bad_minor_number_in_a_recording_is_an_error(tmp_path: Path) -> None:
     assert "'minor' must be a non-negative integer" in probe.detail
 
 
+def _card(i: int, name: str = H100, vram_bytes: int = 85520809984) -> dict[str, object]:
+    return {"name": name, "uuid": f"GPU-{i:08x}-aaaa-bbbb-cccc-dddddddddddd",
+            "memory_total": vram_bytes}  # fmt: skip
+
+
+def _recorded(tmp_path: Path, cards: list[dict[str, object]]) -> Path:
+    path = tmp_path / "recording.json"
+    path.write_text(json.dumps({"driver_version": "550.54.15", "devices": cards}))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("cards", "fragment"),
+    [
+        ([_card(0, vram_bytes=1 << 50)], "1048576 GiB of memory on GPU 0, more than the 1024"),
+        ([_card(i) for i in range(65)], "65 GPUs in 1 groups"),
+        ([_card(i, name=f"Card {i}") for i in range(17)], "17 GPUs in 17 groups"),
+    ],
+)
+def test_an_answer_no_manifest_may_carry_fails_the_probe_not_the_node(
+    tmp_path: Path, cards: list[dict[str, object]], fragment: str
+) -> None:
+    """A driver that reports 1 PiB on a card, 65 cards or 17 kinds of card fails the probe
+    ("error", no GPU, and why), as negative memory does: the node is CPU-only. Declared,
+    such cards would make the manifest rules raise in `run` and `manifest` at every start,
+    or have the node sign a manifest its coordinator refuses for good."""
+    probe = probe_gpus(env=replay_env(_recorded(tmp_path, cards)))
+    assert (probe.status, probe.gpus, probe.per_device) == ("error", (), ())
+    assert fragment in probe.detail
+    assert "more than" in probe.detail
+    info = HardwareInfo(cpu=CpuInfo("EPYC", 64, 256), gpu=probe)
+    assert info.to_manifest()["gpu"] == []
+    assert info.max_parallel_subtasks == 64
+
+
+def test_too_many_kinds_of_card_can_be_narrowed_with_cuda_visible_devices(
+    tmp_path: Path,
+) -> None:
+    """The fix for more cards than a manifest may carry names CUDA_VISIBLE_DEVICES, and
+    following it gives the cards chosen."""
+    path = _recorded(tmp_path, [_card(i, name=f"Card {i}") for i in range(17)])
+    assert "CUDA_VISIBLE_DEVICES" in probe_gpus(env=replay_env(path)).fix
+    chosen = ",".join(str(i) for i in range(16))
+    probe = probe_gpus(env={**replay_env(path), "CUDA_VISIBLE_DEVICES": chosen})
+    assert probe.status == "ok", probe.detail
+    assert len(probe.gpus) == 16
+
+
+def test_the_most_a_manifest_may_carry_is_declared(tmp_path: Path) -> None:
+    """64 cards in 16 groups, those of one of 1024 GiB: at the limits, not past them."""
+    cards = [_card(i, name=f"Card {i // 4}") for i in range(4, 64)]
+    cards += [_card(i, name="Card 0", vram_bytes=1024 << 30) for i in range(4)]
+    probe = probe_gpus(env=replay_env(_recorded(tmp_path, cards)))
+    assert probe.status == "ok", probe.detail
+    assert (len(probe.per_device), len(probe.gpus)) == (64, 16)
+    info = HardwareInfo(cpu=CpuInfo("EPYC", 256, 2048), gpu=probe)
+    assert info.to_manifest()["max_parallel_subtasks"] == 64
+
+
+def test_a_name_longer_than_a_manifest_may_carry_fails_the_probe() -> None:
+    """The probe child cuts names at 256 characters; an answer with a longer one is not
+    its, and fails the probe rather than the manifest rules."""
+    answer = {"status": "ok", "detail": "", "driver_version": "550", "devices": [
+        {"index": 0, "name": "X" * 257, "uuid": "GPU-1", "vram_bytes": 85520809984,
+         "minor": 0}]}  # fmt: skip
+    probe = hardware._parse_answer(json.dumps(answer).encode() + b"\n")
+    assert (probe.status, probe.gpus) == ("error", ())
+    assert "a name of 257 characters for GPU 0" in probe.detail
+
+
 def test_spec_machine_manifest() -> None:
     """The spec's machine (EPYC 7763, 128 cores, 512 GB, 4 x H100) declares tier 3 and 4 slots."""
     info = HardwareInfo(
@@ -479,8 +545,6 @@ def test_a_child_that_outlives_its_sigkill_is_not_waited_for() -> None:
     """A wedged driver can hold the probe in uninterruptible sleep after SIGKILL: the probe
     gives up on it (a thread reaps it later) instead of hanging `run`, `manifest`, `doctor`."""
     import threading
-
-    from nodeclient.node import hardware
 
     child = subprocess.Popen(["sleep", "60"], start_new_session=True)
     released = threading.Event()
@@ -563,8 +627,111 @@ def test_cpu_probe_is_sane() -> None:
 
 
 def test_cpu_cores_counts_the_cpus_we_may_run_on() -> None:
-    """cores is the affinity mask's size, so a pinned container declares its share."""
-    assert probe_cpu().cores == len(os.sched_getaffinity(0))
+    """cores is the affinity mask's size, so a pinned container declares its share, or
+    this machine's CPU quota where that is smaller."""
+    quota = hardware.cgroup_cpu_limit()
+    affinity = len(os.sched_getaffinity(0))
+    assert probe_cpu().cores == (affinity if quota is None else min(affinity, quota))
+
+
+# --- CPU quotas (a container's --cpus, a Kubernetes CPU limit, systemd's CPUQuota=) -----------
+# cgroup v2 and v1 trees built under tmp_path, as the memory limit's tests build theirs.
+
+
+def _write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def _v2_cpu_tree(root: Path, *, service_max: str, slice_max: str) -> Path:
+    """A service under a slice, each with its own cpu.max; the root has none."""
+    _write(root / "cgroup.controllers", "cpu memory pids\n")
+    _write(root / "node.slice/cpu.max", slice_max + "\n")
+    _write(root / "node.slice/nodeclient.service/cpu.max", service_max + "\n")
+    proc = root.parent / "proc-cgroup"
+    proc.write_text("0::/node.slice/nodeclient.service\n")
+    return proc
+
+
+def _v1_cpu_tree(root: Path, *, quota: str, mount: str = "cpu") -> Path:
+    """Docker on cgroup v1 without a cgroup namespace: /proc/self/cgroup names the host's
+    path, which the container's mount does not have; its root is the container's."""
+    _write(root / mount / "cpu.cfs_quota_us", quota + "\n")
+    _write(root / mount / "cpu.cfs_period_us", "100000\n")
+    proc = root.parent / "proc-cgroup"
+    proc.write_text("12:pids:/docker/abc\n4:cpu,cpuacct:/docker/abc\n0::/docker/abc\n")
+    return proc
+
+
+@pytest.mark.parametrize(
+    ("service_max", "slice_max", "cpus"),
+    [
+        ("max 100000", "200000 100000", 2),  # the slice's quota holds the service too
+        ("400000 100000", "max 100000", 4),
+        ("300000 100000", "200000 100000", 2),  # the smallest of them
+        ("150000 100000", "max 100000", 2),  # 1.5 CPUs keep 2 busy part of the time
+        ("50000 100000", "max", 1),
+        ("max 100000", "max 100000", None),  # no quota
+    ],
+)
+def test_v2_cpu_quota_of_the_cgroup_or_one_above_it_in_whole_cpus(
+    tmp_path: Path, service_max: str, slice_max: str, cpus: int | None
+) -> None:
+    root = tmp_path / "cgroup"
+    proc = _v2_cpu_tree(root, service_max=service_max, slice_max=slice_max)
+    assert hardware.cgroup_cpu_limit(proc, root) == cpus
+
+
+@pytest.mark.parametrize(("quota", "cpus"), [("200000", 2), ("250000", 3), ("-1", None)])
+@pytest.mark.parametrize("mount", ["cpu", "cpu,cpuacct"])
+def test_v1_cpu_quota_in_a_container_is_read_at_the_mounts_root(
+    tmp_path: Path, quota: str, cpus: int | None, mount: str
+) -> None:
+    """cpu.cfs_quota_us over cpu.cfs_period_us, -1 for none; under the "cpu" mount, or
+    the "cpu,cpuacct" one where no "cpu" link names it."""
+    root = tmp_path / "cgroup"
+    proc = _v1_cpu_tree(root, quota=quota, mount=mount)
+    assert hardware.cgroup_cpu_limit(proc, root) == cpus
+
+
+@pytest.mark.parametrize(
+    "text", ["", "garbage\n", "0::/gone\n", "4:cpu:/../../etc\n", "not:a:cgroup:line"]
+)
+def test_no_cpu_quota_where_nothing_can_be_read(tmp_path: Path, text: str) -> None:
+    proc = tmp_path / "proc-cgroup"
+    proc.write_text(text)
+    (tmp_path / "cgroup/cpu").mkdir(parents=True)
+    assert hardware.cgroup_cpu_limit(proc, tmp_path / "cgroup") is None
+    assert hardware.cgroup_cpu_limit(tmp_path / "missing", tmp_path / "cgroup") is None
+    _write(tmp_path / "cgroup/cpu.max", "not a quota\n")
+    proc.write_text("0::/\n")
+    assert hardware.cgroup_cpu_limit(proc, tmp_path / "cgroup") is None
+
+
+@pytest.mark.parametrize(
+    ("slice_max", "cores"),
+    [
+        ("200000 100000", 2),  # docker --cpus 2 on a 64-core host
+        ("9600000 100000", 64),  # a quota of 96 CPUs: the 64 it may run on
+        ("max 100000", 64),
+    ],
+)
+def test_a_cpu_quota_lowers_the_declared_cores_and_slots(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, slice_max: str, cores: int
+) -> None:
+    """A 64-core host whose cgroup holds the node to 2 CPUs' time declares 2 cores and 2
+    slots, not 64 and 32: the slots are a throughput claim, and 32 of them sharing 2 CPUs
+    would each run at a sixteenth of the speed claimed."""
+    root = tmp_path / "cgroup"
+    proc = _v2_cpu_tree(root, service_max="max 100000", slice_max=slice_max)
+    monkeypatch.setattr(hardware, "_PROC_CGROUP", proc)
+    monkeypatch.setattr(hardware, "_CGROUP_ROOT", root)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)))
+    cpu = probe_cpu()
+    assert cpu.cores == cores
+    no_gpu = GpuProbe(gpus=(), per_device=(), status="no-driver", detail="")
+    info = HardwareInfo(cpu=CpuInfo(cpu.model, cpu.cores, 256), gpu=no_gpu)
+    assert info.max_parallel_subtasks == cores
 
 
 def test_probe_hardware_combines_both_probes() -> None:

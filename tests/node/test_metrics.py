@@ -274,6 +274,75 @@ def test_gpu_sampler_without_driver_says_no_gpu(tmp_path: Path) -> None:
     assert snap.status == "no-gpu" and "LIBRARY_NOT_FOUND" in snap.detail
 
 
+H100_AT_37 = {"name": "NVIDIA H100 80GB HBM3", "memory_total": 85520809984, "utilization": 37}
+
+
+def test_an_nvml_that_failed_to_start_is_an_error_and_retried(tmp_path: Path) -> None:
+    """nvmlInit fails with NVML_ERROR_UNKNOWN on a machine with a card: an error, not "no
+    GPU here", so a fresh child tries again, and once the driver answers the GPU gauges
+    are back, instead of gone for the daemon's life."""
+    env = recording(tmp_path, {"error": "NVML_ERROR_UNKNOWN", "devices": [H100_AT_37]})
+    sampler = nm.GpuSampler(interval=0.2, env=env, retry_after=0.3).start()
+    m = nm.NodeMetrics(gpu=sampler)
+    try:
+        error = wait_for(
+            lambda: (s := sampler.latest()).status != "pending" and s,
+            timeout=30,
+            what="the sampler's answer",
+        )
+        assert error.status == "error" and "NVML_ERROR_UNKNOWN" in error.detail
+        Path(env["NODECLIENT_NVML_REPLAY"]).write_text(json.dumps({"devices": [H100_AT_37]}))
+        wait_for(lambda: sampler.latest().status == "ok", timeout=30, what="a sample")
+        m.update_status(status())
+    finally:
+        sampler.close()
+    scrape = samples(m.exposition())
+    assert value(scrape, "gpu_utilization_percent", gpu="0", model="NVIDIA H100 80GB HBM3") == 37
+
+
+def test_no_driver_on_a_node_that_declared_gpus_is_an_error_and_retried(
+    tmp_path: Path,
+) -> None:
+    """A node whose manifest declares GPUs has them: NVML finding no driver there (one
+    being reloaded, say) is an error, retried, not the final "no-gpu" of a CPU-only
+    machine."""
+    env = recording(tmp_path, {"error": "NVML_ERROR_DRIVER_NOT_LOADED"})
+    sampler = nm.GpuSampler(interval=0.2, env=env, retry_after=0.3, gpus_declared=True).start()
+    try:
+        error = wait_for(
+            lambda: (s := sampler.latest()).status != "pending" and s,
+            timeout=30,
+            what="the sampler's answer",
+        )
+        assert error.status == "error" and "NVML_ERROR_DRIVER_NOT_LOADED" in error.detail
+        assert "the node declared GPUs" in error.detail
+        Path(env["NODECLIENT_NVML_REPLAY"]).write_text(json.dumps({"devices": [H100_AT_37]}))
+        wait_for(lambda: sampler.latest().status == "ok", timeout=30, what="a sample")
+    finally:
+        sampler.close()
+
+
+def test_sampler_child_says_which_start_failures_mean_no_driver(
+    tmp_path: Path, capsys, monkeypatch
+) -> None:
+    """The child's one line for an nvmlInit that fails: "no-gpu" only where NVML says
+    there is no driver, as the hardware probe reads "no-driver"; "error" otherwise."""
+    for error, expected in [
+        ("NVML_ERROR_LIBRARY_NOT_FOUND", "no-gpu"),
+        ("NVML_ERROR_DRIVER_NOT_LOADED", "no-gpu"),
+        ("NVML_ERROR_UNKNOWN", "error"),
+        ("NVML_ERROR_LIB_RM_VERSION_MISMATCH", "error"),
+        ("not an NVML error", "error"),
+    ]:
+        env = recording(tmp_path, {"error": error})
+        monkeypatch.setenv("NODECLIENT_NVML_REPLAY", env["NODECLIENT_NVML_REPLAY"])
+        assert nm.sampler_main(0.0, lines=1) == 0
+        (line,) = capsys.readouterr().out.splitlines()
+        answer = json.loads(line)
+        assert (answer["status"], answer["devices"]) == (expected, []), error
+        assert error in answer["detail"]
+
+
 def test_sampler_child_line_format(tmp_path: Path, capsys, monkeypatch) -> None:
     """The child prints one JSON line per interval in the documented shape."""
     env = recording(tmp_path, {"devices": [{"name": "A", "memory_total": 100, "utilization": 5}]})

@@ -8,6 +8,8 @@ from typing import Any
 import pytest
 
 from nodeclient.errors import ManifestError, UsageError
+from nodeclient.protocol import tier
+from nodeclient.protocol.manifest import MAX_ARRAY_ITEMS, manifest_schema
 from nodeclient.protocol.tier import (
     TIERS,
     check_declared,
@@ -141,6 +143,43 @@ def test_parallelism_is_one_slot_per_gpu() -> None:
 def test_cpu_only_parallelism(cores: int, ram_gb: int, expected: int) -> None:
     """CPU-only: one slot per core while each slot has 2 GiB, and never fewer than one."""
     assert max_parallel_subtasks(cpu(cores, ram_gb), []) == expected
+
+
+@pytest.mark.parametrize(("cores", "ram_gb"), [(1200, 4096), (8192, 65536), (1025, 2050)])
+def test_cpu_only_parallelism_stops_at_the_schemas_maximum(cores: int, ram_gb: int) -> None:
+    """A CPU-only server with more threads than a manifest may declare slots (an 8-socket
+    Xeon's 1200) declares the schema's maximum, 1024, which the schema and the
+    coordinator's recomputation accept: never a number its own verifier refuses."""
+    schema_max = manifest_schema()["properties"]["max_parallel_subtasks"]["maximum"]
+    assert max_parallel_subtasks(cpu(cores, ram_gb), []) == schema_max == 1024
+    check_declared(cpu(cores, ram_gb), [], hardware_tier=0, max_parallel_subtasks=schema_max)
+    with pytest.raises(ManifestError, match="max_parallel_subtasks"):
+        check_declared(cpu(cores, ram_gb), [], hardware_tier=0, max_parallel_subtasks=1025)
+
+
+def test_the_rules_limits_are_the_manifest_schemas() -> None:
+    """Every limit the rules apply is the shipped schema's: what the node's rules let it
+    sign, the coordinator's schema accepts, and the other way round."""
+    props = manifest_schema()["properties"]
+    cpu_props = props["cpu"]["properties"]
+    group = props["gpu"]["items"]["properties"]
+    assert cpu_props["cores"]["maximum"] == tier.MAX_CORES
+    assert cpu_props["ram_gb"]["maximum"] == tier.MAX_RAM_GB
+    assert cpu_props["model"]["maxLength"] == group["model"]["maxLength"] == tier.MAX_MODEL_CHARS
+    assert group["count"]["maximum"] == tier.MAX_GPUS
+    assert group["vram_gb"]["maximum"] == tier.MAX_VRAM_GB
+    assert props["gpu"]["maxItems"] == MAX_ARRAY_ITEMS == tier.MAX_GPU_GROUPS
+    assert props["max_parallel_subtasks"]["maximum"] == tier.MAX_SLOTS
+    assert props["hardware_tier"]["maximum"] == TIERS[-1].level
+
+
+def test_more_gpu_groups_than_the_schema_allows_are_refused() -> None:
+    """17 kinds of card: the schema refuses the manifest, and so do the rules, naming
+    the limit; 16 pass."""
+    groups = [gpu(f"Card {i}", 1, 80) for i in range(17)]
+    with pytest.raises(ManifestError, match="more than 16 groups"):
+        validate_hardware(cpu(), groups)
+    assert max_parallel_subtasks(cpu(), groups[:16]) == 16
 
 
 def test_effective_parallelism_defaults_to_computed() -> None:

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import shlex
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -30,6 +31,7 @@ from nodeclient.node.config import (
     write_config,
 )
 from nodeclient.protocol.secp import Secp256k1Key
+from nodeclient.text import printable, printable_tree
 
 if TYPE_CHECKING:
     from nodeclient.node.hardware import GpuProbe, HardwareInfo
@@ -357,7 +359,10 @@ def cmd_wallet_proof(args: argparse.Namespace) -> int:
 
 
 def cmd_manifest(args: argparse.Namespace) -> int:
+    """Print the manifest ``run`` would register, and warn (on stderr, exit 0: the
+    manifest itself is sound) where ``run`` would refuse to start for want of a sandbox."""
     from nodeclient import logs
+    from nodeclient.node import sandbox
 
     # What the probes find (a GPU probe that failed, a class left out) is logged: as text
     # on stderr, with its fields, not bare through Python's last-resort handler.
@@ -365,29 +370,42 @@ def cmd_manifest(args: argparse.Namespace) -> int:
     home = home_dir(args)
     config = load_config(home)
     hw = probe_local_hardware()
-    manifest = build_local_manifest(home, config, passphrase_source(args), hardware=hw)
+    sandboxed, why = sandbox.probe()
+    manifest = build_local_manifest(
+        home, config, passphrase_source(args), hardware=hw, sandboxed=sandboxed
+    )
+    if not sandboxed and not config.allow_unsandboxed:
+        # `run` exits 2 here (sandbox.choose_mode), as `doctor` reports it: a FAIL.
+        print(
+            f"nodeclient: warning: `nodeclient run` would refuse to start and serve none of "
+            f"these workload classes: {printable(sandbox.REFUSAL)} ({printable(why)})",
+            file=sys.stderr,
+        )
     if args.json:
-        print(json.dumps(manifest, indent=2))
+        print(json.dumps(manifest, indent=2))  # JSON escapes control characters itself
         return 0
-    gpus = ", ".join(f"{g['count']}x {g['model']} ({g['vram_gb']} GB)" for g in manifest["gpu"])
+    # Names and details come from the driver and the hypervisor (a CPUID brand string is
+    # whatever the host sets): shown escaped, so that they cannot drive the terminal.
+    shown = printable_tree(manifest)
+    gpus = ", ".join(f"{g['count']}x {g['model']} ({g['vram_gb']} GB)" for g in shown["gpu"])
     if hw.gpu.status not in ("ok", "no-driver"):
-        gpus = f"none: the GPU probe failed ({hw.gpu.status}): {hw.gpu.detail}"
+        gpus = f"none: the GPU probe failed ({hw.gpu.status}): {printable(hw.gpu.detail)}"
     elif hw.gpu.detail:  # CUDA_VISIBLE_DEVICES chose the cards
-        gpus = f"{gpus or 'none'} ({hw.gpu.detail})"
-    print(f"node_id               {manifest['node_id']}")
-    print(f"wallet_address        {manifest['wallet_address']}")
-    proven = "yes, signed by the wallet" if "wallet_proof" in manifest else "no (`wallet-proof`)"
+        gpus = f"{gpus or 'none'} ({printable(hw.gpu.detail)})"
+    print(f"node_id               {shown['node_id']}")
+    print(f"wallet_address        {shown['wallet_address']}")
+    proven = "yes, signed by the wallet" if "wallet_proof" in shown else "no (`wallet-proof`)"
     print(f"wallet_proof          {proven}")
-    print(f"liveness_address      {manifest['liveness_address']}")
-    print(f"region                {manifest['region']}")
-    print(f"hardware_tier         {manifest['hardware_tier']}")
-    cpu = manifest["cpu"]
+    print(f"liveness_address      {shown['liveness_address']}")
+    print(f"region                {shown['region']}")
+    print(f"hardware_tier         {shown['hardware_tier']}")
+    cpu = shown["cpu"]
     print(f"cpu                   {cpu['model']}, {cpu['cores']} cores, {cpu['ram_gb']} GiB RAM")
     print(f"gpu                   {gpus or 'none'}")
-    print(f"workload_classes      {', '.join(manifest['workload_classes']) or 'none'}")
-    print(f"max_parallel_subtasks {manifest['max_parallel_subtasks']}")
-    print(f"client_version        {manifest['client_version']}")
-    print(f"issued_at             {manifest['issued_at']}")
+    print(f"workload_classes      {', '.join(shown['workload_classes']) or 'none'}")
+    print(f"max_parallel_subtasks {shown['max_parallel_subtasks']}")
+    print(f"client_version        {shown['client_version']}")
+    print(f"issued_at             {shown['issued_at']}")
     print("signed                RSA-PSS by payload.key, EIP-712 Registration by node.key")
     print("(--json prints the full signed manifest)")
     return 0

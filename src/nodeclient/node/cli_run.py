@@ -139,7 +139,7 @@ def _run(args: argparse.Namespace) -> int:
     )
     server = metrics.serve(metrics_address) if metrics_address else None  # 2.3.8, opt-in
     if server is not None and manifest["gpu"]:
-        metrics.gpu = GpuSampler(interval=5.0).start()  # NVML in a child process only
+        metrics.gpu = GpuSampler(interval=5.0, gpus_declared=True).start()  # NVML in a child
     try:
         return asyncio.run(daemon.run())
     finally:

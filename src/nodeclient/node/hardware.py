@@ -10,8 +10,11 @@ CPU (:func:`probe_cpu`):
   ``platform.processor()``; else ``"unknown"``.
 - ``cores``: the number of *logical* CPUs this process may run on,
   ``len(os.sched_getaffinity(0))``, so a container pinned to 8 of a host's 128 CPUs says
-  8; where the call does not exist, ``os.cpu_count()``. CFS quotas (``cpu.max``) are not
-  counted: they limit time, not parallelism.
+  8; where the call does not exist, ``os.cpu_count()``. Fewer where a CPU quota holds it
+  (a container's ``--cpus``, a Kubernetes CPU limit, systemd's ``CPUQuota=``:
+  :func:`cgroup_cpu_limit`), rounded up to whole CPUs: a 2-CPU quota on a 64-core host
+  says 2. The cores set the slots the node declares, a claim of throughput; 32 slots
+  sharing 2 CPUs' time would each run at a sixteenth of the speed the claim promises.
 - ``ram_gb``: total RAM in GiB, rounded down (``psutil.virtual_memory().total // 2**30``),
   or the memory cgroup's limit where it is lower (a container's ``--memory``, systemd's
   ``MemoryMax=``: ``sandbox.cgroup_memory_limit``), so a container held to 8 GiB of a
@@ -44,6 +47,12 @@ instances need device files and names the node does not handle yet.
 Cards are grouped per ``(model, vram_gb)``, where ``vram_gb`` is NVML's
 ``memory.total`` in GiB rounded to the nearest integer (halves up): an H100 80GB reports
 about 79.6 GiB and declares 80; an RTX 4090 reports 23.99 GiB and declares 24.
+
+An answer no manifest may carry (a card with more memory than
+:data:`~nodeclient.protocol.tier.MAX_VRAM_GB`, more cards than ``MAX_GPUS`` or more
+groups than ``MAX_GPU_GROUPS``) is status ``"error"``, as a card with negative memory
+is: a broken driver makes the node CPU-only, and says why, instead of making the manifest
+rules raise in ``nodeclient run`` and ``nodeclient manifest`` at every start.
 """
 
 from __future__ import annotations
@@ -73,10 +82,11 @@ ProbeStatus = Literal["ok", "no-driver", "timeout", "error"]
 
 _GIB: Final = 1 << 30
 _CPUINFO: Final = Path("/proc/cpuinfo")
-_MAX_MODEL: Final = 256  # protocol.tier refuses longer model strings
 _MAX_ANSWER: Final = 1 << 20  # the child's one JSON line; far more than any real machine needs
 _DETAIL_TAIL: Final = 500
 _DEV: Final = Path("/dev")
+_PROC_CGROUP: Final = Path("/proc/self/cgroup")
+_CGROUP_ROOT: Final = Path("/sys/fs/cgroup")
 VISIBLE_ENV: Final = "CUDA_VISIBLE_DEVICES"
 PROBE_TIMEOUT_BASE: Final = 10.0  # seconds
 PROBE_TIMEOUT_PER_CARD: Final = 5.0  # seconds more per /dev/nvidiaN
@@ -192,7 +202,7 @@ def parse_cpuinfo_model(text: str) -> str | None:
         if sep and key.strip() == "model name":
             model = " ".join(value.split())
             if model:
-                return model[:_MAX_MODEL]
+                return model[: tier.MAX_MODEL_CHARS]
     return None
 
 
@@ -204,13 +214,88 @@ def _cpu_model() -> str:
     if model:
         return model
     fallback = " ".join(platform.processor().split())
-    return fallback[:_MAX_MODEL] if fallback else "unknown"
+    return fallback[: tier.MAX_MODEL_CHARS] if fallback else "unknown"
+
+
+def _read_ints(path: Path) -> list[int] | None:
+    """The whitespace-separated numbers of a cgroup file (``max`` read as -1); None where
+    it cannot be read."""
+    try:
+        words = path.read_text(encoding="ascii").split()
+        return [-1 if word == "max" else int(word) for word in words]
+    except (OSError, ValueError, UnicodeError):
+        return None
+
+
+def _cpus_of(quota: int, period: int) -> int | None:
+    """A CFS quota in whole CPUs, rounded up (1.5 CPUs keep 2 busy part of the time); None
+    for no quota (-1) or numbers no kernel writes."""
+    if quota <= 0 or period <= 0:
+        return None
+    return -(-quota // period)
+
+
+def _v2_cpu_quota(directory: Path) -> int | None:
+    # cpu.max: "QUOTA PERIOD" in microseconds, "max 100000" for none.
+    numbers = _read_ints(directory / "cpu.max")
+    if not numbers or len(numbers) > 2:
+        return None
+    return _cpus_of(numbers[0], numbers[1] if len(numbers) == 2 else 100_000)
+
+
+def _v1_cpu_quota(directory: Path) -> int | None:
+    # cpu.cfs_quota_us is -1 for none; cpu.cfs_period_us beside it.
+    quota = _read_ints(directory / "cpu.cfs_quota_us")
+    period = _read_ints(directory / "cpu.cfs_period_us")
+    if quota is None or period is None or len(quota) != 1 or len(period) != 1:
+        return None
+    return _cpus_of(quota[0], period[0])
+
+
+def cgroup_cpu_limit(proc_cgroup: Path = _PROC_CGROUP, root: Path = _CGROUP_ROOT) -> int | None:
+    """The fewest whole CPUs a CPU quota of the cgroups holding this process allows (a
+    container's ``--cpus``, a Kubernetes CPU limit, systemd's ``CPUQuota=``), or None where
+    none sets one.
+
+    The cgroups are found as the memory limit's are (:func:`sandbox.memory_cgroups`): from
+    *proc_cgroup*, its own (v2 ``cpu.max``, and v1's ``cpu`` hierarchy, with
+    ``cpu.cfs_quota_us`` and ``cpu.cfs_period_us``) and each one above it, up to the
+    mount's root under *root*, which in a container is the container's own cgroup: a
+    quota on a parent (a systemd slice, a Kubernetes pod) holds its children too.
+    """
+    try:
+        lines = proc_cgroup.read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        return None
+    found: list[int] = []
+    for line in lines:
+        hierarchy, _, rest = line.partition(":")
+        controllers, _, path = rest.partition(":")
+        if hierarchy == "0" and not controllers:
+            base, quota_of = root, _v2_cpu_quota
+        elif "cpu" in controllers.split(","):
+            # v1 mounts cpu with cpuacct as "cpu,cpuacct", with a "cpu" link to it.
+            base = root / "cpu" if (root / "cpu").is_dir() else root / controllers
+            quota_of = _v1_cpu_quota
+        else:
+            continue
+        parts = [p for p in path.split("/") if p not in ("", ".", "..")]
+        for depth in range(len(parts), -1, -1):  # its own first, the mount's root last
+            cpus = quota_of(base.joinpath(*parts[:depth]))
+            if cpus is not None:
+                found.append(cpus)
+    return min(found, default=None)
 
 
 def _logical_cores() -> int:
     if hasattr(os, "sched_getaffinity"):
-        return max(1, len(os.sched_getaffinity(0)))
-    return max(1, os.cpu_count() or 1)
+        cores = len(os.sched_getaffinity(0))
+    else:
+        cores = os.cpu_count() or 1
+    quota = cgroup_cpu_limit(_PROC_CGROUP, _CGROUP_ROOT)
+    if quota is not None:
+        cores = min(cores, quota)
+    return max(1, cores)
 
 
 def probe_cpu() -> CpuInfo:
@@ -345,11 +430,31 @@ def _parse_answer(stdout: bytes, visible: str | None = None) -> GpuProbe:
         )
     except (ValueError, TypeError, KeyError) as exc:
         return _failed("error", f"NVML probe answered something unreadable: {exc}")
-    if any(d.vram_bytes < 0 or not d.name or d.minor < 0 for d in devices):
+    if any(d.vram_bytes < 0 or not d.name.strip() or d.minor < 0 for d in devices):
         return _failed(
             "error", "NVML probe reported a card with no name, negative memory or minor number"
         )
+    absurd = _past_manifest_limits(devices)
+    if absurd is not None:
+        return _failed("error", absurd)
     return _usable(devices, visible)
+
+
+def _past_manifest_limits(devices: Iterable[GpuDevice]) -> str | None:
+    """Why no manifest may declare one of *devices* (memory or a name no card has), or
+    None: declared, such a card would make the manifest rules raise at every start."""
+    for d in devices:
+        if d.vram_gb > tier.MAX_VRAM_GB:
+            return (
+                f"NVML probe reported {d.vram_gb} GiB of memory on GPU {d.index}, more than "
+                f"the {tier.MAX_VRAM_GB} GiB a manifest may declare for one card"
+            )
+        if len(d.name) > tier.MAX_MODEL_CHARS:
+            return (
+                f"NVML probe reported a name of {len(d.name)} characters for GPU {d.index}, "
+                f"more than the {tier.MAX_MODEL_CHARS} a manifest may declare"
+            )
+    return None
 
 
 def _usable(devices: tuple[GpuDevice, ...], visible: str | None) -> GpuProbe:
@@ -372,10 +477,20 @@ def _usable(devices: tuple[GpuDevice, ...], visible: str | None) -> GpuProbe:
                 f"turn MIG off on it (`nvidia-smi -i {device.index} -mig 0` as root, then "
                 f"reset the GPU or reboot), or leave it out with {VISIBLE_ENV}",
             )
+    groups = group_devices(chosen)
+    if len(chosen) > tier.MAX_GPUS or len(groups) > tier.MAX_GPU_GROUPS:
+        return _failed(
+            "error",
+            f"NVML probe reported {len(chosen)} GPUs in {len(groups)} groups (model and "
+            f"memory), more than a manifest may declare ({tier.MAX_GPUS} cards in at most "
+            f"{tier.MAX_GPU_GROUPS} groups)",
+            f"choose the cards the node uses with {VISIBLE_ENV} (indices, or UUIDs from "
+            "`nvidia-smi -L`)",
+        )
     detail = ""
     if visible is not None:
         detail = f"{VISIBLE_ENV}={visible!r}: {len(chosen)} of {len(devices)} GPUs used"
-    return GpuProbe(gpus=group_devices(chosen), per_device=chosen, status="ok", detail=detail)
+    return GpuProbe(gpus=groups, per_device=chosen, status="ok", detail=detail)
 
 
 def card_device_files(dev: Path = _DEV) -> list[str]:

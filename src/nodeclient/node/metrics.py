@@ -15,9 +15,15 @@ nodeclient.node.metrics --gpu-sampler SECONDS``, that prints one JSON line per i
      "devices": [{"index": int, "name": str, "util_percent": int,
                   "mem_used_bytes": int, "mem_total_bytes": int}, ...]}
 
-On a machine without an NVIDIA driver the child prints one ``no-gpu`` line and exits.
-The recorded-NVML hook of the probe (``NODECLIENT_NVML_REPLAY``) works here too: each
-recorded device may carry ``"utilization"`` (percent) and ``"memory_used"`` (bytes).
+On a machine without an NVIDIA driver (NVML cannot start for want of its library or its
+kernel module, as :mod:`nodeclient.node.nvml_probe` reads ``no-driver``) the child prints
+one ``no-gpu`` line and exits. Any other failure to start NVML is an ``error``, which the
+parent retries: a driver that failed once may answer the next time. On a node that
+declared GPUs (``GpuSampler(gpus_declared=True)``) even ``no-gpu`` is an error: its cards
+are there, and a driver being reloaded will be back. The recorded-NVML hook of the probe
+(``NODECLIENT_NVML_REPLAY``) works here too: each recorded device may carry
+``"utilization"`` (percent) and ``"memory_used"`` (bytes), and ``{"error":
+"NVML_ERROR_..."}`` makes ``nvmlInit`` raise that error.
 """
 
 from __future__ import annotations
@@ -215,8 +221,10 @@ class GpuSampler:
     in which case its process group is killed. After an error (a transient NVML fault, a
     child that exited or hung) a fresh child is started, first after *retry_after*
     seconds, then after twice as long each time, up to 10 minutes; a ``no-gpu`` answer is
-    final. A child that a wedged driver keeps in uninterruptible sleep after its SIGKILL is
-    reaped by a background thread, so nothing here waits on it.
+    final, unless *gpus_declared*: on a node whose manifest declares GPUs, NVML seeing none
+    is a fault like any other, and one failed start must not drop the GPU gauges for the
+    daemon's life. A child that a wedged driver keeps in uninterruptible sleep after its
+    SIGKILL is reaped by a background thread, so nothing here waits on it.
     """
 
     def __init__(
@@ -225,9 +233,11 @@ class GpuSampler:
         interval: float = 1.0,
         env: Mapping[str, str] | None = None,
         retry_after: float = 30.0,
+        gpus_declared: bool = False,
     ) -> None:
         self.interval = interval
         self._env = dict(os.environ if env is None else env)
+        self._gpus_declared = gpus_declared
         self._lock = threading.Lock()
         self._latest = GpuSnapshot("pending", "asking NVML")
         self._last_line = time.monotonic()
@@ -289,6 +299,8 @@ class GpuSampler:
                 snapshot = GpuSnapshot("error", "the NVML sampler answered something unreadable")
             if proc is not self._proc:  # a child given up on: a newer one answers now
                 return
+            if snapshot.status == "no-gpu" and self._gpus_declared:
+                snapshot = GpuSnapshot("error", f"{snapshot.detail} (the node declared GPUs)")
             self._set(snapshot, done=snapshot.status != "ok")
         with self._lock:
             if proc is self._proc and not self._done:
@@ -365,7 +377,13 @@ class _Replay:
 
     def nvmlInit(self) -> None:
         if "error" in self._rec:
-            raise RuntimeError(self._rec["error"])
+            import pynvml
+
+            name = self._rec["error"]
+            code = getattr(pynvml, name, None) if isinstance(name, str) else None
+            if not isinstance(code, int) or not name.startswith("NVML_ERROR_"):
+                raise ValueError(f"'error' is not an NVML_ERROR_* name: {name!r}")
+            raise pynvml.NVMLError(code)  # as the library raises it
 
     def nvmlShutdown(self) -> None:
         return None
@@ -418,13 +436,28 @@ def _emit(doc: Mapping[str, Any]) -> None:
     sys.stdout.flush()
 
 
+def _start_failure(exc: Exception) -> dict[str, Any]:
+    """The line for NVML failing to start: ``no-gpu`` where it says there is no driver
+    (the probe's ``no-driver``), ``error`` for anything else, which the parent retries."""
+    import pynvml
+
+    from nodeclient.node import nvml_probe  # the probe's reading of NVML's errors, shared
+
+    code = getattr(exc, "value", None)
+    name = nvml_probe._error_names().get(code) if isinstance(code, int) else None
+    no_driver = isinstance(exc, pynvml.NVMLError) and name in nvml_probe._NO_DRIVER_ERRORS
+    status = "no-gpu" if no_driver else "error"
+    detail = f"nvmlInit: {type(exc).__name__}: {exc}" + (f" ({name})" if name else "")
+    return {"status": status, "detail": detail[:300], "devices": []}
+
+
 def sampler_main(interval: float, *, lines: int | None = None) -> int:
     """The child: one JSON line per *interval* until stdout closes (or *lines* are out)."""
     try:
         nvml = _nvml()
         nvml.nvmlInit()
-    except Exception as exc:  # noqa: BLE001 (every NVML failure at start means "no GPU here")
-        _emit({"status": "no-gpu", "detail": f"{type(exc).__name__}: {exc}"[:300], "devices": []})
+    except Exception as exc:  # noqa: BLE001 (told to the parent, which retries an error)
+        _emit(_start_failure(exc))
         return 0
     try:
         n = 0

@@ -36,9 +36,11 @@ Examples: the spec's EPYC 7763 (128 cores, 512 GB) with 4 x H100 80 GB is tier 3
 a CPU-only 8-core, 16 GB laptop is tier 0.
 
 ``max_parallel_subtasks``: with GPUs, one slot per card (the spec's 4 x H100 gives 4);
-CPU-only, one slot per core as long as each gets at least 2 GiB of RAM:
-``max(1, min(cores, ram_gb // 2))``. Configuration may lower the number, never raise it
-(:func:`effective_parallelism`).
+CPU-only, one slot per core as long as each gets at least 2 GiB of RAM, and no more than
+the manifest schema allows (:data:`MAX_SLOTS`, 1024):
+``max(1, min(cores, ram_gb // 2, 1024))``. Without that cap a 1200-thread server would sign
+1200, a manifest every coordinator refuses. Configuration may lower the number, never
+raise it (:func:`effective_parallelism`).
 """
 
 from __future__ import annotations
@@ -51,11 +53,15 @@ from nodeclient.errors import ManifestError, UsageError
 
 # Limits on what a manifest may claim. Generous for any single machine that exists, small
 # enough that a hostile manifest cannot make the rules do absurd work or absurd claims.
+# Each is also the manifest schema's (protocol/schemas/manifest.schema.json), which this
+# module cannot read without importing what imports it; a test holds the two together.
 MAX_CORES: Final = 8192  # Linux's largest NR_CPUS on x86_64
 MAX_RAM_GB: Final = 65536  # 64 TiB, the physical limit of 4-level paging on x86_64
 MAX_GPUS: Final = 64  # cards in one machine, all groups together
+MAX_GPU_GROUPS: Final = 16  # distinct (model, vram_gb) groups: the schema's gpu maxItems
 MAX_VRAM_GB: Final = 1024  # per card
 MAX_MODEL_CHARS: Final = 256
+MAX_SLOTS: Final = 1024  # max_parallel_subtasks
 MIN_RAM_GB_PER_CPU_SLOT: Final = 2
 
 
@@ -112,8 +118,8 @@ def _parse(cpu: Mapping[str, Any], gpu: Sequence[Mapping[str, Any]]) -> _Hardwar
     ram_gb = _int_field(cpu.get("ram_gb"), "cpu.ram_gb", 0, MAX_RAM_GB)
     if isinstance(gpu, str | bytes) or not isinstance(gpu, Sequence):
         raise ManifestError("gpu must be a list")
-    if len(gpu) > MAX_GPUS:
-        raise ManifestError(f"gpu lists more than {MAX_GPUS} groups")
+    if len(gpu) > MAX_GPU_GROUPS:
+        raise ManifestError(f"gpu lists more than {MAX_GPU_GROUPS} groups")
     cards: list[int] = []
     seen: set[tuple[str, int]] = set()
     for i, group in enumerate(gpu):
@@ -147,8 +153,8 @@ def _tier_of(hw: _Hardware) -> int:
 
 def _slots_of(hw: _Hardware) -> int:
     if hw.cards:
-        return len(hw.cards)
-    return max(1, min(hw.cores, hw.ram_gb // MIN_RAM_GB_PER_CPU_SLOT))
+        return len(hw.cards)  # at most MAX_GPUS, below MAX_SLOTS
+    return max(1, min(hw.cores, hw.ram_gb // MIN_RAM_GB_PER_CPU_SLOT, MAX_SLOTS))
 
 
 def hardware_tier(cpu: Mapping[str, Any], gpu: Sequence[Mapping[str, Any]]) -> int:
@@ -159,7 +165,8 @@ def hardware_tier(cpu: Mapping[str, Any], gpu: Sequence[Mapping[str, Any]]) -> i
 def max_parallel_subtasks(cpu: Mapping[str, Any], gpu: Sequence[Mapping[str, Any]]) -> int:
     """Slots for parallel sub-tasks (2.3.5 Work Execution): one per card, else per core.
 
-    CPU-only, each slot also needs MIN_RAM_GB_PER_CPU_SLOT GiB of RAM; never below 1.
+    CPU-only, each slot also needs MIN_RAM_GB_PER_CPU_SLOT GiB of RAM; never below 1,
+    never above MAX_SLOTS (the most a manifest may declare).
     """
     return _slots_of(_parse(cpu, gpu))
 
