@@ -110,6 +110,7 @@ def test_every_answer_is_declared_with_a_schema_it_fits(guarded: Running, rsa_ke
     assert c.call("GET", evidence, at_node).json() == []
     assert c.call("GET", evidence, "/v1/nodes/xyz/equivocations").status_code == 400
     assert c.call("GET", evidence, at_node + "?limit=0").status_code == 400
+    assert c.call("GET", evidence, at_node + f"?after={1 << 63}").status_code == 400
     manifest = "/v1/manifests/{manifest_hash}"
     assert (
         c.call("GET", manifest, f"/v1/manifests/{got.json()['manifest_hash']}").status_code == 200

@@ -660,6 +660,31 @@ def test_a_late_result_its_class_refuses_is_the_nodes_answer(
     )
 
 
+def test_a_reject_of_a_lease_that_ended_answers_it(coordinator: Running, rsa_keys) -> None:
+    """A node's lease ended otherwise (it went offline) and the task went to another: its
+    signed reject of that lease, sent once it is back, is "not leased to this node", but
+    answers the lease: kept on it, and a later result of it is refused rather than taken
+    over the current holder's."""
+    first, second = make_node(rsa_keys, 0), make_node(rsa_keys, 1)
+    coordinator.register(first)
+    coordinator.register(second)
+    coordinator.link(first)
+    payload = inference_payload(VALUES)
+    coordinator.client.submit_job("ai.inference", payload)
+    dispatch = first.recv()
+    coordinator.clock.advance(91)  # offline: the task re-queued
+    closed_code(first.ws)
+    coordinator.link(second)
+    second.recv()
+    coordinator.link(first)
+    refused = first.call(first.reject(dispatch["task_id"], "out of memory"))
+    assert refused["status"] == "rejected" and "not leased to this node" in refused["reason"]
+    assert _answers(coordinator)[0] == (first.node_id, "rejected", "Reject")
+    late = first.call(first.result(dispatch, inference_result(payload, VALUES)))
+    assert late["status"] == "rejected"
+    assert "this node's lease of it ended rejected" in late["reason"]
+
+
 def test_a_signed_reject_is_kept_on_the_lease_it_ends(coordinator: Running, rsa_keys) -> None:
     """The Reject a node signed is kept, message and signature, on the lease it ended:
     evidence of what the node said, recoverable to it with eth-account."""

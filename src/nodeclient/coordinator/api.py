@@ -526,7 +526,7 @@ def build_router(coord: Coordinator) -> APIRouter:  # noqa: PLR0915 (one route e
         request: Request,
         node_id: str,
         limit: int = Query(default=EQUIVOCATIONS_PAGE, ge=1, le=EQUIVOCATIONS_PAGE),
-        after: int | None = Query(default=None, ge=0),
+        after: int | None = Query(default=None, ge=0, le=(1 << 63) - 1),
     ) -> Response:
         """Evidence against a node: each task for which it signed a Result other than the
         one accepted, both Results as EIP-712 typed data. Kept after the job is deleted

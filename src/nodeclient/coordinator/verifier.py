@@ -429,6 +429,16 @@ def reject_tx(
     reason = reason[:MAX_REASON].translate(_CONTROL)
     task = session.get(m.Task, str(task_id))
     if task is None or task.status != m.LEASED or task.node_id != node_id:
+        if (
+            task is not None
+            and signed is not None
+            and task.status in (m.QUEUED, m.LEASED)
+            and _delivery_refusal(session, task, node_id) is None
+        ):
+            # Its lease ended otherwise (ran out, the node went offline) and the task is
+            # still open: the reject answers that lease, and no later result of it is
+            # taken (it would displace the task's current holder).
+            _record_answer(session, task.task_id, node_id, ("Reject", *signed))
         return Decision("rejected", f"task {task_id} is not leased to this node"), None
     # The dispatch's lease_expires_at is int(lease_deadline) (Scheduler.dispatch_all).
     current = None if task.lease_deadline is None else int(task.lease_deadline)
