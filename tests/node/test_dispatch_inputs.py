@@ -280,3 +280,67 @@ def test_a_failed_run_of_a_model_that_loaded_keeps_it(
     """The model loaded, and the request did not fit it, or its run failed: another
     request may run it, so it stays."""
     assert not inputs.model_refused(_worker_reason(model, **feed))
+
+
+_LOAD_UNDER_A_LIMIT = """
+import os, resource, sys
+import numpy as np
+from onnx import TensorProto, helper, numpy_helper
+from nodeclient.node.runtimes.onnx import OnnxRuntime
+import onnxruntime  # imported before the task's limit, as a worker's preload does
+
+w = np.ones((64 << 20) // 4, np.float32)  # a good 64 MiB model
+graph = helper.make_graph(
+    [helper.make_node("Add", ["x", "w"], ["y"])], "g",
+    [helper.make_tensor_value_info("x", TensorProto.FLOAT, [w.size])],
+    [helper.make_tensor_value_info("y", TensorProto.FLOAT, [w.size])],
+    initializer=[numpy_helper.from_array(w, "w")],
+)
+model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+model.ir_version = 8
+data = model.SerializeToString()
+runtime = OnnxRuntime(providers=["CPUExecutionProvider"], intra_op_threads=1)
+with open("/proc/self/statm") as statm:
+    held = int(statm.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+resource.setrlimit(resource.RLIMIT_AS, (held + (int(sys.argv[1]) << 20), resource.RLIM_INFINITY))
+try:
+    runtime._create(data)
+except Exception as exc:
+    print(f"bad payload: {exc}"[:400])
+else:
+    print("loaded")
+"""
+
+
+@pytest.mark.parametrize("room_mb", [40, 80], ids=["protobuf parser", "onnx runtime"])
+def test_a_good_model_that_ran_out_of_memory_as_it_loaded_is_kept(room_mb: int) -> None:
+    """A task that declared too little RAM for a good model (its worker's address space
+    held to it): the load fails, in the protobuf parser's or ONNX Runtime's words for an
+    allocation that failed, which read like a refusal of the bytes. Such a model is not
+    taken for one no worker can load, so the daemon keeps it."""
+    import subprocess
+    import sys
+
+    said = subprocess.run(
+        [sys.executable, "-c", _LOAD_UNDER_A_LIMIT, str(room_mb)],
+        capture_output=True, text=True, timeout=120, check=True,
+    ).stdout.strip()  # fmt: skip
+    assert said.startswith("bad payload: model "), said  # refused as it loaded
+    assert not inputs.model_refused(said), said
+
+
+def test_a_model_that_ran_here_is_never_dropped_for_a_later_refusal(tmp_path: Path) -> None:
+    """Bytes that loaded and ran on this node are a model, whatever a later task's
+    failure says: only a model that never ran here is dropped when a worker refuses it."""
+    daemon, _, _ = make_daemon(tmp_path)
+    models = daemon.executor.config.cache_dir / "models"
+    models.mkdir(parents=True)
+    ran, never = "a" * 64, "b" * 64
+    for sha in (ran, never):
+        (models / sha).write_bytes(b"model")
+    daemon._model_ran({"model_sha256": ran})
+    refusal = "bad payload: model cannot be loaded: the load failed"
+    for sha in (ran, never):
+        asyncio.run(daemon._after_model_failure(refusal, {"model_sha256": sha}))
+    assert (models / ran).exists() and not (models / never).exists()
+    daemon._fetch_pool.shutdown(wait=True)

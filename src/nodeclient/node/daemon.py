@@ -143,6 +143,7 @@ class NodeDaemon(LinkClient):
             max_workers=self.slots, thread_name_prefix="nodeclient-fetch"
         )
         self._blobs = inputs.blob_cache(home / "blobs")  # render scenes, fetched once
+        self._models_that_ran = {}
         self._pending_sends: set[asyncio.Future[object]] = set()
         self._resend: asyncio.Future[object] | None = None  # a resend of a full backlog
         self._resent_at = -RESEND_FULL_BACKLOG_S  # time.monotonic() of the last backlog sent

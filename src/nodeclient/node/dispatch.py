@@ -41,6 +41,7 @@ log = logging.getLogger("nodeclient.node")
 # max_unacknowledged_results (which bounds the linked coordinator's own): past it, no work
 # is taken, so that coordinators that change their id cannot fill the disk between them.
 ALL_BACKLOGS_FACTOR: Final = 4
+MODELS_THAT_RAN: Final = 4096  # the models remembered as ones that ran here (_model_ran)
 _T = TypeVar("_T")
 
 
@@ -106,6 +107,7 @@ class TaskDispatcher(ResultDelivery):
     _fetch: inputs.Fetch
     _fetch_pool: concurrent.futures.ThreadPoolExecutor  # one fetch thread per slot
     _blobs: ModelCache  # render scenes, fetched once
+    _models_that_ran: dict[str, None]  # model hashes whose tasks ran here, oldest first
 
     def _ended(self, workload_class: str, outcome: str, received_at: float) -> None:
         # The class is the coordinator's word: one this node does not serve is "other", so
@@ -356,6 +358,7 @@ class TaskDispatcher(ResultDelivery):
                         lease_expires_at=task.lease_expires_at,
                     )
                     return
+                self._model_ran(metadata)
                 log.info(
                     "task.executed",
                     extra={
@@ -477,8 +480,19 @@ class TaskDispatcher(ResultDelivery):
         cache_dir = self.executor.config.cache_dir
         if model and inputs.model_unavailable(reason):
             await asyncio.to_thread(inputs.recheck_cached_model, cache_dir, model)
-        elif model and inputs.model_refused(reason):
+        elif model and inputs.model_refused(reason) and model not in self._models_that_ran:
             await asyncio.to_thread(inputs.drop_cached_model, cache_dir, model)
+
+    def _model_ran(self, metadata: dict[str, str] | None) -> None:
+        """Remember that the task's model ran here: bytes that loaded and ran are a model,
+        whatever a later task's failure says (_after_model_failure never drops them)."""
+        model = (metadata or {}).get("model_sha256")
+        if model:
+            ran = self._models_that_ran
+            ran.pop(model, None)
+            ran[model] = None  # the most recent last
+            if len(ran) > MODELS_THAT_RAN:
+                del ran[next(iter(ran))]
 
     def _progress_reporter(self, task_id: uuid.UUID) -> Callable[[float, float, str], None]:
         """Forward a task's progress to the coordinator (the executor has throttled it: at

@@ -365,11 +365,19 @@ _MODEL_REFUSALS: Final = tuple(
 _DIRECTORY_FLAGS: Final = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
+# Words of a load that ran out of memory (the address-space limit a task's declared RAM
+# sets, on a CPU slot): the protobuf parser's and ONNX Runtime's. Such a model may be good.
+_OUT_OF_MEMORY: Final = ("bad_alloc", "Arena alloc failed", "MemoryError", "out of memory")
+
+
 def model_refused(reason: str) -> bool:
     """Whether a task failed because its worker refused the model's bytes as no model it
     can load (not an ONNX protobuf, external data, a load that failed), rather than
-    because a run of a loaded model did."""
-    return reason.startswith(_MODEL_REFUSALS)
+    because a run of a loaded model did, or its load ran out of memory (a requester that
+    declared too little RAM for a good model would otherwise have it deleted)."""
+    return reason.startswith(_MODEL_REFUSALS) and not any(
+        words in reason for words in _OUT_OF_MEMORY
+    )
 
 
 def drop_cached_model(cache_dir: Path, sha256: str) -> None:
