@@ -295,7 +295,7 @@ def test_a_card_lost_while_the_node_runs_withdraws_its_class_and_registers_again
         ex = daemon.executor
         try:
             await ex.warm_up()
-            ex.on_broken = daemon._classes_broke
+            ex.on_worker_started = daemon._classes_changed
             assert await ex.run(gpu, b"fine") == b"fine"
             (tmp_path / "models" / "card-gone").write_text("Xid 79")
             with pytest.raises(TaskFailed) as failed:
@@ -310,6 +310,58 @@ def test_a_card_lost_while_the_node_runs_withdraws_its_class_and_registers_again
     asyncio.run(scenario())
     assert daemon.classes == frozenset()
     assert registered == [[]]  # the manifest registered again has it no more
+
+
+def test_a_class_withdrawn_while_the_node_runs_is_offered_again_once_it_runs(
+    tmp_path: Path, fake_dev: Path
+) -> None:
+    """The card comes back (a transient failure of its start, a driver reloaded): the
+    next worker's self-check passes, and the class withdrawn meanwhile is offered again,
+    the node registering again at once, rather than left out until a restart."""
+    from tests.node.test_daemon_outbox import make_daemon
+
+    gpu = "test.gpu"
+    (tmp_path / "home").mkdir()
+    daemon, _, _ = make_daemon(tmp_path / "home")
+    cards = (SlotGpu(*MIXED_CARDS[0]),)
+    daemon.executor = unsandboxed(tmp_path, cards, {gpu: "self_check_runtime:falls_off_factory"})
+    daemon.classes = frozenset({gpu})
+    daemon.manifest = {**daemon.manifest, "workload_classes": [gpu]}
+    registered: list[list[str]] = []
+
+    async def register() -> dict[str, object]:
+        registered.append(list(daemon.manifest["workload_classes"]))
+        return {}
+
+    daemon.register = register  # type: ignore[method-assign]
+    gone = tmp_path / "models" / "card-gone"
+
+    async def scenario() -> bytes:
+        ex = daemon.executor
+        try:
+            await ex.warm_up()
+            ex.on_worker_started = daemon._classes_changed
+            gone.write_text("Xid 79")
+            with pytest.raises(TaskFailed):
+                await ex.run(gpu, b"lost")
+            async with asyncio.timeout(60):
+                while not registered:
+                    await asyncio.sleep(0.05)
+            gone.unlink()  # the card works again
+            # The worker started while it was gone fails its task once, as the node's;
+            # the one after it passes its check.
+            with pytest.raises(TaskFailed):
+                await ex.run(gpu, b"still broken here")
+            async with asyncio.timeout(60):
+                while len(registered) < 2:
+                    await asyncio.sleep(0.05)
+            return await ex.run(gpu, b"fine")
+        finally:
+            await ex.aclose()
+
+    assert asyncio.run(scenario()) == b"fine"
+    assert daemon.classes == frozenset({gpu})
+    assert registered == [[], [gpu]]
 
 
 def test_a_task_of_a_class_broken_in_its_worker_is_the_nodes_failure(

@@ -23,7 +23,7 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
@@ -116,6 +116,9 @@ class NodeDaemon(LinkClient):
         self.retention = retention if retention is not None else Retention()
         self.slots = int(manifest["max_parallel_subtasks"])
         self.classes = frozenset(manifest["workload_classes"])
+        # Classes withdrawn because every worker found them broken, in the order the
+        # manifest had them: offered again once a worker runs them.
+        self._withdrawn: list[str] = []
         self.state = StateMachine(clock=clock.now, logger=log)
         self.session = NodeSession(
             node_id=self.node_id, liveness_key=liveness_key, chain_id=chain_id, clock=clock.now
@@ -178,7 +181,7 @@ class NodeDaemon(LinkClient):
             await self.executor.warm_up()
             self._workers_started = True
             self._withdraw_broken_classes()
-            self.executor.on_broken = self._classes_broke  # and any that break later
+            self.executor.on_worker_started = self._classes_changed  # and any that break later
             link = asyncio.create_task(self._link_loop())
             refresh = asyncio.create_task(self._refresh_metrics())
             prune = asyncio.create_task(self._prune_results())
@@ -424,24 +427,40 @@ class NodeDaemon(LinkClient):
             if name in self.classes:
                 withdrawn = True
                 self.classes = self.classes - {name}
-                self.manifest = {
-                    **self.manifest,
-                    "workload_classes": [c for c in self.manifest["workload_classes"] if c != name],
-                }
+                self._withdrawn.append(name)
                 log.warning("workload.withdrawn", extra={"workload_class": name, "reason": why})
+        if withdrawn:
+            self._set_workload_classes()
         return withdrawn
 
-    def _classes_broke(self) -> None:
-        """A worker started after a failure (a card that fell off the bus, its driver
-        gone) finds a class broken in every worker now: withdrawn as at the start, and
-        registered again at once if linked (the link stays up), so that the coordinator
-        stops sending what would fail here, and the node does not look idle for it. A
+    def _classes_changed(self) -> None:
+        """A worker has started, and what it found may change what the node can serve: a
+        class now broken in every worker (a card fallen off the bus, its driver gone) is
+        withdrawn as at the start; one withdrawn that a worker now runs (the card back) is
+        offered again. Either way the node registers again at once if linked (the link
+        stays up), so that the coordinator sends what will run here, and nothing else. A
         registration that fails now is made again before the next link."""
-        if not self._withdraw_broken_classes():
+        changed = self._withdraw_broken_classes()
+        broken = self.executor.broken_everywhere()
+        mended = [name for name in self._withdrawn if name not in broken]
+        if mended:
+            self._withdrawn = [name for name in self._withdrawn if name in broken]
+            self.classes = self.classes | set(mended)
+            self._set_workload_classes(mended)
+            for name in mended:
+                log.warning("workload.offered_again", extra={"workload_class": name})
+            changed = True
+        if not changed:
             return
         self._registered = False
         if self._ws is not None:
             self._background(self._register_again())
+
+    def _set_workload_classes(self, added: Sequence[str] = ()) -> None:
+        """The manifest's workload_classes: those it has that are still offered, then
+        *added* (offered again)."""
+        kept = [c for c in self.manifest["workload_classes"] if c in self.classes]
+        self.manifest = {**self.manifest, "workload_classes": kept + list(added)}
 
     def restore_unstake(self) -> None:
         """An unstake a coordinator confirmed before this start (kept by _keep_unstake):

@@ -124,9 +124,10 @@ class Executor:
         self.slots = slots
         self.mode = mode
         self.config = config
-        # Called when a worker that starts finds a class broken in every worker (the
-        # daemon withdraws it from its manifest and registers again).
-        self.on_broken: Callable[[], None] | None = None
+        # Called as each worker has started, with what it found broken (slot.broken): the
+        # daemon withdraws a class broken in every worker, and offers again one no longer
+        # broken in every worker, and registers again.
+        self.on_worker_started: Callable[[], None] | None = None
         self.limits = config.limits or sandbox.default_limits(slots)
         self._clock = clock
         self._runtimes = dict(config.runtimes) if config.runtimes is not None else None
@@ -258,8 +259,8 @@ class Executor:
         self._fresh_workdir(slot)
         seconds = await slot.start(self.config.start_timeout, check_only=for_class)
         self.start_seconds.append(seconds)
-        if slot.broken and self.on_broken is not None and self.broken_everywhere():
-            self.on_broken()  # a class now broken in every worker (a card gone since)
+        if self.on_worker_started is not None:
+            self.on_worker_started()  # a class may break, or mend, in every worker
         try:  # what a clean-up leaves it (_left_behind): what the worker's start made there
             slot.base_bytes = await asyncio.to_thread(
                 disk_used, slot.workdir, stop_after=CLEAN_MAX_BYTES << 4
