@@ -479,6 +479,60 @@ def test_a_stray_listed_many_times_is_cancelled_once(coordinator: Running, rsa_k
     assert [f["task_id"] for f in frames if f["type"] == "cancel"] == [stray]
 
 
+class _BufferedSocket:
+    """A WebSocket whose frames are all in its buffer already (what one read of a
+    flooding node's socket gives): receive and send return without waiting."""
+
+    application_state = None  # never connected: close() sends nothing
+
+    def __init__(self, frames: list[str]) -> None:
+        self.scope: dict[str, object] = {}
+        self.frames = frames
+        self.sent = 0
+
+    async def receive(self) -> dict[str, object]:
+        if not self.frames:
+            return {"type": "websocket.disconnect"}
+        return {"type": "websocket.receive", "text": self.frames.pop(0)}
+
+    async def send_text(self, _text: str) -> None:
+        self.sent += 1
+
+
+def test_other_links_run_between_two_frames_of_one(coordinator: Running, rsa_keys) -> None:
+    """Frames a node has already sent are received without a wait, and refused ones are
+    answered without one: the loop turns to the coordinator's other links between two
+    frames of one link, so that no node's flood holds up the others' heartbeats."""
+    node = make_node(rsa_keys, 0)
+    coordinator.register(node)
+    frames = [json.dumps({"type": "nonsense"})] * 20
+    socket_ = _BufferedSocket(frames)
+    others = 0
+
+    async def scenario() -> int:
+        nonlocal others
+        session = LinkSession(coordinator.coord, socket_)  # type: ignore[arg-type]
+        session.node_id = node.node_id
+
+        async def another_link() -> None:
+            nonlocal others
+            while True:
+                others += 1
+                await asyncio.sleep(0)
+
+        beside = asyncio.create_task(another_link())
+        await asyncio.sleep(0)
+        others = 0
+        with contextlib.suppress(link_module._Closed):
+            await session._loop()
+        beside.cancel()
+        return socket_.sent
+
+    answered = asyncio.run(scenario())  # the session alone, on a loop of its own
+    assert answered == 20  # each refused, within the chatter burst
+    assert others >= 19  # the other link ran between every two
+
+
 def test_the_chatter_budget_follows_the_nodes_slots() -> None:
     """A node registered again with more slots sends more progress frames: its budget
     (kept across its links) takes the new rate, its tokens kept."""
