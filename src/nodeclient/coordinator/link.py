@@ -461,7 +461,7 @@ class LinkSession:
         # A node that sends its results as binary frames never needs a large JSON frame.
         max_text = messages.MAX_CONTROL_FRAME if self.binary else messages.MAX_DATA_FRAME
         info = self.coord.nodes.get(self.node_id)
-        chatter = self._chatter = self._budgets.chatter_for(
+        self._chatter = self._budgets.chatter_for(
             info.max_parallel_subtasks if info is not None else 1, self.coord.monotonic()
         )
         while not self._closed:
@@ -487,28 +487,28 @@ class LinkSession:
             try:
                 frame = messages.parse_from_node(raw, max_text=max_text)
             except RemoteProtocolError as exc:
-                if not await self._chatter_ok(chatter):
+                if not await self._chatter_ok():
                     return
                 await self._error("malformed", str(exc))
                 continue
             if isinstance(frame, messages.ProgressFrame):
-                if not await self._chatter_ok(chatter):
+                if not await self._chatter_ok():
                     return
                 self._progress(frame)
                 continue
             handler = handlers.get(frame.type)
             if handler is None:
-                if not await self._chatter_ok(chatter):
+                if not await self._chatter_ok():
                     return
                 await self._error("malformed", f"unexpected {frame.type} frame after auth")
                 continue
             await handler(frame)
 
-    async def _chatter_ok(self, chatter: TokenBucket | None = None) -> bool:
+    async def _chatter_ok(self) -> bool:
         """Take one from the node's chatter budget (progress frames, and frames refused:
         malformed, out of place, replayed, wrongly signed, over their own budget); over
         it, close the link (1008)."""
-        chatter = self._chatter if chatter is None else chatter
+        chatter = self._chatter
         if chatter is None or chatter.take(self.coord.monotonic()):
             return True
         reason = (
