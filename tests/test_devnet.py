@@ -24,8 +24,8 @@ from nodeclient.protocol.states import NodeState, StateMachine
 
 pytestmark = pytest.mark.timeout(60)
 
-# `nodeclient devnet --nodes 1` whose coordinator is a stand-in child that prints its pid,
-# then waits; on SIGTERM it says so, and exits at once ("fast") or only on SIGUSR1
+# `nodeclient devnet --nodes 1 [OPTIONS]` whose coordinator is a stand-in child that prints
+# its pid, then waits; on SIGTERM it says so, and exits at once ("fast") or only on SIGUSR1
 # ("slow", as a node draining a long task would). Nothing else is faked: the devnet's own
 # signal handling, cleanup and exit status are what runs.
 _DEVNET = textwrap.dedent(
@@ -56,7 +56,7 @@ _DEVNET = textwrap.dedent(
         time.sleep(3600)  # the coordinator never answers: the devnet is not up yet
 
     devnet.Devnet.start_coordinator = start_coordinator
-    sys.exit(main(["devnet", "--nodes", "1"]))
+    sys.exit(main(["devnet", "--nodes", "1", *sys.argv[2:]]))
     """
 )
 
@@ -69,10 +69,10 @@ def short_tmp() -> Iterator[Path]:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def _start_devnet(tmpdir: Path, mode: str) -> tuple[subprocess.Popen[str], int]:
+def _start_devnet(tmpdir: Path, mode: str, *options: str) -> tuple[subprocess.Popen[str], int]:
     """The stand-in devnet, once its coordinator is up; returns it and that child's pid."""
     proc = subprocess.Popen(
-        [sys.executable, "-c", _DEVNET, mode],
+        [sys.executable, "-c", _DEVNET, mode, *options],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -122,6 +122,38 @@ def test_a_signal_before_the_devnet_is_up_stops_it_and_removes_its_files(
             os.kill(stand_in, signal.SIGKILL)
 
 
+@pytest.mark.parametrize(
+    ("sig", "options", "files"),
+    [
+        (signal.SIGTERM, (), "are removed"),
+        (signal.SIGHUP, (), "are removed"),
+        (signal.SIGTERM, ("--keep",), "are kept in {workdir}"),
+    ],
+    ids=["sigterm", "sighup", "sigterm-keep"],
+)
+def test_a_devnet_stopped_by_sigterm_or_sighup_says_so_in_one_line(
+    short_tmp: Path, sig: signal.Signals, options: tuple[str, ...], files: str
+) -> None:
+    """A supervisor's SIGTERM or a closed terminal's SIGHUP ends the devnet with one line
+    on stderr, as Ctrl-C's "interrupted": the signal, and that its processes have ended and
+    its files are removed (or kept, with --keep, and where); before, it ended in silence."""
+    proc, stand_in = _start_devnet(short_tmp, "fast", *options)
+    try:
+        os.kill(proc.pid, sig)
+        _out, err = proc.communicate(timeout=30)
+        assert proc.returncode == 128 + sig
+        left = [short_tmp / name for name in os.listdir(short_tmp)]
+        workdir = left[0] if left else None
+        assert err == (
+            f"nodeclient: devnet stopped by {sig.name}: its processes have ended and its "
+            f"files {files.format(workdir=workdir)}\n"
+        )
+        assert len(left) == len(options)  # the directory, with --keep
+    finally:
+        if _alive(stand_in):
+            os.kill(stand_in, signal.SIGKILL)
+
+
 def test_a_second_signal_does_not_cut_the_cleanup_short(short_tmp: Path) -> None:
     """SIGTERM, then Ctrl-C while the devnet waits for its children to stop: the second
     signal is ignored, so the cleanup still waits them out and removes the directory."""
@@ -132,7 +164,11 @@ def test_a_second_signal_does_not_cut_the_cleanup_short(short_tmp: Path) -> None
         os.kill(proc.pid, signal.SIGINT)
         os.kill(stand_in, signal.SIGUSR1)  # now it stops
         out, err = proc.communicate(timeout=30)
-        assert (proc.returncode, err) == (143, "")
+        assert proc.returncode == 143
+        assert err == (
+            "nodeclient: devnet stopped by SIGTERM: its processes have ended and its files "
+            "are removed\n"
+        )
         assert "kept in" not in out
         assert os.listdir(short_tmp) == []
     finally:

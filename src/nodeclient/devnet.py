@@ -1,15 +1,20 @@
 """``nodeclient devnet``: a whole network on one machine, with one command.
 
-Starts a reference coordinator on loopback (SQLite in a temporary directory) and N node
-daemons with their own homes and keys, as real processes. Submits demo jobs (a digits
-classifier on ONNX Runtime), shows progress, checks every result the way a stranger
-would (SHA-256 and eth-account alone), prints each node's state transitions and exits 0.
-``--serve`` keeps the network up until interrupted.
+Starts a reference coordinator on loopback (SQLite) and N node daemons with their own
+homes, keys and shares of the CPUs, as real processes, all in one new directory in TMPDIR
+that is removed afterwards (``--keep`` keeps it). Submits demo jobs: digits-classifier
+inference on ONNX Runtime, and where their runtimes are usable here a Blender render
+split into slices over the nodes and a DiLoCo training job on PyTorch. Shows progress,
+checks every result the way a stranger would (SHA-256 and eth-account alone), prints
+each node's state transitions and exits 0. ``--serve`` keeps the network up until
+interrupted. Its children die with it, however it ends (:func:`_die_with_devnet`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import json
 import os
 import shutil
 import signal
@@ -31,6 +36,7 @@ from nodeclient.errors import NodeClientError
 from nodeclient.node import control, keys, securefile, wallet
 from nodeclient.node.config import NodeConfig, write_config
 from nodeclient.protocol.secp import Secp256k1Key
+from nodeclient.text import printable
 
 Print = Callable[[str], None]
 
@@ -50,6 +56,22 @@ CHILD_PROCESS_GROUP: Final = 0
 # back, and how long anything may take before it is killed.
 NODE_PATIENCE_S = 10.0
 STOP_GRACE_S = 30.0
+# What each child gets from the kernel when the devnet dies without its cleanup (SIGKILL,
+# the OOM killer, a CI job's timeout): the stop it would have had, so that the coordinator
+# closes its database and each node ends its own workers (an unsandboxed one is in no
+# sandbox that dies with the node), instead of running on for ever as children of init.
+ORPHAN_SIGNAL: Final = signal.SIGTERM
+_PR_SET_PDEATHSIG: Final = 1  # <linux/prctl.h>
+# The least free space the devnet starts with where its directory goes (its database,
+# the nodes' outboxes, the tasks' work directories, the render's frames): on a disk that
+# fills up midway its jobs wait for results that cannot be stored.
+MIN_FREE_BYTES: Final = 256 * 2**20
+# How long a job's status line may stay the same before the devnet quotes the latest
+# warning or error its children logged: a devnet stuck on a full disk says why.
+STALL_REPORT_S = 30.0
+_PROBLEM_LEVELS: Final = frozenset({"warning", "error", "critical"})
+_LOG_TAIL_BYTES: Final = 256 * 1024  # how much of a log's end is read for a reason
+_NOT_QUOTED: Final = frozenset({"ts", "level", "logger", "event", "exc"})  # in the log only
 
 
 @dataclass
@@ -72,12 +94,21 @@ class Devnet:
         ]  # fmt: skip
         log = open(data / "coordinator.log", "ab")  # noqa: SIM115 - lives as long as the process
         self.coordinator = subprocess.Popen(
-            cmd, stdout=subprocess.PIPE, stderr=log, process_group=CHILD_PROCESS_GROUP
-        )
+            cmd, stdout=subprocess.PIPE, stderr=log, env=self.child_env(),
+            process_group=CHILD_PROCESS_GROUP,
+            preexec_fn=_die_with_devnet(),  # noqa: PLW1509 - safe with threads: see there
+        )  # fmt: skip
         self.url = _wait_for_line(
             self.coordinator, "coordinator: ", timeout=60.0, log=data / "coordinator.log"
         )
         return self.url
+
+    def child_env(self, **changes: str) -> dict[str, str]:
+        """This process's environment with *changes*, and TMPDIR the devnet's directory:
+        tempfile takes /tmp without a word where TMPDIR is full or read-only, and the
+        children would otherwise write their temporary files there (the nodes their tasks'
+        work directories), not where the devnet checked for room and removes afterwards."""
+        return {**os.environ, "TMPDIR": str(self.workdir), **changes}
 
     def sandbox_available(self) -> bool:
         """Whether bubblewrap works here; a devnet without it runs tasks unsandboxed."""
@@ -116,8 +147,9 @@ class Devnet:
             stderr=log,
             # A network of CPU nodes: each node would take every GPU of this one machine,
             # and run nothing where onnxruntime or torch is a CPU build (the default).
-            env=dict(os.environ) if gpus else {**os.environ, "CUDA_VISIBLE_DEVICES": ""},
+            env=self.child_env() if gpus else self.child_env(CUDA_VISIBLE_DEVICES=""),
             process_group=CHILD_PROCESS_GROUP,
+            preexec_fn=_die_with_devnet(),  # noqa: PLW1509 - safe with threads: see there
         )
         self.nodes.append((home, proc))  # at once: stop() ends it whatever happens next
         if cpus:  # set long before the node probes its hardware (interpreter start, imports)
@@ -125,15 +157,23 @@ class Devnet:
         return home
 
     def check_alive(self) -> None:
-        """DevnetError, with its last log line, for the first child that has exited: the
-        devnet's network is the coordinator and every node, all up."""
+        """DevnetError, with its reason from its log (:func:`_reason`), for the first child
+        that has exited: the devnet's network is the coordinator and every node, all up."""
         if self.coordinator is not None and self.coordinator.poll() is not None:
-            last = _last_line(self.workdir / "coordinator" / "coordinator.log")
-            raise DevnetError(f"the coordinator exited with {self.coordinator.returncode}: {last}")
+            why = _reason(self.coordinator_log)
+            raise DevnetError(f"the coordinator {_ended(self.coordinator.returncode)}: {why}")
         for home, proc in self.nodes:
             if proc.poll() is not None:
-                last = _last_line(home / "node.log")
-                raise DevnetError(f"node in {home} exited with {proc.returncode}: {last}")
+                why = _reason(home / "node.log")
+                raise DevnetError(f"node in {home} {_ended(proc.returncode)}: {why}")
+
+    @property
+    def coordinator_log(self) -> Path:
+        return self.workdir / "coordinator" / "coordinator.log"
+
+    def logs(self) -> list[Path]:
+        """Every child's log: the coordinator's, then each node's."""
+        return [self.coordinator_log, *(home / "node.log" for home, _ in self.nodes)]
 
     def stop(self, grace: float = STOP_GRACE_S, *, patience: float = NODE_PATIENCE_S) -> None:
         """The nodes first, while the coordinator is still up to take what they send and
@@ -146,6 +186,32 @@ class Devnet:
         _stop_all([p for _, p in self.nodes], patience=patience, grace=grace)
         if self.coordinator is not None:
             _stop_all([self.coordinator], patience=grace, grace=grace)
+
+
+def _die_with_devnet() -> Callable[[], None] | None:
+    """A ``preexec_fn`` that has the kernel send the child ORPHAN_SIGNAL when the devnet
+    dies, whatever kills it (``PR_SET_PDEATHSIG``); its cleanup cannot run after a SIGKILL.
+
+    Linux only (elsewhere None). ``preexec_fn`` runs between fork and exec, where another
+    thread of this process may hold a lock: the child only calls prctl, getppid and kill,
+    looked up here, before the fork. A devnet that died before the prctl is seen by the
+    child's parent having changed: it kills itself, before anything of it has started. The
+    signal comes when the *thread* that started the child ends: the devnet starts them all
+    from its main thread, which lives as long as the devnet does.
+    """
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (AttributeError, OSError):
+        return None
+    getppid, parent = os.getppid, os.getpid()
+    kill, pid, sig = os.kill, os.getpid, int(ORPHAN_SIGNAL)
+
+    def preexec() -> None:
+        prctl(_PR_SET_PDEATHSIG, sig, 0, 0, 0)
+        if getppid() != parent:  # the devnet died before prctl: nobody will signal us
+            kill(pid(), signal.SIGKILL)
+
+    return preexec
 
 
 def _stop_all(procs: list[subprocess.Popen[bytes]], *, patience: float, grace: float) -> None:
@@ -175,7 +241,7 @@ def _wait_all(procs: list[subprocess.Popen[bytes]], *, until: float) -> None:
 
 def _wait_for_line(proc: subprocess.Popen[bytes], prefix: str, *, timeout: float, log: Path) -> str:
     """Read the child's stdout until a line starts with *prefix*; return the rest. A child
-    that exits first is reported with the last line of its *log* (its stderr)."""
+    that exits first is reported with its reason from its *log* (its stderr)."""
     assert proc.stdout is not None
     found: list[str] = []
     stream: IO[bytes] = proc.stdout
@@ -196,7 +262,7 @@ def _wait_for_line(proc: subprocess.Popen[bytes], prefix: str, *, timeout: float
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=5)
     if proc.poll() is not None:
-        raise DevnetError(f"the coordinator exited with {proc.returncode}: {_last_line(log)}")
+        raise DevnetError(f"the coordinator {_ended(proc.returncode)}: {_reason(log)}")
     proc.kill()
     raise DevnetError(
         f"the coordinator did not report its address within {timeout:.0f} s (see {log})"
@@ -296,9 +362,11 @@ def run_devnet(
     _handle(signal.SIGTERM, signal.SIGHUP, handler=_raise_stopped)
     net = Devnet(workdir=workdir, heartbeat=heartbeat, out=out)
     failed = False
+    stopped_by: int | None = None
     try:
         _run(net, nodes=nodes, jobs=jobs, serve=serve)
     except _Stopped as exc:
+        stopped_by = exc.signum
         return 128 + exc.signum  # as a shell reports a command that the signal ended
     except BrokenPipeError:  # its reader went (`nodeclient devnet | head`): as an interrupt
         return 128 + signal.SIGPIPE
@@ -312,15 +380,31 @@ def run_devnet(
             signal.signal(sig, signal.SIG_IGN)
         try:
             net.stop()
-            if keep or failed:  # on stderr: seen when stdout is a pipe (or went away)
-                print(f"devnet files kept in {workdir}", file=sys.stderr)
-            else:
+            if not (keep or failed):
                 shutil.rmtree(workdir, ignore_errors=True)
+            # On stderr: seen when stdout is a pipe (or went away), or the terminal
+            # closed (SIGHUP), where it cannot be written at all.
+            with contextlib.suppress(OSError):
+                if stopped_by is not None:  # Ctrl-C's line is the CLI's: "interrupted"
+                    print(_stopped_line(stopped_by, workdir), file=sys.stderr)
+                elif keep or failed:
+                    print(f"devnet files kept in {workdir}", file=sys.stderr)
         finally:
             for sig, handler in previous.items():
                 if handler is not None:  # None: set outside Python, cannot be put back
                     signal.signal(sig, handler)
     return 0
+
+
+def _stopped_line(signum: int, workdir: Path) -> str:
+    """The one line a devnet that SIGTERM or SIGHUP stopped ends with, once its cleanup
+    is done: as Ctrl-C's "interrupted", else a supervisor's stop would pass without a
+    word. It says where the files are, if any are left (--keep)."""
+    files = f"are kept in {workdir}" if workdir.exists() else "are removed"
+    return (
+        f"nodeclient: devnet stopped by {signal.Signals(signum).name}: its processes have "
+        f"ended and its files {files}"
+    )
 
 
 def _run(net: Devnet, *, nodes: int, jobs: int, serve: bool) -> None:
@@ -369,7 +453,8 @@ def _run(net: Devnet, *, nodes: int, jobs: int, serve: bool) -> None:
 
 def _make_workdir(nodes: int) -> Path:
     """A new temporary directory, short enough for its nodes' control sockets' paths
-    where no shorter name reaches them (/proc not mounted: see node.control)."""
+    where no shorter name reaches them (/proc not mounted: see node.control), on a file
+    system with MIN_FREE_BYTES free."""
     try:
         workdir = Path(tempfile.mkdtemp(prefix="nodeclient-devnet-"))
     except OSError as exc:
@@ -386,6 +471,15 @@ def _make_workdir(nodes: int) -> Path:
             f"the devnet's directory {workdir} is too long for its nodes' control sockets "
             f"({longest} bytes, over the {control.SOCKET_PATH_MAX} a Unix socket allows): set "
             "TMPDIR to a shorter directory"
+        )
+    free = shutil.disk_usage(workdir).free
+    if free < MIN_FREE_BYTES:
+        # Else its jobs wait out their timeouts in silence, once the disk fills up.
+        workdir.rmdir()
+        raise DevnetError(
+            f"only {free // 2**20} MB free on the file system of {workdir.parent}, where the "
+            f"devnet's directory goes (it needs {MIN_FREE_BYTES // 2**20} MB): free space "
+            "there, or set TMPDIR to a directory with room"
         )
     return workdir
 
@@ -487,13 +581,89 @@ def _handle(*signals: signal.Signals, handler: Callable[[int, Any], None]) -> No
             signal.signal(sig, handler)
 
 
-def _last_line(log: Path) -> str:
-    """A child's last log line (the reason it exited), cut to 300 characters."""
+def _ended(returncode: int) -> str:
+    """How a child ended: "exited with 3", or "was killed by signal 9 (SIGKILL)" (kill -9,
+    the OOM killer), where Popen's returncode is the signal's number, negated."""
+    if returncode >= 0:
+        return f"exited with {returncode}"
     try:
-        lines = log.read_text(errors="replace").strip().splitlines()
-    except OSError:
+        name = signal.Signals(-returncode).name
+    except ValueError:
+        return f"was killed by signal {-returncode}"
+    return f"was killed by signal {-returncode} ({name})"
+
+
+def _reason(log: Path) -> str:
+    """Why a child exited, from its log: its last line where that is not a log event (a
+    traceback's last line, an argument error: what ended it); else its last warning or
+    error, since a process killed (kill -9, the OOM killer) writes nothing, and its last
+    event is whatever it did last; else its last line."""
+    lines = _log_lines(log)
+    if lines is None:
         return "(no log)"
-    return lines[-1][-300:] if lines else "(no output)"
+    if not lines:
+        return "(no output)"
+    last = _event(lines[-1])
+    if last is None:
+        return printable(lines[-1][-300:])
+    for line in reversed(lines):
+        event = _event(line)
+        if event is not None and event["level"] in _PROBLEM_LEVELS:
+            return _quoted(event)
+    return _quoted(last)
+
+
+def _latest_problem(net: Devnet, *, since: float) -> str | None:
+    """The latest warning or error any child logged at or after *since* (the logs' own
+    wall-clock times), with the log it is in; None if there is none."""
+    found: tuple[float, Path, dict[str, Any]] | None = None
+    for log in net.logs():
+        for line in _log_lines(log) or []:
+            event = _event(line)
+            if event is None or event["level"] not in _PROBLEM_LEVELS:
+                continue
+            ts = event.get("ts")
+            if isinstance(ts, int | float) and ts >= since and (found is None or ts >= found[0]):
+                found = (ts, log, event)
+    if found is None:
+        return None
+    _ts, log, event = found
+    return f"{log.relative_to(net.workdir)}: {_quoted(event)}"
+
+
+def _log_lines(log: Path) -> list[str] | None:
+    """The lines of *log*'s last _LOG_TAIL_BYTES (a node's log grows for as long as it
+    runs), or None when it cannot be read."""
+    try:
+        with log.open("rb") as fh:
+            size = fh.seek(0, os.SEEK_END)
+            fh.seek(max(0, size - _LOG_TAIL_BYTES))
+            tail = fh.read()
+    except OSError:
+        return None
+    lines = tail.decode(errors="replace").strip().splitlines()
+    return lines[1:] if size > _LOG_TAIL_BYTES and len(lines) > 1 else lines  # one cut
+
+
+def _event(line: str) -> dict[str, Any] | None:
+    """A structured log line's event (nodeclient.logs: JSON with its level), else None."""
+    if not line.startswith("{"):
+        return None
+    try:
+        event = json.loads(line)
+    except ValueError:
+        return None
+    if isinstance(event, dict) and isinstance(event.get("level"), str):
+        return event
+    return None
+
+
+def _quoted(event: dict[str, Any]) -> str:
+    """An event as the devnet quotes it, cut to 300 characters: its level, name and
+    fields; its time, logger and traceback stay in the log."""
+    fields = " ".join(f"{k}={v}" for k, v in event.items() if k not in _NOT_QUOTED)
+    text = f"{event['level']} {event.get('event')}" + (f": {fields}" if fields else "")
+    return printable(text)[:300]
 
 
 def _wait_online(client: Any, net: Devnet, out: Print, timeout: float = 90.0) -> None:
@@ -513,9 +683,15 @@ def _wait_online(client: Any, net: Devnet, out: Print, timeout: float = 90.0) ->
 def _wait_job(
     client: Any, job_id: str, out: Print, net: Devnet, timeout: float = 300.0
 ) -> dict[str, Any]:
-    """Poll a job, printing each change: task states and the nodes' per-slice progress."""
+    """Poll a job, printing each change: task states and the nodes' per-slice progress.
+    A status that stays the same for STALL_REPORT_S is followed by the latest warning or
+    error the children logged meanwhile (a full disk, a refused result; each said once),
+    or that there is none."""
     deadline = time.monotonic() + timeout
+    since = time.time()  # as the logs' times are
     last = ""
+    changed = time.monotonic()
+    quoted: str | None = None
     while time.monotonic() < deadline:
         net.check_alive()  # a node that died would leave its tasks waiting out their leases
         job: dict[str, Any] = client.job(job_id)
@@ -531,11 +707,24 @@ def _wait_job(
         line = f"job {job_id}: {job['status']}" + "".join(parts)
         if line != last:
             out(line)
-            last = line
+            last, changed = line, time.monotonic()
         if job["status"] in ("succeeded", "failed"):
             return job
+        if time.monotonic() - changed >= STALL_REPORT_S:
+            changed = time.monotonic()  # the next look after as long again
+            problem = _latest_problem(net, since=since)
+            said = (
+                f"latest warning or error: {problem}"
+                if problem
+                else "no warning or error in the devnet's logs meanwhile"
+            )
+            if said != quoted:
+                out(f"  no change for {STALL_REPORT_S:g} s; {said}")
+                quoted = said
         time.sleep(0.1)
-    raise DevnetError(f"job {job_id} did not finish within {timeout:.0f} s")
+    problem = _latest_problem(net, since=since)
+    why = f"; latest warning or error: {problem}" if problem else ""
+    raise DevnetError(f"job {job_id} did not finish within {timeout:.0f} s{why}")
 
 
 def _progress(net: Devnet) -> dict[str, dict[str, float]]:
