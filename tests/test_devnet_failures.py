@@ -238,3 +238,22 @@ def test_a_node_that_crashed_is_named_with_its_traceback_not_an_earlier_warning(
     net.nodes.append((home, crashed))
     with pytest.raises(devnet.DevnetError, match=r"node0 exited with 1: RuntimeError: boom$"):
         net.check_alive()
+
+
+def test_devnet_help_says_what_it_starts_where_its_files_go_and_how_it_exits(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`nodeclient devnet --help` is where one looks before running it: what it starts and
+    submits, where its files go and what --keep does, its options' ranges and defaults,
+    and its exit statuses."""
+    with pytest.raises(SystemExit) as done:
+        main(["devnet", "--help"])
+    assert done.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for part in (
+        "digits-classifier inference", "Blender render in 2 slices", "training job",
+        "directory in $TMPDIR", f"{devnet.MIN_FREE_BYTES // 2**20} MB free", "unless --keep",
+        "node daemons, 1 to 16 (default 2)", "1 to 64 (default 4)", "0.05 to 300 (default 2)",
+        "130 Ctrl-C, 143 SIGTERM, 129 SIGHUP",
+    ):  # fmt: skip
+        assert part in text
