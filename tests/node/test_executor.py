@@ -357,7 +357,8 @@ def test_what_a_clean_up_may_leave_is_counted_above_what_the_workers_start_left(
     """A worker's start may write to its slot's directory (a /tmp on disk, where bwrap
     cannot size a tmpfs, with what the runtimes' start put there): a clean-up is judged on
     what it leaves above that, up to CLEAN_MAX_BYTES, not on the directory's whole size,
-    or every task of such a node would replace its worker."""
+    or every task of such a node would replace its worker. Past CLEAN_MAX_ENTRIES files
+    (empty ones take no bytes) the walk, which runs on the event loop, stops there."""
     ex = make_executor(tmp_path / "home", mode="unsandboxed")
     workdir = tmp_path / "slot"
     (workdir / "tmp").mkdir(parents=True)
@@ -377,6 +378,12 @@ def test_what_a_clean_up_may_leave_is_counted_above_what_the_workers_start_left(
         assert ex._left_behind(slot) == (
             f"its task left over {executor_module.CLEAN_MAX_BYTES} bytes in its work directory"
         )
+        for name in ("left", "more"):
+            (workdir / "tmp" / name).unlink()
+        many = executor_module.CLEAN_MAX_ENTRIES
+        for i in range(many):  # empty files: no bytes, but a walk of each, on the loop
+            (workdir / "tmp" / f"e{i}").touch()
+        assert ex._left_behind(slot) == f"its task left over {many} files in its work directory"
     finally:
         worker.kill()
         worker.wait()

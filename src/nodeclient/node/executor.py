@@ -90,6 +90,7 @@ DISK_CHECK_S = 2.0  # a running task's work directory is measured this often (ma
 # worker had started (its empty directories, a /tmp on disk with what the runtimes' start
 # wrote there).
 CLEAN_MAX_BYTES: Final = 1 << 20
+CLEAN_MAX_ENTRIES: Final = 1000  # and the files and directories it may hold then
 # A task's deadline is read again on the executor's clock this often: the event loop's
 # timers run on CLOCK_MONOTONIC, which stops while the system is suspended, and the
 # executor's clock does not (exec_config.deadline_clock).
@@ -785,7 +786,13 @@ class Executor:
         assert slot.proc is not None
         try:
             running = len(descendants(slot.proc.pid)) - expected
-            used = disk_used(slot.workdir, stop_after=slot.base_bytes + CLEAN_MAX_BYTES)
+            used = disk_used(
+                slot.workdir,
+                stop_after=slot.base_bytes + CLEAN_MAX_BYTES,
+                max_entries=CLEAN_MAX_ENTRIES,  # and the walk, on the event loop, short
+            )
+        except TooManyEntries:
+            return f"its task left over {CLEAN_MAX_ENTRIES} files in its work directory"
         except OSError as exc:
             return f"its clean-up could not be checked: {exc}"[:300]
         if running > 0:
@@ -810,7 +817,7 @@ class Executor:
                 slot.kill("worker broke the pipe protocol: clean-up report for another task")
             elif frame.header.get("restart"):
                 slot.killed = _REPLACED  # it left something behind and exits by itself
-            elif (doubt := await asyncio.to_thread(self._left_behind, slot)) is not None:
+            elif (doubt := self._left_behind(slot)) is not None:  # ~40 us: no thread hop
                 slot.kill(doubt)
         except TimeoutError:
             slot.kill(f"no clean-up report within {_SETTLE_TIMEOUT:.0f} s of a task")
