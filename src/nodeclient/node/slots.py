@@ -112,13 +112,26 @@ def descendants(pid: int) -> list[int]:
             continue  # gone meanwhile
         for tid in threads:
             try:
-                with open(f"/proc/{parent}/task/{tid}/children", "rb") as listed:
-                    children = [int(child) for child in listed.read().split()]
+                children = [
+                    int(child) for child in _read_all(f"/proc/{parent}/task/{tid}/children").split()
+                ]
             except (FileNotFoundError, ProcessLookupError):
                 continue  # a thread that ended meanwhile
             found += children
             todo += children
     return found
+
+
+def _read_all(path: str) -> bytes:
+    """A small /proc file's bytes (os.read: no file object, on a path run after every task)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        chunks = []
+        while chunk := os.read(fd, 65536):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
 
 
 def _descendants_by_parent(pid: int) -> list[int]:
