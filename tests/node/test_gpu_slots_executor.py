@@ -13,6 +13,7 @@ import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -315,9 +316,11 @@ def test_a_card_lost_while_the_node_runs_withdraws_its_class_and_registers_again
 def test_a_class_withdrawn_while_the_node_runs_is_offered_again_once_it_runs(
     tmp_path: Path, fake_dev: Path
 ) -> None:
-    """The card comes back (a transient failure of its start, a driver reloaded): the
-    next worker's self-check passes, and the class withdrawn meanwhile is offered again,
-    the node registering again at once, rather than left out until a restart."""
+    """The card comes back (a transient failure of its start, a driver reloaded): a worker
+    started to run every self-check again (the daemon does so every RECHECK_WITHDRAWN_S
+    while a class is withdrawn, since no task of it comes) passes it, and the class is
+    offered again, the node registering again at once, rather than left out until a
+    restart."""
     from tests.node.test_daemon_outbox import make_daemon
 
     gpu = "test.gpu"
@@ -348,10 +351,10 @@ def test_a_class_withdrawn_while_the_node_runs_is_offered_again_once_it_runs(
                 while not registered:
                     await asyncio.sleep(0.05)
             gone.unlink()  # the card works again
-            # The worker started while it was gone fails its task once, as the node's;
-            # the one after it passes its check.
-            with pytest.raises(TaskFailed):
-                await ex.run(gpu, b"still broken here")
+            # No task of the withdrawn class comes (the node refuses it, and the
+            # coordinator sends none): the daemon's periodic recheck starts a worker that
+            # runs every self-check.
+            assert ex.recheck()
             async with asyncio.timeout(60):
                 while len(registered) < 2:
                     await asyncio.sleep(0.05)
@@ -665,3 +668,93 @@ def test_a_class_that_passes_its_check_in_a_worker_started_for_it_is_no_longer_b
     assert list(before) == ["test.flaky"]
     assert done == b"2"
     assert after == {}
+
+
+def _reporting_slots(*specs: tuple[bool, dict[str, str]]) -> list[SimpleNamespace]:
+    """Stand-ins for slots whose workers have reported: (ready now, what was broken)."""
+    return [
+        SimpleNamespace(ready=ready, reported=True, checked_for=None, broken=dict(broken))
+        for ready, broken in specs
+    ]
+
+
+def _registering_daemon(tmp_path: Path, workload_class: str) -> tuple[Any, list[list[str]]]:
+    from tests.node.test_daemon_outbox import make_daemon
+
+    (tmp_path / "home").mkdir()
+    daemon, _, _ = make_daemon(tmp_path / "home")
+    daemon.classes = frozenset({workload_class})
+    daemon.manifest = {**daemon.manifest, "workload_classes": [workload_class]}
+    registered: list[list[str]] = []
+    return daemon, registered
+
+
+def test_a_class_broken_on_one_card_stays_offered_while_the_good_slot_restarts(
+    tmp_path: Path,
+) -> None:
+    """Two cards, the class broken on one: as the other's worker restarts (after a task,
+    for another job) and the broken one's reports, the class is not broken everywhere:
+    a slot that is starting counts with what its last worker found. Else the class was
+    withdrawn and offered again at every such restart, each time registering again."""
+    x = "ai.inference"
+    daemon, registered = _registering_daemon(tmp_path, x)
+
+    async def register() -> dict[str, object]:
+        registered.append(list(daemon.manifest["workload_classes"]))
+        return {}
+
+    daemon.register = register  # type: ignore[method-assign]
+    good, bad = _reporting_slots((False, {}), (True, {x: "CUDA did not start on card 1"}))
+    daemon.executor._slots = [good, bad]
+
+    async def scenario() -> None:
+        daemon._classes_changed()  # the bad card's worker has started; the good one's not
+        good.ready = True
+        daemon._classes_changed()
+        await asyncio.sleep(0.05)
+
+    asyncio.run(scenario())
+    assert registered == [] and daemon.classes == frozenset({x})
+
+
+def test_a_change_made_while_the_link_is_being_made_is_registered(tmp_path: Path) -> None:
+    """A class withdrawn while the link loop's own registration is in flight: that
+    registration, of the manifest before the change, does not count as the current one,
+    and once the link is up the node registers the change."""
+    x = "ai.inference"
+    daemon, registered = _registering_daemon(tmp_path, x)
+    daemon._ws = None
+
+    async def scenario() -> list[list[str]]:
+        gate, linked = asyncio.Event(), asyncio.Event()
+
+        async def register() -> dict[str, object]:
+            registered.append(list(daemon.manifest["workload_classes"]))
+            if len(registered) == 1:
+                await gate.wait()  # the link loop's registration, in flight
+            return {}
+
+        async def connect_once() -> None:
+            daemon._ws = object()  # type: ignore[assignment]
+            if not daemon._registered:  # as _connect_once does once welcomed
+                daemon._background(daemon._register_again())
+            linked.set()
+            await asyncio.sleep(3600)  # the link stays up
+
+        daemon.register = register  # type: ignore[method-assign]
+        daemon._connect_once = connect_once  # type: ignore[method-assign]
+        loop = asyncio.create_task(daemon._link_loop())
+        while not registered:
+            await asyncio.sleep(0)
+        daemon.executor._slots = _reporting_slots((True, {x: "the card is gone"}))
+        daemon._classes_changed()  # a worker started meanwhile finds it broken
+        gate.set()
+        await linked.wait()
+        async with asyncio.timeout(10):
+            while len(registered) < 2:
+                await asyncio.sleep(0.01)
+        loop.cancel()
+        await asyncio.gather(loop, return_exceptions=True)
+        return registered
+
+    assert asyncio.run(scenario()) == [[x], []]

@@ -56,6 +56,9 @@ _DAMAGED_LOGGED: Final = 20  # damaged rows described in one outbox.rows_damaged
 # The open files the daemon asks for (its soft limit, up to the hard one): each slot's
 # worker pipes, its disk watcher's walk (up to 64), the links, the outbox's files.
 OPEN_FILES: Final = 65536
+# How often an idle worker is replaced by one that runs every self-check while a class is
+# withdrawn (_recheck_withdrawn): a card back after a failure is offered again within it.
+RECHECK_WITHDRAWN_S = 600.0
 
 
 def _raise_open_file_limit() -> None:
@@ -119,6 +122,8 @@ class NodeDaemon(LinkClient):
         # Classes withdrawn because every worker found them broken, in the order the
         # manifest had them: offered again once a worker runs them.
         self._withdrawn: list[str] = []
+        self._registered, self._generation = False, 0
+        self._register_lock = asyncio.Lock()
         self.state = StateMachine(clock=clock.now, logger=log)
         self.session = NodeSession(
             node_id=self.node_id, liveness_key=liveness_key, chain_id=chain_id, clock=clock.now
@@ -185,6 +190,7 @@ class NodeDaemon(LinkClient):
             link = asyncio.create_task(self._link_loop())
             refresh = asyncio.create_task(self._refresh_metrics())
             prune = asyncio.create_task(self._prune_results())
+            recheck = asyncio.create_task(self._recheck_withdrawn())
             # The link loop retries every error, and ends by itself only after setting
             # _stopping (a refused registration). Ending any other way is a bug that would
             # leave the process alive to systemd but never again in touch with the
@@ -197,6 +203,7 @@ class NodeDaemon(LinkClient):
             link.cancel()
             refresh.cancel()
             prune.cancel()
+            recheck.cancel()
             # Its exception, if any, is logged (_link_ended) or kept in self._fatal. The
             # prune task ends once its thread has (one batch at most): nothing uses the
             # outbox after run returns.
@@ -452,9 +459,20 @@ class NodeDaemon(LinkClient):
             changed = True
         if not changed:
             return
+        self._generation += 1
         self._registered = False
-        if self._ws is not None:
+        if self._ws is not None:  # else the link, once made, registers it (_connect_once)
             self._background(self._register_again())
+
+    async def _recheck_withdrawn(self) -> None:
+        """Every RECHECK_WITHDRAWN_S while a class is withdrawn (every worker found it
+        broken), replace an idle worker with one that runs every self-check: tasks of other
+        classes start workers that check their own class only, and a node whose classes are
+        all withdrawn gets no task at all; so the class is offered again once it runs."""
+        while True:
+            await asyncio.sleep(RECHECK_WITHDRAWN_S)
+            if self._withdrawn:
+                self.executor.recheck()
 
     def _set_workload_classes(self, added: Sequence[str] = ()) -> None:
         """The manifest's workload_classes: those it has that are still offered, then

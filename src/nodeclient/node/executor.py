@@ -299,14 +299,32 @@ class Executor:
     def broken_everywhere(self) -> dict[str, str]:
         """Workload classes that every started worker reported broken (a runtime that
         failed to build, or its self-check: CUDA that does not load on a GPU slot), with
-        one worker's reason; empty before warm_up or with no worker started."""
-        started = [slot for slot in self._slots if slot.ready]
+        one worker's reason; empty before warm_up or with no worker started. A slot whose
+        worker is starting counts with what its last worker reported: else a class broken
+        on every other slot would look broken everywhere while the one good slot restarts."""
+        started = [slot for slot in self._slots if slot.ready or slot.reported]
         if not started:
             return {}
         common = set(started[0].broken)
         for slot in started[1:]:
             common &= set(slot.broken)
         return {name: started[0].broken[name] for name in sorted(common)}
+
+    def recheck(self) -> bool:
+        """Replace one idle worker with a fresh one that runs every class's self-check, so
+        that a class every worker found broken (a card that fell off the bus) is judged
+        again (on_worker_started) where no task would start a worker: a node whose classes
+        are all withdrawn gets none. Whether a worker was replaced (none idle: no)."""
+        if self._idle is None or self._idle.empty():
+            return False
+        slot = self._idle.get_nowait()
+        slot.kill("replaced: its classes' self-checks run again")
+        task = asyncio.create_task(
+            self._replace(slot), context=logs.context_without("task_id", "job_id")
+        )
+        self._restarts.add(task)
+        task.add_done_callback(self._restarts.discard)
+        return True
 
     async def aclose(self) -> None:
         """Like shutdown(), and wait until every worker process and its pipes are closed.

@@ -201,6 +201,8 @@ class LinkClient(TaskDispatcher):
     _replaced_while_stopping: bool  # a 4004 during the drain: link no more
     _unstake_record: tuple[str, int] | None  # (coordinator_id, until) kept in the outbox
     _registered: bool  # the manifest as it is now is registered: the next link needs none
+    _generation: int  # bumped at each change of the manifest's classes (_registered's)
+    _register_lock: asyncio.Lock  # one registration at a time, of the manifest as it is then
 
     # --- registration and link ----------------------------------------------------------------
 
@@ -302,15 +304,23 @@ class LinkClient(TaskDispatcher):
             raise RegistrationRefused(f"registration refused ({resp.status_code}): {reason}")
         raise httpx.HTTPError(f"registration failed ({resp.status_code}): {reason}")
 
+    async def _register_current(self) -> None:
+        """Register the manifest as it is now, one registration at a time (each issued
+        later than the one before, so the last to land is the latest); registered, unless
+        its classes changed meanwhile (then the next registration sends the change)."""
+        async with self._register_lock:
+            generation = self._generation
+            await self.register()
+        self._registered = generation == self._generation
+
     async def _register_again(self) -> None:
         """Register the manifest as it is now while the link stays up (a class withdrawn
-        since); one that fails is made again before the next link (_registered)."""
+        or offered again since); one that fails is made again before the next link, or
+        after its welcome (_connect_once)."""
         try:
-            await self.register()
+            await self._register_current()
         except (httpx.HTTPError, OSError, RemoteProtocolError, RegistrationRefused) as exc:
             log.warning("node.register_again_failed", extra={"error": str(exc)[:300]})
-            return
-        self._registered = True
 
     async def _chain_id_mismatch(self) -> tuple[str, str] | None:
         """:func:`chain_id_mismatch` by the coordinator's ``/healthz``, asked once its
@@ -350,8 +360,7 @@ class LinkClient(TaskDispatcher):
         while not self._stopping.is_set() or self._drain_needs_link():
             try:
                 if not self._registered:
-                    await self.register()
-                    self._registered = True
+                    await self._register_current()
                 await self._connect_once()
             except RegistrationRefused as exc:
                 log.error("node.registration_refused", extra={"reason": str(exc)})
@@ -493,6 +502,8 @@ class LinkClient(TaskDispatcher):
             self.session.on_welcome(welcome)
             self._ws = ws
             self._set_link("up")
+            if not self._registered:  # its classes changed as the link was being made
+                self._background(self._register_again())
             self._apply_unstaking(welcome=True)
             log.info("link.authenticated", extra={"coordinator_id": challenge.coordinator_id})
             beat = asyncio.create_task(self._heartbeats(ws, challenge.heartbeat_interval))

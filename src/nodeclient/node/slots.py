@@ -185,6 +185,9 @@ class Slot:
     busy: bool = False
     settling: bool = False  # answered; its clean-up frame is still to come
     ready: bool = False  # its worker sent its ready frame: from then on idle means quiet
+    # A worker of the slot has reported what it found broken (broken): that stands while
+    # the slot's next worker starts (Executor.broken_everywhere).
+    reported: bool = False
     in_flight: bool = False  # a task was sent and its answer not read: never reusable
     answered: object = None  # the id of the task whose clean-up frame is awaited
     tail: collections.deque[bytes] = field(default_factory=lambda: collections.deque(maxlen=16))
@@ -290,7 +293,7 @@ class Slot:
             kept = {k: v for k, v in self.broken.items() if k != check_only}
             reported = {**kept, **reported}
         self.broken, self.checked_for = reported, check_only
-        self.ready = True
+        self.ready = self.reported = True
         return time.monotonic() - started
 
     async def _drain_stderr(self, proc: asyncio.subprocess.Process) -> None:
