@@ -329,6 +329,24 @@ def test_a_good_model_that_ran_out_of_memory_as_it_loaded_is_kept(room_mb: int) 
     assert not inputs.model_refused(said), said
 
 
+def test_a_refusal_that_quotes_memory_words_from_the_model_is_still_one() -> None:
+    """ONNX Runtime's messages quote the model's own node names: a model with an unknown
+    operator in a node named "out of memory" or "std::bad_alloc" is refused as no model it
+    can load all the same (only how a failed allocation's message ends counts)."""
+    for name in ("out of memory", "Arena alloc failed", "std::bad_alloc", "MemoryError"):
+        graph = helper.make_graph(
+            [helper.make_node("NoSuchOp", ["x"], ["y"], name=name)],
+            "g",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+        )
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+        model.ir_version = 8
+        reason = _worker_reason(model.SerializeToString(), x=X1)
+        assert name in reason
+        assert inputs.model_refused(reason), reason
+
+
 def test_a_model_that_ran_here_is_never_dropped_for_a_later_refusal(tmp_path: Path) -> None:
     """Bytes that loaded and ran on this node are a model, whatever a later task's
     failure says: only a model that never ran here is dropped when a worker refuses it."""

@@ -1691,3 +1691,42 @@ def test_the_worker_refuses_a_command_line_it_does_not_know(
     (exit 2) before it touches its descriptors."""
     assert worker.main(args) == 2
     assert capsys.readouterr().err.startswith("usage: python -m nodeclient.node.worker")
+
+
+def test_a_wide_directory_is_not_read_whole_to_find_it_holds_too_many(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """disk_used with max_entries stops listing a directory at the bound: the outside
+    check of a clean-up runs on the event loop, and a directory of 20,000 files (a task
+    may leave 100,000) was listed and each file stat'ed (about 300 ms for 100,000) before
+    the count was looked at."""
+    wide = tmp_path / "slot" / "tmp"
+    wide.mkdir(parents=True)
+    for i in range(20_000):
+        (wide / f"e{i}").touch()
+    seen = 0
+    real_scandir = os.scandir
+
+    class Counted:
+        def __init__(self, fd: int) -> None:
+            self._it = real_scandir(fd)
+
+        def __enter__(self) -> Counted:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            self._it.close()
+
+        def __iter__(self) -> Counted:
+            return self
+
+        def __next__(self) -> os.DirEntry[str]:
+            nonlocal seen
+            entry = next(self._it)
+            seen += 1
+            return entry
+
+    monkeypatch.setattr(os, "scandir", Counted)
+    with pytest.raises(exec_workdirs.TooManyEntries):
+        exec_workdirs.disk_used(tmp_path / "slot", stop_after=1 << 40, max_entries=1000)
+    assert seen <= 1002

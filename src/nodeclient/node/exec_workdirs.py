@@ -92,7 +92,7 @@ def disk_used(path: Path, *, stop_after: int, max_entries: int | None = None) ->
     if top is None:
         return 0
     total = entries = 0
-    stack = [(top, _entries(top))]  # each level: its descriptor, its subdirectories' names
+    stack = [(top, _entries(top, max_entries))]  # each level: its descriptor, its entries
     try:
         while stack and total <= stop_after:
             fd, pending = stack[-1]
@@ -111,8 +111,9 @@ def disk_used(path: Path, *, stop_after: int, max_entries: int | None = None) ->
                 raise OSError(errno.ELOOP, f"directories nested over {MAX_WALK_DEPTH} deep")
             child = _open_child(fd, name)
             if child is not None:
+                left = None if max_entries is None else max_entries - entries
                 try:
-                    stack.append((child, _entries(child)))
+                    stack.append((child, _entries(child, left)))
                 except BaseException:
                     os.close(child)
                     raise
@@ -122,13 +123,16 @@ def disk_used(path: Path, *, stop_after: int, max_entries: int | None = None) ->
     return total
 
 
-def _entries(fd: int) -> list[tuple[str | None, int]]:
+def _entries(fd: int, most: int | None = None) -> list[tuple[str | None, int]]:
     """The blocks each entry of directory *fd* takes, in bytes, with the names of those
     that are directories (None for the rest); read whole, so the scan's own descriptor
-    is closed at once."""
+    is closed at once. TooManyEntries past *most* entries: a directory of 100,000 files
+    is not read whole (and each stat'ed) to find it holds more than a few."""
     out: list[tuple[str | None, int]] = []
     with os.scandir(fd) as entries:
         for entry in entries:
+            if most is not None and len(out) >= most:
+                raise TooManyEntries(f"more than {most} files and directories")
             try:
                 st = entry.stat(follow_symlinks=False)
             except FileNotFoundError:  # gone meanwhile: counts nothing

@@ -25,6 +25,7 @@ import hashlib
 import ipaddress
 import logging
 import os
+import re
 import socket
 import threading
 from collections.abc import Callable, Iterator, Mapping
@@ -365,9 +366,10 @@ _MODEL_REFUSALS: Final = tuple(
 _DIRECTORY_FLAGS: Final = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
-# Words of a load that ran out of memory (the address-space limit a task's declared RAM
-# sets, on a CPU slot): the protobuf parser's and ONNX Runtime's. Such a model may be good.
-_OUT_OF_MEMORY: Final = ("bad_alloc", "Arena alloc failed", "MemoryError", "out of memory")
+# How the protobuf parser's and ONNX Runtime's messages end when a load ran out of memory
+# (the address-space limit a task's declared RAM sets, on a CPU slot): such a model may be
+# good. At the end only: ONNX Runtime's other messages quote the model's own node names.
+_OUT_OF_MEMORY: Final = re.compile(r"(: Arena alloc failed|: std::bad_alloc)\s*$")
 
 
 def model_refused(reason: str) -> bool:
@@ -375,9 +377,7 @@ def model_refused(reason: str) -> bool:
     can load (not an ONNX protobuf, external data, a load that failed), rather than
     because a run of a loaded model did, or its load ran out of memory (a requester that
     declared too little RAM for a good model would otherwise have it deleted)."""
-    return reason.startswith(_MODEL_REFUSALS) and not any(
-        words in reason for words in _OUT_OF_MEMORY
-    )
+    return reason.startswith(_MODEL_REFUSALS) and _OUT_OF_MEMORY.search(reason) is None
 
 
 def drop_cached_model(cache_dir: Path, sha256: str) -> None:
