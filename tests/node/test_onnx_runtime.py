@@ -447,6 +447,27 @@ def test_a_model_that_would_not_leave_the_reserve_is_not_stored_nor_evicts(
     assert disk.free(0) == 3 << 10
 
 
+@pytest.mark.parametrize(
+    ("disk", "reserve"),
+    [(4 << 30, (4 << 30) // 10), (64 << 30, 1 << 30)],
+    ids=["4 GiB disk", "64 GiB disk"],
+)
+def test_the_default_reserve_is_a_tenth_of_a_small_disk(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, disk: int, reserve: int
+) -> None:
+    """By default the cache leaves 1 GiB free, or a tenth of a smaller file system: on a
+    4 GiB disk with 500 MB free a model is still cached (1 GiB would never be free
+    there), and one that would leave less than the reserve is not."""
+    free = 500 << 20
+    monkeypatch.setattr(onnx_runtime, "_free_bytes", lambda _fd: free)
+    monkeypatch.setattr(onnx_runtime, "_disk_bytes", lambda _fd: disk)
+    cache = ModelCache(tmp_path, max_bytes=1 << 30)
+    small, large = b"s" * 1024, b"l" * 1024
+    assert cache.put(_digest(small), small) is (free - 1024 >= reserve)
+    free = reserve + 512  # the next write would cross the reserve
+    assert cache.put(_digest(large), large) is False
+
+
 def test_a_disk_filled_during_a_cache_write_gets_the_caches_space_back(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:

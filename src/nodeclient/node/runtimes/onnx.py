@@ -79,8 +79,10 @@ _PARTIAL_PREFIX: Final = ".partial-"  # a cache write under way, renamed when co
 PARTIAL_MAX_AGE_S: Final = 3600.0  # one older than this was cut short by a kill
 TOUCH_INTERVAL_S: Final = 60.0  # contains() refreshes an entry's time at most this often
 # A cache write leaves at least this much free on its file system, evicting to make room:
-# the outbox shares the disk, and a result that cannot be stored is work lost.
+# the outbox shares the disk, and a result that cannot be stored is work lost. On a small
+# file system, a tenth of it (RESERVE_SHARE) where that is less: a 4 GiB disk keeps 410 MB.
 MIN_FREE_BYTES: Final = 1 << 30
+RESERVE_SHARE: Final = 10
 _DIRECTORY_FLAGS: Final = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 # ONNX Runtime's type strings for the tensor types the result container can carry.
@@ -244,11 +246,11 @@ class ModelCache:
         *,
         max_bytes: int,
         clock: Callable[[], float] = time.time,
-        min_free_bytes: int = MIN_FREE_BYTES,
+        min_free_bytes: int | None = None,
     ) -> None:
         self.directory = directory
         self.max_bytes = max_bytes
-        self.min_free_bytes = min_free_bytes
+        self.min_free_bytes = min_free_bytes  # None: MIN_FREE_BYTES, less on a small disk
         self._clock = clock
         self._lock = threading.Lock()  # one writer or evicter at a time
 
@@ -458,23 +460,27 @@ class ModelCache:
                     os.unlink(child.name, dir_fd=dir_fd)
 
     def _make_room(self, dir_fd: int, size: int) -> bool:
-        """Whether *size* bytes can be written leaving min_free_bytes free on the file
-        system. The cache holds nothing of a disk below that reserve (the outbox shares
+        """Whether *size* bytes can be written leaving the reserve free on the file system
+        (min_free_bytes; by default MIN_FREE_BYTES, or a RESERVE_SHARE-th of a smaller
+        file system). The cache holds nothing of a disk below that reserve (the outbox shares
         it): least recently used entries go until the reserve is back, and as many more
         as the write needs, if evicting them all would make room for it (else the write
         is not made, and no more are evicted for it). A file system that cannot say how
         much is free is written to."""
         try:
             free = _free_bytes(dir_fd)
+            reserve = self.min_free_bytes
+            if reserve is None:
+                reserve = min(MIN_FREE_BYTES, _disk_bytes(dir_fd) // RESERVE_SHARE)
         except OSError:
             return True
-        if free - size >= self.min_free_bytes:
+        if free - size >= reserve:
             return True
         entries = self._entries(dir_fd)
-        fits = free + sum(entry_size for _, entry_size, _ in entries) - size >= self.min_free_bytes
+        fits = free + sum(entry_size for _, entry_size, _ in entries) - size >= reserve
         need = size if fits else 0
         for sha256, _, _ in entries:
-            if free - need >= self.min_free_bytes:
+            if free - need >= reserve:
                 break
             try:
                 os.unlink(sha256, dir_fd=dir_fd)
@@ -483,7 +489,7 @@ class ModelCache:
                 continue
             except OSError:
                 return False
-        return fits and free - size >= self.min_free_bytes
+        return fits and free - size >= reserve
 
     def _evict(self, dir_fd: int, *, keep: str) -> None:
         self._sweep(dir_fd)
@@ -502,6 +508,12 @@ def _free_bytes(fd: int) -> int:
     """Bytes free to an unprivileged user on the file system that holds *fd*."""
     info = os.fstatvfs(fd)
     return info.f_bavail * info.f_frsize
+
+
+def _disk_bytes(fd: int) -> int:
+    """The size of the file system that holds *fd*."""
+    info = os.fstatvfs(fd)
+    return info.f_blocks * info.f_frsize
 
 
 @dataclass(frozen=True)
