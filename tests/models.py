@@ -82,13 +82,31 @@ def string_output_model() -> bytes:
     return _model(graph)
 
 
-def unknown_op_model() -> bytes:
-    """A well-formed protobuf whose graph uses an operator no runtime implements."""
+def unknown_op_model(node_name: str = "") -> bytes:
+    """A well-formed protobuf whose graph uses an operator no runtime implements, in a node
+    named *node_name* (which ONNX Runtime's refusal quotes)."""
     graph = helper.make_graph(
-        [helper.make_node("NoSuchOperator", ["x"], ["y"])],
+        [helper.make_node("NoSuchOperator", ["x"], ["y"], name=node_name)],
         "unknown_op",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+    )
+    return _model(graph)
+
+
+def sparse_model(elements: int) -> bytes:
+    """y = x + w, where w is a sparse initializer: one value 1.0 at index 0 of *elements*."""
+    sparse = helper.make_sparse_tensor(
+        helper.make_tensor("w", TensorProto.FLOAT, [1], [1.0]),
+        helper.make_tensor("w_indices", TensorProto.INT64, [1], [0]),
+        [elements],
+    )
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["x", "w"], ["y"])],
+        "sparse",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [elements])],
+        sparse_initializer=[sparse],
     )
     return _model(graph)
 

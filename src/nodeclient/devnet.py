@@ -13,7 +13,6 @@ interrupted. Its children die with it, however it ends (:func:`_die_with_devnet`
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import os
 import shutil
@@ -32,6 +31,7 @@ from typing import IO, Any, Final
 import numpy as np
 
 from nodeclient.coordinator import audit
+from nodeclient.entry import die_with_parent
 from nodeclient.errors import NodeClientError
 from nodeclient.node import control, keys, securefile, wallet
 from nodeclient.node.config import NodeConfig, write_config
@@ -61,7 +61,6 @@ STOP_GRACE_S = 30.0
 # closes its database and each node ends its own workers (an unsandboxed one is in no
 # sandbox that dies with the node), instead of running on for ever as children of init.
 ORPHAN_SIGNAL: Final = signal.SIGTERM
-_PR_SET_PDEATHSIG: Final = 1  # <linux/prctl.h>
 # The least free space the devnet starts with where its directory goes (its database,
 # the nodes' outboxes, the tasks' work directories, the render's frames): on a disk that
 # fills up midway its jobs wait for results that cannot be stored.
@@ -190,28 +189,10 @@ class Devnet:
 
 def _die_with_devnet() -> Callable[[], None] | None:
     """A ``preexec_fn`` that has the kernel send the child ORPHAN_SIGNAL when the devnet
-    dies, whatever kills it (``PR_SET_PDEATHSIG``); its cleanup cannot run after a SIGKILL.
-
-    Linux only (elsewhere None). ``preexec_fn`` runs between fork and exec, where another
-    thread of this process may hold a lock: the child only calls prctl, getppid and kill,
-    looked up here, before the fork. A devnet that died before the prctl is seen by the
-    child's parent having changed: it kills itself, before anything of it has started. The
-    signal comes when the *thread* that started the child ends: the devnet starts them all
-    from its main thread, which lives as long as the devnet does.
-    """
-    try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (AttributeError, OSError):
-        return None
-    getppid, parent = os.getppid, os.getpid()
-    kill, pid, sig = os.kill, os.getpid, int(ORPHAN_SIGNAL)
-
-    def preexec() -> None:
-        prctl(_PR_SET_PDEATHSIG, sig, 0, 0, 0)
-        if getppid() != parent:  # the devnet died before prctl: nobody will signal us
-            kill(pid(), signal.SIGKILL)
-
-    return preexec
+    dies, whatever kills it (:func:`~nodeclient.entry.die_with_parent`): its cleanup
+    cannot run after a SIGKILL. The devnet starts its children from its main thread,
+    which lives as long as the devnet does."""
+    return die_with_parent(ORPHAN_SIGNAL)
 
 
 def _stop_all(procs: list[subprocess.Popen[bytes]], *, patience: float, grace: float) -> None:

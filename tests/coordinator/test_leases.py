@@ -10,6 +10,7 @@ import json
 import logging
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -510,9 +511,20 @@ def _attempt_outcomes(running: Running) -> list[tuple[str, str | None]]:
     )
 
 
-def test_late_result_from_earlier_lease_wins(coordinator: Running, rsa_keys) -> None:
-    """A valid result from a node whose lease was lost is still accepted (it was leased to
-    it); the current holder is cancelled, and its result is then refused."""
+@dataclass
+class _LostLease:
+    """A task leased to *first*, which went offline (three heartbeats missed), then to
+    *second*; *first* is linked again, holding *dispatch*, its lost lease's."""
+
+    first: SimNode
+    second: SimNode
+    payload: bytes
+    job: dict[str, Any]
+    dispatch: dict[str, Any]  # first's, of the lease it lost
+    held: dict[str, Any]  # second's, of the lease it holds
+
+
+def _lost_lease(coordinator: Running, rsa_keys: Any) -> _LostLease:
     first, second = make_node(rsa_keys, 0), make_node(rsa_keys, 1)
     coordinator.register(first)
     coordinator.register(second)
@@ -520,13 +532,21 @@ def test_late_result_from_earlier_lease_wins(coordinator: Running, rsa_keys) -> 
     payload = inference_payload(VALUES)
     job = coordinator.client.submit_job("ai.inference", payload)
     dispatch = first.recv()
-    coordinator.clock.advance(91)
+    coordinator.clock.advance(91)  # three heartbeats missed: offline, the task re-queued
     assert first.ws is not None
     closed_code(first.ws)
     coordinator.link(second)
-    second_dispatch = second.recv()
+    held = second.recv()
     coordinator.link(first)
-    result = inference_result(payload, VALUES)
+    return _LostLease(first, second, payload, job, dispatch, held)
+
+
+def test_late_result_from_earlier_lease_wins(coordinator: Running, rsa_keys) -> None:
+    """A valid result from a node whose lease was lost is still accepted (it was leased to
+    it); the current holder is cancelled, and its result is then refused."""
+    lost = _lost_lease(coordinator, rsa_keys)
+    first, second, dispatch, second_dispatch = lost.first, lost.second, lost.dispatch, lost.held
+    job, result = lost.job, inference_result(lost.payload, VALUES)
     assert first.call(first.result(dispatch, result))["status"] == "accepted"
     assert second.recv()["type"] == "cancel"
     late = second.call(second.result(second_dispatch, result))
@@ -631,21 +651,11 @@ def test_a_late_result_its_class_refuses_is_the_nodes_answer(
     from it is refused, and the task's current holder keeps it (it was cancelled, its
     work lost, when a late node could probe the checks and then answer again); what the
     node signed is kept on its lease, checkable with eth-account."""
-    first, second = make_node(rsa_keys, 0), make_node(rsa_keys, 1)
-    coordinator.register(first)
-    coordinator.register(second)
-    coordinator.link(first)
-    payload = inference_payload(VALUES)
-    job = coordinator.client.submit_job("ai.inference", payload)
-    dispatch = first.recv()
-    coordinator.clock.advance(91)  # three heartbeats missed: offline, the task re-queued
-    closed_code(first.ws)
-    coordinator.link(second)
-    held = second.recv()
-    coordinator.link(first)
+    lost = _lost_lease(coordinator, rsa_keys)
+    first, second, dispatch, held, job = lost.first, lost.second, lost.dispatch, lost.held, lost.job
     refused = first.call(first.result(dispatch, b"not a tensor container"))
     assert refused["status"] == "rejected"
-    good = inference_result(payload, VALUES)
+    good = inference_result(lost.payload, VALUES)
     again = first.call(first.result(dispatch, good))
     assert again["status"] == "rejected"
     assert "this node's lease of it ended rejected" in again["reason"]
@@ -665,22 +675,12 @@ def test_a_reject_of_a_lease_that_ended_answers_it(coordinator: Running, rsa_key
     signed reject of that lease, sent once it is back, is "not leased to this node", but
     answers the lease: kept on it, and a later result of it is refused rather than taken
     over the current holder's."""
-    first, second = make_node(rsa_keys, 0), make_node(rsa_keys, 1)
-    coordinator.register(first)
-    coordinator.register(second)
-    coordinator.link(first)
-    payload = inference_payload(VALUES)
-    coordinator.client.submit_job("ai.inference", payload)
-    dispatch = first.recv()
-    coordinator.clock.advance(91)  # offline: the task re-queued
-    closed_code(first.ws)
-    coordinator.link(second)
-    second.recv()
-    coordinator.link(first)
+    lost = _lost_lease(coordinator, rsa_keys)
+    first, dispatch = lost.first, lost.dispatch
     refused = first.call(first.reject(dispatch["task_id"], "out of memory"))
     assert refused["status"] == "rejected" and "not leased to this node" in refused["reason"]
     assert _answers(coordinator)[0] == (first.node_id, "rejected", "Reject")
-    late = first.call(first.result(dispatch, inference_result(payload, VALUES)))
+    late = first.call(first.result(dispatch, inference_result(lost.payload, VALUES)))
     assert late["status"] == "rejected"
     assert "this node's lease of it ended rejected" in late["reason"]
 

@@ -21,6 +21,7 @@ from tests.coordinator.conftest import (
     DB_URL,
     START,
     ManualClock,
+    SimNode,
     audit_job,
     config_for,
     inference_payload,
@@ -123,6 +124,18 @@ def _as_written_by(path: Path, version: int, *statements: str) -> None:
         con.close()
 
 
+def _one_job_done(data_dir: Path, clock: ManualClock, node: SimNode) -> dict[str, Any]:
+    """A coordinator (SQLite in *data_dir*) that ran one inference job on *node*, then
+    stopped: the job, as the API showed it."""
+    first, server, thread = start(config_for(data_dir=data_dir, db_url=None), clock)
+    try:
+        first.register(node)
+        first.link(node)
+        return run_inference_job(first, node, VALUES)
+    finally:
+        stop(first, server, thread)
+
+
 def _first_release_copy(current: Path, old: Path) -> None:
     """*old*: the first release's tables holding the rows of *current* (a database this
     version wrote), without schema_version: what an operator upgrading from it has."""
@@ -209,13 +222,7 @@ def test_an_older_databases_task_attempts_are_rebuilt_never_to_reuse_an_id(
     next lease gets a new id."""
     clock = ManualClock(START)
     node = make_node(rsa_keys, 0)
-    first, server, thread = start(config_for(data_dir=tmp_path / "now", db_url=None), clock)
-    try:
-        first.register(node)
-        first.link(node)
-        run_inference_job(first, node, VALUES)
-    finally:
-        stop(first, server, thread)
+    _one_job_done(tmp_path / "now", clock, node)
     (tmp_path / "old").mkdir()
     old = tmp_path / "old" / "coordinator.db"
     _first_release_copy(tmp_path / "now" / "coordinator.db", old)
@@ -320,14 +327,7 @@ def test_a_version_4_databases_jobs_stay_readable_by_every_requester(
     reads only its own jobs. A job of a version 4 database names no requester: any
     accepted token reads it, as any could when it was submitted."""
     clock = ManualClock(START)
-    node = make_node(rsa_keys, 0)
-    first, server, thread = start(config_for(data_dir=tmp_path, db_url=None), clock)
-    try:
-        first.register(node)
-        first.link(node)
-        before = run_inference_job(first, node, VALUES)
-    finally:
-        stop(first, server, thread)
+    before = _one_job_done(tmp_path, clock, make_node(rsa_keys, 0))
     url = f"sqlite:///{tmp_path / 'coordinator.db'}"
     _as_written_by(  # what version 4 wrote
         tmp_path / "coordinator.db",
@@ -363,14 +363,7 @@ def test_a_version_5_databases_equivocations_keep_their_accepted_results(
     task, which is still there, as it is upgraded; the leases get the answer columns."""
     clock = ManualClock(START)
     node = make_node(rsa_keys, 0)
-    first, server, thread = start(config_for(data_dir=tmp_path, db_url=None), clock)
-    try:
-        first.register(node)
-        first.link(node)
-        done = run_inference_job(first, node, VALUES)
-    finally:
-        stop(first, server, thread)
-    task = done["tasks"][0]
+    task = _one_job_done(tmp_path, clock, node)["tasks"][0]
     path = tmp_path / "coordinator.db"
     _as_written_by(  # what version 5 wrote, with one equivocation recorded
         path,

@@ -20,7 +20,7 @@ from typing import ClassVar
 
 import numpy as np
 import pytest
-from onnx import TensorProto, helper
+from onnx import TensorProto
 
 from nodeclient.errors import RemoteProtocolError
 from nodeclient.node import inputs
@@ -32,6 +32,7 @@ from tests.models import (
     add_model,
     external_data_model,
     identity_model,
+    sparse_model,
     string_output_model,
     unknown_op_model,
 )
@@ -214,25 +215,6 @@ def test_a_model_that_loaded_stays_cached_when_its_task_fails_on_a_bad_input(
     assert cached.read_bytes() == identity_model()
 
 
-def _sparse_model(elements: int) -> bytes:
-    """y = x + w, where w is a sparse initializer of *elements*, one of them stored."""
-    sparse = helper.make_sparse_tensor(
-        helper.make_tensor("w", TensorProto.FLOAT, [1], [1.0]),
-        helper.make_tensor("w_indices", TensorProto.INT64, [1], [0]),
-        [elements],
-    )
-    graph = helper.make_graph(
-        [helper.make_node("Add", ["x", "w"], ["y"])],
-        "sparse",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [elements])],
-        sparse_initializer=[sparse],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    model.ir_version = 8
-    return bytes(model.SerializeToString())
-
-
 def _worker_reason(model: bytes, **feed: np.ndarray) -> str:
     """The reason a worker gives for a requester's fault in running *model* on *feed*
     (worker.py: ``bad payload: <message>``), from the runtime it runs."""
@@ -250,7 +232,7 @@ X1 = np.ones(1, np.float32)
     [
         (b"\xff" * 64, {"x": X1}),  # no protobuf
         (external_data_model("secret.txt", 15), {}),
-        (_sparse_model(1 << 28), {"x": X1}),  # 1 GiB once dense
+        (sparse_model(1 << 28), {"x": X1}),  # 1 GiB once dense
         (unknown_op_model(), {"x": X1}),  # ONNX Runtime cannot load it
         (identity_model(elem_type=TensorProto.STRING), {"x": X1}),  # no tensor to feed
     ],
@@ -334,15 +316,7 @@ def test_a_refusal_that_quotes_memory_words_from_the_model_is_still_one() -> Non
     operator in a node named "out of memory" or "std::bad_alloc" is refused as no model it
     can load all the same (only how a failed allocation's message ends counts)."""
     for name in ("out of memory", "Arena alloc failed", "std::bad_alloc", "MemoryError"):
-        graph = helper.make_graph(
-            [helper.make_node("NoSuchOp", ["x"], ["y"], name=name)],
-            "g",
-            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
-            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
-        )
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-        model.ir_version = 8
-        reason = _worker_reason(model.SerializeToString(), x=X1)
+        reason = _worker_reason(unknown_op_model(node_name=name), x=X1)
         assert name in reason
         assert inputs.model_refused(reason), reason
 

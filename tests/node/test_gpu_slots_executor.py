@@ -267,6 +267,36 @@ def test_a_class_broken_on_every_gpu_slot_is_withdrawn_before_registering(
     assert cpu_node.manifest["workload_classes"] == [checked, HOSTILE]
 
 
+def _registering_daemon(tmp_path: Path, workload_class: str) -> tuple[Any, list[list[str]]]:
+    """A daemon offering *workload_class*, whose registrations are recorded (the classes
+    each one sent) instead of sent."""
+    from tests.node.test_daemon_outbox import make_daemon
+
+    (tmp_path / "home").mkdir()
+    daemon, _, _ = make_daemon(tmp_path / "home")
+    daemon.classes = frozenset({workload_class})
+    daemon.manifest = {**daemon.manifest, "workload_classes": [workload_class]}
+    registered: list[list[str]] = []
+
+    async def register() -> dict[str, object]:
+        registered.append(list(daemon.manifest["workload_classes"]))
+        return {}
+
+    daemon.register = register
+    return daemon, registered
+
+
+def _node_whose_card_falls_off(tmp_path: Path) -> tuple[Any, list[list[str]]]:
+    """A recording daemon (_registering_daemon) with one GPU slot serving ``test.gpu``,
+    whose card goes away once ``card-gone`` is written in the model cache."""
+    daemon, registered = _registering_daemon(tmp_path, "test.gpu")
+    cards = (SlotGpu(*MIXED_CARDS[0]),)
+    daemon.executor = unsandboxed(
+        tmp_path, cards, {"test.gpu": "self_check_runtime:falls_off_factory"}
+    )
+    return daemon, registered
+
+
 def test_a_card_lost_while_the_node_runs_withdraws_its_class_and_registers_again(
     tmp_path: Path, fake_dev: Path
 ) -> None:
@@ -275,22 +305,8 @@ def test_a_card_lost_while_the_node_runs_withdraws_its_class_and_registers_again
     withdraws the class and registers again at once, on a link that stays up, so that
     the coordinator stops sending it work that would fail (and the node, idle for it,
     would draw ever more)."""
-    from tests.node.test_daemon_outbox import make_daemon
-
     gpu = "test.gpu"
-    (tmp_path / "home").mkdir()
-    daemon, _, _ = make_daemon(tmp_path / "home")
-    cards = (SlotGpu(*MIXED_CARDS[0]),)
-    daemon.executor = unsandboxed(tmp_path, cards, {gpu: "self_check_runtime:falls_off_factory"})
-    daemon.classes = frozenset({gpu})
-    daemon.manifest = {**daemon.manifest, "workload_classes": [gpu]}
-    registered: list[list[str]] = []
-
-    async def register() -> dict[str, object]:
-        registered.append(list(daemon.manifest["workload_classes"]))
-        return {}
-
-    daemon.register = register  # type: ignore[method-assign]
+    daemon, registered = _node_whose_card_falls_off(tmp_path)
 
     async def scenario() -> None:
         ex = daemon.executor
@@ -321,22 +337,8 @@ def test_a_class_withdrawn_while_the_node_runs_is_offered_again_once_it_runs(
     while a class is withdrawn, since no task of it comes) passes it, and the class is
     offered again, the node registering again at once, rather than left out until a
     restart."""
-    from tests.node.test_daemon_outbox import make_daemon
-
     gpu = "test.gpu"
-    (tmp_path / "home").mkdir()
-    daemon, _, _ = make_daemon(tmp_path / "home")
-    cards = (SlotGpu(*MIXED_CARDS[0]),)
-    daemon.executor = unsandboxed(tmp_path, cards, {gpu: "self_check_runtime:falls_off_factory"})
-    daemon.classes = frozenset({gpu})
-    daemon.manifest = {**daemon.manifest, "workload_classes": [gpu]}
-    registered: list[list[str]] = []
-
-    async def register() -> dict[str, object]:
-        registered.append(list(daemon.manifest["workload_classes"]))
-        return {}
-
-    daemon.register = register  # type: ignore[method-assign]
+    daemon, registered = _node_whose_card_falls_off(tmp_path)
     gone = tmp_path / "models" / "card-gone"
 
     async def scenario() -> bytes:
@@ -678,17 +680,6 @@ def _reporting_slots(*specs: tuple[bool, dict[str, str]]) -> list[SimpleNamespac
     ]
 
 
-def _registering_daemon(tmp_path: Path, workload_class: str) -> tuple[Any, list[list[str]]]:
-    from tests.node.test_daemon_outbox import make_daemon
-
-    (tmp_path / "home").mkdir()
-    daemon, _, _ = make_daemon(tmp_path / "home")
-    daemon.classes = frozenset({workload_class})
-    daemon.manifest = {**daemon.manifest, "workload_classes": [workload_class]}
-    registered: list[list[str]] = []
-    return daemon, registered
-
-
 def test_a_class_broken_on_one_card_stays_offered_while_the_good_slot_restarts(
     tmp_path: Path,
 ) -> None:
@@ -698,12 +689,6 @@ def test_a_class_broken_on_one_card_stays_offered_while_the_good_slot_restarts(
     withdrawn and offered again at every such restart, each time registering again."""
     x = "ai.inference"
     daemon, registered = _registering_daemon(tmp_path, x)
-
-    async def register() -> dict[str, object]:
-        registered.append(list(daemon.manifest["workload_classes"]))
-        return {}
-
-    daemon.register = register  # type: ignore[method-assign]
     good, bad = _reporting_slots((False, {}), (True, {x: "CUDA did not start on card 1"}))
     daemon.executor._slots = [good, bad]
 

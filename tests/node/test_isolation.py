@@ -19,7 +19,7 @@ import pytest
 
 from nodeclient.node import executor as executor_module
 from nodeclient.node import sandbox
-from nodeclient.node.executor import TaskFailed
+from nodeclient.node.executor import Executor, TaskFailed
 from nodeclient.node.runtimes.onnx import ModelCache, OnnxRuntime
 from nodeclient.node.slots import affinity_of
 from nodeclient.workloads.inference import make_request
@@ -156,6 +156,22 @@ def test_an_on_disk_tmp_lets_the_worker_reach_code_bound_under_tmp(
     assert asyncio.run(scenario()) == b"up"
 
 
+def _failed_then_next(executor: Executor, order: dict[str, object]) -> tuple[str, bytes]:
+    """Run the hostile *order*, which must fail, then another job's echo: the failure's
+    reason, and what the echo answered."""
+
+    async def scenario() -> tuple[str, bytes]:
+        try:
+            with pytest.raises(TaskFailed) as caught:
+                await executor.run(HOSTILE, json.dumps(order).encode(), job_id="j")
+            after = await executor.run(HOSTILE, b'{"do": "echo", "data": "next"}', job_id="k")
+            return str(caught.value), after
+        finally:
+            await executor.aclose()
+
+    return asyncio.run(scenario())
+
+
 def test_a_task_that_fills_its_work_directory_is_stopped(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -165,17 +181,7 @@ def test_a_task_that_fills_its_work_directory_is_stopped(
     monkeypatch.setattr(executor_module, "DISK_CHECK_S", 0.1)
     executor = make_executor(tmp_path / "home", max_work_bytes=4 << 20)
     fill = {"do": "fill", "where": ".", "files": 6, "mib": 1, "sleep": 60}
-
-    async def scenario() -> tuple[str, bytes]:
-        try:
-            with pytest.raises(TaskFailed) as caught:
-                await executor.run(HOSTILE, json.dumps(fill).encode(), job_id="j")
-            after = await executor.run(HOSTILE, b'{"do": "echo", "data": "next"}', job_id="k")
-            return str(caught.value), after
-        finally:
-            await executor.aclose()
-
-    failed, after = asyncio.run(scenario())
+    failed, after = _failed_then_next(executor, fill)
     assert failed == f"disk limit exceeded: more than {4 << 20} bytes in its work directory"
     assert after == b"next"
 
@@ -189,17 +195,7 @@ def test_a_task_that_makes_files_without_end_is_stopped(
     monkeypatch.setattr(executor_module, "DISK_CHECK_S", 0.1)
     executor = make_executor(tmp_path / "home", max_work_entries=2000)
     many = {"do": "empty_files", "n": 3000, "sleep": 60}
-
-    async def scenario() -> tuple[str, bytes]:
-        try:
-            with pytest.raises(TaskFailed) as caught:
-                await executor.run(HOSTILE, json.dumps(many).encode(), job_id="j")
-            after = await executor.run(HOSTILE, b'{"do": "echo", "data": "next"}', job_id="k")
-            return str(caught.value), after
-        finally:
-            await executor.aclose()
-
-    failed, after = asyncio.run(scenario())
+    failed, after = _failed_then_next(executor, many)
     assert failed == (
         "entry limit exceeded: more than 2000 files and directories in its work directory"
     )

@@ -40,6 +40,7 @@ from tests.models import (
     external_data_model,
     identity_model,
     matmul_relu_model,
+    sparse_model,
     string_output_model,
     train_digits_classifier,
     unknown_op_model,
@@ -922,34 +923,15 @@ def test_unavailable_provider_is_a_usage_error() -> None:
         _run(runtime, identity_model(), x=np.ones(1, np.float32))
 
 
-def _sparse_model(elements: int) -> bytes:
-    """y = x + w, where w is a sparse initializer: one value 1.0 at index 0 of *elements*."""
-    sparse = helper.make_sparse_tensor(
-        helper.make_tensor("w", TensorProto.FLOAT, [1], [1.0]),
-        helper.make_tensor("w_indices", TensorProto.INT64, [1], [0]),
-        [elements],
-    )
-    graph = helper.make_graph(
-        [helper.make_node("Add", ["x", "w"], ["y"])],
-        "sparse",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [elements])],
-        sparse_initializer=[sparse],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    model.ir_version = 8
-    return model.SerializeToString()
-
-
 def test_a_sparse_tensor_too_large_once_dense_is_refused_before_loading() -> None:
     """ONNX Runtime makes sparse initializers dense as it loads a model: 2^28 floats
     declared in about 100 bytes would take 1 GiB (unbounded on a GPU worker, which has no
     address-space limit). Refused against the node's model limit; a small one runs."""
-    huge = _sparse_model(1 << 28)
+    huge = sparse_model(1 << 28)
     assert len(huge) < 128
     with pytest.raises(RemoteProtocolError, match=r"sparse tensors take 1073741824 bytes"):
         _run(_runtime(), huge, x=np.ones(1, np.float32))
-    outputs = _run(_runtime(), _sparse_model(4), x=np.full(1, 2.0, np.float32))
+    outputs = _run(_runtime(), sparse_model(4), x=np.full(1, 2.0, np.float32))
     assert outputs["y"].tolist() == [3.0, 2.0, 2.0, 2.0]
 
 

@@ -19,7 +19,7 @@ import os
 import re
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, Final, Literal, TypeVar
 from urllib.parse import urlencode
 
@@ -71,6 +71,14 @@ def _forwarded_prefix(request: Request) -> str:
     gives back to the same client, so it needs no trust; one of another form is ignored."""
     prefix = request.headers.get("x-forwarded-prefix", "").rstrip("/")
     return prefix if len(prefix) <= 200 and _PREFIX.fullmatch(prefix) else ""
+
+
+def _next_page(request: Request, path: str, query: Mapping[str, object]) -> dict[str, str]:
+    """The headers of a page that may have a next one: its Link, by the absolute path,
+    which clients before 0.1 follow (a query-only reference would end their paging at the
+    first page), under the prefix a reverse proxy serves the coordinator at, when it says
+    so (X-Forwarded-Prefix)."""
+    return {"Link": f'<{_forwarded_prefix(request)}{path}?{urlencode(query)}>; rel="next"'}
 
 
 def _reply(r: registry.Reply) -> JSONResponse:
@@ -495,8 +503,8 @@ def build_router(coord: Coordinator) -> APIRouter:  # noqa: PLR0915 (one route e
         headers = {}
         if len(rows) == limit:  # perhaps more: where the next page starts
             last = rows[-1]
-            query = urlencode({"limit": limit, "after": f"{last.registered_at!r},{last.node_id}"})
-            headers["Link"] = f'<{_forwarded_prefix(request)}/v1/nodes?{query}>; rel="next"'
+            after_last = f"{last.registered_at!r},{last.node_id}"
+            headers = _next_page(request, "/v1/nodes", {"limit": limit, "after": after_last})
         # Built off the event loop, which every link's heartbeats share: a page of
         # thousands of nodes is a few hundred milliseconds of dictionaries and JSON.
         return await coord.in_cpu(
@@ -540,9 +548,8 @@ def build_router(coord: Coordinator) -> APIRouter:  # noqa: PLR0915 (one route e
         )
         headers = {}
         if len(rows) == limit:  # perhaps more: where the next page starts
-            query = urlencode({"limit": limit, "after": rows[-1].id})
-            path = f"/v1/nodes/{nid}/equivocations"
-            headers["Link"] = f'<{_forwarded_prefix(request)}{path}?{query}>; rel="next"'
+            path, after_last = f"/v1/nodes/{nid}/equivocations", rows[-1].id
+            headers = _next_page(request, path, {"limit": limit, "after": after_last})
         chain = coord.config.chain_id
         return await coord.in_cpu(
             lambda: JSONResponse(
@@ -788,11 +795,7 @@ def build_router(coord: Coordinator) -> APIRouter:  # noqa: PLR0915 (one route e
             query = {"limit": limit, "after": f"{last['created_at']!r},{last['job_id']}"}
             if status is not None:
                 query["status"] = status
-            # The absolute path, which clients before 0.1 follow (a query-only reference
-            # would end their paging at the first page), under the prefix a reverse proxy
-            # serves the coordinator at, when it says so (X-Forwarded-Prefix).
-            prefix = _forwarded_prefix(request)
-            headers["Link"] = f'<{prefix}/v1/jobs?{urlencode(query)}>; rel="next"'
+            headers = _next_page(request, "/v1/jobs", query)
         return JSONResponse(page, headers=headers)
 
     @get_and_head(

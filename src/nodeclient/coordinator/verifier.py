@@ -129,12 +129,7 @@ def _delivery_refusal(session: Session, task: m.Task, node_id: str) -> str | Non
     lease of it ended without its own answer (ANSWERED_OUTCOMES); otherwise why not."""
     if task.status == m.LEASED and task.node_id == node_id:
         return None
-    latest = session.execute(
-        select(m.TaskAttempt.outcome)
-        .where(m.TaskAttempt.task_id == task.task_id, m.TaskAttempt.node_id == node_id)
-        .order_by(m.TaskAttempt.attempt.desc(), m.TaskAttempt.id.desc())
-        .limit(1)
-    ).first()
+    latest = _latest_attempt(session, task.task_id, node_id)
     if latest is None:
         return f"task {task.task_id} was never leased to this node"
     if latest.outcome in ANSWERED_OUTCOMES:
@@ -143,6 +138,16 @@ def _delivery_refusal(session: Session, task: m.Task, node_id: str) -> str | Non
             "reject, a result refused, or a hand-back), so no later result of it is taken"
         )
     return None
+
+
+def _latest_attempt(session: Session, task_id: str, node_id: str) -> m.TaskAttempt | None:
+    """The node's latest lease of the task."""
+    return session.scalars(
+        select(m.TaskAttempt)
+        .where(m.TaskAttempt.task_id == task_id, m.TaskAttempt.node_id == node_id)
+        .order_by(m.TaskAttempt.attempt.desc(), m.TaskAttempt.id.desc())
+        .limit(1)
+    ).first()
 
 
 def contradiction_tx(session: Session, claim: ResultClaim, problem: str, *, now: float) -> Decision:
@@ -393,11 +398,7 @@ def _record_answer(
     out, the node went offline) is answered too, and takes no second answer
     (_delivery_refusal)."""
     primary_type, message, signature = answer
-    row = session.scalars(
-        select(m.TaskAttempt)
-        .where(m.TaskAttempt.task_id == task_id, m.TaskAttempt.node_id == node_id)
-        .order_by(m.TaskAttempt.attempt.desc(), m.TaskAttempt.id.desc())
-    ).first()
+    row = _latest_attempt(session, task_id, node_id)
     if row is None:
         return
     if row.outcome not in ANSWERED_OUTCOMES:

@@ -257,33 +257,17 @@ def cgroup_cpu_limit(proc_cgroup: Path = _PROC_CGROUP, root: Path = _CGROUP_ROOT
     container's ``--cpus``, a Kubernetes CPU limit, systemd's ``CPUQuota=``), or None where
     none sets one.
 
-    The cgroups are found as the memory limit's are (:func:`sandbox.memory_cgroups`): from
-    *proc_cgroup*, its own (v2 ``cpu.max``, and v1's ``cpu`` hierarchy, with
-    ``cpu.cfs_quota_us`` and ``cpu.cfs_period_us``) and each one above it, up to the
-    mount's root under *root*, which in a container is the container's own cgroup: a
-    quota on a parent (a systemd slice, a Kubernetes pod) holds its children too.
+    The cgroups are found as the memory limit's are (:func:`sandbox.cgroups_of`): its own
+    (v2 ``cpu.max``, and v1's ``cpu`` hierarchy, with ``cpu.cfs_quota_us`` and
+    ``cpu.cfs_period_us``) and each one above it, up to the mount's root under *root*,
+    which in a container is the container's own cgroup: a quota on a parent (a systemd
+    slice, a Kubernetes pod) holds its children too.
     """
-    try:
-        lines = proc_cgroup.read_text(encoding="utf-8", errors="replace").splitlines()
-    except OSError:
-        return None
-    found: list[int] = []
-    for line in lines:
-        hierarchy, _, rest = line.partition(":")
-        controllers, _, path = rest.partition(":")
-        if hierarchy == "0" and not controllers:
-            base, quota_of = root, _v2_cpu_quota
-        elif "cpu" in controllers.split(","):
-            # v1 mounts cpu with cpuacct as "cpu,cpuacct", with a "cpu" link to it.
-            base = root / "cpu" if (root / "cpu").is_dir() else root / controllers
-            quota_of = _v1_cpu_quota
-        else:
-            continue
-        parts = [p for p in path.split("/") if p not in ("", ".", "..")]
-        for depth in range(len(parts), -1, -1):  # its own first, the mount's root last
-            cpus = quota_of(base.joinpath(*parts[:depth]))
-            if cpus is not None:
-                found.append(cpus)
+    found = [
+        cpus
+        for v2, directory in sandbox.cgroups_of("cpu", proc_cgroup, root)
+        if (cpus := (_v2_cpu_quota if v2 else _v1_cpu_quota)(directory)) is not None
+    ]
     return min(found, default=None)
 
 

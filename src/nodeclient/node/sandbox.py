@@ -53,7 +53,7 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -188,31 +188,46 @@ class MemoryCgroup:
     usage_file: str  # memory.current (v2) or memory.usage_in_bytes (v1)
 
 
+def cgroups_of(controller: str, proc_cgroup: Path, root: Path) -> Iterator[tuple[bool, Path]]:
+    """The directories of the cgroups that hold this process for *controller* ("memory",
+    "cpu"), as (cgroup v2, directory): for v2 and for v1's hierarchy of that controller,
+    its own first and each one above it, up to the mount's root (in a container, the
+    container's own cgroup). Nothing where *proc_cgroup* cannot be read."""
+    try:
+        lines = proc_cgroup.read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        return
+    for line in lines:
+        hierarchy, _, rest = line.partition(":")
+        controllers, _, path = rest.partition(":")
+        if hierarchy == "0" and not controllers:
+            v2, base = True, root
+        elif controller in controllers.split(","):
+            # v1 mounts cpu with cpuacct as "cpu,cpuacct", with a "cpu" link to it.
+            v2 = False
+            base = root / controller if (root / controller).is_dir() else root / controllers
+        else:
+            continue
+        parts = [p for p in path.split("/") if p not in ("", ".", "..")]
+        for depth in range(len(parts), -1, -1):  # its own first, the mount's root last
+            yield v2, base.joinpath(*parts[:depth])
+
+
 def memory_cgroups(
     proc_cgroup: Path = Path("/proc/self/cgroup"), root: Path = Path("/sys/fs/cgroup")
 ) -> tuple[MemoryCgroup, ...]:
     """The memory cgroups that hold this process: its own (v2, and v1's ``memory``
     hierarchy) and each one above it, up to the mount's root, which in a container is
     the container's own cgroup. Those whose files cannot be read are left out."""
-    try:
-        lines = proc_cgroup.read_text(encoding="utf-8", errors="replace").splitlines()
-    except OSError:
-        return ()
     found = []
-    for line in lines:
-        hierarchy, _, rest = line.partition(":")
-        controllers, _, path = rest.partition(":")
-        if hierarchy == "0" and not controllers:
-            base, files = root, ("memory.max", "memory.current")
-        elif "memory" in controllers.split(","):
-            base, files = root / "memory", ("memory.limit_in_bytes", "memory.usage_in_bytes")
-        else:
-            continue
-        parts = [p for p in path.split("/") if p not in ("", ".", "..")]
-        for depth in range(len(parts), -1, -1):  # its own first, the mount's root last
-            directory = base.joinpath(*parts[:depth])
-            if (directory / files[0]).is_file():
-                found.append(MemoryCgroup(directory, *files))
+    for v2, directory in cgroups_of("memory", proc_cgroup, root):
+        files = (
+            ("memory.max", "memory.current")
+            if v2
+            else ("memory.limit_in_bytes", "memory.usage_in_bytes")
+        )
+        if (directory / files[0]).is_file():
+            found.append(MemoryCgroup(directory, *files))
     return tuple(found)
 
 

@@ -38,7 +38,6 @@ signed Reject carries to the coordinator.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import hashlib
 import json
 import os
@@ -56,6 +55,7 @@ from typing import ClassVar, Final
 import numpy as np
 import numpy.typing as npt
 
+from nodeclient.entry import die_with_parent
 from nodeclient.errors import NodeClientError, RemoteProtocolError
 from nodeclient.node.runtimes.base import Progress, child_address_space, no_progress
 from nodeclient.node.runtimes.onnx import ModelCache
@@ -89,7 +89,6 @@ _OOM_LINES: Final = re.compile(
 _STATUS_LINE: Final = "Fra:"
 # What Blender prints, then exiting 1 (--python-exit-code), when the override script raised.
 _SCRIPT_FAILED: Final = re.compile(r"Error: script failed, file: '.*', exiting\.")
-_PR_SET_PDEATHSIG: Final = 1  # <linux/prctl.h>
 
 # Our override script: runs inside Blender after the scene is loaded. Everything that
 # decides the pixels is pinned here, for every scene in the file (a compositor can render
@@ -542,29 +541,13 @@ def _blender_preexec() -> Callable[[], None] | None:
 
 
 def _die_with_parent() -> Callable[[], None] | None:
-    """A ``preexec_fn`` that has the kernel SIGKILL Blender when its parent dies.
-
-    Blender leads its own process group, so killing the worker's group (what the executor
-    does to an unsandboxed worker) would miss it, and it would render on with no cap. Linux
-    only (elsewhere None). ``preexec_fn`` runs between fork and exec, where another thread
-    of this process may hold a lock: the child only calls prctl and getppid, through
-    functions looked up here, before the fork. The signal comes when the *thread* that
-    started Blender ends, so the thread that calls :meth:`BlenderRuntime.run` must outlive
-    the render (it does: the call waits for Blender).
-    """
-    try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (AttributeError, OSError):
-        return None
-    getppid, parent = os.getppid, os.getpid()
-    kill, pid = os.kill, os.getpid
-
-    def preexec() -> None:
-        prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-        if getppid() != parent:  # the parent died before prctl: nobody will kill us
-            kill(pid(), signal.SIGKILL)
-
-    return preexec
+    """A ``preexec_fn`` that has the kernel SIGKILL Blender when its parent dies
+    (:func:`~nodeclient.entry.die_with_parent`). Blender leads its own process group, so
+    killing the worker's group (what the executor does to an unsandboxed worker) would
+    miss it, and it would render on with no cap. The thread that calls
+    :meth:`BlenderRuntime.run`, which started Blender, outlives the render: the call
+    waits for Blender."""
+    return die_with_parent(signal.SIGKILL)
 
 
 def _failure(returncode: int, log: str) -> NodeClientError | RemoteProtocolError:
